@@ -1,0 +1,25 @@
+"""bn_simd: batch normalization for NumPy arrays on CPUs.
+
+C kernels (AVX2/FMA, AVX-512 and portable scalar, chosen at run time), OpenMP threads, the GIL released
+around every kernel, and PyTorch's semantics:
+
+    >>> import numpy as np, bn_simd
+    >>> x = np.random.default_rng(0).standard_normal((8, 16, 32, 32), dtype=np.float32)
+    >>> rm, rv = np.zeros(16, np.float32), np.ones(16, np.float32)
+    >>> y = bn_simd.batch_norm(x, rm, rv, training=True)          # updates rm, rv in place
+    >>> layer = bn_simd.BatchNorm2d(16)                             # or BatchNorm(16, layout="NHWC")
+    >>> y = layer(x); gx = layer.backward(np.ones_like(y))
+
+See ``bn_simd.show_config()`` for the kernels and threads in use.
+"""
+from ._config import __version__, get_isa, get_num_threads, set_isa, set_num_threads, show_config
+from .functional import (backward_apply, backward_reduce, batch_norm, batch_norm_backward, batch_norm_forward,
+                         batch_stats, normalize, update_running_stats)
+from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = [
+    "__version__", "show_config", "get_isa", "set_isa", "get_num_threads", "set_num_threads",
+    "batch_norm", "batch_norm_forward", "batch_norm_backward",
+    "batch_stats", "normalize", "backward_reduce", "backward_apply", "update_running_stats",
+    "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+]

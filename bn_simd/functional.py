@@ -1,0 +1,233 @@
+"""Functional batch normalization on NumPy arrays.
+
+Layouts: ``layout="NCHW"`` puts channels on axis 1 ((N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W));
+``layout="NHWC"`` puts them last ((N, C), (N, L, C), (N, H, W, C), (N, D, H, W, C)). "channels_first" and
+"channels_last" are accepted as aliases.
+
+Data arrays are float32 or float64 and the output has the input's dtype. A C-contiguous input is used in
+place; any other (Fortran order, negative or zero strides, byte-swapped) is copied once. Per-channel
+arrays may have any floating-point dtype. Statistics are computed and combined in float64.
+
+The high-level calls are built from four steps, each usable alone (for example a cross-process
+SyncBatchNorm runs :func:`batch_stats`, all-reduces, then :func:`normalize`):
+:func:`batch_stats`, :func:`normalize`, :func:`backward_reduce`, :func:`backward_apply`.
+"""
+import numpy as np
+
+from . import _checks as ck
+from . import _config, _core
+
+
+def _threads():
+    n = _config._num_threads
+    return 0 if n is None else n
+
+
+def _prepare(x, layout, name="x"):
+    layout = ck.check_layout(layout)
+    x = ck.as_data(x, name)
+    outer, C, inner = ck.canonical_view(x.shape, layout, name)
+    return x, layout, (outer, C, inner)
+
+
+def _output(out, x, reads, name="out"):
+    if out is None:
+        return np.empty_like(x)
+    return ck.check_out(out, x.shape, x.dtype, reads, name)
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
+               eps=1e-5, *, layout="NCHW", out=None, unbiased_running_var=True):
+    """Batch normalization with PyTorch's semantics (``torch.nn.functional.batch_norm``).
+
+    y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c]
+
+    training=True: mean/var are the batch statistics over every axis but the channel axis (biased variance),
+    and running_mean / running_var, when given, are updated in place:
+    ``running = (1 - momentum) * running + momentum * batch`` with the unbiased batch variance
+    (``unbiased_running_var=False`` stores the biased one, as Keras does).
+    training=False: mean/var are running_mean / running_var (both required).
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, rank 2..5 in ``layout``.
+    running_mean, running_var : ndarray (C,) of a float dtype, or None; updated in place when training.
+    weight, bias : array (C,) or None (1 and 0).
+    training : bool.
+    momentum : float in [0, 1].
+    eps : float > 0.
+    out : ndarray shaped and typed like x, C-contiguous; may be x itself (in place).
+
+    Returns y (``out`` if given). Raises TypeError for wrong types/dtypes and ValueError for wrong shapes or
+    values, including training with one value per channel; a call that raises changes nothing.
+    """
+    x, layout, (outer, C, inner) = _prepare(x, layout)
+    rm = ck.per_channel(running_mean, "running_mean", C, inplace=True)
+    rv = ck.per_channel(running_var, "running_var", C, inplace=True)
+    if (rm is None) != (rv is None):
+        raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
+    w = ck.per_channel(weight, "weight", C)
+    b = ck.per_channel(bias, "bias", C)
+    training = bool(training)
+    eps = ck.check_eps(eps)
+    momentum = ck.check_momentum(momentum, allow_none=False)
+    n = outer * inner
+    if training:
+        ck.check_train_size(n, x.shape)
+    elif rm is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    y = _output(out, x, [("x", x)])
+    if training:
+        mean, var = _forward_train(x, y, (outer, C, inner), w, b, eps)
+        if rm is not None and n > 0:
+            update_running_stats(rm, rv, mean, var, n, momentum, unbiased=unbiased_running_var)
+    else:
+        _normalize(x, y, (outer, C, inner), ck.f64(rm), ck.f64(rv), w, b, eps)
+    return y
+
+
+def update_running_stats(running_mean, running_var, mean, var, n, momentum, *, unbiased=True):
+    """running = (1 - momentum) running + momentum batch, in float64, stored in the arrays' dtypes.
+
+    var is the biased batch variance of n values; with unbiased=True the stored one is var * n / (n - 1).
+    """
+    v = np.asarray(var, dtype=np.float64)
+    if unbiased:
+        v = v * (n / (n - 1)) if n > 1 else v
+    new_m = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * np.asarray(mean, dtype=np.float64)
+    new_v = (1.0 - momentum) * running_var.astype(np.float64) + momentum * v
+    running_mean[...] = new_m
+    running_var[...] = new_v
+
+
+def _forward_train(x, y, dims, w, b, eps):
+    outer, C, inner = dims
+    mean = np.empty(C, np.float64)
+    var = np.empty(C, np.float64)
+    if outer * C * inner == 0:
+        mean.fill(np.nan)
+        var.fill(np.nan)
+        return mean, var
+    _core.forward_train(x.reshape(dims), y.reshape(dims), ck.f64(w), ck.f64(b), eps, mean, var, _threads())
+    return mean, var
+
+
+def _normalize(x, y, dims, mean, var, w, b, eps):
+    _core.normalize(x.reshape(dims), y.reshape(dims), mean, var, ck.f64(w), ck.f64(b), eps, _threads())
+
+
+def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None):
+    """Training forward for callers that run their own autograd.
+
+    Returns (y, save_mean, save_invstd): y normalised with the batch statistics, save_mean[c] the batch mean
+    and save_invstd[c] = 1 / sqrt(biased_var[c] + eps), both (C,) in x's dtype, ready for
+    :func:`batch_norm_backward`. Raises as :func:`batch_norm`.
+    """
+    x, layout, (outer, C, inner) = _prepare(x, layout)
+    w = ck.per_channel(weight, "weight", C)
+    b = ck.per_channel(bias, "bias", C)
+    eps = ck.check_eps(eps)
+    ck.check_train_size(outer * inner, x.shape)
+    y = _output(out, x, [("x", x)])
+    mean, var = _forward_train(x, y, (outer, C, inner), w, b, eps)
+    invstd = 1.0 / np.sqrt(var + eps)
+    return y, mean.astype(x.dtype), invstd.astype(x.dtype)
+
+
+def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, layout="NCHW", out=None,
+                        training=True):
+    """Gradients of batch normalization.
+
+    With n values per channel, s = save_invstd[c], w = weight[c] (1 when None), x̂ = (x - save_mean[c]) s:
+        grad_bias[c]   = sum grad_out
+        grad_weight[c] = sum grad_out * x̂
+        grad_x         = w s (grad_out - grad_bias / n - x̂ grad_weight / n)       (training=True)
+        grad_x         = w s grad_out                                             (training=False: the
+                         statistics were running statistics, constants; pass save_mean = running_mean and
+                         save_invstd = 1 / sqrt(running_var + eps))
+
+    grad_out and x: same shape and dtype (float32/float64). Returns (grad_x, grad_weight, grad_bias); the
+    per-channel gradients have weight's dtype (x's when weight is None). ``out`` receives grad_x and may be
+    grad_out or x itself.
+    """
+    x, layout, (outer, C, inner) = _prepare(x, layout)
+    dy = ck.as_data(grad_out, "grad_out")
+    ck.check_same_shape(dy, "grad_out", x, "x")
+    mean = ck.per_channel(save_mean, "save_mean", C)
+    invstd = ck.per_channel(save_invstd, "save_invstd", C)
+    if mean is None or invstd is None:
+        raise TypeError("save_mean and save_invstd must be arrays of shape (C,), got None")
+    w = ck.per_channel(weight, "weight", C)
+    dx = _output(out, x, [("x", x), ("grad_out", dy)])
+    dims = (outer, C, inner)
+    gw = np.zeros(C, np.float64)
+    gb = np.zeros(C, np.float64)
+    _core.backward(dy.reshape(dims), x.reshape(dims), dx.reshape(dims), ck.f64(mean), ck.f64(invstd), ck.f64(w),
+                   bool(training), gw, gb, _threads())
+    gdtype = w.dtype if w is not None else x.dtype
+    return dx, gw.astype(gdtype), gb.astype(gdtype)
+
+
+# ---- composable steps -------------------------------------------------------------------------------------
+
+def batch_stats(x, *, layout="NCHW"):
+    """Per-channel (mean, biased variance) of x as float64 arrays of shape (C,).
+
+    Exact two-pass sums inside fixed chunks, chunks combined in float64 (Chan et al.); bitwise the same
+    for any thread count and the same numbers :func:`batch_norm` uses. An empty batch gives NaN.
+    """
+    x, layout, dims = _prepare(x, layout)
+    mean = np.empty(dims[1], np.float64)
+    var = np.empty(dims[1], np.float64)
+    _core.stats(x.reshape(dims), mean, var, _threads())
+    return mean, var
+
+
+def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None):
+    """y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c] with given statistics (one pass)."""
+    x, layout, (outer, C, inner) = _prepare(x, layout)
+    m = ck.per_channel(mean, "mean", C)
+    v = ck.per_channel(var, "var", C)
+    if m is None or v is None:
+        raise TypeError("mean and var must be arrays of shape (C,), got None")
+    w = ck.per_channel(weight, "weight", C)
+    b = ck.per_channel(bias, "bias", C)
+    eps = ck.check_eps(eps)
+    y = _output(out, x, [("x", x)])
+    _normalize(x, y, (outer, C, inner), ck.f64(m), ck.f64(v), w, b, eps)
+    return y
+
+
+def backward_reduce(grad_out, x, mean, *, layout="NCHW"):
+    """(sum grad_out, sum grad_out * (x - mean[c])) per channel, float64 arrays of shape (C,)."""
+    x, layout, dims = _prepare(x, layout)
+    dy = ck.as_data(grad_out, "grad_out")
+    ck.check_same_shape(dy, "grad_out", x, "x")
+    m = ck.per_channel(mean, "mean", dims[1])
+    if m is None:
+        raise TypeError(f"mean must be an array of shape ({dims[1]},), got None")
+    sdy = np.empty(dims[1], np.float64)
+    sdyx = np.empty(dims[1], np.float64)
+    _core.backward_reduce(dy.reshape(dims), x.reshape(dims), ck.f64(m), sdy, sdyx, _threads())
+    return sdy, sdyx
+
+
+def backward_apply(grad_out, x, mean, a, b, d, *, layout="NCHW", out=None):
+    """grad_x = a[c] * grad_out + b[c] * (x - mean[c]) + d[c] (coefficients rounded to x's dtype)."""
+    x, layout, dims = _prepare(x, layout)
+    dy = ck.as_data(grad_out, "grad_out")
+    ck.check_same_shape(dy, "grad_out", x, "x")
+    C = dims[1]
+    coef = []
+    for name, v in (("mean", mean), ("a", a), ("b", b), ("d", d)):
+        v = ck.per_channel(v, name, C)
+        if v is None:
+            raise TypeError(f"{name} must be an array of shape ({C},), got None")
+        coef.append(np.asarray(v, dtype=np.float64))
+    mean, a, b, d = coef
+    m = mean.astype(x.dtype)
+    d = d - b * (mean - m.astype(np.float64))  # the residual of rounding mean, folded into d
+    dx = _output(out, x, [("x", x), ("grad_out", dy)])
+    cast = [np.ascontiguousarray(v, dtype=x.dtype) for v in (m, a, b, d)]
+    _core.backward_apply(dy.reshape(dims), x.reshape(dims), dx.reshape(dims), *cast, _threads())
+    return dx

@@ -1,0 +1,221 @@
+"""Batch-norm layers with running statistics, in the style of ``torch.nn.BatchNorm2d``."""
+import numbers
+
+import numpy as np
+
+from . import _checks as ck
+from . import functional as F
+
+
+class BatchNorm:
+    """Batch normalization over the channel axis, with learnable affine parameters and running statistics.
+
+    Parameters
+    ----------
+    num_features : int >= 1, the number of channels C.
+    eps : float > 0, added to the variance.
+    momentum : float in [0, 1] or None. ``running = (1 - momentum) running + momentum batch``; None keeps the
+        cumulative average over ``num_batches_tracked``. (Keras' momentum is 1 - this one.)
+    affine : bool, learnable ``weight`` (ones) and ``bias`` (zeros) of shape (C,).
+    track_running_stats : bool. When False there are no running statistics and batch statistics are used in
+        training and in eval mode alike.
+    layout : "NCHW" (channels on axis 1) or "NHWC" (channels last).
+    dtype : float32 or float64, the dtype of parameters and running statistics. Inputs may be either.
+    unbiased_running_var : bool. True (PyTorch) stores the unbiased batch variance in running_var; False
+        stores the biased one (Keras).
+
+    A new layer is in training mode; ``eval()`` / ``train()`` switch it. Calling the layer returns the
+    normalised array; ``backward(grad_out)`` after a call returns grad_x and sets ``grad_weight`` and
+    ``grad_bias`` (overwritten each time, not accumulated).
+
+    Thread safety: a layer holds state (running statistics, the saved forward for backward), so one layer
+    must not be called from several threads at once. The functional API is safe to call concurrently on
+    different arrays. The layer keeps a reference to the last training input for backward: changing that
+    array in place before ``backward`` changes the gradients.
+    """
+
+    _ranks = (2, 3, 4, 5)
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
+                 layout="NCHW", dtype=np.float32, unbiased_running_var=True):
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        dt = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
+        if dt not in ck.SUPPORTED_DTYPES:
+            raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        self.num_features = int(num_features)
+        self.eps = ck.check_eps(eps)
+        self.momentum = ck.check_momentum(momentum, allow_none=True)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.layout = ck.check_layout(layout)
+        self.dtype = dt
+        self.unbiased_running_var = bool(unbiased_running_var)
+        C = self.num_features
+        self.weight = np.ones(C, dt) if self.affine else None
+        self.bias = np.zeros(C, dt) if self.affine else None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(C, dt)
+            self.running_var = np.ones(C, dt)
+            self.num_batches_tracked = 0
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self.grad_weight = self.grad_bias = None
+        self.training = True
+        self._saved = None
+
+    # ---- modes ---------------------------------------------------------------------------------------------
+    def train(self, mode=True):
+        """Training mode (batch statistics, running statistics updated); returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Inference mode (running statistics); returns self."""
+        return self.train(False)
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self):
+        self.reset_running_stats()
+        if self.affine:
+            self.weight.fill(1)
+            self.bias.fill(0)
+
+    # ---- forward / backward --------------------------------------------------------------------------------
+    def _check_input(self, x):
+        x = ck.as_data(x, "x")
+        if x.ndim not in self._ranks:
+            raise ValueError(f"{type(self).__name__} expects {' or '.join(f'{r}-D' for r in self._ranks)} "
+                             f"input, got {x.ndim}-D input of shape {x.shape}")
+        outer, C, inner = ck.canonical_view(x.shape, self.layout, "x")
+        if C != self.num_features:
+            axis = "1" if self.layout == "NCHW" else "-1"
+            raise ValueError(f"x must have {self.num_features} channels on axis {axis} (layout "
+                             f"{self.layout!r}), got {C} in shape {x.shape}")
+        return x, (outer, C, inner)
+
+    def forward(self, x, *, out=None):
+        """Normalise x (rank per class, channels per ``layout``); returns y (``out`` if given)."""
+        x, (outer, C, inner) = self._check_input(x)
+        self._check_state()
+        batch_stats = self.training or not self.track_running_stats
+        n = outer * inner
+        if not batch_stats:
+            y = F._output(out, x, [("x", x)])
+            rm, rv = ck.f64(self.running_mean), ck.f64(self.running_var)
+            F._normalize(x, y, (outer, C, inner), rm, rv, self.weight, self.bias, self.eps)
+            self._saved = (x, rm, 1.0 / np.sqrt(rv + self.eps), False)
+            return y
+        ck.check_train_size(n, x.shape)
+        y = F._output(out, x, [("x", x)])
+        mean, var = F._forward_train(x, y, (outer, C, inner), self.weight, self.bias, self.eps)
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked += 1
+            factor = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+            if n > 0:
+                F.update_running_stats(self.running_mean, self.running_var, mean, var, n, factor,
+                                       unbiased=self.unbiased_running_var)
+        self._saved = (x, mean, 1.0 / np.sqrt(var + self.eps), True)
+        return y
+
+    __call__ = forward
+
+    def backward(self, grad_out, *, out=None):
+        """Gradient of the last forward call: returns grad_x and sets grad_weight / grad_bias (affine only).
+
+        After a training-mode forward the batch statistics are differentiated through; after an
+        eval-mode forward they are the (constant) running statistics.
+        """
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward call first")
+        x, mean, invstd, training = self._saved
+        gx, gw, gb = F.batch_norm_backward(grad_out, x, mean, invstd, self.weight, layout=self.layout, out=out,
+                                           training=training)
+        if self.affine:
+            self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
+        return gx
+
+    def _check_state(self):
+        """The public attributes may be reassigned by users; check them before they reach a kernel."""
+        C = self.num_features
+        for name in ("weight", "bias"):
+            v = getattr(self, name)
+            if self.affine or v is not None:
+                ck.per_channel(v, name, C)
+        if self.track_running_stats:
+            ck.per_channel(self.running_mean, "running_mean", C, inplace=True)
+            ck.per_channel(self.running_var, "running_var", C, inplace=True)
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    def state_dict(self):
+        """Copies of the state under PyTorch's keys: weight, bias (affine), running_mean, running_var,
+        num_batches_tracked (track_running_stats; a 0-d int64 array)."""
+        d = {}
+        if self.affine:
+            d["weight"] = self.weight.copy()
+            d["bias"] = self.bias.copy()
+        if self.track_running_stats:
+            d["running_mean"] = self.running_mean.copy()
+            d["running_var"] = self.running_var.copy()
+            d["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+        return d
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load a dict from :meth:`state_dict` or from a PyTorch BatchNorm (tensors are converted).
+
+        Every entry is checked (shape (C,), floating dtype; num_batches_tracked an integer) before anything
+        is assigned, so a rejected dict leaves the layer as it was. strict=True also rejects missing and
+        unexpected keys. Values are copied into the layer's dtype.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        keys = (["weight", "bias"] if self.affine else []) + (
+            ["running_mean", "running_var", "num_batches_tracked"] if self.track_running_stats else [])
+        if strict:
+            missing = [k for k in keys if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in keys]
+            if missing or unexpected:
+                raise ValueError(f"state_dict does not match this layer: missing keys {missing}, "
+                                 f"unexpected keys {unexpected}")
+        staged = {}
+        for k in keys:
+            if k not in state_dict:
+                continue
+            if k == "num_batches_tracked":
+                v = ck._to_ndarray(state_dict[k], k)
+                if v.shape not in ((), (1,)) or v.dtype.kind not in "iu":
+                    raise ValueError(f"num_batches_tracked must be an integer scalar, got {v.dtype} of shape {v.shape}")
+                if int(v.reshape(())) < 0:
+                    raise ValueError(f"num_batches_tracked must be >= 0, got {int(v.reshape(()))}")
+                staged[k] = int(v.reshape(()))
+            else:
+                staged[k] = np.array(ck.per_channel(state_dict[k], k, self.num_features), dtype=self.dtype)
+        for k, v in staged.items():
+            setattr(self, k, v)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, layout={self.layout!r}, "
+                f"dtype={self.dtype.name})")
+
+
+class BatchNorm1d(BatchNorm):
+    """BatchNorm over (N, C) or (N, C, L) input (NHWC: (N, C) or (N, L, C))."""
+    _ranks = (2, 3)
+
+
+class BatchNorm2d(BatchNorm):
+    """BatchNorm over (N, C, H, W) input (NHWC: (N, H, W, C))."""
+    _ranks = (4,)
+
+
+class BatchNorm3d(BatchNorm):
+    """BatchNorm over (N, C, D, H, W) input (NHWC: (N, D, H, W, C))."""
+    _ranks = (5,)

@@ -1,0 +1,90 @@
+/*
+ * bn_simd — the C contract.
+ *
+ * Every tensor is seen as a C-contiguous 3-D view (outer, C, inner):
+ *   channels-first (N, C, *spatial): outer = N,               inner = prod(spatial)
+ *   channels-last  (N, *spatial, C): outer = N * prod(spatial), inner = 1
+ * Batch norm reduces over (outer, inner) for every channel c; n = outer * inner.
+ *
+ * Numerics
+ *   - Statistics are exact two-pass sums inside fixed chunks of BN_CHUNK_BYTES, the chunks combined in
+ *     double in a fixed order (mean = sum n_k mean_k / n, M2 = sum M2_k + n_k (mean_k - mean)^2).
+ *     Chunk boundaries depend on the shape only, never on the thread count: results are bitwise equal
+ *     for any number of threads.
+ *   - Normalisation is y = (x - m[c]) * a[c] + b[c] with m the mean rounded to the data type and the
+ *     rounding residual folded into b, so a channel whose |mean| / std is 1e6 still normalises to
+ *     within a few ulp of its float64 value.
+ *
+ * All functions return BN_OK or a negative status; on error nothing has been written.
+ * Pointers to per-channel arrays have C elements; "nullable" ones may be NULL (weight 1, bias 0).
+ * nthreads <= 0 means "as many as OpenMP offers"; tiny inputs run on one thread.
+ */
+#ifndef BN_SIMD_H
+#define BN_SIMD_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum bn_status { BN_OK = 0, BN_ENOMEM = -1, BN_EINVAL = -2, BN_EISA = -3 };
+
+enum bn_isa { BN_ISA_SCALAR = 0, BN_ISA_AVX2 = 1, BN_ISA_AVX512 = 2, BN_ISA_COUNT = 3 };
+
+/* ---- dispatch (dispatch.c) ---- */
+/* 1 when the CPU (and OS) can run the ISA's kernels. */
+int bn_isa_supported(int isa);
+/* Selects the kernels used by every later call; BN_EISA when the CPU lacks the ISA. */
+int bn_set_isa(int isa);
+int bn_get_isa(void);
+/* The best ISA the CPU supports. */
+int bn_best_isa(void);
+const char* bn_isa_name(int isa);
+/* 1 when built with OpenMP. */
+int bn_have_openmp(void);
+/* OpenMP's current default thread count (omp_get_max_threads), 1 without OpenMP. */
+int bn_omp_max_threads(void);
+
+/* ---- batch norm on the (outer, C, inner) view (batchnorm.c), for T = float (f32) and double (f64) ---- */
+#define BN_DECLARE(T, S)                                                                                  \
+    /* mean[c] and biased var[c] of x. */                                                                 \
+    int bn_stats_##S(const T* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var,       \
+                     int nthreads);                                                                       \
+    /* y = (x - m[c]) * a[c] + b[c]; y may be x. */                                                       \
+    int bn_apply_##S(const T* x, T* y, int64_t outer, int64_t C, int64_t inner, const T* m, const T* a,    \
+                     const T* b, int nthreads);                                                           \
+    /* Normalise with the given per-channel mean/var (double), weight/bias nullable:                       \
+     *   y = (x - mean) / sqrt(var + eps) * weight + bias. Used for inference and after a stats step. */  \
+    int bn_normalize_##S(const T* x, T* y, int64_t outer, int64_t C, int64_t inner, const double* mean,    \
+                         const double* var, const double* weight, const double* bias, double eps,         \
+                         int nthreads);                                                                   \
+    /* Training forward, fused: stats then normalise while a channel slab is cache-resident.              \
+     * Writes y, mean[c] and biased var[c]; the statistics are bitwise those of bn_stats. */              \
+    int bn_forward_train_##S(const T* x, T* y, int64_t outer, int64_t C, int64_t inner,                   \
+                             const double* weight, const double* bias, double eps, double* mean,           \
+                             double* var, int nthreads);                                                  \
+    /* sum_dy[c] = sum dy, sum_dyxm[c] = sum dy * (x - mean[c]). */                                       \
+    int bn_backward_reduce_##S(const T* dy, const T* x, int64_t outer, int64_t C, int64_t inner,          \
+                               const double* mean, double* sum_dy, double* sum_dyxm, int nthreads);        \
+    /* dx = a[c] * dy + b[c] * (x - m[c]) + d[c]; dx may be dy or x. */                                   \
+    int bn_backward_apply_##S(const T* dy, const T* x, T* dx, int64_t outer, int64_t C, int64_t inner,    \
+                              const T* m, const T* a, const T* b, const T* d, int nthreads);               \
+    /* Training backward, fused. With n = outer*inner, s = invstd[c], w = weight[c] (nullable):            \
+     *   grad_bias = sum dy, grad_weight = s * sum dy (x - mean),                                         \
+     *   dx = w s (dy - grad_bias / n - (x - mean) s grad_weight / n).                                    \
+     * When training == 0 the statistics are constants: dx = w s dy. */                                   \
+    int bn_backward_##S(const T* dy, const T* x, T* dx, int64_t outer, int64_t C, int64_t inner,          \
+                        const double* mean, const double* invstd, const double* weight, int training,     \
+                        double* grad_weight, double* grad_bias, int nthreads);
+
+BN_DECLARE(float, f32)
+BN_DECLARE(double, f64)
+
+#undef BN_DECLARE
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* BN_SIMD_H */

@@ -1,0 +1,85 @@
+"""Build of the bn_simd extension.
+
+* The ISA microkernels get their ISA's flags and nothing else does (no -march=native anywhere): each
+  uk_<isa>.c is compiled to an object with its own flags and linked into the one extension; dispatch.c
+  picks among them at run time from CPUID.
+* OpenMP is used when the compiler can build and link a test program with -fopenmp; BN_SIMD_OPENMP=0
+  forces a build without it (the kernels then run on one thread).
+* BN_SIMD_SANITIZE=1 builds with -fsanitize=address,undefined (for the memory-safety CI step).
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ISA_FLAGS = {
+    "src/uk_avx2.c": ["-mavx2", "-mfma"],
+    "src/uk_avx512.c": ["-mavx512f", "-mavx2", "-mfma"],
+}
+PORTABLE_SOURCES = ["src/uk_scalar.c", "src/dispatch.c", "src/batchnorm.c"]
+BASE_FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
+
+
+def _env_flag(name, default):
+    v = os.environ.get(name)
+    return default if v is None else v.strip().lower() not in ("0", "no", "false", "off", "")
+
+
+def _compiler_accepts(compiler_cmd, flags):
+    """True when `compiler_cmd flags` compiles and links a small OpenMP program."""
+    src = "#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel reduction(+:n)\nn+=1;\nreturn n>0?0:1;}\n"
+    with tempfile.TemporaryDirectory() as d:
+        c = os.path.join(d, "t.c")
+        with open(c, "w") as f:
+            f.write(src)
+        try:
+            r = subprocess.run(compiler_cmd + [c, "-o", os.path.join(d, "t")] + flags,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return r.returncode == 0
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        cc = list(self.compiler.compiler_so[:1]) if hasattr(self.compiler, "compiler_so") else ["cc"]
+        use_omp = _env_flag("BN_SIMD_OPENMP", True) and _compiler_accepts(cc, ["-fopenmp"])
+        sanitize = _env_flag("BN_SIMD_SANITIZE", False)
+        extra = list(BASE_FLAGS)
+        link = []
+        if use_omp:
+            extra.append("-fopenmp")
+            link.append("-fopenmp")
+        if sanitize:
+            extra += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
+            link += ["-fsanitize=address,undefined"]
+        print(f"bn_simd build: OpenMP={'yes' if use_omp else 'no'} sanitize={'yes' if sanitize else 'no'}")
+        for ext in self.extensions:
+            objects = []
+            for src, flags in ISA_FLAGS.items():
+                objects += self.compiler.compile([src], output_dir=self.build_temp, include_dirs=ext.include_dirs,
+                                                 extra_postargs=extra + flags, depends=ext.depends)
+            ext.extra_objects = objects
+            ext.extra_compile_args = extra
+            ext.extra_link_args = link
+        super().build_extensions()
+
+
+ext = Extension(
+    "bn_simd._core",
+    sources=["bn_simd/_core.pyx"] + PORTABLE_SOURCES,
+    include_dirs=["include", "src", numpy.get_include()],
+    depends=["include/bn_simd.h", "src/ukernels.h", "src/ukernels.inc", "src/batchnorm.inc", "src/dispatch.h"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+
+setup(
+    ext_modules=cythonize([ext], compiler_directives={"language_level": 3}),
+    cmdclass={"build_ext": BuildExt},
+)

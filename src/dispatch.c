@@ -1,0 +1,68 @@
+/* Run-time ISA choice: CPUID once, a pointer per dtype to the chosen microkernel table. */
+#include "dispatch.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static const bn_uk_f32* const tables_f32[BN_ISA_COUNT] = {&bn_uk_f32_scalar, &bn_uk_f32_avx2, &bn_uk_f32_avx512};
+static const bn_uk_f64* const tables_f64[BN_ISA_COUNT] = {&bn_uk_f64_scalar, &bn_uk_f64_avx2, &bn_uk_f64_avx512};
+static const char* const names[BN_ISA_COUNT] = {"scalar", "avx2", "avx512"};
+
+/* -1 until the first call picks the best ISA. */
+static int active = -1;
+
+int bn_isa_supported(int isa) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    /* libgcc's checks include the OS's XSAVE state (XCR0), not only the CPUID bits. */
+    switch (isa) {
+        case BN_ISA_SCALAR: return 1;
+        case BN_ISA_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        case BN_ISA_AVX512:
+            return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+                   __builtin_cpu_supports("fma");
+        default: return 0;
+    }
+#else
+    return isa == BN_ISA_SCALAR;
+#endif
+}
+
+int bn_best_isa(void) {
+    /* AVX-512 only where it beats AVX2 on the benchmarks; see docs/design.md. */
+    if (bn_isa_supported(BN_ISA_AVX2)) return BN_ISA_AVX2;
+    return BN_ISA_SCALAR;
+}
+
+int bn_set_isa(int isa) {
+    if (isa < 0 || isa >= BN_ISA_COUNT || !bn_isa_supported(isa)) return BN_EISA;
+    active = isa;
+    return BN_OK;
+}
+
+int bn_get_isa(void) {
+    if (active < 0) active = bn_best_isa();
+    return active;
+}
+
+const char* bn_isa_name(int isa) { return (isa >= 0 && isa < BN_ISA_COUNT) ? names[isa] : "unknown"; }
+
+const bn_uk_f32* bn_uk_active_f32(void) { return tables_f32[bn_get_isa()]; }
+const bn_uk_f64* bn_uk_active_f64(void) { return tables_f64[bn_get_isa()]; }
+
+int bn_have_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int bn_omp_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}

@@ -1,0 +1,53 @@
+/* AVX2 + FMA microkernels. Compiled with -mavx2 -mfma for this file only; reached through dispatch.c
+ * after CPUID says the CPU and OS support both. */
+#include <immintrin.h>
+
+#include "ukernels.h"
+
+#define ISA avx2
+#define D __m256d
+#define DL 4
+#define DZERO() _mm256_setzero_pd()
+#define DLOAD(p) _mm256_loadu_pd(p)
+#define DSTORE(p, v) _mm256_storeu_pd((p), (v))
+#define DSET1(s) _mm256_set1_pd(s)
+#define DADD(a, b) _mm256_add_pd((a), (b))
+#define DSUB(a, b) _mm256_sub_pd((a), (b))
+#define DFMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))
+
+#define T float
+#define S f32
+#define V __m256
+#define VL 8
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, v) _mm256_storeu_ps((p), (v))
+#define VSET1(s) _mm256_set1_ps(s)
+#define VSUB(a, b) _mm256_sub_ps((a), (b))
+#define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define SFMA(a, b, c) __builtin_fmaf((a), (b), (c))
+#define DLOADT(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+#include "ukernels.inc"
+#undef T
+#undef S
+#undef V
+#undef VL
+#undef VLOAD
+#undef VSTORE
+#undef VSET1
+#undef VSUB
+#undef VFMA
+#undef SFMA
+#undef DLOADT
+
+#define T double
+#define S f64
+#define V __m256d
+#define VL 4
+#define VLOAD(p) _mm256_loadu_pd(p)
+#define VSTORE(p, v) _mm256_storeu_pd((p), (v))
+#define VSET1(s) _mm256_set1_pd(s)
+#define VSUB(a, b) _mm256_sub_pd((a), (b))
+#define VFMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))
+#define SFMA(a, b, c) __builtin_fma((a), (b), (c))
+#define DLOADT(p) _mm256_loadu_pd(p)
+#include "ukernels.inc"

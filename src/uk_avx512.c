@@ -1,0 +1,53 @@
+/* AVX-512F microkernels. Compiled with -mavx512f -mavx2 -mfma for this file only; reached through dispatch.c
+ * after CPUID says the CPU and OS support AVX-512F. */
+#include <immintrin.h>
+
+#include "ukernels.h"
+
+#define ISA avx512
+#define D __m512d
+#define DL 8
+#define DZERO() _mm512_setzero_pd()
+#define DLOAD(p) _mm512_loadu_pd(p)
+#define DSTORE(p, v) _mm512_storeu_pd((p), (v))
+#define DSET1(s) _mm512_set1_pd(s)
+#define DADD(a, b) _mm512_add_pd((a), (b))
+#define DSUB(a, b) _mm512_sub_pd((a), (b))
+#define DFMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
+
+#define T float
+#define S f32
+#define V __m512
+#define VL 16
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, v) _mm512_storeu_ps((p), (v))
+#define VSET1(s) _mm512_set1_ps(s)
+#define VSUB(a, b) _mm512_sub_ps((a), (b))
+#define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
+#define SFMA(a, b, c) __builtin_fmaf((a), (b), (c))
+#define DLOADT(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
+#include "ukernels.inc"
+#undef T
+#undef S
+#undef V
+#undef VL
+#undef VLOAD
+#undef VSTORE
+#undef VSET1
+#undef VSUB
+#undef VFMA
+#undef SFMA
+#undef DLOADT
+
+#define T double
+#define S f64
+#define V __m512d
+#define VL 8
+#define VLOAD(p) _mm512_loadu_pd(p)
+#define VSTORE(p, v) _mm512_storeu_pd((p), (v))
+#define VSET1(s) _mm512_set1_pd(s)
+#define VSUB(a, b) _mm512_sub_pd((a), (b))
+#define VFMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
+#define SFMA(a, b, c) __builtin_fma((a), (b), (c))
+#define DLOADT(p) _mm512_loadu_pd(p)
+#include "ukernels.inc"

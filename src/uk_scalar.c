@@ -1,0 +1,34 @@
+/* Portable microkernels: plain C for the baseline ISA (the compiler may use SSE2). */
+#include "ukernels.h"
+
+#define ISA scalar
+#define D double
+#define DL 1
+#define DZERO() 0.0
+#define DLOADT(p) ((double)*(p))
+#define DLOAD(p) (*(p))
+#define DSTORE(p, v) (*(p) = (v))
+#define DSET1(s) (s)
+#define DADD(a, b) ((a) + (b))
+#define DSUB(a, b) ((a) - (b))
+#define DFMA(a, b, c) ((a) * (b) + (c))
+#define VL 1
+#define VLOAD(p) (*(p))
+#define VSTORE(p, v) (*(p) = (v))
+#define VSET1(s) (s)
+#define VSUB(a, b) ((a) - (b))
+#define VFMA(a, b, c) ((a) * (b) + (c))
+#define SFMA(a, b, c) ((a) * (b) + (c))
+
+#define T float
+#define S f32
+#define V float
+#include "ukernels.inc"
+#undef T
+#undef S
+#undef V
+
+#define T double
+#define S f64
+#define V double
+#include "ukernels.inc"

@@ -1,0 +1,49 @@
+/*
+ * Microkernels: the only ISA-specific code. Each works on one contiguous run of memory and never
+ * allocates, threads or reads past its n / rows * C elements. The drivers in batchnorm.c do blocking,
+ * threading and the combination of partial results; they reach the kernels through a table.
+ *
+ * cf_* : channels-first, one run of n elements of one channel (per-channel scalars m, a, b, d).
+ * cl_* : channels-last, `rows` rows of C channels each (row stride C; per-channel arrays of C).
+ * Reductions widen to double before they add: float32 sums neither drift over long runs nor overflow at
+ * |x| ~ 1e38; the means they subtract (m) are double. Apply kernels compute in T.
+ */
+#ifndef BN_UKERNELS_H
+#define BN_UKERNELS_H
+
+#include <stdint.h>
+
+#define BN_UK_TABLE(T, S)                                                                                 \
+    typedef struct {                                                                                      \
+        /* return sum x */                                                                                \
+        double (*cf_sum)(const T* x, int64_t n);                                                          \
+        /* *s1 += sum (x - m), *s2 += sum (x - m)^2 */                                                    \
+        void (*cf_dev)(const T* x, int64_t n, double m, double* s1, double* s2);                               \
+        /* y = (x - m) * a + b */                                                                         \
+        void (*cf_affine)(const T* x, T* y, int64_t n, T m, T a, T b);                                    \
+        /* *sdy += sum dy, *sdyx += sum dy * (x - m) */                                                   \
+        void (*cf_bwd_sums)(const T* dy, const T* x, int64_t n, double m, double* sdy, double* sdyx);          \
+        /* dx = a * dy + b * (x - m) + d */                                                               \
+        void (*cf_bwd_apply)(const T* dy, const T* x, T* dx, int64_t n, T m, T a, T b, T d);              \
+        /* acc[c] += sum_r x[r, c] */                                                                     \
+        void (*cl_sum)(const T* x, int64_t rows, int64_t C, double* acc);                                 \
+        /* s1[c] += sum_r (x[r, c] - m[c]), s2[c] += sum_r (x[r, c] - m[c])^2 */                          \
+        void (*cl_dev)(const T* x, int64_t rows, int64_t C, const double* m, double* s1, double* s2);          \
+        /* y[r, c] = (x[r, c] - m[c]) * a[c] + b[c] */                                                    \
+        void (*cl_affine)(const T* x, T* y, int64_t rows, int64_t C, const T* m, const T* a, const T* b); \
+        /* sdy[c] += sum_r dy[r, c], sdyx[c] += sum_r dy[r, c] * (x[r, c] - m[c]) */                      \
+        void (*cl_bwd_sums)(const T* dy, const T* x, int64_t rows, int64_t C, const double* m, double* sdy, \
+                            double* sdyx);                                                                \
+        /* dx[r, c] = a[c] * dy[r, c] + b[c] * (x[r, c] - m[c]) + d[c] */                                 \
+        void (*cl_bwd_apply)(const T* dy, const T* x, T* dx, int64_t rows, int64_t C, const T* m,         \
+                             const T* a, const T* b, const T* d);                                         \
+    } bn_uk_##S;
+
+BN_UK_TABLE(float, f32)
+BN_UK_TABLE(double, f64)
+#undef BN_UK_TABLE
+
+extern const bn_uk_f32 bn_uk_f32_scalar, bn_uk_f32_avx2, bn_uk_f32_avx512;
+extern const bn_uk_f64 bn_uk_f64_scalar, bn_uk_f64_avx2, bn_uk_f64_avx512;
+
+#endif /* BN_UKERNELS_H */
