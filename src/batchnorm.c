@@ -12,6 +12,7 @@
 /* Reduction chunk: small enough that the second statistics pass over it hits L1/L2. The result
  * depends on this constant (the order of additions), never on the thread count. */
 #define BN_CHUNK_BYTES 32768
+#define BN_CL_CHUNK_BYTES (256 << 10)
 /* Per-channel slab (all inputs together) below which forward/backward fuse the reduction and the
  * element-wise sweep, so that the slab crosses DRAM once. Zen 4: 1 MiB L2 per core, 32 MiB L3. */
 #define BN_FUSE_BYTES (4 << 20)
@@ -43,6 +44,14 @@ static int pick_threads(int nthreads, int64_t tasks, int64_t elems) {
 #endif
 }
 
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 static double clamp0(double v) { return v > 0.0 ? v : 0.0; }
 
 /* Combine K chunk results (mean_k, M2_k, read with stride) into the mean and biased variance of n
@@ -60,6 +69,25 @@ static void combine_chunks(const double* mean_k, const double* m2_k, int64_t str
     }
     *mean = mu;
     *var = m2 / (double)n;
+}
+
+/* combine_chunks for K rows of C channels (mean_k[k * C + c], M2_k[k * C + c]), swept row by row. */
+static void combine_chunk_rows(const double* mean_k, const double* m2_k, int64_t K, int64_t C, int64_t n, int64_t L,
+                               double* mean, double* var) {
+    for (int64_t c = 0; c < C; c++) mean[c] = var[c] = 0.0;
+    for (int64_t k = 0; k < K; k++) {
+        const double w = (double)(k < K - 1 ? L : n - (K - 1) * L);
+        for (int64_t c = 0; c < C; c++) mean[c] += w * mean_k[k * C + c];
+    }
+    for (int64_t c = 0; c < C; c++) mean[c] /= (double)n;
+    for (int64_t k = 0; k < K; k++) {
+        const double w = (double)(k < K - 1 ? L : n - (K - 1) * L);
+        for (int64_t c = 0; c < C; c++) {
+            const double dk = mean_k[k * C + c] - mean[c];
+            var[c] += m2_k[k * C + c] + w * dk * dk;
+        }
+    }
+    for (int64_t c = 0; c < C; c++) var[c] /= (double)n;
 }
 
 #define T float

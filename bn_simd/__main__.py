@@ -1,0 +1,136 @@
+"""``python -m bn_simd``: a self-check against a float64 NumPy reference and a speed table vs NumPy.
+
+    python -m bn_simd            # self-check + speed table (about 20 s)
+    python -m bn_simd check      # self-check only; exit status 1 on any failure
+    python -m bn_simd speed      # speed table only
+"""
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from . import _baseline as ref
+from . import functional as F
+from ._config import show_config
+
+# (shape, layout): covers both kernel families (channels-first runs, channels-last rows), odd sizes
+CHECK_CASES = [((4, 7, 9, 11), "NCHW"), ((3, 5, 6, 17), "NHWC"), ((64, 33), "NCHW"), ((2, 9, 4, 4, 4), "NCHW"),
+               ((2, 16, 130), "NCHW"), ((1, 3, 40, 40), "NCHW")]
+SPEED_CASES = [((32, 64, 56, 56), "NCHW"), ((32, 56, 56, 64), "NHWC"), ((32, 256, 14, 14), "NCHW"),
+               ((32, 2048, 7, 7), "NCHW"), ((256, 1024), "NCHW"), ((1, 64, 56, 56), "NCHW")]
+
+
+def _tol(dtype, n):
+    """Error bound for a normalised output (|y| ~ 1): a few ulp of the output, plus the reduction's
+    rounding (the statistics are accumulated in float64, so this grows with n only in float64)."""
+    eps = np.finfo(dtype).eps
+    return 16 * eps + 4 * np.finfo(np.float64).eps * n
+
+
+def _channel_axis(layout, ndim):
+    return 1 if layout == "NCHW" else ndim - 1
+
+
+def self_check(verbose=True):
+    """Compare forward-train, eval and backward with the float64 reference; returns the number of failures."""
+    rng = np.random.default_rng(12345)
+    failures = 0
+    for dtype in (np.float32, np.float64):
+        for shape, layout in CHECK_CASES:
+            C = shape[_channel_axis(layout, len(shape))]
+            n = int(np.prod(shape)) // C
+            x = (rng.standard_normal(shape) * 3 + 10).astype(dtype)
+            w, b = rng.uniform(0.5, 2, C), rng.standard_normal(C)
+            rm, rv = rng.standard_normal(C), rng.uniform(0.5, 2, C)
+            dy = rng.standard_normal(shape).astype(dtype)
+            y, mean, invstd = F.batch_norm_forward(x, w, b, layout=layout)
+            y_ref, m_ref, v_ref = ref.forward_train(x, w, b, layout=layout, dtype=np.float64)
+            ye = F.batch_norm(x, rm, rv, w, b, training=False, layout=layout)
+            ye_ref = ref.inference(x, rm, rv, w, b, layout=layout, dtype=np.float64)
+            gx, gw, gb = F.batch_norm_backward(dy, x, mean, invstd, w, layout=layout)
+            gx_ref, gw_ref, gb_ref = ref.backward(dy, x, m_ref, 1 / np.sqrt(v_ref + 1e-5), w, layout=layout,
+                                                  dtype=np.float64)
+            tol = _tol(dtype, n)
+            errs = {
+                "forward": np.max(np.abs(y - y_ref)) / np.max(np.abs(w)),
+                "eval": np.max(np.abs(ye - ye_ref) / (1 + np.abs(ye_ref))),
+                "grad_x": np.max(np.abs(gx - gx_ref)) / (1 + np.max(np.abs(gx_ref))),
+                "grad_w": np.max(np.abs(gw - gw_ref)) / (np.sqrt(n) * 4),
+            }
+            bad = {k: v for k, v in errs.items() if not v <= 8 * tol * (np.sqrt(n) if k != "forward" else 1)}
+            failures += bool(bad)
+            if verbose:
+                status = "ok  " if not bad else "FAIL"
+                worst = max(errs.values())
+                print(f"  {status} {np.dtype(dtype).name:7s} {layout} {str(shape):18s} max rel. error {worst:.1e}"
+                      + (f"  failing: {sorted(bad)}" if bad else ""))
+    return failures
+
+
+def _median_ms(fn, budget_s=0.6, max_runs=30):
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < budget_s and len(times) < max_runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
+def speed_table():
+    rng = np.random.default_rng(0)
+    header = (f"| {'case':22s} | {'op':10s} | {'bn_simd ms':>10s} | {'NumPy ms':>9s} | {'bn_simd GB/s':>12s} "
+              f"| {'speed-up':>8s} |")
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for shape, layout in SPEED_CASES:
+        C = shape[_channel_axis(layout, len(shape))]
+        x = rng.standard_normal(shape, dtype=np.float32)
+        w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
+        rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+        y = np.empty_like(x)
+        dy = rng.standard_normal(shape, dtype=np.float32)
+        _, mean, invstd = F.batch_norm_forward(x, w, b, layout=layout)
+        ops = [("eval", 2,
+                lambda: F.batch_norm(x, rm, rv, w, b, training=False, layout=layout, out=y),
+                lambda: ref.inference(x, rm, rv, w, b, layout=layout))]
+        if shape[0] > 1:
+            ops[:0] = [
+                ("train fwd", 2,
+                 lambda: F.batch_norm(x, rm, rv, w, b, training=True, layout=layout, out=y),
+                 lambda: ref.forward_train(x, w, b, layout=layout)),
+                ("backward", 3,
+                 lambda: F.batch_norm_backward(dy, x, mean, invstd, w, layout=layout, out=y),
+                 lambda: ref.backward(dy, x, mean, invstd, w, layout=layout)),
+            ]
+        name = "x".join(map(str, shape)) + " " + layout
+        for op, passes, ours, numpy_fn in ops:
+            t_ours, t_np = _median_ms(ours), _median_ms(numpy_fn, budget_s=0.4, max_runs=8)
+            gbs = passes * x.nbytes / (t_ours * 1e-3) / 1e9
+            print(f"| {name:22s} | {op:10s} | {t_ours:10.3f} | {t_np:9.3f} | {gbs:12.1f} | {t_np / t_ours:7.1f}x |")
+    print("\nGB/s counts the minimum traffic: 2 tensor passes (read x, write y) for forward and eval, 3 for "
+          "backward. Medians of repeated runs, float32.")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bn_simd", description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", default="all", choices=["all", "check", "speed"])
+    args = parser.parse_args(argv)
+    cfg = show_config()
+    print(f"bn_simd {cfg['version']}: kernels {cfg['isa']} (CPU supports {', '.join(cfg['supported_isas'])}), "
+          f"OpenMP {'yes' if cfg['openmp'] else 'no'}, {cfg['num_threads']} thread(s)")
+    failures = 0
+    if args.command in ("all", "check"):
+        print("\nSelf-check against the float64 NumPy reference (forward, eval, backward):")
+        failures = self_check()
+        print(f"  {'all passed' if not failures else f'{failures} case(s) FAILED'}")
+    if args.command in ("all", "speed"):
+        print("\nSpeed vs the NumPy baseline:\n")
+        speed_table()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
