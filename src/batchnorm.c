@@ -16,9 +16,15 @@
 /* Per-channel slab (all inputs together) below which forward/backward fuse the reduction and the
  * element-wise sweep, so that the slab crosses DRAM once. Zen 4: 1 MiB L2 per core, 32 MiB L3. */
 #define BN_FUSE_BYTES (4 << 20)
-#define BN_FUSE_MAX_CHUNKS (BN_FUSE_BYTES / BN_CHUNK_BYTES + 1)
+/* Channels-first blocks: channels are grouped until a block's run in one row has this many elements,
+ * so that short rows (7x7, 14x14) still stream in long contiguous runs. */
+#define BN_MIN_RUN 512
+#define BN_MAX_BLOCK BN_MIN_RUN
 /* Below this many elements a call runs on one thread: the fork costs more than it saves. */
 #define BN_MIN_PARALLEL_ELEMS 32768
+
+/* nt is read only by OpenMP pragmas. */
+#define BN_MAYBE_UNUSED __attribute__((unused))
 
 static int valid_dims(int64_t outer, int64_t C, int64_t inner) { return outer >= 0 && C >= 0 && inner >= 0; }
 
@@ -54,24 +60,96 @@ static int thread_id(void) {
 
 static double clamp0(double v) { return v > 0.0 ? v : 0.0; }
 
-/* Combine K chunk results (mean_k, M2_k, read with stride) into the mean and biased variance of n
- * elements; every chunk holds L elements but the last. Exact two-pass over the chunk means, in a
- * fixed order: mean = sum n_k mean_k / n, M2 = sum (M2_k + n_k (mean_k - mean)^2). */
-static void combine_chunks(const double* mean_k, const double* m2_k, int64_t stride, int64_t K, int64_t n,
-                           int64_t L, double* mean, double* var) {
-    double s = 0.0;
-    for (int64_t k = 0; k < K; k++) s += (double)(k < K - 1 ? L : n - (K - 1) * L) * mean_k[k * stride];
-    const double mu = s / (double)n;
-    double m2 = 0.0;
-    for (int64_t k = 0; k < K; k++) {
-        const double dk = mean_k[k * stride] - mu;
-        m2 += m2_k[k * stride] + (double)(k < K - 1 ? L : n - (K - 1) * L) * dk * dk;
+/* Channels-first geometry (see batchnorm.inc): blocks of cb channels, nb blocks, K chunks per block;
+ * a chunk is R whole rows (P == 1) or one piece of PL elements of one row (P > 1 pieces per row). */
+typedef struct {
+    int64_t outer, C, inner, cb, nb, P, PL, R, K;
+} cf_geom;
+
+static cf_geom cf_geometry(int64_t outer, int64_t C, int64_t inner, size_t esize) {
+    cf_geom g;
+    const int64_t L = BN_CHUNK_BYTES / (int64_t)esize;
+    g.outer = outer;
+    g.C = C;
+    g.inner = inner;
+    g.cb = inner >= BN_MIN_RUN ? 1 : (BN_MIN_RUN + inner - 1) / inner;
+    if (g.cb > C) g.cb = C;
+    g.nb = (C + g.cb - 1) / g.cb;
+    if (inner > L) {
+        g.P = (inner + L - 1) / L;
+        g.PL = L;
+        g.R = 1;
+        g.K = outer * g.P;
+    } else {
+        g.P = 1;
+        g.PL = inner;
+        g.R = L / (g.cb * inner) > 0 ? L / (g.cb * inner) : 1;
+        g.K = (outer + g.R - 1) / g.R;
     }
-    *mean = mu;
-    *var = m2 / (double)n;
+    return g;
 }
 
-/* combine_chunks for K rows of C channels (mean_k[k * C + c], M2_k[k * C + c]), swept row by row. */
+/* Rows [r0, r1) and inner range [i0, i1) of chunk k (the same in every block). */
+static void cf_chunk(const cf_geom* g, int64_t k, int64_t* r0, int64_t* r1, int64_t* i0, int64_t* i1) {
+    if (g->P == 1) {
+        *r0 = k * g->R;
+        *r1 = *r0 + g->R < g->outer ? *r0 + g->R : g->outer;
+        *i0 = 0;
+        *i1 = g->inner;
+    } else {
+        *r0 = k / g->P;
+        *r1 = *r0 + 1;
+        *i0 = (k % g->P) * g->PL;
+        *i1 = *i0 + g->PL < g->inner ? *i0 + g->PL : g->inner;
+    }
+}
+
+/* Elements of one channel in chunk k. */
+static int64_t cf_chunk_count(const cf_geom* g, int64_t k) {
+    int64_t r0, r1, i0, i1;
+    cf_chunk(g, k, &r0, &r1, &i0, &i1);
+    return (r1 - r0) * (i1 - i0);
+}
+
+static int64_t cf_block_channels(const cf_geom* g, int64_t b) {
+    const int64_t c0 = b * g->cb;
+    return g->C - c0 < g->cb ? g->C - c0 : g->cb;
+}
+
+/* Mean and biased variance of block b's channels from its K chunk results (mk[k * cb + j], m2k[...]), in
+ * chunk order: mean = sum n_k mean_k / n, M2 = sum (M2_k + n_k (mean_k - mean)^2). */
+static void cf_combine_block(const cf_geom* g, int64_t b, const double* mk, const double* m2k, double* mean,
+                             double* var) {
+    const int64_t nc = cf_block_channels(g, b);
+    const double n = (double)(g->outer * g->inner);
+    for (int64_t j = 0; j < nc; j++) {
+        double s = 0.0, m2 = 0.0;
+        for (int64_t k = 0; k < g->K; k++) s += (double)cf_chunk_count(g, k) * mk[k * g->cb + j];
+        const double mu = s / n;
+        for (int64_t k = 0; k < g->K; k++) {
+            const double dk = mk[k * g->cb + j] - mu;
+            m2 += m2k[k * g->cb + j] + (double)cf_chunk_count(g, k) * dk * dk;
+        }
+        mean[j] = mu;
+        var[j] = m2 / n;
+    }
+}
+
+/* Block b's channel sums from its K chunk sums, in chunk order. */
+static void cf_sum_block(const cf_geom* g, int64_t b, const double* gk, const double* hk, double* sdy, double* sdyx) {
+    const int64_t nc = cf_block_channels(g, b);
+    for (int64_t j = 0; j < nc; j++) {
+        double s = 0.0, h = 0.0;
+        for (int64_t k = 0; k < g->K; k++) {
+            s += gk[k * g->cb + j];
+            h += hk[k * g->cb + j];
+        }
+        sdy[j] = s;
+        sdyx[j] = h;
+    }
+}
+
+/* Chunk combination (as cf_combine_block) for K rows of C channels (mean_k[k * C + c], M2_k[k * C + c]), swept row by row. */
 static void combine_chunk_rows(const double* mean_k, const double* m2_k, int64_t K, int64_t C, int64_t n, int64_t L,
                                double* mean, double* var) {
     for (int64_t c = 0; c < C; c++) mean[c] = var[c] = 0.0;

@@ -13,7 +13,14 @@
 #define DSET1(s) _mm256_set1_pd(s)
 #define DADD(a, b) _mm256_add_pd((a), (b))
 #define DSUB(a, b) _mm256_sub_pd((a), (b))
+#define DMUL(a, b) _mm256_mul_pd((a), (b))
 #define DFMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))
+#define DHSUM(v) hsum_pd(v)
+
+static inline double hsum_pd(__m256d v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
 
 #define T float
 #define S f32

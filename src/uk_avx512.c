@@ -13,7 +13,9 @@
 #define DSET1(s) _mm512_set1_pd(s)
 #define DADD(a, b) _mm512_add_pd((a), (b))
 #define DSUB(a, b) _mm512_sub_pd((a), (b))
+#define DMUL(a, b) _mm512_mul_pd((a), (b))
 #define DFMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
+#define DHSUM(v) _mm512_reduce_add_pd(v)
 
 #define T float
 #define S f32

@@ -11,7 +11,9 @@
 #define DSET1(s) (s)
 #define DADD(a, b) ((a) + (b))
 #define DSUB(a, b) ((a) - (b))
+#define DMUL(a, b) ((a) * (b))
 #define DFMA(a, b, c) ((a) * (b) + (c))
+#define DHSUM(v) (v)
 #define VL 1
 #define VLOAD(p) (*(p))
 #define VSTORE(p, v) (*(p) = (v))

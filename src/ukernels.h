@@ -3,7 +3,8 @@
  * allocates, threads or reads past its n / rows * C elements. The drivers in batchnorm.c do blocking,
  * threading and the combination of partial results; they reach the kernels through a table.
  *
- * cf_* : channels-first, one run of n elements of one channel (per-channel scalars m, a, b, d).
+ * seg_*: channels-first, nseg consecutive runs (segments) of len elements, segment j of channel j
+ *        (per-channel arrays indexed by j).
  * cl_* : channels-last, `rows` rows of C channels each (row stride C; per-channel arrays of C).
  * Reductions widen to double before they add: float32 sums neither drift over long runs nor overflow at
  * |x| ~ 1e38; the means they subtract (m) are double. Apply kernels compute in T.
@@ -15,16 +16,19 @@
 
 #define BN_UK_TABLE(T, S)                                                                                 \
     typedef struct {                                                                                      \
-        /* return sum x */                                                                                \
-        double (*cf_sum)(const T* x, int64_t n);                                                          \
-        /* *s1 += sum (x - m), *s2 += sum (x - m)^2 */                                                    \
-        void (*cf_dev)(const T* x, int64_t n, double m, double* s1, double* s2);                               \
-        /* y = (x - m) * a + b */                                                                         \
-        void (*cf_affine)(const T* x, T* y, int64_t n, T m, T a, T b);                                    \
-        /* *sdy += sum dy, *sdyx += sum dy * (x - m) */                                                   \
-        void (*cf_bwd_sums)(const T* dy, const T* x, int64_t n, double m, double* sdy, double* sdyx);          \
-        /* dx = a * dy + b * (x - m) + d */                                                               \
-        void (*cf_bwd_apply)(const T* dy, const T* x, T* dx, int64_t n, T m, T a, T b, T d);              \
+        /* acc[j] += sum of segment j (x[j len .. (j + 1) len)), j < nseg */                            \
+        void (*seg_sum)(const T* x, int64_t nseg, int64_t len, double* acc);                              \
+        /* s1[j] += sum (x - m[j]), s2[j] += sum (x - m[j])^2 over segment j */                           \
+        void (*seg_dev)(const T* x, int64_t nseg, int64_t len, const double* m, double* s1, double* s2);  \
+        /* y = (x - m[j]) * a[j] + b[j] over segment j */                                                 \
+        void (*seg_affine)(const T* x, T* y, int64_t nseg, int64_t len, const T* m, const T* a,           \
+                           const T* b);                                                                   \
+        /* sdy[j] += sum dy, sdyx[j] += sum dy * (x - m[j]) over segment j */                             \
+        void (*seg_bwd_sums)(const T* dy, const T* x, int64_t nseg, int64_t len, const double* m,         \
+                             double* sdy, double* sdyx);                                                  \
+        /* dx = a[j] * dy + b[j] * (x - m[j]) + d[j] over segment j */                                    \
+        void (*seg_bwd_apply)(const T* dy, const T* x, T* dx, int64_t nseg, int64_t len, const T* m,      \
+                              const T* a, const T* b, const T* d);                                        \
         /* acc[c] += sum_r x[r, c] */                                                                     \
         void (*cl_sum)(const T* x, int64_t rows, int64_t C, double* acc);                                 \
         /* s1[c] += sum_r (x[r, c] - m[c]), s2[c] += sum_r (x[r, c] - m[c])^2 */                          \
