@@ -34,17 +34,7 @@ static inline double hsum_pd(__m256d v) {
 #define SFMA(a, b, c) __builtin_fmaf((a), (b), (c))
 #define DLOADT(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
 #include "ukernels.inc"
-#undef T
-#undef S
-#undef V
-#undef VL
-#undef VLOAD
-#undef VSTORE
-#undef VSET1
-#undef VSUB
-#undef VFMA
-#undef SFMA
-#undef DLOADT
+#include "uk_undef_type.h"
 
 #define T double
 #define S f64

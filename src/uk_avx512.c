@@ -29,17 +29,7 @@
 #define SFMA(a, b, c) __builtin_fmaf((a), (b), (c))
 #define DLOADT(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
 #include "ukernels.inc"
-#undef T
-#undef S
-#undef V
-#undef VL
-#undef VLOAD
-#undef VSTORE
-#undef VSET1
-#undef VSUB
-#undef VFMA
-#undef SFMA
-#undef DLOADT
+#include "uk_undef_type.h"
 
 #define T double
 #define S f64

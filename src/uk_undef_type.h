@@ -1,0 +1,12 @@
+/* Ends one dtype's instantiation of ukernels.inc in a uk_<isa>.c file: the type-specific macros. */
+#undef T
+#undef S
+#undef V
+#undef VL
+#undef VLOAD
+#undef VSTORE
+#undef VSET1
+#undef VSUB
+#undef VFMA
+#undef SFMA
+#undef DLOADT
