@@ -1,6 +1,6 @@
 """Build of the bn_simd extension.
 
-* The ISA microkernels get their ISA's flags and nothing else does (no -march=native anywhere): each
+* The ISA microkernels get their ISA's flags and nothing else does (no host-tuned -march flag anywhere): each
   uk_<isa>.c is compiled to an object with its own flags and linked into the one extension; dispatch.c
   picks among them at run time from CPUID.
 * OpenMP is used when the compiler can build and link a test program with -fopenmp; BN_SIMD_OPENMP=0
