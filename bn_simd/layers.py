@@ -107,11 +107,13 @@ class BatchNorm:
         self._check_state()
         batch_stats = self.training or not self.track_running_stats
         n = outer * inner
+        # backward needs the input: keep a copy when the output overwrites it
+        saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         if not batch_stats:
             y = F._output(out, x, [("x", x)])
             rm, rv = ck.f64(self.running_mean), ck.f64(self.running_var)
             F._normalize(x, y, (outer, C, inner), rm, rv, self.weight, self.bias, self.eps)
-            self._saved = (x, rm, 1.0 / np.sqrt(rv + self.eps), False)
+            self._saved = (saved_x, rm, 1.0 / np.sqrt(rv + self.eps), False)
             return y
         ck.check_train_size(n, x.shape)
         y = F._output(out, x, [("x", x)])
@@ -122,7 +124,7 @@ class BatchNorm:
             if n > 0:
                 F.update_running_stats(self.running_mean, self.running_var, mean, var, n, factor,
                                        unbiased=self.unbiased_running_var)
-        self._saved = (x, mean, 1.0 / np.sqrt(var + self.eps), True)
+        self._saved = (saved_x, mean, 1.0 / np.sqrt(var + self.eps), True)
         return y
 
     __call__ = forward

@@ -80,6 +80,8 @@ def test_backward_out_may_alias_grad_out():
 def test_backward_empty_batch_gives_zero_param_grads():
     x = np.zeros((0, 3, 4, 4), np.float32)
     gx, gw, gb = bn_simd.batch_norm_backward(x, x, np.zeros(3), np.ones(3), np.ones(3))
+    _, m, s = bn_simd.batch_norm_forward(x)
+    assert (bn_simd.batch_norm_backward(x, x, m, s)[1] == 0).all()
     assert gx.shape == x.shape
     np.testing.assert_array_equal(gw, 0)
     np.testing.assert_array_equal(gb, 0)

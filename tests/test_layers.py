@@ -132,3 +132,17 @@ def test_layer_out_parameter():
     x = make((3, 3, 4, 4), np.float32, seed=61)
     out = np.empty_like(x)
     assert layer(x, out=out) is out
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_in_place_forward_keeps_backward_correct(training):
+    x, g = make((3, 3, 4, 4), np.float64, seed=62), make((3, 3, 4, 4), np.float64, seed=63)
+    ref_layer, layer = bn_simd.BatchNorm2d(3, dtype=np.float64), bn_simd.BatchNorm2d(3, dtype=np.float64)
+    ref_layer.train(training)
+    layer.train(training)
+    ref_layer(x)
+    expected = ref_layer.backward(g)
+    xi = x.copy()
+    layer(xi, out=xi)
+    np.testing.assert_array_equal(layer.backward(g), expected)
+    np.testing.assert_array_equal(layer.grad_weight, ref_layer.grad_weight)
