@@ -162,11 +162,11 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, lay
     dims = (outer, C, inner)
     gw = np.zeros(C, np.float64)
     gb = np.zeros(C, np.float64)
+    gdtype = w.dtype if w is not None else x.dtype
     if outer * inner == 0:  # sums over no element: zero parameter gradients (the saved stats are NaN)
-        return dx, gw.astype(w.dtype if w is not None else x.dtype), gb.astype(w.dtype if w is not None else x.dtype)
+        return dx, gw.astype(gdtype), gb.astype(gdtype)
     _core.backward(dy.reshape(dims), x.reshape(dims), dx.reshape(dims), ck.f64(mean), ck.f64(invstd), ck.f64(w),
                    bool(training), gw, gb, _threads())
-    gdtype = w.dtype if w is not None else x.dtype
     return dx, gw.astype(gdtype), gb.astype(gdtype)
 
 
