@@ -1,77 +1,166 @@
-"""Configuration: ISA selection, threads, show_config."""
+"""Configuration: show_config, ISA selection (set_isa, BN_SIMD_ISA), thread count (set_num_threads, OpenMP)."""
+import hashlib
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
 import bn_simd
+from conftest import HAVE_OPENMP, SUPPORTED_ISAS
 
 
-def test_show_config_keys():
+def test_show_config_reports_the_build_and_run_time_settings():
     cfg = bn_simd.show_config()
     assert {"version", "isa", "supported_isas", "openmp", "num_threads"} <= set(cfg)
-    assert cfg["isa"] in cfg["supported_isas"] and "scalar" in cfg["supported_isas"]
-    assert cfg["version"] == bn_simd.__version__
-    assert cfg["num_threads"] >= 1
+    assert cfg["version"] == bn_simd.__version__ and isinstance(cfg["version"], str)
+    assert "scalar" in cfg["supported_isas"]
+    assert set(cfg["supported_isas"]) <= {"scalar", "avx2", "avx512"}
+    assert cfg["isa"] in cfg["supported_isas"] and cfg["isa"] == bn_simd.get_isa()
+    assert isinstance(cfg["openmp"], bool)
+    assert isinstance(cfg["num_threads"], int) and cfg["num_threads"] >= 1
+    assert cfg["num_threads"] == bn_simd.get_num_threads()
 
 
-def test_set_num_threads(threads):
-    threads(3)
-    assert bn_simd.get_num_threads() == (3 if bn_simd.show_config()["openmp"] else 1)
-    for bad, exc in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)):
-        with pytest.raises(exc):
-            bn_simd.set_num_threads(bad)
+def test_set_isa_switches_kernels_and_show_config_follows(isa):
+    assert bn_simd.get_isa() == isa
+    assert bn_simd.show_config()["isa"] == isa
 
 
-def test_threadpoolctl_is_respected():
-    if not bn_simd.show_config()["openmp"]:
-        pytest.skip("built without OpenMP")
-    with threadpool_limits(1, "openmp"):
-        assert bn_simd.get_num_threads() == 1
-
-
-def test_set_isa_validates():
-    with pytest.raises(ValueError, match="must be one of"):
-        bn_simd.set_isa("sse9")
-    with pytest.raises(TypeError):
-        bn_simd.set_isa(2)
-    prev = bn_simd.get_isa()
+def test_set_isa_auto_picks_the_best_supported():
     bn_simd.set_isa("scalar")
-    assert bn_simd.get_isa() == "scalar"
     bn_simd.set_isa("auto")
-    assert bn_simd.get_isa() == bn_simd.show_config()["best_isa"]
-    bn_simd.set_isa(prev)
+    cfg = bn_simd.show_config()
+    assert cfg["isa"] == cfg.get("best_isa", cfg["isa"]) and cfg["isa"] in SUPPORTED_ISAS
 
 
-def _run(code, **env):
-    e = dict(os.environ)
+@pytest.mark.parametrize("name,exc", [("sse9", ValueError), ("AVX3", ValueError), ("", ValueError),
+                                      ("neon", ValueError), (2, TypeError), (None, TypeError)])
+def test_set_isa_rejects_unknown_names_and_keeps_the_current_one(name, exc):
+    before = bn_simd.get_isa()
+    with pytest.raises(exc):
+        bn_simd.set_isa(name)
+    assert bn_simd.get_isa() == before
+
+
+@pytest.mark.skipif(not HAVE_OPENMP, reason="built without OpenMP")
+def test_set_num_threads_sets_and_none_restores(threads):
+    default = bn_simd.get_num_threads()
+    for n in (1, 2, 3, np.int64(5)):
+        threads(n)
+        assert bn_simd.get_num_threads() == n
+        assert bn_simd.show_config()["num_threads"] == n
+    threads(None)
+    assert bn_simd.get_num_threads() == default
+
+
+@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError),
+                                     ("2", TypeError), (2.0, TypeError)])
+def test_set_num_threads_validates(bad, exc, threads):
+    threads(2)
+    with pytest.raises(exc):
+        bn_simd.set_num_threads(bad)
+    assert bn_simd.get_num_threads() == (2 if HAVE_OPENMP else 1)
+
+
+@pytest.mark.skipif(not HAVE_OPENMP, reason="built without OpenMP")
+def test_get_num_threads_follows_threadpoolctl_limits():
+    default = bn_simd.get_num_threads()
+    with threadpool_limits(limits=1, user_api="openmp"):
+        assert bn_simd.get_num_threads() == 1
+        assert bn_simd.show_config()["num_threads"] == 1
+    assert bn_simd.get_num_threads() == default
+
+
+@pytest.mark.skipif(not HAVE_OPENMP, reason="built without OpenMP")
+def test_explicit_thread_count_wins_over_threadpoolctl(threads):
+    threads(2)
+    with threadpool_limits(limits=1, user_api="openmp"):
+        assert bn_simd.get_num_threads() == 2
+
+
+@pytest.mark.skipif(HAVE_OPENMP, reason="only without OpenMP")
+def test_without_openmp_there_is_one_thread(threads):
+    threads(4)
+    assert bn_simd.get_num_threads() == 1
+
+
+# ---- environment variables, in fresh processes ------------------------------------------------------------------
+
+def _python(code, **env):
+    e = {k: v for k, v in os.environ.items() if k not in ("BN_SIMD_ISA", "OMP_NUM_THREADS")}
     e.update(env)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=120)
 
 
-@pytest.mark.parametrize("isa", bn_simd.show_config()["supported_isas"])
-def test_env_var_selects_isa(isa):
-    r = _run("import bn_simd; print(bn_simd.get_isa())", BN_SIMD_ISA=isa)
+@pytest.mark.parametrize("value", SUPPORTED_ISAS + [SUPPORTED_ISAS[-1].upper(), " scalar "])
+def test_bn_simd_isa_environment_variable_selects_the_kernels(value):
+    r = _python("import bn_simd; print(bn_simd.get_isa())", BN_SIMD_ISA=value)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == isa
+    assert r.stdout.strip() == value.strip().lower()
 
 
-def test_env_var_bad_value_is_a_clear_error():
-    r = _run("import bn_simd", BN_SIMD_ISA="neon")
+@pytest.mark.parametrize("value", ["auto", ""])
+def test_bn_simd_isa_auto_or_empty_picks_the_best(value):
+    r = _python("import bn_simd; c = bn_simd.show_config(); print(c['isa'], c['best_isa'])", BN_SIMD_ISA=value)
+    assert r.returncode == 0, r.stderr
+    isa, best = r.stdout.split()
+    assert isa == best
+
+
+@pytest.mark.parametrize("value", ["neon", "avx1024", "scalar,avx2"])
+def test_bad_bn_simd_isa_is_a_clear_error_at_import(value):
+    r = _python("import bn_simd", BN_SIMD_ISA=value)
     assert r.returncode != 0
-    assert "BN_SIMD_ISA must be one of" in r.stderr
-    assert "Segmentation" not in r.stderr
+    assert "ValueError" in r.stderr and "BN_SIMD_ISA" in r.stderr and repr(value) in r.stderr
+    assert "scalar" in r.stderr  # it lists what is accepted
+    assert "Segmentation" not in r.stderr and "core dumped" not in r.stderr
 
 
-def test_omp_num_threads_is_respected():
-    r = _run("import bn_simd; print(bn_simd.get_num_threads())", OMP_NUM_THREADS="1")
+def _digest(arrays):
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+_DIGEST_CODE = """
+import hashlib, numpy as np, bn_simd
+rng = np.random.default_rng(7)
+h = hashlib.sha256()
+for layout, shape in (("NCHW", (16, 24, 20, 20)), ("NHWC", (16, 20, 20, 24))):
+    x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    y, m, s = bn_simd.batch_norm_forward(x, layout=layout)
+    gx, gw, gb = bn_simd.batch_norm_backward(dy, x, m, s, layout=layout)
+    for a in (y, m, s, gx, gw, gb):
+        h.update(np.ascontiguousarray(a).tobytes())
+print(bn_simd.get_num_threads(), h.hexdigest())
+"""
+
+
+def _digest_here():
+    rng = np.random.default_rng(7)
+    out = []
+    for layout, shape in (("NCHW", (16, 24, 20, 20)), ("NHWC", (16, 20, 20, 24))):
+        x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        y, m, s = bn_simd.batch_norm_forward(x, layout=layout)
+        out += [y, m, s, *bn_simd.batch_norm_backward(dy, x, m, s, layout=layout)]
+    return _digest(out)
+
+
+@pytest.mark.skipif(not HAVE_OPENMP, reason="built without OpenMP")
+def test_omp_num_threads_is_followed_and_gives_the_same_bits():
+    r = _python(_DIGEST_CODE, OMP_NUM_THREADS="1", BN_SIMD_ISA=bn_simd.get_isa())
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "1"
+    threads, digest = r.stdout.split()
+    assert threads == "1"
+    assert digest == _digest_here()
 
 
-def test_main_self_check_runs():
-    r = _run("import sys, bn_simd.__main__ as m; sys.exit(m.main(['check']))")
+def test_python_m_bn_simd_check_passes():
+    r = _python("import sys, bn_simd.__main__ as m; sys.exit(m.main(['check']))")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "all passed" in r.stdout
