@@ -20,8 +20,20 @@
  * so that short rows (7x7, 14x14) still stream in long contiguous runs. */
 #define BN_MIN_RUN 512
 #define BN_MAX_BLOCK BN_MIN_RUN
+/* A channels-first chunk spans as few rows as give each channel this many elements: one row when the
+ * spatial size is at least this, so that a chunk is one contiguous run and chunk-major order streams
+ * through memory; several rows for small maps, so that per-chunk partial results stay small. */
+#define BN_CHUNK_MIN_PER_CHANNEL 256
+/* Fused forward/backward work on groups of channel blocks whose slabs together fit in this much of the
+ * core's L2 (Zen 4: 1 MiB), reading them chunk-major (row by row) so that DRAM is read in long runs. */
+#define BN_GROUP_BYTES (512 << 10)
 /* Below this many elements a call runs on one thread: the fork costs more than it saves. */
 #define BN_MIN_PARALLEL_ELEMS 32768
+/* Element-wise sweeps write their output with streaming stores when the op touches more bytes than this
+ * (inputs and output together): beyond the last-level cache a regular store first reads the line it
+ * writes, a streaming store does not, and it leaves the cache to the input. Below it, the output stays
+ * cached for whatever reads it next. The values written are the same either way. */
+#define BN_STREAM_BYTES ((int64_t)32 << 20)
 
 /* nt is read only by OpenMP pragmas. */
 #define BN_MAYBE_UNUSED __attribute__((unused))
@@ -58,6 +70,24 @@ static int thread_id(void) {
 #endif
 }
 
+static int team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+static int stream_stores(int64_t bytes_touched) { return bytes_touched > BN_STREAM_BYTES; }
+
+/* Thread t of n's share [*e0, *e1) of E elements: contiguous, cut at multiples of 16 elements (whole cache
+ * lines for aligned float32 data) so that no two threads write the same line. */
+static void thread_range(int64_t E, int t, int n, int64_t* e0, int64_t* e1) {
+    const int64_t share = ((E + n - 1) / n + 15) & ~(int64_t)15;
+    *e0 = share * t < E ? share * t : E;
+    *e1 = share * (t + 1) < E ? share * (t + 1) : E;
+}
+
 static double clamp0(double v) { return v > 0.0 ? v : 0.0; }
 
 /* Channels-first geometry (see batchnorm.inc): blocks of cb channels, nb blocks, K chunks per block;
@@ -83,10 +113,22 @@ static cf_geom cf_geometry(int64_t outer, int64_t C, int64_t inner, size_t esize
     } else {
         g.P = 1;
         g.PL = inner;
-        g.R = L / (g.cb * inner) > 0 ? L / (g.cb * inner) : 1;
+        const int64_t rmax = L / (g.cb * inner) > 0 ? L / (g.cb * inner) : 1;
+        const int64_t rmin = (BN_CHUNK_MIN_PER_CHANNEL + inner - 1) / inner;
+        g.R = rmin < rmax ? rmin : rmax;
         g.K = (outer + g.R - 1) / g.R;
     }
     return g;
+}
+
+/* Blocks per fused group: as many as fit BN_GROUP_BYTES (block_bytes each, all inputs), at least one, and
+ * few enough that every one of nt threads gets several groups. Groups only order the work: the results do
+ * not depend on them. */
+static int64_t fuse_group(const cf_geom* g, int64_t block_bytes, int nt) {
+    int64_t G = BN_GROUP_BYTES / (block_bytes > 0 ? block_bytes : 1);
+    const int64_t fair = g->nb / (4 * (int64_t)nt);
+    if (G > fair) G = fair;
+    return G < 1 ? 1 : G;
 }
 
 /* Rows [r0, r1) and inner range [i0, i1) of chunk k (the same in every block). */
@@ -117,15 +159,17 @@ static int64_t cf_block_channels(const cf_geom* g, int64_t b) {
 }
 
 /* Mean and biased variance of block b's channels from its K chunk results (mk[k * cb + j], m2k[...]), in
- * chunk order: mean = sum n_k mean_k / n, M2 = sum (M2_k + n_k (mean_k - mean)^2). */
+ * chunk order: mean = mean_0 + sum n_k (mean_k - mean_0) / n (shifted by the first chunk's mean: exact
+ * when every chunk has the same mean, as for a constant channel), M2 = sum (M2_k + n_k (mean_k - mean)^2). */
 static void cf_combine_block(const cf_geom* g, int64_t b, const double* mk, const double* m2k, double* mean,
                              double* var) {
     const int64_t nc = cf_block_channels(g, b);
     const double n = (double)(g->outer * g->inner);
     for (int64_t j = 0; j < nc; j++) {
         double s = 0.0, m2 = 0.0;
-        for (int64_t k = 0; k < g->K; k++) s += (double)cf_chunk_count(g, k) * mk[k * g->cb + j];
-        const double mu = s / n;
+        const double m0 = mk[j];
+        for (int64_t k = 1; k < g->K; k++) s += (double)cf_chunk_count(g, k) * (mk[k * g->cb + j] - m0);
+        const double mu = g->K > 1 ? m0 + s / n : m0;
         for (int64_t k = 0; k < g->K; k++) {
             const double dk = mk[k * g->cb + j] - mu;
             m2 += m2k[k * g->cb + j] + (double)cf_chunk_count(g, k) * dk * dk;
@@ -149,15 +193,18 @@ static void cf_sum_block(const cf_geom* g, int64_t b, const double* gk, const do
     }
 }
 
-/* Chunk combination (as cf_combine_block) for K rows of C channels (mean_k[k * C + c], M2_k[k * C + c]), swept row by row. */
+/* Chunk combination (as cf_combine_block, shifted by chunk 0's mean) for K rows of C channels (mean_k[k * C + c], M2_k[k * C + c]), swept row by row. */
 static void combine_chunk_rows(const double* mean_k, const double* m2_k, int64_t K, int64_t C, int64_t n, int64_t L,
                                double* mean, double* var) {
     for (int64_t c = 0; c < C; c++) mean[c] = var[c] = 0.0;
-    for (int64_t k = 0; k < K; k++) {
+    for (int64_t k = 1; k < K; k++) {
         const double w = (double)(k < K - 1 ? L : n - (K - 1) * L);
-        for (int64_t c = 0; c < C; c++) mean[c] += w * mean_k[k * C + c];
+        for (int64_t c = 0; c < C; c++) mean[c] += w * (mean_k[k * C + c] - mean_k[c]);
     }
-    for (int64_t c = 0; c < C; c++) mean[c] /= (double)n;
+    if (K > 1)
+        for (int64_t c = 0; c < C; c++) mean[c] = mean_k[c] + mean[c] / (double)n;
+    else
+        for (int64_t c = 0; c < C; c++) mean[c] = mean_k[c];
     for (int64_t k = 0; k < K; k++) {
         const double w = (double)(k < K - 1 ? L : n - (K - 1) * L);
         for (int64_t c = 0; c < C; c++) {

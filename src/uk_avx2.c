@@ -16,6 +16,7 @@
 #define DMUL(a, b) _mm256_mul_pd((a), (b))
 #define DFMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))
 #define DHSUM(v) hsum_pd(v)
+#define UK_SFENCE() _mm_sfence()
 
 static inline double hsum_pd(__m256d v) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
@@ -28,6 +29,7 @@ static inline double hsum_pd(__m256d v) {
 #define VL 8
 #define VLOAD(p) _mm256_loadu_ps(p)
 #define VSTORE(p, v) _mm256_storeu_ps((p), (v))
+#define VSTREAM(p, v) _mm256_stream_ps((p), (v))
 #define VSET1(s) _mm256_set1_ps(s)
 #define VSUB(a, b) _mm256_sub_ps((a), (b))
 #define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
@@ -42,6 +44,7 @@ static inline double hsum_pd(__m256d v) {
 #define VL 4
 #define VLOAD(p) _mm256_loadu_pd(p)
 #define VSTORE(p, v) _mm256_storeu_pd((p), (v))
+#define VSTREAM(p, v) _mm256_stream_pd((p), (v))
 #define VSET1(s) _mm256_set1_pd(s)
 #define VSUB(a, b) _mm256_sub_pd((a), (b))
 #define VFMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))

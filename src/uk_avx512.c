@@ -16,6 +16,7 @@
 #define DMUL(a, b) _mm512_mul_pd((a), (b))
 #define DFMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
 #define DHSUM(v) _mm512_reduce_add_pd(v)
+#define UK_SFENCE() _mm_sfence()
 
 #define T float
 #define S f32
@@ -23,6 +24,7 @@
 #define VL 16
 #define VLOAD(p) _mm512_loadu_ps(p)
 #define VSTORE(p, v) _mm512_storeu_ps((p), (v))
+#define VSTREAM(p, v) _mm512_stream_ps((p), (v))
 #define VSET1(s) _mm512_set1_ps(s)
 #define VSUB(a, b) _mm512_sub_ps((a), (b))
 #define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
@@ -37,6 +39,7 @@
 #define VL 8
 #define VLOAD(p) _mm512_loadu_pd(p)
 #define VSTORE(p, v) _mm512_storeu_pd((p), (v))
+#define VSTREAM(p, v) _mm512_stream_pd((p), (v))
 #define VSET1(s) _mm512_set1_pd(s)
 #define VSUB(a, b) _mm512_sub_pd((a), (b))
 #define VFMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))

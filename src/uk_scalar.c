@@ -17,6 +17,8 @@
 #define VL 1
 #define VLOAD(p) (*(p))
 #define VSTORE(p, v) (*(p) = (v))
+#define VSTREAM(p, v) VSTORE(p, v)
+#define UK_SFENCE() ((void)0)
 #define VSET1(s) (s)
 #define VSUB(a, b) ((a) - (b))
 #define VFMA(a, b, c) ((a) * (b) + (c))

@@ -5,6 +5,7 @@
 #undef VL
 #undef VLOAD
 #undef VSTORE
+#undef VSTREAM
 #undef VSET1
 #undef VSUB
 #undef VFMA

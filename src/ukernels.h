@@ -6,6 +6,7 @@
  * seg_*: channels-first, nseg consecutive runs (segments) of len elements, segment j of channel j
  *        (per-channel arrays indexed by j).
  * cl_* : channels-last, `rows` rows of C channels each (row stride C; per-channel arrays of C).
+ * Element-wise kernels take nt: non-zero to write their output with streaming (non-temporal) stores.
  * Reductions widen to double before they add: float32 sums neither drift over long runs nor overflow at
  * |x| ~ 1e38; the means they subtract (m) are double. Apply kernels compute in T.
  */
@@ -22,25 +23,25 @@
         void (*seg_dev)(const T* x, int64_t nseg, int64_t len, const double* m, double* s1, double* s2);  \
         /* y = (x - m[j]) * a[j] + b[j] over segment j */                                                 \
         void (*seg_affine)(const T* x, T* y, int64_t nseg, int64_t len, const T* m, const T* a,           \
-                           const T* b);                                                                   \
+                           const T* b, int nt);                                                           \
         /* sdy[j] += sum dy, sdyx[j] += sum dy * (x - m[j]) over segment j */                             \
         void (*seg_bwd_sums)(const T* dy, const T* x, int64_t nseg, int64_t len, const double* m,         \
                              double* sdy, double* sdyx);                                                  \
         /* dx = a[j] * dy + b[j] * (x - m[j]) + d[j] over segment j */                                    \
         void (*seg_bwd_apply)(const T* dy, const T* x, T* dx, int64_t nseg, int64_t len, const T* m,      \
-                              const T* a, const T* b, const T* d);                                        \
+                              const T* a, const T* b, const T* d, int nt);                                \
         /* acc[c] += sum_r x[r, c] */                                                                     \
         void (*cl_sum)(const T* x, int64_t rows, int64_t C, double* acc);                                 \
         /* s1[c] += sum_r (x[r, c] - m[c]), s2[c] += sum_r (x[r, c] - m[c])^2 */                          \
         void (*cl_dev)(const T* x, int64_t rows, int64_t C, const double* m, double* s1, double* s2);          \
         /* y[r, c] = (x[r, c] - m[c]) * a[c] + b[c] */                                                    \
-        void (*cl_affine)(const T* x, T* y, int64_t rows, int64_t C, const T* m, const T* a, const T* b); \
+        void (*cl_affine)(const T* x, T* y, int64_t rows, int64_t C, const T* m, const T* a, const T* b, int nt); \
         /* sdy[c] += sum_r dy[r, c], sdyx[c] += sum_r dy[r, c] * (x[r, c] - m[c]) */                      \
         void (*cl_bwd_sums)(const T* dy, const T* x, int64_t rows, int64_t C, const double* m, double* sdy, \
                             double* sdyx);                                                                \
         /* dx[r, c] = a[c] * dy[r, c] + b[c] * (x[r, c] - m[c]) + d[c] */                                 \
         void (*cl_bwd_apply)(const T* dy, const T* x, T* dx, int64_t rows, int64_t C, const T* m,         \
-                             const T* a, const T* b, const T* d);                                         \
+                             const T* a, const T* b, const T* d, int nt);                                 \
     } bn_uk_##S;
 
 BN_UK_TABLE(float, f32)
