@@ -39,7 +39,7 @@ def test_op(benchmark, case, op, impl):
         pytest.skip(f"{lib} is not installed")
     benchmark.group = f"{case.id} {cases.OP_TITLES[op]}"
     runner = cases.IMPLEMENTATIONS[impl](workspace(case), op)
-    benchmark.extra_info.update(min_bytes=case.min_bytes(op), threads=cases.THREADS)
+    benchmark.extra_info.update(min_bytes=case.min_bytes(op), threads=cases.STATE.threads)
     _run(benchmark, runner, case)
 
 

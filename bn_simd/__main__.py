@@ -3,22 +3,23 @@
     python -m bn_simd            # self-check + speed table (about 20 s)
     python -m bn_simd check      # self-check only; exit status 1 on any failure
     python -m bn_simd speed      # speed table only
+    python -m bn_simd bench ...  # the benchmark table vs NumPy, PyTorch, ONNX Runtime (bench --help)
 """
 import argparse
 import sys
-import time
 
 import numpy as np
 
 from . import _baseline as ref
+from . import _bench
 from . import functional as F
 from ._config import show_config
 
 # (shape, layout): covers both kernel families (channels-first runs, channels-last rows), odd sizes
 CHECK_CASES = [((4, 7, 9, 11), "NCHW"), ((3, 5, 6, 17), "NHWC"), ((64, 33), "NCHW"), ((2, 9, 4, 4, 4), "NCHW"),
                ((2, 16, 130), "NCHW"), ((1, 3, 40, 40), "NCHW")]
-SPEED_CASES = [((32, 64, 56, 56), "NCHW"), ((32, 56, 56, 64), "NHWC"), ((32, 256, 14, 14), "NCHW"),
-               ((32, 2048, 7, 7), "NCHW"), ((256, 1024), "NCHW"), ((1, 64, 56, 56), "NCHW")]
+SPEED_CASES = [_bench.Case((32, 64, 56, 56)), _bench.Case((32, 64, 56, 56), "NHWC"), _bench.Case((32, 256, 14, 14)),
+               _bench.Case((32, 2048, 7, 7)), _bench.Case((256, 1024)), _bench.Case((1, 64, 56, 56), ops=("eval",))]
 
 
 def _tol(dtype, n):
@@ -68,55 +69,34 @@ def self_check(verbose=True):
     return failures
 
 
-def _median_ms(fn, budget_s=0.6, max_runs=30):
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < budget_s and len(times) < max_runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
-
-
 def speed_table():
-    rng = np.random.default_rng(0)
+    """bn_simd and the NumPy baseline on SPEED_CASES (the arrays and calls of ``python -m bn_simd bench``)."""
     header = (f"| {'case':22s} | {'op':10s} | {'bn_simd ms':>10s} | {'NumPy ms':>9s} | {'bn_simd GB/s':>12s} "
               f"| {'speed-up':>8s} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    for shape, layout in SPEED_CASES:
-        C = shape[_channel_axis(layout, len(shape))]
-        x = rng.standard_normal(shape, dtype=np.float32)
-        w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
-        rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
-        y = np.empty_like(x)
-        dy = rng.standard_normal(shape, dtype=np.float32)
-        _, mean, invstd = F.batch_norm_forward(x, w, b, layout=layout)
-        ops = [("eval", 2,
-                lambda: F.batch_norm(x, rm, rv, w, b, training=False, layout=layout, out=y),
-                lambda: ref.inference(x, rm, rv, w, b, layout=layout))]
-        if shape[0] > 1:
-            ops[:0] = [
-                ("train fwd", 2,
-                 lambda: F.batch_norm(x, rm, rv, w, b, training=True, layout=layout, out=y),
-                 lambda: ref.forward_train(x, w, b, layout=layout)),
-                ("backward", 3,
-                 lambda: F.batch_norm_backward(dy, x, mean, invstd, w, layout=layout, out=y),
-                 lambda: ref.backward(dy, x, mean, invstd, w, layout=layout)),
-            ]
-        name = "x".join(map(str, shape)) + " " + layout
-        for op, passes, ours, numpy_fn in ops:
-            t_ours, t_np = _median_ms(ours), _median_ms(numpy_fn, budget_s=0.4, max_runs=8)
-            gbs = passes * x.nbytes / (t_ours * 1e-3) / 1e9
-            print(f"| {name:22s} | {op:10s} | {t_ours:10.3f} | {t_np:9.3f} | {gbs:12.1f} | {t_np / t_ours:7.1f}x |")
+    titles = {"forward": "train fwd", "backward": "backward", "eval": "eval"}
+    for case in SPEED_CASES:
+        ws = _bench.Workspace(case)
+        name = "x".join(map(str, case.shape)) + " " + case.layout
+        for op in case.ops:
+            t_ours = 1e3 * _bench.median_seconds(_bench.make_bn_simd(ws, op), 0.6, 3, 30)[0]
+            t_np = 1e3 * _bench.median_seconds(_bench.make_numpy(ws, op), 0.4, 3, 8)[0]
+            gbs = case.min_bytes(op) / (t_ours * 1e-3) / 1e9
+            print(f"| {name:22s} | {titles[op]:10s} | {t_ours:10.3f} | {t_np:9.3f} | {gbs:12.1f} "
+                  f"| {t_np / t_ours:7.1f}x |")
+        del ws
     print("\nGB/s counts the minimum traffic: 2 tensor passes (read x, write y) for forward and eval, 3 for "
           "backward. Medians of repeated runs, float32.")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bn_simd", description=__doc__.splitlines()[0])
-    parser.add_argument("command", nargs="?", default="all", choices=["all", "check", "speed"])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return _bench.main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m bn_simd", description=__doc__.splitlines()[0],
+                                     epilog="bench takes options of its own: python -m bn_simd bench --help")
+    parser.add_argument("command", nargs="?", default="all", choices=["all", "check", "speed", "bench"])
     args = parser.parse_args(argv)
     cfg = show_config()
     print(f"bn_simd {cfg['version']}: kernels {cfg['isa']} (CPU supports {', '.join(cfg['supported_isas'])}), "
