@@ -13,9 +13,6 @@
  * depends on this constant (the order of additions), never on the thread count. */
 #define BN_CHUNK_BYTES 32768
 #define BN_CL_CHUNK_BYTES (256 << 10)
-/* Per-channel slab (all inputs together) below which forward/backward fuse the reduction and the
- * element-wise sweep, so that the slab crosses DRAM once. Zen 4: 1 MiB L2 per core, 32 MiB L3. */
-#define BN_FUSE_BYTES (4 << 20)
 /* Channels-first blocks: channels are grouped until a block's run in one row has this many elements,
  * so that short rows (7x7, 14x14) still stream in long contiguous runs. */
 #define BN_MIN_RUN 512
@@ -24,9 +21,6 @@
  * spatial size is at least this, so that a chunk is one contiguous run and chunk-major order streams
  * through memory; several rows for small maps, so that per-chunk partial results stay small. */
 #define BN_CHUNK_MIN_PER_CHANNEL 256
-/* Fused forward/backward work on groups of channel blocks whose slabs together fit in this much of the
- * core's L2 (Zen 4: 1 MiB), reading them chunk-major (row by row) so that DRAM is read in long runs. */
-#define BN_GROUP_BYTES (512 << 10)
 /* Below this many elements a call runs on one thread: the fork costs more than it saves. */
 #define BN_MIN_PARALLEL_ELEMS 32768
 /* Element-wise sweeps write their output with streaming stores when the op touches more bytes than this
@@ -34,7 +28,6 @@
  * writes, a streaming store does not, and it leaves the cache to the input. Below it, the output stays
  * cached for whatever reads it next. The values written are the same either way. */
 #define BN_STREAM_BYTES ((int64_t)32 << 20)
-
 /* nt is read only by OpenMP pragmas. */
 #define BN_MAYBE_UNUSED __attribute__((unused))
 
@@ -121,16 +114,6 @@ static cf_geom cf_geometry(int64_t outer, int64_t C, int64_t inner, size_t esize
     return g;
 }
 
-/* Blocks per fused group: as many as fit BN_GROUP_BYTES (block_bytes each, all inputs), at least one, and
- * few enough that every one of nt threads gets several groups. Groups only order the work: the results do
- * not depend on them. */
-static int64_t fuse_group(const cf_geom* g, int64_t block_bytes, int nt) {
-    int64_t G = BN_GROUP_BYTES / (block_bytes > 0 ? block_bytes : 1);
-    const int64_t fair = g->nb / (4 * (int64_t)nt);
-    if (G > fair) G = fair;
-    return G < 1 ? 1 : G;
-}
-
 /* Rows [r0, r1) and inner range [i0, i1) of chunk k (the same in every block). */
 static void cf_chunk(const cf_geom* g, int64_t k, int64_t* r0, int64_t* r1, int64_t* i0, int64_t* i1) {
     if (g->P == 1) {
@@ -215,18 +198,23 @@ static void combine_chunk_rows(const double* mean_k, const double* m2_k, int64_t
     for (int64_t c = 0; c < C; c++) var[c] /= (double)n;
 }
 
+/* SHIFT_BY_VALUE: one-pass chunk statistics shifted by a data value (float32), or two-pass (float64); see
+ * cf_chunk_stats. */
 #define T float
 #define S f32
 #define UK_T bn_uk_f32
 #define UK() bn_uk_active_f32()
+#define SHIFT_BY_VALUE 1
 #include "batchnorm.inc"
 #undef T
 #undef S
 #undef UK_T
 #undef UK
+#undef SHIFT_BY_VALUE
 
 #define T double
 #define S f64
 #define UK_T bn_uk_f64
 #define UK() bn_uk_active_f64()
+#define SHIFT_BY_VALUE 0
 #include "batchnorm.inc"

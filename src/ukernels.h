@@ -5,7 +5,8 @@
  *
  * seg_*: channels-first, nseg consecutive runs (segments) of len elements, segment j of channel j
  *        (per-channel arrays indexed by j).
- * cl_* : channels-last, `rows` rows of C channels each (row stride C; per-channel arrays of C).
+ * cl_* : channels-last, `rows` rows of C channels each (row stride C; per-channel arrays of C). The
+ *        element-wise cl_ kernels take extended per-channel arrays: p[i] = p[i % C] for i < C + UK_MAX_VL.
  * Element-wise kernels take nt: non-zero to write their output with streaming (non-temporal) stores.
  * Reductions widen to double before they add: float32 sums neither drift over long runs nor overflow at
  * |x| ~ 1e38; the means they subtract (m) are double. Apply kernels compute in T.
@@ -14,6 +15,9 @@
 #define BN_UKERNELS_H
 
 #include <stdint.h>
+
+/* The widest vector of any kernel, in elements (AVX-512, float32). */
+#define UK_MAX_VL 16
 
 #define BN_UK_TABLE(T, S)                                                                                 \
     typedef struct {                                                                                      \
@@ -34,13 +38,14 @@
         void (*cl_sum)(const T* x, int64_t rows, int64_t C, double* acc);                                 \
         /* s1[c] += sum_r (x[r, c] - m[c]), s2[c] += sum_r (x[r, c] - m[c])^2 */                          \
         void (*cl_dev)(const T* x, int64_t rows, int64_t C, const double* m, double* s1, double* s2);          \
-        /* y[r, c] = (x[r, c] - m[c]) * a[c] + b[c] */                                                    \
-        void (*cl_affine)(const T* x, T* y, int64_t rows, int64_t C, const T* m, const T* a, const T* b, int nt); \
+        /* y[e] = (x[e] - m[c]) * a[c] + b[c] over n flat elements, c = (c0 + e) % C; m, a, b extended */  \
+        void (*cl_affine)(const T* x, T* y, int64_t n, int64_t C, int64_t c0, const T* m, const T* a,    \
+                          const T* b, int nt);                                                            \
         /* sdy[c] += sum_r dy[r, c], sdyx[c] += sum_r dy[r, c] * (x[r, c] - m[c]) */                      \
         void (*cl_bwd_sums)(const T* dy, const T* x, int64_t rows, int64_t C, const double* m, double* sdy, \
                             double* sdyx);                                                                \
-        /* dx[r, c] = a[c] * dy[r, c] + b[c] * (x[r, c] - m[c]) + d[c] */                                 \
-        void (*cl_bwd_apply)(const T* dy, const T* x, T* dx, int64_t rows, int64_t C, const T* m,         \
+        /* dx[e] = a[c] * dy[e] + b[c] * (x[e] - m[c]) + d[c], as cl_affine */                            \
+        void (*cl_bwd_apply)(const T* dy, const T* x, T* dx, int64_t n, int64_t C, int64_t c0, const T* m, \
                              const T* a, const T* b, const T* d, int nt);                                 \
     } bn_uk_##S;
 
