@@ -216,3 +216,155 @@ def backward(const real[:, :, ::1] dy, const real[:, :, ::1] x, real[:, :, ::1] 
                                  &dx[0, 0, 0] if o * i else NULL, o, C, i, &mean[0], &invstd[0], w, training,
                                  &grad_weight[0], &grad_bias[0], nthreads)
     _check(st)
+
+
+# ---- fast path of batch_norm ---------------------------------------------------------------------------------
+# batch_norm on plain arguments (ndarrays of float32/float64, C-contiguous, aligned, native byte order; per-channel
+# vectors of length C; Python float eps and momentum; layout "NCHW"/"NHWC"; out None, x itself, or a separate
+# array) checked and run here without Python-level work: a tiny call costs about a microsecond instead of ten.
+# Anything else returns None and batch_norm takes its general path, which validates and raises as documented;
+# both paths compute the same bytes (same kernels, same float64 running-statistics formula).
+cimport numpy as cnp
+from libc.math cimport isfinite
+from libc.stdlib cimport free, malloc
+
+cnp.import_array()
+
+
+cdef inline bint _plain(object a, bint writeable):
+    """a is an ndarray of float32/float64 the kernels can use as it is."""
+    if type(a) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    cdef int t = cnp.PyArray_TYPE(arr)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        return False
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr) and cnp.PyArray_ISNOTSWAPPED(arr)):
+        return False
+    return cnp.PyArray_ISWRITEABLE(arr) or not writeable
+
+
+cdef inline bint _vector(object v, Py_ssize_t C, bint writeable):
+    return _plain(v, writeable) and cnp.PyArray_NDIM(<cnp.ndarray>v) == 1 and cnp.PyArray_DIM(<cnp.ndarray>v, 0) == C
+
+
+cdef inline void _load(object v, Py_ssize_t C, double* dst):
+    cdef cnp.ndarray a = <cnp.ndarray>v
+    cdef Py_ssize_t i
+    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
+        for i in range(C):
+            dst[i] = (<float*>cnp.PyArray_DATA(a))[i]
+    else:
+        for i in range(C):
+            dst[i] = (<double*>cnp.PyArray_DATA(a))[i]
+
+
+cdef inline void _store(object v, Py_ssize_t C, const double* src):
+    cdef cnp.ndarray a = <cnp.ndarray>v
+    cdef Py_ssize_t i
+    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
+        for i in range(C):
+            (<float*>cnp.PyArray_DATA(a))[i] = <float>src[i]
+    else:
+        for i in range(C):
+            (<double*>cnp.PyArray_DATA(a))[i] = src[i]
+
+
+cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
+    cdef char* pa = <char*>cnp.PyArray_DATA(a)
+    cdef char* pb = <char*>cnp.PyArray_DATA(b)
+    return pa + cnp.PyArray_NBYTES(a) <= pb or pb + cnp.PyArray_NBYTES(b) <= pa
+
+
+def batch_norm_fast(x, running_mean, running_var, weight, bias, training, momentum, eps, layout, out,
+                    bint unbiased, int nthreads):
+    """batch_norm's result, or None when an argument needs the general path."""
+    if not _plain(x, False) or type(eps) is not float or type(momentum) is not float:
+        return None
+    cdef double e = eps, mom = momentum
+    if not (isfinite(e) and e > 0.0 and 0.0 <= mom <= 1.0):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int nd = cnp.PyArray_NDIM(xa), k
+    if nd < 2 or nd > 5:
+        return None
+    cdef int64_t outer = 1, C, inner = 1
+    if layout == "NCHW":
+        C = cnp.PyArray_DIM(xa, 1)
+        outer = cnp.PyArray_DIM(xa, 0)
+        for k in range(2, nd):
+            inner *= cnp.PyArray_DIM(xa, k)
+    elif layout == "NHWC":
+        C = cnp.PyArray_DIM(xa, nd - 1)
+        for k in range(nd - 1):
+            outer *= cnp.PyArray_DIM(xa, k)
+    else:
+        return None
+    cdef int64_t n = outer * inner
+    if C == 0 or n == 0 or (training is not True and training is not False):
+        return None
+    if training and n < 2:
+        return None
+    cdef bint stats = running_mean is not None or running_var is not None
+    if stats and not (_vector(running_mean, C, True) and _vector(running_var, C, True)):
+        return None
+    if not stats and not training:
+        return None
+    if (weight is not None and not _vector(weight, C, False)) or (bias is not None and not _vector(bias, C, False)):
+        return None
+    cdef int t = cnp.PyArray_TYPE(xa)
+    cdef cnp.ndarray ya
+    if out is None:
+        ya = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(xa), t, 0)
+    else:
+        if not _plain(out, True) or cnp.PyArray_TYPE(<cnp.ndarray>out) != t or cnp.PyArray_NDIM(<cnp.ndarray>out) != nd:
+            return None
+        ya = <cnp.ndarray>out
+        for k in range(nd):
+            if cnp.PyArray_DIM(ya, k) != cnp.PyArray_DIM(xa, k):
+                return None
+        if cnp.PyArray_DATA(ya) != cnp.PyArray_DATA(xa) and not _disjoint(ya, xa):
+            return None
+    # Every argument is usable: from here on the call succeeds or raises MemoryError before any write.
+    cdef double* p = <double*>malloc(sizeof(double) * 6 * C)
+    if p == NULL:
+        raise MemoryError("bn_simd: out of memory for per-channel scratch space")
+    cdef double *rm = p, *rv = p + C, *w = NULL, *b = NULL, *mean = p + 4 * C, *var = p + 5 * C
+    cdef const void* xp = cnp.PyArray_DATA(xa)
+    cdef void* yp = cnp.PyArray_DATA(ya)
+    cdef int st
+    cdef Py_ssize_t c
+    cdef double f = n / (n - 1.0) if n > 1 else 1.0
+    if weight is not None:
+        w = p + 2 * C
+        _load(weight, C, w)
+    if bias is not None:
+        b = p + 3 * C
+        _load(bias, C, b)
+    if training:
+        with nogil:
+            if t == cnp.NPY_FLOAT32:
+                st = bn_forward_train_f32(<const float*>xp, <float*>yp, outer, C, inner, w, b, e, mean, var, nthreads)
+            else:
+                st = bn_forward_train_f64(<const double*>xp, <double*>yp, outer, C, inner, w, b, e, mean, var,
+                                          nthreads)
+        if st == BN_OK and stats:
+            # update_running_stats' formula, operation for operation
+            _load(running_mean, C, rm)
+            _load(running_var, C, rv)
+            for c in range(C):
+                rm[c] = (1.0 - mom) * rm[c] + mom * mean[c]
+                rv[c] = (1.0 - mom) * rv[c] + mom * (var[c] * f if unbiased else var[c])
+            _store(running_mean, C, rm)
+            _store(running_var, C, rv)
+    else:
+        _load(running_mean, C, rm)
+        _load(running_var, C, rv)
+        with nogil:
+            if t == cnp.NPY_FLOAT32:
+                st = bn_normalize_f32(<const float*>xp, <float*>yp, outer, C, inner, rm, rv, w, b, e, nthreads)
+            else:
+                st = bn_normalize_f64(<const double*>xp, <double*>yp, outer, C, inner, rm, rv, w, b, e, nthreads)
+    free(p)
+    _check(st)
+    return ya

@@ -1,0 +1,80 @@
+"""batch_norm's fast path (plain ndarrays, Python float eps/momentum, layout "NCHW"/"NHWC") against its general
+path (taken here through the layout aliases): the same bytes for y and the running statistics, and the general
+path's errors for anything the fast path does not take."""
+import numpy as np
+import pytest
+
+import bn_simd
+from conftest import make_input
+
+ALIAS = {"NCHW": "channels_first", "NHWC": "channels_last"}
+
+
+def _run(layout, x, rm, rv, w, b, training, out_kind, unbiased):
+    x = x.copy()
+    rm = None if rm is None else rm.copy()
+    rv = None if rv is None else rv.copy()
+    out = {"none": None, "x": x, "new": np.full_like(x, np.nan)}[out_kind]
+    y = bn_simd.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, layout=layout, out=out,
+                           unbiased_running_var=unbiased)
+    if out is not None:
+        assert y is out
+    return y, rm, rv
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stat_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("out_kind", ["none", "x", "new"])
+def test_fast_path_gives_the_general_paths_bytes(layout, dtype, stat_dtype, training, affine, out_kind):
+    shape = (3, 5, 4, 3) if layout == "NCHW" else (3, 4, 3, 5)
+    x = make_input((3, 5, 4, 3), layout, dtype, seed=7, loc=0.5, scale=2.0)
+    assert x.shape == shape
+    rng = np.random.default_rng(8)
+    rm, rv = rng.standard_normal(5).astype(stat_dtype), rng.uniform(0.5, 2, 5).astype(stat_dtype)
+    w = rng.uniform(0.5, 1.5, 5).astype(dtype) if affine else None
+    b = rng.uniform(-1, 1, 5).astype(dtype) if affine else None
+    for unbiased in (True, False):
+        fast = _run(layout, x, rm, rv, w, b, training, out_kind, unbiased)
+        slow = _run(ALIAS[layout], x, rm, rv, w, b, training, out_kind, unbiased)
+        for f, s in zip(fast, slow):
+            assert f.dtype == s.dtype and f.shape == s.shape
+            assert f.tobytes() == s.tobytes()
+
+
+def test_fast_path_training_without_running_stats():
+    x = make_input((4, 6, 5), "NCHW", np.float32, seed=9)
+    np.testing.assert_array_equal(bn_simd.batch_norm(x, training=True),
+                                  bn_simd.batch_norm(x, training=True, layout="channels_first"))
+
+
+@pytest.mark.parametrize("case", ["read-only running_var", "partial overlap", "out wrong dtype", "one value",
+                                  "eval without stats", "momentum > 1", "eps = 0", "weight wrong length"])
+def test_arguments_the_fast_path_declines_still_raise(case):
+    x = make_input((2, 4, 3, 3), "NCHW", np.float32, seed=10)
+    rm, rv, w = np.zeros(4, np.float32), np.ones(4, np.float32), np.ones(4, np.float32)
+    kw = dict(running_mean=rm, running_var=rv, weight=w, training=True)
+    if case == "read-only running_var":
+        rv.flags.writeable = False
+    elif case == "partial overlap":
+        buf = np.zeros(x.size + 1, np.float32)
+        x = buf[1:].reshape(x.shape)
+        kw["out"] = buf[:-1].reshape(x.shape)
+    elif case == "out wrong dtype":
+        kw["out"] = np.empty(x.shape, np.float64)
+    elif case == "one value":
+        x = x[:1, :, :1, :1].copy()
+    elif case == "eval without stats":
+        kw.update(running_mean=None, running_var=None, training=False)
+    elif case == "momentum > 1":
+        kw["momentum"] = 1.5
+    elif case == "eps = 0":
+        kw["eps"] = 0.0
+    elif case == "weight wrong length":
+        kw["weight"] = np.ones(3, np.float32)
+    before = (rm.tobytes(), rv.tobytes(), x.tobytes())
+    with pytest.raises((ValueError, TypeError)):
+        bn_simd.batch_norm(x, **kw)
+    assert (rm.tobytes(), rv.tobytes(), x.tobytes()) == before
