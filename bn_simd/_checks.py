@@ -18,11 +18,18 @@ def _describe(obj):
 
 def _to_ndarray(obj, name):
     """ndarray as it is; array-likes (lists, tensors on the CPU) through np.asarray."""
-    if isinstance(obj, np.ndarray):
+    if type(obj) is np.ndarray:
         return obj
+    if isinstance(obj, np.ndarray):  # a subclass (np.matrix, masked arrays): its data as a plain ndarray
+        return np.asarray(obj).view(np.ndarray)
     if hasattr(obj, "detach") and hasattr(obj, "numpy"):  # a torch.Tensor: no autograd, on the CPU
-        obj = obj.detach().cpu().numpy()
-        return obj
+        t = obj.detach().cpu()
+        if str(getattr(t, "dtype", "")) == "torch.bfloat16":  # NumPy has no bfloat16: widen (exact)
+            t = t.float()
+        try:
+            return t.numpy()
+        except (TypeError, RuntimeError) as e:
+            raise TypeError(f"{name} must be an array of float32 or float64, got {_describe(obj)}: {e}") from None
     try:
         return np.asarray(obj)
     except (TypeError, ValueError) as e:
@@ -44,6 +51,8 @@ def as_data(x, name="x"):
     A C-contiguous native array is returned as it is (no copy); a non-contiguous, Fortran-ordered,
     negatively strided, broadcast or byte-swapped one is copied once.
     """
+    if not isinstance(x, np.ndarray) and str(getattr(x, "dtype", "")) == "torch.bfloat16":
+        raise TypeError(f"{name} must have dtype float32 or float64, got torch.bfloat16 (not supported yet)")
     a = _to_ndarray(x, name)
     if a.dtype.kind != "f" or a.dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
         hint = " (float16 is not supported yet)" if a.dtype.kind == "f" and a.dtype.itemsize == 2 else ""
@@ -69,7 +78,10 @@ def canonical_view(shape, layout, name="x"):
 def check_eps(eps):
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {_describe(eps)}")
-    e = float(eps)
+    try:
+        e = float(eps)
+    except OverflowError:
+        raise ValueError(f"eps must be a finite number > 0, got an integer too large for a float") from None
     if not (math.isfinite(e) and e > 0.0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     return e
@@ -84,7 +96,10 @@ def check_momentum(momentum, allow_none):
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum must be a real number in [0, 1]{' or None' if allow_none else ''}, "
                         f"got {_describe(momentum)}")
-    m = float(momentum)
+    try:
+        m = float(momentum)
+    except OverflowError:
+        raise ValueError("momentum must be in [0, 1], got an integer too large for a float") from None
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
     return m

@@ -49,8 +49,8 @@ def set_num_threads(n):
         return
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n must be an int >= 1 or None, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    if not 1 <= n < 2**31:
+        raise ValueError(f"n must be >= 1 and < 2**31, got {n}")
     _num_threads = int(n)
 
 

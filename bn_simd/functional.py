@@ -66,8 +66,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     if y is not None:
         return y
     x, layout, (outer, C, inner) = _prepare(x, layout)
-    rm = ck.per_channel(running_mean, "running_mean", C, inplace=True)
-    rv = ck.per_channel(running_var, "running_var", C, inplace=True)
+    # running statistics are written only in training mode
+    rm = ck.per_channel(running_mean, "running_mean", C, inplace=bool(training))
+    rv = ck.per_channel(running_var, "running_var", C, inplace=bool(training))
     if (rm is None) != (rv is None):
         raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
     w = ck.per_channel(weight, "weight", C)

@@ -40,8 +40,8 @@ class BatchNorm:
                  layout="NCHW", dtype=np.float32, unbiased_running_var=True):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
-        if num_features < 1:
-            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        if not 1 <= num_features < 2**31:
+            raise ValueError(f"num_features must be >= 1 and < 2**31, got {num_features}")
         dt = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
         if dt not in ck.SUPPORTED_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dt}")
@@ -103,8 +103,8 @@ class BatchNorm:
 
     def forward(self, x, *, out=None):
         """Normalise x (rank per class, channels per ``layout``); returns y (``out`` if given)."""
-        x, (outer, C, inner) = self._check_input(x)
         self._check_state()
+        x, (outer, C, inner) = self._check_input(x)
         batch_stats = self.training or not self.track_running_stats
         n = outer * inner
         # backward needs the input: keep a copy when the output overwrites it
@@ -152,8 +152,12 @@ class BatchNorm:
             if self.affine or v is not None:
                 ck.per_channel(v, name, C)
         if self.track_running_stats:
-            ck.per_channel(self.running_mean, "running_mean", C, inplace=True)
-            ck.per_channel(self.running_var, "running_var", C, inplace=True)
+            # written only by a training-mode call
+            ck.per_channel(self.running_mean, "running_mean", C, inplace=self.training)
+            ck.per_channel(self.running_var, "running_var", C, inplace=self.training)
+        self.eps = ck.check_eps(self.eps)
+        self.momentum = ck.check_momentum(self.momentum, allow_none=True)
+        self.layout = ck.check_layout(self.layout)
 
     # ---- state ---------------------------------------------------------------------------------------------
     def state_dict(self):
@@ -192,12 +196,16 @@ class BatchNorm:
                 continue
             if k == "num_batches_tracked":
                 v = ck._to_ndarray(state_dict[k], k)
-                if v.shape not in ((), (1,)) or v.dtype.kind not in "iu":
-                    raise ValueError(f"num_batches_tracked must be an integer scalar, got {v.dtype} of shape {v.shape}")
+                if v.dtype.kind not in "iu":
+                    raise TypeError(f"num_batches_tracked must be an integer scalar, got dtype {v.dtype}")
+                if v.shape not in ((), (1,)):
+                    raise ValueError(f"num_batches_tracked must be an integer scalar, got shape {v.shape}")
                 if int(v.reshape(())) < 0:
                     raise ValueError(f"num_batches_tracked must be >= 0, got {int(v.reshape(()))}")
                 staged[k] = int(v.reshape(()))
             else:
+                if state_dict[k] is None:
+                    raise TypeError(f"state_dict[{k!r}] must be an array of shape ({self.num_features},), got None")
                 staged[k] = np.array(ck.per_channel(state_dict[k], k, self.num_features), dtype=self.dtype)
         for k, v in staged.items():
             setattr(self, k, v)
