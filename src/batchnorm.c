@@ -14,6 +14,7 @@
  * depends on this constant (the order of additions), never on the thread count. */
 #define BN_CHUNK_BYTES 32768
 #define BN_CL_CHUNK_BYTES (256 << 10)
+#define BN_CL_MIN_ROWS 32
 /* Channels-first blocks: channels are grouped until a block's run in one row has this many elements,
  * so that short rows (7x7, 14x14) still stream in long contiguous runs. */
 #define BN_MIN_RUN 512
@@ -29,6 +30,11 @@
  * writes, a streaming store does not, and it leaves the cache to the input. Below it, the output stays
  * cached for whatever reads it next. The values written are the same either way. */
 #define BN_STREAM_BYTES ((int64_t)32 << 20)
+/* More threads than this are never started, whatever set_num_threads asked for. */
+#define BN_MAX_THREADS 1024
+/* Invariants the drivers and kernels rely on. */
+_Static_assert(BN_MAX_BLOCK >= BN_MIN_RUN, "a channel block's stack arrays hold BN_MIN_RUN channels");
+_Static_assert(BN_MIN_RUN < BN_CHUNK_BYTES / 8, "a block's run fits one chunk, so only single channels split rows");
 /* nt is read only by OpenMP pragmas. */
 #define BN_MAYBE_UNUSED __attribute__((unused))
 
@@ -45,6 +51,8 @@ static void canonical_view(int64_t* outer, int64_t C, int64_t* inner) {
 static int pick_threads(int nthreads, int64_t tasks, int64_t elems) {
 #ifdef _OPENMP
     int64_t nt = nthreads > 0 ? nthreads : omp_get_max_threads();
+    if (nt > omp_get_thread_limit()) nt = omp_get_thread_limit();
+    if (nt > BN_MAX_THREADS) nt = BN_MAX_THREADS;
     if (elems < BN_MIN_PARALLEL_ELEMS) nt = 1;
     if (nt > tasks) nt = tasks;
     return nt < 1 ? 1 : (int)nt;
@@ -96,7 +104,7 @@ static cf_geom cf_geometry(int64_t outer, int64_t C, int64_t inner, size_t esize
     g.outer = outer;
     g.C = C;
     g.inner = inner;
-    g.cb = inner >= BN_MIN_RUN ? 1 : (BN_MIN_RUN + inner - 1) / inner;
+    g.cb = inner >= BN_MIN_RUN || inner < 1 ? 1 : (BN_MIN_RUN + inner - 1) / inner;
     if (g.cb > C) g.cb = C;
     g.nb = (C + g.cb - 1) / g.cb;
     if (inner > L) {
