@@ -1027,8 +1027,6 @@ def test_values_near_float32_max_symmetric(layout, isa):
     assert var.min() > np.finfo(F32).max  # the premise: the variance itself is not a float32
 
 
-@pytest.mark.xfail(strict=True, reason="known limit (docs/reliability.md): float32 x - mean is formed in float32 "
-                   "and overflows when the data span more than float32's range (values of both signs near 3e38)")
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_values_near_float32_max_with_an_outlier(layout, isa):
     """31 values of 3e38 and one of -3e38 per channel: mean 2.8e38, std 1.0e38, the outlier's normalised value
@@ -1041,8 +1039,6 @@ def test_values_near_float32_max_with_an_outlier(layout, isa):
     _check_train(y, x, None, None, 1e-5, layout)
 
 
-@pytest.mark.xfail(strict=True, reason="known limit (docs/reliability.md): the float32 scale w / std is subnormal "
-                   "(std ~ 3e38, w = 1e-3) and keeps only a few significant bits")
 def test_values_near_float32_max_with_a_small_weight(isa):
     """std 3e38 and weight 1e-3: the scale w / std = 3.3e-42 is subnormal in float32 (2 significant digits);
     y = +-1e-3 is an ordinary float32 and must keep float32 accuracy."""
