@@ -59,8 +59,8 @@ def as_data(x, name="x"):
         raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}{hint}")
     if not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))
-    if not a.flags.c_contiguous:
-        a = np.ascontiguousarray(a)
+    if not (a.flags.c_contiguous and a.flags.aligned):
+        a = np.array(a, order="C", copy=True)  # a fresh array is aligned
     return a
 
 
@@ -129,7 +129,7 @@ def per_channel(v, name, C, *, inplace=False):
 
 def f64(v):
     """A per-channel vector as contiguous float64 for the kernels (None stays None)."""
-    return None if v is None else np.ascontiguousarray(v, dtype=np.float64)
+    return None if v is None else np.require(v, dtype=np.float64, requirements=["C", "A"])
 
 
 def check_out(out, shape, dtype, reads, name="out"):
@@ -143,6 +143,8 @@ def check_out(out, shape, dtype, reads, name="out"):
         raise TypeError(f"{name} must have dtype {dtype} (the dtype of the input), got {out.dtype}")
     if not out.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.aligned:
+        raise ValueError(f"{name} must be aligned to its element size, got an unaligned view")
     if not out.flags.writeable:
         raise ValueError(f"{name} must be writeable, got a read-only array")
     for arr_name, arr in reads:
