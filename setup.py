@@ -5,7 +5,9 @@
   picks among them at run time from CPUID.
 * OpenMP is used when the compiler can build and link a test program with -fopenmp; BN_SIMD_OPENMP=0
   forces a build without it (the kernels then run on one thread).
-* BN_SIMD_SANITIZE=1 builds with -fsanitize=address,undefined (for the memory-safety CI step).
+* BN_SIMD_SANITIZE=1 builds with -fsanitize=address,undefined at -O1 with debug info, for the memory-safety
+  CI step (.ci/asan). Undefined behaviour aborts at the first report (-fno-sanitize-recover) instead of
+  printing and going on. Load the result with the ASan runtime first: LD_PRELOAD=$(gcc -print-file-name=libasan.so).
 """
 import os
 import subprocess
@@ -57,7 +59,8 @@ class BuildExt(build_ext):
             extra.append("-fopenmp")
             link.append("-fopenmp")
         if sanitize:
-            extra += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
+            extra += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
+                      "-O1", "-g"]
             link += ["-fsanitize=address,undefined"]
         print(f"bn_simd build: OpenMP={'yes' if use_omp else 'no'} sanitize={'yes' if sanitize else 'no'}")
         for ext in self.extensions:
