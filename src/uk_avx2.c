@@ -29,7 +29,11 @@ static inline double hsum_pd(__m256d v) {
 #define VL 8
 #define VLOAD(p) _mm256_loadu_ps(p)
 #define VSTORE(p, v) _mm256_storeu_ps((p), (v))
+#ifdef __SANITIZE_ADDRESS__ /* ASan does not instrument streaming stores: check them as regular ones */
+#define VSTREAM(p, v) VSTORE(p, v)
+#else
 #define VSTREAM(p, v) _mm256_stream_ps((p), (v))
+#endif
 #define VSET1(s) _mm256_set1_ps(s)
 #define VSUB(a, b) _mm256_sub_ps((a), (b))
 #define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
@@ -44,7 +48,11 @@ static inline double hsum_pd(__m256d v) {
 #define VL 4
 #define VLOAD(p) _mm256_loadu_pd(p)
 #define VSTORE(p, v) _mm256_storeu_pd((p), (v))
+#ifdef __SANITIZE_ADDRESS__ /* ASan does not instrument streaming stores: check them as regular ones */
+#define VSTREAM(p, v) VSTORE(p, v)
+#else
 #define VSTREAM(p, v) _mm256_stream_pd((p), (v))
+#endif
 #define VSET1(s) _mm256_set1_pd(s)
 #define VSUB(a, b) _mm256_sub_pd((a), (b))
 #define VFMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))

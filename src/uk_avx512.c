@@ -24,7 +24,11 @@
 #define VL 16
 #define VLOAD(p) _mm512_loadu_ps(p)
 #define VSTORE(p, v) _mm512_storeu_ps((p), (v))
+#ifdef __SANITIZE_ADDRESS__ /* ASan does not instrument streaming stores: check them as regular ones */
+#define VSTREAM(p, v) VSTORE(p, v)
+#else
 #define VSTREAM(p, v) _mm512_stream_ps((p), (v))
+#endif
 #define VSET1(s) _mm512_set1_ps(s)
 #define VSUB(a, b) _mm512_sub_ps((a), (b))
 #define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
@@ -39,7 +43,11 @@
 #define VL 8
 #define VLOAD(p) _mm512_loadu_pd(p)
 #define VSTORE(p, v) _mm512_storeu_pd((p), (v))
+#ifdef __SANITIZE_ADDRESS__ /* ASan does not instrument streaming stores: check them as regular ones */
+#define VSTREAM(p, v) VSTORE(p, v)
+#else
 #define VSTREAM(p, v) _mm512_stream_pd((p), (v))
+#endif
 #define VSET1(s) _mm512_set1_pd(s)
 #define VSUB(a, b) _mm512_sub_pd((a), (b))
 #define VFMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
