@@ -368,3 +368,89 @@ def batch_norm_fast(x, running_mean, running_var, weight, bias, training, moment
     free(p)
     _check(st)
     return ya
+
+
+cdef inline bint _dims(cnp.ndarray xa, str layout, int64_t* outer, int64_t* C, int64_t* inner):
+    """(outer, C, inner) of a rank 2..5 array in layout "NCHW"/"NHWC"; False for anything else."""
+    cdef int nd = cnp.PyArray_NDIM(xa), k
+    if nd < 2 or nd > 5:
+        return False
+    outer[0] = 1
+    inner[0] = 1
+    if layout == "NCHW":
+        C[0] = cnp.PyArray_DIM(xa, 1)
+        outer[0] = cnp.PyArray_DIM(xa, 0)
+        for k in range(2, nd):
+            inner[0] *= cnp.PyArray_DIM(xa, k)
+    elif layout == "NHWC":
+        C[0] = cnp.PyArray_DIM(xa, nd - 1)
+        for k in range(nd - 1):
+            outer[0] *= cnp.PyArray_DIM(xa, k)
+    else:
+        return False
+    return True
+
+
+cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b):
+    cdef int k
+    if cnp.PyArray_NDIM(a) != cnp.PyArray_NDIM(b) or cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(b):
+        return False
+    for k in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIM(a, k) != cnp.PyArray_DIM(b, k):
+            return False
+    return True
+
+
+def batch_norm_backward_fast(grad_out, x, save_mean, save_invstd, weight, layout, out, training, int nthreads):
+    """batch_norm_backward's result for plain arguments (as batch_norm_fast), or None for the general path."""
+    if not (_plain(x, False) and _plain(grad_out, False)) or type(layout) is not str:
+        return None
+    if training is not True and training is not False:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x, ga = <cnp.ndarray>grad_out, da
+    cdef int64_t outer, C, inner
+    if not _same_shape(xa, ga) or not _dims(xa, layout, &outer, &C, &inner) or C == 0 or outer * inner == 0:
+        return None
+    if not (_vector(save_mean, C, False) and _vector(save_invstd, C, False)):
+        return None
+    if weight is not None and not _vector(weight, C, False):
+        return None
+    cdef int t = cnp.PyArray_TYPE(xa)
+    if out is None:
+        da = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), t, 0)
+    else:
+        if not _plain(out, True) or not _same_shape(<cnp.ndarray>out, xa):
+            return None
+        da = <cnp.ndarray>out
+        for other in (xa, ga):
+            if cnp.PyArray_DATA(da) != cnp.PyArray_DATA(<cnp.ndarray>other) and not _disjoint(da, <cnp.ndarray>other):
+                return None
+    cdef int gt = cnp.PyArray_TYPE(<cnp.ndarray>weight) if weight is not None else t
+    cdef cnp.npy_intp n1 = C
+    cdef cnp.ndarray gw = cnp.PyArray_EMPTY(1, &n1, gt, 0), gb = cnp.PyArray_EMPTY(1, &n1, gt, 0)
+    cdef double* p = <double*>malloc(sizeof(double) * 5 * C)
+    if p == NULL:
+        raise MemoryError("bn_simd: out of memory for per-channel scratch space")
+    cdef double *mean = p, *invstd = p + C, *w = NULL, *gwd = p + 3 * C, *gbd = p + 4 * C
+    _load(save_mean, C, mean)
+    _load(save_invstd, C, invstd)
+    if weight is not None:
+        w = p + 2 * C
+        _load(weight, C, w)
+    cdef const void* gp = cnp.PyArray_DATA(ga)
+    cdef const void* xp = cnp.PyArray_DATA(xa)
+    cdef void* dp = cnp.PyArray_DATA(da)
+    cdef int st, tr = training
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            st = bn_backward_f32(<const float*>gp, <const float*>xp, <float*>dp, outer, C, inner, mean, invstd, w, tr,
+                                 gwd, gbd, nthreads)
+        else:
+            st = bn_backward_f64(<const double*>gp, <const double*>xp, <double*>dp, outer, C, inner, mean, invstd, w,
+                                 tr, gwd, gbd, nthreads)
+    if st == BN_OK:
+        _store(gw, C, gwd)
+        _store(gb, C, gbd)
+    free(p)
+    _check(st)
+    return da, gw, gb

@@ -155,6 +155,9 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, lay
     per-channel gradients have weight's dtype (x's when weight is None). ``out`` receives grad_x and may be
     grad_out or x itself.
     """
+    r = _core.batch_norm_backward_fast(grad_out, x, save_mean, save_invstd, weight, layout, out, training, _threads())
+    if r is not None:
+        return r
     x, layout, (outer, C, inner) = _prepare(x, layout)
     dy = ck.as_data(grad_out, "grad_out")
     ck.check_same_shape(dy, "grad_out", x, "x")

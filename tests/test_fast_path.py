@@ -78,3 +78,27 @@ def test_arguments_the_fast_path_declines_still_raise(case):
     with pytest.raises((ValueError, TypeError)):
         bn_simd.batch_norm(x, **kw)
     assert (rm.tobytes(), rv.tobytes(), x.tobytes()) == before
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("w_dtype", [None, np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("out_kind", ["none", "x", "grad_out", "new"])
+def test_backward_fast_path_gives_the_general_paths_bytes(layout, dtype, w_dtype, training, out_kind):
+    x = make_input((3, 5, 4, 3), layout, dtype, seed=11, loc=0.5, scale=2.0)
+    g = make_input((3, 5, 4, 3), layout, dtype, seed=12)
+    rng = np.random.default_rng(13)
+    mean, invstd = rng.standard_normal(5), rng.uniform(0.5, 2, 5)
+    w = None if w_dtype is None else rng.uniform(0.5, 1.5, 5).astype(w_dtype)
+    results = []
+    for lay in (layout, ALIAS[layout]):
+        xc, gc = x.copy(), g.copy()
+        out = {"none": None, "x": xc, "grad_out": gc, "new": np.full_like(xc, np.nan)}[out_kind]
+        r = bn_simd.batch_norm_backward(gc, xc, mean, invstd, w, layout=lay, out=out, training=training)
+        if out is not None:
+            assert r[0] is out
+        results.append(r)
+    for f, s in zip(*results):
+        assert f.dtype == s.dtype and f.shape == s.shape
+        assert f.tobytes() == s.tobytes()
