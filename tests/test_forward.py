@@ -126,9 +126,11 @@ def test_per_channel_arrays_may_have_any_float_dtype(pdtype, dtype):
     assert_forward_close(y, x, w.astype(np.float64), b.astype(np.float64))
     _, mean, var = ref.forward_train(x)
     rm_ref, rv_ref = ref.update_running(rm0, rv0, mean, var, 100, 0.5)
-    # stored in the arrays' own dtype: one rounding of pdtype
-    np.testing.assert_allclose(rm, rm_ref, rtol=eps_of(pdtype), atol=eps_of(pdtype))
-    np.testing.assert_allclose(rv, rv_ref, rtol=eps_of(pdtype))
+    # stored in the arrays' own dtype: one rounding of pdtype, on top of the statistics' own error (a few
+    # float64 ulp per element reduced: 100 of them here)
+    tol = eps_of(pdtype) + 100 * eps_of(np.float64)
+    np.testing.assert_allclose(rm, rm_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(rv, rv_ref, rtol=tol)
     ye = bn_simd.batch_norm(x, rm, rv, w, b, training=False)
     y_ref = ref.inference(x, rm, rv, w, b)
     assert_within(ye, y_ref, forward_bound(x, dtype, 100, w, b, mean=rm, var=rv, batch_stats=False))
