@@ -276,6 +276,37 @@ cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
     return pa + cnp.PyArray_NBYTES(a) <= pb or pb + cnp.PyArray_NBYTES(b) <= pa
 
 
+cdef inline bint _dims(cnp.ndarray xa, str layout, int64_t* outer, int64_t* C, int64_t* inner):
+    """(outer, C, inner) of a rank 2..5 array in layout "NCHW"/"NHWC"; False for anything else."""
+    cdef int nd = cnp.PyArray_NDIM(xa), k
+    if nd < 2 or nd > 5:
+        return False
+    outer[0] = 1
+    inner[0] = 1
+    if layout == "NCHW":
+        C[0] = cnp.PyArray_DIM(xa, 1)
+        outer[0] = cnp.PyArray_DIM(xa, 0)
+        for k in range(2, nd):
+            inner[0] *= cnp.PyArray_DIM(xa, k)
+    elif layout == "NHWC":
+        C[0] = cnp.PyArray_DIM(xa, nd - 1)
+        for k in range(nd - 1):
+            outer[0] *= cnp.PyArray_DIM(xa, k)
+    else:
+        return False
+    return True
+
+
+cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b):
+    cdef int k
+    if cnp.PyArray_NDIM(a) != cnp.PyArray_NDIM(b) or cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(b):
+        return False
+    for k in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIM(a, k) != cnp.PyArray_DIM(b, k):
+            return False
+    return True
+
+
 def batch_norm_fast(x, running_mean, running_var, weight, bias, training, momentum, eps, layout, out,
                     bint unbiased, int nthreads):
     """batch_norm's result, or None when an argument needs the general path."""
@@ -285,21 +316,10 @@ def batch_norm_fast(x, running_mean, running_var, weight, bias, training, moment
     if not (isfinite(e) and e > 0.0 and 0.0 <= mom <= 1.0):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int nd = cnp.PyArray_NDIM(xa), k
-    if nd < 2 or nd > 5:
+    cdef int64_t outer, C, inner
+    if type(layout) is not str or not _dims(xa, layout, &outer, &C, &inner):
         return None
-    cdef int64_t outer = 1, C, inner = 1
-    if layout == "NCHW":
-        C = cnp.PyArray_DIM(xa, 1)
-        outer = cnp.PyArray_DIM(xa, 0)
-        for k in range(2, nd):
-            inner *= cnp.PyArray_DIM(xa, k)
-    elif layout == "NHWC":
-        C = cnp.PyArray_DIM(xa, nd - 1)
-        for k in range(nd - 1):
-            outer *= cnp.PyArray_DIM(xa, k)
-    else:
-        return None
+    cdef int nd = cnp.PyArray_NDIM(xa)
     cdef int64_t n = outer * inner
     if C == 0 or n == 0 or (training is not True and training is not False):
         return None
@@ -317,12 +337,9 @@ def batch_norm_fast(x, running_mean, running_var, weight, bias, training, moment
     if out is None:
         ya = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(xa), t, 0)
     else:
-        if not _plain(out, True) or cnp.PyArray_TYPE(<cnp.ndarray>out) != t or cnp.PyArray_NDIM(<cnp.ndarray>out) != nd:
+        if not _plain(out, True) or not _same_shape(<cnp.ndarray>out, xa):
             return None
         ya = <cnp.ndarray>out
-        for k in range(nd):
-            if cnp.PyArray_DIM(ya, k) != cnp.PyArray_DIM(xa, k):
-                return None
         if cnp.PyArray_DATA(ya) != cnp.PyArray_DATA(xa) and not _disjoint(ya, xa):
             return None
     # Every argument is usable: from here on the call succeeds or raises MemoryError before any write.
@@ -368,37 +385,6 @@ def batch_norm_fast(x, running_mean, running_var, weight, bias, training, moment
     free(p)
     _check(st)
     return ya
-
-
-cdef inline bint _dims(cnp.ndarray xa, str layout, int64_t* outer, int64_t* C, int64_t* inner):
-    """(outer, C, inner) of a rank 2..5 array in layout "NCHW"/"NHWC"; False for anything else."""
-    cdef int nd = cnp.PyArray_NDIM(xa), k
-    if nd < 2 or nd > 5:
-        return False
-    outer[0] = 1
-    inner[0] = 1
-    if layout == "NCHW":
-        C[0] = cnp.PyArray_DIM(xa, 1)
-        outer[0] = cnp.PyArray_DIM(xa, 0)
-        for k in range(2, nd):
-            inner[0] *= cnp.PyArray_DIM(xa, k)
-    elif layout == "NHWC":
-        C[0] = cnp.PyArray_DIM(xa, nd - 1)
-        for k in range(nd - 1):
-            outer[0] *= cnp.PyArray_DIM(xa, k)
-    else:
-        return False
-    return True
-
-
-cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b):
-    cdef int k
-    if cnp.PyArray_NDIM(a) != cnp.PyArray_NDIM(b) or cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(b):
-        return False
-    for k in range(cnp.PyArray_NDIM(a)):
-        if cnp.PyArray_DIM(a, k) != cnp.PyArray_DIM(b, k):
-            return False
-    return True
 
 
 def batch_norm_backward_fast(grad_out, x, save_mean, save_invstd, weight, layout, out, training, int nthreads):
