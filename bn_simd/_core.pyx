@@ -297,6 +297,17 @@ cdef inline bint _dims(cnp.ndarray xa, str layout, int64_t* outer, int64_t* C, i
     return True
 
 
+cdef inline bint _in_place_or_disjoint(cnp.ndarray out, cnp.ndarray a):
+    """out is a itself element for element (same data, same strides: check_out's test), or shares no byte."""
+    cdef int k
+    if cnp.PyArray_DATA(out) != cnp.PyArray_DATA(a):
+        return _disjoint(out, a)
+    for k in range(cnp.PyArray_NDIM(out)):
+        if cnp.PyArray_STRIDE(out, k) != cnp.PyArray_STRIDE(a, k):
+            return False
+    return True
+
+
 cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b):
     cdef int k
     if cnp.PyArray_NDIM(a) != cnp.PyArray_NDIM(b) or cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(b):
@@ -308,7 +319,7 @@ cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b):
 
 
 def batch_norm_fast(x, running_mean, running_var, weight, bias, training, momentum, eps, layout, out,
-                    bint unbiased, int nthreads):
+                    unbiased, int nthreads):
     """batch_norm's result, or None when an argument needs the general path."""
     if not _plain(x, False) or type(eps) is not float or type(momentum) is not float:
         return None
@@ -340,7 +351,7 @@ def batch_norm_fast(x, running_mean, running_var, weight, bias, training, moment
         if not _plain(out, True) or not _same_shape(<cnp.ndarray>out, xa):
             return None
         ya = <cnp.ndarray>out
-        if cnp.PyArray_DATA(ya) != cnp.PyArray_DATA(xa) and not _disjoint(ya, xa):
+        if not _in_place_or_disjoint(ya, xa):
             return None
     # Every argument is usable: from here on the call succeeds or raises MemoryError before any write.
     cdef double* p = <double*>malloc(sizeof(double) * 6 * C)
@@ -351,7 +362,8 @@ def batch_norm_fast(x, running_mean, running_var, weight, bias, training, moment
     cdef void* yp = cnp.PyArray_DATA(ya)
     cdef int st
     cdef Py_ssize_t c
-    cdef double f = n / (n - 1.0) if n > 1 else 1.0
+    cdef double f = 1.0, v
+    cdef bint scaled = False
     if weight is not None:
         w = p + 2 * C
         _load(weight, C, w)
@@ -366,12 +378,16 @@ def batch_norm_fast(x, running_mean, running_var, weight, bias, training, moment
                 st = bn_forward_train_f64(<const double*>xp, <double*>yp, outer, C, inner, w, b, e, mean, var,
                                           nthreads)
         if st == BN_OK and stats:
-            # update_running_stats' formula, operation for operation
+            # update_running_stats' formula, operation for operation (unbiased read only here, as there)
+            if unbiased and n > 1:
+                scaled = True
+                f = n / (n - 1.0)
             _load(running_mean, C, rm)
             _load(running_var, C, rv)
             for c in range(C):
                 rm[c] = (1.0 - mom) * rm[c] + mom * mean[c]
-                rv[c] = (1.0 - mom) * rv[c] + mom * (var[c] * f if unbiased else var[c])
+                v = var[c] * f if scaled else var[c]
+                rv[c] = (1.0 - mom) * rv[c] + mom * v
             _store(running_mean, C, rm)
             _store(running_var, C, rv)
     else:
@@ -408,9 +424,8 @@ def batch_norm_backward_fast(grad_out, x, save_mean, save_invstd, weight, layout
         if not _plain(out, True) or not _same_shape(<cnp.ndarray>out, xa):
             return None
         da = <cnp.ndarray>out
-        for other in (xa, ga):
-            if cnp.PyArray_DATA(da) != cnp.PyArray_DATA(<cnp.ndarray>other) and not _disjoint(da, <cnp.ndarray>other):
-                return None
+        if not (_in_place_or_disjoint(da, xa) and _in_place_or_disjoint(da, ga)):
+            return None
     cdef int gt = cnp.PyArray_TYPE(<cnp.ndarray>weight) if weight is not None else t
     cdef cnp.npy_intp n1 = C
     cdef cnp.ndarray gw = cnp.PyArray_EMPTY(1, &n1, gt, 0), gb = cnp.PyArray_EMPTY(1, &n1, gt, 0)

@@ -102,3 +102,37 @@ def test_backward_fast_path_gives_the_general_paths_bytes(layout, dtype, w_dtype
     for f, s in zip(*results):
         assert f.dtype == s.dtype and f.shape == s.shape
         assert f.tobytes() == s.tobytes()
+
+
+def test_out_with_x_data_but_other_strides_is_refused_like_the_general_path():
+    # C-contiguous flags ignore size-1 axes: same data pointer, different strides is not "x itself"
+    from numpy.lib.stride_tricks import as_strided
+    x = np.arange(8, dtype=np.float32).reshape(4, 1, 2)
+    out = as_strided(x, strides=(8, 12345, 4))
+    before = x.tobytes()
+    with pytest.raises(ValueError, match="out overlaps x"):
+        bn_simd.batch_norm(x, training=True, out=out)
+    with pytest.raises(ValueError, match="out overlaps"):
+        bn_simd.batch_norm_backward(x, x, np.zeros(1), np.ones(1), out=out)
+    assert x.tobytes() == before
+
+
+def test_unbiased_flag_is_read_only_when_running_stats_are_updated():
+    x = make_input((4, 3, 5), "NCHW", np.float32, seed=14)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    y = bn_simd.batch_norm(x, rm, rv, training=False, unbiased_running_var=np.zeros(2))  # no truth value
+    np.testing.assert_array_equal(y, bn_simd.batch_norm(x, rm, rv, training=False, layout="channels_first"))
+
+
+@pytest.mark.parametrize("case", ["huge weight", "tiny eps"])
+def test_float32_scale_beyond_float32_is_computed_in_double(case):
+    if case == "huge weight":
+        x, w, eps, expected = np.array([[.5], [-.5], [.25], [-.25]], np.float32), np.array([1e39]), 1e-5, None
+    else:
+        x, w, eps = np.array([[0], [1e-40], [0], [1e-40]], np.float32), None, 1e-300
+        expected = np.array([-1, 1, -1, 1], np.float32)
+    y = bn_simd.batch_norm(x, None, None, w, None, True, eps=eps, layout="NHWC").ravel()
+    if expected is None:  # the exact result overflows float32: +-inf with the input's signs, never a clamped value
+        np.testing.assert_array_equal(y, np.copysign(np.inf, x.ravel()))
+    else:
+        np.testing.assert_allclose(y, expected, rtol=1e-6)
