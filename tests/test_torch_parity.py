@@ -103,6 +103,16 @@ def _module_pair(kind, C, momentum, layout, dtype, **kw):
     return ours, theirs
 
 
+def _forward_backward_both(ours, theirs, x, g, layout):
+    """One forward and backward of both modules on the same NCHW data (ours in its layout)."""
+    xt = _t(x, True)
+    theirs.zero_grad()
+    yt = theirs(xt)
+    yt.backward(_t(g))
+    y = ours(nchw_to(x, layout))
+    return y, ours.backward(nchw_to(g, layout)), yt, xt
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None])
@@ -115,12 +125,7 @@ def test_module_matches_torch_over_training_steps_then_eval(kind, nchw_shape, mo
     for step in range(4):
         x = make_input(nchw_shape, "NCHW", dtype, seed=90 + step, loc=step - 1.0, scale=1.0 + step)
         g = make_input(nchw_shape, "NCHW", dtype, seed=95 + step)
-        xt = _t(x, True)
-        theirs.zero_grad()
-        yt = theirs(xt)
-        yt.backward(_t(g))
-        y = ours(nchw_to(x, layout))
-        gx = ours.backward(nchw_to(g, layout))
+        y, gx, yt, xt = _forward_backward_both(ours, theirs, x, g, layout)
         n = x.size // C
         _close(to_nchw(y, layout), yt, tol, 4, f"y step {step}")
         _close(to_nchw(gx, layout), xt.grad, 10 * tol, 4, f"grad_x step {step}")
@@ -133,12 +138,7 @@ def test_module_matches_torch_over_training_steps_then_eval(kind, nchw_shape, mo
     theirs.eval()
     x = make_input(nchw_shape, "NCHW", dtype, seed=99, loc=0.5)
     g = make_input(nchw_shape, "NCHW", dtype, seed=100)
-    xt = _t(x, True)
-    theirs.zero_grad()
-    yt = theirs(xt)
-    yt.backward(_t(g))
-    y = ours(nchw_to(x, layout))
-    gx = ours.backward(nchw_to(g, layout))
+    y, gx, yt, xt = _forward_backward_both(ours, theirs, x, g, layout)
     _close(to_nchw(y, layout), yt, tol, 4, "eval y")
     _close(to_nchw(gx, layout), xt.grad, tol, 4, "eval grad_x")
     _close(ours.grad_weight, theirs.weight.grad, 10 * tol, np.sqrt(x.size // C), "eval grad_weight")
