@@ -146,7 +146,7 @@ def normalize(const real[:, :, ::1] x, real[:, :, ::1] y, const double[::1] mean
 
 def forward_train(const real[:, :, ::1] x, real[:, :, ::1] y, const double[::1] weight, const double[::1] bias,
                   double eps, double[::1] mean, double[::1] var, int nthreads):
-    """Fused statistics + normalisation; writes y, mean[c] and biased var[c]."""
+    """Statistics + normalisation in one call; writes y, mean[c] and biased var[c]."""
     cdef int64_t o = x.shape[0], C = x.shape[1], i = x.shape[2]
     cdef int st
     cdef const double* w = _opt(weight)
@@ -200,7 +200,7 @@ def backward_apply(const real[:, :, ::1] dy, const real[:, :, ::1] x, real[:, :,
 def backward(const real[:, :, ::1] dy, const real[:, :, ::1] x, real[:, :, ::1] dx, const double[::1] mean,
              const double[::1] invstd, const double[::1] weight, bint training, double[::1] grad_weight,
              double[::1] grad_bias, int nthreads):
-    """Fused backward; writes dx, grad_weight[c] and grad_bias[c]."""
+    """Backward in one call; writes dx, grad_weight[c] and grad_bias[c]."""
     cdef int64_t o = x.shape[0], C = x.shape[1], i = x.shape[2]
     cdef int st
     cdef const double* w = _opt(weight)

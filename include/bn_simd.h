@@ -59,7 +59,7 @@ int bn_omp_max_threads(void);
     int bn_normalize_##S(const T* x, T* y, int64_t outer, int64_t C, int64_t inner, const double* mean,    \
                          const double* var, const double* weight, const double* bias, double eps,         \
                          int nthreads);                                                                   \
-    /* Training forward, fused: stats then normalise while a channel slab is cache-resident.              \
+    /* Training forward in one call: a statistics sweep, then a normalise sweep.                          \
      * Writes y, mean[c] and biased var[c]; the statistics are bitwise those of bn_stats. */              \
     int bn_forward_train_##S(const T* x, T* y, int64_t outer, int64_t C, int64_t inner,                   \
                              const double* weight, const double* bias, double eps, double* mean,           \
@@ -70,7 +70,7 @@ int bn_omp_max_threads(void);
     /* dx = a[c] * dy + b[c] * (x - m[c]) + d[c]; dx may be dy or x. */                                   \
     int bn_backward_apply_##S(const T* dy, const T* x, T* dx, int64_t outer, int64_t C, int64_t inner,    \
                               const T* m, const T* a, const T* b, const T* d, int nthreads);               \
-    /* Training backward, fused. With n = outer*inner, s = invstd[c], w = weight[c] (nullable):            \
+    /* Training backward in one call (sums sweep, dx sweep). With n = outer*inner, s = invstd[c], w = weight[c] (nullable):            \
      *   grad_bias = sum dy, grad_weight = s * sum dy (x - mean),                                         \
      *   dx = w s (dy - grad_bias / n - (x - mean) s grad_weight / n).                                    \
      * When training == 0 the statistics are constants: dx = w s dy. */                                   \
