@@ -14,7 +14,7 @@
  * depends on this constant (the order of additions), never on the thread count. */
 #define BN_CHUNK_BYTES 32768
 #define BN_CL_CHUNK_BYTES (256 << 10)
-#define BN_CL_MIN_ROWS 32
+#define BN_CL_MIN_ROWS 64
 /* Channels-first blocks: channels are grouped until a block's run in one row has this many elements,
  * so that short rows (7x7, 14x14) still stream in long contiguous runs. */
 #define BN_MIN_RUN 512
@@ -185,27 +185,32 @@ static void cf_sum_block(const cf_geom* g, int64_t b, const double* gk, const do
     }
 }
 
-/* Chunk combination (as cf_combine_block, shifted by chunk 0's mean) for K rows of C channels (mean_k[k * C + c], M2_k[k * C + c]), swept row by row. */
+/* Chunk combination (as cf_combine_block, shifted by chunk 0's mean) for K rows of C channels (mean_k[k * C + c],
+ * M2_k[k * C + c]), channels c0 .. c1 - 1, swept row by row. Each channel's result depends on its own column
+ * only, so threads may share the channels out. */
 static void combine_chunk_rows(const double* mean_k, const double* m2_k, int64_t K, int64_t C, int64_t n, int64_t L,
-                               double* mean, double* var) {
-    for (int64_t c = 0; c < C; c++) mean[c] = var[c] = 0.0;
+                               int64_t c0, int64_t c1, double* mean, double* var) {
+    for (int64_t c = c0; c < c1; c++) mean[c] = var[c] = 0.0;
     for (int64_t k = 1; k < K; k++) {
         const double w = (double)(k < K - 1 ? L : n - (K - 1) * L);
-        for (int64_t c = 0; c < C; c++) mean[c] += w * (mean_k[k * C + c] - mean_k[c]);
+        for (int64_t c = c0; c < c1; c++) mean[c] += w * (mean_k[k * C + c] - mean_k[c]);
     }
     if (K > 1)
-        for (int64_t c = 0; c < C; c++) mean[c] = mean_k[c] + mean[c] / (double)n;
+        for (int64_t c = c0; c < c1; c++) mean[c] = mean_k[c] + mean[c] / (double)n;
     else
-        for (int64_t c = 0; c < C; c++) mean[c] = mean_k[c];
+        for (int64_t c = c0; c < c1; c++) mean[c] = mean_k[c];
     for (int64_t k = 0; k < K; k++) {
         const double w = (double)(k < K - 1 ? L : n - (K - 1) * L);
-        for (int64_t c = 0; c < C; c++) {
+        for (int64_t c = c0; c < c1; c++) {
             const double dk = mean_k[k * C + c] - mean[c];
             var[c] += m2_k[k * C + c] + w * dk * dk;
         }
     }
-    for (int64_t c = 0; c < C; c++) var[c] /= (double)n;
+    for (int64_t c = c0; c < c1; c++) var[c] /= (double)n;
 }
+
+/* Channels per task when threads share out a per-channel combination. */
+#define BN_COMBINE_CHANNELS 128
 
 /* SHIFT_BY_VALUE: one-pass chunk statistics shifted by a data value (float32), or two-pass (float64); see
  * cf_chunk_stats. */

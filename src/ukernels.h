@@ -34,16 +34,17 @@
         /* dx = a[j] * dy + b[j] * (x - m[j]) + d[j] over segment j */                                    \
         void (*seg_bwd_apply)(const T* dy, const T* x, T* dx, int64_t nseg, int64_t len, const T* m,      \
                               const T* a, const T* b, const T* d, int nt);                                \
-        /* acc[c] += sum_r x[r, c] */                                                                     \
-        void (*cl_sum)(const T* x, int64_t rows, int64_t C, double* acc);                                 \
+        /* acc[c] += sum_r x[r, c]; prefetches the pf_rows rows after these (see ukernels.inc) */         \
+        void (*cl_sum)(const T* x, int64_t rows, int64_t C, double* acc, int64_t pf_rows);                \
         /* s1[c] += sum_r (x[r, c] - m[c]), s2[c] += sum_r (x[r, c] - m[c])^2 */                          \
-        void (*cl_dev)(const T* x, int64_t rows, int64_t C, const double* m, double* s1, double* s2);          \
+        void (*cl_dev)(const T* x, int64_t rows, int64_t C, const double* m, double* s1, double* s2,     \
+                       int64_t pf_rows);                                                                  \
         /* y[e] = (x[e] - m[c]) * a[c] + b[c] over n flat elements, c = (c0 + e) % C; m, a, b extended */  \
         void (*cl_affine)(const T* x, T* y, int64_t n, int64_t C, int64_t c0, const T* m, const T* a,    \
                           const T* b, int nt);                                                            \
         /* sdy[c] += sum_r dy[r, c], sdyx[c] += sum_r dy[r, c] * (x[r, c] - m[c]) */                      \
         void (*cl_bwd_sums)(const T* dy, const T* x, int64_t rows, int64_t C, const double* m, double* sdy, \
-                            double* sdyx);                                                                \
+                            double* sdyx, int64_t pf_rows);                                               \
         /* dx[e] = a[c] * dy[e] + b[c] * (x[e] - m[c]) + d[c], as cl_affine */                            \
         void (*cl_bwd_apply)(const T* dy, const T* x, T* dx, int64_t n, int64_t C, int64_t c0, const T* m, \
                              const T* a, const T* b, const T* d, int nt);                                 \
