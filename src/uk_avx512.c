@@ -17,6 +17,7 @@
 #define DFMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
 #define DHSUM(v) _mm512_reduce_add_pd(v)
 #define UK_SFENCE() _mm_sfence()
+#define UK_WIDE_STRIPS 1 /* 32 vector registers */
 
 #define T float
 #define S f32
