@@ -34,7 +34,8 @@
         /* dx = a[j] * dy + b[j] * (x - m[j]) + d[j] over segment j */                                    \
         void (*seg_bwd_apply)(const T* dy, const T* x, T* dx, int64_t nseg, int64_t len, const T* m,      \
                               const T* a, const T* b, const T* d, int nt);                                \
-        /* acc[c] += sum_r x[r, c]; prefetches the pf_rows rows after these (see ukernels.inc) */         \
+        /* acc[c] += sum_r x[r, c]. pf_rows >= 0: rows after these in the same array (the caller's next    \
+         * chunk), the first block of which is prefetched (never read); the same for cl_dev, cl_bwd_sums */ \
         void (*cl_sum)(const T* x, int64_t rows, int64_t C, double* acc, int64_t pf_rows);                \
         /* s1[c] += sum_r (x[r, c] - m[c]), s2[c] += sum_r (x[r, c] - m[c])^2 */                          \
         void (*cl_dev)(const T* x, int64_t rows, int64_t C, const double* m, double* s1, double* s2,     \
