@@ -93,6 +93,13 @@ static void thread_range(int64_t E, int t, int n, int64_t* e0, int64_t* e1) {
 
 static double clamp0(double v) { return v > 0.0 ? v : 0.0; }
 
+/* Rows in chunk k + 1 of `rows` rows cut in chunks of R (0 after the last): what a channels-last reduction
+ * kernel may prefetch after chunk k. */
+static int64_t cl_rows_after(int64_t rows, int64_t R, int64_t k) {
+    const int64_t left = rows - (k + 1) * R;
+    return left <= 0 ? 0 : left < R ? left : R;
+}
+
 /* Channels-first geometry (see batchnorm.inc): blocks of cb channels, nb blocks, K chunks per block;
  * a chunk is R whole rows (P == 1) or one piece of PL elements of one row (P > 1 pieces per row). */
 typedef struct {
