@@ -4,7 +4,8 @@
                              [--retries N] [--wait-idle SECONDS] [--default-malloc] [--write-readme]
 
 The same as ``python -m bn_simd bench`` (the cases, timing and table live in ``bn_simd/_bench.py``), plus
-``--write-readme``, which replaces the table between the markers in benchmarks/README.md.
+``--write-readme``, which replaces the table between the markers in benchmarks/README.md (the thread-scaling
+table's markers with ``--scaling``).
 ``measure(cases)``, ``table(rows)`` and ``plot(rows, path)`` can be imported from here.
 """
 import os
@@ -14,16 +15,18 @@ from bn_simd._bench import disagreements, make_parser, measure, plot, run, table
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 MARK_START, MARK_END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+SCALING_START, SCALING_END = "<!-- scaling-table:start -->", "<!-- scaling-table:end -->"
 
 
-def write_readme(text, path=README):
-    """Replace the text between the bench-table markers of path with text."""
+def write_readme(text, path=README, marks=(MARK_START, MARK_END)):
+    """Replace the text between the markers (default: the bench-table ones) of path with text."""
     with open(path, encoding="utf-8") as f:
         doc = f.read()
-    start, end = doc.find(MARK_START), doc.find(MARK_END)
+    mark_start, mark_end = marks
+    start, end = doc.find(mark_start), doc.find(mark_end)
     if start < 0 or end < start:
-        raise ValueError(f"{path} has no {MARK_START} ... {MARK_END} markers")
-    doc = doc[:start + len(MARK_START)] + "\n" + text.strip("\n") + "\n" + doc[end:]
+        raise ValueError(f"{path} has no {mark_start} ... {mark_end} markers")
+    doc = doc[:start + len(mark_start)] + "\n" + text.strip("\n") + "\n" + doc[end:]
     with open(path, "w", encoding="utf-8") as f:
         f.write(doc)
 
@@ -31,11 +34,12 @@ def write_readme(text, path=README):
 def main(argv=None):
     parser = make_parser("benchmarks/run.py")
     parser.add_argument("--write-readme", action="store_true",
-                        help="replace the table between the markers in benchmarks/README.md")
+                        help="replace the table between the markers in benchmarks/README.md (with "
+                             "--scaling: the thread-scaling table)")
     args = parser.parse_args(argv)
     rows, text = run(args, parser)
     if args.write_readme:
-        write_readme(text)
+        write_readme(text, marks=(SCALING_START, SCALING_END) if args.scaling else (MARK_START, MARK_END))
     return 1 if disagreements(rows) else 0
 
 

@@ -432,28 +432,52 @@ SAMPLE_S = 2e-4  # calls shorter than this are timed in batches, so each sample 
 
 
 def median_seconds(fn, target_s=1.0, k_min=5, k_max=60):
-    """(median time of one call of fn, samples): one warm-up call, one call to estimate the cost, then k
-    samples with k = target_s / cost clamped to [k_min, k_max]; very short calls are batched per sample."""
+    """(median time of one steady-state call of fn, samples): interleaved_medians of fn alone."""
+    return interleaved_medians([fn], target_s=target_s, k_min=k_min, k_max=k_max)[0]
+
+
+def _batch_size(fn):
+    """(calls per sample, estimated seconds per call): one warm-up call, then calls shorter than SAMPLE_S are
+    batched so that a sample lasts about SAMPLE_S."""
     fn()
     t0 = time.perf_counter()
     fn()
     est = time.perf_counter() - t0
-    batch = 1
     if est < SAMPLE_S:
         batch = max(1, int(SAMPLE_S / max(est, 1e-8)))
         t0 = time.perf_counter()
         for _ in range(batch):
             fn()
         est = (time.perf_counter() - t0) / batch
-        batch = max(1, int(SAMPLE_S / max(est, 1e-8)))
-    k = int(min(k_max, max(k_min, round(target_s / max(est * batch, 1e-9)))))
-    samples = []
-    for _ in range(k):
-        t0 = time.perf_counter()
-        for _ in range(batch):
+    return max(1, int(SAMPLE_S / max(est, 1e-8))), est
+
+
+def interleaved_medians(fns, setups=None, target_s=1.0, k_min=5, k_max=60):
+    """[(median time of one call, samples)] for each callable of fns, sampled in rounds: each round takes one
+    sample of every fn (in an order that rotates from round to round), so that a slow spell of the machine
+    falls on all of them alike and their ratios hold. Before each sample, setups[i] (if given) and one
+    untimed call of fns[i] run, so every sample is a steady-state call of that fn, whatever ran before it.
+    Each fn gets about target_s of samples, k of them in [k_min, k_max]."""
+    setups = setups or [None] * len(fns)
+    plans = []
+    for fn, setup in zip(fns, setups):
+        if setup:
+            setup()
+        plans.append(_batch_size(fn))
+    k = int(min(k_max, max(k_min, round(target_s / max(max(b * e for b, e in plans), 1e-9)))))
+    samples = [[] for _ in fns]
+    for r in range(k):
+        for j in range(len(fns)):
+            i = (j + r) % len(fns)
+            fn, batch = fns[i], plans[i][0]
+            if setups[i]:
+                setups[i]()
             fn()
-        samples.append((time.perf_counter() - t0) / batch)
-    return float(np.median(samples)), k
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            samples[i].append((time.perf_counter() - t0) / batch)
+    return [(float(np.median(v)), k) for v in samples]
 
 
 def cpu_snapshot():
@@ -523,9 +547,9 @@ def _undisturbed(fn, retries, what, progress, retry_wait_s=0):
 
 
 def _time_op(ws, op, names, settings, progress):
-    """Time one op of each implementation in names (bn_simd first); returns ({impl: ms}, {impl: samples},
-    {impl: difference from bn_simd's output})."""
-    ms, ks, diffs = {}, {}, {}
+    """Time one op of each implementation in names (bn_simd first), interleaved (interleaved_medians);
+    returns ({impl: ms}, {impl: samples}, {impl: difference from bn_simd's output})."""
+    ms, ks, diffs, runners = {}, {}, {}, {}
     ref = None
     for name in names:
         runner = IMPLEMENTATIONS[name](ws, op)
@@ -536,11 +560,12 @@ def _time_op(ws, op, names, settings, progress):
             ref = runner.output().copy()
         else:
             diffs[name] = _difference(runner.output(), ref)
-        t, ks[name] = median_seconds(runner, **settings)
-        ms[name] = t * 1e3
-        del runner
+        runners[name] = runner
+    timed = interleaved_medians(list(runners.values()), **settings)
+    for name, (t, k) in zip(runners, timed):
+        ms[name], ks[name] = t * 1e3, k
         if progress:
-            progress(f"{ws.case.id:22s} {op:9s} {name:12s} {ms[name]:10.4f} ms  (k={ks[name]})")
+            progress(f"{ws.case.id:22s} {op:9s} {name:12s} {ms[name]:10.4f} ms  (k={k})")
     return ms, ks, diffs
 
 
@@ -591,6 +616,57 @@ def measure(case_list=None, *, threads=None, quick=False, impls=None, retries=0,
             })
         del ws
     return rows
+
+
+# the cases whose tensors stay in the caches: where a second thread must pay for itself
+SCALING_IDS = ("32x2048x7x7-NCHW", "32x2048x7x7-NHWC", "256x1024-NC", "1x64x56x56-NCHW", "1x256x14x14-NCHW")
+SCALING_CASES = [c for c in CASES if c.id in SCALING_IDS]
+
+
+def measure_scaling(case_list=None, *, threads=None, quick=False, retries=0, retry_wait_s=0, progress=None,
+                    **timer):
+    """bn_simd alone on 1 thread and on `threads` (default STATE.threads), interleaved sample by sample
+    (interleaved_medians, the thread count set before each sample); one dict per (case, op): case, layout,
+    op, id, threads, ms {1: median ms, threads: median ms}, speedup (1-thread time / threads time),
+    other_cores, attempts. Cases: SCALING_CASES unless case_list is given."""
+    if threads is not None:
+        configure(threads)
+    nt = STATE.threads
+    settings = dict(QUICK if quick else FULL, **timer)
+    rows = []
+    try:
+        for case in (SCALING_CASES if case_list is None else case_list):
+            ws = Workspace(case)
+            for op in case.ops:
+                runner = make_bn_simd(ws, op)
+                counts = (1, nt)
+                setups = [functools.partial(set_num_threads, t) for t in counts]
+                timed, others, attempts = _undisturbed(
+                    lambda: interleaved_medians([runner, runner], setups=setups, **settings), retries,
+                    f"{case.id} {op} scaling", progress, retry_wait_s)
+                ms = {t: m * 1e3 for t, (m, _) in zip(counts, timed)}
+                rows.append({"case": case.label, "layout": case.layout_label, "op": op, "id": case.id,
+                             "threads": nt, "ms": ms, "speedup": _ratio(ms[1], ms[nt]),
+                             "other_cores": others, "attempts": attempts})
+                if progress:
+                    progress(f"{case.id:22s} {op:9s} 1 thread {ms[1]:10.4f} ms  {nt} threads {ms[nt]:10.4f} ms")
+            del ws
+    finally:
+        set_num_threads(nt)
+    return rows
+
+
+def scaling_table(rows):
+    """The markdown table of measure_scaling()'s rows."""
+    nt = rows[0]["threads"] if rows else STATE.threads
+    lines = [f"Machine: {machine()}. bn_simd {versions()['bn_simd']} ({get_isa()} kernels); float32; medians "
+             f"in ms, 1 and {nt} threads timed alternately, sample by sample.", "",
+             f"| case | op | layout | 1 thread ms | {nt} threads ms | {nt} threads ÷ 1 |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {OP_TITLES[r['op']]} | {r['layout']} | {_ms(r['ms'][1])} | "
+                     f"{_ms(r['ms'][nt])} | {_x(r['speedup'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def disagreements(rows, tol=AGREEMENT_TOL):
@@ -750,6 +826,9 @@ def make_parser(prog=None):
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="wait (at most this long) for other processes to leave the CPUs idle, before the run "
                         "and before each retry")
+    p.add_argument("--scaling", action="store_true",
+                   help="instead of the comparison, time bn_simd alone on 1 thread and on --threads, "
+                        "alternately, on the cache-resident cases (or those of --only), and print that table")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc thresholds adaptive (by default they are fixed, see "
                         "steady_allocator in bn_simd/_bench.py)")
@@ -765,18 +844,24 @@ def run(args, parser):
     and the chart. Returns (rows, table text)."""
     if args.threads < 1:
         parser.error("--threads must be >= 1")
+    if args.scaling and args.threads < 2:
+        parser.error("--scaling compares 1 thread with --threads: give --threads 2 or more")
+    if args.scaling and args.plot:
+        parser.error("--plot draws the comparison, not --scaling")
     if args.plot and not have_matplotlib():
         parser.error("--plot needs matplotlib, which is not installed (pip install matplotlib)")
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             parser.error(f"{option}: the folder of {path} does not exist")
     pool = chosen = QUICK_CASES if args.quick else CASES
+    if args.scaling and not args.only:
+        pool = chosen = SCALING_CASES
     if args.only:
         chosen = [c for c in pool if any(t in c.id for t in args.only)]
         if not chosen:
             parser.error(f"no case id {'of --quick ' if args.quick else ''}contains {' or '.join(args.only)}; "
                          f"ids: {', '.join(c.id for c in pool)}")
-    for name in ("torch", "onnxruntime"):
+    for name in () if args.scaling else ("torch", "onnxruntime"):
         if missing(name):
             print(f"{missing(name)} is not installed: no {IMPL_TITLES[name]} columns", file=sys.stderr)
     if not args.default_malloc:
@@ -787,9 +872,15 @@ def run(args, parser):
     if load is not None and load > 0.25 * (os.cpu_count() or 1):
         _warn(f"load average {load:.2f} before the run; other processes will skew the timings")
     retries = (1 if args.quick else 2) if args.retries is None else max(0, args.retries)
-    rows = measure(chosen, threads=args.threads, quick=args.quick, retries=retries,
-                   retry_wait_s=args.wait_idle, progress=lambda s: print(s, file=sys.stderr, flush=True))
-    text = table(rows)
+    progress = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if args.scaling:
+        rows = measure_scaling(chosen, threads=args.threads, quick=args.quick, retries=retries,
+                               retry_wait_s=args.wait_idle, progress=progress)
+        text = scaling_table(rows)
+    else:
+        rows = measure(chosen, threads=args.threads, quick=args.quick, retries=retries,
+                       retry_wait_s=args.wait_idle, progress=progress)
+        text = table(rows)
     print(text, flush=True)
     busy = [f"{r['id']} {r['op']} ({r['other_cores']:.2f})" for r in rows
             if r["other_cores"] is not None and r["other_cores"] > BUSY_CORES]

@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+import bn_simd
 from bn_simd import _bench
 from bn_simd.__main__ import main
 
@@ -90,3 +91,47 @@ def test_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
     assert exc.value.code == 2
     assert "--plot needs matplotlib, which is not installed" in capsys.readouterr().err
     assert not (tmp_path / "bench.png").exists()
+
+
+def test_interleaved_medians_samples_every_fn_in_rounds_after_its_setup():
+    log = []
+
+    def fn(name):
+        return lambda: log.append(name)
+
+    def setup(name):
+        return lambda: log.append("set " + name)
+
+    res = _bench.interleaved_medians([fn("a"), fn("b")], setups=[setup("a"), setup("b")], target_s=0.001,
+                                     k_min=3, k_max=4)
+    assert len(res) == 2 and all(t > 0 and 3 <= k <= 4 for t, k in res) and res[0][1] == res[1][1]
+    k = res[0][1]
+    sets = [i for i, e in enumerate(log) if e.startswith("set ")]
+    assert all(log[i + 1] == log[i][4:] for i in sets)  # each set-up is followed by a call of its own fn
+    order = [log[i][4:] for i in sets][2:]  # the first two set up the batch-size estimates
+    assert sorted(order) == ["a"] * k + ["b"] * k  # one sample of each fn per round
+    assert order[:4] == ["a", "b", "b", "a"]  # the order rotates from round to round
+
+
+def test_scaling_table_and_json(tmp_path, capsys, keep_torch_threads):
+    path = tmp_path / "scaling.json"
+    assert main(["bench", "--scaling", *TINY, "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| case |"))
+    assert _cells(lines[header]) == ["case", "op", "layout", "1 thread ms", "2 threads ms", "2 threads ÷ 1"]
+    row = _cells(lines[header + 2])
+    assert row[:3] == ["1×8×1×1", "eval", "NCHW"] and float(row[3]) > 0 and float(row[4]) > 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["id"], r["op"], r["threads"]) for r in rows] == [("1x8x1x1-NCHW", "eval", 2)]
+    assert rows[0]["speedup"] == pytest.approx(rows[0]["ms"]["1"] / rows[0]["ms"]["2"])
+    # the setting is put back after the 1-thread samples (without OpenMP every call runs on one thread)
+    assert bn_simd.get_num_threads() == (2 if bn_simd.show_config()["openmp"] else 1)
+
+
+@pytest.mark.parametrize("extra,message", [(["--threads", "1"], "--threads 2 or more"),
+                                           (["--plot", "x.png"], "not --scaling")])
+def test_scaling_refuses_options_it_cannot_honour(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--scaling", *TINY, *extra])
+    assert message in capsys.readouterr().err
