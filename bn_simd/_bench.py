@@ -425,7 +425,7 @@ def max_difference(ws, op, impls=None):
 # ---- timing -----------------------------------------------------------------------------------------------
 
 # time budget per measurement (seconds) and bounds on the number of timed samples
-FULL = {"target_s": 1.0, "k_min": 5, "k_max": 60}
+FULL = {"target_s": 1.0, "k_min": 11, "k_max": 60}
 QUICK = {"target_s": 0.25, "k_min": 3, "k_max": 15}
 BUSY_CORES = 0.1  # rows during which other processes used more CPU than this are flagged
 SAMPLE_S = 2e-4  # calls shorter than this are timed in batches, so each sample lasts about this long
