@@ -45,9 +45,10 @@ PARALLEL_CASES = [
     ((4, 2, 512, 512), "NCHW", np.float64),    # 8 MiB per channel: the unfused sweeps
     ((64, 1, 33, 33), "NHWC", np.float32),     # one channel: one long run
     ((8, 5, 40, 41), "NHWC", np.float64),
-    ((5, 1040, 7), "NHWC", np.float32),        # wide rows: element-wise sweeps in tiles, threads split mid-row
+    ((5, 1040, 7), "NHWC", np.float32),        # wide rows: column strips in the backward sweep only
+    ((5, 1296, 7), "NHWC", np.float32),        # wider: element-wise sweeps in column strips, threads split mid-row
     ((4, 2053, 5), "NHWC", np.float32),        # wide and odd
-    ((9, 600, 7), "NHWC", np.float64),         # wide float64 rows
+    ((9, 616, 7), "NHWC", np.float64),         # wide float64 rows
 ]
 PARALLEL_IDS = ["-".join(["x".join(map(str, s)), l, np.dtype(d).name]) for s, l, d in PARALLEL_CASES]
 
@@ -89,7 +90,7 @@ def test_threadpoolctl_limit_gives_the_default_bits(layout):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("nchw_shape,layout", [((6, 21, 10, 10), "NCHW"), ((6, 21, 10, 10), "NHWC"),
                                                ((200, 37), "NCHW"), ((3, 2, 90, 100), "NCHW"),
-                                               ((5, 1040, 7), "NHWC"), ((3, 2053, 4), "NHWC")])
+                                               ((5, 1296, 7), "NHWC"), ((3, 2053, 4), "NHWC")])
 def test_every_isa_matches_the_oracle(nchw_shape, layout, dtype, isa):
     x = make_input(nchw_shape, layout, dtype, seed=44, loc=7.0, scale=3.0)
     dy = make_input(nchw_shape, layout, dtype, seed=45)
