@@ -1,0 +1,86 @@
+"""Element-wise sweeps that touch more than 32 MiB write their output with streaming (non-temporal) stores.
+
+On every ISA, such a sweep must give exactly the values of the same sweep done on pieces small enough to be
+stored normally (the arithmetic per element is the same whichever stores, strips or runs write it), and the
+values the float64 oracle allows. The cases cover channels-last rows wide enough for the column strips
+(C = 1296 float32, 616 float64), narrow channels-last rows with an odd C, and channels-first runs.
+"""
+import numpy as np
+import pytest
+
+import bn_simd
+from conftest import assert_forward_close, channel_params, make_input
+
+STREAM_BYTES = 32 << 20
+
+# (NCHW shape, layout, dtype); every sweep of these touches more than 32 MiB
+CASES = [
+    ((4, 1296, 29, 29), "NHWC", np.float32),   # wide rows: column strips of streamed vectors
+    ((2, 616, 61, 61), "NHWC", np.float64),    # wide float64 rows
+    ((8, 7, 301, 251), "NHWC", np.float32),    # narrow rows, odd C: one flat streamed run
+    ((2, 4, 731, 731), "NCHW", np.float32),    # channels-first runs
+]
+IDS = ["-".join(["x".join(map(str, s)), l, np.dtype(d).name]) for s, l, d in CASES]
+
+
+def _pieces(a, layout):
+    """Contiguous pieces of a (one image, or rows of one image for channels-last), each touched by a sweep
+    in well under 32 MiB, with where each goes."""
+    out = []
+    for n in range(a.shape[0]):
+        if layout == "NCHW":
+            out.append((np.s_[n:n + 1], a[n:n + 1]))
+        else:
+            H = a.shape[1]
+            for h0 in range(0, H, 8):
+                sl = np.s_[n:n + 1, h0:min(H, h0 + 8)]
+                out.append((sl, a[sl]))
+    return out
+
+
+def _by_pieces(fn, arrays, layout, like):
+    """fn(*pieces) on matching pieces of every array in `arrays`, assembled into an array like `like`."""
+    result = np.empty_like(like)
+    cut = [_pieces(a, layout) for a in arrays]
+    for parts in zip(*cut):
+        sl = parts[0][0]
+        result[sl] = fn(*[p for _, p in parts])
+    return result
+
+
+@pytest.mark.parametrize("nchw_shape,layout,dtype", CASES, ids=IDS)
+def test_streamed_normalise_equals_unstreamed_pieces_and_the_oracle(nchw_shape, layout, dtype, isa):
+    x = make_input(nchw_shape, layout, dtype, seed=60, loc=1.5, scale=2.0)
+    assert 2 * x.nbytes > STREAM_BYTES
+    C = nchw_shape[1]
+    w, b = channel_params(C, dtype, seed=61)
+    y, mean, invstd = bn_simd.batch_norm_forward(x, w, b, layout=layout)
+    assert_forward_close(y, x, w, b, layout=layout)
+    var = (1.0 / invstd.astype(np.float64)) ** 2 - 1e-5
+    full = bn_simd.normalize(x, mean, var, w, b, layout=layout)
+    pieces = _by_pieces(lambda xp: bn_simd.normalize(xp, mean, var, w, b, layout=layout), [x], layout, x)
+    assert max(p.nbytes for _, p in _pieces(x, layout)) * 2 < STREAM_BYTES
+    np.testing.assert_array_equal(full, pieces)
+
+
+@pytest.mark.parametrize("nchw_shape,layout,dtype", CASES, ids=IDS)
+def test_streamed_backward_apply_equals_unstreamed_pieces(nchw_shape, layout, dtype, isa):
+    x = make_input(nchw_shape, layout, dtype, seed=62, loc=-2.0, scale=3.0)
+    dy = make_input(nchw_shape, layout, dtype, seed=63)
+    assert 3 * x.nbytes > STREAM_BYTES
+    C = nchw_shape[1]
+    rng = np.random.default_rng(64)
+    m, a, b, d = (rng.standard_normal(C).astype(dtype) for _ in range(4))
+    full = bn_simd.backward_apply(dy, x, m, a, b, d, layout=layout)
+    pieces = _by_pieces(lambda dp, xp: bn_simd.backward_apply(dp, xp, m, a, b, d, layout=layout), [dy, x], layout, x)
+    assert max(p.nbytes for _, p in _pieces(x, layout)) * 3 < STREAM_BYTES
+    np.testing.assert_array_equal(full, pieces)
+    # and the formula, in float64, within a few roundings of the inputs' magnitude
+    c_axis = 1 if layout == "NCHW" else x.ndim - 1
+    shape = [1] * x.ndim
+    shape[c_axis] = C
+    m64, a64, b64, d64 = (v.astype(np.float64).reshape(shape) for v in (m, a, b, d))
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    expected = a64 * dy64 + b64 * (x64 - m64) + d64
+    scale = np.abs(a64 * dy64) + np.abs(b64 * (x64 - m64)) + np.abs(d64) + np.abs(b64 * m64)
+    assert np.all(np.abs(full - expected) <= 8 * np.finfo(dtype).eps * scale)
