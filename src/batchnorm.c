@@ -223,7 +223,6 @@ static void combine_chunk_rows(const double* mean_k, const double* m2_k, int64_t
 /* SHIFT_BY_VALUE: one-pass chunk statistics shifted by a data value (float32), or two-pass (float64); see
  * cf_chunk_stats. */
 #define T float
-#define T_MAX FLT_MAX
 #define S f32
 #define UK_T bn_uk_f32
 #define UK() bn_uk_active_f32()
@@ -234,10 +233,8 @@ static void combine_chunk_rows(const double* mean_k, const double* m2_k, int64_t
 #undef UK_T
 #undef UK
 #undef SHIFT_BY_VALUE
-#undef T_MAX
 
 #define T double
-#define T_MAX DBL_MAX
 #define S f64
 #define UK_T bn_uk_f64
 #define UK() bn_uk_active_f64()

@@ -14,6 +14,9 @@
 #ifndef BN_UKERNELS_H
 #define BN_UKERNELS_H
 
+#include <float.h>
+#include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 /* The widest vector of any kernel, in elements (AVX-512, float32). */
@@ -49,6 +52,14 @@
         /* dx[e] = a[c] * dy[e] + b[c] * (x[e] - m[c]) + d[c], as cl_affine */                            \
         void (*cl_bwd_apply)(const T* dy, const T* x, T* dx, int64_t n, int64_t C, int64_t c0, const T* m, \
                              const T* a, const T* b, const T* d, int nt);                                 \
+        /* per-channel coefficients m, a, b of y = (x - m) a + b (weight, bias optional); returns non-zero  \
+         * when some channel needs the float64 apply (see ukernels.inc). m, a, b: distinct fresh arrays */ \
+        int (*norm_params)(int64_t C, const double* mean, const double* var, const double* weight,        \
+                           const double* bias, double eps, T* m, T* a, T* b);                             \
+        /* backward coefficients m, a, b, d of dx = a dy + b (x - m) + d, and gw, gb (weight optional) */  \
+        void (*bwd_params)(int64_t C, double n, const double* sdy, const double* sdyx, const double* mean,  \
+                           const double* invstd, const double* weight, int training, double* gw, double* gb, \
+                           T* m, T* a, T* b, T* d);                                                       \
     } bn_uk_##S;
 
 BN_UK_TABLE(float, f32)

@@ -67,3 +67,73 @@ def test_hundred_million_elements_per_channel_do_not_drift():
     v_ref = ((x64 - m_ref) ** 2).mean()
     np.testing.assert_allclose(mean, m_ref, rtol=1e-12)
     np.testing.assert_allclose(var, v_ref, rtol=1e-10)
+
+
+# The per-channel coefficients (y = (x - m) a + b) are computed by vectorised loops of the active ISA: their
+# edge cases are checked on every ISA, for C = 37 (vector bodies and a scalar remainder) and every combination
+# of optional weight and bias.
+COEF_C = 37
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("with_w,with_b", [(True, True), (True, False), (False, True), (False, False)])
+def test_eval_coefficients_match_the_oracle_on_every_isa(dtype, with_w, with_b, isa):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, COEF_C, 5)).astype(dtype) * 3 + 1
+    rm = rng.standard_normal(COEF_C) * 2
+    rv = rng.random(COEF_C) * 4 + 0.1
+    w = rng.standard_normal(COEF_C).astype(dtype) if with_w else None
+    b = rng.standard_normal(COEF_C).astype(dtype) if with_b else None
+    y = bn_simd.batch_norm(x, rm.astype(dtype), rv.astype(dtype), w, b, eps=1e-3)
+    y_ref = ref.inference(x, rm.astype(dtype), rv.astype(dtype), w, b, eps=1e-3)
+    eps_t = np.finfo(dtype).eps
+    np.testing.assert_allclose(y, y_ref, rtol=8 * eps_t, atol=8 * eps_t * np.abs(y_ref).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_saturated_and_out_of_range_scales_on_every_isa(dtype, isa):
+    # channel 3: var = 0 with eps = 1e-300 (scale 1e150, beyond float32: saturated, y = bias exactly);
+    # channel 11: std 1e37 with weight 1e-3 (float32 scale below its normal range: the float64 apply);
+    # channel 20: weight 1e38 with var 1e-4 (scale 1e40, beyond float32: the float64 apply, outputs overflow
+    # to inf as the oracle's do); channel 30: NaN variance (NaN outputs, that channel only). Every other
+    # channel is ordinary and must match the oracle.
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, COEF_C, 4)).astype(dtype)
+    rm, rv = np.zeros(COEF_C), np.ones(COEF_C)
+    w, b = np.ones(COEF_C), rng.standard_normal(COEF_C)
+    x[:, 3] = 2.5
+    rm[3], rv[3] = 2.5, 0.0
+    x[:, 11] *= 1e37
+    rv[11], w[11] = 1e74, 1e-3
+    rv[20], w[20] = 1e-4, 1e38
+    rv[30] = np.nan
+    w, b = w.astype(dtype), b.astype(dtype)  # the oracle takes the same values
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = bn_simd.batch_norm(x, rm, rv, w, b, eps=1e-300)
+        y_ref = ((x.astype(np.float64) - rm[None, :, None]) / np.sqrt(rv + 1e-300)[None, :, None] * w[None, :, None]
+                 + b[None, :, None]).astype(dtype)
+    np.testing.assert_array_equal(y[:, 3], np.broadcast_to(b[3], (2, 4)))
+    assert np.isnan(y[:, 30]).all()
+    ok = [c for c in range(COEF_C) if c not in (3, 30)]
+    eps_t = np.finfo(dtype).eps
+    finite = np.isfinite(y_ref[:, ok])
+    assert (np.isfinite(y[:, ok]) == finite).all()
+    np.testing.assert_allclose(y[:, ok][finite], y_ref[:, ok][finite], rtol=8 * eps_t)
+    np.testing.assert_array_equal(y[:, ok][~finite], y_ref[:, ok][~finite])
+
+
+@pytest.mark.parametrize("with_w", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_coefficients_match_the_oracle_on_every_isa(with_w, training, isa):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, COEF_C, 6)) * 2 + 0.5
+    dy = rng.standard_normal(x.shape)
+    mean, var = x.mean((0, 2)), x.var((0, 2))
+    inv = 1 / np.sqrt(var + 1e-5)
+    w = rng.standard_normal(COEF_C) if with_w else None
+    dx, gw, gb = bn_simd.batch_norm_backward(dy, x, mean, inv, w, training=training)
+    dx_ref, gw_ref, gb_ref = ref.backward(dy, x, mean, inv, w, training=training)
+    tol = 64 * np.finfo(np.float64).eps
+    np.testing.assert_allclose(dx, dx_ref, rtol=tol, atol=tol * np.abs(dx_ref).max())
+    np.testing.assert_allclose(gw, gw_ref, rtol=tol, atol=tol * np.abs(gw_ref).max())
+    np.testing.assert_allclose(gb, gb_ref, rtol=tol, atol=tol * np.abs(gb_ref).max())
