@@ -25,7 +25,9 @@ ISA_FLAGS = {
     "src/uk_avx512.c": ["-mavx512f", "-mavx2", "-mfma"],
 }
 PORTABLE_SOURCES = ["src/uk_scalar.c", "src/dispatch.c", "src/batchnorm.c"]
-BASE_FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
+# -ffp-contract=off: no compiler fuses a * b + c (GCC in ISO C mode does not anyway, clang would), so every ISA
+# computes the same per-channel coefficients; the kernels that want FMA call it explicitly.
+BASE_FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-ffp-contract=off", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
 
 
 def _env_flag(name, default):

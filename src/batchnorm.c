@@ -1,5 +1,4 @@
 /* Batch-norm drivers for float32 and float64: see batchnorm.inc and include/bn_simd.h. */
-#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>

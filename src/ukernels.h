@@ -14,8 +14,6 @@
 #ifndef BN_UKERNELS_H
 #define BN_UKERNELS_H
 
-#include <float.h>
-#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -53,10 +51,12 @@
         void (*cl_bwd_apply)(const T* dy, const T* x, T* dx, int64_t n, int64_t C, int64_t c0, const T* m, \
                              const T* a, const T* b, const T* d, int nt);                                 \
         /* per-channel coefficients m, a, b of y = (x - m) a + b (weight, bias optional); returns non-zero  \
-         * when some channel needs the float64 apply (see ukernels.inc). m, a, b: distinct fresh arrays */ \
+         * when some channel needs the float64 apply (see ukernels.inc). m, a, b: distinct arrays that no   \
+         * input overlaps */                                                                               \
         int (*norm_params)(int64_t C, const double* mean, const double* var, const double* weight,        \
                            const double* bias, double eps, T* m, T* a, T* b);                             \
-        /* backward coefficients m, a, b, d of dx = a dy + b (x - m) + d, and gw, gb (weight optional) */  \
+        /* backward coefficients m, a, b, d of dx = a dy + b (x - m) + d, and gw, gb (weight optional).    \
+         * m, a, b, d: distinct arrays that no other argument overlaps; nor do gw, gb overlap sdy, sdyx */  \
         void (*bwd_params)(int64_t C, double n, const double* sdy, const double* sdyx, const double* mean,  \
                            const double* invstd, const double* weight, int training, double* gw, double* gb, \
                            T* m, T* a, T* b, T* d);                                                       \

@@ -137,3 +137,24 @@ def test_backward_coefficients_match_the_oracle_on_every_isa(with_w, training, i
     np.testing.assert_allclose(dx, dx_ref, rtol=tol, atol=tol * np.abs(dx_ref).max())
     np.testing.assert_allclose(gw, gw_ref, rtol=tol, atol=tol * np.abs(gw_ref).max())
     np.testing.assert_allclose(gb, gb_ref, rtol=tol, atol=tol * np.abs(gb_ref).max())
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_float64_infinite_scale_on_a_constant_channel_gives_the_bias(training, isa):
+    # var = 0, eps = 1e-300, weight 1e300: w / sqrt(var + eps) = inf in float64, saturated to the largest
+    # double; x - mean = 0 exactly, so y = bias exactly (not 0 * inf = NaN, neither in a nor in b)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, COEF_C, 5))
+    x[:, 4] = -1.75
+    w, b = np.ones(COEF_C), rng.standard_normal(COEF_C)
+    w[4] = 1e300
+    if training:
+        y = bn_simd.batch_norm(x, None, None, w, b, training=True, eps=1e-300)
+    else:
+        rm, rv = x.mean((0, 2)), x.var((0, 2))
+        y = bn_simd.batch_norm(x, rm, rv, w, b, eps=1e-300)
+    np.testing.assert_array_equal(y[:, 4], np.full((3, 5), b[4]))
+    others = [c for c in range(COEF_C) if c != 4]
+    with np.errstate(over="ignore", invalid="ignore"):  # the oracle's own channel 4 is 0 * inf
+        y_ref = ref.forward_train(x, w, b, eps=1e-300)[0]
+    np.testing.assert_allclose(y[:, others], y_ref[:, others], rtol=1e-12, atol=1e-12)
