@@ -14,7 +14,6 @@
 #ifndef BN_UKERNELS_H
 #define BN_UKERNELS_H
 
-#include <stddef.h>
 #include <stdint.h>
 
 /* The widest vector of any kernel, in elements (AVX-512, float32). */
