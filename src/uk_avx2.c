@@ -17,6 +17,9 @@
 #define DFMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))
 #define DHSUM(v) hsum_pd(v)
 #define UK_SFENCE() _mm_sfence()
+/* all-ones in the 64-bit lanes 0 .. n - 1 */
+#define UK_TAIL4(n) _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3))
+#define DKEEP_N(v, n) _mm256_and_pd((v), _mm256_castsi256_pd(UK_TAIL4(n)))
 
 static inline double hsum_pd(__m256d v) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
@@ -39,6 +42,7 @@ static inline double hsum_pd(__m256d v) {
 #define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
 #define SFMA(a, b, c) __builtin_fmaf((a), (b), (c))
 #define DLOADT(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+#define DLOADT_N(p, n) _mm256_cvtps_pd(_mm_maskload_ps((p), _mm_cmpgt_epi32(_mm_set1_epi32((int)(n)), _mm_setr_epi32(0, 1, 2, 3))))
 #include "ukernels.inc"
 #include "uk_undef_type.h"
 
@@ -58,4 +62,5 @@ static inline double hsum_pd(__m256d v) {
 #define VFMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))
 #define SFMA(a, b, c) __builtin_fma((a), (b), (c))
 #define DLOADT(p) _mm256_loadu_pd(p)
+#define DLOADT_N(p, n) _mm256_maskload_pd((p), UK_TAIL4(n))
 #include "ukernels.inc"

@@ -16,6 +16,8 @@
 #define DMUL(a, b) _mm512_mul_pd((a), (b))
 #define DFMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
 #define DHSUM(v) _mm512_reduce_add_pd(v)
+#define UK_TAIL8(n) ((__mmask8)((1u << (n)) - 1)) /* lanes 0 .. n - 1 */
+#define DKEEP_N(v, n) _mm512_maskz_mov_pd(UK_TAIL8(n), (v))
 #define UK_SFENCE() _mm_sfence()
 #define UK_WIDE_STRIPS 1 /* 32 vector registers */
 
@@ -35,6 +37,7 @@
 #define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define SFMA(a, b, c) __builtin_fmaf((a), (b), (c))
 #define DLOADT(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
+#define DLOADT_N(p, n) _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_loadu_ps((__mmask16)UK_TAIL8(n), (p))))
 #include "ukernels.inc"
 #include "uk_undef_type.h"
 
@@ -54,4 +57,5 @@
 #define VFMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
 #define SFMA(a, b, c) __builtin_fma((a), (b), (c))
 #define DLOADT(p) _mm512_loadu_pd(p)
+#define DLOADT_N(p, n) _mm512_maskz_loadu_pd(UK_TAIL8(n), (p))
 #include "ukernels.inc"

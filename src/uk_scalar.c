@@ -6,6 +6,8 @@
 #define DL 1
 #define DZERO() 0.0
 #define DLOADT(p) ((double)*(p))
+#define DLOADT_N(p, n) DLOADT(p) /* DL == 1: segments have no tail */
+#define DKEEP_N(v, n) (v)
 #define DLOAD(p) (*(p))
 #define DSTORE(p, v) (*(p) = (v))
 #define DSET1(s) (s)

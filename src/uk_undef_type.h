@@ -11,3 +11,4 @@
 #undef VFMA
 #undef SFMA
 #undef DLOADT
+#undef DLOADT_N

@@ -4,7 +4,7 @@
  * threading and the combination of partial results; they reach the kernels through a table.
  *
  * seg_*: channels-first, nseg consecutive runs (segments) of len elements, segment j of channel j
- *        (per-channel arrays indexed by j).
+ *        (per-channel arrays indexed by j); the reductions take `rows` such runs, rs elements apart.
  * cl_* : channels-last, `rows` rows of C channels each (row stride C; per-channel arrays of C). The
  *        element-wise cl_ kernels take extended per-channel arrays: p[i] = p[i % C] for i < C + UK_MAX_VL.
  * Element-wise kernels take nt: non-zero to write their output with streaming (non-temporal) stores.
@@ -21,16 +21,17 @@
 
 #define BN_UK_TABLE(T, S)                                                                                 \
     typedef struct {                                                                                      \
-        /* acc[j] += sum of segment j (x[j len .. (j + 1) len)), j < nseg */                            \
-        void (*seg_sum)(const T* x, int64_t nseg, int64_t len, double* acc);                              \
-        /* s1[j] += sum (x - m[j]), s2[j] += sum (x - m[j])^2 over segment j */                           \
-        void (*seg_dev)(const T* x, int64_t nseg, int64_t len, const double* m, double* s1, double* s2);  \
+        /* acc[j] += sum of segment j over the rows (x[r rs + j len .. r rs + (j + 1) len), r < rows) */    \
+        void (*seg_sum)(const T* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len, double* acc);    \
+        /* s1[j] += sum (x - m[j]), s2[j] += sum (x - m[j])^2 over segment j of every row */               \
+        void (*seg_dev)(const T* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len, const double* m,  \
+                        double* s1, double* s2);                                                          \
         /* y = (x - m[j]) * a[j] + b[j] over segment j */                                                 \
         void (*seg_affine)(const T* x, T* y, int64_t nseg, int64_t len, const T* m, const T* a,           \
                            const T* b, int nt);                                                           \
-        /* sdy[j] += sum dy, sdyx[j] += sum dy * (x - m[j]) over segment j */                             \
-        void (*seg_bwd_sums)(const T* dy, const T* x, int64_t nseg, int64_t len, const double* m,         \
-                             double* sdy, double* sdyx);                                                  \
+        /* sdy[j] += sum dy, sdyx[j] += sum dy * (x - m[j]) over segment j of every row */                \
+        void (*seg_bwd_sums)(const T* dy, const T* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len,  \
+                             const double* m, double* sdy, double* sdyx);                                 \
         /* dx = a[j] * dy + b[j] * (x - m[j]) + d[j] over segment j */                                    \
         void (*seg_bwd_apply)(const T* dy, const T* x, T* dx, int64_t nseg, int64_t len, const T* m,      \
                               const T* a, const T* b, const T* d, int nt);                                \

@@ -81,6 +81,32 @@ def test_backward_reduce_matches_oracle(nchw_shape, layout, dtype, isa):
     assert_within(sdyx, terms.sum(1), reduction_tol(n) * np.abs(terms).sum(1), "sum dy (x - mean)")
 
 
+# Channels-first reductions load the last len % (vector width) elements of a channel's run with a masked
+# load. Neighbouring channels differ by up to 40 orders of magnitude here, so a lane of the next channel
+# taken into a sum, or a masked-out lane left at 0 - mean, would be far outside the bound. Every run
+# length 1..33: every tail of 4- and 8-lane vectors, and runs shorter than a vector.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inner", list(range(1, 34)))
+def test_channels_first_reductions_keep_neighbouring_channels_apart(inner, dtype, isa):
+    rng = np.random.default_rng(inner)
+    loc = np.array([1e20, -2.0, 3e6, -1e20, 0.5])
+    scale = np.array([1e18, 1.0, 1e-2, 1e19, 1e-3])
+    x = (loc[:, None] + scale[:, None] * rng.standard_normal((3, 5, inner))).astype(dtype)
+    dy = (scale[::-1, None] * rng.standard_normal((3, 5, inner))).astype(dtype)
+    mean, var = bn_simd.batch_stats(x, layout="NCHW")
+    m_ref, v_ref, n = ref.stats(x, "NCHW")
+    r = reduction_tol(n)
+    assert_within(mean, m_ref, r * np.abs(ref.to_cn(x, "NCHW")).mean(axis=1), "mean")
+    if inner > 1:
+        assert_within(var, v_ref, 64 * r * v_ref, "var")
+    centre = m_ref + scale  # away from the batch mean, so that sum dy (x - centre) has no cancellation to hide in
+    sdy, sdyx = bn_simd.backward_reduce(dy, x, centre, layout="NCHW")
+    gc, xc = ref.to_cn(dy, "NCHW"), ref.to_cn(x, "NCHW")
+    terms = gc * (xc - centre[:, None])
+    assert_within(sdy, gc.sum(1), r * np.abs(gc).sum(1), "sum dy")
+    assert_within(sdyx, terms.sum(1), r * np.abs(terms).sum(1), "sum dy (x - centre)")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("nchw_shape", STEP_SHAPES[:4], ids=IDS[:4])
