@@ -157,23 +157,33 @@ static int64_t cf_block_channels(const cf_geom* g, int64_t b) {
     return g->C - c0 < g->cb ? g->C - c0 : g->cb;
 }
 
-/* Mean and biased variance of block b's channels from its K chunk results (mk[k * cb + j], m2k[...]), in
- * chunk order: mean = mean_0 + sum n_k (mean_k - mean_0) / n (shifted by the first chunk's mean: exact
- * when every chunk has the same mean, as for a constant channel), M2 = sum (M2_k + n_k (mean_k - mean)^2). */
-static void cf_combine_block(const cf_geom* g, int64_t b, const double* mk, const double* m2k, double* mean,
-                             double* var) {
+/* Chunk results and their combination. A chunk's mean is kept as its shift mu0_k (a data value or a first-pass
+ * mean) and the small residual r_k = sum (x - mu0_k) / n_k, never added: mu0_k + r_k rounded to a double
+ * would err by half an ulp of the mean, which n_k (mean_k - mean)^2 turns into a relative error of
+ * eps |mean| / std of the variance (1e-10 for float64 data with |mean| / std = 3e8). The combination works
+ * relative to chunk 0's shift, in chunk order:
+ *   e_k = (mu0_k - mu0_0) + r_k,  m = sum n_k e_k / n,  mean = mu0_0 + m,  M2 = sum (M2_k + n_k (e_k - m)^2),
+ * so its error is relative to the spread of the chunk means. A constant channel has r_k = 0 (float32: mu0_k is
+ * the value itself) or all chunks alike, and gets its value back exactly. */
+static inline double chunk_offset(double mu0_k, double mu0_0, double r_k) { return (mu0_k - mu0_0) + r_k; }
+
+/* Mean and biased variance of block b's channels from its K chunk results (shift mk[k * cb + j], residual
+ * rk[...], M2 m2k[...]). */
+static void cf_combine_block(const cf_geom* g, int64_t b, const double* mk, const double* rk, const double* m2k,
+                             double* mean, double* var) {
     const int64_t nc = cf_block_channels(g, b);
     const double n = (double)(g->outer * g->inner);
     for (int64_t j = 0; j < nc; j++) {
         double s = 0.0, m2 = 0.0;
         const double m0 = mk[j];
-        for (int64_t k = 1; k < g->K; k++) s += (double)cf_chunk_count(g, k) * (mk[k * g->cb + j] - m0);
-        const double mu = g->K > 1 ? m0 + s / n : m0;
+        for (int64_t k = 0; k < g->K; k++)
+            s += (double)cf_chunk_count(g, k) * chunk_offset(mk[k * g->cb + j], m0, rk[k * g->cb + j]);
+        const double m = s / n;
         for (int64_t k = 0; k < g->K; k++) {
-            const double dk = mk[k * g->cb + j] - mu;
+            const double dk = chunk_offset(mk[k * g->cb + j], m0, rk[k * g->cb + j]) - m;
             m2 += m2k[k * g->cb + j] + (double)cf_chunk_count(g, k) * dk * dk;
         }
-        mean[j] = mu;
+        mean[j] = m0 + m;
         var[j] = m2 / n;
     }
 }
@@ -192,28 +202,29 @@ static void cf_sum_block(const cf_geom* g, int64_t b, const double* gk, const do
     }
 }
 
-/* Chunk combination (as cf_combine_block, shifted by chunk 0's mean) for K rows of C channels (mean_k[k * C + c],
- * M2_k[k * C + c]), channels c0 .. c1 - 1, swept row by row. Each channel's result depends on its own column
- * only, so threads may share the channels out. */
-static void combine_chunk_rows(const double* mean_k, const double* m2_k, int64_t K, int64_t C, int64_t n, int64_t L,
-                               int64_t c0, int64_t c1, double* mean, double* var) {
+/* The combination of cf_combine_block for K rows of C channels (shift mu0_k[k * C + c], residual r_k[...], M2
+ * m2_k[...]; chunks of L rows, the last of what remains of n), channels c0 .. c1 - 1, swept row by row (mean
+ * holds m until the end). Each channel's result depends on its own column only, so threads may share the
+ * channels out. */
+static void combine_chunk_rows(const double* mu0_k, const double* r_k, const double* m2_k, int64_t K, int64_t C,
+                               int64_t n, int64_t L, int64_t c0, int64_t c1, double* mean, double* var) {
     for (int64_t c = c0; c < c1; c++) mean[c] = var[c] = 0.0;
-    for (int64_t k = 1; k < K; k++) {
+    for (int64_t k = 0; k < K; k++) {
         const double w = (double)(k < K - 1 ? L : n - (K - 1) * L);
-        for (int64_t c = c0; c < c1; c++) mean[c] += w * (mean_k[k * C + c] - mean_k[c]);
+        for (int64_t c = c0; c < c1; c++) mean[c] += w * chunk_offset(mu0_k[k * C + c], mu0_k[c], r_k[k * C + c]);
     }
-    if (K > 1)
-        for (int64_t c = c0; c < c1; c++) mean[c] = mean_k[c] + mean[c] / (double)n;
-    else
-        for (int64_t c = c0; c < c1; c++) mean[c] = mean_k[c];
+    for (int64_t c = c0; c < c1; c++) mean[c] /= (double)n;
     for (int64_t k = 0; k < K; k++) {
         const double w = (double)(k < K - 1 ? L : n - (K - 1) * L);
         for (int64_t c = c0; c < c1; c++) {
-            const double dk = mean_k[k * C + c] - mean[c];
+            const double dk = chunk_offset(mu0_k[k * C + c], mu0_k[c], r_k[k * C + c]) - mean[c];
             var[c] += m2_k[k * C + c] + w * dk * dk;
         }
     }
-    for (int64_t c = c0; c < c1; c++) var[c] /= (double)n;
+    for (int64_t c = c0; c < c1; c++) {
+        mean[c] += mu0_k[c];
+        var[c] /= (double)n;
+    }
 }
 
 /* Channels per task when threads share out a per-channel combination. */

@@ -4,6 +4,7 @@ import pytest
 
 import bn_simd
 import reference as ref
+from conftest import reduction_tol
 
 LAYOUTS = [("NCHW", (8, 4, 33, 33)), ("NHWC", (8, 33, 33, 4))]
 
@@ -22,6 +23,22 @@ def test_large_mean_to_std_ratio_keeps_float32_accuracy(layout, shape, loc, scal
     var = bn_simd.batch_stats(x, layout=layout)[1]
     assert (var >= 0).all()
     np.testing.assert_allclose(var, v_ref, rtol=1e-9)
+
+
+@pytest.mark.parametrize("layout,shape", [("NCHW", (4, 3, 100, 100)), ("NHWC", (4, 100, 100, 3))])
+def test_float64_variance_keeps_full_precision_at_large_mean_to_std_ratio(layout, shape, isa):
+    # |mean| / std up to 1e9, 40000 values per channel: several reduction chunks, whose means must be
+    # combined without rounding them to doubles of the mean's magnitude first (that alone would cost
+    # eps |mean| / std ~ 1e-7 of the variance)
+    rng = np.random.default_rng(11)
+    c_axis = 1 if layout == "NCHW" else 3
+    loc = np.array([3e6, -1e7, 2.5]).reshape([-1 if a == c_axis else 1 for a in range(4)])
+    scale = np.array([1e-2, 1e-2, 1.0]).reshape(loc.shape)
+    x = loc + scale * rng.standard_normal(shape)
+    mean, var = bn_simd.batch_stats(x, layout=layout)
+    m_ref, v_ref, n = ref.stats(x, layout)
+    np.testing.assert_allclose(mean, m_ref, rtol=4 * np.finfo(np.float64).eps)
+    np.testing.assert_allclose(var, v_ref, rtol=64 * reduction_tol(n))
 
 
 @pytest.mark.parametrize("layout,shape", LAYOUTS)

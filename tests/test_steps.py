@@ -84,9 +84,11 @@ def test_backward_reduce_matches_oracle(nchw_shape, layout, dtype, isa):
 # Channels-first reductions load the last len % (vector width) elements of a channel's run with a masked
 # load. Neighbouring channels differ by up to 40 orders of magnitude here, so a lane of the next channel
 # taken into a sum, or a masked-out lane left at 0 - mean, would be far outside the bound. Every run
-# length 1..33: every tail of 4- and 8-lane vectors, and runs shorter than a vector.
+# length 1..33 (every tail of 4- and 8-lane vectors, runs shorter than a vector), and a run longer than a
+# reduction chunk (split into pieces, each with its own tail; channel 2's |mean| / std of 3e8 also checks
+# that combining the pieces loses nothing to the rounding of their means).
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("inner", list(range(1, 34)))
+@pytest.mark.parametrize("inner", list(range(1, 34)) + [8192 + 13])
 def test_channels_first_reductions_keep_neighbouring_channels_apart(inner, dtype, isa):
     rng = np.random.default_rng(inner)
     loc = np.array([1e20, -2.0, 3e6, -1e20, 0.5])
