@@ -70,6 +70,8 @@ def show_config():
         "best_isa": _core.best_isa(),
         "openmp": _core.have_openmp(),
         "num_threads": get_num_threads(),
+        # channels-last element-wise sweeps go in column strips from this row size (bytes; CPU-dependent)
+        "cl_strip_bytes": _core.cl_strip_bytes(),
     }
 
 

@@ -17,6 +17,9 @@ cdef extern from "bn_simd.h" nogil:
     const char* bn_isa_name(int isa)
     int bn_have_openmp()
     int bn_omp_max_threads()
+    int BN_CL_STRIP_MIN_BYTES
+    int64_t bn_cl_strip_bytes()
+    int bn_set_cl_strip_bytes(int64_t nbytes)
 
     int bn_stats_f32(const float* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var, int nt)
     int bn_stats_f64(const double* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var, int nt)
@@ -98,6 +101,20 @@ def have_openmp():
 
 def omp_max_threads():
     return bn_omp_max_threads()
+
+
+def cl_strip_bytes():
+    """Row size (bytes, all arrays of a sweep) from which channels-last element-wise sweeps use column strips."""
+    return bn_cl_strip_bytes()
+
+
+def set_cl_strip_bytes(nbytes):
+    """Set cl_strip_bytes for every later call; None: back to the CPU's default. Tuning and tests only."""
+    cdef int64_t v = -1 if nbytes is None else nbytes
+    if nbytes is not None and v < BN_CL_STRIP_MIN_BYTES:
+        raise ValueError(f"nbytes must be None or at least {BN_CL_STRIP_MIN_BYTES}, got {nbytes!r}")
+    if bn_set_cl_strip_bytes(v) != BN_OK:
+        raise ValueError(f"nbytes must be None or at least {BN_CL_STRIP_MIN_BYTES}, got {nbytes!r}")
 
 
 def stats(const real[:, :, ::1] x, double[::1] mean, double[::1] var, int nthreads):

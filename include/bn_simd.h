@@ -45,6 +45,13 @@ const char* bn_isa_name(int isa);
 int bn_have_openmp(void);
 /* OpenMP's current default thread count (omp_get_max_threads), 1 without OpenMP. */
 int bn_omp_max_threads(void);
+/* Channels-last element-wise sweeps go in column strips when one row of all their arrays takes at least this
+ * many bytes (ukernels.inc, UK_CL_WIDE). The default depends on the CPU (docs/design.md, "Wide channels-last
+ * rows"); bn_set_cl_strip_bytes sets it for every later call (negative: back to the default; otherwise at
+ * least BN_CL_STRIP_MIN_BYTES, else BN_EINVAL). */
+#define BN_CL_STRIP_MIN_BYTES 4096
+int64_t bn_cl_strip_bytes(void);
+int bn_set_cl_strip_bytes(int64_t bytes);
 
 /* ---- batch norm on the (outer, C, inner) view (batchnorm.c), for T = float (f32) and double (f64) ---- */
 #define BN_DECLARE(T, S)                                                                                  \

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import bn_simd
+from bn_simd import _core
 
 sys.path.insert(0, os.path.dirname(__file__))
 import reference as ref  # noqa: E402
@@ -43,6 +44,16 @@ def _restore_global_state():
     yield
     bn_simd.set_isa(isa)
     bn_simd.set_num_threads(None)
+    _core.set_cl_strip_bytes(None)
+
+
+# Channels-last element-wise sweeps over wide rows go flat or in column strips depending on the CPU
+# (bn_simd._core.cl_strip_bytes): tests of wide rows force each, so that both paths run on any machine.
+STRIP_SETTINGS = {"cpu": None, "strips": 24576, "flat": 1 << 62}
+
+
+def use_strips(setting):
+    _core.set_cl_strip_bytes(STRIP_SETTINGS[setting])
 
 
 @pytest.fixture(params=SUPPORTED_ISAS)

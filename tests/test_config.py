@@ -9,6 +9,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import bn_simd
+from bn_simd import _core
 from conftest import HAVE_OPENMP, SUPPORTED_ISAS
 
 
@@ -22,6 +23,30 @@ def test_show_config_reports_the_build_and_run_time_settings():
     assert isinstance(cfg["openmp"], bool)
     assert isinstance(cfg["num_threads"], int) and cfg["num_threads"] >= 1
     assert cfg["num_threads"] == bn_simd.get_num_threads()
+
+
+def _cpu_vendor():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo for the CPU vendor")
+def test_column_strip_threshold_follows_the_cpu_and_can_be_set():
+    default = _core.cl_strip_bytes()
+    # Intel CPUs sweep wide channels-last rows flat; others in column strips from 24 KiB of row
+    assert default == (2**63 - 1 if _cpu_vendor() == "GenuineIntel" else 24576)
+    assert bn_simd.show_config()["cl_strip_bytes"] == default
+    _core.set_cl_strip_bytes(8192)
+    assert _core.cl_strip_bytes() == 8192 and bn_simd.show_config()["cl_strip_bytes"] == 8192
+    for bad in (0, 4095, -5):
+        with pytest.raises(ValueError, match="nbytes must be None or at least 4096"):
+            _core.set_cl_strip_bytes(bad)
+        assert _core.cl_strip_bytes() == 8192
+    _core.set_cl_strip_bytes(None)
+    assert _core.cl_strip_bytes() == default
 
 
 def test_set_isa_switches_kernels_and_show_config_follows(isa):

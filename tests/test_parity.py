@@ -6,7 +6,7 @@ from threadpoolctl import threadpool_limits
 
 import bn_simd
 import reference as ref
-from conftest import (HAVE_OPENMP, SUPPORTED_ISAS, assert_forward_close, assert_ulp_close, assert_within,
+from conftest import (HAVE_OPENMP, SUPPORTED_ISAS, use_strips, assert_forward_close, assert_ulp_close, assert_within,
                       backward_bounds, channel_params, eps_of, forward_bound, make_input, reduction_tol)
 
 
@@ -45,17 +45,23 @@ PARALLEL_CASES = [
     ((4, 2, 512, 512), "NCHW", np.float64),    # 8 MiB per channel: the unfused sweeps
     ((64, 1, 33, 33), "NHWC", np.float32),     # one channel: one long run
     ((8, 5, 40, 41), "NHWC", np.float64),
-    ((5, 1040, 7), "NHWC", np.float32),        # wide rows: column strips in the backward sweep only
-    ((5, 1296, 7), "NHWC", np.float32),        # wider: element-wise sweeps in column strips, threads split mid-row
-    ((4, 2053, 5), "NHWC", np.float32),        # wide and odd
-    ((9, 616, 7), "NHWC", np.float64),         # wide float64 rows
 ]
-PARALLEL_IDS = ["-".join(["x".join(map(str, s)), l, np.dtype(d).name]) for s, l, d in PARALLEL_CASES]
+# wide rows, each with column strips forced on (where they start at 24 KiB of row) and off
+for _setting in ("strips", "flat"):
+    PARALLEL_CASES += [
+        ((5, 1040, 7), "NHWC", np.float32, _setting),   # wide rows: column strips in the backward sweep only
+        ((5, 1296, 7), "NHWC", np.float32, _setting),   # wider: element-wise sweeps in strips, threads split mid-row
+        ((4, 2053, 5), "NHWC", np.float32, _setting),   # wide and odd
+        ((9, 616, 7), "NHWC", np.float64, _setting),    # wide float64 rows
+    ]
+PARALLEL_CASES = [c if len(c) == 4 else c + ("cpu",) for c in PARALLEL_CASES]
+PARALLEL_IDS = ["-".join(["x".join(map(str, s)), l, np.dtype(d).name, st]) for s, l, d, st in PARALLEL_CASES]
 
 
 @pytest.mark.skipif(not HAVE_OPENMP, reason="built without OpenMP")
-@pytest.mark.parametrize("nchw_shape,layout,dtype", PARALLEL_CASES, ids=PARALLEL_IDS)
-def test_thread_counts_give_bitwise_identical_results(nchw_shape, layout, dtype, threads):
+@pytest.mark.parametrize("nchw_shape,layout,dtype,strips", PARALLEL_CASES, ids=PARALLEL_IDS)
+def test_thread_counts_give_bitwise_identical_results(nchw_shape, layout, dtype, strips, threads):
+    use_strips(strips)
     x = make_input(nchw_shape, layout, dtype, seed=40, loc=2.0, scale=1.5)
     dy = make_input(nchw_shape, layout, dtype, seed=41)
     assert x.size > 32768
@@ -91,7 +97,9 @@ def test_threadpoolctl_limit_gives_the_default_bits(layout):
 @pytest.mark.parametrize("nchw_shape,layout", [((6, 21, 10, 10), "NCHW"), ((6, 21, 10, 10), "NHWC"),
                                                ((200, 37), "NCHW"), ((3, 2, 90, 100), "NCHW"),
                                                ((5, 1296, 7), "NHWC"), ((3, 2053, 4), "NHWC")])
-def test_every_isa_matches_the_oracle(nchw_shape, layout, dtype, isa):
+@pytest.mark.parametrize("strips", ["strips", "flat"])
+def test_every_isa_matches_the_oracle(nchw_shape, layout, dtype, strips, isa):
+    use_strips(strips)
     x = make_input(nchw_shape, layout, dtype, seed=44, loc=7.0, scale=3.0)
     dy = make_input(nchw_shape, layout, dtype, seed=45)
     C = nchw_shape[1]

@@ -9,18 +9,21 @@ import numpy as np
 import pytest
 
 import bn_simd
-from conftest import assert_forward_close, channel_params, make_input
+from conftest import assert_forward_close, channel_params, make_input, use_strips
 
 STREAM_BYTES = 32 << 20
 
 # (NCHW shape, layout, dtype); every sweep of these touches more than 32 MiB
+# (strips: column strips forced on or off for the wide rows, see conftest.STRIP_SETTINGS)
 CASES = [
-    ((4, 1296, 29, 29), "NHWC", np.float32),   # wide rows: column strips of streamed vectors
-    ((2, 616, 61, 61), "NHWC", np.float64),    # wide float64 rows
-    ((8, 7, 301, 251), "NHWC", np.float32),    # narrow rows, odd C: one flat streamed run
-    ((2, 4, 731, 731), "NCHW", np.float32),    # channels-first runs
+    ((4, 1296, 29, 29), "NHWC", np.float32, "strips"),   # wide rows: column strips of streamed vectors
+    ((4, 1296, 29, 29), "NHWC", np.float32, "flat"),     # the same rows as one flat streamed run
+    ((2, 616, 61, 61), "NHWC", np.float64, "strips"),    # wide float64 rows
+    ((2, 616, 61, 61), "NHWC", np.float64, "flat"),
+    ((8, 7, 301, 251), "NHWC", np.float32, "cpu"),       # narrow rows, odd C: one flat streamed run
+    ((2, 4, 731, 731), "NCHW", np.float32, "cpu"),       # channels-first runs
 ]
-IDS = ["-".join(["x".join(map(str, s)), l, np.dtype(d).name]) for s, l, d in CASES]
+IDS = ["-".join(["x".join(map(str, s)), l, np.dtype(d).name, st]) for s, l, d, st in CASES]
 
 
 def _pieces(a, layout):
@@ -48,8 +51,9 @@ def _by_pieces(fn, arrays, layout, like):
     return result
 
 
-@pytest.mark.parametrize("nchw_shape,layout,dtype", CASES, ids=IDS)
-def test_streamed_normalise_equals_unstreamed_pieces_and_the_oracle(nchw_shape, layout, dtype, isa):
+@pytest.mark.parametrize("nchw_shape,layout,dtype,strips", CASES, ids=IDS)
+def test_streamed_normalise_equals_unstreamed_pieces_and_the_oracle(nchw_shape, layout, dtype, strips, isa):
+    use_strips(strips)
     x = make_input(nchw_shape, layout, dtype, seed=60, loc=1.5, scale=2.0)
     assert 2 * x.nbytes > STREAM_BYTES
     C = nchw_shape[1]
@@ -63,8 +67,9 @@ def test_streamed_normalise_equals_unstreamed_pieces_and_the_oracle(nchw_shape, 
     np.testing.assert_array_equal(full, pieces)
 
 
-@pytest.mark.parametrize("nchw_shape,layout,dtype", CASES, ids=IDS)
-def test_streamed_backward_apply_equals_unstreamed_pieces(nchw_shape, layout, dtype, isa):
+@pytest.mark.parametrize("nchw_shape,layout,dtype,strips", CASES, ids=IDS)
+def test_streamed_backward_apply_equals_unstreamed_pieces(nchw_shape, layout, dtype, strips, isa):
+    use_strips(strips)
     x = make_input(nchw_shape, layout, dtype, seed=62, loc=-2.0, scale=3.0)
     dy = make_input(nchw_shape, layout, dtype, seed=63)
     assert 3 * x.nbytes > STREAM_BYTES
