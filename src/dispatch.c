@@ -53,11 +53,11 @@ const char* bn_isa_name(int isa) { return (isa >= 0 && isa < BN_ISA_COUNT) ? nam
 const bn_uk_f32* bn_uk_active_f32(void) { return tables_f32[bn_get_isa()]; }
 const bn_uk_f64* bn_uk_active_f64(void) { return tables_f64[bn_get_isa()]; }
 
-/* Column strips for wide channels-last rows (docs/design.md, "Wide channels-last rows"). Measured with a
- * 12.8 MB float32 tensor, C = 2048: on AMD Zen 4 (32 KiB L1d) the flat sweep reloads every row's coefficients
- * from L2 and the strips are 1.2-1.4x faster from 24 KiB of row on (1.2-1.3x at C = 2048, normalise and dx); on an Intel Xeon with AVX-512 (48 KiB
- * L1d, 2 MiB L2) the flat sweep is 1.12-1.2x faster for the normalise at C = 2048 to 16384 and within 3 % for
- * dx, so strips are not used there. Other CPUs take the Zen 4 setting. */
+/* Column strips for wide channels-last rows (docs/design.md, "Wide channels-last rows"). On AMD Zen 4 (32 KiB
+ * L1d) a flat sweep reloads every row's coefficients from L2, and the strips measured 1.15-1.3x faster at
+ * C = 1536-2048 (normalise and dx, 12.8 MB float32). On an Intel Xeon with AVX-512 (48 KiB L1d, 2 MiB L2) the
+ * flat sweep measured 1.12-1.2x faster for the normalise at C = 2048-16384 and within 3 % for dx, so Intel
+ * CPUs do not use the strips. Other CPUs take the Zen 4 setting. */
 #define BN_STRIP_BYTES_DEFAULT 24576
 static int64_t strip_bytes = -1; /* -1: the CPU's default */
 
