@@ -1,5 +1,8 @@
 /* Run-time ISA choice: CPUID once, a pointer per dtype to the chosen microkernel table. */
+#define _GNU_SOURCE /* sysconf(_SC_LEVEL1_DCACHE_SIZE) under -std=c11 */
 #include "dispatch.h"
+
+#include <unistd.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -56,20 +59,22 @@ const bn_uk_f64* bn_uk_active_f64(void) { return tables_f64[bn_get_isa()]; }
 /* Column strips for wide channels-last rows (docs/design.md, "Wide channels-last rows"). On AMD Zen 4 (32 KiB
  * L1d) a flat sweep reloads every row's coefficients from L2, and the strips measured 1.15-1.3x faster at
  * C = 1536-2048 (normalise and dx, 12.8 MB float32). On an Intel Xeon with AVX-512 (48 KiB L1d, 2 MiB L2) the
- * flat sweep measured 1.12-1.2x faster for the normalise at C = 2048-16384 and within 3 % for dx, so Intel
- * CPUs do not use the strips. Other CPUs take the Zen 4 setting. */
+ * flat sweep measured 1.12-1.2x faster for the normalise at C = 2048-16384 and within 3 % for dx. So Intel
+ * CPUs with an L1d of 48 KiB or more sweep flat; every other CPU (the rule is not measured beyond these two)
+ * takes the Zen 4 setting. Decided once, when the library is loaded. */
 #define BN_STRIP_BYTES_DEFAULT 24576
-static int64_t strip_bytes = -1; /* -1: the CPU's default */
+static int64_t cpu_strip_bytes = BN_STRIP_BYTES_DEFAULT;
+/* set by bn_set_cl_strip_bytes (-1: the CPU's default); like the ISA choice, not to be changed while a call runs */
+static int64_t strip_bytes = -1;
 
-static int64_t default_strip_bytes(void) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+__attribute__((constructor)) static void choose_strip_bytes(void) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(_SC_LEVEL1_DCACHE_SIZE)
     __builtin_cpu_init();
-    if (__builtin_cpu_is("intel")) return INT64_MAX;
+    if (__builtin_cpu_is("intel") && sysconf(_SC_LEVEL1_DCACHE_SIZE) >= 48 * 1024) cpu_strip_bytes = INT64_MAX;
 #endif
-    return BN_STRIP_BYTES_DEFAULT;
 }
 
-int64_t bn_cl_strip_bytes(void) { return strip_bytes >= 0 ? strip_bytes : default_strip_bytes(); }
+int64_t bn_cl_strip_bytes(void) { return strip_bytes >= 0 ? strip_bytes : cpu_strip_bytes; }
 
 int bn_set_cl_strip_bytes(int64_t bytes) {
     if (bytes >= 0 && bytes < BN_CL_STRIP_MIN_BYTES) return BN_EINVAL;

@@ -42,7 +42,8 @@ static inline double hsum_pd(__m256d v) {
 #define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
 #define SFMA(a, b, c) __builtin_fmaf((a), (b), (c))
 #define DLOADT(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
-#define DLOADT_N(p, n) _mm256_cvtps_pd(_mm_maskload_ps((p), _mm_cmpgt_epi32(_mm_set1_epi32((int)(n)), _mm_setr_epi32(0, 1, 2, 3))))
+#define DLOADT_N(p, n) \
+    _mm256_cvtps_pd(_mm_maskload_ps((p), _mm_cmpgt_epi32(_mm_set1_epi32((int)(n)), _mm_setr_epi32(0, 1, 2, 3))))
 #include "ukernels.inc"
 #include "uk_undef_type.h"
 

@@ -93,8 +93,9 @@ def test_channels_first_reductions_keep_neighbouring_channels_apart(inner, dtype
     rng = np.random.default_rng(inner)
     loc = np.array([1e20, -2.0, 3e6, -1e20, 0.5])
     scale = np.array([1e18, 1.0, 1e-2, 1e19, 1e-3])
-    x = (loc[:, None] + scale[:, None] * rng.standard_normal((3, 5, inner))).astype(dtype)
-    dy = (scale[::-1, None] * rng.standard_normal((3, 5, inner))).astype(dtype)
+    outer = 3 if inner > 100 else 130  # 130 rows: several reduction chunks of several rows each
+    x = (loc[:, None] + scale[:, None] * rng.standard_normal((outer, 5, inner))).astype(dtype)
+    dy = (scale[::-1, None] * rng.standard_normal((outer, 5, inner))).astype(dtype)
     mean, var = bn_simd.batch_stats(x, layout="NCHW")
     m_ref, v_ref, n = ref.stats(x, "NCHW")
     r = reduction_tol(n)
@@ -107,6 +108,23 @@ def test_channels_first_reductions_keep_neighbouring_channels_apart(inner, dtype
     terms = gc * (xc - centre[:, None])
     assert_within(sdy, gc.sum(1), r * np.abs(gc).sum(1), "sum dy")
     assert_within(sdyx, terms.sum(1), r * np.abs(terms).sum(1), "sum dy (x - centre)")
+
+
+# A non-finite value right after a channel's masked tail, or as its last element, poisons its own channel
+# and no other.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inner", [1, 3, 5, 7, 9, 15, 17, 31, 33])
+def test_non_finite_values_at_run_edges_stay_in_their_channel(inner, dtype, isa):
+    x = np.random.default_rng(inner).standard_normal((70, 5, inner)).astype(dtype)
+    x[:, 2, 0] = np.nan    # first element of channel 2, right after channel 1's last
+    x[:, 3, -1] = np.inf   # last element of channel 3, right before channel 4's first
+    mean, var = bn_simd.batch_stats(x, layout="NCHW")
+    assert np.isnan(mean[2]) and np.isnan(var[2])
+    assert not np.isfinite(mean[3]) and not np.isfinite(var[3])  # inf or NaN: inf - inf has no value
+    assert np.isfinite(mean[[0, 1, 4]]).all() and np.isfinite(var[[0, 1, 4]]).all()
+    sdy, sdyx = bn_simd.backward_reduce(np.ones_like(x), x, np.zeros(5), layout="NCHW")
+    assert np.isnan(sdyx[2]) and np.isinf(sdyx[3])
+    assert np.isfinite(sdy).all() and np.isfinite(sdyx[[0, 1, 4]]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
