@@ -111,9 +111,8 @@ def cl_strip_bytes():
 def set_cl_strip_bytes(nbytes):
     """Set cl_strip_bytes for every later call; None: back to the CPU's default. Tuning and tests only."""
     cdef int64_t v = -1 if nbytes is None else nbytes
-    if nbytes is not None and v < BN_CL_STRIP_MIN_BYTES:
-        raise ValueError(f"nbytes must be None or at least {BN_CL_STRIP_MIN_BYTES}, got {nbytes!r}")
-    if bn_set_cl_strip_bytes(v) != BN_OK:
+    # (the C call takes a negative value as "the default": here only None means that)
+    if (nbytes is not None and v < 0) or bn_set_cl_strip_bytes(v) != BN_OK:
         raise ValueError(f"nbytes must be None or at least {BN_CL_STRIP_MIN_BYTES}, got {nbytes!r}")
 
 
