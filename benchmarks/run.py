@@ -5,7 +5,7 @@
 
 The same as ``python -m bn_simd bench`` (the cases, timing and table live in ``bn_simd/_bench.py``), plus
 ``--write-readme``, which replaces the table between the markers in benchmarks/README.md (the thread-scaling
-table's markers with ``--scaling``).
+table's markers with ``--scaling``, the kernel-set table's with ``--isas``).
 ``measure(cases)``, ``table(rows)`` and ``plot(rows, path)`` can be imported from here.
 """
 import os
@@ -16,6 +16,7 @@ from bn_simd._bench import disagreements, make_parser, measure, plot, run, table
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 MARK_START, MARK_END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 SCALING_START, SCALING_END = "<!-- scaling-table:start -->", "<!-- scaling-table:end -->"
+ISA_START, ISA_END = "<!-- isa-table:start -->", "<!-- isa-table:end -->"
 
 
 def write_readme(text, path=README, marks=(MARK_START, MARK_END)):
@@ -35,11 +36,13 @@ def main(argv=None):
     parser = make_parser("benchmarks/run.py")
     parser.add_argument("--write-readme", action="store_true",
                         help="replace the table between the markers in benchmarks/README.md (with "
-                             "--scaling: the thread-scaling table)")
+                             "--scaling: the thread-scaling table; with --isas: the kernel-set table)")
     args = parser.parse_args(argv)
     rows, text = run(args, parser)
     if args.write_readme:
-        write_readme(text, marks=(SCALING_START, SCALING_END) if args.scaling else (MARK_START, MARK_END))
+        marks = ((SCALING_START, SCALING_END) if args.scaling else (ISA_START, ISA_END) if args.isas
+                 else (MARK_START, MARK_END))
+        write_readme(text, marks=marks)
     return 1 if disagreements(rows) else 0
 
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from . import _baseline
 from . import functional as F
-from ._config import __version__, get_isa, set_num_threads
+from ._config import __version__, get_isa, set_isa, set_num_threads, show_config
 
 OPS = ("forward", "backward", "eval")
 OP_TITLES = {"forward": "forward-train", "backward": "backward", "eval": "eval"}
@@ -669,6 +669,59 @@ def scaling_table(rows):
     return "\n".join(lines) + "\n"
 
 
+def measure_isas(case_list=None, *, threads=None, quick=False, retries=0, retry_wait_s=0, progress=None, **timer):
+    """bn_simd alone with each kernel set this CPU runs (show_config()["supported_isas"]), interleaved sample by
+    sample (the kernel set chosen before each sample); one dict per (case, op): case, layout, op, id, threads,
+    isas, ms {isa: median ms}, other_cores, attempts. The active kernel set is put back afterwards. Cases:
+    CASES unless case_list is given."""
+    if threads is not None:
+        configure(threads)
+    settings = dict(QUICK if quick else FULL, **timer)
+    isas, active = show_config()["supported_isas"], get_isa()
+    rows = []
+    try:
+        for case in (CASES if case_list is None else case_list):
+            ws = Workspace(case)
+            for op in case.ops:
+                runner = make_bn_simd(ws, op)
+                setups = [functools.partial(set_isa, name) for name in isas]
+                timed, others, attempts = _undisturbed(
+                    lambda: interleaved_medians([runner] * len(isas), setups=setups, **settings), retries,
+                    f"{case.id} {op} kernels", progress, retry_wait_s)
+                ms = {name: m * 1e3 for name, (m, _) in zip(isas, timed)}
+                rows.append({"case": case.label, "layout": case.layout_label, "op": op, "id": case.id,
+                             "threads": STATE.threads, "isas": isas, "ms": ms, "other_cores": others,
+                             "attempts": attempts})
+                if progress:
+                    progress(f"{case.id:22s} {op:9s} " + "  ".join(f"{n} {v:10.4f} ms" for n, v in ms.items()))
+            del ws
+    finally:
+        set_isa(active)
+    return rows
+
+
+def isa_table(rows):
+    """The markdown table of measure_isas()'s rows: each kernel set's time and its ratio to the widest set's
+    (the last of the supported ones), with geometric means of the ratios."""
+    isas = rows[0]["isas"] if rows else show_config()["supported_isas"]
+    nt = rows[0]["threads"] if rows else STATE.threads
+    widest, others = isas[-1], isas[:-1]
+    lines = [f"Machine: {machine()}. bn_simd {versions()['bn_simd']}; float32, {nt} thread(s); medians in ms, "
+             f"the kernel sets timed alternately, sample by sample; \"X ÷ {widest}\" is X's time over {widest}'s.", "",
+             "| case | op | layout | " + " | ".join(f"{n} ms" for n in isas) + " | "
+             + " | ".join(f"{n} ÷ {widest}" for n in others) + " |",
+             "|---|---|---|" + "---:|" * (2 * len(isas) - 1)]
+    for r in rows:
+        lines.append(f"| {r['case']} | {OP_TITLES[r['op']]} | {r['layout']} | "
+                     + " | ".join(_ms(r["ms"][n]) for n in isas) + " | "
+                     + " | ".join(_x(_ratio(r["ms"][n], r["ms"][widest])) for n in others) + " |")
+    if rows and others:
+        lines += ["", "Geometric means — " + "; ".join(
+            f"{n} ÷ {widest}: {_x(geomean(_ratio(r['ms'][n], r['ms'][widest]) for r in rows))}" for n in others)
+            + "."]
+    return "\n".join(lines) + "\n"
+
+
 def disagreements(rows, tol=AGREEMENT_TOL):
     """"id op impl (difference)" for every output that differs from bn_simd's by more than tol."""
     return [f"{r['id']} {r['op']} {name} ({d:.1e})" for r in rows for name, d in r.get("max_diff", {}).items()
@@ -829,6 +882,9 @@ def make_parser(prog=None):
     p.add_argument("--scaling", action="store_true",
                    help="instead of the comparison, time bn_simd alone on 1 thread and on --threads, "
                         "alternately, on the cache-resident cases (or those of --only), and print that table")
+    p.add_argument("--isas", action="store_true",
+                   help="instead of the comparison, time bn_simd alone with each kernel set this CPU runs "
+                        "(scalar, avx2, avx512), alternately, and print that table")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc thresholds adaptive (by default they are fixed, see "
                         "steady_allocator in bn_simd/_bench.py)")
@@ -846,8 +902,11 @@ def run(args, parser):
         parser.error("--threads must be >= 1")
     if args.scaling and args.threads < 2:
         parser.error("--scaling compares 1 thread with --threads: give --threads 2 or more")
-    if args.scaling and args.plot:
-        parser.error("--plot draws the comparison, not --scaling")
+    if args.scaling and args.isas:
+        parser.error("--scaling and --isas are separate tables: give one of them")
+    for flag, given in (("--scaling", args.scaling), ("--isas", args.isas)):
+        if given and args.plot:
+            parser.error(f"--plot draws the comparison, not {flag}")
     if args.plot and not have_matplotlib():
         parser.error("--plot needs matplotlib, which is not installed (pip install matplotlib)")
     for option, path in (("--json", args.json), ("--plot", args.plot)):
@@ -861,7 +920,7 @@ def run(args, parser):
         if not chosen:
             parser.error(f"no case id {'of --quick ' if args.quick else ''}contains {' or '.join(args.only)}; "
                          f"ids: {', '.join(c.id for c in pool)}")
-    for name in () if args.scaling else ("torch", "onnxruntime"):
+    for name in () if args.scaling or args.isas else ("torch", "onnxruntime"):
         if missing(name):
             print(f"{missing(name)} is not installed: no {IMPL_TITLES[name]} columns", file=sys.stderr)
     if not args.default_malloc:
@@ -877,6 +936,10 @@ def run(args, parser):
         rows = measure_scaling(chosen, threads=args.threads, quick=args.quick, retries=retries,
                                retry_wait_s=args.wait_idle, progress=progress)
         text = scaling_table(rows)
+    elif args.isas:
+        rows = measure_isas(chosen, threads=args.threads, quick=args.quick, retries=retries,
+                            retry_wait_s=args.wait_idle, progress=progress)
+        text = isa_table(rows)
     else:
         rows = measure(chosen, threads=args.threads, quick=args.quick, retries=retries,
                        retry_wait_s=args.wait_idle, progress=progress)

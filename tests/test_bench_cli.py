@@ -129,8 +129,27 @@ def test_scaling_table_and_json(tmp_path, capsys, keep_torch_threads):
     assert bn_simd.get_num_threads() == (2 if bn_simd.show_config()["openmp"] else 1)
 
 
+def test_isa_table_and_json(tmp_path, capsys, keep_torch_threads):
+    path = tmp_path / "isas.json"
+    active = bn_simd.get_isa()
+    isas = bn_simd.show_config()["supported_isas"]
+    assert main(["bench", "--isas", *TINY, "--json", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| case |"))
+    widest = isas[-1]
+    assert _cells(lines[header]) == (["case", "op", "layout"] + [f"{n} ms" for n in isas]
+                                     + [f"{n} ÷ {widest}" for n in isas[:-1]])
+    row = _cells(lines[header + 2])
+    assert row[:3] == ["1×8×1×1", "eval", "NCHW"] and all(float(v) > 0 for v in row[3:3 + len(isas)])
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["id"], r["op"], r["isas"]) for r in rows] == [("1x8x1x1-NCHW", "eval", isas)]
+    assert sorted(rows[0]["ms"]) == sorted(isas) and all(v > 0 for v in rows[0]["ms"].values())
+    assert bn_simd.get_isa() == active  # the kernel set is put back
+
+
 @pytest.mark.parametrize("extra,message", [(["--threads", "1"], "--threads 2 or more"),
-                                           (["--plot", "x.png"], "not --scaling")])
+                                           (["--plot", "x.png"], "not --scaling"),
+                                           (["--isas"], "separate tables")])
 def test_scaling_refuses_options_it_cannot_honour(extra, message, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--scaling", *TINY, *extra])
