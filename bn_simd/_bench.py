@@ -623,6 +623,31 @@ SCALING_IDS = ("32x2048x7x7-NCHW", "32x2048x7x7-NHWC", "256x1024-NC", "1x64x56x5
 SCALING_CASES = [c for c in CASES if c.id in SCALING_IDS]
 
 
+def _measure_settings(cases, keys, apply, restore, what, settings, retries, retry_wait_s, progress):
+    """bn_simd alone under each setting of keys (apply(key) before each sample), interleaved sample by sample
+    (interleaved_medians); restore() runs at the end, whatever happened. One dict per (case, op): case, layout,
+    op, id, threads, ms {key: median ms}, other_cores, attempts."""
+    rows = []
+    try:
+        for case in cases:
+            ws = Workspace(case)
+            for op in case.ops:
+                runner = make_bn_simd(ws, op)
+                setups = [functools.partial(apply, key) for key in keys]
+                timed, others, attempts = _undisturbed(
+                    lambda: interleaved_medians([runner] * len(keys), setups=setups, **settings), retries,
+                    f"{case.id} {op} {what}", progress, retry_wait_s)
+                ms = {key: m * 1e3 for key, (m, _) in zip(keys, timed)}
+                rows.append({"case": case.label, "layout": case.layout_label, "op": op, "id": case.id,
+                             "threads": STATE.threads, "ms": ms, "other_cores": others, "attempts": attempts})
+                if progress:
+                    progress(f"{case.id:22s} {op:9s} " + "  ".join(f"{k} {what} {v:10.4f} ms" for k, v in ms.items()))
+            del ws
+    finally:
+        restore()
+    return rows
+
+
 def measure_scaling(case_list=None, *, threads=None, quick=False, retries=0, retry_wait_s=0, progress=None,
                     **timer):
     """bn_simd alone on 1 thread and on `threads` (default STATE.threads), interleaved sample by sample
@@ -632,27 +657,11 @@ def measure_scaling(case_list=None, *, threads=None, quick=False, retries=0, ret
     if threads is not None:
         configure(threads)
     nt = STATE.threads
-    settings = dict(QUICK if quick else FULL, **timer)
-    rows = []
-    try:
-        for case in (SCALING_CASES if case_list is None else case_list):
-            ws = Workspace(case)
-            for op in case.ops:
-                runner = make_bn_simd(ws, op)
-                counts = (1, nt)
-                setups = [functools.partial(set_num_threads, t) for t in counts]
-                timed, others, attempts = _undisturbed(
-                    lambda: interleaved_medians([runner, runner], setups=setups, **settings), retries,
-                    f"{case.id} {op} scaling", progress, retry_wait_s)
-                ms = {t: m * 1e3 for t, (m, _) in zip(counts, timed)}
-                rows.append({"case": case.label, "layout": case.layout_label, "op": op, "id": case.id,
-                             "threads": nt, "ms": ms, "speedup": _ratio(ms[1], ms[nt]),
-                             "other_cores": others, "attempts": attempts})
-                if progress:
-                    progress(f"{case.id:22s} {op:9s} 1 thread {ms[1]:10.4f} ms  {nt} threads {ms[nt]:10.4f} ms")
-            del ws
-    finally:
-        set_num_threads(nt)
+    rows = _measure_settings(SCALING_CASES if case_list is None else case_list, (1, nt), set_num_threads,
+                             functools.partial(set_num_threads, nt), "thread(s)",
+                             dict(QUICK if quick else FULL, **timer), retries, retry_wait_s, progress)
+    for r in rows:
+        r["speedup"] = _ratio(r["ms"][1], r["ms"][nt])
     return rows
 
 
@@ -676,27 +685,12 @@ def measure_isas(case_list=None, *, threads=None, quick=False, retries=0, retry_
     CASES unless case_list is given."""
     if threads is not None:
         configure(threads)
-    settings = dict(QUICK if quick else FULL, **timer)
-    isas, active = show_config()["supported_isas"], get_isa()
-    rows = []
-    try:
-        for case in (CASES if case_list is None else case_list):
-            ws = Workspace(case)
-            for op in case.ops:
-                runner = make_bn_simd(ws, op)
-                setups = [functools.partial(set_isa, name) for name in isas]
-                timed, others, attempts = _undisturbed(
-                    lambda: interleaved_medians([runner] * len(isas), setups=setups, **settings), retries,
-                    f"{case.id} {op} kernels", progress, retry_wait_s)
-                ms = {name: m * 1e3 for name, (m, _) in zip(isas, timed)}
-                rows.append({"case": case.label, "layout": case.layout_label, "op": op, "id": case.id,
-                             "threads": STATE.threads, "isas": isas, "ms": ms, "other_cores": others,
-                             "attempts": attempts})
-                if progress:
-                    progress(f"{case.id:22s} {op:9s} " + "  ".join(f"{n} {v:10.4f} ms" for n, v in ms.items()))
-            del ws
-    finally:
-        set_isa(active)
+    isas = show_config()["supported_isas"]
+    rows = _measure_settings(CASES if case_list is None else case_list, isas, set_isa,
+                             functools.partial(set_isa, get_isa()), "kernels", dict(QUICK if quick else FULL, **timer),
+                             retries, retry_wait_s, progress)
+    for r in rows:
+        r["isas"] = isas
     return rows
 
 
