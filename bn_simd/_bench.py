@@ -702,13 +702,13 @@ def isa_table(rows):
     widest, others = isas[-1], isas[:-1]
     lines = [f"Machine: {machine()}. bn_simd {versions()['bn_simd']}; float32, {nt} thread(s); medians in ms, "
              f"the kernel sets timed alternately, sample by sample; \"X ÷ {widest}\" is X's time over {widest}'s.", "",
-             "| case | op | layout | " + " | ".join(f"{n} ms" for n in isas) + " | "
-             + " | ".join(f"{n} ÷ {widest}" for n in others) + " |",
-             "|---|---|---|" + "---:|" * (2 * len(isas) - 1)]
+             "| " + " | ".join(["case", "op", "layout"] + [f"{n} ms" for n in isas]
+                               + [f"{n} ÷ {widest}" for n in others]) + " |",
+             "|---|---|---|" + "---:|" * (len(isas) + len(others))]
     for r in rows:
-        lines.append(f"| {r['case']} | {OP_TITLES[r['op']]} | {r['layout']} | "
-                     + " | ".join(_ms(r["ms"][n]) for n in isas) + " | "
-                     + " | ".join(_x(_ratio(r["ms"][n], r["ms"][widest])) for n in others) + " |")
+        cells = ([r["case"], OP_TITLES[r["op"]], r["layout"]] + [_ms(r["ms"][n]) for n in isas]
+                 + [_x(_ratio(r["ms"][n], r["ms"][widest])) for n in others])
+        lines.append("| " + " | ".join(cells) + " |")
     if rows and others:
         lines += ["", "Geometric means — " + "; ".join(
             f"{n} ÷ {widest}: {_x(geomean(_ratio(r['ms'][n], r['ms'][widest]) for r in rows))}" for n in others)

@@ -147,6 +147,23 @@ def test_isa_table_and_json(tmp_path, capsys, keep_torch_threads):
     assert bn_simd.get_isa() == active  # the kernel set is put back
 
 
+def test_isa_table_with_one_kernel_set():
+    """A CPU with the scalar kernels only: one time column and no ratio column, header and rows alike."""
+    row = {"case": "1×8×1×1", "layout": "NCHW", "op": "eval", "id": "1x8x1x1-NCHW", "threads": 2,
+           "isas": ["scalar"], "ms": {"scalar": 0.001}}
+    lines = [line for line in _bench.isa_table([row]).splitlines() if line.startswith("|")]
+    assert _cells(lines[0]) == ["case", "op", "layout", "scalar ms"]
+    assert lines[1] == "|---|---|---|---:|"
+    assert _cells(lines[2]) == ["1×8×1×1", "eval", "NCHW", "0.0010"]
+    assert "Geometric" not in _bench.isa_table([row])
+
+
+def test_isas_refuses_plot(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--isas", *TINY, "--plot", "x.png"])
+    assert "not --isas" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra,message", [(["--threads", "1"], "--threads 2 or more"),
                                            (["--plot", "x.png"], "not --scaling"),
                                            (["--isas"], "separate tables")])
