@@ -157,6 +157,27 @@ static int64_t cf_block_channels(const cf_geom* g, int64_t b) {
     return g->C - c0 < g->cb ? g->C - c0 : g->cb;
 }
 
+/* Task t of a channels-first reduction (chunk-major: block t % nb of chunk t / nb): its first element and, when it
+ * is one row, its extent (one contiguous run); 0 when it spans several rows. */
+static int64_t cf_task_run(const cf_geom* g, int64_t t, int64_t* base) {
+    const int64_t b = t % g->nb, k = t / g->nb;
+    int64_t r0, r1, i0, i1;
+    cf_chunk(g, k, &r0, &r1, &i0, &i1);
+    *base = (r0 * g->C + b * g->cb) * g->inner + i0;
+    return r1 - r0 == 1 ? cf_block_channels(g, b) * (i1 - i0) : 0;
+}
+
+/* What the reduction kernels may prefetch after task t (their pf argument): the extent of task t + 1 when both
+ * are single runs and t + 1 starts where t ends (maps of 16x16 and up: tasks follow one another in memory), else
+ * 0. Whichever thread runs t + 1, it is in the same array. */
+static int64_t cf_pf_after(const cf_geom* g, int64_t t) {
+    int64_t b0, b1;
+    const int64_t n0 = cf_task_run(g, t, &b0);
+    if (n0 == 0 || t + 1 >= g->nb * g->K) return 0;
+    const int64_t n1 = cf_task_run(g, t + 1, &b1);
+    return n1 > 0 && b1 == b0 + n0 ? n1 : 0;
+}
+
 /* Chunk results and their combination. A chunk's mean is kept as its shift mu0_k (a data value or a first-pass
  * mean) and the small residual r_k = sum (x - mu0_k) / n_k, never added: mu0_k + r_k rounded to a double
  * would err by half an ulp of the mean, which n_k (mean_k - mean)^2 turns into a relative error of the

@@ -21,17 +21,20 @@
 
 #define BN_UK_TABLE(T, S)                                                                                 \
     typedef struct {                                                                                      \
-        /* acc[j] += sum of segment j over the rows (x[r rs + j len .. r rs + (j + 1) len), r < rows) */    \
-        void (*seg_sum)(const T* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len, double* acc);    \
+        /* acc[j] += sum of segment j over the rows (x[r rs + j len .. r rs + (j + 1) len), r < rows).      \
+         * pf >= 0 with rows == 1: the pf elements after the run x[0 .. nseg len) are in the same array and  \
+         * read next; the kernel may prefetch them (never read). The same for seg_dev, seg_bwd_sums */       \
+        void (*seg_sum)(const T* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len, double* acc,      \
+                        int64_t pf);                                                                      \
         /* s1[j] += sum (x - m[j]), s2[j] += sum (x - m[j])^2 over segment j of every row */               \
         void (*seg_dev)(const T* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len, const double* m,  \
-                        double* s1, double* s2);                                                          \
+                        double* s1, double* s2, int64_t pf);                                              \
         /* y = (x - m[j]) * a[j] + b[j] over segment j */                                                 \
         void (*seg_affine)(const T* x, T* y, int64_t nseg, int64_t len, const T* m, const T* a,           \
                            const T* b, int nt);                                                           \
         /* sdy[j] += sum dy, sdyx[j] += sum dy * (x - m[j]) over segment j of every row */                \
         void (*seg_bwd_sums)(const T* dy, const T* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len,  \
-                             const double* m, double* sdy, double* sdyx);                                 \
+                             const double* m, double* sdy, double* sdyx, int64_t pf);                     \
         /* dx = a[j] * dy + b[j] * (x - m[j]) + d[j] over segment j */                                    \
         void (*seg_bwd_apply)(const T* dy, const T* x, T* dx, int64_t nseg, int64_t len, const T* m,      \
                               const T* a, const T* b, const T* d, int nt);                                \

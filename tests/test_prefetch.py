@@ -1,0 +1,51 @@
+"""Channels-first float32 reductions prefetch ahead of their loads: 8 KiB ahead along a chunk that is one contiguous
+run, into the run of the task after it when that one follows in memory (maps of 16x16 and up).
+
+A prefetch never changes a value, so the results must be the oracle's and the same bits on 1 and 2 threads. The
+cases put prefetches at every kind of edge: the last run of the array (nothing after it may be prefetched),
+successive tasks that follow one another (one channel's row, then the next), pieces of rows longer than a chunk
+(the next task is the same piece of the next channel, elsewhere), one channel whose pieces do follow one another,
+and runs barely longer than the prefetch distance. Under the AddressSanitizer build (.ci/asan) every prefetch is a
+checked load, so one outside the input fails these tests there.
+"""
+import numpy as np
+import pytest
+
+import bn_simd
+import reference as ref
+from conftest import reduction_tol
+
+# (N, C, spatial) channels-first shapes; 2048 float32 = the 8 KiB prefetch distance
+SHAPES = [
+    (3, 4, 3000),        # one channel's row per task, each followed by the next in memory
+    (2, 3, 2 * 8192 + 77),  # rows longer than a chunk: pieces, the next task elsewhere
+    (4, 1, 20011),       # one channel: a single run cut in pieces that follow one another
+    (2, 2, 2100),        # runs just longer than the prefetch distance
+    (5, 2, 300),         # two channels per task (runs of 600), shorter than the distance
+]
+
+
+def _data(shape, seed):
+    return (1.5 + 2.0 * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+def test_prefetching_reductions_match_the_oracle_on_any_thread_count(shape, isa, threads):
+    x, dy = _data(shape, 70), _data(shape, 71)
+    m_ref, v_ref, n = ref.stats(x, "NCHW")
+    x64, dy64 = ref.to_cn(x, "NCHW"), ref.to_cn(dy, "NCHW")
+    got = {}
+    for nt in (1, 2):
+        threads(nt)
+        mean, var = bn_simd.batch_stats(x)
+        sdy, sdyx = bn_simd.backward_reduce(dy, x, mean)
+        got[nt] = (mean, var, sdy, sdyx)
+    for a, b in zip(got[1], got[2]):
+        np.testing.assert_array_equal(a, b)
+    mean, var, sdy, sdyx = got[1]
+    tol = reduction_tol(n)
+    np.testing.assert_allclose(mean, m_ref, rtol=0, atol=tol * np.abs(x64).mean(axis=1).max())
+    np.testing.assert_allclose(var, v_ref, rtol=4 * tol)
+    np.testing.assert_allclose(sdy, dy64.sum(axis=1), rtol=0, atol=tol * np.abs(dy64).sum(axis=1).max())
+    dev = dy64 * (x64 - mean[:, None])
+    np.testing.assert_allclose(sdyx, dev.sum(axis=1), rtol=0, atol=tol * np.abs(dev).sum(axis=1).max())
