@@ -10,6 +10,9 @@
 #include <omp.h>
 #endif
 
+/* How far past its own run a channels-first reduction task may prefetch (bytes): at least the kernels' distance
+ * (UK_SEG_PF_BYTES, ukernels.inc). */
+#define BN_PF_AHEAD_BYTES 8192
 /* Reduction chunk: small enough that the second statistics pass over it hits L1/L2. The result
  * depends on this constant (the order of additions), never on the thread count. */
 #define BN_CHUNK_BYTES 32768
@@ -167,15 +170,21 @@ static int64_t cf_task_run(const cf_geom* g, int64_t t, int64_t* base) {
     return r1 - r0 == 1 ? cf_block_channels(g, b) * (i1 - i0) : 0;
 }
 
-/* What the reduction kernels may prefetch after task t (their pf argument): the extent of task t + 1 when both
- * are single runs and t + 1 starts where t ends (maps of 16x16 and up: tasks follow one another in memory), else
- * 0. Whichever thread runs t + 1, it is in the same array. */
-static int64_t cf_pf_after(const cf_geom* g, int64_t t) {
-    int64_t b0, b1;
-    const int64_t n0 = cf_task_run(g, t, &b0);
-    if (n0 == 0 || t + 1 >= g->nb * g->K) return 0;
-    const int64_t n1 = cf_task_run(g, t + 1, &b1);
-    return n1 > 0 && b1 == b0 + n0 ? n1 : 0;
+/* What the reduction kernels may prefetch after task t (their pf argument): the elements of the tasks after t that
+ * continue its run in memory, single runs each starting where the one before ends (maps of 16x16 and up: tasks
+ * follow one another), counted up to `ahead` at least; 0 when none does. Whichever threads run them, they are in
+ * the same array. */
+static int64_t cf_pf_after(const cf_geom* g, int64_t t, int64_t ahead) {
+    int64_t b0, b1, pf = 0;
+    int64_t n0 = cf_task_run(g, t, &b0);
+    for (int64_t u = t + 1; n0 > 0 && pf < ahead && u < g->nb * g->K; u++) {
+        const int64_t n1 = cf_task_run(g, u, &b1);
+        if (n1 == 0 || b1 != b0 + n0) break;
+        pf += n1;
+        b0 = b1;
+        n0 = n1;
+    }
+    return pf;
 }
 
 /* Chunk results and their combination. A chunk's mean is kept as its shift mu0_k (a data value or a first-pass

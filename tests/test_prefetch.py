@@ -1,9 +1,10 @@
 """Channels-first float32 reductions prefetch ahead of their loads: 8 KiB ahead along a chunk that is one contiguous
-run, into the run of the task after it when that one follows in memory (maps of 16x16 and up).
+run, on into the runs of the tasks after it while they follow in memory (maps of 16x16 and up).
 
 A prefetch never changes a value, so the results must be the oracle's and the same bits on 1 and 2 threads. The
 cases put prefetches at every kind of edge: the last run of the array (nothing after it may be prefetched),
-successive tasks that follow one another (one channel's row, then the next), pieces of rows longer than a chunk
+successive tasks that follow one another (one channel's row, then the next; runs short enough that the
+prefetch reaches several tasks ahead), pieces of rows longer than a chunk
 (the next task is the same piece of the next channel, elsewhere), one channel whose pieces do follow one another,
 and runs barely longer than the prefetch distance. Under the AddressSanitizer build (.ci/asan) every prefetch is a
 checked load, so one outside the input fails these tests there.
@@ -18,6 +19,7 @@ from conftest import reduction_tol
 # (N, C, spatial) channels-first shapes; 2048 float32 = the 8 KiB prefetch distance
 SHAPES = [
     (3, 4, 3000),        # one channel's row per task, each followed by the next in memory
+    (3, 6, 784),         # 28x28: the prefetch reaches 2-3 tasks ahead, up to the end of the array
     (2, 3, 2 * 8192 + 77),  # rows longer than a chunk: pieces, the next task elsewhere
     (4, 1, 20011),       # one channel: a single run cut in pieces that follow one another
     (2, 2, 2100),        # runs just longer than the prefetch distance
