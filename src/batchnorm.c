@@ -232,31 +232,6 @@ static void cf_sum_block(const cf_geom* g, int64_t b, const double* gk, const do
     }
 }
 
-/* The combination of cf_combine_block for K rows of C channels (shift mu0_k[k * C + c], residual r_k[...], M2
- * m2_k[...]; chunks of L rows, the last of what remains of n), channels c0 .. c1 - 1, swept row by row (mean
- * holds m until the end). Each channel's result depends on its own column only, so threads may share the
- * channels out. */
-static void combine_chunk_rows(const double* mu0_k, const double* r_k, const double* m2_k, int64_t K, int64_t C,
-                               int64_t n, int64_t L, int64_t c0, int64_t c1, double* mean, double* var) {
-    for (int64_t c = c0; c < c1; c++) mean[c] = var[c] = 0.0;
-    for (int64_t k = 0; k < K; k++) {
-        const double w = (double)(k < K - 1 ? L : n - (K - 1) * L);
-        for (int64_t c = c0; c < c1; c++) mean[c] += w * chunk_offset(mu0_k[k * C + c], mu0_k[c], r_k[k * C + c]);
-    }
-    for (int64_t c = c0; c < c1; c++) mean[c] /= (double)n;
-    for (int64_t k = 0; k < K; k++) {
-        const double w = (double)(k < K - 1 ? L : n - (K - 1) * L);
-        for (int64_t c = c0; c < c1; c++) {
-            const double dk = chunk_offset(mu0_k[k * C + c], mu0_k[c], r_k[k * C + c]) - mean[c];
-            var[c] += m2_k[k * C + c] + w * dk * dk;
-        }
-    }
-    for (int64_t c = c0; c < c1; c++) {
-        mean[c] += mu0_k[c];
-        var[c] /= (double)n;
-    }
-}
-
 /* Channels per task when threads share out a per-channel combination. */
 #define BN_COMBINE_CHANNELS 128
 

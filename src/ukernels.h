@@ -63,6 +63,12 @@
         void (*bwd_params)(int64_t C, double n, const double* sdy, const double* sdyx, const double* mean,  \
                            const double* invstd, const double* weight, int training, double* gw, double* gb, \
                            T* m, T* a, T* b, T* d);                                                       \
+        /* channels-last statistics: one chunk of cnt rows, s1 -> s1 / cnt, s2 -> max(0, s2 - s1^2 / cnt) */    \
+        void (*cl_chunk_finish)(int64_t C, double cnt, double* s1, double* s2);                           \
+        /* channels-last statistics: mean and var of channels c0 .. c1 - 1 from K chunk rows (ukernels.inc); \
+         * mean, var: distinct arrays that no input overlaps */                                           \
+        void (*cl_combine)(const double* mu0_k, const double* r_k, const double* m2_k, int64_t K, int64_t C, \
+                           int64_t n, int64_t L, int64_t c0, int64_t c1, double* mean, double* var);      \
     } bn_uk_##S;
 
 BN_UK_TABLE(float, f32)
