@@ -69,6 +69,8 @@
          * mean, var: distinct arrays that no input overlaps */                                           \
         void (*cl_combine)(const double* mu0_k, const double* r_k, const double* m2_k, int64_t K, int64_t C, \
                            int64_t n, int64_t L, int64_t c0, int64_t c1, double* mean, double* var);      \
+        /* out[c] = sum_k part[k C + c] in chunk order, c0 <= c < c1; out overlaps no input */             \
+        void (*cl_sum_rows)(const double* part, int64_t K, int64_t C, int64_t c0, int64_t c1, double* out); \
     } bn_uk_##S;
 
 BN_UK_TABLE(float, f32)
