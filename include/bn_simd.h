@@ -55,7 +55,7 @@ int bn_set_cl_strip_bytes(int64_t bytes);
 
 /* ---- batch norm on the (outer, C, inner) view (batchnorm.c), for T = float (f32) and double (f64) ---- */
 #define BN_DECLARE(T, S)                                                                                  \
-    /* mean[c] and biased var[c] of x. */                                                                 \
+    /* mean[c] and biased var[c] of x; mean and var: distinct arrays that x does not overlap. */          \
     int bn_stats_##S(const T* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var,       \
                      int nthreads);                                                                       \
     /* y = (x - m[c]) * a[c] + b[c]; y may be x. */                                                       \

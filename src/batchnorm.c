@@ -10,9 +10,6 @@
 #include <omp.h>
 #endif
 
-/* How far past its own run a channels-first reduction task may prefetch (bytes): at least the kernels' distance
- * (UK_SEG_PF_BYTES, ukernels.inc). */
-#define BN_PF_AHEAD_BYTES 8192
 /* Reduction chunk: small enough that the second statistics pass over it hits L1/L2. The result
  * depends on this constant (the order of additions), never on the thread count. */
 #define BN_CHUNK_BYTES 32768
@@ -171,9 +168,10 @@ static int64_t cf_task_run(const cf_geom* g, int64_t t, int64_t* base) {
 }
 
 /* What the reduction kernels may prefetch after task t (their pf argument): the elements of the tasks after t that
- * continue its run in memory, single runs each starting where the one before ends (maps of 16x16 and up: tasks
- * follow one another), counted up to `ahead` at least; 0 when none does. Whichever threads run them, they are in
- * the same array. */
+ * continue its run in memory, single runs each starting where the one before ends, counted up to `ahead` at least;
+ * 0 when none does. Maps of 16x16 up to a chunk (8192 float32 elements): tasks follow one another. Longer rows are
+ * cut in pieces and the next task is the same piece of the next channel, elsewhere: only the piece itself is
+ * prefetched. Whichever threads run them, the tasks are in the same array. */
 static int64_t cf_pf_after(const cf_geom* g, int64_t t, int64_t ahead) {
     int64_t b0, b1, pf = 0;
     int64_t n0 = cf_task_run(g, t, &b0);

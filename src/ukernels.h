@@ -16,6 +16,10 @@
 
 #include <stdint.h>
 
+/* How far ahead of their loads the channels-first float32 reductions prefetch (bytes; ukernels.inc), and how far
+ * past a chunk their callers let them (batchnorm.c, cf_pf_after). */
+#define BN_SEG_PF_BYTES 8192
+
 /* The widest vector of any kernel, in elements (AVX-512, float32). */
 #define UK_MAX_VL 16
 
@@ -23,7 +27,8 @@
     typedef struct {                                                                                      \
         /* acc[j] += sum of segment j over the rows (x[r rs + j len .. r rs + (j + 1) len), r < rows).      \
          * pf >= 0 with rows == 1: the pf elements after the run x[0 .. nseg len) are in the same array and  \
-         * read next; the kernel may prefetch them (never read). The same for seg_dev, seg_bwd_sums */       \
+         * read next; the kernel may prefetch them (a prefetch is not a read; the AddressSanitizer build makes \
+         * it one, so that it is checked). pf < 0: no prefetch. The same for seg_dev, seg_bwd_sums */        \
         void (*seg_sum)(const T* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len, double* acc,      \
                         int64_t pf);                                                                      \
         /* s1[j] += sum (x - m[j]), s2[j] += sum (x - m[j])^2 over segment j of every row */               \
@@ -39,7 +44,8 @@
         void (*seg_bwd_apply)(const T* dy, const T* x, T* dx, int64_t nseg, int64_t len, const T* m,      \
                               const T* a, const T* b, const T* d, int nt);                                \
         /* acc[c] += sum_r x[r, c]. pf_rows >= 0: rows after these in the same array (the caller's next    \
-         * chunk), the first block of which is prefetched (never read); the same for cl_dev, cl_bwd_sums */ \
+         * chunk), the first block of which is prefetched (not read, but for the AddressSanitizer build's   \
+         * checked loads); the same for cl_dev, cl_bwd_sums */                                            \
         void (*cl_sum)(const T* x, int64_t rows, int64_t C, double* acc, int64_t pf_rows);                \
         /* s1[c] += sum_r (x[r, c] - m[c]), s2[c] += sum_r (x[r, c] - m[c])^2 */                          \
         void (*cl_dev)(const T* x, int64_t rows, int64_t C, const double* m, double* s1, double* s2,     \
@@ -63,7 +69,7 @@
         void (*bwd_params)(int64_t C, double n, const double* sdy, const double* sdyx, const double* mean,  \
                            const double* invstd, const double* weight, int training, double* gw, double* gb, \
                            T* m, T* a, T* b, T* d);                                                       \
-        /* channels-last statistics: one chunk of cnt rows, s1 -> s1 / cnt, s2 -> max(0, s2 - s1^2 / cnt) */    \
+        /* channels-last statistics: one chunk of cnt rows, s1 -> s1 (1 / cnt), s2 -> max(0, s2 - s1 s1 (1 / cnt)) */ \
         void (*cl_chunk_finish)(int64_t C, double cnt, double* s1, double* s2);                           \
         /* channels-last statistics: mean and var of channels c0 .. c1 - 1 from K chunk rows (ukernels.inc); \
          * mean, var: distinct arrays that no input overlaps */                                           \

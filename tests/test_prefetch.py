@@ -1,12 +1,13 @@
 """Channels-first float32 reductions prefetch ahead of their loads: 8 KiB ahead along a chunk that is one contiguous
-run, on into the runs of the tasks after it while they follow in memory (maps of 16x16 and up).
+run, on into the runs of the tasks after it while they follow in memory (maps of 16x16 up to 8192 elements;
+longer rows are cut in pieces, and only the piece itself is prefetched).
 
 A prefetch never changes a value, so the results must be the oracle's and the same bits on 1 and 2 threads. The
 cases put prefetches at every kind of edge: the last run of the array (nothing after it may be prefetched),
 successive tasks that follow one another (one channel's row, then the next; runs short enough that the
-prefetch reaches several tasks ahead), pieces of rows longer than a chunk
-(the next task is the same piece of the next channel, elsewhere), one channel whose pieces do follow one another,
-and runs barely longer than the prefetch distance. Under the AddressSanitizer build (.ci/asan) every prefetch is a
+prefetch reaches several tasks ahead), pieces of rows longer than a chunk (the next task is the same piece of
+the next channel, elsewhere), one channel whose pieces do follow one another, and runs barely longer than the
+prefetch distance. Under the AddressSanitizer build (.ci/asan) every prefetch is a
 checked load, so one outside the input fails these tests there.
 """
 import numpy as np
