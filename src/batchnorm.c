@@ -157,14 +157,20 @@ static int64_t cf_block_channels(const cf_geom* g, int64_t b) {
     return g->C - c0 < g->cb ? g->C - c0 : g->cb;
 }
 
+/* Chunk k of block b as the seg_ reductions take it: ROWS rows, the first at offset BASE, row stride
+ * C * inner, of the block's NSEG segments of LEN elements. */
+#define CF_CHUNK_RUNS(g, b, k, BASE, ROWS, NSEG, LEN)                              \
+    int64_t r0_, r1_, i0_, i1_;                                                    \
+    cf_chunk((g), (k), &r0_, &r1_, &i0_, &i1_);                                    \
+    const int64_t BASE = (r0_ * (g)->C + (b) * (g)->cb) * (g)->inner + i0_;        \
+    const int64_t ROWS = r1_ - r0_, NSEG = cf_block_channels((g), (b)), LEN = i1_ - i0_
+
 /* Task t of a channels-first reduction (chunk-major: block t % nb of chunk t / nb): its first element and, when it
  * is one row, its extent (one contiguous run); 0 when it spans several rows. */
 static int64_t cf_task_run(const cf_geom* g, int64_t t, int64_t* base) {
-    const int64_t b = t % g->nb, k = t / g->nb;
-    int64_t r0, r1, i0, i1;
-    cf_chunk(g, k, &r0, &r1, &i0, &i1);
-    *base = (r0 * g->C + b * g->cb) * g->inner + i0;
-    return r1 - r0 == 1 ? cf_block_channels(g, b) * (i1 - i0) : 0;
+    CF_CHUNK_RUNS(g, t % g->nb, t / g->nb, o, rows, nseg, len);
+    *base = o;
+    return rows == 1 ? nseg * len : 0;
 }
 
 /* What the reduction kernels may prefetch after task t (their pf argument): the elements of the tasks after t that
