@@ -43,19 +43,20 @@
         /* dx = a[j] * dy + b[j] * (x - m[j]) + d[j] over segment j */                                    \
         void (*seg_bwd_apply)(const T* dy, const T* x, T* dx, int64_t nseg, int64_t len, const T* m,      \
                               const T* a, const T* b, const T* d, int nt);                                \
-        /* acc[c] += sum_r x[r, c]. pf_rows >= 0: rows after these in the same array (the caller's next    \
-         * chunk), the first block of which is prefetched (not read, but for the AddressSanitizer build's   \
-         * checked loads); the same for cl_dev, cl_bwd_sums */                                            \
-        void (*cl_sum)(const T* x, int64_t rows, int64_t C, double* acc, int64_t pf_rows);                \
+        /* acc[c] += sum_r x[r, c] for the W <= C channels c < W of rows C elements apart (W < C: a column    \
+         * block, see UK_CL_STRIPS; it prefetches nothing). pf_rows >= 0: rows after these in the same array \
+         * (the caller's next chunk), the first block of which is prefetched (not read, but for the          \
+         * AddressSanitizer build's checked loads); the same for cl_dev, cl_bwd_sums */                     \
+        void (*cl_sum)(const T* x, int64_t rows, int64_t C, int64_t W, double* acc, int64_t pf_rows);     \
         /* s1[c] += sum_r (x[r, c] - m[c]), s2[c] += sum_r (x[r, c] - m[c])^2 */                          \
-        void (*cl_dev)(const T* x, int64_t rows, int64_t C, const double* m, double* s1, double* s2,     \
-                       int64_t pf_rows);                                                                  \
+        void (*cl_dev)(const T* x, int64_t rows, int64_t C, int64_t W, const double* m, double* s1,       \
+                       double* s2, int64_t pf_rows);                                                      \
         /* y[e] = (x[e] - m[c]) * a[c] + b[c] over n flat elements, c = (c0 + e) % C; m, a, b extended */  \
         void (*cl_affine)(const T* x, T* y, int64_t n, int64_t C, int64_t c0, const T* m, const T* a,    \
                           const T* b, int nt);                                                            \
         /* sdy[c] += sum_r dy[r, c], sdyx[c] += sum_r dy[r, c] * (x[r, c] - m[c]) */                      \
-        void (*cl_bwd_sums)(const T* dy, const T* x, int64_t rows, int64_t C, const double* m, double* sdy, \
-                            double* sdyx, int64_t pf_rows);                                               \
+        void (*cl_bwd_sums)(const T* dy, const T* x, int64_t rows, int64_t C, int64_t W, const double* m,  \
+                            double* sdy, double* sdyx, int64_t pf_rows);                                  \
         /* dx[e] = a[c] * dy[e] + b[c] * (x[e] - m[c]) + d[c], as cl_affine */                            \
         void (*cl_bwd_apply)(const T* dy, const T* x, T* dx, int64_t n, int64_t C, int64_t c0, const T* m, \
                              const T* a, const T* b, const T* d, int nt);                                 \
@@ -77,6 +78,13 @@
                            int64_t n, int64_t L, int64_t c0, int64_t c1, double* mean, double* var);      \
         /* out[c] = sum_k part[k C + c] in chunk order, c0 <= c < c1; out overlaps no input */             \
         void (*cl_sum_rows)(const double* part, int64_t K, int64_t C, int64_t c0, int64_t c1, double* out); \
+        /* y = (x - m[j]) a[j] + b[j] for j < W in each of `rows` rows C elements apart (a column block;    \
+         * m, a, b: its W channels' coefficients); the same values as cl_affine */                        \
+        void (*cl_affine_rows)(const T* x, T* y, int64_t rows, int64_t C, int64_t W, const T* m, const T* a, \
+                               const T* b);                                                               \
+        /* dx = a[j] dy + b[j] (x - m[j]) + d[j] over a column block, as cl_affine_rows and cl_bwd_apply */  \
+        void (*cl_bwd_apply_rows)(const T* dy, const T* x, T* dx, int64_t rows, int64_t C, int64_t W,       \
+                                  const T* m, const T* a, const T* b, const T* d);                        \
     } bn_uk_##S;
 
 BN_UK_TABLE(float, f32)
