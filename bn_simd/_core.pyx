@@ -265,25 +265,36 @@ cdef inline bint _vector(object v, Py_ssize_t C, bint writeable):
 
 
 cdef inline void _load(object v, Py_ssize_t C, double* dst):
+    # (the data pointers are locals: a loop reading through PyArray_DATA in its body cannot be vectorised, the
+    # compiler must assume dst's stores change the array object; these loops were most of a call's overhead at
+    # C = 1024)
     cdef cnp.ndarray a = <cnp.ndarray>v
+    cdef const float* f
+    cdef const double* d
     cdef Py_ssize_t i
     if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
+        f = <const float*>cnp.PyArray_DATA(a)
         for i in range(C):
-            dst[i] = (<float*>cnp.PyArray_DATA(a))[i]
+            dst[i] = f[i]
     else:
+        d = <const double*>cnp.PyArray_DATA(a)
         for i in range(C):
-            dst[i] = (<double*>cnp.PyArray_DATA(a))[i]
+            dst[i] = d[i]
 
 
 cdef inline void _store(object v, Py_ssize_t C, const double* src):
     cdef cnp.ndarray a = <cnp.ndarray>v
+    cdef float* f
+    cdef double* d
     cdef Py_ssize_t i
     if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
+        f = <float*>cnp.PyArray_DATA(a)
         for i in range(C):
-            (<float*>cnp.PyArray_DATA(a))[i] = <float>src[i]
+            f[i] = <float>src[i]
     else:
+        d = <double*>cnp.PyArray_DATA(a)
         for i in range(C):
-            (<double*>cnp.PyArray_DATA(a))[i] = src[i]
+            d[i] = src[i]
 
 
 cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
