@@ -78,13 +78,6 @@
                            int64_t n, int64_t L, int64_t c0, int64_t c1, double* mean, double* var);      \
         /* out[c] = sum_k part[k C + c] in chunk order, c0 <= c < c1; out overlaps no input */             \
         void (*cl_sum_rows)(const double* part, int64_t K, int64_t C, int64_t c0, int64_t c1, double* out); \
-        /* y = (x - m[j]) a[j] + b[j] for j < W in each of `rows` rows C elements apart (a column block;    \
-         * m, a, b: its W channels' coefficients); the same values as cl_affine */                        \
-        void (*cl_affine_rows)(const T* x, T* y, int64_t rows, int64_t C, int64_t W, const T* m, const T* a, \
-                               const T* b);                                                               \
-        /* dx = a[j] dy + b[j] (x - m[j]) + d[j] over a column block, as cl_affine_rows and cl_bwd_apply */  \
-        void (*cl_bwd_apply_rows)(const T* dy, const T* x, T* dx, int64_t rows, int64_t C, int64_t W,       \
-                                  const T* m, const T* a, const T* b, const T* d);                        \
     } bn_uk_##S;
 
 BN_UK_TABLE(float, f32)
