@@ -66,8 +66,9 @@ int bn_set_cl_strip_bytes(int64_t bytes);
     int bn_normalize_##S(const T* x, T* y, int64_t outer, int64_t C, int64_t inner, const double* mean,    \
                          const double* var, const double* weight, const double* bias, double eps,         \
                          int nthreads);                                                                   \
-    /* Training forward in one call: a statistics sweep, then a normalise sweep.                          \
-     * Writes y, mean[c] and biased var[c]; the statistics are bitwise those of bn_stats. */              \
+    /* Training forward in one call: statistics, then normalise, a group of channels at a time while it  \
+     * is in cache when it fits (else two sweeps). Writes y, mean[c] and biased var[c]; the statistics    \
+     * are bitwise those of bn_stats and y that of bn_normalize with them. y may be x. */                \
     int bn_forward_train_##S(const T* x, T* y, int64_t outer, int64_t C, int64_t inner,                   \
                              const double* weight, const double* bias, double eps, double* mean,           \
                              double* var, int nthreads);                                                  \
@@ -77,10 +78,10 @@ int bn_set_cl_strip_bytes(int64_t bytes);
     /* dx = a[c] * dy + b[c] * (x - m[c]) + d[c]; dx may be dy or x. */                                   \
     int bn_backward_apply_##S(const T* dy, const T* x, T* dx, int64_t outer, int64_t C, int64_t inner,    \
                               const T* m, const T* a, const T* b, const T* d, int nthreads);               \
-    /* Training backward in one call (sums sweep, dx sweep). With n = outer*inner, s = invstd[c], w = weight[c] (nullable):            \
+    /* Training backward in one call (sums, then dx, as the forward). With n = outer*inner, s = invstd[c], w = weight[c] (nullable): \
      *   grad_bias = sum dy, grad_weight = s * sum dy (x - mean),                                         \
      *   dx = w s (dy - grad_bias / n - (x - mean) s grad_weight / n).                                    \
-     * When training == 0 the statistics are constants: dx = w s dy. */                                   \
+     * When training == 0 the statistics are constants: dx = w s dy. dx may be dy or x. */               \
     int bn_backward_##S(const T* dy, const T* x, T* dx, int64_t outer, int64_t C, int64_t inner,          \
                         const double* mean, const double* invstd, const double* weight, int training,     \
                         double* grad_weight, double* grad_bias, int nthreads);

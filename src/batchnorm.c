@@ -9,6 +9,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 /* Reduction chunk: small enough that the second statistics pass over it hits L1/L2. The result
  * depends on this constant (the order of additions), never on the thread count. */
@@ -81,6 +84,13 @@ static int team_size(void) {
 }
 
 static int stream_stores(int64_t bytes_touched) { return bytes_touched > BN_STREAM_BYTES; }
+
+/* Orders this thread's streaming stores (UK_STREAM_NOFENCE) before whatever it does next. */
+static void store_fence(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_sfence();
+#endif
+}
 
 /* Thread t of n's share [*e0, *e1) of E elements: contiguous, cut at multiples of 16 elements (whole cache
  * lines for aligned float32 data) so that no two threads write the same line. */
@@ -234,6 +244,31 @@ static void cf_sum_block(const cf_geom* g, int64_t b, const double* gk, const do
         sdy[j] = s;
         sdyx[j] = h;
     }
+}
+
+/* Channels-first slab path (training forward and backward, batchnorm.inc): a task takes a group of consecutive channel
+ * blocks over all rows, reduces it and sweeps it at once, so the group's slab (outer x its channels x inner elements of
+ * every array the call reads, and of the one it writes unless it streams it) must stay in the core's L2 between the
+ * two. Groups are as large as fit, so that each row's run of a group is as long as can be: a slab comes from memory in
+ * runs far apart, and the longer they are, the better the hardware prefetchers keep up. */
+#define BN_SLAB_BYTES ((int64_t)1024 << 10)
+
+/* Blocks per task of g's slab path with nt threads, `arrays` arrays of esize-byte elements kept in L2, or 0 when the
+ * call does not take it: the largest group whose slab fits, and with which the tasks share out evenly enough (the
+ * busiest thread has at most 1.25 times the average number of blocks). */
+static int64_t cf_slab_blocks(const cf_geom* g, int nt, int arrays, size_t esize) {
+    const int64_t block = g->outer * g->cb * g->inner * (int64_t)esize * arrays;
+    for (int64_t G = BN_SLAB_BYTES / block < g->nb ? BN_SLAB_BYTES / block : g->nb; G >= 1; G--) {
+        const int64_t tasks = (g->nb + G - 1) / G, most = (tasks + nt - 1) / nt * G;
+        if (4 * nt * most <= 5 * g->nb) return G;
+    }
+    return 0;
+}
+
+/* Whether the bytes at a and b (n of each) overlap. */
+static int overlap(const void* a, const void* b, int64_t n) {
+    const uintptr_t p = (uintptr_t)a, q = (uintptr_t)b;
+    return p < q + (uintptr_t)n && q < p + (uintptr_t)n;
 }
 
 /* Channels-last column split. A call whose data the threads' L2 caches hold (BN_CL_COL_BYTES each, all the arrays

@@ -7,7 +7,9 @@
  *        (per-channel arrays indexed by j); the reductions take `rows` such runs, rs elements apart.
  * cl_* : channels-last, `rows` rows of C channels each (row stride C; per-channel arrays of C). The
  *        element-wise cl_ kernels take extended per-channel arrays: p[i] = p[i % C] for i < C + UK_MAX_VL.
- * Element-wise kernels take nt: non-zero to write their output with streaming (non-temporal) stores.
+ * Element-wise kernels take nt: UK_STORE (regular stores), UK_STREAM (streaming, non-temporal stores, fenced before
+ * the kernel returns) or, channels-first only, UK_STREAM_NOFENCE (streaming stores that the caller fences, once after
+ * many short calls, before the data is read by another thread: a fence waits for the stores to leave the core).
  * Reductions widen to double before they add: float32 sums neither drift over long runs nor overflow at
  * |x| ~ 1e38; the means they subtract (m) are double. Apply kernels compute in T.
  */
@@ -19,6 +21,11 @@
 /* How far ahead of their loads the channels-first float32 reductions prefetch (bytes; ukernels.inc), and how far
  * past a chunk their callers let them (batchnorm.c, cf_pf_after). */
 #define BN_SEG_PF_BYTES 8192
+
+/* Store modes of the element-wise kernels (their nt argument) */
+#define UK_STORE 0
+#define UK_STREAM 1
+#define UK_STREAM_NOFENCE 2
 
 /* The widest vector of any kernel, in elements (AVX-512, float32). */
 #define UK_MAX_VL 16

@@ -245,3 +245,19 @@ ISAS = SUPPORTED_ISAS
 def stat_tol(n, dtype):
     """Relative bound for a per-channel statistic computed in float64 and returned in `dtype`."""
     return reduction_tol(n) + eps_of(dtype)
+
+
+def assert_float64_apply_for_the_whole_call(x, w, b, threads):
+    """The training forward of x (a float32 NCHW array, whose channels w and b describe, one of which needs the
+    float64 apply) agrees with the oracle on one thread, and gives the same bits on 2 and 3 threads and in place."""
+    threads(1)
+    y1 = bn_simd.batch_norm(x, None, None, w, b, training=True)
+    y_ref = ref.forward_train(x.astype(np.float64), w, b)[0]
+    np.testing.assert_allclose(y1, y_ref, rtol=8 * eps_of(np.float32), atol=1e-6)
+    for n in (2, 3):
+        threads(n)
+        np.testing.assert_array_equal(bn_simd.batch_norm(x, None, None, w, b, training=True), y1, err_msg=f"{n}")
+        xi = x.copy()
+        bn_simd.batch_norm(xi, None, None, w, b, training=True, out=xi)
+        np.testing.assert_array_equal(xi, y1, err_msg=f"in place, {n} threads")
+    return y1

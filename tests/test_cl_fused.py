@@ -7,8 +7,8 @@ import pytest
 
 import bn_simd
 import reference as ref
-from conftest import (HAVE_OPENMP, assert_forward_close, assert_within, backward_bounds, channel_params, eps_of,
-                      make_input)
+from conftest import (HAVE_OPENMP, assert_float64_apply_for_the_whole_call, assert_forward_close, assert_within,
+                      backward_bounds, channel_params, eps_of, make_input)
 
 # (N, C) arrays and NHWC tensors: the channels-last kernels. Chunks are 256 KiB of rows (at least 64 rows).
 CASES = [
@@ -90,13 +90,4 @@ def test_a_channel_needing_the_float64_apply_takes_it_for_the_whole_call(shape, 
     w = np.ones(C)
     w[C - 3] = 1e-3
     b = rng.standard_normal(C)
-    threads(1)
-    y1 = bn_simd.batch_norm(x, None, None, w, b, training=True)
-    y_ref = ref.forward_train(x.astype(np.float64), w, b)[0]
-    np.testing.assert_allclose(y1, y_ref, rtol=8 * eps_of(np.float32), atol=1e-6)
-    for n in (2, 3):
-        threads(n)
-        np.testing.assert_array_equal(bn_simd.batch_norm(x, None, None, w, b, training=True), y1, err_msg=f"{n}")
-        xi = x.copy()
-        bn_simd.batch_norm(xi, None, None, w, b, training=True, out=xi)
-        np.testing.assert_array_equal(xi, y1, err_msg=f"in place, {n} threads")
+    assert_float64_apply_for_the_whole_call(x, w, b, threads)
