@@ -271,33 +271,36 @@ static int overlap(const void* a, const void* b, int64_t n) {
     return p < q + (uintptr_t)n && q < p + (uintptr_t)n;
 }
 
-/* Channels-last column split. A call whose data the threads' L2 caches hold (BN_CL_COL_BYTES each, all the arrays
- * it reads and writes) and whose rows are wide gives each thread a block of whole channels over all rows instead of
- * a share of the rows: the thread then combines its channels' chunks itself, and the training forward and the
- * backward go on to the coefficients and the element-wise sweep of the same block, in the same parallel region, on
- * data still in its own L2. No partial result crosses to another core, and the row split's barrier, the second
- * fork and the serial coefficient loop go away. Blocks start at multiples of BN_CL_COL_ALIGN channels (256 bytes
- * of float32: whole cache lines when the rows are aligned; a multiple of every ISA's widest strip, so that each
- * channel's sums get the row split's bits, see UK_CL_STRIPS). */
+/* Channels-last column split. A call whose input the threads' L2 caches hold (BN_CL_COL_BYTES each, the arrays it
+ * reads) and whose rows are wide gives each thread a block of whole channels over all rows for its reductions instead
+ * of a share of the rows: the thread then combines its channels' chunks and computes their coefficients itself, on
+ * data in its own L2, and no partial result crosses to another core. (The element-wise sweep that follows in the
+ * training forward and the backward still splits the rows, see forward_train_cl.) Blocks are whole multiples of
+ * BN_CL_COL_ALIGN channels (256 bytes of float32: whole cache lines when the rows are aligned; a multiple of every
+ * ISA's vector of doubles, so that each channel's sums get the row split's bits, see UK_CL_STRIPS), shared out as
+ * evenly as whole multiples allow. */
 #define BN_CL_COL_ALIGN 64
 #define BN_CL_COL_BYTES ((int64_t)512 << 10)
+_Static_assert(BN_CL_COL_ALIGN >= UK_MAX_VL, "the column split's first block holds the channels extend_tail copies");
 
-/* Threads of a column split of a (rows, C) channels-last call touching `bytes` bytes, or 0: row split. */
+/* Threads of a column split of a (rows, C) channels-last call reading `bytes` bytes, or 0: row split. */
 static int cl_col_threads(int nthreads, int64_t rows, int64_t C, int64_t bytes) {
     if (C < 2 * BN_CL_COL_ALIGN) return 0;
     const int nt = pick_threads(nthreads, C / BN_CL_COL_ALIGN, rows * C);
     return nt > 1 && bytes <= nt * BN_CL_COL_BYTES ? nt : 0;
 }
 
-/* Thread t of n's channels [*c0, *c1) in a column split. */
+/* Thread t of n's channels [*c0, *c1) in a column split (n at most C / BN_CL_COL_ALIGN: each gets a block) */
 static void cl_col_range(int64_t C, int t, int n, int64_t* c0, int64_t* c1) {
-    const int64_t share = ((C + n - 1) / n + BN_CL_COL_ALIGN - 1) / BN_CL_COL_ALIGN * BN_CL_COL_ALIGN;
-    *c0 = share * t < C ? share * t : C;
-    *c1 = share * (t + 1) < C ? share * (t + 1) : C;
+    const int64_t blocks = (C + BN_CL_COL_ALIGN - 1) / BN_CL_COL_ALIGN;
+    const int64_t b0 = blocks * t / n, b1 = blocks * (t + 1) / n;
+    *c0 = b0 * BN_CL_COL_ALIGN < C ? b0 * BN_CL_COL_ALIGN : C;
+    *c1 = b1 * BN_CL_COL_ALIGN < C ? b1 * BN_CL_COL_ALIGN : C;
 }
 
 /* Channels per task when threads share out a per-channel combination. */
 #define BN_COMBINE_CHANNELS 128
+_Static_assert(BN_COMBINE_CHANNELS >= UK_MAX_VL, "the first combination task holds the channels extend_tail copies");
 
 /* SHIFT_BY_VALUE: one-pass chunk statistics shifted by a data value (float32), or two-pass (float64); see
  * cf_chunk_stats. */

@@ -63,7 +63,7 @@ def test_matches_the_oracle_and_the_separate_steps(shape, dtype, threads):
 
 @pytest.mark.skipif(not HAVE_OPENMP, reason="built without OpenMP")
 @pytest.mark.parametrize("shape,dtype", CASES, ids=IDS)
-def test_every_thread_count_and_in_place_give_the_same_bits(shape, dtype, threads):
+def test_every_thread_count_and_in_place_give_the_same_bits(shape, dtype, threads, isa):
     x = make_input(shape, "NCHW", dtype, seed=72, loc=5.0, scale=0.25)
     dy = make_input(shape, "NCHW", dtype, seed=73)
     threads(1)

@@ -13,7 +13,7 @@ from conftest import (HAVE_OPENMP, assert_float64_apply_for_the_whole_call, asse
 # (N, C) arrays and NHWC tensors: the channels-last kernels. Chunks are 256 KiB of rows (at least 64 rows).
 CASES = [
     ((256, 1024), "NCHW", np.float32),    # 4 chunks: rows split, the benchmark's BatchNorm1d case
-    ((128, 256), "NCHW", np.float32),     # 1 chunk: channels split, 128 a thread
+    ((128, 256), "NCHW", np.float32),     # 1 chunk: channels split, 128 a thread (2 threads), 64, 64, 128 (3)
     ((3, 200, 7, 8), "NHWC", np.float32),  # 1 chunk: channels split, the second block 72 wide (a vector tail)
     ((64, 516), "NCHW", np.float64),      # 1 chunk of float64: channels split, 4 channels past the last vector
     ((700, 130), "NCHW", np.float64),     # 3 chunks: rows split
@@ -56,7 +56,9 @@ def test_matches_the_oracle(shape, layout, dtype, threads):
 
 @pytest.mark.skipif(not HAVE_OPENMP, reason="built without OpenMP")
 @pytest.mark.parametrize("shape,layout,dtype", CASES, ids=IDS)
-def test_every_thread_count_and_in_place_give_the_same_bits(shape, layout, dtype, threads):
+def test_every_thread_count_and_in_place_give_the_same_bits(shape, layout, dtype, threads, isa):
+    # (each kernel set: the column split gets the row split's bits because its blocks start at multiples of every
+    # ISA's vector of doubles)
     x = make_input(shape, layout, dtype, seed=62, loc=-1.0, scale=0.5)
     dy = make_input(shape, layout, dtype, seed=63)
     threads(1)
