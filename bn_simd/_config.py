@@ -72,6 +72,8 @@ def show_config():
         "num_threads": get_num_threads(),
         # channels-last element-wise sweeps go in column strips from this row size (bytes; CPU-dependent)
         "cl_strip_bytes": _core.cl_strip_bytes(),
+        # channels-first training forward and backward group channels in this much of a core's L2 (0: two sweeps)
+        "slab_bytes": _core.slab_bytes(),
     }
 
 

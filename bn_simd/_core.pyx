@@ -7,6 +7,8 @@ may be None are passed as NULL (weight 1, bias 0).
 """
 from libc.stdint cimport int64_t
 
+import numpy as np
+
 cdef extern from "bn_simd.h" nogil:
     int BN_OK, BN_ENOMEM, BN_EINVAL, BN_EISA
     int BN_ISA_SCALAR, BN_ISA_AVX2, BN_ISA_AVX512, BN_ISA_COUNT
@@ -20,6 +22,8 @@ cdef extern from "bn_simd.h" nogil:
     int BN_CL_STRIP_MIN_BYTES
     int64_t bn_cl_strip_bytes()
     int bn_set_cl_strip_bytes(int64_t nbytes)
+    int64_t bn_slab_bytes()
+    int bn_set_slab_bytes(int64_t nbytes)
 
     int bn_stats_f32(const float* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var, int nt)
     int bn_stats_f64(const double* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var, int nt)
@@ -114,6 +118,22 @@ def set_cl_strip_bytes(nbytes):
     # (the C call takes a negative value as "the default": here only None means that)
     if (nbytes is not None and v < 0) or bn_set_cl_strip_bytes(v) != BN_OK:
         raise ValueError(f"nbytes must be None or at least {BN_CL_STRIP_MIN_BYTES}, got {nbytes!r}")
+
+
+def slab_bytes():
+    """Bytes of a core's L2 that a channels-first training forward or backward may fill with a group of channels."""
+    return bn_slab_bytes()
+
+
+def set_slab_bytes(nbytes):
+    """Set slab_bytes for every later call (0: never group channels); None: back to the CPU's default. Tuning and
+    tests only: the results are the same bits whatever it is."""
+    cdef int64_t v = -1
+    if nbytes is not None:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 0:
+            raise ValueError(f"nbytes must be None or an int >= 0, got {nbytes!r}")
+        v = min(int(nbytes), 2**62)
+    bn_set_slab_bytes(v)
 
 
 def stats(const real[:, :, ::1] x, double[::1] mean, double[::1] var, int nthreads):

@@ -76,6 +76,37 @@ __attribute__((constructor)) static void choose_strip_bytes(void) {
 
 int64_t bn_cl_strip_bytes(void) { return strip_bytes >= 0 ? strip_bytes : cpu_strip_bytes; }
 
+/* The channels-first slab path (batchnorm.c, cf_slab_blocks) keeps a group of channels in the core's L2 between its
+ * reduction and its sweep, which saves a second read of the group from the shared cache or memory but reads the
+ * group's rows as short runs far apart. On an Intel Xeon (2 MiB L2, a shared cache of about 29 GB/s per core) that
+ * measured 1.0-1.45x faster than the two sweeps, in the cache and beyond it, with 1 MiB groups: half the L2, the
+ * other half holding what the kernels touch besides. On AMD Zen 4 (1 MiB L2, a fast victim L3 beside each core
+ * complex) the two sweeps measured faster: 1.15-1.35x for tensors the L3 holds, and beyond it 0.9-1.4x with a
+ * spread from one process to the next that favoured the sweeps (docs/design.md, "Speed model"). So AMD CPUs take
+ * the two sweeps, every other CPU groups up to half of the L2 that the OS reports (512 KiB when it reports none).
+ * Decided once, when the library is loaded. */
+#define BN_SLAB_BYTES_DEFAULT ((int64_t)512 << 10)
+static int64_t cpu_slab_bytes = BN_SLAB_BYTES_DEFAULT;
+static int64_t slab_bytes = -1; /* set by bn_set_slab_bytes (-1: the CPU's default) */
+
+__attribute__((constructor)) static void choose_slab_bytes(void) {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (l2 >= (64L << 10) && l2 <= (1L << 30)) cpu_slab_bytes = (int64_t)l2 / 2;
+#endif
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    if (__builtin_cpu_is("amd")) cpu_slab_bytes = 0;
+#endif
+}
+
+int64_t bn_slab_bytes(void) { return slab_bytes >= 0 ? slab_bytes : cpu_slab_bytes; }
+
+int bn_set_slab_bytes(int64_t bytes) {
+    slab_bytes = bytes < 0 ? -1 : bytes;
+    return BN_OK;
+}
+
 int bn_set_cl_strip_bytes(int64_t bytes) {
     if (bytes >= 0 && bytes < BN_CL_STRIP_MIN_BYTES) return BN_EINVAL;
     strip_bytes = bytes < 0 ? -1 : bytes;

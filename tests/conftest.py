@@ -45,6 +45,7 @@ def _restore_global_state():
     bn_simd.set_isa(isa)
     bn_simd.set_num_threads(None)
     _core.set_cl_strip_bytes(None)
+    _core.set_slab_bytes(None)
 
 
 # Channels-last element-wise sweeps over wide rows go flat or in column strips depending on the CPU
@@ -54,6 +55,16 @@ STRIP_SETTINGS = {"cpu": None, "strips": 24576, "flat": 1 << 62}
 
 def use_strips(setting):
     _core.set_cl_strip_bytes(STRIP_SETTINGS[setting])
+
+
+# Channels-first training forward and backward group channels in L2 between reduction and sweep (the slab path) on
+# some CPUs, with a budget of half the L2, and take two sweeps on others (bn_simd._core.slab_bytes): tests of the
+# slab path force a budget, so that it runs on any machine.
+SLAB_BUDGET = 1 << 20
+
+
+def use_slab(nbytes=SLAB_BUDGET):
+    _core.set_slab_bytes(nbytes)
 
 
 @pytest.fixture(params=SUPPORTED_ISAS)

@@ -3,14 +3,21 @@ statistics or sums, coefficients and sweep in one task while the group is in the
 fits there and the groups share out evenly among the threads; otherwise a statistics sweep and a normalise sweep over
 the whole tensor. Whichever a call takes, the results are the oracle's and the same bits: the same statistics as
 batch_stats, the same y as normalize with them, the same gradients as backward_reduce's sums give, for every thread
-count, in place (which the forward takes through the two sweeps) and with a channel that needs the float64 apply."""
+count, in place (which the forward takes through the two sweeps) and with a channel that needs the float64 apply.
+Whether a CPU takes the slab path by default depends on it (bn_simd._core.slab_bytes): these tests force a budget of
+1 MiB, and compare with the path turned off."""
 import numpy as np
 import pytest
 
 import bn_simd
 import reference as ref
-from conftest import (HAVE_OPENMP, assert_float64_apply_for_the_whole_call, assert_forward_close, assert_within,
-                      backward_bounds, channel_params, make_input)
+from conftest import (HAVE_OPENMP, SLAB_BUDGET, assert_float64_apply_for_the_whole_call, assert_forward_close,
+                      assert_within, backward_bounds, channel_params, make_input, use_slab)
+
+
+@pytest.fixture(autouse=True)
+def _slab_budget():
+    use_slab(SLAB_BUDGET)  # (conftest restores the CPU's default after each test)
 
 # NCHW tensors. Blocks: one channel for maps of 512 elements and more, else as many channels as make a run of 512;
 # chunks: one row (pieces of 8192 float32 / 4096 float64 elements for longer maps), or rows giving 256 a channel.
@@ -122,3 +129,17 @@ def test_large_tensors_stream_their_output(threads):
         threads(1)
         for k, v in _outputs(x, dy).items():
             np.testing.assert_array_equal(v, got[k], err_msg=f"{k}: 1 thread against 2")
+
+
+@pytest.mark.parametrize("shape,dtype", CASES, ids=IDS)
+@pytest.mark.parametrize("budget", [0, 256 << 10, 4 << 20])
+def test_the_slab_budget_changes_no_bit(shape, dtype, budget, threads):
+    # 0: never the slab path (the two sweeps); 256 KiB: smaller groups, or the sweeps where one block's slab is
+    # larger; 4 MiB: larger groups, and 12x4x128x128 on the slab path too
+    threads(2)
+    x = make_input(shape, "NCHW", dtype, seed=77, loc=-1.0, scale=4.0)
+    dy = make_input(shape, "NCHW", dtype, seed=78)
+    want = _outputs(x, dy)
+    use_slab(budget)
+    for k, v in _outputs(x, dy).items():
+        np.testing.assert_array_equal(v, want[k], err_msg=f"{k} with a slab budget of {budget} bytes")

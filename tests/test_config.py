@@ -39,6 +39,34 @@ def _l1d_bytes():
     return int(r.stdout.strip() or 0) if r.returncode == 0 and r.stdout.strip().isdigit() else 0
 
 
+def _l2_bytes():
+    r = subprocess.run(["getconf", "LEVEL2_CACHE_SIZE"], capture_output=True, text=True)
+    return int(r.stdout.strip() or 0) if r.returncode == 0 and r.stdout.strip().isdigit() else 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or shutil.which("getconf") is None,
+                    reason="needs /proc/cpuinfo and getconf for the CPU vendor and its L2 size")
+def test_slab_budget_follows_the_cpu_and_can_be_set():
+    default = _core.slab_bytes()
+    # AMD CPUs take two sweeps (no slab path); others group up to half the L2 (512 KiB when none is reported)
+    l2 = _l2_bytes()
+    if _cpu_vendor() == "AuthenticAMD":
+        assert default == 0
+    else:
+        assert default == (l2 // 2 if 64 << 10 <= l2 <= 1 << 30 else 512 << 10)
+    assert bn_simd.show_config()["slab_bytes"] == default
+    _core.set_slab_bytes(3 << 20)
+    assert _core.slab_bytes() == 3 << 20 and bn_simd.show_config()["slab_bytes"] == 3 << 20
+    _core.set_slab_bytes(0)
+    assert _core.slab_bytes() == 0
+    for bad in (-1, 1.5, "1M"):
+        with pytest.raises(ValueError, match="nbytes must be None or an int >= 0"):
+            _core.set_slab_bytes(bad)
+        assert _core.slab_bytes() == 0
+    _core.set_slab_bytes(None)
+    assert _core.slab_bytes() == default
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or shutil.which("getconf") is None,
                     reason="needs /proc/cpuinfo and getconf for the CPU vendor and its L1d size")
 def test_column_strip_threshold_follows_the_cpu_and_can_be_set():
