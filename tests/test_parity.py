@@ -49,7 +49,7 @@ PARALLEL_CASES = [
 # wide rows, each with column strips forced on (where they start at 24 KiB of row) and off
 for _setting in ("strips", "flat"):
     PARALLEL_CASES += [
-        ((5, 1040, 7), "NHWC", np.float32, _setting),   # wide rows: column strips in the backward sweep only
+        ((5, 1040, 7), "NHWC", np.float32, _setting),   # under the normalise's strip width; the dx strips need streaming
         ((5, 1296, 7), "NHWC", np.float32, _setting),   # wider: element-wise sweeps in strips, threads split mid-row
         ((4, 2053, 5), "NHWC", np.float32, _setting),   # wide and odd
         ((9, 616, 7), "NHWC", np.float64, _setting),    # wide float64 rows
