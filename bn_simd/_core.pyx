@@ -261,6 +261,7 @@ def backward(const real[:, :, ::1] dy, const real[:, :, ::1] x, real[:, :, ::1] 
 # Anything else returns None and batch_norm takes its general path, which validates and raises as documented;
 # both paths compute the same bytes (same kernels, same float64 running-statistics formula).
 cimport numpy as cnp
+from libc.float cimport FLT_MAX
 from libc.math cimport isfinite
 from libc.stdlib cimport free, malloc
 
@@ -502,3 +503,198 @@ def batch_norm_backward_fast(grad_out, x, save_mean, save_invstd, weight, layout
     free(p)
     _check(st)
     return da, gw, gb
+
+
+# ---- fast paths of the four steps ----------------------------------------------------------------------------
+# batch_stats, normalize, backward_reduce and backward_apply on plain arguments, as batch_norm_fast: each returns
+# its step's result, or None when an argument needs the general path (which validates, converts and raises as
+# documented). The per-channel work is the general path's, operation for operation, so both give the same bytes.
+
+cdef inline bint _data_dims(object x, object layout, int64_t* outer, int64_t* C, int64_t* inner):
+    """x is a plain data array of rank 2..5 in layout "NCHW"/"NHWC" with C >= 1 and some element per channel."""
+    if not _plain(x, False) or type(layout) is not str:
+        return False
+    if not _dims(<cnp.ndarray>x, layout, outer, C, inner):
+        return False
+    return C[0] > 0 and outer[0] * inner[0] > 0
+
+
+cdef inline object _out_array(object out, cnp.ndarray xa, object other):
+    """The output array: new when out is None; out when it is plain, shaped and typed like xa, and each of xa
+    and other (an ndarray or None) is it element for element or shares no byte with it; else None."""
+    if out is None:
+        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
+    if not _plain(out, True) or not _same_shape(<cnp.ndarray>out, xa):
+        return None
+    if not _in_place_or_disjoint(<cnp.ndarray>out, xa):
+        return None
+    if other is not None and not _in_place_or_disjoint(<cnp.ndarray>out, <cnp.ndarray>other):
+        return None
+    return out
+
+
+def batch_stats_fast(x, layout, int nthreads):
+    """batch_stats' (mean, var), or None for the general path."""
+    cdef int64_t outer, C, inner
+    if not _data_dims(x, layout, &outer, &C, &inner):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef cnp.npy_intp n1 = C
+    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &n1, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray var = cnp.PyArray_EMPTY(1, &n1, cnp.NPY_FLOAT64, 0)
+    cdef const void* xp = cnp.PyArray_DATA(xa)
+    cdef double* mp = <double*>cnp.PyArray_DATA(mean)
+    cdef double* vp = <double*>cnp.PyArray_DATA(var)
+    cdef int st
+    with nogil:
+        if cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT32:
+            st = bn_stats_f32(<const float*>xp, outer, C, inner, mp, vp, nthreads)
+        else:
+            st = bn_stats_f64(<const double*>xp, outer, C, inner, mp, vp, nthreads)
+    _check(st)
+    return mean, var
+
+
+def normalize_fast(x, mean, var, weight, bias, eps, layout, out, int nthreads):
+    """normalize's y, or None for the general path."""
+    cdef int64_t outer, C, inner
+    if not _data_dims(x, layout, &outer, &C, &inner) or type(eps) is not float:
+        return None
+    cdef double e = eps
+    if not (isfinite(e) and e > 0.0):
+        return None
+    if not (_vector(mean, C, False) and _vector(var, C, False)):
+        return None
+    if (weight is not None and not _vector(weight, C, False)) or (bias is not None and not _vector(bias, C, False)):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    y = _out_array(out, xa, None)
+    if y is None:
+        return None
+    cdef double* p = <double*>malloc(sizeof(double) * 4 * C)
+    if p == NULL:
+        raise MemoryError("bn_simd: out of memory for per-channel scratch space")
+    cdef double *m = p, *v = p + C, *w = NULL, *b = NULL
+    _load(mean, C, m)
+    _load(var, C, v)
+    if weight is not None:
+        w = p + 2 * C
+        _load(weight, C, w)
+    if bias is not None:
+        b = p + 3 * C
+        _load(bias, C, b)
+    cdef const void* xp = cnp.PyArray_DATA(xa)
+    cdef void* yp = cnp.PyArray_DATA(<cnp.ndarray>y)
+    cdef int st
+    with nogil:
+        if cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT32:
+            st = bn_normalize_f32(<const float*>xp, <float*>yp, outer, C, inner, m, v, w, b, e, nthreads)
+        else:
+            st = bn_normalize_f64(<const double*>xp, <double*>yp, outer, C, inner, m, v, w, b, e, nthreads)
+    free(p)
+    _check(st)
+    return y
+
+
+def backward_reduce_fast(grad_out, x, mean, layout, int nthreads):
+    """backward_reduce's (sum grad_out, sum grad_out (x - mean)), or None for the general path."""
+    cdef int64_t outer, C, inner
+    if not _data_dims(x, layout, &outer, &C, &inner) or not _plain(grad_out, False):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x, ga = <cnp.ndarray>grad_out
+    if not _same_shape(xa, ga) or not _vector(mean, C, False):
+        return None
+    cdef cnp.npy_intp n1 = C
+    cdef cnp.ndarray sdy = cnp.PyArray_EMPTY(1, &n1, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray sdyx = cnp.PyArray_EMPTY(1, &n1, cnp.NPY_FLOAT64, 0)
+    cdef double* m = <double*>malloc(sizeof(double) * C)
+    if m == NULL:
+        raise MemoryError("bn_simd: out of memory for per-channel scratch space")
+    _load(mean, C, m)
+    cdef const void* gp = cnp.PyArray_DATA(ga)
+    cdef const void* xp = cnp.PyArray_DATA(xa)
+    cdef double* sp = <double*>cnp.PyArray_DATA(sdy)
+    cdef double* hp = <double*>cnp.PyArray_DATA(sdyx)
+    cdef int st
+    with nogil:
+        if cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT32:
+            st = bn_backward_reduce_f32(<const float*>gp, <const float*>xp, outer, C, inner, m, sp, hp, nthreads)
+        else:
+            st = bn_backward_reduce_f64(<const double*>gp, <const double*>xp, outer, C, inner, m, sp, hp, nthreads)
+    free(m)
+    _check(st)
+    return sdy, sdyx
+
+
+cdef inline bint _beyond_f32(double v):
+    return isfinite(v) and (v > FLT_MAX or v < -FLT_MAX)
+
+
+def backward_apply_fast(grad_out, x, mean, a, b, d, layout, out, int nthreads):
+    """backward_apply's grad_x, or None for the general path."""
+    cdef int64_t outer, C, inner
+    if not _data_dims(x, layout, &outer, &C, &inner) or not _plain(grad_out, False):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x, ga = <cnp.ndarray>grad_out
+    if not _same_shape(xa, ga):
+        return None
+    if not (_vector(mean, C, False) and _vector(a, C, False) and _vector(b, C, False) and _vector(d, C, False)):
+        return None
+    dx = _out_array(out, xa, ga)
+    if dx is None:
+        return None
+    cdef int t = cnp.PyArray_TYPE(xa)
+    cdef double* p = <double*>malloc(sizeof(double) * 4 * C)
+    cdef void* q = malloc((sizeof(float) if t == cnp.NPY_FLOAT32 else sizeof(double)) * 4 * C)
+    if p == NULL or q == NULL:
+        free(p)
+        free(q)
+        raise MemoryError("bn_simd: out of memory for per-channel scratch space")
+    cdef double *md = p, *ad = p + C, *bd = p + 2 * C, *dd = p + 3 * C
+    _load(mean, C, md)
+    _load(a, C, ad)
+    _load(b, C, bd)
+    _load(d, C, dd)
+    cdef float* qf = <float*>q
+    cdef double* qd = <double*>q
+    cdef Py_ssize_t c
+    cdef float mf
+    cdef double dc
+    cdef bint overflow = False
+    # the general path's coefficients: m = mean rounded to x's dtype, its residual folded into d
+    # (d - b (mean - m), in float64), then a, b and d rounded to x's dtype; a finite value beyond float32's range
+    # goes to the general path, whose cast warns about it
+    if t == cnp.NPY_FLOAT32:
+        for c in range(C):
+            dc = dd[c] - bd[c] * (md[c] - <double><float>md[c])
+            overflow |= _beyond_f32(md[c]) | _beyond_f32(ad[c]) | _beyond_f32(bd[c]) | _beyond_f32(dc)
+            mf = <float>md[c]
+            qf[c] = mf
+            qf[C + c] = <float>ad[c]
+            qf[2 * C + c] = <float>bd[c]
+            qf[3 * C + c] = <float>dc
+        if overflow:
+            free(p)
+            free(q)
+            return None
+    else:
+        for c in range(C):
+            qd[c] = md[c]
+            qd[C + c] = ad[c]
+            qd[2 * C + c] = bd[c]
+            qd[3 * C + c] = dd[c] - bd[c] * (md[c] - md[c])
+    cdef const void* gp = cnp.PyArray_DATA(ga)
+    cdef const void* xp = cnp.PyArray_DATA(xa)
+    cdef void* dp = cnp.PyArray_DATA(<cnp.ndarray>dx)
+    cdef int st
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            st = bn_backward_apply_f32(<const float*>gp, <const float*>xp, <float*>dp, outer, C, inner, qf, qf + C,
+                                       qf + 2 * C, qf + 3 * C, nthreads)
+        else:
+            st = bn_backward_apply_f64(<const double*>gp, <const double*>xp, <double*>dp, outer, C, inner, qd,
+                                       qd + C, qd + 2 * C, qd + 3 * C, nthreads)
+    free(p)
+    free(q)
+    _check(st)
+    return dx

@@ -186,6 +186,9 @@ def batch_stats(x, *, layout="NCHW"):
     Exact two-pass sums inside fixed chunks, chunks combined in float64 (Chan et al.); bitwise the same
     for any thread count and the same numbers :func:`batch_norm` uses. An empty batch gives NaN.
     """
+    r = _core.batch_stats_fast(x, layout, _threads())
+    if r is not None:
+        return r
     x, layout, dims = _prepare(x, layout)
     mean = np.empty(dims[1], np.float64)
     var = np.empty(dims[1], np.float64)
@@ -195,6 +198,9 @@ def batch_stats(x, *, layout="NCHW"):
 
 def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None):
     """y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c] with given statistics (one pass)."""
+    y = _core.normalize_fast(x, mean, var, weight, bias, eps, layout, out, _threads())
+    if y is not None:
+        return y
     x, layout, (outer, C, inner) = _prepare(x, layout)
     m = ck.per_channel(mean, "mean", C)
     v = ck.per_channel(var, "var", C)
@@ -210,6 +216,9 @@ def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, layout="NCHW", 
 
 def backward_reduce(grad_out, x, mean, *, layout="NCHW"):
     """(sum grad_out, sum grad_out * (x - mean[c])) per channel, float64 arrays of shape (C,)."""
+    r = _core.backward_reduce_fast(grad_out, x, mean, layout, _threads())
+    if r is not None:
+        return r
     x, layout, dims = _prepare(x, layout)
     dy = ck.as_data(grad_out, "grad_out")
     ck.check_same_shape(dy, "grad_out", x, "x")
@@ -224,6 +233,9 @@ def backward_reduce(grad_out, x, mean, *, layout="NCHW"):
 
 def backward_apply(grad_out, x, mean, a, b, d, *, layout="NCHW", out=None):
     """grad_x = a[c] * grad_out + b[c] * (x - mean[c]) + d[c] (coefficients rounded to x's dtype)."""
+    dx = _core.backward_apply_fast(grad_out, x, mean, a, b, d, layout, out, _threads())
+    if dx is not None:
+        return dx
     x, layout, dims = _prepare(x, layout)
     dy = ck.as_data(grad_out, "grad_out")
     ck.check_same_shape(dy, "grad_out", x, "x")

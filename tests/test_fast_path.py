@@ -136,3 +136,123 @@ def test_float32_scale_beyond_float32_is_computed_in_double(case):
         np.testing.assert_array_equal(y, np.copysign(np.inf, x.ravel()))
     else:
         np.testing.assert_allclose(y, expected, rtol=1e-6)
+
+
+# ---- the four steps: batch_stats, normalize, backward_reduce, backward_apply ----------------------------------
+
+def _steps(layout, x, g, coef, out_kind):
+    """Every step on copies of x and g, in `layout` (an alias takes the general path), with out as given."""
+    mean, var, w, b, m, a, bb, d = coef
+    results = {}
+    results["stats"] = bn_simd.batch_stats(x.copy(), layout=layout)
+    xc = x.copy()
+    out = {"none": None, "x": xc, "grad_out": None, "new": np.full_like(xc, np.nan)}[out_kind]
+    y = bn_simd.normalize(xc, mean, var, w, b, eps=1e-3, layout=layout, out=out)
+    assert out is None or y is out
+    results["normalize"] = (y,)
+    results["reduce"] = bn_simd.backward_reduce(g.copy(), x.copy(), m, layout=layout)
+    xc, gc = x.copy(), g.copy()
+    out = {"none": None, "x": xc, "grad_out": gc, "new": np.full_like(xc, np.nan)}[out_kind]
+    dx = bn_simd.backward_apply(gc, xc, m, a, bb, d, layout=layout, out=out)
+    assert out is None or dx is out
+    results["apply"] = (dx,)
+    return results
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("coef_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("out_kind", ["none", "x", "grad_out", "new"])
+def test_step_fast_paths_give_the_general_paths_bytes(layout, dtype, coef_dtype, affine, out_kind):
+    x = make_input((3, 5, 4, 3), layout, dtype, seed=15, loc=1e3, scale=2.0)  # mean far from 0: m's residual
+    g = make_input((3, 5, 4, 3), layout, dtype, seed=16)
+    rng = np.random.default_rng(17)
+    mean = (1e3 + rng.standard_normal(5) / 3).astype(coef_dtype)  # not float32-representable in float64
+    var = rng.uniform(0.5, 2, 5).astype(coef_dtype)
+    w = rng.uniform(0.5, 1.5, 5).astype(coef_dtype) if affine else None
+    b = rng.uniform(-1, 1, 5).astype(coef_dtype) if affine else None
+    m, a, bb, d = mean, *(rng.standard_normal(5).astype(coef_dtype) for _ in range(3))
+    coef = (mean, var, w, b, m, a, bb, d)
+    fast = _steps(layout, x, g, coef, out_kind)
+    slow = _steps(ALIAS[layout], x, g, coef, out_kind)
+    for step in fast:
+        for f, s in zip(fast[step], slow[step]):
+            assert f.dtype == s.dtype and f.shape == s.shape, step
+            assert f.tobytes() == s.tobytes(), step
+
+
+@pytest.mark.parametrize("case", ["eps = 0", "eps an int", "mean wrong length", "var None", "out wrong dtype",
+                                  "out partial overlap", "out read-only", "float16 x", "grad_out other shape",
+                                  "d None", "layout unknown"])
+def test_arguments_the_step_fast_paths_decline_still_raise(case):
+    x = make_input((2, 4, 3, 3), "NCHW", np.float32, seed=18)
+    g = make_input((2, 4, 3, 3), "NCHW", np.float32, seed=19)
+    v = np.ones(4, np.float32)
+    norm = dict(mean=v, var=v, eps=1e-5, layout="NCHW", out=None)
+    apply = dict(layout="NCHW", out=None)
+    coefs = [v, v, v, v]
+    if case == "eps = 0":
+        norm["eps"] = 0.0
+    elif case == "eps an int":  # the general path takes it (a real number)...
+        np.testing.assert_array_equal(bn_simd.normalize(x, v, v, eps=1), bn_simd.normalize(x, v, v, eps=1.0))
+        norm["eps"] = -1  # ...and refuses a negative one
+    elif case == "mean wrong length":
+        norm["mean"] = coefs[0] = np.ones(3, np.float32)
+    elif case == "var None":
+        norm["var"] = None
+        coefs[1] = None
+    elif case == "out wrong dtype":
+        norm["out"] = apply["out"] = np.empty(x.shape, np.float64)
+    elif case == "out partial overlap":
+        buf = np.zeros(x.size + 1, np.float32)
+        x = buf[1:].reshape(x.shape)
+        x[...] = g
+        norm["out"] = apply["out"] = buf[:-1].reshape(x.shape)
+    elif case == "out read-only":
+        ro = np.empty_like(x)
+        ro.flags.writeable = False
+        norm["out"] = apply["out"] = ro
+    elif case == "float16 x":
+        x = x.astype(np.float16)
+    elif case == "grad_out other shape":
+        g = g[:, :, :2].copy()
+    elif case == "d None":
+        coefs[3] = None
+    elif case == "layout unknown":
+        norm["layout"] = apply["layout"] = "NWHC"
+    before = (x.tobytes(), g.tobytes())
+    outs = [o.tobytes() for o in (norm["out"], apply["out"]) if o is not None]
+    raised = 0
+    for call in (lambda: bn_simd.normalize(x, norm.pop("mean"), norm.pop("var"), **norm),
+                 lambda: bn_simd.backward_apply(g, x, *coefs, **apply)):
+        try:
+            call()
+        except (ValueError, TypeError):
+            raised += 1
+    assert raised >= 1
+    if case in ("mean wrong length", "out wrong dtype", "out partial overlap", "out read-only", "float16 x",
+                "layout unknown", "var None"):
+        assert raised == 2, case
+    assert (x.tobytes(), g.tobytes()) == before
+    assert [o.tobytes() for o in (norm["out"], apply["out"]) if o is not None] == outs
+    if case in ("float16 x", "layout unknown", "grad_out other shape"):
+        with pytest.raises((ValueError, TypeError)):
+            bn_simd.backward_reduce(g, x, v, layout=apply["layout"])
+        if case != "grad_out other shape":
+            with pytest.raises((ValueError, TypeError)):
+                bn_simd.batch_stats(x, layout=apply["layout"])
+
+
+def test_a_float32_coefficient_beyond_float32_warns_as_the_general_path_does():
+    # backward_apply rounds its coefficients to x's dtype: 1e39 overflows float32, which NumPy's cast reports
+    x = make_input((2, 3, 4), "NCHW", np.float32, seed=20)
+    g = make_input((2, 3, 4), "NCHW", np.float32, seed=21)
+    a = np.array([1.0, 1e39, 1.0])
+    z = np.zeros(3)
+    with pytest.warns(RuntimeWarning, match="overflow"):
+        fast = bn_simd.backward_apply(g, x, z, a, z, z)
+    with pytest.warns(RuntimeWarning, match="overflow"):
+        slow = bn_simd.backward_apply(g, x, z, a, z, z, layout="channels_first")
+    assert fast.tobytes() == slow.tobytes()
+    assert np.all(np.isinf(fast[:, 1][g[:, 1] != 0]))
