@@ -143,3 +143,24 @@ def test_the_slab_budget_changes_no_bit(shape, dtype, budget, threads):
     use_slab(budget)
     for k, v in _outputs(x, dy).items():
         np.testing.assert_array_equal(v, want[k], err_msg=f"{k} with a slab budget of {budget} bytes")
+
+
+@pytest.mark.skipif(not HAVE_OPENMP, reason="built without OpenMP")
+@pytest.mark.parametrize("budget", [None, 0])
+@pytest.mark.parametrize("channel", [3, 140, 290])
+def test_a_wide_channel_of_any_threads_coefficient_group_takes_the_float64_apply(budget, channel, threads):
+    # 300 channels of 16x33 (one channel a block) are combined in groups of 128 channels: with 2 or 3 threads the
+    # groups of channel 140 and 290 belong to the second or third thread, whose float64-apply choice must reach
+    # every thread before any of them sweeps (budget 0: the two sweeps; None: this module's 1 MiB budget, with which
+    # the slab path takes the call and its in-place variant the sweeps)
+    if budget is not None:
+        use_slab(budget)
+    rng = np.random.default_rng(79)
+    x = rng.standard_normal((4, 300, 16, 33)).astype(np.float32)
+    x[:, channel] *= np.float32(1e37)
+    w = np.ones(300)
+    w[channel] = 1e-3
+    b = rng.standard_normal(300)
+    y1 = assert_float64_apply_for_the_whole_call(x, w, b, threads)
+    mean, var = bn_simd.batch_stats(x)
+    np.testing.assert_array_equal(bn_simd.normalize(x, mean, var, w, b), y1)
