@@ -36,6 +36,9 @@
 #define VSUB(a, b) _mm512_sub_ps((a), (b))
 #define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define SFMA(a, b, c) __builtin_fmaf((a), (b), (c))
+#define UK_TAIL16(n) ((__mmask16)((1u << (n)) - 1))
+#define VLOAD_N(p, n) _mm512_maskz_loadu_ps(UK_TAIL16(n), (p))
+#define VSTORE_N(p, v, n) _mm512_mask_storeu_ps((p), UK_TAIL16(n), (v))
 #define DLOADT(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
 #define DLOADT_N(p, n) _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_loadu_ps((__mmask16)UK_TAIL8(n), (p))))
 #include "ukernels.inc"
@@ -56,6 +59,8 @@
 #define VSUB(a, b) _mm512_sub_pd((a), (b))
 #define VFMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
 #define SFMA(a, b, c) __builtin_fma((a), (b), (c))
+#define VLOAD_N(p, n) _mm512_maskz_loadu_pd(UK_TAIL8(n), (p))
+#define VSTORE_N(p, v, n) _mm512_mask_storeu_pd((p), UK_TAIL8(n), (v))
 #define DLOADT(p) _mm512_loadu_pd(p)
 #define DLOADT_N(p, n) _mm512_maskz_loadu_pd(UK_TAIL8(n), (p))
 #include "ukernels.inc"

@@ -12,3 +12,5 @@
 #undef SFMA
 #undef DLOADT
 #undef DLOADT_N
+#undef VLOAD_N
+#undef VSTORE_N
