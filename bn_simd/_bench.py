@@ -24,7 +24,6 @@ import argparse
 import ctypes
 import functools
 import importlib
-import importlib.util
 import json
 import math
 import os
@@ -72,7 +71,8 @@ def _onnxruntime():
 
 
 def have_matplotlib():
-    return importlib.util.find_spec("matplotlib") is not None
+    """matplotlib is installed and imports (imported on first call)."""
+    return _optional("matplotlib") is not None
 
 
 def configure(threads=2):
