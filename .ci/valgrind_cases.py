@@ -43,6 +43,7 @@ THREADED = [
 # statistics chunk (row pieces with a short last one); NHWC has an odd channel count.
 LARGE = [
     ((2, 2, 301, 3503), "NCHW", np.float32),
+    ((44, 2048, 7, 7), "NCHW", np.float32),    # 7x7 maps: streamed vectors straddling two channels (blended)
     ((2, 3, 301, 1223), "NCHW", np.float64),
     ((8, 7, 301, 251), "NHWC", np.float32),
     ((4, 7, 301, 263), "NHWC", np.float64),

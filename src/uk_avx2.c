@@ -41,6 +41,9 @@ static inline double hsum_pd(__m256d v) {
 #define VSUB(a, b) _mm256_sub_ps((a), (b))
 #define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
 #define SFMA(a, b, c) __builtin_fmaf((a), (b), (c))
+#define VBLEND_N(n, a, b) \
+    _mm256_blendv_ps((b), (a), _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n)), \
+                                                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))))
 #define DLOADT(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
 #define DLOADT_N(p, n) \
     _mm256_cvtps_pd(_mm_maskload_ps((p), _mm_cmpgt_epi32(_mm_set1_epi32((int)(n)), _mm_setr_epi32(0, 1, 2, 3))))
@@ -62,6 +65,7 @@ static inline double hsum_pd(__m256d v) {
 #define VSUB(a, b) _mm256_sub_pd((a), (b))
 #define VFMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))
 #define SFMA(a, b, c) __builtin_fma((a), (b), (c))
+#define VBLEND_N(n, a, b) _mm256_blendv_pd((b), (a), _mm256_castsi256_pd(UK_TAIL4(n)))
 #define DLOADT(p) _mm256_loadu_pd(p)
 #define DLOADT_N(p, n) _mm256_maskload_pd((p), UK_TAIL4(n))
 #include "ukernels.inc"

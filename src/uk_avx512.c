@@ -39,6 +39,7 @@
 #define UK_TAIL16(n) ((__mmask16)((1u << (n)) - 1))
 #define VLOAD_N(p, n) _mm512_maskz_loadu_ps(UK_TAIL16(n), (p))
 #define VSTORE_N(p, v, n) _mm512_mask_storeu_ps((p), UK_TAIL16(n), (v))
+#define VBLEND_N(n, a, b) _mm512_mask_blend_ps(UK_TAIL16(n), (b), (a))
 #define DLOADT(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
 #define DLOADT_N(p, n) _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_loadu_ps((__mmask16)UK_TAIL8(n), (p))))
 #include "ukernels.inc"
@@ -61,6 +62,7 @@
 #define SFMA(a, b, c) __builtin_fma((a), (b), (c))
 #define VLOAD_N(p, n) _mm512_maskz_loadu_pd(UK_TAIL8(n), (p))
 #define VSTORE_N(p, v, n) _mm512_mask_storeu_pd((p), UK_TAIL8(n), (v))
+#define VBLEND_N(n, a, b) _mm512_mask_blend_pd(UK_TAIL8(n), (b), (a))
 #define DLOADT(p) _mm512_loadu_pd(p)
 #define DLOADT_N(p, n) _mm512_maskz_loadu_pd(UK_TAIL8(n), (p))
 #include "ukernels.inc"

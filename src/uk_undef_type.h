@@ -14,3 +14,4 @@
 #undef DLOADT_N
 #undef VLOAD_N
 #undef VSTORE_N
+#undef VBLEND_N

@@ -3,7 +3,8 @@
 On every ISA, such a sweep must give exactly the values of the same sweep done on pieces small enough to be
 stored normally (the arithmetic per element is the same whichever stores, strips or runs write it), and the
 values the float64 oracle allows. The cases cover channels-last rows wide enough for the column strips
-(C = 1296 float32, 616 float64), narrow channels-last rows with an odd C, and channels-first runs.
+(C = 1296 float32, 616 float64), narrow channels-last rows with an odd C, and channels-first runs, long and
+short (maps of 4, 45 and 49 elements, whose vectors straddle two or more channels).
 """
 import numpy as np
 import pytest
@@ -22,6 +23,9 @@ CASES = [
     ((2, 616, 61, 61), "NHWC", np.float64, "flat"),
     ((8, 7, 301, 251), "NHWC", np.float32, "cpu"),       # narrow rows, odd C: one flat streamed run
     ((2, 4, 731, 731), "NCHW", np.float32, "cpu"),       # channels-first runs
+    ((48, 2048, 7, 7), "NCHW", np.float32, "cpu"),       # 7x7 maps: vectors straddling two channels, blended
+    ((48, 1536, 5, 9), "NCHW", np.float64, "cpu"),       # 45 doubles a map: straddling vectors too
+    ((1100, 1024, 2, 2), "NCHW", np.float32, "cpu"),     # maps shorter than a vector: several channels a vector
 ]
 IDS = ["-".join(["x".join(map(str, s)), l, np.dtype(d).name, st]) for s, l, d, st in CASES]
 
