@@ -130,7 +130,9 @@ def set_slab_bytes(nbytes):
     tests only: the results are the same bits whatever it is."""
     cdef int64_t v = -1
     if nbytes is not None:
-        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 0:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
+            raise TypeError(f"nbytes must be None or an int >= 0, got {type(nbytes).__name__} {nbytes!r}")
+        if nbytes < 0:
             raise ValueError(f"nbytes must be None or an int >= 0, got {nbytes!r}")
         v = min(int(nbytes), 2**62)
     bn_set_slab_bytes(v)
@@ -510,6 +512,12 @@ def batch_norm_backward_fast(grad_out, x, save_mean, save_invstd, weight, layout
 # its step's result, or None when an argument needs the general path (which validates, converts and raises as
 # documented). The per-channel work is the general path's, operation for operation, so both give the same bytes.
 
+cdef inline tuple _f64_pair(int64_t C):
+    """two new float64 arrays of shape (C,)"""
+    cdef cnp.npy_intp n1 = C
+    return cnp.PyArray_EMPTY(1, &n1, cnp.NPY_FLOAT64, 0), cnp.PyArray_EMPTY(1, &n1, cnp.NPY_FLOAT64, 0)
+
+
 cdef inline bint _data_dims(object x, object layout, int64_t* outer, int64_t* C, int64_t* inner):
     """x is a plain data array of rank 2..5 in layout "NCHW"/"NHWC" with C >= 1 and some element per channel."""
     if not _plain(x, False) or type(layout) is not str:
@@ -538,10 +546,8 @@ def batch_stats_fast(x, layout, int nthreads):
     cdef int64_t outer, C, inner
     if not _data_dims(x, layout, &outer, &C, &inner):
         return None
-    cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef cnp.npy_intp n1 = C
-    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &n1, cnp.NPY_FLOAT64, 0)
-    cdef cnp.ndarray var = cnp.PyArray_EMPTY(1, &n1, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray xa = <cnp.ndarray>x, mean, var
+    mean, var = _f64_pair(C)
     cdef const void* xp = cnp.PyArray_DATA(xa)
     cdef double* mp = <double*>cnp.PyArray_DATA(mean)
     cdef double* vp = <double*>cnp.PyArray_DATA(var)
@@ -604,9 +610,8 @@ def backward_reduce_fast(grad_out, x, mean, layout, int nthreads):
     cdef cnp.ndarray xa = <cnp.ndarray>x, ga = <cnp.ndarray>grad_out
     if not _same_shape(xa, ga) or not _vector(mean, C, False):
         return None
-    cdef cnp.npy_intp n1 = C
-    cdef cnp.ndarray sdy = cnp.PyArray_EMPTY(1, &n1, cnp.NPY_FLOAT64, 0)
-    cdef cnp.ndarray sdyx = cnp.PyArray_EMPTY(1, &n1, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray sdy, sdyx
+    sdy, sdyx = _f64_pair(C)
     cdef double* m = <double*>malloc(sizeof(double) * C)
     if m == NULL:
         raise MemoryError("bn_simd: out of memory for per-channel scratch space")
@@ -627,7 +632,8 @@ def backward_reduce_fast(grad_out, x, mean, layout, int nthreads):
 
 
 cdef inline bint _beyond_f32(double v):
-    return isfinite(v) and (v > FLT_MAX or v < -FLT_MAX)
+    """v is not finite, or its float32 rounding would not be"""
+    return not isfinite(v) or v > FLT_MAX or v < -FLT_MAX
 
 
 def backward_apply_fast(grad_out, x, mean, a, b, d, layout, out, int nthreads):
@@ -660,29 +666,32 @@ def backward_apply_fast(grad_out, x, mean, a, b, d, layout, out, int nthreads):
     cdef Py_ssize_t c
     cdef float mf
     cdef double dc
-    cdef bint overflow = False
+    cdef bint decline = False
     # the general path's coefficients: m = mean rounded to x's dtype, its residual folded into d
-    # (d - b (mean - m), in float64), then a, b and d rounded to x's dtype; a finite value beyond float32's range
-    # goes to the general path, whose cast warns about it
+    # (d - b (mean - m), in float64), then a, b and d rounded to x's dtype. A coefficient that is not finite, or
+    # whose folding or float32 rounding is not, goes to the general path: NumPy's arithmetic there reports it
+    # (a warning, or FloatingPointError under np.errstate), and keeps NumPy's NaN propagation
     if t == cnp.NPY_FLOAT32:
         for c in range(C):
             dc = dd[c] - bd[c] * (md[c] - <double><float>md[c])
-            overflow |= _beyond_f32(md[c]) | _beyond_f32(ad[c]) | _beyond_f32(bd[c]) | _beyond_f32(dc)
+            decline |= _beyond_f32(md[c]) | _beyond_f32(ad[c]) | _beyond_f32(bd[c]) | _beyond_f32(dc)
             mf = <float>md[c]
             qf[c] = mf
             qf[C + c] = <float>ad[c]
             qf[2 * C + c] = <float>bd[c]
             qf[3 * C + c] = <float>dc
-        if overflow:
-            free(p)
-            free(q)
-            return None
     else:
         for c in range(C):
+            dc = dd[c] - bd[c] * (md[c] - md[c])
+            decline |= not (isfinite(md[c]) and isfinite(ad[c]) and isfinite(bd[c]) and isfinite(dc))
             qd[c] = md[c]
             qd[C + c] = ad[c]
             qd[2 * C + c] = bd[c]
-            qd[3 * C + c] = dd[c] - bd[c] * (md[c] - md[c])
+            qd[3 * C + c] = dc
+    if decline:
+        free(p)
+        free(q)
+        return None
     cdef const void* gp = cnp.PyArray_DATA(ga)
     cdef const void* xp = cnp.PyArray_DATA(xa)
     cdef void* dp = cnp.PyArray_DATA(<cnp.ndarray>dx)

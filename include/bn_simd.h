@@ -53,7 +53,8 @@ int bn_omp_max_threads(void);
 int64_t bn_cl_strip_bytes(void);
 int bn_set_cl_strip_bytes(int64_t bytes);
 /* The bytes a channels-first training forward or backward may keep in a core's L2 for a group of channels between
- * its reduction and its sweep (docs/design.md, "Speed model"): half the L2 size the OS reports. bn_set_slab_bytes
+ * its reduction and its sweep (docs/design.md, "Speed model"): half the L2 size the OS reports (512 KiB when it
+ * reports none), 0 (two sweeps) on AMD CPUs; decided once when the library is loaded. bn_set_slab_bytes
  * sets it for every later call (0: never take that path; negative: back to the default). The results are the same
  * bits whatever it is. */
 int64_t bn_slab_bytes(void);

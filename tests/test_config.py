@@ -59,8 +59,8 @@ def test_slab_budget_follows_the_cpu_and_can_be_set():
     assert _core.slab_bytes() == 3 << 20 and bn_simd.show_config()["slab_bytes"] == 3 << 20
     _core.set_slab_bytes(0)
     assert _core.slab_bytes() == 0
-    for bad in (-1, 1.5, "1M"):
-        with pytest.raises(ValueError, match="nbytes must be None or an int >= 0"):
+    for bad, exc in ((-1, ValueError), (1.5, TypeError), ("1M", TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="nbytes must be None or an int >= 0"):
             _core.set_slab_bytes(bad)
         assert _core.slab_bytes() == 0
     _core.set_slab_bytes(None)

@@ -256,3 +256,45 @@ def test_a_float32_coefficient_beyond_float32_warns_as_the_general_path_does():
         slow = bn_simd.backward_apply(g, x, z, a, z, z, layout="channels_first")
     assert fast.tobytes() == slow.tobytes()
     assert np.all(np.isinf(fast[:, 1][g[:, 1] != 0]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", ["mean inf", "b inf", "d nan", "residual overflows"])
+def test_non_finite_backward_apply_coefficients_behave_as_on_the_general_path(dtype, bad):
+    # NumPy's arithmetic on the coefficients reports what is not finite: the same warnings, errstate and bytes
+    x = make_input((2, 3, 4), "NCHW", dtype, seed=22, loc=0.3)
+    g = make_input((2, 3, 4), "NCHW", dtype, seed=23)
+    m, a, b, d = np.full(3, 0.1), np.ones(3), np.ones(3), np.zeros(3)
+    if bad == "mean inf":
+        m[1] = np.inf
+    elif bad == "b inf":
+        b[2] = np.inf
+    elif bad == "d nan":
+        d[0] = np.nan
+    else:  # b * (mean - m) overflows float64 (float32 data) or is finite (float64 data: mean - m = 0)
+        m[1], b[1] = 0.1, 1e308 / 1e-18
+    results = []
+    for layout in ("NCHW", "channels_first"):
+        with np.errstate(all="ignore"):
+            results.append(bn_simd.backward_apply(g, x, m, a, b, d, layout=layout))
+        with np.errstate(all="raise"):
+            try:
+                bn_simd.backward_apply(g, x, m, a, b, d, layout=layout)
+                results.append("no error")
+            except FloatingPointError as e:
+                results.append(type(e).__name__)
+    assert results[0].tobytes() == results[2].tobytes()
+    assert results[1] == results[3]
+
+
+def test_backward_apply_out_partly_overlapping_grad_out_is_refused():
+    buf = np.zeros(2 * 3 * 4 + 1, np.float32)
+    g = buf[1:].reshape(2, 3, 4)
+    g[...] = 1.0
+    out = buf[:-1].reshape(2, 3, 4)
+    x = make_input((2, 3, 4), "NCHW", np.float32, seed=24)
+    v = np.ones(3, np.float32)
+    before = buf.tobytes()
+    with pytest.raises(ValueError, match="out overlaps grad_out"):
+        bn_simd.backward_apply(g, x, v, v, v, v, out=out)
+    assert buf.tobytes() == before

@@ -1,8 +1,9 @@
-"""No kernel reads past the end of its input: arrays that end exactly at an inaccessible page.
+"""No kernel reads or writes past the end of its arrays: arrays that end exactly at an inaccessible page.
 
 The channels-first reductions load the last len % (vector width) elements of a channel's run with masked
-loads, which neither AddressSanitizer nor (for AVX-512) valgrind checks. Here every input ends where a
-PROT_NONE page begins, so a load that touched one byte past the array would kill the process with SIGSEGV.
+loads, and the AVX-512 element-wise kernels store a segment's tail with a masked store, which neither
+AddressSanitizer nor (for AVX-512) valgrind checks. Here every input and output ends where a PROT_NONE page
+begins, so an access that touched one byte past the array would kill the process with SIGSEGV.
 The calls run in a child process, on every ISA, 1 and 2 threads, for every run length 1..33 and a row
 longer than a reduction chunk, in both layouts, and the child's exit status is the verdict.
 """
@@ -49,18 +50,22 @@ CHILD = textwrap.dedent("""
                         dy[...] = rng.standard_normal(shape)
                         mean, var = bn_simd.batch_stats(x, layout=layout)
                         bn_simd.backward_reduce(dy, x, mean, layout=layout)
-                        y, m, s = bn_simd.batch_norm_forward(x, layout=layout)
-                        bn_simd.batch_norm_backward(dy, x, m, s, layout=layout)
+                        # outputs end at a guard page too: the element-wise kernels' masked tail stores
+                        out = guarded(shape, dtype)
+                        y, m, s = bn_simd.batch_norm_forward(x, layout=layout, out=out)
+                        bn_simd.batch_norm_backward(dy, x, m, s, layout=layout, out=guarded(shape, dtype))
+                        bn_simd.normalize(x, mean, var, layout=layout, out=guarded(shape, dtype))
+                        bn_simd.backward_apply(dy, x, m, s, s, s, layout=layout, out=guarded(shape, dtype))
                         if not (np.isfinite(mean).all() and np.isfinite(var).all() and np.isfinite(y).all()):
                             sys.exit(f"non-finite result: {isa} {nt} {np.dtype(dtype).name} {layout} {shape}")
-                        calls += 4
+                        calls += 6
     print(f"guard pages: {calls} calls ok")
 """)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mmap + mprotect guard pages (Linux)")
-def test_no_kernel_reads_past_the_end_of_its_inputs():
+def test_no_kernel_reads_or_writes_past_the_end_of_its_arrays():
     r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (
-        f"child exited with {r.returncode} (-11: SIGSEGV, a read past an array's end)\n{r.stdout}\n{r.stderr}")
+        f"child exited with {r.returncode} (-11: SIGSEGV, an access past an array's end)\n{r.stdout}\n{r.stderr}")
     assert "calls ok" in r.stdout

@@ -26,6 +26,7 @@ CASES = [
     ((48, 2048, 7, 7), "NCHW", np.float32, "cpu"),       # 7x7 maps: vectors straddling two channels, blended
     ((48, 1536, 5, 9), "NCHW", np.float64, "cpu"),       # 45 doubles a map: straddling vectors too
     ((1100, 1024, 2, 2), "NCHW", np.float32, "cpu"),     # maps shorter than a vector: several channels a vector
+    ((520, 1024, 4, 4), "NCHW", np.float32, "cpu"),      # maps of one AVX-512 vector (two AVX2 ones): none straddle
 ]
 IDS = ["-".join(["x".join(map(str, s)), l, np.dtype(d).name, st]) for s, l, d, st in CASES]
 
