@@ -368,6 +368,20 @@ cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b):
     return True
 
 
+cdef inline object _out_array(object out, cnp.ndarray xa, object other):
+    """The output array: new when out is None; out when it is plain, shaped and typed like xa, and each of xa
+    and other (an ndarray or None) is it element for element or shares no byte with it; else None."""
+    if out is None:
+        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
+    if not _plain(out, True) or not _same_shape(<cnp.ndarray>out, xa):
+        return None
+    if not _in_place_or_disjoint(<cnp.ndarray>out, xa):
+        return None
+    if other is not None and not _in_place_or_disjoint(<cnp.ndarray>out, <cnp.ndarray>other):
+        return None
+    return out
+
+
 def batch_norm_fast(x, running_mean, running_var, weight, bias, training, momentum, eps, layout, out,
                     unbiased, int nthreads):
     """batch_norm's result, or None when an argument needs the general path."""
@@ -380,7 +394,6 @@ def batch_norm_fast(x, running_mean, running_var, weight, bias, training, moment
     cdef int64_t outer, C, inner
     if type(layout) is not str or not _dims(xa, layout, &outer, &C, &inner):
         return None
-    cdef int nd = cnp.PyArray_NDIM(xa)
     cdef int64_t n = outer * inner
     if C == 0 or n == 0 or (training is not True and training is not False):
         return None
@@ -394,15 +407,10 @@ def batch_norm_fast(x, running_mean, running_var, weight, bias, training, moment
     if (weight is not None and not _vector(weight, C, False)) or (bias is not None and not _vector(bias, C, False)):
         return None
     cdef int t = cnp.PyArray_TYPE(xa)
-    cdef cnp.ndarray ya
-    if out is None:
-        ya = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(xa), t, 0)
-    else:
-        if not _plain(out, True) or not _same_shape(<cnp.ndarray>out, xa):
-            return None
-        ya = <cnp.ndarray>out
-        if not _in_place_or_disjoint(ya, xa):
-            return None
+    y = _out_array(out, xa, None)
+    if y is None:
+        return None
+    cdef cnp.ndarray ya = <cnp.ndarray>y
     # Every argument is usable: from here on the call succeeds or raises MemoryError before any write.
     cdef double* p = <double*>malloc(sizeof(double) * 6 * C)
     if p == NULL:
@@ -468,14 +476,10 @@ def batch_norm_backward_fast(grad_out, x, save_mean, save_invstd, weight, layout
     if weight is not None and not _vector(weight, C, False):
         return None
     cdef int t = cnp.PyArray_TYPE(xa)
-    if out is None:
-        da = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), t, 0)
-    else:
-        if not _plain(out, True) or not _same_shape(<cnp.ndarray>out, xa):
-            return None
-        da = <cnp.ndarray>out
-        if not (_in_place_or_disjoint(da, xa) and _in_place_or_disjoint(da, ga)):
-            return None
+    dx = _out_array(out, xa, ga)
+    if dx is None:
+        return None
+    da = <cnp.ndarray>dx
     cdef int gt = cnp.PyArray_TYPE(<cnp.ndarray>weight) if weight is not None else t
     cdef cnp.npy_intp n1 = C
     cdef cnp.ndarray gw = cnp.PyArray_EMPTY(1, &n1, gt, 0), gb = cnp.PyArray_EMPTY(1, &n1, gt, 0)
@@ -525,20 +529,6 @@ cdef inline bint _data_dims(object x, object layout, int64_t* outer, int64_t* C,
     if not _dims(<cnp.ndarray>x, layout, outer, C, inner):
         return False
     return C[0] > 0 and outer[0] * inner[0] > 0
-
-
-cdef inline object _out_array(object out, cnp.ndarray xa, object other):
-    """The output array: new when out is None; out when it is plain, shaped and typed like xa, and each of xa
-    and other (an ndarray or None) is it element for element or shares no byte with it; else None."""
-    if out is None:
-        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
-    if not _plain(out, True) or not _same_shape(<cnp.ndarray>out, xa):
-        return None
-    if not _in_place_or_disjoint(<cnp.ndarray>out, xa):
-        return None
-    if other is not None and not _in_place_or_disjoint(<cnp.ndarray>out, <cnp.ndarray>other):
-        return None
-    return out
 
 
 def batch_stats_fast(x, layout, int nthreads):
