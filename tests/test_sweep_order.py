@@ -1,0 +1,90 @@
+"""The element-wise sweep of a training forward (normalise) and of a backward (dx) follows a reduction sweep over
+the same arrays, and runs each thread's share in blocks of 256 KiB from the share's end back to its start, each
+block in memory order (batchnorm.inc, SWEEP_BLOCKS). The order must change no bit: the results equal those of the
+memory-order sweeps (normalize; the slab path; other thread counts, which cut the shares and so the blocks
+elsewhere), in place or not, into outputs at every alignment, streamed or not, and agree with the float64 oracle.
+The arrays span several blocks per thread.
+"""
+import numpy as np
+import pytest
+
+import bn_simd
+import reference as ref
+from conftest import (assert_forward_close, assert_within, backward_bounds, channel_params, make_input, use_slab,
+                      use_strips)
+
+# (NCHW shape, layout, dtype): every share of 1, 2 or 3 threads spans several 256 KiB blocks
+CASES = [
+    ((5, 24, 71, 73), "NCHW", np.float32),
+    ((5, 24, 71, 73), "NHWC", np.float32),
+    ((3, 37, 61, 67), "NHWC", np.float64),   # odd C: blocks start at every channel
+    ((4, 1296, 11, 13), "NHWC", np.float32),  # wide rows (column strips inside the blocks)
+    ((96, 2048, 7, 7), "NCHW", np.float32),   # 7x7 maps: blocks cut runs of one channel
+    ((2, 4, 731, 731), "NCHW", np.float32),   # the sweep streams (more than 32 MiB touched)
+]
+IDS = ["-".join(["x".join(map(str, s)), l, np.dtype(d).name]) for s, l, d in CASES]
+
+
+def _shifted_empty(shape, dtype, shift):
+    """An uninitialised C-contiguous array of `shape` starting `shift` elements into a fresh buffer: outputs whose
+    cache-line alignment differs from the input's."""
+    n = int(np.prod(shape))
+    return np.empty(n + 16, dtype)[shift:shift + n].reshape(shape)
+
+
+@pytest.mark.parametrize("nchw_shape,layout,dtype", CASES, ids=IDS)
+def test_reversed_normalise_sweep_is_bitwise_the_memory_order_one(nchw_shape, layout, dtype, threads):
+    use_slab(0)  # channels-first: the statistics sweep, then the normalise sweep, on every CPU
+    use_strips("strips" if nchw_shape[1] > 1000 else "cpu")
+    x = make_input(nchw_shape, layout, dtype, seed=70, loc=1.5, scale=2.0)
+    C = nchw_shape[1]
+    w, b = channel_params(C, dtype, seed=71)
+    threads(1)
+    mean, var = bn_simd.batch_stats(x, layout=layout)
+    expected = bn_simd.normalize(x, mean, var, w, b, layout=layout)  # one block, in memory order
+    assert_forward_close(expected, x, w, b, layout=layout)
+    for nt in (1, 2, 3):
+        threads(nt)
+        for shift in (0, 1, 3):
+            out = _shifted_empty(x.shape, dtype, shift)
+            y = bn_simd.batch_norm(x, None, None, w, b, training=True, layout=layout, out=out)
+            assert y is out
+            np.testing.assert_array_equal(y, expected, err_msg=f"{nt} threads, out shifted by {shift}")
+        inplace = x.copy()
+        bn_simd.batch_norm(inplace, None, None, w, b, training=True, layout=layout, out=inplace)
+        np.testing.assert_array_equal(inplace, expected, err_msg=f"{nt} threads, in place")
+
+
+@pytest.mark.parametrize("nchw_shape,layout,dtype", CASES, ids=IDS)
+def test_reversed_dx_sweep_is_bitwise_the_same_for_every_split_and_in_place(nchw_shape, layout, dtype, threads):
+    use_strips("strips" if nchw_shape[1] > 1000 else "cpu")
+    x = make_input(nchw_shape, layout, dtype, seed=72, loc=-1.0, scale=2.0)
+    dy = make_input(nchw_shape, layout, dtype, seed=73, loc=0.1)
+    w = channel_params(nchw_shape[1], np.float64, seed=74)[0]
+    _, mean, invstd = bn_simd.batch_norm_forward(x, w, layout=layout)
+    use_slab(0)
+    threads(1)
+    expected, gw, gb = bn_simd.batch_norm_backward(dy, x, mean, invstd, w, layout=layout)
+    mean64, s = mean.astype(np.float64), invstd.astype(np.float64)
+    bound, _, _ = backward_bounds(dy, x, mean64, s, w, layout, True, dtype)
+    assert_within(expected, ref.backward(dy, x, mean64, s, w, layout)[0], bound, "grad_x vs oracle")
+    runs = [(0, nt, shift) for nt in (1, 2, 3) for shift in (0, 2)]
+    if layout == "NCHW":
+        runs += [(1 << 20, 2, 1)]  # the slab path: each group's dx in memory order, right after its sums
+    for budget, nt, shift in runs:
+        use_slab(budget)
+        threads(nt)
+        out = _shifted_empty(x.shape, dtype, shift)
+        gx, gw2, gb2 = bn_simd.batch_norm_backward(dy, x, mean, invstd, w, layout=layout, out=out)
+        assert gx is out
+        what = f"{nt} threads, slab budget {budget}, out shifted by {shift}"
+        np.testing.assert_array_equal(gx, expected, err_msg=what)
+        np.testing.assert_array_equal(gw2, gw, err_msg=what)
+        np.testing.assert_array_equal(gb2, gb, err_msg=what)
+    use_slab(0)
+    threads(2)
+    for name in ("dy", "x"):
+        a, g = x.copy(), dy.copy()
+        target = g if name == "dy" else a
+        bn_simd.batch_norm_backward(g, a, mean, invstd, w, layout=layout, out=target)
+        np.testing.assert_array_equal(target, expected, err_msg=f"in place over {name}")
