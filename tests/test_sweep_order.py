@@ -4,6 +4,10 @@ block in memory order (batchnorm.inc, SWEEP_BLOCKS). The order must change no bi
 memory-order sweeps (normalize; the slab path; other thread counts, which cut the shares and so the blocks
 elsewhere), in place or not, into outputs at every alignment, streamed or not, and agree with the float64 oracle.
 The arrays span several blocks per thread.
+
+Channels-last kernels also start their vectors at the output's first element on a cache line when C is a multiple of
+the vector length, with the per-channel arrays placed to match (batchnorm.inc, cl_coef_alloc): every alignment of
+input and output must give the same bits there too.
 """
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ CASES = [
     ((5, 24, 71, 73), "NCHW", np.float32),
     ((5, 24, 71, 73), "NHWC", np.float32),
     ((3, 37, 61, 67), "NHWC", np.float64),   # odd C: blocks start at every channel
+    ((6, 64, 41, 43), "NHWC", np.float32),   # C a multiple of every vector: runs start at y's first aligned element
     ((4, 1296, 11, 13), "NHWC", np.float32),  # wide rows (column strips inside the blocks)
     ((96, 2048, 7, 7), "NCHW", np.float32),   # 7x7 maps: blocks cut runs of one channel
     ((2, 4, 731, 731), "NCHW", np.float32),   # the sweep streams (more than 32 MiB touched)
@@ -88,3 +93,32 @@ def test_reversed_dx_sweep_is_bitwise_the_same_for_every_split_and_in_place(nchw
         target = g if name == "dy" else a
         bn_simd.batch_norm_backward(g, a, mean, invstd, w, layout=layout, out=target)
         np.testing.assert_array_equal(target, expected, err_msg=f"in place over {name}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C", [64, 48, 40, 1024])
+def test_channels_last_sweeps_give_the_same_bits_at_every_alignment(C, dtype, isa, threads):
+    rows = max(64, 300_000 // C)
+    rng = np.random.default_rng(75)
+    x0 = rng.standard_normal((rows, C)).astype(dtype) * 2.0 + 0.5
+    dy0 = rng.standard_normal((rows, C)).astype(dtype)
+    w, b = channel_params(C, dtype, seed=76)
+    m, a, bb, d = (rng.standard_normal(C).astype(dtype) for _ in range(4))
+    threads(2)
+    mean, var = bn_simd.batch_stats(x0, layout="NHWC")
+    ref_y = bn_simd.normalize(x0, mean, var, w, b, layout="NHWC")
+    ref_t = bn_simd.batch_norm(x0, None, None, w, b, training=True, layout="NHWC")
+    ref_dx = bn_simd.backward_apply(dy0, x0, m, a, bb, d, layout="NHWC")
+    assert_forward_close(ref_t, x0, w, b, layout="NHWC")
+    for xs, ys in [(0, 1), (1, 1), (3, 0), (5, 9), (15, 2)]:
+        x = _shifted_empty(x0.shape, dtype, xs)
+        x[...] = x0
+        dy = _shifted_empty(x0.shape, dtype, xs)
+        dy[...] = dy0
+        what = f"input shifted by {xs}, output by {ys}"
+        y = bn_simd.normalize(x, mean, var, w, b, layout="NHWC", out=_shifted_empty(x.shape, dtype, ys))
+        np.testing.assert_array_equal(y, ref_y, err_msg="normalize, " + what)
+        y = bn_simd.batch_norm(x, None, None, w, b, training=True, layout="NHWC", out=_shifted_empty(x.shape, dtype, ys))
+        np.testing.assert_array_equal(y, ref_t, err_msg="training forward, " + what)
+        dx = bn_simd.backward_apply(dy, x, m, a, bb, d, layout="NHWC", out=_shifted_empty(x.shape, dtype, ys))
+        np.testing.assert_array_equal(dx, ref_dx, err_msg="backward_apply, " + what)
