@@ -3,7 +3,8 @@ the same arrays, and runs each thread's share in blocks of 256 KiB from the shar
 block in memory order (batchnorm.inc, SWEEP_BLOCKS). The order must change no bit: the results equal those of the
 memory-order sweeps (normalize; the slab path; other thread counts, which cut the shares and so the blocks
 elsewhere), in place or not, into outputs at every alignment, streamed or not, and agree with the float64 oracle.
-The arrays span several blocks per thread.
+The arrays span several blocks per thread. Outputs at every offset within a cache line leave the bytes around them
+untouched (the AVX-512 masked heads, the channels-last single-element heads).
 
 Channels-last kernels also start their vectors at the output's first element on a cache line when C is a multiple of
 the vector length, with the per-channel arrays placed to match (batchnorm.inc, cl_coef_alloc): every alignment of
@@ -122,3 +123,38 @@ def test_channels_last_sweeps_give_the_same_bits_at_every_alignment(C, dtype, is
         np.testing.assert_array_equal(y, ref_t, err_msg="training forward, " + what)
         dx = bn_simd.backward_apply(dy, x, m, a, bb, d, layout="NHWC", out=_shifted_empty(x.shape, dtype, ys))
         np.testing.assert_array_equal(dx, ref_dx, err_msg="backward_apply, " + what)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout,nchw_shape", [("NCHW", (3, 5, 9, 11)), ("NCHW", (2, 3, 17, 23)),
+                                               ("NHWC", (3, 64, 9, 11)), ("NHWC", (2, 48, 7, 5))])
+def test_outputs_at_every_offset_leave_their_neighbours_alone(layout, nchw_shape, dtype, isa, threads):
+    """Every output starting at each offset within a cache line (the kernels' first vector then starts after a
+    masked head or a few single elements): no byte before or after the output changes, and the values are those
+    of an output at offset 0."""
+    x = make_input(nchw_shape, layout, dtype, seed=77, loc=0.5)
+    dy = make_input(nchw_shape, layout, dtype, seed=78)
+    C = nchw_shape[1]
+    w, b = channel_params(C, dtype, seed=79)
+    _, mean, invstd = bn_simd.batch_norm_forward(x, w, b, layout=layout)
+    threads(2)
+    n = x.size
+    line = 64 // np.dtype(dtype).itemsize
+    calls = {
+        "eval": lambda out: bn_simd.batch_norm(x, mean.copy(), (1 / invstd.astype(np.float64)) ** 2, w, b,
+                                               layout=layout, out=out),
+        "forward": lambda out: bn_simd.batch_norm(x, None, None, w, b, training=True, layout=layout, out=out),
+        "backward": lambda out: bn_simd.batch_norm_backward(dy, x, mean, invstd, w, layout=layout, out=out)[0],
+    }
+    for name, call in calls.items():
+        expected = None
+        for shift in range(line):
+            buf = np.full(n + 2 * line, -7.25, dtype)
+            lo, hi = line + shift, line + shift + n
+            out = buf[lo:hi].reshape(x.shape)
+            res = call(out)
+            assert res is out
+            assert np.all(buf[:lo] == -7.25) and np.all(buf[hi:] == -7.25), f"{name}: bytes outside out written"
+            if expected is None:
+                expected = res.copy()
+            np.testing.assert_array_equal(res, expected, err_msg=f"{name}, output at element {lo}")
