@@ -33,9 +33,6 @@
  * writes, a streaming store does not, and it leaves the cache to the input. Below it, the output stays
  * cached for whatever reads it next. The values written are the same either way. */
 #define BN_STREAM_BYTES ((int64_t)32 << 20)
-/* Element-wise sweeps that follow a reduction over the same arrays run each thread's share backwards in blocks of
- * this many bytes of output (SWEEP_BLOCKS in batchnorm.inc). */
-#define BN_REV_BLOCK_BYTES ((int64_t)256 << 10)
 /* More threads than this are never started, whatever set_num_threads asked for. */
 #define BN_MAX_THREADS 1024
 /* Invariants the drivers and kernels rely on. */
