@@ -72,8 +72,12 @@ def show_config():
         "num_threads": get_num_threads(),
         # channels-last element-wise sweeps go in column strips from this row size (bytes; CPU-dependent)
         "cl_strip_bytes": _core.cl_strip_bytes(),
-        # channels-first training forward and backward group channels in this much of a core's L2 (0: two sweeps)
+        # ... and from this one when their output streams (beyond the last-level cache)
+        "cl_stream_strip_bytes": _core.cl_stream_strip_bytes(),
+        # channels-first training forward and backward group channels in this much of a core's caches (0: two
+        # sweeps), in calls whose inputs exceed slab_min_input bytes
         "slab_bytes": _core.slab_bytes(),
+        "slab_min_input": _core.slab_min_input(),
     }
 
 

@@ -21,8 +21,10 @@ cdef extern from "bn_simd.h" nogil:
     int bn_omp_max_threads()
     int BN_CL_STRIP_MIN_BYTES
     int64_t bn_cl_strip_bytes()
+    int64_t bn_cl_stream_strip_bytes()
     int bn_set_cl_strip_bytes(int64_t nbytes)
     int64_t bn_slab_bytes()
+    int64_t bn_slab_min_input()
     int bn_set_slab_bytes(int64_t nbytes)
 
     int bn_stats_f32(const float* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var, int nt)
@@ -112,8 +114,14 @@ def cl_strip_bytes():
     return bn_cl_strip_bytes()
 
 
+def cl_stream_strip_bytes():
+    """cl_strip_bytes for the sweeps whose output streams (beyond the last-level cache)."""
+    return bn_cl_stream_strip_bytes()
+
+
 def set_cl_strip_bytes(nbytes):
-    """Set cl_strip_bytes for every later call; None: back to the CPU's default. Tuning and tests only."""
+    """Set cl_strip_bytes and cl_stream_strip_bytes for every later call; None: back to the CPU's defaults. Tuning
+    and tests only."""
     cdef int64_t v = -1 if nbytes is None else nbytes
     # (the C call takes a negative value as "the default": here only None means that)
     if (nbytes is not None and v < 0) or bn_set_cl_strip_bytes(v) != BN_OK:
@@ -121,13 +129,19 @@ def set_cl_strip_bytes(nbytes):
 
 
 def slab_bytes():
-    """Bytes of a core's L2 that a channels-first training forward or backward may fill with a group of channels."""
+    """Bytes of a core's caches that a channels-first training forward or backward may fill with a group of
+    channels."""
     return bn_slab_bytes()
 
 
+def slab_min_input():
+    """Calls whose inputs (x; dy and x) are at most this many bytes take the two sweeps whatever slab_bytes is."""
+    return bn_slab_min_input()
+
+
 def set_slab_bytes(nbytes):
-    """Set slab_bytes for every later call (0: never group channels); None: back to the CPU's default. Tuning and
-    tests only: the results are the same bits whatever it is."""
+    """Set slab_bytes for every later call of any size (slab_min_input becomes 0; 0: never group channels); None:
+    back to the CPU's defaults of both. Tuning and tests only: the results are the same bits whatever it is."""
     cdef int64_t v = -1
     if nbytes is not None:
         if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):

@@ -61,46 +61,79 @@ const bn_uk_f64* bn_uk_active_f64(void) { return tables_f64[bn_get_isa()]; }
  * C = 1536-2048 (normalise and dx, 12.8 MB float32). On an Intel Xeon with AVX-512 (48 KiB L1d, 2 MiB L2) the
  * flat sweep measured 1.12-1.2x faster for the normalise at C = 2048-16384 and within 3 % for dx. So Intel
  * CPUs with an L1d of 48 KiB or more sweep flat; every other CPU (the rule is not measured beyond these two)
- * takes the Zen 4 setting. Decided once, when the library is loaded. */
+ * takes the Zen 4 setting. Decided once, when the library is loaded.
+ * A call whose output streams (beyond the last-level cache) takes the strips from bn_cl_stream_strip_bytes: the same
+ * size, except on AMD CPUs with an L2 of 512 KiB or less (Zen 3 measured): there streaming stores into the 4 rows of
+ * a strip at once measured 1.8-3.5x slower than flat runs ((3136, 2048), (1568, 4096) float32, eval, forward and dx,
+ * 2 threads; 2 rows a strip were even with flat at C = 2048 and still 1.4-3.5x slower at C = 4096), so streamed
+ * runs are flat there. */
 #define BN_STRIP_BYTES_DEFAULT 24576
-static int64_t cpu_strip_bytes = BN_STRIP_BYTES_DEFAULT;
+static int64_t cpu_strip_bytes = BN_STRIP_BYTES_DEFAULT, cpu_stream_strip_bytes = BN_STRIP_BYTES_DEFAULT;
 /* set by bn_set_cl_strip_bytes (-1: the CPU's default); like the ISA choice, not to be changed while a call runs */
 static int64_t strip_bytes = -1;
+
+/* An AMD CPU whose L2 (as the OS reports it) is 512 KiB or less: Zen 3 and before. */
+static int amd_small_l2(void) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(_SC_LEVEL2_CACHE_SIZE)
+    __builtin_cpu_init();
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return __builtin_cpu_is("amd") && l2 >= (64L << 10) && l2 <= (512L << 10);
+#else
+    return 0;
+#endif
+}
 
 __attribute__((constructor)) static void choose_strip_bytes(void) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(_SC_LEVEL1_DCACHE_SIZE)
     __builtin_cpu_init();
     if (__builtin_cpu_is("intel") && sysconf(_SC_LEVEL1_DCACHE_SIZE) >= 48 * 1024) cpu_strip_bytes = INT64_MAX;
 #endif
+    cpu_stream_strip_bytes = amd_small_l2() ? INT64_MAX : cpu_strip_bytes;
 }
 
 int64_t bn_cl_strip_bytes(void) { return strip_bytes >= 0 ? strip_bytes : cpu_strip_bytes; }
 
-/* The channels-first slab path (batchnorm.c, cf_slab_blocks) keeps a group of channels in the core's L2 between its
+int64_t bn_cl_stream_strip_bytes(void) { return strip_bytes >= 0 ? strip_bytes : cpu_stream_strip_bytes; }
+
+/* The channels-first slab path (batchnorm.c, cf_slab_blocks) keeps a group of channels in a core's caches between its
  * reduction and its sweep, which saves a second read of the group from the shared cache or memory but reads the
  * group's rows as short runs far apart. On an Intel Xeon (2 MiB L2, a shared cache of about 29 GB/s per core) that
  * measured 1.0-1.45x faster than the two sweeps, in the cache and beyond it, with 1 MiB groups: half the L2, the
  * other half holding what the kernels touch besides. On AMD Zen 4 (1 MiB L2, a fast victim L3 beside each core
  * complex) the two sweeps measured faster: 1.15-1.35x for tensors the L3 holds, and beyond it 0.9-1.4x with a
- * spread from one process to the next that favoured the sweeps (docs/design.md, "Speed model"). So AMD CPUs take
- * the two sweeps, every other CPU groups up to half of the L2 that the OS reports (512 KiB when it reports none).
- * Decided once, when the library is loaded. */
+ * spread from one process to the next that favoured the sweeps. On AMD Zen 3 (512 KiB L2, 32 MiB victim L3) groups
+ * of 2 MiB (they live in the L3 between the two passes) measured 1.03-1.38x faster than the sweeps once the arrays
+ * the call reads exceed the L3, whether they start in memory or in the cache, and up to 1.2x slower below that
+ * (docs/design.md, "Speed model"). So AMD CPUs with an L2 of 512 KiB or less group 4 times their L2 for calls
+ * whose inputs exceed BN_SLAB_MIN_INPUT (the size at which the element-wise sweeps stream, batchnorm.c), other AMD
+ * CPUs take the two sweeps, and every other CPU groups up to half of the L2 that the OS reports (512 KiB when it
+ * reports none) in every call. Decided once, when the library is loaded. */
 #define BN_SLAB_BYTES_DEFAULT ((int64_t)512 << 10)
+#define BN_SLAB_MIN_INPUT ((int64_t)32 << 20)
 static int64_t cpu_slab_bytes = BN_SLAB_BYTES_DEFAULT;
-static int64_t slab_bytes = -1; /* set by bn_set_slab_bytes (-1: the CPU's default) */
+static int64_t cpu_slab_min_input = 0; /* calls that read at most this many bytes take the sweeps */
+static int64_t slab_bytes = -1;        /* set by bn_set_slab_bytes (-1: the CPU's default) */
 
 __attribute__((constructor)) static void choose_slab_bytes(void) {
+    long l2 = 0;
 #if defined(_SC_LEVEL2_CACHE_SIZE)
-    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
     if (l2 >= (64L << 10) && l2 <= (1L << 30)) cpu_slab_bytes = (int64_t)l2 / 2;
+    else l2 = 0;
 #endif
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
     __builtin_cpu_init();
-    if (__builtin_cpu_is("amd")) cpu_slab_bytes = 0;
+    if (__builtin_cpu_is("amd")) {
+        const int small = amd_small_l2();
+        cpu_slab_bytes = small ? 4 * (int64_t)l2 : 0;
+        cpu_slab_min_input = small ? BN_SLAB_MIN_INPUT : 0;
+    }
 #endif
 }
 
 int64_t bn_slab_bytes(void) { return slab_bytes >= 0 ? slab_bytes : cpu_slab_bytes; }
+
+int64_t bn_slab_min_input(void) { return slab_bytes >= 0 ? 0 : cpu_slab_min_input; }
 
 int bn_set_slab_bytes(int64_t bytes) {
     slab_bytes = bytes < 0 ? -1 : bytes;

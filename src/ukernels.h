@@ -91,9 +91,11 @@ BN_UK_TABLE(float, f32)
 BN_UK_TABLE(double, f64)
 #undef BN_UK_TABLE
 
-/* dispatch.c: the row size (bytes, all arrays) from which channels-last element-wise sweeps use column strips;
- * at least BN_CL_STRIP_MIN_BYTES, so that such rows are wider than 2 vectors of any ISA. */
+/* dispatch.c: the row size (bytes, all arrays) from which channels-last element-wise sweeps use column strips
+ * (storing normally; streaming); at least BN_CL_STRIP_MIN_BYTES, so that such rows are wider than 2 vectors of any
+ * ISA. */
 int64_t bn_cl_strip_bytes(void);
+int64_t bn_cl_stream_strip_bytes(void);
 
 extern const bn_uk_f32 bn_uk_f32_scalar, bn_uk_f32_avx2, bn_uk_f32_avx512;
 extern const bn_uk_f64 bn_uk_f64_scalar, bn_uk_f64_avx2, bn_uk_f64_avx512;

@@ -47,16 +47,21 @@ def _l2_bytes():
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or shutil.which("getconf") is None,
                     reason="needs /proc/cpuinfo and getconf for the CPU vendor and its L2 size")
 def test_slab_budget_follows_the_cpu_and_can_be_set():
-    default = _core.slab_bytes()
-    # AMD CPUs take two sweeps (no slab path); others group up to half the L2 (512 KiB when none is reported)
+    default, default_min = _core.slab_bytes(), _core.slab_min_input()
+    # AMD CPUs with an L2 of 512 KiB or less group 4 times their L2 in calls whose inputs exceed 32 MiB, other AMD
+    # CPUs take two sweeps (no slab path); others group up to half the L2 (512 KiB when none is reported) in any call
     l2 = _l2_bytes()
+    known = 64 << 10 <= l2 <= 1 << 30
     if _cpu_vendor() == "AuthenticAMD":
-        assert default == 0
+        small = known and l2 <= 512 << 10
+        assert (default, default_min) == ((4 * l2, 32 << 20) if small else (0, 0))
     else:
-        assert default == (l2 // 2 if 64 << 10 <= l2 <= 1 << 30 else 512 << 10)
+        assert (default, default_min) == (l2 // 2 if known else 512 << 10, 0)
     assert bn_simd.show_config()["slab_bytes"] == default
+    assert bn_simd.show_config()["slab_min_input"] == default_min
     _core.set_slab_bytes(3 << 20)
     assert _core.slab_bytes() == 3 << 20 and bn_simd.show_config()["slab_bytes"] == 3 << 20
+    assert _core.slab_min_input() == 0  # (a set budget holds for calls of any size)
     _core.set_slab_bytes(0)
     assert _core.slab_bytes() == 0
     for bad, exc in ((-1, ValueError), (1.5, TypeError), ("1M", TypeError), (True, TypeError)):
@@ -64,7 +69,7 @@ def test_slab_budget_follows_the_cpu_and_can_be_set():
             _core.set_slab_bytes(bad)
         assert _core.slab_bytes() == 0
     _core.set_slab_bytes(None)
-    assert _core.slab_bytes() == default
+    assert (_core.slab_bytes(), _core.slab_min_input()) == (default, default_min)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or shutil.which("getconf") is None,
@@ -75,15 +80,22 @@ def test_column_strip_threshold_follows_the_cpu_and_can_be_set():
     # from 24 KiB of row
     flat = _cpu_vendor() == "GenuineIntel" and _l1d_bytes() >= 48 * 1024
     assert default == (2**63 - 1 if flat else 24576)
+    # streamed sweeps: the same, except on AMD CPUs with an L2 of 512 KiB or less, where they are flat
+    l2 = _l2_bytes()
+    stream_flat = _cpu_vendor() == "AuthenticAMD" and 64 << 10 <= l2 <= 512 << 10
+    stream_default = _core.cl_stream_strip_bytes()
+    assert stream_default == (2**63 - 1 if stream_flat else default)
     assert bn_simd.show_config()["cl_strip_bytes"] == default
+    assert bn_simd.show_config()["cl_stream_strip_bytes"] == stream_default
     _core.set_cl_strip_bytes(8192)
     assert _core.cl_strip_bytes() == 8192 and bn_simd.show_config()["cl_strip_bytes"] == 8192
+    assert _core.cl_stream_strip_bytes() == 8192
     for bad in (0, 4095, -5):
         with pytest.raises(ValueError, match="nbytes must be None or at least 4096"):
             _core.set_cl_strip_bytes(bad)
-        assert _core.cl_strip_bytes() == 8192
+        assert _core.cl_strip_bytes() == 8192 and _core.cl_stream_strip_bytes() == 8192
     _core.set_cl_strip_bytes(None)
-    assert _core.cl_strip_bytes() == default
+    assert (_core.cl_strip_bytes(), _core.cl_stream_strip_bytes()) == (default, stream_default)
 
 
 def test_set_isa_switches_kernels_and_show_config_follows(isa):
