@@ -64,9 +64,10 @@ const bn_uk_f64* bn_uk_active_f64(void) { return tables_f64[bn_get_isa()]; }
  * takes the Zen 4 setting. Decided once, when the library is loaded.
  * A call whose output streams (beyond the last-level cache) takes the strips from bn_cl_stream_strip_bytes: the same
  * size, except on AMD CPUs with an L2 of 512 KiB or less (Zen 3 measured): there streaming stores into the 4 rows of
- * a strip at once measured 1.8-3.5x slower than flat runs ((3136, 2048), (1568, 4096) float32, eval, forward and dx,
- * 2 threads; 2 rows a strip were even with flat at C = 2048 and still 1.4-3.5x slower at C = 4096), so streamed
- * runs are flat there. */
+ * a strip at once measured 1.8-3.6x slower than flat runs with the line-aligned starts of UK_CL_WIDE and 1.7-6.1x
+ * before them ((3136, 2048), (1568, 4096), (3136, 1024), (6272, 1024) float32; eval, forward and dx; 2 threads; 2
+ * rows a strip were even with flat at C = 2048 and still 1.4-3.5x slower at C = 4096), so streamed runs are flat
+ * there. */
 #define BN_STRIP_BYTES_DEFAULT 24576
 static int64_t cpu_strip_bytes = BN_STRIP_BYTES_DEFAULT, cpu_stream_strip_bytes = BN_STRIP_BYTES_DEFAULT;
 /* set by bn_set_cl_strip_bytes (-1: the CPU's default); like the ISA choice, not to be changed while a call runs */
@@ -102,9 +103,10 @@ int64_t bn_cl_stream_strip_bytes(void) { return strip_bytes >= 0 ? strip_bytes :
  * other half holding what the kernels touch besides. On AMD Zen 4 (1 MiB L2, a fast victim L3 beside each core
  * complex) the two sweeps measured faster: 1.15-1.35x for tensors the L3 holds, and beyond it 0.9-1.4x with a
  * spread from one process to the next that favoured the sweeps. On AMD Zen 3 (512 KiB L2, 32 MiB victim L3) groups
- * of 2 MiB (they live in the L3 between the two passes) measured 1.03-1.38x faster than the sweeps once the arrays
- * the call reads exceed the L3, whether they start in memory or in the cache, and up to 1.2x slower below that
- * (docs/design.md, "Speed model"). So AMD CPUs with an L2 of 512 KiB or less group 4 times their L2 for calls
+ * of 2 MiB (they live in the L3 between the two passes) measured 1.05-1.38x faster than the sweeps once the arrays
+ * the call reads exceed 32 MiB, whether they start in memory or in the cache (the backward of 25.7 MB tensors
+ * 0.98-1.06x from the cache), and 0.90-0.95x for forwards of 25.7 MB tensors in the cache (docs/design.md, "Speed
+ * model"). So AMD CPUs with an L2 of 512 KiB or less group 4 times their L2 for calls
  * whose inputs exceed BN_SLAB_MIN_INPUT (the size at which the element-wise sweeps stream, batchnorm.c), other AMD
  * CPUs take the two sweeps, and every other CPU groups up to half of the L2 that the OS reports (512 KiB when it
  * reports none) in every call. Decided once, when the library is loaded. */
