@@ -28,11 +28,6 @@
 #define BN_CHUNK_MIN_PER_CHANNEL 256
 /* Below this many elements a call runs on one thread: the fork costs more than it saves. */
 #define BN_MIN_PARALLEL_ELEMS 32768
-/* Element-wise sweeps write their output with streaming stores when the op touches more bytes than this
- * (inputs and output together): beyond the last-level cache a regular store first reads the line it
- * writes, a streaming store does not, and it leaves the cache to the input. Below it, the output stays
- * cached for whatever reads it next. The values written are the same either way. */
-#define BN_STREAM_BYTES ((int64_t)32 << 20)
 /* More threads than this are never started, whatever set_num_threads asked for. */
 #define BN_MAX_THREADS 1024
 /* Invariants the drivers and kernels rely on. */

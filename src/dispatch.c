@@ -73,12 +73,12 @@ static int64_t cpu_strip_bytes = BN_STRIP_BYTES_DEFAULT, cpu_stream_strip_bytes 
 /* set by bn_set_cl_strip_bytes (-1: the CPU's default); like the ISA choice, not to be changed while a call runs */
 static int64_t strip_bytes = -1;
 
-/* An AMD CPU whose L2 (as the OS reports it) is 512 KiB or less: Zen 3 and before. */
-static int amd_small_l2(void) {
+/* The L2 size (as the OS reports it) of an AMD CPU whose L2 is 512 KiB or less (Zen 3 and before), else 0. */
+static long amd_small_l2(void) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(_SC_LEVEL2_CACHE_SIZE)
     __builtin_cpu_init();
     const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return __builtin_cpu_is("amd") && l2 >= (64L << 10) && l2 <= (512L << 10);
+    return __builtin_cpu_is("amd") && l2 >= (64L << 10) && l2 <= (512L << 10) ? l2 : 0;
 #else
     return 0;
 #endif
@@ -107,28 +107,25 @@ int64_t bn_cl_stream_strip_bytes(void) { return strip_bytes >= 0 ? strip_bytes :
  * the call reads exceed 32 MiB, whether they start in memory or in the cache (the backward of 25.7 MB tensors
  * 0.98-1.06x from the cache), and 0.90-0.95x for forwards of 25.7 MB tensors in the cache (docs/design.md, "Speed
  * model"). So AMD CPUs with an L2 of 512 KiB or less group 4 times their L2 for calls
- * whose inputs exceed BN_SLAB_MIN_INPUT (the size at which the element-wise sweeps stream, batchnorm.c), other AMD
+ * whose inputs exceed BN_STREAM_BYTES (the size at which the element-wise sweeps stream, dispatch.h), other AMD
  * CPUs take the two sweeps, and every other CPU groups up to half of the L2 that the OS reports (512 KiB when it
  * reports none) in every call. Decided once, when the library is loaded. */
 #define BN_SLAB_BYTES_DEFAULT ((int64_t)512 << 10)
-#define BN_SLAB_MIN_INPUT ((int64_t)32 << 20)
 static int64_t cpu_slab_bytes = BN_SLAB_BYTES_DEFAULT;
 static int64_t cpu_slab_min_input = 0; /* calls that read at most this many bytes take the sweeps */
 static int64_t slab_bytes = -1;        /* set by bn_set_slab_bytes (-1: the CPU's default) */
 
 __attribute__((constructor)) static void choose_slab_bytes(void) {
-    long l2 = 0;
 #if defined(_SC_LEVEL2_CACHE_SIZE)
-    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
     if (l2 >= (64L << 10) && l2 <= (1L << 30)) cpu_slab_bytes = (int64_t)l2 / 2;
-    else l2 = 0;
 #endif
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
     __builtin_cpu_init();
     if (__builtin_cpu_is("amd")) {
-        const int small = amd_small_l2();
-        cpu_slab_bytes = small ? 4 * (int64_t)l2 : 0;
-        cpu_slab_min_input = small ? BN_SLAB_MIN_INPUT : 0;
+        const long small = amd_small_l2();
+        cpu_slab_bytes = 4 * (int64_t)small; /* (0 with a larger L2: the two sweeps) */
+        cpu_slab_min_input = small ? BN_STREAM_BYTES : 0;
     }
 #endif
 }
