@@ -76,10 +76,16 @@ def test_slab_budget_follows_the_cpu_and_can_be_set():
                     reason="needs /proc/cpuinfo and getconf for the CPU vendor and its L1d size")
 def test_column_strip_threshold_follows_the_cpu_and_can_be_set():
     default = _core.cl_strip_bytes()
-    # Intel CPUs with an L1d of 48 KiB or more sweep wide channels-last rows flat; others go in column strips
-    # from 24 KiB of row
-    flat = _cpu_vendor() == "GenuineIntel" and _l1d_bytes() >= 48 * 1024
-    assert default == (2**63 - 1 if flat else 24576)
+    # CPUs with an L1d of 48 KiB or more: Intel's sweep wide channels-last rows flat, AMD's go in column strips from
+    # rows of the L1d's size; every other CPU from 24 KiB of row
+    l1 = _l1d_bytes()
+    big_l1 = 48 * 1024 <= l1 <= 1 << 20
+    if big_l1 and _cpu_vendor() == "GenuineIntel":
+        assert default == 2**63 - 1
+    elif big_l1 and _cpu_vendor() == "AuthenticAMD":
+        assert default == l1
+    else:
+        assert default == 24576
     # streamed sweeps: the same, except on AMD CPUs with an L2 of 512 KiB or less, where they are flat
     l2 = _l2_bytes()
     stream_flat = _cpu_vendor() == "AuthenticAMD" and 64 << 10 <= l2 <= 512 << 10
