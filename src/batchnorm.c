@@ -297,6 +297,10 @@ static void cl_col_range(int64_t C, int t, int n, int64_t* c0, int64_t* c1) {
 
 /* Channels per task when threads share out a per-channel combination. */
 #define BN_COMBINE_CHANNELS 128
+/* Interleaved normalise coefficients (cl_il_alloc, batchnorm.inc): from 3 arrays of this many bytes together, for
+ * inputs of at least BN_CL_IL_MIN_INPUT bytes */
+#define BN_CL_IL_BYTES (12 << 10)
+#define BN_CL_IL_MIN_INPUT ((int64_t)8 << 20)
 _Static_assert(BN_COMBINE_CHANNELS >= UK_MAX_VL, "the first combination task holds the channels extend_tail copies");
 
 /* SHIFT_BY_VALUE: one-pass chunk statistics shifted by a data value (float32), or two-pass (float64); see

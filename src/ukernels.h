@@ -58,9 +58,12 @@
         /* s1[c] += sum_r (x[r, c] - m[c]), s2[c] += sum_r (x[r, c] - m[c])^2 */                          \
         void (*cl_dev)(const T* x, int64_t rows, int64_t C, int64_t W, const double* m, double* s1,       \
                        double* s2, int64_t pf_rows);                                                      \
-        /* y[e] = (x[e] - m[c]) * a[c] + b[c] over n flat elements, c = (c0 + e) % C; m, a, b extended */  \
+        /* y[e] = (x[e] - m[c]) * a[c] + b[c] over n flat elements, c = (c0 + e) % C; m, a, b extended;    \
+         * il: NULL, or the same coefficients interleaved in groups of vl channels from channel io < C (C a  \
+         * multiple of vl; see cl_il in batchnorm.inc), which flat runs read instead when their vectors start \
+         * on a group */                                                                                   \
         void (*cl_affine)(const T* x, T* y, int64_t n, int64_t C, int64_t c0, const T* m, const T* a,    \
-                          const T* b, int nt);                                                            \
+                          const T* b, const T* il, int64_t io, int nt);                                   \
         /* sdy[c] += sum_r dy[r, c], sdyx[c] += sum_r dy[r, c] * (x[r, c] - m[c]) */                      \
         void (*cl_bwd_sums)(const T* dy, const T* x, int64_t rows, int64_t C, int64_t W, const double* m,  \
                             double* sdy, double* sdyx, int64_t pf_rows);                                  \
@@ -85,6 +88,8 @@
                            int64_t n, int64_t L, int64_t c0, int64_t c1, double* mean, double* var);      \
         /* out[c] = sum_k part[k C + c] in chunk order, c0 <= c < c1; out overlaps no input */             \
         void (*cl_sum_rows)(const double* part, int64_t K, int64_t C, int64_t c0, int64_t c1, double* out); \
+        /* the vector length, in elements */                                                              \
+        int vl;                                                                                           \
     } bn_uk_##S;
 
 BN_UK_TABLE(float, f32)

@@ -13,6 +13,7 @@ import pytest
 
 import bn_simd
 import reference as ref
+from bn_simd import _core
 from conftest import (assert_forward_close, assert_within, backward_bounds, channel_params, make_input, use_slab,
                       use_strips)
 
@@ -158,3 +159,30 @@ def test_outputs_at_every_offset_leave_their_neighbours_alone(layout, nchw_shape
             if expected is None:
                 expected = res.copy()
             np.testing.assert_array_equal(res, expected, err_msg=f"{name}, output at element {lo}")
+
+
+@pytest.mark.parametrize("dtype,C", [(np.float32, 1024), (np.float64, 512), (np.float32, 1536)])
+def test_interleaved_coefficients_give_the_bits_of_the_three_arrays(dtype, C, isa, threads):
+    """Flat channels-last normalise sweeps of inputs of 8 MiB and more whose coefficients take 12 KiB or more read
+    them interleaved (batchnorm.inc, cl_il_alloc), from a group origin that depends on the output's alignment; the
+    column strips read the three arrays. Both give the same bits, for every output offset and thread count, and
+    agree with the float64 oracle."""
+    rows = (8 << 20) // (C * np.dtype(dtype).itemsize) + 3
+    rng = np.random.default_rng(80)
+    x = rng.standard_normal((rows, C)).astype(dtype) * 3.0 - 1.25
+    w, b = channel_params(C, dtype, seed=81)
+    mean, var = bn_simd.batch_stats(x, layout="NHWC")
+    _core.set_cl_strip_bytes(4096)  # column strips: rows of 5 arrays of C elements are 20 KiB or more
+    ref_y = bn_simd.normalize(x, mean, var, w, b, layout="NHWC")
+    ref_t = bn_simd.batch_norm(x, None, None, w, b, training=True, layout="NHWC")
+    assert_forward_close(ref_t, x, w, b, layout="NHWC")
+    use_strips("flat")
+    for nt in (1, 2, 3):
+        threads(nt)
+        for shift in (0, 1, 3, 15):
+            what = f"{nt} threads, output shifted by {shift}"
+            y = bn_simd.normalize(x, mean, var, w, b, layout="NHWC", out=_shifted_empty(x.shape, dtype, shift))
+            np.testing.assert_array_equal(y, ref_y, err_msg="normalize, " + what)
+            y = bn_simd.batch_norm(x, None, None, w, b, training=True, layout="NHWC",
+                                   out=_shifted_empty(x.shape, dtype, shift))
+            np.testing.assert_array_equal(y, ref_t, err_msg="training forward, " + what)
