@@ -178,12 +178,31 @@ static int64_t cf_task_run(const cf_geom* g, int64_t t, int64_t* base) {
     return rows == 1 ? nseg * len : 0;
 }
 
+/* Whether the backward sums' chunks of several rows prefetch the next block's runs (UK_ROWS_PF in ukernels.inc): where
+ * it measured faster. On an AMD Zen 5, 2 threads, float32, timed alternately in one process against the build without
+ * it, both load orders (time without ÷ time with): backward sums of 7x7 maps of 12.8-25.7 MB 1.13-2.20, the whole
+ * backward 1.35-1.65; (32, 4096, 5x5) backward sums 1.32-2.72, backward 1.30-1.37; (32, 1024, 10x10) 1.18-2.23 and
+ * 1.19-1.79; but with the data in L2 (1.6-3.2 MB of 7x7 maps) 0.75-1.00, and 3x3 and 4x4 maps 0.94-1.17 even at
+ * 5-8 MB. So maps of at least BN_ROWS_PF_MIN_LEN elements whose reduction reads at least BN_ROWS_PF_MIN_INPUT bytes
+ * (`arrays` arrays of them). */
+#define BN_ROWS_PF_MIN_LEN 20
+#define BN_ROWS_PF_MIN_INPUT ((int64_t)8 << 20)
+static int cf_rows_pf(const cf_geom* g, int arrays, size_t esize) {
+    return g->inner >= BN_ROWS_PF_MIN_LEN &&
+           g->outer * g->C * g->inner * (int64_t)esize * arrays >= BN_ROWS_PF_MIN_INPUT;
+}
+
 /* What the reduction kernels may prefetch after task t (their pf argument): the elements of the tasks after t that
  * continue its run in memory, single runs each starting where the one before ends, counted up to `ahead` at least;
  * 0 when none does. Maps of 16x16 up to a chunk (8192 float32 elements): tasks follow one another. Longer rows are
  * cut in pieces and the next task is the same piece of the next channel, elsewhere: only the piece itself is
- * prefetched. Whichever threads run them, the tasks are in the same array. */
-static int64_t cf_pf_after(const cf_geom* g, int64_t t, int64_t ahead) {
+ * prefetched. A chunk of several rows (smaller maps), when rows_pf (cf_rows_pf): the next block's run in each of its
+ * rows, which the next task reads (0 after the last block). Whichever threads run them, the tasks are in the same array. */
+static int64_t cf_pf_after(const cf_geom* g, int64_t t, int64_t ahead, int rows_pf) {
+    const int64_t b = t % g->nb;
+    int64_t r0, r1, i0, i1;
+    cf_chunk(g, t / g->nb, &r0, &r1, &i0, &i1);
+    if (r1 - r0 > 1) return rows_pf && b + 1 < g->nb ? cf_block_channels(g, b + 1) * g->inner : 0;
     int64_t b0, b1, pf = 0;
     int64_t n0 = cf_task_run(g, t, &b0);
     for (int64_t u = t + 1; n0 > 0 && pf < ahead && u < g->nb * g->K; u++) {

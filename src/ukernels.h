@@ -35,7 +35,9 @@
         /* acc[j] += sum of segment j over the rows (x[r rs + j len .. r rs + (j + 1) len), r < rows).      \
          * pf >= 0 with rows == 1: the pf elements after the run x[0 .. nseg len) are in the same array and  \
          * read next; the kernel may prefetch them (a prefetch is not a read; the AddressSanitizer build makes \
-         * it one, so that it is checked). pf < 0: no prefetch. The same for seg_dev, seg_bwd_sums */        \
+         * it one, so that it is checked). pf < 0: no prefetch. The same for seg_dev and seg_bwd_sums, which \
+         * also takes, with rows > 1, pf > 0 elements after each row's run that are in the same row and read  \
+         * next (the next block's runs; 0: none is) */                                                      \
         void (*seg_sum)(const T* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len, double* acc,      \
                         int64_t pf);                                                                      \
         /* s1[j] += sum (x - m[j]), s2[j] += sum (x - m[j])^2 over segment j of every row */               \

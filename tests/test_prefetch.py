@@ -7,7 +7,8 @@ cases put prefetches at every kind of edge: the last run of the array (nothing a
 successive tasks that follow one another (one channel's row, then the next; runs short enough that the
 prefetch reaches several tasks ahead), pieces of rows longer than a chunk (the next task is the same piece of
 the next channel, elsewhere), one channel whose pieces do follow one another, and runs barely longer than the
-prefetch distance. Under the AddressSanitizer build (.ci/asan) every prefetch is a
+prefetch distance. The backward sums of maps under 16x16, whose chunks span several rows, also prefetch each
+row's run of the next block of channels (up to a shorter last block, never past the last). Under the AddressSanitizer build (.ci/asan) every prefetch is a
 checked load, so one outside the input fails these tests there.
 """
 import numpy as np
@@ -25,6 +26,9 @@ SHAPES = [
     (4, 1, 20011),       # one channel: a single run cut in pieces that follow one another
     (2, 2, 2100),        # runs just longer than the prefetch distance
     (5, 2, 300),         # two channels per task (runs of 600), shorter than the distance
+    # backward sums of small maps (dy and x of 8 MiB or more): chunks of several rows prefetch the next block's runs
+    (40, 1031, 49),      # 7x7: blocks of 11 channels, the last one of 8 (its predecessor prefetches 8 segments)
+    (90, 1000, 25),      # 5x5: chunks of 11 rows, the last of 2 (too few rows to prefetch)
 ]
 
 
