@@ -28,6 +28,11 @@
 #define BN_CHUNK_MIN_PER_CHANNEL 256
 /* Below this many elements a call runs on one thread: the fork costs more than it saves. */
 #define BN_MIN_PARALLEL_ELEMS 32768
+/* The same for an element-wise sweep alone (inference: bn_apply), which does less per element. On an AMD Zen 5 VM
+ * (2 threads, float32, the benchmark's scaling table, four runs) the 1x256x14x14 eval (50176 elements, 4 us on one
+ * thread) took 0.74-1.13x as long on one thread as on two: a fork and join of 1.3-1.6 us, and a second core that
+ * the host does not always run at once. From 65536 elements on, two threads measured 1.3-1.4x faster. */
+#define BN_MIN_PARALLEL_SWEEP 65536
 /* More threads than this are never started, whatever set_num_threads asked for. */
 #define BN_MAX_THREADS 1024
 /* Invariants the drivers and kernels rely on. */
@@ -44,6 +49,13 @@ static void canonical_view(int64_t* outer, int64_t C, int64_t* inner) {
         *inner *= *outer;
         *outer = 1;
     }
+}
+
+static int pick_threads(int nthreads, int64_t tasks, int64_t elems);
+
+/* Threads for an element-wise sweep of elems elements that no reduction precedes (see BN_MIN_PARALLEL_SWEEP). */
+static int pick_sweep_threads(int nthreads, int64_t elems) {
+    return elems < BN_MIN_PARALLEL_SWEEP ? 1 : pick_threads(nthreads, elems, elems);
 }
 
 static int pick_threads(int nthreads, int64_t tasks, int64_t elems) {
