@@ -28,7 +28,8 @@
 #define BN_CHUNK_MIN_PER_CHANNEL 256
 /* Below this many elements a call runs on one thread: the fork costs more than it saves. */
 #define BN_MIN_PARALLEL_ELEMS 32768
-/* The same for an element-wise sweep alone (inference: bn_apply), which does less per element. On an AMD Zen 5 VM
+/* The same for an element-wise sweep that is a call of its own (bn_apply: inference, and the normalise of a
+ * channels-first training forward that takes the two sweeps), which does less per element. On an AMD Zen 5 VM
  * (2 threads, float32, the benchmark's scaling table, four runs) the 1x256x14x14 eval (50176 elements, 4 us on one
  * thread) took 0.74-1.13x as long on one thread as on two: a fork and join of 1.3-1.6 us, and a second core that
  * the host does not always run at once. From 65536 elements on, two threads measured 1.3-1.4x faster. */

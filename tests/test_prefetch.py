@@ -16,7 +16,7 @@ import pytest
 
 import bn_simd
 import reference as ref
-from conftest import reduction_tol
+from conftest import reduction_tol, use_slab
 
 # (N, C, spatial) channels-first shapes; 2048 float32 = the 8 KiB prefetch distance
 SHAPES = [
@@ -56,3 +56,24 @@ def test_prefetching_reductions_match_the_oracle_on_any_thread_count(shape, isa,
     np.testing.assert_allclose(sdy, dy64.sum(axis=1), rtol=0, atol=tol * np.abs(dy64).sum(axis=1).max())
     dev = dy64 * (x64 - mean[:, None])
     np.testing.assert_allclose(sdyx, dev.sum(axis=1), rtol=0, atol=tol * np.abs(dev).sum(axis=1).max())
+
+
+@pytest.mark.parametrize("shape", [(40, 1031, 49), (37, 1031, 49), (91, 1000, 25)],
+                         ids=["40x1031x49", "37x1031x49", "91x1000x25"])
+def test_slab_backward_prefetching_gives_the_bits_of_the_sweeps(shape, isa, threads):
+    """The slab path's backward sums prefetch as bn_backward_reduce's do (the next block of the group, in each row of
+    a chunk; a last chunk of one row takes the one-row prefetch): the same bits as the two sweeps, on 1 and 2
+    threads, and checked loads in the AddressSanitizer build."""
+    x, dy = _data(shape, 72), _data(shape, 73)
+    x4, dy4 = x.reshape(shape + (1,)), dy.reshape(shape + (1,))
+    w = np.linspace(0.5, 1.5, shape[1]).astype(np.float32)
+    _, mean, invstd = bn_simd.batch_norm_forward(x4, w)
+    for nt in (1, 2):
+        threads(nt)
+        use_slab(0)
+        expected = bn_simd.batch_norm_backward(dy4, x4, mean, invstd, w)
+        for budget in (1 << 20, 4 << 20):
+            use_slab(budget)
+            got = bn_simd.batch_norm_backward(dy4, x4, mean, invstd, w)
+            for a, b, name in zip(got, expected, ("grad_x", "grad_weight", "grad_bias")):
+                np.testing.assert_array_equal(a, b, err_msg=f"{name}, slab budget {budget}, {nt} threads")

@@ -161,13 +161,14 @@ def test_outputs_at_every_offset_leave_their_neighbours_alone(layout, nchw_shape
             np.testing.assert_array_equal(res, expected, err_msg=f"{name}, output at element {lo}")
 
 
-@pytest.mark.parametrize("dtype,C", [(np.float32, 1024), (np.float64, 512), (np.float32, 1536)])
-def test_interleaved_coefficients_give_the_bits_of_the_three_arrays(dtype, C, isa, threads):
+@pytest.mark.parametrize("dtype,C,mib", [(np.float32, 1024, 8), (np.float64, 512, 8), (np.float32, 1536, 8),
+                                         (np.float32, 1024, 17)])  # 17 MiB: the output streams (34 MiB touched)
+def test_interleaved_coefficients_give_the_bits_of_the_three_arrays(dtype, C, mib, isa, threads):
     """Flat channels-last normalise sweeps of inputs of 8 MiB and more whose coefficients take 12 KiB or more read
     them interleaved (batchnorm.inc, cl_il_alloc), from a group origin that depends on the output's alignment; the
-    column strips read the three arrays. Both give the same bits, for every output offset and thread count, and
-    agree with the float64 oracle."""
-    rows = (8 << 20) // (C * np.dtype(dtype).itemsize) + 3
+    column strips read the three arrays. Both give the same bits, for every output offset and thread count, stored
+    or streamed, and agree with the float64 oracle."""
+    rows = (mib << 20) // (C * np.dtype(dtype).itemsize) + 3
     rng = np.random.default_rng(80)
     x = rng.standard_normal((rows, C)).astype(dtype) * 3.0 - 1.25
     w, b = channel_params(C, dtype, seed=81)
