@@ -52,13 +52,6 @@ static void canonical_view(int64_t* outer, int64_t C, int64_t* inner) {
     }
 }
 
-static int pick_threads(int nthreads, int64_t tasks, int64_t elems);
-
-/* Threads for an element-wise sweep of elems elements that no reduction precedes (see BN_MIN_PARALLEL_SWEEP). */
-static int pick_sweep_threads(int nthreads, int64_t elems) {
-    return elems < BN_MIN_PARALLEL_SWEEP ? 1 : pick_threads(nthreads, elems, elems);
-}
-
 static int pick_threads(int nthreads, int64_t tasks, int64_t elems) {
 #ifdef _OPENMP
     int64_t nt = nthreads > 0 ? nthreads : omp_get_max_threads();
@@ -73,6 +66,18 @@ static int pick_threads(int nthreads, int64_t tasks, int64_t elems) {
     (void)elems;
     return 1;
 #endif
+}
+
+/* Threads for an element-wise sweep of elems elements that no reduction precedes (see BN_MIN_PARALLEL_SWEEP). */
+static int pick_sweep_threads(int nthreads, int64_t elems) {
+    return elems < BN_MIN_PARALLEL_SWEEP ? 1 : pick_threads(nthreads, elems, elems);
+}
+
+/* Elements of esize bytes from y to its first 64-byte cache-line boundary, or -1 when y is not aligned to esize (the
+ * channels-last runs' first vector, UK_CL_WIDE: cl_coef_alloc and cl_il_alloc place their arrays to match it). */
+static int64_t line_head(const void* y, size_t esize) {
+    const uintptr_t mis = (uintptr_t)y % 64;
+    return mis % esize ? -1 : (int64_t)((64 - mis) % 64 / esize);
 }
 
 static int thread_id(void) {
@@ -210,7 +215,8 @@ static int cf_rows_pf(const cf_geom* g, int arrays, size_t esize) {
  * 0 when none does. Maps of 16x16 up to a chunk (8192 float32 elements): tasks follow one another. Longer rows are
  * cut in pieces and the next task is the same piece of the next channel, elsewhere: only the piece itself is
  * prefetched. A chunk of several rows (smaller maps), when rows_pf (cf_rows_pf): the next block's run in each of its
- * rows, which the next task reads (0 after the last block). Whichever threads run them, the tasks are in the same array. */
+ * rows, which the next task reads (0 after the last block). Whichever threads run them, the tasks are in the same
+ * array. */
 static int64_t cf_pf_after(const cf_geom* g, int64_t t, int64_t ahead, int rows_pf) {
     const int64_t b = t % g->nb;
     int64_t r0, r1, i0, i1;

@@ -62,8 +62,8 @@
                        double* s2, int64_t pf_rows);                                                      \
         /* y[e] = (x[e] - m[c]) * a[c] + b[c] over n flat elements, c = (c0 + e) % C; m, a, b extended;    \
          * il: NULL, or the same coefficients interleaved in groups of vl channels from channel io < C (C a  \
-         * multiple of vl; see cl_il in batchnorm.inc), which flat runs read instead when their vectors start \
-         * on a group */                                                                                   \
+         * multiple of vl; see cl_il_alloc in batchnorm.inc), which flat runs read instead when their       \
+         * vectors start on a group */                                                                     \
         void (*cl_affine)(const T* x, T* y, int64_t n, int64_t C, int64_t c0, const T* m, const T* a,    \
                           const T* b, const T* il, int64_t io, int nt);                                   \
         /* sdy[c] += sum_r dy[r, c], sdyx[c] += sum_r dy[r, c] * (x[r, c] - m[c]) */                      \

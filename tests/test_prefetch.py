@@ -8,8 +8,9 @@ successive tasks that follow one another (one channel's row, then the next; runs
 prefetch reaches several tasks ahead), pieces of rows longer than a chunk (the next task is the same piece of
 the next channel, elsewhere), one channel whose pieces do follow one another, and runs barely longer than the
 prefetch distance. The backward sums of maps under 16x16, whose chunks span several rows, also prefetch each
-row's run of the next block of channels (up to a shorter last block, never past the last). Under the AddressSanitizer build (.ci/asan) every prefetch is a
-checked load, so one outside the input fails these tests there.
+row's run of the next block of channels (up to a shorter last block, never past the last). Under the
+AddressSanitizer build (.ci/asan) every prefetch is a checked load, so one outside the input fails these tests
+there.
 """
 import numpy as np
 import pytest

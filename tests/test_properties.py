@@ -35,7 +35,7 @@ def _settings(n):
 ALIASES = {"NCHW": "NCHW", "NHWC": "NHWC", "channels_first": "NCHW", "channels_last": "NHWC"}
 VECTOR_SIZES = st.one_of(st.sampled_from([7, 8, 9, 15, 16, 17, 31, 32, 33]), st.integers(1, 33))
 MAX_SMALL = 4096          # elements of an ordinary example
-BIG = 70000               # elements of a "big" example: above the kernels' threading thresholds (32768; 65536 for inference)
+BIG = 70000               # elements of a "big" example: above the kernels' threading thresholds (32768, 65536)
 
 
 @st.composite
