@@ -282,9 +282,9 @@ static void cf_sum_block(const cf_geom* g, int64_t b, const double* gk, const do
 /* Channels-first slab path (training forward and backward, batchnorm.inc): a task takes a group of consecutive channel
  * blocks over all rows, reduces it and sweeps it at once, so the group's slab (outer x its channels x inner elements of
  * every array the call reads, and of the one it writes unless it streams it) must stay in the core's L2 (or, with the
- * budget dispatch.c gives AMD Zen 3, in the L3) between the two. Groups are as large as fit, so that each row's run
- * of a group is as long as can be: a slab comes from memory in runs far apart, and the longer they are, the better
- * the hardware prefetchers keep up. */
+ * budget dispatch.c gives AMD Zen 3 and Zen 4, in the L3) between the two. Groups are as large as fit, so that each
+ * row's run of a group is as long as can be: a slab comes from memory in runs far apart, and the longer they are, the
+ * better the hardware prefetchers keep up. */
 
 /* Blocks per task of g's slab path with nt threads, `arrays` arrays of esize-byte elements kept in the caches, or 0
  * when the call does not take it (no budget, or inputs of at most bn_slab_min_input bytes: input_bytes): the largest

@@ -26,12 +26,16 @@ def test_show_config_reports_the_build_and_run_time_settings():
     assert cfg["num_threads"] == bn_simd.get_num_threads()
 
 
-def _cpu_vendor():
+def _cpuinfo(field):
     with open("/proc/cpuinfo") as f:
         for line in f:
-            if line.startswith("vendor_id"):
+            if line.split(":", 1)[0].strip() == field:
                 return line.split(":", 1)[1].strip()
     return ""
+
+
+def _cpu_vendor():
+    return _cpuinfo("vendor_id")
 
 
 def _l1d_bytes():
@@ -48,13 +52,18 @@ def _l2_bytes():
                     reason="needs /proc/cpuinfo and getconf for the CPU vendor and its L2 size")
 def test_slab_budget_follows_the_cpu_and_can_be_set():
     default, default_min = _core.slab_bytes(), _core.slab_min_input()
-    # AMD CPUs with an L2 of 512 KiB or less group 4 times their L2 in calls whose inputs exceed 32 MiB, other AMD
-    # CPUs take two sweeps (no slab path); others group up to half the L2 (512 KiB when none is reported) in any call
+    # AMD CPUs with an L2 of 512 KiB or less group 4 times their L2 in calls whose inputs exceed 32 MiB, those of
+    # family 19h (Zen 3, Zen 4) with an L2 of up to 1 MiB group 2 MiB in such calls, other AMD CPUs take two sweeps
+    # (no slab path); others group up to half the L2 (512 KiB when none is reported) in any call
     l2 = _l2_bytes()
     known = 64 << 10 <= l2 <= 1 << 30
     if _cpu_vendor() == "AuthenticAMD":
-        small = known and l2 <= 512 << 10
-        assert (default, default_min) == ((4 * l2, 32 << 20) if small else (0, 0))
+        if known and l2 <= 512 << 10:
+            assert (default, default_min) == (4 * l2, 32 << 20)
+        elif known and l2 <= 1 << 20 and _cpuinfo("cpu family") == "25":
+            assert (default, default_min) == (2 << 20, 32 << 20)
+        else:
+            assert (default, default_min) == (0, 0)
     else:
         assert (default, default_min) == (l2 // 2 if known else 512 << 10, 0)
     assert bn_simd.show_config()["slab_bytes"] == default
