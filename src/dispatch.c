@@ -117,11 +117,12 @@ int64_t bn_cl_stream_strip_bytes(void) { return strip_bytes >= 0 ? strip_bytes :
  * 0.98-1.06x from the cache), and 0.90-0.95x for forwards of 25.7 MB tensors in the cache (docs/design.md, "Speed
  * model"). Groups of 2 MiB measured faster on the Zen 4 too, beyond the L3 (2 threads, float32, 13 cases of inputs
  * over 32 MiB, alternately in one process: backward 1.05-1.43x, forward 0.96-1.35x; float64 1.05-1.35x; one thread
- * 0.89-1.44x), where the 1 MiB groups had not. So AMD CPUs with an L2 of 512 KiB or less group 4 times their L2,
- * and those of family 19h (Zen 3 and Zen 4) with a larger L2 of up to 1 MiB group 2 MiB, for calls whose inputs
- * exceed BN_STREAM_BYTES (the size at which the element-wise sweeps stream, dispatch.h); other AMD CPUs (Zen 5,
- * whose measurements were mixed) take the two sweeps, and every other CPU groups up to half of the L2 that the OS
- * reports (512 KiB when it reports none) in every call. Decided once, when the library is loaded. */
+ * 0.89-1.44x), where an earlier run with 1 MiB groups had been within its spread. So AMD CPUs with an L2 of 512 KiB
+ * or less group 4 times their L2, and those of family 19h (Zen 3 and Zen 4) with a larger L2 of up to 1 MiB group
+ * 2 MiB, for calls whose inputs exceed BN_STREAM_BYTES (the size at which the element-wise sweeps stream,
+ * dispatch.h); other AMD CPUs (Zen 5, where groups measured mixed and calls beyond the L3 were not measured apart)
+ * take the two sweeps, and every other CPU groups up to half of the L2 that the OS reports (512 KiB when it reports
+ * none) in every call. Decided once, when the library is loaded. */
 #define BN_SLAB_BYTES_AMD_L3 ((int64_t)2 << 20)
 #define BN_SLAB_BYTES_DEFAULT ((int64_t)512 << 10)
 static int64_t cpu_slab_bytes = BN_SLAB_BYTES_DEFAULT;
