@@ -78,16 +78,20 @@ static int64_t cpu_strip_bytes = BN_STRIP_BYTES_DEFAULT, cpu_stream_strip_bytes 
 /* set by bn_set_cl_strip_bytes (-1: the CPU's default); like the ISA choice, not to be changed while a call runs */
 static int64_t strip_bytes = -1;
 
-/* The L2 size (as the OS reports it) of an AMD CPU whose L2 is 512 KiB or less (Zen 3 and before), else 0. */
-static long amd_small_l2(void) {
+/* The L2 size (as the OS reports it) of an AMD CPU whose L2 is at most max bytes, else 0. */
+static long amd_l2_upto(long max) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(_SC_LEVEL2_CACHE_SIZE)
     __builtin_cpu_init();
     const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return __builtin_cpu_is("amd") && l2 >= (64L << 10) && l2 <= (512L << 10) ? l2 : 0;
+    return __builtin_cpu_is("amd") && l2 >= (64L << 10) && l2 <= max ? l2 : 0;
 #else
+    (void)max;
     return 0;
 #endif
 }
+
+/* The L2 size of an AMD CPU whose L2 is 512 KiB or less (Zen 3 and before), else 0. */
+static long amd_small_l2(void) { return amd_l2_upto(512L << 10); }
 
 __attribute__((constructor)) static void choose_strip_bytes(void) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(_SC_LEVEL1_DCACHE_SIZE)
@@ -104,6 +108,11 @@ __attribute__((constructor)) static void choose_strip_bytes(void) {
 int64_t bn_cl_strip_bytes(void) { return strip_bytes >= 0 ? strip_bytes : cpu_strip_bytes; }
 
 int64_t bn_cl_stream_strip_bytes(void) { return strip_bytes >= 0 ? strip_bytes : cpu_stream_strip_bytes; }
+
+int bn_cl_takes_strips(int64_t row_bytes, int arrays, int stream, int streamed_only) {
+    return arrays * row_bytes >= (stream ? bn_cl_stream_strip_bytes() : bn_cl_strip_bytes()) &&
+           (stream ? row_bytes % 64 == 0 : !streamed_only);
+}
 
 /* The channels-first slab path (batchnorm.c, cf_slab_blocks) keeps a group of channels in a core's caches between its
  * reduction and its sweep, which saves a second read of the group from the shared cache or memory but reads the
@@ -139,10 +148,7 @@ __attribute__((constructor)) static void choose_slab_bytes(void) {
     if (__builtin_cpu_is("amd")) {
         const long small = amd_small_l2();
         cpu_slab_bytes = 4 * (int64_t)small; /* (0: the two sweeps) */
-#if defined(_SC_LEVEL2_CACHE_SIZE)
-        if (!small && __builtin_cpu_is("amdfam19h") && l2 >= (64L << 10) && l2 <= (1L << 20))
-            cpu_slab_bytes = BN_SLAB_BYTES_AMD_L3;
-#endif
+        if (!small && __builtin_cpu_is("amdfam19h") && amd_l2_upto(1L << 20)) cpu_slab_bytes = BN_SLAB_BYTES_AMD_L3;
         cpu_slab_min_input = cpu_slab_bytes ? BN_STREAM_BYTES : 0;
     }
 #endif

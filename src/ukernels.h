@@ -103,6 +103,10 @@ BN_UK_TABLE(double, f64)
  * ISA. */
 int64_t bn_cl_strip_bytes(void);
 int64_t bn_cl_stream_strip_bytes(void);
+/* Whether a channels-last sweep touching `arrays` rows of row_bytes bytes each (data and coefficients) takes the
+ * column strips (UK_CL_WIDE in ukernels.inc): from the threshold above for how it stores; a streamed output needs
+ * rows of whole cache lines; streamed_only: never when it stores normally. */
+int bn_cl_takes_strips(int64_t row_bytes, int arrays, int stream, int streamed_only);
 
 extern const bn_uk_f32 bn_uk_f32_scalar, bn_uk_f32_avx2, bn_uk_f32_avx512;
 extern const bn_uk_f64 bn_uk_f64_scalar, bn_uk_f64_avx2, bn_uk_f64_avx512;
