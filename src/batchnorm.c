@@ -210,6 +210,12 @@ static int cf_rows_pf(const cf_geom* g, int arrays, size_t esize) {
            g->outer * g->C * g->inner * (int64_t)esize * arrays >= BN_ROWS_PF_MIN_INPUT;
 }
 
+/* The run in one row of block b + 1, which a chunk of several rows of block b prefetches (cf_rows_pf) when b + 1 < end,
+ * the end of the blocks read next; 0 otherwise. */
+static int64_t cf_next_block_run(const cf_geom* g, int64_t b, int64_t end) {
+    return b + 1 < end ? cf_block_channels(g, b + 1) * g->inner : 0;
+}
+
 /* What the reduction kernels may prefetch after task t (their pf argument): the elements of the tasks after t that
  * continue its run in memory, single runs each starting where the one before ends, counted up to `ahead` at least;
  * 0 when none does. Maps of 16x16 up to a chunk (8192 float32 elements): tasks follow one another. Longer rows are
@@ -221,7 +227,7 @@ static int64_t cf_pf_after(const cf_geom* g, int64_t t, int64_t ahead, int rows_
     const int64_t b = t % g->nb;
     int64_t r0, r1, i0, i1;
     cf_chunk(g, t / g->nb, &r0, &r1, &i0, &i1);
-    if (r1 - r0 > 1) return rows_pf && b + 1 < g->nb ? cf_block_channels(g, b + 1) * g->inner : 0;
+    if (r1 - r0 > 1) return rows_pf ? cf_next_block_run(g, b, g->nb) : 0;
     int64_t b0, b1, pf = 0;
     int64_t n0 = cf_task_run(g, t, &b0);
     for (int64_t u = t + 1; n0 > 0 && pf < ahead && u < g->nb * g->K; u++) {
