@@ -66,6 +66,10 @@ class BuildExt(build_ext):
             link += ["-fsanitize=address,undefined"]
         print(f"bn_simd build: OpenMP={'yes' if use_omp else 'no'} sanitize={'yes' if sanitize else 'no'}")
         for ext in self.extensions:
+            if ext.name != "bn_simd._core":  # (the probes: portable C, no OpenMP, see bn_simd/_openmp.py)
+                ext.extra_compile_args = [f for f in extra if f != "-fopenmp"]
+                ext.extra_link_args = [f for f in link if f != "-fopenmp"]
+                continue
             objects = []
             for src, flags in ISA_FLAGS.items():
                 objects += self.compiler.compile([src], output_dir=self.build_temp, include_dirs=ext.include_dirs,
@@ -85,7 +89,16 @@ ext = Extension(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 
+# Probes run before the OpenMP runtime is loaded (bn_simd/_openmp.py): built without OpenMP, so that importing them
+# does not load it.
+runtime = Extension(
+    "bn_simd._runtime",
+    sources=["bn_simd/_runtime.pyx", "src/runtime_probe.c"],
+    include_dirs=["src"],
+    depends=["src/runtime_probe.h"],
+)
+
 setup(
-    ext_modules=cythonize([ext], compiler_directives={"language_level": 3}),
+    ext_modules=cythonize([ext, runtime], compiler_directives={"language_level": 3}),
     cmdclass={"build_ext": BuildExt},
 )

@@ -2,7 +2,14 @@
 import numbers
 import os
 
-from . import _core
+from . import _openmp
+
+_openmp.before_load()
+try:
+    from . import _core
+finally:
+    _openmp.after_load()
+_openmp.record_build(_core.have_openmp())
 
 __version__ = "0.1.0"
 
@@ -70,6 +77,8 @@ def show_config():
         "best_isa": _core.best_isa(),
         "openmp": _core.have_openmp(),
         "num_threads": get_num_threads(),
+        # how idle OpenMP threads wait after a call (a short spin, then sleep; bn_simd/_openmp.py)
+        "omp_spin": _openmp.policy(),
         # channels-last element-wise sweeps go in column strips from this row size (bytes; CPU-dependent)
         "cl_strip_bytes": _core.cl_strip_bytes(),
         # ... and from this one when their output streams (beyond the last-level cache)
