@@ -84,7 +84,7 @@ ext = Extension(
     "bn_simd._core",
     sources=["bn_simd/_core.pyx"] + PORTABLE_SOURCES,
     include_dirs=["include", "src", numpy.get_include()],
-    depends=["include/bn_simd.h", "src/ukernels.h", "src/ukernels.inc", "src/batchnorm.inc", "src/dispatch.h",
+    depends=["include/bn_simd.h", "src/ukernels.h", "src/ukernels.inc", "src/batchnorm.inc", "src/groupnorm.inc", "src/dispatch.h",
              "src/uk_undef_type.h"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )

@@ -1,4 +1,4 @@
-"""bn_simd: batch normalization for NumPy arrays on CPUs.
+"""bn_simd: batch, group and instance normalization for NumPy arrays on CPUs.
 
 C kernels (AVX2/FMA, AVX-512 and portable scalar, chosen at run time), OpenMP threads, the GIL released
 around every kernel, and PyTorch's semantics:
@@ -15,11 +15,17 @@ See ``bn_simd.show_config()`` for the kernels and threads in use.
 from ._config import __version__, get_isa, get_num_threads, set_isa, set_num_threads, show_config
 from .functional import (backward_apply, backward_reduce, batch_norm, batch_norm_backward, batch_norm_forward,
                          batch_stats, normalize, update_running_stats)
-from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .groups import (group_norm, group_norm_backward, group_norm_forward, instance_norm, instance_norm_backward,
+                     instance_norm_forward)
+from .layers import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
+                     InstanceNorm3d)
 
 __all__ = [
     "__version__", "show_config", "get_isa", "set_isa", "get_num_threads", "set_num_threads",
     "batch_norm", "batch_norm_forward", "batch_norm_backward",
     "batch_stats", "normalize", "backward_reduce", "backward_apply", "update_running_stats",
     "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "group_norm", "group_norm_forward", "group_norm_backward",
+    "instance_norm", "instance_norm_forward", "instance_norm_backward",
+    "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
 ]

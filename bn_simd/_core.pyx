@@ -57,6 +57,27 @@ cdef extern from "bn_simd.h" nogil:
                         const double* mean, const double* invstd, const double* weight, int training,
                         double* grad_weight, double* grad_bias, int nt)
 
+    int bn_group_stats_f32(const float* x, int64_t N, int64_t C, int64_t S, int64_t G, int cl, double* mean,
+                           double* var, int nt)
+    int bn_group_stats_f64(const double* x, int64_t N, int64_t C, int64_t S, int64_t G, int cl, double* mean,
+                           double* var, int nt)
+    int bn_group_normalize_f32(const float* x, float* y, int64_t N, int64_t C, int64_t S, int64_t G, int cl,
+                               const double* mean, const double* var, const double* weight, const double* bias,
+                               double eps, int nt)
+    int bn_group_normalize_f64(const double* x, double* y, int64_t N, int64_t C, int64_t S, int64_t G, int cl,
+                               const double* mean, const double* var, const double* weight, const double* bias,
+                               double eps, int nt)
+    int bn_group_forward_f32(const float* x, float* y, int64_t N, int64_t C, int64_t S, int64_t G, int cl,
+                             const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
+    int bn_group_forward_f64(const double* x, double* y, int64_t N, int64_t C, int64_t S, int64_t G, int cl,
+                             const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
+    int bn_group_backward_f32(const float* dy, const float* x, float* dx, int64_t N, int64_t C, int64_t S, int64_t G,
+                              int cl, const double* mean, const double* invstd, const double* weight,
+                              double* grad_weight, double* grad_bias, int nt)
+    int bn_group_backward_f64(const double* dy, const double* x, double* dx, int64_t N, int64_t C, int64_t S,
+                              int64_t G, int cl, const double* mean, const double* invstd, const double* weight,
+                              double* grad_weight, double* grad_bias, int nt)
+
 ctypedef fused real:
     float
     double
@@ -269,6 +290,97 @@ def backward(const real[:, :, ::1] dy, const real[:, :, ::1] x, real[:, :, ::1] 
                                  &grad_weight[0], &grad_bias[0], nthreads)
     _check(st)
 
+
+
+# ---- group norm (instance norm: G = C) ----------------------------------------------------------------------
+# x: the (N, C, S) view (cl False) or (N, S, C) (cl True); mean, var, invstd: N G values; weight, bias: C or None.
+
+cdef inline void _group_dims(const real[:, :, ::1] x, bint cl, int64_t* N, int64_t* C, int64_t* S) noexcept nogil:
+    N[0] = x.shape[0]
+    C[0] = x.shape[2] if cl else x.shape[1]
+    S[0] = x.shape[1] if cl else x.shape[2]
+
+
+cdef inline const real* _ptr(const real[:, :, ::1] x) noexcept nogil:
+    return &x[0, 0, 0] if x.shape[0] * x.shape[1] * x.shape[2] else NULL
+
+
+def group_stats(const real[:, :, ::1] x, int64_t G, bint cl, double[::1] mean, double[::1] var, int nthreads):
+    """mean[q], biased var[q] of the N G groups."""
+    cdef int64_t N, C, S
+    _group_dims(x, cl, &N, &C, &S)
+    cdef int st
+    if N * G == 0:
+        return
+    with nogil:
+        if real is float:
+            st = bn_group_stats_f32(_ptr(x), N, C, S, G, cl, &mean[0], &var[0], nthreads)
+        else:
+            st = bn_group_stats_f64(_ptr(x), N, C, S, G, cl, &mean[0], &var[0], nthreads)
+    _check(st)
+
+
+def group_normalize(const real[:, :, ::1] x, real[:, :, ::1] y, int64_t G, bint cl, const double[::1] mean,
+                    const double[::1] var, const double[::1] weight, const double[::1] bias, double eps,
+                    int nthreads):
+    """y = (x - mean[q]) / sqrt(var[q] + eps) * weight[c] + bias[c]."""
+    cdef int64_t N, C, S
+    _group_dims(x, cl, &N, &C, &S)
+    cdef int st
+    cdef const double* w = _opt(weight)
+    cdef const double* b = _opt(bias)
+    if N * C * S == 0:
+        return
+    with nogil:
+        if real is float:
+            st = bn_group_normalize_f32(&x[0, 0, 0], &y[0, 0, 0], N, C, S, G, cl, &mean[0], &var[0], w, b, eps,
+                                        nthreads)
+        else:
+            st = bn_group_normalize_f64(&x[0, 0, 0], &y[0, 0, 0], N, C, S, G, cl, &mean[0], &var[0], w, b, eps,
+                                        nthreads)
+    _check(st)
+
+
+def group_forward(const real[:, :, ::1] x, real[:, :, ::1] y, int64_t G, bint cl, const double[::1] weight,
+                  const double[::1] bias, double eps, double[::1] mean, double[::1] var, int nthreads):
+    """Statistics + normalisation in one call; writes y, mean[q] and biased var[q]."""
+    cdef int64_t N, C, S
+    _group_dims(x, cl, &N, &C, &S)
+    cdef int st
+    cdef const double* w = _opt(weight)
+    cdef const double* b = _opt(bias)
+    if N * G == 0:
+        return
+    with nogil:
+        if real is float:
+            st = bn_group_forward_f32(_ptr(x), <float*>_ptr(y), N, C, S, G, cl, w, b, eps, &mean[0], &var[0],
+                                      nthreads)
+        else:
+            st = bn_group_forward_f64(_ptr(x), <double*>_ptr(y), N, C, S, G, cl, w, b, eps, &mean[0], &var[0],
+                                      nthreads)
+    _check(st)
+
+
+def group_backward(const real[:, :, ::1] dy, const real[:, :, ::1] x, real[:, :, ::1] dx, int64_t G, bint cl,
+                   const double[::1] mean, const double[::1] invstd, const double[::1] weight,
+                   double[::1] grad_weight, double[::1] grad_bias, int nthreads):
+    """Backward in one call; writes dx, grad_weight[c] and grad_bias[c]."""
+    cdef int64_t N, C, S
+    _group_dims(x, cl, &N, &C, &S)
+    cdef int st
+    cdef const double* w = _opt(weight)
+    if C == 0:
+        return
+    with nogil:
+        if real is float:
+            st = bn_group_backward_f32(_ptr(dy), _ptr(x), <float*>_ptr(dx), N, C, S, G, cl,
+                                       &mean[0] if N else NULL, &invstd[0] if N else NULL, w,
+                                       &grad_weight[0], &grad_bias[0], nthreads)
+        else:
+            st = bn_group_backward_f64(_ptr(dy), _ptr(x), <double*>_ptr(dx), N, C, S, G, cl,
+                                       &mean[0] if N else NULL, &invstd[0] if N else NULL, w,
+                                       &grad_weight[0], &grad_bias[0], nthreads)
+    _check(st)
 
 # ---- fast path of batch_norm ---------------------------------------------------------------------------------
 # batch_norm on plain arguments (ndarrays of float32/float64, C-contiguous, aligned, native byte order; per-channel

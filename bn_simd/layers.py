@@ -229,3 +229,223 @@ class BatchNorm2d(BatchNorm):
 class BatchNorm3d(BatchNorm):
     """BatchNorm over (N, C, D, H, W) input (NHWC: (N, D, H, W, C))."""
     _ranks = (5,)
+
+
+class _InstanceNorm(BatchNorm):
+    """Instance normalization: each (sample, channel) over its spatial positions (``torch.nn.InstanceNorm2d``).
+
+    Parameters as :class:`BatchNorm`, with PyTorch's defaults affine=False and track_running_stats=False. With
+    track_running_stats=True, a training-mode call updates running_mean / running_var with the batch averages of
+    the instance statistics (the variance unbiased; momentum=None updates nothing, as in PyTorch), and an eval-mode
+    call normalises with them. Unbatched input (one dimension less: (C, *spatial)) is accepted and returned
+    unbatched, as in PyTorch. ``backward``, ``grad_weight``, ``grad_bias``, ``state_dict`` and modes as
+    :class:`BatchNorm` (state keys weight, bias, running_mean, running_var, num_batches_tracked, as present).
+    """
+
+    _ranks = (3, 4, 5)
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False, *,
+                 layout="NCHW", dtype=np.float32):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, layout=layout, dtype=dtype)
+
+    def _batched(self, x):
+        a = ck.as_data(x, "x")
+        if a.ndim == self._ranks[0] - 1:
+            return a[np.newaxis], True
+        return a, False
+
+    def forward(self, x, *, out=None):
+        """Normalise x ((N, C, *spatial) or unbatched (C, *spatial); channels per ``layout``); returns y."""
+        from . import groups
+        self._check_state()
+        x, unbatched = self._batched(x)
+        if out is not None and unbatched:
+            out = ck.check_out(out, x.shape[1:], x.dtype, [("x", x[0])])[np.newaxis]
+        x, (outer, C, inner) = self._check_input(x)
+        saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
+        if self.track_running_stats and not self.training:
+            y = F._output(out, x, [("x", x)])
+            rm, rv = ck.f64(self.running_mean), ck.f64(self.running_var)
+            F._normalize(x, y, (outer, C, inner), rm, rv, self.weight, self.bias, self.eps)
+            self._saved = (saved_x, rm, 1.0 / np.sqrt(rv + self.eps), False, unbatched)
+        else:
+            N, S = x.shape[0], (outer * inner // x.shape[0] if x.shape[0] else 0)
+            if x.shape[0]:
+                groups._check_spatial(S, x.shape)  # (as PyTorch, whenever the input's statistics are used)
+            dims = (N, C, S)
+            y, mean, var = groups._forward(x, self.layout, dims, C, self.weight, self.bias, self.eps, out)
+            # momentum=None: PyTorch's instance norm passes momentum 0 (running statistics left as they are)
+            if self.training and self.track_running_stats and N > 0 and self.momentum is not None:
+                F.update_running_stats(self.running_mean, self.running_var, mean.reshape(N, C).mean(axis=0),
+                                       (var * (S / (S - 1))).reshape(N, C).mean(axis=0), S, self.momentum,
+                                       unbiased=False)
+            invstd = 1.0 / np.sqrt(var + self.eps)
+            self._saved = (saved_x, mean.reshape(N, C).astype(x.dtype), invstd.reshape(N, C).astype(x.dtype), True,
+                           unbatched)
+        return y[0] if unbatched else y
+
+    __call__ = forward
+
+    def backward(self, grad_out, *, out=None):
+        """Gradient of the last forward call (through the instance statistics, or with the running statistics as
+        constants after an eval-mode call that used them): returns grad_x and sets grad_weight / grad_bias."""
+        from . import groups
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward call first")
+        x, mean, invstd, input_stats, unbatched = self._saved
+        g = ck.as_data(grad_out, "grad_out")
+        if unbatched:
+            g = g[np.newaxis]
+            if out is not None:
+                out = ck.check_out(out, x.shape[1:], x.dtype, [("grad_out", g[0])])[np.newaxis]
+        if input_stats:
+            gx, gw, gb = groups.instance_norm_backward(g, x, mean, invstd, self.weight, layout=self.layout, out=out)
+        else:
+            gx, gw, gb = F.batch_norm_backward(g, x, mean, invstd, self.weight, layout=self.layout, out=out,
+                                               training=False)
+        if self.affine:
+            self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
+        return gx[0] if unbatched else gx
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, layout={self.layout!r}, "
+                f"dtype={self.dtype.name})")
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """InstanceNorm over (N, C, L) or (C, L) input (NHWC: (N, L, C) or (L, C))."""
+    _ranks = (3,)
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """InstanceNorm over (N, C, H, W) or (C, H, W) input (NHWC: (N, H, W, C) or (H, W, C))."""
+    _ranks = (4,)
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """InstanceNorm over (N, C, D, H, W) or (C, D, H, W) input (NHWC: (N, D, H, W, C) or (D, H, W, C))."""
+    _ranks = (5,)
+
+
+class GroupNorm:
+    """Group normalization over groups of channels (``torch.nn.GroupNorm``).
+
+    Parameters
+    ----------
+    num_groups : int >= 1 dividing num_channels.
+    num_channels : int >= 1, the number of channels C.
+    eps : float > 0.
+    affine : bool, learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+    layout : "NCHW" (channels on axis 1) or "NHWC" (channels last).
+    dtype : float32 or float64, the dtype of the parameters.
+
+    Calling the layer normalises (N, C, *spatial) input (rank 2..5) with the statistics of each (sample, group), in
+    training and eval mode alike; ``backward(grad_out)`` returns grad_x and sets ``grad_weight`` and ``grad_bias``.
+    ``state_dict`` keys: weight, bias (affine), as PyTorch's.
+    """
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, layout="NCHW", dtype=np.float32):
+        from .groups import _check_groups
+        for name, v in (("num_groups", num_groups), ("num_channels", num_channels)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+            if not 1 <= v < 2**31:
+                raise ValueError(f"{name} must be >= 1 and < 2**31, got {v}")
+        if num_channels % num_groups:
+            raise ValueError(f"num_groups ({num_groups}) must divide num_channels ({num_channels})")
+        _check_groups(num_groups, num_channels)
+        dt = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
+        if dt not in ck.SUPPORTED_DTYPES:
+            raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        self.num_groups, self.num_channels = int(num_groups), int(num_channels)
+        self.eps = ck.check_eps(eps)
+        self.affine = bool(affine)
+        self.layout = ck.check_layout(layout)
+        self.dtype = dt
+        self.weight = np.ones(self.num_channels, dt) if self.affine else None
+        self.bias = np.zeros(self.num_channels, dt) if self.affine else None
+        self.grad_weight = self.grad_bias = None
+        self.training = True
+        self._saved = None
+
+    def train(self, mode=True):
+        """Training mode; group norm computes the same in both modes. Returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def reset_parameters(self):
+        if self.affine:
+            self.weight.fill(1)
+            self.bias.fill(0)
+
+    def _check_state(self):
+        for name in ("weight", "bias"):
+            v = getattr(self, name)
+            if self.affine or v is not None:
+                ck.per_channel(v, name, self.num_channels)
+        self.eps = ck.check_eps(self.eps)
+        self.layout = ck.check_layout(self.layout)
+
+    def forward(self, x, *, out=None):
+        """Normalise x ((N, C, *spatial), rank 2..5, channels per ``layout``); returns y (``out`` if given)."""
+        from . import groups
+        self._check_state()
+        x = ck.as_data(x, "x")
+        if 2 <= x.ndim <= 5:
+            C = x.shape[1] if self.layout == "NCHW" else x.shape[-1]
+            if C != self.num_channels:
+                axis = "1" if self.layout == "NCHW" else "-1"
+                raise ValueError(f"x must have {self.num_channels} channels on axis {axis} (layout {self.layout!r}), "
+                                 f"got {C} in shape {x.shape}")
+        saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
+        y, mean, invstd = groups.group_norm_forward(x, self.num_groups, self.weight, self.bias, eps=self.eps,
+                                                    layout=self.layout, out=out)
+        self._saved = (saved_x, mean, invstd)
+        return y
+
+    __call__ = forward
+
+    def backward(self, grad_out, *, out=None):
+        """Gradient of the last forward call: returns grad_x and sets grad_weight / grad_bias (affine only)."""
+        from . import groups
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward call first")
+        x, mean, invstd = self._saved
+        gx, gw, gb = groups.group_norm_backward(grad_out, x, mean, invstd, self.num_groups, self.weight,
+                                                layout=self.layout, out=out)
+        if self.affine:
+            self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
+        return gx
+
+    def state_dict(self):
+        """Copies of weight and bias (affine), PyTorch's keys."""
+        return {"weight": self.weight.copy(), "bias": self.bias.copy()} if self.affine else {}
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load weight and bias (arrays or tensors of shape (C,)); everything is checked before anything is
+        assigned. strict=True rejects missing and unexpected keys."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        keys = ["weight", "bias"] if self.affine else []
+        if strict:
+            missing = [k for k in keys if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in keys]
+            if missing or unexpected:
+                raise ValueError(f"state_dict does not match this layer: missing keys {missing}, "
+                                 f"unexpected keys {unexpected}")
+        staged = {}
+        for k in keys:
+            if k in state_dict:
+                if state_dict[k] is None:
+                    raise TypeError(f"state_dict[{k!r}] must be an array of shape ({self.num_channels},), got None")
+                staged[k] = np.array(ck.per_channel(state_dict[k], k, self.num_channels), dtype=self.dtype)
+        for k, v in staged.items():
+            setattr(self, k, v)
+
+    def __repr__(self):
+        return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"layout={self.layout!r}, dtype={self.dtype.name})")

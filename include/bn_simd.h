@@ -103,6 +103,37 @@ BN_DECLARE(double, f64)
 
 #undef BN_DECLARE
 
+/* ---- group norm and instance norm (groupnorm.inc), for T = float (f32) and double (f64) ----
+ * x is (N, C, S) channels-first (cl = 0) or (N, S, C) channels-last (cl = 1), S = prod(spatial), with G groups of
+ * D = C / G consecutive channels (C % G == 0, else BN_EINVAL); instance norm is G = C. Group q = n G + g has the
+ * D S values of its channels in sample n. mean, var, invstd: N G values (q order); weight, bias: C, nullable.
+ * Statistics as batch norm's (shifted chunk sums in double, fixed order): bitwise equal for any thread count. */
+#define BN_DECLARE_GROUP(T, S_)                                                                           \
+    /* mean[q] and biased var[q]; NaN for groups of no element. */                                        \
+    int bn_group_stats_##S_(const T* x, int64_t N, int64_t C, int64_t S, int64_t G, int cl, double* mean,  \
+                            double* var, int nthreads);                                                   \
+    /* y = (x - mean[q]) / sqrt(var[q] + eps) * weight[c] + bias[c] with the given statistics; y may be x. */ \
+    int bn_group_normalize_##S_(const T* x, T* y, int64_t N, int64_t C, int64_t S, int64_t G, int cl,     \
+                                const double* mean, const double* var, const double* weight,              \
+                                const double* bias, double eps, int nthreads);                            \
+    /* Training forward: the statistics (bitwise those of bn_group_stats) and y (that of bn_group_normalize \
+     * with them) in one call, a group at a time while it is in cache where it can. y may be x. */          \
+    int bn_group_forward_##S_(const T* x, T* y, int64_t N, int64_t C, int64_t S, int64_t G, int cl,       \
+                              const double* weight, const double* bias, double eps, double* mean,         \
+                              double* var, int nthreads);                                                 \
+    /* Backward with s = invstd[q], M = D S, w = weight[c] (nullable):                                     \
+     *   grad_bias[c] = sum_n sum dy,  grad_weight[c] = sum_n s sum dy (x - mean),                        \
+     *   dx = s (w dy - sum_group(w dy) / M - (x - mean) s^2 sum_group(w dy (x - mean)) / M).              \
+     * dx may be dy or x. */                                                                              \
+    int bn_group_backward_##S_(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S, int64_t G, \
+                               int cl, const double* mean, const double* invstd, const double* weight,    \
+                               double* grad_weight, double* grad_bias, int nthreads);
+
+BN_DECLARE_GROUP(float, f32)
+BN_DECLARE_GROUP(double, f64)
+
+#undef BN_DECLARE_GROUP
+
 #ifdef __cplusplus
 }
 #endif
