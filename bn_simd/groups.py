@@ -115,6 +115,8 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, *, eps=1e-5, layou
     w = ck.per_channel(weight, "weight", C)
     b = ck.per_channel(bias, "bias", C)
     eps = ck.check_eps(eps)
+    if N * (C // G) * S == 1:  # (PyTorch's check: one sample of one channel per group at one position)
+        raise ValueError(f"Expected more than 1 value per group when training, got input of shape {x.shape}")
     y, mean, var = _forward(x, layout, dims, G, w, b, eps, out)
     invstd = 1.0 / np.sqrt(var + eps)
     return y, mean.reshape(N, G).astype(x.dtype), invstd.reshape(N, G).astype(x.dtype)
