@@ -47,7 +47,7 @@ int bn_have_openmp(void);
 int bn_omp_max_threads(void);
 /* Channels-last element-wise sweeps go in column strips when one row of all their arrays takes at least this
  * many bytes (ukernels.inc, UK_CL_WIDE): bn_cl_strip_bytes for sweeps that store normally, bn_cl_stream_strip_bytes
- * for those whose output streams. The defaults depend on the CPU (docs/design.md, "Wide channels-last rows");
+ * for those whose output streams. The defaults depend on the CPU (docs/tuning.md, "Strip threshold per CPU");
  * bn_set_cl_strip_bytes sets both for every later call (negative: back to the defaults; otherwise at least
  * BN_CL_STRIP_MIN_BYTES, else BN_EINVAL). */
 #define BN_CL_STRIP_MIN_BYTES 4096
@@ -55,12 +55,12 @@ int64_t bn_cl_strip_bytes(void);
 int64_t bn_cl_stream_strip_bytes(void);
 int bn_set_cl_strip_bytes(int64_t bytes);
 /* The bytes a channels-first training forward or backward may keep in a core's caches for a group of channels
- * between its reduction and its sweep (docs/design.md, "Speed model"): half the L2 size the OS reports (512 KiB when
- * it reports none); on AMD CPUs 4 times an L2 of 512 KiB or less, and 0 (two sweeps) with a larger L2; decided once
- * when the library is loaded. bn_slab_min_input: calls whose inputs (x; dy and x) are at most this many bytes take the
- * two sweeps whatever the budget (32 MiB on AMD CPUs with such a budget, else 0). bn_set_slab_bytes sets the budget
- * for every later call of any size (0: never take that path; negative: back to the defaults of both). The results are
- * the same bits whatever they are. */
+ * between its reduction and its sweep (docs/tuning.md, "Slab budget per CPU"): half the L2 size the OS reports (512 KiB
+ * when it reports none); on AMD CPUs 4 times an L2 of 512 KiB or less, 2 MiB in family 19h with an L2 of up to 1 MiB,
+ * and 0 (two sweeps) otherwise; decided once when the library is loaded. bn_slab_min_input: calls whose inputs (x; dy
+ * and x) are at most this many bytes take the two sweeps whatever the budget (32 MiB on AMD CPUs with such a budget,
+ * else 0). bn_set_slab_bytes sets the budget for every later call of any size (0: never take that path; negative: back
+ * to the defaults of both). The results are the same bits whatever they are. */
 int64_t bn_slab_bytes(void);
 int64_t bn_slab_min_input(void);
 int bn_set_slab_bytes(int64_t bytes);

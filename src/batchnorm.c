@@ -14,7 +14,8 @@
 #endif
 
 /* Reduction chunk: small enough that the second statistics pass over it hits L1/L2. The result
- * depends on this constant (the order of additions), never on the thread count. */
+ * depends on this constant (the order of additions), never on the thread count. This and the block and
+ * chunk sizes below: docs/tuning.md, "Channels-first chunk geometry", "Channels-last chunks and blocks". */
 #define BN_CHUNK_BYTES 32768
 #define BN_CL_CHUNK_BYTES (256 << 10)
 #define BN_CL_MIN_ROWS 64
@@ -26,13 +27,13 @@
  * spatial size is at least this, so that a chunk is one contiguous run and chunk-major order streams
  * through memory; several rows for small maps, so that per-chunk partial results stay small. */
 #define BN_CHUNK_MIN_PER_CHANNEL 256
-/* Below this many elements a call runs on one thread: the fork costs more than it saves. */
+/* Below this many elements a call runs on one thread: the fork costs more than it saves (docs/tuning.md,
+ * "One thread below 32768 elements"). */
 #define BN_MIN_PARALLEL_ELEMS 32768
 /* The same for an element-wise sweep that is a call of its own (bn_apply: inference, and the normalise of a
- * channels-first training forward that takes the two sweeps), which does less per element. On an AMD Zen 5 VM
- * (2 threads, float32, the benchmark's scaling table, four runs) the 1x256x14x14 eval (50176 elements, 4 us on one
- * thread) took 0.74-1.13x as long on one thread as on two: a fork and join of 1.3-1.6 us, and a second core that
- * the host does not always run at once. From 65536 elements on, two threads measured 1.3-1.4x faster. */
+ * channels-first training forward that takes the two sweeps), which does less per element: below this size a
+ * second thread measured no faster than one, from it on faster (docs/tuning.md, "Sweeps of their own below 65536
+ * elements"). */
 #define BN_MIN_PARALLEL_SWEEP 65536
 /* More threads than this are never started, whatever set_num_threads asked for. */
 #define BN_MAX_THREADS 1024
@@ -196,13 +197,10 @@ static int64_t cf_task_run(const cf_geom* g, int64_t t, int64_t* base) {
     return rows == 1 ? nseg * len : 0;
 }
 
-/* Whether the backward sums' chunks of several rows prefetch the next block's runs (UK_ROWS_PF in ukernels.inc): where
- * it measured faster. On an AMD Zen 5, 2 threads, float32, timed alternately in one process against the build without
- * it, both load orders (time without ÷ time with): backward sums of 7x7 maps of 12.8-25.7 MB 1.13-2.20, the whole
- * backward 1.35-1.65; (32, 4096, 5x5) backward sums 1.32-2.72, backward 1.30-1.37; (32, 1024, 10x10) 1.18-2.23 and
- * 1.19-1.79; but with the data in L2 (1.6-3.2 MB of 7x7 maps) 0.75-1.00, and 3x3 and 4x4 maps 0.94-1.17 even at
- * 5-8 MB. So maps of at least BN_ROWS_PF_MIN_LEN elements whose reduction reads at least BN_ROWS_PF_MIN_INPUT bytes
- * (`arrays` arrays of them). */
+/* Whether the backward sums' chunks of several rows prefetch the next block's runs (UK_ROWS_PF in ukernels.inc): for
+ * maps of at least BN_ROWS_PF_MIN_LEN elements whose reduction reads at least BN_ROWS_PF_MIN_INPUT bytes (`arrays`
+ * arrays of them), where it measured faster; with the data in L2, and on 3x3 and 4x4 maps, it did not gain
+ * (docs/tuning.md, "Row prefetch for small-map backward sums"). */
 #define BN_ROWS_PF_MIN_LEN 20
 #define BN_ROWS_PF_MIN_INPUT ((int64_t)8 << 20)
 static int cf_rows_pf(const cf_geom* g, int arrays, size_t esize) {
@@ -290,7 +288,8 @@ static void cf_sum_block(const cf_geom* g, int64_t b, const double* gk, const do
  * every array the call reads, and of the one it writes unless it streams it) must stay in the core's L2 (or, with the
  * budget dispatch.c gives AMD Zen 3 and Zen 4, in the L3) between the two. Groups are as large as fit, so that each
  * row's run of a group is as long as can be: a slab comes from memory in runs far apart, and the longer they are, the
- * better the hardware prefetchers keep up. */
+ * better the hardware prefetchers keep up. Whether a CPU takes the path, and with what budget: docs/tuning.md, "Slab
+ * budget per CPU". */
 
 /* Blocks per task of g's slab path with nt threads, `arrays` arrays of esize-byte elements kept in the caches, or 0
  * when the call does not take it (no budget, or inputs of at most bn_slab_min_input bytes: input_bytes): the largest
@@ -319,7 +318,7 @@ static int overlap(const void* a, const void* b, int64_t n) {
  * training forward and the backward still splits the rows, see forward_train_cl.) Blocks are whole multiples of
  * BN_CL_COL_ALIGN channels (256 bytes of float32: whole cache lines when the rows are aligned; a multiple of every
  * ISA's vector of doubles, so that each channel's sums get the row split's bits, see UK_CL_STRIPS), shared out as
- * evenly as whole multiples allow. */
+ * evenly as whole multiples allow (docs/tuning.md, "Column split of the reductions"). */
 #define BN_CL_COL_ALIGN 64
 #define BN_CL_COL_BYTES ((int64_t)512 << 10)
 _Static_assert(BN_CL_COL_ALIGN >= UK_MAX_VL, "the column split's first block holds the channels extend_tail copies");
@@ -342,7 +341,7 @@ static void cl_col_range(int64_t C, int t, int n, int64_t* c0, int64_t* c1) {
 /* Channels per task when threads share out a per-channel combination. */
 #define BN_COMBINE_CHANNELS 128
 /* Interleaved normalise coefficients (cl_il_alloc, batchnorm.inc): from 3 arrays of this many bytes together, for
- * inputs of at least BN_CL_IL_MIN_INPUT bytes */
+ * inputs of at least BN_CL_IL_MIN_INPUT bytes (docs/tuning.md, "Interleaved coefficients for flat normalise sweeps") */
 #define BN_CL_IL_BYTES (12 << 10)
 #define BN_CL_IL_MIN_INPUT ((int64_t)8 << 20)
 _Static_assert(BN_COMBINE_CHANNELS >= UK_MAX_VL, "the first combination task holds the channels extend_tail copies");

@@ -34,7 +34,7 @@ int bn_isa_supported(int isa) {
 
 int bn_best_isa(void) {
     /* AVX-512 where the CPU has it: on the benchmarks it is as fast as AVX2 or faster (channels-last
-     * statistics walk twice as many channels per strip); see docs/design.md, "AVX2 or AVX-512". */
+     * statistics walk twice as many channels per strip); see docs/tuning.md, "AVX-512 by default". */
     if (bn_isa_supported(BN_ISA_AVX512)) return BN_ISA_AVX512;
     if (bn_isa_supported(BN_ISA_AVX2)) return BN_ISA_AVX2;
     return BN_ISA_SCALAR;
@@ -56,23 +56,17 @@ const char* bn_isa_name(int isa) { return (isa >= 0 && isa < BN_ISA_COUNT) ? nam
 const bn_uk_f32* bn_uk_active_f32(void) { return tables_f32[bn_get_isa()]; }
 const bn_uk_f64* bn_uk_active_f64(void) { return tables_f64[bn_get_isa()]; }
 
-/* Column strips for wide channels-last rows (docs/design.md, "Wide channels-last rows"). On AMD Zen 4 (32 KiB
- * L1d) a flat sweep reloads every row's coefficients from L2, and the strips measured 1.15-1.3x faster at
- * C = 1536-2048 (normalise and dx, 12.8 MB float32). On an Intel Xeon with AVX-512 (48 KiB L1d, 2 MiB L2) the
- * flat sweep measured 1.12-1.2x faster for the normalise at C = 2048-16384 and within 3 % for dx. So Intel
- * CPUs with an L1d of 48 KiB or more sweep flat; every other CPU (the rule is not measured beyond these two)
- * takes the Zen 4 setting. On AMD Zen 5 (48 KiB L1d, 1 MiB L2, AVX-512) the flat sweep was faster up to rows of
- * about the L1d and the strips beyond it: 2 threads, float32, 12.8 MB, 24 KiB against 48 KiB timed alternately in one
- * process (time at 24 KiB / time at 48 KiB): eval 1.11-1.18 and training forward 1.06-1.13 at C = 1280-2048,
- * (3136, 1024) backward 1.23, (25088, 1024) backward 1.13; the strips at C = 4096 1.14-1.6x faster than flat.
- * So AMD CPUs with an L1d of 48 KiB or more take strips from rows of their L1d's size.
+/* Column strips for wide channels-last rows. Once a row of every array a sweep touches no longer fits in L1 beside the
+ * data, a flat sweep reloads every row's coefficients from L2, and the strips, which keep them in registers, measured
+ * faster on AMD Zen 4 (32 KiB L1d) from rows of 24 KiB; with a 48 KiB L1d the flat sweep stayed faster up to rows of
+ * about the L1d's size on AMD Zen 5, and at every row size measured within the caches on an Intel Xeon. So Intel CPUs
+ * with an L1d of 48 KiB or more sweep flat, AMD ones take strips from rows of their L1d's size, and every other CPU
+ * (not measured) takes the Zen 4 setting (docs/tuning.md, "Column strips for wide rows", "Strip threshold per CPU").
  * Decided once, when the library is loaded.
  * A call whose output streams (beyond the last-level cache) takes the strips from bn_cl_stream_strip_bytes: the same
- * size, except on AMD CPUs with an L2 of 512 KiB or less (Zen 3 measured): there streaming stores into the 4 rows of
- * a strip at once measured 1.8-3.6x slower than flat runs with the line-aligned starts of UK_CL_WIDE and 1.7-6.1x
- * before them ((3136, 2048), (1568, 4096), (3136, 1024), (6272, 1024) float32; eval, forward and dx; 2 threads; 2
- * rows a strip were even with flat at C = 2048 and still 1.4-3.5x slower at C = 4096), so streamed runs are flat
- * there. */
+ * size, except on AMD CPUs with an L2 of 512 KiB or less (Zen 3 measured), where streaming stores into the 4 rows of a
+ * strip at once measured several times slower than flat runs, so streamed runs are flat there (docs/tuning.md,
+ * "Streamed strips on the Zen 3"). */
 #define BN_STRIP_BYTES_DEFAULT 24576
 static int64_t cpu_strip_bytes = BN_STRIP_BYTES_DEFAULT, cpu_stream_strip_bytes = BN_STRIP_BYTES_DEFAULT;
 /* set by bn_set_cl_strip_bytes (-1: the CPU's default); like the ISA choice, not to be changed while a call runs */
@@ -116,22 +110,16 @@ int bn_cl_takes_strips(int64_t row_bytes, int arrays, int stream, int streamed_o
 
 /* The channels-first slab path (batchnorm.c, cf_slab_blocks) keeps a group of channels in a core's caches between its
  * reduction and its sweep, which saves a second read of the group from the shared cache or memory but reads the
- * group's rows as short runs far apart. On an Intel Xeon (2 MiB L2, a shared cache of about 29 GB/s per core) that
- * measured 1.0-1.45x faster than the two sweeps, in the cache and beyond it, with 1 MiB groups: half the L2, the
- * other half holding what the kernels touch besides. On AMD Zen 4 (1 MiB L2, a fast victim L3 beside each core
- * complex) the two sweeps measured faster: 1.15-1.35x for tensors the L3 holds, and beyond it 0.9-1.4x with a
- * spread from one process to the next that favoured the sweeps. On AMD Zen 3 (512 KiB L2, 32 MiB victim L3) groups
- * of 2 MiB (they live in the L3 between the two passes) measured 1.05-1.38x faster than the sweeps once the arrays
- * the call reads exceed 32 MiB, whether they start in memory or in the cache (the backward of 25.7 MB tensors
- * 0.98-1.06x from the cache), and 0.90-0.95x for forwards of 25.7 MB tensors in the cache (docs/design.md, "Speed
- * model"). Groups of 2 MiB measured faster on the Zen 4 too, beyond the L3 (2 threads, float32, 13 cases of inputs
- * over 32 MiB, alternately in one process: backward 1.05-1.43x, forward 0.96-1.35x; float64 1.05-1.35x; one thread
- * 0.89-1.44x), where an earlier run with 1 MiB groups had been within its spread. So AMD CPUs with an L2 of 512 KiB
- * or less group 4 times their L2, and those of family 19h (Zen 3 and Zen 4) with a larger L2 of up to 1 MiB group
- * 2 MiB, for calls whose inputs exceed BN_STREAM_BYTES (the size at which the element-wise sweeps stream,
- * dispatch.h); other AMD CPUs (Zen 5, where groups measured mixed and calls beyond the L3 were not measured apart)
- * take the two sweeps, and every other CPU groups up to half of the L2 that the OS reports (512 KiB when it reports
- * none) in every call. Decided once, when the library is loaded. */
+ * group's rows as short runs far apart. Groups of half the L2 (the other half holding what the kernels touch besides)
+ * measured as fast as the two sweeps or faster on an Intel Xeon, in the cache and beyond it. On AMD CPUs, whose victim L3 gives
+ * a tensor it holds back fast, the two sweeps measured faster for such tensors; beyond the L3, groups of 2 MiB, which
+ * live in the L3 between the two passes, measured faster on Zen 3 and Zen 4, and groups were mixed on Zen 5. So AMD
+ * CPUs with an L2 of 512 KiB or less group 4 times their L2, and those of family 19h (Zen 3 and Zen 4) with a larger
+ * L2 of up to 1 MiB group 2 MiB, for calls whose inputs exceed BN_STREAM_BYTES (the size at which the element-wise
+ * sweeps stream, dispatch.h); other AMD CPUs (Zen 5) take the two sweeps, and every other CPU groups up to half of the
+ * L2 that the OS reports (512 KiB when it reports none) in every call (docs/tuning.md, "Slab budget per CPU", "Slab
+ * groups in the L2 (Intel Xeon)", "Slab groups within the L3 (Zen 4)", "Slab groups beyond the L3", "Slab groups on
+ * the Zen 5"). Decided once, when the library is loaded. */
 #define BN_SLAB_BYTES_AMD_L3 ((int64_t)2 << 20)
 #define BN_SLAB_BYTES_DEFAULT ((int64_t)512 << 10)
 static int64_t cpu_slab_bytes = BN_SLAB_BYTES_DEFAULT;

@@ -9,7 +9,8 @@
  * (inputs and output together): beyond the last-level cache a regular store first reads the line it
  * writes, a streaming store does not, and it leaves the cache to the input. Below it, the output stays
  * cached for whatever reads it next. The values written are the same either way. dispatch.c takes the
- * same size for bn_slab_min_input on AMD Zen 3: inputs beyond the last-level cache. */
+ * same size for bn_slab_min_input on AMD Zen 3 and Zen 4: inputs beyond the last-level cache (docs/tuning.md,
+ * "Streaming stores beyond 32 MiB"). */
 #define BN_STREAM_BYTES ((int64_t)32 << 20)
 
 const bn_uk_f32* bn_uk_active_f32(void);
