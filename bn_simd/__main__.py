@@ -22,8 +22,8 @@ from ._config import show_config
 CHECK_CASES = [((4, 7, 9, 11), "NCHW"), ((3, 5, 6, 17), "NHWC"), ((64, 33), "NCHW"), ((2, 9, 4, 4, 4), "NCHW"),
                ((2, 16, 130), "NCHW"), ((1, 3, 40, 40), "NCHW")]
 NO_BENCHMARKS = ("python -m bn_simd bench runs the benchmark harness of a source checkout (its benchmarks/ "
-                 "folder), which this installation does not have. From a source checkout of bn_simd, run: "
-                 "python benchmarks/run.py --help")
+                 "folder), and none was found beside this installation or in the current directory. From the "
+                 "root of a source checkout of bn_simd, run: python benchmarks/run.py (--help lists its options)")
 
 
 def _tol(dtype, n):

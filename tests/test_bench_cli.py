@@ -164,8 +164,8 @@ def test_isa_table_and_json(tmp_path, capsys, keep_torch_threads):
 
 def test_isa_table_with_one_kernel_set():
     """A CPU with the scalar kernels only: one time column and no ratio column, header and rows alike."""
-    row = {"case": "1×8×1×1", "layout": "NCHW", "family": "batch_norm", "dtype": "float32", "mode": "eval", "id": "1x8x1x1-NCHW", "threads": 2,
-           "isas": ["scalar"], "ms": {"scalar": 0.001}}
+    row = {"case": "1×8×1×1", "layout": "NCHW", "family": "batch_norm", "dtype": "float32", "mode": "eval",
+           "id": "1x8x1x1-NCHW", "threads": 2, "isas": ["scalar"], "ms": {"scalar": 0.001}}
     lines = [line for line in report.isa_table([row]).splitlines() if line.startswith("|")]
     assert _cells(lines[0]) == ["case", "op", "layout", "scalar ms"]
     assert lines[1] == "|---|---|---|---:|"
@@ -232,12 +232,13 @@ def test_a_new_op_family_needs_no_change_to_measuring_or_reports(monkeypatch):
     assert text.count("Geometric means of the speed-ups") == 2
 
 
-def test_checkout_root_is_a_folder_with_the_harness(tmp_path):
+def test_checkout_root_is_a_folder_with_the_harness(tmp_path, monkeypatch):
     assert cli.checkout_root([str(tmp_path)]) is None
     (tmp_path / "benchmarks" / "harness").mkdir(parents=True)
     (tmp_path / "benchmarks" / "run.py").write_text("")
     assert cli.checkout_root([str(tmp_path / "elsewhere"), str(tmp_path)]) == str(tmp_path)
-    assert cli.checkout_root() == ROOT  # this package's parent: the source checkout
+    monkeypatch.chdir(ROOT)  # the package's parent, or else the current directory
+    assert cli.checkout_root() == ROOT
 
 
 def _installed_copy(tmp_path):
