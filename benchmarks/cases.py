@@ -1,11 +1,13 @@
-"""Benchmark cases and implementations for the pytest-benchmark suite (``test_bench.py``).
+"""The pytest-benchmark suite's parameters (``test_bench.py``): the harness's cases, every (case, mode,
+implementation) an implementation supports, and the number of rounds per case."""
+from benchmarks.harness import impls
+from benchmarks.harness.cases import CASES, Case
 
-They live in ``bn_simd/_bench.py``, where ``python -m bn_simd bench`` and ``run.py`` use them too; this
-module re-exports what the suite needs and adds the number of pytest-benchmark rounds per case.
-"""
-from bn_simd._bench import (CASES, IMPLEMENTATIONS, OP_TITLES, OPS, STATE, Case, Workspace,  # noqa: F401
-                            configure, copy_probe, max_difference, missing, probe_bytes, steady_allocator,
-                            supports, versions)
+PARAMS = [(case, mode, name) for case in CASES for mode in case.modes for name in impls.names(case.family)
+          if impls.supports(name, case, mode)]
+
+# small arrays on which test_agreement compares the implementations' outputs
+SMALL = [Case((4, 24, 5, 7), "NCHW"), Case((4, 24, 5, 7), "NHWC"), Case((64, 40))]
 
 
 def rounds_for(case):

@@ -1,25 +1,29 @@
-"""``python -m bn_simd``: a self-check against a float64 NumPy reference and a speed table vs NumPy.
+"""``python -m bn_simd``: a self-check against a float64 NumPy reference and a short speed table vs NumPy.
 
-    python -m bn_simd            # self-check + speed table (about 20 s)
+    python -m bn_simd            # self-check + speed table (a few seconds)
     python -m bn_simd check      # self-check only; exit status 1 on any failure
     python -m bn_simd speed      # speed table only
-    python -m bn_simd bench ...  # the benchmark table vs NumPy, PyTorch, ONNX Runtime (bench --help)
+    python -m bn_simd bench ...  # in a source checkout: benchmarks/run.py (vs NumPy, PyTorch, ONNX Runtime)
 """
 import argparse
+import importlib
+import importlib.util
+import os
 import sys
 
 import numpy as np
 
 from . import _baseline as ref
-from . import _bench
+from . import _speed
 from . import functional as F
 from ._config import show_config
 
 # (shape, layout): covers both kernel families (channels-first runs, channels-last rows), odd sizes
 CHECK_CASES = [((4, 7, 9, 11), "NCHW"), ((3, 5, 6, 17), "NHWC"), ((64, 33), "NCHW"), ((2, 9, 4, 4, 4), "NCHW"),
                ((2, 16, 130), "NCHW"), ((1, 3, 40, 40), "NCHW")]
-SPEED_CASES = [_bench.Case((32, 64, 56, 56)), _bench.Case((32, 64, 56, 56), "NHWC"), _bench.Case((32, 256, 14, 14)),
-               _bench.Case((32, 2048, 7, 7)), _bench.Case((256, 1024)), _bench.Case((1, 64, 56, 56), ops=("eval",))]
+NO_BENCHMARKS = ("python -m bn_simd bench runs the benchmark harness of a source checkout (its benchmarks/ "
+                 "folder), and none was found beside this installation or in the current directory. From the "
+                 "root of a source checkout of bn_simd, run: python benchmarks/run.py (--help lists its options)")
 
 
 def _tol(dtype, n):
@@ -69,33 +73,51 @@ def self_check(verbose=True):
     return failures
 
 
-def speed_table():
-    """bn_simd and the NumPy baseline on SPEED_CASES (the arrays and calls of ``python -m bn_simd bench``)."""
-    header = (f"| {'case':22s} | {'op':10s} | {'bn_simd ms':>10s} | {'NumPy ms':>9s} | {'bn_simd GB/s':>12s} "
-              f"| {'speed-up':>8s} |")
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    titles = {"forward": "train fwd", "backward": "backward", "eval": "eval"}
-    for case in SPEED_CASES:
-        ws = _bench.Workspace(case)
-        name = "x".join(map(str, case.shape)) + " " + case.layout
-        for op in case.ops:
-            t_ours = 1e3 * _bench.median_seconds(_bench.make_bn_simd(ws, op), 0.6, 3, 30)[0]
-            t_np = 1e3 * _bench.median_seconds(_bench.make_numpy(ws, op), 0.4, 3, 8)[0]
-            gbs = case.min_bytes(op) / (t_ours * 1e-3) / 1e9
-            print(f"| {name:22s} | {titles[op]:10s} | {t_ours:10.3f} | {t_np:9.3f} | {gbs:12.1f} "
-                  f"| {t_np / t_ours:7.1f}x |")
-        del ws
-    print("\nGB/s counts the minimum traffic: 2 tensor passes (read x, write y) for forward and eval, 3 for "
-          "backward. Medians of repeated runs, float32.")
+def checkout_root(candidates=None):
+    """The source checkout whose benchmarks/ folder holds the harness: the first of candidates (default: the
+    package's parent directory, then the current directory) that has benchmarks/run.py and
+    benchmarks/harness/; None when none has."""
+    if candidates is None:
+        candidates = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.getcwd())
+    for root in candidates:
+        bench = os.path.join(root, "benchmarks")
+        if os.path.isfile(os.path.join(bench, "run.py")) and os.path.isdir(os.path.join(bench, "harness")):
+            return root
+    return None
+
+
+def _harness_cli():
+    """The module benchmarks.run: from a source checkout (checkout_root()) or, failing that, from wherever
+    it is importable; None when it is nowhere."""
+    root = checkout_root()
+    if root is not None:
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        return importlib.import_module("benchmarks.run")
+    try:
+        found = importlib.util.find_spec("benchmarks.run") is not None
+    except ImportError:  # a module named benchmarks that is not this project's package
+        found = False
+    return importlib.import_module("benchmarks.run") if found else None
+
+
+def bench(argv):
+    """``python -m bn_simd bench [options]``: benchmarks/run.py's command line, or a message and status 2
+    where there is no source checkout."""
+    cli = _harness_cli()
+    if cli is None:
+        print(NO_BENCHMARKS, file=sys.stderr)
+        return 2
+    return cli.main(argv, prog="python -m bn_simd bench")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
-        return _bench.main(argv[1:])
+        return bench(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bn_simd", description=__doc__.splitlines()[0],
-                                     epilog="bench takes options of its own: python -m bn_simd bench --help")
+                                     epilog="bench (in a source checkout) takes options of its own: "
+                                            "python -m bn_simd bench --help")
     parser.add_argument("command", nargs="?", default="all", choices=["all", "check", "speed", "bench"])
     args = parser.parse_args(argv)
     cfg = show_config()
@@ -108,7 +130,7 @@ def main(argv=None):
         print(f"  {'all passed' if not failures else f'{failures} case(s) FAILED'}")
     if args.command in ("all", "speed"):
         print("\nSpeed vs the NumPy baseline:\n")
-        speed_table()
+        _speed.speed_table()
     return 1 if failures else 0
 
 

@@ -1,13 +1,28 @@
-"""``python -m bn_simd bench`` on its smallest case: the table's columns, the JSON rows, agreement of the
-implementations' outputs with bn_simd's, and the bar chart (when matplotlib is installed)."""
+"""The benchmark harness (benchmarks/harness/, run through ``python -m bn_simd bench``) on its smallest case:
+the table's columns, the JSON rows, agreement of the implementations' outputs with bn_simd's, and the bar
+chart (when matplotlib is installed); and the message ``bench`` gives where there is no source checkout."""
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 import bn_simd
-from bn_simd import _bench
+from bn_simd import __main__ as cli
+from bn_simd import _speed
 from bn_simd.__main__ import main
+
+# The checkout's root, for benchmarks.harness when the tests run from elsewhere (appended: the bn_simd under
+# test, already imported, stays the one in use).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.append(ROOT)
+
+from benchmarks.harness import cases, impls, measure, report, timing  # noqa: E402
 
 TINY = ["--quick", "--only", "1x8x1x1", "--retries", "0", "--default-malloc"]
 
@@ -15,7 +30,7 @@ TINY = ["--quick", "--only", "1x8x1x1", "--retries", "0", "--default-malloc"]
 @pytest.fixture
 def keep_torch_threads():
     """The benchmark sets PyTorch's thread count; put it back afterwards."""
-    torch = _bench._torch()
+    torch = impls.torch_module()
     before = torch.get_num_threads() if torch is not None else None
     yield
     if torch is not None:
@@ -23,9 +38,9 @@ def keep_torch_threads():
 
 
 def _expected_columns():
-    compared = [n for n in ("torch", "torch_out", "onnxruntime") if _bench.missing(n) is None]
-    ratios = ["vs NumPy"] + [f"vs {_bench.IMPL_TITLES[n]}" for n in ("torch", "onnxruntime") if n in compared]
-    return (["case", "op", "layout", "bn_simd ms", "NumPy ms"] + [f"{_bench.IMPL_TITLES[n]} ms" for n in compared]
+    compared = [n for n in ("torch", "torch_out", "onnxruntime") if impls.missing(n) is None]
+    ratios = ["vs NumPy"] + [f"vs {impls.IMPL_TITLES[n]}" for n in ("torch", "onnxruntime") if n in compared]
+    return (["case", "op", "layout", "bn_simd ms", "NumPy ms"] + [f"{impls.IMPL_TITLES[n]} ms" for n in compared]
             + ["bn_simd GB/s", "% of probe"] + ratios)
 
 
@@ -48,30 +63,30 @@ def test_bench_table_json_and_agreement(tmp_path, capsys, keep_torch_threads):
     assert re.search(r"Geometric means of the speed-ups — all \(1\): [\d.]+× vs NumPy.*; eval \(1\): ", out)
 
     rows = json.loads(path.read_text())["rows"]
-    assert [(r["id"], r["op"]) for r in rows] == [("1x8x1x1-NCHW", "eval")]
+    assert [(r["id"], r["mode"]) for r in rows] == [("1x8x1x1-NCHW", "eval")]
     r = rows[0]
     assert r["min_bytes"] == 2 * r["tensor_bytes"] == 2 * 8 * 4
     assert r["probe_ms"] > 0 and r["pct_probe"] > 0
     timed = {n for n, ms in r["ms"].items() if ms}
     assert timed == {"bn_simd", "numpy"} | {n for n in ("torch", "torch_out", "onnxruntime")
-                                            if _bench.missing(n) is None}
+                                            if impls.missing(n) is None}
     assert set(r["max_diff"]) == timed - {"bn_simd"}
     assert all(d < 1e-5 for d in r["max_diff"].values()), r["max_diff"]
 
 
-@pytest.mark.parametrize("case", [_bench.Case((4, 24, 5, 7)), _bench.Case((4, 24, 5, 7), "NHWC"),
-                                  _bench.Case((64, 40))], ids=lambda c: c.id)
-def test_every_op_measured_and_agreeing(case):
-    rows = _bench.measure([case], target_s=0.002, k_min=1, k_max=2)
-    assert [r["op"] for r in rows] == ["forward", "backward", "eval"]
+@pytest.mark.parametrize("case", [cases.Case((4, 24, 5, 7)), cases.Case((4, 24, 5, 7), "NHWC"),
+                                  cases.Case((64, 40))], ids=lambda c: c.id)
+def test_every_mode_measured_and_agreeing(case):
+    rows = measure.measure([case], target_s=0.002, k_min=1, k_max=2)
+    assert [r["mode"] for r in rows] == ["forward", "backward", "eval"]
     assert [r["min_bytes"] // r["tensor_bytes"] for r in rows] == [2, 3, 2]
-    installed = {n for n in _bench.IMPLEMENTATIONS if _bench.missing(n) is None}
+    installed = {n for n in impls.names(case.family) if impls.missing(n) is None}
     for r in rows:
-        expected = {n for n in installed if _bench.supports(n, case, r["op"])} - {"bn_simd"}
+        expected = {n for n in installed if impls.supports(n, case, r["mode"])} - {"bn_simd"}
         assert set(r["max_diff"]) == expected
-        assert all(d < 1e-5 for d in r["max_diff"].values()), (r["op"], r["max_diff"])
+        assert all(d < 1e-5 for d in r["max_diff"].values()), (r["mode"], r["max_diff"])
         assert all(r["ms"][n] > 0 for n in expected | {"bn_simd"})
-    text = _bench.table(rows)
+    text = report.table(rows)
     for title in ("forward-train", "backward", "eval"):
         assert f"| {case.label} | {title} | {case.layout_label} |" in text
     assert "forward-train (1): " in text and "backward (1): " in text and "eval (1): " in text
@@ -85,7 +100,7 @@ def test_plot(tmp_path, capsys, keep_torch_threads):
 
 
 def test_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(_bench, "have_matplotlib", lambda: False)
+    monkeypatch.setattr(report, "have_matplotlib", lambda: False)
     with pytest.raises(SystemExit) as exc:
         main(["bench", *TINY, "--plot", str(tmp_path / "bench.png")])
     assert exc.value.code == 2
@@ -102,7 +117,7 @@ def test_interleaved_medians_samples_every_fn_in_rounds_after_its_setup():
     def setup(name):
         return lambda: log.append("set " + name)
 
-    res = _bench.interleaved_medians([fn("a"), fn("b")], setups=[setup("a"), setup("b")], target_s=0.001,
+    res = timing.interleaved_medians([fn("a"), fn("b")], setups=[setup("a"), setup("b")], target_s=0.001,
                                      k_min=3, k_max=4)
     assert len(res) == 2 and all(t > 0 and 3 <= k <= 4 for t, k in res) and res[0][1] == res[1][1]
     k = res[0][1]
@@ -123,7 +138,7 @@ def test_scaling_table_and_json(tmp_path, capsys, keep_torch_threads):
     row = _cells(lines[header + 2])
     assert row[:3] == ["1×8×1×1", "eval", "NCHW"] and float(row[3]) > 0 and float(row[4]) > 0
     rows = json.loads(path.read_text())["rows"]
-    assert [(r["id"], r["op"], r["threads"]) for r in rows] == [("1x8x1x1-NCHW", "eval", 2)]
+    assert [(r["id"], r["mode"], r["threads"]) for r in rows] == [("1x8x1x1-NCHW", "eval", 2)]
     assert rows[0]["speedup"] == pytest.approx(rows[0]["ms"]["1"] / rows[0]["ms"]["2"])
     # the setting is put back after the 1-thread samples (without OpenMP every call runs on one thread)
     assert bn_simd.get_num_threads() == (2 if bn_simd.show_config()["openmp"] else 1)
@@ -142,20 +157,20 @@ def test_isa_table_and_json(tmp_path, capsys, keep_torch_threads):
     row = _cells(lines[header + 2])
     assert row[:3] == ["1×8×1×1", "eval", "NCHW"] and all(float(v) > 0 for v in row[3:3 + len(isas)])
     rows = json.loads(path.read_text())["rows"]
-    assert [(r["id"], r["op"], r["isas"]) for r in rows] == [("1x8x1x1-NCHW", "eval", isas)]
+    assert [(r["id"], r["mode"], r["isas"]) for r in rows] == [("1x8x1x1-NCHW", "eval", isas)]
     assert sorted(rows[0]["ms"]) == sorted(isas) and all(v > 0 for v in rows[0]["ms"].values())
     assert bn_simd.get_isa() == active  # the kernel set is put back
 
 
 def test_isa_table_with_one_kernel_set():
     """A CPU with the scalar kernels only: one time column and no ratio column, header and rows alike."""
-    row = {"case": "1×8×1×1", "layout": "NCHW", "op": "eval", "id": "1x8x1x1-NCHW", "threads": 2,
-           "isas": ["scalar"], "ms": {"scalar": 0.001}}
-    lines = [line for line in _bench.isa_table([row]).splitlines() if line.startswith("|")]
+    row = {"case": "1×8×1×1", "layout": "NCHW", "family": "batch_norm", "dtype": "float32", "mode": "eval",
+           "id": "1x8x1x1-NCHW", "threads": 2, "isas": ["scalar"], "ms": {"scalar": 0.001}}
+    lines = [line for line in report.isa_table([row]).splitlines() if line.startswith("|")]
     assert _cells(lines[0]) == ["case", "op", "layout", "scalar ms"]
     assert lines[1] == "|---|---|---|---:|"
     assert _cells(lines[2]) == ["1×8×1×1", "eval", "NCHW", "0.0010"]
-    assert "Geometric" not in _bench.isa_table([row])
+    assert "Geometric" not in report.isa_table([row])
 
 
 def test_isas_refuses_plot(capsys):
@@ -171,3 +186,95 @@ def test_scaling_refuses_options_it_cannot_honour(extra, message, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--scaling", *TINY, *extra])
     assert message in capsys.readouterr().err
+
+
+def test_write_readme_replaces_only_the_marked_table(tmp_path):
+    path = tmp_path / "README.md"
+    start, end = report.MARKS["scaling"]
+    path.write_text(f"before\n{start}\nold\n{end}\nafter\n", encoding="utf-8")
+    report.write_readme("| new |\n", path=str(path), marks=report.MARKS["scaling"])
+    assert path.read_text(encoding="utf-8") == f"before\n{start}\n| new |\n{end}\nafter\n"
+    with pytest.raises(ValueError, match="markers"):
+        report.write_readme("x", path=str(path), marks=report.MARKS["isas"])
+
+
+def test_a_new_op_family_needs_no_change_to_measuring_or_reports(monkeypatch):
+    """An op family is a FAMILIES entry, a workspace and an IMPLEMENTATIONS entry: measure() times it and
+    table() gives it a table of its own beside batch norm's."""
+
+    class ScaleWorkspace:
+        def __init__(self, case, seed=0):
+            self.case, self.layout = case, case.layout
+            self.x = np.random.default_rng(seed).standard_normal(case.shape, dtype=case.dtype)
+            self.out = np.empty_like(self.x)
+
+    def scale_bn_simd(ws, mode):
+        return impls.Runner(lambda: np.multiply(ws.x, 2, out=ws.out), lambda r: r)
+
+    def scale_numpy(ws, mode):
+        return impls.Runner(lambda: ws.x * 2, lambda r: r)
+
+    monkeypatch.setitem(cases.FAMILIES, "scale", cases.Family("scale", ("eval",), {"eval": 2}, ScaleWorkspace,
+                                                               id_prefix="scale-"))
+    monkeypatch.setitem(impls.IMPLEMENTATIONS, "scale", {"bn_simd": impls.Impl(scale_bn_simd),
+                                                         "numpy": impls.Impl(scale_numpy)})
+    toy = cases.Case((2, 3, 4, 4), modes=("eval",), family="scale", dtype=np.float64)
+    assert toy.id == "scale-2x3x4x4-NCHW-float64" and toy.label == "2×3×4×4 float64"
+    bn = cases.Case((1, 8, 1, 1), modes=("eval",))
+    rows = measure.measure([bn, toy], target_s=0.002, k_min=1, k_max=2)
+    assert [(r["family"], r["dtype"], r["mode"]) for r in rows] == [("batch_norm", "float32", "eval"),
+                                                                    ("scale", "float64", "eval")]
+    assert rows[1]["max_diff"] == {"numpy": 0.0} and rows[1]["min_bytes"] == 2 * 2 * 3 * 4 * 4 * 8
+    text = report.table(rows)
+    assert "float32, float64" in text.splitlines()[0]
+    assert "batch norm:\n\n| case |" in text and "\nscale:\n\n| case |" in text
+    assert "| 2×3×4×4 float64 | eval | NCHW |" in text
+    assert text.count("Geometric means of the speed-ups") == 2
+
+
+def test_checkout_root_is_a_folder_with_the_harness(tmp_path, monkeypatch):
+    assert cli.checkout_root([str(tmp_path)]) is None
+    (tmp_path / "benchmarks" / "harness").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "run.py").write_text("")
+    assert cli.checkout_root([str(tmp_path / "elsewhere"), str(tmp_path)]) == str(tmp_path)
+    monkeypatch.chdir(ROOT)  # the package's parent, or else the current directory
+    assert cli.checkout_root() == ROOT
+
+
+def _installed_copy(tmp_path):
+    """A copy of the package under test in a folder of its own, with no benchmarks/ beside it."""
+    site = tmp_path / "site"
+    shutil.copytree(os.path.dirname(bn_simd.__file__), site / "bn_simd",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.c", "*.pyx"))
+    env = dict(os.environ, PYTHONPATH=str(site))
+    return site, env
+
+
+def test_installed_package_without_benchmarks(tmp_path):
+    """From an installation with no source checkout around it, check still runs and bench says where the
+    benchmarks are, with exit status 2."""
+    site, env = _installed_copy(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    bench = subprocess.run([sys.executable, "-m", "bn_simd", "bench", "--quick"], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert bench.returncode == 2, bench.stderr
+    assert "python benchmarks/run.py" in bench.stderr and "source checkout" in bench.stderr
+    check = subprocess.run([sys.executable, "-m", "bn_simd", "check"], cwd=work, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "all passed" in check.stdout
+    where = subprocess.run([sys.executable, "-c", "import bn_simd; print(bn_simd.__file__)"], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert where.stdout.strip().startswith(str(site)), where.stdout + where.stderr  # the copy was the one run
+
+
+def test_speed_table_columns():
+    lines = []
+    rows = _speed.speed_table([((4, 8, 3, 3), "NCHW", ("forward", "eval")), ((16, 3, 3, 8), "NHWC", ("backward",))],
+                              budget_s=0.001, out=lines.append)
+    assert _cells(lines[0]) == ["case", "layout", "op", "bn_simd ms", "NumPy ms", "bn_simd GB/s", "speed-up"]
+    assert [_cells(line)[:3] for line in lines[2:5]] == [["4x8x3x3", "NCHW", "train fwd"], ["4x8x3x3", "NCHW", "eval"],
+                                                        ["16x3x3x8", "NHWC", "backward"]]
+    assert [r["mode"] for r in rows] == ["forward", "eval", "backward"]
+    assert all(r["bn_simd_ms"] > 0 and r["numpy_ms"] > 0 for r in rows)

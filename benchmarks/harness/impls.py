@@ -1,0 +1,315 @@
+"""The implementations that are timed, registered per op family.
+
+``IMPLEMENTATIONS[family][name]`` is an :class:`Impl`: ``make(ws, mode)`` returns a :class:`Runner` (one
+call of the mode, nothing else) for a workspace of that family, and ``supports(case, mode)`` says whether
+the implementation has a form of that mode for that case at all. Implementation names are shared by the
+families ("bn_simd", "numpy", "torch", "torch_out", "onnxruntime"), and so are their column titles
+(IMPL_TITLES) and the libraries they need (REQUIRES). "bn_simd" is every family's reference: the other
+outputs are compared with its output.
+
+PyTorch and ONNX Runtime (with onnx) are optional: they are imported on first use, and without them
+``runner()`` returns None and their columns are left out.
+"""
+import functools
+import importlib
+import types
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+
+import bn_simd
+from bn_simd import _baseline
+from bn_simd import functional as F
+
+from .cases import EPS, MOMENTUM
+
+# threads of bn_simd, PyTorch and ONNX Runtime sessions (set with configure())
+STATE = types.SimpleNamespace(threads=2)
+
+
+# ---- optional libraries -----------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def optional(name):
+    """The module, imported on first use, or None when it is not installed."""
+    try:
+        return importlib.import_module(name)
+    except (ImportError, OSError):  # OSError: an installed library whose shared objects fail to load
+        return None
+
+
+def torch_module():
+    return optional("torch")
+
+
+def onnxruntime_module():
+    """onnxruntime when both it and onnx (which builds the models) are installed, else None."""
+    return optional("onnxruntime") if optional("onnx") is not None else None
+
+
+# implementation name -> (the library it needs, as told to the user; its import)
+REQUIRES = {"torch": ("torch", torch_module), "torch_out": ("torch", torch_module),
+            "onnxruntime": ("onnxruntime (and onnx)", onnxruntime_module)}
+
+IMPL_TITLES = {"bn_simd": "bn_simd", "numpy": "NumPy", "torch": "PyTorch", "torch_out": "PyTorch out=",
+               "onnxruntime": "ONNX RT"}
+
+# The speed-ups of a row: key -> the implementations whose fastest time is divided by bn_simd's ("torch"
+# takes the faster of PyTorch's two forms; "torch_call" is the plain call alone).
+SPEEDUPS = {"numpy": ("numpy",), "torch": ("torch", "torch_out"), "torch_call": ("torch",),
+            "onnxruntime": ("onnxruntime",)}
+
+
+def missing(name):
+    """The library implementation `name` needs when it is not installed, else None."""
+    lib, module = REQUIRES.get(name, (None, None))
+    return lib if module is not None and module() is None else None
+
+
+def configure(threads=2):
+    """Use `threads` threads in bn_simd, PyTorch and ONNX Runtime sessions created afterwards."""
+    STATE.threads = int(threads)
+    bn_simd.set_num_threads(STATE.threads)
+    if torch_module() is not None:
+        torch_module().set_num_threads(STATE.threads)
+
+
+def versions():
+    """Versions of the libraries in the comparison (None when not installed)."""
+    return {"bn_simd": bn_simd.__version__, "numpy": np.__version__,
+            "torch": getattr(torch_module(), "__version__", None),
+            "onnxruntime": getattr(onnxruntime_module(), "__version__", None)}
+
+
+# ---- the registry's types -----------------------------------------------------------------------------------
+
+class Runner:
+    """call() runs the mode once; fetch(result) turns call()'s result into the output array (y or grad_x)
+    in the case's array layout, for checking that implementations agree."""
+
+    def __init__(self, call, fetch):
+        self.call = call
+        self.fetch = fetch
+
+    def __call__(self):
+        return self.call()
+
+    def output(self):
+        return np.asarray(self.fetch(self.call()))
+
+
+class Impl(NamedTuple):
+    """make(ws, mode) -> Runner, called only for a supported case and mode whose library is installed;
+    supports(case, mode) -> bool (None: every case and mode of the family)."""
+    make: Callable
+    supports: Optional[Callable] = None
+
+
+# ---- batch norm ---------------------------------------------------------------------------------------------
+
+def batch_norm_bn_simd(ws, mode):
+    x, out, layout = ws.x, ws.out, ws.layout
+    w, b = ws.weight, ws.bias
+    if mode == "forward":
+        rm, rv = ws.running_mean, ws.running_var
+        return Runner(lambda: F.batch_norm(x, rm, rv, w, b, True, MOMENTUM, EPS, layout=layout, out=out),
+                      lambda r: r)
+    if mode == "eval":
+        em, ev = ws.eval_mean, ws.eval_var
+        return Runner(lambda: F.batch_norm(x, em, ev, w, b, False, MOMENTUM, EPS, layout=layout, out=out),
+                      lambda r: r)
+    dy, sm, si = ws.dy, ws.save_mean, ws.save_invstd
+    return Runner(lambda: F.batch_norm_backward(dy, x, sm, si, w, layout=layout, out=out),
+                  lambda r: r[0])
+
+
+def batch_norm_numpy(ws, mode):
+    x, layout = ws.x, ws.layout
+    w, b = ws.weight, ws.bias
+    if mode == "forward":
+        return Runner(lambda: _baseline.forward_train(x, w, b, EPS, layout), lambda r: r[0])
+    if mode == "eval":
+        em, ev = ws.eval_mean, ws.eval_var
+        return Runner(lambda: _baseline.inference(x, em, ev, w, b, EPS, layout), lambda r: r)
+    dy, sm, si = ws.dy, ws.save_mean, ws.save_invstd
+    return Runner(lambda: _baseline.backward(dy, x, sm, si, w, layout), lambda r: r[0])
+
+
+def torch_view(a, layout):
+    """A tensor sharing a's memory with logical (N, C, *spatial) sizes: for NHWC arrays that is a
+    channels-last tensor (torch.channels_last for 4-D)."""
+    t = torch_module().from_numpy(a)
+    if layout == "NHWC" and t.dim() > 2:
+        t = t.permute(0, t.dim() - 1, *range(1, t.dim() - 1))
+    return t
+
+
+def torch_array(t, layout):
+    """Back from (N, C, *spatial) to the case's array layout, as NumPy."""
+    t = t.detach()
+    if layout == "NHWC" and t.dim() > 2:
+        t = t.permute(0, *range(2, t.dim()), 1)
+    return t.numpy()
+
+
+def _torch_bn_params(ws, mode):
+    p = torch_module().from_numpy
+    if mode == "eval":
+        rm, rv = p(ws.eval_mean.copy()), p(ws.eval_var.copy())
+    else:
+        rm, rv = p(ws.running_mean.copy()), p(ws.running_var.copy())
+    return p(ws.weight.copy()), p(ws.bias.copy()), rm, rv
+
+
+def batch_norm_torch(ws, mode):
+    """torch.nn.functional.batch_norm under no_grad (forward-train, eval): the call PyTorch users make,
+    which allocates its output. Backward: aten.native_batch_norm_backward with torch's own saved
+    statistics, the kernel autograd runs, without the graph."""
+    torch = torch_module()
+    layout = ws.layout
+    x = torch_view(ws.x, layout)
+    w, b, rm, rv = _torch_bn_params(ws, mode)
+    if mode in ("forward", "eval"):
+        training = mode == "forward"
+        bn = torch.nn.functional.batch_norm
+
+        def call():
+            with torch.no_grad():
+                return bn(x, rm, rv, w, b, training, MOMENTUM, EPS)
+        return Runner(call, lambda r: torch_array(r, layout))
+    dy = torch_view(ws.dy, layout)
+    _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(x, w, b, None, None, True, MOMENTUM, EPS)
+    bwd = torch.ops.aten.native_batch_norm_backward
+    mask = [True, True, True]
+    return Runner(lambda: bwd(dy, x, w, rm, rv, save_mean, save_invstd, True, EPS, mask),
+                  lambda r: torch_array(r[0], layout))
+
+
+def batch_norm_torch_out(ws, mode):
+    """PyTorch's forward kernel writing into a preallocated output (aten.native_batch_norm.out), the
+    counterpart of bn_simd's out=. No backward: its out= overload computes into new tensors and copies,
+    so it is no cheaper than the plain call."""
+    torch = torch_module()
+    layout = ws.layout
+    x = torch_view(ws.x, layout)
+    w, b, rm, rv = _torch_bn_params(ws, mode)
+    out = torch_view(ws.out, layout)
+    save_mean, save_invstd = torch.empty(ws.case.channels), torch.empty(ws.case.channels)
+    training = mode == "forward"
+    kernel = torch.ops.aten.native_batch_norm.out
+
+    def call():
+        kernel(x, w, b, rm, rv, training, MOMENTUM, EPS, out=out, save_mean=save_mean, save_invstd=save_invstd)
+        return out
+    return Runner(call, lambda r: torch_array(r, layout))
+
+
+def _batch_norm_onnx_model(ws):
+    """A one-node BatchNormalization model with the workspace's parameters and eval statistics."""
+    onnx = optional("onnx")
+    helper, TensorProto = onnx.helper, onnx.TensorProto
+    C = ws.case.channels
+    dims = list(ws.case.dims)
+    params = [helper.make_tensor(name, TensorProto.FLOAT, [C], arr.tolist())
+              for name, arr in (("scale", ws.weight), ("B", ws.bias), ("mean", ws.eval_mean),
+                                ("var", ws.eval_var))]
+    node = helper.make_node("BatchNormalization", ["X", "scale", "B", "mean", "var"], ["Y"], epsilon=EPS)
+    graph = helper.make_graph([node], "batch_norm",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, dims)],
+                              initializer=params)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def onnxruntime_runner(model, ws):
+    """A Runner of a serialised model on the CPU execution provider, with STATE.threads intra-op threads,
+    input X and output Y bound to the workspace's x and out."""
+    ort = onnxruntime_module()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = STATE.threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input("X", ort.OrtValue.ortvalue_from_numpy(ws.x))
+    binding.bind_ortvalue_output("Y", ort.OrtValue.ortvalue_from_numpy(ws.out))
+    out = ws.out
+
+    def call():
+        sess.run_with_iobinding(binding)
+        return out
+    return Runner(call, lambda r: r)
+
+
+def batch_norm_onnxruntime(ws, mode):
+    """Eval only, channels on axis 1 only (ONNX BatchNormalization has no channels-last form)."""
+    return onnxruntime_runner(_batch_norm_onnx_model(ws), ws)
+
+
+IMPLEMENTATIONS = {
+    "batch_norm": {
+        "bn_simd": Impl(batch_norm_bn_simd),
+        "numpy": Impl(batch_norm_numpy),
+        "torch": Impl(batch_norm_torch),
+        "torch_out": Impl(batch_norm_torch_out, lambda case, mode: mode != "backward"),
+        "onnxruntime": Impl(batch_norm_onnxruntime,
+                            lambda case, mode: mode == "eval" and case.layout_label != "NHWC"),
+    },
+}
+
+
+# ---- lookup -------------------------------------------------------------------------------------------------
+
+def names(family):
+    """The implementation names of a family, bn_simd (the reference) first."""
+    return ["bn_simd"] + [n for n in IMPLEMENTATIONS[family] if n != "bn_simd"]
+
+
+def supports(name, case, mode):
+    """Whether implementation `name` has a form of mode for case at all (installed or not)."""
+    impl = IMPLEMENTATIONS[case.family].get(name)
+    return impl is not None and mode in case.modes and (impl.supports is None or impl.supports(case, mode))
+
+
+def runner(name, ws, mode):
+    """The Runner of implementation `name` for one mode of ws's case, or None when it has no form of that
+    mode or its library is not installed."""
+    if missing(name) is not None or not supports(name, ws.case, mode):
+        return None
+    return IMPLEMENTATIONS[ws.case.family][name].make(ws, mode)
+
+
+# ---- copy probe and agreement -------------------------------------------------------------------------------
+
+def copy_probe(ws):
+    """np.copyto of a tensor-sized array: read + write of the same bytes, 2 passes like forward and eval."""
+    src, dst = ws.x, ws.out
+    return lambda: np.copyto(dst, src)
+
+
+def probe_bytes(case):
+    return 2 * case.nbytes
+
+
+# Outputs further than this from bn_simd's (max |difference|) are reported. Float32 rounding alone gives
+# about 1e-6, but NumPy and PyTorch accumulate channels-last statistics in float32: on 32x256x56x56 NHWC
+# their forward-train outputs are up to ~1e-4 from a float64 reference (bn_simd's, about 1e-6).
+AGREEMENT_TOL = 1e-3
+
+
+def difference(out, ref):
+    return float(np.max(np.abs(out - ref)))
+
+
+def max_difference(ws, mode, impl_names=None):
+    """{implementation: max |output - bn_simd's output|} for one mode, over the installed implementations
+    that support it (impl_names: a subset, default all of the family's); checks that every implementation
+    computes the same thing (up to rounding) on the same data layout."""
+    ref = runner("bn_simd", ws, mode).output().copy()
+    diffs = {}
+    for name in impl_names or names(ws.case.family):
+        r = runner(name, ws, mode) if name != "bn_simd" else None
+        if r is not None:
+            diffs[name] = difference(r.output(), ref)
+    return diffs
