@@ -13,8 +13,9 @@ around every kernel, and PyTorch's semantics:
 See ``bn_simd.show_config()`` for the kernels and threads in use.
 """
 from ._config import __version__, get_isa, get_num_threads, set_isa, set_num_threads, show_config
-from .functional import (backward_apply, backward_reduce, batch_norm, batch_norm_backward, batch_norm_forward,
-                         batch_stats, normalize, update_running_stats)
+from .functional import (Moments, backward_apply, backward_coefficients, backward_reduce, batch_moments, batch_norm,
+                         batch_norm_backward, batch_norm_forward, batch_stats, merge_moments, norm_coefficients,
+                         normalize, update_running_stats)
 from .groups import (group_norm, group_norm_backward, group_norm_forward, instance_norm, instance_norm_backward,
                      instance_norm_forward)
 from .layers import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
@@ -24,6 +25,7 @@ __all__ = [
     "__version__", "show_config", "get_isa", "set_isa", "get_num_threads", "set_num_threads",
     "batch_norm", "batch_norm_forward", "batch_norm_backward",
     "batch_stats", "normalize", "backward_reduce", "backward_apply", "update_running_stats",
+    "Moments", "batch_moments", "merge_moments", "norm_coefficients", "backward_coefficients",
     "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "group_norm", "group_norm_forward", "group_norm_backward",
     "instance_norm", "instance_norm_forward", "instance_norm_backward",

@@ -57,6 +57,22 @@ cdef extern from "bn_simd.h" nogil:
                         const double* mean, const double* invstd, const double* weight, int training,
                         double* grad_weight, double* grad_bias, int nt)
 
+    int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* shift, const double* resid,
+                         const double* m2, double* mean, double* var)
+    int bn_moments_f32(const float* x, int64_t outer, int64_t C, int64_t inner, int64_t* K, double* count,
+                       double* shift, double* resid, double* m2, int nt)
+    int bn_moments_f64(const double* x, int64_t outer, int64_t C, int64_t inner, int64_t* K, double* count,
+                       double* shift, double* resid, double* m2, int nt)
+    int bn_norm_params_f32(int64_t C, const double* mean, const double* var, const double* weight, const double* bias,
+                           double eps, float* m, float* a, float* b)
+    int bn_norm_params_f64(int64_t C, const double* mean, const double* var, const double* weight, const double* bias,
+                           double eps, double* m, double* a, double* b)
+    int bn_bwd_params_f32(int64_t C, double n, const double* sum_dy, const double* sum_dyxm, const double* mean,
+                          const double* invstd, const double* weight, int training, double* grad_weight,
+                          double* grad_bias, float* m, float* a, float* b, float* d)
+    int bn_bwd_params_f64(int64_t C, double n, const double* sum_dy, const double* sum_dyxm, const double* mean,
+                          const double* invstd, const double* weight, int training, double* grad_weight,
+                          double* grad_bias, double* m, double* a, double* b, double* d)
     int bn_group_stats_f32(const float* x, int64_t N, int64_t C, int64_t S, int64_t G, int cl, double* mean,
                            double* var, int nt)
     int bn_group_stats_f64(const double* x, int64_t N, int64_t C, int64_t S, int64_t G, int cl, double* mean,
@@ -291,6 +307,79 @@ def backward(const real[:, :, ::1] dy, const real[:, :, ::1] x, real[:, :, ::1] 
     _check(st)
 
 
+
+
+# ---- moments and coefficients ----------------------------------------------------------------------------------
+
+def moments(const real[:, :, ::1] x, int nthreads):
+    """bn_stats' chunk moments of the (outer, C, inner) view: (count (K,), shift, resid, m2 (K, C)), float64."""
+    cdef int64_t o = x.shape[0], C = x.shape[1], i = x.shape[2], K = 0
+    cdef int st
+    if real is float:
+        st = bn_moments_f32(NULL, o, C, i, &K, NULL, NULL, NULL, NULL, nthreads)
+    else:
+        st = bn_moments_f64(NULL, o, C, i, &K, NULL, NULL, NULL, NULL, nthreads)
+    _check(st)
+    cdef double[::1] count = np.empty(K, np.float64)
+    cdef double[:, ::1] shift = np.empty((K, C), np.float64), resid = np.empty((K, C), np.float64)
+    cdef double[:, ::1] m2 = np.empty((K, C), np.float64)
+    if K == 0:
+        return np.asarray(count), np.asarray(shift), np.asarray(resid), np.asarray(m2)
+    with nogil:
+        if real is float:
+            st = bn_moments_f32(&x[0, 0, 0], o, C, i, &K, &count[0], &shift[0, 0], &resid[0, 0], &m2[0, 0], nthreads)
+        else:
+            st = bn_moments_f64(&x[0, 0, 0], o, C, i, &K, &count[0], &shift[0, 0], &resid[0, 0], &m2[0, 0], nthreads)
+    _check(st)
+    return np.asarray(count), np.asarray(shift), np.asarray(resid), np.asarray(m2)
+
+
+def moments_merge(const double[::1] count, const double[:, ::1] shift, const double[:, ::1] resid,
+                  const double[:, ::1] m2, double[::1] mean, double[::1] var):
+    """mean[c], biased var[c] from K chunk moments in the order given."""
+    cdef int64_t K = shift.shape[0], C = shift.shape[1]
+    if C == 0:
+        return
+    cdef double dummy = 0.0
+    cdef const double* cp = &count[0] if K else &dummy
+    cdef const double* sp = &shift[0, 0] if K else &dummy
+    cdef const double* rp = &resid[0, 0] if K else &dummy
+    cdef const double* mp = &m2[0, 0] if K else &dummy
+    _check(bn_moments_merge(K, C, cp, sp, rp, mp, &mean[0], &var[0]))
+
+
+def norm_params(const double[::1] mean, const double[::1] var, const double[::1] weight, const double[::1] bias,
+                double eps, real[::1] m, real[::1] a, real[::1] b):
+    """The apply coefficients; True when the call must compute in double (see bn_norm_params_f32)."""
+    cdef int64_t C = mean.shape[0]
+    cdef int st
+    if C == 0:
+        return False
+    if real is float:
+        st = bn_norm_params_f32(C, &mean[0], &var[0], _opt(weight), _opt(bias), eps, &m[0], &a[0], &b[0])
+    else:
+        st = bn_norm_params_f64(C, &mean[0], &var[0], _opt(weight), _opt(bias), eps, &m[0], &a[0], &b[0])
+    if st == 1:
+        return True
+    _check(st)
+    return False
+
+
+def bwd_params(double n, const double[::1] sum_dy, const double[::1] sum_dyxm, const double[::1] mean,
+               const double[::1] invstd, const double[::1] weight, bint training, double[::1] grad_weight,
+               double[::1] grad_bias, real[::1] m, real[::1] a, real[::1] b, real[::1] d):
+    """The backward coefficients and the parameter gradients."""
+    cdef int64_t C = mean.shape[0]
+    cdef int st
+    if C == 0:
+        return
+    if real is float:
+        st = bn_bwd_params_f32(C, n, &sum_dy[0], &sum_dyxm[0], &mean[0], &invstd[0], _opt(weight), training,
+                               &grad_weight[0], &grad_bias[0], &m[0], &a[0], &b[0], &d[0])
+    else:
+        st = bn_bwd_params_f64(C, n, &sum_dy[0], &sum_dyxm[0], &mean[0], &invstd[0], _opt(weight), training,
+                               &grad_weight[0], &grad_bias[0], &m[0], &a[0], &b[0], &d[0])
+    _check(st)
 
 # ---- group norm (instance norm: G = C) ----------------------------------------------------------------------
 # x: the (N, C, S) view (cl False) or (N, S, C) (cl True); mean, var, invstd: N G values; weight, bias: C or None.

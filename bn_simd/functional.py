@@ -253,3 +253,122 @@ def backward_apply(grad_out, x, mean, a, b, d, *, layout="NCHW", out=None):
     cast = [np.ascontiguousarray(v, dtype=x.dtype) for v in (m, a, b, d)]
     _core.backward_apply(dy.reshape(dims), x.reshape(dims), dx.reshape(dims), *cast, _threads())
     return dx
+
+
+# ---- statistics as mergeable moments, and the coefficient maths ------------------------------------------------
+
+class Moments:
+    """Per-chunk moments of a batch's channels, in chunk order: ``count`` (K,) elements per channel in each chunk,
+    and (K, C) float64 arrays ``shift``, ``residual`` and ``m2``: chunk k's mean of channel c is
+    shift[k, c] + residual[k, c] (kept apart: their sum rounded to a double would lose the residual's bits) and m2
+    its sum of squared deviations from that mean.
+
+    The chunks are fixed by the shape alone (not by the thread count). :func:`merge_moments` of the moments of one
+    call gives the bits of :func:`batch_stats`; of the moments of consecutive pieces of a batch (the ranks of a
+    SyncBatchNorm), in batch order, the bits of one call on the whole batch whenever each piece ends on a chunk
+    boundary of the whole (``len(count)`` chunks of ``count[0]`` rows, or of one row's pieces).
+    """
+
+    __slots__ = ("count", "shift", "residual", "m2")
+
+    def __init__(self, count, shift, residual, m2):
+        self.count = np.ascontiguousarray(count, dtype=np.float64).reshape(-1)
+        K = self.count.shape[0]
+        arrays = [np.ascontiguousarray(a, dtype=np.float64) for a in (shift, residual, m2)]
+        C = arrays[0].shape[-1] if arrays[0].ndim == 2 else None
+        for name, a in zip(("shift", "residual", "m2"), arrays):
+            if a.ndim != 2 or a.shape != (K, C):
+                raise ValueError(f"{name} must have shape (K, C) = ({K}, {C}) to match count, got {a.shape}")
+        if not np.all(self.count >= 0) or not np.all(self.count == np.floor(self.count)):
+            raise ValueError("count must hold whole numbers >= 0")
+        self.shift, self.residual, self.m2 = arrays
+
+    @property
+    def num_channels(self):
+        return self.shift.shape[1]
+
+    def __iter__(self):
+        return iter((self.count, self.shift, self.residual, self.m2))
+
+    def __repr__(self):
+        return f"Moments(chunks={self.count.shape[0]}, channels={self.num_channels}, n={self.count.sum():g})"
+
+
+def batch_moments(x, *, layout="NCHW"):
+    """The per-chunk moments of x's channels (a :class:`Moments`), the statistics :func:`batch_stats` merges."""
+    x, layout, dims = _prepare(x, layout)
+    return Moments(*_core.moments(x.reshape(dims), _threads()))
+
+
+def merge_moments(*parts):
+    """(mean, biased var), float64 arrays of shape (C,), of the chunks of one or more :class:`Moments` merged in
+    the order given (chunks of no element are skipped; no element at all gives NaN). See :class:`Moments` for when
+    the result is bitwise that of one call on the whole batch."""
+    if len(parts) == 1 and isinstance(parts[0], (list, tuple)):
+        parts = tuple(parts[0])
+    if not parts:
+        raise ValueError("merge_moments needs at least one Moments")
+    for i, p in enumerate(parts):
+        if not isinstance(p, Moments):
+            raise TypeError(f"parts[{i}] must be a bn_simd.Moments, got {type(p).__name__}")
+    C = parts[0].num_channels
+    for i, p in enumerate(parts):
+        if p.num_channels != C:
+            raise ValueError(f"parts[{i}] has {p.num_channels} channels, parts[0] has {C}")
+    count = np.concatenate([p.count for p in parts])
+    shift, resid, m2 = (np.ascontiguousarray(np.concatenate([getattr(p, k) for p in parts]).reshape(-1, C))
+                        for k in ("shift", "residual", "m2"))
+    mean, var = np.empty(C, np.float64), np.empty(C, np.float64)
+    _core.moments_merge(count, shift, resid, m2, mean, var)
+    return mean, var
+
+
+def norm_coefficients(mean, var, weight=None, bias=None, *, eps=1e-5, dtype=np.float32):
+    """The kernels' forward coefficients: y = (x - m[c]) * a[c] + b[c] equals
+    (x - mean) / sqrt(var + eps) * weight + bias, with m the mean rounded to ``dtype`` and its rounding residual
+    folded into b (so a channel whose |mean| / std is 1e6 still normalises to a few ulp).
+
+    Returns (m, a, b, exact): arrays (C,) of ``dtype`` (float32 or float64), and exact=False when some channel's
+    coefficients would leave ``dtype``'s range or lose precision there (bn_simd then computes that call in float64).
+    """
+    dt = np.dtype(dtype)
+    if dt not in ck.SUPPORTED_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    m = ck.per_channel(mean, "mean", np.size(mean) if mean is not None else 0)
+    if m is None:
+        raise TypeError("mean must be an array of shape (C,), got None")
+    C = m.shape[0]
+    v = ck.per_channel(var, "var", C)
+    if v is None:
+        raise TypeError(f"var must be an array of shape ({C},), got None")
+    w, b = ck.per_channel(weight, "weight", C), ck.per_channel(bias, "bias", C)
+    eps = ck.check_eps(eps)
+    out = [np.empty(C, dt) for _ in range(3)]
+    wide = _core.norm_params(ck.f64(m), ck.f64(v), ck.f64(w), ck.f64(b), eps, *out)
+    return out[0], out[1], out[2], not wide
+
+
+def backward_coefficients(sum_dy, sum_dyxm, mean, invstd, n, weight=None, *, training=True, dtype=np.float32):
+    """The kernels' backward coefficients from the channel sums of n values each (:func:`backward_reduce`):
+    grad_x = a[c] * grad_out + b[c] * (x - m[c]) + d[c], with s = invstd, w = weight (1 when None),
+    a = w s, b = -w s^3 sum_dyxm / n, d = -w s sum_dy / n (training; b = d = 0 otherwise), m the mean rounded to
+    ``dtype`` and its residual folded into d. Returns (m, a, b, d, grad_weight, grad_bias): the first four of
+    ``dtype``, the gradients float64 (grad_weight = s sum_dyxm, grad_bias = sum_dy)."""
+    dt = np.dtype(dtype)
+    if dt not in ck.SUPPORTED_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    arrays = []
+    C = None
+    for name, a in (("sum_dy", sum_dy), ("sum_dyxm", sum_dyxm), ("mean", mean), ("invstd", invstd)):
+        v = ck.per_channel(a, name, C if C is not None else (np.size(a) if a is not None else 0))
+        if v is None:
+            raise TypeError(f"{name} must be an array of shape (C,), got None")
+        C = v.shape[0]
+        arrays.append(ck.f64(v))
+    w = ck.per_channel(weight, "weight", C)
+    if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)) or not n > 0:
+        raise ValueError(f"n must be a number of values > 0, got {n!r}")
+    coef = [np.empty(C, dt) for _ in range(4)]
+    gw, gb = np.empty(C, np.float64), np.empty(C, np.float64)
+    _core.bwd_params(float(n), *arrays, ck.f64(w), bool(training), gw, gb, *coef)
+    return (*coef, gw, gb)

@@ -103,6 +103,34 @@ BN_DECLARE(double, f64)
 
 #undef BN_DECLARE
 
+/* ---- statistics as mergeable moments, and the coefficient maths (batchnorm.c, batchnorm.inc) ----
+ * bn_moments_S: bn_stats' chunk moments in chunk order: call it with count NULL to get the number of chunks K (shape
+ * only), then with K and arrays of K (count) and K C (shift, resid, m2; chunk k's channel c at k C + c). A chunk's
+ * mean is shift + resid (kept apart: their sum would lose the residual's bits). bn_moments_merge: mean and biased var
+ * of C channels from K such chunks, merged in the order given (chunks of count 0 skipped): bitwise bn_stats' result
+ * for the chunks of one call, and that of one call on a whole batch for the chunks of consecutive pieces of it that
+ * end on its chunk boundaries. */
+int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* shift, const double* resid,
+                     const double* m2, double* mean, double* var);
+#define BN_DECLARE_MOMENTS(T, S)                                                                          \
+    int bn_moments_##S(const T* x, int64_t outer, int64_t C, int64_t inner, int64_t* K, double* count,     \
+                       double* shift, double* resid, double* m2, int nthreads);                           \
+    /* The apply coefficients of y = (x - m[c]) a[c] + b[c] = (x - mean) / sqrt(var + eps) w + bias, m the mean  \
+     * rounded to T and its residual folded into b; returns 1 (coefficients written) when some channel's T    \
+     * coefficients would leave T's range or lose precision, so that the call must compute in double. */      \
+    int bn_norm_params_##S(int64_t C, const double* mean, const double* var, const double* weight,         \
+                           const double* bias, double eps, T* m, T* a, T* b);                             \
+    /* The backward coefficients of dx = a[c] dy + b[c] (x - m[c]) + d[c] and the parameter gradients from the \
+     * channel sums of n values (as bn_backward). */                                                      \
+    int bn_bwd_params_##S(int64_t C, double n, const double* sum_dy, const double* sum_dyxm,               \
+                          const double* mean, const double* invstd, const double* weight, int training,   \
+                          double* grad_weight, double* grad_bias, T* m, T* a, T* b, T* d);
+
+BN_DECLARE_MOMENTS(float, f32)
+BN_DECLARE_MOMENTS(double, f64)
+
+#undef BN_DECLARE_MOMENTS
+
 /* ---- group norm and instance norm (groupnorm.inc), for T = float (f32) and double (f64) ----
  * x is (N, C, S) channels-first (cl = 0) or (N, S, C) channels-last (cl = 1), S = prod(spatial), with G groups of
  * D = C / G consecutive channels (C % G == 0, else BN_EINVAL); instance norm is G = C. Group q = n G + g has the

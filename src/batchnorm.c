@@ -346,6 +346,41 @@ static void cl_col_range(int64_t C, int t, int n, int64_t* c0, int64_t* c1) {
 #define BN_CL_IL_MIN_INPUT ((int64_t)8 << 20)
 _Static_assert(BN_COMBINE_CHANNELS >= UK_MAX_VL, "the first combination task holds the channels extend_tail copies");
 
+/* Mean and biased variance of each channel from K chunk moments in chunk order (count[k]; shift, residual mean and M2
+ * at [k C + c]), by the combination of cf_combine_block and cl_combine, operation for operation: the chunks of one
+ * bn_moments call give bn_stats' bits, and the chunks of several calls on consecutive pieces of a batch (processes of
+ * a SyncBatchNorm) give the bits of one call on the whole batch whenever the pieces end on its chunk boundaries.
+ * Chunks of no element are skipped; no element at all gives NaN. */
+int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* shift, const double* resid,
+                     const double* m2, double* mean, double* var) {
+    if (K < 0 || C < 0) return BN_EINVAL;
+    for (int64_t k = 0; k < K; k++)
+        if (!(count[k] >= 0.0)) return BN_EINVAL;
+    int64_t k0 = 0;
+    while (k0 < K && count[k0] == 0.0) k0++;
+    double n = 0.0;
+    for (int64_t k = k0; k < K; k++) n += count[k];
+    for (int64_t c = 0; c < C; c++) {
+        if (k0 == K) {
+            mean[c] = var[c] = NAN;
+            continue;
+        }
+        const double m0 = shift[k0 * C + c];
+        double s = 0.0, q = 0.0;
+        for (int64_t k = k0; k < K; k++)
+            if (count[k] > 0.0) s += count[k] * chunk_offset(shift[k * C + c], m0, resid[k * C + c]);
+        const double m = s / n;
+        for (int64_t k = k0; k < K; k++)
+            if (count[k] > 0.0) {
+                const double dk = chunk_offset(shift[k * C + c], m0, resid[k * C + c]) - m;
+                q += m2[k * C + c] + count[k] * dk * dk;
+            }
+        mean[c] = m0 + m;
+        var[c] = q / n;
+    }
+    return BN_OK;
+}
+
 /* SHIFT_BY_VALUE: one-pass chunk statistics shifted by a data value (float32), or two-pass (float64); see
  * cf_chunk_stats. */
 #define T float

@@ -1,0 +1,107 @@
+"""Statistics as mergeable moments (batch_moments, merge_moments) and the coefficient maths on their own
+(norm_coefficients, backward_coefficients): the bits of the fused calls, and the split of a batch into pieces."""
+import numpy as np
+import pytest
+
+import bn_simd
+from conftest import LAYOUTS, layout_shape, make_input
+
+SHAPES = [(32, 16, 9, 9), (64, 7, 300, 10), (500, 33), (40, 24, 10, 10), (7, 1, 50), (3, 5, 4, 4, 4)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_merged_moments_are_batch_stats_bits(shape, layout, dtype, threads):
+    x = make_input(shape, layout, dtype, seed=1, loc=1e4, scale=3.0)
+    ref = bn_simd.batch_stats(x, layout=layout)
+    for n in (1, 2, 3):
+        threads(n)
+        mo = bn_simd.batch_moments(x, layout=layout)
+        assert mo.count.sum() == x.size // mo.num_channels
+        mean, var = bn_simd.merge_moments(mo)
+        assert mean.tobytes() == ref[0].tobytes() and var.tobytes() == ref[1].tobytes(), f"{n} threads"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pieces_split_on_chunk_boundaries_merge_to_the_whole_batchs_bits(layout, dtype):
+    """The SyncBatchNorm case: ranks hold consecutive pieces of the batch."""
+    shape = (48, 8, 6, 6) if layout == "NCHW" else (40000, 8)
+    x = make_input(shape, "NCHW", dtype, seed=2, loc=-50.0, scale=7.0)
+    if layout == "NHWC":
+        x = np.ascontiguousarray(x)
+    whole = bn_simd.batch_moments(x, layout=layout)
+    ref = bn_simd.batch_stats(x, layout=layout)
+    rows_per_chunk = int(whole.count[0]) // (int(np.prod(shape[2:])) if layout == "NCHW" else 1)
+    assert len(whole.count) > 2
+    cuts = [0, rows_per_chunk, 3 * rows_per_chunk, shape[0]]
+    parts = [bn_simd.batch_moments(x[a:b], layout=layout) for a, b in zip(cuts, cuts[1:])]
+    empty = bn_simd.batch_moments(x[:0], layout=layout)  # a rank with no sample
+    mean, var = bn_simd.merge_moments(parts[0], empty, *parts[1:])
+    assert mean.tobytes() == ref[0].tobytes() and var.tobytes() == ref[1].tobytes()
+    # a split off the boundaries still gives the statistics, to rounding
+    odd = [bn_simd.batch_moments(x[:5], layout=layout), bn_simd.batch_moments(x[5:], layout=layout)]
+    m2, v2 = bn_simd.merge_moments(odd)
+    np.testing.assert_allclose(m2, ref[0], rtol=1e-13, atol=1e-12)
+    np.testing.assert_allclose(v2, ref[1], rtol=1e-11)
+
+
+def test_merging_no_element_gives_nan_and_bad_parts_are_refused():
+    e = bn_simd.batch_moments(np.zeros((0, 3, 4), np.float32))
+    mean, var = bn_simd.merge_moments(e)
+    assert np.isnan(mean).all() and mean.shape == (3,)
+    with pytest.raises(TypeError, match="Moments"):
+        bn_simd.merge_moments((np.ones(1), np.ones((1, 3))))
+    with pytest.raises(ValueError, match="channels"):
+        bn_simd.merge_moments(bn_simd.batch_moments(np.ones((4, 3, 4))), bn_simd.batch_moments(np.ones((4, 2, 4))))
+    with pytest.raises(ValueError, match="count"):
+        bn_simd.Moments([-1.0], np.zeros((1, 2)), np.zeros((1, 2)), np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="shape"):
+        bn_simd.Moments([1.0], np.zeros((2, 2)), np.zeros((1, 2)), np.zeros((1, 2)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_coefficients_on_their_own_give_the_fused_calls_bits(layout, dtype):
+    shape = (8, 12, 10, 10)
+    x = make_input(shape, layout, dtype, seed=3, loc=2e3)
+    dy = make_input(shape, layout, dtype, seed=4)
+    rng = np.random.default_rng(5)
+    w, b = rng.uniform(0.5, 2, 12), rng.standard_normal(12)
+    y, save_mean, save_invstd = bn_simd.batch_norm_forward(x, w, b, layout=layout)
+    mean, var = bn_simd.merge_moments(bn_simd.batch_moments(x, layout=layout))
+    m, a, bb, exact = bn_simd.norm_coefficients(mean, var, w, b, dtype=dtype)
+    assert exact and m.dtype == dtype
+    # the normalise step with these coefficients is the fused forward's y
+    ch = 1 if layout == "NCHW" else -1
+    view = [1] * x.ndim
+    view[ch] = 12
+    yc = ((x - m.reshape(view)) * a.reshape(view) + bb.reshape(view)).astype(dtype)
+    np.testing.assert_allclose(yc, y, rtol=0, atol=4 * np.finfo(dtype).eps * 8)
+    np.testing.assert_array_equal(bn_simd.normalize(x, mean, var, w, b, layout=layout), y)
+    # backward: sums, coefficients, apply == the one-call backward
+    mean64, invstd64 = mean, 1 / np.sqrt(var + 1e-5)
+    sdy, sdyx = bn_simd.backward_reduce(dy, x, mean64, layout=layout)
+    n = x.size // 12
+    md, ad, bd, dd, gw, gb = bn_simd.backward_coefficients(sdy, sdyx, mean64, invstd64, n, w, dtype=dtype)
+    gx_ref, gw_ref, gb_ref = bn_simd.batch_norm_backward(dy, x, mean64, invstd64, w, layout=layout)
+    np.testing.assert_array_equal(gw.astype(np.float64), gw_ref)
+    np.testing.assert_array_equal(gb, gb_ref)
+    gx = np.empty_like(x)
+    from bn_simd import _core
+    from bn_simd import _checks as ck
+    dims = ck.canonical_view(x.shape, layout)
+    _core.backward_apply(dy.reshape(dims), x.reshape(dims), gx.reshape(dims), md, ad, bd, dd, 0)
+    np.testing.assert_array_equal(gx, gx_ref)
+
+
+def test_float32_coefficients_out_of_range_are_flagged():
+    m, a, b, exact = bn_simd.norm_coefficients(np.array([0.0, 1e39]), np.array([1.0, 1.0]), dtype=np.float32)
+    assert not exact
+    m, a, b, exact = bn_simd.norm_coefficients(np.array([0.0, 1e39]), np.array([1.0, 1.0]), dtype=np.float64)
+    assert exact
+    with pytest.raises(ValueError, match="var must have shape"):
+        bn_simd.norm_coefficients(np.zeros(3), np.ones(2))
+    with pytest.raises(ValueError, match="n must be"):
+        bn_simd.backward_coefficients(np.zeros(2), np.zeros(2), np.zeros(2), np.ones(2), 0)
