@@ -12,7 +12,7 @@ around every kernel, and PyTorch's semantics:
 
 See ``bn_simd.show_config()`` for the kernels and threads in use.
 """
-from ._config import __version__, get_isa, get_num_threads, set_isa, set_num_threads, show_config
+from ._config import Context, __version__, get_isa, get_num_threads, set_isa, set_num_threads, show_config
 from .functional import (Moments, backward_apply, backward_coefficients, backward_reduce, batch_moments, batch_norm,
                          batch_norm_backward, batch_norm_forward, batch_stats, merge_moments, norm_coefficients,
                          normalize, update_running_stats)
@@ -22,7 +22,7 @@ from .layers import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm
                      InstanceNorm3d)
 
 __all__ = [
-    "__version__", "show_config", "get_isa", "set_isa", "get_num_threads", "set_num_threads",
+    "__version__", "show_config", "Context", "get_isa", "set_isa", "get_num_threads", "set_num_threads",
     "batch_norm", "batch_norm_forward", "batch_norm_backward",
     "batch_stats", "normalize", "backward_reduce", "backward_apply", "update_running_stats",
     "Moments", "batch_moments", "merge_moments", "norm_coefficients", "backward_coefficients",

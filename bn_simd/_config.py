@@ -1,6 +1,8 @@
-"""Kernel selection (ISA) and thread count."""
+"""Kernel selection (ISA), thread count and tuning budgets: module-level settings of the default context, and
+:class:`Context` objects for the calls made inside a ``with`` block."""
 import numbers
 import os
+import threading
 
 from . import _openmp
 
@@ -62,10 +64,91 @@ def set_num_threads(n):
 
 
 def get_num_threads():
-    """Threads the next kernel call may use (small inputs run on one regardless)."""
+    """Threads the next kernel call may use (small inputs run on one regardless): the current context's, else the
+    set_num_threads setting, else OpenMP's."""
     if not _core.have_openmp():
         return 1
-    return _num_threads if _num_threads is not None else _core.omp_max_threads()
+    n = _call_threads()
+    return n if n > 0 else _core.omp_max_threads()
+
+
+def _call_threads():
+    """The nthreads argument of a kernel call: the current context's threads, else set_num_threads' (0: OpenMP's)."""
+    stack = getattr(_local, "stack", None)
+    if stack and stack[-1].num_threads is not None:
+        return stack[-1].num_threads
+    return 0 if _num_threads is None else _num_threads
+
+
+_local = threading.local()
+
+
+def _check_threads(n, name="num_threads"):
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1 or None, got {type(n).__name__}")
+    if not 1 <= n < 2**31:
+        raise ValueError(f"{name} must be >= 1 and < 2**31, got {n}")
+    return int(n)
+
+
+class Context:
+    """Settings for the bn_simd calls that a thread makes inside ``with ctx:`` (contexts nest; each thread has its
+    own), so that two pipelines in one process can run with different settings at once::
+
+        fast = bn_simd.Context(num_threads=4)
+        quiet = bn_simd.Context(num_threads=1, isa="avx2")
+        with quiet:                      # in a thread of its own, beside a thread running `with fast:`
+            y = bn_simd.batch_norm(x, rm, rv, training=False)
+
+    Parameters (None: the default context's, i.e. the module-level setting)
+    ----------
+    isa : "scalar", "avx2", "avx512" (one this CPU supports) or "auto" (the best).
+    num_threads : int >= 1.
+    cl_strip_bytes, slab_bytes : the tuning budgets of show_config (tests and tuning; no result bit depends on them).
+
+    The module-level set_isa and set_num_threads change the default context, which applies outside every ``with``
+    block and to the settings a context leaves at None. A context must not be changed while calls run under it.
+    """
+
+    def __init__(self, *, isa=None, num_threads=None, cl_strip_bytes=None, slab_bytes=None):
+        self._handle = _core.ContextHandle()
+        if isa is not None:
+            if not isinstance(isa, str):
+                raise TypeError(f"isa must be a string or None, got {type(isa).__name__}")
+            self._handle.set_isa(_core.best_isa() if isa == "auto" else isa)
+        self.isa_setting = isa
+        self.num_threads = _check_threads(num_threads)
+        if cl_strip_bytes is not None:
+            self._handle.set_cl_strip_bytes(_check_bytes(cl_strip_bytes, "cl_strip_bytes"))
+        if slab_bytes is not None:
+            self._handle.set_slab_bytes(_check_bytes(slab_bytes, "slab_bytes"))
+        self.cl_strip_bytes, self.slab_bytes = cl_strip_bytes, slab_bytes
+
+    def __enter__(self):
+        stack = getattr(_local, "stack", None)
+        if stack is None:
+            stack = _local.stack = []
+        stack.append(self)
+        _core.use_context(self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        stack = _local.stack
+        stack.pop()
+        _core.use_context(stack[-1]._handle if stack else None)
+        return False
+
+    def __repr__(self):
+        return (f"Context(isa={self.isa_setting!r}, num_threads={self.num_threads!r}, "
+                f"cl_strip_bytes={self.cl_strip_bytes!r}, slab_bytes={self.slab_bytes!r})")
+
+
+def _check_bytes(v, name):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {type(v).__name__}")
+    return int(v)
 
 
 def show_config():

@@ -27,6 +27,17 @@ cdef extern from "bn_simd.h" nogil:
     int64_t bn_slab_min_input()
     int bn_set_slab_bytes(int64_t nbytes)
 
+    ctypedef struct bn_context:
+        pass
+    bn_context* bn_default_context()
+    bn_context* bn_context_create()
+    void bn_context_destroy(bn_context* ctx)
+    int bn_context_set_isa(bn_context* ctx, int isa)
+    int bn_context_get_isa(const bn_context* ctx)
+    int bn_context_set_cl_strip_bytes(bn_context* ctx, int64_t nbytes)
+    int bn_context_set_slab_bytes(bn_context* ctx, int64_t nbytes)
+    const bn_context* bn_context_use(const bn_context* ctx)
+
     int bn_stats_f32(const float* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var, int nt)
     int bn_stats_f64(const double* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var, int nt)
     int bn_apply_f32(const float* x, float* y, int64_t outer, int64_t C, int64_t inner,
@@ -188,6 +199,44 @@ def set_slab_bytes(nbytes):
         v = min(int(nbytes), 2**62)
     bn_set_slab_bytes(v)
 
+
+
+cdef class ContextHandle:
+    """A C context (include/bn_simd.h, bn_context): ISA and tuning budgets for the calls made under it."""
+    cdef bn_context* c
+
+    def __cinit__(self):
+        self.c = bn_context_create()
+        if self.c == NULL:
+            raise MemoryError("bn_simd: out of memory for a context")
+
+    def __dealloc__(self):
+        bn_context_destroy(self.c)
+
+    def set_isa(self, name):
+        """name: one of ISA_NAMES, or None for the default context's."""
+        if name is None:
+            bn_context_set_isa(self.c, -1)
+        elif name not in ISA_NAMES or bn_context_set_isa(self.c, ISA_NAMES.index(name)) != BN_OK:
+            raise ValueError(f"isa must be None or one this CPU supports, {supported_isas()}, got {name!r}")
+
+    def isa(self):
+        return ISA_NAMES[bn_context_get_isa(self.c)]
+
+    def set_cl_strip_bytes(self, nbytes):
+        cdef int64_t v = -1 if nbytes is None else nbytes
+        if (nbytes is not None and v < 0) or bn_context_set_cl_strip_bytes(self.c, v) != BN_OK:
+            raise ValueError(f"cl_strip_bytes must be None or at least {BN_CL_STRIP_MIN_BYTES}, got {nbytes!r}")
+
+    def set_slab_bytes(self, nbytes):
+        if nbytes is not None and nbytes < 0:
+            raise ValueError(f"slab_bytes must be None or an int >= 0, got {nbytes!r}")
+        bn_context_set_slab_bytes(self.c, -1 if nbytes is None else min(int(nbytes), 2**62))
+
+
+def use_context(ContextHandle handle):
+    """Make handle's context the calling thread's for the calls it makes next (None: the default)."""
+    bn_context_use(NULL if handle is None else handle.c)
 
 def stats(const real[:, :, ::1] x, double[::1] mean, double[::1] var, int nthreads):
     """mean[c], biased var[c] of the (outer, C, inner) view x."""

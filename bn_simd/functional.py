@@ -19,8 +19,7 @@ from . import _config, _core
 
 
 def _threads():
-    n = _config._num_threads
-    return 0 if n is None else n
+    return _config._call_threads()
 
 
 def _prepare(x, layout, name="x"):

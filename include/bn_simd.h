@@ -65,6 +65,26 @@ int64_t bn_slab_bytes(void);
 int64_t bn_slab_min_input(void);
 int bn_set_slab_bytes(int64_t bytes);
 
+/* ---- contexts (dispatch.c) ----
+ * A context holds the settings of the calls made under it: the ISA (-1: the default context's), the tuning budgets
+ * (-1: the default context's, else the CPU's) and a thread count for callers to pass as the calls' nthreads (0:
+ * OpenMP's). bn_set_isa, bn_set_cl_strip_bytes and bn_set_slab_bytes act on the
+ * default context. bn_context_use(ctx) makes ctx the calling thread's context for the calls it makes next (NULL or
+ * the default: the default) and returns the previous one; the settings reach the call's worker threads. Two threads
+ * can so run calls with different settings at once. A context must outlive its use and not change while a call
+ * runs under it. */
+typedef struct bn_context bn_context;
+bn_context* bn_default_context(void);
+bn_context* bn_context_create(void);
+void bn_context_destroy(bn_context* ctx);
+int bn_context_set_isa(bn_context* ctx, int isa);
+int bn_context_get_isa(const bn_context* ctx);
+int bn_context_set_num_threads(bn_context* ctx, int nthreads);
+int bn_context_get_num_threads(const bn_context* ctx);
+int bn_context_set_cl_strip_bytes(bn_context* ctx, int64_t bytes);
+int bn_context_set_slab_bytes(bn_context* ctx, int64_t bytes);
+const bn_context* bn_context_use(const bn_context* ctx);
+
 /* ---- batch norm on the (outer, C, inner) view (batchnorm.c), for T = float (f32) and double (f64) ---- */
 #define BN_DECLARE(T, S)                                                                                  \
     /* mean[c] and biased var[c] of x; mean and var: distinct arrays that x does not overlap. */          \

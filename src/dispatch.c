@@ -2,6 +2,7 @@
 #define _GNU_SOURCE /* sysconf(_SC_LEVEL1_DCACHE_SIZE) under -std=c11 */
 #include "dispatch.h"
 
+#include <stdlib.h>
 #include <unistd.h>
 
 #ifdef _OPENMP
@@ -12,8 +13,22 @@ static const bn_uk_f32* const tables_f32[BN_ISA_COUNT] = {&bn_uk_f32_scalar, &bn
 static const bn_uk_f64* const tables_f64[BN_ISA_COUNT] = {&bn_uk_f64_scalar, &bn_uk_f64_avx2, &bn_uk_f64_avx512};
 static const char* const names[BN_ISA_COUNT] = {"scalar", "avx2", "avx512"};
 
-/* -1 until the first call picks the best ISA. */
-static int active = -1;
+/* Settings of a context; -1 (0 for nthreads): the default's, or the CPU's. */
+struct bn_context {
+    int isa;
+    int nthreads;
+    int64_t strip_bytes;
+    int64_t slab_bytes;
+};
+
+/* The default context, which bn_set_isa, bn_set_cl_strip_bytes and bn_set_slab_bytes change: its ISA is -1 until
+ * the first call picks the best one. */
+static bn_context default_ctx = {-1, 0, -1, -1};
+
+/* The calling thread's context (NULL: the default); the drivers copy it into their OpenMP threads (BN_OMP_CTX). */
+const bn_context* bn_tls_ctx = NULL;
+
+static const bn_context* ctx(void) { return bn_tls_ctx ? bn_tls_ctx : &default_ctx; }
 
 int bn_isa_supported(int isa) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -42,13 +57,15 @@ int bn_best_isa(void) {
 
 int bn_set_isa(int isa) {
     if (isa < 0 || isa >= BN_ISA_COUNT || !bn_isa_supported(isa)) return BN_EISA;
-    active = isa;
+    default_ctx.isa = isa;
     return BN_OK;
 }
 
 int bn_get_isa(void) {
-    if (active < 0) active = bn_best_isa();
-    return active;
+    const bn_context* c = ctx();
+    if (c->isa >= 0) return c->isa;
+    if (default_ctx.isa < 0) default_ctx.isa = bn_best_isa();
+    return default_ctx.isa;
 }
 
 const char* bn_isa_name(int isa) { return (isa >= 0 && isa < BN_ISA_COUNT) ? names[isa] : "unknown"; }
@@ -69,8 +86,6 @@ const bn_uk_f64* bn_uk_active_f64(void) { return tables_f64[bn_get_isa()]; }
  * "Streamed strips on the Zen 3"). */
 #define BN_STRIP_BYTES_DEFAULT 24576
 static int64_t cpu_strip_bytes = BN_STRIP_BYTES_DEFAULT, cpu_stream_strip_bytes = BN_STRIP_BYTES_DEFAULT;
-/* set by bn_set_cl_strip_bytes (-1: the CPU's default); like the ISA choice, not to be changed while a call runs */
-static int64_t strip_bytes = -1;
 
 /* The L2 size (as the OS reports it) of an AMD CPU whose L2 is at most max bytes, else 0. */
 static long amd_l2_upto(long max) {
@@ -99,9 +114,12 @@ __attribute__((constructor)) static void choose_strip_bytes(void) {
     cpu_stream_strip_bytes = amd_small_l2() ? INT64_MAX : cpu_strip_bytes;
 }
 
-int64_t bn_cl_strip_bytes(void) { return strip_bytes >= 0 ? strip_bytes : cpu_strip_bytes; }
+/* A context's strip setting: its own, else the default context's (-1: the CPU's). */
+static int64_t strip_setting(void) { return ctx()->strip_bytes >= 0 ? ctx()->strip_bytes : default_ctx.strip_bytes; }
 
-int64_t bn_cl_stream_strip_bytes(void) { return strip_bytes >= 0 ? strip_bytes : cpu_stream_strip_bytes; }
+int64_t bn_cl_strip_bytes(void) { return strip_setting() >= 0 ? strip_setting() : cpu_strip_bytes; }
+
+int64_t bn_cl_stream_strip_bytes(void) { return strip_setting() >= 0 ? strip_setting() : cpu_stream_strip_bytes; }
 
 int bn_cl_takes_strips(int64_t row_bytes, int arrays, int stream, int streamed_only) {
     return arrays * row_bytes >= (stream ? bn_cl_stream_strip_bytes() : bn_cl_strip_bytes()) &&
@@ -124,7 +142,6 @@ int bn_cl_takes_strips(int64_t row_bytes, int arrays, int stream, int streamed_o
 #define BN_SLAB_BYTES_DEFAULT ((int64_t)512 << 10)
 static int64_t cpu_slab_bytes = BN_SLAB_BYTES_DEFAULT;
 static int64_t cpu_slab_min_input = 0; /* calls that read at most this many bytes take the sweeps */
-static int64_t slab_bytes = -1;        /* set by bn_set_slab_bytes (-1: the CPU's default) */
 
 __attribute__((constructor)) static void choose_slab_bytes(void) {
 #if defined(_SC_LEVEL2_CACHE_SIZE)
@@ -142,19 +159,76 @@ __attribute__((constructor)) static void choose_slab_bytes(void) {
 #endif
 }
 
-int64_t bn_slab_bytes(void) { return slab_bytes >= 0 ? slab_bytes : cpu_slab_bytes; }
+/* A context's slab setting: its own, else the default context's (-1: the CPU's). */
+static int64_t slab_setting(void) { return ctx()->slab_bytes >= 0 ? ctx()->slab_bytes : default_ctx.slab_bytes; }
 
-int64_t bn_slab_min_input(void) { return slab_bytes >= 0 ? 0 : cpu_slab_min_input; }
+int64_t bn_slab_bytes(void) { return slab_setting() >= 0 ? slab_setting() : cpu_slab_bytes; }
 
-int bn_set_slab_bytes(int64_t bytes) {
-    slab_bytes = bytes < 0 ? -1 : bytes;
+int64_t bn_slab_min_input(void) { return slab_setting() >= 0 ? 0 : cpu_slab_min_input; }
+
+int bn_set_slab_bytes(int64_t bytes) { return bn_context_set_slab_bytes(&default_ctx, bytes); }
+
+int bn_set_cl_strip_bytes(int64_t bytes) { return bn_context_set_cl_strip_bytes(&default_ctx, bytes); }
+
+/* ---- contexts ---- */
+
+bn_context* bn_default_context(void) { return &default_ctx; }
+
+bn_context* bn_context_create(void) {
+    bn_context* c = (bn_context*)malloc(sizeof(bn_context));
+    if (c) *c = (bn_context){-1, 0, -1, -1};
+    return c;
+}
+
+void bn_context_destroy(bn_context* c) {
+    if (c && c != &default_ctx) free(c);
+}
+
+int bn_context_set_isa(bn_context* c, int isa) {
+    if (!c) return BN_EINVAL;
+    if (isa == -1) {
+        c->isa = c == &default_ctx ? bn_best_isa() : -1;
+        return BN_OK;
+    }
+    if (isa < 0 || isa >= BN_ISA_COUNT || !bn_isa_supported(isa)) return BN_EISA;
+    c->isa = isa;
     return BN_OK;
 }
 
-int bn_set_cl_strip_bytes(int64_t bytes) {
-    if (bytes >= 0 && bytes < BN_CL_STRIP_MIN_BYTES) return BN_EINVAL;
-    strip_bytes = bytes < 0 ? -1 : bytes;
+int bn_context_get_isa(const bn_context* c) {
+    if (!c) return -1;
+    if (c->isa >= 0) return c->isa;
+    const bn_context* saved = bn_tls_ctx;
+    bn_tls_ctx = NULL; /* (the default's) */
+    const int isa = bn_get_isa();
+    bn_tls_ctx = saved;
+    return isa;
+}
+
+int bn_context_set_num_threads(bn_context* c, int n) {
+    if (!c || n < 0) return BN_EINVAL;
+    c->nthreads = n;
     return BN_OK;
+}
+
+int bn_context_get_num_threads(const bn_context* c) { return c ? c->nthreads : 0; }
+
+int bn_context_set_cl_strip_bytes(bn_context* c, int64_t bytes) {
+    if (!c || (bytes >= 0 && bytes < BN_CL_STRIP_MIN_BYTES)) return BN_EINVAL;
+    c->strip_bytes = bytes < 0 ? -1 : bytes;
+    return BN_OK;
+}
+
+int bn_context_set_slab_bytes(bn_context* c, int64_t bytes) {
+    if (!c) return BN_EINVAL;
+    c->slab_bytes = bytes < 0 ? -1 : bytes;
+    return BN_OK;
+}
+
+const bn_context* bn_context_use(const bn_context* c) {
+    const bn_context* previous = bn_tls_ctx;
+    bn_tls_ctx = c == &default_ctx ? NULL : c;
+    return previous;
 }
 
 int bn_have_openmp(void) {

@@ -13,6 +13,16 @@
  * "Streaming stores beyond 32 MiB"). */
 #define BN_STREAM_BYTES ((int64_t)32 << 20)
 
+/* The calling thread's context (bn_context_use; NULL: the default). A driver's parallel regions copy it into their
+ * threads (copyin, BN_OMP_CTX), so that the kernels there read the caller's settings. */
+extern const bn_context* bn_tls_ctx;
+#ifdef _OPENMP
+#pragma omp threadprivate(bn_tls_ctx)
+#define BN_OMP_CTX copyin(bn_tls_ctx)
+#else
+#define BN_OMP_CTX
+#endif
+
 const bn_uk_f32* bn_uk_active_f32(void);
 const bn_uk_f64* bn_uk_active_f64(void);
 
