@@ -81,6 +81,8 @@ def _call_threads():
 
 
 _local = threading.local()
+_open_contexts = 0  # `with Context` blocks open in all threads (0: every call takes the module settings)
+_open_lock = threading.Lock()
 
 
 def _check_threads(n, name="num_threads"):
@@ -130,14 +132,20 @@ class Context:
         stack = getattr(_local, "stack", None)
         if stack is None:
             stack = _local.stack = []
+        global _open_contexts
+        with _open_lock:
+            _open_contexts += 1
         stack.append(self)
         _core.use_context(self._handle)
         return self
 
     def __exit__(self, *exc):
+        global _open_contexts
         stack = _local.stack
         stack.pop()
         _core.use_context(stack[-1]._handle if stack else None)
+        with _open_lock:
+            _open_contexts -= 1
         return False
 
     def __repr__(self):

@@ -19,7 +19,11 @@ from . import _config, _core
 
 
 def _threads():
-    return _config._call_threads()
+    # (no context open in any thread: the module setting, without the thread-local lookup's cost)
+    if _config._open_contexts:
+        return _config._call_threads()
+    n = _config._num_threads
+    return 0 if n is None else n
 
 
 def _prepare(x, layout, name="x"):

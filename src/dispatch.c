@@ -115,11 +115,20 @@ __attribute__((constructor)) static void choose_strip_bytes(void) {
 }
 
 /* A context's strip setting: its own, else the default context's (-1: the CPU's). */
-static int64_t strip_setting(void) { return ctx()->strip_bytes >= 0 ? ctx()->strip_bytes : default_ctx.strip_bytes; }
+static int64_t strip_setting(void) {
+    const int64_t own = ctx()->strip_bytes;
+    return own >= 0 ? own : default_ctx.strip_bytes;
+}
 
-int64_t bn_cl_strip_bytes(void) { return strip_setting() >= 0 ? strip_setting() : cpu_strip_bytes; }
+int64_t bn_cl_strip_bytes(void) {
+    const int64_t v = strip_setting();
+    return v >= 0 ? v : cpu_strip_bytes;
+}
 
-int64_t bn_cl_stream_strip_bytes(void) { return strip_setting() >= 0 ? strip_setting() : cpu_stream_strip_bytes; }
+int64_t bn_cl_stream_strip_bytes(void) {
+    const int64_t v = strip_setting();
+    return v >= 0 ? v : cpu_stream_strip_bytes;
+}
 
 int bn_cl_takes_strips(int64_t row_bytes, int arrays, int stream, int streamed_only) {
     return arrays * row_bytes >= (stream ? bn_cl_stream_strip_bytes() : bn_cl_strip_bytes()) &&
@@ -160,9 +169,15 @@ __attribute__((constructor)) static void choose_slab_bytes(void) {
 }
 
 /* A context's slab setting: its own, else the default context's (-1: the CPU's). */
-static int64_t slab_setting(void) { return ctx()->slab_bytes >= 0 ? ctx()->slab_bytes : default_ctx.slab_bytes; }
+static int64_t slab_setting(void) {
+    const int64_t own = ctx()->slab_bytes;
+    return own >= 0 ? own : default_ctx.slab_bytes;
+}
 
-int64_t bn_slab_bytes(void) { return slab_setting() >= 0 ? slab_setting() : cpu_slab_bytes; }
+int64_t bn_slab_bytes(void) {
+    const int64_t v = slab_setting();
+    return v >= 0 ? v : cpu_slab_bytes;
+}
 
 int64_t bn_slab_min_input(void) { return slab_setting() >= 0 ? 0 : cpu_slab_min_input; }
 
