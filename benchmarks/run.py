@@ -28,14 +28,15 @@ from benchmarks.harness.report import disagreements, plot, table  # noqa: E402,F
 
 def make_parser(prog=None):
     p = argparse.ArgumentParser(
-        prog=prog, description="Time bn_simd against NumPy, PyTorch and ONNX Runtime (the last two when "
-                               "installed) and print a markdown table.",
+        prog=prog, description="Time bn_simd's batch norm, group norm and instance norm against NumPy, PyTorch "
+                               "and ONNX Runtime (the last two when installed) and print a markdown table.",
         epilog="Progress goes to stderr, the table to stdout. The cases: "
                + ", ".join(c.id for c in cases.CASES) + f"; --quick runs {', '.join(cases.QUICK_IDS)}.")
     p.add_argument("--quick", action="store_true", help="a subset of the cases and fewer repeats (under a minute)")
     p.add_argument("--threads", type=int, default=2, help="threads for bn_simd, PyTorch and ONNX Runtime (default 2)")
     p.add_argument("--only", metavar="TEXT", nargs="+",
-                   help="only the cases whose id contains one of the TEXTs (e.g. NHWC, 2048, 1x8x1x1)")
+                   help="only the cases whose id contains one of the TEXTs (e.g. NHWC, 2048, 1x8x1x1, group_norm, "
+                        "instance_norm)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--plot", metavar="FILE", help="also draw a bar chart of GB/s, e.g. bench.png (needs matplotlib)")
     p.add_argument("--retries", type=int, default=None,

@@ -2,16 +2,18 @@
 
     python -m pytest benchmarks/ --benchmark-only [--bench-threads N]
 
-Only the combinations an implementation supports are collected (ONNX Runtime: eval with channels on
-axis 1; PyTorch out=: forward-train and eval); those whose library is not installed are skipped.
-Without --benchmark-only, test_agreement also checks that all implementations compute the same output.
+Only the combinations an implementation supports are collected (ONNX Runtime: batch-norm eval and
+group-/instance-norm forward, channels on axis 1; PyTorch out=: batch-norm forward-train and eval); those
+whose library is not installed are skipped. The group-norm and instance-norm groups also hold "bn_eval",
+bn_simd's batch-norm eval of the same tensor (the yardstick of their targets). Without --benchmark-only,
+test_agreement also checks that all implementations compute the same output.
 """
 import numpy as np
 import pytest
 
 from benchmarks import cases
 from benchmarks.harness import impls
-from benchmarks.harness.cases import MODE_TITLES, MODES, workspace
+from benchmarks.harness.cases import MODE_TITLES, workspace
 
 _current = {}
 
@@ -49,8 +51,7 @@ def test_copy_probe(benchmark, case):
     _run(benchmark, impls.copy_probe(_workspace(case)), case)
 
 
-@pytest.mark.parametrize("case", cases.SMALL, ids=[c.id for c in cases.SMALL])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case,mode", cases.AGREEMENT, ids=[f"{c.id}-{m}" for c, m in cases.AGREEMENT])
 def test_agreement(case, mode):
     ws = workspace(case, seed=1)
     for impl, diff in impls.max_difference(ws, mode).items():

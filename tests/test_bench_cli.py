@@ -1,6 +1,7 @@
 """The benchmark harness (benchmarks/harness/, run through ``python -m bn_simd bench``) on its smallest case:
 the table's columns, the JSON rows, agreement of the implementations' outputs with bn_simd's, and the bar
-chart (when matplotlib is installed); and the message ``bench`` gives where there is no source checkout."""
+chart (when matplotlib is installed); group norm and instance norm end to end on tiny shapes, and the NumPy
+group-norm baseline against bn_simd; and the message ``bench`` gives where there is no source checkout."""
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import pytest
 
 import bn_simd
 from bn_simd import __main__ as cli
-from bn_simd import _speed
+from bn_simd import _baseline, _speed
 from bn_simd.__main__ import main
 
 # The checkout's root, for benchmarks.harness when the tests run from elsewhere (appended: the bn_simd under
@@ -230,6 +231,108 @@ def test_a_new_op_family_needs_no_change_to_measuring_or_reports(monkeypatch):
     assert "batch norm:\n\n| case |" in text and "\nscale:\n\n| case |" in text
     assert "| 2×3×4×4 float64 | eval | NCHW |" in text
     assert text.count("Geometric means of the speed-ups") == 2
+
+
+# ---- group norm and instance norm --------------------------------------------------------------------------
+
+def _group_columns(with_onnxruntime):
+    """The columns of a group-norm or instance-norm table: no PyTorch out=, ONNX RT where the cases have it,
+    the batch-norm eval yardstick's time and bn_simd's time over it."""
+    compared = [n for n in ("torch",) + (("onnxruntime",) if with_onnxruntime else ()) if impls.missing(n) is None]
+    return (["case", "op", "layout", "bn_simd ms", "NumPy ms"] + [f"{impls.IMPL_TITLES[n]} ms" for n in compared]
+            + ["BN eval ms", "bn_simd GB/s", "% of probe", "vs NumPy"]
+            + [f"vs {impls.IMPL_TITLES[n]}" for n in compared] + ["÷ BN eval"])
+
+
+TINY_GROUPS = [cases.Case((2, 8, 5, 6), "NCHW", family="group_norm", options={"G": 4}),
+               cases.Case((2, 8, 5, 6), "NHWC", family="group_norm", options={"G": 4}),
+               cases.Case((2, 8, 5, 6), "NCHW", family="instance_norm"),
+               cases.Case((2, 8, 5, 6), "NHWC", family="instance_norm")]
+
+
+def test_group_and_instance_norm_quick_run(tmp_path, capsys, monkeypatch, keep_torch_threads):
+    """--quick --only group_norm instance_norm, on tiny cases: a table per family with every mode, the ONNX RT
+    column (channels first, forward), the BN eval yardstick and the targets line; JSON rows whose outputs agree."""
+    pool = [cases.Case((2, 8, 5, 6))] + TINY_GROUPS  # the batch-norm case must be left out by --only
+    monkeypatch.setattr(cases, "QUICK_CASES", pool)
+    path = tmp_path / "rows.json"
+    assert main(["bench", "--quick", "--only", "group_norm", "instance_norm", "--retries", "0",
+                 "--default-malloc", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "group norm:\n\n| case |" in out and "\ninstance norm:\n\n| case |" in out
+    assert "batch norm:" not in out
+    header = [_cells(line) for line in out.splitlines() if line.startswith("| case |")]
+    assert header == [_group_columns(True)] * 2
+    for label in ("2×8×5×6 G=4", "2×8×5×6"):
+        for op in ("forward-train", "backward", "forward+backward"):
+            for layout in ("NCHW", "NHWC"):
+                assert f"| {label} | {op} | {layout} |" in out
+    assert out.count("bn_simd's time ÷ its batch-norm eval of the same tensor — forward-train ") == 2
+    assert "target ≤ 1.2×" in out and "target ≤ 2×" in out
+
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["id"], r["mode"]) for r in rows] == [(c.id, m) for c in TINY_GROUPS for m in cases.GROUP_MODES]
+    passes = {"forward": 2, "backward": 3, "forward_backward": 5}
+    for r, (case, mode) in zip(rows, [(c, m) for c in TINY_GROUPS for m in cases.GROUP_MODES]):
+        assert r["family"] == case.family and r["min_bytes"] == passes[mode] * r["tensor_bytes"]
+        expected = {n for n in ("numpy", "torch", "onnxruntime")
+                    if impls.missing(n) is None and impls.supports(n, case, mode)}
+        assert ("onnxruntime" in expected) == (impls.missing("onnxruntime") is None and mode == "forward"
+                                               and case.layout == "NCHW")
+        assert set(r["max_diff"]) == expected  # the yardstick is timed, not compared
+        assert all(d < 1e-5 for d in r["max_diff"].values()), (r["id"], mode, r["max_diff"])
+        assert all(r["ms"][n] > 0 for n in expected | {"bn_simd", "bn_eval"})
+        assert r["over_bn_eval"] == pytest.approx(r["ms"]["bn_simd"] / r["ms"]["bn_eval"])
+
+
+def test_group_cases_carry_their_family_in_the_id():
+    """--only group_norm / instance_norm select exactly those families; --quick has one case of each."""
+    for family in ("group_norm", "instance_norm"):
+        picked = [c for c in cases.CASES if family in c.id]
+        assert picked and all(c.family == family for c in picked)
+        assert sum(c.family == family for c in cases.QUICK_CASES) == 1
+        assert all(set(c.modes) <= set(cases.GROUP_MODES) for c in picked)
+    assert all(c.options["G"] == 32 for c in cases.CASES if c.family == "group_norm")
+    with pytest.raises(ValueError, match="option"):
+        cases.Case((2, 8, 5, 6), family="group_norm")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dims,G", [((3, 12, 5, 7), 4), ((3, 12, 5, 7), 12), ((2, 6, 9), 1), ((2, 8, 3, 4, 5), 2)])
+def test_numpy_group_norm_baseline_agrees_with_bn_simd(dims, G, layout, dtype):
+    rng = np.random.default_rng(7)
+    C = dims[1]
+    shape = dims if layout == "NCHW" else (dims[0],) + dims[2:] + (C,)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w, b = rng.uniform(0.5, 1.5, C).astype(dtype), rng.uniform(-0.5, 0.5, C).astype(dtype)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    y, mean, invstd = bn_simd.group_norm_forward(x, G, w, b, layout=layout)
+    y_np, mean_np, var_np = _baseline.group_norm_forward(x, G, w, b, 1e-5, layout)
+    assert y_np.dtype == dtype and mean_np.shape == var_np.shape == (dims[0], G)
+    np.testing.assert_allclose(y_np, y, atol=tol * 4, rtol=0)
+    np.testing.assert_allclose(mean_np, mean, atol=tol * 4, rtol=tol)
+    np.testing.assert_allclose(1 / np.sqrt(var_np + 1e-5), invstd, rtol=tol * 4)
+    gx, gw, gb = bn_simd.group_norm_backward(dy, x, mean, invstd, G, w, layout=layout)
+    gx_np, gw_np, gb_np = _baseline.group_norm_backward(dy, x, mean, invstd, G, w, layout)
+    n = x.size // C
+    np.testing.assert_allclose(gx_np, gx, atol=tol * 4, rtol=0)
+    np.testing.assert_allclose(gw_np, gw, atol=tol * 4 * np.sqrt(n), rtol=0)
+    np.testing.assert_allclose(gb_np, gb, atol=tol * 4 * np.sqrt(n), rtol=0)
+    # the float64 reference of float32 data: bn_simd's statistics are float64, so only its output rounding differs
+    y64, _, _ = _baseline.group_norm_forward(x, G, w, b, 1e-5, layout, dtype=np.float64)
+    np.testing.assert_allclose(y, y64, atol=8 * np.finfo(dtype).eps * np.abs(y64).max(), rtol=0)
+
+
+def test_numpy_group_norm_baseline_without_affine_is_instance_norm_at_g_equal_c():
+    rng = np.random.default_rng(8)
+    x, dy = rng.standard_normal((2, 4, 6, 5)), rng.standard_normal((2, 4, 6, 5))
+    y, mean, invstd = bn_simd.instance_norm_forward(x)
+    y_np, mean_np, var_np = _baseline.group_norm_forward(x, 4)
+    np.testing.assert_allclose(y_np, y, atol=1e-12)
+    gx = bn_simd.instance_norm_backward(dy, x, mean, invstd)[0]
+    np.testing.assert_allclose(_baseline.group_norm_backward(dy, x, mean, invstd, 4)[0], gx, atol=1e-12)
 
 
 def test_checkout_root_is_a_folder_with_the_harness(tmp_path, monkeypatch):

@@ -2,25 +2,30 @@
 
 A case is (op family, shape, layout, dtype, modes). ``Case((32, 64, 56, 56), "NHWC")`` is batch norm on
 float32 channels-last arrays, timed in every mode of its family (forward-train, backward, eval) unless
-``modes`` names fewer. An op family (:class:`Family`, registered in FAMILIES) states its modes, the minimum
-traffic of each mode and how a case's arrays (its workspace) are built; its implementations are registered
-per family in ``impls.IMPLEMENTATIONS``. Timing and reports read only these records, so a new family is a
-FAMILIES entry, its workspace, its IMPLEMENTATIONS entry and its cases.
+``modes`` names fewer; ``Case((8, 256, 56, 56), family="group_norm", options={"G": 32})`` is group norm with
+32 groups (forward-train, backward, forward+backward). An op family (:class:`Family`, registered in FAMILIES)
+states its modes, the minimum traffic of each mode and how a case's arrays (its workspace) are built; its
+implementations are registered per family in ``impls.IMPLEMENTATIONS``. Timing and reports read only these
+records, so a new family is a FAMILIES entry, its workspace, its IMPLEMENTATIONS entry and its cases.
 
 Minimum bytes of a mode (the traffic no implementation can avoid), for the normalisation families:
 forward-train and eval read x and write y, 2 tensor passes; backward reads x and grad_out and writes
-grad_x, 3 passes.
+grad_x, 3 passes; forward+backward is the two in a row, 5 passes.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
+import bn_simd
 from bn_simd import functional as F
 
-MODES = ("forward", "backward", "eval")
-MODE_TITLES = {"forward": "forward-train", "backward": "backward", "eval": "eval"}
-NORM_PASSES = {"forward": 2, "backward": 3, "eval": 2}
+MODES = ("forward", "backward", "eval")  # batch norm's
+GROUP_MODES = ("forward", "backward", "forward_backward")  # group norm's and instance norm's
+# every mode, in the order reports list them
+MODE_TITLES = {"forward": "forward-train", "backward": "backward", "eval": "eval",
+               "forward_backward": "forward+backward"}
+NORM_PASSES = {"forward": 2, "backward": 3, "eval": 2, "forward_backward": 5}
 EPS = 1e-5
 MOMENTUM = 0.1
 
@@ -30,12 +35,16 @@ class Family:
     """An op family. title names it in charts and in tables that hold several families; modes are the ones
     it can be timed in; min_passes {mode: tensor passes} gives each mode's minimum traffic; workspace(case,
     seed) builds a case's arrays; id_prefix starts its case ids (empty for batch norm, whose ids predate the
-    other families)."""
+    other families); options names the settings every case of the family must give (group norm: "G").
+    bn_eval_targets {mode: bound}: the most bn_simd's time may be as a multiple of bn_simd's batch-norm eval
+    of the same tensor (timed beside it as "bn_eval" where the family registers that yardstick)."""
     title: str
     modes: tuple
     min_passes: dict
     workspace: Callable
     id_prefix: str = ""
+    options: tuple = ()
+    bn_eval_targets: dict = field(default_factory=dict)
 
 
 class Case:
@@ -61,6 +70,9 @@ class Case:
         self.layout = layout
         self.dtype = np.dtype(dtype)
         self.options = dict(options or {})
+        needed = [k for k in FAMILIES[family].options if k not in self.options]
+        if needed:
+            raise ValueError(f"cases of {family} need the option(s) {', '.join(needed)}")
         self.channels = self.dims[1]
         if layout == "NHWC" and len(self.dims) > 2:
             self.shape = (self.dims[0],) + self.dims[2:] + (self.dims[1],)
@@ -131,13 +143,53 @@ class BatchNormWorkspace:
             self.save_mean = self.save_invstd = None
 
 
+class GroupNormWorkspace:
+    """The arrays of one group-norm or instance-norm case (instance norm: one channel per group). x and
+    grad_out are standard normal, the affine weight and bias per channel and not trivial; backward uses
+    bn_simd's saved statistics (mean, invstd of shape (N, groups)). y receives forward+backward's forward
+    output (out its grad_x). eval_mean / eval_var are for bn_simd's batch-norm eval of the same tensor, the
+    yardstick timed beside every row."""
+
+    def __init__(self, case, seed=0):
+        rng = np.random.default_rng(seed)
+        C, dt = case.channels, case.dtype
+        self.case = case
+        self.layout = case.layout
+        self.groups = int(case.options["G"]) if case.family == "group_norm" else C
+        self.x = rng.standard_normal(case.shape, dtype=dt)
+        grads = {"backward", "forward_backward"} & set(case.modes)
+        self.dy = rng.standard_normal(case.shape, dtype=dt) if grads else None
+        self.out = np.empty_like(self.x)
+        self.y = np.empty_like(self.x) if "forward_backward" in case.modes else None
+        self.weight = rng.uniform(0.5, 1.5, C).astype(dt)
+        self.bias = rng.uniform(-0.5, 0.5, C).astype(dt)
+        self.eval_mean = rng.uniform(-0.2, 0.2, C).astype(dt)
+        self.eval_var = rng.uniform(0.5, 2.0, C).astype(dt)
+        if "backward" in case.modes:
+            _, self.save_mean, self.save_invstd = bn_simd.group_norm_forward(
+                self.x, self.groups, self.weight, self.bias, eps=EPS, layout=self.layout)
+        else:
+            self.save_mean = self.save_invstd = None
+
+
+# GroupNorm and InstanceNorm targets, as multiples of bn_simd's own batch-norm eval of the same tensor
+GROUP_TARGETS = {"forward": 1.2, "backward": 2.0}
+
 FAMILIES = {
     "batch_norm": Family("batch norm", MODES, NORM_PASSES, BatchNormWorkspace),
+    "group_norm": Family("group norm", GROUP_MODES, NORM_PASSES, GroupNormWorkspace, "group_norm-", ("G",),
+                         GROUP_TARGETS),
+    "instance_norm": Family("instance norm", GROUP_MODES, NORM_PASSES, GroupNormWorkspace, "instance_norm-",
+                            (), GROUP_TARGETS),
 }
 
 
-def _both_layouts(*dims):
-    return [Case(dims, "NCHW"), Case(dims, "NHWC")]
+def _both_layouts(*dims, **kw):
+    return [Case(dims, "NCHW", **kw), Case(dims, "NHWC", **kw)]
+
+
+def _group_norm(*dims, G=32):
+    return _both_layouts(*dims, family="group_norm", options={"G": G})
 
 
 CASES = (
@@ -149,10 +201,16 @@ CASES = (
     + [Case((1, 64, 56, 56), modes=("eval",)),
        Case((1, 256, 14, 14), modes=("eval",)),
        Case((1, 8, 1, 1), modes=("eval",))]
+    # group norm and instance norm (channels-last: PyTorch takes torch.channels_last tensors for both)
+    + _group_norm(8, 256, 56, 56)
+    + _group_norm(32, 512, 28, 28)
+    + [Case((1, 64, 56, 56), modes=("forward",), family="group_norm", options={"G": 32})]
+    + _both_layouts(8, 64, 128, 128, family="instance_norm")
+    + [Case((1, 64, 32, 32), modes=("forward",), family="instance_norm")]
 )
 
 QUICK_IDS = ("32x64x56x56-NCHW", "32x64x56x56-NHWC", "32x2048x7x7-NCHW", "256x1024-NC", "1x64x56x56-NCHW",
-             "1x8x1x1-NCHW")
+             "1x8x1x1-NCHW", "group_norm-8x256x56x56-NCHW-G=32", "instance_norm-8x64x128x128-NCHW")
 QUICK_CASES = [c for c in CASES if c.id in QUICK_IDS]
 
 # the cases whose tensors stay in the caches: where a second thread must pay for itself

@@ -5,7 +5,9 @@ call of the mode, nothing else) for a workspace of that family, and ``supports(c
 the implementation has a form of that mode for that case at all. Implementation names are shared by the
 families ("bn_simd", "numpy", "torch", "torch_out", "onnxruntime"), and so are their column titles
 (IMPL_TITLES) and the libraries they need (REQUIRES). "bn_simd" is every family's reference: the other
-outputs are compared with its output.
+outputs are compared with its output. A yardstick (YARDSTICKS: "bn_eval", bn_simd's batch-norm eval of the
+same tensor in the group-norm and instance-norm rows) is timed beside them but computes something else: its
+output is not compared, and rows give bn_simd's time over its time.
 
 PyTorch and ONNX Runtime (with onnx) are optional: they are imported on first use, and without them
 ``runner()`` returns None and their columns are left out.
@@ -52,7 +54,10 @@ REQUIRES = {"torch": ("torch", torch_module), "torch_out": ("torch", torch_modul
             "onnxruntime": ("onnxruntime (and onnx)", onnxruntime_module)}
 
 IMPL_TITLES = {"bn_simd": "bn_simd", "numpy": "NumPy", "torch": "PyTorch", "torch_out": "PyTorch out=",
-               "onnxruntime": "ONNX RT"}
+               "onnxruntime": "ONNX RT", "bn_eval": "BN eval"}
+
+# implementations timed as a yardstick for bn_simd, not as a rival computing the same output
+YARDSTICKS = ("bn_eval",)
 
 # The speed-ups of a row: key -> the implementations whose fastest time is divided by bn_simd's ("torch"
 # takes the faster of PyTorch's two forms; "torch_call" is the plain call alone).
@@ -223,13 +228,16 @@ def _batch_norm_onnx_model(ws):
     return model.SerializeToString()
 
 
-def onnxruntime_runner(model, ws):
+def onnxruntime_runner(model, ws, config=None):
     """A Runner of a serialised model on the CPU execution provider, with STATE.threads intra-op threads,
-    input X and output Y bound to the workspace's x and out."""
+    input X and output Y bound to the workspace's x and out. config: session configuration entries
+    {key: value} (e.g. {"session.intra_op.allow_spinning": "0"})."""
     ort = onnxruntime_module()
     so = ort.SessionOptions()
     so.intra_op_num_threads = STATE.threads
     so.inter_op_num_threads = 1
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     binding = sess.io_binding()
     binding.bind_ortvalue_input("X", ort.OrtValue.ortvalue_from_numpy(ws.x))
@@ -247,6 +255,181 @@ def batch_norm_onnxruntime(ws, mode):
     return onnxruntime_runner(_batch_norm_onnx_model(ws), ws)
 
 
+# ---- group norm and instance norm ---------------------------------------------------------------------------
+# The bn_simd, NumPy and ONNX Runtime factories serve both families (instance norm is group norm with one
+# channel per group: ws.groups is C), calling instance norm through its own API where the library has one;
+# PyTorch runs instance norm through batch norm, so it has a factory of its own.
+
+def _instance(ws):
+    return ws.case.family == "instance_norm"
+
+
+def group_norm_bn_simd(ws, mode):
+    """Forward: group_norm(x, G, w, b, out=) or instance_norm(x, None, None, w, b, out=). Backward:
+    group_norm_backward / instance_norm_backward with the workspace's saved statistics, out=. Forward+backward:
+    group_norm_forward / instance_norm_forward into ws.y, then the backward with the statistics it returned."""
+    x, dy, out, y, layout, G = ws.x, ws.dy, ws.out, ws.y, ws.layout, ws.groups
+    w, b = ws.weight, ws.bias
+    if _instance(ws):
+        def forward():
+            return bn_simd.instance_norm(x, None, None, w, b, True, MOMENTUM, EPS, layout=layout, out=out)
+
+        def forward_stats():
+            return bn_simd.instance_norm_forward(x, w, b, eps=EPS, layout=layout, out=y)
+
+        def backward(mean, invstd):
+            return bn_simd.instance_norm_backward(dy, x, mean, invstd, w, layout=layout, out=out)
+    else:
+        def forward():
+            return bn_simd.group_norm(x, G, w, b, EPS, layout=layout, out=out)
+
+        def forward_stats():
+            return bn_simd.group_norm_forward(x, G, w, b, eps=EPS, layout=layout, out=y)
+
+        def backward(mean, invstd):
+            return bn_simd.group_norm_backward(dy, x, mean, invstd, G, w, layout=layout, out=out)
+    if mode == "forward":
+        return Runner(forward, lambda r: r)
+    if mode == "backward":
+        sm, si = ws.save_mean, ws.save_invstd
+        return Runner(lambda: backward(sm, si), lambda r: r[0])
+
+    def forward_backward():
+        _, mean, invstd = forward_stats()
+        return backward(mean, invstd)
+    return Runner(forward_backward, lambda r: r[0])
+
+
+def group_norm_numpy(ws, mode):
+    """The plain-NumPy baseline (instance norm: its group norm with num_groups = C)."""
+    x, layout, G = ws.x, ws.layout, ws.groups
+    w, b = ws.weight, ws.bias
+    if mode == "forward":
+        return Runner(lambda: _baseline.group_norm_forward(x, G, w, b, EPS, layout), lambda r: r[0])
+    dy = ws.dy
+    if mode == "backward":
+        sm, si = ws.save_mean, ws.save_invstd
+        return Runner(lambda: _baseline.group_norm_backward(dy, x, sm, si, G, w, layout), lambda r: r[0])
+
+    def forward_backward():
+        _, mean, var = _baseline.group_norm_forward(x, G, w, b, EPS, layout)
+        return _baseline.group_norm_backward(dy, x, mean, 1.0 / np.sqrt(var + EPS), G, w, layout)
+    return Runner(forward_backward, lambda r: r[0])
+
+
+def group_norm_torch(ws, mode):
+    """Forward: torch.nn.functional.group_norm under no_grad. Backward: aten.native_group_norm_backward with
+    the mean and rstd of aten.native_group_norm, all three gradients; forward+backward: those two kernels in a
+    row (what autograd runs, without the graph)."""
+    torch = torch_module()
+    layout, G = ws.layout, ws.groups
+    x = torch_view(ws.x, layout)
+    p = torch_module().from_numpy
+    w, b = p(ws.weight.copy()), p(ws.bias.copy())
+    N, C = x.shape[0], x.shape[1]
+    HxW = x[0, 0].numel()
+    if mode == "forward":
+        gn = torch.nn.functional.group_norm
+
+        def call():
+            with torch.no_grad():
+                return gn(x, G, w, b, EPS)
+        return Runner(call, lambda r: torch_array(r, layout))
+    dy = torch_view(ws.dy, layout)
+    fwd, bwd = torch.ops.aten.native_group_norm, torch.ops.aten.native_group_norm_backward
+    mask = [True, True, True]
+    if mode == "backward":
+        _, mean, rstd = fwd(x, w, b, N, C, HxW, G, EPS)
+        return Runner(lambda: bwd(dy, x, mean, rstd, w, N, C, HxW, G, mask), lambda r: torch_array(r[0], layout))
+
+    def forward_backward():
+        _, mean, rstd = fwd(x, w, b, N, C, HxW, G, EPS)
+        return bwd(dy, x, mean, rstd, w, N, C, HxW, G, mask)
+    return Runner(forward_backward, lambda r: torch_array(r[0], layout))
+
+
+def instance_norm_torch(ws, mode):
+    """Forward: torch.nn.functional.instance_norm under no_grad. PyTorch has no instance-norm kernel of its
+    own: instance_norm runs batch norm on x seen as one sample of N*C channels (a contiguous copy first for
+    channels-last x), with weight and bias repeated N times. Backward is what its autograd then runs, without
+    the graph: grad_out reshaped the same way, aten.native_batch_norm_backward with the saved statistics of
+    aten.native_batch_norm on that view (all three gradients), and the per-channel gradients summed over the
+    N repeats. Forward+backward: the reshape, the repeats and native_batch_norm, then that backward."""
+    torch = torch_module()
+    layout = ws.layout
+    x = torch_view(ws.x, layout)
+    p = torch_module().from_numpy
+    w, b = p(ws.weight.copy()), p(ws.bias.copy())
+    if mode == "forward":
+        inorm = torch.nn.functional.instance_norm
+
+        def call():
+            with torch.no_grad():
+                return inorm(x, None, None, w, b, True, MOMENTUM, EPS)
+        return Runner(call, lambda r: torch_array(r, layout))
+    N, C = x.shape[0], x.shape[1]
+    flat = (1, N * C) + tuple(x.shape[2:])
+    dy = torch_view(ws.dy, layout)
+    fwd, bwd = torch.ops.aten.native_batch_norm, torch.ops.aten.native_batch_norm_backward
+    mask = [True, True, True]
+
+    def backward(xf, wf, mean, invstd):
+        gx, gw, gb = bwd(dy.reshape(flat), xf, wf, None, None, mean, invstd, True, EPS, mask)
+        return gx.view(x.shape), gw.view(N, C).sum(0), gb.view(N, C).sum(0)
+    if mode == "backward":
+        xf, wf = x.reshape(flat), w.repeat(N)
+        _, mean, invstd = fwd(xf, wf, b.repeat(N), None, None, True, MOMENTUM, EPS)
+        return Runner(lambda: backward(xf, wf, mean, invstd), lambda r: torch_array(r[0], layout))
+
+    def forward_backward():
+        xf, wf = x.reshape(flat), w.repeat(N)
+        _, mean, invstd = fwd(xf, wf, b.repeat(N), None, None, True, MOMENTUM, EPS)
+        return backward(xf, wf, mean, invstd)
+    return Runner(forward_backward, lambda r: torch_array(r[0], layout))
+
+
+def _group_norm_onnx_model(ws):
+    """A one-node model: GroupNormalization-21 (float32 statistics, stash_type=1) or InstanceNormalization-6
+    (its newest version, in a model importing opset 21), with the workspace's weight and bias."""
+    onnx = optional("onnx")
+    helper, TensorProto = onnx.helper, onnx.TensorProto
+    C = ws.case.channels
+    dims = list(ws.case.dims)
+    params = [helper.make_tensor(name, TensorProto.FLOAT, [C], arr.tolist())
+              for name, arr in (("scale", ws.weight), ("B", ws.bias))]
+    if _instance(ws):
+        node = helper.make_node("InstanceNormalization", ["X", "scale", "B"], ["Y"], epsilon=EPS)
+    else:
+        node = helper.make_node("GroupNormalization", ["X", "scale", "B"], ["Y"], epsilon=EPS,
+                                num_groups=ws.groups, stash_type=1)
+    graph = helper.make_graph([node], ws.case.family,
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, dims)],
+                              initializer=params)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10  # the IR version of opset 21
+    return model.SerializeToString()
+
+
+def group_norm_onnxruntime(ws, mode):
+    """Forward only (inference runtime), channels on axis 1 only; the intra-op threads do not spin between
+    calls, so they leave the CPUs to the implementations timed after them."""
+    return onnxruntime_runner(_group_norm_onnx_model(ws), ws, {"session.intra_op.allow_spinning": "0"})
+
+
+def bn_eval_yardstick(ws, mode):
+    """bn_simd's batch-norm eval of the workspace's x (per-channel eval statistics, same layout, into out),
+    whatever the mode: the yardstick of the group-norm and instance-norm targets."""
+    x, out, layout = ws.x, ws.out, ws.layout
+    w, b, em, ev = ws.weight, ws.bias, ws.eval_mean, ws.eval_var
+    return Runner(lambda: F.batch_norm(x, em, ev, w, b, False, MOMENTUM, EPS, layout=layout, out=out),
+                  lambda r: r)
+
+
+def _nchw_forward(case, mode):
+    return mode == "forward" and case.layout_label != "NHWC"
+
+
 IMPLEMENTATIONS = {
     "batch_norm": {
         "bn_simd": Impl(batch_norm_bn_simd),
@@ -255,6 +438,20 @@ IMPLEMENTATIONS = {
         "torch_out": Impl(batch_norm_torch_out, lambda case, mode: mode != "backward"),
         "onnxruntime": Impl(batch_norm_onnxruntime,
                             lambda case, mode: mode == "eval" and case.layout_label != "NHWC"),
+    },
+    "group_norm": {
+        "bn_simd": Impl(group_norm_bn_simd),
+        "numpy": Impl(group_norm_numpy),
+        "torch": Impl(group_norm_torch),
+        "onnxruntime": Impl(group_norm_onnxruntime, _nchw_forward),
+        "bn_eval": Impl(bn_eval_yardstick),
+    },
+    "instance_norm": {
+        "bn_simd": Impl(group_norm_bn_simd),
+        "numpy": Impl(group_norm_numpy),
+        "torch": Impl(instance_norm_torch),
+        "onnxruntime": Impl(group_norm_onnxruntime, _nchw_forward),
+        "bn_eval": Impl(bn_eval_yardstick),
     },
 }
 
@@ -304,12 +501,12 @@ def difference(out, ref):
 
 def max_difference(ws, mode, impl_names=None):
     """{implementation: max |output - bn_simd's output|} for one mode, over the installed implementations
-    that support it (impl_names: a subset, default all of the family's); checks that every implementation
-    computes the same thing (up to rounding) on the same data layout."""
+    that support it, yardsticks left out (impl_names: a subset, default all of the family's); checks that
+    every implementation computes the same thing (up to rounding) on the same data layout."""
     ref = runner("bn_simd", ws, mode).output().copy()
     diffs = {}
     for name in impl_names or names(ws.case.family):
-        r = runner(name, ws, mode) if name != "bn_simd" else None
+        r = runner(name, ws, mode) if name != "bn_simd" and name not in YARDSTICKS else None
         if r is not None:
             diffs[name] = difference(r.output(), ref)
     return diffs

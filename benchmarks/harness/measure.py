@@ -34,7 +34,8 @@ def _settings(quick, timer):
 
 def _time_mode(ws, mode, impl_names, settings, progress):
     """Time one mode of each implementation in impl_names (bn_simd first), interleaved; returns
-    ({impl: ms}, {impl: samples}, {impl: difference from bn_simd's output})."""
+    ({impl: ms}, {impl: samples}, {impl: difference from bn_simd's output}); yardsticks are timed, not
+    compared."""
     ms, ks, diffs, runners = {}, {}, {}, {}
     ref = None
     for name in impl_names:
@@ -44,7 +45,7 @@ def _time_mode(ws, mode, impl_names, settings, progress):
             continue
         if ref is None:
             ref = runner.output().copy()
-        else:
+        elif name not in impls.YARDSTICKS:
             diffs[name] = impls.difference(runner.output(), ref)
         runners[name] = runner
     timed = timing.interleaved_medians(list(runners.values()), **settings)
@@ -68,7 +69,8 @@ def measure(case_list=None, *, threads=None, quick=False, impl_names=None, retri
 
     Row keys beyond the common ones: tensor_bytes, min_bytes, ms {impl: median ms or None}, k {impl:
     samples}, max_diff {impl: max |output - bn_simd's output|}, probe_ms, probe_gbs, gbs (bn_simd),
-    pct_probe, speedup {key of impls.SPEEDUPS: that time / bn_simd's}.
+    pct_probe, speedup {key of impls.SPEEDUPS: that time / bn_simd's}, over_bn_eval (bn_simd's time / that of
+    the "bn_eval" yardstick, bn_simd's batch-norm eval of the same tensor; None where it is not timed).
     """
     if threads is not None:
         impls.configure(threads)
@@ -95,7 +97,7 @@ def measure(case_list=None, *, threads=None, quick=False, impl_names=None, retri
             rows.append(_row(case, mode, tensor_bytes=case.nbytes, min_bytes=case.min_bytes(mode), ms=ms, k=ks,
                              max_diff=diffs, other_cores=others, attempts=attempts, probe_ms=probe_ms,
                              probe_gbs=probe_gbs, gbs=speed, pct_probe=100 * speed / probe_gbs,
-                             speedup=speedup))
+                             speedup=speedup, over_bn_eval=ratio(ours, ms.get("bn_eval"))))
         del ws
     return rows
 

@@ -2,7 +2,8 @@
 
 Tables name the libraries and versions, the kernels, the dtypes and the thread count in a header line.
 Rows of several op families make one table per family, each under its family's title; rows of one family
-make one table.
+make one table. Rows with the "bn_eval" yardstick (group norm, instance norm) get its time, bn_simd's time
+over it, and a line checking those ratios against the family's targets.
 """
 import math
 import os
@@ -12,7 +13,7 @@ import numpy as np
 import bn_simd
 
 from . import impls, machine
-from .cases import FAMILIES, MODE_TITLES, MODES
+from .cases import FAMILIES, MODE_TITLES
 from .measure import gbs, ratio
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -24,6 +25,7 @@ MARKS = {"comparison": ("<!-- bench-table:start -->", "<!-- bench-table:end -->"
 BASE_COLUMNS = ("bn_simd", "numpy")
 OPTIONAL_COLUMNS = ("torch", "torch_out", "onnxruntime")
 RATIO_COLUMNS = ("numpy", "torch", "onnxruntime")
+BN_EVAL = "bn_eval"  # the yardstick: a time column and a "÷ BN eval" column (bn_simd's time over it)
 
 
 def have_matplotlib():
@@ -96,26 +98,53 @@ def table(rows):
     return header + "\n\n" + _by_family(rows, _comparison)
 
 
+def _has_bn_eval(rows):
+    return any(r.get("over_bn_eval") for r in rows)
+
+
 def _comparison(rows):
     shown = list(BASE_COLUMNS) + _compared(rows)
     ratios = [(k, impls.IMPL_TITLES[k]) for k in RATIO_COLUMNS if k in shown]
-    head = ([f"{impls.IMPL_TITLES[n]} ms" for n in shown] + ["bn_simd GB/s", "% of probe"]
-            + [f"vs {t}" for _, t in ratios])
+    yardstick = [BN_EVAL] if _has_bn_eval(rows) else []
+    head = ([f"{impls.IMPL_TITLES[n]} ms" for n in shown + yardstick] + ["bn_simd GB/s", "% of probe"]
+            + [f"vs {t}" for _, t in ratios] + [f"÷ {impls.IMPL_TITLES[n]}" for n in yardstick])
     lines = ["| case | op | layout | " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * len(head)]
     for r in rows:
-        cells = (_cells(r) + [fmt_ms(r["ms"].get(n)) for n in shown]
+        cells = (_cells(r) + [fmt_ms(r["ms"].get(n)) for n in shown + yardstick]
                  + [_num(r["gbs"], ".1f" if r["gbs"] >= 1 else ".3f"), _num(r["pct_probe"], ".0f") + " %"]
-                 + [fmt_x(r["speedup"][k]) for k, _ in ratios])
+                 + [fmt_x(r["speedup"][k]) for k, _ in ratios] + [fmt_x(r.get("over_bn_eval")) for _ in yardstick])
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     parts = []
-    for label, sel in [("all", rows)] + [(MODE_TITLES[m], [r for r in rows if r["mode"] == m]) for m in MODES]:
+    for label, sel in [("all", rows)] + [(MODE_TITLES[m], [r for r in rows if r["mode"] == m]) for m in MODE_TITLES]:
         if not sel:
             continue
         means = [(geomean(r["speedup"][k] for r in sel), t) for k, t in ratios]
         parts.append(f"{label} ({len(sel)}): " + ", ".join(f"{fmt_x(gm)} vs {t}" for gm, t in means if gm))
     lines.append("Geometric means of the speed-ups — " + "; ".join(parts) + ".")
+    if yardstick:
+        lines += ["", bn_eval_targets(rows)]
     return "\n".join(lines)
+
+
+def bn_eval_targets(rows):
+    """One line: per mode, bn_simd's time over its batch-norm eval of the same tensor (the "÷ BN eval" column),
+    its range, and the rows over the family's target for that mode (cases.Family.bn_eval_targets)."""
+    parts = []
+    for mode in MODE_TITLES:
+        sel = [r for r in rows if r["mode"] == mode and r.get("over_bn_eval")]
+        if not sel:
+            continue
+        vals = [r["over_bn_eval"] for r in sel]
+        span = fmt_x(min(vals)) if len(sel) == 1 else f"{fmt_x(min(vals))}–{fmt_x(max(vals))}"
+        text = f"{MODE_TITLES[mode]} {span} ({len(sel)} row{'s' if len(sel) > 1 else ''}"
+        bounds = {FAMILIES[r["family"]].bn_eval_targets.get(mode) for r in sel} - {None}
+        if len(bounds) == 1:
+            bound = bounds.pop()
+            over = [f"{r['case']} {r['layout']}" for r in sel if r["over_bn_eval"] > bound]
+            text += f"; target ≤ {bound:g}×: " + (f"over it: {', '.join(over)}" if over else "all within")
+        parts.append(text + ")")
+    return "bn_simd's time ÷ its batch-norm eval of the same tensor — " + "; ".join(parts) + "."
 
 
 def scaling_table(rows):
@@ -173,7 +202,7 @@ def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = [n for n in impls.IMPL_TITLES if any(r["ms"].get(n) for r in rows)]
+    names = [n for n in impls.IMPL_TITLES if n not in impls.YARDSTICKS and any(r["ms"].get(n) for r in rows)]
     labels = [f"{r['case']} {r['layout']}\n{MODE_TITLES[r['mode']]}" for r in rows]
     width = 0.8 / (len(names) + 1)
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(rows)), 5))
