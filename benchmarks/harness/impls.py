@@ -228,15 +228,20 @@ def _batch_norm_onnx_model(ws):
     return model.SerializeToString()
 
 
+# ONNX Runtime's intra-op threads spin between runs unless told not to: in a process that times several libraries
+# in turn on a 2-core machine, they would take a core from the next implementation's samples.
+ORT_CONFIG = {"session.intra_op.allow_spinning": "0"}
+
+
 def onnxruntime_runner(model, ws, config=None):
     """A Runner of a serialised model on the CPU execution provider, with STATE.threads intra-op threads,
     input X and output Y bound to the workspace's x and out. config: session configuration entries
-    {key: value} (e.g. {"session.intra_op.allow_spinning": "0"})."""
+    {key: value} beside ORT_CONFIG."""
     ort = onnxruntime_module()
     so = ort.SessionOptions()
     so.intra_op_num_threads = STATE.threads
     so.inter_op_num_threads = 1
-    for key, value in (config or {}).items():
+    for key, value in {**ORT_CONFIG, **(config or {})}.items():
         so.add_session_config_entry(key, value)
     sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     binding = sess.io_binding()
@@ -414,7 +419,7 @@ def _group_norm_onnx_model(ws):
 def group_norm_onnxruntime(ws, mode):
     """Forward only (inference runtime), channels on axis 1 only; the intra-op threads do not spin between
     calls, so they leave the CPUs to the implementations timed after them."""
-    return onnxruntime_runner(_group_norm_onnx_model(ws), ws, {"session.intra_op.allow_spinning": "0"})
+    return onnxruntime_runner(_group_norm_onnx_model(ws), ws)
 
 
 def bn_eval_yardstick(ws, mode):
