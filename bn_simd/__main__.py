@@ -70,6 +70,45 @@ def self_check(verbose=True):
                 worst = max(errs.values())
                 print(f"  {status} {np.dtype(dtype).name:7s} {layout} {str(shape):18s} max rel. error {worst:.1e}"
                       + (f"  failing: {sorted(bad)}" if bad else ""))
+    return failures + group_check(verbose)
+
+
+# (shape, layout, groups): group norm across layouts and ranks; G = C is instance norm
+GROUP_CASES = [((4, 12, 9, 11), "NCHW", 3), ((3, 6, 5, 16), "NHWC", 4), ((2, 8, 130), "NCHW", 8),
+               ((2, 3, 4, 4, 6), "NHWC", 6)]
+
+
+def group_check(verbose=True):
+    """Group norm (and instance norm, G = C) forward and backward against the float64 reference."""
+    from . import groups as GN
+    rng = np.random.default_rng(54321)
+    failures = 0
+    for dtype in (np.float32, np.float64):
+        for shape, layout, G in GROUP_CASES:
+            C = shape[_channel_axis(layout, len(shape))]
+            n = int(np.prod(shape)) // shape[0] // G
+            x = (rng.standard_normal(shape) * 3 + 10).astype(dtype)
+            w, b = rng.uniform(0.5, 2, C), rng.standard_normal(C)
+            dy = rng.standard_normal(shape).astype(dtype)
+            if G == C and len(shape) > 2:
+                y, mean, invstd = GN.instance_norm_forward(x, w, b, layout=layout)
+                gx, gw, gb = GN.instance_norm_backward(dy, x, mean, invstd, w, layout=layout)
+            else:
+                y, mean, invstd = GN.group_norm_forward(x, G, w, b, layout=layout)
+                gx, gw, gb = GN.group_norm_backward(dy, x, mean, invstd, G, w, layout=layout)
+            y_ref, m_ref, v_ref = ref.group_norm_forward(x, G, w, b, layout=layout, dtype=np.float64)
+            gx_ref, gw_ref, _ = ref.group_norm_backward(dy, x, m_ref, 1 / np.sqrt(v_ref + 1e-5), G, w, layout=layout,
+                                                        dtype=np.float64)
+            tol = _tol(dtype, n)
+            errs = {"forward": np.max(np.abs(y - y_ref)) / np.max(np.abs(w)),
+                    "grad_x": np.max(np.abs(gx - gx_ref)) / (1 + np.max(np.abs(gx_ref))),
+                    "grad_w": np.max(np.abs(gw - gw_ref)) / (np.sqrt(n * shape[0]) * 4)}
+            bad = {k: v for k, v in errs.items() if not v <= 8 * tol * (np.sqrt(n) if k != "forward" else 1)}
+            failures += bool(bad)
+            if verbose:
+                what = "instance" if G == C else f"group G={G}"
+                print(f"  {'ok  ' if not bad else 'FAIL'} {np.dtype(dtype).name:7s} {layout} {str(shape):18s} "
+                      f"{what:11s} max rel. error {max(errs.values()):.1e}" + (f"  failing: {sorted(bad)}" if bad else ""))
     return failures
 
 
@@ -125,7 +164,8 @@ def main(argv=None):
           f"OpenMP {'yes' if cfg['openmp'] else 'no'}, {cfg['num_threads']} thread(s)")
     failures = 0
     if args.command in ("all", "check"):
-        print("\nSelf-check against the float64 NumPy reference (forward, eval, backward):")
+        print("\nSelf-check against the float64 NumPy reference (batch norm forward, eval, backward; group and instance norm "
+              "forward, backward):")
         failures = self_check()
         print(f"  {'all passed' if not failures else f'{failures} case(s) FAILED'}")
     if args.command in ("all", "speed"):
