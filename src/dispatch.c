@@ -8,8 +8,6 @@
 #include <omp.h>
 #endif
 
-static const bn_uk_f32* const tables_f32[BN_ISA_COUNT] = {&bn_uk_f32_scalar, &bn_uk_f32_avx2, &bn_uk_f32_avx512};
-static const bn_uk_f64* const tables_f64[BN_ISA_COUNT] = {&bn_uk_f64_scalar, &bn_uk_f64_avx2, &bn_uk_f64_avx512};
 static const char* const names[BN_ISA_COUNT] = {"scalar", "avx2", "avx512"};
 
 /* -1 until the first call picks the best ISA. */
@@ -53,8 +51,8 @@ int bn_get_isa(void) {
 
 const char* bn_isa_name(int isa) { return (isa >= 0 && isa < BN_ISA_COUNT) ? names[isa] : "unknown"; }
 
-const bn_uk_f32* bn_uk_active_f32(void) { return tables_f32[bn_get_isa()]; }
-const bn_uk_f64* bn_uk_active_f64(void) { return tables_f64[bn_get_isa()]; }
+const bn_uk_f32* bn_uk_active_f32(void) { return &bn_uk_f32_tables[bn_get_isa()]; }
+const bn_uk_f64* bn_uk_active_f64(void) { return &bn_uk_f64_tables[bn_get_isa()]; }
 
 /* Column strips for wide channels-last rows (docs/design.md, "Wide channels-last rows"). On AMD Zen 4 (32 KiB
  * L1d) a flat sweep reloads every row's coefficients from L2, and the strips measured 1.15-1.3x faster at
