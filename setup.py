@@ -1,8 +1,8 @@
 """Build of the bn_simd extension.
 
 * The ISA microkernels get their ISA's flags and nothing else does (no host-tuned -march flag anywhere): each
-  uk_<isa>.c is compiled to an object with its own flags and linked into the one extension; dispatch.c
-  picks among them at run time from CPUID.
+  uk_<isa>.c is compiled to an object with its own flags (build_config.py, which the C kernel test reads too) and
+  linked into the one extension; dispatch.c picks among them at run time from CPUID.
 * OpenMP is used when the compiler can build and link a test program with -fopenmp; BN_SIMD_OPENMP=0
   forces a build without it (the kernels then run on one thread).
 * BN_SIMD_SANITIZE=1 builds with -fsanitize=address,undefined at -O1 with debug info, for the memory-safety
@@ -20,14 +20,10 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-ISA_FLAGS = {
-    "src/uk_avx2.c": ["-mavx2", "-mfma"],
-    "src/uk_avx512.c": ["-mavx512f", "-mavx2", "-mfma"],
-}
-PORTABLE_SOURCES = ["src/uk_scalar.c", "src/dispatch.c", "src/batchnorm.c"]
-# -ffp-contract=off: no compiler fuses a * b + c (GCC in ISO C mode does not anyway, clang would), so every ISA
-# computes the same per-channel coefficients; the kernels that want FMA call it explicitly.
-BASE_FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-ffp-contract=off", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
+sys.path.insert(0, ROOT)
+# the C sources and their flags (build_config.py, which the C kernel test reads too)
+from build_config import (BASE_FLAGS, DEPENDS, INCLUDE_DIRS, ISA_FLAGS, PORTABLE_SOURCES,  # noqa: E402
+                          SANITIZE_FLAGS, SANITIZE_LINK_FLAGS)
 
 
 def _env_flag(name, default):
@@ -61,9 +57,8 @@ class BuildExt(build_ext):
             extra.append("-fopenmp")
             link.append("-fopenmp")
         if sanitize:
-            extra += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
-                      "-O1", "-g"]
-            link += ["-fsanitize=address,undefined"]
+            extra += SANITIZE_FLAGS
+            link += SANITIZE_LINK_FLAGS
         print(f"bn_simd build: OpenMP={'yes' if use_omp else 'no'} sanitize={'yes' if sanitize else 'no'}")
         for ext in self.extensions:
             if ext.name != "bn_simd._core":  # (the probes: portable C, no OpenMP, see bn_simd/_openmp.py)
@@ -83,9 +78,8 @@ class BuildExt(build_ext):
 ext = Extension(
     "bn_simd._core",
     sources=["bn_simd/_core.pyx"] + PORTABLE_SOURCES,
-    include_dirs=["include", "src", numpy.get_include()],
-    depends=["include/bn_simd.h", "src/ukernels.h", "src/ukernels.inc", "src/batchnorm.inc", "src/groupnorm.inc", "src/dispatch.h",
-             "src/uk_undef_type.h"],
+    include_dirs=INCLUDE_DIRS + [numpy.get_include()],
+    depends=DEPENDS,
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 

@@ -9,8 +9,6 @@
 #include <omp.h>
 #endif
 
-static const bn_uk_f32* const tables_f32[BN_ISA_COUNT] = {&bn_uk_f32_scalar, &bn_uk_f32_avx2, &bn_uk_f32_avx512};
-static const bn_uk_f64* const tables_f64[BN_ISA_COUNT] = {&bn_uk_f64_scalar, &bn_uk_f64_avx2, &bn_uk_f64_avx512};
 static const char* const names[BN_ISA_COUNT] = {"scalar", "avx2", "avx512"};
 
 /* Settings of a context; -1 (0 for nthreads): the default's, or the CPU's. */
@@ -70,8 +68,8 @@ int bn_get_isa(void) {
 
 const char* bn_isa_name(int isa) { return (isa >= 0 && isa < BN_ISA_COUNT) ? names[isa] : "unknown"; }
 
-const bn_uk_f32* bn_uk_active_f32(void) { return tables_f32[bn_get_isa()]; }
-const bn_uk_f64* bn_uk_active_f64(void) { return tables_f64[bn_get_isa()]; }
+const bn_uk_f32* bn_uk_active_f32(void) { return &bn_uk_f32_tables[bn_get_isa()]; }
+const bn_uk_f64* bn_uk_active_f64(void) { return &bn_uk_f64_tables[bn_get_isa()]; }
 
 /* Column strips for wide channels-last rows. Once a row of every array a sweep touches no longer fits in L1 beside the
  * data, a flat sweep reloads every row's coefficients from L2, and the strips, which keep them in registers, measured

@@ -1,7 +1,9 @@
 /*
  * Microkernels: the only ISA-specific code. Each works on one contiguous run of memory and never
  * allocates, threads or reads past its n / rows * C elements. The drivers in batchnorm.c do blocking,
- * threading and the combination of partial results; they reach the kernels through a table.
+ * threading and the combination of partial results; they reach the kernels through a table per ISA and dtype.
+ * kernels.def lists every kernel once, by name (bn_<dtype>_<shape>__<isa>): this header declares them from it, kernels.c
+ * builds the tables from it and tests/c/test_kernels.c tests each listed kernel against the scalar one.
  *
  * seg_*: channels-first, nseg consecutive runs (segments) of len elements, segment j of channel j
  *        (per-channel arrays indexed by j); the reductions take `rows` such runs, rs elements apart.
@@ -18,6 +20,8 @@
 
 #include <stdint.h>
 
+#include "bn_simd.h"
+
 /* How far ahead of their loads the channels-first float32 reductions prefetch (bytes; ukernels.inc), and how far
  * past a chunk their callers let them (batchnorm.c, cf_pf_after). */
 #define BN_SEG_PF_BYTES 8192
@@ -30,73 +34,119 @@
 /* The widest vector of any kernel, in elements (AVX-512, float32). */
 #define UK_MAX_VL 16
 
-#define BN_UK_TABLE(T, S)                                                                                 \
-    typedef struct {                                                                                      \
-        /* acc[j] += sum of segment j over the rows (x[r rs + j len .. r rs + (j + 1) len), r < rows).      \
-         * pf >= 0 with rows == 1: the pf elements after the run x[0 .. nseg len) are in the same array and  \
-         * read next; the kernel may prefetch them (a prefetch is not a read; the AddressSanitizer build makes \
-         * it one, so that it is checked). pf < 0: no prefetch. The same for seg_dev and seg_bwd_sums, which \
-         * also takes, with rows > 1, pf > 0 elements after each row's run that are in the same row and read  \
-         * next (the next block's runs; 0: none is) */                                                      \
-        void (*seg_sum)(const T* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len, double* acc,      \
-                        int64_t pf);                                                                      \
-        /* s1[j] += sum (x - m[j]), s2[j] += sum (x - m[j])^2 over segment j of every row */               \
-        void (*seg_dev)(const T* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len, const double* m,  \
-                        double* s1, double* s2, int64_t pf);                                              \
-        /* y = (x - m[j]) * a[j] + b[j] over segment j */                                                 \
-        void (*seg_affine)(const T* x, T* y, int64_t nseg, int64_t len, const T* m, const T* a,           \
-                           const T* b, int nt);                                                           \
-        /* sdy[j] += sum dy, sdyx[j] += sum dy * (x - m[j]) over segment j of every row */                \
-        void (*seg_bwd_sums)(const T* dy, const T* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len,  \
-                             const double* m, double* sdy, double* sdyx, int64_t pf);                     \
-        /* dx = a[j] * dy + b[j] * (x - m[j]) + d[j] over segment j */                                    \
-        void (*seg_bwd_apply)(const T* dy, const T* x, T* dx, int64_t nseg, int64_t len, const T* m,      \
-                              const T* a, const T* b, const T* d, int nt);                                \
-        /* acc[c] += sum_r x[r, c] for the W <= C channels c < W of rows C elements apart (W < C: a column    \
-         * block, see UK_CL_STRIPS; it prefetches nothing). pf_rows >= 0: rows after these in the same array \
-         * (the caller's next chunk), the first block of which is prefetched (not read, but for the          \
-         * AddressSanitizer build's checked loads); the same for cl_dev, cl_bwd_sums */                     \
-        void (*cl_sum)(const T* x, int64_t rows, int64_t C, int64_t W, double* acc, int64_t pf_rows);     \
-        /* s1[c] += sum_r (x[r, c] - m[c]), s2[c] += sum_r (x[r, c] - m[c])^2 */                          \
-        void (*cl_dev)(const T* x, int64_t rows, int64_t C, int64_t W, const double* m, double* s1,       \
-                       double* s2, int64_t pf_rows);                                                      \
-        /* y[e] = (x[e] - m[c]) * a[c] + b[c] over n flat elements, c = (c0 + e) % C; m, a, b extended;    \
-         * il: NULL, or the same coefficients interleaved in groups of vl channels from channel io < C (C a  \
-         * multiple of vl; see cl_il_alloc in batchnorm.inc), which flat runs read instead when their       \
-         * vectors start on a group */                                                                     \
-        void (*cl_affine)(const T* x, T* y, int64_t n, int64_t C, int64_t c0, const T* m, const T* a,    \
-                          const T* b, const T* il, int64_t io, int nt);                                   \
-        /* sdy[c] += sum_r dy[r, c], sdyx[c] += sum_r dy[r, c] * (x[r, c] - m[c]) */                      \
-        void (*cl_bwd_sums)(const T* dy, const T* x, int64_t rows, int64_t C, int64_t W, const double* m,  \
-                            double* sdy, double* sdyx, int64_t pf_rows);                                  \
-        /* dx[e] = a[c] * dy[e] + b[c] * (x[e] - m[c]) + d[c], as cl_affine */                            \
-        void (*cl_bwd_apply)(const T* dy, const T* x, T* dx, int64_t n, int64_t C, int64_t c0, const T* m, \
-                             const T* a, const T* b, const T* d, int nt);                                 \
-        /* per-channel coefficients m, a, b of y = (x - m) a + b (weight, bias optional); returns non-zero  \
-         * when some channel needs the float64 apply (see ukernels.inc). m, a, b: distinct arrays that no   \
-         * input overlaps */                                                                               \
-        int (*norm_params)(int64_t C, const double* mean, const double* var, const double* weight,        \
-                           const double* bias, double eps, T* m, T* a, T* b);                             \
-        /* backward coefficients m, a, b, d of dx = a dy + b (x - m) + d, and gw, gb (weight optional).    \
-         * m, a, b, d: distinct arrays that no other argument overlaps; nor do gw, gb overlap sdy, sdyx */  \
-        void (*bwd_params)(int64_t C, double n, const double* sdy, const double* sdyx, const double* mean,  \
-                           const double* invstd, const double* weight, int training, double* gw, double* gb, \
-                           T* m, T* a, T* b, T* d);                                                       \
-        /* channels-last statistics: one chunk of cnt rows, s1 -> s1 (1 / cnt), s2 -> max(0, s2 - s1 s1 (1 / cnt)) */ \
-        void (*cl_chunk_finish)(int64_t C, double cnt, double* s1, double* s2);                           \
-        /* channels-last statistics: mean and var of channels c0 .. c1 - 1 from K chunk rows (ukernels.inc); \
-         * mean, var: distinct arrays that no input overlaps */                                           \
-        void (*cl_combine)(const double* mu0_k, const double* r_k, const double* m2_k, int64_t K, int64_t C, \
-                           int64_t n, int64_t L, int64_t c0, int64_t c1, double* mean, double* var);      \
-        /* out[c] = sum_k part[k C + c] in chunk order, c0 <= c < c1; out overlaps no input */             \
-        void (*cl_sum_rows)(const double* part, int64_t K, int64_t C, int64_t c0, int64_t c1, double* out); \
-        /* the vector length, in elements */                                                              \
-        int vl;                                                                                           \
-    } bn_uk_##S;
+/* The function type of each kernel shape, bn_<dtype>_<shape>_fn for T = float (f32) and double (f64): the one place a
+ * kernel's signature is written. Every kernel of src/kernels.def is declared with its shape's type below, and a table
+ * has a slot of that type per shape. */
+#define BN_UK_TYPES(T, S)                                                                                 \
+    /* acc[j] += sum of segment j over the rows (x[r rs + j len .. r rs + (j + 1) len), r < rows).          \
+     * pf >= 0 with rows == 1: the pf elements after the run x[0 .. nseg len) are in the same array and      \
+     * read next; the kernel may prefetch them (a prefetch is not a read; the AddressSanitizer build makes   \
+     * it one, so that it is checked). pf < 0: no prefetch. The same for seg_dev and seg_bwd_sums, which     \
+     * also takes, with rows > 1, pf > 0 elements after each row's run that are in the same row and read     \
+     * next (the next block's runs; 0: none is) */                                                          \
+    typedef void bn_##S##_seg_sum_fn(const T* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len,      \
+                                     double* acc, int64_t pf);                                            \
+    /* s1[j] += sum (x - m[j]), s2[j] += sum (x - m[j])^2 over segment j of every row */                   \
+    typedef void bn_##S##_seg_dev_fn(const T* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len,      \
+                                     const double* m, double* s1, double* s2, int64_t pf);                \
+    /* y = (x - m[j]) * a[j] + b[j] over segment j */                                                     \
+    typedef void bn_##S##_seg_affine_fn(const T* x, T* y, int64_t nseg, int64_t len, const T* m,          \
+                                        const T* a, const T* b, int nt);                                  \
+    /* sdy[j] += sum dy, sdyx[j] += sum dy * (x - m[j]) over segment j of every row */                    \
+    typedef void bn_##S##_seg_bwd_sums_fn(const T* dy, const T* x, int64_t rows, int64_t rs, int64_t nseg,  \
+                                          int64_t len, const double* m, double* sdy, double* sdyx,        \
+                                          int64_t pf);                                                    \
+    /* dx = a[j] * dy + b[j] * (x - m[j]) + d[j] over segment j */                                        \
+    typedef void bn_##S##_seg_bwd_apply_fn(const T* dy, const T* x, T* dx, int64_t nseg, int64_t len,      \
+                                           const T* m, const T* a, const T* b, const T* d, int nt);       \
+    /* acc[c] += sum_r x[r, c] for the W <= C channels c < W of rows C elements apart (W < C: a column        \
+     * block, see UK_CL_STRIPS; it prefetches nothing). pf_rows >= 0: rows after these in the same array     \
+     * (the caller's next chunk), the first block of which is prefetched (not read, but for the              \
+     * AddressSanitizer build's checked loads); the same for cl_dev, cl_bwd_sums */                         \
+    typedef void bn_##S##_cl_sum_fn(const T* x, int64_t rows, int64_t C, int64_t W, double* acc,           \
+                                    int64_t pf_rows);                                                     \
+    /* s1[c] += sum_r (x[r, c] - m[c]), s2[c] += sum_r (x[r, c] - m[c])^2 */                              \
+    typedef void bn_##S##_cl_dev_fn(const T* x, int64_t rows, int64_t C, int64_t W, const double* m,       \
+                                    double* s1, double* s2, int64_t pf_rows);                             \
+    /* y[e] = (x[e] - m[c]) * a[c] + b[c] over n flat elements, c = (c0 + e) % C; m, a, b extended;        \
+     * il: NULL, or the same coefficients interleaved in groups of vl channels from channel io < C (C a      \
+     * multiple of vl; see cl_il_alloc in batchnorm.inc), which flat runs read instead when their           \
+     * vectors start on a group */                                                                         \
+    typedef void bn_##S##_cl_affine_fn(const T* x, T* y, int64_t n, int64_t C, int64_t c0, const T* m,     \
+                                       const T* a, const T* b, const T* il, int64_t io, int nt);          \
+    /* sdy[c] += sum_r dy[r, c], sdyx[c] += sum_r dy[r, c] * (x[r, c] - m[c]) */                          \
+    typedef void bn_##S##_cl_bwd_sums_fn(const T* dy, const T* x, int64_t rows, int64_t C, int64_t W,      \
+                                         const double* m, double* sdy, double* sdyx, int64_t pf_rows);    \
+    /* dx[e] = a[c] * dy[e] + b[c] * (x[e] - m[c]) + d[c], as cl_affine */                                \
+    typedef void bn_##S##_cl_bwd_apply_fn(const T* dy, const T* x, T* dx, int64_t n, int64_t C,            \
+                                          int64_t c0, const T* m, const T* a, const T* b, const T* d,     \
+                                          int nt);                                                        \
+    /* per-channel coefficients m, a, b of y = (x - m) a + b (weight, bias optional); returns non-zero      \
+     * when some channel needs the float64 apply (see ukernels.inc). m, a, b: distinct arrays that no       \
+     * input overlaps */                                                                                   \
+    typedef int bn_##S##_norm_params_fn(int64_t C, const double* mean, const double* var,                  \
+                                        const double* weight, const double* bias, double eps, T* m, T* a, \
+                                        T* b);                                                            \
+    /* backward coefficients m, a, b, d of dx = a dy + b (x - m) + d, and gw, gb (weight optional).        \
+     * m, a, b, d: distinct arrays that no other argument overlaps; nor do gw, gb overlap sdy, sdyx */      \
+    typedef void bn_##S##_bwd_params_fn(int64_t C, double n, const double* sdy, const double* sdyx,        \
+                                        const double* mean, const double* invstd, const double* weight,   \
+                                        int training, double* gw, double* gb, T* m, T* a, T* b, T* d);    \
+    /* channels-last statistics: one chunk of cnt rows, s1 -> s1 (1 / cnt), s2 -> max(0, s2 - s1 s1 (1 / cnt)) */ \
+    typedef void bn_##S##_cl_chunk_finish_fn(int64_t C, double cnt, double* s1, double* s2);               \
+    /* channels-last statistics: mean and var of channels c0 .. c1 - 1 from K chunk rows (ukernels.inc);     \
+     * mean, var: distinct arrays that no input overlaps */                                               \
+    typedef void bn_##S##_cl_combine_fn(const double* mu0_k, const double* r_k, const double* m2_k,        \
+                                        int64_t K, int64_t C, int64_t n, int64_t L, int64_t c0,           \
+                                        int64_t c1, double* mean, double* var);                           \
+    /* out[c] = sum_k part[k C + c] in chunk order, c0 <= c < c1; out overlaps no input */                 \
+    typedef void bn_##S##_cl_sum_rows_fn(const double* part, int64_t K, int64_t C, int64_t c0, int64_t c1,  \
+                                         double* out);
 
-BN_UK_TABLE(float, f32)
-BN_UK_TABLE(double, f64)
-#undef BN_UK_TABLE
+BN_UK_TYPES(float, f32)
+BN_UK_TYPES(double, f64)
+#undef BN_UK_TYPES
+
+/* The shapes, in table order: X(shape) for each (the slots of a table; the C kernel test checks that every listed ISA
+ * fills every one). */
+#define BN_UK_SHAPES(X)                                                                                   \
+    X(seg_sum) X(seg_dev) X(seg_affine) X(seg_bwd_sums) X(seg_bwd_apply) X(cl_sum) X(cl_dev) X(cl_affine)  \
+    X(cl_bwd_sums) X(cl_bwd_apply) X(norm_params) X(bwd_params) X(cl_chunk_finish) X(cl_combine) X(cl_sum_rows)
+
+/* A kernel table: one ISA's kernels of one dtype (kernels.c fills them from kernels.def), and their vector length,
+ * in elements */
+#define BN_UK_SLOT_f32(shape) bn_f32_##shape##_fn* shape;
+#define BN_UK_SLOT_f64(shape) bn_f64_##shape##_fn* shape;
+typedef struct {
+    BN_UK_SHAPES(BN_UK_SLOT_f32)
+    int vl;
+} bn_uk_f32;
+typedef struct {
+    BN_UK_SHAPES(BN_UK_SLOT_f64)
+    int vl;
+} bn_uk_f64;
+#undef BN_UK_SLOT_f32
+#undef BN_UK_SLOT_f64
+
+/* The ISA names of kernels.def as the indices of bn_simd.h's enum bn_isa */
+#define BN_UK_ISA_scalar BN_ISA_SCALAR
+#define BN_UK_ISA_avx2 BN_ISA_AVX2
+#define BN_UK_ISA_avx512 BN_ISA_AVX512
+
+/* Every kernel of kernels.def, declared with its shape's type: a kernel defined with another signature, or under a
+ * name that the list does not give, fails to compile. Internal to the library (hidden from its dynamic symbols). */
+#if defined(__GNUC__)
+#define BN_UK_INTERNAL __attribute__((visibility("hidden")))
+#else
+#define BN_UK_INTERNAL
+#endif
+#define BN_UKERNEL(isa, dtype, shape, name) BN_UK_INTERNAL bn_##dtype##_##shape##_fn name;
+#define BN_UKERNEL_TABLE(isa, dtype, vl, fused)
+#include "kernels.def"
+
+/* The tables, indexed by enum bn_isa (kernels.c) */
+extern BN_UK_INTERNAL const bn_uk_f32 bn_uk_f32_tables[BN_ISA_COUNT];
+extern BN_UK_INTERNAL const bn_uk_f64 bn_uk_f64_tables[BN_ISA_COUNT];
 
 /* dispatch.c: the row size (bytes, all arrays) from which channels-last element-wise sweeps use column strips
  * (storing normally; streaming); at least BN_CL_STRIP_MIN_BYTES, so that such rows are wider than 2 vectors of any
@@ -107,8 +157,5 @@ int64_t bn_cl_stream_strip_bytes(void);
  * column strips (UK_CL_WIDE in ukernels.inc): from the threshold above for how it stores; a streamed output needs
  * rows of whole cache lines; streamed_only: never when it stores normally. */
 int bn_cl_takes_strips(int64_t row_bytes, int arrays, int stream, int streamed_only);
-
-extern const bn_uk_f32 bn_uk_f32_scalar, bn_uk_f32_avx2, bn_uk_f32_avx512;
-extern const bn_uk_f64 bn_uk_f64_scalar, bn_uk_f64_avx2, bn_uk_f64_avx512;
 
 #endif /* BN_UKERNELS_H */

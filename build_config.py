@@ -1,0 +1,35 @@
+"""The C sources of bn_simd and their compiler flags: the one place that setup.py (the extension) and
+tests/test_c_kernels.py (the C kernel test) read them from. Plain data, importable without building anything.
+
+* Each ISA's kernels (src/uk_<isa>.c) get that ISA's flags and nothing else does: no host-tuned -march flag
+  anywhere; dispatch.c picks among them at run time from CPUID.
+* -ffp-contract=off: no compiler fuses a * b + c (GCC in ISO C mode does not anyway, clang would), so every ISA
+  computes the same per-channel coefficients; the kernels that want FMA call it explicitly.
+"""
+
+# the kernels of each ISA, with the flags of that file only
+ISA_FLAGS = {
+    "src/uk_avx2.c": ["-mavx2", "-mfma"],
+    "src/uk_avx512.c": ["-mavx512f", "-mavx2", "-mfma"],
+}
+# baseline-ISA C of the library: the scalar kernels, the kernel tables (from src/kernels.def), dispatch, drivers
+PORTABLE_SOURCES = ["src/uk_scalar.c", "src/kernels.c", "src/dispatch.c", "src/batchnorm.c"]
+# the sources of the kernel layer alone (kernels, their tables and dispatch.c, which they call): what the C kernel
+# test links
+KERNEL_SOURCES = ["src/uk_scalar.c", *ISA_FLAGS, "src/kernels.c", "src/dispatch.c"]
+BASE_FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-ffp-contract=off", "-Wall", "-Wno-unused-function",
+              "-Wno-unreachable-code"]
+# -fsanitize builds (BN_SIMD_SANITIZE=1, .ci/asan): compile and link flags
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
+                  "-O1", "-g"]
+SANITIZE_LINK_FLAGS = ["-fsanitize=address,undefined"]
+INCLUDE_DIRS = ["include", "src"]
+# headers and templates the C sources include
+DEPENDS = ["include/bn_simd.h", "src/ukernels.h", "src/ukernels.inc", "src/kernels.def", "src/batchnorm.inc",
+           "src/groupnorm.inc",
+           "src/dispatch.h", "src/uk_undef_type.h"]
+
+
+def flags_for(source):
+    """The compile flags of one C source (a path relative to the repository root), sanitizers aside."""
+    return BASE_FLAGS + ISA_FLAGS.get(source, [])
