@@ -26,17 +26,13 @@ static inline double hsum_pd(__m256d v) {
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
 
-#define T float
+/* float32: stored and computed as float */
 #define S f32
+#define TS float
+#define TC float
 #define V __m256
 #define VL 8
 #define VLOAD(p) _mm256_loadu_ps(p)
-#define VSTORE(p, v) _mm256_storeu_ps((p), (v))
-#ifdef __SANITIZE_ADDRESS__ /* ASan does not instrument streaming stores: check them as regular ones */
-#define VSTREAM(p, v) VSTORE(p, v)
-#else
-#define VSTREAM(p, v) _mm256_stream_ps((p), (v))
-#endif
 #define VSET1(s) _mm256_set1_ps(s)
 #define VSUB(a, b) _mm256_sub_ps((a), (b))
 #define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
@@ -44,28 +40,46 @@ static inline double hsum_pd(__m256d v) {
 #define VBLEND_N(n, a, b) \
     _mm256_blendv_ps((b), (a), _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n)), \
                                                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))))
-#define DLOADT(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
-#define DLOADT_N(p, n) \
+/* storage I/O: float <-> float, float -> double */
+#define LOAD_TS(p) (*(p))
+#define STORE_TS(p, v) (*(p) = (v))
+#define DLOAD1_TS(p) ((double)*(p))
+#define VLOAD_TS(p) _mm256_loadu_ps(p)
+#define VSTORE_TS(p, v) _mm256_storeu_ps((p), (v))
+#ifdef __SANITIZE_ADDRESS__ /* ASan does not instrument streaming stores: check them as regular ones */
+#define VSTREAM_TS(p, v) VSTORE_TS(p, v)
+#else
+#define VSTREAM_TS(p, v) _mm256_stream_ps((p), (v))
+#endif
+#define DLOAD_TS(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+#define DLOAD_TS_N(p, n) \
     _mm256_cvtps_pd(_mm_maskload_ps((p), _mm_cmpgt_epi32(_mm_set1_epi32((int)(n)), _mm_setr_epi32(0, 1, 2, 3))))
 #include "ukernels.inc"
 #include "uk_undef_type.h"
 
-#define T double
+/* float64: stored and computed as double */
 #define S f64
+#define TS double
+#define TC double
 #define V __m256d
 #define VL 4
 #define VLOAD(p) _mm256_loadu_pd(p)
-#define VSTORE(p, v) _mm256_storeu_pd((p), (v))
-#ifdef __SANITIZE_ADDRESS__ /* ASan does not instrument streaming stores: check them as regular ones */
-#define VSTREAM(p, v) VSTORE(p, v)
-#else
-#define VSTREAM(p, v) _mm256_stream_pd((p), (v))
-#endif
 #define VSET1(s) _mm256_set1_pd(s)
 #define VSUB(a, b) _mm256_sub_pd((a), (b))
 #define VFMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))
 #define SFMA(a, b, c) __builtin_fma((a), (b), (c))
 #define VBLEND_N(n, a, b) _mm256_blendv_pd((b), (a), _mm256_castsi256_pd(UK_TAIL4(n)))
-#define DLOADT(p) _mm256_loadu_pd(p)
-#define DLOADT_N(p, n) _mm256_maskload_pd((p), UK_TAIL4(n))
+/* storage I/O: double <-> double */
+#define LOAD_TS(p) (*(p))
+#define STORE_TS(p, v) (*(p) = (v))
+#define DLOAD1_TS(p) (*(p))
+#define VLOAD_TS(p) _mm256_loadu_pd(p)
+#define VSTORE_TS(p, v) _mm256_storeu_pd((p), (v))
+#ifdef __SANITIZE_ADDRESS__ /* ASan does not instrument streaming stores: check them as regular ones */
+#define VSTREAM_TS(p, v) VSTORE_TS(p, v)
+#else
+#define VSTREAM_TS(p, v) _mm256_stream_pd((p), (v))
+#endif
+#define DLOAD_TS(p) _mm256_loadu_pd(p)
+#define DLOAD_TS_N(p, n) _mm256_maskload_pd((p), UK_TAIL4(n))
 #include "ukernels.inc"

@@ -21,48 +21,63 @@
 #define UK_SFENCE() _mm_sfence()
 #define UK_WIDE_STRIPS 1 /* 32 vector registers */
 
-#define T float
+/* float32: stored and computed as float */
 #define S f32
+#define TS float
+#define TC float
 #define V __m512
 #define VL 16
 #define VLOAD(p) _mm512_loadu_ps(p)
-#define VSTORE(p, v) _mm512_storeu_ps((p), (v))
-#ifdef __SANITIZE_ADDRESS__ /* ASan does not instrument streaming stores: check them as regular ones */
-#define VSTREAM(p, v) VSTORE(p, v)
-#else
-#define VSTREAM(p, v) _mm512_stream_ps((p), (v))
-#endif
 #define VSET1(s) _mm512_set1_ps(s)
 #define VSUB(a, b) _mm512_sub_ps((a), (b))
 #define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define SFMA(a, b, c) __builtin_fmaf((a), (b), (c))
 #define UK_TAIL16(n) ((__mmask16)((1u << (n)) - 1))
-#define VLOAD_N(p, n) _mm512_maskz_loadu_ps(UK_TAIL16(n), (p))
-#define VSTORE_N(p, v, n) _mm512_mask_storeu_ps((p), UK_TAIL16(n), (v))
 #define VBLEND_N(n, a, b) _mm512_mask_blend_ps(UK_TAIL16(n), (b), (a))
-#define DLOADT(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
-#define DLOADT_N(p, n) _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_loadu_ps((__mmask16)UK_TAIL8(n), (p))))
+/* storage I/O: float <-> float, float -> double */
+#define LOAD_TS(p) (*(p))
+#define STORE_TS(p, v) (*(p) = (v))
+#define DLOAD1_TS(p) ((double)*(p))
+#define VLOAD_TS(p) _mm512_loadu_ps(p)
+#define VSTORE_TS(p, v) _mm512_storeu_ps((p), (v))
+#ifdef __SANITIZE_ADDRESS__ /* ASan does not instrument streaming stores: check them as regular ones */
+#define VSTREAM_TS(p, v) VSTORE_TS(p, v)
+#else
+#define VSTREAM_TS(p, v) _mm512_stream_ps((p), (v))
+#endif
+#define VLOAD_TS_N(p, n) _mm512_maskz_loadu_ps(UK_TAIL16(n), (p))
+#define VSTORE_TS_N(p, v, n) _mm512_mask_storeu_ps((p), UK_TAIL16(n), (v))
+#define DLOAD_TS(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
+#define DLOAD_TS_N(p, n) \
+    _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_loadu_ps((__mmask16)UK_TAIL8(n), (p))))
 #include "ukernels.inc"
 #include "uk_undef_type.h"
 
-#define T double
+/* float64: stored and computed as double */
 #define S f64
+#define TS double
+#define TC double
 #define V __m512d
 #define VL 8
 #define VLOAD(p) _mm512_loadu_pd(p)
-#define VSTORE(p, v) _mm512_storeu_pd((p), (v))
-#ifdef __SANITIZE_ADDRESS__ /* ASan does not instrument streaming stores: check them as regular ones */
-#define VSTREAM(p, v) VSTORE(p, v)
-#else
-#define VSTREAM(p, v) _mm512_stream_pd((p), (v))
-#endif
 #define VSET1(s) _mm512_set1_pd(s)
 #define VSUB(a, b) _mm512_sub_pd((a), (b))
 #define VFMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
 #define SFMA(a, b, c) __builtin_fma((a), (b), (c))
-#define VLOAD_N(p, n) _mm512_maskz_loadu_pd(UK_TAIL8(n), (p))
-#define VSTORE_N(p, v, n) _mm512_mask_storeu_pd((p), UK_TAIL8(n), (v))
 #define VBLEND_N(n, a, b) _mm512_mask_blend_pd(UK_TAIL8(n), (b), (a))
-#define DLOADT(p) _mm512_loadu_pd(p)
-#define DLOADT_N(p, n) _mm512_maskz_loadu_pd(UK_TAIL8(n), (p))
+/* storage I/O: double <-> double */
+#define LOAD_TS(p) (*(p))
+#define STORE_TS(p, v) (*(p) = (v))
+#define DLOAD1_TS(p) (*(p))
+#define VLOAD_TS(p) _mm512_loadu_pd(p)
+#define VSTORE_TS(p, v) _mm512_storeu_pd((p), (v))
+#ifdef __SANITIZE_ADDRESS__ /* ASan does not instrument streaming stores: check them as regular ones */
+#define VSTREAM_TS(p, v) VSTORE_TS(p, v)
+#else
+#define VSTREAM_TS(p, v) _mm512_stream_pd((p), (v))
+#endif
+#define VLOAD_TS_N(p, n) _mm512_maskz_loadu_pd(UK_TAIL8(n), (p))
+#define VSTORE_TS_N(p, v, n) _mm512_mask_storeu_pd((p), UK_TAIL8(n), (v))
+#define DLOAD_TS(p) _mm512_loadu_pd(p)
+#define DLOAD_TS_N(p, n) _mm512_maskz_loadu_pd(UK_TAIL8(n), (p))
 #include "ukernels.inc"

@@ -5,8 +5,6 @@
 #define D double
 #define DL 1
 #define DZERO() 0.0
-#define DLOADT(p) ((double)*(p))
-#define DLOADT_N(p, n) DLOADT(p) /* DL == 1: segments have no tail */
 #define DKEEP_N(v, n) (v)
 #define DLOAD(p) (*(p))
 #define DSTORE(p, v) (*(p) = (v))
@@ -16,25 +14,38 @@
 #define DMUL(a, b) ((a) * (b))
 #define DFMA(a, b, c) ((a) * (b) + (c))
 #define DHSUM(v) (v)
+#define UK_SFENCE() ((void)0)
+/* compute: a "vector" is one TC */
 #define VL 1
 #define VLOAD(p) (*(p))
-#define VSTORE(p, v) (*(p) = (v))
-#define VSTREAM(p, v) VSTORE(p, v)
-#define UK_SFENCE() ((void)0)
 #define VSET1(s) (s)
 #define VSUB(a, b) ((a) - (b))
 #define VFMA(a, b, c) ((a) * (b) + (c))
 #define SFMA(a, b, c) ((a) * (b) + (c))
+/* storage I/O, for a storage type that converts to TC and to double in C */
+#define LOAD_TS(p) ((TC)(*(p)))
+#define STORE_TS(p, v) (*(p) = (TS)(v))
+#define DLOAD1_TS(p) ((double)*(p))
+#define VLOAD_TS(p) LOAD_TS(p)
+#define VSTORE_TS(p, v) STORE_TS(p, v)
+#define VSTREAM_TS(p, v) STORE_TS(p, v)
+#define DLOAD_TS(p) DLOAD1_TS(p)
+#define DLOAD_TS_N(p, n) DLOAD_TS(p) /* DL == 1: segments have no tail */
 
-#define T float
+/* float32: stored and computed as float */
 #define S f32
+#define TS float
+#define TC float
 #define V float
 #include "ukernels.inc"
-#undef T
 #undef S
+#undef TS
+#undef TC
 #undef V
 
-#define T double
+/* float64: stored and computed as double */
 #define S f64
+#define TS double
+#define TC double
 #define V double
 #include "ukernels.inc"

@@ -2,8 +2,8 @@
  * Microkernels: the only ISA-specific code. Each works on one contiguous run of memory and never
  * allocates, threads or reads past its n / rows * C elements. The drivers in batchnorm.c do blocking,
  * threading and the combination of partial results; they reach the kernels through a table per ISA and dtype.
- * kernels.def lists every kernel once, by name (bn_<dtype>_<shape>__<isa>): this header declares them from it, kernels.c
- * builds the tables from it and tests/c/test_kernels.c tests each listed kernel against the scalar one.
+ * kernels.def lists every kernel once, by name (bn_<dtype>_<shape>__<isa>): this header declares them from it,
+ * kernels.c builds the tables from it and tests/c/test_kernels.c tests each listed kernel against the scalar one.
  *
  * seg_*: channels-first, nseg consecutive runs (segments) of len elements, segment j of channel j
  *        (per-channel arrays indexed by j); the reductions take `rows` such runs, rs elements apart.
@@ -13,7 +13,8 @@
  * the kernel returns) or, channels-first only, UK_STREAM_NOFENCE (streaming stores that the caller fences, once after
  * many short calls, before the data is read by another thread: a fence waits for the stores to leave the core).
  * Reductions widen to double before they add: float32 sums neither drift over long runs nor overflow at
- * |x| ~ 1e38; the means they subtract (m) are double. Apply kernels compute in T.
+ * |x| ~ 1e38; the means they subtract (m) are double. Apply kernels compute in a compute type TC, which their
+ * coefficient arrays hold, from data stored as TS (TS = TC = the dtype's type today: float, double).
  */
 #ifndef BN_UKERNELS_H
 #define BN_UKERNELS_H
@@ -34,77 +35,77 @@
 /* The widest vector of any kernel, in elements (AVX-512, float32). */
 #define UK_MAX_VL 16
 
-/* The function type of each kernel shape, bn_<dtype>_<shape>_fn for T = float (f32) and double (f64): the one place a
- * kernel's signature is written. Every kernel of src/kernels.def is declared with its shape's type below, and a table
- * has a slot of that type per shape. */
-#define BN_UK_TYPES(T, S)                                                                                 \
-    /* acc[j] += sum of segment j over the rows (x[r rs + j len .. r rs + (j + 1) len), r < rows).          \
-     * pf >= 0 with rows == 1: the pf elements after the run x[0 .. nseg len) are in the same array and      \
-     * read next; the kernel may prefetch them (a prefetch is not a read; the AddressSanitizer build makes   \
-     * it one, so that it is checked). pf < 0: no prefetch. The same for seg_dev and seg_bwd_sums, which     \
-     * also takes, with rows > 1, pf > 0 elements after each row's run that are in the same row and read     \
-     * next (the next block's runs; 0: none is) */                                                          \
-    typedef void bn_##S##_seg_sum_fn(const T* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len,      \
-                                     double* acc, int64_t pf);                                            \
-    /* s1[j] += sum (x - m[j]), s2[j] += sum (x - m[j])^2 over segment j of every row */                   \
-    typedef void bn_##S##_seg_dev_fn(const T* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len,      \
-                                     const double* m, double* s1, double* s2, int64_t pf);                \
-    /* y = (x - m[j]) * a[j] + b[j] over segment j */                                                     \
-    typedef void bn_##S##_seg_affine_fn(const T* x, T* y, int64_t nseg, int64_t len, const T* m,          \
-                                        const T* a, const T* b, int nt);                                  \
-    /* sdy[j] += sum dy, sdyx[j] += sum dy * (x - m[j]) over segment j of every row */                    \
-    typedef void bn_##S##_seg_bwd_sums_fn(const T* dy, const T* x, int64_t rows, int64_t rs, int64_t nseg,  \
-                                          int64_t len, const double* m, double* sdy, double* sdyx,        \
-                                          int64_t pf);                                                    \
-    /* dx = a[j] * dy + b[j] * (x - m[j]) + d[j] over segment j */                                        \
-    typedef void bn_##S##_seg_bwd_apply_fn(const T* dy, const T* x, T* dx, int64_t nseg, int64_t len,      \
-                                           const T* m, const T* a, const T* b, const T* d, int nt);       \
-    /* acc[c] += sum_r x[r, c] for the W <= C channels c < W of rows C elements apart (W < C: a column        \
-     * block, see UK_CL_STRIPS; it prefetches nothing). pf_rows >= 0: rows after these in the same array     \
-     * (the caller's next chunk), the first block of which is prefetched (not read, but for the              \
-     * AddressSanitizer build's checked loads); the same for cl_dev, cl_bwd_sums */                         \
-    typedef void bn_##S##_cl_sum_fn(const T* x, int64_t rows, int64_t C, int64_t W, double* acc,           \
-                                    int64_t pf_rows);                                                     \
-    /* s1[c] += sum_r (x[r, c] - m[c]), s2[c] += sum_r (x[r, c] - m[c])^2 */                              \
-    typedef void bn_##S##_cl_dev_fn(const T* x, int64_t rows, int64_t C, int64_t W, const double* m,       \
-                                    double* s1, double* s2, int64_t pf_rows);                             \
-    /* y[e] = (x[e] - m[c]) * a[c] + b[c] over n flat elements, c = (c0 + e) % C; m, a, b extended;        \
-     * il: NULL, or the same coefficients interleaved in groups of vl channels from channel io < C (C a      \
-     * multiple of vl; see cl_il_alloc in batchnorm.inc), which flat runs read instead when their           \
-     * vectors start on a group */                                                                         \
-    typedef void bn_##S##_cl_affine_fn(const T* x, T* y, int64_t n, int64_t C, int64_t c0, const T* m,     \
-                                       const T* a, const T* b, const T* il, int64_t io, int nt);          \
-    /* sdy[c] += sum_r dy[r, c], sdyx[c] += sum_r dy[r, c] * (x[r, c] - m[c]) */                          \
-    typedef void bn_##S##_cl_bwd_sums_fn(const T* dy, const T* x, int64_t rows, int64_t C, int64_t W,      \
-                                         const double* m, double* sdy, double* sdyx, int64_t pf_rows);    \
-    /* dx[e] = a[c] * dy[e] + b[c] * (x[e] - m[c]) + d[c], as cl_affine */                                \
-    typedef void bn_##S##_cl_bwd_apply_fn(const T* dy, const T* x, T* dx, int64_t n, int64_t C,            \
-                                          int64_t c0, const T* m, const T* a, const T* b, const T* d,     \
-                                          int nt);                                                        \
-    /* per-channel coefficients m, a, b of y = (x - m) a + b (weight, bias optional); returns non-zero      \
-     * when some channel needs the float64 apply (see ukernels.inc). m, a, b: distinct arrays that no       \
-     * input overlaps */                                                                                   \
-    typedef int bn_##S##_norm_params_fn(int64_t C, const double* mean, const double* var,                  \
-                                        const double* weight, const double* bias, double eps, T* m, T* a, \
-                                        T* b);                                                            \
-    /* backward coefficients m, a, b, d of dx = a dy + b (x - m) + d, and gw, gb (weight optional).        \
-     * m, a, b, d: distinct arrays that no other argument overlaps; nor do gw, gb overlap sdy, sdyx */      \
-    typedef void bn_##S##_bwd_params_fn(int64_t C, double n, const double* sdy, const double* sdyx,        \
-                                        const double* mean, const double* invstd, const double* weight,   \
-                                        int training, double* gw, double* gb, T* m, T* a, T* b, T* d);    \
+/* The function type of each kernel shape, bn_<dtype>_<shape>_fn, for data stored as TS and computed as TC: float (f32)
+ * and double (f64) both ways. The one place a kernel's signature is written: every kernel of src/kernels.def is
+ * declared with its shape's type below, and a table has a slot of that type per shape. */
+#define BN_UK_TYPES(TS, TC, S)                                                                                    \
+    /* acc[j] += sum of segment j over the rows (x[r rs + j len .. r rs + (j + 1) len), r < rows).                \
+     * pf >= 0 with rows == 1: the pf elements after the run x[0 .. nseg len) are in the same array and           \
+     * read next; the kernel may prefetch them (a prefetch is not a read; the AddressSanitizer build makes        \
+     * it one, so that it is checked). pf < 0: no prefetch. The same for seg_dev and seg_bwd_sums, which          \
+     * also takes, with rows > 1, pf > 0 elements after each row's run that are in the same row and read          \
+     * next (the next block's runs; 0: none is) */                                                                \
+    typedef void bn_##S##_seg_sum_fn(const TS* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len,            \
+                                     double* acc, int64_t pf);                                                    \
+    /* s1[j] += sum (x - m[j]), s2[j] += sum (x - m[j])^2 over segment j of every row */                          \
+    typedef void bn_##S##_seg_dev_fn(const TS* x, int64_t rows, int64_t rs, int64_t nseg, int64_t len,            \
+                                     const double* m, double* s1, double* s2, int64_t pf);                        \
+    /* y = (x - m[j]) * a[j] + b[j] over segment j */                                                             \
+    typedef void bn_##S##_seg_affine_fn(const TS* x, TS* y, int64_t nseg, int64_t len, const TC* m,               \
+                                        const TC* a, const TC* b, int nt);                                        \
+    /* sdy[j] += sum dy, sdyx[j] += sum dy * (x - m[j]) over segment j of every row */                            \
+    typedef void bn_##S##_seg_bwd_sums_fn(const TS* dy, const TS* x, int64_t rows, int64_t rs, int64_t nseg,      \
+                                          int64_t len, const double* m, double* sdy, double* sdyx,                \
+                                          int64_t pf);                                                            \
+    /* dx = a[j] * dy + b[j] * (x - m[j]) + d[j] over segment j */                                                \
+    typedef void bn_##S##_seg_bwd_apply_fn(const TS* dy, const TS* x, TS* dx, int64_t nseg, int64_t len,          \
+                                           const TC* m, const TC* a, const TC* b, const TC* d, int nt);           \
+    /* acc[c] += sum_r x[r, c] for the W <= C channels c < W of rows C elements apart (W < C: a column            \
+     * block, see UK_CL_STRIPS; it prefetches nothing). pf_rows >= 0: rows after these in the same array          \
+     * (the caller's next chunk), the first block of which is prefetched (not read, but for the                   \
+     * AddressSanitizer build's checked loads); the same for cl_dev, cl_bwd_sums */                               \
+    typedef void bn_##S##_cl_sum_fn(const TS* x, int64_t rows, int64_t C, int64_t W, double* acc,                 \
+                                    int64_t pf_rows);                                                             \
+    /* s1[c] += sum_r (x[r, c] - m[c]), s2[c] += sum_r (x[r, c] - m[c])^2 */                                      \
+    typedef void bn_##S##_cl_dev_fn(const TS* x, int64_t rows, int64_t C, int64_t W, const double* m,             \
+                                    double* s1, double* s2, int64_t pf_rows);                                     \
+    /* y[e] = (x[e] - m[c]) * a[c] + b[c] over n flat elements, c = (c0 + e) % C; m, a, b extended;               \
+     * il: NULL, or the same coefficients interleaved in groups of vl channels from channel io < C (C a           \
+     * multiple of vl; see cl_il_alloc in batchnorm.inc), which flat runs read instead when their                 \
+     * vectors start on a group */                                                                                \
+    typedef void bn_##S##_cl_affine_fn(const TS* x, TS* y, int64_t n, int64_t C, int64_t c0, const TC* m,         \
+                                       const TC* a, const TC* b, const TC* il, int64_t io, int nt);               \
+    /* sdy[c] += sum_r dy[r, c], sdyx[c] += sum_r dy[r, c] * (x[r, c] - m[c]) */                                  \
+    typedef void bn_##S##_cl_bwd_sums_fn(const TS* dy, const TS* x, int64_t rows, int64_t C, int64_t W,           \
+                                         const double* m, double* sdy, double* sdyx, int64_t pf_rows);            \
+    /* dx[e] = a[c] * dy[e] + b[c] * (x[e] - m[c]) + d[c], as cl_affine */                                        \
+    typedef void bn_##S##_cl_bwd_apply_fn(const TS* dy, const TS* x, TS* dx, int64_t n, int64_t C,                \
+                                          int64_t c0, const TC* m, const TC* a, const TC* b, const TC* d,         \
+                                          int nt);                                                                \
+    /* per-channel coefficients m, a, b of y = (x - m) a + b (weight, bias optional); returns non-zero            \
+     * when some channel needs the float64 apply (see ukernels.inc). m, a, b: distinct arrays that no             \
+     * input overlaps */                                                                                          \
+    typedef int bn_##S##_norm_params_fn(int64_t C, const double* mean, const double* var,                         \
+                                        const double* weight, const double* bias, double eps, TC* m, TC* a,       \
+                                        TC* b);                                                                   \
+    /* backward coefficients m, a, b, d of dx = a dy + b (x - m) + d, and gw, gb (weight optional).               \
+     * m, a, b, d: distinct arrays that no other argument overlaps; nor do gw, gb overlap sdy, sdyx */            \
+    typedef void bn_##S##_bwd_params_fn(int64_t C, double n, const double* sdy, const double* sdyx,               \
+                                        const double* mean, const double* invstd, const double* weight,           \
+                                        int training, double* gw, double* gb, TC* m, TC* a, TC* b, TC* d);        \
     /* channels-last statistics: one chunk of cnt rows, s1 -> s1 (1 / cnt), s2 -> max(0, s2 - s1 s1 (1 / cnt)) */ \
-    typedef void bn_##S##_cl_chunk_finish_fn(int64_t C, double cnt, double* s1, double* s2);               \
-    /* channels-last statistics: mean and var of channels c0 .. c1 - 1 from K chunk rows (ukernels.inc);     \
-     * mean, var: distinct arrays that no input overlaps */                                               \
-    typedef void bn_##S##_cl_combine_fn(const double* mu0_k, const double* r_k, const double* m2_k,        \
-                                        int64_t K, int64_t C, int64_t n, int64_t L, int64_t c0,           \
-                                        int64_t c1, double* mean, double* var);                           \
-    /* out[c] = sum_k part[k C + c] in chunk order, c0 <= c < c1; out overlaps no input */                 \
-    typedef void bn_##S##_cl_sum_rows_fn(const double* part, int64_t K, int64_t C, int64_t c0, int64_t c1,  \
+    typedef void bn_##S##_cl_chunk_finish_fn(int64_t C, double cnt, double* s1, double* s2);                      \
+    /* channels-last statistics: mean and var of channels c0 .. c1 - 1 from K chunk rows (ukernels.inc);          \
+     * mean, var: distinct arrays that no input overlaps */                                                       \
+    typedef void bn_##S##_cl_combine_fn(const double* mu0_k, const double* r_k, const double* m2_k,               \
+                                        int64_t K, int64_t C, int64_t n, int64_t L, int64_t c0,                   \
+                                        int64_t c1, double* mean, double* var);                                   \
+    /* out[c] = sum_k part[k C + c] in chunk order, c0 <= c < c1; out overlaps no input */                        \
+    typedef void bn_##S##_cl_sum_rows_fn(const double* part, int64_t K, int64_t C, int64_t c0, int64_t c1,        \
                                          double* out);
 
-BN_UK_TYPES(float, f32)
-BN_UK_TYPES(double, f64)
+BN_UK_TYPES(float, float, f32)
+BN_UK_TYPES(double, double, f64)
 #undef BN_UK_TYPES
 
 /* The shapes, in table order: X(shape) for each (the slots of a table; the C kernel test checks that every listed ISA

@@ -68,9 +68,10 @@ static void fail(const kctx* c, const char* fmt, ...) {
 
 static void on_fault(int sig) {
     /* (not async-signal-safe, but the process is going down either way) */
-    fprintf(stderr, "FAULT (signal %d) in %s, case params %ld %ld %ld %ld %ld %ld %ld %ld: an access outside its arrays\n",
-            sig, current, current_params[0], current_params[1], current_params[2], current_params[3],
-            current_params[4], current_params[5], current_params[6], current_params[7]);
+    fprintf(stderr,
+            "FAULT (signal %d) in %s, case params %ld %ld %ld %ld %ld %ld %ld %ld: an access outside its arrays\n", sig,
+            current, current_params[0], current_params[1], current_params[2], current_params[3], current_params[4],
+            current_params[5], current_params[6], current_params[7]);
     fflush(stderr);
     _exit(3);
 }
@@ -113,7 +114,8 @@ static size_t page;
 static void slots_init(void) {
     page = (size_t)sysconf(_SC_PAGESIZE);
     for (int s = 0; s < NSLOTS; s++) {
-        unsigned char* p = mmap(NULL, SLOT_BYTES + 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        unsigned char* p =
+            mmap(NULL, SLOT_BYTES + 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (p == MAP_FAILED || mprotect(p, page, PROT_NONE) || mprotect(p + page + SLOT_BYTES, page, PROT_NONE)) {
             perror("test_kernels: mmap");
             exit(2);
