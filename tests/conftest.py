@@ -188,3 +188,20 @@ def assert_refused(ep, case, exc, patterns, out=None, keep=None):
         assert v.dtype == dtype and v.shape == shape and v.strides == strides, f"{k}: metadata changed"
         assert v.tobytes() == raw, f"{ep.name}: {k} was modified by a call that raised"
     assert bn_simd.get_num_threads() == threads and bn_simd.get_isa() == isa
+
+
+def assert_same_bits(a, b, what="value"):
+    """a and b are arrays of the same dtype and shape with the same bytes (None and None pass): bitwise identity,
+    compared as unsigned integers of the element size (fast on large arrays, and NaN payloads and signed zeros
+    count)."""
+    if a is None or b is None:
+        assert a is None and b is None, f"{what}: {type(a).__name__} vs {type(b).__name__}"
+        return
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+    as_int = np.dtype(f"u{a.dtype.itemsize}") if a.dtype.itemsize in (1, 2, 4, 8) else None
+    if as_int is not None and a.dtype.kind in "fiu" and np.array_equal(np.ascontiguousarray(a).view(as_int),
+                                                                      np.ascontiguousarray(b).view(as_int)):
+        return
+    np.testing.assert_array_equal(a, b, err_msg=what)  # a readable message (or equal values with other bits)
+    assert a.tobytes() == b.tobytes(), f"{what}: equal values with other bits (signed zeros or NaN payloads)"

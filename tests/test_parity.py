@@ -9,8 +9,8 @@ from threadpoolctl import threadpool_limits
 import bn_simd
 import oracle as ref
 import ops
-from conftest import (HAVE_OPENMP, SUPPORTED_ISAS, use_strips, assert_forward_close, assert_ulp_close, assert_within,
-                      backward_bounds, channel_params, eps_of, make_input, reduction_tol)
+from conftest import (HAVE_OPENMP, SUPPORTED_ISAS, use_strips, assert_forward_close, assert_same_bits, assert_ulp_close,
+                      assert_within, backward_bounds, channel_params, eps_of, make_input, reduction_tol)
 
 
 # large enough for several threads (> 32768 elements) and several chunks / channel blocks
@@ -41,11 +41,7 @@ PARALLEL = [pytest.param(op, *c, id="-".join([op.name, "x".join(map(str, c[0])),
 def _same_bits(got, expected, what):
     assert got.keys() == expected.keys(), what
     for k in expected:
-        if expected[k] is None:
-            assert got[k] is None, f"{k} {what}"
-        else:
-            np.testing.assert_array_equal(got[k], expected[k], err_msg=f"{k} {what}")
-            assert got[k].dtype == expected[k].dtype, f"{k} {what}"
+        assert_same_bits(got[k], expected[k], f"{k} {what}")
 
 
 @pytest.mark.skipif(not HAVE_OPENMP, reason="built without OpenMP")
