@@ -11,7 +11,7 @@ overwrite. Larger cases make the kernels actually fork threads (more than 32768 
 and the largest run the entry points marked large with streaming stores (element-wise sweeps over more than 32 MiB).
 
 Every output is compared with the registry's float64 oracle (tests/oracle.py) within the registry's bounds; the
-largest ones on their first and last statistic group, and checked finite throughout. Memcheck reports an
+largest ones on their first and last slice (for batch norm: channel), and checked finite throughout. Memcheck reports an
 uninitialised value only where it decides a branch or leaves the process, so these comparisons (and the finiteness
 check, which branches on every element) are what make an output element that a kernel failed to write show up as an
 error.
@@ -91,8 +91,8 @@ def run_case(op, shape, layout, dtype, seed, in_place):
 
 
 def run_large(op, shape, layout, dtype, seed):
-    """The entry points marked large on a large case: every output element finite, and the first and last statistic
-    group against the oracle. Returns the number of calls made."""
+    """The entry points marked large on a large case: every output element finite, and the first and last slice
+    (ops.edge_groups) against the oracle. Returns the number of calls made."""
     case = op.case(seed, shape, layout, dtype, loc=0.5, scale=1.5)
     calls = 0
     for ep in op.entry_points:

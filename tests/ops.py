@@ -40,9 +40,11 @@ Append an ``Op`` to ``OPS`` (see ``BATCH_NORM`` at the end of this file). Its fi
                   (``Case.fresh``), and a call that raises must leave them as they were.
     tolerance     ``tolerance(dtype, n) -> bounds.Tolerance``: the units of error for data of ``dtype`` whose
                   statistics sum n values each; the oracle's magnitudes times these units are the bounds.
-    groups, take  ``groups(case)`` the number of statistic groups and ``take(case, a, kind, which)`` the part of an
-                  array of a kind that belongs to the groups ``which`` (used to check large cases on a few groups).
-    restrict      ``restrict(case, which) -> Case``: the case cut down to the groups ``which`` (same n).
+    groups, take  ``groups(case)``: into how many independent slices a case can be cut (slices whose outputs do
+                  not depend on each other: batch norm's channels; GroupNorm's groups of channels, all samples;
+                  LayerNorm's rows), and ``take(case, a, kind, which)``: the part of an array of a kind (DATA,
+                  CHANNEL, GROUP) that belongs to the slices ``which``. Large cases are checked on a few slices.
+    restrict      ``restrict(case, which) -> Case``: the case cut down to the slices ``which`` (same n).
 
 An ``EntryPoint`` has:
 
@@ -67,8 +69,10 @@ An ``EntryPoint`` has:
     names         case array -> regular expression of how the library's messages name it (default its name)
 
 An InstanceNorm/GroupNorm entry would give make_case a ``num_groups`` option, GROUP-kind save_mean/save_invstd of
-shape (N, G), weight and bias of kind CHANNEL, ``groups = N G`` and ``take`` cutting (n, group) blocks; LayerNorm and
-RMSNorm a ``normalized_shape`` option, one group per row and their own layouts. The suites need nothing else.
+shape (N, G), weight and bias of kind CHANNEL, ``groups(case) = G`` and ``take`` cutting groups of channels (and the
+GROUP arrays' columns); LayerNorm and RMSNorm a ``normalized_shape`` option, one slice per row and their own layouts.
+The suites need nothing else: they skip the (shape, layout, dtype) an op does not support, and draw ranks and layout
+names from the op.
 """
 import math
 from dataclasses import dataclass, field
@@ -262,8 +266,8 @@ def compare(got, exp, what):
 
 
 def check(ep, case, got, what="", groups=None):
-    """Every output of ep in `got` against the oracle; with `groups` (indices of statistic groups) only the part of
-    each output that belongs to those groups, against the oracle of the case cut down to them (the cheap check of
+    """Every output of ep in `got` against the oracle; with `groups` (indices of slices, see Op.groups) only the part
+    of each output that belongs to those slices, against the oracle of the case cut down to them (the cheap check of
     a large case)."""
     if groups is not None:
         groups = sorted(set(groups))
@@ -278,7 +282,7 @@ def check(ep, case, got, what="", groups=None):
 
 
 def edge_groups(case):
-    """The first and the last statistic group of a case: where the kernels' blocks begin and end."""
+    """The first and the last slice of a case (see Op.groups): where the kernels' blocks begin and end."""
     g = case.op.groups(case)
     return sorted({0, g - 1}) if g else []
 

@@ -170,7 +170,7 @@ def test_running_stats_held_in_unusual_memory_are_updated_in_place(kind):
         np.testing.assert_array_equal(store[1, ::2], 1.0)
 
 
-@pytest.mark.parametrize("op", ops.OPS, ids=str)
+@pytest.mark.parametrize("op", [op for op in ops.OPS if op.supports((4, 6, 5, 5), "NCHW", np.float32)], ids=str)
 def test_no_entry_point_modifies_its_inputs(op):
     """Every entry point, one after another on the same arrays: nothing but the state it updates (running statistics)
     is written."""
