@@ -2,20 +2,25 @@
 
 The behaviour suites never name an op or an entry point. They take cases from an op's ``make_case``, run its entry
 points and compare what comes back with the op's float64 oracle (oracle.py) within bounds derived from the dtype
-and the reduction length (bounds.py). The suites that iterate ``OPS``:
+and the reduction length (bounds.py). The suites that iterate ``OPS``, and what each reads from an op besides
+make_case, the entry points' call, outputs and expect:
 
-    test_hostile.py      bad arguments (dtype, rank, shape, read-only state, bad or overlapping out) are refused
-                         naming the argument and change nothing; NaN/Inf poison exactly what the oracle says
+    test_hostile.py      bad arguments are refused naming the argument and change nothing; NaN/Inf poison exactly
+                         what the oracle says -- args (kinds), the entry points' reads, writes, names, checked, prepare
+    test_out.py          out= separate and in place gives the bytes of a call without out; bad and partially
+                         overlapping outs are refused -- out, reads, args
+    test_errors.py       wrong rank and dtype of the data in every entry point -- ranks, reads, names
     test_parity.py       bitwise-equal results for 1..4 threads, the default and a threadpoolctl limit; every ISA
-                         within a few ulp of the scalar kernels
+                         within a few ulp of the scalar kernels -- outputs' shape kinds and float64, the bounds
     test_concurrency.py  Python threads calling at once get the bytes of serial calls
     test_layouts.py      every layout gives the same values; unusual memory (Fortran, strided, byte-swapped,
-                         read-only, unaligned) gives the bytes of a contiguous copy
-    test_properties.py   hypothesis: random shapes, layouts and aliases, dtypes, options, ISAs and threads against
-                         the oracle; inputs never modified; memory layout invisible
-    test_out.py          out= separate and in place gives the bytes of a call without out; bad out refused
-    test_errors.py       wrong rank and dtype of the data in every entry point
-    .ci/valgrind_cases.py  every entry point on small cases under memcheck, against the oracle
+                         read-only, unaligned) gives the bytes of a contiguous copy -- layouts, store, load
+    test_properties.py   hypothesis: random shapes, layout names, dtypes, options, ISAs and threads against the
+                         oracle; inputs never modified; memory layout invisible -- ranks, layouts, writes, prepare,
+                         groups, take, restrict
+    .ci/valgrind_cases.py  every entry point on small cases (out= in place, layout aliases) and the ones marked large
+                         on large cases, under memcheck, against the oracle -- large, groups, take, restrict
+Every suite calls ``supports`` and skips what an op does not support, and ``applies`` for each entry point.
 
 Registering an op
 -----------------
@@ -25,9 +30,10 @@ Append an ``Op`` to ``OPS`` (see ``BATCH_NORM`` at the end of this file). Its fi
     make_case     ``make_case(rng, shape, layout, dtype, **options) -> Case``: every argument of every entry point,
                   drawn from the numpy Generator ``rng`` for the logical shape (the canonical layout's shape) and
                   stored in ``layout`` (a name the library accepts, alias or not). The values must not depend on
-                  the layout: the layouts suite compares layouts on the same case. Options every op understands:
-                  loc, scale (of x), affine (weight and bias or None), param_dtype (of the per-channel arrays),
-                  eps; an op may add its own (batch norm: stats_dtype, momentum, unbiased; group norm would take
+                  the layout: the layouts suite compares layouts on the same case. Options the suites pass, which
+                  every op must accept (and may ignore): loc, scale (of x), affine (weight and bias or None),
+                  param_dtype (of the per-channel arrays), stats_dtype and momentum (of running statistics, for an
+                  op that has them), eps. An op may add its own (batch norm: track, unbiased; group norm would take
                   num_groups).
     entry_points  ``EntryPoint``s: each a way of calling the library (see below).
     layouts       accepted layout names -> canonical name; ``store(a, layout)`` / ``load(a, layout)`` move a
@@ -71,8 +77,7 @@ An ``EntryPoint`` has:
 An InstanceNorm/GroupNorm entry would give make_case a ``num_groups`` option, GROUP-kind save_mean/save_invstd of
 shape (N, G), weight and bias of kind CHANNEL, ``groups(case) = G`` and ``take`` cutting groups of channels (and the
 GROUP arrays' columns); LayerNorm and RMSNorm a ``normalized_shape`` option, one slice per row and their own layouts.
-The suites need nothing else: they skip the (shape, layout, dtype) an op does not support, and draw ranks and layout
-names from the op.
+The suites need nothing else.
 """
 import math
 from dataclasses import dataclass, field
@@ -214,6 +219,13 @@ class Case:
         c.note = self.note
         return c
 
+    def named(self, layout_arg):
+        """The same case passed under another name of its layout (an alias)."""
+        assert self.op.layouts[layout_arg] == self.layout
+        c = Case(self.op, self.shape, layout_arg, self.dtype, self.arrays, self.params, self.n)
+        c.note = self.note
+        return c
+
     def fresh(self):
         """The same case with copies of the state arrays, so that a call that updates them leaves this one as is."""
         return self.replace(**{k: self.arrays[k].copy() for k in self.op.state if self.arrays.get(k) is not None})
@@ -281,10 +293,11 @@ def check(ep, case, got, what="", groups=None):
         compare(got[o.name], exp[o.name], f"{case} {ep.name}.{o.name}{what}")
 
 
-def edge_groups(case):
-    """The first and the last slice of a case (see Op.groups): where the kernels' blocks begin and end."""
+def edge_groups(case, first=True):
+    """The first and the last slice of a case (see Op.groups): where the kernels' blocks begin and end (first=False:
+    the last alone, the one that holds the tails)."""
     g = case.op.groups(case)
-    return sorted({0, g - 1}) if g else []
+    return sorted({0, g - 1} if first else {g - 1}) if g else []
 
 
 def coarser(*dtypes):
@@ -330,8 +343,9 @@ def bn_make_case(rng, shape, layout="NCHW", dtype=np.float32, *, loc=0.0, scale=
     mean, var = loc + scale * rng.standard_normal(C), scale ** 2 * rng.uniform(0.25, 4.0, C)
     ca, cb, cd = rng.standard_normal(C), rng.standard_normal(C) / scale, rng.standard_normal(C)
     n = ref.reduction_size(shape, "NCHW")
-    if n:
-        bm, bv, _ = ref.stats(x, "NCHW")
+    if n:  # the batch's statistics, in float64 (inputs to the backward, not results under test)
+        axes = (0,) + tuple(range(2, len(shape)))
+        bm, bv = np.mean(x, axis=axes, dtype=np.float64), np.var(x, axis=axes, dtype=np.float64)
     else:
         bm, bv = mean, var
     arrays = dict(x=_store(x, layout), grad_out=_store(dy, layout),
