@@ -1,6 +1,6 @@
 """Shared fixtures and helpers: tolerances, ISA selection, thread settings, arrays in a layout, --runslow."""
-import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -10,12 +10,13 @@ import bn_simd
 from bn_simd import _core
 
 sys.path.insert(0, os.path.dirname(__file__))
-import reference as ref  # noqa: E402
+import oracle as ref  # noqa: E402
+from bounds import (EPS64, apply_tol, assert_ulp_close, assert_within, backward_bounds, eps_of,  # noqa: E402,F401
+                    forward_bound, reduction_tol, stat_tol)
 
 CONFIG = bn_simd.show_config()
 SUPPORTED_ISAS = list(CONFIG["supported_isas"])
 HAVE_OPENMP = bool(CONFIG["openmp"])
-EPS64 = float(np.finfo(np.float64).eps)
 LAYOUTS = ("NCHW", "NHWC")
 DTYPES = (np.float32, np.float64)
 
@@ -127,101 +128,7 @@ def channel_params(C, dtype=np.float64, seed=0):
     return w.astype(dtype), b.astype(dtype)
 
 
-# ---- tolerances -----------------------------------------------------------------------------------------------
-
-def eps_of(dtype):
-    return float(np.finfo(dtype).eps)
-
-
-def reduction_tol(n):
-    """Relative error of a float64 sum of n terms, as a fraction of the sum of their absolute values.
-
-    Recursive summation of m terms errs by at most (m - 1) u sum|t| (u = eps64 / 2); the kernels split a
-    reduction into SIMD lanes and fixed chunks, so the longest chain of additions is far below n, and
-    rounding errors of independent terms add like a random walk. 8 (sqrt(n) + 1) eps64 is a generous
-    bound of that walk; for float32 data it stays far below one float32 ulp up to n ~ 1e12.
-    """
-    return 8.0 * (math.sqrt(max(n, 1)) + 1.0) * EPS64
-
-
-def apply_tol(dtype):
-    """Relative error of the element-wise step y = (x - m) a + b computed in `dtype`.
-
-    One rounding each for x - m, a, b, the product and the sum (the product and sum fuse with FMA), each
-    at most u = eps / 2 of the magnitude of its result: about 2.5 eps of |w xhat| + |bias| + |y|. 4 eps
-    of |w| (1 + |xhat|) + |bias| bounds it with margin.
-    """
-    return 4.0 * eps_of(dtype)
-
-
-def forward_bound(x, dtype, n, weight=None, bias=None, eps=1e-5, layout="NCHW", mean=None, var=None,
-                  batch_stats=True):
-    """Element-wise bound on |y - y_ref| for a normalised output.
-
-    y = w xhat + b with xhat = (x - mean) / sqrt(var + eps). Two sources of error:
-      - the element-wise step in `dtype`: apply_tol(dtype) * (|w| (1 + |xhat|) + |b|);
-      - batch statistics summed in float64 (batch_stats=True): an error dm in the mean moves y by
-        |w| dm / std, and dm is at most reduction_tol(n) * mean|x| (a sum of n values of size ~|x|);
-        a relative error dv of the variance (a sum of n positive squares: reduction_tol(n)) moves it by
-        |w| |xhat| dv / 2. Together: |w| reduction_tol(n) (mean|x| / std + |xhat|).
-    Running statistics (batch_stats=False) are exact inputs, so only the first term remains.
-    """
-    shape = np.shape(x)
-    C = ref.num_channels(shape, layout)
-    if mean is None or var is None:
-        mean, var, _ = ref.stats(x, layout)
-    mean = ref.per_channel(mean, C, 0.0)
-    var = ref.per_channel(var, C, 1.0)
-    w = np.abs(ref.per_channel(weight, C, 1.0))
-    b = np.abs(ref.per_channel(bias, C, 0.0))
-    xhat = np.abs(ref.to_cn(ref.normalize(x, mean, var, None, None, eps, layout), layout))
-    bound = apply_tol(dtype) * (w[:, None] * (1.0 + xhat) + b[:, None])
-    if batch_stats:
-        mean_abs = np.abs(ref.to_cn(x, layout)).mean(axis=1) if n else np.zeros(C)
-        cond = mean_abs / np.sqrt(var + eps)
-        bound = bound + w[:, None] * reduction_tol(n) * (cond[:, None] + xhat)
-    return ref.from_cn(bound, shape, layout)
-
-
-def backward_bounds(dy, x, mean, inv_std, weight=None, layout="NCHW", training=True, dtype=np.float32):
-    """Bounds on the errors of (dx, dw, db) against ref.backward, given the same saved statistics.
-
-    dw and db are float64 sums cast to the output dtype: reduction_tol(n) of the sum of |terms|, plus
-    eps |result| for the final rounding (twice the half-ulp it can cost). dx = a dy + b (x - m) + d is computed in `dtype` from coefficients rounded
-    to `dtype`: apply_tol of the sum of the magnitudes of its terms, plus the sums' errors carried into
-    the coefficients b and d (w s xhat / n and w s / n times the sums' bounds).
-    """
-    n = ref.reduction_size(np.shape(x), layout)
-    C = ref.num_channels(np.shape(x), layout)
-    dx_ref, dw_ref, db_ref = ref.backward(dy, x, mean, inv_std, weight, layout, training)
-    dx_scale, dw_scale, db_scale = ref.backward_magnitudes(dy, x, mean, inv_std, weight, layout, training)
-    e = eps_of(dtype)
-    dw_bound = reduction_tol(n) * dw_scale + e * np.abs(dw_ref)
-    db_bound = reduction_tol(n) * db_scale + e * np.abs(db_ref)
-    dx_bound = apply_tol(dtype) * ref.to_cn(dx_scale, layout)
-    if training and n:
-        ws = np.abs(ref.per_channel(weight, C, 1.0) * ref.per_channel(inv_std, C, 1.0))
-        xhat = np.abs(ref.to_cn(x, layout) - ref.per_channel(mean, C, 0.0)[:, None]) * \
-            ref.per_channel(inv_std, C, 1.0)[:, None]
-        dx_bound = dx_bound + (ws / n)[:, None] * (reduction_tol(n) * (db_scale[:, None] + xhat * dw_scale[:, None]))
-    return ref.from_cn(dx_bound, np.shape(x), layout), dw_bound, db_bound
-
-
-def assert_within(actual, expected, bound, what="value"):
-    """|actual - expected| <= bound element-wise (bound broadcasts), with a useful message on failure."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    err = np.abs(actual - expected)
-    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), err.shape)
-    bad = ~(err <= bound)  # NaN counts as a failure
-    if bad.any():
-        i = np.unravel_index(np.argmax(np.where(bad, err / np.where(bound > 0, bound, np.inf), -1)), err.shape) \
-            if err.ndim else ()
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {err.size} elements out of bound; e.g. at {tuple(int(k) for k in i)}: "
-            f"got {actual[i]!r}, expected {expected[i]!r}, |diff| {err[i]:.3g} > bound {bound[i]:.3g}")
-
+# ---- tolerances (bounds.py: importable without pytest) ------------------------------------------------------
 
 def assert_forward_close(y, x, weight=None, bias=None, eps=1e-5, layout="NCHW", what="y"):
     """The training-mode output y of x against the oracle, within forward_bound."""
@@ -229,12 +136,6 @@ def assert_forward_close(y, x, weight=None, bias=None, eps=1e-5, layout="NCHW", 
     y_ref, mean, var = ref.forward_train(x64, weight, bias, eps, layout)
     n = ref.reduction_size(x64.shape, layout)
     assert_within(y, y_ref, forward_bound(x64, np.asarray(y).dtype, n, weight, bias, eps, layout, mean, var), what)
-
-
-def assert_ulp_close(a, b, scale, ulps, dtype, what="value"):
-    """|a - b| <= ulps * spacing(scale) in `dtype`: two implementations that round differently."""
-    spacing = np.spacing(np.abs(np.asarray(scale, dtype=dtype))).astype(np.float64)
-    assert_within(a, b, ulps * spacing, what)
 
 
 # ---- short names used by other test modules ----------------------------------------------------------------------
@@ -253,11 +154,6 @@ make = random_array
 ISAS = SUPPORTED_ISAS
 
 
-def stat_tol(n, dtype):
-    """Relative bound for a per-channel statistic computed in float64 and returned in `dtype`."""
-    return reduction_tol(n) + eps_of(dtype)
-
-
 def assert_float64_apply_for_the_whole_call(x, w, b, threads):
     """The training forward of x (a float32 NCHW array, whose channels w and b describe, one of which needs the
     float64 apply) agrees with the oracle on one thread, and gives the same bits on 2 and 3 threads and in place."""
@@ -272,3 +168,40 @@ def assert_float64_apply_for_the_whole_call(x, w, b, threads):
         bn_simd.batch_norm(xi, None, None, w, b, training=True, out=xi)
         np.testing.assert_array_equal(xi, y1, err_msg=f"in place, {n} threads")
     return y1
+
+
+# ---- the registry (ops.py): refusals ------------------------------------------------------------------------------
+
+def assert_refused(ep, case, exc, patterns, out=None, keep=None):
+    """Calling the entry point ep on `case` (after its prepare) raises exc whose message matches every regular
+    expression in `patterns`, and changes nothing: every array of the case, `out` and the arrays in `keep` (buffers
+    that views were cut from) are byte for byte what they were, and so are the thread count and the ISA."""
+    ctx = ep.prepare(case) if ep.prepare is not None else None
+    arrays = dict(case.arrays, out=out, **(keep or {}))
+    snap = {k: (v, v.dtype, v.shape, v.strides, v.tobytes()) for k, v in arrays.items() if isinstance(v, np.ndarray)}
+    threads, isa = bn_simd.get_num_threads(), bn_simd.get_isa()
+    with pytest.raises(exc) as info:
+        ep.run(case, ctx, out)
+    for p in patterns:
+        assert re.search(p, str(info.value)), f"{ep.name}: message {str(info.value)!r} does not match {p!r}"
+    for k, (v, dtype, shape, strides, raw) in snap.items():
+        assert v.dtype == dtype and v.shape == shape and v.strides == strides, f"{k}: metadata changed"
+        assert v.tobytes() == raw, f"{ep.name}: {k} was modified by a call that raised"
+    assert bn_simd.get_num_threads() == threads and bn_simd.get_isa() == isa
+
+
+def assert_same_bits(a, b, what="value"):
+    """a and b are arrays of the same dtype and shape with the same bytes (None and None pass): bitwise identity,
+    compared as unsigned integers of the element size (fast on large arrays, and NaN payloads and signed zeros
+    count)."""
+    if a is None or b is None:
+        assert a is None and b is None, f"{what}: {type(a).__name__} vs {type(b).__name__}"
+        return
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+    as_int = np.dtype(f"u{a.dtype.itemsize}") if a.dtype.itemsize in (1, 2, 4, 8) else None
+    if as_int is not None and a.dtype.kind in "fiu" and np.array_equal(np.ascontiguousarray(a).view(as_int),
+                                                                      np.ascontiguousarray(b).view(as_int)):
+        return
+    np.testing.assert_array_equal(a, b, err_msg=what)  # a readable message (or equal values with other bits)
+    assert a.tobytes() == b.tobytes(), f"{what}: equal values with other bits (signed zeros or NaN payloads)"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bn_simd
-import reference as ref
+import oracle as ref
 from conftest import (HAVE_OPENMP, assert_float64_apply_for_the_whole_call, assert_forward_close, assert_within,
                       backward_bounds, channel_params, eps_of, make_input)
 

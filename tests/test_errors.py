@@ -1,9 +1,12 @@
-"""Bad arguments (the basic set): the right exception, naming the argument, and nothing changed."""
+"""Bad arguments (the basic set): the right exception, naming the argument, and nothing changed.
+
+The wrong-rank and wrong-dtype tests of the data run every entry point of every registered op (ops.py)."""
 import numpy as np
 import pytest
 
 import bn_simd
-from conftest import make_input
+import ops
+from conftest import assert_refused, make_input
 
 
 def _state():
@@ -34,16 +37,32 @@ def test_wrong_rank_for_the_layout(shape, layout):
                                 running_mean=None, running_var=None, layout=layout)
 
 
-@pytest.mark.parametrize("shape", [(3,), (1, 1, 1, 1, 1, 1)])
-def test_wrong_rank_in_every_entry_point(shape):
-    x = np.ones(shape, np.float64)
-    v = np.ones(1)
-    calls = [lambda: bn_simd.batch_norm_forward(x), lambda: bn_simd.batch_stats(x),
-             lambda: bn_simd.normalize(x, v, v), lambda: bn_simd.batch_norm_backward(x, x, v, v),
-             lambda: bn_simd.backward_reduce(x, x, v), lambda: bn_simd.backward_apply(x, x, v, v, v, v)]
-    for call in calls:
-        with pytest.raises(ValueError, match="dimensions"):
-            call()
+def _bad_ranks(op):
+    """A shape of each rank just outside the op's: one below the lowest, one above the highest."""
+    return [(3,) * (min(op.ranks) - 1), (1,) * (max(op.ranks) + 1)]
+
+
+RANK_CASES = [pytest.param(op, ep, shape, id=f"{op.name}-{ep.name}-rank{len(shape)}")
+              for op in ops.OPS if op.supports((4, 3, 5), "NCHW", np.float64)
+              for ep in op.entry_points if ep.checked and "x" in ep.reads for shape in _bad_ranks(op)]
+
+
+@pytest.mark.parametrize("op,ep,shape", RANK_CASES)
+def test_wrong_rank_in_every_entry_point(op, ep, shape):
+    case = op.case(75, (4, 3, 5), "NCHW", np.float64)
+    assert_refused(ep, case.replace(x=np.ones(shape, np.float64)), ValueError, [ep.named("x"), r"dimensions|-D input"])
+
+
+DTYPE_CASES = [pytest.param(op, ep, arg, dt, id=f"{op.name}-{ep.name}-{arg}-{np.dtype(dt).name}")
+               for op in ops.OPS if op.supports((4, 3, 2), "NCHW", np.float32) for ep in op.entry_points if ep.checked
+               for arg in ep.reads if op.args[arg] == ops.DATA for dt in (np.int32, np.complex64)]
+
+
+@pytest.mark.parametrize("op,ep,arg,dtype", DTYPE_CASES)
+def test_unsupported_data_dtype_in_every_entry_point(op, ep, arg, dtype):
+    case = op.case(76, (4, 3, 2), "NCHW", np.float32)
+    assert_refused(ep, case.replace(**{arg: case[arg].astype(dtype)}), TypeError,
+                   [ep.named(arg), "float32 or float64"])
 
 
 @pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
@@ -62,18 +81,6 @@ def test_channel_mismatch_uses_the_layout_channel_axis():
                                    object, "U1"])
 def test_unsupported_data_dtype_is_a_type_error(dtype):
     _raises_and_changes_nothing(TypeError, "x must have dtype float32 or float64", x=np.ones((4, 3, 2, 2), dtype=dtype))
-
-
-@pytest.mark.parametrize("dtype", [np.int32, np.complex64])
-def test_unsupported_dtype_in_other_entry_points(dtype):
-    x = np.ones((4, 3, 2), dtype)
-    good = np.ones((4, 3, 2), np.float32)
-    v = np.ones(3)
-    for call in [lambda: bn_simd.batch_norm_forward(x), lambda: bn_simd.batch_stats(x),
-                 lambda: bn_simd.normalize(x, v, v), lambda: bn_simd.batch_norm_backward(x, good, v, v),
-                 lambda: bn_simd.batch_norm_backward(good, x, v, v), lambda: bn_simd.BatchNorm1d(3)(x)]:
-        with pytest.raises(TypeError):
-            call()
 
 
 @pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import bn_simd
-import reference as ref
+import oracle as ref
 from conftest import (DTYPES, LAYOUTS, assert_forward_close, assert_within, backward_bounds, eps_of, forward_bound,
                       layout_shape, make_input)
 

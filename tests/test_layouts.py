@@ -1,48 +1,74 @@
-"""Layouts and memory: NCHW vs NHWC on the same data, unusual strides and byte orders, inputs left untouched."""
+"""Layouts and memory: NCHW vs NHWC on the same data, unusual strides and byte orders, inputs left untouched.
+
+The layout, unusual-memory and untouched-input tests run every entry point of every registered op (ops.py)."""
 import numpy as np
 import pytest
 
 import bn_simd
-import reference as ref
-from conftest import (DTYPES, assert_forward_close, assert_within, backward_bounds, channel_params, make_input,
-                      nchw_to, random_array, to_nchw)
+import ops
+from conftest import DTYPES, assert_same_bits, assert_within, make_input, random_array
 
 
-def _everything(x, dy, layout):
-    """Every output of the API on one input: forward train/eval, running stats, saved stats, backward."""
-    C = ref.num_channels(x.shape, layout)
-    w, b = channel_params(C, np.float64, seed=1)
-    rm, rv = np.zeros(C), np.ones(C)
-    y = bn_simd.batch_norm(x, rm, rv, w, b, training=True, momentum=0.3, layout=layout)
-    ye = bn_simd.batch_norm(x, rm, rv, w, b, training=False, layout=layout)
-    _, m, s = bn_simd.batch_norm_forward(x, w, b, layout=layout)
-    gx, gw, gb = bn_simd.batch_norm_backward(dy, x, m, s, w, layout=layout)
-    return {"y": y, "y_eval": ye, "grad_x": gx}, {"running_mean": rm, "running_var": rv, "mean": m, "invstd": s,
-                                                   "grad_weight": gw, "grad_bias": gb}
+def _expected(op, case):
+    """{"entry.output": Expected} of every entry point that applies to the case."""
+    res = {}
+    for ep in op.entry_points:
+        if ep.applies(case):
+            res.update({f"{ep.name}.{k}": v for k, v in ep.expected(case).items()})
+    return res
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("nchw_shape", [(4, 5, 6, 7), (3, 33, 9), (64, 17), (2, 3, 4, 5, 6), (5, 1, 8), (2, 300, 3),
-                                        (5, 1296, 7), (3, 2053, 5)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_nchw_and_nhwc_agree_on_the_same_data(nchw_shape, dtype, isa):
-    x = make_input(nchw_shape, "NCHW", dtype, seed=2, loc=-3.0, scale=2.0)
-    dy = make_input(nchw_shape, "NCHW", dtype, seed=3)
-    first, first_vec = _everything(x, dy, "NCHW")
-    last, last_vec = _everything(nchw_to(x, "NHWC"), nchw_to(dy, "NHWC"), "NHWC")
+LAYOUT_SHAPES = [(4, 5, 6, 7), (3, 33, 9), (64, 17), (2, 3, 4, 5, 6), (5, 1, 8), (2, 300, 3), (5, 1296, 7),
+                 (3, 2053, 5)]
+LAYOUT_CASES = [pytest.param(op, s, d, id=f"{op.name}-{'x'.join(map(str, s))}-{np.dtype(d).name}")
+                for op in ops.OPS for s in LAYOUT_SHAPES for d in DTYPES
+                if sum(op.supports(s, lay, d) for lay in op.layouts) > 1]
+_EXPECTED = {}
+
+
+@pytest.mark.parametrize("op,nchw_shape,dtype", LAYOUT_CASES)
+def test_every_layout_gives_the_same_values(op, nchw_shape, dtype, isa):
+    """Every entry point's outputs, in every layout the op supports, are within the oracle's bound of the same
+    values, and within 2 bounds of each other -- for outputs shaped like x also within 8 eps (1 + |value|), and for
+    the others within 4 eps of |value| + 1 + max|value|, the precision of the data's dtype."""
+    layouts = [lay for lay in dict.fromkeys(op.layouts.values()) if op.supports(nchw_shape, lay, dtype)]
+    key = (op.name, nchw_shape, np.dtype(dtype).name)
+    results = {}
+    for layout in layouts:
+        case = op.case(2, nchw_shape, layout, dtype, loc=-3.0, scale=2.0, param_dtype=np.float64,
+                       stats_dtype=np.float64, momentum=0.3)
+        if key not in _EXPECTED:  # the oracle does not depend on the ISA: once per case
+            _EXPECTED[key] = (layout, _expected(op, case))
+        first_layout, expected = _EXPECTED[key]
+        got = ops.run_all(op, case)
+        assert got.keys() == expected.keys()
+        canon = {}
+        for k, v in got.items():
+            spec = ops.output_spec(op, k)
+            if spec.shape == ops.DATA:
+                v = case.canonical(v)
+                exp = expected[k]
+                exp = ops.Expected(op.load(exp.value, first_layout), op.load(exp.bound, first_layout), exp.dtype)
+            else:
+                exp = expected[k]
+            ops.compare(v, exp, f"{case} {k}")
+            canon[k] = (v, exp)
+        results[layout] = canon
     e = np.finfo(dtype).eps
-    n = x.size // nchw_shape[1]
-    for k in first:
-        # each is within a few ulp of the same float64 value (see test_forward / test_backward): 8 ulp apart at most
-        scale = 1 + np.abs(first[k])
-        if k == "grad_x":
-            scale = 8 * backward_bounds(dy, x, first_vec["mean"], first_vec["invstd"], channel_params(
-                nchw_shape[1], np.float64, seed=1)[0], "NCHW", True, dtype)[0] / (4 * e)
-        assert_within(to_nchw(last[k], "NHWC"), first[k], 8 * e * scale, k)
-    for k in first_vec:
-        rtol = 4 * e if k not in ("grad_weight", "grad_bias") else 4 * e * np.sqrt(n)
-        np.testing.assert_allclose(last_vec[k], first_vec[k], rtol=rtol, atol=rtol * (1 + np.abs(first_vec[k]).max()),
-                                   err_msg=k)
+    first = results[layouts[0]]
+    for layout in layouts[1:]:
+        for k, (v, exp) in results[layout].items():
+            a, b = first[k][0], v
+            if exp is None:
+                continue
+            two = 2 * np.broadcast_to(exp.bound, np.shape(exp.value))
+            spec = ops.output_spec(op, k)
+            if spec.shape == ops.DATA:
+                tol = 8 * e * (1 + np.abs(np.asarray(a, np.float64)))
+            else:
+                a64 = np.abs(np.asarray(a, np.float64))
+                tol = 4 * e * (a64 + 1 + (a64.max() if a64.size else 0.0))
+            assert_within(b, a, np.minimum(tol, two), f"{k}: {layout} vs {layouts[0]}")
 
 
 def _variant(base, kind):
@@ -74,21 +100,32 @@ def _variant(base, kind):
 KINDS = ["fortran", "negative_strides", "strided_slice", "byteswapped", "read_only", "unaligned", "transposed_view"]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", KINDS)
-def test_unusual_memory_gives_the_same_bits_as_contiguous(kind, dtype):
-    base = make_input((4, 5, 6, 7), "NCHW", dtype, seed=4, loc=1.0)
-    dy = make_input((4, 5, 6, 7), "NCHW", dtype, seed=5)
-    x = _variant(base, kind)
-    np.testing.assert_array_equal(x, base)
-    expected, expected_vec = _everything(base, dy, "NCHW")
-    got, got_vec = _everything(x, _variant(dy, kind), "NCHW")
-    for k in expected:
-        assert got[k].dtype == base.dtype and got[k].dtype.isnative and got[k].flags.c_contiguous
-        np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
-    for k in expected_vec:
-        np.testing.assert_array_equal(got_vec[k], expected_vec[k], err_msg=k)
-    assert_forward_close(got["y"], base, *channel_params(5, np.float64, seed=1))
+UNUSUAL = [pytest.param(op, k, d, id=f"{op.name}-{k}-{np.dtype(d).name}")
+           for op in ops.OPS for k in KINDS for d in DTYPES if op.supports((4, 5, 6, 7), "NCHW", d)]
+
+
+@pytest.mark.parametrize("op,kind,dtype", UNUSUAL)
+def test_unusual_memory_gives_the_same_bits_as_contiguous(op, kind, dtype):
+    """Every entry point on data held in unusual memory (every data argument at once) gives the bytes of the same
+    call on C-contiguous data, in native byte order and C order, and matches the oracle."""
+    case = op.case(4, (4, 5, 6, 7), "NCHW", dtype, loc=1.0, param_dtype=np.float64, stats_dtype=np.float64)
+    data = [k for k, kind_ in op.args.items() if kind_ == ops.DATA]
+    odd = case.replace(**{k: _variant(case[k], kind) for k in data})
+    for k in data:
+        np.testing.assert_array_equal(odd[k], case[k])
+    expected = ops.run_all(op, case)
+    for ep in op.entry_points:
+        if not ep.applies(case):
+            continue
+        got = ep(odd.fresh())
+        ops.check(ep, case, got, f" ({kind})")
+        for name, v in got.items():
+            k = f"{ep.name}.{name}"
+            if v is not None and ops.output_spec(op, k).shape == ops.DATA:
+                assert v.dtype == case.dtype and v.dtype.isnative and v.flags.c_contiguous, k
+            assert_same_bits(v, expected[k], k)
+    for k in data:  # inputs are never written
+        np.testing.assert_array_equal(odd[k], case[k])
 
 
 def test_broadcast_input_with_zero_strides_is_accepted():
@@ -133,32 +170,18 @@ def test_running_stats_held_in_unusual_memory_are_updated_in_place(kind):
         np.testing.assert_array_equal(store[1, ::2], 1.0)
 
 
-def test_no_api_call_modifies_its_inputs():
-    x = make_input((4, 6, 5, 5), "NCHW", np.float32, seed=10, loc=1.0)
-    dy = make_input((4, 6, 5, 5), "NCHW", np.float32, seed=11)
-    w, b = channel_params(6, np.float32, seed=12)
-    rm, rv = np.linspace(-1, 1, 6), np.linspace(0.5, 2, 6)
-    inputs = [x, dy, w, b, rm, rv]
-    before = [a.copy() for a in inputs]
-    bn_simd.batch_norm(x, None, None, w, b, training=True)
-    bn_simd.batch_norm(x, rm, rv, w, b, training=False)
-    y, m, s = bn_simd.batch_norm_forward(x, w, b)
-    m0, s0 = m.copy(), s.copy()
-    bn_simd.batch_norm_backward(dy, x, m, s, w)
-    bn_simd.batch_norm_backward(dy, x, m, s, w, training=False)
-    mean, var = bn_simd.batch_stats(x)
-    bn_simd.normalize(x, mean, var, w, b)
-    bn_simd.backward_reduce(dy, x, mean)
-    bn_simd.backward_apply(dy, x, mean, w, b, w)
-    layer = bn_simd.BatchNorm2d(6)
-    layer(x)
-    layer.backward(dy)
-    layer.eval()(x)
-    layer.backward(dy)
-    for a, c in zip(inputs, before):
-        np.testing.assert_array_equal(a, c)
-    np.testing.assert_array_equal(m, m0)
-    np.testing.assert_array_equal(s, s0)
+@pytest.mark.parametrize("op", [op for op in ops.OPS if op.supports((4, 6, 5, 5), "NCHW", np.float32)], ids=str)
+def test_no_entry_point_modifies_its_inputs(op):
+    """Every entry point, one after another on the same arrays: nothing but the state it updates (running statistics)
+    is written."""
+    case = op.case(10, (4, 6, 5, 5), "NCHW", np.float32, loc=1.0, stats_dtype=np.float64)
+    before = {k: v.copy() for k, v in case.arrays.items() if v is not None}
+    for ep in op.entry_points:
+        if ep.applies(case):
+            ep(case)
+            for k, v in before.items():
+                if k not in op.state:
+                    np.testing.assert_array_equal(case[k], v, err_msg=f"{k} after {ep.name}")
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])

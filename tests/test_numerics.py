@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import bn_simd
-import reference as ref
+import oracle as ref
 from conftest import reduction_tol
 
 LAYOUTS = [("NCHW", (8, 4, 33, 33)), ("NHWC", (8, 33, 33, 4))]

@@ -1,9 +1,13 @@
-"""The out= argument: in place, separate buffers, aliasing of backward, and rejected buffers that change nothing."""
+"""The out= argument: in place, separate buffers, aliasing of backward, and rejected buffers that change nothing.
+
+Every entry point with out= of every registered op (ops.py) is run separate and in place over each input it may
+overwrite, with each bad out and with an out partially overlapping each of its data inputs."""
 import numpy as np
 import pytest
 
 import bn_simd
-from conftest import DTYPES, LAYOUTS, channel_params, make_input
+import ops
+from conftest import DTYPES, LAYOUTS, assert_refused, assert_same_bits, channel_params, make_input
 
 SHAPE = (4, 6, 5, 5)
 
@@ -15,74 +19,32 @@ def _data(dtype=np.float32, layout="NCHW"):
     return x, dy, w, b
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("training", [True, False])
-def test_batch_norm_out_separate_and_in_place(training, layout, dtype):
-    x, _, w, b = _data(dtype, layout)
-    rm0, rv0 = np.linspace(-1, 1, 6), np.linspace(0.5, 2, 6)
-    rm, rv = rm0.copy(), rv0.copy()
-    expected = bn_simd.batch_norm(x, rm, rv, w, b, training=training, layout=layout)
-    rm_expected, rv_expected = rm.copy(), rv.copy()
-
-    out = np.full_like(x, np.nan)
-    rm, rv = rm0.copy(), rv0.copy()
-    assert bn_simd.batch_norm(x, rm, rv, w, b, training=training, layout=layout, out=out) is out
-    np.testing.assert_array_equal(out, expected)
-    np.testing.assert_array_equal(rm, rm_expected)
-    np.testing.assert_array_equal(rv, rv_expected)
-
-    xi = x.copy()
-    rm, rv = rm0.copy(), rv0.copy()
-    assert bn_simd.batch_norm(xi, rm, rv, w, b, training=training, layout=layout, out=xi) is xi
-    np.testing.assert_array_equal(xi, expected)
-    np.testing.assert_array_equal(rm, rm_expected)
-    np.testing.assert_array_equal(rv, rv_expected)
+OUT_ENTRIES = [(op, ep) for op in ops.OPS for ep in op.entry_points if ep.out is not None]
+NCHW_ENTRIES = [(op, ep) for op, ep in OUT_ENTRIES if op.supports(SHAPE, "NCHW", np.float32) and ep.checked]
+OUT_CASES = [pytest.param(op, ep, alias, layout, dtype,
+                          id=f"{op.name}-{ep.name}-{alias}-{layout}-{np.dtype(dtype).name}")
+             for op, ep in OUT_ENTRIES for alias in ("separate",) + ep.out for layout in LAYOUTS for dtype in DTYPES
+             if op.supports(SHAPE, layout, dtype)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_forward_and_normalize_out_in_place(layout, dtype):
-    x, _, w, b = _data(dtype, layout)
-    y, m, s = bn_simd.batch_norm_forward(x, w, b, layout=layout)
-    xi = x.copy()
-    yi, mi, si = bn_simd.batch_norm_forward(xi, w, b, layout=layout, out=xi)
-    assert yi is xi
-    np.testing.assert_array_equal(yi, y)
-    np.testing.assert_array_equal(mi, m)
-    np.testing.assert_array_equal(si, s)
-    mean, var = bn_simd.batch_stats(x, layout=layout)
-    xi = x.copy()
-    assert bn_simd.normalize(xi, mean, var, w, b, layout=layout, out=xi) is xi
-    np.testing.assert_array_equal(xi, y)
-
-
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("alias", ["separate", "grad_out", "x"])
-def test_backward_out_may_be_separate_grad_out_or_x(alias, layout, dtype, training):
-    x, dy, w, _ = _data(dtype, layout)
-    _, m, s = bn_simd.batch_norm_forward(x, w, layout=layout)
-    expected = bn_simd.batch_norm_backward(dy, x, m, s, w, layout=layout, training=training)
-    x2, dy2 = x.copy(), dy.copy()
-    out = {"separate": np.empty_like(x), "grad_out": dy2, "x": x2}[alias]
-    gx, gw, gb = bn_simd.batch_norm_backward(dy2, x2, m, s, w, layout=layout, out=out, training=training)
-    assert gx is out
-    np.testing.assert_array_equal(gx, expected[0])
-    np.testing.assert_array_equal(gw, expected[1])
-    np.testing.assert_array_equal(gb, expected[2])
-
-
-@pytest.mark.parametrize("alias", ["grad_out", "x"])
-def test_backward_apply_out_may_alias_its_inputs(alias):
-    x, dy, w, b = _data(np.float64)
-    mean = np.linspace(0, 1, 6)
-    expected = bn_simd.backward_apply(dy, x, mean, w, b, w)
-    x2, dy2 = x.copy(), dy.copy()
-    out = dy2 if alias == "grad_out" else x2
-    assert bn_simd.backward_apply(dy2, x2, mean, w, b, w, out=out) is out
-    np.testing.assert_array_equal(out, expected)
+@pytest.mark.parametrize("op,ep,alias,layout,dtype", OUT_CASES)
+def test_out_separate_or_in_place_gives_the_bytes_of_a_call_without_out(op, ep, alias, layout, dtype):
+    """Every entry point with out=: a separate array, or each input it may overwrite (in place), receives the first
+    output, which is returned as the out itself; every output (running statistics included) has the bytes of the
+    call without out."""
+    case = op.case(90, SHAPE, layout, dtype, loc=1.0, scale=2.0, stats_dtype=np.float64)
+    expected = ep(case.fresh())
+    first = ep.outputs[0].name
+    c = case.fresh()
+    if alias == "separate":
+        out = np.full_like(case["x"], np.nan)
+    else:
+        c = c.replace(**{alias: case[alias].copy()})
+        out = c[alias]
+    got = ep(c, out=out)
+    assert got[first] is out
+    for k, v in expected.items():
+        assert_same_bits(got[k], v, k)
 
 
 def test_out_may_be_a_view_of_all_of_x():
@@ -94,15 +56,6 @@ def test_out_may_be_a_view_of_all_of_x():
     np.testing.assert_array_equal(xi, expected)
 
 
-def test_layer_out_in_place():
-    x, _, _, _ = _data()
-    expected = bn_simd.BatchNorm2d(6)(x)
-    layer = bn_simd.BatchNorm2d(6)
-    xi = x.copy()
-    assert layer(xi, out=xi) is xi
-    np.testing.assert_array_equal(xi, expected)
-
-
 # ---- rejected buffers ----------------------------------------------------------------------------------------
 
 def _read_only(a):
@@ -111,53 +64,49 @@ def _read_only(a):
 
 
 BAD_OUTS = {
-    "wrong_shape": (lambda x: np.zeros((4, 6, 5, 4), x.dtype), ValueError, "out must have shape"),
+    "wrong_shape": (lambda x: np.zeros(x.shape[:-1] + (x.shape[-1] - 1,), x.dtype), ValueError, "out must have shape"),
     "wrong_rank": (lambda x: np.zeros(x.size, x.dtype), ValueError, "out must have shape"),
     "wrong_dtype": (lambda x: np.zeros(x.shape, np.float64 if x.dtype == np.float32 else np.float32), TypeError,
                     "out must have dtype"),
     "byteswapped": (lambda x: np.zeros(x.shape, x.dtype.newbyteorder("S")), TypeError, "out must have dtype"),
     "fortran": (lambda x: np.zeros(x.shape, x.dtype, order="F"), ValueError, "C-contiguous"),
-    "strided": (lambda x: np.zeros((4, 12, 5, 5), x.dtype)[:, ::2], ValueError, "C-contiguous"),
+    "strided": (lambda x: np.zeros(x.shape[:1] + (2 * x.shape[1],) + x.shape[2:], x.dtype)[:, ::2], ValueError,
+                "C-contiguous"),
     "read_only": (lambda x: _read_only(np.zeros_like(x)), ValueError, "writeable"),
     "list": (lambda x: np.zeros_like(x).tolist(), TypeError, "numpy.ndarray"),
 }
 
 
-@pytest.mark.parametrize("kind", list(BAD_OUTS))
-@pytest.mark.parametrize("training", [True, False])
-def test_batch_norm_rejects_bad_out_and_changes_nothing(kind, training):
+BAD_OUT_CASES = [pytest.param(op, ep, kind, id=f"{op.name}-{ep.name}-{kind}") for op, ep in NCHW_ENTRIES
+                 for kind in BAD_OUTS]
+
+
+@pytest.mark.parametrize("op,ep,kind", BAD_OUT_CASES)
+def test_every_entry_point_rejects_a_bad_out_and_changes_nothing(op, ep, kind):
+    """A bad out is refused, naming out, before anything is written: the out, the inputs and the state (running
+    statistics) are byte for byte as they were."""
     make_out, exc, match = BAD_OUTS[kind]
-    x, _, w, b = _data()
-    x0 = x.copy()
-    rm, rv = np.full(6, 0.5), np.full(6, 2.0)
-    out = make_out(x)
+    case = op.case(92, SHAPE, "NCHW", np.float32, loc=1.0, scale=2.0, stats_dtype=np.float64)
+    out = make_out(case["x"])
     out0 = np.array(out, copy=True)
-    with pytest.raises(exc, match=match):
-        bn_simd.batch_norm(x, rm, rv, w, b, training=training, out=out)
-    np.testing.assert_array_equal(x, x0)
-    np.testing.assert_array_equal(rm, 0.5)
-    np.testing.assert_array_equal(rv, 2.0)
-    np.testing.assert_array_equal(np.asarray(out), out0)
+    assert_refused(ep, case, exc, [r"\bout\b", match], out=out)
+    np.testing.assert_array_equal(np.asarray(out), out0)  # a list out too
 
 
-@pytest.mark.parametrize("kind", list(BAD_OUTS))
-def test_other_calls_reject_bad_out(kind):
-    make_out, exc, match = BAD_OUTS[kind]
-    x, dy, w, b = _data()
-    mean, var = bn_simd.batch_stats(x)
-    s = 1 / np.sqrt(var + 1e-5)
-    calls = [
-        lambda o: bn_simd.batch_norm_forward(x, w, b, out=o),
-        lambda o: bn_simd.normalize(x, mean, var, w, b, out=o),
-        lambda o: bn_simd.batch_norm_backward(dy, x, mean, s, w, out=o),
-        lambda o: bn_simd.backward_apply(dy, x, mean, w, b, w, out=o),
-    ]
-    for call in calls:
-        out = make_out(x)
-        out0 = np.array(out, copy=True)
-        with pytest.raises(exc, match=match):
-            call(out)
-        np.testing.assert_array_equal(np.asarray(out), out0)
+OVERLAP_CASES = [pytest.param(op, ep, arg, id=f"{op.name}-{ep.name}-{arg}") for op, ep in NCHW_ENTRIES
+                 for arg in ep.reads if op.args[arg] == ops.DATA]
+
+
+@pytest.mark.parametrize("op,ep,arg", OVERLAP_CASES)
+def test_every_entry_point_rejects_an_out_that_partially_overlaps_an_input(op, ep, arg):
+    """out and a data input cut from one buffer one element apart: refused, naming both, with nothing written."""
+    case = op.case(93, SHAPE, "NCHW", np.float32, loc=1.0, scale=2.0)
+    a = case[arg]
+    buf = np.empty(a.size + 1, a.dtype)
+    buf[:-1] = a.reshape(-1)
+    view, out = buf[:-1].reshape(a.shape), buf[1:].reshape(a.shape)
+    assert_refused(ep, case.replace(**{arg: view}), ValueError, [rf"out overlaps {arg} partially"], out=out,
+                   keep={"buf": buf})
 
 
 def _overlapping(buf):

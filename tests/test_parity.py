@@ -1,37 +1,16 @@
 """Parity across kernels (ISAs) and thread counts: every ISA against the oracle, SIMD against scalar within a few
-ulp, and bitwise-identical results for any number of threads."""
+ulp, and bitwise-identical results for any number of threads.
+
+The thread-count, threadpoolctl and SIMD-vs-scalar tests run every entry point of every registered op (ops.py)."""
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
 import bn_simd
-import reference as ref
-from conftest import (HAVE_OPENMP, SUPPORTED_ISAS, use_strips, assert_forward_close, assert_ulp_close, assert_within,
-                      backward_bounds, channel_params, eps_of, forward_bound, make_input, reduction_tol)
-
-
-def _all_outputs(x, dy, layout):
-    """Every array the API computes for (x, dy), in a fixed order."""
-    C = ref.num_channels(x.shape, layout)
-    w, b = channel_params(C, x.dtype, seed=1)
-    rm, rv = np.zeros(C, x.dtype), np.ones(C, x.dtype)
-    out = {}
-    out["y_train"] = bn_simd.batch_norm(x, rm, rv, w, b, training=True, momentum=0.3, layout=layout)
-    out["running_mean"], out["running_var"] = rm, rv
-    out["y_eval"] = bn_simd.batch_norm(x, rm, rv, w, b, training=False, layout=layout)
-    out["y_fwd"], out["save_mean"], out["save_invstd"] = bn_simd.batch_norm_forward(x, w, b, layout=layout)
-    out["grad_x"], out["grad_w"], out["grad_b"] = bn_simd.batch_norm_backward(
-        dy, x, out["save_mean"], out["save_invstd"], w, layout=layout)
-    out["grad_x_eval"] = bn_simd.batch_norm_backward(dy, x, rm, 1 / np.sqrt(rv + 1e-5), w, layout=layout,
-                                                     training=False)[0]
-    out["stats_mean"], out["stats_var"] = bn_simd.batch_stats(x, layout=layout)
-    out["sum_dy"], out["sum_dyx"] = bn_simd.backward_reduce(dy, x, out["stats_mean"], layout=layout)
-    out["apply"] = bn_simd.backward_apply(dy, x, out["stats_mean"], w, b, w, layout=layout)
-    layer = bn_simd.BatchNorm(C, layout=layout, dtype=x.dtype)
-    out["layer_y"] = layer(x)
-    out["layer_grad_x"] = layer.backward(dy)
-    out["layer_grad_w"] = layer.grad_weight
-    return out
+import oracle as ref
+import ops
+from conftest import (HAVE_OPENMP, SUPPORTED_ISAS, use_strips, assert_forward_close, assert_same_bits, assert_ulp_close,
+                      assert_within, backward_bounds, channel_params, eps_of, make_input, reduction_tol)
 
 
 # large enough for several threads (> 32768 elements) and several chunks / channel blocks
@@ -55,42 +34,43 @@ for _setting in ("strips", "flat"):
         ((9, 616, 7), "NHWC", np.float64, _setting),    # wide float64 rows
     ]
 PARALLEL_CASES = [c if len(c) == 4 else c + ("cpu",) for c in PARALLEL_CASES]
-PARALLEL_IDS = ["-".join(["x".join(map(str, s)), l, np.dtype(d).name, st]) for s, l, d, st in PARALLEL_CASES]
+PARALLEL = [pytest.param(op, *c, id="-".join([op.name, "x".join(map(str, c[0])), c[1], np.dtype(c[2]).name, c[3]]))
+            for op in ops.OPS for c in PARALLEL_CASES if op.supports(*c[:3])]
+
+
+def _same_bits(got, expected, what):
+    assert got.keys() == expected.keys(), what
+    for k in expected:
+        assert_same_bits(got[k], expected[k], f"{k} {what}")
 
 
 @pytest.mark.skipif(not HAVE_OPENMP, reason="built without OpenMP")
-@pytest.mark.parametrize("nchw_shape,layout,dtype,strips", PARALLEL_CASES, ids=PARALLEL_IDS)
-def test_thread_counts_give_bitwise_identical_results(nchw_shape, layout, dtype, strips, threads):
+@pytest.mark.parametrize("op,nchw_shape,layout,dtype,strips", PARALLEL)
+def test_thread_counts_give_bitwise_identical_results(op, nchw_shape, layout, dtype, strips, threads):
     use_strips(strips)
-    x = make_input(nchw_shape, layout, dtype, seed=40, loc=2.0, scale=1.5)
-    dy = make_input(nchw_shape, layout, dtype, seed=41)
-    assert x.size > 32768
+    case = op.case(40, nchw_shape, layout, dtype, loc=2.0, scale=1.5, momentum=0.3)
+    assert case["x"].size > 32768
     threads(1)
     assert bn_simd.get_num_threads() == 1
-    serial = _all_outputs(x, dy, layout)
+    serial = ops.run_all(op, case)
     for n in (2, 3, 4):
         threads(n)
         assert bn_simd.get_num_threads() == n
-        parallel = _all_outputs(x, dy, layout)
-        for k in serial:
-            np.testing.assert_array_equal(parallel[k], serial[k], err_msg=f"{k} with {n} threads")
+        _same_bits(ops.run_all(op, case), serial, f"with {n} threads")
     threads(None)
-    default = _all_outputs(x, dy, layout)
-    for k in serial:
-        np.testing.assert_array_equal(default[k], serial[k], err_msg=f"{k} with the default thread count")
+    _same_bits(ops.run_all(op, case), serial, "with the default thread count")
 
 
 @pytest.mark.skipif(not HAVE_OPENMP, reason="built without OpenMP")
-@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_threadpoolctl_limit_gives_the_default_bits(layout):
-    x = make_input((16, 32, 16, 16), layout, np.float32, seed=42, loc=1.0)
-    dy = make_input((16, 32, 16, 16), layout, np.float32, seed=43)
-    default = _all_outputs(x, dy, layout)
+@pytest.mark.parametrize("op,layout", [pytest.param(op, lay, id=f"{op.name}-{lay}") for op in ops.OPS
+                                       for lay in ("NCHW", "NHWC") if op.supports((16, 32, 16, 16), lay, np.float32)])
+def test_threadpoolctl_limit_gives_the_default_bits(op, layout):
+    case = op.case(42, (16, 32, 16, 16), layout, np.float32, loc=1.0, momentum=0.3)
+    default = ops.run_all(op, case)
     with threadpool_limits(limits=1, user_api="openmp"):
         assert bn_simd.get_num_threads() == 1
-        limited = _all_outputs(x, dy, layout)
-    for k in default:
-        np.testing.assert_array_equal(limited[k], default[k], err_msg=k)
+        limited = ops.run_all(op, case)
+    _same_bits(limited, default, "under a threadpoolctl limit")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -119,33 +99,35 @@ SIMD_ISAS = [i for i in SUPPORTED_ISAS if i != "scalar"]
 
 @pytest.mark.skipif(not SIMD_ISAS, reason="no SIMD kernels on this CPU")
 @pytest.mark.parametrize("other", SIMD_ISAS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_simd_kernels_agree_with_scalar_within_a_few_ulp(layout, dtype, other):
+@pytest.mark.parametrize("op,layout,dtype", [pytest.param(op, lay, d, id=f"{op.name}-{lay}-{np.dtype(d).name}")
+                                             for op in ops.OPS for lay in ("NCHW", "NHWC")
+                                             for d in (np.float32, np.float64)
+                                             if op.supports((8, 19, 13, 11), lay, d)])
+def test_simd_kernels_agree_with_scalar_within_a_few_ulp(op, layout, dtype, other):
     """The kernels differ only in the order of float64 additions and in fused vs separate multiply-add, so
-    each output is within 4 ulp of the scalar one, measured at the magnitude of the terms it is made of
-    (each side rounds about 2.5 times per output: see conftest.apply_tol)."""
+    each output shaped like x is within 4 ulp of the scalar one, measured at the magnitude of the terms it is made of
+    (its oracle bound / 4 eps: each side rounds about 2.5 times per output, see conftest.apply_tol); a statistic or
+    parameter gradient is within reduction_tol(n) (a float64 sum in another order), plus 2 eps when it is rounded to
+    a narrower dtype than float64."""
     nchw_shape = (8, 19, 13, 11)
-    x = make_input(nchw_shape, layout, dtype, seed=47, loc=1.0, scale=2.0)
-    dy = make_input(nchw_shape, layout, dtype, seed=48)
+    case = op.case(47, nchw_shape, layout, dtype, loc=1.0, scale=2.0, momentum=0.3)
     bn_simd.set_isa("scalar")
-    scalar = _all_outputs(x, dy, layout)
+    scalar = ops.run_all(op, case)
     bn_simd.set_isa(other)
-    simd = _all_outputs(x, dy, layout)
-    C, n = nchw_shape[1], x.size // nchw_shape[1]
-    w, b = channel_params(C, dtype, seed=1)
-    e = eps_of(dtype)
-    y_scale = forward_bound(x, dtype, n, w, b, layout=layout) / (4 * e)
-    for k in ("y_train", "y_fwd", "layer_y"):
-        assert_ulp_close(simd[k], scalar[k], y_scale, 4, dtype, k)
-    rm, rv = scalar["running_mean"], scalar["running_var"]
-    ye_scale = forward_bound(x, dtype, n, w, b, layout=layout, mean=rm, var=rv, batch_stats=False) / (4 * e)
-    assert_ulp_close(simd["y_eval"], scalar["y_eval"], ye_scale, 4, dtype, "y_eval")
-    dx_scale = backward_bounds(dy, x, scalar["save_mean"], scalar["save_invstd"], w, layout, True, dtype)[0] / (4 * e)
-    assert_ulp_close(simd["grad_x"], scalar["grad_x"], dx_scale, 4, dtype, "grad_x")
-    for k in ("running_mean", "running_var", "save_mean", "save_invstd", "grad_w", "grad_b"):
-        np.testing.assert_allclose(simd[k], scalar[k], rtol=2 * e + reduction_tol(n),
-                                   atol=(2 * e + reduction_tol(n)) * np.abs(scalar[k]).max(), err_msg=k)
-    for k in ("stats_mean", "stats_var", "sum_dy", "sum_dyx"):
-        np.testing.assert_allclose(simd[k], scalar[k], rtol=reduction_tol(n),
-                                   atol=reduction_tol(n) * np.abs(scalar[k]).max(), err_msg=k)
+    simd = ops.run_all(op, case)
+    e, n = eps_of(dtype), case.n
+    expected = {}
+    for ep in op.entry_points:
+        expected.update({f"{ep.name}.{k}": v for k, v in ep.expected(case).items()})
+    assert simd.keys() == scalar.keys()
+    for k in scalar:
+        spec = ops.output_spec(op, k)
+        if scalar[k] is None:
+            assert simd[k] is None, k
+        elif spec.shape == ops.DATA:
+            assert_ulp_close(simd[k], scalar[k], expected[k].bound / (4 * e), 4, dtype, k)
+        elif spec.shape == ops.SCALAR:
+            np.testing.assert_array_equal(simd[k], scalar[k], err_msg=k)
+        else:
+            rtol = reduction_tol(n) + (0.0 if spec.float64 else 2 * e)
+            np.testing.assert_allclose(simd[k], scalar[k], rtol=rtol, atol=rtol * np.abs(scalar[k]).max(), err_msg=k)

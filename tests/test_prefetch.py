@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import bn_simd
-import reference as ref
+import oracle as ref
 from conftest import reduction_tol, use_slab
 
 # (N, C, spatial) channels-first shapes; 2048 float32 = the 8 KiB prefetch distance

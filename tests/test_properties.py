@@ -1,6 +1,6 @@
 """Property tests (hypothesis): random shapes, layouts, dtypes, hyper-parameters, kernels and thread counts.
 
-Every property compares with the float64 oracle (reference.py) within the bounds of conftest, checks that no input
+Every property compares with the float64 oracle (oracle.py) within the bounds of conftest, checks that no input
 was modified, and that the documented invariances hold: bitwise-identical results for every thread count, for a
 layout and its alias, and for an input and its C-contiguous copy.
 
@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import bn_simd  # noqa: E402
-import reference as ref  # noqa: E402
+import oracle as ref  # noqa: E402
+import ops  # noqa: E402
 from conftest import (SUPPORTED_ISAS, assert_forward_close, assert_within, backward_bounds,  # noqa: E402
                       forward_bound, make_input, stat_tol)
 
@@ -39,10 +40,13 @@ BIG = 70000               # elements of a "big" example: above the kernels' thre
 
 
 @st.composite
-def geometries(draw, min_values_per_channel=2):
-    """(nchw_shape, layout name as passed, canonical layout); at least `min_values_per_channel` values per channel."""
-    rank = draw(st.integers(2, 5))
-    layout = draw(st.sampled_from(sorted(ALIASES)))
+def geometries(draw, min_values_per_channel=2, op=None):
+    """(nchw_shape, layout name as passed, canonical layout); at least `min_values_per_channel` values per channel.
+
+    With a registered op (ops.py): its ranks and layout names."""
+    rank = draw(st.integers(2, 5) if op is None else st.sampled_from(sorted(op.ranks)))
+    aliases = ALIASES if op is None else op.layouts
+    layout = draw(st.sampled_from(sorted(aliases)))
     C = draw(VECTOR_SIZES)
     dims = [draw(VECTOR_SIZES) for _ in range(rank - 1)]  # N, *spatial
     while C * math.prod(dims) > MAX_SMALL:  # bound the work: halve the largest non-channel axis
@@ -52,7 +56,7 @@ def geometries(draw, min_values_per_channel=2):
         dims[0] = max(dims[0], -(-BIG // (C * math.prod(dims[1:]))))
     if math.prod(dims) < min_values_per_channel:
         dims[0] = min_values_per_channel
-    return (dims[0], C) + tuple(dims[1:]), layout, ALIASES[layout]
+    return (dims[0], C) + tuple(dims[1:]), layout, aliases[layout]
 
 
 # (loc, scale) of the data: centred, offset, |mean| / std up to 1e5, large and small magnitudes
@@ -305,44 +309,43 @@ def _odd(a, kind):
 VIEWS = st.sampled_from(["contiguous", "fortran", "reversed", "strided", "byteswapped", "read-only"])
 
 
-def _every_entry_point(x, g, w, b, rm, rv, layout):
-    return {
-        "forward": bn_simd.batch_norm_forward(x, w, b, layout=layout),
-        "eval": bn_simd.batch_norm(x, rm, rv, w, b, layout=layout),
-        "stats": bn_simd.batch_stats(x, layout=layout),
-        "normalize": bn_simd.normalize(x, rm, rv, w, b, layout=layout),
-        "backward": bn_simd.batch_norm_backward(g, x, rm, 1 / np.sqrt(rv + 1e-5), w, layout=layout),
-        "reduce": bn_simd.backward_reduce(g, x, rm, layout=layout),
-        "apply": bn_simd.backward_apply(g, x, rm, rv, rm, rv, layout=layout),
-    }
-
-
+@pytest.mark.parametrize("op", ops.OPS, ids=str)
 @_settings(60)
-@given(geo=geometries(), dtype=DTYPES, xview=VIEWS, gview=VIEWS, isa=ISAS, threads=THREADS,
-       seed=st.integers(0, 2 ** 16), data=st.data())
-def test_no_entry_point_modifies_its_inputs_and_layout_is_invisible(geo, dtype, xview, gview, isa, threads, seed,
-                                                                     data):
-    nchw, layout, canon = geo
-    C = nchw[1]
-    base_x = make_input(nchw, canon, dtype, seed=seed, loc=1.0, scale=2.0)
-    base_g = make_input(nchw, canon, dtype, seed=seed + 1)
-    x, g = _odd(base_x, xview), _odd(base_g, gview)
-    np.testing.assert_array_equal(x, base_x)
-    w = _per_channel(data.draw, C, "weight", seed + 2)
-    b = _per_channel(data.draw, C, "bias", seed + 3)
-    rm, rv = np.linspace(-1, 1, C), np.linspace(0.5, 2.0, C)
-    frozen = _frozen(x=x, g=g, w=w, b=b, rm=rm, rv=rv)
-    with kernels(isa, threads):
-        results = _every_entry_point(x, g, w, b, rm, rv, layout)
-        _assert_not_modified(frozen)
-        expected = _every_entry_point(np.ascontiguousarray(base_x), np.ascontiguousarray(base_g), w, b, rm, rv, layout)
-    for name, got in results.items():
-        got = got if isinstance(got, tuple) else (got,)
-        want = expected[name] if isinstance(expected[name], tuple) else (expected[name],)
-        for i, (a, e) in enumerate(zip(got, want)):
-            _assert_bitwise(a, e, f"{name}[{i}] for a {xview} x / {gview} grad_out")
-    y = results["forward"][0]
-    assert_forward_close(y, base_x, w, b, 1e-5, layout)
+@given(data=st.data(), dtype=DTYPES, xview=VIEWS, gview=VIEWS, isa=ISAS, threads=THREADS,
+       seed=st.integers(0, 2 ** 16), affine=st.booleans(), param_dtype=PER_CHANNEL_DTYPES,
+       stats_dtype=st.sampled_from([F32, F64]))
+def test_no_entry_point_modifies_its_inputs_and_layout_is_invisible(op, data, dtype, xview, gview, isa, threads, seed,
+                                                                     affine, param_dtype, stats_dtype):
+    """Every entry point of every registered op (ops.py): with x and the other data arguments held in odd memory, on
+    any number of threads, it gives the bytes of the call on C-contiguous arrays on one thread, it modifies none of
+    its inputs (but the state it updates), and its outputs match the oracle."""
+    nchw, layout, canon = data.draw(geometries(op=op), label="geometry")
+    assume(op.supports(nchw, layout, dtype))
+    case = op.case(seed, nchw, layout, dtype, loc=1.0, scale=2.0, affine=affine, param_dtype=param_dtype,
+                   stats_dtype=stats_dtype)
+    data = [k for k, kind in op.args.items() if kind == ops.DATA]
+    odd = case.replace(**{k: _odd(case[k], xview if k == "x" else gview) for k in data})
+    for k in data:
+        np.testing.assert_array_equal(odd[k], case[k])
+    # the oracle checks every group of an ordinary example, the first and the last group of a big one
+    groups = None if case["x"].size <= MAX_SMALL else ops.edge_groups(case)
+    for ep in op.entry_points:
+        if not ep.applies(case):
+            continue
+        with kernels(isa, threads):
+            c = odd.fresh()
+            ctx = ep.prepare(c) if ep.prepare is not None else None
+            frozen = _frozen(**{k: v for k, v in c.arrays.items() if k not in ep.writes})
+            got = ep.run(c, ctx)
+            _assert_not_modified(frozen)
+        with kernels(isa, 1):  # contiguous arrays on one thread: the same bits
+            expected = ep(case.fresh())
+        for name, e in expected.items():
+            if e is None:
+                assert got[name] is None, name
+            else:
+                _assert_bitwise(got[name], e, f"{ep.name}.{name} for a {xview} x / {gview} grad_out, {threads} threads")
+        ops.check(ep, case, expected, groups=groups)
 
 
 # ---- training with one value per channel ---------------------------------------------------------------------------

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import bn_simd
-import reference as ref
+import oracle as ref
 from conftest import (DTYPES, LAYOUTS, assert_ulp_close, assert_within, backward_bounds, channel_params, eps_of,
                       forward_bound, make_input, reduction_tol)
 

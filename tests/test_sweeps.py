@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import bn_simd
-import reference as ref
+import oracle as ref
 from bn_simd import _core
 from conftest import (assert_forward_close, assert_within, backward_bounds, channel_params, make_input, use_slab,
                       use_strips)

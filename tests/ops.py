@@ -1,0 +1,681 @@
+"""The registry of the ops under test: an op registered here gets every behaviour suite.
+
+The behaviour suites never name an op or an entry point. They take cases from an op's ``make_case``, run its entry
+points and compare what comes back with the op's float64 oracle (oracle.py) within bounds derived from the dtype
+and the reduction length (bounds.py). The suites that iterate ``OPS``, and what each reads from an op besides
+make_case, the entry points' call, outputs and expect:
+
+    test_hostile.py      bad arguments are refused naming the argument and change nothing; NaN/Inf poison exactly
+                         what the oracle says -- args (kinds), the entry points' reads, writes, names, checked, prepare
+    test_out.py          out= separate and in place gives the bytes of a call without out; bad and partially
+                         overlapping outs are refused -- out, reads, args
+    test_errors.py       wrong rank and dtype of the data in every entry point -- ranks, reads, names
+    test_parity.py       bitwise-equal results for 1..4 threads, the default and a threadpoolctl limit; every ISA
+                         within a few ulp of the scalar kernels -- outputs' shape kinds and float64, the bounds
+    test_concurrency.py  Python threads calling at once get the bytes of serial calls
+    test_layouts.py      every layout gives the same values; unusual memory (Fortran, strided, byte-swapped,
+                         read-only, unaligned) gives the bytes of a contiguous copy -- layouts, store, load
+    test_properties.py   hypothesis: random shapes, layout names, dtypes, options, ISAs and threads against the
+                         oracle; inputs never modified; memory layout invisible -- ranks, layouts, writes, prepare,
+                         groups, take, restrict
+    .ci/valgrind_cases.py  every entry point on small cases (out= in place, layout aliases) and the ones marked large
+                         on large cases, under memcheck, against the oracle -- large, groups, take, restrict
+Every suite calls ``supports`` and skips what an op does not support, and ``applies`` for each entry point.
+
+Registering an op
+-----------------
+Append an ``Op`` to ``OPS`` (see ``BATCH_NORM`` at the end of this file). Its fields:
+
+    name          the op's name (test ids use it)
+    make_case     ``make_case(rng, shape, layout, dtype, **options) -> Case``: every argument of every entry point,
+                  drawn from the numpy Generator ``rng`` for the logical shape (the canonical layout's shape) and
+                  stored in ``layout`` (a name the library accepts, alias or not). The values must not depend on
+                  the layout: the layouts suite compares layouts on the same case. Options the suites pass, which
+                  every op must accept (and may ignore): loc, scale (of x), affine (weight and bias or None),
+                  param_dtype (of the per-channel arrays), stats_dtype and momentum (of running statistics, for an
+                  op that has them), eps. An op may add its own (batch norm: track, unbiased; group norm would take
+                  num_groups).
+    entry_points  ``EntryPoint``s: each a way of calling the library (see below).
+    layouts       accepted layout names -> canonical name; ``store(a, layout)`` / ``load(a, layout)`` move a
+                  canonical-layout array to a stored one and back (a view).
+    ranks, dtypes the ranks and data dtypes the op accepts (others must be refused with TypeError/ValueError).
+    args          every array argument of a case -> DATA (shaped like x), CHANNEL (one value per channel) or GROUP
+                  (one per statistic group: GroupNorm's saved (N, G) statistics). The hostile suite derives its
+                  bad arguments from these kinds.
+    state         the arrays calls update in place (running statistics): a suite copies them before each call
+                  (``Case.fresh``), and a call that raises must leave them as they were.
+    tolerance     ``tolerance(dtype, n) -> bounds.Tolerance``: the units of error for data of ``dtype`` whose
+                  statistics sum n values each; the oracle's magnitudes times these units are the bounds.
+    groups, take  ``groups(case)``: into how many independent slices a case can be cut (slices whose outputs do
+                  not depend on each other: batch norm's channels; GroupNorm's groups of channels, all samples;
+                  LayerNorm's rows), and ``take(case, a, kind, which)``: the part of an array of a kind (DATA,
+                  CHANNEL, GROUP) that belongs to the slices ``which``. Large cases are checked on a few slices.
+    restrict      ``restrict(case, which) -> Case``: the case cut down to the slices ``which`` (same n).
+
+An ``EntryPoint`` has:
+
+    name          the entry point's name (ids, output keys "entry.output")
+    call          ``call(case, out, ctx) -> tuple`` of the outputs in the order of ``outputs``; None for an output
+                  that does not exist for this case (e.g. grad_weight without affine). It uses the case's arrays
+                  as they are (state is updated in the case).
+    outputs       ``Output``s: name, shape kind (DATA, CHANNEL or GROUP) and ``float64`` (always a float64
+                  reduction, never rounded to a narrower dtype)
+    expect        ``expect(case) -> tuple`` of ``Expected`` (float64 value, bound, dtype the library must return)
+                  or None, from the oracle, in the order of ``outputs``
+    reads         the case arrays the call passes to the library (the hostile suite corrupts these)
+    writes        the case arrays the call updates in place (a subset of the op's state)
+    out           the inputs ``out=`` may be (in place), or None when the entry point has no ``out=``; the out
+                  receives the first output
+    batch         True when the call computes batch statistics: refused with one value per group
+    needs         the optional case arrays the call needs (the call does not apply to a case without them)
+    prepare       ``prepare(case) -> ctx`` run before the call and not part of it (a layer's forward before its
+                  backward), or None
+    checked       False for an internal kernel that does not check its arguments (no hostile cases)
+    large         True to run on the large cases of .ci/valgrind_cases.py (streaming stores)
+    names         case array -> regular expression of how the library's messages name it (default its name)
+
+An InstanceNorm/GroupNorm entry would give make_case a ``num_groups`` option, GROUP-kind save_mean/save_invstd of
+shape (N, G), weight and bias of kind CHANNEL, ``groups(case) = G`` and ``take`` cutting groups of channels (and the
+GROUP arrays' columns); LayerNorm and RMSNorm a ``normalized_shape`` option, one slice per row and their own layouts.
+The suites need nothing else.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+import bn_simd
+import bounds
+import oracle as ref
+from bn_simd import _core
+
+DATA, CHANNEL, GROUP, SCALAR = "data", "channel", "group", "scalar"
+F64 = np.dtype(np.float64)
+
+
+# ---- the registry's types ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Output:
+    """One output of an entry point: its name, its shape kind, and whether it is always a float64 reduction."""
+    name: str
+    shape: str = DATA
+    float64: bool = False
+
+
+@dataclass(frozen=True)
+class Expected:
+    """The oracle's value of an output (float64), the bound |got - value| <= bound (broadcast) and the dtype the
+    library must return. Where value is NaN the library must give NaN, where it is +-Inf a non-finite value."""
+    value: np.ndarray
+    bound: np.ndarray
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    """A way of calling the library: see the module docstring for the fields."""
+    name: str
+    call: Callable
+    outputs: tuple
+    expect: Callable
+    reads: tuple = ("x",)
+    writes: tuple = ()
+    out: Optional[tuple] = None
+    batch: bool = False
+    needs: tuple = ()
+    prepare: Optional[Callable] = None
+    checked: bool = True
+    large: bool = False
+    names: dict = field(default_factory=dict)
+
+    def __call__(self, case, out=None):
+        """Prepare and call; returns {output name: array or None}."""
+        ctx = self.prepare(case) if self.prepare is not None else None
+        return self.run(case, ctx, out)
+
+    def run(self, case, ctx, out=None):
+        """The call alone, after prepare (the hostile suite snapshots the arrays in between)."""
+        got = self.call(case, out, ctx)
+        return dict(zip((o.name for o in self.outputs), got))
+
+    def applies(self, case):
+        """False when the call must refuse the case (batch statistics of one value per group) or means something
+        else for it (an argument it needs is None)."""
+        return not (self.batch and case.n == 1) and all(case[k] is not None for k in self.needs)
+
+    def expected(self, case):
+        """{output name: Expected or None} from the oracle."""
+        with np.errstate(all="ignore"):
+            return dict(zip((o.name for o in self.outputs), self.expect(case)))
+
+    def named(self, arg):
+        """A regular expression matching how the library's messages name the case array `arg`."""
+        return self.names.get(arg, rf"\b{arg}\b")
+
+
+@dataclass(frozen=True)
+class Op:
+    """A registered op: see the module docstring for the fields."""
+    name: str
+    make_case: Callable
+    entry_points: tuple
+    layouts: dict
+    store: Callable
+    load: Callable
+    ranks: tuple
+    dtypes: tuple
+    args: dict
+    state: tuple
+    tolerance: Callable
+    groups: Callable
+    take: Callable
+    restrict: Callable
+
+    def entry(self, name):
+        return next(e for e in self.entry_points if e.name == name)
+
+    def supports(self, shape, layout, dtype):
+        return layout in self.layouts and len(shape) in self.ranks and np.dtype(dtype) in self.dtypes
+
+    def case(self, seed, shape, layout="NCHW", dtype=np.float32, **options):
+        """make_case with a seeded Generator (the options show in the case's repr)."""
+        c = self.make_case(np.random.default_rng(seed), tuple(shape), layout, dtype, **options)
+        c.note = ", ".join(f"{k}={getattr(v, '__name__', v)}" for k, v in options.items())
+        return c
+
+    def __repr__(self):
+        return self.name
+
+
+class Case:
+    """The arguments of one call of an op's entry points (made by the op's make_case).
+
+    shape: the logical shape (the canonical layout's); layout_arg: the layout name passed to the library (may be
+    an alias), layout: its canonical name; dtype: the data's; arrays: name -> ndarray, or None for an omitted
+    optional argument; params: name -> scalar (eps, momentum, ...); n: values per statistic group.
+    """
+
+    def __init__(self, op, shape, layout_arg, dtype, arrays, params, n):
+        self.op, self.shape, self.layout_arg, self.dtype = op, tuple(shape), layout_arg, np.dtype(dtype)
+        self.layout = op.layouts[layout_arg]
+        self.arrays, self.params, self.n = dict(arrays), dict(params), n
+        self.note = ""
+
+    def __getitem__(self, name):
+        return self.arrays[name] if name in self.arrays else self.params[name]
+
+    @property
+    def tol(self):
+        return self.op.tolerance(self.dtype, self.n)
+
+    def replace(self, **changes):
+        """The same case with some arrays or parameters replaced (the other arrays are shared, not copied)."""
+        arrays, params = dict(self.arrays), dict(self.params)
+        for k, v in changes.items():
+            (params if k in params else arrays)[k] = v
+        c = Case(self.op, self.shape, self.layout_arg, self.dtype, arrays, params, self.n)
+        c.note = self.note
+        return c
+
+    def named(self, layout_arg):
+        """The same case passed under another name of its layout (an alias)."""
+        assert self.op.layouts[layout_arg] == self.layout
+        c = Case(self.op, self.shape, layout_arg, self.dtype, self.arrays, self.params, self.n)
+        c.note = self.note
+        return c
+
+    def fresh(self):
+        """The same case with copies of the state arrays, so that a call that updates them leaves this one as is."""
+        return self.replace(**{k: self.arrays[k].copy() for k in self.op.state if self.arrays.get(k) is not None})
+
+    def canonical(self, a):
+        """A DATA-shaped array of this case in the canonical layout (a view)."""
+        return self.op.load(a, self.layout)
+
+    def __repr__(self):
+        note = f", {self.note}" if self.note else ""
+        return f"{self.op.name}({'x'.join(map(str, self.shape))}, {self.layout_arg}, {self.dtype.name}{note})"
+
+
+# ---- using the registry -----------------------------------------------------------------------------------------
+
+def run_all(op, case):
+    """{"entry.output": array} for every entry point that applies to the case (each on fresh state)."""
+    res = {}
+    for ep in op.entry_points:
+        if ep.applies(case):
+            for k, v in ep(case.fresh()).items():
+                res[f"{ep.name}.{k}"] = v
+    return res
+
+
+def output_spec(op, key):
+    """The Output of an "entry.output" key."""
+    ep_name, out_name = key.split(".", 1)
+    return next(o for o in op.entry(ep_name).outputs if o.name == out_name)
+
+
+def compare(got, exp, what):
+    """got against an Expected: dtype, shape, non-finite where the oracle is, within the bound elsewhere."""
+    if exp is None:
+        assert got is None, f"{what}: expected no output, got {type(got).__name__}"
+        return
+    assert isinstance(got, np.ndarray), f"{what}: expected an ndarray, got {type(got).__name__}"
+    assert got.dtype == exp.dtype, f"{what}: dtype {got.dtype}, expected {exp.dtype}"
+    value = np.asarray(exp.value, dtype=np.float64)
+    assert got.shape == value.shape, f"{what}: shape {got.shape}, expected {value.shape}"
+    g = got.astype(np.float64)
+    nan, inf = np.isnan(value), np.isinf(value)
+    if nan.any():
+        assert np.isnan(g[nan]).all(), f"{what}: NaN expected at {np.argwhere(nan & ~np.isnan(g))[:3].tolist()}"
+    if inf.any():
+        assert (~np.isfinite(g[inf])).all(), f"{what}: non-finite expected at {np.argwhere(inf & np.isfinite(g))[:3]}"
+    finite = ~(nan | inf)
+    bound = np.broadcast_to(np.asarray(exp.bound, dtype=np.float64), value.shape)
+    bounds.assert_within(g[finite], value[finite], bound[finite], what)
+
+
+def check(ep, case, got, what="", groups=None):
+    """Every output of ep in `got` against the oracle; with `groups` (indices of slices, see Op.groups) only the part
+    of each output that belongs to those slices, against the oracle of the case cut down to them (the cheap check of
+    a large case)."""
+    if groups is not None:
+        groups = sorted(set(groups))
+        op = case.op
+        got = {o.name: (got[o.name] if o.shape == SCALAR or got[o.name] is None
+                        else op.take(case, got[o.name], o.shape, groups)) for o in ep.outputs}
+        what = f"{what} (groups {groups})"
+        case = op.restrict(case, groups)
+    exp = ep.expected(case)
+    for o in ep.outputs:
+        compare(got[o.name], exp[o.name], f"{case} {ep.name}.{o.name}{what}")
+
+
+def edge_groups(case, first=True):
+    """The first and the last slice of a case (see Op.groups): where the kernels' blocks begin and end (first=False:
+    the last alone, the one that holds the tails)."""
+    g = case.op.groups(case)
+    return sorted({0, g - 1} if first else {g - 1}) if g else []
+
+
+def coarser(*dtypes):
+    """The dtype of least precision among `dtypes`: a result rounded through each is rounded as through it."""
+    return max((np.dtype(d) for d in dtypes if d is not None), key=lambda d: np.finfo(d).eps)
+
+
+# ================================================================================================================
+# Batch normalization
+# ================================================================================================================
+
+BN_LAYOUTS = {"NCHW": "NCHW", "NHWC": "NHWC", "channels_first": "NCHW", "channels_last": "NHWC"}
+
+
+def _store(a, layout):
+    """A (N, C, *spatial) array stored C-contiguous in `layout`."""
+    a = np.asarray(a)
+    return np.ascontiguousarray(a if BN_LAYOUTS[layout] == "NCHW" else np.moveaxis(a, 1, -1))
+
+
+def _load(a, layout):
+    return a if BN_LAYOUTS[layout] == "NCHW" else np.moveaxis(a, -1, 1)
+
+
+def bn_make_case(rng, shape, layout="NCHW", dtype=np.float32, *, loc=0.0, scale=1.0, affine=True, param_dtype=None,
+                 stats_dtype=None, track=True, eps=1e-5, momentum=0.1, unbiased=True):
+    """Every argument of batch norm's entry points for x of logical shape (N, C, *spatial) stored in `layout`.
+
+    x ~ loc + scale N(0, 1) and grad_out ~ N(0, 1) in `dtype`; weight (|w| in [0.5, 2], both signs) and bias
+    (N(0, 1)) in param_dtype, or None without affine; running statistics (near the data's) in stats_dtype, or None
+    without track; save_mean / save_invstd the batch's statistics in `dtype` (as batch_norm_forward returns them);
+    mean and var (for normalize and the backward steps) near the data's, and the backward_apply coefficients a, b,
+    d, in param_dtype. param_dtype and stats_dtype default to `dtype`.
+    """
+    dtype = np.dtype(dtype)
+    pdt, sdt = np.dtype(param_dtype or dtype), np.dtype(stats_dtype or dtype)
+    C = shape[1]
+    x = (loc + scale * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 2.0, C) * rng.choice([-1.0, 1.0], C)
+    b = rng.standard_normal(C)
+    rm, rv = loc + scale * rng.standard_normal(C), scale ** 2 * rng.uniform(0.25, 4.0, C)
+    mean, var = loc + scale * rng.standard_normal(C), scale ** 2 * rng.uniform(0.25, 4.0, C)
+    ca, cb, cd = rng.standard_normal(C), rng.standard_normal(C) / scale, rng.standard_normal(C)
+    n = ref.reduction_size(shape, "NCHW")
+    if n:  # the batch's statistics, in float64 (inputs to the backward, not results under test)
+        axes = (0,) + tuple(range(2, len(shape)))
+        bm, bv = np.mean(x, axis=axes, dtype=np.float64), np.var(x, axis=axes, dtype=np.float64)
+    else:
+        bm, bv = mean, var
+    arrays = dict(x=_store(x, layout), grad_out=_store(dy, layout),
+                  weight=w.astype(pdt) if affine else None, bias=b.astype(pdt) if affine else None,
+                  running_mean=rm.astype(sdt) if track else None, running_var=rv.astype(sdt) if track else None,
+                  save_mean=bm.astype(dtype), save_invstd=(1.0 / np.sqrt(bv + eps)).astype(dtype),
+                  mean=mean.astype(pdt), var=var.astype(pdt), a=ca.astype(pdt), b=cb.astype(pdt), d=cd.astype(pdt))
+    params = dict(eps=eps, momentum=momentum, unbiased=unbiased)
+    return Case(BATCH_NORM, shape, layout, dtype, arrays, params, n)
+
+
+def _f64(a):
+    return None if a is None else np.asarray(a, dtype=np.float64)
+
+
+def _x(c, name="x"):
+    return _f64(c[name])
+
+
+def _gdtype(c):
+    """The dtype of the parameter gradients: weight's, x's without weight."""
+    return c["weight"].dtype if c["weight"] is not None else c.dtype
+
+
+# -- the oracle's expectations for each entry point (bounds: bounds.py) --
+
+def _exp_y_batch(c, weight=None, bias=None):
+    x = _x(c)
+    y, mean, var = ref.forward_train(x, weight, bias, c["eps"], c.layout)
+    bound = bounds.forward_bound(x, c.dtype, c.n, weight, bias, c["eps"], c.layout, mean, var, tol=c.tol)
+    return Expected(y, bound, c.dtype), mean, var
+
+
+def _exp_y_given(c, mean, var, weight, bias):
+    x = _x(c)
+    y = ref.normalize(x, mean, var, weight, bias, c["eps"], c.layout)
+    bound = bounds.forward_bound(x, c.dtype, c.n, weight, bias, c["eps"], c.layout, mean=_f64(mean), var=_f64(var),
+                                 batch_stats=False, tol=c.tol)
+    return Expected(y, bound, c.dtype)
+
+
+def _exp_running(c, mean, var, dtype=None):
+    """running_mean / running_var after one training batch with statistics (mean, var): unchanged for n = 0.
+
+    The batch mean errs by reduction_tol(n) mean|x| <= reduction_tol(n) (|mean| + std); the variance by
+    4 reduction_tol(n) relative; each is rounded once to the running statistics' dtype (`dtype`: also a layer's,
+    when the state is copied into one)."""
+    rm0, rv0 = c["running_mean"], c["running_var"]
+    if rm0 is None:
+        return None, None
+    dm, dv = (dtype or rm0.dtype), (dtype or rv0.dtype)
+    if c.n == 0:
+        return (Expected(_f64(rm0), bounds.eps_of(coarser(rm0.dtype, dm)) * np.abs(_f64(rm0)), np.dtype(dm)),
+                Expected(_f64(rv0), bounds.eps_of(coarser(rv0.dtype, dv)) * np.abs(_f64(rv0)), np.dtype(dv)))
+    rm, rv = ref.update_running(rm0, rv0, mean, var, c.n, c["momentum"], c["unbiased"])
+    tm = bounds.stat_tol(c.n, coarser(rm0.dtype, dm))
+    tv = bounds.stat_tol(c.n, coarser(rv0.dtype, dv))
+    return (Expected(rm, tm * (np.abs(rm) + np.sqrt(var) + np.abs(mean) + 1.0), np.dtype(dm)),
+            Expected(rv, 4.0 * tv * np.abs(rv), np.dtype(dv)))
+
+
+def _exp_train(c):
+    y, mean, var = _exp_y_batch(c, c["weight"], c["bias"])
+    return (y,) + _exp_running(c, mean, var)
+
+
+def _exp_eval(c):
+    return (_exp_y_given(c, c["running_mean"], c["running_var"], c["weight"], c["bias"]),)
+
+
+def _exp_normalize(c):
+    return (_exp_y_given(c, c["mean"], c["var"], c["weight"], c["bias"]),)
+
+
+def _exp_forward(c):
+    y, mean, var = _exp_y_batch(c, c["weight"], c["bias"])
+    t = bounds.stat_tol(c.n, c.dtype)
+    s = 1.0 / np.sqrt(var + c["eps"])
+    return y, Expected(mean, t * (np.abs(mean) + np.sqrt(var)), c.dtype), Expected(s, 4.0 * t * s, c.dtype)
+
+
+def _exp_stats(c):
+    mean, var, _ = ref.stats(_x(c), c.layout)
+    t = bounds.stat_tol(c.n, F64)
+    return Expected(mean, t * (np.abs(mean) + np.sqrt(var)), F64), Expected(var, 4.0 * t * var, F64)
+
+
+def _exp_grads(c, mean, invstd, weight, training, gdtype, batch_stats=False):
+    """(grad_x, grad_weight, grad_bias), the parameter gradients returned in gdtype. The library rounds them to
+    weight's dtype (x's without weight) first, so the coarsest of those dtypes rounds them."""
+    x, dy = _x(c), _x(c, "grad_out")
+    dx, dw, db = ref.backward(dy, x, mean, invstd, weight, c.layout, training)
+    bx, bw, bb = bounds.backward_bounds(dy, x, mean, invstd, weight, c.layout, training, c.dtype,
+                                        batch_stats=batch_stats, eps=c["eps"], tol=c.tol)
+    rounding = coarser(gdtype, _gdtype(c), c.dtype)
+    if rounding != c.dtype:  # one more rounding, coarser than the data's (which the bounds count)
+        bw, bb = bw + bounds.eps_of(rounding) * np.abs(dw), bb + bounds.eps_of(rounding) * np.abs(db)
+    return Expected(dx, bx, c.dtype), Expected(dw, bw, np.dtype(gdtype)), Expected(db, bb, np.dtype(gdtype))
+
+
+def _exp_backward(training):
+    def expect(c):
+        return _exp_grads(c, _f64(c["save_mean"]), _f64(c["save_invstd"]), c["weight"], training, _gdtype(c))
+    return expect
+
+
+def _exp_reduce(c):
+    sdy, sdyx, mdy, mdyx = ref.backward_sums(_x(c, "grad_out"), _x(c), _f64(c["mean"]), c.layout)
+    t = bounds.stat_tol(c.n, F64)
+    return Expected(sdy, t * mdy, F64), Expected(sdyx, t * mdyx, F64)
+
+
+def _exp_apply(c):
+    dx, mag = ref.backward_apply(_x(c, "grad_out"), _x(c), _f64(c["mean"]), _f64(c["a"]), _f64(c["b"]), _f64(c["d"]),
+                                 c.layout)
+    return (Expected(dx, c.tol.elementwise * mag, c.dtype),)
+
+
+def _exp_layer_backward(c):
+    """After a training forward the layer differentiates through its own batch statistics."""
+    mean, var, _ = ref.stats(_x(c), c.layout)
+    grads = _exp_grads(c, mean, 1.0 / np.sqrt(var + c["eps"]), c["weight"], True, c.dtype, batch_stats=True)
+    return grads if c["weight"] is not None else (grads[0], None, None)
+
+
+def _exp_layer_eval_backward(c):
+    rv = _f64(c["running_var"])
+    grads = _exp_grads(c, _f64(c["running_mean"]), 1.0 / np.sqrt(rv + c["eps"]), c["weight"], False, c.dtype)
+    return grads if c["weight"] is not None else (grads[0], None, None)
+
+
+def _exp_state_dict(c):
+    mean, var, _ = ref.stats(_x(c), c.layout)
+    rm, rv = _exp_running(c, mean, var, dtype=c.dtype)
+    wb = [None, None]
+    if c["weight"] is not None:
+        wb = [Expected(_f64(v), bounds.eps_of(coarser(v.dtype, c.dtype)) * np.abs(_f64(v)), c.dtype)
+              for v in (c["weight"], c["bias"])]
+    tracked = Expected(np.float64(1.0), 0.0, np.dtype(np.int64)) if rm is not None else None
+    return wb[0], wb[1], rm, rv, tracked
+
+
+# -- the calls --
+
+def _train(c, out, ctx):
+    y = bn_simd.batch_norm(c["x"], c["running_mean"], c["running_var"], c["weight"], c["bias"], training=True,
+                           momentum=c["momentum"], eps=c["eps"], layout=c.layout_arg, out=out,
+                           unbiased_running_var=c["unbiased"])
+    return y, c["running_mean"], c["running_var"]
+
+
+def _eval(c, out, ctx):
+    return (bn_simd.batch_norm(c["x"], c["running_mean"], c["running_var"], c["weight"], c["bias"], training=False,
+                               eps=c["eps"], layout=c.layout_arg, out=out),)
+
+
+def _forward(c, out, ctx):
+    return bn_simd.batch_norm_forward(c["x"], c["weight"], c["bias"], eps=c["eps"], layout=c.layout_arg, out=out)
+
+
+def _backward(training):
+    def call(c, out, ctx):
+        return bn_simd.batch_norm_backward(c["grad_out"], c["x"], c["save_mean"], c["save_invstd"], c["weight"],
+                                           layout=c.layout_arg, out=out, training=training)
+    return call
+
+
+def _stats(c, out, ctx):
+    return bn_simd.batch_stats(c["x"], layout=c.layout_arg)
+
+
+def _normalize(c, out, ctx):
+    return (bn_simd.normalize(c["x"], c["mean"], c["var"], c["weight"], c["bias"], eps=c["eps"], layout=c.layout_arg,
+                              out=out),)
+
+
+def _reduce(c, out, ctx):
+    return bn_simd.backward_reduce(c["grad_out"], c["x"], c["mean"], layout=c.layout_arg)
+
+
+def _apply(c, out, ctx):
+    return (bn_simd.backward_apply(c["grad_out"], c["x"], c["mean"], c["a"], c["b"], c["d"], layout=c.layout_arg,
+                                   out=out),)
+
+
+def _apply_kernel(c, out, ctx):
+    """The internal element-wise kernel with the folded coefficients eval computes (m, a rounded to the dtype, the
+    mean's rounding residual folded into b), on the canonical (outer, C, inner) view of a native C-contiguous copy
+    when x is not one (the kernel takes no other)."""
+    x = np.ascontiguousarray(c["x"], dtype=c.dtype.newbyteorder("="))
+    C = c.shape[1]
+    w = _f64(c["weight"]) if c["weight"] is not None else np.ones(C)
+    bias = _f64(c["bias"]) if c["bias"] is not None else np.zeros(C)
+    rm, rv = _f64(c["running_mean"]), _f64(c["running_var"])
+    a = (w / np.sqrt(rv + c["eps"])).astype(c.dtype)
+    m = rm.astype(c.dtype)
+    b = (bias - (rm - m.astype(np.float64)) * a.astype(np.float64)).astype(c.dtype)
+    outer = math.prod(x.shape[:1] if c.layout == "NCHW" else x.shape[:-1])
+    dims = (outer, C, x.size // (outer * C)) if outer * C else (outer, C, 1)
+    y = np.empty_like(x)
+    if x.size:
+        _core.apply(x.reshape(dims), y.reshape(dims), m, a, b, bn_simd.get_num_threads())
+    return (y,)
+
+
+def _layer(c, training=True):
+    """A BatchNorm layer whose parameters and running statistics are the case's arrays themselves (so a refused call
+    is seen to leave them as they were)."""
+    track, affine = c["running_mean"] is not None, c["weight"] is not None
+    layer = bn_simd.BatchNorm(c.shape[1], eps=c["eps"], momentum=c["momentum"], affine=affine,
+                              track_running_stats=track, layout=c.layout_arg, dtype=c.dtype,
+                              unbiased_running_var=c["unbiased"])
+    if affine:
+        layer.weight, layer.bias = c["weight"], c["bias"]
+    if track:
+        layer.running_mean, layer.running_var = c["running_mean"], c["running_var"]
+    return layer.train(training)
+
+
+def _layer_forward(c, out, ctx):
+    return (_layer(c)(c["x"], out=out), c["running_mean"], c["running_var"])
+
+
+def _layer_eval_forward(c, out, ctx):
+    return (_layer(c, training=False)(c["x"], out=out),)
+
+
+def _layer_after_forward(training):
+    def prepare(c):
+        layer = _layer(c, training)
+        layer(c["x"])
+        return layer
+    return prepare
+
+
+def _layer_backward(c, out, ctx):
+    gx = ctx.backward(c["grad_out"], out=out)
+    return gx, ctx.grad_weight, ctx.grad_bias
+
+
+def _state_dict(c, out, ctx):
+    """A training step, then the layer's state_dict loaded into a fresh layer: that layer's state."""
+    layer = _layer(c)
+    layer(c["x"])
+    fresh = bn_simd.BatchNorm(c.shape[1], affine=layer.affine, track_running_stats=layer.track_running_stats,
+                              layout=c.layout_arg, dtype=c.dtype)
+    fresh.load_state_dict(layer.state_dict())
+    tracked = np.asarray(fresh.num_batches_tracked) if fresh.track_running_stats else None
+    return fresh.weight, fresh.bias, fresh.running_mean, fresh.running_var, tracked
+
+
+# -- groups: a channel is batch norm's statistic group --
+
+def _bn_groups(c):
+    return c.shape[1]
+
+
+def _bn_take(c, a, kind, which):
+    if a is None:
+        return None
+    if kind == DATA:
+        return np.take(a, which, axis=ref.channel_axis(c.layout, a.ndim))
+    return np.take(a, which)
+
+
+def _bn_restrict(c, which):
+    arrays = {k: (_bn_take(c, v, BATCH_NORM.args[k], which) if v is not None else None) for k, v in c.arrays.items()}
+    shape = (c.shape[0], len(which)) + c.shape[2:]
+    return Case(c.op, shape, c.layout_arg, c.dtype, arrays, c.params, c.n)
+
+
+_Y = Output("y")
+_GRADS = (Output("grad_x"), Output("grad_weight", CHANNEL), Output("grad_bias", CHANNEL))
+_RUNNING = (Output("running_mean", CHANNEL), Output("running_var", CHANNEL))
+_PER_CHANNEL = ("weight", "bias")
+_LAYER_NAMES = {"x": r"\bx\b|input"}  # a layer's rank message speaks of its "input"
+_RUNNING_STATS = ("running_mean", "running_var")
+
+BATCH_NORM = Op(
+    name="batch_norm",
+    make_case=bn_make_case,
+    entry_points=(
+        EntryPoint("train", _train, (_Y,) + _RUNNING, _exp_train,
+                   reads=("x", "running_mean", "running_var") + _PER_CHANNEL, writes=("running_mean", "running_var"),
+                   out=("x",), batch=True),
+        EntryPoint("eval", _eval, (_Y,), _exp_eval, reads=("x", "running_mean", "running_var") + _PER_CHANNEL,
+                   out=("x",), needs=_RUNNING_STATS),
+        EntryPoint("forward", _forward, (_Y, Output("save_mean", CHANNEL), Output("save_invstd", CHANNEL)),
+                   _exp_forward, reads=("x",) + _PER_CHANNEL, out=("x",), batch=True, large=True),
+        EntryPoint("backward", _backward(True), _GRADS, _exp_backward(True),
+                   reads=("grad_out", "x", "save_mean", "save_invstd", "weight"), out=("x", "grad_out"), large=True),
+        EntryPoint("backward_eval", _backward(False), _GRADS, _exp_backward(False),
+                   reads=("grad_out", "x", "save_mean", "save_invstd", "weight"), out=("x", "grad_out")),
+        EntryPoint("stats", _stats, (Output("mean", CHANNEL, True), Output("var", CHANNEL, True)), _exp_stats,
+                   large=True),
+        EntryPoint("normalize", _normalize, (_Y,), _exp_normalize, reads=("x", "mean", "var") + _PER_CHANNEL,
+                   out=("x",)),
+        EntryPoint("backward_reduce", _reduce, (Output("sum_dy", CHANNEL, True), Output("sum_dyx", CHANNEL, True)),
+                   _exp_reduce, reads=("grad_out", "x", "mean")),
+        EntryPoint("backward_apply", _apply, (Output("grad_x"),), _exp_apply,
+                   reads=("grad_out", "x", "mean", "a", "b", "d"), out=("x", "grad_out")),
+        EntryPoint("apply_kernel", _apply_kernel, (_Y,), _exp_eval, reads=("x",), needs=_RUNNING_STATS, checked=False),
+        EntryPoint("layer_forward", _layer_forward, (_Y,) + _RUNNING, _exp_train,
+                   reads=("x", "running_mean", "running_var") + _PER_CHANNEL, writes=("running_mean", "running_var"),
+                   out=("x",), batch=True, names=_LAYER_NAMES),
+        EntryPoint("layer_backward", _layer_backward, _GRADS, _exp_layer_backward, reads=("grad_out",),
+                   out=("x", "grad_out"), batch=True, prepare=_layer_after_forward(True)),
+        EntryPoint("layer_eval_forward", _layer_eval_forward, (_Y,), _exp_eval,
+                   reads=("x", "running_mean", "running_var") + _PER_CHANNEL, out=("x",), needs=_RUNNING_STATS,
+                   names=_LAYER_NAMES),
+        EntryPoint("layer_eval_backward", _layer_backward, _GRADS, _exp_layer_eval_backward, reads=("grad_out",),
+                   out=("x", "grad_out"), needs=_RUNNING_STATS, prepare=_layer_after_forward(False)),
+        EntryPoint("state_dict", _state_dict,
+                   (Output("weight", CHANNEL), Output("bias", CHANNEL)) + _RUNNING
+                   + (Output("num_batches_tracked", SCALAR),),
+                   _exp_state_dict, reads=("x", "running_mean", "running_var") + _PER_CHANNEL,
+                   writes=("running_mean", "running_var"), batch=True, names=_LAYER_NAMES),
+    ),
+    layouts=BN_LAYOUTS,
+    store=_store,
+    load=_load,
+    ranks=(2, 3, 4, 5),
+    dtypes=(np.dtype(np.float32), np.dtype(np.float64)),
+    args=dict(x=DATA, grad_out=DATA, weight=CHANNEL, bias=CHANNEL, running_mean=CHANNEL, running_var=CHANNEL,
+              save_mean=GROUP, save_invstd=GROUP, mean=GROUP, var=GROUP, a=CHANNEL, b=CHANNEL, d=CHANNEL),
+    state=("running_mean", "running_var"),
+    tolerance=bounds.tolerance,
+    groups=_bn_groups,
+    take=_bn_take,
+    restrict=_bn_restrict,
+)
+
+OPS = [BATCH_NORM]
