@@ -55,7 +55,7 @@ def _stats_arg(v, name, N, G, what):
     a = ck._to_ndarray(v, name)
     if a.dtype.kind != "f":
         raise TypeError(f"{name} must have a floating-point dtype, got {a.dtype}")
-    if a.size != N * G or (a.ndim > 0 and a.shape[0] != N and N * G > 0):
+    if a.shape != (N, G):
         raise ValueError(f"{name} must have shape ({N}, {G}) ({what} of x), got shape {a.shape}")
     return np.ascontiguousarray(a, dtype=np.float64).reshape(N * G)
 

@@ -51,6 +51,9 @@ Append an ``Op`` to ``OPS`` (see ``BATCH_NORM`` at the end of this file). Its fi
                   LayerNorm's rows), and ``take(case, a, kind, which)``: the part of an array of a kind (DATA,
                   CHANNEL, GROUP) that belongs to the slices ``which``. Large cases are checked on a few slices.
     restrict      ``restrict(case, which) -> Case``: the case cut down to the slices ``which`` (same n).
+    stats_by_layout  True when the layouts reduce in different orders beyond the chunking (group norm merges its
+                  channels' moments channels-last and sums a group's runs channels-first; its backward sums likewise),
+                  so that the layouts' outputs agree within the oracle's bounds rather than to a few ulp.
 
 An ``EntryPoint`` has:
 
@@ -73,6 +76,8 @@ An ``EntryPoint`` has:
     checked       False for an internal kernel that does not check its arguments (no hostile cases)
     large         True to run on the large cases of .ci/valgrind_cases.py (streaming stores)
     names         case array -> regular expression of how the library's messages name it (default its name)
+    ranks         the ranks of x this entry point accepts, when not the op's (an InstanceNorm layer also takes
+                  unbatched input, one dimension less)
 
 An InstanceNorm/GroupNorm entry would give make_case a ``num_groups`` option, GROUP-kind save_mean/save_invstd of
 shape (N, G), weight and bias of kind CHANNEL, ``groups(case) = G`` and ``take`` cutting groups of channels (and the
@@ -129,6 +134,7 @@ class EntryPoint:
     checked: bool = True
     large: bool = False
     names: dict = field(default_factory=dict)
+    ranks: Optional[tuple] = None
 
     def __call__(self, case, out=None):
         """Prepare and call; returns {output name: array or None}."""
@@ -172,6 +178,7 @@ class Op:
     groups: Callable
     take: Callable
     restrict: Callable
+    stats_by_layout: bool = False
 
     def entry(self, name):
         return next(e for e in self.entry_points if e.name == name)
@@ -678,4 +685,377 @@ BATCH_NORM = Op(
     restrict=_bn_restrict,
 )
 
-OPS = [BATCH_NORM]
+
+# ================================================================================================================
+# Group normalization and instance normalization (one channel per group)
+# ================================================================================================================
+
+def _default_groups(C, S):
+    """Groups of 2 channels where C allows (D > 1 exercises the channel merge), else of 1; one group when that
+    would leave one value per group."""
+    if C % 2 == 0 and C > 1:
+        return C // 2
+    return 1 if S == 1 and C > 1 else max(C, 1)
+
+
+def _group_case(op, rng, shape, layout, dtype, num_groups, loc, scale, affine, param_dtype, stats_dtype, track, eps,
+                momentum):
+    dtype = np.dtype(dtype)
+    pdt, sdt = np.dtype(param_dtype or dtype), np.dtype(stats_dtype or dtype)
+    N, C = shape[0], shape[1]
+    S = math.prod(shape[2:])
+    G = num_groups
+    x = (loc + scale * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 2.0, C) * rng.choice([-1.0, 1.0], C)
+    b = rng.standard_normal(C)
+    rm, rv = loc + scale * rng.standard_normal(C), scale ** 2 * rng.uniform(0.25, 4.0, C)
+    gm, gv, n = ref.group_stats(x, G) if N * C * S else (np.zeros((N, G)), np.ones((N, G)), 0)
+    if not n:
+        gm, gv = np.zeros((N, G)), np.ones((N, G))
+    arrays = dict(x=_store(x, layout), grad_out=_store(dy, layout),
+                  weight=w.astype(pdt) if affine else None, bias=b.astype(pdt) if affine else None,
+                  running_mean=rm.astype(sdt) if track else None, running_var=rv.astype(sdt) if track else None,
+                  save_mean=gm.astype(dtype), save_invstd=(1.0 / np.sqrt(gv + eps)).astype(dtype))
+    params = dict(eps=eps, momentum=momentum, num_groups=G)
+    return Case(op, shape, layout, dtype, arrays, params, (C // G) * S if G else 0)
+
+
+def gn_make_case(rng, shape, layout="NCHW", dtype=np.float32, *, num_groups=None, loc=0.0, scale=1.0, affine=True,
+                 param_dtype=None, stats_dtype=None, track=True, eps=1e-5, momentum=0.1, unbiased=True):
+    """Group norm's arguments for x of logical shape (N, C, *spatial) in `layout`: as bn_make_case, with
+    num_groups (default: groups of 2 channels where C is even) and save_mean / save_invstd the (N, G) statistics
+    of the batch's groups in `dtype`. (track, stats_dtype, momentum, unbiased: accepted, not used.)"""
+    G = num_groups or _default_groups(shape[1], math.prod(shape[2:]))
+    return _group_case(GROUP_NORM, rng, shape, layout, dtype, G, loc, scale, affine, param_dtype, stats_dtype, False,
+                       eps, momentum)
+
+
+def in_make_case(rng, shape, layout="NCHW", dtype=np.float32, *, loc=0.0, scale=1.0, affine=True, param_dtype=None,
+                 stats_dtype=None, track=True, eps=1e-5, momentum=0.1, unbiased=True, num_groups=None):
+    """Instance norm's arguments: group norm's with one channel per group, and running statistics (near the
+    data's, in stats_dtype) unless track is False."""
+    return _group_case(INSTANCE_NORM, rng, shape, layout, dtype, shape[1], loc, scale, affine, param_dtype,
+                       stats_dtype, track, eps, momentum)
+
+
+def _xc(c, name="x"):
+    """A DATA array of the case in the canonical layout, float64."""
+    return _f64(c.canonical(c[name]))
+
+
+def _group_out(c, a):
+    """A canonical-layout result stored back in the case's layout (what the library returns)."""
+    return c.op.store(a, c.layout)
+
+
+def _exp_gn_y(c, mean=None, var=None):
+    """y of the batch's group statistics (or of mean / var given per (N, G) ... or per channel for instance norm's
+    eval, see _exp_in_eval), with forward_bound's two terms per group."""
+    x = _xc(c)
+    G = c["num_groups"]
+    y, xhat, m, v = ref.group_forward(x, G, c["weight"], c["bias"], c["eps"], mean, var)
+    C = x.shape[1]
+    cs = ref._channel_shape(x)
+    wa = np.abs(ref.per_channel(c["weight"], C, 1.0)).reshape(cs)
+    ba = np.abs(ref.per_channel(c["bias"], C, 0.0)).reshape(cs)
+    bound = c.tol.elementwise * (wa * (1.0 + np.abs(xhat)) + ba)
+    if mean is None:
+        xg = ref._grouped(x, G)
+        cond = (np.abs(xg).mean(axis=2) if xg.shape[2] else np.zeros(xg.shape[:2])) / np.sqrt(v + c["eps"])
+        condc = np.repeat(cond, C // G, axis=1).reshape(x.shape[:2] + (1,) * (x.ndim - 2))
+        bound = bound + wa * c.tol.reduction * (condc + np.abs(xhat))
+    return Expected(_group_out(c, y), _group_out(c, bound), c.dtype), m, v
+
+
+def _exp_gn_forward(c):
+    y, m, v = _exp_gn_y(c)
+    t = bounds.stat_tol(c.n, c.dtype)
+    s = 1.0 / np.sqrt(v + c["eps"])
+    return y, Expected(m, t * (np.abs(m) + np.sqrt(v)), c.dtype), Expected(s, 4.0 * t * s, c.dtype)
+
+
+def _exp_gn_grads(c, mean, invstd, gdtype=None):
+    G = c["num_groups"]
+    (dx, dw, db), (dxs, dx_sums, dws, dbs) = ref.group_backward(_xc(c, "grad_out"), _xc(c), mean, invstd, G,
+                                                                 c["weight"])
+    t = c.tol
+    gdtype = np.dtype(gdtype or _gdtype(c))
+    rounding = coarser(gdtype, _gdtype(c), c.dtype)  # (a layer rounds weight's dtype's gradients to its own)
+    bx = t.elementwise * dxs + t.reduction * dx_sums
+    bw = t.reduction * dws + bounds.eps_of(rounding) * np.abs(dw)
+    bb = t.reduction * dbs + bounds.eps_of(rounding) * np.abs(db)
+    return (Expected(_group_out(c, dx), _group_out(c, bx), c.dtype), Expected(dw, bw, gdtype),
+            Expected(db, bb, gdtype))
+
+
+def _exp_gn_backward(c):
+    return _exp_gn_grads(c, _f64(c["save_mean"]), _f64(c["save_invstd"]))
+
+
+def _exp_gn_layer_backward(c):
+    """The layer's own statistics (rounded to the data's dtype, as it saves them) of a training forward. Its
+    estimate of them errs (as backward_bounds' batch_stats): the mean by dm <= reduction_tol mean|x|, invstd by a
+    relative 2 reduction_tol, so xhat by e = reduction_tol (2 |xhat| + cond); dx = s (w dy - A / M - xhat B / M)
+    moves by |s| (2 reduction_tol (|w dy| + |A| / M + |xhat B| / M) + e |B| / M + |xhat| e_B / M), e_B the sum of
+    |w dy| e."""
+    x, G = _xc(c), c["num_groups"]
+    m, v, _ = ref.group_stats(x, G)
+    mean, invstd = m.astype(c.dtype), (1.0 / np.sqrt(v + c["eps"])).astype(c.dtype)
+    grads = _exp_gn_grads(c, mean, invstd, c.dtype)
+    if x.size:
+        N, C = x.shape[:2]
+        rt = c.tol.reduction
+        s = np.abs(_f64(invstd)).reshape(N, G, 1)
+        xg = ref._grouped(x, G)
+        xh = np.abs(xg - _f64(mean).reshape(N, G, 1)) * s
+        cond = np.abs(xg).mean(axis=2, keepdims=True) * s
+        wdy = np.abs(ref._grouped(_xc(c, "grad_out") * ref.per_channel(c["weight"], C, 1.0).reshape(
+            ref._channel_shape(x)), G))
+        M = max(xg.shape[2], 1)
+        A, B = wdy.sum(axis=2, keepdims=True), (wdy * xh).sum(axis=2, keepdims=True)
+        e = rt * (2.0 * xh + cond)
+        eB = (wdy * e).sum(axis=2, keepdims=True)
+        extra = s * (2.0 * rt * (wdy + A / M + xh * B / M) + e * B / M + xh * eB / M)
+        g0 = grads[0]
+        grads = (Expected(g0.value, g0.bound + _group_out(c, extra.reshape(x.shape)), g0.dtype),) + grads[1:]
+    return grads if c["weight"] is not None else (grads[0], None, None)
+
+
+def _gn_forward(c, out, ctx):
+    return bn_simd.group_norm_forward(c["x"], c["num_groups"], c["weight"], c["bias"], eps=c["eps"],
+                                      layout=c.layout_arg, out=out)
+
+
+def _gn_functional(c, out, ctx):
+    return (bn_simd.group_norm(c["x"], c["num_groups"], c["weight"], c["bias"], c["eps"], layout=c.layout_arg,
+                               out=out),)
+
+
+def _gn_backward(c, out, ctx):
+    return bn_simd.group_norm_backward(c["grad_out"], c["x"], c["save_mean"], c["save_invstd"], c["num_groups"],
+                                       c["weight"], layout=c.layout_arg, out=out)
+
+
+def _gn_layer(c):
+    affine = c["weight"] is not None
+    layer = bn_simd.GroupNorm(c["num_groups"], c.shape[1], eps=c["eps"], affine=affine, layout=c.layout_arg,
+                              dtype=c.dtype)
+    if affine:
+        layer.weight, layer.bias = c["weight"], c["bias"]
+    return layer
+
+
+def _gn_layer_forward(c, out, ctx):
+    return (_gn_layer(c)(c["x"], out=out),)
+
+
+def _gn_layer_prepare(c):
+    layer = _gn_layer(c)
+    layer(c["x"])
+    return layer
+
+
+# -- instance norm --
+
+def _in_running(c):
+    """running_mean / running_var after one training call: (1 - momentum) running + momentum times the batch
+    average of the instance means and unbiased variances (PyTorch's), bounds as _exp_running's."""
+    rm0, rv0 = c["running_mean"], c["running_var"]
+    if rm0 is None:
+        return None, None
+    if c.shape[0] == 0:  # an empty batch leaves them as they are
+        return (Expected(_f64(rm0), bounds.eps_of(rm0.dtype) * np.abs(_f64(rm0)), rm0.dtype),
+                Expected(_f64(rv0), bounds.eps_of(rv0.dtype) * np.abs(_f64(rv0)), rv0.dtype))
+    m, v, S = ref.group_stats(_xc(c), c.shape[1])
+    mom = c["momentum"]
+    am, av = m.mean(axis=0), (v * (S / (S - 1))).mean(axis=0)
+    rm = (1.0 - mom) * _f64(rm0) + mom * am
+    rv = (1.0 - mom) * _f64(rv0) + mom * av
+    tm, tv = bounds.stat_tol(c.n, rm0.dtype), bounds.stat_tol(c.n, rv0.dtype)
+    return (Expected(rm, tm * (np.abs(rm) + np.sqrt(av) + np.abs(am) + 1.0), rm0.dtype),
+            Expected(rv, 4.0 * tv * np.abs(rv) + tv * np.abs(av), rv0.dtype))
+
+
+def _exp_in_train(c):
+    y, _, _ = _exp_gn_y(c)
+    return (y,) + _in_running(c)
+
+
+def _exp_in_eval(c):
+    """Running statistics: batch norm's eval."""
+    x = _xc(c)
+    y = ref.normalize(x, c["running_mean"], c["running_var"], c["weight"], c["bias"], c["eps"], "NCHW")
+    bound = bounds.forward_bound(x, c.dtype, c.n, c["weight"], c["bias"], c["eps"], "NCHW",
+                                 mean=_f64(c["running_mean"]), var=_f64(c["running_var"]), batch_stats=False,
+                                 tol=c.tol)
+    return (Expected(_group_out(c, y), _group_out(c, bound), c.dtype),)
+
+
+def _exp_in_eval_backward(c):
+    """After an eval-mode call that used the running statistics: batch norm's eval backward."""
+    x, dy = _xc(c), _xc(c, "grad_out")
+    rm, rv = _f64(c["running_mean"]), _f64(c["running_var"])
+    s = 1.0 / np.sqrt(rv + c["eps"])
+    dx, dw, db = ref.backward(dy, x, rm, s, c["weight"], "NCHW", False)
+    bx, bw, bb = bounds.backward_bounds(dy, x, rm, s, c["weight"], "NCHW", False, c.dtype, eps=c["eps"], tol=c.tol)
+    rounding = coarser(_gdtype(c), c.dtype)  # (the layer rounds weight's dtype's gradients to its own)
+    bw, bb = bw + bounds.eps_of(rounding) * np.abs(dw), bb + bounds.eps_of(rounding) * np.abs(db)
+    grads = (Expected(_group_out(c, dx), _group_out(c, bx), c.dtype), Expected(dw, bw, c.dtype),
+             Expected(db, bb, c.dtype))
+    return grads if c["weight"] is not None else (grads[0], None, None)
+
+
+def _in_forward(c, out, ctx):
+    return bn_simd.instance_norm_forward(c["x"], c["weight"], c["bias"], eps=c["eps"], layout=c.layout_arg, out=out)
+
+
+def _in_train(c, out, ctx):
+    y = bn_simd.instance_norm(c["x"], c["running_mean"], c["running_var"], c["weight"], c["bias"], True,
+                              c["momentum"], c["eps"], layout=c.layout_arg, out=out)
+    return y, c["running_mean"], c["running_var"]
+
+
+def _in_eval(c, out, ctx):
+    return (bn_simd.instance_norm(c["x"], c["running_mean"], c["running_var"], c["weight"], c["bias"], False,
+                                  c["momentum"], c["eps"], layout=c.layout_arg, out=out),)
+
+
+def _in_backward(c, out, ctx):
+    return bn_simd.instance_norm_backward(c["grad_out"], c["x"], c["save_mean"], c["save_invstd"], c["weight"],
+                                          layout=c.layout_arg, out=out)
+
+
+_IN_LAYERS = {3: "InstanceNorm1d", 4: "InstanceNorm2d", 5: "InstanceNorm3d"}
+_IN_LAYER_RANKS = (2, 3, 4, 5)  # (each class its rank and, unbatched, one less)
+
+
+def _in_layer(c, training=True):
+    track, affine = c["running_mean"] is not None, c["weight"] is not None
+    layer = getattr(bn_simd, _IN_LAYERS[len(c.shape)])(c.shape[1], eps=c["eps"], momentum=c["momentum"],
+                                                        affine=affine, track_running_stats=track,
+                                                        layout=c.layout_arg, dtype=c.dtype)
+    if affine:
+        layer.weight, layer.bias = c["weight"], c["bias"]
+    if track:
+        layer.running_mean, layer.running_var = c["running_mean"], c["running_var"]
+    return layer.train(training)
+
+
+def _in_layer_forward(c, out, ctx):
+    return (_in_layer(c)(c["x"], out=out), c["running_mean"], c["running_var"])
+
+
+def _in_layer_eval_forward(c, out, ctx):
+    return (_in_layer(c, False)(c["x"], out=out),)
+
+
+def _in_layer_prepare(training):
+    def prepare(c):
+        layer = _in_layer(c, training)
+        layer(c["x"])
+        return layer
+    return prepare
+
+
+# -- groups of channels as the independent slices --
+
+def _gn_groups(c):
+    return c["num_groups"]
+
+
+def _gn_take(c, a, kind, which):
+    if a is None:
+        return None
+    G = c["num_groups"]
+    D = c.shape[1] // G if G else 0
+    if kind == GROUP:
+        return np.take(a, which, axis=1)
+    chans = [g * D + j for g in which for j in range(D)]
+    if kind == DATA:
+        return np.take(a, chans, axis=ref.channel_axis(c.layout, a.ndim))
+    return np.take(a, chans)
+
+
+def _gn_restrict(c, which):
+    arrays = {k: (_gn_take(c, v, c.op.args[k], which) if v is not None else None) for k, v in c.arrays.items()}
+    D = c.shape[1] // c["num_groups"]
+    shape = (c.shape[0], len(which) * D) + c.shape[2:]
+    params = dict(c.params, num_groups=len(which))
+    return Case(c.op, shape, c.layout_arg, c.dtype, arrays, params, c.n)
+
+
+_STATS_OUT = (Output("save_mean", GROUP), Output("save_invstd", GROUP))
+_GN_BWD_READS = ("grad_out", "x", "save_mean", "save_invstd", "weight")
+_GN_BWD_NAMES = {"save_mean": r"\bmean\b", "save_invstd": r"\binvstd\b"}  # (the API's names)
+_GN_ARGS = dict(x=DATA, grad_out=DATA, weight=CHANNEL, bias=CHANNEL, running_mean=CHANNEL, running_var=CHANNEL,
+                save_mean=GROUP, save_invstd=GROUP)
+
+GROUP_NORM = Op(
+    name="group_norm",
+    make_case=gn_make_case,
+    entry_points=(
+        EntryPoint("forward", _gn_forward, (_Y,) + _STATS_OUT, _exp_gn_forward, reads=("x",) + _PER_CHANNEL,
+                   out=("x",), batch=True, large=True),
+        EntryPoint("functional", _gn_functional, (_Y,), lambda c: (_exp_gn_y(c)[0],), reads=("x",) + _PER_CHANNEL,
+                   out=("x",), batch=True),
+        EntryPoint("backward", _gn_backward, _GRADS, _exp_gn_backward, reads=_GN_BWD_READS, out=("x", "grad_out"),
+                   large=True, names=_GN_BWD_NAMES),
+        EntryPoint("layer_forward", _gn_layer_forward, (_Y,), lambda c: (_exp_gn_y(c)[0],),
+                   reads=("x",) + _PER_CHANNEL, out=("x",), batch=True, names=_LAYER_NAMES),
+        EntryPoint("layer_backward", _layer_backward, _GRADS, _exp_gn_layer_backward, reads=("grad_out",),
+                   out=("x", "grad_out"), batch=True, prepare=_gn_layer_prepare),
+    ),
+    layouts=BN_LAYOUTS,
+    store=_store,
+    load=_load,
+    ranks=(2, 3, 4, 5),
+    dtypes=(np.dtype(np.float32), np.dtype(np.float64)),
+    args=_GN_ARGS,
+    state=(),
+    tolerance=bounds.tolerance,
+    groups=_gn_groups,
+    take=_gn_take,
+    restrict=_gn_restrict,
+    stats_by_layout=True,
+)
+
+INSTANCE_NORM = Op(
+    name="instance_norm",
+    make_case=in_make_case,
+    entry_points=(
+        EntryPoint("forward", _in_forward, (_Y,) + _STATS_OUT, _exp_gn_forward, reads=("x",) + _PER_CHANNEL,
+                   out=("x",), batch=True, large=True),
+        EntryPoint("train", _in_train, (_Y,) + _RUNNING, _exp_in_train,
+                   reads=("x", "running_mean", "running_var") + _PER_CHANNEL, writes=_RUNNING_STATS, out=("x",),
+                   batch=True),
+        EntryPoint("eval", _in_eval, (_Y,), _exp_in_eval, reads=("x", "running_mean", "running_var") + _PER_CHANNEL,
+                   out=("x",), needs=_RUNNING_STATS),
+        EntryPoint("backward", _in_backward, _GRADS, _exp_gn_backward, reads=_GN_BWD_READS, out=("x", "grad_out"),
+                   large=True, names=_GN_BWD_NAMES),
+        EntryPoint("layer_forward", _in_layer_forward, (_Y,) + _RUNNING, _exp_in_train,
+                   reads=("x", "running_mean", "running_var") + _PER_CHANNEL, writes=_RUNNING_STATS, out=("x",),
+                   batch=True, names=_LAYER_NAMES, ranks=_IN_LAYER_RANKS),
+        EntryPoint("layer_backward", _layer_backward, _GRADS, _exp_gn_layer_backward, reads=("grad_out",),
+                   out=("x", "grad_out"), batch=True, prepare=_in_layer_prepare(True)),
+        EntryPoint("layer_eval_forward", _in_layer_eval_forward, (_Y,), _exp_in_eval,
+                   reads=("x", "running_mean", "running_var") + _PER_CHANNEL, out=("x",), needs=_RUNNING_STATS,
+                   names=_LAYER_NAMES, ranks=_IN_LAYER_RANKS),
+        EntryPoint("layer_eval_backward", _layer_backward, _GRADS, _exp_in_eval_backward, reads=("grad_out",),
+                   out=("x", "grad_out"), needs=_RUNNING_STATS, prepare=_in_layer_prepare(False)),
+    ),
+    layouts=BN_LAYOUTS,
+    store=_store,
+    load=_load,
+    ranks=(3, 4, 5),
+    dtypes=(np.dtype(np.float32), np.dtype(np.float64)),
+    args=_GN_ARGS,
+    state=("running_mean", "running_var"),
+    tolerance=bounds.tolerance,
+    groups=_gn_groups,
+    take=_gn_take,
+    restrict=_gn_restrict,
+    stats_by_layout=True,
+)
+
+OPS = [BATCH_NORM, GROUP_NORM, INSTANCE_NORM]

@@ -195,3 +195,59 @@ def mean_abs(x, layout="NCHW"):
     """mean |x| per channel (0 for an empty channel): the size of the terms of the mean's sum."""
     xc = to_cn(x, layout)
     return np.abs(xc).mean(axis=1) if xc.shape[1] else np.zeros(xc.shape[0])
+
+
+# ---- group norm (instance norm: one channel per group) ---------------------------------------------------------
+# x in the canonical layout (N, C, *spatial); statistics per (sample, group) of C / G consecutive channels.
+
+def _grouped(a, G):
+    a = np.asarray(a, dtype=np.float64)
+    return a.reshape(a.shape[0], G, (a.shape[1] // G if G else 0) * math.prod(a.shape[2:]))
+
+
+def group_stats(x, G):
+    """(mean, biased var) of shape (N, G) in float64, and the number of values per group."""
+    xg = _grouped(x, G)
+    n = xg.shape[2]
+    if n == 0:
+        return np.full(xg.shape[:2], np.nan), np.full(xg.shape[:2], np.nan), 0
+    return xg.mean(axis=2), xg.var(axis=2), n
+
+
+def _channel_shape(x):
+    return (1, x.shape[1]) + (1,) * (x.ndim - 2)
+
+
+def group_forward(x, G, weight=None, bias=None, eps=1e-5, mean=None, var=None):
+    """(y, xhat, mean, var) in float64; mean and var (N, G) default to the batch's."""
+    if mean is None:
+        mean, var, _ = group_stats(x, G)
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    xg = _grouped(x, G)
+    xhat = ((xg - mean[..., None]) / np.sqrt(var[..., None] + eps)).reshape(x.shape)
+    C = x.shape[1]
+    w = per_channel(weight, C, 1.0).reshape(_channel_shape(x))
+    b = per_channel(bias, C, 0.0).reshape(_channel_shape(x))
+    return xhat * w + b, xhat, mean, var
+
+
+def group_backward(dy, x, mean, invstd, G, weight=None):
+    """(dx, dw, db) and their magnitudes (dx_scale, dw_scale, db_scale) in float64, given the saved (N, G) mean and
+    invstd: dx = s (w dy - sum_g(w dy) / M - xhat sum_g(w dy xhat) / M) per (sample, group) of M values."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    N, C = x.shape[:2]
+    s = np.asarray(invstd, np.float64).reshape(N, G, 1)
+    xhat = (_grouped(x, G) - np.asarray(mean, np.float64).reshape(N, G, 1)) * s
+    w = per_channel(weight, C, 1.0).reshape(_channel_shape(x))
+    wdy = _grouped(dy * w, G)
+    M = xhat.shape[2]
+    A, B = wdy.sum(axis=2, keepdims=True), (wdy * xhat).sum(axis=2, keepdims=True)
+    As, Bs = np.abs(wdy).sum(axis=2, keepdims=True), np.abs(wdy * xhat).sum(axis=2, keepdims=True)
+    Mm = max(M, 1)
+    dx = (s * (wdy - A / Mm - xhat * B / Mm)).reshape(x.shape)
+    dx_scale = (np.abs(s) * (np.abs(wdy) + np.abs(A) / Mm + np.abs(xhat * B) / Mm)).reshape(x.shape)
+    dx_sums = (np.abs(s) / Mm * (As + np.abs(xhat) * Bs)).reshape(x.shape)  # the sums' float64 error carried
+    axes = (0,) + tuple(range(2, x.ndim))
+    xh = xhat.reshape(x.shape)
+    db, dw = dy.sum(axis=axes), (dy * xh).sum(axis=axes)
+    return (dx, dw, db), (dx_scale, dx_sums, np.abs(dy * xh).sum(axis=axes), np.abs(dy).sum(axis=axes))

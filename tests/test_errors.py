@@ -37,14 +37,15 @@ def test_wrong_rank_for_the_layout(shape, layout):
                                 running_mean=None, running_var=None, layout=layout)
 
 
-def _bad_ranks(op):
-    """A shape of each rank just outside the op's: one below the lowest, one above the highest."""
-    return [(3,) * (min(op.ranks) - 1), (1,) * (max(op.ranks) + 1)]
+def _bad_ranks(op, ep):
+    """A shape of each rank just outside the entry point's: one below the lowest, one above the highest."""
+    ranks = ep.ranks or op.ranks
+    return [(3,) * (min(ranks) - 1), (1,) * (max(ranks) + 1)]
 
 
 RANK_CASES = [pytest.param(op, ep, shape, id=f"{op.name}-{ep.name}-rank{len(shape)}")
               for op in ops.OPS if op.supports((4, 3, 5), "NCHW", np.float64)
-              for ep in op.entry_points if ep.checked and "x" in ep.reads for shape in _bad_ranks(op)]
+              for ep in op.entry_points if ep.checked and "x" in ep.reads for shape in _bad_ranks(op, ep)]
 
 
 @pytest.mark.parametrize("op,ep,shape", RANK_CASES)

@@ -1045,12 +1045,8 @@ def _data_inputs(op, ep):
 
 
 # Known deviations from the oracle, (op, entry point, argument) -> why. Strict: a fix makes the case pass, and the
-# entry must then go.
-# The eval backward forms grad_x = a dy + b (x - m) + d with b = 0, so a non-finite x poisons its own grad_x element;
-# the oracle's (and PyTorch's) w s dy does not read x.
-_EVAL_GRAD_X = "known deviation: eval backward's grad_x is NaN where x is not finite (0 * (x - m))"
-KNOWN_POISON_DEVIATIONS = {("batch_norm", "backward_eval", "x"): _EVAL_GRAD_X,
-                           ("batch_norm", "layer_eval_backward", "x"): _EVAL_GRAD_X}
+# entry must then go. (None today: the eval backward's grad_x = w s dy no longer reads x.)
+KNOWN_POISON_DEVIATIONS = {}
 
 
 def _poison_param(op, ep, arg, bad, layout):

@@ -63,7 +63,9 @@ def test_every_layout_gives_the_same_values(op, nchw_shape, dtype, isa):
                 continue
             two = 2 * np.broadcast_to(exp.bound, np.shape(exp.value))
             spec = ops.output_spec(op, k)
-            if spec.shape == ops.DATA:
+            if op.stats_by_layout:
+                tol = two  # (reduced in another order in each layout: the oracle's bounds, see ops.Op)
+            elif spec.shape == ops.DATA:
                 tol = 8 * e * (1 + np.abs(np.asarray(a, np.float64)))
             else:
                 a64 = np.abs(np.asarray(a, np.float64))
