@@ -85,14 +85,16 @@ int bn_context_set_cl_strip_bytes(bn_context* ctx, int64_t bytes);
 int bn_context_set_slab_bytes(bn_context* ctx, int64_t bytes);
 const bn_context* bn_context_use(const bn_context* ctx);
 
-/* ---- batch norm on the (outer, C, inner) view (batchnorm.c), for T = float (f32) and double (f64) ---- */
-#define BN_DECLARE(T, S)                                                                                  \
+/* ---- batch norm on the (outer, C, inner) view (batchnorm.c), for T = float (f32) and double (f64) ----
+ * T is the data's type; TC, the type the kernels compute in, is that of the coefficient arrays (m, a, b, d): T itself
+ * for both dtypes. */
+#define BN_DECLARE(T, TC, S)                                                                              \
     /* mean[c] and biased var[c] of x; mean and var: distinct arrays that x does not overlap. */          \
     int bn_stats_##S(const T* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var,       \
                      int nthreads);                                                                       \
     /* y = (x - m[c]) * a[c] + b[c]; y may be x. */                                                       \
-    int bn_apply_##S(const T* x, T* y, int64_t outer, int64_t C, int64_t inner, const T* m, const T* a,    \
-                     const T* b, int nthreads);                                                           \
+    int bn_apply_##S(const T* x, T* y, int64_t outer, int64_t C, int64_t inner, const TC* m, const TC* a,  \
+                     const TC* b, int nthreads);                                                          \
     /* Normalise with the given per-channel mean/var (double), weight/bias nullable:                       \
      *   y = (x - mean) / sqrt(var + eps) * weight + bias. Used for inference and after a stats step. */  \
     int bn_normalize_##S(const T* x, T* y, int64_t outer, int64_t C, int64_t inner, const double* mean,    \
@@ -109,7 +111,7 @@ const bn_context* bn_context_use(const bn_context* ctx);
                                const double* mean, double* sum_dy, double* sum_dyxm, int nthreads);        \
     /* dx = a[c] * dy + b[c] * (x - m[c]) + d[c]; dx may be dy or x. */                                   \
     int bn_backward_apply_##S(const T* dy, const T* x, T* dx, int64_t outer, int64_t C, int64_t inner,    \
-                              const T* m, const T* a, const T* b, const T* d, int nthreads);               \
+                              const TC* m, const TC* a, const TC* b, const TC* d, int nthreads);           \
     /* Training backward in one call (sums, then dx, as the forward). With n = outer*inner, s = invstd[c], w = weight[c] (nullable): \
      *   grad_bias = sum dy, grad_weight = s * sum dy (x - mean),                                         \
      *   dx = w s (dy - grad_bias / n - (x - mean) s grad_weight / n).                                    \
@@ -118,8 +120,8 @@ const bn_context* bn_context_use(const bn_context* ctx);
                         const double* mean, const double* invstd, const double* weight, int training,     \
                         double* grad_weight, double* grad_bias, int nthreads);
 
-BN_DECLARE(float, f32)
-BN_DECLARE(double, f64)
+BN_DECLARE(float, float, f32)
+BN_DECLARE(double, double, f64)
 
 #undef BN_DECLARE
 
@@ -132,22 +134,22 @@ BN_DECLARE(double, f64)
  * end on its chunk boundaries. */
 int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* shift, const double* resid,
                      const double* m2, double* mean, double* var);
-#define BN_DECLARE_MOMENTS(T, S)                                                                          \
+#define BN_DECLARE_MOMENTS(T, TC, S)                                                                      \
     int bn_moments_##S(const T* x, int64_t outer, int64_t C, int64_t inner, int64_t* K, double* count,     \
                        double* shift, double* resid, double* m2, int nthreads);                           \
     /* The apply coefficients of y = (x - m[c]) a[c] + b[c] = (x - mean) / sqrt(var + eps) w + bias, m the mean  \
-     * rounded to T and its residual folded into b; returns 1 (coefficients written) when some channel's T    \
-     * coefficients would leave T's range or lose precision, so that the call must compute in double. */      \
+     * rounded to TC and its residual folded into b; returns 1 (coefficients written) when some channel's TC  \
+     * coefficients would leave TC's range or lose precision, so that the call must compute in double. */    \
     int bn_norm_params_##S(int64_t C, const double* mean, const double* var, const double* weight,         \
-                           const double* bias, double eps, T* m, T* a, T* b);                             \
+                           const double* bias, double eps, TC* m, TC* a, TC* b);                          \
     /* The backward coefficients of dx = a[c] dy + b[c] (x - m[c]) + d[c] and the parameter gradients from the \
      * channel sums of n values (as bn_backward). */                                                      \
     int bn_bwd_params_##S(int64_t C, double n, const double* sum_dy, const double* sum_dyxm,               \
                           const double* mean, const double* invstd, const double* weight, int training,   \
-                          double* grad_weight, double* grad_bias, T* m, T* a, T* b, T* d);
+                          double* grad_weight, double* grad_bias, TC* m, TC* a, TC* b, TC* d);
 
-BN_DECLARE_MOMENTS(float, f32)
-BN_DECLARE_MOMENTS(double, f64)
+BN_DECLARE_MOMENTS(float, float, f32)
+BN_DECLARE_MOMENTS(double, double, f64)
 
 #undef BN_DECLARE_MOMENTS
 

@@ -381,21 +381,25 @@ int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* sh
     return BN_OK;
 }
 
-/* SHIFT_BY_VALUE: one-pass chunk statistics shifted by a data value (float32), or two-pass (float64); see
- * cf_chunk_stats. */
+/* T: the data's (storage) type; TC: the compute type of the apply kernels and of the coefficient arrays the drivers
+ * pass them (ukernels.h; the same as T for both dtypes today). SHIFT_BY_VALUE: one-pass chunk statistics shifted by a
+ * data value (float32), or two-pass (float64); see cf_chunk_stats. */
 #define T float
+#define TC float
 #define S f32
 #define UK_T bn_uk_f32
 #define UK() bn_uk_active_f32()
 #define SHIFT_BY_VALUE 1
 #include "batchnorm.inc"
 #undef T
+#undef TC
 #undef S
 #undef UK_T
 #undef UK
 #undef SHIFT_BY_VALUE
 
 #define T double
+#define TC double
 #define S f64
 #define UK_T bn_uk_f64
 #define UK() bn_uk_active_f64()

@@ -1,16 +1,8 @@
-/* Ends one dtype's instantiation of ukernels.inc in a uk_<isa>.c file: the dtype's macros (its types, the compute
- * vocabulary and the storage I/O). */
+/* Ends one instantiation of ukernels.inc in a uk_<isa>.c file: its dtype's names (S), types (TS, TC) and storage I/O
+ * (io_<dtype>.h). The ISA's vocabulary (vec_<isa>.h) stays for the next instantiation. */
 #undef S
 #undef TS
 #undef TC
-#undef V
-#undef VL
-#undef VLOAD
-#undef VSET1
-#undef VSUB
-#undef VFMA
-#undef SFMA
-#undef VBLEND_N
 #undef LOAD_TS
 #undef STORE_TS
 #undef DLOAD1_TS

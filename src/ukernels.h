@@ -14,7 +14,8 @@
  * many short calls, before the data is read by another thread: a fence waits for the stores to leave the core).
  * Reductions widen to double before they add: float32 sums neither drift over long runs nor overflow at
  * |x| ~ 1e38; the means they subtract (m) are double. Apply kernels compute in a compute type TC, which their
- * coefficient arrays hold, from data stored as TS (TS = TC = the dtype's type today: float, double).
+ * coefficient arrays hold, from data stored as TS (TS = TC = the dtype's type today: float, double), and finish every
+ * output through one epilogue per family (epilogue.h).
  */
 #ifndef BN_UKERNELS_H
 #define BN_UKERNELS_H

@@ -1,0 +1,57 @@
+/* The AVX2 + FMA vector vocabulary of the kernels (uk_avx2.c, compiled with -mavx2 -mfma). Included once by uk_avx2.c
+ * before its instantiations of ukernels.inc; the names are those ukernels.inc documents, each compute type's with its
+ * type as a suffix (VFMA_float; ukernels.inc picks the instantiation's TC). The storage types' loads and stores are in
+ * io_<dtype>.h. */
+#ifndef BN_VEC_AVX2_H
+#define BN_VEC_AVX2_H
+
+#include <immintrin.h>
+
+#define UK_ISA_AVX2 1 /* (the section of io_<dtype>.h to take) */
+#define UK_HAVE_VBLEND 1
+
+/* doubles (reductions) */
+#define D __m256d
+#define DL 4
+#define DZERO() _mm256_setzero_pd()
+#define DLOAD(p) _mm256_loadu_pd(p)
+#define DSTORE(p, v) _mm256_storeu_pd((p), (v))
+#define DSET1(s) _mm256_set1_pd(s)
+#define DADD(a, b) _mm256_add_pd((a), (b))
+#define DSUB(a, b) _mm256_sub_pd((a), (b))
+#define DMUL(a, b) _mm256_mul_pd((a), (b))
+#define DFMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))
+#define DHSUM(v) hsum_pd(v)
+#define UK_SFENCE() _mm_sfence()
+/* all-ones in the 64-bit lanes 0 .. n - 1 */
+#define UK_TAIL4(n) _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3))
+#define DKEEP_N(v, n) _mm256_and_pd((v), _mm256_castsi256_pd(UK_TAIL4(n)))
+
+static inline double hsum_pd(__m256d v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+/* compute in float: 8 lanes */
+#define V_float __m256
+#define VL_float 8
+#define VLOAD_float(p) _mm256_loadu_ps(p)
+#define VSET1_float(s) _mm256_set1_ps(s)
+#define VSUB_float(a, b) _mm256_sub_ps((a), (b))
+#define VFMA_float(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define SFMA_float(a, b, c) __builtin_fmaf((a), (b), (c))
+#define VBLEND_N_float(n, a, b) \
+    _mm256_blendv_ps((b), (a), _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n)), \
+                                                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))))
+
+/* compute in double: 4 lanes */
+#define V_double __m256d
+#define VL_double 4
+#define VLOAD_double(p) _mm256_loadu_pd(p)
+#define VSET1_double(s) _mm256_set1_pd(s)
+#define VSUB_double(a, b) _mm256_sub_pd((a), (b))
+#define VFMA_double(a, b, c) _mm256_fmadd_pd((a), (b), (c))
+#define SFMA_double(a, b, c) __builtin_fma((a), (b), (c))
+#define VBLEND_N_double(n, a, b) _mm256_blendv_pd((b), (a), _mm256_castsi256_pd(UK_TAIL4(n)))
+
+#endif /* BN_VEC_AVX2_H */

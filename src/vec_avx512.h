@@ -1,0 +1,51 @@
+/* The AVX-512F vector vocabulary of the kernels (uk_avx512.c, compiled with -mavx512f -mavx2 -mfma). Included once by
+ * uk_avx512.c before its instantiations of ukernels.inc; the names are those ukernels.inc documents, each compute
+ * type's with its type as a suffix (VFMA_float; ukernels.inc picks the instantiation's TC). The storage types' loads
+ * and stores are in io_<dtype>.h. */
+#ifndef BN_VEC_AVX512_H
+#define BN_VEC_AVX512_H
+
+#include <immintrin.h>
+
+#define UK_ISA_AVX512 1 /* (the section of io_<dtype>.h to take) */
+#define UK_HAVE_VBLEND 1
+#define UK_WIDE_STRIPS 1 /* 32 vector registers */
+
+/* doubles (reductions) */
+#define D __m512d
+#define DL 8
+#define DZERO() _mm512_setzero_pd()
+#define DLOAD(p) _mm512_loadu_pd(p)
+#define DSTORE(p, v) _mm512_storeu_pd((p), (v))
+#define DSET1(s) _mm512_set1_pd(s)
+#define DADD(a, b) _mm512_add_pd((a), (b))
+#define DSUB(a, b) _mm512_sub_pd((a), (b))
+#define DMUL(a, b) _mm512_mul_pd((a), (b))
+#define DFMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
+#define DHSUM(v) _mm512_reduce_add_pd(v)
+#define UK_TAIL8(n) ((__mmask8)((1u << (n)) - 1))    /* lanes 0 .. n - 1 of 8 */
+#define UK_TAIL16(n) ((__mmask16)((1u << (n)) - 1)) /* lanes 0 .. n - 1 of 16 */
+#define DKEEP_N(v, n) _mm512_maskz_mov_pd(UK_TAIL8(n), (v))
+#define UK_SFENCE() _mm_sfence()
+
+/* compute in float: 16 lanes */
+#define V_float __m512
+#define VL_float 16
+#define VLOAD_float(p) _mm512_loadu_ps(p)
+#define VSET1_float(s) _mm512_set1_ps(s)
+#define VSUB_float(a, b) _mm512_sub_ps((a), (b))
+#define VFMA_float(a, b, c) _mm512_fmadd_ps((a), (b), (c))
+#define SFMA_float(a, b, c) __builtin_fmaf((a), (b), (c))
+#define VBLEND_N_float(n, a, b) _mm512_mask_blend_ps(UK_TAIL16(n), (b), (a))
+
+/* compute in double: 8 lanes */
+#define V_double __m512d
+#define VL_double 8
+#define VLOAD_double(p) _mm512_loadu_pd(p)
+#define VSET1_double(s) _mm512_set1_pd(s)
+#define VSUB_double(a, b) _mm512_sub_pd((a), (b))
+#define VFMA_double(a, b, c) _mm512_fmadd_pd((a), (b), (c))
+#define SFMA_double(a, b, c) __builtin_fma((a), (b), (c))
+#define VBLEND_N_double(n, a, b) _mm512_mask_blend_pd(UK_TAIL8(n), (b), (a))
+
+#endif /* BN_VEC_AVX512_H */

@@ -1,0 +1,44 @@
+/* The vector vocabulary of the plain-C kernels (uk_scalar.c, baseline flags): a "vector" is one element. Included
+ * once by uk_scalar.c before its instantiations of ukernels.inc; the names are those ukernels.inc documents, each
+ * compute type's with its type as a suffix (VFMA_float; ukernels.inc picks the instantiation's TC). The storage
+ * types' loads and stores are in io_<dtype>.h. */
+#ifndef BN_VEC_SCALAR_H
+#define BN_VEC_SCALAR_H
+
+#define UK_ISA_SCALAR 1 /* (the section of io_<dtype>.h to take) */
+#define UK_HAVE_VBLEND 0
+
+/* doubles (reductions) */
+#define D double
+#define DL 1
+#define DZERO() 0.0
+#define DKEEP_N(v, n) (v)
+#define DLOAD(p) (*(p))
+#define DSTORE(p, v) (*(p) = (v))
+#define DSET1(s) (s)
+#define DADD(a, b) ((a) + (b))
+#define DSUB(a, b) ((a) - (b))
+#define DMUL(a, b) ((a) * (b))
+#define DFMA(a, b, c) ((a) * (b) + (c))
+#define DHSUM(v) (v)
+#define UK_SFENCE() ((void)0)
+
+/* compute in float; a * b + c rounds twice (-ffp-contract=off), as kernels.def says of this ISA (fma 0) */
+#define V_float float
+#define VL_float 1
+#define VLOAD_float(p) (*(p))
+#define VSET1_float(s) (s)
+#define VSUB_float(a, b) ((a) - (b))
+#define VFMA_float(a, b, c) ((a) * (b) + (c))
+#define SFMA_float(a, b, c) ((a) * (b) + (c))
+
+/* compute in double */
+#define V_double double
+#define VL_double 1
+#define VLOAD_double(p) (*(p))
+#define VSET1_double(s) (s)
+#define VSUB_double(a, b) ((a) - (b))
+#define VFMA_double(a, b, c) ((a) * (b) + (c))
+#define SFMA_double(a, b, c) ((a) * (b) + (c))
+
+#endif /* BN_VEC_SCALAR_H */
