@@ -1,7 +1,8 @@
 """Per-call overhead: tiny calls of every public entry point, where argument checks and the bridge to C are most of
 the time.
 
-    python benchmarks/call_overhead.py [--against DIR] [--rounds 41] [--calls 400] [--only TEXT ...] [--json FILE]
+    python benchmarks/call_overhead.py [--against DIR [--other-first]] [--rounds 41] [--calls 400] [--only TEXT ...]
+                                       [--json FILE]
 
 Each case is a call on a few elements (1x8x1x1 or 2x8 float32, the group and instance norms on 2x8x2 and 2x8x3),
 made ``--calls`` times in a row; a round times that loop once per build, the builds taking turns (the order
@@ -10,7 +11,9 @@ alternating from round to round), and a cell is the median over ``--rounds`` rou
 ``--against DIR`` also loads the package built in DIR (a checkout built in place, e.g. an older commit's
 ``git worktree``: DIR holds its ``bn_simd/``) under another name in the same process and times it beside the
 checkout's, case by case, with the ratio checkout / DIR in the last column. Cases the other build lacks are left
-blank there. One thread (``set_num_threads(1)``) in both: a tiny call runs on one anyway.
+blank there. The library loaded second can come out a few percent slower whichever it is: ``--other-first`` swaps
+the order, and a fair ratio is the geometric mean of the two orders' (docs/tuning.md, "How the figures were
+taken"). One thread (``set_num_threads(1)``) in both: a tiny call runs on one anyway.
 """
 import argparse
 import functools
@@ -34,6 +37,11 @@ def load_package(pkg_dir, name):
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
+    # a Cython extension also enters itself under the name it was compiled with (bn_simd._core) when that is free:
+    # take those entries out, so that the checkout's package, imported later, loads its own
+    for key, mod in list(sys.modules.items()):
+        if key.startswith("bn_simd.") and getattr(mod, "__name__", "").startswith(name + "."):
+            del sys.modules[key]
     return module
 
 
@@ -159,13 +167,21 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=41, help="interleaved rounds per case (default 41)")
     p.add_argument("--calls", type=int, default=400, help="calls per round (default 400)")
     p.add_argument("--only", metavar="TEXT", nargs="+", help="only the cases whose id contains one of the TEXTs")
+    p.add_argument("--other-first", action="store_true",
+                   help="load the other build before the checkout's (the library loaded second can come out a few "
+                        "percent slower: compare both orders)")
     p.add_argument("--json", metavar="FILE", help="also write the medians as JSON")
     args = p.parse_args(argv)
     sys.path.insert(0, ROOT)
+    other = None
+    if args.against and args.other_first:
+        other = load_package(os.path.join(os.path.abspath(args.against), "bn_simd"), "bn_simd_other")
     import bn_simd
     builds = {"checkout": bn_simd}
     if args.against:
-        builds["other"] = load_package(os.path.join(os.path.abspath(args.against), "bn_simd"), "bn_simd_other")
+        builds["other"] = other or load_package(os.path.join(os.path.abspath(args.against), "bn_simd"),
+                                                "bn_simd_other")
+        assert builds["other"]._core is not bn_simd._core
     for bn in builds.values():
         bn.set_num_threads(1)
     print(f"bn_simd from {os.path.dirname(bn_simd.__file__)}, kernels {bn_simd.get_isa()}"

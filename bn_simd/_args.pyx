@@ -69,7 +69,7 @@ cdef int layout_code(object layout) except -1:
             return NCHW
         if layout == "NHWC":
             return NHWC
-    return 0 if _layout_name(layout) == "NCHW" else 1
+    return NCHW if _layout_name(layout) == "NCHW" else NHWC
 
 
 cdef str _layout_name(object layout):

@@ -768,8 +768,10 @@ def backward_apply(grad_out, x, mean, a, b, d, layout, out, int nthreads):
     A.view(xa, lay, "x", &v)
     cdef int64_t C = v.C, k
     cdef cnp.ndarray ga = A.like(grad_out, "grad_out", xa)
-    coefs = (A.required_channel(mean, "mean", C), A.required_channel(a, "a", C), A.required_channel(b, "b", C),
-             A.required_channel(d, "d", C))
+    m = A.required_channel(mean, "mean", C)
+    ac = A.required_channel(a, "a", C)
+    bc = A.required_channel(b, "b", C)
+    dc = A.required_channel(d, "d", C)
     cdef cnp.ndarray dx = A.output(out, xa, ga)
     cdef size_t cs = coef_size(v.dtype)
     cdef double stack[STACK_DOUBLES]
@@ -778,8 +780,10 @@ def backward_apply(grad_out, x, mean, a, b, d, layout, out, int nthreads):
     cdef int st
     cdef cnp.npy_intp n1 = C
     try:
-        for k in range(4):
-            A.load(coefs[k], C, p + k * C)
+        A.load(m, C, p)
+        A.load(ac, C, p + C)
+        A.load(bc, C, p + 2 * C)
+        A.load(dc, C, p + 3 * C)
         if not fold_backward_apply(v.dtype, C, p, p + C, p + 2 * C, p + 3 * C, p + 4 * C, q):
             f64 = []
             for k in range(4):

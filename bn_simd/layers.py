@@ -247,7 +247,7 @@ class _InstanceNorm(BatchNorm):
             out = ck.check_out(out, x[0], [("x", x[0])])[np.newaxis]
         x = self._check_input(x)
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
-        if self.track_running_stats and not self.training:
+        if self.track_running_stats and not self.training:  # (batch norm's eval: no momentum, no update)
             y, mean, invstd = _core.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
                                                0.0, self.eps, self.layout, out, True, F._threads(), True)
             self._saved = (saved_x, mean, invstd, False, unbatched)
