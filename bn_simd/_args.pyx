@@ -215,6 +215,28 @@ cdef object required_channel(object v, str name, int64_t C):
     return channel(v, name, C, False)
 
 
+cdef object first_channel(object v, str name):
+    """channel(v, name, C, False) for the first per-channel argument of a call without data, whose length sets C;
+    None refused."""
+    if v is None:
+        raise TypeError(f"{name} must be an array of shape (C,), got None")
+    return channel(v, name, length(v, name), False)
+
+
+cdef int both_given(object a, object b, str names) except -1:
+    """Two per-channel arrays a call needs (names: "a_name and b_name"), checked: neither is None."""
+    if a is None or b is None:
+        raise TypeError(f"{names} must be arrays of shape (C,), got None")
+    return 0
+
+
+cdef int together(object running_mean, object running_var) except -1:
+    """The running statistics are both arrays or both None."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
+    return 0
+
+
 cdef int load(object obj, int64_t n, double* dst) except -1:
     """The n elements of float ndarray obj (any float dtype, byte order or strides; C order), as float64 into dst."""
     cdef cnp.ndarray a = <cnp.ndarray>obj

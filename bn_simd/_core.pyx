@@ -545,8 +545,7 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
     cdef bint tr = training
     rm = A.channel(running_mean, "running_mean", C, tr)
     rv = A.channel(running_var, "running_var", C, tr)
-    if (rm is None) != (rv is None):
-        raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
+    A.together(rm, rv)
     w = A.channel(weight, "weight", C, False)
     b = A.channel(bias, "bias", C, False)
     cdef double e = A.eps(eps), mom = A.momentum(momentum)
@@ -637,8 +636,7 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight, layout, out
     cdef cnp.ndarray ga = A.like(grad_out, "grad_out", xa)
     m = A.channel(save_mean, "save_mean", C, False)
     s = A.channel(save_invstd, "save_invstd", C, False)
-    if m is None or s is None:
-        raise TypeError("save_mean and save_invstd must be arrays of shape (C,), got None")
+    A.both_given(m, s, "save_mean and save_invstd")
     w = A.channel(weight, "weight", C, False)
     cdef cnp.ndarray dx = A.output(out, xa, ga)
     cdef bint tr = training
@@ -688,8 +686,7 @@ def normalize(x, mean, var, weight, bias, eps, layout, out, int nthreads):
     cdef int64_t C = v.C
     m = A.channel(mean, "mean", C, False)
     s = A.channel(var, "var", C, False)
-    if m is None or s is None:
-        raise TypeError("mean and var must be arrays of shape (C,), got None")
+    A.both_given(m, s, "mean and var")
     w = A.channel(weight, "weight", C, False)
     b = A.channel(bias, "bias", C, False)
     cdef double e = A.eps(eps)
@@ -802,13 +799,12 @@ def backward_apply(grad_out, x, mean, a, b, d, layout, out, int nthreads):
 
 def update_running_stats(running_mean, running_var, mean, var, n, momentum, unbiased):
     """functional.update_running_stats."""
-    m = A.required_channel(mean, "mean", A.length(mean, "mean"))
+    m = A.first_channel(mean, "mean")
     cdef int64_t C = m.shape[0]
     s = A.required_channel(var, "var", C)
     rm = A.channel(running_mean, "running_mean", C, True)
     rv = A.channel(running_var, "running_var", C, True)
-    if rm is None or rv is None:
-        raise TypeError(f"running_mean and running_var must be arrays of shape ({C},), got None")
+    A.both_given(rm, rv, "running_mean and running_var")
     cdef double mom = A.momentum(momentum), count = A.count(n, False)
     cdef bint unb = unbiased
     cdef double stack[STACK_DOUBLES]
@@ -864,9 +860,7 @@ def norm_coefficients(mean, var, weight, bias, eps, dtype):
     """functional.norm_coefficients: (m, a, b, exact)."""
     cdef int code
     dt = A.dtype_arg(dtype, &code)
-    m = A.channel(mean, "mean", A.length(mean, "mean"), False)
-    if m is None:
-        raise TypeError("mean must be an array of shape (C,), got None")
+    m = A.first_channel(mean, "mean")
     cdef int64_t C = m.shape[0]
     s = A.required_channel(var, "var", C)
     w = A.channel(weight, "weight", C, False)
@@ -895,15 +889,10 @@ def backward_coefficients(sum_dy, sum_dyxm, mean, invstd, n, weight, training, d
     """functional.backward_coefficients: (m, a, b, d, grad_weight, grad_bias)."""
     cdef int code
     dt = A.dtype_arg(dtype, &code)
-    arrays = []
-    C = None
-    for name, a in (("sum_dy", sum_dy), ("sum_dyxm", sum_dyxm), ("mean", mean), ("invstd", invstd)):
-        v = A.channel(a, name, C if C is not None else A.length(a, name), False)
-        if v is None:
-            raise TypeError(f"{name} must be an array of shape (C,), got None")
-        C = v.shape[0]
-        arrays.append(v)
-    cdef int64_t nc = C
+    first = A.first_channel(sum_dy, "sum_dy")
+    cdef int64_t nc = first.shape[0]
+    arrays = [first, A.required_channel(sum_dyxm, "sum_dyxm", nc), A.required_channel(mean, "mean", nc),
+              A.required_channel(invstd, "invstd", nc)]
     w = A.channel(weight, "weight", nc, False)
     cdef double count = A.count(n, True)
     cdef bint tr = training
@@ -996,8 +985,7 @@ def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, m
     cdef bint u = use_input_stats
     rm = A.channel(running_mean, "running_mean", C, u)
     rv = A.channel(running_var, "running_var", C, u)
-    if (rm is None) != (rv is None):
-        raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
+    A.together(rm, rv)
     w = A.channel(weight, "weight", C, False)
     b = A.channel(bias, "bias", C, False)
     cdef double e = A.eps(eps), mom = A.momentum(momentum)
