@@ -61,7 +61,8 @@ class BuildExt(build_ext):
             link += SANITIZE_LINK_FLAGS
         print(f"bn_simd build: OpenMP={'yes' if use_omp else 'no'} sanitize={'yes' if sanitize else 'no'}")
         for ext in self.extensions:
-            if ext.name != "bn_simd._core":  # (the probes: portable C, no OpenMP, see bn_simd/_openmp.py)
+            # the checker and the probes: portable C, no OpenMP (the probes' reason: bn_simd/_openmp.py)
+            if ext.name != "bn_simd._core":
                 ext.extra_compile_args = [f for f in extra if f != "-fopenmp"]
                 ext.extra_link_args = [f for f in link if f != "-fopenmp"]
                 continue
@@ -79,7 +80,16 @@ ext = Extension(
     "bn_simd._core",
     sources=["bn_simd/_core.pyx"] + PORTABLE_SOURCES,
     include_dirs=INCLUDE_DIRS + [numpy.get_include()],
-    depends=DEPENDS,
+    depends=DEPENDS + ["bn_simd/_args.pxd"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+
+# The argument checker (bn_simd/_args.pyx): NumPy's C API, no kernel and no OpenMP; bn_simd._core cimports it.
+args = Extension(
+    "bn_simd._args",
+    sources=["bn_simd/_args.pyx"],
+    include_dirs=[numpy.get_include()],
+    depends=["bn_simd/_args.pxd"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 
@@ -93,6 +103,6 @@ runtime = Extension(
 )
 
 setup(
-    ext_modules=cythonize([ext, runtime], compiler_directives={"language_level": 3}),
+    ext_modules=cythonize([args, ext, runtime], compiler_directives={"language_level": 3}),
     cmdclass={"build_ext": BuildExt},
 )

@@ -5,8 +5,8 @@ and eval mode, batch_norm_forward, batch_norm_backward in training and eval mode
 backward_reduce, backward_apply, the internal apply kernel, a layer's forward and backward in both modes and its
 state_dict round trip). Each runs on small odd shapes around the vector widths, in both dtypes and every layout, on
 each ISA given (default: scalar and avx2, the ones valgrind can emulate; it has no AVX-512), on 1 and 2 threads. On
-1 thread each call is made again under the layout's alias ("channels_first", "channels_last"), which takes the
-Python path instead of the Cython fast path, and, for an entry point with out=, in place over each input it may
+1 thread each call is made again under the layout's alias ("channels_first", "channels_last"), and, for an entry
+point with out=, in place over each input it may
 overwrite: these must give the bytes of the plain call. Larger cases make the kernels actually fork threads (more
 than 32768 elements) and split rows into pieces, and the largest run the entry points marked large with streaming
 stores (element-wise sweeps over more than 32 MiB).

@@ -1,13 +1,26 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
-"""Thin typed-memoryview bridge to the C kernels (include/bn_simd.h).
+"""The bridge to the C kernels (include/bn_simd.h): the work of every entry point.
 
-Every array is a C-contiguous (outer, C, inner) view or a length-C vector; the Python layer has already
-checked shapes, dtypes and aliasing. The GIL is released around every kernel. Per-channel arguments that
-may be None are passed as NULL (weight 1, bias 0).
+An entry point here takes the user's arguments as they came. bn_simd/_args.pyx checks and converts them, raising
+before anything is written; this module then allocates the outputs, reads the per-channel arrays as float64, calls
+the kernel with the GIL released, and turns its status into an exception. Kernels are called through the helpers of
+"Kernels by storage dtype", the one place that names a storage dtype: a new one is a case in each helper.
+bn_simd/functional.py and bn_simd/groups.py give these entry points their public names and documentation.
 """
+from libc.float cimport FLT_MAX
+from libc.math cimport NAN, isfinite, sqrt
 from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
 
 import numpy as np
+
+cimport numpy as cnp
+
+from bn_simd cimport _args as A
+from bn_simd._args cimport DT_F32, DT_F64, NCHW, Groups, View
+
+cnp.import_array()
 
 cdef extern from "bn_simd.h" nogil:
     int BN_OK, BN_ENOMEM, BN_EINVAL, BN_EISA
@@ -105,9 +118,6 @@ cdef extern from "bn_simd.h" nogil:
                               int64_t G, int cl, const double* mean, const double* invstd, const double* weight,
                               double* grad_weight, double* grad_bias, int nt)
 
-ctypedef fused real:
-    float
-    double
 
 ISA_NAMES = tuple(bn_isa_name(i).decode() for i in range(BN_ISA_COUNT))
 
@@ -238,149 +248,598 @@ def use_context(ContextHandle handle):
     """Make handle's context the calling thread's for the calls it makes next (None: the default)."""
     bn_context_use(NULL if handle is None else handle.c)
 
-def stats(const real[:, :, ::1] x, double[::1] mean, double[::1] var, int nthreads):
-    """mean[c], biased var[c] of the (outer, C, inner) view x."""
-    cdef int64_t o = x.shape[0], C = x.shape[1], i = x.shape[2]
-    cdef int st
+# ---- kernels by storage dtype -----------------------------------------------------------------------------------
+# One helper per C entry point: data arrays as void pointers and their storage dtype dt (DT_* of bn_simd/_args.pxd),
+# float64 per-channel arrays whatever dt is. The apply coefficients (m, a, b, d) are in dt's coefficient type
+# (coef_size, narrow, rounded, representable).
+
+cdef inline size_t coef_size(int dt) noexcept nogil:
+    if dt == DT_F32:
+        return sizeof(float)
+    return sizeof(double)
+
+
+cdef void narrow(int dt, const double* src, void* dst, int64_t n) noexcept nogil:
+    """src rounded to dt's coefficient type, into dst."""
+    cdef float* f
+    cdef int64_t i
+    if dt == DT_F32:
+        f = <float*>dst
+        for i in range(n):
+            f[i] = <float>src[i]
+    elif dt == DT_F64:
+        memcpy(dst, src, n * sizeof(double))
+
+
+cdef inline double rounded(int dt, double v) noexcept nogil:
+    """v rounded to dt's coefficient type, as a double."""
+    if dt == DT_F32:
+        return <double><float>v
+    return v
+
+
+cdef inline bint representable(int dt, double v) noexcept nogil:
+    """v is finite, and so is its rounding to dt's coefficient type."""
+    if dt == DT_F32:
+        return isfinite(v) and -FLT_MAX <= v <= FLT_MAX
+    return isfinite(v)
+
+
+cdef int k_stats(int dt, const void* x, int64_t o, int64_t C, int64_t i, double* mean, double* var,
+                 int nt) noexcept:
+    cdef int st = BN_EINVAL
     with nogil:
-        if real is float:
-            st = bn_stats_f32(&x[0, 0, 0] if o * C * i else NULL, o, C, i, &mean[0], &var[0], nthreads)
-        else:
-            st = bn_stats_f64(&x[0, 0, 0] if o * C * i else NULL, o, C, i, &mean[0], &var[0], nthreads)
-    _check(st)
+        if dt == DT_F32:
+            st = bn_stats_f32(<const float*>x, o, C, i, mean, var, nt)
+        elif dt == DT_F64:
+            st = bn_stats_f64(<const double*>x, o, C, i, mean, var, nt)
+    return st
 
 
-def apply(const real[:, :, ::1] x, real[:, :, ::1] y, const real[::1] m, const real[::1] a, const real[::1] b,
-          int nthreads):
-    """y = (x - m[c]) * a[c] + b[c]."""
-    cdef int64_t o = x.shape[0], C = x.shape[1], i = x.shape[2]
-    cdef int st
-    if o * C * i == 0:
-        return
+cdef int k_apply(int dt, const void* x, void* y, int64_t o, int64_t C, int64_t i, const void* m, const void* a,
+                 const void* b, int nt) noexcept:
+    cdef int st = BN_EINVAL
     with nogil:
-        if real is float:
-            st = bn_apply_f32(&x[0, 0, 0], &y[0, 0, 0], o, C, i, &m[0], &a[0], &b[0], nthreads)
-        else:
-            st = bn_apply_f64(&x[0, 0, 0], &y[0, 0, 0], o, C, i, &m[0], &a[0], &b[0], nthreads)
-    _check(st)
+        if dt == DT_F32:
+            st = bn_apply_f32(<const float*>x, <float*>y, o, C, i, <const float*>m, <const float*>a,
+                              <const float*>b, nt)
+        elif dt == DT_F64:
+            st = bn_apply_f64(<const double*>x, <double*>y, o, C, i, <const double*>m, <const double*>a,
+                              <const double*>b, nt)
+    return st
 
 
-def normalize(const real[:, :, ::1] x, real[:, :, ::1] y, const double[::1] mean, const double[::1] var,
-              const double[::1] weight, const double[::1] bias, double eps, int nthreads):
-    """y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c]."""
-    cdef int64_t o = x.shape[0], C = x.shape[1], i = x.shape[2]
-    cdef int st
-    cdef const double* w = _opt(weight)
-    cdef const double* b = _opt(bias)
-    if o * C * i == 0:
-        return
+cdef int k_normalize(int dt, const void* x, void* y, int64_t o, int64_t C, int64_t i, const double* mean,
+                     const double* var, const double* w, const double* b, double eps, int nt) noexcept:
+    cdef int st = BN_EINVAL
     with nogil:
-        if real is float:
-            st = bn_normalize_f32(&x[0, 0, 0], &y[0, 0, 0], o, C, i, &mean[0], &var[0], w, b, eps, nthreads)
-        else:
-            st = bn_normalize_f64(&x[0, 0, 0], &y[0, 0, 0], o, C, i, &mean[0], &var[0], w, b, eps, nthreads)
-    _check(st)
+        if dt == DT_F32:
+            st = bn_normalize_f32(<const float*>x, <float*>y, o, C, i, mean, var, w, b, eps, nt)
+        elif dt == DT_F64:
+            st = bn_normalize_f64(<const double*>x, <double*>y, o, C, i, mean, var, w, b, eps, nt)
+    return st
 
 
-def forward_train(const real[:, :, ::1] x, real[:, :, ::1] y, const double[::1] weight, const double[::1] bias,
-                  double eps, double[::1] mean, double[::1] var, int nthreads):
-    """Statistics + normalisation in one call; writes y, mean[c] and biased var[c]."""
-    cdef int64_t o = x.shape[0], C = x.shape[1], i = x.shape[2]
-    cdef int st
-    cdef const double* w = _opt(weight)
-    cdef const double* b = _opt(bias)
-    if o * C * i == 0:
-        return
+cdef int k_forward_train(int dt, const void* x, void* y, int64_t o, int64_t C, int64_t i, const double* w,
+                         const double* b, double eps, double* mean, double* var, int nt) noexcept:
+    cdef int st = BN_EINVAL
     with nogil:
-        if real is float:
-            st = bn_forward_train_f32(&x[0, 0, 0], &y[0, 0, 0], o, C, i, w, b, eps, &mean[0], &var[0], nthreads)
-        else:
-            st = bn_forward_train_f64(&x[0, 0, 0], &y[0, 0, 0], o, C, i, w, b, eps, &mean[0], &var[0], nthreads)
-    _check(st)
+        if dt == DT_F32:
+            st = bn_forward_train_f32(<const float*>x, <float*>y, o, C, i, w, b, eps, mean, var, nt)
+        elif dt == DT_F64:
+            st = bn_forward_train_f64(<const double*>x, <double*>y, o, C, i, w, b, eps, mean, var, nt)
+    return st
 
 
-def backward_reduce(const real[:, :, ::1] dy, const real[:, :, ::1] x, const double[::1] mean,
-                    double[::1] sum_dy, double[::1] sum_dyxm, int nthreads):
-    """sum_dy[c] = sum dy, sum_dyxm[c] = sum dy * (x - mean[c])."""
-    cdef int64_t o = x.shape[0], C = x.shape[1], i = x.shape[2]
-    cdef int st
-    if o * C * i == 0:
-        sum_dy[:] = 0.0
-        sum_dyxm[:] = 0.0
-        return
+cdef int k_backward_reduce(int dt, const void* dy, const void* x, int64_t o, int64_t C, int64_t i,
+                           const double* mean, double* sum_dy, double* sum_dyxm, int nt) noexcept:
+    cdef int st = BN_EINVAL
     with nogil:
-        if real is float:
-            st = bn_backward_reduce_f32(&dy[0, 0, 0], &x[0, 0, 0], o, C, i, &mean[0], &sum_dy[0], &sum_dyxm[0],
-                                        nthreads)
-        else:
-            st = bn_backward_reduce_f64(&dy[0, 0, 0], &x[0, 0, 0], o, C, i, &mean[0], &sum_dy[0], &sum_dyxm[0],
-                                        nthreads)
-    _check(st)
+        if dt == DT_F32:
+            st = bn_backward_reduce_f32(<const float*>dy, <const float*>x, o, C, i, mean, sum_dy, sum_dyxm, nt)
+        elif dt == DT_F64:
+            st = bn_backward_reduce_f64(<const double*>dy, <const double*>x, o, C, i, mean, sum_dy, sum_dyxm, nt)
+    return st
 
 
-def backward_apply(const real[:, :, ::1] dy, const real[:, :, ::1] x, real[:, :, ::1] dx, const real[::1] m,
-                   const real[::1] a, const real[::1] b, const real[::1] d, int nthreads):
-    """dx = a[c] * dy + b[c] * (x - m[c]) + d[c]."""
-    cdef int64_t o = x.shape[0], C = x.shape[1], i = x.shape[2]
-    cdef int st
-    if o * C * i == 0:
-        return
+cdef int k_backward_apply(int dt, const void* dy, const void* x, void* dx, int64_t o, int64_t C, int64_t i,
+                          const void* m, const void* a, const void* b, const void* d, int nt) noexcept:
+    cdef int st = BN_EINVAL
     with nogil:
-        if real is float:
-            st = bn_backward_apply_f32(&dy[0, 0, 0], &x[0, 0, 0], &dx[0, 0, 0], o, C, i, &m[0], &a[0], &b[0],
-                                       &d[0], nthreads)
-        else:
-            st = bn_backward_apply_f64(&dy[0, 0, 0], &x[0, 0, 0], &dx[0, 0, 0], o, C, i, &m[0], &a[0], &b[0],
-                                       &d[0], nthreads)
-    _check(st)
+        if dt == DT_F32:
+            st = bn_backward_apply_f32(<const float*>dy, <const float*>x, <float*>dx, o, C, i, <const float*>m,
+                                       <const float*>a, <const float*>b, <const float*>d, nt)
+        elif dt == DT_F64:
+            st = bn_backward_apply_f64(<const double*>dy, <const double*>x, <double*>dx, o, C, i, <const double*>m,
+                                       <const double*>a, <const double*>b, <const double*>d, nt)
+    return st
 
 
-def backward(const real[:, :, ::1] dy, const real[:, :, ::1] x, real[:, :, ::1] dx, const double[::1] mean,
-             const double[::1] invstd, const double[::1] weight, bint training, double[::1] grad_weight,
-             double[::1] grad_bias, int nthreads):
-    """Backward in one call; writes dx, grad_weight[c] and grad_bias[c]."""
-    cdef int64_t o = x.shape[0], C = x.shape[1], i = x.shape[2]
-    cdef int st
-    cdef const double* w = _opt(weight)
-    if C == 0:
-        return
+cdef int k_backward(int dt, const void* dy, const void* x, void* dx, int64_t o, int64_t C, int64_t i,
+                    const double* mean, const double* invstd, const double* w, int training, double* grad_weight,
+                    double* grad_bias, int nt) noexcept:
+    cdef int st = BN_EINVAL
     with nogil:
-        if real is float:
-            st = bn_backward_f32(&dy[0, 0, 0] if o * i else NULL, &x[0, 0, 0] if o * i else NULL,
-                                 &dx[0, 0, 0] if o * i else NULL, o, C, i, &mean[0], &invstd[0], w, training,
-                                 &grad_weight[0], &grad_bias[0], nthreads)
-        else:
-            st = bn_backward_f64(&dy[0, 0, 0] if o * i else NULL, &x[0, 0, 0] if o * i else NULL,
-                                 &dx[0, 0, 0] if o * i else NULL, o, C, i, &mean[0], &invstd[0], w, training,
-                                 &grad_weight[0], &grad_bias[0], nthreads)
-    _check(st)
+        if dt == DT_F32:
+            st = bn_backward_f32(<const float*>dy, <const float*>x, <float*>dx, o, C, i, mean, invstd, w, training,
+                                 grad_weight, grad_bias, nt)
+        elif dt == DT_F64:
+            st = bn_backward_f64(<const double*>dy, <const double*>x, <double*>dx, o, C, i, mean, invstd, w,
+                                 training, grad_weight, grad_bias, nt)
+    return st
 
 
+cdef int k_moments(int dt, const void* x, int64_t o, int64_t C, int64_t i, int64_t* K, double* count,
+                   double* shift, double* resid, double* m2, int nt) noexcept:
+    cdef int st = BN_EINVAL
+    with nogil:
+        if dt == DT_F32:
+            st = bn_moments_f32(<const float*>x, o, C, i, K, count, shift, resid, m2, nt)
+        elif dt == DT_F64:
+            st = bn_moments_f64(<const double*>x, o, C, i, K, count, shift, resid, m2, nt)
+    return st
 
 
-# ---- moments and coefficients ----------------------------------------------------------------------------------
+cdef int k_norm_params(int dt, int64_t C, const double* mean, const double* var, const double* w, const double* b,
+                       double eps, void* m, void* a, void* bb) noexcept:
+    cdef int st = BN_EINVAL
+    with nogil:
+        if dt == DT_F32:
+            st = bn_norm_params_f32(C, mean, var, w, b, eps, <float*>m, <float*>a, <float*>bb)
+        elif dt == DT_F64:
+            st = bn_norm_params_f64(C, mean, var, w, b, eps, <double*>m, <double*>a, <double*>bb)
+    return st
 
-def moments(const real[:, :, ::1] x, int nthreads):
-    """bn_stats' chunk moments of the (outer, C, inner) view: (count (K,), shift, resid, m2 (K, C)), float64."""
-    cdef int64_t o = x.shape[0], C = x.shape[1], i = x.shape[2], K = 0
-    cdef int st
-    if real is float:
-        st = bn_moments_f32(NULL, o, C, i, &K, NULL, NULL, NULL, NULL, nthreads)
+
+cdef int k_bwd_params(int dt, int64_t C, double n, const double* sum_dy, const double* sum_dyxm, const double* mean,
+                      const double* invstd, const double* w, int training, double* grad_weight, double* grad_bias,
+                      void* m, void* a, void* b, void* d) noexcept:
+    cdef int st = BN_EINVAL
+    with nogil:
+        if dt == DT_F32:
+            st = bn_bwd_params_f32(C, n, sum_dy, sum_dyxm, mean, invstd, w, training, grad_weight, grad_bias,
+                                   <float*>m, <float*>a, <float*>b, <float*>d)
+        elif dt == DT_F64:
+            st = bn_bwd_params_f64(C, n, sum_dy, sum_dyxm, mean, invstd, w, training, grad_weight, grad_bias,
+                                   <double*>m, <double*>a, <double*>b, <double*>d)
+    return st
+
+
+cdef int k_group_forward(int dt, const void* x, void* y, int64_t N, int64_t C, int64_t S, int64_t G, int cl,
+                         const double* w, const double* b, double eps, double* mean, double* var,
+                         int nt) noexcept:
+    cdef int st = BN_EINVAL
+    with nogil:
+        if dt == DT_F32:
+            st = bn_group_forward_f32(<const float*>x, <float*>y, N, C, S, G, cl, w, b, eps, mean, var, nt)
+        elif dt == DT_F64:
+            st = bn_group_forward_f64(<const double*>x, <double*>y, N, C, S, G, cl, w, b, eps, mean, var, nt)
+    return st
+
+
+cdef int k_group_backward(int dt, const void* dy, const void* x, void* dx, int64_t N, int64_t C, int64_t S,
+                          int64_t G, int cl, const double* mean, const double* invstd, const double* w,
+                          double* grad_weight, double* grad_bias, int nt) noexcept:
+    cdef int st = BN_EINVAL
+    with nogil:
+        if dt == DT_F32:
+            st = bn_group_backward_f32(<const float*>dy, <const float*>x, <float*>dx, N, C, S, G, cl, mean, invstd, w,
+                                       grad_weight, grad_bias, nt)
+        elif dt == DT_F64:
+            st = bn_group_backward_f64(<const double*>dy, <const double*>x, <double*>dx, N, C, S, G, cl, mean, invstd,
+                                       w, grad_weight, grad_bias, nt)
+    return st
+
+
+# ---- per-call helpers -------------------------------------------------------------------------------------------
+
+cdef enum:
+    STACK_DOUBLES = 256  # per-channel scratch of calls with few channels lives on the stack (no malloc)
+
+
+cdef inline double* scratch(int64_t n, double* stack) except NULL:
+    """n doubles: `stack` (STACK_DOUBLES of them) when they fit, else malloc's; give them back with release."""
+    if n <= STACK_DOUBLES:
+        return stack
+    cdef double* p = <double*>malloc(n * sizeof(double))
+    if p == NULL:
+        raise MemoryError("bn_simd: out of memory for per-channel scratch space")
+    return p
+
+
+cdef inline void release(double* p, double* stack) noexcept:
+    if p != stack:
+        free(p)
+
+
+cdef inline void* data_of(cnp.ndarray a) noexcept:
+    return cnp.PyArray_DATA(a)
+
+
+cdef inline void* data_or_null(cnp.ndarray a) noexcept:
+    """a's data, NULL when it has no element (the kernels' convention for an empty tensor)."""
+    return cnp.PyArray_DATA(a) if cnp.PyArray_SIZE(a) else NULL
+
+
+cdef inline double* load_opt(object a, int64_t C, double* dst) except? NULL:
+    """Per-channel array a (checked) as float64 into dst, or NULL when a is None (the kernels' weight 1, bias 0)."""
+    if a is None:
+        return NULL
+    A.load(a, C, dst)
+    return dst
+
+
+cdef object f64_vector(int64_t n, const double* src):
+    """A new float64 (n,) array holding src."""
+    cdef cnp.ndarray r = A.new_vector(n, cnp.NPY_FLOAT64)
+    if n:
+        memcpy(data_of(r), src, n * sizeof(double))
+    return r
+
+
+cdef object vector_as(int64_t n, const double* src, object like):
+    """A new (n,) array of ndarray like's dtype holding src rounded to it."""
+    cdef cnp.ndarray r, a = <cnp.ndarray>like
+    cdef int t = cnp.PyArray_TYPE(a)
+    if (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and cnp.PyArray_ISNOTSWAPPED(a):
+        r = A.new_vector(n, t)
     else:
-        st = bn_moments_f64(NULL, o, C, i, &K, NULL, NULL, NULL, NULL, nthreads)
-    _check(st)
-    cdef double[::1] count = np.empty(K, np.float64)
-    cdef double[:, ::1] shift = np.empty((K, C), np.float64), resid = np.empty((K, C), np.float64)
-    cdef double[:, ::1] m2 = np.empty((K, C), np.float64)
-    if K == 0:
-        return np.asarray(count), np.asarray(shift), np.asarray(resid), np.asarray(m2)
-    with nogil:
-        if real is float:
-            st = bn_moments_f32(&x[0, 0, 0], o, C, i, &K, &count[0], &shift[0, 0], &resid[0, 0], &m2[0, 0], nthreads)
+        r = np.empty(n, like.dtype)
+    A.store(r, n, src)
+    return r
+
+
+cdef inline void invstd_of(int64_t n, double* var, double eps) noexcept nogil:
+    """var[q] := 1 / sqrt(var[q] + eps)"""
+    cdef int64_t q
+    for q in range(n):
+        var[q] = 1.0 / sqrt(var[q] + eps)
+
+
+cdef void running_update(int64_t C, double* rm, double* rv, const double* mean, const double* var, double n,
+                         double momentum, bint unbiased) noexcept nogil:
+    """running = (1 - momentum) running + momentum batch in float64, the variance scaled by n / (n - 1) first when
+    unbiased and n > 1: functional.update_running_stats' formula, the only copy of it."""
+    cdef double f = 1.0, v
+    cdef bint scaled = unbiased and n > 1
+    cdef int64_t c
+    if scaled:
+        f = n / (n - 1.0)
+    for c in range(C):
+        rm[c] = (1.0 - momentum) * rm[c] + momentum * mean[c]
+        v = var[c] * f if scaled else var[c]
+        rv[c] = (1.0 - momentum) * rv[c] + momentum * v
+
+
+cdef int update_stats(object rm, object rv, int64_t C, const double* mean, const double* var, double n,
+                      double momentum, bint unbiased, double* work) except -1:
+    """running_update on per-channel arrays rm, rv (checked, writeable), work: 2 C doubles."""
+    A.load(rm, C, work)
+    A.load(rv, C, work + C)
+    running_update(C, work, work + C, mean, var, n, momentum, unbiased)
+    A.store(rm, C, work)
+    A.store(rv, C, work + C)
+    return 0
+
+
+cdef int normalize_run(cnp.ndarray xa, cnp.ndarray ya, View* v, const double* mean, const double* var,
+                       const double* w, const double* b, double eps, int nt) except -1:
+    cdef int st
+    if v.outer * v.C * v.inner == 0:
+        return 0
+    st = k_normalize(v.dtype, data_of(xa), data_of(ya), v.outer, v.C, v.inner, mean, var, w, b, eps, nt)
+    return _check(st)
+
+
+# ---- batch norm -------------------------------------------------------------------------------------------------
+
+def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, layout, out, unbiased,
+               int nthreads, bint saved=False):
+    """functional.batch_norm. saved: (y, mean, invstd) instead of y, float64 (C,): the statistics the call
+    normalised with (the batch's, or the running ones in eval), for a layer's backward."""
+    cdef int lay = A.layout_code(layout)
+    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef View v
+    A.view(xa, lay, "x", &v)
+    cdef int64_t C = v.C, n = v.outer * v.inner, c
+    cdef bint tr = training
+    rm = A.channel(running_mean, "running_mean", C, tr)
+    rv = A.channel(running_var, "running_var", C, tr)
+    A.together(rm, rv)
+    w = A.channel(weight, "weight", C, False)
+    b = A.channel(bias, "bias", C, False)
+    cdef double e = A.eps(eps), mom = A.momentum(momentum)
+    if tr:
+        A.train_size(n, xa)
+    elif rm is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    cdef cnp.ndarray ya = A.output(out, xa, None)
+    cdef bint update = tr and rm is not None and n > 0, unb = False
+    if update:
+        unb = unbiased  # (read only when the running statistics are updated)
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(6 * C, stack)  # mean, var, weight, bias; the running statistics' update
+    cdef double* mean = p
+    cdef double* var = p + C
+    cdef double* wp
+    cdef double* bp
+    cdef int st
+    try:
+        wp = load_opt(w, C, p + 2 * C)
+        bp = load_opt(b, C, p + 3 * C)
+        if tr:
+            if n * C == 0:
+                for c in range(C):
+                    mean[c] = NAN
+                    var[c] = NAN
+            else:
+                st = k_forward_train(v.dtype, data_of(xa), data_of(ya), v.outer, C, v.inner, wp, bp, e, mean,
+                                     var, nthreads)
+                _check(st)
+            if update:
+                update_stats(rm, rv, C, mean, var, <double>n, mom, unb, p + 4 * C)
         else:
-            st = bn_moments_f64(&x[0, 0, 0], o, C, i, &K, &count[0], &shift[0, 0], &resid[0, 0], &m2[0, 0], nthreads)
+            A.load(rm, C, mean)
+            A.load(rv, C, var)
+            normalize_run(xa, ya, &v, mean, var, wp, bp, e, nthreads)
+        if not saved:
+            return ya
+        invstd_of(C, var, e)
+        return ya, f64_vector(C, mean), f64_vector(C, var)
+    finally:
+        release(p, stack)
+
+
+def batch_norm_forward(x, weight, bias, eps, layout, out, int nthreads):
+    """functional.batch_norm_forward: (y, mean, invstd), the last two (C,) in x's dtype."""
+    cdef int lay = A.layout_code(layout)
+    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef View v
+    A.view(xa, lay, "x", &v)
+    cdef int64_t C = v.C, n = v.outer * v.inner, c
+    w = A.channel(weight, "weight", C, False)
+    b = A.channel(bias, "bias", C, False)
+    cdef double e = A.eps(eps)
+    A.train_size(n, xa)
+    cdef cnp.ndarray ya = A.output(out, xa, None)
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(4 * C, stack)
+    cdef double* mean = p
+    cdef double* var = p + C
+    cdef double* wp
+    cdef double* bp
+    cdef int st
+    try:
+        wp = load_opt(w, C, p + 2 * C)
+        bp = load_opt(b, C, p + 3 * C)
+        if n * C == 0:
+            for c in range(C):
+                mean[c] = NAN
+                var[c] = NAN
+        else:
+            st = k_forward_train(v.dtype, data_of(xa), data_of(ya), v.outer, C, v.inner, wp, bp, e, mean, var,
+                                 nthreads)
+            _check(st)
+        invstd_of(C, var, e)
+        return ya, vector_as(C, mean, xa), vector_as(C, var, xa)
+    finally:
+        release(p, stack)
+
+
+def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight, layout, out, training, int nthreads):
+    """functional.batch_norm_backward: (grad_x, grad_weight, grad_bias)."""
+    cdef int lay = A.layout_code(layout)
+    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef View v
+    A.view(xa, lay, "x", &v)
+    cdef int64_t C = v.C, n = v.outer * v.inner
+    cdef cnp.ndarray ga = A.like(grad_out, "grad_out", xa)
+    m = A.channel(save_mean, "save_mean", C, False)
+    s = A.channel(save_invstd, "save_invstd", C, False)
+    A.both_given(m, s, "save_mean and save_invstd")
+    w = A.channel(weight, "weight", C, False)
+    cdef cnp.ndarray dx = A.output(out, xa, ga)
+    cdef bint tr = training
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(5 * C, stack)
+    cdef double* gw = p + 3 * C
+    cdef double* gb = p + 4 * C
+    cdef double* wp
+    cdef int st
+    try:
+        A.load(m, C, p)
+        A.load(s, C, p + C)
+        wp = load_opt(w, C, p + 2 * C)
+        memset(gw, 0, 2 * C * sizeof(double))  # sums over no element (n = 0): zero parameter gradients
+        if n * C:
+            st = k_backward(v.dtype, data_of(ga), data_of(xa), data_of(dx), v.outer, C, v.inner, p, p + C, wp,
+                            tr, gw, gb, nthreads)
+            _check(st)
+        like = w if w is not None else xa  # (the parameter gradients have weight's dtype, x's without weight)
+        return dx, vector_as(C, gw, like), vector_as(C, gb, like)
+    finally:
+        release(p, stack)
+
+
+# ---- the four steps ---------------------------------------------------------------------------------------------
+
+def batch_stats(x, layout, int nthreads):
+    """functional.batch_stats: (mean, var), float64 (C,)."""
+    cdef int lay = A.layout_code(layout)
+    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef View v
+    A.view(xa, lay, "x", &v)
+    cdef cnp.ndarray mean = A.new_vector(v.C, cnp.NPY_FLOAT64), var = A.new_vector(v.C, cnp.NPY_FLOAT64)
+    cdef int st
+    st = k_stats(v.dtype, data_or_null(xa), v.outer, v.C, v.inner, <double*>data_of(mean),
+                 <double*>data_of(var), nthreads)
     _check(st)
-    return np.asarray(count), np.asarray(shift), np.asarray(resid), np.asarray(m2)
+    return mean, var
+
+
+def normalize(x, mean, var, weight, bias, eps, layout, out, int nthreads):
+    """functional.normalize: y."""
+    cdef int lay = A.layout_code(layout)
+    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef View v
+    A.view(xa, lay, "x", &v)
+    cdef int64_t C = v.C
+    m = A.channel(mean, "mean", C, False)
+    s = A.channel(var, "var", C, False)
+    A.both_given(m, s, "mean and var")
+    w = A.channel(weight, "weight", C, False)
+    b = A.channel(bias, "bias", C, False)
+    cdef double e = A.eps(eps)
+    cdef cnp.ndarray ya = A.output(out, xa, None)
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(4 * C, stack)
+    try:
+        A.load(m, C, p)
+        A.load(s, C, p + C)
+        normalize_run(xa, ya, &v, p, p + C, load_opt(w, C, p + 2 * C), load_opt(b, C, p + 3 * C), e, nthreads)
+        return ya
+    finally:
+        release(p, stack)
+
+
+def backward_reduce(grad_out, x, mean, layout, int nthreads):
+    """functional.backward_reduce: (sum_dy, sum_dyxm), float64 (C,)."""
+    cdef int lay = A.layout_code(layout)
+    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef View v
+    A.view(xa, lay, "x", &v)
+    cdef int64_t C = v.C
+    cdef cnp.ndarray ga = A.like(grad_out, "grad_out", xa)
+    m = A.required_channel(mean, "mean", C)
+    cdef cnp.ndarray sdy = A.new_vector(C, cnp.NPY_FLOAT64), sdyx = A.new_vector(C, cnp.NPY_FLOAT64)
+    cdef double* sp = <double*>data_of(sdy)
+    cdef double* hp = <double*>data_of(sdyx)
+    if v.outer * C * v.inner == 0:
+        memset(sp, 0, C * sizeof(double))
+        memset(hp, 0, C * sizeof(double))
+        return sdy, sdyx
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(C, stack)
+    cdef int st
+    try:
+        A.load(m, C, p)
+        st = k_backward_reduce(v.dtype, data_of(ga), data_of(xa), v.outer, C, v.inner, p, sp, hp, nthreads)
+        _check(st)
+        return sdy, sdyx
+    finally:
+        release(p, stack)
+
+
+cdef bint fold_backward_apply(int dt, int64_t C, const double* mean, const double* a, const double* b,
+                              const double* d, double* dfold, void* q) noexcept nogil:
+    """backward_apply's coefficients in dt's coefficient type, into q (m, a, b, d, C each): m is mean rounded, its
+    rounding residual folded into d (d - b (mean - m), in float64), then a, b and d rounded. False when one of them,
+    or the folding, is not finite in that type."""
+    cdef int64_t c
+    cdef bint ok = True
+    cdef size_t cs = coef_size(dt)
+    for c in range(C):
+        dfold[c] = d[c] - b[c] * (mean[c] - rounded(dt, mean[c]))
+        ok &= representable(dt, mean[c]) & representable(dt, a[c]) & representable(dt, b[c])
+        ok &= representable(dt, dfold[c])
+    narrow(dt, mean, q, C)
+    narrow(dt, a, <char*>q + C * cs, C)
+    narrow(dt, b, <char*>q + 2 * C * cs, C)
+    narrow(dt, dfold, <char*>q + 3 * C * cs, C)
+    return ok
+
+
+def _fold_in_numpy(mean, a, b, d, dtype):
+    """fold_backward_apply's arithmetic in NumPy, for coefficients that are not finite in `dtype`: NumPy reports what
+    overflows or is invalid as np.errstate says (a RuntimeWarning by default)."""
+    m = mean.astype(dtype)
+    d = d - b * (mean - m.astype(np.float64))
+    return [np.ascontiguousarray(v, dtype=dtype) for v in (m, a, b, d)]
+
+
+def backward_apply(grad_out, x, mean, a, b, d, layout, out, int nthreads):
+    """functional.backward_apply: grad_x."""
+    cdef int lay = A.layout_code(layout)
+    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef View v
+    A.view(xa, lay, "x", &v)
+    cdef int64_t C = v.C, k
+    cdef cnp.ndarray ga = A.like(grad_out, "grad_out", xa)
+    m = A.required_channel(mean, "mean", C)
+    ac = A.required_channel(a, "a", C)
+    bc = A.required_channel(b, "b", C)
+    dc = A.required_channel(d, "d", C)
+    cdef cnp.ndarray dx = A.output(out, xa, ga)
+    cdef size_t cs = coef_size(v.dtype)
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(9 * C, stack)  # mean, a, b, d; d folded; the four coefficients (<= 8 bytes each)
+    cdef void* q = p + 5 * C
+    cdef int st
+    cdef cnp.npy_intp n1 = C
+    try:
+        A.load(m, C, p)
+        A.load(ac, C, p + C)
+        A.load(bc, C, p + 2 * C)
+        A.load(dc, C, p + 3 * C)
+        if not fold_backward_apply(v.dtype, C, p, p + C, p + 2 * C, p + 3 * C, p + 4 * C, q):
+            f64 = []
+            for k in range(4):
+                f64.append(cnp.PyArray_SimpleNewFromData(1, &n1, cnp.NPY_FLOAT64, p + k * C))
+            folded = _fold_in_numpy(*f64, xa.dtype)
+            for k in range(4):
+                memcpy(<char*>q + k * C * cs, data_of(folded[k]), C * cs)
+        if v.outer * C * v.inner:
+            st = k_backward_apply(v.dtype, data_of(ga), data_of(xa), data_of(dx), v.outer, C, v.inner, q,
+                                  <char*>q + C * cs, <char*>q + 2 * C * cs, <char*>q + 3 * C * cs, nthreads)
+            _check(st)
+        return dx
+    finally:
+        release(p, stack)
+
+
+def update_running_stats(running_mean, running_var, mean, var, n, momentum, unbiased):
+    """functional.update_running_stats."""
+    m = A.first_channel(mean, "mean")
+    cdef int64_t C = m.shape[0]
+    s = A.required_channel(var, "var", C)
+    rm = A.channel(running_mean, "running_mean", C, True)
+    rv = A.channel(running_var, "running_var", C, True)
+    A.both_given(rm, rv, "running_mean and running_var")
+    cdef double mom = A.momentum(momentum), count = A.count(n, False)
+    cdef bint unb = unbiased
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(4 * C, stack)
+    try:
+        A.load(m, C, p)
+        A.load(s, C, p + C)
+        update_stats(rm, rv, C, p, p + C, count, mom, unb, p + 2 * C)
+    finally:
+        release(p, stack)
+
+
+# ---- moments and coefficients -----------------------------------------------------------------------------------
+
+def batch_moments(x, layout, int nthreads):
+    """functional.batch_moments' arrays: bn_stats' chunk moments (count (K,), shift, resid, m2 (K, C)), float64."""
+    cdef int lay = A.layout_code(layout)
+    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef View v
+    A.view(xa, lay, "x", &v)
+    cdef int64_t C = v.C, K = 0
+    cdef int st = k_moments(v.dtype, NULL, v.outer, C, v.inner, &K, NULL, NULL, NULL, NULL, nthreads)
+    _check(st)
+    cdef cnp.npy_intp dims[2]
+    dims[0] = K
+    dims[1] = C
+    cdef cnp.ndarray count = A.new_vector(K, cnp.NPY_FLOAT64)
+    cdef cnp.ndarray shift = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray resid = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray m2 = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+    if K:
+        st = k_moments(v.dtype, data_of(xa), v.outer, C, v.inner, &K, <double*>data_of(count),
+                       <double*>data_of(shift), <double*>data_of(resid), <double*>data_of(m2), nthreads)
+        _check(st)
+    return count, shift, resid, m2
 
 
 def moments_merge(const double[::1] count, const double[:, ::1] shift, const double[:, ::1] resid,
@@ -397,567 +856,278 @@ def moments_merge(const double[::1] count, const double[:, ::1] shift, const dou
     _check(bn_moments_merge(K, C, cp, sp, rp, mp, &mean[0], &var[0]))
 
 
-def norm_params(const double[::1] mean, const double[::1] var, const double[::1] weight, const double[::1] bias,
-                double eps, real[::1] m, real[::1] a, real[::1] b):
-    """The apply coefficients; True when the call must compute in double (see bn_norm_params_f32)."""
-    cdef int64_t C = mean.shape[0]
-    cdef int st
+def norm_coefficients(mean, var, weight, bias, eps, dtype):
+    """functional.norm_coefficients: (m, a, b, exact)."""
+    cdef int code
+    dt = A.dtype_arg(dtype, &code)
+    m = A.first_channel(mean, "mean")
+    cdef int64_t C = m.shape[0]
+    s = A.required_channel(var, "var", C)
+    w = A.channel(weight, "weight", C, False)
+    b = A.channel(bias, "bias", C, False)
+    cdef double e = A.eps(eps)
+    cdef int t = dt.num
+    cdef cnp.ndarray mc = A.new_vector(C, t), ac = A.new_vector(C, t), bc = A.new_vector(C, t)
     if C == 0:
-        return False
-    if real is float:
-        st = bn_norm_params_f32(C, &mean[0], &var[0], _opt(weight), _opt(bias), eps, &m[0], &a[0], &b[0])
-    else:
-        st = bn_norm_params_f64(C, &mean[0], &var[0], _opt(weight), _opt(bias), eps, &m[0], &a[0], &b[0])
-    if st == 1:
-        return True
-    _check(st)
-    return False
-
-
-def bwd_params(double n, const double[::1] sum_dy, const double[::1] sum_dyxm, const double[::1] mean,
-               const double[::1] invstd, const double[::1] weight, bint training, double[::1] grad_weight,
-               double[::1] grad_bias, real[::1] m, real[::1] a, real[::1] b, real[::1] d):
-    """The backward coefficients and the parameter gradients."""
-    cdef int64_t C = mean.shape[0]
+        return mc, ac, bc, True
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(4 * C, stack)
     cdef int st
-    if C == 0:
-        return
-    if real is float:
-        st = bn_bwd_params_f32(C, n, &sum_dy[0], &sum_dyxm[0], &mean[0], &invstd[0], _opt(weight), training,
-                               &grad_weight[0], &grad_bias[0], &m[0], &a[0], &b[0], &d[0])
-    else:
-        st = bn_bwd_params_f64(C, n, &sum_dy[0], &sum_dyxm[0], &mean[0], &invstd[0], _opt(weight), training,
-                               &grad_weight[0], &grad_bias[0], &m[0], &a[0], &b[0], &d[0])
-    _check(st)
-
-# ---- group norm (instance norm: G = C) ----------------------------------------------------------------------
-# x: the (N, C, S) view (cl False) or (N, S, C) (cl True); mean, var, invstd: N G values; weight, bias: C or None.
-
-cdef inline void _group_dims(const real[:, :, ::1] x, bint cl, int64_t* N, int64_t* C, int64_t* S) noexcept nogil:
-    N[0] = x.shape[0]
-    C[0] = x.shape[2] if cl else x.shape[1]
-    S[0] = x.shape[1] if cl else x.shape[2]
+    try:
+        A.load(m, C, p)
+        A.load(s, C, p + C)
+        st = k_norm_params(code, C, p, p + C, load_opt(w, C, p + 2 * C), load_opt(b, C, p + 3 * C), e,
+                           data_of(mc), data_of(ac), data_of(bc))
+        if st != 1:  # (1: the call must compute in float64, see bn_norm_params_f32)
+            _check(st)
+        return mc, ac, bc, st != 1
+    finally:
+        release(p, stack)
 
 
-cdef inline const real* _ptr(const real[:, :, ::1] x) noexcept nogil:
-    return &x[0, 0, 0] if x.shape[0] * x.shape[1] * x.shape[2] else NULL
+def backward_coefficients(sum_dy, sum_dyxm, mean, invstd, n, weight, training, dtype):
+    """functional.backward_coefficients: (m, a, b, d, grad_weight, grad_bias)."""
+    cdef int code
+    dt = A.dtype_arg(dtype, &code)
+    first = A.first_channel(sum_dy, "sum_dy")
+    cdef int64_t nc = first.shape[0]
+    arrays = [first, A.required_channel(sum_dyxm, "sum_dyxm", nc), A.required_channel(mean, "mean", nc),
+              A.required_channel(invstd, "invstd", nc)]
+    w = A.channel(weight, "weight", nc, False)
+    cdef double count = A.count(n, True)
+    cdef bint tr = training
+    cdef int t = dt.num
+    coef = [A.new_vector(nc, t) for _ in range(4)]
+    cdef cnp.ndarray gw = A.new_vector(nc, cnp.NPY_FLOAT64), gb = A.new_vector(nc, cnp.NPY_FLOAT64)
+    if nc == 0:
+        return (*coef, gw, gb)
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(5 * nc, stack)
+    cdef int64_t k
+    try:
+        for k in range(4):
+            A.load(arrays[k], nc, p + k * nc)
+        _check(k_bwd_params(code, nc, count, p, p + nc, p + 2 * nc, p + 3 * nc, load_opt(w, nc, p + 4 * nc), tr,
+                            <double*>data_of(gw), <double*>data_of(gb), data_of(coef[0]), data_of(coef[1]),
+                            data_of(coef[2]), data_of(coef[3])))
+        return (*coef, gw, gb)
+    finally:
+        release(p, stack)
 
 
-def group_stats(const real[:, :, ::1] x, int64_t G, bint cl, double[::1] mean, double[::1] var, int nthreads):
-    """mean[q], biased var[q] of the N G groups."""
-    cdef int64_t N, C, S
-    _group_dims(x, cl, &N, &C, &S)
+# ---- group norm and instance norm (instance norm: one channel per group) -----------------------------------------
+
+cdef tuple group_forward_run(cnp.ndarray xa, cnp.ndarray ya, Groups* g, int64_t G, object w, object b, double e,
+                             int nthreads):
+    """The group-norm forward into ya: returns (mean, var), float64 (N G,)."""
+    cdef int64_t C = g.C, NG = g.N * G
+    cdef cnp.ndarray mean = A.new_vector(NG, cnp.NPY_FLOAT64), var = A.new_vector(NG, cnp.NPY_FLOAT64)
+    if NG == 0:
+        return mean, var
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(2 * C, stack)
+    cdef double* wp
+    cdef double* bp
     cdef int st
-    if N * G == 0:
-        return
-    with nogil:
-        if real is float:
-            st = bn_group_stats_f32(_ptr(x), N, C, S, G, cl, &mean[0], &var[0], nthreads)
-        else:
-            st = bn_group_stats_f64(_ptr(x), N, C, S, G, cl, &mean[0], &var[0], nthreads)
-    _check(st)
+    try:
+        wp = load_opt(w, C, p)
+        bp = load_opt(b, C, p + C)
+        st = k_group_forward(g.dtype, data_or_null(xa), data_or_null(ya), g.N, C, g.S, G, g.cl, wp, bp, e,
+                             <double*>data_of(mean), <double*>data_of(var), nthreads)
+        _check(st)
+        return mean, var
+    finally:
+        release(p, stack)
 
 
-def group_normalize(const real[:, :, ::1] x, real[:, :, ::1] y, int64_t G, bint cl, const double[::1] mean,
-                    const double[::1] var, const double[::1] weight, const double[::1] bias, double eps,
-                    int nthreads):
-    """y = (x - mean[q]) / sqrt(var[q] + eps) * weight[c] + bias[c]."""
-    cdef int64_t N, C, S
-    _group_dims(x, cl, &N, &C, &S)
-    cdef int st
-    cdef const double* w = _opt(weight)
-    cdef const double* b = _opt(bias)
-    if N * C * S == 0:
-        return
-    with nogil:
-        if real is float:
-            st = bn_group_normalize_f32(&x[0, 0, 0], &y[0, 0, 0], N, C, S, G, cl, &mean[0], &var[0], w, b, eps,
-                                        nthreads)
-        else:
-            st = bn_group_normalize_f64(&x[0, 0, 0], &y[0, 0, 0], N, C, S, G, cl, &mean[0], &var[0], w, b, eps,
-                                        nthreads)
-    _check(st)
-
-
-def group_forward(const real[:, :, ::1] x, real[:, :, ::1] y, int64_t G, bint cl, const double[::1] weight,
-                  const double[::1] bias, double eps, double[::1] mean, double[::1] var, int nthreads):
-    """Statistics + normalisation in one call; writes y, mean[q] and biased var[q]."""
-    cdef int64_t N, C, S
-    _group_dims(x, cl, &N, &C, &S)
-    cdef int st
-    cdef const double* w = _opt(weight)
-    cdef const double* b = _opt(bias)
-    if N * G == 0:
-        return
-    with nogil:
-        if real is float:
-            st = bn_group_forward_f32(_ptr(x), <float*>_ptr(y), N, C, S, G, cl, w, b, eps, &mean[0], &var[0],
-                                      nthreads)
-        else:
-            st = bn_group_forward_f64(_ptr(x), <double*>_ptr(y), N, C, S, G, cl, w, b, eps, &mean[0], &var[0],
-                                      nthreads)
-    _check(st)
-
-
-def group_backward(const real[:, :, ::1] dy, const real[:, :, ::1] x, real[:, :, ::1] dx, int64_t G, bint cl,
-                   const double[::1] mean, const double[::1] invstd, const double[::1] weight,
-                   double[::1] grad_weight, double[::1] grad_bias, int nthreads):
-    """Backward in one call; writes dx, grad_weight[c] and grad_bias[c]."""
-    cdef int64_t N, C, S
-    _group_dims(x, cl, &N, &C, &S)
-    cdef int st
-    cdef const double* w = _opt(weight)
-    if C == 0:
-        return
-    with nogil:
-        if real is float:
-            st = bn_group_backward_f32(_ptr(dy), _ptr(x), <float*>_ptr(dx), N, C, S, G, cl,
-                                       &mean[0] if N else NULL, &invstd[0] if N else NULL, w,
-                                       &grad_weight[0], &grad_bias[0], nthreads)
-        else:
-            st = bn_group_backward_f64(_ptr(dy), _ptr(x), <double*>_ptr(dx), N, C, S, G, cl,
-                                       &mean[0] if N else NULL, &invstd[0] if N else NULL, w,
-                                       &grad_weight[0], &grad_bias[0], nthreads)
-    _check(st)
-
-# ---- fast path of batch_norm ---------------------------------------------------------------------------------
-# batch_norm on plain arguments (ndarrays of float32/float64, C-contiguous, aligned, native byte order; per-channel
-# vectors of length C; Python float eps and momentum; layout "NCHW"/"NHWC"; out None, x itself, or a separate
-# array) checked and run here without Python-level work: a tiny call costs about a microsecond instead of ten.
-# Anything else returns None and batch_norm takes its general path, which validates and raises as documented;
-# both paths compute the same bytes (same kernels, same float64 running-statistics formula).
-cimport numpy as cnp
-from libc.float cimport FLT_MAX
-from libc.math cimport isfinite
-from libc.stdlib cimport free, malloc
-
-cnp.import_array()
-
-
-cdef inline bint _plain(object a, bint writeable):
-    """a is an ndarray of float32/float64 the kernels can use as it is."""
-    if type(a) is not cnp.ndarray:
-        return False
-    cdef cnp.ndarray arr = <cnp.ndarray>a
-    cdef int t = cnp.PyArray_TYPE(arr)
-    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
-        return False
-    if not (cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr) and cnp.PyArray_ISNOTSWAPPED(arr)):
-        return False
-    return cnp.PyArray_ISWRITEABLE(arr) or not writeable
-
-
-cdef inline bint _vector(object v, Py_ssize_t C, bint writeable):
-    return _plain(v, writeable) and cnp.PyArray_NDIM(<cnp.ndarray>v) == 1 and cnp.PyArray_DIM(<cnp.ndarray>v, 0) == C
-
-
-cdef inline void _load(object v, Py_ssize_t C, double* dst):
-    # (the data pointers are locals: a loop reading through PyArray_DATA in its body cannot be vectorised, the
-    # compiler must assume dst's stores change the array object; these loops were most of a call's overhead at
-    # C = 1024)
-    cdef cnp.ndarray a = <cnp.ndarray>v
-    cdef const float* f
-    cdef const double* d
-    cdef Py_ssize_t i
-    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
-        f = <const float*>cnp.PyArray_DATA(a)
-        for i in range(C):
-            dst[i] = f[i]
-    else:
-        d = <const double*>cnp.PyArray_DATA(a)
-        for i in range(C):
-            dst[i] = d[i]
-
-
-cdef inline void _store(object v, Py_ssize_t C, const double* src):
-    cdef cnp.ndarray a = <cnp.ndarray>v
-    cdef float* f
-    cdef double* d
-    cdef Py_ssize_t i
-    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
-        f = <float*>cnp.PyArray_DATA(a)
-        for i in range(C):
-            f[i] = <float>src[i]
-    else:
-        d = <double*>cnp.PyArray_DATA(a)
-        for i in range(C):
-            d[i] = src[i]
-
-
-cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
-    cdef char* pa = <char*>cnp.PyArray_DATA(a)
-    cdef char* pb = <char*>cnp.PyArray_DATA(b)
-    return pa + cnp.PyArray_NBYTES(a) <= pb or pb + cnp.PyArray_NBYTES(b) <= pa
-
-
-cdef inline bint _dims(cnp.ndarray xa, str layout, int64_t* outer, int64_t* C, int64_t* inner):
-    """(outer, C, inner) of a rank 2..5 array in layout "NCHW"/"NHWC"; False for anything else."""
-    cdef int nd = cnp.PyArray_NDIM(xa), k
-    if nd < 2 or nd > 5:
-        return False
-    outer[0] = 1
-    inner[0] = 1
-    if layout == "NCHW":
-        C[0] = cnp.PyArray_DIM(xa, 1)
-        outer[0] = cnp.PyArray_DIM(xa, 0)
-        for k in range(2, nd):
-            inner[0] *= cnp.PyArray_DIM(xa, k)
-    elif layout == "NHWC":
-        C[0] = cnp.PyArray_DIM(xa, nd - 1)
-        for k in range(nd - 1):
-            outer[0] *= cnp.PyArray_DIM(xa, k)
-    else:
-        return False
-    return True
-
-
-cdef inline bint _in_place_or_disjoint(cnp.ndarray out, cnp.ndarray a):
-    """out is a itself element for element (same data, same strides: check_out's test), or shares no byte."""
-    cdef int k
-    if cnp.PyArray_DATA(out) != cnp.PyArray_DATA(a):
-        return _disjoint(out, a)
-    for k in range(cnp.PyArray_NDIM(out)):
-        if cnp.PyArray_STRIDE(out, k) != cnp.PyArray_STRIDE(a, k):
-            return False
-    return True
-
-
-cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b):
-    cdef int k
-    if cnp.PyArray_NDIM(a) != cnp.PyArray_NDIM(b) or cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(b):
-        return False
-    for k in range(cnp.PyArray_NDIM(a)):
-        if cnp.PyArray_DIM(a, k) != cnp.PyArray_DIM(b, k):
-            return False
-    return True
-
-
-cdef inline object _out_array(object out, cnp.ndarray xa, object other):
-    """The output array: new when out is None; out when it is plain, shaped and typed like xa, and each of xa
-    and other (an ndarray or None) is it element for element or shares no byte with it; else None."""
-    if out is None:
-        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
-    if not _plain(out, True) or not _same_shape(<cnp.ndarray>out, xa):
-        return None
-    if not _in_place_or_disjoint(<cnp.ndarray>out, xa):
-        return None
-    if other is not None and not _in_place_or_disjoint(<cnp.ndarray>out, <cnp.ndarray>other):
-        return None
-    return out
-
-
-def batch_norm_fast(x, running_mean, running_var, weight, bias, training, momentum, eps, layout, out,
-                    unbiased, int nthreads):
-    """batch_norm's result, or None when an argument needs the general path."""
-    if not _plain(x, False) or type(eps) is not float or type(momentum) is not float:
-        return None
-    cdef double e = eps, mom = momentum
-    if not (isfinite(e) and e > 0.0 and 0.0 <= mom <= 1.0):
-        return None
-    cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int64_t outer, C, inner
-    if type(layout) is not str or not _dims(xa, layout, &outer, &C, &inner):
-        return None
-    cdef int64_t n = outer * inner
-    if C == 0 or n == 0 or (training is not True and training is not False):
-        return None
-    if training and n < 2:
-        return None
-    cdef bint stats = running_mean is not None or running_var is not None
-    if stats and not (_vector(running_mean, C, True) and _vector(running_var, C, True)):
-        return None
-    if not stats and not training:
-        return None
-    if (weight is not None and not _vector(weight, C, False)) or (bias is not None and not _vector(bias, C, False)):
-        return None
+cdef tuple saved_stats(cnp.ndarray mean, cnp.ndarray var, double e, cnp.ndarray xa, int64_t N, int64_t G):
+    """(mean, invstd = 1 / sqrt(var + eps)), shaped (N, G) in x's dtype (var is overwritten)."""
+    cdef cnp.npy_intp dims[2]
+    dims[0] = N
+    dims[1] = G
     cdef int t = cnp.PyArray_TYPE(xa)
-    y = _out_array(out, xa, None)
-    if y is None:
-        return None
-    cdef cnp.ndarray ya = <cnp.ndarray>y
-    # Every argument is usable: from here on the call succeeds or raises MemoryError before any write.
-    cdef double* p = <double*>malloc(sizeof(double) * 6 * C)
-    if p == NULL:
-        raise MemoryError("bn_simd: out of memory for per-channel scratch space")
-    cdef double *rm = p, *rv = p + C, *w = NULL, *b = NULL, *mean = p + 4 * C, *var = p + 5 * C
-    cdef const void* xp = cnp.PyArray_DATA(xa)
-    cdef void* yp = cnp.PyArray_DATA(ya)
-    cdef int st
-    cdef Py_ssize_t c
-    cdef double f = 1.0, v
-    cdef bint scaled = False
-    if weight is not None:
-        w = p + 2 * C
-        _load(weight, C, w)
-    if bias is not None:
-        b = p + 3 * C
-        _load(bias, C, b)
-    if training:
-        with nogil:
-            if t == cnp.NPY_FLOAT32:
-                st = bn_forward_train_f32(<const float*>xp, <float*>yp, outer, C, inner, w, b, e, mean, var, nthreads)
-            else:
-                st = bn_forward_train_f64(<const double*>xp, <double*>yp, outer, C, inner, w, b, e, mean, var,
-                                          nthreads)
-        if st == BN_OK and stats:
-            # update_running_stats' formula, operation for operation (unbiased read only here, as there)
-            if unbiased and n > 1:
-                scaled = True
-                f = n / (n - 1.0)
-            _load(running_mean, C, rm)
-            _load(running_var, C, rv)
-            for c in range(C):
-                rm[c] = (1.0 - mom) * rm[c] + mom * mean[c]
-                v = var[c] * f if scaled else var[c]
-                rv[c] = (1.0 - mom) * rv[c] + mom * v
-            _store(running_mean, C, rm)
-            _store(running_var, C, rv)
-    else:
-        _load(running_mean, C, rm)
-        _load(running_var, C, rv)
-        with nogil:
-            if t == cnp.NPY_FLOAT32:
-                st = bn_normalize_f32(<const float*>xp, <float*>yp, outer, C, inner, rm, rv, w, b, e, nthreads)
-            else:
-                st = bn_normalize_f64(<const double*>xp, <double*>yp, outer, C, inner, rm, rv, w, b, e, nthreads)
-    free(p)
-    _check(st)
+    cdef cnp.ndarray m = cnp.PyArray_EMPTY(2, dims, t, 0), s = cnp.PyArray_EMPTY(2, dims, t, 0)
+    invstd_of(N * G, <double*>data_of(var), e)
+    A.store(m, N * G, <double*>data_of(mean))
+    A.store(s, N * G, <double*>data_of(var))
+    return m, s
+
+
+def group_norm(x, num_groups, weight, bias, eps, layout, out, int nthreads, int result=0):
+    """groups.group_norm (result 0: y) and group_norm_forward (1: y, mean, invstd); 2: (y, mean, var) as float64
+    (N num_groups,)."""
+    cdef int lay = A.layout_code(layout)
+    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef Groups g
+    A.group_view(xa, lay, 2, "group_norm", &g)
+    cdef int64_t G = A.num_groups(num_groups, g.C)
+    w = A.channel(weight, "weight", g.C, False)
+    b = A.channel(bias, "bias", g.C, False)
+    cdef double e = A.eps(eps)
+    A.group_values(g.N * (g.C // G) * g.S, xa)
+    cdef cnp.ndarray ya = A.output(out, xa, None)
+    mean, var = group_forward_run(xa, ya, &g, G, w, b, e, nthreads)
+    if result == 0:
+        return ya
+    if result == 2:
+        return ya, mean, var
+    return (ya,) + saved_stats(mean, var, e, xa, g.N, G)
+
+
+def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, layout, out,
+                  int nthreads, bint saved=False):
+    """groups.instance_norm; saved (with use_input_stats): (y, mean, invstd), (N, C) in x's dtype."""
+    cdef int lay = A.layout_code(layout)
+    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef Groups g
+    A.group_view(xa, lay, 3, "instance_norm", &g)
+    cdef int64_t C = g.C
+    cdef bint u = use_input_stats
+    rm = A.channel(running_mean, "running_mean", C, u)
+    rv = A.channel(running_var, "running_var", C, u)
+    A.together(rm, rv)
+    w = A.channel(weight, "weight", C, False)
+    b = A.channel(bias, "bias", C, False)
+    cdef double e = A.eps(eps), mom = A.momentum(momentum)
+    cdef View v
+    cdef cnp.ndarray ya
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p
+    if not u:  # batch norm's eval, the running statistics for every sample
+        if rm is None:
+            raise ValueError("running_mean and running_var are required when use_input_stats=False")
+        ya = A.output(out, xa, None)
+        A.view(xa, lay, "x", &v)
+        p = scratch(4 * C, stack)
+        try:
+            A.load(rm, C, p)
+            A.load(rv, C, p + C)
+            normalize_run(xa, ya, &v, p, p + C, load_opt(w, C, p + 2 * C), load_opt(b, C, p + 3 * C), e, nthreads)
+            return ya
+        finally:
+            release(p, stack)
+    A.spatial_size(g.S, xa)
+    ya = A.output(out, xa, None)
+    mean, var = group_forward_run(xa, ya, &g, C, w, b, e, nthreads)
+    cdef int64_t N = g.N, S = g.S
+    if rm is not None and N > 0:
+        # the running statistics move towards the instance statistics' averages over the batch (the variance
+        # unbiased), as PyTorch's instance norm does
+        batch_mean = mean.reshape(N, C).mean(axis=0)
+        batch_var = (var * (<double>S / <double>(S - 1))).reshape(N, C).mean(axis=0)
+        p = scratch(4 * C, stack)
+        try:
+            A.load(batch_mean, C, p)
+            A.load(batch_var, C, p + C)
+            update_stats(rm, rv, C, p, p + C, <double>S, mom, False, p + 2 * C)
+        finally:
+            release(p, stack)
+    if saved:
+        return (ya,) + saved_stats(mean, var, e, xa, N, C)
     return ya
 
 
-def batch_norm_backward_fast(grad_out, x, save_mean, save_invstd, weight, layout, out, training, int nthreads):
-    """batch_norm_backward's result for plain arguments (as batch_norm_fast), or None for the general path."""
-    if not (_plain(x, False) and _plain(grad_out, False)) or type(layout) is not str:
-        return None
-    if training is not True and training is not False:
-        return None
-    cdef cnp.ndarray xa = <cnp.ndarray>x, ga = <cnp.ndarray>grad_out, da
-    cdef int64_t outer, C, inner
-    if not _same_shape(xa, ga) or not _dims(xa, layout, &outer, &C, &inner) or C == 0 or outer * inner == 0:
-        return None
-    if not (_vector(save_mean, C, False) and _vector(save_invstd, C, False)):
-        return None
-    if weight is not None and not _vector(weight, C, False):
-        return None
-    cdef int t = cnp.PyArray_TYPE(xa)
-    dx = _out_array(out, xa, ga)
-    if dx is None:
-        return None
-    da = <cnp.ndarray>dx
-    cdef int gt = cnp.PyArray_TYPE(<cnp.ndarray>weight) if weight is not None else t
-    cdef cnp.npy_intp n1 = C
-    cdef cnp.ndarray gw = cnp.PyArray_EMPTY(1, &n1, gt, 0), gb = cnp.PyArray_EMPTY(1, &n1, gt, 0)
-    cdef double* p = <double*>malloc(sizeof(double) * 5 * C)
-    if p == NULL:
-        raise MemoryError("bn_simd: out of memory for per-channel scratch space")
-    cdef double *mean = p, *invstd = p + C, *w = NULL, *gwd = p + 3 * C, *gbd = p + 4 * C
-    _load(save_mean, C, mean)
-    _load(save_invstd, C, invstd)
-    if weight is not None:
-        w = p + 2 * C
-        _load(weight, C, w)
-    cdef const void* gp = cnp.PyArray_DATA(ga)
-    cdef const void* xp = cnp.PyArray_DATA(xa)
-    cdef void* dp = cnp.PyArray_DATA(da)
-    cdef int st, tr = training
-    with nogil:
-        if t == cnp.NPY_FLOAT32:
-            st = bn_backward_f32(<const float*>gp, <const float*>xp, <float*>dp, outer, C, inner, mean, invstd, w, tr,
-                                 gwd, gbd, nthreads)
-        else:
-            st = bn_backward_f64(<const double*>gp, <const double*>xp, <double*>dp, outer, C, inner, mean, invstd, w,
-                                 tr, gwd, gbd, nthreads)
-    if st == BN_OK:
-        _store(gw, C, gwd)
-        _store(gb, C, gbd)
-    free(p)
-    _check(st)
-    return da, gw, gb
+def instance_norm_forward(x, weight, bias, eps, layout, out, int nthreads):
+    """groups.instance_norm_forward: (y, mean, invstd), (N, C) in x's dtype."""
+    cdef int lay = A.layout_code(layout)
+    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef Groups g
+    A.group_view(xa, lay, 3, "instance_norm_forward", &g)
+    w = A.channel(weight, "weight", g.C, False)
+    b = A.channel(bias, "bias", g.C, False)
+    cdef double e = A.eps(eps)
+    A.spatial_size(g.S, xa)
+    cdef cnp.ndarray ya = A.output(out, xa, None)
+    mean, var = group_forward_run(xa, ya, &g, g.C, w, b, e, nthreads)
+    return (ya,) + saved_stats(mean, var, e, xa, g.N, g.C)
 
 
-# ---- fast paths of the four steps ----------------------------------------------------------------------------
-# batch_stats, normalize, backward_reduce and backward_apply on plain arguments, as batch_norm_fast: each returns
-# its step's result, or None when an argument needs the general path (which validates, converts and raises as
-# documented). The per-channel work is the general path's, operation for operation, so both give the same bytes.
-
-cdef inline tuple _f64_pair(int64_t C):
-    """two new float64 arrays of shape (C,)"""
-    cdef cnp.npy_intp n1 = C
-    return cnp.PyArray_EMPTY(1, &n1, cnp.NPY_FLOAT64, 0), cnp.PyArray_EMPTY(1, &n1, cnp.NPY_FLOAT64, 0)
-
-
-cdef inline bint _data_dims(object x, object layout, int64_t* outer, int64_t* C, int64_t* inner):
-    """x is a plain data array of rank 2..5 in layout "NCHW"/"NHWC" with C >= 1 and some element per channel."""
-    if not _plain(x, False) or type(layout) is not str:
-        return False
-    if not _dims(<cnp.ndarray>x, layout, outer, C, inner):
-        return False
-    return C[0] > 0 and outer[0] * inner[0] > 0
-
-
-def batch_stats_fast(x, layout, int nthreads):
-    """batch_stats' (mean, var), or None for the general path."""
-    cdef int64_t outer, C, inner
-    if not _data_dims(x, layout, &outer, &C, &inner):
-        return None
-    cdef cnp.ndarray xa = <cnp.ndarray>x, mean, var
-    mean, var = _f64_pair(C)
-    cdef const void* xp = cnp.PyArray_DATA(xa)
-    cdef double* mp = <double*>cnp.PyArray_DATA(mean)
-    cdef double* vp = <double*>cnp.PyArray_DATA(var)
+def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, out, int nthreads,
+                        bint instance=False):
+    """groups.group_norm_backward, and instance_norm_backward with instance (num_groups unused): (grad_x,
+    grad_weight, grad_bias)."""
+    cdef int lay = A.layout_code(layout)
+    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef Groups g
+    A.group_view(xa, lay, 3 if instance else 2, "instance_norm_backward" if instance else "group_norm_backward",
+                 &g)
+    cdef int64_t C = g.C, N = g.N
+    cdef int64_t G = C if instance else A.num_groups(num_groups, C), NG = N * G
+    what = "N by C" if instance else "N by num_groups"
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(2 * NG + 3 * C, stack)
+    cdef double* gw = p + 2 * NG + C
+    cdef double* gb = gw + C
+    cdef double* wp
     cdef int st
-    with nogil:
-        if cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT32:
-            st = bn_stats_f32(<const float*>xp, outer, C, inner, mp, vp, nthreads)
-        else:
-            st = bn_stats_f64(<const double*>xp, outer, C, inner, mp, vp, nthreads)
-    _check(st)
-    return mean, var
+    try:
+        A.group_stat(mean, "mean", N, G, what, p)
+        A.group_stat(invstd, "invstd", N, G, what, p + NG)
+        ga = A.like(grad_out, "grad_out", xa)
+        w = A.channel(weight, "weight", C, False)
+        dx = A.output(out, xa, ga)
+        wp = load_opt(w, C, p + 2 * NG)
+        memset(gw, 0, 2 * C * sizeof(double))
+        if C:
+            st = k_group_backward(g.dtype, data_or_null(ga), data_or_null(xa), data_or_null(dx), N, C, g.S, G,
+                                  g.cl, p if N else NULL, p + NG if N else NULL, wp, gw, gb, nthreads)
+            _check(st)
+        like = w if w is not None else xa  # (the parameter gradients have weight's dtype, x's without weight)
+        return dx, vector_as(C, gw, like), vector_as(C, gb, like)
+    finally:
+        release(p, stack)
 
 
-def normalize_fast(x, mean, var, weight, bias, eps, layout, out, int nthreads):
-    """normalize's y, or None for the general path."""
-    cdef int64_t outer, C, inner
-    if not _data_dims(x, layout, &outer, &C, &inner) or type(eps) is not float:
-        return None
-    cdef double e = eps
-    if not (isfinite(e) and e > 0.0):
-        return None
-    if not (_vector(mean, C, False) and _vector(var, C, False)):
-        return None
-    if (weight is not None and not _vector(weight, C, False)) or (bias is not None and not _vector(bias, C, False)):
-        return None
-    cdef cnp.ndarray xa = <cnp.ndarray>x
-    y = _out_array(out, xa, None)
-    if y is None:
-        return None
-    cdef double* p = <double*>malloc(sizeof(double) * 4 * C)
-    if p == NULL:
-        raise MemoryError("bn_simd: out of memory for per-channel scratch space")
-    cdef double *m = p, *v = p + C, *w = NULL, *b = NULL
-    _load(mean, C, m)
-    _load(var, C, v)
-    if weight is not None:
-        w = p + 2 * C
-        _load(weight, C, w)
-    if bias is not None:
-        b = p + 3 * C
-        _load(bias, C, b)
-    cdef const void* xp = cnp.PyArray_DATA(xa)
-    cdef void* yp = cnp.PyArray_DATA(<cnp.ndarray>y)
-    cdef int st
-    with nogil:
-        if cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT32:
-            st = bn_normalize_f32(<const float*>xp, <float*>yp, outer, C, inner, m, v, w, b, e, nthreads)
-        else:
-            st = bn_normalize_f64(<const double*>xp, <double*>yp, outer, C, inner, m, v, w, b, e, nthreads)
-    free(p)
-    _check(st)
-    return y
+# ---- the kernels alone, for tests --------------------------------------------------------------------------------
+# x, y, dy, dx: (outer, C, inner) arrays (checked as NCHW data); the coefficients (C,) of any float dtype, rounded to
+# x's dtype (exactly, when they have it).
+
+def apply(x, y, m, a, b, int nthreads):
+    """y = (x - m[c]) * a[c] + b[c]: the apply kernel with coefficients as given (norm_coefficients makes them)."""
+    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef View v
+    A.view(xa, NCHW, "x", &v)
+    cdef int64_t C = v.C, k
+    coefs = (A.required_channel(m, "m", C), A.required_channel(a, "a", C), A.required_channel(b, "b", C))
+    cdef cnp.ndarray ya = A.output(y, xa, None)
+    cdef size_t cs = coef_size(v.dtype)
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(6 * C, stack)
+    cdef char* q = <char*>(p + 3 * C)
+    try:
+        for k in range(3):
+            A.load(coefs[k], C, p + k * C)
+            narrow(v.dtype, p + k * C, q + k * C * cs, C)
+        if v.outer * C * v.inner:
+            _check(k_apply(v.dtype, data_of(xa), data_of(ya), v.outer, C, v.inner, q, q + C * cs, q + 2 * C * cs,
+                           nthreads))
+        return ya
+    finally:
+        release(p, stack)
 
 
-def backward_reduce_fast(grad_out, x, mean, layout, int nthreads):
-    """backward_reduce's (sum grad_out, sum grad_out (x - mean)), or None for the general path."""
-    cdef int64_t outer, C, inner
-    if not _data_dims(x, layout, &outer, &C, &inner) or not _plain(grad_out, False):
-        return None
-    cdef cnp.ndarray xa = <cnp.ndarray>x, ga = <cnp.ndarray>grad_out
-    if not _same_shape(xa, ga) or not _vector(mean, C, False):
-        return None
-    cdef cnp.ndarray sdy, sdyx
-    sdy, sdyx = _f64_pair(C)
-    cdef double* m = <double*>malloc(sizeof(double) * C)
-    if m == NULL:
-        raise MemoryError("bn_simd: out of memory for per-channel scratch space")
-    _load(mean, C, m)
-    cdef const void* gp = cnp.PyArray_DATA(ga)
-    cdef const void* xp = cnp.PyArray_DATA(xa)
-    cdef double* sp = <double*>cnp.PyArray_DATA(sdy)
-    cdef double* hp = <double*>cnp.PyArray_DATA(sdyx)
-    cdef int st
-    with nogil:
-        if cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT32:
-            st = bn_backward_reduce_f32(<const float*>gp, <const float*>xp, outer, C, inner, m, sp, hp, nthreads)
-        else:
-            st = bn_backward_reduce_f64(<const double*>gp, <const double*>xp, outer, C, inner, m, sp, hp, nthreads)
-    free(m)
-    _check(st)
-    return sdy, sdyx
-
-
-cdef inline bint _beyond_f32(double v):
-    """v is not finite, or its float32 rounding would not be"""
-    return not isfinite(v) or v > FLT_MAX or v < -FLT_MAX
-
-
-def backward_apply_fast(grad_out, x, mean, a, b, d, layout, out, int nthreads):
-    """backward_apply's grad_x, or None for the general path."""
-    cdef int64_t outer, C, inner
-    if not _data_dims(x, layout, &outer, &C, &inner) or not _plain(grad_out, False):
-        return None
-    cdef cnp.ndarray xa = <cnp.ndarray>x, ga = <cnp.ndarray>grad_out
-    if not _same_shape(xa, ga):
-        return None
-    if not (_vector(mean, C, False) and _vector(a, C, False) and _vector(b, C, False) and _vector(d, C, False)):
-        return None
-    dx = _out_array(out, xa, ga)
-    if dx is None:
-        return None
-    cdef int t = cnp.PyArray_TYPE(xa)
-    cdef double* p = <double*>malloc(sizeof(double) * 4 * C)
-    cdef void* q = malloc((sizeof(float) if t == cnp.NPY_FLOAT32 else sizeof(double)) * 4 * C)
-    if p == NULL or q == NULL:
-        free(p)
-        free(q)
-        raise MemoryError("bn_simd: out of memory for per-channel scratch space")
-    cdef double *md = p, *ad = p + C, *bd = p + 2 * C, *dd = p + 3 * C
-    _load(mean, C, md)
-    _load(a, C, ad)
-    _load(b, C, bd)
-    _load(d, C, dd)
-    cdef float* qf = <float*>q
-    cdef double* qd = <double*>q
-    cdef Py_ssize_t c
-    cdef float mf
-    cdef double dc
-    cdef bint decline = False
-    # the general path's coefficients: m = mean rounded to x's dtype, its residual folded into d
-    # (d - b (mean - m), in float64), then a, b and d rounded to x's dtype. A coefficient that is not finite, or
-    # whose folding or float32 rounding is not, goes to the general path: NumPy's arithmetic there reports it
-    # (a warning, or FloatingPointError under np.errstate), and keeps NumPy's NaN propagation
-    if t == cnp.NPY_FLOAT32:
-        for c in range(C):
-            dc = dd[c] - bd[c] * (md[c] - <double><float>md[c])
-            decline |= _beyond_f32(md[c]) | _beyond_f32(ad[c]) | _beyond_f32(bd[c]) | _beyond_f32(dc)
-            mf = <float>md[c]
-            qf[c] = mf
-            qf[C + c] = <float>ad[c]
-            qf[2 * C + c] = <float>bd[c]
-            qf[3 * C + c] = <float>dc
-    else:
-        for c in range(C):
-            dc = dd[c] - bd[c] * (md[c] - md[c])
-            decline |= not (isfinite(md[c]) and isfinite(ad[c]) and isfinite(bd[c]) and isfinite(dc))
-            qd[c] = md[c]
-            qd[C + c] = ad[c]
-            qd[2 * C + c] = bd[c]
-            qd[3 * C + c] = dc
-    if decline:
-        free(p)
-        free(q)
-        return None
-    cdef const void* gp = cnp.PyArray_DATA(ga)
-    cdef const void* xp = cnp.PyArray_DATA(xa)
-    cdef void* dp = cnp.PyArray_DATA(<cnp.ndarray>dx)
-    cdef int st
-    with nogil:
-        if t == cnp.NPY_FLOAT32:
-            st = bn_backward_apply_f32(<const float*>gp, <const float*>xp, <float*>dp, outer, C, inner, qf, qf + C,
-                                       qf + 2 * C, qf + 3 * C, nthreads)
-        else:
-            st = bn_backward_apply_f64(<const double*>gp, <const double*>xp, <double*>dp, outer, C, inner, qd,
-                                       qd + C, qd + 2 * C, qd + 3 * C, nthreads)
-    free(p)
-    free(q)
-    _check(st)
-    return dx
+def apply_backward(dy, x, dx, m, a, b, d, int nthreads):
+    """dx = a[c] * dy + b[c] * (x - m[c]) + d[c] with nothing folded: the backward-apply kernel with coefficients as
+    given (backward_coefficients makes them)."""
+    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef View v
+    A.view(xa, NCHW, "x", &v)
+    cdef int64_t C = v.C, k
+    cdef cnp.ndarray ga = A.like(dy, "grad_out", xa)
+    coefs = (A.required_channel(m, "m", C), A.required_channel(a, "a", C), A.required_channel(b, "b", C),
+             A.required_channel(d, "d", C))
+    cdef cnp.ndarray da = A.output(dx, xa, ga)
+    cdef size_t cs = coef_size(v.dtype)
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(8 * C, stack)
+    cdef char* q = <char*>(p + 4 * C)
+    try:
+        for k in range(4):
+            A.load(coefs[k], C, p + k * C)
+            narrow(v.dtype, p + k * C, q + k * C * cs, C)
+        if v.outer * C * v.inner:
+            _check(k_backward_apply(v.dtype, data_of(ga), data_of(xa), data_of(da), v.outer, C, v.inner, q,
+                                    q + C * cs, q + 2 * C * cs, q + 3 * C * cs, nthreads))
+        return da
+    finally:
+        release(p, stack)

@@ -14,7 +14,6 @@ SyncBatchNorm runs :func:`batch_stats`, all-reduces, then :func:`normalize`):
 """
 import numpy as np
 
-from . import _checks as ck
 from . import _config, _core
 
 
@@ -24,19 +23,6 @@ def _threads():
         return _config._call_threads()
     n = _config._num_threads
     return 0 if n is None else n
-
-
-def _prepare(x, layout, name="x"):
-    layout = ck.check_layout(layout)
-    x = ck.as_data(x, name)
-    outer, C, inner = ck.canonical_view(x.shape, layout, name)
-    return x, layout, (outer, C, inner)
-
-
-def _output(out, x, reads, name="out"):
-    if out is None:
-        return np.empty_like(x)
-    return ck.check_out(out, x.shape, x.dtype, reads, name)
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
@@ -64,64 +50,22 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     Returns y (``out`` if given). Raises TypeError for wrong types/dtypes and ValueError for wrong shapes or
     values, including training with one value per channel; a call that raises changes nothing.
     """
-    y = _core.batch_norm_fast(x, running_mean, running_var, weight, bias, training, momentum, eps, layout, out,
-                              unbiased_running_var, _threads())
-    if y is not None:
-        return y
-    x, layout, (outer, C, inner) = _prepare(x, layout)
-    # running statistics are written only in training mode
-    rm = ck.per_channel(running_mean, "running_mean", C, inplace=bool(training))
-    rv = ck.per_channel(running_var, "running_var", C, inplace=bool(training))
-    if (rm is None) != (rv is None):
-        raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
-    w = ck.per_channel(weight, "weight", C)
-    b = ck.per_channel(bias, "bias", C)
-    training = bool(training)
-    eps = ck.check_eps(eps)
-    momentum = ck.check_momentum(momentum, allow_none=False)
-    n = outer * inner
-    if training:
-        ck.check_train_size(n, x.shape)
-    elif rm is None:
-        raise ValueError("running_mean and running_var are required when training=False")
-    y = _output(out, x, [("x", x)])
-    if training:
-        mean, var = _forward_train(x, y, (outer, C, inner), w, b, eps)
-        if rm is not None and n > 0:
-            update_running_stats(rm, rv, mean, var, n, momentum, unbiased=unbiased_running_var)
-    else:
-        _normalize(x, y, (outer, C, inner), ck.f64(rm), ck.f64(rv), w, b, eps)
-    return y
+    return _core.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, layout, out,
+                            unbiased_running_var, _threads())
 
 
 def update_running_stats(running_mean, running_var, mean, var, n, momentum, *, unbiased=True):
     """running = (1 - momentum) running + momentum batch, in float64, stored in the arrays' dtypes.
 
-    var is the biased batch variance of n values; with unbiased=True the stored one is var * n / (n - 1).
+    running_mean, running_var : writeable ndarrays (C,) of a float dtype, updated in place.
+    mean, var : arrays (C,) of a float dtype: the batch mean and biased variance of n values each; with
+        unbiased=True the variance moved towards is var * n / (n - 1) (for n > 1).
+    n : number of values >= 0. momentum : float in [0, 1].
+
+    The formula :func:`batch_norm` applies. Raises TypeError for wrong types/dtypes and ValueError for wrong shapes
+    or values; a call that raises changes nothing.
     """
-    v = np.asarray(var, dtype=np.float64)
-    if unbiased:
-        v = v * (n / (n - 1)) if n > 1 else v
-    new_m = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * np.asarray(mean, dtype=np.float64)
-    new_v = (1.0 - momentum) * running_var.astype(np.float64) + momentum * v
-    running_mean[...] = new_m
-    running_var[...] = new_v
-
-
-def _forward_train(x, y, dims, w, b, eps):
-    outer, C, inner = dims
-    mean = np.empty(C, np.float64)
-    var = np.empty(C, np.float64)
-    if outer * C * inner == 0:
-        mean.fill(np.nan)
-        var.fill(np.nan)
-        return mean, var
-    _core.forward_train(x.reshape(dims), y.reshape(dims), ck.f64(w), ck.f64(b), eps, mean, var, _threads())
-    return mean, var
-
-
-def _normalize(x, y, dims, mean, var, w, b, eps):
-    _core.normalize(x.reshape(dims), y.reshape(dims), mean, var, ck.f64(w), ck.f64(b), eps, _threads())
+    _core.update_running_stats(running_mean, running_var, mean, var, n, momentum, unbiased)
 
 
 def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None):
@@ -131,15 +75,7 @@ def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW", ou
     and save_invstd[c] = 1 / sqrt(biased_var[c] + eps), both (C,) in x's dtype, ready for
     :func:`batch_norm_backward`. Raises as :func:`batch_norm`.
     """
-    x, layout, (outer, C, inner) = _prepare(x, layout)
-    w = ck.per_channel(weight, "weight", C)
-    b = ck.per_channel(bias, "bias", C)
-    eps = ck.check_eps(eps)
-    ck.check_train_size(outer * inner, x.shape)
-    y = _output(out, x, [("x", x)])
-    mean, var = _forward_train(x, y, (outer, C, inner), w, b, eps)
-    invstd = 1.0 / np.sqrt(var + eps)
-    return y, mean.astype(x.dtype), invstd.astype(x.dtype)
+    return _core.batch_norm_forward(x, weight, bias, eps, layout, out, _threads())
 
 
 def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, layout="NCHW", out=None,
@@ -158,27 +94,7 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, lay
     per-channel gradients have weight's dtype (x's when weight is None). ``out`` receives grad_x and may be
     grad_out or x itself.
     """
-    r = _core.batch_norm_backward_fast(grad_out, x, save_mean, save_invstd, weight, layout, out, training, _threads())
-    if r is not None:
-        return r
-    x, layout, (outer, C, inner) = _prepare(x, layout)
-    dy = ck.as_data(grad_out, "grad_out")
-    ck.check_same_shape(dy, "grad_out", x, "x")
-    mean = ck.per_channel(save_mean, "save_mean", C)
-    invstd = ck.per_channel(save_invstd, "save_invstd", C)
-    if mean is None or invstd is None:
-        raise TypeError("save_mean and save_invstd must be arrays of shape (C,), got None")
-    w = ck.per_channel(weight, "weight", C)
-    dx = _output(out, x, [("x", x), ("grad_out", dy)])
-    dims = (outer, C, inner)
-    gw = np.zeros(C, np.float64)
-    gb = np.zeros(C, np.float64)
-    gdtype = w.dtype if w is not None else x.dtype
-    if outer * inner == 0:  # sums over no element: zero parameter gradients (the saved stats are NaN)
-        return dx, gw.astype(gdtype), gb.astype(gdtype)
-    _core.backward(dy.reshape(dims), x.reshape(dims), dx.reshape(dims), ck.f64(mean), ck.f64(invstd), ck.f64(w),
-                   bool(training), gw, gb, _threads())
-    return dx, gw.astype(gdtype), gb.astype(gdtype)
+    return _core.batch_norm_backward(grad_out, x, save_mean, save_invstd, weight, layout, out, training, _threads())
 
 
 # ---- composable steps -------------------------------------------------------------------------------------
@@ -189,73 +105,35 @@ def batch_stats(x, *, layout="NCHW"):
     Exact two-pass sums inside fixed chunks, chunks combined in float64 (Chan et al.); bitwise the same
     for any thread count and the same numbers :func:`batch_norm` uses. An empty batch gives NaN.
     """
-    r = _core.batch_stats_fast(x, layout, _threads())
-    if r is not None:
-        return r
-    x, layout, dims = _prepare(x, layout)
-    mean = np.empty(dims[1], np.float64)
-    var = np.empty(dims[1], np.float64)
-    _core.stats(x.reshape(dims), mean, var, _threads())
-    return mean, var
+    return _core.batch_stats(x, layout, _threads())
 
 
 def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None):
-    """y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c] with given statistics (one pass)."""
-    y = _core.normalize_fast(x, mean, var, weight, bias, eps, layout, out, _threads())
-    if y is not None:
-        return y
-    x, layout, (outer, C, inner) = _prepare(x, layout)
-    m = ck.per_channel(mean, "mean", C)
-    v = ck.per_channel(var, "var", C)
-    if m is None or v is None:
-        raise TypeError("mean and var must be arrays of shape (C,), got None")
-    w = ck.per_channel(weight, "weight", C)
-    b = ck.per_channel(bias, "bias", C)
-    eps = ck.check_eps(eps)
-    y = _output(out, x, [("x", x)])
-    _normalize(x, y, (outer, C, inner), ck.f64(m), ck.f64(v), w, b, eps)
-    return y
+    """y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c] with given statistics (one pass).
+
+    mean, var, weight, bias: arrays (C,) of a float dtype (weight and bias may be None). Returns y, x's shape and
+    dtype (``out`` if given). Raises as :func:`batch_norm`.
+    """
+    return _core.normalize(x, mean, var, weight, bias, eps, layout, out, _threads())
 
 
 def backward_reduce(grad_out, x, mean, *, layout="NCHW"):
-    """(sum grad_out, sum grad_out * (x - mean[c])) per channel, float64 arrays of shape (C,)."""
-    r = _core.backward_reduce_fast(grad_out, x, mean, layout, _threads())
-    if r is not None:
-        return r
-    x, layout, dims = _prepare(x, layout)
-    dy = ck.as_data(grad_out, "grad_out")
-    ck.check_same_shape(dy, "grad_out", x, "x")
-    m = ck.per_channel(mean, "mean", dims[1])
-    if m is None:
-        raise TypeError(f"mean must be an array of shape ({dims[1]},), got None")
-    sdy = np.empty(dims[1], np.float64)
-    sdyx = np.empty(dims[1], np.float64)
-    _core.backward_reduce(dy.reshape(dims), x.reshape(dims), ck.f64(m), sdy, sdyx, _threads())
-    return sdy, sdyx
+    """(sum grad_out, sum grad_out * (x - mean[c])) per channel, float64 arrays of shape (C,).
+
+    grad_out and x: same shape and dtype; mean: array (C,) of a float dtype. Raises as :func:`batch_norm_backward`.
+    """
+    return _core.backward_reduce(grad_out, x, mean, layout, _threads())
 
 
 def backward_apply(grad_out, x, mean, a, b, d, *, layout="NCHW", out=None):
-    """grad_x = a[c] * grad_out + b[c] * (x - mean[c]) + d[c] (coefficients rounded to x's dtype)."""
-    dx = _core.backward_apply_fast(grad_out, x, mean, a, b, d, layout, out, _threads())
-    if dx is not None:
-        return dx
-    x, layout, dims = _prepare(x, layout)
-    dy = ck.as_data(grad_out, "grad_out")
-    ck.check_same_shape(dy, "grad_out", x, "x")
-    C = dims[1]
-    coef = []
-    for name, v in (("mean", mean), ("a", a), ("b", b), ("d", d)):
-        v = ck.per_channel(v, name, C)
-        if v is None:
-            raise TypeError(f"{name} must be an array of shape ({C},), got None")
-        coef.append(np.asarray(v, dtype=np.float64))
-    mean, a, b, d = coef
-    m = mean.astype(x.dtype)
-    d = d - b * (mean - m.astype(np.float64))  # the residual of rounding mean, folded into d
-    dx = _output(out, x, [("x", x), ("grad_out", dy)])
-    cast = [np.ascontiguousarray(v, dtype=x.dtype) for v in (m, a, b, d)]
-    _core.backward_apply(dy.reshape(dims), x.reshape(dims), dx.reshape(dims), *cast, _threads())
-    return dx
+    """grad_x = a[c] * grad_out + b[c] * (x - mean[c]) + d[c] (coefficients rounded to x's dtype).
+
+    mean, a, b, d: arrays (C,) of a float dtype. The kernel subtracts m = mean rounded to x's dtype, and the
+    rounding's residual is folded into d (d - b (mean - m), in float64). Coefficients that are not finite in x's
+    dtype are rounded by NumPy, which reports the overflow as ``np.errstate`` says. Returns grad_x, x's shape and
+    dtype (``out`` if given: a separate array, grad_out or x itself). Raises as :func:`batch_norm_backward`.
+    """
+    return _core.backward_apply(grad_out, x, mean, a, b, d, layout, out, _threads())
 
 
 # ---- statistics as mergeable moments, and the coefficient maths ------------------------------------------------
@@ -299,8 +177,7 @@ class Moments:
 
 def batch_moments(x, *, layout="NCHW"):
     """The per-chunk moments of x's channels (a :class:`Moments`), the statistics :func:`batch_stats` merges."""
-    x, layout, dims = _prepare(x, layout)
-    return Moments(*_core.moments(x.reshape(dims), _threads()))
+    return Moments(*_core.batch_moments(x, layout, _threads()))
 
 
 def merge_moments(*parts):
@@ -334,21 +211,7 @@ def norm_coefficients(mean, var, weight=None, bias=None, *, eps=1e-5, dtype=np.f
     Returns (m, a, b, exact): arrays (C,) of ``dtype`` (float32 or float64), and exact=False when some channel's
     coefficients would leave ``dtype``'s range or lose precision there (bn_simd then computes that call in float64).
     """
-    dt = np.dtype(dtype)
-    if dt not in ck.SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
-    m = ck.per_channel(mean, "mean", np.size(mean) if mean is not None else 0)
-    if m is None:
-        raise TypeError("mean must be an array of shape (C,), got None")
-    C = m.shape[0]
-    v = ck.per_channel(var, "var", C)
-    if v is None:
-        raise TypeError(f"var must be an array of shape ({C},), got None")
-    w, b = ck.per_channel(weight, "weight", C), ck.per_channel(bias, "bias", C)
-    eps = ck.check_eps(eps)
-    out = [np.empty(C, dt) for _ in range(3)]
-    wide = _core.norm_params(ck.f64(m), ck.f64(v), ck.f64(w), ck.f64(b), eps, *out)
-    return out[0], out[1], out[2], not wide
+    return _core.norm_coefficients(mean, var, weight, bias, eps, dtype)
 
 
 def backward_coefficients(sum_dy, sum_dyxm, mean, invstd, n, weight=None, *, training=True, dtype=np.float32):
@@ -357,21 +220,4 @@ def backward_coefficients(sum_dy, sum_dyxm, mean, invstd, n, weight=None, *, tra
     a = w s, b = -w s^3 sum_dyxm / n, d = -w s sum_dy / n (training; b = d = 0 otherwise), m the mean rounded to
     ``dtype`` and its residual folded into d. Returns (m, a, b, d, grad_weight, grad_bias): the first four of
     ``dtype``, the gradients float64 (grad_weight = s sum_dyxm, grad_bias = sum_dy)."""
-    dt = np.dtype(dtype)
-    if dt not in ck.SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
-    arrays = []
-    C = None
-    for name, a in (("sum_dy", sum_dy), ("sum_dyxm", sum_dyxm), ("mean", mean), ("invstd", invstd)):
-        v = ck.per_channel(a, name, C if C is not None else (np.size(a) if a is not None else 0))
-        if v is None:
-            raise TypeError(f"{name} must be an array of shape (C,), got None")
-        C = v.shape[0]
-        arrays.append(ck.f64(v))
-    w = ck.per_channel(weight, "weight", C)
-    if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)) or not n > 0:
-        raise ValueError(f"n must be a number of values > 0, got {n!r}")
-    coef = [np.empty(C, dt) for _ in range(4)]
-    gw, gb = np.empty(C, np.float64), np.empty(C, np.float64)
-    _core.bwd_params(float(n), *arrays, ck.f64(w), bool(training), gw, gb, *coef)
-    return (*coef, gw, gb)
+    return _core.backward_coefficients(sum_dy, sum_dyxm, mean, invstd, n, weight, training, dtype)

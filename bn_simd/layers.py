@@ -3,7 +3,8 @@ import numbers
 
 import numpy as np
 
-from . import _checks as ck
+from . import _args as ck
+from . import _core
 from . import functional as F
 
 
@@ -42,9 +43,7 @@ class BatchNorm:
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if not 1 <= num_features < 2**31:
             raise ValueError(f"num_features must be >= 1 and < 2**31, got {num_features}")
-        dt = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
-        if dt not in ck.SUPPORTED_DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        dt = ck.check_dtype(dtype)
         self.num_features = int(num_features)
         self.eps = ck.check_eps(eps)
         self.momentum = ck.check_momentum(momentum, allow_none=True)
@@ -90,41 +89,27 @@ class BatchNorm:
 
     # ---- forward / backward --------------------------------------------------------------------------------
     def _check_input(self, x):
-        x = ck.as_data(x, "x")
-        if x.ndim not in self._ranks:
-            raise ValueError(f"{type(self).__name__} expects {' or '.join(f'{r}-D' for r in self._ranks)} "
-                             f"input, got {x.ndim}-D input of shape {x.shape}")
-        outer, C, inner = ck.canonical_view(x.shape, self.layout, "x")
-        if C != self.num_features:
-            axis = "1" if self.layout == "NCHW" else "-1"
-            raise ValueError(f"x must have {self.num_features} channels on axis {axis} (layout "
-                             f"{self.layout!r}), got {C} in shape {x.shape}")
-        return x, (outer, C, inner)
+        return ck.check_layer_input(x, self._ranks, type(self).__name__, self.num_features, self.layout)
 
     def forward(self, x, *, out=None):
         """Normalise x (rank per class, channels per ``layout``); returns y (``out`` if given)."""
         self._check_state()
-        x, (outer, C, inner) = self._check_input(x)
-        batch_stats = self.training or not self.track_running_stats
-        n = outer * inner
+        x = self._check_input(x)
+        track = self.track_running_stats
+        batch_stats = self.training or not track
+        update = self.training and track
+        # the update's momentum; None: the cumulative average, 1 / (batches with this one)
+        momentum = 0.0 if not update else (
+            self.momentum if self.momentum is not None else 1.0 / (self.num_batches_tracked + 1))
         # backward needs the input: keep a copy when the output overwrites it
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
-        if not batch_stats:
-            y = F._output(out, x, [("x", x)])
-            rm, rv = ck.f64(self.running_mean), ck.f64(self.running_var)
-            F._normalize(x, y, (outer, C, inner), rm, rv, self.weight, self.bias, self.eps)
-            self._saved = (saved_x, rm, 1.0 / np.sqrt(rv + self.eps), False)
-            return y
-        ck.check_train_size(n, x.shape)
-        y = F._output(out, x, [("x", x)])
-        mean, var = F._forward_train(x, y, (outer, C, inner), self.weight, self.bias, self.eps)
-        if self.training and self.track_running_stats:
+        y, mean, invstd = _core.batch_norm(x, self.running_mean if track else None,
+                                           self.running_var if track else None, self.weight, self.bias, batch_stats,
+                                           momentum, self.eps, self.layout, out, self.unbiased_running_var,
+                                           F._threads(), True)
+        if update:
             self.num_batches_tracked += 1
-            factor = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
-            if n > 0:
-                F.update_running_stats(self.running_mean, self.running_var, mean, var, n, factor,
-                                       unbiased=self.unbiased_running_var)
-        self._saved = (saved_x, mean, 1.0 / np.sqrt(var + self.eps), True)
+        self._saved = (saved_x, mean, invstd, batch_stats)
         return y
 
     __call__ = forward
@@ -195,7 +180,7 @@ class BatchNorm:
             if k not in state_dict:
                 continue
             if k == "num_batches_tracked":
-                v = ck._to_ndarray(state_dict[k], k)
+                v = ck.to_ndarray(state_dict[k], k)
                 if v.dtype.kind not in "iu":
                     raise TypeError(f"num_batches_tracked must be an integer scalar, got dtype {v.dtype}")
                 if v.shape not in ((), (1,)):
@@ -256,32 +241,24 @@ class _InstanceNorm(BatchNorm):
 
     def forward(self, x, *, out=None):
         """Normalise x ((N, C, *spatial) or unbatched (C, *spatial); channels per ``layout``); returns y."""
-        from . import groups
         self._check_state()
         x, unbatched = self._batched(x)
         if out is not None and unbatched:
-            out = ck.check_out(out, x.shape[1:], x.dtype, [("x", x[0])])[np.newaxis]
-        x, (outer, C, inner) = self._check_input(x)
+            out = ck.check_out(out, x[0], [("x", x[0])])[np.newaxis]
+        x = self._check_input(x)
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
-        if self.track_running_stats and not self.training:
-            y = F._output(out, x, [("x", x)])
-            rm, rv = ck.f64(self.running_mean), ck.f64(self.running_var)
-            F._normalize(x, y, (outer, C, inner), rm, rv, self.weight, self.bias, self.eps)
-            self._saved = (saved_x, rm, 1.0 / np.sqrt(rv + self.eps), False, unbatched)
+        if self.track_running_stats and not self.training:  # (batch norm's eval: no momentum, no update)
+            y, mean, invstd = _core.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
+                                               0.0, self.eps, self.layout, out, True, F._threads(), True)
+            self._saved = (saved_x, mean, invstd, False, unbatched)
         else:
-            N, S = x.shape[0], (outer * inner // x.shape[0] if x.shape[0] else 0)
-            if x.shape[0]:
-                groups._check_spatial(S, x.shape)  # (as PyTorch, whenever the input's statistics are used)
-            dims = (N, C, S)
-            y, mean, var = groups._forward(x, self.layout, dims, C, self.weight, self.bias, self.eps, out)
             # momentum=None: PyTorch's instance norm passes momentum 0 (running statistics left as they are)
-            if self.training and self.track_running_stats and N > 0 and self.momentum is not None:
-                F.update_running_stats(self.running_mean, self.running_var, mean.reshape(N, C).mean(axis=0),
-                                       (var * (S / (S - 1))).reshape(N, C).mean(axis=0), S, self.momentum,
-                                       unbiased=False)
-            invstd = 1.0 / np.sqrt(var + self.eps)
-            self._saved = (saved_x, mean.reshape(N, C).astype(x.dtype), invstd.reshape(N, C).astype(x.dtype), True,
-                           unbatched)
+            update = self.training and self.track_running_stats and self.momentum is not None
+            y, mean, invstd = _core.instance_norm(x, self.running_mean if update else None,
+                                                  self.running_var if update else None, self.weight, self.bias, True,
+                                                  self.momentum if update else 0.0, self.eps, self.layout, out,
+                                                  F._threads(), True)
+            self._saved = (saved_x, mean, invstd, True, unbatched)
         return y[0] if unbatched else y
 
     __call__ = forward
@@ -297,7 +274,7 @@ class _InstanceNorm(BatchNorm):
         if unbatched:
             g = g[np.newaxis]
             if out is not None:
-                out = ck.check_out(out, x.shape[1:], x.dtype, [("grad_out", g[0])])[np.newaxis]
+                out = ck.check_out(out, x[0], [("grad_out", g[0])])[np.newaxis]
         if input_stats:
             gx, gw, gb = groups.instance_norm_backward(g, x, mean, invstd, self.weight, layout=self.layout, out=out)
         else:
@@ -346,7 +323,6 @@ class GroupNorm:
     """
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, layout="NCHW", dtype=np.float32):
-        from .groups import _check_groups
         for name, v in (("num_groups", num_groups), ("num_channels", num_channels)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__}")
@@ -354,10 +330,8 @@ class GroupNorm:
                 raise ValueError(f"{name} must be >= 1 and < 2**31, got {v}")
         if num_channels % num_groups:
             raise ValueError(f"num_groups ({num_groups}) must divide num_channels ({num_channels})")
-        _check_groups(num_groups, num_channels)
-        dt = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
-        if dt not in ck.SUPPORTED_DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        ck.check_groups(num_groups, num_channels)
+        dt = ck.check_dtype(dtype)
         self.num_groups, self.num_channels = int(num_groups), int(num_channels)
         self.eps = ck.check_eps(eps)
         self.affine = bool(affine)
@@ -394,13 +368,7 @@ class GroupNorm:
         """Normalise x ((N, C, *spatial), rank 2..5, channels per ``layout``); returns y (``out`` if given)."""
         from . import groups
         self._check_state()
-        x = ck.as_data(x, "x")
-        if 2 <= x.ndim <= 5:
-            C = x.shape[1] if self.layout == "NCHW" else x.shape[-1]
-            if C != self.num_channels:
-                axis = "1" if self.layout == "NCHW" else "-1"
-                raise ValueError(f"x must have {self.num_channels} channels on axis {axis} (layout {self.layout!r}), "
-                                 f"got {C} in shape {x.shape}")
+        x = ck.check_layer_input(x, None, "GroupNorm", self.num_channels, self.layout)
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         y, mean, invstd = groups.group_norm_forward(x, self.num_groups, self.weight, self.bias, eps=self.eps,
                                                     layout=self.layout, out=out)

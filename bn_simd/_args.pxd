@@ -1,0 +1,53 @@
+# The argument checker's C-level interface (bn_simd/_args.pyx), for the bridge (bn_simd/_core.pyx).
+cimport numpy as cnp
+from libc.stdint cimport int64_t
+
+# Storage dtypes of data tensors: the code the bridge dispatches its kernel calls on.
+cdef enum:
+    DT_F32 = 0
+    DT_F64 = 1
+
+# Layouts.
+cdef enum:
+    NCHW = 0
+    NHWC = 1
+
+# A data tensor seen by the batch-norm kernels: the C-contiguous (outer, C, inner) view and its storage dtype.
+ctypedef struct View:
+    int64_t outer
+    int64_t C
+    int64_t inner
+    int dtype
+
+# A data tensor seen by the group-norm kernels: N samples of C channels at S positions, channels last or not.
+ctypedef struct Groups:
+    int64_t N
+    int64_t C
+    int64_t S
+    int cl
+    int dtype
+
+cdef int layout_code(object layout) except -1
+cdef cnp.ndarray data(object x, str name)
+cdef int view(cnp.ndarray x, int layout, str name, View* v) except -1
+cdef int group_view(cnp.ndarray x, int layout, int min_rank, str what, Groups* g) except -1
+cdef cnp.ndarray like(object a, str name, cnp.ndarray x)
+cdef object channel(object v, str name, int64_t C, bint inplace)
+cdef object required_channel(object v, str name, int64_t C)
+cdef object first_channel(object v, str name)
+cdef int both_given(object a, object b, str names) except -1
+cdef int together(object running_mean, object running_var) except -1
+cdef int load(object a, int64_t C, double* dst) except -1
+cdef int store(object a, int64_t C, const double* src) except -1
+cdef int group_stat(object v, str name, int64_t N, int64_t G, str what, double* dst) except -1
+cdef int64_t num_groups(object G, int64_t C) except -1
+cdef int group_values(int64_t n, cnp.ndarray x) except -1
+cdef double eps(object e) except? -1.0
+cdef double momentum(object m) except? -1.0
+cdef double count(object n, bint positive) except? -1.0
+cdef object dtype_arg(object dtype, int* code)
+cdef int train_size(int64_t n, cnp.ndarray x) except -1
+cdef int spatial_size(int64_t S, cnp.ndarray x) except -1
+cdef cnp.ndarray output(object out, cnp.ndarray x, cnp.ndarray also)
+cdef cnp.ndarray new_like(cnp.ndarray x)
+cdef cnp.ndarray new_vector(int64_t n, int npy_type)

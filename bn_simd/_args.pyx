@@ -1,0 +1,514 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""The argument checker: every entry point's arguments are validated, converted and described here, once.
+
+Each check raises before anything is written, so a call that raises has changed nothing. Messages name the
+argument, what was expected and what came: TypeError for a wrong type or dtype, ValueError for a wrong shape or
+value. Arguments the kernels can use as they are (C-contiguous, aligned, native-order float32/float64 ndarrays,
+Python floats, "NCHW"/"NHWC") pass a few C-level tests and are returned unchanged; anything else is converted once
+(a data tensor copied to C order, native byte order; a tensor or list through NumPy; a per-channel array of any
+float dtype read as float64) or refused.
+
+The cdef functions (bn_simd/_args.pxd) serve the bridge, bn_simd/_core.pyx; the def functions at the end serve the
+Python modules (the layers' attribute and input checks).
+"""
+import numbers
+
+import numpy as np
+
+cimport numpy as cnp
+from cpython.float cimport PyFloat_AS_DOUBLE
+from libc.math cimport isfinite
+from libc.string cimport memcpy
+
+cnp.import_array()
+
+LAYOUTS = {"NCHW": "NCHW", "NHWC": "NHWC", "channels_first": "NCHW", "channels_last": "NHWC"}
+LAYOUT_NAMES = ("NCHW", "NHWC")
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# ---- descriptions and conversions ---------------------------------------------------------------------------
+
+cdef str _describe(object obj):
+    return type(obj).__name__ if not isinstance(obj, np.ndarray) else f"ndarray of dtype {obj.dtype}"
+
+
+cdef inline bint _plain(cnp.ndarray a):
+    """a's elements are float32/float64 the kernels can read in place (C order, aligned, native byte order)."""
+    cdef int t = cnp.PyArray_TYPE(a)
+    return ((t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and cnp.PyArray_IS_C_CONTIGUOUS(a)
+            and cnp.PyArray_ISALIGNED(a) and cnp.PyArray_ISNOTSWAPPED(a))
+
+
+cdef object _to_ndarray(object obj, str name):
+    """ndarray as it is; array-likes (lists, tensors on the CPU) through np.asarray."""
+    if type(obj) is np.ndarray:
+        return obj
+    if isinstance(obj, np.ndarray):  # a subclass (np.matrix, masked arrays): its data as a plain ndarray
+        return np.asarray(obj).view(np.ndarray)
+    if hasattr(obj, "detach") and hasattr(obj, "numpy"):  # a torch.Tensor: no autograd, on the CPU
+        t = obj.detach().cpu()
+        if str(getattr(t, "dtype", "")) == "torch.bfloat16":  # NumPy has no bfloat16: widen (exact)
+            t = t.float()
+        try:
+            return t.numpy()
+        except (TypeError, RuntimeError) as e:
+            raise TypeError(f"{name} must be an array of float32 or float64, got {_describe(obj)}: {e}") from None
+    try:
+        return np.asarray(obj)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be an array of float32 or float64, got {_describe(obj)}: {e}") from None
+
+
+# ---- layout -------------------------------------------------------------------------------------------------
+
+cdef int layout_code(object layout) except -1:
+    """NCHW or NHWC for "NCHW"/"NHWC" and their aliases "channels_first"/"channels_last"."""
+    if type(layout) is str:
+        if layout == "NCHW":
+            return NCHW
+        if layout == "NHWC":
+            return NHWC
+    return NCHW if _layout_name(layout) == "NCHW" else NHWC
+
+
+cdef str _layout_name(object layout):
+    if not isinstance(layout, str):
+        raise TypeError(f"layout must be a string, one of {sorted(LAYOUTS)}, got {_describe(layout)}")
+    try:
+        return LAYOUTS[layout]
+    except KeyError:
+        raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}") from None
+
+
+# ---- data tensors -------------------------------------------------------------------------------------------
+
+cdef cnp.ndarray data(object x, str name):
+    """x as a native-endian, C-contiguous, aligned float32/float64 ndarray: x itself when it is one, else one copy
+    (Fortran order, strides, byte swaps, tensors, lists)."""
+    if type(x) is cnp.ndarray and _plain(<cnp.ndarray>x):
+        return <cnp.ndarray>x
+    if not isinstance(x, np.ndarray) and str(getattr(x, "dtype", "")) == "torch.bfloat16":
+        raise TypeError(f"{name} must have dtype float32 or float64, got torch.bfloat16 (not supported yet)")
+    a = _to_ndarray(x, name)
+    dt = a.dtype
+    if dt.kind != "f" or dt.newbyteorder("=") not in SUPPORTED_DTYPES:
+        hint = " (float16 is not supported yet)" if dt.kind == "f" and dt.itemsize == 2 else ""
+        raise TypeError(f"{name} must have dtype float32 or float64, got {dt}{hint}")
+    if not (dt.isnative and a.flags.c_contiguous and a.flags.aligned):
+        a = np.array(a, dtype=dt.newbyteorder("="), order="C")  # (a fresh array is aligned)
+    return <cnp.ndarray>a
+
+
+cdef inline int _dtype_code(cnp.ndarray x) noexcept:
+    return DT_F32 if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32 else DT_F64
+
+
+cdef int view(cnp.ndarray x, int layout, str name, View* v) except -1:
+    """v = the (outer, C, inner) view of data tensor x, shaped (N, C, *spatial) (NCHW) or (N, *spatial, C) (NHWC),
+    of rank 2 to 5."""
+    cdef int nd = cnp.PyArray_NDIM(x), k
+    if nd < 2 or nd > 5:
+        form = "(N, C, *spatial)" if layout == NCHW else "(N, *spatial, C)"
+        raise ValueError(f"{name} must have 2 to 5 dimensions {form} for layout {LAYOUT_NAMES[layout]!r}, "
+                         f"got {nd} dimension(s) with shape {(<object>x).shape}")
+    v.outer = 1
+    v.inner = 1
+    if layout == NCHW:
+        v.outer = cnp.PyArray_DIM(x, 0)
+        v.C = cnp.PyArray_DIM(x, 1)
+        for k in range(2, nd):
+            v.inner *= cnp.PyArray_DIM(x, k)
+    else:
+        v.C = cnp.PyArray_DIM(x, nd - 1)
+        for k in range(nd - 1):
+            v.outer *= cnp.PyArray_DIM(x, k)
+    v.dtype = _dtype_code(x)
+    return 0
+
+
+cdef int group_view(cnp.ndarray x, int layout, int min_rank, str what, Groups* g) except -1:
+    """g = (N, C, S) of data tensor x for the group-norm kernels: rank min_rank to 5, S = prod(spatial)."""
+    cdef int nd = cnp.PyArray_NDIM(x), k
+    if nd < min_rank or nd > 5:
+        form = "(N, C, *spatial)" if layout == NCHW else "(N, *spatial, C)"
+        ranks = " or ".join(str(r) for r in range(min_rank, 6))
+        raise ValueError(f"{what} expects x of {ranks} dimensions {form} for layout {LAYOUT_NAMES[layout]!r}, "
+                         f"got {nd} dimension(s) with shape {(<object>x).shape}")
+    g.N = cnp.PyArray_DIM(x, 0)
+    g.cl = layout == NHWC
+    g.C = cnp.PyArray_DIM(x, nd - 1 if g.cl else 1)
+    g.S = 1
+    for k in range(1 if g.cl else 2, nd - 1 if g.cl else nd):
+        g.S *= cnp.PyArray_DIM(x, k)
+    g.dtype = _dtype_code(x)
+    return 0
+
+
+cdef cnp.ndarray like(object a, str name, cnp.ndarray x):
+    """a as a data tensor (see data) with the shape and dtype of x (grad_out beside x)."""
+    cdef cnp.ndarray g = data(a, name)
+    cdef int k, nd = cnp.PyArray_NDIM(x)
+    cdef bint same = cnp.PyArray_NDIM(g) == nd
+    for k in range(nd if same else 0):
+        same = same and cnp.PyArray_DIM(g, k) == cnp.PyArray_DIM(x, k)
+    if not same:
+        raise ValueError(f"{name} must have the shape of x {(<object>x).shape}, got {(<object>g).shape}")
+    if cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(x):
+        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {g.dtype}")
+    return g
+
+
+cdef int train_size(int64_t n, cnp.ndarray x) except -1:
+    if n == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input of shape "
+                         f"{(<object>x).shape}")
+    return 0
+
+
+cdef int spatial_size(int64_t S, cnp.ndarray x) except -1:
+    if S <= 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input of shape {(<object>x).shape}")
+    return 0
+
+
+# ---- per-channel arrays -------------------------------------------------------------------------------------
+
+cdef object channel(object v, str name, int64_t C, bint inplace):
+    """A length-C floating-point vector (any float dtype, any strides) as an ndarray, or None.
+
+    inplace: v is updated in place by the call, so it must be a writeable ndarray."""
+    cdef cnp.ndarray a
+    cdef int t
+    if v is None:
+        return None
+    if type(v) is cnp.ndarray:
+        a = <cnp.ndarray>v
+        t = cnp.PyArray_TYPE(a)
+        if ((t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and cnp.PyArray_NDIM(a) == 1
+                and cnp.PyArray_DIM(a, 0) == C and (not inplace or cnp.PyArray_ISWRITEABLE(a))):
+            return a
+    if inplace:
+        if not isinstance(v, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), got {_describe(v)}")
+        b = v
+    else:
+        b = _to_ndarray(v, name)
+    if b.dtype.kind != "f":
+        raise TypeError(f"{name} must have a floating-point dtype, got {b.dtype}")
+    if b.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},) to match the {C} channels of x, got shape {b.shape}")
+    if inplace and not b.flags.writeable:
+        raise ValueError(f"{name} must be writeable (it is updated in place), got a read-only array")
+    return b
+
+
+cdef int64_t length(object v, str name) except -1:
+    """The number of elements of array-like v (0 for None): the C of a call whose per-channel arrays set it."""
+    return 0 if v is None else _to_ndarray(v, name).size
+
+
+cdef object required_channel(object v, str name, int64_t C):
+    """channel(v, name, C, False), None refused."""
+    if v is None:
+        raise TypeError(f"{name} must be an array of shape ({C},), got None")
+    return channel(v, name, C, False)
+
+
+cdef object first_channel(object v, str name):
+    """channel(v, name, C, False) for the first per-channel argument of a call without data, whose length sets C;
+    None refused."""
+    if v is None:
+        raise TypeError(f"{name} must be an array of shape (C,), got None")
+    return channel(v, name, length(v, name), False)
+
+
+cdef int both_given(object a, object b, str names) except -1:
+    """Two per-channel arrays a call needs (names: "a_name and b_name"), checked: neither is None."""
+    if a is None or b is None:
+        raise TypeError(f"{names} must be arrays of shape (C,), got None")
+    return 0
+
+
+cdef int together(object running_mean, object running_var) except -1:
+    """The running statistics are both arrays or both None."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
+    return 0
+
+
+cdef int load(object obj, int64_t n, double* dst) except -1:
+    """The n elements of float ndarray obj (any float dtype, byte order or strides; C order), as float64 into dst."""
+    cdef cnp.ndarray a = <cnp.ndarray>obj
+    cdef const float* f
+    cdef const double* d
+    cdef int64_t i
+    # (local data pointers: a loop reading through PyArray_DATA in its body is not vectorised, the compiler must
+    # assume that the stores to dst change the array object)
+    if _plain(a):
+        if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
+            f = <const float*>cnp.PyArray_DATA(a)
+            for i in range(n):
+                dst[i] = f[i]
+        else:
+            d = <const double*>cnp.PyArray_DATA(a)
+            for i in range(n):
+                dst[i] = d[i]
+        return 0
+    cdef cnp.ndarray b = np.ascontiguousarray(a, dtype=np.float64)
+    if n:
+        memcpy(dst, cnp.PyArray_DATA(b), n * sizeof(double))
+    return 0
+
+
+cdef int store(object obj, int64_t n, const double* src) except -1:
+    """The n values of src into float ndarray obj (C order), rounded to its dtype."""
+    cdef cnp.ndarray a = <cnp.ndarray>obj
+    cdef float* f
+    cdef double* d
+    cdef int64_t i
+    cdef cnp.npy_intp n1 = n
+    if _plain(a):
+        if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
+            f = <float*>cnp.PyArray_DATA(a)
+            for i in range(n):
+                f[i] = <float>src[i]
+        else:
+            d = <double*>cnp.PyArray_DATA(a)
+            for i in range(n):
+                d[i] = src[i]
+        return 0
+    # float16, long double, byte-swapped or strided: NumPy's assignment casts
+    obj[...] = cnp.PyArray_SimpleNewFromData(1, &n1, cnp.NPY_FLOAT64, <void*>src)
+    return 0
+
+
+cdef int group_stat(object v, str name, int64_t N, int64_t G, str what, double* dst) except -1:
+    """A saved group statistic: N * G floats shaped (N, G), read as float64 into dst."""
+    if v is None:
+        raise TypeError(f"{name} must be an array of shape ({N}, {G}), got None")
+    a = _to_ndarray(v, name)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must have a floating-point dtype, got {a.dtype}")
+    if a.shape != (N, G):
+        raise ValueError(f"{name} must have shape ({N}, {G}) ({what} of x), got shape {a.shape}")
+    return load(a, N * G, dst)
+
+
+cdef int64_t num_groups(object G, int64_t C) except -1:
+    """The number of groups: an int >= 1 dividing C."""
+    if isinstance(G, bool) or not isinstance(G, numbers.Integral):
+        raise TypeError(f"num_groups must be an int, got {type(G).__name__}")
+    g = int(G)
+    if g < 1:
+        raise ValueError(f"num_groups must be >= 1, got {g}")
+    if C % g != 0:
+        raise ValueError(f"num_groups ({g}) must divide the number of channels of x ({C})")
+    return g
+
+
+cdef int group_values(int64_t n, cnp.ndarray x) except -1:
+    if n == 1:  # (PyTorch's check: one sample of one channel per group at one position)
+        raise ValueError(f"Expected more than 1 value per group when training, got input of shape {(<object>x).shape}")
+    return 0
+
+
+# ---- scalars ------------------------------------------------------------------------------------------------
+
+cdef double eps(object e) except? -1.0:
+    """eps as a double: a real number, finite and > 0."""
+    cdef double v
+    if type(e) is float:
+        v = PyFloat_AS_DOUBLE(e)
+        if isfinite(v) and v > 0.0:
+            return v
+    if isinstance(e, bool) or not isinstance(e, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {_describe(e)}")
+    try:
+        v = float(e)
+    except OverflowError:
+        raise ValueError(f"eps must be a finite number > 0, got an integer too large for a float") from None
+    if not (isfinite(v) and v > 0.0):
+        raise ValueError(f"eps must be a finite number > 0, got {e!r}")
+    return v
+
+
+cdef double momentum(object m) except? -1.0:
+    """momentum as a double in [0, 1] (None refused: the functional calls do not count batches)."""
+    cdef double v
+    if type(m) is float:
+        v = PyFloat_AS_DOUBLE(m)
+        if 0.0 <= v <= 1.0:
+            return v
+    return _momentum(m, False)
+
+
+cdef double _momentum(object m, bint allow_none) except? -1.0:
+    cdef double v
+    if m is None:
+        raise ValueError("momentum=None (cumulative average) needs the batch count: use a BatchNorm layer, "
+                         "or pass momentum = 1 / batches_seen")
+    if isinstance(m, bool) or not isinstance(m, numbers.Real):
+        raise TypeError(f"momentum must be a real number in [0, 1]{' or None' if allow_none else ''}, "
+                        f"got {_describe(m)}")
+    try:
+        v = float(m)
+    except OverflowError:
+        raise ValueError("momentum must be in [0, 1], got an integer too large for a float") from None
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {m!r}")
+    return v
+
+
+cdef double count(object n, bint positive) except? -1.0:
+    """A number of values n (a real number > 0, or >= 0 unless positive) as a double."""
+    if (not isinstance(n, bool) and isinstance(n, (int, float, np.integer, np.floating))
+            and (n > 0 if positive else n >= 0)):
+        try:
+            return float(n)
+        except OverflowError:
+            pass
+    raise ValueError(f"n must be a number of values {'> 0' if positive else '>= 0'}, got {n!r}")
+
+
+cdef object dtype_arg(object dtype, int* code):
+    """The np.dtype of a dtype argument (parameters, coefficients): float32 or float64; code = its DT_* code."""
+    dt = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
+    if dt not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    code[0] = DT_F32 if dt == SUPPORTED_DTYPES[0] else DT_F64
+    return dt
+
+
+# ---- outputs ------------------------------------------------------------------------------------------------
+
+cdef cnp.ndarray new_like(cnp.ndarray x):
+    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+
+
+cdef cnp.ndarray new_vector(int64_t n, int npy_type):
+    cdef cnp.npy_intp n1 = n
+    return cnp.PyArray_EMPTY(1, &n1, npy_type, 0)
+
+
+cdef cnp.ndarray output(object out, cnp.ndarray x, cnp.ndarray grad_out):
+    """The output array: new when out is None, else out checked against data tensor x (and grad_out, when the
+    kernel reads it too)."""
+    if out is None:
+        return new_like(x)
+    return _out(out, x, "out", "x", x, "grad_out", grad_out)
+
+
+cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
+    cdef char* pa = <char*>cnp.PyArray_DATA(a)
+    cdef char* pb = <char*>cnp.PyArray_DATA(b)
+    return pa + cnp.PyArray_NBYTES(a) <= pb or pb + cnp.PyArray_NBYTES(b) <= pa
+
+
+cdef bint _in_place_or_disjoint(cnp.ndarray out, cnp.ndarray a):
+    """out is a itself element for element (same data, same strides), or shares no byte with it (a C-contiguous)."""
+    cdef int k
+    if cnp.PyArray_DATA(out) != cnp.PyArray_DATA(a):
+        return _disjoint(out, a)
+    for k in range(cnp.PyArray_NDIM(out)):
+        if cnp.PyArray_STRIDE(out, k) != cnp.PyArray_STRIDE(a, k):
+            return False
+    return True
+
+
+cdef cnp.ndarray _out(object out, cnp.ndarray like, str name, str name1, cnp.ndarray read1, str name2,
+                      cnp.ndarray read2):
+    """out must match like's shape and dtype, be C-contiguous, aligned and writeable, and either be each array the
+    kernel reads (read1, read2: C-contiguous, or None) element for element (in place) or share no byte with it."""
+    cdef cnp.ndarray o
+    cdef int k, nd = cnp.PyArray_NDIM(like)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {_describe(out)}")
+    o = <cnp.ndarray>out
+    cdef bint same = cnp.PyArray_NDIM(o) == nd
+    for k in range(nd if same else 0):
+        same = same and cnp.PyArray_DIM(o, k) == cnp.PyArray_DIM(like, k)
+    if not same:
+        raise ValueError(f"{name} must have shape {(<object>like).shape}, got {(<object>o).shape}")
+    if cnp.PyArray_TYPE(o) != cnp.PyArray_TYPE(like) or not cnp.PyArray_ISNOTSWAPPED(o):
+        raise TypeError(f"{name} must have dtype {like.dtype} (the dtype of the input), got {o.dtype}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(o):
+        raise ValueError(f"{name} must be C-contiguous")
+    if not cnp.PyArray_ISALIGNED(o):
+        raise ValueError(f"{name} must be aligned to its element size, got an unaligned view")
+    if not cnp.PyArray_ISWRITEABLE(o):
+        raise ValueError(f"{name} must be writeable, got a read-only array")
+    if read1 is not None and not _in_place_or_disjoint(o, read1):
+        _overlap(name, name1)
+    if read2 is not None and not _in_place_or_disjoint(o, read2):
+        _overlap(name, name2)
+    return o
+
+
+cdef int _overlap(str name, str read) except -1:
+    raise ValueError(f"{name} overlaps {read} partially; pass {read} itself for in-place operation or a separate "
+                     f"array")
+
+
+# ---- for the Python modules ---------------------------------------------------------------------------------
+
+def check_layout(layout):
+    """"NCHW" or "NHWC" for a layout name or alias."""
+    return LAYOUT_NAMES[layout_code(layout)]
+
+
+def as_data(x, name="x"):
+    """A data tensor as a native-endian, C-contiguous float32/float64 ndarray (x itself, or one copy)."""
+    return data(x, name)
+
+
+def per_channel(v, name, C, *, inplace=False):
+    """A length-C floating-point vector (any float dtype) as an ndarray, or None (see channel)."""
+    return channel(v, name, C, inplace)
+
+
+def to_ndarray(obj, name):
+    return _to_ndarray(obj, name)
+
+
+def check_eps(e):
+    return eps(e)
+
+
+def check_momentum(m, allow_none):
+    """momentum as a float in [0, 1], or None when allow_none (a layer's cumulative average)."""
+    if m is None and allow_none:
+        return None
+    return _momentum(m, allow_none)
+
+
+def check_dtype(dtype):
+    """A dtype for parameters or coefficients: float32 or float64."""
+    cdef int code
+    return dtype_arg(dtype, &code)
+
+
+def check_groups(G, C):
+    return num_groups(G, C)
+
+
+def check_out(out, like, reads, name="out"):
+    """out checked against array `like` (shape, dtype) and the (name, array) pairs of `reads` (see _out)."""
+    reads = list(reads) + [(None, None)] * (2 - len(reads))
+    return _out(out, like, name, reads[0][0], reads[0][1], reads[1][0], reads[1][1])
+
+
+def check_layer_input(x, ranks, what, num_features, layout):
+    """A layer's input: a data tensor (see data) of one of `ranks` (None: any) with num_features channels on the
+    layout's channel axis (checked for ranks 2 to 5)."""
+    a = <object>data(x, "x")
+    if ranks is not None and a.ndim not in ranks:
+        raise ValueError(f"{what} expects {' or '.join(f'{r}-D' for r in ranks)} input, got {a.ndim}-D input of "
+                         f"shape {a.shape}")
+    if 2 <= a.ndim <= 5:
+        C = a.shape[1] if layout == "NCHW" else a.shape[a.ndim - 1]
+        if C != num_features:
+            axis = "1" if layout == "NCHW" else "-1"
+            raise ValueError(f"x must have {num_features} channels on axis {axis} (layout {layout!r}), "
+                             f"got {C} in shape {a.shape}")
+    return a
