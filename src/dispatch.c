@@ -26,7 +26,14 @@ static bn_context default_ctx = {-1, 0, -1, -1};
 /* The calling thread's context (NULL: the default); the drivers copy it into their OpenMP threads (BN_OMP_CTX). */
 const bn_context* bn_tls_ctx = NULL;
 
-static const bn_context* ctx(void) { return bn_tls_ctx ? bn_tls_ctx : &default_ctx; }
+/* Set once some thread has used a context of its own: until then every call reads the default context without the
+ * thread-local lookup (a call into the TLS resolver from a shared library, several per call). */
+static int contexts_used = 0;
+
+static const bn_context* ctx(void) {
+    if (!__atomic_load_n(&contexts_used, __ATOMIC_RELAXED)) return &default_ctx;
+    return bn_tls_ctx ? bn_tls_ctx : &default_ctx;
+}
 
 int bn_isa_supported(int isa) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -241,6 +248,7 @@ int bn_context_set_slab_bytes(bn_context* c, int64_t bytes) {
 const bn_context* bn_context_use(const bn_context* c) {
     const bn_context* previous = bn_tls_ctx;
     bn_tls_ctx = c == &default_ctx ? NULL : c;
+    if (bn_tls_ctx) __atomic_store_n(&contexts_used, 1, __ATOMIC_RELAXED);
     return previous;
 }
 
