@@ -141,7 +141,11 @@ def _ort_step(xl):
     io = sess.io_binding()
     io.bind_cpu_input("x", xl)
     io.bind_output("y", "cpu", 0, np.float32, shape, out.ctypes.data)
-    return lambda: sess.run_with_iobinding(io)
+
+    def step():
+        sess.run_with_iobinding(io)
+        return out  # (the closure keeps the output buffer that ONNX Runtime writes alive)
+    return step
 
 
 def run(rounds, reps):
