@@ -8,7 +8,21 @@ from . import _core
 from . import functional as F
 
 
-class BatchNorm:
+class _Modes:
+    """train() / eval() of every layer: ``training`` is what they set."""
+
+    def train(self, mode=True):
+        """Training mode (batch statistics; running statistics updated where the layer keeps them); returns
+        self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Inference mode (running statistics where the layer keeps them); returns self."""
+        return self.train(False)
+
+
+class BatchNorm(_Modes):
     """Batch normalization over the channel axis, with learnable affine parameters and running statistics.
 
     Parameters
@@ -65,16 +79,7 @@ class BatchNorm:
         self.training = True
         self._saved = None
 
-    # ---- modes ---------------------------------------------------------------------------------------------
-    def train(self, mode=True):
-        """Training mode (batch statistics, running statistics updated); returns self."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        """Inference mode (running statistics); returns self."""
-        return self.train(False)
-
+    # ---- state resets --------------------------------------------------------------------------------------
     def reset_running_stats(self):
         if self.track_running_stats:
             self.running_mean.fill(0)
@@ -305,7 +310,7 @@ class InstanceNorm3d(_InstanceNorm):
     _ranks = (5,)
 
 
-class GroupNorm:
+class GroupNorm(_Modes):
     """Group normalization over groups of channels (``torch.nn.GroupNorm``).
 
     Parameters
@@ -342,14 +347,6 @@ class GroupNorm:
         self.grad_weight = self.grad_bias = None
         self.training = True
         self._saved = None
-
-    def train(self, mode=True):
-        """Training mode; group norm computes the same in both modes. Returns self."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
 
     def reset_parameters(self):
         if self.affine:
