@@ -8,8 +8,9 @@ from . import _core
 from . import functional as F
 
 
-class _Modes:
-    """train() / eval() of every layer: ``training`` is what they set."""
+class _Layer:
+    """What every layer shares: train() / eval() (``training`` is what they set) and load_state_dict over the keys
+    of ``_state_keys()`` and the ``_channels`` per-channel entries."""
 
     def train(self, mode=True):
         """Training mode (batch statistics; running statistics updated where the layer keeps them); returns
@@ -21,8 +22,44 @@ class _Modes:
         """Inference mode (running statistics where the layer keeps them); returns self."""
         return self.train(False)
 
+    def load_state_dict(self, state_dict, strict=True):
+        """Load a dict from :meth:`state_dict` or from the PyTorch layer's (tensors are converted).
 
-class BatchNorm(_Modes):
+        Every entry is checked (shape (C,), floating dtype; num_batches_tracked an integer) before anything
+        is assigned, so a rejected dict leaves the layer as it was. strict=True also rejects missing and
+        unexpected keys. Values are copied into the layer's dtype.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        keys, C = self._state_keys(), self._channels
+        if strict:
+            missing = [k for k in keys if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in keys]
+            if missing or unexpected:
+                raise ValueError(f"state_dict does not match this layer: missing keys {missing}, "
+                                 f"unexpected keys {unexpected}")
+        staged = {}
+        for k in keys:
+            if k not in state_dict:
+                continue
+            if k == "num_batches_tracked":
+                v = ck.to_ndarray(state_dict[k], k)
+                if v.dtype.kind not in "iu":
+                    raise TypeError(f"num_batches_tracked must be an integer scalar, got dtype {v.dtype}")
+                if v.shape not in ((), (1,)):
+                    raise ValueError(f"num_batches_tracked must be an integer scalar, got shape {v.shape}")
+                if int(v.reshape(())) < 0:
+                    raise ValueError(f"num_batches_tracked must be >= 0, got {int(v.reshape(()))}")
+                staged[k] = int(v.reshape(()))
+            else:
+                if state_dict[k] is None:
+                    raise TypeError(f"state_dict[{k!r}] must be an array of shape ({C},), got None")
+                staged[k] = np.array(ck.per_channel(state_dict[k], k, C), dtype=self.dtype)
+        for k, v in staged.items():
+            setattr(self, k, v)
+
+
+class BatchNorm(_Layer):
     """Batch normalization over the channel axis, with learnable affine parameters and running statistics.
 
     Parameters
@@ -163,42 +200,13 @@ class BatchNorm(_Modes):
             d["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
         return d
 
-    def load_state_dict(self, state_dict, strict=True):
-        """Load a dict from :meth:`state_dict` or from a PyTorch BatchNorm (tensors are converted).
-
-        Every entry is checked (shape (C,), floating dtype; num_batches_tracked an integer) before anything
-        is assigned, so a rejected dict leaves the layer as it was. strict=True also rejects missing and
-        unexpected keys. Values are copied into the layer's dtype.
-        """
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        keys = (["weight", "bias"] if self.affine else []) + (
+    def _state_keys(self):
+        return (["weight", "bias"] if self.affine else []) + (
             ["running_mean", "running_var", "num_batches_tracked"] if self.track_running_stats else [])
-        if strict:
-            missing = [k for k in keys if k not in state_dict]
-            unexpected = [k for k in state_dict if k not in keys]
-            if missing or unexpected:
-                raise ValueError(f"state_dict does not match this layer: missing keys {missing}, "
-                                 f"unexpected keys {unexpected}")
-        staged = {}
-        for k in keys:
-            if k not in state_dict:
-                continue
-            if k == "num_batches_tracked":
-                v = ck.to_ndarray(state_dict[k], k)
-                if v.dtype.kind not in "iu":
-                    raise TypeError(f"num_batches_tracked must be an integer scalar, got dtype {v.dtype}")
-                if v.shape not in ((), (1,)):
-                    raise ValueError(f"num_batches_tracked must be an integer scalar, got shape {v.shape}")
-                if int(v.reshape(())) < 0:
-                    raise ValueError(f"num_batches_tracked must be >= 0, got {int(v.reshape(()))}")
-                staged[k] = int(v.reshape(()))
-            else:
-                if state_dict[k] is None:
-                    raise TypeError(f"state_dict[{k!r}] must be an array of shape ({self.num_features},), got None")
-                staged[k] = np.array(ck.per_channel(state_dict[k], k, self.num_features), dtype=self.dtype)
-        for k, v in staged.items():
-            setattr(self, k, v)
+
+    @property
+    def _channels(self):
+        return self.num_features
 
     def __repr__(self):
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
@@ -289,11 +297,6 @@ class _InstanceNorm(BatchNorm):
             self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
         return gx[0] if unbatched else gx
 
-    def __repr__(self):
-        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, layout={self.layout!r}, "
-                f"dtype={self.dtype.name})")
-
 
 class InstanceNorm1d(_InstanceNorm):
     """InstanceNorm over (N, C, L) or (C, L) input (NHWC: (N, L, C) or (L, C))."""
@@ -310,7 +313,7 @@ class InstanceNorm3d(_InstanceNorm):
     _ranks = (5,)
 
 
-class GroupNorm(_Modes):
+class GroupNorm(_Layer):
     """Group normalization over groups of channels (``torch.nn.GroupNorm``).
 
     Parameters
@@ -335,7 +338,6 @@ class GroupNorm(_Modes):
                 raise ValueError(f"{name} must be >= 1 and < 2**31, got {v}")
         if num_channels % num_groups:
             raise ValueError(f"num_groups ({num_groups}) must divide num_channels ({num_channels})")
-        ck.check_groups(num_groups, num_channels)
         dt = ck.check_dtype(dtype)
         self.num_groups, self.num_channels = int(num_groups), int(num_channels)
         self.eps = ck.check_eps(eps)
@@ -390,26 +392,12 @@ class GroupNorm(_Modes):
         """Copies of weight and bias (affine), PyTorch's keys."""
         return {"weight": self.weight.copy(), "bias": self.bias.copy()} if self.affine else {}
 
-    def load_state_dict(self, state_dict, strict=True):
-        """Load weight and bias (arrays or tensors of shape (C,)); everything is checked before anything is
-        assigned. strict=True rejects missing and unexpected keys."""
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        keys = ["weight", "bias"] if self.affine else []
-        if strict:
-            missing = [k for k in keys if k not in state_dict]
-            unexpected = [k for k in state_dict if k not in keys]
-            if missing or unexpected:
-                raise ValueError(f"state_dict does not match this layer: missing keys {missing}, "
-                                 f"unexpected keys {unexpected}")
-        staged = {}
-        for k in keys:
-            if k in state_dict:
-                if state_dict[k] is None:
-                    raise TypeError(f"state_dict[{k!r}] must be an array of shape ({self.num_channels},), got None")
-                staged[k] = np.array(ck.per_channel(state_dict[k], k, self.num_channels), dtype=self.dtype)
-        for k, v in staged.items():
-            setattr(self, k, v)
+    def _state_keys(self):
+        return ["weight", "bias"] if self.affine else []
+
+    @property
+    def _channels(self):
+        return self.num_channels
 
     def __repr__(self):
         return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
