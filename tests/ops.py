@@ -565,19 +565,31 @@ def _layer(c, training=True):
     layer = bn_simd.BatchNorm(c.shape[1], eps=c["eps"], momentum=c["momentum"], affine=affine,
                               track_running_stats=track, layout=c.layout_arg, dtype=c.dtype,
                               unbiased_running_var=c["unbiased"])
-    if affine:
+    return _with_case_state(layer, c, training)
+
+
+def _with_case_state(layer, c, training=True):
+    """The layer with the case's weight, bias and running statistics (those it has) as its own arrays, in the mode
+    asked for."""
+    if c["weight"] is not None:
         layer.weight, layer.bias = c["weight"], c["bias"]
-    if track:
+    if getattr(layer, "track_running_stats", False):
         layer.running_mean, layer.running_var = c["running_mean"], c["running_var"]
     return layer.train(training)
 
 
-def _layer_forward(c, out, ctx):
-    return (_layer(c)(c["x"], out=out), c["running_mean"], c["running_var"])
+def _layer_calls(make):
+    """The forward calls of the layers `make(c, training)` builds: training (y and the running statistics) and
+    eval (y)."""
+    def forward(c, out, ctx):
+        return (make(c)(c["x"], out=out), c["running_mean"], c["running_var"])
+
+    def eval_forward(c, out, ctx):
+        return (make(c, False)(c["x"], out=out),)
+    return forward, eval_forward
 
 
-def _layer_eval_forward(c, out, ctx):
-    return (_layer(c, training=False)(c["x"], out=out),)
+_layer_forward, _layer_eval_forward = _layer_calls(_layer)
 
 
 def _layer_after_forward(training):
@@ -841,9 +853,7 @@ def _gn_layer(c):
     affine = c["weight"] is not None
     layer = bn_simd.GroupNorm(c["num_groups"], c.shape[1], eps=c["eps"], affine=affine, layout=c.layout_arg,
                               dtype=c.dtype)
-    if affine:
-        layer.weight, layer.bias = c["weight"], c["bias"]
-    return layer
+    return _with_case_state(layer, c)
 
 
 def _gn_layer_forward(c, out, ctx):
@@ -935,19 +945,10 @@ def _in_layer(c, training=True):
     layer = getattr(bn_simd, _IN_LAYERS[len(c.shape)])(c.shape[1], eps=c["eps"], momentum=c["momentum"],
                                                         affine=affine, track_running_stats=track,
                                                         layout=c.layout_arg, dtype=c.dtype)
-    if affine:
-        layer.weight, layer.bias = c["weight"], c["bias"]
-    if track:
-        layer.running_mean, layer.running_var = c["running_mean"], c["running_var"]
-    return layer.train(training)
+    return _with_case_state(layer, c, training)
 
 
-def _in_layer_forward(c, out, ctx):
-    return (_in_layer(c)(c["x"], out=out), c["running_mean"], c["running_var"])
-
-
-def _in_layer_eval_forward(c, out, ctx):
-    return (_in_layer(c, False)(c["x"], out=out),)
+_in_layer_forward, _in_layer_eval_forward = _layer_calls(_in_layer)
 
 
 def _in_layer_prepare(training):
