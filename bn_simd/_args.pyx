@@ -46,7 +46,11 @@ cdef object _to_ndarray(object obj, str name):
         return obj
     if isinstance(obj, np.ndarray):  # a subclass (np.matrix, masked arrays): its data as a plain ndarray
         return np.asarray(obj).view(np.ndarray)
-    if hasattr(obj, "detach") and hasattr(obj, "numpy"):  # a torch.Tensor: no autograd, on the CPU
+    if hasattr(obj, "detach") and hasattr(obj, "numpy"):  # a torch.Tensor: on the CPU
+        if getattr(obj, "requires_grad", False):  # detaching it would drop its gradient without a word
+            raise TypeError(f"{name} is a torch.Tensor that requires grad, and the NumPy API does not record "
+                            f"gradients: use bn_simd.torch (autograd Functions and torch.nn modules), or pass "
+                            f"{name}.detach()")
         t = obj.detach().cpu()
         if str(getattr(t, "dtype", "")) == "torch.bfloat16":  # NumPy has no bfloat16: widen (exact)
             t = t.float()

@@ -1,0 +1,29 @@
+"""bn_simd for PyTorch users: functional calls, autograd and ``torch.nn`` drop-ins on bn_simd's kernels.
+
+Needs PyTorch (an optional dependency: ``import bn_simd`` never imports it; this module does).
+
+    >>> import torch, bn_simd.torch as bt
+    >>> model = bt.convert(model)                     # every torch.nn BatchNorm*/GroupNorm/InstanceNorm*, in place
+    >>> y = bt.batch_norm(x, rm, rv, w, b, training=True)   # torch.nn.functional's signature; autograd works
+    >>> layer = bt.BatchNorm2d(64)                      # torch.nn.BatchNorm2d's constructor and state dict
+
+What runs on the kernels: float32 and float64 CPU tensors, contiguous or channels-last (``torch.channels_last``,
+``torch.channels_last_3d``), read and written in place (the output keeps the input's memory format); other strides
+are copied once. Everything else (float16, bfloat16, other devices, tracing, scripting and compiling) is PyTorch's
+own implementation, so a converted model still runs anywhere. Gradients of input, weight and bias are PyTorch's
+(checked with ``torch.autograd.gradcheck``); second derivatives (``create_graph=True``) and forward-mode AD are not
+supported.
+"""
+try:
+    import torch  # noqa: F401
+except ImportError as e:  # pragma: no cover  (the tests of this module skip without torch)
+    raise ImportError("bn_simd.torch needs PyTorch (pip install torch); the rest of bn_simd does not") from e
+
+from .functional import batch_norm, group_norm, instance_norm
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
+                      InstanceNorm3d, convert)
+from ._autograd import BatchNormFunction, GroupNormFunction, InstanceNormFunction
+
+__all__ = ["batch_norm", "group_norm", "instance_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm",
+           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "convert", "BatchNormFunction",
+           "GroupNormFunction", "InstanceNormFunction"]

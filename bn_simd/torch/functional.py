@@ -1,0 +1,124 @@
+"""``torch.nn.functional``'s batch_norm, group_norm and instance_norm on bn_simd's kernels.
+
+Same names, positional order, defaults and semantics as PyTorch's, plus a keyword ``out=``. A call runs on the
+kernels when the input is a float32/float64 CPU tensor of a rank they cover (batch and group norm 2 to 5, instance
+norm 3 to 5) and every per-channel tensor given is a CPU tensor of the input's dtype; any other call (float16,
+bfloat16, other devices, other ranks, eps <= 0, tensor subclasses with ``__torch_function__``, and calls made while
+tracing, scripting or compiling a graph, which must record PyTorch's own operator) is PyTorch's own function, with
+its result copied into ``out`` when given.
+
+When autograd records the call (grad mode on and input, weight or bias requiring grad) it goes through an autograd
+Function whose backward gives the gradients of input, weight and bias; otherwise (``torch.no_grad()``,
+``torch.inference_mode()``, or no tensor requiring grad) the kernels are called directly.
+
+Memory: C-contiguous and channels-last (``torch.channels_last``, ``torch.channels_last_3d``, and a rank-3 tensor
+whose channel axis has stride 1) inputs are read in place and the result has the input's memory format; other
+strides are copied once and give a C-contiguous result.
+"""
+from torch.nn import functional as TF
+
+from .. import _core
+from . import _autograd
+from . import _bridge as B
+
+_RANKS_2_TO_5 = (2, 3, 4, 5)
+_RANKS_3_TO_5 = (3, 4, 5)
+
+
+def _torch_result(fn, out, *tensors):
+    """PyTorch's own call fn() for a call the kernels do not cover, copied into out when given."""
+    if out is not None and B.grad_needed(*tensors):
+        B.no_out_with_grad(out)
+    return B.fallback(fn(), out)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
+               out=None):
+    """Batch normalization (``torch.nn.functional.batch_norm``).
+
+    y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c]; training=True: the batch statistics over every
+    axis but axis 1 (biased variance), and running_mean / running_var, when given, updated in place with
+    ``(1 - momentum) running + momentum batch`` (unbiased variance); training=False: the running statistics.
+
+    input : tensor (N, C, *spatial), rank 2..5 on the kernels (other ranks: PyTorch's function).
+    running_mean, running_var : tensors (C,) of input's dtype, or None (required when training=False).
+    weight, bias : tensors (C,) of input's dtype, or None (1 and 0).
+    out : tensor of input's shape and dtype on the CPU, or None; written in place (it may be input itself) and
+        returned. Refused when autograd would record the call.
+
+    Returns y, in input's memory format. Raises TypeError for wrong types or dtypes (a per-channel tensor whose
+    dtype is not input's, as PyTorch does), ValueError for wrong shapes or values (one value per channel when
+    training); a call that raises changes nothing.
+    """
+    args = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
+    if not B.supported(input, args, _RANKS_2_TO_5, eps):
+        return _torch_result(lambda: TF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                                                   eps), out, input, weight, bias)
+    if B.grad_needed(input, weight, bias):
+        B.no_out_with_grad(out)
+        return _autograd.BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum,
+                                                 eps)
+    x, layout = B.dense(input)
+    y, ya, target = B.output(x, layout, out)
+    _core.batch_norm(B.array(x, layout), B.vec(running_mean), B.vec(running_var), B.vec(weight), B.vec(bias),
+                     training, momentum, eps, layout, ya, True, B._threads())
+    return B.finish(y, target, (out, running_mean, running_var) if training else (out,))
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None):
+    """Group normalization (``torch.nn.functional.group_norm``).
+
+    y = (x - mean[n, g]) / sqrt(var[n, g] + eps) * weight[c] + bias[c], the statistics of sample n's channels of
+    group g = c // (C / num_groups) over those channels and every spatial position (biased variance).
+
+    input : tensor (N, C, *spatial), rank 2..5 on the kernels. num_groups : int dividing C.
+    weight, bias : tensors (C,) of input's dtype, or None. out : as in :func:`batch_norm`.
+
+    Returns y, in input's memory format. Raises TypeError / ValueError as :func:`batch_norm` (num_groups not
+    dividing C, one value per group).
+    """
+    args = (("weight", weight), ("bias", bias))
+    if not B.supported(input, args, _RANKS_2_TO_5, eps):
+        return _torch_result(lambda: TF.group_norm(input, num_groups, weight, bias, eps), out, input, weight, bias)
+    if B.grad_needed(input, weight, bias):
+        B.no_out_with_grad(out)
+        return _autograd.GroupNormFunction.apply(input, num_groups, weight, bias, eps)
+    x, layout = B.dense(input)
+    y, ya, target = B.output(x, layout, out)
+    _core.group_norm(B.array(x, layout), num_groups, B.vec(weight), B.vec(bias), eps, layout, ya, B._threads())
+    return B.finish(y, target, (out,))
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                  momentum=0.1, eps=1e-5, *, out=None):
+    """Instance normalization (``torch.nn.functional.instance_norm``).
+
+    use_input_stats=True: each (sample, channel) normalised with its own mean and biased variance over the spatial
+    positions; running_mean / running_var, when given, updated in place with the batch averages of those statistics
+    (the variance unbiased). use_input_stats=False: the running statistics (required) for every sample.
+
+    input : tensor (N, C, *spatial), rank 3..5 on the kernels. Other arguments as :func:`batch_norm`.
+
+    Returns y, in input's memory format. Raises TypeError / ValueError as :func:`batch_norm` (one spatial element
+    with use_input_stats).
+    """
+    args = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
+    if not B.supported(input, args, _RANKS_3_TO_5, eps):
+        return _torch_result(lambda: TF.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
+                                                      momentum, eps), out, input, weight, bias)
+    if not use_input_stats and running_mean is None:
+        raise ValueError("running_mean and running_var are required when use_input_stats=False")
+    if B.grad_needed(input, weight, bias):
+        B.no_out_with_grad(out)
+        if use_input_stats:
+            return _autograd.InstanceNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps)
+        # the running statistics for every sample: batch norm's eval
+        return _autograd.BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False, 0.0, eps)
+    x, layout = B.dense(input)
+    y, ya, target = B.output(x, layout, out)
+    _core.instance_norm(B.array(x, layout), B.vec(running_mean), B.vec(running_var), B.vec(weight), B.vec(bias),
+                        use_input_stats, momentum, eps, layout, ya, B._threads())
+    return B.finish(y, target, (out, running_mean, running_var) if use_input_stats else (out,))
+
+
+__all__ = ["batch_norm", "group_norm", "instance_norm"]

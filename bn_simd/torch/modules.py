@@ -1,0 +1,109 @@
+"""``torch.nn`` normalization modules running bn_simd's kernels, and :func:`convert`.
+
+Each class subclasses its ``torch.nn`` namesake and replaces only the call into the functional layer, so the
+constructor signature (``device=``, ``dtype=`` included), parameters, buffers, ``state_dict`` keys (old checkpoints
+without ``num_batches_tracked`` included), ``reset_parameters``, ``repr`` and ``isinstance(m, torch.nn.BatchNorm2d)``
+are PyTorch's, and state dicts load both ways. The forward is :mod:`bn_simd.torch.functional`'s, which hands to
+PyTorch's own implementation what the kernels do not cover (dtypes other than float32/float64, devices other than
+the CPU, graph tracing and compiling; see there).
+
+One difference from PyTorch: a call that raises leaves ``num_batches_tracked`` as it was (PyTorch counts the batch
+before its checks).
+"""
+import torch
+
+from . import functional as F
+
+
+def _batch_norm_forward(self, input):
+    """Batch normalization of input with this module's state, as ``torch.nn.BatchNorm*d`` does: batch statistics in
+    training mode (running statistics updated with ``momentum``, or the cumulative average when momentum is None) and
+    in eval mode without running statistics; the running statistics otherwise."""
+    self._check_input_dim(input)
+    counting = self.training and self.track_running_stats and self.num_batches_tracked is not None
+    update = self.training and self.track_running_stats and self.running_mean is not None
+    if not update:  # (momentum unused: not checked, as in PyTorch)
+        factor = 0.0
+    elif self.momentum is None:  # the cumulative average: this batch weighs 1 / (batches seen with it)
+        factor = 1.0 / (int(self.num_batches_tracked) + 1) if counting else 0.0
+    else:
+        factor = self.momentum
+    batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+    # running statistics passed only where they are updated (training, tracked) or used (eval)
+    keep = not self.training or self.track_running_stats
+    y = F.batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None, self.weight,
+                     self.bias, batch_stats, factor, self.eps)
+    if counting:
+        self.num_batches_tracked.add_(1)
+    return y
+
+
+class BatchNorm1d(torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` on bn_simd's kernels: (N, C) or (N, C, L) input."""
+    forward = _batch_norm_forward
+
+
+class BatchNorm2d(torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on bn_simd's kernels: (N, C, H, W) input, contiguous or ``torch.channels_last``
+    (read in place; the output keeps the input's memory format)."""
+    forward = _batch_norm_forward
+
+
+class BatchNorm3d(torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` on bn_simd's kernels: (N, C, D, H, W) input, contiguous or
+    ``torch.channels_last_3d``."""
+    forward = _batch_norm_forward
+
+
+class GroupNorm(torch.nn.GroupNorm):
+    """``torch.nn.GroupNorm`` on bn_simd's kernels: (N, C, *spatial) input of rank 2 to 5."""
+
+    def forward(self, input):
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _apply_instance_norm(self, input):
+    # what torch.nn's _InstanceNorm.forward calls after its checks and unbatched-input handling
+    use_input_stats = self.training or not self.track_running_stats
+    update = use_input_stats and self.running_mean is not None and self.momentum is not None
+    return F.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
+                           self.momentum if update else 0.0, self.eps)
+
+
+class InstanceNorm1d(torch.nn.InstanceNorm1d):
+    """``torch.nn.InstanceNorm1d`` on bn_simd's kernels: (N, C, L) or unbatched (C, L) input."""
+    _apply_instance_norm = _apply_instance_norm
+
+
+class InstanceNorm2d(torch.nn.InstanceNorm2d):
+    """``torch.nn.InstanceNorm2d`` on bn_simd's kernels: (N, C, H, W) or unbatched (C, H, W) input."""
+    _apply_instance_norm = _apply_instance_norm
+
+
+class InstanceNorm3d(torch.nn.InstanceNorm3d):
+    """``torch.nn.InstanceNorm3d`` on bn_simd's kernels: (N, C, D, H, W) or unbatched (C, D, H, W) input."""
+    _apply_instance_norm = _apply_instance_norm
+
+
+# torch.nn class -> bn_simd class; exact types only: a user's subclass of a torch.nn class may override forward
+SWAPS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d, torch.nn.BatchNorm3d: BatchNorm3d,
+         torch.nn.GroupNorm: GroupNorm, torch.nn.InstanceNorm1d: InstanceNorm1d,
+         torch.nn.InstanceNorm2d: InstanceNorm2d, torch.nn.InstanceNorm3d: InstanceNorm3d}
+
+
+def convert(model):
+    """Make every ``torch.nn.BatchNorm1d/2d/3d``, ``GroupNorm`` and ``InstanceNorm1d/2d/3d`` in model (model itself
+    included) run on bn_simd's kernels, in place; returns model.
+
+    The module objects stay the same (their class becomes bn_simd's subclass, which adds no state), so parameters,
+    buffers, hooks, training mode and the references an optimizer holds are all kept, and ``state_dict()`` is
+    unchanged. Modules of other classes (subclasses of these included, ``SyncBatchNorm`` and the lazy modules before
+    their first call) are left as they are. Raises TypeError when model is not a ``torch.nn.Module``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for m in model.modules():
+        cls = SWAPS.get(type(m))
+        if cls is not None:
+            m.__class__ = cls
+    return model
