@@ -14,6 +14,7 @@ once to C order, and the result is C-ordered.
 import numbers
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.overrides import has_torch_function
 
 from ..functional import _threads  # noqa: F401  (the thread count of a call, re-exported for the modules here)
@@ -59,7 +60,10 @@ def vec(t):
 
 
 def supported(x, channel_args, ranks, eps):
-    """True when the kernels can run this call; False sends it to PyTorch's own implementation.
+    """True when the kernels can run this call; False sends it to PyTorch's own implementation: other devices and
+    dtypes, ranks the kernels do not cover, eps <= 0, tensor subclasses with ``__torch_function__``, and calls made
+    while tracing or compiling a graph (which must record PyTorch's operator) or inside a forward-mode AD level (the
+    Functions here have no forward derivative).
 
     Raises TypeError for per-channel arguments that PyTorch would refuse too: not tensors, or a CPU tensor whose
     dtype is not x's (PyTorch's CPU kernels refuse mixed dtypes for float32/float64 input).
@@ -70,7 +74,7 @@ def supported(x, channel_args, ranks, eps):
     if has_torch_function(tensors):  # subclasses with __torch_function__, fx proxies: PyTorch dispatches them
         return False
     if (not x.is_cpu or x.dtype not in FLOATS or x.layout != torch.strided or x.dim() not in ranks
-            or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            or torch.jit.is_tracing() or torch.compiler.is_compiling() or fwAD._current_level >= 0):
         return False
     if isinstance(eps, numbers.Real) and not eps > 0:  # (PyTorch's eval accepts eps = 0; the kernels need eps > 0)
         return False

@@ -54,6 +54,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if not B.supported(input, args, _RANKS_2_TO_5, eps):
         return _torch_result(lambda: TF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                                                    eps), out, input, weight, bias)
+    if not (training and running_mean is not None):
+        momentum = 0.0  # unused: not checked, as in PyTorch
     if B.grad_needed(input, weight, bias):
         B.no_out_with_grad(out)
         return _autograd.BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum,
@@ -108,6 +110,8 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                                                       momentum, eps), out, input, weight, bias)
     if not use_input_stats and running_mean is None:
         raise ValueError("running_mean and running_var are required when use_input_stats=False")
+    if not (use_input_stats and running_mean is not None):
+        momentum = 0.0  # unused: not checked, as in PyTorch
     if B.grad_needed(input, weight, bias):
         B.no_out_with_grad(out)
         if use_input_stats:
