@@ -6,7 +6,6 @@ returns the gradients of input, weight and bias that PyTorch's autograd gives, f
 :func:`bn_simd.batch_norm_backward` and :func:`bn_simd.group_norm_backward`. The backwards are not themselves
 differentiable (``once_differentiable``): a second derivative (``create_graph=True``) raises.
 """
-import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -15,29 +14,27 @@ from .. import functional as F
 from . import _bridge as B
 
 
-def _param_grad(a, weight, needed):
-    """A per-channel gradient (ndarray) as a tensor in weight's dtype, or None when autograd does not ask for it."""
-    if not needed:
-        return None
-    if weight is not None and a.dtype != B.vec(weight).dtype:
-        a = a.astype(B.vec(weight).dtype)
-    return B.from_array(np.ascontiguousarray(a))
+def _param_grad(a, x, needed):
+    """A per-channel gradient (ndarray) as a tensor of x's dtype (weight's), or None when autograd does not ask for
+    it."""
+    return torch.from_numpy(a).to(x.dtype) if needed else None
 
 
 class BatchNormFunction(torch.autograd.Function):
     """y = (x - mean) * invstd * weight + bias with the batch statistics (training; running statistics updated in
     place) or the running ones (training=False: constants for the backward).
 
-    apply(x, weight, bias, running_mean, running_var, training, momentum, eps); x dense (see _bridge.dense).
+    apply(x, weight, bias, running_mean, running_var, training, momentum, eps, views): views are the ndarrays of
+    (running_mean, running_var, weight, bias), checked against x.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
-        x, layout = B.dense(x)
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, views):
+        x, layout, xa = B.dense(x)
         y = torch.empty_like(x)
-        _, mean, invstd = _core.batch_norm(B.array(x, layout), B.vec(running_mean), B.vec(running_var), B.vec(weight),
-                                           B.vec(bias), training, momentum, eps, layout, B.array(y, layout), True,
-                                           B._threads(), True)
+        rm, rv, w, b = views
+        _, mean, invstd = _core.batch_norm(xa, rm, rv, w, b, training, momentum, eps, layout, B.array(y, layout),
+                                           True, B._threads(), True)
         if training and running_mean is not None:
             torch.autograd.graph.increment_version([running_mean, running_var])
         ctx.save_for_backward(x, weight)
@@ -61,19 +58,20 @@ class BatchNormFunction(torch.autograd.Function):
             # grad_bias = sum dy, grad_weight = invstd * sum dy (x - mean)
             gb, sum_dyxm = F.backward_reduce(ga, xa, mean, layout=layout)
             gw = sum_dyxm * invstd
-        return (grad_x, _param_grad(gw, weight, need_w), _param_grad(gb, weight, need_b), None, None, None, None,
-                None)
+        return (grad_x, _param_grad(gw, x, need_w), _param_grad(gb, x, need_b), None, None, None, None,
+                None, None)
 
 
 class GroupNormFunction(torch.autograd.Function):
-    """Group norm with each (sample, group)'s statistics. apply(x, num_groups, weight, bias, eps)."""
+    """Group norm with each (sample, group)'s statistics. apply(x, num_groups, weight, bias, eps, views): views are
+    the ndarrays of (weight, bias)."""
 
     @staticmethod
-    def forward(ctx, x, num_groups, weight, bias, eps):
-        x, layout = B.dense(x)
+    def forward(ctx, x, num_groups, weight, bias, eps, views):
+        x, layout, xa = B.dense(x)
         y = torch.empty_like(x)
-        _, mean, invstd = _core.group_norm(B.array(x, layout), num_groups, B.vec(weight), B.vec(bias), eps, layout,
-                                           B.array(y, layout), B._threads(), 1)
+        _, mean, invstd = _core.group_norm(xa, num_groups, views[0], views[1], eps, layout, B.array(y, layout),
+                                           B._threads(), 1)
         ctx.save_for_backward(x, weight)
         ctx.stats = (mean, invstd, num_groups, layout)
         return y
@@ -87,21 +85,22 @@ class GroupNormFunction(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         _, gw, gb = _core.group_norm_backward(B.array(grad_y, layout), B.array(x, layout), mean, invstd, num_groups,
                                               B.vec(weight), layout, B.array(grad_x, layout), B._threads())
-        return (grad_x if need_x else None, None, _param_grad(gw, weight, need_w), _param_grad(gb, weight, need_b),
-                None)
+        return (grad_x if need_x else None, None, _param_grad(gw, x, need_w), _param_grad(gb, x, need_b),
+                None, None)
 
 
 class InstanceNormFunction(torch.autograd.Function):
     """Instance norm with each (sample, channel)'s statistics; running statistics, when given, updated in place
-    with their batch averages. apply(x, weight, bias, running_mean, running_var, momentum, eps)."""
+    with their batch averages. apply(x, weight, bias, running_mean, running_var, momentum, eps, views): views as in
+    BatchNormFunction."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        x, layout = B.dense(x)
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, views):
+        x, layout, xa = B.dense(x)
         y = torch.empty_like(x)
-        _, mean, invstd = _core.instance_norm(B.array(x, layout), B.vec(running_mean), B.vec(running_var),
-                                              B.vec(weight), B.vec(bias), True, momentum, eps, layout,
-                                              B.array(y, layout), B._threads(), True)
+        rm, rv, w, b = views
+        _, mean, invstd = _core.instance_norm(xa, rm, rv, w, b, True, momentum, eps, layout, B.array(y, layout),
+                                              B._threads(), True)
         if running_mean is not None:
             torch.autograd.graph.increment_version([running_mean, running_var])
         ctx.save_for_backward(x, weight)
@@ -117,5 +116,5 @@ class InstanceNormFunction(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         _, gw, gb = _core.group_norm_backward(B.array(grad_y, layout), B.array(x, layout), mean, invstd, None,
                                               B.vec(weight), layout, B.array(grad_x, layout), B._threads(), True)
-        return (grad_x if need_x else None, _param_grad(gw, weight, need_w), _param_grad(gb, weight, need_b), None,
-                None, None, None)
+        return (grad_x if need_x else None, _param_grad(gw, x, need_w), _param_grad(gb, x, need_b), None,
+                None, None, None, None)

@@ -12,7 +12,9 @@ so a result has its input's memory format. Any other strides (slices, expanded o
 once to C order, and the result is C-ordered.
 """
 import numbers
+import weakref
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch.overrides import has_torch_function
@@ -22,33 +24,52 @@ from ..functional import _threads  # noqa: F401  (the thread count of a call, re
 FLOATS = (torch.float32, torch.float64)
 
 
+# the permutation that moves axis 1 (channels) last, per rank
+_CHANNELS_LAST = {3: (0, 2, 1), 4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
+
+
+def _numpy(t):
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
+def _in_layout(a):
+    """(layout, view) of ndarray a (N, C, *spatial) when its memory is in C order ("NCHW", a) or in channels-last
+    order ("NHWC", its (N, *spatial, C) transpose), else (None, None). (NumPy's C-contiguity, like
+    torch.Tensor.is_contiguous, ignores the strides of axes of length 1.)"""
+    if a.flags.c_contiguous:
+        return "NCHW", a
+    perm = _CHANNELS_LAST.get(a.ndim)
+    if perm is not None:
+        v = a.transpose(perm)
+        if v.flags.c_contiguous:
+            return "NHWC", v
+    return None, None
+
+
 def layout_of(t):
     """"NCHW" when t is C-contiguous, "NHWC" when its channels-last permutation is, else None."""
-    if t.is_contiguous():
-        return "NCHW"
-    if t.dim() >= 3 and t.movedim(1, -1).is_contiguous():
-        return "NHWC"
-    return None
+    return _in_layout(_numpy(t))[0]
 
 
 def dense(x):
-    """(x, layout) when x's memory is in one of the two orders, else (a C-ordered copy of x, "NCHW")."""
-    layout = layout_of(x)
+    """(x, layout, its array in that layout) when x's memory is in one of the two orders, else the same for a
+    C-ordered copy of x."""
+    layout, a = _in_layout(_numpy(x))
     if layout is None:
-        return x.contiguous(), "NCHW"
-    return x, layout
+        x = x.contiguous()
+        return x, "NCHW", _numpy(x)
+    return x, layout, a
 
 
 def array(t, layout):
     """Tensor t (the data's shape) as the C-contiguous ndarray of ``layout``: a view of t's memory when it has that
     order, else one copy (a gradient arriving in another memory format)."""
-    if t.requires_grad:
-        t = t.detach()
+    a = _numpy(t)
     if layout == "NHWC":
-        t = t.movedim(1, -1)
-    if not t.is_contiguous():
-        t = t.contiguous()
-    return t.numpy()
+        a = a.transpose(_CHANNELS_LAST[a.ndim])
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return a
 
 
 def vec(t):
@@ -59,35 +80,76 @@ def vec(t):
     return (t.detach() if t.requires_grad else t).numpy()
 
 
-def supported(x, channel_args, ranks, eps):
-    """True when the kernels can run this call; False sends it to PyTorch's own implementation: other devices and
-    dtypes, ranks the kernels do not cover, eps <= 0, tensor subclasses with ``__torch_function__``, and calls made
-    while tracing or compiling a graph (which must record PyTorch's operator) or inside a forward-mode AD level (the
-    Functions here have no forward derivative).
-
-    Raises TypeError for per-channel arguments that PyTorch would refuse too: not tensors, or a CPU tensor whose
-    dtype is not x's (PyTorch's CPU kernels refuse mixed dtypes for float32/float64 input).
-    """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-    tensors = (x,) + tuple(t for _, t in channel_args if t is not None)
-    if has_torch_function(tensors):  # subclasses with __torch_function__, fx proxies: PyTorch dispatches them
-        return False
+def input_supported(x, ranks, eps):
+    """True when the kernels can run a call on input x (any per-channel tensors aside); False sends it to PyTorch's
+    own implementation: other devices and dtypes, ranks the kernels do not cover, eps <= 0, tensor subclasses with
+    ``__torch_function__``, and calls made while tracing or compiling a graph (which must record PyTorch's operator)
+    or inside a forward-mode AD level (the Functions here have no forward derivative). Raises TypeError when x is
+    not a tensor."""
+    if type(x) is not torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if has_torch_function((x,)):  # subclasses with __torch_function__, fx proxies: PyTorch dispatches them
+            return False
     if (not x.is_cpu or x.dtype not in FLOATS or x.layout != torch.strided or x.dim() not in ranks
             or torch.jit.is_tracing() or torch.compiler.is_compiling() or fwAD._current_level >= 0):
         return False
-    if isinstance(eps, numbers.Real) and not eps > 0:  # (PyTorch's eval accepts eps = 0; the kernels need eps > 0)
-        return False
+    # (PyTorch's eval accepts eps = 0; the kernels need eps > 0)
+    return not (eps <= 0.0 if type(eps) is float else isinstance(eps, numbers.Real) and not eps > 0)
+
+
+def channels_supported(x, channel_args):
+    """True when every per-channel tensor of channel_args ((name, tensor or None) pairs) is a CPU tensor the
+    kernels can read beside x; False sends the call to PyTorch. Raises TypeError for arguments that PyTorch would
+    refuse too: not tensors, or of a dtype other than x's (PyTorch's CPU kernels refuse mixed dtypes for float32 and
+    float64 input)."""
     for name, t in channel_args:
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if not t.is_cpu:
+        if type(t) not in _PLAIN and has_torch_function((t,)):
+            return False
+        if not t.is_cpu or t.layout != torch.strided:
             return False
         if t.dtype != x.dtype:
             raise TypeError(f"{name} must have the dtype of input ({x.dtype}), got {t.dtype}")
     return True
+
+
+def supported(x, channel_args, ranks, eps):
+    """input_supported and channels_supported."""
+    return input_supported(x, ranks, eps) and channels_supported(x, channel_args)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+# module -> (dtype, its per-channel tensors, their data pointers, their ndarrays): the views of a module's
+# parameters and buffers, made once (Tensor.numpy() costs about 1 us per tensor and call). Weak keys: the entry goes
+# with its module; it holds the module's own tensors only.
+_VIEWS = weakref.WeakKeyDictionary()
+
+
+def module_views(module, x, tensors):
+    """The ndarrays of a module's per-channel tensors (None entries kept), checked against x once and cached while
+    they are the same tensor objects over the same memory (a dtype or device change, ``.data`` or ``load_state_dict``
+    into new storage makes new views), or None when they must go through the checks of a functional call."""
+    if type(x) is not torch.Tensor or x.dtype not in FLOATS:
+        return None
+    c = _VIEWS.get(module)
+    if c is not None and c[0] is x.dtype:
+        for t, u, p in zip(tensors, c[1], c[2]):
+            if t is not u or (t is not None and t.data_ptr() != p):
+                break
+        else:
+            return c[3]
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or not t.is_cpu or t.layout != torch.strided
+                              or t.dtype is not x.dtype):
+            return None
+    views = tuple(vec(t) for t in tensors)
+    _VIEWS[module] = (x.dtype, tuple(tensors), tuple(None if t is None else t.data_ptr() for t in tensors), views)
+    return views
 
 
 def grad_needed(*tensors):
@@ -116,9 +178,11 @@ def output(x, layout, out):
         y = torch.empty_like(x)
         return y, array(y, layout), None
     check_out(out, x)
-    v = out.movedim(1, -1) if layout == "NHWC" else out
-    if v.is_contiguous():
-        return out, v.numpy(), None
+    a = _numpy(out)
+    if layout == "NHWC":
+        a = a.transpose(_CHANNELS_LAST[a.ndim])
+    if a.flags.c_contiguous:
+        return out, a, None
     y = torch.empty_like(x)
     return y, array(y, layout), out
 

@@ -32,6 +32,16 @@ def _torch_result(fn, out, *tensors):
     return B.fallback(fn(), out)
 
 
+def _views(views, tensors, input, channel_args):
+    """The ndarrays of the per-channel tensors: a module's cached views, or made here after the checks (None when
+    the call goes to PyTorch)."""
+    if views is not None:
+        return views
+    if not B.channels_supported(input, channel_args):
+        return None
+    return tuple(B.vec(t) for t in tensors)
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
                out=None):
     """Batch normalization (``torch.nn.functional.batch_norm``).
@@ -50,8 +60,18 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     dtype is not input's, as PyTorch does), ValueError for wrong shapes or values (one value per channel when
     training); a call that raises changes nothing.
     """
-    args = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
-    if not B.supported(input, args, _RANKS_2_TO_5, eps):
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, out, None)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, out, views):
+    """batch_norm; views: the ndarrays of (running_mean, running_var, weight, bias) already checked against input
+    (a module's, see _bridge.module_views), or None."""
+    tensors = (running_mean, running_var, weight, bias)
+    if B.input_supported(input, _RANKS_2_TO_5, eps):
+        views = _views(views, tensors, input, zip(("running_mean", "running_var", "weight", "bias"), tensors))
+    else:
+        views = None
+    if views is None:
         return _torch_result(lambda: TF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                                                    eps), out, input, weight, bias)
     if not (training and running_mean is not None):
@@ -59,11 +79,11 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if B.grad_needed(input, weight, bias):
         B.no_out_with_grad(out)
         return _autograd.BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum,
-                                                 eps)
-    x, layout = B.dense(input)
+                                                 eps, views)
+    x, layout, xa = B.dense(input)
     y, ya, target = B.output(x, layout, out)
-    _core.batch_norm(B.array(x, layout), B.vec(running_mean), B.vec(running_var), B.vec(weight), B.vec(bias),
-                     training, momentum, eps, layout, ya, True, B._threads())
+    rm, rv, w, b = views
+    _core.batch_norm(xa, rm, rv, w, b, training, momentum, eps, layout, ya, True, B._threads())
     return B.finish(y, target, (out, running_mean, running_var) if training else (out,))
 
 
@@ -79,15 +99,24 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None)
     Returns y, in input's memory format. Raises TypeError / ValueError as :func:`batch_norm` (num_groups not
     dividing C, one value per group).
     """
-    args = (("weight", weight), ("bias", bias))
-    if not B.supported(input, args, _RANKS_2_TO_5, eps):
+    return _group_norm(input, num_groups, weight, bias, eps, out, None)
+
+
+def _group_norm(input, num_groups, weight, bias, eps, out, views):
+    """group_norm; views: the ndarrays of (weight, bias) already checked against input, or None."""
+    tensors = (weight, bias)
+    if B.input_supported(input, _RANKS_2_TO_5, eps):
+        views = _views(views, tensors, input, zip(("weight", "bias"), tensors))
+    else:
+        views = None
+    if views is None:
         return _torch_result(lambda: TF.group_norm(input, num_groups, weight, bias, eps), out, input, weight, bias)
     if B.grad_needed(input, weight, bias):
         B.no_out_with_grad(out)
-        return _autograd.GroupNormFunction.apply(input, num_groups, weight, bias, eps)
-    x, layout = B.dense(input)
+        return _autograd.GroupNormFunction.apply(input, num_groups, weight, bias, eps, views)
+    x, layout, xa = B.dense(input)
     y, ya, target = B.output(x, layout, out)
-    _core.group_norm(B.array(x, layout), num_groups, B.vec(weight), B.vec(bias), eps, layout, ya, B._threads())
+    _core.group_norm(xa, num_groups, views[0], views[1], eps, layout, ya, B._threads())
     return B.finish(y, target, (out,))
 
 
@@ -104,8 +133,17 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     Returns y, in input's memory format. Raises TypeError / ValueError as :func:`batch_norm` (one spatial element
     with use_input_stats).
     """
-    args = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
-    if not B.supported(input, args, _RANKS_3_TO_5, eps):
+    return _instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, out, None)
+
+
+def _instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, out, views):
+    """instance_norm; views as in _batch_norm."""
+    tensors = (running_mean, running_var, weight, bias)
+    if B.input_supported(input, _RANKS_3_TO_5, eps):
+        views = _views(views, tensors, input, zip(("running_mean", "running_var", "weight", "bias"), tensors))
+    else:
+        views = None
+    if views is None:
         return _torch_result(lambda: TF.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
                                                       momentum, eps), out, input, weight, bias)
     if not use_input_stats and running_mean is None:
@@ -115,13 +153,15 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     if B.grad_needed(input, weight, bias):
         B.no_out_with_grad(out)
         if use_input_stats:
-            return _autograd.InstanceNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps)
+            return _autograd.InstanceNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps,
+                                                        views)
         # the running statistics for every sample: batch norm's eval
-        return _autograd.BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False, 0.0, eps)
-    x, layout = B.dense(input)
+        return _autograd.BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False, 0.0, eps,
+                                                 views)
+    x, layout, xa = B.dense(input)
     y, ya, target = B.output(x, layout, out)
-    _core.instance_norm(B.array(x, layout), B.vec(running_mean), B.vec(running_var), B.vec(weight), B.vec(bias),
-                        use_input_stats, momentum, eps, layout, ya, B._threads())
+    rm, rv, w, b = views
+    _core.instance_norm(xa, rm, rv, w, b, use_input_stats, momentum, eps, layout, ya, B._threads())
     return B.finish(y, target, (out, running_mean, running_var) if use_input_stats else (out,))
 
 

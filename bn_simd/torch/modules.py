@@ -12,6 +12,7 @@ before its checks).
 """
 import torch
 
+from . import _bridge as B
 from . import functional as F
 
 
@@ -20,21 +21,25 @@ def _batch_norm_forward(self, input):
     training mode (running statistics updated with ``momentum``, or the cumulative average when momentum is None) and
     in eval mode without running statistics; the running statistics otherwise."""
     self._check_input_dim(input)
-    counting = self.training and self.track_running_stats and self.num_batches_tracked is not None
-    update = self.training and self.track_running_stats and self.running_mean is not None
-    if not update:  # (momentum unused: not checked, as in PyTorch)
+    # (the registered parameters and buffers read from their dicts: nn.Module.__getattr__ costs a few us per call)
+    params, buffers = self._parameters, self._buffers
+    running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+    counter = buffers.get("num_batches_tracked")
+    training, track = self.training, self.track_running_stats
+    counting = training and track and counter is not None
+    if not (training and track and running_mean is not None):  # (momentum unused: not checked, as in PyTorch)
         factor = 0.0
     elif self.momentum is None:  # the cumulative average: this batch weighs 1 / (batches seen with it)
-        factor = 1.0 / (int(self.num_batches_tracked) + 1) if counting else 0.0
+        factor = 1.0 / (int(counter) + 1) if counting else 0.0
     else:
         factor = self.momentum
-    batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+    batch_stats = training or (running_mean is None and running_var is None)
     # running statistics passed only where they are updated (training, tracked) or used (eval)
-    keep = not self.training or self.track_running_stats
-    y = F.batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None, self.weight,
-                     self.bias, batch_stats, factor, self.eps)
+    keep = not training or track
+    tensors = (running_mean if keep else None, running_var if keep else None, params.get("weight"), params.get("bias"))
+    y = F._batch_norm(input, *tensors, batch_stats, factor, self.eps, None, B.module_views(self, input, tensors))
     if counting:
-        self.num_batches_tracked.add_(1)
+        counter.add_(1)
     return y
 
 
@@ -59,15 +64,18 @@ class GroupNorm(torch.nn.GroupNorm):
     """``torch.nn.GroupNorm`` on bn_simd's kernels: (N, C, *spatial) input of rank 2 to 5."""
 
     def forward(self, input):
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        tensors = (self._parameters.get("weight"), self._parameters.get("bias"))
+        return F._group_norm(input, self.num_groups, *tensors, self.eps, None, B.module_views(self, input, tensors))
 
 
 def _apply_instance_norm(self, input):
     # what torch.nn's _InstanceNorm.forward calls after its checks and unbatched-input handling
     use_input_stats = self.training or not self.track_running_stats
-    update = use_input_stats and self.running_mean is not None and self.momentum is not None
-    return F.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
-                           self.momentum if update else 0.0, self.eps)
+    tensors = (self._buffers.get("running_mean"), self._buffers.get("running_var"), self._parameters.get("weight"),
+               self._parameters.get("bias"))
+    update = use_input_stats and tensors[0] is not None and self.momentum is not None
+    return F._instance_norm(input, *tensors, use_input_stats, self.momentum if update else 0.0, self.eps, None,
+                            B.module_views(self, input, tensors))
 
 
 class InstanceNorm1d(torch.nn.InstanceNorm1d):
