@@ -11,7 +11,8 @@ take turns, one forward pass each per round:
 
 * BN time: the sum over the network's batch-norm modules of the time from their forward pre-hook to their forward
   hook (the module's whole call: argument handling, the kernel, the output's allocation), hooks on both models
-  alike; the median over rounds.
+  alike; the median over rounds. "fastest calls" sums each layer's fastest call over the rounds instead: on a
+  machine shared with other processes, the figure least disturbed by them.
 * network time: a forward pass of the whole network without hooks; the median over rounds.
 
 PyTorch runs on ``torch.set_num_threads(2)`` threads and bn_simd on ``bn_simd.set_num_threads(2)``. The logits of
@@ -128,10 +129,10 @@ def _randomised(model, seed):
 # ---- timing -------------------------------------------------------------------------------------------------------
 
 class BNClock:
-    """Forward pre-hooks and hooks on a model's BatchNorm2d modules summing the time spent inside their calls."""
+    """Forward pre-hooks and hooks on a model's BatchNorm2d modules recording the time spent inside each call."""
 
     def __init__(self, model):
-        self.total = 0.0
+        self.times = []  # per pass: the list of the BN calls' times, in network order
         self._t0 = 0.0
         self.handles = []
         for m in model.modules():
@@ -139,19 +140,27 @@ class BNClock:
                 self.handles.append(m.register_forward_pre_hook(self._start))
                 self.handles.append(m.register_forward_hook(self._stop))
 
+    def new_pass(self):
+        self.times.append([])
+
     def _start(self, module, args):
         self._t0 = time.perf_counter()
 
     def _stop(self, module, args, output):
-        self.total += time.perf_counter() - self._t0
+        self.times[-1].append(time.perf_counter() - self._t0)
 
     def remove(self):
         for h in self.handles:
             h.remove()
 
+    def totals(self):
+        """(median over passes of the BN time of a pass, sum over layers of each layer's fastest call)."""
+        per_layer = list(zip(*self.times))
+        return statistics.median(sum(p) for p in self.times), sum(min(v) for v in per_layer)
 
-def measure(name, batch, channels_last, rounds):
-    """One row: medians (ms) of BN time and network time for PyTorch and bn_simd, the logits' difference."""
+
+def measure(name, batch, channels_last, rounds, idle_wait_s):
+    """One row: BN and network times (ms) for PyTorch and bn_simd, the logits' difference."""
     torch.manual_seed(0)
     ref = _randomised(NETWORKS[name](), 1)
     ours = bt.convert(copy.deepcopy(ref))
@@ -159,44 +168,50 @@ def measure(name, batch, channels_last, rounds):
     ref, ours = ref.to(memory_format=fmt), ours.to(memory_format=fmt)
     x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=fmt)
     models = {"torch": ref, "bn_simd": ours}
+    if idle_wait_s:
+        timing.wait_until_idle(idle_wait_s)
     with torch.no_grad():
         logits = {k: m(x) for k, m in models.items()}
         scale = float(logits["torch"].abs().max())
         diff = float((logits["torch"] - logits["bn_simd"]).abs().max()) / scale
         for m in models.values():  # warm-up
             m(x)
-        bn = {k: [] for k in models}
-        net = {k: [] for k in models}
         before = timing.cpu_snapshot()
         clocks = {k: BNClock(m) for k, m in models.items()}
         for _ in range(rounds):
             for k, m in models.items():
-                clocks[k].total = 0.0
+                clocks[k].new_pass()
                 m(x)
-                bn[k].append(clocks[k].total)
         for c in clocks.values():
             c.remove()
+        net = {k: [] for k in models}
         for _ in range(rounds):
             for k, m in models.items():
                 t0 = time.perf_counter()
                 m(x)
                 net[k].append(time.perf_counter() - t0)
         others = timing.other_load(before, timing.cpu_snapshot())
-    ms = {f"{what} {k}": 1e3 * statistics.median(v[k]) for what, v in (("bn", bn), ("net", net)) for k in models}
-    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in ref.modules())
-    return {"network": name, "batch": batch, "format": "channels_last" if channels_last else "NCHW",
-            "bn_modules": n_bn, **ms, "bn speed-up": ms["bn torch"] / ms["bn bn_simd"],
-            "net speed-up": ms["net torch"] / ms["net bn_simd"], "logits rel diff": diff, "others": others}
+    row = {"network": name, "batch": batch, "format": "channels_last" if channels_last else "NCHW",
+           "bn_modules": sum(isinstance(m, nn.BatchNorm2d) for m in ref.modules())}
+    for k in models:
+        row[f"bn {k}"], row[f"bn min {k}"] = (1e3 * v for v in clocks[k].totals())
+        row[f"net {k}"], row[f"net min {k}"] = 1e3 * statistics.median(net[k]), 1e3 * min(net[k])
+    row.update({"bn speed-up": row["bn torch"] / row["bn bn_simd"],
+                "bn min speed-up": row["bn min torch"] / row["bn min bn_simd"],
+                "net speed-up": row["net torch"] / row["net bn_simd"], "logits rel diff": diff, "others": others})
+    return row
 
 
 def table(rows):
-    lines = ["| network | batch | memory format | BN time PyTorch (ms) | BN time bn_simd (ms) | BN speed-up | "
-             "network PyTorch (ms) | network bn_simd (ms) | network speed-up | logits max rel. diff |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| network | batch | memory format | BN PyTorch (ms) | BN bn_simd (ms) | BN speed-up | "
+             "BN speed-up, fastest calls | network PyTorch (ms) | network bn_simd (ms) | logits max rel. diff | "
+             "others (cores) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        others = "?" if r["others"] is None else f"{r['others']:.2f}"
         lines.append(f"| {r['network']} ({r['bn_modules']} BN) | {r['batch']} | {r['format']} | {r['bn torch']:.2f} | "
-                     f"{r['bn bn_simd']:.2f} | {r['bn speed-up']:.2f}x | {r['net torch']:.1f} | "
-                     f"{r['net bn_simd']:.1f} | {r['net speed-up']:.2f}x | {r['logits rel diff']:.1e} |")
+                     f"{r['bn bn_simd']:.2f} | {r['bn speed-up']:.2f}x | {r['bn min speed-up']:.2f}x | "
+                     f"{r['net torch']:.1f} | {r['net bn_simd']:.1f} | {r['logits rel diff']:.1e} | {others} |")
     return "\n".join(lines)
 
 
@@ -205,6 +220,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=15, help="forward passes per model and measurement (default 15)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
+    p.add_argument("--idle-wait", type=float, default=20.0,
+                   help="before each row, wait at most this many seconds for the other processes to leave the CPUs idle")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(THREADS)
@@ -215,7 +232,7 @@ def main(argv=None):
     for name in args.networks:
         for batch in args.batches:
             for cl in (False, True):
-                r = measure(name, batch, cl, args.rounds)
+                r = measure(name, batch, cl, args.rounds, args.idle_wait)
                 rows.append(r)
                 others = "" if r["others"] is None else f", others {r['others']:.2f} cores"
                 print(f"{name} batch {batch} {r['format']}: BN {r['bn torch']:.2f} -> {r['bn bn_simd']:.2f} ms "

@@ -54,11 +54,19 @@ def layout_of(t):
 def dense(x):
     """(x, layout, its array in that layout) when x's memory is in one of the two orders, else the same for a
     C-ordered copy of x."""
-    layout, a = _in_layout(_numpy(x))
-    if layout is None:
-        x = x.contiguous()
+    # (torch's contiguity tests first: cheaper than NumPy's flags, and like them blind to axes of length 1)
+    if x.is_contiguous():
         return x, "NCHW", _numpy(x)
-    return x, layout, a
+    nd = x.dim()
+    if ((nd == 4 and x.is_contiguous(memory_format=torch.channels_last))
+            or (nd == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))):
+        return x, "NHWC", _numpy(x).transpose(_CHANNELS_LAST[nd])
+    if nd == 3:
+        a = _numpy(x).transpose(_CHANNELS_LAST[3])
+        if a.flags.c_contiguous:
+            return x, "NHWC", a
+    x = x.contiguous()
+    return x, "NCHW", _numpy(x)
 
 
 def array(t, layout):
@@ -175,8 +183,9 @@ def output(x, layout, out):
     """(y, ya, target) for a forward on dense x: y the result tensor, ya its array in ``layout``, target the out
     tensor to copy y into afterwards when out's memory is not in x's order (else None)."""
     if out is None:
-        y = torch.empty_like(x)
-        return y, array(y, layout), None
+        y = torch.empty_like(x)  # (x dense: y gets its strides, so y's array in x's layout is C-contiguous)
+        a = y.numpy()
+        return y, (a if layout == "NCHW" else a.transpose(_CHANNELS_LAST[a.ndim])), None
     check_out(out, x)
     a = _numpy(out)
     if layout == "NHWC":

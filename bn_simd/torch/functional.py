@@ -3,9 +3,9 @@
 Same names, positional order, defaults and semantics as PyTorch's, plus a keyword ``out=``. A call runs on the
 kernels when the input is a float32/float64 CPU tensor of a rank they cover (batch and group norm 2 to 5, instance
 norm 3 to 5) and every per-channel tensor given is a CPU tensor of the input's dtype; any other call (float16,
-bfloat16, other devices, other ranks, eps <= 0, tensor subclasses with ``__torch_function__``, and calls made while
-tracing, scripting or compiling a graph, which must record PyTorch's own operator) is PyTorch's own function, with
-its result copied into ``out`` when given.
+bfloat16, other devices, other ranks, eps <= 0, tensor subclasses with ``__torch_function__``, calls made while
+tracing or compiling a graph, which must record PyTorch's own operator, and calls inside forward-mode AD) is
+PyTorch's own function, with its result copied into ``out`` when given.
 
 When autograd records the call (grad mode on and input, weight or bias requiring grad) it goes through an autograd
 Function whose backward gives the gradients of input, weight and bias; otherwise (``torch.no_grad()``,
