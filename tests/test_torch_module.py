@@ -621,3 +621,17 @@ def test_module_views_follow_new_storage_dtype_and_loaded_state():
         m.running_var = torch.full((3,), 4.0, dtype=torch.float64)
         ref.running_var = torch.full((3,), 4.0, dtype=torch.float64)
         torch.testing.assert_close(m(x.double()), ref(x.double()))
+
+
+def test_inference_mode_matches_torch():
+    """Inference tensors (torch.inference_mode) are read and written like others; outputs in place included."""
+    ours, ref = bt.BatchNorm2d(3).double(), torch.nn.BatchNorm2d(3).double()
+    x = _values((4, 3, 5, 5), 61)
+    with torch.inference_mode():
+        _close(ours(x), ref(x), _atol(torch.float64, 100), "training")
+        _close(ours.running_var, ref.running_var, _atol(torch.float64, 100), "running_var")
+        ours.eval(), ref.eval()
+        _close(ours(x), ref(x), _atol(torch.float64, 1), "eval")
+        xi = x.clone()
+        assert bt.instance_norm(xi, out=xi) is xi
+        _close(xi, TF.instance_norm(x), _atol(torch.float64, 25), "in place")
