@@ -13,7 +13,9 @@ take turns, one forward pass each per round:
   hook (the module's whole call: argument handling, the kernel, the output's allocation), hooks on both models
   alike; the median over rounds. "fastest calls" sums each layer's fastest call over the rounds instead: on a
   machine shared with other processes, the figure least disturbed by them.
-* network time: a forward pass of the whole network without hooks; the median over rounds.
+* network time: a forward pass of the whole network without hooks; the median and the fastest over rounds.
+
+The table gives each time as median / fastest.
 
 PyTorch runs on ``torch.set_num_threads(2)`` threads and bn_simd on ``bn_simd.set_num_threads(2)``. The logits of
 the two models are compared (max |difference| relative to max |logit|). "others" is the number of cores that other
@@ -203,15 +205,17 @@ def measure(name, batch, channels_last, rounds, idle_wait_s):
 
 
 def table(rows):
+    """The markdown table: each time as median / fastest (ms)."""
     lines = ["| network | batch | memory format | BN PyTorch (ms) | BN bn_simd (ms) | BN speed-up | "
-             "BN speed-up, fastest calls | network PyTorch (ms) | network bn_simd (ms) | logits max rel. diff | "
-             "others (cores) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "network PyTorch (ms) | network bn_simd (ms) | logits max rel. diff | others (cores) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         others = "?" if r["others"] is None else f"{r['others']:.2f}"
-        lines.append(f"| {r['network']} ({r['bn_modules']} BN) | {r['batch']} | {r['format']} | {r['bn torch']:.2f} | "
-                     f"{r['bn bn_simd']:.2f} | {r['bn speed-up']:.2f}x | {r['bn min speed-up']:.2f}x | "
-                     f"{r['net torch']:.1f} | {r['net bn_simd']:.1f} | {r['logits rel diff']:.1e} | {others} |")
+        bn = " | ".join(f"{r[f'bn {k}']:.2f} / {r[f'bn min {k}']:.2f}" for k in ("torch", "bn_simd"))
+        net = " | ".join(f"{r[f'net {k}']:.1f} / {r[f'net min {k}']:.1f}" for k in ("torch", "bn_simd"))
+        lines.append(f"| {r['network']} ({r['bn_modules']} BN) | {r['batch']} | {r['format']} | {bn} | "
+                     f"{r['bn speed-up']:.2f}x / {r['bn min speed-up']:.2f}x | {net} | {r['logits rel diff']:.1e} | "
+                     f"{others} |")
     return "\n".join(lines)
 
 
@@ -221,7 +225,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     p.add_argument("--idle-wait", type=float, default=20.0,
-                   help="before each row, wait at most this many seconds for the other processes to leave the CPUs idle")
+                   help="before each row, wait at most this many seconds for other processes to leave the CPUs idle")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(THREADS)

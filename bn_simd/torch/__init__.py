@@ -10,9 +10,8 @@ Needs PyTorch (an optional dependency: ``import bn_simd`` never imports it; this
 What runs on the kernels: float32 and float64 CPU tensors, contiguous or channels-last (``torch.channels_last``,
 ``torch.channels_last_3d``), read and written in place (the output keeps the input's memory format); other strides
 are copied once. Everything else (float16, bfloat16, other devices, tracing and compiling, forward-mode AD) is
-PyTorch's own implementation, so a converted model still runs anywhere. Gradients of input, weight and bias are PyTorch's
-(checked with ``torch.autograd.gradcheck``); second derivatives (``create_graph=True``) and forward-mode AD are not
-supported.
+PyTorch's own implementation, so a converted model still runs anywhere. Gradients of input, weight and bias are
+PyTorch's (checked with ``torch.autograd.gradcheck``); second derivatives (``create_graph=True``) are not supported.
 """
 try:
     import torch  # noqa: F401
