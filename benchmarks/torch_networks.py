@@ -1,7 +1,7 @@
 """Batch norm inside ResNet-18 and MobileNetV2 (eval, ``torch.no_grad()``): PyTorch's BatchNorm2d against
 ``bn_simd.torch.convert``'s, in one process.
 
-    python benchmarks/torch_networks.py [--rounds 15] [--batches 1 8] [--json FILE]
+    python benchmarks/torch_networks.py [--rounds 15] [--batches 1 8] [--threads 2] [--json FILE]
 
 Both networks are built here from ``torch.nn`` layers with their standard architectures (torchvision's layer
 lists: ResNet-18 of BasicBlocks, MobileNetV2 of inverted residuals with ReLU6), randomly initialised (seeded),
@@ -17,7 +17,7 @@ take turns, one forward pass each per round:
 
 The table gives each time as median / fastest.
 
-PyTorch runs on ``torch.set_num_threads(2)`` threads and bn_simd on ``bn_simd.set_num_threads(2)``. The logits of
+PyTorch runs on ``torch.set_num_threads(2)`` threads and bn_simd on ``bn_simd.set_num_threads(2)`` (``--threads``). The logits of
 the two models are compared (max |difference| relative to max |logit|). "others" is the number of cores that other
 processes kept busy meanwhile (a shared machine's noise).
 """
@@ -223,14 +223,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=15, help="forward passes per model and measurement (default 15)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--threads", type=int, default=THREADS, help=f"threads of each library (default {THREADS})")
     p.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     p.add_argument("--idle-wait", type=float, default=20.0,
                    help="before each row, wait at most this many seconds for other processes to leave the CPUs idle")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
-    torch.set_num_threads(THREADS)
-    bn_simd.set_num_threads(THREADS)
-    print(f"# {machine.describe()}; torch {torch.__version__}, {THREADS} threads each; bn_simd "
+    torch.set_num_threads(args.threads)
+    bn_simd.set_num_threads(args.threads)
+    print(f"# {machine.describe()}; torch {torch.__version__}, {args.threads} threads each; bn_simd "
           f"{bn_simd.__version__} ({bn_simd.get_isa()})", flush=True)
     rows = []
     for name in args.networks:

@@ -635,3 +635,13 @@ def test_inference_mode_matches_torch():
         xi = x.clone()
         assert bt.instance_norm(xi, out=xi) is xi
         _close(xi, TF.instance_norm(x), _atol(torch.float64, 25), "in place")
+
+
+def test_export_records_torchs_operators():
+    model = bt.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.GroupNorm(2, 4),
+                                           torch.nn.InstanceNorm2d(4)).eval())
+    x = torch.randn(2, 3, 6, 6)
+    program = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"aten.batch_norm.default", "aten.group_norm.default", "aten.instance_norm.default"} <= targets
+    torch.testing.assert_close(program.module()(x), model(x))

@@ -142,8 +142,9 @@ def module_views(module, x, tensors):
     """The ndarrays of a module's per-channel tensors (None entries kept), checked against x once and cached while
     they are the same tensor objects over the same memory (a dtype or device change, ``.data`` or ``load_state_dict``
     into new storage makes new views), or None when they must go through the checks of a functional call."""
-    if type(x) is not torch.Tensor or x.dtype not in FLOATS:
-        return None
+    if (type(x) is not torch.Tensor or x.dtype not in FLOATS or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()):
+        return None  # (the call goes through the checks, which hand graph captures to PyTorch's function)
     c = _VIEWS.get(module)
     if c is not None and c[0] is x.dtype:
         for t, u, p in zip(tensors, c[1], c[2]):
