@@ -645,3 +645,23 @@ def test_export_records_torchs_operators():
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert {"aten.batch_norm.default", "aten.group_norm.default", "aten.instance_norm.default"} <= targets
     torch.testing.assert_close(program.module()(x), model(x))
+
+
+def test_pickles_and_copies_of_called_modules_leave_the_cached_views_behind():
+    import io
+    import pickle
+    model = bt.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.GroupNorm(1, 3),
+                                           torch.nn.InstanceNorm2d(3, affine=True))).eval()
+    x = _values((2, 3, 4, 4), 62).float()
+    with torch.no_grad():
+        y = model(x)
+        assert all(_bridge.VIEWS_KEY in m.__dict__ for m in model)
+        for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert not any(_bridge.VIEWS_KEY in m.__dict__ for m in copied)
+            with torch.no_grad():
+                copied[0].weight.mul_(2.0)  # its own tensors, not the original's
+            assert torch.equal(model(x), y) and not torch.equal(copied(x), y)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), y)

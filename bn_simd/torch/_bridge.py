@@ -12,7 +12,6 @@ so a result has its input's memory format. Any other strides (slices, expanded o
 once to C order, and the result is C-ordered.
 """
 import numbers
-import weakref
 
 import numpy as np
 import torch
@@ -132,10 +131,10 @@ def supported(x, channel_args, ranks, eps):
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
-# module -> (dtype, its per-channel tensors, their data pointers, their ndarrays): the views of a module's
-# parameters and buffers, made once (Tensor.numpy() costs about 1 us per tensor and call). Weak keys: the entry goes
-# with its module; it holds the module's own tensors only.
-_VIEWS = weakref.WeakKeyDictionary()
+# A module's entry in its __dict__: (dtype, its per-channel tensors, their data pointers, their ndarrays), the views
+# of its parameters and buffers made once (Tensor.numpy() costs about 1 us per tensor and call, far more inside a
+# network, where every Python step runs from cold caches). Left out of pickles and copies (modules.py).
+VIEWS_KEY = "_bn_simd_views"
 
 
 def module_views(module, x, tensors):
@@ -145,7 +144,8 @@ def module_views(module, x, tensors):
     if (type(x) is not torch.Tensor or x.dtype not in FLOATS or torch.jit.is_tracing()
             or torch.compiler.is_compiling()):
         return None  # (the call goes through the checks, which hand graph captures to PyTorch's function)
-    c = _VIEWS.get(module)
+    d = module.__dict__
+    c = d.get(VIEWS_KEY)
     if c is not None and c[0] is x.dtype:
         for t, u, p in zip(tensors, c[1], c[2]):
             if t is not u or (t is not None and t.data_ptr() != p):
@@ -157,7 +157,7 @@ def module_views(module, x, tensors):
                               or t.dtype is not x.dtype):
             return None
     views = tuple(vec(t) for t in tensors)
-    _VIEWS[module] = (x.dtype, tuple(tensors), tuple(None if t is None else t.data_ptr() for t in tensors), views)
+    d[VIEWS_KEY] = (x.dtype, tuple(tensors), tuple(None if t is None else t.data_ptr() for t in tensors), views)
     return views
 
 

@@ -43,25 +43,36 @@ def _batch_norm_forward(self, input):
     return y
 
 
+def _getstate(self):
+    # the cached NumPy views (_bridge.module_views) stay out of pickles and deep copies: a copy makes its own
+    state = torch.nn.Module.__getstate__(self)
+    state.pop(B.VIEWS_KEY, None)
+    return state
+
+
 class BatchNorm1d(torch.nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` on bn_simd's kernels: (N, C) or (N, C, L) input."""
     forward = _batch_norm_forward
+    __getstate__ = _getstate
 
 
 class BatchNorm2d(torch.nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` on bn_simd's kernels: (N, C, H, W) input, contiguous or ``torch.channels_last``
     (read in place; the output keeps the input's memory format)."""
     forward = _batch_norm_forward
+    __getstate__ = _getstate
 
 
 class BatchNorm3d(torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on bn_simd's kernels: (N, C, D, H, W) input, contiguous or
     ``torch.channels_last_3d``."""
     forward = _batch_norm_forward
+    __getstate__ = _getstate
 
 
 class GroupNorm(torch.nn.GroupNorm):
     """``torch.nn.GroupNorm`` on bn_simd's kernels: (N, C, *spatial) input of rank 2 to 5."""
+    __getstate__ = _getstate
 
     def forward(self, input):
         tensors = (self._parameters.get("weight"), self._parameters.get("bias"))
@@ -81,16 +92,19 @@ def _apply_instance_norm(self, input):
 class InstanceNorm1d(torch.nn.InstanceNorm1d):
     """``torch.nn.InstanceNorm1d`` on bn_simd's kernels: (N, C, L) or unbatched (C, L) input."""
     _apply_instance_norm = _apply_instance_norm
+    __getstate__ = _getstate
 
 
 class InstanceNorm2d(torch.nn.InstanceNorm2d):
     """``torch.nn.InstanceNorm2d`` on bn_simd's kernels: (N, C, H, W) or unbatched (C, H, W) input."""
     _apply_instance_norm = _apply_instance_norm
+    __getstate__ = _getstate
 
 
 class InstanceNorm3d(torch.nn.InstanceNorm3d):
     """``torch.nn.InstanceNorm3d`` on bn_simd's kernels: (N, C, D, H, W) or unbatched (C, D, H, W) input."""
     _apply_instance_norm = _apply_instance_norm
+    __getstate__ = _getstate
 
 
 # torch.nn class -> bn_simd class; exact types only: a user's subclass of a torch.nn class may override forward
