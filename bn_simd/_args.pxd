@@ -7,10 +7,17 @@ cdef enum:
     DT_F32 = 0
     DT_F64 = 1
 
-# Layouts.
+# Layouts. A channel axis given as axis= (bn_simd.functional) arrives as an Axis token, whose code is AXIS_BASE + axis
+# (axis in [-MAX_RANK, MAX_RANK - 1]); only the batch-norm views (view) take it.
 cdef enum:
     NCHW = 0
     NHWC = 1
+    AXIS_BASE = 64
+    MAX_RANK = 8
+
+
+cdef class Axis:
+    cdef readonly int axis
 
 # A data tensor seen by the batch-norm kernels: the C-contiguous (outer, C, inner) view and its storage dtype.
 ctypedef struct View:
