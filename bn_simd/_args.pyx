@@ -24,6 +24,7 @@ cnp.import_array()
 
 LAYOUTS = {"NCHW": "NCHW", "NHWC": "NHWC", "channels_first": "NCHW", "channels_last": "NHWC"}
 LAYOUT_NAMES = ("NCHW", "NHWC")
+MAX_DIMS = MAX_RANK  # the highest rank a call with axis= takes
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -596,5 +597,7 @@ def data_view(x, layout, name="x"):
     cdef cnp.ndarray a = data(x, name)
     cdef int code = layout_code(layout), nd = cnp.PyArray_NDIM(a)
     view(a, code, name, &v)
-    ax = 1 if code == NCHW else nd - 1 if code == NHWC else (code - AXIS_BASE) % nd
+    cdef int ax = 1 if code == NCHW else nd - 1 if code == NHWC else code - AXIS_BASE
+    if ax < 0:  # (view checked that -nd <= ax < nd)
+        ax += nd
     return a, v.outer, v.C, v.inner, ax

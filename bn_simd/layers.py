@@ -4,7 +4,7 @@ import numbers
 import numpy as np
 
 from . import _args as ck
-from . import _core
+from . import _core, _masked
 from . import functional as F
 
 
@@ -75,10 +75,15 @@ class BatchNorm(_Layer):
     dtype : float32 or float64, the dtype of parameters and running statistics. Inputs may be either.
     unbiased_running_var : bool. True (PyTorch) stores the unbiased batch variance in running_var; False
         stores the biased one (Keras).
+    axis : int or None. The channel axis (negative counts from the end) of inputs of rank 1 to 8, instead of
+        ``layout`` (which must then stay "NCHW"); BatchNorm1d/2d/3d keep their ranks.
+    bias : bool (PyTorch 2.x). False with affine=True: a learnable ``weight`` and no ``bias`` (None; no
+        ``bias`` key in the state dict, ``grad_bias`` stays None).
 
     A new layer is in training mode; ``eval()`` / ``train()`` switch it. Calling the layer returns the
     normalised array; ``backward(grad_out)`` after a call returns grad_x and sets ``grad_weight`` and
-    ``grad_bias`` (overwritten each time, not accumulated).
+    ``grad_bias`` (overwritten each time, not accumulated). ``layer(x, mask=m)`` takes the training statistics
+    over the unmasked entries only (see :func:`bn_simd.batch_norm`); ``backward`` then uses the same mask.
 
     Thread safety: a layer holds state (running statistics, the saved forward for backward), so one layer
     must not be called from several threads at once. The functional API is safe to call concurrently on
@@ -89,7 +94,7 @@ class BatchNorm(_Layer):
     _ranks = (2, 3, 4, 5)
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
-                 layout="NCHW", dtype=np.float32, unbiased_running_var=True):
+                 layout="NCHW", dtype=np.float32, unbiased_running_var=True, axis=None, bias=True):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if not 1 <= num_features < 2**31:
@@ -101,11 +106,12 @@ class BatchNorm(_Layer):
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.layout = ck.check_layout(layout)
+        self.axis = None if axis is None else ck.check_axis(axis, layout)
         self.dtype = dt
         self.unbiased_running_var = bool(unbiased_running_var)
         C = self.num_features
         self.weight = np.ones(C, dt) if self.affine else None
-        self.bias = np.zeros(C, dt) if self.affine else None
+        self.bias = np.zeros(C, dt) if self.affine and bias else None
         if self.track_running_stats:
             self.running_mean = np.zeros(C, dt)
             self.running_var = np.ones(C, dt)
@@ -127,16 +133,27 @@ class BatchNorm(_Layer):
         self.reset_running_stats()
         if self.affine:
             self.weight.fill(1)
-            self.bias.fill(0)
+            if self.bias is not None:
+                self.bias.fill(0)
 
     # ---- forward / backward --------------------------------------------------------------------------------
     def _check_input(self, x):
-        return ck.check_layer_input(x, self._ranks, type(self).__name__, self.num_features, self.layout)
+        ranks = self._ranks if self.axis is None or type(self) is not BatchNorm else None
+        return ck.check_layer_input(x, ranks, type(self).__name__, self.num_features, self.layout, self.axis)
 
-    def forward(self, x, *, out=None):
-        """Normalise x (rank per class, channels per ``layout``); returns y (``out`` if given)."""
+    def _lay(self):
+        """The layout argument of the kernels' calls: the layout, or the token of the channel axis."""
+        return self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
+
+    def forward(self, x, *, out=None, mask=None):
+        """Normalise x (rank per class, channels per ``layout`` or ``axis``); returns y (``out`` if given).
+
+        mask: statistics of the unmasked entries only, in training (see :func:`bn_simd.batch_norm`); checked and
+        unused when the running statistics are used."""
         self._check_state()
         x = self._check_input(x)
+        if mask is not None:
+            return self._forward_masked(x, out, mask)
         track = self.track_running_stats
         batch_stats = self.training or not track
         update = self.training and track
@@ -147,7 +164,7 @@ class BatchNorm(_Layer):
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         y, mean, invstd = _core.batch_norm(x, self.running_mean if track else None,
                                            self.running_var if track else None, self.weight, self.bias, batch_stats,
-                                           momentum, self.eps, self.layout, out, self.unbiased_running_var,
+                                           momentum, self.eps, self._lay(), out, self.unbiased_running_var,
                                            F._threads(), True)
         if update:
             self.num_batches_tracked += 1
@@ -155,6 +172,25 @@ class BatchNorm(_Layer):
         return y
 
     __call__ = forward
+
+    def _forward_masked(self, x, out, mask):
+        """forward with a mask: the statistics of the unmasked entries when the batch's are used."""
+        track = self.track_running_stats
+        if not (self.training or not track):
+            _masked.prepare(x, self._lay(), mask)
+            return self.forward(x, out=out)
+        update = self.training and track
+        momentum = 0.0 if not update else (
+            self.momentum if self.momentum is not None else 1.0 / (self.num_batches_tracked + 1))
+        saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
+        y, mean, invstd, _ = _masked.forward(x, self.running_mean if update else None,
+                                             self.running_var if update else None, self.weight, self.bias, momentum,
+                                             self.eps, self._lay(), out, self.unbiased_running_var, mask,
+                                             F._threads())
+        if update:
+            self.num_batches_tracked += 1
+        self._saved = (saved_x, mean, invstd, True, mask)
+        return y
 
     def backward(self, grad_out, *, out=None):
         """Gradient of the last forward call: returns grad_x and sets grad_weight / grad_bias (affine only).
@@ -164,11 +200,16 @@ class BatchNorm(_Layer):
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
-        x, mean, invstd, training = self._saved
-        gx, gw, gb = F.batch_norm_backward(grad_out, x, mean, invstd, self.weight, layout=self.layout, out=out,
-                                           training=training)
+        x, mean, invstd, training, *mask = self._saved
+        if mask:
+            gx, gw, gb = _masked.backward(grad_out, x, mean, invstd, self.weight, self._lay(), out, mask[0],
+                                          F._threads())
+        else:
+            gx, gw, gb = _core.batch_norm_backward(grad_out, x, mean, invstd, self.weight, self._lay(), out,
+                                                   training, F._threads())
         if self.affine:
-            self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
+            self.grad_weight = gw.astype(self.dtype)
+            self.grad_bias = gb.astype(self.dtype) if self.bias is not None else None
         return gx
 
     def _check_state(self):
@@ -185,6 +226,8 @@ class BatchNorm(_Layer):
         self.eps = ck.check_eps(self.eps)
         self.momentum = ck.check_momentum(self.momentum, allow_none=True)
         self.layout = ck.check_layout(self.layout)
+        if self.axis is not None:
+            self.axis = ck.check_axis(self.axis, self.layout)
 
     # ---- state ---------------------------------------------------------------------------------------------
     def state_dict(self):
@@ -193,7 +236,8 @@ class BatchNorm(_Layer):
         d = {}
         if self.affine:
             d["weight"] = self.weight.copy()
-            d["bias"] = self.bias.copy()
+            if self.bias is not None:
+                d["bias"] = self.bias.copy()
         if self.track_running_stats:
             d["running_mean"] = self.running_mean.copy()
             d["running_var"] = self.running_var.copy()
@@ -201,7 +245,7 @@ class BatchNorm(_Layer):
         return d
 
     def _state_keys(self):
-        return (["weight", "bias"] if self.affine else []) + (
+        return (["weight"] + (["bias"] if self.bias is not None else []) if self.affine else []) + (
             ["running_mean", "running_var", "num_batches_tracked"] if self.track_running_stats else [])
 
     @property
@@ -209,9 +253,10 @@ class BatchNorm(_Layer):
         return self.num_features
 
     def __repr__(self):
+        where = f"layout={self.layout!r}" if self.axis is None else f"axis={self.axis}"
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, layout={self.layout!r}, "
-                f"dtype={self.dtype.name})")
+                f"affine={self.affine}, {'' if self.bias is not None or not self.affine else 'bias=False, '}"
+                f"track_running_stats={self.track_running_stats}, {where}, dtype={self.dtype.name})")
 
 
 class BatchNorm1d(BatchNorm):
