@@ -138,7 +138,9 @@ class BatchNorm(_Layer):
 
     # ---- forward / backward --------------------------------------------------------------------------------
     def _check_input(self, x):
-        ranks = self._ranks if self.axis is None or type(self) is not BatchNorm else None
+        if self.axis is None:
+            return ck.check_layer_input(x, self._ranks, type(self).__name__, self.num_features, self.layout)
+        ranks = None if type(self) is BatchNorm else self._ranks  # (BatchNorm1d/2d/3d keep theirs)
         return ck.check_layer_input(x, ranks, type(self).__name__, self.num_features, self.layout, self.axis)
 
     def _lay(self):
@@ -164,11 +166,12 @@ class BatchNorm(_Layer):
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         y, mean, invstd = _core.batch_norm(x, self.running_mean if track else None,
                                            self.running_var if track else None, self.weight, self.bias, batch_stats,
-                                           momentum, self.eps, self._lay(), out, self.unbiased_running_var,
-                                           F._threads(), True)
+                                           momentum, self.eps,
+                                           self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout),
+                                           out, self.unbiased_running_var, F._threads(), True)
         if update:
             self.num_batches_tracked += 1
-        self._saved = (saved_x, mean, invstd, batch_stats)
+        self._saved = (saved_x, mean, invstd, batch_stats, None)
         return y
 
     __call__ = forward
@@ -189,7 +192,7 @@ class BatchNorm(_Layer):
                                              F._threads())
         if update:
             self.num_batches_tracked += 1
-        self._saved = (saved_x, mean, invstd, True, mask)
+        self._saved = (saved_x, mean, invstd, True, np.array(ck.to_ndarray(mask, "mask")))  # (a copy, for backward)
         return y
 
     def backward(self, grad_out, *, out=None):
@@ -200,13 +203,13 @@ class BatchNorm(_Layer):
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
-        x, mean, invstd, training, *mask = self._saved
-        if mask:
-            gx, gw, gb = _masked.backward(grad_out, x, mean, invstd, self.weight, self._lay(), out, mask[0],
-                                          F._threads())
+        x, mean, invstd, training, mask = self._saved
+        lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
+        if mask is None:
+            gx, gw, gb = _core.batch_norm_backward(grad_out, x, mean, invstd, self.weight, lay, out, training,
+                                                   F._threads())
         else:
-            gx, gw, gb = _core.batch_norm_backward(grad_out, x, mean, invstd, self.weight, self._lay(), out,
-                                                   training, F._threads())
+            gx, gw, gb = _masked.backward(grad_out, x, mean, invstd, self.weight, lay, out, mask, F._threads())
         if self.affine:
             self.grad_weight = gw.astype(self.dtype)
             self.grad_bias = gb.astype(self.dtype) if self.bias is not None else None
