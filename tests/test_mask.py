@@ -265,3 +265,22 @@ def test_layer_with_mask_trains_on_the_unmasked_entries():
         layer(x, mask=np.ones((6, 2)))
     np.testing.assert_array_equal(layer.running_mean, rm)
     assert layer.num_batches_tracked == 1
+
+
+def test_layer_with_mask_in_place_and_cumulative_momentum():
+    x, mask = masked_case((6, 5, 3), -1, (6, 5), np.float64, seed=4)
+    x = np.where(np.abs(x) > 1e5, 2.0, x)
+    g = np.random.default_rng(2).standard_normal(x.shape)
+    ref_layer = bn_simd.BatchNorm(3, axis=-1, momentum=None, dtype=np.float64)
+    layer = bn_simd.BatchNorm(3, axis=-1, momentum=None, dtype=np.float64)
+    expected = ref_layer(x, mask=mask)
+    expected_gx = ref_layer.backward(g)
+    xi = x.copy()
+    m = mask.copy()
+    assert layer(xi, out=xi, mask=m) is xi
+    m[:] = False  # the layer keeps its own copy of the mask for backward
+    np.testing.assert_array_equal(xi, expected)
+    np.testing.assert_array_equal(layer.backward(g), expected_gx)
+    _, mean, var, n = oracle(x, mask, -1)
+    np.testing.assert_allclose(layer.running_mean, mean, rtol=1e-14)  # momentum None: the first batch's
+    np.testing.assert_allclose(layer.running_var, var * n / (n - 1), rtol=1e-14)
