@@ -74,15 +74,16 @@ class BatchNormalization:
 
     The weights are made at the first call (or :meth:`build`), shaped (C,) with C = input_shape[axis]; later
     inputs must have the same rank and C. ``layer(x, training=False, mask=None)``: x float32 or float64, computed
-    in x's dtype with float64 statistics, returned in the layer's dtype. training=True uses the batch's mean and
+    in x's dtype with float64 statistics (float16, integer and bool inputs in float32, as Keras does), returned in
+    the layer's dtype. training=True uses the batch's mean and
     biased variance (those of the entries where ``mask`` is nonzero when a mask is given: x's shape without the
     channel axis, or a shape broadcasting to it) and updates ``moving_mean`` / ``moving_variance`` in place; every
     entry is normalised. :meth:`backward` gives the gradients of the last call.
 
     As Keras: one value per channel (a batch of one row) gives variance 0, and a mask that leaves a batch no entry
     gives mean 0 and variance 0 (moving statistics updated with them). Unlike Keras: an empty batch leaves the
-    moving statistics as they were (Keras writes NaN), float16 inputs are refused (TypeError), and a mask must
-    broadcast to x's shape without its channel axis wherever that axis is (Keras inserts it last).
+    moving statistics as they were (Keras writes NaN), and a mask must broadcast to x's shape without its channel
+    axis wherever that axis is (Keras inserts it last).
 
     Raises TypeError for wrong types or dtypes and ValueError for wrong shapes or values, naming the argument; a
     call that raises changes nothing. A layer holds state: call one layer from one thread at a time.
@@ -224,6 +225,11 @@ class BatchNormalization:
 
     # ---- forward / backward --------------------------------------------------------------------------------
     def _input(self, x):
+        if not isinstance(x, np.ndarray) or x.dtype not in ck.SUPPORTED_DTYPES:
+            a = ck.to_ndarray(x, "x")
+            # Keras computes in result_type(x.dtype, float32): float16, integers and bool in float32
+            if a.dtype.kind in "biu" or (a.dtype.kind == "f" and a.dtype.itemsize < 4):
+                x = a.astype(np.float32)
         a = ck.as_data(x, "x")
         if not self.built:
             self.build(a.shape)
@@ -279,7 +285,7 @@ class BatchNormalization:
         return y if y.dtype == self.dtype else y.astype(self.dtype)
 
     def backward(self, grad_out):
-        """Gradient of the last call: returns grad_x (x's dtype) and sets ``grad_gamma`` (scale) and ``grad_beta``
+        """Gradient of the last call: returns grad_x (the dtype x was computed in) and sets ``grad_gamma`` (scale) and ``grad_beta``
         (center) in the layer's dtype.
 
         After a call with batch statistics the gradient runs through them (the unmasked entries' when masked),
@@ -288,8 +294,8 @@ class BatchNormalization:
             raise RuntimeError("backward() needs a call first")
         x, mean, invstd, batch, pos = self._saved
         g = ck.to_ndarray(grad_out, "grad_out")
-        if g.dtype != x.dtype and g.dtype in ck.SUPPORTED_DTYPES and g.shape == x.shape:
-            g = g.astype(x.dtype)  # (y came back in the layer's dtype)
+        if g.dtype != x.dtype and g.dtype.kind == "f" and g.shape == x.shape:
+            g = g.astype(x.dtype)  # (y came back in the layer's dtype, which may not be the one computed in)
         lay = ck.axis_layout(self.axis)
         if pos is not None:
             ax = self.axis % x.ndim

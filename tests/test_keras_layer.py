@@ -308,7 +308,7 @@ def test_errors_name_the_argument_and_change_nothing():
     before = layer.get_weights()
     for bad, exc, pattern in [(np.ones((4, 3), np.float32), ValueError, "3 dimensions"),
                               (np.ones((4, 5, 2), np.float32), ValueError, "3 channels on axis 1"),
-                              (np.ones((4, 3, 2), np.float16), TypeError, "float32 or float64")]:
+                              (np.ones((4, 3, 2), np.complex64), TypeError, "float32 or float64")]:
         with pytest.raises(exc, match=pattern):
             layer(bad, training=True)
     with pytest.raises(ValueError, match="mask"):
@@ -401,3 +401,16 @@ def test_config_of_a_keras_layer(keras):
     kl.build((2, 3, 4))
     for a, b in zip(ours.get_weights(), kl.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_float16_integer_and_bool_inputs_are_computed_in_float32():
+    x = np.arange(24).reshape(6, 4) % 5
+    expected = BatchNormalization(momentum=0.5)(x.astype(np.float32), training=True)
+    for kind in (np.float16, np.int64, np.uint8):
+        layer = BatchNormalization(momentum=0.5)
+        y = layer(x.astype(kind), training=True)
+        assert y.dtype == np.float32
+        np.testing.assert_array_equal(y, expected)
+        assert layer.backward(np.ones((6, 4), np.float32)).dtype == np.float32
+    y = BatchNormalization()(x > 2, training=True)
+    assert y.dtype == np.float32 and y.shape == (6, 4)
