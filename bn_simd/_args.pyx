@@ -522,6 +522,9 @@ def check_axis(axis, layout="NCHW"):
 
 def axis_layout(axis, layout="NCHW"):
     """The layout argument of the bridge's batch-norm calls for channels on `axis` (see check_axis): an Axis token."""
+    # (the common call, without the ABC checks)
+    if type(axis) is int and type(layout) is str and layout == "NCHW" and -MAX_RANK <= axis < MAX_RANK:
+        return _AXES[axis + MAX_RANK]
     return _AXES[check_axis(axis, layout) + MAX_RANK]
 
 
