@@ -244,3 +244,21 @@ def test_group_norm_does_not_take_an_axis_token():
         _core.group_norm(np.ones((2, 4, 3), np.float32), 2, None, None, 1e-5, _args.axis_layout(1), None, 0)
     with pytest.raises(TypeError, match="layout must be a string"):
         bn_simd.BatchNorm(3, layout=_args.axis_layout(1))
+
+
+def test_an_axis_and_a_mask_give_the_same_bits_for_every_thread_count_and_isa(isa, threads):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((8, 4, 16, 32, 16, 2)).astype(np.float32)  # ~1M values: threaded
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    mask = rng.random((8, 4, 32, 16, 2)) < 0.7
+    results = []
+    for n in (1, 2, 3):
+        threads(n)
+        y, sm, si = bn_simd.batch_norm_forward(x, axis=2)
+        gx = bn_simd.batch_norm_backward(g, x, sm, si, axis=2)[0]
+        ym, mm, mi = bn_simd.batch_norm_forward(x, axis=-4, mask=mask)
+        gm = bn_simd.batch_norm_backward(g, x, mm, mi, axis=-4, mask=mask)[0]
+        results.append((y, si, gx, ym, mi, gm))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert_same_bits(a, b, "result")
