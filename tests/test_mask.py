@@ -284,3 +284,14 @@ def test_layer_with_mask_in_place_and_cumulative_momentum():
     _, mean, var, n = oracle(x, mask, -1)
     np.testing.assert_allclose(layer.running_mean, mean, rtol=1e-14)  # momentum None: the first batch's
     np.testing.assert_allclose(layer.running_var, var * n / (n - 1), rtol=1e-14)
+
+
+def test_masked_calls_on_strided_fortran_and_byte_swapped_input():
+    x, mask = masked_case((6, 5, 3), 1, (6, 3), np.float32, seed=6)
+    expected = bn_simd.batch_norm(x, None, None, training=True, axis=1, mask=mask)
+    for variant in (np.asfortranarray(x), x.astype(x.dtype.newbyteorder()),
+                    np.repeat(x, 2, axis=0)[::2], x.tolist()):
+        np.testing.assert_array_equal(bn_simd.batch_norm(variant, None, None, training=True, axis=1, mask=mask),
+                                      expected)
+    np.testing.assert_array_equal(bn_simd.batch_norm(x, None, None, training=True, axis=1,
+                                                     mask=np.asfortranarray(mask)[:, ::-1][:, ::-1]), expected)
