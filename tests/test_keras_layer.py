@@ -8,6 +8,9 @@ import pytest
 
 from bn_simd.keras import BatchNormalization
 
+# Keras' torch backend converts its variables through __array__ without NumPy 2's copy keyword (Keras' own warning)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
 
 class KerasFormula:
     """Keras 3's BatchNormalization in float64 (from its documented formulas): batch mean and biased variance over
