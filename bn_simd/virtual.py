@@ -1,0 +1,228 @@
+"""Ghost batch normalization: batch statistics per virtual batch, with Keras' grouping.
+
+A training batch of N samples is split into G = N / virtual_batch_size virtual batches of
+``virtual_batch_size`` samples each; every virtual batch is normalised with its own per-channel mean and biased
+variance, with the same weight and bias. The grouping is Keras' (``BatchNormalization(virtual_batch_size=v)``
+reshapes the batch to (v, G, ...) and reduces over the first axis): **sample n belongs to virtual batch n mod G**,
+so virtual batch j holds samples j, j + G, j + 2G, ...
+
+Running statistics move towards the mean over the virtual batches of their means and of their variances (Keras'
+single update per call; the variance unbiased with the n values of one virtual batch unless
+``unbiased_running_var=False``). Eval mode does not split the batch: it normalises with the running statistics,
+so any batch size works there.
+
+How it runs: with x channels-first, (N, C, *spatial) is the C-contiguous (v, G, C, S) block, so the G virtual
+batches of C channels are the G·C channels of the view (v, G·C, S): one kernel call on a reshape, no copy (the same
+for (N, C) in either layout). Channels-last input with spatial axes, (N, *spatial, C), does not have this form; it
+is copied once into the channels-first view (v, G, C, S), and the result copied back.
+"""
+import numbers
+
+import numpy as np
+
+from . import _args as ck
+from . import _core
+from . import functional as F
+
+
+def check_virtual_batch_size(v, allow_none=True):
+    """virtual_batch_size as an int >= 1 (or None when allow_none)."""
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"virtual_batch_size must be an int >= 1{' or None' if allow_none else ''}, "
+                        f"got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"virtual_batch_size must be an int >= 1, got {v}")
+    return int(v)
+
+
+class Split:
+    """A batch split into virtual batches, as the array one kernel call sees.
+
+    ``wide`` is C-contiguous with G·C channels: (v, G·C, S) in layout "NCHW" when G > 1 (channel g·C + c is channel c
+    of virtual batch g), x itself in its own layout when G == 1. ``n`` is the number of values per channel of one
+    virtual batch.
+    """
+
+    def __init__(self, x, layout, virtual_batch_size, name="x"):
+        x = ck.as_data(x, name)
+        self.layout = ck.check_layout(layout)
+        if not 2 <= x.ndim <= 5:
+            raise ValueError(f"{name} must have 2 to 5 dimensions (layout {self.layout!r}), got shape {x.shape}")
+        v = check_virtual_batch_size(virtual_batch_size)
+        N = x.shape[0]
+        self.C = x.shape[1] if self.layout == "NCHW" else x.shape[-1]
+        self.S = int(np.prod(x.shape[2:] if self.layout == "NCHW" else x.shape[1:-1]))
+        if v is not None and N % v:
+            raise ValueError(f"virtual_batch_size ({v}) must divide the batch size, got a batch of {N} samples "
+                             f"(shape {x.shape})")
+        self.v = N if v is None else v
+        self.G = N // v if v is not None and v else 1
+        self.shape = x.shape
+        self.x = x
+        self.n = self.v * self.S
+        # channels-last with spatial axes: the virtual batches' channels are not one reshape away
+        self.transposed = self.G > 1 and self.layout == "NHWC" and self.S > 1
+        self.wide_layout = self.layout if self.G == 1 else "NCHW"
+        self.wide = self.to_wide(x)
+
+    def to_wide(self, a):
+        """An array of x's shape (x itself, grad_out) as the kernel's view."""
+        if self.G == 1:
+            return a
+        v, G, C, S = self.v, self.G, self.C, self.S
+        if self.transposed:
+            return np.ascontiguousarray(a.reshape(v, G, S, C).transpose(0, 1, 3, 2)).reshape(v, G * C, S)
+        return a.reshape(v, G * C, S)
+
+    def out_view(self, out):
+        """The kernel's output array for ``out`` (checked against x): a view of it, or (transposed) None."""
+        if out is None or self.G == 1 or self.transposed:
+            return out
+        return out.reshape(self.wide.shape)
+
+    def from_wide(self, yw, out):
+        """The kernel's output back in x's shape, in ``out`` when given."""
+        if self.G == 1:
+            return yw
+        if not self.transposed:
+            return yw.reshape(self.shape) if out is None else out
+        y = np.empty(self.shape, yw.dtype) if out is None else out
+        y.reshape(self.v, self.G, self.S, self.C)[...] = yw.reshape(self.v, self.G, self.C, self.S).transpose(0, 1, 3, 2)
+        return y
+
+    def tile(self, a):
+        """A per-channel float64 array (C,) repeated for the G virtual batches (G·C,), or None."""
+        if a is None:
+            return None
+        a = np.asarray(a, np.float64)
+        return a if self.G == 1 else np.tile(a, self.G)
+
+    def per_group(self, a, name):
+        """A per-virtual-batch statistic: (G, C) (or (C,) when G == 1) as the kernel's (G·C,) float64 vector."""
+        a = ck.to_ndarray(a, name)
+        if a.dtype.kind != "f":
+            raise TypeError(f"{name} must have a floating-point dtype, got {a.dtype}")
+        want = (self.G, self.C)
+        if a.shape != want and not (self.G == 1 and a.shape == (self.C,)):
+            raise ValueError(f"{name} must have shape {want} (virtual batches, channels), got shape {a.shape}")
+        return np.ascontiguousarray(a, np.float64).reshape(-1)
+
+    def check_like(self, a, name):
+        """grad_out: x's shape and dtype."""
+        a = ck.as_data(a, name)
+        if a.shape != self.shape:
+            raise ValueError(f"{name} must have shape {self.shape} (the shape of x), got {a.shape}")
+        if a.dtype != self.x.dtype:
+            raise TypeError(f"{name} must have dtype {self.x.dtype} (the dtype of x), got {a.dtype}")
+        return a
+
+    def check_out(self, out, reads):
+        return None if out is None else ck.check_out(out, self.x, reads)
+
+
+def train_forward(split, weight, bias, eps, out):
+    """The training forward on a Split: (y, mean, invstd), the last two float64 (G·C,)."""
+    out = split.check_out(out, [("x", split.x)])
+    w = ck.per_channel(weight, "weight", split.C)
+    b = ck.per_channel(bias, "bias", split.C)
+    yw, mean, invstd = _core.batch_norm(split.wide, None, None, split.tile(w), split.tile(b), True, 0.0, eps,
+                                        split.wide_layout, split.out_view(out), True, F._threads(), True)
+    return split.from_wide(yw, out), mean, invstd
+
+
+def mean_stats(split, mean, invstd, eps):
+    """The update's statistics: the mean over the virtual batches of their means and biased variances, float64 (C,)
+    (Keras' reduce_mean over the virtual-batch axis)."""
+    var = 1.0 / np.square(invstd) - eps
+    return mean.reshape(split.G, split.C).mean(axis=0), var.reshape(split.G, split.C).mean(axis=0)
+
+
+def virtual_batch_norm_forward(x, weight=None, bias=None, *, virtual_batch_size, eps=1e-5, layout="NCHW", out=None):
+    """Training forward of ghost batch normalization (virtual batches, Keras' grouping: see the module).
+
+    y = (x - mean[g, c]) / sqrt(var[g, c] + eps) * weight[c] + bias[c] for the samples of virtual batch g.
+
+    x : float32/float64 ndarray, rank 2..5 in ``layout``, batch axis first; its batch size N must be a multiple
+        of ``virtual_batch_size`` (int >= 1; None: the whole batch, plain batch norm).
+    weight, bias : arrays (C,) or None (1 and 0).
+    out : ndarray shaped and typed like x, C-contiguous; may be x itself.
+
+    Returns (y, save_mean, save_invstd): save_mean[g, c] and save_invstd[g, c] = 1 / sqrt(var[g, c] + eps), float64
+    arrays (G, C) with G = N / virtual_batch_size, for :func:`virtual_batch_norm_backward`. Raises ValueError when
+    virtual_batch_size does not divide N, or a virtual batch has one value per channel, and as
+    :func:`bn_simd.batch_norm_forward` otherwise.
+    """
+    split = Split(x, layout, check_virtual_batch_size(virtual_batch_size))
+    y, mean, invstd = train_forward(split, weight, bias, eps, out)
+    return y, mean.reshape(split.G, split.C), invstd.reshape(split.G, split.C)
+
+
+def virtual_batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, virtual_batch_size,
+                                layout="NCHW", out=None):
+    """Gradients of :func:`virtual_batch_norm_forward`, each virtual batch through its own statistics.
+
+    With x̂ = (x - save_mean[g]) save_invstd[g] in virtual batch g of n values per channel:
+        grad_x        = w s_g (grad_out - sum_g grad_out / n - x̂ sum_g grad_out x̂ / n)    (sums over batch g)
+        grad_weight   = sum over all samples of grad_out x̂,   grad_bias = sum of grad_out
+
+    grad_out, x : same shape and dtype. save_mean, save_invstd : (G, C) arrays from the forward. Returns
+    (grad_x, grad_weight, grad_bias); the per-channel gradients have weight's dtype (x's when weight is None).
+    ``out`` receives grad_x and may be grad_out or x itself.
+    """
+    split = Split(x, layout, check_virtual_batch_size(virtual_batch_size))
+    return train_backward(split, grad_out, save_mean, save_invstd, weight, out)
+
+
+def train_backward(split, grad_out, save_mean, save_invstd, weight, out, scale=None):
+    """The backward on a Split: (grad_x, sum grad_out x̂, sum grad_out) (the sums float64 (C,) when scale is given,
+    else (grad_x, grad_weight, grad_bias) in weight's dtype). scale: extra per-channel factor of the weight (renorm's
+    r, a constant)."""
+    g = split.check_like(grad_out, "grad_out")
+    m = split.per_group(save_mean, "save_mean")
+    s = split.per_group(save_invstd, "save_invstd")
+    w = ck.per_channel(weight, "weight", split.C)
+    out = split.check_out(out, [("grad_out", g), ("x", split.x)])
+    w_eff = (np.ones(split.C) if w is None else np.asarray(w, np.float64)) * (1.0 if scale is None else scale)
+    gw_in = split.to_wide(g)
+    gx, sdx, sdy = _core.batch_norm_backward(gw_in, split.wide, m, s, split.tile(w_eff), split.wide_layout,
+                                             split.out_view(out), True, F._threads())
+    gx = split.from_wide(gx, out)
+    sdx = sdx.reshape(split.G, split.C).sum(axis=0)
+    sdy = sdy.reshape(split.G, split.C).sum(axis=0)
+    if scale is not None:
+        return gx, sdx, sdy
+    dt = split.x.dtype if w is None else w.dtype
+    return gx, sdx.astype(dt), sdy.astype(dt)
+
+
+def virtual_batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
+                       eps=1e-5, *, virtual_batch_size, layout="NCHW", out=None, unbiased_running_var=True):
+    """:func:`bn_simd.batch_norm` with virtual batches in training (Keras' ``virtual_batch_size``).
+
+    training=True: each virtual batch is normalised with its own statistics (:func:`virtual_batch_norm_forward`),
+    and running_mean / running_var, when given, move towards the mean over the virtual batches of their means and
+    variances: ``running = (1 - momentum) running + momentum mean_g(batch_g)``, the variance unbiased with the
+    n = virtual_batch_size · spatial values of one virtual batch (``unbiased_running_var=False``: biased, Keras).
+    training=False: the running statistics, whatever the batch size (as Keras).
+
+    Returns y. Raises as :func:`virtual_batch_norm_forward` and :func:`bn_simd.batch_norm`; a call that raises
+    changes nothing.
+    """
+    if not training:
+        check_virtual_batch_size(virtual_batch_size)
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps, layout=layout, out=out)
+    split = Split(x, layout, check_virtual_batch_size(virtual_batch_size))
+    C = split.C
+    rm = ck.per_channel(running_mean, "running_mean", C, inplace=True)
+    rv = ck.per_channel(running_var, "running_var", C, inplace=True)
+    if (rm is None) != (rv is None):
+        raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
+    mom = ck.check_momentum(momentum, False) if rm is not None else None
+    e = ck.check_eps(eps)
+    y, mean, invstd = train_forward(split, weight, bias, e, out)
+    if rm is not None and split.n * split.G > 0:
+        bm, bv = mean_stats(split, mean, invstd, e)
+        F.update_running_stats(rm, rv, bm, bv, split.n, mom, unbiased=bool(unbiased_running_var))
+    return y
