@@ -78,7 +78,9 @@ class Split:
 
     def out_view(self, out):
         """The kernel's output array for ``out`` (checked against x): a view of it, or (transposed) None."""
-        if out is None or self.G == 1 or self.transposed:
+        if self.transposed:
+            return None
+        if out is None or self.G == 1:
             return out
         return out.reshape(self.wide.shape)
 
