@@ -128,16 +128,19 @@ def _forward(split, renorm_mean, renorm_std, weight, bias, clipping, eps, out):
     if split.n == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input of shape {split.shape}"
                          + (f" in virtual batches of {split.v}" if split.G > 1 else ""))
-    mean_w, var_w = _core.batch_stats(split.wide, split.wide_layout, F._threads())
+    mean_w, var_w = np.empty(split.G * C), np.empty(split.G * C)
+    for part, sl in zip(split.parts, split.slices):
+        mean_w[sl], var_w[sl] = _core.batch_stats(part, split.part_layout, F._threads())
     bm, bv = _averaged(split, mean_w, var_w)
     rmax, rmin, dmax = clipping
     r, d = renorm_corrections(bm, bv, rmean, rstd, eps=e, rmax=rmax, rmin=rmin, dmax=dmax)
     # ((x - m) / s_B r + d) w + b = (x - m) / s_B (w r) + (w d + b)
     w64 = np.ones(C) if w is None else np.asarray(w, np.float64)
     b64 = np.zeros(C) if b is None else np.asarray(b, np.float64)
-    yw = _core.normalize(split.wide, mean_w, var_w, split.tile(w64 * r), split.tile(w64 * d + b64), e,
-                         split.wide_layout, split.out_view(out), F._threads())
-    return split.from_wide(yw, out), mean_w, var_w, r, d
+    scale, shift = split.tile(w64 * r), split.tile(w64 * d + b64)
+    ys = [_core.normalize(part, mean_w[sl], var_w[sl], scale[sl], shift[sl], e, split.part_layout, o, F._threads())
+          for part, o, sl in zip(split.parts, split.out_parts(out), split.slices)]
+    return split.from_parts(ys, out), mean_w, var_w, r, d
 
 
 def batch_renorm_forward(x, renorm_mean, renorm_std, weight=None, bias=None, *, rmax=None, rmin=None, dmax=None,

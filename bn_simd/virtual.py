@@ -13,8 +13,9 @@ so any batch size works there.
 
 How it runs: with x channels-first, (N, C, *spatial) is the C-contiguous (v, G, C, S) block, so the G virtual
 batches of C channels are the G·C channels of the view (v, G·C, S): one kernel call on a reshape, no copy (the same
-for (N, C) in either layout). Channels-last input with spatial axes, (N, *spatial, C), does not have this form; it
-is copied once into the channels-first view (v, G, C, S), and the result copied back.
+for (N, C) in either layout). Channels-last input with spatial axes, (N, *spatial, C), does not have this form: its
+samples are gathered by virtual batch into one copy (whole samples move, contiguous runs), each virtual batch is a
+channels-last call, and the output is scattered back the same way.
 """
 import numbers
 
@@ -38,11 +39,14 @@ def check_virtual_batch_size(v, allow_none=True):
 
 
 class Split:
-    """A batch split into virtual batches, as the array one kernel call sees.
+    """A batch split into virtual batches, as the arrays the kernel calls see.
 
-    ``wide`` is C-contiguous with G·C channels: (v, G·C, S) in layout "NCHW" when G > 1 (channel g·C + c is channel c
-    of virtual batch g), x itself in its own layout when G == 1. ``n`` is the number of values per channel of one
-    virtual batch.
+    The G virtual batches of C channels are G·C "wide" channels, channel g·C + c being channel c of virtual batch g.
+    ``parts`` lists the C-contiguous arrays of the kernel calls, each with its layout and its slice of the wide
+    channels: x itself when G == 1; the view (v, G·C, S) in layout "NCHW" (one call, every wide channel) when a
+    reshape gives it (channels-first data, or no spatial axes); otherwise (channels-last data with spatial axes) a
+    copy of x with the G virtual batches one after the other, (G, v·S, C), one channels-last call per virtual batch.
+    ``n`` is the number of values per channel of one virtual batch.
     """
 
     def __init__(self, x, layout, virtual_batch_size, name="x"):
@@ -62,36 +66,46 @@ class Split:
         self.shape = x.shape
         self.x = x
         self.n = self.v * self.S
-        # channels-last with spatial axes: the virtual batches' channels are not one reshape away
-        self.transposed = self.G > 1 and self.layout == "NHWC" and self.S > 1
-        self.wide_layout = self.layout if self.G == 1 else "NCHW"
-        self.wide = self.to_wide(x)
+        G, C = self.G, self.C
+        # channels-last with spatial axes: a virtual batch's channel is not one reshape away, its samples are
+        self.gathered = G > 1 and self.layout == "NHWC" and self.S > 1
+        if G == 1:
+            self.part_layout, self.slices = self.layout, [slice(0, C)]
+        elif self.gathered:
+            self.part_layout, self.slices = "NHWC", [slice(g * C, (g + 1) * C) for g in range(G)]
+        else:
+            self.part_layout, self.slices = "NCHW", [slice(0, G * C)]
+        self.parts = self.to_parts(x)
 
-    def to_wide(self, a):
-        """An array of x's shape (x itself, grad_out) as the kernel's view."""
-        if self.G == 1:
-            return a
+    def to_parts(self, a):
+        """An array of x's shape (x itself, grad_out) as the arrays of the kernel calls."""
         v, G, C, S = self.v, self.G, self.C, self.S
-        if self.transposed:
-            return np.ascontiguousarray(a.reshape(v, G, S, C).transpose(0, 1, 3, 2)).reshape(v, G * C, S)
-        return a.reshape(v, G * C, S)
+        if G == 1:
+            return [a]
+        if not self.gathered:
+            return [a.reshape(v, G * C, S)]
+        # sample i·G + g is row i of virtual batch g: whole samples move, each a contiguous run of S·C values
+        t = np.empty((G, v, S * C), a.dtype)
+        t[...] = a.reshape(v, G, S * C).swapaxes(0, 1)
+        return [t[g].reshape(v * S, C) for g in range(G)]
 
-    def out_view(self, out):
-        """The kernel's output array for ``out`` (checked against x): a view of it, or (transposed) None."""
-        if self.transposed:
-            return None
-        if out is None or self.G == 1:
-            return out
-        return out.reshape(self.wide.shape)
+    def out_parts(self, out):
+        """The kernel calls' output arrays for ``out`` (checked against x): views of it, or new arrays."""
+        if self.gathered:
+            self._gathered_out = t = np.empty((self.G, self.v * self.S, self.C), self.x.dtype)
+            return [t[g] for g in range(self.G)]
+        if out is None:
+            return [None]
+        return [out if self.G == 1 else out.reshape(self.parts[0].shape)]
 
-    def from_wide(self, yw, out):
-        """The kernel's output back in x's shape, in ``out`` when given."""
-        if self.G == 1:
-            return yw
-        if not self.transposed:
-            return yw.reshape(self.shape) if out is None else out
-        y = np.empty(self.shape, yw.dtype) if out is None else out
-        y.reshape(self.v, self.G, self.S, self.C)[...] = yw.reshape(self.v, self.G, self.C, self.S).transpose(0, 1, 3, 2)
+    def from_parts(self, ys, out):
+        """The kernel calls' outputs back in x's shape, in ``out`` when given."""
+        if not self.gathered:
+            y = ys[0]
+            return y.reshape(self.shape) if out is None else out
+        y = np.empty(self.shape, ys[0].dtype) if out is None else out
+        t = self._gathered_out
+        y.reshape(self.v, self.G, -1)[...] = t.reshape(self.G, self.v, -1).swapaxes(0, 1)
         return y
 
     def tile(self, a):
@@ -127,11 +141,18 @@ class Split:
 def train_forward(split, weight, bias, eps, out):
     """The training forward on a Split: (y, mean, invstd), the last two float64 (G·C,)."""
     out = split.check_out(out, [("x", split.x)])
-    w = ck.per_channel(weight, "weight", split.C)
-    b = ck.per_channel(bias, "bias", split.C)
-    yw, mean, invstd = _core.batch_norm(split.wide, None, None, split.tile(w), split.tile(b), True, 0.0, eps,
-                                        split.wide_layout, split.out_view(out), True, F._threads(), True)
-    return split.from_wide(yw, out), mean, invstd
+    w = split.tile(ck.per_channel(weight, "weight", split.C))
+    b = split.tile(ck.per_channel(bias, "bias", split.C))
+    mean, invstd, ys = np.empty(split.G * split.C), np.empty(split.G * split.C), []
+    for part, o, sl in zip(split.parts, split.out_parts(out), split.slices):
+        y, mean[sl], invstd[sl] = _core.batch_norm(part, None, None, _sl(w, sl), _sl(b, sl), True, 0.0, eps,
+                                                   split.part_layout, o, True, F._threads(), True)
+        ys.append(y)
+    return split.from_parts(ys, out), mean, invstd
+
+
+def _sl(a, sl):
+    return None if a is None else a[sl]
 
 
 def mean_stats(split, mean, invstd, eps):
@@ -186,11 +207,14 @@ def train_backward(split, grad_out, save_mean, save_invstd, weight, out, scale=N
     s = split.per_group(save_invstd, "save_invstd")
     w = ck.per_channel(weight, "weight", split.C)
     out = split.check_out(out, [("grad_out", g), ("x", split.x)])
-    w_eff = (np.ones(split.C) if w is None else np.asarray(w, np.float64)) * (1.0 if scale is None else scale)
-    gw_in = split.to_wide(g)
-    gx, sdx, sdy = _core.batch_norm_backward(gw_in, split.wide, m, s, split.tile(w_eff), split.wide_layout,
-                                             split.out_view(out), True, F._threads())
-    gx = split.from_wide(gx, out)
+    w_eff = split.tile((np.ones(split.C) if w is None else np.asarray(w, np.float64))
+                       * (1.0 if scale is None else scale))
+    sdx, sdy, gxs = np.empty(split.G * split.C), np.empty(split.G * split.C), []
+    for part, gpart, o, sl in zip(split.parts, split.to_parts(g), split.out_parts(out), split.slices):
+        gx, sdx[sl], sdy[sl] = _core.batch_norm_backward(gpart, part, m[sl], s[sl], w_eff[sl], split.part_layout,
+                                                         o, True, F._threads())
+        gxs.append(gx)
+    gx = split.from_parts(gxs, out)
     sdx = sdx.reshape(split.G, split.C).sum(axis=0)
     sdy = sdy.reshape(split.G, split.C).sum(axis=0)
     if scale is not None:
