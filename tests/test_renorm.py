@@ -390,6 +390,7 @@ def test_failed_layer_call_changes_nothing():
 def _keras():
     """Keras 3 with renorm, on the PyTorch backend unless another is configured; skips when absent."""
     os.environ.setdefault("KERAS_BACKEND", "torch")
+    pytest.importorskip("torch")      # (before Keras: its PyTorch backend needs it)
     keras = pytest.importorskip("keras")
     if "renorm" not in inspect.signature(keras.layers.BatchNormalization.__init__).parameters:
         pytest.skip("this Keras has no renorm")
