@@ -6,7 +6,6 @@ inference ones) and renorm_mean, renorm_stddev (the correction's), initialised 0
 (Keras 2's layer) the corrections and updates use the mean over the virtual batches of their statistics.
 """
 import inspect
-import math
 import os
 
 import numpy as np
@@ -178,19 +177,23 @@ def fd_grads(x, g, gamma, beta, rmean, rstd, clipping, eps, layout, v=None):
         return o(xx, layout)
 
     _, (r, d, _, _) = forward(x, gamma, beta)
+
+    def loss(xx, gm, bt):
+        return np.sum(g * forward(xx, gm, bt, (r, d))[0])
+
     h = 1e-6
     dx = np.zeros_like(x)
     for i in np.ndindex(x.shape):
         xp, xm = x.copy(), x.copy()
         xp[i] += h
         xm[i] -= h
-        dx[i] = (np.sum(g * forward(xp, gamma, beta, (r, d))[0]) - np.sum(g * forward(xm, gamma, beta, (r, d))[0])) / (2 * h)
+        dx[i] = (loss(xp, gamma, beta) - loss(xm, gamma, beta)) / (2 * h)
     dw, db = np.zeros(C), np.zeros(C)
     for c in range(C):
         e = np.zeros(C)
         e[c] = h
-        dw[c] = (np.sum(g * forward(x, gamma + e, beta, (r, d))[0]) - np.sum(g * forward(x, gamma - e, beta, (r, d))[0])) / (2 * h)
-        db[c] = (np.sum(g * forward(x, gamma, beta + e, (r, d))[0]) - np.sum(g * forward(x, gamma, beta - e, (r, d))[0])) / (2 * h)
+        dw[c] = (loss(x, gamma + e, beta) - loss(x, gamma - e, beta)) / (2 * h)
+        db[c] = (loss(x, gamma, beta + e) - loss(x, gamma, beta - e)) / (2 * h)
     return dx, dw, db, r, d
 
 
