@@ -139,7 +139,7 @@ def _forward(split, renorm_mean, renorm_std, weight, bias, clipping, eps, out):
     b64 = np.zeros(C) if b is None else np.asarray(b, np.float64)
     scale, shift = split.tile(w64 * r), split.tile(w64 * d + b64)
     ys = [_core.normalize(part, mean_w[sl], var_w[sl], scale[sl], shift[sl], e, split.part_layout, o, F._threads())
-          for part, o, sl in zip(split.parts, split.out_parts(out), split.slices)]
+          for part, o, sl in zip(split.parts, split.out_parts(out, split.parts), split.slices)]
     return split.from_parts(ys, out), mean_w, var_w, r, d
 
 

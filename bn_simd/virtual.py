@@ -89,11 +89,11 @@ class Split:
         t[...] = a.reshape(v, G, S * C).swapaxes(0, 1)
         return [t[g].reshape(v * S, C) for g in range(G)]
 
-    def out_parts(self, out):
-        """The kernel calls' output arrays for ``out`` (checked against x): views of it, or new arrays."""
+    def out_parts(self, out, into):
+        """The kernel calls' output arrays for ``out`` (checked against x): views of it, or, for gathered calls, the
+        gathered copies ``into`` (parts of an input the calls may overwrite: in place, no new array)."""
         if self.gathered:
-            self._gathered_out = t = np.empty((self.G, self.v * self.S, self.C), self.x.dtype)
-            return [t[g] for g in range(self.G)]
+            return into
         if out is None:
             return [None]
         return [out if self.G == 1 else out.reshape(self.parts[0].shape)]
@@ -104,7 +104,7 @@ class Split:
             y = ys[0]
             return y.reshape(self.shape) if out is None else out
         y = np.empty(self.shape, ys[0].dtype) if out is None else out
-        t = self._gathered_out
+        t = ys[0].base          # the gathered copy (G, v·S, C) the calls wrote in place
         y.reshape(self.v, self.G, -1)[...] = t.reshape(self.G, self.v, -1).swapaxes(0, 1)
         return y
 
@@ -144,7 +144,7 @@ def train_forward(split, weight, bias, eps, out):
     w = split.tile(ck.per_channel(weight, "weight", split.C))
     b = split.tile(ck.per_channel(bias, "bias", split.C))
     mean, invstd, ys = np.empty(split.G * split.C), np.empty(split.G * split.C), []
-    for part, o, sl in zip(split.parts, split.out_parts(out), split.slices):
+    for part, o, sl in zip(split.parts, split.out_parts(out, split.parts), split.slices):
         y, mean[sl], invstd[sl] = _core.batch_norm(part, None, None, _sl(w, sl), _sl(b, sl), True, 0.0, eps,
                                                    split.part_layout, o, True, F._threads(), True)
         ys.append(y)
@@ -210,7 +210,8 @@ def train_backward(split, grad_out, save_mean, save_invstd, weight, out, scale=N
     w_eff = split.tile((np.ones(split.C) if w is None else np.asarray(w, np.float64))
                        * (1.0 if scale is None else scale))
     sdx, sdy, gxs = np.empty(split.G * split.C), np.empty(split.G * split.C), []
-    for part, gpart, o, sl in zip(split.parts, split.to_parts(g), split.out_parts(out), split.slices):
+    gparts = split.to_parts(g)
+    for part, gpart, o, sl in zip(split.parts, gparts, split.out_parts(out, gparts), split.slices):
         gx, sdx[sl], sdy[sl] = _core.batch_norm_backward(gpart, part, m[sl], s[sl], w_eff[sl], split.part_layout,
                                                          o, True, F._threads())
         gxs.append(gx)
