@@ -128,9 +128,12 @@ def _forward(split, renorm_mean, renorm_std, weight, bias, clipping, eps, out):
     if split.n == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input of shape {split.shape}"
                          + (f" in virtual batches of {split.v}" if split.G > 1 else ""))
-    mean_w, var_w = np.empty(split.G * C), np.empty(split.G * C)
-    for part, sl in zip(split.parts, split.slices):
-        mean_w[sl], var_w[sl] = _core.batch_stats(part, split.part_layout, F._threads())
+    if split.columns:
+        mean_w, var_w = split.column_stats()
+    else:
+        mean_w, var_w = np.empty(split.G * C), np.empty(split.G * C)
+        for part, sl in zip(split.parts, split.slices):
+            mean_w[sl], var_w[sl] = _core.batch_stats(part, split.part_layout, F._threads())
     bm, bv = _averaged(split, mean_w, var_w)
     rmax, rmin, dmax = clipping
     r, d = renorm_corrections(bm, bv, rmean, rstd, eps=e, rmax=rmax, rmin=rmin, dmax=dmax)
@@ -138,6 +141,10 @@ def _forward(split, renorm_mean, renorm_std, weight, bias, clipping, eps, out):
     w64 = np.ones(C) if w is None else np.asarray(w, np.float64)
     b64 = np.zeros(C) if b is None else np.asarray(b, np.float64)
     scale, shift = split.tile(w64 * r), split.tile(w64 * d + b64)
+    if split.columns:
+        y = _core.normalize(split.parts[0], split.expand(mean_w), split.expand(var_w), split.expand(scale),
+                            split.expand(shift), e, "NHWC", split.column_out(out), F._threads())
+        return (y.reshape(split.shape) if out is None else out), mean_w, var_w, r, d
     ys = [_core.normalize(part, mean_w[sl], var_w[sl], scale[sl], shift[sl], e, split.part_layout, o, F._threads())
           for part, o, sl in zip(split.parts, split.out_parts(out, split.parts), split.slices)]
     return split.from_parts(ys, out), mean_w, var_w, r, d

@@ -13,9 +13,12 @@ so any batch size works there.
 
 How it runs: with x channels-first, (N, C, *spatial) is the C-contiguous (v, G, C, S) block, so the G virtual
 batches of C channels are the G·C channels of the view (v, G·C, S): one kernel call on a reshape, no copy (the same
-for (N, C) in either layout). Channels-last input with spatial axes, (N, *spatial, C), does not have this form: its
-samples are gathered by virtual batch into one copy (whole samples move, contiguous runs), each virtual batch is a
-channels-last call, and the output is scattered back the same way.
+for (N, C) in either layout). Channels-last input with spatial axes, (N, *spatial, C), does not have this form. With
+v >= 8 it is taken by columns: the view (v, G·S·C) has one column per (virtual batch, position, channel), whose
+statistics over the v samples merge (in float64) into each virtual batch's, and the sweeps run on that view with
+the coefficients repeated per position (no copy of x; per-column float64 arrays of 1/v of its size). With fewer
+samples per virtual batch the samples are gathered by virtual batch into one copy (whole samples move, contiguous
+runs), each virtual batch is one channels-last call, and the output is scattered back the same way.
 """
 import numbers
 
@@ -36,6 +39,12 @@ def check_virtual_batch_size(v, allow_none=True):
     if v < 1:
         raise ValueError(f"virtual_batch_size must be an int >= 1, got {v}")
     return int(v)
+
+
+# Channels-last virtual batches with spatial axes go by columns (below) from this many samples per virtual batch, and
+# are gathered into a copy below it: columns cost per-(g, s, c) float64 arrays, about 20 / v passes over x, against
+# the gather's two or three copies.
+COLUMNS_MIN_VIRTUAL = 8
 
 
 class Split:
@@ -67,8 +76,14 @@ class Split:
         self.x = x
         self.n = self.v * self.S
         G, C = self.G, self.C
-        # channels-last with spatial axes: a virtual batch's channel is not one reshape away, its samples are
-        self.gathered = G > 1 and self.layout == "NHWC" and self.S > 1
+        # channels-last with spatial axes: a virtual batch's channel is not one reshape away (see columns)
+        spread = G > 1 and self.layout == "NHWC" and self.S > 1
+        self.columns = spread and self.v >= COLUMNS_MIN_VIRTUAL
+        self.gathered = spread and not self.columns
+        if self.columns:
+            self.part_layout, self.slices = "NHWC", None
+            self.parts = self.to_parts(x)
+            return
         if G == 1:
             self.part_layout, self.slices = self.layout, [slice(0, C)]
         elif self.gathered:
@@ -80,6 +95,8 @@ class Split:
     def to_parts(self, a):
         """An array of x's shape (x itself, grad_out) as the arrays of the kernel calls."""
         v, G, C, S = self.v, self.G, self.C, self.S
+        if self.columns:
+            return [a.reshape(v, G * S * C)]
         if G == 1:
             return [a]
         if not self.gathered:
@@ -107,6 +124,27 @@ class Split:
         t = ys[0].base          # the gathered copy (G, v·S, C) the calls wrote in place
         y.reshape(self.v, self.G, -1)[...] = t.reshape(self.G, self.v, -1).swapaxes(0, 1)
         return y
+
+    def expand(self, a):
+        """Columns: a (G·C,) vector of per-(virtual batch, channel) values as the (G·S·C,) vector of the columns of
+        the (v, G·S·C) view, each value repeated for the S positions of its virtual batch's samples."""
+        G, S, C = self.G, self.S, self.C
+        return np.ascontiguousarray(np.broadcast_to(np.asarray(a).reshape(G, 1, C), (G, S, C))).reshape(-1)
+
+    def column_stats(self):
+        """Columns: the (G·C,) float64 mean and biased variance of each virtual batch's channels.
+
+        The (v, G·S·C) view's per-column statistics over the v samples of a virtual batch are merged over the S
+        positions in float64 (equal counts): mean = mean_s(m_s), var = mean_s(var_s) + mean_s((m_s - mean)^2)."""
+        G, S, C = self.G, self.S, self.C
+        cm, cv = _core.batch_stats(self.parts[0], "NHWC", F._threads())
+        cm, cv = cm.reshape(G, S, C), cv.reshape(G, S, C)
+        mean = cm.mean(axis=1)
+        var = cv.mean(axis=1) + np.square(cm - mean[:, None, :]).mean(axis=1)
+        return mean.reshape(-1), var.reshape(-1)
+
+    def column_out(self, out):
+        return None if out is None else out.reshape(self.parts[0].shape)
 
     def tile(self, a):
         """A per-channel float64 array (C,) repeated for the G virtual batches (G·C,), or None."""
@@ -143,6 +181,11 @@ def train_forward(split, weight, bias, eps, out):
     out = split.check_out(out, [("x", split.x)])
     w = split.tile(ck.per_channel(weight, "weight", split.C))
     b = split.tile(ck.per_channel(bias, "bias", split.C))
+    if split.columns:
+        mean, var = split.column_stats()
+        y = _core.normalize(split.parts[0], split.expand(mean), split.expand(var), _expand(split, w),
+                            _expand(split, b), eps, "NHWC", split.column_out(out), F._threads())
+        return (y.reshape(split.shape) if out is None else out), mean, 1.0 / np.sqrt(var + eps)
     mean, invstd, ys = np.empty(split.G * split.C), np.empty(split.G * split.C), []
     for part, o, sl in zip(split.parts, split.out_parts(out, split.parts), split.slices):
         y, mean[sl], invstd[sl] = _core.batch_norm(part, None, None, _sl(w, sl), _sl(b, sl), True, 0.0, eps,
@@ -153,6 +196,24 @@ def train_forward(split, weight, bias, eps, out):
 
 def _sl(a, sl):
     return None if a is None else a[sl]
+
+
+def _expand(split, a):
+    return None if a is None else split.expand(a)
+
+
+def _column_backward(split, g, m, s, w_eff, out):
+    """Columns: (grad_x, sum grad_out x̂, sum grad_out), the sums float64 (G·C,), from the channel sums of the
+    (v, G·S·C) views merged over the S positions and the coefficients of each (virtual batch, channel)."""
+    G, S, C = split.G, split.S, split.C
+    gv = g.reshape(split.parts[0].shape)
+    sdy, sdxm = _core.backward_reduce(gv, split.parts[0], split.expand(m), "NHWC", F._threads())
+    sdy, sdxm = sdy.reshape(G, S, C).sum(axis=1).reshape(-1), sdxm.reshape(G, S, C).sum(axis=1).reshape(-1)
+    cm, a, b, d, sdx, sdy = _core.backward_coefficients(sdy, sdxm, m, s, float(split.n), w_eff, True,
+                                                        split.x.dtype)
+    gx = _core.backward_apply(gv, split.parts[0], split.expand(cm), split.expand(a), split.expand(b),
+                              split.expand(d), "NHWC", split.column_out(out), F._threads())
+    return (gx.reshape(split.shape) if out is None else out), sdx, sdy
 
 
 def mean_stats(split, mean, invstd, eps):
@@ -209,13 +270,21 @@ def train_backward(split, grad_out, save_mean, save_invstd, weight, out, scale=N
     out = split.check_out(out, [("grad_out", g), ("x", split.x)])
     w_eff = split.tile((np.ones(split.C) if w is None else np.asarray(w, np.float64))
                        * (1.0 if scale is None else scale))
+    if split.columns:
+        gx, sdx, sdy = _column_backward(split, g, m, s, w_eff, out)
+        return _grads(split, gx, sdx, sdy, w, scale)
     sdx, sdy, gxs = np.empty(split.G * split.C), np.empty(split.G * split.C), []
     gparts = split.to_parts(g)
     for part, gpart, o, sl in zip(split.parts, gparts, split.out_parts(out, gparts), split.slices):
         gx, sdx[sl], sdy[sl] = _core.batch_norm_backward(gpart, part, m[sl], s[sl], w_eff[sl], split.part_layout,
                                                          o, True, F._threads())
         gxs.append(gx)
-    gx = split.from_parts(gxs, out)
+    return _grads(split, split.from_parts(gxs, out), sdx, sdy, w, scale)
+
+
+def _grads(split, gx, sdx, sdy, w, scale):
+    """The per-(virtual batch, channel) sums summed over the virtual batches, typed as train_backward returns
+    them."""
     sdx = sdx.reshape(split.G, split.C).sum(axis=0)
     sdy = sdy.reshape(split.G, split.C).sum(axis=0)
     if scale is not None:

@@ -148,16 +148,17 @@ def test_unbiased_running_variance_and_cumulative_momentum(layout, momentum):
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_renorm_with_virtual_batches_matches_keras(layout, dtype):
+@pytest.mark.parametrize("N,v", [(9, 3), (16, 8)])
+def test_renorm_with_virtual_batches_matches_keras(layout, dtype, N, v):
     C = 2
     layer = bn_simd.BatchNorm2d(C, eps=1e-3, momentum=0.05, layout=layout, dtype=dtype, unbiased_running_var=False,
                                 renorm=True, renorm_clipping={"rmax": 1.2, "dmax": 0.2}, renorm_momentum=0.2,
-                                virtual_batch_size=3)
+                                virtual_batch_size=v)
     oracle = KerasRenorm(C, momentum=0.95, renorm_momentum=0.8, eps=1e-3, clipping={"rmax": 1.2, "dmax": 0.2},
-                         virtual_batch_size=3)
-    n = 3 * 9
+                         virtual_batch_size=v)
+    n = v * 9
     for step in range(3):
-        x = make_input((9, C, 3, 3), layout, dtype, seed=50 + step, loc=step, scale=1 + step)
+        x = make_input((N, C, 3, 3), layout, dtype, seed=50 + step, loc=step, scale=1 + step)
         y_ref, _ = oracle(x, layout)
         assert_within(layer(x), y_ref, tol(dtype, n) * 8 * (1 + np.abs(y_ref)), f"y at step {step}")
     assert_state(layer, oracle, tol(dtype, n) * 16)
@@ -198,11 +199,12 @@ def fd_grads(x, g, gamma, beta, rmean, rstd, clipping, eps, layout, v=None):
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("v", [None, 2])
+@pytest.mark.parametrize("v", [None, 2, 8])
 @pytest.mark.parametrize("clipping", [None, {"rmax": 1.1, "rmin": 0.9, "dmax": 0.1}])
 def test_backward_matches_finite_differences_with_r_and_d_constant(layout, v, clipping):
-    x = make_input((4, 2, 3), layout, np.float64, seed=60, loc=0.5, scale=2.0)
-    g = make_input((4, 2, 3), layout, np.float64, seed=61)
+    N = 16 if v == 8 else 4
+    x = make_input((N, 2, 3), layout, np.float64, seed=60, loc=0.5, scale=2.0)
+    g = make_input((N, 2, 3), layout, np.float64, seed=61)
     w, b = channel_params(2, seed=62)
     rmean, rstd = np.array([0.1, -0.3]), np.array([0.8, 1.7])
     cl = clipping or {}

@@ -65,7 +65,8 @@ def nchw_shape_in(shape, layout):
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("nchw_shape,v", [((12, 3), 4), ((8, 5, 7), 2), ((6, 4, 3, 5), 3), ((4, 2, 2, 3, 3), 2),
-                                          ((8, 3, 4, 4), 8), ((8, 3, 4, 4), 1)])
+                                          ((8, 3, 4, 4), 8), ((8, 3, 4, 4), 1), ((32, 3, 4, 5), 8),
+                                          ((48, 2, 3, 2, 3), 16)])
 def test_forward_matches_keras_grouping(nchw_shape, v, layout, dtype):
     x = make_input(nchw_shape, layout, dtype, seed=1, loc=0.5)
     w, b = channel_params(nchw_shape[1], seed=2)
@@ -97,29 +98,31 @@ def test_whole_batch_as_one_virtual_batch_is_batch_norm_bit_for_bit(layout):
     np.testing.assert_array_equal(mean[0].astype(np.float32), m0)
 
 
-@pytest.mark.parametrize("shape,layout", [((8, 3, 4, 5), "NCHW"), ((8, 3), "NHWC"), ((8, 3, 6), "NCHW")])
-def test_virtual_batches_are_a_view_where_a_reshape_gives_them(shape, layout):
+@pytest.mark.parametrize("shape,layout,v", [((8, 3, 4, 5), "NCHW", 2), ((8, 3), "NHWC", 2), ((8, 3, 6), "NCHW", 2),
+                                            ((16, 3, 4, 5), "NHWC", 8)])
+def test_virtual_batches_are_a_view_where_a_reshape_gives_them(shape, layout, v):
     x = make_input(shape, layout, np.float32, seed=5)
-    split = virtual.Split(x, layout, 2)
+    split = virtual.Split(x, layout, v)
     assert len(split.parts) == 1 and np.shares_memory(split.parts[0], x)
     out = np.empty_like(x)
-    y, _, _ = bn_simd.virtual_batch_norm_forward(x, virtual_batch_size=2, layout=layout, out=out)
+    y, _, _ = bn_simd.virtual_batch_norm_forward(x, virtual_batch_size=v, layout=layout, out=out)
     assert y is out
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_in_place_forward_and_backward(layout):
-    x = make_input((6, 3, 4, 4), layout, np.float64, seed=6)
-    g = make_input((6, 3, 4, 4), layout, np.float64, seed=7)
+@pytest.mark.parametrize("N,v", [(6, 3), (16, 8)])   # channels-last: gathered, by columns
+def test_in_place_forward_and_backward(layout, N, v):
+    x = make_input((N, 3, 4, 4), layout, np.float64, seed=6)
+    g = make_input((N, 3, 4, 4), layout, np.float64, seed=7)
     w, b = channel_params(3, seed=8)
-    y_ref, m, s = bn_simd.virtual_batch_norm_forward(x, w, b, virtual_batch_size=3, layout=layout)
-    gx_ref, gw_ref, gb_ref = bn_simd.virtual_batch_norm_backward(g, x, m, s, w, virtual_batch_size=3, layout=layout)
+    y_ref, m, s = bn_simd.virtual_batch_norm_forward(x, w, b, virtual_batch_size=v, layout=layout)
+    gx_ref, gw_ref, gb_ref = bn_simd.virtual_batch_norm_backward(g, x, m, s, w, virtual_batch_size=v, layout=layout)
     g2 = g.copy()
-    gx, gw, gb = bn_simd.virtual_batch_norm_backward(g2, x, m, s, w, virtual_batch_size=3, layout=layout, out=g2)
+    gx, gw, gb = bn_simd.virtual_batch_norm_backward(g2, x, m, s, w, virtual_batch_size=v, layout=layout, out=g2)
     assert gx is g2
     np.testing.assert_array_equal(gx, gx_ref)
     x2 = x.copy()
-    y, _, _ = bn_simd.virtual_batch_norm_forward(x2, w, b, virtual_batch_size=3, layout=layout, out=x2)
+    y, _, _ = bn_simd.virtual_batch_norm_forward(x2, w, b, virtual_batch_size=v, layout=layout, out=x2)
     assert y is x2
     np.testing.assert_array_equal(y, y_ref)
 
@@ -127,34 +130,36 @@ def test_in_place_forward_and_backward(layout):
 # ---- backward ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_backward_matches_finite_differences(layout):
-    x = make_input((4, 2, 3), layout, np.float64, seed=9, loc=0.3)
-    g = make_input((4, 2, 3), layout, np.float64, seed=10)
+@pytest.mark.parametrize("N,v", [(4, 2), (16, 8)])
+def test_backward_matches_finite_differences(layout, N, v):
+    x = make_input((N, 2, 3), layout, np.float64, seed=9, loc=0.3)
+    g = make_input((N, 2, 3), layout, np.float64, seed=10)
     w, _ = channel_params(2, seed=11)
-    _, m, s = bn_simd.virtual_batch_norm_forward(x, w, virtual_batch_size=2, layout=layout)
-    gx, gw, gb = bn_simd.virtual_batch_norm_backward(g, x, m, s, w, virtual_batch_size=2, layout=layout)
-    dx, dw, db = keras_ghost_loss_grad(x, g, 2, w, 1e-5, layout)
+    _, m, s = bn_simd.virtual_batch_norm_forward(x, w, virtual_batch_size=v, layout=layout)
+    gx, gw, gb = bn_simd.virtual_batch_norm_backward(g, x, m, s, w, virtual_batch_size=v, layout=layout)
+    dx, dw, db = keras_ghost_loss_grad(x, g, v, w, 1e-5, layout)
     assert_within(gx, dx, 1e-7 * (1 + np.abs(dx)), "grad_x")
     assert_within(gw, dw, 1e-10 * (1 + np.abs(dw)), "grad_weight")
     assert_within(gb, db, 1e-12 * (1 + np.abs(db)), "grad_bias")
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_float32_backward_matches_the_float64_one(layout):
-    x = make_input((8, 3, 5, 5), layout, np.float32, seed=12)
-    g = make_input((8, 3, 5, 5), layout, np.float32, seed=13)
+@pytest.mark.parametrize("v", [4, 8])
+def test_float32_backward_matches_the_float64_one(layout, v):
+    x = make_input((16, 3, 5, 5), layout, np.float32, seed=12)
+    g = make_input((16, 3, 5, 5), layout, np.float32, seed=13)
     w, b = channel_params(3, np.float32, seed=14)
-    _, m, s = bn_simd.virtual_batch_norm_forward(x, w, b, virtual_batch_size=4, layout=layout)
-    gx, gw, gb = bn_simd.virtual_batch_norm_backward(g, x, m, s, w, virtual_batch_size=4, layout=layout)
+    _, m, s = bn_simd.virtual_batch_norm_forward(x, w, b, virtual_batch_size=v, layout=layout)
+    gx, gw, gb = bn_simd.virtual_batch_norm_backward(g, x, m, s, w, virtual_batch_size=v, layout=layout)
     x64, g64 = x.astype(np.float64), g.astype(np.float64)
-    _, m64, s64 = bn_simd.virtual_batch_norm_forward(x64, w, b, virtual_batch_size=4, layout=layout)
+    _, m64, s64 = bn_simd.virtual_batch_norm_forward(x64, w, b, virtual_batch_size=v, layout=layout)
     gx64, gw64, gb64 = bn_simd.virtual_batch_norm_backward(g64, x64, m64, s64, w.astype(np.float64),
-                                                           virtual_batch_size=4, layout=layout)
-    n = 4 * 25
+                                                           virtual_batch_size=v, layout=layout)
+    n = v * 25
     assert gx.dtype == np.float32 and gw.dtype == np.float32
     assert_within(gx, gx64, tol(np.float32, n) * 4 * (1 + np.abs(gx64)), "grad_x")
-    assert_within(gw, gw64, tol(np.float32, 200) * (np.abs(g64).sum() / 3), "grad_weight")
-    assert_within(gb, gb64, tol(np.float32, 200) * (np.abs(g64).sum() / 3), "grad_bias")
+    assert_within(gw, gw64, tol(np.float32, 400) * (np.abs(g64).sum() / 3), "grad_weight")
+    assert_within(gb, gb64, tol(np.float32, 400) * (np.abs(g64).sum() / 3), "grad_bias")
 
 
 # ---- the layer: running statistics, modes, errors ---------------------------------------------------------------
