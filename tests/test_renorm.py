@@ -148,7 +148,7 @@ def test_unbiased_running_variance_and_cumulative_momentum(layout, momentum):
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("N,v", [(9, 3), (16, 8)])
+@pytest.mark.parametrize("N,v", [(9, 3), (32, 16)])
 def test_renorm_with_virtual_batches_matches_keras(layout, dtype, N, v):
     C = 2
     layer = bn_simd.BatchNorm2d(C, eps=1e-3, momentum=0.05, layout=layout, dtype=dtype, unbiased_running_var=False,
@@ -199,10 +199,10 @@ def fd_grads(x, g, gamma, beta, rmean, rstd, clipping, eps, layout, v=None):
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("v", [None, 2, 8])
+@pytest.mark.parametrize("v", [None, 2, 16])
 @pytest.mark.parametrize("clipping", [None, {"rmax": 1.1, "rmin": 0.9, "dmax": 0.1}])
 def test_backward_matches_finite_differences_with_r_and_d_constant(layout, v, clipping):
-    N = 16 if v == 8 else 4
+    N = 32 if v == 16 else 4
     x = make_input((N, 2, 3), layout, np.float64, seed=60, loc=0.5, scale=2.0)
     g = make_input((N, 2, 3), layout, np.float64, seed=61)
     w, b = channel_params(2, seed=62)
