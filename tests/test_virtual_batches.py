@@ -282,3 +282,15 @@ def test_wrong_saved_statistics_shape_is_refused():
         bn_simd.virtual_batch_norm_backward(np.ones_like(x), x, m[0], s, virtual_batch_size=2)
     with pytest.raises(ValueError, match="grad_out must have shape"):
         bn_simd.virtual_batch_norm_backward(np.ones((4, 3, 3), np.float32), x, m, s, virtual_batch_size=2)
+
+
+@pytest.mark.parametrize("layout,N,v", [("NCHW", 32, 16), ("NHWC", 6, 3), ("NHWC", 32, 16)])  # view, gather, columns
+def test_large_mean_to_std_ratio_keeps_float32_accuracy(layout, N, v):
+    # |mean| / std = 1e4: the statistics of each path (shifted sums; columns merged in float64) and the sweep's
+    # folded mean residual keep y to float32's resolution
+    x = make_input((N, 3, 4, 4), layout, np.float32, seed=70, loc=1e4)
+    y, mean, invstd = bn_simd.virtual_batch_norm_forward(x, virtual_batch_size=v, layout=layout)
+    y_ref, m_ref, v_ref = keras_ghost(x, v, layout=layout)
+    assert_within(y, y_ref, 64 * np.finfo(np.float32).eps * (1 + np.abs(y_ref)), "y")
+    assert_within(mean, m_ref, 1e-12 * np.abs(m_ref), "save_mean")
+    assert_within(invstd, 1 / np.sqrt(v_ref + 1e-5), 1e-9 / np.sqrt(v_ref + 1e-5), "save_invstd")
