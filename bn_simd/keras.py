@@ -272,8 +272,9 @@ class BatchNormalization:
                 else:
                     mean, var = _masked.stats(x, lay, view, pos, False, nt)
                 y = _core.normalize(x, mean, var, self.gamma, self.beta, self.epsilon, lay, None, nt)
-                if x.size:
-                    _core.update_running_stats(self.moving_mean, self.moving_variance, mean, var, n, share, False)
+                if x.size:  # (n matters only to an unbiased update; a count of 0 would update nothing)
+                    _core.update_running_stats(self.moving_mean, self.moving_variance, mean, var, max(n, 1), share,
+                                               False)
                 invstd = 1.0 / np.sqrt(var + self.epsilon)
             self._saved = (x, mean, invstd, True, pos)
         else:

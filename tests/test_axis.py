@@ -262,3 +262,13 @@ def test_an_axis_and_a_mask_give_the_same_bits_for_every_thread_count_and_isa(is
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert_same_bits(a, b, "result")
+
+
+def test_axis_with_virtual_batches_or_renorm_is_refused():
+    for kw in (dict(virtual_batch_size=2), dict(renorm=True)):
+        with pytest.raises(ValueError, match="axis= does not combine"):
+            bn_simd.BatchNorm(3, axis=1, **kw)
+        layer = bn_simd.BatchNorm(3, **kw)
+        layer.axis = 1
+        with pytest.raises(ValueError, match="axis= does not combine"):
+            layer(np.ones((4, 3), np.float32))

@@ -299,3 +299,14 @@ def test_masked_calls_on_strided_fortran_and_byte_swapped_input():
                                                      mask=mask))
     np.testing.assert_array_equal(bn_simd.batch_norm(x, None, None, training=True, axis=1,
                                                      mask=np.asfortranarray(mask)[:, ::-1][:, ::-1]), expected)
+
+
+def test_mask_with_virtual_batches_or_renorm_is_refused_and_changes_nothing():
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    for kw in (dict(virtual_batch_size=2), dict(renorm=True)):
+        layer = bn_simd.BatchNorm1d(3, **kw)
+        state = {k: np.copy(v) for k, v in layer.state_dict().items()}
+        with pytest.raises(ValueError, match="mask= does not combine"):
+            layer(x, mask=np.ones((4, 5)))
+        for k, v in layer.state_dict().items():
+            np.testing.assert_array_equal(v, state[k])
