@@ -20,6 +20,8 @@ from .groups import (group_norm, group_norm_backward, group_norm_forward, instan
                      instance_norm_forward)
 from .layers import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
                      InstanceNorm3d)
+from .sync import (SyncBatchNorm, sync_backward_reduce, sync_batch_norm_backward, sync_batch_norm_forward,
+                   sync_batch_stats)
 
 __all__ = [
     "__version__", "show_config", "Context", "get_isa", "set_isa", "get_num_threads", "set_num_threads",
@@ -30,4 +32,5 @@ __all__ = [
     "group_norm", "group_norm_forward", "group_norm_backward",
     "instance_norm", "instance_norm_forward", "instance_norm_backward",
     "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "SyncBatchNorm", "sync_batch_stats", "sync_backward_reduce", "sync_batch_norm_forward", "sync_batch_norm_backward",
 ]
