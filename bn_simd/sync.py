@@ -556,7 +556,7 @@ class SyncBatchNorm(BatchNorm):
     def forward(self, x, *, out=None):
         """Normalise this rank's piece x; returns y (``out`` if given). Communicates when batch statistics are
         used (every rank must call it then)."""
-        if self.training is False and self.track_running_stats:
+        if not self.training and self.track_running_stats:
             y = super().forward(x, out=out)
             self._sync_n = None
             return y

@@ -13,7 +13,8 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the bn_simd to test: the one the calling test imported (BN_SIMD_UNDER_TEST), else this checkout's
+sys.path.insert(0, os.environ.get("BN_SIMD_UNDER_TEST") or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bn_simd  # noqa: E402
 from bn_simd import sync  # noqa: E402
 

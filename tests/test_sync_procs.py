@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+import bn_simd
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "sync_worker.py")
 ROOT = os.path.dirname(HERE)
@@ -19,8 +21,15 @@ ROOT = os.path.dirname(HERE)
 def _env():
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"  # (P processes share the cores)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["BN_SIMD_UNDER_TEST"] = os.path.dirname(os.path.dirname(os.path.abspath(bn_simd.__file__)))
     return env
+
+
+@pytest.fixture(autouse=True)
+def _not_under_asan():
+    # (the sanitizer run, .ci/asan, preloads its runtime: MPI's launcher and the ranks would run under it too)
+    if "asan" in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("processes are not started under the sanitizer's preloaded runtime")
 
 
 def _run(commands, timeout=60):
