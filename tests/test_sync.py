@@ -107,6 +107,22 @@ def test_backward_chunk_sums_add_up_to_backward_reduce_bits(shape, layout, dtype
         sync.backward_chunk_sums(g, x, mean[:-1], layout=layout)
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_backward_chunk_sums_of_a_threaded_call(layout, threads):
+    """A call large enough for several threads (and the column split of channels-last sums) against its chunks
+    taken one by one."""
+    shape = (8, 256, 24, 24)
+    x = make_input(shape, layout, np.float32, seed=1, loc=1.0)
+    g = make_input(shape, layout, np.float32, seed=2)
+    mean = bn_simd.batch_stats(x, layout=layout)[0]
+    threads(2)
+    sdy, sdyx = bn_simd.backward_reduce(g, x, mean, layout=layout)
+    parts = sync.backward_chunk_sums(g, x, mean, layout=layout)
+    assert len(parts) > 2
+    assert same_bits(sync._sum_in_order(parts[:, 0], 256), sdy)
+    assert same_bits(sync._sum_in_order(parts[:, 1], 256), sdyx)
+
+
 # ---- the layer: one process's results -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("P", [1, 2, 3])
