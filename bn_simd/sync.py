@@ -286,6 +286,13 @@ def backward_chunk_sums(grad_out, x, mean, *, layout="NCHW"):
     if not chunks:
         return np.zeros((0, 2, C), np.float64)
     out = np.empty((len(chunks), 2, C), np.float64)
+    if C > 1 and inner > 1 and all(r1 - r0 == 1 and (i0, i1) == (0, inner) for r0, r1, i0, i1 in chunks):
+        # chunks of one row (channels-first maps of 16x16 and up): each channel's run in a row is then summed on
+        # its own, as a channel of the (1, outer C, inner) view is, so one call gives every chunk's sums
+        s = F.backward_reduce(g3.reshape(1, outer * C, inner), x3.reshape(1, outer * C, inner),
+                              np.tile(np.asarray(mean, np.float64), outer), layout="NCHW")
+        out[:, 0], out[:, 1] = s[0].reshape(outer, C), s[1].reshape(outer, C)
+        return out
     for k, (r0, r1, i0, i1) in enumerate(chunks):
         # one chunk as a call of its own has exactly one chunk: its sums are the whole call's partial sums
         out[k, 0], out[k, 1] = F.backward_reduce(g3[r0:r1, :, i0:i1], x3[r0:r1, :, i0:i1], mean, layout="NCHW")

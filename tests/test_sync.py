@@ -90,7 +90,7 @@ def test_chunk_geometry_is_the_kernels(shape, layout, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,layout", CASES, ids=str)
-def test_backward_chunk_sums_add_up_to_backward_reduce_bits(shape, layout, dtype, threads):
+def test_backward_chunk_sums_add_up_to_backward_reduce_bits(shape, layout, dtype, threads, isa):
     x = make_input(shape, layout, dtype, seed=1, loc=3.0)
     g = make_input(shape, layout, dtype, seed=2)
     mean = bn_simd.batch_stats(x, layout=layout)[0]
