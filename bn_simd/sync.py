@@ -44,7 +44,6 @@ raises its own error; every other rank then raises RuntimeError naming the faile
 computing with a missing piece. A call that raises changes nothing (running statistics included).
 """
 import math
-import numbers
 import sys
 
 import numpy as np
@@ -398,6 +397,8 @@ def _exchange_stats(comm, x, C, layout, mode, shift, what):
 
 
 def _fast_finish(total, K, C):
+    """From the summed [n, S1, S2] relative to K: mean = K + S1 / n, var = (S2 - S1^2 / n) / n, and whether the
+    subtraction lost more than 2^20 eps_double of the variance ((mean - K)^2 > 2^20 var)."""
     n, s1, s2 = total[0], total[1:1 + C], total[1 + C:]
     m = s1 / n
     between = s1 * m  # S1^2 / n
