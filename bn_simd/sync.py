@@ -11,7 +11,8 @@ methods of this protocol (the adapters :class:`MPICommunicator` and :class:`Torc
 
 ``allreduce(buf)``
     buf: a 1-D C-contiguous float64 ndarray of the same length on every rank. Returns an array of that length
-    holding the element-wise sum over the ranks (buf itself, summed in place, or a new array).
+    holding the element-wise sum over the ranks (buf itself, summed in place, or a new array), the same values on
+    every rank (as MPI's and gloo's algorithms give: fast mode decides on them whether to exchange again).
 ``allgather(buf)``
     buf: a 1-D C-contiguous float64 ndarray; lengths may differ between ranks. Returns a sequence with every
     rank's buffer, in rank order.
