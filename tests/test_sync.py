@@ -500,3 +500,30 @@ def test_state_dict_round_trip_and_repr():
     other.load_state_dict(layer.state_dict())
     np.testing.assert_array_equal(other.running_mean, [1, 2, 3])
     assert "SyncBatchNorm(3" in repr(layer) and "mode='fast'" in repr(layer)
+
+
+def test_ranks_together_match_pytorchs_batchnorm_on_the_whole_batch():
+    """What PyTorch's SyncBatchNorm promises (and refuses to do on CPU): torch.nn.BatchNorm2d on the concatenated
+    batch, float64, values, gradients and running statistics."""
+    torch = pytest.importorskip("torch")
+    shape = (7, 4, 5, 6)
+    x = make_input(shape, "NCHW", np.float64, seed=1, loc=2.0)
+    g = make_input(shape, "NCHW", np.float64, seed=2)
+    w, b = channel_params(4, np.float64, seed=3)
+    tbn = torch.nn.BatchNorm2d(4, dtype=torch.float64)
+    with torch.no_grad():
+        tbn.weight.copy_(torch.from_numpy(w))
+        tbn.bias.copy_(torch.from_numpy(b))
+    tx = torch.from_numpy(x.copy()).requires_grad_()
+    ty = tbn(tx)
+    ty.backward(torch.from_numpy(g))
+    for mode in ("exact", "fast"):
+        got = run_layers(2, [x], g, "NCHW", np.float64, [0, 3, 7], mode)
+        np.testing.assert_allclose(np.concatenate([r[1] for r in got]), ty.detach().numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.concatenate([r[2] for r in got]), tx.grad.numpy(), rtol=1e-11, atol=1e-11)
+        for layer, _, _ in got:
+            np.testing.assert_allclose(layer.grad_weight, tbn.weight.grad.numpy(), rtol=1e-11, atol=1e-11)
+            np.testing.assert_allclose(layer.grad_bias, tbn.bias.grad.numpy(), rtol=1e-11, atol=1e-11)
+            np.testing.assert_allclose(layer.running_mean, tbn.running_mean.numpy(), rtol=1e-13)
+            np.testing.assert_allclose(layer.running_var, tbn.running_var.numpy(), rtol=1e-13)
+            assert layer.num_batches_tracked == int(tbn.num_batches_tracked)
