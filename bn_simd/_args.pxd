@@ -44,6 +44,7 @@ cdef int64_t num_groups(object G, int64_t C) except -1
 cdef int group_values(int64_t n, cnp.ndarray x) except -1
 cdef double eps(object e) except? -1.0
 cdef double momentum(object m) except? -1.0
+cdef double momentum_if(object m, bint used) except? -1.0
 cdef double count(object n, bint positive) except? -1.0
 cdef object dtype_arg(object dtype, int* code)
 cdef int train_size(int64_t n, cnp.ndarray x) except -1

@@ -343,6 +343,16 @@ cdef double momentum(object m) except? -1.0:
     return _momentum(m, False)
 
 
+cdef double momentum_if(object m, bint used) except? -1.0:
+    """momentum(m) where the call updates running statistics (used); elsewhere (eval, no running statistics) PyTorch
+    ignores its value, so only its type is checked (a real number) and 0 returned."""
+    if used:
+        return momentum(m)
+    if m is None or isinstance(m, bool) or not isinstance(m, numbers.Real):
+        raise TypeError(f"momentum must be a real number, got {_describe(m)}")
+    return 0.0
+
+
 cdef double _momentum(object m, bint allow_none) except? -1.0:
     cdef double v
     if m is None:

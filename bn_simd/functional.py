@@ -43,7 +43,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     running_mean, running_var : ndarray (C,) of a float dtype, or None; updated in place when training.
     weight, bias : array (C,) or None (1 and 0).
     training : bool.
-    momentum : float in [0, 1].
+    momentum : float in [0, 1] where running statistics are updated; elsewhere (training=False, or no running
+        statistics) only its type is checked, its value being unused (as in PyTorch).
     eps : float > 0.
     out : ndarray shaped and typed like x, C-contiguous; may be x itself (in place).
 
@@ -60,7 +61,8 @@ def update_running_stats(running_mean, running_var, mean, var, n, momentum, *, u
     running_mean, running_var : writeable ndarrays (C,) of a float dtype, updated in place.
     mean, var : arrays (C,) of a float dtype: the batch mean and biased variance of n values each; with
         unbiased=True the variance moved towards is var * n / (n - 1) (for n > 1).
-    n : number of values >= 0. momentum : float in [0, 1].
+    n : number of values >= 0; n = 0 (an empty batch has no statistics) leaves the running statistics as they are,
+        as PyTorch's batch norm does with an empty batch. momentum : float in [0, 1].
 
     The formula :func:`batch_norm` applies. Raises TypeError for wrong types/dtypes and ValueError for wrong shapes
     or values; a call that raises changes nothing.

@@ -525,6 +525,8 @@ class SyncBatchNorm(BatchNorm):
         :mod:`bn_simd.sync`, or None: the world of whichever library is initialised, looked up at each call.
     mode : "exact" or "fast" (see :mod:`bn_simd.sync`).
 
+    Virtual batches and renormalization (``virtual_batch_size``, ``renorm``) are not offered here.
+
     Whenever batch statistics are used (training mode, or eval without running statistics) every rank must call
     the layer, and later ``backward``, together; each gets its own piece of y and grad_x, and the statistics,
     grad_weight, grad_bias and running statistics of one process normalising the pieces concatenated in rank
@@ -556,6 +558,9 @@ class SyncBatchNorm(BatchNorm):
 
     def _local_forward(self, x, out):
         """This rank's checks before the exchange: the layer's state, x and out."""
+        if getattr(self, "renorm", False) or getattr(self, "virtual_batch_size", None) is not None:
+            raise ValueError("SyncBatchNorm has no virtual batches or renormalization: virtual_batch_size must be None "
+                             "and renorm False")
         self._check_state()
         xa = self._check_input(x)
         if out is not None:
@@ -565,7 +570,9 @@ class SyncBatchNorm(BatchNorm):
     def forward(self, x, *, out=None):
         """Normalise this rank's piece x; returns y (``out`` if given). Communicates when batch statistics are
         used (every rank must call it then)."""
-        if not self.training and self.track_running_stats:
+        # BatchNorm's rules: eval mode normalises with the running statistics whenever the layer holds them
+        held = self.running_mean is not None or self.running_var is not None
+        if not self.training and held:
             y = super().forward(x, out=out)
             self._sync_n = None
             return y
@@ -574,15 +581,16 @@ class SyncBatchNorm(BatchNorm):
         mean, var, n, _ = _exchange_stats(comm, xa, self.num_features, self.layout, self.mode, self._shift,
                                           "SyncBatchNorm")
         _check_count(n, xa.shape)
-        update = self.training and self.track_running_stats
+        update = self.training and self.track_running_stats and held
         momentum = 0.0 if not update else (
-            self.momentum if self.momentum is not None else 1.0 / (self.num_batches_tracked + 1))
+            self.momentum if self.momentum is not None else
+            1.0 / (self.num_batches_tracked + 1) if self.num_batches_tracked is not None else 0.0)
         saved_x = xa.copy() if out is not None and np.may_share_memory(out, xa) else xa
         y = F.normalize(xa, mean, var, self.weight, self.bias, eps=self.eps, layout=self.layout, out=out)
         if update and n > 0:
             F.update_running_stats(self.running_mean, self.running_var, mean, var, n, momentum,
                                    unbiased=self.unbiased_running_var)
-        if update:
+        if update and self.num_batches_tracked is not None:
             self.num_batches_tracked += 1
         if n > 0 and np.all(np.isfinite(mean)):
             self._shift = mean
@@ -631,6 +639,9 @@ class SyncBatchNorm(BatchNorm):
 
         layer_or_layers : a layer, or a list, tuple or dict of them (nested containers too): the same kind of
             container is returned with its entries converted. Anything else is returned as it is.
+
+        Raises ValueError for a BatchNorm with virtual batches or renormalization (which SyncBatchNorm lacks); nothing
+        is changed.
         """
         _check_mode(mode)
         if comm is not None:
@@ -641,6 +652,10 @@ class SyncBatchNorm(BatchNorm):
 def _convert(obj, comm, mode):
     from .layers import _InstanceNorm
     if isinstance(obj, BatchNorm) and not isinstance(obj, (_InstanceNorm, SyncBatchNorm)):
+        if getattr(obj, "renorm", False) or getattr(obj, "virtual_batch_size", None) is not None:
+            raise ValueError(f"cannot convert {obj!r}: SyncBatchNorm has no virtual batches or renormalization "
+                             f"(virtual_batch_size={getattr(obj, 'virtual_batch_size', None)}, "
+                             f"renorm={getattr(obj, 'renorm', False)})")
         new = SyncBatchNorm(obj.num_features, obj.eps, obj.momentum, obj.affine, obj.track_running_stats, comm=comm,
                             layout=obj.layout, dtype=obj.dtype, mode=mode,
                             unbiased_running_var=obj.unbiased_running_var)

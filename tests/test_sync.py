@@ -527,3 +527,30 @@ def test_ranks_together_match_pytorchs_batchnorm_on_the_whole_batch():
             np.testing.assert_allclose(layer.running_mean, tbn.running_mean.numpy(), rtol=1e-13)
             np.testing.assert_allclose(layer.running_var, tbn.running_var.numpy(), rtol=1e-13)
             assert layer.num_batches_tracked == int(tbn.num_batches_tracked)
+
+
+def test_eval_uses_the_statistics_held_after_tracking_is_switched_off():
+    """BatchNorm's (PyTorch's) rule: eval normalises with the running statistics the layer holds; no exchange."""
+    class Refuses:
+        def allreduce(self, buf):
+            raise AssertionError("communicated")
+        allgather = allreduce
+
+    layer = bn_simd.SyncBatchNorm(3, comm=Refuses())
+    layer.running_mean[:] = [1, 2, 3]
+    layer.track_running_stats = False
+    layer.eval()
+    x = make_input((4, 3, 5), "NCHW", np.float32, seed=1)
+    np.testing.assert_allclose(layer(x), ref.inference(x, [1, 2, 3], [1, 1, 1]), rtol=1e-6, atol=1e-6)
+
+
+def test_virtual_batches_and_renormalization_are_refused():
+    if "virtual_batch_size" not in bn_simd.BatchNorm.__init__.__code__.co_varnames:
+        pytest.skip("this BatchNorm has no virtual batches")
+    with pytest.raises(ValueError, match="virtual batches or renormalization"):
+        bn_simd.SyncBatchNorm.convert_sync_batchnorm([bn_simd.BatchNorm2d(4, virtual_batch_size=2)])
+    layer = bn_simd.SyncBatchNorm(4, comm=make_comms(1)[0])
+    layer.virtual_batch_size = 2
+    with pytest.raises(ValueError, match="virtual batches or renormalization"):
+        layer(np.ones((4, 4, 3), np.float32))
+    assert layer.num_batches_tracked == 0
