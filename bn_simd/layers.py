@@ -23,7 +23,8 @@ class _Layer:
         return self.train(False)
 
     def load_state_dict(self, state_dict, strict=True):
-        """Load a dict from :meth:`state_dict` or from the PyTorch layer's (tensors are converted).
+        """Load a dict from :meth:`state_dict` or from the PyTorch layer's (tensors are converted), or Keras' weights
+        by name (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``, or variable paths ending in them).
 
         Every entry is checked (shape (C,), floating dtype; num_batches_tracked an integer) before anything
         is assigned, so a rejected dict leaves the layer as it was. strict=True also rejects missing and
@@ -31,6 +32,7 @@ class _Layer:
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = _from_keras_names(state_dict)
         keys, C = self._state_keys(), self._channels
         if strict:
             missing = [k for k in keys if k not in state_dict and not (k == "num_batches_tracked"
@@ -58,6 +60,23 @@ class _Layer:
                 staged[k] = np.array(ck.per_channel(state_dict[k], k, C), dtype=self.dtype)
         for k, v in staged.items():
             setattr(self, k, v)
+
+
+# Keras' names of the same four arrays (a variable's path ends in its name: "batch_normalization/gamma")
+_KERAS_NAMES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
+
+
+def _from_keras_names(state_dict):
+    """state_dict with Keras' weight names (gamma, beta, moving_mean, moving_variance, or paths ending in them) put
+    under PyTorch's; a dict holding none of them, or mixing them with PyTorch's names, comes back unchanged (the
+    mixture is then refused as unexpected keys). A Keras dict has no batch count: the layer keeps its own."""
+    renamed = {}
+    for k, v in state_dict.items():
+        name = k.rsplit("/", 1)[-1] if isinstance(k, str) else k
+        if name not in _KERAS_NAMES or _KERAS_NAMES[name] in state_dict or _KERAS_NAMES[name] in renamed:
+            return state_dict
+        renamed[_KERAS_NAMES[name]] = v
+    return renamed if renamed else state_dict
 
 
 def _before_batch_count(state_dict):
