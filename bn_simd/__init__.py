@@ -20,6 +20,10 @@ from .groups import (group_norm, group_norm_backward, group_norm_forward, instan
                      instance_norm_forward)
 from .layers import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
                      InstanceNorm3d)
+from .renorm import batch_renorm, batch_renorm_backward, batch_renorm_forward, renorm_corrections, update_renorm_stats
+from .sync import (SyncBatchNorm, sync_backward_reduce, sync_batch_norm_backward, sync_batch_norm_forward,
+                   sync_batch_stats)
+from .virtual import virtual_batch_norm, virtual_batch_norm_backward, virtual_batch_norm_forward
 
 __all__ = [
     "__version__", "show_config", "Context", "get_isa", "set_isa", "get_num_threads", "set_num_threads",
@@ -30,4 +34,7 @@ __all__ = [
     "group_norm", "group_norm_forward", "group_norm_backward",
     "instance_norm", "instance_norm_forward", "instance_norm_backward",
     "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "SyncBatchNorm", "sync_batch_stats", "sync_backward_reduce", "sync_batch_norm_forward", "sync_batch_norm_backward",
+    "virtual_batch_norm", "virtual_batch_norm_forward", "virtual_batch_norm_backward",
+    "batch_renorm", "batch_renorm_forward", "batch_renorm_backward", "renorm_corrections", "update_renorm_stats",
 ]

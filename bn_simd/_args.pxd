@@ -7,10 +7,17 @@ cdef enum:
     DT_F32 = 0
     DT_F64 = 1
 
-# Layouts.
+# Layouts. A channel axis given as axis= (bn_simd.functional) arrives as an Axis token, whose code is AXIS_BASE + axis
+# (axis in [-MAX_RANK, MAX_RANK - 1]); only the batch-norm views (view) take it.
 cdef enum:
     NCHW = 0
     NHWC = 1
+    AXIS_BASE = 64
+    MAX_RANK = 8
+
+
+cdef class Axis:
+    cdef readonly int axis
 
 # A data tensor seen by the batch-norm kernels: the C-contiguous (outer, C, inner) view and its storage dtype.
 ctypedef struct View:
@@ -44,6 +51,7 @@ cdef int64_t num_groups(object G, int64_t C) except -1
 cdef int group_values(int64_t n, cnp.ndarray x) except -1
 cdef double eps(object e) except? -1.0
 cdef double momentum(object m) except? -1.0
+cdef double momentum_if(object m, bint used) except? -1.0
 cdef double count(object n, bint positive) except? -1.0
 cdef object dtype_arg(object dtype, int* code)
 cdef int train_size(int64_t n, cnp.ndarray x) except -1

@@ -24,6 +24,7 @@ cnp.import_array()
 
 LAYOUTS = {"NCHW": "NCHW", "NHWC": "NHWC", "channels_first": "NCHW", "channels_last": "NHWC"}
 LAYOUT_NAMES = ("NCHW", "NHWC")
+MAX_DIMS = MAX_RANK  # the highest rank a call with axis= takes
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -67,13 +68,31 @@ cdef object _to_ndarray(object obj, str name):
 # ---- layout -------------------------------------------------------------------------------------------------
 
 cdef int layout_code(object layout) except -1:
-    """NCHW or NHWC for "NCHW"/"NHWC" and their aliases "channels_first"/"channels_last"."""
+    """NCHW or NHWC for "NCHW"/"NHWC" and their aliases "channels_first"/"channels_last"; AXIS_BASE + axis for an
+    Axis token (see axis_layout)."""
     if type(layout) is str:
         if layout == "NCHW":
             return NCHW
         if layout == "NHWC":
             return NHWC
+    elif type(layout) is Axis:
+        return AXIS_BASE + (<Axis>layout).axis
     return NCHW if _layout_name(layout) == "NCHW" else NHWC
+
+
+cdef class Axis:
+    """A channel axis given as ``axis=``, in place of a layout: the token the Python modules hand to the bridge in the
+    layout argument, so that the bridge's signatures stay those of the layouts (see axis_layout)."""
+
+    def __init__(self, int axis):
+        self.axis = axis
+
+    def __repr__(self):
+        return f"Axis({self.axis})"
+
+
+# tokens of the axes a rank-1..8 array has, made once (a call with axis= does not allocate one)
+cdef tuple _AXES = tuple(Axis(a) for a in range(-MAX_RANK, MAX_RANK))
 
 
 cdef str _layout_name(object layout):
@@ -110,8 +129,10 @@ cdef inline int _dtype_code(cnp.ndarray x) noexcept:
 
 cdef int view(cnp.ndarray x, int layout, str name, View* v) except -1:
     """v = the (outer, C, inner) view of data tensor x, shaped (N, C, *spatial) (NCHW) or (N, *spatial, C) (NHWC),
-    of rank 2 to 5."""
+    of rank 2 to 5; or, for an axis code (AXIS_BASE + axis), the view of x of rank 1 to MAX_RANK around that axis."""
     cdef int nd = cnp.PyArray_NDIM(x), k
+    if layout > NHWC:
+        return _axis_view(x, layout - AXIS_BASE, name, v)
     if nd < 2 or nd > 5:
         form = "(N, C, *spatial)" if layout == NCHW else "(N, *spatial, C)"
         raise ValueError(f"{name} must have 2 to 5 dimensions {form} for layout {LAYOUT_NAMES[layout]!r}, "
@@ -131,9 +152,34 @@ cdef int view(cnp.ndarray x, int layout, str name, View* v) except -1:
     return 0
 
 
+cdef int _axis_view(cnp.ndarray x, int axis, str name, View* v) except -1:
+    """v = the view of x with channels on `axis`: a C-contiguous (d0, ..., dk) array with channel axis a is the
+    (prod(d<a), d_a, prod(d>a)) array (inner == 1: the kernels' channels-last path, > 1: channels-first)."""
+    cdef int nd = cnp.PyArray_NDIM(x), k
+    if nd < 1 or nd > MAX_RANK:
+        raise ValueError(f"{name} must have 1 to {MAX_RANK} dimensions with axis={axis}, got {nd} dimension(s) "
+                         f"with shape {(<object>x).shape}")
+    if axis < -nd or axis >= nd:
+        raise ValueError(f"axis must be in [{-nd}, {nd - 1}] for {name} of {nd} dimension(s) with shape "
+                         f"{(<object>x).shape}, got {axis}")
+    if axis < 0:
+        axis += nd
+    v.outer = 1
+    v.inner = 1
+    v.C = cnp.PyArray_DIM(x, axis)
+    for k in range(axis):
+        v.outer *= cnp.PyArray_DIM(x, k)
+    for k in range(axis + 1, nd):
+        v.inner *= cnp.PyArray_DIM(x, k)
+    v.dtype = _dtype_code(x)
+    return 0
+
+
 cdef int group_view(cnp.ndarray x, int layout, int min_rank, str what, Groups* g) except -1:
     """g = (N, C, S) of data tensor x for the group-norm kernels: rank min_rank to 5, S = prod(spatial)."""
     cdef int nd = cnp.PyArray_NDIM(x), k
+    if layout > NHWC:
+        raise ValueError(f"{what} takes layout='NCHW' or 'NHWC', not an axis")
     if nd < min_rank or nd > 5:
         form = "(N, C, *spatial)" if layout == NCHW else "(N, *spatial, C)"
         ranks = " or ".join(str(r) for r in range(min_rank, 6))
@@ -347,6 +393,16 @@ cdef double momentum(object m) except? -1.0:
     return _momentum(m, False)
 
 
+cdef double momentum_if(object m, bint used) except? -1.0:
+    """momentum(m) where the call updates running statistics (used); elsewhere (eval, no running statistics) PyTorch
+    ignores its value, so only its type is checked (a real number) and 0 returned."""
+    if used:
+        return momentum(m)
+    if m is None or isinstance(m, bool) or not isinstance(m, numbers.Real):
+        raise TypeError(f"momentum must be a real number, got {_describe(m)}")
+    return 0.0
+
+
 cdef double _momentum(object m, bint allow_none) except? -1.0:
     cdef double v
     if m is None:
@@ -458,7 +514,32 @@ cdef int _overlap(str name, str read) except -1:
 
 def check_layout(layout):
     """"NCHW" or "NHWC" for a layout name or alias."""
+    if type(layout) is Axis:
+        raise TypeError(f"layout must be a string, one of {sorted(LAYOUTS)}, got {_describe(layout)}")
     return LAYOUT_NAMES[layout_code(layout)]
+
+
+def check_axis(axis, layout="NCHW"):
+    """axis as an int (a channel axis, negative allowed); the layout beside it must be the default "NCHW" (the two
+    are exclusive ways to say where the channels are)."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int, got {_describe(axis)}")
+    if not (type(layout) is str and layout == "NCHW"):
+        raise ValueError(f"axis and layout are exclusive: give the channel axis by one of them, got axis={axis!r} "
+                         f"and layout={layout!r}")
+    a = int(axis)
+    if not -MAX_RANK <= a < MAX_RANK:
+        raise ValueError(f"axis must be in [-{MAX_RANK}, {MAX_RANK - 1}] (arrays of 1 to {MAX_RANK} dimensions), "
+                         f"got {a}")
+    return a
+
+
+def axis_layout(axis, layout="NCHW"):
+    """The layout argument of the bridge's batch-norm calls for channels on `axis` (see check_axis): an Axis token."""
+    # (the common call, without the ABC checks)
+    if type(axis) is int and type(layout) is str and layout == "NCHW" and -MAX_RANK <= axis < MAX_RANK:
+        return _AXES[axis + MAX_RANK]
+    return _AXES[check_axis(axis, layout) + MAX_RANK]
 
 
 def as_data(x, name="x"):
@@ -502,13 +583,21 @@ def check_out(out, like, reads, name="out"):
     return _out(out, like, name, reads[0][0], reads[0][1], reads[1][0], reads[1][1])
 
 
-def check_layer_input(x, ranks, what, num_features, layout):
+def check_layer_input(x, ranks, what, num_features, layout, axis=None):
     """A layer's input: a data tensor (see data) of one of `ranks` (None: any) with num_features channels on the
-    layout's channel axis (checked for ranks 2 to 5)."""
+    layout's channel axis (checked for ranks 2 to 5), or on `axis` when it is not None (ranks 1 to MAX_RANK)."""
     a = <object>data(x, "x")
     if ranks is not None and a.ndim not in ranks:
         raise ValueError(f"{what} expects {' or '.join(f'{r}-D' for r in ranks)} input, got {a.ndim}-D input of "
                          f"shape {a.shape}")
+    if axis is not None:
+        if not 1 <= a.ndim <= MAX_RANK or not -a.ndim <= axis < a.ndim:
+            raise ValueError(f"{what} with axis={axis} expects input of 1 to {MAX_RANK} dimensions that has that "
+                             f"axis, got shape {a.shape}")
+        if a.shape[axis] != num_features:
+            raise ValueError(f"x must have {num_features} channels on axis {axis}, got {a.shape[axis]} in shape "
+                             f"{a.shape}")
+        return a
     if 2 <= a.ndim <= 5:
         C = a.shape[1] if layout == "NCHW" else a.shape[a.ndim - 1]
         if C != num_features:
@@ -516,3 +605,16 @@ def check_layer_input(x, ranks, what, num_features, layout):
             raise ValueError(f"x must have {num_features} channels on axis {axis} (layout {layout!r}), "
                              f"got {C} in shape {a.shape}")
     return a
+
+
+def data_view(x, layout, name="x"):
+    """(a, outer, C, inner, axis): data tensor x as an ndarray (see data), its (outer, C, inner) view in `layout` (a
+    layout name or an Axis token; checked as the kernels check it) and the index of its channel axis."""
+    cdef View v
+    cdef cnp.ndarray a = data(x, name)
+    cdef int code = layout_code(layout), nd = cnp.PyArray_NDIM(a)
+    view(a, code, name, &v)
+    cdef int ax = 1 if code == NCHW else nd - 1 if code == NHWC else code - AXIS_BASE
+    if ax < 0:  # (view checked that -nd <= ax < nd)
+        ax += nd
+    return a, v.outer, v.C, v.inner, ax

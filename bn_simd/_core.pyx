@@ -548,7 +548,8 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
     A.together(rm, rv)
     w = A.channel(weight, "weight", C, False)
     b = A.channel(bias, "bias", C, False)
-    cdef double e = A.eps(eps), mom = A.momentum(momentum)
+    # momentum is used only to update running statistics: its value is ignored otherwise, as in PyTorch
+    cdef double e = A.eps(eps), mom = A.momentum_if(momentum, tr and rm is not None)
     if tr:
         A.train_size(n, xa)
     elif rm is None:
@@ -808,7 +809,10 @@ def update_running_stats(running_mean, running_var, mean, var, n, momentum, unbi
     cdef double mom = A.momentum(momentum), count = A.count(n, False)
     cdef bint unb = unbiased
     cdef double stack[STACK_DOUBLES]
-    cdef double* p = scratch(4 * C, stack)
+    cdef double* p
+    if count == 0:  # no values, no statistics: the running ones stay as they are (PyTorch's empty batch)
+        return
+    p = scratch(4 * C, stack)
     try:
         A.load(m, C, p)
         A.load(s, C, p + C)
@@ -988,7 +992,7 @@ def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, m
     A.together(rm, rv)
     w = A.channel(weight, "weight", C, False)
     b = A.channel(bias, "bias", C, False)
-    cdef double e = A.eps(eps), mom = A.momentum(momentum)
+    cdef double e = A.eps(eps), mom = A.momentum_if(momentum, u and rm is not None)
     cdef View v
     cdef cnp.ndarray ya
     cdef double stack[STACK_DOUBLES]

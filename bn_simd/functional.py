@@ -2,7 +2,13 @@
 
 Layouts: ``layout="NCHW"`` puts channels on axis 1 ((N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W));
 ``layout="NHWC"`` puts them last ((N, C), (N, L, C), (N, H, W, C), (N, D, H, W, C)). "channels_first" and
-"channels_last" are accepted as aliases.
+"channels_last" are accepted as aliases. ``axis=a`` instead (an int, negative counting from the end; exclusive
+with a layout other than the default) puts them on any axis of an array of rank 1 to 8: the statistics run over
+every other axis. A rank-1 array (C,) with axis=0 or -1 is C channels of one value each (as Keras sees it).
+
+``mask=`` (batch_norm, batch_norm_forward, batch_norm_backward, batch_stats, batch_moments): statistics over the
+unmasked entries only, Keras' masking: the mask has x's shape without the channel axis (or a shape broadcasting to
+it, rank for rank), nonzero where an entry counts; every entry is normalised with those statistics.
 
 Data arrays are float32 or float64 and the output has the input's dtype. A C-contiguous input is used in
 place; any other (Fortran order, negative or zero strides, byte-swapped) is copied once. Per-channel
@@ -14,7 +20,8 @@ SyncBatchNorm runs :func:`batch_stats`, all-reduces, then :func:`normalize`):
 """
 import numpy as np
 
-from . import _config, _core
+from . import _args as ck
+from . import _config, _core, _masked
 
 
 def _threads():
@@ -26,7 +33,7 @@ def _threads():
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
-               eps=1e-5, *, layout="NCHW", out=None, unbiased_running_var=True):
+               eps=1e-5, *, layout="NCHW", out=None, unbiased_running_var=True, axis=None, mask=None):
     """Batch normalization with PyTorch's semantics (``torch.nn.functional.batch_norm``).
 
     y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c]
@@ -39,18 +46,30 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, rank 2..5 in ``layout``.
+    x : ndarray, float32 or float64, rank 2..5 in ``layout`` (rank 1..8 with ``axis``).
     running_mean, running_var : ndarray (C,) of a float dtype, or None; updated in place when training.
     weight, bias : array (C,) or None (1 and 0).
     training : bool.
-    momentum : float in [0, 1].
+    momentum : float in [0, 1] where running statistics are updated; elsewhere (training=False, or no running
+        statistics) only its type is checked, its value being unused (as in PyTorch).
     eps : float > 0.
     out : ndarray shaped and typed like x, C-contiguous; may be x itself (in place).
+    axis : int or None. The channel axis (negative counts from the end), instead of ``layout``.
+    mask : array or None. Training: the statistics are those of the unmasked entries (nonzero), n of them per
+        channel, and the running variance moves towards var * n / (n - 1) (unbiased) or var. The mask has x's
+        shape without the channel axis, or broadcasts to it; it is checked and unused when training=False.
 
     Returns y (``out`` if given). Raises TypeError for wrong types/dtypes and ValueError for wrong shapes or
-    values, including training with one value per channel; a call that raises changes nothing.
+    values, including training with one value (or unmasked value) per channel, and an axis beside a layout other
+    than "NCHW"; a call that raises changes nothing.
     """
-    return _core.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, layout, out,
+    lay = layout if axis is None else ck.axis_layout(axis, layout)
+    if mask is not None:
+        if training:
+            return _masked.forward(x, running_mean, running_var, weight, bias, momentum, eps, lay, out,
+                                   unbiased_running_var, mask, _threads())[0]
+        _masked.prepare(x, lay, mask)
+    return _core.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, lay, out,
                             unbiased_running_var, _threads())
 
 
@@ -60,7 +79,8 @@ def update_running_stats(running_mean, running_var, mean, var, n, momentum, *, u
     running_mean, running_var : writeable ndarrays (C,) of a float dtype, updated in place.
     mean, var : arrays (C,) of a float dtype: the batch mean and biased variance of n values each; with
         unbiased=True the variance moved towards is var * n / (n - 1) (for n > 1).
-    n : number of values >= 0. momentum : float in [0, 1].
+    n : number of values >= 0; n = 0 (an empty batch has no statistics) leaves the running statistics as they are,
+        as PyTorch's batch norm does with an empty batch. momentum : float in [0, 1].
 
     The formula :func:`batch_norm` applies. Raises TypeError for wrong types/dtypes and ValueError for wrong shapes
     or values; a call that raises changes nothing.
@@ -68,18 +88,24 @@ def update_running_stats(running_mean, running_var, mean, var, n, momentum, *, u
     _core.update_running_stats(running_mean, running_var, mean, var, n, momentum, unbiased)
 
 
-def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None):
+def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None, axis=None, mask=None):
     """Training forward for callers that run their own autograd.
 
-    Returns (y, save_mean, save_invstd): y normalised with the batch statistics, save_mean[c] the batch mean
-    and save_invstd[c] = 1 / sqrt(biased_var[c] + eps), both (C,) in x's dtype, ready for
-    :func:`batch_norm_backward`. Raises as :func:`batch_norm`.
+    Returns (y, save_mean, save_invstd): y normalised with the batch statistics (of the unmasked entries when
+    ``mask`` is given), save_mean[c] the batch mean and save_invstd[c] = 1 / sqrt(biased_var[c] + eps), both (C,)
+    in x's dtype, ready for :func:`batch_norm_backward` (which needs the same mask). ``axis``, ``mask`` and what
+    raises: as :func:`batch_norm`.
     """
-    return _core.batch_norm_forward(x, weight, bias, eps, layout, out, _threads())
+    lay = layout if axis is None else ck.axis_layout(axis, layout)
+    if mask is not None:
+        y, mean, invstd, _ = _masked.forward(x, None, None, weight, bias, 0.0, eps, lay, out, False, mask,
+                                             _threads())
+        return y, mean.astype(y.dtype), invstd.astype(y.dtype)
+    return _core.batch_norm_forward(x, weight, bias, eps, lay, out, _threads())
 
 
 def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, layout="NCHW", out=None,
-                        training=True):
+                        training=True, axis=None, mask=None):
     """Gradients of batch normalization.
 
     With n values per channel, s = save_invstd[c], w = weight[c] (1 when None), x̂ = (x - save_mean[c]) s:
@@ -92,48 +118,65 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, lay
 
     grad_out and x: same shape and dtype (float32/float64). Returns (grad_x, grad_weight, grad_bias); the
     per-channel gradients have weight's dtype (x's when weight is None). ``out`` receives grad_x and may be
-    grad_out or x itself.
+    grad_out or x itself. ``axis``: as :func:`batch_norm`. ``mask`` (training=True): the forward's mask; n is
+    then the number of unmasked positions and the statistics' terms (grad_bias / n, x̂ grad_weight / n) reach the
+    unmasked entries only, while grad_weight and grad_bias sum over every entry (each was normalised).
     """
-    return _core.batch_norm_backward(grad_out, x, save_mean, save_invstd, weight, layout, out, training, _threads())
+    lay = layout if axis is None else ck.axis_layout(axis, layout)
+    if mask is not None:
+        if training:
+            return _masked.backward(grad_out, x, save_mean, save_invstd, weight, lay, out, mask, _threads())
+        _masked.prepare(x, lay, mask)
+    return _core.batch_norm_backward(grad_out, x, save_mean, save_invstd, weight, lay, out, training, _threads())
 
 
 # ---- composable steps -------------------------------------------------------------------------------------
 
-def batch_stats(x, *, layout="NCHW"):
+def batch_stats(x, *, layout="NCHW", axis=None, mask=None):
     """Per-channel (mean, biased variance) of x as float64 arrays of shape (C,).
 
     Exact two-pass sums inside fixed chunks, chunks combined in float64 (Chan et al.); bitwise the same
-    for any thread count and the same numbers :func:`batch_norm` uses. An empty batch gives NaN.
+    for any thread count and the same numbers :func:`batch_norm` uses. An empty batch gives NaN. ``axis``,
+    ``mask``: as :func:`batch_norm` (a mask selecting no entry gives NaN).
     """
-    return _core.batch_stats(x, layout, _threads())
+    lay = layout if axis is None else ck.axis_layout(axis, layout)
+    if mask is not None:
+        xa, view, pos, n, every = _masked.prepare(x, lay, mask)
+        return _masked.stats(xa, lay, view, pos, every, _threads())
+    return _core.batch_stats(x, lay, _threads())
 
 
-def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None):
+def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None, axis=None):
     """y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c] with given statistics (one pass).
 
     mean, var, weight, bias: arrays (C,) of a float dtype (weight and bias may be None). Returns y, x's shape and
-    dtype (``out`` if given). Raises as :func:`batch_norm`.
+    dtype (``out`` if given). ``axis`` and what raises: as :func:`batch_norm`.
     """
-    return _core.normalize(x, mean, var, weight, bias, eps, layout, out, _threads())
+    lay = layout if axis is None else ck.axis_layout(axis, layout)
+    return _core.normalize(x, mean, var, weight, bias, eps, lay, out, _threads())
 
 
-def backward_reduce(grad_out, x, mean, *, layout="NCHW"):
+def backward_reduce(grad_out, x, mean, *, layout="NCHW", axis=None):
     """(sum grad_out, sum grad_out * (x - mean[c])) per channel, float64 arrays of shape (C,).
 
-    grad_out and x: same shape and dtype; mean: array (C,) of a float dtype. Raises as :func:`batch_norm_backward`.
+    grad_out and x: same shape and dtype; mean: array (C,) of a float dtype. ``axis`` and what raises: as
+    :func:`batch_norm_backward`.
     """
-    return _core.backward_reduce(grad_out, x, mean, layout, _threads())
+    lay = layout if axis is None else ck.axis_layout(axis, layout)
+    return _core.backward_reduce(grad_out, x, mean, lay, _threads())
 
 
-def backward_apply(grad_out, x, mean, a, b, d, *, layout="NCHW", out=None):
+def backward_apply(grad_out, x, mean, a, b, d, *, layout="NCHW", out=None, axis=None):
     """grad_x = a[c] * grad_out + b[c] * (x - mean[c]) + d[c] (coefficients rounded to x's dtype).
 
     mean, a, b, d: arrays (C,) of a float dtype. The kernel subtracts m = mean rounded to x's dtype, and the
     rounding's residual is folded into d (d - b (mean - m), in float64). Coefficients that are not finite in x's
     dtype are rounded by NumPy, which reports the overflow as ``np.errstate`` says. Returns grad_x, x's shape and
-    dtype (``out`` if given: a separate array, grad_out or x itself). Raises as :func:`batch_norm_backward`.
+    dtype (``out`` if given: a separate array, grad_out or x itself). ``axis`` and what raises: as
+    :func:`batch_norm_backward`.
     """
-    return _core.backward_apply(grad_out, x, mean, a, b, d, layout, out, _threads())
+    lay = layout if axis is None else ck.axis_layout(axis, layout)
+    return _core.backward_apply(grad_out, x, mean, a, b, d, lay, out, _threads())
 
 
 # ---- statistics as mergeable moments, and the coefficient maths ------------------------------------------------
@@ -175,9 +218,16 @@ class Moments:
         return f"Moments(chunks={self.count.shape[0]}, channels={self.num_channels}, n={self.count.sum():g})"
 
 
-def batch_moments(x, *, layout="NCHW"):
-    """The per-chunk moments of x's channels (a :class:`Moments`), the statistics :func:`batch_stats` merges."""
-    return Moments(*_core.batch_moments(x, layout, _threads()))
+def batch_moments(x, *, layout="NCHW", axis=None, mask=None):
+    """The per-chunk moments of x's channels (a :class:`Moments`), the statistics :func:`batch_stats` merges.
+
+    ``axis``: as :func:`batch_norm`. ``mask``: the moments of the unmasked entries, gathered in order into one
+    (n, C) channels-last array (whose chunks they are; an all-true mask gives the unmasked call's moments)."""
+    lay = layout if axis is None else ck.axis_layout(axis, layout)
+    if mask is not None:
+        xa, view, pos, n, every = _masked.prepare(x, lay, mask)
+        return Moments(*_masked.moments(xa, lay, view, pos, every, _threads()))
+    return Moments(*_core.batch_moments(x, lay, _threads()))
 
 
 def merge_moments(*parts):

@@ -4,7 +4,7 @@ import numbers
 import numpy as np
 
 from . import _args as ck
-from . import _core
+from . import _core, _masked
 from . import functional as F
 
 
@@ -23,7 +23,8 @@ class _Layer:
         return self.train(False)
 
     def load_state_dict(self, state_dict, strict=True):
-        """Load a dict from :meth:`state_dict` or from the PyTorch layer's (tensors are converted).
+        """Load a dict from :meth:`state_dict` or from the PyTorch layer's (tensors are converted), or Keras' weights
+        by name (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``, or variable paths ending in them).
 
         Every entry is checked (shape (C,), floating dtype; num_batches_tracked an integer) before anything
         is assigned, so a rejected dict leaves the layer as it was. strict=True also rejects missing and
@@ -31,9 +32,11 @@ class _Layer:
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = _from_keras_names(state_dict)
         keys, C = self._state_keys(), self._channels
         if strict:
-            missing = [k for k in keys if k not in state_dict]
+            missing = [k for k in keys if k not in state_dict and not (k == "num_batches_tracked"
+                                                                        and _before_batch_count(state_dict))]
             unexpected = [k for k in state_dict if k not in keys]
             if missing or unexpected:
                 raise ValueError(f"state_dict does not match this layer: missing keys {missing}, "
@@ -59,6 +62,31 @@ class _Layer:
             setattr(self, k, v)
 
 
+# Keras' names of the same four arrays (a variable's path ends in its name: "batch_normalization/gamma")
+_KERAS_NAMES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
+
+
+def _from_keras_names(state_dict):
+    """state_dict with Keras' weight names (gamma, beta, moving_mean, moving_variance, or paths ending in them) put
+    under PyTorch's; a dict holding none of them, or mixing them with PyTorch's names, comes back unchanged (the
+    mixture is then refused as unexpected keys). A Keras dict has no batch count: the layer keeps its own."""
+    renamed = {}
+    for k, v in state_dict.items():
+        name = k.rsplit("/", 1)[-1] if isinstance(k, str) else k
+        if name not in _KERAS_NAMES or _KERAS_NAMES[name] in state_dict or _KERAS_NAMES[name] in renamed:
+            return state_dict
+        renamed[_KERAS_NAMES[name]] = v
+    return renamed if renamed else state_dict
+
+
+def _before_batch_count(state_dict):
+    """A state dict from before PyTorch's BatchNorm counted batches (its version metadata below 2, or none, as in a
+    plain dict): PyTorch loads it without num_batches_tracked, strict or not, and keeps the layer's count."""
+    meta = getattr(state_dict, "_metadata", None)
+    version = meta.get("", {}).get("version") if isinstance(meta, dict) else None
+    return version is None or version < 2
+
+
 class BatchNorm(_Layer):
     """Batch normalization over the channel axis, with learnable affine parameters and running statistics.
 
@@ -75,10 +103,29 @@ class BatchNorm(_Layer):
     dtype : float32 or float64, the dtype of parameters and running statistics. Inputs may be either.
     unbiased_running_var : bool. True (PyTorch) stores the unbiased batch variance in running_var; False
         stores the biased one (Keras).
+    axis : int or None. The channel axis (negative counts from the end) of inputs of rank 1 to 8, instead of
+        ``layout`` (which must then stay "NCHW"); BatchNorm1d/2d/3d keep their ranks.
+    bias : bool (PyTorch 2.x). False with affine=True: a learnable ``weight`` and no ``bias`` (None; no
+        ``bias`` key in the state dict, ``grad_bias`` stays None).
+    virtual_batch_size : int >= 1 or None. Ghost batch norm in training: statistics per virtual batch of this many
+        samples, Keras' grouping (sample n in virtual batch n mod N / virtual_batch_size); the batch size must be a
+        multiple. Running statistics move towards the mean of the virtual batches' statistics. See
+        :mod:`bn_simd.virtual`.
+    renorm : bool. Batch Renormalization in training (Keras' ``renorm=True``, :mod:`bn_simd.renorm`); the layer
+        then also keeps ``running_std``, ``renorm_mean`` and ``renorm_std`` (state keys of the same names). Needs
+        track_running_stats=True.
+    renorm_clipping : dict with keys among "rmax", "rmin", "dmax" (missing: inf, 0, inf), or None.
+    renorm_momentum : float in [0, 1], the weight of the new batch in renorm_mean / renorm_std (this library's
+        convention, as ``momentum``: Keras' renorm_momentum=0.99 is 0.01 here).
+
+    PyTorch's rules for the running statistics: eval mode normalises with them whenever the layer holds them (also
+    after ``track_running_stats`` is switched off), a training call updates them only when track_running_stats is
+    on, and ``momentum``'s value is checked only where it is used (training with tracked statistics).
 
     A new layer is in training mode; ``eval()`` / ``train()`` switch it. Calling the layer returns the
     normalised array; ``backward(grad_out)`` after a call returns grad_x and sets ``grad_weight`` and
-    ``grad_bias`` (overwritten each time, not accumulated).
+    ``grad_bias`` (overwritten each time, not accumulated). ``layer(x, mask=m)`` takes the training statistics
+    over the unmasked entries only (see :func:`bn_simd.batch_norm`); ``backward`` then uses the same mask.
 
     Thread safety: a layer holds state (running statistics, the saved forward for backward), so one layer
     must not be called from several threads at once. The functional API is safe to call concurrently on
@@ -89,7 +136,8 @@ class BatchNorm(_Layer):
     _ranks = (2, 3, 4, 5)
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
-                 layout="NCHW", dtype=np.float32, unbiased_running_var=True):
+                 layout="NCHW", dtype=np.float32, unbiased_running_var=True, axis=None, bias=True,
+                 virtual_batch_size=None, renorm=False, renorm_clipping=None, renorm_momentum=0.01):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if not 1 <= num_features < 2**31:
@@ -101,11 +149,12 @@ class BatchNorm(_Layer):
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.layout = ck.check_layout(layout)
+        self.axis = None if axis is None else ck.check_axis(axis, layout)
         self.dtype = dt
         self.unbiased_running_var = bool(unbiased_running_var)
         C = self.num_features
         self.weight = np.ones(C, dt) if self.affine else None
-        self.bias = np.zeros(C, dt) if self.affine else None
+        self.bias = np.zeros(C, dt) if self.affine and bias else None
         if self.track_running_stats:
             self.running_mean = np.zeros(C, dt)
             self.running_var = np.ones(C, dt)
@@ -115,6 +164,25 @@ class BatchNorm(_Layer):
         self.grad_weight = self.grad_bias = None
         self.training = True
         self._saved = None
+        self._init_extras(virtual_batch_size, renorm, renorm_clipping, renorm_momentum)
+        if self.axis is not None and (self.renorm or self.virtual_batch_size is not None):
+            raise ValueError("axis= does not combine with virtual_batch_size or renorm (use layout=)")
+
+    def _init_extras(self, virtual_batch_size, renorm, renorm_clipping, renorm_momentum):
+        """Virtual batches and batch renormalization (bn_simd.virtual, bn_simd.renorm)."""
+        from . import renorm as R
+        self.virtual_batch_size = R.check_virtual_batch_size(virtual_batch_size)
+        self.renorm = bool(renorm)
+        self.renorm_clipping = renorm_clipping
+        R.check_clipping(renorm_clipping)
+        self.renorm_momentum = R.check_renorm_momentum(renorm_momentum)
+        if self.renorm and not self.track_running_stats:
+            raise ValueError("renorm=True needs track_running_stats=True (its moving statistics are running ones)")
+        if self.renorm:
+            C = self.num_features
+            self.running_std = np.ones(C, self.dtype)
+            self.renorm_mean = np.zeros(C, self.dtype)
+            self.renorm_std = np.ones(C, self.dtype)
 
     # ---- state resets --------------------------------------------------------------------------------------
     def reset_running_stats(self):
@@ -122,36 +190,71 @@ class BatchNorm(_Layer):
             self.running_mean.fill(0)
             self.running_var.fill(1)
             self.num_batches_tracked = 0
+        if getattr(self, "renorm", False):
+            self.running_std.fill(1)
+            self.renorm_mean.fill(0)
+            self.renorm_std.fill(1)
 
     def reset_parameters(self):
         self.reset_running_stats()
         if self.affine:
             self.weight.fill(1)
-            self.bias.fill(0)
+            if self.bias is not None:
+                self.bias.fill(0)
 
     # ---- forward / backward --------------------------------------------------------------------------------
     def _check_input(self, x):
-        return ck.check_layer_input(x, self._ranks, type(self).__name__, self.num_features, self.layout)
+        if self.axis is None:
+            return ck.check_layer_input(x, self._ranks, type(self).__name__, self.num_features, self.layout)
+        ranks = None if type(self) is BatchNorm else self._ranks  # (BatchNorm1d/2d/3d keep theirs)
+        return ck.check_layer_input(x, ranks, type(self).__name__, self.num_features, self.layout, self.axis)
 
-    def forward(self, x, *, out=None):
-        """Normalise x (rank per class, channels per ``layout``); returns y (``out`` if given)."""
+    def forward(self, x, *, out=None, mask=None):
+        """Normalise x (rank per class, channels per ``layout`` or ``axis``); returns y (``out`` if given).
+
+        mask: statistics of the unmasked entries only, in training (see :func:`bn_simd.batch_norm`); checked and
+        unused when the running statistics are used."""
         self._check_state()
         x = self._check_input(x)
-        track = self.track_running_stats
-        batch_stats = self.training or not track
-        update = self.training and track
+        # PyTorch's rules: batch statistics in training, and in eval when the layer holds no running statistics;
+        # running statistics updated in training when tracked (track_running_stats may be switched after
+        # construction: eval still uses the statistics the layer holds)
+        held = self.running_mean is not None or self.running_var is not None
+        batch_stats = self.training or not held
+        update = self.training and self.track_running_stats and held
         # the update's momentum; None: the cumulative average, 1 / (batches with this one)
         momentum = 0.0 if not update else (
-            self.momentum if self.momentum is not None else 1.0 / (self.num_batches_tracked + 1))
+            self.momentum if self.momentum is not None else
+            1.0 / (self.num_batches_tracked + 1) if self.num_batches_tracked is not None else 0.0)
         # backward needs the input: keep a copy when the output overwrites it
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
-        y, mean, invstd = _core.batch_norm(x, self.running_mean if track else None,
-                                           self.running_var if track else None, self.weight, self.bias, batch_stats,
-                                           momentum, self.eps, self.layout, out, self.unbiased_running_var,
-                                           F._threads(), True)
-        if update:
+        if self.training and (self.renorm or self.virtual_batch_size is not None):
+            if mask is not None:
+                raise ValueError("mask= does not combine with virtual_batch_size or renorm")
+            from . import renorm as R
+            y, self._saved = R.layer_forward(self, x, out, saved_x, update, momentum)
+            if update and self.num_batches_tracked is not None:
+                self.num_batches_tracked += 1
+            return y
+        passed = update or not batch_stats
+        lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
+        if mask is not None and batch_stats:  # statistics of the unmasked entries
+            y, mean, invstd, _ = _masked.forward(x, self.running_mean if update else None,
+                                                 self.running_var if update else None, self.weight, self.bias,
+                                                 momentum, self.eps, lay, out, self.unbiased_running_var, mask,
+                                                 F._threads())
+            mask = np.array(ck.to_ndarray(mask, "mask"))  # (a copy, for backward)
+        else:
+            if mask is not None:  # checked, unused: the running statistics normalise
+                _masked.prepare(x, lay, mask)
+                mask = None
+            y, mean, invstd = _core.batch_norm(x, self.running_mean if passed else None,
+                                               self.running_var if passed else None, self.weight, self.bias,
+                                               batch_stats, momentum, self.eps, lay, out, self.unbiased_running_var,
+                                               F._threads(), True)
+        if update and self.num_batches_tracked is not None:
             self.num_batches_tracked += 1
-        self._saved = (saved_x, mean, invstd, batch_stats)
+        self._saved = (saved_x, mean, invstd, batch_stats, mask)
         return y
 
     __call__ = forward
@@ -164,11 +267,19 @@ class BatchNorm(_Layer):
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
-        x, mean, invstd, training = self._saved
-        gx, gw, gb = F.batch_norm_backward(grad_out, x, mean, invstd, self.weight, layout=self.layout, out=out,
-                                           training=training)
+        if not isinstance(self._saved, tuple):  # a forward with virtual batches or renormalization
+            from . import renorm as R
+            return R.layer_backward(self, grad_out, out)
+        x, mean, invstd, training, mask = self._saved
+        lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
+        if mask is None:
+            gx, gw, gb = _core.batch_norm_backward(grad_out, x, mean, invstd, self.weight, lay, out, training,
+                                                   F._threads())
+        else:
+            gx, gw, gb = _masked.backward(grad_out, x, mean, invstd, self.weight, lay, out, mask, F._threads())
         if self.affine:
-            self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
+            self.grad_weight = gw.astype(self.dtype)
+            self.grad_bias = gb.astype(self.dtype) if self.bias is not None else None
         return gx
 
     def _check_state(self):
@@ -178,13 +289,20 @@ class BatchNorm(_Layer):
             v = getattr(self, name)
             if self.affine or v is not None:
                 ck.per_channel(v, name, C)
-        if self.track_running_stats:
-            # written only by a training-mode call
-            ck.per_channel(self.running_mean, "running_mean", C, inplace=self.training)
-            ck.per_channel(self.running_var, "running_var", C, inplace=self.training)
+        update = self.training and self.track_running_stats
+        for name in ("running_mean", "running_var"):  # the statistics the layer holds; written only in an update
+            ck.per_channel(getattr(self, name), name, C, inplace=update)
         self.eps = ck.check_eps(self.eps)
-        self.momentum = ck.check_momentum(self.momentum, allow_none=True)
+        # momentum's value matters only in an update (PyTorch ignores it elsewhere); its type always
+        self.momentum = ck.check_momentum(self.momentum, allow_none=True) if update else _momentum_type(self.momentum)
         self.layout = ck.check_layout(self.layout)
+        if self.axis is not None:
+            self.axis = ck.check_axis(self.axis, self.layout)
+        if getattr(self, "renorm", False) or getattr(self, "virtual_batch_size", None) is not None:
+            if self.axis is not None:
+                raise ValueError("axis= does not combine with virtual_batch_size or renorm (use layout=)")
+            from . import renorm as R
+            R.check_layer(self, update)
 
     # ---- state ---------------------------------------------------------------------------------------------
     def state_dict(self):
@@ -193,25 +311,40 @@ class BatchNorm(_Layer):
         d = {}
         if self.affine:
             d["weight"] = self.weight.copy()
-            d["bias"] = self.bias.copy()
-        if self.track_running_stats:
-            d["running_mean"] = self.running_mean.copy()
-            d["running_var"] = self.running_var.copy()
-            d["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+            if self.bias is not None:
+                d["bias"] = self.bias.copy()
+        for k in self._state_keys():  # the statistics the layer holds, as PyTorch's buffers
+            if k == "num_batches_tracked":
+                d[k] = np.array(self.num_batches_tracked, dtype=np.int64)
+            elif k not in ("weight", "bias"):
+                d[k] = getattr(self, k).copy()
         return d
 
     def _state_keys(self):
-        return (["weight", "bias"] if self.affine else []) + (
-            ["running_mean", "running_var", "num_batches_tracked"] if self.track_running_stats else [])
+        held = [k for k in ("running_mean", "running_var", "num_batches_tracked") if getattr(self, k) is not None]
+        extra = ["running_std", "renorm_mean", "renorm_std"] if getattr(self, "renorm", False) else []
+        params = ["weight"] + (["bias"] if self.bias is not None else []) if self.affine else []
+        return params + held + extra
 
     @property
     def _channels(self):
         return self.num_features
 
     def __repr__(self):
+        where = f"layout={self.layout!r}" if self.axis is None else f"axis={self.axis}"
+        extras = (f", virtual_batch_size={self.virtual_batch_size}" if getattr(self, "virtual_batch_size", None)
+                  else "") + (f", renorm=True, renorm_clipping={self.renorm_clipping}, "
+                              f"renorm_momentum={self.renorm_momentum}" if getattr(self, "renorm", False) else "")
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, layout={self.layout!r}, "
-                f"dtype={self.dtype.name})")
+                f"affine={self.affine}, {'' if self.bias is not None or not self.affine else 'bias=False, '}"
+                f"track_running_stats={self.track_running_stats}, {where}, dtype={self.dtype.name}{extras})")
+
+
+def _momentum_type(m):
+    """momentum where its value is unused: None or a real number, kept as given."""
+    if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Real)):
+        raise TypeError(f"momentum must be a real number in [0, 1] or None, got {type(m).__name__}")
+    return m
 
 
 class BatchNorm1d(BatchNorm):

@@ -1,0 +1,669 @@
+"""Batch normalization whose statistics span the batches of several processes (SyncBatchNorm).
+
+P ranks each hold a piece of one batch; forward and backward give every rank the result of one process running
+:class:`~bn_simd.BatchNorm` on the pieces concatenated in rank order: the statistics, y, grad_x, grad_weight,
+grad_bias and the running statistics. Ranks may hold different batch sizes, including 0.
+
+Communicators
+-------------
+``comm`` is an mpi4py communicator, a ``torch.distributed`` process group (gloo, CPU), or any object with the two
+methods of this protocol (the adapters :class:`MPICommunicator` and :class:`TorchCommunicator` implement it):
+
+``allreduce(buf)``
+    buf: a 1-D C-contiguous float64 ndarray of the same length on every rank. Returns an array of that length
+    holding the element-wise sum over the ranks (buf itself, summed in place, or a new array), the same values on
+    every rank (as MPI's and gloo's algorithms give: fast mode decides on them whether to exchange again).
+``allgather(buf)``
+    buf: a 1-D C-contiguous float64 ndarray; lengths may differ between ranks. Returns a sequence with every
+    rank's buffer, in rank order.
+
+``comm=None`` takes the world of whichever library is initialised: mpi4py's ``COMM_WORLD`` when MPI is, else
+``torch.distributed``'s default group when it is. Neither library is imported by bn_simd unless the program has
+imported it.
+
+Modes
+-----
+``mode="exact"`` gathers every rank's per-chunk moments (:func:`~bn_simd.batch_moments`) and merges them in chunk
+order (:func:`~bn_simd.merge_moments`); the backward gathers per-chunk sums and adds them in chunk order. Every
+rank computes the same numbers, and when each rank's piece ends on a chunk boundary of the whole batch the result
+is bitwise that of one process (channels-first maps of 16x16 and larger: every sample; see
+:func:`chunk_rows`). Bytes sent per rank: forward 8 (3 + K (3 C + 1)), backward 8 (4 + 2 K C), K its chunks.
+
+``mode="fast"`` sends 2 C + 1 float64 per rank each way in one allreduce. Forward: the count n_r and, relative to
+a shift K[c] that every rank holds alike, S1 = n_r (mean_r - K) and S2 = M2_r + n_r (mean_r - K)^2 from the rank's
+own (exact, chunked) statistics; then mean = K + S1 / n and M2 = S2 - S1^2 / n. The subtraction loses about
+eps_double (mean - K)^2 / var of the variance, so when (mean - K)^2 > 2^20 var a second allreduce repeats the
+exchange relative to the mean just found (error then eps_double-sized); every rank takes that decision on the same
+summed numbers. The layer's shift is the previous call's mean (zeros at first), so only the first batch of a
+channel whose |mean| > 1000 std pays the second round. Backward: the count and the two channel sums.
+Results agree with one process to a few ulp of float64 in the statistics, so to the output's rounding.
+
+Errors
+------
+A rank whose input is refused (wrong shape, dtype, channels) still takes part in the exchange with a marker and
+raises its own error; every other rank then raises RuntimeError naming the failed ranks, instead of hanging or
+computing with a missing piece. A call that raises changes nothing (running statistics included).
+"""
+import math
+import sys
+
+import numpy as np
+
+from . import _args as ck
+from . import functional as F
+from .layers import BatchNorm
+
+MODES = ("exact", "fast")
+# (mean - shift)^2 / var above which the fast mode's one-allreduce form loses more than ~2^20 eps_double of the
+# variance: the exchange is then repeated relative to the mean just found
+_SHIFT_RATIO = float(2 ** 20)
+# must match the chunk geometry of src/batchnorm.c (BN_CHUNK_BYTES, BN_CL_CHUNK_BYTES, BN_CL_MIN_ROWS, BN_MIN_RUN,
+# BN_CHUNK_MIN_PER_CHANNEL); tests/test_sync.py checks chunk_rows against batch_moments' counts
+_CF_CHUNK_BYTES, _CL_CHUNK_BYTES, _CL_MIN_ROWS, _MIN_RUN, _MIN_PER_CHANNEL = 32768, 256 << 10, 64, 512, 256
+
+
+# ---- communicators ------------------------------------------------------------------------------------------------
+
+class MPICommunicator:
+    """The protocol over an mpi4py communicator (``Allreduce`` in place with ``MPI.SUM``; ``Allgatherv`` after an
+    ``Allgather`` of the lengths)."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+
+    def allreduce(self, buf):
+        from mpi4py import MPI
+        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        return buf
+
+    def allgather(self, buf):
+        sizes = np.empty(self.size, np.int64)
+        self.comm.Allgather(np.array([buf.shape[0]], np.int64), sizes)
+        out = np.empty(int(sizes.sum()), np.float64)
+        self.comm.Allgatherv(buf, [out, sizes.tolist()])
+        return np.split(out, np.cumsum(sizes)[:-1])
+
+    def __repr__(self):
+        return f"MPICommunicator(rank={self.rank}, size={self.size})"
+
+
+class TorchCommunicator:
+    """The protocol over a ``torch.distributed`` process group (None: the default group) with a CPU backend (gloo):
+    ``all_reduce`` in place on a tensor sharing the buffer's memory; ``all_gather`` of the buffers padded to the
+    longest after one of their lengths."""
+
+    def __init__(self, group=None):
+        import torch.distributed as dist
+        self.group = group
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+
+    def allreduce(self, buf):
+        import torch
+        import torch.distributed as dist
+        dist.all_reduce(torch.from_numpy(buf), op=dist.ReduceOp.SUM, group=self.group)
+        return buf
+
+    def allgather(self, buf):
+        import torch
+        import torch.distributed as dist
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        dist.all_gather(sizes, torch.tensor([buf.shape[0]], dtype=torch.int64), group=self.group)
+        sizes = [int(s) for s in sizes]
+        longest = max(sizes)
+        mine = torch.zeros(longest, dtype=torch.float64)
+        mine[:buf.shape[0]] = torch.from_numpy(buf)
+        parts = [torch.empty(longest, dtype=torch.float64) for _ in range(self.size)]
+        dist.all_gather(parts, mine, group=self.group)
+        return [p.numpy()[:s] for p, s in zip(parts, sizes)]
+
+    def __repr__(self):
+        return f"TorchCommunicator(rank={self.rank}, size={self.size})"
+
+
+def _mpi_world():
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        return MPICommunicator(mpi.COMM_WORLD)
+    return None
+
+
+def _torch_world():
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return TorchCommunicator(None)
+    return None
+
+
+def as_communicator(comm=None):
+    """The protocol object for ``comm`` (see the module's documentation): an mpi4py communicator or a
+    torch.distributed process group wrapped in its adapter, an object with ``allreduce`` and ``allgather`` as it is,
+    None the initialised world (mpi4py's COMM_WORLD, else torch.distributed's default group).
+
+    Raises RuntimeError when comm is None and neither library is initialised, TypeError for anything else."""
+    if comm is None:
+        world = _mpi_world() or _torch_world()
+        if world is None:
+            raise RuntimeError("comm=None needs an initialised communication library: MPI (import mpi4py.MPI, "
+                               "which initialises it) or torch.distributed (init_process_group); neither is")
+        return world
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and isinstance(comm, mpi.Comm):
+        return MPICommunicator(comm)
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and isinstance(comm, dist.ProcessGroup):
+        return TorchCommunicator(comm)
+    if callable(getattr(comm, "allreduce", None)) and callable(getattr(comm, "allgather", None)):
+        return comm
+    raise TypeError(f"comm must be an mpi4py communicator, a torch.distributed process group, an object with "
+                    f"allreduce(buf) and allgather(buf) methods, or None; got {type(comm).__name__}")
+
+
+def _check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+# ---- failing together ---------------------------------------------------------------------------------------------
+
+class _Failed:
+    """A local error held back until the exchange is done (so that the other ranks are not left waiting)."""
+
+    def __init__(self, error):
+        self.error = error
+
+
+def _attempt(fn, *args):
+    try:
+        return fn(*args)
+    except (TypeError, ValueError) as e:
+        return _Failed(e)
+
+
+def _raise_if_failed(local, failed, what):
+    """failed: a description of the ranks that failed ("" when none did)."""
+    if isinstance(local, _Failed):
+        raise local.error
+    if failed:
+        raise RuntimeError(f"{what}: the input of {failed} was refused there (see its error); nothing was changed")
+
+
+def _gather(comm, payload, C, what):
+    """allgather of [ok, C, body...] per rank; returns the bodies in rank order after checking every rank's flag
+    and channel count (RuntimeError on the ranks whose own input was fine)."""
+    ok = not isinstance(payload, _Failed)
+    head = np.array([1.0 if ok else 0.0, float(C)])
+    buf = np.concatenate([head, payload if ok else np.empty(0)])
+    parts = [np.asarray(p, np.float64) for p in comm.allgather(buf)]
+    failed = [r for r, p in enumerate(parts) if p.shape[0] < 2 or p[0] != 1.0]
+    _raise_if_failed(payload, f"rank(s) {failed}" if failed else "", what)
+    channels = [int(p[1]) for p in parts]
+    if any(c != C for c in channels):
+        raise ValueError(f"{what}: the ranks' inputs have different channel counts {channels}")
+    return [p[2:] for p in parts]
+
+
+def _allreduce(comm, payload, size, what):
+    """allreduce of [count, body...] (size values); a failed rank sends a NaN count, which every rank sees."""
+    ok = not isinstance(payload, _Failed)
+    buf = np.ascontiguousarray(payload, np.float64) if ok else np.full(size, np.nan)
+    total = np.asarray(comm.allreduce(buf), np.float64)
+    if total.shape != (size,):
+        raise RuntimeError(f"{what}: comm.allreduce returned shape {total.shape}, expected ({size},)")
+    _raise_if_failed(payload, "another rank" if math.isnan(total[0]) else "", what)
+    return total
+
+
+# ---- chunk geometry -----------------------------------------------------------------------------------------------
+
+def _view3(a, layout):
+    """The (outer, C, inner) view of a C-contiguous array in a layout."""
+    if layout == "NCHW":
+        return a.reshape(a.shape[0], a.shape[1], int(np.prod(a.shape[2:])))
+    return a.reshape(int(np.prod(a.shape[:-1])), a.shape[-1], 1)
+
+
+def _chunks(outer, C, inner, itemsize):
+    """The kernels' reduction chunks of an (outer, C, inner) array, in chunk order, as (r0, r1, i0, i1): rows
+    [r0, r1) and positions [i0, i1) of each channel (of the view after C == 1 is flattened to (1, 1, n)).
+    The same for statistics and backward sums, and for every thread count."""
+    if C == 1:
+        outer, inner = 1, outer * inner
+    if outer * inner == 0 or C == 0:
+        return []
+    if inner == 1:
+        R = max((_CL_CHUNK_BYTES // itemsize) // C, _CL_MIN_ROWS)
+        return [(r, min(r + R, outer), 0, 1) for r in range(0, outer, R)]
+    L = _CF_CHUNK_BYTES // itemsize
+    cb = 1 if inner >= _MIN_RUN else min(-(-_MIN_RUN // inner), C)
+    if inner > L:
+        return [(r, r + 1, i, min(i + L, inner)) for r in range(outer) for i in range(0, inner, L)]
+    R = min(-(-_MIN_PER_CHANNEL // inner), max(L // (cb * inner), 1))
+    return [(r, min(r + R, outer), 0, inner) for r in range(0, outer, R)]
+
+
+def chunk_rows(shape, layout="NCHW", dtype=np.float32):
+    """Where an input of this shape may be split between ranks with exact mode's results bitwise those of one
+    process: the number of leading rows (samples for channels-first; rows of the (N * spatial, C) matrix for
+    channels-last) per chunk, so that every piece whose length is a multiple of it (except the last piece) ends on
+    a chunk boundary. 1 for channels-first maps of 16x16 and larger. None when the chunks are not whole rows (a
+    single channel, whose elements are chunked as one run); 0 for an empty shape."""
+    layout = ck.check_layout(layout)
+    itemsize = np.dtype(dtype).itemsize
+    if layout == "NCHW":
+        outer, C, inner = shape[0], shape[1], int(np.prod(shape[2:]))
+    else:
+        outer, C, inner = int(np.prod(shape[:-1])), shape[-1], 1
+    ch = _chunks(outer, C, inner, itemsize)
+    if not ch:
+        return 0
+    if C == 1:
+        return None
+    r0, r1, i0, i1 = ch[0]
+    return r1 - r0 if (i0, i1) == (0, inner) else 1
+
+
+def backward_chunk_sums(grad_out, x, mean, *, layout="NCHW"):
+    """Per-chunk (sum grad_out, sum grad_out * (x - mean[c])), a float64 array (K, 2, C): the partial sums that
+    :func:`~bn_simd.backward_reduce` adds in chunk order (``sums.sum`` in that order is its result bitwise). For
+    exact-mode SyncBatchNorm, whose ranks' chunks are added in the order of the whole batch.
+
+    grad_out and x: same shape and dtype (float32/float64) in ``layout``; mean (C,) of a float dtype. Raises as
+    :func:`~bn_simd.backward_reduce`."""
+    layout = ck.check_layout(layout)
+    xa, g = ck.as_data(x, "x"), ck.as_data(grad_out, "grad_out")
+    if g.shape != xa.shape:
+        raise ValueError(f"grad_out must have the shape of x {xa.shape}, got {g.shape}")
+    if g.dtype != xa.dtype:
+        raise TypeError(f"grad_out must have the dtype of x ({xa.dtype}), got {g.dtype}")
+    F.backward_reduce(g[:0], xa[:0], mean, layout=layout)  # (rank, layout and mean, checked as usual)
+    x3, g3 = _view3(xa, layout), _view3(g, layout)
+    outer, C, inner = x3.shape
+    if C == 1:
+        x3, g3 = x3.reshape(1, 1, -1), g3.reshape(1, 1, -1)
+    chunks = _chunks(outer, C, inner, xa.dtype.itemsize)
+    if not chunks:
+        return np.zeros((0, 2, C), np.float64)
+    out = np.empty((len(chunks), 2, C), np.float64)
+    if C > 1 and inner > 1 and all(r1 - r0 == 1 and (i0, i1) == (0, inner) for r0, r1, i0, i1 in chunks):
+        # chunks of one row (channels-first maps of 16x16 and up): each channel's run in a row is then summed on
+        # its own, as a channel of the (1, outer C, inner) view is, so one call gives every chunk's sums
+        s = F.backward_reduce(g3.reshape(1, outer * C, inner), x3.reshape(1, outer * C, inner),
+                              np.tile(np.asarray(mean, np.float64), outer), layout="NCHW")
+        out[:, 0], out[:, 1] = s[0].reshape(outer, C), s[1].reshape(outer, C)
+        return out
+    for k, (r0, r1, i0, i1) in enumerate(chunks):
+        # one chunk as a call of its own has exactly one chunk: its sums are the whole call's partial sums
+        out[k, 0], out[k, 1] = F.backward_reduce(g3[r0:r1, :, i0:i1], x3[r0:r1, :, i0:i1], mean, layout="NCHW")
+    return out
+
+
+def _sum_in_order(parts, C):
+    """sum over k of parts[k] (K, C), one after the other from 0.0: the kernels' order (not NumPy's pairwise)."""
+    s = np.zeros(C, np.float64)
+    for p in parts:
+        s += p
+    return s
+
+
+# ---- the functional form ------------------------------------------------------------------------------------------
+
+def _channels_of(x, layout):
+    shape = np.shape(x)
+    if not 2 <= len(shape) <= 5:
+        return 0
+    return shape[1] if layout == "NCHW" else shape[-1]
+
+
+def _local_moments(x, layout):
+    m = F.batch_moments(x, layout=layout)
+    return np.concatenate([[float(m.count.shape[0])], m.count, m.shift.ravel(), m.residual.ravel(), m.m2.ravel()])
+
+
+def _local_fast(x, layout, shift):
+    xa = ck.as_data(x, "x")
+    mean_r, var_r = F.batch_stats(xa, layout=layout)
+    C = mean_r.shape[0]
+    n_r = float(xa.size // C) if C else 0.0
+    K = _shift_array(shift, C)
+    if n_r == 0:
+        return np.zeros(2 * C + 1)
+    d = mean_r - K
+    return np.concatenate([[n_r], n_r * d, n_r * var_r + n_r * d * d])
+
+
+def _shift_array(shift, C):
+    if shift is None:
+        return np.zeros(C)
+    s = np.asarray(shift, dtype=np.float64)
+    if s.shape != (C,):
+        raise ValueError(f"shift must have shape ({C},), got {s.shape}")
+    return s
+
+
+def sync_batch_stats(x, comm=None, *, layout="NCHW", mode="exact", shift=None):
+    """(mean, var, n) of the batch that the ranks' pieces x form, concatenated in rank order: float64 (C,) mean and
+    biased variance per channel, and n, the number of values per channel over all ranks (an int). Every rank gets
+    the same numbers. No values at all give NaN statistics.
+
+    x : float32/float64 array of rank 2..5 in ``layout`` (channels on axis 1 for "NCHW", last for "NHWC"); the
+        leading (batch) size may differ between ranks and be 0.
+    comm : see the module's documentation (None: the initialised world).
+    mode : "exact" (per-chunk moments gathered and merged in chunk order: bitwise one process's
+        :func:`~bn_simd.batch_stats` when the pieces end on chunk boundaries) or "fast" (one allreduce of
+        2 C + 1 values, relative to ``shift``).
+    shift : fast mode's shift (C,), the same on every rank (None: zeros); the closer to the mean, the fewer
+        bits lost (a second allreduce restores them when it is more than 1000 standard deviations away).
+
+    Raises ValueError/TypeError for a bad x, mode or shift on that rank, RuntimeError on the others.
+    """
+    _check_mode(mode)
+    layout = ck.check_layout(layout)
+    comm = as_communicator(comm)
+    C = _channels_of(x, layout)
+    mean, var, n, _ = _exchange_stats(comm, x, C, layout, mode, shift, "sync_batch_stats")
+    return mean, var, n
+
+
+def _exchange_stats(comm, x, C, layout, mode, shift, what):
+    """(mean, var, n, allreduces) over the ranks; see sync_batch_stats."""
+    if mode == "exact":
+        bodies = _gather(comm, x if isinstance(x, _Failed) else _attempt(_local_moments, x, layout), C, what)
+        parts = []
+        for b in bodies:
+            K = int(b[0])
+            count = b[1:1 + K]
+            rest = b[1 + K:].reshape(3, K, C)
+            parts.append(F.Moments(count, rest[0], rest[1], rest[2]))
+        mean, var = F.merge_moments(parts)
+        n = int(sum(p.count.sum() for p in parts))
+        return mean, var, n, 0
+    K = x if isinstance(x, _Failed) else _attempt(_shift_array, shift, C)
+    local = _attempt(_local_fast, x, layout, shift) if not isinstance(K, _Failed) else K
+    size = 2 * C + 1
+    total = _allreduce(comm, local, size, what)
+    rounds = 1
+    n = total[0]
+    if n > 0 and not isinstance(K, _Failed):
+        mean, var, far = _fast_finish(total, K, C)
+        if far:
+            # the shift was far from the mean for some channel: again, relative to the mean (the same on every rank)
+            total = _allreduce(comm, _local_fast(x, layout, mean), size, what)
+            rounds = 2
+            mean, var, _ = _fast_finish(total, mean, C)
+    else:
+        mean = var = np.full(C, np.nan)
+    return mean, var, int(n), rounds
+
+
+def _fast_finish(total, K, C):
+    """From the summed [n, S1, S2] relative to K: mean = K + S1 / n, var = (S2 - S1^2 / n) / n, and whether the
+    subtraction lost more than 2^20 eps_double of the variance ((mean - K)^2 > 2^20 var)."""
+    n, s1, s2 = total[0], total[1:1 + C], total[1 + C:]
+    m = s1 / n
+    between = s1 * m  # S1^2 / n
+    m2 = s2 - between
+    var = np.maximum(m2, 0.0) / n
+    with np.errstate(invalid="ignore"):
+        far = bool(np.any(between > _SHIFT_RATIO * np.maximum(m2, 0.0)))
+    return K + m, var, far
+
+
+def sync_backward_reduce(grad_out, x, mean, comm=None, *, layout="NCHW", mode="exact"):
+    """(sum_dy, sum_dyxm, n) over every rank: float64 (C,) sums of grad_out and grad_out * (x - mean[c]) over the
+    concatenated batch, and the number of values per channel. Every rank gets the same numbers.
+
+    grad_out, x : the rank's pieces, same shape and dtype (float32/float64) in ``layout``.
+    mean : (C,) the batch mean every rank shares (from :func:`sync_batch_stats`).
+    mode : "exact" (per-chunk sums gathered and added in chunk order: bitwise one process's
+        :func:`~bn_simd.backward_reduce` when the pieces end on chunk boundaries) or "fast" (one allreduce of
+        2 C + 1 values: the count and the two sums).
+
+    Raises as :func:`sync_batch_stats`.
+    """
+    _check_mode(mode)
+    layout = ck.check_layout(layout)
+    comm = as_communicator(comm)
+    return _exchange_grad(comm, grad_out, x, mean, _channels_of(x, layout), layout, mode, "sync_backward_reduce")
+
+
+def _local_chunk_sums(grad_out, x, mean, layout):
+    s = backward_chunk_sums(grad_out, x, mean, layout=layout)
+    C = s.shape[2]
+    n = float(ck.as_data(x, "x").size // C) if C else 0.0
+    return np.concatenate([[n, float(s.shape[0])], s.ravel()])
+
+
+def _local_grad_sums(grad_out, x, mean, layout):
+    sdy, sdyx = F.backward_reduce(grad_out, x, mean, layout=layout)
+    C = sdy.shape[0]
+    n = float(ck.as_data(x, "x").size // C) if C else 0.0
+    return np.concatenate([[n], sdy, sdyx])
+
+
+def _exchange_grad(comm, grad_out, x, mean, C, layout, mode, what, failed=None):
+    """(sum_dy, sum_dyxm, n) over the ranks; see sync_backward_reduce. failed: this rank's input was refused."""
+    if mode == "exact":
+        local = failed or _attempt(_local_chunk_sums, grad_out, x, mean, layout)
+        bodies = _gather(comm, local, C, what)
+        n = int(sum(b[0] for b in bodies))
+        parts = np.concatenate([b[2:].reshape(int(b[1]), 2, C) for b in bodies])
+        return _sum_in_order(parts[:, 0], C), _sum_in_order(parts[:, 1], C), n
+    local = failed or _attempt(_local_grad_sums, grad_out, x, mean, layout)
+    total = _allreduce(comm, local, 2 * C + 1, what)
+    return total[1:1 + C].copy(), total[1 + C:].copy(), int(total[0])
+
+
+def sync_batch_norm_forward(x, weight=None, bias=None, comm=None, *, eps=1e-5, layout="NCHW", mode="exact", out=None,
+                            shift=None):
+    """Training forward over the ranks' concatenated batch: stats -> merge -> normalise.
+
+    Returns (y, mean, invstd, n): y the rank's piece normalised (x's shape and dtype; ``out`` if given), mean and
+    invstd = 1 / sqrt(var + eps) float64 (C,) (pass them to :func:`sync_batch_norm_backward`), n the values per
+    channel over all ranks. weight, bias: (C,) or None. Other arguments as :func:`sync_batch_stats`. Raises
+    ValueError when n is 1 (as one process's training call), and as :func:`sync_batch_stats`.
+    """
+    _check_mode(mode)
+    layout = ck.check_layout(layout)
+    comm = as_communicator(comm)
+    mean, var, n, _ = _exchange_stats(comm, x, _channels_of(x, layout), layout, mode, shift,
+                                      "sync_batch_norm_forward")
+    _check_count(n, np.shape(x))
+    y = F.normalize(x, mean, var, weight, bias, eps=eps, layout=layout, out=out)
+    return y, mean, 1.0 / np.sqrt(var + ck.check_eps(eps)), n
+
+
+def _check_count(n, shape):
+    if n == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got 1 over all ranks (this "
+                         f"rank's input has shape {shape})")
+
+
+def sync_batch_norm_backward(grad_out, x, mean, invstd, weight=None, comm=None, *, layout="NCHW", mode="exact",
+                             out=None):
+    """Backward of :func:`sync_batch_norm_forward`: reduce -> exchange -> coefficients -> apply.
+
+    With n values per channel over all ranks, s = invstd, w = weight (1 when None), x̂ = (x - mean) s, the sums
+    over every rank's values: grad_bias = sum grad_out, grad_weight = sum grad_out x̂, and on each rank
+    grad_x = w s (grad_out - grad_bias / n - x̂ grad_weight / n).
+
+    Returns (grad_x, grad_weight, grad_bias): grad_x the rank's piece (``out`` if given: may be grad_out or x), the
+    parameter gradients (the same on every rank) in weight's dtype (x's without weight). Raises as
+    :func:`sync_batch_stats`.
+    """
+    _check_mode(mode)
+    layout = ck.check_layout(layout)
+    comm = as_communicator(comm)
+    C = _channels_of(x, layout)
+    sdy, sdyx, n = _exchange_grad(comm, grad_out, x, mean, C, layout, mode, "sync_batch_norm_backward")
+    return _apply_grad(grad_out, x, mean, invstd, weight, sdy, sdyx, n, layout, out)
+
+
+def _apply_grad(grad_out, x, mean, invstd, weight, sdy, sdyx, n, layout, out):
+    xa = ck.as_data(x, "x")
+    if n == 0:
+        gx = F.backward_apply(grad_out, xa, mean, np.zeros(sdy.shape), np.zeros(sdy.shape), np.zeros(sdy.shape),
+                              layout=layout, out=out)
+        gw, gb = np.zeros(sdy.shape), np.zeros(sdy.shape)
+    else:
+        m, a, b, d, gw, gb = F.backward_coefficients(sdy, sdyx, mean, invstd, n, weight, training=True,
+                                                     dtype=xa.dtype)
+        gx = F.backward_apply(grad_out, xa, m, a, b, d, layout=layout, out=out)
+    like = np.asarray(weight).dtype if weight is not None else xa.dtype
+    return gx, gw.astype(like), gb.astype(like)
+
+
+# ---- the layer ----------------------------------------------------------------------------------------------------
+
+class SyncBatchNorm(BatchNorm):
+    """Batch normalization over the batch that several processes' pieces form (``torch.nn.SyncBatchNorm``, on CPU).
+
+    Parameters as :class:`~bn_simd.BatchNorm` (num_features, eps, momentum, affine, track_running_stats, layout,
+    dtype, unbiased_running_var), and
+    comm : an mpi4py communicator, a torch.distributed process group, an object implementing the protocol of
+        :mod:`bn_simd.sync`, or None: the world of whichever library is initialised, looked up at each call.
+    mode : "exact" or "fast" (see :mod:`bn_simd.sync`).
+
+    Virtual batches and renormalization (``virtual_batch_size``, ``renorm``) are not offered here.
+
+    Whenever batch statistics are used (training mode, or eval without running statistics) every rank must call
+    the layer, and later ``backward``, together; each gets its own piece of y and grad_x, and the statistics,
+    grad_weight, grad_bias and running statistics of one process normalising the pieces concatenated in rank
+    order. Pieces may differ in size, including 0. An eval-mode call with running statistics communicates nothing.
+    Inputs of rank 2..5 in ``layout``. Errors as :class:`~bn_simd.BatchNorm`; a rank whose input is refused raises
+    its own error and the others RuntimeError (nothing changed on any).
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *, comm=None,
+                 layout="NCHW", dtype=np.float32, mode="exact", unbiased_running_var=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, layout=layout, dtype=dtype,
+                         unbiased_running_var=unbiased_running_var)
+        if comm is not None:
+            as_communicator(comm)  # (refuse a wrong type now, not at the first call)
+        self.comm = comm
+        self.mode = mode
+        # fast mode's shift: the previous call's mean, the same on every rank (see the module's documentation)
+        self._shift = np.zeros(self.num_features)
+        self._sync_n = None  # values per channel over the ranks in the last call that communicated, else None
+
+    @property
+    def mode(self):
+        """"exact" or "fast" (see :mod:`bn_simd.sync`); the same on every rank."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value):
+        self._mode = _check_mode(value)
+
+    def _local_forward(self, x, out):
+        """This rank's checks before the exchange: the layer's state, x and out."""
+        if getattr(self, "renorm", False) or getattr(self, "virtual_batch_size", None) is not None:
+            raise ValueError("SyncBatchNorm has no virtual batches or renormalization: virtual_batch_size must be None "
+                             "and renorm False")
+        self._check_state()
+        xa = self._check_input(x)
+        if out is not None:
+            ck.check_out(out, xa, [("x", xa)])
+        return xa
+
+    def forward(self, x, *, out=None):
+        """Normalise this rank's piece x; returns y (``out`` if given). Communicates when batch statistics are
+        used (every rank must call it then)."""
+        # BatchNorm's rules: eval mode normalises with the running statistics whenever the layer holds them
+        held = self.running_mean is not None or self.running_var is not None
+        if not self.training and held:
+            y = super().forward(x, out=out)
+            self._sync_n = None
+            return y
+        comm = as_communicator(self.comm)
+        xa = _attempt(self._local_forward, x, out)
+        mean, var, n, _ = _exchange_stats(comm, xa, self.num_features, self.layout, self.mode, self._shift,
+                                          "SyncBatchNorm")
+        _check_count(n, xa.shape)
+        update = self.training and self.track_running_stats and held
+        momentum = 0.0 if not update else (
+            self.momentum if self.momentum is not None else
+            1.0 / (self.num_batches_tracked + 1) if self.num_batches_tracked is not None else 0.0)
+        saved_x = xa.copy() if out is not None and np.may_share_memory(out, xa) else xa
+        y = F.normalize(xa, mean, var, self.weight, self.bias, eps=self.eps, layout=self.layout, out=out)
+        if update and n > 0:
+            F.update_running_stats(self.running_mean, self.running_var, mean, var, n, momentum,
+                                   unbiased=self.unbiased_running_var)
+        if update and self.num_batches_tracked is not None:
+            self.num_batches_tracked += 1
+        if n > 0 and np.all(np.isfinite(mean)):
+            self._shift = mean
+        self._saved = (saved_x, mean, 1.0 / np.sqrt(var + self.eps), True)
+        self._sync_n = n
+        return y
+
+    __call__ = forward
+
+    def _local_backward(self, grad_out, x, out):
+        g = ck.as_data(grad_out, "grad_out")
+        if g.shape != x.shape:
+            raise ValueError(f"grad_out must have the shape of x {x.shape}, got {g.shape}")
+        if g.dtype != x.dtype:
+            raise TypeError(f"grad_out must have the dtype of x ({x.dtype}), got {g.dtype}")
+        if out is not None:
+            ck.check_out(out, x, [("grad_out", g), ("x", x)])
+        return None
+
+    def backward(self, grad_out, *, out=None):
+        """Gradient of the last forward call: returns this rank's grad_x and sets grad_weight / grad_bias (the
+        whole batch's, the same on every rank). Communicates after a call that did (every rank must call it)."""
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward call first")
+        if self._sync_n is None:
+            return super().backward(grad_out, out=out)
+        x, mean, invstd, _ = self._saved
+        n = self._sync_n
+        comm = as_communicator(self.comm)
+        failed = _attempt(self._local_backward, grad_out, x, out)
+        sdy, sdyx, _ = _exchange_grad(comm, grad_out, x, mean, self.num_features, self.layout, self.mode,
+                                      "SyncBatchNorm.backward", failed)
+        gx, gw, gb = _apply_grad(grad_out, x, mean, invstd, self.weight, sdy, sdyx, n, self.layout, out)
+        if self.affine:
+            self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
+        return gx
+
+    def __repr__(self):
+        return super().__repr__()[:-1] + f", mode={self.mode!r})"
+
+    @classmethod
+    def convert_sync_batchnorm(cls, layer_or_layers, comm=None, *, mode="exact"):
+        """Layers with every :class:`~bn_simd.BatchNorm` (not the instance norms) replaced by a SyncBatchNorm
+        that shares its parameter and running-statistic arrays (as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``)
+        and keeps its settings, mode (train/eval) and num_batches_tracked.
+
+        layer_or_layers : a layer, or a list, tuple or dict of them (nested containers too): the same kind of
+            container is returned with its entries converted. Anything else is returned as it is.
+
+        Raises ValueError for a BatchNorm with virtual batches or renormalization (which SyncBatchNorm lacks); nothing
+        is changed.
+        """
+        _check_mode(mode)
+        if comm is not None:
+            as_communicator(comm)
+        return _convert(layer_or_layers, comm, mode)
+
+
+def _convert(obj, comm, mode):
+    from .layers import _InstanceNorm
+    if isinstance(obj, BatchNorm) and not isinstance(obj, (_InstanceNorm, SyncBatchNorm)):
+        if getattr(obj, "renorm", False) or getattr(obj, "virtual_batch_size", None) is not None:
+            raise ValueError(f"cannot convert {obj!r}: SyncBatchNorm has no virtual batches or renormalization "
+                             f"(virtual_batch_size={getattr(obj, 'virtual_batch_size', None)}, "
+                             f"renorm={getattr(obj, 'renorm', False)})")
+        new = SyncBatchNorm(obj.num_features, obj.eps, obj.momentum, obj.affine, obj.track_running_stats, comm=comm,
+                            layout=obj.layout, dtype=obj.dtype, mode=mode,
+                            unbiased_running_var=obj.unbiased_running_var)
+        for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked", "training"):
+            setattr(new, k, getattr(obj, k))
+        return new
+    if isinstance(obj, dict):
+        return type(obj)((k, _convert(v, comm, mode)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_convert(v, comm, mode) for v in obj)
+    return obj
