@@ -17,8 +17,8 @@ take turns, one forward pass each per round:
 
 The table gives each time as median / fastest.
 
-PyTorch runs on ``torch.set_num_threads(2)`` threads and bn_simd on ``bn_simd.set_num_threads(2)`` (``--threads``). The logits of
-the two models are compared (max |difference| relative to max |logit|). "others" is the number of cores that other
+PyTorch runs on ``torch.set_num_threads(2)`` threads and bn_simd on ``bn_simd.set_num_threads(2)`` (``--threads``).
+The logits of the two models are compared (max |difference| relative to max |logit|). "others" is the number of cores that other
 processes kept busy meanwhile (a shared machine's noise).
 """
 import argparse
