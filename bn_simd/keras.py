@@ -112,7 +112,9 @@ class BatchNormalization:
     As Keras: one value per channel (a batch of one row) gives variance 0, and a mask that leaves a batch no entry
     gives mean 0 and variance 0 (moving statistics updated with them). Unlike Keras: an empty batch leaves the
     moving statistics as they were (Keras writes NaN), and a mask must broadcast to x's shape without its channel
-    axis wherever that axis is (Keras inserts it last).
+    axis wherever that axis is (Keras inserts it last). With renorm a rank-1 input works (Keras 3 fails on it):
+    s_B = sqrt(epsilon), y = d·gamma + beta. A virtual batch of one value per channel raises ValueError (Keras 2
+    gives it variance 0).
 
     Raises TypeError for wrong types or dtypes and ValueError for wrong shapes or values, naming the argument; a
     call that raises changes nothing. A layer holds state: call one layer from one thread at a time.
@@ -253,9 +255,10 @@ class BatchNormalization:
 
     @classmethod
     def from_config(cls, config):
-        """A new layer from :meth:`get_config`'s dict, or from a Keras config with these arguments (Keras' dtype
-        policy and serialized Zeros/Ones/Constant initializers are read; its regularizers, constraints and
-        ``synchronized`` must hold their defaults, None and False). Raises TypeError for other keys."""
+        """A new layer from :meth:`get_config`'s dict, or from a Keras config with these arguments (Keras 3's
+        renorm keys included, Keras 2's virtual_batch_size taken; Keras' dtype policy and serialized
+        Zeros/Ones/Constant initializers are read; its regularizers, constraints and ``synchronized`` must hold
+        their defaults, None and False). Raises TypeError for other keys."""
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
         config = dict(config)
@@ -326,7 +329,7 @@ class BatchNormalization:
                     mean, var = _masked.stats(x, lay, view, pos, False, nt)
                 invstd = 1.0 / np.sqrt(var + self.epsilon)
                 if self.renorm:
-                    r, d = self._corrections(mean, var)
+                    r, d = self._corrections(mean, var, empty=not x.size)
                     scale, shift = self._composed(r, d)
                     y = _core.normalize(x, mean, var, scale, shift, self.epsilon, lay, None, nt)
                 else:
@@ -350,8 +353,10 @@ class BatchNormalization:
         """Gradient of the last call: returns grad_x (the dtype x was computed in) and sets ``grad_gamma`` (scale) and ``grad_beta``
         (center) in the layer's dtype.
 
-        After a call with batch statistics the gradient runs through them (the unmasked entries' when masked),
-        as Keras' autograd does; after an inference call the moving statistics are constants."""
+        After a call with batch statistics the gradient runs through them (the unmasked entries' when masked, each
+        virtual batch's own with virtual_batch_size), as Keras' autograd does; after an inference call the moving
+        statistics are constants. With renorm, r and d are constants (Keras' stop_gradient): grad_x is batch norm's
+        with the weight gamma·r, and grad_gamma = r·sum(grad_out·x̂) + d·sum(grad_out)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a call first")
         if isinstance(self._saved, _Grouped):
@@ -380,7 +385,9 @@ class BatchNormalization:
         rmax, rmin, dmax = check_clipping(self.renorm_clipping)
         return {"rmax": rmax, "rmin": rmin, "dmax": dmax}
 
-    def _corrections(self, mean, var):
+    def _corrections(self, mean, var, empty=False):
+        if empty:  # no statistics: the neutral r = 1, d = 0, so that the gradients' sums over nothing stay 0
+            return np.ones(self.num_features), np.zeros(self.num_features)
         return renorm_corrections(mean, var, self.renorm_mean, self.renorm_stddev, eps=self.epsilon,
                                   **self._clip_bounds())
 
@@ -422,6 +429,8 @@ class BatchNormalization:
             y, mean, invstd, r, d = batch_renorm_forward(xv, self.renorm_mean, self.renorm_stddev, self.gamma,
                                                          self.beta, eps=self.epsilon, layout=lay,
                                                          virtual_batch_size=v, **self._clip_bounds())
+            if not x.size:
+                r, d = self._corrections(None, None, empty=True)
         else:
             y, mean, invstd = virtual_batch_norm_forward(xv, self.gamma, self.beta, virtual_batch_size=v,
                                                          eps=self.epsilon, layout=lay)

@@ -498,3 +498,18 @@ def test_config_and_weights_of_a_keras_renorm_layer(keras):
     assert (back.renorm, back.renorm_clipping, back.renorm_momentum, back.axis) == (True, ours.renorm_clipping, 0.7, 1)
     plain = keras.layers.BatchNormalization()
     assert BatchNormalization.from_config(plain.get_config()).renorm is False
+
+
+@pytest.mark.parametrize("kwargs", [{"renorm": True}, {"virtual_batch_size": 2},
+                                    {"renorm": True, "virtual_batch_size": 2}])
+def test_empty_batch_changes_nothing_and_has_zero_parameter_gradients(kwargs):
+    layer = BatchNormalization(**kwargs)
+    layer.build((4, 3))
+    before = layer.get_weights()
+    x = np.zeros((0, 3), np.float32)
+    assert layer(x, training=True).shape == (0, 3)
+    assert layer.backward(x).shape == (0, 3)
+    np.testing.assert_array_equal(layer.grad_gamma, np.zeros(3, np.float32))
+    np.testing.assert_array_equal(layer.grad_beta, np.zeros(3, np.float32))
+    for a, b in zip(layer.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
