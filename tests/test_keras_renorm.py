@@ -513,3 +513,16 @@ def test_empty_batch_changes_nothing_and_has_zero_parameter_gradients(kwargs):
     np.testing.assert_array_equal(layer.grad_beta, np.zeros(3, np.float32))
     for a, b in zip(layer.get_weights(), before):
         np.testing.assert_array_equal(a, b)
+
+
+def test_virtual_batch_size_larger_than_the_batch():
+    """tf-keras' test_basic_batchnorm_v2_input_shape_and_virtual_batch_size: a batch of 1 with virtual_batch_size=8
+    runs in inference (the batch is not split) and is refused in training."""
+    layer = BatchNormalization(virtual_batch_size=8)
+    x = np.ones((1, 28, 28), np.float32)
+    np.testing.assert_allclose(layer(x), np.full(x.shape, 1 / np.sqrt(1 + 1e-3)), rtol=2 * np.finfo(np.float32).eps)
+    before = layer.get_weights()
+    with pytest.raises(ValueError, match="virtual_batch_size"):
+        layer(x, training=True)
+    for a, b in zip(layer.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
