@@ -204,7 +204,8 @@ class BatchNormalization:
         return None if self.moving_mean is None else self.moving_mean.shape[0]
 
     def _weight_names(self):
-        return ((["gamma"] if self.scale else []) + (["beta"] if self.center else []) + ["moving_mean", "moving_variance"]
+        return ((["gamma"] if self.scale else []) + (["beta"] if self.center else [])
+                + ["moving_mean", "moving_variance"]
                 + (["moving_stddev", "renorm_mean", "renorm_stddev"] if self.renorm else []))
 
     @property
@@ -303,6 +304,8 @@ class BatchNormalization:
         lay = ck.axis_layout(self.axis)
         nt = _threads()
         pos = None
+        if training and self.trainable:
+            self._check_training_args(x.ndim)
         if training and self.trainable and self.virtual_batch_size is not None:
             if mask is not None:
                 raise ValueError("mask must be None with virtual_batch_size (ghost batches take no mask), got a "
@@ -350,8 +353,8 @@ class BatchNormalization:
         return y if y.dtype == self.dtype else y.astype(self.dtype)
 
     def backward(self, grad_out):
-        """Gradient of the last call: returns grad_x (the dtype x was computed in) and sets ``grad_gamma`` (scale) and ``grad_beta``
-        (center) in the layer's dtype.
+        """Gradient of the last call: returns grad_x (the dtype x was computed in) and sets ``grad_gamma`` (scale)
+        and ``grad_beta`` (center) in the layer's dtype.
 
         After a call with batch statistics the gradient runs through them (the unmasked entries' when masked, each
         virtual batch's own with virtual_batch_size), as Keras' autograd does; after an inference call the moving
@@ -381,6 +384,17 @@ class BatchNormalization:
         return gx
 
     # ---- renormalization and virtual batches (the functional calls of bn_simd.renorm / bn_simd.virtual) -------
+    def _check_training_args(self, nd):
+        """The attributes a training call uses (users may reassign them after construction), checked before it."""
+        self.momentum = _keras_momentum(self.momentum, "momentum")
+        if self.renorm:
+            check_clipping(self.renorm_clipping)
+            self.renorm_momentum = _keras_momentum(self.renorm_momentum, "renorm_momentum")
+        self.virtual_batch_size = check_virtual_batch_size(self.virtual_batch_size)
+        if self.virtual_batch_size is not None and self.axis % nd == 0:
+            raise ValueError(f"axis must not be the batch axis 0 with virtual_batch_size, got axis={self.axis} for "
+                             f"an input of {nd} dimensions")
+
     def _clip_bounds(self):
         rmax, rmin, dmax = check_clipping(self.renorm_clipping)
         return {"rmax": rmax, "rmin": rmin, "dmax": dmax}

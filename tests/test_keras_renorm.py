@@ -425,6 +425,14 @@ def test_failed_calls_change_nothing():
     layer.renorm_clipping = {"rmax": 0.5, "rmin": 1.0}  # (reassigned after construction: checked at the call)
     with pytest.raises(ValueError, match="rmax"):
         layer(x, training=True)
+    layer.renorm_clipping, layer.renorm_momentum = CLIPPING, -0.5
+    with pytest.raises(ValueError, match="renorm_momentum"):
+        layer(x, training=True)
+    square = BatchNormalization(axis=1)
+    square.build((4, 4))
+    square.virtual_batch_size, square.axis = 2, 0       # (reassigned: the channels on the batch axis)
+    with pytest.raises(ValueError, match="batch axis"):
+        square(np.ones((4, 4), np.float32), training=True)
     for a, b in zip(layer.get_weights(), before):
         np.testing.assert_array_equal(a, b)
     assert layer._saved is None
