@@ -1,6 +1,6 @@
 """bn_simd.keras.BatchNormalization beside Keras 3's own layer: agreement and time per call.
 
-    KERAS_BACKEND=torch python benchmarks/keras_layer.py [--rounds 15] [--threads 2]
+    KERAS_BACKEND=torch python benchmarks/keras_layer.py [--rounds 15] [--threads 2] [--renorm]
 
 For each case (a channels-last image batch, a channels-first one with axis=1, a masked sequence batch), both layers
 get the same weights and the same inputs, and the table reports the largest differences of their outputs (training
@@ -8,7 +8,8 @@ and inference), moving statistics and input gradients, in units of the float32 e
 |value| of each, and the median time of one call of each: training forward, inference forward, and a training
 forward with its backward (Keras: the backend's autograd; this needs the torch backend). The calls of both layers
 alternate round by round, with glibc's malloc thresholds fixed (benchmarks/harness/machine.py). Keras runs on its
-backend's own threads (torch: set to --threads as well).
+backend's own threads (torch: set to --threads as well). --renorm: both layers with batch renormalization (Keras 3's
+renorm=True, renorm_clipping=RENORM_CLIPPING; the moving statistics compared are then the five of renorm).
 """
 import argparse
 import os
@@ -27,24 +28,29 @@ CASES = [  # (name, shape, axis, mask shape or None)
 ]
 
 
+RENORM_CLIPPING = {"rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0}
+
+
 def _timed(fn, rounds_out, key):
     t0 = time.perf_counter()
     fn()
     rounds_out.setdefault(key, []).append(time.perf_counter() - t0)
 
 
-def run_case(keras, bn_keras, shape, axis, mshape, rounds, torch):
+def run_case(keras, bn_keras, shape, axis, mshape, rounds, torch, renorm=False):
     rng = np.random.default_rng(0)
     C = shape[axis]
     x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
     g = rng.standard_normal(shape).astype(np.float32)
     mask = None if mshape is None else rng.random(mshape) < 0.8
-    kl = keras.layers.BatchNormalization(axis=axis)
-    ours = bn_keras.BatchNormalization(axis=axis)
+    kw = {"renorm": True, "renorm_clipping": RENORM_CLIPPING} if renorm else {}
+    kl = keras.layers.BatchNormalization(axis=axis, **kw)
+    ours = bn_keras.BatchNormalization(axis=axis, **kw)
     kl.build(shape)
     ours.build(shape)
     kl.set_weights([rng.uniform(0.5, 1.5, C).astype(np.float32), rng.standard_normal(C).astype(np.float32),
-                    rng.standard_normal(C).astype(np.float32), rng.uniform(0.5, 2, C).astype(np.float32)])
+                    rng.standard_normal(C).astype(np.float32), rng.uniform(0.5, 2, C).astype(np.float32)]
+                   + kl.get_weights()[4:])
     ours.set_weights(kl.get_weights())
     to_np = keras.ops.convert_to_numpy
     km = None if mask is None else keras.ops.convert_to_tensor(mask)
@@ -94,6 +100,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--renorm", action="store_true", help="both layers with renorm=True")
     args = p.parse_args(argv)
     os.environ.setdefault("KERAS_BACKEND", "torch")
     sys.path.insert(0, ROOT)
@@ -109,12 +116,13 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     bn_simd.set_num_threads(args.threads)
     print(f"keras {keras.__version__} ({keras.backend.backend()} backend), bn_simd {bn_simd.__version__} "
-          f"({bn_simd.get_isa()}), {args.threads} thread(s), {args.rounds} rounds\n")
+          f"({bn_simd.get_isa()}), {args.threads} thread(s), {args.rounds} rounds"
+          + (f", renorm=True, renorm_clipping={RENORM_CLIPPING}" if args.renorm else "") + "\n")
     print("| case | y train (ulp) | moving stats (ulp) | y inference (ulp) | grad_x (ulp) | "
           "train: keras / bn_simd ms | inference: keras / bn_simd ms | train + backward: keras / bn_simd ms |")
     print("|---|---|---|---|---|---|---|---|")
     for name, shape, axis, mshape in CASES:
-        d, t = run_case(keras, bn_keras, shape, axis, mshape, args.rounds, torch)
+        d, t = run_case(keras, bn_keras, shape, axis, mshape, args.rounds, torch, args.renorm)
         cells = [f"{d[k]:.1f}" if k in d else "" for k in ("y train", "moving stats", "y inference", "grad_x")]
         for mode in ("train", "inference", "train + backward"):
             if (mode, "keras") in t:

@@ -3,7 +3,9 @@
 For Keras users moving a model's normalisation to NumPy arrays: the same arguments and defaults (axis=-1,
 momentum=0.99, epsilon=1e-3), the same moving-statistics update (``moving = moving * momentum + batch * (1 -
 momentum)``, the biased batch variance), the same masking, weights in Keras' order, and a backward for training
-loops of one's own. Keras itself is not needed (nor imported).
+loops of one's own. Keras itself is not needed (nor imported). Batch renormalization (``renorm=True``, Keras 3's
+arguments and moving statistics) and ghost batches (``virtual_batch_size``, Keras 2's grouping) run on the
+functional calls of :mod:`bn_simd.renorm` and :mod:`bn_simd.virtual`.
 
     >>> import numpy as np
     >>> from bn_simd.keras import BatchNormalization
@@ -20,6 +22,9 @@ import numpy as np
 from . import _args as ck
 from . import _core, _masked
 from .functional import _threads
+from .renorm import (batch_renorm_backward, batch_renorm_forward, check_clipping, renorm_corrections,
+                     update_renorm_stats)
+from .virtual import check_virtual_batch_size, virtual_batch_norm_backward, virtual_batch_norm_forward
 
 _KERAS_INERT = {  # Keras arguments this layer leaves out, taken by from_config when they hold Keras' default
     "beta_regularizer": None, "gamma_regularizer": None, "beta_constraint": None, "gamma_constraint": None,
@@ -54,6 +59,15 @@ def _dtype(dtype):
     return ck.check_dtype(dtype)
 
 
+def _keras_momentum(m, name):
+    """A momentum in Keras' meaning (the old value's share) as a float in [0, 1]."""
+    if isinstance(m, bool) or not isinstance(m, numbers.Real):
+        raise TypeError(f"{name} must be a real number in [0, 1], got {type(m).__name__}")
+    if not 0.0 <= float(m) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1] (Keras' meaning: the moving statistics' share), got {m!r}")
+    return float(m)
+
+
 class BatchNormalization:
     """Batch normalization over every axis but ``axis``, as ``keras.layers.BatchNormalization`` (Keras 3).
 
@@ -67,6 +81,21 @@ class BatchNormalization:
     center, scale : bool, independently: a learnable offset ``beta`` / factor ``gamma`` (None when False).
     beta_initializer, gamma_initializer, moving_mean_initializer, moving_variance_initializer : "zeros",
         "ones", a number, a serialized Keras Zeros/Ones/Constant, or a callable (shape, dtype) -> array.
+    renorm : bool. Batch renormalization (Ioffe 2017) in training, as Keras 3's ``renorm=True``: y = ((x - mean_B)
+        / s_B * r + d) * gamma + beta with s_B = sqrt(var_B + epsilon), s = max(renorm_stddev, sqrt(epsilon)),
+        r = clip(s_B / s, rmin, rmax) and d = clip((mean_B - renorm_mean) / s, -dmax, dmax), r and d constants for
+        the gradient (see :mod:`bn_simd.renorm`). Three more weights: moving_stddev, renorm_mean, renorm_stddev.
+    renorm_clipping : dict with keys among "rmax", "rmin", "dmax" (a missing key or None: no bound), or None.
+    renorm_momentum : float in [0, 1], Keras' meaning as ``momentum``: ``renorm_mean = renorm_mean *
+        renorm_momentum + mean_B * (1 - renorm_momentum)``, the same for renorm_stddev with s_B. The inference
+        statistics move with ``momentum``: moving_mean towards mean_B, moving_stddev towards s_B, and
+        ``moving_variance = max(moving_stddev^2 - epsilon, 0)``.
+    virtual_batch_size : int >= 1 or None. Ghost batch normalization in training, Keras 2's grouping: a batch of
+        N = virtual_batch_size * G samples (axis 0, which must then not be the channel axis) is G virtual batches,
+        sample n in virtual batch n mod G, each normalised with its own statistics; the moving statistics (and
+        renorm's r and d) use the mean over the virtual batches of their means and variances. N must be a multiple
+        of virtual_batch_size; a virtual batch of one value per channel and a mask are refused. Inference does not
+        split the batch.
     trainable : bool. False freezes the layer: it then runs in inference mode even when called with
         training=True, as in Keras.
     dtype : float32 (Keras' default) or float64: the weights' dtype and the output's.
@@ -83,7 +112,9 @@ class BatchNormalization:
     As Keras: one value per channel (a batch of one row) gives variance 0, and a mask that leaves a batch no entry
     gives mean 0 and variance 0 (moving statistics updated with them). Unlike Keras: an empty batch leaves the
     moving statistics as they were (Keras writes NaN), and a mask must broadcast to x's shape without its channel
-    axis wherever that axis is (Keras inserts it last).
+    axis wherever that axis is (Keras inserts it last). With renorm a rank-1 input works (Keras 3 fails on it):
+    s_B = sqrt(epsilon), y = d·gamma + beta. A virtual batch of one value per channel raises ValueError (Keras 2
+    gives it variance 0).
 
     Raises TypeError for wrong types or dtypes and ValueError for wrong shapes or values, naming the argument; a
     call that raises changes nothing. A layer holds state: call one layer from one thread at a time.
@@ -91,16 +122,12 @@ class BatchNormalization:
 
     def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
                  gamma_initializer="ones", moving_mean_initializer="zeros", moving_variance_initializer="ones", *,
+                 renorm=False, renorm_clipping=None, renorm_momentum=0.99, virtual_batch_size=None,
                  trainable=True, dtype="float32", name="batch_normalization"):
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
         self.axis = ck.check_axis(axis)
-        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-            raise TypeError(f"momentum must be a real number in [0, 1], got {type(momentum).__name__}")
-        if not 0.0 <= float(momentum) <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] (Keras' meaning: the moving statistics' share), got "
-                             f"{momentum!r}")
-        self.momentum = float(momentum)
+        self.momentum = _keras_momentum(momentum, "momentum")
         self.epsilon = ck.check_eps(epsilon)
         self.center, self.scale = bool(center), bool(scale)
         self.beta_initializer, self.gamma_initializer = beta_initializer, gamma_initializer
@@ -109,10 +136,22 @@ class BatchNormalization:
         for arg in ("beta_initializer", "gamma_initializer", "moving_mean_initializer",
                     "moving_variance_initializer"):
             _constant(getattr(self, arg), arg)
+        if not isinstance(renorm, (bool, np.bool_)):
+            raise TypeError(f"renorm must be a bool, got {type(renorm).__name__}")
+        self.renorm = bool(renorm)
+        check_clipping(renorm_clipping)
+        # (stored as Keras stores it: its config round-trips)
+        self.renorm_clipping = dict(renorm_clipping) if renorm_clipping is not None else ({} if self.renorm else None)
+        self.renorm_momentum = _keras_momentum(renorm_momentum, "renorm_momentum")
+        self.virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
+        if self.virtual_batch_size is not None and self.axis == 0:
+            raise ValueError("axis must not be 0 with virtual_batch_size: axis 0 is the batch axis the virtual "
+                             "batches split, got axis=0")
         self.trainable = bool(trainable)
         self.dtype = _dtype(dtype)
         self.name = str(name)
         self.gamma = self.beta = self.moving_mean = self.moving_variance = None
+        self.moving_stddev = self.renorm_mean = self.renorm_stddev = None
         self.grad_gamma = self.grad_beta = None
         self.built = False
         self._ndim = None
@@ -127,6 +166,9 @@ class BatchNormalization:
             raise ValueError(f"input_shape must have 1 to {ck.MAX_DIMS} dimensions, got {shape}")
         if not -nd <= self.axis < nd:
             raise ValueError(f"axis {self.axis} is out of bounds for input shape {shape}")
+        if self.virtual_batch_size is not None and self.axis % nd == 0:
+            raise ValueError(f"axis must not be the batch axis 0 with virtual_batch_size, got axis={self.axis} for "
+                             f"input shape {shape}")
         C = shape[self.axis]
         if C is None or isinstance(C, bool) or not isinstance(C, numbers.Integral) or C < 1:
             raise ValueError(f"input_shape[{self.axis}] (the channels) must be a known int >= 1, got {C!r}")
@@ -137,6 +179,10 @@ class BatchNormalization:
                               ("moving_variance_initializer", "moving_variance", True)):
             if on:
                 made[attr] = self._initial(getattr(self, arg), arg, C)
+        if self.renorm:  # Keras: the stddevs start at sqrt(moving_variance's initial value), renorm_mean at its mean's
+            made["moving_stddev"] = np.sqrt(made["moving_variance"])
+            made["renorm_mean"] = made["moving_mean"].copy()
+            made["renorm_stddev"] = made["moving_stddev"].copy()
         self.gamma = self.beta = None
         for attr, v in made.items():
             setattr(self, attr, v)
@@ -158,13 +204,14 @@ class BatchNormalization:
         return None if self.moving_mean is None else self.moving_mean.shape[0]
 
     def _weight_names(self):
-        return (["gamma"] if self.scale else []) + (["beta"] if self.center else []) + ["moving_mean",
-                                                                                          "moving_variance"]
+        return ((["gamma"] if self.scale else []) + (["beta"] if self.center else [])
+                + ["moving_mean", "moving_variance"]
+                + (["moving_stddev", "renorm_mean", "renorm_stddev"] if self.renorm else []))
 
     @property
     def weights(self):
         """The weight arrays themselves in Keras' order: gamma (scale), beta (center), moving_mean,
-        moving_variance; [] before build."""
+        moving_variance, then with renorm moving_stddev, renorm_mean, renorm_stddev; [] before build."""
         return [getattr(self, k) for k in self._weight_names()] if self.built else []
 
     @property
@@ -176,8 +223,9 @@ class BatchNormalization:
         return [w for w in self.weights if not any(w is t for t in self.trainable_weights)]
 
     def get_weights(self):
-        """Copies of the weights in Keras' order: [gamma, beta, moving_mean, moving_variance], without gamma when
-        scale=False and beta when center=False; [] before build."""
+        """Copies of the weights in Keras' order: [gamma, beta, moving_mean, moving_variance] (+ [moving_stddev,
+        renorm_mean, renorm_stddev] with renorm), without gamma when scale=False and beta when center=False; []
+        before build."""
         return [w.copy() for w in self.weights]
 
     def set_weights(self, weights):
@@ -202,13 +250,16 @@ class BatchNormalization:
                 "momentum": self.momentum, "epsilon": self.epsilon, "center": self.center, "scale": self.scale,
                 "beta_initializer": self.beta_initializer, "gamma_initializer": self.gamma_initializer,
                 "moving_mean_initializer": self.moving_mean_initializer,
-                "moving_variance_initializer": self.moving_variance_initializer}
+                "moving_variance_initializer": self.moving_variance_initializer, "renorm": self.renorm,
+                "renorm_clipping": None if self.renorm_clipping is None else dict(self.renorm_clipping),
+                "renorm_momentum": self.renorm_momentum, "virtual_batch_size": self.virtual_batch_size}
 
     @classmethod
     def from_config(cls, config):
-        """A new layer from :meth:`get_config`'s dict, or from a Keras config with these arguments (Keras' dtype
-        policy and serialized Zeros/Ones/Constant initializers are read; its regularizers, constraints and
-        ``synchronized`` must hold their defaults, None and False). Raises TypeError for other keys."""
+        """A new layer from :meth:`get_config`'s dict, or from a Keras config with these arguments (Keras 3's
+        renorm keys included, Keras 2's virtual_batch_size taken; Keras' dtype policy and serialized
+        Zeros/Ones/Constant initializers are read; its regularizers, constraints and ``synchronized`` must hold
+        their defaults, None and False). Raises TypeError for other keys."""
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
         config = dict(config)
@@ -240,7 +291,7 @@ class BatchNormalization:
 
     def _check_state(self, C):
         for k in self._weight_names():
-            ck.per_channel(getattr(self, k), k, C, inplace=k.startswith("moving"))
+            ck.per_channel(getattr(self, k), k, C, inplace=k not in ("gamma", "beta"))
 
     def __call__(self, x, training=False, mask=None):
         """Normalise x (float32/float64, the built rank, C channels on ``axis``); returns y in the layer's dtype.
@@ -254,6 +305,13 @@ class BatchNormalization:
         nt = _threads()
         pos = None
         if training and self.trainable:
+            self._check_training_args(x.ndim)
+        if training and self.trainable and self.virtual_batch_size is not None:
+            if mask is not None:
+                raise ValueError("mask must be None with virtual_batch_size (ghost batches take no mask), got a "
+                                 f"{type(mask).__name__}")
+            y, self._saved = self._virtual_forward(x)
+        elif training and self.trainable:
             share = 1.0 - self.momentum  # bn_simd's momentum: running = (1 - m) running + m batch
             if mask is not None:
                 x, view, pos, n, every = _masked.prepare(x, lay, mask)
@@ -261,7 +319,8 @@ class BatchNormalization:
                     pos = None
             else:
                 n = x.size // C
-            if pos is None and n >= 2:
+            r = d = None
+            if pos is None and n >= 2 and not self.renorm:
                 y, mean, invstd = _core.batch_norm(x, self.moving_mean, self.moving_variance, self.gamma, self.beta,
                                                    True, share, self.epsilon, lay, None, False, nt, True)
             else:
@@ -271,43 +330,168 @@ class BatchNormalization:
                     mean, var = np.zeros(C), np.zeros(C)
                 else:
                     mean, var = _masked.stats(x, lay, view, pos, False, nt)
-                y = _core.normalize(x, mean, var, self.gamma, self.beta, self.epsilon, lay, None, nt)
-                if x.size:  # (n matters only to an unbiased update; a count of 0 would update nothing)
-                    _core.update_running_stats(self.moving_mean, self.moving_variance, mean, var, max(n, 1), share,
-                                               False)
                 invstd = 1.0 / np.sqrt(var + self.epsilon)
-            self._saved = (x, mean, invstd, True, pos)
+                if self.renorm:
+                    r, d = self._corrections(mean, var, empty=not x.size)
+                    scale, shift = self._composed(r, d)
+                    y = _core.normalize(x, mean, var, scale, shift, self.epsilon, lay, None, nt)
+                else:
+                    y = _core.normalize(x, mean, var, self.gamma, self.beta, self.epsilon, lay, None, nt)
+                if x.size:  # (n matters only to an unbiased update; a count of 0 would update nothing)
+                    if self.renorm:
+                        self._renorm_update(mean, invstd, max(n, 1))
+                    else:
+                        _core.update_running_stats(self.moving_mean, self.moving_variance, mean, var, max(n, 1),
+                                                   share, False)
+            self._saved = (x, mean, invstd, True, pos, r, d)
         else:
             if mask is not None:
                 _masked.prepare(x, lay, mask)
             y, mean, invstd = _core.batch_norm(x, self.moving_mean, self.moving_variance, self.gamma, self.beta,
                                                False, 0.0, self.epsilon, lay, None, False, nt, True)
-            self._saved = (x, mean, invstd, False, None)
+            self._saved = (x, mean, invstd, False, None, None, None)
         return y if y.dtype == self.dtype else y.astype(self.dtype)
 
     def backward(self, grad_out):
-        """Gradient of the last call: returns grad_x (the dtype x was computed in) and sets ``grad_gamma`` (scale) and ``grad_beta``
-        (center) in the layer's dtype.
+        """Gradient of the last call: returns grad_x (the dtype x was computed in) and sets ``grad_gamma`` (scale)
+        and ``grad_beta`` (center) in the layer's dtype.
 
-        After a call with batch statistics the gradient runs through them (the unmasked entries' when masked),
-        as Keras' autograd does; after an inference call the moving statistics are constants."""
+        After a call with batch statistics the gradient runs through them (the unmasked entries' when masked, each
+        virtual batch's own with virtual_batch_size), as Keras' autograd does; after an inference call the moving
+        statistics are constants. With renorm, r and d are constants (Keras' stop_gradient): grad_x is batch norm's
+        with the weight gamma·r, and grad_gamma = r·sum(grad_out·x̂) + d·sum(grad_out)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a call first")
-        x, mean, invstd, batch, pos = self._saved
+        if isinstance(self._saved, _Grouped):
+            return self._virtual_backward(grad_out)
+        x, mean, invstd, batch, pos, r, d = self._saved
         g = ck.to_ndarray(grad_out, "grad_out")
         if g.dtype != x.dtype and g.dtype.kind == "f" and g.shape == x.shape:
             g = g.astype(x.dtype)  # (y came back in the layer's dtype, which may not be the one computed in)
         lay = ck.axis_layout(self.axis)
+        # renorm: batch norm's gradient with the weight gamma r (r, d constants), as renorm.batch_renorm_backward
+        w = self.gamma if r is None else self._composed(r, d)[0]
         if pos is not None:
             ax = self.axis % x.ndim
             mask = pos.reshape(x.shape[:ax] + x.shape[ax + 1:])  # (the positions the forward selected)
-            gx, gw, gb = _masked.backward(g, x, mean, invstd, self.gamma, lay, None, mask, _threads())
+            gx, gw, gb = _masked.backward(g, x, mean, invstd, w, lay, None, mask, _threads())
         else:
-            gx, gw, gb = _core.batch_norm_backward(g, x, mean, invstd, self.gamma, lay, None, batch, _threads())
+            gx, gw, gb = _core.batch_norm_backward(g, x, mean, invstd, w, lay, None, batch, _threads())
+        if r is not None:  # d(y)/d(gamma) = x̂ r + d
+            gw = r * gw + d * gb
         self.grad_gamma = gw.astype(self.dtype) if self.scale else None
         self.grad_beta = gb.astype(self.dtype) if self.center else None
         return gx
 
+    # ---- renormalization and virtual batches (the functional calls of bn_simd.renorm / bn_simd.virtual) -------
+    def _check_training_args(self, nd):
+        """The attributes a training call uses (users may reassign them after construction), checked before it."""
+        self.momentum = _keras_momentum(self.momentum, "momentum")
+        if self.renorm:
+            check_clipping(self.renorm_clipping)
+            self.renorm_momentum = _keras_momentum(self.renorm_momentum, "renorm_momentum")
+        self.virtual_batch_size = check_virtual_batch_size(self.virtual_batch_size)
+        if self.virtual_batch_size is not None and self.axis % nd == 0:
+            raise ValueError(f"axis must not be the batch axis 0 with virtual_batch_size, got axis={self.axis} for "
+                             f"an input of {nd} dimensions")
+
+    def _clip_bounds(self):
+        rmax, rmin, dmax = check_clipping(self.renorm_clipping)
+        return {"rmax": rmax, "rmin": rmin, "dmax": dmax}
+
+    def _corrections(self, mean, var, empty=False):
+        if empty:  # no statistics: the neutral r = 1, d = 0, so that the gradients' sums over nothing stay 0
+            return np.ones(self.num_features), np.zeros(self.num_features)
+        return renorm_corrections(mean, var, self.renorm_mean, self.renorm_stddev, eps=self.epsilon,
+                                  **self._clip_bounds())
+
+    def _composed(self, r, d):
+        """Keras' composed transform (x̂ r + d) gamma + beta = x̂ (gamma r) + (gamma d + beta), float64 (C,)."""
+        g64 = np.ones_like(r) if self.gamma is None else np.asarray(self.gamma, np.float64)
+        b64 = np.zeros_like(r) if self.beta is None else np.asarray(self.beta, np.float64)
+        return g64 * r, g64 * d + b64
+
+    def _renorm_update(self, save_mean, save_invstd, n):
+        # renorm.py's momenta are the new batch's share: Keras' m is 1 - m there
+        update_renorm_stats(self.moving_mean, self.moving_variance, self.moving_stddev, self.renorm_mean,
+                            self.renorm_stddev, save_mean, save_invstd, n, momentum=1.0 - self.momentum,
+                            renorm_momentum=1.0 - self.renorm_momentum, eps=self.epsilon, unbiased=False)
+
+    def _batch_first(self, a):
+        """x-shaped ``a`` as the (N, C, S) "NCHW" / (N, M, C) "NHWC" array the functional calls take (a view, or a
+        channels-last copy when the channel axis is neither 1 nor the last)."""
+        nd, ax = a.ndim, self.axis % a.ndim
+        N, C = a.shape[0], a.shape[ax]
+        if ax == 1:
+            return a.reshape(N, C, -1) if nd > 2 else a, "NCHW"
+        if ax == nd - 1:
+            return a.reshape(N, -1, C), "NHWC"
+        return np.ascontiguousarray(np.moveaxis(a, ax, -1)).reshape(N, -1, C), "NHWC"
+
+    def _from_batch_first(self, a, shape):
+        ax = self.axis % len(shape)
+        if ax in (1, len(shape) - 1):
+            return a.reshape(shape)
+        moved = shape[:ax] + shape[ax + 1:] + (shape[ax],)
+        return np.ascontiguousarray(np.moveaxis(a.reshape(moved), -1, ax))
+
+    def _virtual_forward(self, x):
+        """Training forward with virtual batches (and renorm): (y in x's shape, _Grouped)."""
+        v = self.virtual_batch_size
+        xv, lay = self._batch_first(x)
+        if self.renorm:
+            y, mean, invstd, r, d = batch_renorm_forward(xv, self.renorm_mean, self.renorm_stddev, self.gamma,
+                                                         self.beta, eps=self.epsilon, layout=lay,
+                                                         virtual_batch_size=v, **self._clip_bounds())
+            if not x.size:
+                r, d = self._corrections(None, None, empty=True)
+        else:
+            y, mean, invstd = virtual_batch_norm_forward(xv, self.gamma, self.beta, virtual_batch_size=v,
+                                                         eps=self.epsilon, layout=lay)
+            r = d = None
+        if x.size:
+            n = x.size // (x.shape[0] // v * self.num_features)  # values per channel of one virtual batch
+            if self.renorm:
+                self._renorm_update(mean, invstd, n)
+            else:  # Keras 2: one update with the mean over the virtual batches of their means and variances
+                var = 1.0 / np.square(invstd) - self.epsilon
+                _core.update_running_stats(self.moving_mean, self.moving_variance, mean.mean(axis=0),
+                                           var.mean(axis=0), n, 1.0 - self.momentum, False)
+        return self._from_batch_first(y, x.shape), _Grouped(xv, lay, x.shape, mean, invstd, r, d, v)
+
+    def _virtual_backward(self, grad_out):
+        sv = self._saved
+        g = ck.to_ndarray(grad_out, "grad_out")
+        if g.shape != sv.shape:
+            raise ValueError(f"grad_out must have shape {sv.shape} (the shape of x), got {g.shape}")
+        if g.dtype != sv.x.dtype and g.dtype.kind == "f":
+            g = g.astype(sv.x.dtype)
+        gv, _ = self._batch_first(ck.as_data(g, "grad_out"))
+        if sv.r is None:
+            gx, gw, gb = virtual_batch_norm_backward(gv, sv.x, sv.mean, sv.invstd, self.gamma, layout=sv.layout,
+                                                     virtual_batch_size=sv.v)
+        else:
+            gx, gw, gb = batch_renorm_backward(gv, sv.x, sv.mean, sv.invstd, sv.r, sv.d, self.gamma,
+                                               layout=sv.layout, virtual_batch_size=sv.v)
+        self.grad_gamma = gw.astype(self.dtype) if self.scale else None
+        self.grad_beta = gb.astype(self.dtype) if self.center else None
+        return self._from_batch_first(gx, sv.shape)
+
     def __repr__(self):
+        extra = (f", renorm=True, renorm_clipping={self.renorm_clipping!r}, renorm_momentum={self.renorm_momentum}"
+                 if self.renorm else "")
+        if self.virtual_batch_size is not None:
+            extra += f", virtual_batch_size={self.virtual_batch_size}"
         return (f"BatchNormalization(axis={self.axis}, momentum={self.momentum}, epsilon={self.epsilon}, "
-                f"center={self.center}, scale={self.scale}, dtype={self.dtype.name}, name={self.name!r})")
+                f"center={self.center}, scale={self.scale}{extra}, dtype={self.dtype.name}, name={self.name!r})")
+
+
+class _Grouped:
+    """What a training call with virtual batches keeps for its backward: the batch-first input and its layout, x's
+    shape, the per-virtual-batch statistics (G, C), r and d (renorm) or None, and the virtual batch size."""
+
+    __slots__ = ("x", "layout", "shape", "mean", "invstd", "r", "d", "v")
+
+    def __init__(self, x, layout, shape, mean, invstd, r, d, v):
+        self.x, self.layout, self.shape, self.mean, self.invstd, self.r, self.d = x, layout, shape, mean, invstd, r, d
+        self.v = v

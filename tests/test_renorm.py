@@ -6,13 +6,13 @@ inference ones) and renorm_mean, renorm_stddev (the correction's), initialised 0
 (Keras 2's layer) the corrections and updates use the mean over the virtual batches of their statistics.
 """
 import inspect
-import os
 
 import numpy as np
 import pytest
 
 import bn_simd
 from conftest import assert_within, channel_params, make_input, tol
+from keras_backend import keras_on_torch
 
 
 def to_last(a, layout):
@@ -393,17 +393,14 @@ def test_failed_layer_call_changes_nothing():
 
 
 def _keras():
-    """Keras 3 with renorm, on the PyTorch backend unless another is configured; skips when absent."""
-    os.environ.setdefault("KERAS_BACKEND", "torch")
-    pytest.importorskip("torch")      # (before Keras: its PyTorch backend needs it)
-    keras = pytest.importorskip("keras")
+    """Keras 3 with renorm, on the PyTorch backend (selected here); skips when absent."""
+    keras = keras_on_torch()
     if "renorm" not in inspect.signature(keras.layers.BatchNormalization.__init__).parameters:
         pytest.skip("this Keras has no renorm")
-    if keras.backend.backend() != "torch":
-        pytest.skip("the Keras comparison runs on the PyTorch backend")
     return keras
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")  # (Keras' own, NumPy 2)
 def test_keras_renorm_itself_forward_backward_and_moving_statistics():
     """Keras 3's own layer, float32, against this library's: outputs, input and parameter gradients over training
     steps, the five moving statistics, then eval."""
