@@ -251,3 +251,18 @@ def group_backward(dy, x, mean, invstd, G, weight=None):
     xh = xhat.reshape(x.shape)
     db, dw = dy.sum(axis=axes), (dy * xh).sum(axis=axes)
     return (dx, dw, db), (dx_scale, dx_sums, np.abs(dy * xh).sum(axis=axes), np.abs(dy).sum(axis=axes))
+
+
+def central_difference(f, a, h=1e-6, relative=False):
+    """d f / d a by central differences in float64: f maps an array shaped like a to a float, and element i of the
+    result is (f(a + h_i e_i) - f(a - h_i e_i)) / 2 h_i, with h_i = h, or h max(1, |a_i|) when relative (for arrays
+    that mix large and small values). For the small arrays of gradient oracles."""
+    a = np.asarray(a, np.float64)
+    out = np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        hi = h * max(1.0, abs(a[i])) if relative else h
+        ap, am = a.copy(), a.copy()
+        ap[i] += hi
+        am[i] -= hi
+        out[i] = (f(ap) - f(am)) / (2 * hi)
+    return out
