@@ -4,6 +4,7 @@ Needs PyTorch (an optional dependency: ``import bn_simd`` never imports it; this
 
     >>> import torch, bn_simd.torch as bt
     >>> model = bt.convert(model)                     # every torch.nn BatchNorm*/GroupNorm/InstanceNorm*, in place
+    >>> layer = bt.SyncBatchNorm(64, process_group=pg)  # torch.nn.SyncBatchNorm that runs on CPU tensors (gloo)
     >>> y = bt.batch_norm(x, rm, rv, w, b, training=True)   # torch.nn.functional's signature; autograd works
     >>> layer = bt.BatchNorm2d(64)                      # torch.nn.BatchNorm2d's constructor and state dict
 
@@ -22,7 +23,8 @@ from .functional import batch_norm, group_norm, instance_norm
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
                       InstanceNorm3d, convert)
 from ._autograd import BatchNormFunction, GroupNormFunction, InstanceNormFunction
+from .sync import SyncBatchNorm, SyncBatchNormFunction
 
 __all__ = ["batch_norm", "group_norm", "instance_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm",
-           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "convert", "BatchNormFunction",
-           "GroupNormFunction", "InstanceNormFunction"]
+           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "SyncBatchNorm", "convert", "BatchNormFunction",
+           "GroupNormFunction", "InstanceNormFunction", "SyncBatchNormFunction"]

@@ -114,13 +114,14 @@ SWAPS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d, t
 
 
 def convert(model):
-    """Make every ``torch.nn.BatchNorm1d/2d/3d``, ``GroupNorm`` and ``InstanceNorm1d/2d/3d`` in model (model itself
-    included) run on bn_simd's kernels, in place; returns model.
+    """Make every ``torch.nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``GroupNorm`` and ``InstanceNorm1d/2d/3d`` in
+    model (model itself included) run on bn_simd's kernels, in place; returns model (a SyncBatchNorm keeps its
+    process_group and synchronises CPU tensors, mode "exact": see :class:`bn_simd.torch.SyncBatchNorm`).
 
     The module objects stay the same (their class becomes bn_simd's subclass, which adds no state), so parameters,
     buffers, hooks, training mode and the references an optimizer holds are all kept, and ``state_dict()`` is
-    unchanged. Modules of other classes (subclasses of these included, ``SyncBatchNorm`` and the lazy modules before
-    their first call) are left as they are. Raises TypeError when model is not a ``torch.nn.Module``.
+    unchanged. Modules of other classes (subclasses of these included, and the lazy modules before their first
+    call) are left as they are. Raises TypeError when model is not a ``torch.nn.Module``.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

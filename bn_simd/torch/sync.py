@@ -1,0 +1,177 @@
+"""``torch.nn.SyncBatchNorm`` on CPU tensors: bn_simd's synchronized batch norm (:mod:`bn_simd.sync`) as a module.
+
+PyTorch's own SyncBatchNorm refuses CPU tensors in a distributed job; this subclass runs the statistics exchange and
+the synchronized backward of :mod:`bn_simd.sync` over the module's ``process_group`` (a ``torch.distributed`` group
+with a CPU backend such as gloo, None for the default group, or any object implementing bn_simd.sync's communicator
+protocol). The maths is sync.py's functional steps (stats -> merge -> normalise; reduce -> exchange -> apply); the
+tensors reach them through the zero-copy bridge (_bridge), so channels-last input gives channels-last output.
+"""
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+from .. import functional as NF
+from .. import sync as S
+from . import _bridge as B
+from . import modules as M
+
+_RANKS_2_TO_5 = (2, 3, 4, 5)
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """y = (x - mean) * invstd * weight + bias with the statistics of the batch that every rank's piece x forms
+    (concatenated in rank order); running statistics, when given, updated in place with the whole batch's mean and
+    unbiased variance. The backward exchanges the channel sums so that every rank gets its piece of grad_x and the
+    whole batch's grad_weight, grad_bias.
+
+    apply(x, weight, bias, running_mean, running_var, momentum, eps, comm, mode, shift, views): comm a bn_simd.sync
+    protocol object, mode "exact" / "fast", shift fast mode's float64 (C,) shift (overwritten with the batch mean),
+    views the ndarrays of (running_mean, running_var, weight, bias). Every rank must call forward and backward
+    together.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, comm, mode, shift, views):
+        x, layout, xa = B.dense(x)
+        rm, rv, w, b = views
+        mean, var, n = S.sync_batch_stats(xa, comm, layout=layout, mode=mode, shift=shift)
+        S._check_count(n, tuple(x.shape))
+        y = torch.empty_like(x)
+        NF.normalize(xa, mean, var, w, b, eps=eps, layout=layout, out=B.array(y, layout))
+        if rm is not None and n > 0:
+            NF.update_running_stats(rm, rv, mean, var, n, momentum, unbiased=True)
+            torch.autograd.graph.increment_version([running_mean, running_var])
+        if n > 0 and np.all(np.isfinite(mean)):
+            shift[:] = mean  # (the same on every rank: the next call's exchange is relative to it)
+        ctx.save_for_backward(x, weight)
+        ctx.stats = (mean, 1.0 / np.sqrt(var + eps), layout, comm, mode)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        mean, invstd, layout, comm, mode = ctx.stats
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # (grad_x computed whatever autograd asks: every rank must take part in the same exchanges)
+        grad_x = torch.empty_like(x)
+        _, gw, gb = S.sync_batch_norm_backward(B.array(grad_y, layout), B.array(x, layout), mean, invstd,
+                                               B.vec(weight), comm, layout=layout, mode=mode,
+                                               out=B.array(grad_x, layout))
+        gw = torch.from_numpy(np.asarray(gw)).to(x.dtype) if need_w else None
+        gb = torch.from_numpy(np.asarray(gb)).to(x.dtype) if need_b else None
+        return (grad_x if need_x else None, gw, gb) + (None,) * 8
+
+
+def _communicator(process_group):
+    """The protocol object of a sync call, or None when PyTorch's rules do not synchronise: no process group
+    given and torch.distributed not initialised, or a group of one process."""
+    if process_group is not None and not isinstance(process_group, _process_group_type()):
+        return S.as_communicator(process_group)  # (a protocol object: always synchronised)
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if dist.get_world_size(process_group) <= 1:
+        return None
+    return S.TorchCommunicator(process_group)
+
+
+def _process_group_type():
+    dist = torch.distributed
+    return dist.ProcessGroup if dist.is_available() else ()
+
+
+class SyncBatchNorm(torch.nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` for CPU tensors, on bn_simd's synchronized batch norm.
+
+    Constructor as PyTorch's (num_features, eps, momentum, affine, track_running_stats, process_group, device,
+    dtype, bias) plus keyword ``mode``: "exact" (per-chunk moments merged in the whole batch's chunk order: bitwise
+    one process when the pieces end on chunk boundaries, see :func:`bn_simd.sync.chunk_rows`) or "fast" (one
+    allreduce of 2 C + 1 float64 each way). ``process_group``: a ``torch.distributed`` process group with a CPU
+    backend (gloo), None (the default group), or an object implementing :mod:`bn_simd.sync`'s communicator protocol.
+
+    Input (N, C, *spatial) of rank 2..5, float32/float64 on the CPU, contiguous or channels-last (read in place;
+    the output keeps the input's memory format). In training mode, when torch.distributed is initialised with more
+    than one process in the group (or process_group is a protocol object), every rank must call forward and
+    backward together: each gets its piece of y and grad_x, and the statistics, grad_weight, grad_bias and running
+    statistics (unbiased variance, ``momentum`` or the cumulative average when None) of one process normalising the
+    pieces concatenated in rank order; pieces may differ in size, including 0. Otherwise (eval mode, which never
+    synchronises, as in PyTorch; no distributed job) it is :class:`bn_simd.torch.BatchNorm2d`'s forward, and inputs
+    the kernels do not cover (other dtypes and devices, graph capture) go to PyTorch's own SyncBatchNorm.
+
+    Raises ValueError for input of rank < 2, zero channels, one value per channel over all ranks when training, or
+    a bad mode; a rank whose input is refused raises its own error and the others RuntimeError. A call that raises
+    changes nothing (num_batches_tracked included). Second derivatives are not supported.
+    """
+
+    mode = "exact"  # (the class default also serves modules converted in place from torch.nn.SyncBatchNorm)
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None, *, mode="exact", **kwargs):
+        S._check_mode(mode)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
+                         **kwargs)
+        if process_group is not None and not isinstance(process_group, _process_group_type()):
+            S.as_communicator(process_group)  # (refuse a wrong type now, not at the first call)
+        self.mode = mode
+
+    def __setattr__(self, name, value):
+        if name == "mode":
+            S._check_mode(value)
+        super().__setattr__(name, value)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", mode={self.mode!r}"
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        comm = _communicator(self.process_group) if self.training else None
+        if comm is None:
+            return M._batch_norm_forward(self, input)
+        params, buffers = self._parameters, self._buffers
+        track = self.track_running_stats
+        rm, rv = (buffers.get("running_mean"), buffers.get("running_var")) if track else (None, None)
+        tensors = (rm, rv, params.get("weight"), params.get("bias"))
+        views = None
+        if B.input_supported(input, _RANKS_2_TO_5, self.eps):
+            views = B.module_views(self, input, tensors)
+            if views is None and B.channels_supported(input, zip(("running_mean", "running_var", "weight", "bias"),
+                                                                 tensors)):
+                views = tuple(B.vec(t) for t in tensors)
+        if views is None:
+            return super().forward(input)
+        counter = buffers.get("num_batches_tracked")
+        counting = track and counter is not None
+        if rm is None:
+            factor = 0.0
+        elif self.momentum is None:  # the cumulative average: this batch weighs 1 / (batches seen with it)
+            factor = 1.0 / (int(counter) + 1) if counting else 0.0
+        else:
+            factor = self.momentum
+        shift = self.__dict__.get("_bn_simd_shift")
+        if shift is None or shift.shape != (self.num_features,):
+            shift = self.__dict__["_bn_simd_shift"] = np.zeros(self.num_features)
+        y = SyncBatchNormFunction.apply(input, tensors[2], tensors[3], rm, rv, factor, self.eps, comm, self.mode,
+                                        shift, views)
+        if counting:
+            counter.add_(1)
+        return y
+
+    __getstate__ = M._getstate
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None, *, mode="exact"):
+        """PyTorch's ``convert_sync_batchnorm`` (every ``torch.nn`` batch norm of module replaced by a SyncBatchNorm
+        sharing its parameters and buffers), the new modules being this class with ``mode``; returns the module."""
+        S._check_mode(mode)
+        out = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+        for m in out.modules():
+            if type(m) is torch.nn.SyncBatchNorm:
+                m.__class__ = cls
+                m.mode = mode
+        return out
+
+
+# bn_simd.torch.convert swaps torch.nn.SyncBatchNorm for this class too (process_group and state kept)
+M.SWAPS[torch.nn.SyncBatchNorm] = SyncBatchNorm

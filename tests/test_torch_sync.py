@@ -1,0 +1,326 @@
+"""bn_simd.torch.SyncBatchNorm with P ranks simulated by threads (tests/fake_comm.py): the ranks together give
+torch.nn.BatchNorm2d on the concatenated batch (values, gradients of input, weight and bias, running statistics),
+float64 gradcheck, exact mode bitwise bn_simd.torch.BatchNorm2d on chunk boundaries, memory formats, eval mode,
+errors that every rank sees, and convert. Real processes (gloo): tests/test_sync_procs.py."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import bn_simd.torch as bt  # noqa: E402
+from bn_simd import sync  # noqa: E402
+from fake_comm import make_comms, run_ok, run_ranks  # noqa: E402
+
+DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def batch(shape, dtype, seed, loc=0.0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + loc).to(dtype)
+
+
+def params(C, dtype, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.rand(C, generator=g, dtype=torch.float64) * 1.5 + 0.5) * torch.where(
+        torch.rand(C, generator=g) < 0.5, -1.0, 1.0).double()
+    return w.to(dtype), torch.randn(C, generator=g, dtype=torch.float64).to(dtype)
+
+
+def run_sync(P, steps, g, cuts, mode="exact", memory_format=torch.contiguous_format, **kw):
+    """Each rank's bt.SyncBatchNorm over its samples [cuts[r], cuts[r+1]) of each batch in steps (training), then
+    backward of sum(y * g) for the last: [(module, y, grad_x)] in rank order."""
+    C = steps[0].shape[1]
+    w, b = params(C, steps[0].dtype)
+
+    def fn(r, comm):
+        m = bt.SyncBatchNorm(C, process_group=comm, mode=mode, dtype=steps[0].dtype, **kw)
+        if m.affine:
+            with torch.no_grad():
+                m.weight.copy_(w)
+                if m.bias is not None:
+                    m.bias.copy_(b)
+        for x in steps:
+            piece = x[cuts[r]:cuts[r + 1]].clone(memory_format=memory_format).requires_grad_()
+            y = m(piece)
+        y.backward(g[cuts[r]:cuts[r + 1]].contiguous(memory_format=memory_format))
+        return m, y, piece.grad
+
+    return run_ok(len(cuts) - 1, fn)
+
+
+def one_process(cls, steps, g, memory_format=torch.contiguous_format, **kw):
+    C = steps[0].shape[1]
+    w, b = params(C, steps[0].dtype)
+    m = cls(C, dtype=steps[0].dtype, **kw)
+    if m.affine:
+        with torch.no_grad():
+            m.weight.copy_(w)
+            if m.bias is not None:
+                m.bias.copy_(b)
+    for x in steps:
+        xx = x.clone(memory_format=memory_format).requires_grad_()
+        y = m(xx)
+    y.backward(g.contiguous(memory_format=memory_format))
+    return m, y, xx.grad
+
+
+def tol(dtype, n):
+    """Relative tolerance of a result reduced over n values: a few ulp per log2 of the length."""
+    eps = float(torch.finfo(dtype).eps)
+    return 8 * eps * max(1.0, np.log2(n))
+
+
+# ---- against PyTorch on the whole batch ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", sync.MODES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("cuts", [[0, 3, 7], [0, 2, 2, 7], [0, 1, 2, 7]], ids=str)
+def test_ranks_together_are_torch_batchnorm2d_on_the_whole_batch(cuts, dtype, mode):
+    shape = (7, 5, 6, 4)
+    steps = [batch(shape, dtype, 1, loc=-1.0, scale=0.5), batch(shape, dtype, 2, loc=2.0, scale=3.0)]
+    g = batch(shape, dtype, 4)
+    ref, y_ref, gx_ref = one_process(torch.nn.BatchNorm2d, steps, g)
+    got = run_sync(len(cuts) - 1, steps, g, cuts, mode)
+    rt = tol(dtype, 7 * 6 * 4)
+    scale_y, scale_g = float(y_ref.detach().abs().max()), float(gx_ref.abs().max())
+    torch.testing.assert_close(torch.cat([r[1] for r in got]), y_ref, rtol=rt, atol=rt * scale_y)
+    torch.testing.assert_close(torch.cat([r[2] for r in got]), gx_ref, rtol=rt, atol=rt * scale_g)
+    for m, _, _ in got:
+        for name in ("weight", "bias"):
+            want = getattr(ref, name).grad
+            torch.testing.assert_close(getattr(m, name).grad, want, rtol=rt, atol=rt * float(want.abs().max()))
+        torch.testing.assert_close(m.running_mean, ref.running_mean, rtol=rt, atol=rt)
+        torch.testing.assert_close(m.running_var, ref.running_var, rtol=rt, atol=rt)
+        assert int(m.num_batches_tracked) == int(ref.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("kw", [dict(momentum=None), dict(affine=False), dict(track_running_stats=False),
+                                dict(bias=False)], ids=str)
+def test_module_options_follow_torch(kw):
+    shape = (6, 3, 5, 5)
+    steps = [batch(shape, torch.float64, s, loc=s) for s in (1, 2, 3)]
+    g = batch(shape, torch.float64, 4)
+    ref, y_ref, gx_ref = one_process(torch.nn.BatchNorm2d, steps, g, **kw)
+    got = run_sync(2, steps, g, [0, 4, 6], **kw)
+    torch.testing.assert_close(torch.cat([r[1] for r in got]), y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat([r[2] for r in got]), gx_ref, rtol=1e-11, atol=1e-11)
+    for m, _, _ in got:
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            a, b = getattr(m, name), getattr(ref, name)
+            assert (a is None) == (b is None), name
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+                if isinstance(a, torch.nn.Parameter):
+                    torch.testing.assert_close(a.grad, b.grad, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("rank", [3, 4, 5], ids=lambda r: f"rank{r}")
+def test_channels_last_is_read_in_place_and_kept(rank):
+    shape = {3: (8, 6, 10), 4: (8, 6, 5, 4), 5: (8, 6, 2, 3, 4)}[rank]
+    fmt = {3: torch.contiguous_format, 4: torch.channels_last, 5: torch.channels_last_3d}[rank]
+    steps = [batch(shape, torch.float64, 1, loc=1.0)]
+    g = batch(shape, torch.float64, 2)
+    ref, y_ref, gx_ref = one_process(torch.nn.BatchNorm1d if rank == 3 else
+                                     torch.nn.BatchNorm2d if rank == 4 else torch.nn.BatchNorm3d, steps, g)
+    got = run_sync(2, steps, g, [0, 5, 8], memory_format=fmt)
+    for _, y, gx in got:
+        if rank > 3:
+            assert y.is_contiguous(memory_format=fmt) and gx.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(torch.cat([r[1] for r in got]), y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat([r[2] for r in got]), gx_ref, rtol=1e-11, atol=1e-11)
+
+
+def test_gradcheck_float64():
+    """torch.autograd.gradcheck through the synchronized Function (one rank of a protocol communicator, which always
+    synchronises), and the 2-rank gradients against central differences of the whole batch's loss."""
+    [comm] = make_comms(1)
+    w, b = params(3, torch.float64)
+    x = batch((4, 3, 3, 2), torch.float64, 1, loc=1.0).requires_grad_()
+    w.requires_grad_(), b.requires_grad_()
+    for mode in sync.MODES:
+        def f(x, w, b):
+            # (the views share w's and b's memory, which gradcheck perturbs in place)
+            views = (None, None, w.detach().numpy(), b.detach().numpy())
+            return bt.SyncBatchNormFunction.apply(x, w, b, None, None, 0.0, 1e-5, comm, mode, np.zeros(3), views)
+        assert torch.autograd.gradcheck(f, (x, w, b))
+    assert len(comm.calls) > 0
+
+    # two ranks: d(sum of every rank's sum(y * g)) / dx by central differences on the whole batch
+    shape = (5, 2, 3, 2)
+    x0, g = batch(shape, torch.float64, 5), batch(shape, torch.float64, 6)
+    got = run_sync(2, [x0], g, [0, 2, 5], track_running_stats=False)
+    gx = torch.cat([r[2] for r in got])
+    ref = torch.nn.BatchNorm2d(2, dtype=torch.float64, track_running_stats=False)
+    wr, br = params(2, torch.float64)
+    with torch.no_grad():
+        ref.weight.copy_(wr), ref.bias.copy_(br)
+    h = 1e-6
+    flat, num = x0.clone().reshape(-1), torch.empty(x0.numel(), dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(flat.numel()):
+            up, dn = flat.clone(), flat.clone()
+            up[i] += h
+            dn[i] -= h
+            num[i] = ((ref(up.reshape(shape)) * g).sum() - (ref(dn.reshape(shape)) * g).sum()) / (2 * h)
+    torch.testing.assert_close(gx.reshape(-1), num, rtol=1e-6, atol=1e-7)
+
+
+# ---- exact mode: bitwise one process ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,fmt", [((10, 6, 16, 16), torch.contiguous_format), ((12, 64, 16, 16), torch.channels_last),
+                                       ((12, 1, 32, 64), torch.contiguous_format)], ids=str)
+@pytest.mark.parametrize("P", [2, 3])
+def test_exact_mode_on_chunk_boundaries_is_bt_batchnorm2d_bitwise(shape, fmt, dtype, P):
+    layout = "NCHW" if fmt is torch.contiguous_format else "NHWC"
+    nd = DTYPES[dtype]
+    nhwc = (shape[0], shape[2], shape[3], shape[1])
+    unit = sync.chunk_rows(shape if layout == "NCHW" else nhwc, layout, nd)
+    if unit is None:  # one channel: the chunks are runs of the flat batch
+        run = sync._chunks(1, 1, int(np.prod(shape)), np.dtype(nd).itemsize)[0][3]
+        unit = run // int(np.prod(shape[1:]))
+    elif layout == "NHWC":  # rows of the (N H W, C) matrix -> samples
+        assert unit % (shape[2] * shape[3]) == 0
+        unit //= shape[2] * shape[3]
+    assert 0 < unit and 2 * unit < shape[0]
+    cuts = {2: [0, unit, shape[0]], 3: [0, 2 * unit, 2 * unit, shape[0]]}[P]
+    steps = [batch(shape, dtype, 1, loc=3.0, scale=2.0), batch(shape, dtype, 2, loc=-1.0)]
+    g = batch(shape, dtype, 4)
+    ref, y_ref, gx_ref = one_process(bt.BatchNorm2d, steps, g, memory_format=fmt)
+    got = run_sync(P, steps, g, cuts, "exact", memory_format=fmt)
+
+    def same(a, b, what):
+        assert a.dtype == b.dtype and a.shape == b.shape, what
+        assert a.detach().contiguous().numpy().tobytes() == b.detach().contiguous().numpy().tobytes(), what
+
+    same(torch.cat([r[1] for r in got]), y_ref, "y")
+    same(torch.cat([r[2] for r in got]), gx_ref, "grad_x")
+    for m, _, _ in got:
+        same(m.weight.grad, ref.weight.grad, "grad_weight")
+        same(m.bias.grad, ref.bias.grad, "grad_bias")
+        same(m.running_mean, ref.running_mean, "running_mean")
+        same(m.running_var, ref.running_var, "running_var")
+
+
+# ---- eval, no job, errors --------------------------------------------------------------------------------------
+
+class _Silent:
+    """A communicator that must not be used."""
+
+    def allreduce(self, buf):
+        raise AssertionError("eval mode communicated")
+
+    allgather = allreduce
+
+
+def test_eval_uses_running_statistics_and_communicates_nothing():
+    m = bt.SyncBatchNorm(4, process_group=_Silent(), dtype=torch.float64)
+    ref = torch.nn.BatchNorm2d(4, dtype=torch.float64)
+    with torch.no_grad():
+        for t in (m, ref):
+            t.running_mean.copy_(torch.arange(4.0))
+            t.running_var.copy_(torch.arange(1.0, 5.0))
+    m.eval(), ref.eval()
+    x = batch((3, 4, 2, 2), torch.float64, 1).requires_grad_()
+    y = m(x)
+    torch.testing.assert_close(y, ref(x), rtol=1e-15, atol=1e-15)
+    y.sum().backward()
+    # PyTorch's SyncBatchNorm in eval mode without running statistics uses the local batch's, unsynchronised
+    m2 = bt.SyncBatchNorm(4, process_group=_Silent(), dtype=torch.float64, track_running_stats=False).eval()
+    torch.testing.assert_close(m2(x), torch.nn.functional.batch_norm(x, None, None, training=True), rtol=1e-14,
+                               atol=1e-14)
+
+
+def test_without_a_distributed_job_it_is_batchnorm():
+    assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    x = batch((5, 3, 4, 4), torch.float32, 1)
+    m, ref = bt.SyncBatchNorm(3), bt.BatchNorm2d(3)
+    assert m(x).detach().numpy().tobytes() == ref(x).detach().numpy().tobytes()
+    assert m.running_var.numpy().tobytes() == ref.running_var.numpy().tobytes()
+    assert int(m.num_batches_tracked) == 1
+    # inputs the kernels do not cover: PyTorch's own
+    xh = x.to(torch.bfloat16)
+    mh = bt.SyncBatchNorm(3, dtype=torch.bfloat16)
+    torch.testing.assert_close(mh(xh), torch.nn.SyncBatchNorm(3, dtype=torch.bfloat16)(xh))
+
+
+def test_one_value_per_channel_over_all_ranks_raises_and_changes_nothing():
+    def fn(r, comm):
+        m = bt.SyncBatchNorm(3, process_group=comm)
+        x = torch.ones((1 if r == 0 else 0, 3))
+        try:
+            m(x)
+        finally:
+            assert int(m.num_batches_tracked) == 0 and not m.running_mean.any() and (m.running_var == 1).all()
+
+    _, errors = run_ranks(2, fn)
+    assert all(isinstance(e, ValueError) and "more than 1 value" in str(e) for e in errors), errors
+
+
+def test_a_refused_input_raises_on_every_rank_and_changes_nothing():
+    def fn(r, comm):
+        m = bt.SyncBatchNorm(4, process_group=comm)
+        x = torch.ones((3, 4 if r else 5, 8))
+        try:
+            m(x)
+        finally:
+            assert int(m.num_batches_tracked) == 0 and not m.running_mean.any()
+
+    _, errors = run_ranks(2, fn)
+    assert all(isinstance(e, (ValueError, RuntimeError)) for e in errors), errors
+
+
+def test_an_empty_rank_gets_an_empty_piece_and_the_whole_batch_gradients():
+    shape = (6, 3, 4)
+    steps, g = [batch(shape, torch.float64, 1)], batch(shape, torch.float64, 2)
+    ref, _, _ = one_process(torch.nn.BatchNorm1d, steps, g)
+    got = run_sync(3, steps, g, [0, 0, 6, 6], mode="fast")
+    for m, y, gx in got:
+        torch.testing.assert_close(m.weight.grad, ref.weight.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(m.running_var, ref.running_var, rtol=1e-14, atol=1e-14)
+    assert got[0][1].shape == (0, 3, 4) and got[0][2].shape == (0, 3, 4)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="mode"):
+        bt.SyncBatchNorm(3, mode="approximate")
+    m = bt.SyncBatchNorm(3)
+    with pytest.raises(ValueError, match="mode"):
+        m.mode = "slow"
+    assert m.mode == "exact"
+    with pytest.raises(TypeError, match="comm"):
+        bt.SyncBatchNorm(3, process_group=object())
+    with pytest.raises(ValueError, match="2D"):
+        m(torch.ones(3))
+    with pytest.raises(ValueError, match="non-zero"):
+        m(torch.ones(3, 0))
+
+
+# ---- convert -----------------------------------------------------------------------------------------------------
+
+def test_convert_swaps_torch_syncbatchnorm_keeping_state_and_group():
+    comm = make_comms(1)[0]
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.SyncBatchNorm(3, process_group=comm),
+                                torch.nn.BatchNorm2d(3))
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5)
+        model[1].weight.fill_(2.0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    weight = model[1].weight
+    assert bt.convert(model) is model
+    assert type(model[1]) is bt.SyncBatchNorm and type(model[2]) is bt.BatchNorm2d
+    assert model[1].weight is weight and model[1].process_group is comm and model[1].mode == "exact"
+    assert model[1].state_dict().keys() == {k[2:] for k in state if k.startswith("1.")}
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+    x = batch((4, 2, 3, 3), torch.float32, 1)
+    model(x)  # (synchronised over the one-rank communicator)
+    assert comm.calls and int(model[1].num_batches_tracked) == 1
+
+
+def test_convert_sync_batchnorm_gives_this_class():
+    comm = make_comms(1)[0]
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Sequential(torch.nn.BatchNorm1d(2)))
+    out = bt.SyncBatchNorm.convert_sync_batchnorm(model, comm, mode="fast")
+    assert type(out[0]) is bt.SyncBatchNorm and type(out[1][0]) is bt.SyncBatchNorm
+    assert out[0].mode == "fast" and out[0].process_group is comm
+    assert "mode='fast'" in repr(out[0])
