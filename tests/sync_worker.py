@@ -6,7 +6,8 @@
 Every rank builds the same seeded batch, takes its piece (sizes differ between ranks, one may be empty), runs
 SyncBatchNorm for two training steps and a backward in each mode, and compares with one process running
 BatchNorm on the whole batch: exact mode bitwise (the pieces end on chunk boundaries), fast mode within a few
-float64 ulps of the statistics. Exits 0 and prints "ok <rank>" when every check passed.
+float64 ulps of the statistics; under gloo, bn_simd.torch.SyncBatchNorm as well. Exits 0 and prints "ok <rank>"
+when every check passed.
 """
 import os
 import sys
@@ -76,6 +77,42 @@ def check(comm, rank, P, shape, layout, dtype, mode):
         assert mean.tobytes() == m_ref.tobytes() and var.tobytes() == v_ref.tobytes(), what
 
 
+def check_torch_module(group, rank, P):
+    """bn_simd.torch.SyncBatchNorm over the gloo group (and over the default group, process_group=None): each rank's
+    piece of a channels-last batch; y, grad_x, parameter gradients and running statistics against one process's
+    bn_simd.torch.BatchNorm2d on the whole batch (exact mode bitwise: pieces of whole chunks, 4 samples of 16x16
+    with 64 channels), and torch.nn.BatchNorm2d within float32 rounding (fast mode)."""
+    import torch
+    import bn_simd.torch as bt
+    shape, fmt = (12, 64, 16, 16), torch.channels_last
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(shape, generator=gen) * 2 + 3).contiguous(memory_format=fmt)
+    g = torch.randn(shape, generator=gen).contiguous(memory_format=fmt)
+    cuts = pieces(shape[0], P, 4)
+    a, z = cuts[rank], cuts[rank + 1]
+    for mode, pg, cls in (("exact", group, bt.BatchNorm2d), ("fast", None, torch.nn.BatchNorm2d)):
+        ref = cls(64)
+        xr = x.clone(memory_format=fmt).requires_grad_()
+        y_ref = ref(xr)
+        y_ref.backward(g)
+        m = bt.SyncBatchNorm(64, process_group=pg, mode=mode)
+        xp = x[a:z].clone(memory_format=fmt).requires_grad_()
+        y = m(xp)
+        y.backward(g[a:z].clone(memory_format=fmt))
+        assert y.is_contiguous(memory_format=fmt), f"rank {rank} {mode}: y not channels-last"
+        pairs = (("y", y, y_ref[a:z]), ("grad_x", xp.grad, xr.grad[a:z]), ("grad_weight", m.weight.grad,
+                 ref.weight.grad), ("grad_bias", m.bias.grad, ref.bias.grad),
+                 ("running_mean", m.running_mean, ref.running_mean), ("running_var", m.running_var, ref.running_var))
+        for name, got, want in pairs:
+            got, want = got.detach().contiguous().numpy(), want.detach().contiguous().numpy()
+            what = f"rank {rank} torch module {mode}: {name}"
+            if mode == "exact":
+                assert got.tobytes() == want.tobytes(), what
+            else:
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())),
+                                           err_msg=what)
+
+
 def main():
     backend = sys.argv[1]
     if backend == "mpi":
@@ -107,6 +144,7 @@ def main():
         raise AssertionError("a refused input went unnoticed")
     assert layer.num_batches_tracked == 0 and not layer.running_mean.any()
     if backend != "mpi":
+        check_torch_module(comm, rank, P)
         dist.destroy_process_group()
     print(f"ok {rank}", flush=True)
 

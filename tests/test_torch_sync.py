@@ -167,7 +167,8 @@ def test_gradcheck_float64():
 # ---- exact mode: bitwise one process ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("shape,fmt", [((10, 6, 16, 16), torch.contiguous_format), ((12, 64, 16, 16), torch.channels_last),
+@pytest.mark.parametrize("shape,fmt", [((10, 6, 16, 16), torch.contiguous_format),
+                                       ((12, 64, 16, 16), torch.channels_last),
                                        ((12, 1, 32, 64), torch.contiguous_format)], ids=str)
 @pytest.mark.parametrize("P", [2, 3])
 def test_exact_mode_on_chunk_boundaries_is_bt_batchnorm2d_bitwise(shape, fmt, dtype, P):
