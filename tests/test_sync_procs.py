@@ -1,7 +1,8 @@
 """SyncBatchNorm across real processes: mpiexec -n 2 and -n 3 (mpi4py), and torch.distributed gloo over 2 processes.
 
 Each runs tests/sync_worker.py, whose ranks compare their results with one process running BatchNorm on the whole
-batch (exact mode bitwise, fast mode within float64 ulps). Skipped when mpi4py / mpiexec or torch are absent.
+batch (exact mode bitwise, fast mode within float64 ulps); under gloo bn_simd.torch.SyncBatchNorm as well.
+Skipped when mpi4py / mpiexec or torch are absent.
 """
 import os
 import re
