@@ -294,6 +294,27 @@ def test_bad_arguments_are_refused():
         m(torch.ones(3))
     with pytest.raises(ValueError, match="non-zero"):
         m(torch.ones(3, 0))
+    # what the kernels do not cover cannot be synchronised over a protocol object: refused, not normalised alone
+    m = bt.SyncBatchNorm(3, process_group=_Silent(), dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16"):
+        m(torch.ones(4, 3, dtype=torch.bfloat16))
+    assert int(m.num_batches_tracked) == 0
+
+
+def test_parameter_gradients_without_an_input_gradient():
+    shape = (6, 3, 4)
+    x, g = batch(shape, torch.float64, 1, loc=2.0), batch(shape, torch.float64, 2)
+    ref = torch.nn.BatchNorm1d(3, dtype=torch.float64)
+    (ref(x) * g).sum().backward()
+
+    def fn(r, comm):
+        m = bt.SyncBatchNorm(3, process_group=comm, dtype=torch.float64)
+        (m(x[3 * r:3 * r + 3]) * g[3 * r:3 * r + 3]).sum().backward()
+        return m
+
+    for m in run_ok(2, fn):
+        torch.testing.assert_close(m.weight.grad, ref.weight.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(m.bias.grad, ref.bias.grad, rtol=1e-12, atol=1e-12)
 
 
 # ---- convert -----------------------------------------------------------------------------------------------------

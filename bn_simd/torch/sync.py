@@ -100,7 +100,8 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     the kernels do not cover (other dtypes and devices, graph capture) go to PyTorch's own SyncBatchNorm.
 
     Raises ValueError for input of rank < 2, zero channels, one value per channel over all ranks when training, or
-    a bad mode; a rank whose input is refused raises its own error and the others RuntimeError. A call that raises
+    a bad mode, TypeError for input the kernels do not cover with a protocol object as process_group; a rank
+    whose input is refused raises its own error and the others RuntimeError. A call that raises
     changes nothing (num_batches_tracked included). Second derivatives are not supported.
     """
 
@@ -140,6 +141,11 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                                                                  tensors)):
                 views = tuple(B.vec(t) for t in tensors)
         if views is None:
+            if not isinstance(self.process_group, _process_group_type()) and self.process_group is not None:
+                # (PyTorch's forward would normalise this rank alone: a silently wrong result)
+                raise TypeError(f"input must be a float32/float64 CPU tensor (with weight, bias and running "
+                                f"statistics of its dtype) to be synchronised over a bn_simd.sync communicator, got "
+                                f"{input.dtype} on {input.device}")
             return super().forward(input)
         counter = buffers.get("num_batches_tracked")
         counting = track and counter is not None
