@@ -33,11 +33,7 @@ def run_sync(P, steps, g, cuts, mode="exact", memory_format=torch.contiguous_for
 
     def fn(r, comm):
         m = bt.SyncBatchNorm(C, process_group=comm, mode=mode, dtype=steps[0].dtype, **kw)
-        if m.affine:
-            with torch.no_grad():
-                m.weight.copy_(w)
-                if m.bias is not None:
-                    m.bias.copy_(b)
+        set_params(m, w, b)
         for x in steps:
             piece = x[cuts[r]:cuts[r + 1]].clone(memory_format=memory_format).requires_grad_()
             y = m(piece)
@@ -47,15 +43,20 @@ def run_sync(P, steps, g, cuts, mode="exact", memory_format=torch.contiguous_for
     return run_ok(len(cuts) - 1, fn)
 
 
-def one_process(cls, steps, g, memory_format=torch.contiguous_format, **kw):
-    C = steps[0].shape[1]
-    w, b = params(C, steps[0].dtype)
-    m = cls(C, dtype=steps[0].dtype, **kw)
+def set_params(m, w, b):
+    """Copy w and b into module m's affine parameters (those it has)."""
     if m.affine:
         with torch.no_grad():
             m.weight.copy_(w)
             if m.bias is not None:
                 m.bias.copy_(b)
+
+
+def one_process(cls, steps, g, memory_format=torch.contiguous_format, **kw):
+    C = steps[0].shape[1]
+    w, b = params(C, steps[0].dtype)
+    m = cls(C, dtype=steps[0].dtype, **kw)
+    set_params(m, w, b)
     for x in steps:
         xx = x.clone(memory_format=memory_format).requires_grad_()
         y = m(xx)
