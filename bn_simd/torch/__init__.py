@@ -24,7 +24,10 @@ from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, Instance
                       InstanceNorm3d, convert)
 from ._autograd import BatchNormFunction, GroupNormFunction, InstanceNormFunction
 from .sync import SyncBatchNorm, SyncBatchNormFunction
+from .rownorm import LayerNormFunction, RMSNormFunction, layer_norm, rms_norm
+from .rownorm_modules import LayerNorm, RMSNorm
 
 __all__ = ["batch_norm", "group_norm", "instance_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "SyncBatchNorm", "convert", "BatchNormFunction",
-           "GroupNormFunction", "InstanceNormFunction", "SyncBatchNormFunction"]
+           "GroupNormFunction", "InstanceNormFunction", "SyncBatchNormFunction",
+           "layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "LayerNormFunction", "RMSNormFunction"]

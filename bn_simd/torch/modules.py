@@ -14,6 +14,7 @@ import torch
 
 from . import _bridge as B
 from . import functional as F
+from .rownorm_modules import LayerNorm, RMSNorm
 
 
 def _batch_norm_forward(self, input):
@@ -110,7 +111,8 @@ class InstanceNorm3d(torch.nn.InstanceNorm3d):
 # torch.nn class -> bn_simd class; exact types only: a user's subclass of a torch.nn class may override forward
 SWAPS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d, torch.nn.BatchNorm3d: BatchNorm3d,
          torch.nn.GroupNorm: GroupNorm, torch.nn.InstanceNorm1d: InstanceNorm1d,
-         torch.nn.InstanceNorm2d: InstanceNorm2d, torch.nn.InstanceNorm3d: InstanceNorm3d}
+         torch.nn.InstanceNorm2d: InstanceNorm2d, torch.nn.InstanceNorm3d: InstanceNorm3d,
+         torch.nn.LayerNorm: LayerNorm, torch.nn.RMSNorm: RMSNorm}
 
 
 def convert(model):

@@ -1,0 +1,221 @@
+"""``torch.nn.functional``'s layer_norm and rms_norm on bn_simd's row kernels, with autograd.
+
+Same names, positional order, defaults and semantics as PyTorch's, plus a keyword ``out=``. The trailing dims of the
+input given by ``normalized_shape`` form a row; each row is normalised with its own statistics (mean and biased
+variance for layer norm, mean square for RMS norm), then scaled (and shifted) by the per-column weight (and bias)::
+
+    layer_norm:  y = (x - mean) / sqrt(var + eps) * weight + bias
+    rms_norm:    y = x / sqrt(mean(x^2) + eps) * weight          (eps None: torch.finfo(input.dtype).eps)
+
+A call runs on the kernels when the input is a float32/float64 CPU tensor and weight and bias, when given, are CPU
+tensors of the input's dtype. Any other call (float16, bfloat16, other devices, eps <= 0, tensor subclasses with
+``__torch_function__``, calls made while tracing or compiling a graph, which must record PyTorch's operator, and
+calls inside forward-mode AD) is PyTorch's own function, its result copied into ``out`` when given.
+
+When autograd records the call (grad mode on and input, weight or bias requiring grad) it goes through
+:class:`LayerNormFunction` / :class:`RMSNormFunction`, whose backward runs :func:`bn_simd.layer_norm_backward` /
+:func:`bn_simd.rms_norm_backward` with the statistics the forward kept; otherwise the forward kernel is called
+directly. Second derivatives (``create_graph=True`` through these Functions) raise.
+
+Memory: a C-contiguous input (and gradient) is read in place and the output written in place; other strides
+(the row dims are the innermost, so channels-last tensors too) are copied once to C order, and the result is
+C-contiguous.
+"""
+import numbers
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as TF
+
+import bn_simd as _bn
+
+from . import _bridge as B
+
+# any rank from 1 (the kernels check normalized_shape against it and raise ValueError when it does not fit)
+_RANKS = range(1, 65)
+
+
+def _normalized_shape(normalized_shape):
+    """normalized_shape as a tuple: an int is one trailing dim; a list, tuple or torch.Size is kept as a tuple
+    (its entries are checked by the kernels' argument checks)."""
+    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+        return (int(normalized_shape),)
+    if isinstance(normalized_shape, (list, tuple, torch.Size)):
+        return tuple(normalized_shape)
+    raise TypeError(f"normalized_shape must be an int or a list/tuple of ints, got {type(normalized_shape).__name__}")
+
+
+def _views(input, params, views):
+    """The ndarrays of the per-column tensors (weight, bias; None kept): a module's cached views, or made here after
+    the checks. None when the call goes to PyTorch's function."""
+    if views is not None:
+        return views
+    if not B.channels_supported(input, params):
+        return None
+    return tuple(B.vec(t) for _, t in params)
+
+
+def _dense(x):
+    """(x, its ndarray) with x in C order: x itself when it is, else one copy."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x, B._numpy(x)
+
+
+def _output(x, out):
+    """(y, its ndarray, target) for a forward of C-contiguous x: target is the out tensor to copy y into afterwards
+    when out is not C-contiguous (else None)."""
+    if out is None:
+        y = torch.empty(x.shape, dtype=x.dtype)
+        return y, y.numpy(), None
+    B.check_out(out, x)
+    if out.is_contiguous():
+        return out, B._numpy(out), None
+    y = torch.empty(x.shape, dtype=x.dtype)
+    return y, y.numpy(), out
+
+
+def _torch_result(fn, out, *tensors):
+    """PyTorch's own call fn() for a call the kernels do not cover, copied into out when given."""
+    if out is not None and B.grad_needed(*tensors):
+        B.no_out_with_grad(out)
+    return B.fallback(fn(), out)
+
+
+def _grad(a, like):
+    """A per-column gradient (ndarray) as a tensor of like's shape and dtype."""
+    return torch.from_numpy(a).to(like.dtype).reshape(like.shape)
+
+
+# ---- layer norm -----------------------------------------------------------------------------------------------------
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+    """Layer normalization (``torch.nn.functional.layer_norm``).
+
+    input : tensor (*, *normalized_shape); float32/float64 CPU tensors run on the kernels.
+    normalized_shape : int or sequence of ints, the trailing dims normalised together (a row).
+    weight, bias : tensors of shape normalized_shape and input's dtype, or None (1 and 0).
+    eps : float > 0 added to the variance (eps <= 0: PyTorch's function).
+    out : tensor of input's shape and dtype on the CPU, or None; written (it may be input itself) and returned.
+        Refused when autograd would record the call.
+
+    Returns y, C-contiguous, of input's shape and dtype. Raises TypeError for wrong types or dtypes (weight or bias
+    of a dtype other than input's), ValueError for wrong shapes (normalized_shape not the trailing dims of input,
+    weight or bias not of shape normalized_shape); a call that raises changes nothing.
+    """
+    return _layer_norm(input, normalized_shape, weight, bias, eps, out, None)
+
+
+def _layer_norm(input, normalized_shape, weight, bias, eps, out, views):
+    """layer_norm; views: the ndarrays of (weight, bias) already checked against input (a module's), or None."""
+    shape = _normalized_shape(normalized_shape)
+    if B.input_supported(input, _RANKS, eps):
+        views = _views(input, (("weight", weight), ("bias", bias)), views)
+    else:
+        views = None
+    if views is None:
+        return _torch_result(lambda: TF.layer_norm(input, shape, weight, bias, eps), out, input, weight, bias)
+    if B.grad_needed(input, weight, bias):
+        B.no_out_with_grad(out)
+        return LayerNormFunction.apply(input, shape, weight, bias, eps, views)
+    x, xa = _dense(input)
+    y, ya, target = _output(x, out)
+    _bn.layer_norm(xa, shape, views[0], views[1], eps, out=ya)
+    return B.finish(y, target, (out,))
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """y = (x - mean) rstd weight + bias over rows of normalized_shape; the backward gives the gradients of x,
+    weight and bias from the forward's mean and rstd.
+
+    apply(x, normalized_shape (tuple), weight, bias, eps, views): views are the ndarrays of (weight, bias), checked
+    against x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps, views):
+        x, xa = _dense(x)
+        y = torch.empty(x.shape, dtype=x.dtype)
+        _, mean, rstd = _bn.layer_norm_forward(xa, normalized_shape, views[0], views[1], eps=eps, out=y.numpy())
+        ctx.save_for_backward(x, weight, bias)
+        ctx.stats = (mean, rstd, normalized_shape, views)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, bias = ctx.saved_tensors
+        mean, rstd, normalized_shape, views = ctx.stats
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        grad_y, ga = _dense(grad_y)
+        grad_x = torch.empty(x.shape, dtype=x.dtype)
+        _, gw, gb = _bn.layer_norm_backward(ga, B._numpy(x), mean, rstd, normalized_shape, views[0], views[1],
+                                            out=grad_x.numpy())
+        return (grad_x if need_x else None, None, _grad(gw, weight) if need_w else None,
+                _grad(gb, bias) if need_b else None, None, None)
+
+
+# ---- RMS norm -------------------------------------------------------------------------------------------------------
+
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None):
+    """Root-mean-square normalization (``torch.nn.functional.rms_norm``).
+
+    input : tensor (*, *normalized_shape); float32/float64 CPU tensors run on the kernels.
+    normalized_shape : int or sequence of ints, the trailing dims normalised together (a row).
+    weight : tensor of shape normalized_shape and input's dtype, or None (1).
+    eps : float > 0 added to the mean square, or None: the machine epsilon of input's dtype, as PyTorch
+        (eps <= 0: PyTorch's function).
+    out : as in :func:`layer_norm`.
+
+    Returns y, C-contiguous, of input's shape and dtype. Raises TypeError / ValueError as :func:`layer_norm`.
+    """
+    return _rms_norm(input, normalized_shape, weight, eps, out, None)
+
+
+def _rms_norm(input, normalized_shape, weight, eps, out, views):
+    """rms_norm; views: the ndarrays of (weight,) already checked against input, or None."""
+    shape = _normalized_shape(normalized_shape)
+    if B.input_supported(input, _RANKS, eps):
+        views = _views(input, (("weight", weight),), views)
+    else:
+        views = None
+    if views is None:
+        return _torch_result(lambda: TF.rms_norm(input, shape, weight, eps), out, input, weight)
+    if B.grad_needed(input, weight):
+        B.no_out_with_grad(out)
+        return RMSNormFunction.apply(input, shape, weight, eps, views)
+    x, xa = _dense(input)
+    y, ya, target = _output(x, out)
+    _bn.rms_norm(xa, shape, views[0], eps, out=ya)
+    return B.finish(y, target, (out,))
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = x rstd weight over rows of normalized_shape; the backward gives the gradients of x and weight from the
+    forward's rstd.
+
+    apply(x, normalized_shape (tuple), weight, eps, views): views are the ndarrays of (weight,), checked against x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, eps, views):
+        x, xa = _dense(x)
+        y = torch.empty(x.shape, dtype=x.dtype)
+        _, rstd = _bn.rms_norm_forward(xa, normalized_shape, views[0], eps=eps, out=y.numpy())
+        ctx.save_for_backward(x, weight)
+        ctx.stats = (rstd, normalized_shape, views)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        rstd, normalized_shape, views = ctx.stats
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        grad_y, ga = _dense(grad_y)
+        grad_x = torch.empty(x.shape, dtype=x.dtype)
+        _, gw = _bn.rms_norm_backward(ga, B._numpy(x), rstd, normalized_shape, views[0], out=grad_x.numpy())
+        return grad_x if need_x else None, None, _grad(gw, weight) if need_w else None, None, None
+
+
+__all__ = ["layer_norm", "rms_norm", "LayerNormFunction", "RMSNormFunction"]
