@@ -26,7 +26,7 @@ SANITIZE_LINK_FLAGS = ["-fsanitize=address,undefined"]
 INCLUDE_DIRS = ["include", "src"]
 # headers and templates the C sources include
 DEPENDS = ["include/bn_simd.h", "src/ukernels.h", "src/ukernels.inc", "src/kernels.def", "src/batchnorm.inc",
-           "src/groupnorm.inc", "src/dispatch.h", "src/uk_undef_type.h",
+           "src/groupnorm.inc", "src/rownorm.inc", "src/rowcol.inc", "src/dispatch.h", "src/uk_undef_type.h",
            # the kernels' vocabularies: each ISA's vectors, each storage dtype's I/O, the outputs' epilogue
            "src/vec_scalar.h", "src/vec_avx2.h", "src/vec_avx512.h", "src/io_f32.h", "src/io_f64.h", "src/epilogue.h"]
 

@@ -1,4 +1,4 @@
-"""bn_simd: batch, group and instance normalization for NumPy arrays on CPUs.
+"""bn_simd: batch, group, instance, layer and RMS normalization for NumPy arrays on CPUs.
 
 C kernels (AVX2/FMA, AVX-512 and portable scalar, chosen at run time), OpenMP threads, the GIL released
 around every kernel, and PyTorch's semantics:
@@ -20,6 +20,9 @@ from .groups import (group_norm, group_norm_backward, group_norm_forward, instan
                      instance_norm_forward)
 from .layers import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
                      InstanceNorm3d)
+from .rownorm import (layer_norm, layer_norm_backward, layer_norm_forward, rms_norm, rms_norm_backward,
+                      rms_norm_forward)
+from .rownorm_layers import LayerNorm, RMSNorm
 from .renorm import batch_renorm, batch_renorm_backward, batch_renorm_forward, renorm_corrections, update_renorm_stats
 from .sync import (SyncBatchNorm, sync_backward_reduce, sync_batch_norm_backward, sync_batch_norm_forward,
                    sync_batch_stats)
@@ -36,5 +39,7 @@ __all__ = [
     "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "SyncBatchNorm", "sync_batch_stats", "sync_backward_reduce", "sync_batch_norm_forward", "sync_batch_norm_backward",
     "virtual_batch_norm", "virtual_batch_norm_forward", "virtual_batch_norm_backward",
+    "layer_norm", "layer_norm_forward", "layer_norm_backward", "rms_norm", "rms_norm_forward", "rms_norm_backward",
+    "LayerNorm", "RMSNorm",
     "batch_renorm", "batch_renorm_forward", "batch_renorm_backward", "renorm_corrections", "update_renorm_stats",
 ]

@@ -59,3 +59,18 @@ cdef int spatial_size(int64_t S, cnp.ndarray x) except -1
 cdef cnp.ndarray output(object out, cnp.ndarray x, cnp.ndarray also)
 cdef cnp.ndarray new_like(cnp.ndarray x)
 cdef cnp.ndarray new_vector(int64_t n, int npy_type)
+
+# A data tensor seen by the layer-norm kernels: N (leading) by C (normalised) by S (positions: 1 for normalised
+# trailing dims; the spatial size for channels-first), and the rank of the statistics' leading part.
+ctypedef struct Rows:
+    int64_t N
+    int64_t C
+    int64_t S
+    int lead
+    int cf
+    int dtype
+
+cdef int rows_view(cnp.ndarray x, object normalized_shape, object layout, Rows* r) except -1
+cdef tuple stat_shape(cnp.ndarray x, Rows* r)
+cdef object row_param(object v, str name, cnp.ndarray x, Rows* r)
+cdef int row_stat(object v, str name, cnp.ndarray x, Rows* r, double* dst) except -1

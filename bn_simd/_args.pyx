@@ -618,3 +618,122 @@ def data_view(x, layout, name="x"):
     if ax < 0:  # (view checked that -nd <= ax < nd)
         ax += nd
     return a, v.outer, v.C, v.inner, ax
+
+
+# ---- layer norm and RMS norm ----------------------------------------------------------------------------------
+
+cdef tuple _normalized(object ns):
+    """normalized_shape as a tuple of ints >= 0 (an int is a 1-tuple); at least one dim."""
+    if type(ns) is int:
+        t = (ns,)
+    elif isinstance(ns, bool) or not isinstance(ns, (numbers.Integral, tuple, list)):
+        if isinstance(ns, np.ndarray) or hasattr(ns, "__len__"):  # torch.Size, arrays of ints
+            try:
+                t = tuple(ns)
+            except TypeError:
+                t = None
+        else:
+            t = None
+        if t is None:
+            raise TypeError(f"normalized_shape must be an int or a tuple of ints, got {_describe(ns)}")
+    elif isinstance(ns, numbers.Integral):
+        t = (int(ns),)
+    else:
+        t = tuple(ns)
+    for d in t:
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+            raise TypeError(f"normalized_shape must be an int or a tuple of ints, got {ns!r}")
+        if d < 0:
+            raise ValueError(f"normalized_shape must have sizes >= 0, got {ns!r}")
+    if len(t) == 0:
+        raise ValueError("normalized_shape must have at least one dimension, got ()")
+    return tuple(int(d) for d in t)
+
+
+cdef int rows_view(cnp.ndarray x, object normalized_shape, object layout, Rows* r) except -1:
+    """The (N, C, S) view of x for layer / RMS norm. layout None (or "NHWC"): normalized_shape are x's trailing dims,
+    N the product of the others, S = 1. "NCHW" (or "channels_first"): normalised over axis 1 of (N, C, *spatial),
+    normalized_shape C (an int or a 1-tuple), S = prod(spatial)."""
+    cdef int nd = cnp.PyArray_NDIM(x), k, lay = -1
+    cdef int64_t n = 1, c = 1
+    if type(normalized_shape) is int and layout is None and nd >= 1 \
+            and normalized_shape == cnp.PyArray_DIM(x, nd - 1) and normalized_shape >= 0:
+        # (the common call: one trailing dim, given as an int)
+        for k in range(nd - 1):
+            n *= cnp.PyArray_DIM(x, k)
+        r.N, r.C, r.S, r.lead, r.cf, r.dtype = n, normalized_shape, 1, nd - 1, 0, _dtype_code(x)
+        return 0
+    ns = _normalized(normalized_shape)
+    if layout is not None:
+        if not isinstance(layout, str):
+            raise TypeError(f"layout must be None or a string, one of {sorted(LAYOUTS)}, got {_describe(layout)}")
+        lay = layout_code(layout)
+    shape = (<object>x).shape
+    if lay == NCHW:
+        if len(ns) != 1:
+            raise ValueError(f"normalized_shape must be the number of channels C (an int) with layout={layout!r}, "
+                             f"got {normalized_shape!r}")
+        if nd < 2 or shape[1] != ns[0]:
+            raise ValueError(f"Given normalized_shape={list(ns)} and layout={layout!r}, expected input of shape "
+                             f"[N, {ns[0]}, *], but got input of size {list(shape)}")
+        s = 1
+        for k in range(2, nd):
+            s *= shape[k]
+        r.N, r.C, r.S, r.lead, r.cf, r.dtype = shape[0], ns[0], s, 1, 1, _dtype_code(x)
+        return 0
+    if lay == NHWC and len(ns) != 1:
+        raise ValueError(f"normalized_shape must be the number of channels C (an int) with layout={layout!r}, "
+                         f"got {normalized_shape!r}")
+    k = len(ns)
+    if nd < k or tuple(shape[nd - k:]) != ns:
+        raise ValueError(f"Given normalized_shape={list(ns)}, expected input with shape [*, "
+                         f"{', '.join(str(d) for d in ns)}], but got input of size {list(shape)}")
+    for d in ns:
+        c *= d
+    for i in range(nd - k):
+        n *= shape[i]
+    r.N, r.C, r.S, r.lead, r.cf, r.dtype = n, c, 1, nd - k, 0, _dtype_code(x)
+    return 0
+
+
+cdef tuple stat_shape(cnp.ndarray x, Rows* r):
+    """The shape of the saved statistics: x's leading dims then ones (channels-first: x's shape with C -> 1)."""
+    shape = (<object>x).shape
+    if r.cf:
+        return (shape[0], 1) + tuple(shape[2:])
+    return tuple(shape[:r.lead]) + (1,) * (len(shape) - r.lead)
+
+
+cdef object row_param(object v, str name, cnp.ndarray x, Rows* r):
+    """weight / bias of layer / RMS norm as a 1-D ndarray of C floats (any float dtype), or None: shaped as
+    normalized_shape (x's trailing dims; channels-first (C,)), or (C,)."""
+    cdef cnp.ndarray a
+    cdef int t
+    if v is None:
+        return None
+    if type(v) is cnp.ndarray:
+        a = <cnp.ndarray>v
+        t = cnp.PyArray_TYPE(a)
+        if (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_DIM(a, 0) == r.C:
+            return a
+    b = _to_ndarray(v, name)
+    if b.dtype.kind != "f":
+        raise TypeError(f"{name} must have a floating-point dtype, got {b.dtype}")
+    want = (r.C,) if r.cf else tuple((<object>x).shape[r.lead:])
+    if b.shape != want and b.shape != (r.C,):
+        raise ValueError(f"{name} must have shape {want} (normalized_shape), got shape {b.shape}")
+    return b.reshape(r.C)
+
+
+cdef int row_stat(object v, str name, cnp.ndarray x, Rows* r, double* dst) except -1:
+    """A saved statistic of layer / RMS norm (mean, rstd): N S floats shaped as the forward returns them (or without
+    the trailing ones), read as float64 into dst."""
+    if v is None:
+        raise TypeError(f"{name} must be an array of shape {stat_shape(x, r)}, got None")
+    a = _to_ndarray(v, name)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must have a floating-point dtype, got {a.dtype}")
+    want = stat_shape(x, r)
+    if (a.shape != want and a.shape != want[:r.lead] and a.shape != (r.N * r.S,)) or a.size != r.N * r.S:
+        raise ValueError(f"{name} must have shape {want}, got shape {a.shape}")
+    return load(a.reshape(r.N * r.S), r.N * r.S, dst)

@@ -7,7 +7,7 @@ the kernel with the GIL released, and turns its status into an exception. Kernel
 "Kernels by storage dtype", the one place that names a storage dtype: a new one is a case in each helper.
 bn_simd/functional.py and bn_simd/groups.py give these entry points their public names and documentation.
 """
-from libc.float cimport FLT_MAX
+from libc.float cimport DBL_EPSILON, FLT_EPSILON, FLT_MAX
 from libc.math cimport NAN, isfinite, sqrt
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
@@ -18,7 +18,7 @@ import numpy as np
 cimport numpy as cnp
 
 from bn_simd cimport _args as A
-from bn_simd._args cimport DT_F32, DT_F64, NCHW, Groups, View
+from bn_simd._args cimport DT_F32, DT_F64, NCHW, Groups, Rows, View
 
 cnp.import_array()
 
@@ -1078,6 +1078,128 @@ def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, o
             _check(st)
         like = w if w is not None else xa  # (the parameter gradients have weight's dtype, x's without weight)
         return dx, vector_as(C, gw, like), vector_as(C, gb, like)
+    finally:
+        release(p, stack)
+
+
+# ---- layer norm and RMS norm (rms: RMS norm) ----------------------------------------------------------------------
+
+cdef extern from "bn_simd.h" nogil:
+    int bn_row_forward_f32(const float* x, float* y, int64_t N, int64_t C, int64_t S, int rms, const double* weight,
+                           const double* bias, double eps, double* mean, double* rstd, int nt)
+    int bn_row_forward_f64(const double* x, double* y, int64_t N, int64_t C, int64_t S, int rms, const double* weight,
+                           const double* bias, double eps, double* mean, double* rstd, int nt)
+    int bn_row_backward_f32(const float* dy, const float* x, float* dx, int64_t N, int64_t C, int64_t S, int rms,
+                            const double* mean, const double* rstd, const double* weight, double* grad_weight,
+                            double* grad_bias, int nt)
+    int bn_row_backward_f64(const double* dy, const double* x, double* dx, int64_t N, int64_t C, int64_t S, int rms,
+                            const double* mean, const double* rstd, const double* weight, double* grad_weight,
+                            double* grad_bias, int nt)
+
+
+cdef int k_row_forward(int dt, const void* x, void* y, Rows* r, int rms, const double* w, const double* b, double eps,
+                       double* mean, double* rstd, int nt) except -1:
+    cdef int st
+    with nogil:
+        if dt == DT_F32:
+            st = bn_row_forward_f32(<const float*>x, <float*>y, r.N, r.C, r.S, rms, w, b, eps, mean, rstd, nt)
+        else:
+            st = bn_row_forward_f64(<const double*>x, <double*>y, r.N, r.C, r.S, rms, w, b, eps, mean, rstd, nt)
+    return _check(st)
+
+
+cdef int k_row_backward(int dt, const void* dy, const void* x, void* dx, Rows* r, int rms, const double* mean,
+                        const double* rstd, const double* w, double* gw, double* gb, int nt) except -1:
+    cdef int st
+    with nogil:
+        if dt == DT_F32:
+            st = bn_row_backward_f32(<const float*>dy, <const float*>x, <float*>dx, r.N, r.C, r.S, rms, mean, rstd,
+                                     w, gw, gb, nt)
+        else:
+            st = bn_row_backward_f64(<const double*>dy, <const double*>x, <double*>dx, r.N, r.C, r.S, rms, mean,
+                                     rstd, w, gw, gb, nt)
+    return _check(st)
+
+
+cdef object stat_as(int64_t n, const double* src, cnp.ndarray xa, tuple shape):
+    """A new array of x's dtype and the given shape holding src's n values rounded to it."""
+    cdef cnp.ndarray a = A.new_vector(n, cnp.PyArray_TYPE(xa))
+    A.store(a, n, src)
+    return a.reshape(shape)
+
+
+def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, bint rms, int result=0):
+    """rownorm.layer_norm / rms_norm (result 0: y); their _forward (1: (y, mean, rstd), RMS (y, rstd), in x's dtype
+    shaped as PyTorch's); 2: (y, mean, rstd) as float64 (N S,) arrays (mean None for RMS)."""
+    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef Rows r
+    A.rows_view(xa, normalized_shape, layout, &r)
+    w = A.row_param(weight, "weight", xa, &r)
+    b = None if rms else A.row_param(bias, "bias", xa, &r)
+    cdef double e
+    if rms and eps is None:  # (PyTorch's default: the machine epsilon of x's dtype)
+        e = FLT_EPSILON if r.dtype == DT_F32 else DBL_EPSILON
+    else:
+        e = A.eps(eps)
+    cdef cnp.ndarray ya = A.output(out, xa, None)
+    cdef int64_t C = r.C, NS = r.N * r.S
+    cdef cnp.ndarray m64 = None, s64 = None
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(2 * C + (0 if result == 2 else 2 * NS), stack)
+    cdef double* mp
+    cdef double* sp
+    try:
+        if result == 2:
+            s64 = A.new_vector(NS, cnp.NPY_FLOAT64)
+            sp = <double*>data_of(s64)
+            if not rms:
+                m64 = A.new_vector(NS, cnp.NPY_FLOAT64)
+            mp = <double*>data_of(m64) if not rms else NULL
+        else:
+            mp = p + 2 * C
+            sp = mp + NS
+        if r.N * r.C * r.S or NS:
+            k_row_forward(r.dtype, data_or_null(xa), data_or_null(ya), &r, rms, load_opt(w, C, p),
+                          load_opt(b, C, p + C), e, mp, sp, nthreads)
+        if result == 0:
+            return ya
+        if result == 2:
+            return ya, m64, s64
+        shape = A.stat_shape(xa, &r)
+        if rms:
+            return ya, stat_as(NS, sp, xa, shape)
+        return ya, stat_as(NS, mp, xa, shape), stat_as(NS, sp, xa, shape)
+    finally:
+        release(p, stack)
+
+
+def row_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight, bias, layout, out, int nthreads, bint rms):
+    """rownorm.layer_norm_backward / rms_norm_backward: (grad_x, grad_weight, grad_bias) (RMS: (grad_x,
+    grad_weight)); a parameter's gradient is None when the parameter is, else shaped and typed as it."""
+    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef Rows r
+    A.rows_view(xa, normalized_shape, layout, &r)
+    cdef cnp.ndarray ga = A.like(grad_out, "grad_out", xa)
+    w = A.row_param(weight, "weight", xa, &r)
+    b = None if rms else A.row_param(bias, "bias", xa, &r)
+    cdef int64_t C = r.C, NS = r.N * r.S
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(2 * NS + 3 * C, stack)
+    cdef double* gw = p + 2 * NS + C
+    cdef double* gb = gw + C
+    try:
+        if not rms:
+            A.row_stat(mean, "mean", xa, &r, p)
+        A.row_stat(rstd, "rstd", xa, &r, p + NS)
+        dx = A.output(out, xa, ga)
+        k_row_backward(r.dtype, data_or_null(ga), data_or_null(xa), data_or_null(dx), &r, rms,
+                       NULL if rms or not NS else p, p + NS if NS else NULL, load_opt(w, C, p + 2 * NS), gw, gb,
+                       nthreads)
+        gwa = None if w is None else vector_as(C, gw, w).reshape(np.shape(weight))
+        if rms:
+            return dx, gwa
+        gba = None if b is None else vector_as(C, gb, b).reshape(np.shape(bias))
+        return dx, gwa, gba
     finally:
         release(p, stack)
 

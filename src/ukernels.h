@@ -103,7 +103,31 @@
                                         int64_t c1, double* mean, double* var);                                   \
     /* out[c] = sum_k part[k C + c] in chunk order, c0 <= c < c1; out overlaps no input */                        \
     typedef void bn_##S##_cl_sum_rows_fn(const double* part, int64_t K, int64_t C, int64_t c0, int64_t c1,        \
-                                         double* out);
+                                         double* out);                                                    \
+    /* rowcol (rowcol.inc): rows of D contiguous elements, statistics per row i, affine per column j.             \
+     * y[i, j] = ((x[i, j] - m[i]) - res[i]) r[i] w[j] + b[j]; y may be x */                                      \
+    typedef void bn_##S##_rc_affine_fn(const TS* x, TS* y, int64_t rows, int64_t D, const TC* m, const TC* res,   \
+                                       const TC* r, const TC* w, const TC* b);                                    \
+    /* per row, g = dy w[j], xh = (x - mean[i]) rstd[i]: sg[i] = sum g, sgx[i] = sum g xh; per column              \
+     * gw[j] += sum_i dy xh, gb[j] += sum_i dy (rows in order), in double */                                       \
+    typedef void bn_##S##_rc_bwd_sums_fn(const TS* dy, const TS* x, int64_t rows, int64_t D, const double* mean,  \
+                                         const double* rstd, const double* w, double* sg, double* sgx,             \
+                                         double* gw, double* gb);                                                  \
+    /* dx[i, j] = (dy w[j]) a[i] + (bb[i] ((x - m[i]) - res[i]) + d[i]); dx may be dy or x */                      \
+    typedef void bn_##S##_rc_bwd_apply_fn(const TS* dy, const TS* x, TS* dx, int64_t rows, int64_t D,             \
+                                          const TC* m, const TC* res, const TC* a, const TC* bb, const TC* d,     \
+                                          const TC* w);                                                            \
+    /* the same with the roles swapped: `rows` rows (channels c) of W elements ld apart, statistics per column s,  \
+     * affine per row c (layer norm over the channels of a channels-first array) */                               \
+    typedef void bn_##S##_cr_affine_fn(const TS* x, TS* y, int64_t rows, int64_t W, int64_t ld, const TC* m,      \
+                                       const TC* res, const TC* r, const TC* w, const TC* b);                     \
+    /* sg[s] += sum_c dy w[c], sgx[s] += sum_c dy w[c] xh (rows in order); gw[c] += sum_s dy xh, gb[c] += sum_s dy */\
+    typedef void bn_##S##_cr_bwd_sums_fn(const TS* dy, const TS* x, int64_t rows, int64_t W, int64_t ld,          \
+                                         const double* mean, const double* rstd, const double* w, double* sg,     \
+                                         double* sgx, double* gw, double* gb);                                     \
+    typedef void bn_##S##_cr_bwd_apply_fn(const TS* dy, const TS* x, TS* dx, int64_t rows, int64_t W, int64_t ld, \
+                                          const TC* m, const TC* res, const TC* a, const TC* bb, const TC* d,     \
+                                          const TC* w);
 
 BN_UK_TYPES(float, float, f32)
 BN_UK_TYPES(double, double, f64)
@@ -113,7 +137,8 @@ BN_UK_TYPES(double, double, f64)
  * fills every one). */
 #define BN_UK_SHAPES(X)                                                                                   \
     X(seg_sum) X(seg_dev) X(seg_affine) X(seg_bwd_sums) X(seg_bwd_apply) X(cl_sum) X(cl_dev) X(cl_affine)  \
-    X(cl_bwd_sums) X(cl_bwd_apply) X(norm_params) X(bwd_params) X(cl_chunk_finish) X(cl_combine) X(cl_sum_rows)
+    X(cl_bwd_sums) X(cl_bwd_apply) X(norm_params) X(bwd_params) X(cl_chunk_finish) X(cl_combine) X(cl_sum_rows)     \
+    X(rc_affine) X(rc_bwd_sums) X(rc_bwd_apply) X(cr_affine) X(cr_bwd_sums) X(cr_bwd_apply)
 
 /* A kernel table: one ISA's kernels of one dtype (kernels.c fills them from kernels.def), and their vector length,
  * in elements */

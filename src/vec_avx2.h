@@ -37,6 +37,7 @@ static inline double hsum_pd(__m256d v) {
 #define VL_float 8
 #define VLOAD_float(p) _mm256_loadu_ps(p)
 #define VSET1_float(s) _mm256_set1_ps(s)
+#define VMUL_float(a, b) _mm256_mul_ps((a), (b))
 #define VSUB_float(a, b) _mm256_sub_ps((a), (b))
 #define VFMA_float(a, b, c) _mm256_fmadd_ps((a), (b), (c))
 #define SFMA_float(a, b, c) __builtin_fmaf((a), (b), (c))
@@ -49,6 +50,7 @@ static inline double hsum_pd(__m256d v) {
 #define VL_double 4
 #define VLOAD_double(p) _mm256_loadu_pd(p)
 #define VSET1_double(s) _mm256_set1_pd(s)
+#define VMUL_double(a, b) _mm256_mul_pd((a), (b))
 #define VSUB_double(a, b) _mm256_sub_pd((a), (b))
 #define VFMA_double(a, b, c) _mm256_fmadd_pd((a), (b), (c))
 #define SFMA_double(a, b, c) __builtin_fma((a), (b), (c))

@@ -33,6 +33,7 @@
 #define VL_float 16
 #define VLOAD_float(p) _mm512_loadu_ps(p)
 #define VSET1_float(s) _mm512_set1_ps(s)
+#define VMUL_float(a, b) _mm512_mul_ps((a), (b))
 #define VSUB_float(a, b) _mm512_sub_ps((a), (b))
 #define VFMA_float(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define SFMA_float(a, b, c) __builtin_fmaf((a), (b), (c))
@@ -43,6 +44,7 @@
 #define VL_double 8
 #define VLOAD_double(p) _mm512_loadu_pd(p)
 #define VSET1_double(s) _mm512_set1_pd(s)
+#define VMUL_double(a, b) _mm512_mul_pd((a), (b))
 #define VSUB_double(a, b) _mm512_sub_pd((a), (b))
 #define VFMA_double(a, b, c) _mm512_fmadd_pd((a), (b), (c))
 #define SFMA_double(a, b, c) __builtin_fma((a), (b), (c))

@@ -28,6 +28,7 @@
 #define VL_float 1
 #define VLOAD_float(p) (*(p))
 #define VSET1_float(s) (s)
+#define VMUL_float(a, b) ((a) * (b))
 #define VSUB_float(a, b) ((a) - (b))
 #define VFMA_float(a, b, c) ((a) * (b) + (c))
 #define SFMA_float(a, b, c) ((a) * (b) + (c))
@@ -37,6 +38,7 @@
 #define VL_double 1
 #define VLOAD_double(p) (*(p))
 #define VSET1_double(s) (s)
+#define VMUL_double(a, b) ((a) * (b))
 #define VSUB_double(a, b) ((a) - (b))
 #define VFMA_double(a, b, c) ((a) * (b) + (c))
 #define SFMA_double(a, b, c) ((a) * (b) + (c))

@@ -16,6 +16,7 @@
  *       ISA fuses (fma 1) and twice where not, whatever the size, alignments, store mode, column strips or flat
  *       runs, interleaved coefficients and in place; so the same bits for every thread split and path, and within
  *       a rounding of the product of the scalar kernel's (which rounds twice).
+ *   rowcol kernels (rc_*, cr_*: layer norm, RMS norm): tests/c/test_rowcol.inc says what each is held to
  *   coefficients and bookkeeping (norm_params, bwd_params, cl_chunk_finish, cl_combine, cl_sum_rows)
  *       the scalar kernel's bits on every ISA (a NaN for a NaN: its sign and payload may differ), return value
  *       included, at every alignment of their arrays.

@@ -1,0 +1,183 @@
+"""LayerNorm and RMSNorm layers in the style of ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` (bn_simd.rownorm's
+calls with parameters, a backward and PyTorch's state-dict keys)."""
+import numbers
+
+import numpy as np
+
+from . import _args as ck
+from . import _core
+from .functional import _threads
+
+
+def _shape_arg(normalized_shape):
+    """normalized_shape as a tuple of ints >= 1 (an int is a 1-tuple), as PyTorch's layers keep it."""
+    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+        t = (int(normalized_shape),)
+    else:
+        try:
+            t = tuple(normalized_shape)
+        except TypeError:
+            raise TypeError(f"normalized_shape must be an int or a tuple of ints, got "
+                            f"{type(normalized_shape).__name__}") from None
+    if not t:
+        raise ValueError("normalized_shape must have at least one dimension, got ()")
+    for d in t:
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+            raise TypeError(f"normalized_shape must be an int or a tuple of ints, got {normalized_shape!r}")
+        if not 1 <= d < 2**31:
+            raise ValueError(f"normalized_shape must have sizes >= 1 and < 2**31, got {normalized_shape!r}")
+    return tuple(int(d) for d in t)
+
+
+class _RowNorm:
+    """What LayerNorm and RMSNorm share: the parameters, modes, backward bookkeeping and state."""
+
+    _rms = False
+
+    def _init(self, normalized_shape, eps, elementwise_affine, bias, dtype, layout):
+        self.normalized_shape = _shape_arg(normalized_shape)
+        self.dtype = ck.check_dtype(dtype)
+        self.layout = None if layout is None else ck.check_layout(layout)
+        if self.layout == "NCHW" and len(self.normalized_shape) != 1:
+            raise ValueError(f"normalized_shape must be the number of channels C with layout={layout!r}, got "
+                             f"{normalized_shape!r}")
+        self.eps = eps if eps is None and self._rms else ck.check_eps(eps)
+        self.elementwise_affine = bool(elementwise_affine)
+        shape = self.normalized_shape
+        self.weight = np.ones(shape, self.dtype) if self.elementwise_affine else None
+        self.bias = np.zeros(shape, self.dtype) if self.elementwise_affine and bias else None
+        self.grad_weight = self.grad_bias = None
+        self.training = True
+        self._saved = None
+
+    def reset_parameters(self):
+        """weight to ones, bias to zeros."""
+        if self.weight is not None:
+            self.weight.fill(1)
+        if self.bias is not None:
+            self.bias.fill(0)
+
+    def train(self, mode=True):
+        """Sets ``training`` (the layer computes the same either way; kept for PyTorch's interface); returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """``train(False)``; returns self."""
+        return self.train(False)
+
+    def parameters(self):
+        """The learnable arrays (weight, then bias), as ``torch.nn.Module.parameters`` lists them."""
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    def forward(self, x, *, out=None):
+        """Normalise x (float32 or float64, trailing dims ``normalized_shape``; channels-first: (N, C, *spatial));
+        returns y (``out`` if given, which may be x). Keeps what :meth:`backward` needs."""
+        saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
+        y, mean, rstd = _core.row_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.layout, out,
+                                       _threads(), self._rms, 2)
+        self._saved = (saved_x, mean, rstd)  # (the float64 statistics: the backward gets them unrounded)
+        return y
+
+    __call__ = forward
+
+    def backward(self, grad_out, *, out=None):
+        """Gradient of the last forward call: returns grad_x and sets ``grad_weight`` / ``grad_bias`` (in the
+        parameters' dtype and shape; None for a parameter the layer does not have)."""
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward call first")
+        x, mean, rstd = self._saved
+        r = _core.row_norm_backward(grad_out, x, mean, rstd, self.normalized_shape, self.weight, self.bias,
+                                    self.layout, out, _threads(), self._rms)
+        self.grad_weight = r[1]
+        self.grad_bias = None if self._rms else r[2]
+        return r[0]
+
+    def _state_keys(self):
+        return [k for k in ("weight", "bias") if getattr(self, k) is not None]
+
+    def state_dict(self):
+        """Copies of the parameters under PyTorch's keys (weight, and bias for LayerNorm)."""
+        return {k: getattr(self, k).copy() for k in self._state_keys()}
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load a dict from :meth:`state_dict` or from the PyTorch layer's (tensors are converted). Every entry is
+        checked (shape normalized_shape, floating dtype) before anything is assigned; strict=True also rejects
+        missing and unexpected keys. Values are copied into the layer's dtype."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        keys = self._state_keys()
+        if strict:
+            missing = [k for k in keys if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in keys]
+            if missing or unexpected:
+                raise ValueError(f"state_dict does not match this layer: missing keys {missing}, "
+                                 f"unexpected keys {unexpected}")
+        staged = {}
+        for k in keys:
+            if k not in state_dict:
+                continue
+            v = state_dict[k]
+            if v is None:
+                raise TypeError(f"state_dict[{k!r}] must be an array of shape {self.normalized_shape}, got None")
+            a = ck.to_ndarray(v, k)
+            if a.dtype.kind != "f":
+                raise TypeError(f"state_dict[{k!r}] must have a floating-point dtype, got {a.dtype}")
+            if a.shape != self.normalized_shape:
+                raise ValueError(f"state_dict[{k!r}] must have shape {self.normalized_shape}, got {a.shape}")
+            staged[k] = np.array(a, dtype=self.dtype)
+        for k, v in staged.items():
+            setattr(self, k, v)
+
+
+class LayerNorm(_RowNorm):
+    """Layer normalization over the trailing dims ``normalized_shape`` (``torch.nn.LayerNorm``).
+
+    Parameters
+    ----------
+    normalized_shape : int or tuple of ints, the trailing dims of the input normalised together.
+    eps : float > 0.
+    elementwise_affine : bool, learnable ``weight`` (ones) of shape normalized_shape.
+    bias : bool, with elementwise_affine, a learnable ``bias`` (zeros) too.
+    dtype : float32 or float64, the parameters' dtype.
+    layout : None, or "NCHW" / "channels_first": normalise over the channels (axis 1) of (N, C, *spatial) input
+        (ConvNeXt's LayerNorm2d), normalized_shape = C.
+
+    ``layer(x)`` normalises (training and eval alike); ``backward(grad_out)`` returns grad_x and sets
+    ``grad_weight`` / ``grad_bias``. ``state_dict`` keys: weight, bias, as PyTorch's. Raises TypeError / ValueError
+    naming the argument for wrong arguments.
+    """
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *, dtype=np.float32,
+                 layout=None):
+        self._init(normalized_shape, eps, elementwise_affine, bias, dtype, layout)
+
+    def __repr__(self):
+        lay = "" if self.layout is None else f", layout={self.layout!r}"
+        return (f"LayerNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+                f"{'' if self.bias is not None or not self.elementwise_affine else ', bias=False'}{lay}, "
+                f"dtype={self.dtype.name})")
+
+
+class RMSNorm(_RowNorm):
+    """RMS normalization over the trailing dims ``normalized_shape`` (``torch.nn.RMSNorm``):
+    y = x / sqrt(mean(x^2) + eps) * weight.
+
+    Parameters
+    ----------
+    normalized_shape : int or tuple of ints.
+    eps : float > 0, or None: the machine epsilon of the input's dtype (as PyTorch).
+    elementwise_affine : bool, a learnable ``weight`` (ones) of shape normalized_shape.
+    dtype : float32 or float64, the parameters' dtype.
+
+    ``layer(x)``, ``backward(grad_out)`` (sets ``grad_weight``), ``state_dict`` (key weight) as :class:`LayerNorm`.
+    """
+
+    _rms = True
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32):
+        self._init(normalized_shape, eps, elementwise_affine, False, dtype, None)
+
+    def __repr__(self):
+        return (f"RMSNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+                f"dtype={self.dtype.name})")

@@ -1,0 +1,425 @@
+"""Layer norm and RMS norm (bn_simd.layer_norm*, rms_norm*, LayerNorm, RMSNorm) against the float64 oracle of
+rownorm_oracle.py: forward and backward in both dtypes, over trailing dims and channels-first, sizes around the vector
+lengths, empty and many leading dims; numerics (large |mean| / std, constant rows, NaN confined to its row), bitwise
+thread invariance, every ISA, argument errors; the layers. Peers' cases translated: ONNX's LayerNormalization and
+RMSNormalization (an ``axis`` normalising X.shape[axis:], epsilon), Keras' correctness check (loc 5, scale 10),
+PyTorch's empty batches."""
+import numpy as np
+import pytest
+
+import bn_simd
+import bounds
+import rownorm_oracle as ro
+
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
+DTYPES = [F32, F64]
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+def _assert_within(got, want, bound, what):
+    got = np.asarray(got, np.float64)
+    assert got.shape == np.shape(want), f"{what}: shape {got.shape}, expected {np.shape(want)}"
+    bounds.assert_within(got.ravel(), np.asarray(want).ravel(), np.broadcast_to(bound, np.shape(want)).ravel(), what)
+
+
+def _case(seed, shape, k, dtype, affine=True, loc=0.0, scale=1.0, cf=False):
+    """x, weight, bias, grad_out and the parameters' shape (the last k dims; channels-first (C,))"""
+    r = _rng(seed)
+    x = (loc + scale * r.standard_normal(shape)).astype(dtype)
+    pshape = (shape[1],) if cf else tuple(shape[len(shape) - k:])
+    D = int(np.prod(pshape, dtype=np.int64))
+    w = (r.uniform(0.5, 2.0, D) * r.choice([-1.0, 1.0], D)).reshape(pshape).astype(dtype) if affine else None
+    b = r.standard_normal(D).reshape(pshape).astype(dtype) if affine else None
+    dy = r.standard_normal(shape).astype(dtype)
+    return x, w, b, dy, pshape
+
+
+def _check_ln(x, w, b, dy, ns, k, eps=1e-5, cf=False, rms=False, gw_dtype=None):
+    """Forward (all entry points) and backward against the oracle."""
+    dtype = x.dtype
+    xr = ro.to_rows(x, k, cf)
+    y0, xhat, mean, rstd = ro.forward(xr, w, b, eps, rms)
+    yb = ro.forward_bound(xr, xhat, rstd, dtype, w, b, rms)
+    lay = "NCHW" if cf else None
+    stat_shape = ((x.shape[0], 1) + x.shape[2:]) if cf else x.shape[:x.ndim - k] + (1,) * k
+    if rms:
+        y = bn_simd.rms_norm(x, ns, w, eps)
+        y1, s1 = bn_simd.rms_norm_forward(x, ns, w, eps=eps)
+    else:
+        y = bn_simd.layer_norm(x, ns, w, b, eps, layout=lay)
+        y1, m1, s1 = bn_simd.layer_norm_forward(x, ns, w, b, eps=eps, layout=lay)
+        assert m1.dtype == dtype and m1.shape == stat_shape
+        st = bounds.stat_tol(xr.shape[1], dtype)
+        sd = np.sqrt(np.maximum(1.0 / rstd ** 2 - eps, 0))
+        _assert_within(ro.to_rows(m1, 1, cf)[:, 0] if cf else m1.reshape(-1), mean, st * (np.abs(mean) + sd), "mean")
+    assert y.dtype == dtype and y.shape == x.shape
+    np.testing.assert_array_equal(y, y1)
+    _assert_within(ro.to_rows(y, k, cf), y0, yb, "y")
+    assert s1.dtype == dtype and s1.shape == stat_shape
+    _assert_within((ro.to_rows(s1, 1, cf)[:, 0] if cf else s1.reshape(-1)), rstd,
+                   4 * bounds.stat_tol(xr.shape[1], dtype) * rstd, "rstd")
+    # backward from the saved statistics as returned (x's dtype)
+    ms = None if rms else ro.to_rows(m1, 1, cf)[:, 0] if cf else m1.reshape(-1)
+    ss = ro.to_rows(s1, 1, cf)[:, 0] if cf else s1.reshape(-1)
+    (dx0, dw0, db0), mags = ro.backward(ro.to_rows(dy, k, cf), xr, ms, ss, w, rms)
+    bx, bw, bb = ro.backward_bound(mags, dw0, db0, dtype, xr.shape[1], xr.shape[0])
+    if rms:
+        dx, dw = bn_simd.rms_norm_backward(dy, x, s1, ns, w)
+        db = None
+    else:
+        dx, dw, db = bn_simd.layer_norm_backward(dy, x, m1, s1, ns, w, b, layout=lay)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    _assert_within(ro.to_rows(dx, k, cf), dx0, bx, "grad_x")
+    if w is None:
+        assert dw is None and db is None
+        return
+    assert dw.shape == w.shape and dw.dtype == w.dtype
+    _assert_within(dw.reshape(-1), dw0, bw, "grad_weight")
+    if not rms and b is None:
+        assert db is None
+    elif not rms:
+        assert db.shape == b.shape and db.dtype == b.dtype
+        _assert_within(db.reshape(-1), db0, bb, "grad_bias")
+
+
+# ---- values -----------------------------------------------------------------------------------------------------
+
+# normalised lengths around every ISA's vector lengths (4, 8, 16), the kernels' unrolling (2 vectors) and their row
+# blocks; shapes with many and with no leading dims
+LENGTHS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 64, 65, 100, 257, 768]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("D", LENGTHS)
+def test_last_dim_matches_the_oracle(D, rms, dtype):
+    x, w, b, dy, ns = _case(D, (3, 5, D), 1, dtype)
+    _check_ln(x, w, b, dy, D, 1, rms=rms)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("shape,k", [((6,), 1), ((2, 3, 4, 5), 2), ((2, 3, 4, 5), 3), ((2, 3, 4, 5), 4),
+                                     ((2, 1, 3, 1, 2, 7), 1), ((130, 20), 1), ((1, 1, 4096), 1), ((70, 3, 11), 2)])
+def test_normalized_shapes_and_leading_dims(shape, k, rms, dtype):
+    x, w, b, dy, ns = _case(len(shape) + k, shape, k, dtype)
+    _check_ln(x, w, b, dy, ns, k, rms=rms)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_without_weight_and_bias(rms):
+    x, w, b, dy, ns = _case(3, (4, 33), 1, F32, affine=False)
+    _check_ln(x, None, None, dy, 33, 1, rms=rms)
+    # weight alone: grad_bias None
+    _, w, _, _, _ = _case(4, (4, 33), 1, F32)
+    _check_ln(x, w, None, dy, 33, 1, rms=rms)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 3, 37), (3, 96, 7, 7), (2, 4, 70), (1, 3, 2, 3, 4), (2, 1, 17),
+                                   (2, 768, 5), (4, 8)])
+def test_channels_first_matches_the_oracle(shape, dtype):
+    """ConvNeXt's LayerNorm2d: normalised over axis 1 at every (sample, position), no transpose."""
+    r = _rng(len(shape))
+    x = r.standard_normal(shape).astype(dtype)
+    C = shape[1]
+    w, b = r.uniform(-2, 2, C).astype(dtype), r.standard_normal(C).astype(dtype)
+    _check_ln(x, w, b, r.standard_normal(shape).astype(dtype), C, 1, cf=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channels_first_equals_last_dim_of_the_transpose(dtype):
+    r = _rng(5)
+    x = r.standard_normal((2, 24, 9, 13)).astype(dtype)
+    w, b = r.uniform(-2, 2, 24).astype(dtype), r.standard_normal(24).astype(dtype)
+    y = bn_simd.layer_norm(x, 24, w, b, layout="channels_first")
+    yt = bn_simd.layer_norm(np.ascontiguousarray(np.moveaxis(x, 1, -1)), 24, w, b)
+    e = np.finfo(dtype).eps
+    np.testing.assert_allclose(y, np.moveaxis(yt, -1, 1), rtol=8 * e, atol=8 * e * np.abs(yt).max())
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_empty_leading_dims_return_empty(rms):
+    """PyTorch returns empty outputs (and statistics) for a batch of no rows."""
+    x = np.zeros((0, 3, 8), np.float32)
+    w, b = np.ones(8, np.float32), np.zeros(8, np.float32)
+    if rms:
+        y, s = bn_simd.rms_norm_forward(x, 8, w)
+        gx, gw = bn_simd.rms_norm_backward(x, x, s, 8, w)
+    else:
+        y, m, s = bn_simd.layer_norm_forward(x, 8, w, b)
+        assert m.shape == (0, 3, 1)
+        gx, gw, gb = bn_simd.layer_norm_backward(x, x, m, s, 8, w, b)
+        np.testing.assert_array_equal(gb, np.zeros(8))
+    assert y.shape == x.shape and s.shape == (0, 3, 1) and gx.shape == x.shape
+    np.testing.assert_array_equal(gw, np.zeros(8))
+
+
+# ---- numerics ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cf", [False, True], ids=["last", "channels_first"])
+def test_large_mean_over_std_stays_accurate(dtype, cf):
+    """|mean| / std = 1e6: the statistics are shifted sums in double and x - mean is exact, so y keeps the dtype's
+    accuracy (the textbook E[x^2] - E[x]^2 in float32 would return garbage)."""
+    shape = (3, 40, 6) if cf else (5, 3, 130)
+    x, w, b, dy, ns = _case(9, shape, 1, dtype, loc=1e6, scale=1.0, cf=cf)
+    _check_ln(x, w, b, dy, shape[1] if cf else shape[-1], 1, cf=cf)
+    y = bn_simd.layer_norm(x, shape[1] if cf else shape[-1], layout="NCHW" if cf else None)
+    red = (1, ) if cf else (-1,)
+    assert np.abs(y.astype(np.float64).std(axis=red) - 1).max() < 1e-3  # (a unit-variance result, not garbage)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cf", [False, True], ids=["last", "channels_first"])
+def test_a_constant_row_gives_exactly_the_bias(dtype, cf):
+    r = _rng(2)
+    shape = (4, 19, 5) if cf else (4, 3, 37)
+    C = shape[1] if cf else shape[-1]
+    vals = np.array([0.0, -3.7, 1e6, 12345.678, 1e-30], dtype)
+    x = np.empty(shape, dtype)
+    if cf:
+        x[...] = np.resize(vals, (shape[0], 1, shape[2]))
+    else:
+        x[...] = np.resize(vals, shape[:-1] + (1,))
+    w, b = r.uniform(-2, 2, C).astype(dtype), r.standard_normal(C).astype(dtype)
+    for eps in (1e-5, 1e-300 if dtype == F64 else 1e-30):
+        y = bn_simd.layer_norm(x, C, w, b, eps, layout="NCHW" if cf else None)
+        want = np.broadcast_to(b.reshape((C, 1)) if cf else b, y.shape)
+        np.testing.assert_array_equal(y, want)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("cf", [False, True], ids=["last", "channels_first"])
+def test_nan_stays_in_its_row(rms, cf):
+    """A NaN in x poisons its row's outputs (forward and grad_x) and, through the column sums, grad_weight (every
+    column: its row's xhat is NaN); a NaN in grad_out poisons its row's grad_x and its own column's parameter
+    gradients. Every other value stays finite and right."""
+    if rms and cf:
+        pytest.skip("RMS norm has no channels-first form")
+    shape = (4, 6, 5) if cf else (6, 33)
+    x, w, b, dy, _ = _case(1, shape, 1, F32, cf=cf)
+    C = shape[1] if cf else shape[-1]
+    lay = "NCHW" if cf else None
+    bad = (2, 3, 1) if cf else (2, 7)
+    pos = (2, slice(None), 1) if cf else (2, slice(None))  # the poisoned row
+
+    def fwd(x):
+        if rms:
+            return bn_simd.rms_norm_forward(x, C, w)
+        return bn_simd.layer_norm_forward(x, C, w, b, layout=lay)
+
+    def bwd(dy, x, st):
+        if rms:
+            return bn_simd.rms_norm_backward(dy, x, st[-1], C, w) + (None,)
+        return bn_simd.layer_norm_backward(dy, x, st[1], st[2], C, w, b, layout=lay)
+
+    xn = x.copy()
+    xn[bad] = np.nan
+    st = fwd(xn)
+    y = st[0]
+    row = np.zeros(shape, bool)
+    row[pos] = True
+    assert np.isnan(y[row]).all() and np.isfinite(y[~row]).all()
+    np.testing.assert_array_equal(y[~row], fwd(x)[0][~row])
+    gx, gw, gb = bwd(dy, xn, st)
+    assert np.isnan(gx[row]).all() and np.isfinite(gx[~row]).all()
+    assert np.isnan(gw).all()
+    if gb is not None:
+        assert np.isfinite(gb).all()
+    # NaN in grad_out
+    st = fwd(x)
+    dyn = dy.copy()
+    dyn[bad] = np.nan
+    gx, gw, gb = bwd(dyn, x, st)
+    assert np.isnan(gx[row]).all() and np.isfinite(gx[~row]).all()
+    col = np.zeros(C, bool)
+    col[bad[1] if cf else bad[-1]] = True
+    assert np.isnan(gw[col]).all() and np.isfinite(gw[~col]).all()
+    if gb is not None:
+        assert np.isnan(gb[col]).all() and np.isfinite(gb[~col]).all()
+
+
+# ---- determinism and ISAs ---------------------------------------------------------------------------------------
+
+def _all_outputs(x, w, b, dy, ns, lay, rms):
+    if rms:
+        y, s = bn_simd.rms_norm_forward(x, ns, w)
+        return (y, s) + bn_simd.rms_norm_backward(dy, x, s, ns, w)
+    y, m, s = bn_simd.layer_norm_forward(x, ns, w, b, layout=lay)
+    return (y, m, s) + bn_simd.layer_norm_backward(dy, x, m, s, ns, w, b, layout=lay)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("form", ["layer", "rms", "channels_first"])
+@pytest.mark.parametrize("shape", [(300, 257), (33, 2048), (5, 40, 24, 33)])
+def test_bitwise_the_same_for_any_thread_count(shape, form, dtype):
+    if form == "channels_first" and len(shape) != 4 or form != "channels_first" and len(shape) != 2:
+        pytest.skip("a shape of the other form")
+    cf, rms = form == "channels_first", form == "rms"
+    x, w, b, dy, _ = _case(7, shape, 1, dtype, cf=cf)
+    ns = shape[1] if cf else shape[-1]
+    lay = "NCHW" if cf else None
+    res = []
+    for n in (1, 2, 3):
+        with bn_simd.Context(num_threads=n):
+            res.append(_all_outputs(x, w, b, dy, ns, lay, rms))
+    for other in res[1:]:
+        for a, o in zip(res[0], other):
+            np.testing.assert_array_equal(a, o)
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with threadpoolctl.threadpool_limits(1, "openmp"):
+        one = _all_outputs(x, w, b, dy, ns, lay, rms)
+    for a, o in zip(res[1], one):
+        np.testing.assert_array_equal(a, o)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("form", ["layer", "rms", "channels_first"])
+def test_every_isa_matches_the_oracle(form, dtype):
+    cf, rms = form == "channels_first", form == "rms"
+    shape = (3, 37, 5, 7) if cf else (7, 3, 45)
+    x, w, b, dy, _ = _case(3, shape, 1, dtype, cf=cf)
+    before = bn_simd.get_isa()
+    try:
+        for isa in bn_simd.show_config()["supported_isas"]:
+            bn_simd.set_isa(isa)
+            _check_ln(x, w, b, dy, shape[1] if cf else shape[-1], 1, cf=cf, rms=rms)
+    finally:
+        bn_simd.set_isa(before)
+
+
+# ---- peers' cases -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rms", [False, True], ids=["LayerNormalization", "RMSNormalization"])
+@pytest.mark.parametrize("axis", [-4, -3, -2, -1, 1, 2, 3])
+@pytest.mark.parametrize("epsilon", [1e-5, 0.1])
+def test_onnx_axis_cases(axis, epsilon, rms):
+    """ONNX's LayerNormalization (opset 17) / RMSNormalization (opset 23) backend cases: X of shape (2, 3, 4, 5),
+    normalised over X.shape[axis:], scale (and B) of that shape."""
+    x, w, b, dy, ns = _case(abs(axis), (2, 3, 4, 5), 4 - axis % 4, F32)
+    _check_ln(x, w, b, dy, ns, len(ns), eps=epsilon, rms=rms)
+
+
+def test_keras_correctness_loc_5_scale_10():
+    """Keras' layer_normalization_test: normal data of mean 5 and std 10, the unit-scale layer's output has mean 0
+    and std 1 per position."""
+    x = _rng(0).normal(5.0, 10.0, (1000, 2, 2, 2)).astype(np.float32)
+    layer = bn_simd.LayerNorm((2, 2, 2))
+    y = layer(x).astype(np.float64).reshape(1000, -1)
+    np.testing.assert_allclose(y.mean(axis=1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y.std(axis=1), 1.0, atol=1e-3)
+
+
+def test_rms_norm_default_eps_is_the_machine_epsilon():
+    x = np.full((2, 4), 1e-5, np.float64)  # mean(x^2) = 1e-10: eps = 2.2e-16 visible, 1e-5 would dominate
+    for dt in (np.float32, np.float64):
+        xd = x.astype(dt)
+        y = bn_simd.rms_norm(xd, 4)
+        want = xd.astype(np.float64) / np.sqrt((xd.astype(np.float64) ** 2).mean(-1, keepdims=True)
+                                               + np.finfo(dt).eps)
+        np.testing.assert_allclose(y, want, rtol=4 * np.finfo(dt).eps)
+
+
+# ---- errors -----------------------------------------------------------------------------------------------------
+
+def test_bad_arguments_are_refused_naming_them_and_change_nothing():
+    x = np.ones((3, 4, 5), np.float32)
+    out = np.full_like(x, 7.0)
+    cases = [
+        (lambda: bn_simd.layer_norm(x, 6, out=out), ValueError, r"normalized_shape=\[6\]"),
+        (lambda: bn_simd.layer_norm(x, (3, 5), out=out), ValueError, "normalized_shape"),
+        (lambda: bn_simd.layer_norm(x, 5.0, out=out), TypeError, "normalized_shape"),
+        (lambda: bn_simd.layer_norm(x, (), out=out), ValueError, "normalized_shape"),
+        (lambda: bn_simd.layer_norm(x, (-5,), out=out), ValueError, "normalized_shape"),
+        (lambda: bn_simd.layer_norm(x, 5, np.ones(4), out=out), ValueError, "weight"),
+        (lambda: bn_simd.layer_norm(x, 5, None, np.ones((5, 1)), out=out), ValueError, "bias"),
+        (lambda: bn_simd.layer_norm(x, 5, np.ones(5, int), out=out), TypeError, "weight"),
+        (lambda: bn_simd.layer_norm(x, 5, eps=0.0, out=out), ValueError, "eps"),
+        (lambda: bn_simd.layer_norm(x, 5, eps="1", out=out), TypeError, "eps"),
+        (lambda: bn_simd.layer_norm(x.astype(int), 5, out=out), TypeError, r"\bx\b"),
+        (lambda: bn_simd.layer_norm(x, 5, out=out[:, :2]), ValueError, "out"),
+        (lambda: bn_simd.layer_norm(x, 5, out=out.astype(np.float64)), TypeError, "out"),
+        (lambda: bn_simd.layer_norm(x, 5, layout="NCWH", out=out), ValueError, "layout"),
+        (lambda: bn_simd.layer_norm(x, 5, layout="NCHW", out=out), ValueError, "normalized_shape"),
+        (lambda: bn_simd.layer_norm(x, (4, 5), layout="NCHW", out=out), ValueError, "normalized_shape"),
+        (lambda: bn_simd.rms_norm(x, 5, eps=-1.0, out=out), ValueError, "eps"),
+        (lambda: bn_simd.layer_norm_backward(x, x, np.zeros((3, 4, 1)), np.ones((3, 5, 1)), 5, out=out), ValueError,
+         "rstd"),
+        (lambda: bn_simd.layer_norm_backward(x, x, None, np.ones((3, 4, 1)), 5, out=out), TypeError, "mean"),
+        (lambda: bn_simd.layer_norm_backward(x[:, :3], x, np.zeros((3, 4, 1)), np.ones((3, 4, 1)), 5, out=out),
+         ValueError, "grad_out"),
+        (lambda: bn_simd.rms_norm_backward(x, x, np.ones((3, 4, 1), int), 5, out=out), TypeError, "rstd"),
+    ]
+    for call, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            call()
+        np.testing.assert_array_equal(out, 7.0)
+
+
+# ---- layers -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_layer_matches_the_functional_calls(dtype):
+    x, w, b, dy, ns = _case(2, (4, 6, 3, 5), 2, dtype)
+    layer = bn_simd.LayerNorm((3, 5), dtype=dtype)
+    layer.load_state_dict({"weight": w, "bias": b})
+    y = layer(x)
+    np.testing.assert_array_equal(y, bn_simd.layer_norm(x, (3, 5), w, b))
+    gx = layer.backward(dy)
+    _, m, s = bn_simd.layer_norm_forward(x, (3, 5), w, b)
+    gx1, gw1, gb1 = bn_simd.layer_norm_backward(dy, x, m, s, (3, 5), w, b)
+    e = np.finfo(dtype).eps  # (the layer keeps its statistics in float64, the functional pair in x's dtype)
+    np.testing.assert_allclose(gx, gx1, rtol=64 * e, atol=64 * e * np.abs(gx1).max())
+    np.testing.assert_allclose(layer.grad_weight, gw1, rtol=64 * e, atol=64 * e * np.abs(gw1).max())
+    np.testing.assert_allclose(layer.grad_bias, gb1, rtol=64 * e, atol=64 * e * np.abs(gb1).max())
+    assert layer.grad_weight.shape == (3, 5) and layer.grad_weight.dtype == dtype
+    assert [p.shape for p in layer.parameters()] == [(3, 5), (3, 5)]
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    assert repr(layer).startswith("LayerNorm((3, 5), eps=1e-05, elementwise_affine=True")
+
+
+def test_layer_variants_and_state_dicts():
+    assert bn_simd.LayerNorm(8, bias=False).state_dict().keys() == {"weight"}
+    assert bn_simd.LayerNorm(8, elementwise_affine=False).state_dict() == {}
+    r = bn_simd.RMSNorm(8)
+    assert r.eps is None and r.state_dict().keys() == {"weight"} and r.bias is None
+    x = _rng(0).standard_normal((5, 8)).astype(np.float32)
+    np.testing.assert_array_equal(r(x), bn_simd.rms_norm(x, 8, r.weight))
+    gx = r.backward(np.ones_like(x))
+    assert gx.shape == x.shape and r.grad_weight.shape == (8,) and r.grad_bias is None
+    cf = bn_simd.LayerNorm(8, layout="channels_first")
+    xc = _rng(1).standard_normal((2, 8, 3, 3)).astype(np.float32)
+    np.testing.assert_array_equal(cf(xc), bn_simd.layer_norm(xc, 8, cf.weight, cf.bias, layout="NCHW"))
+    with pytest.raises(ValueError, match="weight"):
+        bn_simd.LayerNorm(8).load_state_dict({"weight": np.ones(7), "bias": np.zeros(8)})
+    with pytest.raises(ValueError, match="unexpected"):
+        bn_simd.RMSNorm(8).load_state_dict({"weight": np.ones(8), "bias": np.zeros(8)})
+    with pytest.raises(RuntimeError):
+        bn_simd.LayerNorm(8).backward(np.ones((2, 8), np.float32))
+    with pytest.raises(ValueError, match="normalized_shape"):
+        bn_simd.LayerNorm(0)
+    with pytest.raises(TypeError, match="normalized_shape"):
+        bn_simd.LayerNorm("8")
+
+
+def test_state_dicts_load_both_ways_with_pytorch():
+    torch = pytest.importorskip("torch")
+    t = torch.nn.LayerNorm((3, 4))
+    with torch.no_grad():
+        t.weight.uniform_(-1, 1)
+        t.bias.uniform_(-1, 1)
+    layer = bn_simd.LayerNorm((3, 4))
+    layer.load_state_dict(t.state_dict())
+    np.testing.assert_array_equal(layer.weight, t.weight.detach().numpy())
+    t2 = torch.nn.LayerNorm((3, 4))
+    t2.load_state_dict({k: torch.from_numpy(v) for k, v in layer.state_dict().items()})
+    x = _rng(3).standard_normal((2, 5, 3, 4)).astype(np.float32)
+    np.testing.assert_allclose(layer(x), t2(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-5)
+    rt = torch.nn.RMSNorm(4)
+    r = bn_simd.RMSNorm(4)
+    r.load_state_dict(rt.state_dict())
+    np.testing.assert_allclose(r(x), rt(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-5)
