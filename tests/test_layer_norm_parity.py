@@ -258,12 +258,12 @@ def test_layer_norm_normalises_to_mean_0_var_1_then_applies_scale_and_bias(dtype
         k = int(rng.integers(1, rank))
         ns, lead = shape[-k:], shape[:-k]
         x = rng.uniform(0, 10, shape).astype(dtype)
-        y = bn_simd.layer_norm(x, ns, eps=1e-12).reshape(lead + (-1,)).astype(np.float64)
+        y = bn_simd.layer_norm(x, ns, eps=1e-20).reshape(lead + (-1,)).astype(np.float64)
         e = 64 * float(np.finfo(dtype).eps)
         assert np.abs(y.mean(-1)).mean() <= e and abs(np.abs(y.var(-1)).mean() - 1) <= e
         scale, bias = rng.uniform(0.2, 2, 2)
         w, b = np.full(ns, scale, dtype), np.full(ns, bias, dtype)
-        y = bn_simd.layer_norm(x, ns, w, b, eps=1e-12).reshape(lead + (-1,)).astype(np.float64)
+        y = bn_simd.layer_norm(x, ns, w, b, eps=1e-20).reshape(lead + (-1,)).astype(np.float64)
         assert abs(y.mean(-1).mean() - bias) <= 4 * e * (1 + bias)
         assert abs(y.var(-1).mean() - scale ** 2) <= 4 * e * (1 + scale ** 2)
 
