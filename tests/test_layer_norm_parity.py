@@ -148,6 +148,29 @@ def test_rms_norm_eps_none_is_the_dtypes_machine_epsilon_as_torch(dtype):
     np.testing.assert_allclose(y, 1e-8 / np.sqrt(1e-16 + e), rtol=16 * e)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 16, 5, 7), (1, 96, 14, 14), (3, 8, 11)], ids=lambda s: "x".join(map(str, s)))
+def test_channels_first_layer_norm_matches_convnexts_permute_layer_norm_permute(shape, dtype):
+    # ConvNeXt's LayerNorm2d in PyTorch: permute NCHW to NHWC, layer_norm over C, permute back (autograd through it)
+    C = shape[1]
+    x, w, b, g = _data(shape, C, dtype, seed=51, loc=1.0)
+    xt, wt, bt_ = _t(x, True), _t(w, True), _t(b, True)
+    yt = TF.layer_norm(xt.movedim(1, -1), (C,), wt, bt_, 1e-6).movedim(-1, 1)
+    yt.backward(_t(g))
+    y, mean, rstd = bn_simd.layer_norm_forward(x, C, w, b, eps=1e-6, layout="NCHW")
+    xl, gl = np.moveaxis(x, 1, -1), np.moveaxis(g, 1, -1)  # the oracle's (positions, C) rows
+    ref.assert_within(np.moveaxis(y, 1, -1), np.moveaxis(_np(yt), 1, -1),
+                      ref.forward_bound(xl, C, w, b, 1e-6, dtype), "y")
+    gx, gw, gb = bn_simd.layer_norm_backward(g, x, mean, rstd, C, w, b, layout="NCHW")
+    bx, bw, bb = ref.backward_bounds(gl, xl, C, w, 1e-6, dtype)
+    ref.assert_within(np.moveaxis(gx, 1, -1), np.moveaxis(_np(xt.grad), 1, -1), bx, "grad_x")
+    ref.assert_within(gw, _np(wt.grad), bw, "grad_weight")
+    ref.assert_within(gb, _np(bt_.grad), bb, "grad_bias")
+    layer = bn_simd.LayerNorm(C, eps=1e-6, layout="NCHW", dtype=dtype)
+    layer.load_state_dict({"weight": w, "bias": b})
+    np.testing.assert_array_equal(layer(x), y)
+
+
 # ---- modules (common_modules' inputs) ------------------------------------------------------------------------------
 
 MODULE_CASES = [  # (constructor args, constructor kwargs, input shape): module_inputs_torch_nn_LayerNorm / RMSNorm
