@@ -557,10 +557,10 @@ def test_converted_cnn_gives_the_original_outputs_in_eval_and_train(channels_las
 def test_convert_leaves_other_classes_and_refuses_non_modules():
     class MyBN(torch.nn.BatchNorm2d):
         pass
-    model = torch.nn.Sequential(MyBN(3), torch.nn.SyncBatchNorm(3), torch.nn.LayerNorm(3))
+    model = torch.nn.Sequential(MyBN(3), torch.nn.SyncBatchNorm(3), torch.nn.LocalResponseNorm(2))
     bt.convert(model)
-    # (SyncBatchNorm has its drop-in: tests/test_torch_sync.py)
-    assert [type(m) for m in model] == [MyBN, bt.SyncBatchNorm, torch.nn.LayerNorm]
+    # (SyncBatchNorm has its drop-in: tests/test_torch_sync.py; LayerNorm and RMSNorm: tests/test_torch_rownorm.py)
+    assert [type(m) for m in model] == [MyBN, bt.SyncBatchNorm, torch.nn.LocalResponseNorm]
     single = torch.nn.BatchNorm2d(3)
     assert bt.convert(single) is single and type(single) is bt.BatchNorm2d
     with pytest.raises(TypeError, match=r"\bmodel must be a torch.nn.Module"):
