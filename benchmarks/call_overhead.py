@@ -115,6 +115,22 @@ def cases(bn):
             ("InstanceNorm1d 2x8x3", P(inorm.forward, xi)),
             ("InstanceNorm1d backward 2x8x3", P(inorm.backward, gi)),
         ]
+    if hasattr(bn, "layer_norm"):
+        lm, ls = bn.layer_norm_forward(x2, C, w, b)[1:]
+        rs = bn.rms_norm_forward(x2, C, w)[1]
+        ln, rn = bn.LayerNorm(C), bn.RMSNorm(C)
+        ln(x2)
+        rn(x2)
+        out += [
+            ("layer_norm 2x8", P(bn.layer_norm, x2, C, w, b)),
+            ("layer_norm_forward 2x8", P(bn.layer_norm_forward, x2, C, w, b)),
+            ("layer_norm_backward 2x8", P(bn.layer_norm_backward, g2, x2, lm, ls, C, w, b)),
+            ("rms_norm 2x8", P(bn.rms_norm, x2, C, w)),
+            ("rms_norm_backward 2x8", P(bn.rms_norm_backward, g2, x2, rs, C, w)),
+            ("LayerNorm 2x8", P(ln.forward, x2)),
+            ("LayerNorm backward 2x8", P(ln.backward, g2)),
+            ("RMSNorm 2x8", P(rn.forward, x2)),
+        ]
     return out
 
 

@@ -9,7 +9,8 @@ PARAMS = [(case, mode, name) for case in CASES for mode in case.modes for name i
 # small arrays on which test_agreement compares the implementations' outputs, in every mode of their family
 SMALL = ([Case((4, 24, 5, 7), "NCHW"), Case((4, 24, 5, 7), "NHWC"), Case((64, 40))]
          + [Case((4, 24, 5, 7), layout, family="group_norm", options={"G": 6}) for layout in ("NCHW", "NHWC")]
-         + [Case((4, 24, 5, 7), layout, family="instance_norm") for layout in ("NCHW", "NHWC")])
+         + [Case((4, 24, 5, 7), layout, family="instance_norm") for layout in ("NCHW", "NHWC")]
+         + [Case((3, 5, 40), "last", family=fam) for fam in ("layer_norm", "rms_norm")])
 AGREEMENT = [(case, mode) for case in SMALL for mode in case.modes]
 
 

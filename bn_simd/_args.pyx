@@ -674,8 +674,8 @@ cdef int rows_view(cnp.ndarray x, object normalized_shape, object layout, Rows* 
             raise ValueError(f"normalized_shape must be the number of channels C (an int) with layout={layout!r}, "
                              f"got {normalized_shape!r}")
         if nd < 2 or shape[1] != ns[0]:
-            raise ValueError(f"Given normalized_shape={list(ns)} and layout={layout!r}, expected input of shape "
-                             f"[N, {ns[0]}, *], but got input of size {list(shape)}")
+            raise ValueError(f"x must have shape [N, {ns[0]}, *] for normalized_shape={list(ns)} and "
+                             f"layout={layout!r}, got {nd}-D input of shape {list(shape)}")
         s = 1
         for k in range(2, nd):
             s *= shape[k]
@@ -686,8 +686,8 @@ cdef int rows_view(cnp.ndarray x, object normalized_shape, object layout, Rows* 
                          f"got {normalized_shape!r}")
     k = len(ns)
     if nd < k or tuple(shape[nd - k:]) != ns:
-        raise ValueError(f"Given normalized_shape={list(ns)}, expected input with shape [*, "
-                         f"{', '.join(str(d) for d in ns)}], but got input of size {list(shape)}")
+        raise ValueError(f"x must have shape [*, {', '.join(str(d) for d in ns)}] for normalized_shape={list(ns)}, "
+                         f"got {nd}-D input of shape {list(shape)}")
     for d in ns:
         c *= d
     for i in range(nd - k):
@@ -728,6 +728,23 @@ cdef object row_param(object v, str name, cnp.ndarray x, Rows* r):
 cdef int row_stat(object v, str name, cnp.ndarray x, Rows* r, double* dst) except -1:
     """A saved statistic of layer / RMS norm (mean, rstd): N S floats shaped as the forward returns them (or without
     the trailing ones), read as float64 into dst."""
+    cdef cnp.ndarray p
+    cdef int k, nd = cnp.PyArray_NDIM(x)
+    cdef bint same
+    if type(v) is cnp.ndarray and _plain(<cnp.ndarray>v) and cnp.PyArray_NDIM(<cnp.ndarray>v) == nd:
+        # (the statistics as the forward returned them: checked dim by dim, no tuple built)
+        p = <cnp.ndarray>v
+        same = True
+        for k in range(nd):
+            if r.cf:
+                same = same and cnp.PyArray_DIM(p, k) == (1 if k == 1 else cnp.PyArray_DIM(x, k))
+            else:
+                same = same and cnp.PyArray_DIM(p, k) == (cnp.PyArray_DIM(x, k) if k < r.lead else 1)
+        if same:
+            return load(p, r.N * r.S, dst)
+    if type(v) is cnp.ndarray and _plain(<cnp.ndarray>v) and cnp.PyArray_NDIM(<cnp.ndarray>v) == 1 \
+            and cnp.PyArray_DIM(<cnp.ndarray>v, 0) == r.N * r.S:
+        return load(v, r.N * r.S, dst)
     if v is None:
         raise TypeError(f"{name} must be an array of shape {stat_shape(x, r)}, got None")
     a = _to_ndarray(v, name)

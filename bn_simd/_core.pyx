@@ -1195,10 +1195,14 @@ def row_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight, bias, l
         k_row_backward(r.dtype, data_or_null(ga), data_or_null(xa), data_or_null(dx), &r, rms,
                        NULL if rms or not NS else p, p + NS if NS else NULL, load_opt(w, C, p + 2 * NS), gw, gb,
                        nthreads)
-        gwa = None if w is None else vector_as(C, gw, w).reshape(np.shape(weight))
+        gwa = None if w is None else vector_as(C, gw, w)
+        if w is not None and w is not weight:  # (weight shaped as normalized_shape: its gradient too)
+            gwa = gwa.reshape(np.shape(weight))
         if rms:
             return dx, gwa
-        gba = None if b is None else vector_as(C, gb, b).reshape(np.shape(bias))
+        gba = None if b is None else vector_as(C, gb, b)
+        if b is not None and b is not bias:
+            gba = gba.reshape(np.shape(bias))
         return dx, gwa, gba
     finally:
         release(p, stack)

@@ -107,16 +107,17 @@
     /* rowcol (rowcol.inc): rows of D contiguous elements, statistics per row i, affine per column j.             \
      * y[i, j] = ((x[i, j] - m[i]) - res[i]) r[i] w[j] + b[j]; y may be x */                                      \
     typedef void bn_##S##_rc_affine_fn(const TS* x, TS* y, int64_t rows, int64_t D, const TC* m, const TC* res,   \
-                                       const TC* r, const TC* w, const TC* b);                                    \
+                                       const TC* r, const TC* w, const TC* b, int nt);                            \
     /* per row, g = dy w[j], xh = (x - mean[i]) rstd[i]: sg[i] = sum g, sgx[i] = sum g xh; per column              \
      * gw[j] += sum_i dy xh, gb[j] += sum_i dy (rows in order), in double */                                       \
     typedef void bn_##S##_rc_bwd_sums_fn(const TS* dy, const TS* x, int64_t rows, int64_t D, const double* mean,  \
                                          const double* rstd, const double* w, double* sg, double* sgx,             \
                                          double* gw, double* gb);                                                  \
-    /* dx[i, j] = (dy w[j]) a[i] + (bb[i] ((x - m[i]) - res[i]) + d[i]); dx may be dy or x */                      \
+    /* dx[i, j] = (dy w[j]) a[i] + (bb[i] ((x - m[i]) - res[i]) + d[i]); dx may be dy or x. nt: UK_STORE or      \
+     * UK_STREAM (rows on a vector boundary stream), for rc_affine too */                      \
     typedef void bn_##S##_rc_bwd_apply_fn(const TS* dy, const TS* x, TS* dx, int64_t rows, int64_t D,             \
                                           const TC* m, const TC* res, const TC* a, const TC* bb, const TC* d,     \
-                                          const TC* w);                                                            \
+                                          const TC* w, int nt);                                                    \
     /* the same with the roles swapped: `rows` rows (channels c) of W elements ld apart, statistics per column s,  \
      * affine per row c (layer norm over the channels of a channels-first array) */                               \
     typedef void bn_##S##_cr_affine_fn(const TS* x, TS* y, int64_t rows, int64_t W, int64_t ld, const TC* m,      \

@@ -1059,4 +1059,243 @@ INSTANCE_NORM = Op(
     stats_by_layout=True,
 )
 
-OPS = [BATCH_NORM, GROUP_NORM, INSTANCE_NORM]
+
+# ================================================================================================================
+# Layer normalization and RMS normalization over the channels
+# ================================================================================================================
+# The logical shape is (N, C, *spatial), normalised over C at every (sample, position): layout "NCHW" calls the
+# channels-first form (layout="NCHW", ConvNeXt's LayerNorm2d), "NHWC" the trailing-dims form on the channels-last
+# array (normalized_shape = C), so the layouts suite compares the two kernels' families. The saved statistics
+# (GROUP kind) are stored as the library returns them for the layout ((N, 1, *spatial) or (N, *spatial, 1)); the
+# entry points return them as (N, S), the same in either layout. RMS norm has the trailing form only ("NHWC").
+# Every position depends on all the channels, and the parameter gradients on all the positions: one slice.
+
+import rownorm_oracle as rno  # noqa: E402  (the oracle of these two ops)
+
+LN_LAYOUTS = BN_LAYOUTS
+RMS_LAYOUTS = {"NHWC": "NHWC", "channels_last": "NHWC"}
+
+
+def _ln_stat_shape(shape, layout):
+    """The saved statistics' shape in the library for logical shape (N, C, *spatial) stored in `layout`."""
+    return (shape[0], 1) + tuple(shape[2:]) if BN_LAYOUTS[layout] == "NCHW" else (shape[0],) + tuple(shape[2:]) + (1,)
+
+
+def _rows(c, name="x"):
+    """A DATA array of the case as float64 rows (N S, C)."""
+    return rno.to_rows(c.canonical(c[name]), 1, channels_first=True)
+
+
+def _from_rows(c, r):
+    """Rows (N S, C) as a DATA array stored in the case's layout."""
+    return c.op.store(rno.from_rows(r, c.shape, channels_first=True), c.layout)
+
+
+def _rownorm_case(op, rms, rng, shape, layout, dtype, loc, scale, affine, param_dtype, eps):
+    dtype = np.dtype(dtype)
+    pdt = np.dtype(param_dtype or dtype)
+    C = shape[1]
+    x = (loc + scale * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 2.0, C) * rng.choice([-1.0, 1.0], C)
+    b = rng.standard_normal(C)
+    rows = rno.to_rows(x, 1, channels_first=True)
+    with np.errstate(all="ignore"):
+        _, _, mean, rstd = rno.forward(rows, None, None, eps, rms)
+    st = _ln_stat_shape(shape, layout)
+    arrays = dict(x=_store(x, layout), grad_out=_store(dy, layout), weight=w.astype(pdt) if affine else None,
+                  bias=b.astype(pdt) if affine and not rms else None, save_mean=mean.astype(dtype).reshape(st),
+                  save_rstd=rstd.astype(dtype).reshape(st))
+    return Case(op, shape, layout, dtype, arrays, dict(eps=eps), C)
+
+
+def ln_make_case(rng, shape, layout="NCHW", dtype=np.float32, *, loc=0.0, scale=1.0, affine=True, param_dtype=None,
+                 eps=1e-5, **ignored):
+    """Layer norm's arguments for x of logical shape (N, C, *spatial) stored in `layout`: x ~ loc + scale N(0, 1),
+    grad_out ~ N(0, 1) in dtype; weight, bias (C,) in param_dtype (None without affine); save_mean, save_rstd the
+    positions' statistics in dtype, shaped as the library returns them. (Other suites' options: ignored.)"""
+    return _rownorm_case(LAYER_NORM, False, rng, shape, layout, dtype, loc, scale, affine, param_dtype, eps)
+
+
+def rms_make_case(rng, shape, layout="NHWC", dtype=np.float32, *, loc=0.0, scale=1.0, affine=True, param_dtype=None,
+                  eps=1e-5, **ignored):
+    """RMS norm's arguments, as layer norm's (no bias; save_mean unused)."""
+    return _rownorm_case(RMS_NORM, True, rng, shape, layout, dtype, loc, scale, affine, param_dtype, eps)
+
+
+def _rms_of(c):
+    return c.op is RMS_NORM
+
+
+def _ns_stats(c, a):
+    """A saved statistic returned by the library, as (N, S)."""
+    return None if a is None else a.reshape(c.shape[0], -1)
+
+
+def _exp_rn_forward(c):
+    rms, x = _rms_of(c), _rows(c)
+    with np.errstate(all="ignore"):
+        y, xhat, mean, rstd = rno.forward(x, c["weight"], c["bias"], c["eps"], rms)
+        bound = rno.forward_bound(x, xhat, rstd, c.dtype, c["weight"], c["bias"], rms)
+        t = bounds.stat_tol(c.n, c.dtype)
+        sd = np.sqrt(np.abs(1.0 / rstd ** 2 - c["eps"]))
+    N = c.shape[0]
+    ye = Expected(_from_rows(c, y), _from_rows(c, bound), c.dtype)
+    se = Expected(rstd.reshape(N, -1), (4 * t * np.abs(rstd)).reshape(N, -1), c.dtype)
+    if rms:
+        return ye, se
+    return ye, Expected(mean.reshape(N, -1), (t * (np.abs(mean) + sd)).reshape(N, -1), c.dtype), se
+
+
+def _exp_rn_grads(c, mean, rstd, gdtype, extra=False):
+    rms, x, dy = _rms_of(c), _rows(c), _rows(c, "grad_out")
+    with np.errstate(all="ignore"):
+        (dx, dw, db), mags = rno.backward(dy, x, mean, rstd, c["weight"], rms)
+        bx, bw, bb = rno.backward_bound(mags, dw, db, c.dtype, x.shape[1], x.shape[0], coarser(gdtype, c.dtype))
+        if extra and x.size:  # the layer's own float64 statistics err too (see _exp_gn_layer_backward)
+            rt = c.tol.reduction
+            s = np.abs(np.asarray(rstd, np.float64)).reshape(-1, 1)
+            xh = np.abs(x - (0.0 if rms else np.asarray(mean, np.float64).reshape(-1, 1))) * s
+            cond = np.abs(x).mean(axis=1, keepdims=True) * s
+            wdy = np.abs(dy * rno._param(c["weight"], x.shape[1], 1.0))
+            M = x.shape[1]
+            A, B = wdy.sum(axis=1, keepdims=True), (wdy * xh).sum(axis=1, keepdims=True)
+            e = rt * (2.0 * xh + cond)
+            eB = (wdy * e).sum(axis=1, keepdims=True)
+            # (nan_to_num: an RMS row with an infinite value has rstd 0, and inf * 0 in these magnitudes)
+            bx = bx + np.nan_to_num(s * (2.0 * rt * (wdy + A / M + xh * B / M) + e * B / M + xh * eB / M))
+            bw = bw + np.nan_to_num(np.abs(dy) * e).sum(axis=0)
+    gx = Expected(_from_rows(c, dx), _from_rows(c, bx), c.dtype)
+    gw = Expected(dw, bw, gdtype) if c["weight"] is not None else None
+    if rms:
+        return gx, gw
+    return gx, gw, (Expected(db, bb, gdtype) if c["bias"] is not None else None)
+
+
+def _exp_rn_backward(c):
+    rstd = _f64(c["save_rstd"]).reshape(-1)
+    mean = None if _rms_of(c) else _f64(c["save_mean"]).reshape(-1)
+    return _exp_rn_grads(c, mean, rstd, _gdtype(c))
+
+
+def _exp_rn_layer_backward(c):
+    x = _rows(c)
+    with np.errstate(all="ignore"):
+        _, _, mean, rstd = rno.forward(x, None, None, c["eps"], _rms_of(c))
+    g = _exp_rn_grads(c, mean, rstd, _gdtype(c), extra=True)
+    if _rms_of(c):
+        return g + (None,)
+    return g
+
+
+def _ln_lib_layout(c):
+    return c.layout_arg
+
+
+def _rn_forward(c, out, ctx):
+    if _rms_of(c):
+        y, s = bn_simd.rms_norm_forward(c["x"], c.shape[1], c["weight"], eps=c["eps"], out=out)
+        return y, _ns_stats(c, s)
+    y, m, s = bn_simd.layer_norm_forward(c["x"], c.shape[1], c["weight"], c["bias"], eps=c["eps"], out=out,
+                                         layout=_ln_lib_layout(c))
+    return y, _ns_stats(c, m), _ns_stats(c, s)
+
+
+def _rn_functional(c, out, ctx):
+    if _rms_of(c):
+        return (bn_simd.rms_norm(c["x"], c.shape[1], c["weight"], c["eps"], out=out),)
+    return (bn_simd.layer_norm(c["x"], c.shape[1], c["weight"], c["bias"], c["eps"], out=out,
+                               layout=_ln_lib_layout(c)),)
+
+
+def _rn_backward(c, out, ctx):
+    if _rms_of(c):
+        return bn_simd.rms_norm_backward(c["grad_out"], c["x"], c["save_rstd"], c.shape[1], c["weight"], out=out)
+    return bn_simd.layer_norm_backward(c["grad_out"], c["x"], c["save_mean"], c["save_rstd"], c.shape[1],
+                                       c["weight"], c["bias"], out=out, layout=_ln_lib_layout(c))
+
+
+def _rn_layer(c):
+    affine = c["weight"] is not None
+    if _rms_of(c):
+        layer = bn_simd.RMSNorm(c.shape[1], eps=c["eps"], elementwise_affine=affine, dtype=c.dtype)
+    else:
+        layer = bn_simd.LayerNorm(c.shape[1], eps=c["eps"], elementwise_affine=affine, dtype=c.dtype,
+                                  layout=_ln_lib_layout(c))
+    if affine:  # (the case's arrays themselves: a refused call is seen to leave them as they were)
+        layer.weight, layer.bias = c["weight"], c["bias"]
+    return layer
+
+
+def _rn_layer_forward(c, out, ctx):
+    return (_rn_layer(c)(c["x"], out=out),)
+
+
+def _rn_layer_prepare(c):
+    layer = _rn_layer(c)
+    layer(c["x"])
+    return layer
+
+
+def _rn_layer_backward(c, out, ctx):
+    gx = ctx.backward(c["grad_out"], out=out)
+    return gx, ctx.grad_weight, ctx.grad_bias
+
+
+def _rn_groups(c):
+    return 1
+
+
+def _rn_take(c, a, kind, which):
+    return a
+
+
+def _rn_restrict(c, which):
+    return c
+
+
+_RN_NAMES = {"save_mean": r"\bmean\b", "save_rstd": r"\brstd\b"}  # (the API's names)
+_RN_ARGS = dict(x=DATA, grad_out=DATA, weight=CHANNEL, bias=CHANNEL, save_mean=GROUP, save_rstd=GROUP)
+_LN_STATS = (Output("save_mean", GROUP), Output("save_rstd", GROUP))
+
+
+def _rownorm_op(name, make_case, rms, layouts):
+    grads = _GRADS if not rms else (Output("grad_x"), Output("grad_weight", CHANNEL))
+    params = ("weight",) if rms else _PER_CHANNEL
+    stats = (Output("save_rstd", GROUP),) if rms else _LN_STATS
+    bwd_reads = ("grad_out", "x") + (() if rms else ("save_mean",)) + ("save_rstd",) + params
+    anyrank = tuple(range(1, 9))  # (any rank that ends in normalized_shape; the suites' bad ranks: 0 and 9)
+    return Op(
+        name=name,
+        make_case=make_case,
+        entry_points=(
+            EntryPoint("forward", _rn_forward, (_Y,) + stats, _exp_rn_forward, reads=("x",) + params, out=("x",),
+                       large=True, ranks=anyrank),
+            EntryPoint("functional", _rn_functional, (_Y,), lambda c: (_exp_rn_forward(c)[0],),
+                       reads=("x",) + params, out=("x",), ranks=anyrank),
+            EntryPoint("backward", _rn_backward, grads, _exp_rn_backward, reads=bwd_reads, out=("x", "grad_out"),
+                       large=True, names=_RN_NAMES, ranks=anyrank),
+            EntryPoint("layer_forward", _rn_layer_forward, (_Y,), lambda c: (_exp_rn_forward(c)[0],),
+                       reads=("x",) + params, out=("x",), ranks=anyrank),
+            EntryPoint("layer_backward", _rn_layer_backward, _GRADS, _exp_rn_layer_backward, reads=("grad_out",),
+                       out=("x", "grad_out"), prepare=_rn_layer_prepare),
+        ),
+        layouts=layouts,
+        store=_store,
+        load=_load,
+        ranks=(2, 3, 4, 5),
+        dtypes=(np.dtype(np.float32), np.dtype(np.float64)),
+        args=_RN_ARGS if not rms else {k: v for k, v in _RN_ARGS.items() if k not in ("bias", "save_mean")},
+        state=(),
+        tolerance=bounds.tolerance,
+        groups=_rn_groups,
+        take=_rn_take,
+        restrict=_rn_restrict,
+        stats_by_layout=True,  # (channels-first sums a position's channels across rows, the trailing form along one)
+    )
+
+
+LAYER_NORM = _rownorm_op("layer_norm", ln_make_case, False, LN_LAYOUTS)
+RMS_NORM = _rownorm_op("rms_norm", rms_make_case, True, RMS_LAYOUTS)
+
+OPS = [BATCH_NORM, GROUP_NORM, INSTANCE_NORM, LAYER_NORM, RMS_NORM]

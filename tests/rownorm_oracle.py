@@ -82,7 +82,9 @@ def forward_bound(x, xhat, rstd, dtype, weight=None, bias=None, rms=False, mean=
     wa, ba = np.abs(_param(weight, D, 1.0)), np.abs(_param(bias, D, 0.0)) * (not rms)
     cond = (np.abs(x).mean(axis=1, keepdims=True) if D else np.zeros((R, 1))) * np.abs(rstd)[:, None]
     xa = np.abs(xhat)
-    return t.elementwise * (wa * (1.0 + xa) + ba) + wa * t.reduction * (cond + xa)
+    # (a row of RMS norm with an infinite value has rstd 0: its finite values give exactly 0, where the magnitudes
+    # are inf * 0)
+    return np.nan_to_num(t.elementwise * (wa * (1.0 + xa) + ba) + wa * t.reduction * (cond + xa), nan=0.0)
 
 
 def backward_bound(mags, dw, db, dtype, D, R, rounding=None):

@@ -330,7 +330,7 @@ def test_bad_arguments_are_refused_naming_them_and_change_nothing():
     x = np.ones((3, 4, 5), np.float32)
     out = np.full_like(x, 7.0)
     cases = [
-        (lambda: bn_simd.layer_norm(x, 6, out=out), ValueError, r"normalized_shape=\[6\]"),
+        (lambda: bn_simd.layer_norm(x, 6, out=out), ValueError, r"\bx\b.*normalized_shape=\[6\]"),
         (lambda: bn_simd.layer_norm(x, (3, 5), out=out), ValueError, "normalized_shape"),
         (lambda: bn_simd.layer_norm(x, 5.0, out=out), TypeError, "normalized_shape"),
         (lambda: bn_simd.layer_norm(x, (), out=out), ValueError, "normalized_shape"),
@@ -423,3 +423,19 @@ def test_state_dicts_load_both_ways_with_pytorch():
     r = bn_simd.RMSNorm(4)
     r.load_state_dict(rt.state_dict())
     np.testing.assert_allclose(r(x), rt(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_outputs_beyond_the_cache_stream_to_the_same_values():
+    """Calls touching more than 32 MiB write their rows with streaming stores: the values are those of the same rows
+    in calls small enough to store normally (forward in halves, grad_x in quarters)."""
+    r = _rng(12)
+    x = r.standard_normal((1400, 4096), dtype=np.float32)
+    dy = r.standard_normal(x.shape, dtype=np.float32)
+    w, b = r.uniform(-2, 2, 4096).astype(np.float32), r.standard_normal(4096).astype(np.float32)
+    y, m, s = bn_simd.layer_norm_forward(x, 4096, w, b)
+    for part in np.split(np.arange(1400), 2):
+        np.testing.assert_array_equal(y[part], bn_simd.layer_norm(x[part], 4096, w, b))
+    gx = bn_simd.layer_norm_backward(dy, x, m, s, 4096, w, b)[0]
+    for part in np.split(np.arange(1400), 4):
+        np.testing.assert_array_equal(gx[part], bn_simd.layer_norm_backward(dy[part], x[part], m[part], s[part], 4096,
+                                                                            w, b)[0])

@@ -8,6 +8,10 @@ states its modes, the minimum traffic of each mode and how a case's arrays (its 
 implementations are registered per family in ``impls.IMPLEMENTATIONS``. Timing and reports read only these
 records, so a new family is a FAMILIES entry, its workspace, its IMPLEMENTATIONS entry and its cases.
 
+Layer norm and RMS norm (families "layer_norm", "rms_norm") take transformer shapes: ``Case((32, 128, 768),
+"last", family="layer_norm")`` is an array of that shape normalised over its last dim (layout "last": the arrays
+are the dims as given).
+
 Minimum bytes of a mode (the traffic no implementation can avoid), for the normalisation families:
 forward-train and eval read x and write y, 2 tensor passes; backward reads x and grad_out and writes
 grad_x, 3 passes; forward+backward is the two in a row, 5 passes.
@@ -59,8 +63,8 @@ class Case:
     def __init__(self, dims, layout="NCHW", modes=None, *, family="batch_norm", dtype=np.float32, options=None):
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
-        if layout not in ("NCHW", "NHWC"):
-            raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+        if layout not in ("NCHW", "NHWC", "last"):
+            raise ValueError(f"layout must be 'NCHW', 'NHWC' or 'last', got {layout!r}")
         known = FAMILIES[family].modes
         self.family = family
         self.modes = tuple(modes) if modes else known
@@ -172,6 +176,34 @@ class GroupNormWorkspace:
             self.save_mean = self.save_invstd = None
 
 
+class RowNormWorkspace:
+    """The arrays of one layer-norm or RMS-norm case: x (the case's shape) normalised over its last dim D, grad_out
+    standard normal, weight and bias (D,) not trivial; backward uses bn_simd's saved statistics (mean, rstd; RMS
+    norm rstd alone). y receives forward+backward's forward output (out its grad_x)."""
+
+    def __init__(self, case, seed=0):
+        rng = np.random.default_rng(seed)
+        dt = case.dtype
+        self.case = case
+        self.layout = case.layout
+        self.rms = case.family == "rms_norm"
+        self.D = D = case.shape[-1]
+        self.x = rng.standard_normal(case.shape, dtype=dt)
+        grads = {"backward", "forward_backward"} & set(case.modes)
+        self.dy = rng.standard_normal(case.shape, dtype=dt) if grads else None
+        self.out = np.empty_like(self.x)
+        self.y = np.empty_like(self.x) if "forward_backward" in case.modes else None
+        self.weight = rng.uniform(0.5, 1.5, D).astype(dt)
+        self.bias = None if self.rms else rng.uniform(-0.5, 0.5, D).astype(dt)
+        self.save_mean = self.save_rstd = None
+        if "backward" in case.modes:
+            if self.rms:
+                _, self.save_rstd = bn_simd.rms_norm_forward(self.x, D, self.weight, eps=EPS)
+            else:
+                _, self.save_mean, self.save_rstd = bn_simd.layer_norm_forward(self.x, D, self.weight, self.bias,
+                                                                               eps=EPS)
+
+
 # GroupNorm and InstanceNorm targets, as multiples of bn_simd's own batch-norm eval of the same tensor
 GROUP_TARGETS = {"forward": 1.2, "backward": 2.0}
 
@@ -181,6 +213,8 @@ FAMILIES = {
                          GROUP_TARGETS),
     "instance_norm": Family("instance norm", GROUP_MODES, NORM_PASSES, GroupNormWorkspace, "instance_norm-",
                             (), GROUP_TARGETS),
+    "layer_norm": Family("layer norm", GROUP_MODES, NORM_PASSES, RowNormWorkspace, "layer_norm-"),
+    "rms_norm": Family("RMS norm", GROUP_MODES, NORM_PASSES, RowNormWorkspace, "rms_norm-"),
 }
 
 
@@ -207,6 +241,10 @@ CASES = (
     + [Case((1, 64, 56, 56), modes=("forward",), family="group_norm", options={"G": 32})]
     + _both_layouts(8, 64, 128, 128, family="instance_norm")
     + [Case((1, 64, 32, 32), modes=("forward",), family="instance_norm")]
+    # layer norm and RMS norm over the last dim: transformer activations (batch x tokens x features), an LLM's
+    # decode (1x1x4096) and prefill (1x2048x4096) steps
+    + [Case(dims, "last", family=fam) for fam in ("layer_norm", "rms_norm")
+       for dims in ((32, 128, 768), (8, 512, 1024), (1, 128, 768), (1, 1, 4096), (1, 2048, 4096))]
 )
 
 QUICK_IDS = ("32x64x56x56-NCHW", "32x64x56x56-NHWC", "32x2048x7x7-NCHW", "256x1024-NC", "1x64x56x56-NCHW",

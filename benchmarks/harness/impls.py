@@ -431,6 +431,113 @@ def bn_eval_yardstick(ws, mode):
                   lambda r: r)
 
 
+# ---- layer norm and RMS norm (over the last dim) -----------------------------------------------------------
+
+def row_norm_bn_simd(ws, mode):
+    """Forward: layer_norm / rms_norm into out. Backward: layer_norm_backward / rms_norm_backward with the
+    workspace's saved statistics, out=. Forward+backward: the _forward call into ws.y, then the backward with the
+    statistics it returned."""
+    x, out, y, dy, D, w, b = ws.x, ws.out, ws.y, ws.dy, ws.D, ws.weight, ws.bias
+    if ws.rms:
+        def forward():
+            return bn_simd.rms_norm(x, D, w, EPS, out=out)
+
+        def backward(*stats):
+            return bn_simd.rms_norm_backward(dy, x, stats[-1], D, w, out=out)
+
+        def forward_stats():
+            return bn_simd.rms_norm_forward(x, D, w, eps=EPS, out=y)
+    else:
+        def forward():
+            return bn_simd.layer_norm(x, D, w, b, EPS, out=out)
+
+        def backward(mean, rstd):
+            return bn_simd.layer_norm_backward(dy, x, mean, rstd, D, w, b, out=out)
+
+        def forward_stats():
+            return bn_simd.layer_norm_forward(x, D, w, b, eps=EPS, out=y)
+    if mode == "forward":
+        return Runner(forward, lambda r: r)
+    if mode == "backward":
+        stats = (ws.save_rstd,) if ws.rms else (ws.save_mean, ws.save_rstd)
+        return Runner(lambda: backward(*stats), lambda r: r[0])
+    return Runner(lambda: backward(*forward_stats()[1:]), lambda r: r[0])
+
+
+def _row_norm_numpy_forward(x, w, b, rms):
+    xd = x.astype(np.float64)
+    if rms:
+        mean = 0.0
+        rstd = 1.0 / np.sqrt((xd * xd).mean(axis=-1, keepdims=True) + EPS)
+    else:
+        mean = xd.mean(axis=-1, keepdims=True)
+        rstd = 1.0 / np.sqrt(((xd - mean) ** 2).mean(axis=-1, keepdims=True) + EPS)
+    xhat = (xd - mean) * rstd
+    return (xhat * w + (0.0 if rms else b)).astype(x.dtype), mean, rstd
+
+
+def _row_norm_numpy_backward(dy, x, mean, rstd, w, rms):
+    xhat = (x.astype(np.float64) - mean) * rstd
+    g = dy * w.astype(np.float64)
+    D = x.shape[-1]
+    c = xhat * (g * xhat).sum(axis=-1, keepdims=True) / D
+    if not rms:
+        c = c + g.sum(axis=-1, keepdims=True) / D
+    lead = tuple(range(x.ndim - 1))
+    return (rstd * (g - c)).astype(x.dtype), (dy * xhat).sum(axis=lead), dy.sum(axis=lead)
+
+
+def row_norm_numpy(ws, mode):
+    """Plain NumPy in float64, the statistics two-pass: the forward, the backward from its statistics."""
+    x, dy, w, b, rms = ws.x, ws.dy, ws.weight, ws.bias, ws.rms
+    if mode == "forward":
+        return Runner(lambda: _row_norm_numpy_forward(x, w, b, rms), lambda r: r[0])
+    stats = _row_norm_numpy_forward(x, w, b, rms)[1:] if mode == "backward" else None
+
+    def run():
+        m, s = stats if stats is not None else _row_norm_numpy_forward(x, w, b, rms)[1:]
+        return _row_norm_numpy_backward(dy, x, m, s, w, rms)
+    return Runner(run, lambda r: r[0])
+
+
+def row_norm_torch(ws, mode):
+    """Forward: torch.nn.functional.layer_norm / rms_norm under no_grad. Backward (layer norm):
+    aten.native_layer_norm_backward with the statistics of aten.native_layer_norm, all three gradients;
+    forward+backward: those two kernels in a row. RMS norm's backward is autograd's (its forward with the graph,
+    then backward), as PyTorch has no fused RMS-norm backward kernel on the CPU."""
+    torch = torch_module()
+    p = torch.from_numpy
+    x, D = p(ws.x), ws.D
+    w = p(ws.weight.copy())
+    b = None if ws.rms else p(ws.bias.copy())
+    if mode == "forward":
+        def call():
+            with torch.no_grad():
+                if ws.rms:
+                    return torch.nn.functional.rms_norm(x, (D,), w, EPS)
+                return torch.nn.functional.layer_norm(x, (D,), w, b, EPS)
+        return Runner(call, lambda r: r.numpy())
+    dy = p(ws.dy)
+    if ws.rms:
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+
+        def fb():
+            xg.grad = wg.grad = None
+            torch.nn.functional.rms_norm(xg, (D,), wg, EPS).backward(dy)
+            return xg.grad, wg.grad
+        return Runner(fb, lambda r: r[0].numpy())
+    fwd, bwd = torch.ops.aten.native_layer_norm, torch.ops.aten.native_layer_norm_backward
+    mask = [True, True, True]
+    if mode == "backward":
+        _, mean, rstd = fwd(x, (D,), w, b, EPS)
+        return Runner(lambda: bwd(dy, x, (D,), mean, rstd, w, b, mask), lambda r: r[0].numpy())
+
+    def forward_backward():
+        _, mean, rstd = fwd(x, (D,), w, b, EPS)
+        return bwd(dy, x, (D,), mean, rstd, w, b, mask)
+    return Runner(forward_backward, lambda r: r[0].numpy())
+
+
 def _nchw_forward(case, mode):
     return mode == "forward" and case.layout_label != "NHWC"
 
@@ -457,6 +564,16 @@ IMPLEMENTATIONS = {
         "torch": Impl(instance_norm_torch),
         "onnxruntime": Impl(group_norm_onnxruntime, _nchw_forward),
         "bn_eval": Impl(bn_eval_yardstick),
+    },
+    "layer_norm": {
+        "bn_simd": Impl(row_norm_bn_simd),
+        "numpy": Impl(row_norm_numpy),
+        "torch": Impl(row_norm_torch),
+    },
+    "rms_norm": {
+        "bn_simd": Impl(row_norm_bn_simd),
+        "numpy": Impl(row_norm_numpy),
+        "torch": Impl(row_norm_torch),
     },
 }
 
