@@ -297,3 +297,37 @@ def test_convert_leaves_subclasses_alone():
     m = torch.nn.Sequential(MyNorm(4), torch.nn.LayerNorm(4))
     bt.convert(m)
     assert type(m[0]) is MyNorm and type(m[1]) is bt.LayerNorm
+
+
+# ---- autograd's checks, threads, NaN ------------------------------------------------------------------------------------
+
+def test_input_modified_in_place_after_the_forward_is_detected_by_autograd():
+    base = torch.randn(3, 8, requires_grad=True)
+    x = base * 1.0  # (a non-leaf tensor, which may be modified in place)
+    y = bt.layer_norm(x, 8)
+    x.add_(1.0)
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_results_and_gradients_are_bitwise_the_same_on_any_thread_count(kind, threads):
+    x0 = _rand((256, 4, 512), torch.float32, 30, loc=1.0)
+    g = _rand((256, 4, 512), torch.float32, 31)
+    runs = []
+    for n in (1, 2, 3):
+        threads(n)
+        x, w = x0.clone().requires_grad_(), torch.linspace(0.5, 1.5, 512).requires_grad_()
+        y = bt.layer_norm(x, 512, w, None) if kind == "layer_norm" else bt.rms_norm(x, 512, w)
+        y.backward(g)
+        runs.append((y.detach(), x.grad, w.grad))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def test_nan_stays_in_its_row():
+    x = torch.randn(4, 16, dtype=torch.float64)
+    x[2, 5] = float("nan")
+    for y in (bt.layer_norm(x, 16), bt.rms_norm(x, 16)):
+        assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3]]).all()
