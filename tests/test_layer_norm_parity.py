@@ -450,19 +450,21 @@ def test_onnx_layer_normalization_semantics(shape, axis, eps, outputs):
         ref.assert_within(rstd, got[2], u * np.abs(got[2]) * 4, "InvStdDev")
 
 
+@pytest.mark.parametrize("stash_type", [1, 0])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False], ids=["B", "no-B"])
-def test_onnx_layer_normalization_stash_type_and_optional_bias(bias, dtype):
+def test_onnx_layer_normalization_stash_type_and_optional_bias(bias, dtype, stash_type):
     shape, ns = (4, 6, 16), (6, 16)
     x, w, b, _ = _data(shape, ns, dtype, seed=33, loc=3.0)
     inputs = [("X", x), ("W", w)] + ([("B", b)] if bias else [])
-    # stash_type 1 (computations, Mean and InvStdDev in float32) for either input type
-    got = _onnx_session("LayerNormalization", 17, {"axis": -2, "stash_type": 1}, inputs,
-                        [("Y", False), ("Mean", True), ("InvStdDev", True)])
+    # stash_type 1: computations, Mean and InvStdDev in float32 for either input type; 0: in the input's type
+    got = _onnx_session("LayerNormalization", 17, {"axis": -2, "stash_type": stash_type}, inputs,
+                        [("Y", False), ("Mean", True), ("InvStdDev", True)], stash_float=stash_type == 1)
     y, mean, rstd = bn_simd.layer_norm_forward(x, ns, w, b if bias else None)
-    # the runtime works in float32 whatever the data: float32 units for either dtype
-    ref.assert_within(y, got[0], ref.forward_bound(x, ns, w, b if bias else None, 1e-5, np.float32), "Y")
-    assert got[1].dtype == np.float32 and got[1].shape == mean.shape
+    # float32 units whenever the runtime computes in float32
+    ref.assert_within(y, got[0], ref.forward_bound(x, ns, w, b if bias else None, 1e-5,
+                                                   np.float32 if stash_type == 1 else dtype), "Y")
+    assert got[1].dtype == (np.float32 if stash_type == 1 else dtype) and got[1].shape == mean.shape
     u = ref.units(np.float32, _n(ns))
     ref.assert_within(mean, got[1], u * (1.0 + np.abs(got[1])), "Mean")
     ref.assert_within(rstd, got[2], 4 * u * np.abs(got[2]), "InvStdDev")
