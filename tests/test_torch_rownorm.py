@@ -63,6 +63,20 @@ def test_functional_results_match_torch_for_any_strides(strides, dtype):
     torch.testing.assert_close(y, TF.rms_norm(x, [5, 8], _rand((5, 8), dtype, 4)))
 
 
+def test_strided_parameters_and_their_gradients():
+    # weight and bias as views with strides (every other element of a longer tensor): read as they are, and their
+    # gradients reach the base tensors as PyTorch's do
+    x = _rand((5, 12), torch.float64, 40, loc=0.5)
+    g = _rand((5, 12), torch.float64, 41)
+    grads = []
+    for fn in (bt.layer_norm, TF.layer_norm):
+        base = torch.linspace(0.5, 2.0, 24, dtype=torch.float64).requires_grad_()
+        y = fn(x, (12,), base[::2], base[1::2])
+        y.backward(g)
+        grads.append((y.detach(), base.grad))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_out_is_written_in_place_and_may_be_the_input():
     x = _rand((3, 7, 16), torch.float32, 5, loc=1.0)
     w, b = _rand((16,), torch.float32, 6), _rand((16,), torch.float32, 7)
