@@ -1085,8 +1085,8 @@ def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, o
 # ---- layer norm and RMS norm (rms: RMS norm) ----------------------------------------------------------------------
 
 cdef extern from "bn_simd.h" nogil:
-    int bn_row_forward_f32(const float* x, float* y, int64_t N, int64_t C, int64_t S, int rms, const double* weight,
-                           const double* bias, double eps, double* mean, double* rstd, int nt)
+    int bn_row_forward_f32(const float* x, float* y, int64_t N, int64_t C, int64_t S, int rms, const float* weight,
+                           const float* bias, double eps, double* mean, double* rstd, int nt)
     int bn_row_forward_f64(const double* x, double* y, int64_t N, int64_t C, int64_t S, int rms, const double* weight,
                            const double* bias, double eps, double* mean, double* rstd, int nt)
     int bn_row_backward_f32(const float* dy, const float* x, float* dx, int64_t N, int64_t C, int64_t S, int rms,
@@ -1097,15 +1097,32 @@ cdef extern from "bn_simd.h" nogil:
                             double* grad_bias, int nt)
 
 
-cdef int k_row_forward(int dt, const void* x, void* y, Rows* r, int rms, const double* w, const double* b, double eps,
+cdef int k_row_forward(int dt, const void* x, void* y, Rows* r, int rms, const void* w, const void* b, double eps,
                        double* mean, double* rstd, int nt) except -1:
     cdef int st
     with nogil:
         if dt == DT_F32:
-            st = bn_row_forward_f32(<const float*>x, <float*>y, r.N, r.C, r.S, rms, w, b, eps, mean, rstd, nt)
+            st = bn_row_forward_f32(<const float*>x, <float*>y, r.N, r.C, r.S, rms, <const float*>w,
+                                    <const float*>b, eps, mean, rstd, nt)
         else:
-            st = bn_row_forward_f64(<const double*>x, <double*>y, r.N, r.C, r.S, rms, w, b, eps, mean, rstd, nt)
+            st = bn_row_forward_f64(<const double*>x, <double*>y, r.N, r.C, r.S, rms, <const double*>w,
+                                    <const double*>b, eps, mean, rstd, nt)
     return _check(st)
+
+
+cdef const void* param_tc(object a, int dt, int64_t C, double* tmp, void* dst) except? NULL:
+    """Checked parameter a (or None: NULL) in the compute type of dtype dt: its own data when it is that already (a
+    contiguous native array of x's dtype), else rounded into dst through the doubles tmp."""
+    cdef cnp.ndarray p
+    if a is None:
+        return NULL
+    p = <cnp.ndarray>a
+    if (cnp.PyArray_TYPE(p) == (cnp.NPY_FLOAT32 if dt == DT_F32 else cnp.NPY_FLOAT64)
+            and cnp.PyArray_IS_C_CONTIGUOUS(p) and cnp.PyArray_ISALIGNED(p) and cnp.PyArray_ISNOTSWAPPED(p)):
+        return cnp.PyArray_DATA(p)
+    A.load(a, C, tmp)
+    narrow(dt, tmp, dst, C)
+    return dst
 
 
 cdef int k_row_backward(int dt, const void* dy, const void* x, void* dx, Rows* r, int rms, const double* mean,
@@ -1145,9 +1162,12 @@ def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, 
     cdef int64_t C = r.C, NS = r.N * r.S
     cdef cnp.ndarray m64 = None, s64 = None
     cdef double stack[STACK_DOUBLES]
-    cdef double* p = scratch(2 * C + (0 if result == 2 else 2 * NS), stack)
+    # (scratch: w, b rounded to the compute type when they are not in it, through 2 C doubles; the statistics)
+    cdef double* p = scratch(4 * C + (0 if result == 2 else 2 * NS), stack)
     cdef double* mp
     cdef double* sp
+    cdef const void* wp
+    cdef const void* bp
     try:
         if result == 2:
             s64 = A.new_vector(NS, cnp.NPY_FLOAT64)
@@ -1156,11 +1176,12 @@ def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, 
                 m64 = A.new_vector(NS, cnp.NPY_FLOAT64)
             mp = <double*>data_of(m64) if not rms else NULL
         else:
-            mp = p + 2 * C
+            mp = p + 4 * C
             sp = mp + NS
         if r.N * r.C * r.S or NS:
-            k_row_forward(r.dtype, data_or_null(xa), data_or_null(ya), &r, rms, load_opt(w, C, p),
-                          load_opt(b, C, p + C), e, mp, sp, nthreads)
+            wp = param_tc(w, r.dtype, C, p, p + 2 * C)
+            bp = param_tc(b, r.dtype, C, p, p + 3 * C)
+            k_row_forward(r.dtype, data_or_null(xa), data_or_null(ya), &r, rms, wp, bp, e, mp, sp, nthreads)
         if result == 0:
             return ya
         if result == 2:
