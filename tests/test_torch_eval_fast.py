@@ -194,3 +194,14 @@ def test_copies_and_pickles_leave_the_cache_behind():
             with torch.no_grad():
                 c.weight.mul_(2.0)
             assert torch.equal(m(x), y) and not torch.equal(c(x), y)
+
+
+def test_inference_mode_tensors_take_the_fast_path(calls):
+    m, ref = _module(bt.BatchNorm2d, 6, torch.float32)
+    x = _input((2, 6, 5, 5), torch.channels_last, torch.float32)
+    with torch.inference_mode():
+        m(x)
+        y = m(x)
+        assert y.is_inference() and y.stride() == x.stride()
+        torch.testing.assert_close(y, ref(x))
+    assert len(calls) == 1 and calls[0] is y
