@@ -669,7 +669,13 @@ def torch_bn_eval(object module, tuple cached, object x, object to_dlpack, objec
     if type(eps) is not float or not (<double>eps > 0.0):
         return None
     cdef double e = eps
-    capsule = to_dlpack(x)  # (the capsule keeps x's memory alive while it is read; freed with it)
+    # (a negative-bit view, such as the imaginary part of a conjugate, is exported as its unnegated memory)
+    if x.is_neg():
+        return None
+    try:
+        capsule = to_dlpack(x)  # (the capsule keeps x's memory alive while it is read; freed with it)
+    except Exception:  # (tensors DLPack cannot describe: meta, sparse...; the general path decides)
+        return None
     cdef bnx_dl_managed* m = <bnx_dl_managed*>PyCapsule_GetPointer(capsule, "dltensor")  # (raises on another name)
     cdef bnx_dl_tensor* t_ = &m.dl_tensor
     cdef int nd = t_.ndim

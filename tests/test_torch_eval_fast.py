@@ -205,3 +205,53 @@ def test_inference_mode_tensors_take_the_fast_path(calls):
         assert y.is_inference() and y.stride() == x.stride()
         torch.testing.assert_close(y, ref(x))
     assert len(calls) == 1 and calls[0] is y
+
+
+def test_tensors_dlpack_cannot_describe_take_the_general_path(calls):
+    m, ref = _module(bt.BatchNorm2d, 3, torch.float32)
+    x = _input((2, 3, 4, 4), torch.contiguous_format, torch.float32)
+    with torch.no_grad():
+        m(x)
+        meta = m.to("meta")(torch.empty(2, 3, 4, 4, device="meta"))
+        assert meta.device.type == "meta" and meta.shape == (2, 3, 4, 4)
+    assert calls and all(r is None for r in calls)
+
+
+def test_negative_bit_views_are_normalised_as_their_values(calls):
+    """The imaginary part of a conjugate is a float tensor whose memory holds the values negated (a view with the
+    negative bit): DLPack exports that memory as it is, so the fast path must not read it."""
+    m, ref = _module(bt.BatchNorm1d, 3, torch.float32)
+    z = torch.complex(_input((4, 3), None, torch.float32, 1), _input((4, 3), None, torch.float32, 2))
+    v = z.conj().imag
+    assert v.is_neg() and type(v) is torch.Tensor
+    with torch.no_grad():
+        m(v.resolve_neg())
+        torch.testing.assert_close(m(v), ref(v))
+        torch.testing.assert_close(m(v), ref(v))
+    assert calls and calls[0] is None
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (4, 6, 5), (2, 6, 3, 4)])
+def test_negative_bit_tensors_everywhere_match_torch(shape):
+    """Negative-bit views as input, per-channel tensors and gradients: PyTorch's values (never the unnegated
+    memory), through the functional API, autograd and out=."""
+    TF = torch.nn.functional
+
+    def neg_view(a):
+        return torch.complex(torch.zeros_like(a), a).conj().imag  # the values -a, stored as a
+
+    x = _input(shape, None, torch.float64, 3)
+    C = shape[1]
+    rm, rv = _input((C,), None, torch.float64, 4), _input((C,), None, torch.float64, 5).abs() + 0.5
+    w = _input((C,), None, torch.float64, 6)
+    for a in (neg_view(x), x):
+        for weight in (neg_view(w), w):
+            torch.testing.assert_close(bt.batch_norm(a, rm, rv, weight), TF.batch_norm(a, rm, rv, weight))
+            torch.testing.assert_close(bt.group_norm(a, 3, weight), TF.group_norm(a, 3, weight))
+    xg = neg_view(x).resolve_neg().requires_grad_()
+    g = neg_view(_input(shape, None, torch.float64, 7))
+    ours, = torch.autograd.grad(bt.batch_norm(xg, None, None, w, training=True), xg, g)
+    ref, = torch.autograd.grad(TF.batch_norm(xg, None, None, w, training=True), xg, g)
+    torch.testing.assert_close(ours, ref)
+    with pytest.raises(ValueError, match="negative-bit"):
+        bt.batch_norm(x, rm, rv, out=neg_view(torch.empty_like(x)))
