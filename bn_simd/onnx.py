@@ -1,4 +1,4 @@
-"""Folding the BatchNormalization nodes of an ONNX graph into the Conv or Gemm before them.
+"""Folding the BatchNormalization nodes of an ONNX graph into the Conv, Gemm or MatMul(+Add) before them.
 
 Needs the ``onnx`` package (an optional dependency, imported when :func:`fold` is called; ``import bn_simd`` never
 imports it). The maths is :func:`bn_simd.fold_conv` / :func:`bn_simd.fold_linear`, in float64.
@@ -107,21 +107,27 @@ def _fresh(name, taken):
 
 
 def fold(model, *, training_nodes="skip"):
-    """Fold BatchNormalization nodes into the Conv or Gemm that feeds them; returns a new ``onnx.ModelProto`` (the
-    model given is not modified). ONNX Runtime (or any runtime) gives the same outputs up to float rounding, with
-    one Conv/Gemm where there were two nodes.
+    """Fold BatchNormalization nodes into the Conv, Gemm or MatMul(+Add) that feeds them; returns a new
+    ``onnx.ModelProto`` (the model given is not modified). ONNX Runtime (or any runtime) gives the same outputs up
+    to float rounding, without the BatchNormalization nodes.
 
-    A BatchNormalization node is folded when: its input X is the output of a Conv or Gemm (default domain) that
-    nothing else reads (no other node, no graph output, no subgraph); its scale, B, mean and var are constants
-    (initializers that are not graph inputs, Constant nodes, or Identity nodes of either: the legacy
-    ``torch.onnx.export`` writes such Identity nodes for equal parameters); the Conv's W (and B if present), or
-    the Gemm's B (and C if present, of shape (), (1,), (N,) or (1, N)), are constants too; ``spatial`` is 1
-    (opset < 9). Y = BN(Conv(x; W, B)) becomes Conv(x; W2, B2) with :func:`bn_simd.fold_conv` (any group count:
-    depthwise convs included); Y = BN(alpha A'B' + beta C) becomes Gemm(A, B2, C2) with alpha = beta = 1 and
-    :func:`bn_simd.fold_linear`. The folded node takes the BN's output name (graph outputs keep their names); W2,
-    B2 are new initializers in W's dtype (a weight shared with another node is not touched); initializers,
-    Constant and Identity nodes nothing reads any more are removed. Only the top-level graph is folded (If/Loop
-    bodies are left as they are).
+    A BatchNormalization node is folded when: its input X is the output of a Conv, a Gemm, or a MatMul (with or
+    without an Add of a constant) of the default domain that nothing else reads (no other node, no graph output,
+    no subgraph); its scale, B, mean and var are constants (initializers that are not graph inputs, Constant nodes,
+    or Identity nodes of either: the legacy ``torch.onnx.export`` writes such Identity nodes for equal
+    parameters); the layer's weight and bias are constants too; ``spatial`` is 1 (opset < 9).
+
+    - Y = BN(Conv(x; W, B)) becomes Conv(x; W2, B2) (:func:`bn_simd.fold_conv`; any group count, depthwise
+      included; B absent is 0).
+    - Y = BN(alpha A'B' + beta C) becomes Gemm(A, B2, C2) with alpha = beta = 1 (:func:`bn_simd.fold_linear`;
+      C absent, or of shape (), (1,), (N,) or (1, N)).
+    - Y = BN(MatMul(A, W) + c) and Y = BN(MatMul(A, W)) become MatMul(A, W2) + c2 (W constant (K, N), c as C
+      above), when ONNX's shape inference gives Y rank 2: BN's channel axis 1 is then the output features (on
+      rank 3 and more it is not, and nothing is folded).
+
+    The folded node takes the BN's output name (graph outputs keep their names); W2, B2 are new initializers in
+    W's dtype (a weight shared with another node is not touched); initializers, Constant and Identity nodes
+    nothing reads any more are removed. Only the top-level graph is folded (If/Loop bodies are left as they are).
 
     Training-mode nodes (``training_mode=1``, opset >= 14, as ``torch.onnx.export(...,
     training=TrainingMode.TRAINING)`` writes them) normalise with the batch's statistics, so folding them changes
@@ -143,7 +149,7 @@ def fold(model, *, training_nodes="skip"):
     g = _Graph(graph, onnx, numpy_helper)
     taken = {t.name for t in graph.initializer} | {v for n in graph.node for v in list(n.input) + list(n.output)} | \
         {i.name for i in graph.input}
-    removed, new_inits = [], []
+    removed, new_inits, replaced, ranks = [], [], {}, None
     for bn in list(graph.node):
         if bn.op_type != "BatchNormalization" or bn.domain not in _ONNX_DOMAINS or len(bn.input) < 5:
             continue
@@ -155,15 +161,40 @@ def fold(model, *, training_nodes="skip"):
             continue
         x = bn.input[0]
         layer = g.producer.get(x)
-        if layer is None or layer.domain not in _ONNX_DOMAINS or layer.op_type not in ("Conv", "Gemm") \
+        if layer is None or layer.domain not in _ONNX_DOMAINS or layer.op_type not in ("Conv", "Gemm", "MatMul",
+                                                                                      "Add") \
                 or not g.only_user(x, bn) or layer.output[0] != x:
             continue
+        if layer.op_type in ("MatMul", "Add"):
+            # BN's channel axis is 1: the MatMul's output features only when that output is (M, N)
+            if ranks is None:
+                ranks = _ranks(model, onnx)   # the graph as given: names are not changed yet there
+            if ranks.get(x) != 2:
+                continue
         stats = [g.const(name) for name in bn.input[1:5]]
         if any(s is None for s in stats):
             continue
         scale, bias, mean, var = stats
         eps = float(_attr(bn, "epsilon", 1e-5))
         try:
+            if layer.op_type in ("MatMul", "Add"):
+                plan = _matmul_plan(g, layer, bn)
+                if plan is None:
+                    continue
+                mm, w, c, c_slot = plan
+                w2, b2 = fold_linear(w, c, mean, var, scale, bias, eps, weight_layout="IO")
+                w_name, b_name = _fresh(mm.input[1], taken), _fresh((mm.name or mm.output[0]) + "_bias", taken)
+                new_inits += [numpy_helper.from_array(w2, w_name), numpy_helper.from_array(b2, b_name)]
+                mm.input[1] = w_name
+                if layer.op_type == "Add":
+                    layer.input[c_slot] = b_name
+                    layer.output[0] = bn.output[0]
+                    removed.append(bn)
+                else:   # a MatMul has no bias input: the BN node becomes the Add of the folded bias
+                    replaced[id(bn)] = onnx.helper.make_node("Add", [x, b_name], [bn.output[0]],
+                                                             name=(bn.name or bn.output[0]) + "_folded_bias")
+                    removed.append(bn)
+                continue
             if layer.op_type == "Conv":
                 w, b = g.const(layer.input[1]), g.const(layer.input[2] if len(layer.input) > 2 else "")
                 if w is None or (len(layer.input) > 2 and layer.input[2] and b is None):
@@ -202,15 +233,52 @@ def fold(model, *, training_nodes="skip"):
         removed.append(bn)
     if not removed:
         return out
-    for bn in removed:
-        graph.node.remove(bn)
+    gone = {id(bn) for bn in removed}
+    nodes = [replaced.get(id(n), n) for n in graph.node if id(n) not in gone or id(n) in replaced]
+    del graph.node[:]
+    graph.node.extend(nodes)
     graph.initializer.extend(new_inits)
-    dropped = {bn.input[0] for bn in removed}
+    dropped = {bn.input[0] for bn in removed if id(bn) not in replaced}
     kept = [v for v in graph.value_info if v.name not in dropped]
     del graph.value_info[:]
     graph.value_info.extend(kept)
     _prune(graph, onnx)
     return out
+
+
+def _ranks(model, onnx):
+    """Rank of each value whose shape ONNX's shape inference knows ({} when inference fails)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001  (inference raises several kinds on graphs it cannot type)
+        return {}
+    g = inferred.graph
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in list(g.value_info) + list(g.output) + list(g.input)
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+
+
+def _matmul_plan(g, layer, bn):
+    """(MatMul node, its constant weight (K, N), the constant bias (N,) or None, the Add's slot of the bias) for
+    BN(MatMul(A, W) [+ c]); None when the pattern or its constants are not there."""
+    c, c_slot, mm = None, None, layer
+    if layer.op_type == "Add":
+        slots = [i for i in (0, 1) if g.const(layer.input[i]) is not None]
+        if len(slots) != 1:
+            return None
+        c_slot = slots[0]
+        c = g.const(layer.input[c_slot])
+        m_name = layer.input[1 - c_slot]
+        mm = g.producer.get(m_name)
+        if mm is None or mm.op_type != "MatMul" or mm.domain not in _ONNX_DOMAINS or not g.only_user(m_name, layer):
+            return None
+    w = g.const(mm.input[1])
+    if w is None or w.ndim != 2 or w.dtype.type not in (np.float16, np.float32, np.float64):
+        return None
+    if c is not None:
+        if c.shape not in ((), (1,), (w.shape[1],), (1, w.shape[1])):
+            return None   # a bias that varies along the rows is not a per-feature bias
+        c = np.broadcast_to(c.astype(np.float64), (1, w.shape[1]))[0]
+    return mm, w, c, c_slot
 
 
 def _prune(graph, onnx):

@@ -198,3 +198,34 @@ def test_fold_keeps_nodes_with_non_constant_parameters_and_refuses_bad_arguments
         inits + [_init("W", np.ones((3, 2, 1, 1)))])
     with pytest.raises(ValueError, match="'bn'.*eps"):
         bo.fold(helper.make_model(bad, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_fold_matmul_add_and_matmul_of_rank_2_only():
+    rng = np.random.default_rng(8)
+    f32 = TensorProto.FLOAT
+    W1, c1, W2, W3 = (rng.standard_normal(s) for s in ((5, 4), (1, 4), (5, 3), (5, 4)))
+    bn1, i1, p1 = _bn("bn1", "s1", "y1", 4, rng)
+    bn2, i2, p2 = _bn("bn2", "m2", "y2", 3, rng)
+    bn3, i3, _ = _bn("bn3", "m3", "y3", 2, rng)      # (2, 3, 4) output: BN's axis 1 is not the features
+    nodes = [helper.make_node("MatMul", ["a", "W1"], ["m1"]), helper.make_node("Add", ["c1", "m1"], ["s1"]), bn1,
+             helper.make_node("MatMul", ["a", "W2"], ["m2"]), bn2,
+             helper.make_node("MatMul", ["a3", "W3"], ["m3"]), bn3]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("a", f32, [6, 5]), helper.make_tensor_value_info("a3", f32,
+                                                                                                    [3, 2, 5])],
+        [helper.make_tensor_value_info("y1", f32, [6, 4]), helper.make_tensor_value_info("y2", f32, [6, 3]),
+         helper.make_tensor_value_info("y3", f32, [3, 2, 4])],
+        [_init("W1", W1), _init("c1", c1), _init("W2", W2), _init("W3", W3)] + i1 + i2 + i3)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folded = bo.fold(model)
+    onnx.checker.check_model(folded)
+    assert ops(folded) == ["MatMul", "Add", "MatMul", "Add", "MatMul", "BatchNormalization"]
+    a = rng.standard_normal((6, 5)).astype(np.float32)
+    a3 = rng.standard_normal((3, 2, 5)).astype(np.float32)
+    feeds = {"a": a, "a3": a3}
+    f = lambda v: np.asarray(v, np.float32).astype(np.float64)
+    want = [bn_ref(f(a) @ f(W1) + f(c1), *p1, 1e-3), bn_ref(f(a) @ f(W2), *p2, 1e-3)]
+    got, orig = run(folded, feeds), run(model, feeds)
+    for k in range(2):
+        assert_close_to_oracle(got[k], orig[k], want[k])
+    np.testing.assert_array_equal(got[2], orig[2])     # the rank-3 BN is left as it was

@@ -211,3 +211,24 @@ def test_fold_names_the_batch_norm_whose_values_cannot_be_folded():
     with pytest.raises(ValueError, match="'1'.*eps"):
         bt.fold(model)
     assert isinstance(model[1], nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("bns", ["torch.nn", "bn_simd.torch"])
+def test_fold_after_running_statistics_from_training_batches(bns):
+    """Running statistics as training leaves them (a few training forwards, then eval), conv and linear without
+    bias, 1d/2d/3d."""
+    torch.manual_seed(5)
+    models = [(nn.Sequential(nn.Linear(20, 10, bias=False), nn.BatchNorm1d(10)), (8, 20)),
+              (nn.Sequential(nn.Conv1d(4, 6, 3, bias=False), nn.BatchNorm1d(6)), (8, 4, 9)),
+              (nn.Sequential(nn.Conv2d(3, 10, 3), nn.BatchNorm2d(10)), (8, 3, 9, 9)),
+              (nn.Sequential(nn.Conv3d(2, 4, 2, bias=False), nn.BatchNorm3d(4)), (4, 2, 5, 5, 5))]
+    for model, shape in models:
+        if bns == "bn_simd.torch":
+            bt.convert(model)
+        with torch.no_grad():
+            model[1].weight.uniform_(0.5, 2.0)
+            model[1].bias.uniform_(-1.0, 1.0)
+            for _ in range(3):
+                model(torch.randn(shape) * 3 + 1)
+        model.eval()
+        check_folded(model, torch.randn(shape) * 3 + 1)
