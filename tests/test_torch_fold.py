@@ -232,3 +232,13 @@ def test_fold_after_running_statistics_from_training_batches(bns):
                 model(torch.randn(shape) * 3 + 1)
         model.eval()
         check_folded(model, torch.randn(shape) * 3 + 1)
+
+
+def test_fold_refuses_a_folded_weight_beyond_the_layers_dtype():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)).half().eval()
+    with torch.no_grad():
+        model[0].weight.fill_(100.0)
+        model[1].weight.fill_(1000.0)    # scale 1000 / sqrt(1 + eps): 1e5 > float16's 65504
+    with pytest.raises(ValueError, match="'1'.*overflows torch.float16"):
+        bt.fold(model)
+    assert isinstance(model[1], nn.BatchNorm2d) and float(model[0].weight.detach().max()) == 100.0

@@ -11,6 +11,7 @@ dilation, padding or groups), in float64, written back in the layer's dtype.
 """
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -136,8 +137,11 @@ def _folded(layer, bn, bn_name):
     except (ValueError, TypeError) as e:
         raise type(e)(f"cannot fold {bn_name!r}: {e}") from None
     like = layer.weight
-    return (torch.from_numpy(w2).to(like.dtype).to(like.device),
-            torch.from_numpy(b2).to(like.dtype).to(like.device))
+    out = [torch.from_numpy(a).to(like.dtype).to(like.device) for a in (w2, b2)]
+    for t, a, what in zip(out, (w2, b2), ("weight", "bias")):
+        if not bool(torch.isfinite(t).all()) and np.all(np.isfinite(a)):
+            raise ValueError(f"cannot fold {bn_name!r}: the folded {what} overflows {like.dtype}")
+    return out[0], out[1]
 
 
 def fold(model, *, trace=True):
