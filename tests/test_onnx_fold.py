@@ -229,3 +229,28 @@ def test_fold_matmul_add_and_matmul_of_rank_2_only():
     for k in range(2):
         assert_close_to_oracle(got[k], orig[k], want[k])
     np.testing.assert_array_equal(got[2], orig[2])     # the rank-3 BN is left as it was
+
+
+@pytest.mark.parametrize("opset", [9, 13, 17])
+@pytest.mark.parametrize("epsilon", [None, 1e-2])
+def test_fold_onnx_batchnorm_cases_behind_an_identity_conv(opset, epsilon):
+    """ONNX's own BatchNormalization cases (batchnorm_example: x (2, 3, 4, 5), random statistics; batchnorm_epsilon:
+    epsilon 1e-2; the attribute absent means 1e-5) behind a 1x1 conv with identity weights, across opsets."""
+    rng = np.random.default_rng(9)
+    f32 = TensorProto.FLOAT
+    mean, var, s, b = rng.standard_normal(3), rng.uniform(0.1, 1.0, 3), rng.standard_normal(3), rng.standard_normal(3)
+    kw = {} if epsilon is None else {"epsilon": epsilon}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], **kw)]
+    inits = [_init("W", np.eye(3).reshape(3, 3, 1, 1)), _init("s", s), _init("b", b), _init("m", mean),
+             _init("v", var)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f32, [2, 3, 4, 5])],
+                              [helper.make_tensor_value_info("y", f32, [2, 3, 4, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, 7)
+    folded = bo.fold(model)
+    assert ops(folded) == ["Conv"]
+    x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    f = lambda v: np.asarray(v, np.float32).astype(np.float64)
+    want = bn_ref(f(x), f(mean), f(var), f(s), f(b), 1e-5 if epsilon is None else epsilon)
+    assert_close_to_oracle(run(folded, {"x": x})[0], run(model, {"x": x})[0], want)
