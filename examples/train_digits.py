@@ -272,8 +272,8 @@ def main(argv=None):
     results = {}
     print(f"digits: {len(data['MLP'][1])} training and {len(data['MLP'][3])} test images; SGD, batch {args.batch}, "
           f"{epochs} epochs; test accuracy after each epoch")
-    print(f"{'model':5} {'lr':>5} | {'plain: epochs to 95%':>20} {'final acc':>9} | {'BN: epochs to 95%':>17} "
-          f"{'final acc':>9}")
+    print(f"{'model':5} {'lr':>5} | {'plain: epochs to 95%':>20} {'final acc %':>11} | {'BN: epochs to 95%':>17} "
+          f"{'final acc %':>11}")
     for model, make in (("MLP", mlp), ("CNN", cnn)):
         for lr in lrs:
             row = []
@@ -282,7 +282,7 @@ def main(argv=None):
                                                                    args.seed)
                 e = epochs_to(curve, 0.95)
                 row.append(f"{'-' if e is None else e:>{17 if bn else 20}} "
-                           f"{'diverged' if diverged else f'{curve[-1]:.3f}':>9}")
+                           f"{'diverged' if diverged else f'{100 * curve[-1]:.2f}':>11}")
             print(f"{model:5} {lr:>5} | {row[0]} | {row[1]}")
     # what the table shows, from the numbers above
     for model in ("MLP", "CNN"):

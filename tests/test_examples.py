@@ -23,7 +23,7 @@ def test_train_digits_quick_shows_bn_training_faster_and_stable():
     assert len(rows) == 4, out                        # two models x two learning rates
     for row in rows:
         epochs_bn, final_bn = row[2].split()
-        assert epochs_bn != "-" and float(final_bn) >= 0.9, out   # every BN run reaches 95 %
+        assert epochs_bn != "-" and float(final_bn) >= 90, out   # every BN run reaches 95 %
     for model in ("MLP", "CNN"):
         summary = next(line for line in out.splitlines() if line.startswith(model + ":"))
         assert "with BN at lr none" in summary, out
