@@ -295,3 +295,13 @@ def test_fold_conv_refuses_a_tensor_that_requires_grad():
         bn_simd.fold_conv(w, None, np.zeros(4), np.ones(4))
     w2, b2 = bn_simd.fold_conv(w.detach(), None, torch.zeros(4), torch.ones(4))
     np.testing.assert_allclose(w2, w.detach().numpy() / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
+def test_importing_the_folding_modules_imports_no_optional_dependency():
+    import subprocess
+    import sys
+    code = ("import sys, bn_simd, bn_simd.fold, bn_simd.onnx; "
+            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=__import__("os").path.dirname(__import__("os").path.dirname(__file__)))
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
