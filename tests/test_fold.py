@@ -7,6 +7,9 @@ eps / 2 of its magnitude, so the folded layer's output moves by at most eps * (c
 are then computed in float64 (a reduction of `taps` products each: reduction_tol(taps) of their magnitudes).
 """
 import math
+import os
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -298,10 +301,8 @@ def test_fold_conv_refuses_a_tensor_that_requires_grad():
 
 
 def test_importing_the_folding_modules_imports_no_optional_dependency():
-    import subprocess
-    import sys
     code = ("import sys, bn_simd, bn_simd.fold, bn_simd.onnx; "
             "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=__import__("os").path.dirname(__import__("os").path.dirname(__file__)))
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
