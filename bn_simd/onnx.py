@@ -3,6 +3,8 @@
 Needs the ``onnx`` package (an optional dependency, imported when :func:`fold` is called; ``import bn_simd`` never
 imports it). The maths is :func:`bn_simd.fold_conv` / :func:`bn_simd.fold_linear`, in float64.
 """
+import warnings
+
 import numpy as np
 
 from .fold import _finish, fold_conv, fold_linear
@@ -131,9 +133,10 @@ def fold(model, *, training_nodes="skip"):
 
     Training-mode nodes (``training_mode=1``, opset >= 14, as ``torch.onnx.export(...,
     training=TrainingMode.TRAINING)`` writes them) normalise with the batch's statistics, so folding them changes
-    what the graph computes: ``training_nodes="skip"`` (default) leaves them; ``"inference"`` folds them as the
-    inference BatchNormalization their running mean and variance define (the graph as eval mode would run it),
-    provided their running-statistics outputs are not read. Nodes with other outputs in use are never folded.
+    what the graph computes: ``training_nodes="skip"`` (default) leaves them, with a UserWarning naming them;
+    ``"inference"`` folds them as the inference BatchNormalization their running mean and variance define (the
+    graph as eval mode would run it), provided their running-statistics outputs are not read. Nodes with other
+    outputs in use are never folded.
 
     Raises TypeError when model is not an ``onnx.ModelProto``, ValueError for another ``training_nodes`` or a
     BN whose values cannot be folded (naming the node), ImportError without the onnx package.
@@ -149,13 +152,14 @@ def fold(model, *, training_nodes="skip"):
     g = _Graph(graph, onnx, numpy_helper)
     taken = {t.name for t in graph.initializer} | {v for n in graph.node for v in list(n.input) + list(n.output)} | \
         {i.name for i in graph.input}
-    removed, new_inits, replaced, ranks = [], [], {}, None
+    removed, new_inits, replaced, ranks, skipped_training = [], [], {}, None, []
     for bn in list(graph.node):
         if bn.op_type != "BatchNormalization" or bn.domain not in _ONNX_DOMAINS or len(bn.input) < 5:
             continue
         if _attr(bn, "spatial", 1) != 1:
             continue
         if _attr(bn, "training_mode", 0) and training_nodes == "skip":
+            skipped_training.append(bn.name or bn.output[0])
             continue
         if any(g.used(o) for o in bn.output[1:] if o):
             continue
@@ -231,6 +235,11 @@ def fold(model, *, training_nodes="skip"):
             layer.input.append(b_name)
         layer.output[0] = bn.output[0]   # the folded node takes over the BN's output name and its readers
         removed.append(bn)
+    if skipped_training:
+        warnings.warn(f"bn_simd.onnx.fold: {len(skipped_training)} BatchNormalization node(s) in training mode "
+                      f"(training_mode=1: batch statistics) left as they are ({', '.join(skipped_training[:4])}"
+                      f"{', ...' if len(skipped_training) > 4 else ''}); training_nodes='inference' folds them as "
+                      f"the inference batch norm of their running statistics", UserWarning, stacklevel=2)
     if not removed:
         return out
     gone = {id(bn) for bn in removed}

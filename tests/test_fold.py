@@ -257,7 +257,8 @@ BAD = [
     ({"weight_layout": "NCHW"}, ValueError, "weight_layout"), ({"weight_layout": "OIW"}, ValueError, "weight_layout"),
     ({"weight_layout": 3}, ValueError, "weight_layout"),
     ({"position": "middle"}, ValueError, "position"),
-    ({"groups": 0}, ValueError, "groups"), ({"groups": 3}, ValueError, "groups"), ({"groups": 2.0}, TypeError, "groups"),
+    ({"groups": 0}, ValueError, "groups"), ({"groups": 3}, ValueError, "groups"),
+    ({"groups": 2.0}, TypeError, "groups"),
     ({"position": "before"}, ValueError, "running_mean"),   # BN of 4 channels, conv input of 2
     ({"running_var": np.zeros(4), "eps": 1e-30, "weight": np.full(4, 1e30)}, ValueError, "overflow"),
 ]
