@@ -7,9 +7,10 @@ the kernel with the GIL released, and turns its status into an exception. Kernel
 "Kernels by storage dtype", the one place that names a storage dtype: a new one is a case in each helper.
 bn_simd/functional.py and bn_simd/groups.py give these entry points their public names and documentation.
 """
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.float cimport DBL_EPSILON, FLT_EPSILON, FLT_MAX
 from libc.math cimport NAN, isfinite, sqrt
-from libc.stdint cimport int64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -587,6 +588,141 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
             return ya
         invstd_of(C, var, e)
         return ya, f64_vector(C, mean), f64_vector(C, var)
+    finally:
+        release(p, stack)
+
+
+# ---- bn_simd.torch's eval fast path -------------------------------------------------------------------------------
+# A torch.nn.BatchNorm module in eval mode, called outside autograd, inside a network: the call's own work is small
+# (the kernel's passes over a tensor the previous layer just wrote) and the rest of the network evicts the caches
+# between calls, so every distinct Python or PyTorch operation on the way costs microseconds. This entry point takes
+# the input tensor's layout, dtype, device and address from ONE DLPack export (torch.utils.dlpack.to_dlpack), makes
+# the output with the caller's empty_like and reads its address, and checks the module's cached per-channel tensors
+# (still the module's, at the same addresses) itself. bn_simd/torch/modules.py documents what it serves.
+
+cdef extern from *:
+    """
+    /* DLPack's C ABI (v0.x, what torch.utils.dlpack.to_dlpack exports; a stable layout) */
+    typedef struct { int32_t device_type; int32_t device_id; } bnx_dl_device;
+    typedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } bnx_dl_dtype;
+    typedef struct {
+        void* data; bnx_dl_device device; int32_t ndim; bnx_dl_dtype dtype;
+        int64_t* shape; int64_t* strides; uint64_t byte_offset;
+    } bnx_dl_tensor;
+    typedef struct bnx_dl_managed {
+        bnx_dl_tensor dl_tensor; void* manager_ctx; void (*deleter)(struct bnx_dl_managed*);
+    } bnx_dl_managed;
+    """
+    ctypedef struct bnx_dl_device:
+        int32_t device_type
+    ctypedef struct bnx_dl_dtype:
+        uint8_t code
+        uint8_t bits
+        uint16_t lanes
+    ctypedef struct bnx_dl_tensor:
+        void* data
+        bnx_dl_device device
+        int32_t ndim
+        bnx_dl_dtype dtype
+        int64_t* shape
+        int64_t* strides
+        uint64_t byte_offset
+    ctypedef struct bnx_dl_managed:
+        bnx_dl_tensor dl_tensor
+
+
+cdef bint _dense_in(const int64_t* shape, const int64_t* strides, const int* order, int nd) noexcept:
+    """The axes in `order` (outermost first) walk the memory densely; axes of length 1 are ignored, as
+    torch.Tensor.is_contiguous does."""
+    cdef int64_t expected = 1
+    cdef int k, d
+    for k in range(nd - 1, -1, -1):
+        d = order[k]
+        if shape[d] != 1:
+            if strides[d] != expected:
+                return False
+            expected *= shape[d]
+    return True
+
+
+def torch_bn_eval(object module, tuple cached, object x, object to_dlpack, object empty_like, int nthreads):
+    """Batch norm's eval of tensor x (read through its DLPack export, to_dlpack(x)) with a torch.nn.BatchNorm
+    module's running statistics, weight and bias, or None when the call must take the general path (any check below
+    fails).
+
+    cached: (C, float bits, mask of the ranks the module takes, running_mean, running_var, weight, bias (None when
+    absent), their data_ptr()s), made by bn_simd.torch.modules after a call that passed the general checks: the
+    tensors must still be the module's (identity) at the same addresses. to_dlpack, empty_like:
+    torch.utils.dlpack.to_dlpack and torch.empty_like. Returns the output tensor, in x's memory format."""
+    cdef int64_t C = cached[0]
+    cdef int bits = cached[1], ranks = cached[2]
+    buffers, params = module._buffers, module._parameters
+    if (buffers.get("running_mean") is not cached[3] or buffers.get("running_var") is not cached[4]
+            or params.get("weight") is not cached[5] or params.get("bias") is not cached[6]):
+        return None
+    cdef Py_ssize_t k
+    for k in range(4):
+        t = cached[3 + k]
+        if t is not None and t.data_ptr() != cached[7 + k]:
+            return None
+    eps = module.eps
+    if type(eps) is not float or not (<double>eps > 0.0):
+        return None
+    cdef double e = eps
+    # (a negative-bit view, such as the imaginary part of a conjugate, is exported as its unnegated memory)
+    if x.is_neg():
+        return None
+    try:
+        capsule = to_dlpack(x)  # (the capsule keeps x's memory alive while it is read; freed with it)
+    except Exception:  # (tensors DLPack cannot describe: meta, sparse...; the general path decides)
+        return None
+    cdef bnx_dl_managed* m = <bnx_dl_managed*>PyCapsule_GetPointer(capsule, "dltensor")  # (raises on another name)
+    cdef bnx_dl_tensor* t_ = &m.dl_tensor
+    cdef int nd = t_.ndim
+    if (t_.device.device_type != 1 or t_.dtype.code != 2 or t_.dtype.bits != bits or t_.dtype.lanes != 1
+            or nd < 2 or nd > 5 or not (ranks >> nd) & 1 or t_.strides == NULL or t_.shape[1] != C):
+        return None
+    cdef int order[5]
+    cdef int64_t outer = t_.shape[0], inner = 1, size = t_.shape[0] * C
+    for k in range(nd):
+        order[k] = k
+    for k in range(2, nd):
+        size *= t_.shape[k]
+        inner *= t_.shape[k]
+    if size == 0:
+        return None
+    if not _dense_in(t_.shape, t_.strides, order, nd):
+        # channels last: (N, *spatial, C)
+        for k in range(1, nd - 1):
+            order[k] = k + 1
+        order[nd - 1] = 1
+        if nd == 2 or not _dense_in(t_.shape, t_.strides, order, nd):
+            return None
+        outer, inner = outer * inner, 1
+    cdef const void* xp = <const char*>t_.data + t_.byte_offset
+    cdef int dt = DT_F32 if bits == 32 else DT_F64
+    # the output: torch.empty_like keeps the strides of a dense input, so it has the input's layout
+    y = empty_like(x)
+    cdef void* yp = <void*><Py_ssize_t>y.data_ptr()
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(4 * C, stack)
+    cdef int st
+    cdef const float* f
+    cdef int64_t c
+    try:
+        for k in range(4):
+            if cached[7 + k] is None:
+                continue
+            if dt == DT_F32:
+                f = <const float*><Py_ssize_t>cached[7 + k]
+                for c in range(C):
+                    p[k * C + c] = f[c]
+            else:
+                memcpy(p + k * C, <const void*><Py_ssize_t>cached[7 + k], C * sizeof(double))
+        st = k_normalize(dt, xp, yp, outer, C, inner, p, p + C, NULL if cached[9] is None else p + 2 * C,
+                         NULL if cached[10] is None else p + 3 * C, e, nthreads)
+        _check(st)
+        return y
     finally:
         release(p, stack)
 
