@@ -345,3 +345,18 @@ def test_nan_stays_in_its_row():
     x[2, 5] = float("nan")
     for y in (bt.layer_norm(x, 16), bt.rms_norm(x, 16)):
         assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3]]).all()
+
+
+def test_negative_bit_views_are_read_as_their_values():
+    # torch._neg_view: a view whose memory holds -x (the imaginary part of a conjugate is one); as input it goes to
+    # PyTorch, as a gradient it is resolved
+    x = _rand((3, 8), torch.float64, 50, loc=1.0)
+    nx = torch._neg_view(x)
+    torch.testing.assert_close(bt.layer_norm(nx, 8), TF.layer_norm(-x, (8,)))
+    g = _rand((3, 8), torch.float64, 51)
+    grads = []
+    for fn in (bt.rms_norm, TF.rms_norm):
+        xg = x.clone().requires_grad_()
+        fn(xg, [8]).backward(torch._neg_view(g))
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[0], grads[1])

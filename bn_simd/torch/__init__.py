@@ -31,3 +31,5 @@ __all__ = ["batch_norm", "group_norm", "instance_norm", "BatchNorm1d", "BatchNor
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "SyncBatchNorm", "convert", "BatchNormFunction",
            "GroupNormFunction", "InstanceNormFunction", "SyncBatchNormFunction",
            "layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "LayerNormFunction", "RMSNormFunction"]
+from .fold import fold  # noqa: E402  (BN folding: bn_simd/torch/fold.py)
+__all__ += ["fold"]

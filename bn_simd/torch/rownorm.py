@@ -57,7 +57,10 @@ def _views(input, params, views):
 
 
 def _dense(x):
-    """(x, its ndarray) with x in C order: x itself when it is, else one copy."""
+    """(x, its ndarray) with x in C order: x itself when it is, else one copy (also of a negative-bit view, whose
+    memory holds -x: a gradient may arrive as one)."""
+    if x.is_neg():
+        x = x.resolve_neg()
     if not x.is_contiguous():
         x = x.contiguous()
     return x, B._numpy(x)
