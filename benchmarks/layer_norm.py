@@ -264,7 +264,8 @@ TITLES = {"torch": "PyTorch", "onnxruntime": "ONNX RT", "numpy": "NumPy"}
 
 
 def table(rows):
-    lines = ["| case | op | mode | bn_simd ms | PyTorch ms (×) | ONNX RT ms (×) | NumPy ms (×) | copy ms (fraction) |",
+    lines = ["| case | op | mode | bn_simd ms | PyTorch ms (×) | ONNX RT ms (×) | NumPy ms (×) "
+             "| copy ms (fraction) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r["ms"]

@@ -254,7 +254,7 @@ def test_module_sees_parameters_replaced_after_a_call():
         torch.testing.assert_close(m(x), TF.rms_norm(x, [8], torch.full((8,), 0.5)))
 
 
-# ---- convert: a transformer block of torch.nn layers ------------------------------------------------------------------
+# ---- convert: a transformer block of torch.nn layers -----------------------------------------------------------------
 
 class Block(torch.nn.Module):
     """A pre-norm transformer block: attention and an MLP, each behind a norm (LayerNorm, RMSNorm), and a final
@@ -313,7 +313,7 @@ def test_convert_leaves_subclasses_alone():
     assert type(m[0]) is MyNorm and type(m[1]) is bt.LayerNorm
 
 
-# ---- autograd's checks, threads, NaN ------------------------------------------------------------------------------------
+# ---- autograd's checks, threads, NaN ---------------------------------------------------------------------------------
 
 def test_input_modified_in_place_after_the_forward_is_detected_by_autograd():
     base = torch.randn(3, 8, requires_grad=True)
