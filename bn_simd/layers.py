@@ -8,6 +8,15 @@ from . import _core, _masked
 from . import functional as F
 
 
+def check_keys(keys, state_dict, may_miss=lambda k: False):
+    """load_state_dict(strict=True)'s check: every key of the layer present (but those may_miss allows) and no
+    other; raises ValueError naming both lists."""
+    missing = [k for k in keys if k not in state_dict and not may_miss(k)]
+    unexpected = [k for k in state_dict if k not in keys]
+    if missing or unexpected:
+        raise ValueError(f"state_dict does not match this layer: missing keys {missing}, "
+                         f"unexpected keys {unexpected}")
+
 class _Layer:
     """What every layer shares: train() / eval() (``training`` is what they set) and load_state_dict over the keys
     of ``_state_keys()`` and the ``_channels`` per-channel entries."""
@@ -35,12 +44,7 @@ class _Layer:
         state_dict = _from_keras_names(state_dict)
         keys, C = self._state_keys(), self._channels
         if strict:
-            missing = [k for k in keys if k not in state_dict and not (k == "num_batches_tracked"
-                                                                        and _before_batch_count(state_dict))]
-            unexpected = [k for k in state_dict if k not in keys]
-            if missing or unexpected:
-                raise ValueError(f"state_dict does not match this layer: missing keys {missing}, "
-                                 f"unexpected keys {unexpected}")
+            check_keys(keys, state_dict, lambda k: k == "num_batches_tracked" and _before_batch_count(state_dict))
         staged = {}
         for k in keys:
             if k not in state_dict:

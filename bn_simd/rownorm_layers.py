@@ -7,6 +7,7 @@ import numpy as np
 from . import _args as ck
 from . import _core
 from .functional import _threads
+from .layers import check_keys
 
 
 def _shape_arg(normalized_shape):
@@ -108,11 +109,7 @@ class _RowNorm:
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         keys = self._state_keys()
         if strict:
-            missing = [k for k in keys if k not in state_dict]
-            unexpected = [k for k in state_dict if k not in keys]
-            if missing or unexpected:
-                raise ValueError(f"state_dict does not match this layer: missing keys {missing}, "
-                                 f"unexpected keys {unexpected}")
+            check_keys(keys, state_dict)
         staged = {}
         for k in keys:
             if k not in state_dict:
