@@ -43,6 +43,8 @@ int bn_best_isa(void);
 const char* bn_isa_name(int isa);
 /* 1 when built with OpenMP. */
 int bn_have_openmp(void);
+/* Whether the CPU converts float16 in hardware (F16C): the vector float16 kernels need it (else the scalar ones run). */
+int bn_have_f16c(void);
 /* OpenMP's current default thread count (omp_get_max_threads), 1 without OpenMP. */
 int bn_omp_max_threads(void);
 /* Channels-last element-wise sweeps go in column strips when one row of all their arrays takes at least this
@@ -85,9 +87,10 @@ int bn_context_set_cl_strip_bytes(bn_context* ctx, int64_t bytes);
 int bn_context_set_slab_bytes(bn_context* ctx, int64_t bytes);
 const bn_context* bn_context_use(const bn_context* ctx);
 
-/* ---- batch norm on the (outer, C, inner) view (batchnorm.c), for T = float (f32) and double (f64) ----
+/* ---- batch norm on the (outer, C, inner) view (batchnorm.c), for T = float (f32), double (f64) and the 16-bit
+ * patterns (uint16_t) of float16 (f16) and bfloat16 (bf16), which compute in float ----
  * T is the data's type; TC, the type the kernels compute in, is that of the coefficient arrays (m, a, b, d): T itself
- * for both dtypes. */
+ * for float and double, float for the 16-bit dtypes. */
 #define BN_DECLARE(T, TC, S)                                                                              \
     /* mean[c] and biased var[c] of x; mean and var: distinct arrays that x does not overlap. */          \
     int bn_stats_##S(const T* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var,       \
@@ -122,6 +125,8 @@ const bn_context* bn_context_use(const bn_context* ctx);
 
 BN_DECLARE(float, float, f32)
 BN_DECLARE(double, double, f64)
+BN_DECLARE(uint16_t, float, f16)
+BN_DECLARE(uint16_t, float, bf16)
 
 #undef BN_DECLARE
 
@@ -150,10 +155,13 @@ int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* sh
 
 BN_DECLARE_MOMENTS(float, float, f32)
 BN_DECLARE_MOMENTS(double, double, f64)
+BN_DECLARE_MOMENTS(uint16_t, float, f16)
+BN_DECLARE_MOMENTS(uint16_t, float, bf16)
 
 #undef BN_DECLARE_MOMENTS
 
-/* ---- group norm and instance norm (groupnorm.inc), for T = float (f32) and double (f64) ----
+/* ---- group norm and instance norm (groupnorm.inc), for T = float (f32), double (f64),
+ * float16 (f16) and bfloat16 (bf16) (uint16_t patterns computed in float) ----
  * x is (N, C, S) channels-first (cl = 0) or (N, S, C) channels-last (cl = 1), S = prod(spatial), with G groups of
  * D = C / G consecutive channels (C % G == 0, else BN_EINVAL); instance norm is G = C. Group q = n G + g has the
  * D S values of its channels in sample n. mean, var, invstd: N G values (q order); weight, bias: C, nullable.
@@ -181,10 +189,13 @@ BN_DECLARE_MOMENTS(double, double, f64)
 
 BN_DECLARE_GROUP(float, f32)
 BN_DECLARE_GROUP(double, f64)
+BN_DECLARE_GROUP(uint16_t, f16)
+BN_DECLARE_GROUP(uint16_t, bf16)
 
 #undef BN_DECLARE_GROUP
 
-/* ---- layer norm and RMS norm (rownorm.inc), for T = float (f32) and double (f64) ----
+/* ---- layer norm and RMS norm (rownorm.inc), for T = float (f32), double (f64),
+ * float16 (f16) and bfloat16 (bf16) (uint16_t patterns computed in float) ----
  * x is (N, C, S), normalised over C: statistics per (n, s) over x[n, :, s] (index n S + s of mean and rstd), the
  * affine per c. S == 1: N rows of C contiguous elements (layer norm over trailing dims); S > 1: channels-first
  * (layer norm over the channels of an NCHW array). rms = 0: layer norm, y = (x - mean) rstd w + b with
@@ -205,6 +216,8 @@ BN_DECLARE_GROUP(double, f64)
 
 BN_DECLARE_ROWNORM(float, f32)
 BN_DECLARE_ROWNORM(double, f64)
+BN_DECLARE_ROWNORM(uint16_t, f16)
+BN_DECLARE_ROWNORM(uint16_t, bf16)
 
 #undef BN_DECLARE_ROWNORM
 
