@@ -9,7 +9,7 @@ bn_simd/functional.py and bn_simd/groups.py give these entry points their public
 """
 from libc.float cimport DBL_EPSILON, FLT_EPSILON, FLT_MAX
 from libc.math cimport NAN, isfinite, sqrt
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint16_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -18,7 +18,7 @@ import numpy as np
 cimport numpy as cnp
 
 from bn_simd cimport _args as A
-from bn_simd._args cimport DT_F32, DT_F64, NCHW, Groups, Rows, View
+from bn_simd._args cimport DT_BF16, DT_F16, DT_F32, DT_F64, NCHW, Groups, Rows, View
 
 cnp.import_array()
 
@@ -52,6 +52,8 @@ cdef extern from "bn_simd.h" nogil:
     const bn_context* bn_context_use(const bn_context* ctx)
 
     int bn_stats_f32(const float* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var, int nt)
+    int bn_stats_f16(const uint16_t* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var, int nt)
+    int bn_stats_bf16(const uint16_t* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var, int nt)
     int bn_stats_f64(const double* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var, int nt)
     int bn_apply_f32(const float* x, float* y, int64_t outer, int64_t C, int64_t inner,
                      const float* m, const float* a, const float* b, int nt)
@@ -59,13 +61,25 @@ cdef extern from "bn_simd.h" nogil:
                      const double* m, const double* a, const double* b, int nt)
     int bn_normalize_f32(const float* x, float* y, int64_t outer, int64_t C, int64_t inner, const double* mean,
                          const double* var, const double* weight, const double* bias, double eps, int nt)
+    int bn_normalize_f16(const uint16_t* x, uint16_t* y, int64_t outer, int64_t C, int64_t inner, const double* mean,
+                         const double* var, const double* weight, const double* bias, double eps, int nt)
+    int bn_normalize_bf16(const uint16_t* x, uint16_t* y, int64_t outer, int64_t C, int64_t inner, const double* mean,
+                         const double* var, const double* weight, const double* bias, double eps, int nt)
     int bn_normalize_f64(const double* x, double* y, int64_t outer, int64_t C, int64_t inner, const double* mean,
                          const double* var, const double* weight, const double* bias, double eps, int nt)
     int bn_forward_train_f32(const float* x, float* y, int64_t outer, int64_t C, int64_t inner,
                              const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
+    int bn_forward_train_f16(const uint16_t* x, uint16_t* y, int64_t outer, int64_t C, int64_t inner,
+                             const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
+    int bn_forward_train_bf16(const uint16_t* x, uint16_t* y, int64_t outer, int64_t C, int64_t inner,
+                             const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
     int bn_forward_train_f64(const double* x, double* y, int64_t outer, int64_t C, int64_t inner,
                              const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
     int bn_backward_reduce_f32(const float* dy, const float* x, int64_t outer, int64_t C, int64_t inner,
+                               const double* mean, double* sum_dy, double* sum_dyxm, int nt)
+    int bn_backward_reduce_f16(const uint16_t* dy, const uint16_t* x, int64_t outer, int64_t C, int64_t inner,
+                               const double* mean, double* sum_dy, double* sum_dyxm, int nt)
+    int bn_backward_reduce_bf16(const uint16_t* dy, const uint16_t* x, int64_t outer, int64_t C, int64_t inner,
                                const double* mean, double* sum_dy, double* sum_dyxm, int nt)
     int bn_backward_reduce_f64(const double* dy, const double* x, int64_t outer, int64_t C, int64_t inner,
                                const double* mean, double* sum_dy, double* sum_dyxm, int nt)
@@ -75,6 +89,12 @@ cdef extern from "bn_simd.h" nogil:
                               int64_t inner, const double* m, const double* a, const double* b, const double* d,
                               int nt)
     int bn_backward_f32(const float* dy, const float* x, float* dx, int64_t outer, int64_t C, int64_t inner,
+                        const double* mean, const double* invstd, const double* weight, int training,
+                        double* grad_weight, double* grad_bias, int nt)
+    int bn_backward_f16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t outer, int64_t C, int64_t inner,
+                        const double* mean, const double* invstd, const double* weight, int training,
+                        double* grad_weight, double* grad_bias, int nt)
+    int bn_backward_bf16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t outer, int64_t C, int64_t inner,
                         const double* mean, const double* invstd, const double* weight, int training,
                         double* grad_weight, double* grad_bias, int nt)
     int bn_backward_f64(const double* dy, const double* x, double* dx, int64_t outer, int64_t C, int64_t inner,
@@ -109,9 +129,19 @@ cdef extern from "bn_simd.h" nogil:
                                double eps, int nt)
     int bn_group_forward_f32(const float* x, float* y, int64_t N, int64_t C, int64_t S, int64_t G, int cl,
                              const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
+    int bn_group_forward_f16(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, int64_t S, int64_t G, int cl,
+                             const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
+    int bn_group_forward_bf16(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, int64_t S, int64_t G, int cl,
+                             const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
     int bn_group_forward_f64(const double* x, double* y, int64_t N, int64_t C, int64_t S, int64_t G, int cl,
                              const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
     int bn_group_backward_f32(const float* dy, const float* x, float* dx, int64_t N, int64_t C, int64_t S, int64_t G,
+                              int cl, const double* mean, const double* invstd, const double* weight,
+                              double* grad_weight, double* grad_bias, int nt)
+    int bn_group_backward_f16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t N, int64_t C, int64_t S, int64_t G,
+                              int cl, const double* mean, const double* invstd, const double* weight,
+                              double* grad_weight, double* grad_bias, int nt)
+    int bn_group_backward_bf16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t N, int64_t C, int64_t S, int64_t G,
                               int cl, const double* mean, const double* invstd, const double* weight,
                               double* grad_weight, double* grad_bias, int nt)
     int bn_group_backward_f64(const double* dy, const double* x, double* dx, int64_t N, int64_t C, int64_t S,
@@ -293,6 +323,10 @@ cdef int k_stats(int dt, const void* x, int64_t o, int64_t C, int64_t i, double*
             st = bn_stats_f32(<const float*>x, o, C, i, mean, var, nt)
         elif dt == DT_F64:
             st = bn_stats_f64(<const double*>x, o, C, i, mean, var, nt)
+        elif dt == DT_F16:
+            st = bn_stats_f16(<const uint16_t*>x, o, C, i, mean, var, nt)
+        elif dt == DT_BF16:
+            st = bn_stats_bf16(<const uint16_t*>x, o, C, i, mean, var, nt)
     return st
 
 
@@ -317,6 +351,10 @@ cdef int k_normalize(int dt, const void* x, void* y, int64_t o, int64_t C, int64
             st = bn_normalize_f32(<const float*>x, <float*>y, o, C, i, mean, var, w, b, eps, nt)
         elif dt == DT_F64:
             st = bn_normalize_f64(<const double*>x, <double*>y, o, C, i, mean, var, w, b, eps, nt)
+        elif dt == DT_F16:
+            st = bn_normalize_f16(<const uint16_t*>x, <uint16_t*>y, o, C, i, mean, var, w, b, eps, nt)
+        elif dt == DT_BF16:
+            st = bn_normalize_bf16(<const uint16_t*>x, <uint16_t*>y, o, C, i, mean, var, w, b, eps, nt)
     return st
 
 
@@ -328,6 +366,10 @@ cdef int k_forward_train(int dt, const void* x, void* y, int64_t o, int64_t C, i
             st = bn_forward_train_f32(<const float*>x, <float*>y, o, C, i, w, b, eps, mean, var, nt)
         elif dt == DT_F64:
             st = bn_forward_train_f64(<const double*>x, <double*>y, o, C, i, w, b, eps, mean, var, nt)
+        elif dt == DT_F16:
+            st = bn_forward_train_f16(<const uint16_t*>x, <uint16_t*>y, o, C, i, w, b, eps, mean, var, nt)
+        elif dt == DT_BF16:
+            st = bn_forward_train_bf16(<const uint16_t*>x, <uint16_t*>y, o, C, i, w, b, eps, mean, var, nt)
     return st
 
 
@@ -339,6 +381,10 @@ cdef int k_backward_reduce(int dt, const void* dy, const void* x, int64_t o, int
             st = bn_backward_reduce_f32(<const float*>dy, <const float*>x, o, C, i, mean, sum_dy, sum_dyxm, nt)
         elif dt == DT_F64:
             st = bn_backward_reduce_f64(<const double*>dy, <const double*>x, o, C, i, mean, sum_dy, sum_dyxm, nt)
+        elif dt == DT_F16:
+            st = bn_backward_reduce_f16(<const uint16_t*>dy, <const uint16_t*>x, o, C, i, mean, sum_dy, sum_dyxm, nt)
+        elif dt == DT_BF16:
+            st = bn_backward_reduce_bf16(<const uint16_t*>dy, <const uint16_t*>x, o, C, i, mean, sum_dy, sum_dyxm, nt)
     return st
 
 
@@ -365,6 +411,12 @@ cdef int k_backward(int dt, const void* dy, const void* x, void* dx, int64_t o, 
                                  grad_weight, grad_bias, nt)
         elif dt == DT_F64:
             st = bn_backward_f64(<const double*>dy, <const double*>x, <double*>dx, o, C, i, mean, invstd, w,
+                                 training, grad_weight, grad_bias, nt)
+        elif dt == DT_F16:
+            st = bn_backward_f16(<const uint16_t*>dy, <const uint16_t*>x, <uint16_t*>dx, o, C, i, mean, invstd, w,
+                                 training, grad_weight, grad_bias, nt)
+        elif dt == DT_BF16:
+            st = bn_backward_bf16(<const uint16_t*>dy, <const uint16_t*>x, <uint16_t*>dx, o, C, i, mean, invstd, w,
                                  training, grad_weight, grad_bias, nt)
     return st
 
@@ -414,6 +466,10 @@ cdef int k_group_forward(int dt, const void* x, void* y, int64_t N, int64_t C, i
             st = bn_group_forward_f32(<const float*>x, <float*>y, N, C, S, G, cl, w, b, eps, mean, var, nt)
         elif dt == DT_F64:
             st = bn_group_forward_f64(<const double*>x, <double*>y, N, C, S, G, cl, w, b, eps, mean, var, nt)
+        elif dt == DT_F16:
+            st = bn_group_forward_f16(<const uint16_t*>x, <uint16_t*>y, N, C, S, G, cl, w, b, eps, mean, var, nt)
+        elif dt == DT_BF16:
+            st = bn_group_forward_bf16(<const uint16_t*>x, <uint16_t*>y, N, C, S, G, cl, w, b, eps, mean, var, nt)
     return st
 
 
@@ -427,6 +483,12 @@ cdef int k_group_backward(int dt, const void* dy, const void* x, void* dx, int64
                                        grad_weight, grad_bias, nt)
         elif dt == DT_F64:
             st = bn_group_backward_f64(<const double*>dy, <const double*>x, <double*>dx, N, C, S, G, cl, mean, invstd,
+                                       w, grad_weight, grad_bias, nt)
+        elif dt == DT_F16:
+            st = bn_group_backward_f16(<const uint16_t*>dy, <const uint16_t*>x, <uint16_t*>dx, N, C, S, G, cl, mean, invstd,
+                                       w, grad_weight, grad_bias, nt)
+        elif dt == DT_BF16:
+            st = bn_group_backward_bf16(<const uint16_t*>dy, <const uint16_t*>x, <uint16_t*>dx, N, C, S, G, cl, mean, invstd,
                                        w, grad_weight, grad_bias, nt)
     return st
 
@@ -477,11 +539,17 @@ cdef object f64_vector(int64_t n, const double* src):
     return r
 
 
+cdef inline int stat_type(cnp.ndarray x) noexcept:
+    """The NumPy type of the statistics and parameter gradients that a call on data x returns: x's own, float32 for
+    float16 and bfloat16 data (PyTorch's rule for half data: float32 statistics and parameters)."""
+    return cnp.NPY_FLOAT32 if A.half_storage(x) else cnp.PyArray_TYPE(x)
+
+
 cdef object vector_as(int64_t n, const double* src, object like):
-    """A new (n,) array of ndarray like's dtype holding src rounded to it."""
+    """A new (n,) array of ndarray like's dtype (float32 for 16-bit data, stat_type) holding src rounded to it."""
     cdef cnp.ndarray r, a = <cnp.ndarray>like
-    cdef int t = cnp.PyArray_TYPE(a)
-    if (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and cnp.PyArray_ISNOTSWAPPED(a):
+    cdef int t = stat_type(a)
+    if (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and (A.half_storage(a) or cnp.PyArray_ISNOTSWAPPED(a)):
         r = A.new_vector(n, t)
     else:
         r = np.empty(n, like.dtype)
@@ -538,7 +606,7 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
     """functional.batch_norm. saved: (y, mean, invstd) instead of y, float64 (C,): the statistics the call
     normalised with (the batch's, or the running ones in eval), for a layer's backward."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef View v
     A.view(xa, lay, "x", &v)
     cdef int64_t C = v.C, n = v.outer * v.inner, c
@@ -594,7 +662,7 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
 def batch_norm_forward(x, weight, bias, eps, layout, out, int nthreads):
     """functional.batch_norm_forward: (y, mean, invstd), the last two (C,) in x's dtype."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef View v
     A.view(xa, lay, "x", &v)
     cdef int64_t C = v.C, n = v.outer * v.inner, c
@@ -630,7 +698,7 @@ def batch_norm_forward(x, weight, bias, eps, layout, out, int nthreads):
 def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight, layout, out, training, int nthreads):
     """functional.batch_norm_backward: (grad_x, grad_weight, grad_bias)."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef View v
     A.view(xa, lay, "x", &v)
     cdef int64_t C = v.C, n = v.outer * v.inner
@@ -667,7 +735,7 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight, layout, out
 def batch_stats(x, layout, int nthreads):
     """functional.batch_stats: (mean, var), float64 (C,)."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef View v
     A.view(xa, lay, "x", &v)
     cdef cnp.ndarray mean = A.new_vector(v.C, cnp.NPY_FLOAT64), var = A.new_vector(v.C, cnp.NPY_FLOAT64)
@@ -681,7 +749,7 @@ def batch_stats(x, layout, int nthreads):
 def normalize(x, mean, var, weight, bias, eps, layout, out, int nthreads):
     """functional.normalize: y."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef View v
     A.view(xa, lay, "x", &v)
     cdef int64_t C = v.C
@@ -706,7 +774,7 @@ def normalize(x, mean, var, weight, bias, eps, layout, out, int nthreads):
 def backward_reduce(grad_out, x, mean, layout, int nthreads):
     """functional.backward_reduce: (sum_dy, sum_dyxm), float64 (C,)."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef View v
     A.view(xa, lay, "x", &v)
     cdef int64_t C = v.C
@@ -945,11 +1013,12 @@ cdef tuple group_forward_run(cnp.ndarray xa, cnp.ndarray ya, Groups* g, int64_t 
 
 
 cdef tuple saved_stats(cnp.ndarray mean, cnp.ndarray var, double e, cnp.ndarray xa, int64_t N, int64_t G):
-    """(mean, invstd = 1 / sqrt(var + eps)), shaped (N, G) in x's dtype (var is overwritten)."""
+    """(mean, invstd = 1 / sqrt(var + eps)), shaped (N, G) in x's dtype (float32 for 16-bit x; var is
+    overwritten)."""
     cdef cnp.npy_intp dims[2]
     dims[0] = N
     dims[1] = G
-    cdef int t = cnp.PyArray_TYPE(xa)
+    cdef int t = stat_type(xa)
     cdef cnp.ndarray m = cnp.PyArray_EMPTY(2, dims, t, 0), s = cnp.PyArray_EMPTY(2, dims, t, 0)
     invstd_of(N * G, <double*>data_of(var), e)
     A.store(m, N * G, <double*>data_of(mean))
@@ -961,7 +1030,7 @@ def group_norm(x, num_groups, weight, bias, eps, layout, out, int nthreads, int 
     """groups.group_norm (result 0: y) and group_norm_forward (1: y, mean, invstd); 2: (y, mean, var) as float64
     (N num_groups,)."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef Groups g
     A.group_view(xa, lay, 2, "group_norm", &g)
     cdef int64_t G = A.num_groups(num_groups, g.C)
@@ -982,7 +1051,7 @@ def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, m
                   int nthreads, bint saved=False):
     """groups.instance_norm; saved (with use_input_stats): (y, mean, invstd), (N, C) in x's dtype."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef Groups g
     A.group_view(xa, lay, 3, "instance_norm", &g)
     cdef int64_t C = g.C
@@ -1034,7 +1103,7 @@ def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, m
 def instance_norm_forward(x, weight, bias, eps, layout, out, int nthreads):
     """groups.instance_norm_forward: (y, mean, invstd), (N, C) in x's dtype."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef Groups g
     A.group_view(xa, lay, 3, "instance_norm_forward", &g)
     w = A.channel(weight, "weight", g.C, False)
@@ -1051,7 +1120,7 @@ def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, o
     """groups.group_norm_backward, and instance_norm_backward with instance (num_groups unused): (grad_x,
     grad_weight, grad_bias)."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef Groups g
     A.group_view(xa, lay, 3 if instance else 2, "instance_norm_backward" if instance else "group_norm_backward",
                  &g)
@@ -1087,9 +1156,19 @@ def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, o
 cdef extern from "bn_simd.h" nogil:
     int bn_row_forward_f32(const float* x, float* y, int64_t N, int64_t C, int64_t S, int rms, const double* weight,
                            const double* bias, double eps, double* mean, double* rstd, int nt)
+    int bn_row_forward_f16(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, int64_t S, int rms, const double* weight,
+                           const double* bias, double eps, double* mean, double* rstd, int nt)
+    int bn_row_forward_bf16(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, int64_t S, int rms, const double* weight,
+                           const double* bias, double eps, double* mean, double* rstd, int nt)
     int bn_row_forward_f64(const double* x, double* y, int64_t N, int64_t C, int64_t S, int rms, const double* weight,
                            const double* bias, double eps, double* mean, double* rstd, int nt)
     int bn_row_backward_f32(const float* dy, const float* x, float* dx, int64_t N, int64_t C, int64_t S, int rms,
+                            const double* mean, const double* rstd, const double* weight, double* grad_weight,
+                            double* grad_bias, int nt)
+    int bn_row_backward_f16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t N, int64_t C, int64_t S, int rms,
+                            const double* mean, const double* rstd, const double* weight, double* grad_weight,
+                            double* grad_bias, int nt)
+    int bn_row_backward_bf16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t N, int64_t C, int64_t S, int rms,
                             const double* mean, const double* rstd, const double* weight, double* grad_weight,
                             double* grad_bias, int nt)
     int bn_row_backward_f64(const double* dy, const double* x, double* dx, int64_t N, int64_t C, int64_t S, int rms,
@@ -1099,31 +1178,41 @@ cdef extern from "bn_simd.h" nogil:
 
 cdef int k_row_forward(int dt, const void* x, void* y, Rows* r, int rms, const double* w, const double* b, double eps,
                        double* mean, double* rstd, int nt) except -1:
-    cdef int st
+    cdef int st = BN_EINVAL
     with nogil:
         if dt == DT_F32:
             st = bn_row_forward_f32(<const float*>x, <float*>y, r.N, r.C, r.S, rms, w, b, eps, mean, rstd, nt)
-        else:
+        elif dt == DT_F64:
             st = bn_row_forward_f64(<const double*>x, <double*>y, r.N, r.C, r.S, rms, w, b, eps, mean, rstd, nt)
+        elif dt == DT_F16:
+            st = bn_row_forward_f16(<const uint16_t*>x, <uint16_t*>y, r.N, r.C, r.S, rms, w, b, eps, mean, rstd, nt)
+        elif dt == DT_BF16:
+            st = bn_row_forward_bf16(<const uint16_t*>x, <uint16_t*>y, r.N, r.C, r.S, rms, w, b, eps, mean, rstd, nt)
     return _check(st)
 
 
 cdef int k_row_backward(int dt, const void* dy, const void* x, void* dx, Rows* r, int rms, const double* mean,
                         const double* rstd, const double* w, double* gw, double* gb, int nt) except -1:
-    cdef int st
+    cdef int st = BN_EINVAL
     with nogil:
         if dt == DT_F32:
             st = bn_row_backward_f32(<const float*>dy, <const float*>x, <float*>dx, r.N, r.C, r.S, rms, mean, rstd,
                                      w, gw, gb, nt)
-        else:
+        elif dt == DT_F64:
             st = bn_row_backward_f64(<const double*>dy, <const double*>x, <double*>dx, r.N, r.C, r.S, rms, mean,
+                                     rstd, w, gw, gb, nt)
+        elif dt == DT_F16:
+            st = bn_row_backward_f16(<const uint16_t*>dy, <const uint16_t*>x, <uint16_t*>dx, r.N, r.C, r.S, rms, mean,
+                                     rstd, w, gw, gb, nt)
+        elif dt == DT_BF16:
+            st = bn_row_backward_bf16(<const uint16_t*>dy, <const uint16_t*>x, <uint16_t*>dx, r.N, r.C, r.S, rms, mean,
                                      rstd, w, gw, gb, nt)
     return _check(st)
 
 
 cdef object stat_as(int64_t n, const double* src, cnp.ndarray xa, tuple shape):
-    """A new array of x's dtype and the given shape holding src's n values rounded to it."""
-    cdef cnp.ndarray a = A.new_vector(n, cnp.PyArray_TYPE(xa))
+    """A new array of x's dtype (float32 for 16-bit x) and the given shape holding src's n values rounded to it."""
+    cdef cnp.ndarray a = A.new_vector(n, stat_type(xa))
     A.store(a, n, src)
     return a.reshape(shape)
 
@@ -1131,14 +1220,15 @@ cdef object stat_as(int64_t n, const double* src, cnp.ndarray xa, tuple shape):
 def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, bint rms, int result=0):
     """rownorm.layer_norm / rms_norm (result 0: y); their _forward (1: (y, mean, rstd), RMS (y, rstd), in x's dtype
     shaped as PyTorch's); 2: (y, mean, rstd) as float64 (N S,) arrays (mean None for RMS)."""
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef Rows r
     A.rows_view(xa, normalized_shape, layout, &r)
     w = A.row_param(weight, "weight", xa, &r)
     b = None if rms else A.row_param(bias, "bias", xa, &r)
     cdef double e
     if rms and eps is None:  # (PyTorch's default: the machine epsilon of x's dtype)
-        e = FLT_EPSILON if r.dtype == DT_F32 else DBL_EPSILON
+        e = (FLT_EPSILON if r.dtype == DT_F32 else DBL_EPSILON if r.dtype == DT_F64
+             else 0.0009765625 if r.dtype == DT_F16 else 0.0078125)  # (float16: 2^-10, bfloat16: 2^-7)
     else:
         e = A.eps(eps)
     cdef cnp.ndarray ya = A.output(out, xa, None)
@@ -1176,7 +1266,7 @@ def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, 
 def row_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight, bias, layout, out, int nthreads, bint rms):
     """rownorm.layer_norm_backward / rms_norm_backward: (grad_x, grad_weight, grad_bias) (RMS: (grad_x,
     grad_weight)); a parameter's gradient is None when the parameter is, else shaped and typed as it."""
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef Rows r
     A.rows_view(xa, normalized_shape, layout, &r)
     cdef cnp.ndarray ga = A.like(grad_out, "grad_out", xa)
