@@ -633,10 +633,11 @@ def check_out(out, like, reads, name="out"):
     return _out(out, like, name, reads[0][0], reads[0][1], reads[1][0], reads[1][1])
 
 
-def check_layer_input(x, ranks, what, num_features, layout, axis=None):
-    """A layer's input: a data tensor (see data) of one of `ranks` (None: any) with num_features channels on the
-    layout's channel axis (checked for ranks 2 to 5), or on `axis` when it is not None (ranks 1 to MAX_RANK)."""
-    a = <object>data(x, "x")
+def check_layer_input(x, ranks, what, num_features, layout, axis=None, half=False):
+    """A layer's input: a data tensor (see data; half: float16 and bfloat16 too) of one of `ranks` (None: any) with
+    num_features channels on the layout's channel axis (checked for ranks 2 to 5), or on `axis` when it is not None
+    (ranks 1 to MAX_RANK)."""
+    a = <object>data(x, "x", half)
     if ranks is not None and a.ndim not in ranks:
         raise ValueError(f"{what} expects {' or '.join(f'{r}-D' for r in ranks)} input, got {a.ndim}-D input of "
                          f"shape {a.shape}")
