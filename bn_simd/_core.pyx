@@ -545,11 +545,20 @@ cdef inline int stat_type(cnp.ndarray x) noexcept:
     return cnp.NPY_FLOAT32 if A.half_storage(x) else cnp.PyArray_TYPE(x)
 
 
+_F32_LIKE = np.empty(0, np.float32)
+
+
+cdef object stats_like(cnp.ndarray xa):
+    """What vector_as takes for statistics and parameter gradients of data xa: xa itself, or a float32 array for 16-bit
+    data (stat_type)."""
+    return _F32_LIKE if A.half_storage(xa) else xa
+
+
 cdef object vector_as(int64_t n, const double* src, object like):
-    """A new (n,) array of ndarray like's dtype (float32 for 16-bit data, stat_type) holding src rounded to it."""
+    """A new (n,) array of ndarray like's dtype holding src rounded to it."""
     cdef cnp.ndarray r, a = <cnp.ndarray>like
-    cdef int t = stat_type(a)
-    if (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and (A.half_storage(a) or cnp.PyArray_ISNOTSWAPPED(a)):
+    cdef int t = cnp.PyArray_TYPE(a)
+    if (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and cnp.PyArray_ISNOTSWAPPED(a):
         r = A.new_vector(n, t)
     else:
         r = np.empty(n, like.dtype)
@@ -690,7 +699,7 @@ def batch_norm_forward(x, weight, bias, eps, layout, out, int nthreads):
                                  nthreads)
             _check(st)
         invstd_of(C, var, e)
-        return ya, vector_as(C, mean, xa), vector_as(C, var, xa)
+        return ya, vector_as(C, mean, stats_like(xa)), vector_as(C, var, stats_like(xa))
     finally:
         release(p, stack)
 
@@ -724,7 +733,7 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight, layout, out
             st = k_backward(v.dtype, data_of(ga), data_of(xa), data_of(dx), v.outer, C, v.inner, p, p + C, wp,
                             tr, gw, gb, nthreads)
             _check(st)
-        like = w if w is not None else xa  # (the parameter gradients have weight's dtype, x's without weight)
+        like = w if w is not None else stats_like(xa)  # (the parameter gradients: weight's dtype, else x's)
         return dx, vector_as(C, gw, like), vector_as(C, gb, like)
     finally:
         release(p, stack)
@@ -1145,7 +1154,7 @@ def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, o
             st = k_group_backward(g.dtype, data_or_null(ga), data_or_null(xa), data_or_null(dx), N, C, g.S, G,
                                   g.cl, p if N else NULL, p + NG if N else NULL, wp, gw, gb, nthreads)
             _check(st)
-        like = w if w is not None else xa  # (the parameter gradients have weight's dtype, x's without weight)
+        like = w if w is not None else stats_like(xa)  # (the parameter gradients: weight's dtype, else x's)
         return dx, vector_as(C, gw, like), vector_as(C, gb, like)
     finally:
         release(p, stack)
