@@ -14,8 +14,9 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness.timing import interleaved_medians  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.harness.timing import interleaved_medians  # noqa: E402
 
 import bn_simd  # noqa: E402
 

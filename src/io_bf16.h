@@ -26,13 +26,16 @@ _Static_assert(_Generic((TS)0, uint16_t: 1, default: 0) && _Generic((TC)0, float
 #define UK_BF16_AVX2_DEFINED
 /* 8 floats rounded to bfloat16 (bn_bf16_from_f32 lane-wise), packed into 128 bits */
 static inline __m128i uk_bf16_narrow_avx2(__m256 v) {
-    const __m256i u = _mm256_castps_si256(v), hi = _mm256_srli_epi32(u, 16);
-    const __m256i odd = _mm256_and_si256(hi, _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd);
+    /* a NaN: its own top half with the quiet bit (float32's bit 22, bfloat16's bit 6) */
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
-    r = _mm256_packus_epi32(r, r); /* (each 128-bit lane: its 4 results twice; lanes 0 and 2 of 64 bits are all 8) */
-    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(r, 0x08));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+    /* the top 16 bits of each lane, gathered into the low 64 bits of each 128-bit half, then the halves joined */
+    const __m256i top = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
+                                         2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(r, top), 0x08));
 }
 static inline __m256 uk_bf16_widen_avx2(__m128i h) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
