@@ -42,7 +42,7 @@ static inline __m256 uk_bf16_widen_avx2(__m128i h) {
 }
 /* 4 elements (the low 64 bits of h) as doubles */
 static inline __m256d uk_bf16_dwiden_avx2(__m128i h) {
-    return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)));
+    return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), h))); /* (each below 16 zeros) */
 }
 /* the first n < 4 elements at p as doubles, the other lanes 0 (their memory untouched) */
 static inline __m256d uk_bf16_dload_n_avx2(const uint16_t* p, int64_t n) {

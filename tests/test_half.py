@@ -307,3 +307,83 @@ def test_ml_dtypes_is_not_imported_by_bn_simd():
             "training=True); print('ml_dtypes' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
+
+
+# ---- memory, out=, inputs ------------------------------------------------------------------------------------------
+
+def _unusual(x, kind):
+    if kind == "fortran":
+        return np.asfortranarray(x)
+    if kind == "strided":
+        big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
+        big[..., ::2] = x
+        return big[..., ::2]
+    if kind == "read-only":
+        r = x.copy()
+        r.flags.writeable = False
+        return r
+    if kind == "unaligned":
+        buf = np.zeros(x.nbytes + 1, np.uint8)
+        u = buf[1:].view(x.dtype).reshape(x.shape)
+        u[...] = x
+        return u
+    if kind == "byte-swapped":
+        return x.astype(x.dtype.newbyteorder(">"))
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["fortran", "strided", "read-only", "unaligned", "byte-swapped"])
+def test_unusual_memory_gives_the_bytes_of_a_contiguous_copy(dt, kind):
+    if kind == "byte-swapped" and dt.name == "bfloat16":
+        pytest.skip("ml_dtypes' bfloat16 has one byte order")
+    x = sample((3, 4, 6, 5), dt, seed=17)
+    w, b = params(4)
+    u = _unusual(x, kind)
+    for f in (lambda a: bn_simd.batch_norm(a, None, None, w, b, training=True),
+              lambda a: bn_simd.group_norm(a, 2, w, b), lambda a: bn_simd.layer_norm(a, (6, 5))):
+        want, got = f(x), f(u)
+        assert got.dtype == dt and np.array_equal(got.view(np.uint16), want.view(np.uint16)), kind
+
+
+def test_out_separate_and_in_place_give_the_same_bytes_and_inputs_stay(dt):
+    x = sample((4, 6, 7, 7), dt, seed=18)
+    w, b = params(6)
+    x0 = x.copy()
+    want = bn_simd.batch_norm(x, None, None, w, b, training=True)
+    assert np.array_equal(x.view(np.uint16), x0.view(np.uint16))  # (the input is not written)
+    out = np.empty_like(x)
+    assert bn_simd.batch_norm(x, None, None, w, b, training=True, out=out) is out
+    assert np.array_equal(out.view(np.uint16), want.view(np.uint16))
+    xi = x.copy()
+    bn_simd.batch_norm(xi, None, None, w, b, training=True, out=xi)
+    assert np.array_equal(xi.view(np.uint16), want.view(np.uint16))
+    with pytest.raises(TypeError, match="out"):
+        bn_simd.batch_norm(x, None, None, w, b, training=True, out=np.empty(x.shape, np.float32))
+
+
+def test_a_refused_call_changes_no_running_statistic(dt):
+    x = sample((4, 3, 5), dt, seed=19)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises(ValueError):
+        bn_simd.batch_norm(x, rm, rv, np.ones(4, np.float32), training=True)
+    with pytest.raises(TypeError):
+        bn_simd.batch_norm(x, rm, rv, training=True, out=np.empty(x.shape, np.float64))
+    assert np.array_equal(rm, np.zeros(3)) and np.array_equal(rv, np.ones(3))
+
+
+@pytest.mark.parametrize("C,spatial", [(1, 33), (7, 9), (9, 17), (17, 15), (33, 1), (300, 2)])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_sizes_around_the_vector_width(dt, C, spatial, layout):
+    shape = (3, C, spatial) if layout == "NCHW" else (3, spatial, C)
+    x = sample(shape, dt, seed=C + spatial)
+    dy = sample(shape, dt, seed=C * spatial, scale=1, shift=0)
+    w, b = params(C)
+    y, mean, invstd = bn_simd.batch_norm_forward(x, w, b, layout=layout)
+    ref, m64, v64 = oracle.forward_train(wide(x), w, b, layout=layout)
+    xhat = np.abs(oracle.normalize(wide(x), m64, v64, layout=layout))
+    assert_half_close(y, ref, np.abs(ref) + 2 * xhat + 1, dt, "y")
+    gx, _, _ = bn_simd.batch_norm_backward(dy, x, mean, invstd, w, layout=layout)
+    dx, dw, db = oracle.backward(wide(dy), wide(x), mean, invstd, w, layout=layout)
+    n = x.size // C
+    mag = np.abs(dx) + 8 * (np.abs(w) * invstd).max() * (np.abs(wide(dy)) + (np.abs(db).max() + 8 * np.abs(dw).max()) / n)
+    assert_half_close(gx, dx, mag, dt, "grad_x")
