@@ -153,7 +153,7 @@ cdef cnp.ndarray data(object x, str name, bint half=False):
                 and cnp.PyArray_ISALIGNED(x) and cnp.PyArray_ISNOTSWAPPED(x):
             return <cnp.ndarray>x
     wanted = "float32 or float64 (or float16, bfloat16)" if half else "float32 or float64"
-    if not isinstance(x, np.ndarray) and str(getattr(x, "dtype", "")) in ("torch.bfloat16", "torch.float16"):
+    if not isinstance(x, np.ndarray) and str(getattr(x, "dtype", "")) == "torch.bfloat16":
         raise TypeError(f"{name} must be an ndarray of dtype {wanted}, got a {x.dtype} tensor (NumPy has no "
                         f"bfloat16: pass it to bn_simd.torch, or as an ml_dtypes.bfloat16 array)")
     a = _to_ndarray(x, name)

@@ -389,3 +389,13 @@ def test_sizes_around_the_vector_width(dt, C, spatial, layout):
     n = x.size // C
     mag = np.abs(dx) + 8 * (np.abs(w) * invstd).max() * (np.abs(wide(dy)) + (np.abs(db).max() + 8 * np.abs(dw).max()) / n)
     assert_half_close(gx, dx, mag, dt, "grad_x")
+
+
+def test_torch_float16_tensors_are_read_as_numpy_float16_and_bfloat16_ones_refused():
+    torch = pytest.importorskip("torch")
+    t = torch.randn(4, 3, 5).half()
+    y = bn_simd.batch_norm(t, None, None, training=True)
+    assert y.dtype == np.float16
+    assert np.array_equal(y.view(np.uint16), bn_simd.batch_norm(t.numpy(), None, None, training=True).view(np.uint16))
+    with pytest.raises(TypeError, match="bn_simd.torch"):
+        bn_simd.batch_norm(t.bfloat16(), None, None, training=True)
