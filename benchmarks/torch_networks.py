@@ -17,6 +17,10 @@ take turns, one forward pass each per round:
 
 The table gives each time as median / fastest.
 
+The bound: a third copy of the network whose batch norms are replaced by a same-traffic copy (``x.clone()``: a fresh
+output, one read of x and one write of it, one PyTorch call), timed with the same hooks. A batch norm in eval does
+exactly that traffic, so ``PyTorch / copy`` is the largest BN speed-up any implementation could show in that cell.
+
 PyTorch runs on ``torch.set_num_threads(2)`` threads and bn_simd on ``bn_simd.set_num_threads(2)`` (``--threads``).
 The logits of the two models are compared (max |difference| relative to max |logit|). "others" is the number of cores that other
 processes kept busy meanwhile (a shared machine's noise).
@@ -130,15 +134,33 @@ def _randomised(model, seed):
 
 # ---- timing -------------------------------------------------------------------------------------------------------
 
+class CopyProbe(nn.Module):
+    """A batch norm's memory traffic and nothing else: a fresh output holding a copy of x."""
+
+    def forward(self, x):
+        return x.clone()
+
+
+def copy_probed(model):
+    """model with every BatchNorm2d replaced by a CopyProbe (in place)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(model, name, CopyProbe())
+        else:
+            copy_probed(child)
+    return model
+
+
 class BNClock:
-    """Forward pre-hooks and hooks on a model's BatchNorm2d modules recording the time spent inside each call."""
+    """Forward pre-hooks and hooks on a model's BatchNorm2d (or CopyProbe) modules recording the time spent inside
+    each call."""
 
     def __init__(self, model):
         self.times = []  # per pass: the list of the BN calls' times, in network order
         self._t0 = 0.0
         self.handles = []
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, (nn.BatchNorm2d, CopyProbe)):
                 self.handles.append(m.register_forward_pre_hook(self._start))
                 self.handles.append(m.register_forward_hook(self._stop))
 
@@ -166,14 +188,15 @@ def measure(name, batch, channels_last, rounds, idle_wait_s):
     torch.manual_seed(0)
     ref = _randomised(NETWORKS[name](), 1)
     ours = bt.convert(copy.deepcopy(ref))
+    probe = copy_probed(copy.deepcopy(ref))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    ref, ours = ref.to(memory_format=fmt), ours.to(memory_format=fmt)
+    ref, ours, probe = (m.to(memory_format=fmt) for m in (ref, ours, probe))
     x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=fmt)
-    models = {"torch": ref, "bn_simd": ours}
+    models = {"torch": ref, "bn_simd": ours, "copy": probe}
     if idle_wait_s:
         timing.wait_until_idle(idle_wait_s)
     with torch.no_grad():
-        logits = {k: m(x) for k, m in models.items()}
+        logits = {k: m(x) for k, m in models.items() if k != "copy"}
         scale = float(logits["torch"].abs().max())
         diff = float((logits["torch"] - logits["bn_simd"]).abs().max()) / scale
         for m in models.values():  # warm-up
@@ -186,9 +209,11 @@ def measure(name, batch, channels_last, rounds, idle_wait_s):
                 m(x)
         for c in clocks.values():
             c.remove()
-        net = {k: [] for k in models}
+        net = {k: [] for k in models if k != "copy"}
         for _ in range(rounds):
             for k, m in models.items():
+                if k == "copy":
+                    continue
                 t0 = time.perf_counter()
                 m(x)
                 net[k].append(time.perf_counter() - t0)
@@ -197,25 +222,29 @@ def measure(name, batch, channels_last, rounds, idle_wait_s):
            "bn_modules": sum(isinstance(m, nn.BatchNorm2d) for m in ref.modules())}
     for k in models:
         row[f"bn {k}"], row[f"bn min {k}"] = (1e3 * v for v in clocks[k].totals())
+    for k in net:
         row[f"net {k}"], row[f"net min {k}"] = 1e3 * statistics.median(net[k]), 1e3 * min(net[k])
     row.update({"bn speed-up": row["bn torch"] / row["bn bn_simd"],
                 "bn min speed-up": row["bn min torch"] / row["bn min bn_simd"],
+                "bound": row["bn torch"] / row["bn copy"], "bound min": row["bn min torch"] / row["bn min copy"],
                 "net speed-up": row["net torch"] / row["net bn_simd"], "logits rel diff": diff, "others": others})
     return row
 
 
 def table(rows):
     """The markdown table: each time as median / fastest (ms)."""
-    lines = ["| network | batch | memory format | BN PyTorch (ms) | BN bn_simd (ms) | BN speed-up | "
-             "network PyTorch (ms) | network bn_simd (ms) | logits max rel. diff | others (cores) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| network | batch | memory format | BN PyTorch (ms) | BN bn_simd (ms) | BN speed-up | copy (ms) | "
+             "bound: PyTorch / copy | network PyTorch (ms) | network bn_simd (ms) | logits max rel. diff | "
+             "others (cores) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         others = "?" if r["others"] is None else f"{r['others']:.2f}"
         bn = " | ".join(f"{r[f'bn {k}']:.2f} / {r[f'bn min {k}']:.2f}" for k in ("torch", "bn_simd"))
         net = " | ".join(f"{r[f'net {k}']:.1f} / {r[f'net min {k}']:.1f}" for k in ("torch", "bn_simd"))
         lines.append(f"| {r['network']} ({r['bn_modules']} BN) | {r['batch']} | {r['format']} | {bn} | "
-                     f"{r['bn speed-up']:.2f}x / {r['bn min speed-up']:.2f}x | {net} | {r['logits rel diff']:.1e} | "
-                     f"{others} |")
+                     f"{r['bn speed-up']:.2f}x / {r['bn min speed-up']:.2f}x | "
+                     f"{r['bn copy']:.2f} / {r['bn min copy']:.2f} | {r['bound']:.2f}x / {r['bound min']:.2f}x | "
+                     f"{net} | {r['logits rel diff']:.1e} | {others} |")
     return "\n".join(lines)
 
 
@@ -241,7 +270,7 @@ def main(argv=None):
                 rows.append(r)
                 others = "" if r["others"] is None else f", others {r['others']:.2f} cores"
                 print(f"{name} batch {batch} {r['format']}: BN {r['bn torch']:.2f} -> {r['bn bn_simd']:.2f} ms "
-                      f"({r['bn speed-up']:.2f}x), network {r['net torch']:.1f} -> {r['net bn_simd']:.1f} ms"
+                      f"({r['bn speed-up']:.2f}x; copy {r['bn copy']:.2f} ms, bound {r['bound']:.2f}x), network {r['net torch']:.1f} -> {r['net bn_simd']:.1f} ms"
                       f"{others}", flush=True)
     print()
     print(table(rows))

@@ -16,6 +16,7 @@ from ._config import Context, __version__, get_isa, get_num_threads, set_isa, se
 from .functional import (Moments, backward_apply, backward_coefficients, backward_reduce, batch_moments, batch_norm,
                          batch_norm_backward, batch_norm_forward, batch_stats, merge_moments, norm_coefficients,
                          normalize, update_running_stats)
+from .fold import fold_conv, fold_linear, fold_params
 from .groups import (group_norm, group_norm_backward, group_norm_forward, instance_norm, instance_norm_backward,
                      instance_norm_forward)
 from .layers import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
@@ -42,4 +43,5 @@ __all__ = [
     "layer_norm", "layer_norm_forward", "layer_norm_backward", "rms_norm", "rms_norm_forward", "rms_norm_backward",
     "LayerNorm", "RMSNorm",
     "batch_renorm", "batch_renorm_forward", "batch_renorm_backward", "renorm_corrections", "update_renorm_stats",
+    "fold_params", "fold_conv", "fold_linear",
 ]

@@ -674,21 +674,12 @@ def data_view(x, layout, name="x"):
 # ---- layer norm and RMS norm ----------------------------------------------------------------------------------
 
 cdef tuple _normalized(object ns):
-    """normalized_shape as a tuple of ints >= 0 (an int is a 1-tuple); at least one dim."""
-    if type(ns) is int:
-        t = (ns,)
-    elif isinstance(ns, bool) or not isinstance(ns, (numbers.Integral, tuple, list)):
-        if isinstance(ns, np.ndarray) or hasattr(ns, "__len__"):  # torch.Size, arrays of ints
-            try:
-                t = tuple(ns)
-            except TypeError:
-                t = None
-        else:
-            t = None
-        if t is None:
-            raise TypeError(f"normalized_shape must be an int or a tuple of ints, got {_describe(ns)}")
-    elif isinstance(ns, numbers.Integral):
+    """normalized_shape as a tuple of ints >= 0: an int is a 1-tuple; a tuple, list, torch.Size or array of ints as
+    its elements; at least one dim."""
+    if type(ns) is int or (isinstance(ns, numbers.Integral) and not isinstance(ns, bool)):
         t = (int(ns),)
+    elif isinstance(ns, (str, bytes, bool)) or not hasattr(ns, "__iter__"):
+        raise TypeError(f"normalized_shape must be an int or a tuple of ints, got {_describe(ns)}")
     else:
         t = tuple(ns)
     for d in t:

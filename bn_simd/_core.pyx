@@ -7,9 +7,10 @@ the kernel with the GIL released, and turns its status into an exception. Kernel
 "Kernels by storage dtype", the one place that names a storage dtype: a new one is a case in each helper.
 bn_simd/functional.py and bn_simd/groups.py give these entry points their public names and documentation.
 """
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.float cimport DBL_EPSILON, FLT_EPSILON, FLT_MAX
 from libc.math cimport NAN, isfinite, sqrt
-from libc.stdint cimport int64_t, uint16_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -284,33 +285,33 @@ def use_context(ContextHandle handle):
 # (coef_size, narrow, rounded, representable).
 
 cdef inline size_t coef_size(int dt) noexcept nogil:
-    if dt == DT_F32:
-        return sizeof(float)
-    return sizeof(double)
+    if dt == DT_F64:
+        return sizeof(double)
+    return sizeof(float)  # (float32, and the 16-bit dtypes, which compute in float32)
 
 
 cdef void narrow(int dt, const double* src, void* dst, int64_t n) noexcept nogil:
     """src rounded to dt's coefficient type, into dst."""
     cdef float* f
     cdef int64_t i
-    if dt == DT_F32:
+    if dt == DT_F64:
+        memcpy(dst, src, n * sizeof(double))
+    else:
         f = <float*>dst
         for i in range(n):
             f[i] = <float>src[i]
-    elif dt == DT_F64:
-        memcpy(dst, src, n * sizeof(double))
 
 
 cdef inline double rounded(int dt, double v) noexcept nogil:
     """v rounded to dt's coefficient type, as a double."""
-    if dt == DT_F32:
+    if dt != DT_F64:
         return <double><float>v
     return v
 
 
 cdef inline bint representable(int dt, double v) noexcept nogil:
     """v is finite, and so is its rounding to dt's coefficient type."""
-    if dt == DT_F32:
+    if dt != DT_F64:
         return isfinite(v) and -FLT_MAX <= v <= FLT_MAX
     return isfinite(v)
 
@@ -664,6 +665,141 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
             return ya
         invstd_of(C, var, e)
         return ya, f64_vector(C, mean), f64_vector(C, var)
+    finally:
+        release(p, stack)
+
+
+# ---- bn_simd.torch's eval fast path -------------------------------------------------------------------------------
+# A torch.nn.BatchNorm module in eval mode, called outside autograd, inside a network: the call's own work is small
+# (the kernel's passes over a tensor the previous layer just wrote) and the rest of the network evicts the caches
+# between calls, so every distinct Python or PyTorch operation on the way costs microseconds. This entry point takes
+# the input tensor's layout, dtype, device and address from ONE DLPack export (torch.utils.dlpack.to_dlpack), makes
+# the output with the caller's empty_like and reads its address, and checks the module's cached per-channel tensors
+# (still the module's, at the same addresses) itself. bn_simd/torch/modules.py documents what it serves.
+
+cdef extern from *:
+    """
+    /* DLPack's C ABI (v0.x, what torch.utils.dlpack.to_dlpack exports; a stable layout) */
+    typedef struct { int32_t device_type; int32_t device_id; } bnx_dl_device;
+    typedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } bnx_dl_dtype;
+    typedef struct {
+        void* data; bnx_dl_device device; int32_t ndim; bnx_dl_dtype dtype;
+        int64_t* shape; int64_t* strides; uint64_t byte_offset;
+    } bnx_dl_tensor;
+    typedef struct bnx_dl_managed {
+        bnx_dl_tensor dl_tensor; void* manager_ctx; void (*deleter)(struct bnx_dl_managed*);
+    } bnx_dl_managed;
+    """
+    ctypedef struct bnx_dl_device:
+        int32_t device_type
+    ctypedef struct bnx_dl_dtype:
+        uint8_t code
+        uint8_t bits
+        uint16_t lanes
+    ctypedef struct bnx_dl_tensor:
+        void* data
+        bnx_dl_device device
+        int32_t ndim
+        bnx_dl_dtype dtype
+        int64_t* shape
+        int64_t* strides
+        uint64_t byte_offset
+    ctypedef struct bnx_dl_managed:
+        bnx_dl_tensor dl_tensor
+
+
+cdef bint _dense_in(const int64_t* shape, const int64_t* strides, const int* order, int nd) noexcept:
+    """The axes in `order` (outermost first) walk the memory densely; axes of length 1 are ignored, as
+    torch.Tensor.is_contiguous does."""
+    cdef int64_t expected = 1
+    cdef int k, d
+    for k in range(nd - 1, -1, -1):
+        d = order[k]
+        if shape[d] != 1:
+            if strides[d] != expected:
+                return False
+            expected *= shape[d]
+    return True
+
+
+def torch_bn_eval(object module, tuple cached, object x, object to_dlpack, object empty_like, int nthreads):
+    """Batch norm's eval of tensor x (read through its DLPack export, to_dlpack(x)) with a torch.nn.BatchNorm
+    module's running statistics, weight and bias, or None when the call must take the general path (any check below
+    fails).
+
+    cached: (C, float bits, mask of the ranks the module takes, running_mean, running_var, weight, bias (None when
+    absent), their data_ptr()s), made by bn_simd.torch.modules after a call that passed the general checks: the
+    tensors must still be the module's (identity) at the same addresses. to_dlpack, empty_like:
+    torch.utils.dlpack.to_dlpack and torch.empty_like. Returns the output tensor, in x's memory format."""
+    cdef int64_t C = cached[0]
+    cdef int bits = cached[1], ranks = cached[2]
+    buffers, params = module._buffers, module._parameters
+    if (buffers.get("running_mean") is not cached[3] or buffers.get("running_var") is not cached[4]
+            or params.get("weight") is not cached[5] or params.get("bias") is not cached[6]):
+        return None
+    cdef Py_ssize_t k
+    for k in range(4):
+        t = cached[3 + k]
+        if t is not None and t.data_ptr() != cached[7 + k]:
+            return None
+    eps = module.eps
+    if type(eps) is not float or not (<double>eps > 0.0):
+        return None
+    cdef double e = eps
+    # (a negative-bit view, such as the imaginary part of a conjugate, is exported as its unnegated memory)
+    if x.is_neg():
+        return None
+    try:
+        capsule = to_dlpack(x)  # (the capsule keeps x's memory alive while it is read; freed with it)
+    except Exception:  # (tensors DLPack cannot describe: meta, sparse...; the general path decides)
+        return None
+    cdef bnx_dl_managed* m = <bnx_dl_managed*>PyCapsule_GetPointer(capsule, "dltensor")  # (raises on another name)
+    cdef bnx_dl_tensor* t_ = &m.dl_tensor
+    cdef int nd = t_.ndim
+    if (t_.device.device_type != 1 or t_.dtype.code != 2 or t_.dtype.bits != bits or t_.dtype.lanes != 1
+            or nd < 2 or nd > 5 or not (ranks >> nd) & 1 or t_.strides == NULL or t_.shape[1] != C):
+        return None
+    cdef int order[5]
+    cdef int64_t outer = t_.shape[0], inner = 1, size = t_.shape[0] * C
+    for k in range(nd):
+        order[k] = k
+    for k in range(2, nd):
+        size *= t_.shape[k]
+        inner *= t_.shape[k]
+    if size == 0:
+        return None
+    if not _dense_in(t_.shape, t_.strides, order, nd):
+        # channels last: (N, *spatial, C)
+        for k in range(1, nd - 1):
+            order[k] = k + 1
+        order[nd - 1] = 1
+        if nd == 2 or not _dense_in(t_.shape, t_.strides, order, nd):
+            return None
+        outer, inner = outer * inner, 1
+    cdef const void* xp = <const char*>t_.data + t_.byte_offset
+    cdef int dt = DT_F32 if bits == 32 else DT_F64
+    # the output: torch.empty_like keeps the strides of a dense input, so it has the input's layout
+    y = empty_like(x)
+    cdef void* yp = <void*><Py_ssize_t>y.data_ptr()
+    cdef double stack[STACK_DOUBLES]
+    cdef double* p = scratch(4 * C, stack)
+    cdef int st
+    cdef const float* f
+    cdef int64_t c
+    try:
+        for k in range(4):
+            if cached[7 + k] is None:
+                continue
+            if dt == DT_F32:
+                f = <const float*><Py_ssize_t>cached[7 + k]
+                for c in range(C):
+                    p[k * C + c] = f[c]
+            else:
+                memcpy(p + k * C, <const void*><Py_ssize_t>cached[7 + k], C * sizeof(double))
+        st = k_normalize(dt, xp, yp, outer, C, inner, p, p + C, NULL if cached[9] is None else p + 2 * C,
+                         NULL if cached[10] is None else p + 3 * C, e, nthreads)
+        _check(st)
+        return y
     finally:
         release(p, stack)
 
@@ -1163,12 +1299,12 @@ def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, o
 # ---- layer norm and RMS norm (rms: RMS norm) ----------------------------------------------------------------------
 
 cdef extern from "bn_simd.h" nogil:
-    int bn_row_forward_f32(const float* x, float* y, int64_t N, int64_t C, int64_t S, int rms, const double* weight,
-                           const double* bias, double eps, double* mean, double* rstd, int nt)
-    int bn_row_forward_f16(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, int64_t S, int rms, const double* weight,
-                           const double* bias, double eps, double* mean, double* rstd, int nt)
-    int bn_row_forward_bf16(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, int64_t S, int rms, const double* weight,
-                           const double* bias, double eps, double* mean, double* rstd, int nt)
+    int bn_row_forward_f32(const float* x, float* y, int64_t N, int64_t C, int64_t S, int rms, const float* weight,
+                           const float* bias, double eps, double* mean, double* rstd, int nt)
+    int bn_row_forward_f16(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, int64_t S, int rms,
+                           const float* weight, const float* bias, double eps, double* mean, double* rstd, int nt)
+    int bn_row_forward_bf16(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, int64_t S, int rms,
+                            const float* weight, const float* bias, double eps, double* mean, double* rstd, int nt)
     int bn_row_forward_f64(const double* x, double* y, int64_t N, int64_t C, int64_t S, int rms, const double* weight,
                            const double* bias, double eps, double* mean, double* rstd, int nt)
     int bn_row_backward_f32(const float* dy, const float* x, float* dx, int64_t N, int64_t C, int64_t S, int rms,
@@ -1185,19 +1321,38 @@ cdef extern from "bn_simd.h" nogil:
                             double* grad_bias, int nt)
 
 
-cdef int k_row_forward(int dt, const void* x, void* y, Rows* r, int rms, const double* w, const double* b, double eps,
+cdef int k_row_forward(int dt, const void* x, void* y, Rows* r, int rms, const void* w, const void* b, double eps,
                        double* mean, double* rstd, int nt) except -1:
     cdef int st = BN_EINVAL
     with nogil:
         if dt == DT_F32:
-            st = bn_row_forward_f32(<const float*>x, <float*>y, r.N, r.C, r.S, rms, w, b, eps, mean, rstd, nt)
+            st = bn_row_forward_f32(<const float*>x, <float*>y, r.N, r.C, r.S, rms, <const float*>w,
+                                    <const float*>b, eps, mean, rstd, nt)
         elif dt == DT_F64:
-            st = bn_row_forward_f64(<const double*>x, <double*>y, r.N, r.C, r.S, rms, w, b, eps, mean, rstd, nt)
+            st = bn_row_forward_f64(<const double*>x, <double*>y, r.N, r.C, r.S, rms, <const double*>w,
+                                    <const double*>b, eps, mean, rstd, nt)
         elif dt == DT_F16:
-            st = bn_row_forward_f16(<const uint16_t*>x, <uint16_t*>y, r.N, r.C, r.S, rms, w, b, eps, mean, rstd, nt)
+            st = bn_row_forward_f16(<const uint16_t*>x, <uint16_t*>y, r.N, r.C, r.S, rms, <const float*>w,
+                                    <const float*>b, eps, mean, rstd, nt)
         elif dt == DT_BF16:
-            st = bn_row_forward_bf16(<const uint16_t*>x, <uint16_t*>y, r.N, r.C, r.S, rms, w, b, eps, mean, rstd, nt)
+            st = bn_row_forward_bf16(<const uint16_t*>x, <uint16_t*>y, r.N, r.C, r.S, rms, <const float*>w,
+                                     <const float*>b, eps, mean, rstd, nt)
     return _check(st)
+
+
+cdef const void* param_tc(object a, int dt, int64_t C, double* tmp, void* dst) except? NULL:
+    """Checked parameter a (or None: NULL) in the compute type of dtype dt (x's dtype; float32 for 16-bit x): its own
+    data when it is that already (a contiguous native array of it), else rounded into dst through the doubles tmp."""
+    cdef cnp.ndarray p
+    if a is None:
+        return NULL
+    p = <cnp.ndarray>a
+    if (cnp.PyArray_TYPE(p) == (cnp.NPY_FLOAT64 if dt == DT_F64 else cnp.NPY_FLOAT32)
+            and cnp.PyArray_IS_C_CONTIGUOUS(p) and cnp.PyArray_ISALIGNED(p) and cnp.PyArray_ISNOTSWAPPED(p)):
+        return cnp.PyArray_DATA(p)
+    A.load(a, C, tmp)
+    narrow(dt, tmp, dst, C)
+    return dst
 
 
 cdef int k_row_backward(int dt, const void* dy, const void* x, void* dx, Rows* r, int rms, const double* mean,
@@ -1244,9 +1399,12 @@ def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, 
     cdef int64_t C = r.C, NS = r.N * r.S
     cdef cnp.ndarray m64 = None, s64 = None
     cdef double stack[STACK_DOUBLES]
-    cdef double* p = scratch(2 * C + (0 if result == 2 else 2 * NS), stack)
+    # (scratch: w, b rounded to the compute type when they are not in it, through 2 C doubles; the statistics)
+    cdef double* p = scratch(4 * C + (0 if result == 2 else 2 * NS), stack)
     cdef double* mp
     cdef double* sp
+    cdef const void* wp
+    cdef const void* bp
     try:
         if result == 2:
             s64 = A.new_vector(NS, cnp.NPY_FLOAT64)
@@ -1255,11 +1413,12 @@ def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, 
                 m64 = A.new_vector(NS, cnp.NPY_FLOAT64)
             mp = <double*>data_of(m64) if not rms else NULL
         else:
-            mp = p + 2 * C
+            mp = p + 4 * C
             sp = mp + NS
         if r.N * r.C * r.S or NS:
-            k_row_forward(r.dtype, data_or_null(xa), data_or_null(ya), &r, rms, load_opt(w, C, p),
-                          load_opt(b, C, p + C), e, mp, sp, nthreads)
+            wp = param_tc(w, r.dtype, C, p, p + 2 * C)
+            bp = param_tc(b, r.dtype, C, p, p + 3 * C)
+            k_row_forward(r.dtype, data_or_null(xa), data_or_null(ya), &r, rms, wp, bp, e, mp, sp, nthreads)
         if result == 0:
             return ya
         if result == 2:

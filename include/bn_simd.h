@@ -200,12 +200,13 @@ BN_DECLARE_GROUP(uint16_t, bf16)
  * affine per c. S == 1: N rows of C contiguous elements (layer norm over trailing dims); S > 1: channels-first
  * (layer norm over the channels of an NCHW array). rms = 0: layer norm, y = (x - mean) rstd w + b with
  * rstd = 1 / sqrt(var + eps), var biased; rms = 1: y = x rstd w, rstd = 1 / sqrt(mean(x^2) + eps) (mean unused,
- * may be NULL). weight, bias: C doubles, nullable (1, 0). Statistics in double, shifted; bitwise the same for any
- * thread count. */
-#define BN_DECLARE_ROWNORM(T, S_)                                                                         \
+ * may be NULL). The forward's weight and bias: C values of the data's compute type TC (float for f32, f16 and bf16,
+ * double for f64: the apply kernels' own, read as given), the backward's weight C doubles; nullable (1, 0). Statistics in double,
+ * shifted; bitwise the same for any thread count. */
+#define BN_DECLARE_ROWNORM(T, TC, S_)                                                                     \
     /* y may be x. mean (N S; NULL allowed with rms), rstd (N S) receive the statistics. */                \
-    int bn_row_forward_##S_(const T* x, T* y, int64_t N, int64_t C, int64_t S, int rms, const double* weight, \
-                            const double* bias, double eps, double* mean, double* rstd, int nthreads);    \
+    int bn_row_forward_##S_(const T* x, T* y, int64_t N, int64_t C, int64_t S, int rms, const TC* weight,  \
+                            const TC* bias, double eps, double* mean, double* rstd, int nthreads);         \
     /* Backward with g = dy w, xh = (x - mean) rstd (rms: x rstd), per position over its C values:          \
      *   dx = rstd (g - sum(g) / C - xh sum(g xh) / C)   (rms: without the sum(g) term),                   \
      *   grad_weight[c] = sum over positions of dy xh, grad_bias[c] = sum of dy (each nullable).           \
@@ -214,10 +215,10 @@ BN_DECLARE_GROUP(uint16_t, bf16)
                              const double* mean, const double* rstd, const double* weight,                \
                              double* grad_weight, double* grad_bias, int nthreads);
 
-BN_DECLARE_ROWNORM(float, f32)
-BN_DECLARE_ROWNORM(double, f64)
-BN_DECLARE_ROWNORM(uint16_t, f16)
-BN_DECLARE_ROWNORM(uint16_t, bf16)
+BN_DECLARE_ROWNORM(float, float, f32)
+BN_DECLARE_ROWNORM(double, double, f64)
+BN_DECLARE_ROWNORM(uint16_t, float, f16)
+BN_DECLARE_ROWNORM(uint16_t, float, bf16)
 
 #undef BN_DECLARE_ROWNORM
 

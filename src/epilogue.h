@@ -26,10 +26,10 @@
 #define UK_DX_V(dy, x, m, a, b, d) UK_DX_OF(VSUB, VFMA, dy, x, m, a, b, d)
 #define UK_DX_S(dy, x, m, a, b, d) UK_DX_OF(UK_SSUB, SFMA, dy, x, m, a, b, d)
 /* The rowcol family (rowcol.inc: layer norm, RMS norm), statistics and affine on different axes, in the same two
- * families FWD and BWD: y = ((x - m) - e) r w + b, dx = (dy w) a + (bb ((x - m) - e) + d), over (SUB, MUL, FMA):
+ * families FWD and BWD: y = ((x - m) r + c) w + b, dx = (dy w) a + (bb ((x - m) - e) + d), over (SUB, MUL, FMA):
  * (VSUB, VMUL, VFMA) or (UK_SSUB, UK_SMUL, SFMA). */
 #define UK_SMUL(a, b) ((a) * (b))
-#define UK_RC_AFFINE_OF(SUB, MUL, FMA, x, m, e, r, w, b) FMA(MUL(SUB(SUB(x, m), e), r), w, b)
+#define UK_RC_AFFINE_OF(SUB, MUL, FMA, x, m, c, r, w, b) FMA(FMA(SUB(x, m), r, c), w, b)
 #define UK_RC_DX_OF(SUB, MUL, FMA, dy, x, m, e, a, bb, d, w) FMA(MUL(dy, w), a, FMA(bb, SUB(SUB(x, m), e), d))
 
 /* The epilogues, the one place where an output is finished: UK_<F>_EPI_V(v, p, n) is what to store of family F's

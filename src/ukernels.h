@@ -106,7 +106,7 @@
     typedef void bn_##S##_cl_sum_rows_fn(const double* part, int64_t K, int64_t C, int64_t c0, int64_t c1,        \
                                          double* out);                                                    \
     /* rowcol (rowcol.inc): rows of D contiguous elements, statistics per row i, affine per column j.             \
-     * y[i, j] = ((x[i, j] - m[i]) - res[i]) r[i] w[j] + b[j]; y may be x */                                      \
+     * y[i, j] = ((x[i, j] - m[i]) r[i] + res[i]) w[j] + b[j]; y may be x */                                      \
     typedef void bn_##S##_rc_affine_fn(const TS* x, TS* y, int64_t rows, int64_t D, const TC* m, const TC* res,   \
                                        const TC* r, const TC* w, const TC* b, int nt);                            \
     /* per row, g = dy w[j], xh = (x - mean[i]) rstd[i]: sg[i] = sum g, sgx[i] = sum g xh; per column              \

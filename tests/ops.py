@@ -1133,7 +1133,7 @@ def _rms_of(c):
 
 def _ns_stats(c, a):
     """A saved statistic returned by the library, as (N, S)."""
-    return None if a is None else a.reshape(c.shape[0], -1)
+    return None if a is None else a.reshape(c.shape[0], math.prod(c.shape[2:]))
 
 
 def _exp_rn_forward(c):
@@ -1143,12 +1143,12 @@ def _exp_rn_forward(c):
         bound = rno.forward_bound(x, xhat, rstd, c.dtype, c["weight"], c["bias"], rms)
         t = bounds.stat_tol(c.n, c.dtype)
         sd = np.sqrt(np.abs(1.0 / rstd ** 2 - c["eps"]))
-    N = c.shape[0]
+    ns = (c.shape[0], math.prod(c.shape[2:]))
     ye = Expected(_from_rows(c, y), _from_rows(c, bound), c.dtype)
-    se = Expected(rstd.reshape(N, -1), (4 * t * np.abs(rstd)).reshape(N, -1), c.dtype)
+    se = Expected(rstd.reshape(ns), (4 * t * np.abs(rstd)).reshape(ns), c.dtype)
     if rms:
         return ye, se
-    return ye, Expected(mean.reshape(N, -1), (t * (np.abs(mean) + sd)).reshape(N, -1), c.dtype), se
+    return ye, Expected(mean.reshape(ns), (t * (np.abs(mean) + sd)).reshape(ns), c.dtype), se
 
 
 def _exp_rn_grads(c, mean, rstd, gdtype, extra=False):

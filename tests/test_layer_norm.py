@@ -439,3 +439,66 @@ def test_outputs_beyond_the_cache_stream_to_the_same_values():
     for part in np.split(np.arange(1400), 4):
         np.testing.assert_array_equal(gx[part], bn_simd.layer_norm_backward(dy[part], x[part], m[part], s[part], 4096,
                                                                             w, b)[0])
+
+
+GUARD_CHILD = """
+import ctypes, mmap, sys
+import numpy as np
+import bn_simd
+
+PAGE = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+keep = []
+
+def guarded(shape, dtype, fill):
+    # a C-contiguous array whose last byte is the last byte before a PROT_NONE page
+    n = int(np.prod(shape))
+    nbytes = n * np.dtype(dtype).itemsize
+    npages = -(-nbytes // PAGE) + 1
+    buf = mmap.mmap(-1, npages * PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    if libc.mprotect(base + (npages - 1) * PAGE, PAGE, 0) != 0:
+        sys.exit("mprotect failed")
+    keep.append(buf)
+    a = np.frombuffer(buf, dtype=dtype, count=n, offset=(npages - 1) * PAGE - nbytes).reshape(shape)
+    a[...] = fill
+    return a
+
+rng = np.random.default_rng(5)
+calls = 0
+for isa in bn_simd.show_config()["supported_isas"]:
+    bn_simd.set_isa(isa)
+    for nt in (1, 2):
+        bn_simd.set_num_threads(nt)
+        for dtype in (np.float32, np.float64):
+            for D in list(range(1, 34)) + [1000]:
+                for cf, shape in ((False, (70, D)), (True, (3, D, 37))):
+                    x = guarded(shape, dtype, rng.standard_normal(shape))
+                    dy = guarded(shape, dtype, rng.standard_normal(shape))
+                    w, b = guarded((D,), dtype, 1.5), guarded((D,), dtype, 0.5)
+                    lay = "NCHW" if cf else None
+                    y, m, s = bn_simd.layer_norm_forward(x, D, w, b, layout=lay, out=guarded(shape, dtype, 0))
+                    m, s = guarded(m.shape, dtype, m), guarded(s.shape, dtype, s)
+                    r = bn_simd.layer_norm_backward(dy, x, m, s, D, w, b, layout=lay, out=guarded(shape, dtype, 0))
+                    calls += 2
+                    if not cf:
+                        yr, sr = bn_simd.rms_norm_forward(x, D, w, out=guarded(shape, dtype, 0))
+                        bn_simd.rms_norm_backward(dy, x, guarded(sr.shape, dtype, sr), D, w, out=guarded(shape, dtype, 0))
+                        calls += 2
+                    if not (np.isfinite(y).all() and np.isfinite(r[0]).all() and np.isfinite(r[1]).all()):
+                        sys.exit(f"non-finite result: {isa} {nt} {np.dtype(dtype).name} {cf} {shape}")
+print(f"guard pages: {calls} calls ok")
+"""
+
+
+def test_no_access_past_the_end_of_any_array():
+    """Every array (data, parameters, statistics, outputs) ends where an inaccessible page begins, on every ISA with
+    1 and 2 threads: an access one byte past any of them kills the child process."""
+    import subprocess
+    import sys
+    if not sys.platform.startswith("linux"):
+        pytest.skip("mmap + mprotect guard pages (Linux)")
+    r = subprocess.run([sys.executable, "-c", GUARD_CHILD], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"child exited with {r.returncode} (-11: SIGSEGV)\n{r.stdout}\n{r.stderr}"
+    assert "calls ok" in r.stdout

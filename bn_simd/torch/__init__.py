@@ -28,3 +28,5 @@ from .sync import SyncBatchNorm, SyncBatchNormFunction
 __all__ = ["batch_norm", "group_norm", "instance_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "SyncBatchNorm", "convert", "BatchNormFunction",
            "GroupNormFunction", "InstanceNormFunction", "SyncBatchNormFunction"]
+from .fold import fold  # noqa: E402  (BN folding: bn_simd/torch/fold.py)
+__all__ += ["fold"]

@@ -71,7 +71,7 @@ def dense(x):
 def array(t, layout):
     """Tensor t (the data's shape) as the C-contiguous ndarray of ``layout``: a view of t's memory when it has that
     order, else one copy (a gradient arriving in another memory format)."""
-    a = _numpy(t)
+    a = _numpy(t.resolve_neg() if t.is_neg() else t)
     if layout == "NHWC":
         a = a.transpose(_CHANNELS_LAST[a.ndim])
     if not a.flags.c_contiguous:
@@ -101,6 +101,8 @@ def input_supported(x, ranks, eps):
     if (not x.is_cpu or x.dtype not in FLOATS or x.layout != torch.strided or x.dim() not in ranks
             or torch.jit.is_tracing() or torch.compiler.is_compiling() or fwAD._current_level >= 0):
         return False
+    if x.is_neg():  # a negative-bit view (the imaginary part of a conjugate): its memory holds -x
+        return False
     # (PyTorch's eval accepts eps = 0; the kernels need eps > 0)
     return not (eps <= 0.0 if type(eps) is float else isinstance(eps, numbers.Real) and not eps > 0)
 
@@ -117,7 +119,7 @@ def channels_supported(x, channel_args):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
         if type(t) not in _PLAIN and has_torch_function((t,)):
             return False
-        if not t.is_cpu or t.layout != torch.strided:
+        if not t.is_cpu or t.layout != torch.strided or t.is_neg():
             return False
         if t.dtype != x.dtype:
             raise TypeError(f"{name} must have the dtype of input ({x.dtype}), got {t.dtype}")
@@ -154,7 +156,7 @@ def module_views(module, x, tensors):
             return c[3]
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN or not t.is_cpu or t.layout != torch.strided
-                              or t.dtype is not x.dtype):
+                              or t.dtype is not x.dtype or t.is_neg()):
             return None
     views = tuple(vec(t) for t in tensors)
     d[VIEWS_KEY] = (x.dtype, tuple(tensors), tuple(None if t is None else t.data_ptr() for t in tensors), views)
@@ -176,6 +178,8 @@ def check_out(out, x):
         raise TypeError(f"out must have the dtype of input ({x.dtype}), got {out.dtype}")
     if not out.is_cpu or out.layout != torch.strided:
         raise ValueError(f"out must be a strided CPU tensor, got {out.device} / {out.layout}")
+    if out.is_neg():
+        raise ValueError("out must not be a negative-bit view (such as the imaginary part of a conjugate)")
     if out.requires_grad and torch.is_grad_enabled():
         raise ValueError("out must not require grad: autograd does not differentiate through out=")
 

@@ -11,15 +11,32 @@ One difference from PyTorch: a call that raises leaves ``num_batches_tracked`` a
 before its checks).
 """
 import torch
+from torch.utils.dlpack import to_dlpack as _to_dlpack
 
+from .. import _core
 from . import _bridge as B
 from . import functional as F
+
+# The eval fast path's entry in a module's __dict__ (see _eval_fast_path): the per-channel tensors checked by a
+# general call, and their addresses. Left out of pickles and copies, as B.VIEWS_KEY.
+EVAL_KEY = "_bn_simd_eval"
+_RANKS = {torch.nn.BatchNorm1d: (2, 3), torch.nn.BatchNorm2d: (4,), torch.nn.BatchNorm3d: (5,)}
+_Tensor, _empty_like, _grad_enabled, _is_tracing = torch.Tensor, torch.empty_like, torch.is_grad_enabled, torch._C._is_tracing
+_is_compiling = torch.compiler.is_compiling
 
 
 def _batch_norm_forward(self, input):
     """Batch normalization of input with this module's state, as ``torch.nn.BatchNorm*d`` does: batch statistics in
     training mode (running statistics updated with ``momentum``, or the cumulative average when momentum is None) and
     in eval mode without running statistics; the running statistics otherwise."""
+    # Eval outside autograd (inference): one compiled call does the checks and the work (_core.torch_bn_eval); inside
+    # a network every Python or PyTorch operation runs from caches the other layers evicted, and costs microseconds.
+    if not self.training and type(input) is _Tensor and not _grad_enabled():
+        fast = self.__dict__.get(EVAL_KEY)
+        if fast is not None and not _is_tracing() and not _is_compiling():
+            y = _core.torch_bn_eval(self, fast, input, _to_dlpack, _empty_like, B._threads())
+            if y is not None:
+                return y
     self._check_input_dim(input)
     # (the registered parameters and buffers read from their dicts: nn.Module.__getattr__ costs a few us per call)
     params, buffers = self._parameters, self._buffers
@@ -37,16 +54,31 @@ def _batch_norm_forward(self, input):
     # running statistics passed only where they are updated (training, tracked) or used (eval)
     keep = not training or track
     tensors = (running_mean if keep else None, running_var if keep else None, params.get("weight"), params.get("bias"))
-    y = F._batch_norm(input, *tensors, batch_stats, factor, self.eps, None, B.module_views(self, input, tensors))
+    views = B.module_views(self, input, tensors)
+    y = F._batch_norm(input, *tensors, batch_stats, factor, self.eps, None, views)
     if counting:
         counter.add_(1)
+    elif not training and views is not None and tensors[0] is not None and tensors[1] is not None:
+        _cache_eval(self, input, tensors, views)
     return y
+
+
+def _cache_eval(self, input, tensors, views):
+    """After an eval call that passed the general checks: the module's per-channel tensors and their addresses for
+    the fast path, when they are dense vectors of one value per channel."""
+    C = input.shape[1]
+    if any(a is not None and (a.shape != (C,) or not a.flags.c_contiguous) for a in views):
+        return
+    ranks = next((r for cls, r in _RANKS.items() if isinstance(self, cls)), ())
+    self.__dict__[EVAL_KEY] = (C, 32 if input.dtype is torch.float32 else 64, sum(1 << r for r in ranks), *tensors,
+                               *(None if t is None else t.data_ptr() for t in tensors))
 
 
 def _getstate(self):
     # the cached NumPy views (_bridge.module_views) stay out of pickles and deep copies: a copy makes its own
     state = torch.nn.Module.__getstate__(self)
     state.pop(B.VIEWS_KEY, None)
+    state.pop(EVAL_KEY, None)
     return state
 
 

@@ -1,0 +1,258 @@
+"""bn_simd.onnx.fold: BatchNormalization nodes folded into the Conv/Gemm before them; ONNX Runtime's outputs on the
+original and folded graphs against a float64 oracle (PyTorch's eval model in float64 for exported graphs, the NumPy
+conv + BN of test_fold for graphs built here).
+
+Bound: the original graph's own float32 error against the oracle (err32) measures this graph's rounding on this
+input; the folded graph rounds its folded weights once more (one float32 ulp each, of the order of what the float32
+convolutions already round), so it stays within a small multiple of err32; a wrong fold moves outputs by O(1).
+"""
+import copy
+import io
+import warnings
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+import bn_simd.onnx as bo  # noqa: E402
+from test_fold import bn_ref, conv_ref  # noqa: E402
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def run(model, feeds):
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.intra_op_num_threads = 1
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return s.run(None, feeds)
+
+
+def ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+def assert_close_to_oracle(got, orig, want):
+    err32 = np.abs(orig.astype(np.float64) - want).max()
+    errf = np.abs(got.astype(np.float64) - want).max()
+    bound = 4 * err32 + 4 * EPS32 * np.abs(want).max()
+    assert errf <= bound, f"folded error {errf:.3g} > {bound:.3g} (original graph's error {err32:.3g})"
+
+# ---- graphs exported from PyTorch ----------------------------------------------------------------------------------
+
+
+def torch_net():
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),      # depthwise
+        nn.Conv2d(8, 6, 1, stride=2), nn.BatchNorm2d(6, affine=False), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 10), nn.BatchNorm1d(10))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.3)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+    return torch, model
+
+
+def export(torch, model, x, **kw):
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), f, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
+                          **kw)
+    return onnx.load_from_string(f.getvalue())
+
+
+def test_fold_eval_export_conv_depthwise_and_gemm():
+    torch, model = torch_net()
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = export(torch, model, x, do_constant_folding=False)   # keeps the BatchNormalization nodes
+    assert ops(graph).count("BatchNormalization") == 4
+    before = graph.SerializeToString()
+    folded = bo.fold(graph)
+    assert graph.SerializeToString() == before                     # the model given is not modified
+    onnx.checker.check_model(folded)
+    assert "BatchNormalization" not in ops(folded) and [o.name for o in folded.graph.output] == ["y"]
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double()).numpy()
+    feeds = {"x": x.numpy()}
+    assert_close_to_oracle(run(folded, feeds)[0], run(graph, feeds)[0], want)
+
+
+def test_fold_training_export_as_inference():
+    torch, model = torch_net()
+    model.train()
+    x = torch.randn(4, 3, 8, 8)
+    graph = export(torch, model, x, training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)
+    bns = [n for n in graph.graph.node if n.op_type == "BatchNormalization"]
+    assert len(bns) == 4 and all(helper.get_attribute_value(a) == 1 for n in bns for a in n.attribute
+                                 if a.name == "training_mode")
+    # training-mode nodes normalise with the batch's statistics: left alone unless asked
+    with pytest.warns(UserWarning, match="4 BatchNormalization node.*training mode.*training_nodes='inference'"):
+        assert ops(bo.fold(graph)).count("BatchNormalization") == 4
+    folded = bo.fold(graph, training_nodes="inference")
+    onnx.checker.check_model(folded)
+    assert "BatchNormalization" not in ops(folded)
+    # the graph as inference runs it: training_mode 0, running-statistics outputs dropped
+    as_eval = copy.deepcopy(graph)
+    for n in as_eval.graph.node:
+        if n.op_type == "BatchNormalization":
+            for a in n.attribute:
+                if a.name == "training_mode":
+                    a.i = 0
+            del n.output[1:]
+    model.eval()
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double()).numpy()
+    feeds = {"x": x.numpy()}
+    assert_close_to_oracle(run(folded, feeds)[0], run(as_eval, feeds)[0], want)
+
+# ---- graphs built with onnx.helper ----------------------------------------------------------------------------------
+
+
+def _init(name, a):
+    return numpy_helper.from_array(np.asarray(a, np.float32), name)
+
+
+def _bn(name, x, y, C, rng, eps=1e-3, prefix=None):
+    p = prefix or name
+    mean, var, w, b = rng.standard_normal(C), rng.uniform(0.2, 2, C), rng.uniform(0.5, 1.5, C), rng.standard_normal(C)
+    node = helper.make_node("BatchNormalization", [x, p + "_s", p + "_b", p + "_m", p + "_v"], [y], name=name,
+                            epsilon=eps)
+    inits = [_init(p + "_s", w), _init(p + "_b", b), _init(p + "_m", mean), _init(p + "_v", var)]
+    return node, inits, (mean, var, w, b)
+
+
+def test_fold_hand_built_graph_shared_weights_branches_and_gemm():
+    rng = np.random.default_rng(5)
+    W = rng.standard_normal((6, 2, 3, 3))           # group=2 conv of 4 input channels, shared by two convs
+    nodes, inits = [], [_init("W", W)]
+    nodes.append(helper.make_node("Conv", ["x", "W"], ["c1"], group=2, pads=[1, 1, 1, 1]))
+    bn1, i1, p1 = _bn("bn1", "c1", "y1", 6, rng)
+    nodes.append(helper.make_node("Conv", ["x", "W"], ["c2"], group=2))
+    bn2, i2, p2 = _bn("bn2", "c2", "y2", 6, rng)
+    nodes.append(helper.make_node("Conv", ["x", "W"], ["c3"], group=2))     # read twice: not folded
+    bn3, i3, p3 = _bn("bn3", "c3", "t3", 6, rng)
+    nodes += [bn1, bn2, bn3, helper.make_node("Add", ["t3", "c3"], ["y3"])]
+    Bg = rng.standard_normal((5, 7))                 # Gemm, transB=0: B (K=5, N=7), alpha, beta, C (1, N)
+    Cg = rng.standard_normal((1, 7))
+    inits += [_init("Bg", Bg), _init("Cg", Cg)]
+    nodes.append(helper.make_node("Gemm", ["a", "Bg", "Cg"], ["g"], alpha=0.5, beta=2.0))
+    bn4, i4, p4 = _bn("bn4", "g", "y4", 7, rng)
+    nodes.append(bn4)
+    inits += i1 + i2 + i3 + i4
+    f32 = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", f32, [2, 4, 5, 5]),
+                     helper.make_tensor_value_info("a", f32, [3, 5])],
+        [helper.make_tensor_value_info(n, f32, s) for n, s in (("y1", [2, 6, 5, 5]), ("y2", [2, 6, 3, 3]),
+                                                                ("y3", [2, 6, 3, 3]), ("y4", [3, 7]))], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    folded = bo.fold(model)
+    onnx.checker.check_model(folded)
+    assert ops(folded).count("BatchNormalization") == 1 and [o.name for o in folded.graph.output] == \
+        ["y1", "y2", "y3", "y4"]
+    assert "W" in {t.name for t in folded.graph.initializer}          # still read by the unfolded conv
+    x = rng.standard_normal((2, 4, 5, 5)).astype(np.float32)
+    a = rng.standard_normal((3, 5)).astype(np.float32)
+    feeds = {"x": x, "a": a}
+    W32 = W.astype(np.float32).astype(np.float64)
+    c3 = conv_ref(x, W32, groups=2)
+    want = [bn_ref(conv_ref(x, W32, groups=2, padding=1), *p1, 1e-3), bn_ref(conv_ref(x, W32, groups=2), *p2, 1e-3),
+            bn_ref(c3, *p3, 1e-3) + c3,
+            bn_ref(0.5 * a.astype(np.float64) @ Bg.astype(np.float32) + 2.0 * Cg.astype(np.float32), *p4, 1e-3)]
+    for got, orig, w in zip(run(folded, feeds), run(model, feeds), want):
+        assert_close_to_oracle(got, orig, w)
+
+
+def test_fold_keeps_nodes_with_non_constant_parameters_and_refuses_bad_arguments():
+    rng = np.random.default_rng(6)
+    f32 = TensorProto.FLOAT
+    conv = helper.make_node("Conv", ["x", "W"], ["c"])
+    bn, inits, _ = _bn("bn", "c", "y", 3, rng)
+    # W is a graph input: the caller may feed another weight, so it is not a constant
+    graph = helper.make_graph([conv, bn], "g", [helper.make_tensor_value_info("x", f32, [1, 2, 4, 4]),
+                                                helper.make_tensor_value_info("W", f32, [3, 2, 1, 1])],
+                              [helper.make_tensor_value_info("y", f32, [1, 3, 4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert ops(bo.fold(model)) == ["Conv", "BatchNormalization"]
+    with pytest.raises(TypeError, match="model"):
+        bo.fold(model.SerializeToString())
+    with pytest.raises(ValueError, match="training_nodes"):
+        bo.fold(model, training_nodes="yes")
+    bad = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["c"]), helper.make_node(
+        "BatchNormalization", ["c", "bn_s", "bn_b", "bn_m", "bn_v"], ["y"], name="bn", epsilon=0.0)], "g",
+        [helper.make_tensor_value_info("x", f32, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", f32, [1, 3, 4, 4])],
+        inits + [_init("W", np.ones((3, 2, 1, 1)))])
+    with pytest.raises(ValueError, match="'bn'.*eps"):
+        bo.fold(helper.make_model(bad, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_fold_matmul_add_and_matmul_of_rank_2_only():
+    rng = np.random.default_rng(8)
+    f32 = TensorProto.FLOAT
+    W1, c1, W2, W3 = (rng.standard_normal(s) for s in ((5, 4), (1, 4), (5, 3), (5, 4)))
+    bn1, i1, p1 = _bn("bn1", "s1", "y1", 4, rng)
+    bn2, i2, p2 = _bn("bn2", "m2", "y2", 3, rng)
+    bn3, i3, _ = _bn("bn3", "m3", "y3", 2, rng)      # (2, 3, 4) output: BN's axis 1 is not the features
+    nodes = [helper.make_node("MatMul", ["a", "W1"], ["m1"]), helper.make_node("Add", ["c1", "m1"], ["s1"]), bn1,
+             helper.make_node("MatMul", ["a", "W2"], ["m2"]), bn2,
+             helper.make_node("MatMul", ["a3", "W3"], ["m3"]), bn3]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("a", f32, [6, 5]), helper.make_tensor_value_info("a3", f32,
+                                                                                                    [3, 2, 5])],
+        [helper.make_tensor_value_info("y1", f32, [6, 4]), helper.make_tensor_value_info("y2", f32, [6, 3]),
+         helper.make_tensor_value_info("y3", f32, [3, 2, 4])],
+        [_init("W1", W1), _init("c1", c1), _init("W2", W2), _init("W3", W3)] + i1 + i2 + i3)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folded = bo.fold(model)
+    onnx.checker.check_model(folded)
+    assert ops(folded) == ["MatMul", "Add", "MatMul", "Add", "MatMul", "BatchNormalization"]
+    a = rng.standard_normal((6, 5)).astype(np.float32)
+    a3 = rng.standard_normal((3, 2, 5)).astype(np.float32)
+    feeds = {"a": a, "a3": a3}
+    f = lambda v: np.asarray(v, np.float32).astype(np.float64)
+    want = [bn_ref(f(a) @ f(W1) + f(c1), *p1, 1e-3), bn_ref(f(a) @ f(W2), *p2, 1e-3)]
+    got, orig = run(folded, feeds), run(model, feeds)
+    for k in range(2):
+        assert_close_to_oracle(got[k], orig[k], want[k])
+    np.testing.assert_array_equal(got[2], orig[2])     # the rank-3 BN is left as it was
+
+
+@pytest.mark.parametrize("opset", [9, 13, 17])
+@pytest.mark.parametrize("epsilon", [None, 1e-2])
+def test_fold_onnx_batchnorm_cases_behind_an_identity_conv(opset, epsilon):
+    """ONNX's own BatchNormalization cases (batchnorm_example: x (2, 3, 4, 5), random statistics; batchnorm_epsilon:
+    epsilon 1e-2; the attribute absent means 1e-5) behind a 1x1 conv with identity weights, across opsets."""
+    rng = np.random.default_rng(9)
+    f32 = TensorProto.FLOAT
+    mean, var, s, b = rng.standard_normal(3), rng.uniform(0.1, 1.0, 3), rng.standard_normal(3), rng.standard_normal(3)
+    kw = {} if epsilon is None else {"epsilon": epsilon}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], **kw)]
+    inits = [_init("W", np.eye(3).reshape(3, 3, 1, 1)), _init("s", s), _init("b", b), _init("m", mean),
+             _init("v", var)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f32, [2, 3, 4, 5])],
+                              [helper.make_tensor_value_info("y", f32, [2, 3, 4, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, 7)
+    folded = bo.fold(model)
+    assert ops(folded) == ["Conv"]
+    x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    f = lambda v: np.asarray(v, np.float32).astype(np.float64)
+    want = bn_ref(f(x), f(mean), f(var), f(s), f(b), 1e-5 if epsilon is None else epsilon)
+    assert_close_to_oracle(run(folded, {"x": x})[0], run(model, {"x": x})[0], want)

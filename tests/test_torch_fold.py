@@ -1,0 +1,244 @@
+"""bn_simd.torch.fold: every Conv→BN and Linear→BatchNorm1d pair of an eval model folded; the output against the
+unfolded model run in float64 (the oracle).
+
+Bound: the unfolded float32 model's own distance from the float64 run measures the float32 rounding of this
+network on this input (err32); the folded model rounds its folded weights once more per layer (at most one
+float32 ulp of each weight, of the order of the rounding the float32 convolutions already make), so it stays
+within a small multiple of err32. A wrong fold (a channel scaled by the wrong factor, a bias missed) moves the
+output by O(1).
+"""
+import copy
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+import bn_simd.torch as bt  # noqa: E402
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def randomize_bns(model, seed):
+    """Running statistics and affine parameters far from the identity, so that every fold matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                C = m.num_features
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(C, generator=g) * 0.5)
+                    m.running_var.copy_(torch.rand(C, generator=g) * 2 + 0.2)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(C, generator=g) * 1.5 + 0.25)
+                    m.bias.copy_(torch.randn(C, generator=g) * 0.3)
+    return model
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: conv-bn-relu, conv-bn, plus the identity or a downsampling conv-bn."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+def depthwise_block(c, cout):
+    """MobileNet's depthwise-separable block: depthwise conv-bn-relu6, pointwise conv-bn."""
+    return nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU6(),
+                         nn.Conv2d(c, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer1 = BasicBlock(8, 16, 2)
+        self.layer2 = BasicBlock(16, 16, 1)
+        self.mobile = depthwise_block(16, 24)
+        self.fc = nn.Linear(24, 10)
+        self.bn_fc = nn.BatchNorm1d(10)
+
+    def forward(self, x):
+        x = self.mobile(self.layer2(self.layer1(self.stem(x))))
+        return self.bn_fc(self.fc(x.mean(dim=(2, 3))))
+
+
+class Net13(nn.Module):
+    """Conv1d→BatchNorm1d and Conv3d→BatchNorm3d."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv1d(4, 6, 3, padding=1, groups=2), nn.BatchNorm1d(6)
+        self.c3, self.b3 = nn.Conv3d(2, 5, 2, stride=2), nn.BatchNorm3d(5, affine=False)
+
+    def forward(self, x1, x3):
+        return self.b1(self.c1(x1)).sum(dim=2), self.b3(self.c3(x3)).flatten(1)
+
+
+def count_bns(model):
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def check_folded(model, *inputs, expect_left=0):
+    """fold a copy of model and compare its output with the unfolded float32 and float64 runs."""
+    ref64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        want = ref64(*[t.double() for t in inputs])
+        unfolded = model(*inputs)
+    folded = bt.fold(copy.deepcopy(model))
+    assert count_bns(folded) == expect_left
+    with torch.no_grad():
+        got = folded(*inputs)
+    want, unfolded, got = [t if isinstance(t, tuple) else (t,) for t in (want, unfolded, got)]
+    for w, u, g in zip(want, unfolded, got):
+        err32 = (u.double() - w).abs().max().item()
+        errf = (g.double() - w).abs().max().item()
+        bound = 4 * err32 + 4 * EPS32 * w.abs().max().item()
+        assert errf <= bound, f"folded error {errf:.3g} > {bound:.3g} (unfolded float32 error {err32:.3g})"
+    return folded
+
+
+@pytest.mark.parametrize("bns", ["torch.nn", "bn_simd.torch"])
+def test_fold_resnet_and_mobilenet_blocks_matches_pytorch_eval(bns):
+    torch.manual_seed(0)
+    model = randomize_bns(Net(), 1)
+    if bns == "bn_simd.torch":
+        bt.convert(model)
+        assert isinstance(model.layer1.bn1, bt.BatchNorm2d)
+    model.eval()
+    x = torch.randn(4, 3, 16, 16)
+    folded = check_folded(model, x)
+    # the attribute pairs (conv1/bn1 in forward) were found by tracing; layers without bias got one
+    assert isinstance(folded.layer1.bn1, nn.Identity) and folded.layer1.conv1.bias is not None
+    assert isinstance(folded.bn_fc, nn.Identity) and isinstance(folded.mobile[1], nn.Identity)
+
+
+def test_fold_conv1d_conv3d_grouped_and_affine_false():
+    torch.manual_seed(1)
+    model = randomize_bns(Net13(), 2).eval()
+    check_folded(model, torch.randn(3, 4, 11), torch.randn(2, 2, 6, 4, 4))
+
+
+def test_fold_returns_the_same_model_and_keeps_dtype_and_requires_grad():
+    torch.manual_seed(2)
+    model = randomize_bns(nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), nn.BatchNorm2d(3)), 3).double().eval()
+    assert bt.fold(model) is model
+    assert model[0].bias.dtype == torch.float64 and model[0].bias.requires_grad
+    assert isinstance(model[1], nn.Identity)
+
+
+class Branchy(nn.Module):
+    """Pairs that must stay: a conv output read twice, a BN without running statistics, a BN with a hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+        self.conv_b, self.bn_b = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)
+        self.conv_c, self.bn_c = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+        self.bn_c.register_forward_hook(lambda m, i, o: None)
+
+    def forward(self, x):
+        a = self.conv_a(x)
+        return self.bn_a(a) + a + self.bn_b(self.conv_b(x)) + self.bn_c(self.conv_c(x))
+
+
+def test_fold_leaves_pairs_it_cannot_fold_exactly():
+    torch.manual_seed(3)
+    model = randomize_bns(Branchy(), 4).eval()
+    check_folded(model, torch.randn(2, 3, 5, 5), expect_left=3)
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.seq(x)
+        if y.sum() > 0:
+            y = y * 2
+        return self.bn(self.conv(y))
+
+
+def test_fold_falls_back_to_sequential_pairs_when_tracing_fails():
+    torch.manual_seed(4)
+    model = randomize_bns(Untraceable(), 5).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.warns(RuntimeWarning, match="could not trace.*nn.Sequential"):
+        folded = check_folded(model, x, expect_left=1)
+    assert isinstance(folded.seq[1], nn.Identity) and isinstance(folded.bn, nn.BatchNorm2d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert count_bns(bt.fold(copy.deepcopy(Net().eval()), trace=False)) == 5   # only the Sequential pairs
+
+
+def test_fold_refuses_training_mode_and_changes_nothing():
+    model = Net()
+    with pytest.raises(ValueError, match="training mode"):
+        bt.fold(model)
+    model.eval()
+    model.layer1.bn2.train()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="layer1.bn2.*training mode"):
+        bt.fold(model)
+    assert count_bns(model) == 9
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(TypeError, match="model"):
+        bt.fold("model")
+
+
+def test_fold_names_the_batch_norm_whose_values_cannot_be_folded():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, eps=0.0)).eval()
+    with pytest.raises(ValueError, match="'1'.*eps"):
+        bt.fold(model)
+    assert isinstance(model[1], nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("bns", ["torch.nn", "bn_simd.torch"])
+def test_fold_after_running_statistics_from_training_batches(bns):
+    """Running statistics as training leaves them (a few training forwards, then eval), conv and linear without
+    bias, 1d/2d/3d."""
+    torch.manual_seed(5)
+    models = [(nn.Sequential(nn.Linear(20, 10, bias=False), nn.BatchNorm1d(10)), (8, 20)),
+              (nn.Sequential(nn.Conv1d(4, 6, 3, bias=False), nn.BatchNorm1d(6)), (8, 4, 9)),
+              (nn.Sequential(nn.Conv2d(3, 10, 3), nn.BatchNorm2d(10)), (8, 3, 9, 9)),
+              (nn.Sequential(nn.Conv3d(2, 4, 2, bias=False), nn.BatchNorm3d(4)), (4, 2, 5, 5, 5))]
+    for model, shape in models:
+        if bns == "bn_simd.torch":
+            bt.convert(model)
+        with torch.no_grad():
+            model[1].weight.uniform_(0.5, 2.0)
+            model[1].bias.uniform_(-1.0, 1.0)
+            for _ in range(3):
+                model(torch.randn(shape) * 3 + 1)
+        model.eval()
+        check_folded(model, torch.randn(shape) * 3 + 1)
+
+
+def test_fold_refuses_a_folded_weight_beyond_the_layers_dtype():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)).half().eval()
+    with torch.no_grad():
+        model[0].weight.fill_(100.0)
+        model[1].weight.fill_(1000.0)    # scale 1000 / sqrt(1 + eps): 1e5 > float16's 65504
+    with pytest.raises(ValueError, match="'1'.*overflows torch.float16"):
+        bt.fold(model)
+    assert isinstance(model[1], nn.BatchNorm2d) and float(model[0].weight.detach().max()) == 100.0
