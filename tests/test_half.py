@@ -399,3 +399,27 @@ def test_torch_float16_tensors_are_read_as_numpy_float16_and_bfloat16_ones_refus
     assert np.array_equal(y.view(np.uint16), bn_simd.batch_norm(t.numpy(), None, None, training=True).view(np.uint16))
     with pytest.raises(TypeError, match="bn_simd.torch"):
         bn_simd.batch_norm(t.bfloat16(), None, None, training=True)
+
+
+def test_16_bit_parameters_are_read_by_widening(dt):
+    """Parameters of any float dtype are read as float64 (documented): 16-bit ones give the results of their exact
+    float32 values, and the parameter gradients have the weight's dtype."""
+    x = sample((4, 5, 6), dt, seed=20)
+    dy = sample((4, 5, 6), dt, seed=21, scale=1, shift=0)
+    w, b = params(5)
+    w16, b16 = w.astype(dt), b.astype(dt)
+    w32, b32 = wide(w16).astype(np.float32), wide(b16).astype(np.float32)
+    y16, m, s = bn_simd.batch_norm_forward(x, w16, b16)
+    y32 = bn_simd.batch_norm_forward(x, w32, b32)[0]
+    assert np.array_equal(y16.view(np.uint16), y32.view(np.uint16))
+    gx, gw, gb = bn_simd.batch_norm_backward(dy, x, m, s, w16)
+    assert gx.dtype == dt and gw.dtype == dt and gb.dtype == dt
+    assert np.array_equal(bn_simd.layer_norm(x, 6, wide(params(6)[0].astype(dt))).view(np.uint16),
+                          bn_simd.layer_norm(x, 6, params(6)[0].astype(dt)).view(np.uint16))
+
+
+def test_other_two_byte_dtypes_are_refused():
+    with pytest.raises(TypeError, match="x must have dtype"):
+        bn_simd.batch_norm(np.zeros((4, 3, 2), "V2"), None, None, training=True)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        bn_simd.group_norm(np.zeros((4, 4, 2), np.int16), 2)
