@@ -139,10 +139,12 @@ cdef extern from "bn_simd.h" nogil:
     int bn_group_backward_f32(const float* dy, const float* x, float* dx, int64_t N, int64_t C, int64_t S, int64_t G,
                               int cl, const double* mean, const double* invstd, const double* weight,
                               double* grad_weight, double* grad_bias, int nt)
-    int bn_group_backward_f16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t N, int64_t C, int64_t S, int64_t G,
+    int bn_group_backward_f16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t N, int64_t C, int64_t S,
+                              int64_t G,
                               int cl, const double* mean, const double* invstd, const double* weight,
                               double* grad_weight, double* grad_bias, int nt)
-    int bn_group_backward_bf16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t N, int64_t C, int64_t S, int64_t G,
+    int bn_group_backward_bf16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t N, int64_t C, int64_t S,
+                              int64_t G,
                               int cl, const double* mean, const double* invstd, const double* weight,
                               double* grad_weight, double* grad_bias, int nt)
     int bn_group_backward_f64(const double* dy, const double* x, double* dx, int64_t N, int64_t C, int64_t S,
@@ -486,10 +488,12 @@ cdef int k_group_backward(int dt, const void* dy, const void* x, void* dx, int64
             st = bn_group_backward_f64(<const double*>dy, <const double*>x, <double*>dx, N, C, S, G, cl, mean, invstd,
                                        w, grad_weight, grad_bias, nt)
         elif dt == DT_F16:
-            st = bn_group_backward_f16(<const uint16_t*>dy, <const uint16_t*>x, <uint16_t*>dx, N, C, S, G, cl, mean, invstd,
+            st = bn_group_backward_f16(<const uint16_t*>dy, <const uint16_t*>x, <uint16_t*>dx, N, C, S, G, cl, mean,
+                                       invstd,
                                        w, grad_weight, grad_bias, nt)
         elif dt == DT_BF16:
-            st = bn_group_backward_bf16(<const uint16_t*>dy, <const uint16_t*>x, <uint16_t*>dx, N, C, S, G, cl, mean, invstd,
+            st = bn_group_backward_bf16(<const uint16_t*>dy, <const uint16_t*>x, <uint16_t*>dx, N, C, S, G, cl, mean,
+                                       invstd,
                                        w, grad_weight, grad_bias, nt)
     return st
 
@@ -1310,10 +1314,12 @@ cdef extern from "bn_simd.h" nogil:
     int bn_row_backward_f32(const float* dy, const float* x, float* dx, int64_t N, int64_t C, int64_t S, int rms,
                             const double* mean, const double* rstd, const double* weight, double* grad_weight,
                             double* grad_bias, int nt)
-    int bn_row_backward_f16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t N, int64_t C, int64_t S, int rms,
+    int bn_row_backward_f16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t N, int64_t C, int64_t S,
+                            int rms,
                             const double* mean, const double* rstd, const double* weight, double* grad_weight,
                             double* grad_bias, int nt)
-    int bn_row_backward_bf16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t N, int64_t C, int64_t S, int rms,
+    int bn_row_backward_bf16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t N, int64_t C, int64_t S,
+                            int rms,
                             const double* mean, const double* rstd, const double* weight, double* grad_weight,
                             double* grad_bias, int nt)
     int bn_row_backward_f64(const double* dy, const double* x, double* dx, int64_t N, int64_t C, int64_t S, int rms,

@@ -43,7 +43,8 @@ int bn_best_isa(void);
 const char* bn_isa_name(int isa);
 /* 1 when built with OpenMP. */
 int bn_have_openmp(void);
-/* Whether the CPU converts float16 in hardware (F16C): the vector float16 kernels need it (else the scalar ones run). */
+/* Whether the CPU converts float16 in hardware (F16C): the vector float16 kernels need it (else the scalar ones
+ * run). */
 int bn_have_f16c(void);
 /* OpenMP's current default thread count (omp_get_max_threads), 1 without OpenMP. */
 int bn_omp_max_threads(void);

@@ -50,7 +50,8 @@ static inline float bn_f16_to_f32(uint16_t h) {
  *   |f| >= 65520 (the midpoint of 65504 and 2^16, which ties to the even 2^16): Inf
  *   |f| >= 2^-14: normal; the float's exponent is rebiased (127 -> 15) and its 23-bit fraction rounded to 10 bits
  *   |f| <  2^-14: subnormal, units of 2^-24: the 24-bit significand shifted right by 126 - e with the remainder
- *                 rounded; at most 2^-25 (a tie with 0) gives zero, and rounding up to 2^-14 gives the smallest normal */
+ *                 rounded; at most 2^-25 (a tie with 0) gives zero, and rounding up to 2^-14 gives the smallest
+ *                 normal */
 static inline uint16_t bn_f16_from_f32(float f) {
     const uint32_t u = bn_f32_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
     if (a > 0x7F800000u) return (uint16_t)(sign | 0x7E00u | ((a >> 13) & 0x3FFu));

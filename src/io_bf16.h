@@ -3,9 +3,9 @@
  * (exact). Narrowing rounds the float result once, to nearest even, by integer arithmetic on its bits (half.h,
  * bn_bf16_from_f32: add 0x7FFF plus the kept part's last bit, keep the top half; NaNs made quiet), the same operations
  * lane-wise in every ISA, so every ISA stores the same bits (tests/c/test_kernels.c). (AVX512-BF16's vcvtneps2bf16
- * is not used: Intel documents it as treating subnormal inputs as zero, which IEEE rounding, and these kernels, keep.) uk_<isa>.c
- * includes this file after its vec_<isa>.h for an instantiation with TS = uint16_t, TC = float; uk_undef_type.h ends
- * it. No masked 16-bit loads or stores (see io_f16.h). */
+ * is not used: Intel documents it as treating subnormal inputs as zero, which IEEE rounding, and these kernels,
+ * keep.) uk_<isa>.c includes this file after its vec_<isa>.h for an instantiation with TS = uint16_t, TC = float;
+ * uk_undef_type.h ends it. No masked 16-bit loads or stores (see io_f16.h). */
 _Static_assert(_Generic((TS)0, uint16_t: 1, default: 0) && _Generic((TC)0, float: 1, default: 0),
                "io_bf16.h: bfloat16 patterns computed in float");
 #include "half.h"

@@ -387,7 +387,8 @@ def test_sizes_around_the_vector_width(dt, C, spatial, layout):
     gx, _, _ = bn_simd.batch_norm_backward(dy, x, mean, invstd, w, layout=layout)
     dx, dw, db = oracle.backward(wide(dy), wide(x), mean, invstd, w, layout=layout)
     n = x.size // C
-    mag = np.abs(dx) + 8 * (np.abs(w) * invstd).max() * (np.abs(wide(dy)) + (np.abs(db).max() + 8 * np.abs(dw).max()) / n)
+    sums = (np.abs(db).max() + 8 * np.abs(dw).max()) / n
+    mag = np.abs(dx) + 8 * (np.abs(w) * invstd).max() * (np.abs(wide(dy)) + sums)
     assert_half_close(gx, dx, mag, dt, "grad_x")
 
 
