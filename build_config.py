@@ -9,8 +9,9 @@ tests/test_c_kernels.py (the C kernel test) read them from. Plain data, importab
 
 # the kernels of each ISA, with the flags of that file only
 ISA_FLAGS = {
-    "src/uk_avx2.c": ["-mavx2", "-mfma"],
-    "src/uk_avx512.c": ["-mavx512f", "-mavx2", "-mfma"],
+    # -mf16c: the float16 kernels' conversions (io_f16.h), reached only on CPUs with F16C (dispatch.c)
+    "src/uk_avx2.c": ["-mavx2", "-mfma", "-mf16c"],
+    "src/uk_avx512.c": ["-mavx512f", "-mavx2", "-mfma", "-mf16c"],
 }
 # baseline-ISA C of the library: the scalar kernels, the kernel tables (from src/kernels.def), dispatch, drivers
 PORTABLE_SOURCES = ["src/uk_scalar.c", "src/kernels.c", "src/dispatch.c", "src/batchnorm.c"]
@@ -28,7 +29,8 @@ INCLUDE_DIRS = ["include", "src"]
 DEPENDS = ["include/bn_simd.h", "src/ukernels.h", "src/ukernels.inc", "src/kernels.def", "src/batchnorm.inc",
            "src/groupnorm.inc", "src/rownorm.inc", "src/rowcol.inc", "src/dispatch.h", "src/uk_undef_type.h",
            # the kernels' vocabularies: each ISA's vectors, each storage dtype's I/O, the outputs' epilogue
-           "src/vec_scalar.h", "src/vec_avx2.h", "src/vec_avx512.h", "src/io_f32.h", "src/io_f64.h", "src/epilogue.h"]
+           "src/vec_scalar.h", "src/vec_avx2.h", "src/vec_avx512.h", "src/io_f32.h", "src/io_f64.h",
+           "src/io_f16.h", "src/io_bf16.h", "src/half.h", "src/epilogue.h"]
 
 
 def flags_for(source):

@@ -6,6 +6,8 @@ from libc.stdint cimport int64_t
 cdef enum:
     DT_F32 = 0
     DT_F64 = 1
+    DT_F16 = 2   # float16 (numpy.float16), computed in float32
+    DT_BF16 = 3  # bfloat16 (ml_dtypes.bfloat16), computed in float32
 
 # Layouts. A channel axis given as axis= (bn_simd.functional) arrives as an Axis token, whose code is AXIS_BASE + axis
 # (axis in [-MAX_RANK, MAX_RANK - 1]); only the batch-norm views (view) take it.
@@ -35,7 +37,8 @@ ctypedef struct Groups:
     int dtype
 
 cdef int layout_code(object layout) except -1
-cdef cnp.ndarray data(object x, str name)
+cdef cnp.ndarray data(object x, str name, bint half=*)
+cdef bint half_storage(cnp.ndarray a) noexcept
 cdef int view(cnp.ndarray x, int layout, str name, View* v) except -1
 cdef int group_view(cnp.ndarray x, int layout, int min_rank, str what, Groups* g) except -1
 cdef cnp.ndarray like(object a, str name, cnp.ndarray x)

@@ -26,6 +26,41 @@ LAYOUTS = {"NCHW": "NCHW", "NHWC": "NHWC", "channels_first": "NCHW", "channels_l
 LAYOUT_NAMES = ("NCHW", "NHWC")
 MAX_DIMS = MAX_RANK  # the highest rank a call with axis= takes
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# The 16-bit storage dtypes of the data tensors of the calls that take them (half=True below): NumPy's float16, and
+# bfloat16 as ml_dtypes defines it (the dtype of JAX and TensorFlow), recognised by its name, size and kind so that
+# ml_dtypes is never imported here: only arrays of that dtype, made by whoever imported it, carry it.
+HALF_CALLS = ("batch_norm, batch_norm_forward, batch_norm_backward, batch_stats, normalize, backward_reduce, the "
+              "group / instance / layer / RMS norm calls and the layers")
+cdef int _bf16_num = -1  # bfloat16's NumPy type number, once an array of it has been seen (NumPy assigns it)
+
+
+cdef inline bint _is_bf16(object dt):
+    return dt.itemsize == 2 and dt.kind == "V" and dt.name == "bfloat16"
+
+
+cdef bint _is_float(object dt):
+    """A floating-point dtype: NumPy's float kinds and bfloat16."""
+    return dt.kind == "f" or _is_bf16(dt)
+
+
+cdef inline int _data_code(cnp.ndarray a) noexcept:
+    """a's storage dtype code (DT_*), -1 when the kernels have none for it."""
+    cdef int t = cnp.PyArray_TYPE(a)
+    if t == cnp.NPY_FLOAT32:
+        return DT_F32
+    if t == cnp.NPY_FLOAT64:
+        return DT_F64
+    if t == cnp.NPY_FLOAT16:
+        return DT_F16
+    if t == _bf16_num and t >= 0:
+        return DT_BF16
+    return -1
+
+
+cdef bint half_storage(cnp.ndarray a) noexcept:
+    """a is a float16 or bfloat16 data tensor (its statistics and parameter gradients are then float32)."""
+    cdef int c = _data_code(a)
+    return c == DT_F16 or c == DT_BF16
 
 
 # ---- descriptions and conversions ---------------------------------------------------------------------------
@@ -106,25 +141,39 @@ cdef str _layout_name(object layout):
 
 # ---- data tensors -------------------------------------------------------------------------------------------
 
-cdef cnp.ndarray data(object x, str name):
-    """x as a native-endian, C-contiguous, aligned float32/float64 ndarray: x itself when it is one, else one copy
-    (Fortran order, strides, byte swaps, tensors, lists)."""
-    if type(x) is cnp.ndarray and _plain(<cnp.ndarray>x):
-        return <cnp.ndarray>x
+cdef cnp.ndarray data(object x, str name, bint half=False):
+    """x as a native-endian, C-contiguous, aligned float32/float64 ndarray (half: float16 and bfloat16 too, for the
+    calls that take them): x itself when it is one, else one copy (Fortran order, strides, byte swaps, tensors,
+    lists)."""
+    global _bf16_num
+    cdef int code
+    if type(x) is cnp.ndarray:
+        code = _data_code(<cnp.ndarray>x)
+        if (code == DT_F32 or code == DT_F64 or (half and code >= 0)) and cnp.PyArray_IS_C_CONTIGUOUS(x) \
+                and cnp.PyArray_ISALIGNED(x) and cnp.PyArray_ISNOTSWAPPED(x):
+            return <cnp.ndarray>x
+    wanted = "float32 or float64 (or float16, bfloat16)" if half else "float32 or float64"
     if not isinstance(x, np.ndarray) and str(getattr(x, "dtype", "")) == "torch.bfloat16":
-        raise TypeError(f"{name} must have dtype float32 or float64, got torch.bfloat16 (not supported yet)")
+        raise TypeError(f"{name} must be an ndarray of dtype {wanted}, got a {x.dtype} tensor (NumPy has no "
+                        f"bfloat16: pass it to bn_simd.torch, or as an ml_dtypes.bfloat16 array)")
     a = _to_ndarray(x, name)
     dt = a.dtype
-    if dt.kind != "f" or dt.newbyteorder("=") not in SUPPORTED_DTYPES:
-        hint = " (float16 is not supported yet)" if dt.kind == "f" and dt.itemsize == 2 else ""
-        raise TypeError(f"{name} must have dtype float32 or float64, got {dt}{hint}")
+    bf16 = _is_bf16(dt)
+    if bf16 and _bf16_num < 0:
+        _bf16_num = dt.num
+    f16 = dt.kind == "f" and dt.itemsize == 2
+    if not (bf16 or (dt.kind == "f" and (f16 or dt.newbyteorder("=") in SUPPORTED_DTYPES))) or \
+            ((bf16 or f16) and not half):
+        hint = f" (float16 and bfloat16 data are taken by {HALF_CALLS}, not by this call)" if bf16 or f16 else ""
+        raise TypeError(f"{name} must have dtype {wanted}, got {dt}{hint}")
     if not (dt.isnative and a.flags.c_contiguous and a.flags.aligned):
         a = np.array(a, dtype=dt.newbyteorder("="), order="C")  # (a fresh array is aligned)
     return <cnp.ndarray>a
 
 
 cdef inline int _dtype_code(cnp.ndarray x) noexcept:
-    return DT_F32 if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32 else DT_F64
+    """the storage dtype code of a data tensor that data() returned"""
+    return _data_code(x)
 
 
 cdef int view(cnp.ndarray x, int layout, str name, View* v) except -1:
@@ -197,7 +246,7 @@ cdef int group_view(cnp.ndarray x, int layout, int min_rank, str what, Groups* g
 
 cdef cnp.ndarray like(object a, str name, cnp.ndarray x):
     """a as a data tensor (see data) with the shape and dtype of x (grad_out beside x)."""
-    cdef cnp.ndarray g = data(a, name)
+    cdef cnp.ndarray g = data(a, name, half_storage(x))
     cdef int k, nd = cnp.PyArray_NDIM(x)
     cdef bint same = cnp.PyArray_NDIM(g) == nd
     for k in range(nd if same else 0):
@@ -244,7 +293,7 @@ cdef object channel(object v, str name, int64_t C, bint inplace):
         b = v
     else:
         b = _to_ndarray(v, name)
-    if b.dtype.kind != "f":
+    if not _is_float(b.dtype):
         raise TypeError(f"{name} must have a floating-point dtype, got {b.dtype}")
     if b.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) to match the {C} channels of x, got shape {b.shape}")
@@ -338,7 +387,7 @@ cdef int group_stat(object v, str name, int64_t N, int64_t G, str what, double* 
     if v is None:
         raise TypeError(f"{name} must be an array of shape ({N}, {G}), got None")
     a = _to_ndarray(v, name)
-    if a.dtype.kind != "f":
+    if not _is_float(a.dtype):
         raise TypeError(f"{name} must have a floating-point dtype, got {a.dtype}")
     if a.shape != (N, G):
         raise ValueError(f"{name} must have shape ({N}, {G}) ({what} of x), got shape {a.shape}")
@@ -542,9 +591,10 @@ def axis_layout(axis, layout="NCHW"):
     return _AXES[check_axis(axis, layout) + MAX_RANK]
 
 
-def as_data(x, name="x"):
-    """A data tensor as a native-endian, C-contiguous float32/float64 ndarray (x itself, or one copy)."""
-    return data(x, name)
+def as_data(x, name="x", half=False):
+    """A data tensor as a native-endian, C-contiguous float32/float64 ndarray (x itself, or one copy); half: float16
+    and bfloat16 too."""
+    return data(x, name, half)
 
 
 def per_channel(v, name, C, *, inplace=False):
@@ -583,10 +633,11 @@ def check_out(out, like, reads, name="out"):
     return _out(out, like, name, reads[0][0], reads[0][1], reads[1][0], reads[1][1])
 
 
-def check_layer_input(x, ranks, what, num_features, layout, axis=None):
-    """A layer's input: a data tensor (see data) of one of `ranks` (None: any) with num_features channels on the
-    layout's channel axis (checked for ranks 2 to 5), or on `axis` when it is not None (ranks 1 to MAX_RANK)."""
-    a = <object>data(x, "x")
+def check_layer_input(x, ranks, what, num_features, layout, axis=None, half=False):
+    """A layer's input: a data tensor (see data; half: float16 and bfloat16 too) of one of `ranks` (None: any) with
+    num_features channels on the layout's channel axis (checked for ranks 2 to 5), or on `axis` when it is not None
+    (ranks 1 to MAX_RANK)."""
+    a = <object>data(x, "x", half)
     if ranks is not None and a.ndim not in ranks:
         raise ValueError(f"{what} expects {' or '.join(f'{r}-D' for r in ranks)} input, got {a.ndim}-D input of "
                          f"shape {a.shape}")
@@ -708,7 +759,7 @@ cdef object row_param(object v, str name, cnp.ndarray x, Rows* r):
         if (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_DIM(a, 0) == r.C:
             return a
     b = _to_ndarray(v, name)
-    if b.dtype.kind != "f":
+    if not _is_float(b.dtype):
         raise TypeError(f"{name} must have a floating-point dtype, got {b.dtype}")
     want = (r.C,) if r.cf else tuple((<object>x).shape[r.lead:])
     if b.shape != want and b.shape != (r.C,):
@@ -739,7 +790,7 @@ cdef int row_stat(object v, str name, cnp.ndarray x, Rows* r, double* dst) excep
     if v is None:
         raise TypeError(f"{name} must be an array of shape {stat_shape(x, r)}, got None")
     a = _to_ndarray(v, name)
-    if a.dtype.kind != "f":
+    if not _is_float(a.dtype):
         raise TypeError(f"{name} must have a floating-point dtype, got {a.dtype}")
     want = stat_shape(x, r)
     if (a.shape != want and a.shape != want[:r.lead] and a.shape != (r.N * r.S,)) or a.size != r.N * r.S:

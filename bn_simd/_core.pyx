@@ -19,7 +19,7 @@ import numpy as np
 cimport numpy as cnp
 
 from bn_simd cimport _args as A
-from bn_simd._args cimport DT_F32, DT_F64, NCHW, Groups, Rows, View
+from bn_simd._args cimport DT_BF16, DT_F16, DT_F32, DT_F64, NCHW, Groups, Rows, View
 
 cnp.import_array()
 
@@ -53,6 +53,8 @@ cdef extern from "bn_simd.h" nogil:
     const bn_context* bn_context_use(const bn_context* ctx)
 
     int bn_stats_f32(const float* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var, int nt)
+    int bn_stats_f16(const uint16_t* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var, int nt)
+    int bn_stats_bf16(const uint16_t* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var, int nt)
     int bn_stats_f64(const double* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var, int nt)
     int bn_apply_f32(const float* x, float* y, int64_t outer, int64_t C, int64_t inner,
                      const float* m, const float* a, const float* b, int nt)
@@ -60,13 +62,25 @@ cdef extern from "bn_simd.h" nogil:
                      const double* m, const double* a, const double* b, int nt)
     int bn_normalize_f32(const float* x, float* y, int64_t outer, int64_t C, int64_t inner, const double* mean,
                          const double* var, const double* weight, const double* bias, double eps, int nt)
+    int bn_normalize_f16(const uint16_t* x, uint16_t* y, int64_t outer, int64_t C, int64_t inner, const double* mean,
+                         const double* var, const double* weight, const double* bias, double eps, int nt)
+    int bn_normalize_bf16(const uint16_t* x, uint16_t* y, int64_t outer, int64_t C, int64_t inner, const double* mean,
+                         const double* var, const double* weight, const double* bias, double eps, int nt)
     int bn_normalize_f64(const double* x, double* y, int64_t outer, int64_t C, int64_t inner, const double* mean,
                          const double* var, const double* weight, const double* bias, double eps, int nt)
     int bn_forward_train_f32(const float* x, float* y, int64_t outer, int64_t C, int64_t inner,
                              const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
+    int bn_forward_train_f16(const uint16_t* x, uint16_t* y, int64_t outer, int64_t C, int64_t inner,
+                             const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
+    int bn_forward_train_bf16(const uint16_t* x, uint16_t* y, int64_t outer, int64_t C, int64_t inner,
+                             const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
     int bn_forward_train_f64(const double* x, double* y, int64_t outer, int64_t C, int64_t inner,
                              const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
     int bn_backward_reduce_f32(const float* dy, const float* x, int64_t outer, int64_t C, int64_t inner,
+                               const double* mean, double* sum_dy, double* sum_dyxm, int nt)
+    int bn_backward_reduce_f16(const uint16_t* dy, const uint16_t* x, int64_t outer, int64_t C, int64_t inner,
+                               const double* mean, double* sum_dy, double* sum_dyxm, int nt)
+    int bn_backward_reduce_bf16(const uint16_t* dy, const uint16_t* x, int64_t outer, int64_t C, int64_t inner,
                                const double* mean, double* sum_dy, double* sum_dyxm, int nt)
     int bn_backward_reduce_f64(const double* dy, const double* x, int64_t outer, int64_t C, int64_t inner,
                                const double* mean, double* sum_dy, double* sum_dyxm, int nt)
@@ -76,6 +90,12 @@ cdef extern from "bn_simd.h" nogil:
                               int64_t inner, const double* m, const double* a, const double* b, const double* d,
                               int nt)
     int bn_backward_f32(const float* dy, const float* x, float* dx, int64_t outer, int64_t C, int64_t inner,
+                        const double* mean, const double* invstd, const double* weight, int training,
+                        double* grad_weight, double* grad_bias, int nt)
+    int bn_backward_f16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t outer, int64_t C, int64_t inner,
+                        const double* mean, const double* invstd, const double* weight, int training,
+                        double* grad_weight, double* grad_bias, int nt)
+    int bn_backward_bf16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t outer, int64_t C, int64_t inner,
                         const double* mean, const double* invstd, const double* weight, int training,
                         double* grad_weight, double* grad_bias, int nt)
     int bn_backward_f64(const double* dy, const double* x, double* dx, int64_t outer, int64_t C, int64_t inner,
@@ -110,9 +130,21 @@ cdef extern from "bn_simd.h" nogil:
                                double eps, int nt)
     int bn_group_forward_f32(const float* x, float* y, int64_t N, int64_t C, int64_t S, int64_t G, int cl,
                              const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
+    int bn_group_forward_f16(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, int64_t S, int64_t G, int cl,
+                             const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
+    int bn_group_forward_bf16(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, int64_t S, int64_t G, int cl,
+                             const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
     int bn_group_forward_f64(const double* x, double* y, int64_t N, int64_t C, int64_t S, int64_t G, int cl,
                              const double* weight, const double* bias, double eps, double* mean, double* var, int nt)
     int bn_group_backward_f32(const float* dy, const float* x, float* dx, int64_t N, int64_t C, int64_t S, int64_t G,
+                              int cl, const double* mean, const double* invstd, const double* weight,
+                              double* grad_weight, double* grad_bias, int nt)
+    int bn_group_backward_f16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t N, int64_t C, int64_t S,
+                              int64_t G,
+                              int cl, const double* mean, const double* invstd, const double* weight,
+                              double* grad_weight, double* grad_bias, int nt)
+    int bn_group_backward_bf16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t N, int64_t C, int64_t S,
+                              int64_t G,
                               int cl, const double* mean, const double* invstd, const double* weight,
                               double* grad_weight, double* grad_bias, int nt)
     int bn_group_backward_f64(const double* dy, const double* x, double* dx, int64_t N, int64_t C, int64_t S,
@@ -255,33 +287,33 @@ def use_context(ContextHandle handle):
 # (coef_size, narrow, rounded, representable).
 
 cdef inline size_t coef_size(int dt) noexcept nogil:
-    if dt == DT_F32:
-        return sizeof(float)
-    return sizeof(double)
+    if dt == DT_F64:
+        return sizeof(double)
+    return sizeof(float)  # (float32, and the 16-bit dtypes, which compute in float32)
 
 
 cdef void narrow(int dt, const double* src, void* dst, int64_t n) noexcept nogil:
     """src rounded to dt's coefficient type, into dst."""
     cdef float* f
     cdef int64_t i
-    if dt == DT_F32:
+    if dt == DT_F64:
+        memcpy(dst, src, n * sizeof(double))
+    else:
         f = <float*>dst
         for i in range(n):
             f[i] = <float>src[i]
-    elif dt == DT_F64:
-        memcpy(dst, src, n * sizeof(double))
 
 
 cdef inline double rounded(int dt, double v) noexcept nogil:
     """v rounded to dt's coefficient type, as a double."""
-    if dt == DT_F32:
+    if dt != DT_F64:
         return <double><float>v
     return v
 
 
 cdef inline bint representable(int dt, double v) noexcept nogil:
     """v is finite, and so is its rounding to dt's coefficient type."""
-    if dt == DT_F32:
+    if dt != DT_F64:
         return isfinite(v) and -FLT_MAX <= v <= FLT_MAX
     return isfinite(v)
 
@@ -294,6 +326,10 @@ cdef int k_stats(int dt, const void* x, int64_t o, int64_t C, int64_t i, double*
             st = bn_stats_f32(<const float*>x, o, C, i, mean, var, nt)
         elif dt == DT_F64:
             st = bn_stats_f64(<const double*>x, o, C, i, mean, var, nt)
+        elif dt == DT_F16:
+            st = bn_stats_f16(<const uint16_t*>x, o, C, i, mean, var, nt)
+        elif dt == DT_BF16:
+            st = bn_stats_bf16(<const uint16_t*>x, o, C, i, mean, var, nt)
     return st
 
 
@@ -318,6 +354,10 @@ cdef int k_normalize(int dt, const void* x, void* y, int64_t o, int64_t C, int64
             st = bn_normalize_f32(<const float*>x, <float*>y, o, C, i, mean, var, w, b, eps, nt)
         elif dt == DT_F64:
             st = bn_normalize_f64(<const double*>x, <double*>y, o, C, i, mean, var, w, b, eps, nt)
+        elif dt == DT_F16:
+            st = bn_normalize_f16(<const uint16_t*>x, <uint16_t*>y, o, C, i, mean, var, w, b, eps, nt)
+        elif dt == DT_BF16:
+            st = bn_normalize_bf16(<const uint16_t*>x, <uint16_t*>y, o, C, i, mean, var, w, b, eps, nt)
     return st
 
 
@@ -329,6 +369,10 @@ cdef int k_forward_train(int dt, const void* x, void* y, int64_t o, int64_t C, i
             st = bn_forward_train_f32(<const float*>x, <float*>y, o, C, i, w, b, eps, mean, var, nt)
         elif dt == DT_F64:
             st = bn_forward_train_f64(<const double*>x, <double*>y, o, C, i, w, b, eps, mean, var, nt)
+        elif dt == DT_F16:
+            st = bn_forward_train_f16(<const uint16_t*>x, <uint16_t*>y, o, C, i, w, b, eps, mean, var, nt)
+        elif dt == DT_BF16:
+            st = bn_forward_train_bf16(<const uint16_t*>x, <uint16_t*>y, o, C, i, w, b, eps, mean, var, nt)
     return st
 
 
@@ -340,6 +384,10 @@ cdef int k_backward_reduce(int dt, const void* dy, const void* x, int64_t o, int
             st = bn_backward_reduce_f32(<const float*>dy, <const float*>x, o, C, i, mean, sum_dy, sum_dyxm, nt)
         elif dt == DT_F64:
             st = bn_backward_reduce_f64(<const double*>dy, <const double*>x, o, C, i, mean, sum_dy, sum_dyxm, nt)
+        elif dt == DT_F16:
+            st = bn_backward_reduce_f16(<const uint16_t*>dy, <const uint16_t*>x, o, C, i, mean, sum_dy, sum_dyxm, nt)
+        elif dt == DT_BF16:
+            st = bn_backward_reduce_bf16(<const uint16_t*>dy, <const uint16_t*>x, o, C, i, mean, sum_dy, sum_dyxm, nt)
     return st
 
 
@@ -366,6 +414,12 @@ cdef int k_backward(int dt, const void* dy, const void* x, void* dx, int64_t o, 
                                  grad_weight, grad_bias, nt)
         elif dt == DT_F64:
             st = bn_backward_f64(<const double*>dy, <const double*>x, <double*>dx, o, C, i, mean, invstd, w,
+                                 training, grad_weight, grad_bias, nt)
+        elif dt == DT_F16:
+            st = bn_backward_f16(<const uint16_t*>dy, <const uint16_t*>x, <uint16_t*>dx, o, C, i, mean, invstd, w,
+                                 training, grad_weight, grad_bias, nt)
+        elif dt == DT_BF16:
+            st = bn_backward_bf16(<const uint16_t*>dy, <const uint16_t*>x, <uint16_t*>dx, o, C, i, mean, invstd, w,
                                  training, grad_weight, grad_bias, nt)
     return st
 
@@ -415,6 +469,10 @@ cdef int k_group_forward(int dt, const void* x, void* y, int64_t N, int64_t C, i
             st = bn_group_forward_f32(<const float*>x, <float*>y, N, C, S, G, cl, w, b, eps, mean, var, nt)
         elif dt == DT_F64:
             st = bn_group_forward_f64(<const double*>x, <double*>y, N, C, S, G, cl, w, b, eps, mean, var, nt)
+        elif dt == DT_F16:
+            st = bn_group_forward_f16(<const uint16_t*>x, <uint16_t*>y, N, C, S, G, cl, w, b, eps, mean, var, nt)
+        elif dt == DT_BF16:
+            st = bn_group_forward_bf16(<const uint16_t*>x, <uint16_t*>y, N, C, S, G, cl, w, b, eps, mean, var, nt)
     return st
 
 
@@ -428,6 +486,14 @@ cdef int k_group_backward(int dt, const void* dy, const void* x, void* dx, int64
                                        grad_weight, grad_bias, nt)
         elif dt == DT_F64:
             st = bn_group_backward_f64(<const double*>dy, <const double*>x, <double*>dx, N, C, S, G, cl, mean, invstd,
+                                       w, grad_weight, grad_bias, nt)
+        elif dt == DT_F16:
+            st = bn_group_backward_f16(<const uint16_t*>dy, <const uint16_t*>x, <uint16_t*>dx, N, C, S, G, cl, mean,
+                                       invstd,
+                                       w, grad_weight, grad_bias, nt)
+        elif dt == DT_BF16:
+            st = bn_group_backward_bf16(<const uint16_t*>dy, <const uint16_t*>x, <uint16_t*>dx, N, C, S, G, cl, mean,
+                                       invstd,
                                        w, grad_weight, grad_bias, nt)
     return st
 
@@ -476,6 +542,21 @@ cdef object f64_vector(int64_t n, const double* src):
     if n:
         memcpy(data_of(r), src, n * sizeof(double))
     return r
+
+
+cdef inline int stat_type(cnp.ndarray x) noexcept:
+    """The NumPy type of the statistics and parameter gradients that a call on data x returns: x's own, float32 for
+    float16 and bfloat16 data (PyTorch's rule for half data: float32 statistics and parameters)."""
+    return cnp.NPY_FLOAT32 if A.half_storage(x) else cnp.PyArray_TYPE(x)
+
+
+_F32_LIKE = np.empty(0, np.float32)
+
+
+cdef object stats_like(cnp.ndarray xa):
+    """What vector_as takes for statistics and parameter gradients of data xa: xa itself, or a float32 array for 16-bit
+    data (stat_type)."""
+    return _F32_LIKE if A.half_storage(xa) else xa
 
 
 cdef object vector_as(int64_t n, const double* src, object like):
@@ -539,7 +620,7 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
     """functional.batch_norm. saved: (y, mean, invstd) instead of y, float64 (C,): the statistics the call
     normalised with (the batch's, or the running ones in eval), for a layer's backward."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef View v
     A.view(xa, lay, "x", &v)
     cdef int64_t C = v.C, n = v.outer * v.inner, c
@@ -730,7 +811,7 @@ def torch_bn_eval(object module, tuple cached, object x, object to_dlpack, objec
 def batch_norm_forward(x, weight, bias, eps, layout, out, int nthreads):
     """functional.batch_norm_forward: (y, mean, invstd), the last two (C,) in x's dtype."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef View v
     A.view(xa, lay, "x", &v)
     cdef int64_t C = v.C, n = v.outer * v.inner, c
@@ -758,7 +839,7 @@ def batch_norm_forward(x, weight, bias, eps, layout, out, int nthreads):
                                  nthreads)
             _check(st)
         invstd_of(C, var, e)
-        return ya, vector_as(C, mean, xa), vector_as(C, var, xa)
+        return ya, vector_as(C, mean, stats_like(xa)), vector_as(C, var, stats_like(xa))
     finally:
         release(p, stack)
 
@@ -766,7 +847,7 @@ def batch_norm_forward(x, weight, bias, eps, layout, out, int nthreads):
 def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight, layout, out, training, int nthreads):
     """functional.batch_norm_backward: (grad_x, grad_weight, grad_bias)."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef View v
     A.view(xa, lay, "x", &v)
     cdef int64_t C = v.C, n = v.outer * v.inner
@@ -792,7 +873,7 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight, layout, out
             st = k_backward(v.dtype, data_of(ga), data_of(xa), data_of(dx), v.outer, C, v.inner, p, p + C, wp,
                             tr, gw, gb, nthreads)
             _check(st)
-        like = w if w is not None else xa  # (the parameter gradients have weight's dtype, x's without weight)
+        like = w if w is not None else stats_like(xa)  # (the parameter gradients: weight's dtype, else x's)
         return dx, vector_as(C, gw, like), vector_as(C, gb, like)
     finally:
         release(p, stack)
@@ -803,7 +884,7 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight, layout, out
 def batch_stats(x, layout, int nthreads):
     """functional.batch_stats: (mean, var), float64 (C,)."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef View v
     A.view(xa, lay, "x", &v)
     cdef cnp.ndarray mean = A.new_vector(v.C, cnp.NPY_FLOAT64), var = A.new_vector(v.C, cnp.NPY_FLOAT64)
@@ -817,7 +898,7 @@ def batch_stats(x, layout, int nthreads):
 def normalize(x, mean, var, weight, bias, eps, layout, out, int nthreads):
     """functional.normalize: y."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef View v
     A.view(xa, lay, "x", &v)
     cdef int64_t C = v.C
@@ -842,7 +923,7 @@ def normalize(x, mean, var, weight, bias, eps, layout, out, int nthreads):
 def backward_reduce(grad_out, x, mean, layout, int nthreads):
     """functional.backward_reduce: (sum_dy, sum_dyxm), float64 (C,)."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef View v
     A.view(xa, lay, "x", &v)
     cdef int64_t C = v.C
@@ -1081,11 +1162,12 @@ cdef tuple group_forward_run(cnp.ndarray xa, cnp.ndarray ya, Groups* g, int64_t 
 
 
 cdef tuple saved_stats(cnp.ndarray mean, cnp.ndarray var, double e, cnp.ndarray xa, int64_t N, int64_t G):
-    """(mean, invstd = 1 / sqrt(var + eps)), shaped (N, G) in x's dtype (var is overwritten)."""
+    """(mean, invstd = 1 / sqrt(var + eps)), shaped (N, G) in x's dtype (float32 for 16-bit x; var is
+    overwritten)."""
     cdef cnp.npy_intp dims[2]
     dims[0] = N
     dims[1] = G
-    cdef int t = cnp.PyArray_TYPE(xa)
+    cdef int t = stat_type(xa)
     cdef cnp.ndarray m = cnp.PyArray_EMPTY(2, dims, t, 0), s = cnp.PyArray_EMPTY(2, dims, t, 0)
     invstd_of(N * G, <double*>data_of(var), e)
     A.store(m, N * G, <double*>data_of(mean))
@@ -1097,7 +1179,7 @@ def group_norm(x, num_groups, weight, bias, eps, layout, out, int nthreads, int 
     """groups.group_norm (result 0: y) and group_norm_forward (1: y, mean, invstd); 2: (y, mean, var) as float64
     (N num_groups,)."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef Groups g
     A.group_view(xa, lay, 2, "group_norm", &g)
     cdef int64_t G = A.num_groups(num_groups, g.C)
@@ -1118,7 +1200,7 @@ def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, m
                   int nthreads, bint saved=False):
     """groups.instance_norm; saved (with use_input_stats): (y, mean, invstd), (N, C) in x's dtype."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef Groups g
     A.group_view(xa, lay, 3, "instance_norm", &g)
     cdef int64_t C = g.C
@@ -1170,7 +1252,7 @@ def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, m
 def instance_norm_forward(x, weight, bias, eps, layout, out, int nthreads):
     """groups.instance_norm_forward: (y, mean, invstd), (N, C) in x's dtype."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef Groups g
     A.group_view(xa, lay, 3, "instance_norm_forward", &g)
     w = A.channel(weight, "weight", g.C, False)
@@ -1187,7 +1269,7 @@ def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, o
     """groups.group_norm_backward, and instance_norm_backward with instance (num_groups unused): (grad_x,
     grad_weight, grad_bias)."""
     cdef int lay = A.layout_code(layout)
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef Groups g
     A.group_view(xa, lay, 3 if instance else 2, "instance_norm_backward" if instance else "group_norm_backward",
                  &g)
@@ -1212,7 +1294,7 @@ def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, o
             st = k_group_backward(g.dtype, data_or_null(ga), data_or_null(xa), data_or_null(dx), N, C, g.S, G,
                                   g.cl, p if N else NULL, p + NG if N else NULL, wp, gw, gb, nthreads)
             _check(st)
-        like = w if w is not None else xa  # (the parameter gradients have weight's dtype, x's without weight)
+        like = w if w is not None else stats_like(xa)  # (the parameter gradients: weight's dtype, else x's)
         return dx, vector_as(C, gw, like), vector_as(C, gb, like)
     finally:
         release(p, stack)
@@ -1223,9 +1305,21 @@ def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, o
 cdef extern from "bn_simd.h" nogil:
     int bn_row_forward_f32(const float* x, float* y, int64_t N, int64_t C, int64_t S, int rms, const float* weight,
                            const float* bias, double eps, double* mean, double* rstd, int nt)
+    int bn_row_forward_f16(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, int64_t S, int rms,
+                           const float* weight, const float* bias, double eps, double* mean, double* rstd, int nt)
+    int bn_row_forward_bf16(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, int64_t S, int rms,
+                            const float* weight, const float* bias, double eps, double* mean, double* rstd, int nt)
     int bn_row_forward_f64(const double* x, double* y, int64_t N, int64_t C, int64_t S, int rms, const double* weight,
                            const double* bias, double eps, double* mean, double* rstd, int nt)
     int bn_row_backward_f32(const float* dy, const float* x, float* dx, int64_t N, int64_t C, int64_t S, int rms,
+                            const double* mean, const double* rstd, const double* weight, double* grad_weight,
+                            double* grad_bias, int nt)
+    int bn_row_backward_f16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t N, int64_t C, int64_t S,
+                            int rms,
+                            const double* mean, const double* rstd, const double* weight, double* grad_weight,
+                            double* grad_bias, int nt)
+    int bn_row_backward_bf16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t N, int64_t C, int64_t S,
+                            int rms,
                             const double* mean, const double* rstd, const double* weight, double* grad_weight,
                             double* grad_bias, int nt)
     int bn_row_backward_f64(const double* dy, const double* x, double* dx, int64_t N, int64_t C, int64_t S, int rms,
@@ -1235,25 +1329,31 @@ cdef extern from "bn_simd.h" nogil:
 
 cdef int k_row_forward(int dt, const void* x, void* y, Rows* r, int rms, const void* w, const void* b, double eps,
                        double* mean, double* rstd, int nt) except -1:
-    cdef int st
+    cdef int st = BN_EINVAL
     with nogil:
         if dt == DT_F32:
             st = bn_row_forward_f32(<const float*>x, <float*>y, r.N, r.C, r.S, rms, <const float*>w,
                                     <const float*>b, eps, mean, rstd, nt)
-        else:
+        elif dt == DT_F64:
             st = bn_row_forward_f64(<const double*>x, <double*>y, r.N, r.C, r.S, rms, <const double*>w,
                                     <const double*>b, eps, mean, rstd, nt)
+        elif dt == DT_F16:
+            st = bn_row_forward_f16(<const uint16_t*>x, <uint16_t*>y, r.N, r.C, r.S, rms, <const float*>w,
+                                    <const float*>b, eps, mean, rstd, nt)
+        elif dt == DT_BF16:
+            st = bn_row_forward_bf16(<const uint16_t*>x, <uint16_t*>y, r.N, r.C, r.S, rms, <const float*>w,
+                                     <const float*>b, eps, mean, rstd, nt)
     return _check(st)
 
 
 cdef const void* param_tc(object a, int dt, int64_t C, double* tmp, void* dst) except? NULL:
-    """Checked parameter a (or None: NULL) in the compute type of dtype dt: its own data when it is that already (a
-    contiguous native array of x's dtype), else rounded into dst through the doubles tmp."""
+    """Checked parameter a (or None: NULL) in the compute type of dtype dt (x's dtype; float32 for 16-bit x): its own
+    data when it is that already (a contiguous native array of it), else rounded into dst through the doubles tmp."""
     cdef cnp.ndarray p
     if a is None:
         return NULL
     p = <cnp.ndarray>a
-    if (cnp.PyArray_TYPE(p) == (cnp.NPY_FLOAT32 if dt == DT_F32 else cnp.NPY_FLOAT64)
+    if (cnp.PyArray_TYPE(p) == (cnp.NPY_FLOAT64 if dt == DT_F64 else cnp.NPY_FLOAT32)
             and cnp.PyArray_IS_C_CONTIGUOUS(p) and cnp.PyArray_ISALIGNED(p) and cnp.PyArray_ISNOTSWAPPED(p)):
         return cnp.PyArray_DATA(p)
     A.load(a, C, tmp)
@@ -1263,20 +1363,26 @@ cdef const void* param_tc(object a, int dt, int64_t C, double* tmp, void* dst) e
 
 cdef int k_row_backward(int dt, const void* dy, const void* x, void* dx, Rows* r, int rms, const double* mean,
                         const double* rstd, const double* w, double* gw, double* gb, int nt) except -1:
-    cdef int st
+    cdef int st = BN_EINVAL
     with nogil:
         if dt == DT_F32:
             st = bn_row_backward_f32(<const float*>dy, <const float*>x, <float*>dx, r.N, r.C, r.S, rms, mean, rstd,
                                      w, gw, gb, nt)
-        else:
+        elif dt == DT_F64:
             st = bn_row_backward_f64(<const double*>dy, <const double*>x, <double*>dx, r.N, r.C, r.S, rms, mean,
+                                     rstd, w, gw, gb, nt)
+        elif dt == DT_F16:
+            st = bn_row_backward_f16(<const uint16_t*>dy, <const uint16_t*>x, <uint16_t*>dx, r.N, r.C, r.S, rms, mean,
+                                     rstd, w, gw, gb, nt)
+        elif dt == DT_BF16:
+            st = bn_row_backward_bf16(<const uint16_t*>dy, <const uint16_t*>x, <uint16_t*>dx, r.N, r.C, r.S, rms, mean,
                                      rstd, w, gw, gb, nt)
     return _check(st)
 
 
 cdef object stat_as(int64_t n, const double* src, cnp.ndarray xa, tuple shape):
-    """A new array of x's dtype and the given shape holding src's n values rounded to it."""
-    cdef cnp.ndarray a = A.new_vector(n, cnp.PyArray_TYPE(xa))
+    """A new array of x's dtype (float32 for 16-bit x) and the given shape holding src's n values rounded to it."""
+    cdef cnp.ndarray a = A.new_vector(n, stat_type(xa))
     A.store(a, n, src)
     return a.reshape(shape)
 
@@ -1284,14 +1390,15 @@ cdef object stat_as(int64_t n, const double* src, cnp.ndarray xa, tuple shape):
 def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, bint rms, int result=0):
     """rownorm.layer_norm / rms_norm (result 0: y); their _forward (1: (y, mean, rstd), RMS (y, rstd), in x's dtype
     shaped as PyTorch's); 2: (y, mean, rstd) as float64 (N S,) arrays (mean None for RMS)."""
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef Rows r
     A.rows_view(xa, normalized_shape, layout, &r)
     w = A.row_param(weight, "weight", xa, &r)
     b = None if rms else A.row_param(bias, "bias", xa, &r)
     cdef double e
     if rms and eps is None:  # (PyTorch's default: the machine epsilon of x's dtype)
-        e = FLT_EPSILON if r.dtype == DT_F32 else DBL_EPSILON
+        e = (FLT_EPSILON if r.dtype == DT_F32 else DBL_EPSILON if r.dtype == DT_F64
+             else 0.0009765625 if r.dtype == DT_F16 else 0.0078125)  # (float16: 2^-10, bfloat16: 2^-7)
     else:
         e = A.eps(eps)
     cdef cnp.ndarray ya = A.output(out, xa, None)
@@ -1333,7 +1440,7 @@ def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, 
 def row_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight, bias, layout, out, int nthreads, bint rms):
     """rownorm.layer_norm_backward / rms_norm_backward: (grad_x, grad_weight, grad_bias) (RMS: (grad_x,
     grad_weight)); a parameter's gradient is None when the parameter is, else shaped and typed as it."""
-    cdef cnp.ndarray xa = A.data(x, "x")
+    cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef Rows r
     A.rows_view(xa, normalized_shape, layout, &r)
     cdef cnp.ndarray ga = A.like(grad_out, "grad_out", xa)

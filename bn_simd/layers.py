@@ -209,9 +209,10 @@ class BatchNorm(_Layer):
     # ---- forward / backward --------------------------------------------------------------------------------
     def _check_input(self, x):
         if self.axis is None:
-            return ck.check_layer_input(x, self._ranks, type(self).__name__, self.num_features, self.layout)
+            return ck.check_layer_input(x, self._ranks, type(self).__name__, self.num_features, self.layout, half=True)
         ranks = None if type(self) is BatchNorm else self._ranks  # (BatchNorm1d/2d/3d keep theirs)
-        return ck.check_layer_input(x, ranks, type(self).__name__, self.num_features, self.layout, self.axis)
+        return ck.check_layer_input(x, ranks, type(self).__name__, self.num_features, self.layout, self.axis,
+                                    half=True)
 
     def forward(self, x, *, out=None, mask=None):
         """Normalise x (rank per class, channels per ``layout`` or ``axis``); returns y (``out`` if given).
@@ -384,7 +385,7 @@ class _InstanceNorm(BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, layout=layout, dtype=dtype)
 
     def _batched(self, x):
-        a = ck.as_data(x, "x")
+        a = ck.as_data(x, "x", half=True)
         if a.ndim == self._ranks[0] - 1:
             return a[np.newaxis], True
         return a, False
@@ -420,7 +421,7 @@ class _InstanceNorm(BatchNorm):
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
         x, mean, invstd, input_stats, unbatched = self._saved
-        g = ck.as_data(grad_out, "grad_out")
+        g = ck.as_data(grad_out, "grad_out", half=True)
         if unbatched:
             g = g[np.newaxis]
             if out is not None:
@@ -504,7 +505,7 @@ class GroupNorm(_Layer):
         """Normalise x ((N, C, *spatial), rank 2..5, channels per ``layout``); returns y (``out`` if given)."""
         from . import groups
         self._check_state()
-        x = ck.check_layer_input(x, None, "GroupNorm", self.num_channels, self.layout)
+        x = ck.check_layer_input(x, None, "GroupNorm", self.num_channels, self.layout, half=True)
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         y, mean, invstd = groups.group_norm_forward(x, self.num_groups, self.weight, self.bias, eps=self.eps,
                                                     layout=self.layout, out=out)

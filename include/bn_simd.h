@@ -43,6 +43,9 @@ int bn_best_isa(void);
 const char* bn_isa_name(int isa);
 /* 1 when built with OpenMP. */
 int bn_have_openmp(void);
+/* Whether the CPU converts float16 in hardware (F16C): the vector float16 kernels need it (else the scalar ones
+ * run). */
+int bn_have_f16c(void);
 /* OpenMP's current default thread count (omp_get_max_threads), 1 without OpenMP. */
 int bn_omp_max_threads(void);
 /* Channels-last element-wise sweeps go in column strips when one row of all their arrays takes at least this
@@ -85,9 +88,10 @@ int bn_context_set_cl_strip_bytes(bn_context* ctx, int64_t bytes);
 int bn_context_set_slab_bytes(bn_context* ctx, int64_t bytes);
 const bn_context* bn_context_use(const bn_context* ctx);
 
-/* ---- batch norm on the (outer, C, inner) view (batchnorm.c), for T = float (f32) and double (f64) ----
+/* ---- batch norm on the (outer, C, inner) view (batchnorm.c), for T = float (f32), double (f64) and the 16-bit
+ * patterns (uint16_t) of float16 (f16) and bfloat16 (bf16), which compute in float ----
  * T is the data's type; TC, the type the kernels compute in, is that of the coefficient arrays (m, a, b, d): T itself
- * for both dtypes. */
+ * for float and double, float for the 16-bit dtypes. */
 #define BN_DECLARE(T, TC, S)                                                                              \
     /* mean[c] and biased var[c] of x; mean and var: distinct arrays that x does not overlap. */          \
     int bn_stats_##S(const T* x, int64_t outer, int64_t C, int64_t inner, double* mean, double* var,       \
@@ -122,6 +126,8 @@ const bn_context* bn_context_use(const bn_context* ctx);
 
 BN_DECLARE(float, float, f32)
 BN_DECLARE(double, double, f64)
+BN_DECLARE(uint16_t, float, f16)
+BN_DECLARE(uint16_t, float, bf16)
 
 #undef BN_DECLARE
 
@@ -150,10 +156,13 @@ int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* sh
 
 BN_DECLARE_MOMENTS(float, float, f32)
 BN_DECLARE_MOMENTS(double, double, f64)
+BN_DECLARE_MOMENTS(uint16_t, float, f16)
+BN_DECLARE_MOMENTS(uint16_t, float, bf16)
 
 #undef BN_DECLARE_MOMENTS
 
-/* ---- group norm and instance norm (groupnorm.inc), for T = float (f32) and double (f64) ----
+/* ---- group norm and instance norm (groupnorm.inc), for T = float (f32), double (f64),
+ * float16 (f16) and bfloat16 (bf16) (uint16_t patterns computed in float) ----
  * x is (N, C, S) channels-first (cl = 0) or (N, S, C) channels-last (cl = 1), S = prod(spatial), with G groups of
  * D = C / G consecutive channels (C % G == 0, else BN_EINVAL); instance norm is G = C. Group q = n G + g has the
  * D S values of its channels in sample n. mean, var, invstd: N G values (q order); weight, bias: C, nullable.
@@ -181,21 +190,24 @@ BN_DECLARE_MOMENTS(double, double, f64)
 
 BN_DECLARE_GROUP(float, f32)
 BN_DECLARE_GROUP(double, f64)
+BN_DECLARE_GROUP(uint16_t, f16)
+BN_DECLARE_GROUP(uint16_t, bf16)
 
 #undef BN_DECLARE_GROUP
 
-/* ---- layer norm and RMS norm (rownorm.inc), for T = float (f32) and double (f64) ----
+/* ---- layer norm and RMS norm (rownorm.inc), for T = float (f32), double (f64),
+ * float16 (f16) and bfloat16 (bf16) (uint16_t patterns computed in float) ----
  * x is (N, C, S), normalised over C: statistics per (n, s) over x[n, :, s] (index n S + s of mean and rstd), the
  * affine per c. S == 1: N rows of C contiguous elements (layer norm over trailing dims); S > 1: channels-first
  * (layer norm over the channels of an NCHW array). rms = 0: layer norm, y = (x - mean) rstd w + b with
  * rstd = 1 / sqrt(var + eps), var biased; rms = 1: y = x rstd w, rstd = 1 / sqrt(mean(x^2) + eps) (mean unused,
- * may be NULL). The forward's weight and bias: C values of the data's compute type (float for f32, double for f64:
- * the apply kernels' own, read as given), the backward's weight C doubles; nullable (1, 0). Statistics in double,
+ * may be NULL). The forward's weight and bias: C values of the data's compute type TC (float for f32, f16 and bf16,
+ * double for f64: the apply kernels' own, read as given), the backward's weight C doubles; nullable (1, 0). Statistics in double,
  * shifted; bitwise the same for any thread count. */
-#define BN_DECLARE_ROWNORM(T, S_)                                                                         \
+#define BN_DECLARE_ROWNORM(T, TC, S_)                                                                     \
     /* y may be x. mean (N S; NULL allowed with rms), rstd (N S) receive the statistics. */                \
-    int bn_row_forward_##S_(const T* x, T* y, int64_t N, int64_t C, int64_t S, int rms, const T* weight,   \
-                            const T* bias, double eps, double* mean, double* rstd, int nthreads);          \
+    int bn_row_forward_##S_(const T* x, T* y, int64_t N, int64_t C, int64_t S, int rms, const TC* weight,  \
+                            const TC* bias, double eps, double* mean, double* rstd, int nthreads);         \
     /* Backward with g = dy w, xh = (x - mean) rstd (rms: x rstd), per position over its C values:          \
      *   dx = rstd (g - sum(g) / C - xh sum(g xh) / C)   (rms: without the sum(g) term),                   \
      *   grad_weight[c] = sum over positions of dy xh, grad_bias[c] = sum of dy (each nullable).           \
@@ -204,8 +216,10 @@ BN_DECLARE_GROUP(double, f64)
                              const double* mean, const double* rstd, const double* weight,                \
                              double* grad_weight, double* grad_bias, int nthreads);
 
-BN_DECLARE_ROWNORM(float, f32)
-BN_DECLARE_ROWNORM(double, f64)
+BN_DECLARE_ROWNORM(float, float, f32)
+BN_DECLARE_ROWNORM(double, double, f64)
+BN_DECLARE_ROWNORM(uint16_t, float, f16)
+BN_DECLARE_ROWNORM(uint16_t, float, bf16)
 
 #undef BN_DECLARE_ROWNORM
 

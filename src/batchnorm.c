@@ -1,10 +1,11 @@
-/* Batch-norm drivers for float32 and float64: see batchnorm.inc and include/bn_simd.h. */
+/* Batch-norm drivers for float32, float64, float16 and bfloat16: see batchnorm.inc and include/bn_simd.h. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "bn_simd.h"
 #include "dispatch.h"
+#include "half.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -390,6 +391,8 @@ int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* sh
 #define UK_T bn_uk_f32
 #define UK() bn_uk_active_f32()
 #define SHIFT_BY_VALUE 1
+#define LOADD(p) ((double)*(p))
+#define STORED(p, v) (*(p) = (T)(v))
 #include "batchnorm.inc"
 #undef T
 #undef TC
@@ -404,4 +407,43 @@ int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* sh
 #define UK_T bn_uk_f64
 #define UK() bn_uk_active_f64()
 #define SHIFT_BY_VALUE 0
+#include "batchnorm.inc"
+#undef T
+#undef TC
+#undef S
+#undef UK_T
+#undef UK
+#undef SHIFT_BY_VALUE
+#undef LOADD
+#undef STORED
+
+/* float16 and bfloat16: stored as uint16_t patterns, computed in float (the apply kernels, their coefficients), their
+ * statistics in double like the others', one pass shifted by a data value as float32's (a 16-bit value widens
+ * exactly). STORED rounds a double once (half.h: through float rounded to odd, then to nearest even). */
+#define T uint16_t
+#define TC float
+#define S f16
+#define UK_T bn_uk_f16
+#define UK() bn_uk_active_f16()
+#define SHIFT_BY_VALUE 1
+#define LOADD(p) ((double)bn_f16_to_f32(*(p)))
+#define STORED(p, v) (*(p) = bn_f16_from_f64(v))
+#include "batchnorm.inc"
+#undef T
+#undef TC
+#undef S
+#undef UK_T
+#undef UK
+#undef SHIFT_BY_VALUE
+#undef LOADD
+#undef STORED
+
+#define T uint16_t
+#define TC float
+#define S bf16
+#define UK_T bn_uk_bf16
+#define UK() bn_uk_active_bf16()
+#define SHIFT_BY_VALUE 1
+#define LOADD(p) ((double)bn_bf16_to_f32(*(p)))
+#define STORED(p, v) (*(p) = bn_bf16_from_f64(v))
 #include "batchnorm.inc"

@@ -78,6 +78,23 @@ const char* bn_isa_name(int isa) { return (isa >= 0 && isa < BN_ISA_COUNT) ? nam
 const bn_uk_f32* bn_uk_active_f32(void) { return &bn_uk_f32_tables[bn_get_isa()]; }
 const bn_uk_f64* bn_uk_active_f64(void) { return &bn_uk_f64_tables[bn_get_isa()]; }
 
+/* F16C (vcvtph2ps / vcvtps2ph) has a CPUID flag of its own: the vector float16 kernels, which convert with it, run only
+ * where the CPU has it, and the scalar ones (the same bits: half.h) elsewhere. Every AVX2 and AVX-512 CPU made has
+ * it, but nothing guarantees that. bfloat16 needs no extension (integer arithmetic). */
+int bn_have_f16c(void) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+const bn_uk_f16* bn_uk_active_f16(void) {
+    const int isa = bn_get_isa();
+    return &bn_uk_f16_tables[isa != BN_ISA_SCALAR && !bn_have_f16c() ? BN_ISA_SCALAR : isa];
+}
+const bn_uk_bf16* bn_uk_active_bf16(void) { return &bn_uk_bf16_tables[bn_get_isa()]; }
+
 /* Column strips for wide channels-last rows. Once a row of every array a sweep touches no longer fits in L1 beside the
  * data, a flat sweep reloads every row's coefficients from L2, and the strips, which keep them in registers, measured
  * faster on AMD Zen 4 (32 KiB L1d) from rows of 24 KiB; with a 48 KiB L1d the flat sweep stayed faster up to rows of

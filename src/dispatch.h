@@ -25,5 +25,7 @@ extern const bn_context* bn_tls_ctx;
 
 const bn_uk_f32* bn_uk_active_f32(void);
 const bn_uk_f64* bn_uk_active_f64(void);
+const bn_uk_f16* bn_uk_active_f16(void); /* (the scalar table on a CPU without F16C) */
+const bn_uk_bf16* bn_uk_active_bf16(void);
 
 #endif /* BN_DISPATCH_H */

@@ -20,3 +20,19 @@
 #include "io_f64.h"
 #include "ukernels.inc"
 #include "uk_undef_type.h"
+
+/* float16: stored as uint16_t patterns, computed as float */
+#define S f16
+#define TS uint16_t
+#define TC float
+#include "io_f16.h"
+#include "ukernels.inc"
+#include "uk_undef_type.h"
+
+/* bfloat16: stored as uint16_t patterns, computed as float */
+#define S bf16
+#define TS uint16_t
+#define TC float
+#include "io_bf16.h"
+#include "ukernels.inc"
+#include "uk_undef_type.h"

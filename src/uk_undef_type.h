@@ -13,3 +13,5 @@
 #undef VSTORE_TS_N
 #undef DLOAD_TS
 #undef DLOAD_TS_N
+#undef UK_F16_RNE
+#undef UK_IO_CONVERTS

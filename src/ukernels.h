@@ -14,7 +14,8 @@
  * many short calls, before the data is read by another thread: a fence waits for the stores to leave the core).
  * Reductions widen to double before they add: float32 sums neither drift over long runs nor overflow at
  * |x| ~ 1e38; the means they subtract (m) are double. Apply kernels compute in a compute type TC, which their
- * coefficient arrays hold, from data stored as TS (TS = TC = the dtype's type today: float, double), and finish every
+ * coefficient arrays hold, from data stored as TS (TS = TC for float and double; float16 and bfloat16 are stored as
+ * uint16_t patterns and computed in float), and finish every
  * output through one epilogue per family (epilogue.h).
  */
 #ifndef BN_UKERNELS_H
@@ -37,7 +38,7 @@
 #define UK_MAX_VL 16
 
 /* The function type of each kernel shape, bn_<dtype>_<shape>_fn, for data stored as TS and computed as TC: float (f32)
- * and double (f64) both ways. The one place a kernel's signature is written: every kernel of src/kernels.def is
+ * and double (f64) both ways, float16 (f16) and bfloat16 (bf16) stored as uint16_t and computed as float. The one place a kernel's signature is written: every kernel of src/kernels.def is
  * declared with its shape's type below, and a table has a slot of that type per shape. */
 #define BN_UK_TYPES(TS, TC, S)                                                                                    \
     /* acc[j] += sum of segment j over the rows (x[r rs + j len .. r rs + (j + 1) len), r < rows).                \
@@ -132,6 +133,8 @@
 
 BN_UK_TYPES(float, float, f32)
 BN_UK_TYPES(double, double, f64)
+BN_UK_TYPES(uint16_t, float, f16)  /* float16 patterns, computed in float (io_f16.h) */
+BN_UK_TYPES(uint16_t, float, bf16) /* bfloat16 patterns, computed in float (io_bf16.h) */
 #undef BN_UK_TYPES
 
 /* The shapes, in table order: X(shape) for each (the slots of a table; the C kernel test checks that every listed ISA
@@ -145,6 +148,8 @@ BN_UK_TYPES(double, double, f64)
  * in elements */
 #define BN_UK_SLOT_f32(shape) bn_f32_##shape##_fn* shape;
 #define BN_UK_SLOT_f64(shape) bn_f64_##shape##_fn* shape;
+#define BN_UK_SLOT_f16(shape) bn_f16_##shape##_fn* shape;
+#define BN_UK_SLOT_bf16(shape) bn_bf16_##shape##_fn* shape;
 typedef struct {
     BN_UK_SHAPES(BN_UK_SLOT_f32)
     int vl;
@@ -153,8 +158,18 @@ typedef struct {
     BN_UK_SHAPES(BN_UK_SLOT_f64)
     int vl;
 } bn_uk_f64;
+typedef struct {
+    BN_UK_SHAPES(BN_UK_SLOT_f16)
+    int vl;
+} bn_uk_f16;
+typedef struct {
+    BN_UK_SHAPES(BN_UK_SLOT_bf16)
+    int vl;
+} bn_uk_bf16;
 #undef BN_UK_SLOT_f32
 #undef BN_UK_SLOT_f64
+#undef BN_UK_SLOT_f16
+#undef BN_UK_SLOT_bf16
 
 /* The ISA names of kernels.def as the indices of bn_simd.h's enum bn_isa */
 #define BN_UK_ISA_scalar BN_ISA_SCALAR
@@ -172,9 +187,24 @@ typedef struct {
 #define BN_UKERNEL_TABLE(isa, dtype, vl, fused)
 #include "kernels.def"
 
+/* The 16-bit dtypes' conversions on their own (ukernels.inc, UK_IO_CONVERTS), n elements, for the C kernel test:
+ * bn_<dtype>_widen__<isa> (patterns -> float) and bn_<dtype>_narrow__<isa> (float -> patterns, rounded to nearest even) */
+#define BN_UK_CONVERTS(dtype, isa)                                                                       \
+    BN_UK_INTERNAL void bn_##dtype##_widen__##isa(const uint16_t* x, float* y, int64_t n);               \
+    BN_UK_INTERNAL void bn_##dtype##_narrow__##isa(const float* x, uint16_t* y, int64_t n);
+BN_UK_CONVERTS(f16, scalar)
+BN_UK_CONVERTS(f16, avx2)
+BN_UK_CONVERTS(f16, avx512)
+BN_UK_CONVERTS(bf16, scalar)
+BN_UK_CONVERTS(bf16, avx2)
+BN_UK_CONVERTS(bf16, avx512)
+#undef BN_UK_CONVERTS
+
 /* The tables, indexed by enum bn_isa (kernels.c) */
 extern BN_UK_INTERNAL const bn_uk_f32 bn_uk_f32_tables[BN_ISA_COUNT];
 extern BN_UK_INTERNAL const bn_uk_f64 bn_uk_f64_tables[BN_ISA_COUNT];
+extern BN_UK_INTERNAL const bn_uk_f16 bn_uk_f16_tables[BN_ISA_COUNT];
+extern BN_UK_INTERNAL const bn_uk_bf16 bn_uk_bf16_tables[BN_ISA_COUNT];
 
 /* dispatch.c: the row size (bytes, all arrays) from which channels-last element-wise sweeps use column strips
  * (storing normally; streaming); at least BN_CL_STRIP_MIN_BYTES, so that such rows are wider than 2 vectors of any

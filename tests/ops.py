@@ -38,7 +38,8 @@ Append an ``Op`` to ``OPS`` (see ``BATCH_NORM`` at the end of this file). Its fi
     entry_points  ``EntryPoint``s: each a way of calling the library (see below).
     layouts       accepted layout names -> canonical name; ``store(a, layout)`` / ``load(a, layout)`` move a
                   canonical-layout array to a stored one and back (a view).
-    ranks, dtypes the ranks and data dtypes the op accepts (others must be refused with TypeError/ValueError).
+    ranks, dtypes the ranks and data dtypes the op accepts (others must be refused with TypeError/ValueError);
+                  float16 (HALF) by the functional entry points, run by tests/test_half_registry.py.
     args          every array argument of a case -> DATA (shaped like x), CHANNEL (one value per channel) or GROUP
                   (one per statistic group: GroupNorm's saved (N, G) statistics). The hostile suite derives its
                   bad arguments from these kinds.
@@ -97,6 +98,9 @@ from bn_simd import _core
 
 DATA, CHANNEL, GROUP, SCALAR = "data", "channel", "group", "scalar"
 F64 = np.dtype(np.float64)
+# float16 data (float32 math): the functional entry points take it, with float32 statistics and parameter gradients;
+# tests/test_half_registry.py runs them on it (the suites iterating conftest.DTYPES take float32 and float64)
+HALF = np.dtype(np.float16)
 
 
 # ---- the registry's types ---------------------------------------------------------------------------------------
@@ -687,7 +691,7 @@ BATCH_NORM = Op(
     store=_store,
     load=_load,
     ranks=(2, 3, 4, 5),
-    dtypes=(np.dtype(np.float32), np.dtype(np.float64)),
+    dtypes=(np.dtype(np.float32), np.dtype(np.float64), HALF),
     args=dict(x=DATA, grad_out=DATA, weight=CHANNEL, bias=CHANNEL, running_mean=CHANNEL, running_var=CHANNEL,
               save_mean=GROUP, save_invstd=GROUP, mean=GROUP, var=GROUP, a=CHANNEL, b=CHANNEL, d=CHANNEL),
     state=("running_mean", "running_var"),
@@ -1011,7 +1015,7 @@ GROUP_NORM = Op(
     store=_store,
     load=_load,
     ranks=(2, 3, 4, 5),
-    dtypes=(np.dtype(np.float32), np.dtype(np.float64)),
+    dtypes=(np.dtype(np.float32), np.dtype(np.float64), HALF),
     args=_GN_ARGS,
     state=(),
     tolerance=bounds.tolerance,
@@ -1049,7 +1053,7 @@ INSTANCE_NORM = Op(
     store=_store,
     load=_load,
     ranks=(3, 4, 5),
-    dtypes=(np.dtype(np.float32), np.dtype(np.float64)),
+    dtypes=(np.dtype(np.float32), np.dtype(np.float64), HALF),
     args=_GN_ARGS,
     state=("running_mean", "running_var"),
     tolerance=bounds.tolerance,
@@ -1284,7 +1288,7 @@ def _rownorm_op(name, make_case, rms, layouts):
         store=_store,
         load=_load,
         ranks=(2, 3, 4, 5),
-        dtypes=(np.dtype(np.float32), np.dtype(np.float64)),
+        dtypes=(np.dtype(np.float32), np.dtype(np.float64), HALF),
         args=_RN_ARGS if not rms else {k: v for k, v in _RN_ARGS.items() if k not in ("bias", "save_mean")},
         state=(),
         tolerance=bounds.tolerance,

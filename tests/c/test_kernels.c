@@ -17,6 +17,9 @@
  *       runs, interleaved coefficients and in place; so the same bits for every thread split and path, and within
  *       a rounding of the product of the scalar kernel's (which rounds twice).
  *   rowcol kernels (rc_*, cr_*: layer norm, RMS norm): tests/c/test_rowcol.inc says what each is held to
+ *   the 16-bit dtypes' kernels (f16, bf16): the float32 kernel of their ISA with a conversion at each load and store
+ *       (tests/c/test_half.inc); their conversions (half.h and every ISA's) against this file's own correct rounding,
+ *       all 65536 patterns widened, ties, their neighbours and a sweep of float patterns narrowed (test_conversions).
  *   coefficients and bookkeeping (norm_params, bwd_params, cl_chunk_finish, cl_combine, cl_sum_rows)
  *       the scalar kernel's bits on every ISA (a NaN for a NaN: its sign and payload may differ), return value
  *       included, at every alignment of their arrays.
@@ -229,8 +232,130 @@ enum { P_MEAN, P_VAR, P_W, P_B, P_OM, P_OA, P_OB, P_OD, P_GW, P_GB, P_W2 };
 #undef TFMA
 #undef TSAME
 
+/* the 16-bit dtypes: each kernel against the float32 kernel of its ISA on the widened data (test_half.inc) */
+#include "half.h"
+#define S f16
+#define WIDEN(h) bn_f16_to_f32(h)
+#define NARROW(f) bn_f16_from_f32(f)
+#include "test_half.inc"
+#undef S
+#undef WIDEN
+#undef NARROW
+#define S bf16
+#define WIDEN(h) bn_bf16_to_f32(h)
+#define NARROW(f) bn_bf16_from_f32(f)
+#include "test_half.inc"
+#undef S
+#undef WIDEN
+#undef NARROW
+
+/* ---- the conversions of the 16-bit dtypes, against this file's own rounding ----
+ * Each format: p significand bits (the implicit one included), emin the exponent of its smallest normal, its largest
+ * finite value. The correctly rounded value of a float f is rint(|f| / q) q with q = 2^(max(E, emin) - p + 1), E the
+ * exponent of |f| (exact in double: a power-of-two scaling and an integer rounding to nearest even), Inf when that
+ * exceeds the largest finite value; a NaN gives a NaN of f's sign. Widening is checked value for value (ldexp of
+ * the fields), signed zeros and NaNs by their bits. */
+typedef struct {
+    const char* name;
+    int p, emin, ebits;
+    double max;
+    float (*widen)(uint16_t);
+    uint16_t (*narrow)(float);
+    void (*vwiden[BN_ISA_COUNT])(const uint16_t*, float*, int64_t);
+    void (*vnarrow[BN_ISA_COUNT])(const float*, uint16_t*, int64_t);
+} half_format;
+
+static double ref_value(const half_format* f, uint16_t h) {
+    const int fb = f->p - 1, e = (h >> fb) & ((1 << f->ebits) - 1), m = h & ((1 << fb) - 1);
+    const double s = h & 0x8000 ? -1.0 : 1.0;
+    if (e == (1 << f->ebits) - 1) return m ? NAN : s * INFINITY;
+    if (e == 0) return s * ldexp(m, f->emin - fb);
+    return s * ldexp((double)((1 << fb) + m), e - (1 << (f->ebits - 1)) + 1 - fb);
+}
+static double ref_round(const half_format* f, float x) {
+    if (isnan(x)) return NAN;
+    const double a = fabs((double)x);
+    if (isinf(x) || a == 0) return (double)x;
+    int e;
+    frexp(a, &e);
+    const double q = ldexp(1.0, (e - 1 > f->emin ? e - 1 : f->emin) - f->p + 1);
+    const double r = rint(a / q) * q;
+    return copysign(r > f->max ? INFINITY : r, (double)x);
+}
+/* whether pattern h is the rounding of x: its value (and its sign, for zeros and NaNs; a NaN: quiet) */
+static int narrowed_ok(const half_format* f, float x, uint16_t h) {
+    const double want = ref_round(f, x), got = ref_value(f, h);
+    if (((h & 0x8000) != 0) != (signbit(x) != 0)) return 0;
+    if (isnan(want)) return isnan(got) && (h >> (f->p - 2) & 1); /* (the quiet bit: the fraction's top bit) */
+    return got == want;
+}
+
+static void test_conversions(const half_format* f, int isa) {
+    const kctx c = {isa, 0, 0, f->name};
+    /* widen: every pattern */
+    uint16_t* all = malloc(sizeof(uint16_t) * 65536);
+    float* wide = malloc(sizeof(float) * 65536);
+    for (uint32_t h = 0; h < 65536; h++) all[h] = (uint16_t)h;
+    f->vwiden[isa](all, wide, 65536);
+    checks++;
+    for (uint32_t h = 0; h < 65536; h++) {
+        const double want = ref_value(f, (uint16_t)h);
+        const float got = wide[h];
+        const int ok = isnan(want) ? isnan(got) && (signbit(got) != 0) == ((h & 0x8000) != 0)
+                                   : (double)got == want && (signbit(got) != 0) == ((h & 0x8000) != 0);
+        if (!ok || !same_bits_f(got, f->widen((uint16_t)h))) {
+            fail(&c, "widening 0x%04x gives %.9g (its scalar conversion %.9g, its value %.9g)", h, (double)got,
+                 (double)f->widen((uint16_t)h), want);
+            break;
+        }
+    }
+    /* narrow: every pattern's value, the midpoints between neighbours (ties) and the floats either side of them,
+     * a strided sweep of all float patterns (NaNs, Inf, subnormals, near-overflow values among them) */
+    const int64_t nmax = 65536 * 4 + (1 << 20) + 64;
+    float* xs = malloc(sizeof(float) * nmax);
+    int64_t n = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        const double v = ref_value(f, (uint16_t)h), w = ref_value(f, (uint16_t)(h + 1));
+        xs[n++] = (float)v;
+        if (isfinite(v) && isfinite(w) && (h & 0x7FFF) != 0x7FFF && fabs(w) > fabs(v)) {
+            const float mid = (float)((v + w) / 2); /* (exact: the formats have far fewer bits than float) */
+            xs[n++] = mid;
+            xs[n++] = nextafterf(mid, 0.0f);
+            xs[n++] = nextafterf(mid, mid > 0 ? INFINITY : -INFINITY);
+        }
+    }
+    for (uint64_t u = 0; u < (1ull << 32); u += 4099) xs[n++] = bn_f32_of_bits((uint32_t)u);
+    const uint32_t extra[] = {0x7F800000u, 0xFF800000u, 0x7F800001u, 0x7FC00000u, 0xFFFFFFFFu, 0x7F7FFFFFu,
+                              0x477FEFFFu, 0x477FF000u, 0x477FF001u, 0x7F7F7FFFu, 0x7F7F8000u, 0x00000001u,
+                              0x80000001u, 0x33000000u, 0x33000001u, 0x337FFFFFu, 0x00400000u, 0x007FFFFFu};
+    for (size_t i = 0; i < sizeof extra / sizeof *extra; i++) xs[n++] = bn_f32_of_bits(extra[i]);
+    uint16_t* hs = malloc(sizeof(uint16_t) * (size_t)n);
+    f->vnarrow[isa](xs, hs, n);
+    checks++;
+    for (int64_t i = 0; i < n; i++)
+        if (!narrowed_ok(f, xs[i], hs[i]) || hs[i] != f->narrow(xs[i])) {
+            fail(&c, "narrowing %.9g (0x%08x) gives 0x%04x (its scalar conversion 0x%04x; the correct value %.9g)",
+                 (double)xs[i], bn_f32_bits(xs[i]), hs[i], f->narrow(xs[i]), ref_round(f, xs[i]));
+            break;
+        }
+    free(all);
+    free(wide);
+    free(xs);
+    free(hs);
+}
+
+static const half_format half_formats[] = {
+    {"float16 conversions", 11, -14, 5, 65504.0, bn_f16_to_f32, bn_f16_from_f32,
+     {bn_f16_widen__scalar, bn_f16_widen__avx2, bn_f16_widen__avx512},
+     {bn_f16_narrow__scalar, bn_f16_narrow__avx2, bn_f16_narrow__avx512}},
+    {"bfloat16 conversions", 8, -126, 8, 0x1.FEp127, bn_bf16_to_f32, bn_bf16_from_f32,
+     {bn_bf16_widen__scalar, bn_bf16_widen__avx2, bn_bf16_widen__avx512},
+     {bn_bf16_narrow__scalar, bn_bf16_narrow__avx2, bn_bf16_narrow__avx512}},
+};
+
 /* ---- the list ---- */
-enum { DT_f32, DT_f64, DT_COUNT };
+enum { DT_f32, DT_f64, DT_f16, DT_bf16, DT_COUNT };
+static const char* const dt_names[DT_COUNT] = {"f32", "f64", "f16", "bf16"};
 typedef struct {
     int listed, vl, fma;
 } table_row;
@@ -271,22 +396,29 @@ static int check_list(void) {
         for (int dt = 0; dt < DT_COUNT; dt++)
             if (tables[isa][dt].listed != 1) {
                 fprintf(stderr, "FAIL kernels.def: %d BN_UKERNEL_TABLE rows for %s %s (1 expected)\n",
-                        tables[isa][dt].listed, bn_isa_name(isa), dt == DT_f32 ? "f32" : "f64");
+                        tables[isa][dt].listed, bn_isa_name(isa), dt_names[dt]);
                 bad++;
             }
     int nslots = 0;
     for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
         const bn_uk_f32* t32 = &bn_uk_f32_tables[isa];
         const bn_uk_f64* t64 = &bn_uk_f64_tables[isa];
+        const bn_uk_f16* t16 = &bn_uk_f16_tables[isa];
+        const bn_uk_bf16* tb16 = &bn_uk_bf16_tables[isa];
 #define SLOT(shape)                                                                                             \
-    if (!t32->shape || !t64->shape) {                                                                           \
-        fprintf(stderr, "FAIL kernels.def: no %s kernel of %s for %s\n", #shape, !t32->shape ? "f32" : "f64",   \
-                bn_isa_name(isa));                                                                              \
+    if (!t32->shape || !t64->shape || !t16->shape || !tb16->shape) {                                            \
+        fprintf(stderr, "FAIL kernels.def: no %s kernel of some dtype for %s\n", #shape, bn_isa_name(isa));     \
         bad++;                                                                                                  \
     }                                                                                                           \
     if (isa == 0) nslots++;
         BN_UK_SHAPES(SLOT)
 #undef SLOT
+        if (t16->vl != tables[isa][DT_f16].vl || tb16->vl != tables[isa][DT_bf16].vl || t16->vl != t32->vl ||
+            tb16->vl != t32->vl) {
+            fprintf(stderr, "FAIL kernels.c: the %s 16-bit tables' vl are not the listed ones, or not float32's\n",
+                    bn_isa_name(isa));
+            bad++;
+        }
         if (t32->vl != tables[isa][DT_f32].vl || t64->vl != tables[isa][DT_f64].vl || t32->vl > UK_MAX_VL ||
             t64->vl > UK_MAX_VL) {
             fprintf(stderr, "FAIL kernels.c: the %s tables' vl %d, %d are not the listed %d, %d\n", bn_isa_name(isa),
@@ -324,7 +456,7 @@ int main(int argc, char** argv) {
     }
     for (int i = 0; i < NKERNELS; i++) {
         const kernel_row* k = &kernels[i];
-        if (!bn_isa_supported(k->isa)) {
+        if (!bn_isa_supported(k->isa) || (k->dt == DT_f16 && k->isa != BN_ISA_SCALAR && !bn_have_f16c())) {
             skipped++;
             continue;
         }
@@ -341,6 +473,10 @@ int main(int argc, char** argv) {
                    (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec),
                    failures > f0 ? "FAILED" : "ok");
     }
+    for (int isa = 0; isa < BN_ISA_COUNT; isa++)
+        for (int fi = 0; fi < 2; fi++)
+            if (bn_isa_supported(isa) && (fi == 1 || isa == BN_ISA_SCALAR || bn_have_f16c()))
+                test_conversions(&half_formats[fi], isa);
     printf("test_kernels: %d kernels run on the ISAs%s, %d not run (ISAs this CPU lacks:%s); %ld calls, %ld checks, "
            "%ld failures\n",
            run, isas, skipped, missing[0] ? missing : " none", calls, checks, failures);

@@ -1,0 +1,107 @@
+/* Storage I/O of bfloat16 data (the top 16 bits of a float32, stored as uint16_t patterns), computed in float: one
+ * section per ISA, each defining the storage vocabulary that ukernels.inc documents. Widening is a 16-bit shift
+ * (exact). Narrowing rounds the float result once, to nearest even, by integer arithmetic on its bits (half.h,
+ * bn_bf16_from_f32: add 0x7FFF plus the kept part's last bit, keep the top half; NaNs made quiet), the same operations
+ * lane-wise in every ISA, so every ISA stores the same bits (tests/c/test_kernels.c). (AVX512-BF16's vcvtneps2bf16
+ * is not used: Intel documents it as treating subnormal inputs as zero, which IEEE rounding, and these kernels,
+ * keep.) uk_<isa>.c includes this file after its vec_<isa>.h for an instantiation with TS = uint16_t, TC = float;
+ * uk_undef_type.h ends it. No masked 16-bit loads or stores (see io_f16.h). */
+_Static_assert(_Generic((TS)0, uint16_t: 1, default: 0) && _Generic((TC)0, float: 1, default: 0),
+               "io_bf16.h: bfloat16 patterns computed in float");
+#include "half.h"
+#define UK_IO_CONVERTS 1 /* (ukernels.inc: the conversions on their own, for the C kernel test) */
+
+#if defined(UK_ISA_SCALAR)
+#define LOAD_TS(p) bn_bf16_to_f32(*(p))
+#define STORE_TS(p, v) (*(p) = bn_bf16_from_f32(v))
+#define DLOAD1_TS(p) ((double)bn_bf16_to_f32(*(p)))
+#define VLOAD_TS(p) LOAD_TS(p) /* (a vector is one element) */
+#define VSTORE_TS(p, v) STORE_TS(p, v)
+#define VSTREAM_TS(p, v) STORE_TS(p, v)
+#define DLOAD_TS(p) DLOAD1_TS(p)
+#define DLOAD_TS_N(p, n) DLOAD_TS(p) /* DL == 1: segments have no tail */
+
+#elif defined(UK_ISA_AVX2)
+#ifndef UK_BF16_AVX2_DEFINED
+#define UK_BF16_AVX2_DEFINED
+/* 8 floats rounded to bfloat16 (bn_bf16_from_f32 lane-wise), packed into 128 bits */
+static inline __m128i uk_bf16_narrow_avx2(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd);
+    /* a NaN: its own top half with the quiet bit (float32's bit 22, bfloat16's bit 6) */
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+    /* the top 16 bits of each lane, gathered into the low 64 bits of each 128-bit half, then the halves joined */
+    const __m256i top = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
+                                         2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(r, top), 0x08));
+}
+static inline __m256 uk_bf16_widen_avx2(__m128i h) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+/* 4 elements (the low 64 bits of h) as doubles */
+static inline __m256d uk_bf16_dwiden_avx2(__m128i h) {
+    return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), h))); /* (each below 16 zeros) */
+}
+/* the first n < 4 elements at p as doubles, the other lanes 0 (their memory untouched) */
+static inline __m256d uk_bf16_dload_n_avx2(const uint16_t* p, int64_t n) {
+    uint16_t b[8] = {0};
+    memcpy(b, p, (size_t)n * sizeof(uint16_t));
+    return uk_bf16_dwiden_avx2(_mm_loadl_epi64((const __m128i*)b));
+}
+#endif
+#define LOAD_TS(p) bn_bf16_to_f32(*(p))
+#define STORE_TS(p, v) (*(p) = bn_bf16_from_f32(v))
+#define DLOAD1_TS(p) ((double)bn_bf16_to_f32(*(p)))
+#define VLOAD_TS(p) uk_bf16_widen_avx2(_mm_loadu_si128((const __m128i*)(p)))
+#define VSTORE_TS(p, v) _mm_storeu_si128((__m128i*)(p), uk_bf16_narrow_avx2(v))
+#ifdef __SANITIZE_ADDRESS__ /* ASan does not instrument streaming stores: check them as regular ones */
+#define VSTREAM_TS(p, v) VSTORE_TS(p, v)
+#else
+#define VSTREAM_TS(p, v) _mm_stream_si128((__m128i*)(p), uk_bf16_narrow_avx2(v))
+#endif
+#define DLOAD_TS(p) uk_bf16_dwiden_avx2(_mm_loadl_epi64((const __m128i*)(p)))
+#define DLOAD_TS_N(p, n) uk_bf16_dload_n_avx2((p), (n))
+
+#elif defined(UK_ISA_AVX512)
+#ifndef UK_BF16_AVX512_DEFINED
+#define UK_BF16_AVX512_DEFINED
+/* 16 floats rounded to bfloat16 (bn_bf16_from_f32 lane-wise), packed into 256 bits (vpmovdw: AVX-512F) */
+static inline __m256i uk_bf16_narrow_avx512(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v), hi = _mm512_srli_epi32(u, 16);
+    const __m512i odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+    r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), hi, _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
+}
+static inline __m512 uk_bf16_widen_avx512(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+/* 8 elements (h's 128 bits) as doubles */
+static inline __m512d uk_bf16_dwiden_avx512(__m128i h) {
+    return _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+}
+/* the first n < 8 elements at p as doubles, the other lanes 0 (their memory untouched) */
+static inline __m512d uk_bf16_dload_n_avx512(const uint16_t* p, int64_t n) {
+    uint16_t b[8] = {0};
+    memcpy(b, p, (size_t)n * sizeof(uint16_t));
+    return uk_bf16_dwiden_avx512(_mm_loadu_si128((const __m128i*)b));
+}
+#endif
+#define LOAD_TS(p) bn_bf16_to_f32(*(p))
+#define STORE_TS(p, v) (*(p) = bn_bf16_from_f32(v))
+#define DLOAD1_TS(p) ((double)bn_bf16_to_f32(*(p)))
+#define VLOAD_TS(p) uk_bf16_widen_avx512(_mm256_loadu_si256((const __m256i*)(p)))
+#define VSTORE_TS(p, v) _mm256_storeu_si256((__m256i*)(p), uk_bf16_narrow_avx512(v))
+#ifdef __SANITIZE_ADDRESS__ /* as above */
+#define VSTREAM_TS(p, v) VSTORE_TS(p, v)
+#else
+#define VSTREAM_TS(p, v) _mm256_stream_si256((__m256i*)(p), uk_bf16_narrow_avx512(v))
+#endif
+#define DLOAD_TS(p) uk_bf16_dwiden_avx512(_mm_loadu_si128((const __m128i*)(p)))
+#define DLOAD_TS_N(p, n) uk_bf16_dload_n_avx512((p), (n))
+
+#else
+#error "io_bf16.h has no section for this ISA"
+#endif
