@@ -30,7 +30,10 @@ DEPENDS = ["include/bn_simd.h", "src/ukernels.h", "src/ukernels.inc", "src/kerne
            "src/groupnorm.inc", "src/rownorm.inc", "src/rowcol.inc", "src/dispatch.h", "src/uk_undef_type.h",
            # the kernels' vocabularies: each ISA's vectors, each storage dtype's I/O, the outputs' epilogue
            "src/vec_scalar.h", "src/vec_avx2.h", "src/vec_avx512.h", "src/io_f32.h", "src/io_f64.h",
-           "src/io_f16.h", "src/io_bf16.h", "src/half.h", "src/epilogue.h"]
+           "src/io_f16.h", "src/io_bf16.h", "src/half.h", "src/epilogue.h",
+           # the fused epilogues: the normalise kernels' bodies, included once per epilogue, and the public header
+           "src/epi_each.inc", "src/apply_fwd_seg.inc", "src/apply_fwd_cl.inc", "src/act_grad.inc",
+           "include/bn_simd_epilogue.h"]
 
 
 def flags_for(source):

@@ -80,7 +80,7 @@ ext = Extension(
     "bn_simd._core",
     sources=["bn_simd/_core.pyx"] + PORTABLE_SOURCES,
     include_dirs=INCLUDE_DIRS + [numpy.get_include()],
-    depends=DEPENDS + ["bn_simd/_args.pxd"],
+    depends=DEPENDS + ["bn_simd/_args.pxd", "bn_simd/_epilogue.pxi"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 

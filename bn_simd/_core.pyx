@@ -1525,3 +1525,4 @@ def apply_backward(dy, x, dx, m, a, b, d, int nthreads):
         return da
     finally:
         release(p, stack)
+include "_epilogue.pxi"

@@ -227,4 +227,6 @@ BN_DECLARE_ROWNORM(uint16_t, float, bf16)
 }
 #endif
 
+#include "bn_simd_epilogue.h"
+
 #endif /* BN_SIMD_H */

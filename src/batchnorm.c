@@ -115,6 +115,25 @@ static void thread_range(int64_t E, int t, int n, int64_t* e0, int64_t* e1) {
     *e1 = share * (t + 1) < E ? share * (t + 1) : E;
 }
 
+/* The kernels' descriptor (ukernels.h) of a call's epilogue ep whose output starts at y: *ke = k filled, or NULL when
+ * ep asks for nothing. 0 when ep is invalid (an unknown act, clamp bounds not lo <= hi, a non-finite slope). */
+static int epi_kernel(const bn_epilogue* ep, const void* y, bn_uk_epi* k, const bn_uk_epi** ke) {
+    *ke = NULL;
+    if (!ep) return 1;
+    if (ep->act < BN_ACT_NONE || ep->act > BN_ACT_SILU) return 0;
+    if (ep->act == BN_ACT_CLAMP && !(ep->lo <= ep->hi)) return 0;
+    if (ep->act == BN_ACT_LEAKY && !isfinite(ep->slope)) return 0;
+    if (ep->act == BN_ACT_NONE && !ep->residual) return 1;
+    k->act = ep->act;
+    k->res = ep->residual != NULL;
+    k->lo = ep->lo;
+    k->hi = ep->hi;
+    k->slope = ep->slope;
+    k->rd = ep->residual ? (intptr_t)((uintptr_t)ep->residual - (uintptr_t)y) : 0;
+    *ke = k;
+    return 1;
+}
+
 static double clamp0(double v) { return v > 0.0 ? v : 0.0; }
 
 /* Rows in chunk k + 1 of `rows` rows cut in chunks of R (0 after the last): what a channels-last reduction

@@ -37,6 +37,16 @@
 /* The widest vector of any kernel, in elements (AVX-512, float32). */
 #define UK_MAX_VL 16
 
+/* A fused epilogue (epilogue.h) as the kernels take it: z = act(v + r) of an output v; act = BN_ACT_NONE, BN_ACT_CLAMP
+ * (min(max(u, lo), hi)), BN_ACT_LEAKY (u < 0 ? slope u : u) or BN_ACT_SILU (u / (1 + exp(-u))); res: whether a residual
+ * r is added, the element rd bytes from the output element (the residual has the output's layout). The kernels convert
+ * lo, hi and slope to their compute type. */
+typedef struct {
+    int act, res;
+    double lo, hi, slope;
+    intptr_t rd;
+} bn_uk_epi;
+
 /* The function type of each kernel shape, bn_<dtype>_<shape>_fn, for data stored as TS and computed as TC: float (f32)
  * and double (f64) both ways, float16 (f16) and bfloat16 (bf16) stored as uint16_t and computed as float. The one place a kernel's signature is written: every kernel of src/kernels.def is
  * declared with its shape's type below, and a table has a slot of that type per shape. */
@@ -127,6 +137,22 @@
     typedef void bn_##S##_cr_bwd_sums_fn(const TS* dy, const TS* x, int64_t rows, int64_t W, int64_t ld,          \
                                          const double* mean, const double* rstd, const double* w, double* sg,     \
                                          double* sgx, double* gw, double* gb);                                     \
+    /* seg_affine through the fused epilogue ep (kernels chosen once per call; ep->act == 0 with no residual: seg_affine) */ \
+    typedef void bn_##S##_seg_affine_epi_fn(const TS* x, TS* y, int64_t nseg, int64_t len, const TC* m,           \
+                                            const TC* a, const TC* b, int nt, const bn_uk_epi* ep);               \
+    /* cl_affine through the fused epilogue ep */                                                                 \
+    typedef void bn_##S##_cl_affine_epi_fn(const TS* x, TS* y, int64_t n, int64_t C, int64_t c0, const TC* m,     \
+                                           const TC* a, const TC* b, const TC* il, int64_t io, int nt,            \
+                                           const bn_uk_epi* ep);                                                  \
+    /* du = dy act'(u), u = (x - m[j]) a[j] + b[j] (+ the residual at du's offset ep->rd) over segment j, as the     \
+     * forward computed it (ep->act != 0; du may be dy) */                                                        \
+    typedef void bn_##S##_seg_act_grad_fn(const TS* dy, const TS* x, TS* du, int64_t nseg, int64_t len,          \
+                                          const TC* m, const TC* a, const TC* b, const bn_uk_epi* ep);            \
+    /* the same over n flat channels-last elements from channel c0, extended m, a, b */                          \
+    typedef void bn_##S##_cl_act_grad_fn(const TS* dy, const TS* x, TS* du, int64_t n, int64_t C, int64_t c0,     \
+                                         const TC* m, const TC* a, const TC* b, const bn_uk_epi* ep);             \
+    /* z = act(z + r) in place over n elements (the epilogue on its own; nothing when ep has neither) */          \
+    typedef void bn_##S##_epi_sweep_fn(TS* z, int64_t n, const bn_uk_epi* ep);                                    \
     typedef void bn_##S##_cr_bwd_apply_fn(const TS* dy, const TS* x, TS* dx, int64_t rows, int64_t W, int64_t ld, \
                                           const TC* m, const TC* res, const TC* a, const TC* bb, const TC* d,     \
                                           const TC* w);
@@ -142,7 +168,8 @@ BN_UK_TYPES(uint16_t, float, bf16) /* bfloat16 patterns, computed in float (io_b
 #define BN_UK_SHAPES(X)                                                                                   \
     X(seg_sum) X(seg_dev) X(seg_affine) X(seg_bwd_sums) X(seg_bwd_apply) X(cl_sum) X(cl_dev) X(cl_affine)  \
     X(cl_bwd_sums) X(cl_bwd_apply) X(norm_params) X(bwd_params) X(cl_chunk_finish) X(cl_combine) X(cl_sum_rows)     \
-    X(rc_affine) X(rc_bwd_sums) X(rc_bwd_apply) X(cr_affine) X(cr_bwd_sums) X(cr_bwd_apply)
+    X(rc_affine) X(rc_bwd_sums) X(rc_bwd_apply) X(cr_affine) X(cr_bwd_sums) X(cr_bwd_apply)                         \
+    X(seg_affine_epi) X(cl_affine_epi) X(seg_act_grad) X(cl_act_grad) X(epi_sweep)
 
 /* A kernel table: one ISA's kernels of one dtype (kernels.c fills them from kernels.def), and their vector length,
  * in elements */

@@ -50,4 +50,21 @@
 #define SFMA_double(a, b, c) __builtin_fma((a), (b), (c))
 #define VBLEND_N_double(n, a, b) _mm512_mask_blend_pd(UK_TAIL8(n), (b), (a))
 
+
+/* The fused epilogues' vocabulary (epilogue.h): as vec_avx2.h's (vmaxps / vminps return b when a lane is NaN). */
+#define VADD_float(a, b) _mm512_add_ps((a), (b))
+#define VDIV_float(a, b) _mm512_div_ps((a), (b))
+#define VMAX_float(a, b) _mm512_max_ps((a), (b))
+#define VMIN_float(a, b) _mm512_min_ps((a), (b))
+#define VSELNEG_float(c, a, b) _mm512_mask_blend_ps(_mm512_cmp_ps_mask((c), _mm512_setzero_ps(), _CMP_LT_OQ), (b), (a))
+#define VPOW2K_float(k) \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(k), _mm512_set1_epi32(127)), 23))
+#define VADD_double(a, b) _mm512_add_pd((a), (b))
+#define VDIV_double(a, b) _mm512_div_pd((a), (b))
+#define VMAX_double(a, b) _mm512_max_pd((a), (b))
+#define VMIN_double(a, b) _mm512_min_pd((a), (b))
+#define VSELNEG_double(c, a, b) _mm512_mask_blend_pd(_mm512_cmp_pd_mask((c), _mm512_setzero_pd(), _CMP_LT_OQ), (b), (a))
+#define VPOW2K_double(k) \
+    _mm512_castsi512_pd(_mm512_slli_epi64(_mm512_add_epi64(_mm512_castpd_si512(k), _mm512_set1_epi64(1023)), 52))
+
 #endif /* BN_VEC_AVX512_H */

@@ -43,4 +43,20 @@
 #define VFMA_double(a, b, c) ((a) * (b) + (c))
 #define SFMA_double(a, b, c) ((a) * (b) + (c))
 
+
+/* The fused epilogues' vocabulary (epilogue.h): a "vector" is one element, so these are epilogue.h's single-element
+ * forms. */
+#define VADD_float(a, b) ((a) + (b))
+#define VDIV_float(a, b) ((a) / (b))
+#define VMAX_float(a, b) UK_SMAX(a, b)
+#define VMIN_float(a, b) UK_SMIN(a, b)
+#define VSELNEG_float(c, a, b) UK_SSELNEG(c, a, b)
+#define VPOW2K_float(k) uk_pow2k_float(k)
+#define VADD_double(a, b) ((a) + (b))
+#define VDIV_double(a, b) ((a) / (b))
+#define VMAX_double(a, b) UK_SMAX(a, b)
+#define VMIN_double(a, b) UK_SMIN(a, b)
+#define VSELNEG_double(c, a, b) UK_SSELNEG(c, a, b)
+#define VPOW2K_double(k) uk_pow2k_double(k)
+
 #endif /* BN_VEC_SCALAR_H */
