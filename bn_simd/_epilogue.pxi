@@ -308,3 +308,11 @@ def epilogue_apply(z, tuple act, residual, int nthreads):
     if cnp.PyArray_SIZE(za):
         _check(k_epilogue_apply(dt, data_of(za), cnp.PyArray_SIZE(za), &ep, nthreads))
     return z
+
+
+def epilogue_residual_grad(grad_out, x, residual):
+    """The residual's gradient without an activation: a copy of grad_out (checked against x, and the residual too)."""
+    cdef cnp.ndarray xa = A.data(x, "x", True)
+    cdef cnp.ndarray ga = A.like(grad_out, "grad_out", xa)
+    epi_residual(residual, xa)
+    return np.array(ga, copy=True)

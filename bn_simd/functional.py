@@ -22,6 +22,7 @@ import numpy as np
 
 from . import _args as ck
 from . import _config, _core, _masked
+from . import _epilogue as _epi
 
 
 def _threads():
@@ -33,7 +34,8 @@ def _threads():
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
-               eps=1e-5, *, layout="NCHW", out=None, unbiased_running_var=True, axis=None, mask=None):
+               eps=1e-5, *, layout="NCHW", out=None, unbiased_running_var=True, axis=None, mask=None,
+               activation=None, residual=None):
     """Batch normalization with PyTorch's semantics (``torch.nn.functional.batch_norm``).
 
     y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c]
@@ -58,12 +60,23 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     mask : array or None. Training: the statistics are those of the unmasked entries (nonzero), n of them per
         channel, and the running variance moves towards var * n / (n - 1) (unbiased) or var. The mask has x's
         shape without the channel axis, or broadcasts to it; it is checked and unused when training=False.
+    activation : None, "relu", "relu6", ("leaky_relu", slope), ("clamp", lo, hi) or "silu" (see
+        :mod:`bn_simd._epilogue`): y = act(normalised x + residual), fused into the normalise sweep (no extra pass
+        over memory), computed in float32 (float64 for float64 x) and rounded once. Unknown names raise ValueError
+        naming ``activation``.
+    residual : array or None, x's shape and dtype (another memory order is copied), added before the activation
+        (ResNet's relu(bn(x) + identity)); it must not share memory with ``out``. Neither combines with ``mask``.
 
     Returns y (``out`` if given). Raises TypeError for wrong types/dtypes and ValueError for wrong shapes or
     values, including training with one value (or unmasked value) per channel, and an axis beside a layout other
     than "NCHW"; a call that raises changes nothing.
     """
     lay = layout if axis is None else ck.axis_layout(axis, layout)
+    if activation is not None or residual is not None:
+        act = _epi.parse(activation)
+        _no_mask(mask)
+        return _core.batch_norm_epi(x, running_mean, running_var, weight, bias, training, momentum, eps, lay, out,
+                                    unbiased_running_var, act, residual, _threads())
     if mask is not None:
         if training:
             return _masked.forward(x, running_mean, running_var, weight, bias, momentum, eps, lay, out,
@@ -71,6 +84,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         _masked.prepare(x, lay, mask)
     return _core.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, lay, out,
                             unbiased_running_var, _threads())
+
+
+def _no_mask(mask):
+    if mask is not None:
+        raise ValueError("mask= does not combine with activation= or residual=")
 
 
 def update_running_stats(running_mean, running_var, mean, var, n, momentum, *, unbiased=True):
@@ -88,15 +106,25 @@ def update_running_stats(running_mean, running_var, mean, var, n, momentum, *, u
     _core.update_running_stats(running_mean, running_var, mean, var, n, momentum, unbiased)
 
 
-def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None, axis=None, mask=None):
+def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None, axis=None, mask=None,
+                       activation=None, residual=None):
     """Training forward for callers that run their own autograd.
 
     Returns (y, save_mean, save_invstd): y normalised with the batch statistics (of the unmasked entries when
     ``mask`` is given), save_mean[c] the batch mean and save_invstd[c] = 1 / sqrt(biased_var[c] + eps), both (C,)
     in x's dtype, ready for :func:`batch_norm_backward` (which needs the same mask). ``axis``, ``mask`` and what
     raises: as :func:`batch_norm`.
+
+    With ``activation`` or ``residual`` (as :func:`batch_norm`: y = act(normalised x + residual) in the same sweep),
+    returns (y, save_mean, save_invstd, save_stats): save_stats = (mean, var), the batch mean and biased variance as
+    float64 (C,) arrays, from which :func:`batch_norm_backward` recomputes the forward's coefficients bit for bit
+    (so the backward reads no mask and no saved output: the activation's gradient comes from x).
     """
     lay = layout if axis is None else ck.axis_layout(axis, layout)
+    if activation is not None or residual is not None:
+        act = _epi.parse(activation)
+        _no_mask(mask)
+        return _core.batch_norm_forward_epi(x, weight, bias, eps, lay, out, act, residual, _threads())
     if mask is not None:
         y, mean, invstd, _ = _masked.forward(x, None, None, weight, bias, 0.0, eps, lay, out, False, mask,
                                              _threads())
@@ -105,7 +133,8 @@ def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW", ou
 
 
 def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, layout="NCHW", out=None,
-                        training=True, axis=None, mask=None):
+                        training=True, axis=None, mask=None, activation=None, residual=None, bias=None, eps=1e-5,
+                        save_stats=None):
     """Gradients of batch normalization.
 
     With n values per channel, s = save_invstd[c], w = weight[c] (1 when None), x̂ = (x - save_mean[c]) s:
@@ -121,8 +150,30 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, lay
     grad_out or x itself. ``axis``: as :func:`batch_norm`. ``mask`` (training=True): the forward's mask; n is
     then the number of unmasked positions and the statistics' terms (grad_bias / n, x̂ grad_weight / n) reach the
     unmasked entries only, while grad_weight and grad_bias sum over every entry (each was normalised).
+
+    Through a fused epilogue z = act(batch_norm(x) + residual) (grad_out is dL/dz): pass the forward's
+    ``activation`` and ``residual`` (the array itself: u = normalised x + residual is recomputed from them), and, with
+    an activation, its ``save_stats`` (:func:`batch_norm_forward`'s fourth value; for training=False the running
+    (mean, var) the forward used, as float64), ``bias`` and ``eps``: the forward's coefficients are recomputed from
+    them bit for bit, and du = grad_out * act'(u) (``act'`` at the kinks: 0 for clamp/relu/relu6 at u = lo or hi,
+    the slope for leaky_relu at 0, as PyTorch) becomes the normalisation's grad_out. Returns (grad_x, grad_weight,
+    grad_bias, grad_residual), grad_residual = du (None without a residual); save_mean and save_invstd are then
+    unused with an activation (they may be None). Neither combines with ``mask``.
     """
     lay = layout if axis is None else ck.axis_layout(axis, layout)
+    if activation is not None or residual is not None:
+        act = _epi.parse(activation)
+        _no_mask(mask)
+        if activation is not None:
+            if not isinstance(save_stats, (tuple, list)) or len(save_stats) != 2:
+                raise ValueError("save_stats must be the forward's (mean, var) pair (batch_norm_forward's fourth "
+                                 f"value) when activation is given, got {type(save_stats).__name__}")
+            return _core.batch_norm_backward_epi(grad_out, x, save_stats[0], save_stats[1], eps, weight, bias, lay,
+                                                 out, training, act, residual, _threads())
+        gres = _core.epilogue_residual_grad(grad_out, x, residual)
+        gx, gw, gb = _core.batch_norm_backward(grad_out, x, save_mean, save_invstd, weight, lay, out, training,
+                                               _threads())
+        return gx, gw, gb, gres
     if mask is not None:
         if training:
             return _masked.backward(grad_out, x, save_mean, save_invstd, weight, lay, out, mask, _threads())

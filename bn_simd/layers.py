@@ -5,6 +5,7 @@ import numpy as np
 
 from . import _args as ck
 from . import _core, _masked
+from . import _epilogue as _epi
 from . import functional as F
 
 
@@ -121,6 +122,11 @@ class BatchNorm(_Layer):
     renorm_clipping : dict with keys among "rmax", "rmin", "dmax" (missing: inf, 0, inf), or None.
     renorm_momentum : float in [0, 1], the weight of the new batch in renorm_mean / renorm_std (this library's
         convention, as ``momentum``: Keras' renorm_momentum=0.99 is 0.01 here).
+    activation : None, "relu", "relu6", ("leaky_relu", slope), ("clamp", lo, hi) or "silu": the layer returns
+        act(batch_norm(x) + residual), fused into the normalise sweep (:func:`bn_simd.batch_norm`), and
+        ``backward`` differentiates through it (the activation's gradient recomputed from x with the forward's
+        coefficients). ``layer(x, residual=r)`` adds r (x's shape and dtype) before the activation and
+        ``backward`` then also sets ``grad_residual``. Neither combines with mask=, virtual_batch_size or renorm.
 
     PyTorch's rules for the running statistics: eval mode normalises with them whenever the layer holds them (also
     after ``track_running_stats`` is switched off), a training call updates them only when track_running_stats is
@@ -141,7 +147,10 @@ class BatchNorm(_Layer):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
                  layout="NCHW", dtype=np.float32, unbiased_running_var=True, axis=None, bias=True,
-                 virtual_batch_size=None, renorm=False, renorm_clipping=None, renorm_momentum=0.01):
+                 virtual_batch_size=None, renorm=False, renorm_clipping=None, renorm_momentum=0.01,
+                 activation=None):
+        self._act = _epi.parse(activation)
+        self.activation = activation
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if not 1 <= num_features < 2**31:
@@ -165,12 +174,14 @@ class BatchNorm(_Layer):
             self.num_batches_tracked = 0
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
-        self.grad_weight = self.grad_bias = None
+        self.grad_weight = self.grad_bias = self.grad_residual = None
         self.training = True
         self._saved = None
         self._init_extras(virtual_batch_size, renorm, renorm_clipping, renorm_momentum)
         if self.axis is not None and (self.renorm or self.virtual_batch_size is not None):
             raise ValueError("axis= does not combine with virtual_batch_size or renorm (use layout=)")
+        if activation is not None and (self.renorm or self.virtual_batch_size is not None):
+            raise ValueError("activation= does not combine with virtual_batch_size or renorm")
 
     def _init_extras(self, virtual_batch_size, renorm, renorm_clipping, renorm_momentum):
         """Virtual batches and batch renormalization (bn_simd.virtual, bn_simd.renorm)."""
@@ -214,13 +225,17 @@ class BatchNorm(_Layer):
         return ck.check_layer_input(x, ranks, type(self).__name__, self.num_features, self.layout, self.axis,
                                     half=True)
 
-    def forward(self, x, *, out=None, mask=None):
+    def forward(self, x, *, out=None, mask=None, residual=None):
         """Normalise x (rank per class, channels per ``layout`` or ``axis``); returns y (``out`` if given).
 
         mask: statistics of the unmasked entries only, in training (see :func:`bn_simd.batch_norm`); checked and
-        unused when the running statistics are used."""
+        unused when the running statistics are used. residual: an array like x added before the layer's activation
+        (y = act(bn(x) + residual)); the layer keeps a reference to it for backward."""
         self._check_state()
         x = self._check_input(x)
+        act = _epi.parse(self.activation)  # (re-checked: the attribute may have been reassigned)
+        if act != _epi.NONE or residual is not None:
+            return self._forward_epilogue(x, out, mask, residual, act)
         # PyTorch's rules: batch statistics in training, and in eval when the layer holds no running statistics;
         # running statistics updated in training when tracked (track_running_stats may be switched after
         # construction: eval still uses the statistics the layer holds)
@@ -264,14 +279,49 @@ class BatchNorm(_Layer):
 
     __call__ = forward
 
+    def _forward_epilogue(self, x, out, mask, residual, act):
+        """forward with a fused activation and/or residual: saves what backward needs (x, the float64 statistics the
+        call normalised with, the residual), not the output."""
+        if mask is not None or self.renorm or self.virtual_batch_size is not None:
+            raise ValueError("activation= and residual= do not combine with mask=, virtual_batch_size or renorm")
+        held = self.running_mean is not None or self.running_var is not None
+        batch_stats = self.training or not held
+        update = self.training and self.track_running_stats and held
+        momentum = 0.0 if not update else (
+            self.momentum if self.momentum is not None else
+            1.0 / (self.num_batches_tracked + 1) if self.num_batches_tracked is not None else 0.0)
+        saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
+        passed = update or not batch_stats
+        lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
+        y, mean, invstd, var = _core.batch_norm_epi(x, self.running_mean if passed else None,
+                                                    self.running_var if passed else None, self.weight, self.bias,
+                                                    batch_stats, momentum, self.eps, lay, out,
+                                                    self.unbiased_running_var, act, residual, F._threads(), True)
+        if update and self.num_batches_tracked is not None:
+            self.num_batches_tracked += 1
+        self._saved = ("epilogue", saved_x, mean, var, batch_stats, act, residual,
+                       None if self.weight is None else self.weight.copy(),
+                       None if self.bias is None else self.bias.copy(), self.eps)
+        return y
+
     def backward(self, grad_out, *, out=None):
         """Gradient of the last forward call: returns grad_x and sets grad_weight / grad_bias (affine only).
 
         After a training-mode forward the batch statistics are differentiated through; after an
-        eval-mode forward they are the (constant) running statistics.
+        eval-mode forward they are the (constant) running statistics. Through the layer's activation and residual
+        when the forward had them: grad_residual is then set too (None without a residual).
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
+        if isinstance(self._saved, tuple) and isinstance(self._saved[0], str):  # (a forward with an epilogue)
+            _, x, mean, var, training, act, residual, w, b, eps = self._saved
+            lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
+            gx, gw, gb, self.grad_residual = _core.batch_norm_backward_epi(grad_out, x, mean, var, eps, w, b, lay,
+                                                                           out, training, act, residual, F._threads())
+            if self.affine:
+                self.grad_weight = gw.astype(self.dtype)
+                self.grad_bias = gb.astype(self.dtype) if self.bias is not None else None
+            return gx
         if not isinstance(self._saved, tuple):  # a forward with virtual batches or renormalization
             from . import renorm as R
             return R.layer_backward(self, grad_out, out)
