@@ -316,3 +316,15 @@ def epilogue_residual_grad(grad_out, x, residual):
     cdef cnp.ndarray ga = A.like(grad_out, "grad_out", xa)
     epi_residual(residual, xa)
     return np.array(ga, copy=True)
+
+
+def epilogue_check(residual, x, out):
+    """The residual of an op whose epilogue runs after it (epilogue_apply), checked before the op writes anything:
+    x's shape and dtype, no memory shared with out. None when there is none."""
+    if residual is None:
+        return None
+    cdef cnp.ndarray xa = A.data(x, "x", True)
+    ra = epi_residual(residual, xa)
+    if isinstance(out, np.ndarray) and np.may_share_memory(out, ra):
+        raise ValueError("residual must not share memory with out")
+    return ra

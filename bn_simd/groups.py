@@ -10,12 +10,14 @@ same for any thread count. Saved statistics (mean, invstd) have shape (N, num_gr
 instance norm, in x's dtype, as PyTorch returns them.
 """
 from . import _core
+from . import _epilogue as _epi
 from .functional import _threads
 
 
 # ---- group norm ---------------------------------------------------------------------------------------------
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout="NCHW", out=None):
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout="NCHW", out=None, activation=None,
+               residual=None):
     """Group normalization (``torch.nn.functional.group_norm``).
 
     y = (x - mean[n, g]) / sqrt(var[n, g] + eps) * weight[c] + bias[c], with mean and the biased var of sample n's
@@ -28,10 +30,16 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout="NCHW"
     weight, bias : array (C,) or None (1 and 0).
     eps : float > 0.
     out : ndarray shaped and typed like x, C-contiguous; may be x itself (in place).
+    activation, residual : as :func:`bn_simd.batch_norm` (y = act(normalised x + residual)), applied by a sweep over
+        y after the normalisation (one more pass over y, not fused as in batch norm); checked before anything is
+        written. Forward only: :func:`group_norm_backward` does not differentiate through them.
 
     Returns y. Raises TypeError for wrong types/dtypes, ValueError for wrong shapes or values (a num_groups that
     does not divide C included); a call that raises writes nothing.
     """
+    if activation is not None or residual is not None:
+        return _epi.apply_after(x, out, activation, residual,
+                                lambda: _core.group_norm(x, num_groups, weight, bias, eps, layout, out, _threads()))
     return _core.group_norm(x, num_groups, weight, bias, eps, layout, out, _threads())
 
 
@@ -60,7 +68,7 @@ def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight=None, *, l
 # ---- instance norm ------------------------------------------------------------------------------------------
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1,
-                  eps=1e-5, *, layout="NCHW", out=None):
+                  eps=1e-5, *, layout="NCHW", out=None, activation=None, residual=None):
     """Instance normalization (``torch.nn.functional.instance_norm``).
 
     use_input_stats=True: each (sample, channel) is normalised with its own mean and biased variance over the
@@ -70,7 +78,11 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 
     x : ndarray, float32 or float64, rank 3..5 ((N, C, *spatial); NHWC (N, *spatial, C)). Other arguments as
     :func:`bn_simd.batch_norm`. Raises ValueError for one spatial element when use_input_stats is True.
+    activation, residual: as :func:`group_norm` (a sweep after the normalisation; forward only).
     """
+    if activation is not None or residual is not None:
+        return _epi.apply_after(x, out, activation, residual, lambda: _core.instance_norm(
+            x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, layout, out, _threads()))
     return _core.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, layout, out,
                                _threads())
 

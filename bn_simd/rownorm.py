@@ -15,12 +15,14 @@ same for any thread count. The saved statistics (mean, rstd = 1 / sqrt(var + eps
 shape: the leading dims then ones, (*x.shape[:-k], 1, ..., 1); channels-first (N, 1, *spatial).
 """
 from . import _core
+from . import _epilogue as _epi
 from .functional import _threads
 
 # ---- layer norm -----------------------------------------------------------------------------------------------
 
 
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, layout=None):
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, layout=None, activation=None,
+               residual=None):
     """Layer normalization (``torch.nn.functional.layer_norm``).
 
     y = (x - mean) / sqrt(var + eps) * weight + bias, mean and the biased var over the trailing dims
@@ -36,10 +38,17 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     layout : None (normalise the trailing dims), or "NCHW" / "channels_first": normalise over the channels of an
         (N, C, *spatial) array (rank >= 2) at each (sample, position); "NHWC" / "channels_last" is the default with
         normalized_shape = C.
+    activation, residual : as :func:`bn_simd.batch_norm` (y = act(normalised x + residual), a pre-norm block's
+        add), applied by a sweep over y after the normalisation (one more pass over y, not fused as in batch norm);
+        checked before anything is written. Forward only: :func:`layer_norm_backward` does not differentiate
+        through them.
 
     Returns y. Raises TypeError for wrong types/dtypes, ValueError for wrong shapes or values, naming the argument;
     a call that raises writes nothing.
     """
+    if activation is not None or residual is not None:
+        return _epi.apply_after(x, out, activation, residual, lambda: _core.row_norm(
+            x, normalized_shape, weight, bias, eps, layout, out, _threads(), False))
     return _core.row_norm(x, normalized_shape, weight, bias, eps, layout, out, _threads(), False)
 
 
@@ -72,13 +81,17 @@ def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, 
 # ---- RMS norm -------------------------------------------------------------------------------------------------
 
 
-def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, activation=None, residual=None):
     """RMS normalization (``torch.nn.functional.rms_norm``).
 
     y = x / sqrt(mean(x^2) + eps) * weight, the mean over the trailing dims ``normalized_shape``; eps None is the
     machine epsilon of x's dtype (``np.finfo(x.dtype).eps``), as PyTorch. Arguments as :func:`layer_norm`
-    (no bias, no layout). Returns y; raises as :func:`layer_norm`.
+    (no bias, no layout); activation and residual as :func:`layer_norm` (forward only). Returns y; raises as
+    :func:`layer_norm`.
     """
+    if activation is not None or residual is not None:
+        return _epi.apply_after(x, out, activation, residual, lambda: _core.row_norm(
+            x, normalized_shape, weight, None, eps, None, out, _threads(), True))
     return _core.row_norm(x, normalized_shape, weight, None, eps, None, out, _threads(), True)
 
 

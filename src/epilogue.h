@@ -86,8 +86,10 @@ static inline double uk_pow2k_double(double k) {
 #define UK_SDIV(a, b) ((a) / (b))
 #define UK_SSET1(s) (s)
 
-/* exp(t), the same operations as a vector and as one element: t clamped to [LO, HI] (e^t and 2^n stay normal;
- * beyond, SiLU's u / (1 + e^-u) is u or a value of magnitude below 1e-36 either way), n = t / ln 2 rounded to
+/* exp(t), the same operations as a vector and as one element: t clamped to [LO, HI]: at LO, e^t and 2^n are still
+ * normal (below, SiLU's u / (1 + e^-u) is u either way); from HI's n on, 2^n is +Inf (the exponent field all ones), so
+ * exp(+Inf) = +Inf and SiLU(-Inf) = -Inf / Inf = NaN, as the unfused composition gives (below that, from t ~ 88.4 in
+ * float, it is +Inf a little early: SiLU's value there, of magnitude below 4e-37, becomes -0); n = t / ln 2 rounded to
  * nearest even by adding and subtracting UK_EXP_MAGIC (1.5 2^p), r = t - n ln 2 in two steps (n ln2_hi is exact:
  * ln2_hi has few bits), e^r by its Taylor polynomial (degree 7 for float, 13 for double: the first term left out is
  * below 0.1 ulp for |r| <= ln 2 / 2), times 2^n. */
@@ -101,14 +103,14 @@ static inline double uk_pow2k_double(double k) {
     SET(0.5)), r, SET(1.0)), r, SET(1.0))
 #define UK_EXP_CONST_float(name) UK_EXPF_##name
 #define UK_EXPF_LO (-87.0f)
-#define UK_EXPF_HI 88.0f
+#define UK_EXPF_HI 89.0f
 #define UK_EXPF_MAGIC 12582912.0f /* 1.5 2^23 */
 #define UK_EXPF_L2E 1.44269504088896341f
 #define UK_EXPF_LN2HI 0.693359375f
 #define UK_EXPF_LN2LO (-2.12194440e-4f)
 #define UK_EXP_CONST_double(name) UK_EXPD_##name
 #define UK_EXPD_LO (-708.0)
-#define UK_EXPD_HI 709.0
+#define UK_EXPD_HI 710.0
 #define UK_EXPD_MAGIC 6755399441055744.0 /* 1.5 2^52 */
 #define UK_EXPD_L2E 1.44269504088896338700
 #define UK_EXPD_LN2HI 6.93147180369123816490e-01 /* (32 significant bits) */

@@ -1,0 +1,318 @@
+"""Fused epilogues: y = act(norm(x) + residual) in the normalise sweep (activation=, residual=).
+
+Against the unfused composition: float64 the same values (bitwise for the piecewise-linear activations: the kernel adds
+and clamps the same doubles; SiLU within a few ulp, its exp being the library's own), float32 bitwise for the
+piecewise-linear ones (the composition in float32 NumPy) and within SiLU's rounding, both also against the float64
+oracle; 16-bit within an ulp of the oracle. Backward against central differences of the forward, and against the
+oracle's BN backward fed du = dz act'(u). Refusals name the argument and write nothing; the same bits for any thread
+count; the other ops of the family apply the epilogue after their normalisation.
+"""
+import numpy as np
+import pytest
+
+import bn_simd
+import oracle
+
+ACTS = ["relu", "relu6", ("leaky_relu", 0.2), ("clamp", -0.5, 0.75), "silu"]
+PIECEWISE = ACTS[:4]
+
+
+def act_np(act, u):
+    """The activation in NumPy, in u's dtype (the composition a user would write)."""
+    t = u.dtype.type
+    if act == "relu":
+        return np.maximum(u, t(0))
+    if act == "relu6":
+        return np.minimum(np.maximum(u, t(0)), t(6))
+    if act == "silu":
+        return u / (t(1) + np.exp(-u))
+    name = act[0]
+    if name == "leaky_relu":
+        return np.where(u > 0, u, u * t(act[1]))
+    return np.minimum(np.maximum(u, t(act[1])), t(act[2]))
+
+
+def grad_np(act, u):
+    """act'(u) in float64, PyTorch's choice at the kinks."""
+    if act == "relu":
+        return (u > 0).astype(np.float64)
+    if act == "relu6":
+        return ((u > 0) & (u < 6)).astype(np.float64)
+    if act == "silu":
+        s = 1.0 / (1.0 + np.exp(-u))
+        return s * (1.0 + u * (1.0 - s))
+    if act[0] == "leaky_relu":
+        return np.where(u > 0, 1.0, act[1])
+    return ((u > act[1]) & (u < act[2])).astype(np.float64)
+
+
+def make(shape, dtype, seed=0, C=None):
+    rng = np.random.default_rng(seed)
+    x = (0.5 + 2.0 * rng.standard_normal(shape)).astype(dtype)
+    r = rng.standard_normal(shape).astype(dtype)
+    C = C or shape[1]
+    w = rng.uniform(0.5, 2.0, C) * rng.choice([-1.0, 1.0], C)
+    b = rng.standard_normal(C)
+    rm, rv = 0.5 + rng.standard_normal(C), rng.uniform(1.0, 8.0, C)
+    return x, r, w, b, rm, rv
+
+
+CASES = [((4, 8, 9, 7), "NCHW"), ((4, 9, 7, 8), "NHWC"), ((3, 5, 130), "NCHW"), ((64, 24), "NHWC")]
+
+
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_equals_the_unfused_composition(shape, layout, dtype, training):
+    C = shape[1] if layout == "NCHW" else shape[-1]
+    x, r, w, b, rm, rv = make(shape, dtype, C=C)
+    plain = bn_simd.batch_norm(x, rm.copy(), rv.copy(), w, b, training=training, layout=layout)
+    for act in ACTS:
+        for res in (None, r):
+            rm1, rv1 = rm.copy(), rv.copy()
+            y = bn_simd.batch_norm(x, rm1, rv1, w, b, training=training, layout=layout, activation=act, residual=res)
+            assert y.dtype == x.dtype
+            u = plain + res if res is not None else plain
+            want = act_np(act, u)
+            if act in PIECEWISE:
+                np.testing.assert_array_equal(y, want, err_msg=f"{act} residual={res is not None}")
+            else:
+                ulps = np.finfo(dtype).eps * (np.abs(want) + np.finfo(dtype).tiny)
+                assert np.all(np.abs(y - want) <= 4 * ulps + 4 * np.finfo(dtype).eps * np.abs(u)), act
+            if training:  # the running statistics move as without the epilogue
+                rm2, rv2 = rm.copy(), rv.copy()
+                bn_simd.batch_norm(x, rm2, rv2, w, b, training=True, layout=layout)
+                np.testing.assert_array_equal(rm1, rm2)
+                np.testing.assert_array_equal(rv1, rv2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_against_the_float64_oracle(dtype):
+    x, r, w, b, rm, rv = make((6, 5, 11, 3), dtype, seed=3)
+    y64 = oracle.inference(x.astype(np.float64), rm, rv, w, b, 1e-5, "NCHW")
+    for act in ACTS:
+        y = bn_simd.batch_norm(x, rm, rv, w, b, activation=act, residual=r)
+        u = y64 + r.astype(np.float64)
+        want = act_np(act, u)
+        eps = np.finfo(dtype).eps
+        bound = 8 * eps * (np.abs(u) + np.abs(y64) + 1.0)
+        assert np.all(np.abs(y.astype(np.float64) - want) <= bound), act
+
+
+def test_half_storage_within_an_ulp_of_the_oracle():
+    for dt in [np.dtype(np.float16)] + ([np.dtype(pytest.importorskip("ml_dtypes").bfloat16)]):
+        x, r, w, b, rm, rv = make((4, 6, 10, 10), np.float32, seed=5)
+        xh, rh = x.astype(dt), r.astype(dt)
+        refs = {False: oracle.inference(xh.astype(np.float64), rm, rv, w, b, 1e-5, "NCHW"),
+                True: oracle.forward_train(xh.astype(np.float64), w, b, 1e-5, "NCHW")[0]}
+        for act in ACTS:
+            for training in (False, True):
+                y64 = refs[training]
+                y = bn_simd.batch_norm(xh, rm.copy(), rv.copy(), w, b, training=training, activation=act,
+                                       residual=rh)
+                assert y.dtype == dt
+                want = act_np(act, y64 + rh.astype(np.float64))
+                ulp = np.spacing(np.abs(want).astype(dt)).astype(np.float64)
+                bound = ulp + 1e-5 * (np.abs(y64) + np.abs(want) + 1.0)
+                assert np.all(np.abs(y.astype(np.float64) - want) <= bound), (dt, act, training)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_same_bits_for_any_thread_count(threads, layout):
+    shape = (8, 32, 24, 24) if layout == "NCHW" else (8, 24, 24, 32)
+    x, r, w, b, rm, rv = make(shape, np.float32, seed=7, C=32)
+    g = np.random.default_rng(8).standard_normal(shape).astype(np.float32)
+    got = []
+    for n in (1, 2, 3):
+        threads(n)
+        y = bn_simd.batch_norm(x, rm, rv, w, b, layout=layout, activation="silu", residual=r)
+        y2, m, s, st = bn_simd.batch_norm_forward(x, w, b, layout=layout, activation=("leaky_relu", 0.1), residual=r)
+        grads = bn_simd.batch_norm_backward(g, x, m, s, w, layout=layout, activation=("leaky_relu", 0.1), residual=r,
+                                            bias=b, save_stats=st)
+        got.append((y, y2) + tuple(grads))
+    for k in (1, 2):
+        for a, bb in zip(got[0], got[k]):
+            np.testing.assert_array_equal(a, bb)
+
+
+def test_every_isa_within_an_ulp(isa):
+    x, r, w, b, rm, rv = make((4, 16, 13, 13), np.float32, seed=9)
+    plain = bn_simd.batch_norm(x, rm, rv, w, b)
+    for act in ACTS:
+        y = bn_simd.batch_norm(x, rm, rv, w, b, activation=act, residual=r)
+        want = act_np(act, plain + r)
+        assert np.all(np.abs(y - want) <= 4 * np.finfo(np.float32).eps * (np.abs(want) + np.abs(plain) + 1)), act
+
+
+# ---- backward ----
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("act", ACTS)
+def test_backward_against_central_differences(layout, act):
+    shape = (3, 4, 3, 5) if layout == "NCHW" else (3, 3, 5, 4)
+    x, r, w, b, _, _ = make(shape, np.float64, seed=11, C=4)
+    g = np.random.default_rng(12).standard_normal(shape)
+
+    def loss(xx, rr, ww, bb):
+        return np.sum(g * bn_simd.batch_norm_forward(xx, ww, bb, layout=layout, activation=act, residual=rr)[0])
+
+    y, m, s, st = bn_simd.batch_norm_forward(x, w, b, layout=layout, activation=act, residual=r)
+    gx, gw, gb, gr = bn_simd.batch_norm_backward(g, x, m, s, w, layout=layout, activation=act, residual=r, bias=b,
+                                                 save_stats=st)
+    nx = oracle.central_difference(lambda a: loss(a, r, w, b), x)
+    nr = oracle.central_difference(lambda a: loss(x, a, w, b), r)
+    nw = oracle.central_difference(lambda a: loss(x, r, a, b), w)
+    nb = oracle.central_difference(lambda a: loss(x, r, w, a), b)
+    for got, want, what in ((gx, nx, "grad_x"), (gr, nr, "grad_residual"), (gw, nw, "grad_weight"),
+                            (gb, nb, "grad_bias")):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=what)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_is_the_oracle_backward_of_du(dtype):
+    x, r, w, b, rm, rv = make((5, 6, 8, 8), dtype, seed=13)
+    g = np.random.default_rng(14).standard_normal(x.shape).astype(dtype)
+    for training in (True, False):
+        for act in ACTS:
+            if training:
+                y, m, s, st = bn_simd.batch_norm_forward(x, w, b, activation=act, residual=r)
+                mean, var = st
+            else:
+                mean, var, st, m, s = rm, rv, (rm, rv), None, None
+            gx, gw, gb, gr = bn_simd.batch_norm_backward(g, x, m, s, w, training=training, activation=act,
+                                                         residual=r, bias=b, save_stats=st)
+            u = oracle.normalize(x.astype(np.float64), mean, var, w, b) + r.astype(np.float64)
+            du = g.astype(np.float64) * grad_np(act, u)
+            dx, dw, db = oracle.backward(du, x.astype(np.float64), mean, oracle.invstd(var), w, "NCHW", training)
+            eps = np.finfo(dtype).eps
+            n = x.size // x.shape[1]
+            kink = np.abs(u) < 1e3 * eps  # (u within rounding of a kink: the mask may go either way)
+            assert np.all(np.abs(gr - du)[~kink] <= 8 * eps * (np.abs(du[~kink]) + 1)), (act, training)
+            if not kink.any():
+                np.testing.assert_allclose(gx, dx, rtol=0, atol=2e3 * n * eps * (np.abs(dx).max() + 1))
+                np.testing.assert_allclose(gw, dw, rtol=0, atol=2e3 * n * eps * (np.abs(dw).max() + 1))
+                np.testing.assert_allclose(gb, db, rtol=0, atol=2e3 * n * eps * (np.abs(db).max() + 1))
+
+
+def test_layer_with_an_activation_trains_and_differentiates():
+    x, r, w, b, _, _ = make((4, 6, 5, 5), np.float32, seed=15)
+    g = np.random.default_rng(16).standard_normal(x.shape).astype(np.float32)
+    fused = bn_simd.BatchNorm2d(6, activation="relu")
+    plain = bn_simd.BatchNorm2d(6)
+    for layer in (fused, plain):
+        layer.weight[:] = w
+        layer.bias[:] = b
+    y = fused(x, residual=r)
+    np.testing.assert_array_equal(y, np.maximum(plain(x) + r, np.float32(0)))
+    np.testing.assert_array_equal(fused.running_mean, plain.running_mean)
+    assert fused.num_batches_tracked == plain.num_batches_tracked == 1
+    u = plain._saved
+    gx = fused.backward(g)
+    du = np.where(y > 0, g, np.float32(0))
+    np.testing.assert_array_equal(fused.grad_residual, du)
+    gx2 = plain.backward(du)
+    np.testing.assert_allclose(gx, gx2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fused.grad_weight, plain.grad_weight, rtol=1e-5, atol=1e-4)
+    assert u is not None
+    fused.eval()
+    plain.eval()
+    np.testing.assert_array_equal(fused(x), np.maximum(plain(x), np.float32(0)))
+    fused.backward(g)
+    assert fused.grad_residual is None
+
+
+# ---- refusals ----
+
+def test_unknown_or_malformed_activation_is_refused_naming_it():
+    x, r, w, b, rm, rv = make((2, 3, 4), np.float32)
+    out = np.full_like(x, 7.0)
+    for bad, exc in (("gelu", ValueError), (("leaky_relu", "a"), TypeError), (("clamp", 2.0, 1.0), ValueError),
+                     (("clamp", 0.0), ValueError), (("leaky_relu", np.inf), ValueError), (3, TypeError),
+                     (("relu", 1.0), ValueError), (("clamp", np.nan, 1.0), ValueError)):
+        with pytest.raises(exc, match="activation"):
+            bn_simd.batch_norm(x, rm, rv, w, b, out=out, activation=bad)
+        with pytest.raises(exc, match="activation"):
+            bn_simd.BatchNorm1d(3, activation=bad)
+    assert np.all(out == 7.0)
+
+
+def test_bad_residual_is_refused_naming_it_and_nothing_is_written():
+    x, r, w, b, rm, rv = make((2, 3, 4), np.float32)
+    rm0, rv0 = rm.copy(), rv.copy()
+    out = np.full_like(x, 7.0)
+    cases = ((r[:, :2], ValueError, "residual"), (r.astype(np.float64), TypeError, "residual"),
+             (r.transpose(0, 2, 1), ValueError, "residual"), ("r", TypeError, "residual"),
+             (out, ValueError, "residual must not share memory with out"))
+    for bad, exc, pat in cases:
+        for training in (False, True):
+            with pytest.raises(exc, match=pat):
+                bn_simd.batch_norm(x, rm, rv, w, b, training=training, out=out, activation="relu", residual=bad)
+        with pytest.raises(exc, match=pat):
+            bn_simd.batch_norm_forward(x, w, b, out=out, activation="relu", residual=bad)
+    assert np.all(out == 7.0)
+    np.testing.assert_array_equal(rm, rm0)
+    np.testing.assert_array_equal(rv, rv0)
+    with pytest.raises(ValueError, match="save_stats"):
+        bn_simd.batch_norm_backward(x, x, None, None, w, activation="relu", residual=r)
+    with pytest.raises(ValueError, match="mask"):
+        bn_simd.batch_norm(x, rm, rv, w, b, training=True, activation="relu", mask=np.ones((2, 4)))
+
+
+def test_a_residual_in_another_memory_order_is_read_as_its_values():
+    x, r, w, b, rm, rv = make((3, 4, 5, 6), np.float64)
+    rf = np.asfortranarray(r)
+    np.testing.assert_array_equal(bn_simd.batch_norm(x, rm, rv, w, b, activation="relu", residual=rf),
+                                  bn_simd.batch_norm(x, rm, rv, w, b, activation="relu", residual=r))
+
+
+def test_nan_and_inf_pass_as_in_the_composition():
+    x, r, w, b, rm, rv = make((2, 3, 20), np.float32)
+    r[0, 0, :4] = [np.nan, np.inf, -np.inf, 0]
+    plain = bn_simd.batch_norm(x, rm, rv, w, b)
+    with np.errstate(all="ignore"):
+        for act in ACTS:
+            y = bn_simd.batch_norm(x, rm, rv, w, b, activation=act, residual=r)
+            want = act_np(act, plain + r)
+            np.testing.assert_array_equal(np.isnan(y), np.isnan(want), err_msg=str(act))
+            fin = np.isfinite(want)
+            np.testing.assert_array_equal(np.isinf(y), np.isinf(want), err_msg=str(act))
+            assert np.allclose(y[fin], want[fin], rtol=1e-6, atol=1e-6)
+
+
+def test_in_place_output_over_x():
+    x, r, w, b, rm, rv = make((4, 8, 16, 16), np.float32)
+    want = bn_simd.batch_norm(x, rm, rv, w, b, activation="relu6", residual=r)
+    xx = x.copy()
+    y = bn_simd.batch_norm(xx, rm, rv, w, b, out=xx, activation="relu6", residual=r)
+    assert y is xx
+    np.testing.assert_array_equal(xx, want)
+    xx = x.copy()
+    bn_simd.batch_norm(xx, rm.copy(), rv.copy(), w, b, training=True, out=xx, activation="silu")
+    np.testing.assert_array_equal(xx, bn_simd.batch_norm(x, rm.copy(), rv.copy(), w, b, training=True,
+                                                         activation="silu"))
+
+
+# ---- the other ops (a sweep after their normalisation; forward only) ----
+
+def test_other_ops_apply_the_epilogue_after_their_normalisation():
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((3, 8, 5, 5)).astype(np.float32)
+    r = rng.standard_normal(x.shape).astype(np.float32)
+    w, b = rng.standard_normal(8), rng.standard_normal(8)
+    calls = [(lambda **k: bn_simd.group_norm(x, 4, w, b, **k)), (lambda **k: bn_simd.instance_norm(x, **k)),
+             (lambda **k: bn_simd.layer_norm(x, (5, 5), **k)), (lambda **k: bn_simd.rms_norm(x, (5,), **k))]
+    for f in calls:
+        plain = f()
+        for act in ACTS:
+            y = f(activation=act, residual=r)
+            want = act_np(act, plain + r)
+            if act in PIECEWISE:
+                np.testing.assert_array_equal(y, want)
+            else:
+                np.testing.assert_allclose(y, want, rtol=4e-7, atol=4e-7)
+        out = np.full_like(x, 3.0)
+        with pytest.raises(ValueError, match="residual"):
+            f(out=out, activation="relu", residual=r[:1])
+        with pytest.raises(ValueError, match="activation"):
+            f(out=out, activation="tanh")
+        assert np.all(out == 3.0)
