@@ -143,7 +143,10 @@ cdef int epi_fill(tuple act, object ra, cnp.ndarray ya, str out_name, bn_epilogu
     ep.residual = NULL
     if ra is not None:
         if _overlap(<cnp.ndarray>ra, ya):
-            raise ValueError(f"residual must not share memory with {out_name}")
+            if cnp.PyArray_DATA(<cnp.ndarray>ra) == cnp.PyArray_DATA(ya):
+                raise ValueError(f"residual must not share memory with {out_name} (pass a copy)")
+            raise ValueError(f"{out_name} overlaps residual partially: residual must not share memory with "
+                             f"{out_name}")
         ep.residual = data_or_null(<cnp.ndarray>ra)
     return 0
 
@@ -326,5 +329,5 @@ def epilogue_check(residual, x, out):
     cdef cnp.ndarray xa = A.data(x, "x", True)
     ra = epi_residual(residual, xa)
     if isinstance(out, np.ndarray) and np.may_share_memory(out, ra):
-        raise ValueError("residual must not share memory with out")
+        raise ValueError("out overlaps residual: residual must not share memory with out")
     return ra

@@ -364,6 +364,8 @@ def bn_make_case(rng, shape, layout="NCHW", dtype=np.float32, *, loc=0.0, scale=
                   running_mean=rm.astype(sdt) if track else None, running_var=rv.astype(sdt) if track else None,
                   save_mean=bm.astype(dtype), save_invstd=(1.0 / np.sqrt(bv + eps)).astype(dtype),
                   mean=mean.astype(pdt), var=var.astype(pdt), a=ca.astype(pdt), b=cb.astype(pdt), d=cd.astype(pdt))
+    # (drawn last: the arrays above keep the values they had before the fused epilogues' entry points)
+    arrays["residual"] = _store(rng.standard_normal(shape).astype(dtype), layout)
     params = dict(eps=eps, momentum=momentum, unbiased=unbiased)
     return Case(BATCH_NORM, shape, layout, dtype, arrays, params, n)
 
@@ -497,6 +499,39 @@ def _exp_state_dict(c):
               for v in (c["weight"], c["bias"])]
     tracked = Expected(np.float64(1.0), 0.0, np.dtype(np.int64)) if rm is not None else None
     return wb[0], wb[1], rm, rv, tracked
+
+
+# -- fused epilogues: z = act(y + residual) of the oracle's y; the bound carries y's through the activation (Lipschitz
+# constant at most 1.1 for these) and adds the sum's and the activation's roundings in the data's dtype --
+
+def _act64(act, u):
+    if act == "relu":
+        return np.maximum(u, 0.0)
+    if act == "silu":
+        return u / (1.0 + np.exp(-u))
+    return np.where(u > 0, u, u * act[1])  # ("leaky_relu", slope)
+
+
+def _exp_epilogue(expected_y, act, residual):
+    def expect(c):
+        got = expected_y(c)
+        y = got[0]
+        u = y.value + (_x(c, "residual") if residual else 0.0)
+        z = _act64(act, u)
+        e = bounds.eps_of(c.dtype)
+        bound = 1.1 * y.bound + 4.0 * e * (np.abs(u) + np.abs(z))
+        return (Expected(z, bound, y.dtype),) + tuple(got[1:])
+    return expect
+
+
+def _epilogue_call(training, act, residual):
+    def call(c, out, ctx):
+        y = bn_simd.batch_norm(c["x"], c["running_mean"], c["running_var"], c["weight"], c["bias"], training=training,
+                               momentum=c["momentum"], eps=c["eps"], layout=c.layout_arg, out=out,
+                               unbiased_running_var=c["unbiased"], activation=act,
+                               residual=c["residual"] if residual else None)
+        return (y, c["running_mean"], c["running_var"]) if training else (y,)
+    return call
 
 
 # -- the calls --
@@ -681,6 +716,18 @@ BATCH_NORM = Op(
                    names=_LAYER_NAMES),
         EntryPoint("layer_eval_backward", _layer_backward, _GRADS, _exp_layer_eval_backward, reads=("grad_out",),
                    out=("x", "grad_out"), needs=_RUNNING_STATS, prepare=_layer_after_forward(False)),
+        # fused epilogues (a few representative combinations)
+        EntryPoint("train_relu_residual", _epilogue_call(True, "relu", True), (_Y,) + _RUNNING,
+                   _exp_epilogue(_exp_train, "relu", True),
+                   reads=("x", "running_mean", "running_var", "residual") + _PER_CHANNEL,
+                   writes=("running_mean", "running_var"), out=("x",), batch=True, large=True),
+        EntryPoint("eval_leaky_relu", _epilogue_call(False, ("leaky_relu", 0.2), False), (_Y,),
+                   _exp_epilogue(_exp_eval, ("leaky_relu", 0.2), False),
+                   reads=("x", "running_mean", "running_var") + _PER_CHANNEL, out=("x",), needs=_RUNNING_STATS),
+        EntryPoint("eval_silu_residual", _epilogue_call(False, "silu", True), (_Y,),
+                   _exp_epilogue(_exp_eval, "silu", True),
+                   reads=("x", "running_mean", "running_var", "residual") + _PER_CHANNEL, out=("x",),
+                   needs=_RUNNING_STATS, large=True),
         EntryPoint("state_dict", _state_dict,
                    (Output("weight", CHANNEL), Output("bias", CHANNEL)) + _RUNNING
                    + (Output("num_batches_tracked", SCALAR),),
@@ -693,7 +740,8 @@ BATCH_NORM = Op(
     ranks=(2, 3, 4, 5),
     dtypes=(np.dtype(np.float32), np.dtype(np.float64), HALF),
     args=dict(x=DATA, grad_out=DATA, weight=CHANNEL, bias=CHANNEL, running_mean=CHANNEL, running_var=CHANNEL,
-              save_mean=GROUP, save_invstd=GROUP, mean=GROUP, var=GROUP, a=CHANNEL, b=CHANNEL, d=CHANNEL),
+              save_mean=GROUP, save_invstd=GROUP, mean=GROUP, var=GROUP, a=CHANNEL, b=CHANNEL, d=CHANNEL,
+              residual=DATA),
     state=("running_mean", "running_var"),
     tolerance=bounds.tolerance,
     groups=_bn_groups,

@@ -316,3 +316,32 @@ def test_other_ops_apply_the_epilogue_after_their_normalisation():
         with pytest.raises(ValueError, match="activation"):
             f(out=out, activation="tanh")
         assert np.all(out == 3.0)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("path", ["fused", "sweep"])
+def test_fused_backward_is_the_plain_backward_of_du(threads, layout, path):
+    """float64 ReLU: du = dz where y > 0 exactly, and the backward through the epilogue gives the plain backward's
+    bits of du, on the passes that compute du chunk by chunk (the slab path, the channels-last chunks) and on the
+    sweep before the plain backward (no slab budget; a column split)."""
+    from conftest import use_slab
+    use_slab(1 << 20 if path == "fused" else 0)
+    threads(2)
+    shape = (16, 32, 20, 20) if layout == "NCHW" else ((16, 20, 20, 32) if path == "fused" else (4, 5, 5, 32))
+    x, r, w, b, _, _ = make(shape, np.float64, seed=21, C=32)
+    g = np.random.default_rng(22).standard_normal(shape)
+    for res in (None, r):
+        y, m, s, st = bn_simd.batch_norm_forward(x, w, b, layout=layout, activation="relu", residual=res)
+        gx, gw, gb, gr = bn_simd.batch_norm_backward(g, x, m, s, w, layout=layout, activation="relu", residual=res,
+                                                     bias=b, save_stats=st)
+        du = np.where(y > 0, g, 0.0)
+        px, pw, pb = bn_simd.batch_norm_backward(du, x, m, s, w, layout=layout)
+        np.testing.assert_array_equal(gx, px)
+        np.testing.assert_array_equal(gw, pw)
+        np.testing.assert_array_equal(gb, pb)
+        if res is not None:
+            np.testing.assert_array_equal(gr, du)
+        gx2 = g.copy()  # in place over grad_out
+        bn_simd.batch_norm_backward(gx2, x, m, s, w, layout=layout, out=gx2, activation="relu", residual=res, bias=b,
+                                    save_stats=st)
+        np.testing.assert_array_equal(gx2, px)
