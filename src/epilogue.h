@@ -53,10 +53,10 @@
  * same order, so that an element's bits do not depend on whether a vector, a masked vector or a scalar tail computed
  * it (nor, then, on the thread count); SFMA fuses where VFMA does (kernels.def's fma flag). Their gradients for the
  * backward (act_grad.inc): du = dy act'(u).
- *   clamp  min(max(u, lo), hi)            relu (0, inf), relu6 (0, 6), clamp (lo, hi)   du = dy where lo < u < hi, else 0
- *   leaky  u < 0 ? slope u : u                                                          du = u > 0 ? dy : slope dy
- *   silu   u / (1 + exp(-u))                                                            du = dy s (1 + u (1 - s)),
- *                                                                                            s = 1 / (1 + exp(-u))
+ *   clamp  min(max(u, lo), hi)     relu (0, inf), relu6 (0, 6), clamp (lo, hi)   du = dy where lo < u < hi, else 0
+ *   leaky  u < 0 ? slope u : u                                                   du = u > 0 ? dy : slope dy
+ *   silu   u / (1 + exp(-u))                                                     du = dy s (1 + u (1 - s)),
+ *                                                                                     s = 1 / (1 + exp(-u))
  * max and min keep a NaN u (the x86 rule a > b ? a : b with u second); a NaN u gives a zero gradient (clamp), as
  * PyTorch's relu / hardtanh backward do. */
 #define UK_ACT_NONE 0

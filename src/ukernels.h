@@ -137,7 +137,7 @@ typedef struct {
     typedef void bn_##S##_cr_bwd_sums_fn(const TS* dy, const TS* x, int64_t rows, int64_t W, int64_t ld,          \
                                          const double* mean, const double* rstd, const double* w, double* sg,     \
                                          double* sgx, double* gw, double* gb);                                     \
-    /* seg_affine through the fused epilogue ep (kernels chosen once per call; ep->act == 0 with no residual: seg_affine) */ \
+    /* seg_affine through the fused epilogue ep (chosen once per call; act 0 and no residual: seg_affine) */       \
     typedef void bn_##S##_seg_affine_epi_fn(const TS* x, TS* y, int64_t nseg, int64_t len, const TC* m,           \
                                             const TC* a, const TC* b, int nt, const bn_uk_epi* ep);               \
     /* cl_affine through the fused epilogue ep */                                                                 \
