@@ -88,8 +88,8 @@ ext = Extension(
 args = Extension(
     "bn_simd._args",
     sources=["bn_simd/_args.pyx"],
-    include_dirs=[numpy.get_include()],
-    depends=["bn_simd/_args.pxd"],
+    include_dirs=["src", numpy.get_include()],  # (src/half.h: bfloat16 rounding of per-channel values)
+    depends=["bn_simd/_args.pxd", "src/half.h"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 
