@@ -1408,9 +1408,8 @@ def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, 
     w = A.row_param(weight, "weight", xa, &r)
     b = None if rms else A.row_param(bias, "bias", xa, &r)
     cdef double e
-    if rms and eps is None:  # (PyTorch's default: the machine epsilon of x's dtype)
-        e = (FLT_EPSILON if r.dtype == DT_F32 else DBL_EPSILON if r.dtype == DT_F64
-             else 0.0009765625 if r.dtype == DT_F16 else 0.0078125)  # (float16: 2^-10, bfloat16: 2^-7)
+    if rms and eps is None:  # (PyTorch's default: the machine epsilon of the compute type, float32 for 16-bit x)
+        e = DBL_EPSILON if r.dtype == DT_F64 else FLT_EPSILON
     else:
         e = A.eps(eps)
     cdef cnp.ndarray ya = A.output(out, xa, None)
