@@ -231,6 +231,25 @@ def test_gradients_against_pytorch(dtype, op):
         assert_sums_close(ours, theirs, terms, n, name)
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=_ids)
+@pytest.mark.parametrize("op", ["batch_norm_train", "group_norm", "instance_norm", "layer_norm"])
+def test_a_constant_gradient_gives_grad_x_zero_within_float32s_rounding(dtype, op):
+    """With grad_out constant (the gradient of sum(c y)), every grad_x is 0 in exact arithmetic: bn_simd's float32
+    math leaves float32-sized residues. (PyTorch's 16-bit backward left residues of the 16-bit type's size here,
+    up to 0.008 for bfloat16: where its gradients differ from bn_simd's by more than an ulp, this is why.)"""
+    call, _ = FORWARD[op]
+    x = sample((3, 8, 5, 6), dtype, seed=21).requires_grad_()
+    p = dict(_params(8, (5, 6), torch.float32), w=None, b=None, lw=None, lb=None)  # (a weight constant per group)
+    (call(bt, x, p) * 3).sum().backward()
+    x64 = x.detach().double()
+    # (the statistic groups: channels over the batch; 4 groups of a sample; a (sample, channel)'s positions)
+    rows = {"batch_norm_train": x64.transpose(0, 1).reshape(8, -1), "group_norm": x64.reshape(12, -1)}.get(
+        op, x64.reshape(24, -1))
+    invstd = 1 / float(rows.std(1, unbiased=False).min())
+    bound = 64 * EPS32 * 3 * invstd * (1 + float((x64 - x64.mean()).abs().max()) * invstd)
+    assert x.grad.dtype == dtype and float(x.grad.double().abs().max()) <= bound
+
+
 # ---- modules, out=, threads, the eval fast path --------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", HALF, ids=_ids)
@@ -362,7 +381,7 @@ def test_sync_batch_norm_ranks_together_are_batchnorm2d_on_the_whole_batch(dtype
         torch.testing.assert_close(m.running_var, ref.running_var, rtol=1e-6, atol=1e-6)
 
 
-# ---- what is refused, and what bfloat16 needs -------------------------------------------------------------------------
+# ---- what is refused, and what bfloat16 needs ---------------------------------------------------------------------
 
 def test_parameter_dtypes_follow_pytorchs_mixed_rule():
     x = sample((4, 3, 5), torch.bfloat16, seed=19)

@@ -100,11 +100,11 @@ def vec(t):
 
 
 def input_supported(x, ranks, eps):
-    """True when the kernels can run a call on input x (any per-channel tensors aside): float32, float64, float16
-    or bfloat16 on the CPU. False sends it to PyTorch's own implementation: other devices and dtypes, ranks the
-    kernels do not cover, eps <= 0, tensor subclasses with ``__torch_function__``, and calls made while tracing or
-    compiling a graph (which must record PyTorch's operator) or inside a forward-mode AD level (the Functions here have no forward derivative). Raises TypeError when x is
-    not a tensor."""
+    """True when the kernels can run a call on input x (any per-channel tensors aside): float32, float64, float16 or
+    bfloat16 on the CPU. False sends it to PyTorch's own implementation: other devices and dtypes, ranks the kernels do
+    not cover, eps <= 0, tensor subclasses with ``__torch_function__``, and calls made while tracing or compiling a
+    graph (which must record PyTorch's operator) or inside a forward-mode AD level (the Functions here have no forward
+    derivative). Raises TypeError when x is not a tensor."""
     if type(x) is not torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")

@@ -111,9 +111,10 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out
     out : tensor of input's shape and dtype on the CPU, or None; written (it may be input itself) and returned.
         Refused when autograd would record the call.
 
-    Returns y, C-contiguous, of input's shape and dtype. Raises TypeError for wrong types or dtypes (weight or bias
-    of a dtype other than input's, or float32 for 16-bit input; weight and bias of different dtypes), ValueError for wrong shapes (normalized_shape not the trailing dims of input,
-    weight or bias not of shape normalized_shape); a call that raises changes nothing.
+    Returns y, C-contiguous, of input's shape and dtype. Raises TypeError for wrong types or dtypes (weight or bias of a
+    dtype other than input's, or float32 for 16-bit input; weight and bias of different dtypes), ValueError for wrong
+    shapes (normalized_shape not the trailing dims of input, weight or bias not of shape normalized_shape); a call that
+    raises changes nothing.
     """
     return _layer_norm(input, normalized_shape, weight, bias, eps, out, None)
 

@@ -104,15 +104,16 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     allreduce of 2 C + 1 float64 each way). ``process_group``: a ``torch.distributed`` process group with a CPU
     backend (gloo), None (the default group), or an object implementing :mod:`bn_simd.sync`'s communicator protocol.
 
-    Input (N, C, *spatial) of rank 2..5, float32/float64 on the CPU, contiguous or channels-last (read in place;
-    the output keeps the input's memory format); float16/bfloat16 input (parameters of its dtype or float32) is
-    widened to a float32 copy for a synchronised call, its y and grad_x rounded once to its dtype. In training mode, when torch.distributed is initialised with more
-    than one process in the group (or process_group is a protocol object), every rank must call forward and
-    backward together: each gets its piece of y and grad_x, and the statistics, grad_weight, grad_bias and running
-    statistics (unbiased variance, ``momentum`` or the cumulative average when None) of one process normalising the
-    pieces concatenated in rank order; pieces may differ in size, including 0. Otherwise (eval mode, which never
-    synchronises, as in PyTorch; no distributed job) it is :class:`bn_simd.torch.BatchNorm2d`'s forward, and inputs
-    the kernels do not cover (other dtypes and devices, graph capture) go to PyTorch's own SyncBatchNorm.
+    Input (N, C, *spatial) of rank 2..5, float32/float64 on the CPU, contiguous or channels-last (read in place; the
+    output keeps the input's memory format); float16/bfloat16 input (parameters of its dtype or float32) is widened to a
+    float32 copy for a synchronised call, its y and grad_x rounded once to its dtype. In training mode, when
+    torch.distributed is initialised with more than one process in the group (or process_group is a protocol object),
+    every rank must call forward and backward together: each gets its piece of y and grad_x, and the statistics,
+    grad_weight, grad_bias and running statistics (unbiased variance, ``momentum`` or the cumulative average when None)
+    of one process normalising the pieces concatenated in rank order; pieces may differ in size, including 0. Otherwise
+    (eval mode, which never synchronises, as in PyTorch; no distributed job) it is :class:`bn_simd.torch.BatchNorm2d`'s
+    forward, and inputs the kernels do not cover (other dtypes and devices, graph capture) go to PyTorch's own
+    SyncBatchNorm.
 
     Raises ValueError for input of rank < 2, zero channels, one value per channel over all ranks when training, or
     a bad mode, TypeError for input the kernels do not cover with a protocol object as process_group; a rank
