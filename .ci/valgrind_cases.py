@@ -12,7 +12,10 @@ step within CI's time). On
 point with out=, in place over each input it may
 overwrite: these must give the bytes of the plain call. Larger cases make the kernels actually fork threads (more
 than 32768 elements) and split rows into pieces, and the largest run the entry points marked large with streaming
-stores (element-wise sweeps over more than 32 MiB).
+stores (element-wise sweeps beyond the streaming threshold, lowered here so that they stay small).
+
+16-bit data (float16, and bfloat16 when ml_dtypes is installed) runs the functional entry points on a few small
+shapes, on 1 thread.
 
 Every plain call's outputs are compared with the registry's float64 oracle (tests/oracle.py) within the registry's
 bounds; the largest ones on their last slice (for batch norm: channel; where the blocks, rows and vectors end), and
@@ -31,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import bn_simd  # noqa: E402
+import half_cases  # noqa: E402
 import ops  # noqa: E402
 from bn_simd import _core  # noqa: E402
 
@@ -50,19 +54,37 @@ THREADED = [
     (4, 33, 17, 17),    # NCHW: channel blocks with a partial last block; NHWC: odd C
     (2, 300, 9, 7),     # NHWC: more channels than one accumulator block (256)
 ]
-# (shape, layout, dtype) with more than 32 MiB in each element-wise sweep (input and output; grad_out, input
-# and output in the backward one): output written with streaming stores. NCHW rows are longer than a
-# statistics chunk (row pieces with a short last one); NHWC has an odd channel count.
+# The element-wise sweeps write with streaming stores beyond bn_simd._core.stream_bytes() (32 MiB by default); here
+# the threshold is lowered to STREAM_BYTES, so that these cases, small enough for memcheck's pace, take the streamed
+# paths: (shape, layout, dtype), each sweep over more than STREAM_BYTES, and more than 32768 elements so that both
+# threads run. NCHW rows are longer than a statistics chunk (32 KiB: row pieces with a short last one); NHWC has an
+# odd channel count.
+STREAM_BYTES = 1 << 16
 LARGE = [
-    ((2, 2, 301, 3503), "NCHW", np.float32),
-    ((44, 2048, 7, 7), "NCHW", np.float32),    # 7x7 maps: streamed vectors straddling two channels (blended)
-    ((2, 3, 301, 1223), "NCHW", np.float64),
-    ((8, 7, 301, 251), "NHWC", np.float32),
-    ((4, 7, 301, 263), "NHWC", np.float64),
-    ((4, 1296, 29, 29), "NHWC", np.float32),   # wide rows: element-wise sweeps in column strips, streamed
-    ((2, 616, 61, 61), "NHWC", np.float64),
+    ((2, 2, 7, 3511), "NCHW", np.float32),     # rows of 24577: three chunks and a short piece
+    ((6, 128, 7, 7), "NCHW", np.float32),      # 7x7 maps: streamed vectors straddling two channels (blended)
+    ((2, 3, 5, 1229), "NCHW", np.float64),     # rows of 6145 doubles: past a chunk
+    ((8, 7, 31, 25), "NHWC", np.float32),
+    ((4, 7, 33, 37), "NHWC", np.float64),
+    ((2, 1296, 4, 4), "NHWC", np.float32),     # wide rows: element-wise sweeps in column strips, streamed
+    ((3, 616, 5, 5), "NHWC", np.float64),
 ]
 DTYPES = (np.float32, np.float64)
+# 16-bit data (float16; bfloat16 when ml_dtypes is installed): the functional entry points (tests/half_cases.py) on
+# a few shapes around the vector widths, both layouts, one thread: the 16-bit loads, stores and masked tails.
+HALF_SMALL = [
+    (4, 7, 9),          # C one below a float vector, inner one past
+    (2, 17, 3, 11),     # inner 33: four-vector loop plus a tail
+    (6, 33, 1, 1),      # inner 1 in NCHW: the channels-last path
+]
+
+
+def half_dtypes():
+    try:
+        import ml_dtypes
+    except ImportError:
+        return (half_cases.F16,)
+    return (half_cases.F16, np.dtype(ml_dtypes.bfloat16))
 
 
 def alias_of(op, layout):
@@ -116,6 +138,17 @@ def run_case(op, shape, layout, dtype, seed, variants):
     return calls
 
 
+def run_half(op, shape, layout, dtype, seed):
+    """The functional entry points of op on 16-bit data against the oracle. Returns the calls made."""
+    case = half_cases.case(op, seed, shape, layout, dtype)
+    calls = 0
+    for ep in half_cases.entries(op, case):
+        if ep.name in KERNEL_ENTRIES.get(op.name, (ep.name,)):
+            half_cases.check(ep, case, ep(case.fresh()))
+            calls += 1
+    return calls
+
+
 def run_large(op, shape, layout, dtype, seed):
     """The entry points marked large on a large case: every output element finite, and the last slice against the
     oracle. Returns the number of calls made."""
@@ -144,6 +177,7 @@ def main(argv):
     # sweeps on others: the slab path is forced here (the budget of half a 2 MiB L2), so that it runs under memcheck
     # on every CPU; the sweeps run anyway (the separate steps, in-place calls, slabs too large for the budget).
     _core.set_slab_bytes(1 << 20)
+    _core.set_stream_bytes(STREAM_BYTES)
     total_cases = total_calls = 0
     for isa in isas:
         bn_simd.set_isa(isa)
@@ -160,6 +194,13 @@ def main(argv):
                                 # on one thread also the layout's alias and out= in place
                                 calls += run_case(op, shape, layout, dtype, 1000 * nt + k, variants=nt == 1)
                                 cases += 1
+                if nt == 1:
+                    for dtype in half_dtypes():
+                        for layout in dict.fromkeys(op.layouts.values()):
+                            for k, shape in enumerate(HALF_SMALL):
+                                if half_cases.supports(op, shape, layout):
+                                    calls += run_half(op, shape, layout, dtype, 2000 + k)
+                                    cases += 1
                 if nt > 1:
                     for k, (shape, layout, dtype) in enumerate(LARGE):
                         if op.supports(shape, layout, dtype):
