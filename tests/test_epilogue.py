@@ -345,3 +345,20 @@ def test_fused_backward_is_the_plain_backward_of_du(threads, layout, path):
         bn_simd.batch_norm_backward(gx2, x, m, s, w, layout=layout, out=gx2, activation="relu", residual=res, bias=b,
                                     save_stats=st)
         np.testing.assert_array_equal(gx2, px)
+
+
+def test_extreme_channels_take_the_float64_apply_with_the_epilogue():
+    """float32 data whose mean is ~1e35 takes the float64 apply (norm_params' wide case): the epilogue follows it
+    (forward) and the backward recomputes u from its result."""
+    rng = np.random.default_rng(23)
+    x = (1e35 + 1e34 * rng.standard_normal((4, 3, 6, 6))).astype(np.float32)
+    r = rng.standard_normal(x.shape).astype(np.float32)
+    w, b = np.ones(3), np.zeros(3)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    plain, m, s = bn_simd.batch_norm_forward(x, w, b)
+    y, m2, s2, st = bn_simd.batch_norm_forward(x, w, b, activation="relu", residual=r)
+    np.testing.assert_array_equal(y, np.maximum(plain + r, np.float32(0)))
+    gx, gw, gb, gr = bn_simd.batch_norm_backward(g, x, m2, s2, w, activation="relu", residual=r, bias=b,
+                                                 save_stats=st)
+    np.testing.assert_array_equal(gr, np.where(y > 0, g, np.float32(0)))
+    assert np.all(np.isfinite(gx))
