@@ -124,11 +124,12 @@ static int epi_kernel(const bn_epilogue* ep, const void* y, bn_uk_epi* k, const 
     if (ep->act == BN_ACT_CLAMP && !(ep->lo <= ep->hi)) return 0;
     if (ep->act == BN_ACT_LEAKY && !isfinite(ep->slope)) return 0;
     if (ep->act == BN_ACT_NONE && !ep->residual) return 1;
-    k->act = ep->act;
+    /* the kernels' two kinds (ukernels.h): SiLU, and the piecewise-linear one for the others */
+    k->act = ep->act == BN_ACT_SILU ? 3 : 1;
     k->res = ep->residual != NULL;
-    k->lo = ep->lo;
-    k->hi = ep->hi;
-    k->slope = ep->slope;
+    k->lo = ep->act == BN_ACT_CLAMP ? ep->lo : -INFINITY;
+    k->hi = ep->act == BN_ACT_CLAMP ? ep->hi : INFINITY;
+    k->slope = ep->act == BN_ACT_LEAKY ? ep->slope : 1.0;
     k->rd = ep->residual ? (intptr_t)((uintptr_t)ep->residual - (uintptr_t)y) : 0;
     *ke = k;
     return 1;

@@ -35,8 +35,8 @@
 /* The epilogues, the one place where an output is finished: UK_<F>_EPI_V(v, p, n) is what to store of family F's
  * value v, a V of the elements at p of which the first n are stored (n == VL: all); UK_<F>_EPI_S(v, p) the same for one
  * element (a TC). The backward family's (BWD) and the activation gradient's (GRD, act_grad.inc) are the identity. The
- * forward family's is the one the including instantiation names with UK_FEPI_ACT (UK_ACT_NONE, UK_ACT_CLAMP,
- * UK_ACT_LEAKY, UK_ACT_SILU) and UK_FEPI_RES (1: a residual is added first):
+ * forward family's is the one the including instantiation names with UK_FEPI_ACT (UK_ACT_NONE, UK_ACT_PWL,
+ * UK_ACT_SILU) and UK_FEPI_RES (1: a residual is added first):
  *     z = act(v + r)
  * UK_FEPI_ACT = UK_FEPI_RES = 0 is the identity, the plain kernels' text. A fused instantiation has its operands in
  * ek, a by-value argument of its functions (UK_EK: lo, hi, slope in TC, and rd, the bytes from an output element to
@@ -49,19 +49,21 @@
 #define UK_GRD_EPI_S(v, p) (v)
 
 /* ---- Fused epilogues ----
- * The activations, each as a vector form (V of TC) and a single-element form (TC) that run the same operations in the
- * same order, so that an element's bits do not depend on whether a vector, a masked vector or a scalar tail computed
- * it (nor, then, on the thread count); SFMA fuses where VFMA does (kernels.def's fma flag). Their gradients for the
+ * Two kinds of activation, so that each kernel has few instantiations (compile time): the piecewise-linear one
+ * (ReLU: slope 1, lo 0, hi inf; ReLU6; clamp: slope 1; leaky ReLU: lo -inf, hi inf; the identity, for a residual
+ * alone) and SiLU. The activations, each as a vector form (V of TC) and a single-element form (TC) that run the
+ * same operations in the same order, so that an element's bits do not depend on whether a vector, a masked vector
+ * or a scalar tail computed it (nor, then, on the thread count); SFMA fuses where VFMA does (kernels.def's fma flag). Their gradients for the
  * backward (act_grad.inc): du = dy act'(u).
- *   clamp  min(max(u, lo), hi)     relu (0, inf), relu6 (0, 6), clamp (lo, hi)   du = dy where lo < u < hi, else 0
- *   leaky  u < 0 ? slope u : u                                                   du = u > 0 ? dy : slope dy
+ *   pwl    min(max(t, lo), hi), t = u < 0 ? slope u : u    du = lo < u < hi ? (u > 0 ? dy : slope dy) : 0
+ * (each step exact where it changes nothing: u 1 = u, max(-inf, t) = t, min(inf, t) = t, so ReLU, clamp and leaky ReLU
+ * get the bits of their own formulas)
  *   silu   u / (1 + exp(-u))                                                     du = dy s (1 + u (1 - s)),
  *                                                                                     s = 1 / (1 + exp(-u))
  * max and min keep a NaN u (the x86 rule a > b ? a : b with u second); a NaN u gives a zero gradient (clamp), as
  * PyTorch's relu / hardtanh backward do. */
 #define UK_ACT_NONE 0
-#define UK_ACT_CLAMP 1
-#define UK_ACT_LEAKY 2
+#define UK_ACT_PWL 1
 #define UK_ACT_SILU 3
 #include <string.h>
 #define UK_SMAX(a, b) ((a) > (b) ? (a) : (b))
@@ -127,20 +129,15 @@ static inline double uk_pow2k_double(double k) {
         r = FMA(n, SET(-UK_EXP_CONST_##T(LN2LO)), r);                                                            \
         return MUL(UK_EXP_POLY_##T(FMA, SET, r), POW2K(k));                                                      \
     }                                                                                                            \
-    static inline __attribute__((always_inline)) VT uk_##PFX##clamp_##T(VT u, T lo, T hi) {                    \
-        return MIN(SET(hi), MAX(SET(lo), u));                                                                    \
-    }                                                                                                            \
-    static inline __attribute__((always_inline)) VT uk_##PFX##leaky_##T(VT u, T slope) {                       \
-        return SELNEG(u, MUL(u, SET(slope)), u);                                                                 \
+    static inline __attribute__((always_inline)) VT uk_##PFX##pwl_##T(VT u, T lo, T hi, T slope) {             \
+        return MIN(SET(hi), MAX(SET(lo), SELNEG(u, MUL(u, SET(slope)), u)));                                     \
     }                                                                                                            \
     static inline __attribute__((always_inline)) VT uk_##PFX##silu_##T(VT u) {                                 \
         return DIV(u, ADD(SET((T)1), uk_##PFX##exp_##T(SUB(SET((T)0), u))));                                     \
     }                                                                                                            \
-    static inline __attribute__((always_inline)) VT uk_##PFX##gclamp_##T(VT u, VT dy, T lo, T hi) {            \
-        return SELNEG(SUB(SET(lo), u), SELNEG(SUB(u, SET(hi)), dy, SET((T)0)), SET((T)0));                        \
-    }                                                                                                            \
-    static inline __attribute__((always_inline)) VT uk_##PFX##gleaky_##T(VT u, VT dy, T slope) {               \
-        return SELNEG(SUB(SET((T)0), u), dy, MUL(dy, SET(slope)));                                               \
+    static inline __attribute__((always_inline)) VT uk_##PFX##gpwl_##T(VT u, VT dy, T lo, T hi, T slope) {     \
+        const VT g = SELNEG(SUB(SET((T)0), u), dy, MUL(dy, SET(slope)));                                         \
+        return SELNEG(SUB(SET(lo), u), SELNEG(SUB(u, SET(hi)), g, SET((T)0)), SET((T)0));                        \
     }                                                                                                            \
     static inline __attribute__((always_inline)) VT uk_##PFX##gsilu_##T(VT u, VT dy) {                         \
         const VT s = DIV(SET((T)1), ADD(SET((T)1), uk_##PFX##exp_##T(SUB(SET((T)0), u))));                      \
@@ -173,19 +170,13 @@ typedef struct {
 #define UK_RES_S(p) LOAD_TS(UK_RES_AT(p))
 /* the activation of u, vector (_V) and single element (_S), in TC */
 #define UK_TCF(pfx, name) UK_TCV(uk_##pfx##name, TC)
-#define UK_ACTV_1(u) UK_TCF(v, clamp)(u, ek.lo, ek.hi)
-#define UK_ACTV_2(u) UK_TCF(v, leaky)(u, ek.slope)
+#define UK_ACTV_1(u) UK_TCF(v, pwl)(u, ek.lo, ek.hi, ek.slope)
 #define UK_ACTV_3(u) UK_TCF(v, silu)(u)
-#define UK_ACTS_1(u) UK_TCF(s, clamp)(u, ek.lo, ek.hi)
-#define UK_ACTS_2(u) UK_TCF(s, leaky)(u, ek.slope)
+#define UK_ACTS_1(u) UK_TCF(s, pwl)(u, ek.lo, ek.hi, ek.slope)
 #define UK_ACTS_3(u) UK_TCF(s, silu)(u)
-#define UK_GRADV_0(u, dy) ((void)(u), (dy))
-#define UK_GRADS_0(u, dy) ((void)(u), (dy))
-#define UK_GRADV_1(u, dy) UK_TCF(v, gclamp)(u, dy, ek.lo, ek.hi)
-#define UK_GRADV_2(u, dy) UK_TCF(v, gleaky)(u, dy, ek.slope)
+#define UK_GRADV_1(u, dy) UK_TCF(v, gpwl)(u, dy, ek.lo, ek.hi, ek.slope)
 #define UK_GRADV_3(u, dy) UK_TCF(v, gsilu)(u, dy)
-#define UK_GRADS_1(u, dy) UK_TCF(s, gclamp)(u, dy, ek.lo, ek.hi)
-#define UK_GRADS_2(u, dy) UK_TCF(s, gleaky)(u, dy, ek.slope)
+#define UK_GRADS_1(u, dy) UK_TCF(s, gpwl)(u, dy, ek.lo, ek.hi, ek.slope)
 #define UK_GRADS_3(u, dy) UK_TCF(s, gsilu)(u, dy)
 /* the forward epilogue of (act, res) */
 #define UK_FEPI_V_(A, R, v, p, n) UK_FEPI_V__(A, R, v, p, n)
@@ -194,16 +185,10 @@ typedef struct {
 #define UK_FEPI_S__(A, R, v, p) UK_FEPI_S_##A##R(v, p)
 #define UK_FEPI_V_00(v, p, n) (v)
 #define UK_FEPI_S_00(v, p) (v)
-#define UK_FEPI_V_01(v, p, n) VADD(v, UK_RES_V(p, n))
-#define UK_FEPI_S_01(v, p) ((v) + UK_RES_S(p))
 #define UK_FEPI_V_10(v, p, n) UK_ACTV_1(v)
 #define UK_FEPI_S_10(v, p) UK_ACTS_1(v)
 #define UK_FEPI_V_11(v, p, n) UK_ACTV_1(VADD(v, UK_RES_V(p, n)))
 #define UK_FEPI_S_11(v, p) UK_ACTS_1((v) + UK_RES_S(p))
-#define UK_FEPI_V_20(v, p, n) UK_ACTV_2(v)
-#define UK_FEPI_S_20(v, p) UK_ACTS_2(v)
-#define UK_FEPI_V_21(v, p, n) UK_ACTV_2(VADD(v, UK_RES_V(p, n)))
-#define UK_FEPI_S_21(v, p) UK_ACTS_2((v) + UK_RES_S(p))
 #define UK_FEPI_V_30(v, p, n) UK_ACTV_3(v)
 #define UK_FEPI_S_30(v, p) UK_ACTS_3(v)
 #define UK_FEPI_V_31(v, p, n) UK_ACTV_3(VADD(v, UK_RES_V(p, n)))

@@ -37,10 +37,10 @@
 /* The widest vector of any kernel, in elements (AVX-512, float32). */
 #define UK_MAX_VL 16
 
-/* A fused epilogue (epilogue.h) as the kernels take it: z = act(v + r) of an output v; act = BN_ACT_NONE, BN_ACT_CLAMP
- * (min(max(u, lo), hi)), BN_ACT_LEAKY (u < 0 ? slope u : u) or BN_ACT_SILU (u / (1 + exp(-u))); res: whether a residual
- * r is added, the element rd bytes from the output element (the residual has the output's layout). The kernels convert
- * lo, hi and slope to their compute type. */
+/* A fused epilogue (epilogue.h) as the kernels take it: z = act(v + r) of an output v; act = 0 (none: the plain
+ * kernel), 1 (piecewise linear: min(max(t, lo), hi), t = u < 0 ? slope u : u, which is ReLU, ReLU6, clamp, leaky ReLU
+ * and the identity) or 3 (SiLU, u / (1 + exp(-u))); res: whether a residual r is added, the element rd bytes from the
+ * output element (the residual has the output's layout). The kernels convert lo, hi and slope to their compute type. */
 typedef struct {
     int act, res;
     double lo, hi, slope;
