@@ -16,6 +16,7 @@ from ._config import Context, __version__, get_isa, get_num_threads, set_isa, se
 from .functional import (Moments, backward_apply, backward_coefficients, backward_reduce, batch_moments, batch_norm,
                          batch_norm_backward, batch_norm_forward, batch_stats, merge_moments, norm_coefficients,
                          normalize, update_running_stats)
+from ._clib import get_include, get_library_dirs
 from .fold import fold_conv, fold_linear, fold_params
 from .groups import (group_norm, group_norm_backward, group_norm_forward, instance_norm, instance_norm_backward,
                      instance_norm_forward)
@@ -30,6 +31,7 @@ from .sync import (SyncBatchNorm, sync_backward_reduce, sync_batch_norm_backward
 from .virtual import virtual_batch_norm, virtual_batch_norm_backward, virtual_batch_norm_forward
 
 __all__ = [
+    "get_include", "get_library_dirs",
     "__version__", "show_config", "Context", "get_isa", "set_isa", "get_num_threads", "set_num_threads",
     "batch_norm", "batch_norm_forward", "batch_norm_backward",
     "batch_stats", "normalize", "backward_reduce", "backward_apply", "update_running_stats",
