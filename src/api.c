@@ -264,6 +264,13 @@ struct tasks {
     void* data;        /* the op's */
 };
 
+/* The calling thread's arena use, to give back after a driver call that a task makes one of many (a driver frees
+ * nothing of an arena: see scratch.h). */
+static size_t arena_mark(void) { return bn_tls_arena ? bn_tls_arena->used : 0; }
+static void arena_release(size_t mark) {
+    if (bn_tls_arena) bn_tls_arena->used = mark;
+}
+
 static void unit_range(const tasks* t, int64_t i, int64_t* u0, int64_t* u1) {
     *u0 = t->units * i / t->count;
     *u1 = t->units * (i + 1) / t->count;
@@ -719,7 +726,9 @@ static int sums_task(tasks* t, int64_t i) {
     const size_t es = j->ops->es;
     int64_t u0, u1;
     unit_range(t, i, &u0, &u1);
+    const size_t mark = arena_mark();
     for (int64_t u = u0; u < u1; u++) {
+        arena_release(mark);
         int64_t e0, o, C, in;
         plan_view(p, u, u + 1, &e0, &o, &C, &in);
         double* out = j->part + plan_chunk(p, u) * 2 * p->C;
@@ -735,6 +744,7 @@ static int sums_task(tasks* t, int64_t i) {
             const int64_t i0 = q * p->L, len = p->inner - i0 < p->L ? p->inner - i0 : p->L;
             double* o2 = out + q * 2 * p->C;
             for (int64_t c = 0; c < p->C; c++) {
+                arena_release(mark);
                 const size_t off = (size_t)(e0 + c * p->inner + i0) * es;
                 const int st = j->ops->backward_reduce((const char*)j->dy + off, (const char*)j->x + off, 1, 1, len,
                                                        j->mean + c, o2 + c, o2 + p->C + c, 1);
@@ -947,7 +957,9 @@ static int gn_task(tasks* t, int64_t i) {
                                                 (char*)j->y + (size_t)(n0 * per) * es, n1 - n0, j->C, j->S, j->G,
                                                 j->cl, j->w, j->b, j->eps, j->m_out + n0 * j->G,
                                                 j->v_out + n0 * j->G, 1);
+    const size_t mark = arena_mark();
     for (int64_t n = n0; n < n1; n++) {
+        arena_release(mark);
         const size_t off = (size_t)(n * per) * es;
         const int st = j->ops->group_backward((const char*)j->dy + off, (const char*)j->x + off, (char*)j->y + off, 1,
                                               j->C, j->S, j->G, j->cl, j->mean + n * j->G, j->rstd + n * j->G, j->w,
