@@ -3,8 +3,8 @@
  *
  * Every function of this header is exported (BN_API); nothing else of the library is. Every entry point validates
  * every argument before it reads or writes anything: on a status other than BN_OK nothing has been written (the
- * running statistics included), except BN_ENOMEM / BN_EWORKSPACE from a call that ran out of memory part way, which
- * may have written its outputs (never its inputs nor the running statistics).
+ * running statistics included), except BN_ENOMEM from a call that ran out of memory part way, which may have written
+ * some of its outputs (y, or dx; x itself when y is x), never the running statistics.
  *
  * Tensors. A tensor of N samples, C channels and S = prod(spatial) positions per channel (S = 1 for (N, C)) is
  * C-contiguous, channels-first (BN_LAYOUT_NCHW: (N, C, *spatial)) or channels-last (BN_LAYOUT_NHWC:
@@ -106,15 +106,15 @@ BN_API bn_context* bn_default_context(void);
 BN_API bn_context* bn_context_create(void);
 /* Frees a context from bn_context_create (NULL and the default context: nothing). */
 BN_API void bn_context_destroy(bn_context* ctx);
-/* BN_EISA when the CPU lacks the ISA, BN_ENULL for a NULL context. */
+/* isa: a bn_isa code, or -1 for the best; BN_EISA when the CPU lacks it, BN_EINVAL for a NULL context. */
 BN_API int bn_context_set_isa(bn_context* ctx, int isa);
 /* The ISA ops under ctx use; -1 for a NULL context. */
 BN_API int bn_context_get_isa(const bn_context* ctx);
-/* nthreads >= 0 (0: OpenMP's default); BN_EINVAL otherwise. */
+/* nthreads >= 0 (0: OpenMP's default); BN_EINVAL otherwise, or for a NULL context. */
 BN_API int bn_context_set_num_threads(bn_context* ctx, int nthreads);
 BN_API int bn_context_get_num_threads(const bn_context* ctx);
 /* The tuning of docs/tuning.md ("Strip threshold per CPU", "Slab budget per CPU"): -1 for the CPU's; the results are
- * the same bits whatever they are. */
+ * the same bits whatever they are. BN_EINVAL for a NULL context or a strip size below 4096. */
 BN_API int bn_context_set_cl_strip_bytes(bn_context* ctx, int64_t bytes);
 BN_API int bn_context_set_slab_bytes(bn_context* ctx, int64_t bytes);
 
@@ -125,7 +125,8 @@ typedef void (*bn_task_fn)(void* arg, int64_t i);
 typedef void (*bn_parallel_for_fn)(void* pool, int64_t n, bn_task_fn task, void* arg);
 /* Ops under ctx run their work as tasks of fn (NULL: OpenMP, the default) and start no thread of their own. The
  * results are bitwise those of the OpenMP path. The context's thread count (0: 1 task per 1 MiB of data, at most 64)
- * is how many tasks an op splits into. Layer norm's and RMS norm's backward run as one task (docs/design.md). */
+ * is how many tasks an op splits into. Layer norm's and RMS norm's backward run as one driver call on the calling
+ * thread (docs/design.md, "The C library"). BN_ENULL for a NULL context. */
 BN_API int bn_context_set_parallel_for(bn_context* ctx, bn_parallel_for_fn fn, void* pool);
 
 /* ---- workspace ---- */
