@@ -186,7 +186,8 @@ BN_API int bn_batch_norm_moments(const bn_context* ctx, const bn_desc* d, const 
                                  double* shift, double* resid, double* m2, void* workspace, size_t workspace_bytes);
 /* Mean and biased variance of C channels (param_dtype) from K chunks' moments (of one or several calls, in order):
  * bitwise one call's statistics for the chunks of consecutive pieces of a batch cut at chunk boundaries. count[k] >= 0
- * (chunks of 0 skipped); BN_ESIZE when they are all 0. */
+ * (chunks of 0 skipped); BN_ESIZE when they are all 0. Allocates nothing for double results, 2 C doubles for float
+ * ones. */
 BN_API int bn_merge_moments(int64_t K, int64_t C, int param_dtype, const double* count, const double* shift,
                             const double* resid, const double* m2, void* mean, void* var);
 

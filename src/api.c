@@ -915,7 +915,9 @@ int bn_merge_moments(int64_t K, int64_t C, int param_dtype, const double* count,
     const span ins[] = {{count, kb}, {shift, kcb}, {resid, kcb}, {m2, kcb}};
     int st = check_overlaps(outs, 2, ins, 4, NULL);
     if (st != BN_OK) return st;
-    double* buf = (double*)malloc(sizeof(double) * 2 * (size_t)C);
+    if (param_dtype == BN_F64) /* (the arguments are checked: it cannot fail part way) */
+        return bn_moments_merge(K, C, count, shift, resid, m2, (double*)mean, (double*)var);
+    double* buf = (double*)malloc(sizeof(double) * 2 * (size_t)C); /* (float results: through doubles) */
     if (!buf) return BN_ENOMEM;
     st = bn_moments_merge(K, C, count, shift, resid, m2, buf, buf + C);
     if (st == BN_OK) {

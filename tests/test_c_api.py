@@ -146,6 +146,7 @@ def test_batch_norm_inference_training_backward_match_the_package(case):
         np.testing.assert_array_equal(dx, dxp)
         np.testing.assert_array_equal(gw, gwp)
         np.testing.assert_array_equal(gb, gbp)
+    np.testing.assert_array_equal(x, make(case)[0])  # (the inputs as they came)
 
 
 @pytest.mark.parametrize("case", CASES[:3] + CASES[5:6], ids=IDS[:3] + IDS[5:6])
@@ -196,6 +197,7 @@ def test_group_and_instance_norm_match_the_package(case):
         return dx, gw, gb
 
     dx, gw, gb = run_both(backward)
+    np.testing.assert_array_equal(x, make(case[:3], 2)[0])  # (the inputs as they came)
     dxp, gwp, gbp = bn_simd.group_norm_backward(dy, x, m.reshape(N, G), s.reshape(N, G), G, w, layout=lay)
     np.testing.assert_array_equal(dx, dxp)
     np.testing.assert_array_equal(gw, gwp)
@@ -240,6 +242,7 @@ def test_layer_and_rms_norm_match_the_package(case):
         return dx, gw, gb
 
     dx, gw, gb = run_both(backward, pooled=False)
+    np.testing.assert_array_equal(x, make(case, 3)[0])  # (the inputs as they came)
     mshape = mp.shape
     dxp, gwp, gbp = bn_simd.layer_norm_backward(dy, x, m.reshape(mshape), s.reshape(mshape), C, w, b, layout=lay)
     np.testing.assert_array_equal(dx, dxp)
@@ -415,3 +418,34 @@ def test_contexts_check_their_arguments():
         assert L.bn_context_set_isa(c, 0) == 0
     finally:
         L.bn_context_destroy(c)
+
+
+# ---- ONNX's BatchNormalization cases (test_batchnorm_example, _epsilon, _example_training_mode), against the float64
+# oracle ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-2], ids=["example", "epsilon"])
+def test_onnx_batchnorm_cases_against_the_oracle(eps):
+    import bounds
+    import oracle as ref
+
+    r = rng(9)
+    x = r.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    s, bias, mean = (r.standard_normal(3).astype(np.float32) for _ in range(3))
+    var = r.random(3).astype(np.float32)
+    d = capi.desc(x, param=capi.F32)
+    y = np.empty_like(x)
+    assert L.bn_batch_norm_inference(None, d, P(x), P(y), P(mean), P(var), P(s), P(bias), eps, None, 0) == 0
+    want = ref.inference(x, mean, var, s, bias, eps)
+    bounds.assert_within(y, want, bounds.forward_bound(x, np.float32, 40, s, bias, eps, mean=mean, var=var,
+                                                       batch_stats=False), "inference y")
+    # training mode, ONNX's momentum 0.9 (running * 0.9 + batch * 0.1): ours is 1 - 0.9; ONNX's running variance
+    # takes the biased batch variance, ours the unbiased one (PyTorch's), n / (n - 1) apart
+    rm, rv, sm, si = mean.copy(), var.copy(), np.zeros(3, np.float32), np.zeros(3, np.float32)
+    assert L.bn_batch_norm_training(None, d, P(x), P(y), P(s), P(bias), eps, 1 - 0.9, P(rm), P(rv), P(sm), P(si),
+                                    None, 0) == 0
+    bm, bv, n = ref.stats(x)
+    bounds.assert_within(y, ref.forward_train(x, s, bias, eps)[0], bounds.forward_bound(x, np.float32, n, s, bias, eps),
+                         "training y")
+    tol = bounds.stat_tol(n, np.float32) * 4
+    bounds.assert_within(rm, 0.9 * mean + (1 - 0.9) * bm, tol * (np.abs(mean) + np.abs(bm)), "running mean")
+    bounds.assert_within(rv, 0.9 * var + (1 - 0.9) * bv * n / (n - 1), tol * (var + bv), "running var")
