@@ -12,7 +12,7 @@ step within CI's time). On
 point with out=, in place over each input it may
 overwrite: these must give the bytes of the plain call. Larger cases make the kernels actually fork threads (more
 than 32768 elements) and split rows into pieces, and the largest run the entry points marked large with streaming
-stores (element-wise sweeps over more than 32 MiB).
+stores (element-wise sweeps beyond the streaming threshold, lowered here so that they stay small).
 
 Every plain call's outputs are compared with the registry's float64 oracle (tests/oracle.py) within the registry's
 bounds; the largest ones on their last slice (for batch norm: channel; where the blocks, rows and vectors end), and
@@ -50,17 +50,20 @@ THREADED = [
     (4, 33, 17, 17),    # NCHW: channel blocks with a partial last block; NHWC: odd C
     (2, 300, 9, 7),     # NHWC: more channels than one accumulator block (256)
 ]
-# (shape, layout, dtype) with more than 32 MiB in each element-wise sweep (input and output; grad_out, input
-# and output in the backward one): output written with streaming stores. NCHW rows are longer than a
-# statistics chunk (row pieces with a short last one); NHWC has an odd channel count.
+# The element-wise sweeps write with streaming stores beyond bn_simd._core.stream_bytes() (32 MiB by default); here
+# the threshold is lowered to STREAM_BYTES, so that these cases, small enough for memcheck's pace, take the streamed
+# paths: (shape, layout, dtype), each sweep over more than STREAM_BYTES, and more than 32768 elements so that both
+# threads run. NCHW rows are longer than a statistics chunk (32 KiB: row pieces with a short last one); NHWC has an
+# odd channel count.
+STREAM_BYTES = 1 << 16
 LARGE = [
-    ((2, 2, 301, 3503), "NCHW", np.float32),
-    ((44, 2048, 7, 7), "NCHW", np.float32),    # 7x7 maps: streamed vectors straddling two channels (blended)
-    ((2, 3, 301, 1223), "NCHW", np.float64),
-    ((8, 7, 301, 251), "NHWC", np.float32),
-    ((4, 7, 301, 263), "NHWC", np.float64),
-    ((4, 1296, 29, 29), "NHWC", np.float32),   # wide rows: element-wise sweeps in column strips, streamed
-    ((2, 616, 61, 61), "NHWC", np.float64),
+    ((2, 2, 7, 3511), "NCHW", np.float32),     # rows of 24577: three chunks and a short piece
+    ((6, 128, 7, 7), "NCHW", np.float32),      # 7x7 maps: streamed vectors straddling two channels (blended)
+    ((2, 3, 5, 1229), "NCHW", np.float64),     # rows of 6145 doubles: past a chunk
+    ((8, 7, 31, 25), "NHWC", np.float32),
+    ((4, 7, 33, 37), "NHWC", np.float64),
+    ((2, 1296, 4, 4), "NHWC", np.float32),     # wide rows: element-wise sweeps in column strips, streamed
+    ((3, 616, 5, 5), "NHWC", np.float64),
 ]
 DTYPES = (np.float32, np.float64)
 
@@ -144,6 +147,7 @@ def main(argv):
     # sweeps on others: the slab path is forced here (the budget of half a 2 MiB L2), so that it runs under memcheck
     # on every CPU; the sweeps run anyway (the separate steps, in-place calls, slabs too large for the budget).
     _core.set_slab_bytes(1 << 20)
+    _core.set_stream_bytes(STREAM_BYTES)
     total_cases = total_calls = 0
     for isa in isas:
         bn_simd.set_isa(isa)

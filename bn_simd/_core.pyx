@@ -40,6 +40,8 @@ cdef extern from "bn_simd.h" nogil:
     int64_t bn_slab_bytes()
     int64_t bn_slab_min_input()
     int bn_set_slab_bytes(int64_t nbytes)
+    int64_t bn_stream_bytes()
+    int bn_set_stream_bytes(int64_t nbytes)
 
     ctypedef struct bn_context:
         pass
@@ -241,6 +243,25 @@ def set_slab_bytes(nbytes):
             raise ValueError(f"nbytes must be None or an int >= 0, got {nbytes!r}")
         v = min(int(nbytes), 2**62)
     bn_set_slab_bytes(v)
+
+
+def stream_bytes():
+    """Bytes an element-wise sweep touches (inputs and output) beyond which it writes its output with streaming
+    stores."""
+    return bn_stream_bytes()
+
+
+def set_stream_bytes(nbytes):
+    """Set stream_bytes for every later call; None: back to the default (32 MiB). Tests only (they run the streamed
+    paths on small arrays): the values written are the same bits whatever it is."""
+    cdef int64_t v = -1
+    if nbytes is not None:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
+            raise TypeError(f"nbytes must be None or an int >= 0, got {type(nbytes).__name__} {nbytes!r}")
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be None or an int >= 0, got {nbytes!r}")
+        v = min(int(nbytes), 2**62)
+    bn_set_stream_bytes(v)
 
 
 

@@ -67,11 +67,17 @@ int bn_set_cl_strip_bytes(int64_t bytes);
 int64_t bn_slab_bytes(void);
 int64_t bn_slab_min_input(void);
 int bn_set_slab_bytes(int64_t bytes);
+/* The bytes an element-wise sweep touches (inputs and output) beyond which its output is written with streaming
+ * stores: 32 MiB (BN_STREAM_BYTES, src/dispatch.h). bn_set_stream_bytes changes it for every later call (negative:
+ * back to the default); the values written are the same either way. It exists so that tests can run the streamed
+ * paths on small arrays. */
+int64_t bn_stream_bytes(void);
+int bn_set_stream_bytes(int64_t bytes);
 
 /* ---- contexts (dispatch.c) ----
  * A context holds the settings of the calls made under it: the ISA (-1: the default context's), the tuning budgets
  * (-1: the default context's, else the CPU's) and a thread count for callers to pass as the calls' nthreads (0:
- * OpenMP's). bn_set_isa, bn_set_cl_strip_bytes and bn_set_slab_bytes act on the
+ * OpenMP's). bn_set_isa, bn_set_cl_strip_bytes, bn_set_slab_bytes and bn_set_stream_bytes act on the
  * default context. bn_context_use(ctx) makes ctx the calling thread's context for the calls it makes next (NULL or
  * the default: the default) and returns the previous one; the settings reach the call's worker threads. Two threads
  * can so run calls with different settings at once. A context must outlive its use and not change while a call
@@ -86,6 +92,7 @@ int bn_context_set_num_threads(bn_context* ctx, int nthreads);
 int bn_context_get_num_threads(const bn_context* ctx);
 int bn_context_set_cl_strip_bytes(bn_context* ctx, int64_t bytes);
 int bn_context_set_slab_bytes(bn_context* ctx, int64_t bytes);
+int bn_context_set_stream_bytes(bn_context* ctx, int64_t bytes);
 const bn_context* bn_context_use(const bn_context* ctx);
 
 /* ---- batch norm on the (outer, C, inner) view (batchnorm.c), for T = float (f32), double (f64) and the 16-bit

@@ -104,7 +104,7 @@ static int team_size(void) {
 #endif
 }
 
-static int stream_stores(int64_t bytes_touched) { return bytes_touched > BN_STREAM_BYTES; }
+static int stream_stores(int64_t bytes_touched) { return bytes_touched > bn_stream_bytes(); }
 
 /* Orders this thread's streaming stores (UK_STREAM_NOFENCE) before whatever it does next. */
 static void store_fence(void) {

@@ -17,13 +17,14 @@ struct bn_context {
     int nthreads;
     int64_t strip_bytes;
     int64_t slab_bytes;
+    int64_t stream_bytes;
     bn_parallel_for_fn pfor; /* the caller's parallel loop (public API, api.c), NULL: OpenMP */
     void* pool;
 };
 
 /* The default context, which bn_set_isa, bn_set_cl_strip_bytes and bn_set_slab_bytes change: its ISA is -1 until
  * the first call picks the best one. */
-static bn_context default_ctx = {-1, 0, -1, -1};
+static bn_context default_ctx = {-1, 0, -1, -1, -1};
 
 /* The calling thread's context (NULL: the default); the drivers copy it into their OpenMP threads (BN_OMP_CTX). */
 const bn_context* bn_tls_ctx = NULL;
@@ -207,6 +208,15 @@ int64_t bn_slab_min_input(void) { return slab_setting() >= 0 ? 0 : cpu_slab_min_
 
 int bn_set_slab_bytes(int64_t bytes) { return bn_context_set_slab_bytes(&default_ctx, bytes); }
 
+/* The size beyond which element-wise sweeps stream their output: the context's, else the default context's, else
+ * BN_STREAM_BYTES. Lowered only to run the streamed paths on small arrays (the valgrind step's cases). */
+int64_t bn_stream_bytes(void) {
+    const int64_t own = ctx()->stream_bytes, v = own >= 0 ? own : default_ctx.stream_bytes;
+    return v >= 0 ? v : BN_STREAM_BYTES;
+}
+
+int bn_set_stream_bytes(int64_t bytes) { return bn_context_set_stream_bytes(&default_ctx, bytes); }
+
 int bn_set_cl_strip_bytes(int64_t bytes) { return bn_context_set_cl_strip_bytes(&default_ctx, bytes); }
 
 /* ---- contexts ---- */
@@ -215,7 +225,7 @@ bn_context* bn_default_context(void) { return &default_ctx; }
 
 bn_context* bn_context_create(void) {
     bn_context* c = (bn_context*)malloc(sizeof(bn_context));
-    if (c) *c = (bn_context){-1, 0, -1, -1};
+    if (c) *c = (bn_context){-1, 0, -1, -1, -1};
     return c;
 }
 
@@ -273,6 +283,12 @@ int bn_context_set_cl_strip_bytes(bn_context* c, int64_t bytes) {
 int bn_context_set_slab_bytes(bn_context* c, int64_t bytes) {
     if (!c) return BN_EINVAL;
     c->slab_bytes = bytes < 0 ? -1 : bytes;
+    return BN_OK;
+}
+
+int bn_context_set_stream_bytes(bn_context* c, int64_t bytes) {
+    if (!c) return BN_EINVAL;
+    c->stream_bytes = bytes < 0 ? -1 : bytes;
     return BN_OK;
 }
 

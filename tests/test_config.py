@@ -81,6 +81,18 @@ def test_slab_budget_follows_the_cpu_and_can_be_set():
     assert (_core.slab_bytes(), _core.slab_min_input()) == (default, default_min)
 
 
+def test_stream_bytes_setting():
+    assert _core.stream_bytes() == 32 << 20
+    _core.set_stream_bytes(0)
+    assert _core.stream_bytes() == 0
+    for bad, exc in ((-1, ValueError), (1.5, TypeError), ("1M", TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="nbytes must be None or an int >= 0"):
+            _core.set_stream_bytes(bad)
+        assert _core.stream_bytes() == 0
+    _core.set_stream_bytes(None)
+    assert _core.stream_bytes() == 32 << 20
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or shutil.which("getconf") is None,
                     reason="needs /proc/cpuinfo and getconf for the CPU vendor and its L1d size")
 def test_column_strip_threshold_follows_the_cpu_and_can_be_set():

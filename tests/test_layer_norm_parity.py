@@ -268,7 +268,7 @@ def test_parameters_of_another_dtype_are_refused_with_type_error():
     with pytest.raises(TypeError):
         bn_simd.layer_norm(x.astype(np.int32), 4)
     with pytest.raises(TypeError):
-        bn_simd.rms_norm(x.astype(np.float16), 4)
+        bn_simd.rms_norm(x.astype(np.complex64), 4)
 
 
 # ---- test_nn.py: _test_LayerNorm_general and test_LayerNorm_numeric -----------------------------------------------
