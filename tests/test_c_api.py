@@ -449,3 +449,36 @@ def test_onnx_batchnorm_cases_against_the_oracle(eps):
     tol = bounds.stat_tol(n, np.float32) * 4
     bounds.assert_within(rm, 0.9 * mean + (1 - 0.9) * bm, tol * (np.abs(mean) + np.abs(bm)), "running mean")
     bounds.assert_within(rv, 0.9 * var + (1 - 0.9) * bv * n / (n - 1), tol * (var + bv), "running var")
+
+
+def test_bfloat16_data_matches_the_package():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    r = rng(10)
+    x = (r.standard_normal((4, 6, 9)) * 3 + 1).astype(ml_dtypes.bfloat16)
+    C = 6
+    d = capi.desc(x.view(np.uint16), capi.NCHW, dtype=capi.BF16)
+    w, b = r.standard_normal(C), r.standard_normal(C)
+
+    def training(ctx):
+        y, sm, si = np.zeros(x.shape, np.uint16), np.zeros(C), np.zeros(C)
+        assert L.bn_batch_norm_training(ctx, d, P(x), P(y), P(w), P(b), EPS, 0.1, None, None, P(sm), P(si),
+                                        None, 0) == 0
+        return y, sm, si
+
+    y, sm, si = run_both(training)
+    yp, smp, _ = bn_simd.batch_norm_forward(x, w, b, eps=EPS)
+    np.testing.assert_array_equal(y, yp.view(np.uint16))
+    np.testing.assert_array_equal(sm.astype(smp.dtype), smp)
+    dy = r.standard_normal(x.shape).astype(ml_dtypes.bfloat16)
+
+    def backward(ctx):
+        dx, gw, gb = np.zeros(x.shape, np.uint16), np.zeros(C), np.zeros(C)
+        assert L.bn_batch_norm_backward(ctx, d, P(dy), P(x), P(dx), P(sm), P(si), P(w), 1, P(gw), P(gb), None,
+                                        0) == 0
+        return dx, gw, gb
+
+    dx, gw, gb = run_both(backward)
+    dxp, gwp, gbp = bn_simd.batch_norm_backward(dy, x, sm, si, w)
+    np.testing.assert_array_equal(dx, dxp.view(np.uint16))
+    np.testing.assert_array_equal(gw, gwp)
+    np.testing.assert_array_equal(gb, gbp)
