@@ -42,7 +42,7 @@ PORTABLE_SOURCES = [src for kind in ("kernel", "driver") for src, flags in _LIST
 # the public C API's sources (the C library = PORTABLE_SOURCES + ISA_FLAGS + API_SOURCES)
 API_SOURCES = [src for src, _ in _LISTED.get("api", [])]
 LIBRARY_SOURCES = KERNEL_SOURCES + [src for src, _ in _LISTED["driver"]] + API_SOURCES
-BASE_FLAGS = [f for _, flags in _LISTED["flags"] for f in flags] + [f for _, flags in _LISTED.get("warn", []) for f in flags]
+BASE_FLAGS = [f for kind in ("flags", "warn") for _, flags in _LISTED.get(kind, []) for f in flags]
 # -fsanitize builds (BN_SIMD_SANITIZE=1, .ci/asan): compile and link flags
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
                   "-O1", "-g"]

@@ -12,11 +12,11 @@ around every kernel, and PyTorch's semantics:
 
 See ``bn_simd.show_config()`` for the kernels and threads in use.
 """
+from ._clib import get_include, get_library_dirs
 from ._config import Context, __version__, get_isa, get_num_threads, set_isa, set_num_threads, show_config
 from .functional import (Moments, backward_apply, backward_coefficients, backward_reduce, batch_moments, batch_norm,
                          batch_norm_backward, batch_norm_forward, batch_stats, merge_moments, norm_coefficients,
                          normalize, update_running_stats)
-from ._clib import get_include, get_library_dirs
 from .fold import fold_conv, fold_linear, fold_params
 from .groups import (group_norm, group_norm_backward, group_norm_forward, instance_norm, instance_norm_backward,
                      instance_norm_forward)

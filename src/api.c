@@ -39,7 +39,8 @@ const char* bn_strerror(int status) {
         case BN_EEPS: return "eps must be finite and > 0";
         case BN_EMOMENTUM: return "momentum must be finite and in [0, 1]";
         case BN_ELAYOUT: return "unknown layout code (BN_LAYOUT_NCHW or BN_LAYOUT_NHWC)";
-        case BN_EDTYPE: return "unknown dtype code (data: BN_F32, BN_F64, BN_F16, BN_BF16; per-channel: BN_F32, BN_F64)";
+        case BN_EDTYPE:
+            return "unknown dtype code (data: BN_F32, BN_F64, BN_F16, BN_BF16; per-channel: BN_F32, BN_F64)";
         case BN_EGROUPS: return "groups must be >= 1 and divide the channels";
         case BN_EWORKSPACE: return "workspace smaller than bn_workspace_size (or a size given with no buffer)";
         case BN_EOVERLAP: return "an output overlaps an input or another output";
@@ -154,7 +155,8 @@ static int check_desc(const bn_desc* d) {
     if (d->layout != BN_LAYOUT_NCHW && d->layout != BN_LAYOUT_NHWC) return BN_ELAYOUT;
     if (d->n < 1 || d->c < 1 || d->s < 1) return BN_ESIZE;
     /* every byte offset the drivers form fits int64_t and size_t, with room for 8-byte elements */
-    const int64_t lim = (int64_t)((uint64_t)PTRDIFF_MAX < (uint64_t)INT64_MAX ? (uint64_t)PTRDIFF_MAX : (uint64_t)INT64_MAX) / 8;
+    const uint64_t most = (uint64_t)PTRDIFF_MAX < (uint64_t)INT64_MAX ? (uint64_t)PTRDIFF_MAX : (uint64_t)INT64_MAX;
+    const int64_t lim = (int64_t)(most / 8);
     if (d->n > lim / d->c || d->n * d->c > lim / d->s) return BN_ESIZE;
     return BN_OK;
 }

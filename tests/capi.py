@@ -33,27 +33,27 @@ def lib():
     if _lib is None:
         path = os.path.join(bn_simd.get_library_dirs()[0], "libbn_simd.so")
         L = ct.CDLL(path)
-        P, D, I, I64, S, dbl = ct.c_void_p, ct.POINTER(Desc), ct.c_int, ct.c_int64, ct.c_size_t, ct.c_double
+        P, D, INT, I64, S, dbl = ct.c_void_p, ct.POINTER(Desc), ct.c_int, ct.c_int64, ct.c_size_t, ct.c_double
         sig = {
-            "bn_version": (ct.c_char_p, []), "bn_strerror": (ct.c_char_p, [I]),
+            "bn_version": (ct.c_char_p, []), "bn_strerror": (ct.c_char_p, [INT]),
             "bn_context_create": (P, []), "bn_context_destroy": (None, [P]), "bn_default_context": (P, []),
-            "bn_context_set_num_threads": (I, [P, I]), "bn_context_set_isa": (I, [P, I]),
-            "bn_context_set_parallel_for": (I, [P, PFOR, P]),
-            "bn_workspace_size": (I, [P, I, D, I64, ct.POINTER(S)]),
-            "bn_batch_norm_inference": (I, [P, D, P, P, P, P, P, P, dbl, P, S]),
-            "bn_batch_norm_training": (I, [P, D, P, P, P, P, dbl, dbl, P, P, P, P, P, S]),
-            "bn_batch_norm_backward": (I, [P, D, P, P, P, P, P, P, I, P, P, P, S]),
-            "bn_fold_params": (I, [I64, I, P, P, P, P, dbl, P, P]),
-            "bn_batch_norm_moments": (I, [P, D, P, ct.POINTER(I64), P, P, P, P, P, S]),
-            "bn_merge_moments": (I, [I64, I64, I, P, P, P, P, P, P]),
-            "bn_group_norm_forward": (I, [P, D, I64, P, P, P, P, dbl, P, P, P, S]),
-            "bn_group_norm_backward": (I, [P, D, I64, P, P, P, P, P, P, P, P, P, S]),
-            "bn_instance_norm_forward": (I, [P, D, P, P, P, P, dbl, P, P, P, S]),
-            "bn_instance_norm_backward": (I, [P, D, P, P, P, P, P, P, P, P, P, S]),
-            "bn_layer_norm_forward": (I, [P, D, P, P, P, P, dbl, P, P, P, S]),
-            "bn_layer_norm_backward": (I, [P, D, P, P, P, P, P, P, P, P, P, S]),
-            "bn_rms_norm_forward": (I, [P, D, P, P, P, dbl, P, P, S]),
-            "bn_rms_norm_backward": (I, [P, D, P, P, P, P, P, P, P, S]),
+            "bn_context_set_num_threads": (INT, [P, INT]), "bn_context_set_isa": (INT, [P, INT]),
+            "bn_context_set_parallel_for": (INT, [P, PFOR, P]),
+            "bn_workspace_size": (INT, [P, INT, D, I64, ct.POINTER(S)]),
+            "bn_batch_norm_inference": (INT, [P, D, P, P, P, P, P, P, dbl, P, S]),
+            "bn_batch_norm_training": (INT, [P, D, P, P, P, P, dbl, dbl, P, P, P, P, P, S]),
+            "bn_batch_norm_backward": (INT, [P, D, P, P, P, P, P, P, INT, P, P, P, S]),
+            "bn_fold_params": (INT, [I64, INT, P, P, P, P, dbl, P, P]),
+            "bn_batch_norm_moments": (INT, [P, D, P, ct.POINTER(I64), P, P, P, P, P, S]),
+            "bn_merge_moments": (INT, [I64, I64, INT, P, P, P, P, P, P]),
+            "bn_group_norm_forward": (INT, [P, D, I64, P, P, P, P, dbl, P, P, P, S]),
+            "bn_group_norm_backward": (INT, [P, D, I64, P, P, P, P, P, P, P, P, P, S]),
+            "bn_instance_norm_forward": (INT, [P, D, P, P, P, P, dbl, P, P, P, S]),
+            "bn_instance_norm_backward": (INT, [P, D, P, P, P, P, P, P, P, P, P, S]),
+            "bn_layer_norm_forward": (INT, [P, D, P, P, P, P, dbl, P, P, P, S]),
+            "bn_layer_norm_backward": (INT, [P, D, P, P, P, P, P, P, P, P, P, S]),
+            "bn_rms_norm_forward": (INT, [P, D, P, P, P, dbl, P, P, S]),
+            "bn_rms_norm_backward": (INT, [P, D, P, P, P, P, P, P, P, S]),
         }
         for name, (res, args) in sig.items():
             f = getattr(L, name)

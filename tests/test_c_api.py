@@ -67,7 +67,7 @@ CASES = [
     (np.float64, capi.NHWC, (9000, 8)),
     (np.float32, capi.NCHW, (100, 4, 4, 4)),
 ]
-IDS = [f"{np.dtype(d).name}-{'NHWC' if l else 'NCHW'}-{'x'.join(map(str, s))}" for d, l, s in CASES]
+IDS = [f"{np.dtype(dt).name}-{'NHWC' if lay else 'NCHW'}-{'x'.join(map(str, s))}" for dt, lay, s in CASES]
 
 
 def make(case, seed=0):
@@ -283,7 +283,6 @@ def test_fold_params_matches_the_package():
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5]], ids=[IDS[0], IDS[3], IDS[5]])
 def test_moments_of_pieces_merge_to_the_statistics_of_the_whole(case):
     x, C, _ = make(case, 5)
-    d = capi.desc(x, case[1])
 
     def moments(ctx, arr):
         dd = capi.desc(arr, case[1])

@@ -77,8 +77,8 @@ static void fill(void* p, int dt, int64_t n, double scale, double shift) {
             const float f = (float)v;
             uint32_t u;
             memcpy(&u, &f, 4);
-            ((uint16_t*)p)[i] = dt == BN_BF16 ? (uint16_t)(u >> 16)
-                                              : (uint16_t)((u >> 16 & 0x8000) | (0x3800 + (uint16_t)(rnd() * 0x7ff + 0x800)));
+            const uint16_t half = (uint16_t)((u >> 16 & 0x8000) | (0x3800 + (uint16_t)(rnd() * 0x7ff + 0x800)));
+            ((uint16_t*)p)[i] = dt == BN_BF16 ? (uint16_t)(u >> 16) : half;
         }
     }
 }
