@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 from Cython.Build import cythonize
@@ -72,10 +73,24 @@ class BuildExt(build_ext):
                 ext.extra_compile_args = [f for f in extra if f not in ("-fopenmp", "-fvisibility=hidden")]
                 ext.extra_link_args = [f for f in link if f != "-fopenmp"]
                 continue
-            objects = []
-            for src, flags in ISA_FLAGS.items():
-                objects += self.compiler.compile([src], output_dir=self.build_temp, include_dirs=ext.include_dirs,
-                                                 extra_postargs=extra + flags, depends=ext.depends)
+            # Every C file of the extension (the Cython module's, the portable ones, each ISA's with its flags) is
+            # compiled on its own, as many at once as there are CPUs, then linked: the build is a large part of an
+            # install's time, and of the CI's, which builds twice (the sanitizer step).
+            jobs = [(src, extra + ISA_FLAGS.get(src, [])) for src in list(ext.sources) + list(ISA_FLAGS)]
+            for src, _ in jobs:  # (the output directories first: the compiler object makes them unlocked)
+                for obj in self.compiler.object_filenames([src], output_dir=self.build_temp):
+                    os.makedirs(os.path.dirname(obj) or ".", exist_ok=True)
+
+            def compile_one(job):
+                return self.compiler.compile([job[0]], output_dir=self.build_temp, macros=ext.define_macros,
+                                             include_dirs=ext.include_dirs, extra_postargs=job[1],
+                                             depends=ext.depends)
+
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                objects = [obj for objs in pool.map(compile_one, jobs) for obj in objs]
+            # linked from the objects alone; the fresh objects in depends make the link happen
+            ext.sources = []
+            ext.depends = list(ext.depends) + objects
             ext.extra_objects = objects
             ext.extra_compile_args = extra
             ext.extra_link_args = link
@@ -121,8 +136,8 @@ ext = Extension(
 args = Extension(
     "bn_simd._args",
     sources=["bn_simd/_args.pyx"],
-    include_dirs=[numpy.get_include()],
-    depends=["bn_simd/_args.pxd"],
+    include_dirs=["src", numpy.get_include()],  # (src/half.h: bfloat16 rounding of per-channel values)
+    depends=["bn_simd/_args.pxd", "src/half.h"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 

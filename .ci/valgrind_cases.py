@@ -14,6 +14,9 @@ overwrite: these must give the bytes of the plain call. Larger cases make the ke
 than 32768 elements) and split rows into pieces, and the largest run the entry points marked large with streaming
 stores (element-wise sweeps beyond the streaming threshold, lowered here so that they stay small).
 
+16-bit data (float16, and bfloat16 when ml_dtypes is installed) runs the functional entry points on a few small
+shapes, on 1 thread.
+
 Every plain call's outputs are compared with the registry's float64 oracle (tests/oracle.py) within the registry's
 bounds; the largest ones on their last slice (for batch norm: channel; where the blocks, rows and vectors end), and
 checked finite throughout. Memcheck reports an
@@ -31,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import bn_simd  # noqa: E402
+import half_cases  # noqa: E402
 import ops  # noqa: E402
 from bn_simd import _core  # noqa: E402
 
@@ -66,6 +70,21 @@ LARGE = [
     ((3, 616, 5, 5), "NHWC", np.float64),
 ]
 DTYPES = (np.float32, np.float64)
+# 16-bit data (float16; bfloat16 when ml_dtypes is installed): the functional entry points (tests/half_cases.py) on
+# a few shapes around the vector widths, both layouts, one thread: the 16-bit loads, stores and masked tails.
+HALF_SMALL = [
+    (4, 7, 9),          # C one below a float vector, inner one past
+    (2, 17, 3, 11),     # inner 33: four-vector loop plus a tail
+    (6, 33, 1, 1),      # inner 1 in NCHW: the channels-last path
+]
+
+
+def half_dtypes():
+    try:
+        import ml_dtypes
+    except ImportError:
+        return (half_cases.F16,)
+    return (half_cases.F16, np.dtype(ml_dtypes.bfloat16))
 
 
 def alias_of(op, layout):
@@ -119,6 +138,17 @@ def run_case(op, shape, layout, dtype, seed, variants):
     return calls
 
 
+def run_half(op, shape, layout, dtype, seed):
+    """The functional entry points of op on 16-bit data against the oracle. Returns the calls made."""
+    case = half_cases.case(op, seed, shape, layout, dtype)
+    calls = 0
+    for ep in half_cases.entries(op, case):
+        if ep.name in KERNEL_ENTRIES.get(op.name, (ep.name,)):
+            half_cases.check(ep, case, ep(case.fresh()))
+            calls += 1
+    return calls
+
+
 def run_large(op, shape, layout, dtype, seed):
     """The entry points marked large on a large case: every output element finite, and the last slice against the
     oracle. Returns the number of calls made."""
@@ -164,6 +194,13 @@ def main(argv):
                                 # on one thread also the layout's alias and out= in place
                                 calls += run_case(op, shape, layout, dtype, 1000 * nt + k, variants=nt == 1)
                                 cases += 1
+                if nt == 1:
+                    for dtype in half_dtypes():
+                        for layout in dict.fromkeys(op.layouts.values()):
+                            for k, shape in enumerate(HALF_SMALL):
+                                if half_cases.supports(op, shape, layout):
+                                    calls += run_half(op, shape, layout, dtype, 2000 + k)
+                                    cases += 1
                 if nt > 1:
                     for k, (shape, layout, dtype) in enumerate(LARGE):
                         if op.supports(shape, layout, dtype):

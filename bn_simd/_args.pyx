@@ -18,7 +18,12 @@ import numpy as np
 cimport numpy as cnp
 from cpython.float cimport PyFloat_AS_DOUBLE
 from libc.math cimport isfinite
+from libc.stdint cimport uint16_t
 from libc.string cimport memcpy
+
+
+cdef extern from "half.h" nogil:
+    uint16_t bn_bf16_from_f64(double d)
 
 cnp.import_array()
 
@@ -32,6 +37,11 @@ SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 HALF_CALLS = ("batch_norm, batch_norm_forward, batch_norm_backward, batch_stats, normalize, backward_reduce, the "
               "group / instance / layer / RMS norm calls and the layers")
 cdef int _bf16_num = -1  # bfloat16's NumPy type number, once an array of it has been seen (NumPy assigns it)
+# bfloat16 without ml_dtypes: bn_simd.torch hands a torch.bfloat16 tensor over as a view of its memory in this dtype,
+# uint16 tagged by its metadata (views, transposes and copies keep the descriptor object). Arrays of it are bfloat16
+# data, parameters and parameter gradients wherever bfloat16 is taken; a plain uint16 array stays refused.
+BF16_BITS = np.dtype(np.uint16, metadata={"bn_simd": "bfloat16 bits"})
+cdef object _BITS = BF16_BITS
 
 
 cdef inline bint _is_bf16(object dt):
@@ -39,8 +49,8 @@ cdef inline bint _is_bf16(object dt):
 
 
 cdef bint _is_float(object dt):
-    """A floating-point dtype: NumPy's float kinds and bfloat16."""
-    return dt.kind == "f" or _is_bf16(dt)
+    """A floating-point dtype: NumPy's float kinds and bfloat16 (ml_dtypes', or its bits as BF16_BITS)."""
+    return dt.kind == "f" or _is_bf16(dt) or dt is _BITS
 
 
 cdef inline int _data_code(cnp.ndarray a) noexcept:
@@ -53,6 +63,8 @@ cdef inline int _data_code(cnp.ndarray a) noexcept:
     if t == cnp.NPY_FLOAT16:
         return DT_F16
     if t == _bf16_num and t >= 0:
+        return DT_BF16
+    if t == cnp.NPY_UINT16 and <void*>cnp.PyArray_DESCR(a) == <void*>_BITS:
         return DT_BF16
     return -1
 
@@ -161,6 +173,7 @@ cdef cnp.ndarray data(object x, str name, bint half=False):
     bf16 = _is_bf16(dt)
     if bf16 and _bf16_num < 0:
         _bf16_num = dt.num
+    bf16 = bf16 or dt is _BITS
     f16 = dt.kind == "f" and dt.itemsize == 2
     if not (bf16 or (dt.kind == "f" and (f16 or dt.newbyteorder("=") in SUPPORTED_DTYPES))) or \
             ((bf16 or f16) and not half):
@@ -354,6 +367,8 @@ cdef int load(object obj, int64_t n, double* dst) except -1:
             for i in range(n):
                 dst[i] = d[i]
         return 0
+    if a.dtype is _BITS:  # (bfloat16 bits: the top half of a float32, widened exactly)
+        a = (np.ascontiguousarray(a).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     cdef cnp.ndarray b = np.ascontiguousarray(a, dtype=np.float64)
     if n:
         memcpy(dst, cnp.PyArray_DATA(b), n * sizeof(double))
@@ -376,6 +391,15 @@ cdef int store(object obj, int64_t n, const double* src) except -1:
             d = <double*>cnp.PyArray_DATA(a)
             for i in range(n):
                 d[i] = src[i]
+        return 0
+    cdef cnp.ndarray h
+    cdef uint16_t* hp
+    if a.dtype is _BITS:  # bfloat16 bits: each value rounded once from float64 (half.h)
+        h = new_vector(n, cnp.NPY_UINT16)
+        hp = <uint16_t*>cnp.PyArray_DATA(h)
+        for i in range(n):
+            hp[i] = bn_bf16_from_f64(src[i])
+        obj[...] = h.view(_BITS)
         return 0
     # float16, long double, byte-swapped or strided: NumPy's assignment casts
     obj[...] = cnp.PyArray_SimpleNewFromData(1, &n1, cnp.NPY_FLOAT64, <void*>src)
@@ -492,6 +516,8 @@ cdef object dtype_arg(object dtype, int* code):
 # ---- outputs ------------------------------------------------------------------------------------------------
 
 cdef cnp.ndarray new_like(cnp.ndarray x):
+    if cnp.PyArray_TYPE(x) == cnp.NPY_UINT16:  # (bfloat16 bits: the new array keeps the tag)
+        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.NPY_UINT16, 0).view(_BITS)
     return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
 
 

@@ -733,6 +733,11 @@ cdef extern from *:
         bnx_dl_tensor dl_tensor
 
 
+cdef extern from "half.h" nogil:
+    float bn_f16_to_f32(uint16_t h)
+    float bn_bf16_to_f32(uint16_t h)
+
+
 cdef bint _dense_in(const int64_t* shape, const int64_t* strides, const int* order, int nd) noexcept:
     """The axes in `order` (outermost first) walk the memory densely; axes of length 1 are ignored, as
     torch.Tensor.is_contiguous does."""
@@ -752,12 +757,14 @@ def torch_bn_eval(object module, tuple cached, object x, object to_dlpack, objec
     module's running statistics, weight and bias, or None when the call must take the general path (any check below
     fails).
 
-    cached: (C, float bits, mask of the ranks the module takes, running_mean, running_var, weight, bias (None when
-    absent), their data_ptr()s), made by bn_simd.torch.modules after a call that passed the general checks: the
-    tensors must still be the module's (identity) at the same addresses. to_dlpack, empty_like:
-    torch.utils.dlpack.to_dlpack and torch.empty_like. Returns the output tensor, in x's memory format."""
+    cached: (C, x's dtype key, mask of the ranks the module takes, running_mean, running_var, weight, bias (None
+    when absent), their data_ptr()s, their dtype key), made by bn_simd.torch.modules after a call that passed the
+    general checks: the tensors must still be the module's (identity) at the same addresses. A dtype key is DLPack's
+    (code << 8 | bits): float32 0x220, float64 0x240, float16 0x210, bfloat16 0x410; the per-channel tensors have
+    x's dtype, or float32 for 16-bit x. to_dlpack, empty_like: torch.utils.dlpack.to_dlpack and torch.empty_like.
+    Returns the output tensor, in x's memory format."""
     cdef int64_t C = cached[0]
-    cdef int bits = cached[1], ranks = cached[2]
+    cdef int key = cached[1], ranks = cached[2], pkey = cached[11]
     buffers, params = module._buffers, module._parameters
     if (buffers.get("running_mean") is not cached[3] or buffers.get("running_var") is not cached[4]
             or params.get("weight") is not cached[5] or params.get("bias") is not cached[6]):
@@ -781,7 +788,7 @@ def torch_bn_eval(object module, tuple cached, object x, object to_dlpack, objec
     cdef bnx_dl_managed* m = <bnx_dl_managed*>PyCapsule_GetPointer(capsule, "dltensor")  # (raises on another name)
     cdef bnx_dl_tensor* t_ = &m.dl_tensor
     cdef int nd = t_.ndim
-    if (t_.device.device_type != 1 or t_.dtype.code != 2 or t_.dtype.bits != bits or t_.dtype.lanes != 1
+    if (t_.device.device_type != 1 or (t_.dtype.code << 8 | t_.dtype.bits) != key or t_.dtype.lanes != 1
             or nd < 2 or nd > 5 or not (ranks >> nd) & 1 or t_.strides == NULL or t_.shape[1] != C):
         return None
     cdef int order[5]
@@ -802,7 +809,7 @@ def torch_bn_eval(object module, tuple cached, object x, object to_dlpack, objec
             return None
         outer, inner = outer * inner, 1
     cdef const void* xp = <const char*>t_.data + t_.byte_offset
-    cdef int dt = DT_F32 if bits == 32 else DT_F64
+    cdef int dt = DT_F32 if key == 0x220 else DT_F64 if key == 0x240 else DT_F16 if key == 0x210 else DT_BF16
     # the output: torch.empty_like keeps the strides of a dense input, so it has the input's layout
     y = empty_like(x)
     cdef void* yp = <void*><Py_ssize_t>y.data_ptr()
@@ -810,17 +817,22 @@ def torch_bn_eval(object module, tuple cached, object x, object to_dlpack, objec
     cdef double* p = scratch(4 * C, stack)
     cdef int st
     cdef const float* f
+    cdef const uint16_t* h
     cdef int64_t c
     try:
         for k in range(4):
             if cached[7 + k] is None:
                 continue
-            if dt == DT_F32:
+            if pkey == 0x220:
                 f = <const float*><Py_ssize_t>cached[7 + k]
                 for c in range(C):
                     p[k * C + c] = f[c]
-            else:
+            elif pkey == 0x240:
                 memcpy(p + k * C, <const void*><Py_ssize_t>cached[7 + k], C * sizeof(double))
+            else:  # (a module converted with .half() / .bfloat16(): its parameters widened exactly)
+                h = <const uint16_t*><Py_ssize_t>cached[7 + k]
+                for c in range(C):
+                    p[k * C + c] = bn_f16_to_f32(h[c]) if pkey == 0x210 else bn_bf16_to_f32(h[c])
         st = k_normalize(dt, xp, yp, outer, C, inner, p, p + C, NULL if cached[9] is None else p + 2 * C,
                          NULL if cached[10] is None else p + 3 * C, e, nthreads)
         _check(st)
@@ -1417,9 +1429,8 @@ def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, 
     w = A.row_param(weight, "weight", xa, &r)
     b = None if rms else A.row_param(bias, "bias", xa, &r)
     cdef double e
-    if rms and eps is None:  # (PyTorch's default: the machine epsilon of x's dtype)
-        e = (FLT_EPSILON if r.dtype == DT_F32 else DBL_EPSILON if r.dtype == DT_F64
-             else 0.0009765625 if r.dtype == DT_F16 else 0.0078125)  # (float16: 2^-10, bfloat16: 2^-7)
+    if rms and eps is None:  # (PyTorch's default: the machine epsilon of the compute type, float32 for 16-bit x)
+        e = DBL_EPSILON if r.dtype == DT_F64 else FLT_EPSILON
     else:
         e = A.eps(eps)
     cdef cnp.ndarray ya = A.output(out, xa, None)

@@ -4,7 +4,8 @@ Both normalise each position of x over ``normalized_shape``, x's trailing dims (
 and scale (and shift) with per-element parameters of shape ``normalized_shape``:
 
     layer norm  y = (x - mean) / sqrt(var + eps) * weight + bias      (var biased)
-    RMS norm    y = x / sqrt(mean(x^2) + eps) * weight                (eps None: the machine epsilon of x's dtype)
+    RMS norm    y = x / sqrt(mean(x^2) + eps) * weight                (eps None: the machine epsilon of x's
+                                                                       dtype, float32's for 16-bit x)
 
 ``layout="NCHW"`` (or ``"channels_first"``) normalises over the channels (axis 1) of an (N, C, *spatial) array
 instead, without a transpose: the LayerNorm2d of ConvNeXt, statistics per (sample, position), parameters (C,).
@@ -76,7 +77,8 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
     """RMS normalization (``torch.nn.functional.rms_norm``).
 
     y = x / sqrt(mean(x^2) + eps) * weight, the mean over the trailing dims ``normalized_shape``; eps None is the
-    machine epsilon of x's dtype (``np.finfo(x.dtype).eps``), as PyTorch. Arguments as :func:`layer_norm`
+    machine epsilon of x's dtype (``np.finfo(x.dtype).eps``; float32's for float16 and bfloat16 x, whose math is
+    float32), as PyTorch. Arguments as :func:`layer_norm`
     (no bias, no layout). Returns y; raises as :func:`layer_norm`.
     """
     return _core.row_norm(x, normalized_shape, weight, None, eps, None, out, _threads(), True)

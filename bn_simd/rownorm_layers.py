@@ -163,7 +163,7 @@ class RMSNorm(_RowNorm):
     Parameters
     ----------
     normalized_shape : int or tuple of ints.
-    eps : float > 0, or None: the machine epsilon of the input's dtype (as PyTorch).
+    eps : float > 0, or None: the machine epsilon of the input's dtype (float32's for 16-bit input; as PyTorch).
     elementwise_affine : bool, a learnable ``weight`` (ones) of shape normalized_shape.
     dtype : float32 or float64, the parameters' dtype.
 

@@ -1,7 +1,7 @@
 """The registry's ops (tests/ops.py) on float16 data: every functional entry point that takes 16-bit data, on a
 representative set of shapes and both layouts, against the op's float64 oracle with the bounds of float16 (bounds.py
 with float16's eps: its rounding counted once more than float32's math needs), and the same bits for 1, 2 and 3
-threads. The outputs' dtypes follow the 16-bit rule: x's dtype for outputs shaped like x, float32 for statistics and
+threads (float16 and bfloat16). The outputs' dtypes follow the 16-bit rule: x's dtype for outputs shaped like x, float32 for statistics and
 parameter gradients of float32 parameters, float64 reductions as ever. (The registry's layer entry points build their
 layers with parameters of x's dtype, which the layers refuse for 16-bit dtypes: tests/test_half.py covers the layers
 with float32 parameters; bfloat16 is covered there too.)
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import bn_simd
+import half_cases
 import ops
 
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
@@ -50,9 +51,10 @@ def test_registry_entry_points_on_float16_data_against_the_oracle(op, shape, lay
 
 
 @pytest.mark.skipif(not bn_simd.show_config().get("openmp", True), reason="built without OpenMP")
+@pytest.mark.parametrize("name", half_cases.NAMES)
 @pytest.mark.parametrize("op,shape,layout", [c for c in CASES if c.values[1] in ((4, 5, 6, 7), (2, 300, 3))])
-def test_registry_entry_points_on_float16_data_give_the_same_bits_for_any_thread_count(op, shape, layout):
-    case = _half_case(op, shape, layout)
+def test_registry_entry_points_on_16_bit_data_give_the_same_bits_for_any_thread_count(op, shape, layout, name):
+    case = half_cases.case(op, 7, shape, layout, half_cases.dtype(name))
     results = []
     for n in (1, 2, 3):
         with bn_simd.Context(num_threads=n):

@@ -19,6 +19,7 @@ import pytest
 
 import bn_simd
 import oracle as ref
+import half_cases
 import ops
 from conftest import (assert_forward_close, assert_refused, assert_within, backward_bounds, channel_params,
                       forward_bound, make_input, stat_tol)
@@ -1219,3 +1220,53 @@ def test_layer_backward_with_out_is_its_own_gradient():
     _check_backward((gx, layer.grad_weight, layer.grad_bias), g0, x, mean, 1 / np.sqrt(var + 1e-5), None, "NCHW",
                     True, F64)
 
+
+
+# ---- 16-bit data (float16, bfloat16): the functional entry points (tests/half_cases.py) ----------------------------
+
+HALF_REFUSALS = [pytest.param(op, name, id=f"{op.name}-{name}") for op in ops.OPS for name in half_cases.NAMES
+                 if half_cases.supports(op, REFUSAL_SHAPE, list(op.layouts.values())[0])]
+
+
+@pytest.mark.parametrize("op,name", HALF_REFUSALS)
+def test_16_bit_bad_arguments_are_refused_and_change_nothing(op, name):
+    """With 16-bit x: a data argument of another dtype (float32) or a 16-bit pattern type NumPy calls uint16, a
+    per-channel argument one too long, and an out of another dtype are refused naming the argument; nothing changes
+    (running statistics included); then the call works."""
+    dt = half_cases.dtype(name)
+    case = half_cases.case(op, 11, REFUSAL_SHAPE, list(op.layouts.values())[0], dt)
+    for ep in half_cases.entries(op, case):
+        for arg in ep.reads:
+            name_re = ep.named(arg)
+            if op.args[arg] == ops.DATA:
+                if arg != "x":
+                    assert_refused(ep, case.replace(**{arg: case[arg].astype(F32)}), TypeError,
+                                   [name_re, "dtype of x"])
+                assert_refused(ep, case.replace(**{arg: case[arg].view(np.uint16)}), TypeError, [name_re, "dtype"])
+            elif case[arg] is not None:
+                bad = np.ones(case[arg].shape[:-1] + (case[arg].shape[-1] + 1,), case[arg].dtype)
+                assert_refused(ep, case.replace(**{arg: bad}), ValueError, [name_re, "shape"])
+        if ep.out is not None:
+            out = np.zeros(op.store(np.zeros(case.shape), case.layout).shape, F32)
+            assert_refused(ep, case.fresh(), TypeError, ["out", "dtype"], out=out)
+        half_cases.check(ep, case, ep(case.fresh()), " after refused calls")
+
+
+HALF_POISONS = [pytest.param(op, name, bad, id=f"{op.name}-{name}-{bad}") for op in ops.OPS
+                for name in half_cases.NAMES for bad in (np.nan, np.inf)
+                if half_cases.supports(op, POISON_SHAPE, list(op.layouts.values())[0])]
+
+
+@pytest.mark.parametrize("op,name,bad", HALF_POISONS)
+def test_a_non_finite_16_bit_value_poisons_what_the_oracle_says(op, name, bad):
+    """One NaN or Inf in each data argument of 16-bit data in turn: non-finite where the oracle is, the rest
+    within the 16-bit bounds."""
+    dt = half_cases.dtype(name)
+    case = half_cases.case(op, 60, POISON_SHAPE, list(op.layouts.values())[0], dt)
+    for ep in half_cases.entries(op, case):
+        for arg in _data_inputs(op, ep):
+            a = case[arg].copy()
+            idx = tuple(s // 2 for s in a.shape)
+            a[idx] = bad
+            poisoned = case.replace(**{arg: a})
+            half_cases.check(ep, poisoned, ep(poisoned.fresh()), f" ({arg}[{idx}] = {bad})")

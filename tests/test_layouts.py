@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import bn_simd
+import half_cases
 import ops
 from conftest import DTYPES, assert_same_bits, assert_within, make_input, random_array
 
@@ -216,3 +217,59 @@ def test_float32_input_from_torch_like_objects_is_converted():
     x = make_input((4, 3, 2, 2), "NCHW", np.float32, seed=15)
     np.testing.assert_array_equal(bn_simd.batch_norm(TensorLike(x), training=True),
                                   bn_simd.batch_norm(x, training=True))
+
+
+# ---- 16-bit data (float16, bfloat16): the functional entry points (tests/half_cases.py) ----------------------------
+
+HALF_LAYOUTS = [pytest.param(op, name, id=f"{op.name}-{name}") for op in ops.OPS for name in half_cases.NAMES
+                if sum(half_cases.supports(op, (3, 33, 9), lay) for lay in op.layouts) > 1]
+
+
+@pytest.mark.parametrize("op,name", HALF_LAYOUTS)
+def test_16_bit_layouts_give_the_same_values(op, name):
+    """Every layout of 16-bit data: each output within the oracle's 16-bit bound, and the layouts within two bounds
+    of each other."""
+    dt = half_cases.dtype(name)
+    layouts = [lay for lay in dict.fromkeys(op.layouts.values()) if half_cases.supports(op, (3, 33, 9), lay)]
+    results = []
+    for layout in layouts:
+        case = half_cases.case(op, 2, (3, 33, 9), layout, dt)
+        got = {}
+        for ep in half_cases.entries(op, case):
+            out = ep(case.fresh())
+            half_cases.check(ep, case, out)
+            for k, e in half_cases.expected(ep, case).items():
+                if e is not None:
+                    data = ops.output_spec(op, f"{ep.name}.{k}").shape == ops.DATA
+                    v = case.canonical(out[k]) if data else out[k]
+                    b = case.canonical(np.broadcast_to(e.bound, np.shape(e.value))) if data else e.bound
+                    got[f"{ep.name}.{k}"] = (np.asarray(v, np.float64), b)
+        results.append(got)
+    for other in results[1:]:
+        assert other.keys() == results[0].keys()
+        for k, (v, b) in other.items():
+            assert_within(v, results[0][k][0], 2 * np.asarray(b, np.float64), k)
+
+
+HALF_KINDS = ["fortran", "negative_strides", "strided_slice", "byteswapped", "read_only", "unaligned"]
+
+
+@pytest.mark.parametrize("op", [op for op in ops.OPS if half_cases.supports(op, (4, 5, 6, 7), "NCHW")], ids=str)
+@pytest.mark.parametrize("name", half_cases.NAMES)
+def test_16_bit_unusual_memory_gives_the_same_bits_as_contiguous(op, name):
+    """16-bit data held in unusual memory (every data argument at once) gives the bytes of C-contiguous data."""
+    dt = half_cases.dtype(name)
+    case = half_cases.case(op, 4, (4, 5, 6, 7), "NCHW", dt)
+    data = [k for k, kind_ in op.args.items() if kind_ == ops.DATA]
+    entries = half_cases.entries(op, case)
+    expected = {ep.name: ep(case.fresh()) for ep in entries}
+    for kind in HALF_KINDS:
+        if kind == "byteswapped" and name == "bfloat16":
+            continue  # (ml_dtypes' bfloat16 has one byte order)
+        odd = case.replace(**{k: _variant(case[k], kind) for k in data if case[k] is not None})
+        for ep in entries:
+            got = ep(odd.fresh())
+            for k, v in got.items():
+                if v is not None and ops.output_spec(op, f"{ep.name}.{k}").shape == ops.DATA:
+                    assert v.dtype == dt and v.flags.c_contiguous, k
+                assert_same_bits(v, expected[ep.name][k], f"{kind} {ep.name}.{k}")

@@ -8,6 +8,7 @@ from threadpoolctl import threadpool_limits
 
 import bn_simd
 import oracle as ref
+import half_cases
 import ops
 from conftest import (HAVE_OPENMP, SUPPORTED_ISAS, use_strips, assert_forward_close, assert_same_bits, assert_ulp_close,
                       assert_within, backward_bounds, channel_params, eps_of, make_input, reduction_tol)
@@ -130,4 +131,60 @@ def test_simd_kernels_agree_with_scalar_within_a_few_ulp(op, layout, dtype, othe
             np.testing.assert_array_equal(simd[k], scalar[k], err_msg=k)
         else:
             rtol = reduction_tol(n) + (0.0 if spec.float64 else 2 * e)
+            np.testing.assert_allclose(simd[k], scalar[k], rtol=rtol, atol=rtol * np.abs(scalar[k]).max(), err_msg=k)
+
+
+# ---- 16-bit data (float16, bfloat16): the functional entry points (tests/half_cases.py) ----------------------------
+# (bitwise results for 1, 2 and 3 threads: tests/test_half_registry.py)
+
+def _half_run(op, case):
+    res = {}
+    for ep in half_cases.entries(op, case):
+        res.update({f"{ep.name}.{k}": v for k, v in ep(case.fresh()).items()})
+    return res
+
+
+@pytest.mark.skipif(not HAVE_OPENMP, reason="built without OpenMP")
+@pytest.mark.parametrize("name", half_cases.NAMES)
+@pytest.mark.parametrize("op", [op for op in ops.OPS if half_cases.supports(op, (16, 32, 16, 16), "NHWC")], ids=str)
+def test_16_bit_threadpoolctl_limit_gives_the_default_bits(op, name):
+    case = half_cases.case(op, 42, (16, 32, 16, 16), "NHWC", half_cases.dtype(name))
+    default = _half_run(op, case)
+    with threadpool_limits(limits=1, user_api="openmp"):
+        _same_bits(_half_run(op, case), default, "under a threadpoolctl limit")
+
+
+@pytest.mark.skipif(not SIMD_ISAS, reason="no SIMD kernels on this CPU")
+@pytest.mark.parametrize("other", SIMD_ISAS)
+@pytest.mark.parametrize("name", half_cases.NAMES)
+@pytest.mark.parametrize("op,layout", [pytest.param(op, lay, id=f"{op.name}-{lay}") for op in ops.OPS
+                                       for lay in ("NCHW", "NHWC") if half_cases.supports(op, (8, 19, 13, 11), lay)])
+def test_16_bit_simd_kernels_agree_with_scalar_within_one_ulp(op, layout, name, other):
+    """16-bit outputs are the float32 results rounded once, and the float32 results of two ISAs differ by a few
+    float32 ulp of their terms (see above): so an output shaped like x is within one ulp of the 16-bit type plus
+    those float32 ulp of the scalar one; float32 statistics and parameter gradients as above."""
+    dt = half_cases.dtype(name)
+    case = half_cases.case(op, 47, (8, 19, 13, 11), layout, dt)
+    bn_simd.set_isa("scalar")
+    scalar = _half_run(op, case)
+    bn_simd.set_isa(other)
+    simd = _half_run(op, case)
+    e16, e32 = float(np.finfo(dt).eps), eps_of(np.float32)
+    expected = {}
+    for ep in half_cases.entries(op, case):
+        expected.update({f"{ep.name}.{k}": v for k, v in half_cases.expected(ep, case).items()})
+    assert simd.keys() == scalar.keys()
+    for k in scalar:
+        spec = ops.output_spec(op, k)
+        if scalar[k] is None:
+            assert simd[k] is None, k
+        elif spec.shape == ops.DATA:
+            a, b = simd[k].astype(np.float64), scalar[k].astype(np.float64)
+            big = np.maximum(np.abs(a), np.abs(b))
+            ulp16 = np.maximum(np.ldexp(e16, np.frexp(np.where(big > 0, big, 1.0))[1] - 1),
+                               float(np.finfo(dt).tiny) * e16)  # (subnormals: a fixed spacing)
+            terms = np.broadcast_to(expected[k].bound, a.shape) / (4 * e16)  # (the terms' magnitude, as above)
+            assert_within(a, b, ulp16 + 4 * e32 * terms, k)
+        else:
+            rtol = reduction_tol(case.n) + (0.0 if spec.float64 else 2 * e32)
             np.testing.assert_allclose(simd[k], scalar[k], rtol=rtol, atol=rtol * np.abs(scalar[k]).max(), err_msg=k)

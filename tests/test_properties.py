@@ -20,6 +20,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import bn_simd  # noqa: E402
 import oracle as ref  # noqa: E402
+import half_cases  # noqa: E402
 import ops  # noqa: E402
 from conftest import (SUPPORTED_ISAS, assert_forward_close, assert_within, backward_bounds,  # noqa: E402
                       forward_bound, make_input, stat_tol)
@@ -346,6 +347,40 @@ def test_no_entry_point_modifies_its_inputs_and_layout_is_invisible(op, data, dt
             else:
                 _assert_bitwise(got[name], e, f"{ep.name}.{name} for a {xview} x / {gview} grad_out, {threads} threads")
         ops.check(ep, case, expected, groups=groups)
+
+
+# ---- 16-bit data (float16, bfloat16): the functional entry points (tests/half_cases.py) --------------------------
+
+@pytest.mark.parametrize("name", half_cases.NAMES)
+@pytest.mark.parametrize("op", ops.OPS, ids=str)
+@_settings(12)
+@given(data=st.data(), xview=st.sampled_from(["contiguous", "fortran", "reversed", "strided", "read-only"]),
+       isa=ISAS, threads=THREADS, seed=st.integers(0, 2 ** 16), affine=st.booleans())
+def test_16_bit_entry_points_match_the_oracle_in_any_memory(op, name, data, xview, isa, threads, seed, affine):
+    """Random geometries of 16-bit data with float32 parameters: each functional entry point, with x in odd memory
+    on any number of threads, gives the bytes of the call on a contiguous x on one thread, modifies none of its
+    inputs, and matches the oracle within the 16-bit bounds."""
+    dt = half_cases.dtype(name)
+    nchw, layout, canon = data.draw(geometries(op=op), label="geometry")
+    assume(half_cases.supports(op, nchw, layout))
+    case = half_cases.case(op, seed, nchw, layout, dt, affine=affine)
+    odd = case.replace(x=_odd(case["x"], xview))
+    groups = None if case["x"].size <= MAX_SMALL else ops.edge_groups(case)
+    for ep in half_cases.entries(op, case):
+        with kernels(isa, threads):
+            c = odd.fresh()
+            frozen = _frozen(**{k: v for k, v in c.arrays.items() if k not in ep.writes})
+            got = ep(c)
+            _assert_not_modified(frozen)
+        with kernels(isa, 1):
+            expected = ep(case.fresh())
+        for k, e in expected.items():
+            if e is None:
+                assert got[k] is None, k
+            else:
+                _assert_bitwise(got[k], e, f"{ep.name}.{k} for a {xview} x, {threads} threads")
+        if groups is None:
+            half_cases.check(ep, case, expected)
 
 
 # ---- training with one value per channel ---------------------------------------------------------------------------

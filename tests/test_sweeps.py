@@ -24,9 +24,11 @@ CASES = [
     ((3, 37, 61, 67), "NHWC", np.float64),   # odd C: thread shares start at every channel
     ((6, 64, 41, 43), "NHWC", np.float32),   # C a multiple of every vector: runs start at y's first aligned element
     ((4, 1296, 11, 13), "NHWC", np.float32),  # wide rows (column strips)
-    ((96, 2048, 7, 7), "NCHW", np.float32),   # 7x7 maps: thread shares cut runs of one channel
-    ((2, 4, 731, 731), "NCHW", np.float32),   # the sweep streams (more than 32 MiB touched)
+    ((12, 2048, 7, 7), "NCHW", np.float32),   # 7x7 maps: thread shares cut runs of one channel
+    ((2, 4, 211, 211), "NCHW", np.float32),   # the sweep streams (at a threshold lowered to STREAMED's)
 ]
+# shapes whose sweeps stream: the threshold (32 MiB by default) lowered to this for them
+STREAMED = {(2, 4, 211, 211): 1 << 20}
 IDS = ["-".join(["x".join(map(str, s)), l, np.dtype(d).name]) for s, l, d in CASES]
 
 
@@ -40,6 +42,7 @@ def _shifted_empty(shape, dtype, shift):
 @pytest.mark.parametrize("nchw_shape,layout,dtype", CASES, ids=IDS)
 def test_training_normalise_is_bitwise_normalize_for_every_split_alignment_and_in_place(nchw_shape, layout, dtype,
                                                                                         isa, threads):
+    _core.set_stream_bytes(STREAMED.get(nchw_shape))  # (None: the default; conftest restores it)
     use_slab(0)  # channels-first: the statistics sweep, then the normalise sweep, on every CPU
     use_strips("strips" if nchw_shape[1] > 1000 else "cpu")
     x = make_input(nchw_shape, layout, dtype, seed=70, loc=1.5, scale=2.0)
@@ -64,6 +67,7 @@ def test_training_normalise_is_bitwise_normalize_for_every_split_alignment_and_i
 @pytest.mark.parametrize("nchw_shape,layout,dtype", CASES, ids=IDS)
 def test_dx_sweep_is_bitwise_the_same_for_every_split_alignment_path_and_in_place(nchw_shape, layout, dtype, isa,
                                                                                   threads):
+    _core.set_stream_bytes(STREAMED.get(nchw_shape))
     use_strips("strips" if nchw_shape[1] > 1000 else "cpu")
     x = make_input(nchw_shape, layout, dtype, seed=72, loc=-1.0, scale=2.0)
     dy = make_input(nchw_shape, layout, dtype, seed=73, loc=0.1)
@@ -161,13 +165,15 @@ def test_outputs_at_every_offset_leave_their_neighbours_alone(layout, nchw_shape
             np.testing.assert_array_equal(res, expected, err_msg=f"{name}, output at element {lo}")
 
 
-@pytest.mark.parametrize("dtype,C,mib", [(np.float32, 1024, 8), (np.float64, 512, 8), (np.float32, 1536, 8),
-                                         (np.float32, 1024, 17)])  # 17 MiB: the output streams (34 MiB touched)
-def test_interleaved_coefficients_give_the_bits_of_the_three_arrays(dtype, C, mib, isa, threads):
+# (the last: the output streams, the threshold lowered to 16 MiB: 18 MiB touched)
+@pytest.mark.parametrize("dtype,C,mib,stream", [(np.float32, 1024, 8, None), (np.float64, 512, 8, None),
+                                                (np.float32, 1536, 8, None), (np.float32, 1024, 9, 16 << 20)])
+def test_interleaved_coefficients_give_the_bits_of_the_three_arrays(dtype, C, mib, stream, isa, threads):
     """Flat channels-last normalise sweeps of inputs of 8 MiB and more whose coefficients take 12 KiB or more read
     them interleaved (batchnorm.inc, cl_il_alloc), from a group origin that depends on the output's alignment; the
     column strips read the three arrays. Both give the same bits, for every output offset and thread count, stored
     or streamed, and agree with the float64 oracle."""
+    _core.set_stream_bytes(stream)
     rows = (mib << 20) // (C * np.dtype(dtype).itemsize) + 3
     rng = np.random.default_rng(80)
     x = rng.standard_normal((rows, C)).astype(dtype) * 3.0 - 1.25

@@ -8,10 +8,11 @@ Needs PyTorch (an optional dependency: ``import bn_simd`` never imports it; this
     >>> y = bt.batch_norm(x, rm, rv, w, b, training=True)   # torch.nn.functional's signature; autograd works
     >>> layer = bt.BatchNorm2d(64)                      # torch.nn.BatchNorm2d's constructor and state dict
 
-What runs on the kernels: float32 and float64 CPU tensors, contiguous or channels-last (``torch.channels_last``,
-``torch.channels_last_3d``), read and written in place (the output keeps the input's memory format); other strides
-are copied once. Everything else (float16, bfloat16, other devices, tracing and compiling, forward-mode AD) is
-PyTorch's own implementation, so a converted model still runs anywhere. Gradients of input, weight and bias are
+What runs on the kernels: float32, float64, float16 and bfloat16 CPU tensors (16-bit ones with parameters of their
+dtype or float32, PyTorch's mixed rule; float32 math, one rounding of each output; bfloat16 without ml_dtypes),
+contiguous or channels-last (``torch.channels_last``, ``torch.channels_last_3d``), read and written in place (the
+output keeps the input's memory format); other strides are copied once. Everything else (other dtypes and devices,
+tracing and compiling, forward-mode AD) is PyTorch's own implementation, so a converted model still runs anywhere. Gradients of input, weight and bias are
 PyTorch's (checked with ``torch.autograd.gradcheck``); second derivatives (``create_graph=True``) are not supported.
 """
 try:

@@ -1,8 +1,9 @@
 """autograd Functions over the kernels: batch norm, group norm, instance norm.
 
 Each forward runs the kernels on NumPy views of the tensors (see _bridge) and keeps the statistics it normalised
-with, in float64 for batch norm ((C,)) and in x's dtype for group and instance norm ((N, groups)); each backward
-returns the gradients of input, weight and bias that PyTorch's autograd gives, from the formulas of
+with, in float64 for batch norm ((C,)) and in x's dtype for group and instance norm ((N, groups); float32 for
+float16/bfloat16 x); each backward returns the gradients of input, weight and bias that PyTorch's autograd gives (the
+parameters' in their dtype, float32 parameters of 16-bit data included), from the formulas of
 :func:`bn_simd.batch_norm_backward` and :func:`bn_simd.group_norm_backward`. The backwards are not themselves
 differentiable (``once_differentiable``): a second derivative (``create_graph=True``) raises.
 """
@@ -14,10 +15,16 @@ from .. import functional as F
 from . import _bridge as B
 
 
-def _param_grad(a, x, needed):
-    """A per-channel gradient (ndarray) as a tensor of x's dtype (weight's), or None when autograd does not ask for
-    it."""
-    return torch.from_numpy(a).to(x.dtype) if needed else None
+def _dtype(weight, bias):
+    """The dtype of the per-channel parameters given (they share one), None without any."""
+    t = weight if weight is not None else bias
+    return None if t is None else t.dtype
+
+
+def _param_grad(a, dtype, needed):
+    """A per-channel gradient (ndarray) as a tensor of dtype, its parameter's (weight and bias share one: float32
+    parameters of 16-bit data included), or None when autograd does not ask for it."""
+    return B.grad_as(a, dtype) if needed else None
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -38,6 +45,7 @@ class BatchNormFunction(torch.autograd.Function):
         if training and running_mean is not None:
             torch.autograd.graph.increment_version([running_mean, running_var])
         ctx.save_for_backward(x, weight)
+        ctx.param_dtype = _dtype(weight, bias)
         ctx.stats = (mean, invstd, bool(training), layout)
         return y
 
@@ -58,8 +66,8 @@ class BatchNormFunction(torch.autograd.Function):
             # grad_bias = sum dy, grad_weight = invstd * sum dy (x - mean)
             gb, sum_dyxm = F.backward_reduce(ga, xa, mean, layout=layout)
             gw = sum_dyxm * invstd
-        return (grad_x, _param_grad(gw, x, need_w), _param_grad(gb, x, need_b), None, None, None, None,
-                None, None)
+        pd = ctx.param_dtype
+        return (grad_x, _param_grad(gw, pd, need_w), _param_grad(gb, pd, need_b), None, None, None, None, None, None)
 
 
 class GroupNormFunction(torch.autograd.Function):
@@ -73,6 +81,7 @@ class GroupNormFunction(torch.autograd.Function):
         _, mean, invstd = _core.group_norm(xa, num_groups, views[0], views[1], eps, layout, B.array(y, layout),
                                            B._threads(), 1)
         ctx.save_for_backward(x, weight)
+        ctx.param_dtype = _dtype(weight, bias)
         ctx.stats = (mean, invstd, num_groups, layout)
         return y
 
@@ -85,8 +94,9 @@ class GroupNormFunction(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         _, gw, gb = _core.group_norm_backward(B.array(grad_y, layout), B.array(x, layout), mean, invstd, num_groups,
                                               B.vec(weight), layout, B.array(grad_x, layout), B._threads())
-        return (grad_x if need_x else None, None, _param_grad(gw, x, need_w), _param_grad(gb, x, need_b),
-                None, None)
+        pd = ctx.param_dtype
+        return (grad_x if need_x else None, None, _param_grad(gw, pd, need_w), _param_grad(gb, pd, need_b), None,
+                None)
 
 
 class InstanceNormFunction(torch.autograd.Function):
@@ -104,6 +114,7 @@ class InstanceNormFunction(torch.autograd.Function):
         if running_mean is not None:
             torch.autograd.graph.increment_version([running_mean, running_var])
         ctx.save_for_backward(x, weight)
+        ctx.param_dtype = _dtype(weight, bias)
         ctx.stats = (mean, invstd, layout)
         return y
 
@@ -116,5 +127,6 @@ class InstanceNormFunction(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         _, gw, gb = _core.group_norm_backward(B.array(grad_y, layout), B.array(x, layout), mean, invstd, None,
                                               B.vec(weight), layout, B.array(grad_x, layout), B._threads(), True)
-        return (grad_x if need_x else None, _param_grad(gw, x, need_w), _param_grad(gb, x, need_b), None,
-                None, None, None, None)
+        pd = ctx.param_dtype
+        return (grad_x if need_x else None, _param_grad(gw, pd, need_w), _param_grad(gb, pd, need_b), None, None,
+                None, None, None)

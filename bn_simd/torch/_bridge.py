@@ -1,7 +1,7 @@
 """Tensors as the NumPy arrays the kernels read and write, without copies where memory allows.
 
-A CPU float32/float64 tensor x of rank r >= 2 is handed to the kernels in place when its memory is dense in one of
-two orders:
+A CPU float32, float64, float16 or bfloat16 tensor x of rank r >= 2 is handed to the kernels in place when its memory
+is dense in one of two orders:
 
 * C order (``torch.contiguous_format``): the array ``x.numpy()``, shaped (N, C, *spatial), layout "NCHW";
 * channels last (``torch.channels_last`` for rank 4, ``torch.channels_last_3d`` for rank 5, and the same order for
@@ -10,6 +10,11 @@ two orders:
 Outputs and gradients are allocated with ``torch.empty_like(x)``, which keeps x's strides, and viewed the same way,
 so a result has its input's memory format. Any other strides (slices, expanded or permuted spatial axes) are copied
 once to C order, and the result is C-ordered.
+
+NumPy has float16 but no bfloat16: a bfloat16 tensor's memory is viewed as ``bn_simd._args.BF16_BITS`` (uint16
+tagged as bfloat16 bits, which the kernels' checks take as bfloat16 data), so ml_dtypes is not needed. Per-channel
+tensors have the input's dtype, or float32 for 16-bit input (PyTorch's mixed rule); they are read as float64 and the
+running statistics written back rounded once to their dtype.
 """
 import numbers
 
@@ -18,9 +23,11 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.overrides import has_torch_function
 
+from .._args import BF16_BITS
 from ..functional import _threads  # noqa: F401  (the thread count of a call, re-exported for the modules here)
 
-FLOATS = (torch.float32, torch.float64)
+HALF = (torch.float16, torch.bfloat16)
+FLOATS = (torch.float32, torch.float64) + HALF
 
 
 # the permutation that moves axis 1 (channels) last, per rank
@@ -28,7 +35,12 @@ _CHANNELS_LAST = {3: (0, 2, 1), 4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
 
 
 def _numpy(t):
-    return (t.detach() if t.requires_grad else t).numpy()
+    """t's memory as an ndarray (a view): of t's dtype, or BF16_BITS for bfloat16."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype is torch.bfloat16:
+        return t.view(torch.int16).numpy().view(BF16_BITS)
+    return t.numpy()
 
 
 def _in_layout(a):
@@ -84,15 +96,15 @@ def vec(t):
     statistics), or None."""
     if t is None:
         return None
-    return (t.detach() if t.requires_grad else t).numpy()
+    return _numpy(t)
 
 
 def input_supported(x, ranks, eps):
-    """True when the kernels can run a call on input x (any per-channel tensors aside); False sends it to PyTorch's
-    own implementation: other devices and dtypes, ranks the kernels do not cover, eps <= 0, tensor subclasses with
-    ``__torch_function__``, and calls made while tracing or compiling a graph (which must record PyTorch's operator)
-    or inside a forward-mode AD level (the Functions here have no forward derivative). Raises TypeError when x is
-    not a tensor."""
+    """True when the kernels can run a call on input x (any per-channel tensors aside): float32, float64, float16 or
+    bfloat16 on the CPU. False sends it to PyTorch's own implementation: other devices and dtypes, ranks the kernels do
+    not cover, eps <= 0, tensor subclasses with ``__torch_function__``, and calls made while tracing or compiling a
+    graph (which must record PyTorch's operator) or inside a forward-mode AD level (the Functions here have no forward
+    derivative). Raises TypeError when x is not a tensor."""
     if type(x) is not torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
@@ -107,11 +119,18 @@ def input_supported(x, ranks, eps):
     return not (eps <= 0.0 if type(eps) is float else isinstance(eps, numbers.Real) and not eps > 0)
 
 
+def param_dtype_ok(x, t):
+    """A per-channel tensor's dtype suits input x: x's own, or float32 for float16/bfloat16 x (PyTorch's mixed
+    rule: half data with float32 parameters)."""
+    return t.dtype is x.dtype or (t.dtype is torch.float32 and x.dtype in HALF)
+
+
 def channels_supported(x, channel_args):
     """True when every per-channel tensor of channel_args ((name, tensor or None) pairs) is a CPU tensor the
     kernels can read beside x; False sends the call to PyTorch. Raises TypeError for arguments that PyTorch would
-    refuse too: not tensors, or of a dtype other than x's (PyTorch's CPU kernels refuse mixed dtypes for float32 and
-    float64 input)."""
+    refuse too: not tensors, of a dtype other than x's (for float16/bfloat16 x: other than x's or float32), or of
+    both x's dtype and float32 in one call (PyTorch's CPU kernels refuse mixed parameter dtypes)."""
+    first = None
     for name, t in channel_args:
         if t is None:
             continue
@@ -121,8 +140,14 @@ def channels_supported(x, channel_args):
             return False
         if not t.is_cpu or t.layout != torch.strided or t.is_neg():
             return False
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} must have the dtype of input ({x.dtype}), got {t.dtype}")
+        if not param_dtype_ok(x, t):
+            also = " or float32" if x.dtype in HALF else ""
+            raise TypeError(f"{name} must have the dtype of input ({x.dtype}){also}, got {t.dtype}")
+        if first is None:
+            first = (name, t.dtype)
+        elif t.dtype is not first[1]:
+            raise TypeError(f"{name} must have the dtype of {first[0]} ({first[1]}): the per-channel tensors of a "
+                            f"call share one dtype, got {t.dtype}")
     return True
 
 
@@ -154,10 +179,15 @@ def module_views(module, x, tensors):
                 break
         else:
             return c[3]
+    dtypes = set()
     for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or not t.is_cpu or t.layout != torch.strided
-                              or t.dtype is not x.dtype or t.is_neg()):
-            return None
+        if t is not None:
+            if (type(t) not in _PLAIN or not t.is_cpu or t.layout != torch.strided or not param_dtype_ok(x, t)
+                    or t.is_neg()):
+                return None
+            dtypes.add(t.dtype)
+    if len(dtypes) > 1:
+        return None  # (the general checks refuse mixed parameter dtypes)
     views = tuple(vec(t) for t in tensors)
     d[VIEWS_KEY] = (x.dtype, tuple(tensors), tuple(None if t is None else t.data_ptr() for t in tensors), views)
     return views
@@ -189,7 +219,7 @@ def output(x, layout, out):
     tensor to copy y into afterwards when out's memory is not in x's order (else None)."""
     if out is None:
         y = torch.empty_like(x)  # (x dense: y gets its strides, so y's array in x's layout is C-contiguous)
-        a = y.numpy()
+        a = _numpy(y)
         return y, (a if layout == "NCHW" else a.transpose(_CHANNELS_LAST[a.ndim])), None
     check_out(out, x)
     a = _numpy(out)
@@ -231,5 +261,12 @@ def no_out_with_grad(out):
 
 
 def from_array(a):
-    """An ndarray result (per-channel gradients) as a tensor sharing its memory."""
+    """An ndarray result (per-channel gradients) as a tensor sharing its memory (bfloat16 for BF16_BITS)."""
+    if a.dtype is BF16_BITS:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
+
+
+def grad_as(a, dtype):
+    """A per-channel gradient (ndarray) as a tensor of the dtype of the parameter it belongs to."""
+    return from_array(np.asarray(a)).to(dtype)

@@ -1,9 +1,10 @@
 """``torch.nn.functional``'s batch_norm, group_norm and instance_norm on bn_simd's kernels.
 
 Same names, positional order, defaults and semantics as PyTorch's, plus a keyword ``out=``. A call runs on the
-kernels when the input is a float32/float64 CPU tensor of a rank they cover (batch and group norm 2 to 5, instance
-norm 3 to 5) and every per-channel tensor given is a CPU tensor of the input's dtype; any other call (float16,
-bfloat16, other devices, other ranks, eps <= 0, tensor subclasses with ``__torch_function__``, calls made while
+kernels when the input is a float32, float64, float16 or bfloat16 CPU tensor of a rank they cover (batch and group
+norm 2 to 5, instance norm 3 to 5) and every per-channel tensor given is a CPU tensor of the input's dtype (or, for
+16-bit input, every one float32: PyTorch's mixed rule, with float32 statistics and parameter gradients); any other
+call (other dtypes, other devices, other ranks, eps <= 0, tensor subclasses with ``__torch_function__``, calls made while
 tracing or compiling a graph, which must record PyTorch's own operator, and calls inside forward-mode AD) is
 PyTorch's own function, with its result copied into ``out`` when given.
 
@@ -51,13 +52,14 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     ``(1 - momentum) running + momentum batch`` (unbiased variance); training=False: the running statistics.
 
     input : tensor (N, C, *spatial), rank 2..5 on the kernels (other ranks: PyTorch's function).
-    running_mean, running_var : tensors (C,) of input's dtype, or None (required when training=False).
-    weight, bias : tensors (C,) of input's dtype, or None (1 and 0).
+    running_mean, running_var : tensors (C,) of input's dtype (or float32 for float16/bfloat16 input, as every
+        per-channel tensor of the call), or None (required when training=False).
+    weight, bias : tensors (C,) of the same dtype, or None (1 and 0).
     out : tensor of input's shape and dtype on the CPU, or None; written in place (it may be input itself) and
         returned. Refused when autograd would record the call.
 
     Returns y, in input's memory format. Raises TypeError for wrong types or dtypes (a per-channel tensor whose
-    dtype is not input's, as PyTorch does), ValueError for wrong shapes or values (one value per channel when
+    dtype is not input's, or float32 for 16-bit input, or per-channel tensors of both, as PyTorch does), ValueError for wrong shapes or values (one value per channel when
     training); a call that raises changes nothing.
     """
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, out, None)
@@ -94,7 +96,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None)
     group g = c // (C / num_groups) over those channels and every spatial position (biased variance).
 
     input : tensor (N, C, *spatial), rank 2..5 on the kernels. num_groups : int dividing C.
-    weight, bias : tensors (C,) of input's dtype, or None. out : as in :func:`batch_norm`.
+    weight, bias : tensors (C,) of input's dtype (or float32 for 16-bit input), or None. out : as in
+        :func:`batch_norm`.
 
     Returns y, in input's memory format. Raises TypeError / ValueError as :func:`batch_norm` (num_groups not
     dividing C, one value per group).

@@ -4,8 +4,10 @@ Each class subclasses its ``torch.nn`` namesake and replaces only the call into 
 constructor signature (``device=``, ``dtype=`` included), parameters, buffers, ``state_dict`` keys (old checkpoints
 without ``num_batches_tracked`` included), ``reset_parameters``, ``repr`` and ``isinstance(m, torch.nn.BatchNorm2d)``
 are PyTorch's, and state dicts load both ways. The forward is :mod:`bn_simd.torch.functional`'s, which hands to
-PyTorch's own implementation what the kernels do not cover (dtypes other than float32/float64, devices other than
-the CPU, graph tracing and compiling; see there).
+PyTorch's own implementation what the kernels do not cover (dtypes other than float32, float64, float16 and
+bfloat16, devices other than the CPU, graph tracing and compiling; see there). float16/bfloat16 input runs with
+parameters and buffers of its dtype (a module converted with ``.half()`` / ``.bfloat16()``) or float32 ones
+(PyTorch's mixed rule: a float32 module given half data).
 
 One difference from PyTorch: a call that raises leaves ``num_batches_tracked`` as it was (PyTorch counts the batch
 before its checks).
@@ -22,6 +24,8 @@ from .rownorm_modules import LayerNorm, RMSNorm
 # general call, and their addresses. Left out of pickles and copies, as B.VIEWS_KEY.
 EVAL_KEY = "_bn_simd_eval"
 _RANKS = {torch.nn.BatchNorm1d: (2, 3), torch.nn.BatchNorm2d: (4,), torch.nn.BatchNorm3d: (5,)}
+# a dtype as the fast path reads it from a DLPack export: code << 8 | bits (float 2, bfloat 4)
+_DLPACK_KEYS = {torch.float32: 0x220, torch.float64: 0x240, torch.float16: 0x210, torch.bfloat16: 0x410}
 _Tensor, _empty_like, _grad_enabled, _is_tracing = torch.Tensor, torch.empty_like, torch.is_grad_enabled, torch._C._is_tracing
 _is_compiling = torch.compiler.is_compiling
 
@@ -71,8 +75,9 @@ def _cache_eval(self, input, tensors, views):
     if any(a is not None and (a.shape != (C,) or not a.flags.c_contiguous) for a in views):
         return
     ranks = next((r for cls, r in _RANKS.items() if isinstance(self, cls)), ())
-    self.__dict__[EVAL_KEY] = (C, 32 if input.dtype is torch.float32 else 64, sum(1 << r for r in ranks), *tensors,
-                               *(None if t is None else t.data_ptr() for t in tensors))
+    pdt = next(t.dtype for t in tensors if t is not None)  # (the general checks: all of one dtype)
+    self.__dict__[EVAL_KEY] = (C, _DLPACK_KEYS[input.dtype], sum(1 << r for r in ranks), *tensors,
+                               *(None if t is None else t.data_ptr() for t in tensors), _DLPACK_KEYS[pdt])
 
 
 def _getstate(self):

@@ -7,8 +7,10 @@ variance for layer norm, mean square for RMS norm), then scaled (and shifted) by
     layer_norm:  y = (x - mean) / sqrt(var + eps) * weight + bias
     rms_norm:    y = x / sqrt(mean(x^2) + eps) * weight          (eps None: torch.finfo(input.dtype).eps)
 
-A call runs on the kernels when the input is a float32/float64 CPU tensor and weight and bias, when given, are CPU
-tensors of the input's dtype. Any other call (float16, bfloat16, other devices, eps <= 0, tensor subclasses with
+A call runs on the kernels when the input is a float32, float64, float16 or bfloat16 CPU tensor and weight and bias,
+when given, are CPU tensors of the input's dtype (or both float32 for 16-bit input: PyTorch's mixed rule; the
+statistics are then float32 and the parameters' gradients have their dtype). Any other call (other dtypes, other
+devices, eps <= 0, tensor subclasses with
 ``__torch_function__``, calls made while tracing or compiling a graph, which must record PyTorch's operator, and
 calls inside forward-mode AD) is PyTorch's own function, its result copied into ``out`` when given.
 
@@ -70,7 +72,7 @@ def _empty(xa):
     """(tensor, ndarray) sharing a new C-contiguous array of xa's shape and dtype (NumPy's allocation and one
     torch.from_numpy cost a third of torch.empty and Tensor.numpy on small rows)."""
     a = np.empty(xa.shape, xa.dtype)
-    return torch.from_numpy(a), a
+    return B.from_array(a), a
 
 
 def _output(x, xa, out):
@@ -93,7 +95,7 @@ def _torch_result(fn, out, *tensors):
 
 def _grad(a, like):
     """A per-column gradient (ndarray) as a tensor of like's shape and dtype."""
-    return torch.from_numpy(a).to(like.dtype).reshape(like.shape)
+    return B.grad_as(a, like.dtype).reshape(like.shape)
 
 
 # ---- layer norm -----------------------------------------------------------------------------------------------------
@@ -101,16 +103,18 @@ def _grad(a, like):
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
     """Layer normalization (``torch.nn.functional.layer_norm``).
 
-    input : tensor (*, *normalized_shape); float32/float64 CPU tensors run on the kernels.
+    input : tensor (*, *normalized_shape); float32, float64, float16 and bfloat16 CPU tensors run on the kernels.
     normalized_shape : int or sequence of ints, the trailing dims normalised together (a row).
-    weight, bias : tensors of shape normalized_shape and input's dtype, or None (1 and 0).
+    weight, bias : tensors of shape normalized_shape and input's dtype (float32 too for 16-bit input), or None (1
+        and 0).
     eps : float > 0 added to the variance (eps <= 0: PyTorch's function).
     out : tensor of input's shape and dtype on the CPU, or None; written (it may be input itself) and returned.
         Refused when autograd would record the call.
 
-    Returns y, C-contiguous, of input's shape and dtype. Raises TypeError for wrong types or dtypes (weight or bias
-    of a dtype other than input's), ValueError for wrong shapes (normalized_shape not the trailing dims of input,
-    weight or bias not of shape normalized_shape); a call that raises changes nothing.
+    Returns y, C-contiguous, of input's shape and dtype. Raises TypeError for wrong types or dtypes (weight or bias of a
+    dtype other than input's, or float32 for 16-bit input; weight and bias of different dtypes), ValueError for wrong
+    shapes (normalized_shape not the trailing dims of input, weight or bias not of shape normalized_shape); a call that
+    raises changes nothing.
     """
     return _layer_norm(input, normalized_shape, weight, bias, eps, out, None)
 
@@ -169,9 +173,9 @@ class LayerNormFunction(torch.autograd.Function):
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None):
     """Root-mean-square normalization (``torch.nn.functional.rms_norm``).
 
-    input : tensor (*, *normalized_shape); float32/float64 CPU tensors run on the kernels.
+    input : tensor (*, *normalized_shape); float32, float64, float16 and bfloat16 CPU tensors run on the kernels.
     normalized_shape : int or sequence of ints, the trailing dims normalised together (a row).
-    weight : tensor of shape normalized_shape and input's dtype, or None (1).
+    weight : tensor of shape normalized_shape and input's dtype (float32 too for 16-bit input), or None (1).
     eps : float > 0 added to the mean square, or None: the machine epsilon of input's dtype, as PyTorch
         (eps <= 0: PyTorch's function).
     out : as in :func:`layer_norm`.

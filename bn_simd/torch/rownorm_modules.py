@@ -20,9 +20,9 @@ def _getstate(self):
 
 
 class LayerNorm(torch.nn.LayerNorm):
-    """``torch.nn.LayerNorm`` on bn_simd's kernels: input (*, *normalized_shape), float32/float64 on the CPU
-    (others: PyTorch's function). Raises as :func:`bn_simd.torch.layer_norm` (ValueError for an input whose trailing
-    dims are not normalized_shape)."""
+    """``torch.nn.LayerNorm`` on bn_simd's kernels: input (*, *normalized_shape), float32, float64, float16 or
+    bfloat16 on the CPU (others: PyTorch's function); parameters of the input's dtype or float32. Raises as
+    :func:`bn_simd.torch.layer_norm` (ValueError for an input whose trailing dims are not normalized_shape)."""
     __getstate__ = _getstate
 
     def forward(self, input):
@@ -33,8 +33,9 @@ class LayerNorm(torch.nn.LayerNorm):
 
 
 class RMSNorm(torch.nn.RMSNorm):
-    """``torch.nn.RMSNorm`` on bn_simd's kernels: input (*, *normalized_shape), float32/float64 on the CPU (others:
-    PyTorch's function); eps None is the machine epsilon of the input's dtype, as PyTorch. Raises as
+    """``torch.nn.RMSNorm`` on bn_simd's kernels: input (*, *normalized_shape), float32, float64, float16 or
+    bfloat16 on the CPU (others: PyTorch's function); parameters of the input's dtype or float32; eps None is the
+    machine epsilon of the input's dtype (float32's for 16-bit input), as PyTorch. Raises as
     :func:`bn_simd.torch.rms_norm`."""
     __getstate__ = _getstate
 

@@ -33,17 +33,22 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, comm, mode, shift, views):
         x, layout, xa = B.dense(x)
+        xw = _wide(x)
+        if xw is not x:
+            xa = B.array(xw, layout)
         rm, rv, w, b = views
         mean, var, n = S.sync_batch_stats(xa, comm, layout=layout, mode=mode, shift=shift)
         S._check_count(n, tuple(x.shape))
-        y = torch.empty_like(x)
+        y = torch.empty_like(xw)
         NF.normalize(xa, mean, var, w, b, eps=eps, layout=layout, out=B.array(y, layout))
+        y = y.to(x.dtype)  # (16-bit x: the float32 result rounded once)
         if rm is not None and n > 0:
             NF.update_running_stats(rm, rv, mean, var, n, momentum, unbiased=True)
             torch.autograd.graph.increment_version([running_mean, running_var])
         if n > 0 and np.all(np.isfinite(mean)):
             shift[:] = mean  # (the same on every rank: the next call's exchange is relative to it)
         ctx.save_for_backward(x, weight)
+        ctx.param_dtype = (weight if weight is not None else bias if bias is not None else x).dtype
         ctx.stats = (mean, 1.0 / np.sqrt(var + eps), layout, comm, mode)
         return y
 
@@ -54,13 +59,22 @@ class SyncBatchNormFunction(torch.autograd.Function):
         mean, invstd, layout, comm, mode = ctx.stats
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # (grad_x computed whatever autograd asks: every rank must take part in the same exchanges)
-        grad_x = torch.empty_like(x)
-        _, gw, gb = S.sync_batch_norm_backward(B.array(grad_y, layout), B.array(x, layout), mean, invstd,
+        xw = _wide(x)
+        grad_x = torch.empty_like(xw)
+        _, gw, gb = S.sync_batch_norm_backward(B.array(_wide(grad_y), layout), B.array(xw, layout), mean, invstd,
                                                B.vec(weight), comm, layout=layout, mode=mode,
                                                out=B.array(grad_x, layout))
-        gw = torch.from_numpy(np.asarray(gw)).to(x.dtype) if need_w else None
-        gb = torch.from_numpy(np.asarray(gb)).to(x.dtype) if need_b else None
-        return (grad_x if need_x else None, gw, gb) + (None,) * 8
+        pd = ctx.param_dtype
+        gw = B.grad_as(gw, pd) if need_w else None
+        gb = B.grad_as(gb, pd) if need_b else None
+        return (grad_x.to(x.dtype) if need_x else None, gw, gb) + (None,) * 8
+
+
+def _wide(t):
+    """t, or a float32 copy of a float16/bfloat16 t (memory format kept): the exchanges of bn_simd.sync carry the
+    moments of float32/float64 data, so synchronised 16-bit data is widened once (exactly) and its results rounded
+    once."""
+    return t.float() if t.dtype in B.HALF else t
 
 
 def _communicator(process_group):
@@ -90,14 +104,16 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     allreduce of 2 C + 1 float64 each way). ``process_group``: a ``torch.distributed`` process group with a CPU
     backend (gloo), None (the default group), or an object implementing :mod:`bn_simd.sync`'s communicator protocol.
 
-    Input (N, C, *spatial) of rank 2..5, float32/float64 on the CPU, contiguous or channels-last (read in place;
-    the output keeps the input's memory format). In training mode, when torch.distributed is initialised with more
-    than one process in the group (or process_group is a protocol object), every rank must call forward and
-    backward together: each gets its piece of y and grad_x, and the statistics, grad_weight, grad_bias and running
-    statistics (unbiased variance, ``momentum`` or the cumulative average when None) of one process normalising the
-    pieces concatenated in rank order; pieces may differ in size, including 0. Otherwise (eval mode, which never
-    synchronises, as in PyTorch; no distributed job) it is :class:`bn_simd.torch.BatchNorm2d`'s forward, and inputs
-    the kernels do not cover (other dtypes and devices, graph capture) go to PyTorch's own SyncBatchNorm.
+    Input (N, C, *spatial) of rank 2..5, float32/float64 on the CPU, contiguous or channels-last (read in place; the
+    output keeps the input's memory format); float16/bfloat16 input (parameters of its dtype or float32) is widened to a
+    float32 copy for a synchronised call, its y and grad_x rounded once to its dtype. In training mode, when
+    torch.distributed is initialised with more than one process in the group (or process_group is a protocol object),
+    every rank must call forward and backward together: each gets its piece of y and grad_x, and the statistics,
+    grad_weight, grad_bias and running statistics (unbiased variance, ``momentum`` or the cumulative average when None)
+    of one process normalising the pieces concatenated in rank order; pieces may differ in size, including 0. Otherwise
+    (eval mode, which never synchronises, as in PyTorch; no distributed job) it is :class:`bn_simd.torch.BatchNorm2d`'s
+    forward, and inputs the kernels do not cover (other dtypes and devices, graph capture) go to PyTorch's own
+    SyncBatchNorm.
 
     Raises ValueError for input of rank < 2, zero channels, one value per channel over all ranks when training, or
     a bad mode, TypeError for input the kernels do not cover with a protocol object as process_group; a rank
@@ -143,9 +159,10 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         if views is None:
             if not isinstance(self.process_group, _process_group_type()) and self.process_group is not None:
                 # (PyTorch's forward would normalise this rank alone: a silently wrong result)
-                raise TypeError(f"input must be a float32/float64 CPU tensor (with weight, bias and running "
-                                f"statistics of its dtype) to be synchronised over a bn_simd.sync communicator, got "
-                                f"{input.dtype} on {input.device}")
+                raise TypeError(f"input must be a float32, float64, float16 or bfloat16 CPU tensor (with weight, bias "
+                                f"and running statistics of its dtype, or float32 for 16-bit input) to be "
+                                f"synchronised over a bn_simd.sync communicator, got {input.dtype} on "
+                                f"{input.device}")
             return super().forward(input)
         counter = buffers.get("num_batches_tracked")
         counting = track and counter is not None
