@@ -110,8 +110,12 @@ class BuildExt(build_ext):
         api = self.compiler.compile(API_SOURCES, output_dir=self.build_temp, include_dirs=ext.include_dirs,
                                     macros=[("BN_SIMD_VERSION", f'"{version()}"')], extra_postargs=extra,
                                     depends=ext.depends)
-        objects = self.compiler.object_filenames(PORTABLE_SOURCES, output_dir=self.build_temp)
-        objects += ext.extra_objects + api
+        # the library's objects of the extension (not the Cython module's), and the API's
+        objects = self.compiler.object_filenames(PORTABLE_SOURCES + list(ISA_FLAGS), output_dir=self.build_temp)
+        objects += api
+        archive = self.compiler.library_filename("bn_simd", output_dir=libdir)
+        if os.path.exists(archive):  # (ar adds to an archive: start afresh)
+            os.remove(archive)
         self.compiler.create_static_lib(objects, "bn_simd", output_dir=libdir)
         self.compiler.link_shared_object(objects, os.path.join(libdir, "libbn_simd.so"), libraries=["m"],
                                          extra_postargs=link + ["-Wl,-soname,libbn_simd.so"])
