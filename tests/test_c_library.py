@@ -126,22 +126,31 @@ def test_the_api_on_a_thread_pool_and_in_a_workspace(package_built):
 @pytest.fixture(scope="session")
 def cmake_install(workdir):
     """A CMake build without OpenMP (the other configuration than the package's: its results are the same bits) at
-    -O0 (a quick build; the flags otherwise as src/sources.txt), installed into a prefix."""
+    -O0 (a quick build; the flags otherwise as src/sources.txt), with the C tests configured (BN_SIMD_TESTS), installed
+    into a prefix. Returns (build directory, prefix). Of the tests only the API's is built: the kernel test's program
+    is the one tests/test_c_kernels.py builds and runs with the package's flags."""
     if not _which("cmake"):
         pytest.skip("cmake not installed (pip install cmake)")
     build, prefix = os.path.join(workdir, "cbuild"), os.path.join(workdir, "prefix")
     _run(["cmake", "-S", ROOT, "-B", build, "-DBN_SIMD_OPT=-O0", "-DCMAKE_BUILD_TYPE=None", "-DBN_SIMD_OPENMP=OFF",
-          f"-DCMAKE_INSTALL_PREFIX={prefix}"])
-    _run(["cmake", "--build", build, "-j", "2"])
+          "-DBN_SIMD_TESTS=ON", f"-DCMAKE_INSTALL_PREFIX={prefix}"])
+    _run(["cmake", "--build", build, "-j", "2", "--target", "bn_simd", "bn_simd_static", "bn_test_api"])
     _run(["cmake", "--install", build])
-    return prefix
+    return build, prefix
+
+
+def test_ctest_runs_the_c_api_test(cmake_install):
+    build, _ = cmake_install
+    out = _run(["ctest", "--output-on-failure", "-R", "c_api"], cwd=build)
+    assert "100% tests passed" in out, out
 
 
 def test_cmake_installs_the_header_libraries_pkg_config_and_package_files(cmake_install):
-    libdir = os.path.join(cmake_install, "lib")
+    _, prefix = cmake_install
+    libdir = os.path.join(prefix, "lib")
     for rel in ("include/bn_simd_api.h", "lib/libbn_simd.a", "lib/libbn_simd.so", "lib/pkgconfig/bn_simd.pc",
                 "lib/cmake/bn_simd/bn_simdConfig.cmake", "lib/cmake/bn_simd/bn_simdConfigVersion.cmake"):
-        assert os.path.exists(os.path.join(cmake_install, rel)), rel
+        assert os.path.exists(os.path.join(prefix, rel)), rel
     if _which("nm"):
         out = _run(["nm", "-D", "--defined-only", os.path.join(libdir, "libbn_simd.so")])
         names = {line.split()[-1] for line in out.splitlines()}
@@ -153,7 +162,7 @@ def test_cmake_installs_the_header_libraries_pkg_config_and_package_files(cmake_
 def test_the_c_example_built_with_pkg_config_prints_the_packages_results(cmake_install, workdir):
     if not _which("pkg-config"):
         pytest.skip("pkg-config not installed")
-    libdir = os.path.join(cmake_install, "lib")
+    libdir = os.path.join(cmake_install[1], "lib")
     env = dict(os.environ, PKG_CONFIG_PATH=os.path.join(libdir, "pkgconfig"))
     flags = _run(["pkg-config", "--cflags", "--libs", "bn_simd"], env=env).split()
     assert _run(["pkg-config", "--modversion", "bn_simd"], env=env).strip() == bn_simd.__version__
@@ -164,7 +173,7 @@ def test_the_c_example_built_with_pkg_config_prints_the_packages_results(cmake_i
 
 def test_the_examples_built_with_find_package_print_the_packages_results(cmake_install, workdir):
     build = os.path.join(workdir, "exbuild")
-    _run(["cmake", "-S", EXAMPLES, "-B", build, f"-DCMAKE_PREFIX_PATH={cmake_install}"])
+    _run(["cmake", "-S", EXAMPLES, "-B", build, f"-DCMAKE_PREFIX_PATH={cmake_install[1]}"])
     _run(["cmake", "--build", build, "-j", "2"])
     check_output(_run([os.path.join(build, "bn_example")]))
     check_output(_run([os.path.join(build, "bn_example_cpp")]))
