@@ -1,39 +1,74 @@
-"""The C sources of bn_simd and their compiler flags: the one place that setup.py (the extension) and
-tests/test_c_kernels.py (the C kernel test) read them from. Plain data, importable without building anything.
+"""The C sources of bn_simd and their compiler flags, as src/sources.txt lists them (the one list, which CMakeLists.txt
+reads too): what setup.py (the extension, the wheel's C library) and tests/test_c_kernels.py (the C kernel test) build.
+Plain data, importable without building anything.
 
 * Each ISA's kernels (src/uk_<isa>.c) get that ISA's flags and nothing else does: no host-tuned -march flag
   anywhere; dispatch.c picks among them at run time from CPUID.
-* -ffp-contract=off: no compiler fuses a * b + c (GCC in ISO C mode does not anyway, clang would), so every ISA
-  computes the same per-channel coefficients; the kernels that want FMA call it explicitly.
+* -ffp-contract=off (src/sources.txt says why).
 """
+import os
+import re
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SOURCES_FILE = "src/sources.txt"
+
+
+def read_sources(path=os.path.join(ROOT, SOURCES_FILE)):
+    """{kind: [(path or None, [flags])]} from a sources file (src/sources.txt's format)."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            words = line.split("#", 1)[0].split()
+            if not words:
+                continue
+            kind, rest = words[0], words[1:]
+            if kind in ("flags", "warn"):
+                out.setdefault(kind, []).append((None, rest))
+            elif kind in ("kernel", "driver", "api") and rest:
+                out.setdefault(kind, []).append((rest[0], rest[1:]))
+            else:
+                raise ValueError(f"{path}: cannot read line {line.rstrip()!r}")
+    return out
+
+
+_LISTED = read_sources()
 # the kernels of each ISA, with the flags of that file only
-ISA_FLAGS = {
-    # -mf16c: the float16 kernels' conversions (io_f16.h), reached only on CPUs with F16C (dispatch.c)
-    "src/uk_avx2.c": ["-mavx2", "-mfma", "-mf16c"],
-    "src/uk_avx512.c": ["-mavx512f", "-mavx2", "-mfma", "-mf16c"],
-}
-# baseline-ISA C of the library: the scalar kernels, the kernel tables (from src/kernels.def), dispatch, drivers
-PORTABLE_SOURCES = ["src/uk_scalar.c", "src/kernels.c", "src/dispatch.c", "src/batchnorm.c"]
+ISA_FLAGS = {src: flags for kind in ("kernel", "driver", "api") for src, flags in _LISTED.get(kind, []) if flags}
 # the sources of the kernel layer alone (kernels, their tables and dispatch.c, which they call): what the C kernel
 # test links
-KERNEL_SOURCES = ["src/uk_scalar.c", *ISA_FLAGS, "src/kernels.c", "src/dispatch.c"]
-BASE_FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-ffp-contract=off", "-Wall", "-Wno-unused-function",
-              "-Wno-unreachable-code"]
+KERNEL_SOURCES = [src for src, _ in _LISTED["kernel"]]
+# baseline-ISA C of the Python extension: the scalar kernels, the kernel tables, dispatch, drivers
+PORTABLE_SOURCES = [src for kind in ("kernel", "driver") for src, flags in _LISTED[kind] if not flags]
+# the public C API's sources (the C library = PORTABLE_SOURCES + ISA_FLAGS + API_SOURCES)
+API_SOURCES = [src for src, _ in _LISTED.get("api", [])]
+LIBRARY_SOURCES = KERNEL_SOURCES + [src for src, _ in _LISTED["driver"]] + API_SOURCES
+BASE_FLAGS = [f for kind in ("flags", "warn") for _, flags in _LISTED.get(kind, []) for f in flags]
 # -fsanitize builds (BN_SIMD_SANITIZE=1, .ci/asan): compile and link flags
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
                   "-O1", "-g"]
 SANITIZE_LINK_FLAGS = ["-fsanitize=address,undefined"]
 INCLUDE_DIRS = ["include", "src"]
+# the public headers, installed with the C library and carried by the wheel (bn_simd.get_include())
+PUBLIC_HEADERS = ["include/bn_simd_api.h"]
 # headers and templates the C sources include
-DEPENDS = ["include/bn_simd.h", "src/ukernels.h", "src/ukernels.inc", "src/kernels.def", "src/batchnorm.inc",
-           "src/groupnorm.inc", "src/rownorm.inc", "src/rowcol.inc", "src/dispatch.h", "src/uk_undef_type.h",
+DEPENDS = ["include/bn_simd.h", "include/bn_simd_api.h", "src/ukernels.h", "src/ukernels.inc", "src/kernels.def",
+           "src/batchnorm.inc", "src/groupnorm.inc", "src/rownorm.inc", "src/rowcol.inc", "src/dispatch.h",
+           "src/uk_undef_type.h", "src/scratch.h", SOURCES_FILE,
            # the kernels' vocabularies: each ISA's vectors, each storage dtype's I/O, the outputs' epilogue
            "src/vec_scalar.h", "src/vec_avx2.h", "src/vec_avx512.h", "src/io_f32.h", "src/io_f64.h",
            "src/io_f16.h", "src/io_bf16.h", "src/half.h", "src/epilogue.h",
            # the fused epilogues: the normalise kernels' bodies, included once per epilogue, and the public header
            "src/epi_each.inc", "src/apply_fwd_seg.inc", "src/apply_fwd_cl.inc", "src/act_grad.inc",
            "include/bn_simd_epilogue.h"]
+
+
+def version():
+    """The package's version, from bn_simd/_version.py (the one place it is written), without importing it."""
+    with open(os.path.join(ROOT, "bn_simd", "_version.py")) as f:
+        m = re.search(r'^__version__\s*=\s*"([^"]+)"', f.read(), re.M)
+    if not m:
+        raise RuntimeError("bn_simd/_version.py has no __version__ = \"...\" line")
+    return m.group(1)
 
 
 def flags_for(source):

@@ -5,6 +5,11 @@
   linked into the one extension; dispatch.c picks among them at run time from CPUID.
 * OpenMP is used when the compiler can build and link a test program with -fopenmp; BN_SIMD_OPENMP=0
   forces a build without it (the kernels then run on one thread).
+* The C library: the extension's objects (compiled with -fvisibility=hidden, so that only the public API's BN_API
+  functions leave a library made of them) and the public API's (src/api.c) are also linked into bn_simd/lib/
+  libbn_simd.so and archived into bn_simd/lib/libbn_simd.a, and the public header is copied into bn_simd/include/:
+  the wheel carries them (bn_simd.get_include(), bn_simd.get_library_dirs()). CMakeLists.txt builds the same library
+  from the same list (src/sources.txt) for a system install.
 * BN_SIMD_SANITIZE=1 builds with -fsanitize=address,undefined at -O1 with debug info, for the memory-safety
   CI step (.ci/asan). Undefined behaviour aborts at the first report (-fno-sanitize-recover) instead of
   printing and going on. Load the result with the ASan runtime first: LD_PRELOAD=$(gcc -print-file-name=libasan.so).
@@ -23,8 +28,8 @@ from setuptools.command.build_ext import build_ext
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 # the C sources and their flags (build_config.py, which the C kernel test reads too)
-from build_config import (BASE_FLAGS, DEPENDS, INCLUDE_DIRS, ISA_FLAGS, PORTABLE_SOURCES,  # noqa: E402
-                          SANITIZE_FLAGS, SANITIZE_LINK_FLAGS)
+from build_config import (API_SOURCES, BASE_FLAGS, DEPENDS, INCLUDE_DIRS, ISA_FLAGS,  # noqa: E402
+                          PORTABLE_SOURCES, PUBLIC_HEADERS, SANITIZE_FLAGS, SANITIZE_LINK_FLAGS, version)
 
 
 def _env_flag(name, default):
@@ -52,7 +57,8 @@ class BuildExt(build_ext):
         cc = list(self.compiler.compiler_so[:1]) if hasattr(self.compiler, "compiler_so") else ["cc"]
         use_omp = _env_flag("BN_SIMD_OPENMP", True) and _compiler_accepts(cc, ["-fopenmp"])
         sanitize = _env_flag("BN_SIMD_SANITIZE", False)
-        extra = list(BASE_FLAGS)
+        # hidden visibility: the library objects also make libbn_simd (build_c_library), which exports only BN_API
+        extra = list(BASE_FLAGS) + ["-fvisibility=hidden"]
         link = []
         if use_omp:
             extra.append("-fopenmp")
@@ -64,7 +70,7 @@ class BuildExt(build_ext):
         for ext in self.extensions:
             # the checker and the probes: portable C, no OpenMP (the probes' reason: bn_simd/_openmp.py)
             if ext.name != "bn_simd._core":
-                ext.extra_compile_args = [f for f in extra if f != "-fopenmp"]
+                ext.extra_compile_args = [f for f in extra if f not in ("-fopenmp", "-fvisibility=hidden")]
                 ext.extra_link_args = [f for f in link if f != "-fopenmp"]
                 continue
             # Every C file of the extension (the Cython module's, the portable ones, each ISA's with its flags) is
@@ -89,6 +95,37 @@ class BuildExt(build_ext):
             ext.extra_compile_args = extra
             ext.extra_link_args = link
         super().build_extensions()
+        self.build_c_library(extra, link)
+
+    def build_c_library(self, extra, link):
+        """libbn_simd.so and libbn_simd.a in bn_simd/lib/, the public header in bn_simd/include/ (of the build, or of
+        the source tree with --inplace): the extension's library objects and the public API's."""
+        ext = next(e for e in self.extensions if e.name == "bn_simd._core")
+        pkg = os.path.dirname(self.get_ext_fullpath(ext.name))
+        libdir, incdir = os.path.join(pkg, "lib"), os.path.join(pkg, "include")
+        os.makedirs(libdir, exist_ok=True)
+        os.makedirs(incdir, exist_ok=True)
+        for h in PUBLIC_HEADERS:
+            self.copy_file(h, os.path.join(incdir, os.path.basename(h)))
+        api = self.compiler.compile(API_SOURCES, output_dir=self.build_temp, include_dirs=ext.include_dirs,
+                                    macros=[("BN_SIMD_VERSION", f'"{version()}"')], extra_postargs=extra,
+                                    depends=ext.depends)
+        # the library's objects of the extension (not the Cython module's), and the API's
+        objects = self.compiler.object_filenames(PORTABLE_SOURCES + list(ISA_FLAGS), output_dir=self.build_temp)
+        objects += api
+        archive = self.compiler.library_filename("bn_simd", output_dir=libdir)
+        if os.path.exists(archive):  # (ar adds to an archive: start afresh)
+            os.remove(archive)
+        self.compiler.create_static_lib(objects, "bn_simd", output_dir=libdir)
+        self.compiler.link_shared_object(objects, os.path.join(libdir, "libbn_simd.so"), libraries=["m"],
+                                         extra_postargs=link + ["-Wl,-soname,libbn_simd.so"])
+        self._clib_pkg = pkg
+
+    def copy_extensions_to_source(self):
+        """--inplace: setuptools builds in build/ and copies the extensions to the sources; the C library too."""
+        super().copy_extensions_to_source()
+        for sub in ("lib", "include"):
+            self.copy_tree(os.path.join(self._clib_pkg, sub), os.path.join(ROOT, "bn_simd", sub))
 
 
 ext = Extension(

@@ -12,6 +12,7 @@ around every kernel, and PyTorch's semantics:
 
 See ``bn_simd.show_config()`` for the kernels and threads in use.
 """
+from ._clib import get_include, get_library_dirs
 from ._config import Context, __version__, get_isa, get_num_threads, set_isa, set_num_threads, show_config
 from .functional import (Moments, backward_apply, backward_coefficients, backward_reduce, batch_moments, batch_norm,
                          batch_norm_backward, batch_norm_forward, batch_stats, merge_moments, norm_coefficients,
@@ -30,6 +31,7 @@ from .sync import (SyncBatchNorm, sync_backward_reduce, sync_batch_norm_backward
 from .virtual import virtual_batch_norm, virtual_batch_norm_backward, virtual_batch_norm_forward
 
 __all__ = [
+    "get_include", "get_library_dirs",
     "__version__", "show_config", "Context", "get_isa", "set_isa", "get_num_threads", "set_num_threads",
     "batch_norm", "batch_norm_forward", "batch_norm_backward",
     "batch_stats", "normalize", "backward_reduce", "backward_apply", "update_running_stats",

@@ -13,7 +13,7 @@ finally:
     _openmp.after_load()
 _openmp.record_build(_core.have_openmp())
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402  (the one place it is written)
 
 _num_threads = None  # None: follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
 

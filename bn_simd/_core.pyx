@@ -221,6 +221,17 @@ def set_cl_strip_bytes(nbytes):
         raise ValueError(f"nbytes must be None or at least {BN_CL_STRIP_MIN_BYTES}, got {nbytes!r}")
 
 
+cdef int64_t _byte_budget(nbytes) except? -2:
+    """A byte-count setting for the C side: None -> -1 (the default), else an int >= 0 (capped at 2**62)."""
+    if nbytes is None:
+        return -1
+    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
+        raise TypeError(f"nbytes must be None or an int >= 0, got {type(nbytes).__name__} {nbytes!r}")
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be None or an int >= 0, got {nbytes!r}")
+    return min(int(nbytes), 2**62)
+
+
 def slab_bytes():
     """Bytes of a core's caches that a channels-first training forward or backward may fill with a group of
     channels."""
@@ -235,14 +246,7 @@ def slab_min_input():
 def set_slab_bytes(nbytes):
     """Set slab_bytes for every later call of any size (slab_min_input becomes 0; 0: never group channels); None:
     back to the CPU's defaults of both. Tuning and tests only: the results are the same bits whatever it is."""
-    cdef int64_t v = -1
-    if nbytes is not None:
-        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
-            raise TypeError(f"nbytes must be None or an int >= 0, got {type(nbytes).__name__} {nbytes!r}")
-        if nbytes < 0:
-            raise ValueError(f"nbytes must be None or an int >= 0, got {nbytes!r}")
-        v = min(int(nbytes), 2**62)
-    bn_set_slab_bytes(v)
+    bn_set_slab_bytes(_byte_budget(nbytes))
 
 
 def stream_bytes():
@@ -254,14 +258,7 @@ def stream_bytes():
 def set_stream_bytes(nbytes):
     """Set stream_bytes for every later call; None: back to the default (32 MiB). Tests only (they run the streamed
     paths on small arrays): the values written are the same bits whatever it is."""
-    cdef int64_t v = -1
-    if nbytes is not None:
-        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
-            raise TypeError(f"nbytes must be None or an int >= 0, got {type(nbytes).__name__} {nbytes!r}")
-        if nbytes < 0:
-            raise ValueError(f"nbytes must be None or an int >= 0, got {nbytes!r}")
-        v = min(int(nbytes), 2**62)
-    bn_set_stream_bytes(v)
+    bn_set_stream_bytes(_byte_budget(nbytes))
 
 
 

@@ -24,13 +24,13 @@
 
 #include <stdint.h>
 
+/* The public API (the library's exported functions, the status codes and ISA codes); the kernel-level functions
+ * below are the library's internals (hidden in libbn_simd), which the Python bridge and the C tests call directly. */
+#include "bn_simd_api.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-enum bn_status { BN_OK = 0, BN_ENOMEM = -1, BN_EINVAL = -2, BN_EISA = -3 };
-
-enum bn_isa { BN_ISA_SCALAR = 0, BN_ISA_AVX2 = 1, BN_ISA_AVX512 = 2, BN_ISA_COUNT = 3 };
 
 /* ---- dispatch (dispatch.c) ---- */
 /* 1 when the CPU (and OS) can run the ISA's kernels. */

@@ -6,6 +6,7 @@
 #include "bn_simd.h"
 #include "dispatch.h"
 #include "half.h"
+#include "scratch.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -13,6 +14,11 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
 #endif
+
+/* The drivers' scratch memory comes from the caller's workspace when a public API call was given one (scratch.h);
+ * otherwise these are malloc and free. (After every system header: only the drivers below see them.) */
+#define malloc(n) bn_scratch_malloc(n)
+#define free(p) bn_scratch_free(p)
 
 /* Reduction chunk: small enough that the second statistics pass over it hits L1/L2. The result
  * depends on this constant (the order of additions), never on the thread count. This and the block and

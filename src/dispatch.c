@@ -18,6 +18,8 @@ struct bn_context {
     int64_t strip_bytes;
     int64_t slab_bytes;
     int64_t stream_bytes;
+    bn_parallel_for_fn pfor; /* the caller's parallel loop (public API, api.c), NULL: OpenMP */
+    void* pool;
 };
 
 /* The default context, which bn_set_isa, bn_set_cl_strip_bytes and bn_set_slab_bytes change: its ISA is -1 until
@@ -259,6 +261,18 @@ int bn_context_set_num_threads(bn_context* c, int n) {
 }
 
 int bn_context_get_num_threads(const bn_context* c) { return c ? c->nthreads : 0; }
+
+int bn_context_set_parallel_for(bn_context* c, bn_parallel_for_fn fn, void* pool) {
+    if (!c) return BN_ENULL;
+    c->pfor = fn;
+    c->pool = fn ? pool : NULL;
+    return BN_OK;
+}
+
+bn_parallel_for_fn bn_context_parallel_for(const bn_context* c, void** pool) {
+    *pool = c ? c->pool : NULL;
+    return c ? c->pfor : NULL;
+}
 
 int bn_context_set_cl_strip_bytes(bn_context* c, int64_t bytes) {
     if (!c || (bytes >= 0 && bytes < BN_CL_STRIP_MIN_BYTES)) return BN_EINVAL;

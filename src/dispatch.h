@@ -23,6 +23,9 @@ extern const bn_context* bn_tls_ctx;
 #define BN_OMP_CTX
 #endif
 
+/* A context's parallel_for (NULL: none) and its pool (bn_context_set_parallel_for). */
+bn_parallel_for_fn bn_context_parallel_for(const bn_context* ctx, void** pool);
+
 const bn_uk_f32* bn_uk_active_f32(void);
 const bn_uk_f64* bn_uk_active_f64(void);
 const bn_uk_f16* bn_uk_active_f16(void); /* (the scalar table on a CPU without F16C) */

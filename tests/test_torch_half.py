@@ -196,7 +196,8 @@ def _check_bn_grads(x, xr, g, m, ref, dtype):
 BACKWARD = {
     "group_norm": lambda f, x, w, b: f.group_norm(x, 4, w, b),
     "instance_norm": lambda f, x, w, b: f.instance_norm(x, None, None, w, b),
-    "batch_norm_eval": lambda f, x, w, b: f.batch_norm(x, torch.full((8,), 0.5), torch.full((8,), 2.0), w, b),
+    "batch_norm_eval": lambda f, x, w, b: f.batch_norm(x, torch.full((8,), 0.5, dtype=w.dtype),
+                                                       torch.full((8,), 2.0, dtype=w.dtype), w, b),
     "layer_norm": lambda f, x, w, b: f.layer_norm(x, (8, 5, 6), w.repeat_interleave(30).reshape(8, 5, 6),
                                                   b.repeat_interleave(30).reshape(8, 5, 6)),
     "rms_norm": lambda f, x, w, b: f.rms_norm(x, (8, 5, 6), w.repeat_interleave(30).reshape(8, 5, 6)),
@@ -220,15 +221,21 @@ def test_gradients_against_pytorch(dtype, op):
     xhat_max = float((x64.abs().max() + x64.abs().mean()) * invstd)
     big = float(w.abs().max()) * float(invstd) * float(g.double().abs().max()) * (1 + xhat_max)
     assert_within_ulp(leaves[0].grad, ref_leaves[0].grad, dtype, "grad_x", extra=32 * EPS32 * big)
-    n = x.numel()  # (an upper bound of any sum's length)
-    for k, name in ((1, "grad_weight"), (2, "grad_bias")):
-        ours, theirs = leaves[k].grad, ref_leaves[k].grad
+    # Parameter gradients (float32) against the op in float64 on the same values (PyTorch's own 16-bit layer norm
+    # is further from it than a float32 sum's error): every op's parameter c (the layer/RMS norms' weight repeated
+    # over (5, 6) by the graph) gets a sum over the 3 * 5 * 6 positions of channel c, of dy xhat (weight) and of dy
+    # (bias), which a float32 sum gives within (n + 8) roundings of the sum of the terms' magnitudes.
+    exact = [t.double().requires_grad_() for t in (x, w, b)]
+    BACKWARD[op](TF, *exact).backward(g.double())
+    n = 3 * 5 * 6
+    g_c = g.double().abs().sum((0, 2, 3))
+    for k, name, terms in ((1, "grad_weight", g_c * xhat_max), (2, "grad_bias", g_c)):
+        ours, theirs = leaves[k].grad, exact[k].grad
         if theirs is None:  # (RMS norm has no bias)
-            assert ours is None
+            assert ours is None and ref_leaves[k].grad is None
             continue
-        assert ours.dtype == torch.float32, name
-        terms = torch.full_like(ours.double(), float(g.double().abs().sum()) * (1 + xhat_max))
-        assert_sums_close(ours, theirs, terms, n, name)
+        assert ours.dtype == ref_leaves[k].grad.dtype == torch.float32, name
+        assert_sums_close(ours.double(), theirs, terms, n, name)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=_ids)
@@ -354,17 +361,28 @@ def test_eval_fast_path_serves_16_bit_input(dtype, half_params):
 
 # ---- SyncBatchNorm ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("half_params", [False, True], ids=["float32_params", "16bit_params"])
 @pytest.mark.parametrize("dtype", HALF, ids=_ids)
-def test_sync_batch_norm_ranks_together_are_batchnorm2d_on_the_whole_batch(dtype):
+def test_sync_batch_norm_ranks_together_are_batchnorm2d_on_the_whole_batch(dtype, half_params):
     from fake_comm import run_ok
     x, g = sample((6, 5, 4, 4), dtype, seed=17), sample((6, 5, 4, 4), dtype, seed=18, scale=1.0, loc=0.0)
     ref = bt.BatchNorm2d(5)
+    with torch.no_grad():
+        ref.weight.copy_(torch.linspace(0.5, 2.0, 5))
+        ref.bias.copy_(torch.linspace(-1.0, 1.0, 5))
+    if half_params:
+        ref = ref.to(dtype)
     xr = x.clone().requires_grad_()
     y_ref = ref(xr)
     y_ref.backward(g)
 
     def fn(r, comm):
         m = bt.SyncBatchNorm(5, process_group=comm)
+        with torch.no_grad():
+            m.weight.copy_(torch.linspace(0.5, 2.0, 5))
+            m.bias.copy_(torch.linspace(-1.0, 1.0, 5))
+        if half_params:
+            m = m.to(dtype)
         piece = x[3 * r:3 * r + 3].clone().requires_grad_()
         y = m(piece)
         y.backward(g[3 * r:3 * r + 3])
@@ -375,10 +393,17 @@ def test_sync_batch_norm_ranks_together_are_batchnorm2d_on_the_whole_batch(dtype
     assert y.dtype == gx.dtype == dtype
     assert_within_ulp(y, y_ref, dtype, "y")
     assert_within_ulp(gx, xr.grad, dtype, "grad_x", extra=64 * EPS32 * float(xr.grad.double().abs().max()))
+    # the same batch statistics and sums, exchanged: parameter gradients (in the parameters' dtype) within a
+    # rounding of that dtype plus float32's on the sums, the running statistics within float32's
+    pdt = dtype if half_params else torch.float32
     for m, _, _ in got:
-        assert m.weight.grad.dtype == torch.float32
-        torch.testing.assert_close(m.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(m.running_var, ref.running_var, rtol=1e-6, atol=1e-6)
+        for name in ("weight", "bias"):
+            ours, theirs = getattr(m, name).grad, getattr(ref, name).grad
+            assert ours.dtype == pdt, name
+            assert_within_ulp(ours, theirs, pdt, name, extra=64 * EPS32 * float(theirs.double().abs().max()))
+        for name in ("running_mean", "running_var"):
+            ours, theirs = getattr(m, name), getattr(ref, name)
+            assert_within_ulp(ours, theirs, pdt, name, extra=16 * EPS32 * float(theirs.double().abs().max()))
 
 
 # ---- what is refused, and what bfloat16 needs ---------------------------------------------------------------------

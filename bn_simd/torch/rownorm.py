@@ -5,7 +5,7 @@ input given by ``normalized_shape`` form a row; each row is normalised with its 
 variance for layer norm, mean square for RMS norm), then scaled (and shifted) by the per-column weight (and bias)::
 
     layer_norm:  y = (x - mean) / sqrt(var + eps) * weight + bias
-    rms_norm:    y = x / sqrt(mean(x^2) + eps) * weight          (eps None: torch.finfo(input.dtype).eps)
+    rms_norm:    y = x / sqrt(mean(x^2) + eps) * weight          (eps None: torch.finfo(input.dtype).eps; float32's for 16-bit input)
 
 A call runs on the kernels when the input is a float32, float64, float16 or bfloat16 CPU tensor and weight and bias,
 when given, are CPU tensors of the input's dtype (or both float32 for 16-bit input: PyTorch's mixed rule; the
@@ -176,8 +176,8 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None):
     input : tensor (*, *normalized_shape); float32, float64, float16 and bfloat16 CPU tensors run on the kernels.
     normalized_shape : int or sequence of ints, the trailing dims normalised together (a row).
     weight : tensor of shape normalized_shape and input's dtype (float32 too for 16-bit input), or None (1).
-    eps : float > 0 added to the mean square, or None: the machine epsilon of input's dtype, as PyTorch
-        (eps <= 0: PyTorch's function).
+    eps : float > 0 added to the mean square, or None: the machine epsilon of input's dtype (float32's for float16
+        and bfloat16 input, which compute in float32), as PyTorch (eps <= 0: PyTorch's function).
     out : as in :func:`layer_norm`.
 
     Returns y, C-contiguous, of input's shape and dtype. Raises TypeError / ValueError as :func:`layer_norm`.

@@ -61,9 +61,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # (grad_x computed whatever autograd asks: every rank must take part in the same exchanges)
         xw = _wide(x)
         grad_x = torch.empty_like(xw)
+        # (a 16-bit weight widened exactly: the parameter gradients come back in float32, rounded once to the
+        # parameter's dtype by grad_as)
         _, gw, gb = S.sync_batch_norm_backward(B.array(_wide(grad_y), layout), B.array(xw, layout), mean, invstd,
-                                               B.vec(weight), comm, layout=layout, mode=mode,
-                                               out=B.array(grad_x, layout))
+                                               B.vec(None if weight is None else _wide(weight)), comm, layout=layout,
+                                               mode=mode, out=B.array(grad_x, layout))
         pd = ctx.param_dtype
         gw = B.grad_as(gw, pd) if need_w else None
         gb = B.grad_as(gb, pd) if need_b else None

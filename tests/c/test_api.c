@@ -1,0 +1,224 @@
+/* The public C API on a thread pool and in a caller's workspace (run by tests/test_c_library.py and by CMake's ctest):
+ *   - every op under a context whose parallel_for is a pool of POSIX threads gives the bits of the OpenMP path;
+ *   - with a workspace of bn_workspace_size bytes, the library calls malloc not once (the test is linked with
+ *     -Wl,--wrap=malloc against the static library, so every malloc of its objects reaches __wrap_malloc), and the
+ *     results are the same bits; one byte less is BN_EWORKSPACE with nothing written.
+ * Prints "N checks, M failures". */
+#define _POSIX_C_SOURCE 200809L
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bn_simd_api.h"
+
+static long checks, failures;
+static long mallocs; /* the library's, while counting */
+static int counting;
+
+void* __real_malloc(size_t n);
+void* __wrap_malloc(size_t n) {
+    if (counting) __atomic_add_fetch(&mallocs, 1, __ATOMIC_RELAXED);
+    return __real_malloc(n);
+}
+
+#define CHECK(cond, ...)                                 \
+    do {                                                 \
+        checks++;                                        \
+        if (!(cond)) {                                   \
+            failures++;                                  \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);  \
+            printf(__VA_ARGS__);                         \
+            printf("\n");                                \
+        }                                                \
+    } while (0)
+
+/* ---- a pool of POSIX threads: workers take task indices from a shared counter ---- */
+typedef struct {
+    int64_t n, next;
+    bn_task_fn task;
+    void* arg;
+} job;
+
+static void* worker(void* p) {
+    job* j = (job*)p;
+    for (int64_t i; (i = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED)) < j->n;) j->task(j->arg, i);
+    return NULL;
+}
+
+static void pool_for(void* pool, int64_t n, bn_task_fn task, void* arg) {
+    const int nt = *(const int*)pool;
+    job j = {n, 0, task, arg};
+    pthread_t t[16];
+    for (int i = 0; i < nt - 1; i++) pthread_create(&t[i], NULL, worker, &j);
+    worker(&j);
+    for (int i = 0; i < nt - 1; i++) pthread_join(t[i], NULL);
+}
+
+/* ---- data ---- */
+static uint64_t seed = 12345;
+static double rnd(void) { /* uniform in [-1, 1) */
+    seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (double)(seed >> 11) / 4503599627370496.0 - 1.0;
+}
+
+static size_t esize(int dt) { return dt == BN_F64 ? 8 : dt == BN_F32 ? 4 : 2; }
+
+static void fill(void* p, int dt, int64_t n, double scale, double shift) {
+    for (int64_t i = 0; i < n; i++) {
+        const double v = rnd() * scale + shift;
+        if (dt == BN_F64)
+            ((double*)p)[i] = v;
+        else if (dt == BN_F32)
+            ((float*)p)[i] = (float)v;
+        else { /* a bfloat16 or float16 pattern of a moderate value: the float's top half for bfloat16; for float16 a
+                * normal number from its fields */
+            const float f = (float)v;
+            uint32_t u;
+            memcpy(&u, &f, 4);
+            const uint16_t half = (uint16_t)((u >> 16 & 0x8000) | (0x3800 + (uint16_t)(rnd() * 0x7ff + 0x800)));
+            ((uint16_t*)p)[i] = dt == BN_BF16 ? (uint16_t)(u >> 16) : half;
+        }
+    }
+}
+
+/* One op on one tensor, all outputs in one buffer (compared bytewise). */
+enum { OP_INF, OP_TRAIN, OP_BWD, OP_GN_F, OP_GN_B, OP_LN_F, OP_LN_B, OP_MOM, NOPS };
+static const char* const op_names[NOPS] = {"inference", "training", "backward", "group_fwd",
+                                           "group_bwd", "layer_fwd", "layer_bwd", "moments"};
+static const int api_op[NOPS] = {BN_OP_BATCH_NORM_INFERENCE, BN_OP_BATCH_NORM_TRAINING, BN_OP_BATCH_NORM_BACKWARD,
+                                 BN_OP_GROUP_NORM_FORWARD,  BN_OP_GROUP_NORM_BACKWARD, BN_OP_LAYER_NORM_FORWARD,
+                                 BN_OP_LAYER_NORM_BACKWARD, BN_OP_BATCH_NORM_MOMENTS};
+
+typedef struct {
+    bn_desc d;
+    int64_t G;
+    void *x, *dy, *w, *b, *stat1, *stat2; /* inputs */
+} input;
+
+/* Doubles in each per-channel / per-group / per-position output array: at least C, N G, N S and the K C of the chunk
+ * moments (a chunk has at least 16 elements of a channel). */
+static int64_t big_len(const bn_desc* d) { return d->n * d->s + d->n * d->c + d->n * d->c * d->s / 8 + d->c + 64; }
+
+/* Runs op; out: E elements, then 8 arrays of big_len doubles. Returns the status. */
+static int run(const bn_context* ctx, int op, const input* in, char* out, void* ws, size_t wsb) {
+    const bn_desc* d = &in->d;
+    const int64_t E = d->n * d->c * d->s, big = big_len(d);
+    char* y = out;
+    double* a = (double*)(out + E * esize(d->dtype) + 64);
+    double *a1 = a, *a2 = a + big, *a3 = a + 2 * big, *a4 = a + 3 * big;
+    switch (op) {
+        case OP_INF:
+            return bn_batch_norm_inference(ctx, d, in->x, y, in->stat1, in->stat2, in->w, in->b, 1e-5, ws, wsb);
+        case OP_TRAIN:
+            for (int64_t c = 0; c < d->c; c++) a1[c] = 0.5, a2[c] = 2.0;
+            return bn_batch_norm_training(ctx, d, in->x, y, in->w, in->b, 1e-5, 0.3, a1, a2, a3, a4, ws, wsb);
+        case OP_BWD:
+            return bn_batch_norm_backward(ctx, d, in->dy, in->x, y, in->stat1, in->stat2, in->w, 1, a1, a2, ws, wsb);
+        case OP_GN_F: return bn_group_norm_forward(ctx, d, in->G, in->x, y, in->w, in->b, 1e-5, a1, a2, ws, wsb);
+        case OP_GN_B:
+            return bn_group_norm_backward(ctx, d, in->G, in->dy, in->x, y, in->stat1, in->stat2, in->w, a1, a2, ws,
+                                          wsb);
+        case OP_LN_F: return bn_layer_norm_forward(ctx, d, in->x, y, in->w, in->b, 1e-5, a1, a2, ws, wsb);
+        case OP_LN_B:
+            return bn_layer_norm_backward(ctx, d, in->dy, in->x, y, in->stat1, in->stat2, in->w, a1, a2, ws, wsb);
+        default: {
+            int64_t K = 0;
+            int st = bn_batch_norm_moments(ctx, d, in->x, &K, NULL, NULL, NULL, NULL, NULL, 0);
+            if (st != BN_OK || K * d->c > big) return st != BN_OK ? st : -100;
+            return bn_batch_norm_moments(ctx, d, in->x, &K, a1, a2, a3, a4, ws, wsb);
+        }
+    }
+}
+
+static size_t out_bytes(const bn_desc* d) {
+    const int64_t big = big_len(d);
+    return (size_t)(d->n * d->c * d->s) * esize(d->dtype) + 64 + 8 * sizeof(double) * (size_t)big;
+}
+
+static void test_shape(int dt, int layout, int64_t n, int64_t c, int64_t s, int64_t G, const bn_context* pool_ctx) {
+    input in = {{dt, BN_F64, layout, n, c, s}, G, 0, 0, 0, 0, 0, 0};
+    const int64_t E = n * c * s, Q = n * (n * s > n * G ? s : G) + n * c;
+    in.x = malloc((size_t)E * esize(dt));
+    in.dy = malloc((size_t)E * esize(dt));
+    in.w = malloc(sizeof(double) * (size_t)c);
+    in.b = malloc(sizeof(double) * (size_t)c);
+    in.stat1 = malloc(sizeof(double) * (size_t)(Q + c));
+    in.stat2 = malloc(sizeof(double) * (size_t)(Q + c));
+    fill(in.x, dt, E, 2.0, 0.5);
+    fill(in.dy, dt, E, 1.0, 0.0);
+    fill(in.w, BN_F64, c, 1.0, 0.5);
+    fill(in.b, BN_F64, c, 1.0, 0.0);
+    fill(in.stat1, BN_F64, Q + c, 0.5, 0.0);
+    fill(in.stat2, BN_F64, Q + c, 0.25, 1.0);
+    if (G == 0) in.G = 1;
+    const size_t ob = out_bytes(&in.d);
+    char *ref = calloc(1, ob), *got = calloc(1, ob);
+    for (int op = 0; op < NOPS; op++) {
+        if ((op == OP_GN_F || op == OP_GN_B) && (G == 0 || c % G)) continue; /* (G = 0: no group norm) */
+        memset(ref, 0x5a, ob);
+        int st = run(NULL, op, &in, ref, NULL, 0);
+        CHECK(st == BN_OK, "%s dt %d layout %d (%lld %lld %lld): status %d", op_names[op], dt, layout, (long long)n,
+              (long long)c, (long long)s, st);
+        const bn_context* ctxs[2] = {NULL, pool_ctx};
+        for (int k = 0; k < 2; k++) {
+            /* the pool's bits */
+            if (k == 1) {
+                memset(got, 0x5a, ob);
+                st = run(ctxs[k], op, &in, got, NULL, 0);
+                CHECK(st == BN_OK && memcmp(ref, got, ob) == 0, "%s dt %d layout %d (%lld %lld %lld) on the pool: "
+                      "status %d, %s", op_names[op], dt, layout, (long long)n, (long long)c, (long long)s, st,
+                      st == BN_OK ? "other bits" : bn_strerror(st));
+            }
+            /* in a workspace: no malloc, the same bits; one byte short: refused, nothing written */
+            size_t need = 0;
+            st = bn_workspace_size(ctxs[k], api_op[op], &in.d, G, &need);
+            CHECK(st == BN_OK, "workspace_size %s: %d", op_names[op], st);
+            char* ws = malloc(need + 1);
+            memset(got, 0x5a, ob);
+            mallocs = 0;
+            counting = 1;
+            st = run(ctxs[k], op, &in, got, ws + 1, need);
+            counting = 0;
+            CHECK(st == BN_OK && mallocs == 0 && memcmp(ref, got, ob) == 0,
+                  "%s dt %d layout %d (%lld %lld %lld) ctx %d in %zu bytes of workspace: status %d, %ld mallocs, %s",
+                  op_names[op], dt, layout, (long long)n, (long long)c, (long long)s, k, need, st, mallocs,
+                  st == BN_OK && memcmp(ref, got, ob) ? "other bits" : "");
+            memset(got, 0x5a, ob);
+            st = run(ctxs[k], op, &in, got, ws + 1, need - 1);
+            int untouched = 1;
+            for (size_t i = 0; i < (size_t)E * esize(dt); i++) untouched &= got[i] == 0x5a;
+            CHECK(st == BN_EWORKSPACE && untouched, "%s with a workspace one byte short: status %d", op_names[op], st);
+            free(ws);
+        }
+    }
+    free(ref);
+    free(got);
+    free(in.x);
+    free(in.dy);
+    free(in.w);
+    free(in.b);
+    free(in.stat1);
+    free(in.stat2);
+}
+
+int main(void) {
+    int threads = 4;
+    bn_context* pool_ctx = bn_context_create();
+    bn_context_set_num_threads(pool_ctx, 5); /* (5 tasks on 4 threads) */
+    bn_context_set_parallel_for(pool_ctx, pool_for, &threads);
+    /* small; one channel over several chunks; rows longer than a chunk; channels-last over several chunks; maps of
+     * 4 x 4 over several chunks of rows; 16-bit types */
+    test_shape(BN_F32, BN_LAYOUT_NCHW, 4, 6, 25, 3, pool_ctx);
+    test_shape(BN_F64, BN_LAYOUT_NHWC, 4, 8, 9, 2, pool_ctx);
+    test_shape(BN_F32, BN_LAYOUT_NCHW, 2, 1, 40000, 1, pool_ctx);
+    test_shape(BN_F32, BN_LAYOUT_NCHW, 3, 2, 20000, 2, pool_ctx);
+    test_shape(BN_F32, BN_LAYOUT_NHWC, 9000, 8, 1, 0, pool_ctx);
+    test_shape(BN_F64, BN_LAYOUT_NCHW, 100, 4, 16, 2, pool_ctx);
+    test_shape(BN_BF16, BN_LAYOUT_NHWC, 6, 16, 900, 4, pool_ctx);
+    test_shape(BN_F16, BN_LAYOUT_NCHW, 5, 8, 300, 8, pool_ctx);
+    bn_context_destroy(pool_ctx);
+    printf("test_api: %ld checks, %ld failures\n", checks, failures);
+    return failures != 0;
+}
