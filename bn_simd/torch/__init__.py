@@ -21,8 +21,9 @@ except ImportError as e:  # pragma: no cover  (the tests of this module skip wit
     raise ImportError("bn_simd.torch needs PyTorch (pip install torch); the rest of bn_simd does not") from e
 
 from .functional import batch_norm, group_norm, instance_norm
-from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
-                      InstanceNorm3d, convert)
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
+                      GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, convert)
+from .fused import BatchNormActFunction
 from ._autograd import BatchNormFunction, GroupNormFunction, InstanceNormFunction
 from .sync import SyncBatchNorm, SyncBatchNormFunction
 from .rownorm import LayerNormFunction, RMSNormFunction, layer_norm, rms_norm
@@ -31,6 +32,7 @@ from .rownorm_modules import LayerNorm, RMSNorm
 __all__ = ["batch_norm", "group_norm", "instance_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "SyncBatchNorm", "convert", "BatchNormFunction",
            "GroupNormFunction", "InstanceNormFunction", "SyncBatchNormFunction",
+           "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "BatchNormActFunction",
            "layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "LayerNormFunction", "RMSNormFunction"]
 from .fold import fold  # noqa: E402  (BN folding: bn_simd/torch/fold.py)
 __all__ += ["fold"]

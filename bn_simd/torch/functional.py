@@ -20,6 +20,7 @@ from torch.nn import functional as TF
 
 from .. import _core
 from . import _autograd
+from . import fused as _fused
 from . import _bridge as B
 
 _RANKS_2_TO_5 = (2, 3, 4, 5)
@@ -44,7 +45,7 @@ def _views(views, tensors, input, channel_args):
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
-               out=None):
+               out=None, activation=None, residual=None):
     """Batch normalization (``torch.nn.functional.batch_norm``).
 
     y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c]; training=True: the batch statistics over every
@@ -57,17 +58,26 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     weight, bias : tensors (C,) of the same dtype, or None (1 and 0).
     out : tensor of input's shape and dtype on the CPU, or None; written in place (it may be input itself) and
         returned. Refused when autograd would record the call.
+    activation, residual : bn_simd's fused epilogue (keywords, not PyTorch's): z = act(y + residual) in the same
+        sweep, activation None, "relu", "relu6", ("leaky_relu", slope), ("clamp", lo, hi) or "silu", residual a
+        tensor like input or None; gradients through both (:mod:`bn_simd.torch.fused`). A call the kernels do not
+        cover computes PyTorch's composition.
 
     Returns y, in input's memory format. Raises TypeError for wrong types or dtypes (a per-channel tensor whose
     dtype is not input's, or float32 for 16-bit input, or per-channel tensors of both, as PyTorch does), ValueError for wrong shapes or values (one value per channel when
     training); a call that raises changes nothing.
     """
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, out, None)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, out, None, activation,
+                       residual)
 
 
-def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, out, views):
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, out, views, activation=None,
+                residual=None):
     """batch_norm; views: the ndarrays of (running_mean, running_var, weight, bias) already checked against input
     (a module's, see _bridge.module_views), or None."""
+    if activation is not None or residual is not None:
+        return _fused.batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                     activation, residual, out, views)
     tensors = (running_mean, running_var, weight, bias)
     if B.input_supported(input, _RANKS_2_TO_5, eps):
         views = _views(views, tensors, input, zip(("running_mean", "running_var", "weight", "bias"), tensors))

@@ -15,7 +15,7 @@ before its checks).
 import torch
 from torch.utils.dlpack import to_dlpack as _to_dlpack
 
-from .. import _core
+from .. import _core, _epilogue
 from . import _bridge as B
 from . import functional as F
 from .rownorm_modules import LayerNorm, RMSNorm
@@ -30,13 +30,15 @@ _Tensor, _empty_like, _grad_enabled, _is_tracing = torch.Tensor, torch.empty_lik
 _is_compiling = torch.compiler.is_compiling
 
 
-def _batch_norm_forward(self, input):
+def _batch_norm_forward(self, input, activation=None, residual=None):
     """Batch normalization of input with this module's state, as ``torch.nn.BatchNorm*d`` does: batch statistics in
     training mode (running statistics updated with ``momentum``, or the cumulative average when momentum is None) and
-    in eval mode without running statistics; the running statistics otherwise."""
+    in eval mode without running statistics; the running statistics otherwise. (activation, residual: the fused
+    modules' epilogue, bn_simd.torch.fused.)"""
     # Eval outside autograd (inference): one compiled call does the checks and the work (_core.torch_bn_eval); inside
     # a network every Python or PyTorch operation runs from caches the other layers evicted, and costs microseconds.
-    if not self.training and type(input) is _Tensor and not _grad_enabled():
+    if (not self.training and activation is None and residual is None and type(input) is _Tensor
+            and not _grad_enabled()):
         fast = self.__dict__.get(EVAL_KEY)
         if fast is not None and not _is_tracing() and not _is_compiling():
             y = _core.torch_bn_eval(self, fast, input, _to_dlpack, _empty_like, B._threads())
@@ -60,10 +62,11 @@ def _batch_norm_forward(self, input):
     keep = not training or track
     tensors = (running_mean if keep else None, running_var if keep else None, params.get("weight"), params.get("bias"))
     views = B.module_views(self, input, tensors)
-    y = F._batch_norm(input, *tensors, batch_stats, factor, self.eps, None, views)
+    y = F._batch_norm(input, *tensors, batch_stats, factor, self.eps, None, views, activation, residual)
     if counting:
         counter.add_(1)
-    elif not training and views is not None and tensors[0] is not None and tensors[1] is not None:
+    elif (not training and views is not None and tensors[0] is not None and tensors[1] is not None
+          and activation is None and residual is None):
         _cache_eval(self, input, tensors, views)
     return y
 
@@ -106,6 +109,46 @@ class BatchNorm3d(torch.nn.BatchNorm3d):
     ``torch.channels_last_3d``."""
     forward = _batch_norm_forward
     __getstate__ = _getstate
+
+
+def _fused_forward(self, input, residual=None):
+    return _batch_norm_forward(self, input, self.activation, residual)
+
+
+def _fused_repr(self):
+    return f"{torch.nn.modules.batchnorm._BatchNorm.extra_repr(self)}, activation={self.activation!r}"
+
+
+def _fused_init(self, *args, activation="relu", **kwargs):
+    torch.nn.modules.batchnorm._BatchNorm.__init__(self, *args, **kwargs)
+    _epilogue.parse(activation)  # (refused here rather than at the first call)
+    self.activation = activation
+
+
+class BatchNormAct1d(BatchNorm1d):
+    """:class:`BatchNorm1d` followed by an activation, fused: ``forward(input, residual=None)`` returns
+    act(batch_norm(input) + residual) in one sweep (``activation=``: "relu", "relu6", ("leaky_relu", slope),
+    ("clamp", lo, hi), "silu"; see :mod:`bn_simd.torch.fused`). Parameters, buffers and state dict are
+    BatchNorm1d's (the activation is configuration, as a torch.nn.ReLU that follows has no state)."""
+    __init__ = _fused_init
+    forward = _fused_forward
+    extra_repr = _fused_repr
+
+
+class BatchNormAct2d(BatchNorm2d):
+    """:class:`BatchNorm2d` followed by an activation, fused (as :class:`BatchNormAct1d`): what
+    ``convert(model, fuse_activations=True)`` makes of a BatchNorm2d followed by a ReLU, and of ResNet's
+    relu(bn(x) + identity)."""
+    __init__ = _fused_init
+    forward = _fused_forward
+    extra_repr = _fused_repr
+
+
+class BatchNormAct3d(BatchNorm3d):
+    """:class:`BatchNorm3d` followed by an activation, fused (as :class:`BatchNormAct1d`)."""
+    __init__ = _fused_init
+    forward = _fused_forward
+    extra_repr = _fused_repr
 
 
 class GroupNorm(torch.nn.GroupNorm):
@@ -152,7 +195,10 @@ SWAPS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d, t
          torch.nn.LayerNorm: LayerNorm, torch.nn.RMSNorm: RMSNorm}
 
 
-def convert(model):
+FUSED = {BatchNorm1d: BatchNormAct1d, BatchNorm2d: BatchNormAct2d, BatchNorm3d: BatchNormAct3d}
+
+
+def convert(model, fuse_activations=False):
     """Make every ``torch.nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``GroupNorm`` and ``InstanceNorm1d/2d/3d`` in
     model (model itself included) run on bn_simd's kernels, in place; returns model (a SyncBatchNorm keeps its
     process_group and synchronises CPU tensors, mode "exact": see :class:`bn_simd.torch.SyncBatchNorm`).
@@ -161,6 +207,15 @@ def convert(model):
     buffers, hooks, training mode and the references an optimizer holds are all kept, and ``state_dict()`` is
     unchanged. Modules of other classes (subclasses of these included, and the lazy modules before their first
     call) are left as they are. Raises TypeError when model is not a ``torch.nn.Module``.
+
+    fuse_activations=True also fuses each BatchNorm1d/2d/3d followed by a ReLU, ReLU6, LeakyReLU, Hardtanh or SiLU
+    module (or ``torch.relu`` / ``F.relu``), and ResNet's relu(bn(x) + identity), into one :class:`BatchNormAct2d`
+    (1d, 3d) call (bn_simd.torch.fused): the model is traced with ``torch.fx`` and the returned model is then a
+    ``torch.fx.GraphModule`` over the same modules (the activation calls gone from its graph). When the model cannot
+    be traced, the pairs inside each ``torch.nn.Sequential`` are fused in place (the activation module replaced by
+    ``torch.nn.Identity``) and model is returned. A module called more than once, or whose output has other uses,
+    is not fused. The fused model applies the activation to the float32 value before its rounding (the unfused model
+    rounds the batch norm's output first): outputs agree within that rounding.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -168,4 +223,10 @@ def convert(model):
         cls = SWAPS.get(type(m))
         if cls is not None:
             m.__class__ = cls
+    if fuse_activations:
+        from . import fused
+        done = fused.fuse_graph(model, FUSED)
+        if done is not None:
+            return done[0]
+        fused.fuse_sequential(model, FUSED)
     return model

@@ -1,0 +1,265 @@
+"""Batch norm with a fused activation and residual add for PyTorch users: z = act(batch_norm(x) + residual) in the
+normalise sweep (bn_simd's ``activation=`` / ``residual=``, see :mod:`bn_simd._epilogue`), its autograd Function, the
+modules ``BatchNormAct1d/2d/3d``, and the pass of ``convert(model, fuse_activations=True)``.
+
+The activations, as bn_simd spells them and the ``torch.nn`` modules they replace:
+
+    "relu"                  torch.nn.ReLU
+    "relu6"                 torch.nn.ReLU6
+    ("leaky_relu", slope)   torch.nn.LeakyReLU(slope)
+    ("clamp", lo, hi)       torch.nn.Hardtanh(lo, hi)
+    "silu"                  torch.nn.SiLU
+
+Values: the activation is applied to the float32 (float64 for float64 data) value of the normalised x plus the
+residual, rounded once to the output's dtype; PyTorch's unfused composition rounds the batch norm's output first
+(and again after the add), so float32 results agree within the activation's rounding of those. Gradients: the
+backward recomputes u = normalised x + residual from x with the forward's coefficients (nothing else is saved), and
+at the kinks takes PyTorch's one-sided derivatives (0 for relu / relu6 / clamp at lo and hi, the slope for
+leaky_relu at 0).
+"""
+import operator
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as TF
+
+from .. import _core, _epilogue
+from .. import functional as F
+from . import _bridge as B
+from ._autograd import _dtype
+
+# torch.nn activation module class -> its spelling for bn_simd (None: not fusable in that configuration)
+_MODULES = {
+    torch.nn.ReLU: lambda m: "relu",
+    torch.nn.ReLU6: lambda m: "relu6",
+    torch.nn.LeakyReLU: lambda m: ("leaky_relu", float(m.negative_slope)),
+    torch.nn.SiLU: lambda m: "silu",
+    torch.nn.Hardtanh: lambda m: ("clamp", float(m.min_val), float(m.max_val)),
+}
+# torch functions that are a ReLU of their first argument (inplace= or not)
+_RELU_FUNCTIONS = (torch.relu, torch.relu_, TF.relu)
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def activation_of(module):
+    """bn_simd's spelling of an activation module (exact torch.nn classes: a subclass may override forward), or
+    None."""
+    make = _MODULES.get(type(module))
+    return None if make is None else make(module)
+
+
+def _torch_activation(y, activation):
+    """PyTorch's composition for the calls the kernels do not cover: act(y)."""
+    act = _epilogue.parse(activation)
+    code, lo, hi, slope = act
+    if code == _epilogue.ACT_NONE:
+        return y
+    if code == _epilogue.ACT_SILU:
+        return TF.silu(y)
+    if code == _epilogue.ACT_LEAKY:
+        return TF.leaky_relu(y, slope)
+    return torch.clamp(y, None if lo == -float("inf") else lo, None if hi == float("inf") else hi)
+
+
+def _tensor_of(a, layout):
+    """An ndarray in ``layout`` (the kernels' view) as a tensor of the data's shape (N, C, *spatial)."""
+    t = B.from_array(a)
+    return t.movedim(-1, 1) if layout == "NHWC" else t
+
+
+def _residual_array(residual, x, layout):
+    """The residual's ndarray in x's layout (a view when its memory has that order, else one copy), checked to be a
+    tensor like x."""
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have the shape of input {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual must have the dtype of input ({x.dtype}), got {residual.dtype}")
+    return B.array(residual, layout)
+
+
+class BatchNormActFunction(torch.autograd.Function):
+    """z = act(batch_norm(x) + residual): batch statistics (training; running statistics updated in place) or the
+    running ones.
+
+    apply(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, act, views): act is
+    bn_simd's parsed activation tuple, views the ndarrays of (running_mean, running_var, weight, bias).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps, act, views):
+        x, layout, xa = B.dense(x)
+        ra = None if residual is None else _residual_array(residual, x, layout)
+        y = torch.empty_like(x)
+        rm, rv, w, b = views
+        _, mean, invstd, var = _core.batch_norm_epi(xa, rm, rv, w, b, training, momentum, eps, layout,
+                                                    B.array(y, layout), True, act, ra, B._threads(), True)
+        if training and running_mean is not None:
+            torch.autograd.graph.increment_version([running_mean, running_var])
+        ctx.save_for_backward(x, weight, bias, residual)
+        ctx.param_dtype = _dtype(weight, bias)
+        ctx.stats = (mean, invstd, var, bool(training), layout, eps, act)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, bias, residual = ctx.saved_tensors
+        mean, invstd, var, training, layout, eps, act = ctx.stats
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        xa, ga = B.array(x, layout), B.array(grad_y, layout)
+        ra = None if residual is None else B.array(residual, layout)
+        grad_x = torch.empty_like(x)
+        activation = None if act[0] == _epilogue.ACT_NONE else act
+        gx, gw, gb, gr = F.batch_norm_backward(ga, xa, mean, invstd, B.vec(weight), layout=layout,
+                                               out=B.array(grad_x, layout), training=training,
+                                               activation=_spelling(activation), residual=ra, bias=B.vec(bias),
+                                               eps=eps, save_stats=(mean, var))
+        pd = ctx.param_dtype
+        grad_r = _tensor_of(gr, layout) if need_r and gr is not None else None
+        return (grad_x if need_x else None, B.grad_as(gw, pd) if need_w else None,
+                B.grad_as(gb, pd) if need_b else None, grad_r) + (None,) * 7
+
+
+def _spelling(act):
+    """A parsed activation tuple back in the spelling batch_norm_backward takes (None for none)."""
+    if act is None:
+        return None
+    code, lo, hi, slope = act
+    if code == _epilogue.ACT_SILU:
+        return "silu"
+    if code == _epilogue.ACT_LEAKY:
+        return ("leaky_relu", slope)
+    return ("clamp", lo, hi)
+
+
+def batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual,
+                   out, views):
+    """functional.batch_norm with ``activation`` and/or ``residual`` (see functional.batch_norm); views as
+    functional._batch_norm's."""
+    act = _epilogue.parse(activation)
+    if residual is not None and not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    tensors = (running_mean, running_var, weight, bias)
+    if not B.input_supported(input, (2, 3, 4, 5), eps) or (
+            residual is not None and not B.input_supported(residual, (input.dim(),), eps)):
+        views = None
+    elif views is None and B.channels_supported(input, zip(("running_mean", "running_var", "weight", "bias"),
+                                                           tensors)):
+        views = tuple(B.vec(t) for t in tensors)
+    if views is None:
+        def composed():
+            y = TF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+            return _torch_activation(y if residual is None else y + residual, activation)
+        if out is not None and B.grad_needed(input, weight, bias, residual):
+            B.no_out_with_grad(out)
+        return B.fallback(composed(), out)
+    if not (training and running_mean is not None):
+        momentum = 0.0  # unused: not checked, as in PyTorch
+    if B.grad_needed(input, weight, bias, residual):
+        B.no_out_with_grad(out)
+        return BatchNormActFunction.apply(input, weight, bias, residual, running_mean, running_var, training,
+                                          momentum, eps, act, views)
+    x, layout, xa = B.dense(input)
+    ra = None if residual is None else _residual_array(residual, x, layout)
+    y, ya, target = B.output(x, layout, out)
+    rm, rv, w, b = views
+    _core.batch_norm_epi(xa, rm, rv, w, b, training, momentum, eps, layout, ya, True, act, ra, B._threads())
+    return B.finish(y, target, (out, running_mean, running_var) if training else (out,))
+
+
+# ---- fusing a model's BN -> activation pairs ---------------------------------------------------------------------
+
+def fuse_sequential(model, fused_classes):
+    """In every torch.nn.Sequential of model: a bn_simd BatchNorm*d directly followed by an activation module
+    becomes its fused class (fused_classes: BatchNorm class -> fused class) with that activation, and the activation
+    is replaced by torch.nn.Identity. Returns the number of pairs fused."""
+    count = 0
+    for seq in [m for m in model.modules() if type(m) is torch.nn.Sequential]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            bn, act_mod = seq._modules[a], seq._modules[b]
+            cls = fused_classes.get(type(bn))
+            spec = activation_of(act_mod)
+            if cls is not None and spec is not None:
+                bn.__class__ = cls
+                bn.activation = spec
+                seq._modules[b] = torch.nn.Identity()
+                count += 1
+    return count
+
+
+def fuse_graph(model, fused_classes):
+    """The fusion on model's torch.fx graph: a bn_simd BatchNorm*d module called once, whose output's only use is an
+    activation (a module of _MODULES or torch.relu / F.relu), or an add (``+``, ``torch.add``) whose other operand
+    is the residual and whose result's only use is such an activation. Returns (GraphModule, pairs fused), or None
+    when model cannot be traced."""
+    import torch.fx as fx
+
+    class Tracer(fx.Tracer):
+        """torch.fx's tracer, keeping bn_simd.torch's modules (and torch.nn's, as it does) as call_module nodes."""
+
+        def is_leaf_module(self, m, qualname):
+            return type(m).__module__.startswith("bn_simd.") or super().is_leaf_module(m, qualname)
+
+    try:
+        gm = fx.GraphModule(model, Tracer().trace(model))
+    except Exception:  # (dynamic control flow and the like: torch.fx cannot trace every model)
+        return None
+    mods = dict(gm.named_modules(remove_duplicate=False))
+    graph = gm.graph
+    calls = {}  # id(module) -> the call_module nodes that run it (a module may have several names)
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[id(mods[n.target])] = calls.get(id(mods[n.target]), 0) + 1
+
+    def activation_node(n):
+        if len(n.users) != 1:
+            return None, None
+        u = next(iter(n.users))
+        if u.op == "call_module" and len(u.args) == 1 and not u.kwargs:
+            spec = activation_of(mods[u.target])
+            return (u, spec) if spec is not None else (None, None)
+        if u.op == "call_function" and u.target in _RELU_FUNCTIONS and len(u.args) == 1 and u.args[0] is n:
+            return u, "relu"
+        return None, None
+
+    count = 0
+    for n in list(graph.nodes):
+        if n.op != "call_module" or calls[id(mods[n.target])] != 1 or len(n.args) != 1 or n.kwargs:
+            continue
+        cls = fused_classes.get(type(mods[n.target]))
+        if cls is None:
+            continue
+        act_node, spec = activation_node(n)
+        residual = None
+        if act_node is None and len(n.users) == 1:  # relu(bn(x) + r)
+            add = next(iter(n.users))
+            if (add.op == "call_function" and add.target in _ADDS and len(add.args) == 2 and not add.kwargs
+                    and n in add.args and add.args[0] is not add.args[1]):
+                other = add.args[1] if add.args[0] is n else add.args[0]
+                if isinstance(other, fx.Node):
+                    act_node, spec = activation_node(add)
+                    residual = other if act_node is not None else None
+                    if act_node is not None:
+                        # (the residual must exist before the batch norm runs)
+                        order = {m: i for i, m in enumerate(graph.nodes)}
+                        if order[other] > order[n]:
+                            act_node = None
+        if act_node is None:
+            continue
+        bn = mods[n.target]
+        bn.__class__ = cls
+        bn.activation = spec
+        if residual is not None:
+            n.args = (n.args[0], residual)
+            add = next(iter(n.users))
+            add.replace_all_uses_with(n)  # (the add's one use, the activation, reads the batch norm now)
+            graph.erase_node(add)
+        act_node.replace_all_uses_with(n)
+        graph.erase_node(act_node)
+        count += 1
+    graph.lint()
+    gm.recompile()
+    return gm, count

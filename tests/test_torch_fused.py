@@ -1,0 +1,279 @@
+"""bn_simd.torch's fused batch norm + activation (+ residual): functional, autograd, modules and
+convert(model, fuse_activations=True), against PyTorch's unfused composition act(batch_norm(x) + residual)."""
+import copy
+import pickle
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+from torch.nn import functional as TF  # noqa: E402
+
+import bn_simd.torch as bt  # noqa: E402
+
+# bn_simd's spelling -> PyTorch's function
+ACTS = {
+    "relu": torch.relu,
+    "relu6": TF.relu6,
+    ("leaky_relu", 0.2): lambda y: TF.leaky_relu(y, 0.2),
+    ("clamp", -0.5, 0.75): lambda y: torch.clamp(y, -0.5, 0.75),
+    "silu": TF.silu,
+    None: lambda y: y,
+}
+ACT_IDS = ["relu", "relu6", "leaky", "clamp", "silu", "none"]
+
+
+def eps_of(dtype):
+    return torch.finfo(dtype).eps
+
+
+def setup(dtype, channels_last, seed=0, shape=(4, 6, 5, 7)):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    r = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    w = (torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    b = torch.randn(shape[1], generator=g, dtype=torch.float64).to(dtype)
+    rm = torch.randn(shape[1], generator=g, dtype=torch.float64).to(dtype) * 0.1
+    rv = (torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    gy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    if channels_last:
+        x, r, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, r, gy))
+    return x, r, w, b, rm, rv, gy
+
+
+def bound(ref_terms, dtype, n=1):
+    """Elementwise: a few roundings of dtype on the magnitude of the terms of the composition (PyTorch rounds the
+    normalised value before the add and the activation; the fused sweep once at the end), plus the statistics'
+    error over n values per channel."""
+    return (16 + n) * eps_of(dtype) * ref_terms
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("activation", list(ACTS), ids=ACT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_backward_and_running_stats_match_the_unfused_composition(dtype, activation, with_residual,
+                                                                          training, channels_last):
+    if activation is None and not with_residual:
+        pytest.skip("no epilogue: the plain batch norm (tested elsewhere)")
+    x, r, w, b, rm, rv, gy = setup(dtype, channels_last, seed=len(ACT_IDS) * training + 2 * with_residual)
+    ours = [t.clone().requires_grad_() for t in (x, w, b, r)]
+    theirs = [t.clone().requires_grad_() for t in (x, w, b, r)]
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    res1 = ours[3] if with_residual else None
+    y = bt.batch_norm(ours[0], rm1, rv1, ours[1], ours[2], training, 0.1, 1e-5, activation=activation,
+                      residual=res1)
+    bn = TF.batch_norm(theirs[0], rm2, rv2, theirs[1], theirs[2], training, 0.1, 1e-5)
+    yr = ACTS[activation](bn + theirs[3] if with_residual else bn)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    n = x.numel() // x.shape[1]
+    terms = (bn.detach().abs() + (r.abs() if with_residual else 0) + b.abs().view(1, -1, 1, 1) + 1).double()
+    err = (y.detach().double() - yr.detach().double()).abs()
+    assert bool((err <= bound(terms, dtype, n)).all()), f"y: {err.max().item():.3g}"
+    torch.testing.assert_close(rm1, rm2, rtol=0, atol=float(8 * eps_of(dtype)))
+    torch.testing.assert_close(rv1, rv2, rtol=float(8 * n * eps_of(dtype)), atol=0)
+    y.backward(gy)
+    yr.backward(gy)
+    # gradients: the same formulas; PyTorch's activation derivative at the rounded BN output, ours at the unrounded
+    # value (they differ only for elements within a rounding of a kink: none of these data is that close)
+    gscale = float(gy.double().abs().max()) * float(w.double().abs().max()) * 8
+    for k, name in enumerate(("grad_x", "grad_weight", "grad_bias", "grad_residual")):
+        a, c = ours[k].grad, theirs[k].grad
+        if name == "grad_residual" and not with_residual:
+            assert a is None
+            continue
+        tol = (32 + n) * float(eps_of(dtype)) * gscale * (n if name in ("grad_weight", "grad_bias") else 1)
+        assert a.dtype == c.dtype == dtype, name
+        err = float((a.double() - c.double()).abs().max())
+        assert err <= tol, f"{name}: {err:.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("activation", ["relu", ("leaky_relu", 0.1), "silu", ("clamp", -1.0, 1.0)],
+                         ids=["relu", "leaky", "silu", "clamp"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_in_float64(activation, training):
+    x, r, w, b, rm, rv, _ = setup(torch.float64, False, seed=3, shape=(3, 4, 3, 2))
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, r)]
+
+    def f(x_, w_, b_, r_):
+        return bt.batch_norm(x_, rm.clone(), rv.clone(), w_, b_, training, 0.1, 1e-5, activation=activation,
+                             residual=r_)
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_16_bit_data_agrees_with_the_float32_composition_within_an_ulp():
+    for dtype in (torch.float16, torch.bfloat16):
+        x, r, w, b, rm, rv, _ = setup(torch.float32, True, seed=5)
+        x16, r16 = x.to(dtype), r.to(dtype)
+        y = bt.batch_norm(x16, rm, rv, w, b, False, activation="relu", residual=r16)
+        ref = torch.relu(TF.batch_norm(x16.float(), rm, rv, w, b, False) + r16.float())
+        assert y.dtype == dtype
+        ulp = torch.finfo(dtype).eps * ref.abs().clamp(min=torch.finfo(dtype).tiny)
+        assert bool(((y.float() - ref).abs() <= ulp + 1e-6).all())
+
+
+def test_out_in_place_and_under_no_grad():
+    x, r, w, b, rm, rv, _ = setup(torch.float32, False, seed=7)
+    expected = bt.batch_norm(x, rm, rv, w, b, False, activation="relu6", residual=r)
+    out = torch.empty_like(x)
+    assert bt.batch_norm(x, rm, rv, w, b, False, activation="relu6", residual=r, out=out) is out
+    assert torch.equal(out, expected)
+    inplace = x.clone()
+    bt.batch_norm(inplace, rm, rv, w, b, False, activation="relu6", residual=r, out=inplace)
+    assert torch.equal(inplace, expected)
+
+
+def test_bad_activation_or_residual_is_refused_and_changes_nothing():
+    x, r, w, b, rm, rv, _ = setup(torch.float32, False, seed=8)
+    rm0, rv0 = rm.clone(), rv.clone()
+    with pytest.raises(ValueError, match="activation"):
+        bt.batch_norm(x, rm, rv, w, b, True, activation="gelu")
+    with pytest.raises(ValueError, match="residual"):
+        bt.batch_norm(x, rm, rv, w, b, True, activation="relu", residual=r[:, :3])
+    with pytest.raises(TypeError, match="residual"):
+        bt.batch_norm(x, rm, rv, w, b, True, activation="relu", residual=r.double())
+    with pytest.raises(TypeError, match="residual"):
+        bt.batch_norm(x, rm, rv, w, b, True, activation="relu", residual=r.numpy())
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    with pytest.raises(ValueError, match="activation"):
+        bt.BatchNormAct2d(6, activation=("clamp", 1.0, -1.0))
+
+
+def test_calls_the_kernels_do_not_cover_compute_pytorchs_composition():
+    x, r, w, b, rm, rv, _ = setup(torch.float64, False, seed=9)
+    # eps = 0 (the kernels need eps > 0) and a float64 residual beside float64 input on PyTorch's path
+    y = bt.batch_norm(x, rm, rv, w, b, False, 0.1, 0.0, activation=("leaky_relu", 0.2), residual=r)
+    ref = TF.leaky_relu(TF.batch_norm(x, rm, rv, w, b, False, 0.1, 0.0) + r, 0.2)
+    assert torch.equal(y, ref)
+
+
+# ---- modules -----------------------------------------------------------------------------------------------------
+
+def test_batchnormact2d_is_a_batchnorm2d_with_an_activation_and_a_residual_argument():
+    m = bt.BatchNormAct2d(6, activation=("leaky_relu", 0.2))
+    ref = nn.BatchNorm2d(6)
+    assert isinstance(m, nn.BatchNorm2d) and isinstance(m, bt.BatchNorm2d)
+    assert m.state_dict().keys() == ref.state_dict().keys()
+    assert "activation=('leaky_relu', 0.2)" in repr(m)
+    x, r, *_ = setup(torch.float32, True, seed=10)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-1, 1)
+    ref.load_state_dict(m.state_dict())
+    for training in (True, False):
+        m.train(training)
+        ref.train(training)
+        y = m(x, r)
+        yr = TF.leaky_relu(ref(x) + r, 0.2)
+        torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(m.running_var, ref.running_var)
+    assert int(m.num_batches_tracked) == int(ref.num_batches_tracked) == 1
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert type(clone) is bt.BatchNormAct2d and clone.activation == m.activation
+        assert torch.equal(clone.eval()(x, r), m.eval()(x, r))
+
+
+class Block(nn.Module):
+    """ResNet's BasicBlock: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
+
+    def __init__(self, c, down=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.down = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)) if down else None
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.down is None else self.down(x)
+        return self.relu(out + identity)
+
+
+def _randomise(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+def test_convert_fuses_bn_relu_pairs_and_the_residual_add_of_a_resnet_block():
+    model = _randomise(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), Block(8), Block(8, down=True),
+                                     nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.SiLU(), nn.Conv2d(8, 8, 1),
+                                     nn.BatchNorm2d(8), nn.LeakyReLU(0.3), nn.BatchNorm2d(8)), 1).eval()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        expected = model(x)
+    fused = bt.convert(copy.deepcopy(model), fuse_activations=True)
+    acts = {type(m): m.activation for m in fused.modules() if isinstance(m, bt.BatchNormAct2d)}
+    kinds = sorted(str(m.activation) for m in fused.modules() if isinstance(m, bt.BatchNormAct2d))
+    # the first BN + ReLU, each block's bn1 + relu and bn2 + add + relu, BN + SiLU, BN + LeakyReLU; the
+    # downsample's BN (its output is added) and the last BN (nothing follows) stay plain
+    assert kinds == ["('leaky_relu', 0.3)", "relu", "relu", "relu", "relu", "relu", "silu"], kinds
+    assert acts
+    residual_calls = [n for n in fused.graph.nodes if n.op == "call_module" and len(n.args) == 2]
+    assert len(residual_calls) == 2
+    plain = sum(type(m) is bt.BatchNorm2d for m in fused.modules())
+    assert plain == 2
+    with torch.no_grad():
+        got = fused(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # training too: the same gradients as the unfused converted model
+    fused.train()
+    ref = bt.convert(copy.deepcopy(model)).train()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused(x1).sum().backward()
+    ref(x2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_a_module_used_twice_or_whose_output_is_read_elsewhere_is_not_fused():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.bn_b = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            a = torch.relu(self.bn(x))
+            b = torch.relu(self.bn(x * 2))   # the same module twice
+            c = self.bn_b(x)
+            return a + b + torch.relu(c) + c  # bn_b's output read twice
+
+    model = _randomise(Twice(), 2).eval()
+    fused = bt.convert(copy.deepcopy(model), fuse_activations=True)
+    assert not any(isinstance(m, bt.BatchNormAct2d) for m in fused.modules())
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_an_untraceable_model_has_its_sequential_pairs_fused_in_place():
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU6())
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                return self.body(x)
+            return -self.body(x)
+
+    model = _randomise(Dynamic(), 3).eval()
+    x = torch.randn(2, 3, 5, 5)
+    expected = model(x)
+    same = bt.convert(model, fuse_activations=True)
+    assert same is model
+    assert type(model.body[1]) is bt.BatchNormAct2d and model.body[1].activation == "relu6"
+    assert type(model.body[2]) is nn.Identity
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
