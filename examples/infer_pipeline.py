@@ -1,4 +1,4 @@
-"""Batch norm inside a NumPy CNN inference pipeline, three ways, timed side by side.
+"""Batch norm inside a NumPy CNN inference pipeline, four ways, timed side by side.
 
 A few conv-BN-ReLU layers on a batch of images, channels-last (N, H, W, C): each convolution is one matrix product
 over im2col patches, which gives its output channels-last and contiguous. After it, the eval batch norm is
@@ -7,13 +7,14 @@ over im2col patches, which gives its output channels-last and contiguous. After 
                    layout="NHWC", out=y), in place, then ReLU in place;
   2. "folded":     nothing: bn_simd.fold_conv folded the BN into the conv's weights and bias beforehand
                    (the bias is added in place after the matrix product), then ReLU in place;
-  3. "NumPy BN":   the formula (y - mean) / sqrt(var + eps) * weight + bias written in NumPy, then ReLU.
+  3. "fused":      bn_simd.batch_norm(..., out=y, activation="relu"): the BN and the ReLU in one pass over y;
+  4. "NumPy BN":   the formula (y - mean) / sqrt(var + eps) * weight + bias written in NumPy, then ReLU.
 
     python examples/infer_pipeline.py            # 8 images of 112 x 112 (a few seconds)
     python examples/infer_pipeline.py --quick    # small sizes, one second
 
 Each variant's time is the median of interleaved runs (one run of each per round, in rotating order, so a busy
-spell of the machine falls on all of them alike). The outputs of the three are compared.
+spell of the machine falls on all of them alike). The outputs of the four are compared.
 """
 import argparse
 import os
@@ -79,6 +80,15 @@ def run_folded(x, layers):
     return x
 
 
+def run_fused(x, layers):
+    for L in layers:
+        y = conv(x, L["w"], L["stride"])
+        bn = L["bn"]
+        x = bn_simd.batch_norm(y, bn["running_mean"], bn["running_var"], bn["weight"], bn["bias"], training=False,
+                               eps=EPS, layout="NHWC", out=y, activation="relu")
+    return x
+
+
 def run_numpy(x, layers):
     for L in layers:
         y = conv(x, L["w"], L["stride"])
@@ -95,11 +105,8 @@ def run_no_bn(x, layers):
     return x
 
 
-# ---- A fourth variant, BN and ReLU fused in one pass (bn_simd.batch_norm with a fused activation), belongs here.
-# ---- bn_simd does not offer the fused activation yet; it comes with another issue. Until then there is no such
-# ---- variant: add it to VARIANTS when the library has it.
 VARIANTS = [("plain BN (bn_simd, out= in place)", run_plain), ("BN folded into the conv", run_folded),
-            ("NumPy BN formula", run_numpy)]
+            ("BN + ReLU fused (bn_simd, activation=)", run_fused), ("NumPy BN formula", run_numpy)]
 
 
 def interleaved_medians(fns, rounds):
@@ -138,7 +145,6 @@ def main(argv=None):
     print(f"{'variant':40} {'median ms':>10} {'vs plain BN':>12}")
     for (name, _), t in zip(rows, times):
         print(f"{name:40} {t * 1e3:10.2f} {t / times[0]:11.2f}x")
-    print(f"{'fused BN+ReLU':40} {'n/a':>10}   (not in this version of bn_simd)")
     scale = float(np.abs(outs[0]).max())
     worst = 0.0
     for (name, _), y in zip(VARIANTS[1:], outs[1:]):

@@ -40,9 +40,11 @@ def test_train_digits_says_what_it_needs_without_scikit_learn(tmp_path):
     assert proc.returncode != 0 and "needs scikit-learn" in proc.stderr and "pip install scikit-learn" in proc.stderr
 
 
-def test_infer_pipeline_quick_times_three_variants_and_their_outputs_agree():
+def test_infer_pipeline_quick_times_four_variants_and_their_outputs_agree():
     out = run_example("infer_pipeline.py", "--quick", "--rounds", "2")
-    for name in ("plain BN (bn_simd, out= in place)", "BN folded into the conv", "NumPy BN formula", "no BN at all"):
+    for name in ("plain BN (bn_simd, out= in place)", "BN folded into the conv", "BN + ReLU fused (bn_simd, activation=)",
+                 "NumPy BN formula", "no BN at all"):
         line = next(line for line in out.splitlines() if line.startswith(name))
         assert float(line[40:].split()[0]) > 0, out          # a median time in ms
-    assert "fused BN+ReLU" in out and "outputs agree within float32 rounding" in out, out
+    assert "max |BN + ReLU fused (bn_simd, activation=) - plain BN|" in out, out
+    assert "outputs agree within float32 rounding" in out, out
