@@ -1,0 +1,64 @@
+# Type stubs of bn_simd.keras (checked against the run-time signatures by tests/test_type_stubs.py).
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
+from typing_extensions import Self, TypeAlias
+
+_Float: TypeAlias = NDArray[np.floating[Any]]
+# "zeros", "ones", a number, a serialized Keras Zeros/Ones/Constant (a dict), or a callable (shape, dtype) -> array
+_Initializer: TypeAlias = str | float | Mapping[str, Any] | Callable[[tuple[int, ...], str], ArrayLike]
+
+class BatchNormalization:
+    axis: int
+    momentum: float
+    epsilon: float
+    center: bool
+    scale: bool
+    beta_initializer: _Initializer
+    gamma_initializer: _Initializer
+    moving_mean_initializer: _Initializer
+    moving_variance_initializer: _Initializer
+    renorm: bool
+    renorm_clipping: dict[str, float | None] | None
+    renorm_momentum: float
+    virtual_batch_size: int | None
+    trainable: bool
+    dtype: np.dtype[Any]
+    name: str
+    built: bool
+    # the weights (None before build, and gamma / beta without scale / center; the last three with renorm only)
+    gamma: _Float | None
+    beta: _Float | None
+    moving_mean: _Float | None
+    moving_variance: _Float | None
+    moving_stddev: _Float | None
+    renorm_mean: _Float | None
+    renorm_stddev: _Float | None
+    # set by backward
+    grad_gamma: _Float | None
+    grad_beta: _Float | None
+    def __init__(self, axis: int = -1, momentum: float = 0.99, epsilon: float = 1e-3, center: bool = True,
+                 scale: bool = True, beta_initializer: _Initializer = "zeros", gamma_initializer: _Initializer = "ones",
+                 moving_mean_initializer: _Initializer = "zeros", moving_variance_initializer: _Initializer = "ones", *,
+                 renorm: bool = False, renorm_clipping: Mapping[str, float | None] | None = None,
+                 renorm_momentum: float = 0.99, virtual_batch_size: int | None = None, trainable: bool = True,
+                 dtype: DTypeLike | Mapping[str, Any] = "float32", name: str = "batch_normalization") -> None: ...
+    def build(self, input_shape: Sequence[int | None]) -> None: ...
+    @property
+    def num_features(self) -> int | None: ...
+    @property
+    def weights(self) -> list[_Float]: ...
+    @property
+    def trainable_weights(self) -> list[_Float]: ...
+    @property
+    def non_trainable_weights(self) -> list[_Float]: ...
+    def get_weights(self) -> list[_Float]: ...
+    def set_weights(self, weights: Sequence[ArrayLike]) -> None: ...
+    def get_config(self) -> dict[str, Any]: ...
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Self: ...
+    # x: float32/float64 (float16, integer and bool inputs are computed in float32); y in the layer's dtype
+    def __call__(self, x: ArrayLike, training: bool = False, mask: ArrayLike | None = None) -> _Float: ...
+    def backward(self, grad_out: ArrayLike) -> _Float: ...
