@@ -4,7 +4,7 @@
 # Conventions: data arrays (x, grad_out, out, residual) are ndarrays of a floating dtype (float32/float64; float16 where
 # a call takes it), and the result has x's dtype (the TypeVar _F); per-channel arrays (weight, bias, running
 # statistics) are any array-like of a float dtype; statistics computed in float64 are typed NDArray[np.float64].
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
@@ -44,6 +44,8 @@ _Isa: TypeAlias = Literal["scalar", "avx2", "avx512", "auto"]
 _SyncMode: TypeAlias = Literal["exact", "fast"]
 _Shape: TypeAlias = int | Sequence[int]
 _Mask: TypeAlias = ArrayLike | None
+# renorm_clipping: a dict (run time: dict only) with keys among "rmax", "rmin", "dmax", values float or None
+_Clipping: TypeAlias = dict[str, Any]
 # a communicator: an mpi4py communicator, a torch.distributed process group, an object with allreduce/allgather
 # (bn_simd.sync's protocol), or None (the initialised world)
 _Comm: TypeAlias = Any
@@ -213,7 +215,7 @@ class _Layer:
     def train(self, mode: bool = True) -> Self: ...
     def eval(self) -> Self: ...
     # values: ndarrays, tensors or other array-likes (also Keras' weight names)
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None: ...
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None: ...
 
 class BatchNorm(_Layer):
     num_features: int
@@ -246,7 +248,7 @@ class BatchNorm(_Layer):
                  track_running_stats: bool = True, *, layout: _Layout = "NCHW", dtype: DTypeLike = ...,
                  unbiased_running_var: bool = True, axis: int | None = None, bias: bool = True,
                  virtual_batch_size: int | None = None, renorm: bool = False,
-                 renorm_clipping: Mapping[str, float | None] | None = None, renorm_momentum: float = 0.01,
+                 renorm_clipping: _Clipping | None = None, renorm_momentum: float = 0.01,
                  activation: _Activation | None = None) -> None: ...
     def reset_running_stats(self) -> None: ...
     def reset_parameters(self) -> None: ...
@@ -310,7 +312,7 @@ class _RowNorm:
     def __call__(self, x: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...
     def backward(self, grad_out: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...
     def state_dict(self) -> dict[str, NDArray[Any]]: ...
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None: ...
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None: ...
 
 class LayerNorm(_RowNorm):
     eps: float
@@ -375,7 +377,7 @@ def virtual_batch_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], save_mean
 def batch_renorm(x: NDArray[_F], running_mean: _Float, running_var: _Float, weight: ArrayLike | None = None,
                  bias: ArrayLike | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
                  running_std: _Float, renorm_mean: _Float, renorm_std: _Float,
-                 renorm_clipping: Mapping[str, float | None] | None = None, renorm_momentum: float = 0.01,
+                 renorm_clipping: _Clipping | None = None, renorm_momentum: float = 0.01,
                  layout: _Layout = "NCHW", out: NDArray[_F] | None = None, unbiased_running_var: bool = True,
                  virtual_batch_size: int | None = None) -> NDArray[_F]: ...
 # (y, save_mean, save_invstd, r, d)

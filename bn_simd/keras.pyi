@@ -1,5 +1,5 @@
 # Type stubs of bn_simd.keras (checked against the run-time signatures by tests/test_type_stubs.py).
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -7,8 +7,10 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 from typing_extensions import Self, TypeAlias
 
 _Float: TypeAlias = NDArray[np.floating[Any]]
+# renorm_clipping: a dict (run time: dict only) with keys among "rmax", "rmin", "dmax", values float or None
+_Clipping: TypeAlias = dict[str, Any]
 # "zeros", "ones", a number, a serialized Keras Zeros/Ones/Constant (a dict), or a callable (shape, dtype) -> array
-_Initializer: TypeAlias = str | float | Mapping[str, Any] | Callable[[tuple[int, ...], str], ArrayLike]
+_Initializer: TypeAlias = str | float | dict[str, Any] | Callable[[tuple[int, ...], str], ArrayLike]
 
 class BatchNormalization:
     axis: int
@@ -42,9 +44,9 @@ class BatchNormalization:
     def __init__(self, axis: int = -1, momentum: float = 0.99, epsilon: float = 1e-3, center: bool = True,
                  scale: bool = True, beta_initializer: _Initializer = "zeros", gamma_initializer: _Initializer = "ones",
                  moving_mean_initializer: _Initializer = "zeros", moving_variance_initializer: _Initializer = "ones", *,
-                 renorm: bool = False, renorm_clipping: Mapping[str, float | None] | None = None,
+                 renorm: bool = False, renorm_clipping: _Clipping | None = None,
                  renorm_momentum: float = 0.99, virtual_batch_size: int | None = None, trainable: bool = True,
-                 dtype: DTypeLike | Mapping[str, Any] = "float32", name: str = "batch_normalization") -> None: ...
+                 dtype: DTypeLike | dict[str, Any] = "float32", name: str = "batch_normalization") -> None: ...
     def build(self, input_shape: Sequence[int | None]) -> None: ...
     @property
     def num_features(self) -> int | None: ...
@@ -58,7 +60,7 @@ class BatchNormalization:
     def set_weights(self, weights: Sequence[ArrayLike]) -> None: ...
     def get_config(self) -> dict[str, Any]: ...
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> Self: ...
+    def from_config(cls, config: dict[str, Any]) -> Self: ...
     # x: float32/float64 (float16, integer and bool inputs are computed in float32); y in the layer's dtype
     def __call__(self, x: ArrayLike, training: bool = False, mask: ArrayLike | None = None) -> _Float: ...
     def backward(self, grad_out: ArrayLike) -> _Float: ...

@@ -57,17 +57,20 @@ class BatchNorm3d(torch.nn.BatchNorm3d):
 class BatchNormAct1d(BatchNorm1d):
     activation: _Activation
     def __init__(self, *args: Any, activation: _Activation = "relu", **kwargs: Any) -> None: ...
-    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor: ...  # type: ignore[override]
+    def forward(self, input: torch.Tensor,  # type: ignore[override]
+                residual: torch.Tensor | None = None) -> torch.Tensor: ...
     def extra_repr(self) -> str: ...
 class BatchNormAct2d(BatchNorm2d):
     activation: _Activation
     def __init__(self, *args: Any, activation: _Activation = "relu", **kwargs: Any) -> None: ...
-    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor: ...  # type: ignore[override]
+    def forward(self, input: torch.Tensor,  # type: ignore[override]
+                residual: torch.Tensor | None = None) -> torch.Tensor: ...
     def extra_repr(self) -> str: ...
 class BatchNormAct3d(BatchNorm3d):
     activation: _Activation
     def __init__(self, *args: Any, activation: _Activation = "relu", **kwargs: Any) -> None: ...
-    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor: ...  # type: ignore[override]
+    def forward(self, input: torch.Tensor,  # type: ignore[override]
+                residual: torch.Tensor | None = None) -> torch.Tensor: ...
     def extra_repr(self) -> str: ...
 
 class GroupNorm(torch.nn.GroupNorm):
@@ -103,47 +106,60 @@ def fold(model: _M, *, trace: bool = True) -> _M: ...
 # ---- the autograd Functions the modules apply (their apply()'s arguments are internal: use the calls above) -------
 class BatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor,  # type: ignore[override]
+                weight: torch.Tensor | None, bias: torch.Tensor | None,
                 running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool, momentum: float,
                 eps: float, views: Any) -> torch.Tensor: ...
     @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]: ...  # type: ignore[override]
+    def backward(ctx: Any, grad_y: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, ...]: ...
 class GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,  # type: ignore[override]
                 bias: torch.Tensor | None, eps: float, views: Any) -> torch.Tensor: ...
     @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]: ...  # type: ignore[override]
+    def backward(ctx: Any, grad_y: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, ...]: ...
 class InstanceNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor,  # type: ignore[override]
+                weight: torch.Tensor | None, bias: torch.Tensor | None,
                 running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float, eps: float,
                 views: Any) -> torch.Tensor: ...
     @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]: ...  # type: ignore[override]
+    def backward(ctx: Any, grad_y: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, ...]: ...
 class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor,  # type: ignore[override]
+                weight: torch.Tensor | None, bias: torch.Tensor | None,
                 running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float, eps: float,
                 comm: Any, mode: _Mode, shift: Any, views: Any) -> torch.Tensor: ...
     @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]: ...  # type: ignore[override]
+    def backward(ctx: Any, grad_y: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, ...]: ...
 class BatchNormActFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor,  # type: ignore[override]
+                weight: torch.Tensor | None, bias: torch.Tensor | None,
                 residual: torch.Tensor | None, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                 training: bool, momentum: float, eps: float, act: Any, views: Any) -> torch.Tensor: ...
     @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]: ...  # type: ignore[override]
+    def backward(ctx: Any, grad_y: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, ...]: ...
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, normalized_shape: _Shape, weight: torch.Tensor | None,  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor,  # type: ignore[override]
+                normalized_shape: _Shape, weight: torch.Tensor | None,
                 bias: torch.Tensor | None, eps: float, views: Any) -> torch.Tensor: ...
     @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]: ...  # type: ignore[override]
+    def backward(ctx: Any, grad_y: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, ...]: ...
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, normalized_shape: _Shape, weight: torch.Tensor | None,  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor,  # type: ignore[override]
+                normalized_shape: _Shape, weight: torch.Tensor | None,
                 eps: float | None, views: Any) -> torch.Tensor: ...
     @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]: ...  # type: ignore[override]
+    def backward(ctx: Any, grad_y: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, ...]: ...
