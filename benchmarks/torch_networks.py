@@ -14,6 +14,9 @@ take turns, one forward pass each per round:
   alike; the median over rounds. "fastest calls" sums each layer's fastest call over the rounds instead: on a
   machine shared with other processes, the figure least disturbed by them.
 * network time: a forward pass of the whole network without hooks; the median and the fastest over rounds.
+* network fused: the network time of a third converted copy made with ``convert(model, fuse_activations=True)``,
+  whose batch norms also run the ReLU (ReLU6) after them, and ResNet's residual add (no per-BN time: its batch norms
+  do more than the others'); the logits column gives both models' differences from PyTorch's.
 
 The table gives each time as median / fastest.
 
@@ -189,8 +192,9 @@ def measure(name, batch, channels_last, rounds, idle_wait_s):
     ref = _randomised(NETWORKS[name](), 1)
     ours = bt.convert(copy.deepcopy(ref))
     probe = copy_probed(copy.deepcopy(ref))
+    fused = bt.convert(copy.deepcopy(ref), fuse_activations=True)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    ref, ours, probe = (m.to(memory_format=fmt) for m in (ref, ours, probe))
+    ref, ours, probe, fused = (m.to(memory_format=fmt) for m in (ref, ours, probe, fused))
     x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=fmt)
     models = {"torch": ref, "bn_simd": ours, "copy": probe}
     if idle_wait_s:
@@ -199,6 +203,7 @@ def measure(name, batch, channels_last, rounds, idle_wait_s):
         logits = {k: m(x) for k, m in models.items() if k != "copy"}
         scale = float(logits["torch"].abs().max())
         diff = float((logits["torch"] - logits["bn_simd"]).abs().max()) / scale
+        diff_fused = float((logits["torch"] - fused(x)).abs().max()) / scale
         for m in models.values():  # warm-up
             m(x)
         before = timing.cpu_snapshot()
@@ -209,11 +214,12 @@ def measure(name, batch, channels_last, rounds, idle_wait_s):
                 m(x)
         for c in clocks.values():
             c.remove()
-        net = {k: [] for k in models if k != "copy"}
+        # network times, the fused model's too (its batch norms run the activation: no per-BN clock for it)
+        timed = {k: m for k, m in models.items() if k != "copy"}
+        timed["fused"] = fused
+        net = {k: [] for k in timed}
         for _ in range(rounds):
-            for k, m in models.items():
-                if k == "copy":
-                    continue
+            for k, m in timed.items():
                 t0 = time.perf_counter()
                 m(x)
                 net[k].append(time.perf_counter() - t0)
@@ -227,24 +233,27 @@ def measure(name, batch, channels_last, rounds, idle_wait_s):
     row.update({"bn speed-up": row["bn torch"] / row["bn bn_simd"],
                 "bn min speed-up": row["bn min torch"] / row["bn min bn_simd"],
                 "bound": row["bn torch"] / row["bn copy"], "bound min": row["bn min torch"] / row["bn min copy"],
-                "net speed-up": row["net torch"] / row["net bn_simd"], "logits rel diff": diff, "others": others})
+                "net speed-up": row["net torch"] / row["net bn_simd"], "logits rel diff": diff,
+                "fused bn": sum(isinstance(m, bt.BatchNormAct2d) for m in fused.modules()),
+                "logits rel diff fused": diff_fused, "others": others})
     return row
 
 
 def table(rows):
     """The markdown table: each time as median / fastest (ms)."""
     lines = ["| network | batch | memory format | BN PyTorch (ms) | BN bn_simd (ms) | BN speed-up | copy (ms) | "
-             "bound: PyTorch / copy | network PyTorch (ms) | network bn_simd (ms) | logits max rel. diff | "
-             "others (cores) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "bound: PyTorch / copy | network PyTorch (ms) | network bn_simd (ms) | network fused (ms) | "
+             "logits max rel. diff | others (cores) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         others = "?" if r["others"] is None else f"{r['others']:.2f}"
         bn = " | ".join(f"{r[f'bn {k}']:.2f} / {r[f'bn min {k}']:.2f}" for k in ("torch", "bn_simd"))
-        net = " | ".join(f"{r[f'net {k}']:.1f} / {r[f'net min {k}']:.1f}" for k in ("torch", "bn_simd"))
+        net = " | ".join(f"{r[f'net {k}']:.1f} / {r[f'net min {k}']:.1f}" for k in ("torch", "bn_simd", "fused"))
         lines.append(f"| {r['network']} ({r['bn_modules']} BN) | {r['batch']} | {r['format']} | {bn} | "
                      f"{r['bn speed-up']:.2f}x / {r['bn min speed-up']:.2f}x | "
                      f"{r['bn copy']:.2f} / {r['bn min copy']:.2f} | {r['bound']:.2f}x / {r['bound min']:.2f}x | "
-                     f"{net} | {r['logits rel diff']:.1e} | {others} |")
+                     f"{net} ({r['fused bn']} fused) | {r['logits rel diff']:.1e} / {r['logits rel diff fused']:.1e} | "
+                     f"{others} |")
     return "\n".join(lines)
 
 
@@ -270,7 +279,7 @@ def main(argv=None):
                 rows.append(r)
                 others = "" if r["others"] is None else f", others {r['others']:.2f} cores"
                 print(f"{name} batch {batch} {r['format']}: BN {r['bn torch']:.2f} -> {r['bn bn_simd']:.2f} ms "
-                      f"({r['bn speed-up']:.2f}x; copy {r['bn copy']:.2f} ms, bound {r['bound']:.2f}x), network {r['net torch']:.1f} -> {r['net bn_simd']:.1f} ms"
+                      f"({r['bn speed-up']:.2f}x; copy {r['bn copy']:.2f} ms, bound {r['bound']:.2f}x), network {r['net torch']:.1f} -> {r['net bn_simd']:.1f} ms, fused {r['net fused']:.1f} ms"
                       f"{others}", flush=True)
     print()
     print(table(rows))

@@ -20,7 +20,10 @@
  * Context: every op takes a context (NULL: the default one) holding the ISA, the thread count and the tuning, and
  * optionally a parallel_for through which the op runs its tasks on the caller's thread pool instead of OpenMP.
  * Workspace: every op takes a scratch buffer (NULL and 0: the library allocates what it needs); bn_workspace_size
- * gives the bytes an op needs, and with a buffer that large the call allocates nothing (BN_EWORKSPACE if smaller).
+ * gives the bytes an op needs, and with a buffer that large bn_simd allocates nothing in the call (BN_EWORKSPACE if
+ * smaller; BN_EOVERLAP if it shares a byte with the call's arrays). In a build with OpenMP the OpenMP runtime may still
+ * allocate its own per-thread data the first time a thread enters a parallel region (with a caller's parallel_for
+ * too: the drivers' regions run on one thread there); later calls from that thread allocate nothing.
  */
 #ifndef BN_SIMD_API_H
 #define BN_SIMD_API_H

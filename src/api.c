@@ -154,9 +154,11 @@ static int check_desc(const bn_desc* d) {
     if (d->param_dtype != BN_F32 && d->param_dtype != BN_F64) return BN_EDTYPE;
     if (d->layout != BN_LAYOUT_NCHW && d->layout != BN_LAYOUT_NHWC) return BN_ELAYOUT;
     if (d->n < 1 || d->c < 1 || d->s < 1) return BN_ESIZE;
-    /* every byte offset the drivers form fits int64_t and size_t, with room for 8-byte elements */
+    /* every byte offset the drivers form fits int64_t and size_t, with room for 8-byte elements, and so does every
+     * workspace size (bn_workspace_size's sums take up to a few hundred bytes per element or channel): at most
+     * 2^51 elements on a 64-bit system, far beyond any memory */
     const uint64_t most = (uint64_t)PTRDIFF_MAX < (uint64_t)INT64_MAX ? (uint64_t)PTRDIFF_MAX : (uint64_t)INT64_MAX;
-    const int64_t lim = (int64_t)(most / 8);
+    const int64_t lim = (int64_t)(most >> 12);
     if (d->n > lim / d->c || d->n * d->c > lim / d->s) return BN_ESIZE;
     return BN_OK;
 }
@@ -542,6 +544,17 @@ static int check_workspace(const bn_context* ctx, int op, const bn_desc* d, int6
     return st != BN_OK ? st : ws_bytes < need ? BN_EWORKSPACE : BN_OK;
 }
 
+/* The caller's workspace shares no byte with the call's arrays (outs and ins; NULL ones ignored): the drivers write it
+ * before they have read every input. */
+static int check_workspace_apart(const void* ws, size_t ws_bytes, const span* outs, int nouts, const span* ins,
+                                 int nins) {
+    for (int i = 0; i < nouts; i++)
+        if (overlaps(ws, ws_bytes, outs[i].p, outs[i].n)) return BN_EOVERLAP;
+    for (int i = 0; i < nins; i++)
+        if (overlaps(ws, ws_bytes, ins[i].p, ins[i].n)) return BN_EOVERLAP;
+    return BN_OK;
+}
+
 /* ---------------------------------------------------------------------------------------------------- */
 /* Batch norm. */
 
@@ -621,6 +634,7 @@ int bn_batch_norm_inference(const bn_context* ctx, const bn_desc* d, const void*
     const span ins[] = {{x, xb}, {running_mean, pb}, {running_var, pb}, {weight, pb}, {bias, pb}};
     if ((st = check_overlaps(outs, 1, ins, 5, x)) != BN_OK) return st;
     if ((st = check_workspace(ctx, BN_OP_BATCH_NORM_INFERENCE, d, 1, workspace, workspace_bytes)) != BN_OK) return st;
+    if ((st = check_workspace_apart(workspace, workspace_bytes, outs, 1, ins, 5)) != BN_OK) return st;
     frame f;
     frame_enter(&f, ctx, workspace, workspace_bytes);
     const dtype_ops* ops = &OPS[d->dtype];
@@ -668,6 +682,7 @@ int bn_batch_norm_training(const bn_context* ctx, const bn_desc* d, const void* 
     const span ins[] = {{x, xb}, {weight, pb}, {bias, pb}};
     if ((st = check_overlaps(outs, 5, ins, 3, x)) != BN_OK) return st;
     if ((st = check_workspace(ctx, BN_OP_BATCH_NORM_TRAINING, d, 1, workspace, workspace_bytes)) != BN_OK) return st;
+    if ((st = check_workspace_apart(workspace, workspace_bytes, outs, 5, ins, 3)) != BN_OK) return st;
     frame f;
     frame_enter(&f, ctx, workspace, workspace_bytes);
     const dtype_ops* ops = &OPS[d->dtype];
@@ -773,6 +788,8 @@ int bn_batch_norm_backward(const bn_context* ctx, const bn_desc* d, const void* 
     /* dx may be dy or x, but not overlap either otherwise */
     if ((dx != dy && overlaps(dx, xb, dy, xb)) || (dx != x && overlaps(dx, xb, x, xb))) return BN_EOVERLAP;
     if ((st = check_workspace(ctx, BN_OP_BATCH_NORM_BACKWARD, d, 1, workspace, workspace_bytes)) != BN_OK) return st;
+    if ((st = check_workspace_apart(workspace, workspace_bytes, outs, 2, ins, 5)) != BN_OK) return st;
+    if ((st = check_workspace_apart(workspace, workspace_bytes, dxs, 1, pins, 5)) != BN_OK) return st;
     frame f;
     frame_enter(&f, ctx, workspace, workspace_bytes);
     const dtype_ops* ops = &OPS[d->dtype];
@@ -889,6 +906,7 @@ int bn_batch_norm_moments(const bn_context* ctx, const bn_desc* d, const void* x
     const span ins[] = {{x, xb}};
     if ((st = check_overlaps(outs, 4, ins, 1, NULL)) != BN_OK) return st;
     if ((st = check_workspace(ctx, BN_OP_BATCH_NORM_MOMENTS, d, 1, workspace, workspace_bytes)) != BN_OK) return st;
+    if ((st = check_workspace_apart(workspace, workspace_bytes, outs, 4, ins, 1)) != BN_OK) return st;
     frame f;
     frame_enter(&f, ctx, workspace, workspace_bytes);
     if (!f.pfor) {
@@ -989,6 +1007,7 @@ int bn_group_norm_forward(const bn_context* ctx, const bn_desc* d, int64_t group
     if ((st = check_overlaps(outs, 3, ins, 3, x)) != BN_OK) return st;
     if ((st = check_workspace(ctx, BN_OP_GROUP_NORM_FORWARD, d, groups, workspace, workspace_bytes)) != BN_OK)
         return st;
+    if ((st = check_workspace_apart(workspace, workspace_bytes, outs, 3, ins, 3)) != BN_OK) return st;
     frame f;
     frame_enter(&f, ctx, workspace, workspace_bytes);
     const dtype_ops* ops = &OPS[d->dtype];
@@ -1033,6 +1052,8 @@ int bn_group_norm_backward(const bn_context* ctx, const bn_desc* d, int64_t grou
     if ((dx != dy && overlaps(dx, xb, dy, xb)) || (dx != x && overlaps(dx, xb, x, xb))) return BN_EOVERLAP;
     if ((st = check_workspace(ctx, BN_OP_GROUP_NORM_BACKWARD, d, groups, workspace, workspace_bytes)) != BN_OK)
         return st;
+    if ((st = check_workspace_apart(workspace, workspace_bytes, outs, 2, ins, 5)) != BN_OK) return st;
+    if ((st = check_workspace_apart(workspace, workspace_bytes, dxs, 1, pins, 5)) != BN_OK) return st;
     frame f;
     frame_enter(&f, ctx, workspace, workspace_bytes);
     const dtype_ops* ops = &OPS[d->dtype];
@@ -1143,6 +1164,7 @@ static int row_norm_forward(const bn_context* ctx, const bn_desc* d, int rms, co
     const span ins[] = {{x, xb}, {weight, pb}, {bias, pb}};
     if ((st = check_overlaps(outs, 3, ins, 3, x)) != BN_OK) return st;
     if ((st = check_workspace(ctx, BN_OP_LAYER_NORM_FORWARD, d, 1, workspace, workspace_bytes)) != BN_OK) return st;
+    if ((st = check_workspace_apart(workspace, workspace_bytes, outs, 3, ins, 3)) != BN_OK) return st;
     frame f;
     frame_enter(&f, ctx, workspace, workspace_bytes);
     const dtype_ops* ops = &OPS[d->dtype];
@@ -1184,6 +1206,8 @@ static int row_norm_backward(const bn_context* ctx, const bn_desc* d, int rms, c
     if ((st = check_overlaps(dxs, 1, pins, 5, NULL)) != BN_OK) return st;
     if ((dx != dy && overlaps(dx, xb, dy, xb)) || (dx != x && overlaps(dx, xb, x, xb))) return BN_EOVERLAP;
     if ((st = check_workspace(ctx, BN_OP_LAYER_NORM_BACKWARD, d, 1, workspace, workspace_bytes)) != BN_OK) return st;
+    if ((st = check_workspace_apart(workspace, workspace_bytes, outs, 2, ins, 5)) != BN_OK) return st;
+    if ((st = check_workspace_apart(workspace, workspace_bytes, dxs, 1, pins, 5)) != BN_OK) return st;
     frame f;
     frame_enter(&f, ctx, workspace, workspace_bytes);
     const dtype_ops* ops = &OPS[d->dtype];

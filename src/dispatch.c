@@ -26,8 +26,10 @@ struct bn_context {
  * the first call picks the best one. */
 static bn_context default_ctx = {-1, 0, -1, -1, -1};
 
-/* The calling thread's context (NULL: the default); the drivers copy it into their OpenMP threads (BN_OMP_CTX). */
-const bn_context* bn_tls_ctx = NULL;
+/* The calling thread's context (NULL: the default); the drivers copy it into their OpenMP threads (BN_OMP_CTX).
+ * Thread-local in every build: OpenMP's threadprivate (dispatch.h) alone would leave one variable shared by all the
+ * caller's threads in a build without OpenMP. */
+_Thread_local const bn_context* bn_tls_ctx = NULL;
 
 /* Set once some thread has used a context of its own: until then every call reads the default context without the
  * thread-local lookup (a call into the TLS resolver from a shared library, several per call). */

@@ -15,7 +15,7 @@
 
 /* The calling thread's context (bn_context_use; NULL: the default). A driver's parallel regions copy it into their
  * threads (copyin, BN_OMP_CTX), so that the kernels there read the caller's settings. */
-extern const bn_context* bn_tls_ctx;
+extern _Thread_local const bn_context* bn_tls_ctx;
 #ifdef _OPENMP
 #pragma omp threadprivate(bn_tls_ctx)
 #define BN_OMP_CTX copyin(bn_tls_ctx)

@@ -346,6 +346,7 @@ BAD = [
     ("c = -1", dict(d=_d(c=-1)), "ESIZE"),
     ("s = 0", dict(d=_d(s=0)), "ESIZE"),
     ("n c s overflows", dict(d=_d(n=1 << 40, c=1 << 20)), "ESIZE"),
+    ("2^52 elements (workspace sums would overflow)", dict(d=_d(n=1 << 26, c=1 << 26)), "ESIZE"),
     ("layout 2", dict(d=_d(layout=2)), "ELAYOUT"),
     ("dtype 7", dict(d=_d(dtype=7)), "EDTYPE"),
     ("param dtype f16", dict(d=_d(param_dtype=capi.F16)), "EDTYPE"),
@@ -388,6 +389,15 @@ def test_workspace_smaller_than_its_size_is_refused_and_exact_size_allocates_not
                                   need.value)
     assert st == 0
     np.testing.assert_array_equal(y, bn_simd.batch_norm_forward(x, layout="NHWC")[0])
+    # a workspace over an input or an output: refused, nothing written
+    y2 = np.full_like(x, 3)
+    xb = np.concatenate([x.reshape(-1), np.zeros(need.value // 4 + 16, np.float32)])
+    st = L.bn_batch_norm_training(None, d, P(xb), P(y2), None, None, EPS, 0.1, None, None, P(sm), P(si), P(xb) + 4,
+                                  need.value)
+    assert st == capi.STATUS["EOVERLAP"] and np.all(y2 == 3)
+    st = L.bn_batch_norm_training(None, d, P(x), P(y2), None, None, EPS, 0.1, None, None, P(sm), P(si), P(y2),
+                                  need.value)
+    assert st == capi.STATUS["EOVERLAP"] and np.all(y2 == 3)
     assert L.bn_workspace_size(None, 99, d, 1, ct.byref(need)) == capi.STATUS["EOP"]
     assert L.bn_workspace_size(None, capi.OPS["group_forward"], d, 3, ct.byref(need)) == capi.STATUS["EGROUPS"]
 
