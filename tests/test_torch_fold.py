@@ -8,6 +8,7 @@ within a small multiple of err32. A wrong fold (a channel scaled by the wrong fa
 output by O(1).
 """
 import copy
+import sys
 import warnings
 
 import numpy as np
@@ -242,3 +243,21 @@ def test_fold_refuses_a_folded_weight_beyond_the_layers_dtype():
     with pytest.raises(ValueError, match="'1'.*overflows torch.float16"):
         bt.fold(model)
     assert isinstance(model[1], nn.BatchNorm2d) and float(model[0].weight.detach().max()) == 100.0
+
+
+def test_a_folded_linear_batchnorm1d_pair_refuses_a_3d_output_instead_of_a_wrong_result():
+    # Linear -> BatchNorm1d on a (N, L, features) output with L == features runs in PyTorch (BatchNorm1d then
+    # normalises axis 1, L) but is not what the fold assumes: the folded model raises rather than answer wrongly
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    x2, x3 = torch.randn(5, 4), torch.randn(5, 4, 4)
+    expected2 = model(x2)
+    folded = bt.fold(copy.deepcopy(model))
+    guard = sys.modules["bn_simd.torch.fold"].FoldedBatchNorm1d   # (bt.fold is the function)
+    assert isinstance(folded[1], guard) and isinstance(folded[1], nn.Identity)
+    torch.testing.assert_close(folded(x2), expected2, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="2-d"):
+        folded(x3)

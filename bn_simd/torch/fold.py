@@ -144,6 +144,21 @@ def _folded(layer, bn, bn_name):
     return out[0], out[1]
 
 
+class FoldedBatchNorm1d(nn.Identity):
+    """What takes the place of a BatchNorm1d folded into the Linear before it: the identity on the (N, features)
+    output the fold is right for. Any other rank raises RuntimeError: on a 3-d (N, L, features) output BatchNorm1d
+    normalises axis 1 (L), which only runs when L equals the features, and the folded weights would then be
+    silently wrong."""
+
+    def forward(self, input):
+        if input.dim() != 2:
+            raise RuntimeError(f"bn_simd.torch.fold folded a BatchNorm1d into the Linear before it for a 2-d "
+                               f"(N, features) output, but the Linear's output here is {input.dim()}-d "
+                               f"{tuple(input.shape)}: the fold does not hold for it (fold the model without that "
+                               f"pair, e.g. with trace=False on a model whose Sequential does not hold it)")
+        return input
+
+
 def fold(model, *, trace=True):
     """Fold every eval-mode BatchNorm that directly follows a Conv1d/2d/3d, or a BatchNorm1d that follows a
     Linear, into that layer, in place; returns model.
@@ -159,9 +174,10 @@ def fold(model, *, trace=True):
     norms called more than once or registered under several names, layers with tied parameters or forward hooks,
     batch norms with hooks or without running statistics (``track_running_stats=False``), transposed convs,
     subclasses that override ``forward``. BatchNorm classes folded: ``torch.nn``'s BatchNorm1d/2d/3d and
-    SyncBatchNorm and bn_simd.torch's. A Linear→BatchNorm1d pair assumes the Linear's output is 2-d (N, features):
-    on a 3-d (N, L, features) output BatchNorm1d would normalise axis 1 (L), which only runs when L equals the
-    features, and folding would then be wrong.
+    SyncBatchNorm and bn_simd.torch's. A Linear→BatchNorm1d pair is folded for a 2-d (N, features) output: its
+    batch norm is replaced by :class:`FoldedBatchNorm1d` (an ``nn.Identity``) which raises RuntimeError on any other
+    rank (on a 3-d (N, L, features) output BatchNorm1d normalises axis 1, L, which runs when L equals the features,
+    and the fold would be wrong) rather than return a wrong result.
 
     Raises ValueError when model (or a layer or batch norm of a pair) is in training mode (call ``model.eval()``:
     folding uses the running statistics), or when a batch norm's values cannot be folded (eps <= 0, non-finite
@@ -198,5 +214,5 @@ def fold(model, *, trace=True):
             else:
                 layer.bias.copy_(b2)
         parent, _, attr = bn.rpartition(".")
-        setattr(model.get_submodule(parent), attr, nn.Identity())
+        setattr(model.get_submodule(parent), attr, FoldedBatchNorm1d() if _is_linear(layer) else nn.Identity())
     return model
