@@ -105,7 +105,9 @@ def test_forward_within_one_ulp_of_pytorch_with_float32_parameters(dtype, op, fm
     p, q = _params(16, (9, 7), torch.float32), _params(16, (9, 7), torch.float32)
     y = call(bt, x, p)
     want = call(TF, x, q)
-    assert_within_ulp(y, want, dtype, op)
+    # one ulp of the 16-bit type, plus float32's error on the terms (x̂ w and b, at most the output's largest
+    # magnitude) for outputs near 0, where the terms cancel: the scalar kernels round a * b + c twice
+    assert_within_ulp(y, want, dtype, op, extra=16 * EPS32 * float(want.double().abs().max()))
     if keeps_format and fmt == "channels_last":
         assert y.is_contiguous(memory_format=torch.channels_last)
     else:
