@@ -236,16 +236,7 @@ class BatchNorm(_Layer):
         act = _epi.parse(self.activation)  # (re-checked: the attribute may have been reassigned)
         if act != _epi.NONE or residual is not None:
             return self._forward_epilogue(x, out, mask, residual, act)
-        # PyTorch's rules: batch statistics in training, and in eval when the layer holds no running statistics;
-        # running statistics updated in training when tracked (track_running_stats may be switched after
-        # construction: eval still uses the statistics the layer holds)
-        held = self.running_mean is not None or self.running_var is not None
-        batch_stats = self.training or not held
-        update = self.training and self.track_running_stats and held
-        # the update's momentum; None: the cumulative average, 1 / (batches with this one)
-        momentum = 0.0 if not update else (
-            self.momentum if self.momentum is not None else
-            1.0 / (self.num_batches_tracked + 1) if self.num_batches_tracked is not None else 0.0)
+        batch_stats, update, momentum = self._mode()  # (PyTorch's rules)
         # backward needs the input: keep a copy when the output overwrites it
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         if self.training and (self.renorm or self.virtual_batch_size is not None):
@@ -279,17 +270,25 @@ class BatchNorm(_Layer):
 
     __call__ = forward
 
-    def _forward_epilogue(self, x, out, mask, residual, act):
-        """forward with a fused activation and/or residual: saves what backward needs (x, the float64 statistics the
-        call normalised with, the residual), not the output."""
-        if mask is not None or self.renorm or self.virtual_batch_size is not None:
-            raise ValueError("activation= and residual= do not combine with mask=, virtual_batch_size or renorm")
+    def _mode(self):
+        """(batch_stats, update, momentum) of a forward: batch statistics in training, and in eval when the layer
+        holds no running statistics; running statistics updated in training when tracked (track_running_stats may
+        be switched after construction: eval still uses the statistics the layer holds); the update's momentum,
+        None meaning the cumulative average, 1 / (batches with this one)."""
         held = self.running_mean is not None or self.running_var is not None
         batch_stats = self.training or not held
         update = self.training and self.track_running_stats and held
         momentum = 0.0 if not update else (
             self.momentum if self.momentum is not None else
             1.0 / (self.num_batches_tracked + 1) if self.num_batches_tracked is not None else 0.0)
+        return batch_stats, update, momentum
+
+    def _forward_epilogue(self, x, out, mask, residual, act):
+        """forward with a fused activation and/or residual: saves what backward needs (x, the float64 statistics the
+        call normalised with, the residual), not the output."""
+        if mask is not None or self.renorm or self.virtual_batch_size is not None:
+            raise ValueError("activation= and residual= do not combine with mask=, virtual_batch_size or renorm")
+        batch_stats, update, momentum = self._mode()
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         passed = update or not batch_stats
         lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
