@@ -111,11 +111,8 @@ def units(dtype, n):
     return float(np.finfo(dtype).eps) * (16.0 + 2.0 * math.sqrt(max(n, 1)))
 
 
-def forward_bound(x, normalized_shape, weight=None, bias=None, eps=1e-5, dtype=np.float32, rms=False):
-    """Element-wise bound on |y - y_ref|: units(dtype, n) of |w| (1 + |xhat| + |mean| rstd) + |b| (the mean's error
-    scaled by rstd enters through every element of the row)."""
-    xr = rows(x, normalized_shape)
-    n = xr.shape[1]
+def _row_terms(x, xr, normalized_shape, eps, dtype, rms):
+    """(rstd, |xhat|, |mean| rstd) of the rows xr of x, as columns: the magnitudes the bounds below scale."""
     if rms:
         _, rstd = rms_norm(x, normalized_shape, eps=eps, dtype=dtype)
         rstd = rstd.reshape(-1, 1)
@@ -125,6 +122,15 @@ def forward_bound(x, normalized_shape, weight=None, bias=None, eps=1e-5, dtype=n
         rstd = rstd.reshape(-1, 1)
         xhat = np.abs((xr - mean.reshape(-1, 1)) * rstd)
         cond = np.abs(mean.reshape(-1, 1)) * rstd
+    return rstd, xhat, cond
+
+
+def forward_bound(x, normalized_shape, weight=None, bias=None, eps=1e-5, dtype=np.float32, rms=False):
+    """Element-wise bound on |y - y_ref|: units(dtype, n) of |w| (1 + |xhat| + |mean| rstd) + |b| (the mean's error
+    scaled by rstd enters through every element of the row)."""
+    xr = rows(x, normalized_shape)
+    n = xr.shape[1]
+    rstd, xhat, cond = _row_terms(x, xr, normalized_shape, eps, dtype, rms)
     w = np.abs(_param(weight, n)) if weight is not None else 1.0
     b = np.abs(_param(bias, n)) if bias is not None else 0.0
     return (units(dtype, n) * (w * (1.0 + xhat + cond) + b)).reshape(np.shape(x))
@@ -135,15 +141,7 @@ def backward_bounds(dy, x, normalized_shape, weight=None, eps=1e-5, dtype=np.flo
     the magnitudes of the terms, the parameter gradients' sums over M rows adding their own sqrt(M) ulps."""
     xr = rows(x, normalized_shape)
     M, n = xr.shape
-    if rms:
-        _, rstd = rms_norm(x, normalized_shape, eps=eps, dtype=dtype)
-        rstd = rstd.reshape(-1, 1)
-        xhat, cond = np.abs(xr * rstd), 0.0
-    else:
-        _, mean, rstd = layer_norm(x, normalized_shape, eps=eps)
-        rstd = rstd.reshape(-1, 1)
-        xhat = np.abs((xr - mean.reshape(-1, 1)) * rstd)
-        cond = np.abs(mean.reshape(-1, 1)) * rstd
+    rstd, xhat, cond = _row_terms(x, xr, normalized_shape, eps, dtype, rms)
     g = np.abs(rows(dy, normalized_shape))
     w = np.abs(_param(weight, n)) if weight is not None else 1.0
     gh = g * w
