@@ -236,7 +236,7 @@ class BatchNorm(_Layer):
         act = _epi.parse(self.activation)  # (re-checked: the attribute may have been reassigned)
         if act != _epi.NONE or residual is not None:
             return self._forward_epilogue(x, out, mask, residual, act)
-        batch_stats, update, momentum = self._mode()  # (PyTorch's rules)
+        batch_stats, update, momentum = self._forward_mode()  # (PyTorch's rules)
         # backward needs the input: keep a copy when the output overwrites it
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         if self.training and (self.renorm or self.virtual_batch_size is not None):
@@ -270,7 +270,7 @@ class BatchNorm(_Layer):
 
     __call__ = forward
 
-    def _mode(self):
+    def _forward_mode(self):
         """(batch_stats, update, momentum) of a forward: batch statistics in training, and in eval when the layer
         holds no running statistics; running statistics updated in training when tracked (track_running_stats may
         be switched after construction: eval still uses the statistics the layer holds); the update's momentum,
@@ -288,7 +288,7 @@ class BatchNorm(_Layer):
         call normalised with, the residual), not the output."""
         if mask is not None or self.renorm or self.virtual_batch_size is not None:
             raise ValueError("activation= and residual= do not combine with mask=, virtual_batch_size or renorm")
-        batch_stats, update, momentum = self._mode()
+        batch_stats, update, momentum = self._forward_mode()
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         passed = update or not batch_stats
         lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
