@@ -132,7 +132,7 @@ ext = Extension(
     "bn_simd._core",
     sources=["bn_simd/_core.pyx"] + PORTABLE_SOURCES,
     include_dirs=INCLUDE_DIRS + [numpy.get_include()],
-    depends=DEPENDS + ["bn_simd/_args.pxd", "bn_simd/_epilogue.pxi"],
+    depends=DEPENDS + ["bn_simd/_args.pxd", "bn_simd/_epilogue.pxi", "bn_simd/_epilogue_ops.pxi"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 

@@ -1555,3 +1555,4 @@ def apply_backward(dy, x, dx, m, a, b, d, int nthreads):
     finally:
         release(p, stack)
 include "_epilogue.pxi"
+include "_epilogue_ops.pxi"

@@ -30,26 +30,59 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout="NCHW"
     weight, bias : array (C,) or None (1 and 0).
     eps : float > 0.
     out : ndarray shaped and typed like x, C-contiguous; may be x itself (in place).
-    activation, residual : as :func:`bn_simd.batch_norm` (y = act(normalised x + residual)), applied by a sweep over
-        y after the normalisation (one more pass over y, not fused as in batch norm); checked before anything is
-        written. Forward only: :func:`group_norm_backward` does not differentiate through them.
+    activation, residual : as :func:`bn_simd.batch_norm` (y = act(normalised x + residual)), fused into the
+        normalise sweep (no extra pass over memory); checked before anything is written. For training through them:
+        :func:`group_norm_forward` and :func:`group_norm_backward` with the same arguments.
 
     Returns y. Raises TypeError for wrong types/dtypes, ValueError for wrong shapes or values (a num_groups that
     does not divide C included); a call that raises writes nothing.
     """
     if activation is not None or residual is not None:
-        return _epi.apply_after(x, out, activation, residual,
-                                lambda: _core.group_norm(x, num_groups, weight, bias, eps, layout, out, _threads()))
+        return _core.group_forward_epi(x, num_groups, weight, bias, eps, layout, out, _epi.parse(activation),
+                                       residual, _threads(), False, True)[0]
     return _core.group_norm(x, num_groups, weight, bias, eps, layout, out, _threads())
 
 
-def group_norm_forward(x, num_groups, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None):
+def group_norm_forward(x, num_groups, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None, activation=None,
+                       residual=None):
     """Group-norm forward for callers that run their own autograd: returns (y, mean, invstd), mean and
-    invstd = 1 / sqrt(var + eps) of shape (N, num_groups) in x's dtype, for :func:`group_norm_backward`."""
+    invstd = 1 / sqrt(var + eps) of shape (N, num_groups) in x's dtype, for :func:`group_norm_backward`.
+
+    With ``activation`` or ``residual`` (keyword-only, as :func:`group_norm`: y = act(normalised x + residual) in the
+    normalise sweep) returns (y, mean, invstd, save_stats): save_stats = (mean, var), the groups' mean and biased
+    variance as float64 (N, num_groups) arrays, from which :func:`group_norm_backward` recomputes the forward's
+    coefficients bit for bit (so the backward needs no mask and no saved output)."""
+    if activation is not None or residual is not None:
+        return _core.group_forward_epi(x, num_groups, weight, bias, eps, layout, out, _epi.parse(activation),
+                                       residual, _threads(), False)
     return _core.group_norm(x, num_groups, weight, bias, eps, layout, out, _threads(), 1)
 
 
-def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight=None, *, layout="NCHW", out=None):
+def _stats_pair(save_stats):
+    if not isinstance(save_stats, (tuple, list)) or len(save_stats) != 2:
+        raise ValueError("save_stats must be the forward's (mean, var) pair (its fourth value) when activation is "
+                         f"given, got {type(save_stats).__name__}")
+    return save_stats
+
+
+def _group_backward(grad_out, x, mean, invstd, num_groups, weight, layout, out, activation, residual, bias, eps,
+                    save_stats, instance):
+    """group_norm_backward / instance_norm_backward (instance: num_groups unused)."""
+    act = _epi.parse(activation)
+    if activation is None and residual is None:
+        return _core.group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, out, _threads(),
+                                         instance)
+    if activation is not None:
+        m, v = _stats_pair(save_stats)
+        return _core.group_backward_epi(grad_out, x, m, v, eps, num_groups, weight, bias, layout, out, act,
+                                        residual, _threads(), instance)
+    gres = _core.epilogue_residual_grad(grad_out, x, residual)  # (checked first: a bad residual writes nothing)
+    return _core.group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, out, _threads(),
+                                     instance) + (gres,)
+
+
+def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight=None, *, layout="NCHW", out=None,
+                        activation=None, residual=None, bias=None, eps=1e-5, save_stats=None):
     """Gradients of group normalization.
 
     With M = (C / num_groups) * prod(spatial) values per group, s = invstd[n, g], w = weight[c] (1 when None),
@@ -61,8 +94,20 @@ def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight=None, *, l
     mean, invstd: (N, num_groups), as :func:`group_norm_forward` returns them. Returns (grad_x, grad_weight,
     grad_bias); the per-channel gradients have weight's dtype (x's when weight is None). ``out`` receives grad_x
     and may be grad_out or x itself.
+
+    Through a fused epilogue z = act(group_norm(x) + residual) (grad_out is dL/dz; keyword-only arguments): pass the
+    forward's ``activation`` and ``residual`` (the array itself), and, with an activation, its ``save_stats``
+    (:func:`group_norm_forward`'s fourth value), ``bias`` and ``eps``: u = normalised x + residual is recomputed from x
+    with the forward's coefficients bit for bit, du = grad_out * act'(u) (``act'`` at the kinks as
+    :func:`bn_simd.batch_norm_backward`) in one sweep (into grad_x's array, or the residual's gradient), and du
+    becomes the normalisation's grad_out (``mean`` and ``invstd`` are then unused and may be None: the backward takes
+    invstd = 1 / sqrt(var + eps) of save_stats). Returns (grad_x, grad_weight, grad_bias, grad_residual),
+    grad_residual = du (None without a residual; grad_out's copy with a residual and no activation). Unknown
+    activations raise ValueError naming ``activation``, a bad residual ValueError / TypeError naming ``residual``,
+    an activation without save_stats ValueError naming ``save_stats``, before anything is written.
     """
-    return _core.group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, out, _threads())
+    return _group_backward(grad_out, x, mean, invstd, num_groups, weight, layout, out, activation, residual, bias, eps,
+                           save_stats, False)
 
 
 # ---- instance norm ------------------------------------------------------------------------------------------
@@ -78,7 +123,9 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 
     x : ndarray, float32 or float64, rank 3..5 ((N, C, *spatial); NHWC (N, *spatial, C)). Other arguments as
     :func:`bn_simd.batch_norm`. Raises ValueError for one spatial element when use_input_stats is True.
-    activation, residual: as :func:`group_norm` (a sweep after the normalisation; forward only).
+    activation, residual: as :func:`bn_simd.batch_norm` (y = act(normalised x + residual)), applied by a sweep over
+    y after the normalisation (one more pass over y); for training through them: :func:`instance_norm_forward` and
+    :func:`instance_norm_backward`, or the InstanceNorm layers, whose forwards fuse them.
     """
     if activation is not None or residual is not None:
         return _epi.apply_after(x, out, activation, residual, lambda: _core.instance_norm(
@@ -87,13 +134,23 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
                                _threads())
 
 
-def instance_norm_forward(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None):
+def instance_norm_forward(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None, activation=None,
+                          residual=None):
     """Instance-norm forward with the input's statistics: returns (y, mean, invstd), both (N, C) in x's dtype,
-    for :func:`instance_norm_backward`."""
+    for :func:`instance_norm_backward`. With ``activation`` or ``residual``: (y, mean, invstd, save_stats), the
+    epilogue fused into the normalise sweep and save_stats = (mean, var) as float64 (N, C) arrays, as
+    :func:`group_norm_forward`."""
+    if activation is not None or residual is not None:
+        return _core.group_forward_epi(x, None, weight, bias, eps, layout, out, _epi.parse(activation), residual,
+                                       _threads(), True)
     return _core.instance_norm_forward(x, weight, bias, eps, layout, out, _threads())
 
 
-def instance_norm_backward(grad_out, x, mean, invstd, weight=None, *, layout="NCHW", out=None):
+def instance_norm_backward(grad_out, x, mean, invstd, weight=None, *, layout="NCHW", out=None, activation=None,
+                           residual=None, bias=None, eps=1e-5, save_stats=None):
     """Gradients of instance normalization with the input's statistics: :func:`group_norm_backward` with one
-    channel per group. mean, invstd: (N, C). Returns (grad_x, grad_weight, grad_bias)."""
-    return _core.group_norm_backward(grad_out, x, mean, invstd, None, weight, layout, out, _threads(), True)
+    channel per group. mean, invstd: (N, C). Returns (grad_x, grad_weight, grad_bias); through a fused epilogue
+    (``activation``, ``residual``, ``bias``, ``eps``, ``save_stats`` as :func:`group_norm_backward`, save_stats from
+    :func:`instance_norm_forward`) (grad_x, grad_weight, grad_bias, grad_residual)."""
+    return _group_backward(grad_out, x, mean, invstd, None, weight, layout, out, activation, residual, bias, eps,
+                           save_stats, True)

@@ -391,7 +391,8 @@ class BatchNorm(_Layer):
                               f"renorm_momentum={self.renorm_momentum}" if getattr(self, "renorm", False) else "")
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, {'' if self.bias is not None or not self.affine else 'bias=False, '}"
-                f"track_running_stats={self.track_running_stats}, {where}, dtype={self.dtype.name}{extras})")
+                f"track_running_stats={self.track_running_stats}, {where}, dtype={self.dtype.name}{extras}"
+                f"{'' if getattr(self, 'activation', None) is None else f', activation={self.activation!r}'})")
 
 
 def _momentum_type(m):
@@ -425,13 +426,16 @@ class _InstanceNorm(BatchNorm):
     call normalises with them. Unbatched input (one dimension less: (C, *spatial)) is accepted and returned
     unbatched, as in PyTorch. ``backward``, ``grad_weight``, ``grad_bias``, ``state_dict`` and modes as
     :class:`BatchNorm` (state keys weight, bias, running_mean, running_var, num_batches_tracked, as present).
+    ``activation`` and ``layer(x, residual=r)`` as :class:`BatchNorm`'s: y = act(instance_norm(x) + r) in the normalise
+    sweep, and ``backward`` differentiates through it (and sets ``grad_residual``).
     """
 
     _ranks = (3, 4, 5)
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False, *,
-                 layout="NCHW", dtype=np.float32):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, layout=layout, dtype=dtype)
+                 layout="NCHW", dtype=np.float32, activation=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, layout=layout, dtype=dtype,
+                         activation=activation)
 
     def _batched(self, x):
         a = ck.as_data(x, "x", half=True)
@@ -439,14 +443,21 @@ class _InstanceNorm(BatchNorm):
             return a[np.newaxis], True
         return a, False
 
-    def forward(self, x, *, out=None):
-        """Normalise x ((N, C, *spatial) or unbatched (C, *spatial); channels per ``layout``); returns y."""
+    def forward(self, x, *, out=None, residual=None):
+        """Normalise x ((N, C, *spatial) or unbatched (C, *spatial); channels per ``layout``); returns y. residual: an
+        array like x added before the layer's activation (the layer keeps a reference to it for backward)."""
         self._check_state()
         x, unbatched = self._batched(x)
         if out is not None and unbatched:
             out = ck.check_out(out, x[0], [("x", x[0])])[np.newaxis]
         x = self._check_input(x)
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
+        act = _epi.parse(self.activation)
+        if act != _epi.NONE or residual is not None:
+            if unbatched and residual is not None:
+                residual = ck.as_data(residual, "residual", half=True)[np.newaxis]
+            y = self._forward_epilogue_in(x, out, saved_x, residual, act, unbatched)
+            return y[0] if unbatched else y
         if self.track_running_stats and not self.training:  # (batch norm's eval: no momentum, no update)
             y, mean, invstd = _core.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
                                                0.0, self.eps, self.layout, out, True, F._threads(), True)
@@ -463,13 +474,40 @@ class _InstanceNorm(BatchNorm):
 
     __call__ = forward
 
+    def _forward_epilogue_in(self, x, out, saved_x, residual, act, unbatched):
+        """forward with a fused activation and/or residual: the running statistics of batch norm's eval (eval with
+        tracked statistics), else the instance statistics (float64, kept for backward; the running ones updated with
+        their batch averages as the plain forward does)."""
+        w, b = (None if v is None else v.copy() for v in (self.weight, self.bias))
+        if self.track_running_stats and not self.training:
+            y, mean, _, var = _core.batch_norm_epi(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                                   False, 0.0, self.eps, self.layout, out, True, act, residual,
+                                                   F._threads(), True)
+            self._saved = ("epilogue", saved_x, mean, var, False, act, residual, w, b, self.eps, unbatched)
+            return y
+        update = self.training and self.track_running_stats and self.momentum is not None
+        y, mean, var = _core.group_forward_epi(x, None, self.weight, self.bias, self.eps, self.layout, out, act,
+                                               residual, F._threads(), True, True)
+        N, C = mean.shape
+        if update and N > 0:
+            # the running statistics move towards the batch averages of the instance statistics (the variance
+            # unbiased), as the plain forward (bn_simd.instance_norm) moves them
+            S = x.size // (N * C)
+            F.update_running_stats(self.running_mean, self.running_var, mean.mean(axis=0),
+                                   (var * (S / (S - 1))).mean(axis=0), S, self.momentum, unbiased=False)
+        self._saved = ("epilogue", saved_x, mean, var, True, act, residual, w, b, self.eps, unbatched)
+        return y
+
     def backward(self, grad_out, *, out=None):
         """Gradient of the last forward call (through the instance statistics, or with the running statistics as
         constants after an eval-mode call that used them): returns grad_x and sets grad_weight / grad_bias."""
         from . import groups
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
+        if isinstance(self._saved[0], str):  # (a forward with an epilogue)
+            return self._backward_epilogue(grad_out, out)
         x, mean, invstd, input_stats, unbatched = self._saved
+        self.grad_residual = None
         g = ck.as_data(grad_out, "grad_out", half=True)
         if unbatched:
             g = g[np.newaxis]
@@ -482,6 +520,24 @@ class _InstanceNorm(BatchNorm):
                                                training=False)
         if self.affine:
             self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
+        return gx[0] if unbatched else gx
+
+    def _backward_epilogue(self, grad_out, out):
+        _, x, mean, var, input_stats, act, residual, w, b, eps, unbatched = self._saved
+        g = ck.as_data(grad_out, "grad_out", half=True)
+        if unbatched:
+            g = g[np.newaxis]
+            if out is not None:
+                out = ck.check_out(out, x[0], [("grad_out", g[0])])[np.newaxis]
+        if input_stats:
+            gx, gw, gb, gr = _core.group_backward_epi(g, x, mean, var, eps, None, w, b, self.layout, out, act,
+                                                      residual, F._threads(), True)
+        else:
+            gx, gw, gb, gr = _core.batch_norm_backward_epi(g, x, mean, var, eps, w, b, self.layout, out, False, act,
+                                                           residual, F._threads())
+        if self.affine:
+            self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
+        self.grad_residual = None if gr is None else (gr[0] if unbatched else gr)
         return gx[0] if unbatched else gx
 
 
@@ -512,12 +568,20 @@ class GroupNorm(_Layer):
     layout : "NCHW" (channels on axis 1) or "NHWC" (channels last).
     dtype : float32 or float64, the dtype of the parameters.
 
+    activation : None, "relu", "relu6", ("leaky_relu", slope), ("clamp", lo, hi) or "silu", as :class:`BatchNorm`'s:
+        the layer returns act(group_norm(x) + residual), fused into the normalise sweep, and ``backward``
+        differentiates through it; ``layer(x, residual=r)`` adds r (x's shape and dtype) first and ``backward`` then
+        also sets ``grad_residual``.
+
     Calling the layer normalises (N, C, *spatial) input (rank 2..5) with the statistics of each (sample, group), in
     training and eval mode alike; ``backward(grad_out)`` returns grad_x and sets ``grad_weight`` and ``grad_bias``.
     ``state_dict`` keys: weight, bias (affine), as PyTorch's.
     """
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, layout="NCHW", dtype=np.float32):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, layout="NCHW", dtype=np.float32,
+                 activation=None):
+        _epi.parse(activation)
+        self.activation = activation
         for name, v in (("num_groups", num_groups), ("num_channels", num_channels)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__}")
@@ -533,7 +597,7 @@ class GroupNorm(_Layer):
         self.dtype = dt
         self.weight = np.ones(self.num_channels, dt) if self.affine else None
         self.bias = np.zeros(self.num_channels, dt) if self.affine else None
-        self.grad_weight = self.grad_bias = None
+        self.grad_weight = self.grad_bias = self.grad_residual = None
         self.training = True
         self._saved = None
 
@@ -550,12 +614,21 @@ class GroupNorm(_Layer):
         self.eps = ck.check_eps(self.eps)
         self.layout = ck.check_layout(self.layout)
 
-    def forward(self, x, *, out=None):
-        """Normalise x ((N, C, *spatial), rank 2..5, channels per ``layout``); returns y (``out`` if given)."""
+    def forward(self, x, *, out=None, residual=None):
+        """Normalise x ((N, C, *spatial), rank 2..5, channels per ``layout``); returns y (``out`` if given).
+        residual: an array like x added before the layer's activation (the layer keeps a reference to it for
+        backward)."""
         from . import groups
         self._check_state()
         x = ck.check_layer_input(x, None, "GroupNorm", self.num_channels, self.layout, half=True)
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
+        act = _epi.parse(self.activation)
+        if act != _epi.NONE or residual is not None:
+            y, mean, var = _core.group_forward_epi(x, self.num_groups, self.weight, self.bias, self.eps, self.layout,
+                                                   out, act, residual, F._threads(), False, True)
+            self._saved = ("epilogue", saved_x, mean, var, act, residual,
+                           *(None if v is None else v.copy() for v in (self.weight, self.bias)), self.eps)
+            return y
         y, mean, invstd = groups.group_norm_forward(x, self.num_groups, self.weight, self.bias, eps=self.eps,
                                                     layout=self.layout, out=out)
         self._saved = (saved_x, mean, invstd)
@@ -568,7 +641,16 @@ class GroupNorm(_Layer):
         from . import groups
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
+        if isinstance(self._saved[0], str):  # (a forward with an epilogue)
+            _, x, mean, var, act, residual, w, b, eps = self._saved
+            gx, gw, gb, self.grad_residual = _core.group_backward_epi(grad_out, x, mean, var, eps, self.num_groups, w,
+                                                                      b, self.layout, out, act, residual,
+                                                                      F._threads(), False)
+            if self.affine:
+                self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
+            return gx
         x, mean, invstd = self._saved
+        self.grad_residual = None
         gx, gw, gb = groups.group_norm_backward(grad_out, x, mean, invstd, self.num_groups, self.weight,
                                                 layout=self.layout, out=out)
         if self.affine:
@@ -587,5 +669,6 @@ class GroupNorm(_Layer):
         return self.num_channels
 
     def __repr__(self):
+        act = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
-                f"layout={self.layout!r}, dtype={self.dtype.name})")
+                f"layout={self.layout!r}, dtype={self.dtype.name}{act})")

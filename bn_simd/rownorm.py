@@ -39,29 +39,57 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     layout : None (normalise the trailing dims), or "NCHW" / "channels_first": normalise over the channels of an
         (N, C, *spatial) array (rank >= 2) at each (sample, position); "NHWC" / "channels_last" is the default with
         normalized_shape = C.
-    activation, residual : as :func:`bn_simd.batch_norm` (y = act(normalised x + residual), a pre-norm block's
-        add), applied by a sweep over y after the normalisation (one more pass over y, not fused as in batch norm);
-        checked before anything is written. Forward only: :func:`layer_norm_backward` does not differentiate
-        through them.
+    activation, residual : as :func:`bn_simd.batch_norm` (y = act(normalised x + residual)), fused into the
+        normalise sweep (no extra pass over memory); checked before anything is written. For training through them:
+        :func:`layer_norm_forward` and :func:`layer_norm_backward` with the same arguments.
 
     Returns y. Raises TypeError for wrong types/dtypes, ValueError for wrong shapes or values, naming the argument;
     a call that raises writes nothing.
     """
     if activation is not None or residual is not None:
-        return _epi.apply_after(x, out, activation, residual, lambda: _core.row_norm(
-            x, normalized_shape, weight, bias, eps, layout, out, _threads(), False))
+        return _core.row_forward_epi(x, normalized_shape, weight, bias, eps, layout, out, _threads(), False,
+                                     _epi.parse(activation), residual, 2)[0]
     return _core.row_norm(x, normalized_shape, weight, bias, eps, layout, out, _threads(), False)
 
 
-def layer_norm_forward(x, normalized_shape, weight=None, bias=None, *, eps=1e-5, out=None, layout=None):
+def layer_norm_forward(x, normalized_shape, weight=None, bias=None, *, eps=1e-5, out=None, layout=None,
+                       activation=None, residual=None):
     """Layer-norm forward for callers that run their own autograd (``torch.native_layer_norm``): returns
     (y, mean, rstd), mean and rstd = 1 / sqrt(var + eps) in x's dtype, shaped (*leading, 1, ..., 1)
-    (channels-first: (N, 1, *spatial)), for :func:`layer_norm_backward`. Arguments as :func:`layer_norm`."""
+    (channels-first: (N, 1, *spatial)), for :func:`layer_norm_backward`. Arguments as :func:`layer_norm`.
+
+    With ``activation`` or ``residual`` (keyword-only; y = act(normalised x + residual) in the normalise sweep)
+    returns (y, mean, rstd, save_stats): save_stats = (mean, rstd) as float64 arrays of the same shape, the
+    statistics the normalise used, from which :func:`layer_norm_backward` recomputes the forward's coefficients bit
+    for bit."""
+    if activation is not None or residual is not None:
+        return _core.row_forward_epi(x, normalized_shape, weight, bias, eps, layout, out, _threads(), False,
+                                     _epi.parse(activation), residual)
     return _core.row_norm(x, normalized_shape, weight, bias, eps, layout, out, _threads(), False, 1)
 
 
+def _save_stats(save_stats, n, what):
+    if not isinstance(save_stats, (tuple, list)) or len(save_stats) != n:
+        raise ValueError(f"save_stats must be the forward's {what} (its last value) when activation is given, got "
+                         f"{type(save_stats).__name__}")
+    return save_stats
+
+
+def _row_backward(grad_out, x, mean, rstd, normalized_shape, weight, bias, layout, out, activation, residual,
+                  save_stats, rms):
+    """layer_norm_backward / rms_norm_backward, through the epilogue when asked."""
+    act = _epi.parse(activation)
+    if activation is not None:
+        st = _save_stats(save_stats, 1 if rms else 2, "(rstd,)" if rms else "(mean, rstd) pair")
+        return _core.row_backward_epi(grad_out, x, None if rms else st[0], st[-1], normalized_shape, weight, bias,
+                                      layout, out, _threads(), rms, act, residual)
+    gres = None if residual is None else _core.epilogue_residual_grad(grad_out, x, residual)
+    r = _core.row_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight, bias, layout, out, _threads(), rms)
+    return r if residual is None else r + (gres,)
+
+
 def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, bias=None, *, out=None,
-                        layout=None):
+                        layout=None, activation=None, residual=None, save_stats=None):
     """Gradients of layer normalization (``torch.native_layer_norm_backward``).
 
     With D = prod(normalized_shape) values per position, x̂ = (x - mean) rstd, g = grad_out * weight (weight 1 when
@@ -74,9 +102,19 @@ def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, 
     accepted shaped as the leading dims alone). weight, bias : as the forward's; they say which parameter gradients
     are wanted. Returns (grad_x, grad_weight, grad_bias): grad_weight (grad_bias) is None when weight (bias) is None,
     else shaped and typed as it. ``out`` receives grad_x and may be grad_out or x itself.
+
+    Through a fused epilogue z = act(layer_norm(x) + residual) (grad_out is dL/dz; keyword-only): pass the forward's
+    ``activation`` and ``residual`` (the array itself) and, with an activation, its ``save_stats``
+    (:func:`layer_norm_forward`'s fourth value; weight and bias are the forward's): each block of rows (positions)
+    first gets du = grad_out * act'(u), u = normalised x + residual recomputed from x with the forward's coefficients
+    bit for bit (``act'`` at the kinks as :func:`bn_simd.batch_norm_backward`), and the block's sums and grad_x then
+    read du while it is in cache (``mean`` and ``rstd`` are then unused and may be None). Returns (grad_x,
+    grad_weight, grad_bias, grad_residual), grad_residual = du (None without a residual; grad_out's copy with a
+    residual and no activation). Bad arguments raise as :func:`bn_simd.group_norm_backward`'s, before anything is
+    written.
     """
-    return _core.row_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight, bias, layout, out, _threads(),
-                                   False)
+    return _row_backward(grad_out, x, mean, rstd, normalized_shape, weight, bias, layout, out, activation, residual,
+                         save_stats, False)
 
 
 # ---- RMS norm -------------------------------------------------------------------------------------------------
@@ -88,21 +126,26 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, activation
     y = x / sqrt(mean(x^2) + eps) * weight, the mean over the trailing dims ``normalized_shape``; eps None is the
     machine epsilon of x's dtype (``np.finfo(x.dtype).eps``; float32's for float16 and bfloat16 x, whose math is
     float32), as PyTorch. Arguments as :func:`layer_norm` (no bias, no layout); activation and residual as
-    :func:`layer_norm` (forward only). Returns y; raises as :func:`layer_norm`.
+    :func:`layer_norm` (fused). Returns y; raises as :func:`layer_norm`.
     """
     if activation is not None or residual is not None:
-        return _epi.apply_after(x, out, activation, residual, lambda: _core.row_norm(
-            x, normalized_shape, weight, None, eps, None, out, _threads(), True))
+        return _core.row_forward_epi(x, normalized_shape, weight, None, eps, None, out, _threads(), True,
+                                     _epi.parse(activation), residual, 2)[0]
     return _core.row_norm(x, normalized_shape, weight, None, eps, None, out, _threads(), True)
 
 
-def rms_norm_forward(x, normalized_shape, weight=None, *, eps=None, out=None):
+def rms_norm_forward(x, normalized_shape, weight=None, *, eps=None, out=None, activation=None, residual=None):
     """RMS-norm forward for callers that run their own autograd: returns (y, rstd), rstd = 1 / sqrt(mean(x^2) + eps)
-    in x's dtype shaped (*leading, 1, ..., 1), for :func:`rms_norm_backward`."""
+    in x's dtype shaped (*leading, 1, ..., 1), for :func:`rms_norm_backward`. With ``activation`` or ``residual``
+    (keyword-only, fused as :func:`layer_norm_forward`'s): (y, rstd, save_stats), save_stats = (rstd,) as float64."""
+    if activation is not None or residual is not None:
+        return _core.row_forward_epi(x, normalized_shape, weight, None, eps, None, out, _threads(), True,
+                                     _epi.parse(activation), residual)
     return _core.row_norm(x, normalized_shape, weight, None, eps, None, out, _threads(), True, 1)
 
 
-def rms_norm_backward(grad_out, x, rstd, normalized_shape, weight=None, *, out=None):
+def rms_norm_backward(grad_out, x, rstd, normalized_shape, weight=None, *, out=None, activation=None, residual=None,
+                      save_stats=None):
     """Gradients of RMS normalization.
 
     With D = prod(normalized_shape), x̂ = x rstd, g = grad_out * weight (1 when None), sums over each position's D
@@ -111,7 +154,8 @@ def rms_norm_backward(grad_out, x, rstd, normalized_shape, weight=None, *, out=N
         grad_weight = sum over the leading positions of grad_out * x̂
 
     Returns (grad_x, grad_weight), grad_weight None when weight is None, else shaped and typed as it. Arguments as
-    :func:`layer_norm_backward`.
+    :func:`layer_norm_backward`; through a fused epilogue (``activation``, ``residual``, ``save_stats`` from
+    :func:`rms_norm_forward`) (grad_x, grad_weight, grad_residual).
     """
-    return _core.row_norm_backward(grad_out, x, None, rstd, normalized_shape, weight, None, None, out, _threads(),
-                                   True)
+    return _row_backward(grad_out, x, None, rstd, normalized_shape, weight, None, None, out, activation, residual,
+                         save_stats, True)

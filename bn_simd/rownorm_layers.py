@@ -6,6 +6,7 @@ import numpy as np
 
 from . import _args as ck
 from . import _core
+from . import _epilogue as _epi
 from .functional import _threads
 from .layers import check_keys
 
@@ -35,7 +36,9 @@ class _RowNorm:
 
     _rms = False
 
-    def _init(self, normalized_shape, eps, elementwise_affine, bias, dtype, layout):
+    def _init(self, normalized_shape, eps, elementwise_affine, bias, dtype, layout, activation):
+        _epi.parse(activation)
+        self.activation = activation
         self.normalized_shape = _shape_arg(normalized_shape)
         self.dtype = ck.check_dtype(dtype)
         self.layout = None if layout is None else ck.check_layout(layout)
@@ -47,7 +50,7 @@ class _RowNorm:
         shape = self.normalized_shape
         self.weight = np.ones(shape, self.dtype) if self.elementwise_affine else None
         self.bias = np.zeros(shape, self.dtype) if self.elementwise_affine and bias else None
-        self.grad_weight = self.grad_bias = None
+        self.grad_weight = self.grad_bias = self.grad_residual = None
         self.training = True
         self._saved = None
 
@@ -71,10 +74,18 @@ class _RowNorm:
         """The learnable arrays (weight, then bias), as ``torch.nn.Module.parameters`` lists them."""
         return [p for p in (self.weight, self.bias) if p is not None]
 
-    def forward(self, x, *, out=None):
+    def forward(self, x, *, out=None, residual=None):
         """Normalise x (float32 or float64, trailing dims ``normalized_shape``; channels-first: (N, C, *spatial));
-        returns y (``out`` if given, which may be x). Keeps what :meth:`backward` needs."""
+        returns y (``out`` if given, which may be x). Keeps what :meth:`backward` needs. residual: an array like x
+        added before the layer's activation, y = act(norm(x) + residual) (the layer keeps a reference to it)."""
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
+        act = _epi.parse(self.activation)
+        if act != _epi.NONE or residual is not None:
+            y, mean, rstd = _core.row_forward_epi(x, self.normalized_shape, self.weight, self.bias, self.eps,
+                                                  self.layout, out, _threads(), self._rms, act, residual, 2)
+            self._saved = ("epilogue", saved_x, mean, rstd, act, residual,
+                           *(None if v is None else v.copy() for v in (self.weight, self.bias)))
+            return y
         y, mean, rstd = _core.row_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.layout, out,
                                        _threads(), self._rms, 2)
         self._saved = (saved_x, mean, rstd)  # (the float64 statistics: the backward gets them unrounded)
@@ -87,6 +98,15 @@ class _RowNorm:
         parameters' dtype and shape; None for a parameter the layer does not have)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
+        if isinstance(self._saved[0], str):  # (a forward with an epilogue: through it)
+            _, x, mean, rstd, act, residual, w, b = self._saved
+            r = _core.row_backward_epi(grad_out, x, mean, rstd, self.normalized_shape, w, b, self.layout, out,
+                                       _threads(), self._rms, act, residual)
+            self.grad_weight = r[1]
+            self.grad_bias = None if self._rms else r[2]
+            self.grad_residual = r[-1]
+            return r[0]
+        self.grad_residual = None
         x, mean, rstd = self._saved
         r = _core.row_norm_backward(grad_out, x, mean, rstd, self.normalized_shape, self.weight, self.bias,
                                     self.layout, out, _threads(), self._rms)
@@ -140,20 +160,26 @@ class LayerNorm(_RowNorm):
     layout : None, or "NCHW" / "channels_first": normalise over the channels (axis 1) of (N, C, *spatial) input
         (ConvNeXt's LayerNorm2d), normalized_shape = C.
 
+    activation : None, "relu", "relu6", ("leaky_relu", slope), ("clamp", lo, hi) or "silu" (as
+        :class:`bn_simd.BatchNorm`'s): the layer returns act(layer_norm(x) + residual), fused into the normalise sweep;
+        ``layer(x, residual=r)`` adds r (x's shape and dtype) first; ``backward`` differentiates through both and then
+        also sets ``grad_residual``.
+
     ``layer(x)`` normalises (training and eval alike); ``backward(grad_out)`` returns grad_x and sets
     ``grad_weight`` / ``grad_bias``. ``state_dict`` keys: weight, bias, as PyTorch's. Raises TypeError / ValueError
     naming the argument for wrong arguments.
     """
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *, dtype=np.float32,
-                 layout=None):
-        self._init(normalized_shape, eps, elementwise_affine, bias, dtype, layout)
+                 layout=None, activation=None):
+        self._init(normalized_shape, eps, elementwise_affine, bias, dtype, layout, activation)
 
     def __repr__(self):
         lay = "" if self.layout is None else f", layout={self.layout!r}"
+        act = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"LayerNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
                 f"{'' if self.bias is not None or not self.elementwise_affine else ', bias=False'}{lay}, "
-                f"dtype={self.dtype.name})")
+                f"dtype={self.dtype.name}{act})")
 
 
 class RMSNorm(_RowNorm):
@@ -167,14 +193,17 @@ class RMSNorm(_RowNorm):
     elementwise_affine : bool, a learnable ``weight`` (ones) of shape normalized_shape.
     dtype : float32 or float64, the parameters' dtype.
 
+    activation : as :class:`LayerNorm`'s (``layer(x, residual=r)``, ``grad_residual`` too).
+
     ``layer(x)``, ``backward(grad_out)`` (sets ``grad_weight``), ``state_dict`` (key weight) as :class:`LayerNorm`.
     """
 
     _rms = True
 
-    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32):
-        self._init(normalized_shape, eps, elementwise_affine, False, dtype, None)
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32, activation=None):
+        self._init(normalized_shape, eps, elementwise_affine, False, dtype, None, activation)
 
     def __repr__(self):
+        act = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"RMSNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-                f"dtype={self.dtype.name})")
+                f"dtype={self.dtype.name}{act})")

@@ -61,6 +61,35 @@ BN_DECLARE_EPILOGUE(uint16_t, float, bf16)
 
 #undef BN_DECLARE_EPILOGUE
 
+/* The same epilogue on group / instance norm (bn_group_*_##S_ in bn_simd.h) and layer / RMS norm (bn_row_*_##S_):
+ * forwards that finish y in their normalise sweep, and backwards that recompute u from x with the forward's
+ * coefficients (group norm: norm_params of the group's float64 mean, biased var, eps, weight and bias; rows: the
+ * float64 mean and rstd and the weight and bias in TC, as the forward took them), du = dz act'(u) (into dres when it
+ * is not NULL), then the plain backward on du (group norm's with invstd = 1 / sqrt(var + eps)). dx may be dz or x;
+ * dres must overlap none of dz, x, dx. */
+#define BN_DECLARE_EPILOGUE_OPS(T, TC, S_)                                                                        \
+    int bn_group_forward_epi_##S_(const T* x, T* y, int64_t N, int64_t C, int64_t S, int64_t G, int cl,         \
+                                  const double* weight, const double* bias, double eps, double* mean,           \
+                                  double* var, const bn_epilogue* ep, int nthreads);                            \
+    int bn_group_backward_epi_##S_(const T* dz, const T* x, T* dx, T* dres, int64_t N, int64_t C, int64_t S,     \
+                                   int64_t G, int cl, const double* mean, const double* var, double eps,        \
+                                   const double* weight, const double* bias, double* grad_weight,               \
+                                   double* grad_bias, const bn_epilogue* ep, int nthreads);                     \
+    int bn_row_forward_epi_##S_(const T* x, T* y, int64_t N, int64_t C, int64_t S, int rms, const TC* weight,    \
+                                const TC* bias, double eps, double* mean, double* rstd, const bn_epilogue* ep,  \
+                                int nthreads);                                                                   \
+    int bn_row_backward_epi_##S_(const T* dz, const T* x, T* dx, T* dres, int64_t N, int64_t C, int64_t S,       \
+                                 int rms, const double* mean, const double* rstd, const double* weight,          \
+                                 const double* bias, double* grad_weight, double* grad_bias,                     \
+                                 const bn_epilogue* ep, int nthreads);
+
+BN_DECLARE_EPILOGUE_OPS(float, float, f32)
+BN_DECLARE_EPILOGUE_OPS(double, double, f64)
+BN_DECLARE_EPILOGUE_OPS(uint16_t, float, f16)
+BN_DECLARE_EPILOGUE_OPS(uint16_t, float, bf16)
+
+#undef BN_DECLARE_EPILOGUE_OPS
+
 #ifdef __cplusplus
 }
 #endif

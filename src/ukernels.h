@@ -153,6 +153,21 @@ typedef struct {
                                          const TC* m, const TC* a, const TC* b, const bn_uk_epi* ep);             \
     /* z = act(z + r) in place over n elements (the epilogue on its own; nothing when ep has neither) */          \
     typedef void bn_##S##_epi_sweep_fn(TS* z, int64_t n, const bn_uk_epi* ep);                                    \
+    /* rc_affine / cr_affine through the fused epilogue ep (chosen once per call; none: the plain kernel) */        \
+    typedef void bn_##S##_rc_affine_epi_fn(const TS* x, TS* y, int64_t rows, int64_t D, const TC* m,              \
+                                           const TC* res, const TC* r, const TC* w, const TC* b, int nt,          \
+                                           const bn_uk_epi* ep);                                                  \
+    typedef void bn_##S##_cr_affine_epi_fn(const TS* x, TS* y, int64_t rows, int64_t W, int64_t ld, const TC* m,  \
+                                           const TC* res, const TC* r, const TC* w, const TC* b,                  \
+                                           const bn_uk_epi* ep);                                                  \
+    /* du = dy act'(u), u = rc_affine's (cr_affine's) y (+ the residual at du's offset ep->rd), as the forward     \
+     * computed it (ep->act != 0; du may be dy) */                                                                \
+    typedef void bn_##S##_rc_act_grad_fn(const TS* dy, const TS* x, TS* du, int64_t rows, int64_t D,             \
+                                         const TC* m, const TC* res, const TC* r, const TC* w, const TC* b,       \
+                                         const bn_uk_epi* ep);                                                    \
+    typedef void bn_##S##_cr_act_grad_fn(const TS* dy, const TS* x, TS* du, int64_t rows, int64_t W, int64_t ld, \
+                                         const TC* m, const TC* res, const TC* r, const TC* w, const TC* b,       \
+                                         const bn_uk_epi* ep);                                                    \
     typedef void bn_##S##_cr_bwd_apply_fn(const TS* dy, const TS* x, TS* dx, int64_t rows, int64_t W, int64_t ld, \
                                           const TC* m, const TC* res, const TC* a, const TC* bb, const TC* d,     \
                                           const TC* w);
@@ -169,7 +184,8 @@ BN_UK_TYPES(uint16_t, float, bf16) /* bfloat16 patterns, computed in float (io_b
     X(seg_sum) X(seg_dev) X(seg_affine) X(seg_bwd_sums) X(seg_bwd_apply) X(cl_sum) X(cl_dev) X(cl_affine)  \
     X(cl_bwd_sums) X(cl_bwd_apply) X(norm_params) X(bwd_params) X(cl_chunk_finish) X(cl_combine) X(cl_sum_rows)     \
     X(rc_affine) X(rc_bwd_sums) X(rc_bwd_apply) X(cr_affine) X(cr_bwd_sums) X(cr_bwd_apply)                         \
-    X(seg_affine_epi) X(cl_affine_epi) X(seg_act_grad) X(cl_act_grad) X(epi_sweep)
+    X(seg_affine_epi) X(cl_affine_epi) X(seg_act_grad) X(cl_act_grad) X(epi_sweep)                                  \
+    X(rc_affine_epi) X(cr_affine_epi) X(rc_act_grad) X(cr_act_grad)
 
 /* A kernel table: one ISA's kernels of one dtype (kernels.c fills them from kernels.def), and their vector length,
  * in elements */
