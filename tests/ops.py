@@ -781,6 +781,8 @@ def _group_case(op, rng, shape, layout, dtype, num_groups, loc, scale, affine, p
                   weight=w.astype(pdt) if affine else None, bias=b.astype(pdt) if affine else None,
                   running_mean=rm.astype(sdt) if track else None, running_var=rv.astype(sdt) if track else None,
                   save_mean=gm.astype(dtype), save_invstd=(1.0 / np.sqrt(gv + eps)).astype(dtype))
+    # (drawn last: the arrays above keep the values they had before the fused epilogues' entry points)
+    arrays["residual"] = _store(rng.standard_normal(shape).astype(dtype), layout)
     params = dict(eps=eps, momentum=momentum, num_groups=G)
     return Case(op, shape, layout, dtype, arrays, params, (C // G) * S if G else 0)
 
@@ -894,6 +896,11 @@ def _gn_forward(c, out, ctx):
 def _gn_functional(c, out, ctx):
     return (bn_simd.group_norm(c["x"], c["num_groups"], c["weight"], c["bias"], c["eps"], layout=c.layout_arg,
                                out=out),)
+
+
+def _gn_relu_residual(c, out, ctx):
+    return (bn_simd.group_norm(c["x"], c["num_groups"], c["weight"], c["bias"], c["eps"], layout=c.layout_arg,
+                               out=out, activation="relu", residual=c["residual"]),)
 
 
 def _gn_backward(c, out, ctx):
@@ -1042,7 +1049,7 @@ _STATS_OUT = (Output("save_mean", GROUP), Output("save_invstd", GROUP))
 _GN_BWD_READS = ("grad_out", "x", "save_mean", "save_invstd", "weight")
 _GN_BWD_NAMES = {"save_mean": r"\bmean\b", "save_invstd": r"\binvstd\b"}  # (the API's names)
 _GN_ARGS = dict(x=DATA, grad_out=DATA, weight=CHANNEL, bias=CHANNEL, running_mean=CHANNEL, running_var=CHANNEL,
-                save_mean=GROUP, save_invstd=GROUP)
+                save_mean=GROUP, save_invstd=GROUP, residual=DATA)
 
 GROUP_NORM = Op(
     name="group_norm",
@@ -1058,6 +1065,10 @@ GROUP_NORM = Op(
                    reads=("x",) + _PER_CHANNEL, out=("x",), batch=True, names=_LAYER_NAMES),
         EntryPoint("layer_backward", _layer_backward, _GRADS, _exp_gn_layer_backward, reads=("grad_out",),
                    out=("x", "grad_out"), batch=True, prepare=_gn_layer_prepare),
+        # a fused epilogue (as batch norm's entries)
+        EntryPoint("functional_relu_residual", _gn_relu_residual, (_Y,),
+                   _exp_epilogue(lambda c: (_exp_gn_y(c)[0],), "relu", True), reads=("x", "residual") + _PER_CHANNEL,
+                   out=("x",), batch=True),
     ),
     layouts=BN_LAYOUTS,
     store=_store,
@@ -1158,6 +1169,8 @@ def _rownorm_case(op, rms, rng, shape, layout, dtype, loc, scale, affine, param_
     arrays = dict(x=_store(x, layout), grad_out=_store(dy, layout), weight=w.astype(pdt) if affine else None,
                   bias=b.astype(pdt) if affine and not rms else None, save_mean=mean.astype(dtype).reshape(st),
                   save_rstd=rstd.astype(dtype).reshape(st))
+    # (drawn last: the arrays above keep the values they had before the fused epilogues' entry points)
+    arrays["residual"] = _store(rng.standard_normal(shape).astype(dtype), layout)
     return Case(op, shape, layout, dtype, arrays, dict(eps=eps), C)
 
 
@@ -1260,6 +1273,14 @@ def _rn_functional(c, out, ctx):
                                layout=_ln_lib_layout(c)),)
 
 
+def _rn_silu_residual(c, out, ctx):
+    if _rms_of(c):
+        return (bn_simd.rms_norm(c["x"], c.shape[1], c["weight"], c["eps"], out=out, activation="silu",
+                                 residual=c["residual"]),)
+    return (bn_simd.layer_norm(c["x"], c.shape[1], c["weight"], c["bias"], c["eps"], out=out,
+                               layout=_ln_lib_layout(c), activation="silu", residual=c["residual"]),)
+
+
 def _rn_backward(c, out, ctx):
     if _rms_of(c):
         return bn_simd.rms_norm_backward(c["grad_out"], c["x"], c["save_rstd"], c.shape[1], c["weight"], out=out)
@@ -1307,7 +1328,7 @@ def _rn_restrict(c, which):
 
 
 _RN_NAMES = {"save_mean": r"\bmean\b", "save_rstd": r"\brstd\b"}  # (the API's names)
-_RN_ARGS = dict(x=DATA, grad_out=DATA, weight=CHANNEL, bias=CHANNEL, save_mean=GROUP, save_rstd=GROUP)
+_RN_ARGS = dict(x=DATA, grad_out=DATA, weight=CHANNEL, bias=CHANNEL, save_mean=GROUP, save_rstd=GROUP, residual=DATA)
 _LN_STATS = (Output("save_mean", GROUP), Output("save_rstd", GROUP))
 
 
@@ -1331,6 +1352,10 @@ def _rownorm_op(name, make_case, rms, layouts):
                        reads=("x",) + params, out=("x",), ranks=anyrank),
             EntryPoint("layer_backward", _rn_layer_backward, _GRADS, _exp_rn_layer_backward, reads=("grad_out",),
                        out=("x", "grad_out"), prepare=_rn_layer_prepare),
+            # a fused epilogue (as batch norm's entries)
+            EntryPoint("functional_silu_residual", _rn_silu_residual, (_Y,),
+                       _exp_epilogue(lambda c: (_exp_rn_forward(c)[0],), "silu", True),
+                       reads=("x", "residual") + params, out=("x",), ranks=anyrank),
         ),
         layouts=layouts,
         store=_store,
