@@ -163,23 +163,87 @@ def backward_coefficients(sum_dy: ArrayLike, sum_dyxm: ArrayLike, mean: ArrayLik
 def group_norm(x: NDArray[_F], num_groups: int, weight: ArrayLike | None = None, bias: ArrayLike | None = None,
                eps: float = 1e-5, *, layout: _Layout = "NCHW", out: NDArray[_F] | None = None,
                activation: _Activation | None = None, residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
+# (y, mean, invstd); with an activation or a residual also save_stats = (mean, var) in float64, (N, num_groups)
+@overload
 def group_norm_forward(x: NDArray[_F], num_groups: int, weight: ArrayLike | None = None,
                        bias: ArrayLike | None = None, *, eps: float = 1e-5, layout: _Layout = "NCHW",
-                       out: NDArray[_F] | None = None) -> tuple[NDArray[_F], NDArray[_F], NDArray[_F]]: ...
-def group_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike, invstd: ArrayLike, num_groups: int,
-                        weight: ArrayLike | None = None, *, layout: _Layout = "NCHW",
-                        out: NDArray[_F] | None = None) -> tuple[NDArray[_F], _Float, _Float]: ...
+                       out: NDArray[_F] | None = None, activation: None = None,
+                       residual: None = None) -> tuple[NDArray[_F], NDArray[_F], NDArray[_F]]: ...
+@overload
+def group_norm_forward(x: NDArray[_F], num_groups: int, weight: ArrayLike | None = None,
+                       bias: ArrayLike | None = None, *, eps: float = 1e-5, layout: _Layout = "NCHW",
+                       out: NDArray[_F] | None = None, activation: _Activation,
+                       residual: NDArray[Any] | None = None
+                       ) -> tuple[NDArray[_F], NDArray[_F], NDArray[_F], tuple[_F64, _F64]]: ...
+@overload
+def group_norm_forward(x: NDArray[_F], num_groups: int, weight: ArrayLike | None = None,
+                       bias: ArrayLike | None = None, *, eps: float = 1e-5, layout: _Layout = "NCHW",
+                       out: NDArray[_F] | None = None, activation: _Activation | None = None,
+                       residual: NDArray[Any]
+                       ) -> tuple[NDArray[_F], NDArray[_F], NDArray[_F], tuple[_F64, _F64]]: ...
+# (grad_x, grad_weight, grad_bias); through an epilogue also grad_residual (None without a residual)
+@overload
+def group_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike | None, invstd: ArrayLike | None,
+                        num_groups: int, weight: ArrayLike | None = None, *, layout: _Layout = "NCHW",
+                        out: NDArray[_F] | None = None, activation: None = None, residual: None = None,
+                        bias: ArrayLike | None = None, eps: float = 1e-5,
+                        save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                        ) -> tuple[NDArray[_F], _Float, _Float]: ...
+@overload
+def group_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike | None, invstd: ArrayLike | None,
+                        num_groups: int, weight: ArrayLike | None = None, *, layout: _Layout = "NCHW",
+                        out: NDArray[_F] | None = None, activation: _Activation,
+                        residual: NDArray[Any] | None = None, bias: ArrayLike | None = None, eps: float = 1e-5,
+                        save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                        ) -> tuple[NDArray[_F], _Float, _Float, NDArray[_F] | None]: ...
+@overload
+def group_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike | None, invstd: ArrayLike | None,
+                        num_groups: int, weight: ArrayLike | None = None, *, layout: _Layout = "NCHW",
+                        out: NDArray[_F] | None = None, activation: _Activation | None = None,
+                        residual: NDArray[Any], bias: ArrayLike | None = None, eps: float = 1e-5,
+                        save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                        ) -> tuple[NDArray[_F], _Float, _Float, NDArray[_F] | None]: ...
 def instance_norm(x: NDArray[_F], running_mean: ArrayLike | None = None, running_var: ArrayLike | None = None,
                   weight: ArrayLike | None = None, bias: ArrayLike | None = None, use_input_stats: bool = True,
                   momentum: float = 0.1, eps: float = 1e-5, *, layout: _Layout = "NCHW",
                   out: NDArray[_F] | None = None, activation: _Activation | None = None,
                   residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
+@overload
 def instance_norm_forward(x: NDArray[_F], weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
-                          eps: float = 1e-5, layout: _Layout = "NCHW", out: NDArray[_F] | None = None
+                          eps: float = 1e-5, layout: _Layout = "NCHW", out: NDArray[_F] | None = None,
+                          activation: None = None, residual: None = None
                           ) -> tuple[NDArray[_F], NDArray[_F], NDArray[_F]]: ...
-def instance_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike, invstd: ArrayLike,
+@overload
+def instance_norm_forward(x: NDArray[_F], weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
+                          eps: float = 1e-5, layout: _Layout = "NCHW", out: NDArray[_F] | None = None,
+                          activation: _Activation, residual: NDArray[Any] | None = None
+                          ) -> tuple[NDArray[_F], NDArray[_F], NDArray[_F], tuple[_F64, _F64]]: ...
+@overload
+def instance_norm_forward(x: NDArray[_F], weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
+                          eps: float = 1e-5, layout: _Layout = "NCHW", out: NDArray[_F] | None = None,
+                          activation: _Activation | None = None, residual: NDArray[Any]
+                          ) -> tuple[NDArray[_F], NDArray[_F], NDArray[_F], tuple[_F64, _F64]]: ...
+@overload
+def instance_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike | None, invstd: ArrayLike | None,
                            weight: ArrayLike | None = None, *, layout: _Layout = "NCHW",
-                           out: NDArray[_F] | None = None) -> tuple[NDArray[_F], _Float, _Float]: ...
+                           out: NDArray[_F] | None = None, activation: None = None, residual: None = None,
+                           bias: ArrayLike | None = None, eps: float = 1e-5,
+                           save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                           ) -> tuple[NDArray[_F], _Float, _Float]: ...
+@overload
+def instance_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike | None, invstd: ArrayLike | None,
+                           weight: ArrayLike | None = None, *, layout: _Layout = "NCHW",
+                           out: NDArray[_F] | None = None, activation: _Activation,
+                           residual: NDArray[Any] | None = None, bias: ArrayLike | None = None, eps: float = 1e-5,
+                           save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                           ) -> tuple[NDArray[_F], _Float, _Float, NDArray[_F] | None]: ...
+@overload
+def instance_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike | None, invstd: ArrayLike | None,
+                           weight: ArrayLike | None = None, *, layout: _Layout = "NCHW",
+                           out: NDArray[_F] | None = None, activation: _Activation | None = None,
+                           residual: NDArray[Any], bias: ArrayLike | None = None, eps: float = 1e-5,
+                           save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                           ) -> tuple[NDArray[_F], _Float, _Float, NDArray[_F] | None]: ...
 
 # ---- layer and RMS norm (bn_simd/rownorm.py) -------------------------------------------------------------------
 # layout: None (the trailing dims) or channels-first over axis 1 (ConvNeXt's LayerNorm2d)
@@ -189,25 +253,76 @@ def layer_norm(x: NDArray[_F], normalized_shape: _Shape, weight: ArrayLike | Non
                bias: ArrayLike | None = None, eps: float = 1e-5, *, out: NDArray[_F] | None = None,
                layout: _RowLayout = None, activation: _Activation | None = None,
                residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
-# (y, mean, rstd)
+# (y, mean, rstd); with an activation or a residual also save_stats = (mean, rstd) in float64
+@overload
 def layer_norm_forward(x: NDArray[_F], normalized_shape: _Shape, weight: ArrayLike | None = None,
                        bias: ArrayLike | None = None, *, eps: float = 1e-5, out: NDArray[_F] | None = None,
-                       layout: _RowLayout = None) -> tuple[NDArray[_F], NDArray[_F], NDArray[_F]]: ...
-# (grad_x, grad_weight, grad_bias): a parameter's gradient is None when the parameter is
-def layer_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike, rstd: ArrayLike,
+                       layout: _RowLayout = None, activation: None = None,
+                       residual: None = None) -> tuple[NDArray[_F], NDArray[_F], NDArray[_F]]: ...
+@overload
+def layer_norm_forward(x: NDArray[_F], normalized_shape: _Shape, weight: ArrayLike | None = None,
+                       bias: ArrayLike | None = None, *, eps: float = 1e-5, out: NDArray[_F] | None = None,
+                       layout: _RowLayout = None, activation: _Activation, residual: NDArray[Any] | None = None
+                       ) -> tuple[NDArray[_F], NDArray[_F], NDArray[_F], tuple[_F64, _F64]]: ...
+@overload
+def layer_norm_forward(x: NDArray[_F], normalized_shape: _Shape, weight: ArrayLike | None = None,
+                       bias: ArrayLike | None = None, *, eps: float = 1e-5, out: NDArray[_F] | None = None,
+                       layout: _RowLayout = None, activation: _Activation | None = None, residual: NDArray[Any]
+                       ) -> tuple[NDArray[_F], NDArray[_F], NDArray[_F], tuple[_F64, _F64]]: ...
+# (grad_x, grad_weight, grad_bias): a parameter's gradient is None when the parameter is; through an epilogue also
+# grad_residual (None without a residual)
+@overload
+def layer_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike | None, rstd: ArrayLike | None,
                         normalized_shape: _Shape, weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
-                        out: NDArray[_F] | None = None, layout: _RowLayout = None
+                        out: NDArray[_F] | None = None, layout: _RowLayout = None, activation: None = None,
+                        residual: None = None, save_stats: tuple[ArrayLike, ArrayLike] | None = None
                         ) -> tuple[NDArray[_F], _Float | None, _Float | None]: ...
+@overload
+def layer_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike | None, rstd: ArrayLike | None,
+                        normalized_shape: _Shape, weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
+                        out: NDArray[_F] | None = None, layout: _RowLayout = None, activation: _Activation,
+                        residual: NDArray[Any] | None = None, save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                        ) -> tuple[NDArray[_F], _Float | None, _Float | None, NDArray[_F] | None]: ...
+@overload
+def layer_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike | None, rstd: ArrayLike | None,
+                        normalized_shape: _Shape, weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
+                        out: NDArray[_F] | None = None, layout: _RowLayout = None,
+                        activation: _Activation | None = None, residual: NDArray[Any],
+                        save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                        ) -> tuple[NDArray[_F], _Float | None, _Float | None, NDArray[_F] | None]: ...
 def rms_norm(x: NDArray[_F], normalized_shape: _Shape, weight: ArrayLike | None = None, eps: float | None = None, *,
              out: NDArray[_F] | None = None, activation: _Activation | None = None,
              residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
-# (y, rstd)
+# (y, rstd); with an activation or a residual also save_stats = (rstd,) in float64
+@overload
 def rms_norm_forward(x: NDArray[_F], normalized_shape: _Shape, weight: ArrayLike | None = None, *,
-                     eps: float | None = None, out: NDArray[_F] | None = None) -> tuple[NDArray[_F], NDArray[_F]]: ...
-# (grad_x, grad_weight), grad_weight None when weight is
-def rms_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], rstd: ArrayLike, normalized_shape: _Shape,
-                      weight: ArrayLike | None = None, *, out: NDArray[_F] | None = None
+                     eps: float | None = None, out: NDArray[_F] | None = None, activation: None = None,
+                     residual: None = None) -> tuple[NDArray[_F], NDArray[_F]]: ...
+@overload
+def rms_norm_forward(x: NDArray[_F], normalized_shape: _Shape, weight: ArrayLike | None = None, *,
+                     eps: float | None = None, out: NDArray[_F] | None = None, activation: _Activation,
+                     residual: NDArray[Any] | None = None) -> tuple[NDArray[_F], NDArray[_F], tuple[_F64]]: ...
+@overload
+def rms_norm_forward(x: NDArray[_F], normalized_shape: _Shape, weight: ArrayLike | None = None, *,
+                     eps: float | None = None, out: NDArray[_F] | None = None, activation: _Activation | None = None,
+                     residual: NDArray[Any]) -> tuple[NDArray[_F], NDArray[_F], tuple[_F64]]: ...
+# (grad_x, grad_weight), grad_weight None when weight is; through an epilogue also grad_residual
+@overload
+def rms_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], rstd: ArrayLike | None, normalized_shape: _Shape,
+                      weight: ArrayLike | None = None, *, out: NDArray[_F] | None = None, activation: None = None,
+                      residual: None = None, save_stats: tuple[ArrayLike] | None = None
                       ) -> tuple[NDArray[_F], _Float | None]: ...
+@overload
+def rms_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], rstd: ArrayLike | None, normalized_shape: _Shape,
+                      weight: ArrayLike | None = None, *, out: NDArray[_F] | None = None, activation: _Activation,
+                      residual: NDArray[Any] | None = None, save_stats: tuple[ArrayLike] | None = None
+                      ) -> tuple[NDArray[_F], _Float | None, NDArray[_F] | None]: ...
+@overload
+def rms_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], rstd: ArrayLike | None, normalized_shape: _Shape,
+                      weight: ArrayLike | None = None, *, out: NDArray[_F] | None = None,
+                      activation: _Activation | None = None, residual: NDArray[Any],
+                      save_stats: tuple[ArrayLike] | None = None
+                      ) -> tuple[NDArray[_F], _Float | None, NDArray[_F] | None]: ...
 
 # ---- layers (bn_simd/layers.py, bn_simd/rownorm_layers.py, bn_simd/sync.py) ------------------------------------
 class _Layer:
@@ -265,10 +380,13 @@ class BatchNorm3d(BatchNorm): ...
 
 class _InstanceNorm(BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = False,
-                 track_running_stats: bool = False, *, layout: _Layout = "NCHW", dtype: DTypeLike = ...) -> None: ...
-    # (no mask, no residual: the signature narrows BatchNorm's)
-    def forward(self, x: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...  # type: ignore[override]
-    def __call__(self, x: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...  # type: ignore[override]
+                 track_running_stats: bool = False, *, layout: _Layout = "NCHW", dtype: DTypeLike = ...,
+                 activation: _Activation | None = None) -> None: ...
+    # (no mask: the signature narrows BatchNorm's)
+    def forward(self, x: NDArray[_F], *, out: NDArray[_F] | None = None,  # type: ignore[override]
+                residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
+    def __call__(self, x: NDArray[_F], *, out: NDArray[_F] | None = None,  # type: ignore[override]
+                 residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
 
 class InstanceNorm1d(_InstanceNorm): ...
 class InstanceNorm2d(_InstanceNorm): ...
@@ -285,11 +403,15 @@ class GroupNorm(_Layer):
     bias: _Float | None
     grad_weight: _Float | None
     grad_bias: _Float | None
+    grad_residual: _Float | None
+    activation: _Activation | None
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, *,
-                 layout: _Layout = "NCHW", dtype: DTypeLike = ...) -> None: ...
+                 layout: _Layout = "NCHW", dtype: DTypeLike = ..., activation: _Activation | None = None) -> None: ...
     def reset_parameters(self) -> None: ...
-    def forward(self, x: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...
-    def __call__(self, x: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...
+    def forward(self, x: NDArray[_F], *, out: NDArray[_F] | None = None,
+                residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
+    def __call__(self, x: NDArray[_F], *, out: NDArray[_F] | None = None,
+                 residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
     def backward(self, grad_out: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...
     def state_dict(self) -> dict[str, NDArray[Any]]: ...
 
@@ -303,13 +425,17 @@ class _RowNorm:
     bias: _Float | None
     grad_weight: _Float | None
     grad_bias: _Float | None
+    grad_residual: _Float | None
+    activation: _Activation | None
     training: bool
     def reset_parameters(self) -> None: ...
     def train(self, mode: bool = True) -> Self: ...
     def eval(self) -> Self: ...
     def parameters(self) -> list[_Float]: ...
-    def forward(self, x: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...
-    def __call__(self, x: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...
+    def forward(self, x: NDArray[_F], *, out: NDArray[_F] | None = None,
+                residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
+    def __call__(self, x: NDArray[_F], *, out: NDArray[_F] | None = None,
+                 residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
     def backward(self, grad_out: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...
     def state_dict(self) -> dict[str, NDArray[Any]]: ...
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None: ...
@@ -317,11 +443,12 @@ class _RowNorm:
 class LayerNorm(_RowNorm):
     eps: float
     def __init__(self, normalized_shape: _Shape, eps: float = 1e-5, elementwise_affine: bool = True,
-                 bias: bool = True, *, dtype: DTypeLike = ..., layout: _RowLayout = None) -> None: ...
+                 bias: bool = True, *, dtype: DTypeLike = ..., layout: _RowLayout = None,
+                 activation: _Activation | None = None) -> None: ...
 
 class RMSNorm(_RowNorm):
     def __init__(self, normalized_shape: _Shape, eps: float | None = None, elementwise_affine: bool = True, *,
-                 dtype: DTypeLike = ...) -> None: ...
+                 dtype: DTypeLike = ..., activation: _Activation | None = None) -> None: ...
 
 class SyncBatchNorm(BatchNorm):
     comm: _Comm
