@@ -445,3 +445,41 @@ def test_instance_norm_layer_takes_unbatched_input_with_a_residual():
     gx = layer.backward(g)
     assert gx.shape == x.shape and layer.grad_residual.shape == x.shape
     np.testing.assert_array_equal(layer.grad_residual, np.where(y > 0, g, np.float32(0)))
+
+
+@pytest.mark.parametrize("layout,shape", [("NHWC", (1, 64, 64, 16)), ("NCHW", (2, 16, 48, 48))])
+def test_group_norm_backward_on_each_path(threads, layout, shape):
+    """The channels-last call with fewer samples than threads takes a du sweep before the plain backward (the others
+    compute du sample by sample or group by group): float64 ReLU, the plain backward's bits of du either way."""
+    threads(2)
+    rng = np.random.default_rng(12)
+    x, r, g = (rng.standard_normal(shape) for _ in range(3))
+    C = shape[-1] if layout == "NHWC" else shape[1]
+    w, b = rng.standard_normal(C), rng.standard_normal(C)
+    for res in (None, r):
+        y, m, s, st = bn_simd.group_norm_forward(x, 4, w, b, layout=layout, activation="relu", residual=res)
+        gx, gw, gb, gr = bn_simd.group_norm_backward(g, x, m, s, 4, w, layout=layout, activation="relu",
+                                                     residual=res, bias=b, save_stats=st)
+        du = np.where(y > 0, g, 0.0)
+        px, pw, pb = bn_simd.group_norm_backward(du, x, m, s, 4, w, layout=layout)
+        np.testing.assert_array_equal(gx, px)
+        np.testing.assert_array_equal(gw, pw)
+        np.testing.assert_array_equal(gb, pb)
+        if res is not None:
+            np.testing.assert_array_equal(gr, du)
+
+
+def test_extreme_groups_take_the_float64_apply_with_the_epilogue():
+    """float32 groups whose mean is ~1e35 take the float64 apply: the epilogue follows it in the forward, and the
+    backward recomputes u from its result (the same kink decisions)."""
+    rng = np.random.default_rng(13)
+    x = (1e35 + 1e34 * rng.standard_normal((2, 4, 6, 6))).astype(np.float32)
+    r, g = (rng.standard_normal(x.shape).astype(np.float32) for _ in range(2))
+    w, b = np.ones(4), np.zeros(4)
+    plain = bn_simd.group_norm_forward(x, 2, w, b)[0]
+    y, m, s, st = bn_simd.group_norm_forward(x, 2, w, b, activation="relu", residual=r)
+    np.testing.assert_array_equal(y, np.maximum(plain + r, np.float32(0)))
+    gx, gw, gb, gr = bn_simd.group_norm_backward(g, x, m, s, 2, w, activation="relu", residual=r, bias=b,
+                                                 save_stats=st)
+    np.testing.assert_array_equal(gr, np.where(y > 0, g, np.float32(0)))
+    assert np.all(np.isfinite(gx))
