@@ -12,7 +12,6 @@ The targets (issue 25): fused eval + activation <= 1.05x plain eval and >= 3x Py
 forward and backward through ReLU <= 1.1x the plain ones; SiLU <= 1.2x plain eval. bfloat16 needs ml_dtypes;
 PyTorch's column needs torch.
 """
-import argparse
 import os
 import sys
 
@@ -20,16 +19,10 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.harness import cli  # noqa: E402
 from benchmarks.harness.timing import interleaved_medians  # noqa: E402
 
 import bn_simd  # noqa: E402
-
-
-def data_dtype(name):
-    if name == "bfloat16":
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def row(label, fns, target):
@@ -43,18 +36,10 @@ def row(label, fns, target):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", type=int, nargs=4, default=[32, 64, 56, 56])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--target", type=float, default=1.0, help="seconds of samples per callable and row")
+    ap = cli.shape_parser(__doc__, (32, 64, 56, 56))
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"])
     a = ap.parse_args()
-    try:
-        import torch
-        torch.set_num_threads(a.threads)
-    except ImportError:
-        torch = None
-    bn_simd.set_num_threads(a.threads)
+    torch = cli.set_threads(a.threads)
     N, C, H, W = a.shape
     rng = np.random.default_rng(0)
     x32 = rng.standard_normal((N, C, H, W), dtype=np.float32)
@@ -64,7 +49,7 @@ def main():
     print(f"bn_simd {bn_simd.__version__}, ISA {bn_simd.get_isa()}, {a.threads} threads, x {N}x{C}x{H}x{W} NCHW")
     for name in a.dtypes:
         try:
-            dt = data_dtype(name)
+            dt = cli.data_dtype(name)
         except ImportError:
             print(f"({name}: ml_dtypes not installed)")
             continue

@@ -8,7 +8,6 @@ are timed in interleaved rounds (harness/timing.py: interleaved_medians) with --
 PyTorch; a cell is the median in ms, and the ratios are float32's time over the 16-bit call's (the gain from half
 the bytes) and PyTorch's over bn_simd's in the same dtype. bfloat16 needs ml_dtypes; PyTorch's columns need torch.
 """
-import argparse
 import os
 import sys
 
@@ -16,6 +15,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.harness import cli  # noqa: E402
 from benchmarks.harness.timing import interleaved_medians  # noqa: E402
 
 import bn_simd  # noqa: E402
@@ -24,8 +24,7 @@ import bn_simd  # noqa: E402
 def dtypes():
     out = [("float16", np.dtype(np.float16))]
     try:
-        import ml_dtypes
-        out.append(("bfloat16", np.dtype(ml_dtypes.bfloat16)))
+        out.append(("bfloat16", cli.data_dtype("bfloat16")))
     except ImportError:
         print("(ml_dtypes not installed: no bfloat16 rows)")
     return out
@@ -61,17 +60,8 @@ def calls(x, layout, C, torch_x=None, torch=None):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", type=int, nargs=4, default=[32, 64, 112, 112])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--target", type=float, default=1.0, help="seconds of samples per callable and row")
-    a = ap.parse_args()
-    try:
-        import torch
-        torch.set_num_threads(a.threads)
-    except ImportError:
-        torch = None
-    bn_simd.set_num_threads(a.threads)
+    a = cli.shape_parser(__doc__, (32, 64, 112, 112)).parse_args()
+    torch = cli.set_threads(a.threads)
     N, C, H, W = a.shape
     rng = np.random.default_rng(0)
     x32 = rng.standard_normal((N, C, H, W), dtype=np.float32)

@@ -21,6 +21,8 @@
 #define DSUB(a, b) _mm256_sub_pd((a), (b))
 #define DMUL(a, b) _mm256_mul_pd((a), (b))
 #define DFMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))
+/* a - b on the FMA pipes, as a * 1 + (-b), with the same one rounding (docs/tuning.md, "Subtraction on the FMA pipes") */
+#define DSUB_FMA(a, b) _mm256_fmadd_pd((a), _mm256_set1_pd(1.0), _mm256_xor_pd((b), _mm256_set1_pd(-0.0)))
 #define DHSUM(v) hsum_pd(v)
 #define UK_SFENCE() _mm_sfence()
 /* all-ones in the 64-bit lanes 0 .. n - 1 */

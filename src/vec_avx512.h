@@ -22,6 +22,8 @@
 #define DSUB(a, b) _mm512_sub_pd((a), (b))
 #define DMUL(a, b) _mm512_mul_pd((a), (b))
 #define DFMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
+/* a - b on the FMA pipes, as a * 1 + (-b), with the same one rounding (docs/tuning.md, "Subtraction on the FMA pipes") */
+#define DSUB_FMA(a, b) _mm512_fmadd_pd((a), _mm512_set1_pd(1.0), _mm512_castsi512_pd(_mm512_xor_si512(_mm512_castpd_si512(b), _mm512_set1_epi64(INT64_MIN))))
 #define DHSUM(v) _mm512_reduce_add_pd(v)
 #define UK_TAIL8(n) ((__mmask8)((1u << (n)) - 1))    /* lanes 0 .. n - 1 of 8 */
 #define UK_TAIL16(n) ((__mmask16)((1u << (n)) - 1)) /* lanes 0 .. n - 1 of 16 */

@@ -20,6 +20,7 @@
 #define DSUB(a, b) ((a) - (b))
 #define DMUL(a, b) ((a) * (b))
 #define DFMA(a, b, c) ((a) * (b) + (c))
+#define DSUB_FMA(a, b) ((a) - (b))
 #define DHSUM(v) (v)
 #define UK_SFENCE() ((void)0)
 

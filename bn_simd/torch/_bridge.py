@@ -198,14 +198,20 @@ def grad_needed(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def check_like(t, x, name, expected="a torch.Tensor"):
+    """t is a tensor of x's shape and dtype; raises TypeError / ValueError naming it (``expected``: what the message
+    says t must be)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be {expected}, got {type(t).__name__}")
+    if t.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of input {tuple(x.shape)}, got {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} must have the dtype of input ({x.dtype}), got {t.dtype}")
+
+
 def check_out(out, x):
     """out (a tensor of x's shape and dtype on the CPU) checked; raises TypeError / ValueError naming it."""
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if out.shape != x.shape:
-        raise ValueError(f"out must have the shape of input {tuple(x.shape)}, got {tuple(out.shape)}")
-    if out.dtype != x.dtype:
-        raise TypeError(f"out must have the dtype of input ({x.dtype}), got {out.dtype}")
+    check_like(out, x, "out")
     if not out.is_cpu or out.layout != torch.strided:
         raise ValueError(f"out must be a strided CPU tensor, got {out.device} / {out.layout}")
     if out.is_neg():

@@ -70,12 +70,7 @@ def _tensor_of(a, layout):
 def _residual_array(residual, x, layout):
     """The residual's ndarray in x's layout (a view when its memory has that order, else one copy), checked to be a
     tensor like x."""
-    if not isinstance(residual, torch.Tensor):
-        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
-    if residual.shape != x.shape:
-        raise ValueError(f"residual must have the shape of input {tuple(x.shape)}, got {tuple(residual.shape)}")
-    if residual.dtype != x.dtype:
-        raise TypeError(f"residual must have the dtype of input ({x.dtype}), got {residual.dtype}")
+    B.check_like(residual, x, "residual", "a torch.Tensor or None")
     return B.array(residual, layout)
 
 
