@@ -483,3 +483,75 @@ def test_extreme_groups_take_the_float64_apply_with_the_epilogue():
                                                  save_stats=st)
     np.testing.assert_array_equal(gr, np.where(y > 0, g, np.float32(0)))
     assert np.all(np.isfinite(gx))
+
+
+# ---- bn_simd.torch ----
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_torch_calls_with_an_epilogue_against_the_composition(dtype):
+    torch = pytest.importorskip("torch")
+    import bn_simd.torch as bt
+    TF = torch.nn.functional
+    dt = getattr(torch, dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == "float64" else dict(rtol=1e-5, atol=1e-5)
+    gen = torch.Generator().manual_seed(14)
+    calls = [
+        (lambda x, w, b, r, **k: bt.group_norm(x, 4, w, b, residual=r, **k),
+         lambda x, w, b: TF.group_norm(x, 4, w, b), (3, 8, 5, 6), 8),
+        (lambda x, w, b, r, **k: bt.layer_norm(x, 12, w, b, residual=r, **k),
+         lambda x, w, b: TF.layer_norm(x, (12,), w, b), (4, 7, 12), 12),
+        (lambda x, w, b, r, **k: bt.rms_norm(x, 12, w, 1e-5, residual=r, **k),
+         lambda x, w, b: TF.rms_norm(x, (12,), w, 1e-5), (4, 7, 12), 12),
+    ]
+    acts = {"relu": TF.relu, ("leaky_relu", 0.2): lambda u: TF.leaky_relu(u, 0.2), "silu": TF.silu}
+    for k, (fused, plain, shape, C) in enumerate(calls):
+        for act, tact in acts.items():
+            for memory in ((torch.contiguous_format, torch.channels_last) if k == 0 else (torch.contiguous_format,)):
+                x = torch.randn(shape, dtype=dt, generator=gen).to(memory_format=memory).requires_grad_()
+                r = torch.randn(shape, dtype=dt, generator=gen).to(memory_format=memory).requires_grad_()
+                w = torch.randn(C, dtype=dt, generator=gen).requires_grad_()
+                b = torch.randn(C, dtype=dt, generator=gen).requires_grad_()
+                g = torch.randn(shape, dtype=dt, generator=gen)
+                z = fused(x, w, b, r, activation=act)
+                z.backward(g)
+                got = [t.grad.clone() if t.grad is not None else None for t in (x, r, w, b)]
+                for t in (x, r, w, b):
+                    t.grad = None
+                want = tact(plain(x, w, b) + r)
+                want.backward(g)
+                torch.testing.assert_close(z, want, **tol)
+                for a, t in zip(got, (x, r, w, b)):
+                    if t.grad is not None:
+                        torch.testing.assert_close(a, t.grad, **tol)
+                with torch.no_grad():  # the kernels called directly
+                    torch.testing.assert_close(fused(x, w, b, r, activation=act), want, **tol)
+
+
+def test_torch_gradcheck_and_refusals():
+    torch = pytest.importorskip("torch")
+    import bn_simd.torch as bt
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 4, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    r = torch.randn(2, 4, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: bt.group_norm(a, 2, None, None, activation="silu", residual=b),
+                                    (x, r))
+    assert torch.autograd.gradcheck(lambda a, b, c: bt.layer_norm(a, 3, c, None, activation="silu", residual=b),
+                                    (x, r, w))
+    with torch.no_grad():  # eps = 0: PyTorch's composition
+        TF = torch.nn.functional
+        torch.testing.assert_close(bt.group_norm(x, 2, eps=0.0, activation="relu6", residual=r),
+                                   TF.relu6(TF.group_norm(x, 2, eps=0.0) + r))
+        torch.testing.assert_close(bt.rms_norm(x, 3, w, 0.0, activation=("clamp", -0.5, 0.5), residual=r),
+                                   torch.clamp(TF.rms_norm(x, (3,), w, 0.0) + r, -0.5, 0.5))
+    with pytest.raises(ValueError, match="activation"):
+        bt.group_norm(x, 2, activation="gelu")
+    with pytest.raises(ValueError, match="activation"):
+        bt.rms_norm(x, 3, activation="gelu")
+    with pytest.raises(TypeError, match="residual"):
+        bt.layer_norm(x, 3, residual=np.zeros((2, 4, 3)))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="residual"):
+            bt.layer_norm(x, 3, activation="relu", residual=r[:1])
+        with pytest.raises(TypeError, match="residual"):
+            bt.group_norm(x, 2, activation="relu", residual=r.float())

@@ -23,16 +23,17 @@ except ImportError as e:  # pragma: no cover  (the tests of this module skip wit
 from .functional import batch_norm, group_norm, instance_norm
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
                       GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, convert)
-from .fused import BatchNormActFunction
+from .fused import BatchNormActFunction, GroupNormActFunction
 from ._autograd import BatchNormFunction, GroupNormFunction, InstanceNormFunction
 from .sync import SyncBatchNorm, SyncBatchNormFunction
-from .rownorm import LayerNormFunction, RMSNormFunction, layer_norm, rms_norm
+from .rownorm import LayerNormFunction, RMSNormFunction, RowNormActFunction, layer_norm, rms_norm
 from .rownorm_modules import LayerNorm, RMSNorm
 
 __all__ = ["batch_norm", "group_norm", "instance_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "SyncBatchNorm", "convert", "BatchNormFunction",
            "GroupNormFunction", "InstanceNormFunction", "SyncBatchNormFunction",
            "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "BatchNormActFunction",
-           "layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "LayerNormFunction", "RMSNormFunction"]
+           "layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "LayerNormFunction", "RMSNormFunction",
+           "GroupNormActFunction", "RowNormActFunction"]
 from .fold import fold  # noqa: E402  (BN folding: bn_simd/torch/fold.py)
 __all__ += ["fold"]

@@ -11,7 +11,7 @@ __all__ = [
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "SyncBatchNorm", "convert", "BatchNormFunction",
     "GroupNormFunction", "InstanceNormFunction", "SyncBatchNormFunction", "BatchNormAct1d", "BatchNormAct2d",
     "BatchNormAct3d", "BatchNormActFunction", "layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "LayerNormFunction",
-    "RMSNormFunction", "fold",
+    "RMSNormFunction", "fold", "GroupNormActFunction", "RowNormActFunction",
 ]
 
 _M = TypeVar("_M", bound=torch.nn.Module)
@@ -30,17 +30,18 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
                momentum: float = 0.1, eps: float = 1e-5, *, out: torch.Tensor | None = None,
                activation: _Activation | None = None, residual: torch.Tensor | None = None) -> torch.Tensor: ...
 def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None, eps: float = 1e-5, *,
-               out: torch.Tensor | None = None) -> torch.Tensor: ...
+               bias: torch.Tensor | None = None, eps: float = 1e-5, *, out: torch.Tensor | None = None,
+               activation: _Activation | None = None, residual: torch.Tensor | None = None) -> torch.Tensor: ...
 def instance_norm(input: torch.Tensor, running_mean: torch.Tensor | None = None,
                   running_var: torch.Tensor | None = None, weight: torch.Tensor | None = None,
                   bias: torch.Tensor | None = None, use_input_stats: bool = True, momentum: float = 0.1,
                   eps: float = 1e-5, *, out: torch.Tensor | None = None) -> torch.Tensor: ...
 def layer_norm(input: torch.Tensor, normalized_shape: _Shape, weight: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None, eps: float = 1e-5, *,
-               out: torch.Tensor | None = None) -> torch.Tensor: ...
+               bias: torch.Tensor | None = None, eps: float = 1e-5, *, out: torch.Tensor | None = None,
+               activation: _Activation | None = None, residual: torch.Tensor | None = None) -> torch.Tensor: ...
 def rms_norm(input: torch.Tensor, normalized_shape: _Shape, weight: torch.Tensor | None = None,
-             eps: float | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor: ...
+             eps: float | None = None, *, out: torch.Tensor | None = None, activation: _Activation | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor: ...
 
 # ---- torch.nn drop-ins ------------------------------------------------------------------------------------------
 class BatchNorm1d(torch.nn.BatchNorm1d):
@@ -144,6 +145,22 @@ class BatchNormActFunction(torch.autograd.Function):
                 weight: torch.Tensor | None, bias: torch.Tensor | None,
                 residual: torch.Tensor | None, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                 training: bool, momentum: float, eps: float, act: Any, views: Any) -> torch.Tensor: ...
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, ...]: ...
+class GroupNormActFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor,  # type: ignore[override]
+                num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                residual: torch.Tensor | None, eps: float, act: Any, views: Any) -> torch.Tensor: ...
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, ...]: ...
+class RowNormActFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor,  # type: ignore[override]
+                normalized_shape: _Shape, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                residual: torch.Tensor | None, eps: float | None, rms: bool, act: Any, views: Any) -> torch.Tensor: ...
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor  # type: ignore[override]
                  ) -> tuple[torch.Tensor | None, ...]: ...

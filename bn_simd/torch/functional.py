@@ -99,7 +99,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     return B.finish(y, target, (out, running_mean, running_var) if training else (out,))
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None):
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None, activation=None, residual=None):
     """Group normalization (``torch.nn.functional.group_norm``).
 
     y = (x - mean[n, g]) / sqrt(var[n, g] + eps) * weight[c] + bias[c], the statistics of sample n's channels of
@@ -108,10 +108,14 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None)
     input : tensor (N, C, *spatial), rank 2..5 on the kernels. num_groups : int dividing C.
     weight, bias : tensors (C,) of input's dtype (or float32 for 16-bit input), or None. out : as in
         :func:`batch_norm`.
+    activation, residual : the fused epilogue, as :func:`batch_norm`'s: z = act(y + residual) in the normalise sweep,
+        gradients of input, weight, bias and residual through it (``GroupNormActFunction``).
 
     Returns y, in input's memory format. Raises TypeError / ValueError as :func:`batch_norm` (num_groups not
     dividing C, one value per group).
     """
+    if activation is not None or residual is not None:
+        return _fused.group_norm_act(input, num_groups, weight, bias, eps, activation, residual, out, None)
     return _group_norm(input, num_groups, weight, bias, eps, out, None)
 
 

@@ -164,6 +164,70 @@ def batch_norm_act(input, running_mean, running_var, weight, bias, training, mom
     return B.finish(y, target, (out, running_mean, running_var) if training else (out,))
 
 
+class GroupNormActFunction(torch.autograd.Function):
+    """z = act(group_norm(x) + residual) with each (sample, group)'s statistics.
+
+    apply(x, num_groups, weight, bias, residual, eps, act, views): act is bn_simd's parsed activation tuple, views the
+    ndarrays of (weight, bias). The backward recomputes u from x with the forward's float64 statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, x, num_groups, weight, bias, residual, eps, act, views):
+        x, layout, xa = B.dense(x)
+        ra = None if residual is None else _residual_array(residual, x, layout)
+        y = torch.empty_like(x)
+        _, mean, var = _core.group_forward_epi(xa, num_groups, views[0], views[1], eps, layout, B.array(y, layout),
+                                               act, ra, B._threads(), False, True)
+        ctx.save_for_backward(x, weight, bias, residual)
+        ctx.param_dtype = _dtype(weight, bias)
+        ctx.stats = (mean, var, num_groups, layout, eps, act)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, bias, residual = ctx.saved_tensors
+        mean, var, num_groups, layout, eps, act = ctx.stats
+        need_x, need_w, need_b, need_r = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
+        ra = None if residual is None else B.array(residual, layout)
+        grad_x = torch.empty_like(x)
+        _, gw, gb, gr = _core.group_backward_epi(B.array(grad_y, layout), B.array(x, layout), mean, var, eps,
+                                                 num_groups, B.vec(weight), B.vec(bias), layout,
+                                                 B.array(grad_x, layout), act, ra, B._threads(), False)
+        pd = ctx.param_dtype
+        grad_r = _tensor_of(gr, layout) if need_r and gr is not None else None
+        return (grad_x if need_x else None, None, B.grad_as(gw, pd) if need_w and weight is not None else None,
+                B.grad_as(gb, pd) if need_b and bias is not None else None, grad_r, None, None, None)
+
+
+def group_norm_act(input, num_groups, weight, bias, eps, activation, residual, out, views):
+    """functional.group_norm with ``activation`` and/or ``residual``; views as functional._group_norm's."""
+    act = _epilogue.parse(activation)
+    if residual is not None and not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    tensors = (weight, bias)
+    if not B.input_supported(input, (2, 3, 4, 5), eps) or (
+            residual is not None and not B.input_supported(residual, (input.dim(),), eps)):
+        views = None
+    elif views is None and B.channels_supported(input, zip(("weight", "bias"), tensors)):
+        views = tuple(B.vec(t) for t in tensors)
+    if views is None:
+        def composed():
+            y = TF.group_norm(input, num_groups, weight, bias, eps)
+            return _torch_activation(y if residual is None else y + residual, activation)
+        if out is not None and B.grad_needed(input, weight, bias, residual):
+            B.no_out_with_grad(out)
+        return B.fallback(composed(), out)
+    if B.grad_needed(input, weight, bias, residual):
+        B.no_out_with_grad(out)
+        return GroupNormActFunction.apply(input, num_groups, weight, bias, residual, eps, act, views)
+    x, layout, xa = B.dense(input)
+    ra = None if residual is None else _residual_array(residual, x, layout)
+    y, ya, target = B.output(x, layout, out)
+    _core.group_forward_epi(xa, num_groups, views[0], views[1], eps, layout, ya, act, ra, B._threads(), False, True)
+    return B.finish(y, target, (out,))
+
+
 # ---- fusing a model's BN -> activation pairs ---------------------------------------------------------------------
 
 def fuse_sequential(model, fused_classes):

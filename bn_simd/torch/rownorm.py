@@ -32,6 +32,7 @@ from torch.nn import functional as TF
 
 import bn_simd as _bn
 
+from .. import _core, _epilogue
 from . import _bridge as B
 
 # any rank from 1 (the kernels check normalized_shape against it and raise ValueError when it does not fit)
@@ -100,7 +101,8 @@ def _grad(a, like):
 
 # ---- layer norm -----------------------------------------------------------------------------------------------------
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, activation=None,
+               residual=None):
     """Layer normalization (``torch.nn.functional.layer_norm``).
 
     input : tensor (*, *normalized_shape); float32, float64, float16 and bfloat16 CPU tensors run on the kernels.
@@ -110,12 +112,17 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out
     eps : float > 0 added to the variance (eps <= 0: PyTorch's function).
     out : tensor of input's shape and dtype on the CPU, or None; written (it may be input itself) and returned.
         Refused when autograd would record the call.
+    activation, residual : bn_simd's fused epilogue (keywords, not PyTorch's), as :func:`bn_simd.torch.batch_norm`'s:
+        z = act(y + residual) in the normalise sweep, gradients of input, weight, bias and residual through it
+        (:class:`RowNormActFunction`); a call the kernels do not cover computes PyTorch's composition.
 
     Returns y, C-contiguous, of input's shape and dtype. Raises TypeError for wrong types or dtypes (weight or bias of a
     dtype other than input's, or float32 for 16-bit input; weight and bias of different dtypes), ValueError for wrong
     shapes (normalized_shape not the trailing dims of input, weight or bias not of shape normalized_shape); a call that
     raises changes nothing.
     """
+    if activation is not None or residual is not None:
+        return _row_norm_act(input, normalized_shape, weight, bias, eps, False, activation, residual, out)
     return _layer_norm(input, normalized_shape, weight, bias, eps, out, None)
 
 
@@ -170,7 +177,7 @@ class LayerNormFunction(torch.autograd.Function):
 
 # ---- RMS norm -------------------------------------------------------------------------------------------------------
 
-def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None):
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, activation=None, residual=None):
     """Root-mean-square normalization (``torch.nn.functional.rms_norm``).
 
     input : tensor (*, *normalized_shape); float32, float64, float16 and bfloat16 CPU tensors run on the kernels.
@@ -178,10 +185,12 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None):
     weight : tensor of shape normalized_shape and input's dtype (float32 too for 16-bit input), or None (1).
     eps : float > 0 added to the mean square, or None: the machine epsilon of input's dtype (float32's for float16
         and bfloat16 input, which compute in float32), as PyTorch (eps <= 0: PyTorch's function).
-    out : as in :func:`layer_norm`.
+    out, activation, residual : as in :func:`layer_norm`.
 
     Returns y, C-contiguous, of input's shape and dtype. Raises TypeError / ValueError as :func:`layer_norm`.
     """
+    if activation is not None or residual is not None:
+        return _row_norm_act(input, normalized_shape, weight, None, eps, True, activation, residual, out)
     return _rms_norm(input, normalized_shape, weight, eps, out, None)
 
 
@@ -232,4 +241,70 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_x if need_x else None, None, _grad(gw, weight) if need_w else None, None, None
 
 
-__all__ = ["layer_norm", "rms_norm", "LayerNormFunction", "RMSNormFunction"]
+# ---- through a fused epilogue ----------------------------------------------------------------------------------------
+
+def _row_norm_act(input, normalized_shape, weight, bias, eps, rms, activation, residual, out):
+    """layer_norm / rms_norm with ``activation`` and/or ``residual``."""
+    from .fused import _torch_activation
+    act = _epilogue.parse(activation)
+    if residual is not None and not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    shape = _normalized_shape(normalized_shape)
+    params = (("weight", weight),) if rms else (("weight", weight), ("bias", bias))
+    views = None
+    if B.input_supported(input, _RANKS, eps) and (residual is None or B.input_supported(residual, (input.dim(),), eps)):
+        views = _views(input, params, None)
+    if views is None:
+        def composed():
+            y = TF.rms_norm(input, shape, weight, eps) if rms else TF.layer_norm(input, shape, weight, bias, eps)
+            return _torch_activation(y if residual is None else y + residual, activation)
+        return _torch_result(composed, out, input, weight, bias, residual)
+    if B.grad_needed(input, weight, bias, residual):
+        B.no_out_with_grad(out)
+        return RowNormActFunction.apply(input, shape, weight, bias, residual, eps, rms, act, views)
+    x, xa = _dense(input)
+    ra = None if residual is None else _dense(residual)[1]
+    y, ya, target = _output(x, xa, out)
+    _core.row_forward_epi(xa, shape, views[0], None if rms else views[1], eps, None, ya, B._threads(), rms, act, ra, 2)
+    return B.finish(y, target, (out,))
+
+
+class RowNormActFunction(torch.autograd.Function):
+    """z = act(layer_norm(x) + residual) (rms: RMS norm's); the backward recomputes u from x with the forward's
+    float64 statistics and gives the gradients of x, weight, bias and residual.
+
+    apply(x, normalized_shape (tuple), weight, bias, residual, eps, rms, act, views): act is bn_simd's parsed
+    activation tuple, views the ndarrays of (weight, bias) (RMS: (weight,)).
+    """
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, residual, eps, rms, act, views):
+        x, xa = _dense(x)
+        ra = None if residual is None else _dense(residual)[1]
+        y, ya = _empty(xa)
+        b = None if rms else views[1]
+        _, mean, rstd = _core.row_forward_epi(xa, normalized_shape, views[0], b, eps, None, ya, B._threads(), rms, act,
+                                              ra, 2)
+        ctx.save_for_backward(x, weight, bias, residual)
+        ctx.stats = (mean, rstd, normalized_shape, views, rms, act)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, bias, residual = ctx.saved_tensors
+        mean, rstd, normalized_shape, views, rms, act = ctx.stats
+        need_x, need_w, need_b, need_r = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
+        grad_y, ga = _dense(grad_y)
+        xa = B._numpy(x)
+        ra = None if residual is None else _dense(residual)[1]
+        grad_x, gxa = _empty(xa)
+        r = _core.row_backward_epi(ga, xa, mean, rstd, normalized_shape, views[0], None if rms else views[1], None,
+                                   gxa, B._threads(), rms, act, ra)
+        gw, gb, gr = (r[1], None, r[2]) if rms else r[1:]
+        return (grad_x if need_x else None, None, _grad(gw, weight) if need_w and weight is not None else None,
+                _grad(gb, bias) if need_b and bias is not None else None,
+                B.from_array(gr) if need_r and gr is not None else None, None, None, None, None)
+
+
+__all__ = ["layer_norm", "rms_norm", "LayerNormFunction", "RMSNormFunction", "RowNormActFunction"]
