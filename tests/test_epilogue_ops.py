@@ -289,14 +289,15 @@ def test_bad_arguments_are_refused_naming_them_and_nothing_is_written(op):
     _, (x, r, g), w, b = make(op, np.float32)
     fwd = op.forward(x, w, b, activation="relu", residual=r)
     out = np.full_like(x, 7.0)
-    bad_acts = (("gelu", ValueError), (("leaky_relu", "a"), TypeError), (("clamp", 2.0, 1.0), ValueError), (3, TypeError))
+    bad_acts = (("gelu", ValueError), (("leaky_relu", "a"), TypeError), (("clamp", 2.0, 1.0), ValueError),
+                (3, TypeError))
     for bad, exc in bad_acts:
         with pytest.raises(exc, match="activation"):
             op.forward(x, w, b, out=out, activation=bad)
         with pytest.raises(exc, match="activation"):
             op.backward(g, x, fwd, w, b, out=out, activation=bad, residual=r)
-    bad_res = ((r[:1], ValueError, "residual"), (r.astype(np.float64), TypeError, "residual"), ("r", TypeError, "residual"),
-               (out, ValueError, "residual must not share memory with out"))
+    bad_res = ((r[:1], ValueError, "residual"), (r.astype(np.float64), TypeError, "residual"),
+               ("r", TypeError, "residual"), (out, ValueError, "residual must not share memory with out"))
     for bad, exc, pat in bad_res:
         with pytest.raises(exc, match=pat):
             op.forward(x, w, b, out=out, activation="relu", residual=bad)
