@@ -11,7 +11,6 @@ threads (a cell is the median in ms; the ratios are over the row's plain call, o
 Group and instance norm (gn, gn-nhwc, in) and the channels-first layer norm (ln-cf) run on --shape (N, C, H, W;
 group norm 32 groups, or C when fewer), the trailing layer and RMS norm (ln, rms) on --rows (rows, features).
 """
-import argparse
 import os
 import sys
 
@@ -19,7 +18,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.epilogue import data_dtype, row  # noqa: E402
+from benchmarks.epilogue import row  # noqa: E402
+from benchmarks.harness import cli  # noqa: E402
 
 import bn_simd  # noqa: E402
 
@@ -66,21 +66,18 @@ def calls(op, x, r, g, y, w, b, G):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", type=int, nargs=4, default=[32, 64, 56, 56])
+    ap = cli.shape_parser(__doc__, (32, 64, 56, 56))
     ap.add_argument("--rows", type=int, nargs=2, default=[32 * 196, 768])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--target", type=float, default=1.0, help="seconds of samples per callable and row")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
     ap.add_argument("--ops", nargs="+", default=["gn", "gn-nhwc", "in", "ln", "ln-cf", "rms"])
     a = ap.parse_args()
-    bn_simd.set_num_threads(a.threads)
+    cli.set_threads(a.threads)
     N, C, H, W = a.shape
     print(f"bn_simd {bn_simd.__version__}, ISA {bn_simd.get_isa()}, {a.threads} threads, maps {N}x{C}x{H}x{W}, "
           f"rows {a.rows[0]}x{a.rows[1]}")
     rng = np.random.default_rng(0)
     for name in a.dtypes:
-        dt = data_dtype(name)
+        dt = cli.data_dtype(name)
         for op in a.ops:
             if op in ("ln", "rms"):
                 shape, Cp = tuple(a.rows), a.rows[1]

@@ -228,6 +228,11 @@ def test_backward_is_the_plain_backward_of_du_bit_for_bit(op):
         out = op.backward(g2, x, fwd, w, b, activation="relu", residual=res, out=g2)[0]
         assert out is g2
         np.testing.assert_array_equal(g2, px)
+        x2 = x.copy()  # in place over x (du then goes to a scratch)
+        gr2 = grads_of(op, op.backward(g, x2, fwd, w, b, activation="relu", residual=res, out=x2))[3]
+        np.testing.assert_array_equal(x2, px)
+        if res is not None:
+            np.testing.assert_array_equal(gr2, du)
 
 
 @pytest.mark.parametrize("op", OPS, ids=repr)
