@@ -362,3 +362,10 @@ def test_extreme_channels_take_the_float64_apply_with_the_epilogue():
                                                  save_stats=st)
     np.testing.assert_array_equal(gr, np.where(y > 0, g, np.float32(0)))
     assert np.all(np.isfinite(gx))
+    # in place over grad_out, with and without the residual: the recomputed u must not overwrite grad_out first
+    for res in (r, None):
+        y_, _, _, st_ = bn_simd.batch_norm_forward(x, w, b, activation="relu", residual=res)
+        want = bn_simd.batch_norm_backward(g, x, m2, s2, w, activation="relu", residual=res, bias=b, save_stats=st_)[0]
+        g2 = g.copy()
+        bn_simd.batch_norm_backward(g2, x, m2, s2, w, out=g2, activation="relu", residual=res, bias=b, save_stats=st_)
+        np.testing.assert_array_equal(g2, want)
