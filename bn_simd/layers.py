@@ -417,6 +417,17 @@ class BatchNorm3d(BatchNorm):
     _ranks = (5,)
 
 
+def _batched_grad(grad_out, out, x, unbatched):
+    """grad_out checked as data, and with out, given a leading axis of one sample when the forward's input had none
+    (x: the forward's batched input)."""
+    g = ck.as_data(grad_out, "grad_out", half=True)
+    if unbatched:
+        g = g[np.newaxis]
+        if out is not None:
+            out = ck.check_out(out, x[0], [("grad_out", g[0])])[np.newaxis]
+    return g, out
+
+
 class _InstanceNorm(BatchNorm):
     """Instance normalization: each (sample, channel) over its spatial positions (``torch.nn.InstanceNorm2d``).
 
@@ -508,11 +519,7 @@ class _InstanceNorm(BatchNorm):
             return self._backward_epilogue(grad_out, out)
         x, mean, invstd, input_stats, unbatched = self._saved
         self.grad_residual = None
-        g = ck.as_data(grad_out, "grad_out", half=True)
-        if unbatched:
-            g = g[np.newaxis]
-            if out is not None:
-                out = ck.check_out(out, x[0], [("grad_out", g[0])])[np.newaxis]
+        g, out = _batched_grad(grad_out, out, x, unbatched)
         if input_stats:
             gx, gw, gb = groups.instance_norm_backward(g, x, mean, invstd, self.weight, layout=self.layout, out=out)
         else:
@@ -524,11 +531,7 @@ class _InstanceNorm(BatchNorm):
 
     def _backward_epilogue(self, grad_out, out):
         _, x, mean, var, input_stats, act, residual, w, b, eps, unbatched = self._saved
-        g = ck.as_data(grad_out, "grad_out", half=True)
-        if unbatched:
-            g = g[np.newaxis]
-            if out is not None:
-                out = ck.check_out(out, x[0], [("grad_out", g[0])])[np.newaxis]
+        g, out = _batched_grad(grad_out, out, x, unbatched)
         if input_stats:
             gx, gw, gb, gr = _core.group_backward_epi(g, x, mean, var, eps, None, w, b, self.layout, out, act,
                                                       residual, F._threads(), True)
