@@ -489,6 +489,50 @@ def test_extreme_groups_take_the_float64_apply_with_the_epilogue():
                                                  save_stats=st)
     np.testing.assert_array_equal(gr, np.where(y > 0, g, np.float32(0)))
     assert np.all(np.isfinite(gx))
+    for layout in ("NCHW", "NHWC"):  # grad_x and the parameters' gradients: the plain backward's of du
+        xl, gl = (a if layout == "NCHW" else np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in (x, g))
+        y, m, s, st = bn_simd.group_norm_forward(xl, 2, w, b, layout=layout, activation="relu")
+        got = bn_simd.group_norm_backward(gl, xl, m, s, 2, w, layout=layout, activation="relu", bias=b,
+                                          save_stats=st)[:3]
+        inv = 1.0 / np.sqrt(st[1] + 1e-5)  # (the forward's float64 statistics, as the epilogue's backward uses)
+        want = bn_simd.group_norm_backward(np.where(y > 0, gl, np.float32(0)), xl, st[0], inv, 2, w, layout=layout)
+        for a, p in zip(got, want):
+            np.testing.assert_array_equal(a, p)
+
+
+@pytest.mark.parametrize("case", ["layer rows", "rms rows", "group NCHW"])
+def test_du_beyond_the_scratch_size_goes_to_dx(case):
+    """A row block (one row of 1.1M float32 here) or a channels-first group beyond the 4 MiB of du's per-thread
+    scratch puts du into dx instead (the scratch would be as large as the tensor's lines): float32 ReLU gives the
+    plain backward's bits of du, also in place over grad_out, and over x (where du takes a scratch after all)."""
+    rng = np.random.default_rng(31)
+    if case == "group NCHW":
+        x, g = (rng.standard_normal((1, 2, 1100, 1000), dtype=np.float32) for _ in range(2))
+        w, b = rng.standard_normal(2).astype(np.float32), rng.standard_normal(2).astype(np.float32)
+        y, m, s, st = bn_simd.group_norm_forward(x, 1, w, b, activation="relu")
+        m, s = st[0], 1.0 / np.sqrt(st[1] + 1e-5)  # (the float64 statistics the epilogue's backward uses)
+        run = lambda gg, xx, **kw: bn_simd.group_norm_backward(gg, xx, m, s, 1, w, bias=b, **kw)  # noqa: E731
+    else:
+        x, g = (rng.standard_normal((1, 1_100_000), dtype=np.float32) for _ in range(2))
+        C = x.shape[1]
+        w, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+        if case == "layer rows":
+            y, m, s, st = bn_simd.layer_norm_forward(x, C, w, b, activation="relu")
+            m, s = st
+            run = lambda gg, xx, **kw: bn_simd.layer_norm_backward(gg, xx, m, s, C, w, b, **kw)  # noqa: E731
+        else:
+            y, s, st = bn_simd.rms_norm_forward(x, C, w, activation="relu")
+            s = st[0]
+            run = lambda gg, xx, **kw: bn_simd.rms_norm_backward(gg, xx, s, C, w, **kw)  # noqa: E731
+    want = run(np.where(y > 0, g, np.float32(0)), x)
+    got = run(g, x, activation="relu", save_stats=st)
+    for a, p in zip(got, want):
+        np.testing.assert_array_equal(a, p)
+    g2, x2 = g.copy(), x.copy()
+    run(g2, x, activation="relu", save_stats=st, out=g2)
+    np.testing.assert_array_equal(g2, want[0])
+    run(g, x2, activation="relu", save_stats=st, out=x2)
+    np.testing.assert_array_equal(x2, want[0])
 
 
 # ---- bn_simd.torch ----
