@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import bn_simd
+from bn_simd import _core
 import oracle
 import rownorm_oracle as rno
 from conftest import nchw_to, to_nchw
@@ -339,6 +340,8 @@ def test_a_residual_without_an_activation(op):
 
 @pytest.mark.parametrize("op", OPS, ids=repr)
 def test_same_bits_for_one_and_two_threads(threads, op):
+    """SiLU with a residual and ReLU without (du in the backward's scratch): the same bits on 1 and 2 threads, and
+    with the streaming threshold lowered below the arrays' size (streamed stores in the forward and the backward)."""
     rng = np.random.default_rng(8)
     shape = (8, 16, 24, 24)
     xc = (0.3 + rng.standard_normal(shape)).astype(np.float32)
@@ -347,27 +350,31 @@ def test_same_bits_for_one_and_two_threads(threads, op):
     w, b = op.params(16, rng)
     C = 16
     kw = dict(layout=op.layout) if not op.rows else (dict(layout="NCHW") if op.layout == "NCHW" and not op.rms else {})
-    got = []
-    for n in (1, 2):
+    runs = {}
+    for n, stream in ((1, None), (2, None), (2, 4096)):
         threads(n)
-        if op.name == "gn":
-            f = bn_simd.group_norm_forward(x, 4, w, b, activation="silu", residual=r, **kw)
-            bk = bn_simd.group_norm_backward(g, x, f[1], f[2], 4, w, activation="silu", residual=r, bias=b,
-                                             save_stats=f[3], **kw)
-        elif op.name == "in":
-            f = bn_simd.instance_norm_forward(x, w, b, activation="silu", residual=r, **kw)
-            bk = bn_simd.instance_norm_backward(g, x, f[1], f[2], w, activation="silu", residual=r, bias=b,
-                                                save_stats=f[3], **kw)
-        elif op.name == "ln":
-            f = bn_simd.layer_norm_forward(x, C, w, b, activation="silu", residual=r, **kw)
-            bk = bn_simd.layer_norm_backward(g, x, f[1], f[2], C, w, b, activation="silu", residual=r,
-                                             save_stats=f[3], **kw)
-        else:
-            f = bn_simd.rms_norm_forward(x, C, w, activation="silu", residual=r)
-            bk = bn_simd.rms_norm_backward(g, x, f[1], C, w, activation="silu", residual=r, save_stats=f[2])
-        got.append([f[0]] + [a for a in bk if a is not None])
-    for a, c in zip(*got):
-        np.testing.assert_array_equal(a, c)
+        _core.set_stream_bytes(stream)  # (conftest restores the default)
+        for act, res in (("silu", r), ("relu", None)):
+            if op.name == "gn":
+                f = bn_simd.group_norm_forward(x, 4, w, b, activation=act, residual=res, **kw)
+                bk = bn_simd.group_norm_backward(g, x, f[1], f[2], 4, w, activation=act, residual=res, bias=b,
+                                                 save_stats=f[3], **kw)
+            elif op.name == "in":
+                f = bn_simd.instance_norm_forward(x, w, b, activation=act, residual=res, **kw)
+                bk = bn_simd.instance_norm_backward(g, x, f[1], f[2], w, activation=act, residual=res, bias=b,
+                                                    save_stats=f[3], **kw)
+            elif op.name == "ln":
+                f = bn_simd.layer_norm_forward(x, C, w, b, activation=act, residual=res, **kw)
+                bk = bn_simd.layer_norm_backward(g, x, f[1], f[2], C, w, b, activation=act, residual=res,
+                                                 save_stats=f[3], **kw)
+            else:
+                f = bn_simd.rms_norm_forward(x, C, w, activation=act, residual=res)
+                bk = bn_simd.rms_norm_backward(g, x, f[1], C, w, activation=act, residual=res, save_stats=f[2])
+            runs.setdefault(act, []).append([f[0]] + [a for a in bk if a is not None])
+    for got in runs.values():
+        for other in got[1:]:
+            for a, c in zip(got[0], other):
+                np.testing.assert_array_equal(a, c)
 
 
 def test_every_isa_against_the_unfused_composition(isa):
