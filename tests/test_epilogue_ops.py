@@ -505,6 +505,10 @@ def test_extreme_groups_take_the_float64_apply_with_the_epilogue():
         want = bn_simd.group_norm_backward(np.where(y > 0, gl, np.float32(0)), xl, st[0], inv, 2, w, layout=layout)
         for a, p in zip(got, want):
             np.testing.assert_array_equal(a, p)
+        g2 = gl.copy()  # in place over grad_out (u then takes a scratch: du is grad_out)
+        bn_simd.group_norm_backward(g2, xl, m, s, 2, w, layout=layout, activation="relu", bias=b, save_stats=st,
+                                    out=g2)
+        np.testing.assert_array_equal(g2, want[0])
 
 
 @pytest.mark.parametrize("case", ["layer rows", "rms rows", "group NCHW"])
