@@ -64,6 +64,15 @@ def parse(activation):
                      f"('leaky_relu', slope) or ('clamp', lo, hi)")
 
 
+def save_stats_of(save_stats, n, what, source):
+    """The backward's ``save_stats`` checked to be the forward's n statistics arrays (``what``, its ``source`` value,
+    for the message); raises ValueError naming it."""
+    if not isinstance(save_stats, (tuple, list)) or len(save_stats) != n:
+        raise ValueError(f"save_stats must be the forward's {what} ({source}) when activation is given, got "
+                         f"{type(save_stats).__name__}")
+    return save_stats
+
+
 def fused(activation, residual):
     """Whether a call asks for an epilogue at all (the plain path otherwise)."""
     return activation is not None or residual is not None

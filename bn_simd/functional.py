@@ -165,10 +165,8 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, lay
         act = _epi.parse(activation)
         _no_mask(mask)
         if activation is not None:
-            if not isinstance(save_stats, (tuple, list)) or len(save_stats) != 2:
-                raise ValueError("save_stats must be the forward's (mean, var) pair (batch_norm_forward's fourth "
-                                 f"value) when activation is given, got {type(save_stats).__name__}")
-            return _core.batch_norm_backward_epi(grad_out, x, save_stats[0], save_stats[1], eps, weight, bias, lay,
+            m, v = _epi.save_stats_of(save_stats, 2, "(mean, var) pair", "batch_norm_forward's fourth value")
+            return _core.batch_norm_backward_epi(grad_out, x, m, v, eps, weight, bias, lay,
                                                  out, training, act, residual, _threads())
         gres = _core.epilogue_residual_grad(grad_out, x, residual)
         gx, gw, gb = _core.batch_norm_backward(grad_out, x, save_mean, save_invstd, weight, lay, out, training,

@@ -58,13 +58,6 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, *, eps=1e-5, layou
     return _core.group_norm(x, num_groups, weight, bias, eps, layout, out, _threads(), 1)
 
 
-def _stats_pair(save_stats):
-    if not isinstance(save_stats, (tuple, list)) or len(save_stats) != 2:
-        raise ValueError("save_stats must be the forward's (mean, var) pair (its fourth value) when activation is "
-                         f"given, got {type(save_stats).__name__}")
-    return save_stats
-
-
 def _group_backward(grad_out, x, mean, invstd, num_groups, weight, layout, out, activation, residual, bias, eps,
                     save_stats, instance):
     """group_norm_backward / instance_norm_backward (instance: num_groups unused)."""
@@ -73,7 +66,7 @@ def _group_backward(grad_out, x, mean, invstd, num_groups, weight, layout, out, 
         return _core.group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, out, _threads(),
                                          instance)
     if activation is not None:
-        m, v = _stats_pair(save_stats)
+        m, v = _epi.save_stats_of(save_stats, 2, "(mean, var) pair", "its fourth value")
         return _core.group_backward_epi(grad_out, x, m, v, eps, num_groups, weight, bias, layout, out, act,
                                         residual, _threads(), instance)
     gres = _core.epilogue_residual_grad(grad_out, x, residual)  # (checked first: a bad residual writes nothing)

@@ -68,19 +68,13 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, *, eps=1e-5,
     return _core.row_norm(x, normalized_shape, weight, bias, eps, layout, out, _threads(), False, 1)
 
 
-def _save_stats(save_stats, n, what):
-    if not isinstance(save_stats, (tuple, list)) or len(save_stats) != n:
-        raise ValueError(f"save_stats must be the forward's {what} (its last value) when activation is given, got "
-                         f"{type(save_stats).__name__}")
-    return save_stats
-
-
 def _row_backward(grad_out, x, mean, rstd, normalized_shape, weight, bias, layout, out, activation, residual,
                   save_stats, rms):
     """layer_norm_backward / rms_norm_backward, through the epilogue when asked."""
     act = _epi.parse(activation)
     if activation is not None:
-        st = _save_stats(save_stats, 1 if rms else 2, "(rstd,)" if rms else "(mean, rstd) pair")
+        what = "(rstd,)" if rms else "(mean, rstd) pair"
+        st = _epi.save_stats_of(save_stats, 1 if rms else 2, what, "its last value")
         return _core.row_backward_epi(grad_out, x, None if rms else st[0], st[-1], normalized_shape, weight, bias,
                                       layout, out, _threads(), rms, act, residual)
     gres = None if residual is None else _core.epilogue_residual_grad(grad_out, x, residual)

@@ -198,11 +198,16 @@ def grad_needed(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def check_tensor(t, name, expected="a torch.Tensor"):
+    """t is a tensor; raises TypeError naming it (``expected``: what the message says t must be)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be {expected}, got {type(t).__name__}")
+
+
 def check_like(t, x, name, expected="a torch.Tensor"):
     """t is a tensor of x's shape and dtype; raises TypeError / ValueError naming it (``expected``: what the message
     says t must be)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be {expected}, got {type(t).__name__}")
+    check_tensor(t, name, expected)
     if t.shape != x.shape:
         raise ValueError(f"{name} must have the shape of input {tuple(x.shape)}, got {tuple(t.shape)}")
     if t.dtype != x.dtype:

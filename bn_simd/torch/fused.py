@@ -134,8 +134,8 @@ def batch_norm_act(input, running_mean, running_var, weight, bias, training, mom
     """functional.batch_norm with ``activation`` and/or ``residual`` (see functional.batch_norm); views as
     functional._batch_norm's."""
     act = _epilogue.parse(activation)
-    if residual is not None and not isinstance(residual, torch.Tensor):
-        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual is not None:
+        B.check_tensor(residual, "residual", "a torch.Tensor or None")
     tensors = (running_mean, running_var, weight, bias)
     if not B.input_supported(input, (2, 3, 4, 5), eps) or (
             residual is not None and not B.input_supported(residual, (input.dim(),), eps)):
@@ -203,8 +203,8 @@ class GroupNormActFunction(torch.autograd.Function):
 def group_norm_act(input, num_groups, weight, bias, eps, activation, residual, out, views):
     """functional.group_norm with ``activation`` and/or ``residual``; views as functional._group_norm's."""
     act = _epilogue.parse(activation)
-    if residual is not None and not isinstance(residual, torch.Tensor):
-        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual is not None:
+        B.check_tensor(residual, "residual", "a torch.Tensor or None")
     tensors = (weight, bias)
     if not B.input_supported(input, (2, 3, 4, 5), eps) or (
             residual is not None and not B.input_supported(residual, (input.dim(),), eps)):

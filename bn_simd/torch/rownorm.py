@@ -247,8 +247,8 @@ def _row_norm_act(input, normalized_shape, weight, bias, eps, rms, activation, r
     """layer_norm / rms_norm with ``activation`` and/or ``residual``."""
     from .fused import _torch_activation
     act = _epilogue.parse(activation)
-    if residual is not None and not isinstance(residual, torch.Tensor):
-        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual is not None:
+        B.check_tensor(residual, "residual", "a torch.Tensor or None")
     shape = _normalized_shape(normalized_shape)
     params = (("weight", weight),) if rms else (("weight", weight), ("bias", bias))
     views = None
