@@ -1412,9 +1412,13 @@ cdef int k_row_backward(int dt, const void* dy, const void* x, void* dx, Rows* r
 
 cdef object stat_as(int64_t n, const double* src, cnp.ndarray xa, tuple shape):
     """A new array of x's dtype (float32 for 16-bit x) and the given shape holding src's n values rounded to it."""
-    cdef cnp.ndarray a = A.new_vector(n, stat_type(xa))
+    cdef cnp.npy_intp dims[64]  # (NPY_MAXDIMS of NumPy 2; shape has x's rank at most)
+    cdef int nd = len(shape), i
+    for i in range(nd):
+        dims[i] = shape[i]
+    cdef cnp.ndarray a = cnp.PyArray_EMPTY(nd, dims, stat_type(xa), 0)  # (made in its shape: no reshape call)
     A.store(a, n, src)
-    return a.reshape(shape)
+    return a
 
 
 def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, bint rms, int result=0):
