@@ -261,23 +261,30 @@ FUSED = {BatchNorm1d: BatchNormAct1d, BatchNorm2d: BatchNormAct2d, BatchNorm3d: 
 
 
 def convert(model, fuse_activations=False):
-    """Make every ``torch.nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``GroupNorm`` and ``InstanceNorm1d/2d/3d`` in
-    model (model itself included) run on bn_simd's kernels, in place; returns model (a SyncBatchNorm keeps its
-    process_group and synchronises CPU tensors, mode "exact": see :class:`bn_simd.torch.SyncBatchNorm`).
+    """Make every ``torch.nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``,
+    ``LayerNorm`` and ``RMSNorm`` in model (model itself included) run on bn_simd's kernels, in place; returns model (a
+    SyncBatchNorm keeps its process_group and synchronises CPU tensors, mode "exact": see
+    :class:`bn_simd.torch.SyncBatchNorm`).
 
     The module objects stay the same (their class becomes bn_simd's subclass, which adds no state), so parameters,
     buffers, hooks, training mode and the references an optimizer holds are all kept, and ``state_dict()`` is
     unchanged. Modules of other classes (subclasses of these included, and the lazy modules before their first
     call) are left as they are. Raises TypeError when model is not a ``torch.nn.Module``.
 
-    fuse_activations=True also fuses each BatchNorm1d/2d/3d followed by a ReLU, ReLU6, LeakyReLU, Hardtanh or SiLU
-    module (or ``torch.relu`` / ``F.relu``), and ResNet's relu(bn(x) + identity), into one :class:`BatchNormAct2d`
-    (1d, 3d) call (bn_simd.torch.fused): the model is traced with ``torch.fx`` and the returned model is then a
-    ``torch.fx.GraphModule`` over the same modules (the activation calls gone from its graph). When the model cannot
-    be traced, the pairs inside each ``torch.nn.Sequential`` are fused in place (the activation module replaced by
-    ``torch.nn.Identity``) and model is returned. A module called more than once, or whose output has other uses,
-    is not fused. The fused model applies the activation to the float32 value before its rounding (the unfused model
-    rounds the batch norm's output first): outputs agree within that rounding.
+    fuse_activations=True also fuses each of those modules (SyncBatchNorm aside) followed by a ReLU, ReLU6,
+    LeakyReLU, Hardtanh or SiLU module (or ``torch.relu`` / ``F.relu`` / ``F.silu``), and the add before such an
+    activation (ResNet's relu(bn(x) + identity), a pre-activation block's act(norm(x) + skip)), into one call of
+    its fused module (bn_simd.torch.fused): :class:`BatchNormAct2d` (1d, 3d), :class:`GroupNormAct` (a diffusion
+    UNet's GroupNorm -> SiLU), :class:`InstanceNormAct2d` (1d, 3d), :class:`LayerNormAct`, :class:`RMSNormAct`. The
+    model is traced with ``torch.fx`` and the returned model is then a ``torch.fx.GraphModule`` over the same modules
+    (the activation and add calls gone from its graph; a fused add's other operand becomes the module's residual
+    argument, which must then have the normalization output's shape and dtype: the fused call does not broadcast).
+    When the model cannot be traced, the pairs inside each ``torch.nn.Sequential`` are fused in place (the
+    activation module replaced by ``torch.nn.Identity``) and model is returned. A module called more than once or
+    with more than one argument, whose output has other uses than the activation (or the add), or an activation of
+    a subclass (which may override forward) is not fused. The fused model applies the activation to the float32
+    value before its rounding (the unfused model rounds the normalization's output first): outputs agree within
+    that rounding.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
