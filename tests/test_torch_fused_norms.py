@@ -12,14 +12,8 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as TF  # noqa: E402
 
 import bn_simd.torch as bt  # noqa: E402
+from test_torch_fused import ACTS, assert_same_as_unfused, eps_of  # noqa: E402
 
-# bn_simd's spelling -> PyTorch's function
-ACTS = {
-    "silu": TF.silu,
-    "relu": torch.relu,
-    ("leaky_relu", 0.2): lambda y: TF.leaky_relu(y, 0.2),
-    ("clamp", -0.5, 0.75): lambda y: torch.clamp(y, -0.5, 0.75),
-}
 SHAPE = (4, 6, 5, 7)  # (N, C, H, W)
 
 
@@ -43,10 +37,6 @@ KINDS = {
 PAIRS = [(nn.GroupNorm, bt.GroupNormAct, (3, 6)), (nn.InstanceNorm1d, bt.InstanceNormAct1d, (6,)),
          (nn.InstanceNorm2d, bt.InstanceNormAct2d, (6,)), (nn.InstanceNorm3d, bt.InstanceNormAct3d, (6,)),
          (nn.LayerNorm, bt.LayerNormAct, ((5, 7),)), (nn.RMSNorm, bt.RMSNormAct, (7,))]
-
-
-def eps_of(dtype):
-    return float(torch.finfo(dtype).eps)
 
 
 def _randomised(module, dtype, seed):
@@ -198,6 +188,8 @@ def test_instance_norm_act_takes_unbatched_input_and_residual():
 def test_activation_is_applied_at_each_spelling():
     x, r, _ = _data(torch.float64, False, 53)
     for act, fn in ACTS.items():
+        if act is None:
+            continue
         for kind in KINDS:
             ours, ref, _ = _pair(kind, act, torch.float64, 54)
             with torch.no_grad():
@@ -276,7 +268,8 @@ class UNetBlock(nn.Module):
 
 
 class Tokens(nn.Module):
-    """A transformer-like block over tokens: LayerNorm -> ReLU -> Linear, relu(LayerNorm(h) + t), RMSNorm -> LeakyReLU."""
+    """A transformer-like block over tokens: LayerNorm -> ReLU -> Linear, relu(LayerNorm(h) + t), RMSNorm ->
+    LeakyReLU."""
 
     def __init__(self, d):
         super().__init__()
@@ -319,19 +312,7 @@ def test_convert_fuses_groupnorm_silu_layernorm_relu_and_their_residual_adds():
     residual_calls = sorted(n.target for n in fused.graph.nodes if n.op == "call_module" and len(n.args) == 2)
     assert residual_calls == ["block.norm2", "tokens.ln2"]
     assert not any(n.op == "call_function" and n.target in (TF.silu, torch.relu) for n in fused.graph.nodes)
-    with torch.no_grad():
-        got = fused(x)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    # training: the gradients of the unfused converted model
-    fused.train()
-    ref = bt.convert(copy.deepcopy(model)).train()
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    fused(x1).square().sum().backward()
-    ref(x2).square().sum().backward()
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
-    params = dict(ref.named_parameters())
-    for name, p in fused.named_parameters():
-        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_as_unfused(fused, model, x, expected)
 
 
 def test_unfusable_patterns_are_left_alone():

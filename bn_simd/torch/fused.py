@@ -319,7 +319,7 @@ def instance_norm_act(input, running_mean, running_var, weight, bias, use_input_
     return B.finish(y, target, (out, running_mean, running_var))
 
 
-# ---- fusing a model's normalization -> activation pairs ---------------------------------------------------------------------
+# ---- fusing a model's normalization -> activation pairs --------------------------------------------------------------
 
 def fuse_sequential(model, fused_classes):
     """In every torch.nn.Sequential of model: a normalization module directly followed by an activation module
