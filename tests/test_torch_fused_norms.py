@@ -170,6 +170,10 @@ def test_state_dict_round_trip_with_torch_nn(torch_cls, cls, args):
     assert repr(ours) == repr(ref).replace(torch_cls.__name__, cls.__name__)[:-1] + ", activation='silu')"
     x = torch.randn((3, 6, 5, 7)[:len(args[-1]) + 2] if cls is bt.LayerNormAct else
                     {bt.InstanceNormAct1d: (3, 6, 7), bt.InstanceNormAct3d: (2, 6, 3, 4, 5)}.get(cls, (3, 6, 5, 7)))
+    for training in (True, False):
+        with torch.no_grad():
+            torch.testing.assert_close(ours.train(training)(x), TF.silu(ref.train(training)(x)), rtol=1e-5,
+                                       atol=1e-5)
     for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
         assert type(clone) is cls and clone.activation == "silu"
         assert torch.equal(clone.eval()(x), ours.eval()(x))
@@ -194,6 +198,23 @@ def test_activation_is_applied_at_each_spelling():
             ours, ref, _ = _pair(kind, act, torch.float64, 54)
             with torch.no_grad():
                 torch.testing.assert_close(ours(x, r), fn(ref(x) + r), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_data_with_float32_parameters_within_an_ulp_of_the_float32_composition(dtype):
+    x, r, _ = _data(torch.float32, False, 59)
+    x16, r16 = x.to(dtype), r.to(dtype)
+    for kind in KINDS:
+        ours, ref, _ = _pair(kind, "silu", torch.float32, 60)
+        ours.train(kind != "instance")  # (eval instance norm: its running statistics)
+        ref.train(kind != "instance")
+        with torch.no_grad():
+            y = ours(x16, r16)
+            want = TF.silu(ref(x16.float()) + r16.float())
+        assert y.dtype == dtype, kind
+        ulp = torch.finfo(dtype).eps * want.abs().clamp(min=torch.finfo(dtype).tiny)
+        err = (y.float() - want).abs()
+        assert bool((err <= ulp + 1e-5).all()), (kind, float((err - ulp).max()))
 
 
 def test_bad_activation_or_residual_is_refused_and_changes_nothing():
