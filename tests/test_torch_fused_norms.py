@@ -217,6 +217,22 @@ def test_16_bit_data_with_float32_parameters_within_an_ulp_of_the_float32_compos
         assert bool((err <= ulp + 1e-5).all()), (kind, float((err - ulp).max()))
 
 
+def test_a_residual_that_broadcasts_takes_pytorchs_add():
+    """A residual of input's dtype that broadcasts to input's shape (convert fuses a model's add whatever its other
+    operand's shape): act(norm(input) + residual) with PyTorch's add and activation, gradients included."""
+    x, r, gy = _data(torch.float64, False, 63)
+    for kind in KINDS:
+        for res in (r[:1], r[:, :1, :1, :1], r[0, 0, 0]):
+            ours, ref, _ = _pair(kind, "silu", torch.float64, 64)
+            r1, r2 = res.clone().requires_grad_(), res.clone().requires_grad_()
+            y = ours(x, r1)
+            yr = TF.silu(ref(x) + r2)
+            torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+            y.backward(gy)
+            yr.backward(gy)
+            torch.testing.assert_close(r1.grad, r2.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_bad_activation_or_residual_is_refused_and_changes_nothing():
     for kind in KINDS:
         with pytest.raises(ValueError, match="activation"):
@@ -272,8 +288,8 @@ class ShiftedReLU(nn.ReLU):
 
 
 class UNetBlock(nn.Module):
-    """A diffusion UNet's resnet block: GroupNorm -> SiLU -> conv, GroupNorm(h) + x -> F.silu; InstanceNorm -> ReLU
-    before it."""
+    """A diffusion UNet's resnet block: GroupNorm -> SiLU -> conv, GroupNorm(h) + x -> F.silu, an embedding added
+    after a GroupNorm before a ReLU; InstanceNorm -> ReLU before it."""
 
     def __init__(self, c):
         super().__init__()
@@ -281,11 +297,14 @@ class UNetBlock(nn.Module):
         self.norm1, self.act = nn.GroupNorm(2, c), nn.SiLU()
         self.conv = nn.Conv2d(c, c, 3, padding=1)
         self.norm2 = nn.GroupNorm(2, c)
+        self.emb, self.norm3 = nn.Linear(c, c), nn.GroupNorm(4, c)
 
     def forward(self, x):
         x = self.relu(self.inorm(x))
         h = self.conv(self.act(self.norm1(x)))
-        return TF.silu(self.norm2(h) + x)
+        h = TF.silu(self.norm2(h) + x)
+        emb = self.emb(x.mean((2, 3)))
+        return torch.relu(self.norm3(h) + emb[:, :, None, None])  # a residual (N, C, 1, 1): PyTorch's add
 
 
 class Tokens(nn.Module):
@@ -328,10 +347,11 @@ def test_convert_fuses_groupnorm_silu_layernorm_relu_and_their_residual_adds():
     fused = bt.convert(copy.deepcopy(model), fuse_activations=True)
     kinds = {name: (type(m).__name__, m.activation) for name, m in fused.named_modules() if hasattr(m, "activation")}
     assert kinds == {"block.inorm": ("InstanceNormAct2d", "relu"), "block.norm1": ("GroupNormAct", "silu"),
-                     "block.norm2": ("GroupNormAct", "silu"), "tokens.ln": ("LayerNormAct", "relu"),
+                     "block.norm2": ("GroupNormAct", "silu"), "block.norm3": ("GroupNormAct", "relu"),
+                     "tokens.ln": ("LayerNormAct", "relu"),
                      "tokens.ln2": ("LayerNormAct", "relu"), "tokens.rms": ("RMSNormAct", ("leaky_relu", 0.1))}
     residual_calls = sorted(n.target for n in fused.graph.nodes if n.op == "call_module" and len(n.args) == 2)
-    assert residual_calls == ["block.norm2", "tokens.ln2"]
+    assert residual_calls == ["block.norm2", "block.norm3", "tokens.ln2"]
     assert not any(n.op == "call_function" and n.target in (TF.silu, torch.relu) for n in fused.graph.nodes)
     assert_same_as_unfused(fused, model, x, expected)
 

@@ -68,6 +68,22 @@ def act_repr(base):
     return extra_repr
 
 
+def broadcast_residual(module, plain_forward, input, residual):
+    """For a fused module's forward: act(plain_forward(module, input) + residual) with PyTorch's operations when
+    residual is a tensor of input's dtype that broadcasts to input's shape without having it (the fused sweep reads a
+    residual of input's shape; convert fuses an add whatever the shape of its other operand, a per-channel bias or an
+    embedding of shape (N, C, 1, 1) for instance), else None: the fused call, which checks the residual."""
+    if (not isinstance(residual, torch.Tensor) or not isinstance(input, torch.Tensor) or residual.shape == input.shape
+            or residual.dtype != input.dtype):
+        return None
+    try:
+        if torch.broadcast_shapes(input.shape, residual.shape) != input.shape:
+            return None
+    except RuntimeError:
+        return None
+    return _torch_activation(plain_forward(module, input) + residual, module.activation)
+
+
 def _torch_activation(y, activation):
     """PyTorch's composition for the calls the kernels do not cover: act(y)."""
     act = _epilogue.parse(activation)
@@ -395,17 +411,17 @@ def fuse_graph(model, fused_classes):
                 if isinstance(other, fx.Node):
                     act_node, spec = activation_node(add)
                     residual = other if act_node is not None else None
-                    if act_node is not None:
-                        # (the residual must exist before the normalization runs)
-                        order = {m: i for i, m in enumerate(graph.nodes)}
-                        if order[other] > order[n]:
-                            act_node = None
         if act_node is None:
             continue
         norm = mods[n.target]
         norm.__class__ = cls
         norm.activation = spec
         if residual is not None:
+            order = {m: i for i, m in enumerate(graph.nodes)}
+            if order[residual] > order[n]:
+                # the residual must exist before the normalization runs: n moves to just after it (n's input
+                # precedes n, and n's one use, the add, follows the residual)
+                residual.append(n)
             n.args = (n.args[0], residual)
             add = next(iter(n.users))
             add.replace_all_uses_with(n)  # (the add's one use, the activation, reads the normalization now)

@@ -115,7 +115,8 @@ class BatchNorm3d(torch.nn.BatchNorm3d):
 
 
 def _fused_forward(self, input, residual=None):
-    return _batch_norm_forward(self, input, self.activation, residual)
+    y = _fused.broadcast_residual(self, _batch_norm_forward, input, residual)
+    return _batch_norm_forward(self, input, self.activation, residual) if y is None else y
 
 
 _fused_init = _fused.act_init(torch.nn.modules.batchnorm._BatchNorm)
@@ -125,8 +126,10 @@ _fused_repr = _fused.act_repr(torch.nn.modules.batchnorm._BatchNorm)
 class BatchNormAct1d(BatchNorm1d):
     """:class:`BatchNorm1d` followed by an activation, fused: ``forward(input, residual=None)`` returns
     act(batch_norm(input) + residual) in one sweep (``activation=``: "relu", "relu6", ("leaky_relu", slope),
-    ("clamp", lo, hi), "silu"; see :mod:`bn_simd.torch.fused`). Parameters, buffers and state dict are
-    BatchNorm1d's (the activation is configuration, as a torch.nn.ReLU that follows has no state)."""
+    ("clamp", lo, hi), "silu"; see :mod:`bn_simd.torch.fused`). The residual is a tensor of input's dtype and shape
+    (one that broadcasts to input's shape takes PyTorch's add and activation after the plain batch norm). Parameters,
+    buffers and state dict are BatchNorm1d's (the activation is configuration, as a torch.nn.ReLU that follows has no
+    state)."""
     __init__ = _fused_init
     forward = _fused_forward
     extra_repr = _fused_repr
@@ -159,13 +162,17 @@ class GroupNorm(torch.nn.GroupNorm):
 
 class GroupNormAct(GroupNorm):
     """:class:`GroupNorm` followed by an activation, fused: ``forward(input, residual=None)`` returns
-    act(group_norm(input) + residual) in one sweep (``activation=`` as :class:`BatchNormAct1d`'s; a diffusion UNet's
+    act(group_norm(input) + residual) in one sweep (``activation=`` and the residual as :class:`BatchNormAct1d`'s;
+    a diffusion UNet's
     GroupNorm -> SiLU is ``GroupNormAct(32, C, activation="silu")``). Constructor, parameters and state dict are
     torch.nn.GroupNorm's plus the keyword ``activation``."""
     __init__ = _fused.act_init(torch.nn.GroupNorm)
     extra_repr = _fused.act_repr(torch.nn.GroupNorm)
 
     def forward(self, input, residual=None):
+        y = _fused.broadcast_residual(self, GroupNorm.forward, input, residual)
+        if y is not None:
+            return y
         tensors = (self._parameters.get("weight"), self._parameters.get("bias"))
         return _fused.group_norm_act(input, self.num_groups, *tensors, self.eps, self.activation, residual, None,
                                      B.module_views(self, input, tensors))
@@ -184,6 +191,9 @@ def _apply_instance_norm(self, input, activation=None, residual=None):
 def _instance_act_forward(self, input, residual=None):
     """torch.nn's _InstanceNorm.forward (the rank check, num_features against the channels, unbatched input given a
     batch axis of one) with the activation, and the residual treated as the input."""
+    y = _fused.broadcast_residual(self, torch.nn.modules.instancenorm._InstanceNorm.forward, input, residual)
+    if y is not None:
+        return y
     self._check_input_dim(input)
     axis = input.dim() - self._get_no_batch_dim()
     if input.size(axis) != self.num_features:
@@ -224,8 +234,8 @@ _instance_act_repr = _fused.act_repr(torch.nn.modules.instancenorm._InstanceNorm
 
 class InstanceNormAct1d(InstanceNorm1d):
     """:class:`InstanceNorm1d` followed by an activation, fused: ``forward(input, residual=None)`` returns
-    act(instance_norm(input) + residual) in one sweep (``activation=`` as :class:`BatchNormAct1d`'s; the residual is
-    shaped like input, unbatched with unbatched input). Running statistics move as without the activation; an eval
+    act(instance_norm(input) + residual) in one sweep (``activation=`` and the residual as :class:`BatchNormAct1d`'s;
+    unbatched input takes an unbatched residual). Running statistics move as without the activation; an eval
     call with tracked statistics normalises with them (batch norm's eval, fused the same way). Constructor,
     parameters, buffers and state dict are torch.nn.InstanceNorm1d's plus the keyword ``activation``."""
     __init__ = _instance_act_init
@@ -278,7 +288,8 @@ def convert(model, fuse_activations=False):
     UNet's GroupNorm -> SiLU), :class:`InstanceNormAct2d` (1d, 3d), :class:`LayerNormAct`, :class:`RMSNormAct`. The
     model is traced with ``torch.fx`` and the returned model is then a ``torch.fx.GraphModule`` over the same modules
     (the activation and add calls gone from its graph; a fused add's other operand becomes the module's residual
-    argument, which must then have the normalization output's shape and dtype: the fused call does not broadcast).
+    argument: one that broadcasts to the output's shape without having it takes PyTorch's add and activation after
+    the plain normalization; of another dtype than the input's it raises TypeError).
     When the model cannot be traced, the pairs inside each ``torch.nn.Sequential`` are fused in place (the
     activation module replaced by ``torch.nn.Identity``) and model is returned. A module called more than once or
     with more than one argument, whose output has other uses than the activation (or the add), or an activation of

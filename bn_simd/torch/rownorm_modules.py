@@ -48,13 +48,16 @@ class RMSNorm(torch.nn.RMSNorm):
 
 class LayerNormAct(LayerNorm):
     """:class:`LayerNorm` followed by an activation, fused: ``forward(input, residual=None)`` returns
-    act(layer_norm(input) + residual) in one sweep (``activation=`` as :class:`bn_simd.torch.BatchNormAct1d`'s; the
-    residual is a tensor of input's shape and dtype). Constructor, parameters and state dict are
+    act(layer_norm(input) + residual) in one sweep (``activation=`` and the residual as
+    :class:`bn_simd.torch.BatchNormAct1d`'s: of input's shape and dtype, or broadcasting to input's shape). Constructor, parameters and state dict are
     torch.nn.LayerNorm's plus the keyword ``activation``."""
     __init__ = _fused.act_init(torch.nn.LayerNorm)
     extra_repr = _fused.act_repr(torch.nn.LayerNorm)
 
     def forward(self, input, residual=None):
+        y = _fused.broadcast_residual(self, LayerNorm.forward, input, residual)
+        if y is not None:
+            return y
         params = self._parameters
         tensors = (params.get("weight"), params.get("bias"))
         return R._row_norm_act(input, self.normalized_shape, *tensors, self.eps, False, self.activation, residual,
@@ -69,6 +72,9 @@ class RMSNormAct(RMSNorm):
     extra_repr = _fused.act_repr(torch.nn.RMSNorm)
 
     def forward(self, x, residual=None):
+        y = _fused.broadcast_residual(self, RMSNorm.forward, x, residual)
+        if y is not None:
+            return y
         tensors = (self._parameters.get("weight"),)
         return R._row_norm_act(x, self.normalized_shape, tensors[0], None, self.eps, True, self.activation, residual,
                                None, B.module_views(self, x, tensors))
