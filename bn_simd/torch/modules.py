@@ -163,9 +163,8 @@ class GroupNorm(torch.nn.GroupNorm):
 class GroupNormAct(GroupNorm):
     """:class:`GroupNorm` followed by an activation, fused: ``forward(input, residual=None)`` returns
     act(group_norm(input) + residual) in one sweep (``activation=`` and the residual as :class:`BatchNormAct1d`'s;
-    a diffusion UNet's
-    GroupNorm -> SiLU is ``GroupNormAct(32, C, activation="silu")``). Constructor, parameters and state dict are
-    torch.nn.GroupNorm's plus the keyword ``activation``."""
+    a diffusion UNet's GroupNorm -> SiLU is ``GroupNormAct(32, C, activation="silu")``). Constructor, parameters and
+    state dict are torch.nn.GroupNorm's plus the keyword ``activation``."""
     __init__ = _fused.act_init(torch.nn.GroupNorm)
     extra_repr = _fused.act_repr(torch.nn.GroupNorm)
 
