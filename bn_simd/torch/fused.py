@@ -20,6 +20,7 @@ backward recomputes u = normalised x + residual from x with the forward's coeffi
 at the kinks takes PyTorch's one-sided derivatives (0 for relu / relu6 / clamp at lo and hi, the slope for
 leaky_relu at 0).
 """
+import functools
 import operator
 
 import torch
@@ -68,20 +69,31 @@ def act_repr(base):
     return extra_repr
 
 
-def broadcast_residual(module, plain_forward, input, residual):
-    """For a fused module's forward: act(plain_forward(module, input) + residual) with PyTorch's operations when
-    residual is a tensor of input's dtype that broadcasts to input's shape without having it (the fused sweep reads a
-    residual of input's shape; convert fuses an add whatever the shape of its other operand, a per-channel bias or an
-    embedding of shape (N, C, 1, 1) for instance), else None: the fused call, which checks the residual."""
+def _broadcasts(input, residual):
+    """residual is a tensor of input's dtype that broadcasts to input's shape without having it."""
     if (not isinstance(residual, torch.Tensor) or not isinstance(input, torch.Tensor) or residual.shape == input.shape
             or residual.dtype != input.dtype):
-        return None
+        return False
     try:
-        if torch.broadcast_shapes(input.shape, residual.shape) != input.shape:
-            return None
+        return torch.broadcast_shapes(input.shape, residual.shape) == input.shape
     except RuntimeError:
-        return None
-    return _torch_activation(plain_forward(module, input) + residual, module.activation)
+        return False
+
+
+def act_forward(plain_forward):
+    """Decorates a fused module's forward(self, input, residual=None): a residual of input's dtype that broadcasts to
+    input's shape without having it gives act(plain_forward(self, input) + residual) with PyTorch's operations (the
+    fused sweep reads a residual of input's shape; convert fuses an add whatever the shape of its other operand, a
+    per-channel bias or an embedding of shape (N, C, 1, 1) for instance); any other goes to the fused forward, which
+    checks it."""
+    def decorate(fused_forward):
+        @functools.wraps(fused_forward)
+        def forward(self, input, residual=None):
+            if residual is not None and _broadcasts(input, residual):
+                return _torch_activation(plain_forward(self, input) + residual, self.activation)
+            return fused_forward(self, input, residual)
+        return forward
+    return decorate
 
 
 def _torch_activation(y, activation):

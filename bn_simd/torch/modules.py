@@ -114,9 +114,9 @@ class BatchNorm3d(torch.nn.BatchNorm3d):
     __getstate__ = _getstate
 
 
+@_fused.act_forward(_batch_norm_forward)
 def _fused_forward(self, input, residual=None):
-    y = _fused.broadcast_residual(self, _batch_norm_forward, input, residual)
-    return _batch_norm_forward(self, input, self.activation, residual) if y is None else y
+    return _batch_norm_forward(self, input, self.activation, residual)
 
 
 _fused_init = _fused.act_init(torch.nn.modules.batchnorm._BatchNorm)
@@ -168,10 +168,8 @@ class GroupNormAct(GroupNorm):
     __init__ = _fused.act_init(torch.nn.GroupNorm)
     extra_repr = _fused.act_repr(torch.nn.GroupNorm)
 
+    @_fused.act_forward(GroupNorm.forward)
     def forward(self, input, residual=None):
-        y = _fused.broadcast_residual(self, GroupNorm.forward, input, residual)
-        if y is not None:
-            return y
         tensors = (self._parameters.get("weight"), self._parameters.get("bias"))
         return _fused.group_norm_act(input, self.num_groups, *tensors, self.eps, self.activation, residual, None,
                                      B.module_views(self, input, tensors))
@@ -187,12 +185,10 @@ def _apply_instance_norm(self, input, activation=None, residual=None):
                             B.module_views(self, input, tensors), activation, residual)
 
 
+@_fused.act_forward(torch.nn.modules.instancenorm._InstanceNorm.forward)
 def _instance_act_forward(self, input, residual=None):
     """torch.nn's _InstanceNorm.forward (the rank check, num_features against the channels, unbatched input given a
     batch axis of one) with the activation, and the residual treated as the input."""
-    y = _fused.broadcast_residual(self, torch.nn.modules.instancenorm._InstanceNorm.forward, input, residual)
-    if y is not None:
-        return y
     self._check_input_dim(input)
     axis = input.dim() - self._get_no_batch_dim()
     if input.size(axis) != self.num_features:

@@ -54,10 +54,8 @@ class LayerNormAct(LayerNorm):
     __init__ = _fused.act_init(torch.nn.LayerNorm)
     extra_repr = _fused.act_repr(torch.nn.LayerNorm)
 
+    @_fused.act_forward(LayerNorm.forward)
     def forward(self, input, residual=None):
-        y = _fused.broadcast_residual(self, LayerNorm.forward, input, residual)
-        if y is not None:
-            return y
         params = self._parameters
         tensors = (params.get("weight"), params.get("bias"))
         return R._row_norm_act(input, self.normalized_shape, *tensors, self.eps, False, self.activation, residual,
@@ -65,19 +63,17 @@ class LayerNormAct(LayerNorm):
 
 
 class RMSNormAct(RMSNorm):
-    """:class:`RMSNorm` followed by an activation, fused: ``forward(x, residual=None)`` returns
-    act(rms_norm(x) + residual) in one sweep (as :class:`LayerNormAct`). Constructor, parameters and state dict are
+    """:class:`RMSNorm` followed by an activation, fused: ``forward(input, residual=None)`` returns
+    act(rms_norm(input) + residual) in one sweep (as :class:`LayerNormAct`). Constructor, parameters and state dict are
     torch.nn.RMSNorm's plus the keyword ``activation``."""
     __init__ = _fused.act_init(torch.nn.RMSNorm)
     extra_repr = _fused.act_repr(torch.nn.RMSNorm)
 
-    def forward(self, x, residual=None):
-        y = _fused.broadcast_residual(self, RMSNorm.forward, x, residual)
-        if y is not None:
-            return y
+    @_fused.act_forward(RMSNorm.forward)
+    def forward(self, input, residual=None):
         tensors = (self._parameters.get("weight"),)
-        return R._row_norm_act(x, self.normalized_shape, tensors[0], None, self.eps, True, self.activation, residual,
-                               None, B.module_views(self, x, tensors))
+        return R._row_norm_act(input, self.normalized_shape, tensors[0], None, self.eps, True, self.activation,
+                               residual, None, B.module_views(self, input, tensors))
 
 
 __all__ = ["LayerNorm", "RMSNorm", "LayerNormAct", "RMSNormAct"]
