@@ -1169,8 +1169,9 @@ def backward_coefficients(sum_dy, sum_dyxm, mean, invstd, n, weight, training, d
 # ---- group norm and instance norm (instance norm: one channel per group) -----------------------------------------
 
 cdef tuple group_forward_run(cnp.ndarray xa, cnp.ndarray ya, Groups* g, int64_t G, object w, object b, double e,
-                             int nthreads):
-    """The group-norm forward into ya: returns (mean, var), float64 (N G,)."""
+                             int nthreads, const bn_epilogue* ep=NULL):
+    """The group-norm forward into ya (through the epilogue ep when given, _epilogue.pxi): returns (mean, var),
+    float64 (N G,)."""
     cdef int64_t C = g.C, NG = g.N * G
     cdef cnp.ndarray mean = A.new_vector(NG, cnp.NPY_FLOAT64), var = A.new_vector(NG, cnp.NPY_FLOAT64)
     if NG == 0:
@@ -1183,6 +1184,10 @@ cdef tuple group_forward_run(cnp.ndarray xa, cnp.ndarray ya, Groups* g, int64_t 
     try:
         wp = load_opt(w, C, p)
         bp = load_opt(b, C, p + C)
+        if ep != NULL:
+            k_group_forward_epi(g.dtype, data_or_null(xa), data_or_null(ya), g, G, wp, bp, e, <double*>data_of(mean),
+                                <double*>data_of(var), ep, nthreads)
+            return mean, var
         st = k_group_forward(g.dtype, data_or_null(xa), data_or_null(ya), g.N, C, g.S, G, g.cl, wp, bp, e,
                              <double*>data_of(mean), <double*>data_of(var), nthreads)
         _check(st)
@@ -1227,8 +1232,15 @@ def group_norm(x, num_groups, weight, bias, eps, layout, out, int nthreads, int 
 
 
 def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, layout, out,
-                  int nthreads, bint saved=False):
-    """groups.instance_norm; saved (with use_input_stats): (y, mean, invstd), (N, C) in x's dtype."""
+                  int nthreads, bint saved=False, tuple act=None, residual=None):
+    """groups.instance_norm; saved (with use_input_stats): (y, mean, invstd), (N, C) in x's dtype.
+
+    act (_epilogue.parse's tuple) or residual: the fused epilogue z = act(y + residual) in the normalise sweep (without
+    use_input_stats batch_norm_epi's eval); saved then returns (y, mean, var), the float64 (N, C) statistics the
+    epilogue backward (group_backward_epi) needs, and the running statistics move as without the epilogue."""
+    cdef bint epi = act is not None or residual is not None
+    if epi and act is None:
+        act = (0, 0.0, 0.0, 0.0)
     cdef int lay = A.layout_code(layout)
     cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef Groups g
@@ -1248,6 +1260,8 @@ def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, m
     if not u:  # batch norm's eval, the running statistics for every sample
         if rm is None:
             raise ValueError("running_mean and running_var are required when use_input_stats=False")
+        if epi:
+            return batch_norm_epi(xa, rm, rv, w, b, False, 0.0, e, layout, out, True, act, residual, nthreads)
         ya = A.output(out, xa, None)
         A.view(xa, lay, "x", &v)
         p = scratch(4 * C, stack)
@@ -1259,8 +1273,12 @@ def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, m
         finally:
             release(p, stack)
     A.spatial_size(g.S, xa)
+    cdef bn_epilogue ep
+    ra = epi_residual(residual, xa) if epi else None
     ya = A.output(out, xa, None)
-    mean, var = group_forward_run(xa, ya, &g, C, w, b, e, nthreads)
+    if epi:
+        epi_fill(act, ra, ya, "out", &ep)
+    mean, var = group_forward_run(xa, ya, &g, C, w, b, e, nthreads, &ep if epi else NULL)
     cdef int64_t N = g.N, S = g.S
     if rm is not None and N > 0:
         # the running statistics move towards the instance statistics' averages over the batch (the variance
@@ -1274,6 +1292,8 @@ def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, m
             update_stats(rm, rv, C, p, p + C, <double>S, mom, False, p + 2 * C)
         finally:
             release(p, stack)
+    if saved and epi:
+        return ya, mean.reshape(N, C), var.reshape(N, C)
     if saved:
         return (ya,) + saved_stats(mean, var, e, xa, N, C)
     return ya

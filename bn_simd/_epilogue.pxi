@@ -47,10 +47,6 @@ cdef extern from "bn_simd.h" nogil:
                              int64_t C, int64_t inner, const double* mean, const double* var, double eps,
                              const double* w, const double* b, int training, double* gw, double* gb,
                              const bn_epilogue* ep, int nt)
-    int bn_epilogue_apply_f32(float* z, int64_t n, const bn_epilogue* ep, int nt)
-    int bn_epilogue_apply_f64(double* z, int64_t n, const bn_epilogue* ep, int nt)
-    int bn_epilogue_apply_f16(uint16_t* z, int64_t n, const bn_epilogue* ep, int nt)
-    int bn_epilogue_apply_bf16(uint16_t* z, int64_t n, const bn_epilogue* ep, int nt)
 
 
 cdef int k_normalize_epi(int dt, const void* x, void* y, int64_t o, int64_t C, int64_t i, const double* mean,
@@ -102,20 +98,6 @@ cdef int k_backward_epi(int dt, const void* dz, const void* x, void* dx, void* d
         elif dt == DT_BF16:
             st = bn_backward_epi_bf16(<const uint16_t*>dz, <const uint16_t*>x, <uint16_t*>dx, <uint16_t*>dres, o, C,
                                       i, mean, var, eps, w, b, training, gw, gb, ep, nt)
-    return st
-
-
-cdef int k_epilogue_apply(int dt, void* z, int64_t n, const bn_epilogue* ep, int nt) noexcept:
-    cdef int st = BN_EINVAL
-    with nogil:
-        if dt == DT_F32:
-            st = bn_epilogue_apply_f32(<float*>z, n, ep, nt)
-        elif dt == DT_F64:
-            st = bn_epilogue_apply_f64(<double*>z, n, ep, nt)
-        elif dt == DT_F16:
-            st = bn_epilogue_apply_f16(<uint16_t*>z, n, ep, nt)
-        elif dt == DT_BF16:
-            st = bn_epilogue_apply_bf16(<uint16_t*>z, n, ep, nt)
     return st
 
 
@@ -296,38 +278,9 @@ def batch_norm_backward_epi(grad_out, x, mean, var, eps, weight, bias, layout, o
         release(p, stack)
 
 
-def epilogue_apply(z, tuple act, residual, int nthreads):
-    """z = act(z + residual) in place; z: a C-contiguous, writeable data array (float32/float64/16-bit) that the
-    residual (checked like x's) must not overlap. Returns z."""
-    cdef cnp.ndarray za = <cnp.ndarray>z
-    ra = epi_residual(residual, za)
-    cdef bn_epilogue ep
-    epi_fill(act, ra, za, "the output", &ep)
-    cdef int dt
-    if A.half_storage(za):
-        dt = DT_F16 if za.dtype == np.float16 else DT_BF16
-    else:
-        dt = DT_F64 if cnp.PyArray_TYPE(za) == cnp.NPY_FLOAT64 else DT_F32
-    if cnp.PyArray_SIZE(za):
-        _check(k_epilogue_apply(dt, data_of(za), cnp.PyArray_SIZE(za), &ep, nthreads))
-    return z
-
-
 def epilogue_residual_grad(grad_out, x, residual):
     """The residual's gradient without an activation: a copy of grad_out (checked against x, and the residual too)."""
     cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef cnp.ndarray ga = A.like(grad_out, "grad_out", xa)
     epi_residual(residual, xa)
     return np.array(ga, copy=True)
-
-
-def epilogue_check(residual, x, out):
-    """The residual of an op whose epilogue runs after it (epilogue_apply), checked before the op writes anything:
-    x's shape and dtype, no memory shared with out. None when there is none."""
-    if residual is None:
-        return None
-    cdef cnp.ndarray xa = A.data(x, "x", True)
-    ra = epi_residual(residual, xa)
-    if isinstance(out, np.ndarray) and np.may_share_memory(out, ra):
-        raise ValueError("out overlaps residual: residual must not share memory with out")
-    return ra

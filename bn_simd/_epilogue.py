@@ -71,23 +71,3 @@ def save_stats_of(save_stats, n, what, source):
         raise ValueError(f"save_stats must be the forward's {what} ({source}) when activation is given, got "
                          f"{type(save_stats).__name__}")
     return save_stats
-
-
-def fused(activation, residual):
-    """Whether a call asks for an epilogue at all (the plain path otherwise)."""
-    return activation is not None or residual is not None
-
-
-def apply_after(x, out, activation, residual, run):
-    """run() (an op writing its output y, or returning (y, ...)), then y = act(y + residual) in place: the epilogue
-    of the ops whose normalise does not fuse it (group, instance, layer and RMS norm: one more pass over y). The
-    activation and the residual are checked before run() writes anything."""
-    from . import _core
-    from .functional import _threads
-    act = parse(activation)
-    res = _core.epilogue_check(residual, x, out)
-    r = run()
-    y = r[0] if isinstance(r, tuple) else r
-    if act != NONE or res is not None:
-        _core.epilogue_apply(y, act, res, _threads())
-    return r

@@ -159,15 +159,7 @@ def group_forward_epi(x, num_groups, weight, bias, eps, layout, out, tuple act, 
     cdef cnp.ndarray ya = A.output(out, xa, None)
     cdef bn_epilogue ep
     epi_fill(act, ra, ya, "out", &ep)
-    cdef cnp.ndarray mean = A.new_vector(NG, cnp.NPY_FLOAT64), var = A.new_vector(NG, cnp.NPY_FLOAT64)
-    cdef double stack[STACK_DOUBLES]
-    cdef double* p = scratch(2 * C, stack)
-    try:
-        if NG:
-            k_group_forward_epi(g.dtype, data_or_null(xa), data_or_null(ya), &g, G, load_opt(w, C, p),
-                                load_opt(b, C, p + C), e, <double*>data_of(mean), <double*>data_of(var), &ep, nthreads)
-    finally:
-        release(p, stack)
+    mean, var = group_forward_run(xa, ya, &g, G, w, b, e, nthreads, &ep)
     shape = (g.N, G)
     if saved64:
         return ya, mean.reshape(shape), var.reshape(shape)

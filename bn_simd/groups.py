@@ -116,13 +116,14 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 
     x : ndarray, float32 or float64, rank 3..5 ((N, C, *spatial); NHWC (N, *spatial, C)). Other arguments as
     :func:`bn_simd.batch_norm`. Raises ValueError for one spatial element when use_input_stats is True.
-    activation, residual: as :func:`bn_simd.batch_norm` (y = act(normalised x + residual)), applied by a sweep over
-    y after the normalisation (one more pass over y); for training through them: :func:`instance_norm_forward` and
-    :func:`instance_norm_backward`, or the InstanceNorm layers, whose forwards fuse them.
+    activation, residual: as :func:`bn_simd.batch_norm` (y = act(normalised x + residual)), fused into the normalise
+    sweep (no extra pass over memory) and checked before anything is written; the running statistics move exactly as
+    without them. For training through them: :func:`instance_norm_forward` and :func:`instance_norm_backward`, or the
+    InstanceNorm layers.
     """
     if activation is not None or residual is not None:
-        return _epi.apply_after(x, out, activation, residual, lambda: _core.instance_norm(
-            x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, layout, out, _threads()))
+        return _core.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, layout,
+                                   out, _threads(), False, _epi.parse(activation), residual)
     return _core.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, layout, out,
                                _threads())
 

@@ -497,15 +497,11 @@ class _InstanceNorm(BatchNorm):
             self._saved = ("epilogue", saved_x, mean, var, False, act, residual, w, b, self.eps, unbatched)
             return y
         update = self.training and self.track_running_stats and self.momentum is not None
-        y, mean, var = _core.group_forward_epi(x, None, self.weight, self.bias, self.eps, self.layout, out, act,
-                                               residual, F._threads(), True, True)
-        N, C = mean.shape
-        if update and N > 0:
-            # the running statistics move towards the batch averages of the instance statistics (the variance
-            # unbiased), as the plain forward (bn_simd.instance_norm) moves them
-            S = x.size // (N * C)
-            F.update_running_stats(self.running_mean, self.running_var, mean.mean(axis=0),
-                                   (var * (S / (S - 1))).mean(axis=0), S, self.momentum, unbiased=False)
+        # (the running statistics move as the plain forward moves them: the same call, through the epilogue)
+        y, mean, var = _core.instance_norm(x, self.running_mean if update else None,
+                                           self.running_var if update else None, self.weight, self.bias, True,
+                                           self.momentum if update else 0.0, self.eps, self.layout, out, F._threads(),
+                                           True, act, residual)
         self._saved = ("epilogue", saved_x, mean, var, True, act, residual, w, b, self.eps, unbatched)
         return y
 

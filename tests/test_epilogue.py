@@ -292,9 +292,9 @@ def test_in_place_output_over_x():
                                                          activation="silu"))
 
 
-# ---- the other ops (a sweep after their normalisation; forward only) ----
+# ---- the other ops' one-shot calls (forward only; tests/test_epilogue_ops.py has the rest) ----
 
-def test_other_ops_apply_the_epilogue_after_their_normalisation():
+def test_other_ops_one_shot_calls_take_the_epilogue():
     rng = np.random.default_rng(17)
     x = rng.standard_normal((3, 8, 5, 5)).astype(np.float32)
     r = rng.standard_normal(x.shape).astype(np.float32)

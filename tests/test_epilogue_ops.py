@@ -336,6 +336,57 @@ def test_a_residual_without_an_activation(op):
     np.testing.assert_array_equal(got[3], g)
 
 
+# ---- instance_norm's one-shot call with running statistics ----
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_instance_norm_moves_running_statistics_as_the_plain_call(layout, dtype):
+    """instance_norm with activation= / residual= and running statistics: instance_norm_forward's bits (the fused
+    forward), the unfused composition's values, and running_mean / running_var bitwise the plain call's; without the
+    input's statistics, batch norm's eval through the same epilogue bit for bit."""
+    op = Op("in", layout)
+    _, (x, r, _), w, b = make(op, dtype, seed=21)
+    rng = np.random.default_rng(22)
+    rm0, rv0 = (0.1 * rng.standard_normal(SHAPE[1])).astype(dtype), rng.uniform(0.5, 1.5, SHAPE[1]).astype(dtype)
+    for act in ACTS + [None]:
+        rm1, rv1, rm2, rv2 = rm0.copy(), rv0.copy(), rm0.copy(), rv0.copy()
+        y = bn_simd.instance_norm(x, rm1, rv1, w, b, True, 0.3, EPS, layout=layout, activation=act, residual=r)
+        plain = bn_simd.instance_norm(x, rm2, rv2, w, b, True, 0.3, EPS, layout=layout)
+        assert rm1.tobytes() == rm2.tobytes() and rv1.tobytes() == rv2.tobytes(), act
+        assert not np.array_equal(rm1, rm0)
+        fwd = bn_simd.instance_norm_forward(x, w, b, eps=EPS, layout=layout, activation=act, residual=r)
+        assert y.tobytes() == fwd[0].tobytes(), act
+        want = plain + r if act is None else act_np(act, plain + r)
+        if act is None or act in PIECEWISE:
+            np.testing.assert_array_equal(y, want)
+        else:
+            np.testing.assert_allclose(y, want, rtol=4 * np.finfo(dtype).eps, atol=4 * np.finfo(dtype).eps)
+        ev = bn_simd.instance_norm(x, rm0, rv0, w, b, False, layout=layout, activation=act, residual=r)
+        bn = bn_simd.batch_norm(x, rm0, rv0, w, b, training=False, layout=layout, activation=act, residual=r)
+        assert ev.tobytes() == bn.tobytes(), act
+
+
+def test_instance_norm_refusals_change_no_running_statistics():
+    op = Op("in", "NCHW")
+    _, (x, r, _), w, b = make(op, np.float32, seed=23)
+    rm, rv = np.zeros(SHAPE[1], np.float32), np.ones(SHAPE[1], np.float32)
+    out = np.full_like(x, 5.0)
+    bad = [(dict(activation="gelu"), ValueError, "activation"), (dict(activation=("leaky_relu", "a")), TypeError,
+                                                                  "activation"),
+           (dict(activation="relu", residual=r[:1]), ValueError, "residual"),
+           (dict(residual=r.astype(np.float64)), TypeError, "residual"),
+           (dict(activation="relu", residual=out), ValueError, "residual must not share memory with out")]
+    for use_input_stats in (True, False):
+        for kw, exc, pat in bad:
+            with pytest.raises(exc, match=pat):
+                bn_simd.instance_norm(x, rm, rv, w, b, use_input_stats, 0.5, out=out, **kw)
+    with pytest.raises(ValueError, match="spatial element"):
+        bn_simd.instance_norm(x[..., :1, :1].copy(), rm, rv, activation="relu")
+    with pytest.raises(ValueError, match="running_mean"):
+        bn_simd.instance_norm(x, None, None, w, b, False, activation="relu", residual=r)
+    assert np.all(rm == 0.0) and np.all(rv == 1.0) and np.all(out == 5.0)
+
+
 # ---- threads and ISAs ----
 
 @pytest.mark.parametrize("op", OPS, ids=repr)

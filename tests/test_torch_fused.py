@@ -226,16 +226,27 @@ def test_convert_fuses_bn_relu_pairs_and_the_residual_add_of_a_resnet_block():
     assert len(residual_calls) == 2
     plain = sum(type(m) is bt.BatchNorm2d for m in fused.modules())
     assert plain == 2
+    assert_same_as_unfused(fused, model, x, expected)
+
+
+def assert_same_as_unfused(fused, model, x, expected, tol=1e-5):
+    """fused, convert(model, fuse_activations=True), gives the unfused float32 model's eval output (expected) within
+    float32 rounding (tol: as the model's later layers amplify it) and, in training in float64, the input and parameter gradients of the unfused converted model
+    (float64: the normalizations' backward cancels terms of the gradient's size, which float32 leaves at 1e-3 of
+    it)."""
     with torch.no_grad():
         got = fused(x)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    # training too: the same gradients as the unfused converted model
-    fused.train()
-    ref = bt.convert(copy.deepcopy(model)).train()
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    fused(x1).sum().backward()
-    ref(x2).sum().backward()
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    fused.double().train()
+    ref = bt.convert(copy.deepcopy(model)).double().train()
+    x1, x2 = x.double().requires_grad_(), x.double().requires_grad_()
+    fused(x1).square().sum().backward()  # (a square: the sum of a normalization's output has no gradient)
+    ref(x2).square().sum().backward()
+    grads = [("x", x1.grad, x2.grad)] + [(k, p.grad, dict(ref.named_parameters())[k].grad)
+                                         for k, p in fused.named_parameters()]
+    assert float(x2.grad.abs().max()) > 1e-6
+    for name, a, c in grads:  # (a conv bias before a training batch norm has none: 0 and noise of 1e-17)
+        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-12 + 1e-9 * float(c.abs().max()), msg=name)
 
 
 def test_a_module_used_twice_or_whose_output_is_read_elsewhere_is_not_fused():

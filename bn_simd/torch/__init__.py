@@ -7,6 +7,7 @@ Needs PyTorch (an optional dependency: ``import bn_simd`` never imports it; this
     >>> layer = bt.SyncBatchNorm(64, process_group=pg)  # torch.nn.SyncBatchNorm that runs on CPU tensors (gloo)
     >>> y = bt.batch_norm(x, rm, rv, w, b, training=True)   # torch.nn.functional's signature; autograd works
     >>> layer = bt.BatchNorm2d(64)                      # torch.nn.BatchNorm2d's constructor and state dict
+    >>> layer = bt.GroupNormAct(32, 256, activation="silu")  # GroupNorm -> SiLU in one sweep; layer(x, residual)
 
 What runs on the kernels: float32, float64, float16 and bfloat16 CPU tensors (16-bit ones with parameters of their
 dtype or float32, PyTorch's mixed rule; float32 math, one rounding of each output; bfloat16 without ml_dtypes),
@@ -22,18 +23,20 @@ except ImportError as e:  # pragma: no cover  (the tests of this module skip wit
 
 from .functional import batch_norm, group_norm, instance_norm
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
-                      GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, convert)
-from .fused import BatchNormActFunction, GroupNormActFunction
+                      GroupNorm, GroupNormAct, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, InstanceNormAct1d,
+                      InstanceNormAct2d, InstanceNormAct3d, convert)
+from .fused import BatchNormActFunction, GroupNormActFunction, InstanceNormActFunction
 from ._autograd import BatchNormFunction, GroupNormFunction, InstanceNormFunction
 from .sync import SyncBatchNorm, SyncBatchNormFunction
 from .rownorm import LayerNormFunction, RMSNormFunction, RowNormActFunction, layer_norm, rms_norm
-from .rownorm_modules import LayerNorm, RMSNorm
+from .rownorm_modules import LayerNorm, LayerNormAct, RMSNorm, RMSNormAct
 
 __all__ = ["batch_norm", "group_norm", "instance_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "SyncBatchNorm", "convert", "BatchNormFunction",
            "GroupNormFunction", "InstanceNormFunction", "SyncBatchNormFunction",
            "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "BatchNormActFunction",
            "layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "LayerNormFunction", "RMSNormFunction",
-           "GroupNormActFunction", "RowNormActFunction"]
+           "GroupNormActFunction", "RowNormActFunction", "GroupNormAct", "InstanceNormAct1d", "InstanceNormAct2d",
+           "InstanceNormAct3d", "LayerNormAct", "RMSNormAct", "InstanceNormActFunction"]
 from .fold import fold  # noqa: E402  (BN folding: bn_simd/torch/fold.py)
 __all__ += ["fold"]

@@ -138,7 +138,7 @@ def _group_norm(input, num_groups, weight, bias, eps, out, views):
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
-                  momentum=0.1, eps=1e-5, *, out=None):
+                  momentum=0.1, eps=1e-5, *, out=None, activation=None, residual=None):
     """Instance normalization (``torch.nn.functional.instance_norm``).
 
     use_input_stats=True: each (sample, channel) normalised with its own mean and biased variance over the spatial
@@ -146,15 +146,23 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     (the variance unbiased). use_input_stats=False: the running statistics (required) for every sample.
 
     input : tensor (N, C, *spatial), rank 3..5 on the kernels. Other arguments as :func:`batch_norm`.
+    activation, residual : the fused epilogue, as :func:`batch_norm`'s: z = act(y + residual) in the normalise sweep
+        (the running statistics move as without it), gradients of input, weight, bias and residual through it
+        (``InstanceNormActFunction``; use_input_stats=False: ``BatchNormActFunction`` in eval).
 
     Returns y, in input's memory format. Raises TypeError / ValueError as :func:`batch_norm` (one spatial element
     with use_input_stats).
     """
-    return _instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, out, None)
+    return _instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, out, None,
+                          activation, residual)
 
 
-def _instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, out, views):
+def _instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, out, views,
+                   activation=None, residual=None):
     """instance_norm; views as in _batch_norm."""
+    if activation is not None or residual is not None:
+        return _fused.instance_norm_act(input, running_mean, running_var, weight, bias, use_input_stats, momentum,
+                                        eps, activation, residual, out, views)
     tensors = (running_mean, running_var, weight, bias)
     if B.input_supported(input, _RANKS_3_TO_5, eps):
         views = _views(views, tensors, input, zip(("running_mean", "running_var", "weight", "bias"), tensors))

@@ -1,6 +1,9 @@
-"""Batch norm with a fused activation and residual add for PyTorch users: z = act(batch_norm(x) + residual) in the
-normalise sweep (bn_simd's ``activation=`` / ``residual=``, see :mod:`bn_simd._epilogue`), its autograd Function, the
-modules ``BatchNormAct1d/2d/3d``, and the pass of ``convert(model, fuse_activations=True)``.
+"""Normalization with a fused activation and residual add for PyTorch users: z = act(norm(x) + residual) in the
+normalise sweep (bn_simd's ``activation=`` / ``residual=``, see :mod:`bn_simd._epilogue`) for batch, group and
+instance norm (layer and RMS norm: :mod:`bn_simd.torch.rownorm`), their autograd Functions, and the pass of
+``convert(model, fuse_activations=True)``, which turns a normalization module followed by an activation into its
+fused module (``BatchNormAct1d/2d/3d``, ``GroupNormAct``, ``InstanceNormAct1d/2d/3d``, ``LayerNormAct``,
+``RMSNormAct``).
 
 The activations, as bn_simd spells them and the ``torch.nn`` modules they replace:
 
@@ -8,15 +11,16 @@ The activations, as bn_simd spells them and the ``torch.nn`` modules they replac
     "relu6"                 torch.nn.ReLU6
     ("leaky_relu", slope)   torch.nn.LeakyReLU(slope)
     ("clamp", lo, hi)       torch.nn.Hardtanh(lo, hi)
-    "silu"                  torch.nn.SiLU
+    "silu"                  torch.nn.SiLU (or torch.nn.functional.silu; "relu" also torch.relu and F.relu)
 
 Values: the activation is applied to the float32 (float64 for float64 data) value of the normalised x plus the
-residual, rounded once to the output's dtype; PyTorch's unfused composition rounds the batch norm's output first
+residual, rounded once to the output's dtype; PyTorch's unfused composition rounds the normalization's output first
 (and again after the add), so float32 results agree within the activation's rounding of those. Gradients: the
 backward recomputes u = normalised x + residual from x with the forward's coefficients (nothing else is saved), and
 at the kinks takes PyTorch's one-sided derivatives (0 for relu / relu6 / clamp at lo and hi, the slope for
 leaky_relu at 0).
 """
+import functools
 import operator
 
 import torch
@@ -36,8 +40,8 @@ _MODULES = {
     torch.nn.SiLU: lambda m: "silu",
     torch.nn.Hardtanh: lambda m: ("clamp", float(m.min_val), float(m.max_val)),
 }
-# torch functions that are a ReLU of their first argument (inplace= or not)
-_RELU_FUNCTIONS = (torch.relu, torch.relu_, TF.relu)
+# torch functions of their one argument (inplace= or not) -> bn_simd's spelling
+_FUNCTIONS = {torch.relu: "relu", torch.relu_: "relu", TF.relu: "relu", TF.silu: "silu"}
 _ADDS = (operator.add, operator.iadd, torch.add)
 
 
@@ -46,6 +50,50 @@ def activation_of(module):
     None."""
     make = _MODULES.get(type(module))
     return None if make is None else make(module)
+
+
+def act_init(base):
+    """The constructor of a fused module class: base's (torch.nn's arguments) plus the keyword ``activation``, checked
+    here rather than at the first call."""
+    def __init__(self, *args, activation="relu", **kwargs):
+        base.__init__(self, *args, **kwargs)
+        _epilogue.parse(activation)
+        self.activation = activation
+    return __init__
+
+
+def act_repr(base):
+    """The extra_repr of a fused module class: base's, then the activation."""
+    def extra_repr(self):
+        return f"{base.extra_repr(self)}, activation={self.activation!r}"
+    return extra_repr
+
+
+def _broadcasts(input, residual):
+    """residual is a tensor of input's dtype that broadcasts to input's shape without having it."""
+    if (not isinstance(residual, torch.Tensor) or not isinstance(input, torch.Tensor) or residual.shape == input.shape
+            or residual.dtype != input.dtype):
+        return False
+    try:
+        return torch.broadcast_shapes(input.shape, residual.shape) == input.shape
+    except RuntimeError:
+        return False
+
+
+def act_forward(plain_forward):
+    """Decorates a fused module's forward(self, input, residual=None): a residual of input's dtype that broadcasts to
+    input's shape without having it gives act(plain_forward(self, input) + residual) with PyTorch's operations (the
+    fused sweep reads a residual of input's shape; convert fuses an add whatever the shape of its other operand, a
+    per-channel bias or an embedding of shape (N, C, 1, 1) for instance); any other goes to the fused forward, which
+    checks it."""
+    def decorate(fused_forward):
+        @functools.wraps(fused_forward)
+        def forward(self, input, residual=None):
+            if residual is not None and _broadcasts(input, residual):
+                return _torch_activation(plain_forward(self, input) + residual, self.activation)
+            return fused_forward(self, input, residual)
+        return forward
+    return decorate
 
 
 def _torch_activation(y, activation):
@@ -129,27 +177,41 @@ def _spelling(act):
     return ("clamp", lo, hi)
 
 
+_STATS_AND_PARAMS = ("running_mean", "running_var", "weight", "bias")
+
+
+def _act_views(input, residual, ranks, eps, names, tensors, views):
+    """The ndarrays of the per-channel tensors (names, tensors) for a call on the kernels with an epilogue: a module's
+    cached views, or made here after the checks; None when the call goes to PyTorch's composition. Raises TypeError
+    for a residual that is not a tensor."""
+    if residual is not None:
+        B.check_tensor(residual, "residual", "a torch.Tensor or None")
+    if not B.input_supported(input, ranks, eps) or (
+            residual is not None and not B.input_supported(residual, (input.dim(),), eps)):
+        return None
+    if views is None and B.channels_supported(input, zip(names, tensors)):
+        views = tuple(B.vec(t) for t in tensors)
+    return views
+
+
+def _composed(norm, activation, residual, out, *tensors):
+    """PyTorch's act(norm() + residual) for a call the kernels do not cover, copied into out when given."""
+    if out is not None and B.grad_needed(*tensors, residual):
+        B.no_out_with_grad(out)
+    y = norm()
+    return B.fallback(_torch_activation(y if residual is None else y + residual, activation), out)
+
+
 def batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual,
                    out, views):
     """functional.batch_norm with ``activation`` and/or ``residual`` (see functional.batch_norm); views as
     functional._batch_norm's."""
     act = _epilogue.parse(activation)
-    if residual is not None:
-        B.check_tensor(residual, "residual", "a torch.Tensor or None")
     tensors = (running_mean, running_var, weight, bias)
-    if not B.input_supported(input, (2, 3, 4, 5), eps) or (
-            residual is not None and not B.input_supported(residual, (input.dim(),), eps)):
-        views = None
-    elif views is None and B.channels_supported(input, zip(("running_mean", "running_var", "weight", "bias"),
-                                                           tensors)):
-        views = tuple(B.vec(t) for t in tensors)
+    views = _act_views(input, residual, (2, 3, 4, 5), eps, _STATS_AND_PARAMS, tensors, views)
     if views is None:
-        def composed():
-            y = TF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-            return _torch_activation(y if residual is None else y + residual, activation)
-        if out is not None and B.grad_needed(input, weight, bias, residual):
-            B.no_out_with_grad(out)
-        return B.fallback(composed(), out)
+        return _composed(lambda: TF.batch_norm(input, *tensors, training, momentum, eps), activation, residual, out,
+                         input, weight, bias)
     if not (training and running_mean is not None):
         momentum = 0.0  # unused: not checked, as in PyTorch
     if B.grad_needed(input, weight, bias, residual):
@@ -162,6 +224,30 @@ def batch_norm_act(input, running_mean, running_var, weight, bias, training, mom
     rm, rv, w, b = views
     _core.batch_norm_epi(xa, rm, rv, w, b, training, momentum, eps, layout, ya, True, act, ra, B._threads())
     return B.finish(y, target, (out, running_mean, running_var) if training else (out,))
+
+
+def _save_group(ctx, x, weight, bias, residual, mean, var, num_groups, layout, eps, act):
+    """What the backward of GroupNormActFunction / InstanceNormActFunction needs (num_groups None: instance norm)."""
+    ctx.save_for_backward(x, weight, bias, residual)
+    ctx.param_dtype = _dtype(weight, bias)
+    ctx.stats = (mean, var, num_groups, layout, eps, act)
+
+
+def _group_backward(ctx, grad_y, needs):
+    """(grad_x, grad_weight, grad_bias, grad_residual) of z = act(group_norm(x) + residual) (instance norm's when the
+    forward saved num_groups None), from the forward's float64 statistics; needs: whether autograd asks for each."""
+    x, weight, bias, residual = ctx.saved_tensors
+    mean, var, num_groups, layout, eps, act = ctx.stats
+    need_x, need_w, need_b, need_r = needs
+    ra = None if residual is None else B.array(residual, layout)
+    grad_x = torch.empty_like(x)
+    _, gw, gb, gr = _core.group_backward_epi(B.array(grad_y, layout), B.array(x, layout), mean, var, eps, num_groups,
+                                             B.vec(weight), B.vec(bias), layout, B.array(grad_x, layout), act, ra,
+                                             B._threads(), num_groups is None)
+    pd = ctx.param_dtype
+    return (grad_x if need_x else None, B.grad_as(gw, pd) if need_w and weight is not None else None,
+            B.grad_as(gb, pd) if need_b and bias is not None else None,
+            _tensor_of(gr, layout) if need_r and gr is not None else None)
 
 
 class GroupNormActFunction(torch.autograd.Function):
@@ -178,46 +264,24 @@ class GroupNormActFunction(torch.autograd.Function):
         y = torch.empty_like(x)
         _, mean, var = _core.group_forward_epi(xa, num_groups, views[0], views[1], eps, layout, B.array(y, layout),
                                                act, ra, B._threads(), False, True)
-        ctx.save_for_backward(x, weight, bias, residual)
-        ctx.param_dtype = _dtype(weight, bias)
-        ctx.stats = (mean, var, num_groups, layout, eps, act)
+        _save_group(ctx, x, weight, bias, residual, mean, var, num_groups, layout, eps, act)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        x, weight, bias, residual = ctx.saved_tensors
-        mean, var, num_groups, layout, eps, act = ctx.stats
-        need_x, need_w, need_b, need_r = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
-        ra = None if residual is None else B.array(residual, layout)
-        grad_x = torch.empty_like(x)
-        _, gw, gb, gr = _core.group_backward_epi(B.array(grad_y, layout), B.array(x, layout), mean, var, eps,
-                                                 num_groups, B.vec(weight), B.vec(bias), layout,
-                                                 B.array(grad_x, layout), act, ra, B._threads(), False)
-        pd = ctx.param_dtype
-        grad_r = _tensor_of(gr, layout) if need_r and gr is not None else None
-        return (grad_x if need_x else None, None, B.grad_as(gw, pd) if need_w and weight is not None else None,
-                B.grad_as(gb, pd) if need_b and bias is not None else None, grad_r, None, None, None)
+        gx, gw, gb, gr = _group_backward(ctx, grad_y, [ctx.needs_input_grad[i] for i in (0, 2, 3, 4)])
+        return gx, None, gw, gb, gr, None, None, None
 
 
 def group_norm_act(input, num_groups, weight, bias, eps, activation, residual, out, views):
     """functional.group_norm with ``activation`` and/or ``residual``; views as functional._group_norm's."""
     act = _epilogue.parse(activation)
-    if residual is not None:
-        B.check_tensor(residual, "residual", "a torch.Tensor or None")
     tensors = (weight, bias)
-    if not B.input_supported(input, (2, 3, 4, 5), eps) or (
-            residual is not None and not B.input_supported(residual, (input.dim(),), eps)):
-        views = None
-    elif views is None and B.channels_supported(input, zip(("weight", "bias"), tensors)):
-        views = tuple(B.vec(t) for t in tensors)
+    views = _act_views(input, residual, (2, 3, 4, 5), eps, ("weight", "bias"), tensors, views)
     if views is None:
-        def composed():
-            y = TF.group_norm(input, num_groups, weight, bias, eps)
-            return _torch_activation(y if residual is None else y + residual, activation)
-        if out is not None and B.grad_needed(input, weight, bias, residual):
-            B.no_out_with_grad(out)
-        return B.fallback(composed(), out)
+        return _composed(lambda: TF.group_norm(input, num_groups, weight, bias, eps), activation, residual, out,
+                         input, weight, bias)
     if B.grad_needed(input, weight, bias, residual):
         B.no_out_with_grad(out)
         return GroupNormActFunction.apply(input, num_groups, weight, bias, residual, eps, act, views)
@@ -228,32 +292,89 @@ def group_norm_act(input, num_groups, weight, bias, eps, activation, residual, o
     return B.finish(y, target, (out,))
 
 
-# ---- fusing a model's BN -> activation pairs ---------------------------------------------------------------------
+class InstanceNormActFunction(torch.autograd.Function):
+    """z = act(instance_norm(x) + residual) with each (sample, channel)'s statistics; running statistics, when given,
+    updated in place with their batch averages, as InstanceNormFunction.
+
+    apply(x, weight, bias, residual, running_mean, running_var, momentum, eps, act, views): act is bn_simd's parsed
+    activation tuple, views the ndarrays of (running_mean, running_var, weight, bias).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, momentum, eps, act, views):
+        x, layout, xa = B.dense(x)
+        ra = None if residual is None else _residual_array(residual, x, layout)
+        y = torch.empty_like(x)
+        rm, rv, w, b = views
+        _, mean, var = _core.instance_norm(xa, rm, rv, w, b, True, momentum, eps, layout, B.array(y, layout),
+                                           B._threads(), True, act, ra)
+        if running_mean is not None:
+            torch.autograd.graph.increment_version([running_mean, running_var])
+        _save_group(ctx, x, weight, bias, residual, mean, var, None, layout, eps, act)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        return _group_backward(ctx, grad_y, ctx.needs_input_grad[:4]) + (None,) * 6
+
+
+def instance_norm_act(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, activation,
+                      residual, out, views):
+    """functional.instance_norm with ``activation`` and/or ``residual``; views as functional._instance_norm's. Without
+    use_input_stats: batch norm's eval through its epilogue."""
+    act = _epilogue.parse(activation)
+    tensors = (running_mean, running_var, weight, bias)
+    views = _act_views(input, residual, (3, 4, 5), eps, _STATS_AND_PARAMS, tensors, views)
+    if views is None:
+        return _composed(lambda: TF.instance_norm(input, *tensors, use_input_stats, momentum, eps), activation,
+                         residual, out, input, weight, bias)
+    if not use_input_stats:
+        if running_mean is None:
+            raise ValueError("running_mean and running_var are required when use_input_stats=False")
+        return batch_norm_act(input, *tensors, False, 0.0, eps, activation, residual, out, views)
+    if running_mean is None:
+        momentum = 0.0  # unused: not checked, as in PyTorch
+    if B.grad_needed(input, weight, bias, residual):
+        B.no_out_with_grad(out)
+        return InstanceNormActFunction.apply(input, weight, bias, residual, running_mean, running_var, momentum, eps,
+                                             act, views)
+    x, layout, xa = B.dense(input)
+    ra = None if residual is None else _residual_array(residual, x, layout)
+    y, ya, target = B.output(x, layout, out)
+    rm, rv, w, b = views
+    _core.instance_norm(xa, rm, rv, w, b, True, momentum, eps, layout, ya, B._threads(), False, act, ra)
+    return B.finish(y, target, (out, running_mean, running_var))
+
+
+# ---- fusing a model's normalization -> activation pairs --------------------------------------------------------------
 
 def fuse_sequential(model, fused_classes):
-    """In every torch.nn.Sequential of model: a bn_simd BatchNorm*d directly followed by an activation module
-    becomes its fused class (fused_classes: BatchNorm class -> fused class) with that activation, and the activation
-    is replaced by torch.nn.Identity. Returns the number of pairs fused."""
+    """In every torch.nn.Sequential of model: a normalization module directly followed by an activation module
+    becomes its fused class (fused_classes: exact bn_simd class -> fused class, e.g. BatchNorm2d -> BatchNormAct2d,
+    GroupNorm -> GroupNormAct) with that activation, and the activation is replaced by torch.nn.Identity. Returns the
+    number of pairs fused."""
     count = 0
     for seq in [m for m in model.modules() if type(m) is torch.nn.Sequential]:
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):
-            bn, act_mod = seq._modules[a], seq._modules[b]
-            cls = fused_classes.get(type(bn))
+            norm, act_mod = seq._modules[a], seq._modules[b]
+            cls = fused_classes.get(type(norm))
             spec = activation_of(act_mod)
             if cls is not None and spec is not None:
-                bn.__class__ = cls
-                bn.activation = spec
+                norm.__class__ = cls
+                norm.activation = spec
                 seq._modules[b] = torch.nn.Identity()
                 count += 1
     return count
 
 
 def fuse_graph(model, fused_classes):
-    """The fusion on model's torch.fx graph: a bn_simd BatchNorm*d module called once, whose output's only use is an
-    activation (a module of _MODULES or torch.relu / F.relu), or an add (``+``, ``torch.add``) whose other operand
-    is the residual and whose result's only use is such an activation. Returns (GraphModule, pairs fused), or None
-    when model cannot be traced."""
+    """The fusion on model's torch.fx graph: a normalization module of fused_classes (as in fuse_sequential) called
+    once with one argument, whose output's only use is an activation (a module of _MODULES or a function of
+    _FUNCTIONS), or an add (``+``, ``torch.add``) whose other operand is the residual and whose result's only use is
+    such an activation; the module becomes its fused class, called as module(input, residual). Returns (GraphModule,
+    pairs fused), or None when model cannot be traced."""
     import torch.fx as fx
 
     class Tracer(fx.Tracer):
@@ -280,8 +401,9 @@ def fuse_graph(model, fused_classes):
         if u.op == "call_module" and len(u.args) == 1 and not u.kwargs:
             spec = activation_of(mods[u.target])
             return (u, spec) if spec is not None else (None, None)
-        if u.op == "call_function" and u.target in _RELU_FUNCTIONS and len(u.args) == 1 and u.args[0] is n:
-            return u, "relu"
+        if (u.op == "call_function" and u.target in _FUNCTIONS and len(u.args) == 1 and u.args[0] is n
+                and set(u.kwargs) <= {"inplace"}):
+            return u, _FUNCTIONS[u.target]
         return None, None
 
     count = 0
@@ -293,7 +415,7 @@ def fuse_graph(model, fused_classes):
             continue
         act_node, spec = activation_node(n)
         residual = None
-        if act_node is None and len(n.users) == 1:  # relu(bn(x) + r)
+        if act_node is None and len(n.users) == 1:  # act(norm(x) + r)
             add = next(iter(n.users))
             if (add.op == "call_function" and add.target in _ADDS and len(add.args) == 2 and not add.kwargs
                     and n in add.args and add.args[0] is not add.args[1]):
@@ -301,20 +423,20 @@ def fuse_graph(model, fused_classes):
                 if isinstance(other, fx.Node):
                     act_node, spec = activation_node(add)
                     residual = other if act_node is not None else None
-                    if act_node is not None:
-                        # (the residual must exist before the batch norm runs)
-                        order = {m: i for i, m in enumerate(graph.nodes)}
-                        if order[other] > order[n]:
-                            act_node = None
         if act_node is None:
             continue
-        bn = mods[n.target]
-        bn.__class__ = cls
-        bn.activation = spec
+        norm = mods[n.target]
+        norm.__class__ = cls
+        norm.activation = spec
         if residual is not None:
+            order = {m: i for i, m in enumerate(graph.nodes)}
+            if order[residual] > order[n]:
+                # the residual must exist before the normalization runs: n moves to just after it (n's input
+                # precedes n, and n's one use, the add, follows the residual)
+                residual.append(n)
             n.args = (n.args[0], residual)
             add = next(iter(n.users))
-            add.replace_all_uses_with(n)  # (the add's one use, the activation, reads the batch norm now)
+            add.replace_all_uses_with(n)  # (the add's one use, the activation, reads the normalization now)
             graph.erase_node(add)
         act_node.replace_all_uses_with(n)
         graph.erase_node(act_node)

@@ -12,13 +12,16 @@ parameters and buffers of its dtype (a module converted with ``.half()`` / ``.bf
 One difference from PyTorch: a call that raises leaves ``num_batches_tracked`` as it was (PyTorch counts the batch
 before its checks).
 """
+import warnings
+
 import torch
 from torch.utils.dlpack import to_dlpack as _to_dlpack
 
-from .. import _core, _epilogue
+from .. import _core
 from . import _bridge as B
 from . import functional as F
-from .rownorm_modules import LayerNorm, RMSNorm
+from . import fused as _fused
+from .rownorm_modules import LayerNorm, LayerNormAct, RMSNorm, RMSNormAct
 
 # The eval fast path's entry in a module's __dict__ (see _eval_fast_path): the per-channel tensors checked by a
 # general call, and their addresses. Left out of pickles and copies, as B.VIEWS_KEY.
@@ -111,25 +114,22 @@ class BatchNorm3d(torch.nn.BatchNorm3d):
     __getstate__ = _getstate
 
 
+@_fused.act_forward(_batch_norm_forward)
 def _fused_forward(self, input, residual=None):
     return _batch_norm_forward(self, input, self.activation, residual)
 
 
-def _fused_repr(self):
-    return f"{torch.nn.modules.batchnorm._BatchNorm.extra_repr(self)}, activation={self.activation!r}"
-
-
-def _fused_init(self, *args, activation="relu", **kwargs):
-    torch.nn.modules.batchnorm._BatchNorm.__init__(self, *args, **kwargs)
-    _epilogue.parse(activation)  # (refused here rather than at the first call)
-    self.activation = activation
+_fused_init = _fused.act_init(torch.nn.modules.batchnorm._BatchNorm)
+_fused_repr = _fused.act_repr(torch.nn.modules.batchnorm._BatchNorm)
 
 
 class BatchNormAct1d(BatchNorm1d):
     """:class:`BatchNorm1d` followed by an activation, fused: ``forward(input, residual=None)`` returns
     act(batch_norm(input) + residual) in one sweep (``activation=``: "relu", "relu6", ("leaky_relu", slope),
-    ("clamp", lo, hi), "silu"; see :mod:`bn_simd.torch.fused`). Parameters, buffers and state dict are
-    BatchNorm1d's (the activation is configuration, as a torch.nn.ReLU that follows has no state)."""
+    ("clamp", lo, hi), "silu"; see :mod:`bn_simd.torch.fused`). The residual is a tensor of input's dtype and shape
+    (one that broadcasts to input's shape takes PyTorch's add and activation after the plain batch norm). Parameters,
+    buffers and state dict are BatchNorm1d's (the activation is configuration, as a torch.nn.ReLU that follows has no
+    state)."""
     __init__ = _fused_init
     forward = _fused_forward
     extra_repr = _fused_repr
@@ -160,14 +160,49 @@ class GroupNorm(torch.nn.GroupNorm):
         return F._group_norm(input, self.num_groups, *tensors, self.eps, None, B.module_views(self, input, tensors))
 
 
-def _apply_instance_norm(self, input):
+class GroupNormAct(GroupNorm):
+    """:class:`GroupNorm` followed by an activation, fused: ``forward(input, residual=None)`` returns
+    act(group_norm(input) + residual) in one sweep (``activation=`` and the residual as :class:`BatchNormAct1d`'s;
+    a diffusion UNet's GroupNorm -> SiLU is ``GroupNormAct(32, C, activation="silu")``). Constructor, parameters and
+    state dict are torch.nn.GroupNorm's plus the keyword ``activation``."""
+    __init__ = _fused.act_init(torch.nn.GroupNorm)
+    extra_repr = _fused.act_repr(torch.nn.GroupNorm)
+
+    @_fused.act_forward(GroupNorm.forward)
+    def forward(self, input, residual=None):
+        tensors = (self._parameters.get("weight"), self._parameters.get("bias"))
+        return _fused.group_norm_act(input, self.num_groups, *tensors, self.eps, self.activation, residual, None,
+                                     B.module_views(self, input, tensors))
+
+
+def _apply_instance_norm(self, input, activation=None, residual=None):
     # what torch.nn's _InstanceNorm.forward calls after its checks and unbatched-input handling
     use_input_stats = self.training or not self.track_running_stats
     tensors = (self._buffers.get("running_mean"), self._buffers.get("running_var"), self._parameters.get("weight"),
                self._parameters.get("bias"))
     update = use_input_stats and tensors[0] is not None and self.momentum is not None
     return F._instance_norm(input, *tensors, use_input_stats, self.momentum if update else 0.0, self.eps, None,
-                            B.module_views(self, input, tensors))
+                            B.module_views(self, input, tensors), activation, residual)
+
+
+@_fused.act_forward(torch.nn.modules.instancenorm._InstanceNorm.forward)
+def _instance_act_forward(self, input, residual=None):
+    """torch.nn's _InstanceNorm.forward (the rank check, num_features against the channels, unbatched input given a
+    batch axis of one) with the activation, and the residual treated as the input."""
+    self._check_input_dim(input)
+    axis = input.dim() - self._get_no_batch_dim()
+    if input.size(axis) != self.num_features:
+        if self.affine:
+            raise ValueError(f"input must have num_features={self.num_features} channels at dim={axis}, got "
+                             f"{input.size(axis)}")
+        warnings.warn(f"input's size at dim={axis} ({input.size(axis)}) is not num_features={self.num_features}, "
+                      f"which affine=False leaves unused", stacklevel=2)
+    if axis == 0:  # unbatched (C, *spatial)
+        if residual is not None:
+            B.check_tensor(residual, "residual", "a torch.Tensor or None")
+            residual = residual.unsqueeze(0)
+        return _apply_instance_norm(self, input.unsqueeze(0), self.activation, residual).squeeze(0)
+    return _apply_instance_norm(self, input, self.activation, residual)
 
 
 class InstanceNorm1d(torch.nn.InstanceNorm1d):
@@ -188,6 +223,35 @@ class InstanceNorm3d(torch.nn.InstanceNorm3d):
     __getstate__ = _getstate
 
 
+_instance_act_init = _fused.act_init(torch.nn.modules.instancenorm._InstanceNorm)
+_instance_act_repr = _fused.act_repr(torch.nn.modules.instancenorm._InstanceNorm)
+
+
+class InstanceNormAct1d(InstanceNorm1d):
+    """:class:`InstanceNorm1d` followed by an activation, fused: ``forward(input, residual=None)`` returns
+    act(instance_norm(input) + residual) in one sweep (``activation=`` and the residual as :class:`BatchNormAct1d`'s;
+    unbatched input takes an unbatched residual). Running statistics move as without the activation; an eval
+    call with tracked statistics normalises with them (batch norm's eval, fused the same way). Constructor,
+    parameters, buffers and state dict are torch.nn.InstanceNorm1d's plus the keyword ``activation``."""
+    __init__ = _instance_act_init
+    forward = _instance_act_forward
+    extra_repr = _instance_act_repr
+
+
+class InstanceNormAct2d(InstanceNorm2d):
+    """:class:`InstanceNorm2d` followed by an activation, fused (as :class:`InstanceNormAct1d`)."""
+    __init__ = _instance_act_init
+    forward = _instance_act_forward
+    extra_repr = _instance_act_repr
+
+
+class InstanceNormAct3d(InstanceNorm3d):
+    """:class:`InstanceNorm3d` followed by an activation, fused (as :class:`InstanceNormAct1d`)."""
+    __init__ = _instance_act_init
+    forward = _instance_act_forward
+    extra_repr = _instance_act_repr
+
+
 # torch.nn class -> bn_simd class; exact types only: a user's subclass of a torch.nn class may override forward
 SWAPS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d, torch.nn.BatchNorm3d: BatchNorm3d,
          torch.nn.GroupNorm: GroupNorm, torch.nn.InstanceNorm1d: InstanceNorm1d,
@@ -195,27 +259,38 @@ SWAPS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d, t
          torch.nn.LayerNorm: LayerNorm, torch.nn.RMSNorm: RMSNorm}
 
 
-FUSED = {BatchNorm1d: BatchNormAct1d, BatchNorm2d: BatchNormAct2d, BatchNorm3d: BatchNormAct3d}
+# bn_simd class -> its fused class (convert's fuse_activations)
+FUSED = {BatchNorm1d: BatchNormAct1d, BatchNorm2d: BatchNormAct2d, BatchNorm3d: BatchNormAct3d,
+         GroupNorm: GroupNormAct, InstanceNorm1d: InstanceNormAct1d, InstanceNorm2d: InstanceNormAct2d,
+         InstanceNorm3d: InstanceNormAct3d, LayerNorm: LayerNormAct, RMSNorm: RMSNormAct}
 
 
 def convert(model, fuse_activations=False):
-    """Make every ``torch.nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``GroupNorm`` and ``InstanceNorm1d/2d/3d`` in
-    model (model itself included) run on bn_simd's kernels, in place; returns model (a SyncBatchNorm keeps its
-    process_group and synchronises CPU tensors, mode "exact": see :class:`bn_simd.torch.SyncBatchNorm`).
+    """Make every ``torch.nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``,
+    ``LayerNorm`` and ``RMSNorm`` in model (model itself included) run on bn_simd's kernels, in place; returns model (a
+    SyncBatchNorm keeps its process_group and synchronises CPU tensors, mode "exact": see
+    :class:`bn_simd.torch.SyncBatchNorm`).
 
     The module objects stay the same (their class becomes bn_simd's subclass, which adds no state), so parameters,
     buffers, hooks, training mode and the references an optimizer holds are all kept, and ``state_dict()`` is
     unchanged. Modules of other classes (subclasses of these included, and the lazy modules before their first
     call) are left as they are. Raises TypeError when model is not a ``torch.nn.Module``.
 
-    fuse_activations=True also fuses each BatchNorm1d/2d/3d followed by a ReLU, ReLU6, LeakyReLU, Hardtanh or SiLU
-    module (or ``torch.relu`` / ``F.relu``), and ResNet's relu(bn(x) + identity), into one :class:`BatchNormAct2d`
-    (1d, 3d) call (bn_simd.torch.fused): the model is traced with ``torch.fx`` and the returned model is then a
-    ``torch.fx.GraphModule`` over the same modules (the activation calls gone from its graph). When the model cannot
-    be traced, the pairs inside each ``torch.nn.Sequential`` are fused in place (the activation module replaced by
-    ``torch.nn.Identity``) and model is returned. A module called more than once, or whose output has other uses,
-    is not fused. The fused model applies the activation to the float32 value before its rounding (the unfused model
-    rounds the batch norm's output first): outputs agree within that rounding.
+    fuse_activations=True also fuses each of those modules (SyncBatchNorm aside) followed by a ReLU, ReLU6,
+    LeakyReLU, Hardtanh or SiLU module (or ``torch.relu`` / ``F.relu`` / ``F.silu``), and the add before such an
+    activation (ResNet's relu(bn(x) + identity), a pre-activation block's act(norm(x) + skip)), into one call of
+    its fused module (bn_simd.torch.fused): :class:`BatchNormAct2d` (1d, 3d), :class:`GroupNormAct` (a diffusion
+    UNet's GroupNorm -> SiLU), :class:`InstanceNormAct2d` (1d, 3d), :class:`LayerNormAct`, :class:`RMSNormAct`. The
+    model is traced with ``torch.fx`` and the returned model is then a ``torch.fx.GraphModule`` over the same modules
+    (the activation and add calls gone from its graph; a fused add's other operand becomes the module's residual
+    argument: one that broadcasts to the output's shape without having it takes PyTorch's add and activation after
+    the plain normalization; of another dtype than the input's it raises TypeError).
+    When the model cannot be traced, the pairs inside each ``torch.nn.Sequential`` are fused in place (the
+    activation module replaced by ``torch.nn.Identity``) and model is returned. A module called more than once or
+    with more than one argument, whose output has other uses than the activation (or the add), or an activation of
+    a subclass (which may override forward) is not fused. The fused model applies the activation to the float32
+    value before its rounding (the unfused model rounds the normalization's output first): outputs agree within
+    that rounding.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -224,9 +299,8 @@ def convert(model, fuse_activations=False):
         if cls is not None:
             m.__class__ = cls
     if fuse_activations:
-        from . import fused
-        done = fused.fuse_graph(model, FUSED)
+        done = _fused.fuse_graph(model, FUSED)
         if done is not None:
             return done[0]
-        fused.fuse_sequential(model, FUSED)
+        _fused.fuse_sequential(model, FUSED)
     return model

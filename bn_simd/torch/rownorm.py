@@ -122,7 +122,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out
     raises changes nothing.
     """
     if activation is not None or residual is not None:
-        return _row_norm_act(input, normalized_shape, weight, bias, eps, False, activation, residual, out)
+        return _row_norm_act(input, normalized_shape, weight, bias, eps, False, activation, residual, out, None)
     return _layer_norm(input, normalized_shape, weight, bias, eps, out, None)
 
 
@@ -190,7 +190,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, activa
     Returns y, C-contiguous, of input's shape and dtype. Raises TypeError / ValueError as :func:`layer_norm`.
     """
     if activation is not None or residual is not None:
-        return _row_norm_act(input, normalized_shape, weight, None, eps, True, activation, residual, out)
+        return _row_norm_act(input, normalized_shape, weight, None, eps, True, activation, residual, out, None)
     return _rms_norm(input, normalized_shape, weight, eps, out, None)
 
 
@@ -243,17 +243,18 @@ class RMSNormFunction(torch.autograd.Function):
 
 # ---- through a fused epilogue ----------------------------------------------------------------------------------------
 
-def _row_norm_act(input, normalized_shape, weight, bias, eps, rms, activation, residual, out):
-    """layer_norm / rms_norm with ``activation`` and/or ``residual``."""
+def _row_norm_act(input, normalized_shape, weight, bias, eps, rms, activation, residual, out, views):
+    """layer_norm / rms_norm with ``activation`` and/or ``residual``; views as _layer_norm's / _rms_norm's."""
     from .fused import _torch_activation
     act = _epilogue.parse(activation)
     if residual is not None:
         B.check_tensor(residual, "residual", "a torch.Tensor or None")
     shape = _normalized_shape(normalized_shape)
     params = (("weight", weight),) if rms else (("weight", weight), ("bias", bias))
-    views = None
     if B.input_supported(input, _RANKS, eps) and (residual is None or B.input_supported(residual, (input.dim(),), eps)):
-        views = _views(input, params, None)
+        views = _views(input, params, views)
+    else:
+        views = None
     if views is None:
         def composed():
             y = TF.rms_norm(input, shape, weight, eps) if rms else TF.layer_norm(input, shape, weight, bias, eps)

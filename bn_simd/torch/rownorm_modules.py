@@ -4,11 +4,13 @@ Each class subclasses its ``torch.nn`` namesake and replaces only its forward, s
 (``normalized_shape, eps, elementwise_affine, bias, device, dtype``), parameters, ``state_dict`` keys (``weight``,
 ``bias``), ``reset_parameters``, ``repr`` and ``isinstance`` checks are PyTorch's, and state dicts load both ways.
 The forward is :mod:`bn_simd.torch.rownorm`'s, which hands what the kernels do not cover to PyTorch's own function.
-:func:`bn_simd.torch.convert` swaps exact ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` modules to these.
+:func:`bn_simd.torch.convert` swaps exact ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` modules to these, and with
+``fuse_activations=True`` one followed by an activation to :class:`LayerNormAct` / :class:`RMSNormAct`.
 """
 import torch
 
 from . import _bridge as B
+from . import fused as _fused
 from . import rownorm as R
 
 
@@ -44,4 +46,34 @@ class RMSNorm(torch.nn.RMSNorm):
         return R._rms_norm(x, self.normalized_shape, tensors[0], self.eps, None, B.module_views(self, x, tensors))
 
 
-__all__ = ["LayerNorm", "RMSNorm"]
+class LayerNormAct(LayerNorm):
+    """:class:`LayerNorm` followed by an activation, fused: ``forward(input, residual=None)`` returns
+    act(layer_norm(input) + residual) in one sweep (``activation=`` and the residual as
+    :class:`bn_simd.torch.BatchNormAct1d`'s: of input's shape and dtype, or broadcasting to input's shape). Constructor, parameters and state dict are
+    torch.nn.LayerNorm's plus the keyword ``activation``."""
+    __init__ = _fused.act_init(torch.nn.LayerNorm)
+    extra_repr = _fused.act_repr(torch.nn.LayerNorm)
+
+    @_fused.act_forward(LayerNorm.forward)
+    def forward(self, input, residual=None):
+        params = self._parameters
+        tensors = (params.get("weight"), params.get("bias"))
+        return R._row_norm_act(input, self.normalized_shape, *tensors, self.eps, False, self.activation, residual,
+                               None, B.module_views(self, input, tensors))
+
+
+class RMSNormAct(RMSNorm):
+    """:class:`RMSNorm` followed by an activation, fused: ``forward(input, residual=None)`` returns
+    act(rms_norm(input) + residual) in one sweep (as :class:`LayerNormAct`). Constructor, parameters and state dict are
+    torch.nn.RMSNorm's plus the keyword ``activation``."""
+    __init__ = _fused.act_init(torch.nn.RMSNorm)
+    extra_repr = _fused.act_repr(torch.nn.RMSNorm)
+
+    @_fused.act_forward(RMSNorm.forward)
+    def forward(self, input, residual=None):
+        tensors = (self._parameters.get("weight"),)
+        return R._row_norm_act(input, self.normalized_shape, tensors[0], None, self.eps, True, self.activation,
+                               residual, None, B.module_views(self, input, tensors))
+
+
+__all__ = ["LayerNorm", "RMSNorm", "LayerNormAct", "RMSNormAct"]

@@ -1,0 +1,415 @@
+"""bn_simd.torch's fused modules for group, instance, layer and RMS norm (GroupNormAct, InstanceNormAct1d/2d/3d,
+LayerNormAct, RMSNormAct), instance_norm's activation= / residual=, and convert(model, fuse_activations=True) on those
+normalizations, against PyTorch's unfused composition act(torch.nn.<Norm>(x) + residual)."""
+import copy
+import itertools
+import pickle
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+from torch.nn import functional as TF  # noqa: E402
+
+import bn_simd.torch as bt  # noqa: E402
+from test_torch_fused import ACTS, assert_same_as_unfused, eps_of  # noqa: E402
+
+SHAPE = (4, 6, 5, 7)  # (N, C, H, W)
+
+
+def _instance(act=None, d=2):
+    cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[d]
+    ours = {1: bt.InstanceNormAct1d, 2: bt.InstanceNormAct2d, 3: bt.InstanceNormAct3d}[d]
+    kw = dict(affine=True, track_running_stats=True)
+    return (cls(6, **kw) if act is None else ours(6, activation=act, **kw)), 5 * 7
+
+
+# kind -> (make(activation or None for torch.nn's module) -> (module, values per statistic), channels-last too)
+KINDS = {
+    "group": (lambda act: ((nn.GroupNorm(3, 6) if act is None else bt.GroupNormAct(3, 6, activation=act)),
+                           2 * 5 * 7), True),
+    "instance": (_instance, True),
+    "layer": (lambda act: ((nn.LayerNorm((5, 7)) if act is None else bt.LayerNormAct((5, 7), activation=act)),
+                           5 * 7), False),
+    "rms": (lambda act: ((nn.RMSNorm(7) if act is None else bt.RMSNormAct(7, activation=act)), 7), False),
+}
+# torch.nn class -> bn_simd's fused class, for the state-dict checks
+PAIRS = [(nn.GroupNorm, bt.GroupNormAct, (3, 6)), (nn.InstanceNorm1d, bt.InstanceNormAct1d, (6,)),
+         (nn.InstanceNorm2d, bt.InstanceNormAct2d, (6,)), (nn.InstanceNorm3d, bt.InstanceNormAct3d, (6,)),
+         (nn.LayerNorm, bt.LayerNormAct, ((5, 7),)), (nn.RMSNorm, bt.RMSNormAct, (7,))]
+
+
+def _randomised(module, dtype, seed):
+    """module in dtype with random parameters (weights away from 0) and running statistics."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+            if name == "num_batches_tracked":
+                continue
+            r = torch.rand(t.shape, generator=g, dtype=torch.float64)
+            t.copy_({"weight": r + 0.5, "bias": r - 0.5, "running_mean": 0.2 * (r - 0.5),
+                     "running_var": r + 0.5}[name])
+    return module.to(dtype)
+
+
+def _pair(kind, act, dtype, seed):
+    """(ours, torch.nn's, values per statistic): the same random state in both."""
+    make, _ = KINDS[kind]
+    ref, n = make(None)
+    ref = _randomised(ref, dtype, seed)
+    ours = make(act)[0].to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref, n
+
+
+def _data(dtype, channels_last, seed, shape=SHAPE):
+    g = torch.Generator().manual_seed(seed)
+    x, r, gy = ((torch.randn(shape, generator=g, dtype=torch.float64) * s + o).to(dtype)
+                for s, o in ((2.0, 0.5), (1.0, 0.0), (1.0, 0.0)))
+    if channels_last:
+        x, r, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, r, gy))
+    return x, r, gy
+
+
+CASES = [(k, a, d, t, res, cl) for k, (_, cl_ok) in KINDS.items() for a in ("silu", "relu", ("leaky_relu", 0.2))
+         for d in (torch.float64, torch.float32) for t in (True, False) for res in (False, True)
+         for cl in ((False, True) if cl_ok else (False,))]
+
+
+def _case_id(c):
+    k, a, d, t, res, cl = c
+    return "-".join([k, a if isinstance(a, str) else "leaky", str(d)[6:], "train" if t else "eval",
+                     "residual" if res else "plain"] + (["channels_last"] if cl else []))
+
+
+@pytest.mark.parametrize("kind, activation, dtype, training, with_residual, channels_last", CASES,
+                         ids=[_case_id(c) for c in CASES])
+def test_module_forward_and_gradients_match_the_unfused_torch_composition(kind, activation, dtype, training,
+                                                                          with_residual, channels_last):
+    seed = CASES.index((kind, activation, dtype, training, with_residual, channels_last))
+    ours, ref, n = _pair(kind, activation, dtype, seed)
+    ours.train(training)
+    ref.train(training)
+    x, r, gy = _data(dtype, channels_last, seed)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    r1, r2 = r.clone().requires_grad_(), r.clone().requires_grad_()
+    y = ours(x1, r1) if with_residual else ours(x1)
+    normed = ref(x2)
+    yr = ACTS[activation](normed + r2 if with_residual else normed)
+    assert y.dtype == dtype and y.shape == x.shape
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    # a few roundings of dtype on the composition's terms (PyTorch rounds the normalised value before the add and
+    # the activation, the fused sweep once at the end), plus the statistics' error over n values
+    terms = (normed.detach().abs() + (r.abs() if with_residual else 0) + 2).double()
+    err = (y.detach().double() - yr.detach().double()).abs()
+    assert bool((err <= (16 + n) * eps_of(dtype) * terms).all()), f"y: {err.max().item():.3g}"
+    for name, buf in ref.named_buffers():  # instance norm's running statistics (updated in training)
+        if name != "num_batches_tracked":
+            torch.testing.assert_close(ours.get_buffer(name), buf, rtol=8 * n * eps_of(dtype),
+                                       atol=8 * eps_of(dtype))
+    y.backward(gy)
+    yr.backward(gy)
+    wmax = max(float(p.detach().abs().max()) for p in ref.parameters())
+    gscale = float(gy.double().abs().max()) * wmax * 8
+    tol = (32 + n) * eps_of(dtype) * gscale
+    grads = [("grad_x", x1.grad, x2.grad)] + [(f"grad_{k}", p.grad, dict(ref.named_parameters())[k].grad)
+                                              for k, p in ours.named_parameters()]
+    if with_residual:
+        grads.append(("grad_residual", r1.grad, r2.grad))
+    else:
+        assert r1.grad is None
+    for name, a, c in grads:
+        assert a is not None and a.dtype == c.dtype == dtype, name
+        per = x.numel() // c.numel() if name in ("grad_weight", "grad_bias") else 1  # values summed per parameter
+        err = float((a.double() - c.double()).abs().max())
+        assert err <= tol * per, f"{name}: {err:.3g} > {tol * per:.3g}"
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_gradcheck_of_each_module_in_float64(kind):
+    ours, _, _ = _pair(kind, "silu", torch.float64, 40)
+    x, r, _ = _data(torch.float64, False, 41, shape=(1, 6, 5, 7))
+    names = [k for k, _ in ours.named_parameters()]
+    leaves = [t.clone().requires_grad_() for t in [x, r] + [p.detach() for p in ours.parameters()]]
+
+    def f(x_, r_, *params):
+        return torch.func.functional_call(ours, dict(zip(names, params)), (x_, r_))
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_input_stats", [True, False], ids=["input_stats", "running_stats"])
+@pytest.mark.parametrize("activation", [("leaky_relu", 0.1), ("clamp", -1.0, 1.0), "silu"],
+                         ids=["leaky", "clamp", "silu"])
+def test_functional_instance_norm_gradcheck(activation, use_input_stats):
+    x, r, _ = _data(torch.float64, False, 42, shape=(2, 3, 4, 3))
+    g = torch.Generator().manual_seed(43)
+    w, b = torch.rand(3, generator=g, dtype=torch.float64) + 0.5, torch.randn(3, generator=g, dtype=torch.float64)
+    rm, rv = torch.randn(3, generator=g, dtype=torch.float64) * 0.1, torch.rand(3, generator=g, dtype=torch.float64) + 1
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, r)]
+
+    def f(x_, w_, b_, r_):
+        return bt.instance_norm(x_, rm.clone(), rv.clone(), w_, b_, use_input_stats, activation=activation,
+                                residual=r_)
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("torch_cls, cls, args", PAIRS, ids=[p[1].__name__ for p in PAIRS])
+def test_state_dict_round_trip_with_torch_nn(torch_cls, cls, args):
+    kw = dict(affine=True, track_running_stats=True) if "Instance" in cls.__name__ else {}
+    ours, ref = cls(*args, activation="silu", **kw), _randomised(torch_cls(*args, **kw), torch.float32, 50)
+    assert isinstance(ours, torch_cls) and type(ours).__mro__[1].__module__.startswith("bn_simd.torch")
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ours.load_state_dict(ref.state_dict())
+    back = torch_cls(*args, **kw)
+    back.load_state_dict(ours.state_dict())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v) and torch.equal(back.state_dict()[k], v), k
+    assert repr(ours) == repr(ref).replace(torch_cls.__name__, cls.__name__)[:-1] + ", activation='silu')"
+    x = torch.randn((3, 6, 5, 7)[:len(args[-1]) + 2] if cls is bt.LayerNormAct else
+                    {bt.InstanceNormAct1d: (3, 6, 7), bt.InstanceNormAct3d: (2, 6, 3, 4, 5)}.get(cls, (3, 6, 5, 7)))
+    for training in (True, False):
+        with torch.no_grad():
+            torch.testing.assert_close(ours.train(training)(x), TF.silu(ref.train(training)(x)), rtol=1e-5,
+                                       atol=1e-5)
+    for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        assert type(clone) is cls and clone.activation == "silu"
+        assert torch.equal(clone.eval()(x), ours.eval()(x))
+
+
+def test_instance_norm_act_takes_unbatched_input_and_residual():
+    m = _randomised(bt.InstanceNormAct1d(6, affine=True, activation="relu6"), torch.float32, 51)
+    x, r, _ = _data(torch.float32, False, 52, shape=(1, 6, 9))
+    y = m(x[0], r[0])
+    assert y.shape == (6, 9)
+    assert torch.equal(y, m(x, r)[0])
+    with pytest.raises(ValueError, match="num_features"):
+        m(x[:, :5])
+
+
+def test_activation_is_applied_at_each_spelling():
+    x, r, _ = _data(torch.float64, False, 53)
+    for act, fn in ACTS.items():
+        if act is None:
+            continue
+        for kind in KINDS:
+            ours, ref, _ = _pair(kind, act, torch.float64, 54)
+            with torch.no_grad():
+                torch.testing.assert_close(ours(x, r), fn(ref(x) + r), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_data_with_float32_parameters_within_an_ulp_of_the_float32_composition(dtype):
+    x, r, _ = _data(torch.float32, False, 59)
+    x16, r16 = x.to(dtype), r.to(dtype)
+    for kind in KINDS:
+        ours, ref, _ = _pair(kind, "silu", torch.float32, 60)
+        ours.train(kind != "instance")  # (eval instance norm: its running statistics)
+        ref.train(kind != "instance")
+        with torch.no_grad():
+            y = ours(x16, r16)
+            want = TF.silu(ref(x16.float()) + r16.float())
+        assert y.dtype == dtype, kind
+        ulp = torch.finfo(dtype).eps * want.abs().clamp(min=torch.finfo(dtype).tiny)
+        err = (y.float() - want).abs()
+        assert bool((err <= ulp + 1e-5).all()), (kind, float((err - ulp).max()))
+
+
+def test_a_residual_that_broadcasts_takes_pytorchs_add():
+    """A residual of input's dtype that broadcasts to input's shape (convert fuses a model's add whatever its other
+    operand's shape): act(norm(input) + residual) with PyTorch's add and activation, gradients included."""
+    x, r, gy = _data(torch.float64, False, 63)
+    for kind in KINDS:
+        for res in (r[:1], r[:, :1, :1, :1], r[0, 0, 0]):
+            ours, ref, _ = _pair(kind, "silu", torch.float64, 64)
+            r1, r2 = res.clone().requires_grad_(), res.clone().requires_grad_()
+            y = ours(x, r1)
+            yr = TF.silu(ref(x) + r2)
+            torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+            y.backward(gy)
+            yr.backward(gy)
+            torch.testing.assert_close(r1.grad, r2.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_activation_or_residual_is_refused_and_changes_nothing():
+    for kind in KINDS:
+        with pytest.raises(ValueError, match="activation"):
+            KINDS[kind][0](("clamp", 1.0, -1.0))
+        with pytest.raises(ValueError, match="activation"):
+            KINDS[kind][0]("gelu")
+    x, r, _ = _data(torch.float32, False, 55)
+    for kind in KINDS:
+        ours, _, _ = _pair(kind, "relu", torch.float32, 56)
+        before = {k: v.clone() for k, v in ours.state_dict().items()}
+        with pytest.raises(ValueError, match="residual"):
+            ours(x, r[:, :3])
+        with pytest.raises(TypeError, match="residual"):
+            ours(x, r.double())
+        with pytest.raises(TypeError, match="residual"):
+            ours(x, r.numpy())
+        for k, v in ours.state_dict().items():
+            assert torch.equal(v, before[k]), (kind, k)
+
+
+def test_functional_instance_norm_running_statistics_are_the_plain_calls():
+    x, r, _ = _data(torch.float32, True, 57)
+    g = torch.Generator().manual_seed(58)
+    rm, rv = torch.randn(6, generator=g) * 0.1, torch.rand(6, generator=g) + 0.5
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    y = bt.instance_norm(x, rm1, rv1, momentum=0.3, activation="silu", residual=r)
+    plain = bt.instance_norm(x, rm2, rv2, momentum=0.3)
+    assert torch.equal(rm1, rm2) and torch.equal(rv1, rv2)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, TF.silu(plain + r), rtol=1e-6, atol=1e-6)
+    # without the input's statistics: batch norm's eval through the same epilogue
+    y = bt.instance_norm(x, rm, rv, use_input_stats=False, activation="relu", residual=r)
+    assert torch.equal(y, bt.batch_norm(x, rm, rv, activation="relu", residual=r))
+    with pytest.raises(ValueError, match="running_mean"):
+        bt.instance_norm(x, use_input_stats=False, activation="relu")
+
+
+# ---- convert(model, fuse_activations=True) ---------------------------------------------------------------------------
+
+class MySiLU(nn.SiLU):
+    """A subclass whose forward is not SiLU's: a module of the Sequential pass that must not be fused."""
+
+    def forward(self, input):
+        return super().forward(input) * 2
+
+
+class ShiftedReLU(nn.ReLU):
+    """A subclass whose forward is not ReLU's: torch.fx traces through it (it is not torch.nn's) and finds no
+    activation of the norm's output."""
+
+    def forward(self, input):
+        return super().forward(input - 0.5)
+
+
+class UNetBlock(nn.Module):
+    """A diffusion UNet's resnet block: GroupNorm -> SiLU -> conv, GroupNorm(h) + x -> F.silu, an embedding added
+    after a GroupNorm before a ReLU; InstanceNorm -> ReLU before it."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.inorm, self.relu = nn.InstanceNorm2d(c, affine=True), nn.ReLU(inplace=True)
+        self.norm1, self.act = nn.GroupNorm(2, c), nn.SiLU()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.norm2 = nn.GroupNorm(2, c)
+        self.emb, self.norm3 = nn.Linear(c, c), nn.GroupNorm(4, c)
+
+    def forward(self, x):
+        x = self.relu(self.inorm(x))
+        h = self.conv(self.act(self.norm1(x)))
+        h = TF.silu(self.norm2(h) + x)
+        emb = self.emb(x.mean((2, 3)))
+        return torch.relu(self.norm3(h) + emb[:, :, None, None])  # a residual (N, C, 1, 1): PyTorch's add
+
+
+class Tokens(nn.Module):
+    """A transformer-like block over tokens: LayerNorm -> ReLU -> Linear, relu(LayerNorm(h) + t), RMSNorm ->
+    LeakyReLU."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.ln, self.relu, self.fc = nn.LayerNorm(d), nn.ReLU(), nn.Linear(d, d)
+        self.ln2, self.rms, self.lrelu = nn.LayerNorm(d), nn.RMSNorm(d), nn.LeakyReLU(0.1)
+
+    def forward(self, t):
+        h = self.fc(self.relu(self.ln(t)))
+        h = torch.relu(self.ln2(h) + t)
+        return self.lrelu(self.rms(h))
+
+
+class Model(nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.block, self.tokens = UNetBlock(c), Tokens(c)
+
+    def forward(self, x):
+        y = self.block(x)
+        return self.tokens(y.flatten(2).transpose(1, 2))
+
+
+def _random_norms(model, seed):
+    for i, m in enumerate(model.modules()):
+        if isinstance(m, (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.InstanceNorm2d)):
+            _randomised(m, torch.float32, seed + i)
+    return model
+
+
+def test_convert_fuses_groupnorm_silu_layernorm_relu_and_their_residual_adds():
+    with torch.random.fork_rng():
+        torch.manual_seed(60)  # (the conv's and linears' initial weights)
+        model = _random_norms(Model(), 60).eval()
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(60))
+    with torch.no_grad():
+        expected = model(x)
+    fused = bt.convert(copy.deepcopy(model), fuse_activations=True)
+    kinds = {name: (type(m).__name__, m.activation) for name, m in fused.named_modules() if hasattr(m, "activation")}
+    assert kinds == {"block.inorm": ("InstanceNormAct2d", "relu"), "block.norm1": ("GroupNormAct", "silu"),
+                     "block.norm2": ("GroupNormAct", "silu"), "block.norm3": ("GroupNormAct", "relu"),
+                     "tokens.ln": ("LayerNormAct", "relu"),
+                     "tokens.ln2": ("LayerNormAct", "relu"), "tokens.rms": ("RMSNormAct", ("leaky_relu", 0.1))}
+    residual_calls = sorted(n.target for n in fused.graph.nodes if n.op == "call_module" and len(n.args) == 2)
+    assert residual_calls == ["block.norm2", "block.norm3", "tokens.ln2"]
+    assert not any(n.op == "call_function" and n.target in (TF.silu, torch.relu) for n in fused.graph.nodes)
+    # (six normalizations in a row, each dividing by a standard deviation of 0.1 to 1: 1e-4 of float32's rounding
+    # before the activation)
+    assert_same_as_unfused(fused, model, x, expected, tol=1e-4)
+
+
+def test_unfusable_patterns_are_left_alone():
+    class Unfusable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gn, self.act = nn.GroupNorm(2, 4), ShiftedReLU()
+            self.gn2, self.silu = nn.GroupNorm(2, 4), nn.SiLU()
+            self.ln, self.relu = nn.LayerNorm(3), nn.ReLU()
+            self.ln_twice = nn.LayerNorm(3)
+
+        def forward(self, x):
+            a = self.act(self.gn(x))            # a subclassed activation
+            n = self.gn2(x)
+            b = self.silu(n) + n                # the norm's output read twice
+            c = torch.relu(self.ln_twice(x)) + torch.relu(self.ln_twice(x * 2))  # one module called twice
+            d = self.relu(self.ln(x))           # fusable: its activation's output is read twice below
+            return a + b + c + d * d
+
+    model = _random_norms(Unfusable(), 61).eval()
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(61))
+    fused = bt.convert(copy.deepcopy(model), fuse_activations=True)
+    assert type(fused.gn) is bt.GroupNorm and type(fused.gn2) is bt.GroupNorm
+    assert type(fused.ln_twice) is bt.LayerNorm
+    assert type(fused.ln) is bt.LayerNormAct and fused.ln.activation == "relu"
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_untraceable_model_has_its_sequential_pairs_fused_in_place():
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4), nn.SiLU(),
+                                      nn.InstanceNorm2d(4, affine=True), nn.Hardtanh(-0.5, 0.5), nn.LayerNorm(5),
+                                      nn.ReLU6(), nn.RMSNorm(5), MySiLU())
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                return self.body(x)
+            return -self.body(x)
+
+    with torch.random.fork_rng():
+        torch.manual_seed(62)  # (the conv's initial weights)
+        model = _random_norms(Dynamic(), 62).eval()
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(62))
+    with torch.no_grad():
+        expected = model(x)
+    assert bt.convert(model, fuse_activations=True) is model
+    body = model.body
+    assert [type(m) for m in body] == [nn.Conv2d, bt.GroupNormAct, nn.Identity, bt.InstanceNormAct2d, nn.Identity,
+                                       bt.LayerNormAct, nn.Identity, bt.RMSNorm, MySiLU]
+    assert (body[1].activation, body[3].activation, body[5].activation) == ("silu", ("clamp", -0.5, 0.5), "relu6")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
