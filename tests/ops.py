@@ -550,6 +550,13 @@ def _widened(e, extra):
     return None if e is None else Expected(e.value, e.bound + extra, e.dtype)
 
 
+def _epi_grads(c, grads, carried, du, err, residual):
+    """The plain backward's Expected gradients on du (grad_x first; None where absent) widened by du's error carried
+    through it (stored as they are), and grad_residual = du (None without a residual)."""
+    carried = (carried[0] + bounds.subnormal_spacing(c.dtype),) + tuple(carried[1:])
+    return tuple(_widened(g, e) for g, e in zip(grads, carried)) + (Expected(du, err, c.dtype) if residual else None,)
+
+
 def _epi_du(c, y, act, residual):
     """(du, its bound) from the oracle's y (an Expected stored as x) and the case's grad_out and residual."""
     u = y.value + (_x(c, "residual") if residual else 0.0)
@@ -565,10 +572,8 @@ def _exp_epi_backward(act, residual, training, stats):
         s = 1.0 / np.sqrt(var + c["eps"])
         du, err = _epi_du(c, _exp_y_given(c, mean, var, c["weight"], c["bias"]), act, residual)
         grads = _exp_grads(c, mean, s, c["weight"], training, _gdtype(c), dy=du)
-        cx, cw, cb = ref.backward_carry(err, _x(c), mean, s, c["weight"], c.layout, training)
-        carried = (cx + bounds.subnormal_spacing(c.dtype), cw, cb)
-        return tuple(_widened(g, e) for g, e in zip(grads, carried)) + (
-            Expected(du, err, c.dtype) if residual else None,)
+        return _epi_grads(c, grads, ref.backward_carry(err, _x(c), mean, s, c["weight"], c.layout, training), du, err,
+                          residual)
     return expect
 
 
@@ -958,9 +963,7 @@ def _exp_gn_epi_backward(act, residual):
         du, err = _epi_du(c, _exp_gn_y(c, mean, var)[0], act, residual)
         grads = _exp_gn_grads(c, mean, invstd, dy=c.canonical(du))
         cx, cw, cb = ref.group_backward_carry(c.canonical(err), _xc(c), mean, invstd, c["num_groups"], c["weight"])
-        return (_widened(grads[0], _group_out(c, cx) + bounds.subnormal_spacing(c.dtype)), _widened(grads[1], cw),
-                _widened(grads[2], cb),
-                Expected(du, err, c.dtype) if residual else None)
+        return _epi_grads(c, grads, (_group_out(c, cx), cw, cb), du, err, residual)
     return expect
 
 
@@ -1370,9 +1373,7 @@ def _exp_rn_epi_backward(act, residual):
         du, err = _epi_du(c, Expected(_from_rows(c, y), _from_rows(c, bound), c.dtype), act, residual)
         grads = _exp_rn_grads(c, mean, rstd, _gdtype(c), dy=_rows_of(c, du))
         cx, cw, cb = rno.backward_carry(_rows_of(c, err), x, mean, rstd, c["weight"], rms)
-        grads = (_widened(grads[0], _from_rows(c, cx) + bounds.subnormal_spacing(c.dtype)), _widened(grads[1], cw)) + (
-            () if rms else (_widened(grads[2], cb),))
-        return grads + (Expected(du, err, c.dtype) if residual else None,)
+        return _epi_grads(c, grads, (_from_rows(c, cx), cw, cb), du, err, residual)  # (RMS: grads has no grad_bias)
     return expect
 
 
@@ -1494,12 +1495,12 @@ def _rownorm_op(name, make_case, rms, layouts):
             EntryPoint("functional_silu_residual", _rn_silu_residual, (_Y,),
                        _exp_epilogue(lambda c: (_exp_rn_forward(c)[0],), "silu", True),
                        reads=("x", "residual") + params, out=("x",), ranks=anyrank),
-            # backward through fused epilogues (silu with a residual, relu without)
+            # backward through fused epilogues (silu and relu, with a residual)
             EntryPoint("backward_silu_residual", _rn_epi_backward("silu", True), grads + (_GRAD_RES,),
                        _exp_rn_epi_backward("silu", True), reads=epi_reads + ("residual",), out=("x", "grad_out"),
                        names=_RN_STATS64_NAMES, ranks=anyrank),
-            EntryPoint("backward_relu", _rn_epi_backward("relu", False), grads + (_GRAD_RES,),
-                       _exp_rn_epi_backward("relu", False), reads=epi_reads, out=("x", "grad_out"),
+            EntryPoint("backward_relu_residual", _rn_epi_backward("relu", True), grads + (_GRAD_RES,),
+                       _exp_rn_epi_backward("relu", True), reads=epi_reads + ("residual",), out=("x", "grad_out"),
                        names=_RN_STATS64_NAMES, ranks=anyrank),
         ),
         layouts=layouts,
