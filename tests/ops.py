@@ -558,9 +558,12 @@ def _epi_grads(c, grads, carried, du, err, residual):
 
 
 def _epi_du(c, y, act, residual):
-    """(du, its bound) from the oracle's y (an Expected stored as x) and the case's grad_out and residual."""
+    """(du, its bound) from the oracle's y (an Expected stored as x, with given statistics: its bound is element-wise
+    roundings of the data's dtype) and the case's grad_out and residual. u is never rounded to the data's dtype: its
+    bound is y's in units of the compute type (float32 for 16-bit data), plus the sum's rounding."""
     u = y.value + (_x(c, "residual") if residual else 0.0)
-    u_bound = y.bound + 4.0 * bounds.eps_of(c.dtype) * np.abs(u)
+    ec = bounds.eps_of(bounds.compute_dtype(c.dtype))
+    u_bound = y.bound * (ec / bounds.eps_of(c.dtype)) + 4.0 * ec * np.abs(u)
     dz = _x(c, "grad_out")
     du = ref.act_backward(act, u, dz)
     return du, bounds.act_backward_bound(act, u, dz, du, u_bound, c.dtype)

@@ -19,6 +19,9 @@ Backward with s = invstd[c], xhat = (x - mean) * s, sums over i:
 
 The steps: sum_dy = sum dy, sum_dyx = sum dy (x - mean) for a given mean; backward_apply's
 dx = a dy + b (x - mean) + d for given per-channel a, b, d.
+
+Through a fused epilogue z = act(y + residual), with u = y + residual and dz = dL/dz:
+    du = dz act'(u)      (the residual's gradient, and the dy of the normalisation's backward)
 """
 import math
 
