@@ -559,8 +559,9 @@ def _epi_grads(c, grads, carried, du, err, residual):
 
 def _epi_du(c, y, act, residual):
     """(du, its bound) from the oracle's y (an Expected stored as x, with given statistics: its bound is element-wise
-    roundings of the data's dtype) and the case's grad_out and residual. u is never rounded to the data's dtype: its
-    bound is y's in units of the compute type (float32 for 16-bit data), plus the sum's rounding."""
+    roundings of the data's dtype) and the case's grad_out and residual. u is not rounded to the data's dtype: its
+    bound is y's in units of the compute type (float32 for 16-bit data), plus the sum's rounding. (The float64 apply
+    of extreme channels, whose |mean| / std the registry's cases never reach, rounds y to the data's dtype first.)"""
     u = y.value + (_x(c, "residual") if residual else 0.0)
     ec = bounds.eps_of(bounds.compute_dtype(c.dtype))
     u_bound = y.bound * (ec / bounds.eps_of(c.dtype)) + 4.0 * ec * np.abs(u)
