@@ -792,7 +792,7 @@ BATCH_NORM = Op(
         EntryPoint("backward_silu_residual", _epi_backward_call(True, "silu", True, _STATS64), _GRADS + (_GRAD_RES,),
                    _exp_epi_backward("silu", True, True, _STATS64),
                    reads=("grad_out", "x", "residual") + _STATS64 + _PER_CHANNEL, out=("x", "grad_out"),
-                   names=_STATS64_NAMES),
+                   large=True, names=_STATS64_NAMES),
         EntryPoint("backward_eval_relu", _epi_backward_call(False, "relu", False, ("mean", "var")),
                    _GRADS + (_GRAD_RES,), _exp_epi_backward("relu", False, False, ("mean", "var")),
                    reads=("grad_out", "x", "mean", "var") + _PER_CHANNEL, out=("x", "grad_out")),
@@ -1166,7 +1166,7 @@ GROUP_NORM = Op(
         # backward through fused epilogues (silu with a residual, relu without)
         EntryPoint("backward_silu_residual", _gn_epi_backward("silu", True), _GRADS + (_GRAD_RES,),
                    _exp_gn_epi_backward("silu", True), reads=_GN_EPI_BWD_READS + ("residual",),
-                   out=("x", "grad_out"), names=_STATS64_NAMES),
+                   out=("x", "grad_out"), large=True, names=_STATS64_NAMES),
         EntryPoint("backward_relu", _gn_epi_backward("relu", False), _GRADS + (_GRAD_RES,),
                    _exp_gn_epi_backward("relu", False), reads=_GN_EPI_BWD_READS,
                    out=("x", "grad_out"), names=_STATS64_NAMES),
@@ -1502,7 +1502,7 @@ def _rownorm_op(name, make_case, rms, layouts):
             # backward through fused epilogues (silu and relu, with a residual)
             EntryPoint("backward_silu_residual", _rn_epi_backward("silu", True), grads + (_GRAD_RES,),
                        _exp_rn_epi_backward("silu", True), reads=epi_reads + ("residual",), out=("x", "grad_out"),
-                       names=_RN_STATS64_NAMES, ranks=anyrank),
+                       large=True, names=_RN_STATS64_NAMES, ranks=anyrank),
             EntryPoint("backward_relu_residual", _rn_epi_backward("relu", True), grads + (_GRAD_RES,),
                        _exp_rn_epi_backward("relu", True), reads=epi_reads + ("residual",), out=("x", "grad_out"),
                        names=_RN_STATS64_NAMES, ranks=anyrank),
