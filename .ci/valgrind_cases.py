@@ -1,18 +1,19 @@
 """Small cases for running every entry point of every registered op under valgrind's memcheck (see .ci/valgrind).
 
-The ops and their entry points come from the test registry (tests/ops.py; for batch norm: batch_norm in training
-and eval mode, batch_norm_forward, batch_norm_backward in training and eval mode, batch_stats, normalize,
-backward_reduce, backward_apply, the internal apply kernel, a layer's forward and backward in both modes and its
-state_dict round trip). Each runs on small odd shapes around the vector widths, in every layout, on each ISA given
-(default: scalar and avx2, the ones valgrind can emulate; it has no AVX-512): float32 on 1 thread for the ISAs before
-the last; for the last, both dtypes and the 16-bit ones on 1 thread, and on 2 threads (the drivers' thread splits,
-the threaded shapes and the large cases are the same code on every ISA, and the streaming stores the large cases
-exist for are the vector ISAs'; running them once keeps the step within CI's time; the ASan step runs every ISA's
-kernels on the whole suite). On the last ISA's 1 thread each float32 call is made again under the layout's alias
-("channels_first", "channels_last"), and, for an entry point with out=, in place over each input it may overwrite:
-these must give the bytes of the plain call. Larger cases make the kernels actually fork threads (more than 32768
-elements) and split rows into pieces, and the largest run the entry points marked large with streaming stores
-(element-wise sweeps beyond the streaming threshold, lowered here so that they stay small).
+The ops and their entry points come from the test registry (tests/ops.py; for batch norm: batch_norm in training and
+eval mode, batch_norm_forward, batch_norm_backward in training and eval mode, batch_stats, normalize,
+backward_reduce, backward_apply, the internal apply kernel, a layer's forward and backward in both modes, its
+state_dict round trip, and the forward and the backward through fused epilogues). Each runs on small odd shapes
+around the vector widths, in every layout, on each ISA given (default: scalar and avx2, the ones valgrind can
+emulate; it has no AVX-512): float32 on 1 thread for the ISAs before the last; for the last, both dtypes and the
+16-bit ones on 1 thread, and on 2 threads (the drivers' thread splits, the threaded shapes and the large cases are
+the same code on every ISA, and the streaming stores the large cases exist for are the vector ISAs'; running them
+once keeps the step within CI's time; the ASan step runs every ISA's kernels on the whole suite). On the last ISA's
+1 thread each float32 call is made again under the layout's alias ("channels_first", "channels_last"), and, for an
+entry point with out=, in place over each input it may overwrite: these must give the bytes of the plain call.
+Larger cases make the kernels actually fork threads (more than 32768 elements) and split rows into pieces, and the
+largest run the entry points marked large with streaming stores (element-wise sweeps beyond the streaming threshold,
+lowered here so that they stay small).
 
 16-bit data (float16, and bfloat16 when ml_dtypes is installed) runs the functional entry points on a few small
 shapes, on 1 thread.
@@ -24,7 +25,11 @@ uninitialised value only where it decides a branch or leaves the process, so the
 check, which branches on every element) are what make an output element that a kernel failed to write show up as an
 error.
 
-    python .ci/valgrind_cases.py [ISA ...]       # prints one line per ISA and a closing summary line
+    python .ci/valgrind_cases.py [--entries=NAME,...] [ISA ...]    # one line per ISA and a closing summary line
+
+--entries runs only the entry points of those names (of every op that has them), e.g.
+--entries=backward_silu_residual,backward_relu,backward_eval_relu,backward_relu_residual for the backward through
+the fused epilogues.
 """
 import os
 import sys
@@ -102,12 +107,20 @@ def same_bits(a, b):
 # norm's forward and backward drivers; instance norm's running statistics and its backward). Their functional
 # variants and layers call the same C functions as these (the whole suite checks them, and the ASan step runs
 # them all), and memcheck's time grows with every call.
-KERNEL_ENTRIES = {"group_norm": ("forward", "backward"), "instance_norm": ("train", "eval", "backward")}
+# (The backward through a fused epilogue has drivers of its own: group norm's with silu and a residual, and with relu;
+# instance norm's, the same driver with one channel per group, once.)
+KERNEL_ENTRIES = {"group_norm": ("forward", "backward", "backward_silu_residual", "backward_relu"),
+                  "instance_norm": ("train", "eval", "backward", "backward_relu_residual")}
+SELECTED = None  # the entry point names of --entries (None: all)
+
+
+def selected(op, ep):
+    keep = KERNEL_ENTRIES.get(op.name)
+    return (keep is None or ep.name in keep) and (SELECTED is None or ep.name in SELECTED)
 
 
 def entry_points(op):
-    keep = KERNEL_ENTRIES.get(op.name)
-    return [ep for ep in op.entry_points if keep is None or ep.name in keep]
+    return [ep for ep in op.entry_points if selected(op, ep)]
 
 
 def run_case(op, shape, layout, dtype, seed, variants):
@@ -143,7 +156,7 @@ def run_half(op, shape, layout, dtype, seed):
     case = half_cases.case(op, seed, shape, layout, dtype)
     calls = 0
     for ep in half_cases.entries(op, case):
-        if ep.name in KERNEL_ENTRIES.get(op.name, (ep.name,)):
+        if selected(op, ep):
             half_cases.check(ep, case, ep(case.fresh()))
             calls += 1
     return calls
@@ -167,6 +180,10 @@ def run_large(op, shape, layout, dtype, seed):
 
 
 def main(argv):
+    global SELECTED
+    for a in [a for a in argv if a.startswith("--entries=")]:
+        SELECTED = set(a.split("=", 1)[1].split(","))
+        argv = [b for b in argv if b != a]
     supported = bn_simd.show_config()["supported_isas"]
     isas = argv or [i for i in ("scalar", "avx2") if i in supported]
     threads = (1, 2) if bn_simd.show_config()["openmp"] else (1,)

@@ -136,6 +136,40 @@ def backward_bounds(dy, x, mean, inv_std, weight=None, layout="NCHW", training=T
     return ref.from_cn(dx_bound, np.shape(x), layout), dw_bound, db_bound
 
 
+
+def subnormal_spacing(dtype):
+    """The spacing of `dtype`'s subnormal numbers: what a rounding to it can cost below its smallest normal number,
+    however small the result (float16's is 6e-8: the gradients of a masked activation reach it)."""
+    return float(np.finfo(dtype).smallest_subnormal)
+
+
+SILU_CURVATURE = 0.5  # max |silu''(u)|, reached at u = 0: silu' moves by at most half of u's error
+
+
+def compute_dtype(dtype):
+    """The kernels' compute type for data of `dtype`: float32 for the 16-bit types, else dtype itself."""
+    return np.dtype(np.float32) if np.dtype(dtype).itemsize == 2 else np.dtype(dtype)
+
+
+def act_backward_bound(act, u, dz, du, u_bound, dtype):
+    """Bound on the error of du = dz act'(u) (oracle.act_backward) computed by the library in the compute type of
+    `dtype` from its own u, within u_bound of the oracle's u, and rounded to the data's `dtype`.
+
+    relu: du is dz or 0, selected (no rounding); where |u| <= u_bound the library's u may lie across the kink, and the
+    bound there is the jump, |dz| (0 elsewhere). silu: act'(u) = s (1 + u (1 - s)) moves by at most SILU_CURVATURE
+    u_bound; computing it (s from an exp of a few ulp, then three operations) errs by a few roundings of the size of
+    its terms, s (1 + |u|): 8 eps of the compute type of that; and du is rounded once to `dtype`: eps |du|, or its
+    subnormal spacing. (NaN where u is NaN: the oracle's du is NaN there too.)"""
+    e, ec = eps_of(dtype), eps_of(compute_dtype(dtype))
+    u, dz = np.asarray(u, np.float64), np.abs(np.asarray(dz, np.float64))
+    if act == "relu":
+        return np.where(np.abs(u) <= u_bound, dz, 0.0)
+    if act == "silu":
+        s = 1.0 / (1.0 + np.exp(-u))
+        return (dz * (SILU_CURVATURE * u_bound + 8.0 * ec * s * (1.0 + np.abs(u))) + e * np.abs(du)
+                + subnormal_spacing(dtype))
+    raise ValueError(f"act_backward_bound: no bound for activation {act!r}")
+
 def assert_within(actual, expected, bound, what="value"):
     """|actual - expected| <= bound element-wise (bound broadcasts), with a useful message on failure."""
     actual = np.asarray(actual, dtype=np.float64)

@@ -13,9 +13,18 @@ import ops
 
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
 NAMES = ("float16", "bfloat16")
-# the entry points that take 16-bit data (the others refuse it: tests/test_half.py)
+# the entry points that take 16-bit data (the others refuse it: tests/test_half.py): the functional ones, fused
+# epilogues (forward and backward) included
 ENTRIES = {"train", "eval", "forward", "backward", "backward_eval", "stats", "normalize", "backward_reduce",
-           "functional"}
+           "functional", "train_relu_residual", "eval_leaky_relu", "eval_silu_residual", "functional_relu_residual",
+           "functional_silu_residual", "backward_silu_residual", "backward_eval_relu", "backward_relu",
+           "backward_relu_residual"}
+
+# the entry points that round an intermediate to the 16-bit type and compute their other outputs from it: the backward
+# through a smooth activation (du = dz silu'(u), the residual's gradient, is the normalisation's dy; relu's du is dz
+# or 0, no rounding). Two ISAs' float32 du differ by a few float32 ulp, which a 16-bit rounding can turn into one
+# 16-bit ulp: the other outputs then move by what the oracle's bound carries for that rounding.
+ROUNDED_BETWEEN = {"backward_silu_residual": "grad_residual"}
 
 
 def dtype(name):

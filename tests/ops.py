@@ -340,8 +340,10 @@ def bn_make_case(rng, shape, layout="NCHW", dtype=np.float32, *, loc=0.0, scale=
     x ~ loc + scale N(0, 1) and grad_out ~ N(0, 1) in `dtype`; weight (|w| in [0.5, 2], both signs) and bias
     (N(0, 1)) in param_dtype, or None without affine; running statistics (near the data's) in stats_dtype, or None
     without track; save_mean / save_invstd the batch's statistics in `dtype` (as batch_norm_forward returns them);
-    mean and var (for normalize and the backward steps) near the data's, and the backward_apply coefficients a, b,
-    d, in param_dtype. param_dtype and stats_dtype default to `dtype`.
+    stats_mean / stats_var the same statistics in float64 (the biased variance: the save_stats of a forward through a
+    fused epilogue); mean and var (for normalize and the backward steps) near the data's, and the backward_apply
+    coefficients a, b, d, in param_dtype; residual ~ N(0, 1) in `dtype`. param_dtype and stats_dtype default to
+    `dtype`.
     """
     dtype = np.dtype(dtype)
     pdt, sdt = np.dtype(param_dtype or dtype), np.dtype(stats_dtype or dtype)
@@ -363,7 +365,8 @@ def bn_make_case(rng, shape, layout="NCHW", dtype=np.float32, *, loc=0.0, scale=
                   weight=w.astype(pdt) if affine else None, bias=b.astype(pdt) if affine else None,
                   running_mean=rm.astype(sdt) if track else None, running_var=rv.astype(sdt) if track else None,
                   save_mean=bm.astype(dtype), save_invstd=(1.0 / np.sqrt(bv + eps)).astype(dtype),
-                  mean=mean.astype(pdt), var=var.astype(pdt), a=ca.astype(pdt), b=cb.astype(pdt), d=cd.astype(pdt))
+                  mean=mean.astype(pdt), var=var.astype(pdt), a=ca.astype(pdt), b=cb.astype(pdt), d=cd.astype(pdt),
+                  stats_mean=np.asarray(bm, np.float64), stats_var=np.asarray(bv, np.float64))
     # (drawn last: the arrays above keep the values they had before the fused epilogues' entry points)
     arrays["residual"] = _store(rng.standard_normal(shape).astype(dtype), layout)
     params = dict(eps=eps, momentum=momentum, unbiased=unbiased)
@@ -446,10 +449,11 @@ def _exp_stats(c):
     return Expected(mean, t * (np.abs(mean) + np.sqrt(var)), F64), Expected(var, 4.0 * t * var, F64)
 
 
-def _exp_grads(c, mean, invstd, weight, training, gdtype, batch_stats=False):
+def _exp_grads(c, mean, invstd, weight, training, gdtype, batch_stats=False, dy=None):
     """(grad_x, grad_weight, grad_bias), the parameter gradients returned in gdtype. The library rounds them to
-    weight's dtype (x's without weight) first, so the coarsest of those dtypes rounds them."""
-    x, dy = _x(c), _x(c, "grad_out")
+    weight's dtype (x's without weight) first, so the coarsest of those dtypes rounds them. dy: the case's grad_out
+    unless given (float64, stored as x)."""
+    x, dy = _x(c), (_x(c, "grad_out") if dy is None else dy)
     dx, dw, db = ref.backward(dy, x, mean, invstd, weight, c.layout, training)
     bx, bw, bb = bounds.backward_bounds(dy, x, mean, invstd, weight, c.layout, training, c.dtype,
                                         batch_stats=batch_stats, eps=c["eps"], tol=c.tol)
@@ -531,6 +535,58 @@ def _epilogue_call(training, act, residual):
                                unbiased_running_var=c["unbiased"], activation=act,
                                residual=c["residual"] if residual else None)
         return (y, c["running_mean"], c["running_var"]) if training else (y,)
+    return call
+
+
+# -- the backward through a fused epilogue: u = y + residual is recomputed from x with the forward's statistics (the
+# case's float64 ones, exact inputs), du = dz act'(u) (oracle.act_backward) is the residual's gradient and the plain
+# backward's dy. du's bound (bounds.act_backward_bound) takes u's: y's with given statistics plus the sum's rounding;
+# the gradients get the plain backward's bounds on du plus du's error carried through the backward's linear maps, and
+# grad_x its dtype's subnormal spacing (a masked activation's gradients come close to 0, and float16's spacing there
+# is above its relative bound) --
+
+def _widened(e, extra):
+    """An Expected (or None) with `extra` added to its bound."""
+    return None if e is None else Expected(e.value, e.bound + extra, e.dtype)
+
+
+def _epi_grads(c, grads, carried, du, err, residual):
+    """The plain backward's Expected gradients on du (grad_x first; None where absent) widened by du's error carried
+    through it (stored as they are), and grad_residual = du (None without a residual)."""
+    carried = (carried[0] + bounds.subnormal_spacing(c.dtype),) + tuple(carried[1:])
+    return tuple(_widened(g, e) for g, e in zip(grads, carried)) + (Expected(du, err, c.dtype) if residual else None,)
+
+
+def _epi_du(c, y, act, residual):
+    """(du, its bound) from the oracle's y (an Expected stored as x, with given statistics: its bound is element-wise
+    roundings of the data's dtype) and the case's grad_out and residual. u is not rounded to the data's dtype: its
+    bound is y's in units of the compute type (float32 for 16-bit data), plus the sum's rounding. (The float64 apply
+    of extreme channels, whose |mean| / std the registry's cases never reach, rounds y to the data's dtype first.)"""
+    u = y.value + (_x(c, "residual") if residual else 0.0)
+    ec = bounds.eps_of(bounds.compute_dtype(c.dtype))
+    u_bound = y.bound * (ec / bounds.eps_of(c.dtype)) + 4.0 * ec * np.abs(u)
+    dz = _x(c, "grad_out")
+    du = ref.act_backward(act, u, dz)
+    return du, bounds.act_backward_bound(act, u, dz, du, u_bound, c.dtype)
+
+
+def _exp_epi_backward(act, residual, training, stats):
+    def expect(c):
+        mean, var = (_f64(c[k]) for k in stats)
+        s = 1.0 / np.sqrt(var + c["eps"])
+        du, err = _epi_du(c, _exp_y_given(c, mean, var, c["weight"], c["bias"]), act, residual)
+        grads = _exp_grads(c, mean, s, c["weight"], training, _gdtype(c), dy=du)
+        return _epi_grads(c, grads, ref.backward_carry(err, _x(c), mean, s, c["weight"], c.layout, training), du, err,
+                          residual)
+    return expect
+
+
+def _epi_backward_call(training, act, residual, stats):
+    def call(c, out, ctx):
+        return bn_simd.batch_norm_backward(c["grad_out"], c["x"], None, None, c["weight"], layout=c.layout_arg,
+                                           out=out, training=training, activation=act,
+                                           residual=c["residual"] if residual else None, bias=c["bias"],
+                                           eps=c["eps"], save_stats=tuple(c[k] for k in stats))
     return call
 
 
@@ -681,6 +737,9 @@ _RUNNING = (Output("running_mean", CHANNEL), Output("running_var", CHANNEL))
 _PER_CHANNEL = ("weight", "bias")
 _LAYER_NAMES = {"x": r"\bx\b|input"}  # a layer's rank message speaks of its "input"
 _RUNNING_STATS = ("running_mean", "running_var")
+_GRAD_RES = Output("grad_residual")
+_STATS64 = ("stats_mean", "stats_var")  # (the save_stats of a forward through an epilogue: the API's names)
+_STATS64_NAMES = {"stats_mean": r"save_stats\[0\] \(mean\)", "stats_var": r"save_stats\[1\] \(var\)"}
 
 BATCH_NORM = Op(
     name="batch_norm",
@@ -728,6 +787,15 @@ BATCH_NORM = Op(
                    _exp_epilogue(_exp_eval, "silu", True),
                    reads=("x", "running_mean", "running_var", "residual") + _PER_CHANNEL, out=("x",),
                    needs=_RUNNING_STATS),
+        # backward through fused epilogues: silu (smooth) with a residual in training, relu (a kink) in eval mode
+        # with given statistics
+        EntryPoint("backward_silu_residual", _epi_backward_call(True, "silu", True, _STATS64), _GRADS + (_GRAD_RES,),
+                   _exp_epi_backward("silu", True, True, _STATS64),
+                   reads=("grad_out", "x", "residual") + _STATS64 + _PER_CHANNEL, out=("x", "grad_out"),
+                   large=True, names=_STATS64_NAMES),
+        EntryPoint("backward_eval_relu", _epi_backward_call(False, "relu", False, ("mean", "var")),
+                   _GRADS + (_GRAD_RES,), _exp_epi_backward("relu", False, False, ("mean", "var")),
+                   reads=("grad_out", "x", "mean", "var") + _PER_CHANNEL, out=("x", "grad_out")),
         EntryPoint("state_dict", _state_dict,
                    (Output("weight", CHANNEL), Output("bias", CHANNEL)) + _RUNNING
                    + (Output("num_batches_tracked", SCALAR),),
@@ -741,7 +809,7 @@ BATCH_NORM = Op(
     dtypes=(np.dtype(np.float32), np.dtype(np.float64), HALF),
     args=dict(x=DATA, grad_out=DATA, weight=CHANNEL, bias=CHANNEL, running_mean=CHANNEL, running_var=CHANNEL,
               save_mean=GROUP, save_invstd=GROUP, mean=GROUP, var=GROUP, a=CHANNEL, b=CHANNEL, d=CHANNEL,
-              residual=DATA),
+              residual=DATA, stats_mean=GROUP, stats_var=GROUP),
     state=("running_mean", "running_var"),
     tolerance=bounds.tolerance,
     groups=_bn_groups,
@@ -780,7 +848,8 @@ def _group_case(op, rng, shape, layout, dtype, num_groups, loc, scale, affine, p
     arrays = dict(x=_store(x, layout), grad_out=_store(dy, layout),
                   weight=w.astype(pdt) if affine else None, bias=b.astype(pdt) if affine else None,
                   running_mean=rm.astype(sdt) if track else None, running_var=rv.astype(sdt) if track else None,
-                  save_mean=gm.astype(dtype), save_invstd=(1.0 / np.sqrt(gv + eps)).astype(dtype))
+                  save_mean=gm.astype(dtype), save_invstd=(1.0 / np.sqrt(gv + eps)).astype(dtype),
+                  stats_mean=np.asarray(gm, np.float64), stats_var=np.asarray(gv, np.float64))
     # (drawn last: the arrays above keep the values they had before the fused epilogues' entry points)
     arrays["residual"] = _store(rng.standard_normal(shape).astype(dtype), layout)
     params = dict(eps=eps, momentum=momentum, num_groups=G)
@@ -790,8 +859,9 @@ def _group_case(op, rng, shape, layout, dtype, num_groups, loc, scale, affine, p
 def gn_make_case(rng, shape, layout="NCHW", dtype=np.float32, *, num_groups=None, loc=0.0, scale=1.0, affine=True,
                  param_dtype=None, stats_dtype=None, track=True, eps=1e-5, momentum=0.1, unbiased=True):
     """Group norm's arguments for x of logical shape (N, C, *spatial) in `layout`: as bn_make_case, with
-    num_groups (default: groups of 2 channels where C is even) and save_mean / save_invstd the (N, G) statistics
-    of the batch's groups in `dtype`. (track, stats_dtype, momentum, unbiased: accepted, not used.)"""
+    num_groups (default: groups of 2 channels where C is even), save_mean / save_invstd the (N, G) statistics
+    of the batch's groups in `dtype` and stats_mean / stats_var their mean and biased variance in float64 (a fused
+    epilogue's save_stats). (track, stats_dtype, momentum, unbiased: accepted, not used.)"""
     G = num_groups or _default_groups(shape[1], math.prod(shape[2:]))
     return _group_case(GROUP_NORM, rng, shape, layout, dtype, G, loc, scale, affine, param_dtype, stats_dtype, False,
                        eps, momentum)
@@ -841,10 +911,11 @@ def _exp_gn_forward(c):
     return y, Expected(m, t * (np.abs(m) + np.sqrt(v)), c.dtype), Expected(s, 4.0 * t * s, c.dtype)
 
 
-def _exp_gn_grads(c, mean, invstd, gdtype=None):
+def _exp_gn_grads(c, mean, invstd, gdtype=None, dy=None):
+    """dy: the case's grad_out unless given (float64, canonical layout)."""
     G = c["num_groups"]
-    (dx, dw, db), (dxs, dx_sums, dws, dbs) = ref.group_backward(_xc(c, "grad_out"), _xc(c), mean, invstd, G,
-                                                                 c["weight"])
+    dy = _xc(c, "grad_out") if dy is None else dy
+    (dx, dw, db), (dxs, dx_sums, dws, dbs) = ref.group_backward(dy, _xc(c), mean, invstd, G, c["weight"])
     t = c.tol
     gdtype = np.dtype(gdtype or _gdtype(c))
     rounding = coarser(gdtype, _gdtype(c), c.dtype)  # (a layer rounds weight's dtype's gradients to its own)
@@ -886,6 +957,28 @@ def _exp_gn_layer_backward(c):
         g0 = grads[0]
         grads = (Expected(g0.value, g0.bound + _group_out(c, extra.reshape(x.shape)), g0.dtype),) + grads[1:]
     return grads if c["weight"] is not None else (grads[0], None, None)
+
+
+def _exp_gn_epi_backward(act, residual):
+    """Through a fused epilogue (as batch norm's _exp_epi_backward) with the case's float64 (N, G) statistics."""
+    def expect(c):
+        mean, var = _f64(c["stats_mean"]), _f64(c["stats_var"])
+        invstd = 1.0 / np.sqrt(var + c["eps"])
+        du, err = _epi_du(c, _exp_gn_y(c, mean, var)[0], act, residual)
+        grads = _exp_gn_grads(c, mean, invstd, dy=c.canonical(du))
+        cx, cw, cb = ref.group_backward_carry(c.canonical(err), _xc(c), mean, invstd, c["num_groups"], c["weight"])
+        return _epi_grads(c, grads, (_group_out(c, cx), cw, cb), du, err, residual)
+    return expect
+
+
+def _gn_epi_backward(act, residual, instance=False):
+    def call(c, out, ctx):
+        kw = dict(layout=c.layout_arg, out=out, activation=act, residual=c["residual"] if residual else None,
+                  bias=c["bias"], eps=c["eps"], save_stats=(c["stats_mean"], c["stats_var"]))
+        if instance:
+            return bn_simd.instance_norm_backward(c["grad_out"], c["x"], None, None, c["weight"], **kw)
+        return bn_simd.group_norm_backward(c["grad_out"], c["x"], None, None, c["num_groups"], c["weight"], **kw)
+    return call
 
 
 def _gn_forward(c, out, ctx):
@@ -1049,7 +1142,8 @@ _STATS_OUT = (Output("save_mean", GROUP), Output("save_invstd", GROUP))
 _GN_BWD_READS = ("grad_out", "x", "save_mean", "save_invstd", "weight")
 _GN_BWD_NAMES = {"save_mean": r"\bmean\b", "save_invstd": r"\binvstd\b"}  # (the API's names)
 _GN_ARGS = dict(x=DATA, grad_out=DATA, weight=CHANNEL, bias=CHANNEL, running_mean=CHANNEL, running_var=CHANNEL,
-                save_mean=GROUP, save_invstd=GROUP, residual=DATA)
+                save_mean=GROUP, save_invstd=GROUP, residual=DATA, stats_mean=GROUP, stats_var=GROUP)
+_GN_EPI_BWD_READS = ("grad_out", "x") + _STATS64 + _PER_CHANNEL  # (and the residual when there is one)
 
 GROUP_NORM = Op(
     name="group_norm",
@@ -1069,6 +1163,13 @@ GROUP_NORM = Op(
         EntryPoint("functional_relu_residual", _gn_relu_residual, (_Y,),
                    _exp_epilogue(lambda c: (_exp_gn_y(c)[0],), "relu", True), reads=("x", "residual") + _PER_CHANNEL,
                    out=("x",), batch=True),
+        # backward through fused epilogues (silu with a residual, relu without)
+        EntryPoint("backward_silu_residual", _gn_epi_backward("silu", True), _GRADS + (_GRAD_RES,),
+                   _exp_gn_epi_backward("silu", True), reads=_GN_EPI_BWD_READS + ("residual",),
+                   out=("x", "grad_out"), large=True, names=_STATS64_NAMES),
+        EntryPoint("backward_relu", _gn_epi_backward("relu", False), _GRADS + (_GRAD_RES,),
+                   _exp_gn_epi_backward("relu", False), reads=_GN_EPI_BWD_READS,
+                   out=("x", "grad_out"), names=_STATS64_NAMES),
     ),
     layouts=BN_LAYOUTS,
     store=_store,
@@ -1107,6 +1208,10 @@ INSTANCE_NORM = Op(
                    names=_LAYER_NAMES, ranks=_IN_LAYER_RANKS),
         EntryPoint("layer_eval_backward", _layer_backward, _GRADS, _exp_in_eval_backward, reads=("grad_out",),
                    out=("x", "grad_out"), needs=_RUNNING_STATS, prepare=_in_layer_prepare(False)),
+        # backward through a fused epilogue (relu with a residual)
+        EntryPoint("backward_relu_residual", _gn_epi_backward("relu", True, instance=True), _GRADS + (_GRAD_RES,),
+                   _exp_gn_epi_backward("relu", True), reads=_GN_EPI_BWD_READS + ("residual",),
+                   out=("x", "grad_out"), names=_STATS64_NAMES),
     ),
     layouts=BN_LAYOUTS,
     store=_store,
@@ -1146,7 +1251,12 @@ def _ln_stat_shape(shape, layout):
 
 def _rows(c, name="x"):
     """A DATA array of the case as float64 rows (N S, C)."""
-    return rno.to_rows(c.canonical(c[name]), 1, channels_first=True)
+    return _rows_of(c, c[name])
+
+
+def _rows_of(c, a):
+    """An array stored as the case's x, as float64 rows (N S, C)."""
+    return rno.to_rows(c.canonical(a), 1, channels_first=True)
 
 
 def _from_rows(c, r):
@@ -1168,7 +1278,7 @@ def _rownorm_case(op, rms, rng, shape, layout, dtype, loc, scale, affine, param_
     st = _ln_stat_shape(shape, layout)
     arrays = dict(x=_store(x, layout), grad_out=_store(dy, layout), weight=w.astype(pdt) if affine else None,
                   bias=b.astype(pdt) if affine and not rms else None, save_mean=mean.astype(dtype).reshape(st),
-                  save_rstd=rstd.astype(dtype).reshape(st))
+                  save_rstd=rstd.astype(dtype).reshape(st), stats_mean=mean.reshape(st), stats_rstd=rstd.reshape(st))
     # (drawn last: the arrays above keep the values they had before the fused epilogues' entry points)
     arrays["residual"] = _store(rng.standard_normal(shape).astype(dtype), layout)
     return Case(op, shape, layout, dtype, arrays, dict(eps=eps), C)
@@ -1178,7 +1288,8 @@ def ln_make_case(rng, shape, layout="NCHW", dtype=np.float32, *, loc=0.0, scale=
                  eps=1e-5, **ignored):
     """Layer norm's arguments for x of logical shape (N, C, *spatial) stored in `layout`: x ~ loc + scale N(0, 1),
     grad_out ~ N(0, 1) in dtype; weight, bias (C,) in param_dtype (None without affine); save_mean, save_rstd the
-    positions' statistics in dtype, shaped as the library returns them. (Other suites' options: ignored.)"""
+    positions' statistics in dtype, shaped as the library returns them, and stats_mean, stats_rstd the same in float64
+    (a fused epilogue's save_stats); residual ~ N(0, 1) in dtype. (Other suites' options: ignored.)"""
     return _rownorm_case(LAYER_NORM, False, rng, shape, layout, dtype, loc, scale, affine, param_dtype, eps)
 
 
@@ -1212,8 +1323,9 @@ def _exp_rn_forward(c):
     return ye, Expected(mean.reshape(ns), (t * (np.abs(mean) + sd)).reshape(ns), c.dtype), se
 
 
-def _exp_rn_grads(c, mean, rstd, gdtype, extra=False):
-    rms, x, dy = _rms_of(c), _rows(c), _rows(c, "grad_out")
+def _exp_rn_grads(c, mean, rstd, gdtype, extra=False, dy=None):
+    """dy: the case's grad_out unless given (float64 rows)."""
+    rms, x, dy = _rms_of(c), _rows(c), (_rows(c, "grad_out") if dy is None else dy)
     with np.errstate(all="ignore"):
         (dx, dw, db), mags = rno.backward(dy, x, mean, rstd, c["weight"], rms)
         bx, bw, bb = rno.backward_bound(mags, dw, db, c.dtype, x.shape[1], x.shape[0], coarser(gdtype, c.dtype))
@@ -1253,6 +1365,22 @@ def _exp_rn_layer_backward(c):
     return g
 
 
+def _exp_rn_epi_backward(act, residual):
+    """Through a fused epilogue (as batch norm's _exp_epi_backward) with the case's float64 statistics."""
+    def expect(c):
+        rms, x = _rms_of(c), _rows(c)
+        mean = None if rms else _f64(c["stats_mean"]).reshape(-1)
+        rstd = _f64(c["stats_rstd"]).reshape(-1)
+        with np.errstate(all="ignore"):
+            y, xhat = rno.normalize(x, mean, rstd, c["weight"], c["bias"], rms)
+            bound = rno.forward_bound(x, xhat, rstd, c.dtype, c["weight"], c["bias"], rms, batch_stats=False)
+        du, err = _epi_du(c, Expected(_from_rows(c, y), _from_rows(c, bound), c.dtype), act, residual)
+        grads = _exp_rn_grads(c, mean, rstd, _gdtype(c), dy=_rows_of(c, du))
+        cx, cw, cb = rno.backward_carry(_rows_of(c, err), x, mean, rstd, c["weight"], rms)
+        return _epi_grads(c, grads, (_from_rows(c, cx), cw, cb), du, err, residual)  # (RMS: grads has no grad_bias)
+    return expect
+
+
 def _ln_lib_layout(c):
     return c.layout_arg
 
@@ -1286,6 +1414,18 @@ def _rn_backward(c, out, ctx):
         return bn_simd.rms_norm_backward(c["grad_out"], c["x"], c["save_rstd"], c.shape[1], c["weight"], out=out)
     return bn_simd.layer_norm_backward(c["grad_out"], c["x"], c["save_mean"], c["save_rstd"], c.shape[1],
                                        c["weight"], c["bias"], out=out, layout=_ln_lib_layout(c))
+
+
+def _rn_epi_backward(act, residual):
+    def call(c, out, ctx):
+        res = c["residual"] if residual else None
+        if _rms_of(c):
+            return bn_simd.rms_norm_backward(c["grad_out"], c["x"], None, c.shape[1], c["weight"], out=out,
+                                             activation=act, residual=res, save_stats=(c["stats_rstd"],))
+        return bn_simd.layer_norm_backward(c["grad_out"], c["x"], None, None, c.shape[1], c["weight"], c["bias"],
+                                           out=out, layout=_ln_lib_layout(c), activation=act, residual=res,
+                                           save_stats=(c["stats_mean"], c["stats_rstd"]))
+    return call
 
 
 def _rn_layer(c):
@@ -1328,7 +1468,9 @@ def _rn_restrict(c, which):
 
 
 _RN_NAMES = {"save_mean": r"\bmean\b", "save_rstd": r"\brstd\b"}  # (the API's names)
-_RN_ARGS = dict(x=DATA, grad_out=DATA, weight=CHANNEL, bias=CHANNEL, save_mean=GROUP, save_rstd=GROUP, residual=DATA)
+_RN_STATS64_NAMES = {"stats_mean": r"save_stats\[0\] \(mean\)", "stats_rstd": r"save_stats\[\d\] \(rstd\)"}
+_RN_ARGS = dict(x=DATA, grad_out=DATA, weight=CHANNEL, bias=CHANNEL, save_mean=GROUP, save_rstd=GROUP, residual=DATA,
+                stats_mean=GROUP, stats_rstd=GROUP)
 _LN_STATS = (Output("save_mean", GROUP), Output("save_rstd", GROUP))
 
 
@@ -1337,6 +1479,7 @@ def _rownorm_op(name, make_case, rms, layouts):
     params = ("weight",) if rms else _PER_CHANNEL
     stats = (Output("save_rstd", GROUP),) if rms else _LN_STATS
     bwd_reads = ("grad_out", "x") + (() if rms else ("save_mean",)) + ("save_rstd",) + params
+    epi_reads = ("grad_out", "x") + (() if rms else ("stats_mean",)) + ("stats_rstd",) + params
     anyrank = tuple(range(1, 9))  # (any rank that ends in normalized_shape; the suites' bad ranks: 0 and 9)
     return Op(
         name=name,
@@ -1356,13 +1499,21 @@ def _rownorm_op(name, make_case, rms, layouts):
             EntryPoint("functional_silu_residual", _rn_silu_residual, (_Y,),
                        _exp_epilogue(lambda c: (_exp_rn_forward(c)[0],), "silu", True),
                        reads=("x", "residual") + params, out=("x",), ranks=anyrank),
+            # backward through fused epilogues (silu and relu, with a residual)
+            EntryPoint("backward_silu_residual", _rn_epi_backward("silu", True), grads + (_GRAD_RES,),
+                       _exp_rn_epi_backward("silu", True), reads=epi_reads + ("residual",), out=("x", "grad_out"),
+                       large=True, names=_RN_STATS64_NAMES, ranks=anyrank),
+            EntryPoint("backward_relu_residual", _rn_epi_backward("relu", True), grads + (_GRAD_RES,),
+                       _exp_rn_epi_backward("relu", True), reads=epi_reads + ("residual",), out=("x", "grad_out"),
+                       names=_RN_STATS64_NAMES, ranks=anyrank),
         ),
         layouts=layouts,
         store=_store,
         load=_load,
         ranks=(2, 3, 4, 5),
         dtypes=(np.dtype(np.float32), np.dtype(np.float64), HALF),
-        args=_RN_ARGS if not rms else {k: v for k, v in _RN_ARGS.items() if k not in ("bias", "save_mean")},
+        args=_RN_ARGS if not rms else {k: v for k, v in _RN_ARGS.items() if k not in ("bias", "save_mean",
+                                                                                     "stats_mean")},
         state=(),
         tolerance=bounds.tolerance,
         groups=_rn_groups,

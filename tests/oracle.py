@@ -19,6 +19,9 @@ Backward with s = invstd[c], xhat = (x - mean) * s, sums over i:
 
 The steps: sum_dy = sum dy, sum_dyx = sum dy (x - mean) for a given mean; backward_apply's
 dx = a dy + b (x - mean) + d for given per-channel a, b, d.
+
+Through a fused epilogue z = act(y + residual), with u = y + residual and dz = dL/dz:
+    du = dz act'(u)      (the residual's gradient, and the dy of the normalisation's backward)
 """
 import math
 
@@ -197,6 +200,38 @@ def mean_abs(x, layout="NCHW"):
     return np.abs(xc).mean(axis=1) if xc.shape[1] else np.zeros(xc.shape[0])
 
 
+
+def backward_carry(err, x, mean, inv_std, weight=None, layout="NCHW", training=True):
+    """How far backward's (dx, dw, db) can move when each element of dy moves by at most err (an array shaped like
+    dy, >= 0): they are linear in dy, so db by sum err, dw by sum err |xhat|, and dx = w s (dy - db / n - xhat dw / n)
+    by |w s| (err + sum err / n + |xhat| sum(err |xhat|) / n) (|w s| err for training=False)."""
+    ec = to_cn(err, layout)
+    xc = to_cn(x, layout)
+    C, n = xc.shape
+    s = per_channel(inv_std, C, 1)
+    xh = np.abs(xc - per_channel(mean, C, 0)[:, None]) * np.abs(s)[:, None]
+    eb, ew = ec.sum(axis=1), (ec * xh).sum(axis=1)
+    ex = ec
+    if training and n:
+        ex = ec + eb[:, None] / n + xh * ew[:, None] / n
+    return from_cn(np.abs(per_channel(weight, C, 1) * s)[:, None] * ex, np.shape(x), layout), ew, eb
+
+
+# ---- the backward through a fused epilogue z = act(y + residual) ---------------------------------------------------
+# u = y + residual is recomputed from x; du = dz act'(u) is the residual's gradient and the normalisation's dy.
+
+def act_backward(act, u, dz):
+    """du = dz act'(u) in float64 for act "relu" or "silu". relu: dz where 0 < u < Inf, else 0 (at the kink, and for
+    a NaN or infinite u, as the library), selected rather than multiplied (an infinite dz where relu is flat gives 0);
+    silu: act'(u) = s (1 + u (1 - s)), s = 1 / (1 + exp(-u)) (NaN for infinite u, as u / (1 + exp(-u))'s)."""
+    u, dz = np.asarray(u, np.float64), np.asarray(dz, np.float64)
+    if act == "relu":
+        return np.where((u > 0) & (u < np.inf), dz, 0.0)
+    if act == "silu":
+        s = 1.0 / (1.0 + np.exp(-u))
+        return dz * (s * (1.0 + u * (1.0 - s)))
+    raise ValueError(f"act_backward: no oracle for activation {act!r}")
+
 # ---- group norm (instance norm: one channel per group) ---------------------------------------------------------
 # x in the canonical layout (N, C, *spatial); statistics per (sample, group) of C / G consecutive channels.
 
@@ -252,6 +287,22 @@ def group_backward(dy, x, mean, invstd, G, weight=None):
     db, dw = dy.sum(axis=axes), (dy * xh).sum(axis=axes)
     return (dx, dw, db), (dx_scale, dx_sums, np.abs(dy * xh).sum(axis=axes), np.abs(dy).sum(axis=axes))
 
+
+
+def group_backward_carry(err, x, mean, invstd, G, weight=None):
+    """How far group_backward's (dx, dw, db) can move when each element of dy moves by at most err (shaped like dy,
+    >= 0; as backward_carry): with e = |w| err, a group's sums A and B by sum e and sum e |xhat|, dx by
+    |s| (e + sum e / M + |xhat| sum(e |xhat|) / M), dw by sum err |xhat| and db by sum err over samples and
+    positions."""
+    x, err = np.asarray(x, np.float64), np.asarray(err, np.float64)
+    N, C = x.shape[:2]
+    s = np.abs(np.asarray(invstd, np.float64)).reshape(N, G, 1)
+    xh = np.abs(_grouped(x, G) - np.asarray(mean, np.float64).reshape(N, G, 1)) * s
+    e = _grouped(err * np.abs(per_channel(weight, C, 1.0)).reshape(_channel_shape(x)), G)
+    M = max(xh.shape[2], 1)
+    ex = s * (e + e.sum(axis=2, keepdims=True) / M + xh * (e * xh).sum(axis=2, keepdims=True) / M)
+    axes = (0,) + tuple(range(2, x.ndim))
+    return ex.reshape(x.shape), (err * xh.reshape(x.shape)).sum(axis=axes), err.sum(axis=axes)
 
 def central_difference(f, a, h=1e-6, relative=False):
     """d f / d a by central differences in float64: f maps an array shaped like a to a float, and element i of the

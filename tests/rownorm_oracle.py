@@ -74,9 +74,34 @@ def backward(dy, x, mean, rstd, weight=None, rms=False):
     return (dx, dw, db), (dx_elem, dx_sums, (np.abs(dy) * np.abs(xhat)).sum(axis=0), np.abs(dy).sum(axis=0))
 
 
-def forward_bound(x, xhat, rstd, dtype, weight=None, bias=None, rms=False, mean=None):
+def normalize(x, mean, rstd, weight=None, bias=None, rms=False):
+    """(y, xhat) of rows x with given per-row mean (ignored for RMS norm) and rstd (float64)."""
+    x = np.asarray(x, np.float64)
+    R, D = x.shape
+    m = 0.0 if rms else np.asarray(mean, np.float64).reshape(R, 1)
+    xhat = (x - m) * np.asarray(rstd, np.float64).reshape(R, 1)
+    return xhat * _param(weight, D, 1.0) + (0.0 if rms else _param(bias, D, 0.0)), xhat
+
+
+def backward_carry(err, x, mean, rstd, weight=None, rms=False):
+    """How far backward's (dx, dw, db) can move when each element of dy moves by at most err (rows like dy, >= 0):
+    with e = |w| err, a row's sums A and B by sum e and sum e |xhat|, dx by |rstd| (e + sum e / D + |xhat| sum(e
+    |xhat|) / D) (no A term for RMS norm), dw by the column sums of err |xhat| and db by those of err."""
+    x, err = np.asarray(x, np.float64), np.asarray(err, np.float64)
+    R, D = x.shape
+    m = 0.0 if rms else np.asarray(mean, np.float64).reshape(R, 1)
+    s = np.abs(np.asarray(rstd, np.float64)).reshape(R, 1)
+    xh = np.abs(x - m) * s
+    e = err * np.abs(_param(weight, D, 1.0))
+    Dn = max(D, 1)
+    ex = s * (e + (0.0 if rms else e.sum(axis=1, keepdims=True) / Dn) + xh * (e * xh).sum(axis=1, keepdims=True) / Dn)
+    return ex, (err * xh).sum(axis=0), err.sum(axis=0)
+
+
+def forward_bound(x, xhat, rstd, dtype, weight=None, bias=None, rms=False, mean=None, batch_stats=True):
     """|y - oracle| bound per element: one rounding of each element-wise step of the data's dtype on |w| (1 + |xhat|)
-    + |b|, and the statistics' float64 error: |w| reduction_tol(D) (mean|x| rstd + |xhat|)."""
+    + |b|, and (batch_stats: the statistics the library computed itself) their float64 error:
+    |w| reduction_tol(D) (mean|x| rstd + |xhat|)."""
     R, D = x.shape
     t = bounds.tolerance(dtype, D)
     wa, ba = np.abs(_param(weight, D, 1.0)), np.abs(_param(bias, D, 0.0)) * (not rms)
@@ -84,7 +109,8 @@ def forward_bound(x, xhat, rstd, dtype, weight=None, bias=None, rms=False, mean=
     xa = np.abs(xhat)
     # (a row of RMS norm with an infinite value has rstd 0: its finite values give exactly 0, where the magnitudes
     # are inf * 0)
-    return np.nan_to_num(t.elementwise * (wa * (1.0 + xa) + ba) + wa * t.reduction * (cond + xa), nan=0.0)
+    stats = wa * t.reduction * (cond + xa) if batch_stats else 0.0
+    return np.nan_to_num(t.elementwise * (wa * (1.0 + xa) + ba) + stats, nan=0.0)
 
 
 def backward_bound(mags, dw, db, dtype, D, R, rounding=None):

@@ -14,9 +14,7 @@ import half_cases
 import ops
 
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
-# the entry points that take 16-bit data (the others refuse it: tests/test_half.py)
-HALF_ENTRIES = {"train", "eval", "forward", "backward", "backward_eval", "stats", "normalize", "backward_reduce",
-                "functional"}
+HALF_ENTRIES = half_cases.ENTRIES  # (the entry points that take 16-bit data)
 SHAPES = [(4, 5, 6, 7), (3, 33, 9), (64, 17), (2, 300, 3)]
 CASES = [pytest.param(op, s, lay, id=f"{op.name}-{'x'.join(map(str, s))}-{lay}")
          for op in ops.OPS for s in SHAPES for lay in ("NCHW", "NHWC") if op.supports(s, lay, F16)]

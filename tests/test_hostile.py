@@ -1075,6 +1075,28 @@ def test_a_non_finite_value_poisons_what_the_oracle_says(op, ep, arg, bad, layou
     ops.check(ep, poisoned, ep(poisoned.fresh()), f" ({arg}[{idx}] = {bad})")
 
 
+# the backward through relu with a residual, of every op that has one (and a forward giving y)
+KINKS = [pytest.param(op, ep, dtype, layout, id=f"{op.name}-{ep.name}-{np.dtype(dtype).name}-{layout}")
+         for op in ops.OPS for ep in op.entry_points if ep.name == "backward_relu_residual"
+         for dtype in (F32, F64) for layout in dict.fromkeys(op.layouts.values())
+         if op.supports(POISON_SHAPE, layout, dtype)]
+
+
+@pytest.mark.parametrize("op,ep,dtype,layout", KINKS)
+def test_relu_backward_with_u_at_its_kink_is_within_the_oracle_bound(op, ep, dtype, layout):
+    """A residual that cancels the normalised x (-y of the op's forward) puts u = y + residual within its rounding
+    of relu's kink in every element, where the library's u and the oracle's may lie on either side: grad_residual is
+    grad_out or 0 in every element, and every output is within the oracle's bound (which counts the jump there)."""
+    case = op.case(62, POISON_SHAPE, layout, dtype, loc=1.0)
+    kinked = case.replace(residual=-op.entry("forward")(case.fresh())["y"])
+    got = ep(kinked.fresh())
+    dz, gres = kinked["grad_out"], got["grad_residual"]
+    assert np.all((gres == dz) | (gres == 0))
+    exp = ep.expected(kinked)
+    assert (exp["grad_residual"].bound > 0).mean() > 0.9, "u is not at the kink"
+    ops.check(ep, kinked, got, " (u at the kink)")
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 @pytest.mark.parametrize("layout,shape", NONFINITE_CASES[:3])
 def test_non_finite_x_poisons_only_its_element_in_eval(layout, shape, bad, isa):

@@ -46,12 +46,10 @@ def test_every_layout_gives_the_same_values(op, nchw_shape, dtype, isa):
         canon = {}
         for k, v in got.items():
             spec = ops.output_spec(op, k)
-            if spec.shape == ops.DATA:
+            exp = expected[k]
+            if spec.shape == ops.DATA and exp is not None:  # (None: no such output for this case, e.g. a residual's)
                 v = case.canonical(v)
-                exp = expected[k]
                 exp = ops.Expected(op.load(exp.value, first_layout), op.load(exp.bound, first_layout), exp.dtype)
-            else:
-                exp = expected[k]
             ops.compare(v, exp, f"{case} {k}")
             canon[k] = (v, exp)
         results[layout] = canon

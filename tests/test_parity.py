@@ -162,7 +162,9 @@ def test_16_bit_threadpoolctl_limit_gives_the_default_bits(op, name):
 def test_16_bit_simd_kernels_agree_with_scalar_within_one_ulp(op, layout, name, other):
     """16-bit outputs are the float32 results rounded once, and the float32 results of two ISAs differ by a few
     float32 ulp of their terms (see above): so an output shaped like x is within one ulp of the 16-bit type plus
-    those float32 ulp of the scalar one; float32 statistics and parameter gradients as above."""
+    those float32 ulp of the scalar one; float32 statistics and parameter gradients as above. The outputs computed
+    from a 16-bit intermediate (half_cases.ROUNDED_BETWEEN: it is itself an output, held to the one ulp) are held to
+    twice their oracle bound, which carries that rounding."""
     dt = half_cases.dtype(name)
     case = half_cases.case(op, 47, (8, 19, 13, 11), layout, dt)
     bn_simd.set_isa("scalar")
@@ -176,8 +178,11 @@ def test_16_bit_simd_kernels_agree_with_scalar_within_one_ulp(op, layout, name, 
     assert simd.keys() == scalar.keys()
     for k in scalar:
         spec = ops.output_spec(op, k)
+        ep_name, out_name = k.split(".", 1)
         if scalar[k] is None:
             assert simd[k] is None, k
+        elif half_cases.ROUNDED_BETWEEN.get(ep_name, out_name) != out_name:
+            assert_within(simd[k], scalar[k], 2 * np.broadcast_to(expected[k].bound, scalar[k].shape), k)
         elif spec.shape == ops.DATA:
             a, b = simd[k].astype(np.float64), scalar[k].astype(np.float64)
             big = np.maximum(np.abs(a), np.abs(b))
