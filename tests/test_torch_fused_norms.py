@@ -413,3 +413,105 @@ def test_an_untraceable_model_has_its_sequential_pairs_fused_in_place():
     assert (body[1].activation, body[3].activation, body[5].activation) == ("silu", ("clamp", -0.5, 0.5), "relu6")
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- convert(fuse_activations=True): what it must leave alone, and the model passed in ----------------------------
+
+class _MutatesInput(nn.Module):
+    """y = norm(x); x changes in place; act(y + x): the normalization must read x before the change."""
+
+    def __init__(self, inplace_relu):
+        super().__init__()
+        self.norm, self.inplace_relu = nn.LayerNorm(6), inplace_relu
+
+    def forward(self, x):
+        x = x * 1.0  # (an intermediate of the graph, so that the in-place op below does not touch the caller's)
+        y = self.norm(x)
+        r = TF.relu(x, inplace=True) if self.inplace_relu else x.add_(0.75)
+        return torch.relu(y + r)
+
+
+class _ReadsRunningMean(nn.Module):
+    """y = bn(x); r reads bn's running mean; relu(y + r): r must read it after the batch norm's update."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.bn(x)
+        return torch.relu(y + self.bn.running_mean[None, :, None, None] * 100.0)
+
+
+class _LargerResidual(nn.Module):
+    """act(norm(x) + e) with e of a larger shape than norm(x)'s, which the add broadcasts the output to."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.GroupNorm(2, 8)
+
+    def forward(self, x, e):
+        return TF.silu(self.norm(x) + e)
+
+
+@pytest.mark.parametrize("make", [lambda: _MutatesInput(False), lambda: _MutatesInput(True), _ReadsRunningMean],
+                         ids=["add_", "relu_inplace", "running_mean"])
+@pytest.mark.parametrize("training", [False, True])
+def test_convert_leaves_a_residual_add_alone_when_fusing_would_change_the_result(make, training):
+    torch.manual_seed(3)
+    model = make().train(training)
+    x = torch.randn(2, 3, 5, 6) if isinstance(model, _ReadsRunningMean) else torch.randn(2, 4, 6)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        expected = ref(x)
+        got = bt.convert(copy.deepcopy(model), fuse_activations=True)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_fuses_an_add_that_broadcasts_the_output_to_a_larger_shape():
+    torch.manual_seed(4)
+    model = _LargerResidual()
+    _random_norms(model, 4)
+    x, e = torch.randn(1, 8, 3, 3), torch.randn(4, 8, 3, 3)
+    with torch.no_grad():
+        expected = model(x, e)
+        fused = bt.convert(copy.deepcopy(model), fuse_activations=True)
+        got = fused(x, e)
+    assert type(fused.norm).__name__ == "GroupNormAct"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_model_passed_to_convert_still_computes_its_own_output_after_fusion():
+    torch.manual_seed(5)
+    model = _random_norms(Model(), 5).eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        expected = copy.deepcopy(model)(x)
+        fused = bt.convert(model, fuse_activations=True)
+        assert fused is not model and any(hasattr(m, "activation") for m in fused.modules())
+        assert not any(hasattr(m, "activation") for m in model.modules())  # (converted, not fused)
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
+    # the fused modules share the model's parameters and buffers
+    params = dict(model.named_parameters())
+    assert all(p is params[k] for k, p in fused.named_parameters())
+
+
+@pytest.mark.parametrize("kind", ["module", "functional"])
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_a_residual_of_a_shape_that_does_not_broadcast_is_refused_before_the_running_statistics_move(kind, norm):
+    torch.manual_seed(6)
+    x, bad = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4)
+    if kind == "module":
+        m = (bt.BatchNormAct2d(8) if norm == "batch" else bt.InstanceNormAct2d(8, track_running_stats=True)).train()
+        rm, rv = m.running_mean, m.running_var
+        call = lambda: m(x, bad)  # noqa: E731
+    else:
+        rm, rv = torch.zeros(8), torch.ones(8)
+        f = bt.batch_norm if norm == "batch" else bt.instance_norm
+        call = lambda: f(x, rm, rv, training=True, activation="silu", residual=bad) if norm == "batch" else \
+            f(x, rm, rv, use_input_stats=True, activation="silu", residual=bad)  # noqa: E731
+    before = (rm.clone(), rv.clone())
+    with pytest.raises(ValueError, match="residual"):
+        call()
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])

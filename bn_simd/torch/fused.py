@@ -20,6 +20,7 @@ backward recomputes u = normalised x + residual from x with the forward's coeffi
 at the kinks takes PyTorch's one-sided derivatives (0 for relu / relu6 / clamp at lo and hi, the slope for
 leaky_relu at 0).
 """
+import copy
 import functools
 import operator
 
@@ -70,25 +71,29 @@ def act_repr(base):
 
 
 def _broadcasts(input, residual):
-    """residual is a tensor of input's dtype that broadcasts to input's shape without having it."""
+    """residual is a tensor of input's dtype whose shape is not input's but broadcasts with it (to input's shape or
+    to a larger one)."""
     if (not isinstance(residual, torch.Tensor) or not isinstance(input, torch.Tensor) or residual.shape == input.shape
             or residual.dtype != input.dtype):
         return False
     try:
-        return torch.broadcast_shapes(input.shape, residual.shape) == input.shape
+        torch.broadcast_shapes(input.shape, residual.shape)
+        return True
     except RuntimeError:
         return False
 
 
 def act_forward(plain_forward):
-    """Decorates a fused module's forward(self, input, residual=None): a residual of input's dtype that broadcasts to
-    input's shape without having it gives act(plain_forward(self, input) + residual) with PyTorch's operations (the
-    fused sweep reads a residual of input's shape; convert fuses an add whatever the shape of its other operand, a
-    per-channel bias or an embedding of shape (N, C, 1, 1) for instance); any other goes to the fused forward, which
-    checks it."""
+    """Decorates a fused module's forward(self, input, residual=None): a residual of input's dtype whose shape is not
+    input's but broadcasts with it gives act(plain_forward(self, input) + residual) with PyTorch's operations, as the
+    unfused model computes it (the fused sweep reads a residual of input's shape; convert fuses an add whatever the
+    shape of its other operand: a per-channel bias, an embedding of shape (N, C, 1, 1), or one the add broadcasts the
+    output to); a shape that does not broadcast raises ValueError before anything runs; any other residual goes to
+    the fused forward, which checks it."""
     def decorate(fused_forward):
         @functools.wraps(fused_forward)
         def forward(self, input, residual=None):
+            check_residual(input, residual)
             if residual is not None and _broadcasts(input, residual):
                 return _torch_activation(plain_forward(self, input) + residual, self.activation)
             return fused_forward(self, input, residual)
@@ -180,12 +185,26 @@ def _spelling(act):
 _STATS_AND_PARAMS = ("running_mean", "running_var", "weight", "bias")
 
 
+def check_residual(input, residual):
+    """Raises TypeError for a residual that is not a tensor (or None), ValueError for one whose shape does not
+    broadcast with input's: before anything runs (PyTorch's composition, which takes the calls the kernels do not,
+    would otherwise move running statistics before its add failed)."""
+    if residual is None:
+        return
+    B.check_tensor(residual, "residual", "a torch.Tensor or None")
+    if isinstance(input, torch.Tensor) and residual.shape != input.shape:
+        try:
+            torch.broadcast_shapes(input.shape, residual.shape)
+        except RuntimeError:
+            raise ValueError(f"residual must have input's shape {tuple(input.shape)} or broadcast with it, got shape "
+                             f"{tuple(residual.shape)}") from None
+
+
 def _act_views(input, residual, ranks, eps, names, tensors, views):
     """The ndarrays of the per-channel tensors (names, tensors) for a call on the kernels with an epilogue: a module's
-    cached views, or made here after the checks; None when the call goes to PyTorch's composition. Raises TypeError
-    for a residual that is not a tensor."""
-    if residual is not None:
-        B.check_tensor(residual, "residual", "a torch.Tensor or None")
+    cached views, or made here after the checks; None when the call goes to PyTorch's composition. Raises as
+    check_residual."""
+    check_residual(input, residual)
     if not B.input_supported(input, ranks, eps) or (
             residual is not None and not B.input_supported(residual, (input.dim(),), eps)):
         return None
@@ -369,6 +388,22 @@ def fuse_sequential(model, fused_classes):
     return count
 
 
+# in-place operators (torch's in-place functions and methods end in "_")
+_INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+            operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+            operator.irshift, operator.setitem, operator.delitem}
+
+
+def _pure_call(node):
+    """node is a call of a function or a tensor method that writes nothing (no in-place op, no out=) and reads no
+    module state (those reads are get_attr or call_module nodes)."""
+    if node.kwargs.get("out") is not None or node.kwargs.get("inplace"):
+        return False
+    if node.op == "call_function":
+        return node.target not in _INPLACE and not getattr(node.target, "__name__", "_").endswith("_")
+    return node.op == "call_method" and not node.target.endswith("_")
+
+
 def fuse_graph(model, fused_classes):
     """The fusion on model's torch.fx graph: a normalization module of fused_classes (as in fuse_sequential) called
     once with one argument, whose output's only use is an activation (a module of _MODULES or a function of
@@ -386,6 +421,10 @@ def fuse_graph(model, fused_classes):
     try:
         gm = fx.GraphModule(model, Tracer().trace(model))
     except Exception:  # (dynamic control flow and the like: torch.fx cannot trace every model)
+        return None
+    if any(n.op == "get_attr" and n.target.startswith("_tensor_constant") for n in gm.graph.nodes):
+        # a tensor computed at trace time from what the tracer could not follow (a module's buffer read through a
+        # leaf module, as bn.running_mean): frozen in the graph, it would not follow the model's state
         return None
     mods = dict(gm.named_modules(remove_duplicate=False))
     graph = gm.graph
@@ -407,6 +446,7 @@ def fuse_graph(model, fused_classes):
         return None, None
 
     count = 0
+    order = {m: i for i, m in enumerate(graph.nodes)}
     for n in list(graph.nodes):
         if n.op != "call_module" or calls[id(mods[n.target])] != 1 or len(n.args) != 1 or n.kwargs:
             continue
@@ -414,26 +454,42 @@ def fuse_graph(model, fused_classes):
         if cls is None:
             continue
         act_node, spec = activation_node(n)
-        residual = None
+        residual, move = None, False
         if act_node is None and len(n.users) == 1:  # act(norm(x) + r)
             add = next(iter(n.users))
+            # (an in-place add, r += norm(x), would update r: fused only as norm(x) += r, on the norm's own output)
             if (add.op == "call_function" and add.target in _ADDS and len(add.args) == 2 and not add.kwargs
-                    and n in add.args and add.args[0] is not add.args[1]):
+                    and n in add.args and add.args[0] is not add.args[1]
+                    and (add.target is not operator.iadd or add.args[0] is n)):
                 other = add.args[1] if add.args[0] is n else add.args[0]
                 if isinstance(other, fx.Node):
                     act_node, spec = activation_node(add)
                     residual = other if act_node is not None else None
+                    # the residual must exist when the normalization runs: when it is computed after it, the
+                    # normalization moves to just after it (n's input precedes n, and n's one use, the add, follows the
+                    # residual), only if every node in between is a pure function call (an embedding's indexing,
+                    # a reshape): an in-place op, a module or a read of a buffer in between could change what the
+                    # normalization reads or what it is read with
+                    if residual is not None and order[residual] > order[n]:
+                        between = [m for m in graph.nodes if order[n] < order.get(m, -1) <= order[residual]]
+                        if all(_pure_call(m) for m in between):
+                            move = True
+                        else:
+                            act_node = None
         if act_node is None:
             continue
-        norm = mods[n.target]
-        norm.__class__ = cls
-        norm.activation = spec
+        # The fused module: a shallow copy of the converted one (the same parameters, buffers and hooks), in the
+        # GraphModule only, so that the model passed in still runs its activation module after an unfused
+        # normalization.
+        fused = copy.copy(mods[n.target])
+        fused.__class__ = cls
+        fused.activation = spec
+        *path, field = n.target.split(".")
+        setattr(gm.get_submodule(".".join(path)) if path else gm, field, fused)
         if residual is not None:
-            order = {m: i for i, m in enumerate(graph.nodes)}
-            if order[residual] > order[n]:
-                # the residual must exist before the normalization runs: n moves to just after it (n's input
-                # precedes n, and n's one use, the add, follows the residual)
+            if move:
                 residual.append(n)
+                order = {m: i for i, m in enumerate(graph.nodes)}
             n.args = (n.args[0], residual)
             add = next(iter(n.users))
             add.replace_all_uses_with(n)  # (the add's one use, the activation, reads the normalization now)

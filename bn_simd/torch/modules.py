@@ -281,16 +281,22 @@ def convert(model, fuse_activations=False):
     activation (ResNet's relu(bn(x) + identity), a pre-activation block's act(norm(x) + skip)), into one call of
     its fused module (bn_simd.torch.fused): :class:`BatchNormAct2d` (1d, 3d), :class:`GroupNormAct` (a diffusion
     UNet's GroupNorm -> SiLU), :class:`InstanceNormAct2d` (1d, 3d), :class:`LayerNormAct`, :class:`RMSNormAct`. The
-    model is traced with ``torch.fx`` and the returned model is then a ``torch.fx.GraphModule`` over the same modules
+    model is traced with ``torch.fx`` and the returned model is then a ``torch.fx.GraphModule`` over model's modules
     (the activation and add calls gone from its graph; a fused add's other operand becomes the module's residual
-    argument: one that broadcasts to the output's shape without having it takes PyTorch's add and activation after
-    the plain normalization; of another dtype than the input's it raises TypeError).
-    When the model cannot be traced, the pairs inside each ``torch.nn.Sequential`` are fused in place (the
-    activation module replaced by ``torch.nn.Identity``) and model is returned. A module called more than once or
-    with more than one argument, whose output has other uses than the activation (or the add), or an activation of
-    a subclass (which may override forward) is not fused. The fused model applies the activation to the float32
-    value before its rounding (the unfused model rounds the normalization's output first): outputs agree within
-    that rounding.
+    argument: one of another shape that broadcasts with the output takes PyTorch's add and activation after the
+    plain normalization; one of another dtype than the input's raises TypeError). Its fused modules are copies of
+    model's converted ones sharing their parameters, buffers and hooks, so model itself still runs as before
+    (converted, not fused). A residual computed after the normalization is fused only when what runs in between is
+    pure function calls (an embedding's indexing or reshape), the normalization then moving after them; a graph in
+    which the tracer froze a tensor computed from the model's state (a buffer read through a module, as
+    ``bn.running_mean``) is not used. torch.fx traces an augmented assignment ``r += t`` on tensors as ``r = r + t``:
+    a model that relies on it updating another reference to r computes otherwise once traced.
+    When the model cannot be traced (or gave such a graph), the pairs inside each ``torch.nn.Sequential`` are fused
+    in place (the activation module replaced by ``torch.nn.Identity``) and model is returned. A module called more
+    than once or with more than one argument, whose output has other uses than the activation (or the add), or an
+    activation of a subclass (which may override forward) is not fused. The fused model applies the activation to
+    the float32 value before its rounding (the unfused model rounds the normalization's output first): outputs
+    agree within that rounding.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
