@@ -29,7 +29,8 @@ error.
 
 --entries runs only the entry points of those names (of every op that has them), e.g.
 --entries=backward_silu_residual,backward_relu,backward_eval_relu,backward_relu_residual for the backward through
-the fused epilogues.
+the fused epilogues. A name that no entry point run here has is an error (exit status 2, the valid names listed), and
+so is an ISA on which no call was made (exit status 1).
 """
 import os
 import sys
@@ -179,10 +180,22 @@ def run_large(op, shape, layout, dtype, seed):
     return calls
 
 
+def parse_entries(value):
+    """The set of names of --entries=value; SystemExit (status 2) naming any that no entry point run here has."""
+    names = set(value.split(","))
+    known = {ep.name for op in ops.OPS for ep in entry_points(op)}
+    unknown = sorted(names - known)
+    if unknown:
+        print(f"valgrind_cases: --entries: no entry point run here is named {', '.join(map(repr, unknown))}; "
+              f"the names are: {', '.join(sorted(known))}", file=sys.stderr)
+        raise SystemExit(2)
+    return names
+
+
 def main(argv):
     global SELECTED
     for a in [a for a in argv if a.startswith("--entries=")]:
-        SELECTED = set(a.split("=", 1)[1].split(","))
+        SELECTED = parse_entries(a.split("=", 1)[1])
         argv = [b for b in argv if b != a]
     supported = bn_simd.show_config()["supported_isas"]
     isas = argv or [i for i in ("scalar", "avx2") if i in supported]
@@ -196,6 +209,7 @@ def main(argv):
     _core.set_slab_bytes(1 << 20)
     _core.set_stream_bytes(STREAM_BYTES)
     total_cases = total_calls = 0
+    idle = []  # the ISAs on which no call was made (an --entries selection that runs nothing there)
     for isa in isas:
         bn_simd.set_isa(isa)
         t0 = time.perf_counter()
@@ -234,6 +248,12 @@ def main(argv):
               f"calls={calls} ({time.perf_counter() - t0:.1f} s)", flush=True)
         total_cases += cases
         total_calls += calls
+        if calls == 0:
+            idle.append(isa)
+    if idle:
+        print(f"valgrind_cases: FAILED: no call was made on {', '.join(idle)} (--entries: "
+              f"{', '.join(sorted(SELECTED or ())) or 'all'})", file=sys.stderr)
+        return 1
     print(f"valgrind_cases: {total_cases} passed, 0 failed ({total_calls} calls, isas {', '.join(isas)})")
     return 0
 

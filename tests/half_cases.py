@@ -23,7 +23,8 @@ ENTRIES = {"train", "eval", "forward", "backward", "backward_eval", "stats", "no
 # the entry points that round an intermediate to the 16-bit type and compute their other outputs from it: the backward
 # through a smooth activation (du = dz silu'(u), the residual's gradient, is the normalisation's dy; relu's du is dz
 # or 0, no rounding). Two ISAs' float32 du differ by a few float32 ulp, which a 16-bit rounding can turn into one
-# 16-bit ulp: the other outputs then move by what the oracle's bound carries for that rounding.
+# 16-bit ulp: the other outputs then move by what the backward's linear maps carry of that difference (the entry
+# point's carry, ops.py).
 ROUNDED_BETWEEN = {"backward_silu_residual": "grad_residual"}
 
 

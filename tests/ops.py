@@ -79,6 +79,12 @@ An ``EntryPoint`` has:
     names         case array -> regular expression of how the library's messages name it (default its name)
     ranks         the ranks of x this entry point accepts, when not the op's (an InstanceNorm layer also takes
                   unbatched input, one dimension less)
+    carry         for an entry point whose leading outputs are computed from an intermediate it rounds to the
+                  data's dtype and also returns (the backward through silu: du, grad_residual, is the
+                  normalisation's dy), ``carry(case, err) -> tuple`` in the order of ``outputs``: how far those
+                  outputs can move when the intermediate moves by err (shaped like x, >= 0), by the oracle's linear
+                  maps; None otherwise. The 16-bit ISA comparison of test_parity.py allows what it carries of two
+                  ISAs' difference in the intermediate (tests/half_cases.py ROUNDED_BETWEEN).
 
 An InstanceNorm/GroupNorm entry would give make_case a ``num_groups`` option, GROUP-kind save_mean/save_invstd of
 shape (N, G), weight and bias of kind CHANNEL, ``groups(case) = G`` and ``take`` cutting groups of channels (and the
@@ -139,6 +145,7 @@ class EntryPoint:
     large: bool = False
     names: dict = field(default_factory=dict)
     ranks: Optional[tuple] = None
+    carry: Optional[Callable] = None
 
     def __call__(self, case, out=None):
         """Prepare and call; returns {output name: array or None}."""
@@ -159,6 +166,10 @@ class EntryPoint:
         """{output name: Expected or None} from the oracle."""
         with np.errstate(all="ignore"):
             return dict(zip((o.name for o in self.outputs), self.expect(case)))
+
+    def carried(self, case, err):
+        """{output name: how far it can move} when the rounded intermediate moves by err (see carry)."""
+        return dict(zip((o.name for o in self.outputs), self.carry(case, err)))
 
     def named(self, arg):
         """A regular expression matching how the library's messages name the case array `arg`."""
@@ -570,14 +581,24 @@ def _epi_du(c, y, act, residual):
     return du, bounds.act_backward_bound(act, u, dz, du, u_bound, c.dtype)
 
 
+def _epi_carry(training, stats):
+    """carry(c, err): how far (grad_x, grad_weight, grad_bias) move when du moves by err, with the case's
+    statistics."""
+    def carry(c, err):
+        mean, var = (_f64(c[k]) for k in stats)
+        return ref.backward_carry(err, _x(c), mean, 1.0 / np.sqrt(var + c["eps"]), c["weight"], c.layout, training)
+    return carry
+
+
 def _exp_epi_backward(act, residual, training, stats):
+    carry = _epi_carry(training, stats)
+
     def expect(c):
         mean, var = (_f64(c[k]) for k in stats)
         s = 1.0 / np.sqrt(var + c["eps"])
         du, err = _epi_du(c, _exp_y_given(c, mean, var, c["weight"], c["bias"]), act, residual)
         grads = _exp_grads(c, mean, s, c["weight"], training, _gdtype(c), dy=du)
-        return _epi_grads(c, grads, ref.backward_carry(err, _x(c), mean, s, c["weight"], c.layout, training), du, err,
-                          residual)
+        return _epi_grads(c, grads, carry(c, err), du, err, residual)
     return expect
 
 
@@ -792,7 +813,7 @@ BATCH_NORM = Op(
         EntryPoint("backward_silu_residual", _epi_backward_call(True, "silu", True, _STATS64), _GRADS + (_GRAD_RES,),
                    _exp_epi_backward("silu", True, True, _STATS64),
                    reads=("grad_out", "x", "residual") + _STATS64 + _PER_CHANNEL, out=("x", "grad_out"),
-                   large=True, names=_STATS64_NAMES),
+                   large=True, names=_STATS64_NAMES, carry=_epi_carry(True, _STATS64)),
         EntryPoint("backward_eval_relu", _epi_backward_call(False, "relu", False, ("mean", "var")),
                    _GRADS + (_GRAD_RES,), _exp_epi_backward("relu", False, False, ("mean", "var")),
                    reads=("grad_out", "x", "mean", "var") + _PER_CHANNEL, out=("x", "grad_out")),
@@ -959,6 +980,14 @@ def _exp_gn_layer_backward(c):
     return grads if c["weight"] is not None else (grads[0], None, None)
 
 
+def _gn_epi_carry(c, err):
+    """How far (grad_x, grad_weight, grad_bias) move when du moves by err, with the case's (N, G) statistics."""
+    mean, var = _f64(c["stats_mean"]), _f64(c["stats_var"])
+    cx, cw, cb = ref.group_backward_carry(c.canonical(err), _xc(c), mean, 1.0 / np.sqrt(var + c["eps"]),
+                                          c["num_groups"], c["weight"])
+    return _group_out(c, cx), cw, cb
+
+
 def _exp_gn_epi_backward(act, residual):
     """Through a fused epilogue (as batch norm's _exp_epi_backward) with the case's float64 (N, G) statistics."""
     def expect(c):
@@ -966,8 +995,7 @@ def _exp_gn_epi_backward(act, residual):
         invstd = 1.0 / np.sqrt(var + c["eps"])
         du, err = _epi_du(c, _exp_gn_y(c, mean, var)[0], act, residual)
         grads = _exp_gn_grads(c, mean, invstd, dy=c.canonical(du))
-        cx, cw, cb = ref.group_backward_carry(c.canonical(err), _xc(c), mean, invstd, c["num_groups"], c["weight"])
-        return _epi_grads(c, grads, (_group_out(c, cx), cw, cb), du, err, residual)
+        return _epi_grads(c, grads, _gn_epi_carry(c, err), du, err, residual)
     return expect
 
 
@@ -1166,7 +1194,7 @@ GROUP_NORM = Op(
         # backward through fused epilogues (silu with a residual, relu without)
         EntryPoint("backward_silu_residual", _gn_epi_backward("silu", True), _GRADS + (_GRAD_RES,),
                    _exp_gn_epi_backward("silu", True), reads=_GN_EPI_BWD_READS + ("residual",),
-                   out=("x", "grad_out"), large=True, names=_STATS64_NAMES),
+                   out=("x", "grad_out"), large=True, names=_STATS64_NAMES, carry=_gn_epi_carry),
         EntryPoint("backward_relu", _gn_epi_backward("relu", False), _GRADS + (_GRAD_RES,),
                    _exp_gn_epi_backward("relu", False), reads=_GN_EPI_BWD_READS,
                    out=("x", "grad_out"), names=_STATS64_NAMES),
@@ -1365,19 +1393,29 @@ def _exp_rn_layer_backward(c):
     return g
 
 
+def _rn_stats64(c):
+    """The case's float64 (mean or None for RMS norm, rstd) per row."""
+    return None if _rms_of(c) else _f64(c["stats_mean"]).reshape(-1), _f64(c["stats_rstd"]).reshape(-1)
+
+
+def _rn_epi_carry(c, err):
+    """How far (grad_x, grad_weight[, grad_bias]) move when du moves by err, with the case's statistics."""
+    rms = _rms_of(c)
+    cx, cw, cb = rno.backward_carry(_rows_of(c, err), _rows(c), *_rn_stats64(c), c["weight"], rms)
+    return (_from_rows(c, cx), cw) + (() if rms else (cb,))
+
+
 def _exp_rn_epi_backward(act, residual):
     """Through a fused epilogue (as batch norm's _exp_epi_backward) with the case's float64 statistics."""
     def expect(c):
         rms, x = _rms_of(c), _rows(c)
-        mean = None if rms else _f64(c["stats_mean"]).reshape(-1)
-        rstd = _f64(c["stats_rstd"]).reshape(-1)
+        mean, rstd = _rn_stats64(c)
         with np.errstate(all="ignore"):
             y, xhat = rno.normalize(x, mean, rstd, c["weight"], c["bias"], rms)
             bound = rno.forward_bound(x, xhat, rstd, c.dtype, c["weight"], c["bias"], rms, batch_stats=False)
         du, err = _epi_du(c, Expected(_from_rows(c, y), _from_rows(c, bound), c.dtype), act, residual)
         grads = _exp_rn_grads(c, mean, rstd, _gdtype(c), dy=_rows_of(c, du))
-        cx, cw, cb = rno.backward_carry(_rows_of(c, err), x, mean, rstd, c["weight"], rms)
-        return _epi_grads(c, grads, (_from_rows(c, cx), cw, cb), du, err, residual)  # (RMS: grads has no grad_bias)
+        return _epi_grads(c, grads, _rn_epi_carry(c, err), du, err, residual)
     return expect
 
 
@@ -1502,7 +1540,7 @@ def _rownorm_op(name, make_case, rms, layouts):
             # backward through fused epilogues (silu and relu, with a residual)
             EntryPoint("backward_silu_residual", _rn_epi_backward("silu", True), grads + (_GRAD_RES,),
                        _exp_rn_epi_backward("silu", True), reads=epi_reads + ("residual",), out=("x", "grad_out"),
-                       large=True, names=_RN_STATS64_NAMES, ranks=anyrank),
+                       large=True, names=_RN_STATS64_NAMES, ranks=anyrank, carry=_rn_epi_carry),
             EntryPoint("backward_relu_residual", _rn_epi_backward("relu", True), grads + (_GRAD_RES,),
                        _exp_rn_epi_backward("relu", True), reads=epi_reads + ("residual",), out=("x", "grad_out"),
                        names=_RN_STATS64_NAMES, ranks=anyrank),

@@ -162,9 +162,11 @@ def test_16_bit_threadpoolctl_limit_gives_the_default_bits(op, name):
 def test_16_bit_simd_kernels_agree_with_scalar_within_one_ulp(op, layout, name, other):
     """16-bit outputs are the float32 results rounded once, and the float32 results of two ISAs differ by a few
     float32 ulp of their terms (see above): so an output shaped like x is within one ulp of the 16-bit type plus
-    those float32 ulp of the scalar one; float32 statistics and parameter gradients as above. The outputs computed
-    from a 16-bit intermediate (half_cases.ROUNDED_BETWEEN: it is itself an output, held to the one ulp) are held to
-    twice their oracle bound, which carries that rounding."""
+    those float32 ulp of the scalar one; float32 statistics and parameter gradients as above. An entry point that
+    rounds an intermediate to the 16-bit type and computes its other outputs from it (half_cases.ROUNDED_BETWEEN:
+    the intermediate is itself an output, held to the one ulp) can see the two ISAs' intermediates a 16-bit ulp
+    apart where its float32 value sits near a rounding midpoint: its other outputs may move further by what the
+    oracle's linear maps carry of the intermediates' observed difference (EntryPoint.carry), and no more."""
     dt = half_cases.dtype(name)
     case = half_cases.case(op, 47, (8, 19, 13, 11), layout, dt)
     bn_simd.set_isa("scalar")
@@ -172,24 +174,26 @@ def test_16_bit_simd_kernels_agree_with_scalar_within_one_ulp(op, layout, name, 
     bn_simd.set_isa(other)
     simd = _half_run(op, case)
     e16, e32 = float(np.finfo(dt).eps), eps_of(np.float32)
-    expected = {}
+    expected, carried = {}, {}
     for ep in half_cases.entries(op, case):
         expected.update({f"{ep.name}.{k}": v for k, v in half_cases.expected(ep, case).items()})
+        if ep.name in half_cases.ROUNDED_BETWEEN:
+            k = f"{ep.name}.{half_cases.ROUNDED_BETWEEN[ep.name]}"
+            moved = np.abs(simd[k].astype(np.float64) - scalar[k].astype(np.float64))
+            carried.update({f"{ep.name}.{o}": v for o, v in ep.carried(case, moved).items()})
     assert simd.keys() == scalar.keys()
     for k in scalar:
         spec = ops.output_spec(op, k)
-        ep_name, out_name = k.split(".", 1)
         if scalar[k] is None:
             assert simd[k] is None, k
-        elif half_cases.ROUNDED_BETWEEN.get(ep_name, out_name) != out_name:
-            assert_within(simd[k], scalar[k], 2 * np.broadcast_to(expected[k].bound, scalar[k].shape), k)
         elif spec.shape == ops.DATA:
             a, b = simd[k].astype(np.float64), scalar[k].astype(np.float64)
             big = np.maximum(np.abs(a), np.abs(b))
             ulp16 = np.maximum(np.ldexp(e16, np.frexp(np.where(big > 0, big, 1.0))[1] - 1),
                                float(np.finfo(dt).tiny) * e16)  # (subnormals: a fixed spacing)
             terms = np.broadcast_to(expected[k].bound, a.shape) / (4 * e16)  # (the terms' magnitude, as above)
-            assert_within(a, b, ulp16 + 4 * e32 * terms, k)
+            assert_within(a, b, ulp16 + 4 * e32 * terms + carried.get(k, 0.0), k)
         else:
             rtol = reduction_tol(case.n) + (0.0 if spec.float64 else 2 * e32)
-            np.testing.assert_allclose(simd[k], scalar[k], rtol=rtol, atol=rtol * np.abs(scalar[k]).max(), err_msg=k)
+            b = scalar[k].astype(np.float64)
+            assert_within(simd[k], b, rtol * (np.abs(b) + np.abs(b).max()) + carried.get(k, 0.0), k)
