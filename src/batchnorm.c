@@ -130,8 +130,9 @@ static int epi_kernel(const bn_epilogue* ep, const void* y, bn_uk_epi* k, const 
     if (ep->act == BN_ACT_CLAMP && !(ep->lo <= ep->hi)) return 0;
     if (ep->act == BN_ACT_LEAKY && !isfinite(ep->slope)) return 0;
     if (ep->act == BN_ACT_NONE && !ep->residual) return 1;
-    /* the kernels' two kinds (ukernels.h): SiLU, and the piecewise-linear one for the others */
-    k->act = ep->act == BN_ACT_SILU ? 3 : 1;
+    /* the kernels' three kinds (epilogue.h): SiLU, ReLU (a clamp to [0, inf]), and the piecewise-linear one for the
+     * others */
+    k->act = ep->act == BN_ACT_SILU ? 3 : ep->act == BN_ACT_CLAMP && ep->lo == 0.0 && ep->hi == INFINITY ? 2 : 1;
     k->res = ep->residual != NULL;
     k->lo = ep->act == BN_ACT_CLAMP ? ep->lo : -INFINITY;
     k->hi = ep->act == BN_ACT_CLAMP ? ep->hi : INFINITY;

@@ -49,22 +49,26 @@
 #define UK_GRD_EPI_S(v, p) (v)
 
 /* ---- Fused epilogues ----
- * Two kinds of activation, so that each kernel has few instantiations (compile time): the piecewise-linear one
- * (ReLU: slope 1, lo 0, hi inf; ReLU6; clamp: slope 1; leaky ReLU: lo -inf, hi inf; the identity, for a residual
- * alone) and SiLU. The activations, each as a vector form (V of TC) and a single-element form (TC) that run the
+ * Three kinds of activation, so that each kernel has few instantiations (compile time): the piecewise-linear one
+ * (ReLU6; clamp: slope 1; leaky ReLU: lo -inf, hi inf; the identity, for a residual alone), ReLU on its own (the
+ * piecewise-linear one's bits with lo 0, hi inf, slope 1, in one operation forward and two selections backward
+ * instead of five and ten: docs/tuning.md, "ReLU apart from the piecewise-linear epilogue") and SiLU. The activations, each as a vector form (V of TC) and a single-element form (TC) that run the
  * same operations in the same order, so that an element's bits do not depend on whether a vector, a masked vector
  * or a scalar tail computed it (nor, then, on the thread count); SFMA fuses where VFMA does (kernels.def's fma flag). Their gradients for the
  * backward (act_grad.inc): du = dy act'(u).
  *   pwl    min(max(t, lo), hi), t = u < 0 ? slope u : u    du = lo < u < hi ? (u > 0 ? dy : slope dy) : 0
  * (each step exact where it changes nothing: u 1 = u, max(-inf, t) = t, min(inf, t) = t, so ReLU, clamp and leaky ReLU
  * get the bits of their own formulas)
+ *   relu   max(0, u) (= pwl's with lo 0, hi inf, slope 1, bit for bit)   du = 0 < u < inf ? dy : 0 (= pwl's)
  *   silu   u / (1 + exp(-u))                                                     du = dy s (1 + u (1 - s)),
  *                                                                                     s = 1 / (1 + exp(-u))
  * max and min keep a NaN u (the x86 rule a > b ? a : b with u second); a NaN u gives a zero gradient (clamp), as
  * PyTorch's relu / hardtanh backward do. */
 #define UK_ACT_NONE 0
 #define UK_ACT_PWL 1
+#define UK_ACT_RELU 2
 #define UK_ACT_SILU 3
+#include <math.h>
 #include <string.h>
 #define UK_SMAX(a, b) ((a) > (b) ? (a) : (b))
 #define UK_SMIN(a, b) ((a) < (b) ? (a) : (b))
@@ -132,6 +136,10 @@ static inline double uk_pow2k_double(double k) {
     static inline __attribute__((always_inline)) VT uk_##PFX##pwl_##T(VT u, T lo, T hi, T slope) {             \
         return MIN(SET(hi), MAX(SET(lo), SELNEG(u, MUL(u, SET(slope)), u)));                                     \
     }                                                                                                            \
+    static inline __attribute__((always_inline)) VT uk_##PFX##relu_##T(VT u) { return MAX(SET((T)0), u); }    \
+    static inline __attribute__((always_inline)) VT uk_##PFX##grelu_##T(VT u, VT dy) {                        \
+        return SELNEG(SUB(SET((T)0), u), SELNEG(SUB(u, SET((T)INFINITY)), dy, SET((T)0)), SET((T)0));            \
+    }                                                                                                            \
     static inline __attribute__((always_inline)) VT uk_##PFX##silu_##T(VT u) {                                 \
         return DIV(u, ADD(SET((T)1), uk_##PFX##exp_##T(SUB(SET((T)0), u))));                                     \
     }                                                                                                            \
@@ -171,7 +179,11 @@ typedef struct {
 /* the activation of u, vector (_V) and single element (_S), in TC */
 #define UK_TCF(pfx, name) UK_TCV(uk_##pfx##name, TC)
 #define UK_ACTV_1(u) UK_TCF(v, pwl)(u, ek.lo, ek.hi, ek.slope)
+#define UK_ACTV_2(u) UK_TCF(v, relu)(u)
 #define UK_ACTV_3(u) UK_TCF(v, silu)(u)
+#define UK_ACTS_2(u) UK_TCF(s, relu)(u)
+#define UK_GRADV_2(u, dy) UK_TCF(v, grelu)(u, dy)
+#define UK_GRADS_2(u, dy) UK_TCF(s, grelu)(u, dy)
 #define UK_ACTS_1(u) UK_TCF(s, pwl)(u, ek.lo, ek.hi, ek.slope)
 #define UK_ACTS_3(u) UK_TCF(s, silu)(u)
 #define UK_GRADV_1(u, dy) UK_TCF(v, gpwl)(u, dy, ek.lo, ek.hi, ek.slope)
@@ -189,6 +201,10 @@ typedef struct {
 #define UK_FEPI_S_10(v, p) UK_ACTS_1(v)
 #define UK_FEPI_V_11(v, p, n) UK_ACTV_1(VADD(v, UK_RES_V(p, n)))
 #define UK_FEPI_S_11(v, p) UK_ACTS_1((v) + UK_RES_S(p))
+#define UK_FEPI_V_20(v, p, n) UK_ACTV_2(v)
+#define UK_FEPI_S_20(v, p) UK_ACTS_2(v)
+#define UK_FEPI_V_21(v, p, n) UK_ACTV_2(VADD(v, UK_RES_V(p, n)))
+#define UK_FEPI_S_21(v, p) UK_ACTS_2((v) + UK_RES_S(p))
 #define UK_FEPI_V_30(v, p, n) UK_ACTV_3(v)
 #define UK_FEPI_S_30(v, p) UK_ACTS_3(v)
 #define UK_FEPI_V_31(v, p, n) UK_ACTV_3(VADD(v, UK_RES_V(p, n)))
