@@ -52,8 +52,8 @@
  * Three kinds of activation, so that each kernel has few instantiations (compile time): the piecewise-linear one
  * (ReLU6; clamp: slope 1; leaky ReLU: lo -inf, hi inf; the identity, for a residual alone), ReLU on its own (the
  * piecewise-linear one's bits with lo 0, hi inf, slope 1, in one operation forward and two selections backward
- * instead of five and ten: docs/tuning.md, "ReLU apart from the piecewise-linear epilogue") and SiLU. The activations, each as a vector form (V of TC) and a single-element form (TC) that run the
- * same operations in the same order, so that an element's bits do not depend on whether a vector, a masked vector
+ * instead of five and ten: docs/tuning.md, "ReLU apart from the piecewise-linear epilogue") and SiLU. The
+ * activations, each as a vector form (V of TC) and a single-element form (TC) that run the same operations in the same order, so that an element's bits do not depend on whether a vector, a masked vector
  * or a scalar tail computed it (nor, then, on the thread count); SFMA fuses where VFMA does (kernels.def's fma flag). Their gradients for the
  * backward (act_grad.inc): du = dy act'(u).
  *   pwl    min(max(t, lo), hi), t = u < 0 ? slope u : u    du = lo < u < hi ? (u > 0 ? dy : slope dy) : 0
@@ -181,14 +181,14 @@ typedef struct {
 #define UK_ACTV_1(u) UK_TCF(v, pwl)(u, ek.lo, ek.hi, ek.slope)
 #define UK_ACTV_2(u) UK_TCF(v, relu)(u)
 #define UK_ACTV_3(u) UK_TCF(v, silu)(u)
-#define UK_ACTS_2(u) UK_TCF(s, relu)(u)
-#define UK_GRADV_2(u, dy) UK_TCF(v, grelu)(u, dy)
-#define UK_GRADS_2(u, dy) UK_TCF(s, grelu)(u, dy)
 #define UK_ACTS_1(u) UK_TCF(s, pwl)(u, ek.lo, ek.hi, ek.slope)
+#define UK_ACTS_2(u) UK_TCF(s, relu)(u)
 #define UK_ACTS_3(u) UK_TCF(s, silu)(u)
 #define UK_GRADV_1(u, dy) UK_TCF(v, gpwl)(u, dy, ek.lo, ek.hi, ek.slope)
+#define UK_GRADV_2(u, dy) UK_TCF(v, grelu)(u, dy)
 #define UK_GRADV_3(u, dy) UK_TCF(v, gsilu)(u, dy)
 #define UK_GRADS_1(u, dy) UK_TCF(s, gpwl)(u, dy, ek.lo, ek.hi, ek.slope)
+#define UK_GRADS_2(u, dy) UK_TCF(s, grelu)(u, dy)
 #define UK_GRADS_3(u, dy) UK_TCF(s, gsilu)(u, dy)
 /* the forward epilogue of (act, res) */
 #define UK_FEPI_V_(A, R, v, p, n) UK_FEPI_V__(A, R, v, p, n)

@@ -197,9 +197,8 @@ def _instance_act_forward(self, input, residual=None):
                              f"{input.size(axis)}")
         warnings.warn(f"input's size at dim={axis} ({input.size(axis)}) is not num_features={self.num_features}, "
                       f"which affine=False leaves unused", stacklevel=2)
-    if axis == 0:  # unbatched (C, *spatial)
+    if axis == 0:  # unbatched (C, *spatial); (the residual is a tensor: act_forward checked it)
         if residual is not None:
-            B.check_tensor(residual, "residual", "a torch.Tensor or None")
             residual = residual.unsqueeze(0)
         return _apply_instance_norm(self, input.unsqueeze(0), self.activation, residual).squeeze(0)
     return _apply_instance_norm(self, input, self.activation, residual)
