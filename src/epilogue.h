@@ -190,6 +190,13 @@ typedef struct {
 #define UK_GRADS_1(u, dy) UK_TCF(s, gpwl)(u, dy, ek.lo, ek.hi, ek.slope)
 #define UK_GRADS_2(u, dy) UK_TCF(s, grelu)(u, dy)
 #define UK_GRADS_3(u, dy) UK_TCF(s, gsilu)(u, dy)
+/* the gradient du = dy act'(u) of the instantiation's activation (UK_FEPI_ACT), vector and single element */
+#define UK_GRAD_V(u, dy) UK_GRAD_V_(UK_FEPI_ACT, u, dy)
+#define UK_GRAD_V_(A, u, dy) UK_GRAD_V__(A, u, dy)
+#define UK_GRAD_V__(A, u, dy) UK_GRADV_##A(u, dy)
+#define UK_GRAD_S(u, dy) UK_GRAD_S_(UK_FEPI_ACT, u, dy)
+#define UK_GRAD_S_(A, u, dy) UK_GRAD_S__(A, u, dy)
+#define UK_GRAD_S__(A, u, dy) UK_GRADS_##A(u, dy)
 /* the forward epilogue of (act, res) */
 #define UK_FEPI_V_(A, R, v, p, n) UK_FEPI_V__(A, R, v, p, n)
 #define UK_FEPI_V__(A, R, v, p, n) UK_FEPI_V_##A##R(v, p, n)

@@ -39,7 +39,7 @@
 
 /* A fused epilogue (epilogue.h) as the kernels take it: z = act(v + r) of an output v; act = 0 (none: the plain
  * kernel), 1 (piecewise linear: min(max(t, lo), hi), t = u < 0 ? slope u : u, which is ReLU, ReLU6, clamp, leaky ReLU
- * and the identity) or 3 (SiLU, u / (1 + exp(-u))); res: whether a residual r is added, the element rd bytes from the
+ * and the identity), 2 (ReLU's own kernels: lo 0, hi inf, slope 1) or 3 (SiLU, u / (1 + exp(-u))); res: whether a residual r is added, the element rd bytes from the
  * output element (the residual has the output's layout). The kernels convert lo, hi and slope to their compute type. */
 typedef struct {
     int act, res;
@@ -151,6 +151,17 @@ typedef struct {
     /* the same over n flat channels-last elements from channel c0, extended m, a, b */                          \
     typedef void bn_##S##_cl_act_grad_fn(const TS* dy, const TS* x, TS* du, int64_t n, int64_t C, int64_t c0,     \
                                          const TC* m, const TC* a, const TC* b, const bn_uk_epi* ep);             \
+    /* seg_bwd_sums of du = dy act'(u), u = (fm[j], fa[j], fb[j])'s seg_act_grad u (ep->act != 0; ep->res is not read: \
+     * no residual), du computed in the call, in seg_act_grad's bits, and never stored */                          \
+    typedef void bn_##S##_seg_bwd_sums_act_fn(const TS* dy, const TS* x, int64_t rows, int64_t rs, int64_t nseg,  \
+                                              int64_t len, const double* m, double* sdy, double* sdyx,            \
+                                              int64_t pf, const TC* fm, const TC* fa, const TC* fb,               \
+                                              const bn_uk_epi* ep);                                               \
+    /* seg_bwd_apply of the same du, u = (x - m[j]) fa[j] + fb[j] (the forward's m is the backward's); both      \
+     * compute du in TC, not rounded to TS: seg_act_grad's du where that is exact in TS, as ReLU's always is) */    \
+    typedef void bn_##S##_seg_bwd_apply_act_fn(const TS* dy, const TS* x, TS* dx, int64_t nseg, int64_t len,      \
+                                               const TC* m, const TC* a, const TC* b, const TC* d, int nt,        \
+                                               const TC* fa, const TC* fb, const bn_uk_epi* ep);                  \
     /* z = act(z + r) in place over n elements (the epilogue on its own; nothing when ep has neither) */          \
     typedef void bn_##S##_epi_sweep_fn(TS* z, int64_t n, const bn_uk_epi* ep);                                    \
     /* rc_affine / cr_affine through the fused epilogue ep (chosen once per call; none: the plain kernel) */        \
@@ -185,7 +196,7 @@ BN_UK_TYPES(uint16_t, float, bf16) /* bfloat16 patterns, computed in float (io_b
     X(cl_bwd_sums) X(cl_bwd_apply) X(norm_params) X(bwd_params) X(cl_chunk_finish) X(cl_combine) X(cl_sum_rows)     \
     X(rc_affine) X(rc_bwd_sums) X(rc_bwd_apply) X(cr_affine) X(cr_bwd_sums) X(cr_bwd_apply)                         \
     X(seg_affine_epi) X(cl_affine_epi) X(seg_act_grad) X(cl_act_grad) X(epi_sweep)                                  \
-    X(rc_affine_epi) X(cr_affine_epi) X(rc_act_grad) X(cr_act_grad)
+    X(rc_affine_epi) X(cr_affine_epi) X(rc_act_grad) X(cr_act_grad) X(seg_bwd_sums_act) X(seg_bwd_apply_act)
 
 /* A kernel table: one ISA's kernels of one dtype (kernels.c fills them from kernels.def), and their vector length,
  * in elements */

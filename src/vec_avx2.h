@@ -46,6 +46,9 @@ static inline double hsum_pd(__m256d v) {
 #define VBLEND_N_float(n, a, b) \
     _mm256_blendv_ps((b), (a), _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n)), \
                                                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))))
+/* a V of TC stored; DL elements of TC loaded as a D (exact) */
+#define VSTORE_float(p, v) _mm256_storeu_ps((p), (v))
+#define DLOADC_float(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
 
 /* compute in double: 4 lanes */
 #define V_double __m256d
@@ -57,6 +60,8 @@ static inline double hsum_pd(__m256d v) {
 #define VFMA_double(a, b, c) _mm256_fmadd_pd((a), (b), (c))
 #define SFMA_double(a, b, c) __builtin_fma((a), (b), (c))
 #define VBLEND_N_double(n, a, b) _mm256_blendv_pd((b), (a), _mm256_castsi256_pd(UK_TAIL4(n)))
+#define VSTORE_double(p, v) _mm256_storeu_pd((p), (v))
+#define DLOADC_double(p) _mm256_loadu_pd(p)
 
 
 /* The fused epilogues' vocabulary (epilogue.h), per compute type: VADD, VDIV; VMAX(a, b) = a > b ? a : b and

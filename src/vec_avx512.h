@@ -40,6 +40,9 @@
 #define VFMA_float(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define SFMA_float(a, b, c) __builtin_fmaf((a), (b), (c))
 #define VBLEND_N_float(n, a, b) _mm512_mask_blend_ps(UK_TAIL16(n), (b), (a))
+/* a V of TC stored; DL elements of TC loaded as a D (exact) */
+#define VSTORE_float(p, v) _mm512_storeu_ps((p), (v))
+#define DLOADC_float(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
 
 /* compute in double: 8 lanes */
 #define V_double __m512d
@@ -51,6 +54,8 @@
 #define VFMA_double(a, b, c) _mm512_fmadd_pd((a), (b), (c))
 #define SFMA_double(a, b, c) __builtin_fma((a), (b), (c))
 #define VBLEND_N_double(n, a, b) _mm512_mask_blend_pd(UK_TAIL8(n), (b), (a))
+#define VSTORE_double(p, v) _mm512_storeu_pd((p), (v))
+#define DLOADC_double(p) _mm512_loadu_pd(p)
 
 
 /* The fused epilogues' vocabulary (epilogue.h): as vec_avx2.h's (vmaxps / vminps return b when a lane is NaN). */

@@ -33,6 +33,9 @@
 #define VSUB_float(a, b) ((a) - (b))
 #define VFMA_float(a, b, c) ((a) * (b) + (c))
 #define SFMA_float(a, b, c) ((a) * (b) + (c))
+/* a V of TC stored; DL elements of TC loaded as a D (exact) */
+#define VSTORE_float(p, v) (*(p) = (v))
+#define DLOADC_float(p) ((double)*(p))
 
 /* compute in double */
 #define V_double double
@@ -43,6 +46,8 @@
 #define VSUB_double(a, b) ((a) - (b))
 #define VFMA_double(a, b, c) ((a) * (b) + (c))
 #define SFMA_double(a, b, c) ((a) * (b) + (c))
+#define VSTORE_double(p, v) (*(p) = (v))
+#define DLOADC_double(p) (*(p))
 
 
 /* The fused epilogues' vocabulary (epilogue.h): a "vector" is one element, so these are epilogue.h's single-element

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import bn_simd
+from bn_simd import _core
 import oracle
 
 ACTS = ["relu", "relu6", ("leaky_relu", 0.2), ("clamp", -0.5, 0.75), "silu"]
@@ -345,6 +346,44 @@ def test_fused_backward_is_the_plain_backward_of_du(threads, layout, path):
         bn_simd.batch_norm_backward(gx2, x, m, s, w, layout=layout, out=gx2, activation="relu", residual=res, bias=b,
                                     save_stats=st)
         np.testing.assert_array_equal(gx2, px)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("path", ["slab", "sweeps"])
+def test_backward_without_du_has_the_bits_of_the_backward_on_du(threads, dtype, path):
+    """Long channels-first maps beyond the last-level cache (forced here: streamed stores from 0 bytes), through ReLU
+    or a piecewise-linear activation without a residual, compute du in the sums and again in the dx sweep instead of
+    storing it (seg_bwd_sums_act, seg_bwd_apply_act): the same bits as the backward that stores it (the default
+    settings on these sizes), on the slab path and the two sweeps, over a separate out, over grad_out and over x;
+    and for float64 ReLU the plain backward of du = dz where y > 0."""
+    from conftest import use_slab
+    use_slab(1 << 20 if path == "slab" else 0)
+    threads(2)
+    shape = (6, 8, 32, 40)  # (maps of 1280 elements: the kernels' blocks of 256, and none left over)
+    x, _, w, b, _, _ = make(shape, dtype, seed=31, C=8)
+    x[0, 0, :3, :5] = 0.0  # (some u exactly at the kinks' sides)
+    g = np.random.default_rng(32).standard_normal(shape).astype(dtype)
+    for shp in (shape, (5, 8, 31, 41)):  # (and 1271: runs ending in a partial block and a tail)
+        cut = (slice(shp[0]), slice(None), slice(shp[2]), slice(shp[3]))
+        xs, gs = np.ascontiguousarray(x[cut]), np.ascontiguousarray(g[cut])
+        for act in ("relu", ("leaky_relu", 0.2), "relu6", ("clamp", -0.5, 0.75)):
+            y, m, s, st = bn_simd.batch_norm_forward(xs, w, b, activation=act)
+            kw = dict(activation=act, bias=b, save_stats=st)
+            _core.set_stream_bytes(None)
+            want = bn_simd.batch_norm_backward(gs, xs, m, s, w, **kw)[:3]
+            _core.set_stream_bytes(0)
+            got = bn_simd.batch_norm_backward(gs, xs, m, s, w, **kw)[:3]
+            for a, e in zip(got, want):
+                np.testing.assert_array_equal(a, e, err_msg=f"{act} {shp}")
+            if act == "relu" and dtype == np.float64:  # (float32's saved statistics are float32: other coefficients)
+                px = bn_simd.batch_norm_backward(np.where(y > 0, gs, 0).astype(dtype), xs, m, s, w)
+                for a, e in zip(got, px):
+                    np.testing.assert_array_equal(a, e)
+            g2, x2 = gs.copy(), xs.copy()
+            bn_simd.batch_norm_backward(g2, xs, m, s, w, out=g2, **kw)
+            bn_simd.batch_norm_backward(gs, x2, m, s, w, out=x2, **kw)
+            np.testing.assert_array_equal(g2, want[0])
+            np.testing.assert_array_equal(x2, want[0])
 
 
 def test_extreme_channels_take_the_float64_apply_with_the_epilogue():
