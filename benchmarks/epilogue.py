@@ -5,13 +5,17 @@
 Rows, each timed in interleaved rounds (harness/timing.py: interleaved_medians) with --threads threads for bn_simd
 and PyTorch (a cell is the median in ms; the ratio columns are over the row's plain bn_simd call):
     eval             plain eval; eval + relu fused; eval + relu + residual fused; eval + silu fused;
-                     NumPy's plain eval then np.maximum(y, 0, out=y); PyTorch's batch_norm then relu_ (same dtype)
+                     NumPy's plain eval then np.maximum(y, 0, out=y); PyTorch's batch_norm then relu_ (same dtype);
+                     copy: np.copyto of x into y, x split among the threads (the same bytes read and written as a
+                     one-pass eval: what bounds it in memory); then PyTorch's bn + relu_ over the fused call and over
+                     the copy (the most any one-pass fused eval can be faster than it)
     train fwd        plain training forward (batch_norm_forward) against the same with relu / relu + residual fused
     train bwd        plain training backward against the backward through relu (and with the residual's gradient)
 The targets (issue 25): fused eval + activation <= 1.05x plain eval and >= 3x PyTorch's BN + relu_; training
 forward and backward through ReLU <= 1.1x the plain ones; SiLU <= 1.2x plain eval. bfloat16 needs ml_dtypes;
 PyTorch's column needs torch.
 """
+import concurrent.futures
 import os
 import sys
 
@@ -23,6 +27,14 @@ from benchmarks.harness import cli  # noqa: E402
 from benchmarks.harness.timing import interleaved_medians  # noqa: E402
 
 import bn_simd  # noqa: E402
+
+
+def copy_call(x, y, threads, pool):
+    """np.copyto(y, x) in `threads` contiguous pieces copied concurrently (np.copyto releases the GIL)."""
+    src, dst = x.reshape(-1), y.reshape(-1)
+    bounds = np.linspace(0, src.size, max(1, threads) + 1).astype(int)
+    pieces = [(dst[lo:hi], src[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return lambda: list(pool.map(lambda p: np.copyto(*p), pieces))
 
 
 def row(label, fns, target):
@@ -46,6 +58,7 @@ def main():
     r32 = rng.standard_normal((N, C, H, W), dtype=np.float32)
     w, b = rng.uniform(0.5, 2, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
     rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, a.threads))
     print(f"bn_simd {bn_simd.__version__}, ISA {bn_simd.get_isa()}, {a.threads} threads, x {N}x{C}x{H}x{W} NCHW")
     for name in a.dtypes:
         try:
@@ -67,6 +80,7 @@ def main():
                 bn_simd.batch_norm(x, rm, rv, w, b, out=y)
                 np.maximum(y, 0, out=y)
             fns["bn+np.maximum"] = numpy_relu
+        fns["copy"] = copy_call(x, y, a.threads, pool)
         if torch is not None:
             tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
             tx = torch.from_numpy(x32).to(tdt)
@@ -78,7 +92,9 @@ def main():
             fns["torch bn+relu_"] = torch_relu
         t = row("eval", fns, a.target)
         if "torch bn+relu_" in t:
-            print(f"{'':26} torch bn+relu_ / fused relu: {t['torch bn+relu_'] / t['relu']:.2f}x")
+            print(f"{'':26} torch bn+relu_ / fused relu: {t['torch bn+relu_'] / t['relu']:.2f}x;"
+                  f" torch bn+relu_ / copy: {t['torch bn+relu_'] / t['copy']:.2f}x;"
+                  f" fused relu / copy: {t['relu'] / t['copy']:.2f}")
         row("train fwd", {
             "plain": lambda: bn_simd.batch_norm_forward(x, w, b, out=y),
             "relu": lambda: bn_simd.batch_norm_forward(x, w, b, out=y, activation="relu"),
