@@ -151,14 +151,15 @@ typedef struct {
     /* the same over n flat channels-last elements from channel c0, extended m, a, b */                          \
     typedef void bn_##S##_cl_act_grad_fn(const TS* dy, const TS* x, TS* du, int64_t n, int64_t C, int64_t c0,     \
                                          const TC* m, const TC* a, const TC* b, const bn_uk_epi* ep);             \
-    /* seg_bwd_sums of du = dy act'(u), u = (fm[j], fa[j], fb[j])'s seg_act_grad u (ep->act != 0; ep->res is not read: \
-     * no residual), du computed in the call, in seg_act_grad's bits, and never stored */                          \
+    /* seg_bwd_sums of du = dy act'(u), u = (fm[j], fa[j], fb[j])'s seg_act_grad u (ep->res is not read: no       \
+     * residual; ep->act 0: seg_bwd_sums of dy), du computed in the call and never stored: seg_act_grad's bits     \
+     * where du is exact in TS (the kernel keeps some du in TC, rounds others to TS) */                             \
     typedef void bn_##S##_seg_bwd_sums_act_fn(const TS* dy, const TS* x, int64_t rows, int64_t rs, int64_t nseg,  \
                                               int64_t len, const double* m, double* sdy, double* sdyx,            \
                                               int64_t pf, const TC* fm, const TC* fa, const TC* fb,               \
                                               const bn_uk_epi* ep);                                               \
-    /* seg_bwd_apply of the same du, u = (x - m[j]) fa[j] + fb[j] (the forward's m is the backward's); both      \
-     * compute du in TC, not rounded to TS: seg_act_grad's du where that is exact in TS, as ReLU's always is) */    \
+    /* seg_bwd_apply of the same du, u = (x - m[j]) fa[j] + fb[j] (the forward's m is the backward's), du in TC:  \
+     * seg_act_grad's du where that is exact in TS, as ReLU's always is (ep->act 0: seg_bwd_apply of dy) */        \
     typedef void bn_##S##_seg_bwd_apply_act_fn(const TS* dy, const TS* x, TS* dx, int64_t nseg, int64_t len,      \
                                                const TC* m, const TC* a, const TC* b, const TC* d, int nt,        \
                                                const TC* fa, const TC* fb, const bn_uk_epi* ep);                  \
