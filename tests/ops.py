@@ -808,11 +808,17 @@ BATCH_NORM = Op(
                    _exp_epilogue(_exp_eval, "silu", True),
                    reads=("x", "running_mean", "running_var", "residual") + _PER_CHANNEL, out=("x",),
                    needs=_RUNNING_STATS),
-        # backward through fused epilogues: silu (smooth) with a residual in training, relu (a kink) in eval mode
-        # with given statistics
+        # backward through fused epilogues: silu (smooth) with a residual in training, relu (a kink) in training and
+        # in eval mode with given statistics
         EntryPoint("backward_silu_residual", _epi_backward_call(True, "silu", True, _STATS64), _GRADS + (_GRAD_RES,),
                    _exp_epi_backward("silu", True, True, _STATS64),
                    reads=("grad_out", "x", "residual") + _STATS64 + _PER_CHANNEL, out=("x", "grad_out"),
+                   large=True, names=_STATS64_NAMES, carry=_epi_carry(True, _STATS64)),
+        # relu without a residual in training: on long maps beyond the last-level cache (the large cases, whose
+        # streaming threshold is lowered) float32 and float64 compute du in the sums and the dx sweep, storing none
+        EntryPoint("backward_relu", _epi_backward_call(True, "relu", False, _STATS64), _GRADS + (_GRAD_RES,),
+                   _exp_epi_backward("relu", False, True, _STATS64),
+                   reads=("grad_out", "x") + _STATS64 + _PER_CHANNEL, out=("x", "grad_out"),
                    large=True, names=_STATS64_NAMES, carry=_epi_carry(True, _STATS64)),
         EntryPoint("backward_eval_relu", _epi_backward_call(False, "relu", False, ("mean", "var")),
                    _GRADS + (_GRAD_RES,), _exp_epi_backward("relu", False, False, ("mean", "var")),

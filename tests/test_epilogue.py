@@ -362,6 +362,8 @@ def test_backward_without_du_has_the_bits_of_the_backward_on_du(threads, dtype, 
     shape = (6, 8, 32, 40)  # (maps of 1280 elements: the kernels' blocks of 256, and none left over)
     x, _, w, b, _, _ = make(shape, dtype, seed=31, C=8)
     g = np.random.default_rng(32).standard_normal(shape).astype(dtype)
+    x[1, 2, 0, :3] = [np.nan, np.inf, -np.inf]  # (non-finite values: their channels' gradients NaN alike)
+    g[2, 5, 3, 4] = np.inf
     for shp in (shape, (5, 8, 31, 41)):  # (and 1271: runs ending in a partial block and a tail)
         cut = (slice(shp[0]), slice(None), slice(shp[2]), slice(shp[3]))
         xs, gs = np.ascontiguousarray(x[cut]), np.ascontiguousarray(g[cut])
