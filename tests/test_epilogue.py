@@ -387,6 +387,37 @@ def test_backward_without_du_has_the_bits_of_the_backward_on_du(threads, dtype, 
             np.testing.assert_array_equal(x2, want[0])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_channels_last_backward_with_du_in_a_scratch_has_the_same_bits(threads, dtype):
+    """Channels-last arrays beyond the last-level cache (forced here: streamed stores from 0 bytes), through an
+    activation without a residual: each chunk's du goes to a thread's scratch and the dx sweep computes it again,
+    instead of du written over dx: the same bits as the default settings on these sizes, with separate, grad_out and
+    x outputs, on 1 and 2 threads, for ReLU, leaky ReLU and SiLU, non-finite values included."""
+    rng = np.random.default_rng(41)
+    for shape in ((3, 9, 11, 64), (2, 40, 40, 33), (70, 1, 1, 300)):
+        C = shape[-1]
+        x = rng.standard_normal(shape).astype(dtype)
+        g = rng.standard_normal(shape).astype(dtype)
+        x[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+        w, b = rng.uniform(0.5, 2, C), rng.standard_normal(C)
+        for nt in (1, 2):
+            threads(nt)
+            for act in ("relu", ("leaky_relu", 0.2), "silu"):
+                y, m, s, st = bn_simd.batch_norm_forward(x, w, b, layout="NHWC", activation=act)
+                kw = dict(layout="NHWC", activation=act, bias=b, save_stats=st)
+                _core.set_stream_bytes(None)
+                want = bn_simd.batch_norm_backward(g, x, m, s, w, **kw)[:3]
+                _core.set_stream_bytes(0)
+                got = bn_simd.batch_norm_backward(g, x, m, s, w, **kw)[:3]
+                g2, x2 = g.copy(), x.copy()
+                bn_simd.batch_norm_backward(g2, x, m, s, w, out=g2, **kw)
+                bn_simd.batch_norm_backward(g, x2, m, s, w, out=x2, **kw)
+                for a, e in zip(got, want):
+                    np.testing.assert_array_equal(a, e, err_msg=f"{act} {shape} {nt}")
+                np.testing.assert_array_equal(g2, want[0])
+                np.testing.assert_array_equal(x2, want[0])
+
+
 def test_extreme_channels_take_the_float64_apply_with_the_epilogue():
     """float32 data whose mean is ~1e35 takes the float64 apply (norm_params' wide case): the epilogue follows it
     (forward) and the backward recomputes u from its result."""
