@@ -6,8 +6,8 @@ Rows, each timed in interleaved rounds (harness/timing.py: interleaved_medians) 
 and PyTorch (a cell is the median in ms; the ratio columns are over the row's plain bn_simd call):
     eval             plain eval; eval + relu fused; eval + relu + residual fused; eval + silu fused;
                      NumPy's plain eval then np.maximum(y, 0, out=y); PyTorch's batch_norm then relu_ (same dtype);
-                     copy: np.copyto of x into y, x split among the threads (the same bytes read and written as a
-                     one-pass eval: what bounds it in memory); then PyTorch's bn + relu_ over the fused call and over
+                     copy: np.copyto of x into y, x split among the threads (harness/impls.py split_copy; one copy
+                     under 1 MiB): the same bytes read and written as a one-pass eval, what bounds it in memory; then PyTorch's bn + relu_ over the fused call and over
                      the copy (the most any one-pass fused eval can be faster than it)
     train fwd        plain training forward (batch_norm_forward) against the same with relu / relu + residual fused
     train bwd        plain training backward against the backward through relu (and with the residual's gradient)
@@ -23,18 +23,10 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.harness import cli  # noqa: E402
+from benchmarks.harness import cli, impls  # noqa: E402
 from benchmarks.harness.timing import interleaved_medians  # noqa: E402
 
 import bn_simd  # noqa: E402
-
-
-def copy_call(x, y, threads, pool):
-    """np.copyto(y, x) in `threads` contiguous pieces copied concurrently (np.copyto releases the GIL)."""
-    src, dst = x.reshape(-1), y.reshape(-1)
-    bounds = np.linspace(0, src.size, max(1, threads) + 1).astype(int)
-    pieces = [(dst[lo:hi], src[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return lambda: list(pool.map(lambda p: np.copyto(*p), pieces))
 
 
 def row(label, fns, target):
@@ -80,7 +72,7 @@ def main():
                 bn_simd.batch_norm(x, rm, rv, w, b, out=y)
                 np.maximum(y, 0, out=y)
             fns["bn+np.maximum"] = numpy_relu
-        fns["copy"] = copy_call(x, y, a.threads, pool)
+        fns["copy"] = impls.split_copy(x, y, a.threads, pool)
         if torch is not None:
             tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
             tx = torch.from_numpy(x32).to(tdt)

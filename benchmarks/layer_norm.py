@@ -198,21 +198,6 @@ def onnxruntime_calls(ws, op, warn):
     return {"eval": runner.call}
 
 
-# ---- the copy probe --------------------------------------------------------------------------------------------------
-
-def copy_call(ws, threads, pool):
-    src, dst = ws.x.reshape(-1), ws.copy_dst.reshape(-1)
-    if threads < 2 or src.nbytes < (1 << 20):
-        return lambda: np.copyto(dst, src)
-    bounds = np.linspace(0, src.size, threads + 1).astype(int)
-    pieces = [(dst[lo:hi], src[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-    def call():
-        # np.copyto releases the GIL for large arrays: the pieces are copied concurrently
-        list(pool.map(lambda p: np.copyto(*p), pieces))
-    return call
-
-
 # ---- measure ---------------------------------------------------------------------------------------------------------
 
 def _as_array(r):
@@ -230,7 +215,7 @@ def measure(args, warn, progress):
         if args.only and not any(t in cid for t in args.only):
             continue
         ws = Workspace(shape)
-        copy = copy_call(ws, args.threads, pool)
+        copy = impls.split_copy(ws.x, ws.copy_dst, args.threads, pool)
         for op in OPS:
             calls = {"bn_simd": bn_simd_calls(ws, op), "torch": torch_calls(ws, op),
                      "onnxruntime": onnxruntime_calls(ws, op, warn), "numpy": numpy_calls(ws, op)}
