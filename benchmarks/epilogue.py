@@ -7,8 +7,9 @@ and PyTorch (a cell is the median in ms; the ratio columns are over the row's pl
     eval             plain eval; eval + relu fused; eval + relu + residual fused; eval + silu fused;
                      NumPy's plain eval then np.maximum(y, 0, out=y); PyTorch's batch_norm then relu_ (same dtype);
                      copy: np.copyto of x into y, x split among the threads (harness/impls.py split_copy; one copy
-                     under 1 MiB): the same bytes read and written as a one-pass eval, what bounds it in memory; then PyTorch's bn + relu_ over the fused call and over
-                     the copy (the most any one-pass fused eval can be faster than it)
+                     under 1 MiB): the same bytes read and written as a one-pass eval, what bounds it in memory;
+                     then PyTorch's bn + relu_ over the fused call and over the copy (the most any one-pass fused
+                     eval can be faster than it)
     train fwd        plain training forward (batch_norm_forward) against the same with relu / relu + residual fused
     train bwd        plain training backward against the backward through relu (and with the residual's gradient)
 The targets (issue 25): fused eval + activation <= 1.05x plain eval and >= 3x PyTorch's BN + relu_; training
