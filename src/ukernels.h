@@ -163,6 +163,17 @@ typedef struct {
     typedef void bn_##S##_seg_bwd_apply_act_fn(const TS* dy, const TS* x, TS* dx, int64_t nseg, int64_t len,      \
                                                const TC* m, const TC* a, const TC* b, const TC* d, int nt,        \
                                                const TC* fa, const TC* fb, const bn_uk_epi* ep);                  \
+    /* cl_bwd_sums of du = dy act'(u), u = (fm, fa, fb)'s cl_act_grad u (extended arrays from channel 0 of the W   \
+     * columns; ep->res is not read: no residual; ep->act 0: cl_bwd_sums of dy), du computed in the call and never \
+     * stored: cl_act_grad's bits where du is exact in TS */                                                        \
+    typedef void bn_##S##_cl_bwd_sums_act_fn(const TS* dy, const TS* x, int64_t rows, int64_t C, int64_t W,        \
+                                             const double* m, double* sdy, double* sdyx, int64_t pf_rows,         \
+                                             const TC* fm, const TC* fa, const TC* fb, const bn_uk_epi* ep);      \
+    /* cl_bwd_apply of the same du, u = (x - m) fa + fb (the forward's m is the backward's; extended arrays), du in \
+     * TC (ep->act 0: cl_bwd_apply of dy) */                                                                        \
+    typedef void bn_##S##_cl_bwd_apply_act_fn(const TS* dy, const TS* x, TS* dx, int64_t n, int64_t C, int64_t c0, \
+                                              const TC* m, const TC* a, const TC* b, const TC* d, int nt,         \
+                                              const TC* fa, const TC* fb, const bn_uk_epi* ep);                   \
     /* z = act(z + r) in place over n elements (the epilogue on its own; nothing when ep has neither) */          \
     typedef void bn_##S##_epi_sweep_fn(TS* z, int64_t n, const bn_uk_epi* ep);                                    \
     /* rc_affine / cr_affine through the fused epilogue ep (chosen once per call; none: the plain kernel) */        \
@@ -197,7 +208,7 @@ BN_UK_TYPES(uint16_t, float, bf16) /* bfloat16 patterns, computed in float (io_b
     X(cl_bwd_sums) X(cl_bwd_apply) X(norm_params) X(bwd_params) X(cl_chunk_finish) X(cl_combine) X(cl_sum_rows)     \
     X(rc_affine) X(rc_bwd_sums) X(rc_bwd_apply) X(cr_affine) X(cr_bwd_sums) X(cr_bwd_apply)                         \
     X(seg_affine_epi) X(cl_affine_epi) X(seg_act_grad) X(cl_act_grad) X(epi_sweep)                                  \
-    X(rc_affine_epi) X(cr_affine_epi) X(rc_act_grad) X(cr_act_grad) X(seg_bwd_sums_act) X(seg_bwd_apply_act)
+    X(rc_affine_epi) X(cr_affine_epi) X(rc_act_grad) X(cr_act_grad) X(seg_bwd_sums_act) X(seg_bwd_apply_act) X(cl_bwd_sums_act) X(cl_bwd_apply_act)
 
 /* A kernel table: one ISA's kernels of one dtype (kernels.c fills them from kernels.def), and their vector length,
  * in elements */
