@@ -12,6 +12,7 @@ and PyTorch (a cell is the median in ms; the ratio columns are over the row's pl
                      eval can be faster than it)
     train fwd        plain training forward (batch_norm_forward) against the same with relu / relu + residual fused
     train bwd        plain training backward against the backward through relu (and with the residual's gradient)
+    train bwd NHWC   the same tensors channels-last: plain training backward against the backward through relu
 The targets (issue 25): fused eval + activation <= 1.05x plain eval and >= 3x PyTorch's BN + relu_; training
 forward and backward through ReLU <= 1.1x the plain ones; SiLU <= 1.2x plain eval. bfloat16 needs ml_dtypes;
 PyTorch's column needs torch.
@@ -102,6 +103,16 @@ def main():
                                                         save_stats=st),
             "relu+res": lambda: bn_simd.batch_norm_backward(g, x, m3, s3, w, out=y, activation="relu", residual=r,
                                                             bias=b, save_stats=st3),
+        }, a.target)
+        # the same tensors channels-last (N, H, W, C)
+        xl, gl = (np.ascontiguousarray(v.transpose(0, 2, 3, 1)) for v in (x, g))
+        yl = np.empty_like(xl)
+        _, ml, sl = bn_simd.batch_norm_forward(xl, w, b, layout="NHWC")
+        _, ml2, sl2, stl = bn_simd.batch_norm_forward(xl, w, b, activation="relu", layout="NHWC")
+        row("train bwd NHWC", {
+            "plain": lambda: bn_simd.batch_norm_backward(gl, xl, ml, sl, w, out=yl, layout="NHWC"),
+            "relu": lambda: bn_simd.batch_norm_backward(gl, xl, ml2, sl2, w, out=yl, activation="relu", bias=b,
+                                                        save_stats=stl, layout="NHWC"),
         }, a.target)
 
 
