@@ -223,5 +223,7 @@ typedef struct {
 #define UK_PUT_NT(F, p, v) VSTREAM_TS(p, UK_##F##_EPI_V(v, p, VL))
 #define UK_PUT_N(F, p, v, n) VSTORE_TS_N(p, UK_##F##_EPI_V(v, p, n), n)
 #define UK_PUT1(F, p, v) STORE_TS(p, UK_##F##_EPI_S(v, p))
+/* UK_PUT of a value that is a TS value exactly (UK_VSTORE_EXACT: ukernels.inc) */
+#define UK_PUT_EXACT(F, p, v) UK_VSTORE_EXACT(p, UK_##F##_EPI_V(v, p, VL))
 
 #endif /* BN_EPILOGUE_H */

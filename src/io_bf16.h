@@ -37,6 +37,15 @@ static inline __m128i uk_bf16_narrow_avx2(__m256 v) {
                                          2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
     return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(r, top), 0x08));
 }
+/* 8 floats that are bfloat16 values (widened, or NaNs): bn_bf16_from_f32's bits without its rounding, which leaves such
+ * values as they are (their top halves, NaNs made quiet) */
+static inline __m128i uk_bf16_narrow_exact_avx2(__m256 v) {
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256i r = _mm256_or_si256(_mm256_castps_si256(v), _mm256_and_si256(nan, _mm256_set1_epi32(0x00400000)));
+    const __m256i top = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
+                                         2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(r, top), 0x08));
+}
 static inline __m256 uk_bf16_widen_avx2(__m128i h) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
@@ -56,6 +65,7 @@ static inline __m256d uk_bf16_dload_n_avx2(const uint16_t* p, int64_t n) {
 #define DLOAD1_TS(p) ((double)bn_bf16_to_f32(*(p)))
 #define VLOAD_TS(p) uk_bf16_widen_avx2(_mm_loadu_si128((const __m128i*)(p)))
 #define VSTORE_TS(p, v) _mm_storeu_si128((__m128i*)(p), uk_bf16_narrow_avx2(v))
+#define VSTORE_TS_EXACT(p, v) _mm_storeu_si128((__m128i*)(p), uk_bf16_narrow_exact_avx2(v))
 #ifdef __SANITIZE_ADDRESS__ /* ASan does not instrument streaming stores: check them as regular ones */
 #define VSTREAM_TS(p, v) VSTORE_TS(p, v)
 #else
@@ -74,6 +84,12 @@ static inline __m256i uk_bf16_narrow_avx512(__m512 v) {
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
     r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), hi, _mm512_set1_epi32(0x40));
     return _mm512_cvtepi32_epi16(r);
+}
+/* 16 floats that are bfloat16 values (or NaNs), as uk_bf16_narrow_exact_avx2 */
+static inline __m256i uk_bf16_narrow_exact_avx512(__m512 v) {
+    const __m512i hi = _mm512_srli_epi32(_mm512_castps_si512(v), 16);
+    return _mm512_cvtepi32_epi16(
+        _mm512_mask_or_epi32(hi, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), hi, _mm512_set1_epi32(0x40)));
 }
 static inline __m512 uk_bf16_widen_avx512(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -94,6 +110,7 @@ static inline __m512d uk_bf16_dload_n_avx512(const uint16_t* p, int64_t n) {
 #define DLOAD1_TS(p) ((double)bn_bf16_to_f32(*(p)))
 #define VLOAD_TS(p) uk_bf16_widen_avx512(_mm256_loadu_si256((const __m256i*)(p)))
 #define VSTORE_TS(p, v) _mm256_storeu_si256((__m256i*)(p), uk_bf16_narrow_avx512(v))
+#define VSTORE_TS_EXACT(p, v) _mm256_storeu_si256((__m256i*)(p), uk_bf16_narrow_exact_avx512(v))
 #ifdef __SANITIZE_ADDRESS__ /* as above */
 #define VSTREAM_TS(p, v) VSTORE_TS(p, v)
 #else

@@ -11,6 +11,7 @@
 #undef VSTREAM_TS
 #undef VLOAD_TS_N
 #undef VSTORE_TS_N
+#undef VSTORE_TS_EXACT
 #undef DLOAD_TS
 #undef DLOAD_TS_N
 #undef UK_F16_RNE
