@@ -24,6 +24,12 @@ _Static_assert(_Generic((TS)0, uint16_t: 1, default: 0) && _Generic((TC)0, float
 #elif defined(UK_ISA_AVX2)
 #ifndef UK_BF16_AVX2_DEFINED
 #define UK_BF16_AVX2_DEFINED
+/* the top 16 bits of each 32-bit lane, gathered into the low 64 bits of each 128-bit half, then the halves joined */
+static inline __m128i uk_bf16_top_halves_avx2(__m256i r) {
+    const __m256i top = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
+                                         2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(r, top), 0x08));
+}
 /* 8 floats rounded to bfloat16 (bn_bf16_from_f32 lane-wise), packed into 128 bits */
 static inline __m128i uk_bf16_narrow_avx2(__m256 v) {
     const __m256i u = _mm256_castps_si256(v);
@@ -32,19 +38,14 @@ static inline __m128i uk_bf16_narrow_avx2(__m256 v) {
     /* a NaN: its own top half with the quiet bit (float32's bit 22, bfloat16's bit 6) */
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
-    /* the top 16 bits of each lane, gathered into the low 64 bits of each 128-bit half, then the halves joined */
-    const __m256i top = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
-                                         2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
-    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(r, top), 0x08));
+    return uk_bf16_top_halves_avx2(r);
 }
 /* 8 floats that are bfloat16 values (widened, or NaNs): bn_bf16_from_f32's bits without its rounding, which leaves such
  * values as they are (their top halves, NaNs made quiet) */
 static inline __m128i uk_bf16_narrow_exact_avx2(__m256 v) {
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    const __m256i r = _mm256_or_si256(_mm256_castps_si256(v), _mm256_and_si256(nan, _mm256_set1_epi32(0x00400000)));
-    const __m256i top = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
-                                         2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
-    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(r, top), 0x08));
+    return uk_bf16_top_halves_avx2(
+        _mm256_or_si256(_mm256_castps_si256(v), _mm256_and_si256(nan, _mm256_set1_epi32(0x00400000))));
 }
 static inline __m256 uk_bf16_widen_avx2(__m128i h) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));

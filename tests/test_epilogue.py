@@ -348,6 +348,27 @@ def test_fused_backward_is_the_plain_backward_of_du(threads, layout, path):
         np.testing.assert_array_equal(gx2, px)
 
 
+def _streamed_backward_has_the_default_bits(g, x, m, s, w, kw, msg):
+    """batch_norm_backward(g, x, m, s, w, **kw) with streamed stores from 0 bytes (the paths beyond the last-level
+    cache) against the default settings, byte for byte, into a separate out, over g and over x; returns the streamed
+    call's (grad_x, grad_weight, grad_bias)."""
+    _core.set_stream_bytes(None)
+    want = bn_simd.batch_norm_backward(g, x, m, s, w, **kw)[:3]
+    try:
+        _core.set_stream_bytes(0)
+        got = bn_simd.batch_norm_backward(g, x, m, s, w, **kw)[:3]
+        g2, x2 = g.copy(), x.copy()
+        bn_simd.batch_norm_backward(g2, x, m, s, w, out=g2, **kw)
+        bn_simd.batch_norm_backward(g, x2, m, s, w, out=x2, **kw)
+    finally:
+        _core.set_stream_bytes(None)
+    for a, e in zip(got, want):
+        assert a.tobytes() == e.tobytes(), msg
+    assert g2.tobytes() == want[0].tobytes(), msg
+    assert x2.tobytes() == want[0].tobytes(), msg
+    return got
+
+
 def _half_or_skip(name):
     return np.dtype(np.float16) if name == "float16" else np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
 
@@ -374,25 +395,12 @@ def test_backward_without_du_has_the_bits_of_the_backward_on_du(threads, dtype, 
         xs, gs = np.ascontiguousarray(x[cut]), np.ascontiguousarray(g[cut])
         for act in ("relu", ("leaky_relu", 0.2), "relu6", ("clamp", -0.5, 0.75)):
             y, m, s, st = bn_simd.batch_norm_forward(xs, w, b, activation=act)
-            kw = dict(activation=act, bias=b, save_stats=st)
-            _core.set_stream_bytes(None)
-            want = bn_simd.batch_norm_backward(gs, xs, m, s, w, **kw)[:3]
-            try:
-                _core.set_stream_bytes(0)
-                got = bn_simd.batch_norm_backward(gs, xs, m, s, w, **kw)[:3]
-                g2, x2 = gs.copy(), xs.copy()
-                bn_simd.batch_norm_backward(g2, xs, m, s, w, out=g2, **kw)
-                bn_simd.batch_norm_backward(gs, x2, m, s, w, out=x2, **kw)
-            finally:
-                _core.set_stream_bytes(None)
-            for a, e in zip(got, want):
-                assert a.tobytes() == e.tobytes(), f"{act} {shp}"
+            got = _streamed_backward_has_the_default_bits(gs, xs, m, s, w, dict(activation=act, bias=b, save_stats=st),
+                                                          f"{act} {shp}")
             if act == "relu" and dtype == np.float64:  # (float32's saved statistics are float32: other coefficients)
                 px = bn_simd.batch_norm_backward(np.where(y > 0, gs, 0).astype(dtype), xs, m, s, w)
                 for a, e in zip(got, px):
                     np.testing.assert_array_equal(a, e)
-            assert g2.tobytes() == want[0].tobytes()
-            assert x2.tobytes() == want[0].tobytes()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
@@ -416,21 +424,8 @@ def test_channels_last_backward_without_du_has_the_same_bits(threads, dtype):
             threads(nt)
             for act in ("relu", ("leaky_relu", 0.2), "relu6", ("clamp", -0.5, 1.0), "silu"):
                 y, m, s, st = bn_simd.batch_norm_forward(x, w, b, layout="NHWC", activation=act)
-                kw = dict(layout="NHWC", activation=act, bias=b, save_stats=st)
-                _core.set_stream_bytes(None)
-                want = bn_simd.batch_norm_backward(g, x, m, s, w, **kw)[:3]
-                try:
-                    _core.set_stream_bytes(0)
-                    got = bn_simd.batch_norm_backward(g, x, m, s, w, **kw)[:3]
-                    g2, x2 = g.copy(), x.copy()
-                    bn_simd.batch_norm_backward(g2, x, m, s, w, out=g2, **kw)
-                    bn_simd.batch_norm_backward(g, x2, m, s, w, out=x2, **kw)
-                finally:
-                    _core.set_stream_bytes(None)
-                for a, e in zip(got, want):
-                    assert a.tobytes() == e.tobytes(), f"{act} {shape} {nt}"
-                assert g2.tobytes() == want[0].tobytes()
-                assert x2.tobytes() == want[0].tobytes()
+                _streamed_backward_has_the_default_bits(
+                    g, x, m, s, w, dict(layout="NHWC", activation=act, bias=b, save_stats=st), f"{act} {shape} {nt}")
 
 
 def test_extreme_channels_take_the_float64_apply_with_the_epilogue():
