@@ -199,6 +199,14 @@ static size_t psize(int param_dtype) { return param_dtype == BN_F64 ? 8 : 4; }
 
 static void* scratch(size_t n) { return bn_scratch_malloc(n ? n : 1); }
 
+/* out[c] = the sum over k of part[k n + c], k in order (0 first), for c < n: rows of partial sums combined in memory
+ * order (a column at a time, each read a row apart, misses the TLB on long rows) */
+static void sum_rows(const double* part, int64_t K, int64_t n, double* out) {
+    for (int64_t c = 0; c < n; c++) out[c] = 0.0;
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t c = 0; c < n; c++) out[c] += part[k * n + c];
+}
+
 /* n per-channel values of param_dtype as doubles: the array itself when it holds doubles, else a converted copy in
  * *buf (NULL stays NULL). */
 static const double* load_params(int param_dtype, const void* src, int64_t n, double* buf) {
@@ -819,11 +827,7 @@ int bn_batch_norm_backward(const bn_context* ctx, const bn_desc* d, const void* 
         const int64_t nt = task_count(f.nthreads, 2 * (int64_t)xb, p.units);
         st = part ? run_tasks(&f, nt, p.units, bn_driver_bytes(1, C), sums_task, &j) : BN_ENOMEM;
         if (st == BN_OK) {
-            for (int64_t c = 0; c < 2 * C; c++) {
-                double acc = 0.0;
-                for (int64_t k = 0; k < p.K; k++) acc += part[k * 2 * C + c];
-                sums[c] = acc;
-            }
+            sum_rows(part, p.K, 2 * C, sums); /* (chunk after chunk: each sum adds the chunks in order) */
             const size_t tc = ops->tcs * (size_t)C;
             char* q = (char*)coef;
             ops->bwd_params(C, (double)(outer * inner), sums, sums + C, m, s, w, training, gw, gb, q, q + tc,
@@ -1071,16 +1075,10 @@ int bn_group_norm_backward(const bn_context* ctx, const bn_desc* d, int64_t grou
         gn_job j = {ops, 1, x, dy, dx, C, d->s, groups, cl, w, NULL, m, s, 0.0, NULL, NULL, part, d->n};
         const int64_t nt = task_count(f.nthreads, 2 * (int64_t)xb, d->n);
         st = part ? run_tasks(&f, nt, d->n, gn_driver_bytes(ops, 1, C, d->s, groups, 1), gn_task, &j) : BN_ENOMEM;
-        if (st == BN_OK)
-            for (int64_t c = 0; c < C; c++) { /* gn_param_grads' order: sample after sample */
-                double a = 0.0, b2 = 0.0;
-                for (int64_t n = 0; n < d->n; n++) {
-                    a += part[n * C + c];
-                    b2 += part[(d->n + n) * C + c];
-                }
-                gw[c] = a;
-                gb[c] = b2;
-            }
+        if (st == BN_OK) { /* gn_param_grads' order: sample after sample */
+            sum_rows(part, d->n, C, gw);
+            sum_rows(part + d->n * C, d->n, C, gb);
+        }
         bn_scratch_free(part);
     }
     if (st == BN_OK) {
