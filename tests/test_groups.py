@@ -13,7 +13,9 @@ DTYPES = (np.float32, np.float64)
 # (N, C, *spatial), G: groups of one channel, of all, in between; rank 2 (GroupNorm only) to 5; maps that are one
 # chunk, several pieces of a chunk, shorter than a block
 CASES = [((4, 12, 9, 11), 3), ((2, 8, 5), 8), ((3, 6), 2), ((2, 16, 40, 40), 4), ((1, 4, 3, 3, 3), 2),
-         ((8, 64, 30, 30), 32), ((2, 6, 100, 100), 1), ((5, 10, 7), 5), ((1, 1, 130), 1), ((3, 32, 4, 4), 16)]
+         ((8, 64, 30, 30), 32), ((2, 6, 100, 100), 1), ((5, 10, 7), 5), ((1, 1, 130), 1), ((3, 32, 4, 4), 16),
+         # (N, C) arrays: one element per channel, the flat sweeps, in runs of groups up to 1024 channels and beyond
+         ((5, 1037), 17), ((3, 2050), 2), ((2, 300, 3), 300)]
 
 
 # ---- oracle ----------------------------------------------------------------------------------------------------
@@ -143,7 +145,8 @@ def test_layouts_give_the_same_values(layout):
 @pytest.mark.parametrize("shape, G", [((8, 32, 48, 48), 8),     # many groups: a block per group
                                       ((1, 8, 200, 200), 2),    # fewer blocks than threads: chunks, then sweep
                                       ((2, 64, 7, 7), 32),      # several groups per block
-                                      ((3, 5, 9000), 5)])       # rows cut in pieces
+                                      ((3, 5, 9000), 5),        # rows cut in pieces
+                                      ((40, 1000), 8)])         # (N, C): one element per channel
 def test_bitwise_identical_for_any_thread_count_and_in_place(shape, G, dtype, layout, threads):
     x = nchw_to(data(shape, dtype, 5), layout)
     dy = nchw_to(data(shape, dtype, 6, 0.0, 1.0), layout)
