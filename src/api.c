@@ -421,9 +421,8 @@ static size_t bn_driver_bytes(int64_t K, int64_t C) {
 
 static size_t gn_driver_bytes(const dtype_ops* ops, int64_t N, int64_t C, int64_t S, int64_t G, int64_t nt) {
     const int64_t D = C / G, Kcf = chunks(ops, 1, N * G, D * S), Kcl = chunks(ops, S, C, 1);
-    /* a thread's run of small groups: at most max(D, 1024) channels (groupnorm.inc, GN_COEF_RUN), its coefficient
-     * arrays XR apart */
-    const int64_t XR = (D > 1024 ? D : 1024) + UK_MAX_VL;
+    /* a thread's run of small groups: at most max(D, BN_GN_COEF_RUN) channels, its coefficient arrays XR apart */
+    const int64_t XR = (D > BN_GN_COEF_RUN ? D : BN_GN_COEF_RUN) + UK_MAX_VL;
     return (size_t)(8 * (3 * Kcf * (N * G + 512) + 3 * N * Kcl * C + 2 * N * Kcl * C + 8 * N * C + 2 * C +
                          nt * (3 * Kcl * C + 4 * C + 12 * XR))) +
            coef_bytes(C, 4 * N) + coef_bytes(C, 4 * nt) + 8 * BN_ALLOC_PAD;

@@ -13,6 +13,10 @@
  * "Streaming stores beyond 32 MiB"). */
 #define BN_STREAM_BYTES ((int64_t)32 << 20)
 
+/* Group norm's runs of small groups (groupnorm.inc): at most this many channels (at least one group) have their
+ * coefficients computed in one call and are swept in one call; the C API's workspace bound (api.c) counts them */
+#define BN_GN_COEF_RUN 1024
+
 /* The calling thread's context (bn_context_use; NULL: the default). A driver's parallel regions copy it into their
  * threads (copyin, BN_OMP_CTX), so that the kernels there read the caller's settings. */
 extern _Thread_local const bn_context* bn_tls_ctx;

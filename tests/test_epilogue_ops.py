@@ -511,10 +511,12 @@ def test_instance_norm_layer_takes_unbatched_input_with_a_residual():
     np.testing.assert_array_equal(layer.grad_residual, np.where(y > 0, g, np.float32(0)))
 
 
-@pytest.mark.parametrize("layout,shape", [("NHWC", (1, 64, 64, 16)), ("NCHW", (2, 16, 48, 48))])
+@pytest.mark.parametrize("layout,shape", [("NHWC", (1, 64, 64, 16)), ("NCHW", (2, 16, 48, 48)),
+                                          ("NCHW", (32, 64, 3, 3)), ("NCHW", (64, 1000)), ("NCHW", (2, 4100))])
 def test_group_norm_backward_on_each_path(threads, layout, shape):
     """The channels-last call with fewer samples than threads takes a du sweep before the plain backward (the others
-    compute du sample by sample or group by group): float64 ReLU, the plain backward's bits of du either way."""
+    compute du sample by sample, group by group or run by run of small groups; (N, C) arrays sweep flat): float64
+    ReLU, the plain backward's bits of du either way."""
     threads(2)
     rng = np.random.default_rng(12)
     x, r, g = (rng.standard_normal(shape) for _ in range(3))

@@ -122,11 +122,12 @@ def test_batch_norm_backward_grad_x_within_one_ulp(dt, layout):
 
 # ---- group, instance, layer and RMS norm ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("shape", [(3, 8, 6, 5), (40, 1000)], ids=["3x8x6x5", "40x1000"])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_group_norm_forward_and_backward(dt, layout):
-    x = sample((3, 8, 6, 5), dt, seed=7)
-    dy = sample((3, 8, 6, 5), dt, seed=8, scale=1, shift=0)
-    w, b = params(8)
+def test_group_norm_forward_and_backward(dt, layout, shape):
+    x = sample(shape, dt, seed=7)
+    dy = sample(shape, dt, seed=8, scale=1, shift=0)
+    w, b = params(shape[1])
     xl = x if layout == "NCHW" else np.ascontiguousarray(np.moveaxis(x, 1, -1))
     dyl = dy if layout == "NCHW" else np.ascontiguousarray(np.moveaxis(dy, 1, -1))
     y, mean, invstd = bn_simd.group_norm_forward(xl, 4, w, b, layout=layout)

@@ -218,6 +218,10 @@ int main(void) {
     test_shape(BN_F64, BN_LAYOUT_NCHW, 100, 4, 16, 2, pool_ctx);
     test_shape(BN_BF16, BN_LAYOUT_NHWC, 6, 16, 900, 4, pool_ctx);
     test_shape(BN_F16, BN_LAYOUT_NCHW, 5, 8, 300, 8, pool_ctx);
+    /* group norm with one element per channel: runs of groups (1037 = 17 x 61), a group beyond a run (D = 1025) */
+    test_shape(BN_F32, BN_LAYOUT_NCHW, 5, 1037, 1, 17, pool_ctx);
+    test_shape(BN_F32, BN_LAYOUT_NCHW, 3, 2050, 1, 2, pool_ctx);
+    test_shape(BN_F16, BN_LAYOUT_NHWC, 4, 1100, 1, 4, pool_ctx);
     bn_context_destroy(pool_ctx);
     printf("test_api: %ld checks, %ld failures\n", checks, failures);
     return failures != 0;
