@@ -199,12 +199,11 @@ static size_t psize(int param_dtype) { return param_dtype == BN_F64 ? 8 : 4; }
 
 static void* scratch(size_t n) { return bn_scratch_malloc(n ? n : 1); }
 
-/* out[c] = the sum over k of part[k n + c], k in order (0 first), for c < n: rows of partial sums combined in memory
- * order (a column at a time, each read a row apart, misses the TLB on long rows) */
+/* out[c] = the sum over k of part[k n + c], k in order (0 first), for c < n: the K rows of partial sums combined in
+ * memory order (a column at a time, each read a row apart, misses the TLB on long rows), by the kernel that does it
+ * for the drivers (cl_sum_rows: doubles whatever the table's dtype; every ISA adds each column in the same order) */
 static void sum_rows(const double* part, int64_t K, int64_t n, double* out) {
-    for (int64_t c = 0; c < n; c++) out[c] = 0.0;
-    for (int64_t k = 0; k < K; k++)
-        for (int64_t c = 0; c < n; c++) out[c] += part[k * n + c];
+    bn_uk_active_f64()->cl_sum_rows(part, K, n, 0, n, out);
 }
 
 /* n per-channel values of param_dtype as doubles: the array itself when it holds doubles, else a converted copy in
