@@ -411,12 +411,15 @@ int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* sh
 
 /* T: the data's (storage) type; TC: the compute type of the apply kernels and of the coefficient arrays the drivers
  * pass them (ukernels.h; the same as T for both dtypes today). SHIFT_BY_VALUE: one-pass chunk statistics shifted by a
- * data value (float32), or two-pass (float64); see cf_chunk_stats. */
+ * data value (float32), or two-pass (float64); see cf_chunk_stats. RN_PAIR_FWD: whether the layer-norm forward pairs
+ * a block's normalise with the next block's statistics (rownorm.inc; not bfloat16, whose narrowing's integer work
+ * shares the statistics' vector ports: 1.03-1.07x slower paired, docs/tuning.md). */
 #define T float
 #define TC float
 #define S f32
 #define UK_T bn_uk_f32
 #define UK() bn_uk_active_f32()
+#define RN_PAIR_FWD 1
 #define SHIFT_BY_VALUE 1
 #define LOADD(p) ((double)*(p))
 #define STORED(p, v) (*(p) = (T)(v))
@@ -427,12 +430,14 @@ int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* sh
 #undef UK_T
 #undef UK
 #undef SHIFT_BY_VALUE
+#undef RN_PAIR_FWD
 
 #define T double
 #define TC double
 #define S f64
 #define UK_T bn_uk_f64
 #define UK() bn_uk_active_f64()
+#define RN_PAIR_FWD 1
 #define SHIFT_BY_VALUE 0
 #include "batchnorm.inc"
 #undef T
@@ -441,6 +446,7 @@ int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* sh
 #undef UK_T
 #undef UK
 #undef SHIFT_BY_VALUE
+#undef RN_PAIR_FWD
 #undef LOADD
 #undef STORED
 
@@ -452,6 +458,7 @@ int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* sh
 #define S f16
 #define UK_T bn_uk_f16
 #define UK() bn_uk_active_f16()
+#define RN_PAIR_FWD 1
 #define SHIFT_BY_VALUE 1
 #define LOADD(p) ((double)bn_f16_to_f32(*(p)))
 #define STORED(p, v) (*(p) = bn_f16_from_f64(v))
@@ -462,6 +469,7 @@ int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* sh
 #undef UK_T
 #undef UK
 #undef SHIFT_BY_VALUE
+#undef RN_PAIR_FWD
 #undef LOADD
 #undef STORED
 
@@ -470,6 +478,7 @@ int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* sh
 #define S bf16
 #define UK_T bn_uk_bf16
 #define UK() bn_uk_active_bf16()
+#define RN_PAIR_FWD 0
 #define SHIFT_BY_VALUE 1
 #define LOADD(p) ((double)bn_bf16_to_f32(*(p)))
 #define STORED(p, v) (*(p) = bn_bf16_from_f64(v))

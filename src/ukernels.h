@@ -119,6 +119,11 @@ typedef struct {
      * y[i, j] = ((x[i, j] - m[i]) r[i] + res[i]) w[j] + b[j]; y may be x */                                      \
     typedef void bn_##S##_rc_affine_fn(const TS* x, TS* y, int64_t rows, int64_t D, const TC* m, const TC* res,   \
                                        const TC* r, const TC* w, const TC* b, int nt);                            \
+    /* rc_affine of x into y, and seg_dev's sums of as many rows xs (one segment each, rows == 1): the same bits  \
+     * as the two calls; xs may be x, y may be x but not xs */                                                   \
+    typedef void bn_##S##_rc_affine_dev_fn(const TS* x, TS* y, int64_t rows, int64_t D, const TC* m,             \
+                                           const TC* res, const TC* r, const TC* w, const TC* b, int nt,          \
+                                           const TS* xs, const double* sh, double* s1, double* s2);               \
     /* per row, g = dy w[j], xh = (x - mean[i]) rstd[i]: sg[i] = sum g, sgx[i] = sum g xh; per column              \
      * gw[j] += sum_i dy xh, gb[j] += sum_i dy (rows in order), in double */                                       \
     typedef void bn_##S##_rc_bwd_sums_fn(const TS* dy, const TS* x, int64_t rows, int64_t D, const double* mean,  \
@@ -208,7 +213,8 @@ BN_UK_TYPES(uint16_t, float, bf16) /* bfloat16 patterns, computed in float (io_b
     X(cl_bwd_sums) X(cl_bwd_apply) X(norm_params) X(bwd_params) X(cl_chunk_finish) X(cl_combine) X(cl_sum_rows)     \
     X(rc_affine) X(rc_bwd_sums) X(rc_bwd_apply) X(cr_affine) X(cr_bwd_sums) X(cr_bwd_apply)                         \
     X(seg_affine_epi) X(cl_affine_epi) X(seg_act_grad) X(cl_act_grad) X(epi_sweep)                                  \
-    X(rc_affine_epi) X(cr_affine_epi) X(rc_act_grad) X(cr_act_grad) X(seg_bwd_sums_act) X(seg_bwd_apply_act) X(cl_bwd_sums_act) X(cl_bwd_apply_act)
+    X(rc_affine_epi) X(cr_affine_epi) X(rc_act_grad) X(cr_act_grad) X(seg_bwd_sums_act) X(seg_bwd_apply_act) X(cl_bwd_sums_act) X(cl_bwd_apply_act) \
+    X(rc_affine_dev)
 
 /* A kernel table: one ISA's kernels of one dtype (kernels.c fills them from kernels.def), and their vector length,
  * in elements */
