@@ -147,7 +147,7 @@ def test_layouts_give_the_same_values(layout):
                                       ((2, 64, 7, 7), 32),      # several groups per block
                                       ((3, 5, 9000), 5),        # rows cut in pieces
                                       ((40, 1000), 8),          # (N, C): by columns on 1-2 threads, rows on 3
-                                      ((12, 60), 3)])           # (N, C): by columns on 1 and 3 threads, rows on 2
+                                      ((48, 720), 3)])          # (N, C): by columns on 1 and 3 threads, rows on 2
 def test_bitwise_identical_for_any_thread_count_and_in_place(shape, G, dtype, layout, threads):
     x = nchw_to(data(shape, dtype, 5), layout)
     dy = nchw_to(data(shape, dtype, 6, 0.0, 1.0), layout)
