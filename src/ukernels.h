@@ -130,7 +130,7 @@ typedef struct {
                                          const double* rstd, const double* w, double* sg, double* sgx,             \
                                          double* gw, double* gb);                                                  \
     /* dx[i, j] = (dy w[j]) a[i] + (bb[i] ((x - m[i]) - res[i]) + d[i]); dx may be dy or x. nt: UK_STORE or      \
-     * UK_STREAM (each row from its first vector boundary: rowcol.inc), for rc_affine too */    \
+     * UK_STREAM (each row's whole 64-byte lines: rc_stream_span, rowcol.inc), for rc_affine too */ \
     typedef void bn_##S##_rc_bwd_apply_fn(const TS* dy, const TS* x, TS* dx, int64_t rows, int64_t D,             \
                                           const TC* m, const TC* res, const TC* a, const TC* bb, const TC* d,     \
                                           const TC* w, int nt);                                                    \
