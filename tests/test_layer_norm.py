@@ -441,6 +441,40 @@ def test_outputs_beyond_the_cache_stream_to_the_same_values():
                                                                             w, b)[0])
 
 
+
+def _at_offset(shape, dtype, off):
+    """An uninitialised C-contiguous array starting `off` elements past a 64-byte boundary."""
+    it = np.dtype(dtype).itemsize
+    n = int(np.prod(shape))
+    buf = np.empty(n * it + 64 + off * it, np.uint8)
+    start = (-buf.ctypes.data) % 64 + off * it
+    return buf[start:start + n * it].view(dtype).reshape(shape)
+
+
+@pytest.mark.parametrize("off", [0, 1, 4, 12])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_rows_stream_from_any_offset_to_the_same_values(dtype, off):
+    """With the streaming threshold at 0, every row streams its whole cache lines and stores the elements before the
+    first line boundary and after the last one normally, wherever the output starts (NumPy's large arrays start 16
+    bytes past a boundary): forward (a block's normalise beside the next block's statistics, and without), RMS norm
+    and the backward give the bits of the same calls stored normally."""
+    from bn_simd import _core
+    r = _rng(30 + off)
+    N, D = 37, 1000
+    x = r.standard_normal((N, D)).astype(dtype)
+    dy = r.standard_normal((N, D)).astype(dtype)
+    w, b = r.uniform(0.5, 2, D).astype(np.float32), r.standard_normal(D).astype(np.float32)
+    y_ref, m, s = bn_simd.layer_norm_forward(x, D, w, b)
+    rms_ref = bn_simd.rms_norm(x, D, w)
+    gx_ref = bn_simd.layer_norm_backward(dy, x, m, s, D, w, b)[0]
+    _core.set_stream_bytes(0)  # (conftest restores the default)
+    for fn, ref in [(lambda o: bn_simd.layer_norm_forward(x, D, w, b, out=o), y_ref),
+                    (lambda o: bn_simd.rms_norm(x, D, w, out=o), rms_ref),
+                    (lambda o: bn_simd.layer_norm_backward(dy, x, m, s, D, w, b, out=o), gx_ref)]:
+        out = _at_offset((N, D), dtype, off)
+        fn(out)
+        assert out.tobytes() == ref.tobytes()
+
 GUARD_CHILD = """
 import ctypes, mmap, sys
 import numpy as np
