@@ -722,7 +722,7 @@ cdef int rows_view(cnp.ndarray x, object normalized_shape, object layout, Rows* 
     """The (N, C, S) view of x for layer / RMS norm. layout None (or "NHWC"): normalized_shape are x's trailing dims,
     N the product of the others, S = 1. "NCHW" (or "channels_first"): normalised over axis 1 of (N, C, *spatial),
     normalized_shape C (an int or a 1-tuple), S = prod(spatial)."""
-    cdef int nd = cnp.PyArray_NDIM(x), k, lay = -1
+    cdef int nd = cnp.PyArray_NDIM(x), k, i, lay = -1
     cdef int64_t n = 1, c = 1
     if type(normalized_shape) is int and layout is None and nd >= 1 \
             and normalized_shape == cnp.PyArray_DIM(x, nd - 1) and normalized_shape >= 0:
@@ -731,6 +731,20 @@ cdef int rows_view(cnp.ndarray x, object normalized_shape, object layout, Rows* 
             n *= cnp.PyArray_DIM(x, k)
         r.N, r.C, r.S, r.lead, r.cf, r.dtype = n, normalized_shape, 1, nd - 1, 0, _dtype_code(x)
         return 0
+    if isinstance(normalized_shape, tuple) and layout is None and 1 <= len(<tuple>normalized_shape) <= nd:
+        # (the layers' call: a tuple of ints, x's trailing dims; anything else takes the checks below)
+        k = len(<tuple>normalized_shape)
+        for i in range(k):
+            d = (<tuple>normalized_shape)[i]
+            if type(d) is not int or d != cnp.PyArray_DIM(x, nd - k + i):
+                break
+            c *= <int64_t>d
+        else:
+            for i in range(nd - k):
+                n *= cnp.PyArray_DIM(x, i)
+            r.N, r.C, r.S, r.lead, r.cf, r.dtype = n, c, 1, nd - k, 0, _dtype_code(x)
+            return 0
+        c = 1
     ns = _normalized(normalized_shape)
     if layout is not None:
         if not isinstance(layout, str):

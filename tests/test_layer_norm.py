@@ -109,6 +109,34 @@ def test_normalized_shapes_and_leading_dims(shape, k, rms, dtype):
     _check_ln(x, w, b, dy, ns, k, rms=rms)
 
 
+class _Size(tuple):
+    """A tuple subclass, as torch.Size is"""
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_normalized_shape_spellings_give_the_same_bits_and_errors(rms):
+    """A tuple of ints (the layers' call) takes a quicker path than other spellings: each gives the same result, and
+    what is not x's trailing dims, or not ints, is refused whichever path sees it."""
+    x, w, b, dy, ns = _case(5, (2, 3, 4, 5), 2, F32)
+
+    def call(shape, xx=x, ww=w, bb=b):
+        return bn_simd.rms_norm(xx, shape, ww) if rms else bn_simd.layer_norm(xx, shape, ww, bb)
+
+    want = call((4, 5))
+    assert ns == (4, 5)
+    for shape in ([4, 5], (np.int64(4), 5), (4, np.int32(5)), _Size((4, 5)), np.array([4, 5])):
+        assert call(shape).tobytes() == want.tobytes(), shape
+    flat = call(20, x.reshape(2, 3, 20), w.reshape(20), b.reshape(20))
+    assert call((20,), x.reshape(2, 3, 20), w.reshape(20), b.reshape(20)).tobytes() == flat.tobytes()
+    for shape, exc in [((4, 6), ValueError), ((5, 4), ValueError), ((4, -5), ValueError), ((4, 5.0), TypeError),
+                       ((3, 4, 5, 6, 7), ValueError), ((), ValueError), (("4", 5), TypeError)]:
+        with pytest.raises(exc, match="normalized_shape"):
+            call(shape)
+    one = np.ones((3, 1), np.float32)
+    with pytest.raises(TypeError, match="normalized_shape"):
+        call((True,), one, None, None)
+
+
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
 def test_without_weight_and_bias(rms):
     x, w, b, dy, ns = _case(3, (4, 33), 1, F32, affine=False)
