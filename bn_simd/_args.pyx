@@ -731,11 +731,12 @@ cdef int rows_view(cnp.ndarray x, object normalized_shape, object layout, Rows* 
             n *= cnp.PyArray_DIM(x, k)
         r.N, r.C, r.S, r.lead, r.cf, r.dtype = n, normalized_shape, 1, nd - 1, 0, _dtype_code(x)
         return 0
-    if isinstance(normalized_shape, tuple) and layout is None and 1 <= len(<tuple>normalized_shape) <= nd:
-        # (the layers' call: a tuple of ints, x's trailing dims; anything else takes the checks below)
-        k = len(<tuple>normalized_shape)
+    if (isinstance(normalized_shape, tuple) or isinstance(normalized_shape, list)) and layout is None \
+            and 1 <= len(normalized_shape) <= nd:
+        # (the layers' call: a tuple (or list) of ints, x's trailing dims; anything else takes the checks below)
+        k = len(normalized_shape)
         for i in range(k):
-            d = (<tuple>normalized_shape)[i]
+            d = normalized_shape[i]
             if type(d) is not int or d != cnp.PyArray_DIM(x, nd - k + i):
                 break
             c *= <int64_t>d
