@@ -115,8 +115,8 @@ class _Size(tuple):
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
 def test_normalized_shape_spellings_give_the_same_bits_and_errors(rms):
-    """A tuple or list of ints (the layers' call) takes a quicker path than other spellings: each gives the same result, and
-    what is not x's trailing dims, or not ints, is refused whichever path sees it."""
+    """A tuple or list of ints (the layers' call) takes a quicker path than other spellings: each gives the same
+    result, and what is not x's trailing dims, or not ints, is refused whichever path sees it."""
     x, w, b, dy, ns = _case(5, (2, 3, 4, 5), 2, F32)
 
     def call(shape, xx=x, ww=w, bb=b):
