@@ -469,7 +469,6 @@ def test_outputs_beyond_the_cache_stream_to_the_same_values():
                                                                             w, b)[0])
 
 
-
 def _at_offset(shape, dtype, off):
     """An uninitialised C-contiguous array starting `off` elements past a 64-byte boundary."""
     it = np.dtype(dtype).itemsize
@@ -502,6 +501,7 @@ def test_rows_stream_from_any_offset_to_the_same_values(dtype, off):
         out = _at_offset((N, D), dtype, off)
         fn(out)
         assert out.tobytes() == ref.tobytes()
+
 
 GUARD_CHILD = """
 import ctypes, mmap, sys
