@@ -24,6 +24,7 @@
 /* a - b on the FMA pipes, as a * 1 + (-b), with the same one rounding (docs/tuning.md, "Subtraction on the FMA pipes") */
 #define DSUB_FMA(a, b) _mm256_fmadd_pd((a), _mm256_set1_pd(1.0), _mm256_xor_pd((b), _mm256_set1_pd(-0.0)))
 #define DHSUM(v) hsum_pd(v)
+#define DHSUM4_ADD(p, a, b, c, d) hsum4_add_pd((p), (a), (b), (c), (d))
 #define UK_SFENCE() _mm_sfence()
 /* all-ones in the 64-bit lanes 0 .. n - 1 */
 #define UK_TAIL4(n) _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3))
@@ -32,6 +33,13 @@
 static inline double hsum_pd(__m256d v) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+/* p[k] += hsum_pd(v_k) for k = 0 .. 3: the same additions as hsum_pd's, (v0 + v2) + (v1 + v3), the four side by side */
+static inline void hsum4_add_pd(double* p, __m256d a, __m256d b, __m256d c, __m256d d) {
+    const __m256d s = _mm256_add_pd(_mm256_permute2f128_pd(a, b, 0x20), _mm256_permute2f128_pd(a, b, 0x31));
+    const __m256d t = _mm256_add_pd(_mm256_permute2f128_pd(c, d, 0x20), _mm256_permute2f128_pd(c, d, 0x31));
+    const __m256d h = _mm256_hadd_pd(s, t); /* (a's, c's, b's, d's) */
+    _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), _mm256_permute4x64_pd(h, 0xD8)));
 }
 
 /* compute in float: 8 lanes */
