@@ -1,4 +1,4 @@
-"""Channels-first maps of a few vectors (3x3, 2x2, 7x7, 10x10 maps) are swept as one flat run of vectors, a vector straddling two channels taking each lane's coefficients from its own channel (kernels without
+"""Channels-first maps of a few vectors (3x3, 2x2, 7x7, 10x10, 14x14 maps) are swept as one flat run of vectors, a vector straddling two channels taking each lane's coefficients from its own channel (kernels without
 masked tails), and the backward sums of group norm's runs form four channels' cross-lane sums at once. None of that
 may change a value: each channel must get exactly the bits it gets when it is swept alone (a run of its own, where
 its elements sit at other lanes), on every ISA, in every storage dtype, at 1 and 2 threads, and the values the
@@ -15,7 +15,7 @@ try:
 except ImportError:  # (bfloat16 arrays need it; float16 runs without)
     HALF = [np.float16]
 
-MAPS = [1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 25, 49, 100, 127]
+MAPS = [1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 25, 49, 100, 127, 196, 225]
 N, C = 5, 11
 
 
