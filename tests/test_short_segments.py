@@ -83,58 +83,44 @@ def test_the_dx_sweep_of_short_maps_is_each_channels_alone_and_the_formula(S, dt
         assert_same_bits(got, _alone(dx, c), f"backward_apply, c={c}")
 
 
-@pytest.mark.parametrize("S", [2, 3, 4, 9])
+@pytest.mark.parametrize("S", [2, 3, 4, 9, 49])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64] + HALF, ids=lambda d: np.dtype(d).name)
-def test_group_norm_groups_of_short_maps_have_the_bits_they_have_alone(S, dtype, isa, threads):
+@pytest.mark.parametrize("act", [None, "relu", "relu6", ("leaky_relu", 0.2), "silu"], ids=str)
+def test_group_norm_groups_of_short_maps_have_the_bits_they_have_alone_and_in_place(S, dtype, act, isa, threads):
+    """Plain, and through the fused epilogues (forward with a residual, backward through the activation), in place
+    over grad_out too."""
     threads(2)
     G, D = 4, 3
     rng = np.random.default_rng(400 + S)
     x = (rng.standard_normal((6, G * D, S)) * 3.0 - 1.0).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
+    res = rng.standard_normal(x.shape).astype(dtype) if act else None
     w = rng.uniform(0.5, 2.0, G * D).astype(np.float32)
     b = rng.standard_normal(G * D).astype(np.float32)
-    y, mean, rstd = bn_simd.group_norm_forward(x, G, w, b)
-    gx, gw, gb = bn_simd.group_norm_backward(dy, x, mean, rstd, G, w)
-    for g in range(G):
-        s = np.s_[:, g * D:(g + 1) * D]
-        xg, dyg = np.ascontiguousarray(x[s]), np.ascontiguousarray(dy[s])
-        yg, mg, rg = bn_simd.group_norm_forward(xg, 1, w[g * D:(g + 1) * D], b[g * D:(g + 1) * D])
-        assert_same_bits(yg, np.ascontiguousarray(y[s]), f"group {g}: y")
-        assert_same_bits(mg[:, 0], mean[:, g], f"group {g}: mean")
-        gxg, gwg, gbg = bn_simd.group_norm_backward(dyg, xg, mg, rg, 1, w[g * D:(g + 1) * D])
-        assert_same_bits(gxg, np.ascontiguousarray(gx[s]), f"group {g}: grad_x")
-        assert_same_bits(gwg, gw[g * D:(g + 1) * D], f"group {g}: grad_weight")
-        assert_same_bits(gbg, gb[g * D:(g + 1) * D], f"group {g}: grad_bias")
 
+    def forward(xx, groups, c, rr):
+        out = bn_simd.group_norm_forward(xx, groups, w[c], b[c], activation=act, residual=rr)
+        return out[:3], (out[3] if act else None)
 
-@pytest.mark.parametrize("S", [3, 9, 49])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64] + HALF, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("act", ["relu", "relu6", ("leaky_relu", 0.2), "silu"], ids=str)
-def test_fused_epilogues_of_short_maps_have_each_groups_bits_alone_and_in_place(S, dtype, act, isa, threads):
-    """The fused epilogues' flat runs (forward with a residual, backward through the activation, in place too)."""
-    threads(2)
-    G, D = 4, 3
-    rng = np.random.default_rng(500 + S)
-    x = (rng.standard_normal((6, G * D, S)) * 2.0 + 0.5).astype(dtype)
-    dy = rng.standard_normal(x.shape).astype(dtype)
-    res = rng.standard_normal(x.shape).astype(dtype)
-    w = rng.uniform(0.5, 2.0, G * D).astype(np.float32)
-    b = rng.standard_normal(G * D).astype(np.float32)
-    y, mean, rstd, st = bn_simd.group_norm_forward(x, G, w, b, activation=act, residual=res)
-    gx, gw, gb, gres = bn_simd.group_norm_backward(dy, x, mean, rstd, G, w, activation=act, residual=res, bias=b,
-                                                  save_stats=st)
+    def backward(gg, xx, m, r, st, groups, c, rr, **kw):
+        fused = dict(activation=act, residual=rr, bias=b[c], save_stats=st) if act else {}
+        return bn_simd.group_norm_backward(gg, xx, m, r, groups, w[c], **fused, **kw)
+
+    (y, mean, rstd), st = forward(x, G, np.s_[:], res)
+    grads = backward(dy, x, mean, rstd, st, G, np.s_[:], res)
     inplace = dy.copy()
-    got = bn_simd.group_norm_backward(inplace, x, mean, rstd, G, w, activation=act, residual=res, bias=b,
-                                      save_stats=st, out=inplace)
+    got = backward(inplace, x, mean, rstd, st, G, np.s_[:], res, out=inplace)
     assert got[0] is inplace
-    assert_same_bits(inplace, gx, "grad_x in place over grad_out")
+    assert_same_bits(inplace, grads[0], "grad_x in place over grad_out")
     for g in range(G):
         s_, c = np.s_[:, g * D:(g + 1) * D], np.s_[g * D:(g + 1) * D]
-        xg, dyg, rg = (np.ascontiguousarray(a[s_]) for a in (x, dy, res))
-        yg, mg, sg, stg = bn_simd.group_norm_forward(xg, 1, w[c], b[c], activation=act, residual=rg)
+        xg, dyg = np.ascontiguousarray(x[s_]), np.ascontiguousarray(dy[s_])
+        rg = None if res is None else np.ascontiguousarray(res[s_])
+        (yg, mg, sg), stg = forward(xg, 1, c, rg)
         assert_same_bits(yg, np.ascontiguousarray(y[s_]), f"group {g}: y")
-        one = bn_simd.group_norm_backward(dyg, xg, mg, sg, 1, w[c], activation=act, residual=rg, bias=b[c],
-                                          save_stats=stg)
-        for name, u, v in zip(("grad_x", "grad_weight", "grad_bias", "grad_residual"), one, (gx, gw, gb, gres)):
+        assert_same_bits(mg[:, 0], mean[:, g], f"group {g}: mean")
+        one = backward(dyg, xg, mg, sg, stg, 1, c, rg)
+        assert len(one) == len(grads)
+        for name, u, v in zip(("grad_x", "grad_weight", "grad_bias", "grad_residual"), one, grads):
             assert_same_bits(u, None if v is None else np.ascontiguousarray(v[s_] if v.ndim == 3 else v[c]),
                              f"group {g}: {name}")
