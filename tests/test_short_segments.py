@@ -1,8 +1,9 @@
-"""Channels-first maps of a few vectors (3x3, 2x2, 7x7, 10x10, 14x14 maps) are swept as one flat run of vectors, a vector straddling two channels taking each lane's coefficients from its own channel (kernels without
-masked tails), and the backward sums of group norm's runs form four channels' cross-lane sums at once. None of that
-may change a value: each channel must get exactly the bits it gets when it is swept alone (a run of its own, where
-its elements sit at other lanes), on every ISA, in every storage dtype, at 1 and 2 threads, and the values the
-float64 oracle allows."""
+"""Channels-first maps of a few vectors (3x3, 2x2, 7x7, 10x10, 14x14 maps) are swept as one flat run of vectors, a
+vector straddling two channels taking each lane's coefficients from its own channel (kernels without masked tails),
+and the backward sums of group norm's runs form four channels' cross-lane sums at once. None of that may change a
+value: each channel must get exactly the bits it gets when it is swept alone (a run of its own, where its elements
+sit at other lanes), on every ISA, in every storage dtype, at 1 and 2 threads, and the values the float64 oracle
+allows."""
 import numpy as np
 import pytest
 
