@@ -37,6 +37,11 @@
 /* The widest vector of any kernel, in elements (AVX-512, float32). */
 #define UK_MAX_VL 16
 
+/* A kernel's local array of elements that vectors are loaded from or stored to: aligned to the widest vector, as
+ * declared. (The compiler may align such an array so by itself and then use aligned moves on it; a stack that does
+ * not keep an alignment it was not told, such as AddressSanitizer's for use-after-return, then faults.) */
+#define UK_VALIGNED _Alignas(64)
+
 /* A fused epilogue (epilogue.h) as the kernels take it: z = act(v + r) of an output v; act = 0 (none: the plain
  * kernel), 1 (piecewise linear: min(max(t, lo), hi), t = u < 0 ? slope u : u, which is ReLU, ReLU6, clamp, leaky ReLU
  * and the identity), 2 (ReLU's own kernels: lo 0, hi inf, slope 1) or 3 (SiLU, u / (1 + exp(-u))); res: whether a residual r is added, the element rd bytes from the
