@@ -373,16 +373,17 @@ def _half_or_skip(name):
     return np.dtype(np.float16) if name == "float16" else np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 @pytest.mark.parametrize("path", ["slab", "sweeps"])
 def test_backward_without_du_has_the_bits_of_the_backward_on_du(threads, dtype, path):
     """Long channels-first maps beyond the last-level cache (forced here: streamed stores from 0 bytes), through ReLU
-    or a piecewise-linear activation without a residual, in float32 and float64, compute du in the sums and again in
-    the dx sweep instead of storing it (seg_bwd_sums_act, seg_bwd_apply_act): the same bits as the backward that
-    stores it (the default settings on these sizes), on the slab path and the two sweeps, over a separate out, over
-    grad_out and over x; and for float64 ReLU the plain backward of du = dz where y > 0."""
+    or a piecewise-linear activation without a residual (in the 16-bit dtypes those of slope 1, whose du is exact in
+    them; leaky ReLU keeps the stored du there), compute du in the sums and again in the dx sweep instead of storing it
+    (seg_bwd_sums_act, seg_bwd_apply_act): the same bits as the backward that stores it (the default settings on these
+    sizes), on the slab path and the two sweeps, over a separate out, over grad_out and over x; and for float64 ReLU
+    the plain backward of du = dz where y > 0."""
     from conftest import use_slab
-    dtype = np.dtype(dtype)
+    dtype = np.dtype(dtype) if dtype in ("float32", "float64") else _half_or_skip(dtype)
     use_slab(1 << 20 if path == "slab" else 0)
     threads(2)
     shape = (6, 8, 32, 40)  # (maps of 1280 elements: the kernels' blocks of 256, and none left over)
