@@ -63,14 +63,26 @@
 #define VDIV_float(a, b) _mm512_div_ps((a), (b))
 #define VMAX_float(a, b) _mm512_max_ps((a), (b))
 #define VMIN_float(a, b) _mm512_min_ps((a), (b))
-#define VSELNEG_float(c, a, b) _mm512_mask_blend_ps(_mm512_cmp_ps_mask((c), _mm512_setzero_ps(), _CMP_LT_OQ), (b), (a))
+/* VSELNEG(c, a, b) = c < 0 ? a : b lane-wise. a and b pass through registers first (an empty asm): else GCC folds the
+ * blend of a loaded operand into a masked load (vmovups / vcvtph2ps mem{k}{z}), which cannot issue before the mask is
+ * computed; in the backward through ReLU, whose dz is the masked operand, that made float16's dx sweep 1.4-1.8x slower
+ * beyond the cache on a Zen 5 (docs/tuning.md, "Masked blends, not masked loads"). */
+static inline __attribute__((always_inline)) __m512 uk_selneg_ps(__m512 c, __m512 a, __m512 b) {
+    __asm__("" : "+v"(a), "+v"(b));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_LT_OQ), b, a);
+}
+static inline __attribute__((always_inline)) __m512d uk_selneg_pd(__m512d c, __m512d a, __m512d b) {
+    __asm__("" : "+v"(a), "+v"(b));
+    return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(c, _mm512_setzero_pd(), _CMP_LT_OQ), b, a);
+}
+#define VSELNEG_float(c, a, b) uk_selneg_ps((c), (a), (b))
 #define VPOW2K_float(k) \
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(k), _mm512_set1_epi32(127)), 23))
 #define VADD_double(a, b) _mm512_add_pd((a), (b))
 #define VDIV_double(a, b) _mm512_div_pd((a), (b))
 #define VMAX_double(a, b) _mm512_max_pd((a), (b))
 #define VMIN_double(a, b) _mm512_min_pd((a), (b))
-#define VSELNEG_double(c, a, b) _mm512_mask_blend_pd(_mm512_cmp_pd_mask((c), _mm512_setzero_pd(), _CMP_LT_OQ), (b), (a))
+#define VSELNEG_double(c, a, b) uk_selneg_pd((c), (a), (b))
 #define VPOW2K_double(k) \
     _mm512_castsi512_pd(_mm512_slli_epi64(_mm512_add_epi64(_mm512_castpd_si512(k), _mm512_set1_epi64(1023)), 52))
 
