@@ -59,7 +59,7 @@ DEPENDS = ["include/bn_simd.h", "include/bn_simd_api.h", "src/ukernels.h", "src/
            "src/io_f16.h", "src/io_bf16.h", "src/half.h", "src/epilogue.h",
            # the fused epilogues: the normalise kernels' bodies, included once per epilogue, and the public header
            "src/epi_each.inc", "src/apply_fwd_seg.inc", "src/apply_fwd_cl.inc", "src/act_grad.inc",
-           "src/bwd_sums_act.inc", "src/bwd_apply_seg.inc",
+           "src/bwd_sums_act.inc", "src/bwd_apply_seg.inc", "src/bwd_sums_cl.inc", "src/bwd_apply_cl.inc",
            "src/rowcol_fwd.inc",
            "include/bn_simd_epilogue.h"]
 
