@@ -30,6 +30,10 @@ _Static_assert(_Generic((TS)0, float: 1, default: 0) && _Generic((TC)0, float: 1
 #define DLOAD_TS(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
 #define DLOAD_TS_N(p, n) \
     _mm256_cvtps_pd(_mm_maskload_ps((p), _mm_cmpgt_epi32(_mm_set1_epi32((int)(n)), _mm_setr_epi32(0, 1, 2, 3))))
+/* the first n < VL elements of a vector, the others 0, not read (a masked load; no masked store on this ISA, so no
+ * VLOAD_TS_N: the element-wise tails stay scalar) */
+#define VLOAD_TS_PART(p, n) \
+    _mm256_maskload_ps((p), _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)))
 
 #elif defined(UK_ISA_AVX512)
 #define LOAD_TS(p) (*(p))
@@ -43,6 +47,7 @@ _Static_assert(_Generic((TS)0, float: 1, default: 0) && _Generic((TC)0, float: 1
 #define VSTREAM_TS(p, v) _mm512_stream_ps((p), (v))
 #endif
 #define VLOAD_TS_N(p, n) _mm512_maskz_loadu_ps(UK_TAIL16(n), (p))
+#define VLOAD_TS_PART(p, n) VLOAD_TS_N(p, n)
 #define VSTORE_TS_N(p, v, n) _mm512_mask_storeu_ps((p), UK_TAIL16(n), (v))
 #define DLOAD_TS(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
 #define DLOAD_TS_N(p, n) \

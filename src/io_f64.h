@@ -41,6 +41,7 @@ _Static_assert(_Generic((TS)0, double: 1, default: 0) && _Generic((TC)0, double:
 #define VSTREAM_TS(p, v) _mm512_stream_pd((p), (v))
 #endif
 #define VLOAD_TS_N(p, n) _mm512_maskz_loadu_pd(UK_TAIL8(n), (p))
+#define VLOAD_TS_PART(p, n) VLOAD_TS_N(p, n)
 #define VSTORE_TS_N(p, v, n) _mm512_mask_storeu_pd((p), UK_TAIL8(n), (v))
 #define DLOAD_TS(p) _mm512_loadu_pd(p)
 #define DLOAD_TS_N(p, n) _mm512_maskz_loadu_pd(UK_TAIL8(n), (p))

@@ -10,6 +10,7 @@
 #undef VSTORE_TS
 #undef VSTREAM_TS
 #undef VLOAD_TS_N
+#undef VLOAD_TS_PART
 #undef VSTORE_TS_N
 #undef VSTORE_TS_EXACT
 #undef DLOAD_TS
