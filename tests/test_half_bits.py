@@ -79,3 +79,75 @@ def test_tagged_uint16_gives_the_bits_of_ml_dtypes_bfloat16():
         theirs = call(x.view(np.uint16).view(bf), w.view(np.uint16).view(bf), lw.view(np.uint16).view(bf))
         assert ours.dtype is BF16_BITS and theirs.dtype == bf
         assert np.array_equal(ours.view(np.uint16), theirs.view(np.uint16)), k
+
+
+def _narrowing_cases():
+    """(name, call) pairs of bfloat16 calls whose outputs are narrowed from float32: eval, fused epilogues, training
+    forward and backward of batch norm in both layouts, layer and group norm. Channel 0's weight is a float32
+    subnormal, so its outputs are bfloat16 subnormals, beside normal outputs, NaN and Inf in other channels (in one
+    vector, channels-last)."""
+    rng = np.random.default_rng(11)
+    C = 20
+    x32 = sample((3, C, 9, 7), 12)
+    x32[1, 3, 2, :4] = [np.nan, np.inf, -np.inf, 0.0]
+    w32 = sample((C,), 13, 0.5, 1.0)
+    w32[0], w32[5] = 1e-39, -3e-40
+    b32 = np.zeros(C, np.float32)
+    b32[7:] = sample((C - 7,), 14, 0.5, 0.0)
+    rm, rv = np.zeros(C, np.float32), rng.uniform(0.5, 2.0, C).astype(np.float32)
+    x, xl = bits_of(x32), bits_of(np.ascontiguousarray(x32.transpose(0, 2, 3, 1)))
+    dy = bits_of(sample(x32.shape, 15))
+    rows = bits_of(sample((13, 37), 16))
+    w37 = sample((37,), 17, 0.5, 1.0)
+    w37[:3] = 1e-39
+    cases = []
+    for lay, xx in (("NCHW", x), ("NHWC", xl)):
+        for act in (None, "relu", "silu", ("leaky_relu", 0.2)):
+            cases.append((f"eval {lay} {act}", lambda xx=xx, lay=lay, act=act: bn_simd.batch_norm(
+                xx, rm, rv, w32, b32, layout=lay, activation=act)))
+        cases.append((f"training {lay}", lambda xx=xx, lay=lay: bn_simd.batch_norm_forward(
+            xx, w32, b32, layout=lay)[0]))
+    _, m, s = bn_simd.batch_norm_forward(x, w32, b32)
+    cases.append(("backward", lambda: bn_simd.batch_norm_backward(dy, x, m, s, w32)[0]))
+    cases.append(("layer norm", lambda: bn_simd.layer_norm(rows, 37, w37, None)))
+    _, lm, lr = bn_simd.layer_norm_forward(rows, 37, w37)
+    cases.append(("layer norm backward", lambda: bn_simd.layer_norm_backward(rows, rows, lm, lr, 37, w37)[0]))
+    cases.append(("group norm", lambda: bn_simd.group_norm(x, 4, w32, b32)))
+    return cases
+
+
+def test_avx512_bf16_narrowing_gives_the_integer_roundings_bits():
+    """Where the CPU has AVX512-BF16, the AVX-512 kernels narrow with vcvtneps2bf16, which flushes subnormal inputs:
+    the vectors holding one take the integer rounding. Every output's bits are those of the integer rounding (off),
+    subnormal outputs kept."""
+    from bn_simd import _core
+    if not _core.have_avx512bf16():
+        pytest.skip("this CPU lacks AVX512-BF16 (the integer rounding is the only one; tests/c checks it)")
+    assert _core.bf16_native()  # (the default where the CPU has it)
+    try:
+        with bn_simd.Context(isa="avx512", num_threads=2):
+            for name, call in _narrowing_cases():
+                assert _core.set_bf16_native(True)
+                native = call().view(np.uint16).copy()
+                assert not _core.set_bf16_native(False)
+                integer = call().view(np.uint16)
+                assert np.array_equal(native, integer), name
+                if name.startswith("eval NCHW None"):
+                    sub = native.reshape(3, 20, -1)[:, 0]
+                    assert ((sub & 0x7F80) == 0).all() and (sub & 0x7F).any(), "channel 0 holds subnormals"
+    finally:
+        _core.set_bf16_native(True)
+
+
+def test_the_environment_turns_the_avx512_bf16_narrowing_off(tmp_path):
+    import subprocess
+    import sys
+    code = "import bn_simd; print(bn_simd.show_config()['avx512bf16_narrowing'])"
+    for value, want in (("0", "False"), ("auto", None)):
+        env = dict(__import__("os").environ, BN_SIMD_AVX512BF16=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        from bn_simd import _core
+        assert out.stdout.strip() == (want or str(_core.have_avx512bf16()))
+    env = dict(__import__("os").environ, BN_SIMD_AVX512BF16="yes")
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "BN_SIMD_AVX512BF16 must be 0, 1 or auto" in bad.stderr
