@@ -30,15 +30,6 @@ def _isa_from_env():
     _core.set_isa(name)
 
 
-def _bf16_from_env():
-    value = os.environ.get("BN_SIMD_AVX512BF16", "").strip().lower()
-    if value in ("", "auto", "1"):
-        return
-    if value != "0":
-        raise ValueError(f"BN_SIMD_AVX512BF16 must be 0, 1 or auto, got {value!r}")
-    _core.set_bf16_native(False)
-
-
 def set_isa(name):
     """Select the kernels: "scalar", "avx2", "avx512" (if the CPU has them) or "auto".
 
@@ -176,9 +167,6 @@ def show_config():
         "supported_isas": _core.supported_isas(),
         "best_isa": _core.best_isa(),
         "openmp": _core.have_openmp(),
-        # the AVX-512 kernels narrow float results to bfloat16 with AVX512-BF16's vcvtneps2bf16 (the same bits as
-        # the integer rounding; BN_SIMD_AVX512BF16=0 turns it off)
-        "avx512bf16_narrowing": _core.bf16_native(),
         "num_threads": get_num_threads(),
         # how idle OpenMP threads wait after a call (a short spin, then sleep; bn_simd/_openmp.py)
         "omp_spin": _openmp.policy(),
@@ -194,4 +182,3 @@ def show_config():
 
 
 _isa_from_env()
-_bf16_from_env()

@@ -32,9 +32,6 @@ cdef extern from "bn_simd.h" nogil:
     int bn_best_isa()
     const char* bn_isa_name(int isa)
     int bn_have_openmp()
-    int bn_have_avx512bf16()
-    int bn_bf16_native()
-    int bn_set_bf16_native(int on)
     int bn_omp_max_threads()
     int BN_CL_STRIP_MIN_BYTES
     int64_t bn_cl_strip_bytes()
@@ -199,22 +196,6 @@ def supported_isas():
 
 def have_openmp():
     return bool(bn_have_openmp())
-
-
-def have_avx512bf16():
-    """True when the CPU has AVX512-BF16 (and AVX512-DQ), whose vcvtneps2bf16 the AVX-512 kernels may narrow with."""
-    return bool(bn_have_avx512bf16())
-
-
-def bf16_native():
-    """True when the AVX-512 kernels narrow to bfloat16 with AVX512-BF16's vcvtneps2bf16 (the same bits)."""
-    return bool(bn_bf16_native())
-
-
-def set_bf16_native(bint on):
-    """Narrow to bfloat16 by vcvtneps2bf16 where the CPU has it (on), or by integer arithmetic; returns the state.
-    Not thread-safe against running calls."""
-    return bool(bn_set_bf16_native(on))
 
 
 def omp_max_threads():

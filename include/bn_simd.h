@@ -46,14 +46,6 @@ int bn_have_openmp(void);
 /* Whether the CPU converts float16 in hardware (F16C): the vector float16 kernels need it (else the scalar ones
  * run). */
 int bn_have_f16c(void);
-/* Whether the CPU has AVX512-BF16 (with AVX512-DQ): the AVX-512 kernels then narrow float results to bfloat16 with
- * its vcvtneps2bf16, the subnormal lanes it flushes to zero taken by the integer rounding (io_bf16.h), the same bits
- * either way. bn_bf16_native: whether they do (the default where the CPU can); bn_set_bf16_native(0) makes them
- * round by integer arithmetic, (1) by the instruction where the CPU has it; returns the resulting state. Like
- * bn_set_isa, not to be called while other threads are inside bn_simd. */
-int bn_have_avx512bf16(void);
-int bn_bf16_native(void);
-int bn_set_bf16_native(int on);
 /* OpenMP's current default thread count (omp_get_max_threads), 1 without OpenMP. */
 int bn_omp_max_threads(void);
 /* Channels-last element-wise sweeps go in column strips when one row of all their arrays takes at least this

@@ -4,9 +4,6 @@
 
 #include <stdlib.h>
 #include <unistd.h>
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <cpuid.h>
-#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -102,30 +99,6 @@ const bn_uk_f16* bn_uk_active_f16(void) {
     return &bn_uk_f16_tables[isa != BN_ISA_SCALAR && !bn_have_f16c() ? BN_ISA_SCALAR : isa];
 }
 const bn_uk_bf16* bn_uk_active_bf16(void) { return &bn_uk_bf16_tables[bn_get_isa()]; }
-
-/* AVX512-BF16 (CPUID leaf 7, subleaf 1, EAX bit 5), with AVX-512F's OS state and AVX512-DQ (vfpclassps, which the
- * narrowing uses to find the subnormal lanes): the AVX-512 bfloat16 kernels then narrow with vcvtneps2bf16 (io_bf16.h;
- * docs/tuning.md, "bfloat16 narrowing by AVX512-BF16"). On by default where the CPU has it; BN_SIMD_AVX512BF16=0 in
- * the environment (read by the Python package at import) or bn_set_bf16_native(0) turns it off. */
-BN_UK_INTERNAL int bn_uk_bf16_native = 0;
-int bn_have_avx512bf16(void) {
-#if defined(__GNUC__) && defined(__x86_64__)
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512dq")) return 0;
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
-    return (a >> 5) & 1u;
-#else
-    return 0;
-#endif
-}
-int bn_bf16_native(void) { return bn_uk_bf16_native; }
-int bn_uk_bf16_native_fn(void) { return bn_uk_bf16_native; }
-int bn_set_bf16_native(int on) {
-    bn_uk_bf16_native = on && bn_have_avx512bf16();
-    return bn_uk_bf16_native;
-}
-__attribute__((constructor)) static void choose_bf16_narrowing(void) { bn_uk_bf16_native = bn_have_avx512bf16(); }
 
 /* Column strips for wide channels-last rows. Once a row of every array a sweep touches no longer fits in L1 beside the
  * data, a flat sweep reloads every row's coefficients from L2, and the strips, which keep them in registers, measured

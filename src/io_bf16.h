@@ -2,12 +2,11 @@
  * section per ISA, each defining the storage vocabulary that ukernels.inc documents. Widening is a 16-bit shift
  * (exact). Narrowing rounds the float result once, to nearest even, by integer arithmetic on its bits (half.h,
  * bn_bf16_from_f32: add 0x7FFF plus the kept part's last bit, keep the top half; NaNs made quiet), the same operations
- * lane-wise in every ISA, so every ISA stores the same bits (tests/c/test_kernels.c). On a CPU with AVX512-BF16 the
- * AVX-512 kernels narrow with its vcvtneps2bf16 (bn_uk_bf16_native, dispatch.c), which rounds the same way, NaNs
- * made quiet the same way, except that it flushes subnormal inputs to zero (so documented by Intel, and so measured
- * on an AMD Zen 5): a vector with a subnormal lane takes the integer rounding instead. uk_<isa>.c includes this file
- * after its vec_<isa>.h for an instantiation with TS = uint16_t, TC = float; uk_undef_type.h ends it. No masked
- * 16-bit loads or stores (see io_f16.h). */
+ * lane-wise in every ISA, so every ISA stores the same bits (tests/c/test_kernels.c). (AVX512-BF16's vcvtneps2bf16
+ * is not used: it flushes subnormal inputs to zero, which IEEE rounding, and these kernels, keep, and the test for
+ * such lanes cost what the instruction saved on a Zen 5: docs/tuning.md, "bfloat16 narrowing by AVX512-BF16
+ * (dropped)".) uk_<isa>.c includes this file after its vec_<isa>.h for an instantiation with TS = uint16_t, TC = float;
+ * uk_undef_type.h ends it. No masked 16-bit loads or stores (see io_f16.h). */
 _Static_assert(_Generic((TS)0, uint16_t: 1, default: 0) && _Generic((TC)0, float: 1, default: 0),
                "io_bf16.h: bfloat16 patterns computed in float");
 #include "half.h"
@@ -80,18 +79,8 @@ static inline __m256d uk_bf16_dload_n_avx2(const uint16_t* p, int64_t n) {
 #elif defined(UK_ISA_AVX512)
 #ifndef UK_BF16_AVX512_DEFINED
 #define UK_BF16_AVX512_DEFINED
-/* 16 floats rounded to bfloat16 (bn_bf16_from_f32 lane-wise), packed into 256 bits: by AVX512-BF16's vcvtneps2bf16
- * where dispatch.c found it (and no lane is subnormal: AVX512-DQ's vfpclassps, class 0x20), else by integer arithmetic
- * and vpmovdw (AVX-512F). The two instructions are written as assembly: this file is compiled for AVX-512F alone, and
- * they run only on CPUs that have them. A third to a half of the narrowing's operations, so bfloat16 eval in the
- * caches takes 0.63-0.67 of the time (docs/tuning.md, "bfloat16 narrowing by AVX512-BF16"). */
+/* 16 floats rounded to bfloat16 (bn_bf16_from_f32 lane-wise), packed into 256 bits (vpmovdw: AVX-512F) */
 static inline __m256i uk_bf16_narrow_avx512(__m512 v) {
-    if (bn_uk_bf16_native_fn()) {
-        __m256i r;
-        __mmask16 sub;
-        __asm__("vcvtneps2bf16 %2, %0\n\tvfpclassps $0x20, %2, %1" : "=&v"(r), "=k"(sub) : "v"(v));
-        if (__builtin_expect(sub == 0, 1)) return r;
-    }
     const __m512i u = _mm512_castps_si512(v), hi = _mm512_srli_epi32(u, 16);
     const __m512i odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);

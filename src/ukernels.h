@@ -277,12 +277,6 @@ BN_UK_CONVERTS(bf16, avx2)
 BN_UK_CONVERTS(bf16, avx512)
 #undef BN_UK_CONVERTS
 
-/* dispatch.c: 1 when the AVX-512 kernels narrow to bfloat16 with AVX512-BF16's vcvtneps2bf16 (io_bf16.h), and the
- * same as a function the compiler takes as constant (attribute const), so that a kernel reads it once, not after each
- * store (a vector store may alias any object). It changes only between calls (bn_set_bf16_native). */
-extern BN_UK_INTERNAL int bn_uk_bf16_native;
-BN_UK_INTERNAL int bn_uk_bf16_native_fn(void) __attribute__((const));
-
 /* The tables, indexed by enum bn_isa (kernels.c) */
 extern BN_UK_INTERNAL const bn_uk_f32 bn_uk_f32_tables[BN_ISA_COUNT];
 extern BN_UK_INTERNAL const bn_uk_f64 bn_uk_f64_tables[BN_ISA_COUNT];

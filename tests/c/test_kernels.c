@@ -454,48 +454,32 @@ int main(int argc, char** argv) {
         strncat(to, " ", sizeof isas - strlen(to) - 1);
         strncat(to, bn_isa_name(isa), sizeof isas - strlen(to) - 1);
     }
-    /* On a CPU with AVX512-BF16 the AVX-512 bfloat16 kernels narrow with it (bn_uk_bf16_native): they run a second
-     * time narrowing by integer arithmetic, which every other CPU takes; both must give the scalar kernels' bits. */
-    const int bf16_native = bn_bf16_native();
-    int rerun = 0;
-    for (int pass = 0; pass < (bf16_native ? 2 : 1); pass++) {
-        bn_set_bf16_native(pass == 0);
-        for (int i = 0; i < NKERNELS; i++) {
-            const kernel_row* k = &kernels[i];
-            if (pass == 1 && !(k->dt == DT_bf16 && k->isa == BN_ISA_AVX512)) continue;
-            if (!bn_isa_supported(k->isa) || (k->dt == DT_f16 && k->isa != BN_ISA_SCALAR && !bn_have_f16c())) {
-                skipped++;
-                continue;
-            }
-            const kctx c = {k->isa, tables[k->isa][k->dt].vl, tables[k->isa][k->dt].fma, k->name};
-            const long f0 = failures, n0 = checks, c0 = calls;
-            struct timespec t0, t1;
-            clock_gettime(CLOCK_MONOTONIC, &t0);
-            k->test(&c);
-            clock_gettime(CLOCK_MONOTONIC, &t1);
-            bn_set_cl_strip_bytes(-1);
-            if (pass == 0) run++;
-            else rerun++;
-            if (verbose)
-                printf("%-32s %8ld calls %10ld checks %6.2f s %s%s\n", k->name, calls - c0, checks - n0,
-                       (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec),
-                       failures > f0 ? "FAILED" : "ok", pass ? " (integer narrowing)" : "");
+    for (int i = 0; i < NKERNELS; i++) {
+        const kernel_row* k = &kernels[i];
+        if (!bn_isa_supported(k->isa) || (k->dt == DT_f16 && k->isa != BN_ISA_SCALAR && !bn_have_f16c())) {
+            skipped++;
+            continue;
         }
-        for (int isa = 0; isa < BN_ISA_COUNT; isa++)
-            for (int fi = 0; fi < 2; fi++)
-                if (bn_isa_supported(isa) && (fi == 1 || isa == BN_ISA_SCALAR || bn_have_f16c()) &&
-                    (pass == 0 || (fi == 1 && isa == BN_ISA_AVX512)))
-                    test_conversions(&half_formats[fi], isa);
+        const kctx c = {k->isa, tables[k->isa][k->dt].vl, tables[k->isa][k->dt].fma, k->name};
+        const long f0 = failures, n0 = checks, c0 = calls;
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        k->test(&c);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        bn_set_cl_strip_bytes(-1);
+        run++;
+        if (verbose)
+            printf("%-32s %8ld calls %10ld checks %6.2f s %s\n", k->name, calls - c0, checks - n0,
+                   (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec),
+                   failures > f0 ? "FAILED" : "ok");
     }
-    bn_set_bf16_native(1);
+    for (int isa = 0; isa < BN_ISA_COUNT; isa++)
+        for (int fi = 0; fi < 2; fi++)
+            if (bn_isa_supported(isa) && (fi == 1 || isa == BN_ISA_SCALAR || bn_have_f16c()))
+                test_conversions(&half_formats[fi], isa);
     printf("test_kernels: %d kernels run on the ISAs%s, %d not run (ISAs this CPU lacks:%s); %ld calls, %ld checks, "
            "%ld failures\n",
            run, isas, skipped, missing[0] ? missing : " none", calls, checks, failures);
-    if (bf16_native)
-        printf("test_kernels: bfloat16 narrowing by AVX512-BF16: yes (%d AVX-512 bfloat16 kernels and the conversions "
-               "run again without it)\n", rerun);
-    else
-        printf("test_kernels: bfloat16 narrowing by AVX512-BF16: no (this CPU lacks it)\n");
     if (failures > MAX_FAILURES_SHOWN) printf("(the first %d failures shown)\n", MAX_FAILURES_SHOWN);
     return failures ? 1 : 0;
 }
