@@ -356,8 +356,9 @@ def main(argv=None):
     print(targets_table(checks))
     if args.json:
         with open(args.json, "w") as f:
+            keys = ("target", "row", "value", "ceiling", "met")
             json.dump({"versions": v, "threads": args.threads, "machine": machine.describe(), "rows": rows,
-                       "targets": [dict(zip(("target", "row", "value", "ceiling", "met"), c)) for c in checks]}, f, indent=1)
+                       "targets": [dict(zip(keys, c)) for c in checks]}, f, indent=1)
     for w in warnings:
         print("warning:", w, file=sys.stderr)
     return 1 if any("differs" in w for w in warnings) else 0

@@ -5,8 +5,8 @@
  * lane-wise in every ISA, so every ISA stores the same bits (tests/c/test_kernels.c). (AVX512-BF16's vcvtneps2bf16
  * is not used: it flushes subnormal inputs to zero, which IEEE rounding, and these kernels, keep, and the test for
  * such lanes cost what the instruction saved on a Zen 5: docs/tuning.md, "bfloat16 narrowing by AVX512-BF16
- * (dropped)".) uk_<isa>.c includes this file after its vec_<isa>.h for an instantiation with TS = uint16_t, TC = float;
- * uk_undef_type.h ends it. No masked 16-bit loads or stores (see io_f16.h). */
+ * (dropped)".) uk_<isa>.c includes this file after its vec_<isa>.h for an instantiation with TS = uint16_t,
+ * TC = float; uk_undef_type.h ends it. No masked 16-bit loads or stores (see io_f16.h). */
 _Static_assert(_Generic((TS)0, uint16_t: 1, default: 0) && _Generic((TC)0, float: 1, default: 0),
                "io_bf16.h: bfloat16 patterns computed in float");
 #include "half.h"
