@@ -11,7 +11,9 @@ and PyTorch (a cell is the median in ms; the ratio columns are over the row's pl
                      then PyTorch's bn + relu_ over the fused call and over the copy (the most any one-pass fused
                      eval can be faster than it)
     train fwd        plain training forward (batch_norm_forward) against the same with relu / relu + residual fused
-    train bwd        plain training backward against the backward through relu (and with the residual's gradient)
+    train bwd        plain training backward against the backward through relu, and with the residual's gradient:
+                     into a given array (grad_residual_out=, as grad_x goes to out=) and, "relu+res new", into a
+                     new array at every call (what a caller pays for the allocation and its page faults)
     train bwd NHWC   the same tensors channels-last: plain training backward against the backward through relu
 The targets (issue 25): fused eval + activation <= 1.05x plain eval and >= 3x PyTorch's BN + relu_; training
 forward and backward through ReLU <= 1.1x the plain ones; SiLU <= 1.2x plain eval. bfloat16 needs ml_dtypes;
@@ -61,7 +63,7 @@ def main():
             print(f"({name}: ml_dtypes not installed)")
             continue
         x, r = x32.astype(dt), r32.astype(dt)
-        y, g = np.empty_like(x), x.copy()
+        y, g, dr = np.empty_like(x), x.copy(), np.empty_like(x)
         print(f"-- {name}")
         fns = {
             "plain": lambda: bn_simd.batch_norm(x, rm, rv, w, b, out=y),
@@ -102,7 +104,9 @@ def main():
             "relu": lambda: bn_simd.batch_norm_backward(g, x, m2, s2, w, out=y, activation="relu", bias=b,
                                                         save_stats=st),
             "relu+res": lambda: bn_simd.batch_norm_backward(g, x, m3, s3, w, out=y, activation="relu", residual=r,
-                                                            bias=b, save_stats=st3),
+                                                            bias=b, save_stats=st3, grad_residual_out=dr),
+            "relu+res new": lambda: bn_simd.batch_norm_backward(g, x, m3, s3, w, out=y, activation="relu",
+                                                                residual=r, bias=b, save_stats=st3),
         }, a.target)
         # the same tensors channels-last (N, H, W, C)
         xl, gl = (np.ascontiguousarray(v.transpose(0, 2, 3, 1)) for v in (x, g))

@@ -7,7 +7,7 @@ Per op and dtype two rows, each timed in interleaved rounds (harness/timing.py: 
 threads (a cell is the median in ms; the ratios are over the row's plain call, out= preallocated):
     train fwd    plain *_forward against the same with relu, and relu + residual, in the normalise sweep
     train bwd    plain *_backward against the backward through relu (du recomputed from x), and with the residual's
-                 gradient
+                 gradient (into a preallocated grad_residual_out=, as grad_x into out=)
 Group and instance norm (gn, gn-nhwc, in) and the channels-first layer norm (ln-cf) run on --shape (N, C, H, W;
 group norm 32 groups, or C when fewer), the trailing layer and RMS norm (ln, rms) on --rows (rows, features).
 """
@@ -85,7 +85,7 @@ def main():
                 shape = (N, H, W, C) if op == "gn-nhwc" else (N, C, H, W)
                 Cp = C
             x, r, g = (rng.standard_normal(shape, dtype=np.float32).astype(dt) for _ in range(3))
-            y = np.empty_like(x)
+            y, dr = np.empty_like(x), np.empty_like(x)
             w, b = rng.uniform(0.5, 2, Cp).astype(np.float32), rng.standard_normal(Cp).astype(np.float32)
             fwd, bwd = calls(op, x, r, g, y, w, b, min(32, Cp))
             print(f"-- {name} {op} {'x'.join(map(str, shape))}")
@@ -93,7 +93,8 @@ def main():
                               "relu+res": lambda: fwd(activation="relu", residual=r)}, a.target)
             f0, f1, f2 = fwd(), fwd(activation="relu"), fwd(activation="relu", residual=r)
             row("train bwd", {"plain": lambda: bwd(f0), "relu": lambda: bwd(f1, activation="relu"),
-                              "relu+res": lambda: bwd(f2, activation="relu", residual=r)}, a.target)
+                              "relu+res": lambda: bwd(f2, activation="relu", residual=r, grad_residual_out=dr)},
+                a.target)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,8 @@ def batch_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], save_mean: ArrayL
                         out: NDArray[_F] | None = None, training: bool = True, axis: int | None = None,
                         mask: _Mask = None, activation: None = None, residual: None = None,
                         bias: ArrayLike | None = None, eps: float = 1e-5,
-                        save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                        save_stats: tuple[ArrayLike, ArrayLike] | None = None,
+                        grad_residual_out: None = None
                         ) -> tuple[NDArray[_F], _Float, _Float]: ...
 @overload
 def batch_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], save_mean: ArrayLike | None,
@@ -112,7 +113,8 @@ def batch_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], save_mean: ArrayL
                         out: NDArray[_F] | None = None, training: bool = True, axis: int | None = None,
                         mask: None = None, activation: _Activation, residual: NDArray[Any] | None = None,
                         bias: ArrayLike | None = None, eps: float = 1e-5,
-                        save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                        save_stats: tuple[ArrayLike, ArrayLike] | None = None,
+                        grad_residual_out: NDArray[_F] | None = None
                         ) -> tuple[NDArray[_F], _Float, _Float, NDArray[_F] | None]: ...
 @overload
 def batch_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], save_mean: ArrayLike | None,
@@ -120,7 +122,8 @@ def batch_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], save_mean: ArrayL
                         out: NDArray[_F] | None = None, training: bool = True, axis: int | None = None,
                         mask: None = None, activation: _Activation | None = None, residual: NDArray[Any],
                         bias: ArrayLike | None = None, eps: float = 1e-5,
-                        save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                        save_stats: tuple[ArrayLike, ArrayLike] | None = None,
+                        grad_residual_out: NDArray[_F] | None = None
                         ) -> tuple[NDArray[_F], _Float, _Float, NDArray[_F] | None]: ...
 
 def batch_stats(x: NDArray[np.floating[Any]], *, layout: _Layout = "NCHW", axis: int | None = None,
@@ -187,21 +190,24 @@ def group_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike |
                         num_groups: int, weight: ArrayLike | None = None, *, layout: _Layout = "NCHW",
                         out: NDArray[_F] | None = None, activation: None = None, residual: None = None,
                         bias: ArrayLike | None = None, eps: float = 1e-5,
-                        save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                        save_stats: tuple[ArrayLike, ArrayLike] | None = None,
+                        grad_residual_out: None = None
                         ) -> tuple[NDArray[_F], _Float, _Float]: ...
 @overload
 def group_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike | None, invstd: ArrayLike | None,
                         num_groups: int, weight: ArrayLike | None = None, *, layout: _Layout = "NCHW",
                         out: NDArray[_F] | None = None, activation: _Activation,
                         residual: NDArray[Any] | None = None, bias: ArrayLike | None = None, eps: float = 1e-5,
-                        save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                        save_stats: tuple[ArrayLike, ArrayLike] | None = None,
+                        grad_residual_out: NDArray[_F] | None = None
                         ) -> tuple[NDArray[_F], _Float, _Float, NDArray[_F] | None]: ...
 @overload
 def group_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike | None, invstd: ArrayLike | None,
                         num_groups: int, weight: ArrayLike | None = None, *, layout: _Layout = "NCHW",
                         out: NDArray[_F] | None = None, activation: _Activation | None = None,
                         residual: NDArray[Any], bias: ArrayLike | None = None, eps: float = 1e-5,
-                        save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                        save_stats: tuple[ArrayLike, ArrayLike] | None = None,
+                        grad_residual_out: NDArray[_F] | None = None
                         ) -> tuple[NDArray[_F], _Float, _Float, NDArray[_F] | None]: ...
 def instance_norm(x: NDArray[_F], running_mean: ArrayLike | None = None, running_var: ArrayLike | None = None,
                   weight: ArrayLike | None = None, bias: ArrayLike | None = None, use_input_stats: bool = True,
@@ -228,21 +234,24 @@ def instance_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLik
                            weight: ArrayLike | None = None, *, layout: _Layout = "NCHW",
                            out: NDArray[_F] | None = None, activation: None = None, residual: None = None,
                            bias: ArrayLike | None = None, eps: float = 1e-5,
-                           save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                           save_stats: tuple[ArrayLike, ArrayLike] | None = None,
+                           grad_residual_out: None = None
                            ) -> tuple[NDArray[_F], _Float, _Float]: ...
 @overload
 def instance_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike | None, invstd: ArrayLike | None,
                            weight: ArrayLike | None = None, *, layout: _Layout = "NCHW",
                            out: NDArray[_F] | None = None, activation: _Activation,
                            residual: NDArray[Any] | None = None, bias: ArrayLike | None = None, eps: float = 1e-5,
-                           save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                           save_stats: tuple[ArrayLike, ArrayLike] | None = None,
+                           grad_residual_out: NDArray[_F] | None = None
                            ) -> tuple[NDArray[_F], _Float, _Float, NDArray[_F] | None]: ...
 @overload
 def instance_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike | None, invstd: ArrayLike | None,
                            weight: ArrayLike | None = None, *, layout: _Layout = "NCHW",
                            out: NDArray[_F] | None = None, activation: _Activation | None = None,
                            residual: NDArray[Any], bias: ArrayLike | None = None, eps: float = 1e-5,
-                           save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                           save_stats: tuple[ArrayLike, ArrayLike] | None = None,
+                           grad_residual_out: NDArray[_F] | None = None
                            ) -> tuple[NDArray[_F], _Float, _Float, NDArray[_F] | None]: ...
 
 # ---- layer and RMS norm (bn_simd/rownorm.py) -------------------------------------------------------------------
@@ -275,20 +284,23 @@ def layer_norm_forward(x: NDArray[_F], normalized_shape: _Shape, weight: ArrayLi
 def layer_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike | None, rstd: ArrayLike | None,
                         normalized_shape: _Shape, weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
                         out: NDArray[_F] | None = None, layout: _RowLayout = None, activation: None = None,
-                        residual: None = None, save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                        residual: None = None, save_stats: tuple[ArrayLike, ArrayLike] | None = None,
+                        grad_residual_out: None = None
                         ) -> tuple[NDArray[_F], _Float | None, _Float | None]: ...
 @overload
 def layer_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike | None, rstd: ArrayLike | None,
                         normalized_shape: _Shape, weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
                         out: NDArray[_F] | None = None, layout: _RowLayout = None, activation: _Activation,
-                        residual: NDArray[Any] | None = None, save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                        residual: NDArray[Any] | None = None, save_stats: tuple[ArrayLike, ArrayLike] | None = None,
+                        grad_residual_out: NDArray[_F] | None = None
                         ) -> tuple[NDArray[_F], _Float | None, _Float | None, NDArray[_F] | None]: ...
 @overload
 def layer_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike | None, rstd: ArrayLike | None,
                         normalized_shape: _Shape, weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
                         out: NDArray[_F] | None = None, layout: _RowLayout = None,
                         activation: _Activation | None = None, residual: NDArray[Any],
-                        save_stats: tuple[ArrayLike, ArrayLike] | None = None
+                        save_stats: tuple[ArrayLike, ArrayLike] | None = None,
+                        grad_residual_out: NDArray[_F] | None = None
                         ) -> tuple[NDArray[_F], _Float | None, _Float | None, NDArray[_F] | None]: ...
 def rms_norm(x: NDArray[_F], normalized_shape: _Shape, weight: ArrayLike | None = None, eps: float | None = None, *,
              out: NDArray[_F] | None = None, activation: _Activation | None = None,
@@ -310,18 +322,21 @@ def rms_norm_forward(x: NDArray[_F], normalized_shape: _Shape, weight: ArrayLike
 @overload
 def rms_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], rstd: ArrayLike | None, normalized_shape: _Shape,
                       weight: ArrayLike | None = None, *, out: NDArray[_F] | None = None, activation: None = None,
-                      residual: None = None, save_stats: tuple[ArrayLike] | None = None
+                      residual: None = None, save_stats: tuple[ArrayLike] | None = None,
+                      grad_residual_out: None = None
                       ) -> tuple[NDArray[_F], _Float | None]: ...
 @overload
 def rms_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], rstd: ArrayLike | None, normalized_shape: _Shape,
                       weight: ArrayLike | None = None, *, out: NDArray[_F] | None = None, activation: _Activation,
-                      residual: NDArray[Any] | None = None, save_stats: tuple[ArrayLike] | None = None
+                      residual: NDArray[Any] | None = None, save_stats: tuple[ArrayLike] | None = None,
+                      grad_residual_out: NDArray[_F] | None = None
                       ) -> tuple[NDArray[_F], _Float | None, NDArray[_F] | None]: ...
 @overload
 def rms_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], rstd: ArrayLike | None, normalized_shape: _Shape,
                       weight: ArrayLike | None = None, *, out: NDArray[_F] | None = None,
                       activation: _Activation | None = None, residual: NDArray[Any],
-                      save_stats: tuple[ArrayLike] | None = None
+                      save_stats: tuple[ArrayLike] | None = None,
+                      grad_residual_out: NDArray[_F] | None = None
                       ) -> tuple[NDArray[_F], _Float | None, NDArray[_F] | None]: ...
 
 # ---- layers (bn_simd/layers.py, bn_simd/rownorm_layers.py, bn_simd/sync.py) ------------------------------------
@@ -371,7 +386,8 @@ class BatchNorm(_Layer):
                 residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
     def __call__(self, x: NDArray[_F], *, out: NDArray[_F] | None = None, mask: _Mask = None,
                  residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
-    def backward(self, grad_out: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...
+    def backward(self, grad_out: NDArray[_F], *, out: NDArray[_F] | None = None,
+                 grad_residual_out: NDArray[_F] | None = None) -> NDArray[_F]: ...
     def state_dict(self) -> dict[str, NDArray[Any]]: ...
 
 class BatchNorm1d(BatchNorm): ...
@@ -412,7 +428,8 @@ class GroupNorm(_Layer):
                 residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
     def __call__(self, x: NDArray[_F], *, out: NDArray[_F] | None = None,
                  residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
-    def backward(self, grad_out: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...
+    def backward(self, grad_out: NDArray[_F], *, out: NDArray[_F] | None = None,
+                 grad_residual_out: NDArray[_F] | None = None) -> NDArray[_F]: ...
     def state_dict(self) -> dict[str, NDArray[Any]]: ...
 
 class _RowNorm:
@@ -436,7 +453,8 @@ class _RowNorm:
                 residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
     def __call__(self, x: NDArray[_F], *, out: NDArray[_F] | None = None,
                  residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
-    def backward(self, grad_out: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...
+    def backward(self, grad_out: NDArray[_F], *, out: NDArray[_F] | None = None,
+                 grad_residual_out: NDArray[_F] | None = None) -> NDArray[_F]: ...
     def state_dict(self) -> dict[str, NDArray[Any]]: ...
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None: ...
 
@@ -462,6 +480,8 @@ class SyncBatchNorm(BatchNorm):
     # (no mask, no residual: the signature narrows BatchNorm's)
     def forward(self, x: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...  # type: ignore[override]
     def __call__(self, x: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...  # type: ignore[override]
+    def backward(self, grad_out: NDArray[_F], *,  # type: ignore[override]
+                 out: NDArray[_F] | None = None) -> NDArray[_F]: ...
     # the same kind of container (a layer, or a list, tuple or dict of them, nested) with its BatchNorms converted
     @classmethod
     def convert_sync_batchnorm(cls, layer_or_layers: Any, comm: _Comm = None, *, mode: _SyncMode = "exact") -> Any: ...

@@ -60,6 +60,7 @@ cdef object dtype_arg(object dtype, int* code)
 cdef int train_size(int64_t n, cnp.ndarray x) except -1
 cdef int spatial_size(int64_t S, cnp.ndarray x) except -1
 cdef cnp.ndarray output(object out, cnp.ndarray x, cnp.ndarray also)
+cdef cnp.ndarray output_apart(object out, str name, cnp.ndarray x, tuple reads)
 cdef cnp.ndarray new_like(cnp.ndarray x)
 cdef cnp.ndarray new_vector(int64_t n, int npy_type)
 

@@ -534,6 +534,19 @@ cdef cnp.ndarray output(object out, cnp.ndarray x, cnp.ndarray grad_out):
     return _out(out, x, "out", "x", x, "grad_out", grad_out)
 
 
+cdef cnp.ndarray output_apart(object out, str name, cnp.ndarray x, tuple reads):
+    """A second output: new like data tensor x when out is None, else out checked as ``out`` is (x's shape and dtype,
+    C-contiguous, aligned, writeable), sharing no byte with any array of reads, a tuple of (name, array or None)
+    pairs (the arrays the kernel reads, and its other outputs): no in-place form."""
+    if out is None:
+        return new_like(x)
+    cdef cnp.ndarray o = _out(out, x, name, None, None, None, None)
+    for rname, a in reads:
+        if a is not None and cnp.PyArray_NBYTES(o) and cnp.PyArray_NBYTES(<cnp.ndarray>a) and not _disjoint(o, a):
+            raise ValueError(f"{name} must not share memory with {rname} (pass a separate array)")
+    return o
+
+
 cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
     cdef char* pa = <char*>cnp.PyArray_DATA(a)
     cdef char* pb = <char*>cnp.PyArray_DATA(b)

@@ -115,6 +115,20 @@ cdef object epi_residual(object residual, cnp.ndarray xa):
     return A.like(residual, "residual", xa)
 
 
+cdef object epi_dres(object dres_out, object ra, cnp.ndarray xa, cnp.ndarray ga, object dx):
+    """The residual's gradient's array: None without a residual (grad_residual_out must then be None), else new like x
+    or grad_residual_out checked (x's shape and dtype, C-contiguous, aligned, writeable, sharing no byte with
+    grad_out, x, the residual or grad_x's array dx)."""
+    if ra is None:
+        if dres_out is not None:
+            raise ValueError("grad_residual_out receives the residual's gradient: it needs residual=, got "
+                             "residual=None")
+        return None
+    return A.output_apart(dres_out, "grad_residual_out", xa,
+                          (("grad_out", ga), ("x", xa), ("residual", ra),
+                           ("out", dx if isinstance(dx, np.ndarray) else None)))
+
+
 cdef int epi_fill(tuple act, object ra, cnp.ndarray ya, str out_name, bn_epilogue* ep) except -1:
     """ep from the parsed activation and the checked residual ra (None or an array), whose memory may not overlap the
     output ya."""
@@ -235,7 +249,7 @@ def batch_norm_forward_epi(x, weight, bias, eps, layout, out, tuple act, residua
 
 
 def batch_norm_backward_epi(grad_out, x, mean, var, eps, weight, bias, layout, out, training, tuple act, residual,
-                            int nthreads):
+                            int nthreads, grad_residual_out=None):
     """Gradients of z = act(batch_norm(x) + residual): (grad_x, grad_weight, grad_bias, grad_residual or None). mean,
     var: the float64 statistics the forward normalised with (the batch's biased variance, or the running ones), eps and
     bias its own: the forward's coefficients are recomputed from them, bit for bit."""
@@ -252,7 +266,7 @@ def batch_norm_backward_epi(grad_out, x, mean, var, eps, weight, bias, layout, o
     cdef double e = A.eps(eps)
     ra = epi_residual(residual, xa)
     cdef cnp.ndarray dx = A.output(out, xa, ga)
-    cdef cnp.ndarray dr = A.new_like(xa) if ra is not None else None
+    dr = epi_dres(grad_residual_out, ra, xa, ga, dx)
     cdef bn_epilogue ep
     epi_fill(act, ra, dx, "out", &ep)
     cdef bint tr = training
@@ -278,9 +292,25 @@ def batch_norm_backward_epi(grad_out, x, mean, var, eps, weight, bias, layout, o
         release(p, stack)
 
 
-def epilogue_residual_grad(grad_out, x, residual):
-    """The residual's gradient without an activation: a copy of grad_out (checked against x, and the residual too)."""
+def epilogue_residual_grad(grad_out, x, residual, grad_residual_out, out):
+    """The residual's gradient without an activation, a copy of grad_out, checked before anything is written:
+    (ga, dr), grad_out as the kernels read it and the array to copy it into (new, or grad_residual_out checked
+    against grad_out, x, the residual and out, grad_x's array when it is one)."""
     cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef cnp.ndarray ga = A.like(grad_out, "grad_out", xa)
-    epi_residual(residual, xa)
-    return np.array(ga, copy=True)
+    return ga, epi_dres(grad_residual_out, epi_residual(residual, xa), xa, ga, out)
+
+
+def copy_data(dst, src):
+    """Copies src's bytes over dst's (two C-contiguous arrays of the same size, epilogue_residual_grad's pair)."""
+    cdef cnp.ndarray d = dst, s = src
+    cdef size_t nb = <size_t>cnp.PyArray_NBYTES(s)
+    if cnp.PyArray_NBYTES(d) != <cnp.npy_intp>nb or not (cnp.PyArray_IS_C_CONTIGUOUS(d)
+                                                         and cnp.PyArray_IS_C_CONTIGUOUS(s)):
+        raise ValueError("copy_data needs two C-contiguous arrays of the same size")
+    cdef char* dp = <char*>cnp.PyArray_DATA(d)
+    cdef const char* sp = <const char*>cnp.PyArray_DATA(s)
+    if nb:
+        with nogil:
+            memcpy(dp, sp, nb)
+    return dst

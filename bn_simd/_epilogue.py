@@ -14,6 +14,8 @@ ValueError / TypeError naming ``activation``.
 import math
 import numbers
 
+import numpy as np
+
 ACT_NONE, ACT_CLAMP, ACT_LEAKY, ACT_SILU = 0, 1, 2, 3
 NONE = (ACT_NONE, 0.0, 0.0, 0.0)
 _NAMES = ("relu", "relu6", "leaky_relu", "clamp", "silu")
@@ -71,3 +73,21 @@ def save_stats_of(save_stats, n, what, source):
         raise ValueError(f"save_stats must be the forward's {what} ({source}) when activation is given, got "
                          f"{type(save_stats).__name__}")
     return save_stats
+
+
+def residual_backward(core, backward, grad_out, x, residual, grad_residual_out, out):
+    """A backward through a residual add without an activation: backward(out) (a callable giving grad_x and the
+    parameters' gradients as a tuple) plus grad_residual = grad_out, copied into grad_residual_out (or a new array).
+    Every argument is checked before anything is written; grad_out is copied after the backward unless out (grad_x's
+    array) overwrites it."""
+    ga, dr = core.epilogue_residual_grad(grad_out, x, residual, grad_residual_out, out)
+    if isinstance(out, np.ndarray) and np.may_share_memory(out, ga):
+        # (grad_x over grad_out: grad_out kept first, in the new result, or aside while the backward may still raise)
+        kept = core.copy_data(dr if grad_residual_out is None else np.empty_like(ga), ga)
+        r = backward(out)
+        if kept is not dr:
+            core.copy_data(dr, kept)
+    else:
+        r = backward(out)
+        core.copy_data(dr, ga)
+    return tuple(r) + (dr,)

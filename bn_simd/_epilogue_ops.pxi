@@ -168,7 +168,7 @@ def group_forward_epi(x, num_groups, weight, bias, eps, layout, out, tuple act, 
 
 
 def group_backward_epi(grad_out, x, mean, var, eps, num_groups, weight, bias, layout, out, tuple act, residual,
-                       int nthreads, bint instance):
+                       int nthreads, bint instance, grad_residual_out=None):
     """Gradients of z = act(group_norm(x) + residual) (instance: one channel per group): (grad_x, grad_weight,
     grad_bias, grad_residual or None). mean, var: the forward's float64 statistics (N, G), eps and bias its own."""
     cdef int lay = A.layout_code(layout)
@@ -193,7 +193,7 @@ def group_backward_epi(grad_out, x, mean, var, eps, num_groups, weight, bias, la
         e = A.eps(eps)
         ra = epi_residual(residual, xa)
         dx = A.output(out, xa, ga)
-        dr = A.new_like(xa) if ra is not None else None
+        dr = epi_dres(grad_residual_out, ra, xa, ga, dx)
         epi_fill(act, ra, dx, "out", &ep)
         memset(gw, 0, 2 * C * sizeof(double))
         if C:
@@ -251,7 +251,7 @@ def row_forward_epi(x, normalized_shape, weight, bias, eps, layout, out, int nth
 
 
 def row_backward_epi(grad_out, x, mean, rstd, normalized_shape, weight, bias, layout, out, int nthreads, bint rms,
-                     tuple act, residual):
+                     tuple act, residual, grad_residual_out=None):
     """Gradients of z = act(layer_norm(x) + residual) (rms: RMS norm): (grad_x, grad_weight, grad_bias,
     grad_residual or None) (RMS: (grad_x, grad_weight, grad_residual or None)). mean, rstd: the forward's float64
     statistics; weight and bias its own."""
@@ -273,7 +273,7 @@ def row_backward_epi(grad_out, x, mean, rstd, normalized_shape, weight, bias, la
         A.row_stat(rstd, "save_stats[1] (rstd)" if not rms else "save_stats[0] (rstd)", xa, &r, p + NS)
         ra = epi_residual(residual, xa)
         dx = A.output(out, xa, ga)
-        dr = A.new_like(xa) if ra is not None else None
+        dr = epi_dres(grad_residual_out, ra, xa, ga, dx)
         epi_fill(act, ra, dx, "out", &ep)
         k_row_backward_epi(r.dtype, data_or_null(ga), data_or_null(xa), data_or_null(dx),
                            data_or_null(dr) if dr is not None else NULL, &r, rms, NULL if rms or not NS else p,

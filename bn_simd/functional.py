@@ -134,7 +134,7 @@ def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW", ou
 
 def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, layout="NCHW", out=None,
                         training=True, axis=None, mask=None, activation=None, residual=None, bias=None, eps=1e-5,
-                        save_stats=None):
+                        save_stats=None, grad_residual_out=None):
     """Gradients of batch normalization.
 
     With n values per channel, s = save_invstd[c], w = weight[c] (1 when None), x̂ = (x - save_mean[c]) s:
@@ -158,7 +158,10 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, lay
     them bit for bit, and du = grad_out * act'(u) (``act'`` at the kinks: 0 for clamp/relu/relu6 at u = lo or hi,
     the slope for leaky_relu at 0, as PyTorch) becomes the normalisation's grad_out. Returns (grad_x, grad_weight,
     grad_bias, grad_residual), grad_residual = du (None without a residual); save_mean and save_invstd are then
-    unused with an activation (they may be None). Neither combines with ``mask``.
+    unused with an activation (they may be None). Neither combines with ``mask``. ``grad_residual_out`` (with a
+    residual) receives grad_residual instead of a new array, as ``out`` receives grad_x: x's shape and dtype,
+    C-contiguous, writeable, and sharing no memory with grad_out, x, the residual or ``out`` (a training loop that
+    reuses it saves the allocation and the page clearing of a new tensor-sized array at every step).
     """
     lay = layout if axis is None else ck.axis_layout(axis, layout)
     if activation is not None or residual is not None:
@@ -167,11 +170,13 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, lay
         if activation is not None:
             m, v = _epi.save_stats_of(save_stats, 2, "(mean, var) pair", "batch_norm_forward's fourth value")
             return _core.batch_norm_backward_epi(grad_out, x, m, v, eps, weight, bias, lay,
-                                                 out, training, act, residual, _threads())
-        gres = _core.epilogue_residual_grad(grad_out, x, residual)
-        gx, gw, gb = _core.batch_norm_backward(grad_out, x, save_mean, save_invstd, weight, lay, out, training,
-                                               _threads())
-        return gx, gw, gb, gres
+                                                 out, training, act, residual, _threads(), grad_residual_out)
+        return _epi.residual_backward(
+            _core, lambda o: _core.batch_norm_backward(grad_out, x, save_mean, save_invstd, weight, lay, o, training,
+                                                       _threads()),
+            grad_out, x, residual, grad_residual_out, out)
+    if grad_residual_out is not None:
+        raise ValueError("grad_residual_out receives the residual's gradient: it needs residual=, got residual=None")
     if mask is not None:
         if training:
             return _masked.backward(grad_out, x, save_mean, save_invstd, weight, lay, out, mask, _threads())

@@ -59,23 +59,27 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, *, eps=1e-5, layou
 
 
 def _group_backward(grad_out, x, mean, invstd, num_groups, weight, layout, out, activation, residual, bias, eps,
-                    save_stats, instance):
+                    save_stats, instance, grad_residual_out):
     """group_norm_backward / instance_norm_backward (instance: num_groups unused)."""
     act = _epi.parse(activation)
     if activation is None and residual is None:
+        if grad_residual_out is not None:
+            raise ValueError("grad_residual_out receives the residual's gradient: it needs residual=, got "
+                             "residual=None")
         return _core.group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, out, _threads(),
                                          instance)
     if activation is not None:
         m, v = _epi.save_stats_of(save_stats, 2, "(mean, var) pair", "its fourth value")
         return _core.group_backward_epi(grad_out, x, m, v, eps, num_groups, weight, bias, layout, out, act,
-                                        residual, _threads(), instance)
-    gres = _core.epilogue_residual_grad(grad_out, x, residual)  # (checked first: a bad residual writes nothing)
-    return _core.group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, out, _threads(),
-                                     instance) + (gres,)
+                                        residual, _threads(), instance, grad_residual_out)
+    return _epi.residual_backward(
+        _core, lambda o: _core.group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, o,
+                                                   _threads(), instance),
+        grad_out, x, residual, grad_residual_out, out)
 
 
 def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight=None, *, layout="NCHW", out=None,
-                        activation=None, residual=None, bias=None, eps=1e-5, save_stats=None):
+                        activation=None, residual=None, bias=None, eps=1e-5, save_stats=None, grad_residual_out=None):
     """Gradients of group normalization.
 
     With M = (C / num_groups) * prod(spatial) values per group, s = invstd[n, g], w = weight[c] (1 when None),
@@ -98,9 +102,11 @@ def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight=None, *, l
     grad_residual = du (None without a residual; grad_out's copy with a residual and no activation). Unknown
     activations raise ValueError naming ``activation``, a bad residual ValueError / TypeError naming ``residual``,
     an activation without save_stats ValueError naming ``save_stats``, before anything is written.
+    ``grad_residual_out`` (with a residual): the array that receives grad_residual, as
+    :func:`bn_simd.batch_norm_backward`'s.
     """
     return _group_backward(grad_out, x, mean, invstd, num_groups, weight, layout, out, activation, residual, bias, eps,
-                           save_stats, False)
+                           save_stats, False, grad_residual_out)
 
 
 # ---- instance norm ------------------------------------------------------------------------------------------
@@ -141,10 +147,11 @@ def instance_norm_forward(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
 
 
 def instance_norm_backward(grad_out, x, mean, invstd, weight=None, *, layout="NCHW", out=None, activation=None,
-                           residual=None, bias=None, eps=1e-5, save_stats=None):
+                           residual=None, bias=None, eps=1e-5, save_stats=None, grad_residual_out=None):
     """Gradients of instance normalization with the input's statistics: :func:`group_norm_backward` with one
     channel per group. mean, invstd: (N, C). Returns (grad_x, grad_weight, grad_bias); through a fused epilogue
-    (``activation``, ``residual``, ``bias``, ``eps``, ``save_stats`` as :func:`group_norm_backward`, save_stats from
-    :func:`instance_norm_forward`) (grad_x, grad_weight, grad_bias, grad_residual)."""
+    (``activation``, ``residual``, ``bias``, ``eps``, ``save_stats``, ``grad_residual_out`` as
+    :func:`group_norm_backward`, save_stats from :func:`instance_norm_forward`) (grad_x, grad_weight, grad_bias,
+    grad_residual)."""
     return _group_backward(grad_out, x, mean, invstd, None, weight, layout, out, activation, residual, bias, eps,
-                           save_stats, True)
+                           save_stats, True, grad_residual_out)

@@ -303,12 +303,14 @@ class BatchNorm(_Layer):
                        None if self.bias is None else self.bias.copy(), self.eps)
         return y
 
-    def backward(self, grad_out, *, out=None):
+    def backward(self, grad_out, *, out=None, grad_residual_out=None):
         """Gradient of the last forward call: returns grad_x and sets grad_weight / grad_bias (affine only).
 
         After a training-mode forward the batch statistics are differentiated through; after an
         eval-mode forward they are the (constant) running statistics. Through the layer's activation and residual
-        when the forward had them: grad_residual is then set too (None without a residual).
+        when the forward had them: grad_residual is then set too (None without a residual), written into
+        ``grad_residual_out`` when given (as :func:`bn_simd.batch_norm_backward`'s; a forward without a residual
+        raises ValueError for it).
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
@@ -316,11 +318,13 @@ class BatchNorm(_Layer):
             _, x, mean, var, training, act, residual, w, b, eps = self._saved
             lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
             gx, gw, gb, self.grad_residual = _core.batch_norm_backward_epi(grad_out, x, mean, var, eps, w, b, lay,
-                                                                           out, training, act, residual, F._threads())
+                                                                           out, training, act, residual, F._threads(),
+                                                                           grad_residual_out)
             if self.affine:
                 self.grad_weight = gw.astype(self.dtype)
                 self.grad_bias = gb.astype(self.dtype) if self.bias is not None else None
             return gx
+        _no_residual(grad_residual_out)
         if not isinstance(self._saved, tuple):  # a forward with virtual batches or renormalization
             from . import renorm as R
             return R.layer_backward(self, grad_out, out)
@@ -417,6 +421,13 @@ class BatchNorm3d(BatchNorm):
     _ranks = (5,)
 
 
+def _no_residual(grad_residual_out):
+    """A backward after a forward without a residual takes no grad_residual_out (ValueError naming it)."""
+    if grad_residual_out is not None:
+        raise ValueError("grad_residual_out receives the residual's gradient: the forward had no residual, got "
+                         "grad_residual_out with residual=None")
+
+
 def _batched_grad(grad_out, out, x, unbatched):
     """grad_out checked as data, and with out, given a leading axis of one sample when the forward's input had none
     (x: the forward's batched input)."""
@@ -505,14 +516,16 @@ class _InstanceNorm(BatchNorm):
         self._saved = ("epilogue", saved_x, mean, var, True, act, residual, w, b, self.eps, unbatched)
         return y
 
-    def backward(self, grad_out, *, out=None):
+    def backward(self, grad_out, *, out=None, grad_residual_out=None):
         """Gradient of the last forward call (through the instance statistics, or with the running statistics as
-        constants after an eval-mode call that used them): returns grad_x and sets grad_weight / grad_bias."""
+        constants after an eval-mode call that used them): returns grad_x and sets grad_weight / grad_bias (and
+        grad_residual, into ``grad_residual_out`` when given, as :meth:`BatchNorm.backward`)."""
         from . import groups
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
         if isinstance(self._saved[0], str):  # (a forward with an epilogue)
-            return self._backward_epilogue(grad_out, out)
+            return self._backward_epilogue(grad_out, out, grad_residual_out)
+        _no_residual(grad_residual_out)
         x, mean, invstd, input_stats, unbatched = self._saved
         self.grad_residual = None
         g, out = _batched_grad(grad_out, out, x, unbatched)
@@ -525,18 +538,21 @@ class _InstanceNorm(BatchNorm):
             self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
         return gx[0] if unbatched else gx
 
-    def _backward_epilogue(self, grad_out, out):
+    def _backward_epilogue(self, grad_out, out, gro):
         _, x, mean, var, input_stats, act, residual, w, b, eps, unbatched = self._saved
+        given = gro
         g, out = _batched_grad(grad_out, out, x, unbatched)
+        if unbatched and isinstance(gro, np.ndarray) and gro.ndim == x.ndim - 1:
+            gro = gro[np.newaxis]
         if input_stats:
             gx, gw, gb, gr = _core.group_backward_epi(g, x, mean, var, eps, None, w, b, self.layout, out, act,
-                                                      residual, F._threads(), True)
+                                                      residual, F._threads(), True, gro)
         else:
             gx, gw, gb, gr = _core.batch_norm_backward_epi(g, x, mean, var, eps, w, b, self.layout, out, False, act,
-                                                           residual, F._threads())
+                                                           residual, F._threads(), gro)
         if self.affine:
             self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
-        self.grad_residual = None if gr is None else (gr[0] if unbatched else gr)
+        self.grad_residual = given if given is not None else None if gr is None else gr[0] if unbatched else gr
         return gx[0] if unbatched else gx
 
 
@@ -635,8 +651,9 @@ class GroupNorm(_Layer):
 
     __call__ = forward
 
-    def backward(self, grad_out, *, out=None):
-        """Gradient of the last forward call: returns grad_x and sets grad_weight / grad_bias (affine only)."""
+    def backward(self, grad_out, *, out=None, grad_residual_out=None):
+        """Gradient of the last forward call: returns grad_x and sets grad_weight / grad_bias (affine only), and
+        grad_residual (into ``grad_residual_out`` when given) as :meth:`BatchNorm.backward`."""
         from . import groups
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
@@ -644,10 +661,11 @@ class GroupNorm(_Layer):
             _, x, mean, var, act, residual, w, b, eps = self._saved
             gx, gw, gb, self.grad_residual = _core.group_backward_epi(grad_out, x, mean, var, eps, self.num_groups, w,
                                                                       b, self.layout, out, act, residual,
-                                                                      F._threads(), False)
+                                                                      F._threads(), False, grad_residual_out)
             if self.affine:
                 self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
             return gx
+        _no_residual(grad_residual_out)
         x, mean, invstd = self._saved
         self.grad_residual = None
         gx, gw, gb = groups.group_norm_backward(grad_out, x, mean, invstd, self.num_groups, self.weight,

@@ -69,21 +69,29 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, *, eps=1e-5,
 
 
 def _row_backward(grad_out, x, mean, rstd, normalized_shape, weight, bias, layout, out, activation, residual,
-                  save_stats, rms):
+                  save_stats, rms, grad_residual_out):
     """layer_norm_backward / rms_norm_backward, through the epilogue when asked."""
     act = _epi.parse(activation)
     if activation is not None:
         what = "(rstd,)" if rms else "(mean, rstd) pair"
         st = _epi.save_stats_of(save_stats, 1 if rms else 2, what, "its last value")
         return _core.row_backward_epi(grad_out, x, None if rms else st[0], st[-1], normalized_shape, weight, bias,
-                                      layout, out, _threads(), rms, act, residual)
-    gres = None if residual is None else _core.epilogue_residual_grad(grad_out, x, residual)
-    r = _core.row_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight, bias, layout, out, _threads(), rms)
-    return r if residual is None else r + (gres,)
+                                      layout, out, _threads(), rms, act, residual, grad_residual_out)
+
+    def backward(o):
+        return _core.row_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight, bias, layout, o, _threads(),
+                                       rms)
+
+    if residual is None:
+        if grad_residual_out is not None:
+            raise ValueError("grad_residual_out receives the residual's gradient: it needs residual=, got "
+                             "residual=None")
+        return backward(out)
+    return _epi.residual_backward(_core, backward, grad_out, x, residual, grad_residual_out, out)
 
 
 def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, bias=None, *, out=None,
-                        layout=None, activation=None, residual=None, save_stats=None):
+                        layout=None, activation=None, residual=None, save_stats=None, grad_residual_out=None):
     """Gradients of layer normalization (``torch.native_layer_norm_backward``).
 
     With D = prod(normalized_shape) values per position, x̂ = (x - mean) rstd, g = grad_out * weight (weight 1 when
@@ -105,10 +113,11 @@ def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, 
     read du while it is in cache (``mean`` and ``rstd`` are then unused and may be None). Returns (grad_x,
     grad_weight, grad_bias, grad_residual), grad_residual = du (None without a residual; grad_out's copy with a
     residual and no activation). Bad arguments raise as :func:`bn_simd.group_norm_backward`'s, before anything is
-    written.
+    written. ``grad_residual_out`` (with a residual): the array that receives grad_residual, as
+    :func:`bn_simd.batch_norm_backward`'s.
     """
     return _row_backward(grad_out, x, mean, rstd, normalized_shape, weight, bias, layout, out, activation, residual,
-                         save_stats, False)
+                         save_stats, False, grad_residual_out)
 
 
 # ---- RMS norm -------------------------------------------------------------------------------------------------
@@ -139,7 +148,7 @@ def rms_norm_forward(x, normalized_shape, weight=None, *, eps=None, out=None, ac
 
 
 def rms_norm_backward(grad_out, x, rstd, normalized_shape, weight=None, *, out=None, activation=None, residual=None,
-                      save_stats=None):
+                      save_stats=None, grad_residual_out=None):
     """Gradients of RMS normalization.
 
     With D = prod(normalized_shape), x̂ = x rstd, g = grad_out * weight (1 when None), sums over each position's D
@@ -149,7 +158,7 @@ def rms_norm_backward(grad_out, x, rstd, normalized_shape, weight=None, *, out=N
 
     Returns (grad_x, grad_weight), grad_weight None when weight is None, else shaped and typed as it. Arguments as
     :func:`layer_norm_backward`; through a fused epilogue (``activation``, ``residual``, ``save_stats`` from
-    :func:`rms_norm_forward`) (grad_x, grad_weight, grad_residual).
+    :func:`rms_norm_forward`, ``grad_residual_out``) (grad_x, grad_weight, grad_residual).
     """
     return _row_backward(grad_out, x, None, rstd, normalized_shape, weight, None, None, out, activation, residual,
-                         save_stats, True)
+                         save_stats, True, grad_residual_out)

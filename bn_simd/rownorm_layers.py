@@ -93,19 +93,23 @@ class _RowNorm:
 
     __call__ = forward
 
-    def backward(self, grad_out, *, out=None):
+    def backward(self, grad_out, *, out=None, grad_residual_out=None):
         """Gradient of the last forward call: returns grad_x and sets ``grad_weight`` / ``grad_bias`` (in the
-        parameters' dtype and shape; None for a parameter the layer does not have)."""
+        parameters' dtype and shape; None for a parameter the layer does not have), and ``grad_residual`` after a
+        forward with a residual (into ``grad_residual_out`` when given, as :func:`bn_simd.batch_norm_backward`'s)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
         if isinstance(self._saved[0], str):  # (a forward with an epilogue: through it)
             _, x, mean, rstd, act, residual, w, b = self._saved
             r = _core.row_backward_epi(grad_out, x, mean, rstd, self.normalized_shape, w, b, self.layout, out,
-                                       _threads(), self._rms, act, residual)
+                                       _threads(), self._rms, act, residual, grad_residual_out)
             self.grad_weight = r[1]
             self.grad_bias = None if self._rms else r[2]
             self.grad_residual = r[-1]
             return r[0]
+        if grad_residual_out is not None:
+            raise ValueError("grad_residual_out receives the residual's gradient: the forward had no residual, got "
+                             "grad_residual_out with residual=None")
         self.grad_residual = None
         x, mean, rstd = self._saved
         r = _core.row_norm_backward(grad_out, x, mean, rstd, self.normalized_shape, self.weight, self.bias,
