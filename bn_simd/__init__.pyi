@@ -480,8 +480,6 @@ class SyncBatchNorm(BatchNorm):
     # (no mask, no residual: the signature narrows BatchNorm's)
     def forward(self, x: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...  # type: ignore[override]
     def __call__(self, x: NDArray[_F], *, out: NDArray[_F] | None = None) -> NDArray[_F]: ...  # type: ignore[override]
-    def backward(self, grad_out: NDArray[_F], *,  # type: ignore[override]
-                 out: NDArray[_F] | None = None) -> NDArray[_F]: ...
     # the same kind of container (a layer, or a list, tuple or dict of them, nested) with its BatchNorms converted
     @classmethod
     def convert_sync_batchnorm(cls, layer_or_layers: Any, comm: _Comm = None, *, mode: _SyncMode = "exact") -> Any: ...

@@ -115,18 +115,24 @@ cdef object epi_residual(object residual, cnp.ndarray xa):
     return A.like(residual, "residual", xa)
 
 
-cdef object epi_dres(object dres_out, object ra, cnp.ndarray xa, cnp.ndarray ga, object dx):
+cdef object epi_dres(object dres_out, object ra, cnp.ndarray xa, cnp.ndarray ga, object dx, tuple given):
     """The residual's gradient's array: None without a residual (grad_residual_out must then be None), else new like x
     or grad_residual_out checked (x's shape and dtype, C-contiguous, aligned, writeable, sharing no byte with
-    grad_out, x, the residual or grad_x's array dx)."""
+    grad_out, x, the residual or grad_x's array dx: the arrays the kernel reads and the caller's own, given = (grad_out,
+    x, residual) as passed, which the kernel's may be copies of; a caller's array keeps its values)."""
     if ra is None:
         if dres_out is not None:
             raise ValueError("grad_residual_out receives the residual's gradient: it needs residual=, got "
                              "residual=None")
         return None
-    return A.output_apart(dres_out, "grad_residual_out", xa,
-                          (("grad_out", ga), ("x", xa), ("residual", ra),
-                           ("out", dx if isinstance(dx, np.ndarray) else None)))
+    o = A.output_apart(dres_out, "grad_residual_out", xa,
+                       (("grad_out", ga), ("x", xa), ("residual", ra),
+                        ("out", dx if isinstance(dx, np.ndarray) else None)))
+    if dres_out is not None:
+        for name, a, used in zip(("grad_out", "x", "residual"), given, (ga, xa, ra)):
+            if a is not used and isinstance(a, np.ndarray) and np.may_share_memory(o, a):
+                raise ValueError(f"grad_residual_out must not share memory with {name} (pass a separate array)")
+    return o
 
 
 cdef int epi_fill(tuple act, object ra, cnp.ndarray ya, str out_name, bn_epilogue* ep) except -1:
@@ -266,7 +272,7 @@ def batch_norm_backward_epi(grad_out, x, mean, var, eps, weight, bias, layout, o
     cdef double e = A.eps(eps)
     ra = epi_residual(residual, xa)
     cdef cnp.ndarray dx = A.output(out, xa, ga)
-    dr = epi_dres(grad_residual_out, ra, xa, ga, dx)
+    dr = epi_dres(grad_residual_out, ra, xa, ga, dx, (grad_out, x, residual))
     cdef bn_epilogue ep
     epi_fill(act, ra, dx, "out", &ep)
     cdef bint tr = training
@@ -298,7 +304,7 @@ def epilogue_residual_grad(grad_out, x, residual, grad_residual_out, out):
     against grad_out, x, the residual and out, grad_x's array when it is one)."""
     cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef cnp.ndarray ga = A.like(grad_out, "grad_out", xa)
-    return ga, epi_dres(grad_residual_out, epi_residual(residual, xa), xa, ga, out)
+    return ga, epi_dres(grad_residual_out, epi_residual(residual, xa), xa, ga, out, (grad_out, x, residual))
 
 
 def copy_data(dst, src):

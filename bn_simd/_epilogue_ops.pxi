@@ -193,7 +193,7 @@ def group_backward_epi(grad_out, x, mean, var, eps, num_groups, weight, bias, la
         e = A.eps(eps)
         ra = epi_residual(residual, xa)
         dx = A.output(out, xa, ga)
-        dr = epi_dres(grad_residual_out, ra, xa, ga, dx)
+        dr = epi_dres(grad_residual_out, ra, xa, ga, dx, (grad_out, x, residual))
         epi_fill(act, ra, dx, "out", &ep)
         memset(gw, 0, 2 * C * sizeof(double))
         if C:
@@ -273,7 +273,7 @@ def row_backward_epi(grad_out, x, mean, rstd, normalized_shape, weight, bias, la
         A.row_stat(rstd, "save_stats[1] (rstd)" if not rms else "save_stats[0] (rstd)", xa, &r, p + NS)
         ra = epi_residual(residual, xa)
         dx = A.output(out, xa, ga)
-        dr = epi_dres(grad_residual_out, ra, xa, ga, dx)
+        dr = epi_dres(grad_residual_out, ra, xa, ga, dx, (grad_out, x, residual))
         epi_fill(act, ra, dx, "out", &ep)
         k_row_backward_epi(r.dtype, data_or_null(ga), data_or_null(xa), data_or_null(dx),
                            data_or_null(dr) if dr is not None else NULL, &r, rms, NULL if rms or not NS else p,

@@ -160,8 +160,10 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, lay
     grad_bias, grad_residual), grad_residual = du (None without a residual); save_mean and save_invstd are then
     unused with an activation (they may be None). Neither combines with ``mask``. ``grad_residual_out`` (with a
     residual) receives grad_residual instead of a new array, as ``out`` receives grad_x: x's shape and dtype,
-    C-contiguous, writeable, and sharing no memory with grad_out, x, the residual or ``out`` (a training loop that
-    reuses it saves the allocation and the page clearing of a new tensor-sized array at every step).
+    C-contiguous, aligned, writeable, and sharing no memory with grad_out, x, the residual or ``out`` (a training loop
+    that reuses it saves the allocation and the page clearing of a new tensor-sized array at every step). A refused
+    call writes nothing; a MemoryError from the kernels' scratch may leave ``out`` and ``grad_residual_out`` partly
+    written.
     """
     lay = layout if axis is None else ck.axis_layout(axis, layout)
     if activation is not None or residual is not None:

@@ -316,6 +316,8 @@ class BatchNorm(_Layer):
             raise RuntimeError("backward() needs a forward call first")
         if isinstance(self._saved, tuple) and isinstance(self._saved[0], str):  # (a forward with an epilogue)
             _, x, mean, var, training, act, residual, w, b, eps = self._saved
+            if residual is None:
+                _no_residual(grad_residual_out)
             lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
             gx, gw, gb, self.grad_residual = _core.batch_norm_backward_epi(grad_out, x, mean, var, eps, w, b, lay,
                                                                            out, training, act, residual, F._threads(),
@@ -540,10 +542,12 @@ class _InstanceNorm(BatchNorm):
 
     def _backward_epilogue(self, grad_out, out, gro):
         _, x, mean, var, input_stats, act, residual, w, b, eps, unbatched = self._saved
+        if residual is None:
+            _no_residual(gro)
         given = gro
         g, out = _batched_grad(grad_out, out, x, unbatched)
-        if unbatched and isinstance(gro, np.ndarray) and gro.ndim == x.ndim - 1:
-            gro = gro[np.newaxis]
+        if unbatched and gro is not None:  # (checked as the sample it is: its messages name the caller's shape)
+            gro = ck.check_out(gro, x[0], [], "grad_residual_out")[np.newaxis]
         if input_stats:
             gx, gw, gb, gr = _core.group_backward_epi(g, x, mean, var, eps, None, w, b, self.layout, out, act,
                                                       residual, F._threads(), True, gro)
@@ -659,6 +663,8 @@ class GroupNorm(_Layer):
             raise RuntimeError("backward() needs a forward call first")
         if isinstance(self._saved[0], str):  # (a forward with an epilogue)
             _, x, mean, var, act, residual, w, b, eps = self._saved
+            if residual is None:
+                _no_residual(grad_residual_out)
             gx, gw, gb, self.grad_residual = _core.group_backward_epi(grad_out, x, mean, var, eps, self.num_groups, w,
                                                                       b, self.layout, out, act, residual,
                                                                       F._threads(), False, grad_residual_out)

@@ -8,7 +8,7 @@ from . import _args as ck
 from . import _core
 from . import _epilogue as _epi
 from .functional import _threads
-from .layers import check_keys
+from .layers import _no_residual, check_keys
 
 
 def _shape_arg(normalized_shape):
@@ -101,15 +101,15 @@ class _RowNorm:
             raise RuntimeError("backward() needs a forward call first")
         if isinstance(self._saved[0], str):  # (a forward with an epilogue: through it)
             _, x, mean, rstd, act, residual, w, b = self._saved
+            if residual is None:
+                _no_residual(grad_residual_out)
             r = _core.row_backward_epi(grad_out, x, mean, rstd, self.normalized_shape, w, b, self.layout, out,
                                        _threads(), self._rms, act, residual, grad_residual_out)
             self.grad_weight = r[1]
             self.grad_bias = None if self._rms else r[2]
             self.grad_residual = r[-1]
             return r[0]
-        if grad_residual_out is not None:
-            raise ValueError("grad_residual_out receives the residual's gradient: the forward had no residual, got "
-                             "grad_residual_out with residual=None")
+        _no_residual(grad_residual_out)
         self.grad_residual = None
         x, mean, rstd = self._saved
         r = _core.row_norm_backward(grad_out, x, mean, rstd, self.normalized_shape, self.weight, self.bias,

@@ -51,7 +51,7 @@ import numpy as np
 
 from . import _args as ck
 from . import functional as F
-from .layers import BatchNorm
+from .layers import BatchNorm, _no_residual
 
 MODES = ("exact", "fast")
 # (mean - shift)^2 / var above which the fast mode's one-allreduce form loses more than ~2^20 eps_double of the
@@ -600,7 +600,8 @@ class SyncBatchNorm(BatchNorm):
 
     __call__ = forward
 
-    def _local_backward(self, grad_out, x, out):
+    def _local_backward(self, grad_out, x, out, grad_residual_out=None):
+        _no_residual(grad_residual_out)  # (no residual in a synchronised forward)
         g = ck.as_data(grad_out, "grad_out")
         if g.shape != x.shape:
             raise ValueError(f"grad_out must have the shape of x {x.shape}, got {g.shape}")
@@ -610,17 +611,18 @@ class SyncBatchNorm(BatchNorm):
             ck.check_out(out, x, [("grad_out", g), ("x", x)])
         return None
 
-    def backward(self, grad_out, *, out=None):
+    def backward(self, grad_out, *, out=None, grad_residual_out=None):
         """Gradient of the last forward call: returns this rank's grad_x and sets grad_weight / grad_bias (the
-        whole batch's, the same on every rank). Communicates after a call that did (every rank must call it)."""
+        whole batch's, the same on every rank). Communicates after a call that did (every rank must call it).
+        grad_residual_out: as BatchNorm.backward's (the forward has no residual: only None is accepted)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
         if self._sync_n is None:
-            return super().backward(grad_out, out=out)
+            return super().backward(grad_out, out=out, grad_residual_out=grad_residual_out)
         x, mean, invstd, _ = self._saved
         n = self._sync_n
         comm = as_communicator(self.comm)
-        failed = _attempt(self._local_backward, grad_out, x, out)
+        failed = _attempt(self._local_backward, grad_out, x, out, grad_residual_out)
         sdy, sdyx, _ = _exchange_grad(comm, grad_out, x, mean, self.num_features, self.layout, self.mode,
                                       "SyncBatchNorm.backward", failed)
         gx, gw, gb = _apply_grad(grad_out, x, mean, invstd, self.weight, sdy, sdyx, n, self.layout, out)

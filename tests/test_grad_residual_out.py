@@ -195,3 +195,56 @@ def test_layers(k):
         with pytest.raises(ValueError, match="grad_residual_out"):
             b.backward(g, grad_residual_out=gro)
         assert np.all(gro == 4.0)
+
+
+@pytest.mark.parametrize("op", ALL, ids=repr)
+def test_the_callers_arrays_are_refused_when_the_kernel_reads_copies_of_them(op):
+    """grad_out, x and the residual in another memory order are read through C-contiguous copies; grad_residual_out
+    may not be the caller's own array either (the call would overwrite an input the caller, or a layer, keeps)."""
+    for act in (None, "relu"):
+        x, r, g, w, b, fwd = _case(op, np.float32, act, seed=4)
+        for name in ("grad_out", "x", "residual"):
+            base = {"grad_out": g, "x": x, "residual": r}[name].copy()
+            t = np.ascontiguousarray(np.swapaxes(base, -1, -2))
+            view = np.swapaxes(t, -1, -2)  # (base's values, not C-contiguous: the call copies it)
+            args = {"grad_out": g, "x": x, "residual": r, name: view}
+            gro = t.reshape(x.shape)  # (the caller's memory under the view, C-contiguous)
+            keep = t.copy()
+            with pytest.raises(ValueError, match=f"grad_residual_out must not share memory with {name}"):
+                op.backward(args["grad_out"], args["x"], fwd, w, b, activation=act, residual=args["residual"],
+                            grad_residual_out=gro)
+            np.testing.assert_array_equal(t, keep)
+
+
+def test_unbatched_instance_norm_takes_the_samples_shape():
+    C, L = SHAPE[1], 7
+    rng = np.random.default_rng(13)
+    x, r, g = (rng.standard_normal((C, L)).astype(np.float32) for _ in range(3))
+    layer = bn_simd.InstanceNorm1d(C, affine=True, activation="relu")
+    layer(x, residual=r)
+    with pytest.raises(ValueError, match=r"grad_residual_out must have shape \(6, 7\), got \(1, 6, 7\)"):
+        layer.backward(g, grad_residual_out=np.empty((1, C, L), np.float32))
+    gro = np.empty((C, L), np.float32)
+    layer.backward(g, grad_residual_out=gro)
+    assert layer.grad_residual is gro
+
+
+def test_a_layer_whose_forward_had_no_residual_says_so():
+    x, r, g, w, b, fwd = _case(BN("NCHW"), np.float32, None)
+    layer = bn_simd.BatchNorm2d(SHAPE[1], activation="relu")
+    layer(x)
+    with pytest.raises(ValueError, match="the forward had no residual"):
+        layer.backward(g, grad_residual_out=np.empty_like(x))
+
+
+def test_sync_batch_norm_takes_the_keyword():
+    """SyncBatchNorm.backward has BatchNorm.backward's signature (no residual in its forward: None only)."""
+    from fake_comm import make_comms  # (one rank: the synchronised path)
+    x, r, g, w, b, fwd = _case(BN("NCHW"), np.float32, None)
+    layer = bn_simd.SyncBatchNorm(SHAPE[1], comm=make_comms(1)[0])
+    layer(x)
+    gx = layer.backward(g, grad_residual_out=None)
+    assert gx.shape == x.shape
+    layer(x)
+    with pytest.raises(ValueError, match="grad_residual_out"):
+        layer.backward(g, grad_residual_out=np.empty_like(x))
