@@ -49,6 +49,31 @@ _Static_assert(BN_MAX_BLOCK >= BN_MIN_RUN, "a channel block's stack arrays hold 
 _Static_assert(BN_MIN_RUN < BN_CHUNK_BYTES / 8, "a block's run fits one chunk, so only single channels split rows");
 /* nt is read only by OpenMP pragmas. */
 #define BN_MAYBE_UNUSED __attribute__((unused))
+/* fn(..., t, n) on each thread t of a team of n = nt threads (a variable of that name), or fn(..., 0, 1) on the
+ * calling thread alone when nt is 1: a parallel region of one thread is not free in libgomp (its end wakes the
+ * barrier's waiters by a futex system call whether or not there are any: 0.3-0.5 us on the VMs measured, a third of
+ * a one-row RMS norm; docs/tuning.md, "No parallel region for one thread"). fn shares its work out by t and n alone,
+ * never by omp_get_thread_num() or an orphaned `omp for`, and waits for the team by BN_TEAM_BARRIER(n): called
+ * alone from inside a caller's own parallel region, those would bind to the caller's team. */
+#ifdef _OPENMP
+#define BN_TEAM(fn, ...)                                                                                            \
+    do {                                                                                                            \
+        if (nt > 1) {                                                                                               \
+            _Pragma("omp parallel num_threads(nt) copyin(bn_tls_ctx)") fn(__VA_ARGS__, thread_id(), team_size());   \
+        } else {                                                                                                    \
+            fn(__VA_ARGS__, 0, 1);                                                                                  \
+        }                                                                                                           \
+    } while (0)
+#define BN_TEAM_BARRIER(n)                                                                                          \
+    do {                                                                                                            \
+        if ((n) > 1) {                                                                                              \
+            _Pragma("omp barrier")                                                                                  \
+        }                                                                                                           \
+    } while (0)
+#else
+#define BN_TEAM(fn, ...) fn(__VA_ARGS__, 0, 1)
+#define BN_TEAM_BARRIER(n) (void)(n)
+#endif
 
 static int valid_dims(int64_t outer, int64_t C, int64_t inner) { return outer >= 0 && C >= 0 && inner >= 0; }
 

@@ -12,6 +12,9 @@
 #include <string.h>
 
 #include "bn_simd_api.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 static long checks, failures;
 static long mallocs; /* the library's, while counting */
@@ -192,6 +195,26 @@ static void test_shape(int dt, int layout, int64_t n, int64_t c, int64_t s, int6
             CHECK(st == BN_EWORKSPACE && untouched, "%s with a workspace one byte short: status %d", op_names[op], st);
             free(ws);
         }
+#ifdef _OPENMP
+        /* from inside the caller's own parallel region: each of its threads runs the op (the library's region nested
+         * in it, or none when the call takes one thread), the same bits on every thread */
+        char* mine[2] = {malloc(ob), malloc(ob)};
+        int sts[2] = {BN_OK, BN_OK}, team = 1;
+#pragma omp parallel num_threads(2)
+        {
+            const int t = omp_get_thread_num();
+            if (t == 0) team = omp_get_num_threads();
+            memset(mine[t], 0x5a, ob);
+            sts[t] = run(NULL, op, &in, mine[t], NULL, 0);
+        }
+        for (int t = 0; t < team; t++)
+            CHECK(sts[t] == BN_OK && memcmp(ref, mine[t], ob) == 0,
+                  "%s dt %d layout %d (%lld %lld %lld) on thread %d of the caller's parallel region: status %d, %s",
+                  op_names[op], dt, layout, (long long)n, (long long)c, (long long)s, t, sts[t],
+                  sts[t] == BN_OK ? "other bits" : bn_strerror(sts[t]));
+        free(mine[0]);
+        free(mine[1]);
+#endif
     }
     free(ref);
     free(got);
