@@ -49,19 +49,26 @@ _Static_assert(BN_MAX_BLOCK >= BN_MIN_RUN, "a channel block's stack arrays hold 
 _Static_assert(BN_MIN_RUN < BN_CHUNK_BYTES / 8, "a block's run fits one chunk, so only single channels split rows");
 /* nt is read only by OpenMP pragmas. */
 #define BN_MAYBE_UNUSED __attribute__((unused))
-/* fn(..., t, n) on each thread t of a team of n = nt threads (a variable of that name), or fn(..., 0, 1) on the
- * calling thread alone when nt is 1: a parallel region of one thread is not free in libgomp (its end wakes the
- * barrier's waiters by a futex system call whether or not there are any: 0.3-0.5 us on the VMs measured, a third of
- * a one-row RMS norm; docs/tuning.md, "No parallel region for one thread"). fn shares its work out by t and n alone,
- * never by omp_get_thread_num() or an orphaned `omp for`, and waits for the team by BN_TEAM_BARRIER(n): called
- * alone from inside a caller's own parallel region, those would bind to the caller's team. */
+/* BN_PAR(N, CLAUSES, statements): the statements on each thread th of a team of nth = N threads (CLAUSES: more
+ * clauses of the parallel construct, such as a reduction, or nothing), or on the calling thread alone, th = 0 and
+ * nth = 1, when N is 1: a parallel region of one thread is not free in libgomp (its end wakes the barrier's waiters
+ * by a futex system call whether or not there are any: 0.3-0.5 us on the VMs measured, a third of a one-row RMS
+ * norm; docs/tuning.md, "No parallel region for one thread"). The statements share their work out by th and nth
+ * alone, never by omp_get_thread_num() or an orphaned `omp for`, and wait for the team by BN_TEAM_BARRIER(nth):
+ * run alone from inside a caller's own parallel region, those would bind to the caller's team. BN_TEAM(fn, ...):
+ * fn(..., th, nth) so, on a team of nt threads (a variable of that name). */
+#define BN_PRAGMA(x) _Pragma(#x)
 #ifdef _OPENMP
-#define BN_TEAM(fn, ...)                                                                                            \
+#define BN_PAR(N, CLAUSES, ...)                                                                                     \
     do {                                                                                                            \
-        if (nt > 1) {                                                                                               \
-            _Pragma("omp parallel num_threads(nt) copyin(bn_tls_ctx)") fn(__VA_ARGS__, thread_id(), team_size());   \
+        if ((N) > 1) {                                                                                              \
+            BN_PRAGMA(omp parallel num_threads(N) CLAUSES copyin(bn_tls_ctx)) {                                     \
+                const int th BN_MAYBE_UNUSED = thread_id(), nth BN_MAYBE_UNUSED = team_size();                      \
+                __VA_ARGS__                                                                                         \
+            }                                                                                                       \
         } else {                                                                                                    \
-            fn(__VA_ARGS__, 0, 1);                                                                                  \
+            const int th BN_MAYBE_UNUSED = 0, nth BN_MAYBE_UNUSED = 1;                                              \
+            __VA_ARGS__                                                                                             \
         }                                                                                                           \
     } while (0)
 #define BN_TEAM_BARRIER(n)                                                                                          \
@@ -71,9 +78,20 @@ _Static_assert(BN_MIN_RUN < BN_CHUNK_BYTES / 8, "a block's run fits one chunk, s
         }                                                                                                           \
     } while (0)
 #else
-#define BN_TEAM(fn, ...) fn(__VA_ARGS__, 0, 1)
+#define BN_PAR(N, CLAUSES, ...)                                                                                     \
+    do {                                                                                                            \
+        const int th BN_MAYBE_UNUSED = 0, nth BN_MAYBE_UNUSED = 1;                                                  \
+        __VA_ARGS__                                                                                                 \
+    } while (0)
 #define BN_TEAM_BARRIER(n) (void)(n)
 #endif
+#define BN_TEAM(fn, ...) BN_PAR(nt, , fn(__VA_ARGS__, th, nth);)
+/* The iterations [lo, hi) of n of thread th of nth: contiguous runs, as OpenMP's static schedule shares them; _STEP:
+ * of the multiples of step below n, [lo, hi) then the values of the thread's multiples (hi may pass n) */
+#define BN_SHARE(n, lo, hi) const int64_t lo = (int64_t)(n) * th / nth, hi = (int64_t)(n) * (th + 1) / nth
+#define BN_SHARE_STEP(n, step, lo, hi)                                                                              \
+    const int64_t lo = ((n) + (step) - 1) / (step) * th / nth * (step),                                             \
+                  hi = ((n) + (step) - 1) / (step) * (th + 1) / nth * (step)
 
 static int valid_dims(int64_t outer, int64_t C, int64_t inner) { return outer >= 0 && C >= 0 && inner >= 0; }
 
