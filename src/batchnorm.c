@@ -86,6 +86,12 @@ _Static_assert(BN_MIN_RUN < BN_CHUNK_BYTES / 8, "a block's run fits one chunk, s
 #define BN_TEAM_BARRIER(n) (void)(n)
 #endif
 #define BN_TEAM(fn, ...) BN_PAR(nt, , fn(__VA_ARGS__, th, nth);)
+/* An atomic access (kind: read, write) inside BN_PAR's statements; nothing without OpenMP */
+#ifdef _OPENMP
+#define BN_ATOMIC(kind) BN_PRAGMA(omp atomic kind)
+#else
+#define BN_ATOMIC(kind)
+#endif
 /* The iterations [lo, hi) of n of thread th of nth: contiguous runs, as OpenMP's static schedule shares them; _STEP:
  * of the multiples of step below n, [lo, hi) then the values of the thread's multiples (hi may pass n) */
 #define BN_SHARE(n, lo, hi) const int64_t lo = (int64_t)(n) * th / nth, hi = (int64_t)(n) * (th + 1) / nth
