@@ -47,7 +47,7 @@
 /* Invariants the drivers and kernels rely on. */
 _Static_assert(BN_MAX_BLOCK >= BN_MIN_RUN, "a channel block's stack arrays hold BN_MIN_RUN channels");
 _Static_assert(BN_MIN_RUN < BN_CHUNK_BYTES / 8, "a block's run fits one chunk, so only single channels split rows");
-/* nt is read only by OpenMP pragmas. */
+/* Thread counts that only an OpenMP build reads (BN_PAR evaluates none without OpenMP). */
 #define BN_MAYBE_UNUSED __attribute__((unused))
 /* BN_PAR(N, CLAUSES, statements): the statements on each thread th of a team of nth = N threads (CLAUSES: more
  * clauses of the parallel construct, such as a reduction, or nothing), or on the calling thread alone, th = 0 and
@@ -56,7 +56,10 @@ _Static_assert(BN_MIN_RUN < BN_CHUNK_BYTES / 8, "a block's run fits one chunk, s
  * norm; docs/tuning.md, "No parallel region for one thread"). The statements share their work out by th and nth
  * alone, never by omp_get_thread_num() or an orphaned `omp for`, and wait for the team by BN_TEAM_BARRIER(nth):
  * run alone from inside a caller's own parallel region, those would bind to the caller's team. BN_TEAM(fn, ...):
- * fn(..., th, nth) so, on a team of nt threads (a variable of that name). */
+ * fn(..., th, nth) so, on a team of nt threads (a variable of that name). Limits: the statements are a macro argument
+ * (no #pragma or #if lines in them: BN_ATOMIC, BN_TEAM_BARRIER), CLAUSES has no comma outside parentheses, N is
+ * evaluated twice, and each body is compiled twice (the team's and the lone thread's; large ones are functions
+ * under BN_TEAM instead). */
 #define BN_PRAGMA(x) _Pragma(#x)
 #ifdef _OPENMP
 #define BN_PAR(N, CLAUSES, ...)                                                                                     \
@@ -92,8 +95,10 @@ _Static_assert(BN_MIN_RUN < BN_CHUNK_BYTES / 8, "a block's run fits one chunk, s
 #else
 #define BN_ATOMIC(kind)
 #endif
-/* The iterations [lo, hi) of n of thread th of nth: contiguous runs, as OpenMP's static schedule shares them; _STEP:
- * of the multiples of step below n, [lo, hi) then the values of the thread's multiples (hi may pass n) */
+/* The iterations [lo, hi) of n of thread th of nth (the th and nth in scope): contiguous runs in thread order, the
+ * later threads taking the one more when n does not divide (OpenMP's static schedule gives it to the first: no result
+ * depends on the split); _STEP: of the multiples of step below n, [lo, hi) then the values of the thread's
+ * multiples (hi may pass n) */
 #define BN_SHARE(n, lo, hi) const int64_t lo = (int64_t)(n) * th / nth, hi = (int64_t)(n) * (th + 1) / nth
 #define BN_SHARE_STEP(n, step, lo, hi)                                                                              \
     const int64_t lo = ((n) + (step) - 1) / (step) * th / nth * (step),                                             \

@@ -123,8 +123,14 @@ def test_the_cpp_example_on_its_own_thread_pool_prints_the_packages_results(pack
     check_output(_run([package_built["cxx"]]))
 
 
-def test_the_api_on_a_thread_pool_and_in_a_workspace(package_built):
-    out = _run([package_built["api"]])
+@pytest.mark.parametrize("levels", [None, "2"], ids=["default", "nested-teams"])
+def test_the_api_on_a_thread_pool_and_in_a_workspace(package_built, levels):
+    """levels: OMP_MAX_ACTIVE_LEVELS, so that the library's regions inside the test's own parallel region run real
+    nested teams (their barriers included) rather than teams of one."""
+    env = dict(os.environ)
+    if levels:
+        env["OMP_MAX_ACTIVE_LEVELS"] = levels
+    out = _run([package_built["api"]], env=env)
     assert " 0 failures" in out, out
 
 

@@ -200,6 +200,10 @@ static void test_shape(int dt, int layout, int64_t n, int64_t c, int64_t s, int6
          * in it, or none when the call takes one thread), the same bits on every thread */
         char* mine[2] = {malloc(ob), malloc(ob)};
         int sts[2] = {BN_OK, BN_OK}, team = 1;
+        if (!mine[0] || !mine[1]) {
+            printf("test_api: out of memory\n");
+            exit(2);
+        }
 #pragma omp parallel num_threads(2)
         {
             const int t = omp_get_thread_num();
