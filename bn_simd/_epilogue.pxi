@@ -306,17 +306,3 @@ def epilogue_residual_grad(grad_out, x, residual, grad_residual_out, out):
     cdef cnp.ndarray ga = A.like(grad_out, "grad_out", xa)
     return ga, epi_dres(grad_residual_out, epi_residual(residual, xa), xa, ga, out, (grad_out, x, residual))
 
-
-def copy_data(dst, src):
-    """Copies src's bytes over dst's (two C-contiguous arrays of the same size, epilogue_residual_grad's pair)."""
-    cdef cnp.ndarray d = dst, s = src
-    cdef size_t nb = <size_t>cnp.PyArray_NBYTES(s)
-    if cnp.PyArray_NBYTES(d) != <cnp.npy_intp>nb or not (cnp.PyArray_IS_C_CONTIGUOUS(d)
-                                                         and cnp.PyArray_IS_C_CONTIGUOUS(s)):
-        raise ValueError("copy_data needs two C-contiguous arrays of the same size")
-    cdef char* dp = <char*>cnp.PyArray_DATA(d)
-    cdef const char* sp = <const char*>cnp.PyArray_DATA(s)
-    if nb:
-        with nogil:
-            memcpy(dp, sp, nb)
-    return dst

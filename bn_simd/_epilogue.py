@@ -75,6 +75,12 @@ def save_stats_of(save_stats, n, what, source):
     return save_stats
 
 
+def no_grad_residual_out(grad_residual_out, why="it needs residual=, got residual=None"):
+    """A backward with no residual to differentiate takes no grad_residual_out (ValueError naming it and why)."""
+    if grad_residual_out is not None:
+        raise ValueError(f"grad_residual_out receives the residual's gradient: {why}")
+
+
 def residual_backward(core, backward, grad_out, x, residual, grad_residual_out, out):
     """A backward through a residual add without an activation: backward(out) (a callable giving grad_x and the
     parameters' gradients as a tuple) plus grad_residual = grad_out, copied into grad_residual_out (or a new array).
@@ -83,11 +89,12 @@ def residual_backward(core, backward, grad_out, x, residual, grad_residual_out, 
     ga, dr = core.epilogue_residual_grad(grad_out, x, residual, grad_residual_out, out)
     if isinstance(out, np.ndarray) and np.may_share_memory(out, ga):
         # (grad_x over grad_out: grad_out kept first, in the new result, or aside while the backward may still raise)
-        kept = core.copy_data(dr if grad_residual_out is None else np.empty_like(ga), ga)
+        kept = dr if grad_residual_out is None else np.empty_like(ga)
+        np.copyto(kept, ga)
         r = backward(out)
         if kept is not dr:
-            core.copy_data(dr, kept)
+            np.copyto(dr, kept)
     else:
         r = backward(out)
-        core.copy_data(dr, ga)
+        np.copyto(dr, ga)
     return tuple(r) + (dr,)

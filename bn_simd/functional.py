@@ -177,8 +177,7 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, lay
             _core, lambda o: _core.batch_norm_backward(grad_out, x, save_mean, save_invstd, weight, lay, o, training,
                                                        _threads()),
             grad_out, x, residual, grad_residual_out, out)
-    if grad_residual_out is not None:
-        raise ValueError("grad_residual_out receives the residual's gradient: it needs residual=, got residual=None")
+    _epi.no_grad_residual_out(grad_residual_out)
     if mask is not None:
         if training:
             return _masked.backward(grad_out, x, save_mean, save_invstd, weight, lay, out, mask, _threads())

@@ -63,9 +63,7 @@ def _group_backward(grad_out, x, mean, invstd, num_groups, weight, layout, out, 
     """group_norm_backward / instance_norm_backward (instance: num_groups unused)."""
     act = _epi.parse(activation)
     if activation is None and residual is None:
-        if grad_residual_out is not None:
-            raise ValueError("grad_residual_out receives the residual's gradient: it needs residual=, got "
-                             "residual=None")
+        _epi.no_grad_residual_out(grad_residual_out)
         return _core.group_norm_backward(grad_out, x, mean, invstd, num_groups, weight, layout, out, _threads(),
                                          instance)
     if activation is not None:

@@ -425,9 +425,8 @@ class BatchNorm3d(BatchNorm):
 
 def _no_residual(grad_residual_out):
     """A backward after a forward without a residual takes no grad_residual_out (ValueError naming it)."""
-    if grad_residual_out is not None:
-        raise ValueError("grad_residual_out receives the residual's gradient: the forward had no residual, got "
-                         "grad_residual_out with residual=None")
+    _epi.no_grad_residual_out(grad_residual_out, "the forward had no residual, got grad_residual_out with "
+                                                 "residual=None")
 
 
 def _batched_grad(grad_out, out, x, unbatched):

@@ -83,9 +83,7 @@ def _row_backward(grad_out, x, mean, rstd, normalized_shape, weight, bias, layou
                                        rms)
 
     if residual is None:
-        if grad_residual_out is not None:
-            raise ValueError("grad_residual_out receives the residual's gradient: it needs residual=, got "
-                             "residual=None")
+        _epi.no_grad_residual_out(grad_residual_out)
         return backward(out)
     return _epi.residual_backward(_core, backward, grad_out, x, residual, grad_residual_out, out)
 
