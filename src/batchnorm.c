@@ -98,11 +98,11 @@ _Static_assert(BN_MIN_RUN < BN_CHUNK_BYTES / 8, "a block's run fits one chunk, s
 /* The iterations [lo, hi) of n of thread th of nth (the th and nth in scope): contiguous runs in thread order, the
  * later threads taking the one more when n does not divide (OpenMP's static schedule gives it to the first: no result
  * depends on the split); _STEP: of the multiples of step below n, [lo, hi) then the values of the thread's
- * multiples (hi may pass n) */
+ * multiples, hi at most n (a loop `for (v = lo; v < hi; v += step)` visits them) */
 #define BN_SHARE(n, lo, hi) const int64_t lo = (int64_t)(n) * th / nth, hi = (int64_t)(n) * (th + 1) / nth
 #define BN_SHARE_STEP(n, step, lo, hi)                                                                              \
     const int64_t lo = ((n) + (step) - 1) / (step) * th / nth * (step),                                             \
-                  hi = ((n) + (step) - 1) / (step) * (th + 1) / nth * (step)
+                  hi##_ = ((n) + (step) - 1) / (step) * (th + 1) / nth * (step), hi = hi##_ < (n) ? hi##_ : (n)
 
 static int valid_dims(int64_t outer, int64_t C, int64_t inner) { return outer >= 0 && C >= 0 && inner >= 0; }
 
