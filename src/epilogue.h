@@ -51,8 +51,8 @@
 /* ---- Fused epilogues ----
  * Three kinds of activation, so that each kernel has few instantiations (compile time): the piecewise-linear one
  * (ReLU6; clamp: slope 1; leaky ReLU: lo -inf, hi inf; the identity, for a residual alone), ReLU on its own (the
- * piecewise-linear one's bits with lo 0, hi inf, slope 1, in one operation forward and two selections backward
- * instead of five and ten: docs/tuning.md, "ReLU apart from the piecewise-linear epilogue") and SiLU. The
+ * piecewise-linear one's bits with lo 0, hi inf, slope 1, in one operation forward and two compares and a selection
+ * backward instead of five and ten: docs/tuning.md, "ReLU apart from the piecewise-linear epilogue") and SiLU. The
  * activations, each as a vector form (V of TC) and a single-element form (TC) that run the same operations in the same order, so that an element's bits do not depend on whether a vector, a masked vector
  * or a scalar tail computed it (nor, then, on the thread count); SFMA fuses where VFMA does (kernels.def's fma flag). Their gradients for the
  * backward (act_grad.inc): du = dy act'(u).
@@ -73,6 +73,8 @@
 #define UK_SMAX(a, b) ((a) > (b) ? (a) : (b))
 #define UK_SMIN(a, b) ((a) < (b) ? (a) : (b))
 #define UK_SSELNEG(c, a, b) ((c) < 0 ? (a) : (b))
+/* ReLU's gradient: dy where 0 < u < +Inf, else +0 (u NaN, +Inf, <= 0); the vector forms are the ISAs' VGRELU */
+#define UK_SGRELU(u, dy) ((u) > 0 && (u) < INFINITY ? (dy) : 0)
 /* 2^n from k = UK_EXP_MAGIC + n (n in the exponent's normal range): n sits in k's low mantissa bits */
 static inline float uk_pow2k_float(float k) {
     uint32_t u;
@@ -124,7 +126,7 @@ static inline double uk_pow2k_double(double k) {
 
 /* The functions of one compute type T, vector (uk_v*_T, over V_T) and single-element (uk_s*_T) forms, from the
  * vocabulary: VT the vector type, FMA .. POW2K its operations. */
-#define UK_EPI_FNS(PFX, T, VT, FMA, MUL, ADD, SUB, DIV, MAX, MIN, SELNEG, SET, POW2K)                          \
+#define UK_EPI_FNS(PFX, T, VT, FMA, MUL, ADD, SUB, DIV, MAX, MIN, SELNEG, GRELU, SET, POW2K)                        \
     static inline __attribute__((always_inline)) VT uk_##PFX##exp_##T(VT t) {                                 \
         t = MIN(SET(UK_EXP_CONST_##T(HI)), MAX(SET(UK_EXP_CONST_##T(LO)), t));                                   \
         const VT k = ADD(MUL(t, SET(UK_EXP_CONST_##T(L2E))), SET(UK_EXP_CONST_##T(MAGIC)));                      \
@@ -138,7 +140,7 @@ static inline double uk_pow2k_double(double k) {
     }                                                                                                            \
     static inline __attribute__((always_inline)) VT uk_##PFX##relu_##T(VT u) { return MAX(SET((T)0), u); }    \
     static inline __attribute__((always_inline)) VT uk_##PFX##grelu_##T(VT u, VT dy) {                        \
-        return SELNEG(SUB(SET((T)0), u), SELNEG(SUB(u, SET((T)INFINITY)), dy, SET((T)0)), SET((T)0));            \
+        return GRELU(u, dy);                                                                                     \
     }                                                                                                            \
     static inline __attribute__((always_inline)) VT uk_##PFX##silu_##T(VT u) {                                 \
         return DIV(u, ADD(SET((T)1), uk_##PFX##exp_##T(SUB(SET((T)0), u))));                                     \
@@ -152,13 +154,13 @@ static inline double uk_pow2k_double(double k) {
         return MUL(dy, MUL(s, FMA(u, SUB(SET((T)1), s), SET((T)1))));                                            \
     }
 UK_EPI_FNS(v, float, V_float, VFMA_float, VMUL_float, VADD_float, VSUB_float, VDIV_float, VMAX_float, VMIN_float,
-           VSELNEG_float, VSET1_float, VPOW2K_float)
+           VSELNEG_float, VGRELU_float, VSET1_float, VPOW2K_float)
 UK_EPI_FNS(v, double, V_double, VFMA_double, VMUL_double, VADD_double, VSUB_double, VDIV_double, VMAX_double,
-           VMIN_double, VSELNEG_double, VSET1_double, VPOW2K_double)
-UK_EPI_FNS(s, float, float, SFMA_float, UK_SMUL, UK_SADD, UK_SSUB, UK_SDIV, UK_SMAX, UK_SMIN, UK_SSELNEG, UK_SSET1,
-           uk_pow2k_float)
+           VMIN_double, VSELNEG_double, VGRELU_double, VSET1_double, VPOW2K_double)
+UK_EPI_FNS(s, float, float, SFMA_float, UK_SMUL, UK_SADD, UK_SSUB, UK_SDIV, UK_SMAX, UK_SMIN, UK_SSELNEG, UK_SGRELU,
+           UK_SSET1, uk_pow2k_float)
 UK_EPI_FNS(s, double, double, SFMA_double, UK_SMUL, UK_SADD, UK_SSUB, UK_SDIV, UK_SMAX, UK_SMIN, UK_SSELNEG,
-           UK_SSET1, uk_pow2k_double)
+           UK_SGRELU, UK_SSET1, uk_pow2k_double)
 #undef UK_EPI_FNS
 
 /* An instantiation's operands (ek) */

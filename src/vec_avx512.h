@@ -6,6 +6,7 @@
 #define BN_VEC_AVX512_H
 
 #include <immintrin.h>
+#include <math.h>
 
 #define UK_ISA_AVX512 1 /* (the section of io_<dtype>.h to take) */
 #define UK_HAVE_VBLEND 1
@@ -76,6 +77,20 @@ static inline __attribute__((always_inline)) __m512d uk_selneg_pd(__m512d c, __m
     return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(c, _mm512_setzero_pd(), _CMP_LT_OQ), b, a);
 }
 #define VSELNEG_float(c, a, b) uk_selneg_ps((c), (a), (b))
+/* VGRELU(u, dy) = 0 < u < +Inf ? dy : +0 (epilogue.h, UK_SGRELU): a compare, a compare under its mask and a zeroing
+ * move (the nested VSELNEG form took two subtractions, two compares and two blends); dy through a register first, as
+ * in uk_selneg_ps, so that it is not folded into a masked load */
+static inline __attribute__((always_inline)) __m512 uk_grelu_ps(__m512 u, __m512 dy) {
+    __asm__("" : "+v"(dy));
+    const __mmask16 k = _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_GT_OQ);
+    return _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(k, u, _mm512_set1_ps(INFINITY), _CMP_LT_OQ), dy);
+}
+static inline __attribute__((always_inline)) __m512d uk_grelu_pd(__m512d u, __m512d dy) {
+    __asm__("" : "+v"(dy));
+    const __mmask8 k = _mm512_cmp_pd_mask(u, _mm512_setzero_pd(), _CMP_GT_OQ);
+    return _mm512_maskz_mov_pd(_mm512_mask_cmp_pd_mask(k, u, _mm512_set1_pd(INFINITY), _CMP_LT_OQ), dy);
+}
+#define VGRELU_float(u, dy) uk_grelu_ps((u), (dy))
 #define VPOW2K_float(k) \
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(k), _mm512_set1_epi32(127)), 23))
 #define VADD_double(a, b) _mm512_add_pd((a), (b))
@@ -83,6 +98,7 @@ static inline __attribute__((always_inline)) __m512d uk_selneg_pd(__m512d c, __m
 #define VMAX_double(a, b) _mm512_max_pd((a), (b))
 #define VMIN_double(a, b) _mm512_min_pd((a), (b))
 #define VSELNEG_double(c, a, b) uk_selneg_pd((c), (a), (b))
+#define VGRELU_double(u, dy) uk_grelu_pd((u), (dy))
 #define VPOW2K_double(k) \
     _mm512_castsi512_pd(_mm512_slli_epi64(_mm512_add_epi64(_mm512_castpd_si512(k), _mm512_set1_epi64(1023)), 52))
 
