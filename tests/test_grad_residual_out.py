@@ -139,6 +139,37 @@ def test_refusals_name_it_and_write_nothing(op):
         assert np.all(out == 7.0) and np.all(gro == 9.0), (op, act)
 
 
+@pytest.mark.parametrize("op", ALL, ids=repr)
+def test_odd_memory_is_refused_and_partial_overlaps_with_every_input(op):
+    """Byte-swapped, unaligned, a NumPy scalar; half overlaps of grad_out, x and the residual (views of one buffer,
+    each input a copy of its values): refused naming what it may not be, with nothing written."""
+    for act in (None, "relu"):
+        x, r, g, w, b, fwd = _case(op, np.float32, act, seed=3)
+        out = np.full_like(x, 7.0)
+        raw = np.full(x.nbytes + 1, 0x55, np.uint8)
+        unaligned = raw[1:].view(np.float32).reshape(x.shape)
+        assert not unaligned.flags.aligned
+        for arr, exc, pat in [(np.zeros(x.shape, x.dtype.newbyteorder()), TypeError, "grad_residual_out must have dtype"),
+                              (unaligned, ValueError, "grad_residual_out must be aligned"),
+                              (np.float32(0), TypeError, "grad_residual_out must be a numpy.ndarray")]:
+            with pytest.raises(exc, match=pat):
+                op.backward(g, x, fwd, w, b, activation=act, residual=r, grad_residual_out=arr, out=out)
+        assert np.all(raw == 0x55) and np.all(out == 7.0)
+        for name in ("grad_out", "x", "residual"):
+            big = np.full(2 * x.size, 5.0, np.float32)
+            shared = big[:x.size].reshape(x.shape)
+            gro = big[x.size // 2:x.size // 2 + x.size].reshape(x.shape)
+            args = dict(grad_out=g, x=x, residual=r)
+            shared[...] = args[name]
+            args[name] = shared
+            before = big.copy()
+            with pytest.raises(ValueError, match=f"grad_residual_out must not share memory with {name}"):
+                op.backward(args["grad_out"], args["x"], fwd, w, b, activation=act, residual=args["residual"],
+                            grad_residual_out=gro, out=out)
+            np.testing.assert_array_equal(big, before)
+            assert np.all(out == 7.0), (op, act, name)
+
+
 def test_in_place_over_grad_out_refused_by_the_backward_writes_nothing():
     """Without an activation, grad_x over grad_out: the residual's gradient (grad_out) is kept aside before the
     backward runs; a backward that then refuses (here a save_invstd of the wrong length) leaves grad_out and
