@@ -10,6 +10,7 @@ import pytest
 import bn_simd
 import bounds
 import rownorm_oracle as ro
+from conftest import assert_same_bits
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 DTYPES = [F32, F64]
@@ -282,6 +283,46 @@ def _all_outputs(x, w, b, dy, ns, lay, rms):
         return (y, s) + bn_simd.rms_norm_backward(dy, x, s, ns, w)
     y, m, s = bn_simd.layer_norm_forward(x, ns, w, b, layout=lay)
     return (y, m, s) + bn_simd.layer_norm_backward(dy, x, m, s, ns, w, b, layout=lay)
+
+
+def _past_line(a, offset):
+    """A copy of a starting offset bytes past a 64-byte boundary."""
+    buf = np.empty(a.nbytes + 128, np.uint8)
+    start = -buf.ctypes.data % 64 + offset
+    v = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    v[...] = a
+    return v
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [100, 768, 37])
+@pytest.mark.parametrize("nan_param", [False, True])
+def test_bits_do_not_depend_on_where_the_arrays_start(D, nan_param, dtype):
+    """The forward normalises a row of finite x from the weight's line boundary where the parameters hold no NaN
+    (src/rowcol.inc, rc_load_head): the bytes, the signs and payloads of NaN outputs included, are those of arrays
+    on 64-byte boundaries, for rows with NaN and +-Inf, parameters with Inf (and NaN)."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((40, D)).astype(dtype)
+    x.reshape(-1)[::91] = np.nan
+    x[3] = np.inf
+    x[5, ::3] = -np.inf
+    x[7] = 2.5  # (a constant row)
+    w, b = rng.uniform(0.5, 2, D).astype(dtype), rng.standard_normal(D).astype(dtype)
+    w[1], b[2] = np.inf, -np.inf
+    if nan_param:
+        w[4] = b[4] = np.nan
+    want = None
+    for xo, wo, bo in [(0, 0, 0), (16, 16, 16), (32, 48, 48), (8, 24, 40), (0, 16, 16), (16, 0, 0)]:
+        if xo % x.itemsize or wo % w.itemsize or bo % b.itemsize:
+            continue
+        xa, wa, ba = _past_line(x, xo), _past_line(w, wo), _past_line(b, bo)
+        y = _past_line(np.zeros_like(x), xo)
+        got = bn_simd.layer_norm_forward(xa, D, wa, ba, out=y) + (bn_simd.layer_norm(xa, D, wa, ba),
+                                                                bn_simd.rms_norm(xa, D, wa))
+        if want is None:
+            want = got
+        for k, (p, q) in enumerate(zip(got, want)):
+            assert_same_bits(p, q, f"output {k}, x at {xo}, weight at {wo}, bias at {bo}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
