@@ -15,6 +15,11 @@ FULL = {"target_s": 1.0, "k_min": 11, "k_max": 60}
 QUICK = {"target_s": 0.25, "k_min": 3, "k_max": 15}
 BUSY_CORES = 0.1  # rows during which other processes used more CPU than this are flagged
 SAMPLE_S = 2e-4  # calls shorter than this are timed in batches, so each sample lasts about this long
+# Untimed calls before the first measurement of a process, about this long in all: the first second or two of
+# multithreaded calls in a fresh process ran up to 1.8x slower on the shared machines measured here (a 2-thread
+# 1x128x768 layer norm at 11-12 us, then 5.6-6.9 once warm), a slow start that fell on whichever row came first.
+WARM_S = 1.5
+_warmed = False
 
 
 def median_seconds(fn, target_s=1.0, k_min=5, k_max=60):
@@ -43,8 +48,18 @@ def interleaved_medians(fns, setups=None, target_s=1.0, k_min=5, k_max=60):
     sample of every fn (in an order that rotates from round to round), so that a slow spell of the machine
     falls on all of them alike and their ratios hold. Before each sample, setups[i] (if given) and one
     untimed call of fns[i] run, so every sample is a steady-state call of that fn, whatever ran before it.
-    Each fn gets about target_s of samples, k of them in [k_min, k_max]."""
+    Each fn gets about target_s of samples, k of them in [k_min, k_max]. The first call in a process first runs
+    the fns untimed for about WARM_S seconds."""
+    global _warmed
     setups = setups or [None] * len(fns)
+    if not _warmed:
+        _warmed = True
+        end = time.perf_counter() + WARM_S
+        while time.perf_counter() < end:
+            for fn, setup in zip(fns, setups):
+                if setup:
+                    setup()
+                fn()
     plans = []
     for fn, setup in zip(fns, setups):
         if setup:
