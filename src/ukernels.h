@@ -34,7 +34,7 @@
 #define UK_STREAM 1
 #define UK_STREAM_NOFENCE 2
 /* Regular stores, for rc_affine and rc_affine_dev alone: the weight and bias hold no NaN, so that a row of non-NaN
- * statistics (finite x) may start its normalise at the weight's line boundary with the same bits (rowcol.inc,
+ * statistics (no NaN in x) may start its normalise at the weight's line boundary with the same bits (rowcol.inc,
  * rc_load_head) */
 #define UK_STORE_PEEL 3
 
