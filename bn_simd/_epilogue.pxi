@@ -3,6 +3,8 @@
 # (code, lo, hi, slope)); the residual is checked here: x's shape and dtype (copied to C order when it is not), and it
 # may not overlap the output.
 
+from bn_simd import _epilogue as _epi_py  # (the refusal of grad_residual_out without a residual)
+
 cdef extern from "bn_simd.h" nogil:
     ctypedef struct bn_epilogue:
         int act
@@ -121,9 +123,7 @@ cdef object epi_dres(object dres_out, object ra, cnp.ndarray xa, cnp.ndarray ga,
     grad_out, x, the residual or grad_x's array dx: the arrays the kernel reads and the caller's own, given = (grad_out,
     x, residual) as passed, which the kernel's may be copies of; a caller's array keeps its values)."""
     if ra is None:
-        if dres_out is not None:
-            raise ValueError("grad_residual_out receives the residual's gradient: it needs residual=, got "
-                             "residual=None")
+        _epi_py.no_grad_residual_out(dres_out)
         return None
     o = A.output_apart(dres_out, "grad_residual_out", xa,
                        (("grad_out", ga), ("x", xa), ("residual", ra),
