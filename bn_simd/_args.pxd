@@ -75,6 +75,7 @@ ctypedef struct Rows:
     int dtype
 
 cdef int rows_view(cnp.ndarray x, object normalized_shape, object layout, Rows* r) except -1
+cdef int stat_dims(cnp.ndarray x, Rows* r, cnp.npy_intp* dims) noexcept
 cdef tuple stat_shape(cnp.ndarray x, Rows* r)
 cdef object row_param(object v, str name, cnp.ndarray x, Rows* r)
 cdef int row_stat(object v, str name, cnp.ndarray x, Rows* r, double* dst) except -1

@@ -792,6 +792,14 @@ cdef int rows_view(cnp.ndarray x, object normalized_shape, object layout, Rows* 
     return 0
 
 
+cdef int stat_dims(cnp.ndarray x, Rows* r, cnp.npy_intp* dims) noexcept:
+    """stat_shape into dims (x's rank of them, which it returns), without Python objects."""
+    cdef int nd = cnp.PyArray_NDIM(x), i
+    for i in range(nd):
+        dims[i] = cnp.PyArray_DIM(x, i) if (i != 1 if r.cf else i < r.lead) else 1
+    return nd
+
+
 cdef tuple stat_shape(cnp.ndarray x, Rows* r):
     """The shape of the saved statistics: x's leading dims then ones (channels-first: x's shape with C -> 1)."""
     shape = (<object>x).shape

@@ -1430,14 +1430,21 @@ cdef int k_row_backward(int dt, const void* dy, const void* x, void* dx, Rows* r
     return _check(st)
 
 
-cdef object stat_as(int64_t n, const double* src, cnp.ndarray xa, tuple shape):
-    """A new array of x's dtype (float32 for 16-bit x) and the given shape holding src's n values rounded to it."""
-    cdef cnp.npy_intp dims[64]  # (NPY_MAXDIMS of NumPy 2; shape has x's rank at most)
-    cdef int nd = len(shape), i
-    for i in range(nd):
-        dims[i] = shape[i]
-    cdef cnp.ndarray a = cnp.PyArray_EMPTY(nd, dims, stat_type(xa), 0)  # (made in its shape: no reshape call)
-    A.store(a, n, src)
+cdef object stat_as(int64_t n, const double* src, cnp.ndarray xa, Rows* r):
+    """A new array of x's dtype (float32 for 16-bit x), shaped as the saved statistics (A.stat_shape), holding src's n
+    values rounded to it. (Made in its shape from dims in C: a forward's two of these cost 0.40 us a call through a
+    shape tuple, store and the conversion loop.)"""
+    cdef cnp.npy_intp dims[64]  # (NPY_MAXDIMS of NumPy 2; x's rank at most)
+    cdef int nd = A.stat_dims(xa, r, dims), t = stat_type(xa)
+    cdef cnp.ndarray a = cnp.PyArray_EMPTY(nd, dims, t, 0)
+    cdef float* f
+    cdef int64_t i
+    if t == cnp.NPY_FLOAT32:
+        f = <float*>cnp.PyArray_DATA(a)
+        for i in range(n):
+            f[i] = <float>src[i]
+    elif n:
+        memcpy(cnp.PyArray_DATA(a), src, <size_t>n * sizeof(double))
     return a
 
 
@@ -1482,10 +1489,9 @@ def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, 
             return ya
         if result == 2:
             return ya, m64, s64
-        shape = A.stat_shape(xa, &r)
         if rms:
-            return ya, stat_as(NS, sp, xa, shape)
-        return ya, stat_as(NS, mp, xa, shape), stat_as(NS, sp, xa, shape)
+            return ya, stat_as(NS, sp, xa, &r)
+        return ya, stat_as(NS, mp, xa, &r), stat_as(NS, sp, xa, &r)
     finally:
         release(p, stack)
 

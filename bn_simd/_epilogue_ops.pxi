@@ -245,8 +245,8 @@ def row_forward_epi(x, normalized_shape, weight, bias, eps, layout, out, int nth
         return ya, m64, s64
     shape = A.stat_shape(xa, &r)
     if rms:
-        return ya, stat_as(NS, <double*>data_of(s64), xa, shape), (s64.reshape(shape),)
-    return (ya, stat_as(NS, <double*>data_of(m64), xa, shape), stat_as(NS, <double*>data_of(s64), xa, shape),
+        return ya, stat_as(NS, <double*>data_of(s64), xa, &r), (s64.reshape(shape),)
+    return (ya, stat_as(NS, <double*>data_of(m64), xa, &r), stat_as(NS, <double*>data_of(s64), xa, &r),
             (m64.reshape(shape), s64.reshape(shape)))
 
 
