@@ -1396,16 +1396,29 @@ cdef int k_row_forward(int dt, const void* x, void* y, Rows* r, int rms, const v
     return _check(st)
 
 
+cdef inline bint in_tc(object a, int dt) noexcept:
+    """Whether checked parameter a (or None) is usable as it is in the compute type of dtype dt (x's dtype; float32 for
+    16-bit x): a contiguous native array of it."""
+    if a is None:
+        return True
+    cdef cnp.ndarray p = <cnp.ndarray>a
+    return (cnp.PyArray_TYPE(p) == (cnp.NPY_FLOAT64 if dt == DT_F64 else cnp.NPY_FLOAT32)
+            and cnp.PyArray_IS_C_CONTIGUOUS(p) and cnp.PyArray_ISALIGNED(p) and cnp.PyArray_ISNOTSWAPPED(p))
+
+
+cdef inline int64_t tc_scratch(object w, object b, int dt, int64_t C) noexcept:
+    """The doubles param_tc needs for w and b: 4 C where either is not in the compute type, else none (a row of
+    4096 went through malloc for nothing otherwise)."""
+    return 0 if in_tc(w, dt) and in_tc(b, dt) else 4 * C
+
+
 cdef const void* param_tc(object a, int dt, int64_t C, double* tmp, void* dst) except? NULL:
     """Checked parameter a (or None: NULL) in the compute type of dtype dt (x's dtype; float32 for 16-bit x): its own
-    data when it is that already (a contiguous native array of it), else rounded into dst through the doubles tmp."""
-    cdef cnp.ndarray p
+    data when it is that already (in_tc), else rounded into dst through the doubles tmp."""
     if a is None:
         return NULL
-    p = <cnp.ndarray>a
-    if (cnp.PyArray_TYPE(p) == (cnp.NPY_FLOAT64 if dt == DT_F64 else cnp.NPY_FLOAT32)
-            and cnp.PyArray_IS_C_CONTIGUOUS(p) and cnp.PyArray_ISALIGNED(p) and cnp.PyArray_ISNOTSWAPPED(p)):
-        return cnp.PyArray_DATA(p)
+    if in_tc(a, dt):
+        return cnp.PyArray_DATA(<cnp.ndarray>a)
     A.load(a, C, tmp)
     narrow(dt, tmp, dst, C)
     return dst
@@ -1462,11 +1475,11 @@ def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, 
     else:
         e = A.eps(eps)
     cdef cnp.ndarray ya = A.output(out, xa, None)
-    cdef int64_t C = r.C, NS = r.N * r.S
+    cdef int64_t C = r.C, NS = r.N * r.S, tc = tc_scratch(w, b, r.dtype, C)
     cdef cnp.ndarray m64 = None, s64 = None
     cdef double stack[STACK_DOUBLES]
     # (scratch: w, b rounded to the compute type when they are not in it, through 2 C doubles; the statistics)
-    cdef double* p = scratch(4 * C + (0 if result == 2 else 2 * NS), stack)
+    cdef double* p = scratch(tc + (0 if result == 2 else 2 * NS), stack)
     cdef double* mp
     cdef double* sp
     cdef const void* wp
@@ -1479,7 +1492,7 @@ def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, 
                 m64 = A.new_vector(NS, cnp.NPY_FLOAT64)
             mp = <double*>data_of(m64) if not rms else NULL
         else:
-            mp = p + 4 * C
+            mp = p + tc
             sp = mp + NS
         if r.N * r.C * r.S or NS:
             wp = param_tc(w, r.dtype, C, p, p + 2 * C)

@@ -230,7 +230,7 @@ def row_forward_epi(x, normalized_shape, weight, bias, eps, layout, out, int nth
     cdef cnp.ndarray s64 = A.new_vector(NS, cnp.NPY_FLOAT64)
     cdef cnp.ndarray m64 = None if rms else A.new_vector(NS, cnp.NPY_FLOAT64)
     cdef double stack[STACK_DOUBLES]
-    cdef double* p = scratch(4 * C, stack)
+    cdef double* p = scratch(tc_scratch(w, b, r.dtype, C), stack)
     cdef const void* wp
     cdef const void* bp
     try:
