@@ -295,12 +295,14 @@ def _past_line(a, offset):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("D", [100, 768, 37])
+@pytest.mark.parametrize("D", [100, 768, 37, 512])
 @pytest.mark.parametrize("nan_param", [False, True])
 def test_bits_do_not_depend_on_where_the_arrays_start(D, nan_param, dtype):
-    """The forward normalises a row of finite x from the weight's line boundary where the parameters hold no NaN
-    (src/rowcol.inc, rc_load_head): the bytes, the signs and payloads of NaN outputs included, are those of arrays
-    on 64-byte boundaries, for rows with NaN and +-Inf, parameters with Inf (and NaN)."""
+    """The forward normalises a row of finite x from a line boundary of the weight where the parameters hold no NaN
+    (src/rowcol.inc, rc_load_head), of its own or of each thread's copies at x's place in a line (src/rownorm.inc,
+    rn_place: x and y 48 bytes past a line and the parameters 16, as NumPy often puts them): the bytes, the signs and
+    payloads of NaN outputs included, are those of arrays on 64-byte boundaries, for rows with NaN and +-Inf,
+    parameters with Inf (and NaN)."""
     rng = np.random.default_rng(11)
     x = rng.standard_normal((40, D)).astype(dtype)  # (rows 8 on: finite and varied, the ones that take the head)
     x[0, ::7] = np.nan
@@ -317,17 +319,43 @@ def test_bits_do_not_depend_on_where_the_arrays_start(D, nan_param, dtype):
         for j in list(range(0, 16, 3)) + list(range(D - 17, D)):  # (heads, and where vectors give way to tails)
             w.view(bits.dtype)[j], b.view(bits.dtype)[j] = quiet | 1 | top * (j % 2), quiet | 2 | top * (1 - j % 2)
     want = None
-    for xo, wo, bo in [(0, 0, 0), (16, 16, 16), (32, 48, 48), (8, 24, 40), (0, 16, 16), (16, 0, 0)]:
-        if xo % x.itemsize or wo % w.itemsize or bo % b.itemsize:
+    for xo, wo, bo, yo in [(0, 0, 0, 0), (16, 16, 16, 16), (32, 48, 48, 32), (8, 24, 40, 8), (0, 16, 16, 0),
+                           (16, 0, 0, 16), (48, 16, 16, 48), (48, 16, 16, 16), (16, 0, 0, 48), (48, 16, 32, 0)]:
+        if xo % x.itemsize or wo % w.itemsize or bo % b.itemsize or yo % x.itemsize:
             continue
         xa, wa, ba = _past_line(x, xo), _past_line(w, wo), _past_line(b, bo)
-        y = _past_line(np.zeros_like(x), xo)
+        y = _past_line(np.zeros_like(x), yo)
         got = bn_simd.layer_norm_forward(xa, D, wa, ba, out=y) + (bn_simd.layer_norm(xa, D, wa, ba),
-                                                                bn_simd.rms_norm(xa, D, wa))
+                                                                bn_simd.rms_norm(xa, D, wa),
+                                                                bn_simd.layer_norm(xa, D, wa, None))
         if want is None:
             want = got
         for k, (p, q) in enumerate(zip(got, want)):
-            assert_same_bits(p, q, f"output {k}, x at {xo}, weight at {wo}, bias at {bo}")
+            assert_same_bits(p, q, f"output {k}, x at {xo}, weight at {wo}, bias at {bo}, y at {yo}")
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("D", [768, 1024, 40])
+def test_16_bit_bits_do_not_depend_on_where_the_arrays_start(D, name):
+    """16-bit rows (float32 parameters) from each thread's copies of the weight and bias at x's place in a line
+    (src/rownorm.inc, rn_place) or the weight's own boundary: the bytes of arrays on 64-byte boundaries."""
+    import half_cases
+    dtype = half_cases.dtype(name)
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((40, D)) * 3 + 1).astype(dtype)
+    x[0, ::5] = np.nan
+    x[2] = np.inf
+    w, b = rng.uniform(0.5, 2, D).astype(np.float32), rng.standard_normal(D).astype(np.float32)
+    want = None
+    for xo, wo, bo, yo in [(0, 0, 0, 0), (48, 16, 16, 48), (16, 16, 16, 16), (2, 16, 16, 2), (34, 0, 0, 50),
+                           (48, 16, 32, 0)]:
+        xa, wa, ba = _past_line(x, xo), _past_line(w, wo), _past_line(b, bo)
+        y = _past_line(np.zeros_like(x), yo)
+        got = bn_simd.layer_norm_forward(xa, D, wa, ba, out=y) + (bn_simd.rms_norm(xa, D, wa),)
+        if want is None:
+            want = got
+        for k, (p, q) in enumerate(zip(got, want)):
+            assert_same_bits(p, q, f"output {k}, x at {xo}, weight at {wo}, bias at {bo}, y at {yo}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
