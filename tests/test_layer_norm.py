@@ -337,8 +337,9 @@ def test_bits_do_not_depend_on_where_the_arrays_start(D, nan_param, dtype):
 @pytest.mark.parametrize("name", ["float16", "bfloat16"])
 @pytest.mark.parametrize("D", [768, 1024, 40])
 def test_16_bit_bits_do_not_depend_on_where_the_arrays_start(D, name):
-    """16-bit rows (float32 parameters) from each thread's copies of the weight and bias at x's place in a line
-    (src/rownorm.inc, rn_place) or the weight's own boundary: the bytes of arrays on 64-byte boundaries."""
+    """16-bit rows (float32 parameters) wherever x, y, the weight and the bias start, NaN and Inf rows among them:
+    the bytes of arrays on 64-byte boundaries (the kernels that peel and copy the parameters, rn_place, are
+    float32's and float64's; this holds the 16-bit ones to the same)."""
     import half_cases
     dtype = half_cases.dtype(name)
     rng = np.random.default_rng(12)
