@@ -793,7 +793,8 @@ cdef int rows_view(cnp.ndarray x, object normalized_shape, object layout, Rows* 
 
 
 cdef int stat_dims(cnp.ndarray x, Rows* r, cnp.npy_intp* dims) noexcept:
-    """stat_shape into dims (x's rank of them, which it returns), without Python objects."""
+    """The shape of the saved statistics into dims (x's rank of them, which it returns): x's leading dims then ones
+    (channels-first: x's shape with C -> 1)."""
     cdef int nd = cnp.PyArray_NDIM(x), i
     for i in range(nd):
         dims[i] = cnp.PyArray_DIM(x, i) if (i != 1 if r.cf else i < r.lead) else 1
@@ -802,10 +803,9 @@ cdef int stat_dims(cnp.ndarray x, Rows* r, cnp.npy_intp* dims) noexcept:
 
 cdef tuple stat_shape(cnp.ndarray x, Rows* r):
     """The shape of the saved statistics: x's leading dims then ones (channels-first: x's shape with C -> 1)."""
-    shape = (<object>x).shape
-    if r.cf:
-        return (shape[0], 1) + tuple(shape[2:])
-    return tuple(shape[:r.lead]) + (1,) * (len(shape) - r.lead)
+    cdef cnp.npy_intp dims[64]  # (NPY_MAXDIMS of NumPy 2; x's rank at most)
+    cdef int nd = stat_dims(x, r, dims), i
+    return tuple([dims[i] for i in range(nd)])
 
 
 cdef object row_param(object v, str name, cnp.ndarray x, Rows* r):
