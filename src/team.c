@@ -1,0 +1,217 @@
+/* The library's own team of threads: see team.h. */
+/* (syscall, for the futex: GNU; the rest is POSIX) */
+#define _GNU_SOURCE
+#include "team.h"
+
+#include <stdint.h>
+
+#if defined(_OPENMP) && defined(__linux__)
+#define BN_HAVE_OWN_TEAM 1
+#else
+#define BN_HAVE_OWN_TEAM 0
+#endif
+
+#if BN_HAVE_OWN_TEAM
+#include <linux/futex.h>
+#include <omp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "dispatch.h"
+
+/* How long the team's threads spin after a call before they sleep, unless told (bn_simd/_openmp.py's SPIN_US, the
+ * library's OpenMP threads' spin: docs/tuning.md, "OpenMP threads between calls"). */
+#define BN_TEAM_SPIN_NS 200000
+/* Spins of the caller waiting for the team before it yields its core at each further look (a team's share of work
+ * is at most tens of microseconds: a caller still waiting after this many has lost the team's core to another
+ * thread of the system) */
+#define BN_TEAM_WAIT_SPINS 20000
+/* The team threads' stacks (the shares' own frames take a few tens of KB) */
+#define BN_TEAM_STACK ((size_t)1 << 20)
+
+#define LINE __attribute__((aligned(64)))
+
+/* The caller's line: the job, handed over by the store to seq that follows its other fields */
+static struct {
+    int seq;         /* the job's number: the team threads' futex word */
+    int busy;        /* a caller holds the team */
+    int nth;         /* the job's threads, caller included */
+    bn_team_fn fn;
+    void* arg;
+    const bn_context* ctx; /* the caller's kernel context (OpenMP's copyin of bn_tls_ctx) */
+} job LINE;
+/* The team threads' line: how many have finished the job */
+static struct {
+    int done;
+} fin LINE;
+/* Rarely written: the team threads asleep or spinning, and a request to those spinning to sleep */
+static struct {
+    int sleeping; /* team threads asleep, or about to be (their seq check follows) */
+    int spinning; /* team threads spinning */
+    int quiet;    /* set by bn_team_note_omp: sleep now */
+} idle LINE;
+/* The caller's: configuration, the threads started, the end of the library's last OpenMP region */
+static struct {
+    int enabled;
+    int64_t spin_ns;
+    int started; /* team threads running (1 .. BN_OWN_TEAM_MAX - 1) */
+    int64_t last_omp_ns;
+} conf LINE = {1, BN_TEAM_SPIN_NS, 0, INT64_MIN / 2};
+
+/* Team thread i's job number when it was started (written before it starts) */
+static int start_seq[BN_OWN_TEAM_MAX];
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static void futex_wait(int* word, int value) { syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0); }
+static void futex_wake_all(int* word) { syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0); }
+
+/* Team thread i: waits for a job (spinning for conf.spin_ns from its last job, then asleep), runs its share when
+ * i < the job's nth, counts itself done */
+static void* team_main(void* p) {
+    /* (the job number when it was started: the next job is for it, whenever it first runs) */
+    const int i = (int)(intptr_t)p;
+    int seen = start_seq[i];
+    for (;;) {
+        int s = __atomic_load_n(&job.seq, __ATOMIC_ACQUIRE);
+        if (s == seen) {
+            const int64_t spin = __atomic_load_n(&conf.spin_ns, __ATOMIC_RELAXED);
+            const int64_t until = spin > 0 ? now_ns() + spin : 0;
+            __atomic_fetch_add(&idle.spinning, 1, __ATOMIC_RELAXED);
+            for (int k = 1; (s = __atomic_load_n(&job.seq, __ATOMIC_ACQUIRE)) == seen; k++) {
+                cpu_relax();
+                if (k % 64 == 0 && (__atomic_load_n(&idle.quiet, __ATOMIC_RELAXED) || until == 0 || now_ns() > until)) {
+                    /* (a caller that stores seq after this thread's sleeping count is seen by the futex's check of
+                     * seq; one that stored it before sees the count, seq_cst both sides, and wakes it) */
+                    __atomic_fetch_add(&idle.sleeping, 1, __ATOMIC_SEQ_CST);
+                    while ((s = __atomic_load_n(&job.seq, __ATOMIC_SEQ_CST)) == seen) futex_wait(&job.seq, seen);
+                    __atomic_fetch_sub(&idle.sleeping, 1, __ATOMIC_RELAXED);
+                    break;
+                }
+            }
+            __atomic_fetch_sub(&idle.spinning, 1, __ATOMIC_RELAXED);
+        }
+        seen = s;
+        const int nth = job.nth;
+        if (i < nth) {
+            bn_tls_ctx = job.ctx;
+            job.fn(job.arg, i, nth);
+            __atomic_fetch_add(&fin.done, 1, __ATOMIC_RELEASE);
+        }
+    }
+    return NULL;
+}
+
+/* In a child of fork() only the forking thread runs: the team starts again when next asked for */
+static void team_after_fork_child(void) {
+    job.busy = 0;
+    job.seq = 0;
+    fin.done = 0;
+    idle.sleeping = idle.spinning = idle.quiet = 0;
+    conf.started = 0;
+}
+
+static void register_atfork(void) { pthread_atfork(NULL, NULL, team_after_fork_child); }
+
+/* Starts team threads up to n - 1 of them (the caller holds the team) */
+static int team_start(int n) {
+    pthread_once(&atfork_once, register_atfork);
+    if (conf.started >= n - 1) return 1;
+    pthread_attr_t attr;
+    if (pthread_attr_init(&attr)) return 0;
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, BN_TEAM_STACK);
+    /* (the team's threads take no signal: the process's handlers run on its own threads) */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    while (conf.started < n - 1) {
+        pthread_t t;
+        start_seq[conf.started + 1] = job.seq;
+        if (pthread_create(&t, &attr, team_main, (void*)(intptr_t)(conf.started + 1))) break;
+        conf.started++;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    return conf.started >= n - 1;
+}
+
+int bn_team_run(bn_team_fn fn, void* arg, int nth) {
+    if (nth < 2 || nth > BN_OWN_TEAM_MAX || !__atomic_load_n(&conf.enabled, __ATOMIC_RELAXED) || omp_in_parallel())
+        return 0;
+    /* (an OpenMP region of the library's that ended less than the spin time ago: its threads spin still) */
+    const int64_t spin = __atomic_load_n(&conf.spin_ns, __ATOMIC_RELAXED);
+    if (now_ns() - __atomic_load_n(&conf.last_omp_ns, __ATOMIC_RELAXED) < spin) return 0;
+    int free_ = 0;
+    if (!__atomic_compare_exchange_n(&job.busy, &free_, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) return 0;
+    if (!team_start(nth)) {
+        __atomic_store_n(&job.busy, 0, __ATOMIC_RELEASE);
+        return 0;
+    }
+    if (__atomic_load_n(&idle.quiet, __ATOMIC_RELAXED)) __atomic_store_n(&idle.quiet, 0, __ATOMIC_RELAXED);
+    job.fn = fn;
+    job.arg = arg;
+    job.nth = nth;
+    job.ctx = bn_tls_ctx;
+    __atomic_store_n(&fin.done, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&job.seq, job.seq + 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&idle.sleeping, __ATOMIC_SEQ_CST)) futex_wake_all(&job.seq);
+    fn(arg, 0, nth);
+    for (int k = 0; __atomic_load_n(&fin.done, __ATOMIC_ACQUIRE) < nth - 1; k++) {
+        if (k < BN_TEAM_WAIT_SPINS)
+            cpu_relax();
+        else
+            sched_yield();
+    }
+    __atomic_store_n(&job.busy, 0, __ATOMIC_RELEASE);
+    return 1;
+}
+
+void bn_team_note_omp(void) {
+    __atomic_store_n(&conf.last_omp_ns, now_ns(), __ATOMIC_RELAXED);
+    if (__atomic_load_n(&idle.spinning, __ATOMIC_RELAXED) && !__atomic_load_n(&idle.quiet, __ATOMIC_RELAXED))
+        __atomic_store_n(&idle.quiet, 1, __ATOMIC_RELAXED);
+}
+
+void bn_team_configure(int enabled, double spin_us) {
+    __atomic_store_n(&conf.enabled, enabled != 0, __ATOMIC_RELAXED);
+    if (spin_us >= 0.0) __atomic_store_n(&conf.spin_ns, (int64_t)(spin_us < 1e9 ? spin_us * 1000.0 : 1e12), __ATOMIC_RELAXED);
+}
+
+int bn_team_enabled(void) { return __atomic_load_n(&conf.enabled, __ATOMIC_RELAXED); }
+double bn_team_spin_us(void) { return (double)__atomic_load_n(&conf.spin_ns, __ATOMIC_RELAXED) / 1000.0; }
+
+#else /* no OpenMP, or not Linux: no team */
+
+int bn_team_run(bn_team_fn fn, void* arg, int nth) {
+    (void)fn;
+    (void)arg;
+    (void)nth;
+    return 0;
+}
+void bn_team_note_omp(void) {}
+void bn_team_configure(int enabled, double spin_us) {
+    (void)enabled;
+    (void)spin_us;
+}
+int bn_team_enabled(void) { return 0; }
+double bn_team_spin_us(void) { return 0.0; }
+
+#endif
