@@ -17,6 +17,9 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -26,10 +29,9 @@
 /* How long the team's threads spin after a call before they sleep, unless told (bn_simd/_openmp.py's SPIN_US, the
  * library's OpenMP threads' spin: docs/tuning.md, "OpenMP threads between calls"). */
 #define BN_TEAM_SPIN_NS 200000
-/* Spins of the caller waiting for the team before it yields its core at each further look (a team's share of work
- * is at most tens of microseconds: a caller still waiting after this many has lost the team's core to another
- * thread of the system) */
-#define BN_TEAM_WAIT_SPINS 20000
+/* How long the caller waiting for the team spins before it yields its core at each further look: a team thread
+ * still working after this has most likely lost its core to another thread (perhaps the caller's own) */
+#define BN_TEAM_WAIT_NS 20000
 /* The team threads' stacks (the shares' own frames take a few tens of KB) */
 #define BN_TEAM_STACK ((size_t)1 << 20)
 
@@ -60,11 +62,28 @@ static struct {
     int64_t spin_ns;
     int started; /* team threads running (1 .. BN_OWN_TEAM_MAX - 1) */
     int64_t last_omp_ns;
-} conf LINE = {1, BN_TEAM_SPIN_NS, 0, INT64_MIN / 2};
+    int64_t runs; /* jobs run */
+} conf LINE = {1, BN_TEAM_SPIN_NS, 0, INT64_MIN / 2, 0};
 
 /* Team thread i's job number when it was started (written before it starts) */
 static int start_seq[BN_OWN_TEAM_MAX];
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+/* The settings from the environment, once, before any other (a C program's; the Python package configures the
+ * team again after its import: bn_simd/_openmp.py): BN_SIMD_OWN_TEAM=0 switches the team off; BN_SIMD_SPIN_US is
+ * the spin time, and OMP_WAIT_POLICY=passive makes it none */
+static pthread_once_t env_once = PTHREAD_ONCE_INIT;
+static void read_env(void) {
+    const char* v = getenv("BN_SIMD_OWN_TEAM");
+    if (v && (!strcmp(v, "0") || !strcasecmp(v, "off") || !strcasecmp(v, "false") || !strcasecmp(v, "no")))
+        conf.enabled = 0;
+    v = getenv("OMP_WAIT_POLICY");
+    if (v && !strcasecmp(v, "passive")) conf.spin_ns = 0;
+    v = getenv("BN_SIMD_SPIN_US");
+    char* end;
+    const double us = v && *v ? strtod(v, &end) : -1.0;
+    if (v && *v && !*end && us >= 0.0 && us < 1e9) conf.spin_ns = (int64_t)(us * 1000.0);
+}
 
 static int64_t now_ns(void) {
     struct timespec t;
@@ -89,6 +108,7 @@ static void* team_main(void* p) {
     /* (the job number when it was started: the next job is for it, whenever it first runs) */
     const int i = (int)(intptr_t)p;
     int seen = start_seq[i];
+    pthread_setname_np(pthread_self(), "bn_simd-team");
     for (;;) {
         int s = __atomic_load_n(&job.seq, __ATOMIC_ACQUIRE);
         if (s == seen) {
@@ -154,6 +174,7 @@ static int team_start(int n) {
 }
 
 int bn_team_run(bn_team_fn fn, void* arg, int nth) {
+    pthread_once(&env_once, read_env);
     if (nth < 2 || nth > BN_OWN_TEAM_MAX || !__atomic_load_n(&conf.enabled, __ATOMIC_RELAXED) || omp_in_parallel())
         return 0;
     /* (an OpenMP region of the library's that ended less than the spin time ago: its threads spin still) */
@@ -174,12 +195,16 @@ int bn_team_run(bn_team_fn fn, void* arg, int nth) {
     __atomic_store_n(&job.seq, job.seq + 1, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&idle.sleeping, __ATOMIC_SEQ_CST)) futex_wake_all(&job.seq);
     fn(arg, 0, nth);
-    for (int k = 0; __atomic_load_n(&fin.done, __ATOMIC_ACQUIRE) < nth - 1; k++) {
-        if (k < BN_TEAM_WAIT_SPINS)
+    int64_t until = 0; /* (0: the clock not read yet; -1: the spin is over, yield) */
+    for (int k = 1; __atomic_load_n(&fin.done, __ATOMIC_ACQUIRE) < nth - 1; k++) {
+        if (until >= 0) {
             cpu_relax();
-        else
+            if (k % 64 == 0 && (until == 0 ? (until = now_ns() + BN_TEAM_WAIT_NS, 0) : now_ns() > until)) until = -1;
+        } else {
             sched_yield();
+        }
     }
+    __atomic_store_n(&conf.runs, conf.runs + 1, __ATOMIC_RELAXED);
     __atomic_store_n(&job.busy, 0, __ATOMIC_RELEASE);
     return 1;
 }
@@ -191,12 +216,20 @@ void bn_team_note_omp(void) {
 }
 
 void bn_team_configure(int enabled, double spin_us) {
+    pthread_once(&env_once, read_env);
     __atomic_store_n(&conf.enabled, enabled != 0, __ATOMIC_RELAXED);
     if (spin_us >= 0.0) __atomic_store_n(&conf.spin_ns, (int64_t)(spin_us < 1e9 ? spin_us * 1000.0 : 1e12), __ATOMIC_RELAXED);
 }
 
-int bn_team_enabled(void) { return __atomic_load_n(&conf.enabled, __ATOMIC_RELAXED); }
-double bn_team_spin_us(void) { return (double)__atomic_load_n(&conf.spin_ns, __ATOMIC_RELAXED) / 1000.0; }
+int bn_team_enabled(void) {
+    pthread_once(&env_once, read_env);
+    return __atomic_load_n(&conf.enabled, __ATOMIC_RELAXED);
+}
+double bn_team_spin_us(void) {
+    pthread_once(&env_once, read_env);
+    return (double)__atomic_load_n(&conf.spin_ns, __ATOMIC_RELAXED) / 1000.0;
+}
+int64_t bn_team_runs(void) { return __atomic_load_n(&conf.runs, __ATOMIC_RELAXED); }
 
 #else /* no OpenMP, or not Linux: no team */
 
@@ -213,5 +246,6 @@ void bn_team_configure(int enabled, double spin_us) {
 }
 int bn_team_enabled(void) { return 0; }
 double bn_team_spin_us(void) { return 0.0; }
+int64_t bn_team_runs(void) { return 0; }
 
 #endif

@@ -9,6 +9,8 @@
 #ifndef BN_TEAM_H
 #define BN_TEAM_H
 
+#include <stdint.h>
+
 typedef void (*bn_team_fn)(void* arg, int th, int nth);
 
 /* Runs fn(arg, th, nth) for th = 0 .. nth-1, th 0 on the calling thread, and returns 1; or runs nothing and returns
@@ -24,9 +26,10 @@ void bn_team_note_omp(void);
 /* enabled: 0 switches the team off; spin_us: how long its threads spin after a call before they sleep (< 0: leave) */
 void bn_team_configure(int enabled, double spin_us);
 
-/* Whether the team may run (1), and its spin time */
+/* Whether the team may run (1), its spin time, and how many jobs it has run (in this process) */
 int bn_team_enabled(void);
 double bn_team_spin_us(void);
+int64_t bn_team_runs(void);
 
 #define BN_OWN_TEAM_MAX 8
 
