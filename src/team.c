@@ -37,36 +37,42 @@
 
 #define LINE __attribute__((aligned(64)))
 
-/* The caller's line: the job, handed over by the store to seq that follows its other fields */
+/* The caller's line: the job, handed over by the store to word that follows its other fields. word is the team
+ * threads' futex word: the job's number times 16 plus its thread count, so that a thread learns from one load whether
+ * the job is for it, and one that is not never reads the other fields (the next job's, perhaps, by then) */
+#define BN_TEAM_NTH_BITS 4
+_Static_assert(BN_OWN_TEAM_MAX < (1 << BN_TEAM_NTH_BITS), "a job's thread count fits its bits of the word");
 static struct {
-    int seq;         /* the job's number: the team threads' futex word */
-    int busy;        /* a caller holds the team */
-    int nth;         /* the job's threads, caller included */
+    unsigned word;
+    int busy; /* a caller holds the team */
     bn_team_fn fn;
     void* arg;
     const bn_context* ctx; /* the caller's kernel context (OpenMP's copyin of bn_tls_ctx) */
+    unsigned csr;          /* the caller's MXCSR (x86: flush-to-zero, rounding), which the shares run with */
 } job LINE;
-/* The team threads' line: how many have finished the job */
+/* The team threads' line: how many have taken the job, and finished it */
 static struct {
-    int done;
+    int taken, done;
 } fin LINE;
 /* Rarely written: the team threads asleep or spinning, and a request to those spinning to sleep */
 static struct {
-    int sleeping; /* team threads asleep, or about to be (their seq check follows) */
+    int sleeping; /* team threads asleep, or about to be (their check of word follows) */
     int spinning; /* team threads spinning */
     int quiet;    /* set by bn_team_note_omp: sleep now */
 } idle LINE;
 /* The caller's: configuration, the threads started, the end of the library's last OpenMP region */
 static struct {
-    int enabled;
     int64_t spin_ns;
-    int started; /* team threads running (1 .. BN_OWN_TEAM_MAX - 1) */
     int64_t last_omp_ns;
-    int64_t runs; /* jobs run */
-} conf LINE = {1, BN_TEAM_SPIN_NS, 0, INT64_MIN / 2, 0};
+    int64_t runs;   /* jobs run */
+    int enabled;
+    int started;    /* team threads running (1 .. BN_OWN_TEAM_MAX - 1) */
+    int failed;     /* a thread could not be started: the team is not used again */
+    int ncpu;       /* CPUs the caller that started the team may run on (its threads' too), 0: not known yet */
+} conf LINE = {BN_TEAM_SPIN_NS, INT64_MIN / 2, 0, 1, 0, 0, 0};
 
-/* Team thread i's job number when it was started (written before it starts) */
-static int start_seq[BN_OWN_TEAM_MAX];
+/* Team thread i's job word when it was started (written before it starts) */
+static unsigned start_word[BN_OWN_TEAM_MAX];
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 /* The settings from the environment, once, before any other (a C program's; the Python package configures the
@@ -99,39 +105,60 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static void futex_wait(int* word, int value) { syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0); }
-static void futex_wake_all(int* word) { syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0); }
+static void futex_wait(unsigned* word, unsigned value) {
+    syscall(SYS_futex, (int*)word, FUTEX_WAIT_PRIVATE, (int)value, NULL, NULL, 0);
+}
+static void futex_wake_all(unsigned* word) { syscall(SYS_futex, (int*)word, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0); }
 
-/* Team thread i: waits for a job (spinning for conf.spin_ns from its last job, then asleep), runs its share when
- * i < the job's nth, counts itself done */
+static unsigned get_csr(void) {
+#if defined(__SSE__)
+    return __builtin_ia32_stmxcsr();
+#else
+    return 0;
+#endif
+}
+static void set_csr(unsigned csr) {
+#if defined(__SSE__)
+    if (__builtin_ia32_stmxcsr() != csr) __builtin_ia32_ldmxcsr(csr);
+#else
+    (void)csr;
+#endif
+}
+
+/* Team thread i: waits for a job (spinning for conf.spin_ns after a job it took part in, then asleep; at once asleep
+ * after one that was not for it), runs its share when i < the job's thread count, counts itself done */
 static void* team_main(void* p) {
-    /* (the job number when it was started: the next job is for it, whenever it first runs) */
     const int i = (int)(intptr_t)p;
-    int seen = start_seq[i];
+    unsigned seen = start_word[i]; /* (the next job is for it, whenever it first runs) */
+    int spin_next = 1;
     pthread_setname_np(pthread_self(), "bn_simd-team");
     for (;;) {
-        int s = __atomic_load_n(&job.seq, __ATOMIC_ACQUIRE);
-        if (s == seen) {
-            const int64_t spin = __atomic_load_n(&conf.spin_ns, __ATOMIC_RELAXED);
+        unsigned w = __atomic_load_n(&job.word, __ATOMIC_ACQUIRE);
+        if (w == seen) {
+            const int64_t spin = spin_next ? __atomic_load_n(&conf.spin_ns, __ATOMIC_RELAXED) : 0;
             const int64_t until = spin > 0 ? now_ns() + spin : 0;
             __atomic_fetch_add(&idle.spinning, 1, __ATOMIC_RELAXED);
-            for (int k = 1; (s = __atomic_load_n(&job.seq, __ATOMIC_ACQUIRE)) == seen; k++) {
+            for (int k = 1; (w = __atomic_load_n(&job.word, __ATOMIC_ACQUIRE)) == seen; k++) {
                 cpu_relax();
-                if (k % 64 == 0 && (__atomic_load_n(&idle.quiet, __ATOMIC_RELAXED) || until == 0 || now_ns() > until)) {
-                    /* (a caller that stores seq after this thread's sleeping count is seen by the futex's check of
-                     * seq; one that stored it before sees the count, seq_cst both sides, and wakes it) */
+                if (until == 0 || (k % 64 == 0 && (__atomic_load_n(&idle.quiet, __ATOMIC_RELAXED) || now_ns() > until))) {
+                    /* (a caller that stores word after this thread's sleeping count is seen by the futex's check of
+                     * word; one that stored it before sees the count, seq_cst both sides, and wakes it) */
                     __atomic_fetch_add(&idle.sleeping, 1, __ATOMIC_SEQ_CST);
-                    while ((s = __atomic_load_n(&job.seq, __ATOMIC_SEQ_CST)) == seen) futex_wait(&job.seq, seen);
+                    while ((w = __atomic_load_n(&job.word, __ATOMIC_SEQ_CST)) == seen) futex_wait(&job.word, seen);
                     __atomic_fetch_sub(&idle.sleeping, 1, __ATOMIC_RELAXED);
                     break;
                 }
             }
             __atomic_fetch_sub(&idle.spinning, 1, __ATOMIC_RELAXED);
         }
-        seen = s;
-        const int nth = job.nth;
+        seen = w;
+        const int nth = (int)(w & ((1u << BN_TEAM_NTH_BITS) - 1));
+        spin_next = i < nth;
         if (i < nth) {
+            /* (the job's fields are the word's job's until this thread counts itself done) */
+            __atomic_fetch_add(&fin.taken, 1, __ATOMIC_RELAXED);
             bn_tls_ctx = job.ctx;
+            set_csr(job.csr);
             job.fn(job.arg, i, nth);
             __atomic_fetch_add(&fin.done, 1, __ATOMIC_RELEASE);
         }
@@ -142,8 +169,8 @@ static void* team_main(void* p) {
 /* In a child of fork() only the forking thread runs: the team starts again when next asked for */
 static void team_after_fork_child(void) {
     job.busy = 0;
-    job.seq = 0;
-    fin.done = 0;
+    job.word = 0;
+    fin.taken = fin.done = 0;
     idle.sleeping = idle.spinning = idle.quiet = 0;
     conf.started = 0;
 }
@@ -153,6 +180,10 @@ static void register_atfork(void) { pthread_atfork(NULL, NULL, team_after_fork_c
 /* Starts team threads up to n - 1 of them (the caller holds the team) */
 static int team_start(int n) {
     pthread_once(&atfork_once, register_atfork);
+    if (!conf.ncpu) {
+        cpu_set_t cpus;
+        conf.ncpu = sched_getaffinity(0, sizeof(cpus), &cpus) ? BN_OWN_TEAM_MAX : CPU_COUNT(&cpus);
+    }
     if (conf.started >= n - 1) return 1;
     pthread_attr_t attr;
     if (pthread_attr_init(&attr)) return 0;
@@ -164,8 +195,11 @@ static int team_start(int n) {
     pthread_sigmask(SIG_SETMASK, &all, &old);
     while (conf.started < n - 1) {
         pthread_t t;
-        start_seq[conf.started + 1] = job.seq;
-        if (pthread_create(&t, &attr, team_main, (void*)(intptr_t)(conf.started + 1))) break;
+        start_word[conf.started + 1] = job.word;
+        if (pthread_create(&t, &attr, team_main, (void*)(intptr_t)(conf.started + 1))) {
+            conf.failed = 1;
+            break;
+        }
         conf.started++;
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
@@ -175,29 +209,36 @@ static int team_start(int n) {
 
 int bn_team_run(bn_team_fn fn, void* arg, int nth) {
     pthread_once(&env_once, read_env);
-    if (nth < 2 || nth > BN_OWN_TEAM_MAX || !__atomic_load_n(&conf.enabled, __ATOMIC_RELAXED) || omp_in_parallel())
+    /* (threads bound to places by OMP_PROC_BIND: the caller's binding, which the team's threads would take too) */
+    if (nth < 2 || nth > BN_OWN_TEAM_MAX || !__atomic_load_n(&conf.enabled, __ATOMIC_RELAXED) || conf.failed ||
+        omp_in_parallel() || omp_get_proc_bind() != omp_proc_bind_false)
         return 0;
     /* (an OpenMP region of the library's that ended less than the spin time ago: its threads spin still) */
     const int64_t spin = __atomic_load_n(&conf.spin_ns, __ATOMIC_RELAXED);
     if (now_ns() - __atomic_load_n(&conf.last_omp_ns, __ATOMIC_RELAXED) < spin) return 0;
     int free_ = 0;
     if (!__atomic_compare_exchange_n(&job.busy, &free_, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) return 0;
-    if (!team_start(nth)) {
+    /* (more threads than CPUs to run them: OpenMP's runtime, which stops spinning then) */
+    if (!team_start(nth) || nth > conf.ncpu) {
         __atomic_store_n(&job.busy, 0, __ATOMIC_RELEASE);
         return 0;
     }
     if (__atomic_load_n(&idle.quiet, __ATOMIC_RELAXED)) __atomic_store_n(&idle.quiet, 0, __ATOMIC_RELAXED);
     job.fn = fn;
     job.arg = arg;
-    job.nth = nth;
     job.ctx = bn_tls_ctx;
+    job.csr = get_csr();
+    __atomic_store_n(&fin.taken, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&fin.done, 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&job.seq, job.seq + 1, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&idle.sleeping, __ATOMIC_SEQ_CST)) futex_wake_all(&job.seq);
+    const unsigned word = ((job.word >> BN_TEAM_NTH_BITS) + 1) << BN_TEAM_NTH_BITS | (unsigned)nth;
+    __atomic_store_n(&job.word, word, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&idle.sleeping, __ATOMIC_SEQ_CST)) futex_wake_all(&job.word);
     fn(arg, 0, nth);
-    int64_t until = 0; /* (0: the clock not read yet; -1: the spin is over, yield) */
+    /* (the team's threads spin while they work; one that has not taken the job yet is waking, or waits for a core,
+     * perhaps the caller's: the caller yields it at once) */
+    int64_t until = 0; /* (0: the clock not read yet; -1: the spin is over) */
     for (int k = 1; __atomic_load_n(&fin.done, __ATOMIC_ACQUIRE) < nth - 1; k++) {
-        if (until >= 0) {
+        if (until >= 0 && __atomic_load_n(&fin.taken, __ATOMIC_RELAXED) == nth - 1) {
             cpu_relax();
             if (k % 64 == 0 && (until == 0 ? (until = now_ns() + BN_TEAM_WAIT_NS, 0) : now_ns() > until)) until = -1;
         } else {

@@ -15,8 +15,9 @@ import bn_simd
 from bn_simd import _core
 from conftest import HAVE_OPENMP, assert_same_bits
 
-pytestmark = pytest.mark.skipif(not HAVE_OPENMP or not sys.platform.startswith("linux"),
-                                reason="the own team needs an OpenMP build on Linux")
+pytestmark = pytest.mark.skipif(not HAVE_OPENMP or not sys.platform.startswith("linux") or
+                                len(os.sched_getaffinity(0)) < 2,
+                                reason="the own team needs an OpenMP build on Linux and two CPUs")
 
 
 @pytest.fixture(autouse=True)
@@ -27,11 +28,15 @@ def _team_settings():
     _core.own_team(enabled, spin)
 
 
-def _ran_on_the_team(call):
-    """call()'s result, asserting that the own team ran it (and not OpenMP)"""
+# (the team serves calls of at most this many threads: more would share CPUs, where OpenMP's runtime stops spinning)
+NCPU = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+
+def _ran_on_the_team(call, team=True):
+    """call()'s result, asserting that the own team ran it (team=False: that OpenMP did)"""
     before = _core.own_team_runs()
     out = call()
-    assert _core.own_team_runs() == before + 1, "the own team did not run the call"
+    assert _core.own_team_runs() == before + team, "the own team did not run the call" if team else "it did"
     return out
 
 
@@ -75,12 +80,13 @@ def test_the_team_gives_the_bytes_of_openmp_and_of_one_thread(dtype, op, layout,
     threads(nthreads)
     _core.own_team(False)
     omp = _forward(op, x, C, layout, act, res, w, b)
+    on = nthreads <= NCPU  # (more threads than CPUs: OpenMP's)
     _core.own_team(True, 0.0)  # (no spin: the team may run at once after OpenMP's region, woken from its sleep)
-    team = _ran_on_the_team(lambda: _forward(op, x, C, layout, act, res, w, b))
+    team = _ran_on_the_team(lambda: _forward(op, x, C, layout, act, res, w, b), on)
     _core.own_team(True, 200.0)
     time.sleep(0.002)  # (OpenMP's threads no longer spin: the team may run; its threads now spin between calls)
-    first = _ran_on_the_team(lambda: _forward(op, x, C, layout, act, res, w, b))
-    spun = _ran_on_the_team(lambda: _forward(op, x, C, layout, act, res, w, b))
+    first = _ran_on_the_team(lambda: _forward(op, x, C, layout, act, res, w, b), on)
+    spun = _ran_on_the_team(lambda: _forward(op, x, C, layout, act, res, w, b), on)
     for outs in (omp, team, first, spun):
         for a, e in zip(outs, one):
             assert_same_bits(a, e, "the own team's forward vs one thread's")
@@ -234,3 +240,36 @@ def test_the_teams_settings_come_from_the_environment(env, enabled, spin):
 def test_a_bad_bn_simd_own_team_is_a_clear_error_at_import():
     r = _config(BN_SIMD_OWN_TEAM="sometimes")
     assert r.returncode != 0 and "BN_SIMD_OWN_TEAM must be 0 or 1" in r.stderr and "'sometimes'" in r.stderr
+
+
+_BOUND = r"""
+import numpy as np, bn_simd
+from bn_simd import _core
+bn_simd.set_num_threads(2)
+x = np.random.default_rng(0).standard_normal((1, 128, 768)).astype(np.float32)
+y = bn_simd.layer_norm(x, 768)
+z = bn_simd.layer_norm(x, 768)
+print(_core.own_team_runs(), z.tobytes() == y.tobytes())
+"""
+
+
+def test_threads_bound_by_omp_proc_bind_take_openmps_team():
+    """OMP_PROC_BIND binds the calling thread to one place, which threads it starts would share: OpenMP's runtime
+    places its own threads; the team does not run."""
+    e = dict(os.environ, OMP_PROC_BIND="true")
+    r = subprocess.run([sys.executable, "-c", _BOUND], capture_output=True, text=True, env=e, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "True"]
+    r = subprocess.run([sys.executable, "-c", _BOUND], capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k not in ("OMP_PROC_BIND", "BN_SIMD_OWN_TEAM")})
+    assert r.returncode == 0 and r.stdout.split() == ["2", "True"], r.stdout + r.stderr
+
+
+def test_the_c_library_stays_loaded():
+    """The team's threads run the library's code until the process ends: libbn_simd.so is marked never to unload."""
+    import shutil
+    lib = os.path.join(os.path.dirname(bn_simd.__file__), "lib", "libbn_simd.so")
+    if not os.path.exists(lib) or not shutil.which("readelf"):
+        pytest.skip("no libbn_simd.so or no readelf")
+    out = subprocess.run(["readelf", "-d", lib], capture_output=True, text=True, check=True).stdout
+    assert "NODELETE" in out
