@@ -50,9 +50,12 @@ static struct {
     const bn_context* ctx; /* the caller's kernel context (OpenMP's copyin of bn_tls_ctx) */
     unsigned csr;          /* the caller's MXCSR (x86: flush-to-zero, rounding), which the shares run with */
 } job LINE;
-/* The team threads' line: how many have taken the job, and finished it */
+/* The shares' line: the next share of the job to take (the job's word times 2^32 plus the share's number: a thread
+ * takes a share by raising it, and only while it still names the job it saw), and the shares done (but the caller's
+ * first) */
 static struct {
-    int taken, done;
+    uint64_t next;
+    int done;
 } fin LINE;
 /* Rarely written: the team threads asleep or spinning, and a request to those spinning to sleep */
 static struct {
@@ -108,7 +111,7 @@ static inline void cpu_relax(void) {
 static void futex_wait(unsigned* word, unsigned value) {
     syscall(SYS_futex, (int*)word, FUTEX_WAIT_PRIVATE, (int)value, NULL, NULL, 0);
 }
-static void futex_wake_all(unsigned* word) { syscall(SYS_futex, (int*)word, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0); }
+static void futex_wake(unsigned* word, int n) { syscall(SYS_futex, (int*)word, FUTEX_WAKE_PRIVATE, n, NULL, NULL, 0); }
 
 static unsigned get_csr(void) {
 #if defined(__SSE__)
@@ -125,8 +128,26 @@ static void set_csr(unsigned csr) {
 #endif
 }
 
-/* Team thread i: waits for a job (spinning for conf.spin_ns after a job it took part in, then asleep; at once asleep
- * after one that was not for it), runs its share when i < the job's thread count, counts itself done */
+/* Takes and runs shares of the job of word w until none is left (or the job is over); returns how many it ran */
+static int run_shares(unsigned w, int nth) {
+    int ran = 0;
+    for (;;) {
+        uint64_t c = __atomic_load_n(&fin.next, __ATOMIC_ACQUIRE);
+        if ((unsigned)(c >> 32) != w || (int)(c & 0xffffffffu) >= nth) return ran;
+        if (!__atomic_compare_exchange_n(&fin.next, &c, c + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) continue;
+        /* (the job's fields stay the job's until its shares are all done, this one among them) */
+        bn_tls_ctx = job.ctx;
+        set_csr(job.csr);
+        job.fn(job.arg, (int)(c & 0xffffffffu), nth);
+        __atomic_fetch_add(&fin.done, 1, __ATOMIC_RELEASE);
+        ran++;
+    }
+}
+
+/* Team thread i: waits for a job (spinning for conf.spin_ns after a job it was one of the threads of, then asleep;
+ * asleep at once after one of fewer threads), takes shares of it while some are left. A job's shares go to whichever
+ * thread takes them first, the caller too once its own is done: a team thread that has not woken yet, or waits for a
+ * core (the caller's, even), holds no call up. */
 static void* team_main(void* p) {
     const int i = (int)(intptr_t)p;
     unsigned seen = start_word[i]; /* (the next job is for it, whenever it first runs) */
@@ -140,6 +161,7 @@ static void* team_main(void* p) {
             __atomic_fetch_add(&idle.spinning, 1, __ATOMIC_RELAXED);
             for (int k = 1; (w = __atomic_load_n(&job.word, __ATOMIC_ACQUIRE)) == seen; k++) {
                 cpu_relax();
+                if (k % 64 == 0) sched_yield();
                 if (until == 0 || (k % 64 == 0 && (__atomic_load_n(&idle.quiet, __ATOMIC_RELAXED) || now_ns() > until))) {
                     /* (a caller that stores word after this thread's sleeping count is seen by the futex's check of
                      * word; one that stored it before sees the count, seq_cst both sides, and wakes it) */
@@ -153,15 +175,8 @@ static void* team_main(void* p) {
         }
         seen = w;
         const int nth = (int)(w & ((1u << BN_TEAM_NTH_BITS) - 1));
-        spin_next = i < nth;
-        if (i < nth) {
-            /* (the job's fields are the word's job's until this thread counts itself done) */
-            __atomic_fetch_add(&fin.taken, 1, __ATOMIC_RELAXED);
-            bn_tls_ctx = job.ctx;
-            set_csr(job.csr);
-            job.fn(job.arg, i, nth);
-            __atomic_fetch_add(&fin.done, 1, __ATOMIC_RELEASE);
-        }
+        /* (a thread that found its share taken was late: asleep until the next job, whose wake-up gets it a core) */
+        spin_next = run_shares(w, nth) > 0;
     }
     return NULL;
 }
@@ -170,7 +185,8 @@ static void* team_main(void* p) {
 static void team_after_fork_child(void) {
     job.busy = 0;
     job.word = 0;
-    fin.taken = fin.done = 0;
+    fin.next = 0;
+    fin.done = 0;
     idle.sleeping = idle.spinning = idle.quiet = 0;
     conf.started = 0;
 }
@@ -228,23 +244,27 @@ int bn_team_run(bn_team_fn fn, void* arg, int nth) {
     job.arg = arg;
     job.ctx = bn_tls_ctx;
     job.csr = get_csr();
-    __atomic_store_n(&fin.taken, 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&fin.done, 0, __ATOMIC_RELAXED);
     const unsigned word = ((job.word >> BN_TEAM_NTH_BITS) + 1) << BN_TEAM_NTH_BITS | (unsigned)nth;
+    __atomic_store_n(&fin.done, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&fin.next, (uint64_t)word << 32 | 1u, __ATOMIC_RELEASE);
     __atomic_store_n(&job.word, word, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&idle.sleeping, __ATOMIC_SEQ_CST)) futex_wake_all(&job.word);
+    if (__atomic_load_n(&idle.sleeping, __ATOMIC_SEQ_CST)) futex_wake(&job.word, nth - 1);
     fn(arg, 0, nth);
-    /* (the team's threads spin while they work; one that has not taken the job yet is waking, or waits for a core,
-     * perhaps the caller's: the caller yields it at once) */
-    int64_t until = 0; /* (0: the clock not read yet; -1: the spin is over) */
+    /* (then the shares no team thread has taken yet; then a wait for those taken, which run) */
+    const int late = run_shares(word, nth) > 0;
+    int64_t until = 0; /* (0: the clock not read yet; -1: the spin is over, yield) */
     for (int k = 1; __atomic_load_n(&fin.done, __ATOMIC_ACQUIRE) < nth - 1; k++) {
-        if (until >= 0 && __atomic_load_n(&fin.taken, __ATOMIC_RELAXED) == nth - 1) {
+        if (until >= 0) {
             cpu_relax();
             if (k % 64 == 0 && (until == 0 ? (until = now_ns() + BN_TEAM_WAIT_NS, 0) : now_ns() > until)) until = -1;
         } else {
             sched_yield();
         }
     }
+    /* (a team thread too late for its share has not had a core: another thread holds it, an OpenMP thread spinning,
+     * perhaps another library's. The next calls take OpenMP regions, as after one of the library's, until one comes
+     * the spin time after the last) */
+    if (late) __atomic_store_n(&conf.last_omp_ns, now_ns(), __ATOMIC_RELAXED);
     __atomic_store_n(&conf.runs, conf.runs + 1, __ATOMIC_RELAXED);
     __atomic_store_n(&job.busy, 0, __ATOMIC_RELEASE);
     return 1;
