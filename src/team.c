@@ -29,9 +29,15 @@
 /* How long the team's threads spin after a call before they sleep, unless told (bn_simd/_openmp.py's SPIN_US, the
  * library's OpenMP threads' spin: docs/tuning.md, "OpenMP threads between calls"). */
 #define BN_TEAM_SPIN_NS 200000
-/* How long the caller waiting for the team spins before it yields its core at each further look: a team thread
- * still working after this has most likely lost its core to another thread (perhaps the caller's own) */
+/* How long the caller, its own share done, leaves the others to the spinning team threads before it takes them */
+#define BN_TEAM_GRACE_NS 2000
+/* How long the caller waiting for the shares taken spins before it yields its core at each further look: a team
+ * thread still working after this has most likely lost its core to another thread (perhaps the caller's own). Then
+ * it yields its core at each look for BN_TEAM_YIELD_NS, then naps BN_TEAM_NAP_NS between looks (a share that has not
+ * ended by then waits for a core that another thread holds: the caller need not hold one too) */
 #define BN_TEAM_WAIT_NS 20000
+#define BN_TEAM_YIELD_NS 1000000
+#define BN_TEAM_NAP_NS 20000
 /* The team threads' stacks (the shares' own frames take a few tens of KB) */
 #define BN_TEAM_STACK ((size_t)1 << 20)
 
@@ -155,28 +161,32 @@ static void* team_main(void* p) {
     pthread_setname_np(pthread_self(), "bn_simd-team");
     for (;;) {
         unsigned w = __atomic_load_n(&job.word, __ATOMIC_ACQUIRE);
+        int slept = 0;
         if (w == seen) {
             const int64_t spin = spin_next ? __atomic_load_n(&conf.spin_ns, __ATOMIC_RELAXED) : 0;
             const int64_t until = spin > 0 ? now_ns() + spin : 0;
             __atomic_fetch_add(&idle.spinning, 1, __ATOMIC_RELAXED);
             for (int k = 1; (w = __atomic_load_n(&job.word, __ATOMIC_ACQUIRE)) == seen; k++) {
                 cpu_relax();
-                if (k % 64 == 0) sched_yield();
+                if (k % 64 == 0) sched_yield(); /* (a thread of the process waiting for this core gets it) */
                 if (until == 0 || (k % 64 == 0 && (__atomic_load_n(&idle.quiet, __ATOMIC_RELAXED) || now_ns() > until))) {
                     /* (a caller that stores word after this thread's sleeping count is seen by the futex's check of
                      * word; one that stored it before sees the count, seq_cst both sides, and wakes it) */
+                    __atomic_fetch_sub(&idle.spinning, 1, __ATOMIC_RELAXED);
                     __atomic_fetch_add(&idle.sleeping, 1, __ATOMIC_SEQ_CST);
                     while ((w = __atomic_load_n(&job.word, __ATOMIC_SEQ_CST)) == seen) futex_wait(&job.word, seen);
                     __atomic_fetch_sub(&idle.sleeping, 1, __ATOMIC_RELAXED);
+                    slept = 1;
                     break;
                 }
             }
-            __atomic_fetch_sub(&idle.spinning, 1, __ATOMIC_RELAXED);
+            if (!slept) __atomic_fetch_sub(&idle.spinning, 1, __ATOMIC_RELAXED);
         }
         seen = w;
         const int nth = (int)(w & ((1u << BN_TEAM_NTH_BITS) - 1));
-        /* (a thread that found its share taken was late: asleep until the next job, whose wake-up gets it a core) */
-        spin_next = run_shares(w, nth) > 0;
+        /* (it spins after a job it took a share of, or was woken for; one that spun and found every share taken had
+         * no core while it spun: it sleeps until the next job, whose wake-up gets it one) */
+        spin_next = run_shares(w, nth) > 0 || slept;
     }
     return NULL;
 }
@@ -200,6 +210,8 @@ static int team_start(int n) {
         cpu_set_t cpus;
         conf.ncpu = sched_getaffinity(0, sizeof(cpus), &cpus) ? BN_OWN_TEAM_MAX : CPU_COUNT(&cpus);
     }
+    /* (more threads than CPUs to run them: OpenMP's runtime, which stops spinning then) */
+    if (n > conf.ncpu) return 0;
     if (conf.started >= n - 1) return 1;
     pthread_attr_t attr;
     if (pthread_attr_init(&attr)) return 0;
@@ -213,7 +225,7 @@ static int team_start(int n) {
         pthread_t t;
         start_word[conf.started + 1] = job.word;
         if (pthread_create(&t, &attr, team_main, (void*)(intptr_t)(conf.started + 1))) {
-            conf.failed = 1;
+            __atomic_store_n(&conf.failed, 1, __ATOMIC_RELAXED);
             break;
         }
         conf.started++;
@@ -226,7 +238,8 @@ static int team_start(int n) {
 int bn_team_run(bn_team_fn fn, void* arg, int nth) {
     pthread_once(&env_once, read_env);
     /* (threads bound to places by OMP_PROC_BIND: the caller's binding, which the team's threads would take too) */
-    if (nth < 2 || nth > BN_OWN_TEAM_MAX || !__atomic_load_n(&conf.enabled, __ATOMIC_RELAXED) || conf.failed ||
+    if (nth < 2 || nth > BN_OWN_TEAM_MAX || !__atomic_load_n(&conf.enabled, __ATOMIC_RELAXED) ||
+        __atomic_load_n(&conf.failed, __ATOMIC_RELAXED) ||
         omp_in_parallel() || omp_get_proc_bind() != omp_proc_bind_false)
         return 0;
     /* (an OpenMP region of the library's that ended less than the spin time ago: its threads spin still) */
@@ -234,8 +247,7 @@ int bn_team_run(bn_team_fn fn, void* arg, int nth) {
     if (now_ns() - __atomic_load_n(&conf.last_omp_ns, __ATOMIC_RELAXED) < spin) return 0;
     int free_ = 0;
     if (!__atomic_compare_exchange_n(&job.busy, &free_, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) return 0;
-    /* (more threads than CPUs to run them: OpenMP's runtime, which stops spinning then) */
-    if (!team_start(nth) || nth > conf.ncpu) {
+    if (!team_start(nth)) {
         __atomic_store_n(&job.busy, 0, __ATOMIC_RELEASE);
         return 0;
     }
@@ -248,22 +260,41 @@ int bn_team_run(bn_team_fn fn, void* arg, int nth) {
     __atomic_store_n(&fin.done, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&fin.next, (uint64_t)word << 32 | 1u, __ATOMIC_RELEASE);
     __atomic_store_n(&job.word, word, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&idle.sleeping, __ATOMIC_SEQ_CST)) futex_wake(&job.word, nth - 1);
+    /* (the threads asleep that the spinning ones leave a share for) */
+    const int asleep = __atomic_load_n(&idle.sleeping, __ATOMIC_SEQ_CST);
+    const int wake = nth - 1 - __atomic_load_n(&idle.spinning, __ATOMIC_RELAXED), woke = asleep > 0 && wake > 0;
+    if (woke) futex_wake(&job.word, wake);
     fn(arg, 0, nth);
-    /* (then the shares no team thread has taken yet; then a wait for those taken, which run) */
-    const int late = run_shares(word, nth) > 0;
-    int64_t until = 0; /* (0: the clock not read yet; -1: the spin is over, yield) */
+    /* (then the shares no team thread has taken yet, which a thread waking up may not have reached, or one spinning
+     * in a yield of its core, given BN_TEAM_GRACE_NS to; then a wait for those taken, which run) */
+    if (!woke) {
+        const int64_t t0 = now_ns();
+        for (int k = 1; (int)(__atomic_load_n(&fin.next, __ATOMIC_RELAXED) & 0xffffffffu) < nth; k++)
+            if (k % 16 == 0 && now_ns() - t0 > BN_TEAM_GRACE_NS) break;
+            else cpu_relax();
+    }
+    int late = run_shares(word, nth) > 0 && !woke;
+    int64_t until = 0; /* (0: the clock not read yet; -1: the spin is over) */
+    int64_t yielding = 0;
     for (int k = 1; __atomic_load_n(&fin.done, __ATOMIC_ACQUIRE) < nth - 1; k++) {
         if (until >= 0) {
             cpu_relax();
-            if (k % 64 == 0 && (until == 0 ? (until = now_ns() + BN_TEAM_WAIT_NS, 0) : now_ns() > until)) until = -1;
-        } else {
+            if (k % 64 == 0 && (until == 0 ? (until = now_ns() + BN_TEAM_WAIT_NS, 0) : now_ns() > until)) {
+                until = -1;
+                yielding = now_ns();
+                late = 1;
+            }
+        } else if (now_ns() - yielding < BN_TEAM_YIELD_NS) {
             sched_yield();
+        } else {
+            const struct timespec nap = {0, BN_TEAM_NAP_NS};
+            nanosleep(&nap, NULL);
         }
     }
-    /* (a team thread too late for its share has not had a core: another thread holds it, an OpenMP thread spinning,
-     * perhaps another library's. The next calls take OpenMP regions, as after one of the library's, until one comes
-     * the spin time after the last) */
+    /* (a share of a spinning team thread the caller had to take, or a share taken that kept the caller waiting past
+     * the spin: a thread without a core, another spinning on it, an OpenMP thread perhaps, the library's or another
+     * library's sharing its libgomp. The next calls take OpenMP regions, as after one of the library's, until one
+     * comes the spin time after the last) */
     if (late) __atomic_store_n(&conf.last_omp_ns, now_ns(), __ATOMIC_RELAXED);
     __atomic_store_n(&conf.runs, conf.runs + 1, __ATOMIC_RELAXED);
     __atomic_store_n(&job.busy, 0, __ATOMIC_RELEASE);

@@ -146,6 +146,7 @@ def test_python_threads_calling_at_once_get_the_serial_bytes(threads):
 
     ts = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
     before = _core.own_team_runs()
+    time.sleep(0.002)  # (the serial calls' OpenMP threads asleep: the team may serve the first call)
     for t in ts:
         t.start()
     for t in ts:
