@@ -117,10 +117,8 @@ class BuildExt(build_ext):
         if os.path.exists(archive):  # (ar adds to an archive: start afresh)
             os.remove(archive)
         self.compiler.create_static_lib(objects, "bn_simd", output_dir=libdir)
-        # (-z nodelete: the library's own team of threads, src/team.c, runs its code until the process ends)
-        nodelete = ["-Wl,-z,nodelete"] if sys.platform.startswith("linux") else []
         self.compiler.link_shared_object(objects, os.path.join(libdir, "libbn_simd.so"), libraries=["m"],
-                                         extra_postargs=link + ["-Wl,-soname,libbn_simd.so"] + nodelete)
+                                         extra_postargs=link + ["-Wl,-soname,libbn_simd.so"])
         self._clib_pkg = pkg
 
     def copy_extensions_to_source(self):

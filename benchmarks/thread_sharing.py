@@ -10,7 +10,6 @@ Settings:
   libgomp default    GOMP_SPINCOUNT=300000, libgomp's own default: how bn_simd behaved before it set the count
   passive            OMP_WAIT_POLICY=passive (a user's workaround: threads sleep at once)
   1 thread           bn_simd.set_num_threads(1) (the other workaround)
-  no own team        BN_SIMD_OWN_TEAM=0: the layer-norm forwards on OpenMP's threads too (src/team.h)
 
 Workloads (float32, times per step in ms):
   mixed      A @ B (256x576 by 576x4096, OpenBLAS threads) then batch_norm(training=True) of 32x64x12x12
@@ -19,8 +18,6 @@ Workloads (float32, times per step in ms):
   bn large   one training batch_norm of 32x64x56x56
   torch      a torch BatchNorm2d eval and a torch matmul after each bn_simd call (the torch time only)
   ort        an ONNX Runtime BatchNormalization (allow_spinning=0) after each bn_simd call (the ORT time only)
-  ln mixed   A @ B then a layer_norm of 1x128x768 (its forward runs on the library's own team)
-  ln loop    10 layer_norm calls of 1x128x768, back to back
 """
 import argparse
 import json
@@ -35,9 +32,8 @@ SETTINGS = {
     "libgomp default": {"GOMP_SPINCOUNT": "300000"},
     "passive": {"OMP_WAIT_POLICY": "passive"},
     "1 thread": {"BN_SIMD_BENCH_ONE_THREAD": "1"},
-    "no own team": {"BN_SIMD_OWN_TEAM": "0"},
 }
-WORKLOADS = ("mixed", "bn loop", "bn+relu", "bn large", "torch", "ort", "ln mixed", "ln loop")
+WORKLOADS = ("mixed", "bn loop", "bn+relu", "bn large", "torch", "ort")
 
 
 def _median_ms(fn, reps):
@@ -87,22 +83,6 @@ def child(reps):
            "bn large": _median_ms(lambda: bn_simd.batch_norm(xl, rm, rv, training=True, out=yl), max(20, reps // 5))}
     res["torch"] = _other_library_ms(_torch_step(xl, a, b), bn, reps)
     res["ort"] = _other_library_ms(_ort_step(xl), bn, reps)
-    t = rng.standard_normal((1, 128, 768), dtype=np.float32)
-    t_out = np.empty_like(t)
-
-    def ln():
-        bn_simd.layer_norm(t, 768, out=t_out)
-
-    def ln_mixed():
-        a @ b
-        ln()
-
-    def ln_loop():
-        for _ in range(10):
-            ln()
-
-    res["ln mixed"] = _median_ms(ln_mixed, reps)
-    res["ln loop"] = _median_ms(ln_loop, reps)
     res["omp_spin"] = bn_simd.show_config()["omp_spin"]
     print(json.dumps(res))
 
@@ -172,8 +152,7 @@ def run(rounds, reps):
     results = {s: [] for s in SETTINGS}
     for _ in range(rounds):
         for name, env in SETTINGS.items():
-            e = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
-                                                                  "BN_SIMD_OWN_TEAM")}
+            e = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
             e.update(env)
             out = subprocess.run([sys.executable, __file__, "--child", "--reps", str(reps)], env=e,
                                  capture_output=True, text=True, check=True).stdout
@@ -197,10 +176,6 @@ def table(results):
     for w in ("bn+relu", "bn large", "torch", "ort"):
         if m[w] is not None:
             lines.append(f"{w}: bn_simd / libgomp default = {m[w] / old[w]:.3f}")
-    own = med["no own team"]
-    for w in ("ln mixed", "ln loop"):
-        lines.append(f"{w}: bn_simd / no own team = {m[w] / own[w]:.3f}; / best workaround = "
-                     f"{m[w] / min(med['passive'][w], med['1 thread'][w]):.3f}")
     spin = results["bn_simd"][0]["omp_spin"]
     lines.append(f"spin policy: {spin}")
     return "\n".join(lines)

@@ -12,7 +12,6 @@ try:
 finally:
     _openmp.after_load()
 _openmp.record_build(_core.have_openmp())
-_openmp.configure_team(_core)
 
 from ._version import __version__  # noqa: E402  (the one place it is written)
 
@@ -171,8 +170,6 @@ def show_config():
         "num_threads": get_num_threads(),
         # how idle OpenMP threads wait after a call (a short spin, then sleep; bn_simd/_openmp.py)
         "omp_spin": _openmp.policy(),
-        # the library's own team for the layer/RMS-norm forwards (src/team.h): on or off, its threads' spin time (us)
-        "own_team": dict(zip(("enabled", "spin_us"), _core.own_team())),
         # channels-last element-wise sweeps go in column strips from this row size (bytes; CPU-dependent)
         "cl_strip_bytes": _core.cl_strip_bytes(),
         # ... and from this one when their output streams (beyond the last-level cache)

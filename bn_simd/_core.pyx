@@ -193,24 +193,6 @@ def best_isa():
 def supported_isas():
     return [n for i, n in enumerate(ISA_NAMES) if bn_isa_supported(i)]
 
-cdef extern from "team.h" nogil:
-    void bn_team_configure(int enabled, double spin_us)
-    int bn_team_enabled()
-    double bn_team_spin_us()
-    int64_t bn_team_runs()
-
-
-def own_team(enabled=None, spin_us=None):
-    """The library's own team (src/team.h): switch it on or off and set its threads' spin time (microseconds) where
-    given; returns (enabled, spin_us) as they are then."""
-    bn_team_configure(bn_team_enabled() if enabled is None else bool(enabled), -1.0 if spin_us is None else spin_us)
-    return bool(bn_team_enabled()), bn_team_spin_us()
-
-
-def own_team_runs():
-    """Jobs the library's own team has run in this process."""
-    return bn_team_runs()
-
 
 def have_openmp():
     return bool(bn_have_openmp())

@@ -20,11 +20,6 @@ It does nothing, and ``policy()`` says why, when
 - libgomp was already loaded by another module before bn_simd (its settings are fixed then);
 - the extension was not built by GCC (another OpenMP runtime), or without OpenMP.
 BN_SIMD_SPIN_US=<microseconds> chooses another spin time (0: sleep at once, as OMP_WAIT_POLICY=passive).
-
-The library's own team (src/team.h), which runs the layer-norm and RMS-norm forwards of a few microseconds in place
-of an OpenMP region, waits the same way: its threads spin for the spin time above after a call (the libgomp count's
-time where it was applied; none under OMP_WAIT_POLICY=passive), then sleep. BN_SIMD_OWN_TEAM=0 switches it off:
-those calls then take OpenMP regions as the others do.
 """
 import os
 
@@ -93,22 +88,6 @@ def record_build(have_openmp):
     """A build without OpenMP has no threads to wait."""
     if not have_openmp:
         _state.update(applied=False, spin_count=None, spin_us=None, runtime=None, reason="built without OpenMP")
-
-
-def configure_team(core):
-    """Set the own team's switch and its threads' spin time from the environment (after the extension loaded)."""
-    v = os.environ.get("BN_SIMD_OWN_TEAM", "").strip().lower()
-    if v not in ("", "0", "1", "off", "on", "false", "true", "no", "yes"):
-        raise ValueError(f"BN_SIMD_OWN_TEAM must be 0 or 1, got {os.environ['BN_SIMD_OWN_TEAM']!r}")
-    on = v not in ("0", "off", "false", "no")
-    if _state["applied"]:
-        us = _state["spin_us"]
-    elif os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive":
-        us = 0.0
-    else:
-        us = _spin_us_setting()
-        us = SPIN_US if us is None else us
-    core.own_team(on, us)
 
 
 def policy():

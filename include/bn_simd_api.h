@@ -24,11 +24,6 @@
  * smaller; BN_EOVERLAP if it shares a byte with the call's arrays). In a build with OpenMP the OpenMP runtime may still
  * allocate its own per-thread data the first time a thread enters a parallel region (with a caller's parallel_for
  * too: the drivers' regions run on one thread there); later calls from that thread allocate nothing.
- * Threads: without a parallel_for, the layer-norm and RMS-norm forwards run on threads of the library's own (named
- * bn_simd-team, started, with their stacks, by the first such call on more than one thread; they spin 200 us after
- * a call, then sleep)
- * instead of OpenMP's where they can; BN_SIMD_OWN_TEAM=0 in the environment switches that off, BN_SIMD_SPIN_US sets
- * the spin (docs/design.md, "Sharing the CPU").
  */
 #ifndef BN_SIMD_API_H
 #define BN_SIMD_API_H

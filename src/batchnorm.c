@@ -7,7 +7,6 @@
 #include "dispatch.h"
 #include "half.h"
 #include "scratch.h"
-#include "team.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -66,12 +65,10 @@ _Static_assert(BN_MIN_RUN < BN_CHUNK_BYTES / 8, "a block's run fits one chunk, s
 #define BN_PAR(N, CLAUSES, ...)                                                                                     \
     do {                                                                                                            \
         if ((N) > 1) {                                                                                              \
-            bn_team_note_omp();                                                                                     \
             BN_PRAGMA(omp parallel num_threads(N) CLAUSES copyin(bn_tls_ctx)) {                                     \
                 const int th BN_MAYBE_UNUSED = thread_id(), nth BN_MAYBE_UNUSED = team_size();                      \
                 __VA_ARGS__                                                                                         \
             }                                                                                                       \
-            bn_team_note_omp();                                                                                     \
         } else {                                                                                                    \
             const int th BN_MAYBE_UNUSED = 0, nth BN_MAYBE_UNUSED = 1;                                              \
             __VA_ARGS__                                                                                             \

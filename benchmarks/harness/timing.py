@@ -19,11 +19,6 @@ SAMPLE_S = 2e-4  # calls shorter than this are timed in batches, so each sample 
 # multithreaded calls in a fresh process ran up to 1.8x slower on the shared machines measured here (a 2-thread
 # 1x128x768 layer norm at 11-12 us, then 5.6-6.9 once warm), a slow start that fell on whichever row came first.
 WARM_S = 1.5
-# Idle time before each sample's untimed call: longer than the OpenMP threads of the fn sampled before spin after
-# their last call (bn_simd sets 200 us for the libgomp it loads, which PyTorch shares when loaded after it), so that
-# no fn's sample starts with another's threads spinning on the cores it needs: bn_simd's own team (src/team.h) takes
-# OpenMP's threads when it finds a core taken, until the calls pause for the spin time.
-SETTLE_S = 2e-3
 _warmed = False
 
 
@@ -51,9 +46,8 @@ def _batch_size(fn):
 def interleaved_medians(fns, setups=None, target_s=1.0, k_min=5, k_max=60):
     """[(median time of one call, samples)] for each callable of fns, sampled in rounds: each round takes one
     sample of every fn (in an order that rotates from round to round), so that a slow spell of the machine
-    falls on all of them alike and their ratios hold. Before each sample, setups[i] (if given), a pause of
-    SETTLE_S and one untimed call of fns[i] run, so every sample is a steady-state call of that fn, whatever ran
-    before it.
+    falls on all of them alike and their ratios hold. Before each sample, setups[i] (if given) and one
+    untimed call of fns[i] run, so every sample is a steady-state call of that fn, whatever ran before it.
     Each fn gets about target_s of samples, k of them in [k_min, k_max]. The first call in a process first runs
     the fns untimed for about WARM_S seconds."""
     global _warmed
@@ -79,7 +73,6 @@ def interleaved_medians(fns, setups=None, target_s=1.0, k_min=5, k_max=60):
             fn, batch = fns[i], plans[i][0]
             if setups[i]:
                 setups[i]()
-            time.sleep(SETTLE_S)
             fn()
             t0 = time.perf_counter()
             for _ in range(batch):
