@@ -261,3 +261,27 @@ def test_a_folded_linear_batchnorm1d_pair_refuses_a_3d_output_instead_of_a_wrong
     torch.testing.assert_close(folded(x2), expected2, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="2-d"):
         folded(x3)
+
+
+@pytest.mark.parametrize("trace", [True, False])
+@pytest.mark.parametrize("computed", ["weight_norm", "legacy_weight_norm", "pre_hook", "bn_pre_hook"])
+def test_fold_leaves_a_layer_whose_weight_or_input_is_set_at_each_call(computed, trace):
+    torch.manual_seed(6)
+    conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+    if computed == "weight_norm":
+        conv = nn.utils.parametrizations.weight_norm(conv)
+    elif computed == "legacy_weight_norm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (deprecated in favour of the parametrization)
+            conv = nn.utils.weight_norm(conv)
+    elif computed == "pre_hook":
+        conv.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    else:
+        bn.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    model = randomize_bns(nn.Sequential(conv, bn), 6).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+        folded = bt.fold(copy.deepcopy(model), trace=trace)
+        assert count_bns(folded) == 1
+        torch.testing.assert_close(folded(x), expected, rtol=0, atol=0)

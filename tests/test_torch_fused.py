@@ -288,3 +288,70 @@ def test_an_untraceable_model_has_its_sequential_pairs_fused_in_place():
     assert type(model.body[1]) is bt.BatchNormAct2d and model.body[1].activation == "relu6"
     assert type(model.body[2]) is nn.Identity
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+class _Block(nn.Module):
+    """conv -> bn -> relu in a Sequential; traceable or not (data-dependent control flow)."""
+
+    def __init__(self, traceable):
+        super().__init__()
+        self.traceable = traceable
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        if not self.traceable and x.sum() > -1e30:
+            return self.body(x) * 1.0
+        return self.body(x)
+
+
+@pytest.mark.parametrize("traceable", [True, False], ids=["traced", "sequential"])
+@pytest.mark.parametrize("where", ["bn_forward", "bn_pre", "bn_backward", "act_forward", "every_module"])
+def test_a_pair_with_hooks_is_not_fused_and_its_hooks_see_what_they_saw(where, traceable):
+    model = _randomise(_Block(traceable), 7).eval()
+    calls = []
+
+    def hook(m, args, out=None):
+        calls.append(type(m).__name__)
+        if where == "bn_forward":
+            return out + 1  # the hook changes the output: the activation must see it
+        if where == "bn_pre":
+            return (args[0] * 2,)
+
+    bn, act = model.body[1], model.body[2]
+    handle = {"bn_forward": lambda: bn.register_forward_hook(hook),
+              "bn_pre": lambda: bn.register_forward_pre_hook(hook),
+              "bn_backward": lambda: bn.register_full_backward_hook(lambda m, gi, go: calls.append("bwd")),
+              "act_forward": lambda: act.register_forward_hook(hook),
+              "every_module": lambda: nn.modules.module.register_module_forward_hook(hook)}[where]()
+    try:
+        x = torch.randn(2, 3, 4, 4)
+        expected = model(x)
+        n_calls = len(calls)
+        fused = bt.convert(model, fuse_activations=True)
+        assert not any(isinstance(m, bt.BatchNormAct2d) for m in fused.modules())
+        calls.clear()
+        torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-6)
+        assert len(calls) == n_calls
+    finally:
+        handle.remove()
+
+
+def test_a_norm_registered_twice_is_not_fused_in_place():
+    bn = nn.BatchNorm2d(4)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(bn, nn.ReLU(), nn.Conv2d(4, 4, 1), bn, nn.Tanh())  # one bn, two uses
+
+        def forward(self, x):
+            if x.sum() > -1e30:  # untraceable: the in-place Sequential fusion
+                return self.body(x)
+            return x
+
+    model = _randomise(Shared(), 8).eval()
+    x = torch.randn(2, 4, 3, 3)
+    expected = model(x)
+    fused = bt.convert(model, fuse_activations=True)
+    assert type(bn) is bt.BatchNorm2d and type(fused.body[1]) is nn.ReLU
+    torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-6)

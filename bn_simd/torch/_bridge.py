@@ -102,7 +102,7 @@ def vec(t):
 def input_supported(x, ranks, eps):
     """True when the kernels can run a call on input x (any per-channel tensors aside): float32, float64, float16 or
     bfloat16 on the CPU. False sends it to PyTorch's own implementation: other devices and dtypes, ranks the kernels do
-    not cover, eps <= 0, tensor subclasses with ``__torch_function__``, and calls made while tracing or compiling a
+    not cover, eps <= 0 or given as a tensor, tensor subclasses with ``__torch_function__``, and calls made while tracing or compiling a
     graph (which must record PyTorch's operator) or inside a forward-mode AD level (the Functions here have no forward
     derivative). Raises TypeError when x is not a tensor."""
     if type(x) is not torch.Tensor:
@@ -114,6 +114,8 @@ def input_supported(x, ranks, eps):
             or torch.jit.is_tracing() or torch.compiler.is_compiling() or fwAD._current_level >= 0):
         return False
     if x.is_neg():  # a negative-bit view (the imaginary part of a conjugate): its memory holds -x
+        return False
+    if isinstance(eps, torch.Tensor):  # (a one-element tensor: PyTorch's functions take it)
         return False
     # (PyTorch's eval accepts eps = 0; the kernels need eps > 0)
     return not (eps <= 0.0 if type(eps) is float else isinstance(eps, numbers.Real) and not eps > 0)
@@ -127,7 +129,8 @@ def param_dtype_ok(x, t):
 
 def channels_supported(x, channel_args):
     """True when every per-channel tensor of channel_args ((name, tensor or None) pairs) is a CPU tensor the
-    kernels can read beside x; False sends the call to PyTorch. Raises TypeError for arguments that PyTorch would
+    kernels can read beside x; False sends the call to PyTorch (so do running statistics that require grad while
+    grad mode is on: PyTorch raises). Raises TypeError for arguments that PyTorch would
     refuse too: not tensors, of a dtype other than x's (for float16/bfloat16 x: other than x's or float32), or of
     both x's dtype and float32 in one call (PyTorch's CPU kernels refuse mixed parameter dtypes)."""
     first = None
@@ -140,6 +143,8 @@ def channels_supported(x, channel_args):
             return False
         if not t.is_cpu or t.layout != torch.strided or t.is_neg():
             return False
+        if name.startswith("running_") and t.requires_grad and torch.is_grad_enabled():
+            return False  # PyTorch refuses statistics that require grad (it cannot differentiate their update)
         if not param_dtype_ok(x, t):
             also = " or float32" if x.dtype in HALF else ""
             raise TypeError(f"{name} must have the dtype of input ({x.dtype}){also}, got {t.dtype}")

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import parametrize
 
 from ..fold import fold_conv, fold_linear
+from . import fused as _fused
 from . import modules as _modules
 from . import sync as _sync
 
@@ -46,8 +48,10 @@ def _pairs_with(layer, bn):
     """layer → bn is a pair this module folds (types and sizes; the data flow is checked by the caller)."""
     if not _is_bn(bn) or not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
         return False  # without running statistics an eval BN normalises with the batch's: not an affine map
-    if bn._forward_hooks or bn._forward_pre_hooks or getattr(layer, "_forward_hooks", None):
-        return False  # a hook would see different values
+    if _fused.hooked(bn) or _fused.hooked(layer) or _fused.global_hooks():
+        return False  # a hook would see different values (legacy weight_norm is a pre-hook that sets the weight)
+    if parametrize.is_parametrized(layer) or parametrize.is_parametrized(bn):
+        return False  # the weight is computed at each call: a folded one would not be used
     if _is_conv(layer):
         return bn.num_features == layer.out_channels
     if _is_linear(layer):
@@ -171,8 +175,9 @@ def fold(model, *, trace=True):
     a conv's/linear's output that nothing else reads (so ``self.bn1(self.conv1(x))`` inside a forward counts).
     When the model cannot be traced, or with ``trace=False``, only pairs that follow each other in an
     ``nn.Sequential`` are folded (a RuntimeWarning says when tracing failed, and why). Left alone: layers or batch
-    norms called more than once or registered under several names, layers with tied parameters or forward hooks,
-    batch norms with hooks or without running statistics (``track_running_stats=False``), transposed convs,
+    norms called more than once or registered under several names, layers with tied parameters, hooks of
+    any kind (legacy ``weight_norm`` is a pre-hook) or parametrizations (``torch.nn.utils.parametrize``, the new
+    ``weight_norm``), batch norms with hooks or parametrizations or without running statistics (``track_running_stats=False``), transposed convs,
     subclasses that override ``forward``. BatchNorm classes folded: ``torch.nn``'s BatchNorm1d/2d/3d and
     SyncBatchNorm and bn_simd.torch's. A Linear→BatchNorm1d pair is folded for a 2-d (N, features) output: its
     batch norm is replaced by :class:`FoldedBatchNorm1d` (an ``nn.Identity``) which raises RuntimeError on any other

@@ -362,19 +362,41 @@ def instance_norm_act(input, running_mean, running_var, weight, bias, use_input_
 
 # ---- fusing a model's normalization -> activation pairs --------------------------------------------------------------
 
+def hooked(m):
+    """m has hooks of its own that run around its forward or backward (fusing or folding it would change what they see
+    or whether they run)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def global_hooks():
+    """Hooks registered for every module (torch.nn.modules.module.register_module_forward_hook and the like)."""
+    from torch.nn.modules import module as M
+    return any(getattr(M, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                   "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
 def fuse_sequential(model, fused_classes):
     """In every torch.nn.Sequential of model: a normalization module directly followed by an activation module
     becomes its fused class (fused_classes: exact bn_simd class -> fused class, e.g. BatchNorm2d -> BatchNormAct2d,
-    GroupNorm -> GroupNormAct) with that activation, and the activation is replaced by torch.nn.Identity. Returns the
-    number of pairs fused."""
+    GroupNorm -> GroupNormAct) with that activation, and the activation is replaced by torch.nn.Identity. A norm
+    registered at more than one place in model, or a pair with hooks, is not fused. Returns the number of pairs
+    fused."""
     count = 0
+    if global_hooks():
+        return 0
+    names_of = {}  # id(module) -> how many places model registers it at
+    for _, m in model.named_modules(remove_duplicate=False):
+        names_of[id(m)] = names_of.get(id(m), 0) + 1
     for seq in [m for m in model.modules() if type(m) is torch.nn.Sequential]:
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):
             norm, act_mod = seq._modules[a], seq._modules[b]
             cls = fused_classes.get(type(norm))
             spec = activation_of(act_mod)
-            if cls is not None and spec is not None:
+            # (a norm registered elsewhere too would take the activation at its other uses; hooks would see the
+            # activation's output, or not run)
+            if (cls is not None and spec is not None and names_of[id(norm)] == 1 and not hooked(norm)
+                    and not hooked(act_mod)):
                 norm.__class__ = cls
                 norm.activation = spec
                 seq._modules[b] = torch.nn.Identity()
@@ -432,6 +454,8 @@ def fuse_graph(model, fused_classes):
             return None, None
         u = next(iter(n.users))
         if u.op == "call_module" and len(u.args) == 1 and not u.kwargs:
+            if hooked(mods[u.target]):
+                return None, None
             spec = activation_of(mods[u.target])
             return (u, spec) if spec is not None else (None, None)
         if (u.op == "call_function" and u.target in _FUNCTIONS and len(u.args) == 1 and u.args[0] is n
@@ -443,6 +467,8 @@ def fuse_graph(model, fused_classes):
     order = {m: i for i, m in enumerate(graph.nodes)}
     for n in list(graph.nodes):
         if n.op != "call_module" or calls[id(mods[n.target])] != 1 or len(n.args) != 1 or n.kwargs:
+            continue
+        if global_hooks() or hooked(mods[n.target]):
             continue
         cls = fused_classes.get(type(mods[n.target]))
         if cls is None:

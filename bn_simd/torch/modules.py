@@ -281,6 +281,7 @@ def convert(model, fuse_activations=False):
     its fused module (bn_simd.torch.fused): :class:`BatchNormAct2d` (1d, 3d), :class:`GroupNormAct` (a diffusion
     UNet's GroupNorm -> SiLU), :class:`InstanceNormAct2d` (1d, 3d), :class:`LayerNormAct`, :class:`RMSNormAct`. The
     model is traced with ``torch.fx`` and the returned model is then a ``torch.fx.GraphModule`` over model's modules
+    (model itself when no pair is fused)
     (the activation and add calls gone from its graph; a fused add's other operand becomes the module's residual
     argument: one of another shape that broadcasts with the output takes PyTorch's add and activation after the
     plain normalization; one of another dtype than the input's raises TypeError). Its fused modules are copies of
@@ -291,8 +292,10 @@ def convert(model, fuse_activations=False):
     ``bn.running_mean``) is not used. torch.fx traces an augmented assignment ``r += t`` on tensors as ``r = r + t``:
     a model that relies on it updating another reference to r computes otherwise once traced.
     When the model cannot be traced (or gave such a graph), the pairs inside each ``torch.nn.Sequential`` are fused
-    in place (the activation module replaced by ``torch.nn.Identity``) and model is returned. A module called more
-    than once or with more than one argument, whose output has other uses than the activation (or the add), or an
+    in place (the activation module replaced by ``torch.nn.Identity``; a normalization registered at more than one
+    place is left unfused, as its other uses would take the activation too) and model is returned. A module called more
+    than once or with more than one argument, a pair with hooks (a forward, pre-forward or backward hook on the
+    normalization or the activation module, or a hook registered for every module), whose output has other uses than the activation (or the add), or an
     activation of a subclass (which may override forward) is not fused. The fused model applies the activation to
     the float32 value before its rounding (the unfused model rounds the normalization's output first): outputs
     agree within that rounding.
@@ -306,6 +309,6 @@ def convert(model, fuse_activations=False):
     if fuse_activations:
         done = _fused.fuse_graph(model, FUSED)
         if done is not None:
-            return done[0]
+            return done[0] if done[1] else model  # (a graph that fused nothing would only rename the calls)
         _fused.fuse_sequential(model, FUSED)
     return model
