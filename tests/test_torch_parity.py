@@ -216,3 +216,29 @@ def test_one_value_per_channel_raises_like_torch():
         torch.nn.BatchNorm1d(3)(torch.zeros(1, 3))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         bn_simd.BatchNorm1d(3)(np.zeros((1, 3), np.float32))
+
+
+@pytest.mark.parametrize("op", ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"])
+def test_bridge_takes_eps_as_a_one_element_tensor_as_pytorch_does(op):
+    import bn_simd.torch as bt
+    import torch.nn.functional as TF
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    args = {"batch_norm": (None, None, None, None, True), "instance_norm": (), "group_norm": (1,),
+            "layer_norm": ((5,),), "rms_norm": ((5,),)}[op]
+    eps = torch.tensor(0.25, dtype=torch.float64)
+    got = getattr(bt, op)(x, *args, eps=eps)
+    torch.testing.assert_close(got, getattr(TF, op)(x, *args, eps=eps), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, getattr(TF, op)(x, *args, eps=0.25), rtol=1e-12, atol=1e-12)
+
+
+def test_bridge_refuses_running_statistics_that_require_grad_as_pytorch_does():
+    import bn_simd.torch as bt
+    x = torch.randn(4, 3, 5)
+    for training in (True, False):
+        rm, rv = torch.zeros(3, requires_grad=True), torch.ones(3)
+        with pytest.raises(RuntimeError, match="running_mean"):
+            bt.batch_norm(x, rm, rv, training=training)
+        assert torch.equal(rm.detach(), torch.zeros(3))
+    with torch.no_grad():  # (PyTorch updates them there)
+        bt.batch_norm(x, rm, rv, training=True)
+    assert not torch.equal(rm.detach(), torch.zeros(3))
