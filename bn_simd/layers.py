@@ -18,6 +18,20 @@ def check_keys(keys, state_dict, may_miss=lambda k: False):
         raise ValueError(f"state_dict does not match this layer: missing keys {missing}, "
                          f"unexpected keys {unexpected}")
 
+def assign_state(layer, staged):
+    """load_state_dict's last step, once every entry of staged (name -> checked value) is known good: an array
+    goes into the layer's own array of its shape and dtype, in place, as PyTorch's load_state_dict copies into its
+    tensors (so references held elsewhere, an optimizer's or a SyncBatchNorm's sharing them, see the loaded values);
+    a scalar, or an entry the layer holds otherwise (None, another shape or dtype, read-only), is assigned."""
+    for k, v in staged.items():
+        cur = getattr(layer, k, None)
+        if (isinstance(v, np.ndarray) and type(cur) is np.ndarray and cur.shape == v.shape and cur.dtype == v.dtype
+                and cur.flags.writeable):
+            np.copyto(cur, v)
+        else:
+            setattr(layer, k, v)
+
+
 class _Layer:
     """What every layer shares: train() / eval() (``training`` is what they set) and load_state_dict over the keys
     of ``_state_keys()`` and the ``_channels`` per-channel entries."""
@@ -38,7 +52,8 @@ class _Layer:
 
         Every entry is checked (shape (C,), floating dtype; num_batches_tracked an integer) before anything
         is assigned, so a rejected dict leaves the layer as it was. strict=True also rejects missing and
-        unexpected keys. Values are copied into the layer's dtype.
+        unexpected keys. Values are copied into the layer's own arrays (as PyTorch's copy into its tensors:
+        a reference to ``layer.running_mean`` taken before sees the loaded values), in the layer's dtype.
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -63,8 +78,7 @@ class _Layer:
                 if state_dict[k] is None:
                     raise TypeError(f"state_dict[{k!r}] must be an array of shape ({C},), got None")
                 staged[k] = np.array(ck.per_channel(state_dict[k], k, C), dtype=self.dtype)
-        for k, v in staged.items():
-            setattr(self, k, v)
+        assign_state(self, staged)
 
 
 # Keras' names of the same four arrays (a variable's path ends in its name: "batch_normalization/gamma")

@@ -8,7 +8,7 @@ from . import _args as ck
 from . import _core
 from . import _epilogue as _epi
 from .functional import _threads
-from .layers import _no_residual, check_keys
+from .layers import _no_residual, assign_state, check_keys
 
 
 def _shape_arg(normalized_shape):
@@ -128,7 +128,7 @@ class _RowNorm:
     def load_state_dict(self, state_dict, strict=True):
         """Load a dict from :meth:`state_dict` or from the PyTorch layer's (tensors are converted). Every entry is
         checked (shape normalized_shape, floating dtype) before anything is assigned; strict=True also rejects
-        missing and unexpected keys. Values are copied into the layer's dtype."""
+        missing and unexpected keys. Values are copied into the layer's own arrays, in its dtype (as PyTorch's)."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         keys = self._state_keys()
@@ -147,8 +147,7 @@ class _RowNorm:
             if a.shape != self.normalized_shape:
                 raise ValueError(f"state_dict[{k!r}] must have shape {self.normalized_shape}, got {a.shape}")
             staged[k] = np.array(a, dtype=self.dtype)
-        for k, v in staged.items():
-            setattr(self, k, v)
+        assign_state(self, staged)
 
 
 class LayerNorm(_RowNorm):

@@ -525,7 +525,7 @@ class SyncBatchNorm(BatchNorm):
         :mod:`bn_simd.sync`, or None: the world of whichever library is initialised, looked up at each call.
     mode : "exact" or "fast" (see :mod:`bn_simd.sync`).
 
-    Virtual batches and renormalization (``virtual_batch_size``, ``renorm``) are not offered here.
+    Virtual batches, renormalization, fused activations and ``axis=`` are not offered here (``layout=`` is).
 
     Whenever batch statistics are used (training mode, or eval without running statistics) every rank must call
     the layer, and later ``backward``, together; each gets its own piece of y and grad_x, and the statistics,
@@ -561,6 +561,9 @@ class SyncBatchNorm(BatchNorm):
         if getattr(self, "renorm", False) or getattr(self, "virtual_batch_size", None) is not None:
             raise ValueError("SyncBatchNorm has no virtual batches or renormalization: virtual_batch_size must be None "
                              "and renorm False")
+        if self.activation is not None or self.axis is not None:
+            raise ValueError(f"SyncBatchNorm has no fused activation and no axis= (layout= only): activation and axis "
+                             f"must be None, got {self.activation!r} and {self.axis!r}")
         self._check_state()
         xa = self._check_input(x)
         if out is not None:
@@ -627,7 +630,8 @@ class SyncBatchNorm(BatchNorm):
                                       "SyncBatchNorm.backward", failed)
         gx, gw, gb = _apply_grad(grad_out, x, mean, invstd, self.weight, sdy, sdyx, n, self.layout, out)
         if self.affine:
-            self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
+            self.grad_weight = gw.astype(self.dtype)
+            self.grad_bias = gb.astype(self.dtype) if self.bias is not None else None  # (a layer without bias)
         return gx
 
     def __repr__(self):
@@ -642,8 +646,8 @@ class SyncBatchNorm(BatchNorm):
         layer_or_layers : a layer, or a list, tuple or dict of them (nested containers too): the same kind of
             container is returned with its entries converted. Anything else is returned as it is.
 
-        Raises ValueError for a BatchNorm with virtual batches or renormalization (which SyncBatchNorm lacks); nothing
-        is changed.
+        Raises ValueError for a BatchNorm with virtual batches, renormalization, a fused activation or axis= (which
+        SyncBatchNorm lacks); nothing is changed.
         """
         _check_mode(mode)
         if comm is not None:
@@ -658,6 +662,9 @@ def _convert(obj, comm, mode):
             raise ValueError(f"cannot convert {obj!r}: SyncBatchNorm has no virtual batches or renormalization "
                              f"(virtual_batch_size={getattr(obj, 'virtual_batch_size', None)}, "
                              f"renorm={getattr(obj, 'renorm', False)})")
+        if obj.activation is not None or obj.axis is not None:
+            raise ValueError(f"cannot convert {obj!r}: SyncBatchNorm has no fused activation and no axis= (layout= "
+                             f"only), got activation={obj.activation!r}, axis={obj.axis!r}")
         new = SyncBatchNorm(obj.num_features, obj.eps, obj.momentum, obj.affine, obj.track_running_stats, comm=comm,
                             layout=obj.layout, dtype=obj.dtype, mode=mode,
                             unbiased_running_var=obj.unbiased_running_var)

@@ -414,3 +414,30 @@ def test_in_place_forward_keeps_backward_correct(training):
     layer(xi, out=xi)
     np.testing.assert_array_equal(layer.backward(g), expected)
     np.testing.assert_array_equal(layer.grad_weight, ref_layer.grad_weight)
+
+
+@pytest.mark.parametrize("make", [lambda: bn_simd.BatchNorm2d(3), lambda: bn_simd.GroupNorm(1, 3),
+                                  lambda: bn_simd.InstanceNorm2d(3, affine=True, track_running_stats=True),
+                                  lambda: bn_simd.LayerNorm(3), lambda: bn_simd.RMSNorm(3)],
+                         ids=["batch", "group", "instance", "layer", "rms"])
+def test_load_state_dict_copies_into_the_layers_own_arrays_as_pytorch(make):
+    layer = make()
+    held = {k: getattr(layer, k) for k in layer.state_dict() if k != "num_batches_tracked"}
+    new = {k: np.full_like(v, 5.0) for k, v in held.items()}
+    if "num_batches_tracked" in layer.state_dict():
+        new["num_batches_tracked"] = np.int64(4)
+    layer.load_state_dict(new)
+    for k, a in held.items():
+        assert getattr(layer, k) is a and np.all(a == 5.0), k   # a reference taken before sees the values
+    bad = dict(new, weight=np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="weight"):
+        layer.load_state_dict(bad)
+    assert all(np.all(a == 5.0) for a in held.values())       # a rejected dict changes nothing
+
+
+def test_a_sync_layer_converted_from_a_batch_norm_sees_what_the_batch_norm_loads():
+    bn = bn_simd.BatchNorm2d(3)
+    sync = bn_simd.SyncBatchNorm.convert_sync_batchnorm(bn)
+    bn.load_state_dict({k: np.full(3, 2.0, np.float32) for k in ("weight", "bias", "running_mean", "running_var")}
+                       | {"num_batches_tracked": 1})
+    assert np.all(sync.running_mean == 2.0) and np.all(sync.weight == 2.0)

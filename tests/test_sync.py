@@ -493,6 +493,38 @@ def test_convert_sync_batchnorm_containers():
         bn_simd.SyncBatchNorm.convert_sync_batchnorm(layer, mode="x")
 
 
+@pytest.mark.parametrize("kwargs", [{"activation": "relu"}, {"axis": 2}], ids=["activation", "axis"])
+def test_convert_sync_batchnorm_refuses_what_sync_batch_norm_lacks_and_changes_nothing(kwargs):
+    layer = bn_simd.BatchNorm(5, **kwargs)
+    with pytest.raises(ValueError, match="activation"):
+        bn_simd.SyncBatchNorm.convert_sync_batchnorm([layer])
+    assert layer.activation == kwargs.get("activation") and layer.axis == kwargs.get("axis")
+    s = bn_simd.SyncBatchNorm(5)
+    setattr(s, *next(iter(kwargs.items())))  # (set afterwards: refused at the call)
+    x = make_input((4, 5, 3), seed=1)
+    with pytest.raises(ValueError, match="activation"):
+        run_ok(1, lambda r, comm: (setattr(s, "comm", comm), s(x)))
+    assert np.all(s.running_mean == 0) and s.num_batches_tracked == 0
+
+
+def test_a_sync_layer_without_bias_has_no_bias_gradient():
+    x = make_input((4, 3, 5), seed=2)
+    g = make_input((4, 3, 5), seed=3)
+    plain = bn_simd.BatchNorm1d(3, bias=False)
+    plain(x)
+    gx = plain.backward(g)
+
+    def fn(r, comm):
+        s = bn_simd.SyncBatchNorm.convert_sync_batchnorm(bn_simd.BatchNorm1d(3, bias=False), comm)
+        s(x)
+        return s.backward(g), s.grad_weight, s.grad_bias
+
+    ((sgx, sgw, sgb),) = run_ok(1, fn)
+    assert sgb is None and plain.grad_bias is None
+    np.testing.assert_allclose(sgw, plain.grad_weight, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sgx, gx, rtol=1e-5, atol=1e-5)
+
+
 def test_state_dict_round_trip_and_repr():
     layer = bn_simd.SyncBatchNorm(3, mode="fast")
     layer.running_mean[:] = [1, 2, 3]
