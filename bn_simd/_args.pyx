@@ -279,7 +279,7 @@ cdef int train_size(int64_t n, cnp.ndarray x) except -1:
 
 
 cdef int spatial_size(int64_t S, cnp.ndarray x) except -1:
-    if S <= 1:
+    if S == 1:  # (none is an empty output, as PyTorch's)
         raise ValueError(f"Expected more than 1 spatial element when training, got input of shape {(<object>x).shape}")
     return 0
 

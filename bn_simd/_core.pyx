@@ -1280,9 +1280,9 @@ def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, m
         epi_fill(act, ra, ya, "out", &ep)
     mean, var = group_forward_run(xa, ya, &g, C, w, b, e, nthreads, &ep if epi else NULL)
     cdef int64_t N = g.N, S = g.S
-    if rm is not None and N > 0:
+    if rm is not None and N > 0 and S > 0:
         # the running statistics move towards the instance statistics' averages over the batch (the variance
-        # unbiased), as PyTorch's instance norm does
+        # unbiased), as PyTorch's instance norm does; an empty batch leaves them (as its batch norm of no values)
         batch_mean = mean.reshape(N, C).mean(axis=0)
         batch_var = (var * (<double>S / <double>(S - 1))).reshape(N, C).mean(axis=0)
         p = scratch(4 * C, stack)

@@ -302,6 +302,21 @@ def test_instance_norm_rejects_one_spatial_element_and_changes_nothing():
         bn_simd.instance_norm(data((2, 3), np.float32))
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_instance_norm_of_no_spatial_element_is_empty_as_pytorch_and_keeps_the_running_statistics(layout):
+    shape = (2, 0, 5, 3) if layout == "NHWC" else (2, 3, 0, 5)
+    x = np.zeros(shape, np.float32)
+    rm, rv = np.full(3, 0.5, np.float32), np.full(3, 2.0, np.float32)
+    y = bn_simd.instance_norm(x, rm, rv, layout=layout)
+    assert y.shape == shape and np.all(rm == 0.5) and np.all(rv == 2.0)
+    y, mean, invstd = bn_simd.instance_norm_forward(x, layout=layout)
+    assert y.shape == shape and mean.shape == invstd.shape == (2, 3)
+    layer = bn_simd.InstanceNorm2d(3, affine=True, track_running_stats=True, layout=layout)
+    assert layer(x).shape == shape and np.all(layer.running_mean == 0) and np.all(layer.running_var == 1)
+    gx = layer.backward(np.ones_like(x))
+    assert gx.shape == shape and np.all(layer.grad_weight == 0) and np.all(layer.grad_bias == 0)
+
+
 # ---- layers --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", LAYOUTS)
