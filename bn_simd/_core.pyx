@@ -1396,28 +1396,33 @@ cdef int k_row_forward(int dt, const void* x, void* y, Rows* r, int rms, const v
     return _check(st)
 
 
-cdef inline bint in_tc(object a, int dt) noexcept:
+cdef inline bint in_tc(object a, int dt, cnp.ndarray ya) noexcept:
     """Whether checked parameter a (or None) is usable as it is in the compute type of dtype dt (x's dtype; float32 for
-    16-bit x): a contiguous native array of it."""
+    16-bit x) by a forward writing the C-contiguous ya: a contiguous native array of it, apart from ya (the kernels
+    read the parameters while they write y: one that y overwrites is copied first)."""
     if a is None:
         return True
     cdef cnp.ndarray p = <cnp.ndarray>a
-    return (cnp.PyArray_TYPE(p) == (cnp.NPY_FLOAT64 if dt == DT_F64 else cnp.NPY_FLOAT32)
-            and cnp.PyArray_IS_C_CONTIGUOUS(p) and cnp.PyArray_ISALIGNED(p) and cnp.PyArray_ISNOTSWAPPED(p))
+    if not (cnp.PyArray_TYPE(p) == (cnp.NPY_FLOAT64 if dt == DT_F64 else cnp.NPY_FLOAT32)
+            and cnp.PyArray_IS_C_CONTIGUOUS(p) and cnp.PyArray_ISALIGNED(p) and cnp.PyArray_ISNOTSWAPPED(p)):
+        return False
+    cdef const char* a0 = <const char*>cnp.PyArray_DATA(p)
+    cdef const char* y0 = <const char*>cnp.PyArray_DATA(ya)
+    return a0 + cnp.PyArray_NBYTES(p) <= y0 or y0 + cnp.PyArray_NBYTES(ya) <= a0
 
 
-cdef inline int64_t tc_scratch(object w, object b, int dt, int64_t C) noexcept:
-    """The doubles param_tc needs for w and b: 4 C where either is not in the compute type, else none (a row of
-    4096 went through malloc for nothing otherwise)."""
-    return 0 if in_tc(w, dt) and in_tc(b, dt) else 4 * C
+cdef inline int64_t tc_scratch(object w, object b, int dt, int64_t C, cnp.ndarray ya) noexcept:
+    """The doubles param_tc needs for w and b: 4 C where either is not usable as it is, else none (a row of 4096
+    went through malloc for nothing otherwise)."""
+    return 0 if in_tc(w, dt, ya) and in_tc(b, dt, ya) else 4 * C
 
 
-cdef const void* param_tc(object a, int dt, int64_t C, double* tmp, void* dst) except? NULL:
+cdef const void* param_tc(object a, int dt, int64_t C, double* tmp, void* dst, cnp.ndarray ya) except? NULL:
     """Checked parameter a (or None: NULL) in the compute type of dtype dt (x's dtype; float32 for 16-bit x): its own
-    data when it is that already (in_tc), else rounded into dst through the doubles tmp."""
+    data when it is usable as it is (in_tc), else rounded into dst through the doubles tmp."""
     if a is None:
         return NULL
-    if in_tc(a, dt):
+    if in_tc(a, dt, ya):
         return cnp.PyArray_DATA(<cnp.ndarray>a)
     A.load(a, C, tmp)
     narrow(dt, tmp, dst, C)
@@ -1468,7 +1473,7 @@ def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, 
     else:
         e = A.eps(eps)
     cdef cnp.ndarray ya = A.output(out, xa, None)
-    cdef int64_t C = r.C, NS = r.N * r.S, tc = tc_scratch(w, b, r.dtype, C)
+    cdef int64_t C = r.C, NS = r.N * r.S, tc = tc_scratch(w, b, r.dtype, C, ya)
     cdef cnp.ndarray m64 = None, s64 = None
     cdef double stack[STACK_DOUBLES]
     # (scratch: w, b rounded to the compute type when they are not in it, through 2 C doubles; the statistics)
@@ -1488,8 +1493,8 @@ def row_norm(x, normalized_shape, weight, bias, eps, layout, out, int nthreads, 
             mp = p + tc
             sp = mp + NS
         if r.N * r.C * r.S or NS:
-            wp = param_tc(w, r.dtype, C, p, p + 2 * C)
-            bp = param_tc(b, r.dtype, C, p, p + 3 * C)
+            wp = param_tc(w, r.dtype, C, p, p + 2 * C, ya)
+            bp = param_tc(b, r.dtype, C, p, p + 3 * C, ya)
             k_row_forward(r.dtype, data_or_null(xa), data_or_null(ya), &r, rms, wp, bp, e, mp, sp, nthreads)
         if result == 0:
             return ya

@@ -230,13 +230,13 @@ def row_forward_epi(x, normalized_shape, weight, bias, eps, layout, out, int nth
     cdef cnp.ndarray s64 = A.new_vector(NS, cnp.NPY_FLOAT64)
     cdef cnp.ndarray m64 = None if rms else A.new_vector(NS, cnp.NPY_FLOAT64)
     cdef double stack[STACK_DOUBLES]
-    cdef double* p = scratch(tc_scratch(w, b, r.dtype, C), stack)
+    cdef double* p = scratch(tc_scratch(w, b, r.dtype, C, ya), stack)
     cdef const void* wp
     cdef const void* bp
     try:
         if r.N * r.C * r.S or NS:
-            wp = param_tc(w, r.dtype, C, p, p + 2 * C)
-            bp = param_tc(b, r.dtype, C, p, p + 3 * C)
+            wp = param_tc(w, r.dtype, C, p, p + 2 * C, ya)
+            bp = param_tc(b, r.dtype, C, p, p + 3 * C, ya)
             k_row_forward_epi(r.dtype, data_or_null(xa), data_or_null(ya), &r, rms, wp, bp, e,
                               NULL if rms else <double*>data_of(m64), <double*>data_of(s64), &ep, nthreads)
     finally:

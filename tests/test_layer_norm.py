@@ -642,3 +642,35 @@ def test_no_access_past_the_end_of_any_array():
     r = subprocess.run([sys.executable, "-c", GUARD_CHILD], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"child exited with {r.returncode} (-11: SIGSEGV)\n{r.stdout}\n{r.stderr}"
     assert "calls ok" in r.stdout
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("where", ["weight", "bias", "in_place_row"])
+def test_an_output_over_the_weight_or_bias_gives_the_answer_of_separate_arrays(where, rms, activation):
+    """The kernels read the parameters while they write y: y over them (out= the weight's own memory, or in place
+    with the weight a row of x) must not change what is read."""
+    if rms and where == "bias":
+        pytest.skip("RMS norm has no bias")
+    rng = np.random.default_rng(5)
+    C = 37
+    x = rng.standard_normal((6, C)).astype(np.float32)
+    w = rng.standard_normal(C).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    kw = {"activation": activation}
+
+    def call(x, w, b, out):
+        if rms:
+            return bn_simd.rms_norm(x, C, w, out=out, **kw)
+        return bn_simd.layer_norm(x, C, w, b, out=out, **kw)
+
+    if where == "in_place_row":
+        expected = call(x.copy(), x[0].copy(), b.copy(), None)
+        got = call(x, x[0], b, x)  # weight = x's first row, written over in place first
+    else:
+        out = np.empty_like(x)
+        out[0] = w if where == "weight" else b  # the parameter is y's first row, written first
+        wp, bp = (out[0], b) if where == "weight" else (w, out[0])
+        expected = call(x, wp.copy(), bp.copy(), None)
+        got = call(x, wp, bp, out)
+    np.testing.assert_array_equal(got, expected)
