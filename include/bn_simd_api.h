@@ -99,8 +99,10 @@ BN_API const char* bn_isa_name(int isa);
 BN_API int bn_have_openmp(void);
 
 /* ---- contexts ----
- * A context holds the settings of the ops run under it: the ISA (-1: the best), the thread count (0: OpenMP's
- * default; without OpenMP, 1), the tuning budgets (docs/tuning.md; -1: the CPU's) and a parallel_for. The default
+ * A context holds the settings of the ops run under it: the ISA, the thread count (0: OpenMP's default; without
+ * OpenMP, 1), the tuning budgets (docs/tuning.md) and a parallel_for. -1 (the ISA, the budgets) in a context of
+ * bn_context_create means "the default context's setting, as it is at the call"; in the default context, the best
+ * ISA the CPU has and the CPU's budgets. The default
  * context (bn_default_context(), or NULL given to an op) is shared by the whole process. A context must outlive the
  * ops that use it and not change while one runs; several threads may run ops under one context at once. */
 typedef struct bn_context bn_context;
@@ -109,14 +111,15 @@ BN_API bn_context* bn_default_context(void);
 BN_API bn_context* bn_context_create(void);
 /* Frees a context from bn_context_create (NULL and the default context: nothing). */
 BN_API void bn_context_destroy(bn_context* ctx);
-/* isa: a bn_isa code, or -1 for the best; BN_EISA when the CPU lacks it, BN_EINVAL for a NULL context. */
+/* isa: a bn_isa code, or -1 (the default context's; for the default context, the best); BN_EISA when the CPU lacks
+ * it, BN_EINVAL for a NULL context. */
 BN_API int bn_context_set_isa(bn_context* ctx, int isa);
 /* The ISA ops under ctx use; -1 for a NULL context. */
 BN_API int bn_context_get_isa(const bn_context* ctx);
 /* nthreads >= 0 (0: OpenMP's default); BN_EINVAL otherwise, or for a NULL context. */
 BN_API int bn_context_set_num_threads(bn_context* ctx, int nthreads);
 BN_API int bn_context_get_num_threads(const bn_context* ctx);
-/* The tuning of docs/tuning.md ("Strip threshold per CPU", "Slab budget per CPU"): -1 for the CPU's; the results are
+/* The tuning of docs/tuning.md ("Strip threshold per CPU", "Slab budget per CPU"): -1 as for the ISA; the results are
  * the same bits whatever they are. BN_EINVAL for a NULL context or a strip size below 4096. */
 BN_API int bn_context_set_cl_strip_bytes(bn_context* ctx, int64_t bytes);
 BN_API int bn_context_set_slab_bytes(bn_context* ctx, int64_t bytes);

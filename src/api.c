@@ -173,8 +173,9 @@ static int overlaps(const void* a, size_t na, const void* b, size_t nb) {
     return a && b && na && nb && p < q + nb && q < p + na;
 }
 
-/* An output array (out, nout bytes) against the inputs and outputs of a call, NULL ones ignored: BN_EOVERLAP when it
- * shares a byte with any of them except its own alias (the in-place y == x: alias). */
+/* The outputs of a call against its inputs and each other, NULL ones ignored: BN_EOVERLAP when two share a byte,
+ * except the in-place pair y == x (outs[0] and ins[0] both at alias, when alias is not NULL). Only that pair: an
+ * output of statistics at x, or a parameter at x with y at x, overlaps. */
 typedef struct {
     const void* p;
     size_t n;
@@ -184,7 +185,7 @@ static int check_overlaps(const span* outs, int nouts, const span* ins, int nins
     for (int i = 0; i < nouts; i++) {
         if (!outs[i].p) continue;
         for (int j = 0; j < nins; j++)
-            if (ins[j].p != alias || outs[i].p != alias)
+            if (!(alias && i == 0 && j == 0 && outs[0].p == alias && ins[0].p == alias))
                 if (overlaps(outs[i].p, outs[i].n, ins[j].p, ins[j].n)) return BN_EOVERLAP;
         for (int j = i + 1; j < nouts; j++)
             if (overlaps(outs[i].p, outs[i].n, outs[j].p, outs[j].n)) return BN_EOVERLAP;

@@ -374,6 +374,25 @@ def test_overlapping_outputs_give_eoverlap_and_write_nothing():
     assert st == capi.STATUS["EOVERLAP"]
 
 
+@pytest.mark.parametrize("at_x", ["sm", "rm", "y_and_sm"])
+def test_an_output_other_than_y_at_x_is_an_overlap(at_x):
+    """Only y may sit at x (in place): statistics written at x's address would overwrite the data being read."""
+    x = rng(6).standard_normal((3, 4, 2, 2)).astype(np.float32)
+    kept = x.copy()
+    over = {k: P(x) for k in ("y", "sm") if k in at_x} if at_x != "rm" else {"rm": P(x)}
+    st, outs = _bn_training_call(x=P(x), **over)
+    assert st == capi.STATUS["EOVERLAP"] and np.array_equal(x, kept)
+
+
+def test_in_place_inference_with_a_parameter_at_x_is_an_overlap():
+    x = rng(7).standard_normal((3, 4, 2, 2)).astype(np.float32)
+    kept, d = x.copy(), capi.desc(x)
+    rm, rv, w = np.zeros(4), np.ones(4), np.ones(4)
+    st = L.bn_batch_norm_inference(None, d, P(x), P(x), P(rm), P(rv), P(w), P(x), EPS, None, 0)  # bias at x
+    assert st == capi.STATUS["EOVERLAP"] and np.array_equal(x, kept)
+    assert L.bn_batch_norm_inference(None, d, P(x), P(x), P(rm), P(rv), P(w), None, EPS, None, 0) == 0  # y == x
+
+
 def test_workspace_smaller_than_its_size_is_refused_and_exact_size_allocates_nothing_else():
     x, C, r = make(CASES[5], 7)
     d = capi.desc(x, capi.NHWC)

@@ -146,9 +146,11 @@ def cmake_install(workdir):
         pytest.skip("cmake not installed (pip install cmake)")
     build, prefix = os.path.join(workdir, "cbuild"), os.path.join(workdir, "prefix")
     _run(["cmake", "-S", ROOT, "-B", build, "-DBN_SIMD_OPT=-O0", "-DCMAKE_BUILD_TYPE=None", "-DBN_SIMD_OPENMP=OFF",
-          "-DBN_SIMD_TESTS=ON", f"-DCMAKE_INSTALL_PREFIX={prefix}"])
+          "-DBN_SIMD_TESTS=ON", f"-DCMAKE_INSTALL_PREFIX={os.path.join(workdir, 'configured')}"])
     _run(["cmake", "--build", build, "-j", "2", "--target", "bn_simd", "bn_simd_static", "bn_test_api"])
-    _run(["cmake", "--install", build])
+    # (installed elsewhere than the configured prefix, as the README's `cmake --install ... --prefix P`: the
+    # pkg-config file and the package files must point into P)
+    _run(["cmake", "--install", build, "--prefix", prefix])
     return build, prefix
 
 

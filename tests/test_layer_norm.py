@@ -190,6 +190,25 @@ def test_empty_leading_dims_return_empty(rms):
     np.testing.assert_array_equal(gw, np.zeros(8))
 
 
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_channels_first_with_an_empty_spatial_dim_returns_empty(activation):
+    """(N, C, 0, W): no position to normalise; the backward's parameter gradients are zeros, as PyTorch's on the
+    permuted array."""
+    x = np.zeros((2, 3, 0, 4), np.float32)
+    w, b = np.ones(3, np.float32), np.zeros(3, np.float32)
+    kw = {} if activation is None else {"activation": activation, "residual": x.copy()}
+    fwd = bn_simd.layer_norm_forward(x, 3, w, b, layout="NCHW", **kw)
+    assert fwd[0].shape == x.shape and fwd[1].shape == fwd[2].shape == (2, 1, 0, 4)
+    if activation is not None:
+        kw["save_stats"] = fwd[3]
+    gx, gw, gb = bn_simd.layer_norm_backward(x, x, fwd[1], fwd[2], 3, w, b, layout="NCHW", **kw)[:3]
+    assert gx.shape == x.shape
+    np.testing.assert_array_equal(gw, np.zeros(3))
+    np.testing.assert_array_equal(gb, np.zeros(3))
+    layer = bn_simd.LayerNorm(3, layout="NCHW")
+    assert layer(x).shape == x.shape and layer.backward(x).shape == x.shape
+
+
 # ---- numerics ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
