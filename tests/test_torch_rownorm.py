@@ -352,3 +352,28 @@ def test_negative_bit_views_are_read_as_their_values():
         fn(xg, [8]).backward(torch._neg_view(g))
         grads.append(xg.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_a_parameter_re_pointed_at_the_same_address_in_another_layout_is_read_in_its_new_layout():
+    m = bt.LayerNorm((3, 3))
+    x = torch.randn(2, 3, 3)
+    with torch.no_grad():
+        m.weight.copy_(torch.arange(9.0).reshape(3, 3))
+    m(x)  # (the module's views of its parameters made)
+    m.weight.data = m.weight.data.t()  # the same storage and data_ptr, transposed strides
+    torch.testing.assert_close(m(x), torch.nn.functional.layer_norm(x, (3, 3), m.weight, m.bias))
+
+
+def test_errors_name_input_as_the_functions_arguments_do():
+    x = torch.randn(4, 6)
+    with pytest.raises(ValueError, match=r"input must have shape \[\*, 5\]"):
+        bt.layer_norm(x, (5,))
+    with pytest.raises(ValueError, match=r"input must have shape \[\*, 5\]"):
+        bt.LayerNorm(5)(x)
+    with pytest.raises(ValueError, match="residual must have the shape of input"):
+        bt.rms_norm(x, (6,), residual=torch.randn(1, 6))
+    buf = torch.randn(5, 6)
+    with pytest.raises(ValueError, match="out overlaps input partially"):
+        bt.layer_norm(buf[:4], (6,), out=buf[1:])
+    with pytest.raises(ValueError, match="weight"):  # (another error, with out= x in place: not an overlap)
+        bt.layer_norm(x, (6,), torch.ones(5), out=x)

@@ -163,16 +163,17 @@ def supported(x, channel_args, ranks, eps):
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
-# A module's entry in its __dict__: (dtype, its per-channel tensors, their data pointers, their ndarrays), the views
-# of its parameters and buffers made once (Tensor.numpy() costs about 1 us per tensor and call, far more inside a
-# network, where every Python step runs from cold caches). Left out of pickles and copies (modules.py).
+# A module's entry in its __dict__: (dtype, its per-channel tensors, their data pointers, strides and shapes, their
+# ndarrays), the views of its parameters and buffers made once (Tensor.numpy() costs about 1 us per tensor and call,
+# far more inside a network, where every Python step runs from cold caches). Left out of pickles and copies (modules.py).
 VIEWS_KEY = "_bn_simd_views"
 
 
 def module_views(module, x, tensors):
     """The ndarrays of a module's per-channel tensors (None entries kept), checked against x once and cached while
-    they are the same tensor objects over the same memory (a dtype or device change, ``.data`` or ``load_state_dict``
-    into new storage makes new views), or None when they must go through the checks of a functional call."""
+    they are the same tensor objects over the same memory in the same layout (a dtype or device change, ``.data``
+    re-pointed, even at the same address with other strides, or ``load_state_dict`` into new storage makes new
+    views), or None when they must go through the checks of a functional call."""
     if (type(x) is not torch.Tensor or x.dtype not in FLOATS or torch.jit.is_tracing()
             or torch.compiler.is_compiling()):
         return None  # (the call goes through the checks, which hand graph captures to PyTorch's function)
@@ -180,7 +181,7 @@ def module_views(module, x, tensors):
     c = d.get(VIEWS_KEY)
     if c is not None and c[0] is x.dtype:
         for t, u, p in zip(tensors, c[1], c[2]):
-            if t is not u or (t is not None and t.data_ptr() != p):
+            if t is not u or (t is not None and (t.data_ptr(), t.stride(), t.shape) != p):
                 break
         else:
             return c[3]
@@ -194,7 +195,8 @@ def module_views(module, x, tensors):
     if len(dtypes) > 1:
         return None  # (the general checks refuse mixed parameter dtypes)
     views = tuple(vec(t) for t in tensors)
-    d[VIEWS_KEY] = (x.dtype, tuple(tensors), tuple(None if t is None else t.data_ptr() for t in tensors), views)
+    d[VIEWS_KEY] = (x.dtype, tuple(tensors),
+                    tuple(None if t is None else (t.data_ptr(), t.stride(), t.shape) for t in tensors), views)
     return views
 
 

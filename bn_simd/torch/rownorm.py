@@ -59,6 +59,20 @@ def _views(input, params, views):
     return tuple(B.vec(t) for _, t in params)
 
 
+def _name_input(input, shape, residual, out):
+    """After the kernels' checks refused a call (their messages name the array x): raises the ValueError of the
+    first check that fails here, naming input as this module's functions do; returns when none does."""
+    k = len(shape)
+    if input.dim() < k or tuple(input.shape[input.dim() - k:]) != tuple(shape):
+        raise ValueError(f"input must have shape [*, {', '.join(map(str, shape))}] for normalized_shape={list(shape)},"
+                         f" got {input.dim()}-D input of shape {list(input.shape)}")
+    if residual is not None:
+        B.check_like(residual, input, "residual")
+    if (out is not None and (out.data_ptr(), out.stride()) != (input.data_ptr(), input.stride())
+            and np.may_share_memory(B._numpy(out), B._numpy(input))):
+        raise ValueError("out overlaps input partially; pass input itself for in-place operation or a separate tensor")
+
+
 def _dense(x):
     """(x, its ndarray) with x in C order: x itself when it is, else one copy (also of a negative-bit view, whose
     memory holds -x: a gradient may arrive as one)."""
@@ -135,12 +149,16 @@ def _layer_norm(input, normalized_shape, weight, bias, eps, out, views):
         views = None
     if views is None:
         return _torch_result(lambda: TF.layer_norm(input, shape, weight, bias, eps), out, input, weight, bias)
-    if B.grad_needed(input, weight, bias):
-        B.no_out_with_grad(out)
-        return LayerNormFunction.apply(input, shape, weight, bias, eps, views)
-    x, xa = _dense(input)
-    y, ya, target = _output(x, xa, out)
-    _bn.layer_norm(xa, shape, views[0], views[1], eps, out=ya)
+    try:
+        if B.grad_needed(input, weight, bias):
+            B.no_out_with_grad(out)
+            return LayerNormFunction.apply(input, shape, weight, bias, eps, views)
+        x, xa = _dense(input)
+        y, ya, target = _output(x, xa, out)
+        _bn.layer_norm(xa, shape, views[0], views[1], eps, out=ya)
+    except ValueError:
+        _name_input(input, shape, None, out)
+        raise
     return B.finish(y, target, (out,))
 
 
@@ -203,12 +221,16 @@ def _rms_norm(input, normalized_shape, weight, eps, out, views):
         views = None
     if views is None:
         return _torch_result(lambda: TF.rms_norm(input, shape, weight, eps), out, input, weight)
-    if B.grad_needed(input, weight):
-        B.no_out_with_grad(out)
-        return RMSNormFunction.apply(input, shape, weight, eps, views)
-    x, xa = _dense(input)
-    y, ya, target = _output(x, xa, out)
-    _bn.rms_norm(xa, shape, views[0], eps, out=ya)
+    try:
+        if B.grad_needed(input, weight):
+            B.no_out_with_grad(out)
+            return RMSNormFunction.apply(input, shape, weight, eps, views)
+        x, xa = _dense(input)
+        y, ya, target = _output(x, xa, out)
+        _bn.rms_norm(xa, shape, views[0], eps, out=ya)
+    except ValueError:
+        _name_input(input, shape, None, out)
+        raise
     return B.finish(y, target, (out,))
 
 
@@ -260,13 +282,18 @@ def _row_norm_act(input, normalized_shape, weight, bias, eps, rms, activation, r
             y = TF.rms_norm(input, shape, weight, eps) if rms else TF.layer_norm(input, shape, weight, bias, eps)
             return _torch_activation(y if residual is None else y + residual, activation)
         return _torch_result(composed, out, input, weight, bias, residual)
-    if B.grad_needed(input, weight, bias, residual):
-        B.no_out_with_grad(out)
-        return RowNormActFunction.apply(input, shape, weight, bias, residual, eps, rms, act, views)
-    x, xa = _dense(input)
-    ra = None if residual is None else _dense(residual)[1]
-    y, ya, target = _output(x, xa, out)
-    _core.row_forward_epi(xa, shape, views[0], None if rms else views[1], eps, None, ya, B._threads(), rms, act, ra, 2)
+    try:
+        if B.grad_needed(input, weight, bias, residual):
+            B.no_out_with_grad(out)
+            return RowNormActFunction.apply(input, shape, weight, bias, residual, eps, rms, act, views)
+        x, xa = _dense(input)
+        ra = None if residual is None else _dense(residual)[1]
+        y, ya, target = _output(x, xa, out)
+        _core.row_forward_epi(xa, shape, views[0], None if rms else views[1], eps, None, ya, B._threads(), rms, act,
+                              ra, 2)
+    except ValueError:
+        _name_input(input, shape, residual, out)
+        raise
     return B.finish(y, target, (out,))
 
 
