@@ -154,7 +154,8 @@ class BatchNorm(_Layer):
     Thread safety: a layer holds state (running statistics, the saved forward for backward), so one layer
     must not be called from several threads at once. The functional API is safe to call concurrently on
     different arrays. The layer keeps a reference to the last training input for backward: changing that
-    array in place before ``backward`` changes the gradients.
+    array in place before ``backward`` changes the gradients. The weight is the forward's (a copy, C values): an
+    optimizer step between a forward and its backward does not change that backward.
     """
 
     _ranks = (2, 3, 4, 5)
@@ -190,7 +191,7 @@ class BatchNorm(_Layer):
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.grad_weight = self.grad_bias = self.grad_residual = None
         self.training = True
-        self._saved = None
+        self._saved = self._fwd_weight = None  # (the last forward's state; its weight, copied)
         self._init_extras(virtual_batch_size, renorm, renorm_clipping, renorm_momentum)
         if self.axis is not None and (self.renorm or self.virtual_batch_size is not None):
             raise ValueError("axis= does not combine with virtual_batch_size or renorm (use layout=)")
@@ -258,6 +259,7 @@ class BatchNorm(_Layer):
                 raise ValueError("mask= does not combine with virtual_batch_size or renorm")
             from . import renorm as R
             y, self._saved = R.layer_forward(self, x, out, saved_x, update, momentum)
+            self._fwd_weight = None if self.weight is None else self.weight.copy()  # (backward: the forward's)
             if update and self.num_batches_tracked is not None:
                 self.num_batches_tracked += 1
             return y
@@ -280,6 +282,7 @@ class BatchNorm(_Layer):
         if update and self.num_batches_tracked is not None:
             self.num_batches_tracked += 1
         self._saved = (saved_x, mean, invstd, batch_stats, mask)
+        self._fwd_weight = None if self.weight is None else self.weight.copy()  # (backward: the forward's)
         return y
 
     __call__ = forward
@@ -347,10 +350,11 @@ class BatchNorm(_Layer):
         x, mean, invstd, training, mask = self._saved
         lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
         if mask is None:
-            gx, gw, gb = _core.batch_norm_backward(grad_out, x, mean, invstd, self.weight, lay, out, training,
+            gx, gw, gb = _core.batch_norm_backward(grad_out, x, mean, invstd, self._fwd_weight, lay, out, training,
                                                    F._threads())
         else:
-            gx, gw, gb = _masked.backward(grad_out, x, mean, invstd, self.weight, lay, out, mask, F._threads())
+            gx, gw, gb = _masked.backward(grad_out, x, mean, invstd, self._fwd_weight, lay, out, mask,
+                                          F._threads())
         if self.affine:
             self.grad_weight = gw.astype(self.dtype)
             self.grad_bias = gb.astype(self.dtype) if self.bias is not None else None
@@ -499,6 +503,7 @@ class _InstanceNorm(BatchNorm):
             y, mean, invstd = _core.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
                                                0.0, self.eps, self.layout, out, True, F._threads(), True)
             self._saved = (saved_x, mean, invstd, False, unbatched)
+            self._fwd_weight = None if self.weight is None else self.weight.copy()  # (backward: the forward's)
         else:
             # momentum=None: PyTorch's instance norm passes momentum 0 (running statistics left as they are)
             update = self.training and self.track_running_stats and self.momentum is not None
@@ -507,6 +512,7 @@ class _InstanceNorm(BatchNorm):
                                                   self.momentum if update else 0.0, self.eps, self.layout, out,
                                                   F._threads(), True)
             self._saved = (saved_x, mean, invstd, True, unbatched)
+            self._fwd_weight = None if self.weight is None else self.weight.copy()  # (backward: the forward's)
         return y[0] if unbatched else y
 
     __call__ = forward
@@ -545,9 +551,10 @@ class _InstanceNorm(BatchNorm):
         self.grad_residual = None
         g, out = _batched_grad(grad_out, out, x, unbatched)
         if input_stats:
-            gx, gw, gb = groups.instance_norm_backward(g, x, mean, invstd, self.weight, layout=self.layout, out=out)
+            gx, gw, gb = groups.instance_norm_backward(g, x, mean, invstd, self._fwd_weight, layout=self.layout,
+                                                       out=out)
         else:
-            gx, gw, gb = F.batch_norm_backward(g, x, mean, invstd, self.weight, layout=self.layout, out=out,
+            gx, gw, gb = F.batch_norm_backward(g, x, mean, invstd, self._fwd_weight, layout=self.layout, out=out,
                                                training=False)
         if self.affine:
             self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
@@ -631,7 +638,7 @@ class GroupNorm(_Layer):
         self.bias = np.zeros(self.num_channels, dt) if self.affine else None
         self.grad_weight = self.grad_bias = self.grad_residual = None
         self.training = True
-        self._saved = None
+        self._saved = self._fwd_weight = None  # (the last forward's state; its weight, copied)
 
     def reset_parameters(self):
         if self.affine:
@@ -664,6 +671,7 @@ class GroupNorm(_Layer):
         y, mean, invstd = groups.group_norm_forward(x, self.num_groups, self.weight, self.bias, eps=self.eps,
                                                     layout=self.layout, out=out)
         self._saved = (saved_x, mean, invstd)
+        self._fwd_weight = None if self.weight is None else self.weight.copy()  # (backward: the forward's)
         return y
 
     __call__ = forward
@@ -687,7 +695,7 @@ class GroupNorm(_Layer):
         _no_residual(grad_residual_out)
         x, mean, invstd = self._saved
         self.grad_residual = None
-        gx, gw, gb = groups.group_norm_backward(grad_out, x, mean, invstd, self.num_groups, self.weight,
+        gx, gw, gb = groups.group_norm_backward(grad_out, x, mean, invstd, self.num_groups, self._fwd_weight,
                                                 layout=self.layout, out=out)
         if self.affine:
             self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)

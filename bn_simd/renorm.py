@@ -340,9 +340,9 @@ def layer_backward(layer, grad_out, out):
     G, C = split.G, split.C
     mean, invstd = sv.mean.reshape(G, C), sv.invstd.reshape(G, C)
     if sv.r is None:
-        gx, gw, gb = train_backward(split, grad_out, mean, invstd, layer.weight, out)
+        gx, gw, gb = train_backward(split, grad_out, mean, invstd, layer._fwd_weight, out)
     else:
-        gx, sdx, sdy = train_backward(split, grad_out, mean, invstd, layer.weight, out, scale=sv.r)
+        gx, sdx, sdy = train_backward(split, grad_out, mean, invstd, layer._fwd_weight, out, scale=sv.r)
         gw, gb = sv.r * sdx + sv.d * sdy, sdy
     if layer.affine:
         layer.grad_weight, layer.grad_bias = gw.astype(layer.dtype), gb.astype(layer.dtype)

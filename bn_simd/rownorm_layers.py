@@ -42,7 +42,7 @@ class _RowNorm:
         self.normalized_shape = _shape_arg(normalized_shape)
         self.dtype = ck.check_dtype(dtype)
         self.layout = None if layout is None else ck.check_layout(layout)
-        if self.layout == "NCHW" and len(self.normalized_shape) != 1:
+        if self.layout is not None and len(self.normalized_shape) != 1:  # (either layout names one channel axis)
             raise ValueError(f"normalized_shape must be the number of channels C with layout={layout!r}, got "
                              f"{normalized_shape!r}")
         self.eps = eps if eps is None and self._rms else ck.check_eps(eps)
@@ -52,7 +52,7 @@ class _RowNorm:
         self.bias = np.zeros(shape, self.dtype) if self.elementwise_affine and bias else None
         self.grad_weight = self.grad_bias = self.grad_residual = None
         self.training = True
-        self._saved = None
+        self._saved = self._fwd_weight = None  # (the last forward's state; its weight, copied)
 
     def reset_parameters(self):
         """weight to ones, bias to zeros."""
@@ -89,6 +89,7 @@ class _RowNorm:
         y, mean, rstd = _core.row_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.layout, out,
                                        _threads(), self._rms, 2)
         self._saved = (saved_x, mean, rstd)  # (the float64 statistics: the backward gets them unrounded)
+        self._fwd_weight = None if self.weight is None else self.weight.copy()  # (backward: the forward's)
         return y
 
     __call__ = forward
@@ -112,7 +113,7 @@ class _RowNorm:
         _no_residual(grad_residual_out)
         self.grad_residual = None
         x, mean, rstd = self._saved
-        r = _core.row_norm_backward(grad_out, x, mean, rstd, self.normalized_shape, self.weight, self.bias,
+        r = _core.row_norm_backward(grad_out, x, mean, rstd, self.normalized_shape, self._fwd_weight, self.bias,
                                     self.layout, out, _threads(), self._rms)
         self.grad_weight = r[1]
         self.grad_bias = None if self._rms else r[2]
@@ -169,7 +170,8 @@ class LayerNorm(_RowNorm):
         also sets ``grad_residual``.
 
     ``layer(x)`` normalises (training and eval alike); ``backward(grad_out)`` returns grad_x and sets
-    ``grad_weight`` / ``grad_bias``. ``state_dict`` keys: weight, bias, as PyTorch's. Raises TypeError / ValueError
+    ``grad_weight`` / ``grad_bias``, with the forward's weight (copied) and x (a reference: changing x in place
+    before ``backward`` changes the gradients). ``state_dict`` keys: weight, bias, as PyTorch's. Raises TypeError / ValueError
     naming the argument for wrong arguments.
     """
 

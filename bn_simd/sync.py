@@ -598,6 +598,7 @@ class SyncBatchNorm(BatchNorm):
         if n > 0 and np.all(np.isfinite(mean)):
             self._shift = mean
         self._saved = (saved_x, mean, 1.0 / np.sqrt(var + self.eps), True)
+        self._fwd_weight = None if self.weight is None else self.weight.copy()  # (backward: the forward's)
         self._sync_n = n
         return y
 
@@ -628,7 +629,7 @@ class SyncBatchNorm(BatchNorm):
         failed = _attempt(self._local_backward, grad_out, x, out, grad_residual_out)
         sdy, sdyx, _ = _exchange_grad(comm, grad_out, x, mean, self.num_features, self.layout, self.mode,
                                       "SyncBatchNorm.backward", failed)
-        gx, gw, gb = _apply_grad(grad_out, x, mean, invstd, self.weight, sdy, sdyx, n, self.layout, out)
+        gx, gw, gb = _apply_grad(grad_out, x, mean, invstd, self._fwd_weight, sdy, sdyx, n, self.layout, out)
         if self.affine:
             self.grad_weight = gw.astype(self.dtype)
             self.grad_bias = gb.astype(self.dtype) if self.bias is not None else None  # (a layer without bias)

@@ -441,3 +441,29 @@ def test_a_sync_layer_converted_from_a_batch_norm_sees_what_the_batch_norm_loads
     bn.load_state_dict({k: np.full(3, 2.0, np.float32) for k in ("weight", "bias", "running_mean", "running_var")}
                        | {"num_batches_tracked": 1})
     assert np.all(sync.running_mean == 2.0) and np.all(sync.weight == 2.0)
+
+
+@pytest.mark.parametrize("epilogue", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("make", [lambda a: bn_simd.BatchNorm2d(3, activation=a),
+                                  lambda a: bn_simd.GroupNorm(1, 3, activation=a),
+                                  lambda a: bn_simd.InstanceNorm2d(3, affine=True, activation=a),
+                                  lambda a: bn_simd.LayerNorm(5, activation=a),
+                                  lambda a: bn_simd.RMSNorm(5, activation=a),
+                                  lambda a: bn_simd.BatchNorm2d(3, virtual_batch_size=2) if a is None else None],
+                         ids=["batch", "group", "instance", "layer", "rms", "virtual"])
+def test_backward_uses_the_forwards_weight_after_an_update_in_place(make, epilogue):
+    """An optimizer step between a forward and its backward (weight -= lr * grad, in place) does not change that
+    backward: both paths (plain, through an activation) differentiate the forward that ran."""
+    layer = make("relu" if epilogue else None)
+    if layer is None:
+        pytest.skip("virtual batches take no activation")
+    x = np.random.default_rng(3).standard_normal((4, 3, 2, 5)).astype(np.float32)
+    g = np.random.default_rng(4).standard_normal(x.shape).astype(np.float32)
+    layer.weight[...] = np.linspace(0.5, 1.5, layer.weight.size).reshape(layer.weight.shape)
+    layer(x)
+    expected = layer.backward(g), layer.grad_weight.copy()
+    layer(x)
+    layer.weight *= 2.0  # (in place, after the forward)
+    got = layer.backward(g), layer.grad_weight
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
