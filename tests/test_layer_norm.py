@@ -693,3 +693,18 @@ def test_an_output_over_the_weight_or_bias_gives_the_answer_of_separate_arrays(w
         expected = call(x, wp.copy(), bp.copy(), None)
         got = call(x, wp, bp, out)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_rows_of_no_value_give_pytorchs_statistics():
+    """normalized_shape of size 0: torch.native_layer_norm gives mean 0 and rstd NaN (1 / sqrt(NaN variance))."""
+    x = np.zeros((3, 0), np.float32)
+    y, mean, rstd = bn_simd.layer_norm_forward(x, 0)
+    assert y.shape == (3, 0) and np.all(mean == 0) and np.all(np.isnan(rstd))
+    y, rstd = bn_simd.rms_norm_forward(x, 0)
+    assert np.all(np.isnan(rstd))
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_a_channel_layout_with_several_normalized_dims_is_refused_at_construction(layout):
+    with pytest.raises(ValueError, match="normalized_shape"):
+        bn_simd.LayerNorm((3, 5), layout=layout)
