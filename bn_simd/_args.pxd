@@ -42,9 +42,10 @@ cdef bint half_storage(cnp.ndarray a) noexcept
 cdef int view(cnp.ndarray x, int layout, str name, View* v) except -1
 cdef int group_view(cnp.ndarray x, int layout, int min_rank, str what, Groups* g) except -1
 cdef cnp.ndarray like(object a, str name, cnp.ndarray x)
-cdef object channel(object v, str name, int64_t C, bint inplace)
-cdef object required_channel(object v, str name, int64_t C)
+cdef object channel(object v, str name, int64_t C, bint inplace, str of=*)
+cdef object required_channel(object v, str name, int64_t C, str of=*)
 cdef object first_channel(object v, str name)
+cdef int64_t length(object v, str name) except -1
 cdef int both_given(object a, object b, str names) except -1
 cdef int together(object running_mean, object running_var) except -1
 cdef int load(object a, int64_t C, double* dst) except -1

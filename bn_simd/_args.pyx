@@ -17,7 +17,7 @@ import numpy as np
 
 cimport numpy as cnp
 from cpython.float cimport PyFloat_AS_DOUBLE
-from libc.math cimport isfinite
+from libc.math cimport floor, isfinite
 from libc.stdint cimport uint16_t
 from libc.string cimport memcpy
 
@@ -286,10 +286,11 @@ cdef int spatial_size(int64_t S, cnp.ndarray x) except -1:
 
 # ---- per-channel arrays -------------------------------------------------------------------------------------
 
-cdef object channel(object v, str name, int64_t C, bint inplace):
+cdef object channel(object v, str name, int64_t C, bint inplace, str of="x"):
     """A length-C floating-point vector (any float dtype, any strides) as an ndarray, or None.
 
-    inplace: v is updated in place by the call, so it must be a writeable ndarray."""
+    inplace: v is updated in place by the call, so it must be a writeable ndarray. of: the argument whose channels
+    set C (the messages name it)."""
     cdef cnp.ndarray a
     cdef int t
     if v is None:
@@ -309,7 +310,7 @@ cdef object channel(object v, str name, int64_t C, bint inplace):
     if not _is_float(b.dtype):
         raise TypeError(f"{name} must have a floating-point dtype, got {b.dtype}")
     if b.shape != (C,):
-        raise ValueError(f"{name} must have shape ({C},) to match the {C} channels of x, got shape {b.shape}")
+        raise ValueError(f"{name} must have shape ({C},) to match the {C} channels of {of}, got shape {b.shape}")
     if inplace and not b.flags.writeable:
         raise ValueError(f"{name} must be writeable (it is updated in place), got a read-only array")
     return b
@@ -320,11 +321,11 @@ cdef int64_t length(object v, str name) except -1:
     return 0 if v is None else _to_ndarray(v, name).size
 
 
-cdef object required_channel(object v, str name, int64_t C):
-    """channel(v, name, C, False), None refused."""
+cdef object required_channel(object v, str name, int64_t C, str of="x"):
+    """channel(v, name, C, False, of), None refused."""
     if v is None:
         raise TypeError(f"{name} must be an array of shape ({C},), got None")
-    return channel(v, name, C, False)
+    return channel(v, name, C, False, of)
 
 
 cdef object first_channel(object v, str name):
@@ -494,14 +495,18 @@ cdef double _momentum(object m, bint allow_none) except? -1.0:
 
 
 cdef double count(object n, bint positive) except? -1.0:
-    """A number of values n (a real number > 0, or >= 0 unless positive) as a double."""
+    """A number of values n (a whole number > 0, or >= 0 unless positive; an int or an integral float) as a
+    double."""
+    cdef double v
     if (not isinstance(n, bool) and isinstance(n, (int, float, np.integer, np.floating))
             and (n > 0 if positive else n >= 0)):
         try:
-            return float(n)
+            v = float(n)
+            if isfinite(v) and v == floor(v):
+                return v
         except OverflowError:
             pass
-    raise ValueError(f"n must be a number of values {'> 0' if positive else '>= 0'}, got {n!r}")
+    raise ValueError(f"n must be a whole number of values {'> 0' if positive else '>= 0'}, got {n!r}")
 
 
 cdef object dtype_arg(object dtype, int* code):

@@ -1047,12 +1047,12 @@ def backward_apply(grad_out, x, mean, a, b, d, layout, out, int nthreads):
 
 def update_running_stats(running_mean, running_var, mean, var, n, momentum, unbiased):
     """functional.update_running_stats."""
-    m = A.first_channel(mean, "mean")
-    cdef int64_t C = m.shape[0]
-    s = A.required_channel(var, "var", C)
-    rm = A.channel(running_mean, "running_mean", C, True)
-    rv = A.channel(running_var, "running_var", C, True)
-    A.both_given(rm, rv, "running_mean and running_var")
+    A.both_given(running_mean, running_var, "running_mean and running_var")
+    cdef int64_t C = A.length(running_mean, "running_mean")  # (the state's channels set C)
+    rm = A.channel(running_mean, "running_mean", C, True, "running_mean")
+    rv = A.channel(running_var, "running_var", C, True, "running_mean")
+    m = A.required_channel(mean, "mean", C, "running_mean")
+    s = A.required_channel(var, "var", C, "running_mean")
     cdef double mom = A.momentum(momentum), count = A.count(n, False)
     cdef bint unb = unbiased
     cdef double stack[STACK_DOUBLES]

@@ -32,6 +32,18 @@ def test_update_running_stats_with_an_empty_batch_writes_nothing(unbiased):
         bn_simd.update_running_stats(rm, np.ones(2), mean, var, 0, 0.1)
 
 
+def test_update_running_stats_names_the_wrong_argument_and_takes_whole_counts():
+    rm, rv = np.full(3, 0.5, np.float32), np.full(3, 2.0, np.float32)
+    with pytest.raises(ValueError, match=r"mean must have shape \(3,\) to match the 3 channels of running_mean"):
+        bn_simd.update_running_stats(rm, rv, np.ones(4), np.ones(3), 8, 0.1)
+    for n in (2.5, float("inf"), -1, True):
+        with pytest.raises(ValueError, match="whole number"):
+            bn_simd.update_running_stats(rm, rv, np.ones(3), np.ones(3), n, 0.1)
+    np.testing.assert_array_equal(rm, 0.5)
+    bn_simd.update_running_stats(rm, rv, np.ones(3), np.ones(3), np.float64(4.0), 0.5)  # (an integral float)
+    np.testing.assert_allclose(rm, 0.75)
+
+
 def test_empty_batch_leaves_running_stats_as_torch_does():
     torch = _torch()
     rm, rv = torch.full((3,), 0.5), torch.full((3,), 2.0)
