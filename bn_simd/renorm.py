@@ -125,9 +125,7 @@ def _forward(split, renorm_mean, renorm_std, weight, bias, clipping, eps, out):
     if rmean is None or rstd is None:
         raise TypeError(f"renorm_mean and renorm_std must be arrays of shape ({C},), got None")
     e = ck.check_eps(eps)
-    if split.n == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input of shape {split.shape}"
-                         + (f" in virtual batches of {split.v}" if split.G > 1 else ""))
+    split.check_train_size()
     if split.columns:
         mean_w, var_w = split.column_stats()
     else:

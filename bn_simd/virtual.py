@@ -94,6 +94,13 @@ class Split:
             self.part_layout, self.slices = "NCHW", [slice(0, G * C)]
         self.parts = self.to_parts(x)
 
+    def check_train_size(self):
+        """PyTorch's refusal of one value per channel in training, naming the caller's shape and the virtual batch
+        size (the kernels would name their view of one virtual batch)."""
+        if self.n == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input of shape "
+                             f"{self.shape}" + (f" in virtual batches of {self.v}" if self.G > 1 else ""))
+
     def to_parts(self, a):
         """An array of x's shape (x itself, grad_out) as the arrays of the kernel calls."""
         v, G, C, S = self.v, self.G, self.C, self.S
@@ -183,6 +190,7 @@ def train_forward(split, weight, bias, eps, out):
     out = split.check_out(out, [("x", split.x)])
     w = split.tile(ck.per_channel(weight, "weight", split.C))
     b = split.tile(ck.per_channel(bias, "bias", split.C))
+    split.check_train_size()
     if split.columns:
         mean, var = split.column_stats()
         y = _core.normalize(split.parts[0], split.expand(mean), split.expand(var), _expand(split, w),

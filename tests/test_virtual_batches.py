@@ -254,8 +254,11 @@ def test_virtual_batch_size_must_be_a_positive_int(v, exc):
 
 def test_one_value_per_channel_in_a_virtual_batch_raises():
     layer = bn_simd.BatchNorm1d(3, virtual_batch_size=1)
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+    with pytest.raises(ValueError, match=r"value per channel .* shape \(4, 3\) in virtual batches of 1"):
         layer(make_input((4, 3), "NCHW", np.float32, seed=62))
+    with pytest.raises(ValueError, match=r"shape \(4, 3\) in virtual batches of 1"):
+        bn_simd.virtual_batch_norm(make_input((4, 3), "NCHW", np.float32, seed=62), None, None, training=True,
+                                   virtual_batch_size=1)
     np.testing.assert_array_equal(layer.running_var, 1)
     assert layer.num_batches_tracked == 0
 
