@@ -583,8 +583,11 @@ cdef cnp.ndarray _out(object out, cnp.ndarray like, str name, str name1, cnp.nda
         same = same and cnp.PyArray_DIM(o, k) == cnp.PyArray_DIM(like, k)
     if not same:
         raise ValueError(f"{name} must have shape {(<object>like).shape}, got {(<object>o).shape}")
-    if cnp.PyArray_TYPE(o) != cnp.PyArray_TYPE(like) or not cnp.PyArray_ISNOTSWAPPED(o):
+    if cnp.PyArray_TYPE(o) != cnp.PyArray_TYPE(like):
         raise TypeError(f"{name} must have dtype {like.dtype} (the dtype of the input), got {o.dtype}")
+    if not cnp.PyArray_ISNOTSWAPPED(o):  # (a byte-swapped input is read through a native copy; outputs are native)
+        raise TypeError(f"{name} must be in the machine's byte order ({like.dtype.newbyteorder('=')}), got "
+                        f"{o.dtype.str} (byte-swapped: the kernels write native values)")
     if not cnp.PyArray_IS_C_CONTIGUOUS(o):
         raise ValueError(f"{name} must be C-contiguous")
     if not cnp.PyArray_ISALIGNED(o):

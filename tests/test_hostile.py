@@ -290,7 +290,7 @@ def _b():
     return (lambda: bn_simd.batch_norm(**args)), args, None
 
 
-@case("out-is-byteswapped-x-itself", TypeError, "out must have dtype")
+@case("out-is-byteswapped-x-itself", TypeError, "out must be in the machine's byte order")
 def _b():
     args = _std()
     x = args["x"].astype(args["x"].dtype.newbyteorder("S"))

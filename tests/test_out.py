@@ -68,7 +68,7 @@ BAD_OUTS = {
     "wrong_rank": (lambda x: np.zeros(x.size, x.dtype), ValueError, "out must have shape"),
     "wrong_dtype": (lambda x: np.zeros(x.shape, np.float64 if x.dtype == np.float32 else np.float32), TypeError,
                     "out must have dtype"),
-    "byteswapped": (lambda x: np.zeros(x.shape, x.dtype.newbyteorder("S")), TypeError, "out must have dtype"),
+    "byteswapped": (lambda x: np.zeros(x.shape, x.dtype.newbyteorder("S")), TypeError, "out must be in the machine's byte order"),
     "fortran": (lambda x: np.zeros(x.shape, x.dtype, order="F"), ValueError, "C-contiguous"),
     "strided": (lambda x: np.zeros(x.shape[:1] + (2 * x.shape[1],) + x.shape[2:], x.dtype)[:, ::2], ValueError,
                 "C-contiguous"),
