@@ -75,6 +75,36 @@ def test_huge_values_do_not_overflow_the_variance(layout, shape, isa):
     np.testing.assert_allclose(y, ref.forward_train(x, layout=layout)[0], atol=32 * np.finfo(np.float32).eps)
 
 
+@pytest.mark.parametrize("op", ["batch", "group", "instance", "layer", "layer_cf", "rms"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_float64_squares_beyond_double_range_give_an_infinite_variance(op, layout, isa):
+    """|x| ~ 1e170: the squared deviations overflow double. The variance is then +Inf (as PyTorch's: invstd 0, y the
+    bias), on every path and layout alike; before, Inf - Inf became a variance of 0 on some (y ~ 1e172)."""
+    if op.startswith("layer") or op == "rms":
+        if layout == "NHWC" and op == "layer_cf":
+            pytest.skip("channels-first form only")
+        shape = (4, 9, 3) if op == "layer_cf" else (4, 3, 9)
+    else:
+        shape = (2, 6, 3, 3) if layout == "NCHW" else (2, 3, 3, 6)
+    x = np.random.default_rng(7).standard_normal(shape) * 1e170
+    b = np.full(9 if op.startswith("layer") or op == "rms" else 6, 0.25)
+    if op == "batch":
+        mean, var = bn_simd.batch_stats(x, layout=layout)
+        assert np.all(var == np.inf)
+        y = bn_simd.batch_norm(x, None, None, None, b, training=True, layout=layout)
+    elif op == "group":
+        y = bn_simd.group_norm(x, 3, None, b, layout=layout)
+    elif op == "instance":
+        y = bn_simd.instance_norm(x, weight=None, bias=b, layout=layout)
+    elif op == "layer":
+        y = bn_simd.layer_norm(x, 9, None, b)
+    elif op == "layer_cf":
+        y = bn_simd.layer_norm(x, 9, None, b, layout="NCHW")
+    else:
+        y = bn_simd.rms_norm(x, 9) + 0.25
+    np.testing.assert_array_equal(y, 0.25)
+
+
 @pytest.mark.slow
 def test_hundred_million_elements_per_channel_do_not_drift():
     x = np.random.default_rng(4).standard_normal((1, 1, 100_000_000), dtype=np.float32) + np.float32(3.0)
