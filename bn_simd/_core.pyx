@@ -1196,6 +1196,12 @@ cdef tuple group_forward_run(cnp.ndarray xa, cnp.ndarray ya, Groups* g, int64_t 
         release(p, stack)
 
 
+cdef tuple saved_stats64(cnp.ndarray mean, cnp.ndarray var, double e, int64_t N, int64_t G):
+    """(mean, invstd = 1 / sqrt(var + eps)) as float64 (N, G) arrays, unrounded (var is overwritten)."""
+    invstd_of(N * G, <double*>data_of(var), e)
+    return mean.reshape(N, G), var.reshape(N, G)
+
+
 cdef tuple saved_stats(cnp.ndarray mean, cnp.ndarray var, double e, cnp.ndarray xa, int64_t N, int64_t G):
     """(mean, invstd = 1 / sqrt(var + eps)), shaped (N, G) in x's dtype (float32 for 16-bit x; var is
     overwritten)."""
@@ -1212,7 +1218,7 @@ cdef tuple saved_stats(cnp.ndarray mean, cnp.ndarray var, double e, cnp.ndarray 
 
 def group_norm(x, num_groups, weight, bias, eps, layout, out, int nthreads, int result=0):
     """groups.group_norm (result 0: y) and group_norm_forward (1: y, mean, invstd); 2: (y, mean, var) as float64
-    (N num_groups,)."""
+    (N num_groups,); 3: (y, mean, invstd) as float64 (N, num_groups) (the layer's, for its backward)."""
     cdef int lay = A.layout_code(layout)
     cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef Groups g
@@ -1228,12 +1234,15 @@ def group_norm(x, num_groups, weight, bias, eps, layout, out, int nthreads, int 
         return ya
     if result == 2:
         return ya, mean, var
+    if result == 3:
+        return (ya,) + saved_stats64(mean, var, e, g.N, G)
     return (ya,) + saved_stats(mean, var, e, xa, g.N, G)
 
 
 def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, layout, out,
-                  int nthreads, bint saved=False, tuple act=None, residual=None):
-    """groups.instance_norm; saved (with use_input_stats): (y, mean, invstd), (N, C) in x's dtype.
+                  int nthreads, int saved=0, tuple act=None, residual=None):
+    """groups.instance_norm; saved (with use_input_stats): (y, mean, invstd), (N, C) in x's dtype (saved 2, the
+    layer's: float64).
 
     act (_epilogue.parse's tuple) or residual: the fused epilogue z = act(y + residual) in the normalise sweep (without
     use_input_stats batch_norm_epi's eval); saved then returns (y, mean, var), the float64 (N, C) statistics the
@@ -1294,6 +1303,8 @@ def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, m
             release(p, stack)
     if saved and epi:
         return ya, mean.reshape(N, C), var.reshape(N, C)
+    if saved == 2:
+        return (ya,) + saved_stats64(mean, var, e, N, C)
     if saved:
         return (ya,) + saved_stats(mean, var, e, xa, N, C)
     return ya

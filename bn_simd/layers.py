@@ -510,7 +510,7 @@ class _InstanceNorm(BatchNorm):
             y, mean, invstd = _core.instance_norm(x, self.running_mean if update else None,
                                                   self.running_var if update else None, self.weight, self.bias, True,
                                                   self.momentum if update else 0.0, self.eps, self.layout, out,
-                                                  F._threads(), True)
+                                                  F._threads(), 2)  # (float64 statistics, as group norm's)
             self._saved = (saved_x, mean, invstd, True, unbatched)
             self._fwd_weight = None if self.weight is None else self.weight.copy()  # (backward: the forward's)
         return y[0] if unbatched else y
@@ -668,8 +668,9 @@ class GroupNorm(_Layer):
             self._saved = ("epilogue", saved_x, mean, var, act, residual,
                            *(None if v is None else v.copy() for v in (self.weight, self.bias)), self.eps)
             return y
-        y, mean, invstd = groups.group_norm_forward(x, self.num_groups, self.weight, self.bias, eps=self.eps,
-                                                    layout=self.layout, out=out)
+        # (the statistics kept in float64 for the backward: a float32 mean loses digits where |mean| >> std)
+        y, mean, invstd = _core.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.layout, out,
+                                           F._threads(), 3)
         self._saved = (saved_x, mean, invstd)
         self._fwd_weight = None if self.weight is None else self.weight.copy()  # (backward: the forward's)
         return y

@@ -958,14 +958,14 @@ def _exp_gn_backward(c):
 
 
 def _exp_gn_layer_backward(c):
-    """The layer's own statistics (rounded to the data's dtype, as it saves them) of a training forward. Its
+    """The layer's own statistics of a training forward (kept in float64, unrounded, as the layer saves them). Its
     estimate of them errs (as backward_bounds' batch_stats): the mean by dm <= reduction_tol mean|x|, invstd by a
     relative 2 reduction_tol, so xhat by e = reduction_tol (2 |xhat| + cond); dx = s (w dy - A / M - xhat B / M)
     moves by |s| (2 reduction_tol (|w dy| + |A| / M + |xhat B| / M) + e |B| / M + |xhat| e_B / M), e_B the sum of
     |w dy| e."""
     x, G = _xc(c), c["num_groups"]
     m, v, _ = ref.group_stats(x, G)
-    mean, invstd = m.astype(c.dtype), (1.0 / np.sqrt(v + c["eps"])).astype(c.dtype)
+    mean, invstd = m, 1.0 / np.sqrt(v + c["eps"])
     grads = _exp_gn_grads(c, mean, invstd, c.dtype)
     if x.size:
         N, C = x.shape[:2]

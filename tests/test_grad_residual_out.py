@@ -149,7 +149,7 @@ def test_odd_memory_is_refused_and_partial_overlaps_with_every_input(op):
         raw = np.full(x.nbytes + 1, 0x55, np.uint8)
         unaligned = raw[1:].view(np.float32).reshape(x.shape)
         assert not unaligned.flags.aligned
-        for arr, exc, pat in [(np.zeros(x.shape, x.dtype.newbyteorder()), TypeError, "grad_residual_out must have dtype"),
+        for arr, exc, pat in [(np.zeros(x.shape, x.dtype.newbyteorder()), TypeError, "grad_residual_out must be in the machine.s byte order"),
                               (unaligned, ValueError, "grad_residual_out must be aligned"),
                               (np.float32(0), TypeError, "grad_residual_out must be a numpy.ndarray")]:
             with pytest.raises(exc, match=pat):

@@ -330,10 +330,16 @@ def test_group_norm_layer_forward_backward_and_state(layout):
     np.testing.assert_array_equal(y, y2)
     dy = nchw_to(data((3, 12, 5, 5), np.float32, 15), layout)
     gx = layer.backward(dy)
-    gx2, gw2, gb2 = bn_simd.group_norm_backward(dy, x, m, s, 4, w.astype(np.float32), layout=layout)
+    # the layer keeps its statistics in float64: the functional backward with them gives its bits, with the
+    # float32 statistics of group_norm_forward nearly them
+    m64, s64 = layer._saved[1:]
+    assert m64.dtype == s64.dtype == np.float64 and np.array_equal(m64.astype(np.float32), m)
+    gx2, gw2, gb2 = bn_simd.group_norm_backward(dy, x, m64, s64, 4, w.astype(np.float32), layout=layout)
     np.testing.assert_array_equal(gx, gx2)
     np.testing.assert_array_equal(layer.grad_weight, gw2)
     np.testing.assert_array_equal(layer.grad_bias, gb2)
+    gx3 = bn_simd.group_norm_backward(dy, x, m, s, 4, w.astype(np.float32), layout=layout)[0]
+    np.testing.assert_allclose(gx, gx3, rtol=1e-4, atol=1e-5)
     assert set(layer.state_dict()) == {"weight", "bias"}
     layer.eval()
     np.testing.assert_array_equal(layer(x), y)
@@ -369,3 +375,23 @@ def test_instance_norm_layers_track_running_stats_and_take_unbatched_input(cls, 
     np.testing.assert_array_equal(plain(x[0]), bn_simd.instance_norm(x[:1])[0])
     with pytest.raises(ValueError, match="dimensions|expects"):
         plain(data((3,), np.float32))
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("which", ["group", "instance"])
+def test_layers_backward_keeps_float32_accuracy_at_a_large_mean_over_std(which, layout):
+    """|mean| / std = 1e6 in float32: the layer keeps its statistics in float64 for its backward (a float32 mean,
+    rounded by up to 0.03 here, would cost grad_x three to four digits)."""
+    shape = (2, 6, 17, 17)
+    x = (np.random.default_rng(0).standard_normal(shape) + 1e6).astype(np.float32)
+    g = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    G = 3 if which == "group" else 6
+    x64, g64 = x.astype(np.float64).reshape(2, G, -1), g.astype(np.float64).reshape(2, G, -1)
+    sd = 1 / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    xh = (x64 - x64.mean(-1, keepdims=True)) * sd
+    ref = (sd * (g64 - g64.mean(-1, keepdims=True) - xh * (g64 * xh).mean(-1, keepdims=True))).reshape(shape)
+    layer = bn_simd.GroupNorm(G, 6, layout=layout) if which == "group" else bn_simd.InstanceNorm2d(6, layout=layout)
+    layer(nchw_to(x, layout))
+    gx = to_nchw(layer.backward(nchw_to(g, layout)), layout)
+    # float32 storage of x and grad_x: the input is exact, the output rounds; the sums are double
+    assert np.max(np.abs(gx - ref)) <= 64 * eps_of(np.float32) * np.max(np.abs(ref))
