@@ -80,6 +80,8 @@ def _check(args, parser):
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             parser.error(f"{option}: the folder of {path} does not exist")
+        if path and os.path.isdir(path):
+            parser.error(f"{option}: {path} is a folder, not a file name")
 
 
 def _chosen_cases(args, parser):

@@ -154,10 +154,15 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         return bench(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m bn_simd", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m bn_simd",
+                                     description="A self-check against a float64 NumPy reference and a short speed "
+                                                 "table against NumPy.",
                                      epilog="bench (in a source checkout) takes options of its own: "
                                             "python -m bn_simd bench --help")
-    parser.add_argument("command", nargs="?", default="all", choices=["all", "check", "speed", "bench"])
+    parser.add_argument("command", nargs="?", default="all", choices=["all", "check", "speed", "bench"],
+                        help="all (the default): the self-check, then the speed table (a few seconds); check: the "
+                             "self-check only, exit status 1 on any failure; speed: the speed table only; bench: the "
+                             "benchmark harness of a source checkout (against NumPy, PyTorch, ONNX Runtime)")
     args = parser.parse_args(argv)
     cfg = show_config()
     print(f"bn_simd {cfg['version']}: kernels {cfg['isa']} (CPU supports {', '.join(cfg['supported_isas'])}), "

@@ -510,8 +510,14 @@ cdef double count(object n, bint positive) except? -1.0:
 
 
 cdef object dtype_arg(object dtype, int* code):
-    """The np.dtype of a dtype argument (parameters, coefficients): float32 or float64; code = its DT_* code."""
-    dt = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
+    """The np.dtype of a dtype argument (parameters, coefficients): float32 or float64 (None: float32, the default,
+    as PyTorch's and Keras' None); code = its DT_* code."""
+    if dtype is None:
+        dtype = SUPPORTED_DTYPES[0]
+    try:
+        dt = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
     if dt not in SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dt}")
     code[0] = DT_F32 if dt == SUPPORTED_DTYPES[0] else DT_F64

@@ -215,7 +215,7 @@ def cl_stream_strip_bytes():
 def set_cl_strip_bytes(nbytes):
     """Set cl_strip_bytes and cl_stream_strip_bytes for every later call; None: back to the CPU's defaults. Tuning
     and tests only."""
-    cdef int64_t v = -1 if nbytes is None else nbytes
+    cdef int64_t v = -1 if nbytes is None else min(int(nbytes), 2**62)  # (capped, as slab_bytes)
     # (the C call takes a negative value as "the default": here only None means that)
     if (nbytes is not None and v < 0) or bn_set_cl_strip_bytes(v) != BN_OK:
         raise ValueError(f"nbytes must be None or at least {BN_CL_STRIP_MIN_BYTES}, got {nbytes!r}")
@@ -285,7 +285,7 @@ cdef class ContextHandle:
         return ISA_NAMES[bn_context_get_isa(self.c)]
 
     def set_cl_strip_bytes(self, nbytes):
-        cdef int64_t v = -1 if nbytes is None else nbytes
+        cdef int64_t v = -1 if nbytes is None else min(int(nbytes), 2**62)  # (capped, as slab_bytes)
         if (nbytes is not None and v < 0) or bn_context_set_cl_strip_bytes(self.c, v) != BN_OK:
             raise ValueError(f"cl_strip_bytes must be None or at least {BN_CL_STRIP_MIN_BYTES}, got {nbytes!r}")
 
@@ -1048,6 +1048,8 @@ def backward_apply(grad_out, x, mean, a, b, d, layout, out, int nthreads):
 def update_running_stats(running_mean, running_var, mean, var, n, momentum, unbiased):
     """functional.update_running_stats."""
     A.both_given(running_mean, running_var, "running_mean and running_var")
+    if isinstance(running_mean, np.ndarray) and running_mean.ndim != 1:
+        raise ValueError(f"running_mean must have shape (C,), got shape {running_mean.shape}")
     cdef int64_t C = A.length(running_mean, "running_mean")  # (the state's channels set C)
     rm = A.channel(running_mean, "running_mean", C, True, "running_mean")
     rv = A.channel(running_var, "running_var", C, True, "running_mean")

@@ -45,9 +45,9 @@ def _spin_us_setting():
     try:
         us = float(v)
     except ValueError:
-        raise ValueError(f"BN_SIMD_SPIN_US must be a number of microseconds >= 0 or 'default', got {v!r}") from None
+        raise ValueError(f"BN_SIMD_SPIN_US must be a number of microseconds in [0, 1e9) or 'default', got {v!r}") from None
     if not (us >= 0.0 and us < 1e9):
-        raise ValueError(f"BN_SIMD_SPIN_US must be a number of microseconds >= 0 or 'default', got {v!r}")
+        raise ValueError(f"BN_SIMD_SPIN_US must be a number of microseconds in [0, 1e9) or 'default', got {v!r}")
     return us
 
 

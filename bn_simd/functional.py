@@ -97,7 +97,7 @@ def update_running_stats(running_mean, running_var, mean, var, n, momentum, *, u
     running_mean, running_var : writeable ndarrays (C,) of a float dtype, updated in place.
     mean, var : arrays (C,) of a float dtype: the batch mean and biased variance of n values each; with
         unbiased=True the variance moved towards is var * n / (n - 1) (for n > 1).
-    n : number of values >= 0; n = 0 (an empty batch has no statistics) leaves the running statistics as they are,
+    n : the whole number of values >= 0 (an int, or an integral float); n = 0 (an empty batch has no statistics) leaves the running statistics as they are,
         as PyTorch's batch norm does with an empty batch. momentum : float in [0, 1].
 
     The formula :func:`batch_norm` applies. Raises TypeError for wrong types/dtypes and ValueError for wrong shapes
@@ -258,8 +258,11 @@ class Moments:
         for name, a in zip(("shift", "residual", "m2"), arrays):
             if a.ndim != 2 or a.shape != (K, C):
                 raise ValueError(f"{name} must have shape (K, C) = ({K}, {C}) to match count, got {a.shape}")
-        if not np.all(self.count >= 0) or not np.all(self.count == np.floor(self.count)):
-            raise ValueError("count must hold whole numbers >= 0")
+        if not np.all(np.isfinite(self.count)) or not np.all(self.count >= 0) or not np.all(
+                self.count == np.floor(self.count)):
+            raise ValueError("count must hold finite whole numbers >= 0")
+        if np.any(arrays[2] < 0):  # (NaN passes: the moments of data holding a NaN)
+            raise ValueError("m2 (sums of squared deviations) must be >= 0")
         self.shift, self.residual, self.m2 = arrays
 
     @property

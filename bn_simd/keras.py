@@ -53,9 +53,12 @@ def _constant(spec, name):
 
 
 def _dtype(dtype):
-    """The layer's dtype: float32 or float64 (a Keras dtype policy's serialized form is read for its name)."""
+    """The layer's dtype: float32 or float64 (a Keras dtype policy's serialized form is read for its name; a mixed
+    policy, "mixed_float16" or "mixed_bfloat16", keeps its variables in float32, as Keras does)."""
     if isinstance(dtype, dict):
         dtype = (dtype.get("config") or {}).get("name", dtype)
+    if isinstance(dtype, str) and dtype.startswith("mixed_"):
+        dtype = "float32"
     return ck.check_dtype(dtype)
 
 
@@ -98,7 +101,8 @@ class BatchNormalization:
         split the batch.
     trainable : bool. False freezes the layer: it then runs in inference mode even when called with
         training=True, as in Keras.
-    dtype : float32 (Keras' default) or float64: the weights' dtype and the output's.
+    dtype : float32 (Keras' default; None and the mixed policies mixed_float16 and mixed_bfloat16 too, whose
+        variables are float32) or float64: the weights' dtype and the output's.
     name : str.
 
     The weights are made at the first call (or :meth:`build`), shaped (C,) with C = input_shape[axis]; later
@@ -155,7 +159,7 @@ class BatchNormalization:
         self.grad_gamma = self.grad_beta = None
         self.built = False
         self._ndim = None
-        self._saved = None
+        self._saved = self._fwd_gamma = None
 
     # ---- weights -------------------------------------------------------------------------------------------
     def build(self, input_shape):
@@ -311,6 +315,7 @@ class BatchNormalization:
                 raise ValueError("mask must be None with virtual_batch_size (ghost batches take no mask), got a "
                                  f"{type(mask).__name__}")
             y, self._saved = self._virtual_forward(x)
+            self._fwd_gamma = self._gamma_copy()
         elif training and self.trainable:
             share = 1.0 - self.momentum  # bn_simd's momentum: running = (1 - m) running + m batch
             if mask is not None:
@@ -344,12 +349,14 @@ class BatchNormalization:
                         _core.update_running_stats(self.moving_mean, self.moving_variance, mean, var, max(n, 1),
                                                    share, False)
             self._saved = (x, mean, invstd, True, pos, r, d)
+            self._fwd_gamma = self._gamma_copy()
         else:
             if mask is not None:
                 _masked.prepare(x, lay, mask)
             y, mean, invstd = _core.batch_norm(x, self.moving_mean, self.moving_variance, self.gamma, self.beta,
                                                False, 0.0, self.epsilon, lay, None, False, nt, True)
             self._saved = (x, mean, invstd, False, None, None, None)
+            self._fwd_gamma = self._gamma_copy()
         return y if y.dtype == self.dtype else y.astype(self.dtype)
 
     def backward(self, grad_out):
@@ -370,7 +377,7 @@ class BatchNormalization:
             g = g.astype(x.dtype)  # (y came back in the layer's dtype, which may not be the one computed in)
         lay = ck.axis_layout(self.axis)
         # renorm: batch norm's gradient with the weight gamma r (r, d constants), as renorm.batch_renorm_backward
-        w = self.gamma if r is None else self._composed(r, d)[0]
+        w = self._fwd_gamma if r is None else self._composed(r, d, self._fwd_gamma)[0]
         if pos is not None:
             ax = self.axis % x.ndim
             mask = pos.reshape(x.shape[:ax] + x.shape[ax + 1:])  # (the positions the forward selected)
@@ -405,9 +412,15 @@ class BatchNormalization:
         return renorm_corrections(mean, var, self.renorm_mean, self.renorm_stddev, eps=self.epsilon,
                                   **self._clip_bounds())
 
-    def _composed(self, r, d):
-        """Keras' composed transform (x̂ r + d) gamma + beta = x̂ (gamma r) + (gamma d + beta), float64 (C,)."""
-        g64 = np.ones_like(r) if self.gamma is None else np.asarray(self.gamma, np.float64)
+    def _gamma_copy(self):
+        """The forward's gamma, for its backward (an update of gamma in between does not change that backward)."""
+        return None if self.gamma is None else np.array(self.gamma)
+
+    def _composed(self, r, d, gamma=False):
+        """Keras' composed transform (x̂ r + d) gamma + beta = x̂ (gamma r) + (gamma d + beta), float64 (C,); gamma:
+        the layer's unless given (None: none)."""
+        gamma = self.gamma if gamma is False else gamma
+        g64 = np.ones_like(r) if gamma is None else np.asarray(gamma, np.float64)
         b64 = np.zeros_like(r) if self.beta is None else np.asarray(self.beta, np.float64)
         return g64 * r, g64 * d + b64
 
@@ -468,10 +481,10 @@ class BatchNormalization:
             g = g.astype(sv.x.dtype)
         gv, _ = self._batch_first(ck.as_data(g, "grad_out"))
         if sv.r is None:
-            gx, gw, gb = virtual_batch_norm_backward(gv, sv.x, sv.mean, sv.invstd, self.gamma, layout=sv.layout,
+            gx, gw, gb = virtual_batch_norm_backward(gv, sv.x, sv.mean, sv.invstd, self._fwd_gamma, layout=sv.layout,
                                                      virtual_batch_size=sv.v)
         else:
-            gx, gw, gb = batch_renorm_backward(gv, sv.x, sv.mean, sv.invstd, sv.r, sv.d, self.gamma,
+            gx, gw, gb = batch_renorm_backward(gv, sv.x, sv.mean, sv.invstd, sv.r, sv.d, self._fwd_gamma,
                                                layout=sv.layout, virtual_batch_size=sv.v)
         self.grad_gamma = gw.astype(self.dtype) if self.scale else None
         self.grad_beta = gb.astype(self.dtype) if self.center else None

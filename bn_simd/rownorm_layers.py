@@ -84,12 +84,12 @@ class _RowNorm:
             y, mean, rstd = _core.row_forward_epi(x, self.normalized_shape, self.weight, self.bias, self.eps,
                                                   self.layout, out, _threads(), self._rms, act, residual, 2)
             self._saved = ("epilogue", saved_x, mean, rstd, act, residual,
-                           *(None if v is None else v.copy() for v in (self.weight, self.bias)))
+                           *(None if v is None else np.array(v) for v in (self.weight, self.bias)))
             return y
         y, mean, rstd = _core.row_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.layout, out,
                                        _threads(), self._rms, 2)
         self._saved = (saved_x, mean, rstd)  # (the float64 statistics: the backward gets them unrounded)
-        self._fwd_weight = None if self.weight is None else self.weight.copy()  # (backward: the forward's)
+        self._fwd_weight = None if self.weight is None else np.array(self.weight)  # (backward: the forward's)
         return y
 
     __call__ = forward

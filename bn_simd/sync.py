@@ -330,7 +330,8 @@ def _local_fast(x, layout, shift):
     if n_r == 0:
         return np.zeros(2 * C + 1)
     d = mean_r - K
-    return np.concatenate([[n_r], n_r * d, n_r * var_r + n_r * d * d])
+    with np.errstate(over="ignore"):  # (a variance beyond double's range is +Inf already)
+        return np.concatenate([[n_r], n_r * d, n_r * var_r + n_r * d * d])
 
 
 def _shift_array(shift, C):
@@ -401,9 +402,12 @@ def _fast_finish(total, K, C):
     """From the summed [n, S1, S2] relative to K: mean = K + S1 / n, var = (S2 - S1^2 / n) / n, and whether the
     subtraction lost more than 2^20 eps_double of the variance ((mean - K)^2 > 2^20 var)."""
     n, s1, s2 = total[0], total[1:1 + C], total[1 + C:]
-    m = s1 / n
-    between = s1 * m  # S1^2 / n
-    m2 = s2 - between
+    with np.errstate(over="ignore", invalid="ignore"):
+        m = s1 / n
+        between = s1 * m  # S1^2 / n
+        m2 = s2 - between
+        # (squares of finite deviations beyond double's range: an infinite variance, as the kernels give)
+        m2 = np.where(np.isnan(m2) & (s2 == np.inf) & np.isfinite(s1), np.inf, m2)
     var = np.maximum(m2, 0.0) / n
     with np.errstate(invalid="ignore"):
         far = bool(np.any(between > _SHIFT_RATIO * np.maximum(m2, 0.0)))
@@ -556,14 +560,17 @@ class SyncBatchNorm(BatchNorm):
     def mode(self, value):
         self._mode = _check_mode(value)
 
+    def _check_plain(self):
+        """The attributes SyncBatchNorm lacks (set on it after construction), refused in eval and training alike."""
+        if self.activation is not None or self.axis is not None:
+            raise ValueError(f"SyncBatchNorm has no fused activation and no axis= (layout= only): activation and axis "
+                             f"must be None, got {self.activation!r} and {self.axis!r}")
+
     def _local_forward(self, x, out):
         """This rank's checks before the exchange: the layer's state, x and out."""
         if getattr(self, "renorm", False) or getattr(self, "virtual_batch_size", None) is not None:
             raise ValueError("SyncBatchNorm has no virtual batches or renormalization: virtual_batch_size must be None "
                              "and renorm False")
-        if self.activation is not None or self.axis is not None:
-            raise ValueError(f"SyncBatchNorm has no fused activation and no axis= (layout= only): activation and axis "
-                             f"must be None, got {self.activation!r} and {self.axis!r}")
         self._check_state()
         xa = self._check_input(x)
         if out is not None:
@@ -573,6 +580,7 @@ class SyncBatchNorm(BatchNorm):
     def forward(self, x, *, out=None):
         """Normalise this rank's piece x; returns y (``out`` if given). Communicates when batch statistics are
         used (every rank must call it then)."""
+        self._check_plain()
         # BatchNorm's rules: eval mode normalises with the running statistics whenever the layer holds them
         held = self.running_mean is not None or self.running_var is not None
         if not self.training and held:
@@ -598,7 +606,7 @@ class SyncBatchNorm(BatchNorm):
         if n > 0 and np.all(np.isfinite(mean)):
             self._shift = mean
         self._saved = (saved_x, mean, 1.0 / np.sqrt(var + self.eps), True)
-        self._fwd_weight = None if self.weight is None else self.weight.copy()  # (backward: the forward's)
+        self._fwd_weight = None if self.weight is None else np.array(self.weight)  # (backward: the forward's)
         self._sync_n = n
         return y
 

@@ -381,3 +381,9 @@ def test_speed_table_columns():
                                                         ["16x3x3x8", "NHWC", "backward"]]
     assert [r["mode"] for r in rows] == ["forward", "eval", "backward"]
     assert all(r["bn_simd_ms"] > 0 and r["numpy_ms"] > 0 for r in rows)
+
+
+def test_a_json_path_that_is_a_folder_is_refused_before_timing(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", *TINY, "--json", str(tmp_path)])
+    assert "is a folder" in capsys.readouterr().err

@@ -90,3 +90,9 @@ def test_context_arguments_are_checked():
     with pytest.raises(ValueError, match="slab_bytes"):
         bn_simd.Context(slab_bytes=-5)
     assert bn_simd.get_isa() == _core.get_isa()
+
+
+def test_a_huge_byte_budget_is_capped_not_an_overflow():
+    with bn_simd.Context(cl_strip_bytes=2**70, slab_bytes=2**70):
+        x = np.random.default_rng(1).standard_normal((4, 5, 6), dtype=np.float32)
+        np.testing.assert_array_equal(bn_simd.batch_norm(x, training=True), bn_simd.batch_norm(x, training=True))

@@ -425,3 +425,39 @@ def test_other_two_byte_dtypes_are_refused():
         bn_simd.batch_norm(np.zeros((4, 3, 2), "V2"), None, None, training=True)
     with pytest.raises(TypeError, match="x must have dtype"):
         bn_simd.group_norm(np.zeros((4, 4, 2), np.int16), 2)
+
+
+@pytest.mark.parametrize("op", ["batch_train", "batch_eval", "group", "instance"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_an_infinity_in_one_channel_leaves_the_others_bits_with_a_fused_residual(name, layout, op):
+    """An Inf in x poisons its channel (group) only. It used to send the whole call to the float64 apply, whose
+    16-bit result the fused residual and activation then read: the other channels' outputs rounded twice."""
+    dt = half_dtype(name)
+    shape = (2, 6, 3, 5) if layout == "NCHW" else (2, 3, 5, 6)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(shape).astype(dt)
+    r = (rng.standard_normal(shape) * 0.9).astype(dt)
+    bad = x.copy()
+    bad[(0, 2, 1, 1) if layout == "NCHW" else (0, 1, 1, 2)] = np.inf
+    rm, rv = np.zeros(6, np.float32), np.ones(6, np.float32)
+    kw = dict(activation="relu", residual=r, layout=layout)
+
+    def call(a):
+        if op == "batch_train":
+            return bn_simd.batch_norm(a, None, None, training=True, **kw)
+        if op == "batch_eval":
+            a = a.copy()
+            return bn_simd.batch_norm(a, rm, rv, training=False, **kw)
+        if op == "group":
+            return bn_simd.group_norm(a, 6, **kw)
+        return bn_simd.instance_norm(a, **kw)
+
+    with np.errstate(invalid="ignore"):
+        clean, poisoned = call(x), call(bad)
+    ch = (slice(None), [0, 1, 3, 4, 5]) if layout == "NCHW" else (..., [0, 1, 3, 4, 5])
+    if op == "batch_eval":  # (running statistics: only the Inf itself differs)
+        keep = np.isfinite(bad.astype(np.float32))
+        np.testing.assert_array_equal(poisoned[keep].astype(np.float32), clean[keep].astype(np.float32))
+        return
+    np.testing.assert_array_equal(poisoned[ch].astype(np.float32), clean[ch].astype(np.float32))

@@ -405,3 +405,25 @@ def test_float16_integer_and_bool_inputs_are_computed_in_float32():
         assert layer.backward(np.ones((6, 4), np.float32)).dtype == np.float32
     y = BatchNormalization()(x > 2, training=True)
     assert y.dtype == np.float32 and y.shape == (6, 4)
+
+
+@pytest.mark.parametrize("dtype", ["mixed_float16", "mixed_bfloat16", None,
+                                   {"module": "keras", "class_name": "DTypePolicy",
+                                    "config": {"name": "mixed_float16"}}])
+def test_mixed_policies_and_none_keep_float32_variables_as_keras(dtype):
+    layer = BatchNormalization(dtype=dtype)
+    assert layer.dtype == np.float32
+    assert BatchNormalization.from_config(layer.get_config()).dtype == np.float32
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        BatchNormalization(dtype="bfloat16")
+
+
+def test_backward_uses_the_forwards_gamma_after_an_update_in_place():
+    x = np.random.default_rng(2).standard_normal((6, 4)).astype(np.float32)
+    g = np.random.default_rng(3).standard_normal((6, 4)).astype(np.float32)
+    layer = BatchNormalization()
+    layer(x, training=True)
+    expected = layer.backward(g)
+    layer(x, training=True)
+    layer.gamma *= 2.0
+    np.testing.assert_array_equal(layer.backward(g), expected)

@@ -304,3 +304,12 @@ def test_mask_with_virtual_batches_or_renorm_is_refused_and_changes_nothing():
             layer(x, mask=np.ones((4, 5)))
         for k, v in layer.state_dict().items():
             np.testing.assert_array_equal(v, state[k])
+
+
+def test_momentum_is_not_checked_without_running_statistics_as_unmasked():
+    x = np.random.default_rng(5).standard_normal((8, 3)).astype(np.float32)
+    mask = np.array([1, 0, 1, 1, 1, 0, 1, 1], bool)
+    y = bn_simd.batch_norm(x, None, None, training=True, momentum=2.0, mask=mask)
+    np.testing.assert_array_equal(y, bn_simd.batch_norm(x, None, None, training=True, mask=mask))
+    with pytest.raises(ValueError, match="momentum"):
+        bn_simd.batch_norm(x, np.zeros(3), np.ones(3), training=True, momentum=2.0, mask=mask)

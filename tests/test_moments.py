@@ -104,3 +104,18 @@ def test_float32_coefficients_out_of_range_are_flagged():
         bn_simd.norm_coefficients(np.zeros(3), np.ones(2))
     with pytest.raises(ValueError, match="n must be"):
         bn_simd.backward_coefficients(np.zeros(2), np.zeros(2), np.zeros(2), np.ones(2), 0)
+
+
+def test_moments_refuse_counts_and_m2_no_batch_can_have():
+    shift, res = np.zeros((1, 2)), np.zeros((1, 2))
+    for count in ([np.inf], [-1.0], [2.5]):
+        with pytest.raises(ValueError, match="count"):
+            bn_simd.Moments(count, shift, res, np.ones((1, 2)))
+    with pytest.raises(ValueError, match="m2"):
+        bn_simd.Moments([4.0], shift, res, np.array([[1.0, -0.5]]))
+    bn_simd.Moments([4.0], shift, res, np.array([[1.0, np.nan]]))  # (data holding a NaN)
+
+
+def test_update_running_stats_refuses_a_running_mean_of_another_rank():
+    with pytest.raises(ValueError, match=r"running_mean must have shape \(C,\), got shape \(1, 3\)"):
+        bn_simd.update_running_stats(np.zeros((1, 3)), np.ones(3), np.zeros(3), np.ones(3), 4, 0.1)

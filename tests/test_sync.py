@@ -505,6 +505,17 @@ def test_convert_sync_batchnorm_refuses_what_sync_batch_norm_lacks_and_changes_n
     with pytest.raises(ValueError, match="activation"):
         run_ok(1, lambda r, comm: (setattr(s, "comm", comm), s(x)))
     assert np.all(s.running_mean == 0) and s.num_batches_tracked == 0
+    s.eval()  # (the eval call with running statistics communicates nothing: refused too)
+    with pytest.raises(ValueError, match="activation"):
+        s(x)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_squares_beyond_double_range_give_an_infinite_variance_in_both_modes(mode):
+    x = np.random.default_rng(9).standard_normal((4, 3, 5)) * 1e170
+    with np.errstate(all="raise"):  # (no warning either)
+        ((_, var, _),) = run_ok(1, lambda r, comm: bn_simd.sync_batch_stats(x, comm, mode=mode)[:3])
+    assert np.all(var == np.inf)
 
 
 def test_a_sync_layer_without_bias_has_no_bias_gradient():

@@ -242,3 +242,8 @@ def test_bridge_refuses_running_statistics_that_require_grad_as_pytorch_does():
     with torch.no_grad():  # (PyTorch updates them there)
         bt.batch_norm(x, rm, rv, training=True)
     assert not torch.equal(rm.detach(), torch.zeros(3))
+    for m in (bt.BatchNorm1d(3), bt.InstanceNorm1d(3, track_running_stats=True)):  # the modules too
+        m.running_mean.requires_grad_(True)
+        with pytest.raises(RuntimeError, match="running_mean"):
+            m(x)
+        assert torch.equal(m.running_mean.detach(), torch.zeros(3))

@@ -200,6 +200,15 @@ def module_views(module, x, tensors):
     return views
 
 
+def stats_views(module, x, tensors):
+    """module_views for (running_mean, running_var, weight, bias), or None (the checks of a functional call, which
+    hand the call to PyTorch, which raises) when a running statistic requires grad in grad mode."""
+    rm, rv = tensors[0], tensors[1]
+    if ((rm is not None and rm.requires_grad) or (rv is not None and rv.requires_grad)) and torch.is_grad_enabled():
+        return None
+    return module_views(module, x, tensors)
+
+
 def grad_needed(*tensors):
     """Autograd records this call: grad mode is on and an input requires grad."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -64,7 +64,7 @@ def _batch_norm_forward(self, input, activation=None, residual=None):
     # running statistics passed only where they are updated (training, tracked) or used (eval)
     keep = not training or track
     tensors = (running_mean if keep else None, running_var if keep else None, params.get("weight"), params.get("bias"))
-    views = B.module_views(self, input, tensors)
+    views = B.stats_views(self, input, tensors)
     y = F._batch_norm(input, *tensors, batch_stats, factor, self.eps, None, views, activation, residual)
     if counting:
         counter.add_(1)
@@ -182,7 +182,7 @@ def _apply_instance_norm(self, input, activation=None, residual=None):
                self._parameters.get("bias"))
     update = use_input_stats and tensors[0] is not None and self.momentum is not None
     return F._instance_norm(input, *tensors, use_input_stats, self.momentum if update else 0.0, self.eps, None,
-                            B.module_views(self, input, tensors), activation, residual)
+                            B.stats_views(self, input, tensors), activation, residual)
 
 
 @_fused.act_forward(torch.nn.modules.instancenorm._InstanceNorm.forward)

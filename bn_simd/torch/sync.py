@@ -154,7 +154,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         tensors = (rm, rv, params.get("weight"), params.get("bias"))
         views = None
         if B.input_supported(input, _RANKS_2_TO_5, self.eps):
-            views = B.module_views(self, input, tensors)
+            views = B.stats_views(self, input, tensors)
             if views is None and B.channels_supported(input, zip(("running_mean", "running_var", "weight", "bias"),
                                                                  tensors)):
                 views = tuple(B.vec(t) for t in tensors)
