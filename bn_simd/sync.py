@@ -446,15 +446,22 @@ def _local_grad_sums(grad_out, x, mean, layout):
     return np.concatenate([[n], sdy, sdyx])
 
 
-def _exchange_grad(comm, grad_out, x, mean, C, layout, mode, what, failed=None):
-    """(sum_dy, sum_dyxm, n) over the ranks; see sync_backward_reduce. failed: this rank's input was refused."""
+def _exchange_grad(comm, grad_out, x, mean, C, layout, mode, what, failed=None, own=None):
+    """(sum_dy, sum_dyxm, n) over the ranks; see sync_backward_reduce. failed: this rank's input was refused. own: a
+    list that receives this rank's own (sum_dy, sum_dyxm) (PyTorch's SyncBatchNorm returns the parameter gradients of
+    the rank's piece, which data-parallel training then averages)."""
     if mode == "exact":
         local = failed or _attempt(_local_chunk_sums, grad_out, x, mean, layout)
         bodies = _gather(comm, local, C, what)
         n = int(sum(b[0] for b in bodies))
         parts = np.concatenate([b[2:].reshape(int(b[1]), 2, C) for b in bodies])
+        if own is not None:  # (local is intact: the gather copies)
+            mine = local[2:].reshape(int(local[1]), 2, C)
+            own[:] = [_sum_in_order(mine[:, 0], C), _sum_in_order(mine[:, 1], C)]
         return _sum_in_order(parts[:, 0], C), _sum_in_order(parts[:, 1], C), n
     local = failed or _attempt(_local_grad_sums, grad_out, x, mean, layout)
+    if own is not None and not isinstance(local, _Failed):  # (before the allreduce, which may reduce in place)
+        own[:] = [local[1:1 + C].copy(), local[1 + C:].copy()]
     total = _allreduce(comm, local, 2 * C + 1, what)
     return total[1:1 + C].copy(), total[1 + C:].copy(), int(total[0])
 

@@ -193,12 +193,24 @@ def test_gradcheck_float64_without_affine_parameters():
     assert torch.autograd.gradcheck(lambda x: bt.group_norm(x, 1), (x,))
 
 
-def test_second_derivative_raises_instead_of_a_wrong_answer():
+@pytest.mark.parametrize("op", ["batch", "group", "instance", "layer", "rms"])
+def test_second_derivative_raises_instead_of_a_wrong_answer(op):
+    """create_graph=True through a norm raises at once: with an incoming gradient that does not require grad (a
+    gradient penalty: loss weighted by a constant), once_differentiable alone returned a grad_x without a graph, and
+    the second derivative through the layer before came out silently wrong."""
+    call = {"batch": lambda h: bt.batch_norm(h, None, None, training=True), "group": lambda h: bt.group_norm(h, 3),
+            "instance": lambda h: bt.instance_norm(h), "layer": lambda h: bt.layer_norm(h, (5,)),
+            "rms": lambda h: bt.rms_norm(h, (5,))}[op]
     x = _values((4, 3, 5), 11).requires_grad_()
-    y = bt.batch_norm(x, None, None, training=True)
-    (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
-        gx.sum().backward()
+    w = torch.randn(3, 3, 1, dtype=x.dtype, requires_grad=True)
+    y = call(torch.nn.functional.conv1d(x, w))
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad((y * torch.randn(y.shape, dtype=x.dtype)).sum(), x, create_graph=True)
+    y = call(x)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad((call(x) * y.detach()).sum(), x)  # (first derivatives as before)
+    assert gx.shape == x.shape
 
 
 def test_saved_input_changed_in_place_is_detected_by_autograd():
@@ -652,3 +664,53 @@ def test_pickles_and_copies_of_called_modules_leave_the_cached_views_behind():
         torch.save(model, buffer)
         buffer.seek(0)
         torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), y)
+
+
+class _Double(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("how", ["prune", "parametrize"])
+@pytest.mark.parametrize("name,args", [("BatchNorm2d", (3,)), ("GroupNorm", (1, 3)), ("InstanceNorm2d", (3,)),
+                                       ("LayerNorm", (5,)), ("RMSNorm", (5,))])
+def test_a_pruned_or_parametrized_weight_is_the_one_used(name, args, how):
+    """torch.nn.utils.prune and parametrize take weight out of _parameters and compute it at each call: the
+    computed weight is the one the kernels must use (it was read as None: no weight at all)."""
+    import torch.nn.utils.parametrize  # noqa: F401  (submodules of torch.nn.utils, imported on demand)
+    import torch.nn.utils.prune  # noqa: F401
+    kw = {"affine": True} if name.startswith("Instance") else {}
+    mods = []
+    for lib in (bt, torch.nn):
+        torch.manual_seed(0)
+        m = getattr(lib, name)(*args, **kw)
+        with torch.no_grad():
+            m.weight.copy_(torch.linspace(0.5, 2.0, m.weight.numel()).reshape(m.weight.shape))
+        if how == "prune":
+            mask = torch.arange(m.weight.numel()).reshape(m.weight.shape) > 0
+            torch.nn.utils.prune.custom_from_mask(m, "weight", mask)
+        else:
+            torch.nn.utils.parametrize.register_parametrization(m, "weight", _Double())
+        mods.append(m)
+    x = torch.randn(2, 3, 4, 5)
+    for train in (True, False):
+        for m in mods:
+            m.train(train)
+        torch.testing.assert_close(mods[0](x), mods[1](x), rtol=1e-5, atol=1e-5)
+    for m in mods:
+        m.train()
+        m(x).pow(2).sum().backward()
+    orig = [m.weight_orig if how == "prune" else m.parametrizations.weight.original for m in mods]
+    torch.testing.assert_close(orig[0].grad, orig[1].grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [lambda: bt.GroupNorm(1, 3), lambda: bt.LayerNorm(5),
+                                  lambda: bt.BatchNorm2d(3).eval()], ids=["group", "layer", "batch_eval"])
+def test_torch_func_transforms_take_pytorchs_path(make):
+    m = make()
+    ref = copy.deepcopy(m)
+    ref.__class__ = type(m).__mro__[1]  # (the torch.nn class it subclasses)
+    x = torch.randn(4, 3, 2, 5)
+    f = lambda mod: (lambda t: mod(t).pow(3).sum())  # noqa: E731
+    torch.testing.assert_close(torch.func.grad(f(m))(x), torch.func.grad(f(ref))(x))
+    torch.testing.assert_close(torch.func.vmap(m)(x.unsqueeze(1)), torch.func.vmap(ref)(x.unsqueeze(1)))

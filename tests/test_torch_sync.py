@@ -64,6 +64,15 @@ def one_process(cls, steps, g, memory_format=torch.contiguous_format, **kw):
     return m, y, xx.grad
 
 
+def piece_grads(cls, steps, g, cuts, r, memory_format=torch.contiguous_format, **kw):
+    """(grad_weight, grad_bias) that rank r's module must hold, as PyTorch's SyncBatchNorm: its own piece's, with the
+    whole batch's statistics: one process's gradients for a grad_out that is zero outside the piece."""
+    gr = torch.zeros_like(g)
+    gr[cuts[r]:cuts[r + 1]] = g[cuts[r]:cuts[r + 1]]
+    ref = one_process(cls, steps, gr, memory_format=memory_format, **kw)[0]
+    return tuple(None if getattr(ref, n, None) is None else getattr(ref, n).grad for n in ("weight", "bias"))
+
+
 def tol(dtype, n):
     """Relative tolerance of a result reduced over n values: a few ulp per log2 of the length."""
     eps = float(torch.finfo(dtype).eps)
@@ -85,10 +94,10 @@ def test_ranks_together_are_torch_batchnorm2d_on_the_whole_batch(cuts, dtype, mo
     scale_y, scale_g = float(y_ref.detach().abs().max()), float(gx_ref.abs().max())
     torch.testing.assert_close(torch.cat([r[1] for r in got]), y_ref, rtol=rt, atol=rt * scale_y)
     torch.testing.assert_close(torch.cat([r[2] for r in got]), gx_ref, rtol=rt, atol=rt * scale_g)
-    for m, _, _ in got:
-        for name in ("weight", "bias"):
-            want = getattr(ref, name).grad
-            torch.testing.assert_close(getattr(m, name).grad, want, rtol=rt, atol=rt * float(want.abs().max()))
+    for r, (m, _, _) in enumerate(got):
+        for name, want in zip(("weight", "bias"), piece_grads(torch.nn.BatchNorm2d, steps, g, cuts, r)):
+            scale = float(getattr(ref, name).grad.abs().max())  # (the whole batch's, which a piece's sums cancel in)
+            torch.testing.assert_close(getattr(m, name).grad, want, rtol=rt, atol=rt * scale)
         torch.testing.assert_close(m.running_mean, ref.running_mean, rtol=rt, atol=rt)
         torch.testing.assert_close(m.running_var, ref.running_var, rtol=rt, atol=rt)
         assert int(m.num_batches_tracked) == int(ref.num_batches_tracked) == 2
@@ -104,14 +113,15 @@ def test_module_options_follow_torch(kw):
     got = run_sync(2, steps, g, [0, 4, 6], **kw)
     torch.testing.assert_close(torch.cat([r[1] for r in got]), y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.cat([r[2] for r in got]), gx_ref, rtol=1e-11, atol=1e-11)
-    for m, _, _ in got:
+    for r, (m, _, _) in enumerate(got):
+        grads = dict(zip(("weight", "bias"), piece_grads(torch.nn.BatchNorm2d, steps, g, [0, 4, 6], r, **kw)))
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             a, b = getattr(m, name), getattr(ref, name)
             assert (a is None) == (b is None), name
             if a is not None:
                 torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
                 if isinstance(a, torch.nn.Parameter):
-                    torch.testing.assert_close(a.grad, b.grad, rtol=1e-11, atol=1e-11)
+                    torch.testing.assert_close(a.grad, grads[name], rtol=1e-11, atol=1e-11)
 
 
 @pytest.mark.parametrize("rank", [3, 4, 5], ids=lambda r: f"rank{r}")
@@ -196,9 +206,10 @@ def test_exact_mode_on_chunk_boundaries_is_bt_batchnorm2d_bitwise(shape, fmt, dt
 
     same(torch.cat([r[1] for r in got]), y_ref, "y")
     same(torch.cat([r[2] for r in got]), gx_ref, "grad_x")
-    for m, _, _ in got:
-        same(m.weight.grad, ref.weight.grad, "grad_weight")
-        same(m.bias.grad, ref.bias.grad, "grad_bias")
+    for r, (m, _, _) in enumerate(got):
+        gw, gb = piece_grads(bt.BatchNorm2d, steps, g, cuts, r, memory_format=fmt)
+        same(m.weight.grad, gw, "grad_weight")  # (the piece's own, as PyTorch's SyncBatchNorm)
+        same(m.bias.grad, gb, "grad_bias")
         same(m.running_mean, ref.running_mean, "running_mean")
         same(m.running_var, ref.running_var, "running_var")
 
@@ -274,13 +285,14 @@ def test_a_refused_input_raises_on_every_rank_and_changes_nothing():
     assert all(isinstance(e, (ValueError, RuntimeError)) for e in errors), errors
 
 
-def test_an_empty_rank_gets_an_empty_piece_and_the_whole_batch_gradients():
+def test_an_empty_rank_gets_an_empty_piece_and_zero_parameter_gradients():
     shape = (6, 3, 4)
     steps, g = [batch(shape, torch.float64, 1)], batch(shape, torch.float64, 2)
     ref, _, _ = one_process(torch.nn.BatchNorm1d, steps, g)
     got = run_sync(3, steps, g, [0, 0, 6, 6], mode="fast")
-    for m, y, gx in got:
-        torch.testing.assert_close(m.weight.grad, ref.weight.grad, rtol=1e-12, atol=1e-12)
+    for r, (m, y, gx) in enumerate(got):
+        want = ref.weight.grad if r == 1 else torch.zeros(3, dtype=torch.float64)  # (the piece's own)
+        torch.testing.assert_close(m.weight.grad, want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(m.running_var, ref.running_var, rtol=1e-14, atol=1e-14)
     assert got[0][1].shape == (0, 3, 4) and got[0][2].shape == (0, 3, 4)
 
@@ -299,9 +311,30 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="non-zero"):
         m(torch.ones(3, 0))
     # what the kernels do not cover cannot be synchronised over a protocol object: refused, not normalised alone
-    m = bt.SyncBatchNorm(3, process_group=_Silent(), device="meta")
+    # (the rank still takes part in the exchange, as a failure: the others raise instead of waiting)
+    [comm] = make_comms(1)
+    m = bt.SyncBatchNorm(3, process_group=comm, device="meta")
     with pytest.raises(TypeError, match="meta"):
         m(torch.ones(4, 3, device="meta"))
+    assert len(comm.calls) == 1
+
+
+def test_a_rank_whose_input_is_refused_takes_part_and_the_others_raise():
+    def fn(r, comm):
+        m = bt.SyncBatchNorm(3, process_group=comm, dtype=torch.float64)
+        x = torch.randn(4, 3, 5, dtype=torch.float64)
+        return m(x.float() if r == 1 else x)  # (rank 1: float32 input for float64 parameters)
+
+    results, errors = run_ranks(2, fn)
+    assert isinstance(errors[1], TypeError) and "must have the dtype of input" in str(errors[1])
+    assert isinstance(errors[0], RuntimeError) and "refused" in str(errors[0])
+
+    def fn3(r, comm):
+        m = bt.SyncBatchNorm(3, process_group=comm)
+        return m(torch.randn(4, 3, 5) if r == 0 else torch.randn(5))  # (rank 1: 1-D input)
+
+    results, errors = run_ranks(2, fn3)
+    assert isinstance(errors[1], ValueError) and isinstance(errors[0], RuntimeError)
 
 
 def test_parameter_gradients_without_an_input_gradient():
@@ -315,9 +348,10 @@ def test_parameter_gradients_without_an_input_gradient():
         (m(x[3 * r:3 * r + 3]) * g[3 * r:3 * r + 3]).sum().backward()
         return m
 
-    for m in run_ok(2, fn):
-        torch.testing.assert_close(m.weight.grad, ref.weight.grad, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(m.bias.grad, ref.bias.grad, rtol=1e-12, atol=1e-12)
+    ms = run_ok(2, fn)
+    for name in ("weight", "bias"):  # (each rank's own piece's: their sum is one process's)
+        total = getattr(ms[0], name).grad + getattr(ms[1], name).grad
+        torch.testing.assert_close(total, getattr(ref, name).grad, rtol=1e-12, atol=1e-12)
 
 
 # ---- convert -----------------------------------------------------------------------------------------------------
@@ -349,3 +383,13 @@ def test_convert_sync_batchnorm_gives_this_class():
     assert type(out[0]) is bt.SyncBatchNorm and type(out[1][0]) is bt.SyncBatchNorm
     assert out[0].mode == "fast" and out[0].process_group is comm
     assert "mode='fast'" in repr(out[0])
+
+
+def test_convert_sync_batchnorm_refuses_a_fused_model_and_changes_nothing():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    fused = bt.convert(model, fuse_activations=True)
+    with pytest.raises(ValueError, match="fused"):
+        bt.SyncBatchNorm.convert_sync_batchnorm(fused)
+    assert any(isinstance(m, bt.BatchNormAct2d) for m in fused.modules())
+    synced = bt.convert(bt.SyncBatchNorm.convert_sync_batchnorm(model), fuse_activations=True)  # (the order to use)
+    assert any(isinstance(m, bt.SyncBatchNorm) for m in synced.modules())

@@ -8,7 +8,6 @@ parameters' in their dtype, float32 parameters of 16-bit data included), from th
 differentiable (``once_differentiable``): a second derivative (``create_graph=True``) raises.
 """
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _core
 from .. import functional as F
@@ -50,7 +49,7 @@ class BatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @B.first_order
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         mean, invstd, training, layout = ctx.stats
@@ -86,7 +85,7 @@ class GroupNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @B.first_order
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         mean, invstd, num_groups, layout = ctx.stats
@@ -119,7 +118,7 @@ class InstanceNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @B.first_order
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         mean, invstd, layout = ctx.stats

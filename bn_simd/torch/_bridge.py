@@ -16,11 +16,13 @@ tagged as bfloat16 bits, which the kernels' checks take as bfloat16 data), so ml
 tensors have the input's dtype, or float32 for 16-bit input (PyTorch's mixed rule); they are read as float64 and the
 running statistics written back rounded once to their dtype.
 """
+import functools
 import numbers
 
 import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
+from torch.autograd.function import once_differentiable
 from torch.overrides import has_torch_function
 
 from .._args import BF16_BITS
@@ -99,19 +101,23 @@ def vec(t):
     return _numpy(t)
 
 
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
 def input_supported(x, ranks, eps):
     """True when the kernels can run a call on input x (any per-channel tensors aside): float32, float64, float16 or
     bfloat16 on the CPU. False sends it to PyTorch's own implementation: other devices and dtypes, ranks the kernels do
     not cover, eps <= 0 or given as a tensor, tensor subclasses with ``__torch_function__``, and calls made while tracing or compiling a
-    graph (which must record PyTorch's operator) or inside a forward-mode AD level (the Functions here have no forward
-    derivative). Raises TypeError when x is not a tensor."""
+    graph (which must record PyTorch's operator), inside a forward-mode AD level (the Functions here have no forward
+    derivative) or a torch.func transform (grad, vjp, vmap). Raises TypeError when x is not a tensor."""
     if type(x) is not torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if has_torch_function((x,)):  # subclasses with __torch_function__, fx proxies: PyTorch dispatches them
             return False
     if (not x.is_cpu or x.dtype not in FLOATS or x.layout != torch.strided or x.dim() not in ranks
-            or torch.jit.is_tracing() or torch.compiler.is_compiling() or fwAD._current_level >= 0):
+            or torch.jit.is_tracing() or torch.compiler.is_compiling() or fwAD._current_level >= 0
+            or _functorch_active()):  # (torch.func's wrapped tensors have no memory of their own to read)
         return False
     if x.is_neg():  # a negative-bit view (the imaginary part of a conjugate): its memory holds -x
         return False
@@ -175,7 +181,7 @@ def module_views(module, x, tensors):
     re-pointed, even at the same address with other strides, or ``load_state_dict`` into new storage makes new
     views), or None when they must go through the checks of a functional call."""
     if (type(x) is not torch.Tensor or x.dtype not in FLOATS or torch.jit.is_tracing()
-            or torch.compiler.is_compiling()):
+            or torch.compiler.is_compiling() or _functorch_active()):
         return None  # (the call goes through the checks, which hand graph captures to PyTorch's function)
     d = module.__dict__
     c = d.get(VIEWS_KEY)
@@ -198,6 +204,32 @@ def module_views(module, x, tensors):
     d[VIEWS_KEY] = (x.dtype, tuple(tensors),
                     tuple(None if t is None else (t.data_ptr(), t.stride(), t.shape) for t in tensors), views)
     return views
+
+
+def affine(module):
+    """(weight, bias) of a module as its forward sees them: the registered parameters (None where the module has
+    none), or the tensors a parametrization or pruning computes in their place (``torch.nn.utils.parametrize``,
+    ``torch.nn.utils.prune``: the name is then not a registered parameter, and attribute access computes it)."""
+    p = module._parameters
+    if "weight" in p and "bias" in p:
+        return p["weight"], p["bias"]
+    return tuple(p[n] if n in p else getattr(module, n, None) for n in ("weight", "bias"))
+
+
+def first_order(backward):
+    """A Function's backward decorated as ``once_differentiable``, and refusing to run under grad mode, which the
+    engine turns on for ``create_graph=True``: once_differentiable raises only when the incoming gradient requires
+    grad; otherwise its result would come back without a graph, and a second derivative through x (a gradient
+    penalty, conv -> norm) would be silently wrong."""
+    inner = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError("bn_simd.torch: second derivatives (create_graph=True through a normalization) are not "
+                               "supported; use torch.nn's modules for this model")
+        return inner(ctx, *grads)
+    return wrapped
 
 
 def stats_views(module, x, tensors):

@@ -25,7 +25,6 @@ import functools
 import operator
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.nn import functional as TF
 
 from .. import _core, _epilogue
@@ -145,7 +144,7 @@ class BatchNormActFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @B.first_order
     def backward(ctx, grad_y):
         x, weight, bias, residual = ctx.saved_tensors
         mean, invstd, var, training, layout, eps, act = ctx.stats
@@ -281,7 +280,7 @@ class GroupNormActFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @B.first_order
     def backward(ctx, grad_y):
         gx, gw, gb, gr = _group_backward(ctx, grad_y, [ctx.needs_input_grad[i] for i in (0, 2, 3, 4)])
         return gx, None, gw, gb, gr, None, None, None
@@ -327,7 +326,7 @@ class InstanceNormActFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @B.first_order
     def backward(ctx, grad_y):
         return _group_backward(ctx, grad_y, ctx.needs_input_grad[:4]) + (None,) * 6
 

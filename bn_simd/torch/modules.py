@@ -49,7 +49,7 @@ def _batch_norm_forward(self, input, activation=None, residual=None):
                 return y
     self._check_input_dim(input)
     # (the registered parameters and buffers read from their dicts: nn.Module.__getattr__ costs a few us per call)
-    params, buffers = self._parameters, self._buffers
+    buffers = self._buffers
     running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
     counter = buffers.get("num_batches_tracked")
     training, track = self.training, self.track_running_stats
@@ -63,7 +63,7 @@ def _batch_norm_forward(self, input, activation=None, residual=None):
     batch_stats = training or (running_mean is None and running_var is None)
     # running statistics passed only where they are updated (training, tracked) or used (eval)
     keep = not training or track
-    tensors = (running_mean if keep else None, running_var if keep else None, params.get("weight"), params.get("bias"))
+    tensors = (running_mean if keep else None, running_var if keep else None, *B.affine(self))
     views = B.stats_views(self, input, tensors)
     y = F._batch_norm(input, *tensors, batch_stats, factor, self.eps, None, views, activation, residual)
     if counting:
@@ -156,7 +156,7 @@ class GroupNorm(torch.nn.GroupNorm):
     __getstate__ = _getstate
 
     def forward(self, input):
-        tensors = (self._parameters.get("weight"), self._parameters.get("bias"))
+        tensors = B.affine(self)
         return F._group_norm(input, self.num_groups, *tensors, self.eps, None, B.module_views(self, input, tensors))
 
 
@@ -170,7 +170,7 @@ class GroupNormAct(GroupNorm):
 
     @_fused.act_forward(GroupNorm.forward)
     def forward(self, input, residual=None):
-        tensors = (self._parameters.get("weight"), self._parameters.get("bias"))
+        tensors = B.affine(self)
         return _fused.group_norm_act(input, self.num_groups, *tensors, self.eps, self.activation, residual, None,
                                      B.module_views(self, input, tensors))
 
@@ -178,8 +178,7 @@ class GroupNormAct(GroupNorm):
 def _apply_instance_norm(self, input, activation=None, residual=None):
     # what torch.nn's _InstanceNorm.forward calls after its checks and unbatched-input handling
     use_input_stats = self.training or not self.track_running_stats
-    tensors = (self._buffers.get("running_mean"), self._buffers.get("running_var"), self._parameters.get("weight"),
-               self._parameters.get("bias"))
+    tensors = (self._buffers.get("running_mean"), self._buffers.get("running_var"), *B.affine(self))
     update = use_input_stats and tensors[0] is not None and self.momentum is not None
     return F._instance_norm(input, *tensors, use_input_stats, self.momentum if update else 0.0, self.eps, None,
                             B.stats_views(self, input, tensors), activation, residual)

@@ -27,7 +27,6 @@ import numbers
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 from torch.nn import functional as TF
 
 import bn_simd as _bn
@@ -180,7 +179,7 @@ class LayerNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @B.first_order
     def backward(ctx, grad_y):
         x, weight, bias = ctx.saved_tensors
         mean, rstd, normalized_shape, views = ctx.stats
@@ -251,7 +250,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @B.first_order
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         rstd, normalized_shape, views = ctx.stats
@@ -318,7 +317,7 @@ class RowNormActFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @B.first_order
     def backward(ctx, grad_y):
         x, weight, bias, residual = ctx.saved_tensors
         mean, rstd, normalized_shape, views, rms, act = ctx.stats

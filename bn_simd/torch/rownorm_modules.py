@@ -28,8 +28,7 @@ class LayerNorm(torch.nn.LayerNorm):
     __getstate__ = _getstate
 
     def forward(self, input):
-        params = self._parameters
-        tensors = (params.get("weight"), params.get("bias"))
+        tensors = B.affine(self)
         return R._layer_norm(input, self.normalized_shape, *tensors, self.eps, None,
                              B.module_views(self, input, tensors))
 
@@ -42,7 +41,7 @@ class RMSNorm(torch.nn.RMSNorm):
     __getstate__ = _getstate
 
     def forward(self, x):
-        tensors = (self._parameters.get("weight"),)
+        tensors = B.affine(self)[:1]
         return R._rms_norm(x, self.normalized_shape, tensors[0], self.eps, None, B.module_views(self, x, tensors))
 
 
@@ -56,8 +55,7 @@ class LayerNormAct(LayerNorm):
 
     @_fused.act_forward(LayerNorm.forward)
     def forward(self, input, residual=None):
-        params = self._parameters
-        tensors = (params.get("weight"), params.get("bias"))
+        tensors = B.affine(self)
         return R._row_norm_act(input, self.normalized_shape, *tensors, self.eps, False, self.activation, residual,
                                None, B.module_views(self, input, tensors))
 
@@ -71,7 +69,7 @@ class RMSNormAct(RMSNorm):
 
     @_fused.act_forward(RMSNorm.forward)
     def forward(self, input, residual=None):
-        tensors = (self._parameters.get("weight"),)
+        tensors = B.affine(self)[:1]
         return R._row_norm_act(input, self.normalized_shape, tensors[0], None, self.eps, True, self.activation,
                                residual, None, B.module_views(self, input, tensors))
 

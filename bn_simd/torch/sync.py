@@ -8,7 +8,6 @@ tensors reach them through the zero-copy bridge (_bridge), so channels-last inpu
 """
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import functional as NF
 from .. import sync as S
@@ -21,8 +20,9 @@ _RANKS_2_TO_5 = (2, 3, 4, 5)
 class SyncBatchNormFunction(torch.autograd.Function):
     """y = (x - mean) * invstd * weight + bias with the statistics of the batch that every rank's piece x forms
     (concatenated in rank order); running statistics, when given, updated in place with the whole batch's mean and
-    unbiased variance. The backward exchanges the channel sums so that every rank gets its piece of grad_x and the
-    whole batch's grad_weight, grad_bias.
+    unbiased variance. The backward exchanges the channel sums so that every rank gets its piece of grad_x (of the
+    whole batch's statistics), and grad_weight, grad_bias of its own piece, as PyTorch's SyncBatchNorm (data-parallel
+    training averages them over the ranks, as every other parameter's).
 
     apply(x, weight, bias, running_mean, running_var, momentum, eps, comm, mode, shift, views): comm a bn_simd.sync
     protocol object, mode "exact" / "fast", shift fast mode's float64 (C,) shift (overwritten with the batch mean),
@@ -53,7 +53,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @B.first_order
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         mean, invstd, layout, comm, mode = ctx.stats
@@ -63,9 +63,13 @@ class SyncBatchNormFunction(torch.autograd.Function):
         grad_x = torch.empty_like(xw)
         # (a 16-bit weight widened exactly: the parameter gradients come back in float32, rounded once to the
         # parameter's dtype by grad_as)
-        _, gw, gb = S.sync_batch_norm_backward(B.array(_wide(grad_y), layout), B.array(xw, layout), mean, invstd,
-                                               B.vec(None if weight is None else _wide(weight)), comm, layout=layout,
-                                               mode=mode, out=B.array(grad_x, layout))
+        ga, xa = B.array(_wide(grad_y), layout), B.array(xw, layout)
+        own = []  # (this rank's sums: PyTorch's SyncBatchNorm gives each rank the parameter gradients of its piece)
+        sdy, sdyx, n = S._exchange_grad(comm, ga, xa, mean, mean.shape[0], layout, mode, "SyncBatchNorm.backward",
+                                        own=own)
+        S._apply_grad(ga, xa, mean, invstd, B.vec(None if weight is None else _wide(weight)), sdy, sdyx, n, layout,
+                      B.array(grad_x, layout))
+        gw, gb = own[1] * invstd, own[0]
         pd = ctx.param_dtype
         gw = B.grad_as(gw, pd) if need_w else None
         gb = B.grad_as(gb, pd) if need_b else None
@@ -110,9 +114,12 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     output keeps the input's memory format); float16/bfloat16 input (parameters of its dtype or float32) is widened to a
     float32 copy for a synchronised call, its y and grad_x rounded once to its dtype. In training mode, when
     torch.distributed is initialised with more than one process in the group (or process_group is a protocol object),
-    every rank must call forward and backward together: each gets its piece of y and grad_x, and the statistics,
-    grad_weight, grad_bias and running statistics (unbiased variance, ``momentum`` or the cumulative average when None)
-    of one process normalising the pieces concatenated in rank order; pieces may differ in size, including 0. Otherwise
+    every rank must call forward and backward together: each gets its piece of y and grad_x, and the statistics and
+    running statistics (unbiased variance, ``momentum`` or the cumulative average when None) of one process
+    normalising the pieces concatenated in rank order; pieces may differ in size, including 0. grad_weight and
+    grad_bias are each rank's own piece's, as PyTorch's (their sum over the ranks is one process's; DDP averages
+    them). (PyTorch's DistributedDataParallel refuses CPU models holding a SyncBatchNorm, this subclass included:
+    average the gradients with ``torch.distributed.all_reduce`` instead.) Otherwise
     (eval mode, which never synchronises, as in PyTorch; no distributed job) it is :class:`bn_simd.torch.BatchNorm2d`'s
     forward, and inputs the kernels do not cover (other dtypes and devices, graph capture) go to PyTorch's own
     SyncBatchNorm.
@@ -143,28 +150,23 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         return super().extra_repr() + f", mode={self.mode!r}"
 
     def forward(self, input):
-        self._check_input_dim(input)
-        self._check_non_zero_input_channels(input)
         comm = _communicator(self.process_group) if self.training else None
         if comm is None:
+            self._check_input_dim(input)
+            self._check_non_zero_input_channels(input)
             return M._batch_norm_forward(self, input)
-        params, buffers = self._parameters, self._buffers
+        buffers = self._buffers
         track = self.track_running_stats
         rm, rv = (buffers.get("running_mean"), buffers.get("running_var")) if track else (None, None)
-        tensors = (rm, rv, params.get("weight"), params.get("bias"))
-        views = None
-        if B.input_supported(input, _RANKS_2_TO_5, self.eps):
-            views = B.stats_views(self, input, tensors)
-            if views is None and B.channels_supported(input, zip(("running_mean", "running_var", "weight", "bias"),
-                                                                 tensors)):
-                views = tuple(B.vec(t) for t in tensors)
-        if views is None:
-            if not isinstance(self.process_group, _process_group_type()) and self.process_group is not None:
-                # (PyTorch's forward would normalise this rank alone: a silently wrong result)
-                raise TypeError(f"input must be a float32, float64, float16 or bfloat16 CPU tensor (with weight, bias "
-                                f"and running statistics of its dtype, or float32 for 16-bit input) to be "
-                                f"synchronised over a bn_simd.sync communicator, got {input.dtype} on "
-                                f"{input.device}")
+        tensors = (rm, rv, *B.affine(self))
+        try:
+            views = self._sync_views(input, tensors)
+        except (TypeError, ValueError) as e:
+            # this rank's input is refused: it still takes part in the statistics' exchange, as a failure, so that
+            # the other ranks raise RuntimeError instead of waiting for it (bn_simd.sync's protocol)
+            S._exchange_stats(comm, S._Failed(e), self.num_features, "NCHW", self.mode, None, "SyncBatchNorm")
+            raise
+        if views is None:  # (not a CPU tensor: PyTorch's own, on the device its backend serves)
             return super().forward(input)
         counter = buffers.get("num_batches_tracked")
         counting = track and counter is not None
@@ -183,13 +185,44 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             counter.add_(1)
         return y
 
+    def _sync_views(self, input, tensors):
+        """The checks of a synchronised call on this rank: the ndarrays of tensors, or None for input PyTorch's own
+        SyncBatchNorm serves (not on the CPU, with a torch.distributed group); raises TypeError / ValueError for input
+        that no implementation would synchronise here."""
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        if B.input_supported(input, _RANKS_2_TO_5, self.eps):
+            views = B.stats_views(self, input, tensors)
+            if views is None and B.channels_supported(input, zip(("running_mean", "running_var", "weight", "bias"),
+                                                                 tensors)):
+                views = tuple(B.vec(t) for t in tensors)
+            if views is not None:
+                return views
+        if isinstance(self.process_group, _process_group_type()) or self.process_group is None:
+            if not input.is_cpu or torch.jit.is_tracing() or torch.compiler.is_compiling():
+                return None  # (graph capture records PyTorch's operator, which says what it takes)
+        # (PyTorch's forward would normalise this rank alone over a protocol object, and refuses CPU tensors in a
+        # distributed job)
+        raise TypeError(f"input must be a float32, float64, float16 or bfloat16 CPU tensor (with weight, bias and "
+                        f"running statistics of its dtype, or float32 for 16-bit input) to be synchronised, got "
+                        f"{input.dtype} on {input.device}")
+
     __getstate__ = M._getstate
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None, *, mode="exact"):
         """PyTorch's ``convert_sync_batchnorm`` (every ``torch.nn`` batch norm of module replaced by a SyncBatchNorm
-        sharing its parameters and buffers), the new modules being this class with ``mode``; returns the module."""
+        sharing its parameters and buffers), the new modules being this class with ``mode``; returns the module.
+        Raises ValueError, changing nothing, for a model holding fused batch norms (``convert(...,
+        fuse_activations=True)``): convert to SyncBatchNorm first."""
         S._check_mode(mode)
+        fused = [name for name, m in module.named_modules()
+                 if isinstance(m, (M.BatchNormAct1d, M.BatchNormAct2d, M.BatchNormAct3d))]
+        if fused:  # (PyTorch's conversion would make them plain SyncBatchNorm: their activation silently dropped)
+            raise ValueError(f"convert_sync_batchnorm: {fused[0] or 'the module'} is a fused batch norm + activation "
+                             f"(bn_simd.torch.BatchNormAct*), which SyncBatchNorm cannot replace; convert before "
+                             f"fusing: convert(convert_sync_batchnorm(model), fuse_activations=True) leaves the "
+                             f"synchronised ones unfused")
         out = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
         for m in out.modules():
             if type(m) is torch.nn.SyncBatchNorm:
