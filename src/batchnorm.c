@@ -59,12 +59,14 @@ _Static_assert(BN_MIN_RUN < BN_CHUNK_BYTES / 8, "a block's run fits one chunk, s
  * fn(..., th, nth) so, on a team of nt threads (a variable of that name). Limits: the statements are a macro argument
  * (no #pragma or #if lines in them: BN_ATOMIC, BN_TEAM_BARRIER), CLAUSES has no comma outside parentheses, N is
  * evaluated twice, and each body is compiled twice, the team's and the lone thread's (the drivers' object code
- * grew by about a quarter; a body moved into a function under BN_TEAM, as rownorm.inc's are, is compiled once). */
+ * grew by about a quarter; a body moved into a function under BN_TEAM, as rownorm.inc's are, is compiled once).
+ * In a forked child every BN_PAR runs on the calling thread (bn_forked_child, dispatch.h): the bodies share by th
+ * and nth alone, so one thread does all of the shares, the same bits. */
 #define BN_PRAGMA(x) _Pragma(#x)
 #ifdef _OPENMP
 #define BN_PAR(N, CLAUSES, ...)                                                                                     \
     do {                                                                                                            \
-        if ((N) > 1) {                                                                                              \
+        if ((N) > 1 && !bn_forked_child) {                                                                          \
             BN_PRAGMA(omp parallel num_threads(N) CLAUSES copyin(bn_tls_ctx)) {                                     \
                 const int th BN_MAYBE_UNUSED = thread_id(), nth BN_MAYBE_UNUSED = team_size();                      \
                 __VA_ARGS__                                                                                         \

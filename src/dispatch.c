@@ -11,6 +11,19 @@
 
 static const char* const names[BN_ISA_COUNT] = {"scalar", "avx2", "avx512"};
 
+int bn_forked_child = 0;
+
+#ifdef _OPENMP
+#include <pthread.h>
+
+static void mark_forked_child(void) { bn_forked_child = 1; }
+
+/* (registered when the library loads: a fork before the first call must be marked too) */
+__attribute__((constructor)) static void register_fork_handler(void) {
+    pthread_atfork(NULL, NULL, mark_forked_child);
+}
+#endif
+
 /* Settings of a context; -1 (0 for nthreads): the default's, or the CPU's. */
 struct bn_context {
     int isa;

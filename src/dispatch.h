@@ -27,6 +27,11 @@ extern _Thread_local const bn_context* bn_tls_ctx;
 #define BN_OMP_CTX
 #endif
 
+/* 1 in the child of a fork() (pthread_atfork, dispatch.c): GNU OpenMP's threads do not survive a fork, and the
+ * child's first parallel region would wait for them forever, so the drivers run every call on the calling thread
+ * there (BN_PAR), as PyTorch does in a forked child. */
+extern int bn_forked_child;
+
 /* A context's parallel_for (NULL: none) and its pool (bn_context_set_parallel_for). */
 bn_parallel_for_fn bn_context_parallel_for(const bn_context* ctx, void** pool);
 

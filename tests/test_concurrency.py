@@ -38,3 +38,30 @@ def test_eight_threads_match_serial_results(op):
         assert b is not None and len(a) == len(b) > 0
         for u, v in zip(a, b):
             assert_same_bits(v, u, "a call made concurrently vs serially")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork() here")
+def test_a_forked_child_runs_after_the_parent_used_threads():
+    """GNU OpenMP's threads do not survive fork(): a child's parallel region waited for them forever. The child runs
+    every call on its own thread (multiprocessing's fork workers, a DataLoader's), with the parent's bits."""
+    import os
+    import subprocess
+    import sys
+    code = """
+import os, sys, numpy as np, bn_simd
+bn_simd.set_num_threads(2)
+x = np.random.default_rng(0).standard_normal((64, 32, 32, 32)).astype(np.float32)
+y = bn_simd.batch_norm(x, training=True)
+ln = bn_simd.layer_norm(x.reshape(-1, 1024), 1024)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    ok = (np.array_equal(bn_simd.batch_norm(x, training=True), y)
+          and np.array_equal(bn_simd.layer_norm(x.reshape(-1, 1024), 1024), ln))
+    os.write(w, b"1" if ok else b"0")
+    os._exit(0)
+os.waitpid(pid, 0)
+sys.exit(0 if os.read(r, 1) == b"1" else 1)
+"""
+    # (a child process of its own: the test runner's threads must not be forked; a hang fails by the timeout)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
