@@ -14,6 +14,8 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
+import operator
+
 import numpy as np
 
 cimport numpy as cnp
@@ -215,7 +217,7 @@ def cl_stream_strip_bytes():
 def set_cl_strip_bytes(nbytes):
     """Set cl_strip_bytes and cl_stream_strip_bytes for every later call; None: back to the CPU's defaults. Tuning
     and tests only."""
-    cdef int64_t v = -1 if nbytes is None else min(int(nbytes), 2**62)  # (capped, as slab_bytes)
+    cdef int64_t v = -1 if nbytes is None else min(operator.index(nbytes), 2**62)  # (capped, as slab_bytes)
     # (the C call takes a negative value as "the default": here only None means that)
     if (nbytes is not None and v < 0) or bn_set_cl_strip_bytes(v) != BN_OK:
         raise ValueError(f"nbytes must be None or at least {BN_CL_STRIP_MIN_BYTES}, got {nbytes!r}")
@@ -285,7 +287,7 @@ cdef class ContextHandle:
         return ISA_NAMES[bn_context_get_isa(self.c)]
 
     def set_cl_strip_bytes(self, nbytes):
-        cdef int64_t v = -1 if nbytes is None else min(int(nbytes), 2**62)  # (capped, as slab_bytes)
+        cdef int64_t v = -1 if nbytes is None else min(operator.index(nbytes), 2**62)  # (capped, as slab_bytes)
         if (nbytes is not None and v < 0) or bn_context_set_cl_strip_bytes(self.c, v) != BN_OK:
             raise ValueError(f"cl_strip_bytes must be None or at least {BN_CL_STRIP_MIN_BYTES}, got {nbytes!r}")
 

@@ -102,7 +102,8 @@ class BatchNormalization:
     trainable : bool. False freezes the layer: it then runs in inference mode even when called with
         training=True, as in Keras.
     dtype : float32 (Keras' default; None and the mixed policies mixed_float16 and mixed_bfloat16 too, whose
-        variables are float32) or float64: the weights' dtype and the output's.
+        variables are float32) or float64: the weights' dtype and the output's (float32 under a mixed policy, where
+        Keras would return the policy's 16-bit compute dtype).
     name : str.
 
     The weights are made at the first call (or :meth:`build`), shaped (C,) with C = input_shape[axis]; later

@@ -316,8 +316,8 @@ class BatchNorm(_Layer):
         if update and self.num_batches_tracked is not None:
             self.num_batches_tracked += 1
         self._saved = ("epilogue", saved_x, mean, var, batch_stats, act, residual,
-                       None if self.weight is None else self.weight.copy(),
-                       None if self.bias is None else self.bias.copy(), self.eps)
+                       None if self.weight is None else np.array(self.weight),
+                       None if self.bias is None else np.array(self.bias), self.eps)
         return y
 
     def backward(self, grad_out, *, out=None, grad_residual_out=None):

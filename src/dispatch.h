@@ -29,7 +29,7 @@ extern _Thread_local const bn_context* bn_tls_ctx;
 
 /* 1 in the child of a fork() (pthread_atfork, dispatch.c): GNU OpenMP's threads do not survive a fork, and the
  * child's first parallel region would wait for them forever, so the drivers run every call on the calling thread
- * there (BN_PAR), as PyTorch does in a forked child. */
+ * there (BN_PAR), whatever the parent ran (another library may have started OpenMP's threads). */
 extern int bn_forked_child;
 
 /* A context's parallel_for (NULL: none) and its pool (bn_context_set_parallel_for). */

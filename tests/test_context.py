@@ -96,3 +96,9 @@ def test_a_huge_byte_budget_is_capped_not_an_overflow():
     with bn_simd.Context(cl_strip_bytes=2**70, slab_bytes=2**70):
         x = np.random.default_rng(1).standard_normal((4, 5, 6), dtype=np.float32)
         np.testing.assert_array_equal(bn_simd.batch_norm(x, training=True), bn_simd.batch_norm(x, training=True))
+
+
+@pytest.mark.parametrize("bad", ["9999999", 1e6 + 0.5])
+def test_a_byte_budget_must_be_an_int(bad):
+    with pytest.raises(TypeError):
+        bn_simd.Context(cl_strip_bytes=bad)

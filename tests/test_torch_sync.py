@@ -393,3 +393,43 @@ def test_convert_sync_batchnorm_refuses_a_fused_model_and_changes_nothing():
     assert any(isinstance(m, bt.BatchNormAct2d) for m in fused.modules())
     synced = bt.convert(bt.SyncBatchNorm.convert_sync_batchnorm(model), fuse_activations=True)  # (the order to use)
     assert any(isinstance(m, bt.SyncBatchNorm) for m in synced.modules())
+
+
+def test_a_rank_failing_in_its_backward_takes_part_and_the_others_raise():
+    """A saved input changed in place after the forward fails autograd's check on that rank: it still takes part in
+    the backward's exchange, so the other ranks raise instead of waiting for it."""
+    def fn(r, comm):
+        m = bt.SyncBatchNorm(3, process_group=comm, dtype=torch.float64)
+        x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+        h = x * 1.0
+        y = m(h)
+        if r == 1:
+            with torch.no_grad():
+                h.add_(1.0)
+        y.sum().backward()
+
+    for mode_comms in (make_comms(2),):
+        results, errors = run_ranks(2, fn, mode_comms)
+        assert isinstance(errors[1], RuntimeError) and "inplace" in str(errors[1])
+        assert isinstance(errors[0], RuntimeError) and "refused" in str(errors[0])
+
+
+def test_a_rank_given_no_tensor_takes_part_and_the_others_raise():
+    def fn(r, comm):
+        m = bt.SyncBatchNorm(3, process_group=comm)
+        return m(torch.randn(4, 3, 5) if r == 0 else [[1.0, 2.0, 3.0]])
+
+    results, errors = run_ranks(2, fn)
+    assert errors[1] is not None and isinstance(errors[0], RuntimeError)
+
+
+@pytest.mark.parametrize("mode", sync.MODES)
+def test_an_all_empty_batch_gives_zero_parameter_gradients(mode):
+    def fn(r, comm):
+        m = bt.SyncBatchNorm(3, process_group=comm, mode=mode)
+        x = torch.zeros(0, 3, 4, requires_grad=True)
+        m(x).sum().backward()
+        return m.weight.grad, m.bias.grad
+
+    for gw, gb in run_ok(2, fn):
+        assert torch.equal(gw, torch.zeros(3)) and torch.equal(gb, torch.zeros(3))

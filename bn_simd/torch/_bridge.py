@@ -206,14 +206,15 @@ def module_views(module, x, tensors):
     return views
 
 
-def affine(module):
-    """(weight, bias) of a module as its forward sees them: the registered parameters (None where the module has
-    none), or the tensors a parametrization or pruning computes in their place (``torch.nn.utils.parametrize``,
-    ``torch.nn.utils.prune``: the name is then not a registered parameter, and attribute access computes it)."""
+def affine(module, names=("weight", "bias")):
+    """The module's tensors of names (weight and bias; RMSNorm's weight alone) as its forward sees them: the
+    registered parameters (None where the module has none), or the tensors a parametrization or pruning computes in
+    their place (``torch.nn.utils.parametrize``, ``torch.nn.utils.prune``: the name is then not a registered
+    parameter, and attribute access computes it)."""
     p = module._parameters
-    if "weight" in p and "bias" in p:
-        return p["weight"], p["bias"]
-    return tuple(p[n] if n in p else getattr(module, n, None) for n in ("weight", "bias"))
+    if all(n in p for n in names):
+        return tuple(p[n] for n in names)
+    return tuple(p[n] if n in p else getattr(module, n, None) for n in names)
 
 
 def first_order(backward):

@@ -41,7 +41,7 @@ class RMSNorm(torch.nn.RMSNorm):
     __getstate__ = _getstate
 
     def forward(self, x):
-        tensors = B.affine(self)[:1]
+        tensors = B.affine(self, ("weight",))
         return R._rms_norm(x, self.normalized_shape, tensors[0], self.eps, None, B.module_views(self, x, tensors))
 
 
@@ -69,7 +69,7 @@ class RMSNormAct(RMSNorm):
 
     @_fused.act_forward(RMSNorm.forward)
     def forward(self, input, residual=None):
-        tensors = B.affine(self)[:1]
+        tensors = B.affine(self, ("weight",))
         return R._row_norm_act(input, self.normalized_shape, tensors[0], None, self.eps, True, self.activation,
                                residual, None, B.module_views(self, input, tensors))
 

@@ -55,21 +55,27 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @B.first_order
     def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
         mean, invstd, layout, comm, mode = ctx.stats
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        # (grad_x computed whatever autograd asks: every rank must take part in the same exchanges)
-        xw = _wide(x)
-        grad_x = torch.empty_like(xw)
-        # (a 16-bit weight widened exactly: the parameter gradients come back in float32, rounded once to the
-        # parameter's dtype by grad_as)
-        ga, xa = B.array(_wide(grad_y), layout), B.array(xw, layout)
+        try:
+            x, weight = ctx.saved_tensors  # (raises when a saved tensor was changed in place since the forward)
+            # (grad_x computed whatever autograd asks: every rank must take part in the same exchanges)
+            xw = _wide(x)
+            grad_x = torch.empty_like(xw)
+            # (a 16-bit weight widened exactly: the parameter gradients come back in float32, rounded once to the
+            # parameter's dtype by grad_as)
+            ga, xa = B.array(_wide(grad_y), layout), B.array(xw, layout)
+        except Exception as e:
+            # this rank takes part in the exchange as a failure: the others raise instead of waiting for it
+            S._exchange_grad(comm, None, None, mean, mean.shape[0], layout, mode, "SyncBatchNorm.backward",
+                             failed=S._Failed(e))
+            raise
         own = []  # (this rank's sums: PyTorch's SyncBatchNorm gives each rank the parameter gradients of its piece)
         sdy, sdyx, n = S._exchange_grad(comm, ga, xa, mean, mean.shape[0], layout, mode, "SyncBatchNorm.backward",
                                         own=own)
         S._apply_grad(ga, xa, mean, invstd, B.vec(None if weight is None else _wide(weight)), sdy, sdyx, n, layout,
                       B.array(grad_x, layout))
-        gw, gb = own[1] * invstd, own[0]
+        gw, gb = (own[1] * invstd, own[0]) if n > 0 else (np.zeros_like(own[1]), np.zeros_like(own[0]))
         pd = ctx.param_dtype
         gw = B.grad_as(gw, pd) if need_w else None
         gb = B.grad_as(gb, pd) if need_b else None
@@ -158,10 +164,10 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         buffers = self._buffers
         track = self.track_running_stats
         rm, rv = (buffers.get("running_mean"), buffers.get("running_var")) if track else (None, None)
-        tensors = (rm, rv, *B.affine(self))
         try:
+            tensors = (rm, rv, *B.affine(self))
             views = self._sync_views(input, tensors)
-        except (TypeError, ValueError) as e:
+        except Exception as e:
             # this rank's input is refused: it still takes part in the statistics' exchange, as a failure, so that
             # the other ranks raise RuntimeError instead of waiting for it (bn_simd.sync's protocol)
             S._exchange_stats(comm, S._Failed(e), self.num_features, "NCHW", self.mode, None, "SyncBatchNorm")
