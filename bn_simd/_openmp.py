@@ -35,6 +35,9 @@ _state = {"runtime": "libgomp" if _runtime.built_with_gcc() else "other", "appli
 _restore = None
 
 
+_SPIN_US_EXPECTED = "BN_SIMD_SPIN_US must be a number of microseconds in [0, 1e9) or 'default'"
+
+
 def _spin_us_setting():
     """The spin time asked for by BN_SIMD_SPIN_US (None: 'default', leave the runtime's own)."""
     v = os.environ.get("BN_SIMD_SPIN_US", "").strip()
@@ -45,9 +48,9 @@ def _spin_us_setting():
     try:
         us = float(v)
     except ValueError:
-        raise ValueError(f"BN_SIMD_SPIN_US must be a number of microseconds in [0, 1e9) or 'default', got {v!r}") from None
+        raise ValueError(_SPIN_US_EXPECTED + f", got {v!r}") from None
     if not (us >= 0.0 and us < 1e9):
-        raise ValueError(f"BN_SIMD_SPIN_US must be a number of microseconds in [0, 1e9) or 'default', got {v!r}")
+        raise ValueError(_SPIN_US_EXPECTED + f", got {v!r}")
     return us
 
 

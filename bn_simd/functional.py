@@ -97,8 +97,9 @@ def update_running_stats(running_mean, running_var, mean, var, n, momentum, *, u
     running_mean, running_var : writeable ndarrays (C,) of a float dtype, updated in place.
     mean, var : arrays (C,) of a float dtype: the batch mean and biased variance of n values each; with
         unbiased=True the variance moved towards is var * n / (n - 1) (for n > 1).
-    n : the whole number of values >= 0 (an int, or an integral float); n = 0 (an empty batch has no statistics) leaves the running statistics as they are,
-        as PyTorch's batch norm does with an empty batch. momentum : float in [0, 1].
+    n : the whole number of values >= 0 (an int, or an integral float); n = 0 (an empty batch has no statistics)
+        leaves the running statistics as they are, as PyTorch's batch norm does with an empty batch.
+    momentum : float in [0, 1].
 
     The formula :func:`batch_norm` applies. Raises TypeError for wrong types/dtypes and ValueError for wrong shapes
     or values; a call that raises changes nothing.

@@ -22,6 +22,7 @@ import numpy as np
 from . import _args as ck
 from . import _core, _masked
 from .functional import _threads
+from .layers import forward_copy
 from .renorm import (batch_renorm_backward, batch_renorm_forward, check_clipping, renorm_corrections,
                      update_renorm_stats)
 from .virtual import check_virtual_batch_size, virtual_batch_norm_backward, virtual_batch_norm_forward
@@ -316,7 +317,7 @@ class BatchNormalization:
                 raise ValueError("mask must be None with virtual_batch_size (ghost batches take no mask), got a "
                                  f"{type(mask).__name__}")
             y, self._saved = self._virtual_forward(x)
-            self._fwd_gamma = self._gamma_copy()
+            self._fwd_gamma = forward_copy(self.gamma)
         elif training and self.trainable:
             share = 1.0 - self.momentum  # bn_simd's momentum: running = (1 - m) running + m batch
             if mask is not None:
@@ -350,14 +351,14 @@ class BatchNormalization:
                         _core.update_running_stats(self.moving_mean, self.moving_variance, mean, var, max(n, 1),
                                                    share, False)
             self._saved = (x, mean, invstd, True, pos, r, d)
-            self._fwd_gamma = self._gamma_copy()
+            self._fwd_gamma = forward_copy(self.gamma)
         else:
             if mask is not None:
                 _masked.prepare(x, lay, mask)
             y, mean, invstd = _core.batch_norm(x, self.moving_mean, self.moving_variance, self.gamma, self.beta,
                                                False, 0.0, self.epsilon, lay, None, False, nt, True)
             self._saved = (x, mean, invstd, False, None, None, None)
-            self._fwd_gamma = self._gamma_copy()
+            self._fwd_gamma = forward_copy(self.gamma)
         return y if y.dtype == self.dtype else y.astype(self.dtype)
 
     def backward(self, grad_out):
@@ -412,10 +413,6 @@ class BatchNormalization:
             return np.ones(self.num_features), np.zeros(self.num_features)
         return renorm_corrections(mean, var, self.renorm_mean, self.renorm_stddev, eps=self.epsilon,
                                   **self._clip_bounds())
-
-    def _gamma_copy(self):
-        """The forward's gamma, for its backward (an update of gamma in between does not change that backward)."""
-        return None if self.gamma is None else np.array(self.gamma)
 
     def _composed(self, r, d, gamma=False):
         """Keras' composed transform (x̂ r + d) gamma + beta = x̂ (gamma r) + (gamma d + beta), float64 (C,); gamma:

@@ -18,6 +18,12 @@ def check_keys(keys, state_dict, may_miss=lambda k: False):
         raise ValueError(f"state_dict does not match this layer: missing keys {missing}, "
                          f"unexpected keys {unexpected}")
 
+def forward_copy(a):
+    """A forward's per-channel array (None kept) copied for its backward, so that an update of it in place in
+    between (an optimizer step) does not change that backward (np.array: any array-like the checks took)."""
+    return None if a is None else np.array(a)
+
+
 def assign_state(layer, staged):
     """load_state_dict's last step, once every entry of staged (name -> checked value) is known good: an array
     goes into the layer's own array of its shape and dtype, in place, as PyTorch's load_state_dict copies into its
@@ -259,7 +265,7 @@ class BatchNorm(_Layer):
                 raise ValueError("mask= does not combine with virtual_batch_size or renorm")
             from . import renorm as R
             y, self._saved = R.layer_forward(self, x, out, saved_x, update, momentum)
-            self._fwd_weight = None if self.weight is None else np.array(self.weight)  # (backward: the forward's)
+            self._fwd_weight = forward_copy(self.weight)
             if update and self.num_batches_tracked is not None:
                 self.num_batches_tracked += 1
             return y
@@ -282,7 +288,7 @@ class BatchNorm(_Layer):
         if update and self.num_batches_tracked is not None:
             self.num_batches_tracked += 1
         self._saved = (saved_x, mean, invstd, batch_stats, mask)
-        self._fwd_weight = None if self.weight is None else np.array(self.weight)  # (backward: the forward's)
+        self._fwd_weight = forward_copy(self.weight)
         return y
 
     __call__ = forward
@@ -316,8 +322,7 @@ class BatchNorm(_Layer):
         if update and self.num_batches_tracked is not None:
             self.num_batches_tracked += 1
         self._saved = ("epilogue", saved_x, mean, var, batch_stats, act, residual,
-                       None if self.weight is None else np.array(self.weight),
-                       None if self.bias is None else np.array(self.bias), self.eps)
+                       forward_copy(self.weight), forward_copy(self.bias), self.eps)
         return y
 
     def backward(self, grad_out, *, out=None, grad_residual_out=None):
@@ -503,7 +508,7 @@ class _InstanceNorm(BatchNorm):
             y, mean, invstd = _core.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
                                                0.0, self.eps, self.layout, out, True, F._threads(), True)
             self._saved = (saved_x, mean, invstd, False, unbatched)
-            self._fwd_weight = None if self.weight is None else np.array(self.weight)  # (backward: the forward's)
+            self._fwd_weight = forward_copy(self.weight)
         else:
             # momentum=None: PyTorch's instance norm passes momentum 0 (running statistics left as they are)
             update = self.training and self.track_running_stats and self.momentum is not None
@@ -512,7 +517,7 @@ class _InstanceNorm(BatchNorm):
                                                   self.momentum if update else 0.0, self.eps, self.layout, out,
                                                   F._threads(), 2)  # (float64 statistics, as group norm's)
             self._saved = (saved_x, mean, invstd, True, unbatched)
-            self._fwd_weight = None if self.weight is None else np.array(self.weight)  # (backward: the forward's)
+            self._fwd_weight = forward_copy(self.weight)
         return y[0] if unbatched else y
 
     __call__ = forward
@@ -521,7 +526,7 @@ class _InstanceNorm(BatchNorm):
         """forward with a fused activation and/or residual: the running statistics of batch norm's eval (eval with
         tracked statistics), else the instance statistics (float64, kept for backward; the running ones updated with
         their batch averages as the plain forward does)."""
-        w, b = (None if v is None else np.array(v) for v in (self.weight, self.bias))
+        w, b = forward_copy(self.weight), forward_copy(self.bias)
         if self.track_running_stats and not self.training:
             y, mean, _, var = _core.batch_norm_epi(x, self.running_mean, self.running_var, self.weight, self.bias,
                                                    False, 0.0, self.eps, self.layout, out, True, act, residual,
@@ -666,13 +671,13 @@ class GroupNorm(_Layer):
             y, mean, var = _core.group_forward_epi(x, self.num_groups, self.weight, self.bias, self.eps, self.layout,
                                                    out, act, residual, F._threads(), False, True)
             self._saved = ("epilogue", saved_x, mean, var, act, residual,
-                           *(None if v is None else np.array(v) for v in (self.weight, self.bias)), self.eps)
+                           forward_copy(self.weight), forward_copy(self.bias), self.eps)
             return y
         # (the statistics kept in float64 for the backward: a float32 mean loses digits where |mean| >> std)
         y, mean, invstd = _core.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.layout, out,
                                            F._threads(), 3)
         self._saved = (saved_x, mean, invstd)
-        self._fwd_weight = None if self.weight is None else np.array(self.weight)  # (backward: the forward's)
+        self._fwd_weight = forward_copy(self.weight)
         return y
 
     __call__ = forward

@@ -8,7 +8,7 @@ from . import _args as ck
 from . import _core
 from . import _epilogue as _epi
 from .functional import _threads
-from .layers import _no_residual, assign_state, check_keys
+from .layers import _no_residual, assign_state, check_keys, forward_copy
 
 
 def _shape_arg(normalized_shape):
@@ -84,12 +84,12 @@ class _RowNorm:
             y, mean, rstd = _core.row_forward_epi(x, self.normalized_shape, self.weight, self.bias, self.eps,
                                                   self.layout, out, _threads(), self._rms, act, residual, 2)
             self._saved = ("epilogue", saved_x, mean, rstd, act, residual,
-                           *(None if v is None else np.array(v) for v in (self.weight, self.bias)))
+                           forward_copy(self.weight), forward_copy(self.bias))
             return y
         y, mean, rstd = _core.row_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.layout, out,
                                        _threads(), self._rms, 2)
         self._saved = (saved_x, mean, rstd)  # (the float64 statistics: the backward gets them unrounded)
-        self._fwd_weight = None if self.weight is None else np.array(self.weight)  # (backward: the forward's)
+        self._fwd_weight = forward_copy(self.weight)
         return y
 
     __call__ = forward
@@ -169,10 +169,10 @@ class LayerNorm(_RowNorm):
         ``layer(x, residual=r)`` adds r (x's shape and dtype) first; ``backward`` differentiates through both and then
         also sets ``grad_residual``.
 
-    ``layer(x)`` normalises (training and eval alike); ``backward(grad_out)`` returns grad_x and sets
-    ``grad_weight`` / ``grad_bias``, with the forward's weight (copied) and x (a reference: changing x in place
-    before ``backward`` changes the gradients). ``state_dict`` keys: weight, bias, as PyTorch's. Raises TypeError / ValueError
-    naming the argument for wrong arguments.
+    ``layer(x)`` normalises (training and eval alike); ``backward(grad_out)`` returns grad_x and sets ``grad_weight`` /
+    ``grad_bias``, with the forward's weight (copied) and x (a reference: changing x in place before ``backward``
+    changes the gradients). ``state_dict`` keys: weight, bias, as PyTorch's. Raises TypeError / ValueError naming the
+    argument for wrong arguments.
     """
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *, dtype=np.float32,

@@ -51,7 +51,7 @@ import numpy as np
 
 from . import _args as ck
 from . import functional as F
-from .layers import BatchNorm, _no_residual
+from .layers import BatchNorm, _no_residual, forward_copy
 
 MODES = ("exact", "fast")
 # (mean - shift)^2 / var above which the fast mode's one-allreduce form loses more than ~2^20 eps_double of the
@@ -613,7 +613,7 @@ class SyncBatchNorm(BatchNorm):
         if n > 0 and np.all(np.isfinite(mean)):
             self._shift = mean
         self._saved = (saved_x, mean, 1.0 / np.sqrt(var + self.eps), True)
-        self._fwd_weight = None if self.weight is None else np.array(self.weight)  # (backward: the forward's)
+        self._fwd_weight = forward_copy(self.weight)
         self._sync_n = n
         return y
 

@@ -198,13 +198,6 @@ static int epi_kernel(const bn_epilogue* ep, const void* y, bn_uk_epi* k, const 
     return 1;
 }
 
-/* A chunk's M2 = s2 - s1^2 / n (v) from its sums, at least 0: +Inf where the squares of finite deviations overflowed
- * (s2 = +Inf with s1 finite; v is Inf - Inf = NaN when s1^2 overflowed too: the variance beyond double's range,
- * +Inf as PyTorch's), 0 where the data holds a NaN or an infinity (the mean carries it). */
-static double m2_finish(double s2, double s1, double v) {
-    return v > 0.0 ? v : s2 == INFINITY && isfinite(s1) ? INFINITY : 0.0;
-}
-
 /* Rows in chunk k + 1 of `rows` rows cut in chunks of R (0 after the last): what a channels-last reduction
  * kernel may prefetch after chunk k. */
 static int64_t cl_rows_after(int64_t rows, int64_t R, int64_t k) {

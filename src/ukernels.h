@@ -21,9 +21,19 @@
 #ifndef BN_UKERNELS_H
 #define BN_UKERNELS_H
 
+#include <math.h>
 #include <stdint.h>
 
 #include "bn_simd.h"
+
+/* A chunk's M2 = s2 - s1^2 / n (v) from its sums s1, s2 of deviations, at least 0: +Inf where the squares of finite
+ * deviations overflowed (s2 = +Inf with s1 finite; v is Inf - Inf = NaN when s1^2 overflowed too: the variance
+ * beyond double's range, +Inf as PyTorch's), 0 where the data holds a NaN or an infinity (the mean carries it). A
+ * selection only, exact under any ISA (s1 - s1 == 0: s1 finite, a form the bookkeeping loops vectorise); the
+ * channels-first drivers (batchnorm.inc) and the channels-last chunk bookkeeping (ukernels.inc) share it. */
+static inline double bn_m2_finish(double s2, double s1, double v) {
+    return v > 0.0 ? v : s2 == INFINITY && s1 - s1 == 0.0 ? INFINITY : 0.0;
+}
 
 /* How far ahead of their loads the channels-first float32 reductions prefetch (bytes; ukernels.inc), and how far
  * past a chunk their callers let them (batchnorm.c, cf_pf_after). */

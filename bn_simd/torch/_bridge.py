@@ -107,9 +107,10 @@ _functorch_active = torch._C._are_functorch_transforms_active
 def input_supported(x, ranks, eps):
     """True when the kernels can run a call on input x (any per-channel tensors aside): float32, float64, float16 or
     bfloat16 on the CPU. False sends it to PyTorch's own implementation: other devices and dtypes, ranks the kernels do
-    not cover, eps <= 0 or given as a tensor, tensor subclasses with ``__torch_function__``, and calls made while tracing or compiling a
-    graph (which must record PyTorch's operator), inside a forward-mode AD level (the Functions here have no forward
-    derivative) or a torch.func transform (grad, vjp, vmap). Raises TypeError when x is not a tensor."""
+    not cover, eps <= 0 or given as a tensor, tensor subclasses with ``__torch_function__``, and calls made while
+    tracing or compiling a graph (which must record PyTorch's operator), inside a forward-mode AD level (the Functions
+    here have no forward derivative) or a torch.func transform (grad, vjp, vmap). Raises TypeError when x is not a
+    tensor."""
     if type(x) is not torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
@@ -171,7 +172,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 # A module's entry in its __dict__: (dtype, its per-channel tensors, their data pointers, strides and shapes, their
 # ndarrays), the views of its parameters and buffers made once (Tensor.numpy() costs about 1 us per tensor and call,
-# far more inside a network, where every Python step runs from cold caches). Left out of pickles and copies (modules.py).
+# far more inside a network, where every Python step runs from cold caches). Left out of pickles and copies
+# (modules.py).
 VIEWS_KEY = "_bn_simd_views"
 
 

@@ -173,11 +173,11 @@ def fold(model, *, trace=True):
 
     Pairs: found in the model's data flow by ``torch.fx`` symbolic tracing (``trace=True``): a BatchNorm called on
     a conv's/linear's output that nothing else reads (so ``self.bn1(self.conv1(x))`` inside a forward counts).
-    When the model cannot be traced, or with ``trace=False``, only pairs that follow each other in an
-    ``nn.Sequential`` are folded (a RuntimeWarning says when tracing failed, and why). Left alone: layers or batch
-    norms called more than once or registered under several names, layers with tied parameters, hooks of
-    any kind (legacy ``weight_norm`` is a pre-hook) or parametrizations (``torch.nn.utils.parametrize``, the new
-    ``weight_norm``), batch norms with hooks or parametrizations or without running statistics (``track_running_stats=False``), transposed convs,
+    When the model cannot be traced, or with ``trace=False``, only pairs that follow each other in an ``nn.Sequential``
+    are folded (a RuntimeWarning says when tracing failed, and why). Left alone: layers or batch norms called more than
+    once or registered under several names, layers with tied parameters, hooks of any kind (legacy ``weight_norm`` is a
+    pre-hook) or parametrizations (``torch.nn.utils.parametrize``, the new ``weight_norm``), batch norms with hooks or
+    parametrizations or without running statistics (``track_running_stats=False``), transposed convs,
     subclasses that override ``forward``. BatchNorm classes folded: ``torch.nn``'s BatchNorm1d/2d/3d and
     SyncBatchNorm and bn_simd.torch's. A Linear→BatchNorm1d pair is folded for a 2-d (N, features) output: its
     batch norm is replaced by :class:`FoldedBatchNorm1d` (an ``nn.Identity``) which raises RuntimeError on any other

@@ -290,14 +290,14 @@ def convert(model, fuse_activations=False):
     which the tracer froze a tensor computed from the model's state (a buffer read through a module, as
     ``bn.running_mean``) is not used. torch.fx traces an augmented assignment ``r += t`` on tensors as ``r = r + t``:
     a model that relies on it updating another reference to r computes otherwise once traced.
-    When the model cannot be traced (or gave such a graph), the pairs inside each ``torch.nn.Sequential`` are fused
-    in place (the activation module replaced by ``torch.nn.Identity``; a normalization registered at more than one
-    place is left unfused, as its other uses would take the activation too) and model is returned. A module called more
-    than once or with more than one argument, a pair with hooks (a forward, pre-forward or backward hook on the
-    normalization or the activation module, or a hook registered for every module), whose output has other uses than the activation (or the add), or an
-    activation of a subclass (which may override forward) is not fused. The fused model applies the activation to
-    the float32 value before its rounding (the unfused model rounds the normalization's output first): outputs
-    agree within that rounding.
+    When the model cannot be traced (or gave such a graph), the pairs inside each ``torch.nn.Sequential`` are fused in
+    place (the activation module replaced by ``torch.nn.Identity``; a normalization registered at more than one place is
+    left unfused, as its other uses would take the activation too) and model is returned. A module called more than once
+    or with more than one argument, a pair with hooks (a forward, pre-forward or backward hook on the normalization or
+    the activation module, or a hook registered for every module), whose output has other uses than the activation (or
+    the add), or an activation of a subclass (which may override forward) is not fused. The fused model applies the
+    activation to the float32 value before its rounding (the unfused model rounds the normalization's output first):
+    outputs agree within that rounding.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
