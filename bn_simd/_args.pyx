@@ -680,6 +680,19 @@ def check_groups(G, C):
     return num_groups(G, C)
 
 
+cpdef int stats_apart(object out, tuple named) except -1:
+    """A training call writes its output before it updates the statistics of `named`, (name, array or None) pairs
+    (running_mean, running_var, ...): out (None, or the output array) must share no byte with them. Bounds, as
+    numpy.may_share_memory: a strided statistic whose span covers part of out is refused too."""
+    if out is None:
+        return 0
+    for name, a in named:
+        if isinstance(a, np.ndarray) and a.size and np.may_share_memory(out, a):
+            raise ValueError(f"out must not share memory with {name}, which the call updates after writing out "
+                             f"(pass a separate array)")
+    return 0
+
+
 def check_out(out, like, reads, name="out"):
     """out checked against array `like` (shape, dtype) and the (name, array) pairs of `reads` (see _out)."""
     reads = list(reads) + [(None, None)] * (2 - len(reads))

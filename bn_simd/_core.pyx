@@ -658,6 +658,8 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
         raise ValueError("running_mean and running_var are required when training=False")
     cdef cnp.ndarray ya = A.output(out, xa, None)
     cdef bint update = tr and rm is not None and n > 0, unb = False
+    if update and out is not None:
+        A.stats_apart(ya, (("running_mean", rm), ("running_var", rv)))
     if update:
         unb = unbiased  # (read only when the running statistics are updated)
     cdef double stack[STACK_DOUBLES]
@@ -1289,6 +1291,8 @@ def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, m
     cdef bn_epilogue ep
     ra = epi_residual(residual, xa) if epi else None
     ya = A.output(out, xa, None)
+    if rm is not None and out is not None:
+        A.stats_apart(ya, (("running_mean", rm), ("running_var", rv)))
     if epi:
         epi_fill(act, ra, ya, "out", &ep)
     mean, var = group_forward_run(xa, ya, &g, C, w, b, e, nthreads, &ep if epi else NULL)

@@ -181,6 +181,8 @@ def batch_norm_epi(x, running_mean, running_var, weight, bias, training, momentu
     cdef bint update = tr and rm is not None and n > 0, unb = False
     if update:
         unb = unbiased
+        if out is not None:
+            A.stats_apart(ya, (("running_mean", rm), ("running_var", rv)))
     cdef double stack[STACK_DOUBLES]
     cdef double* p = scratch(6 * C, stack)
     cdef double* mean = p

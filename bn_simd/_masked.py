@@ -98,6 +98,8 @@ def forward(x, rm, rv, weight, bias, momentum, eps, layout, out, unbiased, mask,
     mom = ck.check_momentum(momentum, False) if rm is not None else 0.0  # (checked where used, as batch_norm)
     e = ck.check_eps(eps)
     train_size(n, xa)
+    if rm is not None:
+        ck.stats_apart(out, (("running_mean", rm), ("running_var", rv)))
     mean, var = stats(xa, layout, view, pos, every, nt)
     y = _core.normalize(xa, mean, var, weight, bias, e, layout, out, nt)
     if rm is not None and n > 0:

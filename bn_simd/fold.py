@@ -231,7 +231,7 @@ def fold_conv(conv_weight, conv_bias, running_mean, running_var, weight=None, bi
     b = _vector(conv_bias, "conv_bias", O, "the conv's output channels")
     # canonical float64 view (O, I/groups, K): K the kernel's taps
     w64 = np.moveaxis(w.astype(np.float64), (o_ax, i_ax), (0, 1))
-    wc = w64.reshape(O, I_g, -1)
+    wc = w64.reshape(O, I_g, math.prod(w64.shape[2:]))  # (no -1: O or I may be 0)
     if position == "after":
         scale, shift = _scale_shift(running_mean, running_var, weight, bias, eps, O,
                                     "the conv's output channels, position='after'")

@@ -112,6 +112,19 @@ def _before_batch_count(state_dict):
     return version is None or version < 2
 
 
+def _batch_count(v):
+    """A reassigned num_batches_tracked: a whole number >= 0 (an int, a NumPy integer or a 0-d integer array),
+    returned as an int."""
+    a = v if isinstance(v, np.ndarray) else None
+    if isinstance(v, bool) or not (isinstance(v, (numbers.Integral, np.integer)) or (
+            a is not None and a.ndim == 0 and a.dtype.kind in "iu")):
+        raise TypeError(f"num_batches_tracked must be a whole number >= 0 or None, got {type(v).__name__} {v!r}")
+    n = int(v)
+    if n < 0:
+        raise ValueError(f"num_batches_tracked must be >= 0, got {n}")
+    return n
+
+
 class BatchNorm(_Layer):
     """Batch normalization over the channel axis, with learnable affine parameters and running statistics.
 
@@ -379,6 +392,8 @@ class BatchNorm(_Layer):
         # momentum's value matters only in an update (PyTorch ignores it elsewhere); its type always
         self.momentum = ck.check_momentum(self.momentum, allow_none=True) if update else _momentum_type(self.momentum)
         self.layout = ck.check_layout(self.layout)
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked = _batch_count(self.num_batches_tracked)
         if self.axis is not None:
             self.axis = ck.check_axis(self.axis, self.layout)
         if getattr(self, "renorm", False) or getattr(self, "virtual_batch_size", None) is not None:

@@ -273,6 +273,8 @@ def batch_renorm(x, running_mean, running_var, weight=None, bias=None, training=
         ck.per_channel(a, name, C, inplace=True)
     m = ck.check_momentum(momentum, False)
     rmom = check_renorm_momentum(renorm_momentum)
+    ck.stats_apart(out, (("running_mean", running_mean), ("running_var", running_var), ("running_std", running_std),
+                         ("renorm_mean", renorm_mean), ("renorm_std", renorm_std)))
     y, mean_w, var_w, r, d = _forward(split, renorm_mean, renorm_std, weight, bias, clipping, eps, out)
     if split.n * split.G > 0:
         update_renorm_stats(running_mean, running_var, running_std, renorm_mean, renorm_std, mean_w.reshape(-1, C),
@@ -306,12 +308,18 @@ def check_layer(layer, update):
             ck.per_channel(getattr(layer, name), name, layer.num_features, inplace=update)
 
 
+# (the statistics a layer's training call may update, or read after writing its output: renorm_mean, renorm_std)
+_LAYER_STATS = ("running_mean", "running_var", "running_std", "renorm_mean", "renorm_std")
+
+
 def layer_forward(layer, x, out, saved_x, update, momentum):
     """A BatchNorm layer's training forward with virtual batches and/or renormalization; the moving statistics
     updated when ``update`` (with ``momentum``, None resolved). Returns (y, LayerSaved)."""
     from .virtual import mean_stats, train_forward
     split = Split(x, layer.layout, layer.virtual_batch_size)
     C, eps = split.C, layer.eps
+    if update or layer.renorm:
+        ck.stats_apart(out, tuple((name, getattr(layer, name, None)) for name in _LAYER_STATS))
     if layer.renorm:
         y, mean, var, r, d = _forward(split, layer.renorm_mean, layer.renorm_std, layer.weight, layer.bias,
                                       check_clipping(layer.renorm_clipping), eps, out)

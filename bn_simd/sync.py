@@ -582,6 +582,8 @@ class SyncBatchNorm(BatchNorm):
         xa = self._check_input(x)
         if out is not None:
             ck.check_out(out, xa, [("x", xa)])
+            if self.training and self.track_running_stats:
+                ck.stats_apart(out, (("running_mean", self.running_mean), ("running_var", self.running_var)))
         return xa
 
     def forward(self, x, *, out=None):

@@ -327,6 +327,8 @@ def virtual_batch_norm(x, running_mean=None, running_var=None, weight=None, bias
         raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
     mom = ck.check_momentum(momentum, False) if rm is not None else None
     e = ck.check_eps(eps)
+    if rm is not None:
+        ck.stats_apart(out, (("running_mean", rm), ("running_var", rv)))
     y, mean, invstd = train_forward(split, weight, bias, e, out)
     if rm is not None and split.n * split.G > 0:
         bm, bv = mean_stats(split, mean, invstd, e)

@@ -307,3 +307,18 @@ def test_importing_the_folding_modules_imports_no_optional_dependency():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 3, 3), (4, 0, 3, 3), (4, 3, 0, 3)])
+@pytest.mark.parametrize("position", ["after", "before"])
+def test_fold_conv_of_a_kernel_with_no_elements(shape, position):
+    """A kernel with no output channels, no input channels or no taps folds as fold_linear's empty cases do: arrays of
+    its shape and (O,) biases, b2 the BN's shift alone where the conv has outputs (it raised NumPy's reshape error)."""
+    O, I = shape[0], shape[1]
+    C = O if position == "after" else I
+    rm, rv = np.full(C, 0.5, np.float32), np.full(C, 4.0, np.float32)
+    w2, b2 = bn_simd.fold_conv(np.zeros(shape, np.float32), None, rm, rv, position=position)
+    assert w2.shape == shape and w2.dtype == np.float32 and b2.shape == (O,)
+    scale, shift = bn_simd.fold_params(rm, rv)
+    want = np.broadcast_to(shift, (O,)) if position == "after" else np.zeros(O)
+    np.testing.assert_allclose(b2, want, rtol=1e-7)

@@ -708,3 +708,54 @@ def test_rows_of_no_value_give_pytorchs_statistics():
 def test_a_channel_layout_with_several_normalized_dims_is_refused_at_construction(layout):
     with pytest.raises(ValueError, match="normalized_shape"):
         bn_simd.LayerNorm((3, 5), layout=layout)
+
+
+def _extreme_rows_ref(x, rms, eps, w, b):
+    x64 = x.astype(np.float64)
+    if rms:
+        return x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + eps) * w + b
+    mu = x64.mean(-1, keepdims=True)
+    return (x64 - mu) / np.sqrt(((x64 - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("form", ["rows", "NCHW"])
+def test_extreme_rows_are_normalised_in_double_and_the_others_keep_their_bits(dtype, form, threads):
+    """Rows whose float coefficients would overflow or lose their bits, as batch norm's take its float64 apply:
+    values of both signs near float32's range (x - m overflows: it gave -Inf), subnormal rows with a tiny eps (rstd
+    beyond float32's range: saturated, it scaled the row by 0.1). Such a row is normalised in double, each output
+    rounded once; the other rows of the call keep the bits they have without it, at any thread count."""
+    dt = np.float32 if dtype == "float32" else pytest.importorskip("ml_dtypes").bfloat16
+    rng = np.random.default_rng(5)
+    C, eps = 64, 1e-100
+    w = rng.uniform(0.5, 2, C).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    x = rng.standard_normal((40, C)).astype(dt)
+    x[7, :4] = np.array([3e38, 3e38, 3e38, -3e38], np.float32).astype(dt)
+    x[7, 4:] = 0
+    x[23] = (rng.standard_normal(C) * 1e-40).astype(np.float32).astype(dt)
+    normal = np.setdiff1d(np.arange(40), [7, 23])
+
+    def run(a, rms, nt):
+        threads(nt)
+        if form == "rows":
+            return bn_simd.rms_norm(a, C, w, eps=eps) if rms else bn_simd.layer_norm(a, C, w, b, eps=eps)
+        a4 = np.ascontiguousarray(a.T)[None, :, :, None]  # (1, C, 40, 1): each row a position
+        return np.ascontiguousarray(bn_simd.layer_norm(a4, C, w, b, eps=eps, layout="NCHW")[0, :, :, 0].T)
+
+    for rms in (False, True) if form == "rows" else (False,):
+        y = run(x, rms, 2)
+        want = _extreme_rows_ref(x, rms, eps, w, 0 if rms else b)
+        tol = 4 * float(np.finfo(np.float32).eps if dt == np.float32 else 2.0 ** -8)
+        for i in (7, 23):
+            if rms and i == 7:
+                continue  # (its mean square is beyond double's range: y = 0 there, both ways)
+            np.testing.assert_allclose(y[i].astype(np.float64), want[i], rtol=tol, atol=tol * np.abs(want[i]).max())
+        assert np.isfinite(y.astype(np.float32)).all()
+        assert_same_bits(y[normal], run(x[normal], rms, 2))
+        for nt in (1, 3):
+            assert_same_bits(run(x, rms, nt), y)
+    # a fused activation applies to the double normalise's stored outputs
+    if form == "rows":
+        z = bn_simd.layer_norm(x, C, w, b, eps=eps, activation="relu")
+        assert_same_bits(z, np.maximum(bn_simd.layer_norm(x, C, w, b, eps=eps), 0).astype(x.dtype))

@@ -467,3 +467,32 @@ def test_backward_uses_the_forwards_weight_after_an_update_in_place(make, epilog
     got = layer.backward(g), layer.grad_weight
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_array_equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (-1, ValueError, "num_batches_tracked must be >= 0, got -1"),
+    ("3", TypeError, "num_batches_tracked must be a whole number"),
+    (2.5, TypeError, "num_batches_tracked must be a whole number"),
+    (True, TypeError, "num_batches_tracked must be a whole number"),
+    (np.zeros(2, np.int64), TypeError, "num_batches_tracked must be a whole number"),
+])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_a_reassigned_batch_count_is_checked_before_the_call(value, error, message, momentum):
+    """num_batches_tracked reassigned to something that is no count: the call raises naming it (it divided by zero,
+    blamed momentum, or counted on from a float or a negative number) and changes nothing."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+    layer = bn_simd.BatchNorm2d(3, momentum=momentum)
+    layer.num_batches_tracked = value
+    with pytest.raises(error, match=message):
+        layer(x)
+    np.testing.assert_array_equal(layer.running_mean, 0.0)
+    np.testing.assert_array_equal(layer.running_var, 1.0)
+
+
+def test_a_batch_count_of_numpy_integers_counts_on_as_an_int():
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+    for v in (np.int64(4), np.array(4, np.int32)):
+        layer = bn_simd.BatchNorm2d(3, momentum=None)
+        layer.num_batches_tracked = v
+        layer(x)
+        assert layer.num_batches_tracked == 5 and type(layer.num_batches_tracked) is int

@@ -105,6 +105,32 @@ def test_float64_squares_beyond_double_range_give_an_infinite_variance(op, layou
     np.testing.assert_array_equal(y, 0.25)
 
 
+@pytest.mark.parametrize("op", ["batch", "group", "instance"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("n", [4, 1000, 20000])
+def test_float64_channel_whose_sum_leaves_double_range_keeps_its_statistics(op, layout, n, isa):
+    """float64 values near 1e306: the first pass's sum leaves double's range. The chunk is then shifted by its first
+    value: a constant channel keeps its exact mean and normalises to exactly its bias (it gave NaN from 1000 values
+    on); the other channel is unaffected."""
+    x = np.ones((1, 2, n)) if layout == "NCHW" else np.ones((1, n, 2))
+    big = (slice(None), 0) if layout == "NCHW" else (slice(None), slice(None), 0)
+    x[big] = 1e306
+    x[(slice(None), 1) if layout == "NCHW" else (slice(None), slice(None), 1)] = np.linspace(-1, 1, n)
+    b = np.array([0.5, 0.25])
+    if op == "batch":
+        y, mean, _ = bn_simd.batch_norm_forward(x, None, b, layout=layout)
+        assert mean[0] == 1e306
+    elif op == "group":
+        y = bn_simd.group_norm(x, 2, None, b, layout=layout)
+    else:
+        y = bn_simd.instance_norm(x, weight=None, bias=b, layout=layout)
+    np.testing.assert_array_equal(y[big], 0.5)
+    other = y[(slice(None), 1) if layout == "NCHW" else (slice(None), slice(None), 1)]
+    v = np.linspace(-1, 1, n)
+    np.testing.assert_allclose(other.ravel(), (v - v.mean()) / np.sqrt(v.var() + 1e-5) + 0.25, rtol=1e-12,
+                               atol=1e-12)
+
+
 @pytest.mark.slow
 def test_hundred_million_elements_per_channel_do_not_drift():
     x = np.random.default_rng(4).standard_normal((1, 1, 100_000_000), dtype=np.float32) + np.float32(3.0)

@@ -162,3 +162,64 @@ def test_layer_rejects_bad_out_and_keeps_its_state():
     np.testing.assert_array_equal(layer.running_var, 1.0)
     with pytest.raises(RuntimeError):
         layer.backward(x)  # the failed call saved nothing for backward
+
+
+def _stats_in(buf_len, C, dtype=np.float32):
+    """A buffer of buf_len values, its first C the running mean (zeros), and a separate running variance (ones)."""
+    buf = np.zeros(buf_len, dtype)
+    return buf, buf[:C], np.ones(C, dtype)
+
+
+STAT_CALLS = {
+    "batch_norm": lambda x, rm, rv, out: bn_simd.batch_norm(x, rm, rv, training=True, out=out),
+    "batch_norm NHWC": lambda x, rm, rv, out: bn_simd.batch_norm(x, rm, rv, training=True, out=out, layout="NHWC"),
+    "batch_norm relu": lambda x, rm, rv, out: bn_simd.batch_norm(x, rm, rv, training=True, out=out,
+                                                                 activation="relu"),
+    "batch_norm mask": lambda x, rm, rv, out: bn_simd.batch_norm(x, rm, rv, training=True, out=out,
+                                                                 mask=np.ones((4, 5, 5), bool)),
+    "instance_norm": lambda x, rm, rv, out: bn_simd.instance_norm(x, rm, rv, out=out),
+    "virtual_batch_norm": lambda x, rm, rv, out: bn_simd.virtual_batch_norm(x, rm, rv, training=True, out=out,
+                                                                            virtual_batch_size=2),
+}
+
+
+@pytest.mark.parametrize("call", list(STAT_CALLS))
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+def test_training_out_sharing_memory_with_a_running_statistic_is_refused(call, which):
+    """A training call writes out before it moves the running statistics: an out over either of them would feed the
+    update its own output (y and the statistics both wrong, silently). Refused naming both; nothing changes."""
+    x = make_input((4, 3, 5, 5), "NHWC" if "NHWC" in call else "NCHW", np.float32, seed=97)
+    buf = np.zeros(x.size, np.float32)
+    other = np.full(3, 1.0 if which == "running_mean" else 0.0, np.float32)
+    stat = buf[5:8]
+    stat[:] = 1.0 if which == "running_var" else 0.0
+    rm, rv = (stat, other) if which == "running_mean" else (other, stat)
+    before = buf.copy(), other.copy()
+    with pytest.raises(ValueError, match=f"out must not share memory with {which}"):
+        STAT_CALLS[call](x, rm, rv, buf.reshape(x.shape))
+    np.testing.assert_array_equal(buf, before[0])
+    np.testing.assert_array_equal(other, before[1])
+    # eval reads the statistics before it writes: the same out is fine there
+    lay = "NHWC" if "NHWC" in call else "NCHW"
+    y = bn_simd.batch_norm(x, rm.copy(), rv.copy(), training=False, layout=lay)
+    np.testing.assert_array_equal(bn_simd.batch_norm(x, rm, rv, training=False, out=buf.reshape(x.shape), layout=lay),
+                                  y)
+
+
+def test_layers_refuse_an_out_over_their_statistics():
+    x = make_input((4, 3, 5, 5), "NCHW", np.float32, seed=98)
+    for layer in (bn_simd.BatchNorm2d(3), bn_simd.BatchNorm2d(3, virtual_batch_size=2),
+                  bn_simd.BatchNorm2d(3, renorm=True), bn_simd.InstanceNorm2d(3, track_running_stats=True)):
+        buf = np.zeros(x.size, np.float32)
+        layer.running_mean = buf[:3]
+        with pytest.raises(ValueError, match="out must not share memory with running_mean"):
+            layer(x, out=buf.reshape(x.shape))
+        assert not buf.any() and layer.num_batches_tracked == 0, type(layer).__name__
+    # renorm's functional form: any of its five moving statistics
+    rs = [np.zeros(3, np.float32) for _ in range(5)]
+    rs[1][:] = rs[2][:] = rs[4][:] = 1.0
+    buf = np.zeros(x.size, np.float32)
+    buf[:3] = 1.0
+    with pytest.raises(ValueError, match="out must not share memory with running_std"):
+        bn_simd.batch_renorm(x, rs[0], rs[1], training=True, running_std=buf[:3], renorm_mean=rs[3],
+                             renorm_std=rs[4], out=buf.reshape(x.shape))

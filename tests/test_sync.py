@@ -597,3 +597,21 @@ def test_virtual_batches_and_renormalization_are_refused():
     with pytest.raises(ValueError, match="virtual batches or renormalization"):
         layer(np.ones((4, 4, 3), np.float32))
     assert layer.num_batches_tracked == 0
+
+
+def test_an_out_over_a_running_statistic_is_refused_on_every_rank():
+    """The statistics move after out is written: an out over running_mean is refused by that rank's checks before
+    the exchange, and the other ranks raise too (no rank waits); nothing changes."""
+    x = make_input((4, 3, 5, 5), "NCHW", np.float32, seed=99)
+    bufs = [np.zeros(2 * 75, np.float32) for _ in range(2)]
+
+    def rank(r, comm):
+        layer = bn_simd.SyncBatchNorm(3, comm=comm)
+        if r == 0:
+            layer.running_mean = bufs[0][:3]
+        return layer(x[2 * r:2 * r + 2], out=bufs[r].reshape(2, 3, 5, 5))
+
+    _, errors = run_ranks(2, rank)
+    assert isinstance(errors[0], ValueError) and "out must not share memory with running_mean" in str(errors[0])
+    assert isinstance(errors[1], Exception)
+    assert not bufs[0].any()

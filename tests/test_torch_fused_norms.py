@@ -246,8 +246,6 @@ def test_bad_activation_or_residual_is_refused_and_changes_nothing():
         with pytest.raises(ValueError, match="residual"):
             ours(x, r[:, :3])
         with pytest.raises(TypeError, match="residual"):
-            ours(x, r.double())
-        with pytest.raises(TypeError, match="residual"):
             ours(x, r.numpy())
         for k, v in ours.state_dict().items():
             assert torch.equal(v, before[k]), (kind, k)
@@ -515,3 +513,40 @@ def test_a_residual_of_a_shape_that_does_not_broadcast_is_refused_before_the_run
     with pytest.raises(ValueError, match="residual"):
         call()
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+def test_a_residual_of_another_dtype_takes_pytorchs_add():
+    """A residual of another dtype than the input's gives act(norm(input) + residual) with PyTorch's add (its type
+    promotion), as the unfused model: under torch.autocast a ResNet block's convolution gives bfloat16 and its
+    identity stays float32 (a fused block raised TypeError there)."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.bn(self.conv(x)) + x)
+
+    torch.manual_seed(3)
+    ref = Block()
+    fused = bt.convert(copy.deepcopy(ref), fuse_activations=True)
+    assert any(isinstance(m, bt.BatchNormAct2d) for m in fused.modules())
+    x = torch.randn(2, 4, 6, 6)
+    for training in (True, False):
+        ref.train(training)
+        fused.train(training)
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yr, yf = ref(xr), fused(xf)
+        assert yf.dtype == yr.dtype == torch.float32
+        torch.testing.assert_close(yf, yr, rtol=0, atol=0)
+        yr.sum().backward()
+        yf.sum().backward()
+        torch.testing.assert_close(xf.grad, xr.grad, rtol=0, atol=0)
+    # a float64 residual beside float32 input, each kind
+    x, r, _ = _data(torch.float32, False, 57)
+    for kind in KINDS:
+        ours, ref2, _ = _pair(kind, "relu", torch.float32, 58)
+        torch.testing.assert_close(ours(x, r.double()), TF.relu(ref2(x) + r.double()), rtol=1e-6, atol=1e-6)

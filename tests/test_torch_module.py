@@ -714,3 +714,51 @@ def test_torch_func_transforms_take_pytorchs_path(make):
     f = lambda mod: (lambda t: mod(t).pow(3).sum())  # noqa: E731
     torch.testing.assert_close(torch.func.grad(f(m))(x), torch.func.grad(f(ref))(x))
     torch.testing.assert_close(torch.func.vmap(m)(x.unsqueeze(1)), torch.func.vmap(ref)(x.unsqueeze(1)))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_counts_batches_as_pytorch(momentum, reentrant):
+    """torch.utils.checkpoint reruns the forward in the backward; the non-reentrant form stops that rerun once the
+    saved tensors are recorded. PyTorch's BatchNorm counts the batch before its work, so the rerun counts it again
+    and moves the statistics again; the converted module must end with the same count and statistics (it counted
+    after its work, so the stopped rerun skipped the count: one short a call, the cumulative average wrong)."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    ref = torch.nn.BatchNorm2d(3, momentum=momentum).double()
+    ours = bt.convert(copy.deepcopy(ref))
+    for step in range(3):
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * (step + 1)
+        for m in (ref, ours):
+            xi = x.clone().requires_grad_()
+            checkpoint(m, xi, use_reentrant=reentrant).sum().backward()
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+
+
+def test_a_refused_call_still_leaves_the_count():
+    m = bt.convert(torch.nn.BatchNorm2d(3))
+    with pytest.raises(ValueError):
+        m(torch.randn(1, 3, 1, 1))  # (one value per channel in training)
+    assert int(m.num_batches_tracked) == 0
+
+
+def test_torch_jit_script_compiles_pytorchs_modules_in_place_of_converted_ones():
+    """torch.jit.script cannot compile the kernels' Python calls: each converted module hands it PyTorch's own module
+    sharing its parameters and buffers (the scripted model's training moves the converted model's statistics); a
+    fused module refuses with a TypeError that says what to do."""
+    torch.manual_seed(1)
+    for make in (lambda: torch.nn.BatchNorm2d(4), lambda: torch.nn.GroupNorm(2, 4), lambda: torch.nn.LayerNorm(4),
+                 lambda: torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True), lambda: torch.nn.RMSNorm(4)):
+        ref = make()
+        ours = bt.convert(copy.deepcopy(ref))
+        scripted = torch.jit.script(torch.nn.Sequential(ours))
+        x = torch.randn(2, 4, 3, 4)
+        torch.testing.assert_close(scripted(x), ref(x), rtol=1e-6, atol=1e-6)
+        if getattr(ref, "running_mean", None) is not None:
+            torch.testing.assert_close(ours.running_mean, ref.running_mean)
+        assert type(ours).__module__.startswith("bn_simd.torch")
+    fused = bt.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.ReLU()), fuse_activations=True)
+    with pytest.raises(TypeError, match="cannot be scripted"):
+        torch.jit.script(fused)

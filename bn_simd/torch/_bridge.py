@@ -21,6 +21,7 @@ import numbers
 
 import numpy as np
 import torch
+import torch.utils.checkpoint  # noqa: F401  (counted: its recomputation signal)
 import torch.autograd.forward_ad as fwAD
 from torch.autograd.function import once_differentiable
 from torch.overrides import has_torch_function
@@ -233,6 +234,42 @@ def first_order(backward):
                                "supported; use torch.nn's modules for this model")
         return inner(ctx, *grads)
     return wrapped
+
+
+def scriptable(module):
+    """``__prepare_scriptable__`` of a converted module, which torch.jit.script calls before it compiles a module:
+    scripting cannot compile the kernels' Python calls, so a scripted model takes PyTorch's own module, a ``torch.nn``
+    object of the class convert replaced, sharing this one's parameters, buffers and hooks (its forward PyTorch's)."""
+    base = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
+    twin = base.__new__(base)
+    twin.__dict__.update((k, v) for k, v in module.__dict__.items() if not k.startswith("_bn_simd"))
+    return twin
+
+
+def fused_not_scriptable(module):
+    """``__prepare_scriptable__`` of a fused module (its forward takes a residual no ``torch.nn`` module takes)."""
+    raise TypeError(f"{type(module).__name__} (a fused module of bn_simd.torch.convert(..., fuse_activations=True)) "
+                    f"cannot be scripted: script the model before fusing it, or use torch.jit.trace, torch.export or "
+                    f"torch.compile")
+
+
+# (torch.utils.checkpoint's signal that a recomputed forward has recorded what the backward needs; () if absent)
+_STOP_RECOMPUTATION = getattr(torch.utils.checkpoint, "_StopRecomputationError", ())
+
+
+def counted(counter, call):
+    """call() with a batch counted in counter (num_batches_tracked) first, as PyTorch's BatchNorm counts it before its
+    work: non-reentrant checkpointing stops a recomputed forward once its saved tensors are recorded, after the
+    running statistics moved, and PyTorch's count moved too. A call that raises otherwise leaves the count as it
+    was."""
+    counter.add_(1)
+    try:
+        return call()
+    except _STOP_RECOMPUTATION:
+        raise
+    except BaseException:
+        counter.sub_(1)
+        raise
 
 
 def stats_views(module, x, tensors):

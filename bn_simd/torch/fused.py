@@ -69,25 +69,27 @@ def act_repr(base):
     return extra_repr
 
 
-def _broadcasts(input, residual):
-    """residual, already passed by check_residual (a tensor whose shape broadcasts with input's), is of input's dtype
-    and another shape than input's (input's broadcast one, or a larger one)."""
-    return (isinstance(residual, torch.Tensor) and isinstance(input, torch.Tensor) and residual.shape != input.shape
-            and residual.dtype == input.dtype)
+def _unfused(input, residual):
+    """residual, already passed by check_residual (a tensor whose shape broadcasts with input's), has another shape
+    than input's (input's broadcast one, or a larger one) or another dtype (under ``torch.autocast`` a convolution's
+    bfloat16 output meets a float32 identity: PyTorch's add promotes it)."""
+    return (isinstance(residual, torch.Tensor) and isinstance(input, torch.Tensor)
+            and (residual.shape != input.shape or residual.dtype != input.dtype))
 
 
 def act_forward(plain_forward):
-    """Decorates a fused module's forward(self, input, residual=None): a residual of input's dtype whose shape is not
-    input's but broadcasts with it gives act(plain_forward(self, input) + residual) with PyTorch's operations, as the
-    unfused model computes it (the fused sweep reads a residual of input's shape; convert fuses an add whatever the
-    shape of its other operand: a per-channel bias, an embedding of shape (N, C, 1, 1), or one the add broadcasts the
-    output to); a shape that does not broadcast raises ValueError before anything runs; any other residual goes to
-    the fused forward, which checks it."""
+    """Decorates a fused module's forward(self, input, residual=None): a residual whose shape is not input's but
+    broadcasts with it, or whose dtype is not input's, gives act(plain_forward(self, input) + residual) with
+    PyTorch's operations (their broadcasting and type promotion), as the unfused model computes it (the fused sweep
+    reads a residual of input's shape and dtype; convert fuses an add whatever its other operand: a per-channel bias,
+    an embedding of shape (N, C, 1, 1), one the add broadcasts the output to, a float32 identity beside a bfloat16
+    convolution under autocast); a shape that does not broadcast raises ValueError before anything runs; any other
+    residual goes to the fused forward, which checks it."""
     def decorate(fused_forward):
         @functools.wraps(fused_forward)
         def forward(self, input, residual=None):
             check_residual(input, residual)
-            if residual is not None and _broadcasts(input, residual):
+            if residual is not None and _unfused(input, residual):
                 return _torch_activation(plain_forward(self, input) + residual, self.activation)
             return fused_forward(self, input, residual)
         return forward

@@ -65,10 +65,11 @@ def _batch_norm_forward(self, input, activation=None, residual=None):
     keep = not training or track
     tensors = (running_mean if keep else None, running_var if keep else None, *B.affine(self))
     views = B.stats_views(self, input, tensors)
-    y = F._batch_norm(input, *tensors, batch_stats, factor, self.eps, None, views, activation, residual)
     if counting:
-        counter.add_(1)
-    elif (not training and views is not None and tensors[0] is not None and tensors[1] is not None
+        return B.counted(counter, lambda: F._batch_norm(input, *tensors, batch_stats, factor, self.eps, None, views,
+                                                        activation, residual))
+    y = F._batch_norm(input, *tensors, batch_stats, factor, self.eps, None, views, activation, residual)
+    if (not training and views is not None and tensors[0] is not None and tensors[1] is not None
           and activation is None and residual is None):
         _cache_eval(self, input, tensors, views)
     return y
@@ -98,6 +99,7 @@ class BatchNorm1d(torch.nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` on bn_simd's kernels: (N, C) or (N, C, L) input."""
     forward = _batch_norm_forward
     __getstate__ = _getstate
+    __prepare_scriptable__ = B.scriptable
 
 
 class BatchNorm2d(torch.nn.BatchNorm2d):
@@ -105,6 +107,7 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
     (read in place; the output keeps the input's memory format)."""
     forward = _batch_norm_forward
     __getstate__ = _getstate
+    __prepare_scriptable__ = B.scriptable
 
 
 class BatchNorm3d(torch.nn.BatchNorm3d):
@@ -112,6 +115,7 @@ class BatchNorm3d(torch.nn.BatchNorm3d):
     ``torch.channels_last_3d``."""
     forward = _batch_norm_forward
     __getstate__ = _getstate
+    __prepare_scriptable__ = B.scriptable
 
 
 @_fused.act_forward(_batch_norm_forward)
@@ -154,6 +158,7 @@ class BatchNormAct3d(BatchNorm3d):
 class GroupNorm(torch.nn.GroupNorm):
     """``torch.nn.GroupNorm`` on bn_simd's kernels: (N, C, *spatial) input of rank 2 to 5."""
     __getstate__ = _getstate
+    __prepare_scriptable__ = B.scriptable
 
     def forward(self, input):
         tensors = B.affine(self)
@@ -207,18 +212,21 @@ class InstanceNorm1d(torch.nn.InstanceNorm1d):
     """``torch.nn.InstanceNorm1d`` on bn_simd's kernels: (N, C, L) or unbatched (C, L) input."""
     _apply_instance_norm = _apply_instance_norm
     __getstate__ = _getstate
+    __prepare_scriptable__ = B.scriptable
 
 
 class InstanceNorm2d(torch.nn.InstanceNorm2d):
     """``torch.nn.InstanceNorm2d`` on bn_simd's kernels: (N, C, H, W) or unbatched (C, H, W) input."""
     _apply_instance_norm = _apply_instance_norm
     __getstate__ = _getstate
+    __prepare_scriptable__ = B.scriptable
 
 
 class InstanceNorm3d(torch.nn.InstanceNorm3d):
     """``torch.nn.InstanceNorm3d`` on bn_simd's kernels: (N, C, D, H, W) or unbatched (C, D, H, W) input."""
     _apply_instance_norm = _apply_instance_norm
     __getstate__ = _getstate
+    __prepare_scriptable__ = B.scriptable
 
 
 _instance_act_init = _fused.act_init(torch.nn.modules.instancenorm._InstanceNorm)
@@ -248,6 +256,11 @@ class InstanceNormAct3d(InstanceNorm3d):
     __init__ = _instance_act_init
     forward = _instance_act_forward
     extra_repr = _instance_act_repr
+
+
+for _cls in (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, GroupNormAct, InstanceNormAct1d, InstanceNormAct2d,
+             InstanceNormAct3d):
+    _cls.__prepare_scriptable__ = B.fused_not_scriptable
 
 
 # torch.nn class -> bn_simd class; exact types only: a user's subclass of a torch.nn class may override forward
@@ -282,8 +295,9 @@ def convert(model, fuse_activations=False):
     model is traced with ``torch.fx`` and the returned model is then a ``torch.fx.GraphModule`` over model's modules
     (model itself when no pair is fused)
     (the activation and add calls gone from its graph; a fused add's other operand becomes the module's residual
-    argument: one of another shape that broadcasts with the output takes PyTorch's add and activation after the
-    plain normalization; one of another dtype than the input's raises TypeError). Its fused modules are copies of
+    argument: one of another shape that broadcasts with the output, or of another dtype than the input's (a float32
+    identity beside a bfloat16 convolution under ``torch.autocast``), takes PyTorch's add and activation after the
+    plain normalization). Its fused modules are copies of
     model's converted ones sharing their parameters, buffers and hooks, so model itself still runs as before
     (converted, not fused). A residual computed after the normalization is fused only when what runs in between is
     pure function calls (an embedding's indexing or reshape), the normalization then moving after them; a graph in

@@ -185,11 +185,10 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         shift = self.__dict__.get("_bn_simd_shift")
         if shift is None or shift.shape != (self.num_features,):
             shift = self.__dict__["_bn_simd_shift"] = np.zeros(self.num_features)
-        y = SyncBatchNormFunction.apply(input, tensors[2], tensors[3], rm, rv, factor, self.eps, comm, self.mode,
-                                        shift, views)
-        if counting:
-            counter.add_(1)
-        return y
+        def call():
+            return SyncBatchNormFunction.apply(input, tensors[2], tensors[3], rm, rv, factor, self.eps, comm,
+                                               self.mode, shift, views)
+        return B.counted(counter, call) if counting else call()
 
     def _sync_views(self, input, tensors):
         """The checks of a synchronised call on this rank: the ndarrays of tensors, or None for input PyTorch's own
@@ -214,6 +213,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                         f"{input.dtype} on {input.device}")
 
     __getstate__ = M._getstate
+    __prepare_scriptable__ = B.scriptable
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None, *, mode="exact"):
