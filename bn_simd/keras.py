@@ -251,14 +251,19 @@ class BatchNormalization:
 
     # ---- configuration -------------------------------------------------------------------------------------
     def get_config(self):
-        """The constructor's arguments as a dict (Keras' keys; the initializers as given)."""
-        return {"name": self.name, "trainable": self.trainable, "dtype": self.dtype.name, "axis": self.axis,
-                "momentum": self.momentum, "epsilon": self.epsilon, "center": self.center, "scale": self.scale,
-                "beta_initializer": self.beta_initializer, "gamma_initializer": self.gamma_initializer,
-                "moving_mean_initializer": self.moving_mean_initializer,
-                "moving_variance_initializer": self.moving_variance_initializer, "renorm": self.renorm,
-                "renorm_clipping": None if self.renorm_clipping is None else dict(self.renorm_clipping),
-                "renorm_momentum": self.renorm_momentum, "virtual_batch_size": self.virtual_batch_size}
+        """The constructor's arguments as a dict (Keras' keys; the initializers as given). virtual_batch_size (Keras
+        2's key; Keras 3 has none) only when set, so that Keras 3's ``from_config`` takes the dict of a layer
+        without virtual batches."""
+        config = {"name": self.name, "trainable": self.trainable, "dtype": self.dtype.name, "axis": self.axis,
+                  "momentum": self.momentum, "epsilon": self.epsilon, "center": self.center, "scale": self.scale,
+                  "beta_initializer": self.beta_initializer, "gamma_initializer": self.gamma_initializer,
+                  "moving_mean_initializer": self.moving_mean_initializer,
+                  "moving_variance_initializer": self.moving_variance_initializer, "renorm": self.renorm,
+                  "renorm_clipping": None if self.renorm_clipping is None else dict(self.renorm_clipping),
+                  "renorm_momentum": self.renorm_momentum}
+        if self.virtual_batch_size is not None:
+            config["virtual_batch_size"] = self.virtual_batch_size
+        return config
 
     @classmethod
     def from_config(cls, config):
@@ -275,7 +280,7 @@ class BatchNormalization:
                 if v is not default and v != default:
                     raise ValueError(f"{k}={v!r} is not supported by bn_simd.keras.BatchNormalization (only "
                                      f"{default!r})")
-        unknown = sorted(set(config) - set(cls(**{}).get_config()))
+        unknown = sorted(set(config) - set(cls(**{}).get_config()) - {"virtual_batch_size"})
         if unknown:
             raise TypeError(f"config has keys BatchNormalization does not take: {unknown}")
         return cls(**config)
