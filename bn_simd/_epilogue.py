@@ -5,7 +5,9 @@
     "relu6"                 min(max(u, 0), 6)
     ("leaky_relu", slope)   u if u > 0 else slope * u        (slope: a finite real number; "leaky_relu" alone: 0.01,
                                                               PyTorch's default)
-    ("clamp", lo, hi)       min(max(u, lo), hi)               (lo <= hi; either may be None: unbounded)
+    ("clamp", lo, hi)       min(max(u, lo), hi)               (lo <= hi; either may be None: unbounded; PyTorch's
+                                                              Hardtanh: derivative 0 at lo and hi, where
+                                                              torch.clamp's is 1)
     "silu"                  u / (1 + exp(-u))                 (also "swish")
 
 parse() turns one into the kernels' tuple (code, lo, hi, slope) (include/bn_simd_epilogue.h: BN_ACT_*), raising

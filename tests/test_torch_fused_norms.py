@@ -550,3 +550,24 @@ def test_a_residual_of_another_dtype_takes_pytorchs_add():
     for kind in KINDS:
         ours, ref2, _ = _pair(kind, "relu", torch.float32, 58)
         torch.testing.assert_close(ours(x, r.double()), TF.relu(ref2(x) + r.double()), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation, module", [("relu", nn.ReLU()), ("relu6", nn.ReLU6()),
+                                                (("clamp", -0.5, 0.5), nn.Hardtanh(-0.5, 0.5))])
+def test_pytorchs_path_takes_the_kernels_derivative_at_the_kinks(activation, module):
+    """A residual that broadcasts (or of another dtype) takes PyTorch's add and activation: at u exactly on a kink
+    (0, 6, lo, hi) its gradient must be the kernels' and the replaced module's (0), not torch.clamp's (1)."""
+    D = torch.float64
+    x = torch.tensor([-1., 0., 1.], dtype=D).view(3, 1, 1, 1).repeat(1, 2, 1, 1)  # the middle sample normalises to 0
+    shift = {"relu": 0.0, "relu6": 6.0}.get(activation, 0.5) if isinstance(activation, str) else 0.5
+    grads = []
+    for res in (torch.full((3, 2, 1, 1), shift, dtype=D), torch.full((1, 2, 1, 1), shift, dtype=D),
+                torch.full((3, 2, 1, 1), shift, dtype=torch.float32)):
+        m = bt.BatchNormAct2d(2, activation=activation).double()
+        xx = x.clone().requires_grad_()
+        m(xx, res).sum().backward()
+        grads.append(xx.grad)
+    ref = x.clone().requires_grad_()
+    module(TF.batch_norm(ref, None, None, None, None, True) + shift).sum().backward()
+    for g in grads:
+        torch.testing.assert_close(g, ref.grad, rtol=1e-9, atol=1e-9)

@@ -17,8 +17,8 @@ Values: the activation is applied to the float32 (float64 for float64 data) valu
 residual, rounded once to the output's dtype; PyTorch's unfused composition rounds the normalization's output first
 (and again after the add), so float32 results agree within the activation's rounding of those. Gradients: the
 backward recomputes u = normalised x + residual from x with the forward's coefficients (nothing else is saved), and
-at the kinks takes PyTorch's one-sided derivatives (0 for relu / relu6 / clamp at lo and hi, the slope for
-leaky_relu at 0).
+at the kinks takes the derivatives of the modules above (0 for relu / relu6 / clamp at lo and hi, as Hardtanh's,
+where torch.clamp's is 1; the slope for leaky_relu at 0), on the kernels' path and on PyTorch's alike.
 """
 import copy
 import functools
@@ -106,7 +106,9 @@ def _torch_activation(y, activation):
         return TF.silu(y)
     if code == _epilogue.ACT_LEAKY:
         return TF.leaky_relu(y, slope)
-    return torch.clamp(y, None if lo == -float("inf") else lo, None if hi == float("inf") else hi)
+    # (hardtanh, not torch.clamp: the kernels' derivative at the kinks, 0 at lo and hi, as torch.relu's, relu6's and
+    # Hardtanh's; torch.clamp's passes the gradient at its bounds)
+    return TF.hardtanh(y, lo, hi)
 
 
 def _tensor_of(a, layout):
