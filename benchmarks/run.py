@@ -82,6 +82,15 @@ def _check(args, parser):
             parser.error(f"{option}: the folder of {path} does not exist")
         if path and os.path.isdir(path):
             parser.error(f"{option}: {path} is a folder, not a file name")
+        if path:  # (a file that cannot be written fails now, not after the timings)
+            existed = os.path.exists(path)
+            try:
+                with open(path, "a", encoding="utf-8"):
+                    pass
+            except OSError as e:
+                parser.error(f"{option}: {path} cannot be written ({e.strerror})")
+            if not existed:
+                os.remove(path)
 
 
 def _chosen_cases(args, parser):

@@ -295,9 +295,11 @@ def _prune(graph, onnx):
     while True:
         read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | \
             _subgraph_names(graph, onnx)
-        inits = {t.name for t in graph.initializer}
+        # (an Identity of an initializer or of a Constant node's output: how exporters pass BN parameters)
+        consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.domain in _ONNX_DOMAINS
+                                                        and n.op_type == "Constant" for o in n.output}
         dead = [n for n in graph.node if n.domain in _ONNX_DOMAINS and (
-            n.op_type == "Constant" or (n.op_type == "Identity" and n.input[0] in inits))
+            n.op_type == "Constant" or (n.op_type == "Identity" and n.input[0] in consts))
             and not any(o in read for o in n.output)]
         for n in dead:
             graph.node.remove(n)

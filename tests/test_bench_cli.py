@@ -387,3 +387,11 @@ def test_a_json_path_that_is_a_folder_is_refused_before_timing(tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(["bench", *TINY, "--json", str(tmp_path)])
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_a_json_file_that_cannot_be_written_is_refused_before_timing(tmp_path, capsys):
+    """A file the run could not write at its end (a read-only folder: /proc, a full or read-only mount) is refused
+    before anything is timed (it failed with a traceback after the whole run)."""
+    with pytest.raises(SystemExit):
+        main(["bench", *TINY, "--json", "/proc/self/rows.json"])
+    assert "cannot be written" in capsys.readouterr().err

@@ -759,3 +759,42 @@ def test_extreme_rows_are_normalised_in_double_and_the_others_keep_their_bits(dt
     if form == "rows":
         z = bn_simd.layer_norm(x, C, w, b, eps=eps, activation="relu")
         assert_same_bits(z, np.maximum(bn_simd.layer_norm(x, C, w, b, eps=eps), 0).astype(x.dtype))
+
+
+@pytest.mark.parametrize("form", ["rows", "NCHW"])
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_backward_through_an_epilogue_takes_the_forwards_u_on_extreme_rows(form, activation):
+    """The rows the forward normalised in double: the backward through a fused epilogue computes their u the same way
+    (it took the float coefficients there: u of -Inf, du NaN, whose column sums made every parameter gradient NaN,
+    or ReLU's mask wrong). du (grad_residual) is dz act'(u) at the forward's u = y + residual."""
+    rng = np.random.default_rng(9)
+    C, eps = 64, 1e-100
+    w = rng.uniform(0.5, 2, C).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    x = rng.standard_normal((6, C)).astype(np.float32)
+    x[1, :48], x[1, 48:] = 3e38, -3e38
+    x[4] = (rng.standard_normal(C) * 1e-40).astype(np.float32)
+    r = rng.standard_normal((6, C)).astype(np.float32)
+    dz = rng.standard_normal((6, C)).astype(np.float32)
+    if form == "NCHW":
+        to = lambda a: np.ascontiguousarray(a.T)[None, :, :, None]  # noqa: E731  (each row a position)
+        back = lambda a: np.ascontiguousarray(a[0, :, :, 0].T)  # noqa: E731
+        kw = {"layout": "NCHW"}
+    else:
+        to = back = lambda a: a  # noqa: E731
+        kw = {}
+    y, mean, rstd, st = bn_simd.layer_norm_forward(to(x), C, w, b, eps=eps, activation=activation, residual=to(r),
+                                                   **kw)
+    y0 = back(bn_simd.layer_norm(to(x), C, w, b, eps=eps, **kw))
+    u = y0.astype(np.float64) + r
+    gx, gw, gb, gr = bn_simd.layer_norm_backward(to(dz), to(x), mean, rstd, C, w, b, activation=activation,
+                                                 residual=to(r), save_stats=st, **kw)
+    gr = back(gr)
+    if activation == "relu":
+        want = np.where(u > 0, dz, 0).astype(np.float32)
+        np.testing.assert_array_equal(gr[[1, 4]], want[[1, 4]])
+    else:
+        s = 1 / (1 + np.exp(-u))
+        want = dz * s * (1 + u * (1 - s))
+        np.testing.assert_allclose(gr[[1, 4]], want[[1, 4]], rtol=1e-5, atol=1e-6)
+    assert np.isfinite(gr).all() and np.isfinite(gw).all() and np.isfinite(gb).all()

@@ -256,3 +256,26 @@ def test_fold_onnx_batchnorm_cases_behind_an_identity_conv(opset, epsilon):
     f = lambda v: np.asarray(v, np.float32).astype(np.float64)
     want = bn_ref(f(x), f(mean), f(var), f(s), f(b), 1e-5 if epsilon is None else epsilon)
     assert_close_to_oracle(run(folded, {"x": x})[0], run(model, {"x": x})[0], want)
+
+
+def test_fold_removes_identity_of_constant_parameters_it_no_longer_reads():
+    """BN parameters passed as Identity(Constant) (the legacy torch.onnx exporter's pattern): folded, and the pair
+    removed with the BN (the Identity of a Constant node's output was kept, and its Constant with it)."""
+    rng = np.random.default_rng(8)
+    f32 = TensorProto.FLOAT
+    W = rng.standard_normal((4, 3, 3, 3))
+    scale = rng.uniform(0.5, 2, 4)
+    bn, inits, (mean, var, _, b) = _bn("bn", "c", "y", 4, rng)
+    bn.input[1] = "scale"
+    inits = [t for t in inits if t.name != "bn_s"] + [_init("W", W)]
+    nodes = [helper.make_node("Constant", [], ["scale_c"], value=numpy_helper.from_array(scale.astype(np.float32))),
+             helper.make_node("Identity", ["scale_c"], ["scale"]), helper.make_node("Conv", ["x", "W"], ["c"]), bn]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f32, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", f32, [1, 4, 4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    folded = bo.fold(model)
+    onnx.checker.check_model(folded)
+    assert ops(folded) == ["Conv"]
+    x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    want = bn_ref(conv_ref(x, W.astype(np.float32).astype(np.float64)), mean, var, scale.astype(np.float32), b, 1e-3)
+    assert_close_to_oracle(run(folded, {"x": x})[0], run(model, {"x": x})[0], want)

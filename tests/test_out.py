@@ -223,3 +223,19 @@ def test_layers_refuse_an_out_over_their_statistics():
     with pytest.raises(ValueError, match="out must not share memory with running_std"):
         bn_simd.batch_renorm(x, rs[0], rs[1], training=True, running_std=buf[:3], renorm_mean=rs[3],
                              renorm_std=rs[4], out=buf.reshape(x.shape))
+
+
+def test_a_layer_that_moves_no_statistics_takes_an_out_over_them():
+    """track_running_stats switched off after construction: the running statistics are not updated, so an out over
+    running_mean is no hazard and is taken (a renorm layer refused it, naming an update it would not make); renorm's
+    own statistics, read between virtual batches, stay refused."""
+    x = make_input((4, 3, 5, 5), "NCHW", np.float32, seed=100)
+    layer = bn_simd.BatchNorm2d(3, renorm=True)
+    layer.track_running_stats = False
+    buf = np.zeros(x.size, np.float32)
+    layer.running_mean = buf[:3]
+    y = layer(x, out=buf.reshape(x.shape))
+    assert y is not None and layer.num_batches_tracked == 0
+    layer.renorm_mean = buf[:3]
+    with pytest.raises(ValueError, match="out must not share memory with renorm_mean"):
+        layer(x, out=buf.reshape(x.shape))

@@ -744,21 +744,33 @@ def test_a_refused_call_still_leaves_the_count():
     assert int(m.num_batches_tracked) == 0
 
 
-def test_torch_jit_script_compiles_pytorchs_modules_in_place_of_converted_ones():
-    """torch.jit.script cannot compile the kernels' Python calls: each converted module hands it PyTorch's own module
-    sharing its parameters and buffers (the scripted model's training moves the converted model's statistics); a
-    fused module refuses with a TypeError that says what to do."""
-    torch.manual_seed(1)
-    for make in (lambda: torch.nn.BatchNorm2d(4), lambda: torch.nn.GroupNorm(2, 4), lambda: torch.nn.LayerNorm(4),
-                 lambda: torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True), lambda: torch.nn.RMSNorm(4)):
-        ref = make()
-        ours = bt.convert(copy.deepcopy(ref))
-        scripted = torch.jit.script(torch.nn.Sequential(ours))
-        x = torch.randn(2, 4, 3, 4)
-        torch.testing.assert_close(scripted(x), ref(x), rtol=1e-6, atol=1e-6)
-        if getattr(ref, "running_mean", None) is not None:
-            torch.testing.assert_close(ours.running_mean, ref.running_mean)
-        assert type(ours).__module__.startswith("bn_simd.torch")
-    fused = bt.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.ReLU()), fuse_activations=True)
-    with pytest.raises(TypeError, match="cannot be scripted"):
-        torch.jit.script(fused)
+def test_torch_jit_script_refuses_converted_modules_and_leaves_the_model_alone():
+    """torch.jit.script cannot compile the kernels' Python calls, and it stores what a module's __prepare_scriptable__
+    returns into the parent: each converted module refuses with a TypeError saying what to do, before anything in the
+    model is replaced (the unconverted model scripts as usual)."""
+    for fuse in (False, True):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                    torch.nn.LayerNorm([4, 6, 6]), torch.nn.GroupNorm(2, 4))
+        torch.jit.script(copy.deepcopy(model))
+        ours = bt.convert(model, fuse_activations=fuse)
+        kinds = [type(m) for m in ours.modules()]
+        with pytest.raises(TypeError, match="cannot be compiled by torch.jit.script"):
+            torch.jit.script(ours)
+        assert [type(m) for m in ours.modules()] == kinds
+        assert any(t.__module__.startswith("bn_simd.torch") for t in kinds)
+
+
+def test_an_out_over_a_running_statistic_is_refused_in_any_memory_order():
+    """bn_simd.torch's functional calls with out= in another memory order than the input's write a temporary and copy
+    it into out after the running statistics moved: an out over running_mean must be refused there too (the copy
+    overwrote running_mean with y's values)."""
+    x = torch.randn(4, 3, 5, 5)
+    for fmt in ("same", "channels_last"):
+        buf = torch.zeros(300)
+        out = buf.view(4, 3, 5, 5) if fmt == "same" else buf.view(4, 5, 5, 3).permute(0, 3, 1, 2)
+        for call in (lambda: bt.batch_norm(x, buf[:3], torch.ones(3), training=True, out=out),
+                     lambda: bt.batch_norm(x, buf[:3], torch.ones(3), training=True, out=out, activation="relu"),
+                     lambda: bt.instance_norm(x, buf[:3], torch.ones(3), use_input_stats=True, out=out)):
+            with pytest.raises(ValueError, match="out must not share memory with running_mean"):
+                call()
+            assert not buf.any()

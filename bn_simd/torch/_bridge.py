@@ -26,7 +26,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.autograd.function import once_differentiable
 from torch.overrides import has_torch_function
 
-from .._args import BF16_BITS
+from .._args import BF16_BITS, stats_apart
 from ..functional import _threads  # noqa: F401  (the thread count of a call, re-exported for the modules here)
 
 HALF = (torch.float16, torch.bfloat16)
@@ -236,21 +236,14 @@ def first_order(backward):
     return wrapped
 
 
-def scriptable(module):
-    """``__prepare_scriptable__`` of a converted module, which torch.jit.script calls before it compiles a module:
-    scripting cannot compile the kernels' Python calls, so a scripted model takes PyTorch's own module, a ``torch.nn``
-    object of the class convert replaced, sharing this one's parameters, buffers and hooks (its forward PyTorch's)."""
-    base = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
-    twin = base.__new__(base)
-    twin.__dict__.update((k, v) for k, v in module.__dict__.items() if not k.startswith("_bn_simd"))
-    return twin
-
-
-def fused_not_scriptable(module):
-    """``__prepare_scriptable__`` of a fused module (its forward takes a residual no ``torch.nn`` module takes)."""
-    raise TypeError(f"{type(module).__name__} (a fused module of bn_simd.torch.convert(..., fuse_activations=True)) "
-                    f"cannot be scripted: script the model before fusing it, or use torch.jit.trace, torch.export or "
-                    f"torch.compile")
+def not_scriptable(module):
+    """``__prepare_scriptable__`` of the converted modules, which torch.jit.script calls on each module before it
+    compiles it: scripting cannot compile the kernels' Python calls, and a ``torch.nn`` twin returned here would be
+    written into the caller's model in place of the converted module (torch.jit.script stores what this returns in
+    the parent's modules). A clear TypeError instead, before anything is compiled or changed."""
+    raise TypeError(f"{type(module).__name__} of bn_simd.torch cannot be compiled by torch.jit.script: script the model "
+                    f"before bn_simd.torch.convert, or use torch.jit.trace, torch.export or torch.compile, which take "
+                    f"PyTorch's own path inside a converted model")
 
 
 # (torch.utils.checkpoint's signal that a recomputed forward has recorded what the backward needs; () if absent)
@@ -313,15 +306,19 @@ def check_out(out, x):
         raise ValueError("out must not require grad: autograd does not differentiate through out=")
 
 
-def output(x, layout, out):
+def output(x, layout, out, stats=None):
     """(y, ya, target) for a forward on dense x: y the result tensor, ya its array in ``layout``, target the out
-    tensor to copy y into afterwards when out's memory is not in x's order (else None)."""
+    tensor to copy y into afterwards when out's memory is not in x's order (else None). stats: the running
+    statistics' arrays (mean, var; None entries allowed) the call moves after writing y, with which out may share no
+    memory (checked on out's own memory: the copy into target comes after their update)."""
     if out is None:
         y = torch.empty_like(x)  # (x dense: y gets its strides, so y's array in x's layout is C-contiguous)
         a = _numpy(y)
         return y, (a if layout == "NCHW" else a.transpose(_CHANNELS_LAST[a.ndim])), None
     check_out(out, x)
     a = _numpy(out)
+    if stats is not None:
+        stats_apart(a, (("running_mean", stats[0]), ("running_var", stats[1])))
     if layout == "NHWC":
         a = a.transpose(_CHANNELS_LAST[a.ndim])
     if a.flags.c_contiguous:

@@ -93,8 +93,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         return _autograd.BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum,
                                                  eps, views)
     x, layout, xa = B.dense(input)
-    y, ya, target = B.output(x, layout, out)
     rm, rv, w, b = views
+    y, ya, target = B.output(x, layout, out, (rm, rv) if training else None)
     _core.batch_norm(xa, rm, rv, w, b, training, momentum, eps, layout, ya, True, B._threads())
     return B.finish(y, target, (out, running_mean, running_var) if training else (out,))
 
@@ -184,8 +184,8 @@ def _instance_norm(input, running_mean, running_var, weight, bias, use_input_sta
         return _autograd.BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False, 0.0, eps,
                                                  views)
     x, layout, xa = B.dense(input)
-    y, ya, target = B.output(x, layout, out)
     rm, rv, w, b = views
+    y, ya, target = B.output(x, layout, out, (rm, rv) if use_input_stats else None)
     _core.instance_norm(xa, rm, rv, w, b, use_input_stats, momentum, eps, layout, ya, B._threads())
     return B.finish(y, target, (out, running_mean, running_var) if use_input_stats else (out,))
 

@@ -236,8 +236,8 @@ def batch_norm_act(input, running_mean, running_var, weight, bias, training, mom
                                           momentum, eps, act, views)
     x, layout, xa = B.dense(input)
     ra = None if residual is None else _residual_array(residual, x, layout)
-    y, ya, target = B.output(x, layout, out)
     rm, rv, w, b = views
+    y, ya, target = B.output(x, layout, out, (rm, rv) if training else None)
     _core.batch_norm_epi(xa, rm, rv, w, b, training, momentum, eps, layout, ya, True, act, ra, B._threads())
     return B.finish(y, target, (out, running_mean, running_var) if training else (out,))
 
@@ -357,8 +357,8 @@ def instance_norm_act(input, running_mean, running_var, weight, bias, use_input_
                                              act, views)
     x, layout, xa = B.dense(input)
     ra = None if residual is None else _residual_array(residual, x, layout)
-    y, ya, target = B.output(x, layout, out)
     rm, rv, w, b = views
+    y, ya, target = B.output(x, layout, out, (rm, rv))
     _core.instance_norm(xa, rm, rv, w, b, True, momentum, eps, layout, ya, B._threads(), False, act, ra)
     return B.finish(y, target, (out, running_mean, running_var))
 

@@ -99,7 +99,7 @@ class BatchNorm1d(torch.nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` on bn_simd's kernels: (N, C) or (N, C, L) input."""
     forward = _batch_norm_forward
     __getstate__ = _getstate
-    __prepare_scriptable__ = B.scriptable
+    __prepare_scriptable__ = B.not_scriptable
 
 
 class BatchNorm2d(torch.nn.BatchNorm2d):
@@ -107,7 +107,7 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
     (read in place; the output keeps the input's memory format)."""
     forward = _batch_norm_forward
     __getstate__ = _getstate
-    __prepare_scriptable__ = B.scriptable
+    __prepare_scriptable__ = B.not_scriptable
 
 
 class BatchNorm3d(torch.nn.BatchNorm3d):
@@ -115,7 +115,7 @@ class BatchNorm3d(torch.nn.BatchNorm3d):
     ``torch.channels_last_3d``."""
     forward = _batch_norm_forward
     __getstate__ = _getstate
-    __prepare_scriptable__ = B.scriptable
+    __prepare_scriptable__ = B.not_scriptable
 
 
 @_fused.act_forward(_batch_norm_forward)
@@ -158,7 +158,7 @@ class BatchNormAct3d(BatchNorm3d):
 class GroupNorm(torch.nn.GroupNorm):
     """``torch.nn.GroupNorm`` on bn_simd's kernels: (N, C, *spatial) input of rank 2 to 5."""
     __getstate__ = _getstate
-    __prepare_scriptable__ = B.scriptable
+    __prepare_scriptable__ = B.not_scriptable
 
     def forward(self, input):
         tensors = B.affine(self)
@@ -212,21 +212,21 @@ class InstanceNorm1d(torch.nn.InstanceNorm1d):
     """``torch.nn.InstanceNorm1d`` on bn_simd's kernels: (N, C, L) or unbatched (C, L) input."""
     _apply_instance_norm = _apply_instance_norm
     __getstate__ = _getstate
-    __prepare_scriptable__ = B.scriptable
+    __prepare_scriptable__ = B.not_scriptable
 
 
 class InstanceNorm2d(torch.nn.InstanceNorm2d):
     """``torch.nn.InstanceNorm2d`` on bn_simd's kernels: (N, C, H, W) or unbatched (C, H, W) input."""
     _apply_instance_norm = _apply_instance_norm
     __getstate__ = _getstate
-    __prepare_scriptable__ = B.scriptable
+    __prepare_scriptable__ = B.not_scriptable
 
 
 class InstanceNorm3d(torch.nn.InstanceNorm3d):
     """``torch.nn.InstanceNorm3d`` on bn_simd's kernels: (N, C, D, H, W) or unbatched (C, D, H, W) input."""
     _apply_instance_norm = _apply_instance_norm
     __getstate__ = _getstate
-    __prepare_scriptable__ = B.scriptable
+    __prepare_scriptable__ = B.not_scriptable
 
 
 _instance_act_init = _fused.act_init(torch.nn.modules.instancenorm._InstanceNorm)
@@ -256,11 +256,6 @@ class InstanceNormAct3d(InstanceNorm3d):
     __init__ = _instance_act_init
     forward = _instance_act_forward
     extra_repr = _instance_act_repr
-
-
-for _cls in (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, GroupNormAct, InstanceNormAct1d, InstanceNormAct2d,
-             InstanceNormAct3d):
-    _cls.__prepare_scriptable__ = B.fused_not_scriptable
 
 
 # torch.nn class -> bn_simd class; exact types only: a user's subclass of a torch.nn class may override forward

@@ -26,7 +26,7 @@ class LayerNorm(torch.nn.LayerNorm):
     bfloat16 on the CPU (others: PyTorch's function); parameters of the input's dtype or float32. Raises as
     :func:`bn_simd.torch.layer_norm` (ValueError for an input whose trailing dims are not normalized_shape)."""
     __getstate__ = _getstate
-    __prepare_scriptable__ = B.scriptable
+    __prepare_scriptable__ = B.not_scriptable
 
     def forward(self, input):
         tensors = B.affine(self)
@@ -40,7 +40,7 @@ class RMSNorm(torch.nn.RMSNorm):
     machine epsilon of the input's dtype (float32's for 16-bit input), as PyTorch. Raises as
     :func:`bn_simd.torch.rms_norm`."""
     __getstate__ = _getstate
-    __prepare_scriptable__ = B.scriptable
+    __prepare_scriptable__ = B.not_scriptable
 
     def forward(self, x):
         tensors = B.affine(self, ("weight",))
@@ -75,7 +75,5 @@ class RMSNormAct(RMSNorm):
         return R._row_norm_act(input, self.normalized_shape, tensors[0], None, self.eps, True, self.activation,
                                residual, None, B.module_views(self, input, tensors))
 
-
-LayerNormAct.__prepare_scriptable__ = RMSNormAct.__prepare_scriptable__ = B.fused_not_scriptable
 
 __all__ = ["LayerNorm", "RMSNorm", "LayerNormAct", "RMSNormAct"]

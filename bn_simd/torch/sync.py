@@ -213,7 +213,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                         f"{input.dtype} on {input.device}")
 
     __getstate__ = M._getstate
-    __prepare_scriptable__ = B.scriptable
+    __prepare_scriptable__ = B.not_scriptable
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None, *, mode="exact"):
