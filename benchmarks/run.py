@@ -83,14 +83,24 @@ def _check(args, parser):
         if path and os.path.isdir(path):
             parser.error(f"{option}: {path} is a folder, not a file name")
         if path:  # (a file that cannot be written fails now, not after the timings)
-            existed = os.path.exists(path)
-            try:
-                with open(path, "a", encoding="utf-8"):
-                    pass
-            except OSError as e:
-                parser.error(f"{option}: {path} cannot be written ({e.strerror})")
-            if not existed:
-                os.remove(path)
+            _check_writable(parser, option, path)
+
+
+def _check_writable(parser, option, path):
+    """path can be written at the run's end: an existing file (or a link's target) writable, or a new file creatable
+    in its folder (probed with a file of its own name, removed at once; a link is never followed to be removed)."""
+    if os.path.lexists(path):
+        target = os.path.realpath(path)
+        ok = os.access(target, os.W_OK) if os.path.exists(target) else os.access(os.path.dirname(target), os.W_OK)
+        if not ok:
+            parser.error(f"{option}: {path} cannot be written")
+        return
+    try:
+        with open(path, "x", encoding="utf-8"):
+            pass
+    except OSError as e:
+        parser.error(f"{option}: {path} cannot be written ({e.strerror})")
+    os.remove(path)
 
 
 def _chosen_cases(args, parser):

@@ -395,3 +395,16 @@ def test_a_json_file_that_cannot_be_written_is_refused_before_timing(tmp_path, c
     with pytest.raises(SystemExit):
         main(["bench", *TINY, "--json", "/proc/self/rows.json"])
     assert "cannot be written" in capsys.readouterr().err
+
+
+def test_the_json_probe_leaves_a_link_and_an_existing_file_as_they_are(tmp_path):
+    """The check that --json can be written touches nothing: a dangling link stays a link (the probe followed it,
+    created its target and removed the link), an existing file keeps its bytes, and no new file is left behind."""
+    link, target, kept, new = tmp_path / "rows.json", tmp_path / "target.json", tmp_path / "kept.json", tmp_path / "n"
+    link.symlink_to(target)
+    kept.write_text("old")
+    for path in (link, kept, new):
+        with pytest.raises(SystemExit):  # (refused after the probe: an --only that matches no case; nothing is timed)
+            main(["bench", "--quick", "--only", "no-such-case", "--json", str(path)])
+    assert link.is_symlink() and not target.exists()
+    assert kept.read_text() == "old" and not new.exists()

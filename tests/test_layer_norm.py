@@ -798,3 +798,41 @@ def test_backward_through_an_epilogue_takes_the_forwards_u_on_extreme_rows(form,
         want = dz * s * (1 + u * (1 - s))
         np.testing.assert_allclose(gr[[1, 4]], want[[1, 4]], rtol=1e-5, atol=1e-6)
     assert np.isfinite(gr).all() and np.isfinite(gw).all() and np.isfinite(gb).all()
+
+
+def test_extreme_rows_backward_with_dx_over_grad_out():
+    """dx written over grad_out (out=grad_out): the double path's u of an extreme position goes through a buffer of
+    its own, so dz is read before du (dx's memory) is written; channels-first (du is dx) and rows too long for the
+    per-thread scratch (du is dx again) give what out=None gives."""
+    rng = np.random.default_rng(10)
+    for shape, C, kw in (((2, 8, 16), 8, {"layout": "NCHW"}), ((4, 300000), 300000, {})):
+        x = rng.standard_normal(shape).astype(np.float32)
+        w = rng.uniform(0.5, 2, C).astype(np.float32)
+        b = rng.standard_normal(C).astype(np.float32)
+        if kw:
+            x[0, :, 0] = 1e32 * (1 + 0.1 * rng.standard_normal(C))
+        else:
+            x[1] = 1e32 * (1 + 0.1 * rng.standard_normal(C))
+        g = rng.standard_normal(shape).astype(np.float32)
+        y, mean, rstd, st = bn_simd.layer_norm_forward(x, C, w, b, activation="relu", **kw)
+        want = bn_simd.layer_norm_backward(g, x, mean, rstd, C, w, b, activation="relu", save_stats=st, **kw)
+        g2 = g.copy()
+        got = bn_simd.layer_norm_backward(g2, x, mean, rstd, C, w, b, activation="relu", save_stats=st, out=g2, **kw)
+        assert got[0] is g2
+        for a, c in zip(got, want):
+            assert_same_bits(a, c)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_constant_row_with_a_tiny_eps_keeps_the_kernels_rounding(dtype):
+    """A constant row's saturated rstd does not send it to the double path (whose output would round the bias to the
+    16-bit type before the residual is added): its output is (bias + residual) rounded once, whatever eps is."""
+    dt = np.float16 if dtype == "float16" else pytest.importorskip("ml_dtypes").bfloat16
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 64)).astype(dt)
+    x[1] = 0.75
+    w, b = rng.standard_normal(64).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    r = rng.standard_normal((4, 64)).astype(dt)
+    want = (b + r[1].astype(np.float32)).astype(dt)
+    for eps in (1e-5, 1e-90):
+        assert_same_bits(bn_simd.layer_norm(x, 64, w, b, eps=eps, residual=r)[1], want)
