@@ -489,6 +489,10 @@ class _InstanceNorm(BatchNorm):
     :class:`BatchNorm` (state keys weight, bias, running_mean, running_var, num_batches_tracked, as present).
     ``activation`` and ``layer(x, residual=r)`` as :class:`BatchNorm`'s: y = act(instance_norm(x) + r) in the normalise
     sweep, and ``backward`` differentiates through it (and sets ``grad_residual``).
+
+    One difference: with track_running_stats switched off after construction, the layer updates no running
+    statistics (BatchNorm's rule), where PyTorch's instance norm, which passes its buffers whenever it holds them,
+    still moves them at every call that uses the input's statistics.
     """
 
     _ranks = (3, 4, 5)

@@ -574,7 +574,9 @@ class SyncBatchNorm(BatchNorm):
                              f"must be None, got {self.activation!r} and {self.axis!r}")
 
     def _local_forward(self, x, out):
-        """This rank's checks before the exchange: the layer's state, x and out."""
+        """This rank's checks before the exchange: the layer's state, x and out (a refusal here still takes part in
+        the exchange, as a failure: _attempt)."""
+        self._check_plain()
         if getattr(self, "renorm", False) or getattr(self, "virtual_batch_size", None) is not None:
             raise ValueError("SyncBatchNorm has no virtual batches or renormalization: virtual_batch_size must be None "
                              "and renorm False")
@@ -589,10 +591,10 @@ class SyncBatchNorm(BatchNorm):
     def forward(self, x, *, out=None):
         """Normalise this rank's piece x; returns y (``out`` if given). Communicates when batch statistics are
         used (every rank must call it then)."""
-        self._check_plain()
         # BatchNorm's rules: eval mode normalises with the running statistics whenever the layer holds them
         held = self.running_mean is not None or self.running_var is not None
         if not self.training and held:
+            self._check_plain()
             y = super().forward(x, out=out)
             self._sync_n = None
             return y

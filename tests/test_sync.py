@@ -615,3 +615,20 @@ def test_an_out_over_a_running_statistic_is_refused_on_every_rank():
     assert isinstance(errors[0], ValueError) and "out must not share memory with running_mean" in str(errors[0])
     assert isinstance(errors[1], Exception)
     assert not bufs[0].any()
+
+
+@pytest.mark.parametrize("attr", ["activation", "axis"])
+def test_a_rank_with_an_attribute_syncbatchnorm_lacks_is_refused_and_the_others_raise(attr):
+    """activation or axis set on one rank's layer: that rank refuses with its ValueError inside the exchange's
+    protocol, the others raise RuntimeError (that rank left before the exchange, and the others waited forever)."""
+    x = make_input((4, 3, 5, 5), "NCHW", np.float32, seed=101)
+
+    def rank(r, comm):
+        layer = bn_simd.SyncBatchNorm(3, comm=comm)
+        if r == 0:
+            setattr(layer, attr, "relu" if attr == "activation" else 1)
+        return layer(x[2 * r:2 * r + 2])
+
+    _, errors = run_ranks(2, rank)
+    assert isinstance(errors[0], ValueError) and "SyncBatchNorm has no fused activation" in str(errors[0])
+    assert isinstance(errors[1], RuntimeError) and "refused" in str(errors[1])

@@ -337,6 +337,20 @@ def test_a_rank_whose_input_is_refused_takes_part_and_the_others_raise():
     assert isinstance(errors[1], ValueError) and isinstance(errors[0], RuntimeError)
 
 
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_a_rank_with_another_channel_count_is_refused_there_and_the_others_raise(mode):
+    """The exchange's length is the channels': a rank whose input has other channels than num_features is refused by
+    its own checks (fast mode sent 2 C + 1 values of its C and the collective failed: gloo aborted the process), and
+    the others raise RuntimeError."""
+    def fn(r, comm):
+        m = bt.SyncBatchNorm(3, process_group=comm, mode=mode)
+        return m(torch.randn(2, 4 if r == 1 else 3, 5))
+
+    _, errors = run_ranks(2, fn)
+    assert isinstance(errors[1], ValueError) and "num_features = 3 channels" in str(errors[1])
+    assert isinstance(errors[0], RuntimeError) and "refused" in str(errors[0])
+
+
 def test_parameter_gradients_without_an_input_gradient():
     shape = (6, 3, 4)
     x, g = batch(shape, torch.float64, 1, loc=2.0), batch(shape, torch.float64, 2)

@@ -196,6 +196,9 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         that no implementation would synchronise here."""
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
+        if input.shape[1] != self.num_features:  # (the exchange's length is the channels': every rank's must agree)
+            raise ValueError(f"input must have num_features = {self.num_features} channels (axis 1), got shape "
+                             f"{tuple(input.shape)}")
         if B.input_supported(input, _RANKS_2_TO_5, self.eps):
             views = B.stats_views(self, input, tensors)
             if views is None and B.channels_supported(input, zip(("running_mean", "running_var", "weight", "bias"),
