@@ -90,10 +90,13 @@ def _check_writable(parser, option, path):
     """path can be written at the run's end: an existing file (or a link's target) writable, or a new file creatable
     in its folder (probed with a file of its own name, removed at once; a link is never followed to be removed)."""
     if os.path.lexists(path):
-        target = os.path.realpath(path)
-        ok = os.access(target, os.W_OK) if os.path.exists(target) else os.access(os.path.dirname(target), os.W_OK)
-        if not ok:
-            parser.error(f"{option}: {path} cannot be written")
+        try:  # (no O_CREAT: a link's target is never created here)
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        except FileNotFoundError:  # (a dangling link: the run creates its target)
+            if not os.access(os.path.dirname(os.path.realpath(path)), os.W_OK):
+                parser.error(f"{option}: {path} cannot be written")
+        except OSError as e:
+            parser.error(f"{option}: {path} cannot be written ({e.strerror})")
         return
     try:
         with open(path, "x", encoding="utf-8"):

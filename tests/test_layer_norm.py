@@ -814,13 +814,17 @@ def test_extreme_rows_backward_with_dx_over_grad_out():
         else:
             x[1] = 1e32 * (1 + 0.1 * rng.standard_normal(C))
         g = rng.standard_normal(shape).astype(np.float32)
-        y, mean, rstd, st = bn_simd.layer_norm_forward(x, C, w, b, activation="relu", **kw)
-        want = bn_simd.layer_norm_backward(g, x, mean, rstd, C, w, b, activation="relu", save_stats=st, **kw)
-        g2 = g.copy()
-        got = bn_simd.layer_norm_backward(g2, x, mean, rstd, C, w, b, activation="relu", save_stats=st, out=g2, **kw)
-        assert got[0] is g2
-        for a, c in zip(got, want):
-            assert_same_bits(a, c)
+        # (leaky ReLU: where the float kernels' u and the double one's differ in sign, a dz read after the kernels
+        # wrote du over it carries the slope twice; ReLU's 0/1 would hide it)
+        for act in ("relu", ("leaky_relu", 0.3)):
+            y, mean, rstd, st = bn_simd.layer_norm_forward(x, C, w, b, activation=act, **kw)
+            want = bn_simd.layer_norm_backward(g, x, mean, rstd, C, w, b, activation=act, save_stats=st, **kw)
+            g2 = g.copy()
+            got = bn_simd.layer_norm_backward(g2, x, mean, rstd, C, w, b, activation=act, save_stats=st, out=g2,
+                                              **kw)
+            assert got[0] is g2
+            for a, c in zip(got, want):
+                assert_same_bits(a, c)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -836,3 +840,11 @@ def test_a_constant_row_with_a_tiny_eps_keeps_the_kernels_rounding(dtype):
     want = (b + r[1].astype(np.float32)).astype(dt)
     for eps in (1e-5, 1e-90):
         assert_same_bits(bn_simd.layer_norm(x, 64, w, b, eps=eps, residual=r)[1], want)
+    # RMS norm's mean is 0: a constant row of tiny values normalises to 1 (x / sqrt(x^2 + eps)), not to a float
+    # kernel's x * FLT_MAX (0.034 for 1e-40 with eps 1e-90)
+    for tdt in (np.float32, dt) if dtype == "bfloat16" else (np.float32,):  # (1e-40 is 0 in float16)
+        t = np.full((2, 16), 1e-40, np.float32).astype(tdt)
+        v = np.float64(t[0, 0])
+        for eps in (1e-90, 1e-80):
+            np.testing.assert_allclose(bn_simd.rms_norm(t, 16, eps=eps).astype(np.float64), v / np.sqrt(v * v + eps),
+                                       rtol=1e-2)

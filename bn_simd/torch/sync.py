@@ -190,25 +190,31 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                                                self.mode, shift, views)
         return B.counted(counter, call) if counting else call()
 
+    def _check_channels(self, input):
+        """On the paths this module serves: the exchange's length is the channels', so every rank's must be
+        num_features (a rank of another count in fast mode sent another length, and the collective aborted)."""
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"input must have num_features = {self.num_features} channels (axis 1), got shape "
+                             f"{tuple(input.shape)}")
+
     def _sync_views(self, input, tensors):
         """The checks of a synchronised call on this rank: the ndarrays of tensors, or None for input PyTorch's own
         SyncBatchNorm serves (not on the CPU, with a torch.distributed group); raises TypeError / ValueError for input
         that no implementation would synchronise here."""
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        if input.shape[1] != self.num_features:  # (the exchange's length is the channels': every rank's must agree)
-            raise ValueError(f"input must have num_features = {self.num_features} channels (axis 1), got shape "
-                             f"{tuple(input.shape)}")
         if B.input_supported(input, _RANKS_2_TO_5, self.eps):
             views = B.stats_views(self, input, tensors)
             if views is None and B.channels_supported(input, zip(("running_mean", "running_var", "weight", "bias"),
                                                                  tensors)):
                 views = tuple(B.vec(t) for t in tensors)
             if views is not None:
+                self._check_channels(input)
                 return views
         if isinstance(self.process_group, _process_group_type()) or self.process_group is None:
             if not input.is_cpu or torch.jit.is_tracing() or torch.compiler.is_compiling():
                 return None  # (graph capture records PyTorch's operator, which says what it takes)
+        self._check_channels(input)
         # (PyTorch's forward would normalise this rank alone over a protocol object, and refuses CPU tensors in a
         # distributed job)
         raise TypeError(f"input must be a float32, float64, float16 or bfloat16 CPU tensor (with weight, bias and "
