@@ -684,13 +684,17 @@ cpdef int stats_apart(object out, tuple named) except -1:
     """A training call writes its output before it updates the statistics of `named`, (name, array or None) pairs
     (running_mean, running_var, ...): out (None, or the output array) must share no byte with them. Bounds, as
     numpy.may_share_memory: a strided statistic whose span covers part of out is refused too."""
-    if out is None:
+    if not isinstance(out, np.ndarray):  # (None, or not an output at all: the call's own checks say so)
         return 0
     for name, a in named:
         if isinstance(a, np.ndarray) and a.size and np.may_share_memory(out, a):
-            raise ValueError(f"out must not share memory with {name}, which the call updates after writing out "
-                             f"(pass a separate array)")
+            raise ValueError(stats_overlap_message(name))
     return 0
+
+
+def stats_overlap_message(name):
+    return (f"out must not share memory with {name} (their memory spans overlap), which the call updates after "
+            f"writing out (pass a separate array)")
 
 
 def check_out(out, like, reads, name="out"):

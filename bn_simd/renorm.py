@@ -318,9 +318,8 @@ def layer_forward(layer, x, out, saved_x, update, momentum):
     from .virtual import mean_stats, train_forward
     split = Split(x, layer.layout, layer.virtual_batch_size)
     C, eps = split.C, layer.eps
-    # (the statistics the call moves after writing y, and renorm's, which it reads between virtual batches)
-    names = _LAYER_STATS if update else _LAYER_STATS[3:] if layer.renorm else ()
-    ck.stats_apart(out, tuple((name, getattr(layer, name, None)) for name in names))
+    if update:  # (the statistics the call moves after writing y)
+        ck.stats_apart(out, tuple((name, getattr(layer, name, None)) for name in _LAYER_STATS))
     if layer.renorm:
         y, mean, var, r, d = _forward(split, layer.renorm_mean, layer.renorm_std, layer.weight, layer.bias,
                                       check_clipping(layer.renorm_clipping), eps, out)

@@ -226,16 +226,34 @@ def test_layers_refuse_an_out_over_their_statistics():
 
 
 def test_a_layer_that_moves_no_statistics_takes_an_out_over_them():
-    """track_running_stats switched off after construction: the running statistics are not updated, so an out over
-    running_mean is no hazard and is taken (a renorm layer refused it, naming an update it would not make); renorm's
-    own statistics, read between virtual batches, stay refused."""
+    """track_running_stats switched off after construction: no statistic is updated (renorm's r and d are computed
+    before anything is written), so an out over running_mean or renorm_mean is no hazard and is taken (a renorm layer
+    refused them, naming an update it would not make); the result is that of a separate out."""
     x = make_input((4, 3, 5, 5), "NCHW", np.float32, seed=100)
     layer = bn_simd.BatchNorm2d(3, renorm=True)
     layer.track_running_stats = False
-    buf = np.zeros(x.size, np.float32)
-    layer.running_mean = buf[:3]
-    y = layer(x, out=buf.reshape(x.shape))
-    assert y is not None and layer.num_batches_tracked == 0
-    layer.renorm_mean = buf[:3]
-    with pytest.raises(ValueError, match="out must not share memory with renorm_mean"):
-        layer(x, out=buf.reshape(x.shape))
+    want = layer(x)
+    for name in ("running_mean", "renorm_mean"):
+        before = getattr(layer, name)
+        buf = np.zeros(x.size, np.float32)
+        buf[:3] = before
+        setattr(layer, name, buf[:3])
+        y = layer(x, out=buf.reshape(x.shape))
+        assert_same_bits(y, want)
+        assert layer.num_batches_tracked == 0
+        setattr(layer, name, before)
+
+
+def test_a_bad_out_is_named_the_same_on_every_training_path():
+    """The statistics check comes after out's own: a tensor or a memoryview as out gets "out must be a
+    numpy.ndarray" on the masked, virtual-batch and renorm paths as on the plain one (the first got PyTorch's
+    RuntimeError, the second an overlap message)."""
+    x = make_input((4, 3, 5, 5), "NCHW", np.float32, seed=102)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    for bad in (memoryview(rm), [0.0] * x.size):
+        for call in (lambda: bn_simd.batch_norm(x, rm, rv, training=True, out=bad),
+                     lambda: bn_simd.batch_norm(x, rm, rv, training=True, out=bad, mask=np.ones((4, 5, 5), bool)),
+                     lambda: bn_simd.virtual_batch_norm(x, rm, rv, training=True, out=bad, virtual_batch_size=2)):
+            with pytest.raises(TypeError, match="out must be a numpy.ndarray"):
+                call()
+    np.testing.assert_array_equal(rm, 0.0)

@@ -774,3 +774,28 @@ def test_an_out_over_a_running_statistic_is_refused_in_any_memory_order():
             with pytest.raises(ValueError, match="out must not share memory with running_mean"):
                 call()
             assert not buf.any()
+
+
+def test_pytorchs_fallback_refuses_an_out_over_a_running_statistic():
+    """Calls the kernels do not cover go to PyTorch's function, which moves the statistics in place, then y is copied
+    into out: an out over running_mean would overwrite the update (it was accepted: rank 6, eps=0, a tensor eps,
+    the composed activation). Refused as on the kernels' path; eval takes it."""
+    from bn_simd.torch import functional as BF
+    x6 = torch.randn(2, 3, 2, 2, 2, 2)
+    x4 = torch.randn(2, 3, 4, 4)
+    calls = [
+        lambda out, rm: BF.batch_norm(x6, rm, torch.ones(3), None, None, True, 0.1, 1e-5, out=out),
+        lambda out, rm: BF.batch_norm(x6, rm, torch.ones(3), None, None, True, 0.1, 1e-5, out=out,
+                                      activation="relu"),
+        lambda out, rm: BF.instance_norm(x4, rm, torch.ones(3), use_input_stats=True, eps=0.0, out=out),
+        lambda out, rm: BF.batch_norm(x4, rm, torch.ones(3), None, None, True, 0.1, torch.tensor(1e-5), out=out),
+    ]
+    for call in calls:
+        x = x6 if call is calls[0] or call is calls[1] else x4
+        buf = torch.zeros(x.numel())
+        with torch.no_grad(), pytest.raises(ValueError, match="out must not share memory with running_mean"):
+            call(buf.view(x.shape), buf[:3])
+        assert not buf.any()
+    buf = torch.zeros(x6.numel())
+    with torch.no_grad():
+        BF.batch_norm(x6, buf[:3], torch.ones(3), None, None, False, 0.1, 1e-5, out=buf.view(x6.shape))

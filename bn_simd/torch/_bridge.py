@@ -26,7 +26,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.autograd.function import once_differentiable
 from torch.overrides import has_torch_function
 
-from .._args import BF16_BITS, stats_apart
+from .._args import BF16_BITS, stats_apart, stats_overlap_message
 from ..functional import _threads  # noqa: F401  (the thread count of a call, re-exported for the modules here)
 
 HALF = (torch.float16, torch.bfloat16)
@@ -234,6 +234,30 @@ def first_order(backward):
                                "supported; use torch.nn's modules for this model")
         return inner(ctx, *grads)
     return wrapped
+
+
+def _span(t):
+    """The bytes [lo, hi) t's elements lie in, or None for no element."""
+    lo = hi = t.data_ptr()
+    for n, s in zip(t.shape, t.stride()):
+        if n == 0:
+            return None
+        ext = (n - 1) * s * t.element_size()
+        lo, hi = (lo + ext, hi) if ext < 0 else (lo, hi + ext)
+    return lo, hi + t.element_size()
+
+
+def out_apart(out, running_mean, running_var):
+    """PyTorch's own call (the kernels' fallback) moves the running statistics in place, then y is copied into out:
+    out may share no memory with them (bounds, as stats_apart). Tensors of one device only."""
+    if not isinstance(out, torch.Tensor):
+        return
+    o = _span(out)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if o is not None and isinstance(t, torch.Tensor) and t.device == out.device:
+            s = _span(t)
+            if s is not None and s[0] < o[1] and o[0] < s[1]:
+                raise ValueError(stats_overlap_message(name))
 
 
 def not_scriptable(module):

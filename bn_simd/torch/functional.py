@@ -27,10 +27,13 @@ _RANKS_2_TO_5 = (2, 3, 4, 5)
 _RANKS_3_TO_5 = (3, 4, 5)
 
 
-def _torch_result(fn, out, *tensors):
-    """PyTorch's own call fn() for a call the kernels do not cover, copied into out when given."""
+def _torch_result(fn, out, *tensors, stats=None):
+    """PyTorch's own call fn() for a call the kernels do not cover, copied into out when given. stats: the running
+    (mean, var) the call moves, which out may not share memory with."""
     if out is not None and B.grad_needed(*tensors):
         B.no_out_with_grad(out)
+    if stats is not None:
+        B.out_apart(out, *stats)
     return B.fallback(fn(), out)
 
 
@@ -85,7 +88,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         views = None
     if views is None:
         return _torch_result(lambda: TF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                                                   eps), out, input, weight, bias)
+                                                   eps), out, input, weight, bias,
+                             stats=(running_mean, running_var) if training else None)
     if not (training and running_mean is not None):
         momentum = 0.0  # unused: not checked, as in PyTorch
     if B.grad_needed(input, weight, bias):
@@ -170,7 +174,8 @@ def _instance_norm(input, running_mean, running_var, weight, bias, use_input_sta
         views = None
     if views is None:
         return _torch_result(lambda: TF.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
-                                                      momentum, eps), out, input, weight, bias)
+                                                      momentum, eps), out, input, weight, bias,
+                             stats=(running_mean, running_var) if use_input_stats else None)
     if not use_input_stats and running_mean is None:
         raise ValueError("running_mean and running_var are required when use_input_stats=False")
     if not (use_input_stats and running_mean is not None):
