@@ -658,10 +658,10 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
         raise ValueError("running_mean and running_var are required when training=False")
     cdef cnp.ndarray ya = A.output(out, xa, None)
     cdef bint update = tr and rm is not None and n > 0, unb = False
-    if update and out is not None:
-        A.stats_apart(ya, (("running_mean", rm), ("running_var", rv)))
     if update:
         unb = unbiased  # (read only when the running statistics are updated)
+        if out is not None:
+            A.stats_apart(ya, (("running_mean", rm), ("running_var", rv)))
     cdef double stack[STACK_DOUBLES]
     cdef double* p = scratch(6 * C, stack)  # mean, var, weight, bias; the running statistics' update
     cdef double* mean = p

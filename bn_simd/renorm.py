@@ -308,7 +308,7 @@ def check_layer(layer, update):
             ck.per_channel(getattr(layer, name), name, layer.num_features, inplace=update)
 
 
-# (the statistics a layer's training call may update, or read after writing its output: renorm_mean, renorm_std)
+# (the statistics a layer's training call with update moves after writing its output)
 _LAYER_STATS = ("running_mean", "running_var", "running_std", "renorm_mean", "renorm_std")
 
 

@@ -26,7 +26,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.autograd.function import once_differentiable
 from torch.overrides import has_torch_function
 
-from .._args import BF16_BITS, stats_apart, stats_overlap_message
+from .._args import BF16_BITS, stats_overlap_message
 from ..functional import _threads  # noqa: F401  (the thread count of a call, re-exported for the modules here)
 
 HALF = (torch.float16, torch.bfloat16)
@@ -248,8 +248,10 @@ def _span(t):
 
 
 def out_apart(out, running_mean, running_var):
-    """PyTorch's own call (the kernels' fallback) moves the running statistics in place, then y is copied into out:
-    out may share no memory with them (bounds, as stats_apart). Tensors of one device only."""
+    """A training call writes y before the running statistics move (the kernels), or copies y into out after
+    PyTorch's own call (or the kernels' temporary, out in another memory order) moved them: out may share no memory
+    with them (bounds, as _args.stats_apart). Tensors of one device only; out None or not a tensor: nothing to do
+    (the call's own checks say what out must be)."""
     if not isinstance(out, torch.Tensor):
         return
     o = _span(out)
@@ -330,19 +332,15 @@ def check_out(out, x):
         raise ValueError("out must not require grad: autograd does not differentiate through out=")
 
 
-def output(x, layout, out, stats=None):
+def output(x, layout, out):
     """(y, ya, target) for a forward on dense x: y the result tensor, ya its array in ``layout``, target the out
-    tensor to copy y into afterwards when out's memory is not in x's order (else None). stats: the running
-    statistics' arrays (mean, var; None entries allowed) the call moves after writing y, with which out may share no
-    memory (checked on out's own memory: the copy into target comes after their update)."""
+    tensor to copy y into afterwards when out's memory is not in x's order (else None)."""
     if out is None:
         y = torch.empty_like(x)  # (x dense: y gets its strides, so y's array in x's layout is C-contiguous)
         a = _numpy(y)
         return y, (a if layout == "NCHW" else a.transpose(_CHANNELS_LAST[a.ndim])), None
     check_out(out, x)
     a = _numpy(out)
-    if stats is not None:
-        stats_apart(a, (("running_mean", stats[0]), ("running_var", stats[1])))
     if layout == "NHWC":
         a = a.transpose(_CHANNELS_LAST[a.ndim])
     if a.flags.c_contiguous:

@@ -27,13 +27,10 @@ _RANKS_2_TO_5 = (2, 3, 4, 5)
 _RANKS_3_TO_5 = (3, 4, 5)
 
 
-def _torch_result(fn, out, *tensors, stats=None):
-    """PyTorch's own call fn() for a call the kernels do not cover, copied into out when given. stats: the running
-    (mean, var) the call moves, which out may not share memory with."""
+def _torch_result(fn, out, *tensors):
+    """PyTorch's own call fn() for a call the kernels do not cover, copied into out when given."""
     if out is not None and B.grad_needed(*tensors):
         B.no_out_with_grad(out)
-    if stats is not None:
-        B.out_apart(out, *stats)
     return B.fallback(fn(), out)
 
 
@@ -78,6 +75,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                 residual=None):
     """batch_norm; views: the ndarrays of (running_mean, running_var, weight, bias) already checked against input
     (a module's, see _bridge.module_views), or None."""
+    if training:  # (every path writes y before the running statistics move, or copies it into out after)
+        B.out_apart(out, running_mean, running_var)
     if activation is not None or residual is not None:
         return _fused.batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                      activation, residual, out, views)
@@ -88,8 +87,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         views = None
     if views is None:
         return _torch_result(lambda: TF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                                                   eps), out, input, weight, bias,
-                             stats=(running_mean, running_var) if training else None)
+                                                   eps), out, input, weight, bias)
     if not (training and running_mean is not None):
         momentum = 0.0  # unused: not checked, as in PyTorch
     if B.grad_needed(input, weight, bias):
@@ -98,7 +96,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                                                  eps, views)
     x, layout, xa = B.dense(input)
     rm, rv, w, b = views
-    y, ya, target = B.output(x, layout, out, (rm, rv) if training else None)
+    y, ya, target = B.output(x, layout, out)
     _core.batch_norm(xa, rm, rv, w, b, training, momentum, eps, layout, ya, True, B._threads())
     return B.finish(y, target, (out, running_mean, running_var) if training else (out,))
 
@@ -164,6 +162,8 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
 def _instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, out, views,
                    activation=None, residual=None):
     """instance_norm; views as in _batch_norm."""
+    if use_input_stats:  # (as in _batch_norm)
+        B.out_apart(out, running_mean, running_var)
     if activation is not None or residual is not None:
         return _fused.instance_norm_act(input, running_mean, running_var, weight, bias, use_input_stats, momentum,
                                         eps, activation, residual, out, views)
@@ -174,8 +174,7 @@ def _instance_norm(input, running_mean, running_var, weight, bias, use_input_sta
         views = None
     if views is None:
         return _torch_result(lambda: TF.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
-                                                      momentum, eps), out, input, weight, bias,
-                             stats=(running_mean, running_var) if use_input_stats else None)
+                                                      momentum, eps), out, input, weight, bias)
     if not use_input_stats and running_mean is None:
         raise ValueError("running_mean and running_var are required when use_input_stats=False")
     if not (use_input_stats and running_mean is not None):
@@ -190,7 +189,7 @@ def _instance_norm(input, running_mean, running_var, weight, bias, use_input_sta
                                                  views)
     x, layout, xa = B.dense(input)
     rm, rv, w, b = views
-    y, ya, target = B.output(x, layout, out, (rm, rv) if use_input_stats else None)
+    y, ya, target = B.output(x, layout, out)
     _core.instance_norm(xa, rm, rv, w, b, use_input_stats, momentum, eps, layout, ya, B._threads())
     return B.finish(y, target, (out, running_mean, running_var) if use_input_stats else (out,))
 

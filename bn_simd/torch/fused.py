@@ -210,13 +210,10 @@ def _act_views(input, residual, ranks, eps, names, tensors, views):
     return views
 
 
-def _composed(norm, activation, residual, out, *tensors, stats=None):
-    """PyTorch's act(norm() + residual) for a call the kernels do not cover, copied into out when given (stats: as
-    functional._torch_result's)."""
+def _composed(norm, activation, residual, out, *tensors):
+    """PyTorch's act(norm() + residual) for a call the kernels do not cover, copied into out when given."""
     if out is not None and B.grad_needed(*tensors, residual):
         B.no_out_with_grad(out)
-    if stats is not None:
-        B.out_apart(out, *stats)
     y = norm()
     return B.fallback(_torch_activation(y if residual is None else y + residual, activation), out)
 
@@ -230,7 +227,7 @@ def batch_norm_act(input, running_mean, running_var, weight, bias, training, mom
     views = _act_views(input, residual, (2, 3, 4, 5), eps, _STATS_AND_PARAMS, tensors, views)
     if views is None:
         return _composed(lambda: TF.batch_norm(input, *tensors, training, momentum, eps), activation, residual, out,
-                         input, weight, bias, stats=(running_mean, running_var) if training else None)
+                         input, weight, bias)
     if not (training and running_mean is not None):
         momentum = 0.0  # unused: not checked, as in PyTorch
     if B.grad_needed(input, weight, bias, residual):
@@ -240,7 +237,7 @@ def batch_norm_act(input, running_mean, running_var, weight, bias, training, mom
     x, layout, xa = B.dense(input)
     ra = None if residual is None else _residual_array(residual, x, layout)
     rm, rv, w, b = views
-    y, ya, target = B.output(x, layout, out, (rm, rv) if training else None)
+    y, ya, target = B.output(x, layout, out)
     _core.batch_norm_epi(xa, rm, rv, w, b, training, momentum, eps, layout, ya, True, act, ra, B._threads())
     return B.finish(y, target, (out, running_mean, running_var) if training else (out,))
 
@@ -347,8 +344,7 @@ def instance_norm_act(input, running_mean, running_var, weight, bias, use_input_
     views = _act_views(input, residual, (3, 4, 5), eps, _STATS_AND_PARAMS, tensors, views)
     if views is None:
         return _composed(lambda: TF.instance_norm(input, *tensors, use_input_stats, momentum, eps), activation,
-                         residual, out, input, weight, bias,
-                         stats=(running_mean, running_var) if use_input_stats else None)
+                         residual, out, input, weight, bias)
     if not use_input_stats:
         if running_mean is None:
             raise ValueError("running_mean and running_var are required when use_input_stats=False")
@@ -362,7 +358,7 @@ def instance_norm_act(input, running_mean, running_var, weight, bias, use_input_
     x, layout, xa = B.dense(input)
     ra = None if residual is None else _residual_array(residual, x, layout)
     rm, rv, w, b = views
-    y, ya, target = B.output(x, layout, out, (rm, rv))
+    y, ya, target = B.output(x, layout, out)
     _core.instance_norm(xa, rm, rv, w, b, True, momentum, eps, layout, ya, B._threads(), False, act, ra)
     return B.finish(y, target, (out, running_mean, running_var))
 
