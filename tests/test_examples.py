@@ -48,3 +48,16 @@ def test_infer_pipeline_quick_times_four_variants_and_their_outputs_agree():
         assert float(line[40:].split()[0]) > 0, out          # a median time in ms
     assert "max |BN + ReLU fused (bn_simd, activation=) - plain BN|" in out, out
     assert "outputs agree within float32 rounding" in out, out
+
+
+@pytest.mark.parametrize("module, needs", [("bn_simd", None), ("bn_simd.keras", None), ("bn_simd.torch", "torch")])
+def test_module_docstring_examples_run(module, needs):
+    # Each package's docstring opens with an example a user may paste or run with pytest --doctest-modules.
+    import doctest
+    import importlib
+    if needs is not None:
+        pytest.importorskip(needs)
+    mod = importlib.import_module(module)
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 3, f"{module}'s docstring lost its example"
+    assert result.failed == 0

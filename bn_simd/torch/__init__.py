@@ -3,11 +3,16 @@
 Needs PyTorch (an optional dependency: ``import bn_simd`` never imports it; this module does).
 
     >>> import torch, bn_simd.torch as bt
-    >>> model = bt.convert(model)                     # every torch.nn BatchNorm*/GroupNorm/InstanceNorm*, in place
-    >>> layer = bt.SyncBatchNorm(64, process_group=pg)  # torch.nn.SyncBatchNorm that runs on CPU tensors (gloo)
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.BatchNorm2d(64), torch.nn.ReLU())
+    >>> model = bt.convert(model)      # every torch.nn BatchNorm*/GroupNorm/InstanceNorm*/LayerNorm/RMSNorm, in place
+    >>> model = bt.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(64), torch.nn.ReLU()), fuse_activations=True)
+    >>> x = torch.randn(8, 64, 14, 14)
+    >>> rm, rv, w, b = torch.zeros(64), torch.ones(64), torch.ones(64), torch.zeros(64)
     >>> y = bt.batch_norm(x, rm, rv, w, b, training=True)   # torch.nn.functional's signature; autograd works
     >>> layer = bt.BatchNorm2d(64)                      # torch.nn.BatchNorm2d's constructor and state dict
     >>> layer = bt.GroupNormAct(32, 256, activation="silu")  # GroupNorm -> SiLU in one sweep; layer(x, residual)
+
+``bt.SyncBatchNorm(64, process_group=pg)`` is torch.nn.SyncBatchNorm for CPU tensors over a gloo process group.
 
 What runs on the kernels: float32, float64, float16 and bfloat16 CPU tensors (16-bit ones with parameters of their
 dtype or float32, PyTorch's mixed rule; float32 math, one rounding of each output; bfloat16 without ml_dtypes),
