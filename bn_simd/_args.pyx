@@ -343,10 +343,26 @@ cdef int both_given(object a, object b, str names) except -1:
     return 0
 
 
-cdef int together(object running_mean, object running_var) except -1:
-    """The running statistics are both arrays or both None."""
+cdef int together(object running_mean, object running_var, bint written) except -1:
+    """The running statistics are both arrays or both None; when the call writes them (written), apart."""
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
+    if written and running_mean is not None:
+        stats_distinct((("running_mean", running_mean), ("running_var", running_var)))
+    return 0
+
+
+cpdef int stats_distinct(tuple named) except -1:
+    """The statistics of `named`, (name, array or None) pairs a call updates, share no byte (memory spans, as
+    numpy.may_share_memory): one written over another would mix their values."""
+    cdef Py_ssize_t i, j
+    for i in range(len(named)):
+        for j in range(i):
+            a, b = named[j][1], named[i][1]
+            if (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.size and b.size
+                    and np.may_share_memory(a, b)):
+                raise ValueError(f"{named[i][0]} must not share memory with {named[j][0]} (their memory spans "
+                                 f"overlap): the call updates both (pass separate arrays)")
     return 0
 
 
@@ -683,7 +699,9 @@ def check_groups(G, C):
 cpdef int stats_apart(object out, tuple named) except -1:
     """A training call writes its output before it updates the statistics of `named`, (name, array or None) pairs
     (running_mean, running_var, ...): out (None, or the output array) must share no byte with them. Bounds, as
-    numpy.may_share_memory: a strided statistic whose span covers part of out is refused too."""
+    numpy.may_share_memory: a strided statistic whose span covers part of out is refused too), nor with each other
+    (stats_distinct)."""
+    stats_distinct(named)
     if not isinstance(out, np.ndarray):  # (None, or not an output at all: the call's own checks say so)
         return 0
     for name, a in named:

@@ -647,7 +647,7 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
     cdef bint tr = training
     rm = A.channel(running_mean, "running_mean", C, tr)
     rv = A.channel(running_var, "running_var", C, tr)
-    A.together(rm, rv)
+    A.together(rm, rv, tr)
     w = A.channel(weight, "weight", C, False)
     b = A.channel(bias, "bias", C, False)
     # momentum is used only to update running statistics: its value is ignored otherwise, as in PyTorch
@@ -759,8 +759,10 @@ def torch_bn_eval(object module, tuple cached, object x, object to_dlpack, objec
     fails).
 
     cached: (C, x's dtype key, mask of the ranks the module takes, running_mean, running_var, weight, bias (None
-    when absent), their data_ptr()s, their dtype key), made by bn_simd.torch.modules after a call that passed the
-    general checks: the tensors must still be the module's (identity) at the same addresses. A dtype key is DLPack's
+    when absent), their data_ptr()s, their dtype key, their torch dtype), made by bn_simd.torch.modules after a call
+    that passed the general checks: the tensors must still be the module's (identity) at the same addresses, of that
+    dtype, C values each, contiguous (a ``.data`` re-pointed at the same address as another dtype, fewer values or
+    other strides goes the general way). A dtype key is DLPack's
     (code << 8 | bits): float32 0x220, float64 0x240, float16 0x210, bfloat16 0x410; the per-channel tensors have
     x's dtype, or float32 for 16-bit x. to_dlpack, empty_like: torch.utils.dlpack.to_dlpack and torch.empty_like.
     Returns the output tensor, in x's memory format."""
@@ -771,9 +773,11 @@ def torch_bn_eval(object module, tuple cached, object x, object to_dlpack, objec
             or params.get("weight") is not cached[5] or params.get("bias") is not cached[6]):
         return None
     cdef Py_ssize_t k
+    pdt = cached[12]
     for k in range(4):
         t = cached[3 + k]
-        if t is not None and t.data_ptr() != cached[7 + k]:
+        if t is not None and (t.data_ptr() != cached[7 + k] or t.dtype is not pdt or t.numel() != C
+                              or not t.is_contiguous()):
             return None
     eps = module.eps
     if type(eps) is not float or not (<double>eps > 0.0):
@@ -1057,6 +1061,7 @@ def update_running_stats(running_mean, running_var, mean, var, n, momentum, unbi
     cdef int64_t C = A.length(running_mean, "running_mean")  # (the state's channels set C)
     rm = A.channel(running_mean, "running_mean", C, True, "running_mean")
     rv = A.channel(running_var, "running_var", C, True, "running_mean")
+    A.stats_distinct((("running_mean", rm), ("running_var", rv)))
     m = A.required_channel(mean, "mean", C, "running_mean")
     s = A.required_channel(var, "var", C, "running_mean")
     cdef double mom = A.momentum(momentum), count = A.count(n, False)
@@ -1264,7 +1269,7 @@ def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, m
     cdef bint u = use_input_stats
     rm = A.channel(running_mean, "running_mean", C, u)
     rv = A.channel(running_var, "running_var", C, u)
-    A.together(rm, rv)
+    A.together(rm, rv, u)
     w = A.channel(weight, "weight", C, False)
     b = A.channel(bias, "bias", C, False)
     cdef double e = A.eps(eps), mom = A.momentum_if(momentum, u and rm is not None)

@@ -166,7 +166,7 @@ def batch_norm_epi(x, running_mean, running_var, weight, bias, training, momentu
     cdef bint tr = training
     rm = A.channel(running_mean, "running_mean", C, tr)
     rv = A.channel(running_var, "running_var", C, tr)
-    A.together(rm, rv)
+    A.together(rm, rv, tr)
     w = A.channel(weight, "weight", C, False)
     b = A.channel(bias, "bias", C, False)
     cdef double e = A.eps(eps), mom = A.momentum_if(momentum, tr and rm is not None)

@@ -22,7 +22,7 @@ import numpy as np
 from . import _args as ck
 from . import _core, _masked
 from .functional import _threads
-from .layers import forward_copy
+from .layers import ForwardStep, forward_copy
 from .renorm import (batch_renorm_backward, batch_renorm_forward, check_clipping, renorm_corrections,
                      update_renorm_stats)
 from .virtual import check_virtual_batch_size, virtual_batch_norm_backward, virtual_batch_norm_forward
@@ -312,11 +312,17 @@ class BatchNormalization:
         x = self._input(x)
         C = self.num_features
         self._check_state(C)
+        if training and self.trainable:
+            self._check_training_args(x.ndim)
+        with ForwardStep(self):
+            y = self._forward(x, training, mask, C)
+        return y if y.dtype == self.dtype else y.astype(self.dtype)
+
+    def _forward(self, x, training, mask, C):
+        """__call__'s work once its arguments are checked (inside its ForwardStep)."""
         lay = ck.axis_layout(self.axis)
         nt = _threads()
         pos = None
-        if training and self.trainable:
-            self._check_training_args(x.ndim)
         if training and self.trainable and self.virtual_batch_size is not None:
             if mask is not None:
                 raise ValueError("mask must be None with virtual_batch_size (ghost batches take no mask), got a "
@@ -364,7 +370,7 @@ class BatchNormalization:
                                                False, 0.0, self.epsilon, lay, None, False, nt, True)
             self._saved = (x, mean, invstd, False, None, None, None)
             self._fwd_gamma = forward_copy(self.gamma)
-        return y if y.dtype == self.dtype else y.astype(self.dtype)
+        return y
 
     def backward(self, grad_out):
         """Gradient of the last call: returns grad_x (the dtype x was computed in) and sets ``grad_gamma`` (scale)
@@ -405,6 +411,8 @@ class BatchNormalization:
             check_clipping(self.renorm_clipping)
             self.renorm_momentum = _keras_momentum(self.renorm_momentum, "renorm_momentum")
         self.virtual_batch_size = check_virtual_batch_size(self.virtual_batch_size)
+        ck.stats_distinct(tuple((k, getattr(self, k)) for k in ("moving_mean", "moving_variance", "moving_stddev",
+                                                                  "renorm_mean", "renorm_stddev")))
         if self.virtual_batch_size is not None and self.axis % nd == 0:
             raise ValueError(f"axis must not be the batch axis 0 with virtual_batch_size, got axis={self.axis} for "
                              f"an input of {nd} dimensions")

@@ -24,6 +24,32 @@ def forward_copy(a):
     return None if a is None else np.array(a)
 
 
+class ForwardStep:
+    """``with ForwardStep(layer, count):`` around a forward's work. Entering drops the last forward's saved state
+    (``_saved``) and, when count, counts the batch in num_batches_tracked first, as PyTorch's BatchNorm counts before
+    its work. An Exception (a refused argument) puts both back, so a failed call changes nothing. A KeyboardInterrupt,
+    which Python raises as the kernel returns (it runs without the GIL), after the running statistics moved, leaves
+    the count moved with them and no earlier forward's state for backward to use."""
+    __slots__ = ("layer", "saved", "count")
+
+    def __init__(self, layer, count=False):
+        self.layer, self.saved = layer, layer._saved
+        self.count = layer.num_batches_tracked if count else None
+
+    def __enter__(self):
+        self.layer._saved = None
+        if self.count is not None:
+            self.layer.num_batches_tracked = self.count + 1
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is not None and issubclass(kind, Exception):
+            self.layer._saved = self.saved
+            if self.count is not None:
+                self.layer.num_batches_tracked = self.count
+        return False
+
+
 def assign_state(layer, staged):
     """load_state_dict's last step, once every entry of staged (name -> checked value) is known good: an array
     goes into the layer's own array of its shape and dtype, in place, as PyTorch's load_state_dict copies into its
@@ -277,11 +303,17 @@ class BatchNorm(_Layer):
             if mask is not None:
                 raise ValueError("mask= does not combine with virtual_batch_size or renorm")
             from . import renorm as R
-            y, self._saved = R.layer_forward(self, x, out, saved_x, update, momentum)
-            self._fwd_weight = forward_copy(self.weight)
-            if update and self.num_batches_tracked is not None:
-                self.num_batches_tracked += 1
+            with ForwardStep(self, update and self.num_batches_tracked is not None):
+                y, saved = R.layer_forward(self, x, out, saved_x, update, momentum)
+                self._saved, self._fwd_weight = saved, forward_copy(self.weight)
             return y
+        with ForwardStep(self, update and self.num_batches_tracked is not None):
+            return self._forward_plain(x, out, mask, saved_x, batch_stats, update, momentum)
+
+    __call__ = forward
+
+    def _forward_plain(self, x, out, mask, saved_x, batch_stats, update, momentum):
+        """forward without an epilogue, renorm or virtual batches (inside its ForwardStep)."""
         passed = update or not batch_stats
         lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
         if mask is not None and batch_stats:  # statistics of the unmasked entries
@@ -298,13 +330,9 @@ class BatchNorm(_Layer):
                                                self.running_var if passed else None, self.weight, self.bias,
                                                batch_stats, momentum, self.eps, lay, out, self.unbiased_running_var,
                                                F._threads(), True)
-        if update and self.num_batches_tracked is not None:
-            self.num_batches_tracked += 1
         self._saved = (saved_x, mean, invstd, batch_stats, mask)
         self._fwd_weight = forward_copy(self.weight)
         return y
-
-    __call__ = forward
 
     def _forward_mode(self):
         """(batch_stats, update, momentum) of a forward: batch statistics in training, and in eval when the layer
@@ -328,14 +356,13 @@ class BatchNorm(_Layer):
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         passed = update or not batch_stats
         lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
-        y, mean, invstd, var = _core.batch_norm_epi(x, self.running_mean if passed else None,
-                                                    self.running_var if passed else None, self.weight, self.bias,
-                                                    batch_stats, momentum, self.eps, lay, out,
-                                                    self.unbiased_running_var, act, residual, F._threads(), True)
-        if update and self.num_batches_tracked is not None:
-            self.num_batches_tracked += 1
-        self._saved = ("epilogue", saved_x, mean, var, batch_stats, act, residual,
-                       forward_copy(self.weight), forward_copy(self.bias), self.eps)
+        with ForwardStep(self, update and self.num_batches_tracked is not None):
+            y, mean, invstd, var = _core.batch_norm_epi(x, self.running_mean if passed else None,
+                                                        self.running_var if passed else None, self.weight, self.bias,
+                                                        batch_stats, momentum, self.eps, lay, out,
+                                                        self.unbiased_running_var, act, residual, F._threads(), True)
+            self._saved = ("epilogue", saved_x, mean, var, batch_stats, act, residual,
+                           forward_copy(self.weight), forward_copy(self.bias), self.eps)
         return y
 
     def backward(self, grad_out, *, out=None, grad_residual_out=None):
@@ -521,8 +548,17 @@ class _InstanceNorm(BatchNorm):
         if act != _epi.NONE or residual is not None:
             if unbatched and residual is not None:
                 residual = ck.as_data(residual, "residual", half=True)[np.newaxis]
-            y = self._forward_epilogue_in(x, out, saved_x, residual, act, unbatched)
+            with ForwardStep(self):
+                y = self._forward_epilogue_in(x, out, saved_x, residual, act, unbatched)
             return y[0] if unbatched else y
+        with ForwardStep(self):
+            y = self._forward_in(x, out, saved_x, unbatched)
+        return y[0] if unbatched else y
+
+    __call__ = forward
+
+    def _forward_in(self, x, out, saved_x, unbatched):
+        """forward without an epilogue (inside its ForwardStep)."""
         if self.track_running_stats and not self.training:  # (batch norm's eval: no momentum, no update)
             y, mean, invstd = _core.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
                                                0.0, self.eps, self.layout, out, True, F._threads(), True)
@@ -537,9 +573,7 @@ class _InstanceNorm(BatchNorm):
                                                   F._threads(), 2)  # (float64 statistics, as group norm's)
             self._saved = (saved_x, mean, invstd, True, unbatched)
             self._fwd_weight = forward_copy(self.weight)
-        return y[0] if unbatched else y
-
-    __call__ = forward
+        return y
 
     def _forward_epilogue_in(self, x, out, saved_x, residual, act, unbatched):
         """forward with a fused activation and/or residual: the running statistics of batch norm's eval (eval with
@@ -686,17 +720,18 @@ class GroupNorm(_Layer):
         x = ck.check_layer_input(x, None, "GroupNorm", self.num_channels, self.layout, half=True)
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         act = _epi.parse(self.activation)
-        if act != _epi.NONE or residual is not None:
-            y, mean, var = _core.group_forward_epi(x, self.num_groups, self.weight, self.bias, self.eps, self.layout,
-                                                   out, act, residual, F._threads(), False, True)
-            self._saved = ("epilogue", saved_x, mean, var, act, residual,
-                           forward_copy(self.weight), forward_copy(self.bias), self.eps)
-            return y
-        # (the statistics kept in float64 for the backward: a float32 mean loses digits where |mean| >> std)
-        y, mean, invstd = _core.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.layout, out,
-                                           F._threads(), 3)
-        self._saved = (saved_x, mean, invstd)
-        self._fwd_weight = forward_copy(self.weight)
+        with ForwardStep(self):
+            if act != _epi.NONE or residual is not None:
+                y, mean, var = _core.group_forward_epi(x, self.num_groups, self.weight, self.bias, self.eps,
+                                                       self.layout, out, act, residual, F._threads(), False, True)
+                self._saved = ("epilogue", saved_x, mean, var, act, residual,
+                               forward_copy(self.weight), forward_copy(self.bias), self.eps)
+                return y
+            # (the statistics kept in float64 for the backward: a float32 mean loses digits where |mean| >> std)
+            y, mean, invstd = _core.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.layout,
+                                               out, F._threads(), 3)
+            self._saved = (saved_x, mean, invstd)
+            self._fwd_weight = forward_copy(self.weight)
         return y
 
     __call__ = forward

@@ -222,9 +222,11 @@ def update_renorm_stats(running_mean, running_var, running_std, renorm_mean, ren
     arrays = [ck.per_channel(a, name, C, inplace=True) for a, name in (
         (running_mean, "running_mean"), (running_var, "running_var"), (running_std, "running_std"),
         (renorm_mean, "renorm_mean"), (renorm_std, "renorm_std"))]
-    for a, name in zip(arrays, ("running_mean", "running_var", "running_std", "renorm_mean", "renorm_std")):
+    names = ("running_mean", "running_var", "running_std", "renorm_mean", "renorm_std")
+    for a, name in zip(arrays, names):
         if a is None:
             raise TypeError(f"{name} must be an array of shape ({C},), got None")
+    ck.stats_distinct(tuple(zip(names, arrays)))
     m = ck.check_momentum(momentum, False)
     rm = check_renorm_momentum(renorm_momentum)
     e = ck.check_eps(eps)

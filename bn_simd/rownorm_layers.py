@@ -8,7 +8,7 @@ from . import _args as ck
 from . import _core
 from . import _epilogue as _epi
 from .functional import _threads
-from .layers import _no_residual, assign_state, check_keys, forward_copy
+from .layers import ForwardStep, _no_residual, assign_state, check_keys, forward_copy
 
 
 def _shape_arg(normalized_shape):
@@ -80,16 +80,17 @@ class _RowNorm:
         added before the layer's activation, y = act(norm(x) + residual) (the layer keeps a reference to it)."""
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         act = _epi.parse(self.activation)
-        if act != _epi.NONE or residual is not None:
-            y, mean, rstd = _core.row_forward_epi(x, self.normalized_shape, self.weight, self.bias, self.eps,
-                                                  self.layout, out, _threads(), self._rms, act, residual, 2)
-            self._saved = ("epilogue", saved_x, mean, rstd, act, residual,
-                           forward_copy(self.weight), forward_copy(self.bias))
-            return y
-        y, mean, rstd = _core.row_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.layout, out,
-                                       _threads(), self._rms, 2)
-        self._saved = (saved_x, mean, rstd)  # (the float64 statistics: the backward gets them unrounded)
-        self._fwd_weight = forward_copy(self.weight)
+        with ForwardStep(self):
+            if act != _epi.NONE or residual is not None:
+                y, mean, rstd = _core.row_forward_epi(x, self.normalized_shape, self.weight, self.bias, self.eps,
+                                                      self.layout, out, _threads(), self._rms, act, residual, 2)
+                self._saved = ("epilogue", saved_x, mean, rstd, act, residual,
+                               forward_copy(self.weight), forward_copy(self.bias))
+                return y
+            y, mean, rstd = _core.row_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.layout,
+                                           out, _threads(), self._rms, 2)
+            self._saved = (saved_x, mean, rstd)  # (the float64 statistics: the backward gets them unrounded)
+            self._fwd_weight = forward_copy(self.weight)
         return y
 
     __call__ = forward

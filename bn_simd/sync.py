@@ -51,7 +51,7 @@ import numpy as np
 
 from . import _args as ck
 from . import functional as F
-from .layers import BatchNorm, _no_residual, forward_copy
+from .layers import BatchNorm, ForwardStep, _no_residual, forward_copy
 
 MODES = ("exact", "fast")
 # (mean - shift)^2 / var above which the fast mode's one-allreduce form loses more than ~2^20 eps_double of the
@@ -584,8 +584,8 @@ class SyncBatchNorm(BatchNorm):
         xa = self._check_input(x)
         if out is not None:
             ck.check_out(out, xa, [("x", xa)])
-            if self.training and self.track_running_stats:
-                ck.stats_apart(out, (("running_mean", self.running_mean), ("running_var", self.running_var)))
+        if self.training and self.track_running_stats:
+            ck.stats_apart(out, (("running_mean", self.running_mean), ("running_var", self.running_var)))
         return xa
 
     def forward(self, x, *, out=None):
@@ -608,17 +608,19 @@ class SyncBatchNorm(BatchNorm):
             self.momentum if self.momentum is not None else
             1.0 / (self.num_batches_tracked + 1) if self.num_batches_tracked is not None else 0.0)
         saved_x = xa.copy() if out is not None and np.may_share_memory(out, xa) else xa
-        y = F.normalize(xa, mean, var, self.weight, self.bias, eps=self.eps, layout=self.layout, out=out)
-        if update and n > 0:
-            F.update_running_stats(self.running_mean, self.running_var, mean, var, n, momentum,
-                                   unbiased=self.unbiased_running_var)
-        if update and self.num_batches_tracked is not None:
-            self.num_batches_tracked += 1
-        if n > 0 and np.all(np.isfinite(mean)):
-            self._shift = mean
-        self._saved = (saved_x, mean, 1.0 / np.sqrt(var + self.eps), True)
-        self._fwd_weight = forward_copy(self.weight)
-        self._sync_n = n
+        with ForwardStep(self):
+            # (an interrupt during the normalise is raised as it returns: before the statistics and count move)
+            y = F.normalize(xa, mean, var, self.weight, self.bias, eps=self.eps, layout=self.layout, out=out)
+            if update and n > 0:
+                F.update_running_stats(self.running_mean, self.running_var, mean, var, n, momentum,
+                                       unbiased=self.unbiased_running_var)
+            if update and self.num_batches_tracked is not None:
+                self.num_batches_tracked += 1
+            if n > 0 and np.all(np.isfinite(mean)):
+                self._shift = mean
+            self._saved = (saved_x, mean, 1.0 / np.sqrt(var + self.eps), True)
+            self._fwd_weight = forward_copy(self.weight)
+            self._sync_n = n
         return y
 
     __call__ = forward

@@ -206,6 +206,51 @@ def test_training_out_sharing_memory_with_a_running_statistic_is_refused(call, w
                                   y)
 
 
+@pytest.mark.parametrize("call", list(STAT_CALLS) + ["update_running_stats"])
+@pytest.mark.parametrize("overlap", ["same array", "offset views"])
+def test_running_statistics_sharing_memory_with_each_other_are_refused(call, overlap):
+    """A training call moves both running statistics: written over each other, each takes the other's values
+    (silently wrong). Refused naming both, before anything is written; eval, which only reads them, takes them."""
+    x = make_input((4, 3, 5, 5), "NHWC" if "NHWC" in call else "NCHW", np.float32, seed=101)
+    buf = np.zeros(4, np.float32)
+    rm, rv = (buf[:3], buf[:3]) if overlap == "same array" else (buf[:3], buf[1:])
+    out = np.zeros_like(x)
+    with pytest.raises(ValueError, match="running_var must not share memory with running_mean"):
+        if call == "update_running_stats":
+            bn_simd.update_running_stats(rm, rv, np.ones(3), np.ones(3), 10, 0.1)
+        else:
+            STAT_CALLS[call](x, rm, rv, out)
+    assert not buf.any() and not out.any()
+    lay = "NHWC" if "NHWC" in call else "NCHW"
+    np.testing.assert_array_equal(bn_simd.batch_norm(x, rm, rv, training=False, layout=lay),
+                                  bn_simd.batch_norm(x, rm.copy(), rv.copy(), training=False, layout=lay))
+
+
+def test_renorm_and_layers_refuse_statistics_over_each_other():
+    x = make_input((4, 3, 5, 5), "NCHW", np.float32, seed=102)
+    rs = [np.zeros(3, np.float32) for _ in range(5)]
+    rs[1][:] = rs[2][:] = rs[4][:] = 1.0
+    kw = dict(running_std=rs[2], renorm_mean=rs[3], renorm_std=rs[2])
+    with pytest.raises(ValueError, match="renorm_std must not share memory with running_std"):
+        bn_simd.batch_renorm(x, rs[0], rs[1], training=True, **kw)
+    with pytest.raises(ValueError, match="renorm_std must not share memory with running_std"):
+        bn_simd.update_renorm_stats(rs[0], rs[1], rs[2], rs[3], rs[2], np.zeros(3), np.ones(3), 10)
+    assert [r.tolist() for r in rs] == [[0.0] * 3, [1.0] * 3, [1.0] * 3, [0.0] * 3, [1.0] * 3]
+    for layer in (bn_simd.BatchNorm2d(3), bn_simd.BatchNorm2d(3, activation="relu"),
+                  bn_simd.BatchNorm2d(3, virtual_batch_size=2), bn_simd.InstanceNorm2d(3, track_running_stats=True)):
+        layer.running_var = layer.running_mean
+        with pytest.raises(ValueError, match="running_var must not share memory with running_mean"):
+            layer(x)
+        assert not layer.running_mean.any() and layer.num_batches_tracked == 0, type(layer).__name__
+    from bn_simd.keras import BatchNormalization
+    k = BatchNormalization()
+    k.build((4, 5, 5, 3))
+    k.moving_variance = k.moving_mean
+    with pytest.raises(ValueError, match="moving_variance must not share memory with moving_mean"):
+        k(x.transpose(0, 2, 3, 1), training=True)
+    assert not k.moving_mean.any()
+
+
 def test_layers_refuse_an_out_over_their_statistics():
     x = make_input((4, 3, 5, 5), "NCHW", np.float32, seed=98)
     for layer in (bn_simd.BatchNorm2d(3), bn_simd.BatchNorm2d(3, virtual_batch_size=2),

@@ -154,6 +154,42 @@ def test_dtype_change_and_mismatched_inputs_take_the_general_path(calls):
     assert all(r is None for r in calls[:1])
 
 
+def test_data_re_pointed_at_the_same_address_is_noticed(calls):
+    """.data assigned a view that starts where the cached tensor did: other strides, another dtype or fewer values.
+    The address alone would pass the cache; each goes the general way, which computes or raises as PyTorch does."""
+    C = 5
+    m, ref = _module(bt.BatchNorm2d, C, torch.float32)
+    x = _input((3, C, 4, 4), torch.contiguous_format, torch.float32)
+    buf = torch.linspace(0.5, 3.0, 2 * C)
+    with torch.no_grad():
+        for mod in (m, ref):
+            mod.running_var.data = buf[:C]
+        m(x), m(x)
+        assert calls[-1] is not None
+        for mod in (m, ref):
+            mod.running_var.data = buf[::2]  # (same first address, stride 2)
+        torch.testing.assert_close(m(x), ref(x))
+        assert calls[-1] is None
+        m(x)
+        for mod in (m, ref):
+            mod.running_var.data = buf[:C - 1]
+        with pytest.raises((ValueError, RuntimeError)):
+            ref(x)
+        with pytest.raises((ValueError, RuntimeError)):
+            m(x)
+    h, href = _module(bt.BatchNorm2d, C, torch.float16)
+    xh = _input((3, C, 4, 4), torch.contiguous_format, torch.float16)
+    with torch.no_grad():
+        h(xh), h(xh)
+        assert calls[-1] is not None
+        for mod in (h, href):
+            mod.running_var.data = mod.running_var.data.view(torch.bfloat16)
+        with pytest.raises((TypeError, RuntimeError)):
+            href(xh)
+        with pytest.raises((TypeError, RuntimeError)):
+            h(xh)
+
+
 def test_autograd_tracing_and_export_after_cached_calls_are_not_fast(calls):
     m, ref = _module(bt.BatchNorm2d, 4, torch.float64)
     x = _input((2, 4, 3, 3), torch.contiguous_format, torch.float64)

@@ -180,9 +180,9 @@ VIEWS_KEY = "_bn_simd_views"
 
 def module_views(module, x, tensors):
     """The ndarrays of a module's per-channel tensors (None entries kept), checked against x once and cached while
-    they are the same tensor objects over the same memory in the same layout (a dtype or device change, ``.data``
-    re-pointed, even at the same address with other strides, or ``load_state_dict`` into new storage makes new
-    views), or None when they must go through the checks of a functional call."""
+    they are the same tensor objects over the same memory in the same layout and dtype (a dtype or device change,
+    ``.data`` re-pointed, even at the same address with other strides or as another dtype, or ``load_state_dict`` into
+    new storage makes new views), or None when they must go through the checks of a functional call."""
     if (type(x) is not torch.Tensor or x.dtype not in FLOATS or torch.jit.is_tracing()
             or torch.compiler.is_compiling() or _functorch_active()):
         return None  # (the call goes through the checks, which hand graph captures to PyTorch's function)
@@ -190,7 +190,7 @@ def module_views(module, x, tensors):
     c = d.get(VIEWS_KEY)
     if c is not None and c[0] is x.dtype:
         for t, u, p in zip(tensors, c[1], c[2]):
-            if t is not u or (t is not None and (t.data_ptr(), t.stride(), t.shape) != p):
+            if t is not u or (t is not None and (t.data_ptr(), t.stride(), t.shape, t.dtype) != p):
                 break
         else:
             return c[3]
@@ -205,7 +205,7 @@ def module_views(module, x, tensors):
         return None  # (the general checks refuse mixed parameter dtypes)
     views = tuple(vec(t) for t in tensors)
     d[VIEWS_KEY] = (x.dtype, tuple(tensors),
-                    tuple(None if t is None else (t.data_ptr(), t.stride(), t.shape) for t in tensors), views)
+                    tuple(None if t is None else (t.data_ptr(), t.stride(), t.shape, t.dtype) for t in tensors), views)
     return views
 
 
@@ -279,14 +279,15 @@ _STOP_RECOMPUTATION = getattr(torch.utils.checkpoint, "_StopRecomputationError",
 def counted(counter, call):
     """call() with a batch counted in counter (num_batches_tracked) first, as PyTorch's BatchNorm counts it before its
     work: non-reentrant checkpointing stops a recomputed forward once its saved tensors are recorded, after the
-    running statistics moved, and PyTorch's count moved too. A call that raises otherwise leaves the count as it
-    was."""
+    running statistics moved, and PyTorch's count moved too. A call that raises an Exception otherwise (a refused
+    argument) leaves the count as it was; a KeyboardInterrupt, which Python raises as the kernel returns, after the
+    running statistics moved, leaves it moved with them, as PyTorch's."""
     counter.add_(1)
     try:
         return call()
     except _STOP_RECOMPUTATION:
         raise
-    except BaseException:
+    except Exception:
         counter.sub_(1)
         raise
 

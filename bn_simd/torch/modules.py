@@ -84,7 +84,7 @@ def _cache_eval(self, input, tensors, views):
     ranks = next((r for cls, r in _RANKS.items() if isinstance(self, cls)), ())
     pdt = next(t.dtype for t in tensors if t is not None)  # (the general checks: all of one dtype)
     self.__dict__[EVAL_KEY] = (C, _DLPACK_KEYS[input.dtype], sum(1 << r for r in ranks), *tensors,
-                               *(None if t is None else t.data_ptr() for t in tensors), _DLPACK_KEYS[pdt])
+                               *(None if t is None else t.data_ptr() for t in tensors), _DLPACK_KEYS[pdt], pdt)
 
 
 def _getstate(self):

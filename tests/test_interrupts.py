@@ -1,0 +1,142 @@
+"""A KeyboardInterrupt during a layer's forward leaves the layer whole.
+
+The kernels run without the GIL, so Python raises a Ctrl-C that arrived during one as the kernel returns: after the
+running statistics moved. The layers then hold the count that goes with those statistics (PyTorch's BatchNorm counts
+before its work, so its count moved too) and no earlier forward's saved state for backward to use. The interrupt is
+simulated here: the kernel's wrapper runs it, then raises KeyboardInterrupt, as Python does at that point. A refused
+argument (an Exception) still changes nothing.
+"""
+import numpy as np
+import pytest
+
+import bn_simd
+from bn_simd import _core, sync
+from fake_comm import run_ok
+
+RNG = np.random.default_rng(7)
+
+
+def interrupt_after(monkeypatch, owner, name):
+    """owner.name runs, then raises KeyboardInterrupt; returns a list that counts the calls that ran."""
+    real = getattr(owner, name)
+    ran = []
+
+    def call(*args, **kwargs):
+        real(*args, **kwargs)
+        ran.append(name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(owner, name, call)
+    return ran
+
+
+def trained(layer, x):
+    """layer after one ordinary training call (so that it holds an earlier forward's state)."""
+    layer(x)
+    assert layer._saved is not None
+    return layer
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("kind", ["plain", "relu", "mask", "renorm", "virtual"])
+def test_batch_norm_layer_counts_the_batch_whose_statistics_moved(monkeypatch, kind, momentum):
+    x = RNG.standard_normal((8, 4, 5, 5)).astype(np.float32)
+    kw = {"activation": "relu"} if kind == "relu" else {"renorm": True} if kind == "renorm" else \
+        {"virtual_batch_size": 4} if kind == "virtual" else {}
+    layer = trained(bn_simd.BatchNorm2d(4, momentum=momentum, **kw), x)
+    before = layer.running_mean.copy(), layer.running_var.copy()
+    if kind in ("renorm", "virtual"):
+        from bn_simd import renorm
+        monkeypatch.setattr(renorm, "layer_forward", _raising_after(renorm.layer_forward))
+    else:
+        interrupt_after(monkeypatch, _core, "batch_norm_epi" if kind == "relu" else "batch_norm")
+        if kind == "mask":
+            from bn_simd import _masked
+            interrupt_after(monkeypatch, _masked, "forward")
+    call_kw = {"mask": np.ones((8, 5, 5), bool)} if kind == "mask" else {}
+    with pytest.raises(KeyboardInterrupt):
+        layer(x + 1, **call_kw)
+    assert not np.array_equal(layer.running_mean, before[0])  # the statistics moved ...
+    assert layer.num_batches_tracked == 2  # ... and the count with them
+    assert layer._saved is None
+    with pytest.raises(RuntimeError, match="forward"):
+        layer.backward(np.ones_like(x))
+
+
+def _raising_after(real):
+    def call(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+    return call
+
+
+def test_a_refused_argument_still_changes_nothing():
+    x = RNG.standard_normal((8, 4, 5, 5)).astype(np.float32)
+    layer = trained(bn_simd.BatchNorm2d(4, momentum=None), x)
+    saved, stats = layer._saved, (layer.running_mean.copy(), layer.running_var.copy())
+    with pytest.raises(ValueError):
+        layer(x, out=np.empty((8, 4, 5, 4), np.float32))
+    assert layer._saved is saved and layer.num_batches_tracked == 1
+    assert np.array_equal(layer.running_mean, stats[0]) and np.array_equal(layer.running_var, stats[1])
+
+
+@pytest.mark.parametrize("make, owner, name, shape", [
+    (lambda: bn_simd.InstanceNorm2d(4, track_running_stats=True), _core, "instance_norm", (3, 4, 5, 5)),
+    (lambda: bn_simd.InstanceNorm2d(4, activation="relu"), _core, "instance_norm", (3, 4, 5, 5)),
+    (lambda: bn_simd.GroupNorm(2, 4), _core, "group_norm", (3, 4, 5, 5)),
+    (lambda: bn_simd.GroupNorm(2, 4, activation="silu"), _core, "group_forward_epi", (3, 4, 5, 5)),
+    (lambda: bn_simd.LayerNorm(6), _core, "row_norm", (3, 5, 6)),
+    (lambda: bn_simd.RMSNorm(6, activation="relu"), _core, "row_forward_epi", (3, 5, 6)),
+])
+def test_other_layers_keep_no_earlier_state_for_backward(monkeypatch, make, owner, name, shape):
+    x = RNG.standard_normal(shape).astype(np.float32)
+    layer = trained(make(), x)
+    interrupt_after(monkeypatch, owner, name)
+    with pytest.raises(KeyboardInterrupt):
+        layer(x)
+    assert layer._saved is None
+    with pytest.raises(RuntimeError, match="forward"):
+        layer.backward(np.ones_like(x))
+
+
+def test_keras_layer_keeps_no_earlier_state_for_backward(monkeypatch):
+    from bn_simd.keras import BatchNormalization
+    x = RNG.standard_normal((8, 5, 3)).astype(np.float32)
+    layer = BatchNormalization()
+    layer(x, training=True)
+    interrupt_after(monkeypatch, _core, "batch_norm")
+    with pytest.raises(KeyboardInterrupt):
+        layer(x, training=True)
+    assert layer._saved is None
+    with pytest.raises(RuntimeError):
+        layer.backward(np.ones_like(x))
+
+
+def test_sync_batch_norm_interrupted_in_its_normalise_moves_nothing(monkeypatch):
+    # (its normalise and update are two calls: an interrupt during the normalise is raised before the update)
+    x = RNG.standard_normal((4, 3, 5, 5)).astype(np.float32)
+    ran = interrupt_after(monkeypatch, sync.F, "normalize")
+
+    def rank(r, comm):
+        layer = bn_simd.SyncBatchNorm(3, comm=comm, momentum=None)
+        rm = layer.running_mean.copy()
+        with pytest.raises(KeyboardInterrupt):
+            layer(x[2 * r:2 * r + 2])
+        return np.array_equal(layer.running_mean, rm), layer.num_batches_tracked, layer._saved
+
+    assert run_ok(2, rank) == [(True, 0, None)] * 2
+    assert ran == ["normalize"] * 2
+
+
+def test_torch_module_counts_the_batch_whose_statistics_moved(monkeypatch):
+    torch = pytest.importorskip("torch")
+    import bn_simd.torch as bt
+    from bn_simd.torch import functional as TF
+    m = bt.BatchNorm2d(4)
+    x = torch.randn(8, 4, 5, 5)
+    m(x)
+    rm = m.running_mean.clone()
+    interrupt_after(monkeypatch, TF, "_batch_norm")
+    with pytest.raises(KeyboardInterrupt):
+        m(x)
+    assert not torch.equal(m.running_mean, rm) and int(m.num_batches_tracked) == 2
