@@ -352,17 +352,39 @@ cdef int together(object running_mean, object running_var, bint written) except 
     return 0
 
 
+cdef bint spans_apart(cnp.ndarray a, cnp.ndarray b):
+    """The byte spans of a and b (non-empty) are disjoint: they share no byte (the quick test; see stats_distinct)."""
+    cdef Py_ssize_t lo_a, hi_a, lo_b, hi_b
+    span(a, &lo_a, &hi_a)
+    span(b, &lo_b, &hi_b)
+    return hi_a <= lo_b or hi_b <= lo_a
+
+
+cdef void span(cnp.ndarray a, Py_ssize_t* lo, Py_ssize_t* hi):
+    """[lo, hi): the addresses of a's bytes (a non-empty)."""
+    cdef Py_ssize_t p = <Py_ssize_t>cnp.PyArray_DATA(a), l = p, h = p + cnp.PyArray_ITEMSIZE(a), d, s
+    cdef int k
+    for k in range(cnp.PyArray_NDIM(a)):
+        d, s = cnp.PyArray_DIMS(a)[k] - 1, cnp.PyArray_STRIDES(a)[k]
+        if s < 0:
+            l += d * s
+        else:
+            h += d * s
+    lo[0], hi[0] = l, h
+
+
 cpdef int stats_distinct(tuple named) except -1:
-    """The statistics of `named`, (name, array or None) pairs a call updates, share no byte (memory spans, as
-    numpy.may_share_memory): one written over another would mix their values."""
+    """The statistics of `named`, (name, array or None) pairs a call updates, share no byte (one written over another
+    would mix their values): byte spans apart, or else no byte in common (numpy.shares_memory: interleaved views of
+    one buffer are apart)."""
     cdef Py_ssize_t i, j
     for i in range(len(named)):
         for j in range(i):
             a, b = named[j][1], named[i][1]
             if (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.size and b.size
-                    and np.may_share_memory(a, b)):
-                raise ValueError(f"{named[i][0]} must not share memory with {named[j][0]} (their memory spans "
-                                 f"overlap): the call updates both (pass separate arrays)")
+                    and not spans_apart(a, b) and np.shares_memory(a, b)):
+                raise ValueError(f"{named[i][0]} must not share memory with {named[j][0]}: the call updates both "
+                                 f"(pass separate arrays)")
     return 0
 
 

@@ -411,8 +411,9 @@ class BatchNormalization:
             check_clipping(self.renorm_clipping)
             self.renorm_momentum = _keras_momentum(self.renorm_momentum, "renorm_momentum")
         self.virtual_batch_size = check_virtual_batch_size(self.virtual_batch_size)
-        ck.stats_distinct(tuple((k, getattr(self, k)) for k in ("moving_mean", "moving_variance", "moving_stddev",
-                                                                  "renorm_mean", "renorm_stddev")))
+        moved = ("moving_mean", "moving_variance") + (
+            ("moving_stddev", "renorm_mean", "renorm_stddev") if self.renorm else ())
+        ck.stats_distinct(tuple((k, getattr(self, k)) for k in moved))
         if self.virtual_batch_size is not None and self.axis % nd == 0:
             raise ValueError(f"axis must not be the batch axis 0 with virtual_batch_size, got axis={self.axis} for "
                              f"an input of {nd} dimensions")

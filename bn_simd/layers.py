@@ -29,7 +29,9 @@ class ForwardStep:
     (``_saved``) and, when count, counts the batch in num_batches_tracked first, as PyTorch's BatchNorm counts before
     its work. An Exception (a refused argument) puts both back, so a failed call changes nothing. A KeyboardInterrupt,
     which Python raises as the kernel returns (it runs without the GIL), after the running statistics moved, leaves
-    the count moved with them and no earlier forward's state for backward to use."""
+    the count moved with them and no earlier forward's state for backward to use. (Where the normalise and the update
+    are two calls, with mask=, virtual batches or renorm, one raised as the normalise returns finds the count moved
+    and the statistics not: PyTorch's count, too, moves before any of its work.)"""
     __slots__ = ("layer", "saved", "count")
 
     def __init__(self, layer, count=False):

@@ -321,7 +321,8 @@ def layer_forward(layer, x, out, saved_x, update, momentum):
     split = Split(x, layer.layout, layer.virtual_batch_size)
     C, eps = split.C, layer.eps
     if update:  # (the statistics the call moves after writing y)
-        ck.stats_apart(out, tuple((name, getattr(layer, name, None)) for name in _LAYER_STATS))
+        moved = _LAYER_STATS if layer.renorm else _LAYER_STATS[:2]
+        ck.stats_apart(out, tuple((name, getattr(layer, name, None)) for name in moved))
     if layer.renorm:
         y, mean, var, r, d = _forward(split, layer.renorm_mean, layer.renorm_std, layer.weight, layer.bias,
                                       check_clipping(layer.renorm_clipping), eps, out)

@@ -599,6 +599,11 @@ class SyncBatchNorm(BatchNorm):
             self._sync_n = None
             return y
         comm = as_communicator(self.comm)
+        with ForwardStep(self):  # (from the exchange on, where a Ctrl-C is likeliest: no earlier state for backward)
+            return self._synced_forward(comm, x, out, held)
+
+    def _synced_forward(self, comm, x, out, held):
+        """forward's exchange and normalise (inside its ForwardStep)."""
         xa = _attempt(self._local_forward, x, out)
         mean, var, n, _ = _exchange_stats(comm, xa, self.num_features, self.layout, self.mode, self._shift,
                                           "SyncBatchNorm")
@@ -608,19 +613,24 @@ class SyncBatchNorm(BatchNorm):
             self.momentum if self.momentum is not None else
             1.0 / (self.num_batches_tracked + 1) if self.num_batches_tracked is not None else 0.0)
         saved_x = xa.copy() if out is not None and np.may_share_memory(out, xa) else xa
-        with ForwardStep(self):
-            # (an interrupt during the normalise is raised as it returns: before the statistics and count move)
-            y = F.normalize(xa, mean, var, self.weight, self.bias, eps=self.eps, layout=self.layout, out=out)
-            if update and n > 0:
+        # (an interrupt during the normalise is raised as it returns, before the count and statistics move; the count
+        # moves before the update, as in PyTorch, so one raised as the update returns finds both moved)
+        y = F.normalize(xa, mean, var, self.weight, self.bias, eps=self.eps, layout=self.layout, out=out)
+        if update and self.num_batches_tracked is not None:
+            self.num_batches_tracked += 1
+        if update and n > 0:
+            try:
                 F.update_running_stats(self.running_mean, self.running_var, mean, var, n, momentum,
                                        unbiased=self.unbiased_running_var)
-            if update and self.num_batches_tracked is not None:
-                self.num_batches_tracked += 1
-            if n > 0 and np.all(np.isfinite(mean)):
-                self._shift = mean
-            self._saved = (saved_x, mean, 1.0 / np.sqrt(var + self.eps), True)
-            self._fwd_weight = forward_copy(self.weight)
-            self._sync_n = n
+            except Exception:
+                if self.num_batches_tracked is not None:
+                    self.num_batches_tracked -= 1
+                raise
+        if n > 0 and np.all(np.isfinite(mean)):
+            self._shift = mean
+        self._saved = (saved_x, mean, 1.0 / np.sqrt(var + self.eps), True)
+        self._fwd_weight = forward_copy(self.weight)
+        self._sync_n = n
         return y
 
     __call__ = forward

@@ -330,6 +330,10 @@ static int64_t cf_pf_after(const cf_geom* g, int64_t t, int64_t ahead, int rows_
  * the value itself) or all chunks alike, and gets its value back exactly. */
 static inline double chunk_offset(double mu0_k, double mu0_0, double r_k) { return (mu0_k - mu0_0) + r_k; }
 
+/* A chunk's shift from one of its values v: v, or 0 when v is infinite (x - v would be Inf - Inf = NaN at v itself, and
+ * the mean NaN where the infinities of a channel all have one sign and PyTorch's is +-Inf; by 0, the sums give it). */
+static inline double bn_shift_value(double v) { return isinf(v) ? 0.0 : v; }
+
 /* Mean and biased variance of block b's channels from its K chunk results (shift mk[k * cb + j], residual
  * rk[...], M2 m2k[...]). */
 static void cf_combine_block(const cf_geom* g, int64_t b, const double* mk, const double* rk, const double* m2k,

@@ -51,19 +51,22 @@
 /* ---- Fused epilogues ----
  * Three kinds of activation, so that each kernel has few instantiations (compile time): the piecewise-linear one
  * (ReLU6; clamp: slope 1; leaky ReLU: lo -inf, hi inf; the identity, for a residual alone), ReLU on its own (the
- * piecewise-linear one's bits with lo 0, hi inf, slope 1, in one operation forward and two compares and a selection
- * backward instead of five and ten: docs/tuning.md, "ReLU apart from the piecewise-linear epilogue") and SiLU. The
+ * piecewise-linear one's bits with lo 0, hi inf, slope 1, in one operation forward and one compare and a selection
+ * backward instead of five and six: docs/tuning.md, "ReLU apart from the piecewise-linear epilogue") and SiLU. The
  * activations, each as a vector form (V of TC) and a single-element form (TC) that run the same operations in the same order, so that an element's bits do not depend on whether a vector, a masked vector
  * or a scalar tail computed it (nor, then, on the thread count); SFMA fuses where VFMA does (kernels.def's fma flag). Their gradients for the
  * backward (act_grad.inc): du = dy act'(u).
- *   pwl    min(max(t, lo), hi), t = u < 0 ? slope u : u    du = lo < u < hi ? (u > 0 ? dy : slope dy) : 0
+ *   pwl    min(max(t, lo), hi), t = u < 0 ? slope u : u    du = u <= lo or !(u < hi) ? 0 : (u > 0 ? dy : slope dy),
+ *                                                          an infinite bound no bound
  * (each step exact where it changes nothing: u 1 = u, max(-inf, t) = t, min(inf, t) = t, so ReLU, clamp and leaky ReLU
  * get the bits of their own formulas)
- *   relu   max(0, u) (= pwl's with lo 0, hi inf, slope 1, bit for bit)   du = 0 < u < inf ? dy : 0 (= pwl's)
+ *   relu   max(0, u) (= pwl's with lo 0, hi inf, slope 1, bit for bit)   du = u <= 0 ? 0 : dy (= pwl's)
  *   silu   u / (1 + exp(-u))                                                     du = dy s (1 + u (1 - s)),
  *                                                                                     s = 1 / (1 + exp(-u))
- * max and min keep a NaN u (the x86 rule a > b ? a : b with u second); a NaN u gives a zero gradient (clamp), as
- * PyTorch's relu / hardtanh backward do. */
+ * max and min keep a NaN u (the x86 rule a > b ? a : b with u second). The gradients are PyTorch's: relu's passes dy
+ * where u is +Inf or NaN (threshold_backward: u <= 0 ? 0 : dy), leaky ReLU's is dy at +Inf and slope dy at -Inf and
+ * NaN (u > 0 ? dy : slope dy), ReLU6's and a clamp's Hardtanh's (dy where lo < u < hi, so 0 at NaN, as its vectorized
+ * backward gives); an unbounded side of a clamp has no kink (clamp(lo, None) is a shifted ReLU). */
 #define UK_ACT_NONE 0
 #define UK_ACT_PWL 1
 #define UK_ACT_RELU 2
@@ -73,8 +76,11 @@
 #define UK_SMAX(a, b) ((a) > (b) ? (a) : (b))
 #define UK_SMIN(a, b) ((a) < (b) ? (a) : (b))
 #define UK_SSELNEG(c, a, b) ((c) < 0 ? (a) : (b))
-/* ReLU's gradient: dy where 0 < u < +Inf, else +0 (u NaN, +Inf, <= 0); the vector forms are the ISAs' VGRELU */
-#define UK_SGRELU(u, dy) ((u) > 0 && (u) < INFINITY ? (dy) : 0)
+/* ReLU's gradient: +0 where u <= 0, else dy (u NaN and +Inf included, as PyTorch's relu backward); the vector forms
+ * are the ISAs' VGRELU. UK_SGKEEP (VGKEEP): g where !(u <= lo) (a NaN lo bounds nothing) and, unless hopen (no upper
+ * bound), u < hi (a NaN u is then +0, as PyTorch's vectorized hardtanh backward gives), else +0. */
+#define UK_SGRELU(u, dy) (!((u) <= 0) ? (dy) : 0)
+#define UK_SGKEEP(u, lo, hi, hopen, g) (!((u) <= (lo)) && ((hopen) || (u) < (hi)) ? (g) : 0)
 /* 2^n from k = UK_EXP_MAGIC + n (n in the exponent's normal range): n sits in k's low mantissa bits */
 static inline float uk_pow2k_float(float k) {
     uint32_t u;
@@ -126,7 +132,7 @@ static inline double uk_pow2k_double(double k) {
 
 /* The functions of one compute type T, vector (uk_v*_T, over V_T) and single-element (uk_s*_T) forms, from the
  * vocabulary: VT the vector type, FMA .. POW2K its operations. */
-#define UK_EPI_FNS(PFX, T, VT, FMA, MUL, ADD, SUB, DIV, MAX, MIN, SELNEG, GRELU, SET, POW2K)                        \
+#define UK_EPI_FNS(PFX, T, VT, FMA, MUL, ADD, SUB, DIV, MAX, MIN, SELNEG, GRELU, GKEEP, SET, POW2K)                 \
     static inline __attribute__((always_inline)) VT uk_##PFX##exp_##T(VT t) {                                 \
         t = MIN(SET(UK_EXP_CONST_##T(HI)), MAX(SET(UK_EXP_CONST_##T(LO)), t));                                   \
         const VT k = ADD(MUL(t, SET(UK_EXP_CONST_##T(L2E))), SET(UK_EXP_CONST_##T(MAGIC)));                      \
@@ -147,20 +153,20 @@ static inline double uk_pow2k_double(double k) {
     }                                                                                                            \
     static inline __attribute__((always_inline)) VT uk_##PFX##gpwl_##T(VT u, VT dy, T lo, T hi, T slope) {     \
         const VT g = SELNEG(SUB(SET((T)0), u), dy, MUL(dy, SET(slope)));                                         \
-        return SELNEG(SUB(SET(lo), u), SELNEG(SUB(u, SET(hi)), g, SET((T)0)), SET((T)0));                        \
+        return GKEEP(u, SET(isinf(lo) ? (T)NAN : lo), SET(hi), isinf(hi), g);                                     \
     }                                                                                                            \
     static inline __attribute__((always_inline)) VT uk_##PFX##gsilu_##T(VT u, VT dy) {                         \
         const VT s = DIV(SET((T)1), ADD(SET((T)1), uk_##PFX##exp_##T(SUB(SET((T)0), u))));                      \
         return MUL(dy, MUL(s, FMA(u, SUB(SET((T)1), s), SET((T)1))));                                            \
     }
 UK_EPI_FNS(v, float, V_float, VFMA_float, VMUL_float, VADD_float, VSUB_float, VDIV_float, VMAX_float, VMIN_float,
-           VSELNEG_float, VGRELU_float, VSET1_float, VPOW2K_float)
+           VSELNEG_float, VGRELU_float, VGKEEP_float, VSET1_float, VPOW2K_float)
 UK_EPI_FNS(v, double, V_double, VFMA_double, VMUL_double, VADD_double, VSUB_double, VDIV_double, VMAX_double,
-           VMIN_double, VSELNEG_double, VGRELU_double, VSET1_double, VPOW2K_double)
+           VMIN_double, VSELNEG_double, VGRELU_double, VGKEEP_double, VSET1_double, VPOW2K_double)
 UK_EPI_FNS(s, float, float, SFMA_float, UK_SMUL, UK_SADD, UK_SSUB, UK_SDIV, UK_SMAX, UK_SMIN, UK_SSELNEG, UK_SGRELU,
-           UK_SSET1, uk_pow2k_float)
+           UK_SGKEEP, UK_SSET1, uk_pow2k_float)
 UK_EPI_FNS(s, double, double, SFMA_double, UK_SMUL, UK_SADD, UK_SSUB, UK_SDIV, UK_SMAX, UK_SMIN, UK_SSELNEG,
-           UK_SGRELU, UK_SSET1, uk_pow2k_double)
+           UK_SGRELU, UK_SGKEEP, UK_SSET1, uk_pow2k_double)
 #undef UK_EPI_FNS
 
 /* An instantiation's operands (ek) */

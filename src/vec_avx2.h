@@ -74,17 +74,21 @@ static inline void hsum4_add_pd(double* p, __m256d a, __m256d b, __m256d c, __m2
 
 /* The fused epilogues' vocabulary (epilogue.h), per compute type: VADD, VDIV; VMAX(a, b) = a > b ? a : b and
  * VMIN(a, b) = a < b ? a : b lane by lane (so a NaN in b passes: the x86 max/min rule, which the single-element forms
- * in epilogue.h copy); VSELNEG(c, a, b) = c < 0 ? a : b; VGRELU(u, dy) = 0 < u < +Inf ? dy : +0 (epilogue.h,
- * UK_SGRELU: two compares and two ands); VPOW2K(k) = 2^n for k = UK_EXP_MAGIC + n, n an integer in the
+ * in epilogue.h copy); VSELNEG(c, a, b) = c < 0 ? a : b; VGRELU(u, dy) = !(u <= 0) ? dy : +0 (epilogue.h,
+ * UK_SGRELU: a compare and an and); VGKEEP(u, lo, hi, hopen, g) = !(u <= lo) && (hopen || u < hi) ? g : +0
+ * (UK_SGKEEP); VPOW2K(k) = 2^n for k = UK_EXP_MAGIC + n, n an integer in the
  * exponent's normal range (the integer sits in k's low mantissa bits: add the bias, shift it into the exponent). */
 #define VADD_float(a, b) _mm256_add_ps((a), (b))
 #define VDIV_float(a, b) _mm256_div_ps((a), (b))
 #define VMAX_float(a, b) _mm256_max_ps((a), (b))
 #define VMIN_float(a, b) _mm256_min_ps((a), (b))
 #define VSELNEG_float(c, a, b) _mm256_blendv_ps((b), (a), _mm256_cmp_ps((c), _mm256_setzero_ps(), _CMP_LT_OQ))
-#define VGRELU_float(u, dy)                                                                                     \
-    _mm256_and_ps(_mm256_and_ps(_mm256_cmp_ps((u), _mm256_setzero_ps(), _CMP_GT_OQ),                          \
-                                _mm256_cmp_ps((u), _mm256_set1_ps(INFINITY), _CMP_LT_OQ)), (dy))
+#define VGRELU_float(u, dy) _mm256_and_ps(_mm256_cmp_ps((u), _mm256_setzero_ps(), _CMP_NLE_UQ), (dy))
+#define VGKEEP_float(u, lo, hi, hopen, g)                                                                       \
+    _mm256_and_ps(_mm256_and_ps(_mm256_cmp_ps((u), (lo), _CMP_NLE_UQ),                                         \
+                                _mm256_or_ps(_mm256_cmp_ps((u), (hi), _CMP_LT_OQ),                             \
+                                             _mm256_castsi256_ps(_mm256_set1_epi32((hopen) ? -1 : 0)))),        \
+                  (g))
 #define VPOW2K_float(k) \
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(k), _mm256_set1_epi32(127)), 23))
 #define VADD_double(a, b) _mm256_add_pd((a), (b))
@@ -92,9 +96,12 @@ static inline void hsum4_add_pd(double* p, __m256d a, __m256d b, __m256d c, __m2
 #define VMAX_double(a, b) _mm256_max_pd((a), (b))
 #define VMIN_double(a, b) _mm256_min_pd((a), (b))
 #define VSELNEG_double(c, a, b) _mm256_blendv_pd((b), (a), _mm256_cmp_pd((c), _mm256_setzero_pd(), _CMP_LT_OQ))
-#define VGRELU_double(u, dy)                                                                                    \
-    _mm256_and_pd(_mm256_and_pd(_mm256_cmp_pd((u), _mm256_setzero_pd(), _CMP_GT_OQ),                          \
-                                _mm256_cmp_pd((u), _mm256_set1_pd(INFINITY), _CMP_LT_OQ)), (dy))
+#define VGRELU_double(u, dy) _mm256_and_pd(_mm256_cmp_pd((u), _mm256_setzero_pd(), _CMP_NLE_UQ), (dy))
+#define VGKEEP_double(u, lo, hi, hopen, g)                                                                      \
+    _mm256_and_pd(_mm256_and_pd(_mm256_cmp_pd((u), (lo), _CMP_NLE_UQ),                                         \
+                                _mm256_or_pd(_mm256_cmp_pd((u), (hi), _CMP_LT_OQ),                             \
+                                             _mm256_castsi256_pd(_mm256_set1_epi64x((hopen) ? -1 : 0)))),       \
+                  (g))
 #define VPOW2K_double(k) \
     _mm256_castsi256_pd(_mm256_slli_epi64(_mm256_add_epi64(_mm256_castpd_si256(k), _mm256_set1_epi64x(1023)), 52))
 

@@ -77,20 +77,33 @@ static inline __attribute__((always_inline)) __m512d uk_selneg_pd(__m512d c, __m
     return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(c, _mm512_setzero_pd(), _CMP_LT_OQ), b, a);
 }
 #define VSELNEG_float(c, a, b) uk_selneg_ps((c), (a), (b))
-/* VGRELU(u, dy) = 0 < u < +Inf ? dy : +0 (epilogue.h, UK_SGRELU): a compare, a compare under its mask and a zeroing
- * move (the nested VSELNEG form took two subtractions, two compares and two blends); dy through a register first, as
- * in uk_selneg_ps, so that it is not folded into a masked load */
+/* VGRELU(u, dy) = !(u <= 0) ? dy : +0 (epilogue.h, UK_SGRELU): a compare (unordered: a NaN u passes dy, as PyTorch's
+ * relu backward) and a zeroing move; VGKEEP(u, lo, hi, hopen, g) = !(u <= lo) && (hopen || u < hi) ? g : +0
+ * (UK_SGKEEP), a compare and a second under its mask. dy and g through a register first, as in uk_selneg_ps, so that
+ * neither is folded into a masked load */
 static inline __attribute__((always_inline)) __m512 uk_grelu_ps(__m512 u, __m512 dy) {
     __asm__("" : "+v"(dy));
-    const __mmask16 k = _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_GT_OQ);
-    return _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(k, u, _mm512_set1_ps(INFINITY), _CMP_LT_OQ), dy);
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_NLE_UQ), dy);
 }
 static inline __attribute__((always_inline)) __m512d uk_grelu_pd(__m512d u, __m512d dy) {
     __asm__("" : "+v"(dy));
-    const __mmask8 k = _mm512_cmp_pd_mask(u, _mm512_setzero_pd(), _CMP_GT_OQ);
-    return _mm512_maskz_mov_pd(_mm512_mask_cmp_pd_mask(k, u, _mm512_set1_pd(INFINITY), _CMP_LT_OQ), dy);
+    return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(u, _mm512_setzero_pd(), _CMP_NLE_UQ), dy);
+}
+static inline __attribute__((always_inline)) __m512 uk_gkeep_ps(__m512 u, __m512 lo, __m512 hi, int hopen, __m512 g) {
+    __asm__("" : "+v"(g));
+    const __mmask16 k = _mm512_cmp_ps_mask(u, lo, _CMP_NLE_UQ);
+    const __mmask16 open = (__mmask16)(hopen ? 0xFFFF : 0);
+    return _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(k, u, hi, _CMP_LT_OQ) | (k & open), g);
+}
+static inline __attribute__((always_inline)) __m512d uk_gkeep_pd(__m512d u, __m512d lo, __m512d hi, int hopen,
+                                                                 __m512d g) {
+    __asm__("" : "+v"(g));
+    const __mmask8 k = _mm512_cmp_pd_mask(u, lo, _CMP_NLE_UQ);
+    const __mmask8 open = (__mmask8)(hopen ? 0xFF : 0);
+    return _mm512_maskz_mov_pd(_mm512_mask_cmp_pd_mask(k, u, hi, _CMP_LT_OQ) | (k & open), g);
 }
 #define VGRELU_float(u, dy) uk_grelu_ps((u), (dy))
+#define VGKEEP_float(u, lo, hi, hopen, g) uk_gkeep_ps((u), (lo), (hi), (hopen), (g))
 #define VPOW2K_float(k) \
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(k), _mm512_set1_epi32(127)), 23))
 #define VADD_double(a, b) _mm512_add_pd((a), (b))
@@ -99,6 +112,7 @@ static inline __attribute__((always_inline)) __m512d uk_grelu_pd(__m512d u, __m5
 #define VMIN_double(a, b) _mm512_min_pd((a), (b))
 #define VSELNEG_double(c, a, b) uk_selneg_pd((c), (a), (b))
 #define VGRELU_double(u, dy) uk_grelu_pd((u), (dy))
+#define VGKEEP_double(u, lo, hi, hopen, g) uk_gkeep_pd((u), (lo), (hi), (hopen), (g))
 #define VPOW2K_double(k) \
     _mm512_castsi512_pd(_mm512_slli_epi64(_mm512_add_epi64(_mm512_castpd_si512(k), _mm512_set1_epi64(1023)), 52))
 

@@ -58,6 +58,7 @@
 #define VMIN_float(a, b) UK_SMIN(a, b)
 #define VSELNEG_float(c, a, b) UK_SSELNEG(c, a, b)
 #define VGRELU_float(u, dy) UK_SGRELU(u, dy)
+#define VGKEEP_float(u, lo, hi, hopen, g) UK_SGKEEP(u, lo, hi, hopen, g)
 #define VPOW2K_float(k) uk_pow2k_float(k)
 #define VADD_double(a, b) ((a) + (b))
 #define VDIV_double(a, b) ((a) / (b))
@@ -65,6 +66,7 @@
 #define VMIN_double(a, b) UK_SMIN(a, b)
 #define VSELNEG_double(c, a, b) UK_SSELNEG(c, a, b)
 #define VGRELU_double(u, dy) UK_SGRELU(u, dy)
+#define VGKEEP_double(u, lo, hi, hopen, g) UK_SGKEEP(u, lo, hi, hopen, g)
 #define VPOW2K_double(k) uk_pow2k_double(k)
 
 #endif /* BN_VEC_SCALAR_H */

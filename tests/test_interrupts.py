@@ -140,3 +140,34 @@ def test_torch_module_counts_the_batch_whose_statistics_moved(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         m(x)
     assert not torch.equal(m.running_mean, rm) and int(m.num_batches_tracked) == 2
+
+
+def test_sync_batch_norm_counts_before_its_update_and_drops_its_state_before_the_exchange(monkeypatch):
+    x = RNG.standard_normal((4, 3, 5, 5)).astype(np.float32)
+    ran = interrupt_after(monkeypatch, sync.F, "update_running_stats")
+
+    def rank(r, comm):
+        layer = bn_simd.SyncBatchNorm(3, comm=comm, momentum=None)
+        rm = layer.running_mean.copy()
+        with pytest.raises(KeyboardInterrupt):
+            layer(x[2 * r:2 * r + 2])
+        return np.array_equal(layer.running_mean, rm), layer.num_batches_tracked, layer._saved
+
+    assert run_ok(2, rank) == [(False, 1, None)] * 2  # (statistics and count moved together)
+    assert ran == ["update_running_stats"] * 2
+    monkeypatch.undo()
+
+    def exchange_interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def rank2(r, comm):
+        layer = bn_simd.SyncBatchNorm(3, comm=comm)
+        layer(x[2 * r:2 * r + 2])
+        monkeypatch.setattr(sync, "_exchange_stats", exchange_interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            layer(x[2 * r:2 * r + 2] + 1)
+        with pytest.raises(RuntimeError, match="forward"):
+            layer.backward(np.ones((2, 3, 5, 5), np.float32))
+        return layer.num_batches_tracked
+
+    assert run_ok(2, rank2) == [1, 1]

@@ -66,6 +66,33 @@ def test_non_finite_value_poisons_only_its_channel(layout, shape, bad, isa):
     assert np.isnan(rv[2]) and np.isfinite(rv[[0, 1, 3]]).all() and np.isfinite(rm[[0, 1, 3]]).all()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("where", ["channel start", "chunk start", "inside"])
+def test_infinities_of_one_sign_give_an_infinite_mean_wherever_they_are(dtype, layout, where, isa):
+    """An infinity where a reduction chunk starts (a channel's first value; each sample's row of a 32x32 map) was the
+    chunk's shift: x - shift gave Inf - Inf = NaN, a NaN mean where PyTorch's is +Inf. The mean is +-Inf (the sign of
+    the infinities), the variance NaN, wherever the infinity is; the other channels are untouched."""
+    dt = np.dtype(pytest.importorskip("ml_dtypes").bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    x64 = np.random.default_rng(11).standard_normal((6, 3, 32, 32))
+    n, p = {"channel start": (0, 0), "chunk start": (4, 0), "inside": (4, 517)}[where]
+    for sign in (1.0, -1.0):
+        x = x64.copy()
+        x[n, 1].flat[p] = sign * np.inf
+        x[n, 1].flat[p + 3] = sign * np.inf
+        xa = (x if layout == "NCHW" else x.transpose(0, 2, 3, 1)).astype(dt)
+        rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+        mean, var = bn_simd.batch_stats(xa, layout=layout)
+        assert mean[1] == sign * np.inf and np.isnan(var[1])
+        bn_simd.batch_norm(xa, rm, rv, training=True, layout=layout)
+        assert rm[1] == sign * np.float32(0.1 * np.inf) and np.isfinite(rm[[0, 2]]).all()
+        _, imean, _ = bn_simd.instance_norm_forward(xa, layout=layout)
+        assert imean[n, 1] == sign * np.inf
+        assert np.isfinite(np.delete(imean.reshape(6, 3), 3 * n + 1)).all()
+        _, gmean, _ = bn_simd.group_norm_forward(xa, 3, layout=layout)
+        assert gmean.reshape(6, 3)[n, 1] == sign * np.inf
+
+
 @pytest.mark.parametrize("layout,shape", LAYOUTS)
 def test_huge_values_do_not_overflow_the_variance(layout, shape, isa):
     # values near 1e38: their squares overflow float32, not the float64 accumulators

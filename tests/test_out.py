@@ -226,6 +226,21 @@ def test_running_statistics_sharing_memory_with_each_other_are_refused(call, ove
                                   bn_simd.batch_norm(x, rm.copy(), rv.copy(), training=False, layout=lay))
 
 
+def test_statistics_interleaved_in_one_buffer_share_no_byte_and_are_taken():
+    """Columns of one (C, 2) buffer: their spans overlap, their bytes do not; a training call updates both rightly."""
+    x = make_input((4, 3, 5, 5), "NCHW", np.float32, seed=103)
+    buf = np.empty((3, 2), np.float32)
+    buf[:, 0], buf[:, 1] = 0.0, 1.0
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    y = bn_simd.batch_norm(x, rm, rv, training=True)
+    np.testing.assert_array_equal(bn_simd.batch_norm(x, buf[:, 0], buf[:, 1], training=True), y)
+    np.testing.assert_array_equal(buf[:, 0], rm)
+    np.testing.assert_array_equal(buf[:, 1], rv)
+    bn_simd.update_running_stats(buf[:, 0], buf[:, 1], np.ones(3), np.ones(3), 10, 0.5)
+    bn_simd.update_running_stats(rm, rv, np.ones(3), np.ones(3), 10, 0.5)
+    np.testing.assert_array_equal(buf, np.stack([rm, rv], axis=1))
+
+
 def test_renorm_and_layers_refuse_statistics_over_each_other():
     x = make_input((4, 3, 5, 5), "NCHW", np.float32, seed=102)
     rs = [np.zeros(3, np.float32) for _ in range(5)]

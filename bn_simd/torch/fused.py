@@ -18,10 +18,12 @@ residual, rounded once to the output's dtype; PyTorch's unfused composition roun
 (and again after the add), so float32 results agree within the activation's rounding of those. Gradients: the
 backward recomputes u = normalised x + residual from x with the forward's coefficients (nothing else is saved), and
 at the kinks takes the derivatives of the modules above (0 for relu / relu6 / clamp at lo and hi, as Hardtanh's,
-where torch.clamp's is 1; the slope for leaky_relu at 0), on the kernels' path and on PyTorch's alike.
+where torch.clamp's is 1; the slope for leaky_relu at 0), and theirs at +-Inf and NaN (relu's 1 at +Inf and NaN),
+on the kernels' path and on PyTorch's alike.
 """
 import copy
 import functools
+import math
 import operator
 
 import torch
@@ -106,9 +108,18 @@ def _torch_activation(y, activation):
         return TF.silu(y)
     if code == _epilogue.ACT_LEAKY:
         return TF.leaky_relu(y, slope)
-    # (hardtanh, not torch.clamp: the kernels' derivative at the kinks, 0 at lo and hi, as torch.relu's, relu6's and
-    # Hardtanh's; torch.clamp's passes the gradient at its bounds)
-    return TF.hardtanh(y, lo, hi)
+    if lo == 0.0 and hi == math.inf:
+        return TF.relu(y)
+    # (hardtanh, not torch.clamp: the kernels' derivative at the kinks, 0 at lo and hi, as relu6's and Hardtanh's;
+    # torch.clamp's passes the gradient at its bounds. An unbounded side has no kink: the gradient passes at +-Inf;
+    # clamp(lo, None) is a shifted relu, passing it at NaN too; an upper bound stops it at NaN, as Hardtanh's)
+    if math.isfinite(lo) and math.isfinite(hi):
+        return TF.hardtanh(y, lo, hi)
+    if math.isfinite(lo):
+        y = torch.where(y <= lo, lo, y)
+    if math.isfinite(hi):
+        y = torch.where(y < hi, y, torch.where(y >= hi, hi, y).detach())
+    return y
 
 
 def _tensor_of(a, layout):
