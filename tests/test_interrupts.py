@@ -112,19 +112,23 @@ def test_keras_layer_keeps_no_earlier_state_for_backward(monkeypatch):
         layer.backward(np.ones_like(x))
 
 
-def test_sync_batch_norm_interrupted_in_its_normalise_moves_nothing(monkeypatch):
-    # (its normalise and update are two calls: an interrupt during the normalise is raised before the update)
-    x = RNG.standard_normal((4, 3, 5, 5)).astype(np.float32)
-    ran = interrupt_after(monkeypatch, sync.F, "normalize")
-
+def _sync_interrupted(x):
+    """Two ranks' SyncBatchNorm (momentum=None) each interrupted in a training call on its half of x: per rank,
+    (running_mean unmoved, num_batches_tracked, _saved)."""
     def rank(r, comm):
         layer = bn_simd.SyncBatchNorm(3, comm=comm, momentum=None)
         rm = layer.running_mean.copy()
         with pytest.raises(KeyboardInterrupt):
             layer(x[2 * r:2 * r + 2])
         return np.array_equal(layer.running_mean, rm), layer.num_batches_tracked, layer._saved
+    return run_ok(2, rank)
 
-    assert run_ok(2, rank) == [(True, 0, None)] * 2
+
+def test_sync_batch_norm_interrupted_in_its_normalise_moves_nothing(monkeypatch):
+    # (its normalise and update are two calls: an interrupt during the normalise is raised before the update)
+    x = RNG.standard_normal((4, 3, 5, 5)).astype(np.float32)
+    ran = interrupt_after(monkeypatch, sync.F, "normalize")
+    assert _sync_interrupted(x) == [(True, 0, None)] * 2
     assert ran == ["normalize"] * 2
 
 
@@ -145,15 +149,7 @@ def test_torch_module_counts_the_batch_whose_statistics_moved(monkeypatch):
 def test_sync_batch_norm_counts_before_its_update_and_drops_its_state_before_the_exchange(monkeypatch):
     x = RNG.standard_normal((4, 3, 5, 5)).astype(np.float32)
     ran = interrupt_after(monkeypatch, sync.F, "update_running_stats")
-
-    def rank(r, comm):
-        layer = bn_simd.SyncBatchNorm(3, comm=comm, momentum=None)
-        rm = layer.running_mean.copy()
-        with pytest.raises(KeyboardInterrupt):
-            layer(x[2 * r:2 * r + 2])
-        return np.array_equal(layer.running_mean, rm), layer.num_batches_tracked, layer._saved
-
-    assert run_ok(2, rank) == [(False, 1, None)] * 2  # (statistics and count moved together)
+    assert _sync_interrupted(x) == [(False, 1, None)] * 2  # (statistics and count moved together)
     assert ran == ["update_running_stats"] * 2
     monkeypatch.undo()
 
