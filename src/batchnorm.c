@@ -1,4 +1,5 @@
 /* Batch-norm drivers for float32, float64, float16 and bfloat16: see batchnorm.inc and include/bn_simd.h. */
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -333,6 +334,17 @@ static inline double chunk_offset(double mu0_k, double mu0_0, double r_k) { retu
 /* A chunk's shift from one of its values v: v, or 0 when v is infinite (x - v would be Inf - Inf = NaN at v itself, and
  * the mean NaN where the infinities of a channel all have one sign and PyTorch's is +-Inf; by 0, the sums give it). */
 static inline double bn_shift_value(double v) { return isinf(v) ? 0.0 : v; }
+
+/* A float64 chunk's shift from its first pass's mean mu of n values and its first value v: v when |mu - v| is within
+ * the first pass's own rounding bound, n eps |mu|, else mu (an infinite mu: bn_shift_value(v)). A constant channel's
+ * first-pass mean is off its value by that rounding (280 ulp for 4681 values of 3.3), and then s1 and s2 of n equal
+ * deviations round apart: M2 came out ~1e-16 of n (v - mu)^2 (a variance of 4e-43) instead of 0, and the chunks'
+ * residual means -1e-13. Shifted by v, they are 0. v is then as good a shift as mu: the error of M2 relative to M2 is
+ * about eps (1 + (mean - shift)^2 / var) either way (see cf_chunk_stats). */
+static inline double bn_f64_shift(double mu, double v, double n) {
+    if (isinf(mu)) return bn_shift_value(v);
+    return fabs(mu - v) <= n * DBL_EPSILON * fabs(mu) ? v : mu;
+}
 
 /* Mean and biased variance of block b's channels from its K chunk results (shift mk[k * cb + j], residual
  * rk[...], M2 m2k[...]). */
