@@ -88,7 +88,7 @@ def group_norm_backward(grad_out, x, mean, invstd, num_groups, weight=None, *, l
 
     mean, invstd: (N, num_groups), as :func:`group_norm_forward` returns them. Returns (grad_x, grad_weight,
     grad_bias); the per-channel gradients have weight's dtype (x's when weight is None). ``out`` receives grad_x
-    and may be grad_out or x itself.
+    and may be grad_out or x itself (with an activation, not the residual's memory: as :func:`batch_norm_backward`).
 
     Through a fused epilogue z = act(group_norm(x) + residual) (grad_out is dL/dz; keyword-only arguments): pass the
     forward's ``activation`` and ``residual`` (the array itself), and, with an activation, its ``save_stats``

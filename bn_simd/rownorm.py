@@ -101,7 +101,8 @@ def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, 
     grad_out : x's shape and dtype. mean, rstd : as :func:`layer_norm_forward` returns them (any float dtype; also
     accepted shaped as the leading dims alone). weight, bias : as the forward's; they say which parameter gradients
     are wanted. Returns (grad_x, grad_weight, grad_bias): grad_weight (grad_bias) is None when weight (bias) is None,
-    else shaped and typed as it. ``out`` receives grad_x and may be grad_out or x itself.
+    else shaped and typed as it. ``out`` receives grad_x and may be grad_out or x itself (with an activation, not the
+    residual's memory: as :func:`bn_simd.batch_norm_backward`).
 
     Through a fused epilogue z = act(layer_norm(x) + residual) (grad_out is dL/dz; keyword-only): pass the forward's
     ``activation`` and ``residual`` (the array itself) and, with an activation, its ``save_stats``
