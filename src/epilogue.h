@@ -57,7 +57,7 @@
  * or a scalar tail computed it (nor, then, on the thread count); SFMA fuses where VFMA does (kernels.def's fma flag). Their gradients for the
  * backward (act_grad.inc): du = dy act'(u).
  *   pwl    min(max(t, lo), hi), t = u < 0 ? slope u : u    du = u <= lo or !(u < hi) ? 0 : (u > 0 ? dy : slope dy),
- *                                                          an infinite bound no bound
+ *                                                          lo = -inf and hi = +inf no bounds
  * (each step exact where it changes nothing: u 1 = u, max(-inf, t) = t, min(inf, t) = t, so ReLU, clamp and leaky ReLU
  * get the bits of their own formulas)
  *   relu   max(0, u) (= pwl's with lo 0, hi inf, slope 1, bit for bit)   du = u <= 0 ? 0 : dy (= pwl's)
@@ -153,7 +153,7 @@ static inline double uk_pow2k_double(double k) {
     }                                                                                                            \
     static inline __attribute__((always_inline)) VT uk_##PFX##gpwl_##T(VT u, VT dy, T lo, T hi, T slope) {     \
         const VT g = SELNEG(SUB(SET((T)0), u), dy, MUL(dy, SET(slope)));                                         \
-        return GKEEP(u, SET(isinf(lo) ? (T)NAN : lo), SET(hi), isinf(hi), g);                                     \
+        return GKEEP(u, SET(lo == -(T)INFINITY ? (T)NAN : lo), SET(hi), hi == (T)INFINITY, g);                  \
     }                                                                                                            \
     static inline __attribute__((always_inline)) VT uk_##PFX##gsilu_##T(VT u, VT dy) {                         \
         const VT s = DIV(SET((T)1), ADD(SET((T)1), uk_##PFX##exp_##T(SUB(SET((T)0), u))));                      \

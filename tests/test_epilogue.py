@@ -47,7 +47,7 @@ def grad_np(act, u):
         return np.where(u > 0, 1.0, act[1])
     lo = -np.inf if act[1] is None else act[1]
     hi = np.inf if act[2] is None else act[2]
-    return (~(np.isfinite(lo) & (u <= lo)) & (np.isinf(hi) | (u < hi))).astype(np.float64)
+    return (~((lo != -np.inf) & (u <= lo)) & ((hi == np.inf) | (u < hi))).astype(np.float64)
 
 
 def make(shape, dtype, seed=0, C=None):
@@ -301,7 +301,9 @@ def test_gradients_at_infinite_and_nan_u_are_pytorchs(op):
                  ("leaky_relu", 0.2): lambda t: torch.nn.functional.leaky_relu(t, 0.2),
                  ("clamp", -0.5, 0.75): lambda t: torch.nn.functional.hardtanh(t, -0.5, 0.75),
                  ("clamp", None, 0.75): lambda t: torch.where(t < 0.75, t, 0.75),
-                 ("clamp", -0.5, None): lambda t: torch.where(t <= -0.5, -0.5, t)}
+                 ("clamp", -0.5, None): lambda t: torch.where(t <= -0.5, -0.5, t),
+                 ("clamp", np.inf, np.inf): lambda t: torch.nn.functional.hardtanh(t, np.inf, np.inf),
+                 ("clamp", -np.inf, -np.inf): lambda t: torch.nn.functional.hardtanh(t, -np.inf, -np.inf)}
     for act, f in torch_act.items():
         xt, rt = torch.tensor(x, requires_grad=True), torch.tensor(r, requires_grad=True)
         if op == "batch":
@@ -321,8 +323,12 @@ def test_gradients_at_infinite_and_nan_u_are_pytorchs(op):
             gx, _, _, gr = bn_simd.layer_norm_backward(g, x, m, s, 6, lw, lb, activation=act, residual=r,
                                                        save_stats=st)
         f(yt + rt).backward(torch.tensor(g))
-        np.testing.assert_array_equal(gr, rt.grad.numpy(), err_msg=str(act))  # du, selected: exactly
-        np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-12, atol=1e-12, err_msg=str(act))
+        # (a clamp to [+inf, +inf] is the constant +inf; at a NaN u its gradient is the open upper side's, dz, where
+        # Hardtanh's vectorized backward gives 0: that one element is left out)
+        keep = ~np.isnan(r) if act == ("clamp", np.inf, np.inf) else np.ones(r.shape, bool)
+        np.testing.assert_array_equal(gr[keep], rt.grad.numpy()[keep], err_msg=str(act))  # du, selected: exactly
+        if keep.all():
+            np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-12, atol=1e-12, err_msg=str(act))
 
 
 def test_in_place_output_over_x():

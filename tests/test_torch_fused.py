@@ -355,3 +355,28 @@ def test_a_norm_registered_twice_is_not_fused_in_place():
     fused = bt.convert(model, fuse_activations=True)
     assert type(bn) is bt.BatchNorm2d and type(fused.body[1]) is nn.ReLU
     torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6", ("leaky_relu", 0.2), ("clamp", None, 0.0),
+                                        ("clamp", None, -0.0), ("clamp", -0.5, None), ("clamp", -0.5, 0.75),
+                                        ("clamp", float("inf"), float("inf")), ("clamp", -float("inf"), -float("inf"))])
+def test_pytorchs_composition_gives_the_kernels_values_and_gradients_at_the_edges(activation):
+    """The calls the kernels do not cover take PyTorch's composition of the activation (fused._torch_activation): its
+    values (signed zeros and NaN kept as the kernels keep them) and gradients (at +-Inf, NaN, the bounds, infinite
+    bounds) are the kernels'. Kernels: float64 eval with the identity's coefficients (bias -0, so u is x exactly)."""
+    import numpy as np
+
+    import bn_simd
+    from bn_simd.torch import fused
+    u = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, -0.5, 0.75, 6.0, 0.3, -2.0])
+    x = u.reshape(1, 10, 1)
+    rm, rv, w, b = np.zeros(10), np.ones(10), np.ones(10), np.full(10, -0.0)
+    yk = bn_simd.batch_norm(x, rm, rv, w, b, eps=1e-300, activation=activation).reshape(-1)
+    gk = bn_simd.batch_norm_backward(np.ones_like(x), x, None, None, w, training=False, eps=1e-300,
+                                     activation=activation, bias=b, save_stats=(rm, rv))[0].reshape(-1)
+    xf = torch.tensor(u, requires_grad=True)
+    yf = fused._torch_activation(xf, activation)
+    yf.backward(torch.ones_like(yf))
+    np.testing.assert_array_equal(np.signbit(yk), np.signbit(yf.detach().numpy()), err_msg=str(activation))
+    np.testing.assert_array_equal(yk, yf.detach().numpy(), err_msg=str(activation))
+    np.testing.assert_array_equal(gk, xf.grad.numpy(), err_msg=str(activation))

@@ -111,15 +111,18 @@ def _torch_activation(y, activation):
     if lo == 0.0 and hi == math.inf:
         return TF.relu(y)
     # (hardtanh, not torch.clamp: the kernels' derivative at the kinks, 0 at lo and hi, as relu6's and Hardtanh's;
-    # torch.clamp's passes the gradient at its bounds. An unbounded side has no kink: the gradient passes at +-Inf;
-    # clamp(lo, None) is a shifted relu, passing it at NaN too; an upper bound stops it at NaN, as Hardtanh's)
+    # torch.clamp's passes the gradient at its bounds)
     if math.isfinite(lo) and math.isfinite(hi):
         return TF.hardtanh(y, lo, hi)
-    if math.isfinite(lo):
-        y = torch.where(y <= lo, lo, y)
-    if math.isfinite(hi):
-        y = torch.where(y < hi, y, torch.where(y >= hi, hi, y).detach())
-    return y
+    # Else the kernels' own rule: the value min(hi, max(lo, y)) as they order it (a NaN or a signed zero kept), the
+    # gradient passed where !(y <= lo) and y < hi, lo = -inf and hi = +inf no bounds (a NaN y passes with no upper
+    # bound, as relu's: clamp(lo, None) is a shifted relu)
+    z = torch.where(y < lo, lo, y)
+    z = torch.where(z > hi, hi, z)
+    keep = torch.ones_like(y, dtype=torch.bool) if lo == -math.inf else ~(y <= lo)
+    if hi != math.inf:
+        keep = keep & (y < hi)
+    return torch.where(keep, y, z.detach())
 
 
 def _tensor_of(a, layout):
