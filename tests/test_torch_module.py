@@ -799,3 +799,26 @@ def test_pytorchs_fallback_refuses_an_out_over_a_running_statistic():
     buf = torch.zeros(x6.numel())
     with torch.no_grad():
         BF.batch_norm(x6, buf[:3], torch.ones(3), None, None, False, 0.1, 1e-5, out=buf.view(x6.shape))
+
+
+@pytest.mark.parametrize("momentum, eps", [(1.5, 1e-5), (-0.25, 1e-5), (torch.tensor(0.3), 1e-5), (float("nan"), 1e-5),
+                                           (0.1, float("inf")), (0.1, float("nan")), (0.1, True)])
+@pytest.mark.parametrize("kind", ["BatchNorm2d", "InstanceNorm2d", "fused"])
+def test_arguments_the_kernels_do_not_take_go_to_pytorch_as_pytorch_takes_them(kind, momentum, eps):
+    """A momentum outside [0, 1] (PyTorch extrapolates), NaN, a tensor momentum, an eps of inf, NaN or a bool:
+    PyTorch's modules train with them, so a converted one does too (on PyTorch's own function), with its results."""
+    torch.manual_seed(3)
+    if kind == "InstanceNorm2d":
+        ref = torch.nn.InstanceNorm2d(4, momentum=momentum, eps=eps, affine=True, track_running_stats=True)
+    else:
+        ref = torch.nn.BatchNorm2d(4, momentum=momentum, eps=eps)
+    model = torch.nn.Sequential(copy.deepcopy(ref), torch.nn.ReLU()) if kind == "fused" else copy.deepcopy(ref)
+    model = bt.convert(model, fuse_activations=kind == "fused")
+    want = torch.nn.Sequential(ref, torch.nn.ReLU()) if kind == "fused" else ref
+    for _ in range(2):
+        x = torch.randn(6, 4, 5, 5)
+        got_y, want_y = model(x), want(x)
+        torch.testing.assert_close(got_y, want_y, equal_nan=True)
+    got_m = next(m for m in model.modules() if isinstance(m, type(ref)))  # (fused: the BatchNormAct2d)
+    torch.testing.assert_close(got_m.running_mean, ref.running_mean, equal_nan=True)
+    torch.testing.assert_close(got_m.running_var, ref.running_var, equal_nan=True)

@@ -17,6 +17,7 @@ tensors have the input's dtype, or float32 for 16-bit input (PyTorch's mixed rul
 running statistics written back rounded once to their dtype.
 """
 import functools
+import math
 import numbers
 
 import numpy as np
@@ -108,7 +109,7 @@ _functorch_active = torch._C._are_functorch_transforms_active
 def input_supported(x, ranks, eps):
     """True when the kernels can run a call on input x (any per-channel tensors aside): float32, float64, float16 or
     bfloat16 on the CPU. False sends it to PyTorch's own implementation: other devices and dtypes, ranks the kernels do
-    not cover, eps <= 0 or given as a tensor, tensor subclasses with ``__torch_function__``, and calls made while
+    not cover, an eps the kernels do not take (eps_supported), tensor subclasses with ``__torch_function__``, and calls made while
     tracing or compiling a graph (which must record PyTorch's operator), inside a forward-mode AD level (the Functions
     here have no forward derivative) or a torch.func transform (grad, vjp, vmap). Raises TypeError when x is not a
     tensor."""
@@ -123,10 +124,28 @@ def input_supported(x, ranks, eps):
         return False
     if x.is_neg():  # a negative-bit view (the imaginary part of a conjugate): its memory holds -x
         return False
-    if isinstance(eps, torch.Tensor):  # (a one-element tensor: PyTorch's functions take it)
+    return eps_supported(eps)
+
+
+def eps_supported(eps):
+    """eps as the kernels take it: a real number, 0 < eps < inf. PyTorch's functions also take 0 (in eval), NaN, inf, a
+    bool or a one-element tensor: such calls go to them, so that a converted model runs wherever PyTorch's does (a
+    value that is no number at all still reaches the kernels' checks, which name it)."""
+    if type(eps) is float:
+        return 0.0 < eps < math.inf
+    if isinstance(eps, torch.Tensor) or isinstance(eps, bool):
         return False
-    # (PyTorch's eval accepts eps = 0; the kernels need eps > 0)
-    return not (eps <= 0.0 if type(eps) is float else isinstance(eps, numbers.Real) and not eps > 0)
+    return not isinstance(eps, numbers.Real) or 0 < eps < math.inf
+
+
+def momentum_supported(momentum):
+    """momentum as the kernels take it, where a call updates running statistics: a real number in [0, 1]. PyTorch's
+    functions also take one outside it (an extrapolating update), NaN, a bool or a tensor: such calls go to them."""
+    if type(momentum) is float:
+        return 0.0 <= momentum <= 1.0
+    if isinstance(momentum, torch.Tensor) or isinstance(momentum, bool):
+        return False
+    return not isinstance(momentum, numbers.Real) or 0 <= momentum <= 1
 
 
 def param_dtype_ok(x, t):

@@ -81,7 +81,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         return _fused.batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                      activation, residual, out, views)
     tensors = (running_mean, running_var, weight, bias)
-    if B.input_supported(input, _RANKS_2_TO_5, eps):
+    if B.input_supported(input, _RANKS_2_TO_5, eps) and (
+            not (training and running_mean is not None) or B.momentum_supported(momentum)):
         views = _views(views, tensors, input, zip(("running_mean", "running_var", "weight", "bias"), tensors))
     else:
         views = None
@@ -168,7 +169,8 @@ def _instance_norm(input, running_mean, running_var, weight, bias, use_input_sta
         return _fused.instance_norm_act(input, running_mean, running_var, weight, bias, use_input_stats, momentum,
                                         eps, activation, residual, out, views)
     tensors = (running_mean, running_var, weight, bias)
-    if B.input_supported(input, _RANKS_3_TO_5, eps):
+    if B.input_supported(input, _RANKS_3_TO_5, eps) and (
+            not (use_input_stats and running_mean is not None) or B.momentum_supported(momentum)):
         views = _views(views, tensors, input, zip(("running_mean", "running_var", "weight", "bias"), tensors))
     else:
         views = None

@@ -239,6 +239,8 @@ def batch_norm_act(input, running_mean, running_var, weight, bias, training, mom
     act = _epilogue.parse(activation)
     tensors = (running_mean, running_var, weight, bias)
     views = _act_views(input, residual, (2, 3, 4, 5), eps, _STATS_AND_PARAMS, tensors, views)
+    if training and running_mean is not None and not B.momentum_supported(momentum):
+        views = None
     if views is None:
         return _composed(lambda: TF.batch_norm(input, *tensors, training, momentum, eps), activation, residual, out,
                          input, weight, bias)
@@ -356,6 +358,8 @@ def instance_norm_act(input, running_mean, running_var, weight, bias, use_input_
     act = _epilogue.parse(activation)
     tensors = (running_mean, running_var, weight, bias)
     views = _act_views(input, residual, (3, 4, 5), eps, _STATS_AND_PARAMS, tensors, views)
+    if use_input_stats and running_mean is not None and not B.momentum_supported(momentum):
+        views = None
     if views is None:
         return _composed(lambda: TF.instance_norm(input, *tensors, use_input_stats, momentum, eps), activation,
                          residual, out, input, weight, bias)
