@@ -9,7 +9,7 @@ bn_simd/functional.py and bn_simd/groups.py give these entry points their public
 """
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.float cimport DBL_EPSILON, FLT_EPSILON, FLT_MAX
-from libc.math cimport NAN, isfinite, sqrt
+from libc.math cimport INFINITY, NAN, isfinite, sqrt
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
@@ -780,7 +780,7 @@ def torch_bn_eval(object module, tuple cached, object x, object to_dlpack, objec
                               or not t.is_contiguous()):
             return None
     eps = module.eps
-    if type(eps) is not float or not (<double>eps > 0.0):
+    if type(eps) is not float or not (0.0 < <double>eps < INFINITY):  # (B.eps_supported: others go the general way)
         return None
     cdef double e = eps
     # (a negative-bit view, such as the imaginary part of a conjugate, is exported as its unnegated memory)

@@ -802,7 +802,8 @@ def test_pytorchs_fallback_refuses_an_out_over_a_running_statistic():
 
 
 @pytest.mark.parametrize("momentum, eps", [(1.5, 1e-5), (-0.25, 1e-5), (torch.tensor(0.3), 1e-5), (float("nan"), 1e-5),
-                                           (0.1, float("inf")), (0.1, float("nan")), (0.1, True)])
+                                           (0.1, float("inf")), (0.1, float("nan")), (0.1, True), (np.True_, 1e-5),
+                                           (0.1, np.True_)])
 @pytest.mark.parametrize("kind", ["BatchNorm2d", "InstanceNorm2d", "fused"])
 def test_arguments_the_kernels_do_not_take_go_to_pytorch_as_pytorch_takes_them(kind, momentum, eps):
     """A momentum outside [0, 1] (PyTorch extrapolates), NaN, a tensor momentum, an eps of inf, NaN or a bool:
@@ -820,5 +821,9 @@ def test_arguments_the_kernels_do_not_take_go_to_pytorch_as_pytorch_takes_them(k
         got_y, want_y = model(x), want(x)
         torch.testing.assert_close(got_y, want_y, equal_nan=True)
     got_m = next(m for m in model.modules() if isinstance(m, type(ref)))  # (fused: the BatchNormAct2d)
+    model.eval(), want.eval()
+    with torch.no_grad():  # (eval: the fast path too, once the general path has cached the module)
+        for _ in range(2):
+            torch.testing.assert_close(model(x), want(x), equal_nan=True)
     torch.testing.assert_close(got_m.running_mean, ref.running_mean, equal_nan=True)
     torch.testing.assert_close(got_m.running_var, ref.running_var, equal_nan=True)

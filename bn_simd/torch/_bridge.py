@@ -133,9 +133,9 @@ def eps_supported(eps):
     value that is no number at all still reaches the kernels' checks, which name it)."""
     if type(eps) is float:
         return 0.0 < eps < math.inf
-    if isinstance(eps, torch.Tensor) or isinstance(eps, bool):
+    if isinstance(eps, (torch.Tensor, bool, np.bool_)):
         return False
-    return not isinstance(eps, numbers.Real) or 0 < eps < math.inf
+    return bool(not isinstance(eps, numbers.Real) or 0 < eps < math.inf)
 
 
 def momentum_supported(momentum):
@@ -143,9 +143,9 @@ def momentum_supported(momentum):
     functions also take one outside it (an extrapolating update), NaN, a bool or a tensor: such calls go to them."""
     if type(momentum) is float:
         return 0.0 <= momentum <= 1.0
-    if isinstance(momentum, torch.Tensor) or isinstance(momentum, bool):
+    if isinstance(momentum, (torch.Tensor, bool, np.bool_)):
         return False
-    return not isinstance(momentum, numbers.Real) or 0 <= momentum <= 1
+    return bool(not isinstance(momentum, numbers.Real) or 0 <= momentum <= 1)
 
 
 def param_dtype_ok(x, t):

@@ -4,9 +4,10 @@ Same names, positional order, defaults and semantics as PyTorch's, plus a keywor
 kernels when the input is a float32, float64, float16 or bfloat16 CPU tensor of a rank they cover (batch and group
 norm 2 to 5, instance norm 3 to 5) and every per-channel tensor given is a CPU tensor of the input's dtype (or, for
 16-bit input, every one float32: PyTorch's mixed rule, with float32 statistics and parameter gradients); any other
-call (other dtypes, other devices, other ranks, eps <= 0, tensor subclasses with ``__torch_function__``, calls made while
-tracing or compiling a graph, which must record PyTorch's own operator, and calls inside forward-mode AD) is
-PyTorch's own function, with its result copied into ``out`` when given.
+call (other dtypes, other devices, other ranks, eps <= 0, inf, NaN or a bool, a momentum outside [0, 1], NaN, a bool
+or a tensor where running statistics update, tensor subclasses with ``__torch_function__``, calls made while tracing
+or compiling a graph, which must record PyTorch's own operator, and calls inside forward-mode AD) is PyTorch's own
+function, with its result copied into ``out`` when given.
 
 When autograd records the call (grad mode on and input, weight or bias requiring grad) it goes through an autograd
 Function whose backward gives the gradients of input, weight and bias; otherwise (``torch.no_grad()``,

@@ -10,7 +10,7 @@ variance for layer norm, mean square for RMS norm), then scaled (and shifted) by
 A call runs on the kernels when the input is a float32, float64, float16 or bfloat16 CPU tensor and weight and bias,
 when given, are CPU tensors of the input's dtype (or both float32 for 16-bit input: PyTorch's mixed rule; the
 statistics are then float32 and the parameters' gradients have their dtype). Any other call (other dtypes, other
-devices, eps <= 0, tensor subclasses with
+devices, eps <= 0, inf, NaN or a bool, tensor subclasses with
 ``__torch_function__``, calls made while tracing or compiling a graph, which must record PyTorch's operator, and
 calls inside forward-mode AD) is PyTorch's own function, its result copied into ``out`` when given.
 
@@ -122,7 +122,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out
     normalized_shape : int or sequence of ints, the trailing dims normalised together (a row).
     weight, bias : tensors of shape normalized_shape and input's dtype (float32 too for 16-bit input), or None (1
         and 0).
-    eps : float > 0 added to the variance (eps <= 0: PyTorch's function).
+    eps : float > 0 added to the variance (eps <= 0, inf, NaN or a bool: PyTorch's function).
     out : tensor of input's shape and dtype on the CPU, or None; written (it may be input itself) and returned.
         Refused when autograd would record the call.
     activation, residual : bn_simd's fused epilogue (keywords, not PyTorch's), as :func:`bn_simd.torch.batch_norm`'s:
@@ -201,7 +201,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, activa
     normalized_shape : int or sequence of ints, the trailing dims normalised together (a row).
     weight : tensor of shape normalized_shape and input's dtype (float32 too for 16-bit input), or None (1).
     eps : float > 0 added to the mean square, or None: the machine epsilon of input's dtype (float32's for float16
-        and bfloat16 input, which compute in float32), as PyTorch (eps <= 0: PyTorch's function).
+        and bfloat16 input, which compute in float32), as PyTorch (eps <= 0, inf, NaN or a bool: PyTorch's function).
     out, activation, residual : as in :func:`layer_norm`.
 
     Returns y, C-contiguous, of input's shape and dtype. Raises TypeError / ValueError as :func:`layer_norm`.

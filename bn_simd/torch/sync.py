@@ -9,6 +9,7 @@ tensors reach them through the zero-copy bridge (_bridge), so channels-last inpu
 import numpy as np
 import torch
 
+from .. import _args
 from .. import functional as NF
 from .. import sync as S
 from . import _bridge as B
@@ -215,6 +216,8 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             if not input.is_cpu or torch.jit.is_tracing() or torch.compiler.is_compiling():
                 return None  # (graph capture records PyTorch's operator, which says what it takes)
         self._check_channels(input)
+        if not B.eps_supported(self.eps):  # (the kernels' own check names it)
+            _args.check_eps(self.eps)
         # (PyTorch's forward would normalise this rank alone over a protocol object, and refuses CPU tensors in a
         # distributed job)
         raise TypeError(f"input must be a float32, float64, float16 or bfloat16 CPU tensor (with weight, bias and "
