@@ -721,8 +721,8 @@ def check_groups(G, C):
 cpdef int stats_apart(object out, tuple named) except -1:
     """A training call writes its output before it updates the statistics of `named`, (name, array or None) pairs
     (running_mean, running_var, ...): out (None, or the output array) must share no byte with them. Bounds, as
-    numpy.may_share_memory: a strided statistic whose span covers part of out is refused too), nor with each other
-    (stats_distinct)."""
+    numpy.may_share_memory: a strided statistic whose span covers part of out is refused too. The statistics must
+    also share no byte with each other (stats_distinct)."""
     stats_distinct(named)
     if not isinstance(out, np.ndarray):  # (None, or not an output at all: the call's own checks say so)
         return 0

@@ -49,7 +49,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     Parameters
     ----------
     x : ndarray, float32 or float64, rank 2..5 in ``layout`` (rank 1..8 with ``axis``).
-    running_mean, running_var : ndarray (C,) of a float dtype, or None; updated in place when training.
+    running_mean, running_var : ndarray (C,) of a float dtype, or None; updated in place when training (then
+        sharing no byte with each other, nor with out).
     weight, bias : array (C,) or None (1 and 0).
     training : bool.
     momentum : float in [0, 1] where running statistics are updated; elsewhere (training=False, or no running
@@ -150,8 +151,9 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, lay
     per-channel gradients have weight's dtype (x's when weight is None). ``out`` receives grad_x and may be
     grad_out or x itself (with an activation, not the residual's memory, even where the residual is x: refused, as
     the residual is read again after grad_x's first writes). ``axis``: as :func:`batch_norm`. ``mask``
-    (training=True): the forward's mask; n is then the number of unmasked positions and the statistics' terms (grad_bias / n, x̂ grad_weight / n) reach the
-    unmasked entries only, while grad_weight and grad_bias sum over every entry (each was normalised).
+    (training=True): the forward's mask; n is then the number of unmasked positions and the statistics' terms
+    (grad_bias / n, x̂ grad_weight / n) reach the unmasked entries only, while grad_weight and grad_bias sum over
+    every entry (each was normalised).
 
     Through a fused epilogue z = act(batch_norm(x) + residual) (grad_out is dL/dz): pass the forward's
     ``activation`` and ``residual`` (the array itself: u = normalised x + residual is recomputed from them), and, with

@@ -52,7 +52,7 @@
  * Three kinds of activation, so that each kernel has few instantiations (compile time): the piecewise-linear one
  * (ReLU6; clamp: slope 1; leaky ReLU: lo -inf, hi inf; the identity, for a residual alone), ReLU on its own (the
  * piecewise-linear one's bits with lo 0, hi inf, slope 1, in one operation forward and one compare and a selection
- * backward instead of five and six: docs/tuning.md, "ReLU apart from the piecewise-linear epilogue") and SiLU. The
+ * backward instead of five and nine: docs/tuning.md, "ReLU apart from the piecewise-linear epilogue") and SiLU. The
  * activations, each as a vector form (V of TC) and a single-element form (TC) that run the same operations in the same order, so that an element's bits do not depend on whether a vector, a masked vector
  * or a scalar tail computed it (nor, then, on the thread count); SFMA fuses where VFMA does (kernels.def's fma flag). Their gradients for the
  * backward (act_grad.inc): du = dy act'(u).

@@ -35,7 +35,8 @@ def act_np(act, u):
 
 def grad_np(act, u):
     """act'(u) in float64, PyTorch's choice at the kinks, at +-Inf and at NaN (relu: threshold_backward, u <= 0 ? 0 : 1;
-    relu6 and clamp: hardtanh_backward, u <= lo or u >= hi ? 0 : 1; leaky relu: u > 0 ? 1 : slope)."""
+    relu6 and clamp: hardtanh_backward's vectorized form, lo < u < hi ? 1 : 0, lo = -inf and hi = +inf no bounds;
+    leaky relu: u > 0 ? 1 : slope)."""
     if act == "relu":
         return (~(u <= 0)).astype(np.float64)
     if act == "relu6":

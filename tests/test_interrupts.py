@@ -112,24 +112,32 @@ def test_keras_layer_keeps_no_earlier_state_for_backward(monkeypatch):
         layer.backward(np.ones_like(x))
 
 
-def _sync_interrupted(x):
-    """Two ranks' SyncBatchNorm (momentum=None) each interrupted in a training call on its half of x: per rank,
-    (running_mean unmoved, num_batches_tracked, _saved)."""
+def _sync_interrupted(x, interrupt):
+    """Two ranks' SyncBatchNorm (momentum=None), each after one ordinary training call, then interrupt() (which sets
+    the interrupt up), then a second call on its half of x, interrupted: per rank, (running_mean unmoved by it,
+    num_batches_tracked, _saved)."""
+    from fake_comm import make_comms
+    comms = make_comms(2)
+    layers = [bn_simd.SyncBatchNorm(3, comm=comms[r], momentum=None) for r in range(2)]
+    run_ok(2, lambda r, comm: layers[r](x[2 * r:2 * r + 2] - 1), comms)
+    before = [layer.running_mean.copy() for layer in layers]
+    interrupt()
+
     def rank(r, comm):
-        layer = bn_simd.SyncBatchNorm(3, comm=comm, momentum=None)
-        rm = layer.running_mean.copy()
         with pytest.raises(KeyboardInterrupt):
-            layer(x[2 * r:2 * r + 2])
-        return np.array_equal(layer.running_mean, rm), layer.num_batches_tracked, layer._saved
-    return run_ok(2, rank)
+            layers[r](x[2 * r:2 * r + 2])
+        return np.array_equal(layers[r].running_mean, before[r]), layers[r].num_batches_tracked, layers[r]._saved
+    return run_ok(2, rank, comms)
 
 
 def test_sync_batch_norm_interrupted_in_its_normalise_moves_nothing(monkeypatch):
-    # (its normalise and update are two calls: an interrupt during the normalise is raised before the update)
+    # (its normalise and update are two calls: an interrupt during the normalise is raised before the update; the
+    # earlier call's saved state is dropped)
     x = RNG.standard_normal((4, 3, 5, 5)).astype(np.float32)
-    ran = interrupt_after(monkeypatch, sync.F, "normalize")
-    assert _sync_interrupted(x) == [(True, 0, None)] * 2
-    assert ran == ["normalize"] * 2
+    ran = []
+    assert _sync_interrupted(x, lambda: ran.append(interrupt_after(monkeypatch, sync.F, "normalize"))) == [
+        (True, 1, None)] * 2
+    assert ran[0] == ["normalize"] * 2
 
 
 def test_torch_module_counts_the_batch_whose_statistics_moved(monkeypatch):
@@ -148,9 +156,10 @@ def test_torch_module_counts_the_batch_whose_statistics_moved(monkeypatch):
 
 def test_sync_batch_norm_counts_before_its_update_and_drops_its_state_before_the_exchange(monkeypatch):
     x = RNG.standard_normal((4, 3, 5, 5)).astype(np.float32)
-    ran = interrupt_after(monkeypatch, sync.F, "update_running_stats")
-    assert _sync_interrupted(x) == [(False, 1, None)] * 2  # (statistics and count moved together)
-    assert ran == ["update_running_stats"] * 2
+    ran = []
+    assert _sync_interrupted(x, lambda: ran.append(interrupt_after(monkeypatch, sync.F, "update_running_stats"))) == [
+        (False, 2, None)] * 2  # (statistics and count moved together)
+    assert ran[0] == ["update_running_stats"] * 2
     monkeypatch.undo()
 
     def exchange_interrupted(*args, **kwargs):

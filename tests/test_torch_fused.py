@@ -380,3 +380,20 @@ def test_pytorchs_composition_gives_the_kernels_values_and_gradients_at_the_edge
     np.testing.assert_array_equal(np.signbit(yk), np.signbit(yf.detach().numpy()), err_msg=str(activation))
     np.testing.assert_array_equal(yk, yf.detach().numpy(), err_msg=str(activation))
     np.testing.assert_array_equal(gk, xf.grad.numpy(), err_msg=str(activation))
+
+
+@pytest.mark.parametrize("lo, hi", [(0.0, float("inf")), (-float("inf"), 6.0), (-float("inf"), float("inf"))])
+def test_a_hardtanh_with_an_infinite_bound_is_not_fused_and_keeps_its_gradients(lo, hi):
+    """An infinite bound is none to the kernels' clamp but a kink to Hardtanh's gradient (0 at u = +-Inf there, and at
+    NaN): such a pair stays unfused, so its gradients are PyTorch's."""
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Hardtanh(lo, hi))
+    ref = copy.deepcopy(model)
+    fused_model = bt.convert(model, fuse_activations=True)
+    assert not any(isinstance(m, bt.BatchNormAct1d) for m in fused_model.modules())
+    x = torch.tensor([[float("inf"), 1.0, float("nan")], [-float("inf"), -1.0, 2.0], [0.5, 3.0, -2.0]],
+                     requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    fused_model(x).sum().backward()
+    ref(xr).sum().backward()
+    assert torch.equal(x.grad.isnan(), xr.grad.isnan())
+    torch.testing.assert_close(x.grad.nan_to_num(), xr.grad.nan_to_num())

@@ -109,10 +109,10 @@ _functorch_active = torch._C._are_functorch_transforms_active
 def input_supported(x, ranks, eps):
     """True when the kernels can run a call on input x (any per-channel tensors aside): float32, float64, float16 or
     bfloat16 on the CPU. False sends it to PyTorch's own implementation: other devices and dtypes, ranks the kernels do
-    not cover, an eps the kernels do not take (eps_supported), tensor subclasses with ``__torch_function__``, and calls made while
-    tracing or compiling a graph (which must record PyTorch's operator), inside a forward-mode AD level (the Functions
-    here have no forward derivative) or a torch.func transform (grad, vjp, vmap). Raises TypeError when x is not a
-    tensor."""
+    not cover, an eps the kernels do not take (eps_supported), tensor subclasses with ``__torch_function__``, and
+    calls made while tracing or compiling a graph (which must record PyTorch's operator), inside a forward-mode AD
+    level (the Functions here have no forward derivative) or a torch.func transform (grad, vjp, vmap). Raises
+    TypeError when x is not a tensor."""
     if type(x) is not torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")

@@ -40,7 +40,9 @@ _MODULES = {
     torch.nn.ReLU6: lambda m: "relu6",
     torch.nn.LeakyReLU: lambda m: ("leaky_relu", float(m.negative_slope)),
     torch.nn.SiLU: lambda m: "silu",
-    torch.nn.Hardtanh: lambda m: ("clamp", float(m.min_val), float(m.max_val)),
+    # (a bound of -inf / +inf is none to the kernels, a kink to Hardtanh's gradient: not fused)
+    torch.nn.Hardtanh: lambda m: (("clamp", float(m.min_val), float(m.max_val))
+                                  if math.isfinite(m.min_val) and math.isfinite(m.max_val) else None),
 }
 # torch functions of their one argument (inplace= or not) -> bn_simd's spelling
 _FUNCTIONS = {torch.relu: "relu", torch.relu_: "relu", TF.relu: "relu", TF.silu: "silu"}
