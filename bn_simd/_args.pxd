@@ -50,6 +50,7 @@ cdef int both_given(object a, object b, str names) except -1
 cdef int together(object running_mean, object running_var, bint written) except -1
 cpdef int stats_distinct(tuple named) except -1
 cpdef int stats_apart(object out, tuple named) except -1
+cdef int out_apart(object out, tuple named) except -1
 cdef int load(object a, int64_t C, double* dst) except -1
 cdef int store(object a, int64_t C, const double* src) except -1
 cdef int group_stat(object v, str name, int64_t N, int64_t G, str what, double* dst) except -1

@@ -724,6 +724,11 @@ cpdef int stats_apart(object out, tuple named) except -1:
     numpy.may_share_memory: a strided statistic whose span covers part of out is refused too. The statistics must
     also share no byte with each other (stats_distinct)."""
     stats_distinct(named)
+    return out_apart(out, named)
+
+
+cdef int out_apart(object out, tuple named) except -1:
+    """stats_apart's check of out alone, for calls whose statistics passed stats_distinct already (together)."""
     if not isinstance(out, np.ndarray):  # (None, or not an output at all: the call's own checks say so)
         return 0
     for name, a in named:

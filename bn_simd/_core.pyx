@@ -661,7 +661,7 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
     if update:
         unb = unbiased  # (read only when the running statistics are updated)
         if out is not None:
-            A.stats_apart(ya, (("running_mean", rm), ("running_var", rv)))
+            A.out_apart(ya, (("running_mean", rm), ("running_var", rv)))  # (apart: together)
     cdef double stack[STACK_DOUBLES]
     cdef double* p = scratch(6 * C, stack)  # mean, var, weight, bias; the running statistics' update
     cdef double* mean = p
@@ -1297,7 +1297,7 @@ def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, m
     ra = epi_residual(residual, xa) if epi else None
     ya = A.output(out, xa, None)
     if rm is not None and out is not None:
-        A.stats_apart(ya, (("running_mean", rm), ("running_var", rv)))
+        A.out_apart(ya, (("running_mean", rm), ("running_var", rv)))  # (apart: together)
     if epi:
         epi_fill(act, ra, ya, "out", &ep)
     mean, var = group_forward_run(xa, ya, &g, C, w, b, e, nthreads, &ep if epi else NULL)

@@ -182,7 +182,7 @@ def batch_norm_epi(x, running_mean, running_var, weight, bias, training, momentu
     if update:
         unb = unbiased
         if out is not None:
-            A.stats_apart(ya, (("running_mean", rm), ("running_var", rv)))
+            A.out_apart(ya, (("running_mean", rm), ("running_var", rv)))  # (apart: together)
     cdef double stack[STACK_DOUBLES]
     cdef double* p = scratch(6 * C, stack)
     cdef double* mean = p
