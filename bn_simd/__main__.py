@@ -164,6 +164,8 @@ def main(argv=None):
                              "self-check only, exit status 1 on any failure; speed: the speed table only; bench: the "
                              "benchmark harness of a source checkout (against NumPy, PyTorch, ONNX Runtime)")
     args = parser.parse_args(argv)
+    if args.command == "bench":   # (reached as "-- bench": the harness then takes no options)
+        return bench([])
     cfg = show_config()
     print(f"bn_simd {cfg['version']}: kernels {cfg['isa']} (CPU supports {', '.join(cfg['supported_isas'])}), "
           f"OpenMP {'yes' if cfg['openmp'] else 'no'}, {cfg['num_threads']} thread(s)")

@@ -41,25 +41,61 @@ def _set_attr(node, name, value):
     node.attribute.append(helper.make_attribute(name, value))
 
 
+def _subgraphs(graph, onnx):
+    """The graphs of graph's nodes' attributes (If, Loop, Scan bodies), nested ones included."""
+    for node in graph.node:
+        for a in node.attribute:
+            for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                yield g
+                yield from _subgraphs(g, onnx)
+
+
 def _subgraph_names(graph, onnx):
     """Every value name that a subgraph (If, Loop, Scan bodies) reads: those values are used, whatever the rest."""
     names = set()
-    for node in graph.node:
-        for a in node.attribute:
-            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-            for g in subs:
-                for n in g.node:
-                    names.update(n.input)
-                names.update(o.name for o in g.output)
-                names |= _subgraph_names(g, onnx)
+    for g in _subgraphs(graph, onnx):
+        for n in g.node:
+            names.update(n.input)
+        names.update(o.name for o in g.output)
     return names
+
+
+def _all_names(graph, onnx):
+    """Every value name of graph and of its subgraphs: a new initializer's name must be none of them (a graph in
+    SSA form names each value once, outer scopes included)."""
+    names = set()
+    for g in [graph, *_subgraphs(graph, onnx)]:
+        names.update(t.name for t in g.initializer)
+        names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
+        for n in g.node:
+            names.update(n.input)
+            names.update(n.output)
+    names.discard("")
+    return names
+
+
+class _ExternalData(Exception):
+    """A constant stored in a file beside the model that the model was loaded without."""
+
+
+def _opset(model):
+    """The version of the default ONNX domain the model imports (None when it does not say)."""
+    return next((o.version for o in model.opset_import if o.domain in _ONNX_DOMAINS), None)
+
+
+def _training(bn, opset):
+    """Whether a BatchNormalization node normalises with the batch's statistics: training_mode=1 from opset 14;
+    before, outputs beyond Y (the running and saved statistics; opsets 1-6 also say is_test=0)."""
+    if opset is not None and opset >= 14:
+        return bool(_attr(bn, "training_mode", 0))
+    return any(o for o in bn.output[1:]) and not (opset is not None and opset < 7 and _attr(bn, "is_test", 0))
 
 
 class _Graph:
     """The top-level graph's constants, producers and consumers, for the checks a fold needs."""
 
     def __init__(self, graph, onnx, numpy_helper):
-        self.graph, self.nh = graph, numpy_helper
+        self.graph, self.nh, self.onnx = graph, numpy_helper, onnx
         inputs = {i.name for i in graph.input}
         # an initializer that is also a graph input is a default the caller may override: not a constant
         self.consts = {t.name: t for t in graph.initializer if t.name not in inputs}
@@ -71,8 +107,8 @@ class _Graph:
                 t = _attr(node, "value", None)
                 if t is not None:
                     self.const_source[node.output[0]] = t
-            elif node.op_type == "Identity" and self._tensor(node.input[0]) is not None:
-                self.const_source[node.output[0]] = self._tensor(node.input[0])
+            elif node.op_type == "Identity" and self._raw(node.input[0]) is not None:
+                self.const_source[node.output[0]] = self._raw(node.input[0])
         self.outputs = {o.name for o in graph.output}
         self.in_subgraphs = _subgraph_names(graph, onnx)
         self.producer, self.consumers = {}, {}
@@ -88,9 +124,15 @@ class _Graph:
         t = self._tensor(name) if name else None
         return None if t is None else self.nh.to_array(t)
 
-    def _tensor(self, name):
+    def _raw(self, name):
         t = self.consts.get(name)
         return self.const_source.get(name) if t is None else t
+
+    def _tensor(self, name):
+        t = self._raw(name)
+        if t is not None and self.onnx.external_data_helper.uses_external_data(t):
+            raise _ExternalData(name)   # (numpy_helper would read the file relative to the working directory)
+        return t
 
     def used(self, name):
         return bool(self.consumers.get(name)) or name in self.outputs or name in self.in_subgraphs
@@ -131,15 +173,16 @@ def fold(model, *, training_nodes="skip"):
     W's dtype (a weight shared with another node is not touched); initializers, Constant and Identity nodes
     nothing reads any more are removed. Only the top-level graph is folded (If/Loop bodies are left as they are).
 
-    Training-mode nodes (``training_mode=1``, opset >= 14, as ``torch.onnx.export(...,
-    training=TrainingMode.TRAINING)`` writes them) normalise with the batch's statistics, so folding them changes
+    Training-mode nodes (``training_mode=1`` from opset 14; before it, nodes with outputs beyond Y, the running and
+    saved statistics; as ``torch.onnx.export(..., training=TrainingMode.TRAINING)`` writes them) normalise with the batch's statistics, so folding them changes
     what the graph computes: ``training_nodes="skip"`` (default) leaves them, with a UserWarning naming them;
     ``"inference"`` folds them as the inference BatchNormalization their running mean and variance define (the
     graph as eval mode would run it), provided their running-statistics outputs are not read. Nodes with other
     outputs in use are never folded.
 
     Raises TypeError when model is not an ``onnx.ModelProto``, ValueError for another ``training_nodes`` or a
-    BN whose values cannot be folded (naming the node), ImportError without the onnx package.
+    BN whose values cannot be folded (naming the node; among them values stored in a file beside the model when
+    the model was loaded without its external data), ImportError without the onnx package.
     """
     onnx, numpy_helper = _onnx()
     if not isinstance(model, onnx.ModelProto):
@@ -150,15 +193,15 @@ def fold(model, *, training_nodes="skip"):
     out.CopyFrom(model)
     graph = out.graph
     g = _Graph(graph, onnx, numpy_helper)
-    taken = {t.name for t in graph.initializer} | {v for n in graph.node for v in list(n.input) + list(n.output)} | \
-        {i.name for i in graph.input}
+    taken = _all_names(graph, onnx)
+    opset = _opset(model)
     removed, new_inits, replaced, ranks, skipped_training = [], [], {}, None, []
     for bn in list(graph.node):
         if bn.op_type != "BatchNormalization" or bn.domain not in _ONNX_DOMAINS or len(bn.input) < 5:
             continue
         if _attr(bn, "spatial", 1) != 1:
             continue
-        if _attr(bn, "training_mode", 0) and training_nodes == "skip":
+        if _training(bn, opset) and training_nodes == "skip":
             skipped_training.append(bn.name or bn.output[0])
             continue
         if any(g.used(o) for o in bn.output[1:] if o):
@@ -175,17 +218,19 @@ def fold(model, *, training_nodes="skip"):
                 ranks = _ranks(model, onnx)   # the graph as given: names are not changed yet there
             if ranks.get(x) != 2:
                 continue
-        stats = [g.const(name) for name in bn.input[1:5]]
-        if any(s is None for s in stats):
-            continue
-        scale, bias, mean, var = stats
-        eps = float(_attr(bn, "epsilon", 1e-5))
         try:
+            stats = [g.const(name) for name in bn.input[1:5]]
+            if any(s is None for s in stats):
+                continue
+            scale, bias, mean, var = stats
+            eps = float(_attr(bn, "epsilon", 1e-5))
             if layer.op_type in ("MatMul", "Add"):
                 plan = _matmul_plan(g, layer, bn)
                 if plan is None:
                     continue
                 mm, w, c, c_slot = plan
+                if ranks.get(mm.output[0]) != 2:
+                    continue   # the Add broadcasts a MatMul of another rank to 2: the bias's shape matters then
                 w2, b2 = fold_linear(w, c, mean, var, scale, bias, eps, weight_layout="IO")
                 w_name, b_name = _fresh(mm.input[1], taken), _fresh((mm.name or mm.output[0]) + "_bias", taken)
                 new_inits += [numpy_helper.from_array(w2, w_name), numpy_helper.from_array(b2, b_name)]
@@ -226,6 +271,11 @@ def fold(model, *, training_nodes="skip"):
                 _set_attr(layer, "beta", 1.0)
         except (ValueError, TypeError) as e:
             raise type(e)(f"cannot fold BatchNormalization node {bn.name or bn.output[0]!r}: {e}") from None
+        except _ExternalData as e:
+            raise ValueError(f"cannot fold BatchNormalization node {bn.name or bn.output[0]!r}: the value "
+                             f"{e.args[0]!r} it needs is stored in a file beside the model, which was loaded without "
+                             f"it; load the model with onnx.load(path) (its external data included), or call "
+                             f"onnx.load_external_data_for_model(model, folder) first") from None
         w_name, b_name = _fresh(layer.input[1], taken), _fresh((layer.name or layer.output[0]) + "_bias", taken)
         new_inits += [numpy_helper.from_array(w2, w_name), numpy_helper.from_array(b2, b_name)]
         layer.input[1] = w_name

@@ -408,3 +408,11 @@ def test_the_json_probe_leaves_a_link_and_an_existing_file_as_they_are(tmp_path)
             main(["bench", "--quick", "--only", "no-such-case", "--json", str(path)])
     assert link.is_symlink() and not target.exists()
     assert kept.read_text() == "old" and not new.exists()
+
+
+def test_bench_after_a_double_dash_runs_the_harness(monkeypatch):
+    """``python -m bn_simd -- bench`` is the bench command too (argparse's form), not the self-check's banner."""
+    seen = []
+    monkeypatch.setattr(cli, "bench", lambda argv: seen.append(list(argv)) or 7)
+    assert main(["--", "bench"]) == 7 and seen == [[]]
+    assert main(["bench", "--quick"]) == 7 and seen[-1] == ["--quick"]

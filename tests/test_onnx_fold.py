@@ -279,3 +279,92 @@ def test_fold_removes_identity_of_constant_parameters_it_no_longer_reads():
     x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
     want = bn_ref(conv_ref(x, W.astype(np.float32).astype(np.float64)), mean, var, scale.astype(np.float32), b, 1e-3)
     assert_close_to_oracle(run(folded, {"x": x})[0], run(model, {"x": x})[0], want)
+
+
+def _conv_bn_model(rng, opset, bn_outputs=("y",), extra_nodes=(), C=4):
+    """x (1, 3, 4, 4) -> Conv (W) -> BatchNormalization (outputs bn_outputs) and extra_nodes."""
+    f32 = TensorProto.FLOAT
+    bn, inits, params = _bn("bn", "c", bn_outputs[0], C, rng)
+    del bn.output[:]
+    bn.output.extend(bn_outputs)
+    W = rng.standard_normal((C, 3, 1, 1))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"]), bn, *extra_nodes], "g",
+        [helper.make_tensor_value_info("x", f32, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", f32, [1, C, 4, 4])], [_init("W", W)] + inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), W, params
+
+
+@pytest.mark.parametrize("opset", [9, 13])
+def test_fold_before_opset_14_a_node_with_statistics_outputs_is_in_training_mode(opset):
+    """Before training_mode (opset 14) a BatchNormalization with outputs beyond Y normalises with the batch's
+    statistics (the legacy exporter writes five): left alone with a warning, folded as inference when asked."""
+    rng = np.random.default_rng(20)
+    model, W, (mean, var, w, b) = _conv_bn_model(rng, opset, ("y", "rm", "rv", "sm", "sv"))
+    with pytest.warns(UserWarning, match="1 BatchNormalization node.*training mode"):
+        assert ops(bo.fold(model)) == ["Conv", "BatchNormalization"]
+    folded = bo.fold(model, training_nodes="inference")
+    assert ops(folded) == ["Conv"]
+    x = rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    want = bn_ref(conv_ref(np.float64(x), np.asarray(W, np.float32).astype(np.float64)), mean, var, w, b, 1e-3)
+    np.testing.assert_allclose(run(folded, {"x": x})[0], want, rtol=1e-5, atol=1e-5)
+    single, _, _ = _conv_bn_model(np.random.default_rng(20), opset)   # Y alone: inference, folded silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops(bo.fold(single)) == ["Conv"]
+
+
+def test_fold_matmul_add_that_broadcasts_a_rank_1_product_is_left():
+    """a (K,) @ W is (N,); + c of shape (1, N) makes the BN's input rank 2, but a folded (N,) bias would make the
+    output (N,): left as it is."""
+    rng = np.random.default_rng(21)
+    f32 = TensorProto.FLOAT
+    bn, inits, _ = _bn("bn", "s1", "y", 4, rng)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "W"], ["m"]), helper.make_node("Add", ["m", "c"], ["s1"]), bn], "g",
+        [helper.make_tensor_value_info("a", f32, [5])], [helper.make_tensor_value_info("y", f32, [1, 4])],
+        [_init("W", rng.standard_normal((5, 4))), _init("c", rng.standard_normal((1, 4)))] + inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folded = bo.fold(model)
+    onnx.checker.check_model(folded, full_check=True)
+    feeds = {"a": rng.standard_normal(5).astype(np.float32)}
+    got, orig = run(folded, feeds)[0], run(model, feeds)[0]
+    assert got.shape == orig.shape == (1, 4)
+    np.testing.assert_array_equal(got, orig)
+
+
+def test_fold_new_names_are_new_in_subgraphs_too():
+    """An If body that already names a value W_bnfold: the folded weight takes another name (SSA form)."""
+    rng = np.random.default_rng(22)
+    f32 = TensorProto.FLOAT
+    then = helper.make_graph([helper.make_node("Identity", ["y"], ["W_bnfold"]),
+                              helper.make_node("Identity", ["W_bnfold"], ["t_out"])], "then", [],
+                             [helper.make_tensor_value_info("t_out", f32, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["y"], ["e_out"])], "else", [],
+                              [helper.make_tensor_value_info("e_out", f32, None)])
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    model, W, (mean, var, w, b) = _conv_bn_model(rng, 17)
+    model.graph.initializer.append(cond)
+    model.graph.node.append(helper.make_node("If", ["cond"], ["z"], then_branch=then, else_branch=other))
+    model.graph.output.append(helper.make_tensor_value_info("z", f32, None))
+    folded = bo.fold(model)
+    assert ops(folded) == ["Conv", "If"] and "W_bnfold" not in {t.name for t in folded.graph.initializer}
+    x = rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    got, orig = run(folded, {"x": x}), run(model, {"x": x})
+    np.testing.assert_allclose(got[1], orig[1], rtol=1e-5, atol=1e-5)
+
+
+def test_fold_external_data_not_loaded_is_refused(tmp_path, monkeypatch):
+    """Values left in a file beside the model (onnx.load(..., load_external_data=False)) are not read from the
+    working directory: a ValueError naming the node says how to load them; loaded, the model folds."""
+    rng = np.random.default_rng(23)
+    model, _, _ = _conv_bn_model(rng, 17)
+    path = tmp_path / "m" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save_model(model, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    monkeypatch.chdir(path.parent)   # (where numpy_helper would find the file)
+    lazy = onnx.load(str(path), load_external_data=False)
+    with pytest.raises(ValueError, match="node 'bn'.*stored in a file beside the model.*load_external_data"):
+        bo.fold(lazy)
+    onnx.load_external_data_for_model(lazy, str(path.parent))
+    assert ops(bo.fold(lazy)) == ["Conv"]

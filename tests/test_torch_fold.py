@@ -8,6 +8,7 @@ within a small multiple of err32. A wrong fold (a channel scaled by the wrong fa
 output by O(1).
 """
 import copy
+import types
 import sys
 import warnings
 
@@ -180,15 +181,101 @@ class Untraceable(nn.Module):
 
 
 def test_fold_falls_back_to_sequential_pairs_when_tracing_fails():
+    """Untraced, only Sequentials known to run whole are folded: the model itself and those nested in it through
+    Sequentials; trace=False takes every Sequential's pairs (the caller says its forward runs them whole)."""
     torch.manual_seed(4)
     model = randomize_bns(Untraceable(), 5).eval()
     x = torch.randn(2, 3, 6, 6)
-    with pytest.warns(RuntimeWarning, match="could not trace.*nn.Sequential"):
-        folded = check_folded(model, x, expect_left=1)
+    with pytest.warns(RuntimeWarning, match="could not trace.*nn.Sequential that runs whole"):
+        check_folded(model, x, expect_left=2)   # (its forward might read seq's conv output: not folded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folded = bt.fold(copy.deepcopy(model), trace=False)
     assert isinstance(folded.seq[1], nn.Identity) and isinstance(folded.bn, nn.BatchNorm2d)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert count_bns(bt.fold(copy.deepcopy(Net().eval()), trace=False)) == 5   # only the Sequential pairs
+    whole = randomize_bns(nn.Sequential(Untraceable(), nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))), 6)
+    with pytest.warns(RuntimeWarning, match="could not trace"):
+        check_folded(whole.eval(), x, expect_left=2)   # the nested Sequential's pair, through Sequentials alone
+
+
+class Taps(nn.Module):
+    """Untraceable, and reading the conv's output of its Sequential between the conv and the batch norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        taps = []
+        for layer in self.seq:
+            x = layer(x)
+            taps.append(x)
+        if x.mean() > 100:
+            x = x * 0
+        return taps[0] + x
+
+
+def test_fold_untraced_keeps_a_forward_that_reads_inside_a_sequential():
+    torch.manual_seed(5)
+    model = randomize_bns(Taps(), 7).eval()
+    with pytest.warns(RuntimeWarning, match="could not trace"):
+        check_folded(model, torch.randn(2, 3, 4, 4), expect_left=1)
+
+
+class ReadsBn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x)) + self.bn.bias.view(1, -1, 1, 1)   # a tensor of the batch norm: not folded
+        return self.bn2(self.conv2(y)) * (self.bn2.num_features / 4)    # a plain attribute: folded, still there
+
+
+def test_fold_keeps_a_forward_that_reads_the_batch_norm():
+    torch.manual_seed(6)
+    model = randomize_bns(ReadsBn(), 8).eval()
+    folded = check_folded(model, torch.randn(2, 3, 4, 4), expect_left=1)
+    assert isinstance(folded.bn, nn.BatchNorm2d) and folded.bn2.num_features == 4 and folded.bn2.eps == 1e-5
+    assert "4, folded" in repr(folded.bn2)
+
+
+class StdConv(nn.Conv2d):
+    """Weight standardisation: the weight is recomputed in _conv_forward, forward is Conv2d's."""
+
+    def _conv_forward(self, x, weight, bias):
+        w = (weight - weight.mean((1, 2, 3), keepdim=True)) / (weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return super()._conv_forward(x, w, bias)
+
+
+def test_fold_leaves_patched_forwards_and_memory_tied_layers():
+    torch.manual_seed(7)
+    x = torch.randn(2, 4, 6, 6)
+    std = randomize_bns(nn.Sequential(StdConv(4, 4, 3), nn.BatchNorm2d(4)), 9).eval()
+    check_folded(std, x, expect_left=1)
+    for i in (0, 1):   # a forward set on the instance, conv or batch norm
+        patched = randomize_bns(nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)), 10).eval()
+        patched[i].forward = types.MethodType(lambda self, t: type(self).forward(self, t) * 2, patched[i])
+        check_folded(patched, x, expect_left=1)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4)
+            self.c2, self.b2 = nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4)
+            self.c2.weight.data = self.c1.weight.data   # two Parameters, one memory
+
+        def forward(self, t):
+            return self.b1(self.c1(t)), self.b2(self.c2(t))
+
+    tied = randomize_bns(Tied(), 11).eval()   # (in place: a deep copy does not keep the tie)
+    with torch.no_grad():
+        want = tied(x)
+        got = bt.fold(tied)(x)
+    assert count_bns(tied) == 2 and all(torch.equal(w, g) for w, g in zip(want, got))
 
 
 def test_fold_refuses_training_mode_and_changes_nothing():

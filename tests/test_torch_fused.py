@@ -1,6 +1,7 @@
 """bn_simd.torch's fused batch norm + activation (+ residual): functional, autograd, modules and
 convert(model, fuse_activations=True), against PyTorch's unfused composition act(batch_norm(x) + residual)."""
 import copy
+import warnings
 import pickle
 
 import pytest
@@ -283,7 +284,15 @@ def test_an_untraceable_model_has_its_sequential_pairs_fused_in_place():
     model = _randomise(Dynamic(), 3).eval()
     x = torch.randn(2, 3, 5, 5)
     expected = model(x)
-    same = bt.convert(model, fuse_activations=True)
+    # traced: its forward could read inside body (an iteration of it), so nothing is fused, with a warning
+    with pytest.warns(RuntimeWarning, match="could not trace Dynamic.*trace=False"):
+        assert bt.convert(copy.deepcopy(model), fuse_activations=True).body[1].__class__ is bt.BatchNorm2d
+    whole = nn.Sequential(copy.deepcopy(model), nn.Sequential(nn.BatchNorm2d(4), nn.ReLU()))
+    with pytest.warns(RuntimeWarning, match="could not trace Sequential"):   # the nested Sequential runs whole
+        assert type(bt.convert(whole, fuse_activations=True)[1][0]) is bt.BatchNormAct2d
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = bt.convert(model, fuse_activations=True, trace=False)   # the caller's word: body runs whole
     assert same is model
     assert type(model.body[1]) is bt.BatchNormAct2d and model.body[1].activation == "relu6"
     assert type(model.body[2]) is nn.Identity

@@ -4,7 +4,8 @@ Which pairs: a BatchNorm whose input is a Conv1d/2d/3d's (or a Linear's) output,
 Inside an ``nn.Sequential`` that is visible from the module tree; in a module whose ``forward`` calls
 ``self.bn1(self.conv1(x))`` it is not, so the model is traced symbolically (``torch.fx``) to find the pairs in its
 data flow. Models that cannot be traced (data-dependent control flow, for instance) fall back to the pairs that
-follow each other in an ``nn.Sequential``, with a warning saying so.
+follow each other in an ``nn.Sequential`` that runs whole (the model itself, or nested in it through Sequentials),
+with a warning saying so.
 
 The maths is :func:`bn_simd.fold_conv` / :func:`bn_simd.fold_linear` (BN after the layer, exact for any stride,
 dilation, padding or groups), in float64, written back in the layer's dtype.
@@ -26,22 +27,30 @@ from . import sync as _sync
 __all__ = ["fold"]
 
 _CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+_CONV_CALLS = (nn.Conv1d._conv_forward, nn.Conv2d._conv_forward, nn.Conv3d._conv_forward)
 # BatchNorm classes whose eval forward is y = (x - running_mean) / sqrt(running_var + eps) * weight + bias:
 # PyTorch's and bn_simd.torch's. A subclass with another forward is left alone.
 _BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, _modules.BatchNorm1d.forward,
                 _modules.BatchNorm2d.forward, _modules.BatchNorm3d.forward, _sync.SyncBatchNorm.forward)
 
 
+def _own(m, *names):
+    """None of names is set on the module itself (a forward patched on the instance is the one that runs)."""
+    return not any(n in vars(m) for n in names)
+
+
 def _is_conv(m):
-    return isinstance(m, _ConvNd) and not m.transposed and type(m).forward in _CONV_FORWARDS
+    # (_conv_forward too: a subclass that computes its weight there, weight standardisation say, keeps forward)
+    return isinstance(m, _ConvNd) and not m.transposed and type(m).forward in _CONV_FORWARDS and \
+        getattr(type(m), "_conv_forward", None) in _CONV_CALLS and _own(m, "forward", "_conv_forward")
 
 
 def _is_linear(m):
-    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward and _own(m, "forward")
 
 
 def _is_bn(m):
-    return isinstance(m, _BatchNorm) and type(m).forward in _BN_FORWARDS
+    return isinstance(m, _BatchNorm) and type(m).forward in _BN_FORWARDS and _own(m, "forward")
 
 
 def _pairs_with(layer, bn):
@@ -86,17 +95,19 @@ def _traced_pairs(model):
         layer, bn = model.get_submodule(node.target), model.get_submodule(user.target)
         if calls[id(layer)] != 1 or calls[id(bn)] != 1 or not _pairs_with(layer, bn):
             continue
-        if any(a.startswith(node.target + ".") for a in read_attrs):  # forward reads the layer's weight directly
-            continue
+        if any(a.startswith((node.target + ".", user.target + ".")) for a in read_attrs):
+            continue   # forward reads the layer's weight or the batch norm's tensors directly
         pairs.append((node.target, user.target))
     return pairs
 
 
-def _sequential_pairs(model):
-    """[(layer name, bn name)]: consecutive children of every plain nn.Sequential."""
+def _sequential_pairs(model, whole_only=False):
+    """[(layer name, bn name)]: consecutive children of every plain nn.Sequential (whole_only: of those known to run
+    whole, fused.whole_sequentials)."""
     pairs = []
+    whole = {id(m) for m in _fused.whole_sequentials(model)}
     for name, m in model.named_modules():
-        if type(m) is not nn.Sequential:
+        if type(m) is not nn.Sequential or (whole_only and id(m) not in whole):
             continue
         kids = list(m.named_children())
         for (n1, a), (n2, b) in zip(kids, kids[1:]):
@@ -106,19 +117,36 @@ def _sequential_pairs(model):
     return pairs
 
 
+def _storage(t):
+    """The key of t's memory (its storage), or None where it has none to compare (sparse, meta)."""
+    try:
+        return (t.device, t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def _unshared(model, pairs):
-    """The pairs whose modules and parameters are registered once in model (shared ones would change elsewhere)."""
-    mods, params = {}, {}
+    """The pairs whose modules and parameters are registered once in model, and whose layer's parameters share
+    their memory with no other tensor of the model (tied through ``.data``): a fold written there would change the
+    other user too."""
+    mods, params, tensors = {}, {}, {}
     for _, m in model.named_modules(remove_duplicate=False):
         mods[id(m)] = mods.get(id(m), 0) + 1
     for _, p in model.named_parameters(remove_duplicate=False):
         params[id(p)] = params.get(id(p), 0) + 1
+    for _, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(
+            remove_duplicate=False)):
+        if t is not None:
+            tensors.setdefault(_storage(t), set()).add(id(t))
     out, seen = [], set()
     for ln, bn in pairs:
         layer, norm = model.get_submodule(ln), model.get_submodule(bn)
         if mods[id(layer)] != 1 or mods[id(norm)] != 1 or ln in seen or bn in seen:
             continue
-        if any(params[id(p)] != 1 for p in layer.parameters(recurse=False)):
+        mine = list(layer.parameters(recurse=False))
+        if any(params[id(p)] != 1 for p in mine):
+            continue
+        if any(_storage(p) is None or tensors[_storage(p)] != {id(p)} for p in mine):
             continue
         seen.update((ln, bn))
         out.append((ln, bn))
@@ -148,7 +176,22 @@ def _folded(layer, bn, bn_name):
     return out[0], out[1]
 
 
-class FoldedBatchNorm1d(nn.Identity):
+class FoldedBatchNorm(nn.Identity):
+    """What takes the place of a batch norm folded into the layer before it: the identity, keeping the batch norm's
+    plain attributes (num_features, eps, momentum, affine, track_running_stats) for a forward that reads them."""
+
+    def __init__(self, bn=None):
+        super().__init__()
+        for k in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+            if bn is not None and hasattr(bn, k):
+                setattr(self, k, getattr(bn, k))
+
+    def extra_repr(self):
+        n = getattr(self, "num_features", None)
+        return "" if n is None else f"{n}, folded"
+
+
+class FoldedBatchNorm1d(FoldedBatchNorm):
     """What takes the place of a BatchNorm1d folded into the Linear before it: the identity on the (N, features)
     output the fold is right for. Any other rank raises RuntimeError: on a 3-d (N, L, features) output BatchNorm1d
     normalises axis 1 (L), which only runs when L equals the features, and the folded weights would then be
@@ -169,16 +212,22 @@ def fold(model, *, trace=True):
 
     For each pair found, the layer's weight and bias become ``bn_simd.fold_conv`` / ``fold_linear``'s (computed in
     float64, stored in the layer's dtype and device; a layer without bias gets one) and the batch norm is replaced
-    by ``nn.Identity``. The model's output is unchanged up to float32 rounding.
+    by :class:`FoldedBatchNorm`, an ``nn.Identity`` that keeps the batch norm's plain attributes (num_features, eps,
+    momentum, affine, track_running_stats). The model's output is unchanged up to float32 rounding.
 
     Pairs: found in the model's data flow by ``torch.fx`` symbolic tracing (``trace=True``): a BatchNorm called on
-    a conv's/linear's output that nothing else reads (so ``self.bn1(self.conv1(x))`` inside a forward counts).
-    When the model cannot be traced, or with ``trace=False``, only pairs that follow each other in an ``nn.Sequential``
-    are folded (a RuntimeWarning says when tracing failed, and why). Left alone: layers or batch norms called more than
-    once or registered under several names, layers with tied parameters, hooks of any kind (legacy ``weight_norm`` is a
-    pre-hook) or parametrizations (``torch.nn.utils.parametrize``, the new ``weight_norm``), batch norms with hooks or
-    parametrizations or without running statistics (``track_running_stats=False``), transposed convs,
-    subclasses that override ``forward``. BatchNorm classes folded: ``torch.nn``'s BatchNorm1d/2d/3d and
+    a conv's/linear's output that nothing else reads (so ``self.bn1(self.conv1(x))`` inside a forward counts), in
+    a forward that reads neither the layer's nor the batch norm's tensors directly. When the model cannot be traced,
+    only pairs that follow each other in an ``nn.Sequential`` that runs whole are folded: the model itself when it is
+    one, and the Sequentials nested in it through Sequentials alone (a RuntimeWarning says that tracing failed, and
+    why); with ``trace=False``, the pairs of every ``nn.Sequential``, which asserts that the model's forward runs
+    each of them whole (a forward that read a conv's output between it and its batch norm would change). Left alone:
+    layers or batch norms called more than once or registered under several names, layers with tied parameters
+    (the same Parameter, or memory shared with another tensor of the model through ``.data``), hooks of any kind
+    (legacy ``weight_norm`` is a pre-hook) or parametrizations (``torch.nn.utils.parametrize``, the new
+    ``weight_norm``), batch norms with hooks or parametrizations or without running statistics
+    (``track_running_stats=False``), transposed convs, subclasses that override ``forward`` (a conv's
+    ``_conv_forward`` too), modules with a ``forward`` set on the instance. BatchNorm classes folded: ``torch.nn``'s BatchNorm1d/2d/3d and
     SyncBatchNorm and bn_simd.torch's. A Linear→BatchNorm1d pair is folded for a 2-d (N, features) output: its
     batch norm is replaced by :class:`FoldedBatchNorm1d` (an ``nn.Identity``) which raises RuntimeError on any other
     rank (on a 3-d (N, L, features) output BatchNorm1d normalises axis 1, L, which runs when L equals the features,
@@ -201,7 +250,10 @@ def fold(model, *, trace=True):
         except Exception as e:  # torch.fx raises many kinds (TraceError, TypeError, NotImplementedError, ...)
             warnings.warn(f"bn_simd.torch.fold: torch.fx could not trace {type(model).__name__} "
                           f"({type(e).__name__}: {e}); folding only Conv/Linear→BatchNorm pairs that follow each "
-                          f"other in an nn.Sequential", RuntimeWarning, stacklevel=2)
+                          f"other in an nn.Sequential that runs whole (the model itself, and Sequentials nested in "
+                          f"it through Sequentials alone); trace=False folds those of every nn.Sequential, for a "
+                          f"model whose forward runs each of them whole", RuntimeWarning, stacklevel=2)
+            pairs = _sequential_pairs(model, whole_only=True)
     if pairs is None:
         pairs = _sequential_pairs(model)
     pairs = _unshared(model, pairs)
@@ -219,5 +271,7 @@ def fold(model, *, trace=True):
             else:
                 layer.bias.copy_(b2)
         parent, _, attr = bn.rpartition(".")
-        setattr(model.get_submodule(parent), attr, FoldedBatchNorm1d() if _is_linear(layer) else nn.Identity())
+        norm = model.get_submodule(bn)
+        setattr(model.get_submodule(parent), attr, FoldedBatchNorm1d(norm) if _is_linear(layer) else
+                FoldedBatchNorm(norm))
     return model

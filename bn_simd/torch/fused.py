@@ -398,18 +398,29 @@ def global_hooks():
                                                    "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
-def fuse_sequential(model, fused_classes):
-    """In every torch.nn.Sequential of model: a normalization module directly followed by an activation module
-    becomes its fused class (fused_classes: exact bn_simd class -> fused class, e.g. BatchNorm2d -> BatchNormAct2d,
-    GroupNorm -> GroupNormAct) with that activation, and the activation is replaced by torch.nn.Identity. A norm
-    registered at more than one place in model, or a pair with hooks, is not fused. Returns the number of pairs
-    fused."""
+def whole_sequentials(m):
+    """m when it is a plain torch.nn.Sequential, and the plain Sequentials nested in it through plain Sequentials
+    alone: the containers whose forward is known to run each child on the last one's output."""
+    if type(m) is torch.nn.Sequential:
+        yield m
+        for kid in m.children():
+            yield from whole_sequentials(kid)
+
+
+def fuse_sequential(model, fused_classes, whole_only=False, count_others=False):
+    """In every torch.nn.Sequential of model (whole_only: of whole_sequentials(model)): a normalization module
+    directly followed by an activation module becomes its fused class (fused_classes: exact bn_simd class -> fused
+    class, e.g. BatchNorm2d -> BatchNormAct2d, GroupNorm -> GroupNormAct) with that activation, and the activation is
+    replaced by torch.nn.Identity. A norm registered at more than one place in model, or a pair with hooks, is not
+    fused. Returns the number of pairs fused (count_others: the number of pairs whole_only left, in the other
+    Sequentials, instead)."""
     count = 0
     if global_hooks():
         return 0
     names_of = {}  # id(module) -> how many places model registers it at
     for _, m in model.named_modules(remove_duplicate=False):
         names_of[id(m)] = names_of.get(id(m), 0) + 1
+    whole = {id(m) for m in whole_sequentials(model)}
     for seq in [m for m in model.modules() if type(m) is torch.nn.Sequential]:
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):
@@ -420,10 +431,13 @@ def fuse_sequential(model, fused_classes):
             # activation's output, or not run)
             if (cls is not None and spec is not None and names_of[id(norm)] == 1 and not hooked(norm)
                     and not hooked(act_mod)):
+                if whole_only and id(seq) not in whole:
+                    count += count_others
+                    continue
                 norm.__class__ = cls
                 norm.activation = spec
                 seq._modules[b] = torch.nn.Identity()
-                count += 1
+                count += not count_others
     return count
 
 

@@ -271,7 +271,7 @@ FUSED = {BatchNorm1d: BatchNormAct1d, BatchNorm2d: BatchNormAct2d, BatchNorm3d: 
          InstanceNorm3d: InstanceNormAct3d, LayerNorm: LayerNormAct, RMSNorm: RMSNormAct}
 
 
-def convert(model, fuse_activations=False):
+def convert(model, fuse_activations=False, *, trace=True):
     """Make every ``torch.nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``,
     ``LayerNorm`` and ``RMSNorm`` in model (model itself included) run on bn_simd's kernels, in place; returns model (a
     SyncBatchNorm keeps its process_group and synchronises CPU tensors, mode "exact": see
@@ -299,9 +299,13 @@ def convert(model, fuse_activations=False):
     which the tracer froze a tensor computed from the model's state (a buffer read through a module, as
     ``bn.running_mean``) is not used. torch.fx traces an augmented assignment ``r += t`` on tensors as ``r = r + t``:
     a model that relies on it updating another reference to r computes otherwise once traced.
-    When the model cannot be traced (or gave such a graph), the pairs inside each ``torch.nn.Sequential`` are fused in
+    When the model cannot be traced (or gave such a graph), the pairs inside the ``torch.nn.Sequential`` containers
+    known to run whole (model itself when it is one, and those nested in it through Sequentials alone) are fused in
     place (the activation module replaced by ``torch.nn.Identity``; a normalization registered at more than one place is
-    left unfused, as its other uses would take the activation too) and model is returned. A module called more than once
+    left unfused, as its other uses would take the activation too) and model is returned, with a RuntimeWarning
+    saying so. ``trace=False`` skips tracing and fuses so the pairs of every ``nn.Sequential``: it asserts that model's
+    forward runs each of them whole (a forward that iterated one and read a normalization's output before its
+    activation would see the activation applied), as :func:`bn_simd.torch.fold`'s does. A module called more than once
     or with more than one argument, a pair with hooks (a forward, pre-forward or backward hook on the normalization or
     the activation module, or a hook registered for every module), whose output has other uses than the activation (or
     the add), or an activation of a subclass (which may override forward) is not fused. The fused model applies the
@@ -315,8 +319,13 @@ def convert(model, fuse_activations=False):
         if cls is not None:
             m.__class__ = cls
     if fuse_activations:
-        done = _fused.fuse_graph(model, FUSED)
+        done = _fused.fuse_graph(model, FUSED) if trace else None
         if done is not None:
             return done[0] if done[1] else model  # (a graph that fused nothing would only rename the calls)
-        _fused.fuse_sequential(model, FUSED)
+        if _fused.fuse_sequential(model, FUSED, whole_only=trace, count_others=trace) and trace:
+            warnings.warn(f"bn_simd.torch.convert: torch.fx could not trace {type(model).__name__} (or froze a "
+                          f"tensor of its state): fused only the pairs of nn.Sequential containers that run whole "
+                          f"(model itself, and Sequentials nested in it through Sequentials alone); trace=False fuses "
+                          f"those of every nn.Sequential, for a model whose forward runs each of them whole",
+                          RuntimeWarning, stacklevel=2)
     return model
