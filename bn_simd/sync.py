@@ -29,14 +29,18 @@ rank computes the same numbers, and when each rank's piece ends on a chunk bound
 is bitwise that of one process (channels-first maps of 16x16 and larger: every sample; see
 :func:`chunk_rows`). Bytes sent per rank: forward 8 (3 + K (3 C + 1)), backward 8 (4 + 2 K C), K its chunks.
 
-``mode="fast"`` sends 2 C + 1 float64 per rank each way in one allreduce. Forward: the count n_r and, relative to
-a shift K[c] that every rank holds alike, S1 = n_r (mean_r - K) and S2 = M2_r + n_r (mean_r - K)^2 from the rank's
-own (exact, chunked) statistics; then mean = K + S1 / n and M2 = S2 - S1^2 / n. The subtraction loses about
-eps_double (mean - K)^2 / var of the variance, so when (mean - K)^2 > 2^20 var a second allreduce repeats the
-exchange relative to the mean just found (error then eps_double-sized); every rank takes that decision on the same
-summed numbers. The layer's shift is the previous call's mean (zeros at first), so only the first batch of a
-channel whose |mean| > 1000 std pays the second round. Backward: the count and the two channel sums.
-Results agree with one process to a few ulp of float64 in the statistics, so to the output's rounding.
+``mode="fast"`` sends 2 C + 1 float64 per rank each way in one allreduce, after an allgather of three values per
+rank (a flag, the channel count and whether the data is float64), by which every rank learns of a refused input or
+of another channel count before the allreduce (whose buffers of different lengths would abort the job). Forward: the
+count n_r and, relative to a shift K[c] that every rank holds alike, S1 = n_r (mean_r - K) and
+S2 = M2_r + n_r (mean_r - K)^2 from the rank's own (exact, chunked) statistics; then mean = K + S1 / n and
+M2 = S2 - S1^2 / n. The subtraction loses about eps_double (mean - K)^2 / var of the variance, so when
+(mean - K)^2 > 2^20 var (2^4 var when any rank's data is float64) a second allreduce repeats the exchange relative to
+the mean just found (error then eps_double-sized); every rank takes that decision on the same summed numbers. The
+layer's shift is the previous call's mean (zeros at first), so only the first batch of a channel whose mean is far
+from 0 (1000 std in float32, 4 in float64) pays the second round. Backward: the count and the two channel sums.
+Results agree with one process to the output's rounding: the statistics lose at most ~2^20 eps_double (float32
+data, far below its own rounding) or ~2^4 eps_double (float64 data).
 
 Errors
 ------
@@ -57,6 +61,8 @@ MODES = ("exact", "fast")
 # (mean - shift)^2 / var above which the fast mode's one-allreduce form loses more than ~2^20 eps_double of the
 # variance: the exchange is then repeated relative to the mean just found
 _SHIFT_RATIO = float(2 ** 20)
+# the same for float64 data (on any rank): the variance then keeps the bits of the data's own type, within ~2^4 ulp
+_SHIFT_RATIO_F64 = float(2 ** 4)
 # must match the chunk geometry of src/batchnorm.c (BN_CHUNK_BYTES, BN_CL_CHUNK_BYTES, BN_CL_MIN_ROWS, BN_MIN_RUN,
 # BN_CHUNK_MIN_PER_CHANNEL); tests/test_sync.py checks chunk_rows against batch_moments' counts
 _CF_CHUNK_BYTES, _CL_CHUNK_BYTES, _CL_MIN_ROWS, _MIN_RUN, _MIN_PER_CHANNEL = 32768, 256 << 10, 64, 512, 256
@@ -175,9 +181,11 @@ class _Failed:
 
 
 def _attempt(fn, *args):
+    """fn(*args), or its error held in a _Failed: any Exception (a refused argument, an array-like whose conversion
+    raises, a MemoryError), so that this rank still takes part in the exchange; the error is raised after it."""
     try:
         return fn(*args)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001  (re-raised after the exchange)
         return _Failed(e)
 
 
@@ -202,6 +210,14 @@ def _gather(comm, payload, C, what):
     if any(c != C for c in channels):
         raise ValueError(f"{what}: the ranks' inputs have different channel counts {channels}")
     return [p[2:] for p in parts]
+
+
+def _agree(comm, local, C, wide, what):
+    """Fast mode's first step: an allgather of [ok, C, wide] per rank (3 values), so that every rank sees a failed
+    rank or another channel count (the allreduce's length) before the allreduce, which would abort the job on
+    buffers of different lengths, and raises alike. Returns whether any rank's data is float64 (wide)."""
+    heads = _gather(comm, local if isinstance(local, _Failed) else np.array([1.0 if wide else 0.0]), C, what)
+    return any(h.shape[0] > 0 and h[0] == 1.0 for h in heads)
 
 
 def _allreduce(comm, payload, size, what):
@@ -310,7 +326,11 @@ def _sum_in_order(parts, C):
 # ---- the functional form ------------------------------------------------------------------------------------------
 
 def _channels_of(x, layout):
-    shape = np.shape(x)
+    """x's channel count, or 0 where it has none (its own checks then refuse it, inside the exchange)."""
+    try:
+        shape = np.shape(x)
+    except Exception:  # noqa: BLE001  (an array-like whose conversion raises: as_data raises it again, in _attempt)
+        return 0
     if not 2 <= len(shape) <= 5:
         return 0
     return shape[1] if layout == "NCHW" else shape[-1]
@@ -321,17 +341,20 @@ def _local_moments(x, layout):
     return np.concatenate([[float(m.count.shape[0])], m.count, m.shift.ravel(), m.residual.ravel(), m.m2.ravel()])
 
 
-def _local_fast(x, layout, shift):
+def _local_fast(x, layout, shift, wide=None):
+    """[n_r, S1, S2] of this rank's piece relative to shift (see the module's Modes), and whether x is float64
+    (wide is then returned as given)."""
     xa = ck.as_data(x, "x")
     mean_r, var_r = F.batch_stats(xa, layout=layout)
     C = mean_r.shape[0]
     n_r = float(xa.size // C) if C else 0.0
     K = _shift_array(shift, C)
+    wide = xa.dtype == np.float64 if wide is None else wide
     if n_r == 0:
-        return np.zeros(2 * C + 1)
+        return np.zeros(2 * C + 1), wide
     d = mean_r - K
     with np.errstate(over="ignore"):  # (a variance beyond double's range is +Inf already)
-        return np.concatenate([[n_r], n_r * d, n_r * var_r + n_r * d * d])
+        return np.concatenate([[n_r], n_r * d, n_r * var_r + n_r * d * d]), wide
 
 
 def _shift_array(shift, C):
@@ -352,8 +375,8 @@ def sync_batch_stats(x, comm=None, *, layout="NCHW", mode="exact", shift=None):
         leading (batch) size may differ between ranks and be 0.
     comm : see the module's documentation (None: the initialised world).
     mode : "exact" (per-chunk moments gathered and merged in chunk order: bitwise one process's
-        :func:`~bn_simd.batch_stats` when the pieces end on chunk boundaries) or "fast" (one allreduce of
-        2 C + 1 values, relative to ``shift``).
+        :func:`~bn_simd.batch_stats` when the pieces end on chunk boundaries) or "fast" (an allgather of 3 values,
+        then one allreduce of 2 C + 1 values, relative to ``shift``).
     shift : fast mode's shift (C,), the same on every rank (None: zeros); the closer to the mean, the fewer
         bits lost (a second allreduce restores them when it is more than 1000 standard deviations away).
 
@@ -382,25 +405,27 @@ def _exchange_stats(comm, x, C, layout, mode, shift, what):
         return mean, var, n, 0
     K = x if isinstance(x, _Failed) else _attempt(_shift_array, shift, C)
     local = _attempt(_local_fast, x, layout, shift) if not isinstance(K, _Failed) else K
+    wide = _agree(comm, local, C, not isinstance(local, _Failed) and local[1], what)
+    ratio = _SHIFT_RATIO_F64 if wide else _SHIFT_RATIO
     size = 2 * C + 1
-    total = _allreduce(comm, local, size, what)
+    total = _allreduce(comm, local[0], size, what)
     rounds = 1
     n = total[0]
-    if n > 0 and not isinstance(K, _Failed):
-        mean, var, far = _fast_finish(total, K, C)
+    if n > 0:
+        mean, var, far = _fast_finish(total, K, C, ratio)
         if far:
             # the shift was far from the mean for some channel: again, relative to the mean (the same on every rank)
-            total = _allreduce(comm, _local_fast(x, layout, mean), size, what)
+            total = _allreduce(comm, _local_fast(x, layout, mean, wide)[0], size, what)
             rounds = 2
-            mean, var, _ = _fast_finish(total, mean, C)
+            mean, var, _ = _fast_finish(total, mean, C, ratio)
     else:
         mean = var = np.full(C, np.nan)
     return mean, var, int(n), rounds
 
 
-def _fast_finish(total, K, C):
+def _fast_finish(total, K, C, ratio):
     """From the summed [n, S1, S2] relative to K: mean = K + S1 / n, var = (S2 - S1^2 / n) / n, and whether the
-    subtraction lost more than 2^20 eps_double of the variance ((mean - K)^2 > 2^20 var)."""
+    subtraction lost more than about ratio eps_double of the variance ((mean - K)^2 > ratio var)."""
     n, s1, s2 = total[0], total[1:1 + C], total[1 + C:]
     with np.errstate(over="ignore", invalid="ignore"):
         m = s1 / n
@@ -410,7 +435,7 @@ def _fast_finish(total, K, C):
         m2 = np.where(np.isnan(m2) & (s2 == np.inf) & np.isfinite(s1), np.inf, m2)
     var = np.maximum(m2, 0.0) / n
     with np.errstate(invalid="ignore"):
-        far = bool(np.any(between > _SHIFT_RATIO * np.maximum(m2, 0.0)))
+        far = bool(np.any(between > ratio * np.maximum(m2, 0.0)))
     return K + m, var, far
 
 
@@ -421,8 +446,8 @@ def sync_backward_reduce(grad_out, x, mean, comm=None, *, layout="NCHW", mode="e
     grad_out, x : the rank's pieces, same shape and dtype (float32/float64) in ``layout``.
     mean : (C,) the batch mean every rank shares (from :func:`sync_batch_stats`).
     mode : "exact" (per-chunk sums gathered and added in chunk order: bitwise one process's
-        :func:`~bn_simd.backward_reduce` when the pieces end on chunk boundaries) or "fast" (one allreduce of
-        2 C + 1 values: the count and the two sums).
+        :func:`~bn_simd.backward_reduce` when the pieces end on chunk boundaries) or "fast" (an allgather of 3
+        values, then one allreduce of 2 C + 1 values: the count and the two sums).
 
     Raises as :func:`sync_batch_stats`.
     """
@@ -460,7 +485,8 @@ def _exchange_grad(comm, grad_out, x, mean, C, layout, mode, what, failed=None, 
             own[:] = [_sum_in_order(mine[:, 0], C), _sum_in_order(mine[:, 1], C)]
         return _sum_in_order(parts[:, 0], C), _sum_in_order(parts[:, 1], C), n
     local = failed or _attempt(_local_grad_sums, grad_out, x, mean, layout)
-    if own is not None and not isinstance(local, _Failed):  # (before the allreduce, which may reduce in place)
+    _agree(comm, local, C, False, what)
+    if own is not None:  # (before the allreduce, which may reduce in place)
         own[:] = [local[1:1 + C].copy(), local[1 + C:].copy()]
     total = _allreduce(comm, local, 2 * C + 1, what)
     return total[1:1 + C].copy(), total[1 + C:].copy(), int(total[0])
@@ -478,11 +504,36 @@ def sync_batch_norm_forward(x, weight=None, bias=None, comm=None, *, eps=1e-5, l
     _check_mode(mode)
     layout = ck.check_layout(layout)
     comm = as_communicator(comm)
-    mean, var, n, _ = _exchange_stats(comm, x, _channels_of(x, layout), layout, mode, shift,
-                                      "sync_batch_norm_forward")
+    C = _channels_of(x, layout)
+    xa = _attempt(_forward_checks, x, weight, bias, eps, layout, out, C)
+    mean, var, n, _ = _exchange_stats(comm, xa, C, layout, mode, shift, "sync_batch_norm_forward")
     _check_count(n, np.shape(x))
-    y = F.normalize(x, mean, var, weight, bias, eps=eps, layout=layout, out=out)
+    y = F.normalize(xa, mean, var, weight, bias, eps=eps, layout=layout, out=out)
     return y, mean, 1.0 / np.sqrt(var + ck.check_eps(eps)), n
+
+
+def _forward_checks(x, weight, bias, eps, layout, out, C):
+    """The checks of sync_batch_norm_forward's normalise, on this rank before the exchange (a refusal there would
+    leave the other ranks a step ahead); returns x as the kernels read it."""
+    xa = ck.as_data(x, "x")
+    ck.per_channel(weight, "weight", C)
+    ck.per_channel(bias, "bias", C)
+    ck.check_eps(eps)
+    if out is not None:
+        ck.check_out(out, xa, [("x", xa)])
+    return xa
+
+
+def _backward_checks(grad_out, x, mean, invstd, weight, out, C):
+    """The checks of sync_batch_norm_backward's apply, on this rank before the exchange (as _forward_checks)."""
+    xa, g = ck.as_data(x, "x"), ck.as_data(grad_out, "grad_out")
+    for v, name in ((mean, "mean"), (invstd, "invstd")):
+        if ck.per_channel(v, name, C) is None:
+            raise TypeError(f"{name} must be an array of shape ({C},), got None")
+    ck.per_channel(weight, "weight", C)
+    if out is not None:
+        ck.check_out(out, xa, [("grad_out", g), ("x", xa)])
+    return None
 
 
 def _check_count(n, shape):
@@ -507,7 +558,8 @@ def sync_batch_norm_backward(grad_out, x, mean, invstd, weight=None, comm=None, 
     layout = ck.check_layout(layout)
     comm = as_communicator(comm)
     C = _channels_of(x, layout)
-    sdy, sdyx, n = _exchange_grad(comm, grad_out, x, mean, C, layout, mode, "sync_batch_norm_backward")
+    failed = _attempt(_backward_checks, grad_out, x, mean, invstd, weight, out, C)
+    sdy, sdyx, n = _exchange_grad(comm, grad_out, x, mean, C, layout, mode, "sync_batch_norm_backward", failed=failed)
     return _apply_grad(grad_out, x, mean, invstd, weight, sdy, sdyx, n, layout, out)
 
 

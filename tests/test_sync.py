@@ -286,7 +286,7 @@ def test_out_in_place_gives_the_same_bits():
 
 # ---- the fast mode ------------------------------------------------------------------------------------------------
 
-def test_fast_mode_sends_one_allreduce_of_2c_plus_1_values_each_way():
+def test_fast_mode_sends_an_allgather_of_3_and_an_allreduce_of_2c_plus_1_values_each_way():
     C = 5
     x = make_input((8, C, 6, 6), "NCHW", np.float32, seed=1)
     comms = make_comms(2)
@@ -298,8 +298,8 @@ def test_fast_mode_sends_one_allreduce_of_2c_plus_1_values_each_way():
 
     run_ok(2, fn, comms)
     for comm in comms:
-        assert comm.calls == [("allreduce", 2 * C + 1), ("allreduce", 2 * C + 1)]
-        assert comm.bytes_sent == 2 * 8 * (2 * C + 1)
+        assert comm.calls == [("allgather", 3), ("allreduce", 2 * C + 1)] * 2
+        assert comm.bytes_sent == 2 * 8 * (2 * C + 1 + 3)
 
 
 def test_exact_mode_bytes_are_the_documented_ones():
@@ -336,7 +336,7 @@ def test_fast_mode_keeps_the_variance_of_a_far_mean(dtype):
     got = run_ok(2, fn, comms)
     mean, var, n = ref.stats(x)
     for layer, first, later, v in got:
-        assert first == 2 and later == 2 + 1
+        assert first == 3 and later == 3 + 2   # (an allgather, then one allreduce, or two: the second relative)
         np.testing.assert_allclose(v, var, rtol=1e-9)
         rv = ref.update_running(*ref.update_running(np.zeros(C), np.ones(C), mean, var, n, 0.1), mean, var, n, 0.1)[1]
         np.testing.assert_allclose(layer.running_var, rv, rtol=1e-9)
@@ -632,3 +632,85 @@ def test_a_rank_with_an_attribute_syncbatchnorm_lacks_is_refused_and_the_others_
     _, errors = run_ranks(2, rank)
     assert isinstance(errors[0], ValueError) and "SyncBatchNorm has no fused activation" in str(errors[0])
     assert isinstance(errors[1], RuntimeError) and "refused" in str(errors[1])
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("case", ["functional", "layer", "rank 1"])
+def test_another_channel_count_raises_on_every_rank_in_both_modes(case, mode):
+    """fast mode's allreduce length is 2 C + 1: another channel count (or a refused 1-d input) on one rank is found
+    by its allgather of three values first, and raised on every rank, instead of aborting the job."""
+    x = make_input((4, 3, 8), "NCHW", np.float32, seed=2)
+    x4 = make_input((4, 4, 8), "NCHW", np.float32, seed=3)
+
+    def fn(r, comm):
+        if case == "functional":
+            return bn_simd.sync_batch_stats(x if r == 0 else x4, comm, mode=mode)
+        if case == "layer":
+            return bn_simd.SyncBatchNorm(3 + r, comm=comm, mode=mode)(x if r == 0 else x4)
+        return bn_simd.sync_batch_stats(x if r == 0 else x[0, 0], comm, mode=mode)
+
+    _, errors = run_ranks(2, fn)
+    if case == "rank 1":
+        assert isinstance(errors[1], ValueError) and "dimensions" in str(errors[1])
+        assert isinstance(errors[0], RuntimeError) and "refused" in str(errors[0])
+    else:
+        for e in errors:
+            assert isinstance(e, ValueError) and "different channel counts [3, 4]" in str(e)
+
+
+class _Unreadable:
+    """An array-like whose conversion raises something other than TypeError/ValueError."""
+
+    def __array__(self, dtype=None, copy=None):
+        raise RuntimeError("cannot read this")
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_any_exception_of_a_ranks_own_checks_takes_part_in_the_exchange(mode):
+    x = make_input((4, 3, 8), "NCHW", np.float32, seed=4)
+
+    def fn(r, comm):
+        return bn_simd.sync_batch_norm_forward(x if r == 0 else _Unreadable(), None, None, comm, mode=mode)
+
+    _, errors = run_ranks(2, fn)
+    assert isinstance(errors[1], RuntimeError) and "cannot read this" in str(errors[1])
+    assert isinstance(errors[0], RuntimeError) and "refused" in str(errors[0])
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_functional_arguments_are_checked_before_the_exchange(mode):
+    """A weight, bias, eps or out refused on one rank is raised there and RuntimeError on the others, forward and
+    backward: none of them leaves the exchange a step ahead."""
+    C = 3
+    x = make_input((4, C, 8), "NCHW", np.float32, seed=5)
+    bad_forward = [dict(weight=np.ones(C + 1)), dict(bias=np.ones((C, 1))), dict(eps=-1.0),
+                   dict(out=np.empty((4, C, 7), np.float32))]
+    for kw in bad_forward:
+        def fwd(r, comm):
+            return bn_simd.sync_batch_norm_forward(x, comm=comm, mode=mode, **(kw if r == 1 else {}))
+
+        _, errors = run_ranks(2, fwd)
+        assert isinstance(errors[1], (ValueError, TypeError)), kw
+        assert isinstance(errors[0], RuntimeError) and "refused" in str(errors[0]), kw
+    y, mean, invstd, n = run_ok(1, lambda r, comm: bn_simd.sync_batch_norm_forward(x, comm=comm, mode=mode))[0]
+    for kw in [dict(weight=np.ones(C + 1)), dict(invstd=np.ones(C + 1)), dict(out=np.empty((4, C, 9), np.float32))]:
+        def bwd(r, comm):
+            args = dict(weight=None, invstd=invstd)
+            args.update(kw if r == 0 else {})
+            return bn_simd.sync_batch_norm_backward(x, x, mean, args.pop("invstd"), comm=comm, mode=mode, **args)
+
+        _, errors = run_ranks(2, bwd)
+        assert isinstance(errors[0], (ValueError, TypeError)), kw
+        assert isinstance(errors[1], RuntimeError) and "refused" in str(errors[1]), kw
+
+
+def test_fast_mode_keeps_float64_statistics_to_float64s_rounding():
+    """float64 data with mean / std = 700 and the first call's shift of 0: the exchange is repeated relative to the
+    mean (2^4 std from the shift in float64), so the variance is one process's within a few ulp, not 2^20."""
+    x = make_input((8, 3, 64), "NCHW", np.float64, seed=6, loc=700.0, scale=1.0)
+    got = run_ok(2, lambda r, comm: bn_simd.sync_batch_stats(x[4 * r:4 * r + 4], comm, mode="fast"))
+    mean1, var1 = bn_simd.batch_stats(x)
+    for mean, var, n in got:
+        assert n == 4 * 64 * 2
+        assert np.max(np.abs(var - var1) / var1) <= 64 * np.finfo(np.float64).eps
+        assert np.max(np.abs(mean - mean1) / np.abs(mean1)) <= 4 * np.finfo(np.float64).eps

@@ -447,3 +447,48 @@ def test_an_all_empty_batch_gives_zero_parameter_gradients(mode):
 
     for gw, gb in run_ok(2, fn):
         assert torch.equal(gw, torch.zeros(3)) and torch.equal(gb, torch.zeros(3))
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("what", ["momentum", "weight", "running_mean", "num_features"])
+def test_a_module_refused_on_one_rank_raises_there_before_the_exchange(what, mode):
+    """momentum and the parameters' and running statistics' shapes are checked before the statistics' exchange (a
+    rank refused after it left the others a step ahead, their collectives then out of step), and the num_features
+    of another rank (fast mode's allreduce length) is found by the exchange's first step; nothing changes."""
+    def fn(r, comm):
+        m = bt.SyncBatchNorm(3 + (what == "num_features" and r == 1), process_group=comm, mode=mode)
+        if r == 1 and what == "momentum":
+            m.momentum = 2.0
+        if r == 1 and what == "weight":
+            m.weight = torch.nn.Parameter(torch.ones(4))
+        if r == 1 and what == "running_mean":
+            m.running_mean = torch.zeros(4)
+        x = torch.randn(4, m.num_features, 5)
+        try:
+            return m(x)
+        finally:
+            assert int(m.num_batches_tracked) == 0 and not m.running_mean.any() and (m.running_var == 1).all()
+
+    _, errors = run_ranks(2, fn)
+    if what == "num_features":
+        for e in errors:
+            assert isinstance(e, ValueError) and "different channel counts [3, 4]" in str(e)
+        return
+    assert isinstance(errors[1], ValueError) and what in str(errors[1])
+    assert isinstance(errors[0], RuntimeError) and "refused" in str(errors[0])
+
+
+def test_a_rank_outside_its_process_group_normalises_alone():
+    """torch.distributed.new_group returns an int sentinel on the ranks outside the group: PyTorch's SyncBatchNorm is
+    built with it and normalises such a rank's batch alone (world size -1); so does this one."""
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    outside = dist.GroupMember.NON_GROUP_MEMBER
+    torch.manual_seed(9)
+    x = torch.randn(4, 3, 5)
+    for m in (bt.SyncBatchNorm(3, process_group=outside),
+              bt.SyncBatchNorm.convert_sync_batchnorm(torch.nn.BatchNorm1d(3), outside)):
+        ref = torch.nn.BatchNorm1d(3)
+        torch.testing.assert_close(m(x), ref(x))
+        torch.testing.assert_close(m.running_var, ref.running_var)

@@ -90,9 +90,19 @@ def _wide(t):
     return t.float() if t.dtype in B.HALF else t
 
 
+def _non_member(process_group):
+    """process_group is what torch.distributed.new_group returns on a rank outside the group (an int sentinel)."""
+    dist = torch.distributed
+    return dist.is_available() and type(process_group) is int and \
+        process_group == dist.GroupMember.NON_GROUP_MEMBER
+
+
 def _communicator(process_group):
     """The protocol object of a sync call, or None when PyTorch's rules do not synchronise: no process group
-    given and torch.distributed not initialised, or a group of one process."""
+    given and torch.distributed not initialised, a group of one process, or a rank outside the group (PyTorch's
+    world size -1 there)."""
+    if _non_member(process_group):
+        return None
     if process_group is not None and not isinstance(process_group, _process_group_type()):
         return S.as_communicator(process_group)  # (a protocol object: always synchronised)
     dist = torch.distributed
@@ -113,9 +123,11 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
 
     Constructor as PyTorch's (num_features, eps, momentum, affine, track_running_stats, process_group, device,
     dtype, bias) plus keyword ``mode``: "exact" (per-chunk moments merged in the whole batch's chunk order: bitwise
-    one process when the pieces end on chunk boundaries, see :func:`bn_simd.sync.chunk_rows`) or "fast" (one
-    allreduce of 2 C + 1 float64 each way). ``process_group``: a ``torch.distributed`` process group with a CPU
-    backend (gloo), None (the default group), or an object implementing :mod:`bn_simd.sync`'s communicator protocol.
+    one process when the pieces end on chunk boundaries, see :func:`bn_simd.sync.chunk_rows`) or "fast" (an
+    allgather of 3 values, then one allreduce of 2 C + 1 float64 each way). ``process_group``: a
+    ``torch.distributed`` process group with a CPU backend (gloo), None (the default group), or an object
+    implementing :mod:`bn_simd.sync`'s communicator protocol; on a rank outside the group (``new_group``'s sentinel
+    there) the module normalises that rank's batch alone, as PyTorch's.
 
     Input (N, C, *spatial) of rank 2..5, float32/float64 on the CPU, contiguous or channels-last (read in place; the
     output keeps the input's memory format); float16/bfloat16 input (parameters of its dtype or float32) is widened to a
@@ -144,7 +156,8 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         S._check_mode(mode)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
                          **kwargs)
-        if process_group is not None and not isinstance(process_group, _process_group_type()):
+        if process_group is not None and not isinstance(process_group, _process_group_type()) and \
+                not _non_member(process_group):
             S.as_communicator(process_group)  # (refuse a wrong type now, not at the first call)
         self.mode = mode
 
@@ -198,6 +211,18 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             raise ValueError(f"input must have num_features = {self.num_features} channels (axis 1), got shape "
                              f"{tuple(input.shape)}")
 
+    def _check_state(self, tensors):
+        """The checks the synchronised call's normalise and update make after the exchange, made before it (a rank
+        refused there would leave the others a step ahead): the parameters' and running statistics' shapes, and a
+        momentum the update takes."""
+        C = self.num_features
+        for name, t in zip(("running_mean", "running_var", "weight", "bias"), tensors):
+            if t is not None and tuple(t.shape) != (C,):
+                raise ValueError(f"{name} must have shape ({C},) (num_features), got {tuple(t.shape)}")
+        if tensors[0] is not None:
+            _args.check_momentum(self.momentum, True)
+        _args.check_eps(self.eps)
+
     def _sync_views(self, input, tensors):
         """The checks of a synchronised call on this rank: the ndarrays of tensors, or None for input PyTorch's own
         SyncBatchNorm serves (not on the CPU, with a torch.distributed group); raises TypeError / ValueError for input
@@ -211,8 +236,10 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                 views = tuple(B.vec(t) for t in tensors)
             if views is not None:
                 self._check_channels(input)
+                self._check_state(tensors)
                 return views
-        if isinstance(self.process_group, _process_group_type()) or self.process_group is None:
+        if isinstance(self.process_group, _process_group_type()) or self.process_group is None or \
+                _non_member(self.process_group):
             if not input.is_cpu or torch.jit.is_tracing() or torch.compiler.is_compiling():
                 return None  # (graph capture records PyTorch's operator, which says what it takes)
         self._check_channels(input)
