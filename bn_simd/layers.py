@@ -24,6 +24,14 @@ def forward_copy(a):
     return None if a is None else np.array(a)
 
 
+def set_param_grads(layer, gw, gb):
+    """A backward's grad_weight / grad_bias on an affine layer, in its dtype; None for a parameter it does not hold
+    (bias=False, or weight / bias set to None after construction), as PyTorch gives a None parameter no gradient."""
+    if layer.affine:
+        layer.grad_weight = None if layer.weight is None else gw.astype(layer.dtype)
+        layer.grad_bias = None if layer.bias is None else gb.astype(layer.dtype)
+
+
 class ForwardStep:
     """``with ForwardStep(layer, count):`` around a forward's work. Entering drops the last forward's saved state
     (``_saved``) and, when count, counts the batch in num_batches_tracked first, as PyTorch's BatchNorm counts before
@@ -274,10 +282,7 @@ class BatchNorm(_Layer):
 
     def reset_parameters(self):
         self.reset_running_stats()
-        if self.affine:
-            self.weight.fill(1)
-            if self.bias is not None:
-                self.bias.fill(0)
+        _reset_affine(self)
 
     # ---- forward / backward --------------------------------------------------------------------------------
     def _check_input(self, x):
@@ -386,9 +391,7 @@ class BatchNorm(_Layer):
             gx, gw, gb, self.grad_residual = _core.batch_norm_backward_epi(grad_out, x, mean, var, eps, w, b, lay,
                                                                            out, training, act, residual, F._threads(),
                                                                            grad_residual_out)
-            if self.affine:
-                self.grad_weight = gw.astype(self.dtype)
-                self.grad_bias = gb.astype(self.dtype) if self.bias is not None else None
+            set_param_grads(self, gw, gb)
             return gx
         _no_residual(grad_residual_out)
         if not isinstance(self._saved, tuple):  # a forward with virtual batches or renormalization
@@ -402,9 +405,7 @@ class BatchNorm(_Layer):
         else:
             gx, gw, gb = _masked.backward(grad_out, x, mean, invstd, self._fwd_weight, lay, out, mask,
                                           F._threads())
-        if self.affine:
-            self.grad_weight = gw.astype(self.dtype)
-            self.grad_bias = gb.astype(self.dtype) if self.bias is not None else None
+        set_param_grads(self, gw, gb)
         return gx
 
     def _check_state(self):
@@ -433,25 +434,21 @@ class BatchNorm(_Layer):
 
     # ---- state ---------------------------------------------------------------------------------------------
     def state_dict(self):
-        """Copies of the state under PyTorch's keys: weight, bias (affine), running_mean, running_var,
-        num_batches_tracked (track_running_stats; a 0-d int64 array)."""
+        """Copies of the state under PyTorch's keys: weight, bias (affine; a parameter set to None is left out, as
+        PyTorch leaves out a None parameter), running_mean, running_var, num_batches_tracked (track_running_stats; a
+        0-d int64 array)."""
         d = {}
-        if self.affine:
-            d["weight"] = self.weight.copy()
-            if self.bias is not None:
-                d["bias"] = self.bias.copy()
-        for k in self._state_keys():  # the statistics the layer holds, as PyTorch's buffers
+        for k in self._state_keys():  # the parameters and the statistics the layer holds, as PyTorch's buffers
             if k == "num_batches_tracked":
                 d[k] = np.array(self.num_batches_tracked, dtype=np.int64)
-            elif k not in ("weight", "bias"):
+            else:
                 d[k] = getattr(self, k).copy()
         return d
 
     def _state_keys(self):
         held = [k for k in ("running_mean", "running_var", "num_batches_tracked") if getattr(self, k) is not None]
         extra = ["running_std", "renorm_mean", "renorm_std"] if getattr(self, "renorm", False) else []
-        params = ["weight"] + (["bias"] if self.bias is not None else []) if self.affine else []
-        return params + held + extra
+        return _param_keys(self) + held + extra
 
     @property
     def _channels(self):
@@ -466,6 +463,21 @@ class BatchNorm(_Layer):
                 f"affine={self.affine}, {'' if self.bias is not None or not self.affine else 'bias=False, '}"
                 f"track_running_stats={self.track_running_stats}, {where}, dtype={self.dtype.name}{extras}"
                 f"{'' if getattr(self, 'activation', None) is None else f', activation={self.activation!r}'})")
+
+
+def _param_keys(layer):
+    """The state keys of an affine layer's parameters: weight and bias, but a None one (bias=False, or set to None
+    after construction: PyTorch's state_dict and load_state_dict skip a None parameter)."""
+    return [k for k in ("weight", "bias") if getattr(layer, k) is not None] if layer.affine else []
+
+
+def _reset_affine(layer):
+    """reset_parameters' weight to ones and bias to zeros (affine; a None one stays None)."""
+    if layer.affine:
+        if layer.weight is not None:
+            layer.weight.fill(1)
+        if layer.bias is not None:
+            layer.bias.fill(0)
 
 
 def _momentum_type(m):
@@ -510,7 +522,8 @@ def _batched_grad(grad_out, out, x, unbatched):
 class _InstanceNorm(BatchNorm):
     """Instance normalization: each (sample, channel) over its spatial positions (``torch.nn.InstanceNorm2d``).
 
-    Parameters as :class:`BatchNorm`, with PyTorch's defaults affine=False and track_running_stats=False. With
+    Parameters as :class:`BatchNorm`, with PyTorch's defaults affine=False and track_running_stats=False (and
+    ``bias=False``, PyTorch 2.x's: with affine=True a learnable ``weight`` and no ``bias``). With
     track_running_stats=True, a training-mode call updates running_mean / running_var with the batch averages of
     the instance statistics (the variance unbiased; momentum=None updates nothing, as in PyTorch), and an eval-mode
     call normalises with them. Unbatched input (one dimension less: (C, *spatial)) is accepted and returned
@@ -527,13 +540,18 @@ class _InstanceNorm(BatchNorm):
     _ranks = (3, 4, 5)
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False, *,
-                 layout="NCHW", dtype=np.float32, activation=None):
+                 layout="NCHW", dtype=np.float32, activation=None, bias=True):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, layout=layout, dtype=dtype,
-                         activation=activation)
+                         activation=activation, bias=bias)
 
     def _batched(self, x):
         a = ck.as_data(x, "x", half=True)
         if a.ndim == self._ranks[0] - 1:
+            C = a.shape[0] if self.layout == "NCHW" else a.shape[-1]
+            if C != self.num_features:  # (checked here: the message shows the caller's shape, not the batched one)
+                axis = "0" if self.layout == "NCHW" else "-1"
+                raise ValueError(f"x must have {self.num_features} channels on axis {axis} (layout {self.layout!r}), "
+                                 f"got {C} in shape {a.shape}")
             return a[np.newaxis], True
         return a, False
 
@@ -616,8 +634,7 @@ class _InstanceNorm(BatchNorm):
         else:
             gx, gw, gb = F.batch_norm_backward(g, x, mean, invstd, self._fwd_weight, layout=self.layout, out=out,
                                                training=False)
-        if self.affine:
-            self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
+        set_param_grads(self, gw, gb)
         return gx[0] if unbatched else gx
 
     def _backward_epilogue(self, grad_out, out, gro):
@@ -634,8 +651,7 @@ class _InstanceNorm(BatchNorm):
         else:
             gx, gw, gb, gr = _core.batch_norm_backward_epi(g, x, mean, var, eps, w, b, self.layout, out, False, act,
                                                            residual, F._threads(), gro)
-        if self.affine:
-            self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
+        set_param_grads(self, gw, gb)
         self.grad_residual = given if given is not None else None if gr is None else gr[0] if unbatched else gr
         return gx[0] if unbatched else gx
 
@@ -666,6 +682,8 @@ class GroupNorm(_Layer):
     affine : bool, learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
     layout : "NCHW" (channels on axis 1) or "NHWC" (channels last).
     dtype : float32 or float64, the dtype of the parameters.
+    bias : bool (PyTorch 2.x), as :class:`BatchNorm`'s: False with affine=True, a learnable ``weight`` and no ``bias``
+        (None; no ``bias`` key in the state dict, ``grad_bias`` stays None).
 
     activation : None, "relu", "relu6", ("leaky_relu", slope), ("clamp", lo, hi) or "silu", as :class:`BatchNorm`'s:
         the layer returns act(group_norm(x) + residual), fused into the normalise sweep, and ``backward``
@@ -678,7 +696,7 @@ class GroupNorm(_Layer):
     """
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, layout="NCHW", dtype=np.float32,
-                 activation=None):
+                 activation=None, bias=True):
         _epi.parse(activation)
         self.activation = activation
         for name, v in (("num_groups", num_groups), ("num_channels", num_channels)):
@@ -695,15 +713,13 @@ class GroupNorm(_Layer):
         self.layout = ck.check_layout(layout)
         self.dtype = dt
         self.weight = np.ones(self.num_channels, dt) if self.affine else None
-        self.bias = np.zeros(self.num_channels, dt) if self.affine else None
+        self.bias = np.zeros(self.num_channels, dt) if self.affine and bias else None
         self.grad_weight = self.grad_bias = self.grad_residual = None
         self.training = True
         self._saved = self._fwd_weight = None  # (the last forward's state; its weight, copied)
 
     def reset_parameters(self):
-        if self.affine:
-            self.weight.fill(1)
-            self.bias.fill(0)
+        _reset_affine(self)
 
     def _check_state(self):
         for name in ("weight", "bias"):
@@ -751,24 +767,23 @@ class GroupNorm(_Layer):
             gx, gw, gb, self.grad_residual = _core.group_backward_epi(grad_out, x, mean, var, eps, self.num_groups, w,
                                                                       b, self.layout, out, act, residual,
                                                                       F._threads(), False, grad_residual_out)
-            if self.affine:
-                self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
+            set_param_grads(self, gw, gb)
             return gx
         _no_residual(grad_residual_out)
         x, mean, invstd = self._saved
         self.grad_residual = None
         gx, gw, gb = groups.group_norm_backward(grad_out, x, mean, invstd, self.num_groups, self._fwd_weight,
                                                 layout=self.layout, out=out)
-        if self.affine:
-            self.grad_weight, self.grad_bias = gw.astype(self.dtype), gb.astype(self.dtype)
+        set_param_grads(self, gw, gb)
         return gx
 
     def state_dict(self):
-        """Copies of weight and bias (affine), PyTorch's keys."""
-        return {"weight": self.weight.copy(), "bias": self.bias.copy()} if self.affine else {}
+        """Copies of weight and bias (affine; bias=False, or a parameter set to None: left out, as PyTorch's), PyTorch's
+        keys."""
+        return {k: getattr(self, k).copy() for k in self._state_keys()}
 
     def _state_keys(self):
-        return ["weight", "bias"] if self.affine else []
+        return _param_keys(self)
 
     @property
     def _channels(self):
@@ -776,5 +791,6 @@ class GroupNorm(_Layer):
 
     def __repr__(self):
         act = "" if self.activation is None else f", activation={self.activation!r}"
-        return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+        nobias = ", bias=False" if self.affine and self.bias is None else ""
+        return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}{nobias}, "
                 f"layout={self.layout!r}, dtype={self.dtype.name}{act})")

@@ -344,6 +344,7 @@ def layer_forward(layer, x, out, saved_x, update, momentum):
 
 def layer_backward(layer, grad_out, out):
     """The backward of :func:`layer_forward`: returns grad_x and sets the layer's grad_weight / grad_bias."""
+    from .layers import set_param_grads
     sv = layer._saved
     split = Split(sv.x, layer.layout, sv.virtual_batch_size)
     G, C = split.G, split.C
@@ -353,6 +354,5 @@ def layer_backward(layer, grad_out, out):
     else:
         gx, sdx, sdy = train_backward(split, grad_out, mean, invstd, layer._fwd_weight, out, scale=sv.r)
         gw, gb = sv.r * sdx + sv.d * sdy, sdy
-    if layer.affine:
-        layer.grad_weight, layer.grad_bias = gw.astype(layer.dtype), gb.astype(layer.dtype)
+    set_param_grads(layer, gw, gb)  # (as the plain backward's: none for a parameter the layer lacks, bias=False's)
     return gx

@@ -78,6 +78,7 @@ class _RowNorm:
         """Normalise x (float32 or float64, trailing dims ``normalized_shape``; channels-first: (N, C, *spatial));
         returns y (``out`` if given, which may be x). Keeps what :meth:`backward` needs. residual: an array like x
         added before the layer's activation, y = act(norm(x) + residual) (the layer keeps a reference to it)."""
+        x = ck.as_data(x, "x", half=True)  # (an array before the copy below: x may be a tensor or a list)
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         act = _epi.parse(self.activation)
         with ForwardStep(self):
@@ -129,8 +130,9 @@ class _RowNorm:
 
     def load_state_dict(self, state_dict, strict=True):
         """Load a dict from :meth:`state_dict` or from the PyTorch layer's (tensors are converted). Every entry is
-        checked (shape normalized_shape, floating dtype) before anything is assigned; strict=True also rejects
-        missing and unexpected keys. Values are copied into the layer's own arrays, in its dtype (as PyTorch's)."""
+        checked (shape normalized_shape, a floating dtype: float16 and bfloat16 too, as the other layers take) before
+        anything is assigned; strict=True also rejects missing and unexpected keys. Values are copied into the layer's
+        own arrays, in its dtype (as PyTorch's)."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         keys = self._state_keys()
@@ -144,8 +146,8 @@ class _RowNorm:
             if v is None:
                 raise TypeError(f"state_dict[{k!r}] must be an array of shape {self.normalized_shape}, got None")
             a = ck.to_ndarray(v, k)
-            if a.dtype.kind != "f":
-                raise TypeError(f"state_dict[{k!r}] must have a floating-point dtype, got {a.dtype}")
+            # (the float check of the other layers' loaders: bfloat16, whose dtype kind is "V", too)
+            ck.per_channel(a.reshape(-1), f"state_dict[{k!r}]", a.size)
             if a.shape != self.normalized_shape:
                 raise ValueError(f"state_dict[{k!r}] must have shape {self.normalized_shape}, got {a.shape}")
             staged[k] = np.array(a, dtype=self.dtype)

@@ -55,7 +55,7 @@ import numpy as np
 
 from . import _args as ck
 from . import functional as F
-from .layers import BatchNorm, ForwardStep, _no_residual, forward_copy
+from .layers import BatchNorm, ForwardStep, _no_residual, forward_copy, set_param_grads
 
 MODES = ("exact", "fast")
 # (mean - shift)^2 / var above which the fast mode's one-allreduce form loses more than ~2^20 eps_double of the
@@ -583,7 +583,7 @@ class SyncBatchNorm(BatchNorm):
     """Batch normalization over the batch that several processes' pieces form (``torch.nn.SyncBatchNorm``, on CPU).
 
     Parameters as :class:`~bn_simd.BatchNorm` (num_features, eps, momentum, affine, track_running_stats, layout,
-    dtype, unbiased_running_var), and
+    dtype, unbiased_running_var, bias), and
     comm : an mpi4py communicator, a torch.distributed process group, an object implementing the protocol of
         :mod:`bn_simd.sync`, or None: the world of whichever library is initialised, looked up at each call.
     mode : "exact" or "fast" (see :mod:`bn_simd.sync`).
@@ -599,9 +599,9 @@ class SyncBatchNorm(BatchNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *, comm=None,
-                 layout="NCHW", dtype=np.float32, mode="exact", unbiased_running_var=True):
+                 layout="NCHW", dtype=np.float32, mode="exact", unbiased_running_var=True, bias=True):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, layout=layout, dtype=dtype,
-                         unbiased_running_var=unbiased_running_var)
+                         unbiased_running_var=unbiased_running_var, bias=bias)
         if comm is not None:
             as_communicator(comm)  # (refuse a wrong type now, not at the first call)
         self.comm = comm
@@ -713,9 +713,7 @@ class SyncBatchNorm(BatchNorm):
         sdy, sdyx, _ = _exchange_grad(comm, grad_out, x, mean, self.num_features, self.layout, self.mode,
                                       "SyncBatchNorm.backward", failed)
         gx, gw, gb = _apply_grad(grad_out, x, mean, invstd, self._fwd_weight, sdy, sdyx, n, self.layout, out)
-        if self.affine:
-            self.grad_weight = gw.astype(self.dtype)
-            self.grad_bias = gb.astype(self.dtype) if self.bias is not None else None  # (a layer without bias)
+        set_param_grads(self, gw, gb)
         return gx
 
     def __repr__(self):

@@ -714,3 +714,28 @@ def test_fast_mode_keeps_float64_statistics_to_float64s_rounding():
         assert n == 4 * 64 * 2
         assert np.max(np.abs(var - var1) / var1) <= 64 * np.finfo(np.float64).eps
         assert np.max(np.abs(mean - mean1) / np.abs(mean1)) <= 4 * np.finfo(np.float64).eps
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_bias_false_is_pytorchs_and_a_none_weight_has_no_gradient(mode):
+    """bias=False (PyTorch 2.x's keyword): no bias, no "bias" key, grad_bias None; a weight set to None: no
+    grad_weight, as PyTorch gives a None parameter none."""
+    x = make_input((6, 3, 8), "NCHW", np.float32, seed=7)
+
+    def fn(r, comm):
+        layer = bn_simd.SyncBatchNorm(3, comm=comm, mode=mode, bias=False)
+        assert layer.bias is None and "bias" not in layer.state_dict()
+        layer(x[3 * r:3 * r + 3])
+        layer.backward(x[3 * r:3 * r + 3])
+        nobody = bn_simd.SyncBatchNorm(3, comm=comm, mode=mode)
+        nobody.weight = None
+        nobody(x[3 * r:3 * r + 3])
+        nobody.backward(x[3 * r:3 * r + 3])
+        return layer.grad_weight, layer.grad_bias, nobody.grad_weight, nobody.grad_bias
+
+    one = bn_simd.BatchNorm(3, bias=False)
+    one(x)
+    one.backward(x)
+    for gw, gb, ngw, ngb in run_ok(2, fn):
+        assert gb is None and ngw is None and ngb is not None
+        np.testing.assert_allclose(gw, one.grad_weight, rtol=1e-6, atol=1e-6)
