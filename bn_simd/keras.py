@@ -15,6 +15,7 @@ functional calls of :mod:`bn_simd.renorm` and :mod:`bn_simd.virtual`.
     >>> gx = layer.backward(np.ones_like(y))                # sets layer.grad_gamma, layer.grad_beta
     >>> gamma, beta, moving_mean, moving_variance = layer.get_weights()
 """
+import math
 import numbers
 
 import numpy as np
@@ -27,15 +28,40 @@ from .renorm import (batch_renorm_backward, batch_renorm_forward, check_clipping
                      update_renorm_stats)
 from .virtual import check_virtual_batch_size, virtual_batch_norm_backward, virtual_batch_norm_forward
 
-_KERAS_INERT = {  # Keras arguments this layer leaves out, taken by from_config when they hold Keras' default
+_KERAS_INERT = {  # Keras arguments this layer leaves out, taken (constructor, from_config) at Keras' default only
     "beta_regularizer": None, "gamma_regularizer": None, "beta_constraint": None, "gamma_constraint": None,
     "synchronized": False,
 }
+_MIXED = ("mixed_float16", "mixed_bfloat16")  # Keras' mixed policies: float32 variables, 16-bit computation
+
+
+def _check_inert(name, value):
+    """A Keras argument of _KERAS_INERT must hold its default (None; synchronized False)."""
+    default = _KERAS_INERT[name]
+    if not (value is None if default is None else isinstance(value, (bool, np.bool_)) and not value):
+        raise ValueError(f"{name}={value!r} is not supported by bn_simd.keras.BatchNormalization (only "
+                         f"{default!r})")
+
+
+def _constant_value(value, name):
+    """A Keras Constant's value (a number, a list of per-channel numbers, or Keras' serialized NumPy array of them)
+    as a float or a 1-d float64 array."""
+    if isinstance(value, dict) and value.get("class_name") == "__numpy__":
+        value = (value.get("config") or {}).get("value")
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items) or (
+            isinstance(value, (list, tuple)) and not items):
+        raise ValueError(f"{name} must be a Constant of a real number or of a non-empty list of per-channel real "
+                         f"numbers, got the value {value!r}")
+    return np.array(value, np.float64) if isinstance(value, (list, tuple)) else float(value)
 
 
 def _constant(spec, name):
     """The constant an initializer stands for: "zeros"/"ones" (Keras' names, any case), a real number, or Keras'
-    serialized Zeros / Ones / Constant; None for a callable (called at build time)."""
+    serialized Zeros / Ones / Constant (whose value may be a list of per-channel values: then a 1-d float64 array);
+    None for a callable (called at build time)."""
     if callable(spec) and not isinstance(spec, (str, numbers.Number)):
         return None
     if isinstance(spec, str):
@@ -48,19 +74,37 @@ def _constant(spec, name):
         return float(spec)
     elif isinstance(spec, dict) and spec.get("class_name") in ("Zeros", "Ones", "Constant"):
         cls = spec["class_name"]
-        return 0.0 if cls == "Zeros" else 1.0 if cls == "Ones" else float((spec.get("config") or {}).get("value", 0.0))
+        return 0.0 if cls == "Zeros" else 1.0 if cls == "Ones" else _constant_value(
+            (spec.get("config") or {}).get("value", 0.0), name)
     raise ValueError(f"{name} must be 'zeros', 'ones', a number, a serialized Keras Zeros/Ones/Constant or a "
                      f"callable (shape, dtype) -> array, got {spec!r}")
 
 
-def _dtype(dtype):
-    """The layer's dtype: float32 or float64 (a Keras dtype policy's serialized form is read for its name; a mixed
-    policy, "mixed_float16" or "mixed_bfloat16", keeps its variables in float32, as Keras does)."""
+def _policy(dtype):
+    """(the layer's dtype, the Keras mixed policy's name or None): float32 or float64. A Keras dtype policy, a
+    ``keras.DTypePolicy`` or its serialized form, is read for its name; a mixed policy, "mixed_float16" or
+    "mixed_bfloat16", keeps its variables in float32, as Keras does; another name starting with "mixed_" is refused
+    (ValueError), as Keras refuses it."""
     if isinstance(dtype, dict):
         dtype = (dtype.get("config") or {}).get("name", dtype)
+    elif not isinstance(dtype, (str, np.dtype, type)) and hasattr(dtype, "variable_dtype") and isinstance(
+            getattr(dtype, "name", None), str):  # a keras.DTypePolicy (Keras is not imported here)
+        dtype = dtype.name
     if isinstance(dtype, str) and dtype.startswith("mixed_"):
-        dtype = "float32"
-    return ck.check_dtype(dtype)
+        if dtype not in _MIXED:
+            raise ValueError(f"dtype must be float32, float64 or a Keras mixed policy ('mixed_float16', "
+                             f"'mixed_bfloat16'), got {dtype!r}")
+        return np.dtype(np.float32), dtype
+    return ck.check_dtype(dtype), None
+
+
+def _bf16_widened(a):
+    """a as float32 when it holds bfloat16 (ml_dtypes' dtype, or bn_simd's tagged bits), else a itself."""
+    if a.dtype is ck.BF16_BITS:
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    if a.dtype.kind == "V" and a.dtype.itemsize == 2 and a.dtype.name == "bfloat16":
+        return a.astype(np.float32)
+    return a
 
 
 def _keras_momentum(m, name):
@@ -84,7 +128,10 @@ class BatchNormalization:
     epsilon : float > 0, added to the variance.
     center, scale : bool, independently: a learnable offset ``beta`` / factor ``gamma`` (None when False).
     beta_initializer, gamma_initializer, moving_mean_initializer, moving_variance_initializer : "zeros",
-        "ones", a number, a serialized Keras Zeros/Ones/Constant, or a callable (shape, dtype) -> array.
+        "ones", a number, a serialized Keras Zeros/Ones/Constant (a Constant's value a number, or a list of 1 or C
+        per-channel values, checked against C at build), or a callable (shape, dtype) -> array.
+    beta_regularizer, gamma_regularizer, beta_constraint, gamma_constraint, synchronized : Keras' arguments this
+        layer leaves out, taken when they hold Keras' defaults (None, and False for synchronized); else ValueError.
     renorm : bool. Batch renormalization (Ioffe 2017) in training, as Keras 3's ``renorm=True``: y = ((x - mean_B)
         / s_B * r + d) * gamma + beta with s_B = sqrt(var_B + epsilon), s = max(renorm_stddev, sqrt(epsilon)),
         r = clip(s_B / s, rmin, rmax) and d = clip((mean_B - renorm_mean) / s, -dmax, dmax), r and d constants for
@@ -103,24 +150,27 @@ class BatchNormalization:
     trainable : bool. False freezes the layer: it then runs in inference mode even when called with
         training=True, as in Keras.
     dtype : float32 (Keras' default; None and the mixed policies mixed_float16 and mixed_bfloat16 too, whose
-        variables are float32) or float64: the weights' dtype and the output's (float32 under a mixed policy, where
-        Keras would return the policy's 16-bit compute dtype).
+        variables are float32) or float64, or a Keras dtype policy of one of these (a ``keras.DTypePolicy`` or its
+        serialized dict, read for its name): the weights' dtype and the output's (float32 under a mixed policy,
+        where Keras would return the policy's 16-bit compute dtype; :meth:`get_config` gives the policy's name).
+        Other names starting with "mixed_" raise ValueError, as in Keras.
     name : str.
 
-    The weights are made at the first call (or :meth:`build`), shaped (C,) with C = input_shape[axis]; later
-    inputs must have the same rank and C. ``layer(x, training=False, mask=None)``: x float32 or float64, computed
-    in x's dtype with float64 statistics (float16, integer and bool inputs in float32, as Keras does), returned in
-    the layer's dtype. training=True uses the batch's mean and
-    biased variance (those of the entries where ``mask`` is nonzero when a mask is given: x's shape without the
-    channel axis, or a shape broadcasting to it) and updates ``moving_mean`` / ``moving_variance`` in place; every
-    entry is normalised. :meth:`backward` gives the gradients of the last call.
+    The weights are made at the first call (or :meth:`build`, once: a built layer's build raises ValueError, as in
+    Keras), shaped (C,) with C = input_shape[axis]; later inputs must have the same rank and C. ``layer(inputs,
+    training=False, mask=None)``: x = inputs float32 or float64, computed in x's dtype with float64 statistics
+    (float16, bfloat16 (ml_dtypes' arrays, torch tensors), integer and bool inputs in float32, as Keras does),
+    returned in the layer's dtype. training=True uses the batch's mean and biased variance (those of the entries
+    where ``mask`` is nonzero when a mask is given: x's shape without the channel axis, or a shape broadcasting to
+    it) and updates ``moving_mean`` / ``moving_variance`` in place; every entry is normalised. :meth:`backward`
+    gives the gradients of the last call.
 
     As Keras: one value per channel (a batch of one row) gives variance 0, and a mask that leaves a batch no entry
     gives mean 0 and variance 0 (moving statistics updated with them). Unlike Keras: an empty batch leaves the
-    moving statistics as they were (Keras writes NaN), and a mask must broadcast to x's shape without its channel
-    axis wherever that axis is (Keras inserts it last). With renorm a rank-1 input works (Keras 3 fails on it):
-    s_B = sqrt(epsilon), y = d·gamma + beta. A virtual batch of one value per channel raises ValueError (Keras 2
-    gives it variance 0).
+    moving statistics as they were (Keras writes NaN; with virtual_batch_size too, at any rank), and a mask must
+    broadcast to x's shape without its channel axis wherever that axis is (Keras inserts it last). With renorm a
+    rank-1 input works (Keras 3 fails on it): s_B = sqrt(epsilon), y = d·gamma + beta. A virtual batch of one value
+    per channel raises ValueError (Keras 2 gives it variance 0).
 
     Raises TypeError for wrong types or dtypes and ValueError for wrong shapes or values, naming the argument; a
     call that raises changes nothing. A layer holds state: call one layer from one thread at a time.
@@ -128,8 +178,9 @@ class BatchNormalization:
 
     def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
                  gamma_initializer="ones", moving_mean_initializer="zeros", moving_variance_initializer="ones", *,
-                 renorm=False, renorm_clipping=None, renorm_momentum=0.99, virtual_batch_size=None,
-                 trainable=True, dtype="float32", name="batch_normalization"):
+                 beta_regularizer=None, gamma_regularizer=None, beta_constraint=None, gamma_constraint=None,
+                 renorm=False, renorm_clipping=None, renorm_momentum=0.99, synchronized=False,
+                 virtual_batch_size=None, trainable=True, dtype="float32", name="batch_normalization"):
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
         self.axis = ck.check_axis(axis)
@@ -153,8 +204,12 @@ class BatchNormalization:
         if self.virtual_batch_size is not None and self.axis == 0:
             raise ValueError("axis must not be 0 with virtual_batch_size: axis 0 is the batch axis the virtual "
                              "batches split, got axis=0")
+        for arg, value in (("beta_regularizer", beta_regularizer), ("gamma_regularizer", gamma_regularizer),
+                           ("beta_constraint", beta_constraint), ("gamma_constraint", gamma_constraint),
+                           ("synchronized", synchronized)):
+            _check_inert(arg, value)
         self.trainable = bool(trainable)
-        self.dtype = _dtype(dtype)
+        self.dtype, self._policy = _policy(dtype)
         self.name = str(name)
         self.gamma = self.beta = self.moving_mean = self.moving_variance = None
         self.moving_stddev = self.renorm_mean = self.renorm_stddev = None
@@ -165,8 +220,13 @@ class BatchNormalization:
 
     # ---- weights -------------------------------------------------------------------------------------------
     def build(self, input_shape):
-        """Make the weights for inputs of shape ``input_shape`` (rank 1 to 8; C = input_shape[axis])."""
+        """Make the weights for inputs of shape ``input_shape`` (rank 1 to 8; C = input_shape[axis]). A built layer
+        raises ValueError and keeps its weights, as Keras 3 refuses a second build."""
         shape = tuple(input_shape)
+        if self.built:
+            raise ValueError(f"build: the layer is already built (inputs of {self._ndim} dimensions, "
+                             f"{self.num_features} channels on axis {self.axis}) and keeps its weights, as Keras "
+                             f"refuses a second build; make a new layer for other inputs, got input_shape {shape}")
         nd = len(shape)
         if not 1 <= nd <= ck.MAX_DIMS:
             raise ValueError(f"input_shape must have 1 to {ck.MAX_DIMS} dimensions, got {shape}")
@@ -197,6 +257,11 @@ class BatchNormalization:
 
     def _initial(self, spec, name, C):
         value = _constant(spec, name)
+        if isinstance(value, np.ndarray):  # a Constant's per-channel values (one value: every channel's, as Keras)
+            if value.shape not in ((1,), (C,)):
+                raise ValueError(f"{name} must be a Constant of 1 or {C} values (the channels, "
+                                 f"input_shape[{self.axis}]), got a Constant of {value.shape[0]} values")
+            return np.array(np.broadcast_to(value, (C,)), dtype=self.dtype)
         if value is not None:
             return np.full(C, value, self.dtype)
         a = ck.to_ndarray(spec((C,), self.dtype.name), name)
@@ -236,7 +301,10 @@ class BatchNormalization:
 
     def set_weights(self, weights):
         """Set the weights from a list in :meth:`get_weights`' order (NumPy arrays, tensors, Keras' own
-        ``get_weights()``), copied into the layer's dtype. Every entry is checked before any is assigned."""
+        ``get_weights()``; None is refused), in the layer's dtype. Every entry is checked before any is assigned.
+        The values are copied into the layer's own arrays, as Keras assigns into its variables: the arrays
+        :attr:`weights` gave before stay the layer's weights and see the new values (an array the layer holds
+        otherwise, of another shape or dtype, read-only, or sharing memory with another weight, is replaced)."""
         names = self._weight_names()
         if not self.built:
             raise ValueError(f"set_weights needs the weights made first: call the layer or build(input_shape), "
@@ -245,16 +313,31 @@ class BatchNormalization:
             raise ValueError(f"weights must be a list of {len(names)} arrays ({', '.join(names)}), got "
                              f"{len(weights)}")
         C = self.num_features
-        staged = [np.array(ck.per_channel(w, n, C), dtype=self.dtype) for n, w in zip(names, weights)]
-        for n, w in zip(names, staged):
-            setattr(self, n, w)
+        staged = []
+        for i, (n, w) in enumerate(zip(names, weights)):
+            if w is None:
+                raise TypeError(f"weights[{i}] ({n}) must be an array of shape ({C},), got None")
+            staged.append(np.array(ck.per_channel(w, n, C), dtype=self.dtype))
+        held = [getattr(self, n) for n in names]
+        for i, (n, w) in enumerate(zip(names, staged)):
+            cur = held[i]
+            if (type(cur) is np.ndarray and cur.shape == w.shape and cur.dtype == w.dtype and cur.flags.writeable
+                    and not any(j != i and isinstance(o, np.ndarray) and np.may_share_memory(cur, o)
+                                for j, o in enumerate(held))):
+                np.copyto(cur, w)
+            else:
+                setattr(self, n, w)
 
     # ---- configuration -------------------------------------------------------------------------------------
+    def _dtype_name(self):
+        """The mixed policy's name when the layer was made with one (and keeps float32), else the dtype's name."""
+        return self._policy if self._policy is not None and self.dtype == np.float32 else self.dtype.name
+
     def get_config(self):
-        """The constructor's arguments as a dict (Keras' keys; the initializers as given). virtual_batch_size (Keras
-        2's key; Keras 3 has none) only when set, so that Keras 3's ``from_config`` takes the dict of a layer
-        without virtual batches."""
-        config = {"name": self.name, "trainable": self.trainable, "dtype": self.dtype.name, "axis": self.axis,
+        """The constructor's arguments as a dict (Keras' keys; the initializers as given; dtype the mixed policy's
+        name for a layer made with one). virtual_batch_size (Keras 2's key; Keras 3 has none) only when set, so that
+        Keras 3's ``from_config`` takes the dict of a layer without virtual batches."""
+        config = {"name": self.name, "trainable": self.trainable, "dtype": self._dtype_name(), "axis": self.axis,
                   "momentum": self.momentum, "epsilon": self.epsilon, "center": self.center, "scale": self.scale,
                   "beta_initializer": self.beta_initializer, "gamma_initializer": self.gamma_initializer,
                   "moving_mean_initializer": self.moving_mean_initializer,
@@ -273,30 +356,24 @@ class BatchNormalization:
         their defaults, None and False). Raises TypeError for other keys."""
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
-        config = dict(config)
-        for k, default in _KERAS_INERT.items():
-            if k in config:
-                v = config.pop(k)
-                if v is not default and v != default:
-                    raise ValueError(f"{k}={v!r} is not supported by bn_simd.keras.BatchNormalization (only "
-                                     f"{default!r})")
-        unknown = sorted(set(config) - set(cls(**{}).get_config()) - {"virtual_batch_size"})
+        unknown = sorted(set(config) - set(cls(**{}).get_config()) - {"virtual_batch_size"} - set(_KERAS_INERT))
         if unknown:
             raise TypeError(f"config has keys BatchNormalization does not take: {unknown}")
         return cls(**config)
 
     # ---- forward / backward --------------------------------------------------------------------------------
     def _input(self, x):
+        """The call's inputs as the array computed in: Keras' result_type(x.dtype, float32), float16, bfloat16
+        (ml_dtypes' arrays and torch tensors), integers and bool in float32; float32 and float64 as they are."""
         if not isinstance(x, np.ndarray) or x.dtype not in ck.SUPPORTED_DTYPES:
-            a = ck.to_ndarray(x, "x")
-            # Keras computes in result_type(x.dtype, float32): float16, integers and bool in float32
-            if a.dtype.kind in "biu" or (a.dtype.kind == "f" and a.dtype.itemsize < 4):
-                x = a.astype(np.float32)
-        a = ck.as_data(x, "x")
+            x = _bf16_widened(ck.to_ndarray(x, "inputs"))
+            if x.dtype.kind in "biu" or (x.dtype.kind == "f" and x.dtype.itemsize < 4):
+                x = x.astype(np.float32)
+        a = ck.as_data(x, "inputs")
         if not self.built:
             self.build(a.shape)
         if a.ndim != self._ndim or a.shape[self.axis] != self.num_features:
-            raise ValueError(f"x must have {self._ndim} dimensions and {self.num_features} channels on axis "
+            raise ValueError(f"inputs must have {self._ndim} dimensions and {self.num_features} channels on axis "
                              f"{self.axis} (the shape the layer was built for), got shape {a.shape}")
         return a
 
@@ -304,12 +381,13 @@ class BatchNormalization:
         for k in self._weight_names():
             ck.per_channel(getattr(self, k), k, C, inplace=k not in ("gamma", "beta"))
 
-    def __call__(self, x, training=False, mask=None):
-        """Normalise x (float32/float64, the built rank, C channels on ``axis``); returns y in the layer's dtype.
+    def __call__(self, inputs, training=False, mask=None):
+        """Normalise ``inputs`` (x: float32/float64, float16, bfloat16, integers and bool computed in float32; the
+        built rank, C channels on ``axis``); returns y in the layer's dtype.
 
         training=True (and trainable): the batch statistics (of the unmasked entries when ``mask`` is given),
         moving statistics updated in place; otherwise the moving statistics (a mask is checked and unused)."""
-        x = self._input(x)
+        x = self._input(inputs)
         C = self.num_features
         self._check_state(C)
         if training and self.trainable:
@@ -385,7 +463,7 @@ class BatchNormalization:
         if isinstance(self._saved, _Grouped):
             return self._virtual_backward(grad_out)
         x, mean, invstd, batch, pos, r, d = self._saved
-        g = ck.to_ndarray(grad_out, "grad_out")
+        g = _bf16_widened(ck.to_ndarray(grad_out, "grad_out"))
         if g.dtype != x.dtype and g.dtype.kind == "f" and g.shape == x.shape:
             g = g.astype(x.dtype)  # (y came back in the layer's dtype, which may not be the one computed in)
         lay = ck.axis_layout(self.axis)
@@ -447,11 +525,12 @@ class BatchNormalization:
         channels-last copy when the channel axis is neither 1 nor the last)."""
         nd, ax = a.ndim, self.axis % a.ndim
         N, C = a.shape[0], a.shape[ax]
+        rest = math.prod(a.shape[1:ax] + a.shape[ax + 1:])  # (not -1: an empty batch has no size to infer it from)
         if ax == 1:
-            return a.reshape(N, C, -1) if nd > 2 else a, "NCHW"
+            return a.reshape(N, C, rest) if nd > 2 else a, "NCHW"
         if ax == nd - 1:
-            return a.reshape(N, -1, C), "NHWC"
-        return np.ascontiguousarray(np.moveaxis(a, ax, -1)).reshape(N, -1, C), "NHWC"
+            return a.reshape(N, rest, C), "NHWC"
+        return np.ascontiguousarray(np.moveaxis(a, ax, -1)).reshape(N, rest, C), "NHWC"
 
     def _from_batch_first(self, a, shape):
         ax = self.axis % len(shape)
@@ -486,7 +565,7 @@ class BatchNormalization:
 
     def _virtual_backward(self, grad_out):
         sv = self._saved
-        g = ck.to_ndarray(grad_out, "grad_out")
+        g = _bf16_widened(ck.to_ndarray(grad_out, "grad_out"))
         if g.shape != sv.shape:
             raise ValueError(f"grad_out must have shape {sv.shape} (the shape of x), got {g.shape}")
         if g.dtype != sv.x.dtype and g.dtype.kind == "f":
@@ -508,7 +587,7 @@ class BatchNormalization:
         if self.virtual_batch_size is not None:
             extra += f", virtual_batch_size={self.virtual_batch_size}"
         return (f"BatchNormalization(axis={self.axis}, momentum={self.momentum}, epsilon={self.epsilon}, "
-                f"center={self.center}, scale={self.scale}{extra}, dtype={self.dtype.name}, name={self.name!r})")
+                f"center={self.center}, scale={self.scale}{extra}, dtype={self._dtype_name()}, name={self.name!r})")
 
 
 class _Grouped:

@@ -1,6 +1,6 @@
 # Type stubs of bn_simd.keras (checked against the run-time signatures by tests/test_type_stubs.py).
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, type_check_only
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -11,6 +11,14 @@ _Float: TypeAlias = NDArray[np.floating[Any]]
 _Clipping: TypeAlias = dict[str, Any]
 # "zeros", "ones", a number, a serialized Keras Zeros/Ones/Constant (a dict), or a callable (shape, dtype) -> array
 _Initializer: TypeAlias = str | float | dict[str, Any] | Callable[[tuple[int, ...], str], ArrayLike]
+
+# a keras.DTypePolicy (read for its name; Keras is not imported by bn_simd.keras)
+@type_check_only
+class _DTypePolicy(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def variable_dtype(self) -> str: ...
 
 class BatchNormalization:
     axis: int
@@ -44,9 +52,12 @@ class BatchNormalization:
     def __init__(self, axis: int = -1, momentum: float = 0.99, epsilon: float = 1e-3, center: bool = True,
                  scale: bool = True, beta_initializer: _Initializer = "zeros", gamma_initializer: _Initializer = "ones",
                  moving_mean_initializer: _Initializer = "zeros", moving_variance_initializer: _Initializer = "ones", *,
-                 renorm: bool = False, renorm_clipping: _Clipping | None = None,
-                 renorm_momentum: float = 0.99, virtual_batch_size: int | None = None, trainable: bool = True,
-                 dtype: DTypeLike | dict[str, Any] = "float32", name: str = "batch_normalization") -> None: ...
+                 beta_regularizer: None = None, gamma_regularizer: None = None, beta_constraint: None = None,
+                 gamma_constraint: None = None, renorm: bool = False, renorm_clipping: _Clipping | None = None,
+                 renorm_momentum: float = 0.99, synchronized: Literal[False] = False,
+                 virtual_batch_size: int | None = None, trainable: bool = True,
+                 dtype: DTypeLike | dict[str, Any] | _DTypePolicy = "float32",
+                 name: str = "batch_normalization") -> None: ...
     def build(self, input_shape: Sequence[int | None]) -> None: ...
     @property
     def num_features(self) -> int | None: ...
@@ -61,6 +72,6 @@ class BatchNormalization:
     def get_config(self) -> dict[str, Any]: ...
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Self: ...
-    # x: float32/float64 (float16, integer and bool inputs are computed in float32); y in the layer's dtype
-    def __call__(self, x: ArrayLike, training: bool = False, mask: ArrayLike | None = None) -> _Float: ...
+    # inputs: float32/float64 (float16, bfloat16, integer and bool computed in float32); y in the layer's dtype
+    def __call__(self, inputs: ArrayLike, training: bool = False, mask: ArrayLike | None = None) -> _Float: ...
     def backward(self, grad_out: ArrayLike) -> _Float: ...
