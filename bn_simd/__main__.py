@@ -152,8 +152,8 @@ def bench(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:
-        return bench(argv[1:])
+    if argv[:1] == ["bench"] or argv[:2] == ["--", "bench"]:
+        return bench(argv[argv.index("bench") + 1:])
     parser = argparse.ArgumentParser(prog="python -m bn_simd",
                                      description="A self-check against a float64 NumPy reference and a short speed "
                                                  "table against NumPy.",
@@ -164,8 +164,6 @@ def main(argv=None):
                              "self-check only, exit status 1 on any failure; speed: the speed table only; bench: the "
                              "benchmark harness of a source checkout (against NumPy, PyTorch, ONNX Runtime)")
     args = parser.parse_args(argv)
-    if args.command == "bench":   # (reached as "-- bench": the harness then takes no options)
-        return bench([])
     cfg = show_config()
     print(f"bn_simd {cfg['version']}: kernels {cfg['isa']} (CPU supports {', '.join(cfg['supported_isas'])}), "
           f"OpenMP {'yes' if cfg['openmp'] else 'no'}, {cfg['num_threads']} thread(s)")

@@ -85,10 +85,12 @@ def _opset(model):
 
 def _training(bn, opset):
     """Whether a BatchNormalization node normalises with the batch's statistics: training_mode=1 from opset 14;
-    before, outputs beyond Y (the running and saved statistics; opsets 1-6 also say is_test=0)."""
+    from opset 7, outputs beyond Y (the running and saved statistics); before it, is_test=0 (the default)."""
     if opset is not None and opset >= 14:
         return bool(_attr(bn, "training_mode", 0))
-    return any(o for o in bn.output[1:]) and not (opset is not None and opset < 7 and _attr(bn, "is_test", 0))
+    if opset is not None and opset < 7:
+        return not _attr(bn, "is_test", 0)   # (is_test=0, the default, is training mode there)
+    return any(o for o in bn.output[1:])
 
 
 class _Graph:
@@ -122,6 +124,12 @@ class _Graph:
     def const(self, name):
         """The float64-convertible ndarray of a constant value name, None if the value is not constant."""
         t = self._tensor(name) if name else None
+        if t is not None and self.onnx.external_data_helper.uses_external_data(t):
+            # marked external but held in memory (raw_data): read from memory, not from a file
+            t, held = self.onnx.TensorProto(), t
+            t.CopyFrom(held)
+            del t.external_data[:]
+            t.data_location = self.onnx.TensorProto.DEFAULT
         return None if t is None else self.nh.to_array(t)
 
     def _raw(self, name):
@@ -130,7 +138,7 @@ class _Graph:
 
     def _tensor(self, name):
         t = self._raw(name)
-        if t is not None and self.onnx.external_data_helper.uses_external_data(t):
+        if t is not None and self.onnx.external_data_helper.uses_external_data(t) and not t.HasField("raw_data"):
             raise _ExternalData(name)   # (numpy_helper would read the file relative to the working directory)
         return t
 
@@ -173,8 +181,8 @@ def fold(model, *, training_nodes="skip"):
     W's dtype (a weight shared with another node is not touched); initializers, Constant and Identity nodes
     nothing reads any more are removed. Only the top-level graph is folded (If/Loop bodies are left as they are).
 
-    Training-mode nodes (``training_mode=1`` from opset 14; before it, nodes with outputs beyond Y, the running and
-    saved statistics; as ``torch.onnx.export(..., training=TrainingMode.TRAINING)`` writes them) normalise with the batch's statistics, so folding them changes
+    Training-mode nodes (``training_mode=1`` from opset 14; from opset 7 to 13, nodes with outputs beyond Y, the
+    running and saved statistics; before opset 7, ``is_test=0``; as ``torch.onnx.export(..., training=TrainingMode.TRAINING)`` writes them) normalise with the batch's statistics, so folding them changes
     what the graph computes: ``training_nodes="skip"`` (default) leaves them, with a UserWarning naming them;
     ``"inference"`` folds them as the inference BatchNormalization their running mean and variance define (the
     graph as eval mode would run it), provided their running-statistics outputs are not read. Nodes with other
@@ -287,7 +295,7 @@ def fold(model, *, training_nodes="skip"):
         removed.append(bn)
     if skipped_training:
         warnings.warn(f"bn_simd.onnx.fold: {len(skipped_training)} BatchNormalization node(s) in training mode "
-                      f"(training_mode=1: batch statistics) left as they are ({', '.join(skipped_training[:4])}"
+                      f"(training_mode=1, or statistics outputs before opset 14: batch statistics) left as they are ({', '.join(skipped_training[:4])}"
                       f"{', ...' if len(skipped_training) > 4 else ''}); training_nodes='inference' folds them as "
                       f"the inference batch norm of their running statistics", UserWarning, stacklevel=2)
     if not removed:

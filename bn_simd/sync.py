@@ -39,8 +39,9 @@ M2 = S2 - S1^2 / n. The subtraction loses about eps_double (mean - K)^2 / var of
 the mean just found (error then eps_double-sized); every rank takes that decision on the same summed numbers. The
 layer's shift is the previous call's mean (zeros at first), so only the first batch of a channel whose mean is far
 from 0 (1000 std in float32, 4 in float64) pays the second round. Backward: the count and the two channel sums.
-Results agree with one process to the output's rounding: the statistics lose at most ~2^20 eps_double (float32
-data, far below its own rounding) or ~2^4 eps_double (float64 data).
+Results agree with one process to the output's rounding for float32 data. For float64 data each rank's own mean,
+rounded to half an ulp of |mean|, enters the variance through n_r (mean_r - mean)^2: a relative error of about
+eps_double |mean| / std (mean / std = 1e7: ~8000 eps); exact mode gives one process's bits.
 
 Errors
 ------
@@ -378,7 +379,8 @@ def sync_batch_stats(x, comm=None, *, layout="NCHW", mode="exact", shift=None):
         :func:`~bn_simd.batch_stats` when the pieces end on chunk boundaries) or "fast" (an allgather of 3 values,
         then one allreduce of 2 C + 1 values, relative to ``shift``).
     shift : fast mode's shift (C,), the same on every rank (None: zeros); the closer to the mean, the fewer
-        bits lost (a second allreduce restores them when it is more than 1000 standard deviations away).
+        bits lost (a second allreduce restores them when it is more than 1000 standard deviations away, 4 when
+        any rank's data is float64).
 
     Raises ValueError/TypeError for a bad x, mode or shift on that rank, RuntimeError on the others.
     """

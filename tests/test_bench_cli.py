@@ -415,4 +415,5 @@ def test_bench_after_a_double_dash_runs_the_harness(monkeypatch):
     seen = []
     monkeypatch.setattr(cli, "bench", lambda argv: seen.append(list(argv)) or 7)
     assert main(["--", "bench"]) == 7 and seen == [[]]
+    assert main(["--", "bench", "--quick"]) == 7 and seen[-1] == ["--quick"]
     assert main(["bench", "--quick"]) == 7 and seen[-1] == ["--quick"]

@@ -368,3 +368,21 @@ def test_fold_external_data_not_loaded_is_refused(tmp_path, monkeypatch):
         bo.fold(lazy)
     onnx.load_external_data_for_model(lazy, str(path.parent))
     assert ops(bo.fold(lazy)) == ["Conv"]
+
+
+
+def test_fold_external_data_held_in_memory_folds_and_opset_6_is_test_decides():
+    """A tensor marked external whose bytes are in memory (convert_model_to_external_data before saving) is read
+    from memory; before opset 7, is_test=0 (the default) is training mode and is_test=1 inference."""
+    rng = np.random.default_rng(24)
+    model, _, _ = _conv_bn_model(rng, 17)
+    onnx.external_data_helper.convert_model_to_external_data(model, location="w.bin", size_threshold=0)
+    assert ops(bo.fold(model)) == ["Conv"]
+    old, _, _ = _conv_bn_model(np.random.default_rng(24), 6)
+    with pytest.warns(UserWarning, match="training mode"):
+        assert ops(bo.fold(old)) == ["Conv", "BatchNormalization"]
+    bn = [n for n in old.graph.node if n.op_type == "BatchNormalization"][0]
+    bn.attribute.append(helper.make_attribute("is_test", 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops(bo.fold(old)) == ["Conv"]

@@ -372,3 +372,19 @@ def test_fold_leaves_a_layer_whose_weight_or_input_is_set_at_each_call(computed,
         folded = bt.fold(copy.deepcopy(model), trace=trace)
         assert count_bns(folded) == 1
         torch.testing.assert_close(folded(x), expected, rtol=0, atol=0)
+
+
+def test_fold_takes_models_with_lazy_modules_and_folds_a_folded_model_again_quietly():
+    """An uninitialised lazy module elsewhere has no memory to compare (its pair, if any, is left); a folded model's
+    FoldedBatchNorm1d (a rank check in its forward) is a leaf of the trace, so folding again traces quietly."""
+    torch.manual_seed(8)
+    lazy = randomize_bns(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(5)), 12)
+    lazy.eval()
+    folded = bt.fold(lazy)
+    assert count_bns(folded) == 0
+    mlp = randomize_bns(nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3),
+                                      nn.BatchNorm1d(3)), 13).eval()
+    once = bt.fold(mlp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bt.fold(once) is once

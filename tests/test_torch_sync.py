@@ -450,7 +450,7 @@ def test_an_all_empty_batch_gives_zero_parameter_gradients(mode):
 
 
 @pytest.mark.parametrize("mode", ["exact", "fast"])
-@pytest.mark.parametrize("what", ["momentum", "weight", "running_mean", "num_features"])
+@pytest.mark.parametrize("what", ["momentum", "weight", "running_mean", "running_var", "num_features"])
 def test_a_module_refused_on_one_rank_raises_there_before_the_exchange(what, mode):
     """momentum and the parameters' and running statistics' shapes are checked before the statistics' exchange (a
     rank refused after it left the others a step ahead, their collectives then out of step), and the num_features
@@ -463,11 +463,14 @@ def test_a_module_refused_on_one_rank_raises_there_before_the_exchange(what, mod
             m.weight = torch.nn.Parameter(torch.ones(4))
         if r == 1 and what == "running_mean":
             m.running_mean = torch.zeros(4)
+        if r == 1 and what == "running_var":   # (the same memory as running_mean: refused by the update)
+            m.running_var = m.running_mean
         x = torch.randn(4, m.num_features, 5)
         try:
             return m(x)
         finally:
-            assert int(m.num_batches_tracked) == 0 and not m.running_mean.any() and (m.running_var == 1).all()
+            assert int(m.num_batches_tracked) == 0 and not m.running_mean.any()
+            assert (m.running_var == (0 if what == "running_var" and r == 1 else 1)).all()
 
     _, errors = run_ranks(2, fn)
     if what == "num_features":

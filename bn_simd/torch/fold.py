@@ -73,7 +73,8 @@ class _Tracer(torch.fx.Tracer):
     """torch.fx's tracer, keeping every conv, linear and batch norm (bn_simd.torch's too) as one call_module node."""
 
     def is_leaf_module(self, m, qualname):
-        return _is_conv(m) or _is_linear(m) or isinstance(m, _BatchNorm) or super().is_leaf_module(m, qualname)
+        return _is_conv(m) or _is_linear(m) or isinstance(m, (_BatchNorm, FoldedBatchNorm)) or \
+            super().is_leaf_module(m, qualname)  # (FoldedBatchNorm1d's rank check: a folded model traces again)
 
 
 def _traced_pairs(model):
@@ -121,7 +122,7 @@ def _storage(t):
     """The key of t's memory (its storage), or None where it has none to compare (sparse, meta)."""
     try:
         return (t.device, t.untyped_storage().data_ptr())
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError, ValueError):  # (ValueError: a lazy module's uninitialised tensor)
         return None
 
 

@@ -237,6 +237,8 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             if views is not None:
                 self._check_channels(input)
                 self._check_state(tensors)
+                # (running statistics sharing memory: the update after the exchange would refuse them, one rank alone)
+                _args.stats_distinct((("running_mean", views[0]), ("running_var", views[1])))
                 return views
         if isinstance(self.process_group, _process_group_type()) or self.process_group is None or \
                 _non_member(self.process_group):
