@@ -23,7 +23,7 @@ import numpy as np
 from . import _args as ck
 from . import _core, _masked
 from .functional import _threads
-from .layers import ForwardStep, forward_copy
+from .layers import ForwardStep, forward_copy, holds
 from .renorm import (batch_renorm_backward, batch_renorm_forward, check_clipping, renorm_corrections,
                      update_renorm_stats)
 from .virtual import check_virtual_batch_size, virtual_batch_norm_backward, virtual_batch_norm_forward
@@ -36,9 +36,12 @@ _MIXED = ("mixed_float16", "mixed_bfloat16")  # Keras' mixed policies: float32 v
 
 
 def _check_inert(name, value):
-    """A Keras argument of _KERAS_INERT must hold its default (None; synchronized False)."""
+    """A Keras argument of _KERAS_INERT must hold its default (None; synchronized false: False, 0, 0.0 or None, as
+    Keras takes them)."""
     default = _KERAS_INERT[name]
-    if not (value is None if default is None else isinstance(value, (bool, np.bool_)) and not value):
+    off = value is None or (isinstance(value, (numbers.Real, np.bool_)) and not isinstance(value, np.ndarray)
+                            and value == 0)
+    if not (value is None if default is None else off):
         raise ValueError(f"{name}={value!r} is not supported by bn_simd.keras.BatchNormalization (only "
                          f"{default!r})")
 
@@ -175,6 +178,8 @@ class BatchNormalization:
     Raises TypeError for wrong types or dtypes and ValueError for wrong shapes or values, naming the argument; a
     call that raises changes nothing. A layer holds state: call one layer from one thread at a time.
     """
+
+    _policy = None  # (the mixed policy's name; a layer pickled before it existed reads this)
 
     def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
                  gamma_initializer="ones", moving_mean_initializer="zeros", moving_variance_initializer="ones", *,
@@ -317,15 +322,16 @@ class BatchNormalization:
         for i, (n, w) in enumerate(zip(names, weights)):
             if w is None:
                 raise TypeError(f"weights[{i}] ({n}) must be an array of shape ({C},), got None")
-            staged.append(np.array(ck.per_channel(w, n, C), dtype=self.dtype))
+            try:
+                staged.append(np.array(ck.per_channel(w, n, C), dtype=self.dtype))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"weights[{i}] ({n}): {e}".replace(f"channels of x", "channels of the layer")) \
+                    from None
         held = [getattr(self, n) for n in names]
         for i, (n, w) in enumerate(zip(names, staged)):
             cur = held[i]
-            if (type(cur) is np.ndarray and cur.shape == w.shape and cur.dtype == w.dtype and cur.flags.writeable
-                    and not any(j != i and isinstance(o, np.ndarray) and np.may_share_memory(cur, o)
-                                for j, o in enumerate(held))):
-                np.copyto(cur, w)
-            else:
+            if any(j != i and isinstance(o, np.ndarray) and np.may_share_memory(cur, o) for j, o in enumerate(held)) \
+                    or not holds(cur, w):
                 setattr(self, n, w)
 
     # ---- configuration -------------------------------------------------------------------------------------

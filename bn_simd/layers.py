@@ -67,11 +67,21 @@ def assign_state(layer, staged):
     a scalar, or an entry the layer holds otherwise (None, another shape or dtype, read-only), is assigned."""
     for k, v in staged.items():
         cur = getattr(layer, k, None)
-        if (isinstance(v, np.ndarray) and type(cur) is np.ndarray and cur.shape == v.shape and cur.dtype == v.dtype
-                and cur.flags.writeable):
-            np.copyto(cur, v)
-        else:
+        if not (isinstance(v, np.ndarray) and holds(cur, v)):
             setattr(layer, k, v)
+
+
+def holds(cur, v):
+    """Copy array v into cur, in place, where cur can hold it exactly (an ndarray of v's shape and dtype, writeable,
+    whose elements are distinct memory: no zero stride, as an as_strided or broadcast view has); returns whether it
+    did (False: cur is left as it was, for the caller to replace)."""
+    if not (type(cur) is np.ndarray and cur.shape == v.shape and cur.dtype == v.dtype and cur.flags.writeable):
+        return False
+    if any(st == 0 for st, n in zip(cur.strides, cur.shape) if n > 1) or (
+            cur.size > 1 and abs(min(cur.strides, key=abs, default=cur.itemsize)) < cur.itemsize):
+        return False   # (elements overlapping each other: the copy would not hold v's values)
+    np.copyto(cur, v)
+    return True
 
 
 class _Layer:
@@ -523,7 +533,7 @@ class _InstanceNorm(BatchNorm):
     """Instance normalization: each (sample, channel) over its spatial positions (``torch.nn.InstanceNorm2d``).
 
     Parameters as :class:`BatchNorm`, with PyTorch's defaults affine=False and track_running_stats=False (and
-    ``bias=False``, PyTorch 2.x's: with affine=True a learnable ``weight`` and no ``bias``). With
+    ``bias=True``; ``bias=False`` as PyTorch 2.x's: with affine=True a learnable ``weight`` and no ``bias``). With
     track_running_stats=True, a training-mode call updates running_mean / running_var with the batch averages of
     the instance statistics (the variance unbiased; momentum=None updates nothing, as in PyTorch), and an eval-mode
     call normalises with them. Unbatched input (one dimension less: (C, *spatial)) is accepted and returned

@@ -342,3 +342,24 @@ def test_keras_constructor_arguments_are_taken(keras):
             assert name in ours and ours[name].default == p.default, name
     assert list(inspect.signature(keras.layers.BatchNormalization.call).parameters)[1] == "inputs"
     assert list(ours)[:9] == [n for n in theirs if n != "self"][:9]  # (positional order as Keras')
+
+
+def test_review_edges_policy_default_synchronized_falsy_and_overlapping_held_arrays():
+    """A layer pickled before the mixed-policy attribute still prints and configures; synchronized takes Keras'
+    false values (0, 0.0, None); set_weights replaces a held array whose elements overlap (a zero-stride view)
+    instead of writing into it, and names the entry of a wrong shape."""
+    layer = BatchNormalization()
+    del layer.__dict__["_policy"]
+    assert "float32" in repr(layer) and layer.get_config()["dtype"] == "float32"
+    for v in (0, 0.0, None, False, np.False_):
+        BatchNormalization(synchronized=v)
+    with pytest.raises(ValueError, match="synchronized"):
+        BatchNormalization(synchronized=1)
+    layer = BatchNormalization()
+    layer.build((2, 3))
+    layer.moving_mean = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (3,), (0,), writeable=True)
+    layer.set_weights([np.ones(3), np.zeros(3), np.array([1.0, 2.0, 3.0]), np.ones(3)])
+    np.testing.assert_array_equal(layer.moving_mean, [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"weights\[1\] \(beta\).*channels of the layer"):
+        layer.set_weights([np.ones(3), np.zeros(4), np.zeros(3), np.ones(3)])
+    np.testing.assert_array_equal(layer.moving_mean, [1.0, 2.0, 3.0])

@@ -269,3 +269,14 @@ def test_unbatched_instance_norm_channel_message_shows_the_callers_shape(layout,
     # batched: as before
     with pytest.raises(ValueError, match=r"x must have 3 channels on axis .* got 4 in shape \(2, "):
         layer(np.ones((2,) + shape, np.float32))
+
+
+def test_load_state_dict_replaces_a_held_array_whose_elements_overlap():
+    """load_state_dict copies into the layer's arrays in place, except into one whose elements share memory (a
+    zero-stride view), which it replaces: the copy would not hold the loaded values."""
+    layer = bn_simd.BatchNorm2d(3)
+    layer.running_mean = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (3,), (0,), writeable=True)
+    state = layer.state_dict()
+    state["running_mean"] = np.array([1.0, 2.0, 3.0], np.float32)
+    layer.load_state_dict(state)
+    np.testing.assert_array_equal(layer.running_mean, [1.0, 2.0, 3.0])
