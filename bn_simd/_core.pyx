@@ -636,9 +636,10 @@ cdef int normalize_run(cnp.ndarray xa, cnp.ndarray ya, View* v, const double* me
 # ---- batch norm -------------------------------------------------------------------------------------------------
 
 def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, layout, out, unbiased,
-               int nthreads, bint saved=False):
+               int nthreads, int saved=0):
     """functional.batch_norm. saved: (y, mean, invstd) instead of y, float64 (C,): the statistics the call
-    normalised with (the batch's, or the running ones in eval), for a layer's backward."""
+    normalised with (the batch's, or the running ones in eval), for a layer's backward; saved=2: (y, mean, invstd,
+    var), the variance as computed (1 / invstd^2 - eps loses its bits where var is far below eps)."""
     cdef int lay = A.layout_code(layout)
     cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef View v
@@ -689,7 +690,10 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
             normalize_run(xa, ya, &v, mean, var, wp, bp, e, nthreads)
         if not saved:
             return ya
+        var64 = f64_vector(C, var) if saved == 2 else None
         invstd_of(C, var, e)
+        if saved == 2:
+            return ya, f64_vector(C, mean), f64_vector(C, var), var64
         return ya, f64_vector(C, mean), f64_vector(C, var)
     finally:
         release(p, stack)

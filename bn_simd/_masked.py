@@ -58,6 +58,10 @@ def selected(x, outer, C, inner, pos):
 def prepare(x, layout, mask):
     """(x as an ndarray, its view (outer, C, inner), the unmasked positions (outer, inner), their count n, all):
     the checked arguments of a masked call. all: every entry is unmasked."""
+    dt = getattr(x, "dtype", None)
+    if dt is not None and (dt == np.float16 or getattr(dt, "name", "") == "bfloat16"):
+        raise TypeError(f"x must have dtype float32 or float64 with mask=, got {dt.name} (the call without a mask "
+                        f"takes float16 and bfloat16 data)")
     xa, outer, C, inner, axis = ck.data_view(x, layout)
     pos = mask_positions(mask, xa.shape, axis, outer, inner)
     n = int(np.count_nonzero(pos))
@@ -111,6 +115,10 @@ def backward(grad_out, x, save_mean, save_invstd, weight, layout, out, mask, nt)
     """Training-mode gradients (grad_x, grad_weight, grad_bias) of a batch norm whose statistics were those of the
     unmasked entries (see the module's docstring); the parameter gradients have weight's dtype (x's without)."""
     xa, (outer, C, inner), pos, n, every = prepare(x, layout, mask)
+    if save_mean is None or save_invstd is None:
+        raise TypeError(f"save_mean and save_invstd must be arrays of shape ({C},) (the forward's statistics), got "
+                        f"{'None' if save_mean is None else 'an array'} and "
+                        f"{'None' if save_invstd is None else 'an array'}")
     sum_dy, sum_dyxm = _core.backward_reduce(grad_out, xa, save_mean, layout, nt)
     s = np.asarray(ck.per_channel(save_invstd, "save_invstd", C), dtype=np.float64)
     w = ck.per_channel(weight, "weight", C)

@@ -119,13 +119,23 @@ def _scale_shift(running_mean, running_var, weight, bias, eps, n=None, what="BN 
         raise ValueError(f"running_var must be >= 0, got negative values at {np.flatnonzero(var < 0)[:8]}")
     w = _vector(weight, "weight", n, what)
     b = _vector(bias, "bias", n, what)
-    scale = 1.0 / np.sqrt(var + eps)
-    if w is not None:
-        scale = scale * w
-    shift = -mean * scale
-    if b is not None:
-        shift = shift + b
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale = 1.0 / np.sqrt(var + eps)
+        if w is not None:
+            scale = scale * w
+        shift = -mean * scale
+        if b is not None:
+            shift = shift + b
+    _finite64(scale, shift)
     return scale, shift
+
+
+def _finite64(*arrays):
+    """Folded values computed in float64 from finite inputs: any infinity or NaN is float64's own overflow."""
+    for a in arrays:
+        if not np.all(np.isfinite(a)):
+            raise ValueError("the folded values overflow float64 (a scale or shift beyond 1.8e308): the batch norm's "
+                             "weight / sqrt(running_var + eps) or its product with the layer's weights is out of range")
 
 
 def _position(position):
@@ -135,8 +145,11 @@ def _position(position):
     return position
 
 
-def _finish(w2, b2, dtype):
-    """w2, b2 (float64) cast to dtype; an overflow there (the inputs were finite) raises rather than returns inf."""
+def _finish(w2, b2, dtype, w64=None):
+    """w2, b2 (float64) cast to dtype; an overflow there (the inputs were finite) raises rather than returns inf, and
+    so does float64's own overflow where the layer's weights w64 were all finite (the rest was checked finite)."""
+    if w64 is not None and np.all(np.isfinite(w64)):
+        _finite64(w2, b2)
     with np.errstate(over="ignore"):
         w_out, b_out = w2.astype(dtype), b2.astype(dtype)
     for out, src, name in ((w_out, w2, "weight"), (b_out, b2, "bias")):
@@ -235,8 +248,9 @@ def fold_conv(conv_weight, conv_bias, running_mean, running_var, weight=None, bi
     if position == "after":
         scale, shift = _scale_shift(running_mean, running_var, weight, bias, eps, O,
                                     "the conv's output channels, position='after'")
-        w2 = wc * scale[:, None, None]
-        b2 = (b * scale if b is not None else 0.0) + shift
+        with np.errstate(over="ignore", invalid="ignore"):
+            w2 = wc * scale[:, None, None]
+            b2 = (b * scale if b is not None else 0.0) + shift
     else:
         C_in = groups * I_g
         scale, shift = _scale_shift(running_mean, running_var, weight, bias, eps, C_in,
@@ -244,11 +258,12 @@ def fold_conv(conv_weight, conv_bias, running_mean, running_var, weight=None, bi
                                     f"position='before'")
         # input channel of entry (o, i): group of o times I/groups, plus i
         chan = (np.arange(O) // (O // groups))[:, None] * I_g + np.arange(I_g)[None, :]   # (O, I/groups)
-        w2 = wc * scale[chan][:, :, None]
-        b2 = (b if b is not None else 0.0) + np.einsum("oik,oi->o", wc, shift[chan])
+        with np.errstate(over="ignore", invalid="ignore"):
+            w2 = wc * scale[chan][:, :, None]
+            b2 = (b if b is not None else 0.0) + np.einsum("oik,oi->o", wc, shift[chan])
     w2 = np.moveaxis(w2.reshape(w64.shape), (0, 1), (o_ax, i_ax))
     b2 = np.broadcast_to(np.asarray(b2, np.float64), (O,))
-    return _finish(np.ascontiguousarray(w2), b2, w.dtype)
+    return _finish(np.ascontiguousarray(w2), b2, w.dtype, w64)
 
 
 def fold_linear(W, b, running_mean, running_var, weight=None, bias=None, eps=1e-5, *, weight_layout="OI",
@@ -277,13 +292,15 @@ def fold_linear(W, b, running_mean, running_var, weight=None, bias=None, eps=1e-
     if position == "after":
         scale, shift = _scale_shift(running_mean, running_var, weight, bias, eps, O,
                                     "the layer's output features, position='after'")
-        w2 = w64 * scale[:, None]
-        b2 = (bb * scale if bb is not None else 0.0) + shift
+        with np.errstate(over="ignore", invalid="ignore"):
+            w2 = w64 * scale[:, None]
+            b2 = (bb * scale if bb is not None else 0.0) + shift
     else:
         scale, shift = _scale_shift(running_mean, running_var, weight, bias, eps, I,
                                     "the layer's input features, position='before'")
-        w2 = w64 * scale[None, :]
-        b2 = (bb if bb is not None else 0.0) + w64 @ shift
+        with np.errstate(over="ignore", invalid="ignore"):
+            w2 = w64 * scale[None, :]
+            b2 = (bb if bb is not None else 0.0) + w64 @ shift
     w2 = np.ascontiguousarray(np.moveaxis(w2, 0, o_ax))
     b2 = np.broadcast_to(np.asarray(b2, np.float64), (O,))
-    return _finish(w2, b2, w.dtype)
+    return _finish(w2, b2, w.dtype, w64)

@@ -310,6 +310,8 @@ def merge_moments(*parts):
     for i, p in enumerate(parts):
         if p.num_channels != C:
             raise ValueError(f"parts[{i}] has {p.num_channels} channels, parts[0] has {C}")
+    if C == 0:
+        return np.empty(0, np.float64), np.empty(0, np.float64)
     count = np.concatenate([p.count for p in parts])
     shift, resid, m2 = (np.ascontiguousarray(np.concatenate([getattr(p, k) for p in parts]).reshape(-1, C))
                         for k in ("shift", "residual", "m2"))

@@ -92,14 +92,20 @@ def renorm_corrections(mean, var, renorm_mean, renorm_std, *, eps=1e-5, rmax=mat
 
         s = max(renorm_std, sqrt(eps)),  r = clip(sqrt(var + eps) / s, rmin, rmax),
         d = clip((mean - renorm_mean) / s, -dmax, dmax)
+
+    rmax, rmin, dmax: as ``renorm_clipping``'s (None: unclipped); the same checks (TypeError, ValueError).
     """
-    mean = np.asarray(mean, np.float64)
+    mean = np.asarray(ck.to_ndarray(mean, "mean"), np.float64)
     C = mean.shape[0] if mean.ndim == 1 else -1
     if C < 0:
         raise ValueError(f"mean must have shape (C,), got {mean.shape}")
-    var = np.asarray(ck.per_channel(var, "var", C), np.float64)
-    rmean = np.asarray(ck.per_channel(renorm_mean, "renorm_mean", C), np.float64)
-    rstd = np.asarray(ck.per_channel(renorm_std, "renorm_std", C), np.float64)
+    given = [ck.per_channel(v, name, C) for v, name in ((var, "var"), (renorm_mean, "renorm_mean"),
+                                                         (renorm_std, "renorm_std"))]
+    for v, name in zip(given, ("var", "renorm_mean", "renorm_std")):
+        if v is None:
+            raise TypeError(f"{name} must be an array of shape ({C},), got None")
+    var, rmean, rstd = (np.asarray(v, np.float64) for v in given)
+    rmax, rmin, dmax = check_clipping({"rmax": rmax, "rmin": rmin, "dmax": dmax})   # (None: unclipped, as Keras')
     e = ck.check_eps(eps)
     s = np.maximum(rstd, math.sqrt(e))
     r = np.minimum(np.maximum(np.sqrt(var + e) / s, rmin), rmax)
@@ -230,8 +236,8 @@ def update_renorm_stats(running_mean, running_var, running_std, renorm_mean, ren
     m = ck.check_momentum(momentum, False)
     rm = check_renorm_momentum(renorm_momentum)
     e = ck.check_eps(eps)
-    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not n >= 0:
-        raise ValueError(f"n must be a number of values >= 0, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not (math.isfinite(n) and n >= 0 and n == int(n)):
+        raise ValueError(f"n must be a whole number of values >= 0, got {n!r}")
     if n == 0:
         return
     mean2, var2 = mean.reshape(-1, C), 1.0 / np.square(invstd.reshape(-1, C)) - e
@@ -333,10 +339,10 @@ def layer_forward(layer, x, out, saved_x, update, momentum):
                                 momentum=momentum, renorm_momentum=layer.renorm_momentum, eps=eps,
                                 unbiased=layer.unbiased_running_var)
     else:
-        y, mean, invstd = train_forward(split, layer.weight, layer.bias, eps, out)
+        y, mean, invstd, var = train_forward(split, layer.weight, layer.bias, eps, out)
         r = d = None
         if update and split.n * split.G > 0:
-            bm, bv = mean_stats(split, mean, invstd, eps)
+            bm, bv = mean_stats(split, mean, var)
             F.update_running_stats(layer.running_mean, layer.running_var, bm, bv, split.n, momentum,
                                    unbiased=layer.unbiased_running_var)
     return y, LayerSaved(saved_x, mean, invstd, layer.virtual_batch_size, r, d)

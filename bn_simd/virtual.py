@@ -186,7 +186,8 @@ class Split:
 
 
 def train_forward(split, weight, bias, eps, out):
-    """The training forward on a Split: (y, mean, invstd), the last two float64 (G·C,)."""
+    """The training forward on a Split: (y, mean, invstd, var), the last three float64 (G·C,) (var the biased
+    variance as computed, for the running statistics' update)."""
     out = split.check_out(out, [("x", split.x)])
     w = split.tile(ck.per_channel(weight, "weight", split.C))
     b = split.tile(ck.per_channel(bias, "bias", split.C))
@@ -195,13 +196,14 @@ def train_forward(split, weight, bias, eps, out):
         mean, var = split.column_stats()
         y = _core.normalize(split.parts[0], split.expand(mean), split.expand(var), _expand(split, w),
                             _expand(split, b), eps, "NHWC", split.column_out(out), F._threads())
-        return (y.reshape(split.shape) if out is None else out), mean, 1.0 / np.sqrt(var + eps)
-    mean, invstd, ys = np.empty(split.G * split.C), np.empty(split.G * split.C), []
+        return (y.reshape(split.shape) if out is None else out), mean, 1.0 / np.sqrt(var + eps), var
+    mean, invstd, var = np.empty(split.G * split.C), np.empty(split.G * split.C), np.empty(split.G * split.C)
+    ys = []
     for part, o, sl in zip(split.parts, split.out_parts(out, split.parts), split.slices):
-        y, mean[sl], invstd[sl] = _core.batch_norm(part, None, None, _sl(w, sl), _sl(b, sl), True, 0.0, eps,
-                                                   split.part_layout, o, True, F._threads(), True)
+        y, mean[sl], invstd[sl], var[sl] = _core.batch_norm(part, None, None, _sl(w, sl), _sl(b, sl), True, 0.0, eps,
+                                                            split.part_layout, o, True, F._threads(), 2)
         ys.append(y)
-    return split.from_parts(ys, out), mean, invstd
+    return split.from_parts(ys, out), mean, invstd, var
 
 
 def _sl(a, sl):
@@ -226,10 +228,9 @@ def _column_backward(split, g, m, s, w_eff, out):
     return (gx.reshape(split.shape) if out is None else out), sdx, sdy
 
 
-def mean_stats(split, mean, invstd, eps):
+def mean_stats(split, mean, var):
     """The update's statistics: the mean over the virtual batches of their means and biased variances, float64 (C,)
     (Keras' reduce_mean over the virtual-batch axis)."""
-    var = 1.0 / np.square(invstd) - eps
     return mean.reshape(split.G, split.C).mean(axis=0), var.reshape(split.G, split.C).mean(axis=0)
 
 
@@ -249,7 +250,7 @@ def virtual_batch_norm_forward(x, weight=None, bias=None, *, virtual_batch_size,
     :func:`bn_simd.batch_norm_forward` otherwise.
     """
     split = Split(x, layout, check_virtual_batch_size(virtual_batch_size))
-    y, mean, invstd = train_forward(split, weight, bias, eps, out)
+    y, mean, invstd, _ = train_forward(split, weight, bias, eps, out)
     return y, mean.reshape(split.G, split.C), invstd.reshape(split.G, split.C)
 
 
@@ -329,8 +330,8 @@ def virtual_batch_norm(x, running_mean=None, running_var=None, weight=None, bias
     e = ck.check_eps(eps)
     if rm is not None:
         ck.stats_apart(out, (("running_mean", rm), ("running_var", rv)))
-    y, mean, invstd = train_forward(split, weight, bias, e, out)
+    y, mean, invstd, var = train_forward(split, weight, bias, e, out)
     if rm is not None and split.n * split.G > 0:
-        bm, bv = mean_stats(split, mean, invstd, e)
+        bm, bv = mean_stats(split, mean, var)
         F.update_running_stats(rm, rv, bm, bv, split.n, mom, unbiased=bool(unbiased_running_var))
     return y
