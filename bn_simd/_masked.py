@@ -59,8 +59,10 @@ def prepare(x, layout, mask):
     """(x as an ndarray, its view (outer, C, inner), the unmasked positions (outer, inner), their count n, all):
     the checked arguments of a masked call. all: every entry is unmasked."""
     dt = getattr(x, "dtype", None)
-    if dt is not None and (dt == np.float16 or getattr(dt, "name", "") == "bfloat16"):
-        raise TypeError(f"x must have dtype float32 or float64 with mask=, got {dt.name} (the call without a mask "
+    name = str(getattr(dt, "name", dt))   # (NumPy's and ml_dtypes' names; torch's "torch.float16"; "float16")
+    if dt is not None and (name.endswith(("float16", "bfloat16", "half")) or (
+            isinstance(dt, np.dtype) and dt.kind == "f" and dt.itemsize == 2)):
+        raise TypeError(f"x must have dtype float32 or float64 with mask=, got {name} (the call without a mask "
                         f"takes float16 and bfloat16 data)")
     xa, outer, C, inner, axis = ck.data_view(x, layout)
     pos = mask_positions(mask, xa.shape, axis, outer, inner)

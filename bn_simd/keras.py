@@ -26,7 +26,7 @@ from .functional import _threads
 from .layers import ForwardStep, forward_copy, holds
 from .renorm import (batch_renorm_backward, batch_renorm_forward, check_clipping, renorm_corrections,
                      update_renorm_stats)
-from .virtual import check_virtual_batch_size, virtual_batch_norm_backward, virtual_batch_norm_forward
+from .virtual import check_virtual_batch_size, forward_with_var, virtual_batch_norm_backward
 
 _KERAS_INERT = {  # Keras arguments this layer leaves out, taken (constructor, from_config) at Keras' default only
     "beta_regularizer": None, "gamma_regularizer": None, "beta_constraint": None, "gamma_constraint": None,
@@ -330,7 +330,7 @@ class BatchNormalization:
         held = [getattr(self, n) for n in names]
         for i, (n, w) in enumerate(zip(names, staged)):
             cur = held[i]
-            if any(j != i and isinstance(o, np.ndarray) and np.may_share_memory(cur, o) for j, o in enumerate(held)) \
+            if any(j != i and isinstance(o, np.ndarray) and np.shares_memory(cur, o) for j, o in enumerate(held)) \
                     or not holds(cur, w):
                 setattr(self, n, w)
 
@@ -556,15 +556,13 @@ class BatchNormalization:
             if not x.size:
                 r, d = self._corrections(None, None, empty=True)
         else:
-            y, mean, invstd = virtual_batch_norm_forward(xv, self.gamma, self.beta, virtual_batch_size=v,
-                                                         eps=self.epsilon, layout=lay)
+            y, mean, invstd, var = forward_with_var(xv, self.gamma, self.beta, v, self.epsilon, lay, None)
             r = d = None
         if x.size:
             n = x.size // (x.shape[0] // v * self.num_features)  # values per channel of one virtual batch
             if self.renorm:
                 self._renorm_update(mean, invstd, n)
             else:  # Keras 2: one update with the mean over the virtual batches of their means and variances
-                var = 1.0 / np.square(invstd) - self.epsilon
                 _core.update_running_stats(self.moving_mean, self.moving_variance, mean.mean(axis=0),
                                            var.mean(axis=0), n, 1.0 - self.momentum, False)
         return self._from_batch_first(y, x.shape), _Grouped(xv, lay, x.shape, mean, invstd, r, d, v)

@@ -77,9 +77,9 @@ def holds(cur, v):
     did (False: cur is left as it was, for the caller to replace)."""
     if not (type(cur) is np.ndarray and cur.shape == v.shape and cur.dtype == v.dtype and cur.flags.writeable):
         return False
-    if any(st == 0 for st, n in zip(cur.strides, cur.shape) if n > 1) or (
-            cur.size > 1 and abs(min(cur.strides, key=abs, default=cur.itemsize)) < cur.itemsize):
-        return False   # (elements overlapping each other: the copy would not hold v's values)
+    steps = [abs(st) for st, n in zip(cur.strides, cur.shape) if n > 1]   # (axes of one element move nothing)
+    if steps and min(steps) < cur.itemsize:
+        return False   # (elements overlapping each other, a zero stride say: the copy would not hold v's values)
     np.copyto(cur, v)
     return True
 

@@ -274,7 +274,7 @@ def fold(model, *, training_nodes="skip"):
                 # alpha folded in float64 with the rest, rounded once to W's dtype
                 w2, b2 = fold_linear(w.astype(np.float64) * alpha, c_vec, mean, var, scale, bias, eps,
                                      weight_layout="OI" if trans_b else "IO")
-                w2, b2 = _finish(w2, b2, w.dtype)
+                w2, b2 = _finish(w2, b2, w.dtype, w)
                 _set_attr(layer, "alpha", 1.0)
                 _set_attr(layer, "beta", 1.0)
         except (ValueError, TypeError) as e:

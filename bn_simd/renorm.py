@@ -93,7 +93,8 @@ def renorm_corrections(mean, var, renorm_mean, renorm_std, *, eps=1e-5, rmax=mat
         s = max(renorm_std, sqrt(eps)),  r = clip(sqrt(var + eps) / s, rmin, rmax),
         d = clip((mean - renorm_mean) / s, -dmax, dmax)
 
-    rmax, rmin, dmax: as ``renorm_clipping``'s (None: unclipped); the same checks (TypeError, ValueError).
+    rmax, rmin, dmax: real numbers (or 0-d arrays) as ``renorm_clipping``'s (None: unclipped), with the same
+    checks (TypeError, ValueError naming renorm_clipping's key).
     """
     mean = np.asarray(ck.to_ndarray(mean, "mean"), np.float64)
     C = mean.shape[0] if mean.ndim == 1 else -1
@@ -105,7 +106,10 @@ def renorm_corrections(mean, var, renorm_mean, renorm_std, *, eps=1e-5, rmax=mat
         if v is None:
             raise TypeError(f"{name} must be an array of shape ({C},), got None")
     var, rmean, rstd = (np.asarray(v, np.float64) for v in given)
-    rmax, rmin, dmax = check_clipping({"rmax": rmax, "rmin": rmin, "dmax": dmax})   # (None: unclipped, as Keras')
+    # (None: unclipped, as Keras'; a 0-d array or tensor is its number; per-channel bounds are not taken)
+    rmax, rmin, dmax = check_clipping({k: float(v) if v is not None and not isinstance(v, (bool, numbers.Real)) and
+                                       np.ndim(v) == 0 and hasattr(v, "__float__") else v
+                                       for k, v in (("rmax", rmax), ("rmin", rmin), ("dmax", dmax))})
     e = ck.check_eps(eps)
     s = np.maximum(rstd, math.sqrt(e))
     r = np.minimum(np.maximum(np.sqrt(var + e) / s, rmin), rmax)
@@ -236,7 +240,11 @@ def update_renorm_stats(running_mean, running_var, running_std, renorm_mean, ren
     m = ck.check_momentum(momentum, False)
     rm = check_renorm_momentum(renorm_momentum)
     e = ck.check_eps(eps)
-    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not (math.isfinite(n) and n >= 0 and n == int(n)):
+    try:
+        whole = not isinstance(n, bool) and isinstance(n, numbers.Real) and math.isfinite(n) and n >= 0 and n == int(n)
+    except OverflowError:   # (an int beyond float's range)
+        whole = False
+    if not whole:
         raise ValueError(f"n must be a whole number of values >= 0, got {n!r}")
     if n == 0:
         return

@@ -249,9 +249,15 @@ def virtual_batch_norm_forward(x, weight=None, bias=None, *, virtual_batch_size,
     virtual_batch_size does not divide N, or a virtual batch has one value per channel, and as
     :func:`bn_simd.batch_norm_forward` otherwise.
     """
+    return forward_with_var(x, weight, bias, virtual_batch_size, eps, layout, out)[:3]
+
+
+def forward_with_var(x, weight, bias, virtual_batch_size, eps, layout, out):
+    """virtual_batch_norm_forward's (y, save_mean, save_invstd) and the biased variances (G, C) as computed (for a
+    running variance: 1 / invstd^2 - eps loses their bits where they are far below eps)."""
     split = Split(x, layout, check_virtual_batch_size(virtual_batch_size))
-    y, mean, invstd, _ = train_forward(split, weight, bias, eps, out)
-    return y, mean.reshape(split.G, split.C), invstd.reshape(split.G, split.C)
+    y, mean, invstd, var = train_forward(split, weight, bias, eps, out)
+    return y, mean.reshape(split.G, split.C), invstd.reshape(split.G, split.C), var.reshape(split.G, split.C)
 
 
 def virtual_batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, virtual_batch_size,

@@ -86,3 +86,24 @@ def test_an_infinite_running_mean_normalises_to_an_infinity_not_nan(dtype):
     y = bn_simd.batch_norm(x, rm, rv)
     assert np.all(y[:, 0] == -np.inf) and np.all(y[:, 2] == np.inf) and np.all(np.isfinite(y[:, 1]))
     np.testing.assert_array_equal(bn_simd.normalize(x, rm, rv), y)
+
+
+def test_review_edges_of_the_checks():
+    """n beyond float's range is refused as any other; 0-d bounds are their numbers; a torch float16 tensor with a
+    mask gets the mask's message; the Keras layer's virtual batches keep the variance's bits too."""
+    with pytest.raises(ValueError, match="n must be a whole number"):
+        bn_simd.update_renorm_stats(np.zeros(1), np.ones(1), np.ones(1), np.zeros(1), np.ones(1), np.ones(1),
+                                    np.ones(1), 10 ** 400)
+    r, d = bn_simd.renorm_corrections(np.array([5.0]), np.array([4.0]), np.array([0.0]), np.array([1.0]),
+                                      rmax=np.array(1.5), dmax=np.float32(2.0))
+    np.testing.assert_allclose(r, [1.5])
+    np.testing.assert_array_equal(d, [2.0])
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="with mask=, got torch.float16"):
+        bn_simd.batch_norm_forward(torch.randn(4, 3, 5).half(), mask=np.ones((4, 5), bool))
+    from bn_simd.keras import BatchNormalization
+    x = 1 + 1e-9 * np.random.default_rng(3).standard_normal((8, 4))
+    layer = BatchNormalization(virtual_batch_size=4, momentum=0.0, dtype="float64")
+    layer(x, training=True)
+    want = x.reshape(4, 2, 4).var(axis=0).mean(axis=0)   # (Keras 2's grouping: reshaped (v, N / v, C))
+    assert np.max(np.abs(layer.moving_variance - want) / want) <= 1e3 * EPS64
