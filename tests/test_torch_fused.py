@@ -406,3 +406,54 @@ def test_a_hardtanh_with_an_infinite_bound_is_not_fused_and_keeps_its_gradients(
     ref(xr).sum().backward()
     assert torch.equal(x.grad.isnan(), xr.grad.isnan())
     torch.testing.assert_close(x.grad.nan_to_num(), xr.grad.nan_to_num())
+
+
+class _ModeDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return TF.dropout(torch.relu(self.bn(self.conv(x))), 0.5, training=self.training)
+
+
+class _FrozenStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            x = self.stem(x)
+        return torch.relu(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("cls", [_ModeDependent, _FrozenStem])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_forwards_a_graph_would_not_follow_are_not_traced(cls, mode):
+    """self.training read in forward (the graph would freeze the mode), or a no_grad region (tracing drops it): the
+    model is returned as it is, unfused, with a RuntimeWarning; its modes and gradients are torch.nn's."""
+    torch.manual_seed(0)
+    model = getattr(cls(), mode)()
+    modes = [m.training for m in model.modules()]
+    with pytest.warns(RuntimeWarning, match="not fused through torch.fx"):
+        out = bt.convert(model, fuse_activations=True)
+    assert out is model and type(model.bn) is bt.BatchNorm2d and [m.training for m in model.modules()] == modes
+    x = torch.randn(2, 3, 4, 4)
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))   # (no dropout in eval, whatever mode it was converted in)
+    if cls is _FrozenStem:
+        model.train()
+        model(x).sum().backward()
+        assert model.stem.weight.grad is None and model.conv.weight.grad is not None
+
+
+def test_global_hooks_stop_the_trace_before_it_runs():
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(o).__name__))
+    try:
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+        assert bt.convert(model, fuse_activations=True) is model and type(model[1]) is bt.BatchNorm2d
+        assert "Proxy" not in seen
+    finally:
+        handle.remove()

@@ -457,12 +457,58 @@ def _pure_call(node):
     return node.op == "call_method" and not node.target.endswith("_")
 
 
+# names in a forward whose regions torch.fx traces through and drops: grad mode, autocast, activation checkpointing
+_REGIONS = frozenset({"no_grad", "enable_grad", "inference_mode", "set_grad_enabled", "autocast", "checkpoint",
+                      "checkpoint_sequential"})
+
+
+def _drops_regions(model, tracer):
+    """Whether a forward that torch.fx would trace through (model's own, and its modules' that are not leaves) names
+    one of _REGIONS: a trace runs the region's calls without the region (a frozen stem would get gradients, autocast
+    run in float32, checkpointing stop recomputing). Names are read from the source's tokens (comments and strings
+    left out); a forward without source is taken as free of them."""
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+    seen = set()
+    for name, m in model.named_modules():
+        fwd = type(m).forward
+        if (name and tracer.is_leaf_module(m, name)) or fwd in seen:
+            continue
+        seen.add(fwd)
+        try:
+            src = textwrap.dedent(inspect.getsource(fwd))
+            names = {t.string for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.NAME}
+        except (OSError, TypeError, tokenize.TokenError, IndentationError, SyntaxError):
+            continue
+        if names & _REGIONS:
+            return True
+    return False
+
+
+def _mode_dependent(model, graph, tracer_class):
+    """Whether model's trace differs between training and eval mode (``F.dropout(training=self.training)``, ``if
+    self.training:``): a graph traced in one mode would keep it whatever mode the model is put in. Every module's
+    own training flag is put back."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(not model.training)
+        other = tracer_class().trace(model)
+    finally:
+        for m, t in modes:
+            m.training = t
+    return str(other) != str(graph)
+
+
 def fuse_graph(model, fused_classes):
     """The fusion on model's torch.fx graph: a normalization module of fused_classes (as in fuse_sequential) called
     once with one argument, whose output's only use is an activation (a module of _MODULES or a function of
     _FUNCTIONS), or an add (``+``, ``torch.add``) whose other operand is the residual and whose result's only use is
     such an activation; the module becomes its fused class, called as module(input, residual). Returns (GraphModule,
-    pairs fused), or None when model cannot be traced."""
+    pairs fused); None when model cannot be traced (a trace error, a tensor of its state frozen, hooks registered for
+    every module); a string saying why when a graph would not be faithful (a trace that depends on training mode,
+    grad-mode / autocast / checkpoint regions in a traced forward)."""
     import torch.fx as fx
 
     class Tracer(fx.Tracer):
@@ -471,8 +517,14 @@ def fuse_graph(model, fused_classes):
         def is_leaf_module(self, m, qualname):
             return type(m).__module__.startswith("bn_simd.") or super().is_leaf_module(m, qualname)
 
+    if global_hooks():   # (they would run on the tracer's proxies, and the pairs would stay unfused anyway)
+        return None
+    if _drops_regions(model, Tracer()):
+        return "its forward holds no_grad / autocast / checkpoint regions, which tracing drops"
     try:
         gm = fx.GraphModule(model, Tracer().trace(model))
+        if _mode_dependent(model, gm.graph, Tracer):
+            return "its trace depends on training mode (self.training read in forward), which a graph would freeze"
     except Exception:  # (dynamic control flow and the like: torch.fx cannot trace every model)
         return None
     if any(n.op == "get_attr" and n.target.startswith("_tensor_constant") for n in gm.graph.nodes):

@@ -299,6 +299,11 @@ def convert(model, fuse_activations=False, *, trace=True):
     which the tracer froze a tensor computed from the model's state (a buffer read through a module, as
     ``bn.running_mean``) is not used. torch.fx traces an augmented assignment ``r += t`` on tensors as ``r = r + t``:
     a model that relies on it updating another reference to r computes otherwise once traced.
+    A model whose graph would not compute what its forward does is not traced either: a forward that reads
+    ``self.training`` (``F.dropout(training=self.training)``: the graph would keep the mode it was traced in), or that
+    holds ``no_grad`` / ``enable_grad`` / ``inference_mode`` / ``autocast`` / ``checkpoint`` regions (tracing runs their
+    calls without them; found by name in the source of the forwards tracing would enter), gets a RuntimeWarning saying
+    so. Hooks registered for every module also stop the tracing (they would run on its proxies).
     When the model cannot be traced (or gave such a graph), the pairs inside the ``torch.nn.Sequential`` containers
     known to run whole (model itself when it is one, and those nested in it through Sequentials alone) are fused in
     place (the activation module replaced by ``torch.nn.Identity``; a normalization registered at more than one place is
@@ -320,6 +325,12 @@ def convert(model, fuse_activations=False, *, trace=True):
             m.__class__ = cls
     if fuse_activations:
         done = _fused.fuse_graph(model, FUSED) if trace else None
+        if isinstance(done, str):
+            warnings.warn(f"bn_simd.torch.convert: {type(model).__name__} is not fused through torch.fx: {done}; "
+                          f"fusing in place only the pairs of nn.Sequential containers that run whole (trace=False: "
+                          f"those of every nn.Sequential)", RuntimeWarning, stacklevel=2)
+            _fused.fuse_sequential(model, FUSED, whole_only=True)
+            return model
         if done is not None:
             return done[0] if done[1] else model  # (a graph that fused nothing would only rename the calls)
         if _fused.fuse_sequential(model, FUSED, whole_only=trace, count_others=trace) and trace:
