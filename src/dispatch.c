@@ -80,15 +80,22 @@ int bn_best_isa(void) {
 
 int bn_set_isa(int isa) {
     if (isa < 0 || isa >= BN_ISA_COUNT || !bn_isa_supported(isa)) return BN_EISA;
-    default_ctx.isa = isa;
+    __atomic_store_n(&default_ctx.isa, isa, __ATOMIC_RELAXED);
     return BN_OK;
 }
 
+/* The default context's ISA is chosen at its first use, by whichever threads get there first: each stores the same
+ * value, so its reads and writes are atomic (relaxed: no other memory hangs on it), not a data race. */
 int bn_get_isa(void) {
     const bn_context* c = ctx();
-    if (c->isa >= 0) return c->isa;
-    if (default_ctx.isa < 0) default_ctx.isa = bn_best_isa();
-    return default_ctx.isa;
+    const int own = c != &default_ctx ? __atomic_load_n(&c->isa, __ATOMIC_RELAXED) : -1;
+    if (own >= 0) return own;
+    int isa = __atomic_load_n(&default_ctx.isa, __ATOMIC_RELAXED);
+    if (isa < 0) {
+        isa = bn_best_isa();
+        __atomic_store_n(&default_ctx.isa, isa, __ATOMIC_RELAXED);
+    }
+    return isa;
 }
 
 const char* bn_isa_name(int isa) { return (isa >= 0 && isa < BN_ISA_COUNT) ? names[isa] : "unknown"; }
@@ -250,18 +257,16 @@ void bn_context_destroy(bn_context* c) {
 
 int bn_context_set_isa(bn_context* c, int isa) {
     if (!c) return BN_EINVAL;
-    if (isa == -1) {
-        c->isa = c == &default_ctx ? bn_best_isa() : -1;
-        return BN_OK;
-    }
-    if (isa < 0 || isa >= BN_ISA_COUNT || !bn_isa_supported(isa)) return BN_EISA;
-    c->isa = isa;
+    if (isa == -1) isa = c == &default_ctx ? bn_best_isa() : -1;
+    else if (isa < 0 || isa >= BN_ISA_COUNT || !bn_isa_supported(isa)) return BN_EISA;
+    __atomic_store_n(&c->isa, isa, __ATOMIC_RELAXED);
     return BN_OK;
 }
 
 int bn_context_get_isa(const bn_context* c) {
     if (!c) return -1;
-    if (c->isa >= 0) return c->isa;
+    const int own = c != &default_ctx ? __atomic_load_n(&c->isa, __ATOMIC_RELAXED) : -1;
+    if (own >= 0) return own;
     const bn_context* saved = bn_tls_ctx;
     bn_tls_ctx = NULL; /* (the default's) */
     const int isa = bn_get_isa();
