@@ -122,10 +122,13 @@ class _Graph:
                     self.consumers.setdefault(i, []).append(node)
 
     def const(self, name):
-        """The float64-convertible ndarray of a constant value name, None if the value is not constant."""
-        t = self._tensor(name) if name else None
+        """The float64-convertible ndarray of a constant value name, None if the value is not constant. A value
+        marked as external data is read from memory where it is held there (raw_data), else refused (_ExternalData):
+        numpy_helper would read the file relative to the working directory."""
+        t = self._raw(name) if name else None
         if t is not None and self.onnx.external_data_helper.uses_external_data(t):
-            # marked external but held in memory (raw_data): read from memory, not from a file
+            if not t.HasField("raw_data"):
+                raise _ExternalData(name)
             t, held = self.onnx.TensorProto(), t
             t.CopyFrom(held)
             del t.external_data[:]
@@ -135,12 +138,6 @@ class _Graph:
     def _raw(self, name):
         t = self.consts.get(name)
         return self.const_source.get(name) if t is None else t
-
-    def _tensor(self, name):
-        t = self._raw(name)
-        if t is not None and self.onnx.external_data_helper.uses_external_data(t) and not t.HasField("raw_data"):
-            raise _ExternalData(name)   # (numpy_helper would read the file relative to the working directory)
-        return t
 
     def used(self, name):
         return bool(self.consumers.get(name)) or name in self.outputs or name in self.in_subgraphs
@@ -182,7 +179,8 @@ def fold(model, *, training_nodes="skip"):
     nothing reads any more are removed. Only the top-level graph is folded (If/Loop bodies are left as they are).
 
     Training-mode nodes (``training_mode=1`` from opset 14; from opset 7 to 13, nodes with outputs beyond Y, the
-    running and saved statistics; before opset 7, ``is_test=0``; as ``torch.onnx.export(..., training=TrainingMode.TRAINING)`` writes them) normalise with the batch's statistics, so folding them changes
+    running and saved statistics; before opset 7, ``is_test=0``; as ``torch.onnx.export(...,
+    training=TrainingMode.TRAINING)`` writes them) normalise with the batch's statistics, so folding them changes
     what the graph computes: ``training_nodes="skip"`` (default) leaves them, with a UserWarning naming them;
     ``"inference"`` folds them as the inference BatchNormalization their running mean and variance define (the
     graph as eval mode would run it), provided their running-statistics outputs are not read. Nodes with other
@@ -295,8 +293,9 @@ def fold(model, *, training_nodes="skip"):
         removed.append(bn)
     if skipped_training:
         warnings.warn(f"bn_simd.onnx.fold: {len(skipped_training)} BatchNormalization node(s) in training mode "
-                      f"(training_mode=1, or statistics outputs before opset 14: batch statistics) left as they are ({', '.join(skipped_training[:4])}"
-                      f"{', ...' if len(skipped_training) > 4 else ''}); training_nodes='inference' folds them as "
+                      f"(training_mode=1, or statistics outputs before opset 14: batch statistics) left as they are "
+                      f"({', '.join(skipped_training[:4])}{', ...' if len(skipped_training) > 4 else ''}); "
+                      f"training_nodes='inference' folds them as "
                       f"the inference batch norm of their running statistics", UserWarning, stacklevel=2)
     if not removed:
         return out

@@ -49,7 +49,6 @@ A rank whose input is refused (wrong shape, dtype, channels) still takes part in
 raises its own error; every other rank then raises RuntimeError naming the failed ranks, instead of hanging or
 computing with a missing piece. A call that raises changes nothing (running statistics included).
 """
-import math
 import sys
 
 import numpy as np
@@ -222,13 +221,10 @@ def _agree(comm, local, C, wide, what):
 
 
 def _allreduce(comm, payload, size, what):
-    """allreduce of [count, body...] (size values); a failed rank sends a NaN count, which every rank sees."""
-    ok = not isinstance(payload, _Failed)
-    buf = np.ascontiguousarray(payload, np.float64) if ok else np.full(size, np.nan)
-    total = np.asarray(comm.allreduce(buf), np.float64)
+    """allreduce of [count, body...] (size values), after _agree: every rank's payload is there, of this length."""
+    total = np.asarray(comm.allreduce(np.ascontiguousarray(payload, np.float64)), np.float64)
     if total.shape != (size,):
         raise RuntimeError(f"{what}: comm.allreduce returned shape {total.shape}, expected ({size},)")
-    _raise_if_failed(payload, "another rank" if math.isnan(total[0]) else "", what)
     return total
 
 
@@ -342,15 +338,14 @@ def _local_moments(x, layout):
     return np.concatenate([[float(m.count.shape[0])], m.count, m.shift.ravel(), m.residual.ravel(), m.m2.ravel()])
 
 
-def _local_fast(x, layout, shift, wide=None):
-    """[n_r, S1, S2] of this rank's piece relative to shift (see the module's Modes), and whether x is float64
-    (wide is then returned as given)."""
+def _local_fast(x, layout, shift):
+    """([n_r, S1, S2] of this rank's piece relative to shift (see the module's Modes), whether x is float64)."""
     xa = ck.as_data(x, "x")
     mean_r, var_r = F.batch_stats(xa, layout=layout)
     C = mean_r.shape[0]
     n_r = float(xa.size // C) if C else 0.0
     K = _shift_array(shift, C)
-    wide = xa.dtype == np.float64 if wide is None else wide
+    wide = xa.dtype == np.float64
     if n_r == 0:
         return np.zeros(2 * C + 1), wide
     d = mean_r - K
@@ -417,7 +412,7 @@ def _exchange_stats(comm, x, C, layout, mode, shift, what):
         mean, var, far = _fast_finish(total, K, C, ratio)
         if far:
             # the shift was far from the mean for some channel: again, relative to the mean (the same on every rank)
-            total = _allreduce(comm, _local_fast(x, layout, mean, wide)[0], size, what)
+            total = _allreduce(comm, _local_fast(x, layout, mean)[0], size, what)
             rounds = 2
             mean, var, _ = _fast_finish(total, mean, C, ratio)
     else:

@@ -228,11 +228,11 @@ def fold(model, *, trace=True):
     (legacy ``weight_norm`` is a pre-hook) or parametrizations (``torch.nn.utils.parametrize``, the new
     ``weight_norm``), batch norms with hooks or parametrizations or without running statistics
     (``track_running_stats=False``), transposed convs, subclasses that override ``forward`` (a conv's
-    ``_conv_forward`` too), modules with a ``forward`` set on the instance. BatchNorm classes folded: ``torch.nn``'s BatchNorm1d/2d/3d and
-    SyncBatchNorm and bn_simd.torch's. A Linear→BatchNorm1d pair is folded for a 2-d (N, features) output: its
-    batch norm is replaced by :class:`FoldedBatchNorm1d` (an ``nn.Identity``) which raises RuntimeError on any other
-    rank (on a 3-d (N, L, features) output BatchNorm1d normalises axis 1, L, which runs when L equals the features,
-    and the fold would be wrong) rather than return a wrong result.
+    ``_conv_forward`` too), modules with a ``forward`` set on the instance. BatchNorm classes folded: ``torch.nn``'s
+    BatchNorm1d/2d/3d and SyncBatchNorm and bn_simd.torch's. A Linear→BatchNorm1d pair is folded for a 2-d
+    (N, features) output: its batch norm is replaced by :class:`FoldedBatchNorm1d` (an ``nn.Identity``) which raises
+    RuntimeError on any other rank (on a 3-d (N, L, features) output BatchNorm1d normalises axis 1, L, which runs
+    when L equals the features, and the fold would be wrong) rather than return a wrong result.
 
     Raises ValueError when model (or a layer or batch norm of a pair) is in training mode (call ``model.eval()``:
     folding uses the running statistics), or when a batch norm's values cannot be folded (eps <= 0, non-finite

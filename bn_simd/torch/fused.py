@@ -407,16 +407,15 @@ def whole_sequentials(m):
             yield from whole_sequentials(kid)
 
 
-def fuse_sequential(model, fused_classes, whole_only=False, count_others=False):
+def fuse_sequential(model, fused_classes, whole_only=False):
     """In every torch.nn.Sequential of model (whole_only: of whole_sequentials(model)): a normalization module
     directly followed by an activation module becomes its fused class (fused_classes: exact bn_simd class -> fused
     class, e.g. BatchNorm2d -> BatchNormAct2d, GroupNorm -> GroupNormAct) with that activation, and the activation is
     replaced by torch.nn.Identity. A norm registered at more than one place in model, or a pair with hooks, is not
-    fused. Returns the number of pairs fused (count_others: the number of pairs whole_only left, in the other
-    Sequentials, instead)."""
-    count = 0
+    fused. Returns (pairs fused, pairs whole_only left in the other Sequentials)."""
+    fused = left = 0
     if global_hooks():
-        return 0
+        return 0, 0
     names_of = {}  # id(module) -> how many places model registers it at
     for _, m in model.named_modules(remove_duplicate=False):
         names_of[id(m)] = names_of.get(id(m), 0) + 1
@@ -432,13 +431,13 @@ def fuse_sequential(model, fused_classes, whole_only=False, count_others=False):
             if (cls is not None and spec is not None and names_of[id(norm)] == 1 and not hooked(norm)
                     and not hooked(act_mod)):
                 if whole_only and id(seq) not in whole:
-                    count += count_others
+                    left += 1
                     continue
                 norm.__class__ = cls
                 norm.activation = spec
                 seq._modules[b] = torch.nn.Identity()
-                count += not count_others
-    return count
+                fused += 1
+    return fused, left
 
 
 # in-place operators (torch's in-place functions and methods end in "_")

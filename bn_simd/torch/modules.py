@@ -333,7 +333,7 @@ def convert(model, fuse_activations=False, *, trace=True):
             return model
         if done is not None:
             return done[0] if done[1] else model  # (a graph that fused nothing would only rename the calls)
-        if _fused.fuse_sequential(model, FUSED, whole_only=trace, count_others=trace) and trace:
+        if _fused.fuse_sequential(model, FUSED, whole_only=trace)[1]:
             warnings.warn(f"bn_simd.torch.convert: torch.fx could not trace {type(model).__name__} (or froze a "
                           f"tensor of its state): fused only the pairs of nn.Sequential containers that run whole "
                           f"(model itself, and Sequentials nested in it through Sequentials alone); trace=False fuses "
