@@ -73,6 +73,17 @@ def version():
     return m.group(1)
 
 
+def version_macros():
+    """The macros src/api.c is compiled with: the version string, and its numbers (checked there against the public
+    header's BN_SIMD_VERSION_* macros)."""
+    v = version()
+    m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", v)
+    if not m:
+        raise RuntimeError(f"bn_simd/_version.py: expected a MAJOR.MINOR.PATCH version, got {v!r}")
+    return [("BN_SIMD_VERSION", f'"{v}"')] + [(f"BN_SIMD_BUILD_{k}", n) for k, n in zip(("MAJOR", "MINOR", "PATCH"),
+                                                                                    m.groups())]
+
+
 def flags_for(source):
     """The compile flags of one C source (a path relative to the repository root), sanitizers aside."""
     return BASE_FLAGS + ISA_FLAGS.get(source, [])

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 # the C sources and their flags (build_config.py, which the C kernel test reads too)
 from build_config import (API_SOURCES, BASE_FLAGS, DEPENDS, INCLUDE_DIRS, ISA_FLAGS,  # noqa: E402
-                          PORTABLE_SOURCES, PUBLIC_HEADERS, SANITIZE_FLAGS, SANITIZE_LINK_FLAGS, version)
+                          PORTABLE_SOURCES, PUBLIC_HEADERS, SANITIZE_FLAGS, SANITIZE_LINK_FLAGS, version_macros)
 
 
 def _env_flag(name, default):
@@ -108,7 +108,7 @@ class BuildExt(build_ext):
         for h in PUBLIC_HEADERS:
             self.copy_file(h, os.path.join(incdir, os.path.basename(h)))
         api = self.compiler.compile(API_SOURCES, output_dir=self.build_temp, include_dirs=ext.include_dirs,
-                                    macros=[("BN_SIMD_VERSION", f'"{version()}"')], extra_postargs=extra,
+                                    macros=version_macros(), extra_postargs=extra,
                                     depends=ext.depends)
         # the library's objects of the extension (not the Cython module's), and the API's
         objects = self.compiler.object_filenames(PORTABLE_SOURCES + list(ISA_FLAGS), output_dir=self.build_temp)

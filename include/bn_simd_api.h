@@ -85,6 +85,14 @@ typedef struct bn_desc {
 } bn_desc;
 
 /* ---- library ---- */
+/* The version of this header, for #if tests at compile time; the build refuses a header whose numbers differ from
+ * the library's version (bn_simd/_version.py). bn_version() gives the linked library's at run time: a program can
+ * compare the two to catch a header and a library of different releases. */
+#define BN_SIMD_VERSION_MAJOR 0
+#define BN_SIMD_VERSION_MINOR 1
+#define BN_SIMD_VERSION_PATCH 0
+#define BN_SIMD_VERSION_NUMBER (BN_SIMD_VERSION_MAJOR * 10000 + BN_SIMD_VERSION_MINOR * 100 + BN_SIMD_VERSION_PATCH)
+
 /* The version, "MAJOR.MINOR.PATCH": the Python package's (bn_simd.__version__). */
 BN_API const char* bn_version(void);
 /* A sentence describing a status code (never NULL). */

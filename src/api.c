@@ -22,8 +22,13 @@
 #include <omp.h>
 #endif
 
-#ifndef BN_SIMD_VERSION
-#error "BN_SIMD_VERSION must come from the build (bn_simd/_version.py, read by setup.py and CMakeLists.txt)"
+#if !defined(BN_SIMD_VERSION) || !defined(BN_SIMD_BUILD_MAJOR) || !defined(BN_SIMD_BUILD_MINOR) \
+    || !defined(BN_SIMD_BUILD_PATCH)
+#error "the version must come from the build (bn_simd/_version.py, read by setup.py and CMakeLists.txt)"
+#endif
+#if BN_SIMD_BUILD_MAJOR != BN_SIMD_VERSION_MAJOR || BN_SIMD_BUILD_MINOR != BN_SIMD_VERSION_MINOR \
+    || BN_SIMD_BUILD_PATCH != BN_SIMD_VERSION_PATCH
+#error "include/bn_simd_api.h's BN_SIMD_VERSION_* macros differ from bn_simd/_version.py: update the header"
 #endif
 
 const char* bn_version(void) { return BN_SIMD_VERSION; }

@@ -34,6 +34,13 @@ def test_version_is_the_packages():
     assert L.bn_version().decode() == bn_simd.__version__
 
 
+def test_header_version_macros_are_the_packages():
+    with open(os.path.join(bn_simd.get_include(), "bn_simd_api.h")) as f:
+        text = f.read()
+    got = [int(re.search(rf"#define BN_SIMD_VERSION_{k} (\d+)", text).group(1)) for k in ("MAJOR", "MINOR", "PATCH")]
+    assert ".".join(map(str, got)) == bn_simd.__version__
+
+
 def test_every_status_has_its_own_message():
     msgs = {code: L.bn_strerror(code).decode() for code in capi.STATUS.values()}
     assert len(set(msgs.values())) == len(msgs) and all(msgs.values())
