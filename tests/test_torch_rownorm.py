@@ -376,3 +376,32 @@ def test_errors_name_input_as_the_functions_arguments_do():
         bt.layer_norm(buf[:4], (6,), out=buf[1:])
     with pytest.raises(ValueError, match="weight"):  # (another error, with out= x in place: not an overlap)
         bt.layer_norm(x, (6,), torch.ones(5), out=x)
+
+
+def test_weight_of_normalized_shapes_size_but_another_shape_is_refused_as_torch():
+    """PyTorch refuses a weight or bias of normalized_shape's size in another shape (a flat (30,) for (6, 5)); so do
+    the functions and the converted modules here (the NumPy functions take either)."""
+    x = _rand((2, 6, 5), torch.float32, 70)
+    flat, ones = torch.ones(30), torch.ones(6, 5)
+    for call in (lambda: bt.layer_norm(x, (6, 5), flat), lambda: bt.layer_norm(x, (6, 5), None, flat),
+                 lambda: bt.rms_norm(x, (6, 5), flat), lambda: bt.layer_norm(x, (6, 5), flat, activation="relu"),
+                 lambda: bt.layer_norm(x, 5, torch.ones(1, 5))):
+        with pytest.raises(ValueError, match="normalized_shape"):
+            call()
+    torch.testing.assert_close(bt.layer_norm(x, (6, 5), ones), torch.nn.functional.layer_norm(x, (6, 5), ones))
+    for cls in (torch.nn.LayerNorm, torch.nn.RMSNorm):
+        m = bt.convert(cls((6, 5)))
+        m(x)   # (views cached for the registered weight)
+        m.weight = torch.nn.Parameter(torch.ones(30))
+        with pytest.raises(ValueError, match="normalized_shape"):
+            m(x)
+
+
+@pytest.mark.parametrize("xdt, rdt", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+                                      (torch.bfloat16, torch.float16)])
+def test_residual_of_another_dtype_is_named_with_torch_dtypes(xdt, rdt):
+    x = _rand((2, 6, 8), torch.float32, 71).to(xdt)
+    r = torch.zeros(2, 6, 8, dtype=rdt)
+    for fn in (bt.layer_norm, bt.rms_norm):
+        with pytest.raises(TypeError, match=rf"residual must have the dtype of input \({xdt}\), got {rdt}"):
+            fn(x, 8, residual=r)

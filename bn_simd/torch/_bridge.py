@@ -104,6 +104,7 @@ def vec(t):
 
 
 _functorch_active = torch._C._are_functorch_transforms_active
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
 def input_supported(x, ranks, eps):
@@ -114,10 +115,11 @@ def input_supported(x, ranks, eps):
     level (the Functions here have no forward derivative) or a torch.func transform (grad, vjp, vmap). Raises
     TypeError when x is not a tensor."""
     if type(x) is not torch.Tensor:
+        # subclasses with __torch_function__ and torch.fx's proxies (no tensors: a trace records PyTorch's function)
+        if has_torch_function((x,)):
+            return False
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if has_torch_function((x,)):  # subclasses with __torch_function__, fx proxies: PyTorch dispatches them
-            return False
     if (not x.is_cpu or x.dtype not in FLOATS or x.layout != torch.strided or x.dim() not in ranks
             or torch.jit.is_tracing() or torch.compiler.is_compiling() or fwAD._current_level >= 0
             or _functorch_active()):  # (torch.func's wrapped tensors have no memory of their own to read)
@@ -125,6 +127,19 @@ def input_supported(x, ranks, eps):
     if x.is_neg():  # a negative-bit view (the imaginary part of a conjugate): its memory holds -x
         return False
     return eps_supported(eps)
+
+
+def fx_leaf(forward):
+    """Decorates a module's forward(self, input, ...): called on a torch.fx proxy (torch.fx.symbolic_trace, FX graph
+    mode quantization), the module is recorded as one call, a leaf of the trace as torch.nn's modules are, rather than
+    traced through (its checks branch on the input's rank, which a proxy cannot answer)."""
+    @functools.wraps(forward)
+    def wrapped(self, input, *args, **kwargs):
+        if type(input) is not torch.Tensor and isinstance(input, torch.fx.Proxy):
+            tracer = input.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input, *args), kwargs)
+        return forward(self, input, *args, **kwargs)
+    return wrapped
 
 
 def eps_supported(eps):
@@ -197,11 +212,12 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 VIEWS_KEY = "_bn_simd_views"
 
 
-def module_views(module, x, tensors):
+def module_views(module, x, tensors, shape=None):
     """The ndarrays of a module's per-channel tensors (None entries kept), checked against x once and cached while
     they are the same tensor objects over the same memory in the same layout and dtype (a dtype or device change,
     ``.data`` re-pointed, even at the same address with other strides or as another dtype, or ``load_state_dict`` into
-    new storage makes new views), or None when they must go through the checks of a functional call."""
+    new storage makes new views), or None when they must go through the checks of a functional call (also when
+    shape, a tuple, is given and a tensor has another shape)."""
     if (type(x) is not torch.Tensor or x.dtype not in FLOATS or torch.jit.is_tracing()
             or torch.compiler.is_compiling() or _functorch_active()):
         return None  # (the call goes through the checks, which hand graph captures to PyTorch's function)
@@ -217,7 +233,7 @@ def module_views(module, x, tensors):
     for t in tensors:
         if t is not None:
             if (type(t) not in _PLAIN or not t.is_cpu or t.layout != torch.strided or not param_dtype_ok(x, t)
-                    or t.is_neg()):
+                    or t.is_neg() or (shape is not None and tuple(t.shape) != shape)):
                 return None
             dtypes.add(t.dtype)
     if len(dtypes) > 1:
@@ -251,6 +267,12 @@ def first_order(backward):
         if torch.is_grad_enabled():
             raise RuntimeError("bn_simd.torch: second derivatives (create_graph=True through a normalization) are not "
                                "supported; use torch.nn's modules for this model")
+        # (vmap over the backward, autograd's own for batched gradients or torch.func's: the gradients have no memory
+        # of their own to read)
+        if _functorch_active() or any(isinstance(g, torch.Tensor) and _legacy_batched(g) for g in grads):
+            raise RuntimeError("bn_simd.torch: batched gradients (is_grads_batched=True, jacobian(..., "
+                               "vectorize=True), gradcheck's check_batched_grad) are not supported through a "
+                               "normalization; compute them one at a time (vectorize=False)")
         return inner(ctx, *grads)
     return wrapped
 

@@ -51,9 +51,15 @@ _ADDS = (operator.add, operator.iadd, torch.add)
 
 def activation_of(module):
     """bn_simd's spelling of an activation module (exact torch.nn classes: a subclass may override forward), or
-    None."""
+    None: also for one the kernels do not take (a LeakyReLU of slope NaN or inf, which PyTorch runs)."""
     make = _MODULES.get(type(module))
-    return None if make is None else make(module)
+    spec = None if make is None else make(module)
+    if spec is not None:
+        try:
+            _epilogue.parse(spec)
+        except (TypeError, ValueError):
+            return None
+    return spec
 
 
 def act_init(base):
@@ -81,22 +87,29 @@ def _unfused(input, residual):
             and (residual.shape != input.shape or residual.dtype != input.dtype))
 
 
+# numbers an add takes beside a tensor (a graph's residual may be one: relu(bn(x) + x.size(1)))
+_NUMBERS = (bool, int, float, complex, torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
 def act_forward(plain_forward):
     """Decorates a fused module's forward(self, input, residual=None): a residual whose shape is not input's but
     broadcasts with it, or whose dtype is not input's, gives act(plain_forward(self, input) + residual) with
     PyTorch's operations (their broadcasting and type promotion), as the unfused model computes it (the fused sweep
     reads a residual of input's shape and dtype; convert fuses an add whatever its other operand: a per-channel bias,
     an embedding of shape (N, C, 1, 1), one the add broadcasts the output to, a float32 identity beside a bfloat16
-    convolution under autocast); a shape that does not broadcast raises ValueError before anything runs; any other
-    residual goes to the fused forward, which checks it."""
+    convolution under autocast, a number such as a size); a shape that does not broadcast raises ValueError before
+    anything runs; any other residual goes to the fused forward, which checks it. On torch.fx proxies the module is
+    a leaf of the trace (B.fx_leaf)."""
     def decorate(fused_forward):
         @functools.wraps(fused_forward)
         def forward(self, input, residual=None):
+            if isinstance(residual, _NUMBERS):
+                return _torch_activation(plain_forward(self, input) + residual, self.activation)
             check_residual(input, residual)
             if residual is not None and _unfused(input, residual):
                 return _torch_activation(plain_forward(self, input) + residual, self.activation)
             return fused_forward(self, input, residual)
-        return forward
+        return B.fx_leaf(forward)
     return decorate
 
 
@@ -573,15 +586,17 @@ def fuse_graph(model, fused_classes):
                 if isinstance(other, fx.Node):
                     act_node, spec = activation_node(add)
                     residual = other if act_node is not None else None
-                    # the residual must exist when the normalization runs: when it is computed after it, the
+                    # The residual must exist when the normalization runs: when it is computed after it, the
                     # normalization moves to just after it (n's input precedes n, and n's one use, the add, follows the
-                    # residual), only if every node in between is a pure function call (an embedding's indexing,
-                    # a reshape): an in-place op, a module or a read of a buffer in between could change what the
-                    # normalization reads or what it is read with
-                    if residual is not None and order[residual] > order[n]:
-                        between = [m for m in graph.nodes if order[n] < order.get(m, -1) <= order[residual]]
+                    # residual). The fused call then reads the residual where the normalization (or the residual) ran,
+                    # not where the add did: fused only if every node from the normalization to the add is a pure
+                    # function call (an embedding's indexing, a reshape). An in-place op in between (its result
+                    # unused, identity.mul_(0.5)), a module or a read of a buffer could change what the normalization
+                    # reads, what it is read with, or the residual the add would have read.
+                    if residual is not None:
+                        between = [m for m in graph.nodes if order[n] < order.get(m, -1) < order[add]]
                         if all(_pure_call(m) for m in between):
-                            move = True
+                            move = order[residual] > order[n]
                         else:
                             act_node = None
         if act_node is None:

@@ -33,6 +33,7 @@ _Tensor, _empty_like, _grad_enabled, _is_tracing = torch.Tensor, torch.empty_lik
 _is_compiling = torch.compiler.is_compiling
 
 
+@B.fx_leaf
 def _batch_norm_forward(self, input, activation=None, residual=None):
     """Batch normalization of input with this module's state, as ``torch.nn.BatchNorm*d`` does: batch statistics in
     training mode (running statistics updated with ``momentum``, or the cumulative average when momentum is None) and
@@ -43,7 +44,8 @@ def _batch_norm_forward(self, input, activation=None, residual=None):
     if (not self.training and activation is None and residual is None and type(input) is _Tensor
             and not _grad_enabled()):
         fast = self.__dict__.get(EVAL_KEY)
-        if fast is not None and not _is_tracing() and not _is_compiling():
+        # (_is_compiling first: torch.compile reads it as a constant; _is_tracing is a builtin it cannot trace)
+        if fast is not None and not _is_compiling() and not _is_tracing():
             y = _core.torch_bn_eval(self, fast, input, _to_dlpack, _empty_like, B._threads())
             if y is not None:
                 return y
@@ -160,6 +162,7 @@ class GroupNorm(torch.nn.GroupNorm):
     __getstate__ = _getstate
     __prepare_scriptable__ = B.not_scriptable
 
+    @B.fx_leaf
     def forward(self, input):
         tensors = B.affine(self)
         return F._group_norm(input, self.num_groups, *tensors, self.eps, None, B.module_views(self, input, tensors))
@@ -208,11 +211,16 @@ def _instance_act_forward(self, input, residual=None):
     return _apply_instance_norm(self, input, self.activation, residual)
 
 
+# torch.nn's forward (checks, unbatched input), a leaf of torch.fx traces
+_instance_forward = B.fx_leaf(torch.nn.modules.instancenorm._InstanceNorm.forward)
+
+
 class InstanceNorm1d(torch.nn.InstanceNorm1d):
     """``torch.nn.InstanceNorm1d`` on bn_simd's kernels: (N, C, L) or unbatched (C, L) input."""
     _apply_instance_norm = _apply_instance_norm
     __getstate__ = _getstate
     __prepare_scriptable__ = B.not_scriptable
+    forward = _instance_forward
 
 
 class InstanceNorm2d(torch.nn.InstanceNorm2d):
@@ -220,6 +228,7 @@ class InstanceNorm2d(torch.nn.InstanceNorm2d):
     _apply_instance_norm = _apply_instance_norm
     __getstate__ = _getstate
     __prepare_scriptable__ = B.not_scriptable
+    forward = _instance_forward
 
 
 class InstanceNorm3d(torch.nn.InstanceNorm3d):
@@ -227,6 +236,7 @@ class InstanceNorm3d(torch.nn.InstanceNorm3d):
     _apply_instance_norm = _apply_instance_norm
     __getstate__ = _getstate
     __prepare_scriptable__ = B.not_scriptable
+    forward = _instance_forward
 
 
 _instance_act_init = _fused.act_init(torch.nn.modules.instancenorm._InstanceNorm)

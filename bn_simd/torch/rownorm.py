@@ -48,14 +48,23 @@ def _normalized_shape(normalized_shape):
     raise TypeError(f"normalized_shape must be an int or a list/tuple of ints, got {type(normalized_shape).__name__}")
 
 
-def _views(input, params, views):
+def _views(input, params, views, shape):
     """The ndarrays of the per-column tensors (weight, bias; None kept): a module's cached views, or made here after
-    the checks. None when the call goes to PyTorch's function."""
+    the checks (shape: normalized_shape, a tuple). None when the call goes to PyTorch's function."""
     if views is not None:
         return views
+    _check_shapes(shape, params)
     if not B.channels_supported(input, params):
         return None
     return tuple(B.vec(t) for _, t in params)
+
+
+def _check_shapes(shape, params):
+    """PyTorch's rule for the per-column tensors: of shape normalized_shape, not merely of as many elements (the NumPy
+    functions take either)."""
+    for name, t in params:
+        if isinstance(t, torch.Tensor) and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape normalized_shape {list(shape)}, got shape {list(t.shape)}")
 
 
 def _name_input(input, shape, residual, out):
@@ -143,7 +152,7 @@ def _layer_norm(input, normalized_shape, weight, bias, eps, out, views):
     """layer_norm; views: the ndarrays of (weight, bias) already checked against input (a module's), or None."""
     shape = _normalized_shape(normalized_shape)
     if B.input_supported(input, _RANKS, eps):
-        views = _views(input, (("weight", weight), ("bias", bias)), views)
+        views = _views(input, (("weight", weight), ("bias", bias)), views, shape)
     else:
         views = None
     if views is None:
@@ -215,7 +224,7 @@ def _rms_norm(input, normalized_shape, weight, eps, out, views):
     """rms_norm; views: the ndarrays of (weight,) already checked against input, or None."""
     shape = _normalized_shape(normalized_shape)
     if B.input_supported(input, _RANKS, eps):
-        views = _views(input, (("weight", weight),), views)
+        views = _views(input, (("weight", weight),), views, shape)
     else:
         views = None
     if views is None:
@@ -273,7 +282,7 @@ def _row_norm_act(input, normalized_shape, weight, bias, eps, rms, activation, r
     shape = _normalized_shape(normalized_shape)
     params = (("weight", weight),) if rms else (("weight", weight), ("bias", bias))
     if B.input_supported(input, _RANKS, eps) and (residual is None or B.input_supported(residual, (input.dim(),), eps)):
-        views = _views(input, params, views)
+        views = _views(input, params, views, shape)
     else:
         views = None
     if views is None:
@@ -290,7 +299,7 @@ def _row_norm_act(input, normalized_shape, weight, bias, eps, rms, activation, r
         y, ya, target = _output(x, xa, out)
         _core.row_forward_epi(xa, shape, views[0], None if rms else views[1], eps, None, ya, B._threads(), rms, act,
                               ra, 2)
-    except ValueError:
+    except (TypeError, ValueError):  # (a bfloat16 residual's kernel check names its uint16 view)
         _name_input(input, shape, residual, out)
         raise
     return B.finish(y, target, (out,))

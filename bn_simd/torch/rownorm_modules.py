@@ -28,10 +28,11 @@ class LayerNorm(torch.nn.LayerNorm):
     __getstate__ = _getstate
     __prepare_scriptable__ = B.not_scriptable
 
+    @B.fx_leaf
     def forward(self, input):
         tensors = B.affine(self)
         return R._layer_norm(input, self.normalized_shape, *tensors, self.eps, None,
-                             B.module_views(self, input, tensors))
+                             B.module_views(self, input, tensors, self.normalized_shape))
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -42,9 +43,11 @@ class RMSNorm(torch.nn.RMSNorm):
     __getstate__ = _getstate
     __prepare_scriptable__ = B.not_scriptable
 
+    @B.fx_leaf
     def forward(self, x):
         tensors = B.affine(self, ("weight",))
-        return R._rms_norm(x, self.normalized_shape, tensors[0], self.eps, None, B.module_views(self, x, tensors))
+        return R._rms_norm(x, self.normalized_shape, tensors[0], self.eps, None,
+                           B.module_views(self, x, tensors, self.normalized_shape))
 
 
 class LayerNormAct(LayerNorm):
@@ -59,7 +62,7 @@ class LayerNormAct(LayerNorm):
     def forward(self, input, residual=None):
         tensors = B.affine(self)
         return R._row_norm_act(input, self.normalized_shape, *tensors, self.eps, False, self.activation, residual,
-                               None, B.module_views(self, input, tensors))
+                               None, B.module_views(self, input, tensors, self.normalized_shape))
 
 
 class RMSNormAct(RMSNorm):
@@ -73,7 +76,7 @@ class RMSNormAct(RMSNorm):
     def forward(self, input, residual=None):
         tensors = B.affine(self, ("weight",))
         return R._row_norm_act(input, self.normalized_shape, tensors[0], None, self.eps, True, self.activation,
-                               residual, None, B.module_views(self, input, tensors))
+                               residual, None, B.module_views(self, input, tensors, self.normalized_shape))
 
 
 __all__ = ["LayerNorm", "RMSNorm", "LayerNormAct", "RMSNormAct"]

@@ -169,6 +169,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     def extra_repr(self):
         return super().extra_repr() + f", mode={self.mode!r}"
 
+    @B.fx_leaf
     def forward(self, input):
         comm = _communicator(self.process_group) if self.training else None
         if comm is None:
