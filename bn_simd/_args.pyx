@@ -373,12 +373,31 @@ cdef void span(cnp.ndarray a, Py_ssize_t* lo, Py_ssize_t* hi):
     lo[0], hi[0] = l, h
 
 
+cdef bint overlaps_itself(cnp.ndarray a):
+    """Whether two elements of a share a byte (a zero-stride view from numpy.broadcast_to or as_strided): taken with
+    the dims of more than one element in the order of their |strides|, each |stride| must cover the one below it over
+    its extent (a sufficient test for no overlap, exact for the vectors statistics are)."""
+    cdef list dims = sorted((abs(cnp.PyArray_STRIDES(a)[k]), cnp.PyArray_DIMS(a)[k])
+                            for k in range(cnp.PyArray_NDIM(a)) if cnp.PyArray_DIMS(a)[k] > 1)
+    cdef Py_ssize_t need = cnp.PyArray_ITEMSIZE(a), stride, n
+    for stride, n in dims:
+        if stride < need:
+            return True
+        need = stride * n
+    return False
+
+
 cpdef int stats_distinct(tuple named) except -1:
     """The statistics of `named`, (name, array or None) pairs a call updates, share no byte (one written over another
     would mix their values): byte spans apart, or else no byte in common (numpy.shares_memory: interleaved views of
-    one buffer are apart)."""
+    one buffer are apart); nor does any overlap itself (its channels would be written over each other)."""
     cdef Py_ssize_t i, j
     for i in range(len(named)):
+        a = named[i][1]
+        if isinstance(a, np.ndarray) and (<cnp.ndarray>a).size > 1 and overlaps_itself(<cnp.ndarray>a):
+            raise ValueError(f"{named[i][0]} must not overlap itself (strides {a.strides} for {a.dtype.itemsize}-byte "
+                             f"elements, as a view of numpy.broadcast_to): the call writes each of its elements "
+                             f"(pass a separate array)")
         for j in range(i):
             a, b = named[j][1], named[i][1]
             if (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.size and b.size
@@ -639,13 +658,17 @@ cdef cnp.ndarray _out(object out, cnp.ndarray like, str name, str name1, cnp.nda
     if not cnp.PyArray_ISWRITEABLE(o):
         raise ValueError(f"{name} must be writeable, got a read-only array")
     if read1 is not None and not _in_place_or_disjoint(o, read1):
-        _overlap(name, name1)
+        _overlap(name, name1, o, read1)
     if read2 is not None and not _in_place_or_disjoint(o, read2):
-        _overlap(name, name2)
+        _overlap(name, name2, o, read2)
     return o
 
 
-cdef int _overlap(str name, str read) except -1:
+cdef int _overlap(str name, str read, cnp.ndarray o, object r) except -1:
+    if isinstance(r, np.ndarray) and cnp.PyArray_DATA(o) == cnp.PyArray_DATA(<cnp.ndarray>r):
+        raise ValueError(f"{name} starts where {read} does but with other strides {(<object>o).strides} (not "
+                         f"{r.strides}), so it is not {read} itself; pass {read} itself for in-place operation or a "
+                         f"separate array")
     raise ValueError(f"{name} overlaps {read} partially; pass {read} itself for in-place operation or a separate "
                      f"array")
 
@@ -688,9 +711,9 @@ def as_data(x, name="x", half=False):
     return data(x, name, half)
 
 
-def per_channel(v, name, C, *, inplace=False):
-    """A length-C floating-point vector (any float dtype) as an ndarray, or None (see channel)."""
-    return channel(v, name, C, inplace)
+def per_channel(v, name, C, *, inplace=False, of="x"):
+    """A length-C floating-point vector (any float dtype) as an ndarray, or None (see channel; of: what sets C)."""
+    return channel(v, name, C, inplace, of)
 
 
 def to_ndarray(obj, name):
@@ -751,7 +774,7 @@ def check_out(out, like, reads, name="out"):
 def check_layer_input(x, ranks, what, num_features, layout, axis=None, half=False):
     """A layer's input: a data tensor (see data; half: float16 and bfloat16 too) of one of `ranks` (None: any) with
     num_features channels on the layout's channel axis (checked for ranks 2 to 5), or on `axis` when it is not None
-    (ranks 1 to MAX_RANK)."""
+    (ranks 1 to MAX_RANK); num_features None: any number of channels."""
     a = <object>data(x, "x", half)
     if ranks is not None and a.ndim not in ranks:
         raise ValueError(f"{what} expects {' or '.join(f'{r}-D' for r in ranks)} input, got {a.ndim}-D input of "
@@ -760,11 +783,11 @@ def check_layer_input(x, ranks, what, num_features, layout, axis=None, half=Fals
         if not 1 <= a.ndim <= MAX_RANK or not -a.ndim <= axis < a.ndim:
             raise ValueError(f"{what} with axis={axis} expects input of 1 to {MAX_RANK} dimensions that has that "
                              f"axis, got shape {a.shape}")
-        if a.shape[axis] != num_features:
+        if num_features is not None and a.shape[axis] != num_features:
             raise ValueError(f"x must have {num_features} channels on axis {axis}, got {a.shape[axis]} in shape "
                              f"{a.shape}")
         return a
-    if 2 <= a.ndim <= 5:
+    if num_features is not None and 2 <= a.ndim <= 5:
         C = a.shape[1] if layout == "NCHW" else a.shape[a.ndim - 1]
         if C != num_features:
             axis = "1" if layout == "NCHW" else "-1"

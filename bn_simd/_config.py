@@ -95,6 +95,11 @@ def _check_threads(n, name="num_threads"):
     return int(n)
 
 
+def _context(isa, num_threads, cl_strip_bytes, slab_bytes):
+    """A Context from its settings (Context.__reduce__)."""
+    return Context(isa=isa, num_threads=num_threads, cl_strip_bytes=cl_strip_bytes, slab_bytes=slab_bytes)
+
+
 class Context:
     """Settings for the bn_simd calls that a thread makes inside ``with ctx:`` (contexts nest; each thread has its
     own), so that two pipelines in one process can run with different settings at once::
@@ -127,6 +132,10 @@ class Context:
         if slab_bytes is not None:
             self._handle.set_slab_bytes(_check_bytes(slab_bytes, "slab_bytes"))
         self.cl_strip_bytes, self.slab_bytes = cl_strip_bytes, slab_bytes
+
+    def __reduce__(self):
+        # pickles, copies and deep copies: a new context with these settings (the C handle is not shared)
+        return (_context, (self.isa_setting, self.num_threads, self.cl_strip_bytes, self.slab_bytes))
 
     def __enter__(self):
         stack = getattr(_local, "stack", None)

@@ -142,6 +142,11 @@ cdef int epi_fill(tuple act, object ra, cnp.ndarray ya, str out_name, bn_epilogu
     ep.lo = <double>act[1]
     ep.hi = <double>act[2]
     ep.slope = <double>act[3]
+    # (float32, float16 and bfloat16 data are computed in float: a slope beyond its range would be inf there, and
+    # inf * 0 a NaN gradient; PyTorch refuses such a slope for float32 too)
+    if cnp.PyArray_TYPE(ya) != cnp.NPY_FLOAT64 and not -FLT_MAX <= ep.slope <= FLT_MAX:
+        raise ValueError(f"activation: leaky_relu's slope {ep.slope!r} is beyond float32's range, which "
+                         f"{ya.dtype} data are computed in")
     ep.residual = NULL
     if ra is not None:
         if _overlap(<cnp.ndarray>ra, ya):

@@ -123,13 +123,11 @@ class _Layer:
                     raise TypeError(f"num_batches_tracked must be an integer scalar, got dtype {v.dtype}")
                 if v.shape not in ((), (1,)):
                     raise ValueError(f"num_batches_tracked must be an integer scalar, got shape {v.shape}")
-                if int(v.reshape(())) < 0:
-                    raise ValueError(f"num_batches_tracked must be >= 0, got {int(v.reshape(()))}")
-                staged[k] = int(v.reshape(()))
+                staged[k] = _batch_count(int(v.reshape(())))
             else:
                 if state_dict[k] is None:
                     raise TypeError(f"state_dict[{k!r}] must be an array of shape ({C},), got None")
-                staged[k] = np.array(ck.per_channel(state_dict[k], k, C), dtype=self.dtype)
+                staged[k] = np.array(ck.per_channel(state_dict[k], k, C, of="the layer"), dtype=self.dtype)
         assign_state(self, staged)
 
 
@@ -166,9 +164,12 @@ def _batch_count(v):
             a is not None and a.ndim == 0 and a.dtype.kind in "iu")):
         raise TypeError(f"num_batches_tracked must be a whole number >= 0 or None, got {type(v).__name__} {v!r}")
     n = int(v)
-    if n < 0:
-        raise ValueError(f"num_batches_tracked must be >= 0, got {n}")
+    if not 0 <= n <= _INT64_MAX:
+        raise ValueError(f"num_batches_tracked must be >= 0 and <= 2**63 - 1 (PyTorch's int64 counter), got {n}")
     return n
+
+
+_INT64_MAX = 2**63 - 1
 
 
 class BatchNorm(_Layer):
@@ -450,7 +451,7 @@ class BatchNorm(_Layer):
         d = {}
         for k in self._state_keys():  # the parameters and the statistics the layer holds, as PyTorch's buffers
             if k == "num_batches_tracked":
-                d[k] = np.array(self.num_batches_tracked, dtype=np.int64)
+                d[k] = np.array(_batch_count(self.num_batches_tracked), dtype=np.int64)
             else:
                 d[k] = getattr(self, k).copy()
         return d
@@ -577,7 +578,10 @@ class _InstanceNorm(BatchNorm):
         act = _epi.parse(self.activation)
         if act != _epi.NONE or residual is not None:
             if unbatched and residual is not None:
-                residual = ck.as_data(residual, "residual", half=True)[np.newaxis]
+                residual = ck.as_data(residual, "residual", half=True)
+                if residual.shape != x.shape[1:]:   # (named in the caller's shapes, not the batched ones)
+                    raise ValueError(f"residual must have the shape of x {x.shape[1:]}, got {residual.shape}")
+                residual = residual[np.newaxis]
             with ForwardStep(self):
                 y = self._forward_epilogue_in(x, out, saved_x, residual, act, unbatched)
             return y[0] if unbatched else y
@@ -745,7 +749,9 @@ class GroupNorm(_Layer):
         backward)."""
         from . import groups
         self._check_state()
-        x = ck.check_layer_input(x, None, "GroupNorm", self.num_channels, self.layout, half=True)
+        # (without per-channel parameters num_channels is unused: any C that num_groups divides, as PyTorch)
+        C = self.num_channels if self.weight is not None or self.bias is not None else None
+        x = ck.check_layer_input(x, None, "GroupNorm", C, self.layout, half=True)
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         act = _epi.parse(self.activation)
         with ForwardStep(self):

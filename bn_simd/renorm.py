@@ -246,7 +246,7 @@ def update_renorm_stats(running_mean, running_var, running_std, renorm_mean, ren
         whole = False
     if not whole:
         raise ValueError(f"n must be a whole number of values >= 0, got {n!r}")
-    if n == 0:
+    if n == 0 or C == 0:
         return
     mean2, var2 = mean.reshape(-1, C), 1.0 / np.square(invstd.reshape(-1, C)) - e
     bm, bv = mean2.mean(axis=0), var2.mean(axis=0)
@@ -292,7 +292,7 @@ def batch_renorm(x, running_mean, running_var, weight=None, bias=None, training=
     ck.stats_apart(out, (("running_mean", running_mean), ("running_var", running_var), ("running_std", running_std),
                          ("renorm_mean", renorm_mean), ("renorm_std", renorm_std)))
     y, mean_w, var_w, r, d = _forward(split, renorm_mean, renorm_std, weight, bias, clipping, eps, out)
-    if split.n * split.G > 0:
+    if split.n * split.G > 0 and C > 0:
         update_renorm_stats(running_mean, running_var, running_std, renorm_mean, renorm_std, mean_w.reshape(-1, C),
                             1.0 / np.sqrt(var_w.reshape(-1, C) + eps), split.n, momentum=m, renorm_momentum=rmom,
                             eps=eps, unbiased=bool(unbiased_running_var))

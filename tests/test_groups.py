@@ -247,10 +247,13 @@ def test_empty_batches_and_maps():
     y, m, s = bn_simd.group_norm_forward(np.zeros((0, 4, 3, 3), np.float32), 2)
     assert y.shape == (0, 4, 3, 3) and m.shape == (0, 2)
     y, m, s = bn_simd.group_norm_forward(np.zeros((2, 4, 0), np.float32), 2)
-    assert y.shape == (2, 4, 0) and np.isnan(m).all()
+    # statistics of no value: mean 0 and invstd NaN, as PyTorch's native_group_norm
+    assert y.shape == (2, 4, 0) and (m == 0).all() and np.isnan(s).all()
     gx, gw, gb = bn_simd.group_norm_backward(np.zeros((2, 4, 0)), np.zeros((2, 4, 0)), m, s, 2)
     np.testing.assert_array_equal(gw, 0.0)
     np.testing.assert_array_equal(gb, 0.0)
+    y, m, s = bn_simd.instance_norm_forward(np.zeros((2, 4, 0), np.float32))
+    assert (m == 0).all() and np.isnan(s).all()
 
 
 # ---- instance norm --------------------------------------------------------------------------------------------
