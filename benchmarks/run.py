@@ -28,7 +28,7 @@ from benchmarks.harness.report import disagreements, plot, table  # noqa: E402,F
 
 def make_parser(prog=None):
     p = argparse.ArgumentParser(
-        prog=prog, description="Time bn_simd's batch norm, group norm and instance norm against NumPy, PyTorch "
+        prog=prog, description="Time bn_simd's batch, group, instance, layer and RMS norm against NumPy, PyTorch "
                                "and ONNX Runtime (the last two when installed) and print a markdown table.",
         epilog="Progress goes to stderr, the table to stdout. The cases: "
                + ", ".join(c.id for c in cases.CASES) + f"; --quick runs {', '.join(cases.QUICK_IDS)}.")

@@ -8,6 +8,10 @@ and build the extension with the package's header and library (README.md, "Embed
 
     Extension(..., include_dirs=[bn_simd.get_include()], library_dirs=bn_simd.get_library_dirs(),
               runtime_library_dirs=bn_simd.get_library_dirs(), libraries=["bn_simd"])
+    cythonize(..., include_path=[os.path.dirname(os.path.dirname(bn_simd.__file__))])
+
+(include_path: an editable install reaches the package through an import hook, which Cython's .pxd search does not
+use.)
 
 Every function is nogil; each returns BN_OK or a negative status (bn_strerror) and writes nothing on a bad argument.
 The meaning of every argument: include/bn_simd_api.h.

@@ -10,7 +10,8 @@ every other axis. A rank-1 array (C,) with axis=0 or -1 is C channels of one val
 unmasked entries only, Keras' masking: the mask has x's shape without the channel axis (or a shape broadcasting to
 it, rank for rank), nonzero where an entry counts; every entry is normalised with those statistics.
 
-Data arrays are float32 or float64 and the output has the input's dtype. A C-contiguous input is used in
+Data arrays are float32 or float64, or float16 / bfloat16 storage (computed in float32, statistics float32), and
+the output has the input's dtype. A C-contiguous input is used in
 place; any other (Fortran order, negative or zero strides, byte-swapped) is copied once. Per-channel
 arrays may have any floating-point dtype. Statistics are computed and combined in float64.
 
@@ -48,7 +49,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, rank 2..5 in ``layout`` (rank 1..8 with ``axis``).
+    x : ndarray, float32, float64, float16 or bfloat16, rank 2..5 in ``layout`` (rank 1..8 with ``axis``).
     running_mean, running_var : ndarray (C,) of a float dtype, or None; updated in place when training (then
         sharing no byte with each other, nor with out).
     weight, bias : array (C,) or None (1 and 0).
@@ -114,8 +115,8 @@ def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW", ou
 
     Returns (y, save_mean, save_invstd): y normalised with the batch statistics (of the unmasked entries when
     ``mask`` is given), save_mean[c] the batch mean and save_invstd[c] = 1 / sqrt(biased_var[c] + eps), both (C,)
-    in x's dtype, ready for :func:`batch_norm_backward` (which needs the same mask). ``axis``, ``mask`` and what
-    raises: as :func:`batch_norm`.
+    in x's dtype (float32 for 16-bit x), ready for :func:`batch_norm_backward` (which needs the same mask).
+    ``axis``, ``mask`` and what raises: as :func:`batch_norm`.
 
     With ``activation`` or ``residual`` (as :func:`batch_norm`: y = act(normalised x + residual) in the same sweep),
     returns (y, save_mean, save_invstd, save_stats): save_stats = (mean, var), the batch mean and biased variance as
@@ -147,9 +148,9 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, lay
                          statistics were running statistics, constants; pass save_mean = running_mean and
                          save_invstd = 1 / sqrt(running_var + eps))
 
-    grad_out and x: same shape and dtype (float32/float64). Returns (grad_x, grad_weight, grad_bias); the
-    per-channel gradients have weight's dtype (x's when weight is None). ``out`` receives grad_x and may be
-    grad_out or x itself (with an activation, not the residual's memory, even where the residual is x: refused, as
+    grad_out and x: same shape and dtype (float32, float64, float16 or bfloat16). Returns (grad_x, grad_weight,
+    grad_bias); the per-channel gradients have weight's dtype (x's when weight is None). ``out`` receives grad_x and may
+    be grad_out or x itself (with an activation, not the residual's memory, even where the residual is x: refused, as
     the residual is read again after grad_x's first writes). ``axis``: as :func:`batch_norm`. ``mask``
     (training=True): the forward's mask; n is then the number of unmasked positions and the statistics' terms
     (grad_bias / n, x̂ grad_weight / n) reach the unmasked entries only, while grad_weight and grad_bias sum over

@@ -7,7 +7,7 @@ group (each (sample, channel) over its spatial positions). The affine weight and
 Layouts as in :mod:`bn_simd.functional`: ``layout="NCHW"`` has channels on axis 1, ``"NHWC"`` last. Data arrays are
 float32 or float64; statistics are computed in float64 (shifted chunk sums, merged in a fixed order), bitwise the
 same for any thread count. Saved statistics (mean, invstd) have shape (N, num_groups) for group norm and (N, C) for
-instance norm, in x's dtype, as PyTorch returns them.
+instance norm, in x's dtype (float32 for 16-bit x), as PyTorch returns them.
 """
 from . import _core
 from . import _epilogue as _epi
@@ -25,7 +25,8 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout="NCHW"
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, rank 2..5 in ``layout`` ((N, C) or (N, C, *spatial); NHWC (N, *spatial, C)).
+    x : ndarray, float32, float64, float16 or bfloat16, rank 2..5 in ``layout`` ((N, C) or (N, C, *spatial);
+        NHWC (N, *spatial, C)).
     num_groups : int >= 1 dividing C.
     weight, bias : array (C,) or None (1 and 0).
     eps : float > 0.
@@ -46,7 +47,8 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout="NCHW"
 def group_norm_forward(x, num_groups, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None, activation=None,
                        residual=None):
     """Group-norm forward for callers that run their own autograd: returns (y, mean, invstd), mean and
-    invstd = 1 / sqrt(var + eps) of shape (N, num_groups) in x's dtype, for :func:`group_norm_backward`.
+    invstd = 1 / sqrt(var + eps) of shape (N, num_groups) in x's dtype (float32 for 16-bit x), for
+    :func:`group_norm_backward`.
 
     With ``activation`` or ``residual`` (keyword-only, as :func:`group_norm`: y = act(normalised x + residual) in the
     normalise sweep) returns (y, mean, invstd, save_stats): save_stats = (mean, var), the groups' mean and biased
@@ -118,8 +120,8 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     (``running = (1 - momentum) running + momentum mean_n(stat)``, the variance unbiased), as PyTorch does.
     use_input_stats=False: the running statistics (both required) normalise every sample, as batch norm's eval.
 
-    x : ndarray, float32 or float64, rank 3..5 ((N, C, *spatial); NHWC (N, *spatial, C)). Other arguments as
-    :func:`bn_simd.batch_norm`. Raises ValueError for one spatial element when use_input_stats is True.
+    x : ndarray, float32, float64, float16 or bfloat16, rank 3..5 ((N, C, *spatial); NHWC (N, *spatial, C)). Other
+    arguments as :func:`bn_simd.batch_norm`. Raises ValueError for one spatial element when use_input_stats is True.
     activation, residual: as :func:`bn_simd.batch_norm` (y = act(normalised x + residual)), fused into the normalise
     sweep (no extra pass over memory) and checked before anything is written; the running statistics move exactly as
     without them. For training through them: :func:`instance_norm_forward` and :func:`instance_norm_backward`, or the
@@ -134,9 +136,9 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 
 def instance_norm_forward(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None, activation=None,
                           residual=None):
-    """Instance-norm forward with the input's statistics: returns (y, mean, invstd), both (N, C) in x's dtype,
-    for :func:`instance_norm_backward`. With ``activation`` or ``residual``: (y, mean, invstd, save_stats), the
-    epilogue fused into the normalise sweep and save_stats = (mean, var) as float64 (N, C) arrays, as
+    """Instance-norm forward with the input's statistics: returns (y, mean, invstd), both (N, C) in x's dtype (float32
+    for 16-bit x), for :func:`instance_norm_backward`. With ``activation`` or ``residual``: (y, mean, invstd,
+    save_stats), the epilogue fused into the normalise sweep and save_stats = (mean, var) as float64 (N, C) arrays, as
     :func:`group_norm_forward`."""
     if activation is not None or residual is not None:
         return _core.group_forward_epi(x, None, weight, bias, eps, layout, out, _epi.parse(activation), residual,

@@ -11,9 +11,10 @@ and scale (and shift) with per-element parameters of shape ``normalized_shape``:
 instead, without a transpose: the LayerNorm2d of ConvNeXt, statistics per (sample, position), parameters (C,).
 ``normalized_shape`` is then C.
 
-Data arrays are float32 or float64; statistics are computed in float64 (shifted sums), and results are bitwise the
-same for any thread count. The saved statistics (mean, rstd = 1 / sqrt(var + eps)) have x's dtype and PyTorch's
-shape: the leading dims then ones, (*x.shape[:-k], 1, ..., 1); channels-first (N, 1, *spatial).
+Data arrays are float32 or float64, or float16 / bfloat16 storage (computed in float32); statistics are computed in
+float64 (shifted sums), and results are bitwise the same for any thread count. The saved statistics (mean, rstd = 1 /
+sqrt(var + eps)) have x's dtype (float32 for 16-bit x) and PyTorch's shape: the leading dims then ones, (*x.shape[:-k],
+1, ..., 1); channels-first (N, 1, *spatial).
 """
 from . import _core
 from . import _epilogue as _epi
@@ -31,7 +32,8 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, of shape (*, *normalized_shape); any number of leading dims (0-sized too).
+    x : ndarray, float32, float64, float16 or bfloat16, of shape (*, *normalized_shape); any number of leading dims
+        (0-sized too).
     normalized_shape : int or tuple of ints, x's trailing dims (``layout="NCHW"``: C, the size of axis 1).
     weight, bias : arrays of shape normalized_shape (or its flat size), any float dtype, or None (1 and 0).
     eps : float > 0.
@@ -54,8 +56,8 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
 
 def layer_norm_forward(x, normalized_shape, weight=None, bias=None, *, eps=1e-5, out=None, layout=None,
                        activation=None, residual=None):
-    """Layer-norm forward for callers that run their own autograd (``torch.native_layer_norm``): returns
-    (y, mean, rstd), mean and rstd = 1 / sqrt(var + eps) in x's dtype, shaped (*leading, 1, ..., 1)
+    """Layer-norm forward for callers that run their own autograd (``torch.native_layer_norm``): returns (y, mean,
+    rstd), mean and rstd = 1 / sqrt(var + eps) in x's dtype (float32 for 16-bit x), shaped (*leading, 1, ..., 1)
     (channels-first: (N, 1, *spatial)), for :func:`layer_norm_backward`. Arguments as :func:`layer_norm`.
 
     With ``activation`` or ``residual`` (keyword-only; y = act(normalised x + residual) in the normalise sweep)
@@ -137,9 +139,10 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, activation
 
 
 def rms_norm_forward(x, normalized_shape, weight=None, *, eps=None, out=None, activation=None, residual=None):
-    """RMS-norm forward for callers that run their own autograd: returns (y, rstd), rstd = 1 / sqrt(mean(x^2) + eps)
-    in x's dtype shaped (*leading, 1, ..., 1), for :func:`rms_norm_backward`. With ``activation`` or ``residual``
-    (keyword-only, fused as :func:`layer_norm_forward`'s): (y, rstd, save_stats), save_stats = (rstd,) as float64."""
+    """RMS-norm forward for callers that run their own autograd: returns (y, rstd), rstd = 1 / sqrt(mean(x^2) + eps) in
+    x's dtype (float32 for 16-bit x) shaped (*leading, 1, ..., 1), for :func:`rms_norm_backward`. With ``activation`` or
+    ``residual`` (keyword-only, fused as :func:`layer_norm_forward`'s): (y, rstd, save_stats), save_stats = (rstd,) as
+    float64."""
     if activation is not None or residual is not None:
         return _core.row_forward_epi(x, normalized_shape, weight, None, eps, None, out, _threads(), True,
                                      _epi.parse(activation), residual)

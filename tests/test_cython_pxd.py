@@ -54,13 +54,16 @@ def layer_norm(float[:, ::1] x, double eps):
     return y
 '''
 
-SETUP = '''import bn_simd
+SETUP = '''import os
+import bn_simd
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 dirs = bn_simd.get_library_dirs()
 ext = Extension("bn_pxd_probe", ["bn_pxd_probe.pyx"], include_dirs=[bn_simd.get_include()], library_dirs=dirs,
                 runtime_library_dirs=dirs, libraries=["bn_simd"], extra_compile_args=["-O0"])  # (a quick build)
-setup(ext_modules=cythonize([ext], include_path=[{root!r}], quiet=True), script_args=["build_ext", "--inplace"])
+# (the README's include_path: the directory holding the package imported)
+setup(ext_modules=cythonize([ext], include_path=[os.path.dirname(os.path.dirname(bn_simd.__file__))], quiet=True),
+      script_args=["build_ext", "--inplace"])
 '''
 
 
@@ -78,7 +81,7 @@ def probe():
         with open(os.path.join(d, "bn_pxd_probe.pyx"), "w") as f:
             f.write(PYX)
         with open(os.path.join(d, "setup.py"), "w") as f:
-            f.write(SETUP.format(root=ROOT))
+            f.write(SETUP)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
         r = subprocess.run([sys.executable, "setup.py"], cwd=d, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, timeout=600)

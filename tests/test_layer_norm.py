@@ -840,6 +840,18 @@ def test_a_constant_row_with_a_tiny_eps_keeps_the_kernels_rounding(dtype):
     want = (b + r[1].astype(np.float32)).astype(dt)
     for eps in (1e-5, 1e-90):
         assert_same_bits(bn_simd.layer_norm(x, 64, w, b, eps=eps, residual=r)[1], want)
+    if dtype == "bfloat16":  # nor does a mean beyond 2^100 (bfloat16 reaches it), both layouts, fwd and bwd
+        x[1] = np.float32(1e38)
+        assert_same_bits(bn_simd.layer_norm(x, 64, w, b, residual=r)[1], want)
+        xc, rc = np.ascontiguousarray(x.T[None]), np.ascontiguousarray(r.T[None])   # (1, 64, 4): C on axis 1
+        got = bn_simd.layer_norm(xc, 64, w, b, residual=rc, layout="channels_first")
+        assert_same_bits(np.ascontiguousarray(got[0, :, 1]), want)
+        y, mean, rstd, st = bn_simd.layer_norm_forward(x, 64, w, b, activation="relu", residual=r)
+        g = np.ones_like(x)
+        gx, gw, gb, gr = bn_simd.layer_norm_backward(g, x, mean, rstd, 64, w, b, activation="relu", residual=r,
+                                                     save_stats=st)
+        u = b + r[1].astype(np.float32)   # the relu's kink decided on the once-rounded bias + residual
+        np.testing.assert_array_equal(gr[1].astype(np.float32), (u.astype(dt).astype(np.float32) > 0))
     # RMS norm's mean is 0: a constant row of tiny values normalises to 1 (x / sqrt(x^2 + eps)), not to a float
     # kernel's x * FLT_MAX (0.034 for 1e-40 with eps 1e-90)
     for tdt in (np.float32, dt) if dtype == "bfloat16" else (np.float32,):  # (1e-40 is 0 in float16)

@@ -3,8 +3,9 @@
  *
  * Build against an installed library (CMake install, or the Python wheel's copy):
  *   cc bn_example.c $(pkg-config --cflags --libs bn_simd) -o bn_example
+ *   LIB="$(python -c 'import bn_simd; print(bn_simd.get_library_dirs()[0])')"
  *   cc bn_example.c -I"$(python -c 'import bn_simd; print(bn_simd.get_include())')" \
- *      -L"$(python -c 'import bn_simd; print(bn_simd.get_library_dirs()[0])')" -lbn_simd -o bn_example
+ *      -L"$LIB" -Wl,-rpath,"$LIB" -lbn_simd -o bn_example
  * or with CMake (examples/c/CMakeLists.txt: find_package(bn_simd)). It prints every result as "name v0 v1 ..."
  * (%.9g: float32 round trip), which tests/test_c_library.py compares with the Python package's. */
 #include <stdio.h>
