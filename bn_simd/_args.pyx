@@ -374,17 +374,20 @@ cdef void span(cnp.ndarray a, Py_ssize_t* lo, Py_ssize_t* hi):
 
 
 cdef bint overlaps_itself(cnp.ndarray a):
-    """Whether two elements of a share a byte (a zero-stride view from numpy.broadcast_to or as_strided): taken with
-    the dims of more than one element in the order of their |strides|, each |stride| must cover the one below it over
-    its extent (a sufficient test for no overlap, exact for the vectors statistics are)."""
-    cdef list dims = sorted((abs(cnp.PyArray_STRIDES(a)[k]), cnp.PyArray_DIMS(a)[k])
-                            for k in range(cnp.PyArray_NDIM(a)) if cnp.PyArray_DIMS(a)[k] > 1)
-    cdef Py_ssize_t need = cnp.PyArray_ITEMSIZE(a), stride, n
-    for stride, n in dims:
-        if stride < need:
-            return True
-        need = stride * n
-    return False
+    """Whether two elements of a share a byte (a zero-stride view from numpy.broadcast_to or as_strided). A vector: a
+    stride shorter than an element; more dims (rare for statistics): the elements' byte offsets, sorted, an element
+    apart (with |strides|: a negative stride only reflects its axis)."""
+    cdef int k, nd = cnp.PyArray_NDIM(a)
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(a)
+    if nd == 1:
+        return cnp.PyArray_DIMS(a)[0] > 1 and abs(cnp.PyArray_STRIDES(a)[0]) < item
+    offsets = np.zeros(1, np.int64)
+    for k in range(nd):
+        if cnp.PyArray_DIMS(a)[k] > 1:
+            offsets = (offsets[:, None] + np.arange(cnp.PyArray_DIMS(a)[k], dtype=np.int64)
+                       * abs(cnp.PyArray_STRIDES(a)[k])).ravel()
+    offsets.sort()
+    return bool((np.diff(offsets) < item).any())
 
 
 cpdef int stats_distinct(tuple named) except -1:
@@ -622,12 +625,13 @@ cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
 
 
 cdef bint _in_place_or_disjoint(cnp.ndarray out, cnp.ndarray a):
-    """out is a itself element for element (same data, same strides), or shares no byte with it (a C-contiguous)."""
+    """out is a itself element for element (same data, same strides on the axes of more than one element: a stride
+    of an axis of one element never moves), or shares no byte with it (a C-contiguous)."""
     cdef int k
     if cnp.PyArray_DATA(out) != cnp.PyArray_DATA(a):
         return _disjoint(out, a)
     for k in range(cnp.PyArray_NDIM(out)):
-        if cnp.PyArray_STRIDE(out, k) != cnp.PyArray_STRIDE(a, k):
+        if cnp.PyArray_DIM(out, k) > 1 and cnp.PyArray_STRIDE(out, k) != cnp.PyArray_STRIDE(a, k):
             return False
     return True
 
@@ -658,17 +662,13 @@ cdef cnp.ndarray _out(object out, cnp.ndarray like, str name, str name1, cnp.nda
     if not cnp.PyArray_ISWRITEABLE(o):
         raise ValueError(f"{name} must be writeable, got a read-only array")
     if read1 is not None and not _in_place_or_disjoint(o, read1):
-        _overlap(name, name1, o, read1)
+        _overlap(name, name1)
     if read2 is not None and not _in_place_or_disjoint(o, read2):
-        _overlap(name, name2, o, read2)
+        _overlap(name, name2)
     return o
 
 
-cdef int _overlap(str name, str read, cnp.ndarray o, object r) except -1:
-    if isinstance(r, np.ndarray) and cnp.PyArray_DATA(o) == cnp.PyArray_DATA(<cnp.ndarray>r):
-        raise ValueError(f"{name} starts where {read} does but with other strides {(<object>o).strides} (not "
-                         f"{r.strides}), so it is not {read} itself; pass {read} itself for in-place operation or a "
-                         f"separate array")
+cdef int _overlap(str name, str read) except -1:
     raise ValueError(f"{name} overlaps {read} partially; pass {read} itself for in-place operation or a separate "
                      f"array")
 

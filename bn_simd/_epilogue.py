@@ -3,7 +3,8 @@
     None                    no activation
     "relu"                  max(u, 0)
     "relu6"                 min(max(u, 0), 6)
-    ("leaky_relu", slope)   u if u > 0 else slope * u        (slope: a finite real number; "leaky_relu" alone: 0.01,
+    ("leaky_relu", slope)   u if u > 0 else slope * u        (slope: a finite real number, within float32's range
+                                                              for data other than float64; "leaky_relu" alone: 0.01,
                                                               PyTorch's default)
     ("clamp", lo, hi)       min(max(u, lo), hi)               (lo <= hi; either may be None: unbounded; PyTorch's
                                                               Hardtanh: derivative 0 at lo and hi, where

@@ -149,12 +149,12 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, lay
                          save_invstd = 1 / sqrt(running_var + eps))
 
     grad_out and x: same shape and dtype (float32, float64, float16 or bfloat16). Returns (grad_x, grad_weight,
-    grad_bias); the per-channel gradients have weight's dtype (x's when weight is None). ``out`` receives grad_x and may
-    be grad_out or x itself (with an activation, not the residual's memory, even where the residual is x: refused, as
-    the residual is read again after grad_x's first writes). ``axis``: as :func:`batch_norm`. ``mask``
-    (training=True): the forward's mask; n is then the number of unmasked positions and the statistics' terms
-    (grad_bias / n, x̂ grad_weight / n) reach the unmasked entries only, while grad_weight and grad_bias sum over
-    every entry (each was normalised).
+    grad_bias); the per-channel gradients have weight's dtype (x's when weight is None; float32 for 16-bit x). ``out``
+    receives grad_x and may be grad_out or x itself (with an activation, not the residual's memory, even where the
+    residual is x: refused, as the residual is read again after grad_x's first writes). ``axis``: as :func:`batch_norm`.
+    ``mask`` (training=True): the forward's mask; n is then the number of unmasked positions and the statistics' terms
+    (grad_bias / n, x̂ grad_weight / n) reach the unmasked entries only, while grad_weight and grad_bias sum over every
+    entry (each was normalised).
 
     Through a fused epilogue z = act(batch_norm(x) + residual) (grad_out is dL/dz): pass the forward's
     ``activation`` and ``residual`` (the array itself: u = normalised x + residual is recomputed from them), and, with

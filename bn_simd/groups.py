@@ -5,9 +5,10 @@ each (sample, group) over its channels and all spatial positions; instance norm 
 group (each (sample, channel) over its spatial positions). The affine weight and bias are per channel.
 
 Layouts as in :mod:`bn_simd.functional`: ``layout="NCHW"`` has channels on axis 1, ``"NHWC"`` last. Data arrays are
-float32 or float64; statistics are computed in float64 (shifted chunk sums, merged in a fixed order), bitwise the
-same for any thread count. Saved statistics (mean, invstd) have shape (N, num_groups) for group norm and (N, C) for
-instance norm, in x's dtype (float32 for 16-bit x), as PyTorch returns them.
+float32 or float64 (or float16 / bfloat16 storage, computed in float32); statistics are computed in float64 (shifted
+chunk sums, merged in a fixed order), bitwise the same for any thread count. Saved statistics (mean, invstd) have shape
+(N, num_groups) for group norm and (N, C) for instance norm, in x's dtype (float32 for 16-bit x), as PyTorch returns
+them.
 """
 from . import _core
 from . import _epilogue as _epi

@@ -175,7 +175,7 @@ BN_DECLARE_MOMENTS(uint16_t, float, bf16)
  * D S values of its channels in sample n. mean, var, invstd: N G values (q order); weight, bias: C, nullable.
  * Statistics as batch norm's (shifted chunk sums in double, fixed order): bitwise equal for any thread count. */
 #define BN_DECLARE_GROUP(T, S_)                                                                           \
-    /* mean[q] and biased var[q]; NaN for groups of no element. */                                        \
+    /* mean[q] and biased var[q]; 0 and NaN for groups of no element (PyTorch's). */                       \
     int bn_group_stats_##S_(const T* x, int64_t N, int64_t C, int64_t S, int64_t G, int cl, double* mean,  \
                             double* var, int nthreads);                                                   \
     /* y = (x - mean[q]) / sqrt(var[q] + eps) * weight[c] + bias[c] with the given statistics; y may be x. */ \

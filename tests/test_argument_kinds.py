@@ -455,17 +455,19 @@ def test_unbiased_flag_is_read_only_when_running_stats_are_updated():
     np.testing.assert_array_equal(rm, a["running_mean"])  # (read before anything is written)
 
 
-def test_out_with_x_data_but_other_strides_is_refused():
-    # C-contiguous flags ignore size-1 axes: same data pointer, different strides is not "x itself"
+def test_out_with_x_data_and_other_strides_on_axes_of_one_element_is_in_place():
+    # C-contiguous flags ignore size-1 axes: same data pointer, strides differing only where an axis has one element
+    # (which never moves along it) is x itself element for element
     from numpy.lib.stride_tricks import as_strided
     x = np.arange(8, dtype=F32).reshape(4, 1, 2)
-    out = as_strided(x, strides=(8, 12345, 4))
-    before = x.tobytes()
-    with pytest.raises(ValueError, match=r"out starts where x does but with other strides \(8, 12345, 4\)"):
-        bn_simd.batch_norm(x, training=True, out=out)
-    with pytest.raises(ValueError, match="out starts where"):
-        bn_simd.batch_norm_backward(x, x, np.zeros(1), np.ones(1), out=out)
-    assert x.tobytes() == before
+    want = bn_simd.batch_norm(x, training=True)
+    gwant = bn_simd.batch_norm_backward(x, x, np.zeros(1), np.ones(1))[0]
+    out = as_strided(x.copy(), strides=(8, 12345, 4))
+    got = bn_simd.batch_norm(out, training=True, out=as_strided(out, strides=(8, 4, 4)))
+    assert got.tobytes() == want.tobytes() and out.tobytes() == want.tobytes()
+    g = as_strided(x.copy(), strides=(8, 12345, 4))
+    bn_simd.batch_norm_backward(g, x, np.zeros(1), np.ones(1), out=as_strided(g, strides=(8, 0, 4)))
+    assert g.tobytes() == gwant.tobytes()
 
 
 def test_backward_apply_out_partly_overlapping_grad_out_is_refused():

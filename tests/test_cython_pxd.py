@@ -67,6 +67,20 @@ setup(ext_modules=cythonize([ext], include_path=[os.path.dirname(os.path.dirname
 '''
 
 
+def _env_without_root(cwd):
+    """The build's environment: without the source tree on PYTHONPATH when bn_simd imports from it without (an
+    installed package, editable or not: the README's include_path is then what finds the .pxd, Cython's search of
+    sys.path does not), else with it (a checkout run through PYTHONPATH)."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+             if p and os.path.abspath(p) != os.path.abspath(ROOT)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    r = subprocess.run([sys.executable, "-c", "import bn_simd, os; print(os.path.dirname(bn_simd.__file__))"],
+                       cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if r.returncode == 0 and os.path.samefile(r.stdout.strip(), os.path.dirname(bn_simd.__file__)):
+        return env
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + paths))
+
+
 @pytest.fixture(scope="module")
 def probe():
     pytest.importorskip("Cython")
@@ -82,7 +96,7 @@ def probe():
             f.write(PYX)
         with open(os.path.join(d, "setup.py"), "w") as f:
             f.write(SETUP)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+        env = _env_without_root(d)
         r = subprocess.run([sys.executable, "setup.py"], cwd=d, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-4000:]

@@ -189,3 +189,42 @@ def test_batched_gradients_are_refused_with_a_message(make):
         torch.autograd.grad(y, x, torch.ones(2, *y.shape), is_grads_batched=True)
     g, = torch.autograd.grad(m(x), x, torch.ones_like(y))   # one at a time: works
     assert g.shape == x.shape
+
+
+def test_forwards_take_their_argument_by_name():
+    x = _x((3, 6))
+    for m, name in ((bt.RMSNorm(6), "x"), (bt.LayerNorm(6), "input"), (bt.GroupNorm(2, 6), "input"),
+                    (bt.BatchNorm1d(6), "input"), (bt.InstanceNorm1d(6), "input")):
+        torch.testing.assert_close(m(**{name: x}), m(x), rtol=0, atol=0)
+
+
+def test_a_converted_module_traced_as_the_root_records_pytorchs_functions():
+    """As torch.nn's LayerNorm, GroupNorm and RMSNorm (torch.nn's BatchNorm and InstanceNorm cannot be the root of a
+    symbolic trace: their rank checks branch on the proxy)."""
+    x = _x((3, 6))
+    for m in (bt.LayerNorm(6), bt.GroupNorm(2, 6), bt.RMSNorm(6)):
+        gm = fx.symbolic_trace(m)
+        assert not any(n.op == "call_module" for n in gm.graph.nodes)
+        torch.testing.assert_close(gm(x), m(x), rtol=1e-6, atol=1e-6)
+
+
+def test_folded_linear_batch_norm_traces():
+    model = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    folded = bt.fold(model)
+    gm = fx.symbolic_trace(folded)
+    x = _x((3, 6))
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_make_fx_records_pytorchs_operators():
+    """make_fx's dispatch mode records operators, not the kernels' memory reads: the graph replays on new data."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    for m in (bt.LayerNorm(6), bt.BatchNorm1d(6).eval(), bt.GroupNorm(2, 6)):
+        x = _x((3, 6))
+        with torch.no_grad():
+            m(x)   # (the eval fast path's cache filled)
+            g = make_fx(m)(x)
+            x2 = _x((3, 6), seed=5) * 3 + 1
+            torch.testing.assert_close(g(x2), m(x2), rtol=1e-5, atol=1e-5)

@@ -25,6 +25,7 @@ import torch
 import torch.utils.checkpoint  # noqa: F401  (counted: its recomputation signal)
 import torch.autograd.forward_ad as fwAD
 from torch.autograd.function import once_differentiable
+from torch.fx import Proxy
 from torch.overrides import has_torch_function
 
 from .._args import BF16_BITS, stats_overlap_message
@@ -104,16 +105,17 @@ def vec(t):
 
 
 _functorch_active = torch._C._are_functorch_transforms_active
+_dispatch_depth = torch._C._len_torch_dispatch_stack
 _legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
 def input_supported(x, ranks, eps):
     """True when the kernels can run a call on input x (any per-channel tensors aside): float32, float64, float16 or
     bfloat16 on the CPU. False sends it to PyTorch's own implementation: other devices and dtypes, ranks the kernels do
-    not cover, an eps the kernels do not take (eps_supported), tensor subclasses with ``__torch_function__``, and
-    calls made while tracing or compiling a graph (which must record PyTorch's operator), inside a forward-mode AD
-    level (the Functions here have no forward derivative) or a torch.func transform (grad, vjp, vmap). Raises
-    TypeError when x is not a tensor."""
+    not cover, an eps the kernels do not take (eps_supported), tensor subclasses with ``__torch_function__``, and calls
+    made while tracing or compiling a graph (which must record PyTorch's operator; make_fx's dispatch mode too), inside
+    a forward-mode AD level (the Functions here have no forward derivative) or a torch.func transform (grad, vjp, vmap).
+    Raises TypeError when x is not a tensor."""
     if type(x) is not torch.Tensor:
         # subclasses with __torch_function__ and torch.fx's proxies (no tensors: a trace records PyTorch's function)
         if has_torch_function((x,)):
@@ -122,23 +124,35 @@ def input_supported(x, ranks, eps):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     if (not x.is_cpu or x.dtype not in FLOATS or x.layout != torch.strided or x.dim() not in ranks
             or torch.jit.is_tracing() or torch.compiler.is_compiling() or fwAD._current_level >= 0
-            or _functorch_active()):  # (torch.func's wrapped tensors have no memory of their own to read)
+            or _functorch_active()  # (torch.func's wrapped tensors have no memory of their own to read)
+            or _dispatch_depth()):  # (a TorchDispatchMode, as make_fx's, records operators, not memory reads)
         return False
     if x.is_neg():  # a negative-bit view (the imaginary part of a conjugate): its memory holds -x
         return False
     return eps_supported(eps)
 
 
+def fx_call(module, proxy, args, kwargs):
+    """A call of module on torch.fx proxies (proxy: one of them) recorded as one call_module node, a leaf of the trace
+    as torch.nn's modules are (their forwards' checks branch on the input's rank, which a proxy cannot answer); None
+    when module is the trace's root, whose forward is traced (the functions record PyTorch's then)."""
+    tracer = proxy.tracer
+    if getattr(tracer, "root", None) is module:
+        return None
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
+
+
 def fx_leaf(forward):
-    """Decorates a module's forward(self, input, ...): called on a torch.fx proxy (torch.fx.symbolic_trace, FX graph
-    mode quantization), the module is recorded as one call, a leaf of the trace as torch.nn's modules are, rather than
-    traced through (its checks branch on the input's rank, which a proxy cannot answer)."""
+    """Decorates a module's forward: called on a torch.fx proxy (torch.fx.symbolic_trace, FX graph mode quantization),
+    the call is recorded by fx_call. (The forwards on a latency path check inline instead: a wrapper costs a call.)"""
     @functools.wraps(forward)
-    def wrapped(self, input, *args, **kwargs):
-        if type(input) is not torch.Tensor and isinstance(input, torch.fx.Proxy):
-            tracer = input.tracer
-            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input, *args), kwargs)
-        return forward(self, input, *args, **kwargs)
+    def wrapped(self, *args, **kwargs):
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        if type(first) is not torch.Tensor and isinstance(first, Proxy):
+            y = fx_call(self, first, args, kwargs)
+            if y is not None:
+                return y
+        return forward(self, *args, **kwargs)
     return wrapped
 
 

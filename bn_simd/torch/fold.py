@@ -20,6 +20,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
 from ..fold import fold_conv, fold_linear
+from . import _bridge as B
 from . import fused as _fused
 from . import modules as _modules
 from . import sync as _sync
@@ -198,6 +199,7 @@ class FoldedBatchNorm1d(FoldedBatchNorm):
     normalises axis 1 (L), which only runs when L equals the features, and the folded weights would then be
     silently wrong."""
 
+    @B.fx_leaf
     def forward(self, input):
         if input.dim() != 2:
             raise RuntimeError(f"bn_simd.torch.fold folded a BatchNorm1d into the Linear before it for a 2-d "

@@ -99,17 +99,21 @@ def act_forward(plain_forward):
     an embedding of shape (N, C, 1, 1), one the add broadcasts the output to, a float32 identity beside a bfloat16
     convolution under autocast, a number such as a size); a shape that does not broadcast raises ValueError before
     anything runs; any other residual goes to the fused forward, which checks it. On torch.fx proxies the module is
-    a leaf of the trace (B.fx_leaf)."""
+    a leaf of the trace (B.fx_call)."""
     def decorate(fused_forward):
         @functools.wraps(fused_forward)
         def forward(self, input, residual=None):
+            if type(input) is not torch.Tensor and isinstance(input, B.Proxy):  # (a torch.fx trace)
+                y = B.fx_call(self, input, (input, residual), {})
+                if y is not None:
+                    return y
             if isinstance(residual, _NUMBERS):
                 return _torch_activation(plain_forward(self, input) + residual, self.activation)
             check_residual(input, residual)
             if residual is not None and _unfused(input, residual):
                 return _torch_activation(plain_forward(self, input) + residual, self.activation)
             return fused_forward(self, input, residual)
-        return B.fx_leaf(forward)
+        return forward
     return decorate
 
 

@@ -31,9 +31,9 @@ _RANKS = {torch.nn.BatchNorm1d: (2, 3), torch.nn.BatchNorm2d: (4,), torch.nn.Bat
 _DLPACK_KEYS = {torch.float32: 0x220, torch.float64: 0x240, torch.float16: 0x210, torch.bfloat16: 0x410}
 _Tensor, _empty_like, _grad_enabled, _is_tracing = torch.Tensor, torch.empty_like, torch.is_grad_enabled, torch._C._is_tracing
 _is_compiling = torch.compiler.is_compiling
+_dispatch_depth = torch._C._len_torch_dispatch_stack  # (make_fx's mode: PyTorch's operators, as tracing)
 
 
-@B.fx_leaf
 def _batch_norm_forward(self, input, activation=None, residual=None):
     """Batch normalization of input with this module's state, as ``torch.nn.BatchNorm*d`` does: batch statistics in
     training mode (running statistics updated with ``momentum``, or the cumulative average when momentum is None) and
@@ -45,10 +45,14 @@ def _batch_norm_forward(self, input, activation=None, residual=None):
             and not _grad_enabled()):
         fast = self.__dict__.get(EVAL_KEY)
         # (_is_compiling first: torch.compile reads it as a constant; _is_tracing is a builtin it cannot trace)
-        if fast is not None and not _is_compiling() and not _is_tracing():
+        if fast is not None and not _is_compiling() and not _is_tracing() and not _dispatch_depth():
             y = _core.torch_bn_eval(self, fast, input, _to_dlpack, _empty_like, B._threads())
             if y is not None:
                 return y
+    if type(input) is not _Tensor and isinstance(input, B.Proxy):  # (a torch.fx trace: B.fx_call)
+        y = B.fx_call(self, input, (input,), {})
+        if y is not None:
+            return y
     self._check_input_dim(input)
     # (the registered parameters and buffers read from their dicts: nn.Module.__getattr__ costs a few us per call)
     buffers = self._buffers

@@ -236,7 +236,8 @@ int main(void) {
     snprintf(header_version, sizeof header_version, "%d.%d.%d", BN_SIMD_VERSION_MAJOR, BN_SIMD_VERSION_MINOR,
              BN_SIMD_VERSION_PATCH);
     CHECK(strcmp(header_version, bn_version()) == 0 && BN_SIMD_VERSION_NUMBER >= 100,
-          "the header's version %s (number %d), the library's %s", header_version, BN_SIMD_VERSION_NUMBER, bn_version());
+          "the header's version %s (number %d), the library's %s", header_version, BN_SIMD_VERSION_NUMBER,
+          bn_version());
     bn_context* pool_ctx = bn_context_create();
     bn_context_set_num_threads(pool_ctx, 5); /* (5 tasks on 4 threads) */
     bn_context_set_parallel_for(pool_ctx, pool_for, &threads);
