@@ -228,3 +228,34 @@ def test_make_fx_records_pytorchs_operators():
             g = make_fx(m)(x)
             x2 = _x((3, 6), seed=5) * 3 + 1
             torch.testing.assert_close(g(x2), m(x2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.BatchNorm2d(4), lambda: nn.GroupNorm(2, 4), lambda: nn.InstanceNorm2d(4)])
+def test_hooks_of_a_traced_module_run_once(make):
+    """Module.__call__ runs the hooks on the proxies; the recorded call must not run them again."""
+    ref = nn.Sequential(nn.Conv2d(4, 4, 1), make()).eval()
+    ref[1].register_forward_hook(lambda m, i, o: o * 2)
+    ref[1].register_forward_pre_hook(lambda m, i: (i[0] + 1,))
+    con = bt.convert(copy.deepcopy(ref))
+    x = _x()
+    torch.testing.assert_close(fx.symbolic_trace(con)(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_norm_of_an_untraced_tensor_in_a_symbolic_trace_is_refused():
+    """A tensor attribute (not a buffer) reaches the forward as a tensor: the kernels would run once at trace time and
+    their result be frozen into the graph, the running statistics moved by the trace."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.c = torch.ones(2, 4, 3, 3)
+
+        def forward(self, x):
+            return x + self.bn(self.c)
+
+    m = bt.convert(M())
+    with pytest.raises(RuntimeError, match="not traced"):
+        fx.symbolic_trace(m)
+    assert int(m.bn.num_batches_tracked) == 0
+    y = m(_x((2, 4, 3, 3)))   # (eager: runs)
+    assert y.shape == (2, 4, 3, 3)

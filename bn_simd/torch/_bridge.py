@@ -26,6 +26,7 @@ import torch.utils.checkpoint  # noqa: F401  (counted: its recomputation signal)
 import torch.autograd.forward_ad as fwAD
 from torch.autograd.function import once_differentiable
 from torch.fx import Proxy
+from torch.fx import _symbolic_trace as _fx_trace
 from torch.overrides import has_torch_function
 
 from .._args import BF16_BITS, stats_overlap_message
@@ -132,23 +133,44 @@ def input_supported(x, ranks, eps):
     return eps_supported(eps)
 
 
-def fx_call(module, proxy, args, kwargs):
-    """A call of module on torch.fx proxies (proxy: one of them) recorded as one call_module node, a leaf of the trace
-    as torch.nn's modules are (their forwards' checks branch on the input's rank, which a proxy cannot answer); None
-    when module is the trace's root, whose forward is traced (the functions record PyTorch's then)."""
-    tracer = proxy.tracer
-    if getattr(tracer, "root", None) is module:
-        return None
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
+def fx_call(module, first, args, kwargs):
+    """A forward's call under a torch.fx symbolic trace (first: its first argument; the forwards call this only when it
+    is no plain tensor or a trace is on: a flag's read). On a proxy: the call recorded as one node, a leaf of the
+    trace as torch.nn's modules are (their forwards' checks branch on the input's rank, which a proxy cannot answer):
+    call_module, or, for a module with forward hooks (which Module.__call__ ran on the proxies already, and a
+    call_module node would run again), a call of its forward method; None when module is the trace's root, whose
+    forward is traced (the functions record PyTorch's then). A real tensor under a symbolic trace (a norm of a
+    constant) would run the kernels once and freeze the result into the graph: RuntimeError. Else None: the call
+    runs."""
+    if type(first) is not torch.Tensor and isinstance(first, Proxy):
+        tracer = first.tracer
+        if getattr(tracer, "root", None) is module:
+            return None
+        path = tracer.path_of_module(module)
+        if not (module._forward_hooks or module._forward_pre_hooks or _global_forward_hooks()):
+            return tracer.create_proxy("call_module", path, args, kwargs)
+        this = tracer.create_proxy("get_attr", path, (), {})
+        return tracer.create_proxy("call_method", "forward", (this, *args), kwargs)
+    if (isinstance(first, torch.Tensor) and _fx_trace.is_fx_symbolic_tracing() and not _dispatch_depth()):
+        raise RuntimeError(f"bn_simd.torch: {type(module).__name__} called on a tensor that is not traced, in a "
+                           f"torch.fx symbolic trace: the graph would hold its result as a constant. Trace with a "
+                           f"Tracer whose is_leaf_module keeps bn_simd's modules (type(m).__module__ starting with "
+                           f"'bn_simd.'), or run the model unconverted")
+    return None
+
+
+def _global_forward_hooks():
+    from torch.nn.modules import module as M
+    return bool(getattr(M, "_global_forward_hooks", None) or getattr(M, "_global_forward_pre_hooks", None))
 
 
 def fx_leaf(forward):
-    """Decorates a module's forward: called on a torch.fx proxy (torch.fx.symbolic_trace, FX graph mode quantization),
-    the call is recorded by fx_call. (The forwards on a latency path check inline instead: a wrapper costs a call.)"""
+    """Decorates a module's forward with fx_call's test. (The forwards on a latency path test inline instead: a wrapper
+    costs a call.)"""
     @functools.wraps(forward)
     def wrapped(self, *args, **kwargs):
         first = args[0] if args else next(iter(kwargs.values()), None)
-        if type(first) is not torch.Tensor and isinstance(first, Proxy):
+        if type(first) is not torch.Tensor or _fx_trace._is_fx_tracing_flag:
             y = fx_call(self, first, args, kwargs)
             if y is not None:
                 return y

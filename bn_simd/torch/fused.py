@@ -103,7 +103,7 @@ def act_forward(plain_forward):
     def decorate(fused_forward):
         @functools.wraps(fused_forward)
         def forward(self, input, residual=None):
-            if type(input) is not torch.Tensor and isinstance(input, B.Proxy):  # (a torch.fx trace)
+            if type(input) is not torch.Tensor or B._fx_trace._is_fx_tracing_flag:  # (a torch.fx trace)
                 y = B.fx_call(self, input, (input, residual), {})
                 if y is not None:
                     return y

@@ -32,6 +32,7 @@ _DLPACK_KEYS = {torch.float32: 0x220, torch.float64: 0x240, torch.float16: 0x210
 _Tensor, _empty_like, _grad_enabled, _is_tracing = torch.Tensor, torch.empty_like, torch.is_grad_enabled, torch._C._is_tracing
 _is_compiling = torch.compiler.is_compiling
 _dispatch_depth = torch._C._len_torch_dispatch_stack  # (make_fx's mode: PyTorch's operators, as tracing)
+_fx_trace = B._fx_trace
 
 
 def _batch_norm_forward(self, input, activation=None, residual=None):
@@ -45,11 +46,12 @@ def _batch_norm_forward(self, input, activation=None, residual=None):
             and not _grad_enabled()):
         fast = self.__dict__.get(EVAL_KEY)
         # (_is_compiling first: torch.compile reads it as a constant; _is_tracing is a builtin it cannot trace)
-        if fast is not None and not _is_compiling() and not _is_tracing() and not _dispatch_depth():
+        if (fast is not None and not _is_compiling() and not _is_tracing() and not _dispatch_depth()
+                and not _fx_trace._is_fx_tracing_flag):
             y = _core.torch_bn_eval(self, fast, input, _to_dlpack, _empty_like, B._threads())
             if y is not None:
                 return y
-    if type(input) is not _Tensor and isinstance(input, B.Proxy):  # (a torch.fx trace: B.fx_call)
+    if type(input) is not _Tensor or _fx_trace._is_fx_tracing_flag:  # (a torch.fx trace: B.fx_call)
         y = B.fx_call(self, input, (input,), {})
         if y is not None:
             return y

@@ -13,6 +13,8 @@ from . import _bridge as B
 from . import fused as _fused
 from . import rownorm as R
 
+_fx_trace = B._fx_trace
+
 
 def _getstate(self):
     # the cached NumPy views of the parameters (_bridge.module_views) stay out of pickles and deep copies
@@ -29,7 +31,7 @@ class LayerNorm(torch.nn.LayerNorm):
     __prepare_scriptable__ = B.not_scriptable
 
     def forward(self, input):
-        if type(input) is not torch.Tensor and isinstance(input, B.Proxy):  # (a torch.fx trace: B.fx_call)
+        if type(input) is not torch.Tensor or _fx_trace._is_fx_tracing_flag:  # (a torch.fx trace: B.fx_call)
             y = B.fx_call(self, input, (input,), {})
             if y is not None:
                 return y
@@ -47,7 +49,7 @@ class RMSNorm(torch.nn.RMSNorm):
     __prepare_scriptable__ = B.not_scriptable
 
     def forward(self, x):
-        if type(x) is not torch.Tensor and isinstance(x, B.Proxy):  # (a torch.fx trace: B.fx_call)
+        if type(x) is not torch.Tensor or _fx_trace._is_fx_tracing_flag:  # (a torch.fx trace: B.fx_call)
             y = B.fx_call(self, x, (x,), {})
             if y is not None:
                 return y
