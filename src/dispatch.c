@@ -5,6 +5,10 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <cpuid.h>
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -108,8 +112,10 @@ const bn_uk_f64* bn_uk_active_f64(void) { return &bn_uk_f64_tables[bn_get_isa()]
  * it, but nothing guarantees that. bfloat16 needs no extension (integer arithmetic). */
 int bn_have_f16c(void) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("f16c");
+    /* (CPUID leaf 1, ECX bit 29, read directly: clang's __builtin_cpu_supports has no "f16c") */
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    return (int)((c >> 29) & 1u);
 #else
     return 0;
 #endif
