@@ -112,10 +112,16 @@ const bn_uk_f64* bn_uk_active_f64(void) { return &bn_uk_f64_tables[bn_get_isa()]
  * it, but nothing guarantees that. bfloat16 needs no extension (integer arithmetic). */
 int bn_have_f16c(void) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    /* (CPUID leaf 1, ECX bit 29, read directly: clang's __builtin_cpu_supports has no "f16c") */
-    unsigned int a, b, c, d;
-    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
-    return (int)((c >> 29) & 1u);
+    /* (CPUID leaf 1, ECX bit 29, read directly: clang's __builtin_cpu_supports has no "f16c"; read once, as CPUID
+     * traps to the hypervisor in a virtual machine: microseconds, and every float16 call asks) */
+    static int known = -1;
+    int v = __atomic_load_n(&known, __ATOMIC_RELAXED);
+    if (v < 0) {
+        unsigned int a, b, c, d;
+        v = __get_cpuid(1, &a, &b, &c, &d) ? (int)((c >> 29) & 1u) : 0;
+        __atomic_store_n(&known, v, __ATOMIC_RELAXED);
+    }
+    return v;
 #else
     return 0;
 #endif

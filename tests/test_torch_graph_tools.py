@@ -259,3 +259,12 @@ def test_a_norm_of_an_untraced_tensor_in_a_symbolic_trace_is_refused():
     assert int(m.bn.num_batches_tracked) == 0
     y = m(_x((2, 4, 3, 3)))   # (eager: runs)
     assert y.shape == (2, 4, 3, 3)
+
+
+def test_make_fx_pre_dispatch_is_refused_not_frozen():
+    """Pre-dispatch tracing puts no mode on the dispatch stack: the kernels would run once and their output be frozen
+    into the graph; RuntimeError instead (make_fx's default mode records PyTorch's operators, above)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    m = bt.LayerNorm(6)
+    with pytest.raises(RuntimeError, match="not traced"):
+        make_fx(m, pre_dispatch=True)(_x((3, 6)))

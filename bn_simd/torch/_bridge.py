@@ -139,9 +139,9 @@ def fx_call(module, first, args, kwargs):
     trace as torch.nn's modules are (their forwards' checks branch on the input's rank, which a proxy cannot answer):
     call_module, or, for a module with forward hooks (which Module.__call__ ran on the proxies already, and a
     call_module node would run again), a call of its forward method; None when module is the trace's root, whose
-    forward is traced (the functions record PyTorch's then). A real tensor under a symbolic trace (a norm of a
-    constant) would run the kernels once and freeze the result into the graph: RuntimeError. Else None: the call
-    runs."""
+    forward is traced (the functions record PyTorch's then). A real CPU tensor while a trace runs with no dispatch
+    mode (symbolic_trace's norm of a constant, make_fx's pre-dispatch tracing) would run the kernels once and freeze
+    the result into the graph: RuntimeError. Else None: the call runs."""
     if type(first) is not torch.Tensor and isinstance(first, Proxy):
         tracer = first.tracer
         if getattr(tracer, "root", None) is module:
@@ -151,11 +151,13 @@ def fx_call(module, first, args, kwargs):
             return tracer.create_proxy("call_module", path, args, kwargs)
         this = tracer.create_proxy("get_attr", path, (), {})
         return tracer.create_proxy("call_method", "forward", (this, *args), kwargs)
-    if (isinstance(first, torch.Tensor) and _fx_trace.is_fx_symbolic_tracing() and not _dispatch_depth()):
-        raise RuntimeError(f"bn_simd.torch: {type(module).__name__} called on a tensor that is not traced, in a "
-                           f"torch.fx symbolic trace: the graph would hold its result as a constant. Trace with a "
-                           f"Tracer whose is_leaf_module keeps bn_simd's modules (type(m).__module__ starting with "
-                           f"'bn_simd.'), or run the model unconverted")
+    if (isinstance(first, torch.Tensor) and first.device.type == "cpu" and _fx_trace._is_fx_tracing_flag
+            and not _dispatch_depth()):  # (make_fx's default mode, and meta tensors of metadata tracers: PyTorch's)
+        raise RuntimeError(f"bn_simd.torch: {type(module).__name__} called on a tensor that is not traced while a "
+                           f"torch.fx trace runs (torch.fx.symbolic_trace on a constant, make_fx(pre_dispatch=True)): "
+                           f"the graph would hold its result as a constant. For symbolic_trace, use a Tracer whose "
+                           f"is_leaf_module keeps bn_simd's modules (type(m).__module__ starting with 'bn_simd.'); "
+                           f"else trace the model unconverted")
     return None
 
 
