@@ -147,7 +147,7 @@ def fx_call(module, first, args, kwargs):
         if getattr(tracer, "root", None) is module:
             return None
         path = tracer.path_of_module(module)
-        if not (module._forward_hooks or module._forward_pre_hooks or _global_forward_hooks()):
+        if not (module._forward_hooks or module._forward_pre_hooks or global_hooks(_FORWARD_HOOKS)):
             return tracer.create_proxy("call_module", path, args, kwargs)
         this = tracer.create_proxy("get_attr", path, (), {})
         return tracer.create_proxy("call_method", "forward", (this, *args), kwargs)
@@ -161,9 +161,15 @@ def fx_call(module, first, args, kwargs):
     return None
 
 
-def _global_forward_hooks():
+_FORWARD_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
+_ALL_HOOKS = _FORWARD_HOOKS + ("_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+def global_hooks(kinds=_ALL_HOOKS):
+    """Whether hooks of kinds (the names of torch.nn.modules.module's registries) are registered for every module
+    (torch.nn.modules.module.register_module_forward_hook and the like)."""
     from torch.nn.modules import module as M
-    return bool(getattr(M, "_global_forward_hooks", None) or getattr(M, "_global_forward_pre_hooks", None))
+    return any(getattr(M, name, None) for name in kinds)
 
 
 def fx_leaf(forward):

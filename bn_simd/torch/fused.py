@@ -408,11 +408,7 @@ def hooked(m):
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
-def global_hooks():
-    """Hooks registered for every module (torch.nn.modules.module.register_module_forward_hook and the like)."""
-    from torch.nn.modules import module as M
-    return any(getattr(M, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                                   "_global_backward_hooks", "_global_backward_pre_hooks"))
+global_hooks = B.global_hooks  # (hooks registered for every module)
 
 
 def whole_sequentials(m):

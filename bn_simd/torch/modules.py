@@ -31,8 +31,7 @@ _RANKS = {torch.nn.BatchNorm1d: (2, 3), torch.nn.BatchNorm2d: (4,), torch.nn.Bat
 _DLPACK_KEYS = {torch.float32: 0x220, torch.float64: 0x240, torch.float16: 0x210, torch.bfloat16: 0x410}
 _Tensor, _empty_like, _grad_enabled, _is_tracing = torch.Tensor, torch.empty_like, torch.is_grad_enabled, torch._C._is_tracing
 _is_compiling = torch.compiler.is_compiling
-_dispatch_depth = torch._C._len_torch_dispatch_stack  # (make_fx's mode: PyTorch's operators, as tracing)
-_fx_trace = B._fx_trace
+_dispatch_depth, _fx_trace = B._dispatch_depth, B._fx_trace  # (make_fx's mode, torch.fx traces: PyTorch's operators)
 
 
 def _batch_norm_forward(self, input, activation=None, residual=None):
