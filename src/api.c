@@ -428,9 +428,10 @@ static size_t gn_driver_bytes(const dtype_ops* ops, int64_t N, int64_t C, int64_
     const int64_t D = C / G, Kcf = chunks(ops, 1, N * G, D * S), Kcl = chunks(ops, S, C, 1);
     /* a thread's run of small groups: at most max(D, BN_GN_COEF_RUN) channels, its coefficient arrays XR apart */
     const int64_t XR = (D > BN_GN_COEF_RUN ? D : BN_GN_COEF_RUN) + UK_MAX_VL;
+    /* (and the float64 apply's choice per sample: N flags, then 2 C doubles and 3 C coefficients to decide it again) */
     return (size_t)(8 * (3 * Kcf * (N * G + 512) + 3 * N * Kcl * C + 2 * N * Kcl * C + 8 * N * C + 2 * C +
-                         nt * (3 * Kcl * C + 4 * C + 12 * XR))) +
-           coef_bytes(C, 4 * N) + coef_bytes(C, 4 * nt) + 8 * BN_ALLOC_PAD;
+                         nt * (3 * Kcl * C + 4 * C + 12 * XR) + 5 * C) + 2 * N) +
+           coef_bytes(C, 4 * N) + coef_bytes(C, 4 * nt) + 12 * BN_ALLOC_PAD;
 }
 
 static size_t rn_driver_bytes(int64_t C) { return (size_t)(8 * (2 * 64 * C + 4 * C)) + 4 * BN_ALLOC_PAD; }

@@ -564,6 +564,67 @@ def test_extreme_groups_take_the_float64_apply_with_the_epilogue():
         np.testing.assert_array_equal(g2, want[0])
 
 
+def _bfloat16_or_skip():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    return ml_dtypes.bfloat16
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("epi", [None, "relu+res", "silu"])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_the_float64_apply_is_each_samples_own(dtype, layout, epi, nthreads, threads):
+    """Which samples take the float64 apply is decided per sample (some group of it needs it): a batch in which one
+    sample has groups at |mean| ~ 1e35 gives every sample the bits of a call on that sample alone, in the forward
+    (its three paths: block by block, sample by sample, and the two sweeps of an in-place call) and in the fused
+    backward; the parameter gradients are the samples' added in sample order. (The choice was the call's: the
+    ordinary samples of such a batch took the float64 apply too, an ulp or two from their own results, and a
+    caller's parallel_for, which calls the drivers on runs of samples, disagreed with OpenMP.)"""
+    threads(nthreads)
+    dt = np.float32 if dtype == "float32" else _bfloat16_or_skip()
+    rng = np.random.default_rng(41)
+    N, C, Gs = 5, 8, 2
+    x = rng.standard_normal((N, C, 6, 7))
+    x[1] = 1e35 + 1e34 * x[1]  # (sample 1: every group extreme)
+    x[3, 4:] = 1e35 + 1e34 * x[3, 4:]  # (sample 3: its second group only)
+    x = x.astype(dt)
+    r, g = (rng.standard_normal(x.shape).astype(dt) for _ in range(2))
+    w, b = rng.standard_normal(C) + 1.5, rng.standard_normal(C)
+    if layout == "NHWC":
+        x, r, g = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in (x, r, g))
+    kw = {"activation": {"relu+res": "relu", "silu": "silu"}.get(epi), "layout": layout}
+    res = r if epi == "relu+res" else None
+
+    def fwd(n0, n1, inplace=False):
+        xs = x[n0:n1].copy()
+        out = {"out": xs} if inplace else {}
+        return bn_simd.group_norm_forward(xs, Gs, w, b, residual=None if res is None else res[n0:n1], **kw, **out)
+
+    y, m, s, *st = fwd(0, N)  # (save_stats: with an activation)
+    alone = [fwd(n, n + 1) for n in range(N)]
+    for n in range(N):
+        np.testing.assert_array_equal(y[n:n + 1], alone[n][0])
+        np.testing.assert_array_equal(m[n:n + 1], alone[n][1])
+    np.testing.assert_array_equal(fwd(0, N, inplace=True)[0], y)  # (the two sweeps)
+    if epi is None:
+        return
+    ins = {"residual": res} if res is not None else {}
+    got = bn_simd.group_norm_backward(g, x, m, s, Gs, w, bias=b, save_stats=st[0], **kw, **ins)
+    gw, gb = np.zeros(C), np.zeros(C)
+    for n in range(N):
+        ins_n = {"residual": res[n:n + 1]} if res is not None else {}
+        one = bn_simd.group_norm_backward(g[n:n + 1], x[n:n + 1], alone[n][1], alone[n][2], Gs, w, bias=b,
+                                          save_stats=alone[n][3], **kw, **ins_n)
+        np.testing.assert_array_equal(got[0][n:n + 1], one[0])
+        if res is not None:
+            np.testing.assert_array_equal(got[3][n:n + 1], one[3])
+        gw += one[1]
+        gb += one[2]
+    np.testing.assert_array_equal(got[1], gw)
+    np.testing.assert_array_equal(got[2], gb)
+    assert np.all(np.isfinite(np.asarray(got[0], np.float64)))
+
+
 @pytest.mark.parametrize("case", ["layer rows", "rms rows", "group NCHW"])
 def test_du_beyond_the_scratch_size_goes_to_dx(case):
     """A row block (one row of 1.1M float32 here) or a channels-first group beyond the 4 MiB of du's per-thread
