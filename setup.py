@@ -73,6 +73,11 @@ class BuildExt(build_ext):
             # library grow about tenfold) and does not change the code. BN_SIMD_DEBUG=1 keeps it.
             extra.append("-g0")
         print(f"bn_simd build: OpenMP={'yes' if use_omp else 'no'} sanitize={'yes' if sanitize else 'no'}")
+        # Linked without the run path to Python's own library directory that Python's LDSHARED may add (a
+        # framework or pyenv build's): neither the extensions nor the C library use libpython, and the binaries of a
+        # wheel should not name a directory of the machine that built it
+        self.compiler.linker_so = [a for a in self.compiler.linker_so
+                                   if not a.startswith(("-Wl,-rpath", "-Wl,-R", "-R"))]
         for ext in self.extensions:
             # the checker and the probes: portable C, no OpenMP (the probes' reason: bn_simd/_openmp.py)
             if ext.name != "bn_simd._core":
@@ -123,15 +128,9 @@ class BuildExt(build_ext):
         if os.path.exists(archive):  # (ar adds to an archive: start afresh)
             os.remove(archive)
         self.compiler.create_static_lib(objects, "bn_simd", output_dir=libdir)
-        # linked without the run path to Python's own library directory that Python's LDSHARED adds for
-        # extensions: the C library does not use libpython, and an embedder's loader should not search there
-        linker = self.compiler.linker_so
-        self.compiler.linker_so = [a for a in linker if not a.startswith(("-Wl,-rpath", "-Wl,-R", "-R"))]
-        try:
-            self.compiler.link_shared_object(objects, os.path.join(libdir, "libbn_simd.so"), libraries=["m"],
-                                             extra_postargs=link + ["-Wl,-soname,libbn_simd.so"])
-        finally:
-            self.compiler.linker_so = linker
+        # (linked, as the extensions, without a run path to Python's library directory: build_extensions)
+        self.compiler.link_shared_object(objects, os.path.join(libdir, "libbn_simd.so"), libraries=["m"],
+                                         extra_postargs=link + ["-Wl,-soname,libbn_simd.so"])
         self._clib_pkg = pkg
 
     def copy_extensions_to_source(self):

@@ -196,3 +196,18 @@ def test_the_examples_built_with_find_package_print_the_packages_results(cmake_i
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_the_packages_binaries_name_no_run_path():
+    """The extensions and libbn_simd.so carry no RUNPATH/RPATH (Python's LDSHARED adds one to its own library
+    directory on a pyenv or framework build: a directory of the building machine, which none of them uses)."""
+    readelf = _which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) not found")
+    pkg = os.path.dirname(bn_simd.__file__)
+    binaries = [os.path.join(pkg, f) for f in os.listdir(pkg) if f.endswith(".so")]
+    binaries.append(os.path.join(pkg, "lib", "libbn_simd.so"))
+    assert len(binaries) >= 4
+    for path in binaries:
+        dynamic = subprocess.run([readelf, "-d", path], capture_output=True, text=True, check=True).stdout
+        assert "RUNPATH" not in dynamic and "RPATH" not in dynamic, (path, dynamic)
