@@ -428,9 +428,7 @@ cdef int load(object obj, int64_t n, double* dst) except -1:
             for i in range(n):
                 dst[i] = d[i]
         return 0
-    if a.dtype is _BITS:  # (bfloat16 bits: the top half of a float32, widened exactly)
-        a = (np.ascontiguousarray(a).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    cdef cnp.ndarray b = np.ascontiguousarray(a, dtype=np.float64)
+    cdef cnp.ndarray b = np.ascontiguousarray(bf16_widened(a), dtype=np.float64)
     if n:
         memcpy(dst, cnp.PyArray_DATA(b), n * sizeof(double))
     return 0
@@ -674,6 +672,16 @@ cdef int _overlap(str name, str read) except -1:
 
 
 # ---- for the Python modules ---------------------------------------------------------------------------------
+
+def bf16_widened(a):
+    """ndarray a as float32 when it holds bfloat16 (ml_dtypes' dtype, or its bits as BF16_BITS: the top half of a
+    float32), widened exactly; else a itself."""
+    if a.dtype is _BITS:
+        return (np.ascontiguousarray(a).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if _is_bf16(a.dtype):
+        return a.astype(np.float32)
+    return a
+
 
 def check_layout(layout):
     """"NCHW" or "NHWC" for a layout name or alias."""

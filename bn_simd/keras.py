@@ -101,15 +101,6 @@ def _policy(dtype):
     return ck.check_dtype(dtype), None
 
 
-def _bf16_widened(a):
-    """a as float32 when it holds bfloat16 (ml_dtypes' dtype, or bn_simd's tagged bits), else a itself."""
-    if a.dtype is ck.BF16_BITS:
-        return (a.astype(np.uint32) << 16).view(np.float32)
-    if a.dtype.kind == "V" and a.dtype.itemsize == 2 and a.dtype.name == "bfloat16":
-        return a.astype(np.float32)
-    return a
-
-
 def _keras_momentum(m, name):
     """A momentum in Keras' meaning (the old value's share) as a float in [0, 1]."""
     if isinstance(m, bool) or not isinstance(m, numbers.Real):
@@ -372,7 +363,7 @@ class BatchNormalization:
         """The call's inputs as the array computed in: Keras' result_type(x.dtype, float32), float16, bfloat16
         (ml_dtypes' arrays and torch tensors), integers and bool in float32; float32 and float64 as they are."""
         if not isinstance(x, np.ndarray) or x.dtype not in ck.SUPPORTED_DTYPES:
-            x = _bf16_widened(ck.to_ndarray(x, "inputs"))
+            x = ck.bf16_widened(ck.to_ndarray(x, "inputs"))
             if x.dtype.kind in "biu" or (x.dtype.kind == "f" and x.dtype.itemsize < 4):
                 x = x.astype(np.float32)
         a = ck.as_data(x, "inputs")
@@ -469,7 +460,7 @@ class BatchNormalization:
         if isinstance(self._saved, _Grouped):
             return self._virtual_backward(grad_out)
         x, mean, invstd, batch, pos, r, d = self._saved
-        g = _bf16_widened(ck.to_ndarray(grad_out, "grad_out"))
+        g = ck.bf16_widened(ck.to_ndarray(grad_out, "grad_out"))
         if g.dtype != x.dtype and g.dtype.kind == "f" and g.shape == x.shape:
             g = g.astype(x.dtype)  # (y came back in the layer's dtype, which may not be the one computed in)
         lay = ck.axis_layout(self.axis)
@@ -569,7 +560,7 @@ class BatchNormalization:
 
     def _virtual_backward(self, grad_out):
         sv = self._saved
-        g = _bf16_widened(ck.to_ndarray(grad_out, "grad_out"))
+        g = ck.bf16_widened(ck.to_ndarray(grad_out, "grad_out"))
         if g.shape != sv.shape:
             raise ValueError(f"grad_out must have shape {sv.shape} (the shape of x), got {g.shape}")
         if g.dtype != sv.x.dtype and g.dtype.kind == "f":
