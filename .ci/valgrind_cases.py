@@ -244,7 +244,8 @@ def main(argv):
                             cases += 1
             print(f"valgrind_cases:   {isa} {op.name}: {time.perf_counter() - t_op:.1f} s", flush=True)
         bn_simd.set_num_threads(None)
-        print(f"valgrind_cases: isa={isa} threads={threads if isa == isas[-1] else (1,)} ops={','.join(op.name for op in ops.OPS)} cases={cases} "
+        print(f"valgrind_cases: isa={isa} threads={threads if isa == isas[-1] else (1,)} "
+              f"ops={','.join(op.name for op in ops.OPS)} cases={cases} "
               f"calls={calls} ({time.perf_counter() - t0:.1f} s)", flush=True)
         total_cases += cases
         total_calls += calls

@@ -37,7 +37,8 @@ def main():
     torch = cli.set_threads(a.threads)
     print(f"bn_simd {bn_simd.__version__}, ISA {bn_simd.get_isa()}, {a.threads} threads, float32 NCHW"
           + (f", torch {torch.__version__}" if torch else ", no PyTorch"))
-    print("| case | groups | bn_simd fwd ms | PyTorch fwd ms (×) | bn_simd bwd ms | PyTorch bwd ms (×) | max rel diff |")
+    print("| case | groups | bn_simd fwd ms | PyTorch fwd ms (×) | bn_simd bwd ms | PyTorch bwd ms (×) "
+          "| max rel diff |")
     print("|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for shape, G in CASES:

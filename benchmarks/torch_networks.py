@@ -25,8 +25,8 @@ output, one read of x and one write of it, one PyTorch call), timed with the sam
 exactly that traffic, so ``PyTorch / copy`` is the largest BN speed-up any implementation could show in that cell.
 
 PyTorch runs on ``torch.set_num_threads(2)`` threads and bn_simd on ``bn_simd.set_num_threads(2)`` (``--threads``).
-The logits of the two models are compared (max |difference| relative to max |logit|). "others" is the number of cores that other
-processes kept busy meanwhile (a shared machine's noise).
+The logits of the two models are compared (max |difference| relative to max |logit|). "others" is the number of cores
+that other processes kept busy meanwhile (a shared machine's noise).
 """
 import argparse
 import copy
@@ -279,7 +279,8 @@ def main(argv=None):
                 rows.append(r)
                 others = "" if r["others"] is None else f", others {r['others']:.2f} cores"
                 print(f"{name} batch {batch} {r['format']}: BN {r['bn torch']:.2f} -> {r['bn bn_simd']:.2f} ms "
-                      f"({r['bn speed-up']:.2f}x; copy {r['bn copy']:.2f} ms, bound {r['bound']:.2f}x), network {r['net torch']:.1f} -> {r['net bn_simd']:.1f} ms, fused {r['net fused']:.1f} ms"
+                      f"({r['bn speed-up']:.2f}x; copy {r['bn copy']:.2f} ms, bound {r['bound']:.2f}x), "
+                      f"network {r['net torch']:.1f} -> {r['net bn_simd']:.1f} ms, fused {r['net fused']:.1f} ms"
                       f"{others}", flush=True)
     print()
     print(table(rows))

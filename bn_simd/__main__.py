@@ -108,7 +108,8 @@ def group_check(verbose=True):
             if verbose:
                 what = "instance" if G == C else f"group G={G}"
                 print(f"  {'ok  ' if not bad else 'FAIL'} {np.dtype(dtype).name:7s} {layout} {str(shape):18s} "
-                      f"{what:11s} max rel. error {max(errs.values()):.1e}" + (f"  failing: {sorted(bad)}" if bad else ""))
+                      f"{what:11s} max rel. error {max(errs.values()):.1e}"
+                      + (f"  failing: {sorted(bad)}" if bad else ""))
     return failures
 
 
@@ -169,8 +170,8 @@ def main(argv=None):
           f"OpenMP {'yes' if cfg['openmp'] else 'no'}, {cfg['num_threads']} thread(s)")
     failures = 0
     if args.command in ("all", "check"):
-        print("\nSelf-check against the float64 NumPy reference (batch norm forward, eval, backward; group and instance norm "
-              "forward, backward):")
+        print("\nSelf-check against the float64 NumPy reference (batch norm forward, eval, backward; group and "
+              "instance norm forward, backward):")
         failures = self_check()
         print(f"  {'all passed' if not failures else f'{failures} case(s) FAILED'}")
     if args.command in ("all", "speed"):

@@ -18,8 +18,9 @@ What runs on the kernels: float32, float64, float16 and bfloat16 CPU tensors (16
 dtype or float32, PyTorch's mixed rule; float32 math, one rounding of each output; bfloat16 without ml_dtypes),
 contiguous or channels-last (``torch.channels_last``, ``torch.channels_last_3d``), read and written in place (the
 output keeps the input's memory format); other strides are copied once. Everything else (other dtypes and devices,
-tracing and compiling, forward-mode AD) is PyTorch's own implementation, so a converted model still runs anywhere. Gradients of input, weight and bias are
-PyTorch's (checked with ``torch.autograd.gradcheck``); second derivatives (``create_graph=True``) are not supported.
+tracing and compiling, forward-mode AD) is PyTorch's own implementation, so a converted model still runs anywhere.
+Gradients of input, weight and bias are PyTorch's (checked with ``torch.autograd.gradcheck``); second derivatives
+(``create_graph=True``) are not supported.
 """
 try:
     import torch  # noqa: F401

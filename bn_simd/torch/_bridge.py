@@ -352,8 +352,8 @@ def not_scriptable(module):
     compiles it: scripting cannot compile the kernels' Python calls, and a ``torch.nn`` twin returned here would be
     written into the caller's model in place of the converted module (torch.jit.script stores what this returns in
     the parent's modules). A clear TypeError instead, before anything is compiled or changed."""
-    raise TypeError(f"{type(module).__name__} of bn_simd.torch cannot be compiled by torch.jit.script: script the model "
-                    f"before bn_simd.torch.convert, or use torch.jit.trace, torch.export or torch.compile, which take "
+    raise TypeError(f"{type(module).__name__} of bn_simd.torch cannot be compiled by torch.jit.script: script the "
+                    f"model before bn_simd.torch.convert, or use torch.jit.trace, torch.export or torch.compile, which take "
                     f"PyTorch's own path inside a converted model")
 
 

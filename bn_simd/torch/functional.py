@@ -65,8 +65,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         cover computes PyTorch's composition.
 
     Returns y, in input's memory format. Raises TypeError for wrong types or dtypes (a per-channel tensor whose
-    dtype is not input's, or float32 for 16-bit input, or per-channel tensors of both, as PyTorch does), ValueError for wrong shapes or values (one value per channel when
-    training); a call that raises changes nothing.
+    dtype is not input's, or float32 for 16-bit input, or per-channel tensors of both, as PyTorch does), ValueError
+    for wrong shapes or values (one value per channel when training); a call that raises changes nothing.
     """
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, out, None, activation,
                        residual)

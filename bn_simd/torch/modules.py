@@ -29,7 +29,8 @@ EVAL_KEY = "_bn_simd_eval"
 _RANKS = {torch.nn.BatchNorm1d: (2, 3), torch.nn.BatchNorm2d: (4,), torch.nn.BatchNorm3d: (5,)}
 # a dtype as the fast path reads it from a DLPack export: code << 8 | bits (float 2, bfloat 4)
 _DLPACK_KEYS = {torch.float32: 0x220, torch.float64: 0x240, torch.float16: 0x210, torch.bfloat16: 0x410}
-_Tensor, _empty_like, _grad_enabled, _is_tracing = torch.Tensor, torch.empty_like, torch.is_grad_enabled, torch._C._is_tracing
+_Tensor, _empty_like, _grad_enabled = torch.Tensor, torch.empty_like, torch.is_grad_enabled
+_is_tracing = torch._C._is_tracing
 _is_compiling = torch.compiler.is_compiling
 _dispatch_depth, _fx_trace = B._dispatch_depth, B._fx_trace  # (make_fx's mode, torch.fx traces: PyTorch's operators)
 

@@ -5,7 +5,9 @@ input given by ``normalized_shape`` form a row; each row is normalised with its 
 variance for layer norm, mean square for RMS norm), then scaled (and shifted) by the per-column weight (and bias)::
 
     layer_norm:  y = (x - mean) / sqrt(var + eps) * weight + bias
-    rms_norm:    y = x / sqrt(mean(x^2) + eps) * weight          (eps None: torch.finfo(input.dtype).eps; float32's for 16-bit input)
+    rms_norm:    y = x / sqrt(mean(x^2) + eps) * weight
+
+(RMS norm's eps None: torch.finfo(input.dtype).eps; float32's for 16-bit input.)
 
 A call runs on the kernels when the input is a float32, float64, float16 or bfloat16 CPU tensor and weight and bias,
 when given, are CPU tensors of the input's dtype (or both float32 for 16-bit input: PyTorch's mixed rule; the

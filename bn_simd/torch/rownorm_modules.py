@@ -61,8 +61,8 @@ class RMSNorm(torch.nn.RMSNorm):
 class LayerNormAct(LayerNorm):
     """:class:`LayerNorm` followed by an activation, fused: ``forward(input, residual=None)`` returns
     act(layer_norm(input) + residual) in one sweep (``activation=`` and the residual as
-    :class:`bn_simd.torch.BatchNormAct1d`'s: of input's shape and dtype, or broadcasting to input's shape). Constructor, parameters and state dict are
-    torch.nn.LayerNorm's plus the keyword ``activation``."""
+    :class:`bn_simd.torch.BatchNormAct1d`'s: of input's shape and dtype, or broadcasting to input's shape).
+    Constructor, parameters and state dict are torch.nn.LayerNorm's plus the keyword ``activation``."""
     __init__ = _fused.act_init(torch.nn.LayerNorm)
     extra_repr = _fused.act_repr(torch.nn.LayerNorm)
 
