@@ -123,7 +123,8 @@ const bn_context* bn_context_use(const bn_context* ctx);
     /* dx = a[c] * dy + b[c] * (x - m[c]) + d[c]; dx may be dy or x. */                                   \
     int bn_backward_apply_##S(const T* dy, const T* x, T* dx, int64_t outer, int64_t C, int64_t inner,    \
                               const TC* m, const TC* a, const TC* b, const TC* d, int nthreads);           \
-    /* Training backward in one call (sums, then dx, as the forward). With n = outer*inner, s = invstd[c], w = weight[c] (nullable): \
+    /* Training backward in one call (sums, then dx, as the forward). With n = outer*inner, s = invstd[c],   \
+     * w = weight[c] (nullable):                                                                          \
      *   grad_bias = sum dy, grad_weight = s * sum dy (x - mean),                                         \
      *   dx = w s (dy - grad_bias / n - (x - mean) s grad_weight / n).                                    \
      * When training == 0 the statistics are constants: dx = w s dy. dx may be dy or x. */               \
@@ -209,8 +210,8 @@ BN_DECLARE_GROUP(uint16_t, bf16)
  * (layer norm over the channels of an NCHW array). rms = 0: layer norm, y = (x - mean) rstd w + b with
  * rstd = 1 / sqrt(var + eps), var biased; rms = 1: y = x rstd w, rstd = 1 / sqrt(mean(x^2) + eps) (mean unused,
  * may be NULL). The forward's weight and bias: C values of the data's compute type TC (float for f32, f16 and bf16,
- * double for f64: the apply kernels' own, read as given), the backward's weight C doubles; nullable (1, 0). Statistics in double,
- * shifted; bitwise the same for any thread count. */
+ * double for f64: the apply kernels' own, read as given), the backward's weight C doubles; nullable (1, 0).
+ * Statistics in double, shifted; bitwise the same for any thread count. */
 #define BN_DECLARE_ROWNORM(T, TC, S_)                                                                     \
     /* y may be x. mean (N S; NULL allowed with rms), rstd (N S) receive the statistics. */                \
     int bn_row_forward_##S_(const T* x, T* y, int64_t N, int64_t C, int64_t S, int rms, const TC* weight,  \

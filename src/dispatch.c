@@ -197,15 +197,15 @@ int bn_cl_takes_strips(int64_t row_bytes, int arrays, int stream, int streamed_o
 /* The channels-first slab path (batchnorm.c, cf_slab_blocks) keeps a group of channels in a core's caches between its
  * reduction and its sweep, which saves a second read of the group from the shared cache or memory but reads the
  * group's rows as short runs far apart. Groups of half the L2 (the other half holding what the kernels touch besides)
- * measured as fast as the two sweeps or faster on an Intel Xeon, in the cache and beyond it. On AMD CPUs, whose victim L3 gives
- * a tensor it holds back fast, the two sweeps measured faster for such tensors; beyond the L3, groups of 2 MiB, which
- * live in the L3 between the two passes, measured faster on Zen 3 and Zen 4, and groups were mixed on Zen 5. So AMD
- * CPUs with an L2 of 512 KiB or less group 4 times their L2, and those of family 19h (Zen 3 and Zen 4) with a larger
- * L2 of up to 1 MiB group 2 MiB, for calls whose inputs exceed BN_STREAM_BYTES (the size at which the element-wise
- * sweeps stream, dispatch.h); other AMD CPUs (Zen 5) take the two sweeps, and every other CPU groups up to half of the
- * L2 that the OS reports (512 KiB when it reports none) in every call (docs/tuning.md, "Slab budget per CPU", "Slab
- * groups in the L2 (Intel Xeon)", "Slab groups within the L3 (Zen 4)", "Slab groups beyond the L3", "Slab groups on
- * the Zen 5"). Decided once, when the library is loaded. */
+ * measured as fast as the two sweeps or faster on an Intel Xeon, in the cache and beyond it. On AMD CPUs, whose victim
+ * L3 gives a tensor it holds back fast, the two sweeps measured faster for such tensors; beyond the L3, groups of
+ * 2 MiB, which live in the L3 between the two passes, measured faster on Zen 3 and Zen 4, and groups were mixed on
+ * Zen 5. So AMD CPUs with an L2 of 512 KiB or less group 4 times their L2, and those of family 19h (Zen 3 and Zen 4)
+ * with a larger L2 of up to 1 MiB group 2 MiB, for calls whose inputs exceed BN_STREAM_BYTES (the size at which the
+ * element-wise sweeps stream, dispatch.h); other AMD CPUs (Zen 5) take the two sweeps, and every other CPU groups up
+ * to half of the L2 that the OS reports (512 KiB when it reports none) in every call (docs/tuning.md, "Slab budget per
+ * CPU", "Slab groups in the L2 (Intel Xeon)", "Slab groups within the L3 (Zen 4)", "Slab groups beyond the L3", "Slab
+ * groups on the Zen 5"). Decided once, when the library is loaded. */
 #define BN_SLAB_BYTES_AMD_L3 ((int64_t)2 << 20)
 #define BN_SLAB_BYTES_DEFAULT ((int64_t)512 << 10)
 static int64_t cpu_slab_bytes = BN_SLAB_BYTES_DEFAULT;
