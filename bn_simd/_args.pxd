@@ -47,7 +47,7 @@ cdef object required_channel(object v, str name, int64_t C, str of=*)
 cdef object first_channel(object v, str name)
 cdef int64_t length(object v, str name) except -1
 cdef int both_given(object a, object b, str names) except -1
-cdef int together(object running_mean, object running_var, bint written) except -1
+cpdef int together(object running_mean, object running_var, bint written) except -1
 cpdef int stats_distinct(tuple named) except -1
 cpdef int stats_apart(object out, tuple named) except -1
 cdef int out_apart(object out, tuple named) except -1

@@ -343,7 +343,7 @@ cdef int both_given(object a, object b, str names) except -1:
     return 0
 
 
-cdef int together(object running_mean, object running_var, bint written) except -1:
+cpdef int together(object running_mean, object running_var, bint written) except -1:
     """The running statistics are both arrays or both None; when the call writes them (written), apart."""
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
@@ -672,6 +672,15 @@ cdef int _overlap(str name, str read) except -1:
 
 
 # ---- for the Python modules ---------------------------------------------------------------------------------
+
+def as_float(v, name, what):
+    """float(v) of a real number v (checked by the caller); ValueError "name must be what" for an integer beyond
+    float's range (float() raises OverflowError, which names no argument)."""
+    try:
+        return float(v)
+    except OverflowError:
+        raise ValueError(f"{name} must be {what}, got an integer too large for a float") from None
+
 
 def bf16_widened(a):
     """ndarray a as float32 when it holds bfloat16 (ml_dtypes' dtype, or its bits as BF16_BITS: the top half of a

@@ -99,8 +99,7 @@ def forward(x, rm, rv, weight, bias, momentum, eps, layout, out, unbiased, mask,
     C = view[1]
     rm = ck.per_channel(rm, "running_mean", C, inplace=True)
     rv = ck.per_channel(rv, "running_var", C, inplace=True)
-    if (rm is None) != (rv is None):
-        raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
+    ck.together(rm, rv, False)
     mom = ck.check_momentum(momentum, False) if rm is not None else 0.0  # (checked where used, as batch_norm)
     e = ck.check_eps(eps)
     train_size(n, xa)

@@ -105,7 +105,7 @@ def _keras_momentum(m, name):
     """A momentum in Keras' meaning (the old value's share) as a float in [0, 1]."""
     if isinstance(m, bool) or not isinstance(m, numbers.Real):
         raise TypeError(f"{name} must be a real number in [0, 1], got {type(m).__name__}")
-    if not 0.0 <= float(m) <= 1.0:
+    if not 0.0 <= ck.as_float(m, name, "in [0, 1]") <= 1.0:
         raise ValueError(f"{name} must be in [0, 1] (Keras' meaning: the moving statistics' share), got {m!r}")
     return float(m)
 
@@ -192,9 +192,13 @@ class BatchNormalization:
         if not isinstance(renorm, (bool, np.bool_)):
             raise TypeError(f"renorm must be a bool, got {type(renorm).__name__}")
         self.renorm = bool(renorm)
-        check_clipping(renorm_clipping)
-        # (stored as Keras stores it: its config round-trips)
-        self.renorm_clipping = dict(renorm_clipping) if renorm_clipping is not None else ({} if self.renorm else None)
+        # (checked only with renorm, and stored as Keras stores it: its config round-trips; a training call with
+        # renorm checks it again)
+        if self.renorm:
+            check_clipping(renorm_clipping)
+            self.renorm_clipping = dict(renorm_clipping) if renorm_clipping is not None else {}
+        else:
+            self.renorm_clipping = dict(renorm_clipping) if isinstance(renorm_clipping, dict) else renorm_clipping
         self.renorm_momentum = _keras_momentum(renorm_momentum, "renorm_momentum")
         self.virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
         if self.virtual_batch_size is not None and self.axis == 0:
@@ -339,7 +343,8 @@ class BatchNormalization:
                   "beta_initializer": self.beta_initializer, "gamma_initializer": self.gamma_initializer,
                   "moving_mean_initializer": self.moving_mean_initializer,
                   "moving_variance_initializer": self.moving_variance_initializer, "renorm": self.renorm,
-                  "renorm_clipping": None if self.renorm_clipping is None else dict(self.renorm_clipping),
+                  "renorm_clipping": (dict(self.renorm_clipping) if isinstance(self.renorm_clipping, dict)
+                                      else self.renorm_clipping),
                   "renorm_momentum": self.renorm_momentum}
         if self.virtual_batch_size is not None:
             config["virtual_batch_size"] = self.virtual_batch_size

@@ -69,7 +69,7 @@ def _bound(name, v, default):
         return default
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number or None, got {type(v).__name__}")
-    v = float(v)
+    v = ck.as_float(v, name, "a real number or None")
     if math.isnan(v):
         raise ValueError(f"{name} must not be NaN")
     return v
@@ -79,7 +79,7 @@ def check_renorm_momentum(m):
     """renorm_momentum as a float in [0, 1] (this library's convention: the weight of the new batch)."""
     if isinstance(m, bool) or not isinstance(m, numbers.Real):
         raise TypeError(f"renorm_momentum must be a real number in [0, 1], got {type(m).__name__}")
-    v = float(m)
+    v = ck.as_float(m, "renorm_momentum", "in [0, 1]")
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"renorm_momentum must be in [0, 1] (the weight of the new batch; Keras' 0.99 is 0.01 "
                          f"here), got {m!r}")
@@ -145,6 +145,8 @@ def _forward(split, renorm_mean, renorm_std, weight, bias, clipping, eps, out):
     bm, bv = _averaged(split, mean_w, var_w)
     rmax, rmin, dmax = clipping
     r, d = renorm_corrections(bm, bv, rmean, rstd, eps=e, rmax=rmax, rmin=rmin, dmax=dmax)
+    if split.n * split.G == 0:  # an empty batch has no statistics: the neutral corrections (as the Keras layer's),
+        r, d = np.ones(C), np.zeros(C)  # so that the parameter gradients, sums over nothing, stay 0
     # ((x - m) / s_B r + d) w + b = (x - m) / s_B (w r) + (w d + b)
     w64 = np.ones(C) if w is None else np.asarray(w, np.float64)
     b64 = np.zeros(C) if b is None else np.asarray(b, np.float64)
@@ -229,7 +231,7 @@ def update_renorm_stats(running_mean, running_var, running_std, renorm_mean, ren
     invstd = np.asarray(ck.to_ndarray(save_invstd, "save_invstd"), np.float64)
     if invstd.shape != mean.shape:
         raise ValueError(f"save_invstd must have the shape of save_mean {mean.shape}, got {invstd.shape}")
-    arrays = [ck.per_channel(a, name, C, inplace=True) for a, name in (
+    arrays = [ck.per_channel(a, name, C, inplace=True, of="save_mean") for a, name in (
         (running_mean, "running_mean"), (running_var, "running_var"), (running_std, "running_std"),
         (renorm_mean, "renorm_mean"), (renorm_std, "renorm_std"))]
     names = ("running_mean", "running_var", "running_std", "renorm_mean", "renorm_std")
@@ -315,6 +317,8 @@ class LayerSaved:
 def check_layer(layer, update):
     """A layer's virtual-batch and renorm attributes (users may reassign them), checked before a call."""
     layer.virtual_batch_size = check_virtual_batch_size(layer.virtual_batch_size)
+    if update:  # (before the forward writes its output: the update comes after it)
+        ck.together(layer.running_mean, layer.running_var, False)
     if layer.renorm:
         check_clipping(layer.renorm_clipping)
         layer.renorm_momentum = check_renorm_momentum(layer.renorm_momentum)

@@ -330,8 +330,7 @@ def virtual_batch_norm(x, running_mean=None, running_var=None, weight=None, bias
     C = split.C
     rm = ck.per_channel(running_mean, "running_mean", C, inplace=True)
     rv = ck.per_channel(running_var, "running_var", C, inplace=True)
-    if (rm is None) != (rv is None):
-        raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
+    ck.together(rm, rv, False)
     mom = ck.check_momentum(momentum, False) if rm is not None else None
     e = ck.check_eps(eps)
     if rm is not None:

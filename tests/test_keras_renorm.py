@@ -530,3 +530,20 @@ def test_virtual_batch_size_larger_than_the_batch():
         layer(x, training=True)
     for a, b in zip(layer.get_weights(), before):
         np.testing.assert_array_equal(a, b)
+
+
+def test_renorm_clipping_is_checked_only_with_renorm_and_kept_as_given():
+    """As Keras 3: without renorm the clipping is stored unchecked (a Keras config with renorm=False and any
+    clipping loads); with renorm it is checked, at construction and at a training call after renorm is turned on."""
+    clip = {"rmax": 0.5, "rmin": 1.0}
+    layer = BatchNormalization(renorm=False, renorm_clipping=clip)
+    assert layer.get_config()["renorm_clipping"] == clip
+    assert BatchNormalization.from_config(layer.get_config()).renorm_clipping == clip
+    with pytest.raises(ValueError, match="rmax >= rmin"):
+        BatchNormalization(renorm=True, renorm_clipping=clip)
+
+
+@pytest.mark.parametrize("kw", [dict(momentum=10 ** 400), dict(renorm=True, renorm_momentum=10 ** 400)])
+def test_momenta_beyond_floats_range_are_value_errors_naming_them(kw):
+    with pytest.raises(ValueError, match=f"{next(iter(kw.keys() - {'renorm'}))} must be in \\[0, 1\\], got an integer"):
+        BatchNormalization(**kw)

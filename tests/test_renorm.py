@@ -299,6 +299,29 @@ def test_update_with_an_empty_batch_changes_nothing():
     assert_state_default(layer)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 2, 2), (4, 3, 0)])
+@pytest.mark.parametrize("v", [None, 2])
+def test_an_empty_batch_has_neutral_corrections_and_zero_parameter_gradients(shape, v):
+    """No values: r = 1, d = 0 (as the Keras layer's), so the parameter gradients, sums over nothing, are 0 (r and d
+    of an empty batch's NaN statistics made grad_weight NaN, and one optimiser step every weight)."""
+    if v is not None and shape[0] % v:
+        pytest.skip("(the virtual batch size divides the batch)")
+    x = np.zeros(shape, np.float32)
+    mv = _moving(3)
+    y, mean, invstd, r, d = bn_simd.batch_renorm_forward(x, mv["renorm_mean"], mv["renorm_std"],
+                                                         virtual_batch_size=v)
+    np.testing.assert_array_equal(r, 1)
+    np.testing.assert_array_equal(d, 0)
+    layer = bn_simd.BatchNorm2d(3, renorm=True, virtual_batch_size=v) if len(shape) == 4 else \
+        bn_simd.BatchNorm1d(3, renorm=True, virtual_batch_size=v)
+    layer(x)
+    gx = layer.backward(x)
+    assert gx.shape == shape
+    np.testing.assert_array_equal(layer.grad_weight, 0)
+    np.testing.assert_array_equal(layer.grad_bias, 0)
+    assert_state_default(layer)
+
+
 def assert_state_default(layer):
     np.testing.assert_array_equal(layer.running_mean, 0)
     np.testing.assert_array_equal(layer.running_var, 1)
@@ -381,6 +404,36 @@ def test_failed_layer_call_changes_nothing():
     with pytest.raises(ValueError, match="renorm_std"):
         layer(make_input((2, 3, 2, 2), "NCHW", np.float32, seed=94))
     assert layer.num_batches_tracked == 0
+
+
+@pytest.mark.parametrize("kw", [dict(renorm=True), dict(virtual_batch_size=2), dict(renorm=True, virtual_batch_size=2)])
+def test_one_running_statistic_set_to_none_is_refused_before_out_is_written(kw):
+    """The update comes after the output is written: the pair is checked before (it was refused only at the update,
+    with out= x already overwritten)."""
+    layer = bn_simd.BatchNorm2d(3, **kw)
+    layer.running_var = None
+    x = make_input((4, 3, 2, 2), "NCHW", np.float32, seed=95)
+    x0 = x.copy()
+    with pytest.raises(ValueError, match="running_mean and running_var must be given together"):
+        layer(x, out=x)
+    np.testing.assert_array_equal(x, x0)
+    assert layer.num_batches_tracked == 0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: bn_simd.BatchNorm2d(3, renorm=True, renorm_clipping={"rmax": 10 ** 400}),
+    lambda: bn_simd.BatchNorm2d(3, renorm=True, renorm_momentum=10 ** 400),
+    lambda: bn_simd.renorm_corrections(np.zeros(2), np.ones(2), np.zeros(2), np.ones(2), dmax=10 ** 400),
+    lambda: bn_simd.update_renorm_stats(*[np.zeros(2) for _ in range(5)], np.zeros(2), np.ones(2), 4,
+                                        renorm_momentum=-10 ** 400)])
+def test_integers_beyond_floats_range_are_value_errors_naming_the_argument(make):
+    with pytest.raises(ValueError, match=r"(rmax|dmax|renorm_momentum) must .*integer too large for a float"):
+        make()
+
+
+def test_update_renorm_stats_names_save_mean_for_the_channel_count():
+    with pytest.raises(ValueError, match="running_mean must have shape \\(4,\\) to match the 4 channels of save_mean"):
+        bn_simd.update_renorm_stats(*[np.zeros(3) for _ in range(5)], np.zeros(4), np.ones(4), 10)
 
 
 def _keras():
