@@ -100,7 +100,8 @@ class _Layer:
 
     def load_state_dict(self, state_dict, strict=True):
         """Load a dict from :meth:`state_dict` or from the PyTorch layer's (tensors are converted), or Keras' weights
-        by name (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``, or variable paths ending in them).
+        by name (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``; with renorm ``moving_stddev``,
+        ``renorm_mean``, ``renorm_stddev``; or variable paths ending in them).
 
         Every entry is checked (shape (C,), floating dtype; num_batches_tracked an integer) before anything
         is assigned, so a rejected dict leaves the layer as it was. strict=True also rejects missing and
@@ -131,20 +132,24 @@ class _Layer:
         assign_state(self, staged)
 
 
-# Keras' names of the same four arrays (a variable's path ends in its name: "batch_normalization/gamma")
-_KERAS_NAMES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
+# Keras' names of the same arrays (a variable's path ends in its name: "batch_normalization/gamma"); with renorm,
+# Keras' three more (renorm_mean is the same name in both)
+_KERAS_NAMES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var",
+                "moving_stddev": "running_std", "renorm_stddev": "renorm_std", "renorm_mean": "renorm_mean"}
 
 
 def _from_keras_names(state_dict):
-    """state_dict with Keras' weight names (gamma, beta, moving_mean, moving_variance, or paths ending in them) put
-    under PyTorch's; a dict holding none of them, or mixing them with PyTorch's names, comes back unchanged (the
-    mixture is then refused as unexpected keys). A Keras dict has no batch count: the layer keeps its own."""
+    """state_dict with Keras' weight names (gamma, beta, moving_mean, moving_variance; with renorm moving_stddev,
+    renorm_mean, renorm_stddev; or paths ending in them) put under this library's; a dict holding none of Keras' own
+    names, or mixing them with this library's, comes back unchanged (the mixture is then refused as unexpected
+    keys). A Keras dict has no batch count: the layer keeps its own."""
     renamed = {}
     for k, v in state_dict.items():
         name = k.rsplit("/", 1)[-1] if isinstance(k, str) else k
-        if name not in _KERAS_NAMES or _KERAS_NAMES[name] in state_dict or _KERAS_NAMES[name] in renamed:
+        target = _KERAS_NAMES.get(name)
+        if target is None or target in renamed or (target != name and target in state_dict):
             return state_dict
-        renamed[_KERAS_NAMES[name]] = v
+        renamed[target] = v
     return renamed if renamed else state_dict
 
 

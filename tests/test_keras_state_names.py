@@ -64,3 +64,26 @@ def test_keras_names_with_wrong_shape_are_refused():
     w = _keras_weights(4, np.random.default_rng(4))
     with pytest.raises(ValueError, match="gamma|weight"):
         layer.load_state_dict(w)
+
+
+@pytest.mark.parametrize("paths", [False, True])
+def test_keras_renorm_weights_load_into_a_renorm_layer(paths):
+    """With renorm, Keras' moving_stddev, renorm_mean and renorm_stddev are running_std, renorm_mean and renorm_std
+    (they were not renamed: strict refused the dict, strict=False loaded nothing of it)."""
+    rng = np.random.default_rng(5)
+    w = _keras_weights(3, rng)
+    w.update(moving_stddev=rng.uniform(0.5, 2.0, 3), renorm_mean=rng.standard_normal(3),
+             renorm_stddev=rng.uniform(0.5, 2.0, 3))
+    if paths:
+        w = {f"bn/{k}": v for k, v in w.items()}
+    layer = bn_simd.BatchNorm1d(3, renorm=True)
+    layer.load_state_dict(w)
+    for ours, theirs in (("running_std", "moving_stddev"), ("renorm_mean", "renorm_mean"),
+                         ("renorm_std", "renorm_stddev"), ("running_var", "moving_variance")):
+        np.testing.assert_array_equal(getattr(layer, ours), w[f"bn/{theirs}" if paths else theirs].astype(np.float32))
+    with pytest.raises(ValueError, match="unexpected keys"):  # (a plain layer has none of the three)
+        bn_simd.BatchNorm1d(3).load_state_dict(w)
+    own = layer.state_dict()  # (the layer's own names, renorm_mean among them, load as they are)
+    other = bn_simd.BatchNorm1d(3, renorm=True)
+    other.load_state_dict(own)
+    np.testing.assert_array_equal(other.renorm_mean, layer.renorm_mean)
