@@ -18,6 +18,7 @@ the geometric mean.
 """
 import argparse
 import importlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -41,7 +42,19 @@ def load_old(path):
     tmp = tempfile.mkdtemp(prefix="bn_simd_ab_")
     shutil.copytree(src, os.path.join(tmp, "bn_simd_ab_old"), ignore=shutil.ignore_patterns("__pycache__"))
     sys.path.insert(0, tmp)
-    return importlib.import_module("bn_simd_ab_old")
+    # The extension's cimports name their module absolutely (bn_simd._args): while the old package loads, that name
+    # is the old build's module (loaded from its file, before the package, whose init imports _core), whose C
+    # functions the old _core was compiled against; the old package's own relative import gets the same module
+    args_so = next(f for f in os.listdir(src) if f.startswith("_args") and f.endswith(".so"))
+    spec = importlib.util.spec_from_file_location("bn_simd._args", os.path.join(tmp, "bn_simd_ab_old", args_so))
+    old_args = importlib.util.module_from_spec(spec)
+    new_args = sys.modules["bn_simd._args"]
+    sys.modules["bn_simd._args"] = sys.modules["bn_simd_ab_old._args"] = old_args
+    try:
+        spec.loader.exec_module(old_args)
+        return importlib.import_module("bn_simd_ab_old")
+    finally:
+        sys.modules["bn_simd._args"] = new_args
 
 
 # ---- bits -----------------------------------------------------------------------------------------------------
