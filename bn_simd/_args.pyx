@@ -35,7 +35,7 @@ SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # bfloat16 as ml_dtypes defines it (the dtype of JAX and TensorFlow), recognised by its name, size and kind so that
 # ml_dtypes is never imported here: only arrays of that dtype, made by whoever imported it, carry it.
 HALF_CALLS = ("batch_norm, batch_norm_forward, batch_norm_backward, batch_stats, normalize, backward_reduce, the "
-              "group / instance / layer / RMS norm calls and the layers")
+              "group / instance / layer / RMS norm calls and the layers without renorm or virtual batches")
 cdef int _bf16_num = -1  # bfloat16's NumPy type number, once an array of it has been seen (NumPy assigns it)
 # bfloat16 without ml_dtypes: bn_simd.torch hands a torch.bfloat16 tensor over as a view of its memory in this dtype,
 # uint16 tagged by its metadata (views, transposes and copies keep the descriptor object). Arrays of it are bfloat16
