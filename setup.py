@@ -19,6 +19,7 @@
 import os
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,6 +55,17 @@ def _compiler_accepts(compiler_cmd, flags):
         return r.returncode == 0
 
 
+def _without_python_run_path(args):
+    """args without the linker options that set a run path to Python's LIBDIR (-Wl,-rpath,DIR, -Wl,-rpath=DIR,
+    -Wl,-R,DIR, -Wl,-RDIR, -RDIR)."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if not libdir:
+        return list(args)
+    libdir = os.path.normpath(libdir)
+    ours = {f"-Wl,-rpath,{libdir}", f"-Wl,-rpath={libdir}", f"-Wl,-R,{libdir}", f"-Wl,-R{libdir}", f"-R{libdir}"}
+    return [a for a in args if a.rstrip("/") not in ours]
+
+
 class BuildExt(build_ext):
     def build_extensions(self):
         cc = list(self.compiler.compiler_so[:1]) if hasattr(self.compiler, "compiler_so") else ["cc"]
@@ -75,9 +87,9 @@ class BuildExt(build_ext):
         print(f"bn_simd build: OpenMP={'yes' if use_omp else 'no'} sanitize={'yes' if sanitize else 'no'}")
         # Linked without the run path to Python's own library directory that Python's LDSHARED may add (a
         # framework or pyenv build's): neither the extensions nor the C library use libpython, and the binaries of a
-        # wheel should not name a directory of the machine that built it
-        self.compiler.linker_so = [a for a in self.compiler.linker_so
-                                   if not a.startswith(("-Wl,-rpath", "-Wl,-R", "-R"))]
+        # wheel should not name a directory of the machine that built it. Other run paths (a user's LDFLAGS: a
+        # toolchain's libgomp, say) stay.
+        self.compiler.linker_so = _without_python_run_path(self.compiler.linker_so)
         for ext in self.extensions:
             # the checker and the probes: portable C, no OpenMP (the probes' reason: bn_simd/_openmp.py)
             if ext.name != "bn_simd._core":

@@ -353,8 +353,8 @@ def not_scriptable(module):
     written into the caller's model in place of the converted module (torch.jit.script stores what this returns in
     the parent's modules). A clear TypeError instead, before anything is compiled or changed."""
     raise TypeError(f"{type(module).__name__} of bn_simd.torch cannot be compiled by torch.jit.script: script the "
-                    f"model before bn_simd.torch.convert, or use torch.jit.trace, torch.export or torch.compile, which take "
-                    f"PyTorch's own path inside a converted model")
+                    f"model before bn_simd.torch.convert, or use torch.jit.trace, torch.export or torch.compile, which "
+                    f"take PyTorch's own path inside a converted model")
 
 
 # (torch.utils.checkpoint's signal that a recomputed forward has recorded what the backward needs; () if absent)
