@@ -320,6 +320,9 @@ def check_layer(layer, update):
     if update:  # (before the forward writes its output: the update comes after it)
         ck.together(layer.running_mean, layer.running_var, False)
     if layer.renorm:
+        if update and layer.running_mean is None:  # (both None: a plain layer's batch statistics without an update)
+            raise TypeError(f"running_mean and running_var must be arrays of shape ({layer.num_features},), got None: "
+                            f"renorm moves renorm_mean and renorm_std with them")
         check_clipping(layer.renorm_clipping)
         layer.renorm_momentum = check_renorm_momentum(layer.renorm_momentum)
         for name in ("running_std", "renorm_mean", "renorm_std"):

@@ -420,6 +420,18 @@ def test_one_running_statistic_set_to_none_is_refused_before_out_is_written(kw):
     assert layer.num_batches_tracked == 0
 
 
+def test_a_renorm_layer_with_both_running_statistics_set_to_none_is_refused_in_training():
+    """Both None is a plain layer's batch statistics without an update; renorm would then never move renorm_mean and
+    renorm_std, and correct every batch against their initial values."""
+    layer = bn_simd.BatchNorm2d(3, renorm=True)
+    layer.running_mean = layer.running_var = None
+    x = make_input((4, 3, 2, 2), "NCHW", np.float32, seed=96)
+    with pytest.raises(TypeError, match="renorm moves renorm_mean and renorm_std"):
+        layer(x)
+    np.testing.assert_array_equal(layer.renorm_mean, 0)
+    assert layer.num_batches_tracked == 0
+
+
 @pytest.mark.parametrize("make", [
     lambda: bn_simd.BatchNorm2d(3, renorm=True, renorm_clipping={"rmax": 10 ** 400}),
     lambda: bn_simd.BatchNorm2d(3, renorm=True, renorm_momentum=10 ** 400),
