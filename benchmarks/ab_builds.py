@@ -17,6 +17,7 @@ alternately sample by sample (harness/timing.py, interleaved_medians); prints ne
 the geometric mean.
 """
 import argparse
+import atexit
 import importlib
 import importlib.util
 import os
@@ -40,12 +41,15 @@ def load_old(path):
     if not any(f.startswith("_core") and f.endswith(".so") for f in os.listdir(src)):
         raise SystemExit(f"{src} holds no built extension: build it in place first")
     tmp = tempfile.mkdtemp(prefix="bn_simd_ab_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # (the copy goes when the run ends)
     shutil.copytree(src, os.path.join(tmp, "bn_simd_ab_old"), ignore=shutil.ignore_patterns("__pycache__"))
     sys.path.insert(0, tmp)
     # The extension's cimports name their module absolutely (bn_simd._args): while the old package loads, that name
     # is the old build's module (loaded from its file, before the package, whose init imports _core), whose C
     # functions the old _core was compiled against; the old package's own relative import gets the same module
-    args_so = next(f for f in os.listdir(src) if f.startswith("_args") and f.endswith(".so"))
+    args_so = next((f for f in os.listdir(src) if f.startswith("_args") and f.endswith(".so")), None)
+    if args_so is None:
+        raise SystemExit(f"{src} holds no built _args extension: build it in place first")
     spec = importlib.util.spec_from_file_location("bn_simd._args", os.path.join(tmp, "bn_simd_ab_old", args_so))
     old_args = importlib.util.module_from_spec(spec)
     new_args = sys.modules["bn_simd._args"]
