@@ -506,10 +506,7 @@ cdef double eps(object e) except? -1.0:
             return v
     if isinstance(e, bool) or not isinstance(e, numbers.Real):
         raise TypeError(f"eps must be a real number, got {_describe(e)}")
-    try:
-        v = float(e)
-    except OverflowError:
-        raise ValueError(f"eps must be a finite number > 0, got an integer too large for a float") from None
+    v = as_float(e, "eps", "a finite number > 0")
     if not (isfinite(v) and v > 0.0):
         raise ValueError(f"eps must be a finite number > 0, got {e!r}")
     return v
@@ -543,10 +540,7 @@ cdef double _momentum(object m, bint allow_none) except? -1.0:
     if isinstance(m, bool) or not isinstance(m, numbers.Real):
         raise TypeError(f"momentum must be a real number in [0, 1]{' or None' if allow_none else ''}, "
                         f"got {_describe(m)}")
-    try:
-        v = float(m)
-    except OverflowError:
-        raise ValueError("momentum must be in [0, 1], got an integer too large for a float") from None
+    v = as_float(m, "momentum", "in [0, 1]")
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {m!r}")
     return v

@@ -105,9 +105,10 @@ def _keras_momentum(m, name):
     """A momentum in Keras' meaning (the old value's share) as a float in [0, 1]."""
     if isinstance(m, bool) or not isinstance(m, numbers.Real):
         raise TypeError(f"{name} must be a real number in [0, 1], got {type(m).__name__}")
-    if not 0.0 <= ck.as_float(m, name, "in [0, 1]") <= 1.0:
+    v = ck.as_float(m, name, "in [0, 1]")
+    if not 0.0 <= v <= 1.0:
         raise ValueError(f"{name} must be in [0, 1] (Keras' meaning: the moving statistics' share), got {m!r}")
-    return float(m)
+    return v
 
 
 class BatchNormalization:
@@ -196,9 +197,8 @@ class BatchNormalization:
         # renorm checks it again)
         if self.renorm:
             check_clipping(renorm_clipping)
-            self.renorm_clipping = dict(renorm_clipping) if renorm_clipping is not None else {}
-        else:
-            self.renorm_clipping = dict(renorm_clipping) if isinstance(renorm_clipping, dict) else renorm_clipping
+            renorm_clipping = {} if renorm_clipping is None else renorm_clipping
+        self.renorm_clipping = dict(renorm_clipping) if isinstance(renorm_clipping, dict) else renorm_clipping
         self.renorm_momentum = _keras_momentum(renorm_momentum, "renorm_momentum")
         self.virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
         if self.virtual_batch_size is not None and self.axis == 0:
