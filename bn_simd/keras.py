@@ -196,8 +196,12 @@ class BatchNormalization:
         # (checked only with renorm, and stored as Keras stores it: its config round-trips; a training call with
         # renorm checks it again)
         if self.renorm:
+            try:  # (Keras takes `renorm_clipping or {}`: None, [], 0 and any other false value are no clipping)
+                none = not renorm_clipping
+            except (TypeError, ValueError):  # (an array of several values: refused below)
+                none = False
+            renorm_clipping = {} if none else renorm_clipping
             check_clipping(renorm_clipping)
-            renorm_clipping = {} if renorm_clipping is None else renorm_clipping
         self.renorm_clipping = dict(renorm_clipping) if isinstance(renorm_clipping, dict) else renorm_clipping
         self.renorm_momentum = _keras_momentum(renorm_momentum, "renorm_momentum")
         self.virtual_batch_size = check_virtual_batch_size(virtual_batch_size)

@@ -390,8 +390,18 @@ def test_config_round_trips_the_new_arguments():
     assert BatchNormalization.from_config(dict(plain, virtual_batch_size=None)).virtual_batch_size is None
 
 
+@pytest.mark.parametrize("clipping", [None, [], 0, (), ""], ids=repr)
+def test_a_false_clipping_is_no_clipping_as_in_keras(clipping):
+    layer = BatchNormalization(renorm=True, renorm_clipping=clipping)
+    assert layer.renorm_clipping == {} and layer.get_config()["renorm_clipping"] == {}
+    x = np.random.default_rng(3).standard_normal((16, 3)).astype(np.float32) * 3 + 1
+    np.testing.assert_array_equal(np.asarray(layer(x, training=True)),
+                                  np.asarray(BatchNormalization(renorm=True, renorm_clipping={})(x, training=True)))
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     ({"renorm": 1}, TypeError, "renorm"),
+    ({"renorm": True, "renorm_clipping": np.ones(3)}, TypeError, "renorm_clipping"),
     ({"renorm": True, "renorm_clipping": [1.0]}, TypeError, "renorm_clipping"),
     ({"renorm": True, "renorm_clipping": {"rmax": "2"}}, TypeError, "rmax"),
     ({"renorm_momentum": 1.5}, ValueError, "renorm_momentum"),
