@@ -328,6 +328,9 @@ def norm_coefficients(mean, var, weight=None, bias=None, *, eps=1e-5, dtype=np.f
 
     Returns (m, a, b, exact): arrays (C,) of ``dtype`` (float32 or float64), and exact=False when some channel's
     coefficients would leave ``dtype``'s range or lose precision there (bn_simd then computes that call in float64).
+    A channel whose outputs are all NaN (a NaN among its mean, var, weight or bias) gets m = NaN, a = 1, b = 0: its
+    outputs are x's NaN where x is NaN and NaN elsewhere, with the same bits at any thread count (with NaN a and b,
+    which of two NaN operands a kernel's multiply-add passed on decided a NaN's sign).
     """
     return _core.norm_coefficients(mean, var, weight, bias, eps, dtype)
 
@@ -337,5 +340,7 @@ def backward_coefficients(sum_dy, sum_dyxm, mean, invstd, n, weight=None, *, tra
     grad_x = a[c] * grad_out + b[c] * (x - m[c]) + d[c], with s = invstd, w = weight (1 when None),
     a = w s, b = -w s^3 sum_dyxm / n, d = -w s sum_dy / n (training; b = d = 0 otherwise), m the mean rounded to
     ``dtype`` and its residual folded into d. Returns (m, a, b, d, grad_weight, grad_bias): the first four of
-    ``dtype``, the gradients float64 (grad_weight = s sum_dyxm, grad_bias = sum_dy)."""
+    ``dtype``, the gradients float64 (grad_weight = s sum_dyxm, grad_bias = sum_dy). In training, a channel whose
+    b or d is NaN (every grad_x NaN) gets m = NaN, a = 0, b = 1, d = 0, as :func:`norm_coefficients` does; a NaN
+    parameter gradient is the one NaN (positive, quiet)."""
     return _core.backward_coefficients(sum_dy, sum_dyxm, mean, invstd, n, weight, training, dtype)

@@ -153,11 +153,13 @@ int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* sh
                        double* shift, double* resid, double* m2, int nthreads);                           \
     /* The apply coefficients of y = (x - m[c]) a[c] + b[c] = (x - mean) / sqrt(var + eps) w + bias, m the mean  \
      * rounded to TC and its residual folded into b; returns 1 (coefficients written) when some channel's TC  \
-     * coefficients would leave TC's range or lose precision, so that the call must compute in double. */    \
+     * coefficients would leave TC's range or lose precision, so that the call must compute in double. A     \
+     * channel with a NaN coefficient (all its outputs NaN) gets m = NaN, a = 1, b = 0 (ukernels.inc). */    \
     int bn_norm_params_##S(int64_t C, const double* mean, const double* var, const double* weight,         \
                            const double* bias, double eps, TC* m, TC* a, TC* b);                          \
     /* The backward coefficients of dx = a[c] dy + b[c] (x - m[c]) + d[c] and the parameter gradients from the \
-     * channel sums of n values (as bn_backward). */                                                      \
+     * channel sums of n values (as bn_backward); in training a channel with a NaN b or d gets m = NaN,      \
+     * a = 0, b = 1, d = 0, and NaN parameter gradients are +NaN. */                                        \
     int bn_bwd_params_##S(int64_t C, double n, const double* sum_dy, const double* sum_dyxm,               \
                           const double* mean, const double* invstd, const double* weight, int training,   \
                           double* grad_weight, double* grad_bias, TC* m, TC* a, TC* b, TC* d);

@@ -138,10 +138,10 @@ BN_API int bn_context_set_slab_bytes(bn_context* ctx, int64_t bytes);
 typedef void (*bn_task_fn)(void* arg, int64_t i);
 typedef void (*bn_parallel_for_fn)(void* pool, int64_t n, bn_task_fn task, void* arg);
 /* Ops under ctx run their work as tasks of fn (NULL: OpenMP, the default) and start no thread of their own. The
- * results are bitwise those of the OpenMP path (but NaNs' sign bits: docs/design.md, "The C library"). The context's
- * thread count (0: 1 task per 1 MiB of data, at most 64) is how many tasks an op splits into. Layer norm's and RMS
- * norm's backward run as one driver call on the calling thread (docs/design.md, "The C library"). BN_ENULL for a
- * NULL context. */
+ * results are bitwise those of the OpenMP path, NaN outputs' signs and payloads included (docs/design.md,
+ * "Determinism"). The context's thread count (0: 1 task per 1 MiB of data, at most 64) is how many tasks an op splits
+ * into. Layer norm's and RMS norm's backward run as one driver call on the calling thread (docs/design.md, "The C
+ * library"). BN_ENULL for a NULL context. */
 BN_API int bn_context_set_parallel_for(bn_context* ctx, bn_parallel_for_fn fn, void* pool);
 
 /* ---- workspace ---- */

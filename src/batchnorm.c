@@ -331,6 +331,12 @@ static int64_t cf_pf_after(const cf_geom* g, int64_t t, int64_t ahead, int rows_
  * the value itself) or all chunks alike, and gets its value back exactly. */
 static inline double chunk_offset(double mu0_k, double mu0_0, double r_k) { return (mu0_k - mu0_0) + r_k; }
 
+/* A combined mean or variance as it is, or the one NaN (+qNaN) where it is NaN: which of two NaN operands an addition
+ * returns is the first source's on x86, and which operand is first is the compiler's choice (cl_combine's vector
+ * code adds the new term first, these loops the sum), so the chunks' NaNs of different signs gave NaNs of either sign
+ * on the OpenMP path and a parallel_for's (bn_moments_merge). */
+static inline double bn_nan_canon(double v) { return v != v ? NAN : v; }
+
 /* A chunk's shift from one of its values v: v, or 0 when v is infinite (x - v would be Inf - Inf = NaN at v itself, and
  * the mean NaN where the infinities of a channel all have one sign and PyTorch's is +-Inf; by 0, the sums give it). */
 static inline double bn_shift_value(double v) { return isinf(v) ? 0.0 : v; }
@@ -362,8 +368,8 @@ static void cf_combine_block(const cf_geom* g, int64_t b, const double* mk, cons
             const double dk = chunk_offset(mk[k * g->cb + j], m0, rk[k * g->cb + j]) - m;
             m2 += m2k[k * g->cb + j] + (double)cf_chunk_count(g, k) * dk * dk;
         }
-        mean[j] = m0 + m;
-        var[j] = m2 / n;
+        mean[j] = bn_nan_canon(m0 + m);
+        var[j] = bn_nan_canon(m2 / n);
     }
 }
 
@@ -473,8 +479,8 @@ int bn_moments_merge(int64_t K, int64_t C, const double* count, const double* sh
                 const double dk = chunk_offset(shift[k * C + c], m0, resid[k * C + c]) - m;
                 q += m2[k * C + c] + count[k] * dk * dk;
             }
-        mean[c] = m0 + m;
-        var[c] = q / n;
+        mean[c] = bn_nan_canon(m0 + m);
+        var[c] = bn_nan_canon(q / n);
     }
     return BN_OK;
 }

@@ -144,6 +144,25 @@ static size_t out_bytes(const bn_desc* d) {
  * pool's tasks, each a run of samples, then give the OpenMP path's bits) and runs the forwards only */
 static int64_t extreme_sample = -1;
 
+/* nonzero: test_shape puts NaN (both signs) and +-Inf into x, one value in 97: every op's NaN outputs (their signs and
+ * payloads too) must have the OpenMP path's bits on the pool and in a workspace */
+static int poison = 0;
+
+static void poison_x(void* x, int dt, int64_t E) {
+    static const uint64_t d64[4] = {0x7ff8000000000000ULL, 0xfff8000000000000ULL, 0x7ff0000000000000ULL,
+                                    0xfff0000000000000ULL};
+    static const uint32_t d32[4] = {0x7fc00000u, 0xffc00000u, 0x7f800000u, 0xff800000u};
+    static const uint16_t d16[4] = {0x7e00, 0xfe00, 0x7c00, 0xfc00}, db16[4] = {0x7fc0, 0xffc0, 0x7f80, 0xff80};
+    for (int64_t i = 7, k = 0; i < E; i += 97, k++) {
+        if (dt == BN_F64)
+            memcpy((double*)x + i, &d64[k % 4], 8);
+        else if (dt == BN_F32)
+            memcpy((float*)x + i, &d32[k % 4], 4);
+        else
+            ((uint16_t*)x)[i] = dt == BN_F16 ? d16[k % 4] : db16[k % 4];
+    }
+}
+
 static void test_shape(int dt, int layout, int64_t n, int64_t c, int64_t s, int64_t G, const bn_context* pool_ctx) {
     input in = {{dt, BN_F64, layout, n, c, s}, G, 0, 0, 0, 0, 0, 0};
     const int64_t E = n * c * s, Q = n * (n * s > n * G ? s : G) + n * c;
@@ -161,6 +180,7 @@ static void test_shape(int dt, int layout, int64_t n, int64_t c, int64_t s, int6
     fill(in.stat2, BN_F64, Q + c, 0.25, 1.0);
     if (extreme_sample >= 0)
         fill((char*)in.x + (size_t)(extreme_sample * c * s) * esize(dt), dt, c * s, 1e34, 1e35);
+    if (poison) poison_x(in.x, dt, E);
     if (G == 0) in.G = 1;
     const size_t ob = out_bytes(&in.d);
     char *ref = calloc(1, ob), *got = calloc(1, ob);
@@ -268,6 +288,14 @@ int main(void) {
     test_shape(BN_BF16, BN_LAYOUT_NCHW, 5, 8, 300, 4, pool_ctx);
     test_shape(BN_F32, BN_LAYOUT_NCHW, 3, 2050, 1, 2, pool_ctx);
     extreme_sample = -1;
+    poison = 1; /* (then NaN and Inf among x) */
+    test_shape(BN_F32, BN_LAYOUT_NCHW, 3, 2, 20000, 2, pool_ctx);
+    test_shape(BN_F32, BN_LAYOUT_NHWC, 9000, 8, 1, 0, pool_ctx);
+    test_shape(BN_F32, BN_LAYOUT_NHWC, 6, 8, 30, 2, pool_ctx);
+    test_shape(BN_F64, BN_LAYOUT_NCHW, 100, 4, 16, 2, pool_ctx);
+    test_shape(BN_BF16, BN_LAYOUT_NHWC, 6, 16, 900, 4, pool_ctx);
+    test_shape(BN_F16, BN_LAYOUT_NCHW, 5, 8, 300, 8, pool_ctx);
+    poison = 0;
     bn_context_destroy(pool_ctx);
     printf("test_api: %ld checks, %ld failures\n", checks, failures);
     return failures != 0;
