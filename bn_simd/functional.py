@@ -328,9 +328,10 @@ def norm_coefficients(mean, var, weight=None, bias=None, *, eps=1e-5, dtype=np.f
 
     Returns (m, a, b, exact): arrays (C,) of ``dtype`` (float32 or float64), and exact=False when some channel's
     coefficients would leave ``dtype``'s range or lose precision there (bn_simd then computes that call in float64).
-    A channel whose outputs are all NaN (a NaN among its mean, var, weight or bias) gets m = NaN, a = 1, b = 0: its
-    outputs are x's NaN where x is NaN and NaN elsewhere, with the same bits at any thread count (with NaN a and b,
-    which of two NaN operands a kernel's multiply-add passed on decided a NaN's sign).
+    A channel whose coefficients hold a NaN gets m = NaN, a = 1, b = 0: with a NaN among its mean, var, weight or
+    bias its outputs are all NaN, x's NaN where x is NaN and NaN elsewhere, with the same bits at any thread count
+    (with NaN a and b, which of two NaN operands a kernel's multiply-add passed on decided a NaN's sign); coefficients
+    NaN from overflow (float32 of a mean beyond its range) come with exact=False.
     """
     return _core.norm_coefficients(mean, var, weight, bias, eps, dtype)
 

@@ -131,7 +131,8 @@ class BatchNormalization:
         / s_B * r + d) * gamma + beta with s_B = sqrt(var_B + epsilon), s = max(renorm_stddev, sqrt(epsilon)),
         r = clip(s_B / s, rmin, rmax) and d = clip((mean_B - renorm_mean) / s, -dmax, dmax), r and d constants for
         the gradient (see :mod:`bn_simd.renorm`). Three more weights: moving_stddev, renorm_mean, renorm_stddev.
-    renorm_clipping : dict with keys among "rmax", "rmin", "dmax" (a missing key or None: no bound), or None.
+    renorm_clipping : dict with keys among "rmax", "rmin", "dmax" (a missing key or None: no bound), or None (or,
+        as Keras takes ``renorm_clipping or {}``, any false value: no clipping).
     renorm_momentum : float in [0, 1], Keras' meaning as ``momentum``: ``renorm_mean = renorm_mean *
         renorm_momentum + mean_B * (1 - renorm_momentum)``, the same for renorm_stddev with s_B. The inference
         statistics move with ``momentum``: moving_mean towards mean_B, moving_stddev towards s_B, and

@@ -1173,13 +1173,18 @@ def test_nan_outputs_have_the_same_bits_at_any_thread_count_and_placement(op, la
             return (y, m, s) + bn_simd.batch_norm_backward(dy, x, m, s, w, layout=layout,
                                                            out=_past_line(np.empty_like(x), at)) + \
                 bn_simd.batch_norm_backward(dy, x, *stat, w, layout=layout, out=_past_line(np.empty_like(x), at))
+        # (the backward also from finite statistics, which leave the sums, not the mean, NaN)
         if op == "group":
             y, m, s = bn_simd.group_norm_forward(x, 4, w, b, layout=layout, out=_past_line(np.empty_like(x), at))
             return (y, m, s) + bn_simd.group_norm_backward(dy, x, m, s, 4, w, layout=layout,
-                                                           out=_past_line(np.empty_like(x), at))
+                                                           out=_past_line(np.empty_like(x), at)) + \
+                bn_simd.group_norm_backward(dy, x, np.full((8, 4), 0.25, pdt), np.full((8, 4), 1.1, pdt), 4, w,
+                                            layout=layout, out=_past_line(np.empty_like(x), at))
         y, m, s = bn_simd.instance_norm_forward(x, w, b, layout=layout, out=_past_line(np.empty_like(x), at))
         return (y, m, s) + bn_simd.instance_norm_backward(dy, x, m, s, w, layout=layout,
-                                                          out=_past_line(np.empty_like(x), at))
+                                                          out=_past_line(np.empty_like(x), at)) + \
+            bn_simd.instance_norm_backward(dy, x, np.full((8, 64), 0.25, pdt), np.full((8, 64), 1.1, pdt), w,
+                                           layout=layout, out=_past_line(np.empty_like(x), at))
 
     want = None
     for n in (1, 2, 3):

@@ -106,6 +106,33 @@ def test_float32_coefficients_out_of_range_are_flagged():
         bn_simd.backward_coefficients(np.zeros(2), np.zeros(2), np.zeros(2), np.ones(2), 0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_coefficients_of_nan_channels(dtype):
+    """A channel with a NaN among its statistics or parameters: m = NaN, a = 1, b = 0 forward (training backward
+    m = NaN, a = 0, b = 1, d = 0; NaN parameter gradients positive), so every output is NaN; the other channels keep
+    their formulas. Eval backward: b = d = 0 whatever the mean, a NaN one included."""
+    mean, var = np.array([0.5, np.nan, 0.5, 0.5]), np.array([2.0, 1.0, np.nan, 2.0])
+    w, b = np.array([1.5, 1.0, 1.0, -np.nan]), np.array([0.25, 0.0, 0.0, 0.0])
+    m, a, bb, exact = bn_simd.norm_coefficients(mean, var, w, b, dtype=dtype)
+    assert exact and m[0] == dtype(0.5) and a[0] == dtype(1.5 / np.sqrt(2 + 1e-5)) and np.isfinite(bb[0])
+    for c in (1, 2, 3):
+        assert np.isnan(m[c]) and a[c] == 1 and bb[c] == 0
+    x = np.array([1.0, np.nan, -np.nan, 2.0], dtype)
+    assert np.isnan((x - m[1]) * a[1] + bb[1]).all()
+    sdy, sdyx = np.array([1.0, np.nan, 1.0, 1.0]), np.array([1.0, 1.0, -np.nan, 1.0])
+    invstd = np.full(4, 0.5)
+    md, ad, bd, dd, gw, gb = bn_simd.backward_coefficients(sdy, sdyx, mean, invstd, 10, w, dtype=dtype)
+    for c in (1, 2):
+        assert np.isnan(md[c]) and (ad[c], bd[c], dd[c]) == (0, 1, 0)
+    assert ad[0] == dtype(0.75) and np.isfinite(bd[0]) and np.isfinite(dd[0])
+    nan_bits = np.array([np.nan]).view(np.uint64)[0]
+    for g in (gw, gb):
+        assert all(g.view(np.uint64)[c] == nan_bits for c in range(4) if np.isnan(g[c]))
+    assert np.isnan(gw[2]) and np.isnan(gb[1])
+    md, ad, bd, dd, *_ = bn_simd.backward_coefficients(sdy, sdyx, mean, invstd, 10, w, training=False, dtype=dtype)
+    assert (bd == 0).all() and (dd == 0).all() and np.isnan(md[1]) and ad[0] == dtype(0.75)
+
+
 def test_moments_refuse_counts_and_m2_no_batch_can_have():
     shift, res = np.zeros((1, 2)), np.zeros((1, 2))
     for count in ([np.inf], [-1.0], [2.5]):
