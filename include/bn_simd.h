@@ -65,6 +65,8 @@ int bn_set_cl_strip_bytes(int64_t bytes);
  * else 0). bn_set_slab_bytes sets the budget for every later call of any size (0: never take that path; negative: back
  * to the defaults of both). The results are the same bits whatever they are. */
 int64_t bn_slab_bytes(void);
+/* Whether the layer-norm forward pairs its blocks (rownorm.inc) when it streams its output (dispatch.c) */
+int bn_rn_pair_streamed(void);
 int64_t bn_slab_min_input(void);
 int bn_set_slab_bytes(int64_t bytes);
 /* The bytes an element-wise sweep touches (inputs and output) beyond which its output is written with streaming

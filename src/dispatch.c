@@ -227,6 +227,21 @@ __attribute__((constructor)) static void choose_slab_bytes(void) {
 #endif
 }
 
+/* The rows forward of layer and RMS norm (rownorm.inc) normalises each block beside the next block's statistics. When
+ * it streams its output (beyond BN_STREAM_BYTES) that measured faster on a Zen 3 and 1.2-2x slower on a Zen 5 than the
+ * two loops (the same bits either way), so streamed rows are paired on AMD family 19h (Zen 3 and Zen 4) only; Intel
+ * CPUs are not measured (docs/tuning.md, "Layer-norm forward: streamed rows in two loops on the Zen 5"). */
+static int cpu_rn_pair_streamed = 0;
+
+__attribute__((constructor)) static void choose_rn_pairing(void) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    cpu_rn_pair_streamed = __builtin_cpu_is("amdfam19h");
+#endif
+}
+
+int bn_rn_pair_streamed(void) { return cpu_rn_pair_streamed; }
+
 /* A context's slab setting: its own, else the default context's (-1: the CPU's). */
 static int64_t slab_setting(void) {
     const int64_t own = ctx()->slab_bytes;
