@@ -1086,10 +1086,7 @@ int bn_group_norm_backward(const bn_context* ctx, const bn_desc* d, int64_t grou
         if (st == BN_OK) { /* gn_param_grads' order: sample after sample */
             sum_rows(part, d->n, C, gw);
             sum_rows(part + d->n * C, d->n, C, gb);
-            for (int64_t c = 0; c < C; c++) { /* (a NaN: the one NaN, as gn_param_grads gives it) */
-                gw[c] = gw[c] != gw[c] ? NAN : gw[c];
-                gb[c] = gb[c] != gb[c] ? NAN : gb[c];
-            }
+            bn_nan_canon_grads(C, gw, gb); /* (a NaN: the one NaN, as the driver gives it) */
         }
         bn_scratch_free(part);
     }

@@ -331,12 +331,6 @@ static int64_t cf_pf_after(const cf_geom* g, int64_t t, int64_t ahead, int rows_
  * the value itself) or all chunks alike, and gets its value back exactly. */
 static inline double chunk_offset(double mu0_k, double mu0_0, double r_k) { return (mu0_k - mu0_0) + r_k; }
 
-/* A combined mean or variance as it is, or the one NaN (+qNaN) where it is NaN: which of two NaN operands an addition
- * returns is the first source's on x86, and which operand is first is the compiler's choice (cl_combine's vector
- * code adds the new term first, these loops the sum), so the chunks' NaNs of different signs gave NaNs of either sign
- * on the OpenMP path and a parallel_for's (bn_moments_merge). */
-static inline double bn_nan_canon(double v) { return v != v ? NAN : v; }
-
 /* A chunk's shift from one of its values v: v, or 0 when v is infinite (x - v would be Inf - Inf = NaN at v itself, and
  * the mean NaN where the infinities of a channel all have one sign and PyTorch's is +-Inf; by 0, the sums give it). */
 static inline double bn_shift_value(double v) { return isinf(v) ? 0.0 : v; }

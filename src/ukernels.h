@@ -35,6 +35,21 @@ static inline double bn_m2_finish(double s2, double s1, double v) {
     return v > 0.0 ? v : s2 == INFINITY && s1 - s1 == 0.0 ? INFINITY : 0.0;
 }
 
+/* v, or the one NaN (+qNaN) where v is NaN. On x86 an addition of two NaNs returns the first source's, and which
+ * operand is first is the compiler's choice (a vector loop adds the new term first, a scalar one the sum; a
+ * parallel_for's sums, api.c, in yet another order), so NaNs of both signs among a sum's terms gave a NaN of either
+ * sign by the split of the work. Combined means and variances (cl_combine, bn_moments_merge, cf_combine_block) and
+ * parameter gradients (bwd_params, group norm's backward) pass through it (docs/design.md, "Determinism"). */
+static inline double bn_nan_canon(double v) { return v != v ? NAN : v; }
+
+/* bn_nan_canon over C parameter gradients of the weight and of the bias */
+static inline void bn_nan_canon_grads(int64_t C, double* grad_weight, double* grad_bias) {
+    for (int64_t c = 0; c < C; c++) {
+        grad_weight[c] = bn_nan_canon(grad_weight[c]);
+        grad_bias[c] = bn_nan_canon(grad_bias[c]);
+    }
+}
+
 /* How far ahead of their loads the channels-first float32 reductions prefetch (bytes; ukernels.inc), and how far
  * past a chunk their callers let them (batchnorm.c, cf_pf_after). */
 #define BN_SEG_PF_BYTES 8192

@@ -191,6 +191,15 @@ def assert_refused(ep, case, exc, patterns, out=None, keep=None):
     assert bn_simd.get_num_threads() == threads and bn_simd.get_isa() == isa
 
 
+def past_line(a, offset):
+    """A copy of a starting offset bytes past a 64-byte boundary."""
+    buf = np.empty(a.nbytes + 128, np.uint8)
+    start = -buf.ctypes.data % 64 + offset
+    v = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    v[...] = a
+    return v
+
+
 def assert_same_bits(a, b, what="value"):
     """a and b are arrays of the same dtype and shape with the same bytes (None and None pass): bitwise identity,
     compared as unsigned integers of the element size (fast on large arrays, and NaN payloads and signed zeros

@@ -22,7 +22,7 @@ import oracle as ref
 import half_cases
 import ops
 from conftest import (assert_forward_close, assert_refused, assert_within, backward_bounds, channel_params,
-                      forward_bound, make_input, stat_tol)
+                      forward_bound, make_input, past_line, stat_tol)
 
 F32, F64 = np.float32, np.float64
 
@@ -1136,14 +1136,6 @@ def test_nan_in_grad_out_poisons_only_its_channel(layout, shape, isa):
     assert_within(gb[others], gb_ref, gbb, "grad_bias of the other channels")
 
 
-def _past_line(a, offset):
-    """A copy of a starting offset bytes past a 64-byte boundary."""
-    buf = np.empty(a.nbytes + 128, np.uint8)
-    v = buf[-buf.ctypes.data % 64 + offset:][:a.nbytes].view(a.dtype).reshape(a.shape)
-    v[...] = a
-    return v
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("op", ["batch", "group", "instance"])
@@ -1169,22 +1161,22 @@ def test_nan_outputs_have_the_same_bits_at_any_thread_count_and_placement(op, la
 
     def outputs(at):
         if op == "batch":
-            y, m, s = bn_simd.batch_norm_forward(x, w, b, layout=layout, out=_past_line(np.empty_like(x), at))
+            y, m, s = bn_simd.batch_norm_forward(x, w, b, layout=layout, out=past_line(np.empty_like(x), at))
             return (y, m, s) + bn_simd.batch_norm_backward(dy, x, m, s, w, layout=layout,
-                                                           out=_past_line(np.empty_like(x), at)) + \
-                bn_simd.batch_norm_backward(dy, x, *stat, w, layout=layout, out=_past_line(np.empty_like(x), at))
+                                                           out=past_line(np.empty_like(x), at)) + \
+                bn_simd.batch_norm_backward(dy, x, *stat, w, layout=layout, out=past_line(np.empty_like(x), at))
         # (the backward also from finite statistics, which leave the sums, not the mean, NaN)
         if op == "group":
-            y, m, s = bn_simd.group_norm_forward(x, 4, w, b, layout=layout, out=_past_line(np.empty_like(x), at))
+            y, m, s = bn_simd.group_norm_forward(x, 4, w, b, layout=layout, out=past_line(np.empty_like(x), at))
             return (y, m, s) + bn_simd.group_norm_backward(dy, x, m, s, 4, w, layout=layout,
-                                                           out=_past_line(np.empty_like(x), at)) + \
+                                                           out=past_line(np.empty_like(x), at)) + \
                 bn_simd.group_norm_backward(dy, x, np.full((8, 4), 0.25, pdt), np.full((8, 4), 1.1, pdt), 4, w,
-                                            layout=layout, out=_past_line(np.empty_like(x), at))
-        y, m, s = bn_simd.instance_norm_forward(x, w, b, layout=layout, out=_past_line(np.empty_like(x), at))
+                                            layout=layout, out=past_line(np.empty_like(x), at))
+        y, m, s = bn_simd.instance_norm_forward(x, w, b, layout=layout, out=past_line(np.empty_like(x), at))
         return (y, m, s) + bn_simd.instance_norm_backward(dy, x, m, s, w, layout=layout,
-                                                          out=_past_line(np.empty_like(x), at)) + \
+                                                          out=past_line(np.empty_like(x), at)) + \
             bn_simd.instance_norm_backward(dy, x, np.full((8, 64), 0.25, pdt), np.full((8, 64), 1.1, pdt), w,
-                                           layout=layout, out=_past_line(np.empty_like(x), at))
+                                           layout=layout, out=past_line(np.empty_like(x), at))
 
     want = None
     for n in (1, 2, 3):

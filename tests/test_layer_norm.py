@@ -10,7 +10,7 @@ import pytest
 import bn_simd
 import bounds
 import rownorm_oracle as ro
-from conftest import assert_same_bits
+from conftest import assert_same_bits, past_line
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 DTYPES = [F32, F64]
@@ -304,15 +304,6 @@ def _all_outputs(x, w, b, dy, ns, lay, rms):
     return (y, m, s) + bn_simd.layer_norm_backward(dy, x, m, s, ns, w, b, layout=lay)
 
 
-def _past_line(a, offset):
-    """A copy of a starting offset bytes past a 64-byte boundary."""
-    buf = np.empty(a.nbytes + 128, np.uint8)
-    start = -buf.ctypes.data % 64 + offset
-    v = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
-    v[...] = a
-    return v
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [100, 768, 37, 512])
 @pytest.mark.parametrize("nan_param", [False, True])
@@ -342,8 +333,8 @@ def test_bits_do_not_depend_on_where_the_arrays_start(D, nan_param, dtype):
                            (16, 0, 0, 16), (48, 16, 16, 48), (48, 16, 16, 16), (16, 0, 0, 48), (48, 16, 32, 0)]:
         if xo % x.itemsize or wo % w.itemsize or bo % b.itemsize or yo % x.itemsize:
             continue
-        xa, wa, ba = _past_line(x, xo), _past_line(w, wo), _past_line(b, bo)
-        y = _past_line(np.zeros_like(x), yo)
+        xa, wa, ba = past_line(x, xo), past_line(w, wo), past_line(b, bo)
+        y = past_line(np.zeros_like(x), yo)
         got = bn_simd.layer_norm_forward(xa, D, wa, ba, out=y) + (bn_simd.layer_norm(xa, D, wa, ba),
                                                                 bn_simd.rms_norm(xa, D, wa),
                                                                 bn_simd.layer_norm(xa, D, wa, None))
@@ -369,8 +360,8 @@ def test_16_bit_bits_do_not_depend_on_where_the_arrays_start(D, name):
     want = None
     for xo, wo, bo, yo in [(0, 0, 0, 0), (48, 16, 16, 48), (16, 16, 16, 16), (2, 16, 16, 2), (34, 0, 0, 50),
                            (48, 16, 32, 0)]:
-        xa, wa, ba = _past_line(x, xo), _past_line(w, wo), _past_line(b, bo)
-        y = _past_line(np.zeros_like(x), yo)
+        xa, wa, ba = past_line(x, xo), past_line(w, wo), past_line(b, bo)
+        y = past_line(np.zeros_like(x), yo)
         got = bn_simd.layer_norm_forward(xa, D, wa, ba, out=y) + (bn_simd.rms_norm(xa, D, wa),)
         if want is None:
             want = got
