@@ -228,8 +228,8 @@ __attribute__((constructor)) static void choose_slab_bytes(void) {
 }
 
 /* The rows forward of layer and RMS norm (rownorm.inc) normalises each block beside the next block's statistics. When
- * it streams its output (beyond BN_STREAM_BYTES) that measured faster on a Zen 3 and 1.2-2x slower on a Zen 5 than the
- * two loops (the same bits either way), so streamed rows are paired on AMD family 19h (Zen 3 and Zen 4) only; Intel
+ * it streams its output (beyond BN_STREAM_BYTES) that measured faster on a Zen 3 and 1.1-1.9x slower on a Zen 5 than
+ * the two loops (the same bits either way), so streamed rows are paired on AMD family 19h (Zen 3 and Zen 4) only; Intel
  * CPUs are not measured (docs/tuning.md, "Layer-norm forward: streamed rows in two loops on the Zen 5"). */
 static int cpu_rn_pair_streamed = 0;
 
