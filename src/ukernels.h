@@ -153,16 +153,17 @@ typedef struct {
      * y[i, j] = ((x[i, j] - m[i]) r[i] + res[i]) w[j] + b[j]; y may be x */                                      \
     typedef void bn_##S##_rc_affine_fn(const TS* x, TS* y, int64_t rows, int64_t D, const TC* m, const TC* res,   \
                                        const TC* r, const TC* w, const TC* b, int nt);                            \
-    /* rc_affine of x into y, and seg_dev's sums of as many rows xs (one segment each, rows == 1): the same bits  \
-     * as the two calls; xs may be x, y may be x but not xs */                                                   \
+    /* rc_affine of x into y, and seg_dev's sums of as many rows xs (one segment each, rows == 1, pf as        \
+     * seg_dev's: elements after xs's rows that may be prefetched): the same bits as the two calls; xs may be  \
+     * x, y may be x but not xs */                                                                             \
     typedef void bn_##S##_rc_affine_dev_fn(const TS* x, TS* y, int64_t rows, int64_t D, const TC* m,             \
                                            const TC* res, const TC* r, const TC* w, const TC* b, int nt,          \
-                                           const TS* xs, const double* sh, double* s1, double* s2);               \
+                                           const TS* xs, const double* sh, double* s1, double* s2, int64_t pf);   \
     /* per row, g = dy w[j], xh = (x - mean[i]) rstd[i]: sg[i] = sum g, sgx[i] = sum g xh; per column              \
-     * gw[j] += sum_i dy xh, gb[j] += sum_i dy (rows in order), in double */                                       \
+     * gw[j] += sum_i dy xh, gb[j] += sum_i dy (rows in order), in double; pf as seg_dev's, of dy and x alike */  \
     typedef void bn_##S##_rc_bwd_sums_fn(const TS* dy, const TS* x, int64_t rows, int64_t D, const double* mean,  \
                                          const double* rstd, const double* w, double* sg, double* sgx,             \
-                                         double* gw, double* gb);                                                  \
+                                         double* gw, double* gb, int64_t pf);                                      \
     /* dx[i, j] = (dy w[j]) a[i] + (bb[i] ((x - m[i]) - res[i]) + d[i]); dx may be dy or x. nt: UK_STORE or      \
      * UK_STREAM (each row's whole 64-byte lines: rc_stream_span, rowcol.inc), for rc_affine too */ \
     typedef void bn_##S##_rc_bwd_apply_fn(const TS* dy, const TS* x, TS* dx, int64_t rows, int64_t D,             \
