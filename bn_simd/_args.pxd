@@ -56,7 +56,7 @@ cdef int store(object a, int64_t C, const double* src) except -1
 cdef int group_stat(object v, str name, int64_t N, int64_t G, str what, double* dst) except -1
 cdef int64_t num_groups(object G, int64_t C) except -1
 cdef int group_values(int64_t n, cnp.ndarray x) except -1
-cdef double eps(object e) except? -1.0
+cdef double eps(object e, str name=*) except? -1.0
 cdef double momentum(object m) except? -1.0
 cdef double momentum_if(object m, bint used) except? -1.0
 cdef double count(object n, bint positive) except? -1.0

@@ -497,18 +497,18 @@ cdef int group_values(int64_t n, cnp.ndarray x) except -1:
 
 # ---- scalars ------------------------------------------------------------------------------------------------
 
-cdef double eps(object e) except? -1.0:
-    """eps as a double: a real number, finite and > 0."""
+cdef double eps(object e, str name="eps") except? -1.0:
+    """eps as a double: a real number, finite and > 0 (name: the argument's, for the errors)."""
     cdef double v
     if type(e) is float:
         v = PyFloat_AS_DOUBLE(e)
         if isfinite(v) and v > 0.0:
             return v
     if isinstance(e, bool) or not isinstance(e, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {_describe(e)}")
-    v = as_float(e, "eps", "a finite number > 0")
+        raise TypeError(f"{name} must be a real number, got {_describe(e)}")
+    v = as_float(e, name, "a finite number > 0")
     if not (isfinite(v) and v > 0.0):
-        raise ValueError(f"eps must be a finite number > 0, got {e!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {e!r}")
     return v
 
 
@@ -731,8 +731,8 @@ def to_ndarray(obj, name):
     return _to_ndarray(obj, name)
 
 
-def check_eps(e):
-    return eps(e)
+def check_eps(e, name="eps"):
+    return eps(e, name)
 
 
 def check_momentum(m, allow_none):

@@ -149,7 +149,10 @@ class BatchNormalization:
         variables are float32) or float64, or a Keras dtype policy of one of these (a ``keras.DTypePolicy`` or its
         serialized dict, read for its name): the weights' dtype and the output's (float32 under a mixed policy,
         where Keras would return the policy's 16-bit compute dtype; :meth:`get_config` gives the policy's name).
-        Other names starting with "mixed_" raise ValueError, as in Keras.
+        Under a mixed policy Keras also rounds the inputs to the 16-bit type before its statistics; this layer
+        computes on the inputs as given (float32 ones stay float32), so its statistics and outputs differ from
+        Keras' by about that rounding (1e-4 to 1e-3 relative on float32 inputs). Other names starting with
+        "mixed_" raise ValueError, as in Keras.
     name : str.
 
     The weights are made at the first call (or :meth:`build`, once: a built layer's build raises ValueError, as in
@@ -183,7 +186,7 @@ class BatchNormalization:
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
         self.axis = ck.check_axis(axis)
         self.momentum = _keras_momentum(momentum, "momentum")
-        self.epsilon = ck.check_eps(epsilon)
+        self.epsilon = ck.check_eps(epsilon, "epsilon")
         self.center, self.scale = bool(center), bool(scale)
         self.beta_initializer, self.gamma_initializer = beta_initializer, gamma_initializer
         self.moving_mean_initializer = moving_mean_initializer
@@ -358,14 +361,19 @@ class BatchNormalization:
     @classmethod
     def from_config(cls, config):
         """A new layer from :meth:`get_config`'s dict, or from a Keras config with these arguments (Keras 3's
-        renorm keys included, Keras 2's virtual_batch_size taken; Keras' dtype policy and serialized
-        Zeros/Ones/Constant initializers are read; its regularizers, constraints and ``synchronized`` must hold
-        their defaults, None and False). Raises TypeError for other keys."""
+        renorm keys included, Keras 2's virtual_batch_size taken, and its one-element list axis, as a built
+        tf.keras 2 layer saves it, read as that axis; Keras' dtype policy and serialized Zeros/Ones/Constant
+        initializers are read; its regularizers, constraints and ``synchronized`` must hold their defaults, None and
+        False). Raises TypeError for other keys."""
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
         unknown = sorted(set(config) - set(cls(**{}).get_config()) - {"virtual_batch_size"} - set(_KERAS_INERT))
         if unknown:
             raise TypeError(f"config has keys BatchNormalization does not take: {unknown}")
+        axis = config.get("axis")
+        if isinstance(axis, (list, tuple)) and len(axis) == 1:
+            # (a built tf.keras 2 layer saves its axis as a one-element list; Keras' legacy loader unwraps it)
+            config = dict(config, axis=axis[0])
         return cls(**config)
 
     # ---- forward / backward --------------------------------------------------------------------------------

@@ -279,6 +279,11 @@ def test_config_from_keras_style_dicts():
         BatchNormalization.from_config(dict(cfg, beta_regularizer="l2"))
     with pytest.raises(TypeError, match="does not take"):
         BatchNormalization.from_config(dict(cfg, foo=1))
+    # a built tf.keras 2 layer's config: its axis a one-element list (Keras' legacy loader unwraps it too)
+    layer = BatchNormalization.from_config(dict(cfg, axis=[1], virtual_batch_size=None))
+    assert layer.axis == 1
+    with pytest.raises(TypeError, match="axis must be an int"):
+        BatchNormalization.from_config(dict(cfg, axis=[1, 2]))
     calls = []
 
     def init(shape, dtype):
@@ -293,7 +298,8 @@ def test_config_from_keras_style_dicts():
 def test_errors_name_the_argument_and_change_nothing():
     for kw, exc, pattern in [(dict(momentum=1.5), ValueError, "momentum must be in"),
                              (dict(momentum="0.9"), TypeError, "momentum must be a real"),
-                             (dict(epsilon=0.0), ValueError, "eps"),
+                             (dict(epsilon=0.0), ValueError, "^epsilon must be a finite number > 0, got 0.0"),
+                             (dict(epsilon="1"), TypeError, "^epsilon must be a real number"),
                              (dict(axis=1.0), TypeError, "axis must be an int"),
                              (dict(axis=9), ValueError, "axis must be in"),
                              (dict(gamma_initializer="glorot_uniform"), ValueError, "gamma_initializer"),

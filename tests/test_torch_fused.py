@@ -457,3 +457,116 @@ def test_global_hooks_stop_the_trace_before_it_runs():
         assert "Proxy" not in seen
     finally:
         handle.remove()
+
+
+class _NormEvalBackbone(nn.Module):
+    """A backbone whose train() keeps its batch norms in eval mode (detection backbones' norm_eval)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)))
+
+    def train(self, mode=True):
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+
+class _Detector(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = _NormEvalBackbone(), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def test_a_model_overriding_train_keeps_its_override():
+    """A GraphModule rebuilds the modules a trace goes through as plain ones: a train() override would be lost and
+    the frozen batch norms would train. Such a model is fused in place (its Sequentials) with a RuntimeWarning, and
+    train() still keeps the norms in eval mode: outputs and running statistics are the reference's."""
+    torch.manual_seed(0)
+    ref = _Detector()
+    model = copy.deepcopy(ref)
+    with pytest.warns(RuntimeWarning, match="overrides train"):
+        out = bt.convert(model, fuse_activations=True)
+    assert out is model
+    ref.train()
+    out.train()
+    assert not out.backbone.bn.training
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(out(x), ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.backbone.bn.running_mean, ref.backbone.bn.running_mean)
+    assert torch.count_nonzero(out.backbone.bn.running_mean) == 0
+
+
+class _NonPersistent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
+        self.register_buffer("mean", torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x - self.mean)))
+
+
+class _AuxHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
+        self.aux = nn.Linear(4, 2)   # (used by another method, not by forward)
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("cls", [_NonPersistent, _AuxHead])
+def test_a_graph_that_would_change_the_state_dict_keys_is_not_made(cls):
+    """torch.fx's GraphModule keeps only the modules the forward calls and makes every buffer persistent: the model's
+    checkpoints would no longer load. Such a model is returned itself (Sequentials fused in place), with a
+    RuntimeWarning, and its state_dict loads both ways."""
+    torch.manual_seed(0)
+    ref = cls()
+    with pytest.warns(RuntimeWarning, match="state_dict keys"):
+        model = bt.convert(copy.deepcopy(ref), fuse_activations=True)
+    assert type(model) is cls and set(model.state_dict()) == set(ref.state_dict())
+    model.load_state_dict(ref.state_dict())
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(model.eval()(x), ref.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+class _SkipWrittenLater(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv, self.bn, self.relu, self.act = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.ReLU(True)
+
+    def forward(self, x):
+        r = x * 2
+        y = self.relu(self.bn(self.conv(x)) + r)
+        z = self.act(r) if self.how == "module" else r.mul_(3) if self.how == "method" else torch.relu(r)
+        return y + z
+
+
+@pytest.mark.parametrize("how", ["module", "method", "none"])
+def test_a_residual_written_in_place_later_is_not_fused(how):
+    """The fused call saves the residual for its backward (the add it replaces does not): a residual another use
+    writes in place (nn.ReLU(inplace=True), r.mul_) would fail that backward, so it stays an add; a residual read
+    only is fused. Gradients are the reference's either way."""
+    torch.manual_seed(0)
+    ref = _SkipWrittenLater(how)
+    model = bt.convert(copy.deepcopy(ref), fuse_activations=True)
+    fused = any(isinstance(m, bt.BatchNormAct2d) for m in model.modules())
+    assert fused == (how == "none")
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    model(x).sum().backward()
+    ref(xr).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.conv.weight.grad, ref.conv.weight.grad, rtol=1e-5, atol=1e-5)

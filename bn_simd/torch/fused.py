@@ -499,6 +499,23 @@ def _drops_regions(model, tracer):
     return False
 
 
+def _overrides_train(model, tracer):
+    """Whether model, or a module of it that the trace goes through (not a leaf), overrides ``train``: a GraphModule
+    rebuilds those as plain modules, so the override (a backbone keeping its batch norms in eval mode, as
+    ``norm_eval`` does) would be lost."""
+    import torch.nn as nn
+    return any(type(m).train is not nn.Module.train for name, m in model.named_modules()
+               if not (name and tracer.is_leaf_module(m, name)))
+
+
+def _writes_in_place(node, mods):
+    """node may write its tensor arguments in place: an in-place function or method, out=, or a module called with
+    inplace=True (nn.ReLU(inplace=True))."""
+    if node.op == "call_module":
+        return bool(getattr(mods.get(node.target), "inplace", False))
+    return node.op in ("call_function", "call_method") and not _pure_call(node)
+
+
 def _mode_dependent(model, graph, tracer_class):
     """Whether model's trace differs between training and eval mode (``F.dropout(training=self.training)``, ``if
     self.training:``): a graph traced in one mode would keep it whatever mode the model is put in. Every module's
@@ -533,12 +550,19 @@ def fuse_graph(model, fused_classes):
         return None
     if _drops_regions(model, Tracer()):
         return "its forward holds no_grad / autocast / checkpoint regions, which tracing drops"
+    if _overrides_train(model, Tracer()):
+        return "it (or a module the trace goes through) overrides train(), which a GraphModule would not keep"
     try:
         gm = fx.GraphModule(model, Tracer().trace(model))
         if _mode_dependent(model, gm.graph, Tracer):
             return "its trace depends on training mode (self.training read in forward), which a graph would freeze"
     except Exception:  # (dynamic control flow and the like: torch.fx cannot trace every model)
         return None
+    if set(gm.state_dict()) != set(model.state_dict()):
+        # (a GraphModule keeps only what the forward reads, and every buffer persistent: a module used elsewhere, or
+        # a non-persistent buffer, would change the keys, and the model's checkpoints would not load)
+        return "a GraphModule would not have its state_dict keys (modules its forward does not call, or buffers " \
+               "registered with persistent=False)"
     if any(n.op == "get_attr" and n.target.startswith("_tensor_constant") for n in gm.graph.nodes):
         # a tensor computed at trace time from what the tracer could not follow (a module's buffer read through a
         # leaf module, as bn.running_mean): frozen in the graph, it would not follow the model's state
@@ -583,7 +607,10 @@ def fuse_graph(model, fused_classes):
                     and n in add.args and add.args[0] is not add.args[1]
                     and (add.target is not operator.iadd or add.args[0] is n)):
                 other = add.args[1] if add.args[0] is n else add.args[0]
-                if isinstance(other, fx.Node):
+                # (the fused call saves the residual for its backward, as the add does not: a residual written in
+                # place by another use would fail that backward, so such a residual is not fused)
+                if isinstance(other, fx.Node) and not any(_writes_in_place(u, mods) for u in other.users
+                                                          if u is not add):
                     act_node, spec = activation_node(add)
                     residual = other if act_node is not None else None
                     # The residual must exist when the normalization runs: when it is computed after it, the
