@@ -177,6 +177,8 @@ def fold(model, *, training_nodes="skip"):
     The folded node takes the BN's output name (graph outputs keep their names); W2, B2 are new initializers in
     W's dtype (a weight shared with another node is not touched); initializers, Constant and Identity nodes
     nothing reads any more are removed. Only the top-level graph is folded (If/Loop bodies are left as they are).
+    A pair whose weight, bias or batch-norm parameters are not float16, float32 or float64 (bfloat16 ones) is left
+    as it is.
 
     Training-mode nodes (``training_mode=1`` from opset 14; from opset 7 to 13, nodes with outputs beyond Y, the
     running and saved statistics; before opset 7, ``is_test=0``; as ``torch.onnx.export(...,
@@ -226,8 +228,8 @@ def fold(model, *, training_nodes="skip"):
                 continue
         try:
             stats = [g.const(name) for name in bn.input[1:5]]
-            if any(s is None for s in stats):
-                continue
+            if any(s is None or not _foldable(s) for s in stats):
+                continue   # (bfloat16 parameters, allowed from BatchNormalization-15, are left as they are)
             scale, bias, mean, var = stats
             eps = float(_attr(bn, "epsilon", 1e-5))
             if layer.op_type in ("MatMul", "Add"):
@@ -252,8 +254,9 @@ def fold(model, *, training_nodes="skip"):
                 continue
             if layer.op_type == "Conv":
                 w, b = g.const(layer.input[1]), g.const(layer.input[2] if len(layer.input) > 2 else "")
-                if w is None or (len(layer.input) > 2 and layer.input[2] and b is None):
-                    continue
+                if w is None or (len(layer.input) > 2 and layer.input[2] and b is None) or not _foldable(w) or \
+                        (b is not None and not _foldable(b)):
+                    continue   # (as a bfloat16 Conv: its BN is left, as those of bfloat16 Gemm and MatMul)
                 w2, b2 = fold_conv(w, b, mean, var, scale, bias, eps, weight_layout="OIHW",
                                    groups=int(_attr(layer, "group", 1)))
             else:
@@ -266,7 +269,7 @@ def fold(model, *, training_nodes="skip"):
                 if c.shape not in ((), (1,), (n_out,), (1, n_out)):
                     continue   # a bias that varies along the batch axis is not a per-feature bias
                 alpha, beta = float(_attr(layer, "alpha", 1.0)), float(_attr(layer, "beta", 1.0))
-                if w.dtype.type not in (np.float16, np.float32, np.float64):
+                if not _foldable(w) or not _foldable(c):
                     continue
                 c_vec = np.broadcast_to(c.astype(np.float64) * beta, (1, n_out))[0]
                 # alpha folded in float64 with the rest, rounded once to W's dtype
@@ -312,6 +315,11 @@ def fold(model, *, training_nodes="skip"):
     return out
 
 
+def _foldable(a):
+    """a is an array of a dtype the fold computes with: float16, float32 or float64 (not bfloat16, an integer...)."""
+    return a.dtype.type in (np.float16, np.float32, np.float64)
+
+
 def _ranks(model, onnx):
     """Rank of each value whose shape ONNX's shape inference knows ({} when inference fails)."""
     try:
@@ -338,7 +346,7 @@ def _matmul_plan(g, layer, bn):
         if mm is None or mm.op_type != "MatMul" or mm.domain not in _ONNX_DOMAINS or not g.only_user(m_name, layer):
             return None
     w = g.const(mm.input[1])
-    if w is None or w.ndim != 2 or w.dtype.type not in (np.float16, np.float32, np.float64):
+    if w is None or w.ndim != 2 or not _foldable(w):
         return None
     if c is not None:
         if c.shape not in ((), (1,), (w.shape[1],), (1, w.shape[1])):

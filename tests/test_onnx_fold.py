@@ -386,3 +386,35 @@ def test_fold_external_data_held_in_memory_folds_and_opset_6_is_test_decides():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ops(bo.fold(old)) == ["Conv"]
+
+
+@pytest.mark.parametrize("where", ["conv_weight", "bn_params", "gemm_weight"])
+def test_fold_leaves_bfloat16_pairs_and_folds_the_others(where):
+    """A bfloat16 Conv or Gemm weight, or bfloat16 batch-norm parameters (allowed from BatchNormalization-15), is
+    left as it is (the fold computes in float16/32/64), with no error; the float32 pair beside it is still folded."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(8)
+    f32, bf16 = TensorProto.FLOAT, TensorProto.BFLOAT16
+
+    def as_bf16(name, a):
+        return numpy_helper.from_array(np.asarray(a, np.float32).astype(ml_dtypes.bfloat16), name)
+    bn1, inits1, _ = _bn("bn1", "c1", "y1", 4, rng)
+    bn2, inits2, _ = _bn("bn2", "c2", "y2", 4, rng)
+    if where == "bn_params":
+        inits2 = [as_bf16(t.name, numpy_helper.to_array(t)) for t in inits2]
+    w2 = rng.standard_normal((4, 3, 1, 1) if where != "gemm_weight" else (3, 4))
+    second = helper.make_node("Conv", ["x", "W2"], ["c2"]) if where != "gemm_weight" else \
+        helper.make_node("Gemm", ["v", "W2"], ["c2"])
+    w2_init = as_bf16("W2", w2) if where != "bn_params" else _init("W2", w2)
+    inputs = [helper.make_tensor_value_info("x", f32, [1, 3, 4, 4])]
+    if where == "gemm_weight":
+        inputs.append(helper.make_tensor_value_info("v", bf16, [2, 3]))
+    outputs = [helper.make_tensor_value_info("y1", f32, [1, 4, 4, 4]),
+               helper.make_tensor_value_info("y2", bf16 if where != "bn_params" else f32, None)]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W1"], ["c1"]), bn1, second, bn2], "g", inputs, outputs,
+        [_init("W1", rng.standard_normal((4, 3, 1, 1))), w2_init] + inits1 + inits2)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22)])
+    folded = bo.fold(model)
+    kept = [n.name for n in folded.graph.node if n.op_type == "BatchNormalization"]
+    assert kept == ["bn2"]

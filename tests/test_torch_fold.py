@@ -17,6 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
+import bn_simd  # noqa: E402
 import bn_simd.torch as bt  # noqa: E402
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -388,3 +389,66 @@ def test_fold_takes_models_with_lazy_modules_and_folds_a_folded_model_again_quie
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert bt.fold(once) is once
+
+
+@pytest.mark.parametrize("conv, bn, x_shape", [(torch.nn.Conv1d, torch.nn.BatchNorm1d, (3, 7)),
+                                               (torch.nn.Conv2d, torch.nn.BatchNorm2d, (3, 6, 6))])
+def test_a_folded_conv_pair_refuses_an_unbatched_input(conv, bn, x_shape):
+    """An unbatched conv input gives an output without the batch axis, on which the batch norm's channel axis is not
+    the conv's: the folded model raises RuntimeError there rather than return other values (batched inputs run)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(conv(3, 5, 3), bn(5)).eval()
+    with torch.no_grad():
+        m[1].running_mean.normal_()
+        m[1].running_var.uniform_(0.5, 2)
+    xb = torch.randn((2,) + x_shape)
+    ref = m(xb)
+    bt.fold(m)
+    torch.testing.assert_close(m(xb), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="unbatched"):
+        m(torch.randn(x_shape))
+
+
+def test_a_batch_norm_of_another_rank_than_its_conv_is_not_folded():
+    """Conv2d -> BatchNorm3d raises before folding: it is left so (a fold would make it run)."""
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm3d(4)).eval()
+    bt.fold(m)
+    assert type(m[1]) is nn.BatchNorm3d
+    with pytest.raises((ValueError, RuntimeError)):
+        m(torch.randn(2, 3, 6, 6))
+
+
+def test_folded_models_compile_with_torch_jit_script():
+    for m, x in [(nn.Sequential(nn.Linear(8, 5), nn.BatchNorm1d(5)).eval(), torch.randn(2, 8)),
+                 (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(), torch.randn(2, 3, 6, 6))]:
+        ref = m(x)
+        bt.fold(m)
+        s = torch.jit.script(m)
+        torch.testing.assert_close(s(x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="2-d"):   # (the Linear's check runs in the scripted module too)
+        torch.jit.script(nn.Sequential(*bt.fold(nn.Sequential(nn.Linear(8, 5), nn.BatchNorm1d(5)).eval())))(
+            torch.randn(2, 3, 8))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_folded_weights_are_rounded_once(dtype):
+    """The folded values (float64) are rounded once to the layer's 16-bit dtype (PyTorch's float64 -> 16-bit
+    conversion goes through float32: twice), the values of the float64 fold rounded to nearest even."""
+    np_dtype = np.float16 if dtype == "float16" else pytest.importorskip("ml_dtypes").bfloat16
+    dt = getattr(torch, dtype)
+    bad = 0
+    for seed in range(5):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Conv2d(64, 64, 3), nn.BatchNorm2d(64)).to(dt).eval()
+        with torch.no_grad():
+            for t, f in ((m[1].running_mean, torch.Tensor.normal_), (m[1].weight, torch.Tensor.normal_),
+                         (m[1].bias, torch.Tensor.normal_)):
+                f(t)
+            m[1].running_var.uniform_(0.5, 2)
+        args = [t.detach().double().numpy() for t in (m[0].weight, m[0].bias, m[1].running_mean, m[1].running_var,
+                                                       m[1].weight, m[1].bias)]
+        w2, b2 = bn_simd.fold_conv(*args, eps=m[1].eps, weight_layout="OIHW")
+        bt.fold(m)
+        for got, want in ((m[0].weight, w2), (m[0].bias, b2)):
+            bad += int((got.detach().float().numpy() != want.astype(np_dtype).astype(np.float32)).sum())
+    assert bad == 0

@@ -63,7 +63,9 @@ def _pairs_with(layer, bn):
     if parametrize.is_parametrized(layer) or parametrize.is_parametrized(bn):
         return False  # the weight is computed at each call: a folded one would not be used
     if _is_conv(layer):
-        return bn.num_features == layer.out_channels
+        # (BatchNorm1d/2d/3d after a conv of another rank raises before folding: it stays so)
+        ranks = [k for cls, k in ((nn.BatchNorm1d, 1), (nn.BatchNorm2d, 2), (nn.BatchNorm3d, 3)) if isinstance(bn, cls)]
+        return bn.num_features == layer.out_channels and ranks in ([], [len(layer.kernel_size)])
     if _is_linear(layer):
         # BatchNorm1d's channel axis is 1: the Linear's features for a (N, features) output
         return isinstance(bn, nn.BatchNorm1d) and bn.num_features == layer.out_features
@@ -159,6 +161,21 @@ def _np64(t):
     return None if t is None else t.detach().to("cpu", torch.float64).numpy()
 
 
+def _rounded_once(a, dtype):
+    """The float64 array a as a tensor of dtype, each value rounded once. PyTorch narrows float64 to float16 and
+    bfloat16 through float32, rounding twice; a float32 rounded to odd (truncated, its last bit set where a value was
+    inexact) keeps enough bits for float32's one rounding to the 16-bit type to be the correct one."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return torch.from_numpy(a).to(dtype)
+    f = a.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        over = np.abs(f.astype(np.float64)) > np.abs(a)   # (rounded away from zero: back one step)
+    f = np.where(over, np.nextafter(f, np.float32(0)), f)
+    bits = f.view(np.uint32) | (f.astype(np.float64) != a).astype(np.uint32)   # (NaN and Inf stay: a == f there)
+    f = np.where(np.isfinite(a), bits.view(np.float32), f)
+    return torch.from_numpy(np.ascontiguousarray(f)).to(dtype)
+
+
 def _folded(layer, bn, bn_name):
     """(weight, bias) tensors of layer with bn folded in, in layer.weight's dtype and device."""
     args = (_np64(layer.weight), _np64(layer.bias), _np64(bn.running_mean), _np64(bn.running_var), _np64(bn.weight),
@@ -171,7 +188,7 @@ def _folded(layer, bn, bn_name):
     except (ValueError, TypeError) as e:
         raise type(e)(f"cannot fold {bn_name!r}: {e}") from None
     like = layer.weight
-    out = [torch.from_numpy(a).to(like.dtype).to(like.device) for a in (w2, b2)]
+    out = [_rounded_once(a, like.dtype).to(like.device) for a in (w2, b2)]
     for t, a, what in zip(out, (w2, b2), ("weight", "bias")):
         if not bool(torch.isfinite(t).all()) and np.all(np.isfinite(a)):
             raise ValueError(f"cannot fold {bn_name!r}: the folded {what} overflows {like.dtype}")
@@ -180,13 +197,27 @@ def _folded(layer, bn, bn_name):
 
 class FoldedBatchNorm(nn.Identity):
     """What takes the place of a batch norm folded into the layer before it: the identity, keeping the batch norm's
-    plain attributes (num_features, eps, momentum, affine, track_running_stats) for a forward that reads them."""
+    plain attributes (num_features, eps, momentum, affine, track_running_stats) for a forward that reads them.
+    input_dims > 0 (a conv's spatial dims + 2, as fold sets it): an input of another rank raises RuntimeError (an
+    unbatched conv's output, for which the batch norm's channel axis is not the conv's: the fold does not hold)."""
 
-    def __init__(self, bn=None):
+    input_dims: int = 0   # (objects pickled before the attribute existed check nothing)
+
+    def __init__(self, bn=None, input_dims=0):
         super().__init__()
         for k in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
             if bn is not None and hasattr(bn, k):
                 setattr(self, k, getattr(bn, k))
+        self.input_dims = int(input_dims)
+
+    @B.fx_leaf
+    def forward(self, input):
+        if self.input_dims > 0 and input.dim() != self.input_dims:
+            raise RuntimeError(f"bn_simd.torch.fold folded a batch norm into the conv before it for its "
+                               f"{self.input_dims}-d (N, C, ...) output, but the conv's output here is "
+                               f"{input.dim()}-d {input.shape}: the fold does not hold for it (an unbatched "
+                               f"input: fold the model without that pair)")
+        return input
 
     def extra_repr(self):
         n = getattr(self, "num_features", None)
@@ -204,7 +235,7 @@ class FoldedBatchNorm1d(FoldedBatchNorm):
         if input.dim() != 2:
             raise RuntimeError(f"bn_simd.torch.fold folded a BatchNorm1d into the Linear before it for a 2-d "
                                f"(N, features) output, but the Linear's output here is {input.dim()}-d "
-                               f"{tuple(input.shape)}: the fold does not hold for it (fold the model without that "
+                               f"{input.shape}: the fold does not hold for it (fold the model without that "
                                f"pair, e.g. with trace=False on a model whose Sequential does not hold it)")
         return input
 
@@ -214,7 +245,7 @@ def fold(model, *, trace=True):
     Linear, into that layer, in place; returns model.
 
     For each pair found, the layer's weight and bias become ``bn_simd.fold_conv`` / ``fold_linear``'s (computed in
-    float64, stored in the layer's dtype and device; a layer without bias gets one) and the batch norm is replaced
+    float64, each value rounded once to the layer's dtype, on its device; a layer without bias gets one) and the batch norm is replaced
     by :class:`FoldedBatchNorm`, an ``nn.Identity`` that keeps the batch norm's plain attributes (num_features, eps,
     momentum, affine, track_running_stats). The model's output is unchanged up to float32 rounding.
 
@@ -231,7 +262,10 @@ def fold(model, *, trace=True):
     ``weight_norm``), batch norms with hooks or parametrizations or without running statistics
     (``track_running_stats=False``), transposed convs, subclasses that override ``forward`` (a conv's
     ``_conv_forward`` too), modules with a ``forward`` set on the instance. BatchNorm classes folded: ``torch.nn``'s
-    BatchNorm1d/2d/3d and SyncBatchNorm and bn_simd.torch's. A Linear→BatchNorm1d pair is folded for a 2-d
+    BatchNorm1d/2d/3d and SyncBatchNorm and bn_simd.torch's (BatchNorm1d/2d/3d only after a conv of their rank). A
+    conv's batch norm becomes a :class:`FoldedBatchNorm` that raises RuntimeError on an output of another rank than
+    the conv's batched one (an unbatched input's, on which the batch norm's channel axis is not the conv's: the fold
+    would not hold). A Linear→BatchNorm1d pair is folded for a 2-d
     (N, features) output: its batch norm is replaced by :class:`FoldedBatchNorm1d` (an ``nn.Identity``) which raises
     RuntimeError on any other rank (on a 3-d (N, L, features) output BatchNorm1d normalises axis 1, L, which runs
     when L equals the features, and the fold would be wrong) rather than return a wrong result.
@@ -276,5 +310,5 @@ def fold(model, *, trace=True):
         parent, _, attr = bn.rpartition(".")
         norm = model.get_submodule(bn)
         setattr(model.get_submodule(parent), attr, FoldedBatchNorm1d(norm) if _is_linear(layer) else
-                FoldedBatchNorm(norm))
+                FoldedBatchNorm(norm, len(layer.kernel_size) + 2))
     return model
