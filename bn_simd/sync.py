@@ -41,7 +41,8 @@ layer's shift is the previous call's mean (zeros at first), so only the first ba
 from 0 (1000 std in float32, 4 in float64) pays the second round. Backward: the count and the two channel sums.
 Results agree with one process to the output's rounding for float32 data. For float64 data each rank's own mean,
 rounded to half an ulp of |mean|, enters the variance through n_r (mean_r - mean)^2: a relative error of about
-eps_double |mean| / std (mean / std = 1e7: ~8000 eps); exact mode gives one process's bits.
+eps_double |mean| / std (measured: mean / std = 1e6, about 9000 eps; 1e7, 5e4-1.5e5 eps); exact mode gives one
+process's bits.
 
 Errors
 ------
@@ -169,6 +170,19 @@ def _check_mode(mode):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return mode
+
+
+def _setup(comm, mode, layout, what):
+    """(communicator, layout) of a synced call, mode and layout checked. A refused mode or layout is raised after
+    this rank took part in the first step every protocol starts with (an allgather of [ok, C, ...]), so that the
+    other ranks raise RuntimeError there instead of waiting for it."""
+    comm = as_communicator(comm)
+    try:
+        _check_mode(mode)
+        return comm, ck.check_layout(layout)
+    except (ValueError, TypeError) as e:
+        _gather(comm, _Failed(e), 0, what)   # (raises e once the exchange is done)
+        raise
 
 
 # ---- failing together ---------------------------------------------------------------------------------------------
@@ -379,9 +393,7 @@ def sync_batch_stats(x, comm=None, *, layout="NCHW", mode="exact", shift=None):
 
     Raises ValueError/TypeError for a bad x, mode or shift on that rank, RuntimeError on the others.
     """
-    _check_mode(mode)
-    layout = ck.check_layout(layout)
-    comm = as_communicator(comm)
+    comm, layout = _setup(comm, mode, layout, "sync_batch_stats")
     C = _channels_of(x, layout)
     mean, var, n, _ = _exchange_stats(comm, x, C, layout, mode, shift, "sync_batch_stats")
     return mean, var, n
@@ -432,7 +444,10 @@ def _fast_finish(total, K, C, ratio):
         m2 = np.where(np.isnan(m2) & (s2 == np.inf) & np.isfinite(s1), np.inf, m2)
     var = np.maximum(m2, 0.0) / n
     with np.errstate(invalid="ignore"):
-        far = bool(np.any(between > ratio * np.maximum(m2, 0.0)))
+        # (an S2 or S1^2 / n beyond double's range with a finite S1: the shift so far from the mean that the squares
+        # overflowed, which the exchange relative to the mean may not)
+        far = bool(np.any(between > ratio * np.maximum(m2, 0.0)) or
+                   np.any(np.isfinite(s1) & (np.isinf(s2) | np.isinf(between))))
     return K + m, var, far
 
 
@@ -448,9 +463,7 @@ def sync_backward_reduce(grad_out, x, mean, comm=None, *, layout="NCHW", mode="e
 
     Raises as :func:`sync_batch_stats`.
     """
-    _check_mode(mode)
-    layout = ck.check_layout(layout)
-    comm = as_communicator(comm)
+    comm, layout = _setup(comm, mode, layout, "sync_backward_reduce")
     return _exchange_grad(comm, grad_out, x, mean, _channels_of(x, layout), layout, mode, "sync_backward_reduce")
 
 
@@ -498,9 +511,7 @@ def sync_batch_norm_forward(x, weight=None, bias=None, comm=None, *, eps=1e-5, l
     channel over all ranks. weight, bias: (C,) or None. Other arguments as :func:`sync_batch_stats`. Raises
     ValueError when n is 1 (as one process's training call), and as :func:`sync_batch_stats`.
     """
-    _check_mode(mode)
-    layout = ck.check_layout(layout)
-    comm = as_communicator(comm)
+    comm, layout = _setup(comm, mode, layout, "sync_batch_norm_forward")
     C = _channels_of(x, layout)
     xa = _attempt(_forward_checks, x, weight, bias, eps, layout, out, C)
     mean, var, n, _ = _exchange_stats(comm, xa, C, layout, mode, shift, "sync_batch_norm_forward")
@@ -551,9 +562,7 @@ def sync_batch_norm_backward(grad_out, x, mean, invstd, weight=None, comm=None, 
     parameter gradients (the same on every rank) in weight's dtype (x's without weight). Raises as
     :func:`sync_batch_stats`.
     """
-    _check_mode(mode)
-    layout = ck.check_layout(layout)
-    comm = as_communicator(comm)
+    comm, layout = _setup(comm, mode, layout, "sync_batch_norm_backward")
     C = _channels_of(x, layout)
     failed = _attempt(_backward_checks, grad_out, x, mean, invstd, weight, out, C)
     sdy, sdyx, n = _exchange_grad(comm, grad_out, x, mean, C, layout, mode, "sync_batch_norm_backward", failed=failed)
@@ -722,8 +731,9 @@ class SyncBatchNorm(BatchNorm):
         that shares its parameter and running-statistic arrays (as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``)
         and keeps its settings, mode (train/eval) and num_batches_tracked.
 
-        layer_or_layers : a layer, or a list, tuple or dict of them (nested containers too): the same kind of
-            container is returned with its entries converted. Anything else is returned as it is.
+        layer_or_layers : a layer, or a list, tuple (a namedtuple too) or dict of them (nested containers too): the
+            same kind of container is returned with its entries converted; a layer found at several places becomes
+            one SyncBatchNorm at each of them. Anything else is returned as it is.
 
         Raises ValueError for a BatchNorm with virtual batches, renormalization, a fused activation or axis= (which
         SyncBatchNorm lacks); nothing is changed.
@@ -731,11 +741,15 @@ class SyncBatchNorm(BatchNorm):
         _check_mode(mode)
         if comm is not None:
             as_communicator(comm)
-        return _convert(layer_or_layers, comm, mode)
+        return _convert(layer_or_layers, comm, mode, {})
 
 
-def _convert(obj, comm, mode):
+def _convert(obj, comm, mode, done):
+    """done: id(layer) -> its SyncBatchNorm, so that a layer at several places stays one layer (one
+    num_batches_tracked)."""
     from .layers import _InstanceNorm
+    if id(obj) in done:
+        return done[id(obj)]
     if isinstance(obj, BatchNorm) and not isinstance(obj, (_InstanceNorm, SyncBatchNorm)):
         if getattr(obj, "renorm", False) or getattr(obj, "virtual_batch_size", None) is not None:
             raise ValueError(f"cannot convert {obj!r}: SyncBatchNorm has no virtual batches or renormalization "
@@ -749,9 +763,12 @@ def _convert(obj, comm, mode):
                             unbiased_running_var=obj.unbiased_running_var)
         for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked", "training"):
             setattr(new, k, getattr(obj, k))
+        done[id(obj)] = new
         return new
     if isinstance(obj, dict):
-        return type(obj)((k, _convert(v, comm, mode)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_convert(v, comm, mode) for v in obj)
+        return type(obj)((k, _convert(v, comm, mode, done)) for k, v in obj.items())
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):   # (a namedtuple: built from its fields)
+        return type(obj)._make(_convert(v, comm, mode, done) for v in obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_convert(v, comm, mode, done) for v in obj)
     return obj

@@ -742,3 +742,57 @@ def test_bias_false_is_pytorchs_and_a_none_weight_has_no_gradient(mode):
     for gw, gb, ngw, ngb in run_ok(2, fn):
         assert gb is None and ngw is None and ngb is not None
         np.testing.assert_allclose(gw, one.grad_weight, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(mode="Fast"), dict(layout="NCWH")], ids=["mode", "layout"])
+@pytest.mark.parametrize("fn", ["sync_batch_stats", "sync_backward_reduce", "sync_batch_norm_forward",
+                                "sync_batch_norm_backward"])
+def test_a_bad_mode_or_layout_on_one_rank_raises_there_and_runtimeerror_on_the_others(fn, bad):
+    """A refused mode or layout takes part in the exchange's first step as a refused input does: ValueError on that
+    rank, RuntimeError on the others (in either mode), none left waiting."""
+    C = 3
+    x = make_input((4, C, 8), "NCHW", np.float32, seed=5)
+    mean, invstd = np.zeros(C), np.ones(C)
+    for good_mode in ("exact", "fast"):
+        def call(r, comm):
+            kw = dict(mode=good_mode)
+            kw.update(bad if r == 1 else {})
+            f = getattr(bn_simd, fn)
+            if fn == "sync_batch_stats":
+                return f(x, comm, **kw)
+            if fn == "sync_backward_reduce":
+                return f(x, x, mean, comm, **kw)
+            if fn == "sync_batch_norm_forward":
+                return f(x, comm=comm, **kw)
+            return f(x, x, mean, invstd, comm=comm, **kw)
+
+        _, errors = run_ranks(2, call)
+        assert isinstance(errors[1], ValueError) and next(iter(bad)) in str(errors[1]), (good_mode, errors)
+        assert isinstance(errors[0], RuntimeError) and "refused" in str(errors[0]), (good_mode, errors)
+
+
+@pytest.mark.parametrize("loc, scale", [(1e160, 1e150), (1e200, 1.0)])
+def test_fast_mode_with_a_mean_whose_squares_overflow_from_the_shift_repeats_the_exchange(loc, scale):
+    """float64 data whose mean is so far from the shift (0 at first) that n (mean - 0)^2 overflows: the exchange is
+    repeated relative to the mean, so the variance is finite, as one process's (it was +Inf, and the running variance
+    stayed so)."""
+    x = make_input((8, 2, 16), "NCHW", np.float64, seed=12, loc=loc, scale=scale)
+    mean1, var1 = bn_simd.batch_stats(x)
+    assert np.all(np.isfinite(var1))
+    for mean, var, n in run_ok(2, lambda r, comm: bn_simd.sync_batch_stats(x[4 * r:4 * r + 4], comm, mode="fast")):
+        assert np.all(np.isfinite(var)) and np.allclose(mean, mean1, rtol=1e-15)
+        # (the ranks' own means, rounded to half an ulp of |mean|, enter the variance: about eps |mean| / std of it,
+        # documented; data of N(0, 1) + 1e200 is 1e200 exactly: variance 0)
+        zero = var1 == 0
+        assert np.all(var[zero] == 0)
+        rel = np.abs(var[~zero] / var1[~zero] - 1)
+        assert np.all(rel <= 8 * np.finfo(np.float64).eps * (np.abs(mean1[~zero]) / np.sqrt(var1[~zero]) + 1))
+
+
+def test_convert_sync_batchnorm_namedtuples_and_a_layer_at_two_places():
+    import collections
+    Pair = collections.namedtuple("Pair", "first second")
+    shared = bn_simd.BatchNorm1d(3, momentum=None)
+    out = bn_simd.SyncBatchNorm.convert_sync_batchnorm(Pair(shared, [shared, bn_simd.BatchNorm1d(3)]))
+    assert type(out) is Pair and isinstance(out.first, bn_simd.SyncBatchNorm)
+    assert out.second[0] is out.first and out.second[1] is not out.first
