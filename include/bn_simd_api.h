@@ -157,7 +157,9 @@ typedef enum bn_op {
 } bn_op;
 /* *bytes := the workspace op needs on d under ctx (groups: group norm's G, else ignored). A workspace of that many
  * bytes (any alignment) makes the call allocate nothing. Depends on the shape, the context's thread count and
- * parallel_for, never on the data. */
+ * parallel_for, never on the data; with the context's thread count 0, group norm's also on the calling thread's
+ * OpenMP thread count (omp_get_max_threads): a call made under more threads than the size was asked for runs group
+ * norm on as many threads as its workspace covers (the same bits), so a size asked once stays good. */
 BN_API int bn_workspace_size(const bn_context* ctx, int op, const bn_desc* d, int64_t groups, size_t* bytes);
 
 /* ---- batch norm: statistics per channel over (N, S) ----

@@ -560,6 +560,30 @@ static int check_workspace(const bn_context* ctx, int op, const bn_desc* d, int6
     return st != BN_OK ? st : ws_bytes < need ? BN_EWORKSPACE : BN_OK;
 }
 
+/* check_workspace for group norm, whose OpenMP drivers size a scratch per thread: a workspace sized under fewer
+ * threads than the call would take (bn_workspace_size asked under another OpenMP setting, or on another thread, with
+ * the context's thread count 0) runs the drivers on as many threads as it covers, *nt (0: as the context says); the
+ * results are the same bits at any thread count. BN_EWORKSPACE only when one thread's does not fit. */
+static int check_gn_workspace(const bn_context* ctx, int op, const bn_desc* d, int64_t G, const void* ws,
+                              size_t ws_bytes, int* nt) {
+    *nt = 0;
+    int st = check_workspace(ctx, op, d, G, ws, ws_bytes);
+    const bn_context* c = ctx ? ctx : bn_default_context();
+    void* pool;
+    if (st != BN_EWORKSPACE || !ws || bn_context_parallel_for(c, &pool) != NULL) return st;
+    size_t own, slice;
+    int64_t ntasks;
+    if ((st = ws_parts(c, op, d, G, &own, &ntasks, &slice)) != BN_OK) return st;
+    const dtype_ops* ops = &OPS[d->dtype];
+    const size_t base = own - gn_driver_bytes(ops, d->n, d->c, d->s, G, driver_threads(bn_context_get_num_threads(c)));
+    for (int64_t k = driver_threads(bn_context_get_num_threads(c)) - 1; k >= 1; k--)
+        if (base + gn_driver_bytes(ops, d->n, d->c, d->s, G, k) + BN_SLACK <= ws_bytes) {
+            *nt = (int)k;
+            return BN_OK;
+        }
+    return BN_EWORKSPACE;
+}
+
 /* The caller's workspace shares no byte with the call's arrays (outs and ins; NULL ones ignored): the drivers write it
  * before they have read every input. */
 static int check_workspace_apart(const void* ws, size_t ws_bytes, const span* outs, int nouts, const span* ins,
@@ -1017,8 +1041,9 @@ int bn_group_norm_forward(const bn_context* ctx, const bn_desc* d, int64_t group
     const span outs[] = {{y, xb}, {mean, qb}, {rstd, qb}};
     const span ins[] = {{x, xb}, {weight, pb}, {bias, pb}};
     if ((st = check_overlaps(outs, 3, ins, 3, x)) != BN_OK) return st;
-    if ((st = check_workspace(ctx, BN_OP_GROUP_NORM_FORWARD, d, groups, workspace, workspace_bytes)) != BN_OK)
-        return st;
+    int fit_threads;
+    st = check_gn_workspace(ctx, BN_OP_GROUP_NORM_FORWARD, d, groups, workspace, workspace_bytes, &fit_threads);
+    if (st != BN_OK) return st;
     if ((st = check_workspace_apart(workspace, workspace_bytes, outs, 3, ins, 3)) != BN_OK) return st;
     frame f;
     frame_enter(&f, ctx, workspace, workspace_bytes);
@@ -1030,7 +1055,8 @@ int bn_group_norm_forward(const bn_context* ctx, const bn_desc* d, int64_t group
     double *m = buf + 2 * C, *v = m + Q;
     const int cl = d->layout == BN_LAYOUT_NHWC;
     if (!f.pfor) {
-        st = ops->group_forward(x, y, d->n, C, d->s, groups, cl, w, b, eps, m, v, f.nthreads);
+        const int nt = fit_threads ? fit_threads : f.nthreads;
+        st = ops->group_forward(x, y, d->n, C, d->s, groups, cl, w, b, eps, m, v, nt);
     } else {
         gn_job j = {ops, 0, x, NULL, y, C, d->s, groups, cl, w, b, NULL, NULL, eps, m, v, NULL, d->n};
         const int64_t nt = task_count(f.nthreads, (int64_t)xb, d->n);
@@ -1062,8 +1088,9 @@ int bn_group_norm_backward(const bn_context* ctx, const bn_desc* d, int64_t grou
     if ((st = check_overlaps(outs, 2, ins, 5, NULL)) != BN_OK) return st;
     if ((st = check_overlaps(dxs, 1, pins, 5, NULL)) != BN_OK) return st;
     if ((dx != dy && overlaps(dx, xb, dy, xb)) || (dx != x && overlaps(dx, xb, x, xb))) return BN_EOVERLAP;
-    if ((st = check_workspace(ctx, BN_OP_GROUP_NORM_BACKWARD, d, groups, workspace, workspace_bytes)) != BN_OK)
-        return st;
+    int fit_threads;
+    st = check_gn_workspace(ctx, BN_OP_GROUP_NORM_BACKWARD, d, groups, workspace, workspace_bytes, &fit_threads);
+    if (st != BN_OK) return st;
     if ((st = check_workspace_apart(workspace, workspace_bytes, outs, 2, ins, 5)) != BN_OK) return st;
     if ((st = check_workspace_apart(workspace, workspace_bytes, dxs, 1, pins, 5)) != BN_OK) return st;
     frame f;
@@ -1077,7 +1104,8 @@ int bn_group_norm_backward(const bn_context* ctx, const bn_desc* d, int64_t grou
     double *gw = buf + C, *gb = buf + 2 * C;
     const int cl = d->layout == BN_LAYOUT_NHWC;
     if (!f.pfor) {
-        st = ops->group_backward(dy, x, dx, d->n, C, d->s, groups, cl, m, s, w, gw, gb, f.nthreads);
+        st = ops->group_backward(dy, x, dx, d->n, C, d->s, groups, cl, m, s, w, gw, gb,
+                                 fit_threads ? fit_threads : f.nthreads);
     } else {
         double* part = (double*)scratch(sizeof(double) * 2 * (size_t)(d->n * C));
         gn_job j = {ops, 1, x, dy, dx, C, d->s, groups, cl, w, NULL, m, s, 0.0, NULL, NULL, part, d->n};
