@@ -326,9 +326,10 @@ class BatchNorm(_Layer):
             if mask is not None:
                 raise ValueError("mask= does not combine with virtual_batch_size or renorm")
             from . import renorm as R
+            fw = forward_copy(self.weight)  # (before the call: out may be the weight's memory)
             with ForwardStep(self, update and self.num_batches_tracked is not None):
                 y, saved = R.layer_forward(self, x, out, saved_x, update, momentum)
-                self._saved, self._fwd_weight = saved, forward_copy(self.weight)
+                self._saved, self._fwd_weight = saved, fw
             return y
         with ForwardStep(self, update and self.num_batches_tracked is not None):
             return self._forward_plain(x, out, mask, saved_x, batch_stats, update, momentum)
@@ -339,6 +340,7 @@ class BatchNorm(_Layer):
         """forward without an epilogue, renorm or virtual batches (inside its ForwardStep)."""
         passed = update or not batch_stats
         lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
+        fw = forward_copy(self.weight)  # (before the call: out may be the weight's memory)
         if mask is not None and batch_stats:  # statistics of the unmasked entries
             y, mean, invstd, _ = _masked.forward(x, self.running_mean if update else None,
                                                  self.running_var if update else None, self.weight, self.bias,
@@ -354,7 +356,7 @@ class BatchNorm(_Layer):
                                                batch_stats, momentum, self.eps, lay, out, self.unbiased_running_var,
                                                F._threads(), True)
         self._saved = (saved_x, mean, invstd, batch_stats, mask)
-        self._fwd_weight = forward_copy(self.weight)
+        self._fwd_weight = fw
         return y
 
     def _forward_mode(self):
@@ -379,13 +381,13 @@ class BatchNorm(_Layer):
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         passed = update or not batch_stats
         lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
+        w, b = forward_copy(self.weight), forward_copy(self.bias)  # (before the call: out may be their memory)
         with ForwardStep(self, update and self.num_batches_tracked is not None):
             y, mean, invstd, var = _core.batch_norm_epi(x, self.running_mean if passed else None,
                                                         self.running_var if passed else None, self.weight, self.bias,
                                                         batch_stats, momentum, self.eps, lay, out,
                                                         self.unbiased_running_var, act, residual, F._threads(), True)
-            self._saved = ("epilogue", saved_x, mean, var, batch_stats, act, residual,
-                           forward_copy(self.weight), forward_copy(self.bias), self.eps)
+            self._saved = ("epilogue", saved_x, mean, var, batch_stats, act, residual, w, b, self.eps)
         return y
 
     def backward(self, grad_out, *, out=None, grad_residual_out=None):
@@ -529,6 +531,8 @@ def _batched_grad(grad_out, out, x, unbatched):
     (x: the forward's batched input)."""
     g = ck.as_data(grad_out, "grad_out", half=True)
     if unbatched:
+        if g.shape != x.shape[1:]:   # (named in the caller's shapes, not the batched ones)
+            raise ValueError(f"grad_out must have the shape of x {x.shape[1:]}, got {g.shape}")
         g = g[np.newaxis]
         if out is not None:
             out = ck.check_out(out, x[0], [("grad_out", g[0])])[np.newaxis]
@@ -576,6 +580,7 @@ class _InstanceNorm(BatchNorm):
         array like x added before the layer's activation (the layer keeps a reference to it for backward)."""
         self._check_state()
         x, unbatched = self._batched(x)
+        given = out  # (an unbatched call returns the caller's out itself)
         if out is not None and unbatched:
             out = ck.check_out(out, x[0], [("x", x[0])])[np.newaxis]
         x = self._check_input(x)
@@ -589,20 +594,21 @@ class _InstanceNorm(BatchNorm):
                 residual = residual[np.newaxis]
             with ForwardStep(self):
                 y = self._forward_epilogue_in(x, out, saved_x, residual, act, unbatched)
-            return y[0] if unbatched else y
+            return (y[0] if given is None else given) if unbatched else y
         with ForwardStep(self):
             y = self._forward_in(x, out, saved_x, unbatched)
-        return y[0] if unbatched else y
+        return (y[0] if given is None else given) if unbatched else y
 
     __call__ = forward
 
     def _forward_in(self, x, out, saved_x, unbatched):
         """forward without an epilogue (inside its ForwardStep)."""
+        fw = forward_copy(self.weight)  # (before the call: out may be the weight's memory)
         if self.track_running_stats and not self.training:  # (batch norm's eval: no momentum, no update)
             y, mean, invstd = _core.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
                                                0.0, self.eps, self.layout, out, True, F._threads(), True)
             self._saved = (saved_x, mean, invstd, False, unbatched)
-            self._fwd_weight = forward_copy(self.weight)
+            self._fwd_weight = fw
         else:
             # momentum=None: PyTorch's instance norm passes momentum 0 (running statistics left as they are)
             update = self.training and self.track_running_stats and self.momentum is not None
@@ -611,7 +617,7 @@ class _InstanceNorm(BatchNorm):
                                                   self.momentum if update else 0.0, self.eps, self.layout, out,
                                                   F._threads(), 2)  # (float64 statistics, as group norm's)
             self._saved = (saved_x, mean, invstd, True, unbatched)
-            self._fwd_weight = forward_copy(self.weight)
+            self._fwd_weight = fw
         return y
 
     def _forward_epilogue_in(self, x, out, saved_x, residual, act, unbatched):
@@ -646,6 +652,7 @@ class _InstanceNorm(BatchNorm):
         _no_residual(grad_residual_out)
         x, mean, invstd, input_stats, unbatched = self._saved
         self.grad_residual = None
+        given = out
         g, out = _batched_grad(grad_out, out, x, unbatched)
         if input_stats:
             gx, gw, gb = groups.instance_norm_backward(g, x, mean, invstd, self._fwd_weight, layout=self.layout,
@@ -654,13 +661,13 @@ class _InstanceNorm(BatchNorm):
             gx, gw, gb = F.batch_norm_backward(g, x, mean, invstd, self._fwd_weight, layout=self.layout, out=out,
                                                training=False)
         set_param_grads(self, gw, gb)
-        return gx[0] if unbatched else gx
+        return (gx[0] if given is None else given) if unbatched else gx
 
     def _backward_epilogue(self, grad_out, out, gro):
         _, x, mean, var, input_stats, act, residual, w, b, eps, unbatched = self._saved
         if residual is None:
             _no_residual(gro)
-        given = gro
+        given, given_out = gro, out
         g, out = _batched_grad(grad_out, out, x, unbatched)
         if unbatched and gro is not None:  # (checked as the sample it is: its messages name the caller's shape)
             gro = ck.check_out(gro, x[0], [], "grad_residual_out")[np.newaxis]
@@ -672,7 +679,7 @@ class _InstanceNorm(BatchNorm):
                                                            residual, F._threads(), gro)
         set_param_grads(self, gw, gb)
         self.grad_residual = given if given is not None else None if gr is None else gr[0] if unbatched else gr
-        return gx[0] if unbatched else gx
+        return (gx[0] if given_out is None else given_out) if unbatched else gx
 
 
 class InstanceNorm1d(_InstanceNorm):
@@ -759,18 +766,18 @@ class GroupNorm(_Layer):
         x = ck.check_layer_input(x, None, "GroupNorm", C, self.layout, half=True)
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         act = _epi.parse(self.activation)
+        w, b = forward_copy(self.weight), forward_copy(self.bias)  # (before the call: out may be their memory)
         with ForwardStep(self):
             if act != _epi.NONE or residual is not None:
                 y, mean, var = _core.group_forward_epi(x, self.num_groups, self.weight, self.bias, self.eps,
                                                        self.layout, out, act, residual, F._threads(), False, True)
-                self._saved = ("epilogue", saved_x, mean, var, act, residual,
-                               forward_copy(self.weight), forward_copy(self.bias), self.eps)
+                self._saved = ("epilogue", saved_x, mean, var, act, residual, w, b, self.eps)
                 return y
             # (the statistics kept in float64 for the backward: a float32 mean loses digits where |mean| >> std)
             y, mean, invstd = _core.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.layout,
                                                out, F._threads(), 3)
             self._saved = (saved_x, mean, invstd)
-            self._fwd_weight = forward_copy(self.weight)
+            self._fwd_weight = w
         return y
 
     __call__ = forward

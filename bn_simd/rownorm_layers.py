@@ -81,17 +81,17 @@ class _RowNorm:
         x = ck.as_data(x, "x", half=True)  # (an array before the copy below: x may be a tensor or a list)
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         act = _epi.parse(self.activation)
+        w, b = forward_copy(self.weight), forward_copy(self.bias)  # (before the call: out may be their memory)
         with ForwardStep(self):
             if act != _epi.NONE or residual is not None:
                 y, mean, rstd = _core.row_forward_epi(x, self.normalized_shape, self.weight, self.bias, self.eps,
                                                       self.layout, out, _threads(), self._rms, act, residual, 2)
-                self._saved = ("epilogue", saved_x, mean, rstd, act, residual,
-                               forward_copy(self.weight), forward_copy(self.bias))
+                self._saved = ("epilogue", saved_x, mean, rstd, act, residual, w, b)
                 return y
             y, mean, rstd = _core.row_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.layout,
                                            out, _threads(), self._rms, 2)
             self._saved = (saved_x, mean, rstd)  # (the float64 statistics: the backward gets them unrounded)
-            self._fwd_weight = forward_copy(self.weight)
+            self._fwd_weight = w
         return y
 
     __call__ = forward

@@ -671,6 +671,7 @@ class SyncBatchNorm(BatchNorm):
             self.momentum if self.momentum is not None else
             1.0 / (self.num_batches_tracked + 1) if self.num_batches_tracked is not None else 0.0)
         saved_x = xa.copy() if out is not None and np.may_share_memory(out, xa) else xa
+        fw = forward_copy(self.weight)  # (before the normalise: out may be the weight's memory)
         # (an interrupt during the normalise is raised as it returns, before the count and statistics move; the count
         # moves before the update, as in PyTorch, so one raised as the update returns finds both moved)
         y = F.normalize(xa, mean, var, self.weight, self.bias, eps=self.eps, layout=self.layout, out=out)
@@ -687,7 +688,7 @@ class SyncBatchNorm(BatchNorm):
         if n > 0 and np.all(np.isfinite(mean)):
             self._shift = mean
         self._saved = (saved_x, mean, 1.0 / np.sqrt(var + self.eps), True)
-        self._fwd_weight = forward_copy(self.weight)
+        self._fwd_weight = fw
         self._sync_n = n
         return y
 

@@ -280,3 +280,54 @@ def test_load_state_dict_replaces_a_held_array_whose_elements_overlap():
     state["running_mean"] = np.array([1.0, 2.0, 3.0], np.float32)
     layer.load_state_dict(state)
     np.testing.assert_array_equal(layer.running_mean, [1.0, 2.0, 3.0])
+
+
+def _out_over_param_cases():
+    rng = np.random.default_rng(21)
+    # (layer, x, g, the parameter out= is given, out's view of it): out shares the parameter's memory
+    for act in (None, "relu"):
+        for tgt in ("weight", "bias"):
+            ln = bn_simd.LayerNorm((4, 5), dtype=np.float64, activation=act)
+            ln.weight[...] = rng.standard_normal((4, 5)) + 2
+            yield ln, rng.standard_normal((4, 5)), rng.standard_normal((4, 5)), tgt, lambda p: p
+        rms = bn_simd.RMSNorm((4, 5), dtype=np.float64, activation=act)
+        rms.weight[...] = rng.standard_normal((4, 5)) + 2
+        yield rms, rng.standard_normal((4, 5)), rng.standard_normal((4, 5)), "weight", lambda p: p
+        gn = bn_simd.GroupNorm(2, 6, dtype=np.float64, activation=act)
+        gn.weight[...] = rng.standard_normal(6) + 2
+        yield gn, rng.standard_normal((1, 6)), rng.standard_normal((1, 6)), "weight", lambda p: p[None]
+        bn = bn_simd.BatchNorm1d(6, dtype=np.float64, activation=act).eval()
+        bn.weight[...] = rng.standard_normal(6) + 2
+        bn.running_var[...] = rng.uniform(0.5, 2, 6)
+        yield bn, rng.standard_normal((1, 6)), rng.standard_normal((1, 6)), "weight", lambda p: p[None]
+
+
+def test_a_layers_out_over_its_own_weight_or_bias_keeps_the_forwards_parameters_for_backward():
+    """out= sharing the layer's weight (or bias) memory: the forward reads the parameters before writing, and the
+    backward uses the weight and bias the forward used (copied before the kernel wrote out), as with a separate out:
+    grad_x and the parameter gradients are those of a copy of the layer called without it."""
+    import copy
+    n = 0
+    for layer, x, g, tgt, view in _out_over_param_cases():
+        ref = copy.deepcopy(layer)
+        y_ref = ref(x)
+        gx_ref = ref.backward(g)
+        y = layer(x, out=view(getattr(layer, tgt)))
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(layer.backward(g), gx_ref, err_msg=f"{type(layer).__name__} {tgt}")
+        np.testing.assert_array_equal(layer.grad_weight, ref.grad_weight)
+        n += 1
+    assert n == 10
+
+
+def test_unbatched_instance_norm_returns_the_callers_out_and_names_its_shapes():
+    layer = bn_simd.InstanceNorm2d(3, affine=True)
+    x = np.random.default_rng(22).standard_normal((3, 4, 5)).astype(np.float32)
+    out = np.empty_like(x)
+    assert layer(x, out=out) is out
+    gout = np.empty_like(x)
+    assert layer.backward(np.ones_like(x), out=gout) is gout
+    with pytest.raises(ValueError, match=r"grad_out must have the shape of x \(3, 4, 5\), got \(1, 3, 4, 5\)"):
+        layer.backward(np.ones((1, 3, 4, 5), np.float32))
+    layer.activation = "relu"
+    assert layer(x, out=out) is out and layer.backward(np.ones_like(x), out=gout) is gout
