@@ -925,3 +925,22 @@ def test_a_constant_row_with_a_tiny_eps_keeps_the_kernels_rounding(dtype):
         for eps in (1e-90, 1e-80):
             np.testing.assert_allclose(bn_simd.rms_norm(t, 16, eps=eps).astype(np.float64), v / np.sqrt(v * v + eps),
                                        rtol=1e-2)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("cf", [False, True], ids=["rows", "channels_first"])
+def test_layer_norm_over_one_value_has_a_zero_gradient(cf, dtype, activation):
+    """Over one value y is the bias whatever x, so grad_x is exactly 0 (PyTorch's too), even with BERT's eps 1e-12
+    (rstd 1e6), where the rounded coefficients of the general formula left rstd |g| eps of noise; NaN where x is."""
+    r = _rng(50)
+    shape = (2, 1, 3, 3) if cf else (6, 1)
+    x = r.standard_normal(shape).astype(dtype)
+    g = r.standard_normal(shape).astype(dtype)
+    x.flat[2] = np.nan
+    lay = "NCHW" if cf else None
+    out = bn_simd.layer_norm_forward(x, 1, eps=1e-12, layout=lay, activation=activation)
+    kw = {} if activation is None else dict(activation=activation, save_stats=out[3])
+    gx = bn_simd.layer_norm_backward(g, x, out[1], out[2], 1, layout=lay, **kw)[0]
+    nan = np.isnan(x)
+    assert np.all(np.isnan(gx[nan])) and np.all(gx[~nan] == 0)
