@@ -68,6 +68,10 @@ def _check(args, parser):
     """parser.error() for options that cannot be honoured, before anything is timed."""
     if args.threads < 1:
         parser.error("--threads must be >= 1")
+    if args.retries is not None and args.retries < 0:
+        parser.error("--retries must be >= 0")
+    if not args.wait_idle >= 0:
+        parser.error("--wait-idle must be >= 0 seconds")
     if args.scaling and args.threads < 2:
         parser.error("--scaling compares 1 thread with --threads: give --threads 2 or more")
     if args.scaling and args.isas:

@@ -70,7 +70,7 @@ def self_check(verbose=True):
                 worst = max(errs.values())
                 print(f"  {status} {np.dtype(dtype).name:7s} {layout} {str(shape):18s} max rel. error {worst:.1e}"
                       + (f"  failing: {sorted(bad)}" if bad else ""))
-    return failures + group_check(verbose)
+    return failures + group_check(verbose) + thread_check(verbose)
 
 
 # (shape, layout, groups): group norm across layouts and ranks; G = C is instance norm
@@ -110,6 +110,45 @@ def group_check(verbose=True):
                 print(f"  {'ok  ' if not bad else 'FAIL'} {np.dtype(dtype).name:7s} {layout} {str(shape):18s} "
                       f"{what:11s} max rel. error {max(errs.values()):.1e}"
                       + (f"  failing: {sorted(bad)}" if bad else ""))
+    return failures
+
+
+# (shape, layout): above the size from which calls take several threads, so that the threaded paths run
+THREAD_CASES = [((8, 64, 16, 16), "NCHW"), ((8, 16, 16, 64), "NHWC")]
+
+
+def thread_check(verbose=True):
+    """The threaded paths: batch, group and layer norm forward and backward on 1 and on 2 threads give the same
+    bits (the library's rule), which also runs the chunk merges the small cases above do not reach."""
+    from . import Context
+    from . import groups as GN
+    from . import rownorm as RN
+    rng = np.random.default_rng(777)
+    failures = 0
+    for shape, layout in THREAD_CASES:
+        C = shape[_channel_axis(layout, len(shape))]
+        x = (rng.standard_normal(shape) * 3 + 10).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        w, b = rng.uniform(0.5, 2, C), rng.standard_normal(C)
+
+        def run():
+            y, mean, invstd = F.batch_norm_forward(x, w, b, layout=layout)
+            outs = [y, mean, invstd, *F.batch_norm_backward(dy, x, mean, invstd, w, layout=layout)]
+            y, mean, invstd = GN.group_norm_forward(x, 8, w, b, layout=layout)
+            outs += [y, mean, invstd, *GN.group_norm_backward(dy, x, mean, invstd, 8, w, layout=layout)]
+            y, mean, rstd = RN.layer_norm_forward(x, C, w, b, layout=layout)
+            outs += [y, mean, rstd, *RN.layer_norm_backward(dy, x, mean, rstd, C, w, b, layout=layout)]
+            return [np.ascontiguousarray(a).tobytes() for a in outs]
+
+        with Context(num_threads=1):
+            one = run()
+        with Context(num_threads=2):
+            two = run()
+        bad = one != two
+        failures += bad
+        if verbose:
+            print(f"  {'ok  ' if not bad else 'FAIL'} float32 {layout} {str(shape):18s} batch/group/layer norm, "
+                  f"1 and 2 threads: {'the same bits' if not bad else 'other bits'}")
     return failures
 
 

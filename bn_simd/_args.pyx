@@ -484,6 +484,8 @@ cdef int64_t num_groups(object G, int64_t C) except -1:
     g = int(G)
     if g < 1:
         raise ValueError(f"num_groups must be >= 1, got {g}")
+    if g > C and (C > 0 or g > 2**62):  # (zero channels: any count divides them; one beyond int64 is refused here)
+        raise ValueError(f"num_groups ({g}) must divide the number of channels of x ({C})")
     if C % g != 0:
         raise ValueError(f"num_groups ({g}) must divide the number of channels of x ({C})")
     return g

@@ -42,7 +42,7 @@ def set_isa(name):
         name = _core.best_isa()
     if name not in _core.ISA_NAMES:
         raise ValueError(f"name must be one of {('auto',) + _core.ISA_NAMES}, got {name!r}")
-    _core.set_isa(name)
+    _core.set_isa(str(name))  # (a str subclass, numpy.str_, as the plain str)
 
 
 def get_isa():
@@ -69,7 +69,8 @@ def get_num_threads():
     if not _core.have_openmp():
         return 1
     n = _call_threads()
-    return n if n > 0 else _core.omp_max_threads()
+    n = n if n > 0 else _core.omp_max_threads()
+    return min(n, _core.thread_cap())  # (a call starts no more: OMP_THREAD_LIMIT, and 1024)
 
 
 def _call_threads():

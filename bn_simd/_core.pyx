@@ -35,6 +35,7 @@ cdef extern from "bn_simd.h" nogil:
     const char* bn_isa_name(int isa)
     int bn_have_openmp()
     int bn_omp_max_threads()
+    int bn_thread_cap()
     int BN_CL_STRIP_MIN_BYTES
     int64_t bn_cl_strip_bytes()
     int64_t bn_cl_stream_strip_bytes()
@@ -202,6 +203,10 @@ def have_openmp():
 
 def omp_max_threads():
     return bn_omp_max_threads()
+
+
+def thread_cap():
+    return bn_thread_cap()
 
 
 def cl_strip_bytes():

@@ -48,6 +48,8 @@ int bn_have_openmp(void);
 int bn_have_f16c(void);
 /* OpenMP's current default thread count (omp_get_max_threads), 1 without OpenMP. */
 int bn_omp_max_threads(void);
+/* The most threads a driver call starts: OpenMP's thread limit, at most 1024 (1 without OpenMP). */
+int bn_thread_cap(void);
 /* Channels-last element-wise sweeps go in column strips when one row of all their arrays takes at least this
  * many bytes (ukernels.inc, UK_CL_WIDE): bn_cl_strip_bytes for sweeps that store normally, bn_cl_stream_strip_bytes
  * for those whose output streams. The defaults depend on the CPU (docs/tuning.md, "Strip threshold per CPU");

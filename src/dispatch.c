@@ -361,3 +361,12 @@ int bn_omp_max_threads(void) {
     return 1;
 #endif
 }
+
+int bn_thread_cap(void) {
+#ifdef _OPENMP
+    const int lim = omp_get_thread_limit();
+    return lim < 1024 ? lim : 1024; /* (pick_threads' caps: OMP_THREAD_LIMIT and BN_MAX_THREADS, batchnorm.c) */
+#else
+    return 1;
+#endif
+}

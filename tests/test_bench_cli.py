@@ -109,7 +109,8 @@ def test_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "bench.png").exists()
 
 
-def test_interleaved_medians_samples_every_fn_in_rounds_after_its_setup():
+def test_interleaved_medians_samples_every_fn_in_rounds_after_its_setup(monkeypatch):
+    monkeypatch.setattr(timing, "_warmed", True)  # (the process's first measurement runs its calls untimed first)
     log = []
 
     def fn(name):
@@ -178,6 +179,14 @@ def test_isas_refuses_plot(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--isas", *TINY, "--plot", "x.png"])
     assert "not --isas" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [(["--retries", "-1"], "--retries must be >= 0"),
+                                           (["--wait-idle", "-5"], "--wait-idle must be >= 0")])
+def test_negative_retries_or_wait_are_refused(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", *TINY, *extra])
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra,message", [(["--threads", "1"], "--threads 2 or more"),
@@ -367,6 +376,7 @@ def test_installed_package_without_benchmarks(tmp_path):
                            text=True, timeout=300)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "all passed" in check.stdout
+    assert check.stdout.count("1 and 2 threads: the same bits") == 2   # (the threaded paths ran too)
     where = subprocess.run([sys.executable, "-c", "import bn_simd; print(bn_simd.__file__)"], cwd=work, env=env,
                            capture_output=True, text=True, timeout=60)
     assert where.stdout.strip().startswith(str(site)), where.stdout + where.stderr  # the copy was the one run

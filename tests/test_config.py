@@ -130,6 +130,21 @@ def test_set_isa_switches_kernels_and_show_config_follows(isa):
     assert bn_simd.show_config()["isa"] == isa
 
 
+def test_set_isa_takes_a_str_subclass():
+    """numpy.str_ (a str subclass, as a name read from an array or a config) selects the kernels as its str does."""
+    bn_simd.set_isa("scalar")
+    bn_simd.set_isa(np.str_(SUPPORTED_ISAS[-1]))
+    assert bn_simd.get_isa() == SUPPORTED_ISAS[-1]
+
+
+@pytest.mark.skipif(not HAVE_OPENMP, reason="built without OpenMP")
+def test_get_num_threads_reports_no_more_than_a_call_starts(threads):
+    """A setting beyond what a call starts (1024 threads at most, and OpenMP's thread limit) is reported capped."""
+    threads(2**31 - 1)
+    assert bn_simd.get_num_threads() == min(1024, bn_simd._core.thread_cap())
+    assert bn_simd.show_config()["num_threads"] == bn_simd.get_num_threads()
+
+
 def test_set_isa_auto_picks_the_best_supported():
     bn_simd.set_isa("scalar")
     bn_simd.set_isa("auto")

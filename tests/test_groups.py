@@ -398,3 +398,26 @@ def test_layers_backward_keeps_float32_accuracy_at_a_large_mean_over_std(which, 
     gx = to_nchw(layer.backward(nchw_to(g, layout)), layout)
     # float32 storage of x and grad_x: the input is exact, the output rounds; the sums are double
     assert np.max(np.abs(gx - ref)) <= 64 * eps_of(np.float32) * np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_groups_of_one_value_have_a_zero_gradient(layout, dtype):
+    """Over a group of one value y is the bias whatever x, so grad_x is exactly 0, even with eps 1e-12 (invstd 1e6),
+    where the rounded coefficients of the general formula left invstd |g| eps of noise; NaN where grad_out is."""
+    rng = np.random.default_rng(60)
+    shape = (6, 8) if layout == "NCHW" else (4, 1, 8)
+    x = rng.standard_normal(shape).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    g.flat[3] = np.nan
+    w = rng.standard_normal(8)
+    y, m, s = bn_simd.group_norm_forward(x, 8, w, None, eps=1e-12, layout=layout)
+    gx = bn_simd.group_norm_backward(g, x, m, s, 8, w, layout=layout)[0]
+    nan = np.isnan(g)
+    assert np.all(np.isnan(gx[nan])) and np.all(gx[~nan] == 0)
+
+
+def test_a_group_count_beyond_int64_over_zero_channels_is_a_valueerror():
+    with pytest.raises(ValueError, match="num_groups"):
+        bn_simd.group_norm(np.zeros((2, 0, 3), np.float32), 2**63)
+    assert bn_simd.group_norm(np.zeros((2, 0, 3), np.float32), 4).shape == (2, 0, 3)
