@@ -451,17 +451,9 @@ cdef int store(object obj, int64_t n, const double* src) except -1:
             for i in range(n):
                 d[i] = src[i]
         return 0
-    cdef cnp.ndarray h
-    cdef uint16_t* hp
-    if a.dtype is _BITS:  # bfloat16 bits: each value rounded once from float64 (half.h)
-        h = new_vector(n, cnp.NPY_UINT16)
-        hp = <uint16_t*>cnp.PyArray_DATA(h)
-        for i in range(n):
-            hp[i] = bn_bf16_from_f64(src[i])
-        obj[...] = h.view(_BITS)
-        return 0
-    # float16, long double, byte-swapped or strided: NumPy's assignment casts
-    obj[...] = cnp.PyArray_SimpleNewFromData(1, &n1, cnp.NPY_FLOAT64, <void*>src)
+    values = cnp.PyArray_SimpleNewFromData(1, &n1, cnp.NPY_FLOAT64, <void*>src)
+    # bfloat16 bits: bf16_bits; float16, long double, byte-swapped or strided: NumPy's assignment casts
+    obj[...] = bf16_bits(values) if a.dtype is _BITS else values
     return 0
 
 
@@ -676,6 +668,19 @@ def as_float(v, name, what):
         return float(v)
     except OverflowError:
         raise ValueError(f"{name} must be {what}, got an integer too large for a float") from None
+
+
+def bf16_bits(a):
+    """The float64 array a (any shape) as bfloat16 bits (BF16_BITS), each value rounded once to nearest even
+    (half.h; NumPy has no bfloat16, and a cast through float32 would round twice)."""
+    cdef cnp.ndarray src = np.ascontiguousarray(a, dtype=np.float64)
+    cdef cnp.ndarray h = np.empty((<object>src).shape, np.uint16)
+    cdef const double* s = <const double*>cnp.PyArray_DATA(src)
+    cdef uint16_t* hp = <uint16_t*>cnp.PyArray_DATA(h)
+    cdef int64_t i
+    for i in range(cnp.PyArray_SIZE(src)):
+        hp[i] = bn_bf16_from_f64(s[i])
+    return h.view(_BITS)
 
 
 def bf16_widened(a):

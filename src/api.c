@@ -444,7 +444,7 @@ static int64_t driver_threads(int nthreads) {
     int64_t nt = 1;
     (void)nthreads;
 #endif
-    return nt > 1024 ? 1024 : nt < 1 ? 1 : nt;
+    return nt > BN_MAX_THREADS ? BN_MAX_THREADS : nt < 1 ? 1 : nt;
 }
 
 /* The batch-norm view (outer, C, inner) of d. */
@@ -575,8 +575,9 @@ static int check_gn_workspace(const bn_context* ctx, int op, const bn_desc* d, i
     int64_t ntasks;
     if ((st = ws_parts(c, op, d, G, &own, &ntasks, &slice)) != BN_OK) return st;
     const dtype_ops* ops = &OPS[d->dtype];
-    const size_t base = own - gn_driver_bytes(ops, d->n, d->c, d->s, G, driver_threads(bn_context_get_num_threads(c)));
-    for (int64_t k = driver_threads(bn_context_get_num_threads(c)) - 1; k >= 1; k--)
+    const int64_t full = driver_threads(bn_context_get_num_threads(c)); /* (what ws_parts sized the drivers for) */
+    const size_t base = own - gn_driver_bytes(ops, d->n, d->c, d->s, G, full);
+    for (int64_t k = full - 1; k >= 1; k--)
         if (base + gn_driver_bytes(ops, d->n, d->c, d->s, G, k) + BN_SLACK <= ws_bytes) {
             *nt = (int)k;
             return BN_OK;

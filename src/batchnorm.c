@@ -43,8 +43,6 @@
  * second thread measured no faster than one, from it on faster (docs/tuning.md, "Sweeps of their own below 65536
  * elements"). */
 #define BN_MIN_PARALLEL_SWEEP 65536
-/* More threads than this are never started, whatever set_num_threads asked for. */
-#define BN_MAX_THREADS 1024
 /* Invariants the drivers and kernels rely on. */
 _Static_assert(BN_MAX_BLOCK >= BN_MIN_RUN, "a channel block's stack arrays hold BN_MIN_RUN channels");
 _Static_assert(BN_MIN_RUN < BN_CHUNK_BYTES / 8, "a block's run fits one chunk, so only single channels split rows");

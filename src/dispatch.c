@@ -365,7 +365,7 @@ int bn_omp_max_threads(void) {
 int bn_thread_cap(void) {
 #ifdef _OPENMP
     const int lim = omp_get_thread_limit();
-    return lim < 1024 ? lim : 1024; /* (pick_threads' caps: OMP_THREAD_LIMIT and BN_MAX_THREADS, batchnorm.c) */
+    return lim < BN_MAX_THREADS ? lim : BN_MAX_THREADS; /* (pick_threads' caps, batchnorm.c) */
 #else
     return 1;
 #endif

@@ -13,6 +13,10 @@
  * "Streaming stores beyond 32 MiB"). */
 #define BN_STREAM_BYTES ((int64_t)32 << 20)
 
+/* More threads than this are never started, whatever set_num_threads asked for (pick_threads, batchnorm.c; the C
+ * API's workspace bound and bn_thread_cap count by it too). */
+#define BN_MAX_THREADS 1024
+
 /* Group norm's runs of small groups (groupnorm.inc): at most this many channels (at least one group) have their
  * coefficients computed in one call and are swept in one call; the C API's workspace bound (api.c) counts them */
 #define BN_GN_COEF_RUN 1024

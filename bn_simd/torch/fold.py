@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
+from .._args import bf16_bits
 from ..fold import fold_conv, fold_linear
 from . import _bridge as B
 from . import fused as _fused
@@ -162,18 +163,12 @@ def _np64(t):
 
 
 def _rounded_once(a, dtype):
-    """The float64 array a as a tensor of dtype, each value rounded once. PyTorch narrows float64 to float16 and
-    bfloat16 through float32, rounding twice; a float32 rounded to odd (truncated, its last bit set where a value was
-    inexact) keeps enough bits for float32's one rounding to the 16-bit type to be the correct one."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        return torch.from_numpy(a).to(dtype)
-    f = a.astype(np.float32)
-    with np.errstate(invalid="ignore"):
-        over = np.abs(f.astype(np.float64)) > np.abs(a)   # (rounded away from zero: back one step)
-    f = np.where(over, np.nextafter(f, np.float32(0)), f)
-    bits = f.view(np.uint32) | (f.astype(np.float64) != a).astype(np.uint32)   # (NaN and Inf stay: a == f there)
-    f = np.where(np.isfinite(a), bits.view(np.float32), f)
-    return torch.from_numpy(np.ascontiguousarray(f)).to(dtype)
+    """The float64 array a as a tensor of dtype, each value rounded once (PyTorch narrows float64 to float16 and
+    bfloat16 through float32, rounding twice): NumPy's float16 cast, the library's bfloat16 rounding."""
+    if dtype is torch.bfloat16:
+        return B.from_array(bf16_bits(a))
+    with np.errstate(over="ignore"):   # (an overflow to Inf is refused by the caller, naming the batch norm)
+        return torch.from_numpy(a.astype(np.float16)) if dtype is torch.float16 else torch.from_numpy(a).to(dtype)
 
 
 def _folded(layer, bn, bn_name):
@@ -245,9 +240,10 @@ def fold(model, *, trace=True):
     Linear, into that layer, in place; returns model.
 
     For each pair found, the layer's weight and bias become ``bn_simd.fold_conv`` / ``fold_linear``'s (computed in
-    float64, each value rounded once to the layer's dtype, on its device; a layer without bias gets one) and the batch norm is replaced
-    by :class:`FoldedBatchNorm`, an ``nn.Identity`` that keeps the batch norm's plain attributes (num_features, eps,
-    momentum, affine, track_running_stats). The model's output is unchanged up to float32 rounding.
+    float64, each value rounded once to the layer's dtype, on its device; a layer without bias gets one) and the
+    batch norm is replaced by :class:`FoldedBatchNorm`, an ``nn.Identity`` that keeps the batch norm's plain
+    attributes (num_features, eps, momentum, affine, track_running_stats). The model's output is unchanged up to
+    float32 rounding.
 
     Pairs: found in the model's data flow by ``torch.fx`` symbolic tracing (``trace=True``): a BatchNorm called on
     a conv's/linear's output that nothing else reads (so ``self.bn1(self.conv1(x))`` inside a forward counts), in
