@@ -1,4 +1,5 @@
-"""A batch-normalization layer with the semantics and names of Keras 3's ``keras.layers.BatchNormalization``.
+"""Normalization layers with the semantics and names of Keras 3's ``keras.layers.BatchNormalization``,
+``LayerNormalization``, ``RMSNormalization`` and ``GroupNormalization`` (the last three at the end of this module).
 
 For Keras users moving a model's normalisation to NumPy arrays: the same arguments and defaults (axis=-1,
 momentum=0.99, epsilon=1e-3), the same moving-statistics update (``moving = moving * momentum + batch * (1 -
@@ -35,15 +36,14 @@ _KERAS_INERT = {  # Keras arguments this layer leaves out, taken (constructor, f
 _MIXED = ("mixed_float16", "mixed_bfloat16")  # Keras' mixed policies: float32 variables, 16-bit computation
 
 
-def _check_inert(name, value):
+def _check_inert(name, value, layer="BatchNormalization"):
     """A Keras argument of _KERAS_INERT must hold its default (None; synchronized false: False, 0, 0.0 or None, as
     Keras takes them)."""
     default = _KERAS_INERT[name]
     off = value is None or (isinstance(value, (numbers.Real, np.bool_)) and not isinstance(value, np.ndarray)
                             and value == 0)
     if not (value is None if default is None else off):
-        raise ValueError(f"{name}={value!r} is not supported by bn_simd.keras.BatchNormalization (only "
-                         f"{default!r})")
+        raise ValueError(f"{name}={value!r} is not supported by bn_simd.keras.{layer} (only {default!r})")
 
 
 def _constant_value(value, name):
@@ -101,6 +101,46 @@ def _policy(dtype):
     return ck.check_dtype(dtype), None
 
 
+def _computed(x):
+    """The inputs as the array Keras computes in, result_type(x.dtype, float32): float16, bfloat16 (ml_dtypes' arrays
+    and torch tensors), integers and bool in float32; float32 and float64 as they are (C-contiguous)."""
+    if not isinstance(x, np.ndarray) or x.dtype not in ck.SUPPORTED_DTYPES:
+        x = ck.bf16_widened(ck.to_ndarray(x, "inputs"))
+        if x.dtype.kind in "biu" or (x.dtype.kind == "f" and x.dtype.itemsize < 4):
+            x = x.astype(np.float32)
+    return ck.as_data(x, "inputs")
+
+
+def _initial_array(spec, name, shape, dtype, what):
+    """A weight's initial values of `shape` from its initializer spec (see _constant): a Constant's list broadcast
+    (1 value, or as many as the last dim), a callable (shape, dtype name) -> array called; what: the last dim's
+    name for the message."""
+    value = _constant(spec, name)
+    if isinstance(value, np.ndarray):  # a Constant's per-channel values (one value: every channel's, as Keras)
+        if value.shape not in ((1,), shape[-1:]):
+            raise ValueError(f"{name} must be a Constant of 1 or {shape[-1]} values {what}, got a Constant of "
+                             f"{value.shape[0]} values")
+        return np.array(np.broadcast_to(value, shape), dtype=dtype)
+    if value is not None:
+        return np.full(shape, value, dtype)
+    a = ck.to_ndarray(spec(shape, dtype.name), name)
+    if a.dtype.kind not in "fiu" or a.shape != shape:
+        raise ValueError(f"{name} must return an array of shape {shape} of numbers, got {a.dtype} {a.shape}")
+    return np.array(a, dtype=dtype)
+
+
+def _assign(layer, names, staged):
+    """set_weights' assignment of checked arrays: copied into the layer's own arrays where they can hold them (as
+    Keras assigns into its variables), else (another shape or dtype, read-only, or memory shared with another
+    weight) replacing them."""
+    held = [getattr(layer, n) for n in names]
+    for i, (n, w) in enumerate(zip(names, staged)):
+        cur = held[i]
+        if any(j != i and isinstance(o, np.ndarray) and np.shares_memory(cur, o) for j, o in enumerate(held)) \
+                or not holds(cur, w):
+            setattr(layer, n, w)
+
+
 def _keras_momentum(m, name):
     """A momentum in Keras' meaning (the old value's share) as a float in [0, 1]."""
     if isinstance(m, bool) or not isinstance(m, numbers.Real):
@@ -111,7 +151,52 @@ def _keras_momentum(m, name):
     return v
 
 
-class BatchNormalization:
+class _KerasWeights:
+    """What the Keras layers share: their weights as Keras lists them (``_weight_names()``, the learnable ones
+    gamma, beta and scale), and the dtype name of their config."""
+
+    @property
+    def weights(self):
+        """The weight arrays themselves in Keras' order (see :meth:`get_weights`); [] before build."""
+        return [getattr(self, k) for k in self._weight_names()] if self.built else []
+
+    @property
+    def trainable_weights(self):
+        return [w for k, w in zip(self._weight_names(), self.weights)
+                if self.trainable and k in ("gamma", "beta", "scale")]
+
+    @property
+    def non_trainable_weights(self):
+        return [w for w in self.weights if not any(w is t for t in self.trainable_weights)]
+
+    def get_weights(self):
+        """Copies of the weights in Keras' order: BatchNormalization [gamma, beta, moving_mean, moving_variance]
+        (+ [moving_stddev, renorm_mean, renorm_stddev] with renorm); LayerNormalization and GroupNormalization
+        [gamma, beta]; RMSNormalization [scale]; without gamma when scale=False and beta when center=False; []
+        before build."""
+        return [w.copy() for w in self.weights]
+
+    def set_weights(self, weights):
+        """Set the weights from a list in :meth:`get_weights`' order (NumPy arrays, tensors, Keras' own
+        ``get_weights()``; None is refused), in the layer's dtype. Every entry is checked before any is assigned.
+        The values are copied into the layer's own arrays, as Keras assigns into its variables: the arrays
+        :attr:`weights` gave before stay the layer's weights and see the new values (an array the layer holds
+        otherwise, of another shape or dtype, read-only, or sharing memory with another weight, is replaced)."""
+        names = self._weight_names()
+        if not self.built:
+            raise ValueError(f"set_weights needs the weights made first: call the layer or build(input_shape), "
+                             f"got a list of {len(weights)} for a layer without weights")
+        if len(weights) != len(names):
+            raise ValueError(f"weights must be a list of {len(names)} arrays ({', '.join(names)}), got "
+                             f"{len(weights)}")
+        _assign(self, names, [self._weight_array(w, i, n) for i, (n, w) in enumerate(zip(names, weights))])
+
+    def _dtype_name(self):
+        """The mixed policy's name when the layer was made with one (and keeps float32), else the dtype's name."""
+        return self._policy if self._policy is not None and self.dtype == np.float32 else self.dtype.name
+
+
+class BatchNormalization(_KerasWeights):
     """Batch normalization over every axis but ``axis``, as ``keras.layers.BatchNormalization`` (Keras 3).
 
     Parameters
@@ -264,18 +349,7 @@ class BatchNormalization:
         self.built = True
 
     def _initial(self, spec, name, C):
-        value = _constant(spec, name)
-        if isinstance(value, np.ndarray):  # a Constant's per-channel values (one value: every channel's, as Keras)
-            if value.shape not in ((1,), (C,)):
-                raise ValueError(f"{name} must be a Constant of 1 or {C} values (the channels, "
-                                 f"input_shape[{self.axis}]), got a Constant of {value.shape[0]} values")
-            return np.array(np.broadcast_to(value, (C,)), dtype=self.dtype)
-        if value is not None:
-            return np.full(C, value, self.dtype)
-        a = ck.to_ndarray(spec((C,), self.dtype.name), name)
-        if a.dtype.kind not in "fiu" or a.shape != (C,):
-            raise ValueError(f"{name} must return an array of shape ({C},) of numbers, got {a.dtype} {a.shape}")
-        return np.array(a, dtype=self.dtype)
+        return _initial_array(spec, name, (C,), self.dtype, f"(the channels, input_shape[{self.axis}])")
 
     @property
     def num_features(self):
@@ -287,61 +361,18 @@ class BatchNormalization:
                 + ["moving_mean", "moving_variance"]
                 + (["moving_stddev", "renorm_mean", "renorm_stddev"] if self.renorm else []))
 
-    @property
-    def weights(self):
-        """The weight arrays themselves in Keras' order: gamma (scale), beta (center), moving_mean,
-        moving_variance, then with renorm moving_stddev, renorm_mean, renorm_stddev; [] before build."""
-        return [getattr(self, k) for k in self._weight_names()] if self.built else []
 
-    @property
-    def trainable_weights(self):
-        return [w for k, w in zip(self._weight_names(), self.weights) if self.trainable and k in ("gamma", "beta")]
-
-    @property
-    def non_trainable_weights(self):
-        return [w for w in self.weights if not any(w is t for t in self.trainable_weights)]
-
-    def get_weights(self):
-        """Copies of the weights in Keras' order: [gamma, beta, moving_mean, moving_variance] (+ [moving_stddev,
-        renorm_mean, renorm_stddev] with renorm), without gamma when scale=False and beta when center=False; []
-        before build."""
-        return [w.copy() for w in self.weights]
-
-    def set_weights(self, weights):
-        """Set the weights from a list in :meth:`get_weights`' order (NumPy arrays, tensors, Keras' own
-        ``get_weights()``; None is refused), in the layer's dtype. Every entry is checked before any is assigned.
-        The values are copied into the layer's own arrays, as Keras assigns into its variables: the arrays
-        :attr:`weights` gave before stay the layer's weights and see the new values (an array the layer holds
-        otherwise, of another shape or dtype, read-only, or sharing memory with another weight, is replaced)."""
-        names = self._weight_names()
-        if not self.built:
-            raise ValueError(f"set_weights needs the weights made first: call the layer or build(input_shape), "
-                             f"got a list of {len(weights)} for a layer without weights")
-        if len(weights) != len(names):
-            raise ValueError(f"weights must be a list of {len(names)} arrays ({', '.join(names)}), got "
-                             f"{len(weights)}")
+    def _weight_array(self, w, i, n):
+        """set_weights' entry i (weight n) checked, in the layer's dtype."""
         C = self.num_features
-        staged = []
-        for i, (n, w) in enumerate(zip(names, weights)):
-            if w is None:
-                raise TypeError(f"weights[{i}] ({n}) must be an array of shape ({C},), got None")
-            try:
-                staged.append(np.array(ck.per_channel(w, n, C), dtype=self.dtype))
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"weights[{i}] ({n}): {e}".replace(f"channels of x", "channels of the layer")) \
-                    from None
-        held = [getattr(self, n) for n in names]
-        for i, (n, w) in enumerate(zip(names, staged)):
-            cur = held[i]
-            if any(j != i and isinstance(o, np.ndarray) and np.shares_memory(cur, o) for j, o in enumerate(held)) \
-                    or not holds(cur, w):
-                setattr(self, n, w)
+        if w is None:
+            raise TypeError(f"weights[{i}] ({n}) must be an array of shape ({C},), got None")
+        try:
+            return np.array(ck.per_channel(w, n, C), dtype=self.dtype)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"weights[{i}] ({n}): {e}".replace(f"channels of x", "channels of the layer")) from None
 
     # ---- configuration -------------------------------------------------------------------------------------
-    def _dtype_name(self):
-        """The mixed policy's name when the layer was made with one (and keeps float32), else the dtype's name."""
-        return self._policy if self._policy is not None and self.dtype == np.float32 else self.dtype.name
-
     def get_config(self):
         """The constructor's arguments as a dict (Keras' keys; the initializers as given; dtype the mixed policy's
         name for a layer made with one). virtual_batch_size (Keras 2's key; Keras 3 has none) only when set, so that
@@ -380,11 +411,7 @@ class BatchNormalization:
     def _input(self, x):
         """The call's inputs as the array computed in: Keras' result_type(x.dtype, float32), float16, bfloat16
         (ml_dtypes' arrays and torch tensors), integers and bool in float32; float32 and float64 as they are."""
-        if not isinstance(x, np.ndarray) or x.dtype not in ck.SUPPORTED_DTYPES:
-            x = ck.bf16_widened(ck.to_ndarray(x, "inputs"))
-            if x.dtype.kind in "biu" or (x.dtype.kind == "f" and x.dtype.itemsize < 4):
-                x = x.astype(np.float32)
-        a = ck.as_data(x, "inputs")
+        a = _computed(x)
         if not self.built:
             self.build(a.shape)
         if a.ndim != self._ndim or a.shape[self.axis] != self.num_features:
@@ -612,3 +639,366 @@ class _Grouped:
     def __init__(self, x, layout, shape, mean, invstd, r, d, v):
         self.x, self.layout, self.shape, self.mean, self.invstd, self.r, self.d = x, layout, shape, mean, invstd, r, d
         self.v = v
+
+
+# ---- layer, RMS and group normalization --------------------------------------------------------------------------
+
+_LN_INERT = ("beta_regularizer", "gamma_regularizer", "beta_constraint", "gamma_constraint")
+
+
+def _untransposed(a, perm):
+    """a, computed on x.transpose(perm) made contiguous, back in x's axis order (C-contiguous)."""
+    return np.ascontiguousarray(a.transpose(np.argsort(perm)))
+
+
+class _KerasNorm(_KerasWeights):
+    """What LayerNormalization, RMSNormalization and GroupNormalization share: weights made at the first call (or
+    build), shaped by the input; Keras' get/set_weights, config and dtype policy; a call that keeps what
+    :meth:`backward` needs. A subclass gives ``_names`` (its weights, with the initializer argument of each),
+    ``_plan(shape)`` (checks the built shape, returns the weights' shape) and ``_forward`` / ``_backward``."""
+
+    def _init_common(self, epsilon, trainable, dtype, name, inert):
+        self.epsilon = ck.check_eps(epsilon, "epsilon")
+        for arg, value in inert.items():
+            _check_inert(arg, value, type(self).__name__)
+        self.trainable = bool(trainable)
+        self.dtype, self._policy = _policy(dtype)
+        self.name = str(name)
+        self.built = False
+        self._ndim = self._wshape = None  # (the built rank, and the weights' shape)
+        self._saved = None
+        for n, _ in self._names:
+            setattr(self, n, None)
+            setattr(self, "grad_" + n, None)
+
+    def _init_affine(self, center, scale, beta_initializer, gamma_initializer, epsilon, trainable, dtype, name,
+                     inert):
+        """_init_common with Keras' center / scale, their initializers and the four inert arguments (_LN_INERT)."""
+        self.center, self.scale = bool(center), bool(scale)
+        self.beta_initializer, self.gamma_initializer = beta_initializer, gamma_initializer
+        for arg in ("beta_initializer", "gamma_initializer"):
+            _constant(getattr(self, arg), arg)
+        self._init_common(epsilon, trainable, dtype, name, dict(zip(_LN_INERT, inert)))
+
+    def _weight_names(self):
+        return [n for n, _ in self._names if self._has(n)]
+
+    def _has(self, n):
+        return True
+
+    def build(self, input_shape):
+        """Make the weights for inputs of shape ``input_shape`` (rank 1 to 8; None for a size the weights do not
+        take). A built layer raises ValueError and keeps its weights, as Keras 3 refuses a second build."""
+        shape = tuple(input_shape)
+        if self.built:
+            raise ValueError(f"build: the layer is already built (inputs of {self._ndim} dimensions, weights of "
+                             f"shape {self._wshape}) and keeps its weights, as Keras refuses a second build; make a "
+                             f"new layer for other inputs, got input_shape {shape}")
+        if not 1 <= len(shape) <= ck.MAX_DIMS:
+            raise ValueError(f"input_shape must have 1 to {ck.MAX_DIMS} dimensions, got {shape}")
+        wshape = self._plan(shape)
+        made = {n: _initial_array(getattr(self, arg) if arg else "ones", arg or n, wshape, self.dtype,
+                                  "(the last normalised axis)") for n, arg in self._names if self._has(n)}
+        for n, v in made.items():
+            setattr(self, n, v)
+        self._ndim, self._wshape = len(shape), wshape
+        self.built = True
+
+    def _size(self, shape, a, what):
+        """shape[a] as an int >= 1 (a size the weights take)."""
+        d = shape[a]
+        if d is None or isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
+            raise ValueError(f"input_shape[{a}] ({what}) must be a known int >= 1, got {d!r}")
+        return int(d)
+
+    def _weight_array(self, w, i, n):
+        return self._weight_value(w, f"weights[{i}] ({n})")
+
+    def _weight_value(self, w, what):
+        """A weight's value checked (a floating-point array of the weights' shape: set_weights takes floating-point
+        NumPy arrays, tensors, Keras' own get_weights()) and in the layer's dtype."""
+        if w is None:
+            raise TypeError(f"{what} must be an array of shape {self._wshape}, got None")
+        a = ck.bf16_widened(ck.to_ndarray(w, what))
+        if a.dtype.kind != "f":
+            raise TypeError(f"{what} must be a floating-point array, got dtype {a.dtype}")
+        if a.shape != self._wshape:
+            raise ValueError(f"{what} must have shape {self._wshape}, got {a.shape}")
+        return np.array(a, dtype=self.dtype)
+
+    def __call__(self, inputs, training=None, mask=None):
+        """Normalise ``inputs`` (float32/float64, float16, bfloat16, integers and bool computed in float32, as
+        Keras); returns y in the layer's dtype. ``training`` and ``mask`` change nothing, as in Keras (a mask is
+        Keras' to pass on to the next layer). Keeps the input (a reference) and the statistics for
+        :meth:`backward`."""
+        x = _computed(inputs)
+        if not self.built:
+            self.build(x.shape)
+        if x.ndim != self._ndim or self._plan(x.shape) != self._wshape:
+            raise ValueError(f"inputs must have {self._ndim} dimensions, with the sizes the weights of shape "
+                             f"{self._wshape} were built for, got shape {x.shape}")
+        params = {n: self._weight_value(getattr(self, n), n) for n in self._weight_names()}
+        with ForwardStep(self):
+            y = self._forward(x, params)
+        return y if y.dtype == self.dtype else y.astype(self.dtype)
+
+    def backward(self, grad_out):
+        """Gradient of the last call: returns grad_x (the dtype x was computed in, x's shape) and sets the
+        weights' gradients, ``grad_gamma`` / ``grad_beta`` (``grad_scale`` for RMSNormalization), in the layer's
+        dtype (None for a weight the layer does not have)."""
+        if self._saved is None:
+            raise RuntimeError("backward() needs a call first")
+        shape, dtype = self._saved[0], self._saved[1]
+        g = ck.bf16_widened(ck.to_ndarray(grad_out, "grad_out"))
+        if g.shape != shape:
+            raise ValueError(f"grad_out must have the shape of the last call's inputs {shape}, got {g.shape}")
+        if g.dtype != dtype and g.dtype.kind == "f":
+            g = g.astype(dtype)  # (y came back in the layer's dtype, which may not be the one computed in)
+        gx, grads = self._backward(ck.as_data(g, "grad_out"))
+        for n, _ in self._names:
+            v = grads.get(n) if self._has(n) else None
+            setattr(self, "grad_" + n, None if v is None else v.astype(self.dtype))
+        return gx
+
+    def get_config(self):
+        """The constructor's arguments as a dict (Keras' keys; the initializers as given; dtype the mixed policy's
+        name for a layer made with one)."""
+        return {"name": self.name, "trainable": self.trainable, "dtype": self._dtype_name(), **self._config()}
+
+    @classmethod
+    def from_config(cls, config):
+        """A new layer from :meth:`get_config`'s dict or a Keras layer's config (its dtype policy and serialized
+        initializers read; its regularizers and constraints must be None). Raises TypeError for other keys."""
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict, got {type(config).__name__}")
+        unknown = sorted(set(config) - set(cls().get_config()) - set(cls._inert))
+        if unknown:
+            raise TypeError(f"config has keys {cls.__name__} does not take: {unknown}")
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self._config().items() if not k.endswith("_initializer"))
+        return f"{type(self).__name__}({args}, dtype={self._dtype_name()}, name={self.name!r})"
+
+
+class _RowNormalization(_KerasNorm):
+    """Layer and RMS normalization over the axes ``axis`` of each position of the others (bn_simd's row norm:
+    trailing axes as rows, axis 1 of rank 3 and more channels-first, any other set through one transposed copy)."""
+
+    _rms = False
+    _inert = _LN_INERT
+
+    def _set_axis(self, axis):
+        if isinstance(axis, (list, tuple)):
+            if not axis or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in axis):
+                raise TypeError(f"axis must be an int or a non-empty list of ints, got {axis!r}")
+            self.axis = [int(a) for a in axis]
+        elif isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an int or a non-empty list of ints, got {type(axis).__name__}")
+        else:
+            self.axis = int(axis)
+
+    def _plan(self, shape):
+        nd = len(shape)
+        given = self.axis if isinstance(self.axis, list) else [self.axis]
+        if any(not -nd <= a < nd for a in given):
+            raise ValueError(f"axis {self.axis} is out of bounds for input shape {shape}")
+        axes = sorted(a % nd for a in given)
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"axis must name each axis once, got {self.axis} for input shape {shape}")
+        self._axes = axes
+        return tuple(self._size(shape, a, "a normalised axis") for a in axes)
+
+    def _route(self, nd):
+        """(perm, layout, normalized_shape): x's axes put in rows (perm None: as they are), and the row-norm
+        call's layout and normalized_shape."""
+        axes = self._axes
+        if axes == list(range(nd - len(axes), nd)):
+            return None, None, self._wshape
+        if axes == [1]:
+            return None, "NCHW", self._wshape[0]
+        return [d for d in range(nd) if d not in axes] + axes, None, self._wshape
+
+    def _forward(self, x, params):
+        perm, layout, ns = self._route(x.ndim)
+        xs = x if perm is None else np.ascontiguousarray(x.transpose(perm))
+        w, b = params.get(self._names[0][0]), params.get("beta")
+        y, mean, rstd = _core.row_norm(xs, ns, w, b, self.epsilon, layout, None, _threads(), self._rms, 2)
+        self._saved = (x.shape, x.dtype, xs, mean, rstd, w, b)
+        return y if perm is None else _untransposed(y, perm)
+
+    def _backward(self, g):
+        _, _, xs, mean, rstd, w, b = self._saved
+        perm, layout, ns = self._route(xs.ndim)
+        gs = g if perm is None else np.ascontiguousarray(g.transpose(perm))
+        r = _core.row_norm_backward(gs, xs, mean, rstd, ns, w, b, layout, None, _threads(), self._rms)
+        gx = r[0] if perm is None else _untransposed(r[0], perm)
+        return gx, dict(zip([n for n, _ in self._names], r[1:]))
+
+
+class LayerNormalization(_RowNormalization):
+    """Layer normalization over the axes ``axis`` of each position of the other axes, as
+    ``keras.layers.LayerNormalization`` (Keras 3): y = (x - mean) / sqrt(var + epsilon) * gamma + beta, mean and the
+    biased var over ``axis``.
+
+    Parameters
+    ----------
+    axis : int or list of ints (negative counting from the end), the axes normalised together; the weights are shaped
+        by their sizes in increasing axis order (a list of axes given as negative and positive numbers is taken in
+        the order of the axes they name). Trailing axes run in place on the rows; axis 1 of an input of rank 3 or more
+        (channels first) does too; any other set of axes goes through one transposed copy of the input.
+    epsilon : float > 0, added to the variance.
+    center, scale : bool, independently: a learnable offset ``beta`` / factor ``gamma`` (None when False).
+    beta_initializer, gamma_initializer : as :class:`BatchNormalization`'s.
+    beta_regularizer, gamma_regularizer, beta_constraint, gamma_constraint : taken when None only (ValueError).
+    rms_scaling : False only: Keras deprecated ``rms_scaling=True`` (it scales by the variance, not the root mean
+        square); :class:`RMSNormalization` is the RMS norm.
+    trainable, dtype, name : as :class:`BatchNormalization`'s (float32 or float64, or a Keras dtype policy).
+
+    ``layer(inputs)`` normalises (training and inference alike); :meth:`backward` gives the gradients of the last call
+    (``grad_gamma``, ``grad_beta``). Statistics in float64 (bn_simd's layer norm). Raises TypeError / ValueError
+    naming the argument; a call that raises changes nothing. A layer holds state: call one layer from one thread at
+    a time.
+    """
+
+    _names = (("gamma", "gamma_initializer"), ("beta", "beta_initializer"))
+
+    def __init__(self, axis=-1, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
+                 gamma_initializer="ones", *, beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
+                 gamma_constraint=None, rms_scaling=False, trainable=True, dtype="float32",
+                 name="layer_normalization"):
+        self._set_axis(axis)
+        if rms_scaling:
+            raise ValueError("rms_scaling=True is not supported (Keras deprecated it: it scales by the variance, not "
+                             "the root mean square); use bn_simd.keras.RMSNormalization, got rms_scaling=True")
+        self._init_affine(center, scale, beta_initializer, gamma_initializer, epsilon, trainable, dtype, name,
+                          (beta_regularizer, gamma_regularizer, beta_constraint, gamma_constraint))
+
+    def _has(self, n):
+        return self.scale if n == "gamma" else self.center
+
+    def _config(self):
+        return {"axis": list(self.axis) if isinstance(self.axis, list) else self.axis, "epsilon": self.epsilon,
+                "center": self.center, "scale": self.scale, "rms_scaling": False,
+                "beta_initializer": self.beta_initializer, "gamma_initializer": self.gamma_initializer}
+
+
+class RMSNormalization(_RowNormalization):
+    """RMS normalization over the axes ``axis``, as ``keras.layers.RMSNormalization`` (Keras 3):
+    y = x / sqrt(mean(x^2) + epsilon) * scale.
+
+    Parameters
+    ----------
+    axis : int or list of ints, as :class:`LayerNormalization`'s.
+    epsilon : float > 0 (Keras' default 1e-6).
+    trainable, dtype, name : as :class:`BatchNormalization`'s.
+
+    The weight ``scale`` (ones) is shaped by the sizes of ``axis``; :meth:`backward` sets ``grad_scale``. As
+    :class:`LayerNormalization` otherwise.
+    """
+
+    _rms = True
+    _inert = ()
+    _names = (("scale", None),)
+
+    def __init__(self, axis=-1, epsilon=1e-6, *, trainable=True, dtype="float32", name="rms_normalization"):
+        self._set_axis(axis)
+        self._init_common(epsilon, trainable, dtype, name, {})
+
+    def _config(self):
+        return {"axis": list(self.axis) if isinstance(self.axis, list) else self.axis, "epsilon": self.epsilon}
+
+
+class GroupNormalization(_KerasNorm):
+    """Group normalization, as ``keras.layers.GroupNormalization`` (Keras 3): the channels on ``axis`` split in
+    ``groups`` groups of consecutive channels, each (sample, group) normalised over its channels and every other axis
+    but the batch axis 0, then y = x̂ * gamma + beta per channel.
+
+    Parameters
+    ----------
+    groups : int >= 1 dividing the channels, or -1: one group a channel (instance normalization; the layer's groups
+        becomes the channels at build, as Keras').
+    axis : int, the channel axis (not 0, the batch axis): channels last (-1, Keras' default) and channels first (1)
+        run in place; any other axis goes through one transposed copy of the input.
+    epsilon, center, scale, beta_initializer, gamma_initializer, the regularizers and constraints, trainable, dtype,
+        name : as :class:`LayerNormalization`'s (gamma and beta shaped (C,)).
+
+    Inputs have rank 2 to 8, a known size on ``axis``. :meth:`backward` sets ``grad_gamma`` and ``grad_beta``.
+    Statistics in float64 (bn_simd's group norm).
+    """
+
+    _inert = _LN_INERT
+    _names = (("gamma", "gamma_initializer"), ("beta", "beta_initializer"))
+    _has = LayerNormalization._has
+
+    def __init__(self, groups=32, axis=-1, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
+                 gamma_initializer="ones", *, beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
+                 gamma_constraint=None, trainable=True, dtype="float32", name="group_normalization"):
+        if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+            raise TypeError(f"groups must be an int >= 1 or -1, got {type(groups).__name__}")
+        if groups < 1 and groups != -1:
+            raise ValueError(f"groups must be an int >= 1 or -1 (one group a channel), got {groups}")
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        self.groups, self.axis = int(groups), int(axis)
+        self._init_affine(center, scale, beta_initializer, gamma_initializer, epsilon, trainable, dtype, name,
+                          (beta_regularizer, gamma_regularizer, beta_constraint, gamma_constraint))
+
+    def _plan(self, shape):
+        nd = len(shape)
+        if nd < 2:
+            raise ValueError(f"inputs must have 2 to {ck.MAX_DIMS} dimensions (a batch axis and a channel axis), got "
+                             f"shape {shape}")
+        if not -nd <= self.axis < nd or self.axis % nd == 0:
+            raise ValueError(f"axis {self.axis} must name a channel axis of input shape {shape} (not the batch axis "
+                             f"0)")
+        C = self._size(shape, self.axis % nd, "the channels")
+        G = C if self.groups == -1 else self.groups
+        if G > C or C % G:
+            raise ValueError(f"groups ({G}) must divide the number of channels ({C}) on axis {self.axis}")
+        return (C,)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.groups == -1:
+            self.groups = self._wshape[0]  # (as Keras' build: one group a channel)
+
+    def _route(self, shape):
+        """(perm, layout, the shape of the rank <= 3 view group norm runs on): channels last or first in place
+        (the other axes but 0 flattened), any other axis moved last by perm."""
+        nd, a = len(shape), self.axis % len(shape)
+        perm = None if a in (1, nd - 1) else [d for d in range(nd) if d != a] + [a]
+        if perm is not None:
+            shape = tuple(shape[d] for d in perm)
+        C, S = self._wshape[0], int(np.prod(shape[1:], dtype=np.int64)) // self._wshape[0]
+        if nd == 2 or a == nd - 1 or perm is not None:
+            return perm, "NHWC", (shape[0], C) if nd == 2 else (shape[0], S, C)
+        return perm, "NCHW", (shape[0], C, S)
+
+    def _forward(self, x, params):
+        perm, layout, view = self._route(x.shape)
+        xs = (x if perm is None else np.ascontiguousarray(x.transpose(perm))).reshape(view)
+        w, b = params.get("gamma"), params.get("beta")
+        y, mean, invstd = _core.group_norm(xs, self.groups, w, b, self.epsilon, layout, None, _threads(), 3)
+        self._saved = (x.shape, x.dtype, xs, mean, invstd, w, b)
+        return self._back(y, x.shape, perm)
+
+    @staticmethod
+    def _back(a, shape, perm):
+        """a, computed on the view, in x's shape and axis order."""
+        if perm is None:
+            return a.reshape(shape)
+        return _untransposed(a.reshape(tuple(shape[d] for d in perm)), perm)
+
+    def _backward(self, g):
+        from .groups import group_norm_backward
+        shape, _, xs, mean, invstd, w, b = self._saved
+        perm, layout, view = self._route(shape)
+        gs = (g if perm is None else np.ascontiguousarray(g.transpose(perm))).reshape(view)
+        gx, gw, gb = group_norm_backward(gs, xs, mean, invstd, self.groups, w, layout=layout)
+        return self._back(gx, shape, perm), {"gamma": gw, "beta": gb}
+
+    def _config(self):
+        return {"groups": self.groups, "axis": self.axis, "epsilon": self.epsilon, "center": self.center,
+                "scale": self.scale, "beta_initializer": self.beta_initializer,
+                "gamma_initializer": self.gamma_initializer}

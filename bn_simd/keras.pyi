@@ -20,7 +20,19 @@ class _DTypePolicy(Protocol):
     @property
     def variable_dtype(self) -> str: ...
 
-class BatchNormalization:
+# weights, get_weights and set_weights of every layer here, in Keras' order
+class _KerasWeights:
+    built: bool
+    @property
+    def weights(self) -> list[_Float]: ...
+    @property
+    def trainable_weights(self) -> list[_Float]: ...
+    @property
+    def non_trainable_weights(self) -> list[_Float]: ...
+    def get_weights(self) -> list[_Float]: ...
+    def set_weights(self, weights: Sequence[ArrayLike]) -> None: ...
+
+class BatchNormalization(_KerasWeights):
     axis: int
     momentum: float
     epsilon: float
@@ -61,17 +73,69 @@ class BatchNormalization:
     def build(self, input_shape: Sequence[int | None]) -> None: ...
     @property
     def num_features(self) -> int | None: ...
-    @property
-    def weights(self) -> list[_Float]: ...
-    @property
-    def trainable_weights(self) -> list[_Float]: ...
-    @property
-    def non_trainable_weights(self) -> list[_Float]: ...
-    def get_weights(self) -> list[_Float]: ...
-    def set_weights(self, weights: Sequence[ArrayLike]) -> None: ...
     def get_config(self) -> dict[str, Any]: ...
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Self: ...
     # inputs: float32/float64 (float16, bfloat16, integer and bool computed in float32); y in the layer's dtype
     def __call__(self, inputs: ArrayLike, training: bool = False, mask: ArrayLike | None = None) -> _Float: ...
     def backward(self, grad_out: ArrayLike) -> _Float: ...
+
+class _KerasNorm(_KerasWeights):
+    epsilon: float
+    trainable: bool
+    dtype: np.dtype[Any]
+    name: str
+    built: bool
+    def build(self, input_shape: Sequence[int | None]) -> None: ...
+    def get_config(self) -> dict[str, Any]: ...
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Self: ...
+    # inputs: float32/float64 (float16, bfloat16, integer and bool computed in float32); y in the layer's dtype;
+    # training and mask change nothing (as in Keras)
+    def __call__(self, inputs: ArrayLike, training: bool | None = None, mask: ArrayLike | None = None) -> _Float: ...
+    def backward(self, grad_out: ArrayLike) -> _Float: ...
+
+class _RowNormalization(_KerasNorm):
+    axis: int | list[int]
+
+class LayerNormalization(_RowNormalization):
+    center: bool
+    scale: bool
+    beta_initializer: _Initializer
+    gamma_initializer: _Initializer
+    # the weights (None before build, and without scale / center), shaped by the sizes of axis; set by backward
+    gamma: _Float | None
+    beta: _Float | None
+    grad_gamma: _Float | None
+    grad_beta: _Float | None
+    def __init__(self, axis: int | Sequence[int] = -1, epsilon: float = 1e-3, center: bool = True, scale: bool = True,
+                 beta_initializer: _Initializer = "zeros", gamma_initializer: _Initializer = "ones", *,
+                 beta_regularizer: None = None, gamma_regularizer: None = None, beta_constraint: None = None,
+                 gamma_constraint: None = None, rms_scaling: Literal[False] = False, trainable: bool = True,
+                 dtype: DTypeLike | dict[str, Any] | _DTypePolicy = "float32",
+                 name: str = "layer_normalization") -> None: ...
+
+class RMSNormalization(_RowNormalization):
+    scale: _Float | None
+    grad_scale: _Float | None
+    def __init__(self, axis: int | Sequence[int] = -1, epsilon: float = 1e-6, *, trainable: bool = True,
+                 dtype: DTypeLike | dict[str, Any] | _DTypePolicy = "float32",
+                 name: str = "rms_normalization") -> None: ...
+
+class GroupNormalization(_KerasNorm):
+    groups: int
+    axis: int
+    center: bool
+    scale: bool
+    beta_initializer: _Initializer
+    gamma_initializer: _Initializer
+    gamma: _Float | None
+    beta: _Float | None
+    grad_gamma: _Float | None
+    grad_beta: _Float | None
+    def __init__(self, groups: int = 32, axis: int = -1, epsilon: float = 1e-3, center: bool = True,
+                 scale: bool = True, beta_initializer: _Initializer = "zeros", gamma_initializer: _Initializer = "ones",
+                 *, beta_regularizer: None = None, gamma_regularizer: None = None, beta_constraint: None = None,
+                 gamma_constraint: None = None, trainable: bool = True,
+                 dtype: DTypeLike | dict[str, Any] | _DTypePolicy = "float32",
+                 name: str = "group_normalization") -> None: ...
