@@ -749,6 +749,15 @@ def check_momentum(m, allow_none):
     return _momentum(m, allow_none)
 
 
+def check_flag(v, name):
+    """v as a bool (what Python's bool() takes); an array of several values, which bool() refuses, raises TypeError
+    naming the argument."""
+    try:
+        return bool(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a bool, got {_describe(v)}") from None
+
+
 def check_dtype(dtype):
     """A dtype for parameters or coefficients: float32 or float64."""
     cdef int code

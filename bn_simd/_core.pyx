@@ -1117,6 +1117,11 @@ def moments_merge(const double[::1] count, const double[:, ::1] shift, const dou
                   const double[:, ::1] m2, double[::1] mean, double[::1] var):
     """mean[c], biased var[c] from K chunk moments in the order given."""
     cdef int64_t K = shift.shape[0], C = shift.shape[1]
+    if count.shape[0] != K or resid.shape[0] != K or resid.shape[1] != C or m2.shape[0] != K or m2.shape[1] != C \
+            or mean.shape[0] != C or var.shape[0] != C:
+        raise ValueError(f"moments_merge: count (K,), shift, residual, m2 (K, C) and mean, var (C,) must agree, got "
+                         f"K={K}, C={C}, count {count.shape[0]}, residual ({resid.shape[0]}, {resid.shape[1]}), m2 "
+                         f"({m2.shape[0]}, {m2.shape[1]}), mean {mean.shape[0]}, var {var.shape[0]}")
     if C == 0:
         return
     cdef double dummy = 0.0

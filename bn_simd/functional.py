@@ -74,6 +74,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     than "NCHW"; a call that raises changes nothing.
     """
     lay = layout if axis is None else ck.axis_layout(axis, layout)
+    training = ck.check_flag(training, "training")
+    unbiased_running_var = ck.check_flag(unbiased_running_var, "unbiased_running_var")
     if activation is not None or residual is not None:
         act = _epi.parse(activation)
         _no_mask(mask)
@@ -253,25 +255,37 @@ class Moments:
     The chunks are fixed by the shape alone (not by the thread count). :func:`merge_moments` of the moments of one
     call gives the bits of :func:`batch_stats`; of the moments of consecutive pieces of a batch (the ranks of a
     SyncBatchNorm), in batch order, the bits of one call on the whole batch whenever each piece ends on a chunk
-    boundary of the whole (``len(count)`` chunks of ``count[0]`` rows, or of one row's pieces).
+    boundary of the whole (``len(count)`` chunks of ``count[0]`` elements per channel each: whole rows, or pieces of
+one row). The constructor copies and checks the arrays; :func:`merge_moments` checks them again.
     """
 
     __slots__ = ("count", "shift", "residual", "m2")
 
     def __init__(self, count, shift, residual, m2):
-        self.count = np.ascontiguousarray(count, dtype=np.float64).reshape(-1)
-        K = self.count.shape[0]
-        arrays = [np.ascontiguousarray(a, dtype=np.float64) for a in (shift, residual, m2)]
+        self.count, self.shift, self.residual, self.m2 = self._checked(count, shift, residual, m2, "")
+
+    @staticmethod
+    def _checked(count, shift, residual, m2, where):
+        """The four arrays as float64 copies of their own (count (K,), the others (K, C)), checked; where: the
+        name of the Moments in a message ("" for the constructor's arguments)."""
+        for name, a in (("count", count), ("shift", shift), ("residual", residual), ("m2", m2)):
+            if np.iscomplexobj(a):
+                raise TypeError(f"{where}{name} must hold real numbers, got complex values")
+        try:
+            cnt = np.array(count, dtype=np.float64).reshape(-1)
+            arrays = [np.array(a, dtype=np.float64) for a in (shift, residual, m2)]
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{where}count, shift, residual and m2 must be real-number arrays ({e})") from None
+        K = cnt.shape[0]
         C = arrays[0].shape[-1] if arrays[0].ndim == 2 else None
         for name, a in zip(("shift", "residual", "m2"), arrays):
             if a.ndim != 2 or a.shape != (K, C):
-                raise ValueError(f"{name} must have shape (K, C) = ({K}, {C}) to match count, got {a.shape}")
-        if not np.all(np.isfinite(self.count)) or not np.all(self.count >= 0) or not np.all(
-                self.count == np.floor(self.count)):
-            raise ValueError("count must hold finite whole numbers >= 0")
+                raise ValueError(f"{where}{name} must have shape (K, C) = ({K}, {C}) to match count, got {a.shape}")
+        if not np.all(np.isfinite(cnt)) or not np.all(cnt >= 0) or not np.all(cnt == np.floor(cnt)):
+            raise ValueError(f"{where}count must hold finite whole numbers >= 0")
         if np.any(arrays[2] < 0):  # (NaN passes: the moments of data holding a NaN)
-            raise ValueError("m2 (sums of squared deviations) must be >= 0")
-        self.shift, self.residual, self.m2 = arrays
+            raise ValueError(f"{where}m2 (sums of squared deviations) must be >= 0")
+        return (cnt, *arrays)
 
     @property
     def num_channels(self):
@@ -307,15 +321,15 @@ def merge_moments(*parts):
     for i, p in enumerate(parts):
         if not isinstance(p, Moments):
             raise TypeError(f"parts[{i}] must be a bn_simd.Moments, got {type(p).__name__}")
-    C = parts[0].num_channels
-    for i, p in enumerate(parts):
-        if p.num_channels != C:
-            raise ValueError(f"parts[{i}] has {p.num_channels} channels, parts[0] has {C}")
+    # (checked again: a Moments' attributes may have been replaced or written since it was made)
+    checked = [Moments._checked(*p, f"parts[{i}].") for i, p in enumerate(parts)]
+    C = checked[0][1].shape[1]
+    for i, p in enumerate(checked):
+        if p[1].shape[1] != C:
+            raise ValueError(f"parts[{i}] has {p[1].shape[1]} channels, parts[0] has {C}")
     if C == 0:
         return np.empty(0, np.float64), np.empty(0, np.float64)
-    count = np.concatenate([p.count for p in parts])
-    shift, resid, m2 = (np.ascontiguousarray(np.concatenate([getattr(p, k) for p in parts]).reshape(-1, C))
-                        for k in ("shift", "residual", "m2"))
+    count, shift, resid, m2 = (np.ascontiguousarray(np.concatenate([p[k] for p in checked])) for k in range(4))
     mean, var = np.empty(C, np.float64), np.empty(C, np.float64)
     _core.moments_merge(count, shift, resid, m2, mean, var)
     return mean, var

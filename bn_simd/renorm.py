@@ -277,6 +277,8 @@ def batch_renorm(x, running_mean, running_var, weight=None, bias=None, training=
 
     Returns y. Raises as the calls above; a call that raises changes nothing.
     """
+    training = ck.check_flag(training, "training")
+    unbiased_running_var = ck.check_flag(unbiased_running_var, "unbiased_running_var")
     if not training:
         check_clipping(renorm_clipping)
         check_virtual_batch_size(virtual_batch_size)
@@ -297,7 +299,7 @@ def batch_renorm(x, running_mean, running_var, weight=None, bias=None, training=
     if split.n * split.G > 0 and C > 0:
         update_renorm_stats(running_mean, running_var, running_std, renorm_mean, renorm_std, mean_w.reshape(-1, C),
                             1.0 / np.sqrt(var_w.reshape(-1, C) + eps), split.n, momentum=m, renorm_momentum=rmom,
-                            eps=eps, unbiased=bool(unbiased_running_var))
+                            eps=eps, unbiased=unbiased_running_var)
     return y
 
 

@@ -323,6 +323,8 @@ def virtual_batch_norm(x, running_mean=None, running_var=None, weight=None, bias
     Returns y. Raises as :func:`virtual_batch_norm_forward` and :func:`bn_simd.batch_norm`; a call that raises
     changes nothing.
     """
+    training = ck.check_flag(training, "training")
+    unbiased_running_var = ck.check_flag(unbiased_running_var, "unbiased_running_var")
     if not training:
         check_virtual_batch_size(virtual_batch_size)
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps, layout=layout, out=out)
@@ -338,5 +340,5 @@ def virtual_batch_norm(x, running_mean=None, running_var=None, weight=None, bias
     y, mean, invstd, var = train_forward(split, weight, bias, e, out)
     if rm is not None and split.n * split.G > 0:
         bm, bv = mean_stats(split, mean, var)
-        F.update_running_stats(rm, rv, bm, bv, split.n, mom, unbiased=bool(unbiased_running_var))
+        F.update_running_stats(rm, rv, bm, bv, split.n, mom, unbiased=unbiased_running_var)
     return y

@@ -261,3 +261,27 @@ def test_failed_calls_leave_running_stats_untouched():
             bn_simd.batch_norm(**args)
         np.testing.assert_array_equal(rm, 0.5, err_msg=str(kw))
         np.testing.assert_array_equal(rv, 2.0, err_msg=str(kw))
+
+
+def test_flags_of_several_values_are_refused_before_anything_is_written():
+    """training and unbiased_running_var as arrays of several values (bool() refuses them): TypeError naming the
+    argument, raised before the normalise writes out= (the masked, virtual-batch and renorm paths converted the flag
+    only at their running-statistics update, after y was written)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    flag = np.array([1, 0])
+    calls = [
+        lambda a, rm, rv: bn_simd.virtual_batch_norm(a, rm, rv, training=True, out=a, virtual_batch_size=2,
+                                                     unbiased_running_var=flag),
+        lambda a, rm, rv: bn_simd.batch_norm(a, rm, rv, training=True, out=a, mask=np.ones((4, 2, 2), bool),
+                                             unbiased_running_var=flag),
+        lambda a, rm, rv: bn_simd.batch_renorm(a, rm, rv, training=True, out=a, running_std=np.ones(3, np.float32),
+                                               renorm_mean=np.zeros(3, np.float32),
+                                               renorm_std=np.ones(3, np.float32), unbiased_running_var=flag),
+        lambda a, rm, rv: bn_simd.batch_norm(a, rm, rv, training=flag, out=a),
+    ]
+    for call in calls:
+        a, rm, rv = x.copy(), np.zeros(3, np.float32), np.ones(3, np.float32)
+        with pytest.raises(TypeError, match="unbiased_running_var|training"):
+            call(a, rm, rv)
+        assert np.array_equal(a, x) and not rm.any() and (rv == 1).all()

@@ -146,3 +146,30 @@ def test_moments_refuse_counts_and_m2_no_batch_can_have():
 def test_update_running_stats_refuses_a_running_mean_of_another_rank():
     with pytest.raises(ValueError, match=r"running_mean must have shape \(C,\), got shape \(1, 3\)"):
         bn_simd.update_running_stats(np.zeros((1, 3)), np.ones(3), np.zeros(3), np.ones(3), 4, 0.1)
+
+
+def test_moments_changed_after_construction_are_checked_again():
+    """A Moments holds copies of its arrays, and merge_moments checks the attributes it finds: replaced arrays of
+    other sizes (which the merge kernel would read past), or values no batch can have, are refused."""
+    m2 = np.ones((4, 2))
+    mo = bn_simd.Moments([1.0] * 4, np.zeros((4, 2)), np.zeros((4, 2)), m2)
+    m2[0, 0] = -100.0  # (the caller's array: not the Moments')
+    np.testing.assert_array_equal(bn_simd.merge_moments(mo)[1], [1.0, 1.0])
+    mo.m2 = np.ones((1, 2))
+    with pytest.raises(ValueError, match=r"parts\[0\]\.m2 must have shape \(K, C\) = \(4, 2\)"):
+        bn_simd.merge_moments(mo)
+    big = bn_simd.Moments([1.0], np.zeros((1, 1)), np.zeros((1, 1)), np.ones((1, 1)))
+    big.count, big.shift = np.ones(100000), np.zeros((100000, 1))
+    with pytest.raises(ValueError, match="residual"):
+        bn_simd.merge_moments(big)
+    neg = bn_simd.Moments([1.0] * 4, np.zeros((4, 2)), np.zeros((4, 2)), np.ones((4, 2)))
+    neg.count[0] = -1
+    with pytest.raises(ValueError, match=r"parts\[0\]\.count"):
+        bn_simd.merge_moments(neg)
+    neg.count[0], neg.m2[1, 1] = 1, -1
+    with pytest.raises(ValueError, match=r"parts\[0\]\.m2"):
+        bn_simd.merge_moments([mo, neg][1:])
+    with pytest.raises(TypeError, match="count"):
+        bn_simd.Moments("a", np.zeros((1, 1)), np.zeros((1, 1)), np.ones((1, 1)))
+    with pytest.raises(TypeError, match="shift"):
+        bn_simd.Moments([1.0], np.zeros((1, 1)) + 1j, np.zeros((1, 1)), np.ones((1, 1)))
