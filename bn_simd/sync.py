@@ -373,6 +373,8 @@ def _shift_array(shift, C):
     s = np.asarray(shift, dtype=np.float64)
     if s.shape != (C,):
         raise ValueError(f"shift must have shape ({C},), got {s.shape}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("shift must hold finite values (a shift of Inf or NaN makes every sum relative to it NaN)")
     return s
 
 
@@ -420,6 +422,11 @@ def _exchange_stats(comm, x, C, layout, mode, shift, what):
     total = _allreduce(comm, local[0], size, what)
     rounds = 1
     n = total[0]
+    if n > 0 and np.any(np.isinf(total[1:1 + C])):
+        # (S1 beyond double's range: the data so far from the shift, or so large, that the sums overflowed; every
+        # rank sees the same total and takes the exact exchange, which adds no such sums)
+        mean, var, n, _ = _exchange_stats(comm, x, C, layout, "exact", None, what)
+        return mean, var, n, rounds + 1
     if n > 0:
         mean, var, far = _fast_finish(total, K, C, ratio)
         if far:

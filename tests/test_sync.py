@@ -796,3 +796,24 @@ def test_convert_sync_batchnorm_namedtuples_and_a_layer_at_two_places():
     out = bn_simd.SyncBatchNorm.convert_sync_batchnorm(Pair(shared, [shared, bn_simd.BatchNorm1d(3)]))
     assert type(out) is Pair and isinstance(out.first, bn_simd.SyncBatchNorm)
     assert out.second[0] is out.first and out.second[1] is not out.first
+
+
+def test_fast_mode_sums_beyond_double_range_take_the_exact_exchange():
+    """Fast mode's sums relative to the shift overflowed for a float64 channel of constant 1e305 (S1 = n·1e305):
+    mean Inf and variance NaN, which a layer's running mean then kept. Every rank now sees the infinite sum and takes
+    the exact exchange; a non-finite shift is refused."""
+    x = np.full((2000, 2), 1e305)
+    x[:, 1] = np.linspace(-1.0, 1.0, 2000)
+
+    def fn(r, comm):
+        return bn_simd.sync_batch_stats(x[1000 * r:1000 * (r + 1)], comm, mode="fast")
+    for mean, var, n in run_ok(2, fn):
+        ref_mean, ref_var = bn_simd.batch_stats(x)
+        np.testing.assert_array_equal(mean[:1], [1e305])
+        np.testing.assert_array_equal(var[:1], [0.0])
+        np.testing.assert_allclose(mean, ref_mean, atol=1e-15)
+        np.testing.assert_allclose(var, ref_var, rtol=1e-14)
+        assert n == 2000
+    for bad in (np.inf, np.nan):
+        with pytest.raises(ValueError, match="shift must hold finite"):
+            bn_simd.sync_batch_stats(np.ones((2, 2)), comm=make_comms(1)[0], mode="fast", shift=np.full(2, bad))
