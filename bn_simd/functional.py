@@ -75,7 +75,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     """
     lay = layout if axis is None else ck.axis_layout(axis, layout)
     training = ck.check_flag(training, "training")
-    unbiased_running_var = ck.check_flag(unbiased_running_var, "unbiased_running_var")
+    if training:  # (read only where it is used, as momentum's value)
+        unbiased_running_var = ck.check_flag(unbiased_running_var, "unbiased_running_var")
     if activation is not None or residual is not None:
         act = _epi.parse(activation)
         _no_mask(mask)

@@ -278,11 +278,11 @@ def batch_renorm(x, running_mean, running_var, weight=None, bias=None, training=
     Returns y. Raises as the calls above; a call that raises changes nothing.
     """
     training = ck.check_flag(training, "training")
-    unbiased_running_var = ck.check_flag(unbiased_running_var, "unbiased_running_var")
     if not training:
         check_clipping(renorm_clipping)
         check_virtual_batch_size(virtual_batch_size)
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps, layout=layout, out=out)
+    unbiased_running_var = ck.check_flag(unbiased_running_var, "unbiased_running_var")
     clipping = check_clipping(renorm_clipping)
     split = Split(x, layout, check_virtual_batch_size(virtual_batch_size))
     C = split.C

@@ -324,10 +324,10 @@ def virtual_batch_norm(x, running_mean=None, running_var=None, weight=None, bias
     changes nothing.
     """
     training = ck.check_flag(training, "training")
-    unbiased_running_var = ck.check_flag(unbiased_running_var, "unbiased_running_var")
     if not training:
         check_virtual_batch_size(virtual_batch_size)
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps, layout=layout, out=out)
+    unbiased_running_var = ck.check_flag(unbiased_running_var, "unbiased_running_var")
     split = Split(x, layout, check_virtual_batch_size(virtual_batch_size))
     C = split.C
     rm = ck.per_channel(running_mean, "running_mean", C, inplace=True)
