@@ -476,8 +476,10 @@ cdef int64_t num_groups(object G, int64_t C) except -1:
     g = int(G)
     if g < 1:
         raise ValueError(f"num_groups must be >= 1, got {g}")
-    if g > C and (C > 0 or g > 2**62):  # (zero channels: any count divides them; one beyond int64 is refused here)
-        raise ValueError(f"num_groups ({g}) must divide the number of channels of x ({C})")
+    if g > C and (C > 0 or g >= 2**31):  # (zero channels: any count divides them, up to the layers' limit of 2**31;
+        # more would ask for statistics of N g values)
+        raise ValueError(f"num_groups ({g}) must divide the number of channels of x ({C})"
+                         + (" and be < 2**31" if C == 0 else ""))
     if C % g != 0:
         raise ValueError(f"num_groups ({g}) must divide the number of channels of x ({C})")
     return g
@@ -552,6 +554,9 @@ cdef double count(object n, bint positive) except? -1.0:
                 return v
         except OverflowError:
             pass
+    if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)):
+        raise TypeError(f"n must be a whole number of values {'> 0' if positive else '>= 0'} (an int or an integral "
+                        f"float), got {_describe(n)}")
     raise ValueError(f"n must be a whole number of values {'> 0' if positive else '>= 0'}, got {n!r}")
 
 

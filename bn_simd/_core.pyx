@@ -286,7 +286,7 @@ cdef class ContextHandle:
         if name is None:
             bn_context_set_isa(self.c, -1)
         elif name not in ISA_NAMES or bn_context_set_isa(self.c, ISA_NAMES.index(name)) != BN_OK:
-            raise ValueError(f"isa must be None or one this CPU supports, {supported_isas()}, got {name!r}")
+            raise ValueError(f"isa must be None, 'auto' or one this CPU supports, {supported_isas()}, got {name!r}")
 
     def isa(self):
         return ISA_NAMES[bn_context_get_isa(self.c)]

@@ -327,11 +327,11 @@ class BatchNorm(_Layer):
                 raise ValueError("mask= does not combine with virtual_batch_size or renorm")
             from . import renorm as R
             fw = forward_copy(self.weight)  # (before the call: out may be the weight's memory)
-            with ForwardStep(self, update and self.num_batches_tracked is not None):
+            with ForwardStep(self, self._counts()):
                 y, saved = R.layer_forward(self, x, out, saved_x, update, momentum)
                 self._saved, self._fwd_weight = saved, fw
             return y
-        with ForwardStep(self, update and self.num_batches_tracked is not None):
+        with ForwardStep(self, self._counts()):
             return self._forward_plain(x, out, mask, saved_x, batch_stats, update, momentum)
 
     __call__ = forward
@@ -359,6 +359,11 @@ class BatchNorm(_Layer):
         self._fwd_weight = fw
         return y
 
+    def _counts(self):
+        """Whether a forward counts its batch in num_batches_tracked: in training with tracking on, whether or not
+        the layer holds running statistics (as PyTorch's BatchNorm counts before it looks at them)."""
+        return self.training and self.track_running_stats and self.num_batches_tracked is not None
+
     def _forward_mode(self):
         """(batch_stats, update, momentum) of a forward: batch statistics in training, and in eval when the layer
         holds no running statistics; running statistics updated in training when tracked (track_running_stats may
@@ -382,7 +387,7 @@ class BatchNorm(_Layer):
         passed = update or not batch_stats
         lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
         w, b = forward_copy(self.weight), forward_copy(self.bias)  # (before the call: out may be their memory)
-        with ForwardStep(self, update and self.num_batches_tracked is not None):
+        with ForwardStep(self, self._counts()):
             y, mean, invstd, var = _core.batch_norm_epi(x, self.running_mean if passed else None,
                                                         self.running_var if passed else None, self.weight, self.bias,
                                                         batch_stats, momentum, self.eps, lay, out,

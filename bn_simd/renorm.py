@@ -242,8 +242,11 @@ def update_renorm_stats(running_mean, running_var, running_std, renorm_mean, ren
     m = ck.check_momentum(momentum, False)
     rm = check_renorm_momentum(renorm_momentum)
     e = ck.check_eps(eps)
+    if isinstance(n, bool) or not isinstance(n, numbers.Real):
+        raise TypeError(f"n must be a whole number of values >= 0 (an int or an integral float), got "
+                        f"{type(n).__name__}")
     try:
-        whole = not isinstance(n, bool) and isinstance(n, numbers.Real) and math.isfinite(n) and n >= 0 and n == int(n)
+        whole = math.isfinite(n) and n >= 0 and n == int(n)
     except OverflowError:   # (an int beyond float's range)
         whole = False
     if not whole:

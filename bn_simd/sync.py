@@ -682,14 +682,15 @@ class SyncBatchNorm(BatchNorm):
         # (an interrupt during the normalise is raised as it returns, before the count and statistics move; the count
         # moves before the update, as in PyTorch, so one raised as the update returns finds both moved)
         y = F.normalize(xa, mean, var, self.weight, self.bias, eps=self.eps, layout=self.layout, out=out)
-        if update and self.num_batches_tracked is not None:
+        counted = self._counts()
+        if counted:
             self.num_batches_tracked += 1
         if update and n > 0:
             try:
                 F.update_running_stats(self.running_mean, self.running_var, mean, var, n, momentum,
                                        unbiased=self.unbiased_running_var)
             except Exception:
-                if self.num_batches_tracked is not None:
+                if counted:
                     self.num_batches_tracked -= 1
                 raise
         if n > 0 and np.all(np.isfinite(mean)):

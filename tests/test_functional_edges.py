@@ -10,11 +10,12 @@ import bn_simd
 EPS64 = np.finfo(np.float64).eps
 
 
-@pytest.mark.parametrize("n", [np.inf, 2.5, -1, np.nan, True])
-def test_update_renorm_stats_refuses_a_bad_n_and_writes_nothing(n):
+@pytest.mark.parametrize("n,error", [(np.inf, ValueError), (2.5, ValueError), (-1, ValueError), (np.nan, ValueError),
+                                     (True, TypeError), ("5", TypeError), (None, TypeError)])
+def test_update_renorm_stats_refuses_a_bad_n_and_writes_nothing(n, error):
     arrays = [np.zeros(3), np.ones(3), np.ones(3), np.zeros(3), np.ones(3)]
     before = [a.copy() for a in arrays]
-    with pytest.raises(ValueError, match="n must be a whole number"):
+    with pytest.raises(error, match="n must be a whole number"):
         bn_simd.update_renorm_stats(*arrays, np.ones(3), np.ones(3), n)
     for a, b in zip(arrays, before):
         np.testing.assert_array_equal(a, b)

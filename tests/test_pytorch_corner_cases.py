@@ -9,6 +9,7 @@ import pytest
 
 import bn_simd
 from conftest import make_input
+from fake_comm import make_comms
 
 
 def _torch():
@@ -36,8 +37,11 @@ def test_update_running_stats_names_the_wrong_argument_and_takes_whole_counts():
     rm, rv = np.full(3, 0.5, np.float32), np.full(3, 2.0, np.float32)
     with pytest.raises(ValueError, match=r"mean must have shape \(3,\) to match the 3 channels of running_mean"):
         bn_simd.update_running_stats(rm, rv, np.ones(4), np.ones(3), 8, 0.1)
-    for n in (2.5, float("inf"), -1, True):
+    for n in (2.5, float("inf"), -1):
         with pytest.raises(ValueError, match="whole number"):
+            bn_simd.update_running_stats(rm, rv, np.ones(3), np.ones(3), n, 0.1)
+    for n in (True, "5", None, np.ones(1)):  # (not a number: the wrong type)
+        with pytest.raises(TypeError, match="whole number"):
             bn_simd.update_running_stats(rm, rv, np.ones(3), np.ones(3), n, 0.1)
     np.testing.assert_array_equal(rm, 0.5)
     bn_simd.update_running_stats(rm, rv, np.ones(3), np.ones(3), np.float64(4.0), 0.5)  # (an integral float)
@@ -222,3 +226,28 @@ def test_eval_momentum_matches_torch():
     t = torch.nn.functional.batch_norm(torch.tensor(x), torch.tensor(rm), torch.tensor(rv), training=False,
                                        momentum=-1.2)
     np.testing.assert_allclose(bn_simd.batch_norm(x, rm, rv, momentum=-1.2), t.numpy(), atol=2e-6)
+
+
+def test_a_training_call_counts_the_batch_without_running_statistics():
+    """PyTorch counts a training batch whenever tracking is on, also when running_mean / running_var were set to None
+    (it counts before it looks at them); the layers (SyncBatchNorm too) counted only when they held statistics."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 2, 2)).astype(np.float32)
+    layers = [bn_simd.BatchNorm2d(3), bn_simd.BatchNorm2d(3, momentum=None),
+              bn_simd.SyncBatchNorm(3, comm=make_comms(1)[0])]
+    for layer in layers:
+        layer.running_mean = layer.running_var = None
+        layer(x)
+        layer(x)
+        assert layer.num_batches_tracked == 2, type(layer).__name__
+        layer.eval()
+        layer(x)
+        assert layer.num_batches_tracked == 2
+    untracked = bn_simd.BatchNorm2d(3, track_running_stats=False)
+    untracked(x)
+    assert untracked.num_batches_tracked is None
+    torch = pytest.importorskip("torch")
+    t = torch.nn.BatchNorm2d(3)
+    t.running_mean = t.running_var = None
+    t(torch.from_numpy(x))
+    t(torch.from_numpy(x))
+    assert int(t.num_batches_tracked) == 2

@@ -116,7 +116,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None,
         gradients of input, weight, bias and residual through it (``GroupNormActFunction``).
 
     Returns y, in input's memory format. Raises TypeError / ValueError as :func:`batch_norm` (num_groups not
-    dividing C, one value per group).
+    dividing C; training-style statistics of one value, N C/G S == 1, as PyTorch).
     """
     if activation is not None or residual is not None:
         return _fused.group_norm_act(input, num_groups, weight, bias, eps, activation, residual, out, None)
