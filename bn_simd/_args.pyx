@@ -333,7 +333,10 @@ cdef object first_channel(object v, str name):
     None refused."""
     if v is None:
         raise TypeError(f"{name} must be an array of shape (C,), got None")
-    return channel(v, name, length(v, name), False)
+    shape = _to_ndarray(v, name).shape
+    if len(shape) != 1:
+        raise ValueError(f"{name} must have shape (C,), one value per channel, got shape {shape}")
+    return channel(v, name, shape[0], False)
 
 
 cdef int both_given(object a, object b, str names) except -1:
@@ -737,6 +740,12 @@ def as_data(x, name="x", half=False):
 def per_channel(v, name, C, *, inplace=False, of="x"):
     """A length-C floating-point vector (any float dtype) as an ndarray, or None (see channel; of: what sets C)."""
     return channel(v, name, C, inplace, of)
+
+
+def first_per_channel(v, name):
+    """The first per-channel argument of a call without data (its length sets C), checked as the others; None
+    refused."""
+    return first_channel(v, name)
 
 
 def to_ndarray(obj, name):

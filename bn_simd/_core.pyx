@@ -1138,9 +1138,9 @@ def norm_coefficients(mean, var, weight, bias, eps, dtype):
     dt = A.dtype_arg(dtype, &code)
     m = A.first_channel(mean, "mean")
     cdef int64_t C = m.shape[0]
-    s = A.required_channel(var, "var", C)
-    w = A.channel(weight, "weight", C, False)
-    b = A.channel(bias, "bias", C, False)
+    s = A.required_channel(var, "var", C, "mean")
+    w = A.channel(weight, "weight", C, False, "mean")
+    b = A.channel(bias, "bias", C, False, "mean")
     cdef double e = A.eps(eps)
     cdef int t = dt.num
     cdef cnp.ndarray mc = A.new_vector(C, t), ac = A.new_vector(C, t), bc = A.new_vector(C, t)
@@ -1167,9 +1167,9 @@ def backward_coefficients(sum_dy, sum_dyxm, mean, invstd, n, weight, training, d
     dt = A.dtype_arg(dtype, &code)
     first = A.first_channel(sum_dy, "sum_dy")
     cdef int64_t nc = first.shape[0]
-    arrays = [first, A.required_channel(sum_dyxm, "sum_dyxm", nc), A.required_channel(mean, "mean", nc),
-              A.required_channel(invstd, "invstd", nc)]
-    w = A.channel(weight, "weight", nc, False)
+    arrays = [first] + [A.required_channel(v, name, nc, "sum_dy")
+                        for v, name in ((sum_dyxm, "sum_dyxm"), (mean, "mean"), (invstd, "invstd"))]
+    w = A.channel(weight, "weight", nc, False, "sum_dy")
     cdef double count = A.count(n, True)
     cdef bint tr = training
     cdef int t = dt.num

@@ -96,12 +96,10 @@ def renorm_corrections(mean, var, renorm_mean, renorm_std, *, eps=1e-5, rmax=mat
     rmax, rmin, dmax: real numbers (or 0-d arrays) as ``renorm_clipping``'s (None: unclipped), with the same
     checks (TypeError, ValueError naming renorm_clipping's key).
     """
-    mean = np.asarray(ck.to_ndarray(mean, "mean"), np.float64)
-    C = mean.shape[0] if mean.ndim == 1 else -1
-    if C < 0:
-        raise ValueError(f"mean must have shape (C,), got {mean.shape}")
-    given = [ck.per_channel(v, name, C) for v, name in ((var, "var"), (renorm_mean, "renorm_mean"),
-                                                         (renorm_std, "renorm_std"))]
+    mean = np.asarray(ck.first_per_channel(mean, "mean"), np.float64)
+    C = mean.shape[0]
+    given = [ck.per_channel(v, name, C, of="mean") for v, name in ((var, "var"), (renorm_mean, "renorm_mean"),
+                                                                   (renorm_std, "renorm_std"))]
     for v, name in zip(given, ("var", "renorm_mean", "renorm_std")):
         if v is None:
             raise TypeError(f"{name} must be an array of shape ({C},), got None")
