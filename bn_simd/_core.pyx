@@ -1241,9 +1241,10 @@ cdef tuple saved_stats(cnp.ndarray mean, cnp.ndarray var, double e, cnp.ndarray 
     return m, s
 
 
-def group_norm(x, num_groups, weight, bias, eps, layout, out, int nthreads, int result=0):
+def group_norm(x, num_groups, weight, bias, eps, layout, out, int nthreads, int result=0, bint torch_rules=True):
     """groups.group_norm (result 0: y) and group_norm_forward (1: y, mean, invstd); 2: (y, mean, var) as float64
-    (N num_groups,); 3: (y, mean, invstd) as float64 (N, num_groups) (the layer's, for its backward)."""
+    (N num_groups,); 3: (y, mean, invstd) as float64 (N, num_groups) (the layer's, for its backward). torch_rules:
+    PyTorch's refusal of statistics over one value in all (not Keras')."""
     cdef int lay = A.layout_code(layout)
     cdef cnp.ndarray xa = A.data(x, "x", True)
     cdef Groups g
@@ -1252,7 +1253,8 @@ def group_norm(x, num_groups, weight, bias, eps, layout, out, int nthreads, int 
     w = A.channel(weight, "weight", g.C, False)
     b = A.channel(bias, "bias", g.C, False)
     cdef double e = A.eps(eps)
-    A.group_values(g.N * (g.C // G) * g.S, xa)
+    if torch_rules:
+        A.group_values(g.N * (g.C // G) * g.S, xa)
     cdef cnp.ndarray ya = A.output(out, xa, None)
     mean, var = group_forward_run(xa, ya, &g, G, w, b, e, nthreads)
     if result == 0:

@@ -46,25 +46,29 @@ def _check_inert(name, value, layer="BatchNormalization"):
         raise ValueError(f"{name}={value!r} is not supported by bn_simd.keras.{layer} (only {default!r})")
 
 
-def _constant_value(value, name):
+def _constant_value(value, name, any_rank=False):
     """A Keras Constant's value (a number, a list of per-channel numbers, or Keras' serialized NumPy array of them)
-    as a float or a 1-d float64 array."""
+    as a float or a 1-d float64 array (any_rank: nested lists too, an n-d array to broadcast to the weights)."""
     if isinstance(value, dict) and value.get("class_name") == "__numpy__":
         value = (value.get("config") or {}).get("value")
     if isinstance(value, np.ndarray):
         value = value.tolist()
-    items = value if isinstance(value, (list, tuple)) else [value]
-    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items) or (
-            isinstance(value, (list, tuple)) and not items):
+    nested = isinstance(value, (list, tuple))
+    try:
+        a = np.array(value) if nested and any_rank else None
+    except ValueError:  # (ragged lists)
+        a = None
+    items = a.ravel().tolist() if a is not None and a.dtype.kind in "iuf" else value if nested else [value]
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items) or (nested and not items):
         raise ValueError(f"{name} must be a Constant of a real number or of a non-empty list of per-channel real "
-                         f"numbers, got the value {value!r}")
-    return np.array(value, np.float64) if isinstance(value, (list, tuple)) else float(value)
+                         f"numbers{' (or of nested lists of them)' if any_rank else ''}, got the value {value!r}")
+    return np.array(value, np.float64) if nested else float(value)
 
 
-def _constant(spec, name):
+def _constant(spec, name, any_rank=False):
     """The constant an initializer stands for: "zeros"/"ones" (Keras' names, any case), a real number, or Keras'
-    serialized Zeros / Ones / Constant (whose value may be a list of per-channel values: then a 1-d float64 array);
-    None for a callable (called at build time)."""
+    serialized Zeros / Ones / Constant (whose value may be a list of per-channel values: then a 1-d float64 array;
+    any_rank: nested lists too, an n-d array); None for a callable (called at build time)."""
     if callable(spec) and not isinstance(spec, (str, numbers.Number)):
         return None
     if isinstance(spec, str):
@@ -78,7 +82,7 @@ def _constant(spec, name):
     elif isinstance(spec, dict) and spec.get("class_name") in ("Zeros", "Ones", "Constant"):
         cls = spec["class_name"]
         return 0.0 if cls == "Zeros" else 1.0 if cls == "Ones" else _constant_value(
-            (spec.get("config") or {}).get("value", 0.0), name)
+            (spec.get("config") or {}).get("value", 0.0), name, any_rank)
     raise ValueError(f"{name} must be 'zeros', 'ones', a number, a serialized Keras Zeros/Ones/Constant or a "
                      f"callable (shape, dtype) -> array, got {spec!r}")
 
@@ -111,15 +115,21 @@ def _computed(x):
     return ck.as_data(x, "inputs")
 
 
-def _initial_array(spec, name, shape, dtype, what):
+def _initial_array(spec, name, shape, dtype, what, any_rank=False):
     """A weight's initial values of `shape` from its initializer spec (see _constant): a Constant's list broadcast
-    (1 value, or as many as the last dim), a callable (shape, dtype name) -> array called; what: the last dim's
-    name for the message."""
-    value = _constant(spec, name)
+    (1 value, or as many as the last dim; any_rank: an n-d array that broadcasts to shape), a callable (shape,
+    dtype name) -> array called; what: the last dim's name for the message."""
+    value = _constant(spec, name, any_rank)
     if isinstance(value, np.ndarray):  # a Constant's per-channel values (one value: every channel's, as Keras)
-        if value.shape not in ((1,), shape[-1:]):
-            raise ValueError(f"{name} must be a Constant of 1 or {shape[-1]} values {what}, got a Constant of "
-                             f"{value.shape[0]} values")
+        if value.ndim > 1 or value.shape not in ((1,), shape[-1:]):
+            try:
+                if not any_rank or np.broadcast_shapes(value.shape, shape) != shape:
+                    raise ValueError
+            except ValueError:
+                got = f"{value.shape[0]} values" if value.ndim == 1 else f"shape {value.shape}"
+                raise ValueError(f"{name} must be a Constant of 1 or {shape[-1]} values {what}"
+                                 f"{f' or of values broadcasting to {shape}' if any_rank else ''}, got a Constant of "
+                                 f"{got}") from None
         return np.array(np.broadcast_to(value, shape), dtype=dtype)
     if value is not None:
         return np.full(shape, value, dtype)
@@ -677,7 +687,7 @@ class _KerasNorm(_KerasWeights):
         self.center, self.scale = bool(center), bool(scale)
         self.beta_initializer, self.gamma_initializer = beta_initializer, gamma_initializer
         for arg in ("beta_initializer", "gamma_initializer"):
-            _constant(getattr(self, arg), arg)
+            _constant(getattr(self, arg), arg, True)
         self._init_common(epsilon, trainable, dtype, name, dict(zip(_LN_INERT, inert)))
 
     def _weight_names(self):
@@ -698,7 +708,7 @@ class _KerasNorm(_KerasWeights):
             raise ValueError(f"input_shape must have 1 to {ck.MAX_DIMS} dimensions, got {shape}")
         wshape = self._plan(shape)
         made = {n: _initial_array(getattr(self, arg) if arg else "ones", arg or n, wshape, self.dtype,
-                                  "(the last normalised axis)") for n, arg in self._names if self._has(n)}
+                                  "(the last normalised axis)", True) for n, arg in self._names if self._has(n)}
         for n, v in made.items():
             setattr(self, n, v)
         self._ndim, self._wshape = len(shape), wshape
@@ -732,15 +742,31 @@ class _KerasNorm(_KerasWeights):
         Keras' to pass on to the next layer). Keeps the input (a reference) and the statistics for
         :meth:`backward`."""
         x = _computed(inputs)
-        if not self.built:
+        fresh = not self.built
+        if fresh:
             self.build(x.shape)
-        if x.ndim != self._ndim or self._plan(x.shape) != self._wshape:
-            raise ValueError(f"inputs must have {self._ndim} dimensions, with the sizes the weights of shape "
-                             f"{self._wshape} were built for, got shape {x.shape}")
-        params = {n: self._weight_value(getattr(self, n), n) for n in self._weight_names()}
-        with ForwardStep(self):
-            y = self._forward(x, params)
+        try:
+            if not self._takes(x.shape):
+                raise ValueError(f"inputs must have {self._ndim} dimensions, with the sizes the weights of shape "
+                                 f"{self._wshape} were built for, got shape {x.shape}")
+            params = {n: self._weight_value(getattr(self, n), n) for n in self._weight_names()}
+            with ForwardStep(self):
+                y = self._forward(x, params)
+        except Exception:
+            if fresh:  # (a call that raises changes nothing: not even the build it started with)
+                self._unbuild()
+            raise
         return y if y.dtype == self.dtype else y.astype(self.dtype)
+
+    def _takes(self, shape):
+        """Whether a built layer takes inputs of this shape: its rank, and the sizes its weights were made for."""
+        return len(shape) == self._ndim and self._plan(shape) == self._wshape
+
+    def _unbuild(self):
+        for n, _ in self._names:
+            setattr(self, n, None)
+        self._ndim = self._wshape = None
+        self.built = False
 
     def backward(self, grad_out):
         """Gradient of the last call: returns grad_x (the dtype x was computed in, x's shape) and sets the
@@ -749,6 +775,8 @@ class _KerasNorm(_KerasWeights):
         if self._saved is None:
             raise RuntimeError("backward() needs a call first")
         shape, dtype = self._saved[0], self._saved[1]
+        if grad_out is None:
+            raise TypeError(f"grad_out must be an array of the last call's input shape {shape}, got None")
         g = ck.bf16_widened(ck.to_ndarray(grad_out, "grad_out"))
         if g.shape != shape:
             raise ValueError(f"grad_out must have the shape of the last call's inputs {shape}, got {g.shape}")
@@ -809,6 +837,10 @@ class _RowNormalization(_KerasNorm):
         self._axes = axes
         return tuple(self._size(shape, a, "a normalised axis") for a in axes)
 
+    def _takes(self, shape):
+        # (any rank whose normalised axes have the weights' sizes: Keras' layer and RMS norm fix no rank)
+        return self._plan(shape) == self._wshape
+
     def _route(self, nd):
         """(perm, layout, normalized_shape): x's axes put in rows (perm None: as they are), and the row-norm
         call's layout and normalized_shape."""
@@ -849,14 +881,17 @@ class LayerNormalization(_RowNormalization):
         (channels first) does too; any other set of axes goes through one transposed copy of the input.
     epsilon : float > 0, added to the variance.
     center, scale : bool, independently: a learnable offset ``beta`` / factor ``gamma`` (None when False).
-    beta_initializer, gamma_initializer : as :class:`BatchNormalization`'s.
+    beta_initializer, gamma_initializer : as :class:`BatchNormalization`'s; a Constant may also hold nested lists (an
+        array) that broadcast to the weights' shape.
     beta_regularizer, gamma_regularizer, beta_constraint, gamma_constraint : taken when None only (ValueError).
     rms_scaling : False only: Keras deprecated ``rms_scaling=True`` (it scales by the variance, not the root mean
         square); :class:`RMSNormalization` is the RMS norm.
     trainable, dtype, name : as :class:`BatchNormalization`'s (float32 or float64, or a Keras dtype policy).
 
-    ``layer(inputs)`` normalises (training and inference alike); :meth:`backward` gives the gradients of the last call
-    (``grad_gamma``, ``grad_beta``). Statistics in float64 (bn_simd's layer norm). Raises TypeError / ValueError
+    ``layer(inputs)`` normalises (training and inference alike); later calls may have another rank (Keras fixes
+    none for this layer) whose normalised axes have the weights' sizes. :meth:`backward` gives the gradients of the
+    last call (``grad_gamma``, ``grad_beta``). Inputs are computed in float32 (16-bit, integers, bool) or float64
+    and y returned in the layer's dtype (Keras casts y back to the input's dtype: a float16 y, or integers). Statistics in float64 (bn_simd's layer norm). Raises TypeError / ValueError
     naming the argument; a call that raises changes nothing. A layer holds state: call one layer from one thread at
     a time.
     """
@@ -923,8 +958,9 @@ class GroupNormalization(_KerasNorm):
     epsilon, center, scale, beta_initializer, gamma_initializer, the regularizers and constraints, trainable, dtype,
         name : as :class:`LayerNormalization`'s (gamma and beta shaped (C,)).
 
-    Inputs have rank 2 to 8, a known size on ``axis``. :meth:`backward` sets ``grad_gamma`` and ``grad_beta``.
-    Statistics in float64 (bn_simd's group norm).
+    Inputs have rank 2 to 8 (the rank built for, as Keras' input spec), a known size on ``axis``. A group of one
+    value (a batch of one, one channel a group, no other axis) normalises to beta, as in Keras. :meth:`backward`
+    sets ``grad_gamma`` and ``grad_beta``. Statistics in float64 (bn_simd's group norm).
     """
 
     _inert = _LN_INERT
@@ -941,6 +977,7 @@ class GroupNormalization(_KerasNorm):
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
         self.groups, self.axis = int(groups), int(axis)
+        self._groups_given = self.groups  # (-1 becomes C at build; a build undone restores it)
         self._init_affine(center, scale, beta_initializer, gamma_initializer, epsilon, trainable, dtype, name,
                           (beta_regularizer, gamma_regularizer, beta_constraint, gamma_constraint))
 
@@ -963,6 +1000,10 @@ class GroupNormalization(_KerasNorm):
         if self.groups == -1:
             self.groups = self._wshape[0]  # (as Keras' build: one group a channel)
 
+    def _unbuild(self):
+        super()._unbuild()
+        self.groups = self._groups_given
+
     def _route(self, shape):
         """(perm, layout, the shape of the rank <= 3 view group norm runs on): channels last or first in place
         (the other axes but 0 flattened), any other axis moved last by perm."""
@@ -979,7 +1020,7 @@ class GroupNormalization(_KerasNorm):
         perm, layout, view = self._route(x.shape)
         xs = (x if perm is None else np.ascontiguousarray(x.transpose(perm))).reshape(view)
         w, b = params.get("gamma"), params.get("beta")
-        y, mean, invstd = _core.group_norm(xs, self.groups, w, b, self.epsilon, layout, None, _threads(), 3)
+        y, mean, invstd = _core.group_norm(xs, self.groups, w, b, self.epsilon, layout, None, _threads(), 3, False)
         self._saved = (x.shape, x.dtype, xs, mean, invstd, w, b)
         return self._back(y, x.shape, perm)
 

@@ -262,3 +262,77 @@ def test_matches_keras_3_and_its_autograd(keras, kind, shape, axis, groups):
         np.testing.assert_allclose(getattr(ours, "grad_" + w.name), kg, rtol=1e-4,
                                    atol=64 * eps * np.abs(g).sum() / max(1, kg.size), err_msg=w.name)
     assert [w.name for w in kl.weights] == ours._weight_names()
+
+
+def test_group_norm_of_a_batch_of_one_with_groups_of_one_value():
+    """Keras normalises groups of one value to beta (zero gradients), at any batch size: PyTorch's refusal of a
+    single value in all (N C/G S == 1) is not Keras'."""
+    x = np.arange(8, dtype=np.float32).reshape(1, 8)
+    for shape, groups in (((1, 8), -1), ((1, 8), 8), ((1, 1, 1, 8), -1), ((1, 1), 1)):
+        layer = GroupNormalization(groups=groups)
+        layer.build(shape)
+        beta = np.linspace(-1, 1, shape[-1]).astype(np.float32)
+        layer.set_weights([np.full(shape[-1], 2.0, np.float32), beta])
+        y = layer(x[..., :shape[-1]].reshape(shape))
+        np.testing.assert_array_equal(y.reshape(-1), beta)
+        gx = layer.backward(np.ones(shape, np.float32))
+        assert not gx.any() and not layer.grad_gamma.any()
+        np.testing.assert_array_equal(layer.grad_beta, np.ones(shape[-1]))
+
+
+def test_a_first_call_that_fails_leaves_the_layer_unbuilt():
+    class Failing(GroupNormalization):
+        def _forward(self, x, params):
+            raise ValueError("refused")
+    layer = Failing(groups=-1)
+    with pytest.raises(ValueError, match="refused"):
+        layer(np.ones((2, 6), np.float32))
+    assert not layer.built and layer.groups == -1 and layer.get_weights() == [] and layer.gamma is None
+    assert GroupNormalization.from_config(layer.get_config()).groups == -1
+
+
+def test_row_norms_take_other_ranks_with_the_same_normalised_sizes():
+    """Keras' layer and RMS norm fix no input rank (group norm does): a built layer takes any rank whose normalised
+    axes have the weights' sizes."""
+    rng = np.random.default_rng(6)
+    for layer in (LayerNormalization(), RMSNormalization(), LayerNormalization(axis=1)):
+        layer(rng.standard_normal((2, 3, 4)).astype(np.float32))
+        x = rng.standard_normal((5, 4) if layer.axis == -1 else (2, 3, 2, 2)).astype(np.float32)
+        kind = "rms" if isinstance(layer, RMSNormalization) else "layer"
+        params = {n: w.astype(np.float64) for n, w in zip(layer._weight_names(), layer.get_weights())}
+        np.testing.assert_allclose(layer(x), formula(kind, x, params, layer.axis, layer.epsilon), rtol=1e-6,
+                                   atol=1e-6)
+        assert layer.backward(np.ones_like(x)).shape == x.shape
+        with pytest.raises(ValueError, match="sizes the weights"):
+            layer(np.ones((2, 5) if layer.axis == -1 else (2, 5, 2), np.float32))
+    gn = GroupNormalization(groups=2)
+    gn(np.ones((2, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="3 dimensions"):
+        gn(np.ones((2, 4), np.float32))
+
+
+def test_constant_initializers_of_nested_lists_broadcast_to_the_weights():
+    value = [[1.0, 2.0, 3.0, 4.0]] * 3
+    layer = LayerNormalization(axis=[1, 2], gamma_initializer={"class_name": "Constant", "config": {"value": value}})
+    layer.build((2, 3, 4))
+    np.testing.assert_array_equal(layer.gamma, value)
+    layer = LayerNormalization(axis=[1, 2], beta_initializer={"class_name": "Constant", "config": {"value": [5.0] * 4}})
+    layer.build((2, 3, 4))
+    np.testing.assert_array_equal(layer.beta, np.full((3, 4), 5.0))
+    bad = LayerNormalization(axis=[1, 2],
+                             gamma_initializer={"class_name": "Constant", "config": {"value": [[1.0] * 3]}})
+    with pytest.raises(ValueError, match=r"broadcasting to \(3, 4\), got a Constant of shape \(1, 3\)"):
+        bad.build((2, 3, 4))
+    assert not bad.built
+    with pytest.raises(TypeError, match="grad_out"):
+        layer(np.ones((2, 3, 4), np.float32))
+        layer.backward(None)
+
+
+def test_config_of_a_keras_layer_with_an_array_constant(keras):
+    value = np.arange(12.0).reshape(3, 4)
+    kl = keras.layers.LayerNormalization(axis=[1, 2], gamma_initializer=keras.initializers.Constant(value))
+    kl.build((2, 3, 4))
+    ours = LayerNormalization.from_config(kl.get_config())
+    ours.build((2, 3, 4))
+    np.testing.assert_array_equal(ours.gamma, kl.get_weights()[0])
