@@ -12,6 +12,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as TF  # noqa: E402
 
 import bn_simd.torch as bt  # noqa: E402
+from fake_comm import make_comms  # noqa: E402
 from test_torch_fused import ACTS, assert_same_as_unfused, eps_of  # noqa: E402
 
 SHAPE = (4, 6, 5, 7)  # (N, C, H, W)
@@ -571,3 +572,61 @@ def test_pytorchs_path_takes_the_kernels_derivative_at_the_kinks(activation, mod
     module(TF.batch_norm(ref, None, None, None, None, True) + shift).sum().backward()
     for g in grads:
         torch.testing.assert_close(g, ref.grad, rtol=1e-9, atol=1e-9)
+
+
+class _Repacked(torch.autograd.graph.saved_tensors_hooks):
+    """Saved tensors handed back in other strides than the forward saved them with: a C-ordered copy (as
+    torch.autograd.graph.save_on_cpu's offloading gives), or a transposed view of one (other strides again)."""
+
+    def __init__(self, transposed):
+        def pack(t):
+            return t.mT.contiguous() if transposed and t.dim() >= 2 else t.contiguous()
+
+        def unpack(t):
+            return t.mT if transposed and t.dim() >= 2 else t
+        super().__init__(pack, unpack)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "rank3_channel_stride_1"])
+def test_gradients_of_saved_tensors_that_come_back_in_other_strides(layout, transposed):
+    """The backwards allocated grad_x like the saved x and wrote the kernel's layout into it: a saved x handed back in
+    other strides (activation offloading) made the kernel write a copy, and grad_x came back uninitialised."""
+    torch.manual_seed(0)
+    if layout == "rank3_channel_stride_1":
+        x0, mods = torch.randn(2, 5, 8).transpose(1, 2), [bt.GroupNorm(2, 8), bt.InstanceNorm1d(8, affine=True),
+                                                         bt.BatchNorm1d(8), bt.GroupNormAct(2, 8, activation="silu")]
+    else:
+        x0 = torch.randn(2, 8, 4, 4)
+        if layout == "channels_last":
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        mods = [bt.GroupNorm(2, 8), bt.InstanceNorm2d(8, affine=True), bt.BatchNorm2d(8),
+                bt.GroupNormAct(2, 8, activation="silu"), bt.InstanceNormAct2d(8, activation="silu"),
+                bt.BatchNormAct2d(8, activation="relu"), bt.LayerNorm(4),
+                bt.SyncBatchNorm(8, process_group=make_comms(1)[0])]
+    gy = torch.randn(x0.shape)
+    for m in mods:
+        grads = []
+        for hooked in (False, True):
+            x = x0.clone(memory_format=torch.preserve_format).requires_grad_()
+            if hooked:
+                with _Repacked(transposed):
+                    y = m(x)
+            else:
+                y = m(x)
+            grads.append(torch.autograd.grad(y, [x] + [p for p in m.parameters()], gy))
+        for a, b in zip(*grads):
+            assert torch.equal(a, b), type(m).__name__
+
+
+def test_a_fused_module_as_the_trace_root_asks_for_its_residual():
+    """symbolic_trace of a fused module itself: its residual is a proxy that may stand for None or a tensor. A
+    TypeError says to fix it (it said 'residual must be a torch.Tensor or None, got Proxy'); with concrete_args the
+    trace records PyTorch's functions."""
+    import torch.fx as fx
+    m = bt.LayerNormAct(8, activation="relu")
+    with pytest.raises(TypeError, match="concrete_args"):
+        fx.symbolic_trace(m)
+    g = fx.symbolic_trace(m, concrete_args={"residual": None})
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(g(x), m(x))

@@ -57,9 +57,9 @@ class BatchNormFunction(torch.autograd.Function):
         xa, ga = B.array(x, layout), B.array(grad_y, layout)
         grad_x = None
         if need_x:
-            grad_x = torch.empty_like(x)
+            grad_x = B.empty_in(x, layout)
             _, gw, gb = F.batch_norm_backward(ga, xa, mean, invstd, B.vec(weight), layout=layout,
-                                              out=B.array(grad_x, layout), training=training)
+                                              out=B.out_array(grad_x, layout), training=training)
         else:
             # only the parameters' gradients: the channel sums, without grad_x's sweep
             # grad_bias = sum dy, grad_weight = invstd * sum dy (x - mean)
@@ -90,9 +90,9 @@ class GroupNormFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         mean, invstd, num_groups, layout = ctx.stats
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        grad_x = torch.empty_like(x)
+        grad_x = B.empty_in(x, layout)
         _, gw, gb = _core.group_norm_backward(B.array(grad_y, layout), B.array(x, layout), mean, invstd, num_groups,
-                                              B.vec(weight), layout, B.array(grad_x, layout), B._threads())
+                                              B.vec(weight), layout, B.out_array(grad_x, layout), B._threads())
         pd = ctx.param_dtype
         return (grad_x if need_x else None, None, _param_grad(gw, pd, need_w), _param_grad(gb, pd, need_b), None,
                 None)
@@ -123,9 +123,9 @@ class InstanceNormFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         mean, invstd, layout = ctx.stats
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = torch.empty_like(x)
+        grad_x = B.empty_in(x, layout)
         _, gw, gb = _core.group_norm_backward(B.array(grad_y, layout), B.array(x, layout), mean, invstd, None,
-                                              B.vec(weight), layout, B.array(grad_x, layout), B._threads(), True)
+                                              B.vec(weight), layout, B.out_array(grad_x, layout), B._threads(), True)
         pd = ctx.param_dtype
         return (grad_x if need_x else None, _param_grad(gw, pd, need_w), _param_grad(gb, pd, need_b), None, None,
                 None, None, None)

@@ -7,8 +7,9 @@ is dense in one of two orders:
 * channels last (``torch.channels_last`` for rank 4, ``torch.channels_last_3d`` for rank 5, and the same order for
   rank 3): ``x.movedim(1, -1)`` is C-contiguous, and its array, shaped (N, *spatial, C), is run with layout "NHWC".
 
-Outputs and gradients are allocated with ``torch.empty_like(x)``, which keeps x's strides, and viewed the same way,
-so a result has its input's memory format. Any other strides (slices, expanded or permuted spatial axes) are copied
+Outputs are allocated with ``torch.empty_like(x)``, which keeps x's strides, and viewed the same way, so a result has
+its input's memory format; a backward's gradients are allocated in the forward's layout (``empty_in``: the saved x
+may come back from a saved-tensor hook in other strides). Any other strides (slices, expanded or permuted spatial axes) are copied
 once to C order, and the result is C-ordered.
 
 NumPy has float16 but no bfloat16: a bfloat16 tensor's memory is viewed as ``bn_simd._args.BF16_BITS`` (uint16
@@ -94,6 +95,26 @@ def array(t, layout):
         a = a.transpose(_CHANNELS_LAST[a.ndim])
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
+    return a
+
+
+def empty_in(x, layout):
+    """An uninitialised tensor of x's shape, dtype and device whose memory is in ``layout``'s order (C order, or
+    channels last) whatever x's strides: a backward's gradient of a saved x, which a saved-tensor hook
+    (``torch.autograd.graph.save_on_cpu``, offloading) may hand back in strides other than the forward's."""
+    if layout == "NHWC":
+        perm = _CHANNELS_LAST[x.dim()]
+        inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+        return torch.empty([x.shape[p] for p in perm], dtype=x.dtype, device=x.device).permute(inverse)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def out_array(t, layout):
+    """The ndarray of ``layout`` that a kernel writes into t's memory: t must have that order (``empty_in``), so
+    the array is a view; any other strides raise instead of writing a copy that t would not see."""
+    a = array(t, layout)
+    if a.size and not np.may_share_memory(a, _numpy(t)):
+        raise RuntimeError(f"bn_simd.torch: an output tensor not in the {layout} order its kernel writes")
     return a
 
 

@@ -107,6 +107,10 @@ def act_forward(plain_forward):
                 y = B.fx_call(self, input, (input, residual), {})
                 if y is not None:
                     return y
+                if isinstance(residual, B.Proxy):  # (the trace's root, whose residual may be None or a tensor)
+                    raise TypeError(f"bn_simd.torch: {type(self).__name__} as the root of a torch.fx trace needs its "
+                                    f"residual fixed: symbolic_trace(module, concrete_args={{'residual': None}}) (the "
+                                    f"trace records PyTorch's functions then), or trace a model that contains it")
             if isinstance(residual, _NUMBERS):
                 return _torch_activation(plain_forward(self, input) + residual, self.activation)
             check_residual(input, residual)
@@ -188,10 +192,10 @@ class BatchNormActFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         xa, ga = B.array(x, layout), B.array(grad_y, layout)
         ra = None if residual is None else B.array(residual, layout)
-        grad_x = torch.empty_like(x)
+        grad_x = B.empty_in(x, layout)
         activation = None if act[0] == _epilogue.ACT_NONE else act
         gx, gw, gb, gr = F.batch_norm_backward(ga, xa, mean, invstd, B.vec(weight), layout=layout,
-                                               out=B.array(grad_x, layout), training=training,
+                                               out=B.out_array(grad_x, layout), training=training,
                                                activation=_spelling(activation), residual=ra, bias=B.vec(bias),
                                                eps=eps, save_stats=(mean, var))
         pd = ctx.param_dtype
@@ -291,9 +295,9 @@ def _group_backward(ctx, grad_y, needs):
     mean, var, num_groups, layout, eps, act = ctx.stats
     need_x, need_w, need_b, need_r = needs
     ra = None if residual is None else B.array(residual, layout)
-    grad_x = torch.empty_like(x)
+    grad_x = B.empty_in(x, layout)
     _, gw, gb, gr = _core.group_backward_epi(B.array(grad_y, layout), B.array(x, layout), mean, var, eps, num_groups,
-                                             B.vec(weight), B.vec(bias), layout, B.array(grad_x, layout), act, ra,
+                                             B.vec(weight), B.vec(bias), layout, B.out_array(grad_x, layout), act, ra,
                                              B._threads(), num_groups is None)
     pd = ctx.param_dtype
     return (grad_x if need_x else None, B.grad_as(gw, pd) if need_w and weight is not None else None,

@@ -62,7 +62,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             x, weight = ctx.saved_tensors  # (raises when a saved tensor was changed in place since the forward)
             # (grad_x computed whatever autograd asks: every rank must take part in the same exchanges)
             xw = _wide(x)
-            grad_x = torch.empty_like(xw)
+            grad_x = B.empty_in(xw, layout)
             # (a 16-bit weight widened exactly: the parameter gradients come back in float32, rounded once to the
             # parameter's dtype by grad_as)
             ga, xa = B.array(_wide(grad_y), layout), B.array(xw, layout)
@@ -75,7 +75,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         sdy, sdyx, n = S._exchange_grad(comm, ga, xa, mean, mean.shape[0], layout, mode, "SyncBatchNorm.backward",
                                         own=own)
         S._apply_grad(ga, xa, mean, invstd, B.vec(None if weight is None else _wide(weight)), sdy, sdyx, n, layout,
-                      B.array(grad_x, layout))
+                      B.out_array(grad_x, layout))
         gw, gb = (own[1] * invstd, own[0]) if n > 0 else (np.zeros_like(own[1]), np.zeros_like(own[0]))
         pd = ctx.param_dtype
         gw = B.grad_as(gw, pd) if need_w else None
