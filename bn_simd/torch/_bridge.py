@@ -9,8 +9,8 @@ is dense in one of two orders:
 
 Outputs are allocated with ``torch.empty_like(x)``, which keeps x's strides, and viewed the same way, so a result has
 its input's memory format; a backward's gradients are allocated in the forward's layout (``empty_in``: the saved x
-may come back from a saved-tensor hook in other strides). Any other strides (slices, expanded or permuted spatial axes) are copied
-once to C order, and the result is C-ordered.
+may come back from a saved-tensor hook in other strides). Any other strides (slices, expanded or permuted spatial
+axes) are copied once to C order, and the result is C-ordered.
 
 NumPy has float16 but no bfloat16: a bfloat16 tensor's memory is viewed as ``bn_simd._args.BF16_BITS`` (uint16
 tagged as bfloat16 bits, which the kernels' checks take as bfloat16 data), so ml_dtypes is not needed. Per-channel
