@@ -303,38 +303,43 @@ def layer_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], mean: ArrayLike |
                         grad_residual_out: NDArray[_F] | None = None
                         ) -> tuple[NDArray[_F], _Float | None, _Float | None, NDArray[_F] | None]: ...
 def rms_norm(x: NDArray[_F], normalized_shape: _Shape, weight: ArrayLike | None = None, eps: float | None = None, *,
-             out: NDArray[_F] | None = None, activation: _Activation | None = None,
+             out: NDArray[_F] | None = None, layout: _RowLayout = None, activation: _Activation | None = None,
              residual: NDArray[Any] | None = None) -> NDArray[_F]: ...
 # (y, rstd); with an activation or a residual also save_stats = (rstd,) in float64
 @overload
 def rms_norm_forward(x: NDArray[_F], normalized_shape: _Shape, weight: ArrayLike | None = None, *,
-                     eps: float | None = None, out: NDArray[_F] | None = None, activation: None = None,
+                     eps: float | None = None, out: NDArray[_F] | None = None, layout: _RowLayout = None,
+                     activation: None = None,
                      residual: None = None) -> tuple[NDArray[_F], NDArray[_F]]: ...
 @overload
 def rms_norm_forward(x: NDArray[_F], normalized_shape: _Shape, weight: ArrayLike | None = None, *,
-                     eps: float | None = None, out: NDArray[_F] | None = None, activation: _Activation,
+                     eps: float | None = None, out: NDArray[_F] | None = None, layout: _RowLayout = None,
+                     activation: _Activation,
                      residual: NDArray[Any] | None = None) -> tuple[NDArray[_F], NDArray[_F], tuple[_F64]]: ...
 @overload
 def rms_norm_forward(x: NDArray[_F], normalized_shape: _Shape, weight: ArrayLike | None = None, *,
-                     eps: float | None = None, out: NDArray[_F] | None = None, activation: _Activation | None = None,
+                     eps: float | None = None, out: NDArray[_F] | None = None, layout: _RowLayout = None,
+                     activation: _Activation | None = None,
                      residual: NDArray[Any]) -> tuple[NDArray[_F], NDArray[_F], tuple[_F64]]: ...
 # (grad_x, grad_weight), grad_weight None when weight is; through an epilogue also grad_residual
 @overload
 def rms_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], rstd: ArrayLike | None, normalized_shape: _Shape,
-                      weight: ArrayLike | None = None, *, out: NDArray[_F] | None = None, activation: None = None,
+                      weight: ArrayLike | None = None, *, out: NDArray[_F] | None = None,
+                      layout: _RowLayout = None, activation: None = None,
                       residual: None = None, save_stats: tuple[ArrayLike] | None = None,
                       grad_residual_out: None = None
                       ) -> tuple[NDArray[_F], _Float | None]: ...
 @overload
 def rms_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], rstd: ArrayLike | None, normalized_shape: _Shape,
-                      weight: ArrayLike | None = None, *, out: NDArray[_F] | None = None, activation: _Activation,
+                      weight: ArrayLike | None = None, *, out: NDArray[_F] | None = None,
+                      layout: _RowLayout = None, activation: _Activation,
                       residual: NDArray[Any] | None = None, save_stats: tuple[ArrayLike] | None = None,
                       grad_residual_out: NDArray[_F] | None = None
                       ) -> tuple[NDArray[_F], _Float | None, NDArray[_F] | None]: ...
 @overload
 def rms_norm_backward(grad_out: NDArray[_F], x: NDArray[_F], rstd: ArrayLike | None, normalized_shape: _Shape,
                       weight: ArrayLike | None = None, *, out: NDArray[_F] | None = None,
-                      activation: _Activation | None = None, residual: NDArray[Any],
+                      layout: _RowLayout = None, activation: _Activation | None = None, residual: NDArray[Any],
                       save_stats: tuple[ArrayLike] | None = None,
                       grad_residual_out: NDArray[_F] | None = None
                       ) -> tuple[NDArray[_F], _Float | None, NDArray[_F] | None]: ...
@@ -467,7 +472,8 @@ class LayerNorm(_RowNorm):
 
 class RMSNorm(_RowNorm):
     def __init__(self, normalized_shape: _Shape, eps: float | None = None, elementwise_affine: bool = True, *,
-                 dtype: DTypeLike = ..., activation: _Activation | None = None) -> None: ...
+                 dtype: DTypeLike = ..., layout: _RowLayout = None,
+                 activation: _Activation | None = None) -> None: ...
 
 class SyncBatchNorm(BatchNorm):
     comm: _Comm

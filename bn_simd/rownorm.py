@@ -124,33 +124,35 @@ def layer_norm_backward(grad_out, x, mean, rstd, normalized_shape, weight=None, 
 # ---- RMS norm -------------------------------------------------------------------------------------------------
 
 
-def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, activation=None, residual=None):
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, layout=None, activation=None, residual=None):
     """RMS normalization (``torch.nn.functional.rms_norm``).
 
     y = x / sqrt(mean(x^2) + eps) * weight, the mean over the trailing dims ``normalized_shape``; eps None is the
     machine epsilon of x's dtype (``np.finfo(x.dtype).eps``; float32's for float16 and bfloat16 x, whose math is
-    float32), as PyTorch. Arguments as :func:`layer_norm` (no bias, no layout); activation and residual as
-    :func:`layer_norm` (fused). Returns y; raises as :func:`layer_norm`.
+    float32), as PyTorch. Arguments as :func:`layer_norm` (no bias; ``layout="NCHW"``: over the channels of an
+    (N, C, *spatial) array at each position, normalized_shape = C); activation and residual as :func:`layer_norm`
+    (fused). Returns y; raises as :func:`layer_norm`.
     """
     if activation is not None or residual is not None:
-        return _core.row_forward_epi(x, normalized_shape, weight, None, eps, None, out, _threads(), True,
+        return _core.row_forward_epi(x, normalized_shape, weight, None, eps, layout, out, _threads(), True,
                                      _epi.parse(activation), residual, 2)[0]
-    return _core.row_norm(x, normalized_shape, weight, None, eps, None, out, _threads(), True)
+    return _core.row_norm(x, normalized_shape, weight, None, eps, layout, out, _threads(), True)
 
 
-def rms_norm_forward(x, normalized_shape, weight=None, *, eps=None, out=None, activation=None, residual=None):
+def rms_norm_forward(x, normalized_shape, weight=None, *, eps=None, out=None, layout=None, activation=None,
+                     residual=None):
     """RMS-norm forward for callers that run their own autograd: returns (y, rstd), rstd = 1 / sqrt(mean(x^2) + eps) in
-    x's dtype (float32 for 16-bit x) shaped (*leading, 1, ..., 1), for :func:`rms_norm_backward`. With ``activation`` or
-    ``residual`` (keyword-only, fused as :func:`layer_norm_forward`'s): (y, rstd, save_stats), save_stats = (rstd,) as
-    float64."""
+    x's dtype (float32 for 16-bit x) shaped (*leading, 1, ..., 1) (channels-first: (N, 1, *spatial)), for
+    :func:`rms_norm_backward`. With ``activation`` or ``residual`` (keyword-only, fused as
+    :func:`layer_norm_forward`'s): (y, rstd, save_stats), save_stats = (rstd,) as float64."""
     if activation is not None or residual is not None:
-        return _core.row_forward_epi(x, normalized_shape, weight, None, eps, None, out, _threads(), True,
+        return _core.row_forward_epi(x, normalized_shape, weight, None, eps, layout, out, _threads(), True,
                                      _epi.parse(activation), residual)
-    return _core.row_norm(x, normalized_shape, weight, None, eps, None, out, _threads(), True, 1)
+    return _core.row_norm(x, normalized_shape, weight, None, eps, layout, out, _threads(), True, 1)
 
 
-def rms_norm_backward(grad_out, x, rstd, normalized_shape, weight=None, *, out=None, activation=None, residual=None,
-                      save_stats=None, grad_residual_out=None):
+def rms_norm_backward(grad_out, x, rstd, normalized_shape, weight=None, *, out=None, layout=None, activation=None,
+                      residual=None, save_stats=None, grad_residual_out=None):
     """Gradients of RMS normalization.
 
     With D = prod(normalized_shape), x̂ = x rstd, g = grad_out * weight (1 when None), sums over each position's D
@@ -162,5 +164,5 @@ def rms_norm_backward(grad_out, x, rstd, normalized_shape, weight=None, *, out=N
     :func:`layer_norm_backward`; through a fused epilogue (``activation``, ``residual``, ``save_stats`` from
     :func:`rms_norm_forward`, ``grad_residual_out``) (grad_x, grad_weight, grad_residual).
     """
-    return _row_backward(grad_out, x, None, rstd, normalized_shape, weight, None, None, out, activation, residual,
+    return _row_backward(grad_out, x, None, rstd, normalized_shape, weight, None, layout, out, activation, residual,
                          save_stats, True, grad_residual_out)

@@ -200,6 +200,8 @@ class RMSNorm(_RowNorm):
     eps : float > 0, or None: the machine epsilon of the input's dtype (float32's for 16-bit input; as PyTorch).
     elementwise_affine : bool, a learnable ``weight`` (ones) of shape normalized_shape.
     dtype : float32 or float64, the parameters' dtype.
+    layout : None, or "NCHW" / "channels_first": over the channels (axis 1) of (N, C, *spatial) input, as
+        :class:`LayerNorm`'s.
 
     activation : as :class:`LayerNorm`'s (``layer(x, residual=r)``, ``grad_residual`` too).
 
@@ -208,10 +210,12 @@ class RMSNorm(_RowNorm):
 
     _rms = True
 
-    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32, activation=None):
-        self._init(normalized_shape, eps, elementwise_affine, False, dtype, None, activation)
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32, layout=None,
+                 activation=None):
+        self._init(normalized_shape, eps, elementwise_affine, False, dtype, layout, activation)
 
     def __repr__(self):
+        lay = "" if self.layout is None else f", layout={self.layout!r}"
         act = "" if self.activation is None else f", activation={self.activation!r}"
-        return (f"RMSNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-                f"dtype={self.dtype.name}{act})")
+        return (f"RMSNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+                f"{lay}, dtype={self.dtype.name}{act})")

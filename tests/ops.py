@@ -1269,13 +1269,13 @@ INSTANCE_NORM = Op(
 # channels-first form (layout="NCHW", ConvNeXt's LayerNorm2d), "NHWC" the trailing-dims form on the channels-last
 # array (normalized_shape = C), so the layouts suite compares the two kernels' families. The saved statistics
 # (GROUP kind) are stored as the library returns them for the layout ((N, 1, *spatial) or (N, *spatial, 1)); the
-# entry points return them as (N, S), the same in either layout. RMS norm has the trailing form only ("NHWC").
+# entry points return them as (N, S), the same in either layout (RMS norm's too).
 # Every position depends on all the channels, and the parameter gradients on all the positions: one slice.
 
 import rownorm_oracle as rno  # noqa: E402  (the oracle of these two ops)
 
 LN_LAYOUTS = BN_LAYOUTS
-RMS_LAYOUTS = {"NHWC": "NHWC", "channels_last": "NHWC"}
+RMS_LAYOUTS = BN_LAYOUTS
 
 
 def _ln_stat_shape(shape, layout):
@@ -1327,7 +1327,7 @@ def ln_make_case(rng, shape, layout="NCHW", dtype=np.float32, *, loc=0.0, scale=
     return _rownorm_case(LAYER_NORM, False, rng, shape, layout, dtype, loc, scale, affine, param_dtype, eps)
 
 
-def rms_make_case(rng, shape, layout="NHWC", dtype=np.float32, *, loc=0.0, scale=1.0, affine=True, param_dtype=None,
+def rms_make_case(rng, shape, layout="NCHW", dtype=np.float32, *, loc=0.0, scale=1.0, affine=True, param_dtype=None,
                   eps=1e-5, **ignored):
     """RMS norm's arguments, as layer norm's (no bias; save_mean unused)."""
     return _rownorm_case(RMS_NORM, True, rng, shape, layout, dtype, loc, scale, affine, param_dtype, eps)
@@ -1431,7 +1431,8 @@ def _ln_lib_layout(c):
 
 def _rn_forward(c, out, ctx):
     if _rms_of(c):
-        y, s = bn_simd.rms_norm_forward(c["x"], c.shape[1], c["weight"], eps=c["eps"], out=out)
+        y, s = bn_simd.rms_norm_forward(c["x"], c.shape[1], c["weight"], eps=c["eps"], out=out,
+                                        layout=_ln_lib_layout(c))
         return y, _ns_stats(c, s)
     y, m, s = bn_simd.layer_norm_forward(c["x"], c.shape[1], c["weight"], c["bias"], eps=c["eps"], out=out,
                                          layout=_ln_lib_layout(c))
@@ -1440,14 +1441,15 @@ def _rn_forward(c, out, ctx):
 
 def _rn_functional(c, out, ctx):
     if _rms_of(c):
-        return (bn_simd.rms_norm(c["x"], c.shape[1], c["weight"], c["eps"], out=out),)
+        return (bn_simd.rms_norm(c["x"], c.shape[1], c["weight"], c["eps"], out=out, layout=_ln_lib_layout(c)),)
     return (bn_simd.layer_norm(c["x"], c.shape[1], c["weight"], c["bias"], c["eps"], out=out,
                                layout=_ln_lib_layout(c)),)
 
 
 def _rn_silu_residual(c, out, ctx):
     if _rms_of(c):
-        return (bn_simd.rms_norm(c["x"], c.shape[1], c["weight"], c["eps"], out=out, activation="silu",
+        return (bn_simd.rms_norm(c["x"], c.shape[1], c["weight"], c["eps"], out=out, layout=_ln_lib_layout(c),
+                                 activation="silu",
                                  residual=c["residual"]),)
     return (bn_simd.layer_norm(c["x"], c.shape[1], c["weight"], c["bias"], c["eps"], out=out,
                                layout=_ln_lib_layout(c), activation="silu", residual=c["residual"]),)
@@ -1455,7 +1457,8 @@ def _rn_silu_residual(c, out, ctx):
 
 def _rn_backward(c, out, ctx):
     if _rms_of(c):
-        return bn_simd.rms_norm_backward(c["grad_out"], c["x"], c["save_rstd"], c.shape[1], c["weight"], out=out)
+        return bn_simd.rms_norm_backward(c["grad_out"], c["x"], c["save_rstd"], c.shape[1], c["weight"], out=out,
+                                         layout=_ln_lib_layout(c))
     return bn_simd.layer_norm_backward(c["grad_out"], c["x"], c["save_mean"], c["save_rstd"], c.shape[1],
                                        c["weight"], c["bias"], out=out, layout=_ln_lib_layout(c))
 
@@ -1465,6 +1468,7 @@ def _rn_epi_backward(act, residual):
         res = c["residual"] if residual else None
         if _rms_of(c):
             return bn_simd.rms_norm_backward(c["grad_out"], c["x"], None, c.shape[1], c["weight"], out=out,
+                                             layout=_ln_lib_layout(c),
                                              activation=act, residual=res, save_stats=(c["stats_rstd"],))
         return bn_simd.layer_norm_backward(c["grad_out"], c["x"], None, None, c.shape[1], c["weight"], c["bias"],
                                            out=out, layout=_ln_lib_layout(c), activation=act, residual=res,
@@ -1475,7 +1479,8 @@ def _rn_epi_backward(act, residual):
 def _rn_layer(c):
     affine = c["weight"] is not None
     if _rms_of(c):
-        layer = bn_simd.RMSNorm(c.shape[1], eps=c["eps"], elementwise_affine=affine, dtype=c.dtype)
+        layer = bn_simd.RMSNorm(c.shape[1], eps=c["eps"], elementwise_affine=affine, dtype=c.dtype,
+                                layout=_ln_lib_layout(c))
     else:
         layer = bn_simd.LayerNorm(c.shape[1], eps=c["eps"], elementwise_affine=affine, dtype=c.dtype,
                                   layout=_ln_lib_layout(c))
