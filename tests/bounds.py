@@ -155,15 +155,23 @@ def act_backward_bound(act, u, dz, du, u_bound, dtype):
     """Bound on the error of du = dz act'(u) (oracle.act_backward) computed by the library in the compute type of
     `dtype` from its own u, within u_bound of the oracle's u, and rounded to the data's `dtype`.
 
-    relu: du is dz or 0, selected (no rounding); where |u| <= u_bound the library's u may lie across the kink, and the
-    bound there is the jump, |dz| (0 elsewhere). silu: act'(u) = s (1 + u (1 - s)) moves by at most SILU_CURVATURE
-    u_bound; computing it (s from an exp of a few ulp, then three operations) errs by a few roundings of the size of
-    its terms, s (1 + |u|): 8 eps of the compute type of that; and du is rounded once to `dtype`: eps |du|, or its
-    subnormal spacing. (NaN where u is NaN: the oracle's du is NaN there too.)"""
+    relu: du is dz or 0, selected (no rounding) (leaky_relu, relu6 and clamp: also a multiplication and a
+    rounding); where |u| <= u_bound the library's u may lie across the kink, and the bound there is the jump,
+    |dz| (0 elsewhere). silu: act'(u) = s (1 + u (1 - s)) moves by at most SILU_CURVATURE u_bound; computing it
+    (s from an exp of a few ulp, then three operations) errs by a few roundings of the size of its terms, s (1 +
+    |u|): 8 eps of the compute type of that; and du is rounded once to `dtype`: eps |du|, or its subnormal
+    spacing. (NaN where u is NaN: the oracle's du is NaN there too.)"""
     e, ec = eps_of(dtype), eps_of(compute_dtype(dtype))
     u, dz = np.asarray(u, np.float64), np.abs(np.asarray(dz, np.float64))
     if act == "relu":
         return np.where(np.abs(u) <= u_bound, dz, 0.0)
+    # the piecewise-linear others: the jump of act' where the library's u may lie across a kink, plus dz a (leaky:
+    # one multiplication in the compute type) rounded to the data's dtype
+    kinks = {"relu6": ((0.0, 1.0), (6.0, 1.0))}.get(act) if isinstance(act, str) else (
+        ((0.0, abs(1.0 - act[1])),) if act[0] == "leaky_relu" else ((act[1], 1.0), (act[2], 1.0)))
+    if kinks is not None:
+        jump = sum(np.where(np.abs(u - k) <= u_bound, dz * j, 0.0) for k, j in kinks)
+        return jump + (e + ec) * np.abs(du) + subnormal_spacing(dtype)
     if act == "silu":
         s = 1.0 / (1.0 + np.exp(-u))
         return (dz * (SILU_CURVATURE * u_bound + 8.0 * ec * s * (1.0 + np.abs(u))) + e * np.abs(du)

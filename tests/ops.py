@@ -519,11 +519,18 @@ def _exp_state_dict(c):
 # -- fused epilogues: z = act(y + residual) of the oracle's y; the bound carries y's through the activation (Lipschitz
 # constant at most 1.1 for these) and adds the sum's and the activation's roundings in the data's dtype --
 
+LEAKY, CLAMP = ("leaky_relu", 0.2), ("clamp", -0.5, 1.5)  # (the parametrised activations of the registry's entries)
+
+
 def _act64(act, u):
     if act == "relu":
         return np.maximum(u, 0.0)
     if act == "silu":
         return u / (1.0 + np.exp(-u))
+    if act == "relu6":
+        return np.clip(u, 0.0, 6.0)
+    if act[0] == "clamp":
+        return np.clip(u, act[1], act[2])
     return np.where(u > 0, u, u * act[1])  # ("leaky_relu", slope)
 
 
@@ -808,6 +815,14 @@ BATCH_NORM = Op(
                    _exp_epilogue(_exp_eval, "silu", True),
                    reads=("x", "running_mean", "running_var", "residual") + _PER_CHANNEL, out=("x",),
                    needs=_RUNNING_STATS),
+        EntryPoint("train_relu6", _epilogue_call(True, "relu6", False), (_Y,) + _RUNNING,
+                   _exp_epilogue(_exp_train, "relu6", False),
+                   reads=("x", "running_mean", "running_var") + _PER_CHANNEL,
+                   writes=("running_mean", "running_var"), out=("x",), batch=True),
+        EntryPoint("eval_clamp_residual", _epilogue_call(False, CLAMP, True), (_Y,),
+                   _exp_epilogue(_exp_eval, CLAMP, True),
+                   reads=("x", "running_mean", "running_var", "residual") + _PER_CHANNEL, out=("x",),
+                   needs=_RUNNING_STATS),
         # backward through fused epilogues: silu (smooth) with a residual in training, relu (a kink) in training and
         # in eval mode with given statistics
         EntryPoint("backward_silu_residual", _epi_backward_call(True, "silu", True, _STATS64), _GRADS + (_GRAD_RES,),
@@ -822,6 +837,14 @@ BATCH_NORM = Op(
                    large=True, names=_STATS64_NAMES, carry=_epi_carry(True, _STATS64)),
         EntryPoint("backward_eval_relu", _epi_backward_call(False, "relu", False, ("mean", "var")),
                    _GRADS + (_GRAD_RES,), _exp_epi_backward("relu", False, False, ("mean", "var")),
+                   reads=("grad_out", "x", "mean", "var") + _PER_CHANNEL, out=("x", "grad_out")),
+        # the other piecewise-linear activations: leaky relu with a residual in training, clamp in eval mode
+        EntryPoint("backward_leaky_relu_residual", _epi_backward_call(True, LEAKY, True, _STATS64),
+                   _GRADS + (_GRAD_RES,), _exp_epi_backward(LEAKY, True, True, _STATS64),
+                   reads=("grad_out", "x", "residual") + _STATS64 + _PER_CHANNEL, out=("x", "grad_out"),
+                   names=_STATS64_NAMES, carry=_epi_carry(True, _STATS64)),
+        EntryPoint("backward_eval_clamp", _epi_backward_call(False, CLAMP, False, ("mean", "var")),
+                   _GRADS + (_GRAD_RES,), _exp_epi_backward(CLAMP, False, False, ("mean", "var")),
                    reads=("grad_out", "x", "mean", "var") + _PER_CHANNEL, out=("x", "grad_out")),
         EntryPoint("state_dict", _state_dict,
                    (Output("weight", CHANNEL), Output("bias", CHANNEL)) + _RUNNING
@@ -1025,9 +1048,20 @@ def _gn_functional(c, out, ctx):
                                out=out),)
 
 
-def _gn_relu_residual(c, out, ctx):
-    return (bn_simd.group_norm(c["x"], c["num_groups"], c["weight"], c["bias"], c["eps"], layout=c.layout_arg,
-                               out=out, activation="relu", residual=c["residual"]),)
+def _gn_epilogue(act, residual):
+    def call(c, out, ctx):
+        return (bn_simd.group_norm(c["x"], c["num_groups"], c["weight"], c["bias"], c["eps"], layout=c.layout_arg,
+                                   out=out, activation=act, residual=c["residual"] if residual else None),)
+    return call
+
+
+def _in_epilogue(training, act, residual):
+    def call(c, out, ctx):
+        y = bn_simd.instance_norm(c["x"], c["running_mean"], c["running_var"], c["weight"], c["bias"], training,
+                                  c["momentum"], c["eps"], layout=c.layout_arg, out=out, activation=act,
+                                  residual=c["residual"] if residual else None)
+        return (y, c["running_mean"], c["running_var"]) if training else (y,)
+    return call
 
 
 def _gn_backward(c, out, ctx):
@@ -1194,8 +1228,14 @@ GROUP_NORM = Op(
         EntryPoint("layer_backward", _layer_backward, _GRADS, _exp_gn_layer_backward, reads=("grad_out",),
                    out=("x", "grad_out"), batch=True, prepare=_gn_layer_prepare),
         # a fused epilogue (as batch norm's entries)
-        EntryPoint("functional_relu_residual", _gn_relu_residual, (_Y,),
+        EntryPoint("functional_relu_residual", _gn_epilogue("relu", True), (_Y,),
                    _exp_epilogue(lambda c: (_exp_gn_y(c)[0],), "relu", True), reads=("x", "residual") + _PER_CHANNEL,
+                   out=("x",), batch=True),
+        EntryPoint("functional_silu", _gn_epilogue("silu", False), (_Y,),
+                   _exp_epilogue(lambda c: (_exp_gn_y(c)[0],), "silu", False), reads=("x",) + _PER_CHANNEL,
+                   out=("x",), batch=True),
+        EntryPoint("functional_leaky_relu_residual", _gn_epilogue(LEAKY, True), (_Y,),
+                   _exp_epilogue(lambda c: (_exp_gn_y(c)[0],), LEAKY, True), reads=("x", "residual") + _PER_CHANNEL,
                    out=("x",), batch=True),
         # backward through fused epilogues (silu with a residual, relu without)
         EntryPoint("backward_silu_residual", _gn_epi_backward("silu", True), _GRADS + (_GRAD_RES,),
@@ -1203,6 +1243,9 @@ GROUP_NORM = Op(
                    out=("x", "grad_out"), large=True, names=_STATS64_NAMES, carry=_gn_epi_carry),
         EntryPoint("backward_relu", _gn_epi_backward("relu", False), _GRADS + (_GRAD_RES,),
                    _exp_gn_epi_backward("relu", False), reads=_GN_EPI_BWD_READS,
+                   out=("x", "grad_out"), names=_STATS64_NAMES),
+        EntryPoint("backward_clamp_residual", _gn_epi_backward(CLAMP, True), _GRADS + (_GRAD_RES,),
+                   _exp_gn_epi_backward(CLAMP, True), reads=_GN_EPI_BWD_READS + ("residual",),
                    out=("x", "grad_out"), names=_STATS64_NAMES),
     ),
     layouts=BN_LAYOUTS,
@@ -1246,6 +1289,17 @@ INSTANCE_NORM = Op(
         EntryPoint("backward_relu_residual", _gn_epi_backward("relu", True, instance=True), _GRADS + (_GRAD_RES,),
                    _exp_gn_epi_backward("relu", True), reads=_GN_EPI_BWD_READS + ("residual",),
                    out=("x", "grad_out"), names=_STATS64_NAMES),
+        EntryPoint("backward_leaky_relu", _gn_epi_backward(LEAKY, False, instance=True), _GRADS + (_GRAD_RES,),
+                   _exp_gn_epi_backward(LEAKY, False), reads=_GN_EPI_BWD_READS, out=("x", "grad_out"),
+                   names=_STATS64_NAMES),
+        # fused epilogues in the forward: training (running statistics updated) and eval
+        EntryPoint("train_silu_residual", _in_epilogue(True, "silu", True), (_Y,) + _RUNNING,
+                   _exp_epilogue(_exp_in_train, "silu", True),
+                   reads=("x", "running_mean", "running_var", "residual") + _PER_CHANNEL, writes=_RUNNING_STATS,
+                   out=("x",), batch=True),
+        EntryPoint("eval_relu6", _in_epilogue(False, "relu6", False), (_Y,),
+                   _exp_epilogue(_exp_in_eval, "relu6", False),
+                   reads=("x", "running_mean", "running_var") + _PER_CHANNEL, out=("x",), needs=_RUNNING_STATS),
     ),
     layouts=BN_LAYOUTS,
     store=_store,
@@ -1446,13 +1500,13 @@ def _rn_functional(c, out, ctx):
                                layout=_ln_lib_layout(c)),)
 
 
-def _rn_silu_residual(c, out, ctx):
-    if _rms_of(c):
-        return (bn_simd.rms_norm(c["x"], c.shape[1], c["weight"], c["eps"], out=out, layout=_ln_lib_layout(c),
-                                 activation="silu",
-                                 residual=c["residual"]),)
-    return (bn_simd.layer_norm(c["x"], c.shape[1], c["weight"], c["bias"], c["eps"], out=out,
-                               layout=_ln_lib_layout(c), activation="silu", residual=c["residual"]),)
+def _rn_epilogue(act, residual):
+    def call(c, out, ctx):
+        kw = dict(out=out, layout=_ln_lib_layout(c), activation=act, residual=c["residual"] if residual else None)
+        if _rms_of(c):
+            return (bn_simd.rms_norm(c["x"], c.shape[1], c["weight"], c["eps"], **kw),)
+        return (bn_simd.layer_norm(c["x"], c.shape[1], c["weight"], c["bias"], c["eps"], **kw),)
+    return call
 
 
 def _rn_backward(c, out, ctx):
@@ -1545,8 +1599,14 @@ def _rownorm_op(name, make_case, rms, layouts):
             EntryPoint("layer_backward", _rn_layer_backward, _GRADS, _exp_rn_layer_backward, reads=("grad_out",),
                        out=("x", "grad_out"), prepare=_rn_layer_prepare),
             # a fused epilogue (as batch norm's entries)
-            EntryPoint("functional_silu_residual", _rn_silu_residual, (_Y,),
+            EntryPoint("functional_silu_residual", _rn_epilogue("silu", True), (_Y,),
                        _exp_epilogue(lambda c: (_exp_rn_forward(c)[0],), "silu", True),
+                       reads=("x", "residual") + params, out=("x",), ranks=anyrank),
+            EntryPoint("functional_relu", _rn_epilogue("relu", False), (_Y,),
+                       _exp_epilogue(lambda c: (_exp_rn_forward(c)[0],), "relu", False),
+                       reads=("x",) + params, out=("x",), ranks=anyrank),
+            EntryPoint("functional_clamp_residual", _rn_epilogue(CLAMP, True), (_Y,),
+                       _exp_epilogue(lambda c: (_exp_rn_forward(c)[0],), CLAMP, True),
                        reads=("x", "residual") + params, out=("x",), ranks=anyrank),
             # backward through fused epilogues (silu and relu, with a residual)
             EntryPoint("backward_silu_residual", _rn_epi_backward("silu", True), grads + (_GRAD_RES,),
@@ -1554,6 +1614,12 @@ def _rownorm_op(name, make_case, rms, layouts):
                        large=True, names=_RN_STATS64_NAMES, ranks=anyrank, carry=_rn_epi_carry),
             EntryPoint("backward_relu_residual", _rn_epi_backward("relu", True), grads + (_GRAD_RES,),
                        _exp_rn_epi_backward("relu", True), reads=epi_reads + ("residual",), out=("x", "grad_out"),
+                       names=_RN_STATS64_NAMES, ranks=anyrank),
+            EntryPoint("backward_leaky_relu", _rn_epi_backward(LEAKY, False), grads + (_GRAD_RES,),
+                       _exp_rn_epi_backward(LEAKY, False), reads=epi_reads, out=("x", "grad_out"),
+                       names=_RN_STATS64_NAMES, ranks=anyrank),
+            EntryPoint("backward_clamp_residual", _rn_epi_backward(CLAMP, True), grads + (_GRAD_RES,),
+                       _exp_rn_epi_backward(CLAMP, True), reads=epi_reads + ("residual",), out=("x", "grad_out"),
                        names=_RN_STATS64_NAMES, ranks=anyrank),
         ),
         layouts=layouts,

@@ -221,16 +221,22 @@ def backward_carry(err, x, mean, inv_std, weight=None, layout="NCHW", training=T
 # u = y + residual is recomputed from x; du = dz act'(u) is the residual's gradient and the normalisation's dy.
 
 def act_backward(act, u, dz):
-    """du = dz act'(u) in float64 for act "relu" or "silu". relu: 0 where u <= 0 (the kink included), else dz (u +Inf
-    and NaN included), as PyTorch's relu backward (threshold_backward); selected rather than multiplied (an infinite
-    dz where relu is flat gives 0); silu: act'(u) = s (1 + u (1 - s)), s = 1 / (1 + exp(-u)) (NaN for infinite u, as
-    u / (1 + exp(-u))'s)."""
+    """du = dz act'(u) in float64 for act "relu", "silu", ("leaky_relu", a), "relu6" or ("clamp", lo, hi). relu: 0
+    where u <= 0 (the kink included), else dz (u +Inf and NaN included), as PyTorch's relu backward
+    (threshold_backward); selected rather than multiplied (an infinite dz where relu is flat gives 0); silu:
+    act'(u) = s (1 + u (1 - s)), s = 1 / (1 + exp(-u)) (NaN for infinite u, as u / (1 + exp(-u))'s)."""
     u, dz = np.asarray(u, np.float64), np.asarray(dz, np.float64)
+    if act == "relu6":
+        act = ("clamp", 0.0, 6.0)
     if act == "relu":
         return np.where(u <= 0, 0.0, dz)
     if act == "silu":
         s = 1.0 / (1.0 + np.exp(-u))
         return dz * (s * (1.0 + u * (1.0 - s)))
+    if isinstance(act, tuple) and act[0] == "leaky_relu":  # (slope a where u <= 0, multiplied)
+        return np.where(u > 0, dz, dz * act[1])
+    if isinstance(act, tuple) and act[0] == "clamp":  # (dz inside (lo, hi), 0 outside, selected)
+        return np.where((u > act[1]) & (u < act[2]), dz, 0.0)
     raise ValueError(f"act_backward: no oracle for activation {act!r}")
 
 # ---- group norm (instance norm: one channel per group) ---------------------------------------------------------
