@@ -1315,7 +1315,7 @@ def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, m
     if rm is not None and out is not None:
         A.out_apart(ya, (("running_mean", rm), ("running_var", rv)))  # (apart: together)
     if epi:
-        epi_fill(act, ra, ya, "out", &ep)
+        epi_fill(act, ra, ya, "out", &ep, residual)
     mean, var = group_forward_run(xa, ya, &g, C, w, b, e, nthreads, &ep if epi else NULL)
     cdef int64_t N = g.N, S = g.S
     if rm is not None and N > 0 and S > 0:

@@ -135,9 +135,10 @@ cdef object epi_dres(object dres_out, object ra, cnp.ndarray xa, cnp.ndarray ga,
     return o
 
 
-cdef int epi_fill(tuple act, object ra, cnp.ndarray ya, str out_name, bn_epilogue* ep) except -1:
+cdef int epi_fill(tuple act, object ra, cnp.ndarray ya, str out_name, bn_epilogue* ep, object given) except -1:
     """ep from the parsed activation and the checked residual ra (None or an array), whose memory may not overlap the
-    output ya."""
+    output ya; nor may the caller's residual `given` where ra is a copy of it (a strided view of out's memory, which
+    the call would overwrite and a backward read again)."""
     ep.act = <int>act[0]
     ep.lo = <double>act[1]
     ep.hi = <double>act[2]
@@ -154,6 +155,8 @@ cdef int epi_fill(tuple act, object ra, cnp.ndarray ya, str out_name, bn_epilogu
                 raise ValueError(f"residual must not share memory with {out_name} (pass a copy)")
             raise ValueError(f"{out_name} overlaps residual partially: residual must not share memory with "
                              f"{out_name}")
+        if given is not ra and isinstance(given, np.ndarray) and np.shares_memory(given, ya):
+            raise ValueError(f"residual must not share memory with {out_name} (pass a copy)")
         ep.residual = data_or_null(<cnp.ndarray>ra)
     return 0
 
@@ -182,7 +185,7 @@ def batch_norm_epi(x, running_mean, running_var, weight, bias, training, momentu
     ra = epi_residual(residual, xa)
     cdef cnp.ndarray ya = A.output(out, xa, None)
     cdef bn_epilogue ep
-    epi_fill(act, ra, ya, "out", &ep)
+    epi_fill(act, ra, ya, "out", &ep, residual)
     cdef bint update = tr and rm is not None and n > 0, unb = False
     if update:
         unb = unbiased
@@ -237,7 +240,7 @@ def batch_norm_forward_epi(x, weight, bias, eps, layout, out, tuple act, residua
     ra = epi_residual(residual, xa)
     cdef cnp.ndarray ya = A.output(out, xa, None)
     cdef bn_epilogue ep
-    epi_fill(act, ra, ya, "out", &ep)
+    epi_fill(act, ra, ya, "out", &ep, residual)
     cdef double stack[STACK_DOUBLES]
     cdef double* p = scratch(4 * C, stack)
     cdef double* mean = p
@@ -281,7 +284,7 @@ def batch_norm_backward_epi(grad_out, x, mean, var, eps, weight, bias, layout, o
     cdef cnp.ndarray dx = A.output(out, xa, ga)
     dr = epi_dres(grad_residual_out, ra, xa, ga, dx, (grad_out, x, residual))
     cdef bn_epilogue ep
-    epi_fill(act, ra, dx, "out", &ep)
+    epi_fill(act, ra, dx, "out", &ep, residual)
     cdef bint tr = training
     cdef double stack[STACK_DOUBLES]
     cdef double* p = scratch(6 * C, stack)

@@ -27,7 +27,11 @@ _NAMES = ("relu", "relu6", "leaky_relu", "clamp", "silu")
 def _real(v, what):
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"activation: {what} must be a real number, got {type(v).__name__}")
-    v = float(v)
+    try:
+        v = float(v)
+    except OverflowError:  # (an int beyond float's range)
+        raise ValueError(f"activation: {what} must be a real number within float's range, got an integer too large "
+                         f"for a float") from None
     if math.isnan(v):
         raise ValueError(f"activation: {what} must not be NaN")
     return v

@@ -158,7 +158,7 @@ def group_forward_epi(x, num_groups, weight, bias, eps, layout, out, tuple act, 
     ra = epi_residual(residual, xa)
     cdef cnp.ndarray ya = A.output(out, xa, None)
     cdef bn_epilogue ep
-    epi_fill(act, ra, ya, "out", &ep)
+    epi_fill(act, ra, ya, "out", &ep, residual)
     mean, var = group_forward_run(xa, ya, &g, G, w, b, e, nthreads, &ep)
     shape = (g.N, G)
     if saved64:
@@ -194,7 +194,7 @@ def group_backward_epi(grad_out, x, mean, var, eps, num_groups, weight, bias, la
         ra = epi_residual(residual, xa)
         dx = A.output(out, xa, ga)
         dr = epi_dres(grad_residual_out, ra, xa, ga, dx, (grad_out, x, residual))
-        epi_fill(act, ra, dx, "out", &ep)
+        epi_fill(act, ra, dx, "out", &ep, residual)
         memset(gw, 0, 2 * C * sizeof(double))
         if C:
             k_group_backward_epi(g.dtype, data_or_null(ga), data_or_null(xa), data_or_null(dx),
@@ -225,7 +225,7 @@ def row_forward_epi(x, normalized_shape, weight, bias, eps, layout, out, int nth
     ra = epi_residual(residual, xa)
     cdef cnp.ndarray ya = A.output(out, xa, None)
     cdef bn_epilogue ep
-    epi_fill(act, ra, ya, "out", &ep)
+    epi_fill(act, ra, ya, "out", &ep, residual)
     cdef int64_t C = r.C, NS = r.N * r.S
     cdef cnp.ndarray s64 = A.new_vector(NS, cnp.NPY_FLOAT64)
     cdef cnp.ndarray m64 = None if rms else A.new_vector(NS, cnp.NPY_FLOAT64)
@@ -274,7 +274,7 @@ def row_backward_epi(grad_out, x, mean, rstd, normalized_shape, weight, bias, la
         ra = epi_residual(residual, xa)
         dx = A.output(out, xa, ga)
         dr = epi_dres(grad_residual_out, ra, xa, ga, dx, (grad_out, x, residual))
-        epi_fill(act, ra, dx, "out", &ep)
+        epi_fill(act, ra, dx, "out", &ep, residual)
         k_row_backward_epi(r.dtype, data_or_null(ga), data_or_null(xa), data_or_null(dx),
                            data_or_null(dr) if dr is not None else NULL, &r, rms, NULL if rms or not NS else p,
                            p + NS if NS else NULL, load_opt(w, C, p + 2 * NS), load_opt(b, C, p + 2 * NS + C), gw, gb,

@@ -166,8 +166,9 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *, lay
     them bit for bit, and du = grad_out * act'(u) (``act'`` at the kinks: 0 for clamp/relu/relu6 at u = lo or hi,
     the slope for leaky_relu at 0, as torch.relu, relu6, Hardtanh and leaky_relu; torch.clamp's own derivative is
     1 at its bounds; at u = +-Inf and NaN PyTorch's too: relu passes grad_out at +Inf and NaN, leaky_relu gives
-    1 at +Inf and the slope at -Inf and NaN, relu6 and a clamp 0 at NaN (Hardtanh's vectorized backward); a clamp's
-    lo = -inf and hi = +inf are no bounds) becomes the normalisation's grad_out. Returns (grad_x, grad_weight,
+    1 at +Inf and the slope at -Inf and NaN, relu6 and a clamp of two bounds 0 at NaN (Hardtanh's vectorized
+    backward), a clamp with only a lower bound grad_out at NaN, as relu; a clamp's lo = -inf and hi = +inf are no
+    bounds) becomes the normalisation's grad_out. Returns (grad_x, grad_weight,
     grad_bias, grad_residual), grad_residual = du (None without a residual); save_mean and save_invstd are then
     unused with an activation (they may be None). Neither combines with ``mask``. ``grad_residual_out`` (with a
     residual) receives grad_residual instead of a new array, as ``out`` receives grad_x: x's shape and dtype,

@@ -513,3 +513,31 @@ def test_extreme_channels_take_the_float64_apply_with_the_epilogue():
         g2 = g.copy()
         bn_simd.batch_norm_backward(g2, x, m2, s2, w, out=g2, activation="relu", residual=res, bias=b, save_stats=st_)
         np.testing.assert_array_equal(g2, want)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, r, out: bn_simd.batch_norm_forward(x, residual=r, out=out, activation="relu"),
+    lambda x, r, out: bn_simd.group_norm(x, 2, residual=r, out=out, activation="relu"),
+    lambda x, r, out: bn_simd.instance_norm(x, residual=r, out=out, activation="silu"),
+    lambda x, r, out: bn_simd.layer_norm(x, 8, residual=r, out=out, layout="NCHW"),
+    lambda x, r, out: bn_simd.rms_norm(x, 8, residual=r, out=out, layout="NCHW"),
+    lambda x, r, out: bn_simd.LayerNorm(8, layout="NCHW", activation="relu")(x, residual=r, out=out),
+], ids=["batch_norm_forward", "group_norm", "instance_norm", "layer_norm", "rms_norm", "LayerNorm"])
+def test_a_strided_residual_in_outs_memory_is_refused(call):
+    """A residual that is a strided view of out's memory is copied for the kernel, and the overlap was checked on the
+    copy: the call overwrote the caller's residual, and a backward that read it again gave wrong gradients. The
+    caller's residual is now checked too, and nothing is written."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 8, 6, 6)).astype(np.float32)
+    buf = rng.standard_normal((4, 6, 6, 8)).astype(np.float32)
+    before = buf.copy()
+    with pytest.raises(ValueError, match="residual must not share memory with out"):
+        call(x, buf.transpose(0, 3, 1, 2), buf.reshape(4, 8, 6, 6))
+    assert np.array_equal(buf, before)
+
+
+def test_activation_parameters_beyond_floats_range_name_the_activation():
+    x = np.ones((4, 3), np.float32)
+    for act in (("leaky_relu", 10**400), ("clamp", -10**400, None), ("clamp", 0.0, 10**400)):
+        with pytest.raises(ValueError, match="activation: .* too large for a float"):
+            bn_simd.batch_norm(x, training=True, activation=act)
