@@ -18,7 +18,9 @@ NAMES = ("float16", "bfloat16")
 ENTRIES = {"train", "eval", "forward", "backward", "backward_eval", "stats", "normalize", "backward_reduce",
            "functional", "train_relu_residual", "eval_leaky_relu", "eval_silu_residual", "functional_relu_residual",
            "functional_silu_residual", "backward_silu_residual", "backward_eval_relu", "backward_relu",
-           "backward_relu_residual"}
+           "backward_relu_residual", "train_relu6", "eval_clamp_residual", "backward_leaky_relu_residual",
+           "backward_eval_clamp", "functional_silu", "functional_leaky_relu_residual", "backward_clamp_residual",
+           "backward_leaky_relu", "train_silu_residual", "eval_relu6", "functional_relu", "functional_clamp_residual"}
 
 # the entry points that round an intermediate to the 16-bit type and compute their other outputs from it: the backward
 # through a smooth activation (du = dz silu'(u), the residual's gradient, is the normalisation's dy; relu's du is dz
