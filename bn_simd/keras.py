@@ -747,8 +747,9 @@ class _KerasNorm(_KerasWeights):
             self.build(x.shape)
         try:
             if not self._takes(x.shape):
-                raise ValueError(f"inputs must have {self._ndim} dimensions, with the sizes the weights of shape "
-                                 f"{self._wshape} were built for, got shape {x.shape}")
+                raise ValueError(f"inputs must have the sizes the weights of shape {self._wshape} were built for "
+                                 f"(from inputs of {self._ndim} dimensions; group norm keeps that rank), got shape "
+                                 f"{x.shape}")
             params = {n: self._weight_value(getattr(self, n), n) for n in self._weight_names()}
             with ForwardStep(self):
                 y = self._forward(x, params)
