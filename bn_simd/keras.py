@@ -853,16 +853,16 @@ class _RowNormalization(_KerasNorm):
         return [d for d in range(nd) if d not in axes] + axes, None, self._wshape
 
     def _forward(self, x, params):
-        perm, layout, ns = self._route(x.ndim)
+        route = perm, layout, ns = self._route(x.ndim)
         xs = x if perm is None else np.ascontiguousarray(x.transpose(perm))
         w, b = params.get(self._names[0][0]), params.get("beta")
         y, mean, rstd = _core.row_norm(xs, ns, w, b, self.epsilon, layout, None, _threads(), self._rms, 2)
-        self._saved = (x.shape, x.dtype, xs, mean, rstd, w, b)
+        # (the route kept: a later call of another rank, failed or not, replans the axes)
+        self._saved = (x.shape, x.dtype, xs, mean, rstd, w, b, route)
         return y if perm is None else _untransposed(y, perm)
 
     def _backward(self, g):
-        _, _, xs, mean, rstd, w, b = self._saved
-        perm, layout, ns = self._route(xs.ndim)
+        _, _, xs, mean, rstd, w, b, (perm, layout, ns) = self._saved
         gs = g if perm is None else np.ascontiguousarray(g.transpose(perm))
         r = _core.row_norm_backward(gs, xs, mean, rstd, ns, w, b, layout, None, _threads(), self._rms)
         gx = r[0] if perm is None else _untransposed(r[0], perm)

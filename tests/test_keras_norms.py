@@ -336,3 +336,19 @@ def test_config_of_a_keras_layer_with_an_array_constant(keras):
     ours = LayerNormalization.from_config(kl.get_config())
     ours.build((2, 3, 4))
     np.testing.assert_array_equal(ours.gamma, kl.get_weights()[0])
+
+
+def test_backward_after_a_failed_call_of_another_rank():
+    """A call of another rank replans the normalised axes; the backward of the last successful call keeps its own."""
+    rng = np.random.default_rng(7)
+    layer = LayerNormalization(axis=[1, -1])
+    x = rng.standard_normal((2, 3, 5)).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    layer(x)
+    gx = layer.backward(g)
+    gamma = layer.gamma
+    layer.gamma = np.ones((3, 4), np.float32)  # (refused after the axes of the rank-4 call, [1, 3], are planned)
+    with pytest.raises(ValueError, match="gamma must have shape"):
+        layer(np.ones((2, 3, 4, 5), np.float32))
+    layer.gamma = gamma
+    assert np.array_equal(layer.backward(g), gx)
