@@ -1076,23 +1076,28 @@ def test_a_non_finite_value_poisons_what_the_oracle_says(op, ep, arg, bad, layou
     ops.check(ep, poisoned, ep(poisoned.fresh()), f" ({arg}[{idx}] = {bad})")
 
 
-# the backward through relu with a residual, of every op that has one (and a forward giving y)
+# the backwards through a piecewise-linear activation with a residual, of every op (and a forward giving y): the
+# kink each puts u at, and the slope on its other side (du is dz there, or dz times it)
+KINK_ENTRIES = {"backward_relu_residual": (0.0, 0.0), "backward_leaky_relu_residual": (0.0, ops.LEAKY[1]),
+                "backward_clamp_residual": (ops.CLAMP[1], 0.0)}
 KINKS = [pytest.param(op, ep, dtype, layout, id=f"{op.name}-{ep.name}-{np.dtype(dtype).name}-{layout}")
-         for op in ops.OPS for ep in op.entry_points if ep.name == "backward_relu_residual"
+         for op in ops.OPS for ep in op.entry_points if ep.name in KINK_ENTRIES
          for dtype in (F32, F64) for layout in dict.fromkeys(op.layouts.values())
          if op.supports(POISON_SHAPE, layout, dtype)]
 
 
 @pytest.mark.parametrize("op,ep,dtype,layout", KINKS)
 def test_relu_backward_with_u_at_its_kink_is_within_the_oracle_bound(op, ep, dtype, layout):
-    """A residual that cancels the normalised x (-y of the op's forward) puts u = y + residual within its rounding
-    of relu's kink in every element, where the library's u and the oracle's may lie on either side: grad_residual is
-    grad_out or 0 in every element, and every output is within the oracle's bound (which counts the jump there)."""
+    """A residual that cancels the normalised x up to the kink (k - y of the op's forward) puts u = y + residual
+    within its rounding of the activation's kink in every element, where the library's u and the oracle's may lie on
+    either side: grad_residual is grad_out, or grad_out times the other side's slope, in every element, and every
+    output is within the oracle's bound (which counts the jump there)."""
+    kink, slope = KINK_ENTRIES[ep.name]
     case = op.case(62, POISON_SHAPE, layout, dtype, loc=1.0)
-    kinked = case.replace(residual=-op.entry("forward")(case.fresh())["y"])
+    kinked = case.replace(residual=(kink - op.entry("forward")(case.fresh())["y"]).astype(dtype))
     got = ep(kinked.fresh())
     dz, gres = kinked["grad_out"], got["grad_residual"]
-    assert np.all((gres == dz) | (gres == 0))
+    assert np.all((gres == dz) | (gres == dz * np.dtype(dtype).type(slope)))
     exp = ep.expected(kinked)
     assert (exp["grad_residual"].bound > 0).mean() > 0.9, "u is not at the kink"
     ops.check(ep, kinked, got, " (u at the kink)")
