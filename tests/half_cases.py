@@ -1,8 +1,7 @@
 """16-bit data (float16, bfloat16) in the registry's suites: the cases, entry points and expectations they share.
 
 The functional entry points of every registered op (ops.py) take float16 and bfloat16 data with float32 parameters
-and running statistics (the layers' entry points build parameters of x's dtype, which 16-bit layers refuse:
-tests/test_half.py covers the layers). Outputs shaped like x come back in x's dtype; statistics and parameter
+and running statistics, and so do its layers' entry points (layers with float32 parameters: ops._layer_dtype). Outputs shaped like x come back in x's dtype; statistics and parameter
 gradients float32; float64 reductions as ever. The oracle's bounds are those of the 16-bit dtype (bounds.py with
 its eps). bfloat16 is ml_dtypes' and its cases skip when ml_dtypes is not installed.
 """
@@ -14,13 +13,14 @@ import ops
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
 NAMES = ("float16", "bfloat16")
 # the entry points that take 16-bit data (the others refuse it: tests/test_half.py): the functional ones, fused
-# epilogues (forward and backward) included
+# epilogues (forward and backward) included, and the layers
 ENTRIES = {"train", "eval", "forward", "backward", "backward_eval", "stats", "normalize", "backward_reduce",
            "functional", "train_relu_residual", "eval_leaky_relu", "eval_silu_residual", "functional_relu_residual",
            "functional_silu_residual", "backward_silu_residual", "backward_eval_relu", "backward_relu",
            "backward_relu_residual", "train_relu6", "eval_clamp_residual", "backward_leaky_relu_residual",
            "backward_eval_clamp", "functional_silu", "functional_leaky_relu_residual", "backward_clamp_residual",
-           "backward_leaky_relu", "train_silu_residual", "eval_relu6", "functional_relu", "functional_clamp_residual"}
+           "backward_leaky_relu", "train_silu_residual", "eval_relu6", "functional_relu", "functional_clamp_residual",
+           "layer_forward", "layer_backward", "layer_eval_forward", "layer_eval_backward"}
 
 # the entry points that round an intermediate to the 16-bit type and compute their other outputs from it: the backward
 # through a smooth activation (du = dz silu'(u), the residual's gradient, is the normalisation's dy; relu's du is dz

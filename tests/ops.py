@@ -681,12 +681,18 @@ def _apply_kernel(c, out, ctx):
     return (y,)
 
 
+def _layer_dtype(c):
+    """A layer's parameter dtype for the case: x's, or float32 for 16-bit data (the layers' parameters are float32 or
+    float64; 16-bit data take float32 ones, PyTorch's mixed rule)."""
+    return c.dtype if c.dtype.itemsize >= 4 else np.dtype(np.float32)
+
+
 def _layer(c, training=True):
     """A BatchNorm layer whose parameters and running statistics are the case's arrays themselves (so a refused call
     is seen to leave them as they were)."""
     track, affine = c["running_mean"] is not None, c["weight"] is not None
     layer = bn_simd.BatchNorm(c.shape[1], eps=c["eps"], momentum=c["momentum"], affine=affine,
-                              track_running_stats=track, layout=c.layout_arg, dtype=c.dtype,
+                              track_running_stats=track, layout=c.layout_arg, dtype=_layer_dtype(c),
                               unbiased_running_var=c["unbiased"])
     return _with_case_state(layer, c, training)
 
@@ -733,7 +739,7 @@ def _state_dict(c, out, ctx):
     layer = _layer(c)
     layer(c["x"])
     fresh = bn_simd.BatchNorm(c.shape[1], affine=layer.affine, track_running_stats=layer.track_running_stats,
-                              layout=c.layout_arg, dtype=c.dtype)
+                              layout=c.layout_arg, dtype=_layer_dtype(c))
     fresh.load_state_dict(layer.state_dict())
     tracked = np.asarray(fresh.num_batches_tracked) if fresh.track_running_stats else None
     return fresh.weight, fresh.bias, fresh.running_mean, fresh.running_var, tracked
@@ -1072,7 +1078,7 @@ def _gn_backward(c, out, ctx):
 def _gn_layer(c):
     affine = c["weight"] is not None
     layer = bn_simd.GroupNorm(c["num_groups"], c.shape[1], eps=c["eps"], affine=affine, layout=c.layout_arg,
-                              dtype=c.dtype)
+                              dtype=_layer_dtype(c))
     return _with_case_state(layer, c)
 
 
@@ -1164,7 +1170,7 @@ def _in_layer(c, training=True):
     track, affine = c["running_mean"] is not None, c["weight"] is not None
     layer = getattr(bn_simd, _IN_LAYERS[len(c.shape)])(c.shape[1], eps=c["eps"], momentum=c["momentum"],
                                                         affine=affine, track_running_stats=track,
-                                                        layout=c.layout_arg, dtype=c.dtype)
+                                                        layout=c.layout_arg, dtype=_layer_dtype(c))
     return _with_case_state(layer, c, training)
 
 
@@ -1533,10 +1539,10 @@ def _rn_epi_backward(act, residual):
 def _rn_layer(c):
     affine = c["weight"] is not None
     if _rms_of(c):
-        layer = bn_simd.RMSNorm(c.shape[1], eps=c["eps"], elementwise_affine=affine, dtype=c.dtype,
+        layer = bn_simd.RMSNorm(c.shape[1], eps=c["eps"], elementwise_affine=affine, dtype=_layer_dtype(c),
                                 layout=_ln_lib_layout(c))
     else:
-        layer = bn_simd.LayerNorm(c.shape[1], eps=c["eps"], elementwise_affine=affine, dtype=c.dtype,
+        layer = bn_simd.LayerNorm(c.shape[1], eps=c["eps"], elementwise_affine=affine, dtype=_layer_dtype(c),
                                   layout=_ln_lib_layout(c))
     if affine:  # (the case's arrays themselves: a refused call is seen to leave them as they were)
         layer.weight, layer.bias = c["weight"], c["bias"]

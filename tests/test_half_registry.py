@@ -1,10 +1,9 @@
-"""The registry's ops (tests/ops.py) on float16 data: every functional entry point that takes 16-bit data, on a
-representative set of shapes and both layouts, against the op's float64 oracle with the bounds of float16 (bounds.py
-with float16's eps: its rounding counted once more than float32's math needs), and the same bits for 1, 2 and 3
-threads (float16 and bfloat16). The outputs' dtypes follow the 16-bit rule: x's dtype for outputs shaped like x, float32 for statistics and
-parameter gradients of float32 parameters, float64 reductions as ever. (The registry's layer entry points build their
-layers with parameters of x's dtype, which the layers refuse for 16-bit dtypes: tests/test_half.py covers the layers
-with float32 parameters; bfloat16 is covered there too.)
+"""The registry's ops (tests/ops.py) on float16 data: every entry point that takes 16-bit data (the functional ones
+and the layers, whose parameters are float32), on a representative set of shapes and both layouts, against the op's
+float64 oracle with the bounds of float16 (bounds.py with float16's eps: its rounding counted once more than
+float32's math needs), and the same bits for 1, 2 and 3 threads (float16 and bfloat16). The outputs' dtypes follow
+the 16-bit rule: x's dtype for outputs shaped like x, float32 for statistics and parameter gradients of float32
+parameters, float64 reductions as ever.
 """
 import numpy as np
 import pytest
