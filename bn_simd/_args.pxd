@@ -41,6 +41,7 @@ cdef cnp.ndarray data(object x, str name, bint half=*)
 cdef bint half_storage(cnp.ndarray a) noexcept
 cdef int view(cnp.ndarray x, int layout, str name, View* v) except -1
 cdef int group_view(cnp.ndarray x, int layout, int min_rank, str what, Groups* g) except -1
+cdef object _to_ndarray(object obj, str name)
 cdef cnp.ndarray like(object a, str name, cnp.ndarray x)
 cdef object channel(object v, str name, int64_t C, bint inplace, str of=*)
 cdef object required_channel(object v, str name, int64_t C, str of=*)

@@ -130,9 +130,25 @@ cdef object epi_dres(object dres_out, object ra, cnp.ndarray xa, cnp.ndarray ga,
                         ("out", dx if isinstance(dx, np.ndarray) else None)))
     if dres_out is not None:
         for name, a, used in zip(("grad_out", "x", "residual"), given, (ga, xa, ra)):
-            if a is not used and isinstance(a, np.ndarray) and np.may_share_memory(o, a):
+            if a is not used and _caller_shares(a, name, o):
                 raise ValueError(f"grad_residual_out must not share memory with {name} (pass a separate array)")
     return o
+
+
+_TOO_HARD = getattr(getattr(np, "exceptions", np), "TooHardError")  # (NumPy 1.25 moved it to np.exceptions)
+
+
+cdef bint _caller_shares(object given, str name, cnp.ndarray a) except -1:
+    """Whether the caller's argument `given` (an ndarray, or a tensor or array-like viewed as the checks view it,
+    without a copy where its memory allows) shares memory with a: the kernel may read a copy of it, which a's
+    check alone would not see."""
+    if given is None:
+        return False
+    g = A._to_ndarray(given, name)
+    try:
+        return bool(np.shares_memory(g, a, max_work=1 << 16))
+    except _TOO_HARD:  # (strides the exact test gives up on: the bounds decide)
+        return bool(np.may_share_memory(g, a))
 
 
 cdef int epi_fill(tuple act, object ra, cnp.ndarray ya, str out_name, bn_epilogue* ep, object given) except -1:
@@ -155,7 +171,7 @@ cdef int epi_fill(tuple act, object ra, cnp.ndarray ya, str out_name, bn_epilogu
                 raise ValueError(f"residual must not share memory with {out_name} (pass a copy)")
             raise ValueError(f"{out_name} overlaps residual partially: residual must not share memory with "
                              f"{out_name}")
-        if given is not ra and isinstance(given, np.ndarray) and np.shares_memory(given, ya):
+        if given is not ra and _caller_shares(given, "residual", ya):
             raise ValueError(f"residual must not share memory with {out_name} (pass a copy)")
         ep.residual = data_or_null(<cnp.ndarray>ra)
     return 0

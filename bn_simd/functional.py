@@ -258,7 +258,7 @@ class Moments:
     call gives the bits of :func:`batch_stats`; of the moments of consecutive pieces of a batch (the ranks of a
     SyncBatchNorm), in batch order, the bits of one call on the whole batch whenever each piece ends on a chunk
     boundary of the whole (``len(count)`` chunks of ``count[0]`` elements per channel each: whole rows, or pieces of
-one row). The constructor copies and checks the arrays; :func:`merge_moments` checks them again.
+    one row). The constructor copies and checks the arrays; :func:`merge_moments` checks them again.
     """
 
     __slots__ = ("count", "shift", "residual", "m2")

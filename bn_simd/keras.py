@@ -54,15 +54,21 @@ def _constant_value(value, name, any_rank=False):
     if isinstance(value, np.ndarray):
         value = value.tolist()
     nested = isinstance(value, (list, tuple))
-    try:
-        a = np.array(value) if nested and any_rank else None
-    except ValueError:  # (ragged lists)
-        a = None
-    items = a.ravel().tolist() if a is not None and a.dtype.kind in "iuf" else value if nested else [value]
+    items = (_flat(value) if any_rank else value) if nested else [value]
+    if any_rank and nested:
+        try:
+            np.array(value, np.float64)
+        except ValueError:  # (ragged lists)
+            items = [None]
     if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items) or (nested and not items):
         raise ValueError(f"{name} must be a Constant of a real number or of a non-empty list of per-channel real "
                          f"numbers{' (or of nested lists of them)' if any_rank else ''}, got the value {value!r}")
     return np.array(value, np.float64) if nested else float(value)
+
+
+def _flat(v):
+    """The numbers of nested lists, in order."""
+    return [w for u in v for w in (_flat(u) if isinstance(u, (list, tuple)) else [u])]
 
 
 def _constant(spec, name, any_rank=False):
@@ -892,9 +898,10 @@ class LayerNormalization(_RowNormalization):
     ``layer(inputs)`` normalises (training and inference alike); later calls may have another rank (Keras fixes
     none for this layer) whose normalised axes have the weights' sizes. :meth:`backward` gives the gradients of the
     last call (``grad_gamma``, ``grad_beta``). Inputs are computed in float32 (16-bit, integers, bool) or float64
-    and y returned in the layer's dtype (Keras casts y back to the input's dtype: a float16 y, or integers). Statistics in float64 (bn_simd's layer norm). Raises TypeError / ValueError
-    naming the argument; a call that raises changes nothing. A layer holds state: call one layer from one thread at
-    a time.
+    and y returned in the layer's dtype, as Keras' compute dtype (except under a mixed policy, where Keras returns a
+    16-bit y and this layer float32, and RMSNormalization of integers, which Keras returns as integers). Statistics
+    in float64 (bn_simd's layer norm). Raises TypeError / ValueError naming the argument; a call that raises changes
+    nothing. A layer holds state: call one layer from one thread at a time.
     """
 
     _names = (("gamma", "gamma_initializer"), ("beta", "beta_initializer"))

@@ -444,6 +444,8 @@ class BatchNorm(_Layer):
         self.eps = ck.check_eps(self.eps)
         # momentum's value matters only in an update (PyTorch ignores it elsewhere); its type always
         self.momentum = ck.check_momentum(self.momentum, allow_none=True) if update else _momentum_type(self.momentum)
+        if update:  # (as momentum: read only in an update)
+            self.unbiased_running_var = ck.check_flag(self.unbiased_running_var, "unbiased_running_var")
         self.layout = ck.check_layout(self.layout)
         if self.num_batches_tracked is not None:
             self.num_batches_tracked = _batch_count(self.num_batches_tracked)

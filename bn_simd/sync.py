@@ -426,14 +426,16 @@ def _exchange_stats(comm, x, C, layout, mode, shift, what):
         # (S1 beyond double's range: the data so far from the shift, or so large, that the sums overflowed; every
         # rank sees the same total and takes the exact exchange, which adds no such sums)
         mean, var, n, _ = _exchange_stats(comm, x, C, layout, "exact", None, what)
-        return mean, var, n, rounds + 1
+        return mean, var, n, rounds  # (the exact exchange is an allgather: no more allreduces)
     if n > 0:
         mean, var, far = _fast_finish(total, K, C, ratio)
         if far:
-            # the shift was far from the mean for some channel: again, relative to the mean (the same on every rank)
-            total = _allreduce(comm, _local_fast(x, layout, mean)[0], size, what)
+            # the shift was far from the mean for some channel: again, relative to the mean (the same on every rank;
+            # a channel whose mean is not finite, NaN data say, keeps the first shift: its statistics stay NaN)
+            shift = np.where(np.isfinite(mean), mean, K)
+            total = _allreduce(comm, _local_fast(x, layout, shift)[0], size, what)
             rounds = 2
-            mean, var, _ = _fast_finish(total, mean, C, ratio)
+            mean, var, _ = _fast_finish(total, shift, C, ratio)
     else:
         mean = var = np.full(C, np.nan)
     return mean, var, int(n), rounds

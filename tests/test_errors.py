@@ -285,3 +285,19 @@ def test_flags_of_several_values_are_refused_before_anything_is_written():
         with pytest.raises(TypeError, match="unbiased_running_var|training"):
             call(a, rm, rv)
         assert np.array_equal(a, x) and not rm.any() and (rv == 1).all()
+
+
+def test_a_layers_flag_reassigned_to_an_array_is_refused_before_anything_is_written():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    for make, kw in ((lambda: bn_simd.BatchNorm2d(3), {"mask": np.ones((4, 2, 2), bool)}),
+                     (lambda: bn_simd.BatchNorm2d(3, virtual_batch_size=2), {}),
+                     (lambda: bn_simd.BatchNorm2d(3, renorm=True), {})):
+        layer = make()
+        layer.unbiased_running_var = np.array([1, 0])
+        a = x.copy()
+        with pytest.raises(TypeError, match="unbiased_running_var must be a bool"):
+            layer(a, out=a, **kw)
+        assert np.array_equal(a, x) and not layer.running_mean.any() and layer.num_batches_tracked == 0
+        layer.eval()
+        layer(x)  # (read only in an update: eval takes any value, as momentum's)

@@ -63,7 +63,7 @@ CASES = [  # (kind, shape, axis, groups)
     ("layer", (2, 5, 4, 6), 1, None), ("layer", (2, 3, 4, 6), [1, 2], None), ("layer", (3, 4, 5), [0, 2], None),
     ("layer", (2, 3, 4, 6), [-1, 1], None), ("layer", (7,), 0, None), ("layer", (2, 3, 17), [-2, -1], None),
     ("rms", (6, 10), -1, None), ("rms", (2, 5, 4, 6), 1, None), ("rms", (2, 3, 4, 6), [1, 3], None),
-    ("rms", (2, 3, 4, 6), [2, 3], None),
+    ("rms", (2, 3, 4, 6), [2, 3], None), ("layer", (2, 3, 2, 2), 1, None), ("rms", (2, 3, 2, 2), 1, None),
     ("group", (4, 12), -1, 3), ("group", (2, 5, 5, 8), -1, 4), ("group", (2, 8, 5, 5), 1, 2),
     ("group", (2, 3, 6, 5), 2, 3), ("group", (2, 4, 3, 2, 6), -1, -1), ("group", (2, 6, 7), 1, 1),
 ]
@@ -232,7 +232,8 @@ def keras_layer(keras, kind, axis, groups):
 # of rank 4 (its weights are not broadcast there), and shapes the weights of [-1, 1] in the listed order: those cases
 # are checked against the formula above only.
 KERAS_FAILS = {("layer", (2, 5, 4, 6), 1), ("layer", (2, 3, 4, 6), (1, 2)), ("layer", (2, 3, 4, 6), (-1, 1)),
-               ("rms", (2, 5, 4, 6), 1), ("rms", (2, 3, 4, 6), (1, 3))}
+               ("rms", (2, 5, 4, 6), 1), ("rms", (2, 3, 4, 6), (1, 3)), ("layer", (2, 3, 2, 2), 1),
+               ("rms", (2, 3, 2, 2), 1)}
 
 
 @pytest.mark.parametrize("kind,shape,axis,groups", [
@@ -324,9 +325,12 @@ def test_constant_initializers_of_nested_lists_broadcast_to_the_weights():
     with pytest.raises(ValueError, match=r"broadcasting to \(3, 4\), got a Constant of shape \(1, 3\)"):
         bad.build((2, 3, 4))
     assert not bad.built
+    layer(np.ones((2, 3, 4), np.float32))
     with pytest.raises(TypeError, match="grad_out"):
-        layer(np.ones((2, 3, 4), np.float32))
         layer.backward(None)
+    for bad in ([1.0, True], [[1.0, 2.0], [3.0]]):
+        with pytest.raises(ValueError, match="gamma_initializer must be a Constant"):
+            LayerNormalization(gamma_initializer={"class_name": "Constant", "config": {"value": bad}})
 
 
 def test_config_of_a_keras_layer_with_an_array_constant(keras):

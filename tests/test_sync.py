@@ -817,3 +817,15 @@ def test_fast_mode_sums_beyond_double_range_take_the_exact_exchange():
     for bad in (np.inf, np.nan):
         with pytest.raises(ValueError, match="shift must hold finite"):
             bn_simd.sync_batch_stats(np.ones((2, 2)), comm=make_comms(1)[0], mode="fast", shift=np.full(2, bad))
+
+
+def test_fast_mode_keeps_a_nan_in_its_channel_when_it_exchanges_twice():
+    """The second exchange, relative to the first's mean, refused that mean as a shift when a channel's was NaN
+    (the check of a caller's shift): the NaN now stays in its channel, as in exact mode."""
+    x = np.random.default_rng(0).standard_normal((64, 2)).astype(np.float32)
+    x[:, 1] += 1e4
+    x[3, 0] = np.nan
+    for mode in ("fast", "exact"):
+        mean, var, n = bn_simd.sync_batch_stats(x, make_comms(1)[0], mode=mode)
+        assert np.isnan(mean[0]) and np.isnan(var[0]) and n == 64
+        np.testing.assert_allclose(mean[1], x[:, 1].astype(np.float64).mean(), rtol=1e-12)

@@ -587,8 +587,9 @@ class _Repacked(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, unpack)
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "rank3_channel_stride_1"])
+@pytest.mark.parametrize("layout,transposed", [("channels_last", False), ("channels_last", True),
+                                               ("contiguous", True), ("rank3_channel_stride_1", False),
+                                               ("rank3_channel_stride_1", True)])
 def test_gradients_of_saved_tensors_that_come_back_in_other_strides(layout, transposed):
     """The backwards allocated grad_x like the saved x and wrote the kernel's layout into it: a saved x handed back in
     other strides (activation offloading) made the kernel write a copy, and grad_x came back uninitialised."""
@@ -630,3 +631,18 @@ def test_a_fused_module_as_the_trace_root_asks_for_its_residual():
     g = fx.symbolic_trace(m, concrete_args={"residual": None})
     x = torch.randn(3, 8)
     torch.testing.assert_close(g(x), m(x))
+
+
+def test_a_residual_tensor_viewing_outs_memory_is_refused():
+    """The NumPy API given a torch tensor as the residual, a strided view of out's memory: the check of the caller's
+    residual covers tensors too (it covered ndarrays only, and the layer's backward then read an overwritten
+    residual)."""
+    import numpy as np
+    import bn_simd
+    x = torch.randn(4, 8, 6, 6).numpy()
+    buf = torch.randn(4, 6, 6, 8)
+    out = buf.numpy().reshape(4, 8, 6, 6)
+    before = buf.clone()
+    with pytest.raises(ValueError, match="residual must not share memory with out"):
+        bn_simd.LayerNorm(8, layout="NCHW", activation="relu")(x, residual=buf.permute(0, 3, 1, 2), out=out)
+    assert torch.equal(buf, before) and np.shares_memory(out, buf.numpy())
