@@ -164,7 +164,7 @@ class Split:
 
     def per_group(self, a, name):
         """A per-virtual-batch statistic: (G, C) (or (C,) when G == 1) as the kernel's (G·C,) float64 vector."""
-        a = ck.to_ndarray(a, name)
+        a = ck.bf16_widened(ck.to_ndarray(a, name))  # (bfloat16 as the per-channel arguments take it: widened)
         if a.dtype.kind != "f":
             raise TypeError(f"{name} must have a floating-point dtype, got {a.dtype}")
         want = (self.G, self.C)

@@ -291,3 +291,18 @@ def test_large_mean_to_std_ratio_keeps_float32_accuracy(layout, N, v):
     assert_within(y, y_ref, 64 * np.finfo(np.float32).eps * (1 + np.abs(y_ref)), "y")
     assert_within(mean, m_ref, 1e-12 * np.abs(m_ref), "save_mean")
     assert_within(invstd, 1 / np.sqrt(v_ref + 1e-5), 1e-9 / np.sqrt(v_ref + 1e-5), "save_invstd")
+
+
+def test_backward_takes_bfloat16_statistics_as_the_per_channel_arguments_do():
+    """save_mean / save_invstd in bfloat16 (ml_dtypes) are widened exactly, as a bfloat16 weight is; they were refused
+    as not floating-point (bfloat16's dtype kind is "V")."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.random.default_rng(0).standard_normal((4, 3, 2, 2)).astype(np.float32)
+    g = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    _, m, s = bn_simd.virtual_batch_norm_forward(x, virtual_batch_size=2)
+    mb, sb = m.astype(ml_dtypes.bfloat16), s.astype(ml_dtypes.bfloat16)
+    got = bn_simd.virtual_batch_norm_backward(g, x, mb, sb, virtual_batch_size=2)
+    want = bn_simd.virtual_batch_norm_backward(g, x, mb.astype(np.float64), sb.astype(np.float64),
+                                               virtual_batch_size=2)
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or np.array_equal(a, b)
