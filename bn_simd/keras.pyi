@@ -95,19 +95,23 @@ class _KerasNorm(_KerasWeights):
     def __call__(self, inputs: ArrayLike, training: bool | None = None, mask: ArrayLike | None = None) -> _Float: ...
     def backward(self, grad_out: ArrayLike) -> _Float: ...
 
-class _RowNormalization(_KerasNorm):
-    axis: int | list[int]
-
-class LayerNormalization(_RowNormalization):
+# center / scale, their initializers, and the weights they make (None before build, and without scale / center;
+# layer norm's shaped by the sizes of axis, group norm's (C,)), with their gradients set by backward
+@type_check_only
+class _GammaBeta:
     center: bool
     scale: bool
     beta_initializer: _Initializer
     gamma_initializer: _Initializer
-    # the weights (None before build, and without scale / center), shaped by the sizes of axis; set by backward
     gamma: _Float | None
     beta: _Float | None
     grad_gamma: _Float | None
     grad_beta: _Float | None
+
+class _RowNormalization(_KerasNorm):
+    axis: int | list[int]
+
+class LayerNormalization(_RowNormalization, _GammaBeta):
     def __init__(self, axis: int | Sequence[int] = -1, epsilon: float = 1e-3, center: bool = True, scale: bool = True,
                  beta_initializer: _Initializer = "zeros", gamma_initializer: _Initializer = "ones", *,
                  beta_regularizer: None = None, gamma_regularizer: None = None, beta_constraint: None = None,
@@ -122,17 +126,9 @@ class RMSNormalization(_RowNormalization):
                  dtype: DTypeLike | dict[str, Any] | _DTypePolicy = "float32",
                  name: str = "rms_normalization") -> None: ...
 
-class GroupNormalization(_KerasNorm):
+class GroupNormalization(_KerasNorm, _GammaBeta):
     groups: int
     axis: int
-    center: bool
-    scale: bool
-    beta_initializer: _Initializer
-    gamma_initializer: _Initializer
-    gamma: _Float | None
-    beta: _Float | None
-    grad_gamma: _Float | None
-    grad_beta: _Float | None
     def __init__(self, groups: int = 32, axis: int = -1, epsilon: float = 1e-3, center: bool = True,
                  scale: bool = True, beta_initializer: _Initializer = "zeros", gamma_initializer: _Initializer = "ones",
                  *, beta_regularizer: None = None, gamma_regularizer: None = None, beta_constraint: None = None,
