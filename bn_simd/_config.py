@@ -118,6 +118,9 @@ class Context:
 
     The module-level set_isa and set_num_threads change the default context, which applies outside every ``with``
     block and to the settings a context leaves at None. A context must not be changed while calls run under it.
+    Contexts belong to the OS thread: asyncio tasks and generators that share a thread share them, so a ``with``
+    block must not await or yield (another task's calls would run under this context, and its block's exit would
+    end the wrong one).
     """
 
     def __init__(self, *, isa=None, num_threads=None, cl_strip_bytes=None, slab_bytes=None):

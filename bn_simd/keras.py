@@ -324,7 +324,7 @@ class BatchNormalization(_KerasWeights):
         self.moving_stddev = self.renorm_mean = self.renorm_stddev = None
         self.grad_gamma = self.grad_beta = None
         self.built = False
-        self._ndim = None
+        self._ndim = self._C = None  # (the built rank and channel count)
         self._saved = self._fwd_gamma = None
 
     # ---- weights -------------------------------------------------------------------------------------------
@@ -361,7 +361,7 @@ class BatchNormalization(_KerasWeights):
         self.gamma = self.beta = None
         for attr, v in made.items():
             setattr(self, attr, v)
-        self._ndim = nd
+        self._ndim, self._C = nd, C
         self.built = True
 
     def _initial(self, spec, name, C):
@@ -369,8 +369,9 @@ class BatchNormalization(_KerasWeights):
 
     @property
     def num_features(self):
-        """C, the number of channels (None before the weights are made)."""
-        return None if self.moving_mean is None else self.moving_mean.shape[0]
+        """C, the number of channels (None before the weights are made): the built one, whatever arrays the weights'
+        attributes were given since (each is checked against it)."""
+        return self._C
 
     def _weight_names(self):
         return ((["gamma"] if self.scale else []) + (["beta"] if self.center else [])
@@ -428,8 +429,13 @@ class BatchNormalization(_KerasWeights):
         """The call's inputs as the array computed in: Keras' result_type(x.dtype, float32), float16, bfloat16
         (ml_dtypes' arrays and torch tensors), integers and bool in float32; float32 and float64 as they are."""
         a = _computed(x)
+        if isinstance(self.axis, bool) or not isinstance(self.axis, numbers.Integral):
+            raise TypeError(f"axis must be an int, got {type(self.axis).__name__}")  # (reassigned since)
         if not self.built:
             self.build(a.shape)
+        if not -self._ndim <= self.axis < self._ndim:
+            raise ValueError(f"axis {self.axis} is out of bounds for the {self._ndim} dimensions the layer was built "
+                             f"for")
         if a.ndim != self._ndim or a.shape[self.axis] != self.num_features:
             raise ValueError(f"inputs must have {self._ndim} dimensions and {self.num_features} channels on axis "
                              f"{self.axis} (the shape the layer was built for), got shape {a.shape}")
@@ -437,7 +443,11 @@ class BatchNormalization(_KerasWeights):
 
     def _check_state(self, C):
         for k in self._weight_names():
-            ck.per_channel(getattr(self, k), k, C, inplace=k not in ("gamma", "beta"))
+            v = getattr(self, k)
+            if v is None:  # (reassigned since: per_channel takes None for "no weight")
+                raise TypeError(f"{k} must be an array of shape ({C},), got None (set scale / center to go without "
+                                f"gamma / beta)")
+            ck.per_channel(v, k, C, inplace=k not in ("gamma", "beta"))
 
     def __call__(self, inputs, training=False, mask=None):
         """Normalise ``inputs`` (x: float32/float64, float16, bfloat16, integers and bool computed in float32; the
@@ -450,7 +460,9 @@ class BatchNormalization(_KerasWeights):
         self._check_state(C)
         if training and self.trainable:
             self._check_training_args(x.ndim)
-        with ForwardStep(self):
+        moving = ("moving_mean", "moving_variance") + (("moving_stddev", "renorm_mean", "renorm_stddev")
+                                                       if self.renorm else ())
+        with ForwardStep(self, watch=[getattr(self, k) for k in moving] if training and self.trainable else ()):
             y = self._forward(x, training, mask, C)
         return y if y.dtype == self.dtype else y.astype(self.dtype)
 
@@ -497,14 +509,14 @@ class BatchNormalization(_KerasWeights):
                     else:
                         _core.update_running_stats(self.moving_mean, self.moving_variance, mean, var, max(n, 1),
                                                    share, False)
-            self._saved = (x, mean, invstd, True, pos, r, d)
+            self._saved = (x, mean, invstd, True, pos, r, d, self.axis)
             self._fwd_gamma = forward_copy(self.gamma)
         else:
             if mask is not None:
                 _masked.prepare(x, lay, mask)
             y, mean, invstd = _core.batch_norm(x, self.moving_mean, self.moving_variance, self.gamma, self.beta,
                                                False, 0.0, self.epsilon, lay, None, False, nt, True)
-            self._saved = (x, mean, invstd, False, None, None, None)
+            self._saved = (x, mean, invstd, False, None, None, None, self.axis)
             self._fwd_gamma = forward_copy(self.gamma)
         return y
 
@@ -520,15 +532,15 @@ class BatchNormalization(_KerasWeights):
             raise RuntimeError("backward() needs a call first")
         if isinstance(self._saved, _Grouped):
             return self._virtual_backward(grad_out)
-        x, mean, invstd, batch, pos, r, d = self._saved
+        x, mean, invstd, batch, pos, r, d, axis = self._saved  # (the forward's axis, not one reassigned since)
         g = ck.bf16_widened(ck.to_ndarray(grad_out, "grad_out"))
         if g.dtype != x.dtype and g.dtype.kind == "f" and g.shape == x.shape:
             g = g.astype(x.dtype)  # (y came back in the layer's dtype, which may not be the one computed in)
-        lay = ck.axis_layout(self.axis)
+        lay = ck.axis_layout(axis)
         # renorm: batch norm's gradient with the weight gamma r (r, d constants), as renorm.batch_renorm_backward
         w = self._fwd_gamma if r is None else self._composed(r, d, self._fwd_gamma)[0]
         if pos is not None:
-            ax = self.axis % x.ndim
+            ax = axis % x.ndim
             mask = pos.reshape(x.shape[:ax] + x.shape[ax + 1:])  # (the positions the forward selected)
             gx, gw, gb = _masked.backward(g, x, mean, invstd, w, lay, None, mask, _threads())
         else:
@@ -578,10 +590,10 @@ class BatchNormalization(_KerasWeights):
                             self.renorm_stddev, save_mean, save_invstd, n, momentum=1.0 - self.momentum,
                             renorm_momentum=1.0 - self.renorm_momentum, eps=self.epsilon, unbiased=False)
 
-    def _batch_first(self, a):
+    def _batch_first(self, a, axis=None):
         """x-shaped ``a`` as the (N, C, S) "NCHW" / (N, M, C) "NHWC" array the functional calls take (a view, or a
-        channels-last copy when the channel axis is neither 1 nor the last)."""
-        nd, ax = a.ndim, self.axis % a.ndim
+        channels-last copy when the channel axis, ``axis`` or the layer's, is neither 1 nor the last)."""
+        nd, ax = a.ndim, (self.axis if axis is None else axis) % a.ndim
         N, C = a.shape[0], a.shape[ax]
         rest = math.prod(a.shape[1:ax] + a.shape[ax + 1:])  # (not -1: an empty batch has no size to infer it from)
         if ax == 1:
@@ -590,8 +602,8 @@ class BatchNormalization(_KerasWeights):
             return a.reshape(N, rest, C), "NHWC"
         return np.ascontiguousarray(np.moveaxis(a, ax, -1)).reshape(N, rest, C), "NHWC"
 
-    def _from_batch_first(self, a, shape):
-        ax = self.axis % len(shape)
+    def _from_batch_first(self, a, shape, axis=None):
+        ax = (self.axis if axis is None else axis) % len(shape)
         if ax in (1, len(shape) - 1):
             return a.reshape(shape)
         moved = shape[:ax] + shape[ax + 1:] + (shape[ax],)
@@ -617,7 +629,8 @@ class BatchNormalization(_KerasWeights):
             else:  # Keras 2: one update with the mean over the virtual batches of their means and variances
                 _core.update_running_stats(self.moving_mean, self.moving_variance, mean.mean(axis=0),
                                            var.mean(axis=0), n, 1.0 - self.momentum, False)
-        return self._from_batch_first(y, x.shape), _Grouped(xv, lay, x.shape, mean, invstd, r, d, v)
+        saved = _Grouped(xv, lay, x.shape, mean, invstd, r, d, v, self.axis)
+        return self._from_batch_first(y, x.shape), saved
 
     def _virtual_backward(self, grad_out):
         sv = self._saved
@@ -626,7 +639,7 @@ class BatchNormalization(_KerasWeights):
             raise ValueError(f"grad_out must have shape {sv.shape} (the shape of x), got {g.shape}")
         if g.dtype != sv.x.dtype and g.dtype.kind == "f":
             g = g.astype(sv.x.dtype)
-        gv, _ = self._batch_first(ck.as_data(g, "grad_out"))
+        gv, _ = self._batch_first(ck.as_data(g, "grad_out"), sv.axis)  # (the forward's axis)
         if sv.r is None:
             gx, gw, gb = virtual_batch_norm_backward(gv, sv.x, sv.mean, sv.invstd, self._fwd_gamma, layout=sv.layout,
                                                      virtual_batch_size=sv.v)
@@ -635,7 +648,7 @@ class BatchNormalization(_KerasWeights):
                                                layout=sv.layout, virtual_batch_size=sv.v)
         self.grad_gamma = gw.astype(self.dtype) if self.scale else None
         self.grad_beta = gb.astype(self.dtype) if self.center else None
-        return self._from_batch_first(gx, sv.shape)
+        return self._from_batch_first(gx, sv.shape, sv.axis)
 
     def __repr__(self):
         extra = (f", renorm=True, renorm_clipping={self.renorm_clipping!r}, renorm_momentum={self.renorm_momentum}"
@@ -648,13 +661,14 @@ class BatchNormalization(_KerasWeights):
 
 class _Grouped:
     """What a training call with virtual batches keeps for its backward: the batch-first input and its layout, x's
-    shape, the per-virtual-batch statistics (G, C), r and d (renorm) or None, and the virtual batch size."""
+    shape, the per-virtual-batch statistics (G, C), r and d (renorm) or None, the virtual batch size and the channel
+    axis."""
 
-    __slots__ = ("x", "layout", "shape", "mean", "invstd", "r", "d", "v")
+    __slots__ = ("x", "layout", "shape", "mean", "invstd", "r", "d", "v", "axis")
 
-    def __init__(self, x, layout, shape, mean, invstd, r, d, v):
+    def __init__(self, x, layout, shape, mean, invstd, r, d, v, axis):
         self.x, self.layout, self.shape, self.mean, self.invstd, self.r, self.d = x, layout, shape, mean, invstd, r, d
-        self.v = v
+        self.v, self.axis = v, axis
 
 
 # ---- layer, RMS and group normalization --------------------------------------------------------------------------
@@ -816,6 +830,17 @@ class _KerasNorm(_KerasWeights):
         return f"{type(self).__name__}({args}, dtype={self._dtype_name()}, name={self.name!r})"
 
 
+def _group_args(groups, axis):
+    """GroupNormalization's groups and axis as ints (the constructor's, or the attributes reassigned since)."""
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+        raise TypeError(f"groups must be an int >= 1 or -1, got {type(groups).__name__}")
+    if groups < 1 and groups != -1:
+        raise ValueError(f"groups must be an int >= 1 or -1 (one group a channel), got {groups}")
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    return int(groups), int(axis)
+
+
 class _RowNormalization(_KerasNorm):
     """Layer and RMS normalization over the axes ``axis`` of each position of the others (bn_simd's row norm:
     trailing axes as rows, axis 1 of rank 3 and more channels-first, any other set through one transposed copy)."""
@@ -834,6 +859,7 @@ class _RowNormalization(_KerasNorm):
             self.axis = int(axis)
 
     def _plan(self, shape):
+        self._set_axis(self.axis)  # (the attribute may have been reassigned)
         nd = len(shape)
         given = self.axis if isinstance(self.axis, list) else [self.axis]
         if any(not -nd <= a < nd for a in given):
@@ -978,18 +1004,13 @@ class GroupNormalization(_KerasNorm):
     def __init__(self, groups=32, axis=-1, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
                  gamma_initializer="ones", *, beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
                  gamma_constraint=None, trainable=True, dtype="float32", name="group_normalization"):
-        if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
-            raise TypeError(f"groups must be an int >= 1 or -1, got {type(groups).__name__}")
-        if groups < 1 and groups != -1:
-            raise ValueError(f"groups must be an int >= 1 or -1 (one group a channel), got {groups}")
-        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
-        self.groups, self.axis = int(groups), int(axis)
+        self.groups, self.axis = _group_args(groups, axis)
         self._groups_given = self.groups  # (-1 becomes C at build; a build undone restores it)
         self._init_affine(center, scale, beta_initializer, gamma_initializer, epsilon, trainable, dtype, name,
                           (beta_regularizer, gamma_regularizer, beta_constraint, gamma_constraint))
 
     def _plan(self, shape):
+        self.groups, self.axis = _group_args(self.groups, self.axis)  # (the attributes may have been reassigned)
         nd = len(shape)
         if nd < 2:
             raise ValueError(f"inputs must have 2 to {ck.MAX_DIMS} dimensions (a batch axis and a channel axis), got "
@@ -1029,7 +1050,7 @@ class GroupNormalization(_KerasNorm):
         xs = (x if perm is None else np.ascontiguousarray(x.transpose(perm))).reshape(view)
         w, b = params.get("gamma"), params.get("beta")
         y, mean, invstd = _core.group_norm(xs, self.groups, w, b, self.epsilon, layout, None, _threads(), 3, False)
-        self._saved = (x.shape, x.dtype, xs, mean, invstd, w, b)
+        self._saved = (x.shape, x.dtype, xs, mean, invstd, w, b, (perm, layout, view), self.groups)
         return self._back(y, x.shape, perm)
 
     @staticmethod
@@ -1041,10 +1062,9 @@ class GroupNormalization(_KerasNorm):
 
     def _backward(self, g):
         from .groups import group_norm_backward
-        shape, _, xs, mean, invstd, w, b = self._saved
-        perm, layout, view = self._route(shape)
+        shape, _, xs, mean, invstd, w, b, (perm, layout, view), G = self._saved  # (the forward's route and groups)
         gs = (g if perm is None else np.ascontiguousarray(g.transpose(perm))).reshape(view)
-        gx, gw, gb = group_norm_backward(gs, xs, mean, invstd, self.groups, w, layout=layout)
+        gx, gw, gb = group_norm_backward(gs, xs, mean, invstd, G, w, layout=layout)
         return self._back(gx, shape, perm), {"gamma": gw, "beta": gb}
 
     def _config(self):

@@ -25,26 +25,34 @@ def forward_copy(a):
 
 
 def set_param_grads(layer, gw, gb):
-    """A backward's grad_weight / grad_bias on an affine layer, in its dtype; None for a parameter it does not hold
-    (bias=False, or weight / bias set to None after construction), as PyTorch gives a None parameter no gradient."""
-    if layer.affine:
-        layer.grad_weight = None if layer.weight is None else gw.astype(layer.dtype)
-        layer.grad_bias = None if layer.bias is None else gb.astype(layer.dtype)
+    """A backward's grad_weight / grad_bias, in the layer's dtype; None for a parameter it does not hold
+    (affine=False, bias=False, or weight / bias set to None after construction), as PyTorch gives a None parameter no
+    gradient. ``affine`` itself is read at construction only, as PyTorch's: a weight assigned to a layer built
+    without one is used by the forward and gets its gradient."""
+    layer.grad_weight = None if layer.weight is None else gw.astype(layer.dtype)
+    layer.grad_bias = None if layer.bias is None else gb.astype(layer.dtype)
 
 
 class ForwardStep:
-    """``with ForwardStep(layer, count):`` around a forward's work. Entering drops the last forward's saved state
-    (``_saved``) and, when count, counts the batch in num_batches_tracked first, as PyTorch's BatchNorm counts before
-    its work. An Exception (a refused argument) puts both back, so a failed call changes nothing. A KeyboardInterrupt,
+    """``with ForwardStep(layer, count, route):`` around a forward's work. Entering drops the last forward's saved
+    state (``_saved``) and, when count, counts the batch in num_batches_tracked first, as PyTorch's BatchNorm counts
+    before its work. Leaving without an exception keeps route (what the layer's attributes said of x's reading: its
+    layout, groups, normalised shape) as ``_fwd_route``, which backward reads instead of the attributes, as it reads
+    ``_saved``: an attribute reassigned between the two calls changes the next forward, not the gradient of the last
+    one (PyTorch's autograd differentiates the forward that ran). An Exception (a refused argument) puts the saved
+    state and the count back, so a failed call changes nothing, unless an array in ``watch`` (the statistics the
+    forward updates) moved: a signal handler's exception (a timeout's) is raised as the kernel returns, as a
+    KeyboardInterrupt is, and is then taken as one. A KeyboardInterrupt,
     which Python raises as the kernel returns (it runs without the GIL), after the running statistics moved, leaves
     the count moved with them and no earlier forward's state for backward to use. (Where the normalise and the update
     are two calls, with mask=, virtual batches or renorm, one raised as the normalise returns finds the count moved
     and the statistics not: PyTorch's count, too, moves before any of its work.)"""
-    __slots__ = ("layer", "saved", "count")
+    __slots__ = ("layer", "saved", "count", "route", "watched")
 
-    def __init__(self, layer, count=False):
-        self.layer, self.saved = layer, layer._saved
+    def __init__(self, layer, count=False, route=None, watch=()):
+        self.layer, self.saved, self.route = layer, layer._saved, route
         self.count = layer.num_batches_tracked if count else None
+        self.watched = watched(watch)
 
     def __enter__(self):
         self.layer._saved = None
@@ -53,11 +61,23 @@ class ForwardStep:
         return self
 
     def __exit__(self, kind, exc, tb):
-        if kind is not None and issubclass(kind, Exception):
+        if kind is None:
+            self.layer._fwd_route = self.route
+        elif issubclass(kind, Exception) and not moved(self.watched):
             self.layer._saved = self.saved
             if self.count is not None:
                 self.layer.num_batches_tracked = self.count
         return False
+
+
+def watched(arrays):
+    """(array, copy) of each ndarray of arrays: what moved() compares."""
+    return [(a, a.copy()) for a in arrays if isinstance(a, np.ndarray)]
+
+
+def moved(pairs):
+    """Whether an array of watched() changed since (bit for bit: NaNs and signed zeros included)."""
+    return any(a.tobytes() != c.tobytes() for a, c in pairs)
 
 
 def assign_state(layer, staged):
@@ -91,7 +111,7 @@ class _Layer:
     def train(self, mode=True):
         """Training mode (batch statistics; running statistics updated where the layer keeps them); returns
         self."""
-        self.training = bool(mode)
+        self.training = train_mode(mode)
         return self
 
     def eval(self):
@@ -237,12 +257,8 @@ class BatchNorm(_Layer):
                  activation=None):
         self._act = _epi.parse(activation)
         self.activation = activation
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
-            raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
-        if not 1 <= num_features < 2**31:
-            raise ValueError(f"num_features must be >= 1 and < 2**31, got {num_features}")
         dt = ck.check_dtype(dtype)
-        self.num_features = int(num_features)
+        self.num_features = _check_features(num_features)
         self.eps = ck.check_eps(eps)
         self.momentum = ck.check_momentum(momentum, allow_none=True)
         self.affine = bool(affine)
@@ -262,7 +278,7 @@ class BatchNorm(_Layer):
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.grad_weight = self.grad_bias = self.grad_residual = None
         self.training = True
-        self._saved = self._fwd_weight = None  # (the last forward's state; its weight, copied)
+        self._saved = self._fwd_weight = self._fwd_route = None  # (the last forward's state; its weight, copied)
         self._init_extras(virtual_batch_size, renorm, renorm_clipping, renorm_momentum)
         if self.axis is not None and (self.renorm or self.virtual_batch_size is not None):
             raise ValueError("axis= does not combine with virtual_batch_size or renorm (use layout=)")
@@ -317,8 +333,9 @@ class BatchNorm(_Layer):
         self._check_state()
         x = self._check_input(x)
         act = _epi.parse(self.activation)  # (re-checked: the attribute may have been reassigned)
+        lay = self._layout_of()
         if act != _epi.NONE or residual is not None:
-            return self._forward_epilogue(x, out, mask, residual, act)
+            return self._forward_epilogue(x, out, mask, residual, act, lay)
         batch_stats, update, momentum = self._forward_mode()  # (PyTorch's rules)
         # backward needs the input: keep a copy when the output overwrites it
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
@@ -327,19 +344,29 @@ class BatchNorm(_Layer):
                 raise ValueError("mask= does not combine with virtual_batch_size or renorm")
             from . import renorm as R
             fw = forward_copy(self.weight)  # (before the call: out may be the weight's memory)
-            with ForwardStep(self, self._counts()):
+            with ForwardStep(self, self._counts(), lay, self._updated(update)):
                 y, saved = R.layer_forward(self, x, out, saved_x, update, momentum)
                 self._saved, self._fwd_weight = saved, fw
             return y
-        with ForwardStep(self, self._counts()):
-            return self._forward_plain(x, out, mask, saved_x, batch_stats, update, momentum)
+        with ForwardStep(self, self._counts(), lay, self._updated(update)):
+            return self._forward_plain(x, out, mask, saved_x, batch_stats, update, momentum, lay)
 
     __call__ = forward
 
-    def _forward_plain(self, x, out, mask, saved_x, batch_stats, update, momentum):
+    def _updated(self, update):
+        """The arrays a forward updates (update: whether it does): the running statistics, renorm's too."""
+        if not update:
+            return ()
+        return (self.running_mean, self.running_var) + tuple(
+            getattr(self, k) for k in ("running_std", "renorm_mean", "renorm_std") if getattr(self, "renorm", False))
+
+    def _layout_of(self):
+        """The layout x is read in: ``layout``, or the one ``axis`` names."""
+        return self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
+
+    def _forward_plain(self, x, out, mask, saved_x, batch_stats, update, momentum, lay):
         """forward without an epilogue, renorm or virtual batches (inside its ForwardStep)."""
         passed = update or not batch_stats
-        lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
         fw = forward_copy(self.weight)  # (before the call: out may be the weight's memory)
         if mask is not None and batch_stats:  # statistics of the unmasked entries
             y, mean, invstd, _ = _masked.forward(x, self.running_mean if update else None,
@@ -377,7 +404,7 @@ class BatchNorm(_Layer):
             1.0 / (self.num_batches_tracked + 1) if self.num_batches_tracked is not None else 0.0)
         return batch_stats, update, momentum
 
-    def _forward_epilogue(self, x, out, mask, residual, act):
+    def _forward_epilogue(self, x, out, mask, residual, act, lay):
         """forward with a fused activation and/or residual: saves what backward needs (x, the float64 statistics the
         call normalised with, the residual), not the output."""
         if mask is not None or self.renorm or self.virtual_batch_size is not None:
@@ -385,9 +412,8 @@ class BatchNorm(_Layer):
         batch_stats, update, momentum = self._forward_mode()
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         passed = update or not batch_stats
-        lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
         w, b = forward_copy(self.weight), forward_copy(self.bias)  # (before the call: out may be their memory)
-        with ForwardStep(self, self._counts()):
+        with ForwardStep(self, self._counts(), lay, self._updated(update)):
             y, mean, invstd, var = _core.batch_norm_epi(x, self.running_mean if passed else None,
                                                         self.running_var if passed else None, self.weight, self.bias,
                                                         batch_stats, momentum, self.eps, lay, out,
@@ -410,10 +436,9 @@ class BatchNorm(_Layer):
             _, x, mean, var, training, act, residual, w, b, eps = self._saved
             if residual is None:
                 _no_residual(grad_residual_out)
-            lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
-            gx, gw, gb, self.grad_residual = _core.batch_norm_backward_epi(grad_out, x, mean, var, eps, w, b, lay,
-                                                                           out, training, act, residual, F._threads(),
-                                                                           grad_residual_out)
+            gx, gw, gb, self.grad_residual = _core.batch_norm_backward_epi(grad_out, x, mean, var, eps, w, b,
+                                                                           self._fwd_route, out, training, act,
+                                                                           residual, F._threads(), grad_residual_out)
             set_param_grads(self, gw, gb)
             return gx
         _no_residual(grad_residual_out)
@@ -421,7 +446,7 @@ class BatchNorm(_Layer):
             from . import renorm as R
             return R.layer_backward(self, grad_out, out)
         x, mean, invstd, training, mask = self._saved
-        lay = self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
+        lay = self._fwd_route  # (the forward's: ForwardStep)
         if mask is None:
             gx, gw, gb = _core.batch_norm_backward(grad_out, x, mean, invstd, self._fwd_weight, lay, out, training,
                                                    F._threads())
@@ -433,7 +458,8 @@ class BatchNorm(_Layer):
 
     def _check_state(self):
         """The public attributes may be reassigned by users; check them before they reach a kernel."""
-        C = self.num_features
+        self.training = ck.check_flag(self.training, "training")
+        C = self.num_features = _check_features(self.num_features)
         for name in ("weight", "bias"):
             v = getattr(self, name)
             if self.affine or v is not None:
@@ -491,9 +517,9 @@ class BatchNorm(_Layer):
 
 
 def _param_keys(layer):
-    """The state keys of an affine layer's parameters: weight and bias, but a None one (bias=False, or set to None
-    after construction: PyTorch's state_dict and load_state_dict skip a None parameter)."""
-    return [k for k in ("weight", "bias") if getattr(layer, k) is not None] if layer.affine else []
+    """The state keys of a layer's parameters: weight and bias, but a None one (affine=False, bias=False, or set to
+    None after construction: PyTorch's state_dict and load_state_dict skip a None parameter)."""
+    return [k for k in ("weight", "bias") if getattr(layer, k) is not None]
 
 
 def _reset_affine(layer):
@@ -503,6 +529,23 @@ def _reset_affine(layer):
             layer.weight.fill(1)
         if layer.bias is not None:
             layer.bias.fill(0)
+
+
+def _check_features(n):
+    """num_features as an int in [1, 2**31)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"num_features must be an int, got {type(n).__name__}")
+    if not 1 <= n < 2**31:
+        raise ValueError(f"num_features must be >= 1 and < 2**31, got {n}")
+    return int(n)
+
+
+def train_mode(mode):
+    """train()'s mode: a bool (or NumPy's), as PyTorch's Module.train takes (it raises ValueError for others: "False"
+    would have set training on)."""
+    if not isinstance(mode, (bool, np.bool_)):
+        raise ValueError(f"train() takes a bool mode, got {type(mode).__name__} {mode!r}")
+    return bool(mode)
 
 
 def _momentum_type(m):
@@ -599,10 +642,10 @@ class _InstanceNorm(BatchNorm):
                 if residual.shape != x.shape[1:]:   # (named in the caller's shapes, not the batched ones)
                     raise ValueError(f"residual must have the shape of x {x.shape[1:]}, got {residual.shape}")
                 residual = residual[np.newaxis]
-            with ForwardStep(self):
+            with ForwardStep(self, route=self.layout, watch=self._updated(self.training)):
                 y = self._forward_epilogue_in(x, out, saved_x, residual, act, unbatched)
             return (y[0] if given is None else given) if unbatched else y
-        with ForwardStep(self):
+        with ForwardStep(self, route=self.layout, watch=self._updated(self.training)):
             y = self._forward_in(x, out, saved_x, unbatched)
         return (y[0] if given is None else given) if unbatched else y
 
@@ -661,11 +704,11 @@ class _InstanceNorm(BatchNorm):
         self.grad_residual = None
         given = out
         g, out = _batched_grad(grad_out, out, x, unbatched)
+        lay = self._fwd_route  # (the forward's layout: ForwardStep)
         if input_stats:
-            gx, gw, gb = groups.instance_norm_backward(g, x, mean, invstd, self._fwd_weight, layout=self.layout,
-                                                       out=out)
+            gx, gw, gb = groups.instance_norm_backward(g, x, mean, invstd, self._fwd_weight, layout=lay, out=out)
         else:
-            gx, gw, gb = F.batch_norm_backward(g, x, mean, invstd, self._fwd_weight, layout=self.layout, out=out,
+            gx, gw, gb = F.batch_norm_backward(g, x, mean, invstd, self._fwd_weight, layout=lay, out=out,
                                                training=False)
         set_param_grads(self, gw, gb)
         return (gx[0] if given is None else given) if unbatched else gx
@@ -678,12 +721,13 @@ class _InstanceNorm(BatchNorm):
         g, out = _batched_grad(grad_out, out, x, unbatched)
         if unbatched and gro is not None:  # (checked as the sample it is: its messages name the caller's shape)
             gro = ck.check_out(gro, x[0], [], "grad_residual_out")[np.newaxis]
+        lay = self._fwd_route
         if input_stats:
-            gx, gw, gb, gr = _core.group_backward_epi(g, x, mean, var, eps, None, w, b, self.layout, out, act,
-                                                      residual, F._threads(), True, gro)
+            gx, gw, gb, gr = _core.group_backward_epi(g, x, mean, var, eps, None, w, b, lay, out, act, residual,
+                                                      F._threads(), True, gro)
         else:
-            gx, gw, gb, gr = _core.batch_norm_backward_epi(g, x, mean, var, eps, w, b, self.layout, out, False, act,
-                                                           residual, F._threads(), gro)
+            gx, gw, gb, gr = _core.batch_norm_backward_epi(g, x, mean, var, eps, w, b, lay, out, False, act, residual,
+                                                           F._threads(), gro)
         set_param_grads(self, gw, gb)
         self.grad_residual = given if given is not None else None if gr is None else gr[0] if unbatched else gr
         return (gx[0] if given_out is None else given_out) if unbatched else gx
@@ -749,7 +793,7 @@ class GroupNorm(_Layer):
         self.bias = np.zeros(self.num_channels, dt) if self.affine and bias else None
         self.grad_weight = self.grad_bias = self.grad_residual = None
         self.training = True
-        self._saved = self._fwd_weight = None  # (the last forward's state; its weight, copied)
+        self._saved = self._fwd_weight = self._fwd_route = None  # (the last forward's state; its weight, copied)
 
     def reset_parameters(self):
         _reset_affine(self)
@@ -774,7 +818,7 @@ class GroupNorm(_Layer):
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         act = _epi.parse(self.activation)
         w, b = forward_copy(self.weight), forward_copy(self.bias)  # (before the call: out may be their memory)
-        with ForwardStep(self):
+        with ForwardStep(self, route=(self.layout, self.num_groups)):
             if act != _epi.NONE or residual is not None:
                 y, mean, var = _core.group_forward_epi(x, self.num_groups, self.weight, self.bias, self.eps,
                                                        self.layout, out, act, residual, F._threads(), False, True)
@@ -795,20 +839,20 @@ class GroupNorm(_Layer):
         from . import groups
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
+        lay, G = self._fwd_route  # (the forward's: ForwardStep)
         if isinstance(self._saved[0], str):  # (a forward with an epilogue)
             _, x, mean, var, act, residual, w, b, eps = self._saved
             if residual is None:
                 _no_residual(grad_residual_out)
-            gx, gw, gb, self.grad_residual = _core.group_backward_epi(grad_out, x, mean, var, eps, self.num_groups, w,
-                                                                      b, self.layout, out, act, residual,
-                                                                      F._threads(), False, grad_residual_out)
+            gx, gw, gb, self.grad_residual = _core.group_backward_epi(grad_out, x, mean, var, eps, G, w, b, lay, out,
+                                                                      act, residual, F._threads(), False,
+                                                                      grad_residual_out)
             set_param_grads(self, gw, gb)
             return gx
         _no_residual(grad_residual_out)
         x, mean, invstd = self._saved
         self.grad_residual = None
-        gx, gw, gb = groups.group_norm_backward(grad_out, x, mean, invstd, self.num_groups, self._fwd_weight,
-                                                layout=self.layout, out=out)
+        gx, gw, gb = groups.group_norm_backward(grad_out, x, mean, invstd, G, self._fwd_weight, layout=lay, out=out)
         set_param_grads(self, gw, gb)
         return gx
 

@@ -262,8 +262,14 @@ def update_renorm_stats(running_mean, running_var, running_std, renorm_mean, ren
            new_running_std,
            (1.0 - rm) * old[3] + rm * bm,
            (1.0 - rm) * old[4] + rm * s_b]
-    for a, v in zip(arrays, new):
-        a[...] = v
+    pending = list(zip(arrays, new))
+    try:
+        for a, v in pending:
+            a[...] = v
+    except BaseException:  # (a Ctrl-C between two writes: the five move together, then it is raised)
+        for a, v in pending:
+            a[...] = v
+        raise
 
 
 def batch_renorm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
@@ -370,7 +376,7 @@ def layer_backward(layer, grad_out, out):
     """The backward of :func:`layer_forward`: returns grad_x and sets the layer's grad_weight / grad_bias."""
     from .layers import set_param_grads
     sv = layer._saved
-    split = Split(sv.x, layer.layout, sv.virtual_batch_size)
+    split = Split(sv.x, layer._fwd_route, sv.virtual_batch_size)  # (the forward's layout)
     G, C = split.G, split.C
     mean, invstd = sv.mean.reshape(G, C), sv.invstd.reshape(G, C)
     if sv.r is None:

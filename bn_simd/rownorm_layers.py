@@ -8,7 +8,7 @@ from . import _args as ck
 from . import _core
 from . import _epilogue as _epi
 from .functional import _threads
-from .layers import ForwardStep, _no_residual, assign_state, check_keys, forward_copy
+from .layers import ForwardStep, _no_residual, assign_state, check_keys, forward_copy, train_mode
 
 
 def _shape_arg(normalized_shape):
@@ -52,7 +52,7 @@ class _RowNorm:
         self.bias = np.zeros(shape, self.dtype) if self.elementwise_affine and bias else None
         self.grad_weight = self.grad_bias = self.grad_residual = None
         self.training = True
-        self._saved = self._fwd_weight = None  # (the last forward's state; its weight, copied)
+        self._saved = self._fwd_weight = self._fwd_route = None  # (the last forward's state; its weight, copied)
 
     def reset_parameters(self):
         """weight to ones, bias to zeros."""
@@ -63,7 +63,7 @@ class _RowNorm:
 
     def train(self, mode=True):
         """Sets ``training`` (the layer computes the same either way; kept for PyTorch's interface); returns self."""
-        self.training = bool(mode)
+        self.training = train_mode(mode)
         return self
 
     def eval(self):
@@ -82,7 +82,7 @@ class _RowNorm:
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         act = _epi.parse(self.activation)
         w, b = forward_copy(self.weight), forward_copy(self.bias)  # (before the call: out may be their memory)
-        with ForwardStep(self):
+        with ForwardStep(self, route=(self.layout, self.normalized_shape)):
             if act != _epi.NONE or residual is not None:
                 y, mean, rstd = _core.row_forward_epi(x, self.normalized_shape, self.weight, self.bias, self.eps,
                                                       self.layout, out, _threads(), self._rms, act, residual, 2)
@@ -102,12 +102,13 @@ class _RowNorm:
         forward with a residual (into ``grad_residual_out`` when given, as :func:`bn_simd.batch_norm_backward`'s)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
+        lay, shape = self._fwd_route  # (the forward's: ForwardStep)
         if isinstance(self._saved[0], str):  # (a forward with an epilogue: through it)
             _, x, mean, rstd, act, residual, w, b = self._saved
             if residual is None:
                 _no_residual(grad_residual_out)
-            r = _core.row_backward_epi(grad_out, x, mean, rstd, self.normalized_shape, w, b, self.layout, out,
-                                       _threads(), self._rms, act, residual, grad_residual_out)
+            r = _core.row_backward_epi(grad_out, x, mean, rstd, shape, w, b, lay, out, _threads(), self._rms, act,
+                                       residual, grad_residual_out)
             self.grad_weight = r[1]
             self.grad_bias = None if self._rms else r[2]
             self.grad_residual = r[-1]
@@ -115,8 +116,8 @@ class _RowNorm:
         _no_residual(grad_residual_out)
         self.grad_residual = None
         x, mean, rstd = self._saved
-        r = _core.row_norm_backward(grad_out, x, mean, rstd, self.normalized_shape, self._fwd_weight, self.bias,
-                                    self.layout, out, _threads(), self._rms)
+        r = _core.row_norm_backward(grad_out, x, mean, rstd, shape, self._fwd_weight, self.bias, lay, out, _threads(),
+                                    self._rms)
         self.grad_weight = r[1]
         self.grad_bias = None if self._rms else r[2]
         return r[0]

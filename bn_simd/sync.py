@@ -56,7 +56,7 @@ import numpy as np
 
 from . import _args as ck
 from . import functional as F
-from .layers import BatchNorm, ForwardStep, _no_residual, forward_copy, set_param_grads
+from .layers import BatchNorm, ForwardStep, _no_residual, forward_copy, moved, set_param_grads, watched
 
 MODES = ("exact", "fast")
 # (mean - shift)^2 / var above which the fast mode's one-allreduce form loses more than ~2^20 eps_double of the
@@ -659,6 +659,7 @@ class SyncBatchNorm(BatchNorm):
         """Normalise this rank's piece x; returns y (``out`` if given). Communicates when batch statistics are
         used (every rank must call it then)."""
         # BatchNorm's rules: eval mode normalises with the running statistics whenever the layer holds them
+        self.training = ck.check_flag(self.training, "training")
         held = self.running_mean is not None or self.running_var is not None
         if not self.training and held:
             self._check_plain()
@@ -666,8 +667,11 @@ class SyncBatchNorm(BatchNorm):
             self._sync_n = None
             return y
         comm = as_communicator(self.comm)
-        with ForwardStep(self):  # (from the exchange on, where a Ctrl-C is likeliest: no earlier state for backward)
-            return self._synced_forward(comm, x, out, held)
+        # (from the exchange on, where a Ctrl-C is likeliest: no earlier state for backward)
+        with ForwardStep(self, watch=self._updated(self.training and self.track_running_stats and held)) as step:
+            y = self._synced_forward(comm, x, out, held)
+            step.route = self.layout  # (checked by then)
+        return y
 
     def _synced_forward(self, comm, x, out, held):
         """forward's exchange and normalise (inside its ForwardStep)."""
@@ -688,11 +692,12 @@ class SyncBatchNorm(BatchNorm):
         if counted:
             self.num_batches_tracked += 1
         if update and n > 0:
+            stats = watched((self.running_mean, self.running_var))
             try:
                 F.update_running_stats(self.running_mean, self.running_var, mean, var, n, momentum,
                                        unbiased=self.unbiased_running_var)
             except Exception:
-                if counted:
+                if counted and not moved(stats):  # (a refusal; a signal handler's exception as it returned: kept)
                     self.num_batches_tracked -= 1
                 raise
         if n > 0 and np.all(np.isfinite(mean)):
@@ -727,9 +732,10 @@ class SyncBatchNorm(BatchNorm):
         n = self._sync_n
         comm = as_communicator(self.comm)
         failed = _attempt(self._local_backward, grad_out, x, out, grad_residual_out)
-        sdy, sdyx, _ = _exchange_grad(comm, grad_out, x, mean, self.num_features, self.layout, self.mode,
+        lay = self._fwd_route  # (the forward's layout: ForwardStep)
+        sdy, sdyx, _ = _exchange_grad(comm, grad_out, x, mean, self.num_features, lay, self.mode,
                                       "SyncBatchNorm.backward", failed)
-        gx, gw, gb = _apply_grad(grad_out, x, mean, invstd, self._fwd_weight, sdy, sdyx, n, self.layout, out)
+        gx, gw, gb = _apply_grad(grad_out, x, mean, invstd, self._fwd_weight, sdy, sdyx, n, lay, out)
         set_param_grads(self, gw, gb)
         return gx
 

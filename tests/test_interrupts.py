@@ -3,8 +3,9 @@
 The kernels run without the GIL, so Python raises a Ctrl-C that arrived during one as the kernel returns: after the
 running statistics moved. The layers then hold the count that goes with those statistics (PyTorch's BatchNorm counts
 before its work, so its count moved too) and no earlier forward's saved state for backward to use. The interrupt is
-simulated here: the kernel's wrapper runs it, then raises KeyboardInterrupt, as Python does at that point. A refused
-argument (an Exception) still changes nothing.
+simulated here: the kernel's wrapper runs it, then raises KeyboardInterrupt, as Python does at that point. A signal
+handler's exception (a timeout's TimeoutError) arrives at the same point and is taken as an interrupt wherever the
+statistics moved. A refused argument (an Exception before any of them moved) still changes nothing.
 """
 import numpy as np
 import pytest
@@ -14,17 +15,19 @@ from bn_simd import _core, sync
 from fake_comm import run_ok
 
 RNG = np.random.default_rng(7)
+# (what arrives as a kernel returns: a Ctrl-C, or the exception of a SIGALRM handler timing the call out)
+RAISED = [KeyboardInterrupt, TimeoutError]
 
 
-def interrupt_after(monkeypatch, owner, name):
-    """owner.name runs, then raises KeyboardInterrupt; returns a list that counts the calls that ran."""
+def interrupt_after(monkeypatch, owner, name, raised=KeyboardInterrupt):
+    """owner.name runs, then raises raised; returns a list that counts the calls that ran."""
     real = getattr(owner, name)
     ran = []
 
     def call(*args, **kwargs):
         real(*args, **kwargs)
         ran.append(name)
-        raise KeyboardInterrupt
+        raise raised
 
     monkeypatch.setattr(owner, name, call)
     return ran
@@ -37,9 +40,10 @@ def trained(layer, x):
     return layer
 
 
+@pytest.mark.parametrize("raised", RAISED)
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("kind", ["plain", "relu", "mask", "renorm", "virtual"])
-def test_batch_norm_layer_counts_the_batch_whose_statistics_moved(monkeypatch, kind, momentum):
+def test_batch_norm_layer_counts_the_batch_whose_statistics_moved(monkeypatch, kind, momentum, raised):
     x = RNG.standard_normal((8, 4, 5, 5)).astype(np.float32)
     kw = {"activation": "relu"} if kind == "relu" else {"renorm": True} if kind == "renorm" else \
         {"virtual_batch_size": 4} if kind == "virtual" else {}
@@ -47,14 +51,14 @@ def test_batch_norm_layer_counts_the_batch_whose_statistics_moved(monkeypatch, k
     before = layer.running_mean.copy(), layer.running_var.copy()
     if kind in ("renorm", "virtual"):
         from bn_simd import renorm
-        monkeypatch.setattr(renorm, "layer_forward", _raising_after(renorm.layer_forward))
+        monkeypatch.setattr(renorm, "layer_forward", _raising_after(renorm.layer_forward, raised))
     else:
-        interrupt_after(monkeypatch, _core, "batch_norm_epi" if kind == "relu" else "batch_norm")
+        interrupt_after(monkeypatch, _core, "batch_norm_epi" if kind == "relu" else "batch_norm", raised)
         if kind == "mask":
             from bn_simd import _masked
-            interrupt_after(monkeypatch, _masked, "forward")
+            interrupt_after(monkeypatch, _masked, "forward", raised)
     call_kw = {"mask": np.ones((8, 5, 5), bool)} if kind == "mask" else {}
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(raised):
         layer(x + 1, **call_kw)
     assert not np.array_equal(layer.running_mean, before[0])  # the statistics moved ...
     assert layer.num_batches_tracked == 2  # ... and the count with them
@@ -63,10 +67,10 @@ def test_batch_norm_layer_counts_the_batch_whose_statistics_moved(monkeypatch, k
         layer.backward(np.ones_like(x))
 
 
-def _raising_after(real):
+def _raising_after(real, raised=KeyboardInterrupt):
     def call(*args, **kwargs):
         real(*args, **kwargs)
-        raise KeyboardInterrupt
+        raise raised
     return call
 
 
@@ -99,20 +103,21 @@ def test_other_layers_keep_no_earlier_state_for_backward(monkeypatch, make, owne
         layer.backward(np.ones_like(x))
 
 
-def test_keras_layer_keeps_no_earlier_state_for_backward(monkeypatch):
+@pytest.mark.parametrize("raised", RAISED)
+def test_keras_layer_keeps_no_earlier_state_for_backward(monkeypatch, raised):
     from bn_simd.keras import BatchNormalization
     x = RNG.standard_normal((8, 5, 3)).astype(np.float32)
     layer = BatchNormalization()
     layer(x, training=True)
-    interrupt_after(monkeypatch, _core, "batch_norm")
-    with pytest.raises(KeyboardInterrupt):
+    interrupt_after(monkeypatch, _core, "batch_norm", raised)
+    with pytest.raises(raised):
         layer(x, training=True)
     assert layer._saved is None
     with pytest.raises(RuntimeError):
         layer.backward(np.ones_like(x))
 
 
-def _sync_interrupted(x, interrupt):
+def _sync_interrupted(x, interrupt, raised=KeyboardInterrupt):
     """Two ranks' SyncBatchNorm (momentum=None), each after one ordinary training call, then interrupt() (which sets
     the interrupt up), then a second call on its half of x, interrupted: per rank, (running_mean unmoved by it,
     num_batches_tracked, _saved)."""
@@ -124,7 +129,7 @@ def _sync_interrupted(x, interrupt):
     interrupt()
 
     def rank(r, comm):
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(raised):
             layers[r](x[2 * r:2 * r + 2])
         return np.array_equal(layers[r].running_mean, before[r]), layers[r].num_batches_tracked, layers[r]._saved
     return run_ok(2, rank, comms)
@@ -140,7 +145,8 @@ def test_sync_batch_norm_interrupted_in_its_normalise_moves_nothing(monkeypatch)
     assert ran[0] == ["normalize"] * 2
 
 
-def test_torch_module_counts_the_batch_whose_statistics_moved(monkeypatch):
+@pytest.mark.parametrize("raised", RAISED)
+def test_torch_module_counts_the_batch_whose_statistics_moved(monkeypatch, raised):
     torch = pytest.importorskip("torch")
     import bn_simd.torch as bt
     from bn_simd.torch import functional as TF
@@ -148,16 +154,18 @@ def test_torch_module_counts_the_batch_whose_statistics_moved(monkeypatch):
     x = torch.randn(8, 4, 5, 5)
     m(x)
     rm = m.running_mean.clone()
-    interrupt_after(monkeypatch, TF, "_batch_norm")
-    with pytest.raises(KeyboardInterrupt):
+    interrupt_after(monkeypatch, TF, "_batch_norm", raised)
+    with pytest.raises(raised):
         m(x)
     assert not torch.equal(m.running_mean, rm) and int(m.num_batches_tracked) == 2
 
 
-def test_sync_batch_norm_counts_before_its_update_and_drops_its_state_before_the_exchange(monkeypatch):
+@pytest.mark.parametrize("raised", RAISED)
+def test_sync_batch_norm_counts_before_its_update_and_drops_its_state_before_the_exchange(monkeypatch, raised):
     x = RNG.standard_normal((4, 3, 5, 5)).astype(np.float32)
     ran = []
-    assert _sync_interrupted(x, lambda: ran.append(interrupt_after(monkeypatch, sync.F, "update_running_stats"))) == [
+    assert _sync_interrupted(x, lambda: ran.append(interrupt_after(monkeypatch, sync.F, "update_running_stats",
+                                                                   raised)), raised) == [
         (False, 2, None)] * 2  # (statistics and count moved together)
     assert ran[0] == ["update_running_stats"] * 2
     monkeypatch.undo()
@@ -176,3 +184,37 @@ def test_sync_batch_norm_counts_before_its_update_and_drops_its_state_before_the
         return layer.num_batches_tracked
 
     assert run_ok(2, rank2) == [1, 1]
+
+
+@pytest.mark.parametrize("at", [1, 3, 5])
+def test_renorm_statistics_move_together(at):
+    """A Ctrl-C between two of renorm's five writes (running mean, var, std, renorm mean, std) left some moved and the
+    others not (running_var no longer running_std² - eps). A trace function raises it before write `at`, as a SIGINT
+    landing between two bytecodes of that loop does; all five then move (the count with them), and it is raised."""
+    import sys
+    from bn_simd import renorm
+    layer = bn_simd.BatchNorm2d(4, renorm=True)
+    x = RNG.standard_normal((8, 4, 5, 5)).astype(np.float32) * 2 + 1
+    names = ("running_mean", "running_var", "running_std", "renorm_mean", "renorm_std")
+    before = {n: getattr(layer, n).copy() for n in names}
+    code = renorm.update_renorm_stats.__code__
+    lines = open(code.co_filename).readlines()
+    writes = []
+
+    def local(frame, event, arg):
+        if event == "line" and lines[frame.f_lineno - 1].strip() == "a[...] = v":
+            writes.append(frame.f_lineno)
+            if len(writes) == at:
+                raise KeyboardInterrupt
+        return local
+
+    old = sys.gettrace()
+    sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            layer(x)
+    finally:
+        sys.settrace(old)
+    assert len(writes) >= at
+    assert all(not np.array_equal(getattr(layer, n), before[n]) for n in names)
+    assert layer.num_batches_tracked == 1 and layer._saved is None

@@ -433,3 +433,59 @@ def test_backward_uses_the_forwards_gamma_after_an_update_in_place():
     layer(x, training=True)
     layer.gamma *= 2.0
     np.testing.assert_array_equal(layer.backward(g), expected)
+
+
+@pytest.mark.parametrize("kind, kw", [
+    ("batch", {}), ("inference", {}), ("masked", {}), ("virtual", {"virtual_batch_size": 2}),
+    ("renorm", {"renorm": True}), ("group", {"groups": 2}), ("group -1", {"groups": -1}),
+])
+def test_backward_keeps_the_forward_axis_and_groups(kind, kw):
+    """axis (or groups) reassigned between a call and its backward changes the next call, not the last one's
+    gradient (the backward read them anew: another axis' gradient of the same array, C being every axis' size)."""
+    from bn_simd.keras import GroupNormalization
+    rng = np.random.default_rng(5)
+    x, g = (rng.standard_normal((4, 4, 4, 4)).astype(np.float32) for _ in range(2))
+    mask = (rng.random((4, 4, 4)) < 0.7) if kind == "masked" else None
+    grads = []
+    for changed in (False, True):
+        layer = GroupNormalization(axis=-1, **kw) if kind.startswith("group") else BatchNormalization(axis=-1, **kw)
+        layer(x * np.arange(1, 5, dtype=np.float32), training=True)  # (moving statistics apart per channel)
+        layer(x, training=kind != "inference", **({} if mask is None else {"mask": mask}))
+        if changed:
+            layer.axis = 2
+            if kind.startswith("group"):
+                layer.groups = 1
+        gx = layer.backward(g)
+        grads.append((gx, layer.grad_gamma, layer.grad_beta))
+    for a, b in zip(*grads):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("make, attr, value, error, message", [
+    (lambda: BatchNormalization(), "axis", 5, ValueError, "axis 5 is out of bounds for the 3 dimensions"),
+    (lambda: BatchNormalization(), "axis", "x", TypeError, "axis must be an int, got str"),
+    (lambda: BatchNormalization(), "moving_mean", [0.0] * 4, TypeError, "moving_mean must be a numpy.ndarray"),
+    (lambda: BatchNormalization(), "moving_mean", np.zeros(3, np.float32), ValueError,
+     r"moving_mean must have shape \(4,\)"),
+    (lambda: BatchNormalization(), "gamma", None, TypeError, r"gamma must be an array of shape \(4,\), got None"),
+    ("GroupNormalization", "groups", 0, ValueError, "groups must be an int >= 1 or -1"),
+    ("GroupNormalization", "axis", "x", TypeError, "axis must be an int, got str"),
+    ("LayerNormalization", "axis", "x", TypeError, "axis must be an int or a non-empty list of ints"),
+    ("RMSNormalization", "axis", None, TypeError, "axis must be an int or a non-empty list of ints"),
+])
+def test_reassigned_attributes_are_checked_by_the_next_call(make, attr, value, error, message):
+    """An attribute reassigned after build is refused by name at the next call (an IndexError, a ZeroDivisionError,
+    a comparison's TypeError or an AttributeError on num_features, or a call without gamma whose get_weights then
+    failed), and the call changes nothing."""
+    import bn_simd.keras as K
+    x = np.random.default_rng(6).standard_normal((4, 4, 4)).astype(np.float32)
+    layer = make() if callable(make) else getattr(K, make)(**({"groups": 2} if make == "GroupNormalization" else {}))
+    layer(x, training=True)
+    names = [n for n in ("gamma", "beta", "scale", "moving_mean", "moving_variance") if n != attr]
+    held = {n: getattr(layer, n).copy() for n in names if isinstance(getattr(layer, n, None), np.ndarray)}
+    setattr(layer, attr, value)
+    with pytest.raises(error, match=message):
+        layer(x, training=True)
+    assert held
+    for n, v in held.items():
+        np.testing.assert_array_equal(getattr(layer, n), v)

@@ -6,6 +6,7 @@ import bn_simd
 import oracle as ref
 from conftest import (DTYPES, LAYOUTS, assert_forward_close, assert_within, backward_bounds, eps_of, forward_bound,
                       layout_shape, make_input)
+from fake_comm import make_comms
 
 LAYER_CASES = [(bn_simd.BatchNorm1d, (6, 3)), (bn_simd.BatchNorm1d, (4, 3, 7)), (bn_simd.BatchNorm2d, (4, 3, 5, 5)),
                (bn_simd.BatchNorm3d, (2, 3, 2, 3, 4)), (bn_simd.BatchNorm, (4, 3, 5, 5))]
@@ -496,3 +497,112 @@ def test_a_batch_count_of_numpy_integers_counts_on_as_an_int():
         layer.num_batches_tracked = v
         layer(x)
         assert layer.num_batches_tracked == 5 and type(layer.num_batches_tracked) is int
+
+
+def _reread(attr, value):
+
+    def change(layer):
+        setattr(layer, attr, value)
+    return change
+
+
+# (a layer, its input (C equal to the last dimension, so that either reading of x is a valid one), and an attribute
+# change after which the same x reads otherwise)
+REROUTED = [
+    ("BatchNorm2d layout", lambda: bn_simd.BatchNorm2d(4), {}, _reread("layout", "NHWC")),
+    ("BatchNorm2d relu", lambda: bn_simd.BatchNorm2d(4, activation="relu"), {}, _reread("layout", "NHWC")),
+    ("BatchNorm2d residual", lambda: bn_simd.BatchNorm2d(4), {"residual": True}, _reread("layout", "NHWC")),
+    ("BatchNorm2d eval", lambda: bn_simd.BatchNorm2d(4).eval(), {}, _reread("layout", "NHWC")),
+    ("BatchNorm axis", lambda: bn_simd.BatchNorm(4, axis=1), {}, _reread("axis", -1)),
+    ("BatchNorm2d virtual", lambda: bn_simd.BatchNorm2d(4, virtual_batch_size=2), {}, _reread("layout", "NHWC")),
+    ("BatchNorm2d renorm", lambda: bn_simd.BatchNorm2d(4, renorm=True), {}, _reread("layout", "NHWC")),
+    ("InstanceNorm2d", lambda: bn_simd.InstanceNorm2d(4, affine=True), {}, _reread("layout", "NHWC")),
+    ("InstanceNorm2d silu", lambda: bn_simd.InstanceNorm2d(4, affine=True, activation="silu"), {},
+     _reread("layout", "NHWC")),
+    ("InstanceNorm2d eval", lambda: bn_simd.InstanceNorm2d(4, affine=True, track_running_stats=True).eval(), {},
+     _reread("layout", "NHWC")),
+    ("GroupNorm layout", lambda: bn_simd.GroupNorm(2, 4), {}, _reread("layout", "NHWC")),
+    ("GroupNorm groups", lambda: bn_simd.GroupNorm(2, 4), {}, _reread("num_groups", 4)),
+    ("GroupNorm relu", lambda: bn_simd.GroupNorm(2, 4, activation="relu"), {}, _reread("num_groups", 1)),
+    ("LayerNorm layout", lambda: bn_simd.LayerNorm(4), {}, _reread("layout", "NCHW")),
+    ("LayerNorm relu", lambda: bn_simd.LayerNorm(4, activation="relu"), {}, _reread("layout", "NCHW")),
+    ("RMSNorm layout", lambda: bn_simd.RMSNorm(4), {}, _reread("layout", "NCHW")),
+    ("LayerNorm shape", lambda: bn_simd.LayerNorm((4, 4), elementwise_affine=False), {},
+     _reread("normalized_shape", (4,))),
+    ("SyncBatchNorm", lambda: bn_simd.SyncBatchNorm(4, comm=make_comms(1)[0]), {}, _reread("layout", "NHWC")),
+]
+
+
+@pytest.mark.parametrize("make, kw, change", [r[1:] for r in REROUTED], ids=[r[0] for r in REROUTED])
+def test_backward_differentiates_the_forward_that_ran(make, kw, change):
+    """An attribute that decides how x is read (layout, axis, groups, normalized_shape), reassigned between forward
+    and backward, changes the next forward, not the last one's gradient: backward gives the bits of the unchanged
+    layer's (it read the attribute anew, and gave a plausible gradient of another normalisation)."""
+    rng = np.random.default_rng(7)
+    x, g = (rng.standard_normal((4, 4, 4, 4)).astype(np.float32) for _ in range(2))
+    r = rng.standard_normal(x.shape).astype(np.float32) if kw.get("residual") else None
+    extra = {} if r is None else {"residual": r}
+    grads = []
+    for changed in (False, True):
+        layer = make()
+        if layer.weight is not None:
+            layer.weight[:] = np.linspace(0.5, 2.0, layer.weight.size).reshape(layer.weight.shape)
+        y = layer(x, **extra)
+        if changed:
+            change(layer)
+        grads.append((y, layer.backward(g), layer.grad_weight, getattr(layer, "grad_residual", None)))
+    for a, b in zip(*grads):
+        np.testing.assert_array_equal(a, b)
+    layer(x, **extra)  # (the next forward reads the changed attribute)
+
+
+def test_a_weight_given_to_a_layer_built_without_one_gets_its_gradient():
+    """affine is read at construction only, as PyTorch's: a weight assigned later is used by the forward, gets its
+    gradient and is in the state dict (it kept the last backward's grad_weight, and the state left it out)."""
+    rng = np.random.default_rng(8)
+    x, g = (rng.standard_normal((4, 3, 5, 5)).astype(np.float32) for _ in range(2))
+    ref_layer = bn_simd.BatchNorm2d(3)
+    ref_layer.weight[:] = [0.5, 1.0, 2.0]
+    ref_layer.bias = None
+    layer = bn_simd.BatchNorm2d(3, affine=False)
+    layer.weight = np.array([0.5, 1.0, 2.0], np.float32)
+    np.testing.assert_array_equal(layer(x), ref_layer(x))
+    np.testing.assert_array_equal(layer.backward(g), ref_layer.backward(g))
+    np.testing.assert_array_equal(layer.grad_weight, ref_layer.grad_weight)
+    assert layer.grad_bias is None and set(layer.state_dict()) >= {"weight"} and "bias" not in layer.state_dict()
+    on = bn_simd.BatchNorm2d(3)  # (and the other way: affine switched off, the held weight still counts)
+    on(x)
+    on.backward(g)
+    on.affine = False
+    on.weight[:] = [0.5, 1.0, 2.0]
+    on(x)
+    on.backward(np.zeros_like(g))
+    np.testing.assert_array_equal(on.grad_weight, 0.0)
+
+
+@pytest.mark.parametrize("make", [lambda: bn_simd.BatchNorm2d(3), lambda: bn_simd.InstanceNorm2d(3),
+                                  lambda: bn_simd.GroupNorm(3, 3), lambda: bn_simd.LayerNorm(5)],
+                         ids=["BatchNorm2d", "InstanceNorm2d", "GroupNorm", "LayerNorm"])
+def test_train_takes_a_bool_as_pytorch(make):
+    """train("False") set training on (bool of a non-empty string); PyTorch's Module.train raises ValueError for
+    anything but a bool."""
+    layer = make()
+    for bad in ("False", 0, None):
+        with pytest.raises(ValueError, match="train\\(\\) takes a bool mode, got"):
+            layer.train(bad)
+        assert layer.training is True
+    assert layer.train(np.bool_(False)).training is False
+
+
+def test_reassigned_training_and_num_features_are_named():
+    x = np.random.default_rng(9).standard_normal((4, 3, 5, 5)).astype(np.float32)
+    for layer in (bn_simd.BatchNorm2d(3), bn_simd.InstanceNorm2d(3),
+                  bn_simd.SyncBatchNorm(3, comm=make_comms(1)[0])):
+        layer.training = np.array([True, False])
+        with pytest.raises(TypeError, match="training must be a bool, got ndarray"):
+            layer(x)
+        assert layer.num_batches_tracked in (0, None)
+    layer = bn_simd.BatchNorm2d(3)
+    layer.num_features = "3"
+    with pytest.raises(TypeError, match="num_features must be an int, got str"):
+        layer(x)

@@ -382,19 +382,22 @@ def not_scriptable(module):
 _STOP_RECOMPUTATION = getattr(torch.utils.checkpoint, "_StopRecomputationError", ())
 
 
-def counted(counter, call):
+def counted(counter, call, stats=()):
     """call() with a batch counted in counter (num_batches_tracked) first, as PyTorch's BatchNorm counts it before its
     work: non-reentrant checkpointing stops a recomputed forward once its saved tensors are recorded, after the
     running statistics moved, and PyTorch's count moved too. A call that raises an Exception otherwise (a refused
-    argument) leaves the count as it was; a KeyboardInterrupt, which Python raises as the kernel returns, after the
-    running statistics moved, leaves it moved with them, as PyTorch's."""
+    argument) leaves the count as it was, unless a tensor of stats (the running statistics it updates) moved: a
+    KeyboardInterrupt, or a signal handler's exception (a timeout's), which Python raises as the kernel returns,
+    leaves the count moved with them, as PyTorch's."""
+    kept = [(t, t.detach().clone()) for t in stats if t is not None]
     counter.add_(1)
     try:
         return call()
     except _STOP_RECOMPUTATION:
         raise
     except Exception:
-        counter.sub_(1)
+        if not any(not bool(((t == c) | (t.isnan() & c.isnan())).all()) for t, c in kept):
+            counter.sub_(1)
         raise
 
 

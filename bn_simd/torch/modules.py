@@ -75,7 +75,7 @@ def _batch_norm_forward(self, input, activation=None, residual=None):
     views = B.stats_views(self, input, tensors)
     if counting:
         return B.counted(counter, lambda: F._batch_norm(input, *tensors, batch_stats, factor, self.eps, None, views,
-                                                        activation, residual))
+                                                        activation, residual), tensors[:2])
     y = F._batch_norm(input, *tensors, batch_stats, factor, self.eps, None, views, activation, residual)
     if (not training and views is not None and tensors[0] is not None and tensors[1] is not None
           and activation is None and residual is None):

@@ -203,7 +203,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         def call():
             return SyncBatchNormFunction.apply(input, tensors[2], tensors[3], rm, rv, factor, self.eps, comm,
                                                self.mode, shift, views)
-        return B.counted(counter, call) if counting else call()
+        return B.counted(counter, call, (rm, rv)) if counting else call()
 
     def _check_channels(self, input):
         """On the paths this module serves: the exchange's length is the channels', so every rank's must be
