@@ -93,6 +93,10 @@ cdef object _to_ndarray(object obj, str name):
     if type(obj) is np.ndarray:
         return obj
     if isinstance(obj, np.ndarray):  # a subclass (np.matrix, masked arrays): its data as a plain ndarray
+        if isinstance(obj, np.ma.MaskedArray) and np.ma.getmaskarray(obj).any():
+            raise TypeError(f"{name} is a masked array with masked entries, whose values every call would read as "
+                            f"they are (the mask ignored): pass {name}.filled(value), or {name}.data with mask= "
+                            f"(batch norm's statistics of the selected entries)")
         return np.asarray(obj).view(np.ndarray)
     if hasattr(obj, "detach") and hasattr(obj, "numpy"):  # a torch.Tensor: on the CPU
         if getattr(obj, "requires_grad", False):  # detaching it would drop its gradient without a word
@@ -258,8 +262,12 @@ cdef int group_view(cnp.ndarray x, int layout, int min_rank, str what, Groups* g
 
 
 cdef cnp.ndarray like(object a, str name, cnp.ndarray x):
-    """a as a data tensor (see data) with the shape and dtype of x (grad_out beside x)."""
-    cdef cnp.ndarray g = data(a, name, half_storage(x))
+    """a as a data tensor (see data) with the shape and dtype of x (grad_out beside x); an ndarray's shape is checked
+    before data() copies it (a broadcast view of the wrong shape was copied whole first)."""
+    cdef object s = _to_ndarray(a, name) if isinstance(a, np.ndarray) else None
+    if s is not None and s.shape != (<object>x).shape:
+        raise ValueError(f"{name} must have the shape of x {(<object>x).shape}, got {s.shape}")
+    cdef cnp.ndarray g = data(a if s is None else s, name, half_storage(x))
     cdef int k, nd = cnp.PyArray_NDIM(x)
     cdef bint same = cnp.PyArray_NDIM(g) == nd
     for k in range(nd if same else 0):
@@ -455,8 +463,11 @@ cdef int store(object obj, int64_t n, const double* src) except -1:
                 d[i] = src[i]
         return 0
     values = cnp.PyArray_SimpleNewFromData(1, &n1, cnp.NPY_FLOAT64, <void*>src)
-    # bfloat16 bits: bf16_bits; float16, long double, byte-swapped or strided: NumPy's assignment casts
-    obj[...] = bf16_bits(values) if a.dtype is _BITS else values
+    # bfloat16 bits: bf16_bits; float16, long double, byte-swapped or strided: NumPy's assignment casts, silently as
+    # the loop above rounds (under np.errstate(all="raise") an overflow or underflow of the cast raised after the
+    # kernel had written its outputs, with some running statistics stored and others not)
+    with np.errstate(all="ignore"):
+        obj[...] = bf16_bits(values) if a.dtype is _BITS else values
     return 0
 
 

@@ -855,6 +855,50 @@ def test_numpy_matrix_is_an_n_by_c_array():
     _check_train(np.asarray(y), np.asarray(m), None, None, 1e-5, "NCHW")
 
 
+def test_a_masked_array_with_masked_entries_is_refused():
+    """Its values were read as they are, the mask ignored (statistics over the masked-out entries too): refused,
+    pointing at filled() and mask=; a masked array with nothing masked is the array it holds."""
+    x = _base("NCHW", F32)
+    mask = np.zeros(x.shape, bool)
+    mask[0, 0, 0, 0] = True
+    with pytest.raises(TypeError, match="x is a masked array with masked entries.*mask="):
+        bn_simd.batch_norm(np.ma.masked_array(x, mask), None, None, training=True)
+    rm = np.zeros(x.shape[1], F32)
+    with pytest.raises(TypeError, match="weight is a masked array"):
+        bn_simd.batch_norm(x, rm, np.ones_like(rm), np.ma.masked_array(np.ones_like(rm), rm == 0), training=True)
+    np.testing.assert_array_equal(rm, 0)
+    y = bn_simd.batch_norm(np.ma.masked_array(x), None, None, training=True)
+    np.testing.assert_array_equal(y, bn_simd.batch_norm(x, None, None, training=True))
+
+
+def test_a_broadcast_view_of_the_wrong_shape_is_refused_before_any_copy():
+    """A residual or grad_out given as a zero-stride view of the wrong shape was copied whole before its shape was
+    checked (a MemoryError for 2**40 elements, seconds for a GiB): the ValueError names it first."""
+    x = np.zeros((4, 6, 8), F32)
+    huge = np.broadcast_to(F32(0), (2**40, 1))
+    with pytest.raises(ValueError, match=r"residual must have the shape of x \(4, 6, 8\), got \(1099511627776, 1\)"):
+        bn_simd.batch_norm(x, np.zeros(6, F32), np.ones(6, F32), residual=huge)
+    _, mean, invstd = bn_simd.batch_norm_forward(x + np.arange(8, dtype=F32))
+    with pytest.raises(ValueError, match="grad_out must have the shape of x"):
+        bn_simd.batch_norm_backward(huge, x, mean, invstd)
+
+
+def test_statistics_of_other_dtypes_are_stored_silently_under_errstate_raise():
+    """The running statistics of a float16 (or strided) array are rounded by NumPy's assignment, which obeyed
+    np.errstate(all="raise"): an underflow raised after the kernel wrote out and the running mean, before the running
+    variance. They are rounded silently now, as float32 and float64 ones are."""
+    x = np.random.default_rng(3).standard_normal((8, 3, 10)).astype(F32)
+    x -= x.mean(axis=(0, 2), keepdims=True)  # (channel means of about 1e-9: below float16's range)
+    want = [np.full(3, 0.5, np.float16), np.full(3, 5.0, np.float16)]
+    bn_simd.batch_norm(x, *want, training=True, momentum=1.0)
+    rm, rv = np.full(3, 0.5, np.float16), np.full(3, 5.0, np.float16)
+    with np.errstate(all="raise"):
+        bn_simd.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    np.testing.assert_array_equal(rm, want[0])
+    np.testing.assert_array_equal(rv, want[1])
+    assert not np.array_equal(rv, 5.0)
+
+
 def test_numeric_scalar_types_for_eps_and_momentum():
     x = _base("NCHW", F32)
     for eps, momentum in [(np.float32(1e-3), np.float64(0.25)), (fractions.Fraction(1, 1000), fractions.Fraction(1, 4)),
