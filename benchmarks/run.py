@@ -79,6 +79,8 @@ def _check(args, parser):
     for flag, given in (("--scaling", args.scaling), ("--isas", args.isas)):
         if given and args.plot:
             parser.error(f"--plot draws the comparison, not {flag}")
+    if args.write_readme and not (args.scaling or args.isas) and (args.quick or args.only):
+        parser.error("--write-readme replaces the whole published table: run every case (no --quick, no --only)")
     if args.plot and not report.have_matplotlib():
         parser.error("--plot needs matplotlib, which is not installed (pip install matplotlib)")
     for option, path in (("--json", args.json), ("--plot", args.plot)):

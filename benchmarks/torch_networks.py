@@ -263,7 +263,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, default=THREADS, help=f"threads of each library (default {THREADS})")
     p.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
-    p.add_argument("--idle-wait", type=float, default=20.0,
+    p.add_argument("--wait-idle", "--idle-wait", dest="idle_wait", type=float, default=20.0,
                    help="before each row, wait at most this many seconds for other processes to leave the CPUs idle")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)

@@ -6,6 +6,7 @@ that a slow spell of the machine falls on both and the ratio holds. The full com
 PyTorch, ONNX Runtime, tracking of other processes' load) is ``python benchmarks/run.py`` in a source
 checkout.
 """
+import os
 import time
 
 import numpy as np
@@ -79,6 +80,7 @@ def speed_table(cases=CASES, budget_s=0.3, out=print):
         f"| {'bn_simd GB/s':>12s} | {'speed-up':>8s} |")
     out("|" + "|".join("-" * n for n in (20, 8, 11, 12, 11, 14, 10)) + "|")
     rows = []
+    start = cpu_snapshot()
     for shape, layout, modes in cases:
         ours, baseline = _calls(shape, layout)
         nbytes = int(np.prod(shape)) * 4
@@ -93,4 +95,31 @@ def speed_table(cases=CASES, budget_s=0.3, out=print):
         del ours, baseline
     out("\nShapes as stored (an NHWC array is N, H, W, C); float32; medians, the two timed alternately. GB/s "
         "counts the minimum traffic: 2 tensor passes (read x, write y) for forward and eval, 3 for backward.")
+    others = other_load(start, cpu_snapshot())
+    if others is not None and others > 0.5:
+        out(f"Note: other processes kept {others:.1f} cores busy meanwhile: bn_simd's threads waited for cores and its "
+            f"figures read low (OMP_NUM_THREADS=1, or BN_SIMD_SPIN_US=0, shows the kernels' own on a busy machine).")
     return rows
+
+
+def cpu_snapshot():
+    """(busy CPU seconds of the whole machine, of which stolen by the hypervisor, of this process, wall
+    clock), or None where /proc/stat is not available."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    busy = sum(v[:3]) + sum(v[5:8])  # user nice system irq softirq steal
+    steal = v[7] if len(v) > 7 else 0
+    t = os.times()
+    return busy / hz, steal / hz, t.user + t.system, time.monotonic()
+
+
+def other_load(before, after):
+    """Cores kept busy by other processes (or stolen by the hypervisor) between two snapshots."""
+    if before is None or after is None or after[3] <= before[3]:
+        return None
+    busy, _, own, wall = (b - a for a, b in zip(before, after))
+    return max(0.0, busy - own) / wall
