@@ -139,6 +139,9 @@ class _Layer:
             if k not in state_dict:
                 continue
             if k == "num_batches_tracked":
+                if isinstance(state_dict[k], numbers.Integral) and not isinstance(state_dict[k], bool):
+                    staged[k] = _batch_count(state_dict[k])  # (a Python int beyond int64 is no integer array)
+                    continue
                 v = ck.to_ndarray(state_dict[k], k)
                 if v.dtype.kind not in "iu":
                     raise TypeError(f"num_batches_tracked must be an integer scalar, got dtype {v.dtype}")
@@ -459,6 +462,7 @@ class BatchNorm(_Layer):
     def _check_state(self):
         """The public attributes may be reassigned by users; check them before they reach a kernel."""
         self.training = ck.check_flag(self.training, "training")
+        self.dtype = ck.check_dtype(self.dtype)  # (the parameter gradients' dtype)
         C = self.num_features = _check_features(self.num_features)
         for name in ("weight", "bias"):
             v = getattr(self, name)
@@ -805,6 +809,8 @@ class GroupNorm(_Layer):
                 ck.per_channel(v, name, self.num_channels)
         self.eps = ck.check_eps(self.eps)
         self.layout = ck.check_layout(self.layout)
+        self.dtype = ck.check_dtype(self.dtype)  # (the parameter gradients' dtype)
+        self.training = ck.check_flag(self.training, "training")
 
     def forward(self, x, *, out=None, residual=None):
         """Normalise x ((N, C, *spatial), rank 2..5, channels per ``layout``); returns y (``out`` if given).

@@ -606,3 +606,20 @@ def test_reassigned_training_and_num_features_are_named():
     layer.num_features = "3"
     with pytest.raises(TypeError, match="num_features must be an int, got str"):
         layer(x)
+
+
+def test_a_reassigned_dtype_and_an_oversized_loaded_count_are_refused_by_name():
+    """dtype set to an integer type made the parameter gradients integers (truncated without a word); a count
+    beyond int64 in a state dict was refused as "dtype object"."""
+    x = np.random.default_rng(10).standard_normal((4, 3, 5, 5)).astype(np.float32)
+    for layer in (bn_simd.BatchNorm2d(3), bn_simd.GroupNorm(3, 3)):
+        layer.dtype = np.int32
+        with pytest.raises(TypeError, match="dtype"):
+            layer(x)
+    layer = bn_simd.BatchNorm2d(3)
+    state = dict(layer.state_dict(), num_batches_tracked=2**64)
+    with pytest.raises(ValueError, match="num_batches_tracked must be >= 0 and <= 2\\*\\*63 - 1"):
+        layer.load_state_dict(state)
+    assert layer.num_batches_tracked == 0
+    layer.load_state_dict(dict(state, num_batches_tracked=2**63 - 1))
+    assert layer.num_batches_tracked == 2**63 - 1
