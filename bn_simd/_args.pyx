@@ -93,7 +93,7 @@ cdef object _to_ndarray(object obj, str name):
     if type(obj) is np.ndarray:
         return obj
     if isinstance(obj, np.ndarray):  # a subclass (np.matrix, masked arrays): its data as a plain ndarray
-        if isinstance(obj, np.ma.MaskedArray) and np.ma.getmaskarray(obj).any():
+        if isinstance(obj, np.ma.MaskedArray) and np.ma.getmask(obj) is not np.ma.nomask and obj.mask.any():
             raise TypeError(f"{name} is a masked array with masked entries, whose values every call would read as "
                             f"they are (the mask ignored): pass {name}.filled(value), or {name}.data with mask= "
                             f"(batch norm's statistics of the selected entries)")

@@ -125,7 +125,7 @@ def backward(grad_out, x, save_mean, save_invstd, weight, layout, out, mask, nt)
     w = ck.per_channel(weight, "weight", C)
     ws = s if w is None else np.asarray(w, dtype=np.float64) * s
     if n > 0:
-        b, d = -ws * s * s * sum_dyxm / n, -ws * sum_dy / n
+        b, d = -ws * s * (s * sum_dyxm / n), -ws * sum_dy / n  # (s * sum / n first: s**3 underflows from std 1e103)
     else:  # no entry carried the statistics: each gradient is the constant-statistics one
         b = d = np.zeros(C)
     if every:

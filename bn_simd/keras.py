@@ -373,6 +373,16 @@ class BatchNormalization(_KerasWeights):
         attributes were given since (each is checked against it)."""
         return self._C
 
+    def __setstate__(self, state):
+        """Unpickling, also a layer pickled before it kept its channel count and its call's axis."""
+        self.__dict__.update(state)
+        if "_C" not in state:
+            self._C = None if self.moving_mean is None else int(np.shape(self.moving_mean)[0])
+        if isinstance(self._saved, tuple) and len(self._saved) == 7:
+            self._saved = self._saved + (self.axis,)
+        elif isinstance(self._saved, _Grouped) and not hasattr(self._saved, "axis"):
+            self._saved.axis = self.axis
+
     def _weight_names(self):
         return ((["gamma"] if self.scale else []) + (["beta"] if self.center else [])
                 + ["moving_mean", "moving_variance"]
@@ -1024,6 +1034,12 @@ class GroupNormalization(_KerasNorm):
             raise ValueError(f"groups ({G}) must divide the number of channels ({C}) on axis {self.axis}")
         return (C,)
 
+    def __setstate__(self, state):
+        """Unpickling, also a layer pickled before its call's route and groups were kept with its statistics."""
+        self.__dict__.update(state)
+        if isinstance(self._saved, tuple) and len(self._saved) == 7:
+            self._saved = self._saved + (self._route(self._saved[0]), self.groups)
+
     def build(self, input_shape):
         super().build(input_shape)
         if self.groups == -1:
@@ -1049,8 +1065,9 @@ class GroupNormalization(_KerasNorm):
         perm, layout, view = self._route(x.shape)
         xs = (x if perm is None else np.ascontiguousarray(x.transpose(perm))).reshape(view)
         w, b = params.get("gamma"), params.get("beta")
-        y, mean, invstd = _core.group_norm(xs, self.groups, w, b, self.epsilon, layout, None, _threads(), 3, False)
-        self._saved = (x.shape, x.dtype, xs, mean, invstd, w, b, (perm, layout, view), self.groups)
+        G = self._wshape[0] if self.groups == -1 else self.groups  # (-1 set again after build: one group a channel)
+        y, mean, invstd = _core.group_norm(xs, G, w, b, self.epsilon, layout, None, _threads(), 3, False)
+        self._saved = (x.shape, x.dtype, xs, mean, invstd, w, b, (perm, layout, view), G)
         return self._back(y, x.shape, perm)
 
     @staticmethod

@@ -34,40 +34,50 @@ def set_param_grads(layer, gw, gb):
 
 
 class ForwardStep:
-    """``with ForwardStep(layer, count, route):`` around a forward's work. Entering drops the last forward's saved
-    state (``_saved``) and, when count, counts the batch in num_batches_tracked first, as PyTorch's BatchNorm counts
-    before its work. Leaving without an exception keeps route (what the layer's attributes said of x's reading: its
-    layout, groups, normalised shape) as ``_fwd_route``, which backward reads instead of the attributes, as it reads
-    ``_saved``: an attribute reassigned between the two calls changes the next forward, not the gradient of the last
-    one (PyTorch's autograd differentiates the forward that ran). An Exception (a refused argument) puts the saved
-    state and the count back, so a failed call changes nothing, unless an array in ``watch`` (the statistics the
-    forward updates) moved: a signal handler's exception (a timeout's) is raised as the kernel returns, as a
-    KeyboardInterrupt is, and is then taken as one. A KeyboardInterrupt,
+    """``with ForwardStep(layer, count, watch):`` around a forward's work, once its attributes are checked. Entering
+    drops the last forward's saved state (``_saved``) and, when count, counts the batch in num_batches_tracked first,
+    as PyTorch's BatchNorm counts before its work; it also sets ``_fwd_route`` to ``layer._reading()`` (what the
+    attributes say of x's reading: layout, groups, normalised shape; a layer without _reading keeps that in its
+    saved state), which backward reads instead of the attributes, as it reads ``_saved``: an attribute reassigned
+    between the two calls changes the next forward, not the gradient of the last one (PyTorch's autograd
+    differentiates the forward that ran). An Exception (a refused argument) puts the saved state, its route and the
+    count back, so a failed call changes nothing, unless an array in ``watch`` (the statistics the forward updates)
+    moved: a signal handler's exception (a timeout's) is raised as the kernel returns, as a KeyboardInterrupt is,
+    and is then taken as one. A KeyboardInterrupt,
     which Python raises as the kernel returns (it runs without the GIL), after the running statistics moved, leaves
     the count moved with them and no earlier forward's state for backward to use. (Where the normalise and the update
     are two calls, with mask=, virtual batches or renorm, one raised as the normalise returns finds the count moved
     and the statistics not: PyTorch's count, too, moves before any of its work.)"""
-    __slots__ = ("layer", "saved", "count", "route", "watched")
+    __slots__ = ("layer", "saved", "count", "route", "old_route", "watched")
 
-    def __init__(self, layer, count=False, route=None, watch=()):
-        self.layer, self.saved, self.route = layer, layer._saved, route
+    def __init__(self, layer, count=False, watch=()):
+        self.layer, self.saved, self.old_route = layer, layer._saved, getattr(layer, "_fwd_route", None)
+        reading = getattr(layer, "_reading", None)
+        self.route = None if reading is None else reading()
         self.count = layer.num_batches_tracked if count else None
-        self.watched = watched(watch)
+        self.watched = watched(watch) if watch else ()
 
     def __enter__(self):
         self.layer._saved = None
+        self.layer._fwd_route = self.route  # (with _saved, not after the work: no window between the two)
         if self.count is not None:
             self.layer.num_batches_tracked = self.count + 1
         return self
 
     def __exit__(self, kind, exc, tb):
-        if kind is None:
-            self.layer._fwd_route = self.route
-        elif issubclass(kind, Exception) and not moved(self.watched):
-            self.layer._saved = self.saved
+        if kind is not None and issubclass(kind, Exception) and not moved(self.watched):
+            self.layer._saved, self.layer._fwd_route = self.saved, self.old_route
             if self.count is not None:
                 self.layer.num_batches_tracked = self.count
         return False
+
+
+def restore_route(layer, state):
+    """Unpickling: a layer pickled before it kept ``_fwd_route`` gets the route its attributes give (they have not
+    changed since that forward, as far as the pickle can tell)."""
+    layer.__dict__.update(state)
+    if "_fwd_route" not in state:
+        layer._fwd_route = layer._reading() if state.get("_saved") is not None else None
 
 
 def watched(arrays):
@@ -107,6 +117,9 @@ def holds(cur, v):
 class _Layer:
     """What every layer shares: train() / eval() (``training`` is what they set) and load_state_dict over the keys
     of ``_state_keys()`` and the ``_channels`` per-channel entries."""
+
+    def __setstate__(self, state):
+        restore_route(self, state)
 
     def train(self, mode=True):
         """Training mode (batch statistics; running statistics updated where the layer keeps them); returns
@@ -336,7 +349,7 @@ class BatchNorm(_Layer):
         self._check_state()
         x = self._check_input(x)
         act = _epi.parse(self.activation)  # (re-checked: the attribute may have been reassigned)
-        lay = self._layout_of()
+        lay = self._reading()
         if act != _epi.NONE or residual is not None:
             return self._forward_epilogue(x, out, mask, residual, act, lay)
         batch_stats, update, momentum = self._forward_mode()  # (PyTorch's rules)
@@ -347,11 +360,11 @@ class BatchNorm(_Layer):
                 raise ValueError("mask= does not combine with virtual_batch_size or renorm")
             from . import renorm as R
             fw = forward_copy(self.weight)  # (before the call: out may be the weight's memory)
-            with ForwardStep(self, self._counts(), lay, self._updated(update)):
+            with ForwardStep(self, self._counts(), self._updated(update)):
                 y, saved = R.layer_forward(self, x, out, saved_x, update, momentum)
                 self._saved, self._fwd_weight = saved, fw
             return y
-        with ForwardStep(self, self._counts(), lay, self._updated(update)):
+        with ForwardStep(self, self._counts(), self._updated(update)):
             return self._forward_plain(x, out, mask, saved_x, batch_stats, update, momentum, lay)
 
     __call__ = forward
@@ -360,11 +373,13 @@ class BatchNorm(_Layer):
         """The arrays a forward updates (update: whether it does): the running statistics, renorm's too."""
         if not update:
             return ()
-        return (self.running_mean, self.running_var) + tuple(
-            getattr(self, k) for k in ("running_std", "renorm_mean", "renorm_std") if getattr(self, "renorm", False))
+        if getattr(self, "renorm", False):
+            return (self.running_mean, self.running_var, getattr(self, "running_std", None),
+                    getattr(self, "renorm_mean", None), getattr(self, "renorm_std", None))
+        return self.running_mean, self.running_var
 
-    def _layout_of(self):
-        """The layout x is read in: ``layout``, or the one ``axis`` names."""
+    def _reading(self):
+        """How x is read (ForwardStep's route): its layout, ``layout`` or the one ``axis`` names."""
         return self.layout if self.axis is None else ck.axis_layout(self.axis, self.layout)
 
     def _forward_plain(self, x, out, mask, saved_x, batch_stats, update, momentum, lay):
@@ -416,7 +431,7 @@ class BatchNorm(_Layer):
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         passed = update or not batch_stats
         w, b = forward_copy(self.weight), forward_copy(self.bias)  # (before the call: out may be their memory)
-        with ForwardStep(self, self._counts(), lay, self._updated(update)):
+        with ForwardStep(self, self._counts(), self._updated(update)):
             y, mean, invstd, var = _core.batch_norm_epi(x, self.running_mean if passed else None,
                                                         self.running_var if passed else None, self.weight, self.bias,
                                                         batch_stats, momentum, self.eps, lay, out,
@@ -461,8 +476,7 @@ class BatchNorm(_Layer):
 
     def _check_state(self):
         """The public attributes may be reassigned by users; check them before they reach a kernel."""
-        self.training = ck.check_flag(self.training, "training")
-        self.dtype = ck.check_dtype(self.dtype)  # (the parameter gradients' dtype)
+        _check_mode_and_dtype(self)
         C = self.num_features = _check_features(self.num_features)
         for name in ("weight", "bias"):
             v = getattr(self, name)
@@ -537,11 +551,25 @@ def _reset_affine(layer):
 
 def _check_features(n):
     """num_features as an int in [1, 2**31)."""
+    if type(n) is int and 1 <= n < 2**31:  # (the usual case, without the ABC check's cost)
+        return n
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"num_features must be an int, got {type(n).__name__}")
     if not 1 <= n < 2**31:
         raise ValueError(f"num_features must be >= 1 and < 2**31, got {n}")
     return int(n)
+
+
+_PARAM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _check_mode_and_dtype(layer):
+    """training (reassigned: a bool, or what bool() takes) and dtype (the parameter gradients': float32 or float64),
+    re-checked before a call; the usual values pass without a call."""
+    if type(layer.training) is not bool:
+        layer.training = ck.check_flag(layer.training, "training")
+    if layer.dtype not in _PARAM_DTYPES:
+        layer.dtype = ck.check_dtype(layer.dtype)
 
 
 def train_mode(mode):
@@ -646,14 +674,17 @@ class _InstanceNorm(BatchNorm):
                 if residual.shape != x.shape[1:]:   # (named in the caller's shapes, not the batched ones)
                     raise ValueError(f"residual must have the shape of x {x.shape[1:]}, got {residual.shape}")
                 residual = residual[np.newaxis]
-            with ForwardStep(self, route=self.layout, watch=self._updated(self.training)):
+            with ForwardStep(self, watch=self._updated(self.training)):
                 y = self._forward_epilogue_in(x, out, saved_x, residual, act, unbatched)
             return (y[0] if given is None else given) if unbatched else y
-        with ForwardStep(self, route=self.layout, watch=self._updated(self.training)):
+        with ForwardStep(self, watch=self._updated(self.training)):
             y = self._forward_in(x, out, saved_x, unbatched)
         return (y[0] if given is None else given) if unbatched else y
 
     __call__ = forward
+
+    def _reading(self):
+        return self.layout
 
     def _forward_in(self, x, out, saved_x, unbatched):
         """forward without an epilogue (inside its ForwardStep)."""
@@ -802,6 +833,9 @@ class GroupNorm(_Layer):
     def reset_parameters(self):
         _reset_affine(self)
 
+    def _reading(self):
+        return self.layout, self.num_groups
+
     def _check_state(self):
         for name in ("weight", "bias"):
             v = getattr(self, name)
@@ -809,8 +843,7 @@ class GroupNorm(_Layer):
                 ck.per_channel(v, name, self.num_channels)
         self.eps = ck.check_eps(self.eps)
         self.layout = ck.check_layout(self.layout)
-        self.dtype = ck.check_dtype(self.dtype)  # (the parameter gradients' dtype)
-        self.training = ck.check_flag(self.training, "training")
+        _check_mode_and_dtype(self)
 
     def forward(self, x, *, out=None, residual=None):
         """Normalise x ((N, C, *spatial), rank 2..5, channels per ``layout``); returns y (``out`` if given).
@@ -824,7 +857,7 @@ class GroupNorm(_Layer):
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         act = _epi.parse(self.activation)
         w, b = forward_copy(self.weight), forward_copy(self.bias)  # (before the call: out may be their memory)
-        with ForwardStep(self, route=(self.layout, self.num_groups)):
+        with ForwardStep(self):
             if act != _epi.NONE or residual is not None:
                 y, mean, var = _core.group_forward_epi(x, self.num_groups, self.weight, self.bias, self.eps,
                                                        self.layout, out, act, residual, F._threads(), False, True)

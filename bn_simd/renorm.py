@@ -263,13 +263,14 @@ def update_renorm_stats(running_mean, running_var, running_std, renorm_mean, ren
            (1.0 - rm) * old[3] + rm * bm,
            (1.0 - rm) * old[4] + rm * s_b]
     pending = list(zip(arrays, new))
-    try:
-        for a, v in pending:
-            a[...] = v
-    except BaseException:  # (a Ctrl-C between two writes: the five move together, then it is raised)
-        for a, v in pending:
-            a[...] = v
-        raise
+    with np.errstate(all="ignore"):  # (rounded silently, as the running statistics' own stores: _args.store)
+        try:
+            for a, v in pending:
+                a[...] = v
+        except BaseException:  # (a Ctrl-C between two writes: the five move together, then it is raised)
+            for a, v in pending:
+                a[...] = v
+            raise
 
 
 def batch_renorm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,

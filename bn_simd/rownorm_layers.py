@@ -8,7 +8,7 @@ from . import _args as ck
 from . import _core
 from . import _epilogue as _epi
 from .functional import _threads
-from .layers import ForwardStep, _no_residual, assign_state, check_keys, forward_copy, train_mode
+from .layers import ForwardStep, _no_residual, assign_state, check_keys, forward_copy, restore_route, train_mode
 
 
 def _shape_arg(normalized_shape):
@@ -61,6 +61,13 @@ class _RowNorm:
         if self.bias is not None:
             self.bias.fill(0)
 
+    def _reading(self):
+        ns = self.normalized_shape  # (a tuple: a list reassigned may change later)
+        return self.layout, ns if type(ns) is tuple else _shape_arg(ns)
+
+    def __setstate__(self, state):
+        restore_route(self, state)
+
     def train(self, mode=True):
         """Sets ``training`` (the layer computes the same either way; kept for PyTorch's interface); returns self."""
         self.training = train_mode(mode)
@@ -82,7 +89,7 @@ class _RowNorm:
         saved_x = x.copy() if out is not None and np.may_share_memory(out, x) else x
         act = _epi.parse(self.activation)
         w, b = forward_copy(self.weight), forward_copy(self.bias)  # (before the call: out may be their memory)
-        with ForwardStep(self, route=(self.layout, self.normalized_shape)):
+        with ForwardStep(self):
             if act != _epi.NONE or residual is not None:
                 y, mean, rstd = _core.row_forward_epi(x, self.normalized_shape, self.weight, self.bias, self.eps,
                                                       self.layout, out, _threads(), self._rms, act, residual, 2)

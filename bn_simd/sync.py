@@ -640,6 +640,9 @@ class SyncBatchNorm(BatchNorm):
             raise ValueError(f"SyncBatchNorm has no fused activation and no axis= (layout= only): activation and axis "
                              f"must be None, got {self.activation!r} and {self.axis!r}")
 
+    def _reading(self):
+        return self.layout  # (no axis: _check_plain refuses one)
+
     def _local_forward(self, x, out):
         """This rank's checks before the exchange: the layer's state, x and out (a refusal here still takes part in
         the exchange, as a failure: _attempt)."""
@@ -668,10 +671,8 @@ class SyncBatchNorm(BatchNorm):
             return y
         comm = as_communicator(self.comm)
         # (from the exchange on, where a Ctrl-C is likeliest: no earlier state for backward)
-        with ForwardStep(self, watch=self._updated(self.training and self.track_running_stats and held)) as step:
-            y = self._synced_forward(comm, x, out, held)
-            step.route = self.layout  # (checked by then)
-        return y
+        with ForwardStep(self, watch=self._updated(self.training and self.track_running_stats and held)):
+            return self._synced_forward(comm, x, out, held)
 
     def _synced_forward(self, comm, x, out, held):
         """forward's exchange and normalise (inside its ForwardStep)."""
@@ -688,18 +689,18 @@ class SyncBatchNorm(BatchNorm):
         # (an interrupt during the normalise is raised as it returns, before the count and statistics move; the count
         # moves before the update, as in PyTorch, so one raised as the update returns finds both moved)
         y = F.normalize(xa, mean, var, self.weight, self.bias, eps=self.eps, layout=self.layout, out=out)
-        counted = self._counts()
-        if counted:
-            self.num_batches_tracked += 1
-        if update and n > 0:
-            stats = watched((self.running_mean, self.running_var))
-            try:
+        counted, count = self._counts(), self.num_batches_tracked
+        stats = watched((self.running_mean, self.running_var)) if update and n > 0 else ()
+        try:
+            if counted:
+                self.num_batches_tracked = count + 1
+            if update and n > 0:
                 F.update_running_stats(self.running_mean, self.running_var, mean, var, n, momentum,
                                        unbiased=self.unbiased_running_var)
-            except Exception:
-                if counted and not moved(stats):  # (a refusal; a signal handler's exception as it returned: kept)
-                    self.num_batches_tracked -= 1
-                raise
+        except Exception:
+            if counted and not moved(stats):  # (a refusal; a signal handler's exception as it returned: kept)
+                self.num_batches_tracked = count
+            raise
         if n > 0 and np.all(np.isfinite(mean)):
             self._shift = mean
         self._saved = (saved_x, mean, 1.0 / np.sqrt(var + self.eps), True)

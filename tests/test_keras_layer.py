@@ -489,3 +489,38 @@ def test_reassigned_attributes_are_checked_by_the_next_call(make, attr, value, e
     assert held
     for n, v in held.items():
         np.testing.assert_array_equal(getattr(layer, n), v)
+
+
+def test_layers_pickled_before_their_calls_kept_axis_route_and_groups_still_work():
+    """Keras layers pickled by a version whose saved call held no axis (BatchNormalization, its virtual batches too)
+    or route and groups (GroupNormalization), and no built channel count: backward and the next call work."""
+    from bn_simd.keras import GroupNormalization
+    x = np.random.default_rng(13).standard_normal((4, 4, 4, 4)).astype(np.float32)
+    g = np.ones_like(x)
+    for layer, kw in ((BatchNormalization(), {"training": True}),
+                      (BatchNormalization(virtual_batch_size=2), {"training": True}),
+                      (GroupNormalization(groups=2), {})):
+        layer(x, **kw)
+        want = layer.backward(g)
+        state = dict(layer.__dict__)
+        state.pop("_C", None)
+        if isinstance(state["_saved"], tuple):
+            state["_saved"] = state["_saved"][:7]
+        else:
+            object.__delattr__(state["_saved"], "axis")
+        old = type(layer).__new__(type(layer))
+        old.__setstate__(state)
+        np.testing.assert_array_equal(old.backward(g), want)
+        old(x, **kw)
+
+
+def test_group_normalization_groups_minus_one_set_again_after_build():
+    from bn_simd.keras import GroupNormalization
+    x = np.random.default_rng(14).standard_normal((2, 3, 4)).astype(np.float32)
+    layer = GroupNormalization(groups=2, axis=1)
+    with pytest.raises(ValueError, match="groups"):
+        layer(np.ones((2, 3, 4), np.float32))  # (2 does not divide 3: unbuilt again)
+    layer = GroupNormalization(groups=1, axis=1)
+    layer(x)
+    layer.groups = -1  # (one group a channel, as at build)
+    np.testing.assert_array_equal(layer(x), GroupNormalization(groups=-1, axis=1)(x))

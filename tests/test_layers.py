@@ -623,3 +623,27 @@ def test_a_reassigned_dtype_and_an_oversized_loaded_count_are_refused_by_name():
     assert layer.num_batches_tracked == 0
     layer.load_state_dict(dict(state, num_batches_tracked=2**63 - 1))
     assert layer.num_batches_tracked == 2**63 - 1
+
+
+@pytest.mark.parametrize("make", [lambda: bn_simd.BatchNorm2d(4), lambda: bn_simd.GroupNorm(2, 4),
+                                  lambda: bn_simd.LayerNorm(4), lambda: bn_simd.InstanceNorm2d(4, affine=True)],
+                         ids=["BatchNorm2d", "GroupNorm", "LayerNorm", "InstanceNorm2d"])
+def test_a_layer_pickled_before_it_kept_its_forward_route_still_differentiates(make):
+    """A layer pickled after a forward by a version that kept no ``_fwd_route`` (its state without it) unpickles
+    with the route its attributes give, and its backward gives the bits it would have."""
+    x, g = (np.random.default_rng(12).standard_normal((4, 4, 4, 4)).astype(np.float32) for _ in range(2))
+    layer = make()
+    layer(x)
+    want = layer.backward(g)
+    state = dict(layer.__dict__)
+    del state["_fwd_route"]
+    old = type(layer).__new__(type(layer))
+    old.__setstate__(state)
+    np.testing.assert_array_equal(old.backward(g), want)
+
+
+def test_sync_batch_norm_with_renorm_switched_on_is_refused_by_name():
+    layer = bn_simd.SyncBatchNorm(3, comm=make_comms(1)[0])
+    layer.renorm = True  # (no running_std: the refusal, not an AttributeError)
+    with pytest.raises(ValueError, match="SyncBatchNorm has no virtual batches or renormalization"):
+        layer(np.ones((4, 3, 2, 2), np.float32))

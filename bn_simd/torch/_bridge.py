@@ -389,16 +389,41 @@ def counted(counter, call, stats=()):
     argument) leaves the count as it was, unless a tensor of stats (the running statistics it updates) moved: a
     KeyboardInterrupt, or a signal handler's exception (a timeout's), which Python raises as the kernel returns,
     leaves the count moved with them, as PyTorch's."""
-    kept = [(t, t.detach().clone()) for t in stats if t is not None]
-    counter.add_(1)
+    state = None if _capturing() else _state(counter, stats)
+    if state is None:  # (no values to look at: a failure is a refusal)
+        counter.add_(1)
     try:
+        if state is not None:
+            counter.add_(1)
         return call()
     except _STOP_RECOMPUTATION:
         raise
     except Exception:
-        if not any(not bool(((t == c) | (t.isnan() & c.isnan())).all()) for t, c in kept):
+        if state is None:
             counter.sub_(1)
+        elif all(_bits(t) == b for t, b in state[1]):
+            counter.fill_(state[0])
         raise
+
+
+def _state(counter, stats):
+    """(the count, (tensor, its bytes) of each running statistic), or None for tensors without values (meta, fake)."""
+    try:
+        return int(counter), [(t, _bits(t)) for t in stats if t is not None]
+    except Exception:  # noqa: BLE001  (meta and fake tensors raise several kinds)
+        return None
+
+
+def _capturing():
+    """Whether torch.compile, torch.export or torch.jit.trace is capturing the running code."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.compiler.is_compiling() or (exporting is not None and exporting()) or torch.jit.is_tracing()
+
+
+def _bits(t):
+    """A CPU tensor's bytes (the running statistics' values, bit for bit: NaNs and signed zeros included)."""
+    t = t.detach()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
 
 
 def stats_views(module, x, tensors):
