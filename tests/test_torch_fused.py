@@ -570,3 +570,36 @@ def test_a_residual_written_in_place_later_is_not_fused(how):
     ref(xr).sum().backward()
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model.conv.weight.grad, ref.conv.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_a_traced_fusion_keeps_the_models_parameter_order():
+    """torch.fx's GraphModule registers submodules in the order the forward first uses them: a block that uses its
+    embedding before its second norm listed emb's parameters before norm2's, and an optimizer checkpoint of the model
+    (its state by position) loaded onto the wrong parameters, silently where the shapes agree."""
+    class Block(nn.Module):
+        def __init__(self, C=8):
+            super().__init__()
+            self.norm, self.conv, self.norm2 = nn.GroupNorm(4, C), nn.Conv2d(C, C, 3, padding=1), nn.GroupNorm(4, C)
+            self.emb = nn.Linear(16, C)
+
+        def forward(self, x, t):
+            h = self.conv(TF.silu(self.norm(x))) + self.emb(t)[:, :, None, None]
+            return TF.silu(self.norm2(h))
+
+    torch.manual_seed(0)
+    model = Block()
+    opt = torch.optim.Adam(model.parameters())
+    x, t = torch.randn(2, 8, 6, 6), torch.randn(2, 16)
+    model(x, t).square().mean().backward()
+    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = bt.convert(Block(), fuse_activations=True)
+    assert sum(isinstance(m, bt.GroupNormAct) for m in fused.modules()) == 2
+    assert [k for k, _ in fused.named_parameters()] == [k for k, _ in model.named_parameters()]
+    fused.load_state_dict(model.state_dict())
+    opt2 = torch.optim.Adam(fused.parameters())
+    opt2.load_state_dict(opt.state_dict())
+    ref = dict(model.named_parameters())
+    for k, p in fused.named_parameters():
+        assert torch.equal(opt2.state[p]["exp_avg"], opt.state[ref[k]]["exp_avg"])

@@ -737,6 +737,25 @@ def test_gradient_checkpointing_counts_batches_as_pytorch(momentum, reentrant):
     torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("then_relu", [False, True])
+def test_gradient_checkpointing_moves_instance_norm_statistics_as_pytorch(reentrant, then_relu):
+    """PyTorch's instance norm copies its running statistics back after its kernel, past the point where the
+    non-reentrant checkpoint stops the rerun: alone, one update a step; followed by an activation, whose saved tensor
+    comes after that copy, two. The converted module updated inside its forward, before the stop: two, alone too."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    norm = torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True).double()
+    ref = torch.nn.Sequential(norm, torch.nn.ReLU()) if then_relu else norm
+    ours = bt.convert(copy.deepcopy(ref), fuse_activations=True)
+    for step in range(2):
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * (step + 1) + 1
+        for m in (ref, ours):
+            checkpoint(m, x.clone().requires_grad_(), use_reentrant=reentrant).sum().backward()
+    for k, v in ref.named_buffers():
+        torch.testing.assert_close(dict(ours.named_buffers())[k], v, rtol=1e-12, atol=1e-12)
+
+
 def test_a_refused_call_still_leaves_the_count():
     m = bt.convert(torch.nn.BatchNorm2d(3))
     with pytest.raises(ValueError):

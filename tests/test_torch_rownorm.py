@@ -405,3 +405,14 @@ def test_residual_of_another_dtype_is_named_with_torch_dtypes(xdt, rdt):
     for fn in (bt.layer_norm, bt.rms_norm):
         with pytest.raises(TypeError, match=rf"residual must have the dtype of input \({xdt}\), got {rdt}"):
             fn(x, 8, residual=r)
+
+
+def test_rms_norm_takes_an_inference_tensor_with_a_weight_that_needs_grad():
+    """torch.nn.RMSNorm runs on an x made under inference_mode (it saves intermediates, not x) and gives the weight
+    its gradient; the converted module raised "Inference tensors cannot be saved for backward"."""
+    with torch.inference_mode():
+        x = torch.randn(4, 8)
+    ref, ours = torch.nn.RMSNorm(8), bt.RMSNorm(8)
+    ref(x).square().sum().backward()
+    ours(x).square().sum().backward()
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)

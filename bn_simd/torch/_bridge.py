@@ -414,6 +414,21 @@ def _state(counter, stats):
         return None
 
 
+def kept_on_stop(stats, call):
+    """call(), an autograd Function's apply whose forward updates the running statistics stats in place. Non-reentrant
+    checkpointing stops a recomputed forward once its saved tensors are recorded, after the forward returned: the
+    statistics then go back to their values before it, as PyTorch's instance norm, which copies them back after
+    that point, leaves them (they were updated twice a checkpointed step)."""
+    kept = [(t, t.detach().clone()) for t in stats if t is not None] if _STOP_RECOMPUTATION else []
+    try:
+        return call()
+    except _STOP_RECOMPUTATION:
+        with torch.no_grad():
+            for t, c in kept:
+                t.copy_(c)
+        raise
+
+
 def _capturing():
     """Whether torch.compile, torch.export or torch.jit.trace is capturing the running code."""
     exporting = getattr(torch.compiler, "is_exporting", None)

@@ -185,8 +185,8 @@ def _instance_norm(input, running_mean, running_var, weight, bias, use_input_sta
     if B.grad_needed(input, weight, bias):
         B.no_out_with_grad(out)
         if use_input_stats:
-            return _autograd.InstanceNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps,
-                                                        views)
+            return B.kept_on_stop((running_mean, running_var), lambda: _autograd.InstanceNormFunction.apply(
+                input, weight, bias, running_mean, running_var, momentum, eps, views))
         # the running statistics for every sample: batch norm's eval
         return _autograd.BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False, 0.0, eps,
                                                  views)

@@ -394,6 +394,8 @@ def instance_norm_act(input, running_mean, running_var, weight, bias, use_input_
         momentum = 0.0  # unused: not checked, as in PyTorch
     if B.grad_needed(input, weight, bias, residual):
         B.no_out_with_grad(out)
+        # (no kept_on_stop: checkpointing torch.nn's instance norm then its activation updates the statistics twice,
+        # as the activation's saved tensor is recorded after the norm's copy-back)
         return InstanceNormActFunction.apply(input, weight, bias, residual, running_mean, running_var, momentum, eps,
                                              act, views)
     x, layout, xa = B.dense(input)
@@ -653,4 +655,26 @@ def fuse_graph(model, fused_classes):
         count += 1
     graph.lint()
     gm.recompile()
+    _order_like(gm, model)
+    if [k for k, _ in gm.named_parameters()] != [k for k, _ in model.named_parameters()]:
+        # (an optimizer's state_dict maps its state to the parameters by position: a checkpoint of the model would
+        # load onto the wrong parameters, silently where their shapes agree)
+        return "a GraphModule would not list its parameters in the model's order"
     return gm, count
+
+
+def _order_like(gm, model):
+    """Each module of gm with its submodules, parameters and buffers in the order of model's module of the same
+    name: GraphModule registers them in the order the forward first uses them, and named_parameters() (an optimizer's
+    order) follows registration."""
+    for name, sub in list(gm.named_modules()):
+        try:
+            ref = model.get_submodule(name)
+        except AttributeError:  # (a module of the graph's own)
+            continue
+        for attr in ("_modules", "_parameters", "_buffers"):
+            mine, theirs = getattr(sub, attr), getattr(ref, attr)
+            rank = {k: i for i, k in enumerate(theirs)}
+            ordered = sorted(mine.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+            mine.clear()
+            mine.update(ordered)

@@ -256,7 +256,9 @@ class RMSNormFunction(torch.autograd.Function):
         x, xa = _dense(x)
         y, ya = _empty(xa)
         _, rstd = _bn.rms_norm_forward(xa, normalized_shape, views[0], eps=eps, out=ya)
-        ctx.save_for_backward(x, weight)
+        # (an inference-mode x with a weight that needs grad: torch.nn.RMSNorm saves its own intermediates, never
+        # x, and runs; an inference tensor cannot be saved, a copy can)
+        ctx.save_for_backward(x.clone() if x.is_inference() else x, weight)
         ctx.stats = (rstd, normalized_shape, views)
         return y
 
