@@ -140,9 +140,12 @@ class BuildExt(build_ext):
         if os.path.exists(archive):  # (ar adds to an archive: start afresh)
             os.remove(archive)
         self.compiler.create_static_lib(objects, "bn_simd", output_dir=libdir)
-        # (linked, as the extensions, without a run path to Python's library directory: build_extensions)
+        # (linked, as the extensions, without a run path to Python's library directory: build_extensions; -z nodelete:
+        # a dlclose must not unmap the library, nor the libgomp it brought in, under OpenMP's worker threads, which
+        # spin and wait in that code after a call: a plugin host that unloads it crashed in them)
+        nodelete = ["-Wl,-z,nodelete"] if sys.platform.startswith("linux") else []
         self.compiler.link_shared_object(objects, os.path.join(libdir, "libbn_simd.so"), libraries=["m"],
-                                         extra_postargs=link + ["-Wl,-soname,libbn_simd.so"])
+                                         extra_postargs=link + ["-Wl,-soname,libbn_simd.so"] + nodelete)
         self._clib_pkg = pkg
 
     def copy_extensions_to_source(self):

@@ -11,7 +11,9 @@
  * (N, *spatial, C)); its elements are of one of the storage types of bn_dtype (float16 and bfloat16 as their 16-bit
  * patterns, uint16_t, computed in float). A bn_desc describes it, with the type of the per-channel (per-group,
  * per-position) arrays: float (BN_F32) or double (BN_F64) whatever the data's type. y may be x (in place); any other
- * overlap of an output with an input is BN_EOVERLAP.
+ * overlap of an output with an input is BN_EOVERLAP. Each array is aligned to its element type (2, 4 or 8 bytes, as C
+ * requires of a float* or double*; the workspace only may have any alignment): data read at an arbitrary byte offset
+ * of a file goes through a copy first.
  *
  * Numerics: statistics are shifted sums in double in chunks fixed by the shape, combined in a fixed order, so the
  * results are bitwise the same for any thread count, with OpenMP or with a caller's parallel_for (docs/design.md,

@@ -198,6 +198,46 @@ if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
 
 
+DLCLOSE_C = r"""
+#include <dlfcn.h>
+#include <stdio.h>
+#include <unistd.h>
+#include "bn_simd_api.h"
+typedef int (*inference_fn)(const bn_context*, const bn_desc*, const void*, void*, const void*, const void*,
+                            const void*, const void*, double, void*, size_t);
+static float x[1 << 20], y[1 << 20];
+int main(int argc, char** argv) {
+    void* h = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+    if (!h) return 2;
+    inference_fn f = (inference_fn)dlsym(h, "bn_batch_norm_inference");
+    float m[4] = {0}, v[4] = {1, 1, 1, 1};
+    bn_desc d = {BN_F32, BN_F32, BN_LAYOUT_NCHW, 4, 4, 1 << 16};
+    for (int k = 0; k < 3; k++)
+        if (f(NULL, &d, x, y, m, v, NULL, NULL, 1e-5, NULL, 0) != BN_OK) return 3;
+    dlclose(h);
+    usleep(200000); /* (OpenMP's worker threads spin and wait in the code a plain dlclose would unmap) */
+    puts("survived");
+    return 0;
+}
+"""
+
+
+def test_a_host_that_dlcloses_the_library_keeps_running(package_lib, workdir):
+    """A plugin host that unloads libbn_simd.so after a threaded call: the library (and the libgomp it brought in)
+    stays mapped (-z nodelete), where the unmapping crashed OpenMP's worker threads as they went on waiting."""
+    cc = _which(os.environ.get("CC", "gcc"))
+    if not cc or not sys.platform.startswith("linux"):
+        pytest.skip("no C compiler, or not Linux")
+    inc, lib = package_lib
+    src, exe = os.path.join(workdir, "dlclose.c"), os.path.join(workdir, "dlclose")
+    with open(src, "w") as f:
+        f.write(DLCLOSE_C)
+    _run([cc, "-std=gnu11", f"-I{inc}", src, "-o", exe, "-ldl"])
+    env = dict(os.environ, OMP_NUM_THREADS="2", OMP_WAIT_POLICY="active")
+    for _ in range(2):
+        assert _run([exe, os.path.join(lib, "libbn_simd.so")], env=env).strip() == "survived"
+
+
 def test_the_packages_binaries_name_no_run_path():
     """The extensions and libbn_simd.so carry no RUNPATH/RPATH (Python's LDSHARED adds one to its own library
     directory on a pyenv or framework build: a directory of the building machine, which none of them uses)."""

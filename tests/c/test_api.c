@@ -325,6 +325,15 @@ int main(void) {
     test_shape(BN_F16, BN_LAYOUT_NCHW, 5, 8, 300, 8, pool_ctx);
     poison = 0;
     bn_context_destroy(pool_ctx);
+    {   /* group norm's workspace of 2^50 channels sized for 1024 threads passes what a size_t holds: BN_ESIZE, not a
+         * wrapped size (its data is within check_desc's bound) */
+        bn_context* c = bn_context_create();
+        bn_desc d = {BN_F64, BN_F64, BN_LAYOUT_NCHW, 1, (int64_t)1 << 50, 1};
+        size_t b = 0;
+        CHECK(c && bn_context_set_num_threads(c, 1024) == BN_OK, "context of 1024 threads");
+        CHECK(bn_workspace_size(c, BN_OP_GROUP_NORM_FORWARD, &d, 1, &b) == BN_ESIZE, "group norm workspace overflow");
+        bn_context_destroy(c);
+    }
     printf("test_api: %ld checks, %ld failures\n", checks, failures);
     return failures != 0;
 }
