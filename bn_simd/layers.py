@@ -41,13 +41,12 @@ class ForwardStep:
     saved state), which backward reads instead of the attributes, as it reads ``_saved``: an attribute reassigned
     between the two calls changes the next forward, not the gradient of the last one (PyTorch's autograd
     differentiates the forward that ran). An Exception (a refused argument) puts the saved state, its route and the
-    count back, so a failed call changes nothing, unless an array in ``watch`` (the statistics the forward updates)
-    moved: a signal handler's exception (a timeout's) is raised as the kernel returns, as a KeyboardInterrupt is,
-    and is then taken as one. A KeyboardInterrupt,
-    which Python raises as the kernel returns (it runs without the GIL), after the running statistics moved, leaves
-    the count moved with them and no earlier forward's state for backward to use. (Where the normalise and the update
-    are two calls, with mask=, virtual batches or renorm, one raised as the normalise returns finds the count moved
-    and the statistics not: PyTorch's count, too, moves before any of its work.)"""
+    count back, so a failed call changes nothing. A KeyboardInterrupt, which Python raises as the kernel returns (it
+    runs without the GIL), after the running statistics moved, leaves the count moved with them and no earlier
+    forward's state for backward to use; so does an Exception after which an array of ``watch`` (the statistics the
+    forward updates) moved: a signal handler's (a timeout's), raised at the same point. (Where the normalise and the
+    update are two calls, with mask=, virtual batches or renorm, one raised as the normalise returns finds the count
+    moved and the statistics not: PyTorch's count, too, moves before any of its work.)"""
     __slots__ = ("layer", "saved", "count", "route", "old_route", "watched")
 
     def __init__(self, layer, count=False, watch=()):
