@@ -567,7 +567,7 @@ def _check_mode_and_dtype(layer):
     re-checked before a call; the usual values pass without a call."""
     if type(layer.training) is not bool:
         layer.training = ck.check_flag(layer.training, "training")
-    if layer.dtype not in _PARAM_DTYPES:
+    if not isinstance(layer.dtype, np.dtype) or layer.dtype not in _PARAM_DTYPES:  # (None, "float32" compare equal)
         layer.dtype = ck.check_dtype(layer.dtype)
 
 

@@ -428,9 +428,12 @@ static size_t gn_driver_bytes(const dtype_ops* ops, int64_t N, int64_t C, int64_
     const int64_t D = C / G, Kcf = chunks(ops, 1, N * G, D * S), Kcl = chunks(ops, S, C, 1);
     /* a thread's run of small groups: at most max(D, BN_GN_COEF_RUN) channels, its coefficient arrays XR apart */
     const int64_t XR = (D > BN_GN_COEF_RUN ? D : BN_GN_COEF_RUN) + UK_MAX_VL;
-    /* (check_desc's element bound keeps every term below 2^57 but the threads' ones, nt times a channel's chunks:
-     * SIZE_MAX, a size no memory holds, where they could pass 2^61; ws_parts refuses it as BN_ESIZE) */
-    if ((double)nt * (double)C * (double)(Kcl + XR + 8) > 0x1p56) return SIZE_MAX;
+    /* (check_desc's element bound keeps every other term below 2^57; the threads' ones, with coef_bytes(C, 4 nt), may
+     * pass what a size_t holds: SIZE_MAX, a size no memory holds, where they pass 2^60, which ws_parts refuses as
+     * BN_ESIZE; never with one thread, as the calls and the parallel_for path size them) */
+    if ((double)nt * (8.0 * (3.0 * (double)Kcl * (double)C + 4.0 * (double)C + 12.0 * (double)XR) + 32.0 * (double)C) >
+        0x1p60)
+        return SIZE_MAX;
     /* (and the float64 apply's choice per sample: N flags, then 2 C doubles and 3 C coefficients to decide it again) */
     return (size_t)(8 * (3 * Kcf * (N * G + 512) + 3 * N * Kcl * C + 2 * N * Kcl * C + 8 * N * C + 2 * C +
                          nt * (3 * Kcl * C + 4 * C + 12 * XR) + 5 * C) + 2 * N) +

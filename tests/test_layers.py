@@ -616,6 +616,12 @@ def test_a_reassigned_dtype_and_an_oversized_loaded_count_are_refused_by_name():
         layer.dtype = np.int32
         with pytest.raises(TypeError, match="dtype"):
             layer(x)
+        for given, want in ((None, np.float32), ("float64", np.float64), (np.float32, np.float32)):
+            layer.dtype = given  # (None and names compare equal to a dtype: normalised all the same)
+            layer(x)
+            assert layer.dtype == want and isinstance(layer.dtype, np.dtype) and repr(layer)
+            layer.backward(x)
+            assert layer.grad_weight.dtype == want
     layer = bn_simd.BatchNorm2d(3)
     state = dict(layer.state_dict(), num_batches_tracked=2**64)
     with pytest.raises(ValueError, match="num_batches_tracked must be >= 0 and <= 2\\*\\*63 - 1"):

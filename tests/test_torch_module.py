@@ -846,3 +846,12 @@ def test_arguments_the_kernels_do_not_take_go_to_pytorch_as_pytorch_takes_them(k
             torch.testing.assert_close(model(x), want(x), equal_nan=True)
     torch.testing.assert_close(got_m.running_mean, ref.running_mean, equal_nan=True)
     torch.testing.assert_close(got_m.running_var, ref.running_var, equal_nan=True)
+
+
+def test_a_refused_call_leaves_a_float_count_as_it_was():
+    """A count the user set to a float tensor (2.5) came back from a refused call as int(2.5) = 2."""
+    m = bt.convert(torch.nn.BatchNorm2d(3))
+    m.num_batches_tracked = torch.tensor(2.5)
+    with pytest.raises(ValueError):
+        m(torch.randn(1, 3, 1, 1))  # (one value per channel in training)
+    assert m.num_batches_tracked.item() == 2.5

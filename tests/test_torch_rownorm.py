@@ -416,3 +416,17 @@ def test_rms_norm_takes_an_inference_tensor_with_a_weight_that_needs_grad():
     ref(x).square().sum().backward()
     ours(x).square().sum().backward()
     torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_rms_norm_takes_inference_tensors_as_torchs_composition(residual):
+    """silu(rms(x) [+ r]) with x (and r) made under inference_mode: PyTorch's composition saves neither, and runs; the
+    fused module saved them and raised."""
+    with torch.inference_mode():
+        x, r = torch.randn(4, 8), torch.randn(4, 8)
+    ref = torch.nn.RMSNorm(8)
+    ours = bt.RMSNormAct(8, activation="silu")
+    extra = (r,) if residual else ()
+    torch.nn.functional.silu(ref(x) + (r if residual else 0)).square().sum().backward()
+    ours(x, *extra).square().sum().backward()
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)

@@ -409,9 +409,15 @@ def counted(counter, call, stats=()):
 def _state(counter, stats):
     """(the count, (tensor, its bytes) of each running statistic), or None for tensors without values (meta, fake)."""
     try:
-        return int(counter), [(t, _bits(t)) for t in stats if t is not None]
+        return counter.item(), [(t, _bits(t)) for t in stats if t is not None]  # (item: a float count kept)
     except Exception:  # noqa: BLE001  (meta and fake tensors raise several kinds)
         return None
+
+
+def savable(t):
+    """t for ctx.save_for_backward: itself, or a copy of an inference-mode tensor, which autograd cannot save (PyTorch's
+    composition saves no input it takes the copy for: the residual of norm(x) + r, RMS norm's x)."""
+    return t.clone() if t is not None and t.is_inference() else t
 
 
 def kept_on_stop(stats, call):

@@ -179,7 +179,7 @@ class BatchNormActFunction(torch.autograd.Function):
                                                     B.array(y, layout), True, act, ra, B._threads(), True)
         if training and running_mean is not None:
             torch.autograd.graph.increment_version([running_mean, running_var])
-        ctx.save_for_backward(x, weight, bias, residual)
+        ctx.save_for_backward(x, weight, bias, B.savable(residual))
         ctx.param_dtype = _dtype(weight, bias)
         ctx.stats = (mean, invstd, var, bool(training), layout, eps, act)
         return y
@@ -283,7 +283,7 @@ def batch_norm_act(input, running_mean, running_var, weight, bias, training, mom
 
 def _save_group(ctx, x, weight, bias, residual, mean, var, num_groups, layout, eps, act):
     """What the backward of GroupNormActFunction / InstanceNormActFunction needs (num_groups None: instance norm)."""
-    ctx.save_for_backward(x, weight, bias, residual)
+    ctx.save_for_backward(x, weight, bias, B.savable(residual))
     ctx.param_dtype = _dtype(weight, bias)
     ctx.stats = (mean, var, num_groups, layout, eps, act)
 

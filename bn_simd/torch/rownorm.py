@@ -258,7 +258,7 @@ class RMSNormFunction(torch.autograd.Function):
         _, rstd = _bn.rms_norm_forward(xa, normalized_shape, views[0], eps=eps, out=ya)
         # (an inference-mode x with a weight that needs grad: torch.nn.RMSNorm saves its own intermediates, never
         # x, and runs; an inference tensor cannot be saved, a copy can)
-        ctx.save_for_backward(x.clone() if x.is_inference() else x, weight)
+        ctx.save_for_backward(B.savable(x), weight)
         ctx.stats = (rstd, normalized_shape, views)
         return y
 
@@ -325,7 +325,7 @@ class RowNormActFunction(torch.autograd.Function):
         b = None if rms else views[1]
         _, mean, rstd = _core.row_forward_epi(xa, normalized_shape, views[0], b, eps, None, ya, B._threads(), rms, act,
                                               ra, 2)
-        ctx.save_for_backward(x, weight, bias, residual)
+        ctx.save_for_backward(B.savable(x) if rms else x, weight, bias, B.savable(residual))
         ctx.stats = (mean, rstd, normalized_shape, views, rms, act)
         return y
 
