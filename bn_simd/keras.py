@@ -283,8 +283,6 @@ class BatchNormalization(_KerasWeights):
                  beta_regularizer=None, gamma_regularizer=None, beta_constraint=None, gamma_constraint=None,
                  renorm=False, renorm_clipping=None, renorm_momentum=0.99, synchronized=False,
                  virtual_batch_size=None, trainable=True, dtype="float32", name="batch_normalization"):
-        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
         self.axis = ck.check_axis(axis)
         self.momentum = _keras_momentum(momentum, "momentum")
         self.epsilon = ck.check_eps(epsilon, "epsilon")
@@ -439,8 +437,7 @@ class BatchNormalization(_KerasWeights):
         """The call's inputs as the array computed in: Keras' result_type(x.dtype, float32), float16, bfloat16
         (ml_dtypes' arrays and torch tensors), integers and bool in float32; float32 and float64 as they are."""
         a = _computed(x)
-        if isinstance(self.axis, bool) or not isinstance(self.axis, numbers.Integral):
-            raise TypeError(f"axis must be an int, got {type(self.axis).__name__}")  # (reassigned since)
+        self.axis = ck.check_axis(self.axis)  # (reassigned since)
         if not self.built:
             self.build(a.shape)
         if not -self._ndim <= self.axis < self._ndim:

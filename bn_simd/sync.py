@@ -56,7 +56,7 @@ import numpy as np
 
 from . import _args as ck
 from . import functional as F
-from .layers import BatchNorm, ForwardStep, _no_residual, forward_copy, moved, set_param_grads, watched
+from .layers import BatchNorm, ForwardStep, _no_residual, forward_copy, moved, set_param_grads
 
 MODES = ("exact", "fast")
 # (mean - shift)^2 / var above which the fast mode's one-allreduce form loses more than ~2^20 eps_double of the
@@ -671,11 +671,11 @@ class SyncBatchNorm(BatchNorm):
             return y
         comm = as_communicator(self.comm)
         # (from the exchange on, where a Ctrl-C is likeliest: no earlier state for backward)
-        with ForwardStep(self, watch=self._updated(self.training and self.track_running_stats and held)):
-            return self._synced_forward(comm, x, out, held)
+        with ForwardStep(self, watch=self._updated(self.training and self.track_running_stats and held)) as step:
+            return self._synced_forward(comm, x, out, held, step.watched)
 
-    def _synced_forward(self, comm, x, out, held):
-        """forward's exchange and normalise (inside its ForwardStep)."""
+    def _synced_forward(self, comm, x, out, held, stats):
+        """forward's exchange and normalise (inside its ForwardStep; stats: its snapshot of the running statistics)."""
         xa = _attempt(self._local_forward, x, out)
         mean, var, n, _ = _exchange_stats(comm, xa, self.num_features, self.layout, self.mode, self._shift,
                                           "SyncBatchNorm")
@@ -690,7 +690,6 @@ class SyncBatchNorm(BatchNorm):
         # moves before the update, as in PyTorch, so one raised as the update returns finds both moved)
         y = F.normalize(xa, mean, var, self.weight, self.bias, eps=self.eps, layout=self.layout, out=out)
         counted, count = self._counts(), self.num_batches_tracked
-        stats = watched((self.running_mean, self.running_var)) if update and n > 0 else ()
         try:
             if counted:
                 self.num_batches_tracked = count + 1
