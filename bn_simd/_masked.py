@@ -120,8 +120,9 @@ def backward(grad_out, x, save_mean, save_invstd, weight, layout, out, mask, nt)
         raise TypeError(f"save_mean and save_invstd must be arrays of shape ({C},) (the forward's statistics), got "
                         f"{'None' if save_mean is None else 'an array'} and "
                         f"{'None' if save_invstd is None else 'an array'}")
-    sum_dy, sum_dyxm = _core.backward_reduce(grad_out, xa, save_mean, layout, nt)
+    save_mean = ck.per_channel(save_mean, "save_mean", C)  # (checked here: the kernels' errors say "mean")
     s = np.asarray(ck.per_channel(save_invstd, "save_invstd", C), dtype=np.float64)
+    sum_dy, sum_dyxm = _core.backward_reduce(grad_out, xa, save_mean, layout, nt)
     w = ck.per_channel(weight, "weight", C)
     ws = s if w is None else np.asarray(w, dtype=np.float64) * s
     if n > 0:

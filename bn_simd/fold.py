@@ -20,12 +20,15 @@ would have mapped to shift[c]. Outputs whose window reads padding then differ by
 w[o, i, k] * shift[c(o, i)]; every other output is the same. (Padding the input with -shift[c] / scale[c] per
 channel instead of zeros makes the folded conv exact again.)
 
-Everything is computed in float64 and returned in the dtype of the layer's weight; nothing given is modified.
+Everything is computed in float64 and returned in the dtype of the layer's weight (bfloat16 too: ml_dtypes' dtype,
+rounded once from float64); nothing given is modified.
 """
 import math
 import numbers
 
 import numpy as np
+
+from . import _args as ck
 
 __all__ = ["fold_params", "fold_conv", "fold_linear"]
 
@@ -54,8 +57,13 @@ def _array(obj, name):
             raise TypeError(f"{name} is a torch.Tensor that requires grad, and folding does not record gradients: "
                             f"pass {name}.detach() (bn_simd.torch.fold folds a whole model)")
         t = obj.detach().cpu()
-        if str(t.dtype) == "torch.bfloat16":  # NumPy has no bfloat16; widening is exact
-            t = t.float()
+        if str(t.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: ml_dtypes' when installed, else widened exactly
+            try:
+                import ml_dtypes
+            except ImportError:
+                return t.float().numpy()
+            import torch
+            return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
     try:
         a = np.asarray(obj)
@@ -66,11 +74,21 @@ def _array(obj, name):
     return a
 
 
+def _bf16(dt):
+    """dt is bfloat16: ml_dtypes' dtype, or bn_simd's bits of it (BF16_BITS)."""
+    return dt is ck.BF16_BITS or (dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16")
+
+
+def _f64(a):
+    """A float array (bfloat16 too, widened exactly) as float64."""
+    return np.asarray(ck.bf16_widened(a), np.float64)
+
+
 def _weight(obj, name, ranks):
-    """The layer's weight: a float16/32/64 array of one of the ranks `ranks`."""
+    """The layer's weight: a float16/32/64 or bfloat16 array of one of the ranks `ranks`."""
     w = _array(obj, name)
-    if w.dtype.type not in _FLOATS:
-        raise TypeError(f"{name} must be an array of float16, float32 or float64, got {_describe(w)}")
+    if w.dtype.type not in _FLOATS and not _bf16(w.dtype):
+        raise TypeError(f"{name} must be an array of float16, float32, float64 or bfloat16, got {_describe(w)}")
     if w.ndim not in ranks:
         raise ValueError(f"{name} must have rank {' or '.join(map(str, ranks))}, got shape {w.shape}")
     return w
@@ -81,6 +99,8 @@ def _vector(obj, name, n, what):
     if obj is None:
         return None
     a = _array(obj, name)
+    if _bf16(a.dtype):
+        a = ck.bf16_widened(a)
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be an array of real numbers, got {_describe(a)}")
     if a.shape != (n,):
@@ -94,7 +114,10 @@ def _vector(obj, name, n, what):
 def _eps(eps):
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    e = float(eps)
+    try:
+        e = float(eps)
+    except OverflowError:
+        raise ValueError("eps must be finite and > 0, got an int beyond float's range") from None
     if not (e > 0.0 and math.isfinite(e)):
         raise ValueError(f"eps must be finite and > 0, got {eps!r}")
     return e
@@ -145,15 +168,24 @@ def _position(position):
     return position
 
 
-def _finish(w2, b2, dtype, w64=None):
-    """w2, b2 (float64) cast to dtype; an overflow there (the inputs were finite) raises rather than returns inf, and
-    so does float64's own overflow where the layer's weights w64 were all finite (the rest was checked finite)."""
-    if w64 is not None and np.all(np.isfinite(w64)):
-        _finite64(w2, b2)
-    with np.errstate(over="ignore"):
-        w_out, b_out = w2.astype(dtype), b2.astype(dtype)
+def _finish(w2, b2, dtype, w_src=None, b_ok=None):
+    """w2, b2 (float64) cast to dtype (bfloat16 rounded once); an overflow there (the inputs were finite) raises
+    rather than returns inf, and so does float64's own overflow: an entry of w2 whose weight in w_src (float64, w2's
+    layout) is finite, or of b2 where b_ok (the entries computed from finite weights, all of them when None; the rest
+    was checked finite). A non-finite weight passes through to what it reaches, as in the unfolded layer."""
+    if w_src is not None:
+        b_ok = np.ones(b2.shape, bool) if b_ok is None else b_ok
+        if np.any(~np.isfinite(w2) & np.isfinite(w_src)) or np.any(~np.isfinite(b2) & b_ok):
+            _finite64(w2, b2)
+    if _bf16(dtype):
+        w_out, b_out = ck.bf16_bits(w2), ck.bf16_bits(b2)
+        if dtype is not ck.BF16_BITS:
+            w_out, b_out = w_out.view(dtype), b_out.view(dtype)
+    else:
+        with np.errstate(over="ignore"):
+            w_out, b_out = w2.astype(dtype), b2.astype(dtype)
     for out, src, name in ((w_out, w2, "weight"), (b_out, b2, "bias")):
-        bad = ~np.isfinite(out) & np.isfinite(src)
+        bad = ~np.isfinite(_f64(out)) & np.isfinite(src)
         if np.any(bad):
             raise ValueError(f"the folded {name} overflows {np.dtype(dtype).name} (largest magnitude "
                              f"{np.max(np.abs(src[np.isfinite(src)])):.3g}); fold in float64 weights instead")
@@ -167,7 +199,8 @@ def fold_params(running_mean, running_var, weight=None, bias=None, eps=1e-5, *, 
 
     running_mean, running_var: arrays (C,) of real numbers (required, finite, running_var >= 0); weight, bias:
     arrays (C,) or None (1 and 0: ``affine=False``); eps: a real number > 0. Computed in float64; returned as two
-    arrays (C,) of ``dtype`` (default: the promoted float dtype of the given arrays, float64 for integers).
+    arrays (C,) of ``dtype`` (default: the promoted float dtype of the given arrays, float64 for integers; bfloat16,
+    ml_dtypes' dtype, is taken and returned too, rounded once from float64).
 
     Raises TypeError for a non-array or non-real argument or eps, ValueError for shapes that differ from (C,),
     non-finite values, a negative variance, eps <= 0, or a scale/shift that overflows ``dtype``.
@@ -175,13 +208,14 @@ def fold_params(running_mean, running_var, weight=None, bias=None, eps=1e-5, *, 
     scale, shift = _scale_shift(running_mean, running_var, weight, bias, eps)
     if dtype is None:
         dts = [_array(a, "").dtype for a in (running_mean, running_var, weight, bias) if a is not None]
-        dtype = np.result_type(*[d for d in dts if d.kind == "f"] or [np.float64])
+        dts = [np.dtype(np.float32) if d is ck.BF16_BITS else d for d in dts]  # (bits: as their widening)
+        dtype = np.result_type(*[d for d in dts if d.kind == "f" or _bf16(d)] or [np.float64])
     try:
         dtype = np.dtype(dtype)
     except TypeError as e:
         raise TypeError(f"dtype must be a float dtype, got {dtype!r}: {e}") from None
-    if dtype.type not in _FLOATS:
-        raise TypeError(f"dtype must be float16, float32 or float64, got {dtype}")
+    if dtype.type not in _FLOATS and not _bf16(dtype):
+        raise TypeError(f"dtype must be float16, float32, float64 or bfloat16, got {dtype}")
     return _finish(scale, shift, dtype)
 
 
@@ -213,7 +247,7 @@ def fold_conv(conv_weight, conv_bias, running_mean, running_var, weight=None, bi
     conv(x; w2, b2) = BN(conv(x; conv_weight, conv_bias)) (``position="after"``, the default) or
     conv(BN(x); conv_weight, conv_bias) (``position="before"``).
 
-    conv_weight: float16/32/64 array of a 1-, 2- or 3-d conv in ``weight_layout``: "OIHW" (PyTorch:
+    conv_weight: float16/32/64 or bfloat16 (ml_dtypes) array of a 1-, 2- or 3-d conv in ``weight_layout``: "OIHW" (PyTorch:
     (O, I/groups, *kernel)), "HWIO" (TensorFlow/Keras: (*kernel, I/groups, O)) or "OHWI" ((O, *kernel, I/groups)),
     for any kernel rank 1-3 (the spellings "OIW", "OIDHW", "WIO", "DHWIO", "OWI", "ODHWI" also check the rank).
     A Keras DepthwiseConv2D kernel (kh, kw, C, M) is the "HWIO" kernel reshaped to (kh, kw, 1, C * M) with
@@ -231,7 +265,9 @@ def fold_conv(conv_weight, conv_bias, running_mean, running_var, weight=None, bi
     (the original pads BN's output with zeros, the folded conv pads BN's input, which BN would map to shift);
     padding the input with -shift[c] / scale[c] instead of zeros makes it exact.
 
-    Computed in float64; w2 has conv_weight's shape, layout and dtype, b2 shape (O,) and the same dtype. Nothing
+    Computed in float64; w2 has conv_weight's shape, layout and dtype, b2 shape (O,) and the same dtype (a torch
+    bfloat16 weight gives ml_dtypes' bfloat16 when that is installed, else float32; bn_simd.torch.fold folds torch
+    modules in their own dtype). Non-finite conv weights pass through to the entries they reach. Nothing
     given is modified. Raises TypeError (non-float weight, non-real arrays or eps, non-int groups) and ValueError
     (rank, layout, position, groups, shapes that do not agree, non-finite BN values, negative variance,
     eps <= 0, a result that overflows the weight's dtype), each naming the argument.
@@ -243,7 +279,8 @@ def fold_conv(conv_weight, conv_bias, running_mean, running_var, weight=None, bi
     groups = _groups(groups, O)
     b = _vector(conv_bias, "conv_bias", O, "the conv's output channels")
     # canonical float64 view (O, I/groups, K): K the kernel's taps
-    w64 = np.moveaxis(w.astype(np.float64), (o_ax, i_ax), (0, 1))
+    wf = _f64(w)
+    w64 = np.moveaxis(wf, (o_ax, i_ax), (0, 1))
     wc = w64.reshape(O, I_g, math.prod(w64.shape[2:]))  # (no -1: O or I may be 0)
     if position == "after":
         scale, shift = _scale_shift(running_mean, running_var, weight, bias, eps, O,
@@ -263,7 +300,8 @@ def fold_conv(conv_weight, conv_bias, running_mean, running_var, weight=None, bi
             b2 = (b if b is not None else 0.0) + np.einsum("oik,oi->o", wc, shift[chan])
     w2 = np.moveaxis(w2.reshape(w64.shape), (0, 1), (o_ax, i_ax))
     b2 = np.broadcast_to(np.asarray(b2, np.float64), (O,))
-    return _finish(np.ascontiguousarray(w2), b2, w.dtype, w64)
+    b_ok = np.isfinite(wc).all(axis=(1, 2)) if position == "before" else np.ones(O, bool)
+    return _finish(np.ascontiguousarray(w2), b2, w.dtype, wf, b_ok)
 
 
 def fold_linear(W, b, running_mean, running_var, weight=None, bias=None, eps=1e-5, *, weight_layout="OI",
@@ -272,7 +310,7 @@ def fold_linear(W, b, running_mean, running_var, weight=None, bias=None, eps=1e-
     layer's (N, out) output) or precedes (``"before"``: on its (N, in) input). Returns (W2, b2) with
     x @ W2.T + b2 = BN(x @ W.T + b) (after) or BN(x) @ W.T + b (before), exactly.
 
-    W: float16/32/64 array (out, in) (``weight_layout="OI"``, PyTorch's nn.Linear) or (in, out) (``"IO"``, a Keras
+    W: float16/32/64 or bfloat16 array (out, in) (``weight_layout="OI"``, PyTorch's nn.Linear) or (in, out) (``"IO"``, a Keras
     Dense kernel); b: array (out,) or None (zero; a bias is returned all the same). running_mean, running_var,
     weight, bias, eps: the batch norm's, of length out (after) or in (before); weight/bias None for affine=False.
 
@@ -286,7 +324,8 @@ def fold_linear(W, b, running_mean, running_var, weight=None, bias=None, eps=1e-
         raise ValueError(f"weight_layout must be 'OI' (out, in) or 'IO' (in, out), got {weight_layout!r}")
     position = _position(position)
     o_ax = _LINEAR_LAYOUTS[weight_layout.upper()]
-    w64 = np.moveaxis(w.astype(np.float64), o_ax, 0)   # (out, in)
+    wf = _f64(w)
+    w64 = np.moveaxis(wf, o_ax, 0)   # (out, in)
     O, I = w64.shape
     bb = _vector(b, "b", O, "the layer's output features")
     if position == "after":
@@ -303,4 +342,5 @@ def fold_linear(W, b, running_mean, running_var, weight=None, bias=None, eps=1e-
             b2 = (bb if bb is not None else 0.0) + w64 @ shift
     w2 = np.ascontiguousarray(np.moveaxis(w2, 0, o_ax))
     b2 = np.broadcast_to(np.asarray(b2, np.float64), (O,))
-    return _finish(w2, b2, w.dtype, w64)
+    b_ok = np.isfinite(w64).all(axis=1) if position == "before" else np.ones(O, bool)
+    return _finish(w2, b2, w.dtype, wf, b_ok)

@@ -109,7 +109,8 @@ def update_running_stats(running_mean, running_var, mean, var, n, momentum, *, u
     The formula :func:`batch_norm` applies. Raises TypeError for wrong types/dtypes and ValueError for wrong shapes
     or values; a call that raises changes nothing.
     """
-    _core.update_running_stats(running_mean, running_var, mean, var, n, momentum, unbiased)
+    _core.update_running_stats(running_mean, running_var, mean, var, n, momentum,
+                               ck.check_flag(unbiased, "unbiased"))
 
 
 def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW", out=None, axis=None, mask=None,

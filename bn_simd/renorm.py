@@ -216,7 +216,8 @@ def update_renorm_stats(running_mean, running_var, running_std, renorm_mean, ren
     running_mean, running_var, running_std, renorm_mean, renorm_std : writeable float ndarrays (C,).
     save_mean, save_invstd : the batch statistics from :func:`batch_renorm_forward`, (C,) or (G, C) per virtual batch
         (then averaged over the virtual batches: their means, and their variances var = save_invstd^-2 - eps).
-    n : values per channel of one (virtual) batch; n = 0 (an empty batch) leaves everything as it is.
+    n : values per channel of one (virtual) batch; n = 0 (an empty batch), like (0, C) statistics (no virtual batch),
+        leaves everything as it is.
     momentum, renorm_momentum : floats in [0, 1], the weight of the new batch.
     unbiased : running_std moves towards sqrt(var n / (n - 1) + eps) (True) or sqrt(var + eps) (False: Keras).
 
@@ -240,6 +241,7 @@ def update_renorm_stats(running_mean, running_var, running_std, renorm_mean, ren
     m = ck.check_momentum(momentum, False)
     rm = check_renorm_momentum(renorm_momentum)
     e = ck.check_eps(eps)
+    unbiased = ck.check_flag(unbiased, "unbiased")
     if isinstance(n, bool) or not isinstance(n, numbers.Real):
         raise TypeError(f"n must be a whole number of values >= 0 (an int or an integral float), got "
                         f"{type(n).__name__}")
@@ -249,7 +251,7 @@ def update_renorm_stats(running_mean, running_var, running_std, renorm_mean, ren
         whole = False
     if not whole:
         raise ValueError(f"n must be a whole number of values >= 0, got {n!r}")
-    if n == 0 or C == 0:
+    if n == 0 or C == 0 or mean.size == 0:  # (an empty batch, or no virtual batch: (0, C) statistics)
         return
     mean2, var2 = mean.reshape(-1, C), 1.0 / np.square(invstd.reshape(-1, C)) - e
     bm, bv = mean2.mean(axis=0), var2.mean(axis=0)

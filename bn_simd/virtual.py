@@ -97,7 +97,7 @@ class Split:
     def check_train_size(self):
         """PyTorch's refusal of one value per channel in training, naming the caller's shape and the virtual batch
         size (the kernels would name their view of one virtual batch)."""
-        if self.n == 1:
+        if self.n == 1 and self.G > 0:  # (an empty batch, G = 0, is taken as elsewhere)
             raise ValueError(f"Expected more than 1 value per channel when training, got input of shape "
                              f"{self.shape}" + (f" in virtual batches of {self.v}" if self.G > 1 else ""))
 
@@ -108,8 +108,8 @@ class Split:
             return [a.reshape(v, G * S * C)]
         if G == 1:
             return [a]
-        if not self.gathered:
-            return [a.reshape(v, G * C, S)]
+        if not self.gathered:  # (no virtual batch, an empty batch: no rows either, as the kernels see an empty one)
+            return [a.reshape(v if G else 0, G * C, S)]
         # sample i·G + g is row i of virtual batch g: whole samples move, each a contiguous run of S·C values
         t = np.empty((G, v, S * C), a.dtype)
         t[...] = a.reshape(v, G, S * C).swapaxes(0, 1)
@@ -148,8 +148,9 @@ class Split:
         G, S, C = self.G, self.S, self.C
         cm, cv = _core.batch_stats(self.parts[0], "NHWC", F._threads())
         cm, cv = cm.reshape(G, S, C), cv.reshape(G, S, C)
-        mean = cm.mean(axis=1)
-        var = cv.mean(axis=1) + np.square(cm - mean[:, None, :]).mean(axis=1)
+        with np.errstate(invalid="ignore", over="ignore"):  # (an infinity gives NaN, as the kernels' own statistics)
+            mean = cm.mean(axis=1)
+            var = cv.mean(axis=1) + np.square(cm - mean[:, None, :]).mean(axis=1)
         return mean.reshape(-1), var.reshape(-1)
 
     def column_out(self, out):

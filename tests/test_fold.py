@@ -322,3 +322,62 @@ def test_fold_conv_of_a_kernel_with_no_elements(shape, position):
     scale, shift = bn_simd.fold_params(rm, rv)
     want = np.broadcast_to(shift, (O,)) if position == "after" else np.zeros(O)
     np.testing.assert_allclose(b2, want, rtol=1e-7)
+
+
+def _bf16_half_ulp(exact):
+    """Half a bfloat16 ulp at each float64 value: 2^(e - 8) for |v| in [2^e, 2^(e+1)) (8 significant bits)."""
+    return np.ldexp(1.0, np.frexp(exact)[1] - 9)
+
+
+@pytest.mark.parametrize("position", ["after", "before"])
+def test_fold_conv_bfloat16_weight_stays_bfloat16_rounded_once(position):
+    """A bfloat16 weight (ml_dtypes) folds in float64 and comes back bfloat16, each value within half a bfloat16 ulp
+    of the float64 fold; bfloat16 statistics are taken as the other per-channel arguments are (widened exactly)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = ml_dtypes.bfloat16
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((6, 6, 3, 3)).astype(bf16)
+    rm, rv = (rng.standard_normal(6) * 0.5).astype(bf16), rng.uniform(0.5, 2.0, 6).astype(bf16)
+    w2, b2 = bn_simd.fold_conv(w, None, rm, rv, position=position)
+    assert w2.dtype == bf16 and b2.dtype == bf16 and w2.shape == w.shape
+    w64 = w.astype(np.float64)
+    scale = 1.0 / np.sqrt(rv.astype(np.float64) + 1e-5)
+    shift = -rm.astype(np.float64) * scale
+    if position == "after":
+        w_ref, b_ref = w64 * scale[:, None, None, None], shift
+    else:
+        w_ref, b_ref = w64 * scale[None, :, None, None], np.einsum("oihw,i->o", w64, shift)
+    for got, ref in ((w2, w_ref), (b2, b_ref)):
+        assert np.all(np.abs(got.astype(np.float64) - ref) <= _bf16_half_ulp(ref) * (1 + 1e-12))
+    s16, t16 = bn_simd.fold_params(rm, rv)   # default dtype: the statistics' own
+    assert s16.dtype == bf16 and t16.dtype == bf16
+    assert np.all(np.abs(s16.astype(np.float64) - scale) <= _bf16_half_ulp(scale) * (1 + 1e-12))
+
+
+def test_fold_conv_of_a_torch_bfloat16_weight_gives_bfloat16():
+    torch = pytest.importorskip("torch")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    w = torch.randn(4, 2, 3, 3).to(torch.bfloat16)
+    w2, b2 = bn_simd.fold_conv(w, None, np.zeros(4), np.full(4, 4.0))
+    assert w2.dtype == ml_dtypes.bfloat16 and b2.dtype == ml_dtypes.bfloat16
+    ref = w.float().numpy().astype(np.float64) / np.sqrt(4.0 + 1e-5)
+    assert np.all(np.abs(w2.astype(np.float64) - ref) <= _bf16_half_ulp(ref) * (1 + 1e-12))
+
+
+def test_fold_eps_beyond_floats_range_is_a_value_error():
+    with pytest.raises(ValueError, match="eps must be finite and > 0, got an int beyond float's range"):
+        bn_simd.fold_params(np.zeros(2), np.ones(2), eps=10 ** 400)
+
+
+def test_fold_reports_float64_overflow_beside_a_non_finite_conv_weight():
+    """A non-finite conv weight passes through to what it reaches, as in the unfolded layer; a finite entry whose
+    fold overflows float64 still raises (the check was skipped when any weight was non-finite)."""
+    w = np.array([[[[np.inf]]], [[[1e300]]]])
+    with pytest.raises(ValueError, match="overflow float64"):
+        bn_simd.fold_conv(w, None, np.zeros(2), np.ones(2), np.array([1.0, 1e10]))
+    w2, b2 = bn_simd.fold_conv(w, None, np.zeros(2), np.ones(2), np.array([1.0, 2.0]))
+    assert np.isposinf(w2[0]).all() and np.isfinite(w2[1]).all() and np.isfinite(b2).all()
+    # before the conv: the bias of an output whose weights are all finite still overflows by name
+    wb = np.array([[[[np.inf]], [[0.0]]], [[[1e300]], [[1e300]]]])   # (O=2, I=2, 1, 1)
+    with pytest.raises(ValueError, match="overflow float64"):
+        bn_simd.fold_conv(wb, None, np.full(2, -1e10), np.ones(2), np.full(2, 1e8), position="before")

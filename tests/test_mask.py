@@ -237,6 +237,19 @@ def test_mask_errors_name_the_argument_and_change_nothing():
     assert np.isnan(bn_simd.batch_stats(x, axis=-1, mask=np.zeros((6, 5)))[0]).all()
 
 
+@pytest.mark.parametrize("save_mean,exc,pattern", [
+    (np.zeros(4), ValueError, r"save_mean must have shape \(3,\)"),
+    (np.zeros(3, int), TypeError, "save_mean must have a floating-point dtype"),
+])
+def test_masked_backward_names_save_mean(save_mean, exc, pattern):
+    """The masked backward's errors name save_mean, as the unmasked one's do (they said "mean")."""
+    x = np.ones((4, 3, 5), np.float32)
+    out = np.full_like(x, 7.0)
+    with pytest.raises(exc, match=pattern):
+        bn_simd.batch_norm_backward(x, x, save_mean, np.ones(3), mask=np.ones((4, 5)), out=out)
+    np.testing.assert_array_equal(out, 7.0)
+
+
 def test_layer_with_mask_trains_on_the_unmasked_entries():
     x, mask = masked_case((6, 5, 3), 1, (6, 3), np.float64)
     layer = bn_simd.BatchNorm(5, axis=1, momentum=0.5, dtype=np.float64)

@@ -491,3 +491,30 @@ def test_keras_renorm_itself_forward_backward_and_moving_statistics():
     x = make_input((2, 3, 4, 4), "NHWC", np.float32, seed=103)
     yk = k(torch.tensor(x), training=False).detach().numpy()
     assert_within(ours(x), yk, tol(np.float32, n) * 16 * (1 + np.abs(yk)), "eval y")
+
+
+def test_update_renorm_stats_of_no_virtual_batch_changes_nothing():
+    """(0, C) statistics (an empty batch in virtual batches) leave the five statistics, as n = 0 does; they were
+    averaged over no rows into NaN."""
+    x = np.zeros((0, 3, 4), np.float32)
+    _, m, s, _, _ = bn_simd.batch_renorm_forward(x, np.zeros(3), np.ones(3), virtual_batch_size=4)
+    assert m.shape == (0, 3)
+    st = [np.zeros(3), np.ones(3), np.ones(3), np.zeros(3), np.ones(3)]
+    before = [a.copy() for a in st]
+    bn_simd.update_renorm_stats(*st, m, s, 16)
+    for a, b in zip(st, before):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("call", ["update_renorm_stats", "update_running_stats"])
+def test_the_unbiased_flag_is_checked_by_name(call):
+    st = [np.zeros(3), np.ones(3), np.ones(3), np.zeros(3), np.ones(3)]
+    before = [a.copy() for a in st]
+    with pytest.raises(TypeError, match="unbiased must be a bool"):
+        if call == "update_renorm_stats":
+            bn_simd.update_renorm_stats(*st, np.ones(3), np.ones(3), 4, unbiased=np.array([True, False]))
+        else:
+            bn_simd.update_running_stats(st[0], st[1], np.ones(3), np.ones(3), 4, 0.1,
+                                         unbiased=np.array([True, False]))
+    for a, b in zip(st, before):
+        np.testing.assert_array_equal(a, b)

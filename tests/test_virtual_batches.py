@@ -306,3 +306,36 @@ def test_backward_takes_bfloat16_statistics_as_the_per_channel_arguments_do():
                                                virtual_batch_size=2)
     for a, b in zip(got, want):
         assert (a is None and b is None) or np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("v", [1, 2])
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 1), (0, 3, 2, 2)])
+def test_an_empty_batch_is_taken_for_every_virtual_batch_size(shape, v):
+    """An empty batch has no virtual batch: (0, C) statistics and an empty output, as without virtual batches. With
+    virtual_batch_size=1 and one value per sample its view was (1, 0, 1) and was refused as one value per channel."""
+    x = np.zeros(shape, np.float32)
+    y, m, s = bn_simd.virtual_batch_norm_forward(x, virtual_batch_size=v)
+    assert y.shape == shape and m.shape == (0, 3) and s.shape == (0, 3)
+    gx, gw, gb = bn_simd.virtual_batch_norm_backward(np.zeros_like(x), x, m, s, np.ones(3, np.float32),
+                                                     virtual_batch_size=v)
+    assert gx.shape == shape
+    np.testing.assert_array_equal(gw, 0)
+    np.testing.assert_array_equal(gb, 0)
+    assert bn_simd.batch_renorm_forward(x, np.zeros(3), np.ones(3), virtual_batch_size=v)[0].shape == shape
+
+
+@pytest.mark.parametrize("N,v", [(32, 8), (32, 16)])   # channels-last gathered, by columns
+def test_an_infinity_gives_nan_in_its_virtual_batch_under_errstate_raise(N, v):
+    """NaN in the virtual batch an infinity is in, on every path, whatever np.errstate says: the columns path's merge
+    of the per-position statistics raised FloatingPointError under np.errstate(all="raise")."""
+    x = np.ones((N, 2, 2, 3))
+    x[0, 0, 0, 0] = np.inf
+    with np.errstate(all="raise"):
+        y, m, s = bn_simd.virtual_batch_norm_forward(x, virtual_batch_size=v, layout="NHWC")
+    G = N // v   # (virtual batch g: samples g, g + G, g + 2 G, ...)
+    assert np.isposinf(m[0, 0]) and np.isnan(s[0, 0]) and np.isnan(y[0::G, ..., 0]).all()
+    np.testing.assert_array_equal(m[1:], 1.0)   # the other virtual batches and channels: their own statistics
+    np.testing.assert_array_equal(m[0, 1:], 1.0)
+    np.testing.assert_array_equal(y[0::G, ..., 1:], 0.0)
+    for g in range(1, G):
+        np.testing.assert_array_equal(y[g::G], 0.0)
