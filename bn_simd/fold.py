@@ -249,8 +249,7 @@ def fold_conv(conv_weight, conv_bias, running_mean, running_var, weight=None, bi
 
     conv_weight: float16/32/64 or bfloat16 (ml_dtypes) array of a 1-, 2- or 3-d conv in ``weight_layout``: "OIHW"
     (PyTorch: (O, I/groups, *kernel)), "HWIO" (TensorFlow/Keras: (*kernel, I/groups, O)) or "OHWI" ((O, *kernel,
-    I/groups)),
-    for any kernel rank 1-3 (the spellings "OIW", "OIDHW", "WIO", "DHWIO", "OWI", "ODHWI" also check the rank).
+    I/groups)), for any kernel rank 1-3 (the spellings "OIW", "OIDHW", "WIO", "DHWIO", "OWI", "ODHWI" also check the rank).
     A Keras DepthwiseConv2D kernel (kh, kw, C, M) is the "HWIO" kernel reshaped to (kh, kw, 1, C * M) with
     groups = C. conv_bias: array (O,) or None (zero; a bias is returned all the same).
     running_mean, running_var, weight, bias, eps: the batch norm's (weight/bias None: ``affine=False``), of length
@@ -312,8 +311,9 @@ def fold_linear(W, b, running_mean, running_var, weight=None, bias=None, eps=1e-
     x @ W2.T + b2 = BN(x @ W.T + b) (after) or BN(x) @ W.T + b (before), exactly.
 
     W: float16/32/64 or bfloat16 array (out, in) (``weight_layout="OI"``, PyTorch's nn.Linear) or (in, out)
-    (``"IO"``, a Keras Dense kernel); b: array (out,) or None (zero; a bias is returned all the same). running_mean, running_var,
-    weight, bias, eps: the batch norm's, of length out (after) or in (before); weight/bias None for affine=False.
+    (``"IO"``, a Keras Dense kernel); b: array (out,) or None (zero; a bias is returned all the same).
+    running_mean, running_var, weight, bias, eps: the batch norm's, of length out (after) or in (before);
+    weight/bias None for affine=False.
 
         after:  W2[o, i] = W[o, i] * scale[o],  b2[o] = b[o] * scale[o] + shift[o]
         before: W2[o, i] = W[o, i] * scale[i],  b2[o] = b[o] + sum_i W[o, i] * shift[i]
