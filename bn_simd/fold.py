@@ -249,7 +249,8 @@ def fold_conv(conv_weight, conv_bias, running_mean, running_var, weight=None, bi
 
     conv_weight: float16/32/64 or bfloat16 (ml_dtypes) array of a 1-, 2- or 3-d conv in ``weight_layout``: "OIHW"
     (PyTorch: (O, I/groups, *kernel)), "HWIO" (TensorFlow/Keras: (*kernel, I/groups, O)) or "OHWI" ((O, *kernel,
-    I/groups)), for any kernel rank 1-3 (the spellings "OIW", "OIDHW", "WIO", "DHWIO", "OWI", "ODHWI" also check the rank).
+    I/groups)), for any kernel rank 1-3 (the spellings "OIW", "OIDHW", "WIO", "DHWIO", "OWI", "ODHWI" also check
+    the rank).
     A Keras DepthwiseConv2D kernel (kh, kw, C, M) is the "HWIO" kernel reshaped to (kh, kw, 1, C * M) with
     groups = C. conv_bias: array (O,) or None (zero; a bias is returned all the same).
     running_mean, running_var, weight, bias, eps: the batch norm's (weight/bias None: ``affine=False``), of length
