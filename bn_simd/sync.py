@@ -29,9 +29,11 @@ rank computes the same numbers, and when each rank's piece ends on a chunk bound
 is bitwise that of one process (channels-first maps of 16x16 and larger: every sample; see
 :func:`chunk_rows`). Bytes sent per rank: forward 8 (3 + K (3 C + 1)), backward 8 (4 + 2 K C), K its chunks.
 
-``mode="fast"`` sends 2 C + 1 float64 per rank each way in one allreduce, after an allgather of three values per
-rank (a flag, the channel count and whether the data is float64), by which every rank learns of a refused input or
-of another channel count before the allreduce (whose buffers of different lengths would abort the job). Forward: the
+``mode="fast"`` sends 2 C + 1 float64 per rank each way in one allreduce, after an allgather of four values per
+rank (a flag, the channel count, whether the data is float64 and a checksum of the shift), by which every rank learns
+of a refused input or of another channel count before the allreduce (whose buffers of different lengths would abort
+the job), and of shifts that differ between ranks (a layer unpickled on some ranks and rebuilt on others, say): the
+ranks then all take the exact exchange, which has no shift, and the layers' next shift is the same again. Forward: the
 count n_r and, relative to a shift K[c] that every rank holds alike, S1 = n_r (mean_r - K) and
 S2 = M2_r + n_r (mean_r - K)^2 from the rank's own (exact, chunked) statistics; then mean = K + S1 / n and
 M2 = S2 - S1^2 / n. The subtraction loses about eps_double (mean - K)^2 / var of the variance, so when
@@ -51,6 +53,7 @@ raises its own error; every other rank then raises RuntimeError naming the faile
 computing with a missing piece. A call that raises changes nothing (running statistics included).
 """
 import sys
+import zlib
 
 import numpy as np
 
@@ -156,6 +159,9 @@ def as_communicator(comm=None):
         return world
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and isinstance(comm, mpi.Comm):
+        if comm.Is_inter():  # (its collectives deliver the remote group's buffers: statistics of the other group)
+            raise TypeError("comm must be an intra-communicator (mpi4py's Intracomm, COMM_WORLD or one split from "
+                            "it), got an inter-communicator; merge its groups first (comm.Merge())")
         return MPICommunicator(comm)
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and isinstance(comm, dist.ProcessGroup):
@@ -226,12 +232,20 @@ def _gather(comm, payload, C, what):
     return [p[2:] for p in parts]
 
 
-def _agree(comm, local, C, wide, what):
-    """Fast mode's first step: an allgather of [ok, C, wide] per rank (3 values), so that every rank sees a failed
-    rank or another channel count (the allreduce's length) before the allreduce, which would abort the job on
-    buffers of different lengths, and raises alike. Returns whether any rank's data is float64 (wide)."""
-    heads = _gather(comm, local if isinstance(local, _Failed) else np.array([1.0 if wide else 0.0]), C, what)
-    return any(h.shape[0] > 0 and h[0] == 1.0 for h in heads)
+def _agree(comm, local, C, wide, what, key=0):
+    """Fast mode's first step: an allgather of [ok, C, wide, key] per rank (4 values), so that every rank sees a
+    failed rank or another channel count (the allreduce's length) before the allreduce, which would abort the job on
+    buffers of different lengths, and raises alike. Returns whether any rank's data is float64 (wide), and whether
+    every rank sent the same key (the forward's: a checksum of its shift, an int below 2^32)."""
+    body = np.array([1.0 if wide else 0.0, float(key)])
+    heads = _gather(comm, local if isinstance(local, _Failed) else body, C, what)
+    keys = {float(h[1]) if h.shape[0] > 1 else None for h in heads}
+    return any(h.shape[0] > 0 and h[0] == 1.0 for h in heads), len(keys) == 1
+
+
+def _shift_key(K):
+    """The checksum of a shift's float64 bytes that fast mode's ranks compare."""
+    return zlib.crc32(np.ascontiguousarray(K, np.float64).tobytes()) if not isinstance(K, _Failed) else 0
 
 
 def _allreduce(comm, payload, size, what):
@@ -387,11 +401,11 @@ def sync_batch_stats(x, comm=None, *, layout="NCHW", mode="exact", shift=None):
         leading (batch) size may differ between ranks and be 0.
     comm : see the module's documentation (None: the initialised world).
     mode : "exact" (per-chunk moments gathered and merged in chunk order: bitwise one process's
-        :func:`~bn_simd.batch_stats` when the pieces end on chunk boundaries) or "fast" (an allgather of 3 values,
+        :func:`~bn_simd.batch_stats` when the pieces end on chunk boundaries) or "fast" (an allgather of 4 values,
         then one allreduce of 2 C + 1 values, relative to ``shift``).
-    shift : fast mode's shift (C,), the same on every rank (None: zeros); the closer to the mean, the fewer
-        bits lost (a second allreduce restores them when it is more than 1000 standard deviations away, 4 when
-        any rank's data is float64).
+    shift : fast mode's shift (C,), the same on every rank (None: zeros; shifts that differ between ranks make every
+        rank take the exact exchange); the closer to the mean, the fewer bits lost (a second allreduce restores them
+        when it is more than 1000 standard deviations away, 4 when any rank's data is float64).
 
     Raises ValueError/TypeError for a bad x, mode or shift on that rank, RuntimeError on the others.
     """
@@ -416,7 +430,11 @@ def _exchange_stats(comm, x, C, layout, mode, shift, what):
         return mean, var, n, 0
     K = x if isinstance(x, _Failed) else _attempt(_shift_array, shift, C)
     local = _attempt(_local_fast, x, layout, shift) if not isinstance(K, _Failed) else K
-    wide = _agree(comm, local, C, not isinstance(local, _Failed) and local[1], what)
+    wide, same = _agree(comm, local, C, not isinstance(local, _Failed) and local[1], what, _shift_key(K))
+    if not same:  # (ranks holding different shifts would sum S1 and S2 relative to different points: every rank
+        # sees the same keys and takes the exact exchange, which has no shift)
+        mean, var, n, _ = _exchange_stats(comm, x, C, layout, "exact", None, what)
+        return mean, var, n, 0
     ratio = _SHIFT_RATIO_F64 if wide else _SHIFT_RATIO
     size = 2 * C + 1
     total = _allreduce(comm, local[0], size, what)
@@ -467,7 +485,7 @@ def sync_backward_reduce(grad_out, x, mean, comm=None, *, layout="NCHW", mode="e
     grad_out, x : the rank's pieces, same shape and dtype (float32/float64) in ``layout``.
     mean : (C,) the batch mean every rank shares (from :func:`sync_batch_stats`).
     mode : "exact" (per-chunk sums gathered and added in chunk order: bitwise one process's
-        :func:`~bn_simd.backward_reduce` when the pieces end on chunk boundaries) or "fast" (an allgather of 3
+        :func:`~bn_simd.backward_reduce` when the pieces end on chunk boundaries) or "fast" (an allgather of 4
         values, then one allreduce of 2 C + 1 values: the count and the two sums).
 
     Raises as :func:`sync_batch_stats`.
@@ -504,7 +522,7 @@ def _exchange_grad(comm, grad_out, x, mean, C, layout, mode, what, failed=None, 
             own[:] = [_sum_in_order(mine[:, 0], C), _sum_in_order(mine[:, 1], C)]
         return _sum_in_order(parts[:, 0], C), _sum_in_order(parts[:, 1], C), n
     local = failed or _attempt(_local_grad_sums, grad_out, x, mean, layout)
-    _agree(comm, local, C, False, what)
+    _agree(comm, local, C, False, what)  # (the backward has no shift: its key is 0 on every rank)
     if own is not None:  # (before the allreduce, which may reduce in place)
         own[:] = [local[1:1 + C].copy(), local[1 + C:].copy()]
     total = _allreduce(comm, local, 2 * C + 1, what)
@@ -662,7 +680,14 @@ class SyncBatchNorm(BatchNorm):
         """Normalise this rank's piece x; returns y (``out`` if given). Communicates when batch statistics are
         used (every rank must call it then)."""
         # BatchNorm's rules: eval mode normalises with the running statistics whenever the layer holds them
-        self.training = ck.check_flag(self.training, "training")
+        try:
+            self.training = ck.check_flag(self.training, "training")
+        except TypeError as e:
+            # (refused on this rank alone: it takes part in the training exchange as a failure, so that the ranks in
+            # training, which wait for it, raise RuntimeError instead of waiting)
+            _exchange_stats(as_communicator(self.comm), _Failed(e), self.num_features, self.layout, self.mode, None,
+                            "SyncBatchNorm")
+            raise
         held = self.running_mean is not None or self.running_var is not None
         if not self.training and held:
             self._check_plain()

@@ -149,6 +149,18 @@ def main():
     else:
         raise AssertionError("a refused input went unnoticed")
     assert layer.num_batches_tracked == 0 and not layer.running_mean.any()
+    if backend == "mpi" and P >= 2:
+        # an inter-communicator's collectives deliver the other group's buffers: refused, not statistics of half
+        inter = comm.Split(rank % 2, rank).Create_intercomm(0, comm, 1 - rank % 2, tag=7)
+        for call in (lambda: bn_simd.sync_batch_stats(np.ones((2, 3), np.float32), inter),
+                     lambda: bn_simd.SyncBatchNorm(3, comm=inter, mode="fast")(np.ones((2, 3), np.float32))):
+            try:
+                call()
+            except TypeError as e:
+                assert "intra-communicator" in str(e), e
+            else:
+                raise AssertionError("an inter-communicator was taken")
+        inter.Free()
     if backend != "mpi":
         check_torch_module(comm, rank, P)
         dist.destroy_process_group()

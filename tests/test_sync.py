@@ -286,7 +286,7 @@ def test_out_in_place_gives_the_same_bits():
 
 # ---- the fast mode ------------------------------------------------------------------------------------------------
 
-def test_fast_mode_sends_an_allgather_of_3_and_an_allreduce_of_2c_plus_1_values_each_way():
+def test_fast_mode_sends_an_allgather_of_4_and_an_allreduce_of_2c_plus_1_values_each_way():
     C = 5
     x = make_input((8, C, 6, 6), "NCHW", np.float32, seed=1)
     comms = make_comms(2)
@@ -298,8 +298,55 @@ def test_fast_mode_sends_an_allgather_of_3_and_an_allreduce_of_2c_plus_1_values_
 
     run_ok(2, fn, comms)
     for comm in comms:
-        assert comm.calls == [("allgather", 3), ("allreduce", 2 * C + 1)] * 2
-        assert comm.bytes_sent == 2 * 8 * (2 * C + 1 + 3)
+        assert comm.calls == [("allgather", 4), ("allreduce", 2 * C + 1)] * 2
+        assert comm.bytes_sent == 2 * 8 * (2 * C + 1 + 4)
+
+
+def test_fast_mode_ranks_holding_different_shifts_take_the_exact_exchange():
+    """The shift is state outside the state dict (a layer unpickled on one rank, rebuilt from a state dict on
+    another): ranks whose shifts differ summed S1 and S2 relative to different points, a silently wrong mean that
+    differed between the ranks. Every rank now sees the shifts' checksums differ and takes the exact exchange: the
+    exact layer's statistics, bit for bit, and the same shift afterwards."""
+    C = 2
+    steps = [make_input((8, C, 4), "NCHW", np.float32, seed=s, loc=100.0) for s in (1, 2, 3)]
+
+    def fn(r, comm, mode):
+        layer = bn_simd.SyncBatchNorm(C, comm=comm, mode=mode)
+        ys = []
+        for i, x in enumerate(steps):
+            if i == 1 and r == 1:
+                layer._shift = np.zeros(C)   # (rank 1 rebuilt from the state dict: no shift)
+            ys.append(layer(x[4 * r:4 * r + 4]))
+        return ys, layer.running_mean.copy(), layer.running_var.copy(), layer._shift.copy()
+
+    fast = run_ok(2, lambda r, comm: fn(r, comm, "fast"))
+    exact = run_ok(2, lambda r, comm: fn(r, comm, "exact"))
+    for r in range(2):
+        assert same_bits(fast[r][0][1], exact[r][0][1])   # the step with different shifts: the exact exchange's bits
+        np.testing.assert_array_equal(fast[r][3], fast[0][3])   # one shift on every rank again
+    assert_within(fast[0][1], exact[0][1], 1e-6 * np.abs(exact[0][1]), "running_mean")
+    assert_within(fast[0][2], exact[0][2], 1e-5 * np.abs(exact[0][2]), "running_var")
+    np.testing.assert_array_equal(fast[0][1], fast[1][1])
+
+
+def test_a_refused_training_flag_on_one_rank_raises_on_every_rank():
+    """A training attribute that is not a bool, on one rank: TypeError there, RuntimeError on the ranks that
+    train (they waited for it in the exchange before)."""
+    x = make_input((4, 3, 8), "NCHW", np.float32, seed=1)
+
+    def fn(r, comm):
+        layer = bn_simd.SyncBatchNorm(3, comm=comm)
+        if r == 1:
+            layer.training = np.array([True, False])
+        try:
+            layer(x)
+        finally:
+            assert layer.num_batches_tracked == 0 and not layer.running_mean.any()
+
+    _, errors = run_ranks(3, fn)
+    assert isinstance(errors[1], TypeError) and "training must be a bool" in str(errors[1])
+    for e in (errors[0], errors[2]):
+        assert isinstance(e, RuntimeError) and "refused" in str(e)
 
 
 def test_exact_mode_bytes_are_the_documented_ones():

@@ -124,7 +124,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     Constructor as PyTorch's (num_features, eps, momentum, affine, track_running_stats, process_group, device,
     dtype, bias) plus keyword ``mode``: "exact" (per-chunk moments merged in the whole batch's chunk order: bitwise
     one process when the pieces end on chunk boundaries, see :func:`bn_simd.sync.chunk_rows`) or "fast" (an
-    allgather of 3 values, then one allreduce of 2 C + 1 float64 each way). ``process_group``: a
+    allgather of 4 values, then one allreduce of 2 C + 1 float64 each way). ``process_group``: a
     ``torch.distributed`` process group with a CPU backend (gloo), None (the default group), or an object
     implementing :mod:`bn_simd.sync`'s communicator protocol; on a rank outside the group (``new_group``'s sentinel
     there) the module normalises that rank's batch alone, as PyTorch's.
@@ -179,27 +179,28 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         buffers = self._buffers
         track = self.track_running_stats
         rm, rv = (buffers.get("running_mean"), buffers.get("running_var")) if track else (None, None)
+        counter = buffers.get("num_batches_tracked")
+        counting = track and counter is not None
         try:
             tensors = (rm, rv, *B.affine(self))
             views = self._sync_views(input, tensors)
+            if views is not None:
+                if rm is None:
+                    factor = 0.0
+                elif self.momentum is None:  # the cumulative average: this batch weighs 1 / (batches seen with it)
+                    factor = 1.0 / (int(counter) + 1) if counting else 0.0
+                else:
+                    factor = self.momentum
+                shift = self.__dict__.get("_bn_simd_shift")
+                if not isinstance(shift, np.ndarray) or shift.shape != (self.num_features,):
+                    shift = self.__dict__["_bn_simd_shift"] = np.zeros(self.num_features)
         except Exception as e:
-            # this rank's input is refused: it still takes part in the statistics' exchange, as a failure, so that
+            # this rank's call is refused: it still takes part in the statistics' exchange, as a failure, so that
             # the other ranks raise RuntimeError instead of waiting for it (bn_simd.sync's protocol)
             S._exchange_stats(comm, S._Failed(e), self.num_features, "NCHW", self.mode, None, "SyncBatchNorm")
             raise
         if views is None:  # (not a CPU tensor: PyTorch's own, on the device its backend serves)
             return super().forward(input)
-        counter = buffers.get("num_batches_tracked")
-        counting = track and counter is not None
-        if rm is None:
-            factor = 0.0
-        elif self.momentum is None:  # the cumulative average: this batch weighs 1 / (batches seen with it)
-            factor = 1.0 / (int(counter) + 1) if counting else 0.0
-        else:
-            factor = self.momentum
-        shift = self.__dict__.get("_bn_simd_shift")
-        if shift is None or shift.shape != (self.num_features,):
-            shift = self.__dict__["_bn_simd_shift"] = np.zeros(self.num_features)
         def call():
             return SyncBatchNormFunction.apply(input, tensors[2], tensors[3], rm, rv, factor, self.eps, comm,
                                                self.mode, shift, views)
