@@ -57,13 +57,8 @@ def _array(obj, name):
             raise TypeError(f"{name} is a torch.Tensor that requires grad, and folding does not record gradients: "
                             f"pass {name}.detach() (bn_simd.torch.fold folds a whole model)")
         t = obj.detach().cpu()
-        if str(t.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: ml_dtypes' when installed, else widened exactly
-            try:
-                import ml_dtypes
-            except ImportError:
-                return t.float().numpy()
-            import torch
-            return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        if str(t.dtype) == "torch.bfloat16":  # NumPy has no bfloat16; widening is exact (the result: float32,
+            t = t.float()                      # whatever else is installed, so torch.from_numpy takes it)
         return t.numpy()
     try:
         a = np.asarray(obj)
@@ -117,7 +112,8 @@ def _eps(eps):
     try:
         e = float(eps)
     except OverflowError:
-        raise ValueError("eps must be finite and > 0, got an int beyond float's range") from None
+        raise ValueError(f"eps must be finite and > 0, got a number beyond float's range ({type(eps).__name__})") \
+            from None
     if not (e > 0.0 and math.isfinite(e)):
         raise ValueError(f"eps must be finite and > 0, got {eps!r}")
     return e
@@ -184,10 +180,11 @@ def _finish(w2, b2, dtype, w_src=None, b_ok=None):
     else:
         with np.errstate(over="ignore"):
             w_out, b_out = w2.astype(dtype), b2.astype(dtype)
+    dname = "bfloat16" if _bf16(dtype) else np.dtype(dtype).name
     for out, src, name in ((w_out, w2, "weight"), (b_out, b2, "bias")):
         bad = ~np.isfinite(_f64(out)) & np.isfinite(src)
         if np.any(bad):
-            raise ValueError(f"the folded {name} overflows {np.dtype(dtype).name} (largest magnitude "
+            raise ValueError(f"the folded {name} overflows {dname} (largest magnitude "
                              f"{np.max(np.abs(src[np.isfinite(src)])):.3g}); fold in float64 weights instead")
     return w_out, b_out
 
@@ -267,9 +264,9 @@ def fold_conv(conv_weight, conv_bias, running_mean, running_var, weight=None, bi
     padding the input with -shift[c] / scale[c] instead of zeros makes it exact.
 
     Computed in float64; w2 has conv_weight's shape, layout and dtype, b2 shape (O,) and the same dtype (a torch
-    bfloat16 weight gives ml_dtypes' bfloat16 when that is installed, else float32; bn_simd.torch.fold folds torch
-    modules in their own dtype). Non-finite conv weights pass through to the entries they reach. Nothing
-    given is modified. Raises TypeError (non-float weight, non-real arrays or eps, non-int groups) and ValueError
+    bfloat16 weight gives float32, which torch.from_numpy takes: round it with .to(torch.bfloat16), or fold the
+    module with bn_simd.torch.fold, which rounds once). Non-finite conv weights pass through to the entries they
+    reach. Nothing given is modified. Raises TypeError (non-float weight, non-real arrays or eps, non-int groups) and ValueError
     (rank, layout, position, groups, shapes that do not agree, non-finite BN values, negative variance,
     eps <= 0, a result that overflows the weight's dtype), each naming the argument.
     """

@@ -30,7 +30,7 @@ is bitwise that of one process (channels-first maps of 16x16 and larger: every s
 :func:`chunk_rows`). Bytes sent per rank: forward 8 (3 + K (3 C + 1)), backward 8 (4 + 2 K C), K its chunks.
 
 ``mode="fast"`` sends 2 C + 1 float64 per rank each way in one allreduce, after an allgather of four values per
-rank (a flag, the channel count, whether the data is float64 and a checksum of the shift), by which every rank learns
+rank (a flag, the channel count, whether the data is float64 and a digest of the shift), by which every rank learns
 of a refused input or of another channel count before the allreduce (whose buffers of different lengths would abort
 the job), and of shifts that differ between ranks (a layer unpickled on some ranks and rebuilt on others, say): the
 ranks then all take the exact exchange, which has no shift, and the layers' next shift is the same again. Forward: the
@@ -52,8 +52,8 @@ A rank whose input is refused (wrong shape, dtype, channels) still takes part in
 raises its own error; every other rank then raises RuntimeError naming the failed ranks, instead of hanging or
 computing with a missing piece. A call that raises changes nothing (running statistics included).
 """
+import hashlib
 import sys
-import zlib
 
 import numpy as np
 
@@ -236,7 +236,7 @@ def _agree(comm, local, C, wide, what, key=0):
     """Fast mode's first step: an allgather of [ok, C, wide, key] per rank (4 values), so that every rank sees a
     failed rank or another channel count (the allreduce's length) before the allreduce, which would abort the job on
     buffers of different lengths, and raises alike. Returns whether any rank's data is float64 (wide), and whether
-    every rank sent the same key (the forward's: a checksum of its shift, an int below 2^32)."""
+    every rank sent the same key (the forward's: a digest of its shift, an int below 2^48)."""
     body = np.array([1.0 if wide else 0.0, float(key)])
     heads = _gather(comm, local if isinstance(local, _Failed) else body, C, what)
     keys = {float(h[1]) if h.shape[0] > 1 else None for h in heads}
@@ -244,8 +244,11 @@ def _agree(comm, local, C, wide, what, key=0):
 
 
 def _shift_key(K):
-    """The checksum of a shift's float64 bytes that fast mode's ranks compare."""
-    return zlib.crc32(np.ascontiguousarray(K, np.float64).tobytes()) if not isinstance(K, _Failed) else 0
+    """The 48-bit digest of a shift's float64 bytes that fast mode's ranks compare (an int a float64 holds exactly)."""
+    if isinstance(K, _Failed):
+        return 0
+    return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(K, np.float64).tobytes(), digest_size=6).digest(),
+                          "little")
 
 
 def _allreduce(comm, payload, size, what):
@@ -680,15 +683,20 @@ class SyncBatchNorm(BatchNorm):
         """Normalise this rank's piece x; returns y (``out`` if given). Communicates when batch statistics are
         used (every rank must call it then)."""
         # BatchNorm's rules: eval mode normalises with the running statistics whenever the layer holds them
+        held = self.running_mean is not None or self.running_var is not None
         try:
             self.training = ck.check_flag(self.training, "training")
-        except TypeError as e:
-            # (refused on this rank alone: it takes part in the training exchange as a failure, so that the ranks in
-            # training, which wait for it, raise RuntimeError instead of waiting)
-            _exchange_stats(as_communicator(self.comm), _Failed(e), self.num_features, self.layout, self.mode, None,
-                            "SyncBatchNorm")
+        except Exception as e:
+            # (refused on this rank alone. Without running statistics every rank communicates, in training or eval:
+            # this one takes part in the exchange as a failure, and the others raise RuntimeError instead of waiting.
+            # With them, whether the others communicate depends on their own flags: raised here, before any exchange)
+            if not held:
+                try:
+                    comm = as_communicator(self.comm)
+                except Exception:  # noqa: BLE001 (no communicator: this rank's own error is the one to see)
+                    raise e from None
+                _exchange_stats(comm, _Failed(e), self.num_features, self.layout, self.mode, None, "SyncBatchNorm")
             raise
-        held = self.running_mean is not None or self.running_var is not None
         if not self.training and held:
             self._check_plain()
             y = super().forward(x, out=out)

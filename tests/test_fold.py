@@ -6,6 +6,7 @@ Bounds: the folded weights and bias are float64 results rounded once to the weig
 eps / 2 of its magnitude, so the folded layer's output moves by at most eps * (conv(|x|, |w2|) + |b2|); both sides
 are then computed in float64 (a reduction of `taps` products each: reduction_tol(taps) of their magnitudes).
 """
+import fractions
 import math
 import os
 import subprocess
@@ -354,19 +355,33 @@ def test_fold_conv_bfloat16_weight_stays_bfloat16_rounded_once(position):
     assert np.all(np.abs(s16.astype(np.float64) - scale) <= _bf16_half_ulp(scale) * (1 + 1e-12))
 
 
-def test_fold_conv_of_a_torch_bfloat16_weight_gives_bfloat16():
+def test_fold_conv_of_a_torch_bfloat16_weight_gives_float32_whatever_is_installed():
+    """NumPy has no bfloat16 of its own: a torch bfloat16 weight folds to float32 (which torch.from_numpy takes),
+    with ml_dtypes installed or not, each value the float64 fold rounded once to float32."""
     torch = pytest.importorskip("torch")
-    ml_dtypes = pytest.importorskip("ml_dtypes")
     w = torch.randn(4, 2, 3, 3).to(torch.bfloat16)
     w2, b2 = bn_simd.fold_conv(w, None, np.zeros(4), np.full(4, 4.0))
-    assert w2.dtype == ml_dtypes.bfloat16 and b2.dtype == ml_dtypes.bfloat16
+    assert w2.dtype == np.float32 and b2.dtype == np.float32
     ref = w.float().numpy().astype(np.float64) / np.sqrt(4.0 + 1e-5)
-    assert np.all(np.abs(w2.astype(np.float64) - ref) <= _bf16_half_ulp(ref) * (1 + 1e-12))
+    np.testing.assert_array_equal(w2, ref.astype(np.float32))
+    assert torch.from_numpy(w2).shape == w.shape
+
+
+def test_fold_rounds_a_bfloat16_result_once_from_float64():
+    """A float64 value just above a bfloat16 tie: rounded once it goes up; through float32 first it would land on the
+    tie and go to the even neighbour (down)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    v = 1.0 + 2.0 ** -8 + 2.0 ** -30   # (bfloat16 neighbours 1 and 1 + 2^-7; float32 rounds v to the tie 1 + 2^-8)
+    scale, shift = bn_simd.fold_params(np.zeros(1), np.full(1, 0.75), np.array([v]), np.array([v]), eps=0.25,
+                                       dtype=ml_dtypes.bfloat16)   # (sqrt(0.75 + 0.25) = 1: scale = shift = v)
+    assert scale.astype(np.float64)[0] == 1.0 + 2.0 ** -7 and shift.astype(np.float64)[0] == 1.0 + 2.0 ** -7
 
 
 def test_fold_eps_beyond_floats_range_is_a_value_error():
-    with pytest.raises(ValueError, match="eps must be finite and > 0, got an int beyond float's range"):
+    with pytest.raises(ValueError, match=r"eps must be finite and > 0, got a number beyond float.s range \(int\)"):
         bn_simd.fold_params(np.zeros(2), np.ones(2), eps=10 ** 400)
+    with pytest.raises(ValueError, match=r"eps must be finite and > 0, got a number beyond float.s range \(Fraction\)"):
+        bn_simd.fold_params(np.zeros(2), np.ones(2), eps=fractions.Fraction(10 ** 5000))
 
 
 def test_fold_reports_float64_overflow_beside_a_non_finite_conv_weight():

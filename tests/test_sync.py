@@ -329,24 +329,41 @@ def test_fast_mode_ranks_holding_different_shifts_take_the_exact_exchange():
     np.testing.assert_array_equal(fast[0][1], fast[1][1])
 
 
-def test_a_refused_training_flag_on_one_rank_raises_on_every_rank():
-    """A training attribute that is not a bool, on one rank: TypeError there, RuntimeError on the ranks that
-    train (they waited for it in the exchange before)."""
+@pytest.mark.parametrize("others", [True, False], ids=["others_train", "others_eval"])
+def test_a_refused_training_flag_on_one_rank_leaves_no_rank_waiting(others):
+    """A training attribute that is not a bool, on one rank, of a layer without running statistics (every rank
+    communicates, in training or eval): TypeError there, RuntimeError on the others (they waited for it before)."""
     x = make_input((4, 3, 8), "NCHW", np.float32, seed=1)
 
     def fn(r, comm):
-        layer = bn_simd.SyncBatchNorm(3, comm=comm)
-        if r == 1:
-            layer.training = np.array([True, False])
-        try:
-            layer(x)
-        finally:
-            assert layer.num_batches_tracked == 0 and not layer.running_mean.any()
+        layer = bn_simd.SyncBatchNorm(3, comm=comm, track_running_stats=False)
+        layer.training = np.array([True, False]) if r == 1 else others
+        layer(x)
 
     _, errors = run_ranks(3, fn)
     assert isinstance(errors[1], TypeError) and "training must be a bool" in str(errors[1])
     for e in (errors[0], errors[2]):
         assert isinstance(e, RuntimeError) and "refused" in str(e)
+
+
+def test_a_refused_training_flag_with_running_statistics_is_raised_before_any_exchange():
+    """With running statistics, whether the other ranks communicate depends on their own flags: the refused flag is
+    raised on its rank before any exchange, so ranks in eval go on (and one with no communicator at all names the
+    flag, not the missing communicator)."""
+    x = make_input((4, 3, 8), "NCHW", np.float32, seed=1)
+
+    def fn(r, comm):
+        layer = bn_simd.SyncBatchNorm(3, comm=comm)
+        layer.training = np.array([True, False]) if r == 1 else False
+        return layer(x)
+
+    results, errors = run_ranks(3, fn)
+    assert isinstance(errors[1], TypeError) and "training must be a bool" in str(errors[1])
+    assert errors[0] is None and errors[2] is None and results[0].shape == x.shape
+    layer = bn_simd.SyncBatchNorm(3, track_running_stats=False)   # (comm=None, no library initialised)
+    layer.training = np.array([True, False])
+    with pytest.raises(TypeError, match="training must be a bool"):
+        layer(x)
 
 
 def test_exact_mode_bytes_are_the_documented_ones():
