@@ -14,6 +14,11 @@ __all__ = ["fold"]
 _ONNX_DOMAINS = ("", "ai.onnx")
 
 
+# BatchNormalization's epsilon when the attribute is absent: 1e-5 as the float32 attribute holds it (as runtimes use
+# it), not the float64 1e-5
+_EPS_DEFAULT = float(np.float32(1e-5))
+
+
 def _onnx():
     try:
         import onnx
@@ -66,6 +71,7 @@ def _all_names(graph, onnx):
     names = set()
     for g in [graph, *_subgraphs(graph, onnx)]:
         names.update(t.name for t in g.initializer)
+        names.update(t.values.name for t in g.sparse_initializer)
         names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
         for n in g.node:
             names.update(n.input)
@@ -107,6 +113,13 @@ class _Graph:
                 continue
             if node.op_type == "Constant" and len(node.output) == 1:
                 t = _attr(node, "value", None)
+                if t is None:  # (a float or a list of floats: a float32 scalar or vector)
+                    v = _attr(node, "value_float", None)
+                    vs = _attr(node, "value_floats", None) if v is None else None
+                    if v is not None or vs is not None:
+                        vals = [v] if v is not None else list(vs)
+                        t = onnx.helper.make_tensor(node.output[0], onnx.TensorProto.FLOAT,
+                                                    [] if v is not None else [len(vals)], vals)
                 if t is not None:
                     self.const_source[node.output[0]] = t
             elif node.op_type == "Identity" and self._raw(node.input[0]) is not None:
@@ -174,9 +187,13 @@ def fold(model, *, training_nodes="skip"):
       above), when ONNX's shape inference gives Y rank 2: BN's channel axis 1 is then the output features (on
       rank 3 and more it is not, and nothing is folded).
 
-    The folded node takes the BN's output name (graph outputs keep their names); W2, B2 are new initializers in
-    W's dtype (a weight shared with another node is not touched); initializers, Constant and Identity nodes
-    nothing reads any more are removed. Only the top-level graph is folded (If/Loop bodies are left as they are).
+    Constant nodes count with a ``value`` tensor or ``value_float(s)``; a BN without ``epsilon`` uses 1e-5 as the
+    float32 attribute holds it, as runtimes do. The folded node takes the BN's output name (graph outputs keep
+    their names); W2, B2 are new initializers in W's dtype (a weight shared with another node is not touched; in an
+    IR version 3 model they are graph inputs too, as that version requires); initializers, Constant and Identity
+    nodes nothing reads any more (nor the model's training information) are removed. A chain Conv -> BN -> BN folds
+    its first BN per call (call fold again for the next). Only the top-level graph is folded (If/Loop bodies are
+    left as they are).
     A pair whose weight, bias or batch-norm parameters are not float16, float32 or float64 (bfloat16 ones) is left
     as it is.
 
@@ -227,15 +244,21 @@ def fold(model, *, training_nodes="skip"):
             if ranks.get(x) != 2:
                 continue
         try:
-            stats = [g.const(name) for name in bn.input[1:5]]
-            if any(s is None or not _foldable(s) for s in stats):
-                continue   # (bfloat16 parameters, allowed from BatchNormalization-15, are left as they are)
-            scale, bias, mean, var = stats
-            eps = float(_attr(bn, "epsilon", 1e-5))
+            # (the layer's pattern and constant weight first: values a pair that cannot fold would need are not read,
+            # so one stored outside the model does not refuse it)
+            plan = None
             if layer.op_type in ("MatMul", "Add"):
                 plan = _matmul_plan(g, layer, bn)
                 if plan is None:
                     continue
+            elif g._raw(layer.input[1]) is None:
+                continue
+            stats = [g.const(name) for name in bn.input[1:5]]
+            if any(s is None or not _foldable(s) for s in stats):
+                continue   # (bfloat16 parameters, allowed from BatchNormalization-15, are left as they are)
+            scale, bias, mean, var = stats
+            eps = float(_attr(bn, "epsilon", _EPS_DEFAULT))
+            if plan is not None:
                 mm, w, c, c_slot = plan
                 if ranks.get(mm.output[0]) != 2:
                     continue   # the Add broadcasts a MatMul of another rank to 2: the bias's shape matters then
@@ -255,7 +278,7 @@ def fold(model, *, training_nodes="skip"):
             if layer.op_type == "Conv":
                 w, b = g.const(layer.input[1]), g.const(layer.input[2] if len(layer.input) > 2 else "")
                 if w is None or (len(layer.input) > 2 and layer.input[2] and b is None) or not _foldable(w) or \
-                        (b is not None and not _foldable(b)):
+                        (b is not None and not _foldable(b)) or w.ndim not in (3, 4, 5):
                     continue   # (as a bfloat16 Conv: its BN is left, as those of bfloat16 Gemm and MatMul)
                 w2, b2 = fold_conv(w, b, mean, var, scale, bias, eps, weight_layout="OIHW",
                                    groups=int(_attr(layer, "group", 1)))
@@ -307,12 +330,28 @@ def fold(model, *, training_nodes="skip"):
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(new_inits)
+    if 0 < out.ir_version < 4:  # (IR 3 and before: every initializer is a graph input too)
+        graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in new_inits)
     dropped = {bn.input[0] for bn in removed if id(bn) not in replaced}
     kept = [v for v in graph.value_info if v.name not in dropped]
     del graph.value_info[:]
     graph.value_info.extend(kept)
-    _prune(graph, onnx)
+    _prune(graph, onnx, _training_reads(out, onnx))
     return out
+
+
+def _training_reads(model, onnx):
+    """The names the model's training information reads or binds (its graphs' inputs, update_binding's keys and
+    values): initializers it names stay."""
+    names = set()
+    for ti in model.training_info:
+        for b in ti.update_binding:
+            names.update((b.key, b.value))
+        for g0 in (ti.initialization, ti.algorithm):
+            for g in [g0, *_subgraphs(g0, onnx)]:
+                for n in g.node:
+                    names.update(n.input)
+    return names
 
 
 def _foldable(a):
@@ -336,15 +375,17 @@ def _matmul_plan(g, layer, bn):
     BN(MatMul(A, W) [+ c]); None when the pattern or its constants are not there."""
     c, c_slot, mm = None, None, layer
     if layer.op_type == "Add":
-        slots = [i for i in (0, 1) if g.const(layer.input[i]) is not None]
+        slots = [i for i in (0, 1) if g._raw(layer.input[i]) is not None]
         if len(slots) != 1:
             return None
         c_slot = slots[0]
-        c = g.const(layer.input[c_slot])
         m_name = layer.input[1 - c_slot]
         mm = g.producer.get(m_name)
         if mm is None or mm.op_type != "MatMul" or mm.domain not in _ONNX_DOMAINS or not g.only_user(m_name, layer):
             return None
+        if g._raw(mm.input[1]) is None:
+            return None
+        c = g.const(layer.input[c_slot])
     w = g.const(mm.input[1])
     if w is None or w.ndim != 2 or not _foldable(w):
         return None
@@ -355,11 +396,12 @@ def _matmul_plan(g, layer, bn):
     return mm, w, c, c_slot
 
 
-def _prune(graph, onnx):
-    """Remove initializers, Constant and Identity-of-constant nodes that nothing reads any more."""
+def _prune(graph, onnx, extra=frozenset()):
+    """Remove initializers, Constant and Identity-of-constant nodes that nothing reads any more (nor names in
+    extra: the training information's)."""
     while True:
         read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | \
-            _subgraph_names(graph, onnx)
+            _subgraph_names(graph, onnx) | extra
         # (an Identity of an initializer or of a Constant node's output: how exporters pass BN parameters)
         consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.domain in _ONNX_DOMAINS
                                                         and n.op_type == "Constant" for o in n.output}
@@ -369,7 +411,7 @@ def _prune(graph, onnx):
         for n in dead:
             graph.node.remove(n)
         read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | \
-            _subgraph_names(graph, onnx)
+            _subgraph_names(graph, onnx) | extra
         inputs = {i.name for i in graph.input}
         keep = [t for t in graph.initializer if t.name in read or t.name in inputs]
         if len(keep) == len(graph.initializer) and not dead:

@@ -418,3 +418,111 @@ def test_fold_leaves_bfloat16_pairs_and_folds_the_others(where):
     folded = bo.fold(model)
     kept = [n.name for n in folded.graph.node if n.op_type == "BatchNormalization"]
     assert kept == ["bn2"]
+
+
+def test_fold_default_epsilon_is_the_float32_attributes():
+    """A BatchNormalization without epsilon uses 1e-5 as its float32 attribute holds it (as ONNX Runtime does): a
+    float64 graph folded with the float64 1e-5 moved its outputs by ~1e-8 relative."""
+    rng = np.random.default_rng(31)
+    N, K = 3, 4
+    inits = [numpy_helper.from_array(rng.standard_normal((K, N)), "W")] + [
+        numpy_helper.from_array(a, n) for n, a in zip("sbmv", [np.ones(N), np.zeros(N), np.zeros(N), np.zeros(N)])]
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["A", "W"], ["g"]), helper.make_node("BatchNormalization", ["g", "s", "b", "m", "v"],
+                                                                       ["y"])],
+        "g", [helper.make_tensor_value_info("A", TensorProto.DOUBLE, [2, K])],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2, N])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    a = rng.standard_normal((2, K))
+    folded = bo.fold(model)
+    assert ops(folded) == ["Gemm"]
+    want = run(model, {"A": a})[0]
+    np.testing.assert_allclose(run(folded, {"A": a})[0], want, rtol=1e-14, atol=0)
+
+
+def _const_bn_params(rng, C, prefix="p", floats=False):
+    """BatchNormalization parameters as Constant nodes (value tensors, or value_floats lists)."""
+    vals = [rng.uniform(0.5, 1.5, C), rng.standard_normal(C), rng.standard_normal(C), rng.uniform(0.2, 2, C)]
+    names = [f"{prefix}_{k}" for k in "sbmv"]
+    if floats:
+        nodes = [helper.make_node("Constant", [], [n], value_floats=[float(v) for v in a]) for n, a in zip(names, vals)]
+    else:
+        nodes = [helper.make_node("Constant", [], [n], value=numpy_helper.from_array(a.astype(np.float32)))
+                 for n, a in zip(names, vals)]
+    return nodes, names
+
+
+@pytest.mark.parametrize("floats", [False, True], ids=["value", "value_floats"])
+@pytest.mark.parametrize("ir", [3, 8])
+def test_fold_constant_node_parameters_and_ir_3_graph_inputs(ir, floats):
+    """Parameters as Constant nodes fold, value_floats lists too (they were left); in an IR 3 model, where every
+    initializer must be a graph input, the new initializers are listed as inputs (the checker refused the model)."""
+    rng = np.random.default_rng(32)
+    C = 4
+    nodes, names = _const_bn_params(rng, C, floats=floats)
+    wnode = helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(
+        rng.standard_normal((C, 3, 1, 1)).astype(np.float32)))
+    graph = helper.make_graph(
+        [wnode, *nodes, helper.make_node("Conv", ["x", "W"], ["c"]),
+         helper.make_node("BatchNormalization", ["c", *names], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, 4, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)], ir_version=ir)
+    folded = bo.fold(model)
+    assert ops(folded) == ["Conv"]
+    onnx.checker.check_model(folded, full_check=True)
+    x = rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(run(folded, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_fold_leaves_a_conv_of_four_spatial_dimensions_and_folds_the_rest():
+    """A Conv of rank-6 weights (valid ONNX) is left with its BN, instead of a ValueError that stopped the whole fold;
+    the model's other pair still folds."""
+    rng = np.random.default_rng(33)
+    f32 = TensorProto.FLOAT
+    bn1, i1, _ = _bn("bn1", "c1", "y1", 2, rng)
+    bn2, i2, _ = _bn("bn2", "c2", "y2", 2, rng)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x6", "W6"], ["c1"]), bn1, helper.make_node("Conv", ["x4", "W4"], ["c2"]), bn2],
+        "g", [helper.make_tensor_value_info("x6", f32, [1, 1, 3, 3, 3, 3]),
+              helper.make_tensor_value_info("x4", f32, [1, 1, 3, 3])],
+        [helper.make_tensor_value_info("y1", f32, None), helper.make_tensor_value_info("y2", f32, None)],
+        [_init("W6", rng.standard_normal((2, 1, 2, 2, 2, 2))), _init("W4", rng.standard_normal((2, 1, 2, 2)))]
+        + i1 + i2)
+    folded = bo.fold(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert ops(folded) == ["Conv", "BatchNormalization", "Conv"]
+
+
+def test_fold_new_names_avoid_sparse_initializers_and_training_info_keeps_what_it_reads():
+    """A new initializer's name is none of the sparse initializers' (a collision made the model invalid), and an
+    initializer the model's training information reads stays (it was pruned, leaving the training info dangling)."""
+    rng = np.random.default_rng(34)
+    model, _, _ = _conv_bn_model(rng, 17)
+    sp = onnx.SparseTensorProto()
+    sp.values.CopyFrom(numpy_helper.from_array(np.ones(1, np.float32), "W_bnfold"))
+    sp.indices.CopyFrom(numpy_helper.from_array(np.zeros(1, np.int64), "W_bnfold_idx"))
+    sp.dims.extend([4])
+    model.graph.sparse_initializer.append(sp)
+    ti = model.training_info.add()
+    ti.algorithm.CopyFrom(helper.make_graph([helper.make_node("Identity", ["W"], ["W_new"])], "alg", [],
+                                            [helper.make_tensor_value_info("W_new", TensorProto.FLOAT, None)]))
+    b = ti.update_binding.add()
+    b.key, b.value = "W", "W_new"
+    folded = bo.fold(model)
+    assert ops(folded) == ["Conv"]
+    names = [t.name for t in folded.graph.initializer]
+    assert "W_bnfold" not in names and "W" in names
+    onnx.checker.check_model(folded)
+
+
+def test_fold_does_not_read_the_parameters_of_a_pair_it_cannot_fold(tmp_path):
+    """A BN after a Conv whose weight is a graph input (not constant) is left as it is, without reading the BN's
+    parameters: stored in a file the model was loaded without, they no longer refuse the whole model."""
+    rng = np.random.default_rng(35)
+    model, _, _ = _conv_bn_model(rng, 17)
+    w = [t for t in model.graph.initializer if t.name == "W"][0]
+    model.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, list(w.dims)))
+    path = tmp_path / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    lazy = onnx.load(str(path), load_external_data=False)
+    assert ops(bo.fold(lazy)) == ["Conv", "BatchNormalization"]
