@@ -45,7 +45,8 @@ def row(label, fns, target):
 
 def main():
     ap = cli.shape_parser(__doc__, (32, 64, 56, 56))
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"],
+                    choices=["float32", "bfloat16", "float16"])
     a = ap.parse_args()
     torch = cli.set_threads(a.threads)
     N, C, H, W = a.shape

@@ -6,7 +6,9 @@ Batch norm eval (running statistics) and training forward, and the training back
 beyond the last-level cache by default (32x64x112x112: 51 MB of float32, 26 MB of 16-bit data). Each row's calls
 are timed in interleaved rounds (harness/timing.py: interleaved_medians) with --threads threads for bn_simd and
 PyTorch; a cell is the median in ms, and the ratios are float32's time over the 16-bit call's (the gain from half
-the bytes) and PyTorch's over bn_simd's in the same dtype. bfloat16 needs ml_dtypes; PyTorch's columns need torch.
+the bytes) and PyTorch's over bn_simd's in the same dtype. The training backward on both sides is the backward alone
+with its three gradients (PyTorch's: autograd's backward of a graph built once, retained). bfloat16 needs ml_dtypes;
+PyTorch's columns need torch.
 """
 import os
 import sys
@@ -47,10 +49,13 @@ def calls(x, layout, C, torch_x=None, torch=None):
         tw, tb, trm, trv = (torch.from_numpy(a) for a in (w, b, rm, rv))
         t = torch_x
 
-        def train_bwd(t=t):
-            tt = t.detach().requires_grad_()
-            out = F.batch_norm(tt, None, None, tw, tb, training=True)
-            out.backward(t)
+        # the backward alone, as bn_simd's row times it: autograd's backward of a graph built once (retained), the
+        # three gradients bn_simd's call returns
+        tt, gw_, gb_ = t.detach().requires_grad_(), tw.clone().requires_grad_(), tb.clone().requires_grad_()
+        graph = F.batch_norm(tt, None, None, gw_, gb_, training=True)
+
+        def train_bwd():
+            return torch.autograd.grad(graph, (tt, gw_, gb_), t, retain_graph=True)
 
         with torch.no_grad():
             theirs = {"eval": lambda: F.batch_norm(t, trm, trv, tw, tb, training=False),

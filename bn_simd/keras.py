@@ -537,6 +537,9 @@ class BatchNormalization(_KerasWeights):
         with the weight gamma·r, and grad_gamma = r·sum(grad_out·x̂) + d·sum(grad_out)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a call first")
+        if grad_out is None:  # (to_ndarray would make it a 0-d object array: a shape error, not the None it is)
+            shape = self._saved.shape if isinstance(self._saved, _Grouped) else self._saved[0].shape
+            raise TypeError(f"grad_out must be an array of the last call's input shape {shape}, got None")
         if isinstance(self._saved, _Grouped):
             return self._virtual_backward(grad_out)
         x, mean, invstd, batch, pos, r, d, axis = self._saved  # (the forward's axis, not one reassigned since)

@@ -430,3 +430,20 @@ def test_bench_after_a_double_dash_runs_the_harness(monkeypatch):
     assert main(["--", "bench"]) == 7 and seen == [[]]
     assert main(["--", "bench", "--quick"]) == 7 and seen[-1] == ["--quick"]
     assert main(["bench", "--quick"]) == 7 and seen[-1] == ["--quick"]
+
+
+@pytest.mark.parametrize("rel", [1e-4, 1e-5])
+def test_self_check_catches_an_eval_off_by_a_few_hundred_ulp(monkeypatch, rel):
+    """The self-check's eval bound has no sqrt(n) (eval has no reduction): float32 eval outputs scaled by 1 + 1e-5
+    (~84 ulp) or 1 + 1e-4 (~840 ulp) fail it; they passed the bound of the reductions' outputs."""
+    from bn_simd import functional as F
+    orig = F.batch_norm
+
+    def scaled(x, *a, training=False, **k):
+        y = orig(x, *a, training=training, **k)
+        return (y * y.dtype.type(1 + rel)).astype(y.dtype) if not training and y.dtype == np.float32 else y
+
+    monkeypatch.setattr(F, "batch_norm", scaled)
+    assert cli.self_check(verbose=False) > 0
+    monkeypatch.setattr(F, "batch_norm", orig)
+    assert cli.self_check(verbose=False) == 0

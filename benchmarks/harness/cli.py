@@ -6,11 +6,19 @@ import numpy as np
 import bn_simd
 
 
+def positive_int(text):
+    """argparse type: an int >= 1 (a thread count)."""
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
 def shape_parser(doc, default_shape):
     """An argument parser with --shape N C H W, --threads and --target (seconds of samples per callable and row)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--shape", type=int, nargs=4, default=list(default_shape))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--target", type=float, default=1.0, help="seconds of samples per callable and row")
     return ap
 

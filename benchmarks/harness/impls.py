@@ -503,8 +503,9 @@ def row_norm_numpy(ws, mode):
 def row_norm_torch(ws, mode):
     """Forward: torch.nn.functional.layer_norm / rms_norm under no_grad. Backward (layer norm):
     aten.native_layer_norm_backward with the statistics of aten.native_layer_norm, all three gradients;
-    forward+backward: those two kernels in a row. RMS norm's backward is autograd's (its forward with the graph,
-    then backward), as PyTorch has no fused RMS-norm backward kernel on the CPU."""
+    forward+backward: those two kernels in a row. RMS norm, which has no fused backward kernel on the CPU: backward
+    is autograd's backward alone (torch.autograd.grad on a graph built once and retained), forward+backward its
+    forward with the graph, then that backward."""
     torch = torch_module()
     p = torch.from_numpy
     x, D = p(ws.x), ws.D
@@ -520,6 +521,10 @@ def row_norm_torch(ws, mode):
     dy = p(ws.dy)
     if ws.rms:
         xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        if mode == "backward":
+            graph = torch.nn.functional.rms_norm(xg, (D,), wg, EPS)
+            return Runner(lambda: torch.autograd.grad(graph, (xg, wg), dy, retain_graph=True),
+                          lambda r: r[0].numpy())
 
         def fb():
             xg.grad = wg.grad = None
