@@ -524,3 +524,13 @@ def test_group_normalization_groups_minus_one_set_again_after_build():
     layer(x)
     layer.groups = -1  # (one group a channel, as at build)
     np.testing.assert_array_equal(layer(x), GroupNormalization(groups=-1, axis=1)(x))
+
+
+@pytest.mark.parametrize("virtual", [None, 2])
+def test_backward_of_none_is_a_type_error_naming_grad_out(virtual):
+    """grad_out=None is a TypeError naming it, as the other Keras layers' (it was taken as a 0-d object array and
+    refused as a shape)."""
+    layer = BatchNormalization(virtual_batch_size=virtual)
+    layer(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), training=True)
+    with pytest.raises(TypeError, match=r"grad_out must be an array of the last call's input shape \(4, 3\), got None"):
+        layer.backward(None)
