@@ -702,6 +702,11 @@ def bf16_bits(a):
     return h.view(_BITS)
 
 
+def is_bf16(dt):
+    """dt is bfloat16: ml_dtypes' dtype, or its bits as BF16_BITS."""
+    return dt is _BITS or _is_bf16(dt)
+
+
 def bf16_widened(a):
     """ndarray a as float32 when it holds bfloat16 (ml_dtypes' dtype, or its bits as BF16_BITS: the top half of a
     float32), widened exactly; else a itself."""

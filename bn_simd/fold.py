@@ -69,11 +69,6 @@ def _array(obj, name):
     return a
 
 
-def _bf16(dt):
-    """dt is bfloat16: ml_dtypes' dtype, or bn_simd's bits of it (BF16_BITS)."""
-    return dt is ck.BF16_BITS or (dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16")
-
-
 def _f64(a):
     """A float array (bfloat16 too, widened exactly) as float64."""
     return np.asarray(ck.bf16_widened(a), np.float64)
@@ -82,7 +77,7 @@ def _f64(a):
 def _weight(obj, name, ranks):
     """The layer's weight: a float16/32/64 or bfloat16 array of one of the ranks `ranks`."""
     w = _array(obj, name)
-    if w.dtype.type not in _FLOATS and not _bf16(w.dtype):
+    if w.dtype.type not in _FLOATS and not ck.is_bf16(w.dtype):
         raise TypeError(f"{name} must be an array of float16, float32, float64 or bfloat16, got {_describe(w)}")
     if w.ndim not in ranks:
         raise ValueError(f"{name} must have rank {' or '.join(map(str, ranks))}, got shape {w.shape}")
@@ -94,8 +89,7 @@ def _vector(obj, name, n, what):
     if obj is None:
         return None
     a = _array(obj, name)
-    if _bf16(a.dtype):
-        a = ck.bf16_widened(a)
+    a = ck.bf16_widened(a)  # (bfloat16 widened exactly; other dtypes as they are)
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be an array of real numbers, got {_describe(a)}")
     if a.shape != (n,):
@@ -173,14 +167,14 @@ def _finish(w2, b2, dtype, w_src=None, b_ok=None):
         b_ok = np.ones(b2.shape, bool) if b_ok is None else b_ok
         if np.any(~np.isfinite(w2) & np.isfinite(w_src)) or np.any(~np.isfinite(b2) & b_ok):
             _finite64(w2, b2)
-    if _bf16(dtype):
+    if ck.is_bf16(dtype):
         w_out, b_out = ck.bf16_bits(w2), ck.bf16_bits(b2)
         if dtype is not ck.BF16_BITS:
             w_out, b_out = w_out.view(dtype), b_out.view(dtype)
     else:
         with np.errstate(over="ignore"):
             w_out, b_out = w2.astype(dtype), b2.astype(dtype)
-    dname = "bfloat16" if _bf16(dtype) else np.dtype(dtype).name
+    dname = "bfloat16" if ck.is_bf16(dtype) else np.dtype(dtype).name
     for out, src, name in ((w_out, w2, "weight"), (b_out, b2, "bias")):
         bad = ~np.isfinite(_f64(out)) & np.isfinite(src)
         if np.any(bad):
@@ -206,12 +200,12 @@ def fold_params(running_mean, running_var, weight=None, bias=None, eps=1e-5, *, 
     if dtype is None:
         dts = [_array(a, "").dtype for a in (running_mean, running_var, weight, bias) if a is not None]
         dts = [np.dtype(np.float32) if d is ck.BF16_BITS else d for d in dts]  # (bits: as their widening)
-        dtype = np.result_type(*[d for d in dts if d.kind == "f" or _bf16(d)] or [np.float64])
+        dtype = np.result_type(*[d for d in dts if d.kind == "f" or ck.is_bf16(d)] or [np.float64])
     try:
         dtype = np.dtype(dtype)
     except TypeError as e:
         raise TypeError(f"dtype must be a float dtype, got {dtype!r}: {e}") from None
-    if dtype.type not in _FLOATS and not _bf16(dtype):
+    if dtype.type not in _FLOATS and not ck.is_bf16(dtype):
         raise TypeError(f"dtype must be float16, float32, float64 or bfloat16, got {dtype}")
     return _finish(scale, shift, dtype)
 

@@ -212,6 +212,12 @@ class _KerasWeights:
         return self._policy if self._policy is not None and self.dtype == np.float32 else self.dtype.name
 
 
+def _grad_given(grad_out, shape):
+    """A backward's grad_out None refused by name (to_ndarray would make it a 0-d object array: a shape error)."""
+    if grad_out is None:
+        raise TypeError(f"grad_out must be an array of the last call's input shape {shape}, got None")
+
+
 class BatchNormalization(_KerasWeights):
     """Batch normalization over every axis but ``axis``, as ``keras.layers.BatchNormalization`` (Keras 3).
 
@@ -537,9 +543,7 @@ class BatchNormalization(_KerasWeights):
         with the weight gamma·r, and grad_gamma = r·sum(grad_out·x̂) + d·sum(grad_out)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a call first")
-        if grad_out is None:  # (to_ndarray would make it a 0-d object array: a shape error, not the None it is)
-            shape = self._saved.shape if isinstance(self._saved, _Grouped) else self._saved[0].shape
-            raise TypeError(f"grad_out must be an array of the last call's input shape {shape}, got None")
+        _grad_given(grad_out, self._saved.shape if isinstance(self._saved, _Grouped) else self._saved[0].shape)
         if isinstance(self._saved, _Grouped):
             return self._virtual_backward(grad_out)
         x, mean, invstd, batch, pos, r, d, axis = self._saved  # (the forward's axis, not one reassigned since)
@@ -806,8 +810,7 @@ class _KerasNorm(_KerasWeights):
         if self._saved is None:
             raise RuntimeError("backward() needs a call first")
         shape, dtype = self._saved[0], self._saved[1]
-        if grad_out is None:
-            raise TypeError(f"grad_out must be an array of the last call's input shape {shape}, got None")
+        _grad_given(grad_out, shape)
         g = ck.bf16_widened(ck.to_ndarray(grad_out, "grad_out"))
         if g.shape != shape:
             raise ValueError(f"grad_out must have the shape of the last call's inputs {shape}, got {g.shape}")

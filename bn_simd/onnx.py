@@ -399,9 +399,12 @@ def _matmul_plan(g, layer, bn):
 def _prune(graph, onnx, extra=frozenset()):
     """Remove initializers, Constant and Identity-of-constant nodes that nothing reads any more (nor names in
     extra: the training information's)."""
-    while True:
-        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | \
+    def reads():
+        return {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | \
             _subgraph_names(graph, onnx) | extra
+
+    while True:
+        read = reads()
         # (an Identity of an initializer or of a Constant node's output: how exporters pass BN parameters)
         consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.domain in _ONNX_DOMAINS
                                                         and n.op_type == "Constant" for o in n.output}
@@ -410,8 +413,7 @@ def _prune(graph, onnx, extra=frozenset()):
             and not any(o in read for o in n.output)]
         for n in dead:
             graph.node.remove(n)
-        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | \
-            _subgraph_names(graph, onnx) | extra
+        read = reads()
         inputs = {i.name for i in graph.input}
         keep = [t for t in graph.initializer if t.name in read or t.name in inputs]
         if len(keep) == len(graph.initializer) and not dead:
