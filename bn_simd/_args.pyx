@@ -35,7 +35,8 @@ SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # bfloat16 as ml_dtypes defines it (the dtype of JAX and TensorFlow), recognised by its name, size and kind so that
 # ml_dtypes is never imported here: only arrays of that dtype, made by whoever imported it, carry it.
 HALF_CALLS = ("batch_norm, batch_norm_forward, batch_norm_backward, batch_stats, normalize, backward_reduce, the "
-              "group / instance / layer / RMS norm calls and the layers without renorm or virtual batches")
+              "group / instance / layer / RMS norm calls and the layers (but not in SyncBatchNorm's training, renorm "
+              "or virtual batches)")
 cdef int _bf16_num = -1  # bfloat16's NumPy type number, once an array of it has been seen (NumPy assigns it)
 # bfloat16 without ml_dtypes: bn_simd.torch hands a torch.bfloat16 tensor over as a view of its memory in this dtype,
 # uint16 tagged by its metadata (views, transposes and copies keep the descriptor object). Arrays of it are bfloat16
@@ -267,7 +268,8 @@ cdef cnp.ndarray like(object a, str name, cnp.ndarray x):
     cdef object s = _to_ndarray(a, name) if isinstance(a, np.ndarray) else None
     if s is not None and s.shape != (<object>x).shape:
         raise ValueError(f"{name} must have the shape of x {(<object>x).shape}, got {s.shape}")
-    cdef cnp.ndarray g = data(a if s is None else s, name, half_storage(x))
+    # (any storage dtype data() takes: one that is not x's is the dtype error below, whatever x's dtype)
+    cdef cnp.ndarray g = data(a if s is None else s, name, True)
     cdef int k, nd = cnp.PyArray_NDIM(x)
     cdef bint same = cnp.PyArray_NDIM(g) == nd
     for k in range(nd if same else 0):
@@ -584,7 +586,11 @@ cdef object dtype_arg(object dtype, int* code):
     except TypeError:
         raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
     if dt not in SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        hint = ""
+        if _is_bf16(dt) or (dt.kind == "f" and dt.itemsize == 2):
+            hint = (" (float16 and bfloat16 data go through a layer of float32 parameters, PyTorch's mixed rule: the "
+                    f"layers take them as they are, with y in x's dtype; the calls that take them: {HALF_CALLS})")
+        raise TypeError(f"dtype must be float32 or float64, got {dt}{hint}")
     code[0] = DT_F32 if dt == SUPPORTED_DTYPES[0] else DT_F64
     return dt
 
@@ -876,7 +882,10 @@ cdef tuple _normalized(object ns):
     elif isinstance(ns, (str, bytes, bool)) or not hasattr(ns, "__iter__"):
         raise TypeError(f"normalized_shape must be an int or a tuple of ints, got {_describe(ns)}")
     else:
-        t = tuple(ns)
+        try:
+            t = tuple(ns)
+        except TypeError:  # (a 0-d array has __iter__, and refuses it)
+            raise TypeError(f"normalized_shape must be an int or a tuple of ints, got {_describe(ns)}") from None
     for d in t:
         if isinstance(d, bool) or not isinstance(d, numbers.Integral):
             raise TypeError(f"normalized_shape must be an int or a tuple of ints, got {ns!r}")

@@ -12,7 +12,8 @@ from .layers import ForwardStep, _no_residual, assign_state, check_keys, forward
 
 
 def _shape_arg(normalized_shape):
-    """normalized_shape as a tuple of ints >= 1 (an int is a 1-tuple), as PyTorch's layers keep it."""
+    """normalized_shape as a tuple of ints >= 0 (an int is a 1-tuple), as PyTorch's layers keep it (a size 0 too, as
+    theirs: rows of no value, whose statistics are mean 0 and rstd NaN)."""
     if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
         t = (int(normalized_shape),)
     else:
@@ -26,8 +27,8 @@ def _shape_arg(normalized_shape):
     for d in t:
         if isinstance(d, bool) or not isinstance(d, numbers.Integral):
             raise TypeError(f"normalized_shape must be an int or a tuple of ints, got {normalized_shape!r}")
-        if not 1 <= d < 2**31:
-            raise ValueError(f"normalized_shape must have sizes >= 1 and < 2**31, got {normalized_shape!r}")
+        if not 0 <= d < 2**31:
+            raise ValueError(f"normalized_shape must have sizes >= 0 and < 2**31, got {normalized_shape!r}")
     return tuple(int(d) for d in t)
 
 
@@ -146,18 +147,19 @@ class _RowNorm:
         keys = self._state_keys()
         if strict:
             check_keys(keys, state_dict)
+        shape = self._reading()[1]  # (a tuple, whatever normalized_shape was reassigned as)
         staged = {}
         for k in keys:
             if k not in state_dict:
                 continue
             v = state_dict[k]
             if v is None:
-                raise TypeError(f"state_dict[{k!r}] must be an array of shape {self.normalized_shape}, got None")
+                raise TypeError(f"state_dict[{k!r}] must be an array of shape {shape}, got None")
             a = ck.to_ndarray(v, k)
             # (the float check of the other layers' loaders: bfloat16, whose dtype kind is "V", too)
             ck.per_channel(a.reshape(-1), f"state_dict[{k!r}]", a.size)
-            if a.shape != self.normalized_shape:
-                raise ValueError(f"state_dict[{k!r}] must have shape {self.normalized_shape}, got {a.shape}")
+            if a.shape != shape:
+                raise ValueError(f"state_dict[{k!r}] must have shape {shape}, got {a.shape}")
             staged[k] = np.array(a, dtype=self.dtype)
         assign_state(self, staged)
 

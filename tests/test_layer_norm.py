@@ -560,9 +560,62 @@ def test_layer_variants_and_state_dicts():
     with pytest.raises(RuntimeError):
         bn_simd.LayerNorm(8).backward(np.ones((2, 8), np.float32))
     with pytest.raises(ValueError, match="normalized_shape"):
-        bn_simd.LayerNorm(0)
+        bn_simd.LayerNorm(-1)
     with pytest.raises(TypeError, match="normalized_shape"):
         bn_simd.LayerNorm("8")
+    for ns in (np.array(8), np.float32(8)):  # (a 0-d array has __iter__, and refuses it)
+        with pytest.raises(TypeError, match="normalized_shape"):
+            bn_simd.LayerNorm(ns)
+        with pytest.raises(TypeError, match="normalized_shape"):
+            bn_simd.layer_norm(x, ns)
+        with pytest.raises(TypeError, match="normalized_shape"):
+            bn_simd.rms_norm(x, ns)
+
+
+@pytest.mark.parametrize("cls", ["LayerNorm", "RMSNorm"])
+def test_a_layer_over_no_value_works_as_pytorchs(cls):
+    """torch.nn.LayerNorm(0) and RMSNorm(0) are layers (as the functions take normalized_shape 0): empty weight and
+    bias, an empty output and gradients, their state dicts loading both ways."""
+    layer = getattr(bn_simd, cls)(0)
+    x = np.zeros((3, 0), np.float32)
+    y = layer(x)
+    gx = layer.backward(np.zeros_like(x))
+    assert y.shape == gx.shape == (3, 0) and layer.weight.shape == layer.grad_weight.shape == (0,)
+    layer.load_state_dict(layer.state_dict())
+    torch = pytest.importorskip("torch")
+    t = getattr(torch.nn, cls)(0)
+    layer.load_state_dict(t.state_dict())
+    t.load_state_dict({k: torch.from_numpy(v) for k, v in layer.state_dict().items()})
+
+
+def test_a_layers_normalized_shape_reassigned_as_a_list_loads_its_own_state():
+    """The layers read a normalized_shape reassigned as a list as its tuple (PyTorch checks the parameters' shapes):
+    load_state_dict compares the arrays' shapes with that tuple, and takes the layer's own state."""
+    layer = bn_simd.LayerNorm(8)
+    layer.normalized_shape = [8]
+    layer.weight[:] = 2
+    layer(np.ones((2, 8), np.float32))
+    layer.load_state_dict({"weight": np.full(8, 3.0), "bias": np.zeros(8)})
+    assert np.all(layer.weight == 3)
+    with pytest.raises(ValueError, match=r"weight.*\(8,\)"):
+        layer.load_state_dict({"weight": np.ones(7), "bias": np.zeros(8)})
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_16_bit_grad_out_or_residual_beside_wider_x_is_a_dtype_error(half):
+    """A 16-bit grad_out or residual beside float32 x is refused as a dtype that is not x's (it said layer norm took
+    no 16-bit data), as a float32 one beside 16-bit x is."""
+    dt = np.float16 if half == "float16" else pytest.importorskip("ml_dtypes").bfloat16
+    x = _rng(3).standard_normal((2, 8)).astype(np.float32)
+    y, mean, rstd = bn_simd.layer_norm_forward(x, 8)
+    g = np.ones((2, 8), dt)
+    for call in (lambda: bn_simd.layer_norm_backward(g, x, mean, rstd, 8),
+                 lambda: bn_simd.rms_norm_backward(g, x, rstd, 8),
+                 lambda: bn_simd.layer_norm(x, 8, residual=g),
+                 lambda: bn_simd.group_norm_backward(g.reshape(2, 4, 2), x.reshape(2, 4, 2),
+                                                     *bn_simd.group_norm_forward(x.reshape(2, 4, 2), 2)[1:], 2)):
+        with pytest.raises(TypeError, match=r"must have the dtype of x \(float32\), got " + half):
+            call()
 
 
 def test_state_dicts_load_both_ways_with_pytorch():
