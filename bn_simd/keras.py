@@ -468,16 +468,28 @@ class BatchNormalization(_KerasWeights):
 
         training=True (and trainable): the batch statistics (of the unmasked entries when ``mask`` is given),
         moving statistics updated in place; otherwise the moving statistics (a mask is checked and unused)."""
-        x = self._input(inputs)
-        C = self.num_features
-        self._check_state(C)
-        if training and self.trainable:
-            self._check_training_args(x.ndim)
-        moving = ("moving_mean", "moving_variance") + (("moving_stddev", "renorm_mean", "renorm_stddev")
-                                                       if self.renorm else ())
-        with ForwardStep(self, watch=[getattr(self, k) for k in moving] if training and self.trainable else ()):
-            y = self._forward(x, training, mask, C)
+        fresh = not self.built
+        try:
+            x = self._input(inputs)
+            C = self.num_features
+            self._check_state(C)
+            if training and self.trainable:
+                self._check_training_args(x.ndim)
+            moving = ("moving_mean", "moving_variance") + (("moving_stddev", "renorm_mean", "renorm_stddev")
+                                                           if self.renorm else ())
+            with ForwardStep(self, watch=[getattr(self, k) for k in moving] if training and self.trainable else ()):
+                y = self._forward(x, training, mask, C)
+        except Exception:
+            if fresh and self.built:  # (a call that raises changes nothing: not even the build it started with)
+                self._unbuild()
+            raise
         return y if y.dtype == self.dtype else y.astype(self.dtype)
+
+    def _unbuild(self):
+        self.gamma = self.beta = self.moving_mean = self.moving_variance = None
+        self.moving_stddev = self.renorm_mean = self.renorm_stddev = None
+        self._ndim = self._C = None
+        self.built = False
 
     def _forward(self, x, training, mask, C):
         """__call__'s work once its arguments are checked (inside its ForwardStep)."""

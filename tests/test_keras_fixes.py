@@ -363,3 +363,18 @@ def test_review_edges_policy_default_synchronized_falsy_and_overlapping_held_arr
     with pytest.raises(ValueError, match=r"weights\[1\] \(beta\).*channels of the layer"):
         layer.set_weights([np.ones(3), np.zeros(4), np.zeros(3), np.ones(3)])
     np.testing.assert_array_equal(layer.moving_mean, [1.0, 2.0, 3.0])
+
+
+
+@pytest.mark.parametrize("case", ["mask", "virtual"])
+def test_a_first_call_that_raises_leaves_the_layer_unbuilt(case):
+    """A call that raises changes nothing, not even the build it started with (as the other Keras layers): the
+    next call builds the layer for its own inputs, with the initial weights."""
+    x = RNG.standard_normal((4, 3, 5)).astype(np.float32)
+    layer = BatchNormalization(**({"virtual_batch_size": 3} if case == "virtual" else {}))
+    with pytest.raises(ValueError):
+        layer(x, training=True, mask=np.ones((7, 5)) if case == "mask" else None)
+    assert not layer.built and layer.get_weights() == [] and layer.gamma is None and layer.moving_mean is None
+    other = RNG.standard_normal((6, 7)).astype(np.float32)
+    y = layer(other, training=True)
+    assert y.shape == (6, 7) and layer.built and [w.shape for w in layer.get_weights()] == [(7,)] * 4
