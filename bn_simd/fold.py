@@ -119,7 +119,9 @@ def _scale_shift(running_mean, running_var, weight, bias, eps, n=None, what="BN 
     if n is None:
         if running_mean is None:
             raise TypeError("running_mean must be an array of shape (C,), got None")
-        rm = _array(running_mean, "running_mean")
+        rm = ck.bf16_widened(_array(running_mean, "running_mean"))
+        if rm.dtype.kind not in "fiu":  # (the type first, as _vector: a string is not a shape error)
+            raise TypeError(f"running_mean must be an array of real numbers, got {_describe(rm)}")
         if rm.ndim != 1:
             raise ValueError(f"running_mean must have shape (C,), got shape {rm.shape}")
         n = rm.shape[0]
@@ -260,7 +262,8 @@ def fold_conv(conv_weight, conv_bias, running_mean, running_var, weight=None, bi
     Computed in float64; w2 has conv_weight's shape, layout and dtype, b2 shape (O,) and the same dtype (a torch
     bfloat16 weight gives float32, which torch.from_numpy takes: round it with .to(torch.bfloat16), or fold the
     module with bn_simd.torch.fold, which rounds once). Non-finite conv weights pass through to the entries they
-    reach. Nothing given is modified. Raises TypeError (non-float weight, non-real arrays or eps, non-int groups) and ValueError
+    reach. Nothing given is modified. Raises TypeError (non-float weight, non-real arrays or eps, non-int groups) and
+    ValueError
     (rank, layout, position, groups, shapes that do not agree, non-finite BN values, negative variance,
     eps <= 0, a result that overflows the weight's dtype), each naming the argument.
     """

@@ -265,6 +265,14 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("mean", ["a", b"a", True, np.array(["a", "b"])])
+def test_fold_params_refuses_a_running_mean_of_no_real_number_by_its_type(mean):
+    """A string or bool running_mean (fold_params takes C from it) is a TypeError, as the other arrays' (a scalar
+    string was a shape error)."""
+    with pytest.raises(TypeError, match="running_mean must be an array of real numbers"):
+        bn_simd.fold_params(mean, np.ones(2))
+
+
 @pytest.mark.parametrize("change,exc,word", BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
 def test_fold_conv_refuses_bad_arguments(change, exc, word):
     args = _good()

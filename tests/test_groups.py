@@ -427,6 +427,22 @@ def test_a_group_count_beyond_int64_over_zero_channels_is_a_valueerror():
     assert bn_simd.group_norm(np.zeros((2, 0, 3), np.float32), 4).shape == (2, 0, 3)
 
 
+def test_group_norm_of_no_value_allocates_no_statistics():
+    """group_norm returns y alone: over zero channels (any num_groups below 2**31 divides 0) it computes no statistics,
+    whose (N, num_groups) would be 32 GiB at 2**31 - 1 groups (a MemoryError); the forward returns them, as PyTorch."""
+    import tracemalloc
+    x = np.zeros((2, 0, 3), np.float32)
+    tracemalloc.start()
+    try:
+        y = bn_simd.group_norm(x, 2**31 - 1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert y.shape == (2, 0, 3) and peak < 1 << 20
+    y, mean, invstd = bn_simd.group_norm_forward(x, 1000)
+    assert mean.shape == invstd.shape == (2, 1000)
+
+
 @pytest.mark.parametrize("op", ["group", "instance", "masked"])
 @pytest.mark.parametrize("std", [1e105, 1e140, 1e150])
 def test_float64_backward_of_data_far_beyond_unit_scale(op, std):

@@ -461,3 +461,14 @@ def test_an_infinity_in_one_channel_leaves_the_others_bits_with_a_fused_residual
         np.testing.assert_array_equal(poisoned[keep].astype(np.float32), clean[keep].astype(np.float32))
         return
     np.testing.assert_array_equal(poisoned[ch].astype(np.float32), clean[ch].astype(np.float32))
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_a_16_bit_dtype_for_a_layers_parameters_says_how_16_bit_data_go(half):
+    """dtype= of a layer's parameters is float32 or float64: a 16-bit dtype is refused with the rule (16-bit data go
+    through a layer of float32 parameters) and the calls that take 16-bit data."""
+    dt = np.float16 if half == "float16" else pytest.importorskip("ml_dtypes").bfloat16
+    for make in (lambda: bn_simd.BatchNorm2d(3, dtype=dt), lambda: bn_simd.LayerNorm(3, dtype=dt),
+                 lambda: bn_simd.GroupNorm(1, 3, dtype=dt)):
+        with pytest.raises(TypeError, match=rf"dtype must be float32 or float64, got {half} \(.*float32 parameters"):
+            make()
