@@ -603,3 +603,199 @@ def test_a_traced_fusion_keeps_the_models_parameter_order():
     ref = dict(model.named_parameters())
     for k, p in fused.named_parameters():
         assert torch.equal(opt2.state[p]["exp_avg"], opt.state[ref[k]]["exp_avg"])
+
+
+class _Stage(nn.Module):
+    """conv -> BN -> ReLU in a Sequential (the pair) inside a block whose forward the trace goes through."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("where", ["root", "container", "backward"])
+def test_hooks_on_a_module_the_trace_goes_through_keep_the_model_untraced(where):
+    """A GraphModule rebuilds the root and every module the trace goes through (nn.Sequential too) as plain modules
+    without their hooks: a Grad-CAM hook on a stage, or a root hook replacing the output, would not run. Such a model
+    is not traced (only Sequentials that run whole would be fused in place), with a RuntimeWarning, and its hooks run
+    as before."""
+    torch.manual_seed(0)
+    ref = _Stage()
+    model = copy.deepcopy(ref)
+    calls = []
+    target = model if where != "container" else model.body
+    if where == "backward":
+        target.register_full_backward_hook(lambda m, gi, go: calls.append("bwd"))
+    else:
+        target.register_forward_hook(lambda m, i, o: (calls.append("fwd"), o * 0)[1])
+    with pytest.warns(RuntimeWarning, match="has hooks"):
+        fused = bt.convert(model, fuse_activations=True)
+    assert fused is model
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    y = fused(x)
+    y.sum().backward()
+    assert calls == (["bwd"] if where == "backward" else ["fwd"])
+    with torch.no_grad():
+        want = ref(x)
+    if where == "root":
+        want = want * 0
+    elif where == "container":
+        want = ref.fc(torch.zeros(2, 4))
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+class _GradRegionInHelper(nn.Module):
+    """A frozen stem run under no_grad in a helper method (torchvision's _forward_impl pattern), a pair after it."""
+
+    def __init__(self, region):
+        super().__init__()
+        self.region = region
+        self.stem, self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def _stem(self, x):
+        ctx = {"no_grad": torch.no_grad, "inference": torch.inference_mode,
+               "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}[self.region]()
+        with ctx:
+            h = self.stem(x)
+        return h.clone() if self.region == "inference" else h.float()
+
+    def forward(self, x):
+        return TF.relu(self.bn(self.conv(self._stem(x))))
+
+
+@pytest.mark.parametrize("region", ["no_grad", "inference", "autocast"])
+def test_a_grad_or_autocast_region_in_a_helper_method_keeps_the_model_untraced(region):
+    """torch.fx drops grad-mode, inference-mode and autocast regions, wherever the forward enters them (the source
+    of the forward itself was read for them; a helper method's was not): a frozen stem got gradients. The trace notes
+    an operation recorded under another mode than its own; the model is fused in place, its stem still frozen."""
+    torch.manual_seed(0)
+    ref = _GradRegionInHelper(region)
+    model = copy.deepcopy(ref)
+    with pytest.warns(RuntimeWarning, match="no_grad / inference_mode / autocast region"):
+        fused = bt.convert(model, fuse_activations=True)
+    assert fused is model
+    x = torch.randn(2, 3, 5, 5)
+    y, yr = fused(x), ref(x)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)  # (autocast: the stem in bfloat16 in both)
+    y.sum().backward()
+    yr.sum().backward()
+    assert (model.stem.weight.grad is None) == (region != "autocast") == (ref.stem.weight.grad is None)
+    torch.testing.assert_close(model.conv.weight.grad, ref.conv.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _QuantNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(_RoundSTE.apply(self.conv(x) * 4)))
+
+
+def test_a_custom_autograd_function_keeps_the_model_untraced():
+    """A torch.autograd.Function applied in the traced forward (a straight-through estimator of quantization-aware
+    training) was recorded as its forward's operations, its backward lost: the conv's gradient was 0 (round's). The
+    model is fused in place, its gradients the reference's; torch.autograd.Function.apply is torch's again after."""
+    torch.manual_seed(0)
+    ref = _QuantNet()
+    apply = torch.autograd.Function.__dict__["apply"]
+    with pytest.warns(RuntimeWarning, match="autograd Function _RoundSTE"):
+        model = bt.convert(copy.deepcopy(ref), fuse_activations=True)
+    assert torch.autograd.Function.__dict__["apply"] is apply and type(model) is _QuantNet
+    x = torch.randn(2, 3, 4, 4)
+    model(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    assert float(ref.conv.weight.grad.abs().sum()) > 0
+    torch.testing.assert_close(model.conv.weight.grad, ref.conv.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+class _KeepsFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+        self.calls = 0
+
+    def forward(self, x):
+        f = TF.relu(self.bn(self.conv(x)))
+        self.features = f  # (kept for class activation maps)
+        self.calls += 1
+        return self.fc(f.mean((2, 3)))
+
+
+def test_a_forward_that_assigns_attributes_keeps_the_model_untraced_and_as_it_was():
+    """The trace runs the forward: an attribute it assigns held a torch.fx Proxy in the user's model afterwards, and
+    the GraphModule would not assign it at all. The model's attributes are put back and it is not traced."""
+    model = _KeepsFeatures()
+    with pytest.warns(RuntimeWarning, match="assigns module attributes"):
+        fused = bt.convert(model, fuse_activations=True)
+    assert fused is model and model.calls == 0 and "features" not in model.__dict__
+    y = fused(torch.randn(2, 3, 6, 6))
+    assert isinstance(model.features, torch.Tensor) and model.calls == 1 and y.shape == (2, 2)
+
+
+class _ResidualViewWritten(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        base = x * 1
+        idt = base[:, :4] if self.how == "slice_of_written" else base
+        out = TF.relu(self.bn(x) + idt)
+        if self.how == "view_written":
+            v = idt.flatten(1)
+            v.relu_()
+        elif self.how == "slice_of_written":
+            self.act(base)
+        elif self.how == "data_written":
+            idt.data.mul_(0)
+        return out + base.sum()
+
+
+@pytest.mark.parametrize("how", ["view_written", "slice_of_written", "data_written"])
+def test_a_residual_written_in_place_through_a_view_or_its_base_is_not_fused(how):
+    """The residual saved by the fused call must not be written later through any tensor sharing its memory: a view
+    of it (idt.flatten(1).relu_()), the tensor it is a slice of (an in-place ReLU on it), or its .data (unseen by the
+    version counter: silently wrong gradients). Such a pair stays an add; gradients are the reference's."""
+    torch.manual_seed(0)
+    ref = _ResidualViewWritten(how)
+    model = bt.convert(copy.deepcopy(ref), fuse_activations=True)
+    assert not any(isinstance(m, bt.BatchNormAct2d) for m in model.modules())
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    model(x).square().sum().backward()
+    ref(xr).square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fused_graph_drops_the_activation_modules_it_replaced():
+    """The GraphModule no longer registers the activation modules its fused modules replaced (editing them would
+    change nothing); the state dict is the model's."""
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
+            self.out = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.out(self.act(self.bn(self.conv(x)))) * 2
+
+    fused = bt.convert(Wrap(), fuse_activations=True)
+    assert isinstance(fused.bn, bt.BatchNormAct2d) and not hasattr(fused, "act")
+    assert set(fused.state_dict()) == set(Wrap().state_dict())

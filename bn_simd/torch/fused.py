@@ -522,6 +522,89 @@ def _writes_in_place(node, mods):
     return node.op in ("call_function", "call_method") and not _pure_call(node)
 
 
+# Operations whose result may share memory with their first argument (views, and ops that return their input when
+# they change nothing: .to(), .contiguous(), .detach(), dropout in eval), beside the in-place ones (_writes_in_place)
+_VIEW_METHODS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute", "t", "narrow",
+    "select", "squeeze", "unsqueeze", "expand", "expand_as", "as_strided", "chunk", "split", "split_with_sizes",
+    "tensor_split", "hsplit", "vsplit", "dsplit", "unbind", "detach", "contiguous", "movedim", "moveaxis", "swapaxes",
+    "swapdims", "diagonal", "unfold", "real", "imag", "to", "type", "type_as", "float", "double", "half", "bfloat16",
+    "cpu", "__getitem__", "view_as_real", "view_as_complex", "adjoint", "mT", "T", "H", "mH", "data", "align_as",
+    "refine_names", "rename", "requires_grad_", "clone_if_needed"})
+_VIEW_MODULES = (torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten, torch.nn.modules.dropout._DropoutNd,
+                 torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def _may_alias(node, mods):
+    """node's result may share memory with its first tensor argument (a view of it, or the argument itself)."""
+    if node.op == "call_module":
+        m = mods.get(node.target)
+        return isinstance(m, _VIEW_MODULES) or bool(getattr(m, "inplace", False))
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS or _writes_in_place(node, mods)
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (node.target in (operator.getitem, getattr) or name in _VIEW_METHODS or name.endswith("_")
+                or _writes_in_place(node, mods) or name in ("dropout", "alpha_dropout", "feature_alpha_dropout",
+                                                             "dropout1d", "dropout2d", "dropout3d"))
+    return False
+
+
+def _aliases(node, mods):
+    """The nodes whose values may share memory with node's: the bases it is a view of, and the views of each of them
+    (_may_alias both ways, transitively)."""
+    import torch.fx as fx
+    seen, todo = {node}, [node]
+    while todo:
+        n = todo.pop()
+        near = [u for u in n.users if _may_alias(u, mods) and u.args and u.args[0] is n]
+        if _may_alias(n, mods) and n.args and isinstance(n.args[0], fx.Node):
+            near.append(n.args[0])
+        for m in near:
+            if m not in seen:
+                seen.add(m)
+                todo.append(m)
+    return seen
+
+
+def _written_later(residual, after, skip, order, mods):
+    """Whether a node after `after` (but `skip`) may write in place into the residual's memory, through the residual
+    itself or a view of it, or through a tensor it is a view of (identity.flatten(1) then relu_ on that view, a slice
+    of a tensor an in-place ReLU writes): the fused call saves the residual for its backward, as the add does not."""
+    alias = _aliases(residual, mods)
+    return any(_writes_in_place(w, mods) and order[w] > order[after] and w is not skip
+               and any(a in alias for a in w.all_input_nodes) for w in order)
+
+
+def _grad_state():
+    """Grad mode, inference mode and autocast's switches: what a region of a traced forward changes."""
+    auto = []
+    for dev in ("cpu", "cuda"):
+        try:
+            auto.append(bool(torch.is_autocast_enabled(dev)))
+        except (TypeError, RuntimeError):  # (older torch: no device argument)
+            auto.append(bool(torch.is_autocast_cpu_enabled() if dev == "cpu" else torch.is_autocast_enabled()))
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), tuple(auto)
+
+
+def _module_state(model):
+    """Each module of model with a shallow copy of its attributes (a forward that assigns one, run by the tracer,
+    would leave a torch.fx Proxy in it)."""
+    return [(m, dict(m.__dict__)) for m in model.modules()]
+
+
+def _restore_modules(saved):
+    """Puts back the attributes _module_state saw; returns whether any had changed."""
+    changed = False
+    for m, attrs in saved:
+        now = m.__dict__
+        if now.keys() != attrs.keys() or any(now[k] is not v for k, v in attrs.items()):
+            changed = True
+            now.clear()
+            now.update(attrs)
+    return changed
+
+
 def _mode_dependent(model, graph, tracer_class):
     """Whether model's trace differs between training and eval mode (``F.dropout(training=self.training)``, ``if
     self.training:``): a graph traced in one mode would keep it whatever mode the model is put in. Every module's
@@ -547,10 +630,37 @@ def fuse_graph(model, fused_classes):
     import torch.fx as fx
 
     class Tracer(fx.Tracer):
-        """torch.fx's tracer, keeping bn_simd.torch's modules (and torch.nn's, as it does) as call_module nodes."""
+        """torch.fx's tracer, keeping bn_simd.torch's modules (and torch.nn's, as it does) as call_module nodes, and
+        noting what a graph would drop: an operation recorded under another grad mode, inference mode or autocast
+        than the trace's (a region in any method the forward calls), and a torch.autograd.Function applied to the
+        trace's values (its forward would be recorded, its backward lost)."""
+        dropped = None
 
         def is_leaf_module(self, m, qualname):
             return type(m).__module__.startswith("bn_simd.") or super().is_leaf_module(m, qualname)
+
+        def trace(self, root, *args, **kwargs):
+            self._state = _grad_state()
+            apply = torch.autograd.Function.__dict__["apply"]
+            tracer = self
+
+            def checked(cls, *a, **k):
+                if any(isinstance(v, fx.Proxy) for v in (*a, *k.values())):
+                    tracer.dropped = f"its forward applies the autograd Function {cls.__name__}, whose backward a " \
+                                     f"graph would not keep"
+                return apply.__func__(cls, *a, **k)
+
+            torch.autograd.Function.apply = classmethod(checked)
+            try:
+                return super().trace(root, *args, **kwargs)
+            finally:
+                torch.autograd.Function.apply = apply
+
+        def create_node(self, *args, **kwargs):
+            if self.dropped is None and _grad_state() != self._state:
+                self.dropped = "its forward (or a method it calls) runs operations in a no_grad / inference_mode / " \
+                               "autocast region, which tracing drops"
+            return super().create_node(*args, **kwargs)
 
     if global_hooks():   # (they would run on the tracer's proxies, and the pairs would stay unfused anyway)
         return None
@@ -558,12 +668,22 @@ def fuse_graph(model, fused_classes):
         return "its forward holds no_grad / autocast / checkpoint regions, which tracing drops"
     if _overrides_train(model, Tracer()):
         return "it (or a module the trace goes through) overrides train(), which a GraphModule would not keep"
+    if any(hooked(m) for name, m in model.named_modules() if not (name and Tracer().is_leaf_module(m, name))):
+        return "it (or a module the trace goes through) has hooks, which a GraphModule would not keep"
+    saved = _module_state(model)
     try:
-        gm = fx.GraphModule(model, Tracer().trace(model))
+        tracer = Tracer()
+        gm = fx.GraphModule(model, tracer.trace(model))
+        if _restore_modules(saved):
+            return "its forward assigns module attributes, which a graph would not do"
+        if tracer.dropped:
+            return tracer.dropped
         if _mode_dependent(model, gm.graph, Tracer):
             return "its trace depends on training mode (self.training read in forward), which a graph would freeze"
     except Exception:  # (dynamic control flow and the like: torch.fx cannot trace every model)
         return None
+    finally:
+        _restore_modules(saved)  # (the model as it was, whatever the trace assigned)
     if set(gm.state_dict()) != set(model.state_dict()):
         # (a GraphModule keeps only what the forward reads, and every buffer persistent: a module used elsewhere, or
         # a non-persistent buffer, would change the keys, and the model's checkpoints would not load)
@@ -615,8 +735,7 @@ def fuse_graph(model, fused_classes):
                 other = add.args[1] if add.args[0] is n else add.args[0]
                 # (the fused call saves the residual for its backward, as the add does not: a residual written in
                 # place by another use would fail that backward, so such a residual is not fused)
-                if isinstance(other, fx.Node) and not any(_writes_in_place(u, mods) for u in other.users
-                                                          if u is not add):
+                if isinstance(other, fx.Node) and not _written_later(other, n, add, order, mods):
                     act_node, spec = activation_node(add)
                     residual = other if act_node is not None else None
                     # The residual must exist when the normalization runs: when it is computed after it, the
@@ -654,6 +773,7 @@ def fuse_graph(model, fused_classes):
         graph.erase_node(act_node)
         count += 1
     graph.lint()
+    gm.delete_all_unused_submodules()  # (the activation modules the fused ones replaced)
     gm.recompile()
     _order_like(gm, model)
     if [k for k, _ in gm.named_parameters()] != [k for k, _ in model.named_parameters()]:
