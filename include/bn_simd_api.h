@@ -4,7 +4,8 @@
  * Every function of this header is exported (BN_API); nothing else of the library is. Every entry point validates
  * every argument before it reads or writes anything: on a status other than BN_OK nothing has been written (the
  * running statistics included), except BN_ENOMEM from a call that ran out of memory part way, which may have written
- * some of its outputs (y, or dx; x itself when y is x), never the running statistics.
+ * some of its outputs (y, or dx; x itself when y is x; bn_batch_norm_moments on a caller's pool: the chunks its
+ * finished tasks computed), never the running statistics.
  *
  * Tensors. A tensor of N samples, C channels and S = prod(spatial) positions per channel (S = 1 for (N, C)) is
  * C-contiguous, channels-first (BN_LAYOUT_NCHW: (N, C, *spatial)) or channels-last (BN_LAYOUT_NHWC:
@@ -17,7 +18,8 @@
  *
  * Numerics: statistics are shifted sums in double in chunks fixed by the shape, combined in a fixed order, so the
  * results are bitwise the same for any thread count, with OpenMP or with a caller's parallel_for (docs/design.md,
- * "The C library").
+ * "The C library"). Every thread runs its share of a call in the calling thread's floating-point modes (rounding
+ * mode, flush-to-zero, denormals-are-zero), as they are when the call starts.
  *
  * Context: every op takes a context (NULL: the default one) holding the ISA, the thread count and the tuning, and
  * optionally a parallel_for through which the op runs its tasks on the caller's thread pool instead of OpenMP.
@@ -129,8 +131,8 @@ BN_API int bn_context_get_isa(const bn_context* ctx);
 /* nthreads >= 0 (0: OpenMP's default); BN_EINVAL otherwise, or for a NULL context. */
 BN_API int bn_context_set_num_threads(bn_context* ctx, int nthreads);
 BN_API int bn_context_get_num_threads(const bn_context* ctx);
-/* The tuning of docs/tuning.md ("Strip threshold per CPU", "Slab budget per CPU"): -1 as for the ISA; the results are
- * the same bits whatever they are. BN_EINVAL for a NULL context or a strip size below 4096. */
+/* The tuning of docs/tuning.md ("Strip threshold per CPU", "Slab budget per CPU"): -1 (any negative) as for the ISA;
+ * the results are the same bits whatever they are. BN_EINVAL for a NULL context or a strip size below 4096. */
 BN_API int bn_context_set_cl_strip_bytes(bn_context* ctx, int64_t bytes);
 BN_API int bn_context_set_slab_bytes(bn_context* ctx, int64_t bytes);
 
@@ -168,7 +170,7 @@ BN_API int bn_workspace_size(const bn_context* ctx, int op, const bn_desc* d, in
  * Per-channel arrays: C values of d->param_dtype. weight and bias nullable (1 and 0). */
 
 /* Inference: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias. running_var >= 0 is the caller's
- * promise (a negative one gives NaN where it is). */
+ * promise (a negative one is used as it is: where running_var + eps is 0 or less, the outputs are +-Inf or NaN). */
 BN_API int bn_batch_norm_inference(const bn_context* ctx, const bn_desc* d, const void* x, void* y,
                                    const void* running_mean, const void* running_var, const void* weight,
                                    const void* bias, double eps, void* workspace, size_t workspace_bytes);
@@ -218,7 +220,9 @@ BN_API int bn_group_norm_forward(const bn_context* ctx, const bn_desc* d, int64_
                                  void* workspace, size_t workspace_bytes);
 /* With s = rstd[q], M = (C / G) S, g = dy w:
  *   dx = s (g - sum_group(g) / M - (x - mean) s^2 sum_group(g (x - mean)) / M),
- *   grad_weight[c] = sum s dy (x - mean), grad_bias[c] = sum dy (nullable). */
+ *   grad_weight[c] = sum s dy (x - mean), grad_bias[c] = sum dy (nullable).
+ * A group of one value (M = 1) has y = bias whatever x: its dx is 0 (NaN where dy is), whatever mean and rstd are
+ * given. */
 BN_API int bn_group_norm_backward(const bn_context* ctx, const bn_desc* d, int64_t groups, const void* dy,
                                   const void* x, void* dx, const void* mean, const void* rstd, const void* weight,
                                   void* grad_weight, void* grad_bias, void* workspace, size_t workspace_bytes);
@@ -236,7 +240,9 @@ BN_API int bn_instance_norm_backward(const bn_context* ctx, const bn_desc* d, co
  *   RMS norm:   y = x rstd w,             rstd = 1 / sqrt(mean(x^2) + eps).
  * Backward with g = dy w, xh = (x - mean) rstd (RMS: x rstd), per position over its C values:
  *   dx = rstd (g - sum(g) / C - xh sum(g xh) / C) (RMS: without the sum(g) term),
- *   grad_weight[c] = sum dy xh, grad_bias[c] = sum dy (nullable). */
+ *   grad_weight[c] = sum dy xh, grad_bias[c] = sum dy (nullable).
+ * Layer norm over one channel (C = 1) has y = bias whatever x: its dx is 0 (NaN where dy is), whatever mean and rstd
+ * are given. */
 BN_API int bn_layer_norm_forward(const bn_context* ctx, const bn_desc* d, const void* x, void* y, const void* weight,
                                  const void* bias, double eps, void* mean, void* rstd, void* workspace,
                                  size_t workspace_bytes);

@@ -279,6 +279,7 @@ struct tasks {
     task_body body;
     int status[1];     /* (first error, written once; see run_task) */
     void* data;        /* the op's */
+    bn_fpmode fpmode;  /* the caller's floating-point modes, each task's (bn_fpmode_enter) */
 };
 
 /* The calling thread's arena use, to give back after a driver call that a task makes one of many (a driver frees
@@ -295,6 +296,7 @@ static void unit_range(const tasks* t, int64_t i, int64_t* u0, int64_t* u1) {
 
 static void run_task(void* arg, int64_t i) {
     tasks* t = (tasks*)arg;
+    const bn_fpmode own = bn_fpmode_enter(t->fpmode); /* (a pool thread in the caller's rounding and flush modes) */
     const bn_context* prev = bn_context_use(t->ctx);
     bn_arena* prev_arena = bn_tls_arena;
     bn_arena a = {t->ws ? t->ws + (size_t)i * t->slice : NULL, t->slice, 0, 0};
@@ -304,6 +306,7 @@ static void run_task(void* arg, int64_t i) {
     if (st != BN_OK) __atomic_store_n(&t->status[0], st, __ATOMIC_RELAXED);
     bn_tls_arena = prev_arena;
     bn_context_use(prev);
+    bn_fpmode_leave(own);
 }
 
 /* Tasks for a tensor of `bytes` bytes: the context's thread count, else one per MiB up to 64; at most `units`. */
@@ -317,7 +320,7 @@ static int64_t task_count(int nthreads, int64_t bytes, int64_t units) {
 /* Runs body over `units` units in `count` tasks on the frame's pool; the workspace slices (slice bytes each) come
  * after the API layer's own scratch in the frame's arena. */
 static int run_tasks(frame* f, int64_t count, int64_t units, size_t slice, task_body body, void* data) {
-    tasks t = {f->ctx, NULL, slice + BN_SLACK, count, units, body, {BN_OK}, data};
+    tasks t = {f->ctx, NULL, slice + BN_SLACK, count, units, body, {BN_OK}, data, bn_fpmode_get()};
     const size_t mark = bn_tls_arena ? bn_tls_arena->used : 0;
     if (bn_tls_arena) {
         /* the slices from the arena (its free space was sized for them: bn_workspace_size), given back after */

@@ -60,15 +60,19 @@ _Static_assert(BN_MIN_RUN < BN_CHUNK_BYTES / 8, "a block's run fits one chunk, s
  * evaluated twice, and each body is compiled twice, the team's and the lone thread's (the drivers' object code
  * grew by about a quarter; a body moved into a function under BN_TEAM, as rownorm.inc's are, is compiled once).
  * In a forked child every BN_PAR runs on the calling thread (bn_forked_child, dispatch.h): the bodies share by th
- * and nth alone, so one thread does all of the shares, the same bits. */
+ * and nth alone, so one thread does all of the shares, the same bits. Each thread of a team runs its share in the
+ * caller's floating-point modes (bn_fpmode_enter, dispatch.h) and puts its own back after. */
 #define BN_PRAGMA(x) _Pragma(#x)
 #ifdef _OPENMP
 #define BN_PAR(N, CLAUSES, ...)                                                                                     \
     do {                                                                                                            \
         if ((N) > 1 && !bn_forked_child) {                                                                          \
+            const bn_fpmode bn_fpm_ = bn_fpmode_get();                                                              \
             BN_PRAGMA(omp parallel num_threads(N) CLAUSES copyin(bn_tls_ctx)) {                                     \
+                const bn_fpmode bn_own_ = bn_fpmode_enter(bn_fpm_);                                                 \
                 const int th BN_MAYBE_UNUSED = thread_id(), nth BN_MAYBE_UNUSED = team_size();                      \
                 __VA_ARGS__                                                                                         \
+                bn_fpmode_leave(bn_own_);                                                                           \
             }                                                                                                       \
         } else {                                                                                                    \
             const int th BN_MAYBE_UNUSED = 0, nth BN_MAYBE_UNUSED = 1;                                              \

@@ -31,6 +31,41 @@ extern _Thread_local const bn_context* bn_tls_ctx;
 #define BN_OMP_CTX
 #endif
 
+/* The calling thread's floating-point modes, which the threads that run a share of its call take for that share (a
+ * driver's OpenMP threads, BN_PAR; the tasks on a caller's pool, api.c): the rounding mode, and SSE's flush-to-zero
+ * and denormals-are-zero (torch.set_flush_denormal sets them on the calling thread). A thread started earlier keeps
+ * the modes it started with, so without this only the caller's share of a call followed them, and the bits depended
+ * on the thread count. bn_fpmode_get reads the caller's; bn_fpmode_enter sets them on a thread and returns its own,
+ * which bn_fpmode_leave puts back. On x86, MXCSR's control bits (its exception flags, sticky, are left to each
+ * thread); elsewhere, the rounding mode. */
+#if defined(__SSE__) || defined(_M_X64)
+#include <xmmintrin.h>
+typedef unsigned int bn_fpmode;
+#define BN_MXCSR_FLAGS 0x3Fu /* (the exception flags: bits 0-5) */
+static inline bn_fpmode bn_fpmode_get(void) { return _mm_getcsr() & ~BN_MXCSR_FLAGS; }
+static inline bn_fpmode bn_fpmode_enter(bn_fpmode m) {
+    const unsigned int own = _mm_getcsr();
+    if ((own & ~BN_MXCSR_FLAGS) != m) _mm_setcsr((own & BN_MXCSR_FLAGS) | m);
+    return own & ~BN_MXCSR_FLAGS;
+}
+static inline void bn_fpmode_leave(bn_fpmode own) {
+    const unsigned int now = _mm_getcsr();
+    if ((now & ~BN_MXCSR_FLAGS) != own) _mm_setcsr((now & BN_MXCSR_FLAGS) | own);
+}
+#else
+#include <fenv.h>
+typedef int bn_fpmode;
+static inline bn_fpmode bn_fpmode_get(void) { return fegetround(); }
+static inline bn_fpmode bn_fpmode_enter(bn_fpmode m) {
+    const int own = fegetround();
+    if (own != m) fesetround(m);
+    return own;
+}
+static inline void bn_fpmode_leave(bn_fpmode own) {
+    if (fegetround() != own) fesetround(own);
+}
+#endif
+
 /* 1 in the child of a fork() (pthread_atfork, dispatch.c): GNU OpenMP's threads do not survive a fork, and the
  * child's first parallel region would wait for them forever, so the drivers run every call on the calling thread
  * there (BN_PAR), whatever the parent ran (another library may have started OpenMP's threads). */

@@ -275,3 +275,35 @@ def test_float64_infinite_scale_on_a_constant_channel_gives_the_bias(training, i
     with np.errstate(over="ignore", invalid="ignore"):  # the oracle's own channel 4 is 0 * inf
         y_ref = ref.forward_train(x, w, b, eps=1e-300)[0]
     np.testing.assert_allclose(y[:, others], y_ref[:, others], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["eval", "train", "layer"])
+def test_the_callers_flush_to_zero_holds_on_every_thread(op):
+    """Flush-to-zero and denormals-are-zero set on the calling thread after the library's threads started
+    (torch.set_flush_denormal, as an inference pipeline calls it) hold for every thread's share of a call: the same
+    bits at 1 and 2 threads (the second thread's share was not flushed), and not the unflushed bits."""
+    torch = pytest.importorskip("torch")
+    x = np.full((4, 2, 256, 128), 1e-39, np.float32) * (1 + np.arange(128, dtype=np.float32) % 7)
+    x[:, 1] = np.random.default_rng(3).standard_normal(x[:, 1].shape)
+    w, b = np.array([1e30, 3.0], np.float32), np.array([0.0, 0.5], np.float32)
+    rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
+
+    def call():
+        if op == "layer":
+            return bn_simd.layer_norm(x.reshape(-1, 128), 128)
+        return bn_simd.batch_norm(x, rm.copy(), rv.copy(), w, b, training=op == "train")
+
+    before = bn_simd.get_num_threads()
+    bn_simd.set_num_threads(2)
+    try:
+        plain = call()  # (the threads started, in the default modes)
+        if not torch.set_flush_denormal(True):
+            pytest.skip("this CPU has no flush-to-zero mode")
+        try:
+            got = {nt: (bn_simd.set_num_threads(nt), call())[1] for nt in (1, 2)}
+        finally:
+            torch.set_flush_denormal(False)
+    finally:
+        bn_simd.set_num_threads(before)
+    assert got[1].tobytes() == got[2].tobytes()
+    assert got[1].tobytes() != plain.tobytes()

@@ -13,6 +13,10 @@
 #include <string.h>
 
 #include "bn_simd_api.h"
+#include <fenv.h>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -51,13 +55,30 @@ static void* worker(void* p) {
     return NULL;
 }
 
-static void pool_for(void* pool, int64_t n, bn_task_fn task, void* arg) {
+/* the tasks on *pool threads: the caller and nt - 1 started with `start` */
+static void pool_run(void* pool, int64_t n, bn_task_fn task, void* arg, void* (*start)(void*)) {
     const int nt = *(const int*)pool;
     job j = {n, 0, task, arg};
     pthread_t t[16];
-    for (int i = 0; i < nt - 1; i++) pthread_create(&t[i], NULL, worker, &j);
+    for (int i = 0; i < nt - 1; i++) pthread_create(&t[i], NULL, start, &j);
     worker(&j);
     for (int i = 0; i < nt - 1; i++) pthread_join(t[i], NULL);
+}
+
+static void pool_for(void* pool, int64_t n, bn_task_fn task, void* arg) { pool_run(pool, n, task, arg, worker); }
+
+/* ... and a pool whose threads run in SSE's default modes whatever the caller's (long-lived threads, started before
+ * the caller changed its own) */
+static void* worker_default_modes(void* p) {
+#if defined(__SSE__)
+    _mm_setcsr(0x1F80);
+#endif
+    fesetround(FE_TONEAREST);
+    return worker(p);
+}
+
+static void pool_for_default_modes(void* pool, int64_t n, bn_task_fn task, void* arg) {
+    pool_run(pool, n, task, arg, worker_default_modes);
 }
 
 /* ---- data ---- */
@@ -285,6 +306,65 @@ static void test_shape(int dt, int layout, int64_t n, int64_t c, int64_t s, int6
     free(in.stat2);
 }
 
+/* The calling thread's floating-point modes, changed after the library's threads started (flush-to-zero and
+ * denormals-are-zero, as torch.set_flush_denormal sets them; an upward rounding mode), hold for every share of a
+ * call: on 1 and 2 OpenMP threads and on a pool whose threads keep the default modes, the same bits, and not the
+ * default modes' (so that the check can fail). Inference of subnormal x times a large weight (flushed or not), and
+ * the training forward (rounded up or to nearest). */
+static void test_caller_fp_modes(void) {
+    const int64_t n = 4, c = 2, s = 1 << 16, total = n * c * s;
+    bn_desc d = {BN_F32, BN_F32, BN_LAYOUT_NCHW, n, c, s};
+    float* x = malloc(sizeof(float) * (size_t)total);
+    float* y[4];
+    for (int k = 0; k < 4; k++) y[k] = malloc(sizeof(float) * (size_t)total);
+    const float rm[2] = {0.0f, 0.0f}, rv[2] = {1.0f, 1.0f}, w[2] = {1e30f, 3.0f}, b[2] = {0.0f, 0.5f};
+    bn_context* one = bn_context_create();
+    bn_context* two = bn_context_create();
+    bn_context* pool = bn_context_create();
+    int threads = 3;
+    bn_context_set_num_threads(one, 1);
+    bn_context_set_num_threads(two, 2);
+    bn_context_set_num_threads(pool, 3);
+    bn_context_set_parallel_for(pool, pool_for_default_modes, &threads);
+    for (int mode = 0; mode < 2; mode++) {
+        for (int64_t i = 0; i < total; i++) x[i] = mode == 0 ? 1e-39f * (float)(1 + i % 7) : (float)rnd();
+        int st[4];
+        /* the default modes' result (the library's threads started by it), then the changed modes' on each context */
+#define BN_RUN(k, ctx)                                                                                               \
+    st[k] = mode == 0 ? bn_batch_norm_inference(ctx, &d, x, y[k], rm, rv, w, b, 1e-5, NULL, 0)                    \
+                      : bn_batch_norm_training(ctx, &d, x, y[k], w, b, 1e-5, 0.1, NULL, NULL, NULL, NULL, NULL, 0)
+        BN_RUN(0, two);
+#if defined(__SSE__)
+        const unsigned int csr = _mm_getcsr();
+        if (mode == 0) _mm_setcsr(csr | 0x8040u); /* (FTZ, DAZ) */
+#else
+        if (mode == 0) continue;
+#endif
+        if (mode == 1) fesetround(FE_UPWARD);
+        BN_RUN(1, one);
+        BN_RUN(2, two);
+        BN_RUN(3, pool);
+#undef BN_RUN
+#if defined(__SSE__)
+        _mm_setcsr(csr);
+#endif
+        fesetround(FE_TONEAREST);
+        const size_t bytes = sizeof(float) * (size_t)total;
+        CHECK(st[0] == BN_OK && st[1] == BN_OK && st[2] == BN_OK && st[3] == BN_OK, "fp modes %d: status %d %d %d %d",
+              mode, st[0], st[1], st[2], st[3]);
+        CHECK(memcmp(y[0], y[1], bytes) != 0, "fp modes %d: the changed modes change no output", mode);
+        CHECK(memcmp(y[1], y[2], bytes) == 0, "fp modes %d: 2 OpenMP threads differ from 1 under the caller's modes",
+              mode);
+        CHECK(memcmp(y[1], y[3], bytes) == 0, "fp modes %d: a pool's threads differ from 1 under the caller's modes",
+              mode);
+    }
+    bn_context_destroy(one);
+    bn_context_destroy(two);
+    bn_context_destroy(pool);
+    for (int k = 0; k < 4; k++) free(y[k]);
+    free(x);
+}
+
 int main(void) {
     int threads = 4;
     char header_version[64];
@@ -293,6 +373,7 @@ int main(void) {
     CHECK(strcmp(header_version, bn_version()) == 0 && BN_SIMD_VERSION_NUMBER >= 100,
           "the header's version %s (number %d), the library's %s", header_version, BN_SIMD_VERSION_NUMBER,
           bn_version());
+    test_caller_fp_modes();
     bn_context* pool_ctx = bn_context_create();
     bn_context_set_num_threads(pool_ctx, 5); /* (5 tasks on 4 threads) */
     bn_context_set_parallel_for(pool_ctx, pool_for, &threads);
