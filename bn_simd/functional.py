@@ -3,8 +3,9 @@
 Layouts: ``layout="NCHW"`` puts channels on axis 1 ((N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W));
 ``layout="NHWC"`` puts them last ((N, C), (N, L, C), (N, H, W, C), (N, D, H, W, C)). "channels_first" and
 "channels_last" are accepted as aliases. ``axis=a`` instead (an int, negative counting from the end; exclusive
-with a layout other than the default) puts them on any axis of an array of rank 1 to 8: the statistics run over
-every other axis. A rank-1 array (C,) with axis=0 or -1 is C channels of one value each (as Keras sees it).
+with a layout other than the default, the string "NCHW") puts them on any axis of an array of rank 1 to 8: the
+statistics run over every other axis. A rank-1 array (C,) with axis=0 or -1 is C channels of one value each (as
+Keras sees it).
 
 ``mask=`` (batch_norm, batch_norm_forward, batch_norm_backward, batch_stats, batch_moments): statistics over the
 unmasked entries only, Keras' masking: the mask has x's shape without the channel axis (or a shape broadcasting to
