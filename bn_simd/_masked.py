@@ -124,11 +124,14 @@ def backward(grad_out, x, save_mean, save_invstd, weight, layout, out, mask, nt)
     s = np.asarray(ck.per_channel(save_invstd, "save_invstd", C), dtype=np.float64)
     sum_dy, sum_dyxm = _core.backward_reduce(grad_out, xa, save_mean, layout, nt)
     w = ck.per_channel(weight, "weight", C)
-    ws = s if w is None else np.asarray(w, dtype=np.float64) * s
-    if n > 0:
-        b, d = -ws * s * (s * sum_dyxm / n), -ws * sum_dy / n  # (s * sum / n first: s**3 underflows from std 1e103)
-    else:  # no entry carried the statistics: each gradient is the constant-statistics one
-        b = d = np.zeros(C)
+    # (the coefficients and the gradients' casts beyond range are +-Inf silently, as the kernels' own: no warning, no
+    # FloatingPointError under np.errstate(all="raise") once out may have been written)
+    with np.errstate(all="ignore"):
+        ws = s if w is None else np.asarray(w, dtype=np.float64) * s
+        if n > 0:
+            b, d = -ws * s * (s * sum_dyxm / n), -ws * sum_dy / n  # (s * sum / n first: s**3 underflows, std 1e103)
+        else:  # no entry carried the statistics: each gradient is the constant-statistics one
+            b = d = np.zeros(C)
     if every:
         dx = _core.backward_apply(grad_out, xa, save_mean, ws, b, d, layout, out, nt)
     else:
@@ -138,5 +141,5 @@ def backward(grad_out, x, save_mean, save_invstd, weight, layout, out, mask, nt)
         dx = _core.backward_apply(grad_out, xa, save_mean, ws, b, d, layout, out, nt)
         np.copyto(dx.reshape(outer, C, inner), dx_const.reshape(outer, C, inner), where=~pos[:, np.newaxis, :])
     like = w if w is not None else xa
-    gw, gb = s * sum_dyxm, sum_dy
-    return dx, gw.astype(like.dtype), gb.astype(like.dtype)
+    with np.errstate(all="ignore"):
+        return dx, (s * sum_dyxm).astype(like.dtype), sum_dy.astype(like.dtype)

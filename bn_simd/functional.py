@@ -136,7 +136,8 @@ def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW", ou
     if mask is not None:
         y, mean, invstd, _ = _masked.forward(x, None, None, weight, bias, 0.0, eps, lay, out, False, mask,
                                              _threads())
-        return y, mean.astype(y.dtype), invstd.astype(y.dtype)
+        with np.errstate(all="ignore"):  # (an invstd beyond y's dtype is its Inf, silently, as the kernels store it)
+            return y, mean.astype(y.dtype), invstd.astype(y.dtype)
     return _core.batch_norm_forward(x, weight, bias, eps, lay, out, _threads())
 
 

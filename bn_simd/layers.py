@@ -20,8 +20,9 @@ def check_keys(keys, state_dict, may_miss=lambda k: False):
 
 def forward_copy(a):
     """A forward's per-channel array (None kept) copied for its backward, so that an update of it in place in
-    between (an optimizer step) does not change that backward (np.array: any array-like the checks took)."""
-    return None if a is None else np.array(a)
+    between (an optimizer step) does not change that backward (any array-like the checks took, a tensor through the
+    library's own conversion)."""
+    return None if a is None else np.array(ck.to_ndarray(a, "weight"))
 
 
 def set_param_grads(layer, gw, gb):
@@ -29,8 +30,9 @@ def set_param_grads(layer, gw, gb):
     (affine=False, bias=False, or weight / bias set to None after construction), as PyTorch gives a None parameter no
     gradient. ``affine`` itself is read at construction only, as PyTorch's: a weight assigned to a layer built
     without one is used by the forward and gets its gradient."""
-    layer.grad_weight = None if layer.weight is None else gw.astype(layer.dtype)
-    layer.grad_bias = None if layer.bias is None else gb.astype(layer.dtype)
+    with np.errstate(all="ignore"):  # (a gradient beyond the dtype's range is its Inf, as the kernels store it)
+        layer.grad_weight = None if layer.weight is None else gw.astype(layer.dtype)
+        layer.grad_bias = None if layer.bias is None else gb.astype(layer.dtype)
 
 
 class ForwardStep:
@@ -142,7 +144,7 @@ class _Layer:
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        state_dict = _from_keras_names(state_dict)
+        state_dict = _from_keras_names(detached_values(state_dict))
         keys, C = self._state_keys(), self._channels
         if strict:
             check_keys(keys, state_dict, lambda k: k == "num_batches_tracked" and _before_batch_count(state_dict))
@@ -171,6 +173,14 @@ class _Layer:
 # Keras' three more (renorm_mean is the same name in both)
 _KERAS_NAMES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var",
                 "moving_stddev": "running_std", "renorm_stddev": "renorm_std", "renorm_mean": "renorm_mean"}
+
+
+def detached_values(state_dict):
+    """state_dict with its tensors that require grad detached (a module's ``state_dict(keep_vars=True)`` holds its
+    Parameters): loading copies their values and records nothing, as PyTorch's load_state_dict."""
+    if not any(getattr(v, "requires_grad", False) is True for v in state_dict.values()):
+        return state_dict
+    return {k: v.detach() if getattr(v, "requires_grad", False) is True else v for k, v in state_dict.items()}
 
 
 def _from_keras_names(state_dict):
@@ -275,9 +285,11 @@ class BatchNorm(_Layer):
         dt = ck.check_dtype(dtype)
         self.num_features = _check_features(num_features)
         self.eps = ck.check_eps(eps)
-        self.momentum = ck.check_momentum(momentum, allow_none=True)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
+        # (its value matters only where running statistics are updated, as PyTorch's: its type always)
+        self.momentum = (ck.check_momentum(momentum, allow_none=True) if self.track_running_stats
+                         else _momentum_type(momentum))
         self.layout = ck.check_layout(layout)
         self.axis = None if axis is None else ck.check_axis(axis, layout)
         self.dtype = dt
@@ -319,13 +331,13 @@ class BatchNorm(_Layer):
     # ---- state resets --------------------------------------------------------------------------------------
     def reset_running_stats(self):
         if self.track_running_stats:
-            self.running_mean.fill(0)
-            self.running_var.fill(1)
+            _refill(self, "running_mean", 0)
+            _refill(self, "running_var", 1)
             self.num_batches_tracked = 0
         if getattr(self, "renorm", False):
-            self.running_std.fill(1)
-            self.renorm_mean.fill(0)
-            self.renorm_std.fill(1)
+            _refill(self, "running_std", 1)
+            _refill(self, "renorm_mean", 0)
+            _refill(self, "renorm_std", 1)
 
     def reset_parameters(self):
         self.reset_running_stats()
@@ -510,7 +522,7 @@ class BatchNorm(_Layer):
             if k == "num_batches_tracked":
                 d[k] = np.array(_batch_count(self.num_batches_tracked), dtype=np.int64)
             else:
-                d[k] = getattr(self, k).copy()
+                d[k] = _state_copy(self, k)
         return d
 
     def _state_keys(self):
@@ -543,9 +555,24 @@ def _reset_affine(layer):
     """reset_parameters' weight to ones and bias to zeros (affine; a None one stays None)."""
     if layer.affine:
         if layer.weight is not None:
-            layer.weight.fill(1)
+            _refill(layer, "weight", 1)
         if layer.bias is not None:
-            layer.bias.fill(0)
+            _refill(layer, "bias", 0)
+
+
+def _refill(layer, name, value):
+    """A reset of a per-channel attribute to value: in place in the layer's own array; an array-like assigned to it
+    (a tensor, a tuple, a read-only array: the calls take them) is replaced by a new array of the layer's dtype."""
+    a = getattr(layer, name)
+    if isinstance(a, np.ndarray) and a.flags.writeable:
+        a.fill(value)
+    else:
+        setattr(layer, name, np.full(np.shape(a), value, layer.dtype))
+
+
+def _state_copy(layer, name):
+    """A copy of a per-channel attribute for state_dict, as an ndarray whatever array-like was assigned to it."""
+    return np.array(ck.to_ndarray(getattr(layer, name), name))
 
 
 def _check_features(n):
@@ -897,7 +924,7 @@ class GroupNorm(_Layer):
     def state_dict(self):
         """Copies of weight and bias (affine; bias=False, or a parameter set to None: left out, as PyTorch's), PyTorch's
         keys."""
-        return {k: getattr(self, k).copy() for k in self._state_keys()}
+        return {k: _state_copy(self, k) for k in self._state_keys()}
 
     def _state_keys(self):
         return _param_keys(self)

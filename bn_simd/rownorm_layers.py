@@ -8,7 +8,8 @@ from . import _args as ck
 from . import _core
 from . import _epilogue as _epi
 from .functional import _threads
-from .layers import ForwardStep, _no_residual, assign_state, check_keys, forward_copy, restore_route, train_mode
+from .layers import (ForwardStep, _no_residual, _refill, _state_copy, assign_state, check_keys, detached_values,
+                     forward_copy, restore_route, train_mode)
 
 
 def _shape_arg(normalized_shape):
@@ -58,9 +59,9 @@ class _RowNorm:
     def reset_parameters(self):
         """weight to ones, bias to zeros."""
         if self.weight is not None:
-            self.weight.fill(1)
+            _refill(self, "weight", 1)
         if self.bias is not None:
-            self.bias.fill(0)
+            _refill(self, "bias", 0)
 
     def _reading(self):
         ns = self.normalized_shape  # (a tuple: a list reassigned may change later)
@@ -135,7 +136,7 @@ class _RowNorm:
 
     def state_dict(self):
         """Copies of the parameters under PyTorch's keys (weight, and bias for LayerNorm)."""
-        return {k: getattr(self, k).copy() for k in self._state_keys()}
+        return {k: _state_copy(self, k) for k in self._state_keys()}
 
     def load_state_dict(self, state_dict, strict=True):
         """Load a dict from :meth:`state_dict` or from the PyTorch layer's (tensors are converted). Every entry is
@@ -144,6 +145,7 @@ class _RowNorm:
         own arrays, in its dtype (as PyTorch's)."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = detached_values(state_dict)
         keys = self._state_keys()
         if strict:
             check_keys(keys, state_dict)

@@ -331,3 +331,69 @@ def test_unbatched_instance_norm_returns_the_callers_out_and_names_its_shapes():
         layer.backward(np.ones((1, 3, 4, 5), np.float32))
     layer.activation = "relu"
     assert layer(x, out=out) is out and layer.backward(np.ones_like(x), out=gout) is gout
+
+
+@pytest.mark.parametrize("kind", ["tensor", "tuple", "readonly"])
+@pytest.mark.parametrize("make", [lambda: bn_simd.BatchNorm1d(3), lambda: bn_simd.GroupNorm(1, 3),
+                                  lambda: bn_simd.LayerNorm(3)], ids=["batch", "group", "layer"])
+def test_array_likes_assigned_as_parameters_keep_state_dict_and_resets_working(kind, make):
+    """A weight assigned as another array-like (a detached torch tensor when porting, a tuple, a read-only array) is
+    taken by the calls; state_dict gives ndarray copies of it, and reset_parameters replaces it by a new array of the
+    layer's dtype (they raised AttributeError: no copy, no fill)."""
+    layer = make()
+    if kind == "tensor":
+        torch = pytest.importorskip("torch")
+        w = torch.tensor([2.0, 3.0, 4.0])
+    elif kind == "tuple":
+        w = (2.0, 3.0, 4.0)
+    else:
+        w = np.array([2.0, 3.0, 4.0], np.float32)
+        w.flags.writeable = False
+    layer.weight = w
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    layer(x)
+    layer.backward(np.ones_like(x))
+    sd = layer.state_dict()
+    assert type(sd["weight"]) is np.ndarray and list(sd["weight"]) == [2.0, 3.0, 4.0]
+    layer.reset_parameters()
+    assert type(layer.weight) is np.ndarray and layer.weight.dtype == np.float32 and np.all(layer.weight == 1)
+    if kind == "readonly":
+        assert np.all(w == [2.0, 3.0, 4.0])  # (the caller's read-only array untouched)
+
+
+def test_running_statistics_assigned_as_array_likes_reset_to_new_arrays():
+    """reset_running_stats of running statistics assigned as a tuple (taken in eval) gives new arrays."""
+    layer = bn_simd.BatchNorm1d(3).eval()
+    layer.running_mean, layer.running_var = (1.0, 2.0, 3.0), (4.0, 5.0, 6.0)
+    layer(np.ones((2, 3), np.float32))
+    layer.reset_running_stats()
+    assert type(layer.running_mean) is np.ndarray and np.all(layer.running_mean == 0) and np.all(layer.running_var == 1)
+
+
+@pytest.mark.parametrize("make", [lambda m: bn_simd.BatchNorm1d(3, momentum=m, track_running_stats=False),
+                                  lambda m: bn_simd.InstanceNorm1d(3, momentum=m)], ids=["batch", "instance"])
+def test_momentum_outside_0_1_is_taken_where_nothing_is_updated(make):
+    """momentum's value is checked only where running statistics are updated (the README's rule, PyTorch's): a layer
+    without running statistics takes 2.0 at construction as after it; a non-number is still a TypeError."""
+    layer = make(2.0)
+    x = np.random.default_rng(1).standard_normal((4, 3, 5)).astype(np.float32)
+    assert layer(x).shape == x.shape and layer.momentum == 2.0
+    with pytest.raises(TypeError, match="momentum"):
+        make("0.1")
+    with pytest.raises(ValueError, match="momentum"):
+        bn_simd.BatchNorm1d(3, momentum=2.0)
+
+
+@pytest.mark.parametrize("make", ["BatchNorm2d", "GroupNorm", "LayerNorm"])
+def test_a_state_dict_of_parameters_loads(make):
+    """torch's state_dict(keep_vars=True) holds Parameters (tensors requiring grad): loading copies their values, as
+    PyTorch's load_state_dict (it was refused as a tensor that requires grad)."""
+    torch = pytest.importorskip("torch")
+    t = {"BatchNorm2d": lambda: torch.nn.BatchNorm2d(3), "GroupNorm": lambda: torch.nn.GroupNorm(1, 3),
+         "LayerNorm": lambda: torch.nn.LayerNorm(3)}[make]()
+    with torch.no_grad():
+        t.weight.copy_(torch.tensor([2.0, 3.0, 4.0]))
+    layer = {"BatchNorm2d": lambda: bn_simd.BatchNorm2d(3), "GroupNorm": lambda: bn_simd.GroupNorm(1, 3),
+             "LayerNorm": lambda: bn_simd.LayerNorm(3)}[make]()
+    layer.load_state_dict(t.state_dict(keep_vars=True))
+    assert list(layer.weight) == [2.0, 3.0, 4.0] and t.weight.requires_grad

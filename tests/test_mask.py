@@ -5,6 +5,8 @@ where the broadcast mask is nonzero, take their mean and biased variance. The ma
 so that any of them leaking into a statistic shows. Gradients are checked against PyTorch's autograd in float64
 (when installed) and against central differences of the oracle.
 """
+import warnings
+
 import numpy as np
 import pytest
 
@@ -326,3 +328,24 @@ def test_momentum_is_not_checked_without_running_statistics_as_unmasked():
     np.testing.assert_array_equal(y, bn_simd.batch_norm(x, None, None, training=True, mask=mask))
     with pytest.raises(ValueError, match="momentum"):
         bn_simd.batch_norm(x, np.zeros(3), np.ones(3), training=True, momentum=2.0, mask=mask)
+
+
+def test_masked_statistics_and_gradients_beyond_the_dtype_are_inf_silently_as_unmasked():
+    """An invstd beyond float32's range (a constant channel, eps 1e-300) and parameter gradients beyond a float16
+    weight's range are +-Inf without a warning, as the unmasked calls store them: the masked paths' NumPy casts warned,
+    and raised FloatingPointError under np.errstate(all="raise") after out was written."""
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 3, 5)).astype(np.float32)
+    x[:, 0] = 1.0
+    mask = np.ones((4, 5))
+    g = (rng.standard_normal((4, 3, 5)) * 1e5).astype(np.float32)
+    m, s = x.mean((0, 2)), (1 / np.sqrt(x.var((0, 2)) + 1e-5)).astype(np.float32)
+    w16 = np.ones(3, np.float16)
+    with np.errstate(all="raise"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for masked in (None, mask):
+            out = np.full_like(x, 7.0)
+            y, mean, invstd = bn_simd.batch_norm_forward(x, eps=1e-300, mask=masked, out=out)
+            assert invstd.dtype == np.float32 and invstd[0] == np.inf and np.all(np.isfinite(invstd[1:]))
+            gx, gw, gb = bn_simd.batch_norm_backward(g, x, m, s, w16, mask=masked)
+            assert gw.dtype == np.float16 and np.all(np.isinf(gb) | np.isinf(gw))
