@@ -657,6 +657,9 @@ class _GradRegionInHelper(nn.Module):
         self.stem, self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
 
     def _stem(self, x):
+        if self.region.startswith("checkpoint"):
+            from torch.utils import checkpoint
+            return checkpoint.checkpoint(self.stem, x, use_reentrant=self.region == "checkpoint_reentrant")
         ctx = {"no_grad": torch.no_grad, "inference": torch.inference_mode,
                "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}[self.region]()
         with ctx:
@@ -675,7 +678,7 @@ def test_a_grad_or_autocast_region_in_a_helper_method_keeps_the_model_untraced(r
     torch.manual_seed(0)
     ref = _GradRegionInHelper(region)
     model = copy.deepcopy(ref)
-    with pytest.warns(RuntimeWarning, match="no_grad / inference_mode / autocast region"):
+    with pytest.warns(RuntimeWarning, match="no_grad / inference_mode / autocast / saved-tensor-hooks region"):
         fused = bt.convert(model, fuse_activations=True)
     assert fused is model
     x = torch.randn(2, 3, 5, 5)
@@ -765,10 +768,17 @@ class _ResidualViewWritten(nn.Module):
             self.act(base)
         elif self.how == "data_written":
             idt.data.mul_(0)
+        elif self.how == "ravel_data_written":
+            torch.ravel(idt).data.mul_(-5)
+        elif self.how == "einsum_view_written":
+            torch.einsum("nchw->nchw", idt).relu_()
+        elif self.how == "broadcast_written":
+            torch.broadcast_to(idt, idt.shape).data.mul_(2)
         return out + base.sum()
 
 
-@pytest.mark.parametrize("how", ["view_written", "slice_of_written", "data_written"])
+@pytest.mark.parametrize("how", ["view_written", "slice_of_written", "data_written", "ravel_data_written",
+                                 "einsum_view_written", "broadcast_written"])
 def test_a_residual_written_in_place_through_a_view_or_its_base_is_not_fused(how):
     """The residual saved by the fused call must not be written later through any tensor sharing its memory: a view
     of it (idt.flatten(1).relu_()), the tensor it is a slice of (an in-place ReLU on it), or its .data (unseen by the
@@ -799,3 +809,90 @@ def test_a_fused_graph_drops_the_activation_modules_it_replaced():
     fused = bt.convert(Wrap(), fuse_activations=True)
     assert isinstance(fused.bn, bt.BatchNormAct2d) and not hasattr(fused, "act")
     assert set(fused.state_dict()) == set(Wrap().state_dict())
+
+
+class _AttributeWrites(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.feats, self.cache, self.steps = [], {}, 0
+
+    def forward(self, x):
+        y = TF.relu(self.bn(self.conv(x)))
+        if self.how == "append":
+            self.feats.append(y)
+        elif self.how == "dict":
+            self.cache["y"] = y
+        elif self.how == "training_only" and self.training:
+            self.steps += 1
+        return y
+
+
+@pytest.mark.parametrize("how", ["append", "dict", "training_only"])
+@pytest.mark.parametrize("train", [True, False])
+def test_a_forward_that_adds_to_attribute_containers_or_assigns_in_one_mode_keeps_the_model_untraced(how, train):
+    """A forward appending to a list attribute or setting a dict item (a Proxy in the user's model afterwards, the
+    graph never doing it), or assigning only in training (seen by the other mode's trace), is not traced; the model's
+    containers and counters are as before the conversion."""
+    model = _AttributeWrites(how).train(train)
+    with pytest.warns(RuntimeWarning, match="assigns module attributes"):
+        fused = bt.convert(model, fuse_activations=True)
+    assert fused is model and model.feats == [] and model.cache == {} and model.steps == 0
+    model.train()(torch.randn(2, 3, 4, 4))
+    assert len(model.feats) + len(model.cache) + model.steps == 1
+
+
+def test_a_constant_made_in_the_forward_is_no_attribute_assignment():
+    """torch.fx sets the constants a forward makes (torch.arange) on the root as _tensor_constant attributes: the
+    trace freezes them, so the model is not traced (the warning says so, not that its forward assigns attributes);
+    the attributes are not left on the model."""
+    class Const(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+
+        def forward(self, x):
+            return self.net(x) * torch.arange(4.0).view(1, 4, 1, 1)
+
+    model = Const()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fused = bt.convert(model, fuse_activations=True)
+    said = [str(w.message) for w in seen]
+    assert any("froze a tensor" in m for m in said) and not any("assigns" in m for m in said)
+    assert fused is model and not any(k.startswith("_tensor_constant") for k in model.__dict__)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointing_in_a_helper_method_keeps_the_model_untraced(reentrant):
+    """Activation checkpointing in a method the forward calls (the forward's own source is read for it): reentrant
+    checkpointing applies an autograd Function, the non-reentrant one sets saved-tensor hooks; either way a graph
+    would not recompute, so the model is not traced."""
+    model = _GradRegionInHelper("checkpoint_reentrant" if reentrant else "checkpoint")
+    with pytest.warns(RuntimeWarning, match="checkpoint"):
+        fused = bt.convert(model, fuse_activations=True)
+    assert fused is model
+
+
+def test_conversions_in_threads_leave_function_apply_as_torchs():
+    """A trace patches torch.autograd.Function.apply while it runs: conversions in several threads at once trace one
+    at a time, and leave it torch's."""
+    import threading
+    apply = torch.autograd.Function.__dict__["apply"]
+    models = [_QuantNet() if i % 2 else nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+              for i in range(6)]
+    out = [None] * len(models)
+
+    def run(i):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out[i] = bt.convert(models[i], fuse_activations=True)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(models))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.autograd.Function.__dict__["apply"] is apply
+    assert all(type(o) is _QuantNet for o in out[1::2])

@@ -25,6 +25,8 @@ import copy
 import functools
 import math
 import operator
+import re
+import threading
 
 import torch
 from torch.nn import functional as TF
@@ -459,6 +461,9 @@ def fuse_sequential(model, fused_classes, whole_only=False):
     return fused, left
 
 
+# One trace at a time in the process: a trace patches torch.autograd.Function.apply while it runs (fuse_graph)
+_TRACE_LOCK = threading.RLock()
+
 # in-place operators (torch's in-place functions and methods end in "_")
 _INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
             operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
@@ -522,44 +527,55 @@ def _writes_in_place(node, mods):
     return node.op in ("call_function", "call_method") and not _pure_call(node)
 
 
-# Operations whose result may share memory with their first argument (views, and ops that return their input when
-# they change nothing: .to(), .contiguous(), .detach(), dropout in eval), beside the in-place ones (_writes_in_place)
+# Operations whose result may share memory with their first argument, beside the ones whose ATen schema says so
+# (_aten_view): ops that return their input when they change nothing (.to(), .type_as(), .float(), dropout in eval),
+# and views the schemas do not annotate (einsum, atleast_*d); in-place ones too (_writes_in_place)
 _VIEW_METHODS = frozenset({
-    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute", "t", "narrow",
-    "select", "squeeze", "unsqueeze", "expand", "expand_as", "as_strided", "chunk", "split", "split_with_sizes",
-    "tensor_split", "hsplit", "vsplit", "dsplit", "unbind", "detach", "contiguous", "movedim", "moveaxis", "swapaxes",
-    "swapdims", "diagonal", "unfold", "real", "imag", "to", "type", "type_as", "float", "double", "half", "bfloat16",
-    "cpu", "__getitem__", "view_as_real", "view_as_complex", "adjoint", "mT", "T", "H", "mH", "data", "align_as",
-    "refine_names", "rename", "requires_grad_", "clone_if_needed"})
+    "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "__getitem__", "data", "mT", "T", "H", "mH",
+    "einsum", "atleast_1d", "atleast_2d", "atleast_3d", "broadcast_tensors", "meshgrid", "as_subclass", "dropout",
+    "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d", "requires_grad_"})
 _VIEW_MODULES = (torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten, torch.nn.modules.dropout._DropoutNd,
                  torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
 
 
+@functools.lru_cache(maxsize=None)
+def _aten_view(name):
+    """Whether the ATen operator of this name returns a view of (or its) input by one of its overloads' schemas, as
+    reshape's Tensor(a) (out= overloads, whose returned alias is written, aside); None when ATen has no such
+    operator."""
+    try:
+        packet = getattr(torch.ops.aten, name)
+        schemas = [getattr(packet, o)._schema for o in packet.overloads()]
+    except Exception:  # (no such operator: torch.ops raises AttributeError or RuntimeError)
+        return None
+    return any(r.alias_info is not None and not r.alias_info.is_write for sc in schemas for r in sc.returns)
+
+
 def _may_alias(node, mods):
-    """node's result may share memory with its first tensor argument (a view of it, or the argument itself)."""
+    """node's result may share memory with a tensor argument (a view of it, or the argument itself). A call of an
+    operator ATen does not know (a method of no ATen name) is taken as one that may."""
     if node.op == "call_module":
         m = mods.get(node.target)
         return isinstance(m, _VIEW_MODULES) or bool(getattr(m, "inplace", False))
-    if node.op == "call_method":
-        return node.target in _VIEW_METHODS or _writes_in_place(node, mods)
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return (node.target in (operator.getitem, getattr) or name in _VIEW_METHODS or name.endswith("_")
-                or _writes_in_place(node, mods) or name in ("dropout", "alpha_dropout", "feature_alpha_dropout",
-                                                             "dropout1d", "dropout2d", "dropout3d"))
-    return False
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if node.target in (operator.getitem, getattr) or _writes_in_place(node, mods):
+        return True
+    if node.op == "call_function" and getattr(node.target, "__module__", None) == "_operator":
+        return False  # (the arithmetic operators: a new tensor; their in-place forms are writes, above)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return name in _VIEW_METHODS or _aten_view(name) is not False
 
 
 def _aliases(node, mods):
     """The nodes whose values may share memory with node's: the bases it is a view of, and the views of each of them
     (_may_alias both ways, transitively)."""
-    import torch.fx as fx
     seen, todo = {node}, [node]
     while todo:
         n = todo.pop()
-        near = [u for u in n.users if _may_alias(u, mods) and u.args and u.args[0] is n]
-        if _may_alias(n, mods) and n.args and isinstance(n.args[0], fx.Node):
-            near.append(n.args[0])
+        near = [u for u in n.users if _may_alias(u, mods)]
+        if _may_alias(n, mods):  # (any of its tensor arguments: einsum's is its second)
+            near += n.all_input_nodes
         for m in near:
             if m not in seen:
                 seen.add(m)
@@ -570,38 +586,65 @@ def _aliases(node, mods):
 def _written_later(residual, after, skip, order, mods):
     """Whether a node after `after` (but `skip`) may write in place into the residual's memory, through the residual
     itself or a view of it, or through a tensor it is a view of (identity.flatten(1) then relu_ on that view, a slice
-    of a tensor an in-place ReLU writes): the fused call saves the residual for its backward, as the add does not."""
-    alias = _aliases(residual, mods)
+    of a tensor an in-place ReLU writes): the fused call saves the residual for its backward, as the add does not.
+    (Only the users of the residual's aliases can write them.)"""
     return any(_writes_in_place(w, mods) and order[w] > order[after] and w is not skip
-               and any(a in alias for a in w.all_input_nodes) for w in order)
+               for a in _aliases(residual, mods) for w in a.users)
 
 
 def _grad_state():
-    """Grad mode, inference mode and autocast's switches: what a region of a traced forward changes."""
+    """Grad mode, inference mode, autocast's switches and saved-tensor hooks (non-reentrant checkpointing, offloading):
+    what a region of a traced forward changes."""
     auto = []
     for dev in ("cpu", "cuda"):
         try:
             auto.append(bool(torch.is_autocast_enabled(dev)))
         except (TypeError, RuntimeError):  # (older torch: no device argument)
             auto.append(bool(torch.is_autocast_cpu_enabled() if dev == "cpu" else torch.is_autocast_enabled()))
-    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), tuple(auto)
+    try:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError, RuntimeError):  # (a torch without it)
+        hooks = False
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), tuple(auto), hooks
+
+
+# Attributes torch.fx's tracer itself sets on the traced root: constants made in the forward (torch.arange(4.0)), which
+# fuse_graph looks for in the graph (_tensor_constant nodes)
+_FX_CONSTANT = re.compile(r"_(tensor|param)_constant\d+$")
 
 
 def _module_state(model):
-    """Each module of model with a shallow copy of its attributes (a forward that assigns one, run by the tracer,
-    would leave a torch.fx Proxy in it)."""
-    return [(m, dict(m.__dict__)) for m in model.modules()]
+    """Each module of model with a copy of its attributes, and of the items of those that are lists, dicts or sets
+    (a forward that assigns an attribute, or appends to one, run by the tracer, would leave torch.fx Proxies in it)."""
+    def items(v):
+        t = type(v)
+        return list(v) if t is list else dict(v) if t is dict else set(v) if t is set else None
+
+    return [(m, dict(m.__dict__), {k: items(v) for k, v in m.__dict__.items() if items(v) is not None})
+            for m in model.modules()]
 
 
 def _restore_modules(saved):
-    """Puts back the attributes _module_state saw; returns whether any had changed."""
+    """Puts back the attributes (and their lists', dicts' and sets' items) _module_state saw; returns whether any but
+    the tracer's constants had changed."""
     changed = False
-    for m, attrs in saved:
+    for m, attrs, contents in saved:
         now = m.__dict__
         if now.keys() != attrs.keys() or any(now[k] is not v for k, v in attrs.items()):
-            changed = True
+            changed = changed or any(not _FX_CONSTANT.match(k) for k in now.keys() - attrs.keys()) or any(
+                k not in now or now[k] is not v for k, v in attrs.items())
             now.clear()
             now.update(attrs)
+        for k, items in contents.items():
+            v = attrs[k]
+            same = len(v) == len(items) and (
+                all(a is b for a, b in zip(v, items)) if type(v) is list else
+                v.keys() == items.keys() and all(v[q] is items[q] for q in items) if type(v) is dict else
+                {id(a) for a in v} == {id(b) for b in items})
+            if not same:
+                changed = True
+                v.clear()
+                v.update(items) if type(v) is not list else v.extend(items)
     return changed
 
 
@@ -625,8 +668,10 @@ def fuse_graph(model, fused_classes):
     _FUNCTIONS), or an add (``+``, ``torch.add``) whose other operand is the residual and whose result's only use is
     such an activation; the module becomes its fused class, called as module(input, residual). Returns (GraphModule,
     pairs fused); None when model cannot be traced (a trace error, a tensor of its state frozen, hooks registered for
-    every module); a string saying why when a graph would not be faithful (a trace that depends on training mode,
-    grad-mode / autocast / checkpoint regions in a traced forward)."""
+    every module); a string saying why when a graph would not be faithful (a trace that depends on training mode;
+    grad-mode / inference / autocast / saved-tensor-hooks regions or checkpoints, in a traced forward or a method it
+    calls; a custom autograd Function applied; module attributes assigned; hooks or a train() override on a module the
+    trace goes through; state_dict keys a GraphModule would not have). The model's attributes are as before."""
     import torch.fx as fx
 
     class Tracer(fx.Tracer):
@@ -640,26 +685,30 @@ def fuse_graph(model, fused_classes):
             return type(m).__module__.startswith("bn_simd.") or super().is_leaf_module(m, qualname)
 
         def trace(self, root, *args, **kwargs):
-            self._state = _grad_state()
-            apply = torch.autograd.Function.__dict__["apply"]
             tracer = self
 
             def checked(cls, *a, **k):
-                if any(isinstance(v, fx.Proxy) for v in (*a, *k.values())):
-                    tracer.dropped = f"its forward applies the autograd Function {cls.__name__}, whose backward a " \
-                                     f"graph would not keep"
+                if tracer.dropped is None and any(isinstance(v, fx.Proxy) for v in (*a, *k.values())):
+                    tracer.dropped = ("its forward checkpoints activations (torch.utils.checkpoint), which tracing "
+                                      "drops" if cls.__name__ == "CheckpointFunction" else
+                                      f"its forward applies the autograd Function {cls.__name__}, whose backward a "
+                                      f"graph would not keep")
                 return apply.__func__(cls, *a, **k)
 
-            torch.autograd.Function.apply = classmethod(checked)
-            try:
-                return super().trace(root, *args, **kwargs)
-            finally:
-                torch.autograd.Function.apply = apply
+            with _TRACE_LOCK:  # (one trace at a time patches Function.apply, and puts it back)
+                self._state = _grad_state()
+                apply = torch.autograd.Function.__dict__["apply"]
+                torch.autograd.Function.apply = classmethod(checked)
+                try:
+                    return super().trace(root, *args, **kwargs)
+                finally:
+                    torch.autograd.Function.apply = apply
 
         def create_node(self, *args, **kwargs):
             if self.dropped is None and _grad_state() != self._state:
                 self.dropped = "its forward (or a method it calls) runs operations in a no_grad / inference_mode / " \
-                               "autocast region, which tracing drops"
+                               "autocast / saved-tensor-hooks region (as non-reentrant checkpointing), which " \
+                               "tracing drops"
             return super().create_node(*args, **kwargs)
 
     if global_hooks():   # (they would run on the tracer's proxies, and the pairs would stay unfused anyway)
@@ -675,24 +724,27 @@ def fuse_graph(model, fused_classes):
         tracer = Tracer()
         gm = fx.GraphModule(model, tracer.trace(model))
         if _restore_modules(saved):
-            return "its forward assigns module attributes, which a graph would not do"
+            return "its forward assigns module attributes (or adds to a list or dict of them), which a graph would " \
+                   "not do"
         if tracer.dropped:
             return tracer.dropped
         if _mode_dependent(model, gm.graph, Tracer):
             return "its trace depends on training mode (self.training read in forward), which a graph would freeze"
+        if _restore_modules(saved):  # (an assignment in the other mode's forward alone)
+            return "its forward assigns module attributes in the other training mode, which a graph would not do"
     except Exception:  # (dynamic control flow and the like: torch.fx cannot trace every model)
         return None
     finally:
         _restore_modules(saved)  # (the model as it was, whatever the trace assigned)
+    if any(n.op == "get_attr" and n.target.startswith("_tensor_constant") for n in gm.graph.nodes):
+        # a tensor computed at trace time from what the tracer could not follow (a module's buffer read through a
+        # leaf module, as bn.running_mean): frozen in the graph, it would not follow the model's state
+        return None
     if set(gm.state_dict()) != set(model.state_dict()):
         # (a GraphModule keeps only what the forward reads, and every buffer persistent: a module used elsewhere, or
         # a non-persistent buffer, would change the keys, and the model's checkpoints would not load)
         return "a GraphModule would not have its state_dict keys (modules its forward does not call, or buffers " \
                "registered with persistent=False)"
-    if any(n.op == "get_attr" and n.target.startswith("_tensor_constant") for n in gm.graph.nodes):
-        # a tensor computed at trace time from what the tracer could not follow (a module's buffer read through a
-        # leaf module, as bn.running_mean): frozen in the graph, it would not follow the model's state
-        return None
     mods = dict(gm.named_modules(remove_duplicate=False))
     graph = gm.graph
     calls = {}  # id(module) -> the call_module nodes that run it (a module may have several names)

@@ -318,13 +318,18 @@ def convert(model, fuse_activations=False, *, trace=True):
     A model whose graph would not compute what its forward does is not traced either: a forward that reads
     ``self.training`` (``F.dropout(training=self.training)``: the graph would keep the mode it was traced in), or that
     holds ``no_grad`` / ``enable_grad`` / ``inference_mode`` / ``autocast`` / ``checkpoint`` regions (tracing runs their
-    calls without them; found by name in the source of the forwards tracing would enter), gets a RuntimeWarning saying
-    so; so does a model that overrides ``train`` on itself or on a module tracing enters (a backbone keeping its batch
-    norms in eval mode: a GraphModule rebuilds such modules as plain ones), and one whose graph would not have its
-    ``state_dict`` keys (a module its forward does not call, a buffer registered with ``persistent=False``: its
-    checkpoints would no longer load). A residual that another use writes in place (``nn.ReLU(inplace=True)`` on the
-    skip) is not fused: the fused module saves it for its backward. Hooks registered for every module also stop the
-    tracing (they would run on its proxies).
+    calls without them; found by name in the source of the forwards tracing would enter, and by the tracer in any
+    method they call: an operation recorded under another grad mode, inference mode, autocast or saved-tensor hooks,
+    or a custom ``torch.autograd.Function`` applied, whose backward a graph would lose), or that assigns module
+    attributes or adds to a list or dict of them (the attributes are put back after the trace), gets a RuntimeWarning
+    saying so; so does a model that overrides ``train`` or holds hooks on itself or on a module tracing enters (a
+    backbone keeping its batch norms in eval mode, a Grad-CAM hook on a stage: a GraphModule rebuilds such modules as
+    plain ones), and one whose graph would not have its ``state_dict`` keys (a module its forward does not call, a
+    buffer registered with ``persistent=False``: its checkpoints would no longer load). A residual that a later
+    operation may write in place, itself or through a tensor sharing its memory (``nn.ReLU(inplace=True)`` on the
+    skip, ``relu_`` on a view of it or on the tensor it is a slice of, its ``.data``), is not fused: the fused module
+    saves it for its backward. Hooks registered for every module also stop the tracing (they would run on its
+    proxies).
     When the model cannot be traced (or gave such a graph), the pairs inside the ``torch.nn.Sequential`` containers
     known to run whole (model itself when it is one, and those nested in it through Sequentials alone) are fused in
     place (the activation module replaced by ``torch.nn.Identity``; a normalization registered at more than one place is
