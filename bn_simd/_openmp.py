@@ -12,8 +12,9 @@ spinning the same loop: long enough that back-to-back bn_simd calls find their t
 another library's threads get the core soon after the last call. libgomp reads its settings from the
 environment once, when it is loaded, so the count is put in the environment (GOMP_SPINCOUNT) just before the
 kernels' extension loads libgomp, and taken out again right after: processes started later and libraries loaded
-later do not see it (a library that loads this same libgomp.so.1 afterwards shares the runtime, and so the
-count; PyTorch and scikit-learn load copies of their own).
+later do not see it (a library that loads a libgomp.so.1 afterwards shares the runtime, and so the count: PyTorch's
+wheel ships one of that soname, so PyTorch's threads take the count, and its thread limits, from whichever of the
+two loads first; scikit-learn loads a copy of its own under another name).
 
 It does nothing, and ``policy()`` says why, when
 - the user chose: OMP_WAIT_POLICY or GOMP_SPINCOUNT is set (those apply, as always), or BN_SIMD_SPIN_US=default;

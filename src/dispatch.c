@@ -22,9 +22,20 @@ int bn_forked_child = 0;
 
 static void mark_forked_child(void) { bn_forked_child = 1; }
 
+/* Before a fork, the forking thread's OpenMP threads are released (omp_pause_resource_all: GNU OpenMP frees the
+ * calling thread's pool, not inside a parallel region): the child of a process whose library threads ran can then
+ * start threads of its own. Without it another library on the same runtime (PyTorch's wheel loads a libgomp.so.1,
+ * the one runtime of the process) hung in the child on its first parallel region after a bn_simd call in the parent.
+ * The parent's next region starts its threads again. */
+static void pause_before_fork(void) {
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 9
+    (void)omp_pause_resource_all(omp_pause_soft);
+#endif
+}
+
 /* (registered when the library loads: a fork before the first call must be marked too) */
 __attribute__((constructor)) static void register_fork_handler(void) {
-    pthread_atfork(NULL, NULL, mark_forked_child);
+    pthread_atfork(pause_before_fork, NULL, mark_forked_child);
 }
 #endif
 

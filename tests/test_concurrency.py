@@ -65,3 +65,33 @@ sys.exit(0 if os.read(r, 1) == b"1" else 1)
 """
     # (a child process of its own: the test runner's threads must not be forked; a hang fails by the timeout)
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork() here")
+@pytest.mark.parametrize("first", ["bn_simd", "torch"])
+def test_pytorch_runs_threads_in_a_child_forked_after_a_bn_simd_call(first):
+    """PyTorch's wheel loads a libgomp.so.1, the process's one OpenMP runtime with bn_simd's: the team of a bn_simd
+    call in the parent left the child's first parallel PyTorch op waiting for threads that are not there. The threads
+    are released before a fork (pthread_atfork); the child's PyTorch op finishes, and the parent's next call runs on
+    two threads again with the same bits."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+    code = f"""
+import os, sys, numpy as np
+import {first}
+import bn_simd, torch
+bn_simd.set_num_threads(2)
+torch.set_num_threads(2)
+x = np.random.default_rng(0).standard_normal((16, 32, 64, 64)).astype(np.float32)
+y = bn_simd.batch_norm(x, training=True)
+pid = os.fork()
+if pid == 0:
+    t = torch.from_numpy(x.reshape(-1))
+    os._exit(0 if abs(float((t * 2).sum()) - 2 * float(t.double().sum())) < 1e-2 * t.numel() else 1)
+_, status = os.waitpid(pid, 0)
+again = bn_simd.batch_norm(x, training=True)
+sys.exit(0 if status == 0 and np.array_equal(again, y) else 1)
+"""
+    # (a hang fails by the timeout)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
