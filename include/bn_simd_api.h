@@ -18,8 +18,10 @@
  *
  * Numerics: statistics are shifted sums in double in chunks fixed by the shape, combined in a fixed order, so the
  * results are bitwise the same for any thread count, with OpenMP or with a caller's parallel_for (docs/design.md,
- * "The C library"). Every thread runs its share of a call in the calling thread's floating-point modes (rounding
- * mode, flush-to-zero, denormals-are-zero), as they are when the call starts.
+ * "The C library"). Every thread runs its share of a call in the calling thread's floating-point modes as they are
+ * when the call starts (on x86 the rounding mode, flush-to-zero and denormals-are-zero, MXCSR's; elsewhere the
+ * rounding mode). The exception flags that other threads' shares raise stay in those threads: fetestexcept after a
+ * call sees the calling thread's share only, so which flags it sees depends on the thread count.
  *
  * Context: every op takes a context (NULL: the default one) holding the ISA, the thread count and the tuning, and
  * optionally a parallel_for through which the op runs its tasks on the caller's thread pool instead of OpenMP.
@@ -170,7 +172,8 @@ BN_API int bn_workspace_size(const bn_context* ctx, int op, const bn_desc* d, in
  * Per-channel arrays: C values of d->param_dtype. weight and bias nullable (1 and 0). */
 
 /* Inference: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias. running_var >= 0 is the caller's
- * promise (a negative one is used as it is: where running_var + eps is 0 or less, the outputs are +-Inf or NaN). */
+ * promise (a negative one is used as it is: where running_var + eps is below 0 the outputs are NaN, and where it is
+ * 0 they are not finite, or for float64 the saturated +-DBL_MAX and the bias). */
 BN_API int bn_batch_norm_inference(const bn_context* ctx, const bn_desc* d, const void* x, void* y,
                                    const void* running_mean, const void* running_var, const void* weight,
                                    const void* bias, double eps, void* workspace, size_t workspace_bytes);

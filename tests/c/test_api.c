@@ -55,20 +55,20 @@ static void* worker(void* p) {
     return NULL;
 }
 
-/* the tasks on *pool threads: the caller and nt - 1 started with `start` */
-static void pool_run(void* pool, int64_t n, bn_task_fn task, void* arg, void* (*start)(void*)) {
-    const int nt = *(const int*)pool;
+/* the tasks on *pool threads started with `start`, the caller one of them when `caller` is set (else it waits) */
+static void pool_run(void* pool, int64_t n, bn_task_fn task, void* arg, void* (*start)(void*), int caller) {
+    const int nt = *(const int*)pool - caller;
     job j = {n, 0, task, arg};
     pthread_t t[16];
-    for (int i = 0; i < nt - 1; i++) pthread_create(&t[i], NULL, start, &j);
-    worker(&j);
-    for (int i = 0; i < nt - 1; i++) pthread_join(t[i], NULL);
+    for (int i = 0; i < nt; i++) pthread_create(&t[i], NULL, start, &j);
+    if (caller) worker(&j);
+    for (int i = 0; i < nt; i++) pthread_join(t[i], NULL);
 }
 
-static void pool_for(void* pool, int64_t n, bn_task_fn task, void* arg) { pool_run(pool, n, task, arg, worker); }
+static void pool_for(void* pool, int64_t n, bn_task_fn task, void* arg) { pool_run(pool, n, task, arg, worker, 1); }
 
 /* ... and a pool whose threads run in SSE's default modes whatever the caller's (long-lived threads, started before
- * the caller changed its own) */
+ * the caller changed its own), every task on one of them (the caller waits) */
 static void* worker_default_modes(void* p) {
 #if defined(__SSE__)
     _mm_setcsr(0x1F80);
@@ -78,7 +78,7 @@ static void* worker_default_modes(void* p) {
 }
 
 static void pool_for_default_modes(void* pool, int64_t n, bn_task_fn task, void* arg) {
-    pool_run(pool, n, task, arg, worker_default_modes);
+    pool_run(pool, n, task, arg, worker_default_modes, 0);
 }
 
 /* ---- data ---- */
