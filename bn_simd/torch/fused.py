@@ -527,7 +527,7 @@ def _writes_in_place(node, mods):
     return node.op in ("call_function", "call_method") and not _pure_call(node)
 
 
-# Operations whose result may share memory with their first argument, beside the ones whose ATen schema says so
+# Operations whose result may share memory with a tensor argument, beside the ones whose ATen schema says so
 # (_aten_view): ops that return their input when they change nothing (.to(), .type_as(), .float(), dropout in eval),
 # and views the schemas do not annotate (einsum, atleast_*d); in-place ones too (_writes_in_place)
 _VIEW_METHODS = frozenset({
