@@ -37,6 +37,13 @@ def _channel_axis(layout, ndim):
     return 1 if layout == "NCHW" else ndim - 1
 
 
+def _beyond_bounds(errs, tol, n):
+    """The errors of a check beyond their bounds: the forward's 8 tol; eval's tol (no reduction: the coefficients'
+    and the output's roundings, a few ulp, against tol's 16); the reductions' outputs sqrt(n) more."""
+    bound = {"forward": 8 * tol, "eval": tol}
+    return {k: v for k, v in errs.items() if not v <= bound.get(k, 8 * tol * np.sqrt(n))}
+
+
 def self_check(verbose=True):
     """Compare forward-train, eval and backward with the float64 reference; returns the number of failures."""
     rng = np.random.default_rng(12345)
@@ -63,10 +70,7 @@ def self_check(verbose=True):
                 "grad_x": np.max(np.abs(gx - gx_ref)) / (1 + np.max(np.abs(gx_ref))),
                 "grad_w": np.max(np.abs(gw - gw_ref)) / (np.sqrt(n) * 4),
             }
-            # (eval has no reduction: the coefficients' and the output's roundings, a few ulp, against tol's 16; the
-            # reductions' outputs get sqrt(n) more)
-            bound = {"forward": 8 * tol, "eval": tol}
-            bad = {k: v for k, v in errs.items() if not v <= bound.get(k, 8 * tol * np.sqrt(n))}
+            bad = _beyond_bounds(errs, tol, n)
             failures += bool(bad)
             if verbose:
                 status = "ok  " if not bad else "FAIL"
@@ -106,10 +110,7 @@ def group_check(verbose=True):
             errs = {"forward": np.max(np.abs(y - y_ref)) / np.max(np.abs(w)),
                     "grad_x": np.max(np.abs(gx - gx_ref)) / (1 + np.max(np.abs(gx_ref))),
                     "grad_w": np.max(np.abs(gw - gw_ref)) / (np.sqrt(n * shape[0]) * 4)}
-            # (eval has no reduction: the coefficients' and the output's roundings, a few ulp, against tol's 16; the
-            # reductions' outputs get sqrt(n) more)
-            bound = {"forward": 8 * tol, "eval": tol}
-            bad = {k: v for k, v in errs.items() if not v <= bound.get(k, 8 * tol * np.sqrt(n))}
+            bad = _beyond_bounds(errs, tol, n)
             failures += bool(bad)
             if verbose:
                 what = "instance" if G == C else f"group G={G}"

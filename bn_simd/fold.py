@@ -84,14 +84,19 @@ def _weight(obj, name, ranks):
     return w
 
 
+def _real(obj, name):
+    """obj as an array of real numbers (bfloat16 widened exactly; other dtypes as they are), else TypeError."""
+    a = ck.bf16_widened(_array(obj, name))
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be an array of real numbers, got {_describe(a)}")
+    return a
+
+
 def _vector(obj, name, n, what):
     """A float64 copy of a per-channel array of shape (n,); None stays None."""
     if obj is None:
         return None
-    a = _array(obj, name)
-    a = ck.bf16_widened(a)  # (bfloat16 widened exactly; other dtypes as they are)
-    if a.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must be an array of real numbers, got {_describe(a)}")
+    a = _real(obj, name)
     if a.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},) ({what}), got shape {a.shape}")
     a = a.astype(np.float64)
@@ -119,9 +124,7 @@ def _scale_shift(running_mean, running_var, weight, bias, eps, n=None, what="BN 
     if n is None:
         if running_mean is None:
             raise TypeError("running_mean must be an array of shape (C,), got None")
-        rm = ck.bf16_widened(_array(running_mean, "running_mean"))
-        if rm.dtype.kind not in "fiu":  # (the type first, as _vector: a string is not a shape error)
-            raise TypeError(f"running_mean must be an array of real numbers, got {_describe(rm)}")
+        rm = _real(running_mean, "running_mean")  # (the type first, as _vector: a string is not a shape error)
         if rm.ndim != 1:
             raise ValueError(f"running_mean must have shape (C,), got shape {rm.shape}")
         n = rm.shape[0]

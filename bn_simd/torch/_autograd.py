@@ -2,8 +2,8 @@
 
 Each forward runs the kernels on NumPy views of the tensors (see _bridge) and keeps the statistics it normalised
 with, in float64 ((C,) for batch norm, (N, groups) for group and instance norm: a mean rounded to x's dtype loses
-digits where |mean| >> std); each backward returns the gradients of input, weight and bias that PyTorch's autograd gives (the
-parameters' in their dtype, float32 parameters of 16-bit data included), from the formulas of
+digits where |mean| >> std); each backward returns the gradients of input, weight and bias that PyTorch's autograd
+gives (the parameters' in their dtype, float32 parameters of 16-bit data included), from the formulas of
 :func:`bn_simd.batch_norm_backward` and :func:`bn_simd.group_norm_backward`. The backwards are not themselves
 differentiable (``once_differentiable``): a second derivative (``create_graph=True``) raises.
 """
