@@ -42,6 +42,13 @@ static inline void hsum4_add_pd(double* p, __m256d a, __m256d b, __m256d c, __m2
     _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), _mm256_permute4x64_pd(h, 0xD8)));
 }
 
+/* VREG(v): v (a vector variable of either compute type) through a register, an empty asm that claims to change it.
+ * A vector loaded and stored unchanged is a copy to GCC, which may take the loop's copies out as a string move: in
+ * the channels-first sums through an activation (bwd_sums_act.inc) it made x's copy into the L1 block a `rep movsq`
+ * of 32 or 64 bytes per step, and the float32 sums through ReLU 2.5x slower than the plain sums on a Zen 5
+ * (docs/tuning.md, "No string moves in the sums through an activation"). */
+#define VREG(v) __asm__("" : "+x"(v))
+
 /* compute in float: 8 lanes */
 #define V_float __m256
 #define VL_float 8

@@ -31,6 +31,9 @@
 #define DKEEP_N(v, n) _mm512_maskz_mov_pd(UK_TAIL8(n), (v))
 #define UK_SFENCE() _mm_sfence()
 
+/* VREG(v): v through a register (vec_avx2.h says why) */
+#define VREG(v) __asm__("" : "+v"(v))
+
 /* compute in float: 16 lanes */
 #define V_float __m512
 #define VL_float 16

@@ -24,6 +24,9 @@
 #define DHSUM(v) (v)
 #define UK_SFENCE() ((void)0)
 
+/* VREG(v): nothing here (vec_avx2.h's is an empty asm) */
+#define VREG(v) ((void)0)
+
 /* compute in float; a * b + c rounds twice (-ffp-contract=off), as kernels.def says of this ISA (fma 0) */
 #define V_float float
 #define VL_float 1
