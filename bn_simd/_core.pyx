@@ -45,6 +45,7 @@ cdef extern from "bn_simd.h" nogil:
     int bn_set_slab_bytes(int64_t nbytes)
     int64_t bn_stream_bytes()
     int bn_set_stream_bytes(int64_t nbytes)
+    void bn_set_act_otf(int mode)
 
     ctypedef struct bn_context:
         pass
@@ -266,6 +267,13 @@ def set_stream_bytes(nbytes):
     """Set stream_bytes for every later call; None: back to the default (32 MiB). Tests only (they run the streamed
     paths on small arrays): the values written are the same bits whatever it is."""
     bn_set_stream_bytes(_byte_budget(nbytes))
+
+
+def set_act_otf(mode):
+    """Whether the training backward through ReLU and the piecewise-linear activations computes du where it reads it:
+    None by the library's rule (the default), False never (du stored), True wherever its kernels can. Tests only: the
+    results are the same bits whatever it is."""
+    bn_set_act_otf(-1 if mode is None else 1 if mode else 0)
 
 
 

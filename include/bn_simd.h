@@ -77,6 +77,11 @@ int bn_set_slab_bytes(int64_t bytes);
  * paths on small arrays. */
 int64_t bn_stream_bytes(void);
 int bn_set_stream_bytes(int64_t bytes);
+/* Whether the fused training backward through ReLU and the piecewise-linear activations computes du where it reads it
+ * (batchnorm.inc, backward_otf): -1 by its rule (the default), 0 never (du stored), 1 wherever the kernels can. For
+ * every later call of the process; the values written are the same bits whatever it is. Tests only: the two paths
+ * compared on any size and dtype. */
+void bn_set_act_otf(int mode);
 
 /* ---- contexts (dispatch.c) ----
  * A context holds the settings of the calls made under it: the ISA (-1: the default context's), the tuning budgets

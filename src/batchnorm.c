@@ -9,6 +9,11 @@
 #include "half.h"
 #include "scratch.h"
 
+/* bn_set_act_otf's setting (include/bn_simd.h): -1 the rule, 0 never, 1 always; read relaxed by the calls */
+static int act_otf_mode = -1;
+void bn_set_act_otf(int mode) { __atomic_store_n(&act_otf_mode, mode < 0 ? -1 : mode > 0, __ATOMIC_RELAXED); }
+static int act_otf_forced(void) { return __atomic_load_n(&act_otf_mode, __ATOMIC_RELAXED); }
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif

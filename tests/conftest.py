@@ -48,6 +48,7 @@ def _restore_global_state():
     _core.set_cl_strip_bytes(None)
     _core.set_slab_bytes(None)
     _core.set_stream_bytes(None)
+    _core.set_act_otf(None)
 
 
 # Channels-last element-wise sweeps over wide rows go flat or in column strips depending on the CPU

@@ -410,12 +410,19 @@ def _same_bits_nan_aside(a, e):
 
 
 def _streamed_backward_has_the_default_bits(g, x, m, s, w, kw, msg):
-    """batch_norm_backward(g, x, m, s, w, **kw) with streamed stores from 0 bytes (the paths beyond the last-level
-    cache) against the default settings, byte for byte (NaN aside: _same_bits_nan_aside), into a separate out, over g
-    and over x; returns the streamed call's (grad_x, grad_weight, grad_bias)."""
+    """batch_norm_backward(g, x, m, s, w, **kw) with du stored (_core.set_act_otf(False)) against: the library's rule
+    (which computes du where it reads it in the 16-bit dtypes within the cache), du computed wherever the kernels can
+    (set_act_otf(True)), and streamed stores from 0 bytes (the paths beyond the last-level cache) by the rule, into a
+    separate out, over g and over x; byte for byte (NaN aside: _same_bits_nan_aside). Returns the streamed call's
+    (grad_x, grad_weight, grad_bias)."""
     _core.set_stream_bytes(None)
-    want = bn_simd.batch_norm_backward(g, x, m, s, w, **kw)[:3]
     try:
+        _core.set_act_otf(False)
+        want = bn_simd.batch_norm_backward(g, x, m, s, w, **kw)[:3]
+        _core.set_act_otf(True)
+        forced = bn_simd.batch_norm_backward(g, x, m, s, w, **kw)[:3]
+        _core.set_act_otf(None)
+        rule = bn_simd.batch_norm_backward(g, x, m, s, w, **kw)[:3]
         _core.set_stream_bytes(0)
         got = bn_simd.batch_norm_backward(g, x, m, s, w, **kw)[:3]
         g2, x2 = g.copy(), x.copy()
@@ -423,8 +430,11 @@ def _streamed_backward_has_the_default_bits(g, x, m, s, w, kw, msg):
         bn_simd.batch_norm_backward(g, x2, m, s, w, out=x2, **kw)
     finally:
         _core.set_stream_bytes(None)
-    for a, e in zip(got, want):
+        _core.set_act_otf(None)
+    for a, e, f, r in zip(got, want, forced, rule):
         assert _same_bits_nan_aside(a, e), msg
+        assert _same_bits_nan_aside(f, e), msg
+        assert _same_bits_nan_aside(r, e), msg
     assert _same_bits_nan_aside(g2, want[0]), msg
     assert _same_bits_nan_aside(x2, want[0]), msg
     return got
@@ -440,8 +450,9 @@ def test_backward_without_du_has_the_bits_of_the_backward_on_du(threads, dtype, 
     """Long channels-first maps beyond the last-level cache (forced here: streamed stores from 0 bytes), through ReLU
     or a piecewise-linear activation without a residual (in the 16-bit dtypes those of slope 1, whose du is exact in
     them; leaky ReLU keeps the stored du there), compute du in the sums and again in the dx sweep instead of storing it
-    (seg_bwd_sums_act, seg_bwd_apply_act): the same bits as the backward that stores it (the default settings on these
-    sizes), on the slab path and the two sweeps, over a separate out, over grad_out and over x; and for float64 ReLU
+    (seg_bwd_sums_act, seg_bwd_apply_act), as the 16-bit dtypes do within the cache too: the same bits as the backward
+    that stores it (forced), on the slab path and the two sweeps, over a separate out, over grad_out and over x; and
+    for float64 ReLU
     the plain backward of du = dz where y > 0."""
     from conftest import use_slab
     dtype = np.dtype(dtype) if dtype in ("float32", "float64") else _half_or_skip(dtype)
@@ -471,7 +482,7 @@ def test_channels_last_backward_without_du_has_the_same_bits(threads, dtype):
     """Channels-last arrays beyond the last-level cache (forced here: streamed stores from 0 bytes), through ReLU or a
     piecewise-linear activation without a residual: the sums and the dx sweep compute du where they read it
     (cl_bwd_sums_act, cl_bwd_apply_act) instead of storing it over dx, in the 16-bit dtypes for ReLU, ReLU6 and clamp,
-    whose du is exact in them. The same bits as the default settings on these sizes (which store du), with separate,
+    whose du is exact in them. The same bits as the backward that stores du (forced), with separate,
     grad_out and x outputs, on 1 and 2 threads, channel counts that take every kind of strip, non-finite values
     included; leaky ReLU and SiLU (which keep the stored du) too."""
     dtype = np.dtype(dtype) if dtype in ("float32", "float64") else _half_or_skip(dtype)
