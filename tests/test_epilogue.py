@@ -478,6 +478,56 @@ def test_backward_without_du_has_the_bits_of_the_backward_on_du(threads, dtype, 
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_group_norm_backward_without_du_has_the_bits_of_the_backward_on_du(threads, dtype):
+    """Group and instance norm's channels-first backward through ReLU or a piecewise-linear activation without a
+    residual, on maps of 1024 elements and more, compute du in each run's sums and again in its dx sweep (in the 16-bit
+    dtypes for the activations of slope 1): the same bits as storing each run's du in the thread's scratch (forced:
+    _core.set_act_otf(False)), into a separate out, over grad_out and over x, on 1 and 2 threads, runs ending in a
+    partial block and a tail, non-finite values included; leaky ReLU (which keeps the stored du in 16 bits) too."""
+    dtype = np.dtype(dtype) if dtype in ("float32", "float64") else _half_or_skip(dtype)
+    rng = np.random.default_rng(51)
+    for shape in ((3, 8, 32, 40), (2, 6, 31, 41)):  # (maps of 1280 and 1271 elements)
+        C = shape[1]
+        x = (0.3 + rng.standard_normal(shape)).astype(dtype)
+        g = rng.standard_normal(shape).astype(dtype)
+        x[1, 2, 0, :3] = [np.nan, np.inf, -np.inf]
+        g[0, 3, 2, 5] = np.inf
+        w, b = rng.uniform(0.5, 2, C) * rng.choice([-1.0, 1.0], C), rng.standard_normal(C)
+        for groups, nt in ((2, 1), (C // 2, 2), (C, 2)):
+            threads(nt)
+            for act in ("relu", ("leaky_relu", 0.2), "relu6", ("clamp", -0.5, 0.75)):
+                _, m, s, st = bn_simd.group_norm_forward(x, groups, w, b, activation=act)
+                kw = dict(activation=act, bias=b, save_stats=st)
+                msg = f"{act} {shape} groups {groups} threads {nt}"
+                try:
+                    _core.set_act_otf(False)
+                    want = bn_simd.group_norm_backward(g, x, m, s, groups, w, **kw)[:3]
+                    for mode in (None, True):
+                        _core.set_act_otf(mode)
+                        got = bn_simd.group_norm_backward(g, x, m, s, groups, w, **kw)[:3]
+                        for a, e in zip(got, want):
+                            assert _same_bits_nan_aside(a, e), msg
+                        g2, x2 = g.copy(), x.copy()
+                        bn_simd.group_norm_backward(g2, x, m, s, groups, w, out=g2, **kw)
+                        bn_simd.group_norm_backward(g, x2, m, s, groups, w, out=x2, **kw)
+                        assert _same_bits_nan_aside(g2, want[0]), msg
+                        assert _same_bits_nan_aside(x2, want[0]), msg
+                finally:
+                    _core.set_act_otf(None)
+            if groups == C and nt == 2:  # instance norm's own call takes the same path
+                _, m, s, st = bn_simd.instance_norm_forward(x, weight=w, bias=b, activation="relu")
+                kw = dict(activation="relu", bias=b, save_stats=st)
+                _core.set_act_otf(False)
+                try:
+                    want = bn_simd.instance_norm_backward(g, x, m, s, w, **kw)[:3]
+                finally:
+                    _core.set_act_otf(None)
+                got = bn_simd.instance_norm_backward(g, x, m, s, w, **kw)[:3]
+                for a, e in zip(got, want):
+                    assert _same_bits_nan_aside(a, e), f"instance norm {shape}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 def test_channels_last_backward_without_du_has_the_same_bits(threads, dtype):
     """Channels-last arrays beyond the last-level cache (forced here: streamed stores from 0 bytes), through ReLU or a
     piecewise-linear activation without a residual: the sums and the dx sweep compute du where they read it
