@@ -477,17 +477,21 @@ def test_backward_without_du_has_the_bits_of_the_backward_on_du(threads, dtype, 
                     np.testing.assert_array_equal(a, e)
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
-def test_group_norm_backward_without_du_has_the_bits_of_the_backward_on_du(threads, dtype):
-    """Group and instance norm's channels-first backward through ReLU or a piecewise-linear activation without a
-    residual, on maps of 1024 elements and more, compute du in each run's sums and again in its dx sweep (in the 16-bit
-    dtypes for the activations of slope 1): the same bits as storing each run's du in the thread's scratch (forced:
-    _core.set_act_otf(False)), into a separate out, over grad_out and over x, on 1 and 2 threads, runs ending in a
-    partial block and a tail, non-finite values included; leaky ReLU (which keeps the stored du in 16 bits) too."""
+def test_group_norm_backward_without_du_has_the_bits_of_the_backward_on_du(threads, dtype, layout):
+    """Group and instance norm's backward through ReLU or a piecewise-linear activation without a residual
+    (channels-first on maps of 1024 elements and more; channels-last a sample at a time) compute du in the sums and
+    again in the dx sweep (in the 16-bit dtypes for the activations of slope 1): the same bits as storing du in the
+    thread's scratch (forced: _core.set_act_otf(False)), into a separate out, over grad_out and over x, on 1 and 2
+    threads, runs ending in a partial block and a tail, channel counts that take every kind of channels-last strip,
+    non-finite values included; leaky ReLU (which keeps the stored du in 16 bits) too."""
     dtype = np.dtype(dtype) if dtype in ("float32", "float64") else _half_or_skip(dtype)
     rng = np.random.default_rng(51)
-    for shape in ((3, 8, 32, 40), (2, 6, 31, 41)):  # (maps of 1280 and 1271 elements)
-        C = shape[1]
+    # (channels-first maps of 1280 and 1271 elements; channels-last 4 samples, for two threads' sample path)
+    shapes = ((3, 8, 32, 40), (2, 6, 31, 41)) if layout == "NCHW" else ((4, 9, 11, 64), (4, 7, 3, 40))
+    for shape in shapes:
+        C = shape[1] if layout == "NCHW" else shape[-1]
         x = (0.3 + rng.standard_normal(shape)).astype(dtype)
         g = rng.standard_normal(shape).astype(dtype)
         x[1, 2, 0, :3] = [np.nan, np.inf, -np.inf]
@@ -496,8 +500,8 @@ def test_group_norm_backward_without_du_has_the_bits_of_the_backward_on_du(threa
         for groups, nt in ((2, 1), (C // 2, 2), (C, 2)):
             threads(nt)
             for act in ("relu", ("leaky_relu", 0.2), "relu6", ("clamp", -0.5, 0.75)):
-                _, m, s, st = bn_simd.group_norm_forward(x, groups, w, b, activation=act)
-                kw = dict(activation=act, bias=b, save_stats=st)
+                _, m, s, st = bn_simd.group_norm_forward(x, groups, w, b, activation=act, layout=layout)
+                kw = dict(activation=act, bias=b, save_stats=st, layout=layout)
                 msg = f"{act} {shape} groups {groups} threads {nt}"
                 try:
                     _core.set_act_otf(False)
@@ -515,8 +519,8 @@ def test_group_norm_backward_without_du_has_the_bits_of_the_backward_on_du(threa
                 finally:
                     _core.set_act_otf(None)
             if groups == C and nt == 2:  # instance norm's own call takes the same path
-                _, m, s, st = bn_simd.instance_norm_forward(x, weight=w, bias=b, activation="relu")
-                kw = dict(activation="relu", bias=b, save_stats=st)
+                _, m, s, st = bn_simd.instance_norm_forward(x, weight=w, bias=b, activation="relu", layout=layout)
+                kw = dict(activation="relu", bias=b, save_stats=st, layout=layout)
                 _core.set_act_otf(False)
                 try:
                     want = bn_simd.instance_norm_backward(g, x, m, s, w, **kw)[:3]
