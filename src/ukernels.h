@@ -224,10 +224,11 @@ typedef struct {
                                            const TC* res, const TC* r, const TC* w, const TC* b,                  \
                                            const bn_uk_epi* ep);                                                  \
     /* du = dy act'(u), u = rc_affine's (cr_affine's) y (+ the residual at du's offset ep->rd), as the forward     \
-     * computed it (ep->act != 0; du may be dy) */                                                                \
+     * computed it (ep->act != 0; du may be dy); rc_act_grad's pf: the elements after its rows, in dy and x, that   \
+     * it may prefetch (-1: none; as seg_bwd_sums's) */                                                            \
     typedef void bn_##S##_rc_act_grad_fn(const TS* dy, const TS* x, TS* du, int64_t rows, int64_t D,             \
                                          const TC* m, const TC* res, const TC* r, const TC* w, const TC* b,       \
-                                         const bn_uk_epi* ep);                                                    \
+                                         int64_t pf, const bn_uk_epi* ep);                                        \
     typedef void bn_##S##_cr_act_grad_fn(const TS* dy, const TS* x, TS* du, int64_t rows, int64_t W, int64_t ld, \
                                          const TC* m, const TC* res, const TC* r, const TC* w, const TC* b,       \
                                          const bn_uk_epi* ep);                                                    \
