@@ -78,9 +78,10 @@ int bn_set_slab_bytes(int64_t bytes);
 int64_t bn_stream_bytes(void);
 int bn_set_stream_bytes(int64_t bytes);
 /* Whether the fused training backward through ReLU and the piecewise-linear activations computes du where it reads it
- * (batchnorm.inc, backward_otf): -1 by its rule (the default), 0 never (du stored), 1 wherever the kernels can. For
- * every later call of the process; the values written are the same bits whatever it is. Tests only: the two paths
- * compared on any size and dtype. */
+ * (batchnorm.inc, backward_otf; groupnorm.inc): -1 by its rule (the default), 0 never (du stored), 1 wherever the
+ * kernels take it at all (channels-first maps of 1024 elements and more, channels-last any size; never with a NaN in
+ * the bias), in the cache or beyond it. For every later call of the process; the values written are the same bits
+ * whatever it is. Tests only: the two paths compared on small arrays. */
 void bn_set_act_otf(int mode);
 
 /* ---- contexts (dispatch.c) ----

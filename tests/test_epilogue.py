@@ -531,6 +531,45 @@ def test_group_norm_backward_without_du_has_the_bits_of_the_backward_on_du(threa
                     assert _same_bits_nan_aside(a, e), f"instance norm {shape}"
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_backward_through_relu_with_a_nan_bias_keeps_the_forward_activation(threads, dtype, layout):
+    """A NaN in the bias makes the forward's coefficients of its channel NaN (every y NaN, so ReLU passes dz): the
+    backward through the activation keeps that, on every path the rule or the knob picks (batch norm within and
+    beyond the cache, group and instance norm): the bits of the backward that stores du, which PyTorch's autograd
+    agrees with (the kernels without du would rebuild u from the mean instead)."""
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(61)
+    shape = (4, 4, 32, 40) if layout == "NCHW" else (4, 32, 40, 4)
+    x = rng.standard_normal(shape).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    w, b = rng.uniform(0.5, 2, 4), rng.standard_normal(4)
+    b[1] = np.nan
+    threads(2)
+    calls = []
+    _, m, s, st = bn_simd.batch_norm_forward(x, w, b, activation="relu", layout=layout)
+    calls.append(lambda: bn_simd.batch_norm_backward(g, x, m, s, w, activation="relu", bias=b, save_stats=st,
+                                                     layout=layout))
+    for groups in (2, 4):
+        _, gm, gs, gst = bn_simd.group_norm_forward(x, groups, w, b, activation="relu", layout=layout)
+        calls.append(lambda gm=gm, gs=gs, gst=gst, groups=groups: bn_simd.group_norm_backward(
+            g, x, gm, gs, groups, w, activation="relu", bias=b, save_stats=gst, layout=layout))
+    for call in calls:
+        try:
+            _core.set_act_otf(False)
+            want = call()[:3]
+            for mode, stream in ((None, None), (True, None), (None, 0)):
+                _core.set_act_otf(mode)
+                _core.set_stream_bytes(stream)
+                for a, e in zip(call()[:3], want):
+                    assert _same_bits_nan_aside(a, e), (mode, stream)
+        finally:
+            _core.set_act_otf(None)
+            _core.set_stream_bytes(None)
+        ch = (slice(None), 1) if layout == "NCHW" else (Ellipsis, 1)
+        assert np.isfinite(want[0][ch].astype(np.float64)).all()  # (the NaN channel's dx: dz passed through ReLU)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 def test_channels_last_backward_without_du_has_the_same_bits(threads, dtype):
     """Channels-last arrays beyond the last-level cache (forced here: streamed stores from 0 bytes), through ReLU or a
