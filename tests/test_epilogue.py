@@ -452,8 +452,7 @@ def test_backward_without_du_has_the_bits_of_the_backward_on_du(threads, dtype, 
     them; leaky ReLU keeps the stored du there), compute du in the sums and again in the dx sweep instead of storing it
     (seg_bwd_sums_act, seg_bwd_apply_act), as the 16-bit dtypes do within the cache too: the same bits as the backward
     that stores it (forced), on the slab path and the two sweeps, over a separate out, over grad_out and over x; and
-    for float64 ReLU
-    the plain backward of du = dz where y > 0."""
+    for float64 ReLU the plain backward of du = dz where y > 0."""
     from conftest import use_slab
     dtype = np.dtype(dtype) if dtype in ("float32", "float64") else _half_or_skip(dtype)
     use_slab(1 << 20 if path == "slab" else 0)
