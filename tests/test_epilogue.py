@@ -409,25 +409,26 @@ def _same_bits_nan_aside(a, e):
     return np.array_equal(nan, np.isnan(e.astype(np.float64))) and a[~nan].tobytes() == e[~nan].tobytes()
 
 
-def _streamed_backward_has_the_default_bits(g, x, m, s, w, kw, msg):
-    """batch_norm_backward(g, x, m, s, w, **kw) with du stored (_core.set_act_otf(False)) against: the library's rule
-    (which computes du where it reads it in the 16-bit dtypes within the cache), du computed wherever the kernels can
-    (set_act_otf(True)), and streamed stores from 0 bytes (the paths beyond the last-level cache) by the rule, into a
-    separate out, over g and over x; byte for byte (NaN aside: _same_bits_nan_aside). Returns the streamed call's
-    (grad_x, grad_weight, grad_bias)."""
+def _backward_paths_have_the_same_bits(backward, g, x, msg):
+    """backward(g, x, out=None) (a training backward through an activation: its grad_x, grad_weight, grad_bias first)
+    with du stored (_core.set_act_otf(False)) against: the library's rule (which computes du where it reads it in the
+    16-bit dtypes within the cache, and in group norm's), du computed wherever the kernels can (set_act_otf(True)), and
+    streamed stores from 0 bytes (the paths beyond the last-level cache) by the rule, into a separate out, over g and
+    over x; byte for byte (NaN aside: _same_bits_nan_aside). Returns the streamed call's (grad_x, grad_weight,
+    grad_bias)."""
     _core.set_stream_bytes(None)
     try:
         _core.set_act_otf(False)
-        want = bn_simd.batch_norm_backward(g, x, m, s, w, **kw)[:3]
+        want = backward(g, x)[:3]
         _core.set_act_otf(True)
-        forced = bn_simd.batch_norm_backward(g, x, m, s, w, **kw)[:3]
+        forced = backward(g, x)[:3]
         _core.set_act_otf(None)
-        rule = bn_simd.batch_norm_backward(g, x, m, s, w, **kw)[:3]
+        rule = backward(g, x)[:3]
         _core.set_stream_bytes(0)
-        got = bn_simd.batch_norm_backward(g, x, m, s, w, **kw)[:3]
+        got = backward(g, x)[:3]
         g2, x2 = g.copy(), x.copy()
-        bn_simd.batch_norm_backward(g2, x, m, s, w, out=g2, **kw)
-        bn_simd.batch_norm_backward(g, x2, m, s, w, out=x2, **kw)
+        backward(g2, x, out=g2)
+        backward(g, x2, out=x2)
     finally:
         _core.set_stream_bytes(None)
         _core.set_act_otf(None)
@@ -467,8 +468,9 @@ def test_backward_without_du_has_the_bits_of_the_backward_on_du(threads, dtype, 
         xs, gs = np.ascontiguousarray(x[cut]), np.ascontiguousarray(g[cut])
         for act in ("relu", ("leaky_relu", 0.2), "relu6", ("clamp", -0.5, 0.75)):
             y, m, s, st = bn_simd.batch_norm_forward(xs, w, b, activation=act)
-            got = _streamed_backward_has_the_default_bits(gs, xs, m, s, w, dict(activation=act, bias=b, save_stats=st),
-                                                          f"{act} {shp}")
+            got = _backward_paths_have_the_same_bits(
+                lambda g_, x_, out=None: bn_simd.batch_norm_backward(g_, x_, m, s, w, out=out, activation=act, bias=b,
+                                                                     save_stats=st), gs, xs, f"{act} {shp}")
             if act == "relu" and dtype == np.float64:  # (float32's saved statistics are float32: other coefficients)
                 # (PyTorch's relu backward: dz where y <= 0 is false, y NaN and +Inf included)
                 px = bn_simd.batch_norm_backward(np.where(y <= 0, 0, gs).astype(dtype), xs, m, s, w)
@@ -500,34 +502,17 @@ def test_group_norm_backward_without_du_has_the_bits_of_the_backward_on_du(threa
             threads(nt)
             for act in ("relu", ("leaky_relu", 0.2), "relu6", ("clamp", -0.5, 0.75)):
                 _, m, s, st = bn_simd.group_norm_forward(x, groups, w, b, activation=act, layout=layout)
-                kw = dict(activation=act, bias=b, save_stats=st, layout=layout)
-                msg = f"{act} {shape} groups {groups} threads {nt}"
-                try:
-                    _core.set_act_otf(False)
-                    want = bn_simd.group_norm_backward(g, x, m, s, groups, w, **kw)[:3]
-                    for mode in (None, True):
-                        _core.set_act_otf(mode)
-                        got = bn_simd.group_norm_backward(g, x, m, s, groups, w, **kw)[:3]
-                        for a, e in zip(got, want):
-                            assert _same_bits_nan_aside(a, e), msg
-                        g2, x2 = g.copy(), x.copy()
-                        bn_simd.group_norm_backward(g2, x, m, s, groups, w, out=g2, **kw)
-                        bn_simd.group_norm_backward(g, x2, m, s, groups, w, out=x2, **kw)
-                        assert _same_bits_nan_aside(g2, want[0]), msg
-                        assert _same_bits_nan_aside(x2, want[0]), msg
-                finally:
-                    _core.set_act_otf(None)
+                _backward_paths_have_the_same_bits(
+                    lambda g_, x_, out=None: bn_simd.group_norm_backward(g_, x_, m, s, groups, w, out=out,
+                                                                         activation=act, bias=b, save_stats=st,
+                                                                         layout=layout),
+                    g, x, f"{act} {shape} groups {groups} threads {nt}")
             if groups == C and nt == 2:  # instance norm's own call takes the same path
                 _, m, s, st = bn_simd.instance_norm_forward(x, weight=w, bias=b, activation="relu", layout=layout)
-                kw = dict(activation="relu", bias=b, save_stats=st, layout=layout)
-                _core.set_act_otf(False)
-                try:
-                    want = bn_simd.instance_norm_backward(g, x, m, s, w, **kw)[:3]
-                finally:
-                    _core.set_act_otf(None)
-                got = bn_simd.instance_norm_backward(g, x, m, s, w, **kw)[:3]
-                for a, e in zip(got, want):
-                    assert _same_bits_nan_aside(a, e), f"instance norm {shape}"
+                _backward_paths_have_the_same_bits(
+                    lambda g_, x_, out=None: bn_simd.instance_norm_backward(g_, x_, m, s, w, out=out, activation="relu",
+                                                                            bias=b, save_stats=st, layout=layout),
+                    g, x, f"instance norm {shape}")
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -545,28 +530,17 @@ def test_backward_through_relu_with_a_nan_bias_keeps_the_forward_activation(thre
     w, b = rng.uniform(0.5, 2, 4), rng.standard_normal(4)
     b[1] = np.nan
     threads(2)
-    calls = []
     _, m, s, st = bn_simd.batch_norm_forward(x, w, b, activation="relu", layout=layout)
-    calls.append(lambda: bn_simd.batch_norm_backward(g, x, m, s, w, activation="relu", bias=b, save_stats=st,
-                                                     layout=layout))
+    calls = [lambda g_, x_, out=None: bn_simd.batch_norm_backward(g_, x_, m, s, w, out=out, activation="relu", bias=b,
+                                                                  save_stats=st, layout=layout)]
     for groups in (2, 4):
         _, gm, gs, gst = bn_simd.group_norm_forward(x, groups, w, b, activation="relu", layout=layout)
-        calls.append(lambda gm=gm, gs=gs, gst=gst, groups=groups: bn_simd.group_norm_backward(
-            g, x, gm, gs, groups, w, activation="relu", bias=b, save_stats=gst, layout=layout))
+        calls.append(lambda g_, x_, out=None, gm=gm, gs=gs, gst=gst, groups=groups: bn_simd.group_norm_backward(
+            g_, x_, gm, gs, groups, w, out=out, activation="relu", bias=b, save_stats=gst, layout=layout))
     for call in calls:
-        try:
-            _core.set_act_otf(False)
-            want = call()[:3]
-            for mode, stream in ((None, None), (True, None), (None, 0)):
-                _core.set_act_otf(mode)
-                _core.set_stream_bytes(stream)
-                for a, e in zip(call()[:3], want):
-                    assert _same_bits_nan_aside(a, e), (mode, stream)
-        finally:
-            _core.set_act_otf(None)
-            _core.set_stream_bytes(None)
+        got = _backward_paths_have_the_same_bits(call, g, x, "NaN bias")
         ch = (slice(None), 1) if layout == "NCHW" else (Ellipsis, 1)
-        assert np.isfinite(want[0][ch].astype(np.float64)).all()  # (the NaN channel's dx: dz passed through ReLU)
+        assert np.isfinite(got[0][ch].astype(np.float64)).all()  # (the NaN channel's dx: dz passed through ReLU)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
@@ -590,8 +564,10 @@ def test_channels_last_backward_without_du_has_the_same_bits(threads, dtype):
             threads(nt)
             for act in ("relu", ("leaky_relu", 0.2), "relu6", ("clamp", -0.5, 1.0), "silu"):
                 y, m, s, st = bn_simd.batch_norm_forward(x, w, b, layout="NHWC", activation=act)
-                _streamed_backward_has_the_default_bits(
-                    g, x, m, s, w, dict(layout="NHWC", activation=act, bias=b, save_stats=st), f"{act} {shape} {nt}")
+                _backward_paths_have_the_same_bits(
+                    lambda g_, x_, out=None: bn_simd.batch_norm_backward(g_, x_, m, s, w, out=out, layout="NHWC",
+                                                                         activation=act, bias=b, save_stats=st),
+                    g, x, f"{act} {shape} {nt}")
 
 
 def test_extreme_channels_take_the_float64_apply_with_the_epilogue():
