@@ -216,10 +216,15 @@ typedef struct {
                                               const TC* fa, const TC* fb, const bn_uk_epi* ep);                   \
     /* z = act(z + r) in place over n elements (the epilogue on its own; nothing when ep has neither) */          \
     typedef void bn_##S##_epi_sweep_fn(TS* z, int64_t n, const bn_uk_epi* ep);                                    \
-    /* rc_affine / cr_affine through the fused epilogue ep (chosen once per call; none: the plain kernel) */        \
+    /* rc_affine / rc_affine_dev / cr_affine through the fused epilogue ep (chosen once per call; none: the plain  \
+     * kernel); the residual of rc_affine_dev's y at y's offset ep->rd */                                         \
     typedef void bn_##S##_rc_affine_epi_fn(const TS* x, TS* y, int64_t rows, int64_t D, const TC* m,              \
                                            const TC* res, const TC* r, const TC* w, const TC* b, int nt,          \
                                            const bn_uk_epi* ep);                                                  \
+    typedef void bn_##S##_rc_affine_dev_epi_fn(const TS* x, TS* y, int64_t rows, int64_t D, const TC* m,         \
+                                               const TC* res, const TC* r, const TC* w, const TC* b, int nt,      \
+                                               const TS* xs, const double* sh, double* s1, double* s2, int64_t pf, \
+                                               const bn_uk_epi* ep);                                              \
     typedef void bn_##S##_cr_affine_epi_fn(const TS* x, TS* y, int64_t rows, int64_t W, int64_t ld, const TC* m,  \
                                            const TC* res, const TC* r, const TC* w, const TC* b,                  \
                                            const bn_uk_epi* ep);                                                  \
@@ -229,6 +234,12 @@ typedef struct {
     typedef void bn_##S##_rc_act_grad_fn(const TS* dy, const TS* x, TS* du, int64_t rows, int64_t D,             \
                                          const TC* m, const TC* res, const TC* r, const TC* w, const TC* b,       \
                                          int64_t pf, const bn_uk_epi* ep);                                        \
+    /* rc_act_grad into du, then rc_bwd_sums of du (mean, rstd: the backward's; w: the weight as doubles), in one  \
+     * sweep where the rows' sums take a row at a time: the two kernels' bits (ep->act != 0) */                   \
+    typedef void bn_##S##_rc_act_sums_fn(const TS* dy, const TS* x, TS* du, int64_t rows, int64_t D,             \
+                                         const TC* m, const TC* res, const TC* r, const TC* wt, const TC* bt,     \
+                                         const double* mean, const double* rstd, const double* w, double* sg,     \
+                                         double* sgx, double* gw, double* gb, int64_t pf, const bn_uk_epi* ep);   \
     typedef void bn_##S##_cr_act_grad_fn(const TS* dy, const TS* x, TS* du, int64_t rows, int64_t W, int64_t ld, \
                                          const TC* m, const TC* res, const TC* r, const TC* w, const TC* b,       \
                                          const bn_uk_epi* ep);                                                    \
@@ -250,7 +261,7 @@ BN_UK_TYPES(uint16_t, float, bf16) /* bfloat16 patterns, computed in float (io_b
     X(rc_affine) X(rc_bwd_sums) X(rc_bwd_apply) X(cr_affine) X(cr_bwd_sums) X(cr_bwd_apply)                         \
     X(seg_affine_epi) X(cl_affine_epi) X(seg_act_grad) X(cl_act_grad) X(epi_sweep)                                  \
     X(rc_affine_epi) X(cr_affine_epi) X(rc_act_grad) X(cr_act_grad) X(seg_bwd_sums_act) X(seg_bwd_apply_act) X(cl_bwd_sums_act) X(cl_bwd_apply_act) \
-    X(rc_affine_dev)
+    X(rc_affine_dev) X(rc_affine_dev_epi) X(rc_act_sums)
 
 /* A kernel table: one ISA's kernels of one dtype (kernels.c fills them from kernels.def), and their vector length,
  * in elements */
