@@ -207,6 +207,43 @@ def test_backward_is_the_oracle_backward_of_du(op, dtype):
                 np.testing.assert_allclose(gb, db, rtol=0, atol=tol * (np.abs(db).max() + 1))
 
 
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+@pytest.mark.parametrize("C", [7, 64, 300, 768, 1024, 1031])
+def test_rows_backward_with_rows_in_double_amid_a_block(rms, C):
+    """float32 rows through an activation, no residual (of up to 1024 elements: du and its sums in one sweep), with
+    rows the forward normalised in double (|x| ~ 1e30: rstd below 2^-95) first, amid and last in a block: each row's
+    grad_x, and grad_weight / grad_bias, against the float64 oracle of the composition."""
+    rng = np.random.default_rng(C + rms)
+    N = 40
+    x = (0.5 + 2.0 * rng.standard_normal((N, C))).astype(np.float32)
+    for i in (0, 9, 10, 23, N - 1):
+        x[i] = (1e30 * rng.standard_normal(C)).astype(np.float32)
+    g = rng.standard_normal((N, C)).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, C).astype(np.float32)
+    b = None if rms else rng.standard_normal(C).astype(np.float32)
+    y64, _, mean, rstd = rno.forward(x, w, b, EPS, rms)
+    eps = np.finfo(np.float32).eps
+    g[np.abs(y64) < 1e3 * eps] = 0.0  # (u within rounding of ReLU's kink: no gradient there, whichever way it goes)
+    for act in ("relu", "silu"):
+        if rms:
+            fwd = bn_simd.rms_norm_forward(x, C, w, eps=EPS, activation=act)
+            gx, gw = bn_simd.rms_norm_backward(g, x, fwd[1], C, w, activation=act, save_stats=fwd[2])[:2]
+            gb = None
+        else:
+            fwd = bn_simd.layer_norm_forward(x, C, w, b, eps=EPS, activation=act)
+            gx, gw, gb = bn_simd.layer_norm_backward(g, x, fwd[1], fwd[2], C, w, b, activation=act,
+                                                     save_stats=fwd[3])[:3]
+        du = g * grad_np(act, y64)
+        dx, dw, db = rno.backward(du, x, mean, rstd, w, rms)[0]
+        tol = 2e3 * C * eps
+        for i in range(N):
+            np.testing.assert_allclose(gx[i], dx[i], rtol=0, atol=tol * (np.abs(dx[i]).max() + 1),
+                                       err_msg=f"{act} row {i}")
+        np.testing.assert_allclose(gw, dw, rtol=0, atol=tol * (np.abs(dw).max() + 1), err_msg=act)
+        if gb is not None:
+            np.testing.assert_allclose(gb, db, rtol=0, atol=tol * (np.abs(db).max() + 1), err_msg=act)
+
+
 @pytest.mark.parametrize("op", OPS, ids=repr)
 def test_backward_is_the_plain_backward_of_du_bit_for_bit(op):
     """float64 ReLU: du = dz where z > 0 exactly, so the recomputed u's mask is the forward output's; the backward
