@@ -170,9 +170,10 @@ typedef struct {
                                           const TC* m, const TC* res, const TC* a, const TC* bb, const TC* d,     \
                                           const TC* w, int nt);                                                    \
     /* the same with the roles swapped: `rows` rows (channels c) of W elements ld apart, statistics per column s,  \
-     * affine per row c (layer norm over the channels of a channels-first array) */                               \
+     * affine per row c (layer norm over the channels of a channels-first array); nt: UK_STORE or UK_STREAM, as  \
+     * rc_affine's, per row */                                                                                   \
     typedef void bn_##S##_cr_affine_fn(const TS* x, TS* y, int64_t rows, int64_t W, int64_t ld, const TC* m,      \
-                                       const TC* res, const TC* r, const TC* w, const TC* b);                     \
+                                       const TC* res, const TC* r, const TC* w, const TC* b, int nt);                 \
     /* sg[s] += sum_c dy w[c], sgx[s] += sum_c dy w[c] xh (rows in order); gw[c] += sum_s dy xh, gb[c] += sum_s dy */\
     typedef void bn_##S##_cr_bwd_sums_fn(const TS* dy, const TS* x, int64_t rows, int64_t W, int64_t ld,          \
                                          const double* mean, const double* rstd, const double* w, double* sg,     \
@@ -226,7 +227,7 @@ typedef struct {
                                                const TS* xs, const double* sh, double* s1, double* s2, int64_t pf, \
                                                const bn_uk_epi* ep);                                              \
     typedef void bn_##S##_cr_affine_epi_fn(const TS* x, TS* y, int64_t rows, int64_t W, int64_t ld, const TC* m,  \
-                                           const TC* res, const TC* r, const TC* w, const TC* b,                  \
+                                           const TC* res, const TC* r, const TC* w, const TC* b, int nt,          \
                                            const bn_uk_epi* ep);                                                  \
     /* du = dy act'(u), u = rc_affine's (cr_affine's) y (+ the residual at du's offset ep->rd), as the forward     \
      * computed it (ep->act != 0; du may be dy); rc_act_grad's pf: the elements after its rows, in dy and x, that   \
