@@ -165,10 +165,11 @@ typedef struct {
                                          const double* rstd, const double* w, double* sg, double* sgx,             \
                                          double* gw, double* gb, int64_t pf);                                      \
     /* dx[i, j] = (dy w[j]) a[i] + (bb[i] ((x - m[i]) - res[i]) + d[i]); dx may be dy or x. nt: UK_STORE or      \
-     * UK_STREAM (each row's whole 64-byte lines: rc_stream_span, rowcol.inc), for rc_affine too */ \
+     * UK_STREAM (each row's whole 64-byte lines: rc_stream_span, rowcol.inc), for rc_affine too. pfa, pfb: pfn   \
+     * elements each (pfn 0: none) prefetched into the L2 a share before each row (the caller's next rows) */     \
     typedef void bn_##S##_rc_bwd_apply_fn(const TS* dy, const TS* x, TS* dx, int64_t rows, int64_t D,             \
                                           const TC* m, const TC* res, const TC* a, const TC* bb, const TC* d,     \
-                                          const TC* w, int nt);                                                    \
+                                          const TC* w, int nt, const TS* pfa, const TS* pfb, int64_t pfn);         \
     /* the same with the roles swapped: `rows` rows (channels c) of W elements ld apart, statistics per column s,  \
      * affine per row c (layer norm over the channels of a channels-first array); nt: UK_STORE or UK_STREAM, as  \
      * rc_affine's, per row */                                                                                   \
