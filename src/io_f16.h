@@ -5,7 +5,7 @@
  * vcvtps2ph with round-to-nearest-even (AVX-512F has their 512-bit forms), which give half.h's bits for every input
  * (tests/c/test_kernels.c); dispatch.c reaches these kernels only on CPUs with F16C. uk_<isa>.c includes this file
  * after its vec_<isa>.h for an instantiation with TS = uint16_t, TC = float; uk_undef_type.h ends it. No masked
- * 16-bit loads or stores (AVX-512F has none; they are AVX512-BW's): the element-wise tails are scalar loops, and the
+ * 16-bit loads or stores (AVX2 has none; AVX-512's are BW's): the element-wise tails are scalar loops, and the
  * reductions' masked loads copy the n < DL elements into a zeroed buffer. */
 _Static_assert(_Generic((TS)0, uint16_t: 1, default: 0) && _Generic((TC)0, float: 1, default: 0),
                "io_f16.h: float16 patterns computed in float");
