@@ -6,7 +6,7 @@
  * is not used: it flushes subnormal inputs to zero, which IEEE rounding, and these kernels, keep, and the test for
  * such lanes cost what the instruction saved on a Zen 5: docs/tuning.md, "bfloat16 narrowing by AVX512-BF16
  * (dropped)".) uk_<isa>.c includes this file after its vec_<isa>.h for an instantiation with TS = uint16_t,
- * TC = float; uk_undef_type.h ends it. No masked 16-bit loads or stores (see io_f16.h). */
+ * TC = float; uk_undef_type.h ends it. Masked 16-bit loads and stores on AVX-512 only (see io_f16.h). */
 _Static_assert(_Generic((TS)0, uint16_t: 1, default: 0) && _Generic((TC)0, float: 1, default: 0),
                "io_bf16.h: bfloat16 patterns computed in float");
 #include "half.h"
@@ -118,12 +118,6 @@ static inline __m512d uk_bf16_dwiden_avx512(__m128i h) {
                                                       _mm256_castsi128_si256(h));
     return _mm512_cvtps_pd(_mm256_castsi256_ps(w));
 }
-/* the first n < 8 elements at p as doubles, the other lanes 0 (their memory untouched) */
-static inline __m512d uk_bf16_dload_n_avx512(const uint16_t* p, int64_t n) {
-    uint16_t b[8] = {0};
-    memcpy(b, p, (size_t)n * sizeof(uint16_t));
-    return uk_bf16_dwiden_avx512(_mm_loadu_si128((const __m128i*)b));
-}
 #endif
 #define LOAD_TS(p) bn_bf16_to_f32(*(p))
 #define STORE_TS(p, v) (*(p) = bn_bf16_from_f32(v))
@@ -137,7 +131,11 @@ static inline __m512d uk_bf16_dload_n_avx512(const uint16_t* p, int64_t n) {
 #define VSTREAM_TS(p, v) _mm256_stream_si256((__m256i*)(p), uk_bf16_narrow_avx512(v))
 #endif
 #define DLOAD_TS(p) uk_bf16_dwiden_avx512(_mm_loadu_si128((const __m128i*)(p)))
-#define DLOAD_TS_N(p, n) uk_bf16_dload_n_avx512((p), (n))
+/* the first n < VL (DL) elements, by masked 16-bit loads and stores (as io_f16.h's) */
+#define VLOAD_TS_N(p, n) uk_bf16_widen_avx512(_mm256_maskz_loadu_epi16(UK_TAIL16(n), (p)))
+#define VLOAD_TS_PART(p, n) VLOAD_TS_N(p, n)
+#define VSTORE_TS_N(p, v, n) _mm256_mask_storeu_epi16((p), UK_TAIL16(n), uk_bf16_narrow_avx512(v))
+#define DLOAD_TS_N(p, n) uk_bf16_dwiden_avx512(_mm_maskz_loadu_epi16(UK_TAIL8(n), (p)))
 
 #else
 #error "io_bf16.h has no section for this ISA"

@@ -4,9 +4,10 @@
  * rules: Inf only past the range, subnormals kept, NaNs quiet). The vector conversions are F16C's vcvtph2ps /
  * vcvtps2ph with round-to-nearest-even (AVX-512F has their 512-bit forms), which give half.h's bits for every input
  * (tests/c/test_kernels.c); dispatch.c reaches these kernels only on CPUs with F16C. uk_<isa>.c includes this file
- * after its vec_<isa>.h for an instantiation with TS = uint16_t, TC = float; uk_undef_type.h ends it. No masked
- * 16-bit loads or stores (AVX2 has none; AVX-512's are BW's): the element-wise tails are scalar loops, and the
- * reductions' masked loads copy the n < DL elements into a zeroed buffer. */
+ * after its vec_<isa>.h for an instantiation with TS = uint16_t, TC = float; uk_undef_type.h ends it. Masked 16-bit
+ * loads and stores on AVX-512 (BW's) give its tails, heads and partial loads (VLOAD_TS_N, VSTORE_TS_N, DLOAD_TS_N);
+ * AVX2 has none: its element-wise tails are scalar loops, and its reductions' partial loads copy the n < DL elements
+ * into a zeroed buffer (docs/tuning.md, "16-bit tails by masked loads and stores (AVX-512)"). */
 _Static_assert(_Generic((TS)0, uint16_t: 1, default: 0) && _Generic((TC)0, float: 1, default: 0),
                "io_f16.h: float16 patterns computed in float");
 #include "half.h"
@@ -59,16 +60,12 @@ static inline __m256d uk_f16_dload_n_avx2(const uint16_t* p, int64_t n) {
 #define VSTREAM_TS(p, v) _mm256_stream_si256((__m256i*)(p), _mm512_cvtps_ph((v), UK_F16_RNE))
 #endif
 #define DLOAD_TS(p) _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p))))
-#ifndef UK_F16_AVX512_DEFINED
-#define UK_F16_AVX512_DEFINED
-/* the first n < 8 elements at p as doubles, the other lanes 0 (their memory untouched) */
-static inline __m512d uk_f16_dload_n_avx512(const uint16_t* p, int64_t n) {
-    uint16_t b[8] = {0};
-    memcpy(b, p, (size_t)n * sizeof(uint16_t));
-    return _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b)));
-}
-#endif
-#define DLOAD_TS_N(p, n) uk_f16_dload_n_avx512((p), (n))
+/* the first n < VL (DL) elements, by AVX-512BW's masked 16-bit loads and stores: the lanes left out are neither read
+ * nor written (their loaded lanes 0) */
+#define VLOAD_TS_N(p, n) _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(UK_TAIL16(n), (p)))
+#define VLOAD_TS_PART(p, n) VLOAD_TS_N(p, n)
+#define VSTORE_TS_N(p, v, n) _mm256_mask_storeu_epi16((p), UK_TAIL16(n), _mm512_cvtps_ph((v), UK_F16_RNE))
+#define DLOAD_TS_N(p, n) _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_maskz_loadu_epi16(UK_TAIL8(n), (p))))
 
 #else
 #error "io_f16.h has no section for this ISA"
