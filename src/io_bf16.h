@@ -1,12 +1,13 @@
 /* Storage I/O of bfloat16 data (the top 16 bits of a float32, stored as uint16_t patterns), computed in float: one
- * section per ISA, each defining the storage vocabulary that ukernels.inc documents. Widening is a 16-bit shift
- * (exact). Narrowing rounds the float result once, to nearest even, by integer arithmetic on its bits (half.h,
- * bn_bf16_from_f32: add 0x7FFF plus the kept part's last bit, keep the top half; NaNs made quiet), the same operations
- * lane-wise in every ISA, so every ISA stores the same bits (tests/c/test_kernels.c). (AVX512-BF16's vcvtneps2bf16
- * is not used: it flushes subnormal inputs to zero, which IEEE rounding, and these kernels, keep, and the test for
- * such lanes cost what the instruction saved on a Zen 5: docs/tuning.md, "bfloat16 narrowing by AVX512-BF16
- * (dropped)".) uk_<isa>.c includes this file after its vec_<isa>.h for an instantiation with TS = uint16_t,
- * TC = float; uk_undef_type.h ends it. Masked 16-bit loads and stores on AVX-512 only (see io_f16.h). */
+ * section per ISA, each defining the storage vocabulary that ukernels.inc documents. Widening is a 16-bit shift (exact;
+ * on AVX-512 a word permutation into the high halves). Narrowing rounds the float result once, to nearest even, by
+ * integer arithmetic on its bits (half.h, bn_bf16_from_f32: add 0x7FFF plus the kept part's last bit, keep the top
+ * half; NaNs made quiet), the same operations lane-wise in every ISA, so every ISA stores the same bits
+ * (tests/c/test_kernels.c). (AVX512-BF16's vcvtneps2bf16 is not used: it flushes subnormal inputs to zero, which IEEE
+ * rounding, and these kernels, keep, and the test for such lanes cost what the instruction saved on a Zen 5:
+ * docs/tuning.md, "bfloat16 narrowing by AVX512-BF16 (dropped)".) uk_<isa>.c includes this file after its vec_<isa>.h
+ * for an instantiation with TS = uint16_t, TC = float; uk_undef_type.h ends it. Masked 16-bit loads and stores on
+ * AVX-512 only (see io_f16.h). */
 _Static_assert(_Generic((TS)0, uint16_t: 1, default: 0) && _Generic((TC)0, float: 1, default: 0),
                "io_bf16.h: bfloat16 patterns computed in float");
 #include "half.h"

@@ -1,7 +1,7 @@
 /* AVX-512 microkernels. Compiled with -mavx512f -mavx512bw -mavx512vl -mavx2 -mfma for this file only; reached through
- * dispatch.c after CPUID says the CPU and OS support AVX-512 F, BW and VL (every AVX-512 CPU since 2017; BW and VL:
- * the bfloat16 word permutations of io_bf16.h). Each instantiation of ukernels.inc is a storage dtype (its io_<dtype>.h)
- * computed in its compute type TC, over this ISA's vocabulary (vec_avx512.h). */
+ * dispatch.c after CPUID says the CPU and OS support AVX-512 F, BW and VL (every AVX-512 CPU but the Xeon Phis; BW and
+ * VL: io_bf16.h's word permutations, the 16-bit masked loads and stores). Each instantiation of ukernels.inc is a
+ * storage dtype (its io_<dtype>.h) computed in its compute type TC, over this ISA's vocabulary (vec_avx512.h). */
 #include "ukernels.h"
 #include "vec_avx512.h"
 

@@ -1,4 +1,4 @@
-/* The AVX-512F vector vocabulary of the kernels (uk_avx512.c, compiled with -mavx512f -mavx512bw -mavx512vl -mavx2
+/* The AVX-512 vector vocabulary of the kernels (uk_avx512.c, compiled with -mavx512f -mavx512bw -mavx512vl -mavx2
  * -mfma). Included once by uk_avx512.c before its instantiations of ukernels.inc; the names are those ukernels.inc
  * documents, each compute type's with its type as a suffix (VFMA_float; ukernels.inc picks the instantiation's TC).
  * The storage types' loads and stores are in io_<dtype>.h. */

@@ -1,8 +1,9 @@
 """No 16-bit kernel reads or writes past the end of its arrays (float16; bfloat16 too with ml_dtypes): every input
 and output ends where a PROT_NONE page begins (tests/test_guard_pages.py's arrays), for run lengths 1..33 and a row
 longer than a reduction chunk, both layouts, every ISA, 1 and 2 threads, batch norm's, group norm's and layer / RMS
-norm's calls. The 16-bit reductions copy their tails (fewer than a vector of doubles) through a buffer and the
-element-wise kernels store their tails element by element: an access one byte past an array kills the child."""
+norm's calls. The 16-bit reductions' tails (fewer than a vector of doubles) and the element-wise kernels' tails are
+masked loads and stores on AVX-512, a copy through a buffer and element-by-element stores on AVX2: an access one byte
+past an array kills the child."""
 import subprocess
 import sys
 
